@@ -1,0 +1,45 @@
+// A small fixed-size thread pool with a blocking parallel_for.
+//
+// parallel_for splits [0, n) into contiguous chunks, one per worker (the calling thread takes
+// one too), and returns when all are done. Nested calls from inside a task run serially.
+#pragma once
+
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace gptq {
+
+class thread_pool {
+public:
+    explicit thread_pool(int n_threads);  // n_threads <= 0: hardware concurrency
+    ~thread_pool();
+    thread_pool(const thread_pool&)            = delete;
+    thread_pool& operator=(const thread_pool&) = delete;
+
+    int n_threads() const { return static_cast<int>(workers_.size()) + 1; }
+
+    // fn(begin, end) over disjoint ranges covering [0, n).
+    void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
+
+    static thread_pool& global();  // lazily created with hardware concurrency
+
+private:
+    void worker_loop(int index);
+
+    std::vector<std::thread>                     workers_;
+    std::mutex                                   mutex_;
+    std::condition_variable                      cv_work_;
+    std::condition_variable                      cv_done_;
+    const std::function<void(int64_t, int64_t)>* job_ = nullptr;
+    int64_t                                      job_n_      = 0;
+    uint64_t                                     generation_ = 0;
+    int                                          pending_    = 0;
+    bool                                         stop_       = false;
+    bool                                         busy_       = false;
+};
+
+}  // namespace gptq

@@ -1,0 +1,38 @@
+# The two entry points of README.md. Everything else is plain CMake (see CMakePresets.json).
+#   make demo   install what is missing, build, run the main job on the bundled model
+#   make test   install what is missing, build (release + ASan/UBSan), run every test
+# In CI (CI=true) the CUDA part is compiled for one architecture only, to stay within time.
+
+JOBS ?= $(shell nproc)
+MODEL ?= models/tiny-llama
+CUDA_ARCH_FLAG := $(if $(CI),-DCMAKE_CUDA_ARCHITECTURES=90a,)
+
+.PHONY: demo test setup build build-asan test-release test-asan clean format
+
+setup:
+	@bash scripts/setup.sh
+
+build: setup
+	cmake --preset release $(CUDA_ARCH_FLAG)
+	cmake --build --preset release -j $(JOBS)
+
+build-asan: setup
+	cmake --preset asan
+	cmake --build --preset asan -j $(JOBS)
+
+demo: build
+	bash scripts/demo.sh $(MODEL)
+
+test-release: build
+	ctest --preset release -j $(JOBS)
+
+test-asan: build-asan
+	ctest --preset asan -j $(JOBS)
+
+test: test-release test-asan
+
+format:
+	clang-format -i $$(git ls-files '*.cpp' '*.h' '*.cu' '*.cuh')
+
+clean:
+	rm -rf build build-debug build-asan

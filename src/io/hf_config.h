@@ -1,0 +1,97 @@
+// Hugging Face config.json / generation_config.json parsed into typed structs.
+//
+// Both config dialects are read: transformers 4 (torch_dtype, top-level rope_theta/rope_scaling)
+// and transformers 5 (dtype, rope_parameters {rope_theta, rope_type, ...}). Supported families:
+// Llama (LlamaForCausalLM), Mistral (MistralForCausalLM), Qwen2 (Qwen2ForCausalLM); anything
+// else is rejected by name. A GPTQ checkpoint's quantization_config is parsed by gptq_config.h.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+#include "io/json_file.h"
+
+namespace gptq {
+
+enum class model_family : uint8_t { MODEL_FAMILY_LLAMA, MODEL_FAMILY_MISTRAL, MODEL_FAMILY_QWEN2 };
+const char* model_family_name(model_family f);
+
+enum class rope_type : uint8_t { ROPE_DEFAULT, ROPE_LINEAR, ROPE_DYNAMIC, ROPE_LLAMA3 };
+const char* rope_type_name(rope_type t);
+
+struct rope_config {
+    rope_type type  = rope_type::ROPE_DEFAULT;
+    double    theta = 10000.0;
+    double    factor = 1.0;                          // linear, dynamic, llama3
+    double    low_freq_factor  = 1.0;                // llama3
+    double    high_freq_factor = 4.0;                // llama3
+    int64_t   original_max_position_embeddings = 0;  // llama3, dynamic (0 = max_position_embeddings)
+};
+
+struct model_config {
+    std::string  path;              // the config.json read
+    std::string  architecture;      // "LlamaForCausalLM"
+    std::string  model_type;        // "llama"
+    model_family family = model_family::MODEL_FAMILY_LLAMA;
+
+    int64_t vocab_size              = 0;
+    int64_t hidden_size             = 0;
+    int64_t intermediate_size       = 0;
+    int64_t num_hidden_layers       = 0;
+    int64_t num_attention_heads     = 0;
+    int64_t num_key_value_heads     = 0;  // GQA; defaults to num_attention_heads
+    int64_t head_dim                = 0;  // defaults to hidden_size / num_attention_heads
+    int64_t max_position_embeddings = 0;
+    double  rms_norm_eps            = 1e-6;
+    std::string hidden_act          = "silu";
+    rope_config rope;
+
+    bool tie_word_embeddings = false;
+    bool attention_bias      = false;  // q/k/v/o bias (Llama); Qwen2: q/k/v always biased, o never
+    bool mlp_bias            = false;
+    int64_t pretraining_tp   = 1;
+
+    // Sliding window attention (Mistral; Qwen2 when use_sliding_window, from max_window_layers on).
+    std::optional<int64_t> sliding_window;
+    bool                   use_sliding_window = false;
+    int64_t                max_window_layers  = 0;
+
+    std::optional<int64_t> bos_token_id;
+    std::vector<int64_t>   eos_token_ids;  // int or list in the file
+    std::optional<int64_t> pad_token_id;
+    std::string            dtype_name;     // "float16", "bfloat16", "float32" or "" when absent
+
+    bool has_quantization_config = false;  // config.json carries quantization_config
+    json quantization_config;              // raw object; see gptq_config.h
+
+    // Whether layer i uses sliding-window attention (and so the window applies).
+    bool layer_uses_sliding_window(int64_t i_layer) const;
+    // Whether q/k/v (resp. o) projections carry a bias.
+    bool qkv_bias() const { return family == model_family::MODEL_FAMILY_QWEN2 || attention_bias; }
+    bool o_bias() const { return family != model_family::MODEL_FAMILY_QWEN2 && attention_bias; }
+};
+
+// Parse config.json at `path` (a file, or a folder holding config.json).
+result<model_config> model_config_load(const std::string& path);
+result<model_config> model_config_parse(const json& j, const std::string& path_for_errors);
+
+struct generation_config {
+    std::optional<int64_t> bos_token_id;
+    std::vector<int64_t>   eos_token_ids;
+    std::optional<int64_t> pad_token_id;
+    bool                   do_sample          = false;
+    double                 temperature        = 1.0;
+    double                 top_p              = 1.0;
+    int64_t                top_k              = 50;
+    double                 repetition_penalty = 1.0;
+    std::optional<int64_t> max_length;
+    std::optional<int64_t> max_new_tokens;
+};
+
+// Parse generation_config.json (a file, or a folder holding it). A folder without one gives the
+// defaults above (HF does the same); a file that exists but is malformed is an error.
+result<generation_config> generation_config_load(const std::string& path);
+
+}  // namespace gptq

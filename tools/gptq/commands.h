@@ -1,0 +1,26 @@
+// Each subcommand registers its flags on the CLI11 app and returns the callback that runs it.
+// A callback returns the process exit code: 0 success, 1 error (message already printed).
+#pragma once
+
+#include <CLI/CLI.hpp>
+#include <functional>
+#include <string>
+
+#include "gptq/status.h"
+
+namespace gptq::cli {
+
+using command_fn = std::function<int()>;
+
+struct command {
+    CLI::App*  sub = nullptr;  // the subcommand, to know which one was given
+    command_fn run;
+};
+
+command register_inspect(CLI::App& app);
+// More subcommands (tokenize, ppl, quantize, generate, bench) add a line here and in main.cpp.
+
+// Print "gptq: error: <message>" on stderr and return 1.
+int report_error(const status& st);
+
+}  // namespace gptq::cli

@@ -1,0 +1,280 @@
+#include "io/hf_config.h"
+
+#include "core/error.h"
+#include "core/log.h"
+
+namespace gptq {
+
+namespace {
+
+constexpr auto E_PARSE = status_code::STATUS_PARSE_ERROR;
+constexpr auto E_UNSUP = status_code::STATUS_UNSUPPORTED;
+
+struct family_entry {
+    const char*  architecture;
+    const char*  model_type;
+    model_family family;
+    int64_t      default_max_positions;
+};
+constexpr family_entry k_families[] = {
+    {"LlamaForCausalLM", "llama", model_family::MODEL_FAMILY_LLAMA, 2048},
+    {"MistralForCausalLM", "mistral", model_family::MODEL_FAMILY_MISTRAL, 32768},
+    {"Qwen2ForCausalLM", "qwen2", model_family::MODEL_FAMILY_QWEN2, 32768},
+};
+
+std::string supported_list() {
+    std::string s;
+    for (const auto& f : k_families) s += (s.empty() ? "" : ", ") + std::string(f.architecture);
+    return s;
+}
+
+// Read the token id fields that may be an int or a list of ints.
+result<std::vector<int64_t>> read_id_list(const json& j, const char* key, const std::string& where) {
+    std::vector<int64_t> out;
+    auto it = j.find(key);
+    if (it == j.end() || it->is_null()) return out;
+    if (it->is_number_integer()) {
+        out.push_back(it->get<int64_t>());
+        return out;
+    }
+    if (it->is_array()) {
+        for (const auto& v : *it) {
+            if (!v.is_number_integer())
+                return make_error(E_PARSE, "{}: key '{}' is {}, expected an integer or a list of integers", where, key,
+                                  json_fields::quote(*it));
+            out.push_back(v.get<int64_t>());
+        }
+        return out;
+    }
+    return make_error(E_PARSE, "{}: key '{}' is {}, expected an integer or a list of integers", where, key,
+                      json_fields::quote(*it));
+}
+
+result<std::optional<int64_t>> read_opt_int(const json_fields& f, const char* key) {
+    if (!f.has(key)) return std::optional<int64_t>();
+    GPTQ_ASSIGN_OR_RETURN(int64_t v, f.get_int(key));
+    return std::optional<int64_t>(v);
+}
+
+// RoPE: transformers 5 "rope_parameters" {rope_theta, rope_type, ...} or transformers 4 top-level
+// "rope_theta" + "rope_scaling" {type|rope_type, factor, ...}.
+status read_rope(const json& j, const std::string& where, model_config* cfg) {
+    json_fields top{j, where};
+    const json* params = nullptr;
+    std::string params_key;
+    if (top.has("rope_parameters")) {
+        params     = &j.at("rope_parameters");
+        params_key = "rope_parameters";
+    } else if (top.has("rope_scaling")) {
+        params     = &j.at("rope_scaling");
+        params_key = "rope_scaling";
+    }
+    GPTQ_ASSIGN_OR_RETURN(cfg->rope.theta, top.get_number_or("rope_theta", 10000.0));
+    if (!params) return status::ok();
+    if (!params->is_object())
+        return make_error(E_PARSE, "{}: '{}' is {}, expected an object", where, params_key,
+                          json_fields::quote(*params));
+    const std::string pwhere = where + " " + params_key;
+    json_fields       p{*params, pwhere};
+    if (p.has("rope_theta")) {
+        GPTQ_ASSIGN_OR_RETURN(cfg->rope.theta, p.get_number("rope_theta"));
+    }
+    std::string type = "default";
+    if (p.has("rope_type")) {
+        GPTQ_ASSIGN_OR_RETURN(type, p.get_string("rope_type"));
+    } else if (p.has("type")) {
+        GPTQ_ASSIGN_OR_RETURN(type, p.get_string("type"));
+    }
+    if (type == "default") {
+        cfg->rope.type = rope_type::ROPE_DEFAULT;
+    } else if (type == "linear") {
+        cfg->rope.type = rope_type::ROPE_LINEAR;
+    } else if (type == "dynamic") {
+        cfg->rope.type = rope_type::ROPE_DYNAMIC;
+    } else if (type == "llama3") {
+        cfg->rope.type = rope_type::ROPE_LLAMA3;
+    } else {
+        return make_error(E_UNSUP, "{}: unsupported rope type '{}' (supported: default, linear, dynamic, llama3)",
+                          pwhere, type);
+    }
+    if (cfg->rope.type != rope_type::ROPE_DEFAULT) {
+        GPTQ_ASSIGN_OR_RETURN(cfg->rope.factor, p.get_number("factor"));
+        if (!(cfg->rope.factor >= 1.0) && cfg->rope.type != rope_type::ROPE_LINEAR)
+            return make_error(E_PARSE, "{}: factor {} must be >= 1", pwhere, cfg->rope.factor);
+        if (!(cfg->rope.factor > 0.0)) return make_error(E_PARSE, "{}: factor {} must be > 0", pwhere, cfg->rope.factor);
+    }
+    if (cfg->rope.type == rope_type::ROPE_LLAMA3) {
+        GPTQ_ASSIGN_OR_RETURN(cfg->rope.low_freq_factor, p.get_number("low_freq_factor"));
+        GPTQ_ASSIGN_OR_RETURN(cfg->rope.high_freq_factor, p.get_number("high_freq_factor"));
+        GPTQ_ASSIGN_OR_RETURN(cfg->rope.original_max_position_embeddings,
+                              p.get_int("original_max_position_embeddings"));
+        if (!(cfg->rope.high_freq_factor > cfg->rope.low_freq_factor))
+            return make_error(E_PARSE, "{}: high_freq_factor {} must exceed low_freq_factor {}", pwhere,
+                              cfg->rope.high_freq_factor, cfg->rope.low_freq_factor);
+    } else if (cfg->rope.type == rope_type::ROPE_DYNAMIC) {
+        GPTQ_ASSIGN_OR_RETURN(cfg->rope.original_max_position_embeddings,
+                              p.get_int_or("original_max_position_embeddings", 0));
+    }
+    if (!(cfg->rope.theta > 0.0)) return make_error(E_PARSE, "{}: rope_theta {} must be > 0", where, cfg->rope.theta);
+    return status::ok();
+}
+
+}  // namespace
+
+const char* model_family_name(model_family f) {
+    for (const auto& e : k_families)
+        if (e.family == f) return e.model_type;
+    return "?";
+}
+
+const char* rope_type_name(rope_type t) {
+    switch (t) {
+        case rope_type::ROPE_DEFAULT: return "default";
+        case rope_type::ROPE_LINEAR: return "linear";
+        case rope_type::ROPE_DYNAMIC: return "dynamic";
+        case rope_type::ROPE_LLAMA3: return "llama3";
+    }
+    return "?";
+}
+
+bool model_config::layer_uses_sliding_window(int64_t i_layer) const {
+    if (!sliding_window) return false;
+    switch (family) {
+        case model_family::MODEL_FAMILY_MISTRAL: return true;
+        case model_family::MODEL_FAMILY_QWEN2: return use_sliding_window && i_layer >= max_window_layers;
+        default: return false;
+    }
+}
+
+result<model_config> model_config_parse(const json& j, const std::string& where) {
+    if (!j.is_object()) return make_error(E_PARSE, "{}: expected a JSON object", where);
+    json_fields  f{j, where};
+    model_config cfg;
+    cfg.path = where;
+
+    // Architecture: "architectures"[0], else model_type.
+    const family_entry* fam = nullptr;
+    if (f.has("architectures")) {
+        const auto& a = j.at("architectures");
+        if (!a.is_array() || a.empty() || !a[0].is_string())
+            return make_error(E_PARSE, "{}: 'architectures' is {}, expected a list of names", where,
+                              json_fields::quote(a));
+        cfg.architecture = a[0].get<std::string>();
+        for (const auto& e : k_families)
+            if (cfg.architecture == e.architecture) fam = &e;
+        if (!fam)
+            return make_error(E_UNSUP, "{}: unsupported architecture '{}' (supported: {})", where, cfg.architecture,
+                              supported_list());
+    }
+    GPTQ_ASSIGN_OR_RETURN(cfg.model_type, f.get_string_or("model_type", fam ? fam->model_type : ""));
+    if (!fam) {
+        for (const auto& e : k_families)
+            if (cfg.model_type == e.model_type) fam = &e;
+        if (!fam)
+            return make_error(E_UNSUP, "{}: unsupported model_type '{}' and no 'architectures' (supported: {})", where,
+                              cfg.model_type, supported_list());
+        cfg.architecture = fam->architecture;
+    }
+    cfg.family = fam->family;
+
+    GPTQ_ASSIGN_OR_RETURN(cfg.hidden_size, f.get_int("hidden_size"));
+    GPTQ_ASSIGN_OR_RETURN(cfg.num_hidden_layers, f.get_int("num_hidden_layers"));
+    GPTQ_ASSIGN_OR_RETURN(cfg.num_attention_heads, f.get_int("num_attention_heads"));
+    GPTQ_ASSIGN_OR_RETURN(cfg.intermediate_size, f.get_int("intermediate_size"));
+    GPTQ_ASSIGN_OR_RETURN(cfg.vocab_size, f.get_int("vocab_size"));
+    GPTQ_ASSIGN_OR_RETURN(cfg.num_key_value_heads, f.get_int_or("num_key_value_heads", cfg.num_attention_heads));
+    struct {
+        const char* key;
+        int64_t     v;
+    } positives[] = {{"hidden_size", cfg.hidden_size},
+                     {"num_hidden_layers", cfg.num_hidden_layers},
+                     {"num_attention_heads", cfg.num_attention_heads},
+                     {"intermediate_size", cfg.intermediate_size},
+                     {"vocab_size", cfg.vocab_size},
+                     {"num_key_value_heads", cfg.num_key_value_heads}};
+    for (const auto& p : positives)
+        if (p.v <= 0 || p.v > (int64_t(1) << 31))
+            return make_error(E_PARSE, "{}: {} is {}, expected a positive integer", where, p.key, p.v);
+    if (cfg.num_attention_heads % cfg.num_key_value_heads != 0)
+        return make_error(E_PARSE, "{}: num_attention_heads {} is not a multiple of num_key_value_heads {}", where,
+                          cfg.num_attention_heads, cfg.num_key_value_heads);
+    if (f.has("head_dim")) {
+        GPTQ_ASSIGN_OR_RETURN(cfg.head_dim, f.get_int("head_dim"));
+        if (cfg.head_dim <= 0 || cfg.head_dim % 2 != 0)
+            return make_error(E_PARSE, "{}: head_dim is {}, expected a positive even integer", where, cfg.head_dim);
+    } else {
+        if (cfg.hidden_size % cfg.num_attention_heads != 0)
+            return make_error(E_PARSE, "{}: hidden_size {} is not divisible by num_attention_heads {} (and no head_dim)",
+                              where, cfg.hidden_size, cfg.num_attention_heads);
+        cfg.head_dim = cfg.hidden_size / cfg.num_attention_heads;
+    }
+    GPTQ_ASSIGN_OR_RETURN(cfg.max_position_embeddings,
+                          f.get_int_or("max_position_embeddings", fam->default_max_positions));
+    GPTQ_ASSIGN_OR_RETURN(cfg.rms_norm_eps, f.get_number_or("rms_norm_eps", 1e-6));
+    if (!(cfg.rms_norm_eps > 0.0))
+        return make_error(E_PARSE, "{}: rms_norm_eps {} must be > 0", where, cfg.rms_norm_eps);
+    GPTQ_ASSIGN_OR_RETURN(cfg.hidden_act, f.get_string_or("hidden_act", "silu"));
+    if (cfg.hidden_act != "silu")
+        return make_error(E_UNSUP, "{}: unsupported hidden_act '{}' (supported: silu)", where, cfg.hidden_act);
+    GPTQ_TRY(read_rope(j, where, &cfg));
+
+    GPTQ_ASSIGN_OR_RETURN(cfg.tie_word_embeddings, f.get_bool_or("tie_word_embeddings", false));
+    GPTQ_ASSIGN_OR_RETURN(cfg.attention_bias, f.get_bool_or("attention_bias", false));
+    GPTQ_ASSIGN_OR_RETURN(cfg.mlp_bias, f.get_bool_or("mlp_bias", false));
+    if (cfg.mlp_bias) return make_error(E_UNSUP, "{}: mlp_bias true is not supported", where);
+    GPTQ_ASSIGN_OR_RETURN(cfg.pretraining_tp, f.get_int_or("pretraining_tp", 1));
+
+    GPTQ_ASSIGN_OR_RETURN(cfg.sliding_window, read_opt_int(f, "sliding_window"));
+    GPTQ_ASSIGN_OR_RETURN(cfg.use_sliding_window, f.get_bool_or("use_sliding_window", false));
+    GPTQ_ASSIGN_OR_RETURN(cfg.max_window_layers, f.get_int_or("max_window_layers", 0));
+    if (cfg.sliding_window && *cfg.sliding_window <= 0)
+        return make_error(E_PARSE, "{}: sliding_window is {}, expected a positive integer or null", where,
+                          *cfg.sliding_window);
+
+    GPTQ_ASSIGN_OR_RETURN(cfg.bos_token_id, read_opt_int(f, "bos_token_id"));
+    GPTQ_ASSIGN_OR_RETURN(cfg.eos_token_ids, read_id_list(j, "eos_token_id", where));
+    GPTQ_ASSIGN_OR_RETURN(cfg.pad_token_id, read_opt_int(f, "pad_token_id"));
+    if (f.has("dtype")) {
+        GPTQ_ASSIGN_OR_RETURN(cfg.dtype_name, f.get_string("dtype"));
+    } else {
+        GPTQ_ASSIGN_OR_RETURN(cfg.dtype_name, f.get_string_or("torch_dtype", ""));
+    }
+    if (f.has("quantization_config")) {
+        cfg.has_quantization_config = true;
+        cfg.quantization_config     = j.at("quantization_config");
+    }
+    return cfg;
+}
+
+result<model_config> model_config_load(const std::string& path) {
+    const std::string file = dir_exists(path) ? path_join(path, "config.json") : path;
+    GPTQ_ASSIGN_OR_RETURN(json j, json_read_file(file));
+    return model_config_parse(j, file);
+}
+
+result<generation_config> generation_config_load(const std::string& path) {
+    generation_config g;
+    std::string       file = path;
+    if (dir_exists(path)) {
+        file = path_join(path, "generation_config.json");
+        if (!file_exists(file)) return g;
+    }
+    GPTQ_ASSIGN_OR_RETURN(json j, json_read_file(file));
+    if (!j.is_object()) return make_error(E_PARSE, "{}: expected a JSON object", file);
+    json_fields f{j, file};
+    GPTQ_ASSIGN_OR_RETURN(g.bos_token_id, read_opt_int(f, "bos_token_id"));
+    GPTQ_ASSIGN_OR_RETURN(g.eos_token_ids, read_id_list(j, "eos_token_id", file));
+    GPTQ_ASSIGN_OR_RETURN(g.pad_token_id, read_opt_int(f, "pad_token_id"));
+    GPTQ_ASSIGN_OR_RETURN(g.do_sample, f.get_bool_or("do_sample", false));
+    GPTQ_ASSIGN_OR_RETURN(g.temperature, f.get_number_or("temperature", 1.0));
+    GPTQ_ASSIGN_OR_RETURN(g.top_p, f.get_number_or("top_p", 1.0));
+    GPTQ_ASSIGN_OR_RETURN(g.top_k, f.get_int_or("top_k", 50));
+    GPTQ_ASSIGN_OR_RETURN(g.repetition_penalty, f.get_number_or("repetition_penalty", 1.0));
+    GPTQ_ASSIGN_OR_RETURN(g.max_length, read_opt_int(f, "max_length"));
+    GPTQ_ASSIGN_OR_RETURN(g.max_new_tokens, read_opt_int(f, "max_new_tokens"));
+    if (g.temperature < 0) return make_error(E_PARSE, "{}: temperature {} must be >= 0", file, g.temperature);
+    if (!(g.top_p > 0 && g.top_p <= 1)) return make_error(E_PARSE, "{}: top_p {} must be in (0, 1]", file, g.top_p);
+    return g;
+}
+
+}  // namespace gptq

@@ -1,0 +1,164 @@
+// The gptq binary end to end: inspect on the bundled model (parameter count from its
+// training_info.json, --json parses), and every bad-input case gives one line and exit code 1.
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include "test_util.h"
+
+using json = nlohmann::json;
+using namespace gptq;
+
+namespace {
+
+std::string q(const std::string& s) { return "'" + s + "'"; }
+
+// Copy the bundled model's small files into `dir` and link its weights, for variants.
+void copy_config(const test::temp_dir& dir, const std::string& config_text) {
+    test::write_file(dir.file("config.json"), config_text);
+    std::filesystem::copy_file(test::source_path("models/tiny-llama/model.safetensors"), dir.file("model.safetensors"));
+}
+
+void expect_one_line_error(const test::run_result& r, const std::string& must_contain) {
+    EXPECT_EQ(r.exit_code, 1) << r.err;
+    EXPECT_TRUE(r.out.empty()) << r.out;
+    ASSERT_FALSE(r.err.empty());
+    EXPECT_EQ(r.err.rfind("gptq: error: ", 0), 0u) << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_NE(r.err.find(must_contain), std::string::npos) << r.err;
+}
+
+}  // namespace
+
+TEST(cli_inspect, bundled_model_parameter_count_matches_training_info) {
+    auto info = json::parse(test::read_file(test::source_path("models/tiny-llama/training_info.json")));
+    auto r    = test::run_command(test::gptq_binary() + " inspect --json " + test::source_path("models/tiny-llama"));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    auto j = json::parse(r.out);
+    EXPECT_EQ(j["n_params"].get<int64_t>(), info["params"].get<int64_t>());
+    EXPECT_EQ(j["architecture"], "LlamaForCausalLM");
+    EXPECT_EQ(j["n_layers"], 4);
+    EXPECT_EQ(j["hidden_size"], 256);
+    EXPECT_EQ(j["vocab_size"], 8192);
+    EXPECT_EQ(j["dtype"], "float16");
+    EXPECT_TRUE(j["quantization"].is_null());
+
+    auto text = test::run_command(test::gptq_binary() + " inspect --tensors " + test::source_path("models/tiny-llama"));
+    ASSERT_EQ(text.exit_code, 0) << text.err;
+    EXPECT_NE(text.out.find("LlamaForCausalLM"), std::string::npos);
+    EXPECT_NE(text.out.find("model.layers.3.mlp.down_proj.weight"), std::string::npos);
+    EXPECT_NE(text.out.find(std::to_string(info["params"].get<int64_t>())), std::string::npos);
+}
+
+TEST(cli_inspect, sharded_shared_model) {
+    if (!test::shared_available()) GTEST_SKIP() << "../shared/models not present (only in CI and dev machines)";
+    auto info = json::parse(test::read_file(test::shared_path("models/small-llama/training_info.json")));
+    auto r    = test::run_command(test::gptq_binary() + " inspect --json " + test::shared_path("models/small-llama"));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    auto j = json::parse(r.out);
+    EXPECT_EQ(j["n_params"].get<int64_t>(), info["params"].get<int64_t>());
+    EXPECT_EQ(j["n_files"], 4);
+}
+
+TEST(cli_inspect, gptq_checkpoint_settings_are_reported) {
+    test::temp_dir dir("cli-gptq");
+    // A minimal GPTQ-looking checkpoint: one quantized linear (K=64, N=32, 4-bit, g32).
+    auto config = json::parse(test::read_file(test::source_path("models/tiny-llama/config.json")));
+    config["quantization_config"] = {{"bits", 4}, {"group_size", 32}, {"desc_act", true}, {"sym", true},
+                                     {"quant_method", "gptq"}, {"checkpoint_format", "gptq"}};
+    test::write_file(dir.file("config.json"), config.dump());
+    // Header-only safetensors with the four tensors (data zero-filled).
+    json h;
+    uint64_t off = 0;
+    auto add = [&](const char* name, const char* dt, std::vector<int64_t> shape, uint64_t nb) {
+        h[name] = {{"dtype", dt}, {"shape", shape}, {"data_offsets", {off, off + nb}}};
+        off += nb;
+    };
+    add("model.layers.0.mlp.up_proj.qweight", "I32", {8, 32}, 8 * 32 * 4);
+    add("model.layers.0.mlp.up_proj.qzeros", "I32", {2, 4}, 2 * 4 * 4);
+    add("model.layers.0.mlp.up_proj.scales", "F16", {2, 32}, 2 * 32 * 2);
+    add("model.layers.0.mlp.up_proj.g_idx", "I32", {64}, 64 * 4);
+    std::string hdr = h.dump();
+    hdr.resize((hdr.size() + 7) / 8 * 8, ' ');
+    std::string bytes(8, '\0');
+    for (int i = 0; i < 8; ++i) bytes[static_cast<size_t>(i)] = static_cast<char>((hdr.size() >> (8 * i)) & 0xff);
+    test::write_file(dir.file("model.safetensors"), bytes + hdr + std::string(off, '\0'));
+    auto r = test::run_command(test::gptq_binary() + " inspect --json " + dir.path());
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    auto j = json::parse(r.out);
+    EXPECT_EQ(j["quantization"]["bits"], 4);
+    EXPECT_EQ(j["quantization"]["group_size"], 32);
+    EXPECT_EQ(j["quantization"]["desc_act"], true);
+    EXPECT_EQ(j["quantization"]["checkpoint_format"], "gptq");
+    EXPECT_EQ(j["quantization"]["quantized_modules"], json::array({"model.layers.0.mlp.up_proj"}));
+    EXPECT_EQ(j["n_params"], 64 * 32);  // logical in x out, not packed words
+}
+
+TEST(cli_inspect, bad_inputs_one_line_exit_1) {
+    test::temp_dir dir("cli-bad");
+    const auto     cfg_text = test::read_file(test::source_path("models/tiny-llama/config.json"));
+    const auto     gptq     = test::gptq_binary();
+
+    // Truncated safetensors.
+    const auto full = test::read_file(test::source_path("models/tiny-llama/model.safetensors"));
+    test::write_file(dir.file("truncated.safetensors"), full.substr(0, full.size() / 2));
+    expect_one_line_error(test::run_command(gptq + " inspect " + q(dir.file("truncated.safetensors"))),
+                          "truncated.safetensors");
+    // Header length larger than the file.
+    std::string big = full.substr(0, 64);
+    big[5]          = 0x7f;
+    test::write_file(dir.file("biglen.safetensors"), big);
+    expect_one_line_error(test::run_command(gptq + " inspect " + q(dir.file("biglen.safetensors"))), "header length");
+    // Garbage.
+    const std::string garbage_header = "{\"a\": [1, 2,}   ";  // 16 bytes
+    test::write_file(dir.file("garbage.safetensors"), std::string("\x10\0\0\0\0\0\0\0", 8) + garbage_header);
+    expect_one_line_error(test::run_command(gptq + " inspect " + q(dir.file("garbage.safetensors"))),
+                          "not valid JSON");
+    // A missing path.
+    expect_one_line_error(test::run_command(gptq + " inspect " + q(dir.file("nope"))), "no such file or folder");
+
+    // config.json without hidden_size.
+    {
+        test::temp_dir m("cli-nohidden");
+        auto           c = json::parse(cfg_text);
+        c.erase("hidden_size");
+        copy_config(m, c.dump());
+        expect_one_line_error(test::run_command(gptq + " inspect " + q(m.path())), "missing required key 'hidden_size'");
+    }
+    // Unsupported architecture.
+    {
+        test::temp_dir m("cli-arch");
+        auto           c     = json::parse(cfg_text);
+        c["architectures"] = {"FalconForCausalLM"};
+        copy_config(m, c.dump());
+        expect_one_line_error(test::run_command(gptq + " inspect " + q(m.path())),
+                              "unsupported architecture 'FalconForCausalLM'");
+    }
+    // Wrong JSON in config.json.
+    {
+        test::temp_dir m("cli-json");
+        copy_config(m, "{\"architectures\": [\"LlamaForCausalLM\"");
+        expect_one_line_error(test::run_command(gptq + " inspect " + q(m.path())), "config.json: invalid JSON");
+    }
+    // A tensor named in the index that its shard lacks.
+    {
+        test::temp_dir m("cli-index");
+        copy_config(m, cfg_text);
+        test::write_file(m.file("model.safetensors.index.json"),
+                         R"({"metadata":{"total_size":1},"weight_map":{"model.norm.weight":"model.safetensors",
+                            "lm_head.weight":"model.safetensors"}})");
+        expect_one_line_error(test::run_command(gptq + " inspect " + q(m.path())), "'lm_head.weight'");
+    }
+}
+
+TEST(cli, usage_errors_exit_2_and_help_exits_0) {
+    EXPECT_EQ(test::run_command(test::gptq_binary()).exit_code, 2);
+    EXPECT_EQ(test::run_command(test::gptq_binary() + " inspect").exit_code, 2);
+    EXPECT_EQ(test::run_command(test::gptq_binary() + " frobnicate").exit_code, 2);
+    auto help = test::run_command(test::gptq_binary() + " --help");
+    EXPECT_EQ(help.exit_code, 0);
+    EXPECT_NE(help.out.find("inspect"), std::string::npos);
+    auto v = test::run_command(test::gptq_binary() + " --version");
+    EXPECT_EQ(v.exit_code, 0);
+    EXPECT_NE(v.out.find("gptqkit"), std::string::npos);
+}

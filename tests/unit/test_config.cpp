@@ -1,0 +1,256 @@
+// io: config.json (both transformers dialects), generation_config.json and GPTQ quantization
+// configs (AutoGPTQ, GPTQModel, transformers spellings), including the errors for bad values.
+#include <gtest/gtest.h>
+
+#include "io/gptq_config.h"
+#include "io/hf_config.h"
+#include "test_util.h"
+
+using namespace gptq;
+
+namespace {
+
+json llama_v4() {
+    return json::parse(R"({
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256,
+      "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+      "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+      "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "hidden_act": "silu",
+      "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+      "tie_word_embeddings": false, "torch_dtype": "bfloat16", "bos_token_id": 128000,
+      "eos_token_id": [128001, 128008, 128009], "attention_bias": false
+    })");
+}
+
+}  // namespace
+
+TEST(config, bundled_model_transformers5_dialect) {
+    auto cfg = model_config_load(test::source_path("models/tiny-llama"));
+    ASSERT_TRUE(cfg.is_ok()) << cfg.error().message();
+    EXPECT_EQ(cfg->family, model_family::MODEL_FAMILY_LLAMA);
+    EXPECT_EQ(cfg->hidden_size, 256);
+    EXPECT_EQ(cfg->intermediate_size, 768);
+    EXPECT_EQ(cfg->num_hidden_layers, 4);
+    EXPECT_EQ(cfg->num_attention_heads, 4);
+    EXPECT_EQ(cfg->num_key_value_heads, 2);
+    EXPECT_EQ(cfg->head_dim, 64);
+    EXPECT_EQ(cfg->vocab_size, 8192);
+    EXPECT_EQ(cfg->rope.type, rope_type::ROPE_DEFAULT);
+    EXPECT_EQ(cfg->rope.theta, 10000.0);
+    EXPECT_EQ(cfg->rms_norm_eps, 1e-5);
+    EXPECT_TRUE(cfg->tie_word_embeddings);
+    EXPECT_EQ(cfg->dtype_name, "float16");
+    EXPECT_EQ(cfg->bos_token_id, 1);
+    EXPECT_EQ(cfg->eos_token_ids, std::vector<int64_t>{2});
+    EXPECT_FALSE(cfg->pad_token_id.has_value());
+    EXPECT_FALSE(cfg->has_quantization_config);
+    auto gen = generation_config_load(test::source_path("models/tiny-llama"));
+    ASSERT_TRUE(gen.is_ok()) << gen.error().message();
+    EXPECT_EQ(gen->bos_token_id, 1);
+}
+
+TEST(config, transformers4_dialect_with_llama3_rope) {
+    auto cfg = model_config_parse(llama_v4(), "config.json");
+    ASSERT_TRUE(cfg.is_ok()) << cfg.error().message();
+    EXPECT_EQ(cfg->head_dim, 128);
+    EXPECT_EQ(cfg->rope.type, rope_type::ROPE_LLAMA3);
+    EXPECT_EQ(cfg->rope.theta, 500000.0);
+    EXPECT_EQ(cfg->rope.factor, 8.0);
+    EXPECT_EQ(cfg->rope.high_freq_factor, 4.0);
+    EXPECT_EQ(cfg->rope.original_max_position_embeddings, 8192);
+    EXPECT_EQ(cfg->dtype_name, "bfloat16");
+    EXPECT_EQ(cfg->eos_token_ids, (std::vector<int64_t>{128001, 128008, 128009}));
+    EXPECT_FALSE(cfg->qkv_bias());
+}
+
+TEST(config, transformers5_rope_parameters_with_scaling) {
+    json j = llama_v4();
+    j.erase("rope_scaling");
+    j.erase("rope_theta");
+    j["rope_parameters"] = {{"rope_theta", 250000.0}, {"rope_type", "linear"}, {"factor", 2.0}};
+    auto cfg             = model_config_parse(j, "config.json");
+    ASSERT_TRUE(cfg.is_ok()) << cfg.error().message();
+    EXPECT_EQ(cfg->rope.type, rope_type::ROPE_LINEAR);
+    EXPECT_EQ(cfg->rope.theta, 250000.0);
+    EXPECT_EQ(cfg->rope.factor, 2.0);
+    // Legacy "type" key inside rope_scaling (transformers < 4.45).
+    j.erase("rope_parameters");
+    j["rope_scaling"] = {{"type", "dynamic"}, {"factor", 4.0}};
+    cfg               = model_config_parse(j, "config.json");
+    ASSERT_TRUE(cfg.is_ok()) << cfg.error().message();
+    EXPECT_EQ(cfg->rope.type, rope_type::ROPE_DYNAMIC);
+    EXPECT_EQ(cfg->rope.theta, 10000.0);
+}
+
+TEST(config, qwen2_and_mistral_specifics) {
+    json q = llama_v4();
+    q["architectures"]      = {"Qwen2ForCausalLM"};
+    q["model_type"]         = "qwen2";
+    q["use_sliding_window"] = true;
+    q["sliding_window"]     = 4096;
+    q["max_window_layers"]  = 28;
+    q.erase("rope_scaling");
+    auto cfg = model_config_parse(q, "config.json");
+    ASSERT_TRUE(cfg.is_ok()) << cfg.error().message();
+    EXPECT_EQ(cfg->family, model_family::MODEL_FAMILY_QWEN2);
+    EXPECT_TRUE(cfg->qkv_bias());
+    EXPECT_FALSE(cfg->o_bias());
+    EXPECT_FALSE(cfg->layer_uses_sliding_window(27));
+    EXPECT_TRUE(cfg->layer_uses_sliding_window(28));
+    q["use_sliding_window"] = false;
+    EXPECT_FALSE(model_config_parse(q, "config.json")->layer_uses_sliding_window(30));
+
+    json m = llama_v4();
+    m["architectures"]  = {"MistralForCausalLM"};
+    m["model_type"]     = "mistral";
+    m["sliding_window"] = 4096;
+    m.erase("rope_scaling");
+    cfg = model_config_parse(m, "config.json");
+    ASSERT_TRUE(cfg.is_ok());
+    EXPECT_TRUE(cfg->layer_uses_sliding_window(0));
+    m["sliding_window"] = nullptr;
+    EXPECT_FALSE(model_config_parse(m, "config.json")->layer_uses_sliding_window(0));
+}
+
+TEST(config, bad_configs_name_the_key_and_value) {
+    struct bad {
+        const char* what;
+        json        j;
+        const char* expect;
+    };
+    auto with = [](const char* key, json v) {
+        json j = llama_v4();
+        if (v.is_discarded())
+            j.erase(key);
+        else
+            j[key] = v;
+        return j;
+    };
+    const json discard = json(json::value_t::discarded);
+    std::vector<bad> cases = {
+        {"no hidden_size", with("hidden_size", discard), "missing required key 'hidden_size'"},
+        {"unsupported architecture", with("architectures", json::array({"GPT2LMHeadModel"})),
+         "unsupported architecture 'GPT2LMHeadModel'"},
+        {"string size", with("hidden_size", "big"), "key 'hidden_size' is \"big\", expected an integer"},
+        {"negative layers", with("num_hidden_layers", -1), "num_hidden_layers is -1"},
+        {"gqa mismatch", with("num_key_value_heads", 5), "not a multiple of num_key_value_heads 5"},
+        {"yarn", with("rope_scaling", json{{"rope_type", "yarn"}, {"factor", 4.0}}), "unsupported rope type 'yarn'"},
+        {"llama3 missing", with("rope_scaling", json{{"rope_type", "llama3"}, {"factor", 8.0}}),
+         "missing required key 'low_freq_factor'"},
+        {"gelu", with("hidden_act", "gelu"), "unsupported hidden_act 'gelu'"},
+        {"eos string", with("eos_token_id", "x"), "key 'eos_token_id' is \"x\""},
+        {"not object", json::array(), "expected a JSON object"},
+        {"no arch no type", [] {
+             json j = llama_v4();
+             j.erase("architectures");
+             j["model_type"] = "bert";
+             return j;
+         }(), "unsupported model_type 'bert'"},
+    };
+    for (const auto& c : cases) {
+        auto cfg = model_config_parse(c.j, "models/x/config.json");
+        ASSERT_FALSE(cfg.is_ok()) << c.what;
+        EXPECT_NE(cfg.error().message().find("models/x/config.json"), std::string::npos) << cfg.error().message();
+        EXPECT_NE(cfg.error().message().find(c.expect), std::string::npos) << c.what << ": " << cfg.error().message();
+    }
+}
+
+TEST(config, files_missing_or_malformed) {
+    test::temp_dir dir("cfg");
+    auto           missing = model_config_load(dir.path());
+    ASSERT_FALSE(missing.is_ok());
+    EXPECT_EQ(missing.error().code(), status_code::STATUS_NOT_FOUND);
+    test::write_file(dir.file("config.json"), "{\"hidden_size\": 12,,}");
+    auto bad = model_config_load(dir.path());
+    ASSERT_FALSE(bad.is_ok());
+    EXPECT_NE(bad.error().message().find("config.json: invalid JSON at byte"), std::string::npos)
+        << bad.error().message();
+    // No generation_config.json: defaults; a malformed one: error.
+    EXPECT_TRUE(generation_config_load(dir.path()).is_ok());
+    test::write_file(dir.file("generation_config.json"), "{\"top_p\": 2.0}");
+    auto g = generation_config_load(dir.path());
+    ASSERT_FALSE(g.is_ok());
+    EXPECT_NE(g.error().message().find("top_p 2 must be in (0, 1]"), std::string::npos) << g.error().message();
+}
+
+TEST(gptq_config, autogptq_gptqmodel_and_synonyms) {
+    // TheBloke / AutoGPTQ: no quant_method or checkpoint_format (defaults gptq / gptq).
+    auto a = gptq_config_parse(json::parse(R"({"bits":4,"group_size":128,"damp_percent":0.1,"desc_act":true,
+        "static_groups":false,"sym":true,"true_sequential":true,"model_name_or_path":null,
+        "model_file_base_name":"model"})"),
+                               "quantize_config.json");
+    ASSERT_TRUE(a.is_ok()) << a.error().message();
+    EXPECT_EQ(a->bits, 4);
+    EXPECT_EQ(a->group_size, 128);
+    EXPECT_TRUE(a->desc_act);
+    EXPECT_EQ(a->damp_percent, 0.1);
+    EXPECT_EQ(a->format, gptq_checkpoint_format::GPTQ_FORMAT_V1);
+    EXPECT_EQ(a->model_file_base_name, "model");
+
+    // GPTQModel: damp_percent etc. under meta, format gptq_v2.
+    auto g = gptq_config_parse(json::parse(R"({"bits":3,"group_size":-1,"desc_act":false,"sym":false,
+        "lm_head":false,"quant_method":"gptq","checkpoint_format":"gptq_v2","pack_dtype":"int32",
+        "meta":{"quantizer":["gptqmodel:4.0.0"],"damp_percent":0.05,"static_groups":true,"true_sequential":false}})"),
+                               "config.json quantization_config");
+    ASSERT_TRUE(g.is_ok()) << g.error().message();
+    EXPECT_EQ(g->bits, 3);
+    EXPECT_EQ(g->group_size, -1);
+    EXPECT_FALSE(g->sym);
+    EXPECT_EQ(g->format, gptq_checkpoint_format::GPTQ_FORMAT_V2);
+    EXPECT_EQ(g->damp_percent, 0.05);
+    EXPECT_TRUE(g->static_groups);
+    EXPECT_FALSE(g->true_sequential);
+    EXPECT_EQ(g->quantizer, std::vector<std::string>{"gptqmodel:4.0.0"});
+
+    // Synonyms and legacy marlin flag.
+    auto s = gptq_config_parse(json::parse(R"({"w_bit":8,"q_group_size":64,"sym":true,"is_marlin_format":true})"), "q");
+    ASSERT_TRUE(s.is_ok()) << s.error().message();
+    EXPECT_EQ(s->bits, 8);
+    EXPECT_EQ(s->group_size, 64);
+    EXPECT_EQ(s->format, gptq_checkpoint_format::GPTQ_FORMAT_MARLIN);
+
+    // What we write parses back to the same settings.
+    auto back = gptq_config_parse(g->to_json(), "ours");
+    ASSERT_TRUE(back.is_ok()) << back.error().message();
+    EXPECT_EQ(back->bits, 3);
+    EXPECT_EQ(back->format, gptq_checkpoint_format::GPTQ_FORMAT_V2);
+    EXPECT_EQ(back->damp_percent, 0.05);
+    EXPECT_TRUE(back->static_groups);
+}
+
+TEST(gptq_config, bad_values) {
+    struct bad {
+        const char* j;
+        const char* expect;
+    };
+    for (const auto& c : std::vector<bad>{
+             {R"({"bits":5,"group_size":128})", "bits 5 is not supported"},
+             {R"({"bits":4,"group_size":0})", "group_size 0 must be -1 or a positive integer"},
+             {R"({"bits":4,"group_size":128,"damp_percent":1.5})", "damp_percent 1.5 must be in (0, 1)"},
+             {R"({"bits":4,"group_size":128,"quant_method":"awq"})", "quant_method 'awq' is not supported"},
+             {R"({"bits":4,"group_size":128,"checkpoint_format":"exl2"})", "checkpoint_format 'exl2'"},
+             {R"({"bits":4,"group_size":128,"pack_dtype":"int64"})", "pack_dtype 'int64'"},
+             {R"({"group_size":128})", "missing required key 'w_bit'"},
+             {R"({"bits":"4","group_size":128})", "key 'bits' is \"4\", expected an integer"},
+         }) {
+        auto r = gptq_config_parse(json::parse(c.j), "quantize_config.json");
+        ASSERT_FALSE(r.is_ok()) << c.j;
+        EXPECT_NE(r.error().message().find(c.expect), std::string::npos) << r.error().message();
+        EXPECT_NE(r.error().message().find("quantize_config.json"), std::string::npos);
+    }
+}
+
+TEST(gptq_config, found_in_folder_by_precedence) {
+    test::temp_dir dir("gcfg");
+    EXPECT_EQ(gptq_config_find(dir.path()).error().code(), status_code::STATUS_NOT_FOUND);
+    test::write_file(dir.file("config.json"), R"({"quantization_config":{"bits":8,"group_size":32,"sym":true}})");
+    auto c = gptq_config_find(dir.path());
+    ASSERT_TRUE(c.is_ok()) << c.error().message();
+    EXPECT_EQ(c->bits, 8);
+    test::write_file(dir.file("quantize_config.json"), R"({"bits":2,"group_size":64,"sym":true})");
+    c = gptq_config_find(dir.path());
+    ASSERT_TRUE(c.is_ok());
+    EXPECT_EQ(c->bits, 2);
+    EXPECT_NE(c->source.find("quantize_config.json"), std::string::npos);
+}

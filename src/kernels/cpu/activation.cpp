@@ -1,0 +1,107 @@
+#include "kernels/cpu/activation.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/thread_pool.h"
+
+namespace gptq::cpu {
+
+namespace {
+// Below this many elements a pool dispatch costs more than the work.
+constexpr int64_t k_min_parallel_elems = 1 << 14;
+
+void silu_mul_range(const float* gate, const float* up, float* y, int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+        const float g = gate[i];
+        y[i]          = g / (1.0f + std::exp(-g)) * up[i];
+    }
+}
+
+void softmax_row(const float* x, float* y, int64_t n) {
+    float m = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+    if (m == -INFINITY) {  // every entry masked: cannot happen in causal attention; give zeros, not NaN
+        for (int64_t i = 0; i < n; ++i) y[i] = 0.0f;
+        return;
+    }
+    double sum = 0.0;  // a double sum costs nothing next to expf and keeps 8192-wide rows exact
+    for (int64_t i = 0; i < n; ++i) {
+        y[i] = std::exp(x[i] - m);
+        sum += y[i];
+    }
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int64_t i = 0; i < n; ++i) y[i] *= inv;
+}
+
+void log_softmax_row(const float* x, float* y, int64_t n) {
+    float m = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) sum += std::exp(x[i] - m);
+    const float lse = static_cast<float>(m + std::log(sum));
+    for (int64_t j = 0; j < n; ++j) y[j] = x[j] - lse;
+}
+}  // namespace
+
+void silu_mul_ref(const float* gate, const float* up, float* y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const double g = gate[i];
+        y[i]           = static_cast<float>(g / (1.0 + std::exp(-g)) * up[i]);
+    }
+}
+
+void silu_mul(const float* gate, const float* up, float* y, int64_t n, thread_pool* pool) {
+    if (!pool || n < k_min_parallel_elems) {
+        silu_mul_range(gate, up, y, 0, n);
+        return;
+    }
+    pool->parallel_for(n, [&](int64_t i0, int64_t i1) { silu_mul_range(gate, up, y, i0, i1); });
+}
+
+void softmax_rows_ref(const float* x, float* y, int64_t n_rows, int64_t n_cols) {
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const float* xr = x + r * n_cols;
+        float*       yr = y + r * n_cols;
+        double       m  = -INFINITY;
+        for (int64_t i = 0; i < n_cols; ++i) m = std::max<double>(m, xr[i]);
+        double sum = 0.0;
+        for (int64_t i = 0; i < n_cols; ++i) sum += std::exp(xr[i] - m);
+        for (int64_t i = 0; i < n_cols; ++i) yr[i] = static_cast<float>(std::exp(xr[i] - m) / sum);
+    }
+}
+
+void softmax_rows(const float* x, float* y, int64_t n_rows, int64_t n_cols, thread_pool* pool) {
+    if (!pool || n_rows * n_cols < k_min_parallel_elems) {
+        for (int64_t r = 0; r < n_rows; ++r) softmax_row(x + r * n_cols, y + r * n_cols, n_cols);
+        return;
+    }
+    pool->parallel_for(n_rows, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) softmax_row(x + r * n_cols, y + r * n_cols, n_cols);
+    });
+}
+
+void log_softmax_rows_ref(const float* x, float* y, int64_t n_rows, int64_t n_cols) {
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const float* xr = x + r * n_cols;
+        float*       yr = y + r * n_cols;
+        double       m  = -INFINITY;
+        for (int64_t i = 0; i < n_cols; ++i) m = std::max<double>(m, xr[i]);
+        double sum = 0.0;
+        for (int64_t i = 0; i < n_cols; ++i) sum += std::exp(xr[i] - m);
+        const double lse = m + std::log(sum);
+        for (int64_t i = 0; i < n_cols; ++i) yr[i] = static_cast<float>(xr[i] - lse);
+    }
+}
+
+void log_softmax_rows(const float* x, float* y, int64_t n_rows, int64_t n_cols, thread_pool* pool) {
+    if (!pool || n_rows * n_cols < k_min_parallel_elems) {
+        for (int64_t r = 0; r < n_rows; ++r) log_softmax_row(x + r * n_cols, y + r * n_cols, n_cols);
+        return;
+    }
+    pool->parallel_for(n_rows, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) log_softmax_row(x + r * n_cols, y + r * n_cols, n_cols);
+    });
+}
+
+}  // namespace gptq::cpu

@@ -1,0 +1,26 @@
+// Linear layer y = x W^T + b in F32, with PyTorch's weight layout ([n_out, n_in] row-major).
+//
+// linear_ref is the plain triple loop (double accumulation) that the tests trust. linear_blas
+// splits the output features over the thread pool and runs one single-threaded OpenBLAS sgemm
+// per slice, so all parallelism in the process comes from one pool (OpenBLAS is pinned to one
+// thread by blas_init_single_threaded()).
+#pragma once
+
+#include <cstdint>
+
+namespace gptq {
+class thread_pool;
+}
+
+namespace gptq::cpu {
+
+// Pin OpenBLAS to one thread (we parallelise around it). Idempotent; call before linear_blas.
+void blas_init_single_threaded();
+
+// x: [m, k] row-major; w: [n, k] row-major; bias: [n] or nullptr; y: [m, n] row-major (no alias).
+void linear_ref(const float* x, const float* w, const float* bias, float* y, int64_t m, int64_t n, int64_t k);
+// Same contract. pool may be nullptr (serial).
+void linear_blas(const float* x, const float* w, const float* bias, float* y, int64_t m, int64_t n, int64_t k,
+                 thread_pool* pool);
+
+}  // namespace gptq::cpu

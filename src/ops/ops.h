@@ -1,0 +1,60 @@
+// ops: what the model's forward pass calls. One function per operation, F32 tensors as raw
+// pointers with their shapes; the context says how to run them (threads, reference kernels).
+//
+// Shapes follow PyTorch: activations [n_tokens, features] row-major, linear weights
+// [n_out, n_in] row-major. Callers pass consistent shapes; a mismatch is a bug (GPTQ_ASSERT).
+#pragma once
+
+#include <cstdint>
+
+namespace gptq {
+
+class thread_pool;
+
+struct ops_context {
+    thread_pool* pool      = nullptr;  // nullptr: run on the calling thread
+    bool         reference = false;    // use the plain reference kernels (slow; for checking)
+};
+
+// y[m, n] = x[m, k] w[n, k]^T + bias[n] (bias may be nullptr). y must not alias x.
+void op_linear(const ops_context& ctx, const float* x, const float* w, const float* bias, float* y, int64_t m,
+               int64_t n, int64_t k);
+
+// y[n_rows, dim] = rmsnorm(x[n_rows, dim]) * w[dim]; y may alias x.
+void op_rms_norm(const ops_context& ctx, const float* x, const float* w, float* y, int64_t n_rows, int64_t dim,
+                 float eps);
+
+// cos, sin: [n_tokens, half] for tokens at positions pos0 .. pos0 + n_tokens - 1, with
+// angle = float(pos) * inv_freq[i] in F32 (as transformers computes it), times `scaling`
+// (the RoPE variant's attention scaling; 1 for default/linear/dynamic/llama3).
+void op_rope_tables(const float* inv_freq, int64_t half, int64_t pos0, int64_t n_tokens, float scaling, float* cos,
+                    float* sin);
+
+// Rotate the heads of x [n_tokens, row_stride] in place (see kernels/cpu/rope.h).
+void op_rope(const ops_context& ctx, float* x, const float* cos, const float* sin, int64_t n_tokens, int64_t n_heads,
+             int64_t head_dim, int64_t row_stride);
+
+struct attention_args {
+    const float* q   = nullptr;  // [n_q, q_stride], heads [n_head, head_dim] first in each row
+    const float* k   = nullptr;  // [n_kv, kv_stride], heads [n_head_kv, head_dim]
+    const float* v   = nullptr;  // [n_kv, kv_stride]
+    float*       out = nullptr;  // [n_q, out_stride]
+    int64_t      n_q = 0, n_kv = 0, q_pos0 = 0;
+    int64_t      n_head = 0, n_head_kv = 0, head_dim = 0;
+    int64_t      window = 0;  // sliding window (0: none)
+    float        scale  = 1.0f;
+    int64_t      q_stride = 0, kv_stride = 0, out_stride = 0;
+};
+// Causal GQA attention of the queries at positions q_pos0.. over keys 0..n_kv-1.
+void op_attention(const ops_context& ctx, const attention_args& a);
+
+// y[n] = silu(gate[n]) * up[n]; y may alias gate or up.
+void op_silu_mul(const ops_context& ctx, const float* gate, const float* up, float* y, int64_t n);
+
+// x[n] += y[n].
+void op_add(const ops_context& ctx, float* x, const float* y, int64_t n);
+
+// y[n_rows, n_cols] = log_softmax(x) per row; y may alias x.
+void op_log_softmax(const ops_context& ctx, const float* x, float* y, int64_t n_rows, int64_t n_cols);
+
+}  // namespace gptq

@@ -1,0 +1,228 @@
+// kernels/cpu: every threaded/BLAS kernel against its plain reference on fresh random inputs, over
+// shape sweeps that include 1, odd sizes and sizes that are not multiples of the block sizes
+// (linear slices of 16 features, attention blocks of 32 queries, 8-lane partial sums).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <vector>
+
+#include "core/thread_pool.h"
+#include "kernels/cpu/activation.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/linear.h"
+#include "kernels/cpu/norm.h"
+#include "kernels/cpu/rope.h"
+
+using namespace gptq;
+
+namespace {
+
+// Tolerances. F32 has eps = 1.2e-7; the references accumulate in double.
+// linear: error per output relative to sum_l |x_l w_l| (the sum's condition); blocked F32 sums of
+// up to ~300 terms stay within a few 1e-6 of that, so 1e-5 leaves room without hiding a wrong term.
+constexpr double k_linear_tol = 1e-5;
+// rms_norm: one F32 sum of squares (8 lanes) and a reciprocal sqrt: a few ulps per element.
+constexpr double k_rms_norm_tol = 5e-6;
+// rope: the same F32 expressions in both versions; only operation order could differ.
+constexpr double k_rope_tol = 1e-6;
+// attention: F32 dot products of head_dim terms, a softmax and a weighted sum, relative to max|v|.
+constexpr double k_attention_tol = 2e-5;
+// silu * up, softmax, log-softmax: expf/logf against double, a few ulps (softmax sums 1000s of terms).
+constexpr double k_activation_tol = 1e-5;
+
+std::vector<float> random_vec(std::mt19937& rng, size_t n, float scale = 1.0f) {
+    std::normal_distribution<float> d(0.0f, scale);
+    std::vector<float>              v(n);
+    for (auto& x : v) x = d(rng);
+    return v;
+}
+
+thread_pool& pool3() {
+    static thread_pool p(3);  // 3 threads: uneven splits of every size
+    return p;
+}
+
+}  // namespace
+
+TEST(kernels_cpu, linear_blas_matches_reference) {
+    std::mt19937 rng(1);
+    int          n_cases = 0;
+    for (int64_t m : {1, 3, 17, 64, 100})
+        for (int64_t n : {1, 5, 16, 33, 100, 257})
+            for (int64_t k : {1, 7, 64, 129, 300})
+                for (bool with_bias : {false, true}) {
+                    auto x = random_vec(rng, m * k), w = random_vec(rng, n * k), b = random_vec(rng, n);
+                    std::vector<float> y_ref(m * n), y(m * n, 123.0f);
+                    const float*       bias = with_bias ? b.data() : nullptr;
+                    cpu::linear_ref(x.data(), w.data(), bias, y_ref.data(), m, n, k);
+                    cpu::linear_blas(x.data(), w.data(), bias, y.data(), m, n, k, &pool3());
+                    for (int64_t i = 0; i < m; ++i)
+                        for (int64_t j = 0; j < n; ++j) {
+                            double cond = with_bias ? std::fabs(b[j]) : 0.0;
+                            for (int64_t l = 0; l < k; ++l) cond += std::fabs(x[i * k + l] * w[j * k + l]);
+                            ASSERT_LE(std::fabs(y[i * n + j] - y_ref[i * n + j]), k_linear_tol * cond)
+                                << "m=" << m << " n=" << n << " k=" << k << " i=" << i << " j=" << j;
+                        }
+                    ++n_cases;
+                }
+    EXPECT_EQ(n_cases, 300);
+}
+
+TEST(kernels_cpu, linear_serial_equals_threaded) {
+    std::mt19937 rng(2);
+    const int64_t m = 9, n = 70, k = 31;
+    auto          x = random_vec(rng, m * k), w = random_vec(rng, n * k);
+    std::vector<float> a(m * n), b(m * n);
+    cpu::linear_blas(x.data(), w.data(), nullptr, a.data(), m, n, k, nullptr);
+    cpu::linear_blas(x.data(), w.data(), nullptr, b.data(), m, n, k, &pool3());
+    EXPECT_EQ(a, b);  // slicing the output features does not change any sum
+}
+
+TEST(kernels_cpu, rms_norm_matches_reference) {
+    std::mt19937 rng(3);
+    for (int64_t rows : {1, 2, 5, 64})
+        for (int64_t dim : {1, 7, 8, 9, 64, 257, 512}) {
+            auto x = random_vec(rng, rows * dim, 3.0f), w = random_vec(rng, dim);
+            std::vector<float> y_ref(rows * dim), y(x);
+            cpu::rms_norm_ref(x.data(), w.data(), y_ref.data(), rows, dim, 1e-5f);
+            cpu::rms_norm(y.data(), w.data(), y.data(), rows, dim, 1e-5f, &pool3());  // in place
+            for (int64_t i = 0; i < rows * dim; ++i)
+                ASSERT_NEAR(y[i], y_ref[i], k_rms_norm_tol * (std::fabs(y_ref[i]) + 1e-6))
+                    << "rows=" << rows << " dim=" << dim << " i=" << i;
+        }
+}
+
+TEST(kernels_cpu, rms_norm_reference_is_the_formula) {
+    // A row whose RMS is exactly 2: y = w * x / 2 (eps 0).
+    const std::vector<float> x = {2, -2, 2, -2}, w = {1, 2, 3, 4};
+    std::vector<float>       y(4);
+    cpu::rms_norm_ref(x.data(), w.data(), y.data(), 1, 4, 0.0f);
+    EXPECT_EQ(y, (std::vector<float>{1, -2, 3, -4}));
+}
+
+TEST(kernels_cpu, rope_matches_reference) {
+    std::mt19937 rng(4);
+    for (int64_t n_tokens : {1, 3, 8, 33})
+        for (int64_t n_heads : {1, 3, 4})
+            for (int64_t head_dim : {2, 6, 64}) {
+                const int64_t stride = n_heads * head_dim + 5;  // padding after the heads stays untouched
+                auto          x      = random_vec(rng, n_tokens * stride);
+                auto          c      = random_vec(rng, n_tokens * head_dim / 2);
+                auto          s      = random_vec(rng, n_tokens * head_dim / 2);
+                auto          a = x, b = x;
+                cpu::rope_ref(a.data(), c.data(), s.data(), n_tokens, n_heads, head_dim, stride);
+                cpu::rope(b.data(), c.data(), s.data(), n_tokens, n_heads, head_dim, stride, &pool3());
+                for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(a[i], b[i], k_rope_tol * (std::fabs(a[i]) + 1));
+                for (int64_t t = 0; t < n_tokens; ++t)
+                    for (int64_t p = n_heads * head_dim; p < stride; ++p) ASSERT_EQ(b[t * stride + p], x[t * stride + p]);
+            }
+}
+
+TEST(kernels_cpu, rope_rotates_pairs_half_apart) {
+    // head_dim 4: pairs (0,2) and (1,3); a 90-degree turn on pair 0 only.
+    std::vector<float>       x = {1, 10, 2, 20};
+    const std::vector<float> c = {0, 1}, s = {1, 0};
+    cpu::rope_ref(x.data(), c.data(), s.data(), 1, 1, 4, 4);
+    EXPECT_EQ(x, (std::vector<float>{-2, 10, 1, 20}));
+}
+
+namespace {
+void check_attention(std::mt19937& rng, cpu::attention_shape s) {
+    s.q_stride   = s.n_head * s.head_dim + 3;
+    s.kv_stride  = s.n_head_kv * s.head_dim + 1;
+    s.out_stride = s.n_head * s.head_dim + 2;
+    s.scale      = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+    auto q = random_vec(rng, s.n_q * s.q_stride, 1.5f);
+    auto k = random_vec(rng, s.n_kv * s.kv_stride, 1.5f);
+    auto v = random_vec(rng, s.n_kv * s.kv_stride);
+    std::vector<float> o_ref(s.n_q * s.out_stride, 7.0f), o(s.n_q * s.out_stride, 7.0f);
+    cpu::attention_ref(q.data(), k.data(), v.data(), o_ref.data(), s);
+    cpu::attention_blas(q.data(), k.data(), v.data(), o.data(), s, &pool3());
+    float vmax = 0;
+    for (float x : v) vmax = std::max(vmax, std::fabs(x));
+    for (size_t i = 0; i < o.size(); ++i)
+        ASSERT_NEAR(o[i], o_ref[i], k_attention_tol * vmax)
+            << "n_q=" << s.n_q << " n_kv=" << s.n_kv << " q_pos0=" << s.q_pos0 << " heads=" << s.n_head << "/"
+            << s.n_head_kv << " hd=" << s.head_dim << " window=" << s.window << " i=" << i;
+}
+}  // namespace
+
+TEST(kernels_cpu, attention_blas_matches_reference) {
+    std::mt19937 rng(5);
+    struct heads {
+        int64_t h, hkv, hd;
+    };
+    int n_cases = 0;
+    for (heads hs : {heads{4, 2, 8}, heads{3, 3, 6}, heads{8, 1, 64}, heads{2, 1, 2}})
+        for (int64_t window : {0, 1, 3, 40}) {
+            cpu::attention_shape s;
+            s.n_head    = hs.h;
+            s.n_head_kv = hs.hkv;
+            s.head_dim  = hs.hd;
+            s.window    = window;
+            for (int64_t n : {1, 5, 31, 32, 33, 70}) {  // prefill
+                s.n_q = s.n_kv = n;
+                s.q_pos0       = 0;
+                check_attention(rng, s);
+                ++n_cases;
+            }
+            for (int64_t n_kv : {1, 2, 45}) {  // one decode step
+                s.n_q    = 1;
+                s.n_kv   = n_kv;
+                s.q_pos0 = n_kv - 1;
+                check_attention(rng, s);
+                ++n_cases;
+            }
+            s.n_q    = 37;  // a chunk after a prefix
+            s.n_kv   = 50;
+            s.q_pos0 = 13;
+            check_attention(rng, s);
+            ++n_cases;
+        }
+    EXPECT_EQ(n_cases, 160);
+}
+
+TEST(kernels_cpu, attention_first_query_copies_first_value) {
+    // Query 0 sees only key 0: its output is v[0] whatever the scores.
+    cpu::attention_shape s;
+    s.n_q = s.n_kv = 2;
+    s.n_head = s.n_head_kv = 1;
+    s.head_dim = s.q_stride = s.kv_stride = s.out_stride = 2;
+    const std::vector<float> q = {1, 2, 3, 4}, k = {5, 6, 7, 8}, v = {0.5f, -1.5f, 9, 9};
+    std::vector<float>       o(4);
+    cpu::attention_blas(q.data(), k.data(), v.data(), o.data(), s, nullptr);
+    EXPECT_EQ(o[0], 0.5f);
+    EXPECT_EQ(o[1], -1.5f);
+}
+
+TEST(kernels_cpu, activations_match_reference) {
+    std::mt19937 rng(6);
+    for (int64_t n : {1, 7, 100, 20000}) {  // 20000: above the threaded threshold
+        auto g = random_vec(rng, n, 4.0f), u = random_vec(rng, n);
+        std::vector<float> a(n), b(n);
+        cpu::silu_mul_ref(g.data(), u.data(), a.data(), n);
+        cpu::silu_mul(g.data(), u.data(), b.data(), n, &pool3());
+        for (int64_t i = 0; i < n; ++i) ASSERT_NEAR(a[i], b[i], k_activation_tol * (std::fabs(a[i]) + 1e-6));
+    }
+    for (int64_t rows : {1, 3, 40})
+        for (int64_t cols : {1, 2, 9, 1000, 8192}) {
+            auto x = random_vec(rng, rows * cols, 5.0f);
+            std::vector<float> a(x.size()), b(x.size());
+            cpu::softmax_rows_ref(x.data(), a.data(), rows, cols);
+            cpu::softmax_rows(x.data(), b.data(), rows, cols, &pool3());
+            for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(a[i], b[i], k_activation_tol * (a[i] + 1e-7));
+            cpu::log_softmax_rows_ref(x.data(), a.data(), rows, cols);
+            b = x;
+            cpu::log_softmax_rows(b.data(), b.data(), rows, cols, &pool3());  // in place
+            for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(a[i], b[i], k_activation_tol * (std::fabs(a[i]) + 1));
+        }
+}
+
+TEST(kernels_cpu, log_softmax_of_equal_logits_is_minus_log_n) {
+    const std::vector<float> x(10, 3.25f);
+    std::vector<float>       y(10);
+    cpu::log_softmax_rows(x.data(), y.data(), 1, 10, nullptr);
+    for (float v : y) EXPECT_NEAR(v, -std::log(10.0), 1e-6);
+}

@@ -1,0 +1,403 @@
+// Llama-family architecture: see llama.h. The forward pass mirrors transformers' modeling_llama
+// (and modeling_mistral / modeling_qwen2, which differ only in biases and sliding windows).
+#include "model/llama.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include <fmt/ranges.h>
+
+#include "core/error.h"
+
+namespace gptq {
+
+namespace {
+constexpr status_code E_UNSUP = status_code::STATUS_UNSUPPORTED;
+constexpr status_code E_ARG   = status_code::STATUS_INVALID_ARGUMENT;
+
+const char* const k_role_names[k_n_linear_roles] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                                    "gate_proj", "up_proj", "down_proj"};
+bool role_is_attention(linear_role r) { return static_cast<int>(r) <= static_cast<int>(linear_role::LINEAR_O); }
+bool role_has_bias(const llama_hparams& hp, linear_role r) {
+    switch (r) {
+        case linear_role::LINEAR_Q:
+        case linear_role::LINEAR_K:
+        case linear_role::LINEAR_V: return hp.qkv_bias;
+        case linear_role::LINEAR_O: return hp.o_bias;
+        default: return hp.mlp_bias;
+    }
+}
+}  // namespace
+
+const char* linear_role_name(linear_role r) { return k_role_names[static_cast<size_t>(r)]; }
+
+linear_input linear_role_input(linear_role r) {
+    switch (r) {
+        case linear_role::LINEAR_Q:
+        case linear_role::LINEAR_K:
+        case linear_role::LINEAR_V: return linear_input::LINEAR_INPUT_QKV;
+        case linear_role::LINEAR_O: return linear_input::LINEAR_INPUT_O;
+        case linear_role::LINEAR_GATE:
+        case linear_role::LINEAR_UP: return linear_input::LINEAR_INPUT_GATE_UP;
+        default: return linear_input::LINEAR_INPUT_DOWN;
+    }
+}
+
+const char* linear_input_name(linear_input i) {
+    switch (i) {
+        case linear_input::LINEAR_INPUT_QKV: return "qkv";
+        case linear_input::LINEAR_INPUT_O: return "o";
+        case linear_input::LINEAR_INPUT_GATE_UP: return "gate_up";
+        default: return "down";
+    }
+}
+
+std::array<int64_t, 2> llama_hparams::linear_shape(linear_role r) const {
+    switch (r) {
+        case linear_role::LINEAR_Q: return {q_dim(), n_embd};
+        case linear_role::LINEAR_K:
+        case linear_role::LINEAR_V: return {kv_dim(), n_embd};
+        case linear_role::LINEAR_O: return {n_embd, q_dim()};
+        case linear_role::LINEAR_GATE:
+        case linear_role::LINEAR_UP: return {n_ff, n_embd};
+        default: return {n_embd, n_ff};
+    }
+}
+
+result<llama_hparams> llama_hparams_from_config(const model_config& cfg) {
+    const std::string& where = cfg.path;
+    if (cfg.hidden_act != "silu")
+        return make_error(E_UNSUP, "{}: unsupported hidden_act '{}' (supported: silu)", where, cfg.hidden_act);
+    llama_hparams hp;
+    hp.family                  = cfg.family;
+    hp.n_vocab                 = cfg.vocab_size;
+    hp.n_embd                  = cfg.hidden_size;
+    hp.n_ff                    = cfg.intermediate_size;
+    hp.n_layer                 = cfg.num_hidden_layers;
+    hp.n_head                  = cfg.num_attention_heads;
+    hp.n_head_kv               = cfg.num_key_value_heads;
+    hp.head_dim                = cfg.head_dim;
+    hp.rms_eps                 = static_cast<float>(cfg.rms_norm_eps);
+    hp.max_position_embeddings = cfg.max_position_embeddings;
+    hp.rope                    = cfg.rope;
+    hp.tie_embeddings          = cfg.tie_word_embeddings;
+    hp.qkv_bias                = cfg.qkv_bias();
+    hp.o_bias                  = cfg.o_bias();
+    hp.mlp_bias                = cfg.mlp_bias;
+    const std::pair<const char*, int64_t> positive[] = {
+        {"vocab_size", hp.n_vocab},   {"hidden_size", hp.n_embd},         {"intermediate_size", hp.n_ff},
+        {"num_hidden_layers", hp.n_layer}, {"num_attention_heads", hp.n_head}, {"num_key_value_heads", hp.n_head_kv},
+        {"head_dim", hp.head_dim}};
+    for (const auto& [name, v] : positive)
+        if (v <= 0) return make_error(E_ARG, "{}: {} is {}, expected a positive integer", where, name, v);
+    if (hp.n_head % hp.n_head_kv != 0)
+        return make_error(E_UNSUP, "{}: num_attention_heads {} is not a multiple of num_key_value_heads {}", where,
+                          hp.n_head, hp.n_head_kv);
+    if (hp.head_dim % 2 != 0) return make_error(E_UNSUP, "{}: head_dim {} is odd; RoPE needs it even", where, hp.head_dim);
+    if (!(hp.rope.theta > 0)) return make_error(E_ARG, "{}: rope_theta {} is not positive", where, hp.rope.theta);
+    if (hp.rope.type == rope_type::ROPE_DYNAMIC && hp.max_position_embeddings <= 0)
+        return make_error(E_ARG, "{}: dynamic RoPE needs max_position_embeddings, got {}", where,
+                          hp.max_position_embeddings);
+    if (hp.rope.type == rope_type::ROPE_LLAMA3) {
+        const int64_t ctx = hp.rope.original_max_position_embeddings > 0 ? hp.rope.original_max_position_embeddings
+                                                                          : hp.max_position_embeddings;
+        if (ctx <= 0 || !(hp.rope.high_freq_factor > hp.rope.low_freq_factor) || !(hp.rope.low_freq_factor > 0))
+            return make_error(E_ARG,
+                              "{}: llama3 RoPE needs original_max_position_embeddings > 0 and high_freq_factor > "
+                              "low_freq_factor > 0 (got {}, {}, {})",
+                              where, ctx, hp.rope.high_freq_factor, hp.rope.low_freq_factor);
+    }
+    hp.window.assign(static_cast<size_t>(hp.n_layer), 0);
+    for (int64_t i = 0; i < hp.n_layer; ++i)
+        if (cfg.layer_uses_sliding_window(i)) hp.window[static_cast<size_t>(i)] = *cfg.sliding_window;
+    return hp;
+}
+
+std::vector<float> llama_rope_inv_freq(const llama_hparams& hp, int64_t seq_len) {
+    const int64_t half = hp.head_dim / 2;
+    const float   dim  = static_cast<float>(hp.head_dim);
+    double        base = hp.rope.theta;
+    if (hp.rope.type == rope_type::ROPE_DYNAMIC) {
+        // NTK-aware base growth once the sequence passes the original context (transformers'
+        // _compute_dynamic_ntk_parameters); below it, the plain frequencies.
+        const double orig = static_cast<double>(hp.rope.original_max_position_embeddings > 0
+                                                    ? hp.rope.original_max_position_embeddings
+                                                    : hp.max_position_embeddings);
+        const double f    = hp.rope.factor;
+        if (static_cast<double>(seq_len) > orig)
+            base *= std::pow(f * static_cast<double>(seq_len) / orig - (f - 1.0), dim / (dim - 2.0));
+    }
+    std::vector<float> inv(static_cast<size_t>(half));
+    const float        base_f = static_cast<float>(base);
+    for (int64_t i = 0; i < half; ++i) {
+        // F32 exactly as torch: base ** (arange(0, dim, 2).float() / dim), then 1 / that.
+        const float e = static_cast<float>(2 * i) / dim;
+        inv[static_cast<size_t>(i)] = 1.0f / static_cast<float>(std::pow(static_cast<double>(base_f), static_cast<double>(e)));
+    }
+    if (hp.rope.type == rope_type::ROPE_LINEAR) {
+        for (auto& x : inv) x /= static_cast<float>(hp.rope.factor);
+    } else if (hp.rope.type == rope_type::ROPE_LLAMA3) {
+        const float factor = static_cast<float>(hp.rope.factor);
+        const float low    = static_cast<float>(hp.rope.low_freq_factor);
+        const float high   = static_cast<float>(hp.rope.high_freq_factor);
+        const float ctx    = static_cast<float>(hp.rope.original_max_position_embeddings > 0
+                                                    ? hp.rope.original_max_position_embeddings
+                                                    : hp.max_position_embeddings);
+        const float low_wavelen  = ctx / low;   // longer wavelengths: divided by factor
+        const float high_wavelen = ctx / high;  // shorter: unchanged; between: interpolated
+        for (auto& x : inv) {
+            const float wavelen = 2.0f * static_cast<float>(M_PI) / x;
+            float       scaled  = wavelen > low_wavelen ? x / factor : x;
+            if (!(wavelen < high_wavelen) && !(wavelen > low_wavelen)) {
+                const float smooth = (ctx / wavelen - low) / (high - low);
+                scaled             = (1.0f - smooth) * scaled / factor + smooth * scaled;
+            }
+            x = scaled;
+        }
+    }
+    return inv;
+}
+
+std::string llama_linear_name(int64_t i_layer, linear_role r) {
+    return "model.layers." + std::to_string(i_layer) + (role_is_attention(r) ? ".self_attn." : ".mlp.") +
+           linear_role_name(r);
+}
+
+std::vector<tensor_spec> llama_global_tensors(const llama_hparams& hp) {
+    return {
+        {"model.embed_tokens.weight", {hp.n_vocab, hp.n_embd}, false},
+        {"model.norm.weight", {hp.n_embd}, false},
+        {"lm_head.weight", {hp.n_vocab, hp.n_embd}, hp.tie_embeddings},
+    };
+}
+
+std::vector<tensor_spec> llama_layer_tensors(const llama_hparams& hp, int64_t i_layer) {
+    const std::string        p = "model.layers." + std::to_string(i_layer) + ".";
+    std::vector<tensor_spec> t = {
+        {p + "input_layernorm.weight", {hp.n_embd}, false},
+        {p + "post_attention_layernorm.weight", {hp.n_embd}, false},
+    };
+    for (int r = 0; r < k_n_linear_roles; ++r) {
+        const auto role  = static_cast<linear_role>(r);
+        const auto shape = hp.linear_shape(role);
+        const auto name  = llama_linear_name(i_layer, role);
+        t.push_back({name + ".weight", {shape[0], shape[1]}, false});
+        if (role_has_bias(hp, role)) t.push_back({name + ".bias", {shape[0]}, false});
+    }
+    return t;
+}
+
+status llama_layer::linear_replace(linear_role r, std::vector<float> w) {
+    linear_weights& l = linear(r);
+    if (static_cast<int64_t>(w.size()) != l.n_out * l.n_in)
+        return make_error(E_ARG, "layer {} {}: replacement weight has {} values, expected [{}, {}] = {}", index,
+                          linear_role_name(r), w.size(), l.n_out, l.n_in, l.n_out * l.n_in);
+    l.w = std::move(w);
+    return status::ok();
+}
+
+kv_cache kv_cache::create(const llama_hparams& hp, int64_t n_ctx) {
+    kv_cache c;
+    c.n_ctx  = n_ctx;
+    c.kv_dim = hp.kv_dim();
+    c.k.assign(static_cast<size_t>(hp.n_layer), std::vector<float>(static_cast<size_t>(n_ctx * c.kv_dim)));
+    c.v.assign(static_cast<size_t>(hp.n_layer), std::vector<float>(static_cast<size_t>(n_ctx * c.kv_dim)));
+    return c;
+}
+
+result<std::unique_ptr<llama_model>> llama_model::open(const std::string& path) {
+    std::unique_ptr<llama_model> m(new llama_model());
+    GPTQ_ASSIGN_OR_RETURN(m->cfg_, model_config_load(path));
+    GPTQ_ASSIGN_OR_RETURN(m->hp_, llama_hparams_from_config(m->cfg_));
+    GPTQ_ASSIGN_OR_RETURN(m->src_, tensor_source::open(path));
+    std::vector<tensor_spec> all = llama_global_tensors(m->hp_);
+    for (int64_t i = 0; i < m->hp_.n_layer; ++i) {
+        auto l = llama_layer_tensors(m->hp_, i);
+        all.insert(all.end(), l.begin(), l.end());
+    }
+    for (const auto& t : all) {
+        const tensor_entry* e = m->src_->find(t.name);
+        if (!e) {
+            if (t.optional) continue;
+            return make_error(status_code::STATUS_NOT_FOUND, "{}: tensor '{}' (shape {}) is missing", path, t.name,
+                              fmt::join(t.shape, ", "));
+        }
+        if (e->info->shape != t.shape)
+            return make_error(status_code::STATUS_PARSE_ERROR, "{}: tensor '{}' has shape [{}], expected [{}]",
+                              e->file->path(), t.name, fmt::join(e->info->shape, ", "), fmt::join(t.shape, ", "));
+        const dtype ty = e->info->type;
+        if (ty != dtype::DTYPE_F32 && ty != dtype::DTYPE_F16 && ty != dtype::DTYPE_BF16)
+            return make_error(E_UNSUP, "{}: tensor '{}' has dtype {}; the model runtime reads F32, F16 or BF16",
+                              e->file->path(), t.name, dtype_name(ty));
+    }
+    m->layers_.resize(static_cast<size_t>(m->hp_.n_layer));
+    return m;
+}
+
+namespace {
+status read_vec(const tensor_source& src, const tensor_spec& t, std::vector<float>* out) {
+    int64_t n = 1;
+    for (int64_t d : t.shape) n *= d;
+    out->resize(static_cast<size_t>(n));
+    return src.read_f32(t.name, out->data(), t.shape);
+}
+}  // namespace
+
+result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer) const {
+    if (i_layer < 0 || i_layer >= hp_.n_layer)
+        return make_error(E_ARG, "{}: layer {} out of range (the model has {})", src_->path(), i_layer, hp_.n_layer);
+    auto        layer = std::make_unique<llama_layer>();
+    layer->index      = i_layer;
+    const auto  specs = llama_layer_tensors(hp_, i_layer);
+    GPTQ_TRY(read_vec(*src_, specs[0], &layer->attn_norm));
+    GPTQ_TRY(read_vec(*src_, specs[1], &layer->mlp_norm));
+    for (int r = 0; r < k_n_linear_roles; ++r) {
+        const auto      role  = static_cast<linear_role>(r);
+        const auto      shape = hp_.linear_shape(role);
+        const auto      name  = llama_linear_name(i_layer, role);
+        linear_weights& l     = layer->linear(role);
+        l.n_out               = shape[0];
+        l.n_in                = shape[1];
+        GPTQ_TRY(read_vec(*src_, {name + ".weight", {shape[0], shape[1]}, false}, &l.w));
+        if (role_has_bias(hp_, role)) GPTQ_TRY(read_vec(*src_, {name + ".bias", {shape[0]}, false}, &l.bias));
+    }
+    return layer;
+}
+
+status llama_model::layers_load_all() {
+    for (int64_t i = 0; i < hp_.n_layer; ++i) {
+        if (layers_[static_cast<size_t>(i)]) continue;
+        GPTQ_ASSIGN_OR_RETURN(layers_[static_cast<size_t>(i)], layer_load(i));
+    }
+    return status::ok();
+}
+
+status llama_model::globals_load() {
+    if (!embed_.empty()) return status::ok();
+    const auto specs = llama_global_tensors(hp_);
+    GPTQ_TRY(read_vec(*src_, specs[0], &embed_));
+    GPTQ_TRY(read_vec(*src_, specs[1], &norm_));
+    if (!hp_.tie_embeddings) GPTQ_TRY(read_vec(*src_, specs[2], &lm_head_));
+    return status::ok();
+}
+
+status llama_model::embed(const int32_t* ids, int64_t n_tokens, float* out) {
+    GPTQ_TRY(globals_load());
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        const int32_t id = ids[t];
+        if (id < 0 || id >= hp_.n_vocab)
+            return make_error(E_ARG, "token id {} at position {} is outside the vocabulary [0, {})", id, t,
+                              hp_.n_vocab);
+        std::copy_n(embed_.data() + static_cast<int64_t>(id) * hp_.n_embd, hp_.n_embd, out + t * hp_.n_embd);
+    }
+    return status::ok();
+}
+
+void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_tokens,
+                                int64_t pos0, kv_cache* cache, const linear_input_hook* hook) const {
+    if (n_tokens == 0) return;
+    const int64_t n_embd = hp_.n_embd, q_dim = hp_.q_dim(), kv_dim = hp_.kv_dim(), hd = hp_.head_dim;
+    const int64_t i_layer = layer.index;
+    GPTQ_ASSERT(i_layer >= 0 && i_layer < hp_.n_layer);
+    GPTQ_ASSERT(!cache || (pos0 == cache->n_past && pos0 + n_tokens <= cache->n_ctx && cache->kv_dim == kv_dim));
+    auto lin = [&](linear_role r, const float* x, float* y) {
+        const linear_weights& l = layer.linear(r);
+        op_linear(ctx, x, l.w.data(), l.bias.empty() ? nullptr : l.bias.data(), y, n_tokens, l.n_out, l.n_in);
+    };
+    auto capture = [&](linear_input which, const float* x, int64_t n_in) {
+        if (hook && *hook) (*hook)(i_layer, which, x, n_tokens, n_in);
+    };
+
+    // ---- attention ------------------------------------------------------------------------------
+    std::vector<float> x(static_cast<size_t>(n_tokens * std::max(n_embd, q_dim)));  // [n_tokens, n_embd]
+    op_rms_norm(ctx, hidden, layer.attn_norm.data(), x.data(), n_tokens, n_embd, hp_.rms_eps);
+    capture(linear_input::LINEAR_INPUT_QKV, x.data(), n_embd);
+
+    std::vector<float> q(static_cast<size_t>(n_tokens * q_dim));  // [n_tokens, n_head * hd]
+    lin(linear_role::LINEAR_Q, x.data(), q.data());
+    // Keys/values go straight into the cache rows of their positions, or into local buffers.
+    std::vector<float> k_local, v_local;
+    float *            k, *v;
+    if (cache) {
+        k = cache->k[static_cast<size_t>(i_layer)].data() + pos0 * kv_dim;
+        v = cache->v[static_cast<size_t>(i_layer)].data() + pos0 * kv_dim;
+    } else {
+        k_local.resize(static_cast<size_t>(n_tokens * kv_dim));
+        v_local.resize(static_cast<size_t>(n_tokens * kv_dim));
+        k = k_local.data();
+        v = v_local.data();
+    }
+    lin(linear_role::LINEAR_K, x.data(), k);
+    lin(linear_role::LINEAR_V, x.data(), v);
+
+    const int64_t      half = hd / 2;
+    std::vector<float> inv_freq = llama_rope_inv_freq(hp_, pos0 + n_tokens);
+    std::vector<float> cos(static_cast<size_t>(n_tokens * half)), sin(cos.size());
+    op_rope_tables(inv_freq.data(), half, pos0, n_tokens, 1.0f, cos.data(), sin.data());
+    op_rope(ctx, q.data(), cos.data(), sin.data(), n_tokens, hp_.n_head, hd, q_dim);
+    op_rope(ctx, k, cos.data(), sin.data(), n_tokens, hp_.n_head_kv, hd, kv_dim);
+
+    attention_args a;
+    a.q         = q.data();
+    a.out       = x.data();  // x is free again: [n_tokens, q_dim]
+    a.n_q       = n_tokens;
+    a.n_head    = hp_.n_head;
+    a.n_head_kv = hp_.n_head_kv;
+    a.head_dim  = hd;
+    a.window    = hp_.window[static_cast<size_t>(i_layer)];
+    a.scale     = 1.0f / std::sqrt(static_cast<float>(hd));
+    a.q_stride = a.out_stride = q_dim;
+    a.kv_stride               = kv_dim;
+    if (cache) {
+        a.k      = cache->k[static_cast<size_t>(i_layer)].data();
+        a.v      = cache->v[static_cast<size_t>(i_layer)].data();
+        a.n_kv   = pos0 + n_tokens;
+        a.q_pos0 = pos0;
+    } else {  // the mask depends on position differences only, so local indices do
+        a.k      = k;
+        a.v      = v;
+        a.n_kv   = n_tokens;
+        a.q_pos0 = 0;
+    }
+    op_attention(ctx, a);
+    capture(linear_input::LINEAR_INPUT_O, x.data(), q_dim);
+    std::vector<float> y(static_cast<size_t>(n_tokens * n_embd));  // [n_tokens, n_embd]
+    lin(linear_role::LINEAR_O, x.data(), y.data());
+    op_add(ctx, hidden, y.data(), n_tokens * n_embd);
+
+    // ---- MLP ------------------------------------------------------------------------------------
+    op_rms_norm(ctx, hidden, layer.mlp_norm.data(), y.data(), n_tokens, n_embd, hp_.rms_eps);
+    capture(linear_input::LINEAR_INPUT_GATE_UP, y.data(), n_embd);
+    std::vector<float> gate(static_cast<size_t>(n_tokens * hp_.n_ff)), up(gate.size());  // [n_tokens, n_ff]
+    lin(linear_role::LINEAR_GATE, y.data(), gate.data());
+    lin(linear_role::LINEAR_UP, y.data(), up.data());
+    op_silu_mul(ctx, gate.data(), up.data(), gate.data(), n_tokens * hp_.n_ff);
+    capture(linear_input::LINEAR_INPUT_DOWN, gate.data(), hp_.n_ff);
+    lin(linear_role::LINEAR_DOWN, gate.data(), y.data());
+    op_add(ctx, hidden, y.data(), n_tokens * n_embd);
+}
+
+void llama_model::output_logits(const ops_context& ctx, const float* hidden, int64_t n_tokens, float* logits) const {
+    GPTQ_ASSERT(!embed_.empty());  // globals_load() first
+    std::vector<float> x(static_cast<size_t>(n_tokens * hp_.n_embd));
+    op_rms_norm(ctx, hidden, norm_.data(), x.data(), n_tokens, hp_.n_embd, hp_.rms_eps);
+    const float* w = hp_.tie_embeddings ? embed_.data() : lm_head_.data();
+    op_linear(ctx, x.data(), w, nullptr, logits, n_tokens, hp_.n_vocab, hp_.n_embd);
+}
+
+status llama_model::forward(const ops_context& ctx, const int32_t* ids, int64_t n_tokens, kv_cache* cache,
+                            float* logits) {
+    const int64_t pos0 = cache ? cache->n_past : 0;
+    if (cache && pos0 + n_tokens > cache->n_ctx)
+        return make_error(E_ARG, "{} tokens after {} cached ones exceed the cache's {} positions", n_tokens, pos0,
+                          cache->n_ctx);
+    GPTQ_TRY(layers_load_all());
+    std::vector<float> hidden(static_cast<size_t>(n_tokens * hp_.n_embd));
+    GPTQ_TRY(embed(ids, n_tokens, hidden.data()));
+    for (int64_t i = 0; i < hp_.n_layer; ++i) layer_forward(ctx, *layers_[static_cast<size_t>(i)], hidden.data(), n_tokens, pos0, cache);
+    if (cache) cache->n_past += n_tokens;
+    output_logits(ctx, hidden.data(), n_tokens, logits);
+    return status::ok();
+}
+
+}  // namespace gptq

@@ -1,0 +1,179 @@
+// The Llama family (Llama 2/3, Mistral, Qwen2): hparams from config.json, the table of HF tensor
+// names and shapes, and the forward pass over ops/, written once and used by calibration, ppl and
+// generation. docs/model-runtime.md describes the design.
+//
+// Layer at a time: llama_model::layer_load(i) reads only layer i's tensors (converted to F32) and
+// llama_model::layer_forward runs one decoder layer on given hidden states [n_tokens, n_embd]. A
+// hook sees the input of every linear group (q/k/v share one input, o, gate/up share one, down),
+// and a layer's linear weights are plain F32 matrices the caller may replace (e.g. by a
+// dequantized GPTQ matrix) before running it.
+//
+// Legend: n_tokens tokens in a call, n_embd = hidden_size, n_ff = intermediate_size, hd = head_dim,
+// n_head / n_head_kv query / key-value heads, kv_dim = n_head_kv * hd. All compute is F32.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+#include "io/hf_config.h"
+#include "io/tensor_source.h"
+#include "ops/ops.h"
+
+namespace gptq {
+
+enum class linear_role : uint8_t {
+    LINEAR_Q,
+    LINEAR_K,
+    LINEAR_V,
+    LINEAR_O,
+    LINEAR_GATE,
+    LINEAR_UP,
+    LINEAR_DOWN,
+    LINEAR_COUNT,
+};
+constexpr int k_n_linear_roles = static_cast<int>(linear_role::LINEAR_COUNT);
+const char* linear_role_name(linear_role r);  // "q_proj", ..., "down_proj"
+
+// The distinct inputs of a decoder layer's linears, in GPTQ's true-sequential order.
+enum class linear_input : uint8_t {
+    LINEAR_INPUT_QKV,      // normed hidden states -> q, k, v  [n_tokens, n_embd]
+    LINEAR_INPUT_O,        // attention output     -> o        [n_tokens, n_head * hd]
+    LINEAR_INPUT_GATE_UP,  // normed hidden states -> gate, up [n_tokens, n_embd]
+    LINEAR_INPUT_DOWN,     // silu(gate) * up      -> down     [n_tokens, n_ff]
+    LINEAR_INPUT_COUNT,
+};
+linear_input linear_role_input(linear_role r);
+const char*  linear_input_name(linear_input i);  // "qkv", "o", "gate_up", "down"
+
+struct llama_hparams {
+    model_family family    = model_family::MODEL_FAMILY_LLAMA;
+    int64_t      n_vocab   = 0;
+    int64_t      n_embd    = 0;
+    int64_t      n_ff      = 0;
+    int64_t      n_layer   = 0;
+    int64_t      n_head    = 0;
+    int64_t      n_head_kv = 0;
+    int64_t      head_dim  = 0;
+    float        rms_eps   = 1e-6f;
+    int64_t      max_position_embeddings = 0;
+    rope_config  rope;
+    bool         tie_embeddings = false;
+    bool         qkv_bias       = false;
+    bool         o_bias         = false;
+    bool         mlp_bias       = false;
+    std::vector<int64_t> window;  // [n_layer] sliding window of each layer in tokens, 0 = full attention
+
+    int64_t q_dim() const { return n_head * head_dim; }
+    int64_t kv_dim() const { return n_head_kv * head_dim; }
+    // [n_out, n_in] of a linear.
+    std::array<int64_t, 2> linear_shape(linear_role r) const;
+};
+
+// Checks what the forward pass supports; unsupported values are errors naming the value.
+result<llama_hparams> llama_hparams_from_config(const model_config& cfg);
+
+// RoPE inverse frequencies [head_dim / 2] for a forward pass whose last position is seq_len - 1
+// (only the dynamic variant depends on it), computed in F32 as transformers does.
+std::vector<float> llama_rope_inv_freq(const llama_hparams& hp, int64_t seq_len);
+
+// One tensor of the HF checkpoint: name, expected shape, and whether it may be absent.
+struct tensor_spec {
+    std::string          name;
+    std::vector<int64_t> shape;
+    bool                 optional = false;
+};
+std::vector<tensor_spec> llama_global_tensors(const llama_hparams& hp);  // embeddings, final norm, lm_head
+std::vector<tensor_spec> llama_layer_tensors(const llama_hparams& hp, int64_t i_layer);
+std::string              llama_linear_name(int64_t i_layer, linear_role r);  // "model.layers.3.self_attn.q_proj"
+
+struct linear_weights {
+    int64_t            n_out = 0;
+    int64_t            n_in  = 0;
+    std::vector<float> w;     // [n_out, n_in] row-major (PyTorch layout)
+    std::vector<float> bias;  // [n_out], or empty
+};
+
+// One decoder layer's weights in F32.
+struct llama_layer {
+    int64_t                                     index = 0;
+    std::vector<float>                          attn_norm;  // [n_embd] input_layernorm
+    std::vector<float>                          mlp_norm;   // [n_embd] post_attention_layernorm
+    std::array<linear_weights, k_n_linear_roles> linears;
+
+    linear_weights&       linear(linear_role r) { return linears[static_cast<size_t>(r)]; }
+    const linear_weights& linear(linear_role r) const { return linears[static_cast<size_t>(r)]; }
+    // Replace a linear's weight matrix (e.g. by its dequantized GPTQ version); w: [n_out, n_in].
+    status linear_replace(linear_role r, std::vector<float> w);
+};
+
+// Keys and values of every layer for positions 0 .. n_ctx-1; positions < n_past are filled.
+// Sliding-window layers keep all positions too (the mask does the windowing).
+struct kv_cache {
+    int64_t                         n_ctx  = 0;
+    int64_t                         kv_dim = 0;
+    int64_t                         n_past = 0;
+    std::vector<std::vector<float>> k;  // [n_layer][n_ctx, kv_dim] rotated keys
+    std::vector<std::vector<float>> v;  // [n_layer][n_ctx, kv_dim]
+
+    static kv_cache create(const llama_hparams& hp, int64_t n_ctx);
+    void            clear() { n_past = 0; }
+};
+
+// Called with the input of each linear group as the layer runs; x: [n_tokens, n_in] row-major,
+// valid during the call only.
+using linear_input_hook =
+    std::function<void(int64_t i_layer, linear_input which, const float* x, int64_t n_tokens, int64_t n_in)>;
+
+class llama_model {
+public:
+    // Read config.json, open the weights (memory-mapped, nothing read) and check that every tensor
+    // of the table is present with its shape and a float dtype.
+    static result<std::unique_ptr<llama_model>> open(const std::string& path);
+
+    const llama_hparams& hparams() const { return hp_; }
+    const model_config&  config() const { return cfg_; }
+    const tensor_source& source() const { return *src_; }
+
+    // Layer i's weights, read from the checkpoint now (nothing else is read).
+    result<std::unique_ptr<llama_layer>> layer_load(int64_t i_layer) const;
+    // Keep every layer resident (ppl, generation). Idempotent.
+    status layers_load_all();
+    llama_layer* layer(int64_t i_layer) { return layers_[static_cast<size_t>(i_layer)].get(); }  // or nullptr
+
+    // Embeddings, final norm and lm_head in F32 (the embedding table serves a tied lm_head).
+    status globals_load();
+
+    // out[n_tokens, n_embd] = embedding rows of ids; an id outside [0, n_vocab) is an error.
+    status embed(const int32_t* ids, int64_t n_tokens, float* out);
+
+    // One decoder layer on hidden[n_tokens, n_embd] (in place) for tokens at positions
+    // pos0 .. pos0 + n_tokens - 1. With a cache, the layer's keys/values are stored at those
+    // positions and attention covers positions 0 .. pos0 + n_tokens - 1 (pos0 = cache->n_past,
+    // which this call does not advance); without one, attention covers the given tokens only.
+    void layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_tokens, int64_t pos0,
+                       kv_cache* cache, const linear_input_hook* hook = nullptr) const;
+
+    // logits[n_tokens, n_vocab] = lm_head(final_norm(hidden[n_tokens, n_embd])); hidden unchanged.
+    void output_logits(const ops_context& ctx, const float* hidden, int64_t n_tokens, float* logits) const;
+
+    // Whole model on ids (layers loaded on demand and kept): logits[n_tokens, n_vocab]. With a
+    // cache the tokens follow its n_past positions, and n_past advances by n_tokens.
+    status forward(const ops_context& ctx, const int32_t* ids, int64_t n_tokens, kv_cache* cache, float* logits);
+
+private:
+    llama_model() = default;
+    model_config                              cfg_;
+    llama_hparams                             hp_;
+    std::unique_ptr<tensor_source>            src_;
+    std::vector<std::unique_ptr<llama_layer>> layers_;
+    std::vector<float>                        embed_;   // [n_vocab, n_embd]
+    std::vector<float>                        norm_;    // [n_embd]
+    std::vector<float>                        lm_head_;  // [n_vocab, n_embd]; empty when tied
+};
+
+}  // namespace gptq

@@ -1,0 +1,314 @@
+// model/llama: logits and hidden states against transformers goldens (scripts/device/
+// make_logit_goldens.py), KV-cache decoding against prefill, layer-at-a-time access, config errors.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/thread_pool.h"
+#include "io/safetensors.h"
+#include "model/llama.h"
+
+using namespace gptq;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Logits and hidden states vs transformers (F32 compute both sides): max |diff| over a row relative
+// to the row's max |golden|. The bound; F32 summation order differences give ~1e-6.
+constexpr double k_golden_rel_tol = 1e-3;
+// Decoding with the KV cache vs one prefill: the same arithmetic with different GEMM shapes.
+constexpr double k_cache_rel_tol = 1e-5;
+// Optimized vs reference kernels through a whole model (double vs F32 sums in every op).
+constexpr double k_reference_rel_tol = 1e-4;
+
+const std::string k_source = GPTQ_SOURCE_DIR;
+const std::string k_golden = k_source + "/tests/data/model";
+const std::string k_shared = k_source + "/../shared/models";
+
+thread_pool& pool2() {
+    static thread_pool p(2);
+    return p;
+}
+
+ops_context ctx() { return ops_context{&pool2(), false}; }
+
+struct golden_seq {
+    std::vector<int32_t> ids;
+    std::vector<int32_t> positions;
+    std::vector<float>   logits;  // [positions, n_vocab]
+    std::vector<float>   hidden;  // [ids, n_embd] after layer 0, or empty
+};
+
+std::vector<golden_seq> golden_load(const std::string& path) {
+    auto f = safetensors_file::open(path);
+    EXPECT_TRUE(f.is_ok()) << f.error().message();
+    std::vector<golden_seq> out;
+    for (int k = 0;; ++k) {
+        const std::string p = "seq" + std::to_string(k) + ".";
+        const auto*       ids = (*f)->find(p + "ids");
+        if (!ids) break;
+        golden_seq s;
+        s.ids.resize(static_cast<size_t>(ids->numel()));
+        (*f)->copy_to(*ids, s.ids.data());
+        const auto* pos = (*f)->find(p + "positions");
+        s.positions.resize(static_cast<size_t>(pos->numel()));
+        (*f)->copy_to(*pos, s.positions.data());
+        const auto* lg = (*f)->find(p + "logits");
+        s.logits.resize(static_cast<size_t>(lg->numel()));
+        EXPECT_TRUE((*f)->read_f32(*lg, s.logits.data()).is_ok());
+        if (const auto* h = (*f)->find(p + "hidden_after_layer0")) {
+            s.hidden.resize(static_cast<size_t>(h->numel()));
+            EXPECT_TRUE((*f)->read_f32(*h, s.hidden.data()).is_ok());
+        }
+        out.push_back(std::move(s));
+    }
+    return out;
+}
+
+// max |a - b| / max |b| over one row.
+double row_rel_error(const float* a, const float* b, int64_t n) {
+    double num = 0, den = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        num = std::max(num, std::fabs(static_cast<double>(a[i]) - b[i]));
+        den = std::max(den, std::fabs(static_cast<double>(b[i])));
+    }
+    return num / std::max(den, 1e-30);
+}
+
+// Runs every golden sequence; returns the worst row error of logits (and of hidden states).
+void check_goldens(const std::string& model_dir, const std::string& golden_path) {
+    auto m = llama_model::open(model_dir);
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    const auto& hp      = (*m)->hparams();
+    auto        goldens = golden_load(golden_path);
+    ASSERT_FALSE(goldens.empty());
+    double worst_logits = 0, worst_hidden = 0;
+    for (const auto& g : goldens) {
+        const int64_t      n = static_cast<int64_t>(g.ids.size());
+        std::vector<float> logits(static_cast<size_t>(n * hp.n_vocab));
+        ASSERT_TRUE((*m)->forward(ctx(), g.ids.data(), n, nullptr, logits.data()).is_ok());
+        for (size_t r = 0; r < g.positions.size(); ++r) {
+            const double e = row_rel_error(logits.data() + g.positions[r] * hp.n_vocab,
+                                           g.logits.data() + static_cast<int64_t>(r) * hp.n_vocab, hp.n_vocab);
+            worst_logits = std::max(worst_logits, e);
+            EXPECT_LE(e, k_golden_rel_tol) << model_dir << " seq of " << n << " tokens, position " << g.positions[r];
+        }
+        if (!g.hidden.empty()) {
+            std::vector<float> h(static_cast<size_t>(n * hp.n_embd));
+            ASSERT_TRUE((*m)->embed(g.ids.data(), n, h.data()).is_ok());
+            auto layer = (*m)->layer_load(0);
+            ASSERT_TRUE(layer.is_ok()) << layer.error().message();
+            (*m)->layer_forward(ctx(), **layer, h.data(), n, 0, nullptr);
+            for (int64_t t = 0; t < n; ++t) {
+                const double e = row_rel_error(h.data() + t * hp.n_embd, g.hidden.data() + t * hp.n_embd, hp.n_embd);
+                worst_hidden   = std::max(worst_hidden, e);
+                EXPECT_LE(e, k_golden_rel_tol) << model_dir << " hidden after layer 0, token " << t;
+            }
+        }
+    }
+    std::printf("[ golden   ] %s: max rel error logits %.3g, hidden after layer 0 %.3g\n",
+                fs::path(model_dir).filename().c_str(), worst_logits, worst_hidden);
+}
+
+}  // namespace
+
+TEST(llama_golden, tiny_llama_bundled) {
+    check_goldens(k_source + "/models/tiny-llama", k_golden + "/tiny-llama.golden.safetensors");
+}
+
+TEST(llama_golden, small_llama_shared) {
+    if (!fs::exists(k_shared + "/small-llama/config.json"))
+        GTEST_SKIP() << "../shared/models/small-llama not found (only CI and the dev machines have ../shared)";
+    check_goldens(k_shared + "/small-llama", k_golden + "/small-llama.golden.safetensors");
+}
+
+TEST(llama_golden, shared_tiny_llama_matches_too) {
+    if (!fs::exists(k_shared + "/tiny-llama/config.json")) GTEST_SKIP() << "../shared/models/tiny-llama not found";
+    check_goldens(k_shared + "/tiny-llama", k_golden + "/tiny-llama.golden.safetensors");
+}
+
+// Random-weight checkpoints written by transformers: Qwen2 biases + sliding window on layer 1
+// (bf16), Mistral sliding window + linear RoPE + tied (f32), Llama attention biases + llama3 RoPE +
+// head_dim 16 != hidden/heads + untied (f16), dynamic NTK RoPE past max_position_embeddings (f16).
+TEST(llama_golden, rand_qwen2) { check_goldens(k_golden + "/rand-qwen2", k_golden + "/rand-qwen2/golden.safetensors"); }
+TEST(llama_golden, rand_mistral) {
+    check_goldens(k_golden + "/rand-mistral", k_golden + "/rand-mistral/golden.safetensors");
+}
+TEST(llama_golden, rand_llama3) {
+    check_goldens(k_golden + "/rand-llama3", k_golden + "/rand-llama3/golden.safetensors");
+}
+TEST(llama_golden, rand_dynamic) {
+    check_goldens(k_golden + "/rand-dynamic", k_golden + "/rand-dynamic/golden.safetensors");
+}
+
+TEST(llama_model, hparams_of_random_checkpoints) {
+    auto q = llama_model::open(k_golden + "/rand-qwen2");
+    ASSERT_TRUE(q.is_ok()) << q.error().message();
+    EXPECT_TRUE((*q)->hparams().qkv_bias);
+    EXPECT_FALSE((*q)->hparams().o_bias);
+    EXPECT_EQ((*q)->hparams().window, (std::vector<int64_t>{0, 6}));
+    auto l = llama_model::open(k_golden + "/rand-llama3");
+    ASSERT_TRUE(l.is_ok()) << l.error().message();
+    EXPECT_EQ((*l)->hparams().head_dim, 16);
+    EXPECT_EQ((*l)->hparams().q_dim(), 64);
+    EXPECT_TRUE((*l)->hparams().o_bias);
+}
+
+namespace {
+// Decode token by token after a prefill; every step's logits must equal the one-shot prefill's.
+void check_cache(const std::string& model_dir, int64_t n, int64_t n_prefill) {
+    auto m = llama_model::open(model_dir);
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    const int64_t        V = (*m)->hparams().n_vocab;
+    std::vector<int32_t> ids(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) ids[static_cast<size_t>(i)] = static_cast<int32_t>((i * 37 + 11) % V);
+    std::vector<float> full(static_cast<size_t>(n * V));
+    ASSERT_TRUE((*m)->forward(ctx(), ids.data(), n, nullptr, full.data()).is_ok());
+
+    kv_cache           cache = kv_cache::create((*m)->hparams(), n);
+    std::vector<float> part(static_cast<size_t>(n_prefill * V));
+    ASSERT_TRUE((*m)->forward(ctx(), ids.data(), n_prefill, &cache, part.data()).is_ok());
+    EXPECT_EQ(cache.n_past, n_prefill);
+    for (int64_t t = 0; t < n_prefill; ++t)
+        EXPECT_LE(row_rel_error(part.data() + t * V, full.data() + t * V, V), k_cache_rel_tol) << "prefill " << t;
+    std::vector<float> step(static_cast<size_t>(V));
+    for (int64_t t = n_prefill; t < n; ++t) {
+        ASSERT_TRUE((*m)->forward(ctx(), ids.data() + t, 1, &cache, step.data()).is_ok());
+        EXPECT_LE(row_rel_error(step.data(), full.data() + t * V, V), k_cache_rel_tol) << model_dir << " step " << t;
+    }
+    EXPECT_EQ(cache.n_past, n);
+    int32_t one = 1;
+    EXPECT_FALSE((*m)->forward(ctx(), &one, 1, &cache, step.data()).is_ok());  // cache full: an error
+}
+}  // namespace
+
+TEST(llama_cache, decode_matches_prefill_tiny_llama) { check_cache(k_source + "/models/tiny-llama", 40, 7); }
+TEST(llama_cache, decode_matches_prefill_sliding_window) { check_cache(k_golden + "/rand-qwen2", 20, 3); }
+TEST(llama_cache, decode_matches_prefill_mistral) { check_cache(k_golden + "/rand-mistral", 20, 1); }
+
+TEST(llama_layers, layer_at_a_time_equals_forward_and_hook_sees_each_input) {
+    auto m = llama_model::open(k_source + "/models/tiny-llama");
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    const auto&          hp = (*m)->hparams();
+    const int64_t        n  = 19;
+    std::vector<int32_t> ids(n);
+    for (int64_t i = 0; i < n; ++i) ids[static_cast<size_t>(i)] = static_cast<int32_t>(1 + i * 101 % 8000);
+    std::vector<float> want(static_cast<size_t>(n * hp.n_vocab));
+    ASSERT_TRUE((*m)->forward(ctx(), ids.data(), n, nullptr, want.data()).is_ok());
+
+    std::vector<float> h(static_cast<size_t>(n * hp.n_embd));
+    ASSERT_TRUE((*m)->embed(ids.data(), n, h.data()).is_ok());
+    std::map<std::pair<int64_t, int>, int64_t> seen;  // (layer, input) -> n_in
+    linear_input_hook hook = [&](int64_t i_layer, linear_input which, const float* x, int64_t n_tokens, int64_t n_in) {
+        EXPECT_EQ(n_tokens, n);
+        EXPECT_TRUE(std::isfinite(x[n_tokens * n_in - 1]));
+        seen[{i_layer, static_cast<int>(which)}] = n_in;
+    };
+    for (int64_t i = 0; i < hp.n_layer; ++i) {
+        auto layer = (*m)->layer_load(i);  // a fresh copy, independent of the resident layers
+        ASSERT_TRUE(layer.is_ok()) << layer.error().message();
+        (*m)->layer_forward(ctx(), **layer, h.data(), n, 0, nullptr, &hook);
+    }
+    std::vector<float> got(want.size());
+    (*m)->output_logits(ctx(), h.data(), n, got.data());
+    EXPECT_EQ(got, want);  // same kernels, same shapes: bit-identical
+    ASSERT_EQ(seen.size(), static_cast<size_t>(hp.n_layer * 4));
+    for (int64_t i = 0; i < hp.n_layer; ++i) {
+        EXPECT_EQ((seen[{i, static_cast<int>(linear_input::LINEAR_INPUT_QKV)}]), hp.n_embd);
+        EXPECT_EQ((seen[{i, static_cast<int>(linear_input::LINEAR_INPUT_O)}]), hp.q_dim());
+        EXPECT_EQ((seen[{i, static_cast<int>(linear_input::LINEAR_INPUT_GATE_UP)}]), hp.n_embd);
+        EXPECT_EQ((seen[{i, static_cast<int>(linear_input::LINEAR_INPUT_DOWN)}]), hp.n_ff);
+    }
+}
+
+TEST(llama_layers, replaced_linear_is_used) {
+    auto m = llama_model::open(k_source + "/models/tiny-llama");
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    const auto& hp    = (*m)->hparams();
+    auto        layer = (*m)->layer_load(1);
+    ASSERT_TRUE(layer.is_ok());
+    const int64_t      n = 5;
+    std::vector<float> h0(static_cast<size_t>(n * hp.n_embd));
+    for (size_t i = 0; i < h0.size(); ++i) h0[i] = std::sin(0.37f * static_cast<float>(i));
+    auto run = [&] {
+        auto h = h0;
+        (*m)->layer_forward(ctx(), **layer, h.data(), n, 0, nullptr);
+        return h;
+    };
+    const auto before = run();
+    // Zeroing down_proj removes the MLP's contribution: output = hidden after attention.
+    EXPECT_TRUE((*layer)->linear_replace(linear_role::LINEAR_DOWN, std::vector<float>(hp.n_embd * hp.n_ff, 0.0f)).is_ok());
+    const auto no_mlp = run();
+    EXPECT_NE(before, no_mlp);
+    // Zeroing o_proj too leaves the input unchanged.
+    EXPECT_TRUE((*layer)->linear_replace(linear_role::LINEAR_O, std::vector<float>(hp.n_embd * hp.q_dim(), 0.0f)).is_ok());
+    EXPECT_EQ(run(), h0);
+    auto bad = (*layer)->linear_replace(linear_role::LINEAR_Q, std::vector<float>(7));
+    ASSERT_FALSE(bad.is_ok());
+    EXPECT_NE(bad.message().find("q_proj"), std::string::npos) << bad.message();
+}
+
+TEST(llama_model, reference_kernels_agree_through_the_model) {
+    auto m = llama_model::open(k_golden + "/rand-llama3");
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    const int64_t        n = 24, V = (*m)->hparams().n_vocab;
+    std::vector<int32_t> ids(n);
+    for (int64_t i = 0; i < n; ++i) ids[static_cast<size_t>(i)] = static_cast<int32_t>((i * 7 + 3) % V);
+    std::vector<float> a(static_cast<size_t>(n * V)), b(a.size());
+    ASSERT_TRUE((*m)->forward(ctx(), ids.data(), n, nullptr, a.data()).is_ok());
+    ASSERT_TRUE((*m)->forward(ops_context{nullptr, true}, ids.data(), n, nullptr, b.data()).is_ok());
+    for (int64_t t = 0; t < n; ++t) EXPECT_LE(row_rel_error(a.data() + t * V, b.data() + t * V, V), k_reference_rel_tol);
+}
+
+TEST(llama_model, bad_token_id_is_an_error) {
+    auto m = llama_model::open(k_golden + "/rand-mistral");
+    ASSERT_TRUE(m.is_ok());
+    const int32_t      ids[2] = {1, 96};
+    std::vector<float> logits(2 * 96);
+    auto               st = (*m)->forward(ctx(), ids, 2, nullptr, logits.data());
+    ASSERT_FALSE(st.is_ok());
+    EXPECT_NE(st.message().find("96"), std::string::npos) << st.message();
+}
+
+namespace {
+// A copy of rand-llama3 whose config.json has `key` set to `value` (a JSON literal).
+std::string patched_model(const std::string& name, const std::string& key, const std::string& value) {
+    const fs::path src = k_golden + "/rand-llama3";
+    const fs::path dir = fs::path(::testing::TempDir()) / ("gptq_llama_" + name);
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    fs::copy_file(src / "model.safetensors", dir / "model.safetensors");
+    std::ifstream in(src / "config.json");
+    std::string   cfg((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const auto    at = cfg.find("\"" + key + "\"");
+    EXPECT_NE(at, std::string::npos);
+    const auto colon = cfg.find(':', at), end = cfg.find_first_of(",\n}", colon);
+    cfg = cfg.substr(0, colon + 1) + " " + value + cfg.substr(end);
+    std::ofstream(dir / "config.json") << cfg;
+    return dir.string();
+}
+}  // namespace
+
+TEST(llama_model, config_errors_name_the_value) {
+    auto act = llama_model::open(patched_model("act", "hidden_act", "\"gelu\""));
+    ASSERT_FALSE(act.is_ok());
+    EXPECT_NE(act.error().message().find("'gelu'"), std::string::npos) << act.error().message();
+
+    auto shape = llama_model::open(patched_model("ff", "intermediate_size", "50"));
+    ASSERT_FALSE(shape.is_ok());
+    const std::string& msg = shape.error().message();
+    EXPECT_NE(msg.find("model.layers.0.mlp.gate_proj.weight"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("[48, 32]"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("[50, 32]"), std::string::npos) << msg;
+
+    auto heads = llama_model::open(patched_model("heads", "num_key_value_heads", "3"));
+    ASSERT_FALSE(heads.is_ok());
+    EXPECT_NE(heads.error().message().find("3"), std::string::npos) << heads.error().message();
+}

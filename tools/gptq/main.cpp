@@ -31,6 +31,7 @@ int main(int argc, char** argv) {
 
     std::vector<command> commands;
     commands.push_back(register_inspect(app));
+    commands.push_back(register_tokenize(app));
 
     try {
         app.parse(argc, argv);

@@ -70,7 +70,8 @@ void expect_round_trip(const std::string& path, const std::vector<random_tensor>
         EXPECT_EQ(e->info->shape, t.decl.shape) << t.decl.name;
         ASSERT_EQ(e->info->nbytes(), t.bytes.size()) << t.decl.name;
         EXPECT_TRUE(e->file->is_aligned(*e->info)) << t.decl.name;
-        EXPECT_EQ(0, std::memcmp(e->file->bytes(*e->info), t.bytes.data(), t.bytes.size())) << t.decl.name;
+        if (!t.bytes.empty())
+            EXPECT_EQ(0, std::memcmp(e->file->bytes(*e->info), t.bytes.data(), t.bytes.size())) << t.decl.name;
         auto v = e->file->view(*e->info);
         EXPECT_EQ(v.numel(), e->info->numel());
     }

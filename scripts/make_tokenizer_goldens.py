@@ -20,6 +20,7 @@ Outputs (kept small so they can be committed):
                      For WikiText lines past the first 12 the ids are given as their count and a
                      64-bit FNV-1a hash of the ids (int32 little-endian), and a differing
                      decode_skip as decode_skip_fnv (FNV-1a of its UTF-8), to keep files small.
+whole_wikitext gives the count and hash of encode(all of wiki.test.raw as one string, True).
 Invalid UTF-8 inputs ("hex") are encoded as bytes.decode("utf-8", "replace"), which is what the
 C++ encode does with invalid bytes.
 
@@ -269,6 +270,8 @@ def main():
         json.dump({"inputs": inputs}, f, ensure_ascii=False, indent=0)
         f.write("\n")
 
+    with open(os.path.join(SHARED, "data", "wikitext2", "wiki.test.raw"), encoding="utf-8") as f:
+        wiki_text = f.read()
     for name, (build, ref) in refs.items():
         cases = []
         n_prefix = len(ref.encode("", True)) - len(ref.encode("", False))
@@ -293,9 +296,11 @@ def main():
                 else:
                     case["decode_skip"] = skip
             cases.append(case)
+        whole_ids = ref.encode(wiki_text, True)
+        whole = {"n_ids": len(whole_ids), "fnv": fnv1a64(whole_ids)}
         with open(os.path.join(OUT, name + ".json"), "w", encoding="utf-8") as f:
-            f.write('{"name": %s,\n "n_prefix": %d,\n "build": %s,\n "cases": [\n'
-                    % (json.dumps(name), n_prefix, json.dumps(build, ensure_ascii=False)))
+            f.write('{"name": %s,\n "n_prefix": %d,\n "build": %s,\n "whole_wikitext": %s,\n "cases": [\n'
+                    % (json.dumps(name), n_prefix, json.dumps(build, ensure_ascii=False), json.dumps(whole)))
             f.write(",\n".join(json.dumps(c, ensure_ascii=False, separators=(",", ":")) for c in cases))
             f.write("\n]}\n")
         print(f"{name}: {len(cases)} cases")

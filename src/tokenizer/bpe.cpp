@@ -10,8 +10,9 @@ namespace gptq {
 
 namespace {
 
-constexpr size_t cache_max_word_bytes = 64;
-constexpr size_t cache_max_entries    = 1 << 17;
+constexpr size_t           cache_max_word_bytes = 64;
+constexpr size_t           cache_max_entries    = 1 << 17;
+constexpr std::string_view metaspace            = "\xE2\x96\x81";  // U+2581
 
 struct symbol {
     int32_t id;
@@ -37,6 +38,15 @@ void bpe_model::add_merge(int32_t left, int32_t right, int32_t merged, int32_t r
 
 void bpe_model::finish_setup() {
     for (int b = 0; b < 256; ++b) byte_ids_[b] = find(fmt::format("<0x{:02X}>", b));
+    // Is U+2581 ever preceded by another character inside a token?
+    bool interior = false;
+    for (const auto& [tok, id] : vocab) {
+        for (size_t pos = tok.find(metaspace, 1); pos != std::string::npos && !interior;
+             pos        = tok.find(metaspace, pos + 1))
+            interior = pos < metaspace.size() || tok.compare(pos - metaspace.size(), metaspace.size(), metaspace) != 0;
+        if (interior) break;
+    }
+    split_at_metaspace_ = !interior && !ignore_merges;
 }
 
 void bpe_model::merge_symbols(std::vector<int32_t>& ids) const {
@@ -93,6 +103,22 @@ void bpe_model::encode_word(std::string_view word, std::vector<int32_t>& out) co
             return;
         }
     }
+    if (!split_at_metaspace_) {
+        encode_chunk(word, out);
+        return;
+    }
+    // Cut before each U+2581 that follows another character (see split_at_metaspace_).
+    size_t start = 0;
+    for (size_t pos = word.find(metaspace, 1); pos != std::string_view::npos; pos = word.find(metaspace, pos + 1)) {
+        if (pos >= metaspace.size() && word.compare(pos - metaspace.size(), metaspace.size(), metaspace) == 0)
+            continue;  // inside a run of U+2581
+        if (pos > start) encode_chunk(word.substr(start, pos - start), out);
+        start = pos;
+    }
+    encode_chunk(word.substr(start), out);
+}
+
+void bpe_model::encode_chunk(std::string_view word, std::vector<int32_t>& out) const {
     const bool cacheable = word.size() <= cache_max_word_bytes;
     if (cacheable) {
         std::lock_guard<std::mutex> lock(cache_mutex_);

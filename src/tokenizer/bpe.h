@@ -53,6 +53,14 @@ private:
         return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
     }
     void merge_symbols(std::vector<int32_t>& ids) const;
+    void encode_chunk(std::string_view chunk, std::vector<int32_t>& out) const;
+
+    // SentencePiece-style vocabularies put U+2581 only at the start of a token (after other
+    // U+2581). Then no merge can join a symbol ending in another character with a following
+    // U+2581, so a word can be cut before each such U+2581 and the pieces merged independently:
+    // exact, and it keeps whole lines (the "word" when there is no pre-tokenizer) cheap and cacheable.
+    // Checked on the vocab at setup; off with ignore_merges (which looks at the whole word).
+    bool split_at_metaspace_ = false;
 
     std::unordered_map<uint64_t, merge_info> merges_;
     std::array<int32_t, 256>                 byte_ids_{};

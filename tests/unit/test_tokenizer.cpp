@@ -89,7 +89,10 @@ std::string from_hex(const std::string& hex) {
 
 std::string ids_str(const std::vector<int32_t>& ids) {
     std::string s;
-    for (int32_t id : ids) s += (s.empty() ? "" : " ") + std::to_string(id);
+    for (int32_t id : ids) {
+        if (!s.empty()) s += ' ';
+        s += std::to_string(id);
+    }
     return s;
 }
 
@@ -231,6 +234,21 @@ TEST_P(golden_test, ids_and_decode_match_hugging_face) {
     }
     EXPECT_EQ(n_bad, 0);
     std::printf("[ golden ] %s: %d/%zu inputs match\n", GetParam().c_str(), n_ok, cases.size());
+}
+
+// All of WikiText-2 test as one string (1.3 MB): long-input paths (SentencePiece-style files see
+// whole lines as one BPE word) against HF's count and hash.
+TEST_P(golden_test, whole_wikitext_matches_hugging_face) {
+    const std::string wiki = shared_dir + "/data/wikitext2/wiki.test.raw";
+    if (!exists(wiki)) GTEST_SKIP() << wiki << " is absent (it exists in CI only)";
+    const json  golden = json::parse(read_file(data_dir + "/" + GetParam() + ".json"));
+    std::string skip;
+    auto        tok = build_tokenizer(golden["build"], &skip);
+    if (!skip.empty()) GTEST_SKIP() << skip;
+    ASSERT_TRUE(tok);
+    const auto ids = tok->encode(read_file(wiki), true);
+    EXPECT_EQ(ids.size(), golden["whole_wikitext"]["n_ids"].get<size_t>());
+    EXPECT_EQ(fnv_ids(ids), golden["whole_wikitext"]["fnv"].get<std::string>());
 }
 
 INSTANTIATE_TEST_SUITE_P(tokenizer, golden_test,
@@ -473,7 +491,10 @@ TEST(tokenizer, cli_tokenize) {
     r = run_gptq("tokenize --pieces " + sh_quote(dir) + " 'Hello world'");
     EXPECT_EQ(r.code, 0) << r.err;
     std::string want;
-    for (int32_t id : (*tok)->encode("Hello world", true)) want += (want.empty() ? "" : " ") + (*tok)->id_to_piece(id);
+    for (int32_t id : (*tok)->encode("Hello world", true)) {
+        if (!want.empty()) want += ' ';
+        want += (*tok)->id_to_piece(id);
+    }
     EXPECT_EQ(r.out, want + "\n");
     EXPECT_EQ(r.out.rfind("<s> ", 0), 0u);
 

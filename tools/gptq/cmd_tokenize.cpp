@@ -15,11 +15,18 @@ std::string format_line(const tokenizer_handle& tok, const std::string& text, bo
     const std::vector<int32_t> ids = tok.encode(text, add_special);
     std::string                out;
     if (pieces) {
-        for (const auto& p : tok.pieces(ids)) out += (out.empty() ? "" : " ") + p;
+        for (const auto& p : tok.pieces(ids)) {
+            if (!out.empty()) out += ' ';
+            out += p;
+        }
     } else {
-        for (int32_t id : ids) out += (out.empty() ? "" : " ") + std::to_string(id);
+        for (int32_t id : ids) {
+            if (!out.empty()) out += ' ';
+            out += std::to_string(id);
+        }
     }
-    return out + "\n";
+    out += '\n';
+    return out;
 }
 
 }  // namespace

@@ -17,50 +17,70 @@ constexpr status_code E_ARG   = status_code::STATUS_INVALID_ARGUMENT;
 
 const char* const k_role_names[k_n_linear_roles] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                                     "gate_proj", "up_proj", "down_proj"};
-bool role_is_attention(linear_role r) { return static_cast<int>(r) <= static_cast<int>(linear_role::LINEAR_O); }
+bool              role_is_attention(linear_role r) {
+                 return static_cast<int>(r) <= static_cast<int>(linear_role::LINEAR_O);
+}
 bool role_has_bias(const llama_hparams& hp, linear_role r) {
     switch (r) {
         case linear_role::LINEAR_Q:
         case linear_role::LINEAR_K:
-        case linear_role::LINEAR_V: return hp.qkv_bias;
-        case linear_role::LINEAR_O: return hp.o_bias;
-        default: return hp.mlp_bias;
+        case linear_role::LINEAR_V:
+            return hp.qkv_bias;
+        case linear_role::LINEAR_O:
+            return hp.o_bias;
+        default:
+            return hp.mlp_bias;
     }
 }
 }  // namespace
 
-const char* linear_role_name(linear_role r) { return k_role_names[static_cast<size_t>(r)]; }
+const char* linear_role_name(linear_role r) {
+    return k_role_names[static_cast<size_t>(r)];
+}
 
 linear_input linear_role_input(linear_role r) {
     switch (r) {
         case linear_role::LINEAR_Q:
         case linear_role::LINEAR_K:
-        case linear_role::LINEAR_V: return linear_input::LINEAR_INPUT_QKV;
-        case linear_role::LINEAR_O: return linear_input::LINEAR_INPUT_O;
+        case linear_role::LINEAR_V:
+            return linear_input::LINEAR_INPUT_QKV;
+        case linear_role::LINEAR_O:
+            return linear_input::LINEAR_INPUT_O;
         case linear_role::LINEAR_GATE:
-        case linear_role::LINEAR_UP: return linear_input::LINEAR_INPUT_GATE_UP;
-        default: return linear_input::LINEAR_INPUT_DOWN;
+        case linear_role::LINEAR_UP:
+            return linear_input::LINEAR_INPUT_GATE_UP;
+        default:
+            return linear_input::LINEAR_INPUT_DOWN;
     }
 }
 
 const char* linear_input_name(linear_input i) {
     switch (i) {
-        case linear_input::LINEAR_INPUT_QKV: return "qkv";
-        case linear_input::LINEAR_INPUT_O: return "o";
-        case linear_input::LINEAR_INPUT_GATE_UP: return "gate_up";
-        default: return "down";
+        case linear_input::LINEAR_INPUT_QKV:
+            return "qkv";
+        case linear_input::LINEAR_INPUT_O:
+            return "o";
+        case linear_input::LINEAR_INPUT_GATE_UP:
+            return "gate_up";
+        default:
+            return "down";
     }
 }
 
 std::array<int64_t, 2> llama_hparams::linear_shape(linear_role r) const {
     switch (r) {
-        case linear_role::LINEAR_Q: return {q_dim(), n_embd};
+        case linear_role::LINEAR_Q:
+            return {q_dim(), n_embd};
         case linear_role::LINEAR_K:
-        case linear_role::LINEAR_V: return {kv_dim(), n_embd};
-        case linear_role::LINEAR_O: return {n_embd, q_dim()};
+        case linear_role::LINEAR_V:
+            return {kv_dim(), n_embd};
+        case linear_role::LINEAR_O:
+            return {n_embd, q_dim()};
         case linear_role::LINEAR_GATE:
-        case linear_role::LINEAR_UP: return {n_ff, n_embd};
-        default: return {n_embd, n_ff};
+        case linear_role::LINEAR_UP:
+            return {n_ff, n_embd};
+        default:
+            return {n_embd, n_ff};
     }
 }
 
@@ -69,23 +89,23 @@ result<llama_hparams> llama_hparams_from_config(const model_config& cfg) {
     if (cfg.hidden_act != "silu")
         return make_error(E_UNSUP, "{}: unsupported hidden_act '{}' (supported: silu)", where, cfg.hidden_act);
     llama_hparams hp;
-    hp.family                  = cfg.family;
-    hp.n_vocab                 = cfg.vocab_size;
-    hp.n_embd                  = cfg.hidden_size;
-    hp.n_ff                    = cfg.intermediate_size;
-    hp.n_layer                 = cfg.num_hidden_layers;
-    hp.n_head                  = cfg.num_attention_heads;
-    hp.n_head_kv               = cfg.num_key_value_heads;
-    hp.head_dim                = cfg.head_dim;
-    hp.rms_eps                 = static_cast<float>(cfg.rms_norm_eps);
-    hp.max_position_embeddings = cfg.max_position_embeddings;
-    hp.rope                    = cfg.rope;
-    hp.tie_embeddings          = cfg.tie_word_embeddings;
-    hp.qkv_bias                = cfg.qkv_bias();
-    hp.o_bias                  = cfg.o_bias();
-    hp.mlp_bias                = cfg.mlp_bias;
+    hp.family                                        = cfg.family;
+    hp.n_vocab                                       = cfg.vocab_size;
+    hp.n_embd                                        = cfg.hidden_size;
+    hp.n_ff                                          = cfg.intermediate_size;
+    hp.n_layer                                       = cfg.num_hidden_layers;
+    hp.n_head                                        = cfg.num_attention_heads;
+    hp.n_head_kv                                     = cfg.num_key_value_heads;
+    hp.head_dim                                      = cfg.head_dim;
+    hp.rms_eps                                       = static_cast<float>(cfg.rms_norm_eps);
+    hp.max_position_embeddings                       = cfg.max_position_embeddings;
+    hp.rope                                          = cfg.rope;
+    hp.tie_embeddings                                = cfg.tie_word_embeddings;
+    hp.qkv_bias                                      = cfg.qkv_bias();
+    hp.o_bias                                        = cfg.o_bias();
+    hp.mlp_bias                                      = cfg.mlp_bias;
     const std::pair<const char*, int64_t> positive[] = {
-        {"vocab_size", hp.n_vocab},   {"hidden_size", hp.n_embd},         {"intermediate_size", hp.n_ff},
+        {"vocab_size", hp.n_vocab},        {"hidden_size", hp.n_embd},         {"intermediate_size", hp.n_ff},
         {"num_hidden_layers", hp.n_layer}, {"num_attention_heads", hp.n_head}, {"num_key_value_heads", hp.n_head_kv},
         {"head_dim", hp.head_dim}};
     for (const auto& [name, v] : positive)
@@ -93,14 +113,15 @@ result<llama_hparams> llama_hparams_from_config(const model_config& cfg) {
     if (hp.n_head % hp.n_head_kv != 0)
         return make_error(E_UNSUP, "{}: num_attention_heads {} is not a multiple of num_key_value_heads {}", where,
                           hp.n_head, hp.n_head_kv);
-    if (hp.head_dim % 2 != 0) return make_error(E_UNSUP, "{}: head_dim {} is odd; RoPE needs it even", where, hp.head_dim);
+    if (hp.head_dim % 2 != 0)
+        return make_error(E_UNSUP, "{}: head_dim {} is odd; RoPE needs it even", where, hp.head_dim);
     if (!(hp.rope.theta > 0)) return make_error(E_ARG, "{}: rope_theta {} is not positive", where, hp.rope.theta);
     if (hp.rope.type == rope_type::ROPE_DYNAMIC && hp.max_position_embeddings <= 0)
         return make_error(E_ARG, "{}: dynamic RoPE needs max_position_embeddings, got {}", where,
                           hp.max_position_embeddings);
     if (hp.rope.type == rope_type::ROPE_LLAMA3) {
         const int64_t ctx = hp.rope.original_max_position_embeddings > 0 ? hp.rope.original_max_position_embeddings
-                                                                          : hp.max_position_embeddings;
+                                                                         : hp.max_position_embeddings;
         if (ctx <= 0 || !(hp.rope.high_freq_factor > hp.rope.low_freq_factor) || !(hp.rope.low_freq_factor > 0))
             return make_error(E_ARG,
                               "{}: llama3 RoPE needs original_max_position_embeddings > 0 and high_freq_factor > "
@@ -120,10 +141,10 @@ std::vector<float> llama_rope_inv_freq(const llama_hparams& hp, int64_t seq_len)
     if (hp.rope.type == rope_type::ROPE_DYNAMIC) {
         // NTK-aware base growth once the sequence passes the original context (transformers'
         // _compute_dynamic_ntk_parameters); below it, the plain frequencies.
-        const double orig = static_cast<double>(hp.rope.original_max_position_embeddings > 0
-                                                    ? hp.rope.original_max_position_embeddings
-                                                    : hp.max_position_embeddings);
-        const double f    = hp.rope.factor;
+        const double orig =
+            static_cast<double>(hp.rope.original_max_position_embeddings > 0 ? hp.rope.original_max_position_embeddings
+                                                                             : hp.max_position_embeddings);
+        const double f = hp.rope.factor;
         if (static_cast<double>(seq_len) > orig)
             base *= std::pow(f * static_cast<double>(seq_len) / orig - (f - 1.0), dim / (dim - 2.0));
     }
@@ -132,7 +153,8 @@ std::vector<float> llama_rope_inv_freq(const llama_hparams& hp, int64_t seq_len)
     for (int64_t i = 0; i < half; ++i) {
         // F32 exactly as torch: base ** (arange(0, dim, 2).float() / dim), then 1 / that.
         const float e = static_cast<float>(2 * i) / dim;
-        inv[static_cast<size_t>(i)] = 1.0f / static_cast<float>(std::pow(static_cast<double>(base_f), static_cast<double>(e)));
+        inv[static_cast<size_t>(i)] =
+            1.0f / static_cast<float>(std::pow(static_cast<double>(base_f), static_cast<double>(e)));
     }
     if (hp.rope.type == rope_type::ROPE_LINEAR) {
         for (auto& x : inv) x /= static_cast<float>(hp.rope.factor);
@@ -140,9 +162,9 @@ std::vector<float> llama_rope_inv_freq(const llama_hparams& hp, int64_t seq_len)
         const float factor = static_cast<float>(hp.rope.factor);
         const float low    = static_cast<float>(hp.rope.low_freq_factor);
         const float high   = static_cast<float>(hp.rope.high_freq_factor);
-        const float ctx    = static_cast<float>(hp.rope.original_max_position_embeddings > 0
-                                                    ? hp.rope.original_max_position_embeddings
-                                                    : hp.max_position_embeddings);
+        const float ctx =
+            static_cast<float>(hp.rope.original_max_position_embeddings > 0 ? hp.rope.original_max_position_embeddings
+                                                                            : hp.max_position_embeddings);
         const float low_wavelen  = ctx / low;   // longer wavelengths: divided by factor
         const float high_wavelen = ctx / high;  // shorter: unchanged; between: interpolated
         for (auto& x : inv) {
@@ -246,9 +268,9 @@ status read_vec(const tensor_source& src, const tensor_spec& t, std::vector<floa
 result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer) const {
     if (i_layer < 0 || i_layer >= hp_.n_layer)
         return make_error(E_ARG, "{}: layer {} out of range (the model has {})", src_->path(), i_layer, hp_.n_layer);
-    auto        layer = std::make_unique<llama_layer>();
-    layer->index      = i_layer;
-    const auto  specs = llama_layer_tensors(hp_, i_layer);
+    auto layer       = std::make_unique<llama_layer>();
+    layer->index     = i_layer;
+    const auto specs = llama_layer_tensors(hp_, i_layer);
     GPTQ_TRY(read_vec(*src_, specs[0], &layer->attn_norm));
     GPTQ_TRY(read_vec(*src_, specs[1], &layer->mlp_norm));
     for (int r = 0; r < k_n_linear_roles; ++r) {
@@ -330,7 +352,7 @@ void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer
     lin(linear_role::LINEAR_K, x.data(), k);
     lin(linear_role::LINEAR_V, x.data(), v);
 
-    const int64_t      half = hd / 2;
+    const int64_t      half     = hd / 2;
     std::vector<float> inv_freq = llama_rope_inv_freq(hp_, pos0 + n_tokens);
     std::vector<float> cos(static_cast<size_t>(n_tokens * half)), sin(cos.size());
     op_rope_tables(inv_freq.data(), half, pos0, n_tokens, 1.0f, cos.data(), sin.data());
@@ -394,7 +416,8 @@ status llama_model::forward(const ops_context& ctx, const int32_t* ids, int64_t 
     GPTQ_TRY(layers_load_all());
     std::vector<float> hidden(static_cast<size_t>(n_tokens * hp_.n_embd));
     GPTQ_TRY(embed(ids, n_tokens, hidden.data()));
-    for (int64_t i = 0; i < hp_.n_layer; ++i) layer_forward(ctx, *layers_[static_cast<size_t>(i)], hidden.data(), n_tokens, pos0, cache);
+    for (int64_t i = 0; i < hp_.n_layer; ++i)
+        layer_forward(ctx, *layers_[static_cast<size_t>(i)], hidden.data(), n_tokens, pos0, cache);
     if (cache) cache->n_past += n_tokens;
     output_logits(ctx, hidden.data(), n_tokens, logits);
     return status::ok();

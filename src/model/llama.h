@@ -37,7 +37,7 @@ enum class linear_role : uint8_t {
     LINEAR_COUNT,
 };
 constexpr int k_n_linear_roles = static_cast<int>(linear_role::LINEAR_COUNT);
-const char* linear_role_name(linear_role r);  // "q_proj", ..., "down_proj"
+const char*   linear_role_name(linear_role r);  // "q_proj", ..., "down_proj"
 
 // The distinct inputs of a decoder layer's linears, in GPTQ's true-sequential order.
 enum class linear_input : uint8_t {
@@ -51,21 +51,21 @@ linear_input linear_role_input(linear_role r);
 const char*  linear_input_name(linear_input i);  // "qkv", "o", "gate_up", "down"
 
 struct llama_hparams {
-    model_family family    = model_family::MODEL_FAMILY_LLAMA;
-    int64_t      n_vocab   = 0;
-    int64_t      n_embd    = 0;
-    int64_t      n_ff      = 0;
-    int64_t      n_layer   = 0;
-    int64_t      n_head    = 0;
-    int64_t      n_head_kv = 0;
-    int64_t      head_dim  = 0;
-    float        rms_eps   = 1e-6f;
-    int64_t      max_position_embeddings = 0;
-    rope_config  rope;
-    bool         tie_embeddings = false;
-    bool         qkv_bias       = false;
-    bool         o_bias         = false;
-    bool         mlp_bias       = false;
+    model_family         family                  = model_family::MODEL_FAMILY_LLAMA;
+    int64_t              n_vocab                 = 0;
+    int64_t              n_embd                  = 0;
+    int64_t              n_ff                    = 0;
+    int64_t              n_layer                 = 0;
+    int64_t              n_head                  = 0;
+    int64_t              n_head_kv               = 0;
+    int64_t              head_dim                = 0;
+    float                rms_eps                 = 1e-6f;
+    int64_t              max_position_embeddings = 0;
+    rope_config          rope;
+    bool                 tie_embeddings = false;
+    bool                 qkv_bias       = false;
+    bool                 o_bias         = false;
+    bool                 mlp_bias       = false;
     std::vector<int64_t> window;  // [n_layer] sliding window of each layer in tokens, 0 = full attention
 
     int64_t q_dim() const { return n_head * head_dim; }
@@ -100,9 +100,9 @@ struct linear_weights {
 
 // One decoder layer's weights in F32.
 struct llama_layer {
-    int64_t                                     index = 0;
-    std::vector<float>                          attn_norm;  // [n_embd] input_layernorm
-    std::vector<float>                          mlp_norm;   // [n_embd] post_attention_layernorm
+    int64_t                                      index = 0;
+    std::vector<float>                           attn_norm;  // [n_embd] input_layernorm
+    std::vector<float>                           mlp_norm;   // [n_embd] post_attention_layernorm
     std::array<linear_weights, k_n_linear_roles> linears;
 
     linear_weights&       linear(linear_role r) { return linears[static_cast<size_t>(r)]; }
@@ -142,7 +142,7 @@ public:
     // Layer i's weights, read from the checkpoint now (nothing else is read).
     result<std::unique_ptr<llama_layer>> layer_load(int64_t i_layer) const;
     // Keep every layer resident (ppl, generation). Idempotent.
-    status layers_load_all();
+    status       layers_load_all();
     llama_layer* layer(int64_t i_layer) { return layers_[static_cast<size_t>(i_layer)].get(); }  // or nullptr
 
     // Embeddings, final norm and lm_head in F32 (the embedding table serves a tied lm_head).
@@ -171,8 +171,8 @@ private:
     llama_hparams                             hp_;
     std::unique_ptr<tensor_source>            src_;
     std::vector<std::unique_ptr<llama_layer>> layers_;
-    std::vector<float>                        embed_;   // [n_vocab, n_embd]
-    std::vector<float>                        norm_;    // [n_embd]
+    std::vector<float>                        embed_;    // [n_vocab, n_embd]
+    std::vector<float>                        norm_;     // [n_embd]
     std::vector<float>                        lm_head_;  // [n_vocab, n_embd]; empty when tied
 };
 

@@ -35,7 +35,7 @@ void op_rope_tables(const float* inv_freq, int64_t half, int64_t pos0, int64_t n
     for (int64_t t = 0; t < n_tokens; ++t) {
         const float pos = static_cast<float>(pos0 + t);
         for (int64_t i = 0; i < half; ++i) {
-            const float angle   = pos * inv_freq[i];
+            const float angle = pos * inv_freq[i];
             cos[t * half + i] = std::cos(angle) * scaling;
             sin[t * half + i] = std::sin(angle) * scaling;
         }

@@ -41,8 +41,8 @@ struct attention_args {
     float*       out = nullptr;  // [n_q, out_stride]
     int64_t      n_q = 0, n_kv = 0, q_pos0 = 0;
     int64_t      n_head = 0, n_head_kv = 0, head_dim = 0;
-    int64_t      window = 0;  // sliding window (0: none)
-    float        scale  = 1.0f;
+    int64_t      window   = 0;  // sliding window (0: none)
+    float        scale    = 1.0f;
     int64_t      q_stride = 0, kv_stride = 0, out_stride = 0;
 };
 // Causal GQA attention of the queries at positions q_pos0.. over keys 0..n_kv-1.

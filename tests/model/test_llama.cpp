@@ -37,7 +37,9 @@ thread_pool& pool2() {
     return p;
 }
 
-ops_context ctx() { return ops_context{&pool2(), false}; }
+ops_context ctx() {
+    return ops_context{&pool2(), false};
+}
 
 struct golden_seq {
     std::vector<int32_t> ids;
@@ -51,7 +53,7 @@ std::vector<golden_seq> golden_load(const std::string& path) {
     EXPECT_TRUE(f.is_ok()) << f.error().message();
     std::vector<golden_seq> out;
     for (int k = 0;; ++k) {
-        const std::string p = "seq" + std::to_string(k) + ".";
+        const std::string p   = "seq" + std::to_string(k) + ".";
         const auto*       ids = (*f)->find(p + "ids");
         if (!ids) break;
         golden_seq s;
@@ -97,7 +99,7 @@ void check_goldens(const std::string& model_dir, const std::string& golden_path)
         for (size_t r = 0; r < g.positions.size(); ++r) {
             const double e = row_rel_error(logits.data() + g.positions[r] * hp.n_vocab,
                                            g.logits.data() + static_cast<int64_t>(r) * hp.n_vocab, hp.n_vocab);
-            worst_logits = std::max(worst_logits, e);
+            worst_logits   = std::max(worst_logits, e);
             EXPECT_LE(e, k_golden_rel_tol) << model_dir << " seq of " << n << " tokens, position " << g.positions[r];
         }
         if (!g.hidden.empty()) {
@@ -137,7 +139,9 @@ TEST(llama_golden, shared_tiny_llama_matches_too) {
 // Random-weight checkpoints written by transformers: Qwen2 biases + sliding window on layer 1
 // (bf16), Mistral sliding window + linear RoPE + tied (f32), Llama attention biases + llama3 RoPE +
 // head_dim 16 != hidden/heads + untied (f16), dynamic NTK RoPE past max_position_embeddings (f16).
-TEST(llama_golden, rand_qwen2) { check_goldens(k_golden + "/rand-qwen2", k_golden + "/rand-qwen2/golden.safetensors"); }
+TEST(llama_golden, rand_qwen2) {
+    check_goldens(k_golden + "/rand-qwen2", k_golden + "/rand-qwen2/golden.safetensors");
+}
 TEST(llama_golden, rand_mistral) {
     check_goldens(k_golden + "/rand-mistral", k_golden + "/rand-mistral/golden.safetensors");
 }
@@ -189,9 +193,15 @@ void check_cache(const std::string& model_dir, int64_t n, int64_t n_prefill) {
 }
 }  // namespace
 
-TEST(llama_cache, decode_matches_prefill_tiny_llama) { check_cache(k_source + "/models/tiny-llama", 40, 7); }
-TEST(llama_cache, decode_matches_prefill_sliding_window) { check_cache(k_golden + "/rand-qwen2", 20, 3); }
-TEST(llama_cache, decode_matches_prefill_mistral) { check_cache(k_golden + "/rand-mistral", 20, 1); }
+TEST(llama_cache, decode_matches_prefill_tiny_llama) {
+    check_cache(k_source + "/models/tiny-llama", 40, 7);
+}
+TEST(llama_cache, decode_matches_prefill_sliding_window) {
+    check_cache(k_golden + "/rand-qwen2", 20, 3);
+}
+TEST(llama_cache, decode_matches_prefill_mistral) {
+    check_cache(k_golden + "/rand-mistral", 20, 1);
+}
 
 TEST(llama_layers, layer_at_a_time_equals_forward_and_hook_sees_each_input) {
     auto m = llama_model::open(k_source + "/models/tiny-llama");
@@ -244,11 +254,13 @@ TEST(llama_layers, replaced_linear_is_used) {
     };
     const auto before = run();
     // Zeroing down_proj removes the MLP's contribution: output = hidden after attention.
-    EXPECT_TRUE((*layer)->linear_replace(linear_role::LINEAR_DOWN, std::vector<float>(hp.n_embd * hp.n_ff, 0.0f)).is_ok());
+    EXPECT_TRUE(
+        (*layer)->linear_replace(linear_role::LINEAR_DOWN, std::vector<float>(hp.n_embd * hp.n_ff, 0.0f)).is_ok());
     const auto no_mlp = run();
     EXPECT_NE(before, no_mlp);
     // Zeroing o_proj too leaves the input unchanged.
-    EXPECT_TRUE((*layer)->linear_replace(linear_role::LINEAR_O, std::vector<float>(hp.n_embd * hp.q_dim(), 0.0f)).is_ok());
+    EXPECT_TRUE(
+        (*layer)->linear_replace(linear_role::LINEAR_O, std::vector<float>(hp.n_embd * hp.q_dim(), 0.0f)).is_ok());
     EXPECT_EQ(run(), h0);
     auto bad = (*layer)->linear_replace(linear_role::LINEAR_Q, std::vector<float>(7));
     ASSERT_FALSE(bad.is_ok());
@@ -264,7 +276,8 @@ TEST(llama_model, reference_kernels_agree_through_the_model) {
     std::vector<float> a(static_cast<size_t>(n * V)), b(a.size());
     ASSERT_TRUE((*m)->forward(ctx(), ids.data(), n, nullptr, a.data()).is_ok());
     ASSERT_TRUE((*m)->forward(ops_context{nullptr, true}, ids.data(), n, nullptr, b.data()).is_ok());
-    for (int64_t t = 0; t < n; ++t) EXPECT_LE(row_rel_error(a.data() + t * V, b.data() + t * V, V), k_reference_rel_tol);
+    for (int64_t t = 0; t < n; ++t)
+        EXPECT_LE(row_rel_error(a.data() + t * V, b.data() + t * V, V), k_reference_rel_tol);
 }
 
 TEST(llama_model, bad_token_id_is_an_error) {

@@ -53,7 +53,7 @@ TEST(kernels_cpu, linear_blas_matches_reference) {
         for (int64_t n : {1, 5, 16, 33, 100, 257})
             for (int64_t k : {1, 7, 64, 129, 300})
                 for (bool with_bias : {false, true}) {
-                    auto x = random_vec(rng, m * k), w = random_vec(rng, n * k), b = random_vec(rng, n);
+                    auto               x = random_vec(rng, m * k), w = random_vec(rng, n * k), b = random_vec(rng, n);
                     std::vector<float> y_ref(m * n), y(m * n, 123.0f);
                     const float*       bias = with_bias ? b.data() : nullptr;
                     cpu::linear_ref(x.data(), w.data(), bias, y_ref.data(), m, n, k);
@@ -71,9 +71,9 @@ TEST(kernels_cpu, linear_blas_matches_reference) {
 }
 
 TEST(kernels_cpu, linear_serial_equals_threaded) {
-    std::mt19937 rng(2);
-    const int64_t m = 9, n = 70, k = 31;
-    auto          x = random_vec(rng, m * k), w = random_vec(rng, n * k);
+    std::mt19937       rng(2);
+    const int64_t      m = 9, n = 70, k = 31;
+    auto               x = random_vec(rng, m * k), w = random_vec(rng, n * k);
     std::vector<float> a(m * n), b(m * n);
     cpu::linear_blas(x.data(), w.data(), nullptr, a.data(), m, n, k, nullptr);
     cpu::linear_blas(x.data(), w.data(), nullptr, b.data(), m, n, k, &pool3());
@@ -84,7 +84,7 @@ TEST(kernels_cpu, rms_norm_matches_reference) {
     std::mt19937 rng(3);
     for (int64_t rows : {1, 2, 5, 64})
         for (int64_t dim : {1, 7, 8, 9, 64, 257, 512}) {
-            auto x = random_vec(rng, rows * dim, 3.0f), w = random_vec(rng, dim);
+            auto               x = random_vec(rng, rows * dim, 3.0f), w = random_vec(rng, dim);
             std::vector<float> y_ref(rows * dim), y(x);
             cpu::rms_norm_ref(x.data(), w.data(), y_ref.data(), rows, dim, 1e-5f);
             cpu::rms_norm(y.data(), w.data(), y.data(), rows, dim, 1e-5f, &pool3());  // in place
@@ -116,7 +116,8 @@ TEST(kernels_cpu, rope_matches_reference) {
                 cpu::rope(b.data(), c.data(), s.data(), n_tokens, n_heads, head_dim, stride, &pool3());
                 for (size_t i = 0; i < x.size(); ++i) ASSERT_NEAR(a[i], b[i], k_rope_tol * (std::fabs(a[i]) + 1));
                 for (int64_t t = 0; t < n_tokens; ++t)
-                    for (int64_t p = n_heads * head_dim; p < stride; ++p) ASSERT_EQ(b[t * stride + p], x[t * stride + p]);
+                    for (int64_t p = n_heads * head_dim; p < stride; ++p)
+                        ASSERT_EQ(b[t * stride + p], x[t * stride + p]);
             }
 }
 
@@ -130,13 +131,13 @@ TEST(kernels_cpu, rope_rotates_pairs_half_apart) {
 
 namespace {
 void check_attention(std::mt19937& rng, cpu::attention_shape s) {
-    s.q_stride   = s.n_head * s.head_dim + 3;
-    s.kv_stride  = s.n_head_kv * s.head_dim + 1;
-    s.out_stride = s.n_head * s.head_dim + 2;
-    s.scale      = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
-    auto q = random_vec(rng, s.n_q * s.q_stride, 1.5f);
-    auto k = random_vec(rng, s.n_kv * s.kv_stride, 1.5f);
-    auto v = random_vec(rng, s.n_kv * s.kv_stride);
+    s.q_stride           = s.n_head * s.head_dim + 3;
+    s.kv_stride          = s.n_head_kv * s.head_dim + 1;
+    s.out_stride         = s.n_head * s.head_dim + 2;
+    s.scale              = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+    auto               q = random_vec(rng, s.n_q * s.q_stride, 1.5f);
+    auto               k = random_vec(rng, s.n_kv * s.kv_stride, 1.5f);
+    auto               v = random_vec(rng, s.n_kv * s.kv_stride);
     std::vector<float> o_ref(s.n_q * s.out_stride, 7.0f), o(s.n_q * s.out_stride, 7.0f);
     cpu::attention_ref(q.data(), k.data(), v.data(), o_ref.data(), s);
     cpu::attention_blas(q.data(), k.data(), v.data(), o.data(), s, &pool3());
@@ -200,7 +201,7 @@ TEST(kernels_cpu, attention_first_query_copies_first_value) {
 TEST(kernels_cpu, activations_match_reference) {
     std::mt19937 rng(6);
     for (int64_t n : {1, 7, 100, 20000}) {  // 20000: above the threaded threshold
-        auto g = random_vec(rng, n, 4.0f), u = random_vec(rng, n);
+        auto               g = random_vec(rng, n, 4.0f), u = random_vec(rng, n);
         std::vector<float> a(n), b(n);
         cpu::silu_mul_ref(g.data(), u.data(), a.data(), n);
         cpu::silu_mul(g.data(), u.data(), b.data(), n, &pool3());
@@ -208,7 +209,7 @@ TEST(kernels_cpu, activations_match_reference) {
     }
     for (int64_t rows : {1, 3, 40})
         for (int64_t cols : {1, 2, 9, 1000, 8192}) {
-            auto x = random_vec(rng, rows * cols, 5.0f);
+            auto               x = random_vec(rng, rows * cols, 5.0f);
             std::vector<float> a(x.size()), b(x.size());
             cpu::softmax_rows_ref(x.data(), a.data(), rows, cols);
             cpu::softmax_rows(x.data(), b.data(), rows, cols, &pool3());

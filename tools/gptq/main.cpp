@@ -32,6 +32,7 @@ int main(int argc, char** argv) {
     std::vector<command> commands;
     commands.push_back(register_inspect(app));
     commands.push_back(register_tokenize(app));
+    commands.push_back(register_ppl(app));
 
     try {
         app.parse(argc, argv);

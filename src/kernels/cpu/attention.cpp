@@ -15,7 +15,9 @@ namespace gptq::cpu {
 
 namespace {
 // First visible key of a query at position p.
-int64_t first_key(int64_t p, int64_t window) { return window > 0 ? std::max<int64_t>(0, p - window + 1) : 0; }
+int64_t first_key(int64_t p, int64_t window) {
+    return window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+}
 
 void check_shape(const attention_shape& s) {
     GPTQ_ASSERT(s.n_head_kv > 0 && s.n_head % s.n_head_kv == 0);
@@ -30,12 +32,12 @@ void attention_ref(const float* q, const float* k, const float* v, float* out, c
     const int64_t       group = s.n_head / s.n_head_kv;
     std::vector<double> w(static_cast<size_t>(s.n_kv));
     for (int64_t i = 0; i < s.n_q; ++i) {
-        const int64_t p = s.q_pos0 + i;
+        const int64_t p  = s.q_pos0 + i;
         const int64_t j0 = first_key(p, s.window);
         for (int64_t h = 0; h < s.n_head; ++h) {
-            const float* qh = q + i * s.q_stride + h * s.head_dim;
+            const float*  qh = q + i * s.q_stride + h * s.head_dim;
             const int64_t hk = h / group;
-            double       m  = -INFINITY;
+            double        m  = -INFINITY;
             for (int64_t j = j0; j <= p; ++j) {
                 const float* kj  = k + j * s.kv_stride + hk * s.head_dim;
                 double       dot = 0.0;

@@ -20,7 +20,7 @@ void rms_norm_ref(const float* x, const float* w, float* y, int64_t n_rows, int6
 namespace {
 void rms_norm_rows(const float* x, const float* w, float* y, int64_t r0, int64_t r1, int64_t dim, float eps) {
     for (int64_t r = r0; r < r1; ++r) {
-        const float* xr = x + r * dim;
+        const float* xr     = x + r * dim;
         float        acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         int64_t      i      = 0;
         for (; i + 8 <= dim; i += 8)

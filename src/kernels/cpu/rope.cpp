@@ -32,8 +32,8 @@ void rope_tokens(float* x, const float* cos, const float* sin, int64_t t0, int64
             float* __restrict hi = lo + half;
             for (int64_t i = 0; i < half; ++i) {  // independent lanes: vectorises
                 const float a = lo[i], b = hi[i];
-                lo[i]         = a * c[i] - b * s[i];
-                hi[i]         = b * c[i] + a * s[i];
+                lo[i] = a * c[i] - b * s[i];
+                hi[i] = b * c[i] + a * s[i];
             }
         }
     }
@@ -46,8 +46,8 @@ void rope(float* x, const float* cos, const float* sin, int64_t n_tokens, int64_
         rope_tokens(x, cos, sin, 0, n_tokens, n_heads, head_dim, row_stride);
         return;
     }
-    pool->parallel_for(n_tokens,
-                       [&](int64_t t0, int64_t t1) { rope_tokens(x, cos, sin, t0, t1, n_heads, head_dim, row_stride); });
+    pool->parallel_for(
+        n_tokens, [&](int64_t t0, int64_t t1) { rope_tokens(x, cos, sin, t0, t1, n_heads, head_dim, row_stride); });
 }
 
 }  // namespace gptq::cpu

@@ -1,0 +1,43 @@
+// Perplexity of a model on a text, with the GPTQ paper's protocol: tokenize the whole text once
+// (BOS first for Llama-style tokenizers), cut it into non-overlapping windows of seqlen tokens,
+// score tokens 1..seqlen-1 of every window from the window's own prefix, ppl = exp(mean NLL).
+// The default dataset is WikiText-2 test joined with "\n\n" (data/wikitext2/wiki.test.raw.gptq_join.txt).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "gptq/status.h"
+
+namespace gptq {
+
+struct ppl_params {
+    std::string model_path;                 // model folder (config.json, tokenizer, safetensors)
+    std::string dataset     = "wikitext2";  // "wikitext2" (bundled) or a path to a text file, read as is
+    int64_t     seqlen      = 2048;         // tokens per window
+    int64_t     max_windows = 0;            // evaluate only the first N windows; 0 = all
+    int         n_threads   = 0;            // 0 = all cores
+    bool        progress    = true;         // progress bar on stderr (when it is a terminal)
+};
+
+struct ppl_result {
+    double      ppl               = 0.0;
+    double      nll_mean          = 0.0;  // natural log, per predicted token
+    int64_t     n_tokens          = 0;    // tokens run through the model: n_windows * seqlen
+    int64_t     n_predicted       = 0;    // tokens scored: n_windows * (seqlen - 1)
+    int64_t     n_dataset_tokens  = 0;    // tokens of the whole text
+    int64_t     n_windows         = 0;
+    int64_t     seqlen            = 0;
+    int         n_threads         = 0;
+    double      seconds           = 0.0;  // forward passes only
+    double      tokens_per_second = 0.0;  // n_tokens / seconds
+    double      load_seconds      = 0.0;  // model open + tokenization + weight conversion
+    std::string dataset_path;
+};
+
+result<ppl_result> ppl_run(const ppl_params& params);
+
+std::string ppl_result_text(const ppl_result& r);
+std::string ppl_result_json(const ppl_result& r);  // one line, no trailing newline
+
+}  // namespace gptq

@@ -1,0 +1,141 @@
+// gptq ppl: resolve the dataset, tokenize once, run model/perplexity over the windows, time it.
+#include "gptq/ppl.h"
+
+#include <fmt/format.h>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+#include <thread>
+
+#include "core/error.h"
+#include "core/progress.h"
+#include "core/thread_pool.h"
+#include "model/llama.h"
+#include "model/perplexity.h"
+#include "tokenizer/tokenizer.h"
+
+#ifndef GPTQ_SOURCE_DIR
+#define GPTQ_SOURCE_DIR ""
+#endif
+
+namespace gptq {
+
+namespace fs = std::filesystem;
+
+namespace {
+constexpr const char* k_wikitext2_rel = "data/wikitext2/wiki.test.raw.gptq_join.txt";
+
+// "wikitext2": the bundled file, looked up next to the executable (bin/../data, build/bin/../../data)
+// and then in the source tree this binary was built from. Anything else: a path, read as is.
+result<std::string> dataset_resolve(const std::string& dataset) {
+    if (dataset != "wikitext2") {
+        if (!fs::is_regular_file(dataset))
+            return make_error(status_code::STATUS_NOT_FOUND, "dataset '{}': no such file (use 'wikitext2' or a path)",
+                              dataset);
+        return dataset;
+    }
+    std::vector<fs::path> tried;
+    std::error_code       ec;
+    const fs::path        exe = fs::read_symlink("/proc/self/exe", ec);
+    if (!ec) {
+        tried.push_back(exe.parent_path() / ".." / k_wikitext2_rel);
+        tried.push_back(exe.parent_path() / ".." / ".." / k_wikitext2_rel);
+    }
+    if (std::string(GPTQ_SOURCE_DIR).size() > 0) tried.push_back(fs::path(GPTQ_SOURCE_DIR) / k_wikitext2_rel);
+    std::string list;
+    for (const auto& p : tried) {
+        if (fs::is_regular_file(p)) return fs::weakly_canonical(p).string();
+        list += (list.empty() ? "" : ", ") + p.lexically_normal().string();
+    }
+    return make_error(status_code::STATUS_NOT_FOUND,
+                      "dataset 'wikitext2': {} not found (looked in: {}); pass --dataset PATH to the joined text",
+                      k_wikitext2_rel, list);
+}
+
+result<std::string> file_read(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return make_error(status_code::STATUS_IO_ERROR, "{}: cannot open", path);
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    if (in.bad()) return make_error(status_code::STATUS_IO_ERROR, "{}: read failed", path);
+    return ss.str();
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
+
+result<ppl_result> ppl_run(const ppl_params& params) {
+    if (params.seqlen < 2)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "--seqlen is {}, expected at least 2", params.seqlen);
+    if (params.max_windows < 0)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "--max-windows is {}, expected >= 0",
+                          params.max_windows);
+    const auto t_load = std::chrono::steady_clock::now();
+    ppl_result r;
+    GPTQ_ASSIGN_OR_RETURN(r.dataset_path, dataset_resolve(params.dataset));
+    GPTQ_ASSIGN_OR_RETURN(std::string text, file_read(r.dataset_path));
+    GPTQ_ASSIGN_OR_RETURN(auto model, llama_model::open(params.model_path));
+    GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(params.model_path));
+    const std::vector<int32_t> ids = tok->encode(text, /*add_special=*/true);
+    r.n_dataset_tokens             = static_cast<int64_t>(ids.size());
+    GPTQ_TRY(model->layers_load_all());
+    GPTQ_TRY(model->globals_load());
+    r.load_seconds = seconds_since(t_load);
+
+    const int n_threads =
+        params.n_threads > 0 ? params.n_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    thread_pool       pool(n_threads);
+    const ops_context ctx{&pool, false};
+    int64_t           n_windows = r.n_dataset_tokens / params.seqlen;
+    if (params.max_windows > 0) n_windows = std::min(n_windows, params.max_windows);
+    progress_bar bar("ppl", n_windows, "win");
+    if (!params.progress) progress_set_quiet(true);
+    const auto t_eval = std::chrono::steady_clock::now();
+    auto       sums =
+        perplexity_evaluate(*model, ctx, ids, params.seqlen, params.max_windows, [&](int64_t) { bar.update(1); });
+    bar.finish();
+    if (!sums.is_ok()) return sums.error().with_context(params.model_path);
+    r.seconds           = seconds_since(t_eval);
+    r.ppl               = sums->ppl();
+    r.nll_mean          = sums->nll_sum / static_cast<double>(sums->n_predicted);
+    r.n_windows         = sums->n_windows;
+    r.seqlen            = params.seqlen;
+    r.n_tokens          = r.n_windows * params.seqlen;
+    r.n_predicted       = sums->n_predicted;
+    r.n_threads         = n_threads;
+    r.tokens_per_second = r.seconds > 0 ? static_cast<double>(r.n_tokens) / r.seconds : 0.0;
+    return r;
+}
+
+std::string ppl_result_text(const ppl_result& r) {
+    return fmt::format(
+        "ppl {:.4f}  (mean NLL {:.5f} over {} predicted tokens)\n"
+        "{} windows of {} tokens = {} tokens of {} in {}\n"
+        "{:.2f} s, {:.1f} tokens/s on {} threads (load and tokenize {:.2f} s)\n",
+        r.ppl, r.nll_mean, r.n_predicted, r.n_windows, r.seqlen, r.n_tokens, r.n_dataset_tokens, r.dataset_path,
+        r.seconds, r.tokens_per_second, r.n_threads, r.load_seconds);
+}
+
+std::string ppl_result_json(const ppl_result& r) {
+    nlohmann::ordered_json j;
+    j["ppl"]               = r.ppl;
+    j["nll_mean"]          = r.nll_mean;
+    j["n_tokens"]          = r.n_tokens;
+    j["n_predicted"]       = r.n_predicted;
+    j["n_dataset_tokens"]  = r.n_dataset_tokens;
+    j["n_windows"]         = r.n_windows;
+    j["seqlen"]            = r.seqlen;
+    j["n_threads"]         = r.n_threads;
+    j["seconds"]           = r.seconds;
+    j["tokens_per_second"] = r.tokens_per_second;
+    j["load_seconds"]      = r.load_seconds;
+    j["dataset"]           = r.dataset_path;
+    return j.dump();
+}
+
+}  // namespace gptq

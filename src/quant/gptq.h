@@ -1,0 +1,90 @@
+// GPTQ on one linear layer (Frantar et al. 2022), and round-to-nearest as the baseline.
+//
+// Input: the weight W [n_out, n_in] (PyTorch layout) and the Hessian H = (2/n) sum x x^T of the
+// layer's inputs [n_in, n_in]. Output: a neutral quantized_linear (integer codes, scales, zeros,
+// g_idx) that knows nothing about any checkpoint layout; io/gptq_pack.h turns it into qweight /
+// qzeros. The algorithm follows format.md section 2.4 step by step: dead columns, static groups,
+// act-order permutation, relative damping (raised automatically while Cholesky fails), the upper
+// Cholesky factor of H^-1, and the blocked column loop with lazy batch updates (block 128).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/status.h"
+#include "ops/ops.h"
+#include "quant/grid.h"
+
+namespace gptq {
+
+struct gptq_options {
+    int    bits          = 4;
+    int    group_size    = 128;  // -1: one group spanning the row
+    bool   sym           = true;
+    bool   desc_act      = false;  // act-order: process columns by decreasing diag(H)
+    bool   static_groups = false;  // group params fixed up front on the original column order
+    bool   mse           = false;  // clipping-range grid search (grid.h)
+    double damp_percent  = 0.01;   // damping = damp_percent * mean(diag(H))
+    double damp_auto_increment = 0.01;  // added to damp_percent while Cholesky fails (then error)
+    int    block_size    = 128;
+    int    zero_min      = 0;      // see grid_options::zero_min
+};
+
+// The neutral result. Codes are in the ORIGINAL column order.
+struct quantized_linear {
+    int64_t              n_out = 0, n_in = 0;
+    int                  bits       = 4;
+    int                  group_size = 128;  // as requested (-1 allowed)
+    int64_t              n_groups   = 1;
+    bool                 sym        = true;
+    std::vector<uint8_t> codes;   // [n_out, n_in] in 0 .. 2^bits - 1
+    std::vector<float>   scales;  // [n_groups, n_out], exactly representable in F16
+    std::vector<int32_t> zeros;   // [n_groups, n_out] in 0 .. 2^bits - 1
+    std::vector<int32_t> g_idx;   // [n_in] group of each input column
+    std::vector<int32_t> perm;    // [n_in] processing order (act-order), empty otherwise
+};
+
+struct gptq_stats {
+    double  damp_percent_used = 0.0;  // after automatic increases
+    int64_t n_dead_columns    = 0;    // diag(H) == 0
+    double  loss              = 0.0;  // GPTQ's own running loss sum (w - q)^2 / d^2 / 2
+};
+
+// Accumulates H = (2 / n_tokens) sum x x^T over batches of layer inputs, in F32.
+class hessian_accumulator {
+public:
+    explicit hessian_accumulator(int64_t n_in) : n_in_(n_in), h_(static_cast<size_t>(n_in * n_in), 0.0f) {}
+    // x: [n_tokens, n_in] row-major.
+    void add(const ops_context& ctx, const float* x, int64_t n_tokens);
+    // The normalised symmetric H [n_in, n_in]; the accumulator can continue afterwards.
+    std::vector<float> finish() const;
+    int64_t            n_tokens() const { return n_tokens_; }
+    int64_t            n_in() const { return n_in_; }
+
+private:
+    int64_t            n_in_;
+    int64_t            n_tokens_ = 0;
+    std::vector<float> h_;  // upper triangle of sum x x^T
+};
+
+// GPTQ. w: [n_out, n_in], h: [n_in, n_in] (both unchanged). Errors: bad options, or a Hessian
+// that stays not positive definite even with damping raised to 1.
+result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
+                                       const float* h, const gptq_options& opt, gptq_stats* stats = nullptr);
+
+// Round to nearest with the same grid, contiguous groups (g_idx = k / group_size).
+result<quantized_linear> rtn_quantize(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
+                                      const gptq_options& opt);
+
+// Check options against a layer shape; the message names the option and the value.
+status gptq_check_options(const gptq_options& opt, int64_t n_in);
+
+// out: [n_out, n_in] = scales[g_idx[k], n] * (codes[n, k] - zeros[g_idx[k], n]).
+void quantized_linear_dequantize(const quantized_linear& q, float* out);
+
+// The error GPTQ minimises: sum over rows of (w - wq) H (w - wq)^T, i.e. tr(D H D^T) with
+// D = w - wq [n_out, n_in]; with H = (2/n) X^T X this is (2/n) ||X D^T||^2.
+double hessian_weighted_error(const ops_context& ctx, const float* w, const float* wq, int64_t n_out, int64_t n_in,
+                              const float* h);
+
+}  // namespace gptq

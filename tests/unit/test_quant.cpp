@@ -1,0 +1,259 @@
+// quant: the quantization grid, RTN, and GPTQ on synthetic layers with correlated inputs:
+// GPTQ beats RTN on the error it minimises, the blocked loop equals the unblocked one,
+// act-order / static-group g_idx semantics, dead columns and non-positive-definite Hessians.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <map>
+#include <random>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/thread_pool.h"
+#include "quant/gptq.h"
+
+using namespace gptq;
+
+namespace {
+
+struct layer {
+    int64_t            n_out, n_in;
+    std::vector<float> w;  // [n_out, n_in]
+    std::vector<float> h;  // [n_in, n_in]
+};
+
+// Inputs with strongly correlated features and uneven scales, as real activations have:
+// x = z A + outlier columns, z ~ N(0, 1) of rank n_in / 2.
+layer make_layer(int64_t n_out, int64_t n_in, uint32_t seed, int64_t n_tokens = 512) {
+    std::mt19937                    rng(seed);
+    std::normal_distribution<float> nd;
+    layer                           L{n_out, n_in, {}, {}};
+    L.w.resize(static_cast<size_t>(n_out * n_in));
+    for (auto& v : L.w) v = 0.05f * nd(rng);
+    const int64_t      r = std::max<int64_t>(1, n_in / 2);
+    std::vector<float> a(static_cast<size_t>(r * n_in));
+    for (auto& v : a) v = nd(rng);
+    std::vector<float> x(static_cast<size_t>(n_tokens * n_in), 0.0f);
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        std::vector<float> z(static_cast<size_t>(r));
+        for (auto& v : z) v = nd(rng);
+        for (int64_t j = 0; j < r; ++j)
+            for (int64_t k = 0; k < n_in; ++k) x[static_cast<size_t>(t * n_in + k)] += z[static_cast<size_t>(j)] * a[static_cast<size_t>(j * n_in + k)];
+        for (int64_t k = 0; k < n_in; k += 7) x[static_cast<size_t>(t * n_in + k)] *= 4.0f;  // outlier features
+        for (int64_t k = 0; k < n_in; ++k) x[static_cast<size_t>(t * n_in + k)] += 0.1f * nd(rng);
+    }
+    hessian_accumulator acc(n_in);
+    ops_context         ctx;
+    acc.add(ctx, x.data(), n_tokens / 2);
+    acc.add(ctx, x.data() + (n_tokens / 2) * n_in, n_tokens - n_tokens / 2);
+    L.h = acc.finish();
+    return L;
+}
+
+std::vector<float> dequant(const quantized_linear& q) {
+    std::vector<float> out(static_cast<size_t>(q.n_out * q.n_in));
+    quantized_linear_dequantize(q, out.data());
+    return out;
+}
+
+double herr(const layer& L, const quantized_linear& q) {
+    return hessian_weighted_error(ops_context{}, L.w.data(), dequant(q).data(), L.n_out, L.n_in, L.h.data());
+}
+
+}  // namespace
+
+TEST(grid, params_follow_the_reference_rules) {
+    grid_options sym{4, true, false, 0}, asym{4, false, false, 0};
+    const float  x[] = {-1.5f, 0.25f, 3.0f};
+    auto         ps  = grid_find_params(x, 3, 1, sym);
+    EXPECT_EQ(ps.zero, 8);
+    EXPECT_EQ(ps.scale, f16_to_f32(f32_to_f16(6.0f / 15.0f)));  // range [-3, 3]
+    auto pa = grid_find_params(x, 3, 1, asym);
+    EXPECT_EQ(pa.scale, f16_to_f32(f32_to_f16(4.5f / 15.0f)));
+    EXPECT_EQ(pa.zero, static_cast<int>(std::nearbyint(1.5f / pa.scale)));
+    // All positive: the range still includes 0 (xmin = 0), asym zero = 0.
+    const float pos[] = {1.0f, 2.0f};
+    EXPECT_EQ(grid_find_params(pos, 2, 1, asym).zero, 0);
+    // All zero: [-1, 1].
+    const float zero[] = {0.0f, 0.0f};
+    EXPECT_EQ(grid_find_params(zero, 2, 1, asym).scale, f16_to_f32(f32_to_f16(2.0f / 15.0f)));
+    // Stride: every other element.
+    const float strided[] = {1.0f, 100.0f, -1.0f, 100.0f};
+    EXPECT_EQ(grid_find_params(strided, 2, 2, sym).scale, f16_to_f32(f32_to_f16(2.0f / 15.0f)));
+    // zero_min keeps asym zeros representable in the v1 format.
+    EXPECT_EQ(grid_find_params(pos, 2, 1, grid_options{4, false, false, 1}).zero, 1);
+    // Rounding is half to even.
+    grid_params p{1.0f, 0};
+    EXPECT_EQ(grid_quantize(2.5f, p, 15), 2);
+    EXPECT_EQ(grid_quantize(3.5f, p, 15), 4);
+    EXPECT_EQ(grid_quantize(-0.5f, p, 15), 0);
+    EXPECT_EQ(grid_quantize(99.0f, p, 15), 15);
+}
+
+TEST(grid, mse_search_never_increases_the_error) {
+    std::mt19937                    rng(3);
+    std::student_t_distribution<float> heavy(3.0f);
+    for (int bits : {2, 3, 4}) {
+        std::vector<float> x(256);
+        for (auto& v : x) v = heavy(rng);
+        for (bool sym : {true, false}) {
+            const int   maxq = grid_maxq(bits);
+            auto        err  = [&](grid_params p) {
+                double e = 0;
+                for (float v : x) e += std::pow(std::fabs(grid_dequantize(grid_quantize(v, p, maxq), p) - v), 2.4);
+                return e;
+            };
+            const auto plain = grid_find_params(x.data(), 256, 1, {bits, sym, false, 0});
+            const auto mse   = grid_find_params(x.data(), 256, 1, {bits, sym, true, 0});
+            EXPECT_LE(err(mse), err(plain)) << bits << sym;
+            if (bits <= 3) {
+                EXPECT_LT(err(mse), 0.95 * err(plain)) << "heavy tails: clipping must pay at " << bits;
+            }
+        }
+    }
+}
+
+TEST(gptq, beats_rtn_on_correlated_inputs) {
+    thread_pool pool(2);
+    ops_context ctx{&pool, false};
+    const auto  L = make_layer(96, 256, 1);
+    for (int bits : {2, 3, 4, 8})
+        for (int gs : {-1, 32, 128})
+            for (bool sym : {true, false}) {
+                gptq_options o;
+                o.bits       = bits;
+                o.group_size = gs;
+                o.sym        = sym;
+                auto g       = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), o);
+                auto r       = rtn_quantize(ctx, L.w.data(), L.n_out, L.n_in, o);
+                ASSERT_TRUE(g.is_ok()) << g.error().message();
+                ASSERT_TRUE(r.is_ok());
+                const double eg = herr(L, *g), er = herr(L, *r);
+                EXPECT_LT(eg, 0.7 * er) << "bits " << bits << " gs " << gs << " sym " << sym << ": gptq " << eg
+                                        << " rtn " << er;
+                for (uint8_t c : g->codes) ASSERT_LE(c, (1 << bits) - 1);
+            }
+}
+
+TEST(gptq, act_order_and_static_groups) {
+    ops_context ctx;
+    const auto  L = make_layer(64, 128, 2);
+    gptq_options o;
+    o.group_size = 32;
+    o.desc_act   = true;
+    auto g       = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), o);
+    ASSERT_TRUE(g.is_ok());
+    ASSERT_EQ(g->perm.size(), 128u);
+    // perm sorts diag(H) descending; group i/gs holds the i-th block of 32 processed columns.
+    for (size_t i = 1; i < 128; ++i)
+        EXPECT_GE(L.h[static_cast<size_t>(g->perm[i - 1]) * 129], L.h[static_cast<size_t>(g->perm[i]) * 129]);
+    std::map<int, int> count;
+    for (size_t i = 0; i < 128; ++i) {
+        EXPECT_EQ(g->g_idx[static_cast<size_t>(g->perm[i])], static_cast<int32_t>(i / 32));
+        count[g->g_idx[i]]++;
+    }
+    for (auto [grp, n] : count) EXPECT_EQ(n, 32) << grp;
+    bool trivial = true;
+    for (size_t k = 0; k < 128; ++k) trivial &= g->g_idx[k] == static_cast<int32_t>(k / 32);
+    EXPECT_FALSE(trivial) << "act-order g_idx should not be contiguous on this layer";
+
+    o.static_groups = true;
+    auto s          = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), o);
+    ASSERT_TRUE(s.is_ok());
+    for (size_t k = 0; k < 128; ++k) EXPECT_EQ(s->g_idx[k], static_cast<int32_t>(k / 32));
+    auto r = rtn_quantize(ctx, L.w.data(), L.n_out, L.n_in, o);
+    // Static groups take their params from the original weights, as RTN does.
+    EXPECT_EQ(s->scales, r->scales);
+    EXPECT_LT(herr(L, *s), 0.8 * herr(L, *r));
+    EXPECT_LT(herr(L, *g), 0.8 * herr(L, *r));
+}
+
+TEST(gptq, blocked_loop_equals_unblocked) {
+    thread_pool pool(2);
+    ops_context ctx{&pool, false};
+    const auto  L = make_layer(48, 200, 3);
+    for (bool desc : {false, true})
+        for (int gs : {-1, 64}) {
+            gptq_options a;
+            a.group_size = gs;
+            a.desc_act   = desc;
+            a.block_size = 1;  // no lazy updates: the textbook algorithm
+            gptq_options b = a;
+            b.block_size   = 128;
+            gptq_options c = a;
+            c.block_size   = gs == -1 ? 7 : 32;  // group params are exact when groups do not straddle blocks
+            auto qa = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), a);
+            auto qb = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), b);
+            auto qc = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), c);
+            ASSERT_TRUE(qa.is_ok() && qb.is_ok() && qc.is_ok());
+            // Same math, different float summation order: codes may differ only where a value sits
+            // on a rounding boundary. Demand near-identity.
+            for (auto* q : {&*qb, &*qc}) {
+                size_t same = 0;
+                for (size_t i = 0; i < qa->codes.size(); ++i) same += qa->codes[i] == q->codes[i];
+                EXPECT_GT(static_cast<double>(same) / static_cast<double>(qa->codes.size()), 0.998) << desc << gs;
+                EXPECT_NEAR(herr(L, *q), herr(L, *qa), 0.02 * herr(L, *qa));
+            }
+        }
+}
+
+TEST(gptq, identity_hessian_reduces_to_rtn) {
+    ops_context        ctx;
+    const auto         L = make_layer(32, 64, 4);
+    std::vector<float> eye(64 * 64, 0.0f);
+    for (int i = 0; i < 64; ++i) eye[static_cast<size_t>(i * 65)] = 1.0f;
+    for (int gs : {-1, 16}) {
+        gptq_options o;
+        o.group_size = gs;
+        o.bits       = 3;
+        auto g       = gptq_quantize(ctx, L.w.data(), 32, 64, eye.data(), o);
+        auto r       = rtn_quantize(ctx, L.w.data(), 32, 64, o);
+        ASSERT_TRUE(g.is_ok() && r.is_ok());
+        EXPECT_EQ(g->codes, r->codes);
+        EXPECT_EQ(g->scales, r->scales);
+        EXPECT_EQ(g->zeros, r->zeros);
+    }
+}
+
+TEST(gptq, dead_columns_and_rank_deficient_hessians) {
+    ops_context ctx;
+    // Few tokens: H has rank 8 < 64 (singular); damping makes it positive definite.
+    auto L = make_layer(32, 64, 5, 8);
+    for (int k = 0; k < 64; k += 9) {  // columns whose input is always zero
+        for (int j = 0; j < 64; ++j) L.h[static_cast<size_t>(k * 64 + j)] = L.h[static_cast<size_t>(j * 64 + k)] = 0.0f;
+    }
+    gptq_stats   st;
+    gptq_options o;
+    o.group_size = 32;
+    auto g       = gptq_quantize(ctx, L.w.data(), 32, 64, L.h.data(), o, &st);
+    ASSERT_TRUE(g.is_ok()) << g.error().message();
+    EXPECT_EQ(st.n_dead_columns, 8);
+    const auto dq = dequant(*g);
+    for (int r = 0; r < 32; ++r)
+        for (int k = 0; k < 64; k += 9) EXPECT_EQ(dq[static_cast<size_t>(r * 64 + k)], 0.0f) << "dead column -> 0";
+}
+
+TEST(gptq, indefinite_hessian_raises_damping_then_fails_clearly) {
+    ops_context        ctx;
+    const auto         L = make_layer(16, 32, 6);
+    std::vector<float> h(32 * 32, 0.0f);
+    for (int i = 0; i < 32; ++i) h[static_cast<size_t>(i * 33)] = 1.0f;
+    h[0] = -0.02f;  // one negative eigenvalue: fails at damp 0.01, passes once damp > ~0.03
+    gptq_stats   st;
+    gptq_options o;
+    o.group_size = -1;
+    auto g       = gptq_quantize(ctx, L.w.data(), 16, 32, h.data(), o, &st);
+    ASSERT_TRUE(g.is_ok()) << g.error().message();
+    EXPECT_GT(st.damp_percent_used, 0.02);
+    EXPECT_LT(st.damp_percent_used, 0.06);
+
+    for (auto& v : h) v = -v;  // negative definite: no damping below 1 helps
+    auto bad = gptq_quantize(ctx, L.w.data(), 16, 32, h.data(), o, &st);
+    ASSERT_FALSE(bad.is_ok());
+    EXPECT_NE(bad.error().message().find("not positive definite"), std::string::npos) << bad.error().message();
+
+    o.bits   = 5;
+    auto opt = gptq_quantize(ctx, L.w.data(), 16, 32, L.h.data(), o);
+    ASSERT_FALSE(opt.is_ok());
+    EXPECT_NE(opt.error().message().find("bits 5"), std::string::npos);
+}

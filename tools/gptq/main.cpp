@@ -33,6 +33,7 @@ int main(int argc, char** argv) {
     commands.push_back(register_inspect(app));
     commands.push_back(register_tokenize(app));
     commands.push_back(register_ppl(app));
+    commands.push_back(register_quantize(app));
 
     try {
         app.parse(argc, argv);

@@ -1,0 +1,634 @@
+// gptq quantize: the layer-by-layer driver (docs/quantize.md). GPTQ math lives in quant/, the
+// model in model/, the checkpoint layout in io/; this file wires them together and owns the
+// work folder, resume, the memory plan, progress and the report.
+#include "gptq/quantize.h"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <thread>
+
+#include "core/dtype.h"
+#include "core/error.h"
+#include "core/log.h"
+#include "core/progress.h"
+#include "core/thread_pool.h"
+#include "data_files.h"
+#include "io/gptq_checkpoint.h"
+#include "io/gptq_config.h"
+#include "io/gptq_pack.h"
+#include "io/json_file.h"
+#include "io/safetensors.h"
+#include "io/tensor_source.h"
+#include "model/llama.h"
+#include "quant/gptq.h"
+#include "tokenizer/tokenizer.h"
+
+namespace gptq {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr auto E_ARG = status_code::STATUS_INVALID_ARGUMENT;
+constexpr const char* k_default_calib = "data/calib/corpus-sample.txt";
+constexpr const char* k_wikitext2     = "data/wikitext2/wiki.test.raw.gptq_join.txt";
+constexpr int         k_state_version = 1;
+
+using clock = std::chrono::steady_clock;
+double seconds_since(clock::time_point t0) { return std::chrono::duration<double>(clock::now() - t0).count(); }
+
+std::string layer_file_name(int64_t i) { return fmt::format("layer-{:05}.safetensors", i); }
+
+// The settings that must match for --resume to continue a run (everything that changes output).
+nlohmann::json run_identity(const quantize_params& p, const gptq_config& cfg) {
+    return {{"model", fs::weakly_canonical(p.model_path).string()},
+            {"config", cfg.to_json()},
+            {"method", p.method},
+            {"mse", p.mse},
+            {"calib", p.calib},
+            {"nsamples", p.nsamples},
+            {"seqlen", p.seqlen},
+            {"seed", p.seed},
+            {"true_sequential", p.true_sequential}};
+}
+
+uint64_t mem_available_bytes() {
+    std::ifstream in("/proc/meminfo");
+    std::string   key;
+    uint64_t      kb = 0;
+    std::string   unit;
+    while (in >> key >> kb >> unit)
+        if (key == "MemAvailable:") return kb * 1024;
+    return 0;
+}
+
+std::string human_bytes(uint64_t n) {
+    if (n >= (1ull << 30)) return fmt::format("{:.2f} GiB", static_cast<double>(n) / (1ull << 30));
+    if (n >= (1ull << 20)) return fmt::format("{:.1f} MiB", static_cast<double>(n) / (1ull << 20));
+    return fmt::format("{:.1f} KiB", static_cast<double>(n) / 1024.0);
+}
+
+// Calibration token ids: the whole text tokenized once (no BOS), as the reference does for its
+// WikiText-2/C4 loaders; a .jsonl file contributes the "text" field of every line, joined by "\n\n".
+result<std::vector<int32_t>> calibration_tokens(const quantize_params& p, const tokenizer& tok, std::string* used_path) {
+    std::string path = p.calib;
+    if (p.calib == "default") {
+        GPTQ_ASSIGN_OR_RETURN(path, bundled_data_resolve(k_default_calib));
+    } else if (p.calib == "wikitext2") {
+        GPTQ_ASSIGN_OR_RETURN(path, bundled_data_resolve(k_wikitext2));
+        GPTQ_LOG_WARN("calibrating on the WikiText-2 test split: perplexity on that split is then biased");
+    }
+    *used_path = path;
+    GPTQ_ASSIGN_OR_RETURN(std::string text, text_file_read(path));
+    if (path.size() >= 6 && path.compare(path.size() - 6, 6, ".jsonl") == 0) {
+        std::string joined;
+        size_t      pos = 0, line_no = 0;
+        while (pos < text.size()) {
+            size_t end = text.find('\n', pos);
+            if (end == std::string::npos) end = text.size();
+            const std::string_view line(text.data() + pos, end - pos);
+            ++line_no;
+            pos = end + 1;
+            if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
+            auto j = json_parse(line, fmt::format("{} line {}", path, line_no));
+            if (!j) return j.error();
+            if (!j->is_object() || !j->contains("text") || !(*j)["text"].is_string())
+                return make_error(status_code::STATUS_PARSE_ERROR, "{} line {}: expected an object with a string \"text\"",
+                                  path, line_no);
+            if (!joined.empty()) joined += "\n\n";
+            joined += (*j)["text"].get<std::string>();
+        }
+        text.swap(joined);
+    }
+    std::vector<int32_t> ids = tok.encode(text, /*add_special=*/false);
+    if (static_cast<int64_t>(ids.size()) <= p.seqlen)
+        return make_error(E_ARG, "{}: {} tokens, need more than --seqlen {} for calibration windows", path, ids.size(),
+                          p.seqlen);
+    return ids;
+}
+
+// Linear groups in the order GPTQ quantizes them (true-sequential), or all at once.
+std::vector<std::vector<linear_role>> quant_groups(bool true_sequential) {
+    using R = linear_role;
+    if (!true_sequential)
+        return {{R::LINEAR_Q, R::LINEAR_K, R::LINEAR_V, R::LINEAR_O, R::LINEAR_GATE, R::LINEAR_UP, R::LINEAR_DOWN}};
+    return {{R::LINEAR_Q, R::LINEAR_K, R::LINEAR_V}, {R::LINEAR_O}, {R::LINEAR_GATE, R::LINEAR_UP}, {R::LINEAR_DOWN}};
+}
+
+// The neutral result of quant/ in the checkpoint's unpacked form.
+gptq_linear_data to_checkpoint_form(const quantized_linear& q, const linear_weights& lw) {
+    gptq_linear_data d;
+    d.n_out    = q.n_out;
+    d.n_in     = q.n_in;
+    d.n_groups = q.n_groups;
+    d.bits     = q.bits;
+    d.codes    = q.codes;
+    d.zeros    = q.zeros;
+    d.g_idx    = q.g_idx;
+    d.scales.resize(q.scales.size());
+    for (size_t i = 0; i < q.scales.size(); ++i) d.scales[i] = f32_to_f16(q.scales[i]);
+    if (!lw.bias.empty()) {
+        d.bias.resize(lw.bias.size());
+        for (size_t i = 0; i < lw.bias.size(); ++i) d.bias[i] = f32_to_f16(lw.bias[i]);
+    }
+    return d;
+}
+
+struct run_state {
+    quantize_params              p;
+    gptq_config                  cfg;
+    gptq_options                 opt;
+    std::string                  work;
+    std::unique_ptr<llama_model> model;
+    std::vector<float>           x;  // [nsamples * seqlen, n_embd] current layer inputs
+    int64_t                      n_samples = 0;
+    quantize_report              report;
+};
+
+// Tensor names of a layer's non-linear weights (the norms), copied unchanged.
+std::vector<std::string> layer_plain_tensors(const run_state& s, int64_t i) {
+    std::vector<std::string> out;
+    for (const auto& t : llama_layer_tensors(s.model->hparams(), i)) {
+        bool linear = false;
+        for (int r = 0; r < k_n_linear_roles; ++r) {
+            const std::string base = llama_linear_name(i, static_cast<linear_role>(r));
+            if (t.name.rfind(base + ".", 0) == 0) linear = true;
+        }
+        if (!linear && s.model->source().has(t.name)) out.push_back(t.name);
+    }
+    return out;
+}
+
+// Write layer i's tensors (norms copied, linears packed) to the work folder, atomically.
+status write_layer(run_state& s, int64_t i, const std::vector<std::pair<linear_role, gptq_linear_data>>& q) {
+    const tensor_source&          src = s.model->source();
+    std::vector<safetensors_decl> decls;
+    const auto                    plain = layer_plain_tensors(s, i);
+    for (const auto& name : plain) {
+        const tensor_entry* e = src.find(name);
+        decls.push_back({name, e->info->type, e->info->shape});
+    }
+    for (const auto& [role, d] : q) {
+        auto ds = gptq_linear_decls(llama_linear_name(i, role), d.n_out, d.n_in, d.n_groups, d.bits, !d.bias.empty());
+        decls.insert(decls.end(), ds.begin(), ds.end());
+    }
+    GPTQ_ASSIGN_OR_RETURN(auto w, safetensors_writer::create(path_join(s.work, layer_file_name(i)), decls));
+    for (const auto& name : plain) {
+        const tensor_entry* e = src.find(name);
+        GPTQ_TRY(w->write(name, e->file->bytes(*e->info), e->info->nbytes()));
+    }
+    for (const auto& [role, d] : q) GPTQ_TRY(gptq_linear_write(*w, llama_linear_name(i, role), d, s.cfg.format));
+    return w->finish();
+}
+
+status write_state(const run_state& s, int64_t layers_done) {
+    nlohmann::json j = {{"version", k_state_version},
+                        {"identity", run_identity(s.p, s.cfg)},
+                        {"layers_done", layers_done},
+                        {"report", nlohmann::json::parse(quantize_report_json(s.report))}};
+    return file_write_atomic(path_join(s.work, "state.json"), j.dump(1));
+}
+
+// Run layer `layer` on every calibration window of s.x. With `capture`, call it with each linear
+// input (s.x unchanged); without, replace s.x by the layer's output.
+void run_layer_on_calibration(run_state& s, const ops_context& ctx, const llama_layer& layer, bool update_x,
+                              const linear_input_hook* hook) {
+    const int64_t      seqlen = s.p.seqlen, n_embd = s.model->hparams().n_embd;
+    std::vector<float> scratch;
+    for (int64_t j = 0; j < s.n_samples; ++j) {
+        float* xj = s.x.data() + j * seqlen * n_embd;
+        if (update_x) {
+            s.model->layer_forward(ctx, layer, xj, seqlen, 0, nullptr, hook);
+        } else {
+            scratch.assign(xj, xj + seqlen * n_embd);
+            s.model->layer_forward(ctx, layer, scratch.data(), seqlen, 0, nullptr, hook);
+        }
+    }
+}
+
+// Replace layer i's linears by those stored in its work-folder file (resume).
+status load_finished_layer(run_state& s, int64_t i, llama_layer* layer) {
+    GPTQ_ASSIGN_OR_RETURN(auto src, tensor_source::open(path_join(s.work, layer_file_name(i))));
+    for (int r = 0; r < k_n_linear_roles; ++r) {
+        const auto   role = static_cast<linear_role>(r);
+        const auto   shp  = s.model->hparams().linear_shape(role);
+        GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d, gptq_linear_read(*src, llama_linear_name(i, role), shp[0], shp[1], s.cfg));
+        std::vector<float> w(static_cast<size_t>(shp[0] * shp[1]));
+        d.dequantize(w.data());
+        GPTQ_TRY(layer->linear_replace(role, std::move(w)));
+    }
+    return status::ok();
+}
+
+status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_layer* layer) {
+    const auto&  hp = s.model->hparams();
+    std::vector<std::pair<linear_role, gptq_linear_data>> out;
+    for (const auto& group : quant_groups(s.p.true_sequential)) {
+        // Hessians of the distinct inputs this group reads.
+        std::map<linear_input, std::unique_ptr<hessian_accumulator>> acc;
+        if (s.p.method == "gptq") {
+            for (linear_role r : group) {
+                const linear_input in = linear_role_input(r);
+                if (!acc.count(in)) acc[in] = std::make_unique<hessian_accumulator>(hp.linear_shape(r)[1]);
+            }
+            linear_input_hook hook = [&](int64_t, linear_input which, const float* x, int64_t n_tokens, int64_t) {
+                auto it = acc.find(which);
+                if (it != acc.end()) it->second->add(ctx, x, n_tokens);
+            };
+            run_layer_on_calibration(s, ctx, *layer, false, &hook);
+        }
+        for (linear_role r : group) {
+            const auto                   t0   = clock::now();
+            const linear_weights&        lw   = layer->linear(r);
+            const std::string            name = llama_linear_name(i, r);
+            GPTQ_TRY(gptq_check_packable(lw.n_in, lw.n_out, s.p.bits, name));
+            quantize_linear_report rep;
+            rep.name  = name;
+            rep.n_out = lw.n_out;
+            rep.n_in  = lw.n_in;
+            std::vector<float> h;
+            if (s.p.method == "gptq") h = acc[linear_role_input(r)]->finish();
+            auto rtn = rtn_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, s.opt);
+            if (!rtn) return rtn.error().with_context(name);
+            std::vector<float> wq(lw.w.size());
+            quantized_linear   q;
+            if (s.p.method == "gptq") {
+                gptq_stats st;
+                auto       g = gptq_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, h.data(), s.opt, &st);
+                if (!g) return g.error().with_context(name);
+                q                = std::move(g).value();
+                rep.damp_percent = st.damp_percent_used;
+                std::vector<float> wr(lw.w.size());
+                quantized_linear_dequantize(*rtn, wr.data());
+                rep.error_rtn = hessian_weighted_error(ctx, lw.w.data(), wr.data(), lw.n_out, lw.n_in, h.data());
+                quantized_linear_dequantize(q, wq.data());
+                rep.error_gptq = hessian_weighted_error(ctx, lw.w.data(), wq.data(), lw.n_out, lw.n_in, h.data());
+            } else {
+                q = std::move(rtn).value();
+                quantized_linear_dequantize(q, wq.data());
+            }
+            out.emplace_back(r, to_checkpoint_form(q, lw));
+            GPTQ_TRY(layer->linear_replace(r, std::move(wq)));
+            rep.seconds = seconds_since(t0);
+            GPTQ_LOG_DEBUG("{}: error gptq {:.6g} rtn {:.6g} ({:.2f} s)", name, rep.error_gptq, rep.error_rtn,
+                           rep.seconds);
+            s.report.linears.push_back(rep);
+        }
+    }
+    std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    return write_layer(s, i, out);
+}
+
+// Copy the non-layer tensors (embeddings, final norm, lm_head) unchanged into globals.safetensors.
+status write_globals(run_state& s) {
+    const tensor_source&          src = s.model->source();
+    std::vector<safetensors_decl> decls;
+    std::vector<std::string>      names;
+    for (const auto& t : llama_global_tensors(s.model->hparams())) {
+        const tensor_entry* e = src.find(t.name);
+        if (!e) continue;  // optional (tied lm_head)
+        decls.push_back({t.name, e->info->type, e->info->shape});
+        names.push_back(t.name);
+    }
+    GPTQ_ASSIGN_OR_RETURN(auto w, safetensors_writer::create(path_join(s.work, "globals.safetensors"), decls));
+    for (const auto& name : names) {
+        const tensor_entry* e = src.find(name);
+        GPTQ_TRY(w->write(name, e->file->bytes(*e->info), e->info->nbytes()));
+    }
+    return w->finish();
+}
+
+// Gather the per-layer files into the final shard layout (model.safetensors, or
+// model-0000i-of-0000N.safetensors + index beyond max_shard_bytes).
+status assemble_shards(run_state& s, uint64_t* bytes_out) {
+    std::vector<std::unique_ptr<tensor_source>> parts;
+    GPTQ_ASSIGN_OR_RETURN(auto globals, tensor_source::open(path_join(s.work, "globals.safetensors")));
+    parts.push_back(std::move(globals));
+    for (int64_t i = 0; i < s.model->hparams().n_layer; ++i) {
+        GPTQ_ASSIGN_OR_RETURN(auto p, tensor_source::open(path_join(s.work, layer_file_name(i))));
+        parts.push_back(std::move(p));
+    }
+    std::vector<safetensors_decl>                        decls;
+    std::map<std::string, const tensor_entry*>           where;
+    for (const auto& p : parts)
+        for (const auto& name : p->names()) {
+            const tensor_entry* e = p->find(name);
+            decls.push_back({name, e->info->type, e->info->shape});
+            where[name] = e;
+        }
+    const shard_plan                   plan = safetensors_plan_shards(decls, s.p.max_shard_bytes);
+    std::map<std::string, std::string> weight_map;
+    uint64_t                           total = 0;
+    *bytes_out                                = 0;
+    for (size_t k = 0; k < plan.shards.size(); ++k) {
+        const std::string path = path_join(s.work, plan.file_names[k]);
+        GPTQ_ASSIGN_OR_RETURN(auto w, safetensors_writer::create(path, plan.shards[k]));
+        for (const auto& d : plan.shards[k]) {
+            const tensor_entry* e = where[d.name];
+            GPTQ_TRY(w->write(d.name, e->file->bytes(*e->info), e->info->nbytes()));
+            weight_map[d.name] = plan.file_names[k];
+        }
+        total += w->data_size();
+        GPTQ_TRY(w->finish());
+        *bytes_out += fs::file_size(path);
+    }
+    if (plan.shards.size() > 1)
+        GPTQ_TRY(safetensors_index_write(path_join(s.work, "model.safetensors.index.json"), total, weight_map));
+    return status::ok();
+}
+
+status write_configs_and_copy_files(run_state& s) {
+    const std::string src_dir = s.model->source().folder();
+    GPTQ_ASSIGN_OR_RETURN(json config, json_read_file(path_join(src_dir, "config.json")));
+    gptq_config cfg = s.cfg;
+    cfg.model_file_base_name = "model";
+    config["quantization_config"] = cfg.to_json();
+    GPTQ_TRY(file_write_atomic(path_join(s.work, "config.json"), config.dump(2) + "\n"));
+    GPTQ_TRY(file_write_atomic(path_join(s.work, "quantize_config.json"), cfg.to_json().dump(2) + "\n"));
+    // Tokenizer and generation files, unchanged.
+    for (const auto& entry : fs::directory_iterator(src_dir)) {
+        const std::string name = entry.path().filename().string();
+        const bool        keep = name.rfind("tokenizer", 0) == 0 || name == "special_tokens_map.json" ||
+                          name == "generation_config.json" || name == "vocab.json" || name == "merges.txt" ||
+                          name == "added_tokens.json" || name.rfind("chat_template", 0) == 0;
+        if (!keep || !entry.is_regular_file()) continue;
+        std::error_code ec;
+        fs::copy_file(entry.path(), path_join(s.work, name), fs::copy_options::overwrite_existing, ec);
+        if (ec) return make_error(status_code::STATUS_IO_ERROR, "copying {}: {}", entry.path().string(), ec.message());
+    }
+    return status::ok();
+}
+
+status check_params(const quantize_params& p) {
+    if (p.model_path.empty()) return make_error(E_ARG, "no model given");
+    if (p.output_path.empty()) return make_error(E_ARG, "no output folder given (-o)");
+    if (p.method != "gptq" && p.method != "rtn")
+        return make_error(E_ARG, "--method '{}' is not supported (gptq or rtn)", p.method);
+    if (!p.format.empty() && p.format != "gptq" && p.format != "gptq_v2")
+        return make_error(E_ARG, "--format '{}' is not supported (gptq or gptq_v2)", p.format);
+    if (p.nsamples <= 0) return make_error(E_ARG, "--nsamples {} must be positive", p.nsamples);
+    if (p.seqlen < 2) return make_error(E_ARG, "--seqlen {} must be at least 2", p.seqlen);
+    if (p.max_shard_bytes == 0) return make_error(E_ARG, "--max-shard-size must be positive");
+    return status::ok();
+}
+
+}  // namespace
+
+result<quantize_report> quantize_model(const quantize_params& params) {
+    const auto t_start = clock::now();
+    GPTQ_TRY(check_params(params));
+    run_state s;
+    s.p = params;
+
+    // Options and the config we will write.
+    s.cfg.bits            = params.bits;
+    s.cfg.group_size      = params.group_size;
+    s.cfg.desc_act        = params.desc_act;
+    s.cfg.sym             = params.sym;
+    s.cfg.static_groups   = params.static_groups;
+    s.cfg.true_sequential = params.true_sequential;
+    s.cfg.damp_percent    = params.damp_percent;
+    s.cfg.format = params.format.empty() ? (params.sym ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2)
+                   : params.format == "gptq" ? gptq_checkpoint_format::GPTQ_FORMAT_V1
+                                             : gptq_checkpoint_format::GPTQ_FORMAT_V2;
+    s.cfg.quantizer = {"gptqkit:0.1.0"};
+    s.opt.bits          = params.bits;
+    s.opt.group_size    = params.group_size;
+    s.opt.sym           = params.sym;
+    s.opt.desc_act      = params.desc_act;
+    s.opt.static_groups = params.static_groups;
+    s.opt.mse           = params.mse;
+    s.opt.damp_percent  = params.damp_percent;
+    if (!params.sym && s.cfg.format == gptq_checkpoint_format::GPTQ_FORMAT_V1) {
+        // v1 stores zero - 1, so zero 0 does not exist there (format.md 1.4): keep zeros >= 1.
+        s.opt.zero_min = 1;
+        GPTQ_LOG_WARN("asymmetric quantization in the v1 'gptq' format: zero points are kept >= 1 so that they can be "
+                      "stored; --format gptq_v2 has no such limit");
+    }
+    GPTQ_TRY(gptq_check_options(s.opt, 1));
+
+    // The model.
+    GPTQ_ASSIGN_OR_RETURN(s.model, llama_model::open(params.model_path));
+    if (s.model->config().has_quantization_config)
+        return make_error(E_ARG, "{}: already quantized (config.json has quantization_config)", params.model_path);
+    const llama_hparams& hp = s.model->hparams();
+    for (int64_t i = 0; i < hp.n_layer; ++i)
+        for (int r = 0; r < k_n_linear_roles; ++r) {
+            const auto shp = hp.linear_shape(static_cast<linear_role>(r));
+            GPTQ_TRY(gptq_check_packable(shp[1], shp[0], params.bits, llama_linear_name(i, static_cast<linear_role>(r))));
+        }
+
+    // Output and work folders.
+    if (fs::exists(params.output_path))
+        return make_error(E_ARG, "{}: already exists; choose another output folder or remove it", params.output_path);
+    s.work                = params.output_path + ".partial";
+    int64_t layers_done   = 0;
+    const auto identity   = run_identity(params, s.cfg);
+    if (fs::exists(s.work)) {
+        if (!params.resume)
+            return make_error(E_ARG, "{}: an interrupted run left this work folder; pass --resume to continue it, or "
+                              "remove it to start over", s.work);
+        auto state = json_read_file(path_join(s.work, "state.json"));
+        if (state.is_ok() && (*state).value("identity", json()) == identity) {
+            layers_done = (*state).value("layers_done", int64_t(0));
+            if ((*state).contains("report"))
+                for (const auto& l : (*state)["report"]["linears"])
+                    s.report.linears.push_back({l["name"].get<std::string>(), l["n_out"].get<int64_t>(),
+                                                l["n_in"].get<int64_t>(), l["error_gptq"].get<double>(),
+                                                l["error_rtn"].get<double>(), l["damp_percent"].get<double>(),
+                                                l["seconds"].get<double>()});
+        } else if (state.is_ok()) {
+            return make_error(E_ARG, "{}: the interrupted run used other settings or another model; remove the folder "
+                              "to start over", s.work);
+        }
+        // Trust only layer files that open and validate.
+        for (int64_t i = 0; i < layers_done; ++i)
+            if (!safetensors_file::open(path_join(s.work, layer_file_name(i))).is_ok()) {
+                layers_done = i;
+                break;
+            }
+        // Drop report entries of layers that will be redone.
+        s.report.linears.erase(std::remove_if(s.report.linears.begin(), s.report.linears.end(),
+                                              [&](const quantize_linear_report& l) {
+                                                  int64_t li = -1;
+                                                  std::sscanf(l.name.c_str(), "model.layers.%ld.", &li);
+                                                  return li >= layers_done;
+                                              }),
+                               s.report.linears.end());
+        GPTQ_LOG_INFO("resuming {}: {} of {} layers already done", s.work, layers_done, hp.n_layer);
+    } else {
+        std::error_code ec;
+        fs::create_directories(s.work, ec);
+        if (ec) return make_error(status_code::STATUS_IO_ERROR, "{}: cannot create: {}", s.work, ec.message());
+    }
+
+    const int n_threads = params.n_threads > 0 ? params.n_threads
+                                               : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    thread_pool       pool(n_threads);
+    const ops_context ctx{&pool, false};
+
+    // Calibration activations.
+    if (params.method == "gptq") {
+        GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(params.model_path));
+        std::string calib_path;
+        GPTQ_ASSIGN_OR_RETURN(std::vector<int32_t> ids, calibration_tokens(params, *tok, &calib_path));
+        s.n_samples = params.nsamples;
+        std::mt19937_64                        rng(params.seed);
+        std::uniform_int_distribution<int64_t> start(0, static_cast<int64_t>(ids.size()) - params.seqlen - 1);
+        std::vector<int32_t>                   windows(static_cast<size_t>(s.n_samples * params.seqlen));
+        for (int64_t j = 0; j < s.n_samples; ++j) {
+            const int64_t i0 = start(rng);
+            std::copy(ids.begin() + i0, ids.begin() + i0 + params.seqlen, windows.begin() + j * params.seqlen);
+        }
+        s.report.n_calib_tokens = s.n_samples * params.seqlen;
+        GPTQ_LOG_INFO("calibration: {} windows of {} tokens from {} ({} tokens)", s.n_samples, params.seqlen,
+                      calib_path, ids.size());
+    
+        // Memory plan: inputs, a scratch copy, one layer in F32, its Hessians, the layer's activations.
+        const uint64_t x_bytes      = static_cast<uint64_t>(s.n_samples * params.seqlen * hp.n_embd) * 4;
+        uint64_t       layer_bytes  = 0, h_bytes = 0;
+        for (int r = 0; r < k_n_linear_roles; ++r) {
+            const auto shp = hp.linear_shape(static_cast<linear_role>(r));
+            layer_bytes += static_cast<uint64_t>(shp[0] * shp[1]) * 4 * 3;  // weights, quantized copy, GPTQ work copy
+            h_bytes = std::max<uint64_t>(h_bytes, static_cast<uint64_t>(shp[1] * shp[1]) * 4 * 4);  // H, U, copies
+        }
+        const uint64_t act_bytes = static_cast<uint64_t>(params.seqlen) *
+                                   static_cast<uint64_t>(2 * hp.n_embd + 2 * hp.kv_dim() + hp.q_dim() + 3 * hp.n_ff + hp.n_head * params.seqlen) * 4;
+        const uint64_t plan = x_bytes + layer_bytes + 3 * h_bytes + act_bytes * static_cast<uint64_t>(n_threads);
+        s.report.peak_plan_bytes = plan;
+        const uint64_t avail     = mem_available_bytes();
+        GPTQ_LOG_INFO("memory plan: calibration inputs {} + one layer {} + Hessians {} + activations {} = {} "
+                      "(available {})", human_bytes(x_bytes), human_bytes(layer_bytes), human_bytes(3 * h_bytes),
+                      human_bytes(act_bytes), human_bytes(plan), avail ? human_bytes(avail) : "unknown");
+        if (avail > 0 && plan > avail)
+            return make_error(status_code::STATUS_OUT_OF_MEMORY,
+                              "quantizing needs about {} but only {} is available; lower --nsamples or --seqlen",
+                              human_bytes(plan), human_bytes(avail));
+        s.x.resize(static_cast<size_t>(s.n_samples * params.seqlen * hp.n_embd));
+        GPTQ_TRY(s.model->globals_load());
+        GPTQ_TRY(s.model->embed(windows.data(), s.n_samples * params.seqlen, s.x.data()));
+    }
+
+    progress_bar bar("quantize", hp.n_layer, "layer");
+    bar.set(layers_done);
+    for (int64_t i = 0; i < hp.n_layer; ++i) {
+        if (params.stop_after_layers >= 0 && i >= params.stop_after_layers && i >= layers_done)
+            return make_error(status_code::STATUS_CANCELLED, "stopped after {} layers as asked (--stop-after-layers); "
+                              "continue with --resume", i);
+        const auto t_layer = clock::now();
+        GPTQ_ASSIGN_OR_RETURN(auto layer, s.model->layer_load(i));
+        if (i < layers_done) {
+            if (params.method == "gptq") {
+                GPTQ_TRY(load_finished_layer(s, i, layer.get()));
+                run_layer_on_calibration(s, ctx, *layer, true, nullptr);
+            }
+            continue;
+        }
+        GPTQ_TRY(quantize_layer(s, ctx, i, layer.get()).with_context(fmt::format("layer {}", i)));
+        if (params.method == "gptq") run_layer_on_calibration(s, ctx, *layer, true, nullptr);
+        GPTQ_TRY(write_state(s, i + 1));
+        bar.update(1);
+        // One line per layer: the error GPTQ minimises against RTN's.
+        double eg = 0, er = 0;
+        for (const auto& l : s.report.linears)
+            if (l.name.rfind(fmt::format("model.layers.{}.", i), 0) == 0) {
+                eg += l.error_gptq;
+                er += l.error_rtn;
+            }
+        if (!bar.enabled()) {
+            if (params.method == "gptq")
+                GPTQ_LOG_INFO("layer {}/{}: error {:.4g} (RTN {:.4g}, ratio {:.3f}) in {:.1f} s", i + 1, hp.n_layer,
+                              eg, er, er > 0 ? eg / er : 0.0, seconds_since(t_layer));
+            else
+                GPTQ_LOG_INFO("layer {}/{} in {:.1f} s", i + 1, hp.n_layer, seconds_since(t_layer));
+        }
+    }
+    bar.finish();
+
+    // Finish: globals, shards, configs, tokenizer; then the work folder becomes the output.
+    GPTQ_TRY(write_globals(s));
+    uint64_t bytes_out = 0;
+    GPTQ_TRY(assemble_shards(s, &bytes_out));
+    GPTQ_TRY(write_configs_and_copy_files(s));
+    for (const auto& entry : fs::directory_iterator(s.work)) {
+        const std::string name = entry.path().filename().string();
+        if (name.rfind("layer-", 0) == 0 || name == "globals.safetensors" || name == "state.json" ||
+            name.find(".tmp-") != std::string::npos)
+            fs::remove(entry.path());
+    }
+    std::error_code ec;
+    fs::rename(s.work, params.output_path, ec);
+    if (ec) return make_error(status_code::STATUS_IO_ERROR, "renaming {} to {}: {}", s.work, params.output_path, ec.message());
+
+    s.report.output_path = params.output_path;
+    s.report.method      = params.method;
+    s.report.bits        = params.bits;
+    s.report.group_size  = params.group_size;
+    s.report.desc_act    = params.desc_act;
+    s.report.sym         = params.sym;
+    s.report.format      = gptq_checkpoint_format_name(s.cfg.format);
+    s.report.n_layers    = hp.n_layer;
+    s.report.bytes_in    = s.model->source().total_bytes();
+    s.report.bytes_out   = bytes_out;
+    s.report.seconds     = seconds_since(t_start);
+    if (!params.report_path.empty())
+        GPTQ_TRY(file_write_atomic(params.report_path, quantize_report_json(s.report) + "\n"));
+    return s.report;
+}
+
+std::string quantize_report_json(const quantize_report& r) {
+    nlohmann::ordered_json j;
+    j["output"]          = r.output_path;
+    j["method"]          = r.method;
+    j["bits"]            = r.bits;
+    j["group_size"]      = r.group_size;
+    j["desc_act"]        = r.desc_act;
+    j["sym"]             = r.sym;
+    j["format"]          = r.format;
+    j["n_calib_tokens"]  = r.n_calib_tokens;
+    j["n_layers"]        = r.n_layers;
+    j["seconds"]         = r.seconds;
+    j["bytes_in"]        = r.bytes_in;
+    j["bytes_out"]       = r.bytes_out;
+    j["peak_plan_bytes"] = r.peak_plan_bytes;
+    nlohmann::ordered_json ls = nlohmann::ordered_json::array();
+    for (const auto& l : r.linears)
+        ls.push_back({{"name", l.name}, {"n_out", l.n_out}, {"n_in", l.n_in}, {"error_gptq", l.error_gptq},
+                      {"error_rtn", l.error_rtn}, {"damp_percent", l.damp_percent}, {"seconds", l.seconds}});
+    j["linears"] = ls;
+    return j.dump(1);
+}
+
+std::string quantize_report_summary(const quantize_report& r) {
+    std::string s = fmt::format("wrote {} ({} {}-bit, group size {}, desc_act {}, sym {}, format {})\n", r.output_path,
+                                r.method, r.bits, r.group_size, r.desc_act, r.sym, r.format);
+    s += fmt::format("time {:.1f} s; safetensors {} -> {} ({:.2f}x smaller)\n", r.seconds, human_bytes(r.bytes_in),
+                     human_bytes(r.bytes_out),
+                     r.bytes_out ? static_cast<double>(r.bytes_in) / static_cast<double>(r.bytes_out) : 0.0);
+    if (r.method == "gptq" && !r.linears.empty()) {
+        double sum_ratio = 0, worst = 0;
+        std::string worst_name;
+        for (const auto& l : r.linears) {
+            const double ratio = l.error_rtn > 0 ? l.error_gptq / l.error_rtn : 0.0;
+            sum_ratio += ratio;
+            if (ratio >= worst) {
+                worst      = ratio;
+                worst_name = l.name;
+            }
+        }
+        s += fmt::format("layer error GPTQ/RTN (Hessian-weighted): mean {:.3f}, worst {:.3f} ({}); {} linears, {} "
+                         "calibration tokens\n",
+                         sum_ratio / static_cast<double>(r.linears.size()), worst, worst_name, r.linears.size(),
+                         r.n_calib_tokens);
+    }
+    return s;
+}
+
+}  // namespace gptq

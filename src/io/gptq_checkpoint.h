@@ -1,0 +1,48 @@
+// GPTQ-quantized linear layers in a checkpoint: the four tensors of a module (format.md 1.2)
+// <module>.qweight I32 [K*b/32, N], .qzeros I32 [G, N*b/32], .scales F16 [G, N], .g_idx I32 [K]
+// (+ .bias F16 [N]), to and from a neutral unpacked form. Knows names and bytes, not GPTQ math.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+#include "io/gptq_config.h"
+#include "io/safetensors.h"
+#include "io/tensor_source.h"
+
+namespace gptq {
+
+// Unpacked form of one quantized linear (K = n_in, N = n_out, G = n_groups).
+struct gptq_linear_data {
+    int64_t               n_out = 0, n_in = 0, n_groups = 0;
+    int                   bits  = 4;
+    std::vector<uint8_t>  codes;   // [n_out, n_in]
+    std::vector<int32_t>  zeros;   // [n_groups, n_out], the real zero point (v1 +1 already applied)
+    std::vector<uint16_t> scales;  // [n_groups, n_out] F16 bits
+    std::vector<int32_t>  g_idx;   // [n_in]
+    std::vector<uint16_t> bias;    // [n_out] F16 bits, or empty
+
+    // w[n_out, n_in] = scale[g_idx[k], n] * (code[n, k] - zero[g_idx[k], n]), in F32.
+    void dequantize(float* w) const;
+};
+
+// Declarations of the module's tensors, for a safetensors_writer.
+std::vector<safetensors_decl> gptq_linear_decls(const std::string& module, int64_t n_out, int64_t n_in,
+                                                int64_t n_groups, int bits, bool has_bias);
+
+// Pack and write the module's tensors through `w` (which declared gptq_linear_decls).
+status gptq_linear_write(safetensors_writer& w, const std::string& module, const gptq_linear_data& d,
+                         gptq_checkpoint_format format);
+
+// Read and unpack a module's tensors, checking every shape against (n_out, n_in) and the config's
+// bits, and every g_idx value against the group count. With format v1 and sym, a checkpoint whose
+// zero fields all hold 2^(b-1) (the v2 value) is recognised as mislabelled v2 (format.md 1.4).
+result<gptq_linear_data> gptq_linear_read(const tensor_source& src, const std::string& module, int64_t n_out,
+                                          int64_t n_in, const gptq_config& cfg);
+
+// True when the checkpoint holds `<module>.qweight`.
+bool gptq_linear_present(const tensor_source& src, const std::string& module);
+
+}  // namespace gptq

@@ -2,6 +2,8 @@
 // (and modeling_mistral / modeling_qwen2, which differ only in biases and sliding windows).
 #include "model/llama.h"
 
+#include "io/gptq_checkpoint.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -232,12 +234,21 @@ result<std::unique_ptr<llama_model>> llama_model::open(const std::string& path) 
     GPTQ_ASSIGN_OR_RETURN(m->cfg_, model_config_load(path));
     GPTQ_ASSIGN_OR_RETURN(m->hp_, llama_hparams_from_config(m->cfg_));
     GPTQ_ASSIGN_OR_RETURN(m->src_, tensor_source::open(path));
+    if (m->cfg_.has_quantization_config) {
+        GPTQ_ASSIGN_OR_RETURN(m->gptq_, gptq_config_find(m->src_->folder()));
+        if (m->gptq_->lm_head)
+            return make_error(E_UNSUP, "{}: a quantized lm_head is not supported yet", m->gptq_->source);
+    }
     std::vector<tensor_spec> all = llama_global_tensors(m->hp_);
     for (int64_t i = 0; i < m->hp_.n_layer; ++i) {
         auto l = llama_layer_tensors(m->hp_, i);
         all.insert(all.end(), l.begin(), l.end());
     }
     for (const auto& t : all) {
+        // A GPTQ linear has .qweight/.qzeros/.scales/.g_idx instead of .weight (checked at load).
+        if (m->gptq_ && t.name.size() > 7 && t.name.compare(t.name.size() - 7, 7, ".weight") == 0 &&
+            gptq_linear_present(*m->src_, t.name.substr(0, t.name.size() - 7)))
+            continue;
         const tensor_entry* e = m->src_->find(t.name);
         if (!e) {
             if (t.optional) continue;
@@ -280,7 +291,13 @@ result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer) co
         linear_weights& l     = layer->linear(role);
         l.n_out               = shape[0];
         l.n_in                = shape[1];
-        GPTQ_TRY(read_vec(*src_, {name + ".weight", {shape[0], shape[1]}, false}, &l.w));
+        if (gptq_ && gptq_linear_present(*src_, name)) {
+            GPTQ_ASSIGN_OR_RETURN(gptq_linear_data q, gptq_linear_read(*src_, name, shape[0], shape[1], *gptq_));
+            l.w.resize(static_cast<size_t>(shape[0] * shape[1]));
+            q.dequantize(l.w.data());
+        } else {
+            GPTQ_TRY(read_vec(*src_, {name + ".weight", {shape[0], shape[1]}, false}, &l.w));
+        }
         if (role_has_bias(hp_, role)) GPTQ_TRY(read_vec(*src_, {name + ".bias", {shape[0]}, false}, &l.bias));
     }
     return layer;

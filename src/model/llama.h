@@ -16,10 +16,12 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "core/status.h"
+#include "io/gptq_config.h"
 #include "io/hf_config.h"
 #include "io/tensor_source.h"
 #include "ops/ops.h"
@@ -138,6 +140,9 @@ public:
     const llama_hparams& hparams() const { return hp_; }
     const model_config&  config() const { return cfg_; }
     const tensor_source& source() const { return *src_; }
+    // The GPTQ settings when the checkpoint is GPTQ-quantized (its linears are then read from
+    // qweight/qzeros/scales/g_idx and dequantized to F32 at load), else nullptr.
+    const gptq_config* quantization() const { return gptq_ ? &*gptq_ : nullptr; }
 
     // Layer i's weights, read from the checkpoint now (nothing else is read).
     result<std::unique_ptr<llama_layer>> layer_load(int64_t i_layer) const;
@@ -170,6 +175,7 @@ private:
     model_config                              cfg_;
     llama_hparams                             hp_;
     std::unique_ptr<tensor_source>            src_;
+    std::optional<gptq_config>                gptq_;
     std::vector<std::unique_ptr<llama_layer>> layers_;
     std::vector<float>                        embed_;    // [n_vocab, n_embd]
     std::vector<float>                        norm_;     // [n_embd]

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -93,12 +94,13 @@ result<ppl_result> ppl_run(const ppl_params& params) {
     const ops_context ctx{&pool, false};
     int64_t           n_windows = r.n_dataset_tokens / params.seqlen;
     if (params.max_windows > 0) n_windows = std::min(n_windows, params.max_windows);
-    progress_bar bar("ppl", n_windows, "win");
-    if (!params.progress) progress_set_quiet(true);
+    std::optional<progress_bar> bar;  // none when the caller asked for no progress output
+    if (params.progress) bar.emplace("ppl", n_windows, "win");
     const auto t_eval = std::chrono::steady_clock::now();
-    auto       sums =
-        perplexity_evaluate(*model, ctx, ids, params.seqlen, params.max_windows, [&](int64_t) { bar.update(1); });
-    bar.finish();
+    auto       sums   = perplexity_evaluate(*model, ctx, ids, params.seqlen, params.max_windows, [&](int64_t) {
+        if (bar) bar->update(1);
+    });
+    if (bar) bar->finish();
     if (!sums.is_ok()) return sums.error().with_context(params.model_path);
     r.seconds           = seconds_since(t_eval);
     r.ppl               = sums->ppl();

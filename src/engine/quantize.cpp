@@ -463,10 +463,6 @@ result<quantize_report> quantize_model(const quantize_params& params) {
                                               }),
                                s.report.linears.end());
         GPTQ_LOG_INFO("resuming {}: {} of {} layers already done", s.work, layers_done, hp.n_layer);
-    } else {
-        std::error_code ec;
-        fs::create_directories(s.work, ec);
-        if (ec) return make_error(status_code::STATUS_IO_ERROR, "{}: cannot create: {}", s.work, ec.message());
     }
 
     const int n_threads = params.n_threads > 0 ? params.n_threads
@@ -516,6 +512,12 @@ result<quantize_report> quantize_model(const quantize_params& params) {
         GPTQ_TRY(s.model->embed(windows.data(), s.n_samples * params.seqlen, s.x.data()));
     }
 
+    // The work folder is made only now, so that a run failing its checks leaves nothing behind.
+    if (!fs::exists(s.work)) {
+        std::error_code ec;
+        fs::create_directories(s.work, ec);
+        if (ec) return make_error(status_code::STATUS_IO_ERROR, "{}: cannot create: {}", s.work, ec.message());
+    }
     progress_bar bar("quantize", hp.n_layer, "layer");
     bar.set(layers_done);
     for (int64_t i = 0; i < hp.n_layer; ++i) {

@@ -1,0 +1,232 @@
+// gptq quantize end to end on the bundled tiny-llama: the checkpoint is valid safetensors with the
+// AutoGPTQ layout and configs, loads back to exactly the dequantized weights, resuming after an
+// interruption gives a byte-identical checkpoint, and GPTQ's perplexity lies between FP16 and RTN.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "gptq/ppl.h"
+#include "gptq/quantize.h"
+#include "model/llama.h"
+#include "quant/gptq.h"
+#include "test_util.h"
+
+using namespace gptq;
+namespace fs = std::filesystem;
+using json   = nlohmann::json;
+
+namespace {
+
+std::string tiny() { return test::source_path("models/tiny-llama"); }
+
+quantize_params small_run(const std::string& out) {
+    quantize_params p;
+    p.model_path = tiny();
+    p.output_path = out;
+#ifdef GPTQ_SANITIZE
+    p.nsamples = 2;  // ASan/UBSan builds run the same code on less data
+    p.seqlen   = 32;
+#else
+    p.nsamples = 8;
+    p.seqlen   = 128;
+#endif
+    p.n_threads = 2;
+    return p;
+}
+
+}  // namespace
+
+TEST(quantize, checkpoint_layout_and_configs) {
+    test::temp_dir dir("q-layout");
+    auto           p = small_run(dir.file("out"));
+    p.report_path    = dir.file("report.json");
+    auto r           = quantize_model(p);
+    ASSERT_TRUE(r.is_ok()) << r.error().message();
+    EXPECT_EQ(r->linears.size(), 28u);
+    for (const auto& l : r->linears) {
+        EXPECT_GT(l.error_rtn, 0.0) << l.name;
+        EXPECT_LT(l.error_gptq, l.error_rtn) << l.name;  // GPTQ minimises exactly this error
+    }
+    const std::string out = dir.file("out");
+    EXPECT_FALSE(fs::exists(out + ".partial"));
+    for (const char* f : {"config.json", "quantize_config.json", "model.safetensors", "tokenizer.json",
+                          "tokenizer.model", "tokenizer_config.json", "generation_config.json"})
+        EXPECT_TRUE(fs::exists(out + "/" + f)) << f;
+    auto qc  = json::parse(test::read_file(out + "/quantize_config.json"));
+    auto cfg = json::parse(test::read_file(out + "/config.json"));
+    EXPECT_EQ(qc, cfg["quantization_config"]);
+    EXPECT_EQ(qc["bits"], 4);
+    EXPECT_EQ(qc["group_size"], 128);
+    EXPECT_EQ(qc["desc_act"], false);
+    EXPECT_EQ(qc["sym"], true);
+    EXPECT_EQ(qc["quant_method"], "gptq");
+    EXPECT_EQ(qc["checkpoint_format"], "gptq");
+    EXPECT_EQ(qc["model_file_base_name"], "model");
+    EXPECT_TRUE(json::parse(test::read_file(p.report_path))["linears"].is_array());
+
+    // Independent check of the safetensors layout, then the names/dtypes/shapes AutoGPTQ writes.
+    if (std::system("python3 --version >/dev/null 2>&1") == 0) {
+        auto chk = test::run_command("python3 " + test::source_path("scripts/check_safetensors.py") + " " + out);
+        ASSERT_EQ(chk.exit_code, 0) << chk.err;
+        auto t = json::parse(chk.out);
+        EXPECT_EQ(t["model.layers.0.self_attn.q_proj.qweight"]["dtype"], "I32");
+        EXPECT_EQ(t["model.layers.0.self_attn.q_proj.qweight"]["shape"], json({32, 256}));
+        EXPECT_EQ(t["model.layers.0.self_attn.k_proj.qzeros"]["shape"], json({2, 16}));
+        EXPECT_EQ(t["model.layers.0.mlp.down_proj.scales"]["shape"], json({6, 256}));
+        EXPECT_EQ(t["model.layers.0.mlp.down_proj.scales"]["dtype"], "F16");
+        EXPECT_EQ(t["model.layers.0.mlp.down_proj.g_idx"]["shape"], json({768}));
+        EXPECT_EQ(t["model.layers.3.input_layernorm.weight"]["dtype"], "F16");
+        EXPECT_EQ(t.count("model.layers.0.mlp.down_proj.weight"), 0u);
+        EXPECT_EQ(t.count("model.embed_tokens.weight"), 1u);
+    }
+    // The output refuses to be overwritten.
+    auto again = quantize_model(p);
+    ASSERT_FALSE(again.is_ok());
+    EXPECT_NE(again.error().message().find("already exists"), std::string::npos);
+    // A GPTQ checkpoint is not quantized twice.
+    auto twice       = small_run(dir.file("out2"));
+    twice.model_path = out;
+    auto r2          = quantize_model(twice);
+    ASSERT_FALSE(r2.is_ok());
+    EXPECT_NE(r2.error().message().find("already quantized"), std::string::npos) << r2.error().message();
+}
+
+TEST(quantize, rtn_checkpoint_loads_back_to_the_same_weights) {
+    test::temp_dir dir("q-rtn");
+    for (auto [bits, gs, sym] : std::vector<std::tuple<int, int, bool>>{{4, 128, true}, {3, -1, true}, {8, 32, false}, {2, 64, false}}) {
+        auto p       = small_run(dir.file("rtn" + std::to_string(bits)));
+        p.method     = "rtn";
+        p.bits       = bits;
+        p.group_size = gs;
+        p.sym        = sym;
+        ASSERT_TRUE(quantize_model(p).is_ok());
+        auto orig = llama_model::open(tiny());
+        auto back = llama_model::open(p.output_path);
+        ASSERT_TRUE(orig.is_ok() && back.is_ok()) << back.error().message();
+        ASSERT_NE((*back)->quantization(), nullptr);
+        EXPECT_EQ((*back)->quantization()->format,
+                  sym ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2);
+        gptq_options opt;
+        opt.bits       = bits;
+        opt.group_size = gs;
+        opt.sym        = sym;
+        for (int64_t i : {0, 3}) {
+            auto lo = (*orig)->layer_load(i);
+            auto lb = (*back)->layer_load(i);
+            ASSERT_TRUE(lo.is_ok() && lb.is_ok());
+            for (int r = 0; r < k_n_linear_roles; ++r) {
+                const auto& w = (*lo)->linear(static_cast<linear_role>(r));
+                auto        q = rtn_quantize(ops_context{}, w.w.data(), w.n_out, w.n_in, opt);
+                ASSERT_TRUE(q.is_ok());
+                std::vector<float> expect(w.w.size());
+                quantized_linear_dequantize(*q, expect.data());
+                ASSERT_EQ((*lb)->linear(static_cast<linear_role>(r)).w, expect)
+                    << "layer " << i << " " << linear_role_name(static_cast<linear_role>(r)) << " bits " << bits;
+            }
+            EXPECT_EQ((*lb)->attn_norm, (*lo)->attn_norm);
+        }
+    }
+}
+
+TEST(quantize, resume_after_interruption_is_byte_identical) {
+    test::temp_dir dir("q-resume");
+    auto           straight = small_run(dir.file("straight"));
+    straight.desc_act       = true;
+    straight.group_size     = 64;
+    ASSERT_TRUE(quantize_model(straight).is_ok());
+
+    auto cut              = straight;
+    cut.output_path       = dir.file("resumed");
+    cut.stop_after_layers = 2;
+    auto stopped          = quantize_model(cut);
+    ASSERT_FALSE(stopped.is_ok());
+    EXPECT_EQ(stopped.error().code(), status_code::STATUS_CANCELLED);
+    EXPECT_FALSE(fs::exists(cut.output_path)) << "no output under the final name before completion";
+    EXPECT_TRUE(fs::exists(cut.output_path + ".partial/layer-00001.safetensors"));
+    // A torn write of the next layer (as kill -9 would leave) is ignored on resume.
+    test::write_file(cut.output_path + ".partial/layer-00002.safetensors.tmp-99999", "torn");
+
+    auto no_flag = cut;
+    no_flag.stop_after_layers = -1;
+    auto refused = quantize_model(no_flag);
+    ASSERT_FALSE(refused.is_ok());
+    EXPECT_NE(refused.error().message().find("--resume"), std::string::npos);
+
+    auto other      = no_flag;
+    other.resume    = true;
+    other.bits      = 3;
+    auto mismatched = quantize_model(other);
+    ASSERT_FALSE(mismatched.is_ok());
+    EXPECT_NE(mismatched.error().message().find("other settings"), std::string::npos) << mismatched.error().message();
+
+    no_flag.resume = true;
+    auto resumed   = quantize_model(no_flag);
+    ASSERT_TRUE(resumed.is_ok()) << resumed.error().message();
+    EXPECT_EQ(resumed->linears.size(), 28u);
+    for (const char* f : {"model.safetensors", "config.json", "quantize_config.json"})
+        EXPECT_EQ(test::read_file(straight.output_path + "/" + f), test::read_file(cut.output_path + "/" + f)) << f;
+}
+
+TEST(quantize, sharded_output_and_bad_calibration) {
+    test::temp_dir dir("q-shard");
+    auto           p    = small_run(dir.file("sharded"));
+    p.method            = "rtn";
+    p.max_shard_bytes   = 2 << 20;
+    ASSERT_TRUE(quantize_model(p).is_ok());
+    EXPECT_TRUE(fs::exists(p.output_path + "/model.safetensors.index.json"));
+    EXPECT_FALSE(fs::exists(p.output_path + "/model.safetensors"));
+    auto back = llama_model::open(p.output_path);
+    ASSERT_TRUE(back.is_ok()) << back.error().message();
+
+    auto c  = small_run(dir.file("c1"));
+    c.calib = dir.file("short.txt");
+    test::write_file(c.calib, "far too short");
+    auto r = quantize_model(c);
+    ASSERT_FALSE(r.is_ok());
+    EXPECT_NE(r.error().message().find("short.txt"), std::string::npos) << r.error().message();
+
+    c.calib = dir.file("bad.jsonl");
+    test::write_file(c.calib, "{\"text\": \"fine\"}\n{\"txt\": 1}\n");
+    r = quantize_model(c);
+    ASSERT_FALSE(r.is_ok());
+    EXPECT_NE(r.error().message().find("bad.jsonl line 2"), std::string::npos) << r.error().message();
+
+    c.calib = dir.file("missing.txt");
+    r       = quantize_model(c);
+    ASSERT_FALSE(r.is_ok());
+    EXPECT_NE(r.error().message().find("missing.txt"), std::string::npos);
+}
+
+TEST(quantize, gptq_perplexity_lies_between_fp16_and_rtn) {
+#ifdef GPTQ_SANITIZE
+    GTEST_SKIP() << "perplexity runs are too slow under sanitizers; the release build runs this";
+#endif
+    test::temp_dir dir("q-ppl");
+    auto           g = small_run(dir.file("gptq3"));
+    g.bits           = 3;
+    g.nsamples       = 32;
+    g.seqlen         = 256;
+    ASSERT_TRUE(quantize_model(g).is_ok());
+    auto r   = g;
+    r.output_path = dir.file("rtn3");
+    r.method = "rtn";
+    ASSERT_TRUE(quantize_model(r).is_ok());
+    auto ppl_of = [](const std::string& m) {
+        ppl_params p;
+        p.model_path  = m;
+        p.seqlen      = 512;
+        p.max_windows = 24;
+        p.progress    = false;
+        p.n_threads   = 2;
+        auto res      = ppl_run(p);
+        EXPECT_TRUE(res.is_ok()) << res.error().message();
+        return res.is_ok() ? res->ppl : 0.0;
+    };
+    const double fp16 = ppl_of(tiny()), gptq = ppl_of(g.output_path), rtn = ppl_of(r.output_path);
+    EXPECT_LT(fp16, gptq);
+    EXPECT_LT(gptq, rtn) << "fp16 " << fp16 << " gptq " << gptq << " rtn " << rtn;
+    RecordProperty("ppl_fp16", std::to_string(fp16));
+    RecordProperty("ppl_gptq3", std::to_string(gptq));
+    RecordProperty("ppl_rtn3", std::to_string(rtn));
+}

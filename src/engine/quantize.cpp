@@ -199,7 +199,8 @@ status write_state(const run_state& s, int64_t layers_done) {
 // Run layer `layer` on every calibration window of s.x. With `capture`, call it with each linear
 // input (s.x unchanged); without, replace s.x by the layer's output.
 void run_layer_on_calibration(run_state& s, const ops_context& ctx, const llama_layer& layer, bool update_x,
-                              const linear_input_hook* hook) {
+                              const linear_input_hook* hook,
+                              linear_input stop_after = linear_input::LINEAR_INPUT_COUNT) {
     const int64_t      seqlen = s.p.seqlen, n_embd = s.model->hparams().n_embd;
     std::vector<float> scratch;
     for (int64_t j = 0; j < s.n_samples; ++j) {
@@ -208,7 +209,7 @@ void run_layer_on_calibration(run_state& s, const ops_context& ctx, const llama_
             s.model->layer_forward(ctx, layer, xj, seqlen, 0, nullptr, hook);
         } else {
             scratch.assign(xj, xj + seqlen * n_embd);
-            s.model->layer_forward(ctx, layer, scratch.data(), seqlen, 0, nullptr, hook);
+            s.model->layer_forward(ctx, layer, scratch.data(), seqlen, 0, nullptr, hook, stop_after);
         }
     }
 }
@@ -234,15 +235,17 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
         // Hessians of the distinct inputs this group reads.
         std::map<linear_input, std::unique_ptr<hessian_accumulator>> acc;
         if (s.p.method == "gptq") {
+            linear_input last = linear_input::LINEAR_INPUT_QKV;  // the pass can stop once this is seen
             for (linear_role r : group) {
                 const linear_input in = linear_role_input(r);
                 if (!acc.count(in)) acc[in] = std::make_unique<hessian_accumulator>(hp.linear_shape(r)[1]);
+                last = std::max(last, in);
             }
             linear_input_hook hook = [&](int64_t, linear_input which, const float* x, int64_t n_tokens, int64_t) {
                 auto it = acc.find(which);
                 if (it != acc.end()) it->second->add(ctx, x, n_tokens);
             };
-            run_layer_on_calibration(s, ctx, *layer, false, &hook);
+            run_layer_on_calibration(s, ctx, *layer, false, &hook, last);
         }
         for (linear_role r : group) {
             const auto                   t0   = clock::now();

@@ -333,7 +333,8 @@ status llama_model::embed(const int32_t* ids, int64_t n_tokens, float* out) {
 }
 
 void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_tokens,
-                                int64_t pos0, kv_cache* cache, const linear_input_hook* hook) const {
+                                int64_t pos0, kv_cache* cache, const linear_input_hook* hook,
+                                linear_input stop_after) const {
     if (n_tokens == 0) return;
     const int64_t n_embd = hp_.n_embd, q_dim = hp_.q_dim(), kv_dim = hp_.kv_dim(), hd = hp_.head_dim;
     const int64_t i_layer = layer.index;
@@ -351,6 +352,7 @@ void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer
     std::vector<float> x(static_cast<size_t>(n_tokens * std::max(n_embd, q_dim)));  // [n_tokens, n_embd]
     op_rms_norm(ctx, hidden, layer.attn_norm.data(), x.data(), n_tokens, n_embd, hp_.rms_eps);
     capture(linear_input::LINEAR_INPUT_QKV, x.data(), n_embd);
+    if (stop_after == linear_input::LINEAR_INPUT_QKV) return;
 
     std::vector<float> q(static_cast<size_t>(n_tokens * q_dim));  // [n_tokens, n_head * hd]
     lin(linear_role::LINEAR_Q, x.data(), q.data());
@@ -400,6 +402,7 @@ void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer
     }
     op_attention(ctx, a);
     capture(linear_input::LINEAR_INPUT_O, x.data(), q_dim);
+    if (stop_after == linear_input::LINEAR_INPUT_O) return;
     std::vector<float> y(static_cast<size_t>(n_tokens * n_embd));  // [n_tokens, n_embd]
     lin(linear_role::LINEAR_O, x.data(), y.data());
     op_add(ctx, hidden, y.data(), n_tokens * n_embd);
@@ -407,11 +410,13 @@ void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer
     // ---- MLP ------------------------------------------------------------------------------------
     op_rms_norm(ctx, hidden, layer.mlp_norm.data(), y.data(), n_tokens, n_embd, hp_.rms_eps);
     capture(linear_input::LINEAR_INPUT_GATE_UP, y.data(), n_embd);
+    if (stop_after == linear_input::LINEAR_INPUT_GATE_UP) return;
     std::vector<float> gate(static_cast<size_t>(n_tokens * hp_.n_ff)), up(gate.size());  // [n_tokens, n_ff]
     lin(linear_role::LINEAR_GATE, y.data(), gate.data());
     lin(linear_role::LINEAR_UP, y.data(), up.data());
     op_silu_mul(ctx, gate.data(), up.data(), gate.data(), n_tokens * hp_.n_ff);
     capture(linear_input::LINEAR_INPUT_DOWN, gate.data(), hp_.n_ff);
+    if (stop_after == linear_input::LINEAR_INPUT_DOWN) return;
     lin(linear_role::LINEAR_DOWN, gate.data(), y.data());
     op_add(ctx, hidden, y.data(), n_tokens * n_embd);
 }

@@ -160,8 +160,11 @@ public:
     // pos0 .. pos0 + n_tokens - 1. With a cache, the layer's keys/values are stored at those
     // positions and attention covers positions 0 .. pos0 + n_tokens - 1 (pos0 = cache->n_past,
     // which this call does not advance); without one, attention covers the given tokens only.
+    // With stop_after != LINEAR_INPUT_COUNT the call returns right after the hook has seen that
+    // input (GPTQ's capture passes need nothing later); hidden is then left unspecified.
     void layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_tokens, int64_t pos0,
-                       kv_cache* cache, const linear_input_hook* hook = nullptr) const;
+                       kv_cache* cache, const linear_input_hook* hook = nullptr,
+                       linear_input stop_after = linear_input::LINEAR_INPUT_COUNT) const;
 
     // logits[n_tokens, n_vocab] = lm_head(final_norm(hidden[n_tokens, n_embd])); hidden unchanged.
     void output_logits(const ops_context& ctx, const float* hidden, int64_t n_tokens, float* logits) const;
@@ -170,8 +173,20 @@ public:
     // cache the tokens follow its n_past positions, and n_past advances by n_tokens.
     status forward(const ops_context& ctx, const int32_t* ids, int64_t n_tokens, kv_cache* cache, float* logits);
 
+    // A ragged batch of n_seq independent sequences (llama_batch.cpp): sequence s contributes
+    // n_tokens[s] >= 1 new tokens, stored back to back in ids[sum n_tokens], which follow the
+    // n_past positions of caches[s] (advanced by n_tokens[s]). Every linear runs once over all
+    // the batch's rows ([sum n_tokens, n_in], no padding); RoPE and attention run per sequence
+    // over its own cache. logits[n_seq, n_vocab]: the logits of each sequence's last token only.
+    // Used for batched prefill (prompts of different lengths) and batched decode (one token each).
+    status forward_batch(const ops_context& ctx, const int32_t* ids, const int64_t* n_tokens, int64_t n_seq,
+                         kv_cache* const* caches, float* logits);
+
 private:
     llama_model() = default;
+    // One decoder layer over a ragged batch (see forward_batch); hidden: [sum n_tokens, n_embd].
+    void layer_forward_batch(const ops_context& ctx, const llama_layer& layer, float* hidden, const int64_t* n_tokens,
+                             int64_t n_seq, kv_cache* const* caches) const;
     model_config                              cfg_;
     llama_hparams                             hp_;
     std::unique_ptr<tensor_source>            src_;

@@ -1,0 +1,51 @@
+// SiLU-multiply and residual-add kernels: grid-stride loops, one element per thread per step.
+#include <cuda_fp16.h>
+
+#include "kernels/cuda/activation.cuh"
+#include "kernels/cuda/cuda_check.h"
+
+namespace gptq::cuda {
+
+namespace {
+
+unsigned grid_for(int64_t n) {
+    const int64_t blocks = (n + 255) / 256;
+    return unsigned(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
+}
+
+__global__ void silu_mul_kernel(const __half* gate, const __half* up, __half* y, int64_t n_rows, int64_t n_cols,
+                                int64_t gate_stride, int64_t up_stride, int64_t y_stride) {
+    const int64_t n = n_rows * n_cols;
+    for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n; p += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t r = p / n_cols, i = p % n_cols;
+        const float   g     = __half2float(gate[r * gate_stride + i]);
+        const float   u     = __half2float(up[r * up_stride + i]);
+        y[r * y_stride + i] = __float2half_rn(g / (1.0f + expf(-g)) * u);
+    }
+}
+
+__global__ void add_kernel(__half* x, const __half* y, int64_t n) {
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+        x[i] = __float2half_rn(__half2float(x[i]) + __half2float(y[i]));
+}
+
+}  // namespace
+
+status silu_mul_f16(const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows, int64_t n_cols,
+                    int64_t gate_stride, int64_t up_stride, int64_t y_stride, cudaStream_t stream) {
+    if (n_rows <= 0 || n_cols <= 0) return status::ok();
+    silu_mul_kernel<<<grid_for(n_rows * n_cols), 256, 0, stream>>>(
+        reinterpret_cast<const __half*>(gate), reinterpret_cast<const __half*>(up), reinterpret_cast<__half*>(y),
+        n_rows, n_cols, gate_stride, up_stride, y_stride);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+status add_f16(uint16_t* x, const uint16_t* y, int64_t n, cudaStream_t stream) {
+    if (n <= 0) return status::ok();
+    add_kernel<<<grid_for(n), 256, 0, stream>>>(reinterpret_cast<__half*>(x), reinterpret_cast<const __half*>(y), n);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+}  // namespace gptq::cuda

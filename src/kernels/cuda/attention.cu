@@ -1,0 +1,324 @@
+// Attention kernels (see attention.cuh for the contract).
+//
+// Prefill: a block owns 16 queries of one head and walks the 32-key tiles those queries can see
+// (causal end, sliding-window start). Q (pre-scaled), the K tile and the V tile sit in shared
+// memory in F32; 8 threads per query row compute 4 scores each, the row's running max/sum are
+// updated online (flash attention), and each thread accumulates head_dim/8 output values.
+// Decode: a block owns (query, head, chunk of keys); each warp walks keys of the chunk with the
+// lanes splitting head_dim, keeps its own running max/sum/accumulator, the warps are merged in
+// shared memory, and a combine kernel merges the chunks. CUDA cores only: tensor-core (mma)
+// prefill is left for later (docs/cuda.md).
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include "kernels/cuda/attention.cuh"
+#include "kernels/cuda/cuda_check.h"
+
+namespace gptq::cuda {
+
+namespace {
+
+constexpr int k_qt      = 16;   // queries per prefill block
+constexpr int k_kt      = 32;   // keys per tile
+constexpr int k_threads = 128;  // 16 rows x 8 threads
+constexpr int k_max_dim = 256;
+
+struct dev_params {
+    const __half *q, *k, *v;
+    __half*       out;
+    int64_t       n_q, n_kv, q_pos0, n_head, group, head_dim, window;
+    float         scale;
+    int64_t       q_stride, kv_stride, out_stride;
+};
+
+__device__ inline bool visible(int64_t pos, int64_t j, int64_t window) {
+    return j <= pos && (window <= 0 || pos - j < window);
+}
+
+__global__ void __launch_bounds__(k_threads) prefill_kernel(dev_params p) {
+    extern __shared__ float smem[];
+    const int64_t           D   = p.head_dim;
+    const int64_t           Dp  = D + 1;            // K rows padded: the 8 threads of a row read 8 keys at one d
+    float*                  q_s = smem;             // [k_qt][D]
+    float*                  k_s = q_s + k_qt * D;   // [k_kt][D + 1]
+    float*                  v_s = k_s + k_kt * Dp;  // [k_kt][D]
+    float*                  p_s = v_s + k_kt * D;   // [k_qt][k_kt]
+    const int               tid = threadIdx.x, r = tid / 8, sub = tid % 8;
+    const int64_t           q0 = int64_t(blockIdx.x) * k_qt, h = blockIdx.y, hk = h / p.group;
+
+    for (int64_t i = tid; i < k_qt * D; i += k_threads) {
+        const int64_t qi = q0 + i / D, d = i % D;
+        q_s[i] = qi < p.n_q ? __half2float(p.q[qi * p.q_stride + h * D + d]) * p.scale : 0.0f;
+    }
+    const int64_t last_q    = (q0 + k_qt < p.n_q ? q0 + k_qt : p.n_q) - 1;
+    const int64_t key_end   = p.q_pos0 + last_q + 1;  // exclusive
+    const int64_t first_pos = p.q_pos0 + q0;
+    int64_t       key_begin = p.window > 0 ? first_pos - p.window + 1 : 0;
+    if (key_begin < 0) key_begin = 0;
+    key_begin -= key_begin % k_kt;
+    const int64_t pos   = p.q_pos0 + q0 + r;
+    const bool    valid = q0 + r < p.n_q;
+
+    const int nd = int((D + 7) / 8);  // output values per thread: d = sub + 8 * j
+    float     acc[k_max_dim / 8];
+#pragma unroll
+    for (int j = 0; j < k_max_dim / 8; ++j) acc[j] = 0.0f;
+    float m_i = -INFINITY, l_i = 0.0f;
+
+    for (int64_t kt = key_begin; kt < key_end; kt += k_kt) {
+        __syncthreads();
+        for (int64_t i = tid; i < k_kt * D; i += k_threads) {
+            const int64_t j = kt + i / D, d = i % D;
+            float         kv = 0.0f, vv = 0.0f;
+            if (j < p.n_kv) {
+                kv = __half2float(p.k[j * p.kv_stride + hk * D + d]);
+                vv = __half2float(p.v[j * p.kv_stride + hk * D + d]);
+            }
+            k_s[(i / D) * Dp + d] = kv;
+            v_s[i]                = vv;
+        }
+        __syncthreads();
+        float s[k_kt / 8];
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < k_kt / 8; ++i) {
+            const int     jl  = sub + 8 * i;
+            const int64_t j   = kt + jl;
+            float         dot = 0.0f;
+            for (int64_t d = 0; d < D; ++d) dot += q_s[r * D + d] * k_s[jl * Dp + d];
+            s[i]     = (valid && j < p.n_kv && visible(pos, j, p.window)) ? dot : -INFINITY;
+            tile_max = fmaxf(tile_max, s[i]);
+        }
+        for (int o = 1; o < 8; o <<= 1) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, o));
+        const float m_new = fmaxf(m_i, tile_max);
+        float       sum   = 0.0f;
+#pragma unroll
+        for (int i = 0; i < k_kt / 8; ++i) {
+            const float e               = m_new == -INFINITY ? 0.0f : __expf(s[i] - m_new);
+            p_s[r * k_kt + sub + 8 * i] = e;
+            sum += e;
+        }
+        for (int o = 1; o < 8; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+        const float corr = (m_i == -INFINITY) ? 0.0f : __expf(m_i - m_new);
+        l_i              = l_i * corr + sum;
+        m_i              = m_new;
+        __syncwarp();
+#pragma unroll
+        for (int j = 0; j < k_max_dim / 8; ++j) acc[j] *= corr;
+        for (int jl = 0; jl < k_kt; ++jl) {
+            const float pj = p_s[r * k_kt + jl];
+#pragma unroll
+            for (int j = 0; j < k_max_dim / 8; ++j)
+                if (j < nd && sub + 8 * j < D) acc[j] += pj * v_s[jl * D + sub + 8 * j];
+        }
+        __syncwarp();
+    }
+    if (!valid) return;
+    const float inv = l_i > 0.0f ? 1.0f / l_i : 0.0f;
+    __half*     o   = p.out + (q0 + r) * p.out_stride + h * D;
+#pragma unroll
+    for (int j = 0; j < k_max_dim / 8; ++j)
+        if (j < nd && sub + 8 * j < D) o[sub + 8 * j] = __float2half_rn(acc[j] * inv);
+}
+
+// ---- decode ------------------------------------------------------------------------------------
+
+constexpr int k_dec_warps  = 4;
+constexpr int k_dec_pairs  = k_max_dim / 2 / 32;  // half2 pairs per lane at most
+constexpr int k_min_chunk  = 64;
+constexpr int k_max_splits = 64;
+constexpr int k_split_goal = 264;  // blocks wanted: two per SM of an H100
+
+int64_t decode_splits(int64_t n_q, int64_t n_kv, int64_t n_head) {
+    int64_t want = k_split_goal / (n_q * n_head > 0 ? n_q * n_head : 1);
+    if (want < 1) want = 1;
+    if (want > k_max_splits) want = k_max_splits;
+    const int64_t by_len = (n_kv + k_min_chunk - 1) / k_min_chunk;
+    return want < by_len ? want : (by_len > 0 ? by_len : 1);
+}
+
+__global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, float* ws, int64_t n_splits) {
+    const int64_t h = blockIdx.x, split = blockIdx.y, qi = blockIdx.z, hk = h / p.group;
+    const int     lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int64_t D = p.head_dim, n_pairs = D / 2;
+    const int64_t pos   = p.q_pos0 + qi;
+    const int64_t end   = pos + 1 < p.n_kv ? pos + 1 : p.n_kv;
+    int64_t       begin = p.window > 0 ? pos - p.window + 1 : 0;
+    if (begin < 0) begin = 0;
+    const int64_t chunk = (p.n_kv + n_splits - 1) / n_splits;
+    int64_t       c0 = split * chunk, c1 = c0 + chunk;
+    if (c0 < begin) c0 = begin;
+    if (c1 > end) c1 = end;
+
+    float2         q[k_dec_pairs];
+    float2         acc[k_dec_pairs];
+    const __half2* qrow = reinterpret_cast<const __half2*>(p.q + qi * p.q_stride + h * D);
+#pragma unroll
+    for (int j = 0; j < k_dec_pairs; ++j) {
+        const int64_t pi = lane + 32 * j;
+        q[j]             = pi < n_pairs ? __half22float2(qrow[pi]) : make_float2(0.0f, 0.0f);
+        q[j].x *= p.scale;
+        q[j].y *= p.scale;
+        acc[j] = make_float2(0.0f, 0.0f);
+    }
+    float m = -INFINITY, l = 0.0f;
+    for (int64_t j = c0 + warp; j < c1; j += k_dec_warps) {
+        const __half2* kr  = reinterpret_cast<const __half2*>(p.k + j * p.kv_stride + hk * D);
+        float          dot = 0.0f;
+#pragma unroll
+        for (int t = 0; t < k_dec_pairs; ++t) {
+            const int64_t pi = lane + 32 * t;
+            if (pi < n_pairs) {
+                const float2 kv = __half22float2(kr[pi]);
+                dot += q[t].x * kv.x + q[t].y * kv.y;
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        const float m_new = fmaxf(m, dot);
+        const float corr  = m == -INFINITY ? 0.0f : __expf(m - m_new);
+        const float e     = __expf(dot - m_new);
+        l                 = l * corr + e;
+        m                 = m_new;
+        const __half2* vr = reinterpret_cast<const __half2*>(p.v + j * p.kv_stride + hk * D);
+#pragma unroll
+        for (int t = 0; t < k_dec_pairs; ++t) {
+            const int64_t pi = lane + 32 * t;
+            if (pi < n_pairs) {
+                const float2 vv = __half22float2(vr[pi]);
+                acc[t].x        = acc[t].x * corr + e * vv.x;
+                acc[t].y        = acc[t].y * corr + e * vv.y;
+            }
+        }
+    }
+    // Merge the warps: [warp][2 + D] in shared memory.
+    __shared__ float part[k_dec_warps][2 + k_max_dim];
+    if (lane == 0) {
+        part[warp][0] = m;
+        part[warp][1] = l;
+    }
+#pragma unroll
+    for (int t = 0; t < k_dec_pairs; ++t) {
+        const int64_t pi = lane + 32 * t;
+        if (pi < n_pairs) {
+            part[warp][2 + 2 * pi]     = acc[t].x;
+            part[warp][2 + 2 * pi + 1] = acc[t].y;
+        }
+    }
+    __syncthreads();
+    float M = -INFINITY;
+    for (int w = 0; w < k_dec_warps; ++w) M = fmaxf(M, part[w][0]);
+    float* dst = ws + ((qi * p.n_head + h) * n_splits + split) * (2 + D);
+    if (threadIdx.x == 0) {
+        float L = 0.0f;
+        for (int w = 0; w < k_dec_warps; ++w)
+            if (part[w][0] != -INFINITY) L += part[w][1] * __expf(part[w][0] - M);
+        dst[0] = M;
+        dst[1] = L;
+    }
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+        float o = 0.0f;
+        for (int w = 0; w < k_dec_warps; ++w)
+            if (part[w][0] != -INFINITY) o += part[w][2 + d] * __expf(part[w][0] - M);
+        dst[2 + d] = o;
+    }
+}
+
+__global__ void decode_combine_kernel(dev_params p, const float* ws, int64_t n_splits) {
+    const int64_t h = blockIdx.x, qi = blockIdx.y, D = p.head_dim;
+    const float*  src = ws + (qi * p.n_head + h) * n_splits * (2 + D);
+    float         M   = -INFINITY;
+    for (int64_t s = 0; s < n_splits; ++s) M = fmaxf(M, src[s * (2 + D)]);
+    float L = 0.0f;
+    for (int64_t s = 0; s < n_splits; ++s) {
+        const float ms = src[s * (2 + D)];
+        if (ms != -INFINITY) L += src[s * (2 + D) + 1] * __expf(ms - M);
+    }
+    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
+        float o = 0.0f;
+        for (int64_t s = 0; s < n_splits; ++s) {
+            const float ms = src[s * (2 + D)];
+            if (ms != -INFINITY) o += src[s * (2 + D) + 2 + d] * __expf(ms - M);
+        }
+        p.out[qi * p.out_stride + h * D + d] = __float2half_rn(o * inv);
+    }
+}
+
+status check_params(const attention_params& a, const char* who) {
+    auto bad = [&](const char* what, int64_t v) {
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "{}: {} = {} is invalid", who, what, v);
+    };
+    if (a.n_q < 0) return bad("n_q", a.n_q);
+    if (a.n_head <= 0) return bad("n_head", a.n_head);
+    if (a.n_head_kv <= 0 || a.n_head % a.n_head_kv != 0) return bad("n_head_kv", a.n_head_kv);
+    if (a.head_dim <= 0 || a.head_dim % 2 != 0 || a.head_dim > k_max_dim) return bad("head_dim", a.head_dim);
+    if (a.q_pos0 < 0 || a.q_pos0 + a.n_q > a.n_kv) return bad("q_pos0 + n_q (> n_kv)", a.q_pos0 + a.n_q);
+    if (a.q_stride < a.n_head * a.head_dim) return bad("q_stride", a.q_stride);
+    if (a.kv_stride < a.n_head_kv * a.head_dim) return bad("kv_stride", a.kv_stride);
+    if (a.out_stride < a.n_head * a.head_dim) return bad("out_stride", a.out_stride);
+    if (a.window < 0) return bad("window", a.window);
+    return status::ok();
+}
+
+dev_params to_dev(const attention_params& a) {
+    return dev_params{reinterpret_cast<const __half*>(a.q),
+                      reinterpret_cast<const __half*>(a.k),
+                      reinterpret_cast<const __half*>(a.v),
+                      reinterpret_cast<__half*>(a.out),
+                      a.n_q,
+                      a.n_kv,
+                      a.q_pos0,
+                      a.n_head,
+                      a.n_head / a.n_head_kv,
+                      a.head_dim,
+                      a.window,
+                      a.scale,
+                      a.q_stride,
+                      a.kv_stride,
+                      a.out_stride};
+}
+
+}  // namespace
+
+status attention_prefill_f16(const attention_params& a, cudaStream_t stream) {
+    GPTQ_TRY(check_params(a, "attention_prefill_f16"));
+    if (a.n_q == 0) return status::ok();
+    const int64_t D     = a.head_dim;
+    const size_t  bytes = sizeof(float) * size_t(k_qt * D + k_kt * (D + 1) + k_kt * D + k_qt * k_kt);
+    if (bytes > 48 * 1024)  // beyond the default limit (head_dim > 160): opt in, per launch (cheap, any device)
+        GPTQ_CUDA_CHECK(cudaFuncSetAttribute(prefill_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    const dim3 grid(unsigned((a.n_q + k_qt - 1) / k_qt), unsigned(a.n_head));
+    prefill_kernel<<<grid, k_threads, bytes, stream>>>(to_dev(a));
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+int64_t attention_decode_workspace_floats(int64_t n_q, int64_t n_kv, int64_t n_head, int64_t head_dim) {
+    return n_q * n_head * decode_splits(n_q, n_kv, n_head) * (2 + head_dim);
+}
+
+status attention_decode_f16(const attention_params& a, float* workspace, int64_t workspace_floats,
+                            cudaStream_t stream) {
+    GPTQ_TRY(check_params(a, "attention_decode_f16"));
+    if (a.n_q == 0) return status::ok();
+    const int64_t need = attention_decode_workspace_floats(a.n_q, a.n_kv, a.n_head, a.head_dim);
+    if (workspace_floats < need)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "attention_decode_f16: workspace holds {} floats, {} needed", workspace_floats, need);
+    if (a.q_stride % 2 != 0 || a.kv_stride % 2 != 0)  // rows are read as half2
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "attention_decode_f16: q_stride {} and kv_stride {} must be even", a.q_stride, a.kv_stride);
+    if (a.n_q > 65535)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "attention_decode_f16: n_q {} too large", a.n_q);
+    const int64_t    splits = decode_splits(a.n_q, a.n_kv, a.n_head);
+    const dev_params dp     = to_dev(a);
+    decode_kernel<<<dim3(unsigned(a.n_head), unsigned(splits), unsigned(a.n_q)), k_dec_warps * 32, 0, stream>>>(
+        dp, workspace, splits);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    decode_combine_kernel<<<dim3(unsigned(a.n_head), unsigned(a.n_q)), 128, 0, stream>>>(dp, workspace, splits);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+}  // namespace gptq::cuda

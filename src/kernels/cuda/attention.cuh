@@ -1,0 +1,37 @@
+// Causal grouped-query attention on device memory, same function as kernels/cpu/attention.h
+// (positions, GQA head mapping, sliding window counting the query itself), F16 q/k/v/out and F32
+// arithmetic. Two kernels: prefill (tiles of queries against tiles of keys with an online
+// softmax, no [n_q x n_kv] matrix anywhere) and decode (few queries against a long KV cache,
+// the keys split over blocks, partial results merged by a second small kernel).
+#pragma once
+
+#include <cstdint>
+
+#include "core/status.h"
+
+typedef struct CUstream_st* cudaStream_t;
+
+namespace gptq::cuda {
+
+struct attention_params {
+    const uint16_t* q   = nullptr;  // [n_q, q_stride] F16, heads [n_head, head_dim] first in each row
+    const uint16_t* k   = nullptr;  // [n_kv, kv_stride] F16, heads [n_head_kv, head_dim]
+    const uint16_t* v   = nullptr;  // [n_kv, kv_stride] F16
+    uint16_t*       out = nullptr;  // [n_q, out_stride] F16, heads [n_head, head_dim]; no alias with q/k/v
+    int64_t         n_q = 0, n_kv = 0, q_pos0 = 0;            // query i at position q_pos0 + i; q_pos0 + n_q <= n_kv
+    int64_t         n_head = 0, n_head_kv = 0, head_dim = 0;  // n_head_kv divides n_head; head_dim even, <= 256
+    int64_t         window   = 0;                             // sliding window in tokens (0: none)
+    float           scale    = 1.0f;
+    int64_t         q_stride = 0, kv_stride = 0, out_stride = 0;  // row strides in elements
+};
+
+// Checks the shape (returns INVALID_ARGUMENT naming the field) and runs the prefill kernel.
+status attention_prefill_f16(const attention_params& p, cudaStream_t stream);
+
+// F32 workspace the decode kernel needs for these sizes (a few KB).
+int64_t attention_decode_workspace_floats(int64_t n_q, int64_t n_kv, int64_t n_head, int64_t head_dim);
+// Decode: best for n_q small (1..16) and n_kv large. workspace: device F32 buffer of at least
+// attention_decode_workspace_floats(...) values.
+status attention_decode_f16(const attention_params& p, float* workspace, int64_t workspace_floats, cudaStream_t stream);
+
+}  // namespace gptq::cuda

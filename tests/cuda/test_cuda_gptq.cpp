@@ -1,0 +1,234 @@
+// GPTQ linear kernels on the GPU against a plain dequantize-then-matmul reference (double) on the
+// CPU: the generic kernel for every bits / group size / act-order / sym-asym / v1-v2 combination,
+// and the fast int4 kernel (repack + GEMV) for group sizes -1/32/64/128, act-order, sym/asym,
+// m = 1..33, awkward n_out. Checkpoint tensors are made by io/gptq_pack, the writer's own packer.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <string>
+
+#include "cuda_test_util.h"
+#include "io/gptq_pack.h"
+#include "kernels/cuda/gptq_int4.cuh"
+#include "kernels/cuda/gptq_linear.cuh"
+
+namespace gptq {
+namespace {
+
+using test::device_array;
+
+// The kernels multiply exact F16 activations by exactly representable (q - zero) and scales in F32
+// (the int4 kernel: F16 x F16 products on tensor cores, exact, summed in F32), so the one visible
+// rounding is the F16 output: 2^-11 relative; allow two roundings. The absolute part covers F32
+// summation-order differences after cancellation, relative to the RMS of the reference.
+constexpr double k_rtol     = 1.0 / 1024;
+constexpr double k_atol_rel = 2e-4;
+
+struct layer {
+    int64_t                n_out, n_in, n_groups, group_size;
+    int                    bits;
+    gptq_checkpoint_format format;
+    std::vector<int32_t>   qweight, qzeros, g_idx;
+    std::vector<uint16_t>  scales;
+    std::vector<double>    w;  // dequantized [n_out, n_in]
+};
+
+// Random layer. act_order: g_idx from a random column order (groups non-contiguous in k).
+layer make_layer(std::mt19937& rng, int64_t n_out, int64_t n_in, int64_t group_size, int bits, bool act_order, bool sym,
+                 gptq_checkpoint_format format) {
+    layer         L{n_out, n_in, 0, group_size, bits, format, {}, {}, {}, {}, {}};
+    const int64_t gs = group_size == -1 ? n_in : group_size;
+    L.n_groups       = (n_in + gs - 1) / gs;
+    std::vector<int32_t> order(static_cast<size_t>(n_in));
+    std::iota(order.begin(), order.end(), 0);
+    if (act_order) std::shuffle(order.begin(), order.end(), rng);
+    L.g_idx.resize(size_t(n_in));
+    for (int64_t i = 0; i < n_in; ++i) L.g_idx[size_t(order[size_t(i)])] = int32_t(i / gs);
+    const int                          qmax = (1 << bits) - 1;
+    std::uniform_int_distribution<int> code(0, qmax),
+        zlo(format == gptq_checkpoint_format::GPTQ_FORMAT_V1 ? 1 : 0, qmax);
+    std::uniform_real_distribution<float> sc(0.002f, 0.05f);
+    std::vector<uint8_t>                  codes(static_cast<size_t>(n_out * n_in));
+    for (auto& c : codes) c = uint8_t(code(rng));
+    std::vector<int32_t> zeros(static_cast<size_t>(L.n_groups * n_out));
+    for (auto& z : zeros) z = sym ? (1 << (bits - 1)) : zlo(rng);
+    L.scales.resize(size_t(L.n_groups * n_out));
+    for (auto& s : L.scales) s = f32_to_f16(sc(rng));
+    L.qweight.resize(size_t(gptq_packed_words(n_in, bits) * n_out));
+    L.qzeros.resize(size_t(L.n_groups * gptq_packed_words(n_out, bits)));
+    gptq_pack_qweight(codes.data(), n_out, n_in, bits, L.qweight.data());
+    EXPECT_TRUE(gptq_pack_qzeros(zeros.data(), L.n_groups, n_out, bits, format, L.qzeros.data()).is_ok());
+    L.w.resize(size_t(n_out * n_in));
+    for (int64_t n = 0; n < n_out; ++n)
+        for (int64_t k = 0; k < n_in; ++k) {
+            const int64_t g           = L.g_idx[size_t(k)];
+            L.w[size_t(n * n_in + k)] = double(f16_to_f32(L.scales[size_t(g * n_out + n)])) *
+                                        (double(codes[size_t(n * n_in + k)]) - zeros[size_t(g * n_out + n)]);
+        }
+    return L;
+}
+
+std::vector<double> reference(const layer& L, const std::vector<uint16_t>& x, int64_t m,
+                              const std::vector<uint16_t>& bias) {
+    std::vector<double> y(static_cast<size_t>(m * L.n_out));
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t n = 0; n < L.n_out; ++n) {
+            double s = bias.empty() ? 0.0 : f16_to_f32(bias[size_t(n)]);
+            for (int64_t k = 0; k < L.n_in; ++k)
+                s += f16_to_f32(x[size_t(r * L.n_in + k)]) * L.w[size_t(n * L.n_in + k)];
+            y[size_t(r * L.n_out + n)] = s;
+        }
+    return y;
+}
+
+void expect_close(const std::vector<uint16_t>& got, int64_t y_stride, const std::vector<double>& ref, int64_t m,
+                  int64_t n_out, const std::string& what) {
+    double ss = 0;
+    for (double v : ref) ss += v * v;
+    const double atol = k_atol_rel * std::sqrt(ss / double(ref.size()));
+    int          bad  = 0;
+    for (int64_t r = 0; r < m; ++r)
+        for (int64_t n = 0; n < n_out; ++n) {
+            const double g = f16_to_f32(got[size_t(r * y_stride + n)]), e = ref[size_t(r * n_out + n)];
+            if (!(std::fabs(g - e) <= k_rtol * std::fabs(e) + atol) && bad++ < 5)
+                ADD_FAILURE() << what << ": row " << r << " col " << n << " gpu " << g << " ref " << e;
+        }
+    EXPECT_EQ(bad, 0) << what;
+}
+
+std::string describe(const layer& L, int64_t m, bool act, bool sym, uint32_t seed) {
+    return "bits=" + std::to_string(L.bits) + " gs=" + std::to_string(L.group_size) + " act=" + std::to_string(act) +
+           " sym=" + std::to_string(sym) + " v" + (L.format == gptq_checkpoint_format::GPTQ_FORMAT_V1 ? "1" : "2") +
+           " m=" + std::to_string(m) + " n_out=" + std::to_string(L.n_out) + " n_in=" + std::to_string(L.n_in) +
+           " seed=" + std::to_string(seed);
+}
+
+TEST(CudaGptq, GenericKernelEveryCombination) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    struct shape {
+        int64_t m, n_out, n_in;
+    };
+    const std::vector<shape> shapes = {{1, 32, 64}, {3, 96, 96}, {9, 256, 320}, {17, 64, 1024}};
+    int                      runs   = 0;
+    for (int bits : {2, 3, 4, 8})
+        for (int64_t gs : {int64_t(-1), int64_t(32), int64_t(128), int64_t(48)})
+            for (bool act : {false, true})
+                for (bool sym : {false, true})
+                    for (auto fmt : {gptq_checkpoint_format::GPTQ_FORMAT_V1, gptq_checkpoint_format::GPTQ_FORMAT_V2}) {
+                        const shape&          s = shapes[size_t(runs++) % shapes.size()];
+                        layer                 L = make_layer(rng, s.n_out, s.n_in, gs, bits, act, sym, fmt);
+                        auto                  x = test::random_f16(rng, size_t(s.m * s.n_in));
+                        std::vector<uint16_t> bias;
+                        if (runs % 3 == 0) bias = test::random_f16(rng, size_t(s.n_out));
+                        const int64_t            y_stride = s.n_out + (runs % 2);
+                        device_array<int32_t>    dq(L.qweight), dz(L.qzeros), dg(L.g_idx);
+                        device_array<uint16_t>   ds(L.scales), dx(x), db(bias), dy(size_t(s.m * y_stride));
+                        cuda::gptq_linear_params p;
+                        p.qweight = dq.get(), p.qzeros = dz.get(), p.scales = ds.get(), p.g_idx = dg.get();
+                        p.bias  = bias.empty() ? nullptr : db.get();
+                        p.n_out = s.n_out, p.n_in = s.n_in, p.n_groups = L.n_groups, p.bits = bits;
+                        p.zero_add = fmt == gptq_checkpoint_format::GPTQ_FORMAT_V1 ? 1 : 0;
+                        GPTQ_EXPECT_OK(
+                            cuda::gptq_linear_generic_f16(p, dx.get(), dy.get(), s.m, s.n_in, y_stride, nullptr));
+                        expect_close(dy.download(), y_stride, reference(L, x, s.m, bias), s.m, s.n_out,
+                                     describe(L, s.m, act, sym, seed));
+                    }
+}
+
+TEST(CudaGptq, GenericKernelRejectsBadBits) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    cuda::gptq_linear_params p;
+    p.bits = 5, p.n_out = 32, p.n_in = 32, p.n_groups = 1;
+    const status st = cuda::gptq_linear_generic_f16(p, nullptr, nullptr, 1, 32, 32, nullptr);
+    EXPECT_FALSE(st.is_ok());
+    EXPECT_NE(st.message().find("bits 5"), std::string::npos) << st.message();
+}
+
+TEST(CudaGptq, Int4ActOrderPermutation) {
+    // Host-only logic, but in this file with the kernel it serves.
+    std::vector<int32_t> perm;
+    std::vector<int32_t> trivial = {0, 0, 1, 1};
+    ASSERT_TRUE(cuda::int4_act_order_perm(trivial.data(), 4, 2, perm).is_ok());
+    EXPECT_TRUE(perm.empty());
+    std::vector<int32_t> shuffled = {1, 0, 1, 0};
+    ASSERT_TRUE(cuda::int4_act_order_perm(shuffled.data(), 4, 2, perm).is_ok());
+    EXPECT_EQ(perm, (std::vector<int32_t>{1, 3, 0, 2}));
+    std::vector<int32_t> uneven = {0, 0, 0, 1};
+    const status         st     = cuda::int4_act_order_perm(uneven.data(), 4, 2, perm);
+    EXPECT_EQ(st.code(), status_code::STATUS_UNSUPPORTED);
+    EXPECT_FALSE(cuda::int4_layout_for(64, 48, 32).is_ok());  // n_in not a multiple of 32
+    EXPECT_FALSE(cuda::int4_layout_for(64, 128, 48).is_ok());
+}
+
+void run_int4(std::mt19937& rng, uint32_t seed, int64_t n_out, int64_t n_in, int64_t gs, bool act, bool sym,
+              gptq_checkpoint_format fmt, const std::vector<int64_t>& ms, int unroll) {
+    layer L   = make_layer(rng, n_out, n_in, gs, 4, act, sym, fmt);
+    auto  lay = cuda::int4_layout_for(n_out, n_in, gs);
+    ASSERT_TRUE(lay.is_ok()) << lay.error().message();
+    std::vector<int32_t> perm;
+    GPTQ_EXPECT_OK(cuda::int4_act_order_perm(L.g_idx.data(), n_in, gs, perm));
+    EXPECT_EQ(perm.empty(), !act || gs == -1);
+    device_array<int32_t>  dq(L.qweight), dz(L.qzeros), dperm(perm);
+    device_array<uint16_t> ds(L.scales);
+    device_array<uint8_t>  dw(size_t(lay->weight_bytes)), dsz(size_t(lay->sz_bytes));
+    GPTQ_EXPECT_OK(cuda::int4_repack(*lay, dq.get(), dz.get(), ds.get(), perm.empty() ? nullptr : dperm.get(),
+                                     fmt == gptq_checkpoint_format::GPTQ_FORMAT_V1 ? 1 : 0, dw.get(), dsz.get(),
+                                     nullptr));
+    for (int64_t m : ms) {
+        auto                   x        = test::random_f16(rng, size_t(m * n_in));
+        std::vector<uint16_t>  bias     = (m % 2) ? test::random_f16(rng, size_t(n_out)) : std::vector<uint16_t>{};
+        const int64_t          y_stride = n_out + 8 * (m % 3);
+        device_array<uint16_t> dx(x), dxp(size_t(m * n_in)), db(bias), dy(size_t(m * y_stride));
+        const uint16_t*        xin = dx.get();
+        if (!perm.empty()) {
+            GPTQ_EXPECT_OK(cuda::gptq_permute_cols_f16(dx.get(), dperm.get(), dxp.get(), m, n_in, n_in, n_in, nullptr));
+            xin = dxp.get();
+        }
+        GPTQ_EXPECT_OK(cuda::int4_gemv_f16(*lay, dw.get(), dsz.get(), xin, bias.empty() ? nullptr : db.get(), dy.get(),
+                                           m, n_in, y_stride, nullptr, unroll));
+        expect_close(dy.download(), y_stride, reference(L, x, m, bias), m, n_out,
+                     describe(L, m, act, sym, seed) + " unroll=" + std::to_string(unroll));
+    }
+}
+
+TEST(CudaGptq, Int4GemvMatchesReference) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t             seed = test::fresh_seed();
+    std::mt19937               rng(seed);
+    const std::vector<int64_t> ms = {1, 2, 3, 7, 8, 9, 15, 16, 17, 33};
+    int                        i  = 0;
+    for (int64_t gs : {int64_t(-1), int64_t(32), int64_t(64), int64_t(128)})
+        for (bool act : {false, true})
+            for (bool sym : {false, true}) {
+                const auto fmt =
+                    (i % 2) ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2;
+                const int unroll = (i % 3 == 0) ? 16 : 8;
+                // Awkward n_out (not a multiple of the 32-row tile), several k lengths.
+                const int64_t n_out = std::vector<int64_t>{40, 264, 1000, 96}[size_t(i % 4)];
+                const int64_t n_in  = std::vector<int64_t>{256, 1024, 384, 2048}[size_t(i % 4)];
+                if (gs > 0 && n_in % gs != 0) {
+                    ++i;
+                    continue;
+                }
+                run_int4(rng, seed, n_out, n_in, gs, act, sym, fmt, ms, unroll);
+                ++i;
+            }
+}
+
+TEST(CudaGptq, Int4GemvLlamaShape) {
+    GPTQ_SKIP_WITHOUT_GPU();
+#ifdef GPTQ_SANITIZE
+    GTEST_SKIP() << "large shape skipped in sanitizer builds";
+#endif
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    run_int4(rng, seed, 4096, 4096, 128, true, false, gptq_checkpoint_format::GPTQ_FORMAT_V2, {1, 4, 16}, 8);
+    run_int4(rng, seed, 512, 11008, 128, false, true, gptq_checkpoint_format::GPTQ_FORMAT_V1, {1, 5}, 16);
+}
+
+}  // namespace
+}  // namespace gptq

@@ -1,0 +1,282 @@
+// CUDA kernels (RMSNorm, RoPE, SiLU-mul, add, embedding, cuBLAS GEMM, attention prefill/decode)
+// against the CPU reference kernels on fresh random F16 inputs, many shapes including awkward
+// ones. Every input is an exact F16 value, so the reference sees the very numbers the GPU sees.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <tuple>
+
+#include <cublas_v2.h>
+
+#include "cuda_test_util.h"
+#include "kernels/cpu/activation.h"
+#include "kernels/cpu/attention.h"
+#include "kernels/cpu/linear.h"
+#include "kernels/cpu/norm.h"
+#include "kernels/cpu/rope.h"
+#include "kernels/cuda/activation.cuh"
+#include "kernels/cuda/attention.cuh"
+#include "kernels/cuda/embedding.cuh"
+#include "kernels/cuda/gemm.cuh"
+#include "kernels/cuda/norm.cuh"
+#include "kernels/cuda/rope.cuh"
+
+namespace gptq {
+namespace {
+
+using test::device_array;
+
+// One F16 rounding of the output is 2^-11 relative; F32 arithmetic in a different order (and
+// __expf in attention) adds far less. Elementwise bound: rtol * |ref| + atol * scale, scale being
+// the RMS of the reference, so values near zero after cancellation are judged on the row's scale.
+constexpr float k_rtol_f16 = 1.0f / 1024;  // two F16 roundings
+constexpr float k_atol_rel = 1e-3f;        // of the reference RMS: F32 summation-order differences
+// GEMM: F16/BF16 operands are exact, the products exact in F32 accumulation; cuBLAS may sum in
+// another order or split k. Normwise relative error bounds.
+constexpr double k_gemm_f16_rel  = 1e-3;  // output rounding 2^-11 plus summation order
+constexpr double k_gemm_bf16_rel = 8e-3;  // output rounding 2^-8 plus summation order
+
+double rms(const std::vector<float>& v) {
+    double s = 0;
+    for (float x : v) s += double(x) * x;
+    return v.empty() ? 0.0 : std::sqrt(s / double(v.size()));
+}
+
+// Compare got (F16 bits) with ref (F32) on the listed indices.
+void expect_close(const std::vector<uint16_t>& got, const std::vector<float>& ref, const char* what, uint32_t seed) {
+    ASSERT_EQ(got.size(), ref.size());
+    const double scale = rms(ref);
+    int          bad   = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+        const float g   = f16_to_f32(got[i]);
+        const float tol = k_rtol_f16 * std::fabs(ref[i]) + float(k_atol_rel * scale);
+        if (!(std::fabs(g - ref[i]) <= tol)) {
+            if (bad++ < 5)
+                ADD_FAILURE() << what << " seed " << seed << " index " << i << ": gpu " << g << " ref " << ref[i];
+        }
+    }
+    EXPECT_EQ(bad, 0) << what << " seed " << seed;
+}
+
+TEST(CudaKernels, RmsNormMatchesCpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    for (auto [rows, dim, pad] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+             {1, 1, 0}, {3, 7, 1}, {5, 4096, 0}, {2, 5120, 8}, {17, 129, 3}, {64, 2048, 0}}) {
+        const int64_t          stride = dim + pad;
+        auto                   x      = test::random_f16(rng, size_t(rows * stride), 2.0f);
+        auto                   w      = test::random_f16(rng, size_t(dim));
+        device_array<uint16_t> dx(x), dw(w), dy(size_t(rows * stride));
+        GPTQ_EXPECT_OK(cuda::rms_norm_f16(dx.get(), dw.get(), dy.get(), rows, dim, stride, stride, 1e-5f, nullptr));
+        const auto            y  = dy.download();
+        const auto            xf = test::to_f32(x), wf = test::to_f32(w);
+        std::vector<float>    ref(size_t(rows * dim)), xd(size_t(rows * dim));
+        std::vector<uint16_t> got(static_cast<size_t>(rows * dim));
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t i = 0; i < dim; ++i) {
+                xd[size_t(r * dim + i)]  = xf[size_t(r * stride + i)];
+                got[size_t(r * dim + i)] = y[size_t(r * stride + i)];
+            }
+        cpu::rms_norm_ref(xd.data(), wf.data(), ref.data(), rows, dim, 1e-5f);
+        expect_close(got, ref, "rms_norm", seed);
+        // In place.
+        GPTQ_EXPECT_OK(cuda::rms_norm_f16(dx.get(), dw.get(), dx.get(), rows, dim, stride, stride, 1e-5f, nullptr));
+        EXPECT_EQ(dx.download(), y);
+    }
+}
+
+TEST(CudaKernels, RopeMatchesCpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t                        seed = test::fresh_seed();
+    std::mt19937                          rng(seed);
+    std::uniform_real_distribution<float> ang(-3.2f, 3.2f);
+    for (auto [tokens, heads, hd, extra] : std::vector<std::tuple<int64_t, int64_t, int64_t, int64_t>>{
+             {1, 1, 2, 0}, {7, 3, 64, 5}, {33, 32, 128, 0}, {5, 8, 80, 1024}, {2, 2, 256, 2}}) {
+        const int64_t      half = hd / 2, stride = heads * hd + extra;
+        auto               x = test::random_f16(rng, size_t(tokens * stride));
+        std::vector<float> c(size_t(tokens * half)), s(c.size());
+        for (size_t i = 0; i < c.size(); ++i) {
+            const float a = ang(rng);
+            c[i] = std::cos(a), s[i] = std::sin(a);
+        }
+        device_array<uint16_t> dx(x);
+        device_array<float>    dc(c), ds(s);
+        GPTQ_EXPECT_OK(cuda::rope_f16(dx.get(), dc.get(), ds.get(), tokens, heads, hd, stride, nullptr));
+        auto ref = test::to_f32(x);
+        cpu::rope_ref(ref.data(), c.data(), s.data(), tokens, heads, hd, stride);
+        expect_close(dx.download(), ref, "rope", seed);  // the tail past the heads must be untouched too
+    }
+}
+
+TEST(CudaKernels, SiluMulAndAddMatchCpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    for (auto [rows, cols] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 11008}, {17, 333}, {1, 100003}}) {
+        // Fused [rows, 2 * cols] gate_up buffer, output in place over the gate half.
+        auto                   gu = test::random_f16(rng, size_t(rows * 2 * cols), 3.0f);
+        device_array<uint16_t> dgu(gu);
+        GPTQ_EXPECT_OK(cuda::silu_mul_f16(dgu.get(), dgu.get() + cols, dgu.get(), rows, cols, 2 * cols, 2 * cols,
+                                          2 * cols, nullptr));
+        const auto            out = dgu.download();
+        const auto            guf = test::to_f32(gu);
+        std::vector<float>    ref(static_cast<size_t>(rows * cols));
+        std::vector<uint16_t> got(ref.size());
+        for (int64_t r = 0; r < rows; ++r) {
+            cpu::silu_mul_ref(&guf[size_t(r * 2 * cols)], &guf[size_t(r * 2 * cols + cols)], &ref[size_t(r * cols)],
+                              cols);
+            for (int64_t i = 0; i < cols; ++i) got[size_t(r * cols + i)] = out[size_t(r * 2 * cols + i)];
+        }
+        expect_close(got, ref, "silu_mul", seed);
+
+        const int64_t          n = rows * cols;
+        auto                   a = test::random_f16(rng, size_t(n)), b = test::random_f16(rng, size_t(n));
+        device_array<uint16_t> da(a), db(b);
+        GPTQ_EXPECT_OK(cuda::add_f16(da.get(), db.get(), n, nullptr));
+        std::vector<float> sum(static_cast<size_t>(n));
+        for (int64_t i = 0; i < n; ++i) sum[size_t(i)] = f16_to_f32(a[size_t(i)]) + f16_to_f32(b[size_t(i)]);
+        expect_close(da.download(), sum, "add", seed);
+    }
+}
+
+TEST(CudaKernels, EmbeddingGathersRows) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    for (auto [vocab, dim, pad] :
+         std::vector<std::tuple<int64_t, int64_t, int64_t>>{{5, 3, 0}, {1000, 4096, 0}, {77, 129, 7}}) {
+        auto                                   table = test::random_f16(rng, size_t(vocab * dim));
+        std::vector<int32_t>                   ids;
+        std::uniform_int_distribution<int32_t> pick(0, int32_t(vocab - 1));
+        for (int i = 0; i < 37; ++i) ids.push_back(pick(rng));
+        ids.push_back(-1);  // out of range: a zero row, no out-of-bounds read
+        ids.push_back(int32_t(vocab));
+        const int64_t          n = int64_t(ids.size()), stride = dim + pad;
+        device_array<uint16_t> dt(table), dout(size_t(n * stride));
+        device_array<int32_t>  did(ids);
+        GPTQ_EXPECT_OK(cuda::embedding_f16(dt.get(), did.get(), dout.get(), n, vocab, dim, stride, nullptr));
+        const auto out = dout.download();
+        for (int64_t t = 0; t < n; ++t)
+            for (int64_t i = 0; i < dim; ++i) {
+                const int32_t  id   = ids[size_t(t)];
+                const uint16_t want = (id >= 0 && id < vocab) ? table[size_t(id * dim + i)] : uint16_t(0);
+                ASSERT_EQ(out[size_t(t * stride + i)], want) << "token " << t << " dim " << i << " seed " << seed;
+            }
+    }
+}
+
+TEST(CudaKernels, CublasGemmMatchesCpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    cublasHandle_t handle = nullptr;
+    ASSERT_EQ(cublasCreate(&handle), CUBLAS_STATUS_SUCCESS);
+    for (auto dtype : {cuda::gemm_dtype::f16, cuda::gemm_dtype::bf16}) {
+        for (auto [m, n, k] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+                 {1, 1, 1}, {1, 4096, 4096}, {7, 333, 129}, {64, 256, 2048}, {130, 96, 11008 / 4}}) {
+            const bool                      bf = dtype == cuda::gemm_dtype::bf16;
+            std::normal_distribution<float> d(0.0f, 1.0f);
+            std::vector<uint16_t>           x(size_t(m * k)), w(size_t(n * k));
+            for (auto& v : x) v = bf ? f32_to_bf16(d(rng)) : f32_to_f16(d(rng));
+            for (auto& v : w) v = bf ? f32_to_bf16(d(rng)) : f32_to_f16(d(rng));
+            auto f32 = [&](const std::vector<uint16_t>& h) {
+                std::vector<float> o(h.size());
+                for (size_t i = 0; i < h.size(); ++i) o[i] = bf ? bf16_to_f32(h[i]) : f16_to_f32(h[i]);
+                return o;
+            };
+            device_array<uint16_t> dx(x), dw(w), dy(size_t(m * n));
+            GPTQ_EXPECT_OK(
+                cuda::gemm(handle, dtype, dx.get(), dw.get(), dy.get(), m, n, k, k, k, n, 1.0f, 0.0f, nullptr));
+            const auto         y  = f32(dy.download());
+            const auto         xf = f32(x), wf = f32(w);
+            std::vector<float> ref(static_cast<size_t>(m * n));
+            cpu::linear_ref(xf.data(), wf.data(), nullptr, ref.data(), m, n, k);
+            double num = 0, den = 0;
+            for (size_t i = 0; i < ref.size(); ++i) {
+                num += (double(y[i]) - ref[i]) * (double(y[i]) - ref[i]);
+                den += double(ref[i]) * ref[i];
+            }
+            const double rel = std::sqrt(num / (den > 0 ? den : 1));
+            EXPECT_LE(rel, bf ? k_gemm_bf16_rel : k_gemm_f16_rel)
+                << (bf ? "bf16" : "f16") << " m=" << m << " n=" << n << " k=" << k << " seed " << seed;
+        }
+    }
+    cublasDestroy(handle);
+}
+
+struct attn_case {
+    int64_t n_q, n_kv, q_pos0, n_head, n_head_kv, head_dim, window;
+};
+
+void run_attention(const attn_case& c, bool decode, uint32_t seed) {
+    std::mt19937  rng(seed);
+    const int64_t q_stride = c.n_head * c.head_dim + 2, kv_stride = c.n_head_kv * c.head_dim + 4,
+                  out_stride = c.n_head * c.head_dim;
+    auto q = test::random_f16(rng, size_t(c.n_q * q_stride)), k = test::random_f16(rng, size_t(c.n_kv * kv_stride)),
+         v = test::random_f16(rng, size_t(c.n_kv * kv_stride));
+    device_array<uint16_t> dq(q), dk(k), dv(v), dout(size_t(c.n_q * out_stride));
+    cuda::attention_params p;
+    p.q = dq.get(), p.k = dk.get(), p.v = dv.get(), p.out = dout.get();
+    p.n_q = c.n_q, p.n_kv = c.n_kv, p.q_pos0 = c.q_pos0, p.n_head = c.n_head, p.n_head_kv = c.n_head_kv;
+    p.head_dim = c.head_dim, p.window = c.window, p.scale = 1.0f / std::sqrt(float(c.head_dim));
+    p.q_stride = q_stride, p.kv_stride = kv_stride, p.out_stride = out_stride;
+    if (decode) {
+        const int64_t       ws = cuda::attention_decode_workspace_floats(c.n_q, c.n_kv, c.n_head, c.head_dim);
+        device_array<float> dws(static_cast<size_t>(ws));
+        GPTQ_EXPECT_OK(cuda::attention_decode_f16(p, dws.get(), ws, nullptr));
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    } else {
+        GPTQ_EXPECT_OK(cuda::attention_prefill_f16(p, nullptr));
+    }
+    const auto           got = dout.download();
+    const auto           qf = test::to_f32(q), kf = test::to_f32(k), vf = test::to_f32(v);
+    std::vector<float>   ref(static_cast<size_t>(c.n_q * out_stride));
+    cpu::attention_shape s;
+    s.n_q = c.n_q, s.n_kv = c.n_kv, s.q_pos0 = c.q_pos0, s.n_head = c.n_head, s.n_head_kv = c.n_head_kv;
+    s.head_dim = c.head_dim, s.window = c.window, s.scale = p.scale;
+    s.q_stride = q_stride, s.kv_stride = kv_stride, s.out_stride = out_stride;
+    cpu::attention_ref(qf.data(), kf.data(), vf.data(), ref.data(), s);
+    const std::string what = std::string(decode ? "decode" : "prefill") + " n_q=" + std::to_string(c.n_q) +
+                             " n_kv=" + std::to_string(c.n_kv) + " d=" + std::to_string(c.head_dim) +
+                             " window=" + std::to_string(c.window);
+    expect_close(got, ref, what.c_str(), seed);
+}
+
+TEST(CudaKernels, AttentionPrefillMatchesCpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    for (const attn_case& c : std::vector<attn_case>{{1, 1, 0, 1, 1, 2, 0},
+                                                     {37, 37, 0, 4, 2, 64, 0},
+                                                     {70, 100, 30, 8, 8, 128, 0},
+                                                     {50, 50, 0, 4, 1, 256, 17},
+                                                     {33, 200, 167, 6, 3, 80, 40},
+                                                     {300, 300, 0, 2, 2, 128, 0},
+                                                     {16, 16, 0, 3, 1, 96, 1}})
+        run_attention(c, false, seed);
+}
+
+TEST(CudaKernels, AttentionDecodeMatchesCpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    for (const attn_case& c : std::vector<attn_case>{{1, 1, 0, 1, 1, 2, 0},
+                                                     {1, 4097, 4096, 32, 8, 128, 0},
+                                                     {5, 300, 295, 8, 2, 128, 0},
+                                                     {3, 1000, 997, 4, 4, 80, 100},
+                                                     {1, 65, 64, 2, 1, 256, 0},
+                                                     {16, 500, 484, 4, 2, 64, 33}})
+        run_attention(c, true, seed);
+}
+
+TEST(CudaKernels, AttentionRejectsBadShapes) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    cuda::attention_params p;
+    p.n_q = 4, p.n_kv = 3, p.n_head = 4, p.n_head_kv = 3, p.head_dim = 64;
+    p.q_stride = p.out_stride = 256, p.kv_stride = 192;
+    const status st = cuda::attention_prefill_f16(p, nullptr);
+    EXPECT_FALSE(st.is_ok());
+    EXPECT_NE(st.message().find("n_head_kv"), std::string::npos) << st.message();
+}
+
+}  // namespace
+}  // namespace gptq

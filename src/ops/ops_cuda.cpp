@@ -1,0 +1,270 @@
+// CUDA dispatch of ops (GPTQ_CUDA builds only): context, buffers, shape checks at the boundary,
+// the choice between kernels (decode vs prefill attention, fast int4 vs generic GPTQ), and the
+// one-time preparation of GPTQ layers (act-order permutation, repacking).
+#include "ops/ops_cuda.h"
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <utility>
+#include <vector>
+
+#include "kernels/cuda/activation.cuh"
+#include "kernels/cuda/attention.cuh"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/embedding.cuh"
+#include "kernels/cuda/gemm.cuh"
+#include "kernels/cuda/gptq_int4.cuh"
+#include "kernels/cuda/gptq_linear.cuh"
+#include "kernels/cuda/norm.cuh"
+#include "kernels/cuda/rope.cuh"
+
+namespace gptq {
+
+// ---- cuda_buffer -------------------------------------------------------------------------------
+
+cuda_buffer::~cuda_buffer() {
+    if (p_) cudaFree(p_);
+}
+cuda_buffer::cuda_buffer(cuda_buffer&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+cuda_buffer& cuda_buffer::operator=(cuda_buffer&& o) noexcept {
+    if (this != &o) {
+        if (p_) cudaFree(p_);
+        p_ = std::exchange(o.p_, nullptr);
+        n_ = std::exchange(o.n_, 0);
+    }
+    return *this;
+}
+
+result<cuda_buffer> cuda_buffer::alloc(size_t bytes) {
+    cuda_buffer b;
+    if (bytes == 0) return b;
+    const cudaError_t err = cudaMalloc(&b.p_, bytes);
+    if (err != cudaSuccess) {
+        cudaGetLastError();
+        return make_error(status_code::STATUS_OUT_OF_MEMORY, "cudaMalloc of {} bytes failed: {}", bytes,
+                          cudaGetErrorString(err));
+    }
+    b.n_ = bytes;
+    return b;
+}
+
+result<cuda_buffer> cuda_buffer::from_host(const void* src, size_t bytes) {
+    auto b = alloc(bytes);
+    if (!b) return b.error();
+    GPTQ_TRY(b->upload(src, bytes));
+    return b;
+}
+
+status cuda_buffer::upload(const void* src, size_t bytes, size_t offset) {
+    GPTQ_ASSERT(offset + bytes <= n_);
+    if (bytes) GPTQ_CUDA_CHECK(cudaMemcpy(static_cast<char*>(p_) + offset, src, bytes, cudaMemcpyHostToDevice));
+    return status::ok();
+}
+
+status cuda_buffer::download(void* dst, size_t bytes, size_t offset) const {
+    GPTQ_ASSERT(offset + bytes <= n_);
+    if (bytes) GPTQ_CUDA_CHECK(cudaMemcpy(dst, static_cast<const char*>(p_) + offset, bytes, cudaMemcpyDeviceToHost));
+    return status::ok();
+}
+
+// ---- cuda_context ------------------------------------------------------------------------------
+
+struct cuda_context_state {
+    int            device = 0, sm = 0;
+    cudaStream_t   stream = nullptr;
+    cublasHandle_t blas   = nullptr;
+    cuda_buffer    scratch;
+};
+
+result<std::unique_ptr<cuda_context>> cuda_context::create(int device) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+        cudaGetLastError();
+        return make_error(status_code::STATUS_UNSUPPORTED, "no CUDA device available (asked for cuda:{})", device);
+    }
+    if (device < 0 || device >= n)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "CUDA device {} does not exist ({} present)", device,
+                          n);
+    std::unique_ptr<cuda_context> ctx(new cuda_context());
+    ctx->s_         = std::make_unique<cuda_context_state>();
+    ctx->s_->device = device;
+    GPTQ_CUDA_CHECK(cudaSetDevice(device));
+    cudaDeviceProp prop{};
+    GPTQ_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    ctx->s_->sm = prop.major * 10 + prop.minor;
+    GPTQ_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx->s_->stream, cudaStreamNonBlocking));
+    GPTQ_CUBLAS_CHECK(cublasCreate(&ctx->s_->blas));
+    GPTQ_CUBLAS_CHECK(cublasSetStream(ctx->s_->blas, ctx->s_->stream));
+    return ctx;
+}
+
+cuda_context::~cuda_context() {
+    if (!s_) return;
+    if (s_->blas) cublasDestroy(s_->blas);
+    if (s_->stream) cudaStreamDestroy(s_->stream);
+}
+
+int cuda_context::device() const {
+    return s_->device;
+}
+int cuda_context::sm_version() const {
+    return s_->sm;
+}
+cudaStream_t cuda_context::stream() const {
+    return s_->stream;
+}
+cublasHandle_t cuda_context::blas() const {
+    return s_->blas;
+}
+status cuda_context::synchronize() const {
+    GPTQ_CUDA_CHECK(cudaStreamSynchronize(s_->stream));
+    return status::ok();
+}
+
+result<void*> cuda_context::scratch(size_t bytes) {
+    if (s_->scratch.bytes() < bytes) {
+        GPTQ_TRY(synchronize());  // the old scratch may still be in use by queued work
+        auto b = cuda_buffer::alloc(bytes);
+        if (!b) return b.error();
+        s_->scratch = std::move(*b);
+    }
+    return s_->scratch.data();
+}
+
+// ---- element-wise ------------------------------------------------------------------------------
+
+status op_cuda_rms_norm(cuda_context& ctx, const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t n_rows,
+                        int64_t dim, float eps) {
+    return cuda::rms_norm_f16(x, w, y, n_rows, dim, dim, dim, eps, ctx.stream());
+}
+
+status op_cuda_rope(cuda_context& ctx, uint16_t* x, const float* cos, const float* sin, int64_t n_tokens,
+                    int64_t n_heads, int64_t head_dim, int64_t row_stride) {
+    GPTQ_ASSERT(row_stride >= n_heads * head_dim);
+    return cuda::rope_f16(x, cos, sin, n_tokens, n_heads, head_dim, row_stride, ctx.stream());
+}
+
+status op_cuda_silu_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows,
+                        int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride) {
+    return cuda::silu_mul_f16(gate, up, y, n_rows, n, gate_stride, up_stride, y_stride, ctx.stream());
+}
+
+status op_cuda_add(cuda_context& ctx, uint16_t* x, const uint16_t* y, int64_t n) {
+    return cuda::add_f16(x, y, n, ctx.stream());
+}
+
+status op_cuda_embedding(cuda_context& ctx, const uint16_t* table, const int32_t* ids, uint16_t* out, int64_t n_tokens,
+                         int64_t vocab, int64_t dim) {
+    return cuda::embedding_f16(table, ids, out, n_tokens, vocab, dim, dim, ctx.stream());
+}
+
+// ---- attention ---------------------------------------------------------------------------------
+
+status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a) {
+    cuda::attention_params p;
+    p.q = a.q, p.k = a.k, p.v = a.v, p.out = a.out;
+    p.n_q = a.n_q, p.n_kv = a.n_kv, p.q_pos0 = a.q_pos0;
+    p.n_head = a.n_head, p.n_head_kv = a.n_head_kv, p.head_dim = a.head_dim;
+    p.window = a.window, p.scale = a.scale;
+    p.q_stride = a.q_stride, p.kv_stride = a.kv_stride, p.out_stride = a.out_stride;
+    constexpr int64_t k_decode_max_q = 16;  // beyond this the prefill tiles (16 queries) are as good
+    if (a.n_q <= k_decode_max_q && a.q_stride % 2 == 0 && a.kv_stride % 2 == 0) {
+        const int64_t floats = cuda::attention_decode_workspace_floats(a.n_q, a.n_kv, a.n_head, a.head_dim);
+        auto          ws     = ctx.scratch(size_t(floats) * sizeof(float));
+        if (!ws) return ws.error();
+        return cuda::attention_decode_f16(p, static_cast<float*>(*ws), floats, ctx.stream());
+    }
+    return cuda::attention_prefill_f16(p, ctx.stream());
+}
+
+// ---- linear ------------------------------------------------------------------------------------
+
+status op_cuda_linear_dense(cuda_context& ctx, const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t m, int64_t n,
+                            int64_t k, bool bf16) {
+    return cuda::gemm(ctx.blas(), bf16 ? cuda::gemm_dtype::bf16 : cuda::gemm_dtype::f16, x, w, y, m, n, k, k, k, n,
+                      1.0f, 0.0f, ctx.stream());
+}
+
+result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_host_tensors& t, bool allow_fast) {
+    if (t.bits != 2 && t.bits != 3 && t.bits != 4 && t.bits != 8)
+        return make_error(status_code::STATUS_UNSUPPORTED, "GPTQ layer: bits {} not in 2, 3, 4, 8", t.bits);
+    if (t.n_in <= 0 || t.n_out <= 0 || t.n_groups <= 0 || (t.n_in * t.bits) % 32 || (t.n_out * t.bits) % 32)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "GPTQ layer: n_in {} / n_out {} / n_groups {} do not fit {}-bit packing", t.n_in, t.n_out,
+                          t.n_groups, t.bits);
+    cuda_gptq_linear L;
+    L.n_out = t.n_out, L.n_in = t.n_in, L.n_groups = t.n_groups, L.group_size = t.group_size;
+    L.bits = t.bits, L.zero_add = t.zero_add;
+    const size_t qw_bytes = size_t(t.n_in * t.bits / 32 * t.n_out) * 4;
+    const size_t qz_bytes = size_t(t.n_groups * (t.n_out * t.bits / 32)) * 4;
+    const size_t sc_bytes = size_t(t.n_groups * t.n_out) * 2;
+    if (t.bias) {
+        auto b = cuda_buffer::from_host(t.bias, size_t(t.n_out) * 2);
+        if (!b) return b.error();
+        L.bias = std::move(*b);
+    }
+
+    // Fast path: 4 bits, a layout that fits, groups contiguous after the act-order sort, sm_80+.
+    std::vector<int32_t> perm;
+    auto                 lay = cuda::int4_layout_for(t.n_out, t.n_in, t.group_size);
+    L.fast = allow_fast && t.bits == 4 && ctx.sm_version() >= 80 && lay.is_ok() && (lay->n_groups == t.n_groups) &&
+             cuda::int4_act_order_perm(t.g_idx, t.n_in, t.group_size, perm).is_ok();
+    if (L.fast) {
+        auto qw = cuda_buffer::from_host(t.qweight, qw_bytes);
+        auto qz = cuda_buffer::from_host(t.qzeros, qz_bytes);
+        auto sc = cuda_buffer::from_host(t.scales, sc_bytes);
+        auto w  = cuda_buffer::alloc(size_t(lay->weight_bytes));
+        auto sz = cuda_buffer::alloc(size_t(lay->sz_bytes));
+        for (const auto* r : {&qw, &qz, &sc, &w, &sz})
+            if (!*r) return r->error();
+        if (!perm.empty()) {
+            auto p = cuda_buffer::from_host(perm.data(), perm.size() * 4);
+            if (!p) return p.error();
+            L.perm = std::move(*p);
+        }
+        GPTQ_TRY(cuda::int4_repack(*lay, qw->as<int32_t>(), qz->as<int32_t>(), sc->as<uint16_t>(), L.perm.as<int32_t>(),
+                                   t.zero_add, w->data(), sz->data(), ctx.stream()));
+        GPTQ_TRY(ctx.synchronize());  // the checkpoint copies are freed on return
+        L.weights = std::move(*w);
+        L.sz      = std::move(*sz);
+        return L;
+    }
+    auto qw = cuda_buffer::from_host(t.qweight, qw_bytes);
+    auto qz = cuda_buffer::from_host(t.qzeros, qz_bytes);
+    auto sc = cuda_buffer::from_host(t.scales, sc_bytes);
+    auto gi = cuda_buffer::from_host(t.g_idx, size_t(t.n_in) * 4);
+    for (const auto* r : {&qw, &qz, &sc, &gi})
+        if (!*r) return r->error();
+    L.qweight = std::move(*qw);
+    L.qzeros  = std::move(*qz);
+    L.scales  = std::move(*sc);
+    L.g_idx   = std::move(*gi);
+    return L;
+}
+
+status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, uint16_t* y, int64_t m) {
+    if (m <= 0) return status::ok();
+    const uint16_t* bias = w.bias.bytes() ? w.bias.as<uint16_t>() : nullptr;
+    if (w.fast) {
+        auto lay = cuda::int4_layout_for(w.n_out, w.n_in, w.group_size);
+        if (!lay) return lay.error();
+        const uint16_t* xin = x;
+        if (w.perm.bytes()) {
+            auto xp = ctx.scratch(size_t(m * w.n_in) * 2);
+            if (!xp) return xp.error();
+            GPTQ_TRY(cuda::gptq_permute_cols_f16(x, w.perm.as<int32_t>(), static_cast<uint16_t*>(*xp), m, w.n_in,
+                                                 w.n_in, w.n_in, ctx.stream()));
+            xin = static_cast<const uint16_t*>(*xp);
+        }
+        return cuda::int4_gemv_f16(*lay, w.weights.data(), w.sz.data(), xin, bias, y, m, w.n_in, w.n_out, ctx.stream(),
+                                   w.unroll);
+    }
+    cuda::gptq_linear_params p;
+    p.qweight = w.qweight.as<int32_t>(), p.qzeros = w.qzeros.as<int32_t>(), p.scales = w.scales.as<uint16_t>();
+    p.g_idx = w.g_idx.as<int32_t>(), p.bias = bias;
+    p.n_out = w.n_out, p.n_in = w.n_in, p.n_groups = w.n_groups, p.bits = w.bits, p.zero_add = w.zero_add;
+    return cuda::gptq_linear_generic_f16(p, x, y, m, w.n_in, w.n_out, ctx.stream());
+}
+
+}  // namespace gptq

@@ -1,0 +1,133 @@
+// ops on the GPU (built with GPTQ_CUDA only): a context (device, stream, cuBLAS handle,
+// scratch), device buffers, and one function per operation over F16 device tensors. This file
+// and ops_cuda.cpp are the only callers of kernels/cuda; the model's forward pass will be written
+// against these (docs/cuda.md lists what is left for that). Shapes follow ops.h: activations
+// [n_tokens, features] row-major, linear weights [n_out, n_in]. The CPU ops in ops.h are unchanged.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "core/status.h"
+
+typedef struct CUstream_st*   cudaStream_t;
+typedef struct cublasContext* cublasHandle_t;
+
+namespace gptq {
+
+// Device memory, freed with the object; movable, not copyable.
+class cuda_buffer {
+public:
+    cuda_buffer() = default;
+    ~cuda_buffer();
+    cuda_buffer(cuda_buffer&& o) noexcept;
+    cuda_buffer& operator=(cuda_buffer&& o) noexcept;
+    cuda_buffer(const cuda_buffer&)            = delete;
+    cuda_buffer& operator=(const cuda_buffer&) = delete;
+
+    static result<cuda_buffer> alloc(size_t bytes);                       // OUT_OF_MEMORY names the size
+    static result<cuda_buffer> from_host(const void* src, size_t bytes);  // alloc + synchronous copy
+    status                     upload(const void* src, size_t bytes, size_t offset = 0);
+    status                     download(void* dst, size_t bytes, size_t offset = 0) const;
+
+    void*  data() const { return p_; }
+    size_t bytes() const { return n_; }
+    template <typename T>
+    T* as() const {
+        return static_cast<T*>(p_);
+    }
+
+private:
+    void*  p_ = nullptr;
+    size_t n_ = 0;
+};
+
+struct cuda_context_state;
+
+// One device, one stream, one cuBLAS handle, a scratch area. Not thread-safe: one per thread.
+class cuda_context {
+public:
+    static result<std::unique_ptr<cuda_context>> create(int device);
+    ~cuda_context();
+
+    int            device() const;
+    int            sm_version() const;  // 10 * major + minor
+    cudaStream_t   stream() const;
+    cublasHandle_t blas() const;
+    status         synchronize() const;
+    // Scratch of at least `bytes` (grown, never shrunk; reallocating invalidates earlier
+    // pointers, so size it before capturing a CUDA graph).
+    result<void*> scratch(size_t bytes);
+
+private:
+    cuda_context() = default;
+    std::unique_ptr<cuda_context_state> s_;
+};
+
+// ---- element-wise and normalisation (F16 device pointers) ----------------------------------
+status op_cuda_rms_norm(cuda_context& ctx, const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t n_rows,
+                        int64_t dim, float eps);
+// cos/sin: [n_tokens, head_dim / 2] F32 device tables (ops.h op_rope_tables, uploaded).
+status op_cuda_rope(cuda_context& ctx, uint16_t* x, const float* cos, const float* sin, int64_t n_tokens,
+                    int64_t n_heads, int64_t head_dim, int64_t row_stride);
+// y[r, :n] = silu(gate[r, :n]) * up[r, :n]; gate/up/y with row strides (fused gate_up: up = gate + n).
+status op_cuda_silu_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows,
+                        int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride);
+status op_cuda_add(cuda_context& ctx, uint16_t* x, const uint16_t* y, int64_t n);  // x += y
+// out[t] = table[ids[t]] (ids: device I32; ids out of range give zero rows).
+status op_cuda_embedding(cuda_context& ctx, const uint16_t* table, const int32_t* ids, uint16_t* out, int64_t n_tokens,
+                         int64_t vocab, int64_t dim);
+
+// ---- attention: the same arguments as ops.h, F16 device pointers ----------------------------
+struct cuda_attention_args {
+    const uint16_t* q   = nullptr;  // [n_q, q_stride]
+    const uint16_t* k   = nullptr;  // [n_kv, kv_stride] (the KV cache)
+    const uint16_t* v   = nullptr;  // [n_kv, kv_stride]
+    uint16_t*       out = nullptr;  // [n_q, out_stride]
+    int64_t         n_q = 0, n_kv = 0, q_pos0 = 0;
+    int64_t         n_head = 0, n_head_kv = 0, head_dim = 0;
+    int64_t         window   = 0;
+    float           scale    = 1.0f;
+    int64_t         q_stride = 0, kv_stride = 0, out_stride = 0;
+};
+// Decode kernel (split over the KV length) for n_q <= 16, the tiled prefill kernel otherwise.
+status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a);
+
+// ---- linear layers ---------------------------------------------------------------------------
+// Dense: y[m, n] = x[m, k] w[n, k]^T through cuBLAS, F16 or BF16 (bf16 = true), F32 accumulation.
+status op_cuda_linear_dense(cuda_context& ctx, const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t m, int64_t n,
+                            int64_t k, bool bf16 = false);
+
+// A GPTQ layer's checkpoint tensors in host memory (format.md 1.2), as read from the file.
+struct gptq_host_tensors {
+    const int32_t*  qweight = nullptr;  // [n_in * bits / 32, n_out]
+    const int32_t*  qzeros  = nullptr;  // [n_groups, n_out * bits / 32]
+    const uint16_t* scales  = nullptr;  // [n_groups, n_out] F16
+    const int32_t*  g_idx   = nullptr;  // [n_in], values in [0, n_groups)
+    const uint16_t* bias    = nullptr;  // [n_out] F16 or nullptr
+    int64_t         n_out = 0, n_in = 0, n_groups = 0;
+    int             bits       = 4;
+    int64_t         group_size = 128;  // -1: one group
+    int             zero_add   = 0;    // 1 for v1 ("gptq") checkpoints, 0 for v2
+};
+
+// A GPTQ layer on the device, prepared once: the fast int4 layout when it applies (4 bits, n_in a
+// multiple of 32, group size -1 or a multiple of 32, groups of equal size after the act-order
+// sort, sm_80+), else the checkpoint tensors as they are for the generic kernel.
+struct cuda_gptq_linear {
+    int64_t     n_out = 0, n_in = 0, n_groups = 0;
+    int64_t     group_size = 0;  // as given (-1: one group)
+    int         bits = 4, zero_add = 0;
+    bool        fast   = false;
+    int         unroll = 0;   // fast kernel's 16-byte loads in flight per lane (0: default); for benchmarks
+    cuda_buffer weights, sz;  // fast: the repacked layout (kernels/cuda/gptq_int4.cuh)
+    cuda_buffer perm;         // fast with act-order: [n_in] I32 column order; empty otherwise
+    cuda_buffer qweight, qzeros, scales, g_idx;  // generic: the checkpoint tensors as they are
+    cuda_buffer bias;                            // [n_out] F16 or empty
+};
+result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_host_tensors& t, bool allow_fast = true);
+// y[m, n_out] = x[m, n_in] W^T (+ bias). x, y: F16 device, contiguous rows.
+status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, uint16_t* y, int64_t m);
+
+}  // namespace gptq

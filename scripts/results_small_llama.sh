@@ -9,6 +9,8 @@ gptq=${GPTQ_BIN:-build/bin/gptq}
 model=${MODEL:-../shared/models/small-llama}
 work=${WORK:-/tmp/gptqkit-results}
 threads=${THREADS:-2}
+calib=${CALIB:-default}        # the bundled calibration text
+dataset=${DATASET:-wikitext2}  # the bundled WikiText-2 test split, joined
 mkdir -p "$work"
 configs=("$@")
 if [ ${#configs[@]} -eq 0 ]; then
@@ -22,13 +24,13 @@ for c in "${configs[@]}"; do
     q="$model"; qjson=null
     if [ "$name" != fp16 ]; then
         q="$work/$name"; rm -rf "$q" "$q.partial"
-        "$gptq" -q quantize "$model" -o "$q" --nsamples 128 --seqlen 512 --threads "$threads" \
+        "$gptq" -q quantize "$model" -o "$q" --nsamples 128 --seqlen 512 --threads "$threads" --calib "$calib" \
             --report "$work/$name.report.json" "${args[@]}" > "$work/$name.summary.txt"
         qjson=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); l=r['linears'];
 m=[x['error_gptq']/x['error_rtn'] for x in l if x['error_rtn']>0];
 print(json.dumps({'seconds':r['seconds'],'bytes_out':r['bytes_out'],'bytes_in':r['bytes_in'],
  'mean_err_ratio': (sum(m)/len(m) if m else None), 'worst_err_ratio': (max(m) if m else None)}))" "$work/$name.report.json")
     fi
-    ppl=$("$gptq" ppl "$q" --seqlen 512 --threads "$threads" --json)
+    ppl=$("$gptq" ppl "$q" --seqlen 512 --threads "$threads" --dataset "$dataset" --json)
     echo "{\"name\": \"$name\", \"flags\": \"$flags\", \"quantize\": $qjson, \"ppl\": $ppl}" | tee -a "$out"
 done

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# On the GPU machine's CPUs: the docs/results.md quality table for the model in the CPU bundle
+# (scripts/device/pack_cpu_bundle.sh ../shared/models/small-llama). Runs the configurations given
+# (see scripts/results_small_llama.sh for the format) in parallel, THREADS threads each, one JSON
+# line per run appended to $OUT/results.jsonl as each finishes.
+#   bash scripts/device/results.sh name:flags ...
+set -uo pipefail
+source scripts/device/cpu_bundle_env.sh
+nproc; lscpu | grep -m1 'Model name' || true
+"$GPTQ_BIN" --version
+export MODEL=/tmp/cpu-bundle/model WORK=/tmp/results THREADS=${THREADS:-2}
+export CALIB=$PWD/data/calib/corpus-sample.txt DATASET=$PWD/data/wikitext2/wiki.test.raw.gptq_join.txt
+for c in "$@"; do
+    bash scripts/results_small_llama.sh "$OUT/results.jsonl" "$c" > "$OUT/log-${c%%:*}.txt" 2>&1 &
+done
+wait
+cat "$OUT/results.jsonl"

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Prepare .device-bundle/ for scripts/device/run.sh on the lent GPU machine, which has CUDA but not
+# the project's Debian build dependencies: builds the cuda tests and the kernel benchmark here for
+# sm_90a (in build-cuda-dev, 2 jobs: this machine is shared), then copies the binaries and the
+# shared libraries they need that the GPU machine lacks (fmt, OpenBLAS and its Fortran runtime;
+# cuBLAS and libc come from the machine). .device-bundle is ignored through .git/info/exclude and
+# named in the `run` call's carry list.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BUILD=${BUILD:-build-cuda-dev}
+cmake -S . -B "$BUILD" -G Ninja -DGPTQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a -DGPTQ_BUILD_BENCH=ON > /dev/null
+ninja -C "$BUILD" -j "${JOBS:-2}" test_cuda_kernels test_cuda_gptq test_ops_cuda bench_gptq_gemv
+STAGE="$BUILD/device-bundle"
+rm -rf "$STAGE" .device-bundle && mkdir -p "$STAGE/bin" "$STAGE/lib" .device-bundle
+cp "$BUILD"/tests/test_cuda_kernels "$BUILD"/tests/test_cuda_gptq "$BUILD"/tests/test_ops_cuda \
+   "$BUILD"/bin/bench_gptq_gemv "$STAGE/bin/"
+strip "$STAGE"/bin/*
+for b in "$STAGE"/bin/*; do
+    ldd "$b" | awk '/=> \// {print $3}'
+done | sort -u | grep -Ev 'libc\.so|libm\.so|libstdc\+\+|libgcc_s|libpthread|libdl\.so|librt\.so|ld-linux|libcublas|libcuda' |
+    while read -r lib; do cp -L "$lib" "$STAGE/lib/"; done
+git rev-parse --short HEAD > "$STAGE/COMMIT"
+# Compressed: the working tree and what it carries travel within 64 MiB (OpenBLAS alone is 36 MB).
+tar -C "$STAGE" -cJf .device-bundle/bundle.tar.xz .
+excl=$(git rev-parse --git-path info/exclude); mkdir -p "$(dirname "$excl")"
+grep -qx "/.device-bundle/" "$excl" 2>/dev/null || echo "/.device-bundle/" >> "$excl"
+ls -la .device-bundle "$STAGE/lib"

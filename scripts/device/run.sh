@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The one script run on the GPU machine (docs/cuda.md, "Device workflow"). From the repository
+# root:  bash scripts/device/run.sh            (results under $OUT, default ./device-out)
+#
+# 1. Build: configure + build with CMake for sm_90a (GPTQ_BUILD_BENCH=ON, all cores) when the
+#    build dependencies (fmt, nlohmann-json, CLI11, GoogleTest, OpenBLAS) are there. The lent
+#    machines have CUDA but not those Debian packages, so scripts/device/bundle.sh (run here)
+#    prepares .device-bundle/ (binaries built for sm_90a + the shared libraries they need) and the
+#    `run` call carries it; this script uses it when the build is impossible.
+# 2. Tests: every `cuda`-labelled test, then compute-sanitizer memcheck on the small ones.
+# 3. Benchmarks: bench_gptq_gemv (JSON).
+# $OUT gets at most 6 files (the `run` tool brings back 8): summary.txt, build.log, tests.log,
+# memcheck.log, bench_gptq_gemv.json, bench_gptq_gemv.txt. The benchmark table is printed last.
+set -uo pipefail
+OUT=${OUT:-$PWD/device-out}
+mkdir -p "$OUT"
+JOBS=$(nproc)
+log() { echo "== $*" | tee -a "$OUT/summary.txt"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv | tee -a "$OUT/summary.txt"
+
+BIN=""
+if cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release -DGPTQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
+        -DGPTQ_BUILD_BENCH=ON > "$OUT/build.log" 2>&1; then
+    log "building in build-device with $JOBS jobs"
+    if cmake --build build-device -j "$JOBS" --target test_cuda_kernels test_cuda_gptq test_ops_cuda bench_gptq_gemv \
+            >> "$OUT/build.log" 2>&1; then
+        BIN=build-device
+        TEST_DIR=build-device/tests
+        TESTS=(build-device/tests/test_cuda_kernels build-device/tests/test_cuda_gptq build-device/tests/test_ops_cuda)
+        BENCH=build-device/bin/bench_gptq_gemv
+    else
+        log "build failed (see build.log)"; tail -30 "$OUT/build.log"
+    fi
+else
+    log "configure failed here (missing build dependencies?): $(grep -m1 -i 'could not find\|error' "$OUT/build.log")"
+fi
+if [ -z "$BIN" ]; then
+    if [ ! -d .device-bundle ]; then
+        log "no build and no .device-bundle: run scripts/device/bundle.sh here and carry .device-bundle"; exit 1
+    fi
+    BIN=/tmp/gptq-device-bundle
+    rm -rf "$BIN" && mkdir -p "$BIN" && tar -C "$BIN" -xJf .device-bundle/bundle.tar.xz
+    log "using the carried .device-bundle (built at commit $(cat $BIN/COMMIT 2>/dev/null))"
+    TEST_DIR=$BIN/bin
+    # The bundle's own libraries (fmt, OpenBLAS), then the machine's cuBLAS.
+    CUBLAS_DIR=$(dirname "$(find /usr/local /opt /usr/lib -name 'libcublas.so.13*' 2>/dev/null | head -1)")
+    export LD_LIBRARY_PATH=$BIN/lib:${CUBLAS_DIR}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    TESTS=("$TEST_DIR/test_cuda_kernels" "$TEST_DIR/test_cuda_gptq" "$TEST_DIR/test_ops_cuda")
+    BENCH=$TEST_DIR/bench_gptq_gemv
+fi
+
+status=0
+for t in "${TESTS[@]}"; do
+    name=$(basename "$t")
+    if "$t" > "$OUT/$name.tmp" 2>&1; then
+        log "$name: $(grep -E '^\[  (PASSED|SKIPPED) ' "$OUT/$name.tmp" | tr '\n' ' ')"
+    else
+        status=1; log "$name FAILED"; grep -E 'FAILED|Failure|error' "$OUT/$name.tmp" | head -20
+    fi
+    cat "$OUT/$name.tmp" >> "$OUT/tests.log"; rm -f "$OUT/$name.tmp"
+done
+
+# Memcheck on the small tests (the 4096-wide shapes are skipped: sanitizer time, not coverage).
+if command -v compute-sanitizer > /dev/null; then
+    san="$OUT/memcheck.log"; : > "$san"
+    for spec in "test_cuda_kernels:-*CublasGemm*" "test_cuda_gptq:-*LlamaShape*" "test_ops_cuda:*"; do
+        name=${spec%%:*}; filter=${spec#*:}
+        if compute-sanitizer --tool memcheck --error-exitcode 99 "$TEST_DIR/$name" \
+                --gtest_filter="$filter" >> "$san" 2>&1; then
+            log "memcheck $name: clean"
+        else
+            status=1; log "memcheck $name: ERRORS (see memcheck.log)"
+        fi
+    done
+fi
+
+if "$BENCH" --out "$OUT/bench_gptq_gemv.json" 2> "$OUT/bench_gptq_gemv.txt"; then
+    log "bench_gptq_gemv done"
+else
+    status=1; log "bench_gptq_gemv FAILED"
+fi
+cat "$OUT/bench_gptq_gemv.txt"
+exit $status

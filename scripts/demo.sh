@@ -34,3 +34,6 @@ printf '  %-10s %10s %10s %10s\n' ppl "${ppl[$model]}" "${ppl[$out/rtn-w4-g128]}
 printf '  %-10s %10s %10s %10s\n' size "$(du -sh "$model"/*.safetensors | awk '{print $1}' | head -1)" \
     "$(du -sh "$out/rtn-w4-g128/model.safetensors" | awk '{print $1}')" \
     "$(du -sh "$out/gptq-w4-g128/model.safetensors" | awk '{print $1}')"
+
+step "gptq generate $out/gptq-w4-g128 -p 'The history of the city' -n 48 --temperature 0   (greedy, streamed)"
+"$gptq" generate "$out/gptq-w4-g128" -p "The history of the city" -n 48 --temperature 0

@@ -21,6 +21,7 @@ command register_inspect(CLI::App& app);
 command register_tokenize(CLI::App& app);
 command register_ppl(CLI::App& app);
 command register_quantize(CLI::App& app);
+command register_generate(CLI::App& app);
 // More subcommands (tokenize, ppl, quantize, generate, bench) add a line here and in main.cpp.
 
 // Print "gptq: error: <message>" on stderr and return 1.

@@ -34,6 +34,7 @@ int main(int argc, char** argv) {
     commands.push_back(register_tokenize(app));
     commands.push_back(register_ppl(app));
     commands.push_back(register_quantize(app));
+    commands.push_back(register_generate(app));
 
     try {
         app.parse(argc, argv);

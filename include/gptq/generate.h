@@ -1,0 +1,99 @@
+// Text generation: load a model (FP16/BF16/F32 or GPTQ checkpoint) once, then generate from one
+// prompt (streaming the text as it becomes final) or from many prompts as one ragged batch.
+// docs/generate.md describes the design.
+//
+//     GPTQ_ASSIGN_OR_RETURN(auto gen, generator::open({.model_path = dir}));
+//     generate_params p;  p.max_new_tokens = 64;  p.sampling.temperature = 0;  // greedy
+//     GPTQ_ASSIGN_OR_RETURN(auto r, gen->generate("Once upon a time", p, [](const std::string& s) { fputs(...); }));
+//
+// Each sequence has its own sampler seeded with sampling.seed, so a prompt's output depends only
+// on the prompt and the parameters, not on the other prompts of its batch.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "gptq/chat.h"
+#include "gptq/sampler.h"
+#include "gptq/status.h"
+
+namespace gptq {
+
+struct generator_options {
+    std::string model_path;         // model folder (config.json, tokenizer, safetensors), FP or GPTQ
+    std::string device    = "cpu";  // "cpu"; "cuda" is not built yet (an error says so)
+    int         n_threads = 0;      // CPU threads, 0 = all cores
+};
+
+struct generate_params {
+    int64_t                  max_new_tokens = 200;  // generated tokens at most (an EOS counts)
+    sampling_params          sampling;
+    std::vector<std::string> stop;                // the text ends before the first of these that appears
+    bool                     ignore_eos = false;  // never stop at EOS (EOS logits set to -inf, as
+                                                  // transformers' min_new_tokens does)
+    bool add_special = true;                      // encode the prompt with BOS (false for rendered chat text)
+};
+
+struct generate_result {
+    std::string          prompt;
+    std::vector<int32_t> prompt_tokens;
+    std::vector<int32_t> tokens;         // generated ids, EOS included when it ended the text
+    std::string          text;           // decoded new text (special tokens skipped), stop string excluded
+    std::string          finish_reason;  // "eos", "stop" or "length"
+};
+
+// Timing of one generate / generate_batch call. Prefill: the prompts' forward pass (one ragged
+// batch); decode: every later step (forward + sampling + detokenisation).
+struct generate_stats {
+    int64_t n_sequences      = 0;
+    int64_t n_prefill_tokens = 0;  // prompt tokens of all sequences
+    int64_t n_decode_tokens  = 0;  // rows run through decode steps (one per active sequence and step)
+    double  prefill_seconds  = 0.0;
+    double  decode_seconds   = 0.0;
+    int     n_threads        = 0;
+    double  prefill_tokens_per_second() const { return prefill_seconds > 0 ? n_prefill_tokens / prefill_seconds : 0.0; }
+    double  decode_tokens_per_second() const { return decode_seconds > 0 ? n_decode_tokens / decode_seconds : 0.0; }
+};
+
+// Called with each piece of new text as soon as it is final (never half a UTF-8 character, never
+// a possible beginning of a stop string).
+using text_callback = std::function<void(const std::string& piece)>;
+
+class generator {
+public:
+    static result<std::unique_ptr<generator>> open(const generator_options& options);
+    ~generator();
+
+    result<generate_result> generate(const std::string& prompt, const generate_params& params,
+                                     const text_callback& on_text = {}, generate_stats* stats = nullptr);
+
+    // All prompts as one batch: one ragged prefill, then decode steps over the sequences still
+    // running (a finished one leaves the batch). Results in prompt order.
+    result<std::vector<generate_result>> generate_batch(const std::vector<std::string>& prompts,
+                                                        const generate_params& params, generate_stats* stats = nullptr);
+
+    // The model's chat template (tokenizer_config.json) rendered for `messages`; an error when the
+    // model has none or it uses a construct outside the supported Jinja subset.
+    result<std::string> chat_render(const std::vector<chat_message>& messages, bool add_generation_prompt) const;
+    bool                has_chat_template() const;
+
+    const std::string& model_path() const;
+
+private:
+    generator();
+    struct impl;
+    std::unique_ptr<impl> impl_;
+};
+
+// The prompts of a --prompts file: one prompt per line (empty lines skipped), or, when the first
+// non-empty line starts with '{', JSON Lines whose objects carry a string "prompt". Errors name the
+// file and line.
+result<std::vector<std::string>> prompts_file_read(const std::string& path);
+
+// One line of JSON for a result of generate_batch (prompt, text, tokens, counts, finish_reason).
+std::string generate_result_json(const generate_result& r);
+
+}  // namespace gptq

@@ -1,0 +1,45 @@
+// Token sampler for generation: repetition penalty, then temperature, top-k, top-p, min-p (the
+// order of transformers' logits processors), then a draw from a seeded RNG; greedy (argmax, lowest
+// id on ties) when temperature is 0. Implemented in src/engine/sampler.cpp.
+//
+// Reproducibility: the draw uses std::mt19937_64 (whose output the C++ standard fixes) and our own
+// bits-to-double conversion, so a seed gives the same tokens on every platform for the same logits.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+namespace gptq {
+
+struct sampling_params {
+    float    temperature        = 0.7f;  // 0: greedy
+    int32_t  top_k              = 40;    // keep the k most likely tokens; 0 or >= n_vocab: off
+    float    top_p              = 0.9f;  // keep the smallest most-likely set with mass >= top_p; 1: off
+    float    min_p              = 0.0f;  // drop tokens with p < min_p * p_max; 0: off
+    float    repetition_penalty = 1.1f;  // logits of seen tokens: > 0 divided, < 0 multiplied; 1: off
+    uint64_t seed               = 0;
+};
+
+class sampler {
+public:
+    explicit sampler(const sampling_params& p) : p_(p), rng_(p.seed) {}
+
+    // Pick the next token from logits[n_vocab] (modified in place: penalty, temperature, filters).
+    // history: the ids the repetition penalty looks at (prompt and generated so far), as
+    // transformers does. banned: ids that must not be picked (logit set to -inf first).
+    int32_t sample(float* logits, int64_t n_vocab, const std::vector<int32_t>& history,
+                   const std::vector<int32_t>& banned = {});
+
+    const sampling_params& params() const { return p_; }
+
+private:
+    double uniform();  // [0, 1) with 53 random bits
+
+    sampling_params      p_;
+    std::mt19937_64      rng_;
+    std::vector<float>   probs_;  // scratch
+    std::vector<int32_t> order_;
+};
+
+}  // namespace gptq

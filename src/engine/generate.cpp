@@ -1,0 +1,285 @@
+// generator (include/gptq/generate.h): the model and tokenizer loaded once; each call tokenizes
+// its prompts, runs one ragged-batch prefill (llama_model::forward_batch), then decode steps that
+// batch the sequences still running, one token each. Per sequence: a KV cache sized prompt +
+// max_new_tokens, a sampler, an incremental decoder and the stop-string scan.
+#include "gptq/generate.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "core/error.h"
+#include "core/thread_pool.h"
+#include "model/llama.h"
+#include "tokenizer/tokenizer.h"
+
+namespace gptq {
+
+namespace {
+constexpr status_code E_ARG = status_code::STATUS_INVALID_ARGUMENT;
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Length of the longest prefix of s[0, n) that does not end inside a UTF-8 sequence.
+size_t utf8_boundary(const std::string& s, size_t n) {
+    while (n > 0 && n < s.size() && (static_cast<unsigned char>(s[n]) & 0xC0) == 0x80) --n;
+    return n;
+}
+
+// One sequence being generated.
+struct sequence {
+    generate_result                      res;
+    kv_cache                             cache;
+    std::unique_ptr<sampler>             smp;
+    std::unique_ptr<incremental_decoder> dec;
+    std::vector<int32_t>                 history;      // prompt + generated: what the repetition penalty sees
+    std::string                          text;         // decoded so far (may hold back a possible stop prefix)
+    size_t                               emitted = 0;  // bytes of text already passed on
+    bool                                 done    = false;
+};
+}  // namespace
+
+struct generator::impl {
+    generator_options            opts;
+    std::unique_ptr<llama_model> model;
+    std::unique_ptr<tokenizer>   tok;
+    std::unique_ptr<thread_pool> pool;
+    int                          n_threads = 0;
+
+    result<std::vector<generate_result>> run(const std::vector<std::string>& prompts, const generate_params& p,
+                                             const text_callback& on_text, generate_stats* stats);
+};
+
+generator::generator() : impl_(std::make_unique<impl>()) {}
+generator::~generator() = default;
+
+const std::string& generator::model_path() const {
+    return impl_->opts.model_path;
+}
+
+result<std::unique_ptr<generator>> generator::open(const generator_options& options) {
+    if (options.device == "cuda")
+        return make_error(status_code::STATUS_UNSUPPORTED,
+                          "--device cuda: the CUDA backend is not built yet for generation; use --device cpu");
+    if (options.device != "cpu") return make_error(E_ARG, "--device '{}': expected cpu or cuda", options.device);
+    if (options.n_threads < 0) return make_error(E_ARG, "--threads is {}, expected >= 0", options.n_threads);
+    std::unique_ptr<generator> g(new generator());
+    impl&                      m = *g->impl_;
+    m.opts                       = options;
+    GPTQ_ASSIGN_OR_RETURN(m.model, llama_model::open(options.model_path));
+    GPTQ_ASSIGN_OR_RETURN(m.tok, tokenizer::load(options.model_path));
+    GPTQ_TRY(m.model->layers_load_all());
+    GPTQ_TRY(m.model->globals_load());
+    m.n_threads =
+        options.n_threads > 0 ? options.n_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    m.pool = std::make_unique<thread_pool>(m.n_threads);
+    return g;
+}
+
+result<std::vector<generate_result>> generator::impl::run(const std::vector<std::string>& prompts,
+                                                          const generate_params& p, const text_callback& on_text,
+                                                          generate_stats* stats) {
+    const sampling_params& sp = p.sampling;
+    if (p.max_new_tokens < 0) return make_error(E_ARG, "-n/--max-new-tokens is {}, expected >= 0", p.max_new_tokens);
+    if (!(sp.temperature >= 0.0f)) return make_error(E_ARG, "--temperature is {}, expected >= 0", sp.temperature);
+    if (sp.top_k < 0) return make_error(E_ARG, "--top-k is {}, expected >= 0", sp.top_k);
+    if (!(sp.top_p > 0.0f && sp.top_p <= 1.0f)) return make_error(E_ARG, "--top-p is {}, expected in (0, 1]", sp.top_p);
+    if (!(sp.min_p >= 0.0f && sp.min_p <= 1.0f))
+        return make_error(E_ARG, "--min-p is {}, expected in [0, 1]", sp.min_p);
+    if (!(sp.repetition_penalty > 0.0f))
+        return make_error(E_ARG, "--repetition-penalty is {}, expected > 0", sp.repetition_penalty);
+    size_t max_stop = 0;
+    for (const auto& s : p.stop) {
+        if (s.empty()) return make_error(E_ARG, "--stop: empty stop string");
+        max_stop = std::max(max_stop, s.size());
+    }
+
+    const llama_hparams&  hp    = model->hparams();
+    const int64_t         n_seq = static_cast<int64_t>(prompts.size());
+    std::vector<sequence> seqs(static_cast<size_t>(n_seq));
+    std::vector<int32_t>  ids;
+    std::vector<int64_t>  lens;
+    for (int64_t s = 0; s < n_seq; ++s) {
+        sequence& q         = seqs[static_cast<size_t>(s)];
+        q.res.prompt        = prompts[static_cast<size_t>(s)];
+        q.res.prompt_tokens = tok->encode(q.res.prompt, p.add_special);
+        if (q.res.prompt_tokens.empty())
+            return make_error(E_ARG, "prompt {} encodes to no tokens (empty prompt and no BOS)", s + 1);
+        const int64_t n_ctx = static_cast<int64_t>(q.res.prompt_tokens.size()) + p.max_new_tokens;
+        q.cache             = kv_cache::create(hp, n_ctx);
+        q.smp               = std::make_unique<sampler>(sp);
+        q.dec               = std::make_unique<incremental_decoder>(*tok, /*skip_special=*/true);
+        q.history           = q.res.prompt_tokens;
+        ids.insert(ids.end(), q.res.prompt_tokens.begin(), q.res.prompt_tokens.end());
+        lens.push_back(static_cast<int64_t>(q.res.prompt_tokens.size()));
+    }
+    const std::vector<int32_t> banned = p.ignore_eos ? tok->eos_ids() : std::vector<int32_t>{};
+    auto                       is_eos = [&](int32_t id) {
+        const auto& e = tok->eos_ids();
+        return std::find(e.begin(), e.end(), id) != e.end();
+    };
+
+    // Pass on text up to what could still be the start of a stop string; end at a stop string.
+    auto flush = [&](sequence& q, bool final) {
+        size_t       end  = q.text.size();
+        size_t       hit  = std::string::npos;
+        const size_t from = q.emitted > max_stop ? q.emitted - max_stop : 0;
+        for (const auto& s : p.stop) hit = std::min(hit, q.text.find(s, from));
+        if (hit != std::string::npos) {
+            q.text.resize(hit);
+            end                 = hit;
+            q.done              = true;
+            q.res.finish_reason = "stop";
+        } else if (!final && max_stop > 0) {
+            end = q.text.size() >= max_stop ? utf8_boundary(q.text, q.text.size() - (max_stop - 1)) : 0;
+        }
+        if (end > q.emitted) {
+            if (on_text) on_text(q.text.substr(q.emitted, end - q.emitted));
+            q.emitted = end;
+        }
+    };
+    auto finish = [&](sequence& q, const char* reason) {
+        q.text += q.dec->finish();
+        q.done = true;
+        flush(q, true);
+        if (q.res.finish_reason.empty()) q.res.finish_reason = reason;
+    };
+    auto accept = [&](sequence& q, int32_t id) {
+        q.res.tokens.push_back(id);
+        q.history.push_back(id);
+        if (!p.ignore_eos && is_eos(id)) return finish(q, "eos");
+        q.text += q.dec->step(id);
+        flush(q, false);
+        if (q.done) return;
+        if (static_cast<int64_t>(q.res.tokens.size()) >= p.max_new_tokens) finish(q, "length");
+    };
+
+    const ops_context      ctx{pool.get(), false};
+    const int64_t          n_vocab = hp.n_vocab;
+    std::vector<float>     logits(static_cast<size_t>(n_seq * n_vocab));
+    std::vector<kv_cache*> caches;
+    for (auto& q : seqs) caches.push_back(&q.cache);
+
+    generate_stats st;
+    st.n_sequences = n_seq;
+    st.n_threads   = n_threads;
+    for (int64_t n : lens) st.n_prefill_tokens += n;
+    if (p.max_new_tokens == 0) {
+        for (auto& q : seqs) q.res.finish_reason = "length";
+    } else if (n_seq > 0) {
+        auto t0 = std::chrono::steady_clock::now();
+        GPTQ_TRY(model->forward_batch(ctx, ids.data(), lens.data(), n_seq, caches.data(), logits.data()));
+        st.prefill_seconds = seconds_since(t0);
+        t0                 = std::chrono::steady_clock::now();
+        for (int64_t s = 0; s < n_seq; ++s) {
+            sequence& q = seqs[static_cast<size_t>(s)];
+            accept(q, q.smp->sample(logits.data() + s * n_vocab, n_vocab, q.history, banned));
+        }
+        std::vector<sequence*> active;
+        std::vector<int64_t>   ones;
+        for (;;) {
+            active.clear();
+            ids.clear();
+            caches.clear();
+            for (auto& q : seqs)
+                if (!q.done) {
+                    active.push_back(&q);
+                    ids.push_back(q.res.tokens.back());
+                    caches.push_back(&q.cache);
+                }
+            if (active.empty()) break;
+            const int64_t n_active = static_cast<int64_t>(active.size());
+            ones.assign(static_cast<size_t>(n_active), 1);
+            GPTQ_TRY(model->forward_batch(ctx, ids.data(), ones.data(), n_active, caches.data(), logits.data()));
+            st.n_decode_tokens += n_active;
+            for (int64_t i = 0; i < n_active; ++i) {
+                sequence& q = *active[static_cast<size_t>(i)];
+                accept(q, q.smp->sample(logits.data() + i * n_vocab, n_vocab, q.history, banned));
+            }
+        }
+        st.decode_seconds = seconds_since(t0);
+    }
+    if (stats) *stats = st;
+    std::vector<generate_result> out;
+    for (auto& q : seqs) {
+        q.res.text = q.text;
+        out.push_back(std::move(q.res));
+    }
+    return out;
+}
+
+result<generate_result> generator::generate(const std::string& prompt, const generate_params& params,
+                                            const text_callback& on_text, generate_stats* stats) {
+    GPTQ_ASSIGN_OR_RETURN(auto r, impl_->run({prompt}, params, on_text, stats));
+    return std::move(r[0]);
+}
+
+result<std::vector<generate_result>> generator::generate_batch(const std::vector<std::string>& prompts,
+                                                               const generate_params& params, generate_stats* stats) {
+    return impl_->run(prompts, params, {}, stats);
+}
+
+bool generator::has_chat_template() const {
+    return !impl_->tok->config().chat_template.empty();
+}
+
+result<std::string> generator::chat_render(const std::vector<chat_message>& messages,
+                                           bool                             add_generation_prompt) const {
+    const tokenizer_config& c = impl_->tok->config();
+    if (c.chat_template.empty())
+        return make_error(status_code::STATUS_UNSUPPORTED,
+                          "{}: the model has no chat template (tokenizer_config.json has no chat_template)",
+                          impl_->opts.model_path);
+    chat_template_vars v;
+    v.bos_token             = c.bos_token.value_or("");
+    v.eos_token             = c.eos_token.value_or("");
+    v.add_generation_prompt = add_generation_prompt;
+    auto r                  = chat_template_render(c.chat_template, messages, v);
+    if (!r) return r.error().with_context(impl_->opts.model_path);
+    return r;
+}
+
+result<std::vector<std::string>> prompts_file_read(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return make_error(status_code::STATUS_NOT_FOUND, "--prompts {}: cannot open", path);
+    std::vector<std::string> out;
+    std::string              line;
+    int64_t                  i_line = 0;
+    int                      jsonl  = -1;  // unknown until the first non-empty line
+    while (std::getline(in, line)) {
+        ++i_line;
+        if (!line.empty() && line.back() == '\r') line.pop_back();
+        if (line.find_first_not_of(" \t") == std::string::npos) continue;
+        if (jsonl < 0) jsonl = line[line.find_first_not_of(" \t")] == '{';
+        if (!jsonl) {
+            out.push_back(line);
+            continue;
+        }
+        auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+        if (j.is_discarded()) return make_error(E_ARG, "{}:{}: not valid JSON", path, i_line);
+        if (!j.is_object() || !j.contains("prompt") || !j["prompt"].is_string())
+            return make_error(E_ARG, "{}:{}: expected an object with a string \"prompt\"", path, i_line);
+        out.push_back(j["prompt"].get<std::string>());
+    }
+    if (out.empty()) return make_error(E_ARG, "--prompts {}: no prompts in the file", path);
+    return out;
+}
+
+std::string generate_result_json(const generate_result& r) {
+    nlohmann::ordered_json j;
+    j["prompt"]          = r.prompt;
+    j["text"]            = r.text;
+    j["finish_reason"]   = r.finish_reason;
+    j["n_prompt_tokens"] = r.prompt_tokens.size();
+    j["n_tokens"]        = r.tokens.size();
+    j["tokens"]          = r.tokens;
+    return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+}  // namespace gptq

@@ -8,6 +8,7 @@ packages=(
     nlohmann-json3-dev libcli11-dev libfmt-dev
     libpcre2-dev libsentencepiece-dev libopenblas-dev
     libgtest-dev libgmock-dev libbenchmark-dev
+    clang libclang-rt-14-dev
 )
 
 missing=()

@@ -8,8 +8,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <new>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
@@ -59,7 +61,10 @@ nlohmann::json run_identity(const quantize_params& p, const gptq_config& cfg) {
             {"true_sequential", p.true_sequential}};
 }
 
+// Free host memory: MemAvailable, or GPTQ_MEMORY_LIMIT_BYTES when set (tests, or to keep a run
+// within a budget smaller than the machine; docs/reliability.md).
 uint64_t mem_available_bytes() {
+    if (const char* lim = std::getenv("GPTQ_MEMORY_LIMIT_BYTES"); lim && *lim) return std::strtoull(lim, nullptr, 10);
     std::ifstream in("/proc/meminfo");
     std::string   key;
     uint64_t      kb = 0;
@@ -228,8 +233,17 @@ status load_finished_layer(run_state& s, int64_t i, llama_layer* layer) {
     return status::ok();
 }
 
+// NaN/Inf in the checkpoint's tensors would end up in the output (norms are copied, GPTQ would
+// spread them): refuse, naming the tensor (docs/reliability.md).
+status check_tensors_finite(const tensor_source& src, const std::vector<tensor_spec>& specs) {
+    for (const auto& t : specs)
+        if (const tensor_entry* e = src.find(t.name)) GPTQ_TRY(e->file->check_finite(*e->info));
+    return status::ok();
+}
+
 status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_layer* layer) {
     const auto&  hp = s.model->hparams();
+    GPTQ_TRY(check_tensors_finite(s.model->source(), llama_layer_tensors(hp, i)));
     std::vector<std::pair<linear_role, gptq_linear_data>> out;
     for (const auto& group : quant_groups(s.p.true_sequential)) {
         // Hessians of the distinct inputs this group reads.
@@ -384,7 +398,25 @@ status check_params(const quantize_params& p) {
 
 }  // namespace
 
+namespace {
+result<quantize_report> quantize_model_run(const quantize_params& params);
+}  // namespace
+
+// Out of host memory in the middle of a run (the plan is an estimate): a message, not a crash, and
+// the work folder stays for --resume.
 result<quantize_report> quantize_model(const quantize_params& params) {
+    try {
+        return quantize_model_run(params);
+    } catch (const std::bad_alloc&) {
+        return make_error(status_code::STATUS_OUT_OF_MEMORY,
+                          "out of host memory while quantizing {} (an allocation failed beyond the memory plan); the "
+                          "finished layers in {}.partial are kept: free memory, then rerun with --resume",
+                          params.model_path, params.output_path);
+    }
+}
+
+namespace {
+result<quantize_report> quantize_model_run(const quantize_params& params) {
     const auto t_start = clock::now();
     GPTQ_TRY(check_params(params));
     run_state s;
@@ -426,7 +458,13 @@ result<quantize_report> quantize_model(const quantize_params& params) {
         for (int r = 0; r < k_n_linear_roles; ++r) {
             const auto shp = hp.linear_shape(static_cast<linear_role>(r));
             GPTQ_TRY(gptq_check_packable(shp[1], shp[0], params.bits, llama_linear_name(i, static_cast<linear_role>(r))));
+            // A partial last group is a checkpoint that vLLM / Marlin / ExLlama refuse: say so now.
+            if (params.group_size > 0 && shp[1] % params.group_size != 0)
+                return make_error(E_ARG, "{}: in_features {} is not a multiple of --group-size {}; GPTQ kernels need "
+                                  "whole groups: choose a group size that divides it, or -1",
+                                  llama_linear_name(i, static_cast<linear_role>(r)), shp[1], params.group_size);
         }
+    GPTQ_TRY(check_tensors_finite(s.model->source(), llama_global_tensors(hp)));
 
     // Output and work folders.
     if (fs::exists(params.output_path))
@@ -508,8 +546,11 @@ result<quantize_report> quantize_model(const quantize_params& params) {
                       human_bytes(act_bytes), human_bytes(plan), avail ? human_bytes(avail) : "unknown");
         if (avail > 0 && plan > avail)
             return make_error(status_code::STATUS_OUT_OF_MEMORY,
-                              "quantizing needs about {} but only {} is available; lower --nsamples or --seqlen",
-                              human_bytes(plan), human_bytes(avail));
+                              "quantizing needs about {} but only {} is available{}; lower --nsamples or --seqlen{}",
+                              human_bytes(plan), human_bytes(avail),
+                              std::getenv("GPTQ_MEMORY_LIMIT_BYTES") ? " (GPTQ_MEMORY_LIMIT_BYTES)" : "",
+                              fs::exists(s.work) ? fmt::format(" (the finished layers in {} are kept for --resume)", s.work)
+                                                 : std::string());
         s.x.resize(static_cast<size_t>(s.n_samples * params.seqlen * hp.n_embd));
         GPTQ_TRY(s.model->globals_load());
         GPTQ_TRY(s.model->embed(windows.data(), s.n_samples * params.seqlen, s.x.data()));
@@ -520,6 +561,12 @@ result<quantize_report> quantize_model(const quantize_params& params) {
         std::error_code ec;
         fs::create_directories(s.work, ec);
         if (ec) return make_error(status_code::STATUS_IO_ERROR, "{}: cannot create: {}", s.work, ec.message());
+    }
+    // Until the final rename the folder says it is unfinished, so that no loader takes it for a model.
+    if (!fs::exists(path_join(s.work, k_work_folder_marker))) {
+        GPTQ_TRY(file_write_atomic(path_join(s.work, k_work_folder_marker),
+                                   "This folder is the work folder of an unfinished `gptq quantize`; continue it with "
+                                   "--resume. It becomes the output folder when complete.\n"));
     }
     progress_bar bar("quantize", hp.n_layer, "layer");
     bar.set(layers_done);
@@ -568,6 +615,10 @@ result<quantize_report> quantize_model(const quantize_params& params) {
             name.find(".tmp-") != std::string::npos)
             fs::remove(entry.path());
     }
+    {
+        std::error_code ec_marker;  // last: everything else is final now
+        fs::remove(path_join(s.work, k_work_folder_marker), ec_marker);
+    }
     std::error_code ec;
     fs::rename(s.work, params.output_path, ec);
     if (ec) return make_error(status_code::STATUS_IO_ERROR, "renaming {} to {}: {}", s.work, params.output_path, ec.message());
@@ -587,6 +638,7 @@ result<quantize_report> quantize_model(const quantize_params& params) {
         GPTQ_TRY(file_write_atomic(params.report_path, quantize_report_json(s.report) + "\n"));
     return s.report;
 }
+}  // namespace
 
 std::string quantize_report_json(const quantize_report& r) {
     nlohmann::ordered_json j;

@@ -99,13 +99,19 @@ result<gptq_linear_data> gptq_linear_read(const tensor_source& src, const std::s
             return make_error(E_PARSE, "{}: {}.g_idx[{}] = {} is outside the {} groups of its scales", g_idx.file->path(),
                               module, k, g, d.n_groups);
     }
+    GPTQ_TRY(scales.file->check_finite(*scales.info));  // a NaN scale would put NaN in every weight of its group
     d.scales.resize(static_cast<size_t>(d.n_groups * n_out));
     if (scales.info->type == dtype::DTYPE_F16) {
         scales.file->copy_to(*scales.info, d.scales.data());
     } else if (scales.info->type == dtype::DTYPE_BF16 || scales.info->type == dtype::DTYPE_F32) {
         std::vector<float> f(d.scales.size());  // AutoGPTQ's cuda kernel may store bf16 scales
         GPTQ_TRY(scales.file->read_f32(*scales.info, f.data()));
-        for (size_t i = 0; i < f.size(); ++i) d.scales[i] = f32_to_f16(f[i]);
+        for (size_t i = 0; i < f.size(); ++i) {
+            d.scales[i] = f32_to_f16(f[i]);
+            if ((d.scales[i] & 0x7c00) == 0x7c00)
+                return make_error(E_PARSE, "{}: {}.scales[{}] = {} does not fit in F16", scales.file->path(), module, i,
+                                  f[i]);
+        }
     } else {
         return make_error(E_PARSE, "{}: tensor '{}.scales' has dtype {}, expected F16", scales.file->path(), module,
                           dtype_name(scales.info->type));
@@ -142,6 +148,7 @@ result<gptq_linear_data> gptq_linear_read(const tensor_source& src, const std::s
             return make_error(E_PARSE, "{}: tensor '{}.bias' has shape {}, expected [{}]", b->file->path(), module,
                               shape_str(b->info->shape), n_out);
         std::vector<float> f(static_cast<size_t>(n_out));
+        GPTQ_TRY(b->file->check_finite(*b->info));
         GPTQ_TRY(b->file->read_f32(*b->info, f.data()));
         d.bias.resize(static_cast<size_t>(n_out));
         for (size_t i = 0; i < f.size(); ++i) d.bias[i] = f32_to_f16(f[i]);

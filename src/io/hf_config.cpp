@@ -2,6 +2,7 @@
 
 #include "core/error.h"
 #include "core/log.h"
+#include "io/tensor_source.h"
 
 namespace gptq {
 
@@ -247,6 +248,7 @@ result<model_config> model_config_parse(const json& j, const std::string& where)
 }
 
 result<model_config> model_config_load(const std::string& path) {
+    if (dir_exists(path)) GPTQ_TRY(work_folder_check(path));
     const std::string file = dir_exists(path) ? path_join(path, "config.json") : path;
     GPTQ_ASSIGN_OR_RETURN(json j, json_read_file(file));
     return model_config_parse(j, file);

@@ -257,6 +257,40 @@ status safetensors_file::read_f32(const safetensors_tensor_info& info, float* ds
     }
 }
 
+status safetensors_file::check_finite(const safetensors_tensor_info& info) const {
+    const uint8_t* src = bytes(info);
+    const size_t   n   = static_cast<size_t>(info.numel());
+    // Non-finite = exponent bits all ones; read the bits, no conversion.
+    auto bad = [&](size_t i) -> bool {
+        switch (info.type) {
+            case dtype::DTYPE_F32: {
+                uint32_t u;
+                std::memcpy(&u, src + 4 * i, 4);
+                return (u & 0x7f800000u) == 0x7f800000u;
+            }
+            case dtype::DTYPE_F16:
+            case dtype::DTYPE_BF16: {
+                uint16_t h;
+                std::memcpy(&h, src + 2 * i, 2);
+                const uint16_t e = info.type == dtype::DTYPE_F16 ? 0x7c00 : 0x7f80;
+                return (h & e) == e;
+            }
+            case dtype::DTYPE_F64: {
+                uint64_t u;
+                std::memcpy(&u, src + 8 * i, 8);
+                return (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+            }
+            default: return false;
+        }
+    };
+    size_t n_bad = 0, first = 0;
+    for (size_t i = 0; i < n; ++i)
+        if (bad(i) && n_bad++ == 0) first = i;
+    if (n_bad == 0) return status::ok();
+    return make_error(E_PARSE, "{}: tensor '{}' holds NaN or Inf at element {} ({} non-finite value{} of {})", path_,
+                      info.name, first, n_bad, n_bad == 1 ? "" : "s", n);
+}
+
 // ---- writer ------------------------------------------------------------------------------------
 
 result<std::unique_ptr<safetensors_writer>> safetensors_writer::create(const std::string& path,

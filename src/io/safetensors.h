@@ -68,6 +68,9 @@ public:
     void copy_to(const safetensors_tensor_info& info, void* dst) const;
     // Convert a float tensor (F32/F16/BF16) into dst (numel() floats), whatever its alignment.
     status read_f32(const safetensors_tensor_info& info, float* dst) const;
+    // For a float tensor (F64/F32/F16/BF16): an error naming the file, the tensor, the first NaN or
+    // Inf (its flat index) and how many there are. Other dtypes are always ok. Reads in place.
+    status check_finite(const safetensors_tensor_info& info) const;
 
 private:
     safetensors_file() = default;

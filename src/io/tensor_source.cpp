@@ -31,6 +31,14 @@ std::vector<std::string> list_safetensors(const std::string& folder) {
 
 }  // namespace
 
+status work_folder_check(const std::string& folder) {
+    if (!file_exists(path_join(folder, k_work_folder_marker))) return status::ok();
+    return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                      "{}: the work folder of an unfinished `gptq quantize` ({} is present), not a model; finish "
+                      "it with `gptq quantize ... --resume`",
+                      folder, k_work_folder_marker);
+}
+
 result<std::unique_ptr<tensor_source>> tensor_source::open(const std::string& path) {
     auto src   = std::make_unique<tensor_source>();
     src->path_ = path;
@@ -56,6 +64,7 @@ result<std::unique_ptr<tensor_source>> tensor_source::open(const std::string& pa
         GPTQ_ASSIGN_OR_RETURN(size_t i, add_file(path));
         GPTQ_TRY(add_all_tensors(i));
     } else if (dir_exists(path)) {
+        GPTQ_TRY(work_folder_check(path));
         src->folder_            = path;
         const std::string index = path_join(path, "model.safetensors.index.json");
         if (file_exists(index)) {

@@ -22,6 +22,13 @@ struct tensor_entry {
     const safetensors_tensor_info* info = nullptr;
 };
 
+// A folder holding this file is the work folder of an unfinished `gptq quantize` (its files may
+// look like a model before they are complete): tensor_source::open and model_config_load refuse
+// it. quantize writes it first and removes it just before renaming the folder to its final name.
+constexpr const char* k_work_folder_marker = "INCOMPLETE-gptq-quantize.txt";
+// STATUS_INVALID_ARGUMENT naming the folder when it holds k_work_folder_marker, else ok.
+status work_folder_check(const std::string& folder);
+
 class tensor_source {
 public:
     // `path`: a folder or a .safetensors file.

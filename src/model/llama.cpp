@@ -112,6 +112,18 @@ result<llama_hparams> llama_hparams_from_config(const model_config& cfg) {
         {"head_dim", hp.head_dim}};
     for (const auto& [name, v] : positive)
         if (v <= 0) return make_error(E_ARG, "{}: {} is {}, expected a positive integer", where, name, v);
+    // Bounds far above any real model, so that every size derived below (q_dim, kv_dim, tensor
+    // shapes, the per-layer tables) fits in int64 and nothing huge is allocated before the
+    // checkpoint's tensors are checked (found by fuzz/fuzz_config; docs/reliability.md).
+    const std::pair<const char*, int64_t> bounded[] = {
+        {"num_hidden_layers", hp.n_layer}, {"num_attention_heads", hp.n_head}, {"num_key_value_heads", hp.n_head_kv},
+        {"head_dim", hp.head_dim}};
+    for (const auto& [name, v] : bounded)
+        if (v > k_llama_max_dim)
+            return make_error(E_UNSUP, "{}: {} is {}, more than the {} supported", where, name, v, k_llama_max_dim);
+    if (hp.n_head * hp.head_dim > (int64_t(1) << 31))
+        return make_error(E_UNSUP, "{}: num_attention_heads x head_dim = {} x {} is too large", where, hp.n_head,
+                          hp.head_dim);
     if (hp.n_head % hp.n_head_kv != 0)
         return make_error(E_UNSUP, "{}: num_attention_heads {} is not a multiple of num_key_value_heads {}", where,
                           hp.n_head, hp.n_head_kv);

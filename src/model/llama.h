@@ -77,6 +77,8 @@ struct llama_hparams {
 };
 
 // Checks what the forward pass supports; unsupported values are errors naming the value.
+// Layer count, head counts and head_dim are bounded by k_llama_max_dim.
+constexpr int64_t k_llama_max_dim = int64_t(1) << 16;
 result<llama_hparams> llama_hparams_from_config(const model_config& cfg);
 
 // RoPE inverse frequencies [head_dim / 2] for a forward pass whose last position is seq_len - 1

@@ -1,6 +1,7 @@
 #include "quant/gptq.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 
@@ -76,9 +77,22 @@ status gptq_check_options(const gptq_options& opt, int64_t n_in) {
     return status::ok();
 }
 
+status gptq_check_finite(const float* x, int64_t n_rows, int64_t n_cols, const std::string& what) {
+    int64_t n_bad = 0, first = -1;
+    for (int64_t i = 0; i < n_rows * n_cols; ++i)
+        if (!std::isfinite(x[i])) {
+            if (first < 0) first = i;
+            ++n_bad;
+        }
+    if (n_bad == 0) return status::ok();
+    return make_error(E_ARG, "{} holds {} at [{}, {}] ({} non-finite value{} of {})", what, x[first], first / n_cols,
+                      first % n_cols, n_bad, n_bad == 1 ? "" : "s", n_rows * n_cols);
+}
+
 result<quantized_linear> rtn_quantize(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
                                       const gptq_options& opt) {
     GPTQ_TRY(gptq_check_options(opt, n_in));
+    GPTQ_TRY(gptq_check_finite(w, n_out, n_in, "the weight"));
     quantized_linear q    = make_result(opt, n_out, n_in);
     const int64_t    gs   = opt.group_size == -1 ? n_in : opt.group_size;
     const int        maxq = grid_maxq(opt.bits);
@@ -100,6 +114,10 @@ result<quantized_linear> rtn_quantize(const ops_context& ctx, const float* w, in
 result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in, int64_t n_out, int64_t n_in,
                                        const float* h_in, const gptq_options& opt, gptq_stats* stats) {
     GPTQ_TRY(gptq_check_options(opt, n_in));
+    GPTQ_TRY(gptq_check_finite(w_in, n_out, n_in, "the weight"));
+    GPTQ_TRY(gptq_check_finite(h_in, n_in, n_in,
+                               "the Hessian of the calibration inputs (the activations reaching this layer overflowed "
+                               "or hold NaN)"));
     const int      maxq = grid_maxq(opt.bits);
     const int64_t  gs   = opt.group_size == -1 ? n_in : opt.group_size;
     const bool     grouped = opt.group_size != -1;
@@ -124,6 +142,13 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
             for (int64_t r = 0; r < n_out; ++r) W[static_cast<size_t>(r) * K + k] = 0.0f;
             ++n_dead;
         }
+    if (n_dead == n_in) {
+        // No calibration signal at all: every column would be zeroed. Round to nearest instead.
+        GPTQ_LOG_WARN("all {} input columns are dead (the calibration inputs of this layer are all zero); using "
+                      "round-to-nearest for it", n_in);
+        if (stats) *stats = gptq_stats{0.0, n_dead, 0.0};
+        return rtn_quantize(ctx, w_in, n_out, n_in, opt);
+    }
 
     quantized_linear q = make_result(opt, n_out, n_in);
 
@@ -256,11 +281,16 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
             q.g_idx[static_cast<size_t>(orig)] = static_cast<int32_t>(i / gs);
         }
     }
+    const double loss = std::accumulate(row_loss.begin(), row_loss.end(), 0.0);
+    if (!std::isfinite(loss))
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "GPTQ diverged on this layer (non-finite error {}) with damp_percent {:.3f}; raise "
+                          "--damp-percent", loss, damp_percent);
     q.perm = std::move(perm);
     if (stats) {
         stats->damp_percent_used = damp_percent;
         stats->n_dead_columns    = n_dead;
-        stats->loss              = std::accumulate(row_loss.begin(), row_loss.end(), 0.0);
+        stats->loss              = loss;
     }
     return q;
 }

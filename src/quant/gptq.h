@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "core/status.h"
@@ -67,17 +68,25 @@ private:
     std::vector<float> h_;  // upper triangle of sum x x^T
 };
 
-// GPTQ. w: [n_out, n_in], h: [n_in, n_in] (both unchanged). Errors: bad options, or a Hessian
-// that stays not positive definite even with damping raised to 1.
+// GPTQ. w: [n_out, n_in], h: [n_in, n_in] (both unchanged). Errors: bad options, NaN/Inf in w or
+// h (h non-finite means the layer's calibration inputs were), a Hessian that stays not positive
+// definite even with damping raised to 1, or an update that diverged. A Hessian that is entirely
+// zero (every input column dead: no calibration signal at all) falls back to rtn_quantize with a
+// warning, rather than zeroing the whole weight as the dead-column rule would (docs/reliability.md).
 result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
                                        const float* h, const gptq_options& opt, gptq_stats* stats = nullptr);
 
-// Round to nearest with the same grid, contiguous groups (g_idx = k / group_size).
+// Round to nearest with the same grid, contiguous groups (g_idx = k / group_size). Errors: bad
+// options, NaN/Inf in w.
 result<quantized_linear> rtn_quantize(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
                                       const gptq_options& opt);
 
 // Check options against a layer shape; the message names the option and the value.
 status gptq_check_options(const gptq_options& opt, int64_t n_in);
+
+// x: [n_rows, n_cols]. An error naming `what`, the first non-finite value (NaN or Inf) and its
+// position, and how many there are; ok when every value is finite.
+status gptq_check_finite(const float* x, int64_t n_rows, int64_t n_cols, const std::string& what);
 
 // out: [n_out, n_in] = scales[g_idx[k], n] * (codes[n, k] - zeros[g_idx[k], n]).
 void quantized_linear_dequantize(const quantized_linear& q, float* out);

@@ -27,9 +27,10 @@ struct grid_params {
 
 inline int grid_maxq(int bits) { return (1 << bits) - 1; }
 
+// NaN maps to code 0 (converting NaN to int is undefined); callers reject non-finite inputs first.
 inline int grid_quantize(float x, grid_params p, int maxq) {
     const float v = std::nearbyint(x / p.scale) + static_cast<float>(p.zero);
-    return v < 0.0f ? 0 : (v > static_cast<float>(maxq) ? maxq : static_cast<int>(v));
+    return !(v >= 0.0f) ? 0 : (v > static_cast<float>(maxq) ? maxq : static_cast<int>(v));
 }
 
 inline float grid_dequantize(int q, grid_params p) { return p.scale * static_cast<float>(q - p.zero); }

@@ -1,0 +1,145 @@
+// Crash safety of gptq quantize (docs/reliability.md): the CLI is SIGKILLed at >= 20 moments spread
+// over a run (fractions of an uninterrupted run's duration, from startup to the final rename), then
+// rerun with --resume until it completes (some resumes are killed too). Each finished checkpoint
+// must be byte-identical to the uninterrupted one, the output folder must never exist before
+// completion, and the work folder left by a kill must never load as a model.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+
+#include <chrono>
+#include <filesystem>
+#include <map>
+#include <thread>
+
+#include "io/hf_config.h"
+#include "io/tensor_source.h"
+#include "test_util.h"
+
+extern char** environ;
+
+using namespace gptq;
+namespace fs     = std::filesystem;
+using clock_type = std::chrono::steady_clock;
+
+namespace {
+
+// Start `gptq quantize` (stdout/stderr to `log`); returns the pid.
+pid_t spawn_quantize(const std::string& out, bool resume, const std::string& log) {
+    std::vector<std::string> args = {test::gptq_binary(),
+                                     "-q",
+                                     "quantize",
+                                     test::source_path("models/tiny-llama"),
+                                     "-o",
+                                     out,
+                                     "--nsamples",
+                                     "4",
+                                     "--seqlen",
+                                     "64",
+                                     "--threads",
+                                     "2"};
+    if (resume) args.push_back("--resume");
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 1, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
+    posix_spawn_file_actions_adddup2(&fa, 1, 2);
+    pid_t pid = -1;
+    EXPECT_EQ(posix_spawn(&pid, argv[0], &fa, nullptr, argv.data(), environ), 0);
+    posix_spawn_file_actions_destroy(&fa);
+    return pid;
+}
+
+// Wait for the child; kill it first after `kill_after` seconds if still running (< 0: never).
+// Returns {exit status, whether it was killed}.
+std::pair<int, bool> run_child(pid_t pid, double kill_after) {
+    const auto t0 = clock_type::now();
+    for (;;) {
+        int         st = 0;
+        const pid_t r  = waitpid(pid, &st, WNOHANG);
+        if (r == pid) return {WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st), false};
+        if (kill_after >= 0 && std::chrono::duration<double>(clock_type::now() - t0).count() >= kill_after) {
+            kill(pid, SIGKILL);
+            waitpid(pid, &st, 0);
+            // It may have exited on its own between the two calls.
+            if (WIFEXITED(st)) return {WEXITSTATUS(st), false};
+            return {128 + WTERMSIG(st), true};
+        }
+        std::this_thread::sleep_for(std::chrono::microseconds(500));
+    }
+}
+
+std::map<std::string, std::string> folder_bytes(const std::string& dir) {
+    std::map<std::string, std::string> m;
+    for (const auto& e : fs::directory_iterator(dir))
+        m[e.path().filename().string()] = test::read_file(e.path().string());
+    return m;
+}
+
+}  // namespace
+
+TEST(quantize_crash, sigkill_at_20_points_then_resume_is_byte_identical) {
+#ifdef GPTQ_SANITIZE
+    GTEST_SKIP() << "about 25 full quantize runs: too slow under ASan; the release build runs it";
+#endif
+    test::temp_dir    dir("q-crash");
+    const std::string log = dir.file("log.txt");
+
+    // The uninterrupted reference, timed.
+    const auto t0                 = clock_type::now();
+    const auto [ref_rc, ref_kill] = run_child(spawn_quantize(dir.file("ref"), false, log), -1);
+    const double t_run            = std::chrono::duration<double>(clock_type::now() - t0).count();
+    ASSERT_EQ(ref_rc, 0) << test::read_file(log);
+    const auto ref = folder_bytes(dir.file("ref"));
+    ASSERT_TRUE(ref.count("model.safetensors") && ref.count("config.json") && ref.count("quantize_config.json"));
+
+    constexpr int k_points = 24;
+    int           n_killed = 0, n_resumes = 0;
+    for (int k = 0; k < k_points; ++k) {
+        SCOPED_TRACE(testing::Message() << "kill point " << k);
+        const std::string out = dir.file("out" + std::to_string(k));
+        // Spread over the whole run, startup to rename: fractions 0.02 .. 0.97 of its duration.
+        const double at         = t_run * (0.02 + 0.95 * k / (k_points - 1));
+        const auto [rc, killed] = run_child(spawn_quantize(out, false, log), at);
+        if (killed) {
+            ++n_killed;
+            EXPECT_FALSE(fs::exists(out)) << "the output folder exists although the run was killed";
+            if (fs::exists(out + ".partial")) {
+                EXPECT_FALSE(tensor_source::open(out + ".partial").is_ok());
+                EXPECT_FALSE(model_config_load(out + ".partial").is_ok());
+                if (k % 4 == 0) {
+                    auto insp = test::run_command(test::gptq_binary() + " inspect " + out + ".partial");
+                    EXPECT_NE(insp.exit_code, 0) << insp.out;
+                }
+            }
+            // Resume until complete; every third point also kills its first resume half way.
+            for (int attempt = 0; !fs::exists(out); ++attempt) {
+                ASSERT_LT(attempt, 4) << test::read_file(log);
+                const double kill_resume  = (k % 3 == 0 && attempt == 0) ? t_run * 0.5 : -1.0;
+                const auto [rrc, rkilled] = run_child(spawn_quantize(out, true, log), kill_resume);
+                ++n_resumes;
+                if (!rkilled) {
+                    ASSERT_EQ(rrc, 0) << test::read_file(log);
+                } else {
+                    EXPECT_FALSE(fs::exists(out));
+                }
+            }
+        } else {
+            ASSERT_EQ(rc, 0) << test::read_file(log);
+        }
+        EXPECT_FALSE(fs::exists(out + ".partial"));
+        const auto got = folder_bytes(out);
+        ASSERT_EQ(got.size(), ref.size());
+        for (const auto& [name, bytes] : ref)
+            EXPECT_TRUE(got.count(name) && got.at(name) == bytes) << name << " differs";
+        fs::remove_all(out);
+    }
+    EXPECT_GE(n_killed, 20) << "too few kills landed inside a run (uninterrupted run took " << t_run << " s)";
+    RecordProperty("kills", n_killed);
+    RecordProperty("resumes", n_resumes);
+    RecordProperty("run_seconds", std::to_string(t_run));
+}

@@ -28,6 +28,9 @@ namespace {
 // Output features per slice: a multiple of 16 keeps sgemm's packed panels whole; small enough that
 // two threads share the work evenly on the smallest layers we run (n = 16 .. 152k).
 constexpr int64_t k_slice_align = 16;
+// Up to this many rows, one sgemv per row instead of one sgemm (see linear_slice); measured on the
+// tiny-llama decode step (docs/generate.md).
+constexpr int64_t k_gemv_max_rows = 4;
 
 void linear_slice(const float* x, const float* w, const float* bias, float* y, int64_t m, int64_t n, int64_t k,
                   int64_t j0, int64_t j1) {
@@ -35,6 +38,17 @@ void linear_slice(const float* x, const float* w, const float* bias, float* y, i
     if (nj <= 0) return;
     if (bias) {
         for (int64_t i = 0; i < m; ++i) std::copy(bias + j0, bias + j1, y + i * n + j0);
+    }
+    if (m <= k_gemv_max_rows) {
+        // Decode-sized batches: sgemm would pack (copy) the weight slice on every call, which for a
+        // few rows costs more than the product itself; sgemv reads the weights in place. beta = 1
+        // over a zeroed (or bias-filled) y, since not every BLAS clears y when beta = 0.
+        if (!bias)
+            for (int64_t i = 0; i < m; ++i) std::fill(y + i * n + j0, y + i * n + j1, 0.0f);
+        for (int64_t i = 0; i < m; ++i)
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<blasint>(nj), static_cast<blasint>(k), 1.0f,
+                        w + j0 * k, static_cast<blasint>(k), x + i * k, 1, 1.0f, y + i * n + j0, 1);
+        return;
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m), static_cast<blasint>(nj),
                 static_cast<blasint>(k), 1.0f, x, static_cast<blasint>(k), w + j0 * k, static_cast<blasint>(k),

@@ -6,6 +6,9 @@
 #   bash scripts/device/results.sh name:flags ...
 set -uo pipefail
 source scripts/device/cpu_bundle_env.sh
+# Parallel jobs: keep OpenBLAS from starting a thread per core in every process (we parallelise
+# around single-threaded BLAS calls ourselves); without this 7 jobs on 16 cores crawled.
+export OPENBLAS_NUM_THREADS=1
 nproc; lscpu | grep -m1 'Model name' || true
 "$GPTQ_BIN" --version
 export MODEL=/tmp/cpu-bundle/model WORK=/tmp/results THREADS=${THREADS:-2}

@@ -30,6 +30,8 @@ namespace {
 
 constexpr status_code E_TMPL  = status_code::STATUS_INVALID_ARGUMENT;
 constexpr status_code E_UNSUP = status_code::STATUS_UNSUPPORTED;
+// Caps on what a (possibly hostile) template may build: range() items, repeated-string bytes.
+constexpr int64_t k_max_items = int64_t(1) << 20;
 
 // ---- values ------------------------------------------------------------------------------------------
 
@@ -1303,7 +1305,9 @@ private:
                 int64_t a = args.size() > 1 ? args[0].i : 0, b = args.size() > 1 ? args[1].i : args[0].i,
                         s = args.size() > 2 ? args[2].i : 1;
                 if (s == 0) return fail(line, "range() step is 0");
-                value_list out;
+                value_list    out;
+                const int64_t n = s > 0 ? (b - a + s - 1) / s : (a - b - s - 1) / -s;
+                if (n > k_max_items) return fail(line, "range() of {} items (more than {})", n, k_max_items);
                 for (int64_t i = a; s > 0 ? i < b : i > b; i += s) out.push_back(value::integer(i));
                 return value::make_list(std::move(out));
             }
@@ -1538,6 +1542,8 @@ private:
         }
         if (op == "*" && a.kind == value::STRING && b.kind == value::INT) {
             std::string r;
+            if (b.i > 0 && static_cast<double>(a.s.size()) * static_cast<double>(b.i) > k_max_items)
+                return fail(line, "string repeated {} times (more than {} bytes)", b.i, k_max_items);
             for (int64_t i = 0; i < b.i; ++i) r += a.s;
             return value::str(r);
         }

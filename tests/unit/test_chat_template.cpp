@@ -74,6 +74,8 @@ TEST(ChatTemplate, ErrorsNameTheConstructAndLine) {
         {"{{ raise_exception('no system role') }}", "chat template raised an error: no system role"},
         {"{{ 99999999999999999999999 }}", "out of range"},
         {"{% set x %}block{% endset %}", "block 'set'"},
+        {"{% for i in range(100000000) %}{% endfor %}", "range() of 100000000 items"},
+        {"{{ 'ab' * 100000000 }}", "string repeated 100000000 times"},
     };
     for (const auto& c : cases) {
         auto r = render(c.tmpl);

@@ -1,8 +1,9 @@
 // Crash safety of gptq quantize (docs/reliability.md): the CLI is SIGKILLed at >= 20 moments spread
-// over a run (fractions of an uninterrupted run's duration, from startup to the final rename), then
+// over a run (times taken from an uninterrupted run, from startup to the final rename), then
 // rerun with --resume until it completes (some resumes are killed too). Each finished checkpoint
-// must be byte-identical to the uninterrupted one, the output folder must never exist before
-// completion, and the work folder left by a kill must never load as a model.
+// must be byte-identical to the uninterrupted one, the output folder must never exist beside the
+// work folder (it appears only by the final rename), and the work folder left by a kill must never
+// load as a model.
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
@@ -56,9 +57,14 @@ pid_t spawn_quantize(const std::string& out, bool resume, const std::string& log
 
 // Wait for the child; kill it first after `kill_after` seconds if still running (< 0: never).
 // Returns {exit status, whether it was killed}.
-std::pair<int, bool> run_child(pid_t pid, double kill_after) {
+// With `watch`, the seconds until that path first existed go to *watch_seen (-1 if never).
+std::pair<int, bool> run_child(pid_t pid, double kill_after, const std::string& watch = "",
+                               double* watch_seen = nullptr) {
     const auto t0 = clock_type::now();
+    if (watch_seen) *watch_seen = -1;
     for (;;) {
+        if (watch_seen && *watch_seen < 0 && fs::exists(watch))
+            *watch_seen = std::chrono::duration<double>(clock_type::now() - t0).count();
         int         st = 0;
         const pid_t r  = waitpid(pid, &st, WNOHANG);
         if (r == pid) return {WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st), false};
@@ -89,25 +95,48 @@ TEST(quantize_crash, sigkill_at_20_points_then_resume_is_byte_identical) {
     test::temp_dir    dir("q-crash");
     const std::string log = dir.file("log.txt");
 
-    // The uninterrupted reference, timed.
-    const auto t0                 = clock_type::now();
-    const auto [ref_rc, ref_kill] = run_child(spawn_quantize(dir.file("ref"), false, log), -1);
-    const double t_run            = std::chrono::duration<double>(clock_type::now() - t0).count();
+    // The uninterrupted reference, timed: whole run, and when the work folder appeared (startup
+    // and calibration come before it).
+    const auto t0     = clock_type::now();
+    double     t_work = -1;
+    const auto [ref_rc, ref_kill] =
+        run_child(spawn_quantize(dir.file("ref"), false, log), -1, dir.file("ref.partial"), &t_work);
+    const double t_run = std::chrono::duration<double>(clock_type::now() - t0).count();
     ASSERT_EQ(ref_rc, 0) << test::read_file(log);
+    ASSERT_GT(t_work, 0.0);
     const auto ref = folder_bytes(dir.file("ref"));
     ASSERT_TRUE(ref.count("model.safetensors") && ref.count("config.json") && ref.count("quantize_config.json"));
 
-    constexpr int k_points = 24;
-    int           n_killed = 0, n_resumes = 0;
+    // Kill points: 4 in the startup, 20 spread over the layers and the finish, 2 at the very end
+    // (these may land after completion: then the run simply must have succeeded).
+    std::vector<double> points;
+    for (int j = 0; j < 4; ++j) points.push_back(t_work * (0.1 + 0.25 * j));
+    for (int j = 0; j < 20; ++j) points.push_back(t_work + (t_run - t_work) * (j + 0.5) / 20.0);
+    points.push_back(t_run * 0.985);
+    points.push_back(t_run * 0.995);
+    const int                  k_points = static_cast<int>(points.size());
+    std::map<std::string, int> phases;
+    int                        n_killed = 0, n_resumes = 0;
     for (int k = 0; k < k_points; ++k) {
         SCOPED_TRACE(testing::Message() << "kill point " << k);
-        const std::string out = dir.file("out" + std::to_string(k));
-        // Spread over the whole run, startup to rename: fractions 0.02 .. 0.97 of its duration.
-        const double at         = t_run * (0.02 + 0.95 * k / (k_points - 1));
+        const std::string out   = dir.file("out" + std::to_string(k));
+        const double      at    = points[static_cast<size_t>(k)];
         const auto [rc, killed] = run_child(spawn_quantize(out, false, log), at);
         if (killed) {
             ++n_killed;
-            EXPECT_FALSE(fs::exists(out)) << "the output folder exists although the run was killed";
+            // Killed after the rename (while exiting): OUT is then complete, checked below.
+            EXPECT_FALSE(fs::exists(out) && fs::exists(out + ".partial"));
+            // Where the kill landed, for the summary printed at the end.
+            std::string phase = fs::exists(out) ? "after the rename" : "before the work folder";
+            if (fs::exists(out + ".partial")) {
+                int n_layers = 0;
+                for (const auto& e : fs::directory_iterator(out + ".partial"))
+                    n_layers += e.path().filename().string().rfind("layer-", 0) == 0;
+                phase = fs::exists(out + ".partial/config.json")           ? "finish: configs written"
+                        : fs::exists(out + ".partial/globals.safetensors") ? "finish: assembling"
+                                                                           : std::to_string(n_layers) + " layer files";
+            }
+            ++phases[phase];
             if (fs::exists(out + ".partial")) {
                 EXPECT_FALSE(tensor_source::open(out + ".partial").is_ok());
                 EXPECT_FALSE(model_config_load(out + ".partial").is_ok());
@@ -125,7 +154,7 @@ TEST(quantize_crash, sigkill_at_20_points_then_resume_is_byte_identical) {
                 if (!rkilled) {
                     ASSERT_EQ(rrc, 0) << test::read_file(log);
                 } else {
-                    EXPECT_FALSE(fs::exists(out));
+                    EXPECT_FALSE(fs::exists(out) && fs::exists(out + ".partial"));
                 }
             }
         } else {
@@ -138,6 +167,10 @@ TEST(quantize_crash, sigkill_at_20_points_then_resume_is_byte_identical) {
             EXPECT_TRUE(got.count(name) && got.at(name) == bytes) << name << " differs";
         fs::remove_all(out);
     }
+    std::printf("uninterrupted run %.2f s (work folder at %.2f s); %d kills, %d resumes; kills by phase:", t_run,
+                t_work, n_killed, n_resumes);
+    for (const auto& [phase, n] : phases) std::printf(" [%s] %d", phase.c_str(), n);
+    std::printf("\n");
     EXPECT_GE(n_killed, 20) << "too few kills landed inside a run (uninterrupted run took " << t_run << " s)";
     RecordProperty("kills", n_killed);
     RecordProperty("resumes", n_resumes);

@@ -11,6 +11,7 @@ work=${WORK:-/tmp/gptqkit-results}
 threads=${THREADS:-2}
 calib=${CALIB:-default}        # the bundled calibration text
 dataset=${DATASET:-wikitext2}  # the bundled WikiText-2 test split, joined
+ppl_args=${PPL_ARGS:-}          # e.g. "--max-windows 200" for a subset
 mkdir -p "$work"
 configs=("$@")
 if [ ${#configs[@]} -eq 0 ]; then
@@ -31,6 +32,6 @@ m=[x['error_gptq']/x['error_rtn'] for x in l if x['error_rtn']>0];
 print(json.dumps({'seconds':r['seconds'],'bytes_out':r['bytes_out'],'bytes_in':r['bytes_in'],
  'mean_err_ratio': (sum(m)/len(m) if m else None), 'worst_err_ratio': (max(m) if m else None)}))" "$work/$name.report.json")
     fi
-    ppl=$("$gptq" ppl "$q" --seqlen 512 --threads "$threads" --dataset "$dataset" --json)
-    echo "{\"name\": \"$name\", \"flags\": \"$flags\", \"quantize\": $qjson, \"ppl\": $ppl}" | tee -a "$out"
+    ppl=$("$gptq" ppl "$q" --seqlen 512 --threads "$threads" --dataset "$dataset" $ppl_args --json)
+    echo "{\"name\": \"$name\", \"flags\": \"$flags\", \"ppl_args\": \"$ppl_args\", \"quantize\": $qjson, \"ppl\": $ppl}" | tee -a "$out"
 done

@@ -265,6 +265,20 @@ TEST(GenerateCli, StreamsTheGreedyGoldenText) {
     EXPECT_NE(r.err.find("finish: length"), std::string::npos) << r.err;
 }
 
+TEST(GenerateCli, RepeatedStopOptionsTakeOneValueEach) {
+    const auto  goldens = nlohmann::json::parse(test::read_file(test::source_path("tests/data/generate/goldens.json")));
+    const auto& c       = goldens["cases"][0];
+    const std::string text = c["text"];
+    const std::string stop = text.substr(text.size() / 3, 6);
+    // Options before the positional model: a --stop that swallowed extra words would eat it.
+    auto r = test::run_command(gen_cmd("--stop '" + stop + "' --stop never-there " + k_tiny + " -p '" +
+                                       c["prompt"].get<std::string>() +
+                                       "' -n 64 --temperature 0 --repetition-penalty 1 --ignore-eos"));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(r.out, text.substr(0, text.find(stop)) + "\n");
+    EXPECT_NE(r.err.find("finish: stop"), std::string::npos) << r.err;
+}
+
 TEST(GenerateCli, PromptsFileIsOneBatchOfJsonLines) {
     test::temp_dir dir("generate-cli");
     test::write_file(dir.file("p.txt"), "The history of the city\n\nOnce upon a time\n");

@@ -153,7 +153,8 @@ command register_generate(CLI::App& app) {
     sub->add_option("--repetition-penalty", o->params.sampling.repetition_penalty, "1 = off")->capture_default_str();
     sub->add_option("--seed", o->params.sampling.seed, "sampler seed (every prompt's sampler starts from it)")
         ->capture_default_str();
-    sub->add_option("--stop", o->params.stop, "stop when the text contains this string (repeatable; not printed)");
+    sub->add_option("--stop", o->params.stop, "stop when the text contains this string (repeatable; not printed)")
+        ->allow_extra_args(false);
     sub->add_flag("--ignore-eos", o->params.ignore_eos, "never stop at EOS (its logit is set to -inf)");
     sub->add_option("--device", o->open.device, "cpu (cuda: not built yet)")->capture_default_str();
     sub->add_option("--threads", o->open.n_threads, "CPU threads (0: all cores)")->capture_default_str();

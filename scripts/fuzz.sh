@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the libFuzzer targets of fuzz/ (docs/reliability.md).
 #   scripts/fuzz.sh TARGET|all SECONDS [libFuzzer flags...]
-# Builds build-fuzz (preset "fuzz": clang, ASan + UBSan) when needed, seeds each target from
+# Builds build-fuzz (preset "fuzz": clang, ASan + UBSan; FUZZ_NO_BUILD=1 skips that), seeds each target from
 # fuzz/corpus/<target>, tests/data/fuzz-regressions/<target> and real files of the repo
 # (models/tiny-llama, tests/data/model), keeps the grown corpus in build-fuzz/corpus/<target> and
 # any crashing input in build-fuzz/artifacts/<target>/. Prints one line per target (executions,
@@ -21,8 +21,14 @@ shift 2
 if [ "$which" = all ]; then targets=("${targets_all[@]}"); else targets=("$which"); fi
 
 B=build-fuzz
-if [ ! -f $B/build.ninja ]; then cmake --preset fuzz >/dev/null; fi
-cmake --build $B --target fuzzers -j "${JOBS:-2}" >/dev/null
+if [ "${FUZZ_NO_BUILD:-0}" != 1 ]; then  # FUZZ_NO_BUILD=1: run the executables already built
+    if [ ! -f $B/build.ninja ]; then cmake --preset fuzz >/dev/null; fi
+    if ! cmake --build $B --target fuzzers -j "${JOBS:-2}" > $B/build.log 2>&1; then
+        tail -n 30 $B/build.log >&2
+        echo "fuzz.sh: building the fuzz targets failed (full log: $B/build.log)" >&2
+        exit 2
+    fi
+fi
 
 # Real files from the repo, copied under unique names (many are all called model.safetensors).
 seed_real() {

@@ -96,7 +96,7 @@ def f16(values):
     return pack("e", values)
 
 
-def gptq_module_seed(rng, bits, n_out, n_in, group, fmt, sym, act_order, bias):
+def gptq_module_seed(rng, bits, n_out, n_in, group, fmt, sym, act_order, bias, hostile=None):
     n_groups = (n_in + group - 1) // group
     maxq = (1 << bits) - 1
     codes = [[rng.randint(0, maxq) for _ in range(n_in)] for _ in range(n_out)]  # [n_out, n_in]
@@ -110,6 +110,11 @@ def gptq_module_seed(rng, bits, n_out, n_in, group, fmt, sym, act_order, bias):
     g_idx = [k // group for k in range(n_in)]
     if act_order:
         rng.shuffle(g_idx)
+    if hostile == "g_idx":  # one column points past the last group
+        g_idx[n_in // 2] = n_groups
+    if hostile == "zero_groups":  # scales / qzeros with no group at all
+        n_groups = 0
+        scales, qzeros = [], []
     ts = [("m.qweight", "I32", [n_in * bits // 32, n_out], pack("i", qweight)),
           ("m.qzeros", "I32", [n_groups, n_out * bits // 32], pack("i", qzeros)),
           ("m.scales", "F16", [n_groups, n_out], f16(scales)),
@@ -127,6 +132,8 @@ def gptq_module_seeds(rng):
     write("gptq_module", "b2-g16-v2-asym-bias", gptq_module_seed(rng, 2, 32, 32, 16, 1, False, False, True))
     write("gptq_module", "b8-g64-v2-asym", gptq_module_seed(rng, 8, 8, 64, 64, 1, False, True, False))
     write("gptq_module", "b4-nogroup-v1", gptq_module_seed(rng, 4, 16, 48, 48, 0, True, False, True))
+    write("gptq_module", "hostile-g_idx-out-of-range", gptq_module_seed(rng, 4, 32, 64, 32, 0, True, False, False, "g_idx"))
+    write("gptq_module", "hostile-zero-groups", gptq_module_seed(rng, 4, 32, 64, 32, 1, True, False, False, "zero_groups"))
 
 
 def reduced_llama_tokenizer(n_keep):

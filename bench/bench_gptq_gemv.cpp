@@ -135,8 +135,8 @@ int main(int argc, char** argv) {
     std::string                json = "{\"device\": \"" + std::string(prop.name) + "\", \"roofline_tbps\": 2.94, " +
                        "\"group_size\": 128, \"iters\": " + std::to_string(iters) + ", \"results\": [\n";
     bool first = true;
-    std::fprintf(stderr, "%-8s %3s %10s %10s %10s %10s %8s %8s %8s %8s\n", "shape", "m", "fp16_us", "int4_us",
-                 "int4_u16", "int4_graph", "act_us", "speedup", "GB/s", "roof%");
+    std::fprintf(stderr, "%-8s %3s %9s %9s %9s %9s %9s %9s %8s %8s %8s\n", "shape", "m", "fp16_us", "fp16_grph",
+                 "int4_us", "int4_u16", "int4_nosp", "int4_grph", "act_us", "speedup", "roof%");
 
     for (const shape& sh : shapes) {
         const int64_t K = sh.n_in, N = sh.n_out, G = K / gs;
@@ -204,27 +204,30 @@ int main(int argc, char** argv) {
             const double t4 = time_us(ctx, iters, false, int4);
             for (auto& l : q4) l.unroll = 16;
             const double t4u = time_us(ctx, iters, false, int4);
-            for (auto& l : q4) l.unroll = 8;
+            for (auto& l : q4) l.unroll = 8, l.splits = 1;
+            const double t4s1 = time_us(ctx, iters, false, int4);
+            for (auto& l : q4) l.splits = 0;
             const double t4g  = time_us(ctx, iters, true, int4);
             const double t16g = time_us(ctx, iters, true, fp16);
             const double tact = time_us(ctx, iters, false, act);
-            const double best = std::min(t4 > 0 ? t4 : 1e30, t4u > 0 ? t4u : 1e30);
+            const double best = std::min({t4 > 0 ? t4 : 1e30, t4u > 0 ? t4u : 1e30, t4s1 > 0 ? t4s1 : 1e30});
             const size_t io   = size_t(m * K * 2 + m * N * 2);
             const double gbs  = double(int4_bytes + io) / (best * 1e-6) / 1e9;
             const double roof = double(int4_bytes + io) / k_roofline_bps / (best * 1e-6);
-            std::fprintf(stderr, "%-8s %3lld %10.1f %10.1f %10.1f %10.1f %8.1f %7.2fx %8.0f %7.1f%%\n", sh.name,
-                         (long long)m, t16, t4, t4u, t4g, tact, t16 / best, gbs, 100 * roof);
+            std::fprintf(stderr, "%-8s %3lld %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.1f %7.2fx %7.1f%%\n", sh.name,
+                         (long long)m, t16, t16g, t4, t4u, t4s1, t4g, tact, t16 / best, 100 * roof);
             char buf[1024];
-            std::snprintf(buf, sizeof buf,
-                          "%s  {\"shape\": \"%s\", \"n_in\": %lld, \"n_out\": %lld, \"m\": %lld, "
-                          "\"fp16_us\": %.2f, \"fp16_graph_us\": %.2f, \"fp16_gbs\": %.1f, "
-                          "\"int4_us\": %.2f, \"int4_unroll16_us\": %.2f, \"int4_graph_us\": %.2f, "
-                          "\"int4_act_order_us\": %.2f, \"int4_bytes\": %zu, \"int4_gbs\": %.1f, "
-                          "\"speedup_vs_fp16\": %.3f, \"roofline_fraction\": %.3f, \"copies_int4\": %d, "
-                          "\"copies_fp16\": %d}",
-                          first ? "" : ",\n", sh.name, (long long)K, (long long)N, (long long)m, t16, t16g,
-                          double(fp16_bytes + io) / (t16 * 1e-6) / 1e9, t4, t4u, t4g, tact, int4_bytes + io, gbs,
-                          t16 / best, roof, r_int4, r_fp16);
+            std::snprintf(
+                buf, sizeof buf,
+                "%s  {\"shape\": \"%s\", \"n_in\": %lld, \"n_out\": %lld, \"m\": %lld, "
+                "\"fp16_us\": %.2f, \"fp16_graph_us\": %.2f, \"fp16_gbs\": %.1f, "
+                "\"int4_us\": %.2f, \"int4_unroll16_us\": %.2f, \"int4_nosplit_us\": %.2f, \"int4_graph_us\": %.2f, "
+                "\"int4_act_order_us\": %.2f, \"int4_bytes\": %zu, \"int4_gbs\": %.1f, "
+                "\"speedup_vs_fp16\": %.3f, \"roofline_fraction\": %.3f, \"copies_int4\": %d, "
+                "\"copies_fp16\": %d}",
+                first ? "" : ",\n", sh.name, (long long)K, (long long)N, (long long)m, t16, t16g,
+                double(fp16_bytes + io) / (t16 * 1e-6) / 1e9, t4, t4u, t4s1, t4g, tact, int4_bytes + io, gbs,
+                t16 / best, roof, r_int4, r_fp16);
             json += buf;
             first = false;
         }

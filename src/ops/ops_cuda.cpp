@@ -75,6 +75,7 @@ struct cuda_context_state {
     cudaStream_t   stream = nullptr;
     cublasHandle_t blas   = nullptr;
     cuda_buffer    scratch;
+    cuda_buffer    zeroed;
 };
 
 result<std::unique_ptr<cuda_context>> cuda_context::create(int device) {
@@ -130,6 +131,17 @@ result<void*> cuda_context::scratch(size_t bytes) {
         s_->scratch = std::move(*b);
     }
     return s_->scratch.data();
+}
+
+result<void*> cuda_context::zeroed_workspace(size_t bytes) {
+    if (s_->zeroed.bytes() < bytes) {
+        GPTQ_TRY(synchronize());
+        auto b = cuda_buffer::alloc(bytes);
+        if (!b) return b.error();
+        GPTQ_CUDA_CHECK(cudaMemset(b->data(), 0, bytes));
+        s_->zeroed = std::move(*b);
+    }
+    return s_->zeroed.data();
 }
 
 // ---- element-wise ------------------------------------------------------------------------------
@@ -257,8 +269,11 @@ status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const u
                                                  w.n_in, w.n_in, ctx.stream()));
             xin = static_cast<const uint16_t*>(*xp);
         }
-        return cuda::int4_gemv_f16(*lay, w.weights.data(), w.sz.data(), xin, bias, y, m, w.n_in, w.n_out, ctx.stream(),
-                                   w.unroll);
+        const int64_t ws_bytes = cuda::int4_gemv_workspace_bytes(*lay, w.splits);
+        auto          ws       = ctx.zeroed_workspace(size_t(ws_bytes));
+        if (!ws) return ws.error();
+        return cuda::int4_gemv_f16(*lay, w.weights.data(), w.sz.data(), xin, bias, y, m, w.n_in, w.n_out, *ws, ws_bytes,
+                                   ctx.stream(), w.unroll, w.splits);
     }
     cuda::gptq_linear_params p;
     p.qweight = w.qweight.as<int32_t>(), p.qzeros = w.qzeros.as<int32_t>(), p.scales = w.scales.as<uint16_t>();

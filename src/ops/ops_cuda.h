@@ -59,6 +59,9 @@ public:
     // Scratch of at least `bytes` (grown, never shrunk; reallocating invalidates earlier
     // pointers, so size it before capturing a CUDA graph).
     result<void*> scratch(size_t bytes);
+    // A second area, zero when (re)allocated, for kernels that leave it zero after use (the int4
+    // GEMV's split-K counters). Same growth rule as scratch.
+    result<void*> zeroed_workspace(size_t bytes);
 
 private:
     cuda_context() = default;
@@ -121,6 +124,7 @@ struct cuda_gptq_linear {
     int         bits = 4, zero_add = 0;
     bool        fast   = false;
     int         unroll = 0;   // fast kernel's 16-byte loads in flight per lane (0: default); for benchmarks
+    int         splits = 0;   // fast kernel's k split over blocks (0: automatic); for benchmarks
     cuda_buffer weights, sz;  // fast: the repacked layout (kernels/cuda/gptq_int4.cuh)
     cuda_buffer perm;         // fast with act-order: [n_in] I32 column order; empty otherwise
     cuda_buffer qweight, qzeros, scales, g_idx;  // generic: the checkpoint tensors as they are

@@ -165,7 +165,7 @@ TEST(CudaGptq, Int4ActOrderPermutation) {
 }
 
 void run_int4(std::mt19937& rng, uint32_t seed, int64_t n_out, int64_t n_in, int64_t gs, bool act, bool sym,
-              gptq_checkpoint_format fmt, const std::vector<int64_t>& ms, int unroll) {
+              gptq_checkpoint_format fmt, const std::vector<int64_t>& ms, int unroll, int splits) {
     layer L   = make_layer(rng, n_out, n_in, gs, 4, act, sym, fmt);
     auto  lay = cuda::int4_layout_for(n_out, n_in, gs);
     ASSERT_TRUE(lay.is_ok()) << lay.error().message();
@@ -178,6 +178,12 @@ void run_int4(std::mt19937& rng, uint32_t seed, int64_t n_out, int64_t n_in, int
     GPTQ_EXPECT_OK(cuda::int4_repack(*lay, dq.get(), dz.get(), ds.get(), perm.empty() ? nullptr : dperm.get(),
                                      fmt == gptq_checkpoint_format::GPTQ_FORMAT_V1 ? 1 : 0, dw.get(), dsz.get(),
                                      nullptr));
+    // Split-K workspace: counters zero before the first launch (and left zero by every launch).
+    const int64_t         ws_bytes = cuda::int4_gemv_workspace_bytes(*lay, splits);
+    device_array<uint8_t> ws(static_cast<size_t>(ws_bytes));
+    if (ws_bytes) {
+        ASSERT_EQ(cudaMemset(ws.get(), 0, size_t(ws_bytes)), cudaSuccess);
+    }
     for (int64_t m : ms) {
         auto                   x        = test::random_f16(rng, size_t(m * n_in));
         std::vector<uint16_t>  bias     = (m % 2) ? test::random_f16(rng, size_t(n_out)) : std::vector<uint16_t>{};
@@ -189,9 +195,10 @@ void run_int4(std::mt19937& rng, uint32_t seed, int64_t n_out, int64_t n_in, int
             xin = dxp.get();
         }
         GPTQ_EXPECT_OK(cuda::int4_gemv_f16(*lay, dw.get(), dsz.get(), xin, bias.empty() ? nullptr : db.get(), dy.get(),
-                                           m, n_in, y_stride, nullptr, unroll));
-        expect_close(dy.download(), y_stride, reference(L, x, m, bias), m, n_out,
-                     describe(L, m, act, sym, seed) + " unroll=" + std::to_string(unroll));
+                                           m, n_in, y_stride, ws.get(), ws_bytes, nullptr, unroll, splits));
+        expect_close(
+            dy.download(), y_stride, reference(L, x, m, bias), m, n_out,
+            describe(L, m, act, sym, seed) + " unroll=" + std::to_string(unroll) + " splits=" + std::to_string(splits));
     }
 }
 
@@ -214,7 +221,9 @@ TEST(CudaGptq, Int4GemvMatchesReference) {
                     ++i;
                     continue;
                 }
-                run_int4(rng, seed, n_out, n_in, gs, act, sym, fmt, ms, unroll);
+                // Splits: automatic, none, and an explicit odd count (uneven k ranges per block).
+                const int splits = std::vector<int>{0, 1, 3}[size_t(i % 3)];
+                run_int4(rng, seed, n_out, n_in, gs, act, sym, fmt, ms, unroll, splits);
                 ++i;
             }
 }
@@ -226,8 +235,8 @@ TEST(CudaGptq, Int4GemvLlamaShape) {
 #endif
     const uint32_t seed = test::fresh_seed();
     std::mt19937   rng(seed);
-    run_int4(rng, seed, 4096, 4096, 128, true, false, gptq_checkpoint_format::GPTQ_FORMAT_V2, {1, 4, 16}, 8);
-    run_int4(rng, seed, 512, 11008, 128, false, true, gptq_checkpoint_format::GPTQ_FORMAT_V1, {1, 5}, 16);
+    run_int4(rng, seed, 4096, 4096, 128, true, false, gptq_checkpoint_format::GPTQ_FORMAT_V2, {1, 4, 16}, 8, 0);
+    run_int4(rng, seed, 512, 11008, 128, false, true, gptq_checkpoint_format::GPTQ_FORMAT_V1, {1, 5}, 16, 5);
 }
 
 }  // namespace

@@ -61,10 +61,12 @@ template <int NB, int U>
 __global__ void __launch_bounds__(k_warps * 32)
     int4_gemv_kernel(const uint4* __restrict__ wts, const uint4* __restrict__ sz, const __half* __restrict__ x,
                      const __half* __restrict__ bias, __half* y, int m, int64_t n_out, int64_t k_steps, int64_t spg,
-                     int64_t n_groups, int64_t x_stride, int64_t y_stride) {
+                     int64_t n_groups, int64_t x_stride, int64_t y_stride, float* partial, unsigned* counters) {
     const int     lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
-    const int64_t tn = blockIdx.x;
-    const int64_t s0 = k_steps * warp / k_warps, s1 = k_steps * (warp + 1) / k_warps;
+    const int64_t tn      = blockIdx.x;
+    const int     n_split = int(gridDim.y), split = int(blockIdx.y);  // k split over blocks (partials + counters)
+    const int64_t gw = int64_t(split) * k_warps + warp, n_w = int64_t(n_split) * k_warps;
+    const int64_t s0 = k_steps * gw / n_w, s1 = k_steps * (gw + 1) / n_w;
     const uint4*  wp = wts + tn * k_steps * 32 + lane;
 
     float acc[2][NB][4], tmp[2][NB][4];
@@ -160,17 +162,61 @@ __global__ void __launch_bounds__(k_warps * 32)
 #pragma unroll
             for (int c = 0; c < 4; ++c) red[warp][(t * NB + b) * 4 + c][lane] = acc[t][b][c];
     __syncthreads();
-    for (int e = threadIdx.x; e < 2 * NB * 4 * 32; e += k_warps * 32) {
-        const int idx = e / 32, ln = e % 32;
-        float     v = 0.0f;
+    // Each thread owns the elements e = threadIdx.x + 256 j: their warp sum, then (split-K) the
+    // sum over the splits, done by the last block of the tile to arrive.
+    constexpr int n_elem = 2 * NB * 4 * 32;
+    float         v[(n_elem + k_warps * 32 - 1) / (k_warps * 32)];
 #pragma unroll
-        for (int w = 0; w < k_warps; ++w) v += red[w][idx][ln];
-        const int     t = idx / (NB * 4), b = (idx / 4) % NB, c = idx % 4;
-        const int64_t n   = tn * 32 + t * 16 + (ln >> 2) + (c / 2) * 8;
-        const int     tok = b * 8 + (ln & 3) * 2 + (c & 1);
+    for (int j = 0; j * k_warps * 32 < n_elem; ++j) {
+        const int e = threadIdx.x + j * k_warps * 32;
+        v[j]        = 0.0f;
+#pragma unroll
+        for (int w = 0; w < k_warps; ++w) v[j] += red[w][e / 32][e % 32];
+    }
+    auto where = [&](int e, int64_t& n_local, int& tok) {
+        const int idx = e / 32, ln = e % 32;
+        const int t = idx / (NB * 4), b = (idx / 4) % NB, c = idx % 4;
+        n_local = t * 16 + (ln >> 2) + (c / 2) * 8;
+        tok     = b * 8 + (ln & 3) * 2 + (c & 1);
+    };
+    if (n_split > 1) {
+        float* mine = partial + (tn * n_split + split) * (16 * 32);  // [tok 16][n_local 32]
+#pragma unroll
+        for (int j = 0; j * k_warps * 32 < n_elem; ++j) {
+            int64_t nl;
+            int     tok;
+            where(threadIdx.x + j * k_warps * 32, nl, tok);
+            mine[tok * 32 + nl] = v[j];
+        }
+        __threadfence();
+        __syncthreads();
+        __shared__ bool last;
+        if (threadIdx.x == 0) last = atomicAdd(&counters[tn], 1u) == unsigned(n_split - 1);
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        const float* all = partial + tn * n_split * (16 * 32);
+#pragma unroll
+        for (int j = 0; j * k_warps * 32 < n_elem; ++j) {
+            int64_t nl;
+            int     tok;
+            where(threadIdx.x + j * k_warps * 32, nl, tok);
+            float sum = 0.0f;
+            for (int s = 0; s < n_split; ++s) sum += __ldcg(all + s * (16 * 32) + tok * 32 + nl);
+            v[j] = sum;
+        }
+        if (threadIdx.x == 0) counters[tn] = 0u;  // ready for the next call on this workspace
+    }
+#pragma unroll
+    for (int j = 0; j * k_warps * 32 < n_elem; ++j) {
+        int64_t nl;
+        int     tok;
+        where(threadIdx.x + j * k_warps * 32, nl, tok);
+        const int64_t n = tn * 32 + nl;
         if (n < n_out && tok < m) {
-            if (bias) v += __half2float(bias[n]);
-            y[int64_t(tok) * y_stride + n] = __float2half_rn(v);
+            float out = v[j];
+            if (bias) out += __half2float(bias[n]);
+            y[int64_t(tok) * y_stride + n] = __float2half_rn(out);
         }
     }
 }
@@ -291,8 +337,42 @@ status int4_repack(const int4_layout& L, const int32_t* qweight, const int32_t* 
     return status::ok();
 }
 
+namespace {
+
+constexpr int k_max_splits = 8;
+
+int device_sms() {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+        cudaGetLastError();
+        return 132;
+    }
+    return n;
+}
+
+// Splits of k over blocks: about 4 blocks per SM in all (2 resident at a time, so block turnover
+// keeps loads in flight), at least 4 k steps per warp, at most k_max_splits.
+int auto_splits(const int4_layout& L) {
+    const int64_t want = (4 * int64_t(device_sms()) + L.n_tiles - 1) / L.n_tiles;
+    const int64_t cap  = std::max<int64_t>(1, L.k_steps / (k_warps * 4));
+    return int(std::clamp<int64_t>(std::min(want, cap), 1, k_max_splits));
+}
+
+int64_t workspace_for(const int4_layout& L, int splits) {
+    const int64_t counters = (L.n_tiles * 4 + 255) / 256 * 256;
+    return splits > 1 ? counters + L.n_tiles * splits * 16 * 32 * 4 : 0;
+}
+
+}  // namespace
+
+int64_t int4_gemv_workspace_bytes(const int4_layout& L, int splits) {
+    return workspace_for(L, splits > 0 ? std::min(splits, k_max_splits) : auto_splits(L));
+}
+
 status int4_gemv_f16(const int4_layout& L, const void* weights, const void* sz, const uint16_t* x, const uint16_t* bias,
-                     uint16_t* y, int64_t m, int64_t x_stride, int64_t y_stride, cudaStream_t stream, int unroll) {
+                     uint16_t* y, int64_t m, int64_t x_stride, int64_t y_stride, void* workspace,
+                     int64_t workspace_bytes, cudaStream_t stream, int unroll, int splits) {
     if (x_stride % 2 != 0 || reinterpret_cast<uintptr_t>(x) % 4 != 0)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
                           "int4_gemv_f16: x (stride {}) must be 4-byte aligned with an even stride", x_stride);
@@ -302,6 +382,13 @@ status int4_gemv_f16(const int4_layout& L, const void* weights, const void* sz, 
     if (unroll == 0) unroll = 8;
     if (unroll != 8 && unroll != 16)
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemv_f16: unroll {} is not 8 or 16", unroll);
+    if (splits == 0) splits = auto_splits(L);
+    if (splits < 1 || splits > k_max_splits || workspace_for(L, splits) > workspace_bytes)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "int4_gemv_f16: {} k splits need {} bytes of workspace, {} given (max {} splits)", splits,
+                          workspace_for(L, splits), workspace_bytes, k_max_splits);
+    unsigned* counters = static_cast<unsigned*>(workspace);
+    float*    partial  = reinterpret_cast<float*>(static_cast<char*>(workspace) + (L.n_tiles * 4 + 255) / 256 * 256);
     if (L.n_tiles > 0x7fffffff)
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemv_f16: n_out {} too large", L.n_out);
     const uint4*  w   = static_cast<const uint4*>(weights);
@@ -312,19 +399,19 @@ status int4_gemv_f16(const int4_layout& L, const void* weights, const void* sz, 
         const int     mm = int(std::min<int64_t>(16, m - r));
         const __half* xr = reinterpret_cast<const __half*>(x) + r * x_stride;
         __half*       yr = reinterpret_cast<__half*>(y) + r * y_stride;
-        const dim3    grid(unsigned(L.n_tiles));
+        const dim3    grid(unsigned(L.n_tiles), unsigned(splits));
         if (mm <= 8 && unroll == 8)
-            int4_gemv_kernel<1, 8><<<grid, k_warps * 32, 0, stream>>>(w, s, xr, b, yr, mm, L.n_out, L.k_steps, spg,
-                                                                      L.n_groups, x_stride, y_stride);
+            int4_gemv_kernel<1, 8><<<grid, k_warps * 32, 0, stream>>>(
+                w, s, xr, b, yr, mm, L.n_out, L.k_steps, spg, L.n_groups, x_stride, y_stride, partial, counters);
         else if (mm <= 8)
-            int4_gemv_kernel<1, 16><<<grid, k_warps * 32, 0, stream>>>(w, s, xr, b, yr, mm, L.n_out, L.k_steps, spg,
-                                                                       L.n_groups, x_stride, y_stride);
+            int4_gemv_kernel<1, 16><<<grid, k_warps * 32, 0, stream>>>(
+                w, s, xr, b, yr, mm, L.n_out, L.k_steps, spg, L.n_groups, x_stride, y_stride, partial, counters);
         else if (unroll == 8)
-            int4_gemv_kernel<2, 8><<<grid, k_warps * 32, 0, stream>>>(w, s, xr, b, yr, mm, L.n_out, L.k_steps, spg,
-                                                                      L.n_groups, x_stride, y_stride);
+            int4_gemv_kernel<2, 8><<<grid, k_warps * 32, 0, stream>>>(
+                w, s, xr, b, yr, mm, L.n_out, L.k_steps, spg, L.n_groups, x_stride, y_stride, partial, counters);
         else
-            int4_gemv_kernel<2, 16><<<grid, k_warps * 32, 0, stream>>>(w, s, xr, b, yr, mm, L.n_out, L.k_steps, spg,
-                                                                       L.n_groups, x_stride, y_stride);
+            int4_gemv_kernel<2, 16><<<grid, k_warps * 32, 0, stream>>>(
+                w, s, xr, b, yr, mm, L.n_out, L.k_steps, spg, L.n_groups, x_stride, y_stride, partial, counters);
         GPTQ_CUDA_CHECK_LAUNCH();
     }
     return status::ok();

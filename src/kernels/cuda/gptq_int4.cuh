@@ -45,12 +45,20 @@ status int4_act_order_perm(const int32_t* g_idx, int64_t n_in, int64_t group_siz
 status int4_repack(const int4_layout& L, const int32_t* qweight, const int32_t* qzeros, const uint16_t* scales,
                    const int32_t* perm, int zero_add, void* weights, void* sz, cudaStream_t stream);
 
+// Device workspace the GEMV needs for L with `splits` (0: the automatic choice on the current
+// device): split-K partial sums + one counter per tile; 0 when k is not split. The counters must
+// be zero before the first use (cudaMemset once); every launch leaves them zero. Launches on one
+// stream may share one workspace.
+int64_t int4_gemv_workspace_bytes(const int4_layout& L, int splits = 0);
+
 // y[m, n_out] = x[m, n_in] W^T (+ bias), x already permuted when the layer has a perm.
 // x: [m, x_stride] F16 (x_stride even, 4-byte aligned); y: [m, y_stride] F16; bias: [n_out] F16 or
-// nullptr. Any m (chunks of 16 tokens); fastest for m <= 16. `unroll`: 16-byte loads in flight
-// per lane, 8 or 16 (0: the default).
+// nullptr. Any m (chunks of 16 tokens); fastest for m <= 16. workspace: see above. `unroll`:
+// 16-byte loads in flight per lane, 8 or 16 (0: default 8); `splits`: k split over that many
+// blocks per tile, 1..8 (0: chosen from the SM count; the workspace must fit the choice).
 status int4_gemv_f16(const int4_layout& L, const void* weights, const void* sz, const uint16_t* x, const uint16_t* bias,
-                     uint16_t* y, int64_t m, int64_t x_stride, int64_t y_stride, cudaStream_t stream, int unroll = 0);
+                     uint16_t* y, int64_t m, int64_t x_stride, int64_t y_stride, void* workspace,
+                     int64_t workspace_bytes, cudaStream_t stream, int unroll = 0, int splits = 0);
 
 // y[r, i] = x[r, perm[i]] for r < m, i < n_cols. x: [m, x_stride], y: [m, y_stride] F16 (no alias);
 // perm: [n_cols] I32 device array.

@@ -8,7 +8,8 @@
 // 7 rounds of `iters` launches, the median round reported per launch. Bytes counted: weights +
 // scales/zeros + activations in + outputs, each once. Roofline: 2.94 TB/s (measured copy rate).
 //
-//   bench_gptq_gemv [--out FILE.json] [--iters N]      JSON to FILE (or stdout), a table on stderr
+//   bench_gptq_gemv [--out FILE.json] [--iters N] [--only SHAPE] [--m M]
+// JSON to FILE (or stdout), a table on stderr; --only/--m restrict the sweep (for ncu).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -108,13 +109,19 @@ struct shape {
 int main(int argc, char** argv) {
     std::string out_path;
     int         iters = 100;
+    std::string only;        // one shape (for the profiler)
+    int64_t     only_m = 0;  // one m
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--out") && i + 1 < argc) {
             out_path = argv[++i];
+        } else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) {
+            only = argv[++i];
+        } else if (!std::strcmp(argv[i], "--m") && i + 1 < argc) {
+            only_m = std::atoi(argv[++i]);
         } else if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) {
             iters = std::max(1, std::atoi(argv[++i]));
         } else {
-            std::fprintf(stderr, "usage: bench_gptq_gemv [--out FILE.json] [--iters N]\n");
+            std::fprintf(stderr, "usage: bench_gptq_gemv [--out FILE.json] [--iters N] [--only SHAPE] [--m M]\n");
             return 2;
         }
     }
@@ -135,10 +142,11 @@ int main(int argc, char** argv) {
     std::string                json = "{\"device\": \"" + std::string(prop.name) + "\", \"roofline_tbps\": 2.94, " +
                        "\"group_size\": 128, \"iters\": " + std::to_string(iters) + ", \"results\": [\n";
     bool first = true;
-    std::fprintf(stderr, "%-8s %3s %9s %9s %9s %9s %9s %9s %8s %8s %8s\n", "shape", "m", "fp16_us", "fp16_grph",
-                 "int4_us", "int4_u16", "int4_nosp", "int4_grph", "act_us", "speedup", "roof%");
+    std::fprintf(stderr, "%-8s %3s %9s %9s %9s %9s %9s %8s %8s %8s\n", "shape", "m", "fp16_us", "fp16_grph", "int4_us",
+                 "int4_nosp", "int4_grph", "act_us", "speedup", "roof%");
 
     for (const shape& sh : shapes) {
+        if (!only.empty() && only != sh.name) continue;
         const int64_t K = sh.n_in, N = sh.n_out, G = K / gs;
         // Host tensors (random codes, zeros, scales in [0.001, 0.021)), g_idx trivial and act-order.
         std::vector<int32_t>  qweight(static_cast<size_t>(K / 8 * N)), qzeros(static_cast<size_t>(G * N / 8));
@@ -194,6 +202,7 @@ int main(int argc, char** argv) {
         if (!check(ctx.scratch(size_t(16 * K) * 2).to_status(), "scratch")) return 1;
 
         for (int64_t m : ms) {
+            if (only_m && m != only_m) continue;
             auto fp16 = [&](int i) {
                 return op_cuda_linear_dense(ctx, xp, w16[size_t(i) % w16.size()].as<uint16_t>(), yp, m, N, K);
             };
@@ -202,32 +211,29 @@ int main(int argc, char** argv) {
             const double t16 = time_us(ctx, iters, false, fp16);
             for (auto& l : q4) l.unroll = 8;
             const double t4 = time_us(ctx, iters, false, int4);
-            for (auto& l : q4) l.unroll = 16;
-            const double t4u = time_us(ctx, iters, false, int4);
-            for (auto& l : q4) l.unroll = 8, l.splits = 1;
+            for (auto& l : q4) l.splits = 1;
             const double t4s1 = time_us(ctx, iters, false, int4);
             for (auto& l : q4) l.splits = 0;
             const double t4g  = time_us(ctx, iters, true, int4);
             const double t16g = time_us(ctx, iters, true, fp16);
             const double tact = time_us(ctx, iters, false, act);
-            const double best = std::min({t4 > 0 ? t4 : 1e30, t4u > 0 ? t4u : 1e30, t4s1 > 0 ? t4s1 : 1e30});
+            const double best = std::min({t4 > 0 ? t4 : 1e30, t4s1 > 0 ? t4s1 : 1e30});
             const size_t io   = size_t(m * K * 2 + m * N * 2);
             const double gbs  = double(int4_bytes + io) / (best * 1e-6) / 1e9;
             const double roof = double(int4_bytes + io) / k_roofline_bps / (best * 1e-6);
-            std::fprintf(stderr, "%-8s %3lld %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %8.1f %7.2fx %7.1f%%\n", sh.name,
-                         (long long)m, t16, t16g, t4, t4u, t4s1, t4g, tact, t16 / best, 100 * roof);
+            std::fprintf(stderr, "%-8s %3lld %9.1f %9.1f %9.1f %9.1f %9.1f %8.1f %7.2fx %7.1f%%\n", sh.name,
+                         (long long)m, t16, t16g, t4, t4s1, t4g, tact, t16 / best, 100 * roof);
             char buf[1024];
-            std::snprintf(
-                buf, sizeof buf,
-                "%s  {\"shape\": \"%s\", \"n_in\": %lld, \"n_out\": %lld, \"m\": %lld, "
-                "\"fp16_us\": %.2f, \"fp16_graph_us\": %.2f, \"fp16_gbs\": %.1f, "
-                "\"int4_us\": %.2f, \"int4_unroll16_us\": %.2f, \"int4_nosplit_us\": %.2f, \"int4_graph_us\": %.2f, "
-                "\"int4_act_order_us\": %.2f, \"int4_bytes\": %zu, \"int4_gbs\": %.1f, "
-                "\"speedup_vs_fp16\": %.3f, \"roofline_fraction\": %.3f, \"copies_int4\": %d, "
-                "\"copies_fp16\": %d}",
-                first ? "" : ",\n", sh.name, (long long)K, (long long)N, (long long)m, t16, t16g,
-                double(fp16_bytes + io) / (t16 * 1e-6) / 1e9, t4, t4u, t4s1, t4g, tact, int4_bytes + io, gbs,
-                t16 / best, roof, r_int4, r_fp16);
+            std::snprintf(buf, sizeof buf,
+                          "%s  {\"shape\": \"%s\", \"n_in\": %lld, \"n_out\": %lld, \"m\": %lld, "
+                          "\"fp16_us\": %.2f, \"fp16_graph_us\": %.2f, \"fp16_gbs\": %.1f, "
+                          "\"int4_us\": %.2f, \"int4_nosplit_us\": %.2f, \"int4_graph_us\": %.2f, "
+                          "\"int4_act_order_us\": %.2f, \"int4_bytes\": %zu, \"int4_gbs\": %.1f, "
+                          "\"speedup_vs_fp16\": %.3f, \"roofline_fraction\": %.3f, \"copies_int4\": %d, "
+                          "\"copies_fp16\": %d}",
+                          first ? "" : ",\n", sh.name, (long long)K, (long long)N, (long long)m, t16, t16g,
+                          double(fp16_bytes + io) / (t16 * 1e-6) / 1e9, t4, t4s1, t4g, tact, int4_bytes + io, gbs,
+                          t16 / best, roof, r_int4, r_fp16);
             json += buf;
             first = false;
         }

@@ -8,9 +8,9 @@
 #    prepares .device-bundle/ (binaries built for sm_90a + the shared libraries they need) and the
 #    `run` call carries it; this script uses it when the build is impossible.
 # 2. Tests: every `cuda`-labelled test, then compute-sanitizer memcheck on the small ones.
-# 3. Benchmarks: bench_gptq_gemv (JSON).
-# $OUT gets at most 6 files (the `run` tool brings back 8): summary.txt, build.log, tests.log,
-# memcheck.log, bench_gptq_gemv.json, bench_gptq_gemv.txt. The benchmark table is printed last.
+# 3. Benchmarks: bench_gptq_gemv (JSON), then Nsight Compute on two int4 launches.
+# $OUT gets at most 7 files (the `run` tool brings back 8): summary.txt, build.log, tests.log,
+# memcheck.log, bench_gptq_gemv.json, bench_gptq_gemv.txt, ncu.txt (profiler sections of the int4 kernel). The benchmark table is printed last.
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
@@ -79,6 +79,17 @@ if "$BENCH" --out "$OUT/bench_gptq_gemv.json" 2> "$OUT/bench_gptq_gemv.txt"; the
     log "bench_gptq_gemv done"
 else
     status=1; log "bench_gptq_gemv FAILED"
+fi
+# Profiler evidence for the int4 kernel: two launches on the o and gate_up shapes at m = 1.
+if command -v ncu > /dev/null; then
+    for shape in o gate_up; do
+        ncu --kernel-name regex:int4_gemv --launch-skip 20 --launch-count 1 --section SpeedOfLight \
+            --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
+            --section LaunchStats "$BENCH" --only "$shape" --m 1 --iters 5 --out /dev/null >> "$OUT/ncu.txt" 2>&1 ||
+            log "ncu on $shape failed (see ncu.txt)"
+    done
+    grep -E "Memory Throughput|DRAM Throughput|Duration|Achieved Occupancy|Issued Warp|No Eligible|Warp Cycles Per Issued|Stall|Registers Per" \
+        "$OUT/ncu.txt" | head -40
 fi
 cat "$OUT/bench_gptq_gemv.txt"
 exit $status

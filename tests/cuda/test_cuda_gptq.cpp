@@ -236,7 +236,7 @@ TEST(CudaGptq, Int4GemvLlamaShape) {
     const uint32_t seed = test::fresh_seed();
     std::mt19937   rng(seed);
     run_int4(rng, seed, 4096, 4096, 128, true, false, gptq_checkpoint_format::GPTQ_FORMAT_V2, {1, 4, 16}, 8, 0);
-    run_int4(rng, seed, 512, 11008, 128, false, true, gptq_checkpoint_format::GPTQ_FORMAT_V1, {1, 5}, 16, 5);
+    run_int4(rng, seed, 512, 11008, 128, false, true, gptq_checkpoint_format::GPTQ_FORMAT_V1, {1, 5}, 8, 5);
 }
 
 }  // namespace

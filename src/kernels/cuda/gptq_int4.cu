@@ -78,73 +78,99 @@ __global__ void __launch_bounds__(k_warps * 32)
             for (int c = 0; c < 4; ++c) acc[t][b][c] = tmp[t][b][c] = 0.0f;
     float   scale[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     __half2 z1024[4], z64[4];
-    int64_t cur_g = -1;
+    // The group's (scale, zero) pairs of this lane's 4 rows, and the half2 zero terms. The next
+    // group's pairs are fetched when a group starts, so a group change never waits on memory.
+    auto fetch_group = [&](int gg) {
+        return gg < n_groups ? sz[(tn * n_groups + gg) * 8 + gid] : make_uint4(0u, 0u, 0u, 0u);
+    };
+    auto use_group = [&](const uint4 v) {
+        const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const __half2 sz2 = bits_h2(vv[i]);  // (scale, zero)
+            scale[i]          = __low2float(sz2);
+            const __half zh   = __high2half(sz2);
+            z1024[i]          = __half2half2(__hadd(zh, __float2half(1024.0f)));
+            z64[i]            = __half2half2(__hneg(__hadd(zh, __float2half(64.0f))));
+        }
+    };
 
-    // Activation rows of this lane's B fragments (token gid of each 8-token tile).
-    const __half* xrow[NB];
+    // Activation rows of this lane's B fragments (token gid of each 8-token tile), at step s0.
+    const __half* xcur[NB];
     bool          xok[NB];
 #pragma unroll
     for (int b = 0; b < NB; ++b) {
         xok[b]  = b * 8 + gid < m;
-        xrow[b] = x + (xok[b] ? int64_t(b * 8 + gid) * x_stride : 0) + tig * 2;
+        xcur[b] = x + (xok[b] ? int64_t(b * 8 + gid) * x_stride : 0) + tig * 2 + s0 * 32;
+    }
+    const uint4* wcur   = wp + s0 * 32;
+    int          n_left = int(s1 - s0);
+    // Group bookkeeping without a division per step: group g, steps of it already done.
+    int       g = int(s0 / spg), done_in_group = int(s0 % spg);
+    const int steps_per_group = int(spg);
+    uint4     sz_next         = make_uint4(0u, 0u, 0u, 0u);
+    if (n_left > 0) {
+        use_group(fetch_group(g));
+        sz_next = fetch_group(g + 1);
     }
 
-    for (int64_t s = s0; s < s1; s += U) {
-        uint4 q[U];
+    while (n_left > 0) {
+        const int cnt = n_left < U ? n_left : U;
+        uint4     q[U];
 #pragma unroll
         for (int u = 0; u < U; ++u)
-            if (s + u < s1) q[u] = load_stream(wp + (s + u) * 32);
+            if (u < cnt) q[u] = load_stream(wcur + u * 32);
+        // The batch's activation fragments, issued together with the weights (L2 hits, but a
+        // dependent L2 round trip per step would otherwise serialise the steps).
+        uint32_t bx[U][2][NB][2];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+                for (int b = 0; b < NB; ++b) {
+                    const __half* xp = xcur[b] + u * 32 + ks * 16;
+                    const bool    ok = xok[b] && u < cnt;
+                    bx[u][ks][b][0]  = ok ? *reinterpret_cast<const uint32_t*>(xp) : 0u;
+                    bx[u][ks][b][1]  = ok ? *reinterpret_cast<const uint32_t*>(xp + 8) : 0u;
+                }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int64_t ss = s + u;
-            if (ss >= s1) break;
-            const int64_t g = ss / spg;
-            if (g != cur_g) {
-                if (cur_g >= 0) {
+            if (u >= cnt) break;
+            if (done_in_group == steps_per_group) {  // group ended: scale its partial sums
 #pragma unroll
-                    for (int t = 0; t < 2; ++t)
+                for (int t = 0; t < 2; ++t)
 #pragma unroll
-                        for (int b = 0; b < NB; ++b)
+                    for (int b = 0; b < NB; ++b)
 #pragma unroll
-                            for (int c = 0; c < 4; ++c) {
-                                acc[t][b][c] += scale[2 * t + c / 2] * tmp[t][b][c];
-                                tmp[t][b][c] = 0.0f;
-                            }
-                }
-                const uint4    v     = sz[(tn * n_groups + g) * 8 + gid];
-                const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const __half2 sz2 = bits_h2(vv[i]);  // (scale, zero)
-                    scale[i]          = __low2float(sz2);
-                    const __half zh   = __high2half(sz2);
-                    z1024[i]          = __half2half2(__hadd(zh, __float2half(1024.0f)));
-                    z64[i]            = __half2half2(__hneg(__hadd(zh, __float2half(64.0f))));
-                }
-                cur_g = g;
+                        for (int c = 0; c < 4; ++c) {
+                            acc[t][b][c] += scale[2 * t + c / 2] * tmp[t][b][c];
+                            tmp[t][b][c] = 0.0f;
+                        }
+                use_group(sz_next);
+                sz_next       = fetch_group(++g + 1);
+                done_in_group = 0;
             }
+            ++done_in_group;
             uint32_t       d[4][4];  // [word = row][slot]
             const uint32_t qw[4] = {q[u].x, q[u].y, q[u].z, q[u].w};
 #pragma unroll
             for (int i = 0; i < 4; ++i) dequant_word(qw[i], z1024[i], z64[i], d[i]);
 #pragma unroll
             for (int ks = 0; ks < 2; ++ks) {
-                uint32_t bf[NB][2];
-#pragma unroll
-                for (int b = 0; b < NB; ++b) {
-                    const __half* xp = xrow[b] + ss * 32 + ks * 16;
-                    bf[b][0]         = xok[b] ? *reinterpret_cast<const uint32_t*>(xp) : 0u;
-                    bf[b][1]         = xok[b] ? *reinterpret_cast<const uint32_t*>(xp + 8) : 0u;
-                }
 #pragma unroll
                 for (int t = 0; t < 2; ++t) {
                     const uint32_t a[4] = {d[2 * t][2 * ks], d[2 * t + 1][2 * ks], d[2 * t][2 * ks + 1],
                                            d[2 * t + 1][2 * ks + 1]};
 #pragma unroll
-                    for (int b = 0; b < NB; ++b) mma_16816(tmp[t][b], a, bf[b][0], bf[b][1]);
+                    for (int b = 0; b < NB; ++b) mma_16816(tmp[t][b], a, bx[u][ks][b][0], bx[u][ks][b][1]);
                 }
             }
         }
+        wcur += cnt * 32;
+#pragma unroll
+        for (int b = 0; b < NB; ++b) xcur[b] += cnt * 32;
+        n_left -= cnt;
     }
 #pragma unroll
     for (int t = 0; t < 2; ++t)
@@ -379,9 +405,8 @@ status int4_gemv_f16(const int4_layout& L, const void* weights, const void* sz, 
     if (x_stride < L.n_in || y_stride < L.n_out)
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemv_f16: x_stride {} / y_stride {} too small",
                           x_stride, y_stride);
-    if (unroll == 0) unroll = 8;
-    if (unroll != 8 && unroll != 16)
-        return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemv_f16: unroll {} is not 8 or 16", unroll);
+    if (unroll != 0 && unroll != 8)  // 16 was measured slower (docs/perf-notes.md) and removed
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemv_f16: unroll {} is not 8", unroll);
     if (splits == 0) splits = auto_splits(L);
     if (splits < 1 || splits > k_max_splits || workspace_for(L, splits) > workspace_bytes)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
@@ -400,17 +425,11 @@ status int4_gemv_f16(const int4_layout& L, const void* weights, const void* sz, 
         const __half* xr = reinterpret_cast<const __half*>(x) + r * x_stride;
         __half*       yr = reinterpret_cast<__half*>(y) + r * y_stride;
         const dim3    grid(unsigned(L.n_tiles), unsigned(splits));
-        if (mm <= 8 && unroll == 8)
+        if (mm <= 8)
             int4_gemv_kernel<1, 8><<<grid, k_warps * 32, 0, stream>>>(
                 w, s, xr, b, yr, mm, L.n_out, L.k_steps, spg, L.n_groups, x_stride, y_stride, partial, counters);
-        else if (mm <= 8)
-            int4_gemv_kernel<1, 16><<<grid, k_warps * 32, 0, stream>>>(
-                w, s, xr, b, yr, mm, L.n_out, L.k_steps, spg, L.n_groups, x_stride, y_stride, partial, counters);
-        else if (unroll == 8)
-            int4_gemv_kernel<2, 8><<<grid, k_warps * 32, 0, stream>>>(
-                w, s, xr, b, yr, mm, L.n_out, L.k_steps, spg, L.n_groups, x_stride, y_stride, partial, counters);
         else
-            int4_gemv_kernel<2, 16><<<grid, k_warps * 32, 0, stream>>>(
+            int4_gemv_kernel<2, 8><<<grid, k_warps * 32, 0, stream>>>(
                 w, s, xr, b, yr, mm, L.n_out, L.k_steps, spg, L.n_groups, x_stride, y_stride, partial, counters);
         GPTQ_CUDA_CHECK_LAUNCH();
     }

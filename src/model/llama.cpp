@@ -9,6 +9,7 @@
 
 #include <fmt/ranges.h>
 
+#include "core/dtype.h"
 #include "core/error.h"
 
 namespace gptq {
@@ -229,7 +230,23 @@ status llama_layer::linear_replace(linear_role r, std::vector<float> w) {
         return make_error(E_ARG, "layer {} {}: replacement weight has {} values, expected [{}, {}] = {}", index,
                           linear_role_name(r), w.size(), l.n_out, l.n_in, l.n_out * l.n_in);
     l.w = std::move(w);
+    l.q.reset();
     return status::ok();
+}
+
+std::vector<float> linear_weights::dense() const {
+    if (!q) return w;
+    std::vector<float> out(static_cast<size_t>(n_out * n_in));
+    q->dequantize(out.data());
+    return out;
+}
+
+void linear_forward(const ops_context& ctx, const linear_weights& l, const float* x, float* y, int64_t n_rows) {
+    const float* bias = l.bias.empty() ? nullptr : l.bias.data();
+    if (l.q)
+        op_gptq_linear(ctx, x, *l.q, bias, y, n_rows);
+    else
+        op_linear(ctx, x, l.w.data(), bias, y, n_rows, l.n_out, l.n_in);
 }
 
 kv_cache kv_cache::create(const llama_hparams& hp, int64_t n_ctx) {
@@ -305,8 +322,10 @@ result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer) co
         l.n_in                = shape[1];
         if (gptq_ && gptq_linear_present(*src_, name)) {
             GPTQ_ASSIGN_OR_RETURN(gptq_linear_data q, gptq_linear_read(*src_, name, shape[0], shape[1], *gptq_));
-            l.w.resize(static_cast<size_t>(shape[0] * shape[1]));
-            q.dequantize(l.w.data());
+            std::vector<float> scales(q.scales.size());
+            for (size_t j = 0; j < scales.size(); ++j) scales[j] = f16_to_f32(q.scales[j]);
+            l.q = std::make_shared<const gptq_packed_linear>(gptq_packed_linear::from_unpacked(
+                q.codes.data(), scales.data(), q.zeros.data(), q.g_idx.data(), shape[0], shape[1], q.n_groups));
         } else {
             GPTQ_TRY(read_vec(*src_, {name + ".weight", {shape[0], shape[1]}, false}, &l.w));
         }
@@ -354,7 +373,7 @@ void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer
     GPTQ_ASSERT(!cache || (pos0 == cache->n_past && pos0 + n_tokens <= cache->n_ctx && cache->kv_dim == kv_dim));
     auto lin = [&](linear_role r, const float* x, float* y) {
         const linear_weights& l = layer.linear(r);
-        op_linear(ctx, x, l.w.data(), l.bias.empty() ? nullptr : l.bias.data(), y, n_tokens, l.n_out, l.n_in);
+        linear_forward(ctx, l, x, y, n_tokens);
     };
     auto capture = [&](linear_input which, const float* x, int64_t n_in) {
         if (hook && *hook) (*hook)(i_layer, which, x, n_tokens, n_in);

@@ -24,6 +24,7 @@
 #include "io/gptq_config.h"
 #include "io/hf_config.h"
 #include "io/tensor_source.h"
+#include "ops/gptq_linear.h"
 #include "ops/ops.h"
 
 namespace gptq {
@@ -98,9 +99,18 @@ std::string              llama_linear_name(int64_t i_layer, linear_role r);  // 
 struct linear_weights {
     int64_t            n_out = 0;
     int64_t            n_in  = 0;
-    std::vector<float> w;     // [n_out, n_in] row-major (PyTorch layout)
+    std::vector<float> w;     // [n_out, n_in] row-major (PyTorch layout); empty when `q` is set
     std::vector<float> bias;  // [n_out], or empty
+    // A GPTQ linear of a quantized checkpoint stays quantized (dequantized on the fly); nullptr for
+    // dense weights. The quantizer works on dense `w` (linear_replace clears `q`).
+    std::shared_ptr<const gptq_packed_linear> q;
+
+    // The weight as a dense [n_out, n_in] F32 matrix (a copy; dequantized when quantized).
+    std::vector<float> dense() const;
 };
+
+// y[n_rows, n_out] = x[n_rows, n_in] W^T + bias, dense or quantized.
+void linear_forward(const ops_context& ctx, const linear_weights& l, const float* x, float* y, int64_t n_rows);
 
 // One decoder layer's weights in F32.
 struct llama_layer {

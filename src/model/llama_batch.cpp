@@ -19,7 +19,7 @@ void llama_model::layer_forward_batch(const ops_context& ctx, const llama_layer&
     for (int64_t s = 0; s < n_seq; ++s) n_rows += n_tokens[s];
     auto lin = [&](linear_role r, const float* x, float* y) {
         const linear_weights& l = layer.linear(r);
-        op_linear(ctx, x, l.w.data(), l.bias.empty() ? nullptr : l.bias.data(), y, n_rows, l.n_out, l.n_in);
+        linear_forward(ctx, l, x, y, n_rows);
     };
 
     // ---- attention: q/k/v over all rows, then RoPE + cache + attention per sequence ---------------

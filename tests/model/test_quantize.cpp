@@ -121,7 +121,8 @@ TEST(quantize, rtn_checkpoint_loads_back_to_the_same_weights) {
                 ASSERT_TRUE(q.is_ok());
                 std::vector<float> expect(w.w.size());
                 quantized_linear_dequantize(*q, expect.data());
-                ASSERT_EQ((*lb)->linear(static_cast<linear_role>(r)).w, expect)
+                ASSERT_NE((*lb)->linear(static_cast<linear_role>(r)).q, nullptr) << "GPTQ linears stay quantized";
+                ASSERT_EQ((*lb)->linear(static_cast<linear_role>(r)).dense(), expect)
                     << "layer " << i << " " << linear_role_name(static_cast<linear_role>(r)) << " bits " << bits;
             }
             EXPECT_EQ((*lb)->attn_norm, (*lo)->attn_norm);

@@ -1,0 +1,34 @@
+// A GPTQ-quantized linear layer kept quantized in memory (one byte per code, rows sorted by group)
+// and applied with dequantization on the fly (kernels/cpu/gptq_linear.h).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "ops/ops.h"
+
+namespace gptq {
+
+struct gptq_packed_linear {
+    int64_t              n_in = 0, n_out = 0, n_groups = 0;
+    std::vector<uint8_t> codes;        // [n_in, n_out], input rows in sorted (group) order
+    std::vector<float>   scales;       // [n_groups, n_out]
+    std::vector<float>   zeros;        // [n_groups, n_out]
+    std::vector<int32_t> group_start;  // [n_groups + 1]
+    std::vector<int32_t> perm;         // [n_in] sorted row -> original input index; empty = identity
+
+    // From the unpacked checkpoint form: codes_orig [n_out, n_in], scales/zeros [n_groups, n_out],
+    // g_idx [n_in] with values in [0, n_groups) (the caller has checked them).
+    static gptq_packed_linear from_unpacked(const uint8_t* codes_orig, const float* scales, const int32_t* zeros,
+                                            const int32_t* g_idx, int64_t n_out, int64_t n_in, int64_t n_groups);
+    // W [n_out, n_in] in F32, original column order.
+    void   dequantize(float* w) const;
+    size_t bytes() const;  // memory held
+};
+
+// y[m, n_out] = x[m, n_in] W^T + bias (bias may be nullptr). y must not alias x.
+void op_gptq_linear(const ops_context& ctx, const float* x, const gptq_packed_linear& w, const float* bias, float* y,
+                    int64_t m);
+
+}  // namespace gptq

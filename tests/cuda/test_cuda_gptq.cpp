@@ -213,7 +213,7 @@ TEST(CudaGptq, Int4GemvMatchesReference) {
             for (bool sym : {false, true}) {
                 const auto fmt =
                     (i % 2) ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2;
-                const int unroll = (i % 3 == 0) ? 16 : 8;
+                const int unroll = (i % 2 == 0) ? 0 : 8;
                 // Awkward n_out (not a multiple of the 32-row tile), several k lengths.
                 const int64_t n_out = std::vector<int64_t>{40, 264, 1000, 96}[size_t(i % 4)];
                 const int64_t n_in  = std::vector<int64_t>{256, 1024, 384, 2048}[size_t(i % 4)];

@@ -367,22 +367,12 @@ namespace {
 
 constexpr int k_max_splits = 8;
 
-int device_sms() {
-    int dev = 0, n = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess ||
-        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
-        cudaGetLastError();
-        return 132;
-    }
-    return n;
-}
-
-// Splits of k over blocks: about 4 blocks per SM in all (2 resident at a time, so block turnover
-// keeps loads in flight), at least 4 k steps per warp, at most k_max_splits.
-int auto_splits(const int4_layout& L) {
-    const int64_t want = (4 * int64_t(device_sms()) + L.n_tiles - 1) / L.n_tiles;
-    const int64_t cap  = std::max<int64_t>(1, L.k_steps / (k_warps * 4));
-    return int(std::clamp<int64_t>(std::min(want, cap), 1, k_max_splits));
+// Splits of k over blocks when the caller asks for the automatic choice: none. Measured on the
+// H100 (docs/perf-notes.md, run 3), splitting the 4096-wide layers over 4-5 blocks per tile was
+// 25-40 % slower than one block per tile once the kernel stopped being issue-bound; the split path
+// stays for explicit use (and is tested) until a layout that needs it (e.g. 70B's 8192 x 28672).
+int auto_splits(const int4_layout&) {
+    return 1;
 }
 
 int64_t workspace_for(const int4_layout& L, int splits) {

@@ -55,7 +55,7 @@ int64_t int4_gemv_workspace_bytes(const int4_layout& L, int splits = 0);
 // x: [m, x_stride] F16 (x_stride even, 4-byte aligned); y: [m, y_stride] F16; bias: [n_out] F16 or
 // nullptr. Any m (chunks of 16 tokens); fastest for m <= 16. workspace: see above. `unroll`:
 // 16-byte loads in flight per lane, 8 (0: the default; 16 was slower and is gone); `splits`: k split over that many
-// blocks per tile, 1..8 (0: chosen from the SM count; the workspace must fit the choice).
+// blocks per tile, 1..8 (0: automatic, currently 1; the workspace must fit the choice).
 status int4_gemv_f16(const int4_layout& L, const void* weights, const void* sz, const uint16_t* x, const uint16_t* bias,
                      uint16_t* y, int64_t m, int64_t x_stride, int64_t y_stride, void* workspace,
                      int64_t workspace_bytes, cudaStream_t stream, int unroll = 0, int splits = 0);

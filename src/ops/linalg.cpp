@@ -8,7 +8,7 @@ namespace gptq {
 void op_gram_accumulate_upper(const ops_context& ctx, const float* x, int64_t n, int64_t k, float alpha, float* h) {
     if (ctx.reference) return cpu::gram_accumulate_upper_ref(x, n, k, alpha, h);
     cpu::blas_init_single_threaded();
-    cpu::gram_accumulate_upper(x, n, k, alpha, h);
+    cpu::gram_accumulate_upper(x, n, k, alpha, h, ctx.pool);
 }
 
 bool op_cholesky_inverse_upper(const ops_context& ctx, float* a, int64_t n) {

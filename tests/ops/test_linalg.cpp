@@ -54,17 +54,23 @@ TEST(linalg, gram_accumulate_matches_reference) {
     for (auto [n, k] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 7}, {17, 33}, {130, 65}, {5, 257}}) {
         auto               x   = randn(static_cast<size_t>(n * k), rng);
         auto               ref = randn(static_cast<size_t>(k * k), rng);  // non-zero start: accumulation
-        auto               got = ref;
+        auto               got = ref, got_pool = ref;
         cpu::gram_accumulate_upper_ref(x.data(), n, k, 0.5f, ref.data());
         cpu::gram_accumulate_upper(x.data(), n, k, 0.5f, got.data());
+        thread_pool pool(3);
+        cpu::gram_accumulate_upper(x.data(), n, k, 0.5f, got_pool.data(), &pool);
         // Compare only the upper triangle (the contract).
-        std::vector<float> ru, gu;
+        std::vector<float> ru, gu, pu;
         for (int64_t i = 0; i < k; ++i)
             for (int64_t j = i; j < k; ++j) {
                 ru.push_back(ref[static_cast<size_t>(i * k + j)]);
                 gu.push_back(got[static_cast<size_t>(i * k + j)]);
+                pu.push_back(got_pool[static_cast<size_t>(i * k + j)]);
             }
         EXPECT_LT(max_rel_diff(gu, ru), k_tol_gemm) << n << "x" << k;
+        EXPECT_LT(max_rel_diff(pu, ru), k_tol_gemm) << n << "x" << k << " threaded";
+        // The lower triangle is not the contract's: it must stay untouched.
+        for (int64_t i = 1; i < k; ++i) ASSERT_EQ(got_pool[static_cast<size_t>(i * k)], ref[static_cast<size_t>(i * k)]);
     }
 }
 

@@ -2,6 +2,7 @@
 
 #include <cblas.h>
 
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -25,11 +26,30 @@ void gram_accumulate_upper_ref(const float* x, int64_t n, int64_t k, float alpha
         }
 }
 
-void gram_accumulate_upper(const float* x, int64_t n, int64_t k, float alpha, float* h) {
+void gram_accumulate_upper(const float* x, int64_t n, int64_t k, float alpha, float* h, thread_pool* pool) {
     if (n == 0 || k == 0) return;
-    // Row-major upper with x^T x: CblasTrans over x [n, k].
-    cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(k), static_cast<int>(n), alpha, x,
-                static_cast<int>(k), 1.0f, h, static_cast<int>(k));
+    constexpr int64_t bs       = 64;
+    const int64_t     n_blocks = (k + bs - 1) / bs;
+    auto              block    = [&](int64_t b) {
+        const int64_t r0 = b * bs, rn = std::min(bs, k - r0);
+        // Diagonal block with syrk (upper), the rest of the block row with one gemm.
+        cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(rn), static_cast<int>(n), alpha, x + r0,
+                    static_cast<int>(k), 1.0f, h + r0 * k + r0, static_cast<int>(k));
+        if (r0 + rn < k)
+            cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(rn), static_cast<int>(k - r0 - rn),
+                        static_cast<int>(n), alpha, x + r0, static_cast<int>(k), x + r0 + rn, static_cast<int>(k), 1.0f,
+                        h + r0 * k + r0 + rn, static_cast<int>(k));
+    };
+    if (!pool || n_blocks == 1) {
+        for (int64_t b = 0; b < n_blocks; ++b) block(b);
+        return;
+    }
+    // Early blocks carry more of the triangle: interleave them over the workers.
+    const int64_t n_workers = std::min<int64_t>(pool->n_threads(), n_blocks);
+    pool->parallel_for(n_workers, [&](int64_t w0, int64_t w1) {
+        for (int64_t w = w0; w < w1; ++w)
+            for (int64_t b = w; b < n_blocks; b += n_workers) block(b);
+    });
 }
 
 void symmetrize_from_upper(float* a, int64_t n) {

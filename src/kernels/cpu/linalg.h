@@ -13,7 +13,9 @@ namespace gptq::cpu {
 
 // h[k, k] (upper triangle, j >= i) += alpha * x^T x, x: [n, k]. The lower triangle is not touched.
 void gram_accumulate_upper_ref(const float* x, int64_t n, int64_t k, float alpha, float* h);
-void gram_accumulate_upper(const float* x, int64_t n, int64_t k, float alpha, float* h);
+// Same contract; blocks of 64 rows of h are split over the pool (one single-threaded sgemm each:
+// h[b, b0:] += alpha x[:, b]^T x[:, b0:]), so the accumulation scales with threads.
+void gram_accumulate_upper(const float* x, int64_t n, int64_t k, float alpha, float* h, thread_pool* pool = nullptr);
 
 // Copy the upper triangle of a[n, n] onto the lower one.
 void symmetrize_from_upper(float* a, int64_t n);

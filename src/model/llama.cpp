@@ -116,9 +116,10 @@ result<llama_hparams> llama_hparams_from_config(const model_config& cfg) {
     // Bounds far above any real model, so that every size derived below (q_dim, kv_dim, tensor
     // shapes, the per-layer tables) fits in int64 and nothing huge is allocated before the
     // checkpoint's tensors are checked (found by fuzz/fuzz_config; docs/reliability.md).
-    const std::pair<const char*, int64_t> bounded[] = {
-        {"num_hidden_layers", hp.n_layer}, {"num_attention_heads", hp.n_head}, {"num_key_value_heads", hp.n_head_kv},
-        {"head_dim", hp.head_dim}};
+    const std::pair<const char*, int64_t> bounded[] = {{"num_hidden_layers", hp.n_layer},
+                                                       {"num_attention_heads", hp.n_head},
+                                                       {"num_key_value_heads", hp.n_head_kv},
+                                                       {"head_dim", hp.head_dim}};
     for (const auto& [name, v] : bounded)
         if (v > k_llama_max_dim)
             return make_error(E_UNSUP, "{}: {} is {}, more than the {} supported", where, name, v, k_llama_max_dim);

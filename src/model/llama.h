@@ -77,9 +77,10 @@ struct llama_hparams {
     std::array<int64_t, 2> linear_shape(linear_role r) const;
 };
 
-// Checks what the forward pass supports; unsupported values are errors naming the value.
-// Layer count, head counts and head_dim are bounded by k_llama_max_dim.
+// Upper bound of the layer count, head counts and head_dim a config may give (docs/reliability.md).
 constexpr int64_t k_llama_max_dim = int64_t(1) << 16;
+
+// Checks what the forward pass supports; unsupported values are errors naming the value.
 result<llama_hparams> llama_hparams_from_config(const model_config& cfg);
 
 // RoPE inverse frequencies [head_dim / 2] for a forward pass whose last position is seq_len - 1

@@ -37,7 +37,7 @@ uint64_t parse_size(const std::string& s) {
 constexpr const char* k_presets =
     "\nPresets, measured on the bundled tiny-llama (WikiText-2 test ppl at seqlen 512; FP16: 153.97, 10.0 MiB):\n"
     "  --bits 8 --group-size 128   7.1 MiB   GPTQ 154.01   RTN 154.21\n"
-    "  --bits 4 --group-size 128   5.6 MiB   GPTQ 159.43   RTN 166.07\n"
+    "  --bits 4 --group-size 128   5.6 MiB   GPTQ 161.05   RTN 166.07   (--desc-act 157.73, --no-sym 156.23)\n"
     "  --bits 3 --group-size 128   5.2 MiB   GPTQ 188.9    RTN 205.1    (first 40 windows only; FP16 170.5 there)\n"
     "small-llama (23 M) and the options (--desc-act, --mse, group size -1, --no-sym): docs/results.md\n";
 

@@ -22,20 +22,20 @@ struct quantize_params {
     std::string output_path;  // folder to create; must not exist (unless resuming into its work folder)
 
     // GPTQ settings (AutoGPTQ names and defaults, except group size: 128 is what is published).
-    int    bits            = 4;      // 2, 3, 4, 8
-    int    group_size      = 128;    // -1 = one group per output row
-    bool   desc_act        = false;  // act-order
-    bool   sym             = true;
-    bool   static_groups   = false;
-    bool   true_sequential = true;
-    double damp_percent    = 0.01;
-    bool   mse             = false;  // clipping-range grid search
-    std::string method     = "gptq";  // "gptq" or "rtn" (round to nearest, no calibration)
-    std::string format     = "";      // "gptq" (v1) or "gptq_v2"; "" = gptq when sym, gptq_v2 when asym
+    int         bits            = 4;      // 2, 3, 4, 8
+    int         group_size      = 128;    // -1 = one group per output row
+    bool        desc_act        = false;  // act-order
+    bool        sym             = true;
+    bool        static_groups   = false;
+    bool        true_sequential = true;
+    double      damp_percent    = 0.01;
+    bool        mse             = false;   // clipping-range grid search
+    std::string method          = "gptq";  // "gptq" or "rtn" (round to nearest, no calibration)
+    std::string format          = "";      // "gptq" (v1) or "gptq_v2"; "" = gptq when sym, gptq_v2 when asym
 
     // Calibration.
-    std::string calib    = "default";  // "default" (bundled calibration text), "wikitext2", or a path
-                                       // (.jsonl with a "text" field per line, else plain text)
+    std::string calib = "default";  // "default" (bundled calibration text), "wikitext2", or a path
+                                    // (.jsonl with a "text" field per line, else plain text)
     int64_t  nsamples = 128;
     int64_t  seqlen   = 2048;
     uint64_t seed     = 0;
@@ -43,15 +43,15 @@ struct quantize_params {
     uint64_t    max_shard_bytes = 4ull << 30;  // split the weights into shards beyond this
     bool        resume          = false;       // continue an interrupted run from its last finished layer
     std::string report_path;                   // write a JSON report here ("" = none)
-    int         n_threads = 0;                 // 0 = all cores
+    int         n_threads         = 0;         // 0 = all cores
     int64_t     stop_after_layers = -1;        // testing: stop (as if killed) after this many layers
 };
 
 struct quantize_linear_report {
-    std::string name;              // "model.layers.3.mlp.down_proj"
+    std::string name;  // "model.layers.3.mlp.down_proj"
     int64_t     n_out = 0, n_in = 0;
-    double      error_gptq = 0.0;  // Hessian-weighted error of the method used (tr(D H D^T))
-    double      error_rtn  = 0.0;  // the same for round-to-nearest on this layer's weights
+    double      error_gptq   = 0.0;  // Hessian-weighted error of the method used (tr(D H D^T))
+    double      error_rtn    = 0.0;  // the same for round-to-nearest on this layer's weights
     double      damp_percent = 0.0;
     double      seconds      = 0.0;
 };
@@ -62,11 +62,11 @@ struct quantize_report {
     int                                 bits = 0, group_size = 0;
     bool                                desc_act = false, sym = true;
     std::string                         format;
-    int64_t                             n_calib_tokens = 0;
-    int64_t                             n_layers       = 0;
-    double                              seconds        = 0.0;
-    uint64_t                            bytes_in       = 0;  // original safetensors
-    uint64_t                            bytes_out      = 0;  // written safetensors
+    int64_t                             n_calib_tokens  = 0;
+    int64_t                             n_layers        = 0;
+    double                              seconds         = 0.0;
+    uint64_t                            bytes_in        = 0;  // original safetensors
+    uint64_t                            bytes_out       = 0;  // written safetensors
     uint64_t                            peak_plan_bytes = 0;  // the memory plan's estimate
     std::vector<quantize_linear_report> linears;
 };

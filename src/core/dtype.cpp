@@ -38,9 +38,15 @@ float float_of(uint32_t u) {
 
 }  // namespace
 
-size_t           dtype_size(dtype t) { return k_dtypes[static_cast<size_t>(t)].size; }
-std::string_view dtype_name(dtype t) { return k_dtypes[static_cast<size_t>(t)].name; }
-bool             dtype_is_float(dtype t) { return k_dtypes[static_cast<size_t>(t)].is_float; }
+size_t dtype_size(dtype t) {
+    return k_dtypes[static_cast<size_t>(t)].size;
+}
+std::string_view dtype_name(dtype t) {
+    return k_dtypes[static_cast<size_t>(t)].name;
+}
+bool dtype_is_float(dtype t) {
+    return k_dtypes[static_cast<size_t>(t)].is_float;
+}
 
 bool dtype_from_name(std::string_view name, dtype* out) {
     for (const auto& d : k_dtypes) {
@@ -84,9 +90,9 @@ uint16_t f32_to_f16(float f) {
     }
     if (a < 0x33000000u) return sign;  // < 2^-25: rounds to zero (2^-25 exactly is a tie -> even 0)
     // Subnormal F16: value / 2^-24 rounded to nearest even integer.
-    const uint32_t exp   = a >> 23;             // 102..112
+    const uint32_t exp   = a >> 23;  // 102..112
     const uint32_t mant  = (a & 0x7fffffu) | 0x800000u;
-    const uint32_t shift = 126 - exp;           // 14..24: mant * 2^(exp-150) / 2^-24 = mant >> (126-exp)
+    const uint32_t shift = 126 - exp;  // 14..24: mant * 2^(exp-150) / 2^-24 = mant >> (126-exp)
     uint32_t       h     = mant >> shift;
     const uint32_t rest  = mant & ((1u << shift) - 1);
     const uint32_t half  = 1u << (shift - 1);
@@ -94,7 +100,9 @@ uint16_t f32_to_f16(float f) {
     return static_cast<uint16_t>(sign | h);
 }
 
-float bf16_to_f32(uint16_t b) { return float_of(static_cast<uint32_t>(b) << 16); }
+float bf16_to_f32(uint16_t b) {
+    return float_of(static_cast<uint32_t>(b) << 16);
+}
 
 uint16_t f32_to_bf16(float f) {
     const uint32_t u = bits_of(f);
@@ -118,10 +126,17 @@ void f32_to_bf16_row(const float* src, uint16_t* dst, size_t n) {
 
 bool to_f32_row(dtype src_type, const void* src, float* dst, size_t n) {
     switch (src_type) {
-        case dtype::DTYPE_F32: std::memcpy(dst, src, n * sizeof(float)); return true;
-        case dtype::DTYPE_F16: f16_to_f32_row(static_cast<const uint16_t*>(src), dst, n); return true;
-        case dtype::DTYPE_BF16: bf16_to_f32_row(static_cast<const uint16_t*>(src), dst, n); return true;
-        default: return false;
+        case dtype::DTYPE_F32:
+            std::memcpy(dst, src, n * sizeof(float));
+            return true;
+        case dtype::DTYPE_F16:
+            f16_to_f32_row(static_cast<const uint16_t*>(src), dst, n);
+            return true;
+        case dtype::DTYPE_BF16:
+            bf16_to_f32_row(static_cast<const uint16_t*>(src), dst, n);
+            return true;
+        default:
+            return false;
     }
 }
 

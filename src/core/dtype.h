@@ -31,8 +31,8 @@ enum class dtype : uint8_t {
     DTYPE_COUNT,
 };
 
-size_t           dtype_size(dtype t);   // bytes per element
-std::string_view dtype_name(dtype t);   // safetensors spelling: "F32", "BF16", "BOOL", ...
+size_t           dtype_size(dtype t);  // bytes per element
+std::string_view dtype_name(dtype t);  // safetensors spelling: "F32", "BF16", "BOOL", ...
 bool             dtype_from_name(std::string_view name, dtype* out);  // false when unknown
 bool             dtype_is_float(dtype t);
 

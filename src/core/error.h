@@ -17,11 +17,11 @@ status make_error(status_code code, fmt::format_string<Args...> f, Args&&... arg
 }  // namespace gptq
 
 // A broken internal invariant: print file:line and abort. Never for bad user input.
-#define GPTQ_ASSERT(cond)                                                        \
-    do {                                                                         \
-        if (!(cond)) ::gptq::assert_fail(#cond, __FILE__, __LINE__, nullptr);   \
+#define GPTQ_ASSERT(cond)                                                     \
+    do {                                                                      \
+        if (!(cond)) ::gptq::assert_fail(#cond, __FILE__, __LINE__, nullptr); \
     } while (0)
-#define GPTQ_ASSERT_MSG(cond, msg)                                               \
-    do {                                                                         \
-        if (!(cond)) ::gptq::assert_fail(#cond, __FILE__, __LINE__, (msg));     \
+#define GPTQ_ASSERT_MSG(cond, msg)                                          \
+    do {                                                                    \
+        if (!(cond)) ::gptq::assert_fail(#cond, __FILE__, __LINE__, (msg)); \
     } while (0)

@@ -21,8 +21,12 @@ std::string format_duration(double s) {
 }
 }  // namespace
 
-void progress_set_quiet(bool quiet) { g_quiet.store(quiet); }
-bool progress_is_quiet() { return g_quiet.load(); }
+void progress_set_quiet(bool quiet) {
+    g_quiet.store(quiet);
+}
+bool progress_is_quiet() {
+    return g_quiet.load();
+}
 
 progress_bar::progress_bar(std::string label, int64_t total, std::string unit)
     : label_(std::move(label)),
@@ -32,9 +36,13 @@ progress_bar::progress_bar(std::string label, int64_t total, std::string unit)
       start_(std::chrono::steady_clock::now()),
       last_draw_(start_) {}
 
-progress_bar::~progress_bar() { finish(); }
+progress_bar::~progress_bar() {
+    finish();
+}
 
-void progress_bar::update(int64_t done_delta) { set(done_ + done_delta); }
+void progress_bar::update(int64_t done_delta) {
+    set(done_ + done_delta);
+}
 
 void progress_bar::set(int64_t done) {
     done_ = done < 0 ? 0 : (done > total_ ? total_ : done);

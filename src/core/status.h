@@ -64,7 +64,7 @@ public:
         }
     }
 
-    bool is_ok() const { return std::holds_alternative<T>(v_); }
+    bool     is_ok() const { return std::holds_alternative<T>(v_); }
     explicit operator bool() const { return is_ok(); }
 
     const status& error() const {
@@ -106,9 +106,9 @@ private:
 #define GPTQ_CONCAT(a, b) GPTQ_CONCAT_IMPL(a, b)
 
 // Return the status of `expr` (a status) from the enclosing function if it is an error.
-#define GPTQ_TRY(expr)                                   \
-    do {                                                 \
-        ::gptq::status gptq_try_status_ = (expr);        \
+#define GPTQ_TRY(expr)                                          \
+    do {                                                        \
+        ::gptq::status gptq_try_status_ = (expr);               \
         if (!gptq_try_status_.is_ok()) return gptq_try_status_; \
     } while (0)
 

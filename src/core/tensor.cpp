@@ -7,10 +7,10 @@ namespace gptq {
 tensor_view tensor_view::contiguous(void* data, dtype type, const int64_t* shape, int n_dims, device dev) {
     GPTQ_ASSERT(n_dims >= 0 && n_dims <= k_max_dims);
     tensor_view v;
-    v.data   = data;
-    v.type   = type;
-    v.dev    = dev;
-    v.n_dims = n_dims;
+    v.data         = data;
+    v.type         = type;
+    v.dev          = dev;
+    v.n_dims       = n_dims;
     int64_t stride = 1;
     for (int i = n_dims - 1; i >= 0; --i) {
         v.shape[static_cast<size_t>(i)]   = shape[i];

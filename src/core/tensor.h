@@ -25,12 +25,12 @@ struct device {
 constexpr int k_max_dims = 6;
 
 struct tensor_view {
-    void*                              data   = nullptr;
-    dtype                              type   = dtype::DTYPE_F32;
-    device                             dev    = {};
-    int                                n_dims = 0;
-    std::array<int64_t, k_max_dims>    shape{};    // [n_dims] outermost first
-    std::array<int64_t, k_max_dims>    strides{};  // [n_dims] in elements
+    void*                           data   = nullptr;
+    dtype                           type   = dtype::DTYPE_F32;
+    device                          dev    = {};
+    int                             n_dims = 0;
+    std::array<int64_t, k_max_dims> shape{};    // [n_dims] outermost first
+    std::array<int64_t, k_max_dims> strides{};  // [n_dims] in elements
 
     // A contiguous row-major view of `shape`. Asserts on more than k_max_dims dimensions.
     static tensor_view contiguous(void* data, dtype type, std::initializer_list<int64_t> shape, device dev = {});

@@ -9,8 +9,8 @@ thread_local bool t_inside_pool = false;
 
 void chunk_of(int64_t n, int n_chunks, int i, int64_t* begin, int64_t* end) {
     const int64_t base = n / n_chunks, rem = n % n_chunks;
-    *begin             = i * base + std::min<int64_t>(i, rem);
-    *end               = *begin + base + (i < rem ? 1 : 0);
+    *begin = i * base + std::min<int64_t>(i, rem);
+    *end   = *begin + base + (i < rem ? 1 : 0);
 }
 }  // namespace
 

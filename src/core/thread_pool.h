@@ -34,7 +34,7 @@ private:
     std::mutex                                   mutex_;
     std::condition_variable                      cv_work_;
     std::condition_variable                      cv_done_;
-    const std::function<void(int64_t, int64_t)>* job_ = nullptr;
+    const std::function<void(int64_t, int64_t)>* job_        = nullptr;
     int64_t                                      job_n_      = 0;
     uint64_t                                     generation_ = 0;
     int                                          pending_    = 0;

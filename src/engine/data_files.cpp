@@ -31,6 +31,8 @@ result<std::string> bundled_data_resolve(const std::string& rel_path) {
     return make_error(status_code::STATUS_NOT_FOUND, "bundled file {} not found (looked in: {})", rel_path, list);
 }
 
-result<std::string> text_file_read(const std::string& path) { return file_read_all(path); }
+result<std::string> text_file_read(const std::string& path) {
+    return file_read_all(path);
+}
 
 }  // namespace gptq

@@ -47,7 +47,7 @@ result<inspect_report> inspect_model(const std::string& path) {
     r.path = path;
     GPTQ_ASSIGN_OR_RETURN(auto src, tensor_source::open(path));
 
-    const bool        is_dir = dir_exists(path);
+    const bool        is_dir   = dir_exists(path);
     const std::string cfg_path = path_join(src->folder(), "config.json");
     if (is_dir && !file_exists(cfg_path))
         return make_error(status_code::STATUS_NOT_FOUND, "{}: no config.json in the model folder", path);
@@ -90,12 +90,12 @@ result<inspect_report> inspect_model(const std::string& path) {
         const tensor_entry* e = src->find(name);
         const auto&         t = *e->info;
         inspect_tensor      it;
-        it.name    = name;
-        it.dtype   = std::string(dtype_name(t.type));
-        it.shape   = t.shape;
-        it.n_bytes = t.nbytes();
+        it.name               = name;
+        it.dtype              = std::string(dtype_name(t.type));
+        it.shape              = t.shape;
+        it.n_bytes            = t.nbytes();
         const std::string& fp = e->file->path();
-        it.file = fp.substr(fp.rfind('/') == std::string::npos ? 0 : fp.rfind('/') + 1);
+        it.file               = fp.substr(fp.rfind('/') == std::string::npos ? 0 : fp.rfind('/') + 1);
         r.tensors.push_back(std::move(it));
         dtype_elems[std::string(dtype_name(t.type))] += t.numel();
 
@@ -154,7 +154,7 @@ std::string inspect_report_json(const inspect_report& r, bool with_tensors) {
     j["n_files"]                 = r.n_files;
     j["n_tensors"]               = r.n_tensors;
     if (r.quantization.present) {
-        const auto& q       = r.quantization;
+        const auto& q     = r.quantization;
         j["quantization"] = {{"source", q.source},
                              {"bits", q.bits},
                              {"group_size", q.group_size},
@@ -170,7 +170,8 @@ std::string inspect_report_json(const inspect_report& r, bool with_tensors) {
     if (with_tensors) {
         json ts = json::array();
         for (const auto& t : r.tensors)
-            ts.push_back({{"name", t.name}, {"dtype", t.dtype}, {"shape", t.shape}, {"bytes", t.n_bytes}, {"file", t.file}});
+            ts.push_back(
+                {{"name", t.name}, {"dtype", t.dtype}, {"shape", t.shape}, {"bytes", t.n_bytes}, {"file", t.file}});
         j["tensors"] = ts;
     }
     return j.dump(2);
@@ -196,7 +197,8 @@ std::string inspect_report_text(const inspect_report& r, bool with_tensors) {
     row("parameters", fmt::format("{} ({})", human_count(r.n_params), r.n_params));
     row("dtype", r.dtype);
     std::string by;
-    for (const auto& [d, n] : r.params_by_dtype) by += fmt::format("{}{} {}", by.empty() ? "" : ", ", d, human_count(n));
+    for (const auto& [d, n] : r.params_by_dtype)
+        by += fmt::format("{}{} {}", by.empty() ? "" : ", ", d, human_count(n));
     row("stored elements", by);
     row("on disk", fmt::format("{} in {} file{}, {} tensors", human_bytes(r.bytes_on_disk), r.n_files,
                                r.n_files == 1 ? "" : "s", r.n_tensors));

@@ -14,13 +14,10 @@
 #include "core/error.h"
 #include "core/progress.h"
 #include "core/thread_pool.h"
+#include "data_files.h"
 #include "model/llama.h"
 #include "model/perplexity.h"
 #include "tokenizer/tokenizer.h"
-
-#ifndef GPTQ_SOURCE_DIR
-#define GPTQ_SOURCE_DIR ""
-#endif
 
 namespace gptq {
 
@@ -29,8 +26,8 @@ namespace fs = std::filesystem;
 namespace {
 constexpr const char* k_wikitext2_rel = "data/wikitext2/wiki.test.raw.gptq_join.txt";
 
-// "wikitext2": the bundled file, looked up next to the executable (bin/../data, build/bin/../../data)
-// and then in the source tree this binary was built from. Anything else: a path, read as is.
+// "wikitext2": the bundled file (data_files.h says where it is looked for). Anything else: a
+// path, read as is.
 result<std::string> dataset_resolve(const std::string& dataset) {
     if (dataset != "wikitext2") {
         if (!fs::is_regular_file(dataset))
@@ -38,31 +35,9 @@ result<std::string> dataset_resolve(const std::string& dataset) {
                               dataset);
         return dataset;
     }
-    std::vector<fs::path> tried;
-    std::error_code       ec;
-    const fs::path        exe = fs::read_symlink("/proc/self/exe", ec);
-    if (!ec) {
-        tried.push_back(exe.parent_path() / ".." / k_wikitext2_rel);
-        tried.push_back(exe.parent_path() / ".." / ".." / k_wikitext2_rel);
-    }
-    if (std::string(GPTQ_SOURCE_DIR).size() > 0) tried.push_back(fs::path(GPTQ_SOURCE_DIR) / k_wikitext2_rel);
-    std::string list;
-    for (const auto& p : tried) {
-        if (fs::is_regular_file(p)) return fs::weakly_canonical(p).string();
-        list += (list.empty() ? "" : ", ") + p.lexically_normal().string();
-    }
-    return make_error(status_code::STATUS_NOT_FOUND,
-                      "dataset 'wikitext2': {} not found (looked in: {}); pass --dataset PATH to the joined text",
-                      k_wikitext2_rel, list);
-}
-
-result<std::string> file_read(const std::string& path) {
-    std::ifstream in(path, std::ios::binary);
-    if (!in) return make_error(status_code::STATUS_IO_ERROR, "{}: cannot open", path);
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    if (in.bad()) return make_error(status_code::STATUS_IO_ERROR, "{}: read failed", path);
-    return ss.str();
+    auto p = bundled_data_resolve(k_wikitext2_rel);
+    if (!p) return p.error().with_context("dataset 'wikitext2' (pass --dataset PATH to the joined text)");
+    return p;
 }
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -79,7 +54,7 @@ result<ppl_result> ppl_run(const ppl_params& params) {
     const auto t_load = std::chrono::steady_clock::now();
     ppl_result r;
     GPTQ_ASSIGN_OR_RETURN(r.dataset_path, dataset_resolve(params.dataset));
-    GPTQ_ASSIGN_OR_RETURN(std::string text, file_read(r.dataset_path));
+    GPTQ_ASSIGN_OR_RETURN(std::string text, text_file_read(r.dataset_path));
     GPTQ_ASSIGN_OR_RETURN(auto model, llama_model::open(params.model_path));
     GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(params.model_path));
     const std::vector<int32_t> ids = tok->encode(text, /*add_special=*/true);

@@ -38,15 +38,19 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr auto E_ARG = status_code::STATUS_INVALID_ARGUMENT;
+constexpr auto        E_ARG           = status_code::STATUS_INVALID_ARGUMENT;
 constexpr const char* k_default_calib = "data/calib/corpus-sample.txt";
 constexpr const char* k_wikitext2     = "data/wikitext2/wiki.test.raw.gptq_join.txt";
 constexpr int         k_state_version = 1;
 
 using clock = std::chrono::steady_clock;
-double seconds_since(clock::time_point t0) { return std::chrono::duration<double>(clock::now() - t0).count(); }
+double seconds_since(clock::time_point t0) {
+    return std::chrono::duration<double>(clock::now() - t0).count();
+}
 
-std::string layer_file_name(int64_t i) { return fmt::format("layer-{:05}.safetensors", i); }
+std::string layer_file_name(int64_t i) {
+    return fmt::format("layer-{:05}.safetensors", i);
+}
 
 // The settings that must match for --resume to continue a run (everything that changes output).
 nlohmann::json run_identity(const quantize_params& p, const gptq_config& cfg) {
@@ -82,7 +86,8 @@ std::string human_bytes(uint64_t n) {
 
 // Calibration token ids: the whole text tokenized once (no BOS), as the reference does for its
 // WikiText-2/C4 loaders; a .jsonl file contributes the "text" field of every line, joined by "\n\n".
-result<std::vector<int32_t>> calibration_tokens(const quantize_params& p, const tokenizer& tok, std::string* used_path) {
+result<std::vector<int32_t>> calibration_tokens(const quantize_params& p, const tokenizer& tok,
+                                                std::string* used_path) {
     std::string path = p.calib;
     if (p.calib == "default") {
         GPTQ_ASSIGN_OR_RETURN(path, bundled_data_resolve(k_default_calib));
@@ -105,8 +110,8 @@ result<std::vector<int32_t>> calibration_tokens(const quantize_params& p, const 
             auto j = json_parse(line, fmt::format("{} line {}", path, line_no));
             if (!j) return j.error();
             if (!j->is_object() || !j->contains("text") || !(*j)["text"].is_string())
-                return make_error(status_code::STATUS_PARSE_ERROR, "{} line {}: expected an object with a string \"text\"",
-                                  path, line_no);
+                return make_error(status_code::STATUS_PARSE_ERROR,
+                                  "{} line {}: expected an object with a string \"text\"", path, line_no);
             if (!joined.empty()) joined += "\n\n";
             joined += (*j)["text"].get<std::string>();
         }
@@ -205,7 +210,7 @@ status write_state(const run_state& s, int64_t layers_done) {
 // input (s.x unchanged); without, replace s.x by the layer's output.
 void run_layer_on_calibration(run_state& s, const ops_context& ctx, const llama_layer& layer, bool update_x,
                               const linear_input_hook* hook,
-                              linear_input stop_after = linear_input::LINEAR_INPUT_COUNT) {
+                              linear_input             stop_after = linear_input::LINEAR_INPUT_COUNT) {
     const int64_t      seqlen = s.p.seqlen, n_embd = s.model->hparams().n_embd;
     std::vector<float> scratch;
     for (int64_t j = 0; j < s.n_samples; ++j) {
@@ -223,9 +228,10 @@ void run_layer_on_calibration(run_state& s, const ops_context& ctx, const llama_
 status load_finished_layer(run_state& s, int64_t i, llama_layer* layer) {
     GPTQ_ASSIGN_OR_RETURN(auto src, tensor_source::open(path_join(s.work, layer_file_name(i))));
     for (int r = 0; r < k_n_linear_roles; ++r) {
-        const auto   role = static_cast<linear_role>(r);
-        const auto   shp  = s.model->hparams().linear_shape(role);
-        GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d, gptq_linear_read(*src, llama_linear_name(i, role), shp[0], shp[1], s.cfg));
+        const auto role = static_cast<linear_role>(r);
+        const auto shp  = s.model->hparams().linear_shape(role);
+        GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d,
+                              gptq_linear_read(*src, llama_linear_name(i, role), shp[0], shp[1], s.cfg));
         std::vector<float> w(static_cast<size_t>(shp[0] * shp[1]));
         d.dequantize(w.data());
         GPTQ_TRY(layer->linear_replace(role, std::move(w)));
@@ -242,7 +248,7 @@ status check_tensors_finite(const tensor_source& src, const std::vector<tensor_s
 }
 
 status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_layer* layer) {
-    const auto&  hp = s.model->hparams();
+    const auto& hp = s.model->hparams();
     GPTQ_TRY(check_tensors_finite(s.model->source(), llama_layer_tensors(hp, i)));
     std::vector<std::pair<linear_role, gptq_linear_data>> out;
     for (const auto& group : quant_groups(s.p.true_sequential)) {
@@ -262,9 +268,9 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
             run_layer_on_calibration(s, ctx, *layer, false, &hook, last);
         }
         for (linear_role r : group) {
-            const auto                   t0   = clock::now();
-            const linear_weights&        lw   = layer->linear(r);
-            const std::string            name = llama_linear_name(i, r);
+            const auto            t0   = clock::now();
+            const linear_weights& lw   = layer->linear(r);
+            const std::string     name = llama_linear_name(i, r);
             GPTQ_TRY(gptq_check_packable(lw.n_in, lw.n_out, s.p.bits, name));
             quantize_linear_report rep;
             rep.name  = name;
@@ -332,8 +338,8 @@ status assemble_shards(run_state& s, uint64_t* bytes_out) {
         GPTQ_ASSIGN_OR_RETURN(auto p, tensor_source::open(path_join(s.work, layer_file_name(i))));
         parts.push_back(std::move(p));
     }
-    std::vector<safetensors_decl>                        decls;
-    std::map<std::string, const tensor_entry*>           where;
+    std::vector<safetensors_decl>              decls;
+    std::map<std::string, const tensor_entry*> where;
     for (const auto& p : parts)
         for (const auto& name : p->names()) {
             const tensor_entry* e = p->find(name);
@@ -343,7 +349,7 @@ status assemble_shards(run_state& s, uint64_t* bytes_out) {
     const shard_plan                   plan = safetensors_plan_shards(decls, s.p.max_shard_bytes);
     std::map<std::string, std::string> weight_map;
     uint64_t                           total = 0;
-    *bytes_out                                = 0;
+    *bytes_out                               = 0;
     for (size_t k = 0; k < plan.shards.size(); ++k) {
         const std::string path = path_join(s.work, plan.file_names[k]);
         GPTQ_ASSIGN_OR_RETURN(auto w, safetensors_writer::create(path, plan.shards[k]));
@@ -364,8 +370,8 @@ status assemble_shards(run_state& s, uint64_t* bytes_out) {
 status write_configs_and_copy_files(run_state& s) {
     const std::string src_dir = s.model->source().folder();
     GPTQ_ASSIGN_OR_RETURN(json config, json_read_file(path_join(src_dir, "config.json")));
-    gptq_config cfg = s.cfg;
-    cfg.model_file_base_name = "model";
+    gptq_config cfg               = s.cfg;
+    cfg.model_file_base_name      = "model";
     config["quantization_config"] = cfg.to_json();
     GPTQ_TRY(file_write_atomic(path_join(s.work, "config.json"), config.dump(2) + "\n"));
     GPTQ_TRY(file_write_atomic(path_join(s.work, "quantize_config.json"), cfg.to_json().dump(2) + "\n"));
@@ -430,22 +436,24 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     s.cfg.static_groups   = params.static_groups;
     s.cfg.true_sequential = params.true_sequential;
     s.cfg.damp_percent    = params.damp_percent;
-    s.cfg.format = params.format.empty() ? (params.sym ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2)
-                   : params.format == "gptq" ? gptq_checkpoint_format::GPTQ_FORMAT_V1
-                                             : gptq_checkpoint_format::GPTQ_FORMAT_V2;
-    s.cfg.quantizer = {"gptqkit:0.1.0"};
-    s.opt.bits          = params.bits;
-    s.opt.group_size    = params.group_size;
-    s.opt.sym           = params.sym;
-    s.opt.desc_act      = params.desc_act;
-    s.opt.static_groups = params.static_groups;
-    s.opt.mse           = params.mse;
-    s.opt.damp_percent  = params.damp_percent;
+    s.cfg.format          = params.format.empty()
+                                ? (params.sym ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2)
+                            : params.format == "gptq" ? gptq_checkpoint_format::GPTQ_FORMAT_V1
+                                                      : gptq_checkpoint_format::GPTQ_FORMAT_V2;
+    s.cfg.quantizer       = {"gptqkit:0.1.0"};
+    s.opt.bits            = params.bits;
+    s.opt.group_size      = params.group_size;
+    s.opt.sym             = params.sym;
+    s.opt.desc_act        = params.desc_act;
+    s.opt.static_groups   = params.static_groups;
+    s.opt.mse             = params.mse;
+    s.opt.damp_percent    = params.damp_percent;
     if (!params.sym && s.cfg.format == gptq_checkpoint_format::GPTQ_FORMAT_V1) {
         // v1 stores zero - 1, so zero 0 does not exist there (format.md 1.4): keep zeros >= 1.
         s.opt.zero_min = 1;
-        GPTQ_LOG_WARN("asymmetric quantization in the v1 'gptq' format: zero points are kept >= 1 so that they can be "
-                      "stored; --format gptq_v2 has no such limit");
+        GPTQ_LOG_WARN(
+            "asymmetric quantization in the v1 'gptq' format: zero points are kept >= 1 so that they can be "
+            "stored; --format gptq_v2 has no such limit");
     }
     GPTQ_TRY(gptq_check_options(s.opt, 1));
 
@@ -457,10 +465,12 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     for (int64_t i = 0; i < hp.n_layer; ++i)
         for (int r = 0; r < k_n_linear_roles; ++r) {
             const auto shp = hp.linear_shape(static_cast<linear_role>(r));
-            GPTQ_TRY(gptq_check_packable(shp[1], shp[0], params.bits, llama_linear_name(i, static_cast<linear_role>(r))));
+            GPTQ_TRY(
+                gptq_check_packable(shp[1], shp[0], params.bits, llama_linear_name(i, static_cast<linear_role>(r))));
             // A partial last group is a checkpoint that vLLM / Marlin / ExLlama refuse: say so now.
             if (params.group_size > 0 && shp[1] % params.group_size != 0)
-                return make_error(E_ARG, "{}: in_features {} is not a multiple of --group-size {}; GPTQ kernels need "
+                return make_error(E_ARG,
+                                  "{}: in_features {} is not a multiple of --group-size {}; GPTQ kernels need "
                                   "whole groups: choose a group size that divides it, or -1",
                                   llama_linear_name(i, static_cast<linear_role>(r)), shp[1], params.group_size);
         }
@@ -469,13 +479,15 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     // Output and work folders.
     if (fs::exists(params.output_path))
         return make_error(E_ARG, "{}: already exists; choose another output folder or remove it", params.output_path);
-    s.work                = params.output_path + ".partial";
-    int64_t layers_done   = 0;
-    const auto identity   = run_identity(params, s.cfg);
+    s.work                 = params.output_path + ".partial";
+    int64_t    layers_done = 0;
+    const auto identity    = run_identity(params, s.cfg);
     if (fs::exists(s.work)) {
         if (!params.resume)
-            return make_error(E_ARG, "{}: an interrupted run left this work folder; pass --resume to continue it, or "
-                              "remove it to start over", s.work);
+            return make_error(E_ARG,
+                              "{}: an interrupted run left this work folder; pass --resume to continue it, or "
+                              "remove it to start over",
+                              s.work);
         auto state = json_read_file(path_join(s.work, "state.json"));
         if (state.is_ok() && (*state).value("identity", json()) == identity) {
             layers_done = (*state).value("layers_done", int64_t(0));
@@ -486,8 +498,10 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                                                 l["error_rtn"].get<double>(), l["damp_percent"].get<double>(),
                                                 l["seconds"].get<double>()});
         } else if (state.is_ok()) {
-            return make_error(E_ARG, "{}: the interrupted run used other settings or another model; remove the folder "
-                              "to start over", s.work);
+            return make_error(E_ARG,
+                              "{}: the interrupted run used other settings or another model; remove the folder "
+                              "to start over",
+                              s.work);
         }
         // Trust only layer files that open and validate.
         for (int64_t i = 0; i < layers_done; ++i)
@@ -506,8 +520,8 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         GPTQ_LOG_INFO("resuming {}: {} of {} layers already done", s.work, layers_done, hp.n_layer);
     }
 
-    const int n_threads = params.n_threads > 0 ? params.n_threads
-                                               : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    const int n_threads =
+        params.n_threads > 0 ? params.n_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     thread_pool       pool(n_threads);
     const ops_context ctx{&pool, false};
 
@@ -527,30 +541,35 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         s.report.n_calib_tokens = s.n_samples * params.seqlen;
         GPTQ_LOG_INFO("calibration: {} windows of {} tokens from {} ({} tokens)", s.n_samples, params.seqlen,
                       calib_path, ids.size());
-    
+
         // Memory plan: inputs, a scratch copy, one layer in F32, its Hessians, the layer's activations.
-        const uint64_t x_bytes      = static_cast<uint64_t>(s.n_samples * params.seqlen * hp.n_embd) * 4;
-        uint64_t       layer_bytes  = 0, h_bytes = 0;
+        const uint64_t x_bytes     = static_cast<uint64_t>(s.n_samples * params.seqlen * hp.n_embd) * 4;
+        uint64_t       layer_bytes = 0, h_bytes = 0;
         for (int r = 0; r < k_n_linear_roles; ++r) {
             const auto shp = hp.linear_shape(static_cast<linear_role>(r));
             layer_bytes += static_cast<uint64_t>(shp[0] * shp[1]) * 4 * 3;  // weights, quantized copy, GPTQ work copy
             h_bytes = std::max<uint64_t>(h_bytes, static_cast<uint64_t>(shp[1] * shp[1]) * 4 * 4);  // H, U, copies
         }
         const uint64_t act_bytes = static_cast<uint64_t>(params.seqlen) *
-                                   static_cast<uint64_t>(2 * hp.n_embd + 2 * hp.kv_dim() + hp.q_dim() + 3 * hp.n_ff + hp.n_head * params.seqlen) * 4;
-        const uint64_t plan = x_bytes + layer_bytes + 3 * h_bytes + act_bytes * static_cast<uint64_t>(n_threads);
+                                   static_cast<uint64_t>(2 * hp.n_embd + 2 * hp.kv_dim() + hp.q_dim() + 3 * hp.n_ff +
+                                                         hp.n_head * params.seqlen) *
+                                   4;
+        const uint64_t plan      = x_bytes + layer_bytes + 3 * h_bytes + act_bytes * static_cast<uint64_t>(n_threads);
         s.report.peak_plan_bytes = plan;
         const uint64_t avail     = mem_available_bytes();
-        GPTQ_LOG_INFO("memory plan: calibration inputs {} + one layer {} + Hessians {} + activations {} = {} "
-                      "(available {})", human_bytes(x_bytes), human_bytes(layer_bytes), human_bytes(3 * h_bytes),
-                      human_bytes(act_bytes), human_bytes(plan), avail ? human_bytes(avail) : "unknown");
+        GPTQ_LOG_INFO(
+            "memory plan: calibration inputs {} + one layer {} + Hessians {} + activations {} = {} "
+            "(available {})",
+            human_bytes(x_bytes), human_bytes(layer_bytes), human_bytes(3 * h_bytes), human_bytes(act_bytes),
+            human_bytes(plan), avail ? human_bytes(avail) : "unknown");
         if (avail > 0 && plan > avail)
             return make_error(status_code::STATUS_OUT_OF_MEMORY,
                               "quantizing needs about {} but only {} is available{}; lower --nsamples or --seqlen{}",
                               human_bytes(plan), human_bytes(avail),
                               std::getenv("GPTQ_MEMORY_LIMIT_BYTES") ? " (GPTQ_MEMORY_LIMIT_BYTES)" : "",
-                              fs::exists(s.work) ? fmt::format(" (the finished layers in {} are kept for --resume)", s.work)
-                                                 : std::string());
+                              fs::exists(s.work)
+                                  ? fmt::format(" (the finished layers in {} are kept for --resume)", s.work)
+                                  : std::string());
         s.x.resize(static_cast<size_t>(s.n_samples * params.seqlen * hp.n_embd));
         GPTQ_TRY(s.model->globals_load());
         GPTQ_TRY(s.model->embed(windows.data(), s.n_samples * params.seqlen, s.x.data()));
@@ -572,8 +591,10 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     bar.set(layers_done);
     for (int64_t i = 0; i < hp.n_layer; ++i) {
         if (params.stop_after_layers >= 0 && i >= params.stop_after_layers && i >= layers_done)
-            return make_error(status_code::STATUS_CANCELLED, "stopped after {} layers as asked (--stop-after-layers); "
-                              "continue with --resume", i);
+            return make_error(status_code::STATUS_CANCELLED,
+                              "stopped after {} layers as asked (--stop-after-layers); "
+                              "continue with --resume",
+                              i);
         const auto t_layer = clock::now();
         GPTQ_ASSIGN_OR_RETURN(auto layer, s.model->layer_load(i));
         if (i < layers_done) {
@@ -596,8 +617,8 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             }
         if (!bar.enabled()) {
             if (params.method == "gptq")
-                GPTQ_LOG_INFO("layer {}/{}: error {:.4g} (RTN {:.4g}, ratio {:.3f}) in {:.1f} s", i + 1, hp.n_layer,
-                              eg, er, er > 0 ? eg / er : 0.0, seconds_since(t_layer));
+                GPTQ_LOG_INFO("layer {}/{}: error {:.4g} (RTN {:.4g}, ratio {:.3f}) in {:.1f} s", i + 1, hp.n_layer, eg,
+                              er, er > 0 ? eg / er : 0.0, seconds_since(t_layer));
             else
                 GPTQ_LOG_INFO("layer {}/{} in {:.1f} s", i + 1, hp.n_layer, seconds_since(t_layer));
         }
@@ -621,7 +642,9 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     }
     std::error_code ec;
     fs::rename(s.work, params.output_path, ec);
-    if (ec) return make_error(status_code::STATUS_IO_ERROR, "renaming {} to {}: {}", s.work, params.output_path, ec.message());
+    if (ec)
+        return make_error(status_code::STATUS_IO_ERROR, "renaming {} to {}: {}", s.work, params.output_path,
+                          ec.message());
 
     s.report.output_path = params.output_path;
     s.report.method      = params.method;
@@ -642,23 +665,28 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
 
 std::string quantize_report_json(const quantize_report& r) {
     nlohmann::ordered_json j;
-    j["output"]          = r.output_path;
-    j["method"]          = r.method;
-    j["bits"]            = r.bits;
-    j["group_size"]      = r.group_size;
-    j["desc_act"]        = r.desc_act;
-    j["sym"]             = r.sym;
-    j["format"]          = r.format;
-    j["n_calib_tokens"]  = r.n_calib_tokens;
-    j["n_layers"]        = r.n_layers;
-    j["seconds"]         = r.seconds;
-    j["bytes_in"]        = r.bytes_in;
-    j["bytes_out"]       = r.bytes_out;
-    j["peak_plan_bytes"] = r.peak_plan_bytes;
+    j["output"]               = r.output_path;
+    j["method"]               = r.method;
+    j["bits"]                 = r.bits;
+    j["group_size"]           = r.group_size;
+    j["desc_act"]             = r.desc_act;
+    j["sym"]                  = r.sym;
+    j["format"]               = r.format;
+    j["n_calib_tokens"]       = r.n_calib_tokens;
+    j["n_layers"]             = r.n_layers;
+    j["seconds"]              = r.seconds;
+    j["bytes_in"]             = r.bytes_in;
+    j["bytes_out"]            = r.bytes_out;
+    j["peak_plan_bytes"]      = r.peak_plan_bytes;
     nlohmann::ordered_json ls = nlohmann::ordered_json::array();
     for (const auto& l : r.linears)
-        ls.push_back({{"name", l.name}, {"n_out", l.n_out}, {"n_in", l.n_in}, {"error_gptq", l.error_gptq},
-                      {"error_rtn", l.error_rtn}, {"damp_percent", l.damp_percent}, {"seconds", l.seconds}});
+        ls.push_back({{"name", l.name},
+                      {"n_out", l.n_out},
+                      {"n_in", l.n_in},
+                      {"error_gptq", l.error_gptq},
+                      {"error_rtn", l.error_rtn},
+                      {"damp_percent", l.damp_percent},
+                      {"seconds", l.seconds}});
     j["linears"] = ls;
     return j.dump(1);
 }
@@ -670,7 +698,7 @@ std::string quantize_report_summary(const quantize_report& r) {
                      human_bytes(r.bytes_out),
                      r.bytes_out ? static_cast<double>(r.bytes_in) / static_cast<double>(r.bytes_out) : 0.0);
     if (r.method == "gptq" && !r.linears.empty()) {
-        double sum_ratio = 0, worst = 0;
+        double      sum_ratio = 0, worst = 0;
         std::string worst_name;
         for (const auto& l : r.linears) {
             const double ratio = l.error_rtn > 0 ? l.error_gptq / l.error_rtn : 0.0;
@@ -680,10 +708,10 @@ std::string quantize_report_summary(const quantize_report& r) {
                 worst_name = l.name;
             }
         }
-        s += fmt::format("layer error GPTQ/RTN (Hessian-weighted): mean {:.3f}, worst {:.3f} ({}); {} linears, {} "
-                         "calibration tokens\n",
-                         sum_ratio / static_cast<double>(r.linears.size()), worst, worst_name, r.linears.size(),
-                         r.n_calib_tokens);
+        s += fmt::format(
+            "layer error GPTQ/RTN (Hessian-weighted): mean {:.3f}, worst {:.3f} ({}); {} linears, {} "
+            "calibration tokens\n",
+            sum_ratio / static_cast<double>(r.linears.size()), worst, worst_name, r.linears.size(), r.n_calib_tokens);
     }
     return s;
 }

@@ -39,7 +39,8 @@ void gptq_linear_data::dequantize(float* w) const {
     for (int64_t n = 0; n < n_out; ++n)
         for (int64_t k = 0; k < n_in; ++k) {
             const size_t gi = static_cast<size_t>(g_idx[static_cast<size_t>(k)] * n_out + n);
-            w[n * n_in + k] = s[gi] * static_cast<float>(static_cast<int>(codes[static_cast<size_t>(n * n_in + k)]) - zeros[gi]);
+            w[n * n_in + k] =
+                s[gi] * static_cast<float>(static_cast<int>(codes[static_cast<size_t>(n * n_in + k)]) - zeros[gi]);
         }
 }
 
@@ -70,13 +71,15 @@ status gptq_linear_write(safetensors_writer& w, const std::string& module, const
     return status::ok();
 }
 
-bool gptq_linear_present(const tensor_source& src, const std::string& module) { return src.has(module + ".qweight"); }
+bool gptq_linear_present(const tensor_source& src, const std::string& module) {
+    return src.has(module + ".qweight");
+}
 
 result<gptq_linear_data> gptq_linear_read(const tensor_source& src, const std::string& module, int64_t n_out,
                                           int64_t n_in, const gptq_config& cfg) {
     if (cfg.format == gptq_checkpoint_format::GPTQ_FORMAT_MARLIN)
-        return make_error(status_code::STATUS_UNSUPPORTED, "{}: checkpoint_format 'marlin' is not supported for loading",
-                          cfg.source);
+        return make_error(status_code::STATUS_UNSUPPORTED,
+                          "{}: checkpoint_format 'marlin' is not supported for loading", cfg.source);
     const int bits = cfg.bits;
     GPTQ_TRY(gptq_check_packable(n_in, n_out, bits, module));
     gptq_linear_data d;
@@ -96,8 +99,8 @@ result<gptq_linear_data> gptq_linear_read(const tensor_source& src, const std::s
     for (int64_t k = 0; k < n_in; ++k) {
         const int32_t g = d.g_idx[static_cast<size_t>(k)];
         if (g < 0 || g >= d.n_groups)
-            return make_error(E_PARSE, "{}: {}.g_idx[{}] = {} is outside the {} groups of its scales", g_idx.file->path(),
-                              module, k, g, d.n_groups);
+            return make_error(E_PARSE, "{}: {}.g_idx[{}] = {} is outside the {} groups of its scales",
+                              g_idx.file->path(), module, k, g, d.n_groups);
     }
     GPTQ_TRY(scales.file->check_finite(*scales.info));  // a NaN scale would put NaN in every weight of its group
     d.scales.resize(static_cast<size_t>(d.n_groups * n_out));
@@ -132,12 +135,15 @@ result<gptq_linear_data> gptq_linear_read(const tensor_source& src, const std::s
     auto fmt = cfg.format;
     if (fmt == gptq_checkpoint_format::GPTQ_FORMAT_V1 && cfg.sym) {
         // Mislabelled v2: every stored field equals 2^(b-1) instead of 2^(b-1) - 1.
-        gptq_unpack_qzeros(zwords.data(), d.n_groups, n_out, bits, gptq_checkpoint_format::GPTQ_FORMAT_V2, d.zeros.data());
+        gptq_unpack_qzeros(zwords.data(), d.n_groups, n_out, bits, gptq_checkpoint_format::GPTQ_FORMAT_V2,
+                           d.zeros.data());
         bool all_v2 = !d.zeros.empty();
         for (int32_t z : d.zeros) all_v2 &= z == (1 << (bits - 1));
         if (all_v2) {
-            GPTQ_LOG_WARN("{}: {}.qzeros hold {} (the v2 value) although the config says checkpoint_format 'gptq'; "
-                          "reading them as gptq_v2", qz.file->path(), module, 1 << (bits - 1));
+            GPTQ_LOG_WARN(
+                "{}: {}.qzeros hold {} (the v2 value) although the config says checkpoint_format 'gptq'; "
+                "reading them as gptq_v2",
+                qz.file->path(), module, 1 << (bits - 1));
             fmt = gptq_checkpoint_format::GPTQ_FORMAT_V2;
         }
     }

@@ -17,7 +17,7 @@ namespace gptq {
 // Unpacked form of one quantized linear (K = n_in, N = n_out, G = n_groups).
 struct gptq_linear_data {
     int64_t               n_out = 0, n_in = 0, n_groups = 0;
-    int                   bits  = 4;
+    int                   bits = 4;
     std::vector<uint8_t>  codes;   // [n_out, n_in]
     std::vector<int32_t>  zeros;   // [n_groups, n_out], the real zero point (v1 +1 already applied)
     std::vector<uint16_t> scales;  // [n_groups, n_out] F16 bits

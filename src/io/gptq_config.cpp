@@ -12,15 +12,19 @@ constexpr auto E_UNSUP = status_code::STATUS_UNSUPPORTED;
 
 const char* gptq_checkpoint_format_name(gptq_checkpoint_format f) {
     switch (f) {
-        case gptq_checkpoint_format::GPTQ_FORMAT_V1: return "gptq";
-        case gptq_checkpoint_format::GPTQ_FORMAT_V2: return "gptq_v2";
-        case gptq_checkpoint_format::GPTQ_FORMAT_MARLIN: return "marlin";
+        case gptq_checkpoint_format::GPTQ_FORMAT_V1:
+            return "gptq";
+        case gptq_checkpoint_format::GPTQ_FORMAT_V2:
+            return "gptq_v2";
+        case gptq_checkpoint_format::GPTQ_FORMAT_MARLIN:
+            return "marlin";
     }
     return "?";
 }
 
 result<gptq_config> gptq_config_parse(const json& j, const std::string& where) {
-    if (!j.is_object()) return make_error(E_PARSE, "{}: quantization config is {}, expected an object", where, json_fields::quote(j));
+    if (!j.is_object())
+        return make_error(E_PARSE, "{}: quantization config is {}, expected an object", where, json_fields::quote(j));
     json_fields f{j, where};
     gptq_config c;
     c.source = where;
@@ -144,8 +148,10 @@ result<gptq_config> gptq_config_find(const std::string& folder) {
         if (j.is_object() && j.contains("quantization_config") && !j.at("quantization_config").is_null())
             return gptq_config_parse(j.at("quantization_config"), cfg + " quantization_config");
     }
-    return make_error(status_code::STATUS_NOT_FOUND, "{}: no GPTQ quantization config (quantize_config.json, "
-                      "quant_config.json or config.json quantization_config)", folder);
+    return make_error(status_code::STATUS_NOT_FOUND,
+                      "{}: no GPTQ quantization config (quantize_config.json, "
+                      "quant_config.json or config.json quantization_config)",
+                      folder);
 }
 
 }  // namespace gptq

@@ -13,7 +13,7 @@ namespace {
 // `get(i)` returns code i; `put(w, value)` stores word w.
 template <typename Get, typename Put>
 void pack_stream(int64_t n, int bits, Get get, Put put) {
-    uint64_t acc = 0;
+    uint64_t acc    = 0;
     int      filled = 0;
     int64_t  w      = 0;
     for (int64_t i = 0; i < n; ++i) {

@@ -13,7 +13,9 @@
 namespace gptq {
 
 // Words needed to pack `n` codes of `bits` bits (n * bits must be a multiple of 32).
-inline int64_t gptq_packed_words(int64_t n, int bits) { return n * bits / 32; }
+inline int64_t gptq_packed_words(int64_t n, int bits) {
+    return n * bits / 32;
+}
 
 // Check that K (input features) and N (output features) can be packed at `bits`: K * bits and
 // N * bits multiples of 32. The message names the module and the offending size.

@@ -32,7 +32,7 @@ std::string supported_list() {
 // Read the token id fields that may be an int or a list of ints.
 result<std::vector<int64_t>> read_id_list(const json& j, const char* key, const std::string& where) {
     std::vector<int64_t> out;
-    auto it = j.find(key);
+    auto                 it = j.find(key);
     if (it == j.end() || it->is_null()) return out;
     if (it->is_number_integer()) {
         out.push_back(it->get<int64_t>());
@@ -102,7 +102,8 @@ status read_rope(const json& j, const std::string& where, model_config* cfg) {
         GPTQ_ASSIGN_OR_RETURN(cfg->rope.factor, p.get_number("factor"));
         if (!(cfg->rope.factor >= 1.0) && cfg->rope.type != rope_type::ROPE_LINEAR)
             return make_error(E_PARSE, "{}: factor {} must be >= 1", pwhere, cfg->rope.factor);
-        if (!(cfg->rope.factor > 0.0)) return make_error(E_PARSE, "{}: factor {} must be > 0", pwhere, cfg->rope.factor);
+        if (!(cfg->rope.factor > 0.0))
+            return make_error(E_PARSE, "{}: factor {} must be > 0", pwhere, cfg->rope.factor);
     }
     if (cfg->rope.type == rope_type::ROPE_LLAMA3) {
         GPTQ_ASSIGN_OR_RETURN(cfg->rope.low_freq_factor, p.get_number("low_freq_factor"));
@@ -130,10 +131,14 @@ const char* model_family_name(model_family f) {
 
 const char* rope_type_name(rope_type t) {
     switch (t) {
-        case rope_type::ROPE_DEFAULT: return "default";
-        case rope_type::ROPE_LINEAR: return "linear";
-        case rope_type::ROPE_DYNAMIC: return "dynamic";
-        case rope_type::ROPE_LLAMA3: return "llama3";
+        case rope_type::ROPE_DEFAULT:
+            return "default";
+        case rope_type::ROPE_LINEAR:
+            return "linear";
+        case rope_type::ROPE_DYNAMIC:
+            return "dynamic";
+        case rope_type::ROPE_LLAMA3:
+            return "llama3";
     }
     return "?";
 }
@@ -141,9 +146,12 @@ const char* rope_type_name(rope_type t) {
 bool model_config::layer_uses_sliding_window(int64_t i_layer) const {
     if (!sliding_window) return false;
     switch (family) {
-        case model_family::MODEL_FAMILY_MISTRAL: return true;
-        case model_family::MODEL_FAMILY_QWEN2: return use_sliding_window && i_layer >= max_window_layers;
-        default: return false;
+        case model_family::MODEL_FAMILY_MISTRAL:
+            return true;
+        case model_family::MODEL_FAMILY_QWEN2:
+            return use_sliding_window && i_layer >= max_window_layers;
+        default:
+            return false;
     }
 }
 
@@ -205,8 +213,9 @@ result<model_config> model_config_parse(const json& j, const std::string& where)
             return make_error(E_PARSE, "{}: head_dim is {}, expected a positive even integer", where, cfg.head_dim);
     } else {
         if (cfg.hidden_size % cfg.num_attention_heads != 0)
-            return make_error(E_PARSE, "{}: hidden_size {} is not divisible by num_attention_heads {} (and no head_dim)",
-                              where, cfg.hidden_size, cfg.num_attention_heads);
+            return make_error(E_PARSE,
+                              "{}: hidden_size {} is not divisible by num_attention_heads {} (and no head_dim)", where,
+                              cfg.hidden_size, cfg.num_attention_heads);
         cfg.head_dim = cfg.hidden_size / cfg.num_attention_heads;
     }
     GPTQ_ASSIGN_OR_RETURN(cfg.max_position_embeddings,

@@ -22,36 +22,36 @@ enum class rope_type : uint8_t { ROPE_DEFAULT, ROPE_LINEAR, ROPE_DYNAMIC, ROPE_L
 const char* rope_type_name(rope_type t);
 
 struct rope_config {
-    rope_type type  = rope_type::ROPE_DEFAULT;
-    double    theta = 10000.0;
-    double    factor = 1.0;                          // linear, dynamic, llama3
-    double    low_freq_factor  = 1.0;                // llama3
-    double    high_freq_factor = 4.0;                // llama3
-    int64_t   original_max_position_embeddings = 0;  // llama3, dynamic (0 = max_position_embeddings)
+    rope_type type                             = rope_type::ROPE_DEFAULT;
+    double    theta                            = 10000.0;
+    double    factor                           = 1.0;  // linear, dynamic, llama3
+    double    low_freq_factor                  = 1.0;  // llama3
+    double    high_freq_factor                 = 4.0;  // llama3
+    int64_t   original_max_position_embeddings = 0;    // llama3, dynamic (0 = max_position_embeddings)
 };
 
 struct model_config {
-    std::string  path;              // the config.json read
-    std::string  architecture;      // "LlamaForCausalLM"
-    std::string  model_type;        // "llama"
+    std::string  path;          // the config.json read
+    std::string  architecture;  // "LlamaForCausalLM"
+    std::string  model_type;    // "llama"
     model_family family = model_family::MODEL_FAMILY_LLAMA;
 
-    int64_t vocab_size              = 0;
-    int64_t hidden_size             = 0;
-    int64_t intermediate_size       = 0;
-    int64_t num_hidden_layers       = 0;
-    int64_t num_attention_heads     = 0;
-    int64_t num_key_value_heads     = 0;  // GQA; defaults to num_attention_heads
-    int64_t head_dim                = 0;  // defaults to hidden_size / num_attention_heads
-    int64_t max_position_embeddings = 0;
-    double  rms_norm_eps            = 1e-6;
-    std::string hidden_act          = "silu";
+    int64_t     vocab_size              = 0;
+    int64_t     hidden_size             = 0;
+    int64_t     intermediate_size       = 0;
+    int64_t     num_hidden_layers       = 0;
+    int64_t     num_attention_heads     = 0;
+    int64_t     num_key_value_heads     = 0;  // GQA; defaults to num_attention_heads
+    int64_t     head_dim                = 0;  // defaults to hidden_size / num_attention_heads
+    int64_t     max_position_embeddings = 0;
+    double      rms_norm_eps            = 1e-6;
+    std::string hidden_act              = "silu";
     rope_config rope;
 
-    bool tie_word_embeddings = false;
-    bool attention_bias      = false;  // q/k/v/o bias (Llama); Qwen2: q/k/v always biased, o never
-    bool mlp_bias            = false;
-    int64_t pretraining_tp   = 1;
+    bool    tie_word_embeddings = false;
+    bool    attention_bias      = false;  // q/k/v/o bias (Llama); Qwen2: q/k/v always biased, o never
+    bool    mlp_bias            = false;
+    int64_t pretraining_tp      = 1;
 
     // Sliding window attention (Mistral; Qwen2 when use_sliding_window, from max_window_layers on).
     std::optional<int64_t> sliding_window;
@@ -61,7 +61,7 @@ struct model_config {
     std::optional<int64_t> bos_token_id;
     std::vector<int64_t>   eos_token_ids;  // int or list in the file
     std::optional<int64_t> pad_token_id;
-    std::string            dtype_name;     // "float16", "bfloat16", "float32" or "" when absent
+    std::string            dtype_name;  // "float16", "bfloat16", "float32" or "" when absent
 
     bool has_quantization_config = false;  // config.json carries quantization_config
     json quantization_config;              // raw object; see gptq_config.h

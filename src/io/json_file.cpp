@@ -127,7 +127,8 @@ result<int64_t> json_fields::get_int(const char* key) const {
         const double d = it->get<double>();
         if (d == static_cast<double>(static_cast<int64_t>(d))) return static_cast<int64_t>(d);
     }
-    return make_error(status_code::STATUS_PARSE_ERROR, "{}: key '{}' is {}, expected an integer", where, key, quote(*it));
+    return make_error(status_code::STATUS_PARSE_ERROR, "{}: key '{}' is {}, expected an integer", where, key,
+                      quote(*it));
 }
 
 result<int64_t> json_fields::get_int_or(const char* key, int64_t def) const {

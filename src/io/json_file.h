@@ -17,9 +17,9 @@ result<json>        json_read_file(const std::string& path);
 result<json>        json_parse(std::string_view text, const std::string& path_for_errors);
 result<std::string> file_read_all(const std::string& path);
 // Write text to "<path>.tmp-<pid>", fsync, rename to path.
-status file_write_atomic(const std::string& path, std::string_view text);
-bool   file_exists(const std::string& path);
-bool   dir_exists(const std::string& path);
+status      file_write_atomic(const std::string& path, std::string_view text);
+bool        file_exists(const std::string& path);
+bool        dir_exists(const std::string& path);
 std::string path_join(const std::string& a, const std::string& b);
 
 // Typed field access on a JSON object. `where` names the file for messages. A missing key gives
@@ -29,7 +29,7 @@ struct json_fields {
     const json&        obj;
     const std::string& where;
 
-    bool               has(const char* key) const;
+    bool                has(const char* key) const;
     result<int64_t>     get_int(const char* key) const;
     result<int64_t>     get_int_or(const char* key, int64_t def) const;
     result<double>      get_number(const char* key) const;

@@ -173,8 +173,7 @@ result<safetensors_header> safetensors_parse_header(const uint8_t* bytes, size_t
     }
     if (expected_begin != h.data_size)
         return make_error(E_PARSE, "{}: tensor data ends at offset {} but the data region is {} bytes{}", path,
-                          expected_begin, h.data_size,
-                          expected_begin < h.data_size ? " (trailing bytes)" : "");
+                          expected_begin, h.data_size, expected_begin < h.data_size ? " (trailing bytes)" : "");
     return h;
 }
 
@@ -237,10 +236,12 @@ void safetensors_file::copy_to(const safetensors_tensor_info& info, void* dst) c
 }
 
 status safetensors_file::read_f32(const safetensors_tensor_info& info, float* dst) const {
-    const size_t n = static_cast<size_t>(info.numel());
+    const size_t   n   = static_cast<size_t>(info.numel());
     const uint8_t* src = bytes(info);
     switch (info.type) {
-        case dtype::DTYPE_F32: std::memcpy(dst, src, n * 4); return status::ok();
+        case dtype::DTYPE_F32:
+            std::memcpy(dst, src, n * 4);
+            return status::ok();
         case dtype::DTYPE_F16:
         case dtype::DTYPE_BF16: {
             const bool f16 = info.type == dtype::DTYPE_F16;
@@ -252,8 +253,9 @@ status safetensors_file::read_f32(const safetensors_tensor_info& info, float* ds
             return status::ok();
         }
         default:
-            return make_error(status_code::STATUS_UNSUPPORTED, "{}: tensor '{}' has dtype {}, expected F32, F16 or BF16",
-                              path_, info.name, dtype_name(info.type));
+            return make_error(status_code::STATUS_UNSUPPORTED,
+                              "{}: tensor '{}' has dtype {}, expected F32, F16 or BF16", path_, info.name,
+                              dtype_name(info.type));
     }
 }
 
@@ -280,7 +282,8 @@ status safetensors_file::check_finite(const safetensors_tensor_info& info) const
                 std::memcpy(&u, src + 8 * i, 8);
                 return (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
             }
-            default: return false;
+            default:
+                return false;
         }
     };
     size_t n_bad = 0, first = 0;
@@ -293,8 +296,8 @@ status safetensors_file::check_finite(const safetensors_tensor_info& info) const
 
 // ---- writer ------------------------------------------------------------------------------------
 
-result<std::unique_ptr<safetensors_writer>> safetensors_writer::create(const std::string& path,
-                                                                       std::vector<safetensors_decl> decls,
+result<std::unique_ptr<safetensors_writer>> safetensors_writer::create(const std::string&                 path,
+                                                                       std::vector<safetensors_decl>      decls,
                                                                        std::map<std::string, std::string> metadata) {
     std::unique_ptr<safetensors_writer> w(new safetensors_writer());
     w->path_     = path;
@@ -320,14 +323,15 @@ result<std::unique_ptr<safetensors_writer>> safetensors_writer::create(const std
             return make_error(status_code::STATUS_INVALID_ARGUMENT, "{}: tensor '{}' shape {} overflows", path, d.name,
                               shape_str(d.shape));
         safetensors_tensor_info info{d.name, d.type, d.shape, offset, offset + nb};
-        header[d.name] = {{"dtype", std::string(dtype_name(d.type))}, {"shape", d.shape}, {"data_offsets", {offset, offset + nb}}};
+        header[d.name] = {
+            {"dtype", std::string(dtype_name(d.type))}, {"shape", d.shape}, {"data_offsets", {offset, offset + nb}}};
         w->index_[d.name] = w->layout_.size();
         w->layout_.push_back(std::move(info));
         offset += nb;
     }
     metadata.emplace("format", "pt");
     header["__metadata__"] = metadata;
-    std::string text = header.dump();
+    std::string text       = header.dump();
     text.resize((text.size() + 7) / 8 * 8, ' ');
     w->data_start_ = 8 + text.size();
     w->data_size_  = offset;

@@ -24,17 +24,17 @@ constexpr uint64_t k_safetensors_max_header = 100'000'000;  // the reference par
 struct safetensors_tensor_info {
     std::string          name;
     dtype                type = dtype::DTYPE_F32;
-    std::vector<int64_t> shape;        // outermost first; empty = scalar
-    uint64_t             begin = 0;    // byte offset in the data region
-    uint64_t             end   = 0;    // one past the last byte
+    std::vector<int64_t> shape;      // outermost first; empty = scalar
+    uint64_t             begin = 0;  // byte offset in the data region
+    uint64_t             end   = 0;  // one past the last byte
 
     uint64_t nbytes() const { return end - begin; }
     int64_t  numel() const;
 };
 
 struct safetensors_header {
-    std::vector<safetensors_tensor_info> tensors;   // sorted by data offset
-    std::map<std::string, std::string>   metadata;  // __metadata__, possibly empty
+    std::vector<safetensors_tensor_info> tensors;         // sorted by data offset
+    std::map<std::string, std::string>   metadata;        // __metadata__, possibly empty
     uint64_t                             data_start = 0;  // 8 + N
     uint64_t                             data_size  = 0;  // bytes of the data region
 };
@@ -74,10 +74,10 @@ public:
 
 private:
     safetensors_file() = default;
-    std::string        path_;
-    uint8_t*           map_  = nullptr;
-    uint64_t           size_ = 0;
-    safetensors_header header_;
+    std::string                                path_;
+    uint8_t*                                   map_  = nullptr;
+    uint64_t                                   size_ = 0;
+    safetensors_header                         header_;
     std::map<std::string, size_t, std::less<>> index_;
 };
 
@@ -96,8 +96,8 @@ struct safetensors_decl {
 // aligned; the header is padded with spaces to a multiple of 8; __metadata__ has "format": "pt".
 class safetensors_writer {
 public:
-    static result<std::unique_ptr<safetensors_writer>> create(const std::string& path,
-                                                              std::vector<safetensors_decl> decls,
+    static result<std::unique_ptr<safetensors_writer>> create(const std::string&                 path,
+                                                              std::vector<safetensors_decl>      decls,
                                                               std::map<std::string, std::string> metadata = {});
     ~safetensors_writer();
     safetensors_writer(const safetensors_writer&)            = delete;
@@ -107,20 +107,20 @@ public:
     status write(std::string_view name, const void* data, size_t n_bytes);
     status finish();
 
-    uint64_t data_size() const { return data_size_; }
+    uint64_t           data_size() const { return data_size_; }
     const std::string& path() const { return path_; }
 
 private:
     safetensors_writer() = default;
-    std::string                          path_;
-    std::string                          tmp_path_;
-    int                                  fd_ = -1;
-    uint64_t                             data_start_ = 0;
-    uint64_t                             data_size_  = 0;
-    std::vector<safetensors_tensor_info> layout_;
-    std::vector<bool>                    written_;
+    std::string                                path_;
+    std::string                                tmp_path_;
+    int                                        fd_         = -1;
+    uint64_t                                   data_start_ = 0;
+    uint64_t                                   data_size_  = 0;
+    std::vector<safetensors_tensor_info>       layout_;
+    std::vector<bool>                          written_;
     std::map<std::string, size_t, std::less<>> index_;
-    bool                                 finished_ = false;
+    bool                                       finished_ = false;
 };
 
 }  // namespace gptq

@@ -75,11 +75,13 @@ result<std::unique_ptr<tensor_source>> tensor_source::open(const std::string& pa
             std::map<std::string, size_t> shard_index;
             for (auto it = wm->begin(); it != wm->end(); ++it) {
                 if (!it->is_string())
-                    return make_error(status_code::STATUS_PARSE_ERROR, "{}: weight_map entry '{}' is {}, expected a file name",
-                                      index, it.key(), json_fields::quote(*it));
+                    return make_error(status_code::STATUS_PARSE_ERROR,
+                                      "{}: weight_map entry '{}' is {}, expected a file name", index, it.key(),
+                                      json_fields::quote(*it));
                 const std::string shard = it->get<std::string>();
                 if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..")
-                    return make_error(status_code::STATUS_PARSE_ERROR, "{}: weight_map entry '{}' names shard '{}', expected a file name in the folder",
+                    return make_error(status_code::STATUS_PARSE_ERROR,
+                                      "{}: weight_map entry '{}' names shard '{}', expected a file name in the folder",
                                       index, it.key(), shard);
                 if (!shard_index.count(shard)) {
                     auto i = add_file(path_join(path, shard));
@@ -89,8 +91,9 @@ result<std::unique_ptr<tensor_source>> tensor_source::open(const std::string& pa
                 const auto& f    = *src->files_[shard_index[shard]];
                 const auto* info = f.find(it.key());
                 if (!info)
-                    return make_error(status_code::STATUS_NOT_FOUND, "{}: tensor '{}' is listed in shard '{}' but {} does not contain it",
-                                      index, it.key(), shard, f.path());
+                    return make_error(status_code::STATUS_NOT_FOUND,
+                                      "{}: tensor '{}' is listed in shard '{}' but {} does not contain it", index,
+                                      it.key(), shard, f.path());
                 src->entries_[it.key()] = {&f, info};
             }
         } else if (file_exists(path_join(path, "model.safetensors"))) {
@@ -182,13 +185,13 @@ shard_plan safetensors_plan_shards(const std::vector<safetensors_decl>& decls, u
 
 status safetensors_save(const std::string& folder, const std::vector<named_buffer>& tensors, uint64_t max_shard_bytes,
                         const std::map<std::string, std::string>& metadata) {
-    std::vector<safetensors_decl> decls;
+    std::vector<safetensors_decl>      decls;
     std::map<std::string, const void*> data;
     for (const auto& t : tensors) {
         decls.push_back(t.decl);
         data[t.decl.name] = t.data;
     }
-    const shard_plan plan = safetensors_plan_shards(decls, max_shard_bytes);
+    const shard_plan                   plan = safetensors_plan_shards(decls, max_shard_bytes);
     std::map<std::string, std::string> weight_map;
     uint64_t                           total = 0;
     for (size_t i = 0; i < plan.shards.size(); ++i) {

@@ -34,27 +34,27 @@ public:
     // `path`: a folder or a .safetensors file.
     static result<std::unique_ptr<tensor_source>> open(const std::string& path);
 
-    const std::string&              path() const { return path_; }        // as given
-    const std::string&              folder() const { return folder_; }    // folder holding the files
-    const std::vector<std::string>& names() const { return names_; }      // sorted
+    const std::string&              path() const { return path_; }      // as given
+    const std::string&              folder() const { return folder_; }  // folder holding the files
+    const std::vector<std::string>& names() const { return names_; }    // sorted
     size_t                          n_files() const { return files_.size(); }
     const safetensors_file&         file(size_t i) const { return *files_[i]; }
     uint64_t                        total_bytes() const;   // sum of shard file sizes
     uint64_t                        total_params() const;  // sum of numel over tensors
 
-    bool                 has(std::string_view name) const { return find(name) != nullptr; }
-    const tensor_entry*  find(std::string_view name) const;
+    bool                has(std::string_view name) const { return find(name) != nullptr; }
+    const tensor_entry* find(std::string_view name) const;
     // The tensor, or STATUS_NOT_FOUND naming the tensor and the checkpoint.
     result<tensor_entry> get(std::string_view name) const;
     // Read a float tensor into F32, checking its shape against `expected_shape` when non-empty.
     status read_f32(std::string_view name, float* dst, const std::vector<int64_t>& expected_shape = {}) const;
 
 private:
-    std::string                                    path_;
-    std::string                                    folder_;
-    std::vector<std::unique_ptr<safetensors_file>> files_;
+    std::string                                      path_;
+    std::string                                      folder_;
+    std::vector<std::unique_ptr<safetensors_file>>   files_;
     std::map<std::string, tensor_entry, std::less<>> entries_;
-    std::vector<std::string>                       names_;
+    std::vector<std::string>                         names_;
 };
 
 // Write a model.safetensors.index.json (atomically) for shards already written:

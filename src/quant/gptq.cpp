@@ -16,7 +16,9 @@ namespace {
 
 constexpr auto E_ARG = status_code::STATUS_INVALID_ARGUMENT;
 
-grid_options grid_of(const gptq_options& o) { return {o.bits, o.sym, o.mse, o.zero_min}; }
+grid_options grid_of(const gptq_options& o) {
+    return {o.bits, o.sym, o.mse, o.zero_min};
+}
 
 // Run fn(r0, r1) over row ranges, on the pool when there is one.
 template <typename Fn>
@@ -30,11 +32,11 @@ void for_rows(const ops_context& ctx, int64_t n_rows, Fn&& fn) {
 
 quantized_linear make_result(const gptq_options& opt, int64_t n_out, int64_t n_in) {
     quantized_linear q;
-    q.n_out      = n_out;
-    q.n_in       = n_in;
-    q.bits       = opt.bits;
-    q.group_size = opt.group_size;
-    q.sym        = opt.sym;
+    q.n_out          = n_out;
+    q.n_in           = n_in;
+    q.bits           = opt.bits;
+    q.group_size     = opt.group_size;
+    q.sym            = opt.sym;
     const int64_t gs = opt.group_size == -1 ? n_in : opt.group_size;
     q.n_groups       = (n_in + gs - 1) / gs;
     q.codes.assign(static_cast<size_t>(n_out * n_in), 0);
@@ -56,7 +58,7 @@ std::vector<float> hessian_accumulator::finish() const {
     const float        scale = n_tokens_ > 0 ? 2.0f / static_cast<float>(n_tokens_) : 0.0f;
     for (int64_t i = 0; i < n_in_; ++i)
         for (int64_t j = i; j < n_in_; ++j) {
-            const float v                           = h[static_cast<size_t>(i * n_in_ + j)] * scale;
+            const float v                         = h[static_cast<size_t>(i * n_in_ + j)] * scale;
             h[static_cast<size_t>(i * n_in_ + j)] = v;
             h[static_cast<size_t>(j * n_in_ + i)] = v;
         }
@@ -101,11 +103,12 @@ result<quantized_linear> rtn_quantize(const ops_context& ctx, const float* w, in
         for (int64_t r = r0; r < r1; ++r)
             for (int64_t g = 0; g < q.n_groups; ++g) {
                 const int64_t k0 = g * gs, k1 = std::min(n_in, k0 + gs);
-                const auto    p  = grid_find_params(w + r * n_in + k0, k1 - k0, 1, grid_of(opt));
+                const auto    p = grid_find_params(w + r * n_in + k0, k1 - k0, 1, grid_of(opt));
                 q.scales[static_cast<size_t>(g * n_out + r)] = p.scale;
                 q.zeros[static_cast<size_t>(g * n_out + r)]  = p.zero;
                 for (int64_t k = k0; k < k1; ++k)
-                    q.codes[static_cast<size_t>(r * n_in + k)] = static_cast<uint8_t>(grid_quantize(w[r * n_in + k], p, maxq));
+                    q.codes[static_cast<size_t>(r * n_in + k)] =
+                        static_cast<uint8_t>(grid_quantize(w[r * n_in + k], p, maxq));
             }
     });
     return q;
@@ -118,11 +121,11 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
     GPTQ_TRY(gptq_check_finite(h_in, n_in, n_in,
                                "the Hessian of the calibration inputs (the activations reaching this layer overflowed "
                                "or hold NaN)"));
-    const int      maxq = grid_maxq(opt.bits);
-    const int64_t  gs   = opt.group_size == -1 ? n_in : opt.group_size;
-    const bool     grouped = opt.group_size != -1;
-    const auto     K = static_cast<size_t>(n_in);
-    const grid_options gopt = grid_of(opt);
+    const int          maxq    = grid_maxq(opt.bits);
+    const int64_t      gs      = opt.group_size == -1 ? n_in : opt.group_size;
+    const bool         grouped = opt.group_size != -1;
+    const auto         K       = static_cast<size_t>(n_in);
+    const grid_options gopt    = grid_of(opt);
 
     std::vector<float> W(w_in, w_in + n_out * n_in);  // [n_out, n_in], updated in place
     std::vector<float> H(h_in, h_in + n_in * n_in);
@@ -131,7 +134,8 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
     std::vector<grid_params> row_params(static_cast<size_t>(n_out));
     if (!grouped)
         for_rows(ctx, n_out, [&](int64_t r0, int64_t r1) {
-            for (int64_t r = r0; r < r1; ++r) row_params[static_cast<size_t>(r)] = grid_find_params(&W[static_cast<size_t>(r) * K], n_in, 1, gopt);
+            for (int64_t r = r0; r < r1; ++r)
+                row_params[static_cast<size_t>(r)] = grid_find_params(&W[static_cast<size_t>(r) * K], n_in, 1, gopt);
         });
 
     // Dead columns: inputs that were always zero carry no information; quantize them to zero.
@@ -144,8 +148,10 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
         }
     if (n_dead == n_in) {
         // No calibration signal at all: every column would be zeroed. Round to nearest instead.
-        GPTQ_LOG_WARN("all {} input columns are dead (the calibration inputs of this layer are all zero); using "
-                      "round-to-nearest for it", n_in);
+        GPTQ_LOG_WARN(
+            "all {} input columns are dead (the calibration inputs of this layer are all zero); using "
+            "round-to-nearest for it",
+            n_in);
         if (stats) *stats = gptq_stats{0.0, n_dead, 0.0};
         return rtn_quantize(ctx, w_in, n_out, n_in, opt);
     }
@@ -172,15 +178,18 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
         perm.resize(K);
         std::iota(perm.begin(), perm.end(), 0);
         std::stable_sort(perm.begin(), perm.end(), [&](int32_t a, int32_t b) {
-            return H[static_cast<size_t>(a) * K + static_cast<size_t>(a)] > H[static_cast<size_t>(b) * K + static_cast<size_t>(b)];
+            return H[static_cast<size_t>(a) * K + static_cast<size_t>(a)] >
+                   H[static_cast<size_t>(b) * K + static_cast<size_t>(b)];
         });
         std::vector<float> tmp(W.size());
         for (int64_t r = 0; r < n_out; ++r)
-            for (size_t i = 0; i < K; ++i) tmp[static_cast<size_t>(r) * K + i] = W[static_cast<size_t>(r) * K + static_cast<size_t>(perm[i])];
+            for (size_t i = 0; i < K; ++i)
+                tmp[static_cast<size_t>(r) * K + i] = W[static_cast<size_t>(r) * K + static_cast<size_t>(perm[i])];
         W.swap(tmp);
         std::vector<float> hp(H.size());
         for (size_t i = 0; i < K; ++i)
-            for (size_t j = 0; j < K; ++j) hp[i * K + j] = H[static_cast<size_t>(perm[i]) * K + static_cast<size_t>(perm[j])];
+            for (size_t j = 0; j < K; ++j)
+                hp[i * K + j] = H[static_cast<size_t>(perm[i]) * K + static_cast<size_t>(perm[j])];
         H.swap(hp);
     }
 
@@ -191,7 +200,7 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
     std::vector<float> U;  // upper Cholesky factor of (H + damp I)^-1
     double             damp_percent = opt.damp_percent;
     for (;;) {
-        U = H;
+        U                = H;
         const float damp = static_cast<float>(damp_percent * mean_diag);
         for (size_t k = 0; k < K; ++k) U[k * K + k] += damp;
         if (op_cholesky_inverse_upper(ctx, U.data(), n_in)) break;
@@ -210,9 +219,9 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
     // Column loop. Rows are independent given U, so each thread owns a range of rows; within a
     // block of B columns the updates stay in a [rows, B] copy, and the rest of W is updated once
     // per block with a GEMM (the "lazy batch" trick).
-    const int64_t       B = opt.block_size;
-    std::vector<double> row_loss(static_cast<size_t>(n_out), 0.0);
-    std::vector<float>  err(static_cast<size_t>(n_out) * static_cast<size_t>(std::min<int64_t>(B, n_in)));
+    const int64_t            B = opt.block_size;
+    std::vector<double>      row_loss(static_cast<size_t>(n_out), 0.0);
+    std::vector<float>       err(static_cast<size_t>(n_out) * static_cast<size_t>(std::min<int64_t>(B, n_in)));
     std::vector<grid_params> cur(static_cast<size_t>(n_out));  // current group's params per row
     if (!grouped) cur = row_params;
 
@@ -228,7 +237,7 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
                     const int64_t col = i1 + i;  // position in processing order
                     if (grouped) {
                         if (!static_params.empty()) {
-                            const int64_t orig = perm.empty() ? col : perm[static_cast<size_t>(col)];
+                            const int64_t orig          = perm.empty() ? col : perm[static_cast<size_t>(col)];
                             cur[static_cast<size_t>(r)] = static_params[static_cast<size_t>((orig / gs) * n_out + r)];
                         } else if (col % gs == 0) {
                             // Params of the group starting here, from the weights as updated so far:
@@ -248,8 +257,9 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
                     const float       dq = grid_dequantize(qi, p);
                     const float       d  = U[static_cast<size_t>(col) * K + static_cast<size_t>(col)];
                     const float       e  = (x - dq) / d;
-                    row_loss[static_cast<size_t>(r)] += static_cast<double>(x - dq) * (x - dq) / (static_cast<double>(d) * d) / 2;
-                    const int64_t orig = perm.empty() ? col : perm[static_cast<size_t>(col)];
+                    row_loss[static_cast<size_t>(r)] +=
+                        static_cast<double>(x - dq) * (x - dq) / (static_cast<double>(d) * d) / 2;
+                    const int64_t orig                            = perm.empty() ? col : perm[static_cast<size_t>(col)];
                     q.codes[static_cast<size_t>(r * n_in + orig)] = static_cast<uint8_t>(qi);
                     if (grouped ? (static_params.empty() ? col % gs == 0 : false) : col == 0) {
                         q.scales[static_cast<size_t>((col / gs) * n_out + r)] = p.scale;
@@ -264,8 +274,9 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
         });
         // W[:, i2:] -= Err1 [n_out, nb] . U[i1:i2, i2:]
         if (i2 < n_in)
-            op_sgemm(ctx, false, false, n_out, n_in - i2, nb, -1.0f, err.data(), nb, &U[static_cast<size_t>(i1) * K + static_cast<size_t>(i2)],
-                     n_in, 1.0f, &W[static_cast<size_t>(i2)], n_in);
+            op_sgemm(ctx, false, false, n_out, n_in - i2, nb, -1.0f, err.data(), nb,
+                     &U[static_cast<size_t>(i1) * K + static_cast<size_t>(i2)], n_in, 1.0f, &W[static_cast<size_t>(i2)],
+                     n_in);
     }
 
     // g_idx and, for static groups, the scales of the original groups.
@@ -277,7 +288,7 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
         }
     } else {
         for (int64_t i = 0; i < n_in; ++i) {
-            const int64_t orig = perm.empty() ? i : perm[static_cast<size_t>(i)];
+            const int64_t orig                 = perm.empty() ? i : perm[static_cast<size_t>(i)];
             q.g_idx[static_cast<size_t>(orig)] = static_cast<int32_t>(i / gs);
         }
     }
@@ -285,7 +296,8 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
     if (!std::isfinite(loss))
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
                           "GPTQ diverged on this layer (non-finite error {}) with damp_percent {:.3f}; raise "
-                          "--damp-percent", loss, damp_percent);
+                          "--damp-percent",
+                          loss, damp_percent);
     q.perm = std::move(perm);
     if (stats) {
         stats->damp_percent_used = damp_percent;
@@ -300,7 +312,8 @@ void quantized_linear_dequantize(const quantized_linear& q, float* out) {
         for (int64_t k = 0; k < q.n_in; ++k) {
             const size_t gi = static_cast<size_t>(q.g_idx[static_cast<size_t>(k)] * q.n_out + r);
             out[r * q.n_in + k] =
-                q.scales[gi] * static_cast<float>(static_cast<int>(q.codes[static_cast<size_t>(r * q.n_in + k)]) - q.zeros[gi]);
+                q.scales[gi] *
+                static_cast<float>(static_cast<int>(q.codes[static_cast<size_t>(r * q.n_in + k)]) - q.zeros[gi]);
         }
 }
 

@@ -19,16 +19,16 @@
 namespace gptq {
 
 struct gptq_options {
-    int    bits          = 4;
-    int    group_size    = 128;  // -1: one group spanning the row
-    bool   sym           = true;
-    bool   desc_act      = false;  // act-order: process columns by decreasing diag(H)
-    bool   static_groups = false;  // group params fixed up front on the original column order
-    bool   mse           = false;  // clipping-range grid search (grid.h)
-    double damp_percent  = 0.01;   // damping = damp_percent * mean(diag(H))
-    double damp_auto_increment = 0.01;  // added to damp_percent while Cholesky fails (then error)
-    int    block_size    = 128;
-    int    zero_min      = 0;      // see grid_options::zero_min
+    int    bits                = 4;
+    int    group_size          = 128;  // -1: one group spanning the row
+    bool   sym                 = true;
+    bool   desc_act            = false;  // act-order: process columns by decreasing diag(H)
+    bool   static_groups       = false;  // group params fixed up front on the original column order
+    bool   mse                 = false;  // clipping-range grid search (grid.h)
+    double damp_percent        = 0.01;   // damping = damp_percent * mean(diag(H))
+    double damp_auto_increment = 0.01;   // added to damp_percent while Cholesky fails (then error)
+    int    block_size          = 128;
+    int    zero_min            = 0;  // see grid_options::zero_min
 };
 
 // The neutral result. Codes are in the ORIGINAL column order.

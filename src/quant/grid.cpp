@@ -51,13 +51,13 @@ grid_params grid_find_params(const float* x, int64_t n, int64_t stride, const gr
 
     // Grid search over shrunk ranges p * [xmin, xmax], p = 1, 0.99, ..., 0.21 (grid 100, maxshrink
     // 0.8, norm 2.4 as in the reference quantizer); keep the smallest sum |Q(x) - x|^2.4.
-    constexpr int    grid = 100;
+    constexpr int    grid      = 100;
     constexpr double maxshrink = 0.8, norm = 2.4;
-    double           best_err  = INFINITY;
+    double           best_err = INFINITY;
     for (int i = 0; i < static_cast<int>(maxshrink * grid); ++i) {
-        const float       s   = 1.0f - static_cast<float>(i) / grid;
+        const float       s    = 1.0f - static_cast<float>(i) / grid;
         const grid_params cand = params_for_range(s * xmin, s * xmax, opt, maxq);
-        double            err = 0.0;
+        double            err  = 0.0;
         for (int64_t j = 0; j < n; ++j) {
             const float v = x[j * stride];
             err += std::pow(std::fabs(grid_dequantize(grid_quantize(v, cand, maxq), cand) - v), norm);

@@ -25,7 +25,9 @@ struct grid_params {
     int   zero  = 0;
 };
 
-inline int grid_maxq(int bits) { return (1 << bits) - 1; }
+inline int grid_maxq(int bits) {
+    return (1 << bits) - 1;
+}
 
 // NaN maps to code 0 (converting NaN to int is undefined); callers reject non-finite inputs first.
 inline int grid_quantize(float x, grid_params p, int maxq) {
@@ -33,7 +35,9 @@ inline int grid_quantize(float x, grid_params p, int maxq) {
     return !(v >= 0.0f) ? 0 : (v > static_cast<float>(maxq) ? maxq : static_cast<int>(v));
 }
 
-inline float grid_dequantize(int q, grid_params p) { return p.scale * static_cast<float>(q - p.zero); }
+inline float grid_dequantize(int q, grid_params p) {
+    return p.scale * static_cast<float>(q - p.zero);
+}
 
 // Parameters for the values x[0], x[stride], ..., x[(n-1) * stride] (one row's slice).
 grid_params grid_find_params(const float* x, int64_t n, int64_t stride, const grid_options& opt);

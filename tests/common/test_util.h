@@ -19,7 +19,7 @@ class temp_dir {
 public:
     explicit temp_dir(const std::string& tag) {
         static int counter = 0;
-        path_ = std::filesystem::path(GPTQ_BINARY_DIR) / "test-tmp" /
+        path_              = std::filesystem::path(GPTQ_BINARY_DIR) / "test-tmp" /
                 (tag + "-" + std::to_string(getpid()) + "-" + std::to_string(counter++));
         std::filesystem::remove_all(path_);
         std::filesystem::create_directories(path_);
@@ -54,8 +54,8 @@ struct run_result {
 // Run a shell command, capturing stdout and stderr separately.
 inline run_result run_command(const std::string& cmd) {
     static int  counter = 0;
-    std::string err_file = std::string(GPTQ_BINARY_DIR) + "/test-tmp/stderr-" + std::to_string(getpid()) + "-" +
-                           std::to_string(counter++);
+    std::string err_file =
+        std::string(GPTQ_BINARY_DIR) + "/test-tmp/stderr-" + std::to_string(getpid()) + "-" + std::to_string(counter++);
     std::filesystem::create_directories(std::string(GPTQ_BINARY_DIR) + "/test-tmp");
     run_result r;
     FILE*      p = popen((cmd + " 2>" + err_file).c_str(), "r");
@@ -70,10 +70,18 @@ inline run_result run_command(const std::string& cmd) {
     return r;
 }
 
-inline std::string gptq_binary() { return std::string(GPTQ_BINARY_DIR) + "/bin/gptq"; }
-inline std::string source_path(const std::string& rel) { return std::string(GPTQ_SOURCE_DIR) + "/" + rel; }
+inline std::string gptq_binary() {
+    return std::string(GPTQ_BINARY_DIR) + "/bin/gptq";
+}
+inline std::string source_path(const std::string& rel) {
+    return std::string(GPTQ_SOURCE_DIR) + "/" + rel;
+}
 // ../shared beside the checkout: present in CI, absent in a user's clone.
-inline std::string shared_path(const std::string& rel) { return std::string(GPTQ_SOURCE_DIR) + "/../shared/" + rel; }
-inline bool        shared_available() { return std::filesystem::exists(shared_path("models")); }
+inline std::string shared_path(const std::string& rel) {
+    return std::string(GPTQ_SOURCE_DIR) + "/../shared/" + rel;
+}
+inline bool shared_available() {
+    return std::filesystem::exists(shared_path("models"));
+}
 
 }  // namespace gptq::test

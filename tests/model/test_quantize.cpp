@@ -18,11 +18,13 @@ using json   = nlohmann::json;
 
 namespace {
 
-std::string tiny() { return test::source_path("models/tiny-llama"); }
+std::string tiny() {
+    return test::source_path("models/tiny-llama");
+}
 
 quantize_params small_run(const std::string& out) {
     quantize_params p;
-    p.model_path = tiny();
+    p.model_path  = tiny();
     p.output_path = out;
 #ifdef GPTQ_SANITIZE
     p.nsamples = 2;  // ASan/UBSan builds run the same code on less data
@@ -94,7 +96,8 @@ TEST(quantize, checkpoint_layout_and_configs) {
 
 TEST(quantize, rtn_checkpoint_loads_back_to_the_same_weights) {
     test::temp_dir dir("q-rtn");
-    for (auto [bits, gs, sym] : std::vector<std::tuple<int, int, bool>>{{4, 128, true}, {3, -1, true}, {8, 32, false}, {2, 64, false}}) {
+    for (auto [bits, gs, sym] :
+         std::vector<std::tuple<int, int, bool>>{{4, 128, true}, {3, -1, true}, {8, 32, false}, {2, 64, false}}) {
         auto p       = small_run(dir.file("rtn" + std::to_string(bits)));
         p.method     = "rtn";
         p.bits       = bits;
@@ -148,9 +151,9 @@ TEST(quantize, resume_after_interruption_is_byte_identical) {
     // A torn write of the next layer (as kill -9 would leave) is ignored on resume.
     test::write_file(cut.output_path + ".partial/layer-00002.safetensors.tmp-99999", "torn");
 
-    auto no_flag = cut;
+    auto no_flag              = cut;
     no_flag.stop_after_layers = -1;
-    auto refused = quantize_model(no_flag);
+    auto refused              = quantize_model(no_flag);
     ASSERT_FALSE(refused.is_ok());
     EXPECT_NE(refused.error().message().find("--resume"), std::string::npos);
 
@@ -171,9 +174,9 @@ TEST(quantize, resume_after_interruption_is_byte_identical) {
 
 TEST(quantize, sharded_output_and_bad_calibration) {
     test::temp_dir dir("q-shard");
-    auto           p    = small_run(dir.file("sharded"));
-    p.method            = "rtn";
-    p.max_shard_bytes   = 2 << 20;
+    auto           p  = small_run(dir.file("sharded"));
+    p.method          = "rtn";
+    p.max_shard_bytes = 2 << 20;
     ASSERT_TRUE(quantize_model(p).is_ok());
     EXPECT_TRUE(fs::exists(p.output_path + "/model.safetensors.index.json"));
     EXPECT_FALSE(fs::exists(p.output_path + "/model.safetensors"));
@@ -209,9 +212,9 @@ TEST(quantize, gptq_perplexity_lies_between_fp16_and_rtn) {
     g.nsamples       = 32;
     g.seqlen         = 256;
     ASSERT_TRUE(quantize_model(g).is_ok());
-    auto r   = g;
+    auto r        = g;
     r.output_path = dir.file("rtn3");
-    r.method = "rtn";
+    r.method      = "rtn";
     ASSERT_TRUE(quantize_model(r).is_ok());
     auto ppl_of = [](const std::string& m) {
         ppl_params p;

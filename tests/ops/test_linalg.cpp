@@ -52,9 +52,9 @@ TEST(linalg, gram_accumulate_matches_reference) {
     cpu::blas_init_single_threaded();
     std::mt19937 rng(11);
     for (auto [n, k] : std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 7}, {17, 33}, {130, 65}, {5, 257}}) {
-        auto               x   = randn(static_cast<size_t>(n * k), rng);
-        auto               ref = randn(static_cast<size_t>(k * k), rng);  // non-zero start: accumulation
-        auto               got = ref, got_pool = ref;
+        auto x   = randn(static_cast<size_t>(n * k), rng);
+        auto ref = randn(static_cast<size_t>(k * k), rng);  // non-zero start: accumulation
+        auto got = ref, got_pool = ref;
         cpu::gram_accumulate_upper_ref(x.data(), n, k, 0.5f, ref.data());
         cpu::gram_accumulate_upper(x.data(), n, k, 0.5f, got.data());
         thread_pool pool(3);
@@ -70,7 +70,8 @@ TEST(linalg, gram_accumulate_matches_reference) {
         EXPECT_LT(max_rel_diff(gu, ru), k_tol_gemm) << n << "x" << k;
         EXPECT_LT(max_rel_diff(pu, ru), k_tol_gemm) << n << "x" << k << " threaded";
         // The lower triangle is not the contract's: it must stay untouched.
-        for (int64_t i = 1; i < k; ++i) ASSERT_EQ(got_pool[static_cast<size_t>(i * k)], ref[static_cast<size_t>(i * k)]);
+        for (int64_t i = 1; i < k; ++i)
+            ASSERT_EQ(got_pool[static_cast<size_t>(i * k)], ref[static_cast<size_t>(i * k)]);
     }
 }
 
@@ -91,7 +92,8 @@ TEST(linalg, cholesky_inverse_upper_matches_reference_and_inverts) {
         cpu::sgemm_ref(false, false, k, k, k, 1.0f, utu.data(), k, h.data(), k, 0.0f, prod.data(), k);
         for (int64_t i = 0; i < k; ++i)
             for (int64_t j = 0; j < k; ++j)
-                EXPECT_NEAR(prod[static_cast<size_t>(i * k + j)], i == j ? 1.0f : 0.0f, 2e-3) << k << " " << i << " " << j;
+                EXPECT_NEAR(prod[static_cast<size_t>(i * k + j)], i == j ? 1.0f : 0.0f, 2e-3)
+                    << k << " " << i << " " << j;
     }
 }
 

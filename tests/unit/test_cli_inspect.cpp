@@ -11,7 +11,9 @@ using namespace gptq;
 
 namespace {
 
-std::string q(const std::string& s) { return "'" + s + "'"; }
+std::string q(const std::string& s) {
+    return "'" + s + "'";
+}
 
 // Copy the bundled model's small files into `dir` and link its weights, for variants.
 void copy_config(const test::temp_dir& dir, const std::string& config_text) {
@@ -63,14 +65,14 @@ TEST(cli_inspect, sharded_shared_model) {
 TEST(cli_inspect, gptq_checkpoint_settings_are_reported) {
     test::temp_dir dir("cli-gptq");
     // A minimal GPTQ-looking checkpoint: one quantized linear (K=64, N=32, 4-bit, g32).
-    auto config = json::parse(test::read_file(test::source_path("models/tiny-llama/config.json")));
-    config["quantization_config"] = {{"bits", 4}, {"group_size", 32}, {"desc_act", true}, {"sym", true},
-                                     {"quant_method", "gptq"}, {"checkpoint_format", "gptq"}};
+    auto config                   = json::parse(test::read_file(test::source_path("models/tiny-llama/config.json")));
+    config["quantization_config"] = {{"bits", 4},   {"group_size", 32},       {"desc_act", true},
+                                     {"sym", true}, {"quant_method", "gptq"}, {"checkpoint_format", "gptq"}};
     test::write_file(dir.file("config.json"), config.dump());
     // Header-only safetensors with the four tensors (data zero-filled).
-    json h;
+    json     h;
     uint64_t off = 0;
-    auto add = [&](const char* name, const char* dt, std::vector<int64_t> shape, uint64_t nb) {
+    auto     add = [&](const char* name, const char* dt, std::vector<int64_t> shape, uint64_t nb) {
         h[name] = {{"dtype", dt}, {"shape", shape}, {"data_offsets", {off, off + nb}}};
         off += nb;
     };
@@ -112,8 +114,7 @@ TEST(cli_inspect, bad_inputs_one_line_exit_1) {
     // Garbage.
     const std::string garbage_header = "{\"a\": [1, 2,}   ";  // 16 bytes
     test::write_file(dir.file("garbage.safetensors"), std::string("\x10\0\0\0\0\0\0\0", 8) + garbage_header);
-    expect_one_line_error(test::run_command(gptq + " inspect " + q(dir.file("garbage.safetensors"))),
-                          "not valid JSON");
+    expect_one_line_error(test::run_command(gptq + " inspect " + q(dir.file("garbage.safetensors"))), "not valid JSON");
     // A missing path.
     expect_one_line_error(test::run_command(gptq + " inspect " + q(dir.file("nope"))), "no such file or folder");
 
@@ -123,12 +124,13 @@ TEST(cli_inspect, bad_inputs_one_line_exit_1) {
         auto           c = json::parse(cfg_text);
         c.erase("hidden_size");
         copy_config(m, c.dump());
-        expect_one_line_error(test::run_command(gptq + " inspect " + q(m.path())), "missing required key 'hidden_size'");
+        expect_one_line_error(test::run_command(gptq + " inspect " + q(m.path())),
+                              "missing required key 'hidden_size'");
     }
     // Unsupported architecture.
     {
         test::temp_dir m("cli-arch");
-        auto           c     = json::parse(cfg_text);
+        auto           c   = json::parse(cfg_text);
         c["architectures"] = {"FalconForCausalLM"};
         copy_config(m, c.dump());
         expect_one_line_error(test::run_command(gptq + " inspect " + q(m.path())),

@@ -84,7 +84,7 @@ TEST(config, transformers5_rope_parameters_with_scaling) {
 }
 
 TEST(config, qwen2_and_mistral_specifics) {
-    json q = llama_v4();
+    json q                  = llama_v4();
     q["architectures"]      = {"Qwen2ForCausalLM"};
     q["model_type"]         = "qwen2";
     q["use_sliding_window"] = true;
@@ -101,7 +101,7 @@ TEST(config, qwen2_and_mistral_specifics) {
     q["use_sliding_window"] = false;
     EXPECT_FALSE(model_config_parse(q, "config.json")->layer_uses_sliding_window(30));
 
-    json m = llama_v4();
+    json m              = llama_v4();
     m["architectures"]  = {"MistralForCausalLM"};
     m["model_type"]     = "mistral";
     m["sliding_window"] = 4096;
@@ -127,26 +127,28 @@ TEST(config, bad_configs_name_the_key_and_value) {
             j[key] = v;
         return j;
     };
-    const json discard = json(json::value_t::discarded);
-    std::vector<bad> cases = {
-        {"no hidden_size", with("hidden_size", discard), "missing required key 'hidden_size'"},
-        {"unsupported architecture", with("architectures", json::array({"GPT2LMHeadModel"})),
-         "unsupported architecture 'GPT2LMHeadModel'"},
-        {"string size", with("hidden_size", "big"), "key 'hidden_size' is \"big\", expected an integer"},
-        {"negative layers", with("num_hidden_layers", -1), "num_hidden_layers is -1"},
-        {"gqa mismatch", with("num_key_value_heads", 5), "not a multiple of num_key_value_heads 5"},
-        {"yarn", with("rope_scaling", json{{"rope_type", "yarn"}, {"factor", 4.0}}), "unsupported rope type 'yarn'"},
-        {"llama3 missing", with("rope_scaling", json{{"rope_type", "llama3"}, {"factor", 8.0}}),
-         "missing required key 'low_freq_factor'"},
-        {"gelu", with("hidden_act", "gelu"), "unsupported hidden_act 'gelu'"},
-        {"eos string", with("eos_token_id", "x"), "key 'eos_token_id' is \"x\""},
-        {"not object", json::array(), "expected a JSON object"},
-        {"no arch no type", [] {
+    const json       discard = json(json::value_t::discarded);
+    std::vector<bad> cases   = {
+          {"no hidden_size", with("hidden_size", discard), "missing required key 'hidden_size'"},
+          {"unsupported architecture", with("architectures", json::array({"GPT2LMHeadModel"})),
+           "unsupported architecture 'GPT2LMHeadModel'"},
+          {"string size", with("hidden_size", "big"), "key 'hidden_size' is \"big\", expected an integer"},
+          {"negative layers", with("num_hidden_layers", -1), "num_hidden_layers is -1"},
+          {"gqa mismatch", with("num_key_value_heads", 5), "not a multiple of num_key_value_heads 5"},
+          {"yarn", with("rope_scaling", json{{"rope_type", "yarn"}, {"factor", 4.0}}), "unsupported rope type 'yarn'"},
+          {"llama3 missing", with("rope_scaling", json{{"rope_type", "llama3"}, {"factor", 8.0}}),
+           "missing required key 'low_freq_factor'"},
+          {"gelu", with("hidden_act", "gelu"), "unsupported hidden_act 'gelu'"},
+          {"eos string", with("eos_token_id", "x"), "key 'eos_token_id' is \"x\""},
+          {"not object", json::array(), "expected a JSON object"},
+          {"no arch no type",
+           [] {
              json j = llama_v4();
              j.erase("architectures");
              j["model_type"] = "bert";
              return j;
-         }(), "unsupported model_type 'bert'"},
+         }(),
+           "unsupported model_type 'bert'"},
     };
     for (const auto& c : cases) {
         auto cfg = model_config_parse(c.j, "models/x/config.json");

@@ -44,13 +44,13 @@ uint16_t f16_round_oracle(float f) {
         for (uint32_t h = 0; h < 0x7c00; ++h) t.emplace_back(f16_value(static_cast<uint16_t>(h)), h);
         return t;  // increasing in value for non-negative codes
     }();
-    const double a    = std::fabs(static_cast<double>(f));
+    const double   a  = std::fabs(static_cast<double>(f));
     const uint16_t sg = std::signbit(f) ? 0x8000 : 0;
     if (a >= 65520.0) return sg | 0x7c00;
     auto it = std::lower_bound(table.begin(), table.end(), std::make_pair(a, uint16_t(0)));
     if (it == table.end()) return sg | 0x7bff;  // in (65504, 65520): nearest is the largest finite
     if (it->first == a) return sg | it->second;
-    auto lo = it - 1;
+    auto         lo  = it - 1;
     const double dlo = a - lo->first, dhi = it->first - a;
     if (dlo < dhi) return sg | lo->second;
     if (dhi < dlo) return sg | it->second;
@@ -88,18 +88,31 @@ TEST(dtype, f16_round_trip_all_codes) {
 }
 
 TEST(dtype, f32_to_f16_matches_oracle_on_ties_subnormals_and_random) {
-    std::vector<float> cases = {0.0f, -0.0f, 1.0f, 65504.0f, 65519.99f, 65520.0f, 1e10f, -1e10f,
-                                std::ldexp(1.0f, -24), std::ldexp(1.0f, -25), std::ldexp(1.5f, -25),
-                                std::ldexp(1.0f, -26), std::ldexp(3.0f, -25), std::ldexp(1.0f, -14),
-                                std::ldexp(1023.5f, -24), std::numeric_limits<float>::denorm_min(),
-                                INFINITY, -INFINITY};
+    std::vector<float> cases = {0.0f,
+                                -0.0f,
+                                1.0f,
+                                65504.0f,
+                                65519.99f,
+                                65520.0f,
+                                1e10f,
+                                -1e10f,
+                                std::ldexp(1.0f, -24),
+                                std::ldexp(1.0f, -25),
+                                std::ldexp(1.5f, -25),
+                                std::ldexp(1.0f, -26),
+                                std::ldexp(3.0f, -25),
+                                std::ldexp(1.0f, -14),
+                                std::ldexp(1023.5f, -24),
+                                std::numeric_limits<float>::denorm_min(),
+                                INFINITY,
+                                -INFINITY};
     // Exact midpoints between consecutive f16 values (ties) across the range.
     for (uint32_t h = 0; h < 0x7bff; h += 37) {
         const double a = f16_value(static_cast<uint16_t>(h)), b = f16_value(static_cast<uint16_t>(h + 1));
         cases.push_back(static_cast<float>((a + b) / 2));
         cases.push_back(-static_cast<float>((a + b) / 2));
     }
-    std::mt19937 rng(1234);
+    std::mt19937                            rng(1234);
     std::uniform_int_distribution<uint32_t> any;
     for (int i = 0; i < 200000; ++i) {
         uint32_t u = any(rng);
@@ -176,7 +189,7 @@ TEST(status, result_and_macros) {
 
 TEST(tensor, contiguous_views) {
     std::vector<float> data(24);
-    auto v = tensor_view::contiguous(data.data(), dtype::DTYPE_F32, {2, 3, 4});
+    auto               v = tensor_view::contiguous(data.data(), dtype::DTYPE_F32, {2, 3, 4});
     EXPECT_EQ(v.numel(), 24);
     EXPECT_EQ(v.nbytes(), 96u);
     EXPECT_EQ(v.strides[0], 12);
@@ -213,8 +226,7 @@ TEST(thread_pool, parallel_for_covers_range_once) {
     // Nested use runs serially instead of deadlocking.
     std::atomic<int64_t> total{0};
     pool.parallel_for(8, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; ++i)
-            pool.parallel_for(10, [&](int64_t b2, int64_t e2) { total += e2 - b2; });
+        for (int64_t i = b; i < e; ++i) pool.parallel_for(10, [&](int64_t b2, int64_t e2) { total += e2 - b2; });
     });
     EXPECT_EQ(total.load(), 80);
 }

@@ -14,13 +14,13 @@ using namespace gptq;
 
 namespace {
 
-gptq_linear_data random_module(int64_t n_out, int64_t n_in, int64_t gs, int bits, bool bias, bool act_order,
-                               bool v1, std::mt19937& rng) {
+gptq_linear_data random_module(int64_t n_out, int64_t n_in, int64_t gs, int bits, bool bias, bool act_order, bool v1,
+                               std::mt19937& rng) {
     gptq_linear_data d;
-    d.n_out    = n_out;
-    d.n_in     = n_in;
-    d.bits     = bits;
-    d.n_groups = (n_in + gs - 1) / gs;
+    d.n_out        = n_out;
+    d.n_in         = n_in;
+    d.bits         = bits;
+    d.n_groups     = (n_in + gs - 1) / gs;
     const int maxq = (1 << bits) - 1;
     d.codes.resize(static_cast<size_t>(n_out * n_in));
     for (auto& c : d.codes) c = static_cast<uint8_t>(rng() % (maxq + 1));
@@ -48,11 +48,12 @@ TEST(gptq_checkpoint, write_read_round_trip) {
         for (bool v1 : {true, false})
             for (bool act : {false, true}) {
                 const int64_t n_out = 64, n_in = 96, gs = 32;
-                auto          d     = random_module(n_out, n_in, gs, bits, act, act, v1, rng);
-                const auto    fmt   = v1 ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2;
+                auto          d = random_module(n_out, n_in, gs, bits, act, act, v1, rng);
+                const auto fmt  = v1 ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2;
                 const std::string path = dir.file("m" + std::to_string(i++) + ".safetensors");
                 {
-                    auto w = safetensors_writer::create(path, gptq_linear_decls("blk.proj", n_out, n_in, d.n_groups, bits, !d.bias.empty()));
+                    auto w = safetensors_writer::create(
+                        path, gptq_linear_decls("blk.proj", n_out, n_in, d.n_groups, bits, !d.bias.empty()));
                     ASSERT_TRUE(w.is_ok());
                     ASSERT_TRUE(gptq_linear_write(**w, "blk.proj", d, fmt).is_ok());
                     ASSERT_TRUE((*w)->finish().is_ok());
@@ -76,15 +77,16 @@ TEST(gptq_checkpoint, write_read_round_trip) {
                 const int64_t n = 17, k = 45;
                 const auto    g = static_cast<size_t>(d.g_idx[k] * n_out + n);
                 EXPECT_EQ(w[static_cast<size_t>(n * n_in + k)],
-                          f16_to_f32(d.scales[g]) * static_cast<float>(d.codes[static_cast<size_t>(n * n_in + k)] - d.zeros[g]));
+                          f16_to_f32(d.scales[g]) *
+                              static_cast<float>(d.codes[static_cast<size_t>(n * n_in + k)] - d.zeros[g]));
             }
 }
 
 TEST(gptq_checkpoint, bad_tensors_are_named) {
     test::temp_dir dir("gptq-bad");
     std::mt19937   rng(6);
-    auto           d = random_module(32, 64, 32, 4, false, false, true, rng);
-    d.g_idx[7]       = 9;  // only 2 groups
+    auto           d       = random_module(32, 64, 32, 4, false, false, true, rng);
+    d.g_idx[7]             = 9;  // only 2 groups
     const std::string path = dir.file("m.safetensors");
     {
         auto w = safetensors_writer::create(path, gptq_linear_decls("p", 32, 64, 2, 4, false));
@@ -95,7 +97,8 @@ TEST(gptq_checkpoint, bad_tensors_are_named) {
     gptq_config cfg;
     auto        r = gptq_linear_read(**src, "p", 32, 64, cfg);
     ASSERT_FALSE(r.is_ok());
-    EXPECT_NE(r.error().message().find("p.g_idx[7] = 9 is outside the 2 groups"), std::string::npos) << r.error().message();
+    EXPECT_NE(r.error().message().find("p.g_idx[7] = 9 is outside the 2 groups"), std::string::npos)
+        << r.error().message();
     auto wrong = gptq_linear_read(**src, "p", 64, 64, cfg);  // expected shape differs
     ASSERT_FALSE(wrong.is_ok());
     EXPECT_NE(wrong.error().message().find("expected [n_groups, 64]"), std::string::npos) << wrong.error().message();

@@ -72,11 +72,13 @@ TEST(gptq_pack, symmetric_v1_zero_words_match_the_spec) {
         const int64_t        n = 32 * static_cast<int64_t>(t.words.size()) / t.bits;
         std::vector<int32_t> zeros(static_cast<size_t>(n), 1 << (t.bits - 1));
         std::vector<int32_t> qz(t.words.size());
-        ASSERT_TRUE(gptq_pack_qzeros(zeros.data(), 1, n, t.bits, gptq_checkpoint_format::GPTQ_FORMAT_V1, qz.data()).is_ok());
+        ASSERT_TRUE(
+            gptq_pack_qzeros(zeros.data(), 1, n, t.bits, gptq_checkpoint_format::GPTQ_FORMAT_V1, qz.data()).is_ok());
         for (size_t i = 0; i < t.words.size(); ++i) EXPECT_EQ(static_cast<uint32_t>(qz[i]), t.words[i]) << t.bits;
         // v2 stores the zero itself: 4-bit 0x88888888.
         if (t.bits == 4) {
-            ASSERT_TRUE(gptq_pack_qzeros(zeros.data(), 1, n, 4, gptq_checkpoint_format::GPTQ_FORMAT_V2, qz.data()).is_ok());
+            ASSERT_TRUE(
+                gptq_pack_qzeros(zeros.data(), 1, n, 4, gptq_checkpoint_format::GPTQ_FORMAT_V2, qz.data()).is_ok());
             EXPECT_EQ(static_cast<uint32_t>(qz[0]), 0x88888888u);
         }
     }
@@ -84,7 +86,7 @@ TEST(gptq_pack, symmetric_v1_zero_words_match_the_spec) {
 
 TEST(gptq_pack, v1_cannot_store_zero_point_zero) {
     std::vector<int32_t> zeros(8, 3);
-    zeros[5] = 0;
+    zeros[5]   = 0;
     int32_t qz = 0;
     auto    st = gptq_pack_qzeros(zeros.data(), 1, 8, 4, gptq_checkpoint_format::GPTQ_FORMAT_V1, &qz);
     ASSERT_FALSE(st.is_ok());

@@ -38,7 +38,9 @@ layer make_layer(int64_t n_out, int64_t n_in, uint32_t seed, int64_t n_tokens = 
         std::vector<float> z(static_cast<size_t>(r));
         for (auto& v : z) v = nd(rng);
         for (int64_t j = 0; j < r; ++j)
-            for (int64_t k = 0; k < n_in; ++k) x[static_cast<size_t>(t * n_in + k)] += z[static_cast<size_t>(j)] * a[static_cast<size_t>(j * n_in + k)];
+            for (int64_t k = 0; k < n_in; ++k)
+                x[static_cast<size_t>(t * n_in + k)] +=
+                    z[static_cast<size_t>(j)] * a[static_cast<size_t>(j * n_in + k)];
         for (int64_t k = 0; k < n_in; k += 7) x[static_cast<size_t>(t * n_in + k)] *= 4.0f;  // outlier features
         for (int64_t k = 0; k < n_in; ++k) x[static_cast<size_t>(t * n_in + k)] += 0.1f * nd(rng);
     }
@@ -91,14 +93,14 @@ TEST(grid, params_follow_the_reference_rules) {
 }
 
 TEST(grid, mse_search_never_increases_the_error) {
-    std::mt19937                    rng(3);
+    std::mt19937                       rng(3);
     std::student_t_distribution<float> heavy(3.0f);
     for (int bits : {2, 3, 4}) {
         std::vector<float> x(256);
         for (auto& v : x) v = heavy(rng);
         for (bool sym : {true, false}) {
-            const int   maxq = grid_maxq(bits);
-            auto        err  = [&](grid_params p) {
+            const int maxq = grid_maxq(bits);
+            auto      err  = [&](grid_params p) {
                 double e = 0;
                 for (float v : x) e += std::pow(std::fabs(grid_dequantize(grid_quantize(v, p, maxq), p) - v), 2.4);
                 return e;
@@ -136,8 +138,8 @@ TEST(gptq, beats_rtn_on_correlated_inputs) {
 }
 
 TEST(gptq, act_order_and_static_groups) {
-    ops_context ctx;
-    const auto  L = make_layer(64, 128, 2);
+    ops_context  ctx;
+    const auto   L = make_layer(64, 128, 2);
     gptq_options o;
     o.group_size = 32;
     o.desc_act   = true;
@@ -175,16 +177,16 @@ TEST(gptq, blocked_loop_equals_unblocked) {
     for (bool desc : {false, true})
         for (int gs : {-1, 64}) {
             gptq_options a;
-            a.group_size = gs;
-            a.desc_act   = desc;
-            a.block_size = 1;  // no lazy updates: the textbook algorithm
+            a.group_size   = gs;
+            a.desc_act     = desc;
+            a.block_size   = 1;  // no lazy updates: the textbook algorithm
             gptq_options b = a;
             b.block_size   = 128;
             gptq_options c = a;
             c.block_size   = gs == -1 ? 7 : 32;  // group params are exact when groups do not straddle blocks
-            auto qa = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), a);
-            auto qb = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), b);
-            auto qc = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), c);
+            auto qa        = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), a);
+            auto qb        = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), b);
+            auto qc        = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), c);
             ASSERT_TRUE(qa.is_ok() && qb.is_ok() && qc.is_ok());
             // Same math, different float summation order: codes may differ only where a value sits
             // on a rounding boundary. Demand near-identity.

@@ -33,13 +33,13 @@ struct random_tensor {
 
 // Random tensors of every dtype with assorted shapes: scalar, empty, odd, 1-d, 3-d.
 std::vector<random_tensor> make_random_tensors(uint32_t seed) {
-    std::mt19937                          rng(seed);
+    std::mt19937                            rng(seed);
     const std::vector<std::vector<int64_t>> shapes = {{}, {0}, {1}, {7}, {3, 5}, {2, 3, 4}, {17, 1}, {0, 4}, {64, 33}};
-    std::vector<random_tensor>            out;
+    std::vector<random_tensor>              out;
     for (int d = 0; d < static_cast<int>(dtype::DTYPE_COUNT); ++d) {
         for (size_t s = 0; s < shapes.size(); s += 1 + (d % 2)) {
             random_tensor t;
-            t.decl.name  = "layer." + std::to_string(d) + "." + std::string(dtype_name(static_cast<dtype>(d))) + "." +
+            t.decl.name = "layer." + std::to_string(d) + "." + std::string(dtype_name(static_cast<dtype>(d))) + "." +
                           std::to_string(s);
             t.decl.type  = static_cast<dtype>(d);
             t.decl.shape = shapes[s];
@@ -148,7 +148,7 @@ TEST(safetensors, reads_the_shared_models) {
 namespace {
 
 std::string make_file(const std::string& header, const std::string& data, int64_t len_override = -1) {
-    std::string out(8, '\0');
+    std::string    out(8, '\0');
     const uint64_t n = len_override >= 0 ? static_cast<uint64_t>(len_override) : header.size();
     for (int i = 0; i < 8; ++i) out[static_cast<size_t>(i)] = static_cast<char>((n >> (8 * i)) & 0xff);
     return out + header + data;
@@ -181,12 +181,14 @@ std::vector<bad_case> bad_cases() {
          make_file(R"({"a":{"dtype":"F32","shape":[4611686018427387904,8],"data_offsets":[0,8]}})", data8),
          "data_offsets span 8 bytes"},
         {"overlap",
-         make_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
-                   std::string(12, 'x')),
+         make_file(
+             R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+             std::string(12, 'x')),
          "overlap tensor 'a'"},
         {"hole",
-         make_file(R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})",
-                   std::string(12, 'x')),
+         make_file(
+             R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}})",
+             std::string(12, 'x')),
          "(hole)"},
         {"trailing", make_file(ok_hdr, std::string(12, 'x')), "trailing bytes"},
         {"out_of_range", make_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[100,108]}})", data8),
@@ -196,8 +198,9 @@ std::vector<bad_case> bad_cases() {
         {"bad_offsets", make_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0]}})", data8),
          "invalid data_offsets"},
         {"duplicate_key",
-         make_file(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
-                   data8),
+         make_file(
+             R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})",
+             data8),
          "duplicate key 'a'"},
         {"metadata_not_strings", make_file(R"({"__metadata__":{"format":1}})", ""), "__metadata__ value of 'format'"},
         {"entry_not_object", make_file(R"({"a":5})", ""), "header entry 'a' is 5"},
@@ -245,8 +248,8 @@ TEST(safetensors, index_problems_are_named) {
     ASSERT_TRUE(idx.is_ok());
 
     // A tensor named in the index but absent from its shard.
-    json missing                                  = *idx;
-    missing["weight_map"]["ghost.weight"]         = missing["weight_map"].begin().value();
+    json missing                          = *idx;
+    missing["weight_map"]["ghost.weight"] = missing["weight_map"].begin().value();
     test::write_file(index_path, missing.dump());
     auto src = tensor_source::open(dir.path());
     ASSERT_FALSE(src.is_ok());
@@ -277,8 +280,8 @@ TEST(safetensors, index_problems_are_named) {
 }
 
 TEST(safetensors, writer_is_crash_safe) {
-    temp_dir          dir("st-writer");
-    const std::string path = dir.file("model.safetensors");
+    temp_dir           dir("st-writer");
+    const std::string  path = dir.file("model.safetensors");
     std::vector<float> a(10, 1.0f), b(3, 2.0f);
     {
         auto w = safetensors_writer::create(path, {{"a", dtype::DTYPE_F32, {10}}, {"b", dtype::DTYPE_F32, {3}}});
@@ -309,16 +312,17 @@ TEST(safetensors, writer_is_crash_safe) {
     ASSERT_TRUE((*f)->read_f32(*(*f)->find("a"), back.data()).is_ok());
     EXPECT_EQ(back, a);
 
-    auto dup = safetensors_writer::create(dir.file("dup.safetensors"), {{"a", dtype::DTYPE_F32, {1}}, {"a", dtype::DTYPE_F32, {1}}});
+    auto dup = safetensors_writer::create(dir.file("dup.safetensors"),
+                                          {{"a", dtype::DTYPE_F32, {1}}, {"a", dtype::DTYPE_F32, {1}}});
     EXPECT_FALSE(dup.is_ok());
 }
 
 TEST(safetensors, read_f32_converts_half_types_exactly) {
     temp_dir              dir("st-f32");
     std::vector<uint16_t> h = {0x3c00, 0xc000, 0x0001, 0x7bff}, bf = {0x3f80, 0xc040};
-    ASSERT_TRUE(safetensors_save(dir.path(),
-                                 {{{"h", dtype::DTYPE_F16, {4}}, h.data()}, {{"bf", dtype::DTYPE_BF16, {2}}, bf.data()}},
-                                 1ull << 40)
+    ASSERT_TRUE(safetensors_save(
+                    dir.path(), {{{"h", dtype::DTYPE_F16, {4}}, h.data()}, {{"bf", dtype::DTYPE_BF16, {2}}, bf.data()}},
+                    1ull << 40)
                     .is_ok());
     auto src = tensor_source::open(dir.path());
     ASSERT_TRUE(src.is_ok());

@@ -21,8 +21,8 @@ command register_inspect(CLI::App& app) {
     return {sub, [o] {
                 auto r = inspect_model(o->path);
                 if (!r) return report_error(r.error());
-                const std::string out = o->json ? inspect_report_json(*r, o->tensors) + "\n"
-                                                : inspect_report_text(*r, o->tensors);
+                const std::string out =
+                    o->json ? inspect_report_json(*r, o->tensors) + "\n" : inspect_report_text(*r, o->tensors);
                 std::fputs(out.c_str(), stdout);
                 return 0;
             }};

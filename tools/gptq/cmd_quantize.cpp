@@ -11,8 +11,8 @@ namespace {
 
 // "4GB", "500MB", "1.5GiB", "123" (bytes) -> bytes; 0 on a malformed value.
 uint64_t parse_size(const std::string& s) {
-    size_t      pos = 0;
-    double      v   = 0;
+    size_t pos = 0;
+    double v   = 0;
     try {
         v = std::stod(s, &pos);
     } catch (...) {
@@ -21,14 +21,22 @@ uint64_t parse_size(const std::string& s) {
     std::string unit = s.substr(pos);
     for (auto& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
     double mult = 1;
-    if (unit == "" || unit == "B") mult = 1;
-    else if (unit == "KB") mult = 1e3;
-    else if (unit == "MB") mult = 1e6;
-    else if (unit == "GB") mult = 1e9;
-    else if (unit == "KIB") mult = 1024.0;
-    else if (unit == "MIB") mult = 1024.0 * 1024;
-    else if (unit == "GIB") mult = 1024.0 * 1024 * 1024;
-    else return 0;
+    if (unit == "" || unit == "B")
+        mult = 1;
+    else if (unit == "KB")
+        mult = 1e3;
+    else if (unit == "MB")
+        mult = 1e6;
+    else if (unit == "GB")
+        mult = 1e9;
+    else if (unit == "KIB")
+        mult = 1024.0;
+    else if (unit == "MIB")
+        mult = 1024.0 * 1024;
+    else if (unit == "GIB")
+        mult = 1024.0 * 1024 * 1024;
+    else
+        return 0;
     return v > 0 ? static_cast<uint64_t>(v * mult) : 0;
 }
 
@@ -44,22 +52,27 @@ constexpr const char* k_presets =
 }  // namespace
 
 command register_quantize(CLI::App& app) {
-    auto o        = std::make_shared<quantize_params>();
-    auto no_sym   = std::make_shared<bool>(false);
-    auto no_ts    = std::make_shared<bool>(false);
-    auto shard    = std::make_shared<std::string>("4GB");
-    auto sub      = app.add_subcommand("quantize", "GPTQ-quantize a Hugging Face checkpoint into a GPTQ checkpoint");
+    auto o      = std::make_shared<quantize_params>();
+    auto no_sym = std::make_shared<bool>(false);
+    auto no_ts  = std::make_shared<bool>(false);
+    auto shard  = std::make_shared<std::string>("4GB");
+    auto sub    = app.add_subcommand("quantize", "GPTQ-quantize a Hugging Face checkpoint into a GPTQ checkpoint");
     sub->footer(k_presets);
-    sub->add_option("model", o->model_path, "Hugging Face model folder (config.json, safetensors, tokenizer)")->required();
+    sub->add_option("model", o->model_path, "Hugging Face model folder (config.json, safetensors, tokenizer)")
+        ->required();
     sub->add_option("-o,--output", o->output_path, "output folder (must not exist)")->required();
-    sub->add_option("--bits", o->bits, "bits per weight: 2, 3, 4 or 8")->capture_default_str()->check(CLI::IsMember({2, 3, 4, 8}));
+    sub->add_option("--bits", o->bits, "bits per weight: 2, 3, 4 or 8")
+        ->capture_default_str()
+        ->check(CLI::IsMember({2, 3, 4, 8}));
     sub->add_option("--group-size", o->group_size, "input columns per scale/zero group; -1 = whole row")
         ->capture_default_str();
     sub->add_flag("--desc-act", o->desc_act, "act-order: quantize columns by decreasing Hessian diagonal");
     sub->add_flag("--sym,!--no-sym", o->sym, "symmetric grid (zero point 2^(bits-1)); --no-sym: asymmetric")
         ->capture_default_str();
-    sub->add_flag("--static-groups", o->static_groups, "fix group scales before quantizing (with --desc-act: no g_idx reorder)");
-    sub->add_flag("--no-true-sequential", *no_ts, "quantize all linears of a layer from one pass (default: q,k,v -> o -> gate,up -> down)");
+    sub->add_flag("--static-groups", o->static_groups,
+                  "fix group scales before quantizing (with --desc-act: no g_idx reorder)");
+    sub->add_flag("--no-true-sequential", *no_ts,
+                  "quantize all linears of a layer from one pass (default: q,k,v -> o -> gate,up -> down)");
     sub->add_option("--damp-percent", o->damp_percent, "damping, as a fraction of the Hessian's mean diagonal")
         ->capture_default_str()
         ->check(CLI::Range(1e-9, 0.999999));
@@ -67,20 +80,28 @@ command register_quantize(CLI::App& app) {
     sub->add_option("--method", o->method, "gptq, or rtn (round to nearest; no calibration)")
         ->capture_default_str()
         ->check(CLI::IsMember({"gptq", "rtn"}));
-    sub->add_option("--format", o->format, "checkpoint zero-point format: gptq (v1) or gptq_v2 (default: gptq when "
-                                           "symmetric, gptq_v2 when asymmetric)")
+    sub->add_option("--format", o->format,
+                    "checkpoint zero-point format: gptq (v1) or gptq_v2 (default: gptq when "
+                    "symmetric, gptq_v2 when asymmetric)")
         ->check(CLI::IsMember({"gptq", "gptq_v2"}));
-    sub->add_option("--calib", o->calib, "calibration text: 'default' (bundled), 'wikitext2' (test split: biased), or "
-                                         "a .jsonl (\"text\" per line) / text file")
+    sub->add_option("--calib", o->calib,
+                    "calibration text: 'default' (bundled), 'wikitext2' (test split: biased), or "
+                    "a .jsonl (\"text\" per line) / text file")
         ->capture_default_str();
-    sub->add_option("--nsamples", o->nsamples, "calibration windows")->capture_default_str()->check(CLI::PositiveNumber);
-    sub->add_option("--seqlen", o->seqlen, "tokens per calibration window")->capture_default_str()->check(CLI::Range(2, 1 << 20));
+    sub->add_option("--nsamples", o->nsamples, "calibration windows")
+        ->capture_default_str()
+        ->check(CLI::PositiveNumber);
+    sub->add_option("--seqlen", o->seqlen, "tokens per calibration window")
+        ->capture_default_str()
+        ->check(CLI::Range(2, 1 << 20));
     sub->add_option("--seed", o->seed, "seed of the window sampler")->capture_default_str();
     sub->add_option("--max-shard-size", *shard, "split the weights into shards beyond this size (e.g. 4GB, 500MB)")
         ->capture_default_str();
     sub->add_flag("--resume", o->resume, "continue an interrupted run (OUT.partial) from its last finished layer");
     sub->add_option("--report", o->report_path, "write a JSON report (per-layer errors, timings) here");
-    sub->add_option("--threads", o->n_threads, "CPU threads (0: all cores)")->capture_default_str()->check(CLI::NonNegativeNumber);
+    sub->add_option("--threads", o->n_threads, "CPU threads (0: all cores)")
+        ->capture_default_str()
+        ->check(CLI::NonNegativeNumber);
     sub->add_option("--stop-after-layers", o->stop_after_layers, "testing: stop after N layers as if interrupted")
         ->group("");
     return {sub, [o, no_ts, shard] {

@@ -23,7 +23,8 @@ int main(int argc, char** argv) {
     app.add_flag("-q,--quiet", quiet, "only warnings and errors; no progress bars");
     app.add_flag("-v,--verbose", verbose, "debug output");
     app.add_flag_callback(
-        "--version", [] {
+        "--version",
+        [] {
             std::printf("%s\n", gptq::version_string().c_str());
             std::exit(0);
         },

@@ -34,11 +34,11 @@ void gram_accumulate_upper(const float* x, int64_t n, int64_t k, float alpha, fl
         const int64_t r0 = b * bs, rn = std::min(bs, k - r0);
         // Diagonal block with syrk (upper), the rest of the block row with one gemm.
         cblas_ssyrk(CblasRowMajor, CblasUpper, CblasTrans, static_cast<int>(rn), static_cast<int>(n), alpha, x + r0,
-                    static_cast<int>(k), 1.0f, h + r0 * k + r0, static_cast<int>(k));
+                                    static_cast<int>(k), 1.0f, h + r0 * k + r0, static_cast<int>(k));
         if (r0 + rn < k)
             cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(rn), static_cast<int>(k - r0 - rn),
-                        static_cast<int>(n), alpha, x + r0, static_cast<int>(k), x + r0 + rn, static_cast<int>(k), 1.0f,
-                        h + r0 * k + r0 + rn, static_cast<int>(k));
+                                        static_cast<int>(n), alpha, x + r0, static_cast<int>(k), x + r0 + rn, static_cast<int>(k), 1.0f,
+                                        h + r0 * k + r0 + rn, static_cast<int>(k));
     };
     if (!pool || n_blocks == 1) {
         for (int64_t b = 0; b < n_blocks; ++b) block(b);
@@ -78,7 +78,7 @@ bool cholesky_lower_ref(float* a, int64_t n) {
 
 bool cholesky_lower(float* a, int64_t n) {
     if (n == 0) return true;
-    const int nn = static_cast<int>(n);
+    const int nn   = static_cast<int>(n);
     int       info = 0;
     spotrf_("U", &nn, a, &nn, &info);  // Fortran upper == our lower
     if (info != 0) return false;
@@ -116,7 +116,7 @@ bool cholesky_inverse_upper_ref(float* a, int64_t n) {
 
 bool cholesky_inverse_upper(float* a, int64_t n) {
     if (n == 0) return true;
-    const int nn = static_cast<int>(n);
+    const int nn   = static_cast<int>(n);
     int       info = 0;
     spotrf_("U", &nn, a, &nn, &info);  // our lower L
     if (info != 0) return false;

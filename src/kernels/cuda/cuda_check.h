@@ -11,14 +11,16 @@ namespace gptq::cuda {
 
 inline status cuda_status(cudaError_t err, const char* stmt, const char* func, const char* file, int line) {
     if (err == cudaSuccess) return status::ok();
-    const auto code = err == cudaErrorMemoryAllocation ? status_code::STATUS_OUT_OF_MEMORY : status_code::STATUS_INTERNAL;
+    const auto code =
+        err == cudaErrorMemoryAllocation ? status_code::STATUS_OUT_OF_MEMORY : status_code::STATUS_INTERNAL;
     return make_error(code, "CUDA error {} ({}) in '{}' at {} ({}:{})", cudaGetErrorName(err), cudaGetErrorString(err),
                       stmt, func, file, line);
 }
 
 inline status cublas_status_of(cublasStatus_t err, const char* stmt, const char* func, const char* file, int line) {
     if (err == CUBLAS_STATUS_SUCCESS) return status::ok();
-    const auto code = err == CUBLAS_STATUS_ALLOC_FAILED ? status_code::STATUS_OUT_OF_MEMORY : status_code::STATUS_INTERNAL;
+    const auto code =
+        err == CUBLAS_STATUS_ALLOC_FAILED ? status_code::STATUS_OUT_OF_MEMORY : status_code::STATUS_INTERNAL;
     return make_error(code, "cuBLAS error {} in '{}' at {} ({}:{})", cublasGetStatusName(err), stmt, func, file, line);
 }
 

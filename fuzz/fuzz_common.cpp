@@ -86,6 +86,7 @@ const std::vector<fuzz_target>& fuzz_targets() {
         {"tokenizer_json", fuzz_tokenizer_json},
         {"tokenizer_text", fuzz_tokenizer_text},
         {"gptq_module", fuzz_gptq_module},
+        {"chat_template", fuzz_chat_template},
     };
     return t;
 }

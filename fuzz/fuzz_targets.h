@@ -26,6 +26,9 @@ int fuzz_tokenizer_text(const uint8_t* data, size_t size);
 // input: 12 bytes of module parameters (bits, group size, shapes, format) + a .safetensors image
 // holding one GPTQ module; read with gptq_linear_read and dequantized.
 int fuzz_gptq_module(const uint8_t* data, size_t size);
+// input: a chat template (Jinja text), rendered for four fixed messages with and without the
+// generation prompt.
+int fuzz_chat_template(const uint8_t* data, size_t size);
 
 struct fuzz_target {
     const char* name;  // also the folder name under fuzz/corpus and tests/data/fuzz-regressions

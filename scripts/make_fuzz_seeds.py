@@ -5,7 +5,8 @@ Seeds from real files (models/tiny-llama, tests/data/model/*) are added by scrip
 time; this script makes what the repo has no small real example of: every safetensors dtype, a
 sharded folder, GPTQ modules at 2/3/4/8 bits (v1/v2, act-order g_idx, bias), and small
 tokenizer.json files cut down from models/tiny-llama/tokenizer.json plus byte-level ones that use
-the pre-tokenizer / decoder settings of the Qwen2 and Llama 3 variants in tests/data/tokenizer.
+the pre-tokenizer / decoder settings of the Qwen2 and Llama 3 variants in tests/data/tokenizer;
+chat templates (the published ones of tests/data/generate plus arithmetic and slicing corners).
 Deterministic: rerunning gives the same bytes. Usage: python3 scripts/make_fuzz_seeds.py
 """
 import json
@@ -241,6 +242,18 @@ def config_seeds():
     write("config", "config-tf4-llama3.json", json.dumps(c4, indent=2))
 
 
+def chat_template_seeds():
+    """The published templates of tests/data/generate/chat_templates.json plus the subset's corners."""
+    with open(os.path.join(ROOT, "tests", "data", "generate", "chat_templates.json"), encoding="utf-8") as f:
+        data = json.load(f)
+    for t in data["templates"]:
+        write("chat_template", t["name"], t["template"])
+    write("chat_template", "arith", "{{ 7 // -2 }}{{ 2 ** 10 }}{{ -(3) }}{{ 1.5 * 2 }}{{ 'ab' * 3 }}"
+          "{% for i in range(10, 0, -3) %}{{ i }}{% endfor %}{{ messages | tojson(indent=2) }}")
+    write("chat_template", "slices-ns", "{% set ns = namespace(a=0) %}{% for m in messages[::-1][1:3] %}"
+          "{% set ns.a = ns.a + 1 %}{{ m.content[1:] | trim }}{% endfor %}{{ ns.a }}")
+
+
 def main():
     rng = random.Random(1234)
     ts = safetensors_seeds(rng)
@@ -248,6 +261,7 @@ def main():
     gptq_module_seeds(rng)
     tokenizer_seeds()
     config_seeds()
+    chat_template_seeds()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,11 @@ constexpr status_code E_UNSUP = status_code::STATUS_UNSUPPORTED;
 // Caps on what a (possibly hostile) template may build: range() items, repeated-string bytes.
 constexpr int64_t k_max_items = int64_t(1) << 20;
 
+// tojson(indent=x): NaN, negatives and huge values must not reach an int cast (undefined behaviour).
+int json_indent(double x) {
+    return x >= 0.0 ? static_cast<int>(std::min(x, 64.0)) : 0;
+}
+
 // ---- values ------------------------------------------------------------------------------------------
 
 struct value;
@@ -787,9 +792,11 @@ private:
                         ++p_;
                         continue;
                     }
+                    if (part[static_cast<size_t>(n_colon)]) return error("expected ']' in a subscript");
                     GPTQ_ASSIGN_OR_RETURN(part[static_cast<size_t>(n_colon)], parse_cond());
                 }
                 ++p_;
+                if (n_colon == 0 && !part[0]) return error("empty subscript '[]'");
                 auto a  = make_expr(n_colon ? expr::SLICE : expr::INDEX);
                 a->args = {e, part[0], part[1], part[2]};
                 e       = a;
@@ -1181,7 +1188,9 @@ private:
                 GPTQ_ASSIGN_OR_RETURN(value v, eval(*e.args[0], line));
                 if (!v.is_number()) return fail(line, "unary '{}' on a {}", e.name, kind_name(v));
                 if (e.name == "+") return v;
-                return v.kind == value::FLOAT ? value::real(-v.f) : value::integer(-static_cast<int64_t>(v.number()));
+                if (v.kind == value::FLOAT) return value::real(-v.f);
+                if (v.kind == value::INT && v.i == INT64_MIN) return fail(line, "integer overflow in -({})", v.i);
+                return value::integer(v.kind == value::INT ? -v.i : -int64_t(v.b));
             }
             case expr::NOT: {
                 GPTQ_ASSIGN_OR_RETURN(value v, eval(*e.args[0], line));
@@ -1305,10 +1314,13 @@ private:
                 int64_t a = args.size() > 1 ? args[0].i : 0, b = args.size() > 1 ? args[1].i : args[0].i,
                         s = args.size() > 2 ? args[2].i : 1;
                 if (s == 0) return fail(line, "range() step is 0");
-                value_list    out;
-                const int64_t n = s > 0 ? (b - a + s - 1) / s : (a - b - s - 1) / -s;
-                if (n > k_max_items) return fail(line, "range() of {} items (more than {})", n, k_max_items);
-                for (int64_t i = a; s > 0 ? i < b : i > b; i += s) out.push_back(value::integer(i));
+                value_list out;
+                // Item count in 128 bits: b - a and the step can each span the whole int64 range.
+                const __int128 A = a, B = b, S = s;
+                const __int128 n = S > 0 ? (B > A ? (B - A + S - 1) / S : 0) : (A > B ? (A - B - S - 1) / -S : 0);
+                if (n > k_max_items)
+                    return fail(line, "range() of {} items (more than {})", static_cast<double>(n), k_max_items);
+                for (int64_t k = 0; k < static_cast<int64_t>(n); ++k) out.push_back(value::integer(a + k * s));
                 return value::make_list(std::move(out));
             }
             if (f == "strftime_now") {
@@ -1465,9 +1477,9 @@ private:
             for (const auto& [k, a] : e.kwargs)
                 if (k == "indent") {
                     GPTQ_ASSIGN_OR_RETURN(value iv, eval(*a, line));
-                    indent = static_cast<int>(iv.number());
+                    indent = json_indent(iv.number());
                 }
-            if (!args.empty()) indent = static_cast<int>(args[0].number());
+            if (!args.empty()) indent = json_indent(args[0].number());
             std::string out;
             to_json(v, indent, 0, out);
             return value::str(out);
@@ -1556,12 +1568,28 @@ private:
             return value::real(x / y);
         }
         if (as_int) {
-            const int64_t p = static_cast<int64_t>(x), q = static_cast<int64_t>(y);
-            if (op == "+") return value::integer(p + q);
-            if (op == "-") return value::integer(p - q);
-            if (op == "*") return value::integer(p * q);
-            if (op == "**") return value::integer(static_cast<int64_t>(std::pow(x, y)));
+            // Exact 64-bit integer arithmetic; an overflow is an error (Python would grow the
+            // integer, which no chat template needs), never undefined behaviour.
+            const int64_t p = a.kind == value::INT ? a.i : a.b, q = b.kind == value::INT ? b.i : b.b;
+            int64_t       r = 0;
+            if (op == "+" || op == "-" || op == "*") {
+                const bool ovf = op == "+"   ? __builtin_add_overflow(p, q, &r)
+                                 : op == "-" ? __builtin_sub_overflow(p, q, &r)
+                                             : __builtin_mul_overflow(p, q, &r);
+                if (ovf) return fail(line, "integer overflow in {} {} {}", p, op, q);
+                return value::integer(r);
+            }
+            if (op == "**") {
+                if (q < 0) return value::real(std::pow(x, y));
+                if (p == 0 || p == 1) return value::integer(q == 0 ? 1 : p);
+                if (p == -1) return value::integer(q % 2 == 0 ? 1 : -1);
+                r = 1;  // |p| >= 2: overflows within 63 steps
+                for (int64_t k = 0; k < q; ++k)
+                    if (__builtin_mul_overflow(r, p, &r)) return fail(line, "integer overflow in {} ** {}", p, q);
+                return value::integer(r);
+            }
             if (q == 0) return fail(line, "division by zero");
+            if (p == INT64_MIN && q == -1) return fail(line, "integer overflow in {} {} {}", p, op, q);
             int64_t d = p / q, m = p % q;
             if (m != 0 && ((m < 0) != (q < 0))) d -= 1, m += q;  // Python floors
             return value::integer(op == "//" ? d : m);

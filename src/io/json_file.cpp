@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -124,8 +125,10 @@ result<int64_t> json_fields::get_int(const char* key) const {
     if (it->is_number_integer()) return it->get<int64_t>();
     // Accept integral floats (some writers emit 4096.0).
     if (it->is_number_float()) {
+        // Range check first: casting a double outside int64's range is undefined behaviour.
         const double d = it->get<double>();
-        if (d == static_cast<double>(static_cast<int64_t>(d))) return static_cast<int64_t>(d);
+        if (d >= -9.2233720368547758e18 && d < 9.2233720368547758e18 && d == std::trunc(d))
+            return static_cast<int64_t>(d);
     }
     return make_error(status_code::STATUS_PARSE_ERROR, "{}: key '{}' is {}, expected an integer", where, key,
                       quote(*it));

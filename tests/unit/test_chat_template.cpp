@@ -76,12 +76,31 @@ TEST(ChatTemplate, ErrorsNameTheConstructAndLine) {
         {"{% set x %}block{% endset %}", "block 'set'"},
         {"{% for i in range(100000000) %}{% endfor %}", "range() of 100000000 items"},
         {"{{ 'ab' * 100000000 }}", "string repeated 100000000 times"},
+        // Integer arithmetic past int64 is an error, not undefined behaviour (UBSan would abort).
+        {"{{ 9223372036854775807 + 1 }}", "integer overflow in 9223372036854775807 + 1"},
+        {"{{ -9223372036854775807 - 2 }}", "integer overflow"},
+        {"{{ 4294967296 * 4294967296 }}", "integer overflow"},
+        {"{{ 3 ** 40 }}", "integer overflow in 3 ** 40"},
+        {"{{ messages[] }}", "empty subscript"},
+        {"{{ messages[0 1] }}", "expected ']'"},
+        {"{{ (-9223372036854775807 - 1) // -1 }}", "integer overflow"},
+        {"{{ -(-9223372036854775807 - 1) }}", "integer overflow"},
+        {"{% for i in range(-9223372036854775807, 9223372036854775807, 2) %}{% endfor %}", "more than"},
     };
     for (const auto& c : cases) {
         auto r = render(c.tmpl);
         ASSERT_FALSE(r.is_ok()) << c.tmpl << " rendered as " << *r;
         EXPECT_NE(r.error().message().find(c.needle), std::string::npos) << c.tmpl << " -> " << r.error().message();
     }
+}
+
+TEST(ChatTemplate, IntegerArithmeticIsExactAndFloorsLikePython) {
+    auto r = render(
+        "{{ 9223372036854775806 + 1 }} {{ 2 ** 62 }} {{ (-1) ** 3 }} {{ 0 ** 0 }} {{ -7 // 2 }} "
+        "{{ -7 % 3 }} {{ 7 % -3 }} {{ 2 ** -1 }} {{ range(9223372036854775805, 9223372036854775807) "
+        "| list | length }} {{ {'a': 1} | tojson(indent=-5) }}");
+    ASSERT_TRUE(r.is_ok()) << r.error().message();
+    EXPECT_EQ(*r, "9223372036854775807 4611686018427387904 -1 1 -4 2 -2 0.5 2 {\"a\": 1}");
 }
 
 TEST(ChatTemplate, UnsupportedConstructInABranchNotTakenIsFine) {

@@ -9,37 +9,6 @@ namespace gptq::cli {
 
 namespace {
 
-// "4GB", "500MB", "1.5GiB", "123" (bytes) -> bytes; 0 on a malformed value.
-uint64_t parse_size(const std::string& s) {
-    size_t pos = 0;
-    double v   = 0;
-    try {
-        v = std::stod(s, &pos);
-    } catch (...) {
-        return 0;
-    }
-    std::string unit = s.substr(pos);
-    for (auto& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-    double mult = 1;
-    if (unit == "" || unit == "B")
-        mult = 1;
-    else if (unit == "KB")
-        mult = 1e3;
-    else if (unit == "MB")
-        mult = 1e6;
-    else if (unit == "GB")
-        mult = 1e9;
-    else if (unit == "KIB")
-        mult = 1024.0;
-    else if (unit == "MIB")
-        mult = 1024.0 * 1024;
-    else if (unit == "GIB")
-        mult = 1024.0 * 1024 * 1024;
-    else
-        return 0;
-    return v > 0 ? static_cast<uint64_t>(v * mult) : 0;
-}
-
 // Measured on 2026-11-24 (docs/results.md): WikiText-2 test perplexity, seqlen 512, 128 x 512
 // calibration tokens from the bundled calibration text.
 constexpr const char* k_presets =

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <CLI/CLI.hpp>
+#include <cstdint>
 #include <functional>
 #include <string>
 
@@ -22,9 +23,14 @@ command register_tokenize(CLI::App& app);
 command register_ppl(CLI::App& app);
 command register_quantize(CLI::App& app);
 command register_generate(CLI::App& app);
-// More subcommands (tokenize, ppl, quantize, generate, bench) add a line here and in main.cpp.
+command register_make_random(CLI::App& app);
+command register_bench(CLI::App& app);
+// More subcommands add a line here and in main.cpp.
 
 // Print "gptq: error: <message>" on stderr and return 1.
 int report_error(const status& st);
+
+// "4GB", "500MB", "1.5GiB", "123" (bytes) -> bytes; 0 on a malformed value.
+uint64_t parse_size(const std::string& s);
 
 }  // namespace gptq::cli

@@ -1,5 +1,6 @@
 // gptq: the command-line tool. Parses flags into the public params structs, calls one library
 // function per subcommand and decides the exit code (0 ok, 1 error, 2 usage error).
+#include <cctype>
 #include <cstdio>
 #include <vector>
 
@@ -11,6 +12,36 @@ namespace gptq::cli {
 int report_error(const status& st) {
     std::fprintf(stderr, "gptq: error: %s\n", st.message().c_str());
     return 1;
+}
+
+uint64_t parse_size(const std::string& s) {
+    size_t pos = 0;
+    double v   = 0;
+    try {
+        v = std::stod(s, &pos);
+    } catch (...) {
+        return 0;
+    }
+    std::string unit = s.substr(pos);
+    for (auto& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+    double mult = 1;
+    if (unit == "" || unit == "B")
+        mult = 1;
+    else if (unit == "KB")
+        mult = 1e3;
+    else if (unit == "MB")
+        mult = 1e6;
+    else if (unit == "GB")
+        mult = 1e9;
+    else if (unit == "KIB")
+        mult = 1024.0;
+    else if (unit == "MIB")
+        mult = 1024.0 * 1024;
+    else if (unit == "GIB")
+        mult = 1024.0 * 1024 * 1024;
+    else
+        return 0;
+    return v > 0 ? static_cast<uint64_t>(v * mult) : 0;
 }
 
 }  // namespace gptq::cli
@@ -36,6 +67,8 @@ int main(int argc, char** argv) {
     commands.push_back(register_ppl(app));
     commands.push_back(register_quantize(app));
     commands.push_back(register_generate(app));
+    commands.push_back(register_make_random(app));
+    commands.push_back(register_bench(app));
 
     try {
         app.parse(argc, argv);

@@ -1,0 +1,219 @@
+// gptq bench (include/gptq/bench.h): the measuring protocol over a bench_backend (bench_backend.h):
+// per batch size, a warm-up iteration then `repeat` timed ones of prefill + gen decode steps with
+// seeded random token ids; medians; peak memory per row; the FP16 original after the model.
+#include "gptq/bench.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "bench_backend.h"
+#include "core/error.h"
+#include "core/log.h"
+
+namespace gptq {
+
+namespace fs = std::filesystem;
+
+namespace {
+constexpr status_code E_ARG = status_code::STATUS_INVALID_ARGUMENT;
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+double median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    const size_t n = v.size();
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+status check_params(const bench_params& p) {
+    if (p.model_path.empty()) return make_error(E_ARG, "bench: no model given");
+    if (p.device == "cuda" || p.device.rfind("cuda:", 0) == 0)
+        return make_error(status_code::STATUS_UNSUPPORTED, "bench: --device cuda is not built yet; use --device cpu");
+    if (p.device != "cpu") return make_error(E_ARG, "bench: --device '{}': expected cpu or cuda[:N]", p.device);
+    if (p.batches.empty()) return make_error(E_ARG, "bench: --batch needs at least one batch size");
+    for (int64_t b : p.batches)
+        if (b < 1 || b > 4096) return make_error(E_ARG, "bench: --batch {}: expected 1 .. 4096", b);
+    if (p.prompt < 1) return make_error(E_ARG, "bench: --prompt {}: expected >= 1 token", p.prompt);
+    if (p.gen < 1) return make_error(E_ARG, "bench: --gen {}: expected >= 1 decode step", p.gen);
+    if (p.repeat < 1) return make_error(E_ARG, "bench: --repeat {}: expected >= 1", p.repeat);
+    if (p.n_threads < 0) return make_error(E_ARG, "bench: --threads {}: expected >= 0", p.n_threads);
+    return status::ok();
+}
+
+result<std::unique_ptr<bench_backend>> backend_open(const bench_params& p, const std::string& path) {
+    // --device cuda[:N] is refused by check_params until the CUDA adapter (bench_cuda.cpp) exists.
+    auto b = bench_backend_cpu_open(path, p.n_threads);
+    if (!b) return b.error().with_context(fmt::format("bench: {}", path));
+    return b;
+}
+
+struct timing {
+    double prefill = 0, decode = 0;
+};
+
+// One iteration: reset, prefill batch x prompt, gen decode steps.
+result<timing> iterate(bench_backend& be, const bench_params& p, int64_t batch, std::mt19937_64& rng) {
+    std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(be.n_vocab() - 1));
+    std::vector<int32_t>                   ids(static_cast<size_t>(batch * p.prompt));
+    for (auto& id : ids) id = tok(rng);
+    std::vector<std::vector<int32_t>> steps(static_cast<size_t>(p.gen),
+                                            std::vector<int32_t>(static_cast<size_t>(batch)));
+    for (auto& s : steps)
+        for (auto& id : s) id = tok(rng);
+    GPTQ_TRY(be.reset(batch, p.prompt + p.gen));
+    timing t;
+    auto   t0 = std::chrono::steady_clock::now();
+    GPTQ_TRY(be.prefill(ids.data(), batch, p.prompt));
+    t.prefill = seconds_since(t0);
+    t0        = std::chrono::steady_clock::now();
+    for (const auto& s : steps) GPTQ_TRY(be.decode_step(s.data(), batch));
+    t.decode = seconds_since(t0);
+    return t;
+}
+
+result<std::vector<bench_row>> bench_model(const bench_params& p, const std::string& path, const std::string& role) {
+    std::unique_ptr<bench_backend> be;
+    const auto                     t_load = std::chrono::steady_clock::now();
+    GPTQ_ASSIGN_OR_RETURN(be, backend_open(p, path));
+    const double           load_seconds = seconds_since(t_load);
+    std::vector<bench_row> rows;
+    for (int64_t batch : p.batches) {
+        bench_row r;
+        r.model = fs::path(path).lexically_normal().filename().string();
+        if (r.model.empty()) r.model = fs::path(path).lexically_normal().parent_path().filename().string();
+        r.model_path   = path;
+        r.role         = role;
+        r.weights      = be->weights();
+        r.device       = be->device();
+        r.machine      = be->machine();
+        r.n_threads    = be->n_threads();
+        r.batch        = batch;
+        r.prompt       = p.prompt;
+        r.gen          = p.gen;
+        r.repeat       = p.repeat;
+        r.memory_kind  = be->memory_kind();
+        r.load_seconds = load_seconds;
+        // The same ids for a batch size whatever the model, so that the original sees what the model saw.
+        std::mt19937_64 rng(p.seed * 1000003u + static_cast<uint64_t>(batch));
+        GPTQ_TRY(be->reset(0, 0));  // free the previous row's caches before the peak is reset
+        be->memory_reset_peak();
+        GPTQ_TRY(iterate(*be, p, batch, rng).to_status());  // warm-up, not counted
+        std::vector<double> pre, dec;
+        for (int i = 0; i < p.repeat; ++i) {
+            GPTQ_ASSIGN_OR_RETURN(timing t, iterate(*be, p, batch, rng));
+            pre.push_back(t.prefill);
+            dec.push_back(t.decode);
+        }
+        r.prefill_tokens     = batch * p.prompt;
+        r.decode_tokens      = batch * p.gen;
+        r.prefill_seconds    = median(pre);
+        r.decode_seconds     = median(dec);
+        r.prefill_tok_per_s  = r.prefill_seconds > 0 ? static_cast<double>(r.prefill_tokens) / r.prefill_seconds : 0;
+        r.decode_tok_per_s   = r.decode_seconds > 0 ? static_cast<double>(r.decode_tokens) / r.decode_seconds : 0;
+        r.ttft_ms            = r.prefill_seconds * 1e3;
+        r.decode_ms_per_step = r.decode_seconds * 1e3 / static_cast<double>(p.gen);
+        r.peak_memory_bytes  = be->memory_used();
+        if (p.progress)
+            GPTQ_LOG_INFO("bench {} ({}) batch {}: prefill {:.1f} tok/s, decode {:.2f} tok/s", r.model, role, batch,
+                          r.prefill_tok_per_s, r.decode_tok_per_s);
+        rows.push_back(r);
+    }
+    return rows;
+}
+
+std::string human_bytes(uint64_t n) {
+    if (n >= (1ull << 30)) return fmt::format("{:.2f} GiB", static_cast<double>(n) / (1ull << 30));
+    return fmt::format("{:.1f} MiB", static_cast<double>(n) / (1ull << 20));
+}
+}  // namespace
+
+result<bench_result> bench_run(const bench_params& params) {
+    GPTQ_TRY(check_params(params));
+    bench_result res;
+    try {
+        GPTQ_ASSIGN_OR_RETURN(res.rows, bench_model(params, params.model_path, "model"));
+        if (!params.compare_fp16.empty()) {
+            GPTQ_ASSIGN_OR_RETURN(auto orig, bench_model(params, params.compare_fp16, "fp16"));
+            for (auto& r : res.rows)
+                for (const auto& o : orig)
+                    if (o.batch == r.batch) {
+                        r.prefill_vs_fp16 = o.prefill_tok_per_s > 0 ? r.prefill_tok_per_s / o.prefill_tok_per_s : 0;
+                        r.decode_vs_fp16  = o.decode_tok_per_s > 0 ? r.decode_tok_per_s / o.decode_tok_per_s : 0;
+                    }
+            res.rows.insert(res.rows.end(), orig.begin(), orig.end());
+        }
+    } catch (const std::bad_alloc&) {
+        return make_error(
+            status_code::STATUS_OUT_OF_MEMORY,
+            "bench: out of host memory (model {}, batches up to {} x {} tokens); lower --batch or --prompt",
+            params.model_path, *std::max_element(params.batches.begin(), params.batches.end()),
+            params.prompt + params.gen);
+    }
+    return res;
+}
+
+std::string bench_result_text(const bench_result& res) {
+    if (res.rows.empty()) return "no rows\n";
+    const bench_row& f = res.rows.front();
+    std::string      s =
+        fmt::format("device {}, {}, {} threads; prompt {} + {} decode steps; median of {} after 1 warm-up\n", f.device,
+                    f.machine, f.n_threads, f.prompt, f.gen, f.repeat);
+    const bool cmp = std::any_of(res.rows.begin(), res.rows.end(), [](const bench_row& r) { return r.role == "fp16"; });
+    s += fmt::format("{:<24} {:<6} {:<16} {:>5} {:>13} {:>12} {:>10} {:>9} {:>11}{}\n", "model", "role", "weights",
+                     "batch", "prefill tok/s", "decode tok/s", "TTFT ms", "ms/step", "peak mem",
+                     cmp ? "   vs fp16 (prefill, decode)" : "");
+    for (const auto& r : res.rows) {
+        s += fmt::format("{:<24} {:<6} {:<16} {:>5} {:>13.1f} {:>12.2f} {:>10.1f} {:>9.2f} {:>11}", r.model, r.role,
+                         r.weights, r.batch, r.prefill_tok_per_s, r.decode_tok_per_s, r.ttft_ms, r.decode_ms_per_step,
+                         human_bytes(r.peak_memory_bytes));
+        if (cmp && r.role == "model") s += fmt::format("   {:.2f}x, {:.2f}x", r.prefill_vs_fp16, r.decode_vs_fp16);
+        s += "\n";
+    }
+    return s;
+}
+
+std::string bench_row_json(const bench_row& r) {
+    nlohmann::ordered_json j;
+    j["model"]              = r.model;
+    j["model_path"]         = r.model_path;
+    j["role"]               = r.role;
+    j["weights"]            = r.weights;
+    j["device"]             = r.device;
+    j["machine"]            = r.machine;
+    j["threads"]            = r.n_threads;
+    j["batch"]              = r.batch;
+    j["prompt"]             = r.prompt;
+    j["gen"]                = r.gen;
+    j["repeat"]             = r.repeat;
+    j["prefill_tokens"]     = r.prefill_tokens;
+    j["decode_tokens"]      = r.decode_tokens;
+    j["prefill_seconds"]    = r.prefill_seconds;
+    j["decode_seconds"]     = r.decode_seconds;
+    j["prefill_tok_per_s"]  = r.prefill_tok_per_s;
+    j["decode_tok_per_s"]   = r.decode_tok_per_s;
+    j["ttft_ms"]            = r.ttft_ms;
+    j["decode_ms_per_step"] = r.decode_ms_per_step;
+    j["peak_memory_bytes"]  = r.peak_memory_bytes;
+    j["memory_kind"]        = r.memory_kind;
+    j["load_seconds"]       = r.load_seconds;
+    if (r.role == "model" && (r.prefill_vs_fp16 > 0 || r.decode_vs_fp16 > 0)) {
+        j["prefill_vs_fp16"] = r.prefill_vs_fp16;
+        j["decode_vs_fp16"]  = r.decode_vs_fp16;
+    }
+    return j.dump();
+}
+
+std::string bench_result_json(const bench_result& res) {
+    std::string s;
+    for (const auto& r : res.rows) s += bench_row_json(r) + "\n";
+    return s;
+}
+
+}  // namespace gptq

@@ -1,0 +1,47 @@
+// The device side of gptq bench (bench.cpp): one small adapter per backend. bench.cpp owns the
+// protocol (token ids, warm-up, timing, medians, memory peaks, output); an adapter only runs the
+// model. Every call returns when its work is finished (a CUDA adapter synchronises its stream),
+// so wall-clock time around a call is the call's time.
+//
+// Adapters: bench_cpu.cpp (llama_model::forward_batch on the host). The CUDA adapter goes in
+// bench_cuda.cpp, built when GPTQ_CUDA is on, over the CUDA model (model/llama_cuda.h);
+// bench_backend_open() in bench.cpp picks it for --device cuda[:N] (docs/bench.md).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "core/status.h"
+
+namespace gptq {
+
+class bench_backend {
+public:
+    virtual ~bench_backend() = default;
+
+    virtual int64_t     n_vocab() const   = 0;
+    virtual std::string weights() const   = 0;  // "float16", "gptq-4bit-g128", ...
+    virtual std::string device() const    = 0;  // "cpu", "cuda:0"
+    virtual std::string machine() const   = 0;  // CPU model or GPU name
+    virtual int         n_threads() const = 0;
+
+    // Drop every sequence; make room for n_seq sequences of up to n_ctx positions each.
+    virtual status reset(int64_t n_seq, int64_t n_ctx) = 0;
+    // Prefill: ids[n_seq * n_tokens], row s = the n_tokens prompt tokens of sequence s; computes
+    // the logits of each row's last token.
+    virtual status prefill(const int32_t* ids, int64_t n_seq, int64_t n_tokens) = 0;
+    // One decode step: ids[n_seq], one new token per sequence; computes their logits.
+    virtual status decode_step(const int32_t* ids, int64_t n_seq) = 0;
+
+    // Peak memory in bytes since the last memory_reset_peak() (host RSS on the CPU, device bytes
+    // on a GPU), and what it counts.
+    virtual uint64_t    memory_used() const = 0;
+    virtual void        memory_reset_peak() = 0;
+    virtual std::string memory_kind() const = 0;
+};
+
+// The CPU adapter (bench_cpu.cpp): loads every layer at open; n_threads 0 = all cores.
+result<std::unique_ptr<bench_backend>> bench_backend_cpu_open(const std::string& model_path, int n_threads);
+
+}  // namespace gptq

@@ -1,0 +1,281 @@
+// gptq make-random (include/gptq/make_random.h): the shape table against the published config.json
+// values, checkpoints the model loader accepts with exactly those shapes, byte-identical output for
+// a seed, sharding, the generated tokenizer, and the CLI's errors.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "gptq/make_random.h"
+#include "io/hf_config.h"
+#include "io/json_file.h"
+#include "io/tensor_source.h"
+#include "model/llama.h"
+#include "test_util.h"
+#include "tokenizer/tokenizer.h"
+
+using namespace gptq;
+using namespace gptq::test;
+namespace fs = std::filesystem;
+
+namespace {
+
+// The hparams the runtime derives from the config.json make-random writes for `name`.
+llama_hparams hparams_of(const std::string& name) {
+    auto s = make_random_shape(name);
+    EXPECT_TRUE(s.is_ok()) << s.error().message();
+    auto j = json_parse(make_random_config_json(*s, "float16", 0), "config.json");
+    EXPECT_TRUE(j.is_ok());
+    auto cfg = model_config_parse(*j, "config.json");
+    EXPECT_TRUE(cfg.is_ok()) << cfg.error().message();
+    auto hp = llama_hparams_from_config(*cfg);
+    EXPECT_TRUE(hp.is_ok()) << hp.error().message();
+    return *hp;
+}
+
+result<make_random_report> make(const std::string& like, const std::string& out, uint64_t seed = 0,
+                                uint64_t max_shard = 5'000'000'000, int threads = 2,
+                                const std::string& dtype = "float16") {
+    make_random_params p;
+    p.like            = like;
+    p.output_path     = out;
+    p.seed            = seed;
+    p.max_shard_bytes = max_shard;
+    p.n_threads       = threads;
+    p.dtype           = dtype;
+    p.progress        = false;
+    return make_random_model(p);
+}
+
+std::string all_safetensors_bytes(const std::string& dir) {
+    std::vector<std::string> names;
+    for (const auto& e : fs::directory_iterator(dir))
+        if (e.path().extension() == ".safetensors") names.push_back(e.path().filename().string());
+    std::sort(names.begin(), names.end());
+    std::string all;
+    for (const auto& n : names) all += n + ":" + read_file(dir + "/" + n);
+    return all;
+}
+
+}  // namespace
+
+// Published values: config.json of meta-llama/Llama-2-7b-hf, Llama-2-13b-hf, Llama-2-70b-hf,
+// Meta-Llama-3-8B on Hugging Face.
+TEST(MakeRandom, Llama2_7bConfigIsThePublishedOne) {
+    const llama_hparams hp = hparams_of("llama-2-7b");
+    EXPECT_EQ(hp.n_vocab, 32000);
+    EXPECT_EQ(hp.n_embd, 4096);
+    EXPECT_EQ(hp.n_ff, 11008);
+    EXPECT_EQ(hp.n_layer, 32);
+    EXPECT_EQ(hp.n_head, 32);
+    EXPECT_EQ(hp.n_head_kv, 32);
+    EXPECT_EQ(hp.head_dim, 128);
+    EXPECT_EQ(hp.max_position_embeddings, 4096);
+    EXPECT_FLOAT_EQ(hp.rms_eps, 1e-5f);
+    EXPECT_DOUBLE_EQ(hp.rope.theta, 10000.0);
+    EXPECT_FALSE(hp.tie_embeddings);
+    auto s = make_random_shape("llama-2-7b");
+    ASSERT_TRUE(s.is_ok());
+    EXPECT_EQ(s->n_params(), 6738415616);  // the parameter count of Llama-2-7b-hf
+    EXPECT_EQ(s->bos_token_id, 1);
+    EXPECT_EQ(s->eos_token_id, 2);
+}
+
+TEST(MakeRandom, OtherNamedConfigs) {
+    const llama_hparams l13 = hparams_of("llama-2-13b");
+    EXPECT_EQ(l13.n_embd, 5120);
+    EXPECT_EQ(l13.n_ff, 13824);
+    EXPECT_EQ(l13.n_layer, 40);
+    EXPECT_EQ(l13.n_head, 40);
+    EXPECT_EQ(l13.n_head_kv, 40);
+    EXPECT_EQ(make_random_shape("llama-2-13b")->n_params(), 13015864320);
+
+    const llama_hparams l70 = hparams_of("llama-2-70b");
+    EXPECT_EQ(l70.n_embd, 8192);
+    EXPECT_EQ(l70.n_ff, 28672);
+    EXPECT_EQ(l70.n_layer, 80);
+    EXPECT_EQ(l70.n_head, 64);
+    EXPECT_EQ(l70.n_head_kv, 8);
+    EXPECT_EQ(l70.n_vocab, 32000);
+    EXPECT_EQ(make_random_shape("llama-2-70b")->n_params(), 68976648192);
+
+    const llama_hparams l3 = hparams_of("llama-3-8b");
+    EXPECT_EQ(l3.n_vocab, 128256);
+    EXPECT_EQ(l3.n_embd, 4096);
+    EXPECT_EQ(l3.n_ff, 14336);
+    EXPECT_EQ(l3.n_layer, 32);
+    EXPECT_EQ(l3.n_head_kv, 8);
+    EXPECT_EQ(l3.max_position_embeddings, 8192);
+    EXPECT_DOUBLE_EQ(l3.rope.theta, 500000.0);
+    auto s3 = make_random_shape("llama-3-8b");
+    EXPECT_EQ(s3->n_params(), 8030261248);
+    EXPECT_EQ(s3->bos_token_id, 128000);
+    EXPECT_EQ(s3->eos_token_id, 128001);
+    EXPECT_EQ(s3->torch_dtype, "bfloat16");
+}
+
+TEST(MakeRandom, LayersSuffixAndBadNames) {
+    const llama_hparams hp = hparams_of("llama-2-70b-layers=4");
+    EXPECT_EQ(hp.n_layer, 4);
+    EXPECT_EQ(hp.n_embd, 8192);
+    EXPECT_EQ(hp.n_head_kv, 8);
+
+    auto unknown = make_random_shape("llama-9-1b");
+    ASSERT_FALSE(unknown.is_ok());
+    for (const auto& n : make_random_known_names())
+        EXPECT_NE(unknown.error().message().find(n), std::string::npos) << n << ": " << unknown.error().message();
+    EXPECT_FALSE(make_random_shape("llama-2-7b-layers=0").is_ok());
+    EXPECT_FALSE(make_random_shape("llama-2-7b-layers=33").is_ok());
+    EXPECT_FALSE(make_random_shape("llama-2-7b-layers=2x").is_ok());
+    EXPECT_FALSE(make_random_shape("llama-2-7b-layers=").is_ok());
+    EXPECT_TRUE(make_random_shape("llama-2-7b-layers=32").is_ok());
+}
+
+// The tiny shape: the loader opens it (it checks every tensor's shape against the config) with
+// the named dimensions; weights have the intended scale; the bundled tokenizer is copied.
+TEST(MakeRandom, TinyLoadsWithTheNamedShapes) {
+    temp_dir          d("mr-tiny");
+    const std::string out = d.file("tiny");
+    auto              rep = make("tiny", out, 7);
+    ASSERT_TRUE(rep.is_ok()) << rep.error().message();
+    EXPECT_FALSE(fs::exists(out + ".partial"));
+    EXPECT_EQ(rep->n_shards, 1);
+    EXPECT_NE(rep->tokenizer.find("copied"), std::string::npos) << rep->tokenizer;
+    for (const char* f : {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"})
+        EXPECT_TRUE(fs::exists(out + "/" + f)) << f;
+
+    auto m = llama_model::open(out);
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    const llama_hparams& hp    = (*m)->hparams();
+    const auto           shape = *make_random_shape("tiny");
+    EXPECT_EQ(hp.n_vocab, shape.vocab_size);
+    EXPECT_EQ(hp.n_embd, shape.hidden_size);
+    EXPECT_EQ(hp.n_ff, shape.intermediate_size);
+    EXPECT_EQ(hp.n_layer, shape.num_hidden_layers);
+    EXPECT_EQ(hp.n_head, shape.num_attention_heads);
+    EXPECT_EQ(hp.n_head_kv, shape.num_key_value_heads);
+    EXPECT_EQ(static_cast<int64_t>((*m)->source().total_params()), rep->n_params);
+    EXPECT_EQ(rep->n_params, shape.n_params());
+
+    // Linears ~ N(0, 0.02), norms 1.
+    const auto& src = (*m)->source();
+    const auto  q   = src.find("model.layers.1.self_attn.q_proj.weight");
+    ASSERT_NE(q, nullptr);
+    EXPECT_EQ(q->info->type, dtype::DTYPE_F16);
+    std::vector<float> w(static_cast<size_t>(q->info->numel()));
+    ASSERT_TRUE(src.read_f32("model.layers.1.self_attn.q_proj.weight", w.data()).is_ok());
+    double sum = 0, sq = 0;
+    for (float x : w) {
+        sum += x;
+        sq += static_cast<double>(x) * x;
+    }
+    const double mean = sum / static_cast<double>(w.size());
+    const double sd   = std::sqrt(sq / static_cast<double>(w.size()) - mean * mean);
+    EXPECT_NEAR(mean, 0.0, 1e-3);
+    EXPECT_NEAR(sd, 0.02, 5e-4);  // 65536 samples: the std of the estimate is ~0.02 / 360
+    std::vector<float> norm(static_cast<size_t>(hp.n_embd));
+    ASSERT_TRUE(src.read_f32("model.norm.weight", norm.data()).is_ok());
+    for (float x : norm) ASSERT_EQ(x, 1.0f);
+
+    // The forward pass gives finite logits.
+    ASSERT_TRUE((*m)->globals_load().is_ok());
+    std::vector<int32_t> ids = {1, 500, 8000, 42};
+    std::vector<float>   logits(ids.size() * static_cast<size_t>(hp.n_vocab));
+    const ops_context    ctx{nullptr, false};
+    ASSERT_TRUE((*m)->forward(ctx, ids.data(), static_cast<int64_t>(ids.size()), nullptr, logits.data()).is_ok());
+    for (float x : logits) ASSERT_TRUE(std::isfinite(x));
+}
+
+TEST(MakeRandom, SameSeedSameBytesWhateverTheThreads) {
+    temp_dir d("mr-det");
+    ASSERT_TRUE(make("micro", d.file("a"), 11, 5'000'000'000, 1).is_ok());
+    ASSERT_TRUE(make("micro", d.file("b"), 11, 5'000'000'000, 3).is_ok());
+    ASSERT_TRUE(make("micro", d.file("c"), 12).is_ok());
+    const std::string a = all_safetensors_bytes(d.file("a"));
+    EXPECT_FALSE(a.empty());
+    EXPECT_EQ(a, all_safetensors_bytes(d.file("b")));
+    EXPECT_NE(a, all_safetensors_bytes(d.file("c")));
+    for (const char* f : {"config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"})
+        EXPECT_EQ(read_file(d.file("a") + "/" + f), read_file(d.file("b") + "/" + f)) << f;
+}
+
+TEST(MakeRandom, ShardsBeyondTheMaxShardSize) {
+    temp_dir          d("mr-shard");
+    const std::string out = d.file("m");
+    auto              rep = make("micro", out, 0, 60'000);  // micro: ~0.3 MB of F16 data
+    ASSERT_TRUE(rep.is_ok()) << rep.error().message();
+    EXPECT_GT(rep->n_shards, 2);
+    EXPECT_TRUE(fs::exists(out + "/model.safetensors.index.json"));
+    EXPECT_FALSE(fs::exists(out + "/model.safetensors"));
+    auto src = tensor_source::open(out);
+    ASSERT_TRUE(src.is_ok()) << src.error().message();
+    EXPECT_EQ(static_cast<int64_t>((*src)->n_files()), rep->n_shards);
+    EXPECT_EQ(static_cast<int64_t>((*src)->total_params()), rep->n_params);
+    auto m = llama_model::open(out);
+    EXPECT_TRUE(m.is_ok()) << m.error().message();
+    auto idx = json_read_file(out + "/model.safetensors.index.json");
+    ASSERT_TRUE(idx.is_ok());
+    EXPECT_EQ((*idx)["weight_map"].size(), (*src)->names().size());
+}
+
+TEST(MakeRandom, BFloat16) {
+    temp_dir d("mr-bf16");
+    ASSERT_TRUE(make("micro", d.file("m"), 0, 5'000'000'000, 2, "bfloat16").is_ok());
+    auto src = tensor_source::open(d.file("m"));
+    ASSERT_TRUE(src.is_ok());
+    for (const auto& n : (*src)->names()) EXPECT_EQ((*src)->find(n)->info->type, dtype::DTYPE_BF16) << n;
+    auto cfg = model_config_load(d.file("m"));
+    ASSERT_TRUE(cfg.is_ok());
+    EXPECT_EQ(cfg->dtype_name, "bfloat16");
+    EXPECT_FALSE(make("micro", d.file("x"), 0, 5'000'000'000, 2, "float32").is_ok());
+}
+
+// micro's vocabulary (512) is not the bundled tokenizer's: a byte-level BPE is generated.
+TEST(MakeRandom, GeneratedTokenizerLoadsAndRoundTrips) {
+    temp_dir          d("mr-tok");
+    const std::string out = d.file("m");
+    auto              rep = make("micro", out);
+    ASSERT_TRUE(rep.is_ok());
+    EXPECT_NE(rep->tokenizer.find("generated"), std::string::npos) << rep->tokenizer;
+    auto tok = tokenizer::load(out);
+    ASSERT_TRUE(tok.is_ok()) << tok.error().message();
+    EXPECT_EQ((*tok)->vocab_size(), 512);
+    EXPECT_EQ((*tok)->bos_id(), 1);
+    const std::string    text = "Hello world, 123 \xc3\xa9t\xc3\xa9!\n";
+    std::vector<int32_t> ids  = (*tok)->encode(text, true);
+    ASSERT_FALSE(ids.empty());
+    EXPECT_EQ(ids[0], 1);
+    EXPECT_LT(ids.size(), text.size());  // some merges apply
+    for (int32_t id : ids) {
+        EXPECT_GE(id, 0);
+        EXPECT_LT(id, 512);
+    }
+    EXPECT_EQ((*tok)->decode(ids, true), text);
+}
+
+TEST(MakeRandom, RefusesAnExistingOutput) {
+    temp_dir d("mr-exists");
+    fs::create_directories(d.file("m"));
+    auto r = make("micro", d.file("m"));
+    ASSERT_FALSE(r.is_ok());
+    EXPECT_NE(r.error().message().find("already exists"), std::string::npos);
+}
+
+TEST(MakeRandom, Cli) {
+    temp_dir d("mr-cli");
+    auto     ok = run_command(gptq_binary() + " -q make-random --like micro -o " + d.file("m") + " --seed 3");
+    EXPECT_EQ(ok.exit_code, 0) << ok.err;
+    EXPECT_NE(ok.out.find("wrote"), std::string::npos);
+    auto cfg = json_read_file(d.file("m") + "/config.json");
+    ASSERT_TRUE(cfg.is_ok());
+    EXPECT_EQ((*cfg)["gptqkit_make_random"]["seed"], 3);
+    auto bad = run_command(gptq_binary() + " make-random --like nope -o " + d.file("n"));
+    EXPECT_EQ(bad.exit_code, 1);
+    EXPECT_NE(bad.err.find("llama-2-7b"), std::string::npos) << bad.err;
+    auto shard = run_command(gptq_binary() + " make-random --like micro --max-shard-size 5XB -o " + d.file("n"));
+    EXPECT_EQ(shard.exit_code, 1);
+    EXPECT_FALSE(fs::exists(d.file("n")));
+}

@@ -1,0 +1,46 @@
+// gptq bench MODEL [--device cpu] [--batch 1,4,16] [--prompt 512] [--gen 128] [--compare-fp16 ORIGINAL]
+//                  [--repeat 3] [--threads N] [--seed S] [--json]
+#include <cstdio>
+#include <memory>
+
+#include "commands.h"
+#include "gptq/bench.h"
+
+namespace gptq::cli {
+
+command register_bench(CLI::App& app) {
+    auto o    = std::make_shared<bench_params>();
+    auto json = std::make_shared<bool>(false);
+    auto sub =
+        app.add_subcommand("bench", "prefill / decode speed, time to first token and peak memory per batch size");
+    sub->add_option("model", o->model_path, "model folder (FP16/BF16 or GPTQ checkpoint)")->required();
+    sub->add_option("--device", o->device, "cpu (cuda: not built yet)")->capture_default_str();
+    sub->add_option("--batch", o->batches, "batch sizes, comma-separated")
+        ->delimiter(',')
+        ->capture_default_str()
+        ->check(CLI::Range(int64_t(1), int64_t(4096)));
+    sub->add_option("--prompt", o->prompt, "prompt tokens per sequence (random ids)")
+        ->capture_default_str()
+        ->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+    sub->add_option("--gen", o->gen, "decode steps, one token per sequence each")
+        ->capture_default_str()
+        ->check(CLI::Range(int64_t(1), int64_t(1) << 20));
+    sub->add_option("--compare-fp16", o->compare_fp16, "the FP16 original, measured in the same run (ratios)");
+    sub->add_option("--repeat", o->repeat, "timed iterations per row (median), after one warm-up")
+        ->capture_default_str()
+        ->check(CLI::Range(1, 1000));
+    sub->add_option("--threads", o->n_threads, "CPU threads (0: all cores)")
+        ->capture_default_str()
+        ->check(CLI::NonNegativeNumber);
+    sub->add_option("--seed", o->seed, "seed of the random token ids")->capture_default_str();
+    sub->add_flag("--json", *json, "one JSON object per (model, batch) row instead of the table");
+    return {sub, [o, json] {
+                auto r = bench_run(*o);
+                if (!r) return report_error(r.error());
+                const std::string out = *json ? bench_result_json(*r) : bench_result_text(*r);
+                std::fputs(out.c_str(), stdout);
+                return 0;
+            }};
+}
+
+}  // namespace gptq::cli

@@ -1,6 +1,7 @@
 #include "core/thread_pool.h"
 
 #include <algorithm>
+#include <exception>
 
 namespace gptq {
 
@@ -48,11 +49,17 @@ void thread_pool::worker_loop(int index) {
         }
         int64_t begin, end;
         chunk_of(n, n_threads(), index + 1, &begin, &end);
+        std::exception_ptr err;
         t_inside_pool = true;
-        if (begin < end) (*job)(begin, end);
+        try {
+            if (begin < end) (*job)(begin, end);
+        } catch (...) {  // an exception leaving a thread's function would std::terminate the process
+            err = std::current_exception();
+        }
         t_inside_pool = false;
         {
             std::lock_guard<std::mutex> lock(mutex_);
+            if (err && !error_) error_ = err;
             if (--pending_ == 0) cv_done_.notify_one();
         }
     }
@@ -80,14 +87,23 @@ void thread_pool::parallel_for(int64_t n, const std::function<void(int64_t, int6
 
     int64_t begin, end;
     chunk_of(n, n_threads(), 0, &begin, &end);
+    std::exception_ptr err;
     t_inside_pool = true;
-    if (begin < end) fn(begin, end);
+    try {
+        if (begin < end) fn(begin, end);
+    } catch (...) {  // keep it until the workers are done: they still use fn
+        err = std::current_exception();
+    }
     t_inside_pool = false;
 
     lock.lock();
     cv_done_.wait(lock, [&] { return pending_ == 0; });
-    busy_ = false;
-    job_  = nullptr;
+    if (!err) err = error_;
+    error_ = nullptr;
+    busy_  = false;
+    job_   = nullptr;
+    lock.unlock();
+    if (err) std::rethrow_exception(err);
 }
 
 }  // namespace gptq

@@ -2,10 +2,14 @@
 //
 // parallel_for splits [0, n) into contiguous chunks, one per worker (the calling thread takes
 // one too), and returns when all are done. Nested calls from inside a task run serially.
+// An exception thrown by fn in any thread (std::bad_alloc above all) is rethrown by parallel_for in
+// the calling thread once every chunk has finished (the first one, if several threw), so callers
+// turn it into an error as they would in serial code instead of the process terminating.
 #pragma once
 
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -40,6 +44,7 @@ private:
     int                                          pending_    = 0;
     bool                                         stop_       = false;
     bool                                         busy_       = false;
+    std::exception_ptr                           error_;  // first exception of a worker in this job
 };
 
 }  // namespace gptq

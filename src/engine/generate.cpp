@@ -9,11 +9,13 @@
 #include <algorithm>
 #include <chrono>
 #include <fstream>
+#include <new>
 #include <nlohmann/json.hpp>
 #include <thread>
 
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "host_memory.h"
 #include "model/llama.h"
 #include "tokenizer/tokenizer.h"
 
@@ -54,6 +56,8 @@ struct generator::impl {
 
     result<std::vector<generate_result>> run(const std::vector<std::string>& prompts, const generate_params& p,
                                              const text_callback& on_text, generate_stats* stats);
+    result<std::vector<generate_result>> run_unguarded(const std::vector<std::string>& prompts, const generate_params& p,
+                                             const text_callback& on_text, generate_stats* stats);
 };
 
 generator::generator() : impl_(std::make_unique<impl>()) {}
@@ -74,8 +78,15 @@ result<std::unique_ptr<generator>> generator::open(const generator_options& opti
     m.opts                       = options;
     GPTQ_ASSIGN_OR_RETURN(m.model, llama_model::open(options.model_path));
     GPTQ_ASSIGN_OR_RETURN(m.tok, tokenizer::load(options.model_path));
-    GPTQ_TRY(m.model->layers_load_all());
-    GPTQ_TRY(m.model->globals_load());
+    GPTQ_TRY(host_memory_check(fmt::format("loading {}", options.model_path), m.model->resident_bytes(),
+                               "use a machine with more memory or a quantized checkpoint"));
+    try {
+        GPTQ_TRY(m.model->layers_load_all());
+        GPTQ_TRY(m.model->globals_load());
+    } catch (const std::bad_alloc&) {
+        return make_error(status_code::STATUS_OUT_OF_MEMORY, "out of host memory while loading {} (needs about {})",
+                          options.model_path, human_bytes(m.model->resident_bytes()));
+    }
     m.n_threads =
         options.n_threads > 0 ? options.n_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     m.pool = std::make_unique<thread_pool>(m.n_threads);
@@ -83,6 +94,19 @@ result<std::unique_ptr<generator>> generator::open(const generator_options& opti
 }
 
 result<std::vector<generate_result>> generator::impl::run(const std::vector<std::string>& prompts,
+                                                          const generate_params& p, const text_callback& on_text,
+                                                          generate_stats* stats) {
+    // Out of host memory beyond the check in run_unguarded: an error, not a crash.
+    try {
+        return run_unguarded(prompts, p, on_text, stats);
+    } catch (const std::bad_alloc&) {
+        return make_error(status_code::STATUS_OUT_OF_MEMORY,
+                          "out of host memory while generating with {}; lower -n/--max-new-tokens or the batch",
+                          opts.model_path);
+    }
+}
+
+result<std::vector<generate_result>> generator::impl::run_unguarded(const std::vector<std::string>& prompts,
                                                           const generate_params& p, const text_callback& on_text,
                                                           generate_stats* stats) {
     const sampling_params& sp = p.sampling;
@@ -102,6 +126,17 @@ result<std::vector<generate_result>> generator::impl::run(const std::vector<std:
 
     const llama_hparams&  hp    = model->hparams();
     const int64_t         n_seq = static_cast<int64_t>(prompts.size());
+    {
+        // KV caches of every sequence (F32 keys and values of each layer) plus the logits.
+        uint64_t kv = 0;
+        for (const auto& pr : prompts)
+            kv += 8 * static_cast<uint64_t>(hp.n_layer * hp.kv_dim()) *
+                  static_cast<uint64_t>(static_cast<int64_t>(pr.size()) + 1 + p.max_new_tokens);
+        kv += 4 * static_cast<uint64_t>(n_seq * hp.n_vocab);
+        GPTQ_TRY(host_memory_check(
+            fmt::format("generating {} sequence{} (KV cache, at most)", n_seq, n_seq == 1 ? "" : "s"), kv,
+            "lower -n/--max-new-tokens, shorten the prompts or generate fewer at once"));
+    }
     std::vector<sequence> seqs(static_cast<size_t>(n_seq));
     std::vector<int32_t>  ids;
     std::vector<int64_t>  lens;

@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "core/error.h"
+#include "host_memory.h"
 #include "io/gptq_config.h"
 #include "io/hf_config.h"
 #include "io/json_file.h"
@@ -24,13 +25,6 @@ std::string human_count(int64_t n) {
     if (n >= 1'000'000) return fmt::format("{:.2f} M", static_cast<double>(n) / 1e6);
     if (n >= 1'000) return fmt::format("{:.2f} K", static_cast<double>(n) / 1e3);
     return std::to_string(n);
-}
-
-std::string human_bytes(uint64_t n) {
-    if (n >= (1ull << 30)) return fmt::format("{:.2f} GiB", static_cast<double>(n) / (1ull << 30));
-    if (n >= (1ull << 20)) return fmt::format("{:.2f} MiB", static_cast<double>(n) / (1ull << 20));
-    if (n >= (1ull << 10)) return fmt::format("{:.2f} KiB", static_cast<double>(n) / (1ull << 10));
-    return fmt::format("{} B", n);
 }
 
 std::string torch_dtype_name(const std::string& st) {

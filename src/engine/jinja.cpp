@@ -32,6 +32,22 @@ constexpr status_code E_TMPL  = status_code::STATUS_INVALID_ARGUMENT;
 constexpr status_code E_UNSUP = status_code::STATUS_UNSUPPORTED;
 // Caps on what a (possibly hostile) template may build: range() items, repeated-string bytes.
 constexpr int64_t k_max_items = int64_t(1) << 20;
+// Caps that keep hostile nesting from overflowing the stack (the parser and the evaluator
+// recurse): tokens per tag (bounds the depth of a left-deep chain like 1+1+1+...), nesting of
+// parentheses / brackets / unary operators, nesting of block statements. Published templates stay
+// far below (longest tag ~60 tokens, nesting < 10).
+constexpr size_t k_max_tag_tokens  = 512;
+constexpr int    k_max_expr_nest   = 128;
+constexpr int    k_max_block_nest  = 64;
+constexpr int    k_max_value_nest  = 64;  // lists / dicts inside each other
+
+struct nest_guard {  // counts one level of recursion for as long as it lives
+    int& depth;
+    explicit nest_guard(int& d) : depth(d) { ++depth; }
+    ~nest_guard() { --depth; }
+    nest_guard(const nest_guard&)            = delete;
+    nest_guard& operator=(const nest_guard&) = delete;
+};
 
 // tojson(indent=x): NaN, negatives and huge values must not reach an int cast (undefined behaviour).
 int json_indent(double x) {
@@ -53,6 +69,11 @@ struct value {
     std::shared_ptr<value_list> list;
     std::shared_ptr<value_dict> dict;  // also a namespace() object (mutable attributes)
     bool                        is_namespace = false;
+    // Nesting of lists/dicts below this value (0 for scalars), set when a list or dict is made;
+    // bounded by k_max_value_nest so that printing, comparing and freeing never recurse deeply.
+    // A namespace's attributes may change later, but they never hold a namespace, so a stale
+    // figure is off by at most one k_max_value_nest.
+    int depth = 0;
 
     static value none() { return with_kind(NONE); }
     static value boolean(bool v) {
@@ -77,12 +98,14 @@ struct value {
     }
     static value make_list(value_list v = {}) {
         value x = with_kind(LIST);
-        x.list  = std::make_shared<value_list>(std::move(v));
+        for (const auto& e : v) x.depth = std::max(x.depth, e.depth + 1);
+        x.list = std::make_shared<value_list>(std::move(v));
         return x;
     }
     static value make_dict(value_dict v = {}) {
         value x = with_kind(DICT);
-        x.dict  = std::make_shared<value_dict>(std::move(v));
+        for (const auto& [k, e] : v) x.depth = std::max(x.depth, e.depth + 1);
+        x.dict = std::make_shared<value_dict>(std::move(v));
         return x;
     }
     static value with_kind(kind_t k) {
@@ -542,6 +565,7 @@ expr_ptr make_expr(expr::kind_t k) {
 class expr_parser {
 public:
     expr_parser(std::vector<token> toks, int line) : t_(std::move(toks)), line_(line) {}
+    int nest_ = 0;  // current recursion depth (parse_not / parse_unary levels)
 
     result<expr_ptr> parse_full() {
         GPTQ_ASSIGN_OR_RETURN(auto e, parse_cond());
@@ -604,6 +628,8 @@ private:
         return e;
     }
     result<expr_ptr> parse_not() {
+        nest_guard g(nest_);
+        if (nest_ > k_max_expr_nest) return error("expression nested more than {} deep", k_max_expr_nest);
         if (is_name("not")) {
             ++p_;
             GPTQ_ASSIGN_OR_RETURN(auto x, parse_not());
@@ -669,6 +695,8 @@ private:
         return e;
     }
     result<expr_ptr> parse_unary() {
+        nest_guard g(nest_);
+        if (nest_ > k_max_expr_nest) return error("expression nested more than {} deep", k_max_expr_nest);
         if (is_op("-") || is_op("+")) {
             const std::string op = t_[p_++].text;
             GPTQ_ASSIGN_OR_RETURN(auto x, parse_unary());
@@ -868,10 +896,15 @@ struct node {
 class stmt_parser {
 public:
     explicit stmt_parser(const std::vector<piece>& p) : p_(p) {}
+    int nest_ = 0;  // current parse_block depth
 
     // Parse until one of `ends` (returned in *end_tag, its tokens kept in *end_toks) or the end.
     status parse_block(node_list& out, const std::vector<std::string>& ends, std::string* end_tag,
                        std::vector<token>* end_toks, int open_line, const char* open_tag) {
+        nest_guard g(nest_);
+        if (nest_ > k_max_block_nest)
+            return make_error(E_TMPL, "chat template: blocks nested more than {} deep at line {}", k_max_block_nest,
+                              open_line);
         while (i_ < p_.size()) {
             const piece& pc = p_[i_++];
             if (pc.kind == piece::TEXT) {
@@ -882,6 +915,9 @@ public:
                 continue;
             }
             GPTQ_ASSIGN_OR_RETURN(auto toks, tokenize(pc.body, pc.line));
+            if (toks.size() > k_max_tag_tokens)
+                return make_error(E_TMPL, "chat template: a tag of {} tokens at line {} (more than {})", toks.size(),
+                                  pc.line, k_max_tag_tokens);
             if (pc.kind == piece::OUTPUT) {
                 expr_parser ep(toks, pc.line);
                 auto        n = std::make_shared<node>();
@@ -1020,6 +1056,9 @@ public:
                         if (!ns.is_namespace)
                             return make_error(E_TMPL, "chat template: cannot set attribute of '{}' ({}) at line {}",
                                               n->targets[0], kind_name(ns), n->line);
+                        if (holds_namespace(v))
+                            return make_error(E_TMPL, "chat template: a namespace cannot hold a namespace at line {}",
+                                              n->line);
                         assign(ns, n->targets[1], v);
                     }
                     break;
@@ -1143,7 +1182,25 @@ private:
         return make_error(E_TMPL, "chat template: {} at line {}", fmt::format(f, std::forward<Args>(args)...), line);
     }
 
+    // A namespace holding a namespace could hold itself ({% set ns.a = ns %}): a reference cycle.
+    static bool holds_namespace(const value& v) {
+        if (v.is_namespace) return true;
+        if (v.kind == value::LIST)
+            for (const auto& x : *v.list)
+                if (holds_namespace(x)) return true;
+        if (v.kind == value::DICT)
+            for (const auto& [k, x] : *v.dict)
+                if (holds_namespace(x)) return true;
+        return false;
+    }
+
     result<value> eval(const expr& e, int line) {
+        GPTQ_ASSIGN_OR_RETURN(value v, eval_node(e, line));
+        if (v.depth > k_max_value_nest) return fail(line, "lists or dicts nested more than {} deep", k_max_value_nest);
+        return v;
+    }
+
+    result<value> eval_node(const expr& e, int line) {
         switch (e.kind) {
             case expr::LITERAL:
                 return e.lit;
@@ -1303,6 +1360,8 @@ private:
                 ns.is_namespace = true;
                 for (const auto& [k, a] : e.kwargs) {
                     GPTQ_ASSIGN_OR_RETURN(value v, eval(*a, line));
+                    if (holds_namespace(v)) return fail(line, "a namespace cannot hold a namespace");
+                    ns.depth = std::max(ns.depth, v.depth + 1);
                     ns.dict->emplace_back(k, v);
                 }
                 return ns;

@@ -4,6 +4,7 @@
 #include <fmt/format.h>
 
 #include <chrono>
+#include <new>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -15,6 +16,7 @@
 #include "core/progress.h"
 #include "core/thread_pool.h"
 #include "data_files.h"
+#include "host_memory.h"
 #include "model/llama.h"
 #include "model/perplexity.h"
 #include "tokenizer/tokenizer.h"
@@ -45,7 +47,24 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 }  // namespace
 
+namespace {
+result<ppl_result> ppl_run_unguarded(const ppl_params& params);
+}  // namespace
+
+// Out of host memory beyond the plan checked below: an error naming the model, not a crash.
 result<ppl_result> ppl_run(const ppl_params& params) {
+    try {
+        return ppl_run_unguarded(params);
+    } catch (const std::bad_alloc&) {
+        return make_error(status_code::STATUS_OUT_OF_MEMORY,
+                          "out of host memory while evaluating {} (an allocation failed beyond the memory check); "
+                          "lower --seqlen or free memory",
+                          params.model_path);
+    }
+}
+
+namespace {
+result<ppl_result> ppl_run_unguarded(const ppl_params& params) {
     if (params.seqlen < 2)
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "--seqlen is {}, expected at least 2", params.seqlen);
     if (params.max_windows < 0)
@@ -57,6 +76,19 @@ result<ppl_result> ppl_run(const ppl_params& params) {
     GPTQ_ASSIGN_OR_RETURN(std::string text, text_file_read(r.dataset_path));
     GPTQ_ASSIGN_OR_RETURN(auto model, llama_model::open(params.model_path));
     GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(params.model_path));
+    {
+        // The weights as the CPU runtime holds them plus one window's activations (logits, hidden
+        // states, MLP, attention scores per head), checked before anything large is read.
+        const llama_hparams& hp  = model->hparams();
+        const auto           sl  = static_cast<uint64_t>(params.seqlen);
+        const uint64_t       act = 4 * sl *
+                             static_cast<uint64_t>(hp.n_vocab + 6 * hp.n_embd + 3 * hp.n_ff + hp.q_dim() +
+                                                   2 * hp.kv_dim() + hp.n_head * params.seqlen);
+        GPTQ_TRY(host_memory_check(
+            fmt::format("evaluating {} (weights {} + activations {})", params.model_path,
+                        human_bytes(model->resident_bytes()), human_bytes(act)),
+            model->resident_bytes() + act, "lower --seqlen or use a machine with more memory"));
+    }
     const std::vector<int32_t> ids = tok->encode(text, /*add_special=*/true);
     r.n_dataset_tokens             = static_cast<int64_t>(ids.size());
     GPTQ_TRY(model->layers_load_all());
@@ -88,6 +120,7 @@ result<ppl_result> ppl_run(const ppl_params& params) {
     r.tokens_per_second = r.seconds > 0 ? static_cast<double>(r.n_tokens) / r.seconds : 0.0;
     return r;
 }
+}  // namespace
 
 std::string ppl_result_text(const ppl_result& r) {
     return fmt::format(

@@ -22,6 +22,7 @@
 #include "core/progress.h"
 #include "core/thread_pool.h"
 #include "data_files.h"
+#include "host_memory.h"
 #include "io/gptq_checkpoint.h"
 #include "io/gptq_config.h"
 #include "io/gptq_pack.h"
@@ -63,25 +64,6 @@ nlohmann::json run_identity(const quantize_params& p, const gptq_config& cfg) {
             {"seqlen", p.seqlen},
             {"seed", p.seed},
             {"true_sequential", p.true_sequential}};
-}
-
-// Free host memory: MemAvailable, or GPTQ_MEMORY_LIMIT_BYTES when set (tests, or to keep a run
-// within a budget smaller than the machine; docs/reliability.md).
-uint64_t mem_available_bytes() {
-    if (const char* lim = std::getenv("GPTQ_MEMORY_LIMIT_BYTES"); lim && *lim) return std::strtoull(lim, nullptr, 10);
-    std::ifstream in("/proc/meminfo");
-    std::string   key;
-    uint64_t      kb = 0;
-    std::string   unit;
-    while (in >> key >> kb >> unit)
-        if (key == "MemAvailable:") return kb * 1024;
-    return 0;
-}
-
-std::string human_bytes(uint64_t n) {
-    if (n >= (1ull << 30)) return fmt::format("{:.2f} GiB", static_cast<double>(n) / (1ull << 30));
-    if (n >= (1ull << 20)) return fmt::format("{:.1f} MiB", static_cast<double>(n) / (1ull << 20));
-    return fmt::format("{:.1f} KiB", static_cast<double>(n) / 1024.0);
 }
 
 // Calibration token ids: the whole text tokenized once (no BOS), as the reference does for its
@@ -556,20 +538,17 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                                    4;
         const uint64_t plan      = x_bytes + layer_bytes + 3 * h_bytes + act_bytes * static_cast<uint64_t>(n_threads);
         s.report.peak_plan_bytes = plan;
-        const uint64_t avail     = mem_available_bytes();
+        const uint64_t avail     = host_memory_available();
         GPTQ_LOG_INFO(
             "memory plan: calibration inputs {} + one layer {} + Hessians {} + activations {} = {} "
             "(available {})",
             human_bytes(x_bytes), human_bytes(layer_bytes), human_bytes(3 * h_bytes), human_bytes(act_bytes),
             human_bytes(plan), avail ? human_bytes(avail) : "unknown");
-        if (avail > 0 && plan > avail)
-            return make_error(status_code::STATUS_OUT_OF_MEMORY,
-                              "quantizing needs about {} but only {} is available{}; lower --nsamples or --seqlen{}",
-                              human_bytes(plan), human_bytes(avail),
-                              std::getenv("GPTQ_MEMORY_LIMIT_BYTES") ? " (GPTQ_MEMORY_LIMIT_BYTES)" : "",
-                              fs::exists(s.work)
-                                  ? fmt::format(" (the finished layers in {} are kept for --resume)", s.work)
-                                  : std::string());
+        GPTQ_TRY(host_memory_check(
+            "quantizing", plan,
+            "lower --nsamples or --seqlen" +
+                (fs::exists(s.work) ? fmt::format(" (the finished layers in {} are kept for --resume)", s.work)
+                                    : std::string())));
         s.x.resize(static_cast<size_t>(s.n_samples * params.seqlen * hp.n_embd));
         GPTQ_TRY(s.model->globals_load());
         GPTQ_TRY(s.model->embed(windows.data(), s.n_samples * params.seqlen, s.x.data()));

@@ -201,6 +201,10 @@ std::string llama_linear_name(int64_t i_layer, linear_role r) {
            linear_role_name(r);
 }
 
+bool llama_linear_has_bias(const llama_hparams& hp, linear_role r) {
+    return role_has_bias(hp, r);
+}
+
 std::vector<tensor_spec> llama_global_tensors(const llama_hparams& hp) {
     return {
         {"model.embed_tokens.weight", {hp.n_vocab, hp.n_embd}, false},
@@ -350,6 +354,28 @@ status llama_model::globals_load() {
     GPTQ_TRY(read_vec(*src_, specs[1], &norm_));
     if (!hp_.tie_embeddings) GPTQ_TRY(read_vec(*src_, specs[2], &lm_head_));
     return status::ok();
+}
+
+uint64_t llama_model::resident_bytes() const {
+    auto elems = [](const tensor_spec& t) {
+        uint64_t n = 1;
+        for (int64_t d : t.shape) n *= static_cast<uint64_t>(d);
+        return n;
+    };
+    uint64_t globals = 0;
+    for (const auto& t : llama_global_tensors(hp_))
+        if (!(hp_.tie_embeddings && t.name.find("lm_head") != std::string::npos)) globals += 4 * elems(t);
+    uint64_t layer = 0;
+    for (const auto& t : llama_layer_tensors(hp_, 0)) {
+        if (gptq_ && t.shape.size() == 2) {  // a GPTQ linear: 1-byte codes, F32 scale + zero per group, perm
+            const int64_t  n_in     = t.shape[1];
+            const uint64_t n_groups = gptq_->group_size > 0 ? static_cast<uint64_t>(n_in / gptq_->group_size) : 1;
+            layer += elems(t) + 8 * n_groups * static_cast<uint64_t>(t.shape[0]) + 4 * static_cast<uint64_t>(n_in);
+        } else {
+            layer += 4 * elems(t);
+        }
+    }
+    return globals + layer * static_cast<uint64_t>(hp_.n_layer);
 }
 
 status llama_model::embed(const int32_t* ids, int64_t n_tokens, float* out) {

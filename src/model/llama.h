@@ -96,6 +96,7 @@ struct tensor_spec {
 std::vector<tensor_spec> llama_global_tensors(const llama_hparams& hp);  // embeddings, final norm, lm_head
 std::vector<tensor_spec> llama_layer_tensors(const llama_hparams& hp, int64_t i_layer);
 std::string              llama_linear_name(int64_t i_layer, linear_role r);  // "model.layers.3.self_attn.q_proj"
+bool                     llama_linear_has_bias(const llama_hparams& hp, linear_role r);  // Qwen2 q/k/v, ...
 
 struct linear_weights {
     int64_t            n_out = 0;
@@ -165,6 +166,12 @@ public:
 
     // Embeddings, final norm and lm_head in F32 (the embedding table serves a tied lm_head).
     status globals_load();
+
+    // Host bytes held once layers_load_all() and globals_load() are done: F32 norms, embeddings
+    // and lm_head; dense linears in F32, GPTQ linears as 1-byte codes + F32 scales and zeros
+    // (gptq_packed_linear). An estimate for the memory checks of engine/ (docs/reliability.md);
+    // the transient buffers of the tensor being read are not counted.
+    uint64_t resident_bytes() const;
 
     // out[n_tokens, n_embd] = embedding rows of ids; an id outside [0, n_vocab) is an error.
     status embed(const int32_t* ids, int64_t n_tokens, float* out);

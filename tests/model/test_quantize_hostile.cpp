@@ -192,7 +192,7 @@ TEST(quantize_hostile, memory_plan_refuses_with_needed_and_free_and_keeps_the_wo
     EXPECT_EQ(oom.error().code(), status_code::STATUS_OUT_OF_MEMORY);
     const std::string& msg = oom.error().message();
     EXPECT_TRUE(contains(msg, "needs about ")) << msg;
-    EXPECT_TRUE(contains(msg, "only 4.0 KiB is available (GPTQ_MEMORY_LIMIT_BYTES)")) << msg;
+    EXPECT_TRUE(contains(msg, "only 4.00 KiB is available (GPTQ_MEMORY_LIMIT_BYTES)")) << msg;
     EXPECT_TRUE(contains(msg, "kept for --resume")) << msg;
     EXPECT_TRUE(fs::exists(dir.file("out.partial/layer-00000.safetensors")));
     EXPECT_TRUE(fs::exists(dir.file("out.partial/layer-00001.safetensors")));

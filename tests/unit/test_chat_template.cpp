@@ -82,11 +82,28 @@ TEST(ChatTemplate, ErrorsNameTheConstructAndLine) {
         {"{{ 4294967296 * 4294967296 }}", "integer overflow"},
         {"{{ 3 ** 40 }}", "integer overflow in 3 ** 40"},
         {"{{ messages[] }}", "empty subscript"},
+        // Hostile nesting is an error, not a stack overflow (found by fuzz_chat_template).
+        {"{{ ((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((((1)))))))))))))))))))))))))))))))))))))"
+         ")))))))))))))))))))))))))))))))) }}",
+         "nested more than"},
+        {"{% set ns = namespace(a=0) %}{% set ns.a = ns %}", "a namespace cannot hold a namespace"},
+        {"{% set ns = namespace(a=[]) %}{% for i in range(100) %}{% set ns.a = [ns.a] %}{% endfor %}",
+         "nested more than 64 deep"},
         {"{{ messages[0 1] }}", "expected ']'"},
         {"{{ (-9223372036854775807 - 1) // -1 }}", "integer overflow"},
         {"{{ -(-9223372036854775807 - 1) }}", "integer overflow"},
         {"{% for i in range(-9223372036854775807, 9223372036854775807, 2) %}{% endfor %}", "more than"},
     };
+    std::string long_sum = "{{ 1", deep_ifs;
+    for (int i = 0; i < 600; ++i) long_sum += " + 1";
+    long_sum += " }}";
+    for (int i = 0; i < 100; ++i) deep_ifs = "{% if true %}" + deep_ifs + "{% endif %}";
+    for (const auto& [t, needle] : {std::pair<std::string, const char*>{long_sum, "more than 512"},
+                                    {deep_ifs, "blocks nested more than 64 deep"}}) {
+        auto r = render(t);
+        ASSERT_FALSE(r.is_ok()) << needle;
+        EXPECT_NE(r.error().message().find(needle), std::string::npos) << r.error().message();
+    }
     for (const auto& c : cases) {
         auto r = render(c.tmpl);
         ASSERT_FALSE(r.is_ok()) << c.tmpl << " rendered as " << *r;

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <random>
 #include <vector>
 
@@ -229,4 +230,26 @@ TEST(thread_pool, parallel_for_covers_range_once) {
         for (int64_t i = b; i < e; ++i) pool.parallel_for(10, [&](int64_t b2, int64_t e2) { total += e2 - b2; });
     });
     EXPECT_EQ(total.load(), 80);
+}
+
+TEST(thread_pool, exception_in_a_worker_reaches_the_caller_and_the_pool_stays_usable) {
+    thread_pool pool(4);
+    // Chunk 0 runs in the calling thread, the others in workers: throw from each in turn.
+    for (int64_t bad = 0; bad < 8; ++bad) {
+        std::atomic<int> done{0};
+        try {
+            pool.parallel_for(8, [&](int64_t b, int64_t e) {
+                for (int64_t i = b; i < e; ++i) {
+                    if (i == bad) throw std::bad_alloc();
+                    done++;
+                }
+            });
+            ADD_FAILURE() << "no exception for element " << bad;
+        } catch (const std::bad_alloc&) {
+        }
+        EXPECT_LE(done.load(), 7);
+    }
+    std::atomic<int64_t> total{0};
+    pool.parallel_for(1000, [&](int64_t b, int64_t e) { total += e - b; });
+    EXPECT_EQ(total.load(), 1000);
 }

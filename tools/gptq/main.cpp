@@ -69,6 +69,7 @@ int main(int argc, char** argv) {
     commands.push_back(register_generate(app));
     commands.push_back(register_make_random(app));
     commands.push_back(register_bench(app));
+    commands.push_back(register_plan(app));
 
     try {
         app.parse(argc, argv);

@@ -1,0 +1,61 @@
+// gptq plan: config.json (+ the GPTQ config) -> module costs -> device plan (model/device_map.h).
+#include "gptq/plan.h"
+
+#include <algorithm>
+
+#include "core/error.h"
+#include "io/gptq_config.h"
+#include "io/hf_config.h"
+#include "model/device_map.h"
+#include "model/llama.h"
+
+namespace gptq {
+
+namespace {
+// The CUDA runtime's default context (llama_cuda.h k_llama_cuda_default_ctx).
+constexpr int64_t k_plan_default_ctx = 4096;
+}  // namespace
+
+result<plan_report> plan_model(const plan_params& p) {
+    if (p.batch < 1) return make_error(status_code::STATUS_INVALID_ARGUMENT, "--batch {} must be at least 1", p.batch);
+    if (p.n_ctx < 0) return make_error(status_code::STATUS_INVALID_ARGUMENT, "--ctx {} must be positive", p.n_ctx);
+    GPTQ_ASSIGN_OR_RETURN(model_config cfg, model_config_load(p.model_path));
+    GPTQ_ASSIGN_OR_RETURN(llama_hparams hp, llama_hparams_from_config(cfg));
+    std::optional<gptq_config> q;
+    auto                       qr = gptq_config_find(p.model_path);
+    if (qr)
+        q = std::move(qr).value();
+    else if (qr.error().code() != status_code::STATUS_NOT_FOUND)
+        return qr.error();
+
+    device_map_options o;
+    o.batch                      = p.batch;
+    o.n_ctx                      = p.n_ctx > 0 ? p.n_ctx
+                                               : std::min(k_plan_default_ctx,
+                                     hp.max_position_embeddings > 0 ? hp.max_position_embeddings : k_plan_default_ctx);
+    const device_map_costs costs = device_map_costs_llama(hp, q ? &*q : nullptr, o);
+
+    max_memory mem;
+    if (!p.max_memory.empty()) {
+        GPTQ_ASSIGN_OR_RETURN(mem, max_memory_parse(p.max_memory));
+    }
+    device_plan plan;
+    if (p.device_map.empty() || p.device_map == "auto") {
+        if (mem.entries.empty())
+            return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                              "--device-map auto needs --max-memory (e.g. 0=40GiB,1=40GiB,cpu=200GiB)");
+        GPTQ_ASSIGN_OR_RETURN(plan, device_map_auto(costs, mem));
+    } else {
+        GPTQ_ASSIGN_OR_RETURN(device_map_spec spec, device_map_spec_load(p.device_map));
+        GPTQ_ASSIGN_OR_RETURN(plan, device_map_apply(costs, spec, mem, p.device_map));
+    }
+    plan_report r;
+    r.table       = device_plan_table(plan);
+    r.json        = device_plan_json(plan);
+    r.n_modules   = int64_t(plan.modules.size());
+    r.n_offloaded = plan.n_offloaded();
+    for (const auto& d : plan.devices) r.n_gpus += d.device != k_device_cpu && d.n_modules > 0;
+    return r;
+}
+
+}  // namespace gptq

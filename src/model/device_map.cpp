@@ -97,13 +97,22 @@ uint64_t elems(const tensor_spec& t) {
     return n;
 }
 
-// qweight [ceil(n_in*bits/32), n_out] I32, qzeros [n_groups, ceil(n_out*bits/32)] I32,
-// scales [n_groups, n_out] F16, g_idx [n_in] I32 (docs/io.md, format.md 1.3).
+// The larger of the two forms a GPTQ linear takes on the GPU (docs/multi-gpu.md):
+// - checkpoint tensors (the generic kernel): qweight [ceil(n_in*bits/32), n_out] I32, qzeros
+//   [n_groups, ceil(n_out*bits/32)] I32, scales [n_groups, n_out] F16, g_idx [n_in] I32 (docs/io.md);
+// - the fast int4 layout (docs/cuda.md), when its conditions hold: codes of 32-row tiles at 4 bits,
+//   (scale, zero) F16 pairs per row and group, the act-order permutation [n_in] I32.
 uint64_t gptq_linear_bytes(uint64_t n_out, uint64_t n_in, const gptq_config& q) {
     const uint64_t bits     = static_cast<uint64_t>(q.bits);
     const uint64_t n_groups = q.group_size > 0 ? ceil_div(n_in, static_cast<uint64_t>(q.group_size)) : 1;
-    return ceil_div(n_in * bits, 32) * n_out * 4 + n_groups * ceil_div(n_out * bits, 32) * 4 + n_groups * n_out * 2 +
-           n_in * 4;
+    const uint64_t ckpt     = ceil_div(n_in * bits, 32) * n_out * 4 + n_groups * ceil_div(n_out * bits, 32) * 4 +
+                          n_groups * n_out * 2 + n_in * 4;
+    const uint64_t gs   = q.group_size > 0 ? static_cast<uint64_t>(q.group_size) : n_in;
+    const bool     fast = bits == 4 && n_in % 32 == 0 && gs % 32 == 0 && n_in % gs == 0 && n_out % 8 == 0;
+    if (!fast) return ckpt;
+    const uint64_t n_out_pad = ceil_div(n_out, 32) * 32;
+    const uint64_t fast_b    = n_out_pad * n_in / 2 + n_out_pad * n_groups * 4 + (q.desc_act ? n_in * 4 : 0);
+    return std::max(ckpt, fast_b);
 }
 
 bool is_layer_name(const std::string& name, int64_t* index) {

@@ -159,18 +159,30 @@ TEST(device_map_costs, llama_7b_dense_and_gptq_by_hand) {
     EXPECT_EQ(c.modules[34].cache_bytes, 4ull * 4096 * 32000);
     EXPECT_EQ(c.modules[33].weight_bytes, 2ull * 4096);
 
-    // 4-bit, group 128: qweight n_in/8 x n_out I32, qzeros n_in/128 x n_out/8 I32, scales
-    // n_in/128 x n_out F16, g_idx n_in I32.
+    // 4-bit, group 128, the larger of: the checkpoint tensors (qweight n_in/8 x n_out I32, qzeros
+    // n_in/128 x n_out/8 I32, scales n_in/128 x n_out F16, g_idx n_in I32) and the fast int4
+    // layout (n_out x n_in / 2 bytes of codes, a (scale, zero) F16 pair per output and group).
     const gptq_config q   = gptq_4bit();
     const auto        cq  = costs_7b(&q);
     auto              lin = [](uint64_t n_out, uint64_t n_in) {
-        return n_in / 8 * n_out * 4 + n_in / 128 * n_out / 8 * 4 + n_in / 128 * n_out * 2 + n_in * 4;
+        const uint64_t ckpt = n_in / 8 * n_out * 4 + n_in / 128 * n_out / 8 * 4 + n_in / 128 * n_out * 2 + n_in * 4;
+        const uint64_t fast = n_out * n_in / 2 + n_out * n_in / 128 * 4;
+        EXPECT_GT(fast, ckpt);
+        return std::max(ckpt, fast);
     };
     EXPECT_EQ(cq.modules[1].weight_bytes, 4 * lin(4096, 4096) + 2 * lin(11008, 4096) + lin(4096, 11008) + 2 * 2 * 4096);
     EXPECT_EQ(cq.modules[0].weight_bytes, c.modules[0].weight_bytes);    // embeddings stay F16
     EXPECT_EQ(cq.modules[34].weight_bytes, c.modules[34].weight_bytes);  // lm_head too unless "lm_head": true
     EXPECT_EQ(cq.gpu_reserve_bytes, c.gpu_reserve_bytes);
     EXPECT_LT(cq.modules[1].weight_bytes * 3, c.modules[1].weight_bytes);
+    // 8 bits, one group per row: no fast layout, the checkpoint tensors exactly.
+    auto q8 = gptq_config_parse(json::parse(R"({"bits": 8, "group_size": -1})"), "quantize_config.json");
+    ASSERT_TRUE(q8.is_ok());
+    auto lin8 = [](uint64_t n_out, uint64_t n_in) {
+        return n_in / 4 * n_out * 4 + n_out / 4 * 4 + n_out * 2 + n_in * 4;
+    };
+    EXPECT_EQ(costs_7b(&*q8).modules[1].weight_bytes,
+              4 * lin8(4096, 4096) + 2 * lin8(11008, 4096) + lin8(4096, 11008) + 2 * 2 * 4096);
 }
 
 // ---- auto ------------------------------------------------------------------------------------------------

@@ -14,11 +14,17 @@ namespace gptq {
 namespace {
 // The CUDA runtime's default context (llama_cuda.h k_llama_cuda_default_ctx).
 constexpr int64_t k_plan_default_ctx = 4096;
+constexpr int64_t k_plan_max_ctx     = int64_t(1) << 24;
+constexpr int64_t k_plan_max_batch   = int64_t(1) << 12;
 }  // namespace
 
 result<plan_report> plan_model(const plan_params& p) {
-    if (p.batch < 1) return make_error(status_code::STATUS_INVALID_ARGUMENT, "--batch {} must be at least 1", p.batch);
-    if (p.n_ctx < 0) return make_error(status_code::STATUS_INVALID_ARGUMENT, "--ctx {} must be positive", p.n_ctx);
+    // Bounds keep the byte counts far from overflow (n_ctx x batch x n_vocab x 4 < 2^63).
+    if (p.batch < 1 || p.batch > k_plan_max_batch)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "--batch {} is outside [1, {}]", p.batch,
+                          k_plan_max_batch);
+    if (p.n_ctx < 0 || p.n_ctx > k_plan_max_ctx)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "--ctx {} is outside [1, {}]", p.n_ctx, k_plan_max_ctx);
     GPTQ_ASSIGN_OR_RETURN(model_config cfg, model_config_load(p.model_path));
     GPTQ_ASSIGN_OR_RETURN(llama_hparams hp, llama_hparams_from_config(cfg));
     std::optional<gptq_config> q;

@@ -82,7 +82,7 @@ bool parse_size(const std::string& raw, uint64_t* out) {
     if (unit == "tib") mult = 1024.0 * 1024 * 1024 * 1024;
     if (mult == 0) return false;
     const double bytes = v * mult;
-    if (!(bytes < 1.8e19)) return false;  // beyond uint64
+    if (!(bytes < 4.6e18)) return false;  // beyond int64 (4 EiB), which the planner's arithmetic uses
     *out = static_cast<uint64_t>(bytes);
     return true;
 }

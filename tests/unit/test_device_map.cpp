@@ -129,6 +129,8 @@ TEST(max_memory, errors_quote_the_bad_item) {
         {"0=40XB", "'0=40XB'"},
         {"0=-3GB", "'0=-3GB'"},
         {"0=1e3GB", "'0=1e3GB'"},
+        {"0=5EB", "'0=5EB'"},
+        {"0=99999999999TiB", "'0=99999999999TiB'"},
         {"0=1GB,1=2GB,0=3GB", "'0=3GB'"},
         {"cpu=1GB,CPU=2GB", "'CPU=2GB'"},
     };
@@ -441,6 +443,9 @@ TEST(plan_model, tiny_fits_one_gpu_and_file_round_trip) {
     none.max_memory = "0=1GiB";
     none.batch      = 0;
     EXPECT_FALSE(plan_model(none).is_ok());
+    none.batch = 1;
+    none.n_ctx = int64_t(1) << 40;
+    EXPECT_NE(plan_model(none).to_status().message().find("--ctx 1099511627776"), std::string::npos);
 }
 
 TEST(cli_plan, refuses_and_fits) {

@@ -23,9 +23,10 @@
 namespace gptq {
 
 struct generator_options {
-    std::string model_path;         // model folder (config.json, tokenizer, safetensors), FP or GPTQ
-    std::string device    = "cpu";  // "cpu"; "cuda" is not built yet (an error says so)
-    int         n_threads = 0;      // CPU threads, 0 = all cores
+    std::string model_path;      // model folder (config.json, tokenizer, safetensors), FP or GPTQ
+    std::string device = "cpu";  // "cpu", "cuda" or "cuda:N" (include/gptq/device.h); on the GPU the
+                                 // prompts of a batch run one after another (one KV cache)
+    int n_threads = 0;           // CPU threads, 0 = all cores
 };
 
 struct generate_params {

@@ -18,6 +18,7 @@ struct ppl_params {
     int64_t     max_windows = 0;            // evaluate only the first N windows; 0 = all
     int         n_threads   = 0;            // 0 = all cores
     bool        progress    = true;         // progress bar on stderr (when it is a terminal)
+    std::string device      = "cpu";        // "cpu", "cuda" or "cuda:N" (include/gptq/device.h)
 };
 
 struct ppl_result {
@@ -33,6 +34,8 @@ struct ppl_result {
     double      tokens_per_second = 0.0;  // n_tokens / seconds
     double      load_seconds      = 0.0;  // model open + tokenization + weight conversion
     std::string dataset_path;
+    std::string device       = "cpu";  // where the forward passes ran ("cuda:0")
+    uint64_t    device_bytes = 0;      // GPU memory held by the model (weights, KV cache, activations)
 };
 
 result<ppl_result> ppl_run(const ppl_params& params);

@@ -4,16 +4,19 @@
 # sm_90a (in build-cuda-dev, 2 jobs: this machine is shared), then copies the binaries and the
 # shared libraries they need that the GPU machine lacks (fmt, OpenBLAS and its Fortran runtime;
 # cuBLAS and libc come from the machine). .device-bundle is ignored through .git/info/exclude and
-# named in the `run` call's carry list.
+# named in the `run` call's carry list. With ../shared/models/small-llama present it also packs that
+# model into .device-small-llama/ (run.sh's GPU-vs-CPU perplexity): the F16 bytes split into low and
+# high halves and xz-compressed (39 MB instead of 45), because the working tree and everything
+# carried travel within 64 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=${BUILD:-build-cuda-dev}
 cmake -S . -B "$BUILD" -G Ninja -DGPTQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a -DGPTQ_BUILD_BENCH=ON > /dev/null
-ninja -C "$BUILD" -j "${JOBS:-2}" test_cuda_kernels test_cuda_gptq test_ops_cuda bench_gptq_gemv
+ninja -C "$BUILD" -j "${JOBS:-2}" test_cuda_kernels test_cuda_gptq test_ops_cuda test_llama_cuda bench_gptq_gemv gptq
 STAGE="$BUILD/device-bundle"
 rm -rf "$STAGE" .device-bundle && mkdir -p "$STAGE/bin" "$STAGE/lib" .device-bundle
 cp "$BUILD"/tests/test_cuda_kernels "$BUILD"/tests/test_cuda_gptq "$BUILD"/tests/test_ops_cuda \
-   "$BUILD"/bin/bench_gptq_gemv "$STAGE/bin/"
+   "$BUILD"/tests/test_llama_cuda "$BUILD"/bin/bench_gptq_gemv "$BUILD"/bin/gptq "$STAGE/bin/"
 strip "$STAGE"/bin/*
 for b in "$STAGE"/bin/*; do
     ldd "$b" | awk '/=> \// {print $3}'
@@ -25,3 +28,11 @@ tar -C "$STAGE" -cJf .device-bundle/bundle.tar.xz .
 excl=$(git rev-parse --git-path info/exclude); mkdir -p "$(dirname "$excl")"
 grep -qx "/.device-bundle/" "$excl" 2>/dev/null || echo "/.device-bundle/" >> "$excl"
 ls -la .device-bundle "$STAGE/lib"
+
+SMALL=../shared/models/small-llama
+if [ -d "$SMALL" ]; then
+    rm -rf .device-small-llama && mkdir -p .device-small-llama
+    python3 scripts/device/byte_split.py pack "$SMALL" .device-small-llama
+    grep -qx "/.device-small-llama/" "$excl" 2>/dev/null || echo "/.device-small-llama/" >> "$excl"
+    du -sh .device-small-llama
+fi

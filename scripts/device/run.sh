@@ -7,10 +7,16 @@
 #    machines have CUDA but not those Debian packages, so scripts/device/bundle.sh (run here)
 #    prepares .device-bundle/ (binaries built for sm_90a + the shared libraries they need) and the
 #    `run` call carries it; this script uses it when the build is impossible.
-# 2. Tests: every `cuda`-labelled test, then compute-sanitizer memcheck on the small ones.
-# 3. Benchmarks: bench_gptq_gemv (JSON), then Nsight Compute on two int4 launches.
-# $OUT gets at most 7 files (the `run` tool brings back 8): summary.txt, build.log, tests.log,
-# memcheck.log, bench_gptq_gemv.json, bench_gptq_gemv.txt, ncu.txt (profiler sections of the int4 kernel). The benchmark table is printed last.
+# 2. Tests: every `cuda`-labelled test (test_llama_cuda: the GPU model vs the CPU model), then
+#    compute-sanitizer memcheck on the small ones.
+# 3. Perplexity, `gptq ppl --seqlen 512` on cpu and cuda: tiny-llama (first 100 windows on both, all
+#    791 on cuda),
+#    small-llama (first 40 windows on both, and all 791 on cuda, to compare with the CPU figure of
+#    docs/results.md, 113.827) when .device-small-llama (bundle.sh) is carried. One JSON line per
+#    run in ppl.jsonl; the relative differences go to summary.txt.
+# 4. Only with GPTQ_DEVICE_BENCH=1: bench_gptq_gemv (JSON), then Nsight Compute on two int4 launches.
+# $OUT gets at most 8 files (the `run` tool brings back 8): summary.txt, build.log, tests.log,
+# memcheck.log, ppl.jsonl, and with the benchmark bench_gptq_gemv.json, bench_gptq_gemv.txt, ncu.txt.
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
@@ -23,12 +29,14 @@ BIN=""
 if cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release -DGPTQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
         -DGPTQ_BUILD_BENCH=ON > "$OUT/build.log" 2>&1; then
     log "building in build-device with $JOBS jobs"
-    if cmake --build build-device -j "$JOBS" --target test_cuda_kernels test_cuda_gptq test_ops_cuda bench_gptq_gemv \
-            >> "$OUT/build.log" 2>&1; then
+    if cmake --build build-device -j "$JOBS" --target test_cuda_kernels test_cuda_gptq test_ops_cuda test_llama_cuda \
+            bench_gptq_gemv gptq >> "$OUT/build.log" 2>&1; then
         BIN=build-device
         TEST_DIR=build-device/tests
-        TESTS=(build-device/tests/test_cuda_kernels build-device/tests/test_cuda_gptq build-device/tests/test_ops_cuda)
+        TESTS=(build-device/tests/test_cuda_kernels build-device/tests/test_cuda_gptq build-device/tests/test_ops_cuda
+               build-device/tests/test_llama_cuda)
         BENCH=build-device/bin/bench_gptq_gemv
+        GPTQ=build-device/bin/gptq
     else
         log "build failed (see build.log)"; tail -30 "$OUT/build.log"
     fi
@@ -46,9 +54,12 @@ if [ -z "$BIN" ]; then
     # The bundle's own libraries (fmt, OpenBLAS), then the machine's cuBLAS.
     CUBLAS_DIR=$(dirname "$(find /usr/local /opt /usr/lib -name 'libcublas.so.13*' 2>/dev/null | head -1)")
     export LD_LIBRARY_PATH=$BIN/lib:${CUBLAS_DIR}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-    TESTS=("$TEST_DIR/test_cuda_kernels" "$TEST_DIR/test_cuda_gptq" "$TEST_DIR/test_ops_cuda")
+    TESTS=("$TEST_DIR/test_cuda_kernels" "$TEST_DIR/test_cuda_gptq" "$TEST_DIR/test_ops_cuda" "$TEST_DIR/test_llama_cuda")
     BENCH=$TEST_DIR/bench_gptq_gemv
+    GPTQ=$TEST_DIR/gptq
 fi
+# The tests find models and data in this checkout (their compiled-in source path is the build host's).
+export GPTQ_TEST_SOURCE_DIR=$PWD
 
 status=0
 for t in "${TESTS[@]}"; do
@@ -64,7 +75,8 @@ done
 # Memcheck on the small tests (the 4096-wide shapes are skipped: sanitizer time, not coverage).
 if command -v compute-sanitizer > /dev/null; then
     san="$OUT/memcheck.log"; : > "$san"
-    for spec in "test_cuda_kernels:-*CublasGemm*" "test_cuda_gptq:-*LlamaShape*" "test_ops_cuda:*"; do
+    for spec in "test_cuda_kernels:-*CublasGemm*" "test_cuda_gptq:-*LlamaShape*" "test_ops_cuda:*" \
+                "test_llama_cuda:*rand_qwen2*:*rand_mistral*:*reset*"; do
         name=${spec%%:*}; filter=${spec#*:}
         if compute-sanitizer --tool memcheck --error-exitcode 99 "$TEST_DIR/$name" \
                 --gtest_filter="$filter" >> "$san" 2>&1; then
@@ -75,6 +87,46 @@ if command -v compute-sanitizer > /dev/null; then
     done
 fi
 
+# ---- perplexity on cpu and cuda -----------------------------------------------------------------
+DATA=$PWD/data/wikitext2/wiki.test.raw.gptq_join.txt
+ppl() {  # ppl TAG MODEL DEVICE [args...]: one JSON line (with tag) into ppl.jsonl, its ppl to stdout
+    local tag=$1 model=$2 dev=$3; shift 3
+    local line
+    if line=$("$GPTQ" -q ppl "$model" --dataset "$DATA" --seqlen 512 --device "$dev" --json "$@" 2>> "$OUT/tests.log"); then
+        echo "{\"run\":\"$tag\",${line#\{}" >> "$OUT/ppl.jsonl"
+        echo "$line" | sed -E 's/.*"ppl":([0-9.eE+-]+).*/\1/'
+    else
+        echo "== ppl $tag FAILED (see tests.log)" >> "$OUT/summary.txt"; echo nan
+    fi
+}
+check() { for v in "$@"; do [ "$v" = nan ] && status=1; done; }
+reldiff() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0 || a == "nan") print "nan"; else printf "%+.4f%%", 100 * (a - b) / b }'; }
+a=$(ppl tiny-llama-cpu-100w models/tiny-llama cpu --max-windows 100)
+b=$(ppl tiny-llama-cuda-100w models/tiny-llama cuda --max-windows 100)
+check "$a" "$b"
+log "ppl tiny-llama, 100 windows of 512: cpu $a, cuda $b, cuda vs cpu $(reldiff "$b" "$a")"
+c=$(ppl tiny-llama-cuda-all models/tiny-llama cuda)
+check "$c"
+log "ppl tiny-llama, all 791 windows: cuda $c, vs the CPU's 153.97 (docs/results.md) $(reldiff "$c" 153.97)"
+if [ -d .device-small-llama ]; then
+    SL=/tmp/gptq-small-llama
+    rm -rf "$SL" && python3 scripts/device/byte_split.py unpack .device-small-llama "$SL"
+    a=$(ppl small-llama-cpu-40w "$SL" cpu --max-windows 40)
+    b=$(ppl small-llama-cuda-40w "$SL" cuda --max-windows 40)
+    check "$a" "$b"
+    log "ppl small-llama, 40 windows of 512: cpu $a, cuda $b, cuda vs cpu $(reldiff "$b" "$a")"
+    c=$(ppl small-llama-cuda-all "$SL" cuda)
+    check "$c"
+    log "ppl small-llama, all 791 windows: cuda $c, vs the CPU's 113.827 (docs/results.md) $(reldiff "$c" 113.827) (issue 6: within 0.1%)"
+else
+    log "no .device-small-llama carried: small-llama ppl skipped (run scripts/device/bundle.sh here, carry it)"
+fi
+
+if [ "${GPTQ_DEVICE_BENCH:-0}" != 1 ]; then
+    log "benchmarks skipped (GPTQ_DEVICE_BENCH=1 runs bench_gptq_gemv and ncu)"
+    cat "$OUT/summary.txt"
+    exit $status
+fi
 if "$BENCH" --out "$OUT/bench_gptq_gemv.json" 2> "$OUT/bench_gptq_gemv.txt"; then
     log "bench_gptq_gemv done"
 else

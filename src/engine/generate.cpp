@@ -15,6 +15,7 @@
 
 #include "core/error.h"
 #include "core/thread_pool.h"
+#include "engine_cuda.h"
 #include "host_memory.h"
 #include "model/llama.h"
 #include "tokenizer/tokenizer.h"
@@ -53,6 +54,7 @@ struct generator::impl {
     std::unique_ptr<tokenizer>   tok;
     std::unique_ptr<thread_pool> pool;
     int                          n_threads = 0;
+    std::unique_ptr<gpu_session> gpu;  // --device cuda: one sequence at a time on the GPU model
 
     result<std::vector<generate_result>> run(const std::vector<std::string>& prompts, const generate_params& p,
                                              const text_callback& on_text, generate_stats* stats);
@@ -68,16 +70,19 @@ const std::string& generator::model_path() const {
 }
 
 result<std::unique_ptr<generator>> generator::open(const generator_options& options) {
-    if (options.device == "cuda")
-        return make_error(status_code::STATUS_UNSUPPORTED,
-                          "--device cuda: the CUDA backend is not built yet for generation; use --device cpu");
-    if (options.device != "cpu") return make_error(E_ARG, "--device '{}': expected cpu or cuda", options.device);
+    GPTQ_ASSIGN_OR_RETURN(const device_spec dev, device_parse(options.device));
+    GPTQ_TRY(device_check(dev));
     if (options.n_threads < 0) return make_error(E_ARG, "--threads is {}, expected >= 0", options.n_threads);
     std::unique_ptr<generator> g(new generator());
     impl&                      m = *g->impl_;
     m.opts                       = options;
     GPTQ_ASSIGN_OR_RETURN(m.model, llama_model::open(options.model_path));
     GPTQ_ASSIGN_OR_RETURN(m.tok, tokenizer::load(options.model_path));
+    if (dev.cuda) {  // weights on the GPU only; llama_model above holds the config
+        GPTQ_ASSIGN_OR_RETURN(m.gpu, gpu_session::open(options.model_path, dev));
+        m.n_threads = 1;
+        return g;
+    }
     GPTQ_TRY(host_memory_check(fmt::format("loading {}", options.model_path), m.model->resident_bytes(),
                                "use a machine with more memory or a quantized checkpoint"));
     try {
@@ -147,7 +152,7 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
         if (q.res.prompt_tokens.empty())
             return make_error(E_ARG, "prompt {} encodes to no tokens (empty prompt and no BOS)", s + 1);
         const int64_t n_ctx = static_cast<int64_t>(q.res.prompt_tokens.size()) + p.max_new_tokens;
-        q.cache             = kv_cache::create(hp, n_ctx);
+        if (!gpu) q.cache = kv_cache::create(hp, n_ctx);
         q.smp               = std::make_unique<sampler>(sp);
         q.dec               = std::make_unique<incremental_decoder>(*tok, /*skip_special=*/true);
         q.history           = q.res.prompt_tokens;
@@ -205,7 +210,25 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
     st.n_sequences = n_seq;
     st.n_threads   = n_threads;
     for (int64_t n : lens) st.n_prefill_tokens += n;
-    if (p.max_new_tokens == 0) {
+    if (gpu && p.max_new_tokens > 0) {
+        // The GPU model holds one sequence: each prompt's prefill and decode steps in turn.
+        for (auto& q : seqs) {
+            const int64_t n_prompt = static_cast<int64_t>(q.res.prompt_tokens.size());
+            GPTQ_TRY(gpu->context_reserve(n_prompt + p.max_new_tokens));
+            gpu->reset();
+            auto t0 = std::chrono::steady_clock::now();
+            GPTQ_TRY(gpu->prefill(q.res.prompt_tokens.data(), n_prompt, logits.data(), /*all_logits=*/false));
+            st.prefill_seconds += seconds_since(t0);
+            t0 = std::chrono::steady_clock::now();
+            accept(q, q.smp->sample(logits.data(), n_vocab, q.history, banned));
+            while (!q.done) {
+                GPTQ_TRY(gpu->decode(q.res.tokens.back(), logits.data()));
+                st.n_decode_tokens += 1;
+                accept(q, q.smp->sample(logits.data(), n_vocab, q.history, banned));
+            }
+            st.decode_seconds += seconds_since(t0);
+        }
+    } else if (p.max_new_tokens == 0) {
         for (auto& q : seqs) q.res.finish_reason = "length";
     } else if (n_seq > 0) {
         auto t0 = std::chrono::steady_clock::now();

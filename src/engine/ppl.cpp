@@ -16,6 +16,7 @@
 #include "core/progress.h"
 #include "core/thread_pool.h"
 #include "data_files.h"
+#include "engine_cuda.h"
 #include "host_memory.h"
 #include "model/llama.h"
 #include "model/perplexity.h"
@@ -70,12 +71,19 @@ result<ppl_result> ppl_run_unguarded(const ppl_params& params) {
     if (params.max_windows < 0)
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "--max-windows is {}, expected >= 0",
                           params.max_windows);
+    GPTQ_ASSIGN_OR_RETURN(const device_spec dev, device_parse(params.device));
+    GPTQ_TRY(device_check(dev));
     const auto t_load = std::chrono::steady_clock::now();
     ppl_result r;
     GPTQ_ASSIGN_OR_RETURN(r.dataset_path, dataset_resolve(params.dataset));
     GPTQ_ASSIGN_OR_RETURN(std::string text, text_file_read(r.dataset_path));
     GPTQ_ASSIGN_OR_RETURN(auto model, llama_model::open(params.model_path));
     GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(params.model_path));
+    if (dev.cuda) {  // the weights go to the GPU, not to host memory: engine_cuda.cpp
+        const std::vector<int32_t> gpu_ids = tok->encode(text, /*add_special=*/true);
+        r.n_dataset_tokens                 = static_cast<int64_t>(gpu_ids.size());
+        return ppl_evaluate_cuda(params, dev, gpu_ids, std::move(r), t_load);
+    }
     {
         // The weights as the CPU runtime holds them plus one window's activations (logits, hidden
         // states, MLP, attention scores per head), checked before anything large is read.
@@ -126,9 +134,12 @@ std::string ppl_result_text(const ppl_result& r) {
     return fmt::format(
         "ppl {:.4f}  (mean NLL {:.5f} over {} predicted tokens)\n"
         "{} windows of {} tokens = {} tokens of {} in {}\n"
-        "{:.2f} s, {:.1f} tokens/s on {} threads (load and tokenize {:.2f} s)\n",
+        "{:.2f} s, {:.1f} tokens/s on {} (load and tokenize {:.2f} s)\n",
         r.ppl, r.nll_mean, r.n_predicted, r.n_windows, r.seqlen, r.n_tokens, r.n_dataset_tokens, r.dataset_path,
-        r.seconds, r.tokens_per_second, r.n_threads, r.load_seconds);
+        r.seconds, r.tokens_per_second,
+        r.device == "cpu" ? fmt::format("{} threads", r.n_threads)
+                          : fmt::format("{} ({:.1f} MiB of GPU memory)", r.device, r.device_bytes / 1048576.0),
+        r.load_seconds);
 }
 
 std::string ppl_result_json(const ppl_result& r) {
@@ -145,6 +156,8 @@ std::string ppl_result_json(const ppl_result& r) {
     j["tokens_per_second"] = r.tokens_per_second;
     j["load_seconds"]      = r.load_seconds;
     j["dataset"]           = r.dataset_path;
+    j["device"]            = r.device;
+    j["device_bytes"]      = r.device_bytes;
     return j.dump();
 }
 

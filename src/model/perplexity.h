@@ -25,4 +25,11 @@ result<perplexity_sums> perplexity_evaluate(llama_model& model, const ops_contex
                                             int64_t seqlen, int64_t max_windows,
                                             const std::function<void(int64_t)>& on_window = {});
 
+// The same protocol over any forward pass (the GPU model): forward(ids, n, logits) fills
+// logits[n, n_vocab] (F32) for one window run from an empty cache. ctx serves the log-softmax.
+using window_forward = std::function<status(const int32_t* ids, int64_t n_tokens, float* logits)>;
+result<perplexity_sums> perplexity_evaluate(const window_forward& forward, int64_t n_vocab, const ops_context& ctx,
+                                            const std::vector<int32_t>& ids, int64_t seqlen, int64_t max_windows,
+                                            const std::function<void(int64_t)>& on_window = {});
+
 }  // namespace gptq

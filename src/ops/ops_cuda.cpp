@@ -16,6 +16,7 @@
 #include "kernels/cuda/gemm.cuh"
 #include "kernels/cuda/gptq_int4.cuh"
 #include "kernels/cuda/gptq_linear.cuh"
+#include "kernels/cuda/kv_cache.cuh"
 #include "kernels/cuda/norm.cuh"
 #include "kernels/cuda/rope.cuh"
 
@@ -42,8 +43,13 @@ result<cuda_buffer> cuda_buffer::alloc(size_t bytes) {
     const cudaError_t err = cudaMalloc(&b.p_, bytes);
     if (err != cudaSuccess) {
         cudaGetLastError();
-        return make_error(status_code::STATUS_OUT_OF_MEMORY, "cudaMalloc of {} bytes failed: {}", bytes,
-                          cudaGetErrorString(err));
+        size_t free = 0, total = 0;
+        int    dev = -1;
+        cudaGetDevice(&dev);
+        if (cudaMemGetInfo(&free, &total) != cudaSuccess) cudaGetLastError();
+        return make_error(status_code::STATUS_OUT_OF_MEMORY,
+                          "cudaMalloc of {} bytes ({:.1f} MiB) failed on cuda:{}: {} ({:.1f} MiB free of {:.1f} MiB)",
+                          bytes, bytes / 1048576.0, dev, cudaGetErrorString(err), free / 1048576.0, total / 1048576.0);
     }
     b.n_ = bytes;
     return b;
@@ -144,6 +150,68 @@ result<void*> cuda_context::zeroed_workspace(size_t bytes) {
     return s_->zeroed.data();
 }
 
+result<cuda_memory_info> cuda_memory_info_get(const cuda_context& ctx) {
+    GPTQ_CUDA_CHECK(cudaSetDevice(ctx.device()));
+    cuda_memory_info m;
+    GPTQ_CUDA_CHECK(cudaMemGetInfo(&m.free, &m.total));
+    return m;
+}
+
+status cuda_copy_to_device_async(cuda_context& ctx, void* dst, const void* src, size_t bytes) {
+    if (bytes) GPTQ_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, ctx.stream()));
+    return status::ok();
+}
+
+status cuda_copy_to_host(cuda_context& ctx, void* dst, const void* src, size_t bytes) {
+    if (bytes) GPTQ_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, ctx.stream()));
+    return ctx.synchronize();
+}
+
+// ---- cuda_graph --------------------------------------------------------------------------------
+
+cuda_graph::~cuda_graph() {
+    if (exec_) cudaGraphExecDestroy(static_cast<cudaGraphExec_t>(exec_));
+    if (graph_) cudaGraphDestroy(static_cast<cudaGraph_t>(graph_));
+}
+cuda_graph::cuda_graph(cuda_graph&& o) noexcept
+    : graph_(std::exchange(o.graph_, nullptr)), exec_(std::exchange(o.exec_, nullptr)) {}
+cuda_graph& cuda_graph::operator=(cuda_graph&& o) noexcept {
+    if (this != &o) {
+        this->~cuda_graph();
+        graph_ = std::exchange(o.graph_, nullptr);
+        exec_  = std::exchange(o.exec_, nullptr);
+    }
+    return *this;
+}
+
+status cuda_graph::capture_begin(cuda_context& ctx) {
+    // Thread-local mode: other threads' CUDA calls are not affected by this capture.
+    GPTQ_CUDA_CHECK(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeThreadLocal));
+    return status::ok();
+}
+
+result<cuda_graph> cuda_graph::capture_end(cuda_context& ctx, bool captured_ok) {
+    cudaGraph_t       g   = nullptr;
+    const cudaError_t err = cudaStreamEndCapture(ctx.stream(), &g);
+    cuda_graph        out;
+    out.graph_ = g;
+    if (!captured_ok) {
+        cudaGetLastError();
+        return make_error(status_code::STATUS_INTERNAL, "CUDA graph capture abandoned (an op failed while capturing)");
+    }
+    GPTQ_CUDA_CHECK(err);
+    cudaGraphExec_t exec = nullptr;
+    GPTQ_CUDA_CHECK(cudaGraphInstantiate(&exec, g, 0));
+    out.exec_ = exec;
+    return out;
+}
+
+status cuda_graph::launch(cuda_context& ctx) const {
+    GPTQ_ASSERT(exec_);
+    GPTQ_CUDA_CHECK(cudaGraphLaunch(static_cast<cudaGraphExec_t>(exec_), ctx.stream()));
+    return status::ok();
+}
+
 // ---- element-wise ------------------------------------------------------------------------------
 
 status op_cuda_rms_norm(cuda_context& ctx, const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t n_rows,
@@ -166,6 +234,15 @@ status op_cuda_add(cuda_context& ctx, uint16_t* x, const uint16_t* y, int64_t n)
     return cuda::add_f16(x, y, n, ctx.stream());
 }
 
+status op_cuda_add_bias(cuda_context& ctx, uint16_t* x, const uint16_t* bias, int64_t n_rows, int64_t n) {
+    return cuda::add_bias_f16(x, bias, n_rows, n, n, ctx.stream());
+}
+
+status op_cuda_kv_store(cuda_context& ctx, const uint16_t* k, const uint16_t* v, uint16_t* cache_k, uint16_t* cache_v,
+                        const int32_t* pos_dev, int64_t n_tokens, int64_t kv_dim, int64_t n_ctx) {
+    return cuda::kv_store_f16(k, v, kv_dim, cache_k, cache_v, pos_dev, n_tokens, kv_dim, n_ctx, ctx.stream());
+}
+
 status op_cuda_embedding(cuda_context& ctx, const uint16_t* table, const int32_t* ids, uint16_t* out, int64_t n_tokens,
                          int64_t vocab, int64_t dim) {
     return cuda::embedding_f16(table, ids, out, n_tokens, vocab, dim, dim, ctx.stream());
@@ -180,7 +257,11 @@ status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a) {
     p.n_head = a.n_head, p.n_head_kv = a.n_head_kv, p.head_dim = a.head_dim;
     p.window = a.window, p.scale = a.scale;
     p.q_stride = a.q_stride, p.kv_stride = a.kv_stride, p.out_stride = a.out_stride;
+    p.n_kv_dev                       = a.n_kv_dev;
     constexpr int64_t k_decode_max_q = 16;  // beyond this the prefill tiles (16 queries) are as good
+    if (a.n_kv_dev && a.n_q > k_decode_max_q)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "attention with a device key count: n_q {} > {} (decode kernel only)", a.n_q, k_decode_max_q);
     if (a.n_q <= k_decode_max_q && a.q_stride % 2 == 0 && a.kv_stride % 2 == 0) {
         const int64_t floats = cuda::attention_decode_workspace_floats(a.n_q, a.n_kv, a.n_head, a.head_dim);
         auto          ws     = ctx.scratch(size_t(floats) * sizeof(float));
@@ -196,6 +277,11 @@ status op_cuda_linear_dense(cuda_context& ctx, const uint16_t* x, const uint16_t
                             int64_t k, bool bf16) {
     return cuda::gemm(ctx.blas(), bf16 ? cuda::gemm_dtype::bf16 : cuda::gemm_dtype::f16, x, w, y, m, n, k, k, k, n,
                       1.0f, 0.0f, ctx.stream());
+}
+
+status op_cuda_linear_dense_f32_out(cuda_context& ctx, const uint16_t* x, const uint16_t* w, float* y, int64_t m,
+                                    int64_t n, int64_t k) {
+    return cuda::gemm_f32_out(ctx.blas(), cuda::gemm_dtype::f16, x, w, y, m, n, k, k, k, n, ctx.stream());
 }
 
 result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_host_tensors& t, bool allow_fast) {

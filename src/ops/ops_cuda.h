@@ -68,6 +68,41 @@ private:
     std::unique_ptr<cuda_context_state> s_;
 };
 
+// Free and total memory of the context's device (cudaMemGetInfo), for messages and reports.
+struct cuda_memory_info {
+    size_t free = 0, total = 0;
+};
+result<cuda_memory_info> cuda_memory_info_get(const cuda_context& ctx);
+
+// Copies ordered on the context's stream (the stream is non-blocking, so plain cudaMemcpy on the
+// legacy stream would not wait for it). The host->device one returns before the copy has run.
+status cuda_copy_to_device_async(cuda_context& ctx, void* dst, const void* src, size_t bytes);
+status cuda_copy_to_host(cuda_context& ctx, void* dst, const void* src, size_t bytes);  // waits for the stream
+
+// A CUDA graph captured from the context's stream: capture_begin, then the ops (queued, not run),
+// then capture_end instantiates them; launch replays them on the stream. Kernel arguments are
+// frozen at capture, so anything that changes between replays must be read from device memory.
+// Nothing may allocate during capture: size the context's scratch beforehand.
+class cuda_graph {
+public:
+    cuda_graph() = default;
+    ~cuda_graph();
+    cuda_graph(cuda_graph&& o) noexcept;
+    cuda_graph& operator=(cuda_graph&& o) noexcept;
+    cuda_graph(const cuda_graph&)            = delete;
+    cuda_graph& operator=(const cuda_graph&) = delete;
+
+    static status capture_begin(cuda_context& ctx);
+    // Ends the capture begun on ctx; `captured_ok` false (an op failed while capturing) discards it.
+    static result<cuda_graph> capture_end(cuda_context& ctx, bool captured_ok = true);
+    status                    launch(cuda_context& ctx) const;
+    bool                      empty() const { return exec_ == nullptr; }
+
+private:
+    void* graph_ = nullptr;  // cudaGraph_t
+    void* exec_  = nullptr;  // cudaGraphExec_t
+};
+
 // ---- element-wise and normalisation (F16 device pointers) ----------------------------------
 status op_cuda_rms_norm(cuda_context& ctx, const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t n_rows,
                         int64_t dim, float eps);
@@ -78,6 +113,12 @@ status op_cuda_rope(cuda_context& ctx, uint16_t* x, const float* cos, const floa
 status op_cuda_silu_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows,
                         int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride);
 status op_cuda_add(cuda_context& ctx, uint16_t* x, const uint16_t* y, int64_t n);  // x += y
+// x[r, :n] += bias[:n] for r < n_rows; x: [n_rows, n] contiguous.
+status op_cuda_add_bias(cuda_context& ctx, uint16_t* x, const uint16_t* bias, int64_t n_rows, int64_t n);
+// cache_k/v[*pos_dev + t] = k/v[t] for t < n_tokens (rows at or past n_ctx are skipped); k, v:
+// [n_tokens, kv_dim]; caches [n_ctx, kv_dim]. pos_dev: device I32, read when the kernel runs.
+status op_cuda_kv_store(cuda_context& ctx, const uint16_t* k, const uint16_t* v, uint16_t* cache_k, uint16_t* cache_v,
+                        const int32_t* pos_dev, int64_t n_tokens, int64_t kv_dim, int64_t n_ctx);
 // out[t] = table[ids[t]] (ids: device I32; ids out of range give zero rows).
 status op_cuda_embedding(cuda_context& ctx, const uint16_t* table, const int32_t* ids, uint16_t* out, int64_t n_tokens,
                          int64_t vocab, int64_t dim);
@@ -93,6 +134,9 @@ struct cuda_attention_args {
     int64_t         window   = 0;
     float           scale    = 1.0f;
     int64_t         q_stride = 0, kv_stride = 0, out_stride = 0;
+    // When set: the key count is read from this device I32 when the kernel runs, the queries are the
+    // last n_q positions, and n_kv is only the upper bound (grid and workspace). Decode kernel only.
+    const int32_t* n_kv_dev = nullptr;
 };
 // Decode kernel (split over the KV length) for n_q <= 16, the tiled prefill kernel otherwise.
 status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a);
@@ -101,6 +145,9 @@ status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a);
 // Dense: y[m, n] = x[m, k] w[n, k]^T through cuBLAS, F16 or BF16 (bf16 = true), F32 accumulation.
 status op_cuda_linear_dense(cuda_context& ctx, const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t m, int64_t n,
                             int64_t k, bool bf16 = false);
+// The same with an F32 output y[m, n] (the lm_head: logits are not rounded to F16).
+status op_cuda_linear_dense_f32_out(cuda_context& ctx, const uint16_t* x, const uint16_t* w, float* y, int64_t m,
+                                    int64_t n, int64_t k);
 
 // A GPTQ layer's checkpoint tensors in host memory (format.md 1.2), as read from the file.
 struct gptq_host_tensors {

@@ -1,6 +1,6 @@
 // gptq generate MODEL (-p PROMPT | --prompts FILE | --chat) [-n 200] [--temperature 0.7] [--top-k 40]
 //                [--top-p 0.9] [--min-p 0] [--repetition-penalty 1.1] [--seed 0] [--stop STR]...
-//                [--ignore-eos] [--device cpu] [--threads N] [-o FILE]
+//                [--ignore-eos] [--device cpu|cuda|cuda:N] [--threads N] [-o FILE]
 // -p streams the new text to stdout; --prompts writes one JSON line per prompt; --chat wraps prompts
 // in the model's chat template, and without -p reads user turns from stdin (interactive on a
 // terminal). Speeds go to stderr.
@@ -156,7 +156,8 @@ command register_generate(CLI::App& app) {
     sub->add_option("--stop", o->params.stop, "stop when the text contains this string (repeatable; not printed)")
         ->allow_extra_args(false);
     sub->add_flag("--ignore-eos", o->params.ignore_eos, "never stop at EOS (its logit is set to -inf)");
-    sub->add_option("--device", o->open.device, "cpu (cuda: not built yet)")->capture_default_str();
+    sub->add_option("--device", o->open.device, "cpu, cuda or cuda:N (the GPU runs --prompts one at a time)")
+        ->capture_default_str();
     sub->add_option("--threads", o->open.n_threads, "CPU threads (0: all cores)")->capture_default_str();
     return {sub, [o] { return run_generate(*o); }};
 }

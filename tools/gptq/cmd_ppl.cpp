@@ -1,4 +1,5 @@
-// gptq ppl MODEL [--dataset wikitext2|PATH] [--seqlen 2048] [--max-windows N] [--threads N] [--json]
+// gptq ppl MODEL [--dataset wikitext2|PATH] [--seqlen 2048] [--max-windows N] [--threads N]
+//              [--device cpu|cuda|cuda:N] [--json]
 #include <cstdio>
 #include <memory>
 
@@ -21,6 +22,8 @@ command register_ppl(CLI::App& app) {
     sub->add_option("--threads", o->n_threads, "CPU threads (0: all cores)")
         ->capture_default_str()
         ->check(CLI::NonNegativeNumber);
+    sub->add_option("--device", o->device, "cpu, cuda or cuda:N (the GPU: F16 weights and activations)")
+        ->capture_default_str();
     sub->add_flag("--json", *json, "print one JSON object instead of text");
     return {sub, [o, json] {
                 auto r = ppl_run(*o);

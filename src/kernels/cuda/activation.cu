@@ -1,4 +1,4 @@
-// SiLU-multiply and residual-add kernels: grid-stride loops, one element per thread per step.
+// SiLU-multiply, residual-add and bias-add kernels: grid-stride loops, one element per thread per step.
 #include <cuda_fp16.h>
 
 #include "kernels/cuda/activation.cuh"
@@ -29,6 +29,15 @@ __global__ void add_kernel(__half* x, const __half* y, int64_t n) {
         x[i] = __float2half_rn(__half2float(x[i]) + __half2float(y[i]));
 }
 
+__global__ void add_bias_kernel(__half* x, const __half* bias, int64_t n_rows, int64_t n_cols, int64_t x_stride) {
+    const int64_t n = n_rows * n_cols;
+    for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n; p += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t r = p / n_cols, i = p % n_cols;
+        __half&       v = x[r * x_stride + i];
+        v               = __float2half_rn(__half2float(v) + __half2float(bias[i]));
+    }
+}
+
 }  // namespace
 
 status silu_mul_f16(const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows, int64_t n_cols,
@@ -44,6 +53,18 @@ status silu_mul_f16(const uint16_t* gate, const uint16_t* up, uint16_t* y, int64
 status add_f16(uint16_t* x, const uint16_t* y, int64_t n, cudaStream_t stream) {
     if (n <= 0) return status::ok();
     add_kernel<<<grid_for(n), 256, 0, stream>>>(reinterpret_cast<__half*>(x), reinterpret_cast<const __half*>(y), n);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+status add_bias_f16(uint16_t* x, const uint16_t* bias, int64_t n_rows, int64_t n_cols, int64_t x_stride,
+                    cudaStream_t stream) {
+    if (n_rows <= 0 || n_cols <= 0) return status::ok();
+    if (x_stride < n_cols)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "add_bias_f16: x_stride {} < n_cols {}", x_stride,
+                          n_cols);
+    add_bias_kernel<<<grid_for(n_rows * n_cols), 256, 0, stream>>>(
+        reinterpret_cast<__half*>(x), reinterpret_cast<const __half*>(bias), n_rows, n_cols, x_stride);
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }

@@ -1,6 +1,6 @@
 // Elementwise kernels of the decoder on device memory (F16, F32 arithmetic): SiLU(gate) * up
 // (kernels/cpu/activation.h) over rows, so a fused gate_up projection output is read in place,
-// and the residual add.
+// the residual add and the bias add of a linear whose GEMM has no bias (cuBLAS).
 #pragma once
 
 #include <cstdint>
@@ -19,5 +19,9 @@ status silu_mul_f16(const uint16_t* gate, const uint16_t* up, uint16_t* y, int64
 
 // x[i] += y[i] for i < n, F16 (F32 sum, one rounding).
 status add_f16(uint16_t* x, const uint16_t* y, int64_t n, cudaStream_t stream);
+
+// x[r, i] += bias[i] for r < n_rows, i < n_cols. x: [n_rows, x_stride] F16, bias: [n_cols] F16.
+status add_bias_f16(uint16_t* x, const uint16_t* bias, int64_t n_rows, int64_t n_cols, int64_t x_stride,
+                    cudaStream_t stream);
 
 }  // namespace gptq::cuda

@@ -25,11 +25,12 @@ constexpr int k_threads = 128;  // 16 rows x 8 threads
 constexpr int k_max_dim = 256;
 
 struct dev_params {
-    const __half *q, *k, *v;
-    __half*       out;
-    int64_t       n_q, n_kv, q_pos0, n_head, group, head_dim, window;
-    float         scale;
-    int64_t       q_stride, kv_stride, out_stride;
+    const __half * q, *k, *v;
+    __half*        out;
+    int64_t        n_q, n_kv, q_pos0, n_head, group, head_dim, window;
+    float          scale;
+    int64_t        q_stride, kv_stride, out_stride;
+    const int32_t* n_kv_dev;  // decode: run-time key count (attention_params::n_kv_dev), or nullptr
 };
 
 __device__ inline bool visible(int64_t pos, int64_t j, int64_t window) {
@@ -142,11 +143,14 @@ __global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, 
     const int64_t h = blockIdx.x, split = blockIdx.y, qi = blockIdx.z, hk = h / p.group;
     const int     lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int64_t D = p.head_dim, n_pairs = D / 2;
-    const int64_t pos   = p.q_pos0 + qi;
-    const int64_t end   = pos + 1 < p.n_kv ? pos + 1 : p.n_kv;
-    int64_t       begin = p.window > 0 ? pos - p.window + 1 : 0;
+    // The key count and the first query position, from device memory when a graph replays this.
+    const int64_t n_kv   = p.n_kv_dev ? int64_t(*p.n_kv_dev) : p.n_kv;
+    const int64_t q_pos0 = p.n_kv_dev ? n_kv - p.n_q : p.q_pos0;
+    const int64_t pos    = q_pos0 + qi;
+    const int64_t end    = pos + 1 < n_kv ? pos + 1 : n_kv;
+    int64_t       begin  = p.window > 0 ? pos - p.window + 1 : 0;
     if (begin < 0) begin = 0;
-    const int64_t chunk = (p.n_kv + n_splits - 1) / n_splits;
+    const int64_t chunk = (n_kv + n_splits - 1) / n_splits;
     int64_t       c0 = split * chunk, c1 = c0 + chunk;
     if (c0 < begin) c0 = begin;
     if (c1 > end) c1 = end;
@@ -276,13 +280,17 @@ dev_params to_dev(const attention_params& a) {
                       a.scale,
                       a.q_stride,
                       a.kv_stride,
-                      a.out_stride};
+                      a.out_stride,
+                      a.n_kv_dev};
 }
 
 }  // namespace
 
 status attention_prefill_f16(const attention_params& a, cudaStream_t stream) {
     GPTQ_TRY(check_params(a, "attention_prefill_f16"));
+    if (a.n_kv_dev)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "attention_prefill_f16: a device key count (n_kv_dev) is for the decode kernel only");
     if (a.n_q == 0) return status::ok();
     const int64_t D     = a.head_dim;
     const size_t  bytes = sizeof(float) * size_t(k_qt * D + k_kt * (D + 1) + k_kt * D + k_qt * k_kt);

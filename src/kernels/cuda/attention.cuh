@@ -23,6 +23,11 @@ struct attention_params {
     int64_t         window   = 0;                             // sliding window in tokens (0: none)
     float           scale    = 1.0f;
     int64_t         q_stride = 0, kv_stride = 0, out_stride = 0;  // row strides in elements
+    // Decode only: when set, the key count is read from this device I32 at run time (the queries
+    // are then the last n_q positions, q_pos0 = *n_kv_dev - n_q) and n_kv above is its upper bound,
+    // which sizes the grid and the workspace. A captured CUDA graph can so be replayed as the KV
+    // cache grows. The prefill kernel rejects it.
+    const int32_t* n_kv_dev = nullptr;
 };
 
 // Checks the shape (returns INVALID_ARGUMENT naming the field) and runs the prefill kernel.

@@ -1,0 +1,45 @@
+// The GPU side of the engine's flows (ppl, generate), behind an interface that builds without
+// CUDA too (every call then returns the "built without CUDA" error of device_check), so that
+// ppl.cpp and generate.cpp need no #ifdef.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+#include "gptq/device.h"
+#include "gptq/ppl.h"
+
+namespace gptq {
+
+// One sequence on the GPU model (model/llama_cuda.h): prefill, decode steps, reset.
+class gpu_session {
+public:
+    // n_ctx: KV-cache positions (0: the model's default).
+    static result<std::unique_ptr<gpu_session>> open(const std::string& model_path, const device_spec& dev,
+                                                     int64_t n_ctx = 0);
+    ~gpu_session();
+    int64_t n_vocab() const;
+    status  context_reserve(int64_t n_ctx);  // grows the cache (resets the sequence)
+    void    reset();
+    // logits: [n, n_vocab] when all_logits, else the last token's [n_vocab] (F32).
+    status      prefill(const int32_t* ids, int64_t n, float* logits, bool all_logits);
+    status      decode(int32_t id, float* logits);
+    uint64_t    device_bytes() const;  // weights + KV cache + activations
+    std::string describe() const;      // "cuda:0 (NVIDIA H100 ...), weights ... MiB, ..."
+
+private:
+    gpu_session();
+    struct impl;
+    std::unique_ptr<impl> impl_;
+};
+
+// Perplexity windows of `ids` on the GPU (the protocol of model/perplexity.h); fills the
+// evaluation fields of r (r's dataset fields are the caller's). t_load: when loading started.
+result<ppl_result> ppl_evaluate_cuda(const ppl_params& params, const device_spec& dev, const std::vector<int32_t>& ids,
+                                     ppl_result r, std::chrono::steady_clock::time_point t_load);
+
+}  // namespace gptq

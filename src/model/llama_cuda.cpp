@@ -1,0 +1,359 @@
+// The Llama family on one GPU (llama_cuda.h): weights uploaded layer by layer from the tensor table
+// of llama.h, the forward pass of llama_model::layer_forward written over ops_cuda.h, a KV cache
+// preallocated per layer, and the decode step replayed as a CUDA graph. Every pointer a kernel sees
+// is fixed once the buffers are sized (the activations and step inputs live at the same addresses
+// for every call of a given size class); what changes from step to step (token id, position, key
+// count, RoPE rows) is uploaded into device memory before the launch or replay.
+#include "model/llama_cuda.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "core/dtype.h"
+#include "core/error.h"
+#include "io/gptq_checkpoint.h"
+#include "io/gptq_pack.h"
+
+namespace gptq {
+
+namespace {
+constexpr status_code E_ARG     = status_code::STATUS_INVALID_ARGUMENT;
+constexpr float       k_f16_max = 65504.0f;
+
+size_t align_up(size_t n, size_t a) {
+    return (n + a - 1) / a * a;
+}
+
+// Round F32 values to F16 bits; a value beyond the F16 range is an error naming the tensor (a BF16
+// or F32 checkpoint can hold such values; the GPU runtime computes in F16).
+status to_f16(const std::vector<float>& src, std::vector<uint16_t>* dst, const std::string& name) {
+    dst->resize(src.size());
+    for (size_t i = 0; i < src.size(); ++i) {
+        if (!(std::fabs(src[i]) <= k_f16_max))
+            return make_error(status_code::STATUS_UNSUPPORTED,
+                              "tensor '{}' element {} is {}, outside the F16 range the GPU runtime uses", name, i,
+                              src[i]);
+        (*dst)[i] = f32_to_f16(src[i]);
+    }
+    return status::ok();
+}
+}  // namespace
+
+llama_cuda_model::~llama_cuda_model() {
+    if (ctx_) (void)ctx_->synchronize();  // nothing queued may outlive the buffers
+}
+
+result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::string& path, const llama_cuda_options& o) {
+    std::unique_ptr<llama_cuda_model> m(new llama_cuda_model());
+    m->opts_ = o;
+    GPTQ_ASSIGN_OR_RETURN(m->host_, llama_model::open(path));
+    GPTQ_ASSIGN_OR_RETURN(m->ctx_, cuda_context::create(o.device));
+    const llama_hparams& hp = m->hparams();
+    if (hp.head_dim % 2 != 0 || hp.head_dim > 256)
+        return make_error(status_code::STATUS_UNSUPPORTED, "{}: head_dim {} (the GPU attention needs even, <= 256)",
+                          path, hp.head_dim);
+    auto st = m->load_weights();
+    if (!st.is_ok()) return st.with_context(path);
+    int64_t n_ctx = o.n_ctx;
+    if (n_ctx <= 0)
+        n_ctx = hp.max_position_embeddings > 0 ? std::min(hp.max_position_embeddings, k_llama_cuda_default_ctx)
+                                               : k_llama_cuda_default_ctx;
+    GPTQ_TRY(m->context_reserve(n_ctx).with_context(path));
+    return m;
+}
+
+status llama_cuda_model::tensor_upload_f16(const tensor_spec& t, cuda_buffer* out) {
+    int64_t n = 1;
+    for (int64_t d : t.shape) n *= d;
+    std::vector<float> f(static_cast<size_t>(n));
+    GPTQ_TRY(host_->source().read_f32(t.name, f.data(), t.shape));
+    std::vector<uint16_t> h;
+    GPTQ_TRY(to_f16(f, &h, t.name));
+    GPTQ_ASSIGN_OR_RETURN(*out, cuda_buffer::from_host(h.data(), h.size() * 2));
+    weight_bytes_ += out->bytes();
+    return status::ok();
+}
+
+status llama_cuda_model::linear_load(int64_t i_layer, linear_role r, linear* out) {
+    const llama_hparams& hp    = hparams();
+    const auto           shape = hp.linear_shape(r);
+    const std::string    name  = llama_linear_name(i_layer, r);
+    out->n_out                 = shape[0];
+    out->n_in                  = shape[1];
+    const gptq_config* qc      = host_->quantization();
+    if (qc && gptq_linear_present(host_->source(), name)) {
+        // Read (and check) through io's reader, then pack again for the device: codes as qweight,
+        // zeros as v1 (zero - 1, generic kernel adds 1) when every zero is >= 1, else as v2.
+        GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d, gptq_linear_read(host_->source(), name, shape[0], shape[1], *qc));
+        const int            bits = d.bits;
+        std::vector<int32_t> qweight(static_cast<size_t>(gptq_packed_words(d.n_in, bits) * d.n_out));
+        gptq_pack_qweight(d.codes.data(), d.n_out, d.n_in, bits, qweight.data());
+        const bool           v1 = std::all_of(d.zeros.begin(), d.zeros.end(), [](int32_t z) { return z >= 1; });
+        std::vector<int32_t> qzeros(static_cast<size_t>(d.n_groups * gptq_packed_words(d.n_out, bits)));
+        GPTQ_TRY(gptq_pack_qzeros(d.zeros.data(), d.n_groups, d.n_out, bits,
+                                  v1 ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2,
+                                  qzeros.data())
+                     .with_context(name));
+        gptq_host_tensors t;
+        t.qweight    = qweight.data();
+        t.qzeros     = qzeros.data();
+        t.scales     = d.scales.data();
+        t.g_idx      = d.g_idx.data();
+        t.bias       = d.bias.empty() ? nullptr : d.bias.data();
+        t.n_out      = d.n_out;
+        t.n_in       = d.n_in;
+        t.n_groups   = d.n_groups;
+        t.bits       = bits;
+        t.group_size = qc->group_size;
+        t.zero_add   = v1 ? 1 : 0;
+        auto q       = cuda_gptq_linear_load(*ctx_, t, opts_.gptq_fast);
+        if (!q) return q.error().with_context(name);
+        out->q         = std::move(*q);
+        out->quantized = true;
+        (out->q.fast ? n_gptq_fast_ : n_gptq_generic_) += 1;
+        for (const cuda_buffer* b : {&out->q.weights, &out->q.sz, &out->q.perm, &out->q.qweight, &out->q.qzeros,
+                                     &out->q.scales, &out->q.g_idx, &out->q.bias})
+            weight_bytes_ += b->bytes();
+        // A dense bias of a quantized layer that the checkpoint keeps outside the GPTQ tensors.
+        if (d.bias.empty() && llama_linear_has_bias(hp, r))
+            return make_error(status_code::STATUS_UNSUPPORTED, "{}: GPTQ layer without its bias tensor", name);
+        return status::ok();
+    }
+    GPTQ_TRY(tensor_upload_f16({name + ".weight", {shape[0], shape[1]}, false}, &out->w));
+    if (llama_linear_has_bias(hp, r)) GPTQ_TRY(tensor_upload_f16({name + ".bias", {shape[0]}, false}, &out->bias));
+    return status::ok();
+}
+
+status llama_cuda_model::load_weights() {
+    const llama_hparams& hp      = hparams();
+    const auto           globals = llama_global_tensors(hp);
+    GPTQ_TRY(tensor_upload_f16(globals[0], &embed_));
+    GPTQ_TRY(tensor_upload_f16(globals[1], &norm_));
+    if (!hp.tie_embeddings) GPTQ_TRY(tensor_upload_f16(globals[2], &lm_head_));
+    layers_.resize(static_cast<size_t>(hp.n_layer));
+    for (int64_t i = 0; i < hp.n_layer; ++i) {  // one layer's host copies alive at a time
+        layer&     L     = layers_[static_cast<size_t>(i)];
+        const auto specs = llama_layer_tensors(hp, i);
+        GPTQ_TRY(tensor_upload_f16(specs[0], &L.attn_norm));
+        GPTQ_TRY(tensor_upload_f16(specs[1], &L.mlp_norm));
+        for (int r = 0; r < k_n_linear_roles; ++r)
+            GPTQ_TRY(linear_load(i, static_cast<linear_role>(r), &L.lin[static_cast<size_t>(r)]));
+    }
+    return status::ok();
+}
+
+status llama_cuda_model::context_reserve(int64_t n_ctx) {
+    if (n_ctx <= 0) return make_error(E_ARG, "context of {} positions, expected at least 1", n_ctx);
+    if (n_ctx <= n_ctx_) return status::ok();
+    GPTQ_TRY(ctx_->synchronize());
+    graph_             = cuda_graph();  // the graph reads the old caches and bounds
+    graph_warm_        = false;
+    n_past_            = 0;
+    const size_t bytes = size_t(n_ctx) * size_t(hparams().kv_dim()) * 2;
+    for (auto& L : layers_) {
+        L.k_cache = cuda_buffer();
+        L.v_cache = cuda_buffer();
+    }
+    for (auto& L : layers_) {
+        GPTQ_ASSIGN_OR_RETURN(L.k_cache, cuda_buffer::alloc(bytes));
+        GPTQ_ASSIGN_OR_RETURN(L.v_cache, cuda_buffer::alloc(bytes));
+    }
+    n_ctx_ = n_ctx;
+    return status::ok();
+}
+
+uint64_t llama_cuda_model::cache_bytes() const {
+    return 2 * uint64_t(layers_.size()) * uint64_t(n_ctx_) * uint64_t(hparams().kv_dim()) * 2;
+}
+
+uint64_t llama_cuda_model::activation_bytes() const {
+    uint64_t n = 0;
+    for (const cuda_buffer* b : {&hidden_, &x_, &q_, &k_, &v_, &y_, &gate_, &up_, &logits_, &step_}) n += b->bytes();
+    return n;
+}
+
+status llama_cuda_model::activations_reserve(int64_t n) {
+    if (n <= n_act_) return status::ok();
+    GPTQ_TRY(ctx_->synchronize());
+    graph_                     = cuda_graph();  // its pointers are about to be freed
+    graph_warm_                = false;
+    const llama_hparams& hp    = hparams();
+    const size_t         N     = size_t(n);
+    auto                 alloc = [&](cuda_buffer* b, size_t bytes) -> status {
+        *b = cuda_buffer();
+        GPTQ_ASSIGN_OR_RETURN(*b, cuda_buffer::alloc(bytes));
+        return status::ok();
+    };
+    GPTQ_TRY(alloc(&hidden_, N * size_t(hp.n_embd) * 2));
+    GPTQ_TRY(alloc(&x_, N * size_t(std::max(hp.n_embd, hp.q_dim())) * 2));
+    GPTQ_TRY(alloc(&q_, N * size_t(hp.q_dim()) * 2));
+    GPTQ_TRY(alloc(&k_, N * size_t(hp.kv_dim()) * 2));
+    GPTQ_TRY(alloc(&v_, N * size_t(hp.kv_dim()) * 2));
+    GPTQ_TRY(alloc(&y_, N * size_t(hp.n_embd) * 2));
+    GPTQ_TRY(alloc(&gate_, N * size_t(hp.n_ff) * 2));
+    GPTQ_TRY(alloc(&up_, N * size_t(hp.n_ff) * 2));
+    GPTQ_TRY(alloc(&logits_, N * size_t(hp.n_vocab) * 4));
+    const size_t half  = size_t(hp.head_dim / 2);
+    step_rope_offset_  = align_up((N + 2) * 4, 256);
+    const size_t bytes = step_rope_offset_ + 2 * N * half * 4;
+    GPTQ_TRY(alloc(&step_, bytes));
+    step_host_.assign(bytes, 0);
+    n_act_ = n;
+    return status::ok();
+}
+
+status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n) {
+    const llama_hparams& hp   = hparams();
+    const int64_t        half = hp.head_dim / 2;
+    for (int64_t t = 0; t < n; ++t)
+        if (ids[t] < 0 || ids[t] >= hp.n_vocab)
+            return make_error(E_ARG, "token id {} at position {} is outside the vocabulary [0, {})", ids[t], t,
+                              hp.n_vocab);
+    int32_t* hi = reinterpret_cast<int32_t*>(step_host_.data());
+    std::memcpy(hi, ids, size_t(n) * 4);
+    hi[n_act_]     = static_cast<int32_t>(n_past_);      // first position
+    hi[n_act_ + 1] = static_cast<int32_t>(n_past_ + n);  // key count after this call
+    // RoPE rows for these positions, exactly as the CPU computes them (dynamic scaling included).
+    const std::vector<float> inv_freq = llama_rope_inv_freq(hp, n_past_ + n);
+    float*                   cos      = reinterpret_cast<float*>(step_host_.data() + step_rope_offset_);
+    float*                   sin      = cos + n_act_ * half;
+    op_rope_tables(inv_freq.data(), half, n_past_, n, 1.0f, cos, sin);
+    // One copy for ids + counters, one for the RoPE rows actually used.
+    GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.data(), step_host_.data(), size_t(n_act_ + 2) * 4));
+    GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.as<uint8_t>() + step_rope_offset_, cos, size_t(n * half) * 4));
+    GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.as<uint8_t>() + step_rope_offset_ + size_t(n_act_ * half) * 4, sin,
+                                       size_t(n * half) * 4));
+    return status::ok();
+}
+
+status llama_cuda_model::linear_forward(const linear& l, const uint16_t* x, uint16_t* y, int64_t n) {
+    if (l.quantized) return op_cuda_gptq_linear(*ctx_, l.q, x, y, n);
+    GPTQ_TRY(op_cuda_linear_dense(*ctx_, x, l.w.as<uint16_t>(), y, n, l.n_out, l.n_in));
+    if (l.bias.bytes()) GPTQ_TRY(op_cuda_add_bias(*ctx_, y, l.bias.as<uint16_t>(), n, l.n_out));
+    return status::ok();
+}
+
+status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool device_count) {
+    const llama_hparams& hp     = hparams();
+    const int64_t        n_embd = hp.n_embd, q_dim = hp.q_dim(), kv_dim = hp.kv_dim(), hd = hp.head_dim, half = hd / 2;
+    cuda_context&        c      = *ctx_;
+    const int32_t*       ids    = step_.as<int32_t>();
+    const int32_t*       pos    = ids + n_act_;
+    const int32_t*       n_kv   = ids + n_act_ + 1;
+    const float*         cos    = reinterpret_cast<const float*>(step_.as<uint8_t>() + step_rope_offset_);
+    const float*         sin    = cos + n_act_ * half;
+    uint16_t *           hidden = hidden_.as<uint16_t>(), *x = x_.as<uint16_t>(), *q = q_.as<uint16_t>();
+    uint16_t *           k = k_.as<uint16_t>(), *v = v_.as<uint16_t>(), *y = y_.as<uint16_t>();
+    uint16_t *           gate = gate_.as<uint16_t>(), *up = up_.as<uint16_t>();
+    auto L = [&](const layer& ly, linear_role r) -> const linear& { return ly.lin[static_cast<size_t>(r)]; };
+
+    GPTQ_TRY(op_cuda_embedding(c, embed_.as<uint16_t>(), ids, hidden, n, hp.n_vocab, n_embd));
+    for (int64_t i = 0; i < hp.n_layer; ++i) {
+        const layer& ly = layers_[static_cast<size_t>(i)];
+        // ---- attention ----
+        GPTQ_TRY(op_cuda_rms_norm(c, hidden, ly.attn_norm.as<uint16_t>(), x, n, n_embd, hp.rms_eps));
+        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_Q), x, q, n));
+        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_K), x, k, n));
+        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_V), x, v, n));
+        GPTQ_TRY(op_cuda_rope(c, q, cos, sin, n, hp.n_head, hd, q_dim));
+        GPTQ_TRY(op_cuda_rope(c, k, cos, sin, n, hp.n_head_kv, hd, kv_dim));
+        GPTQ_TRY(
+            op_cuda_kv_store(c, k, v, ly.k_cache.as<uint16_t>(), ly.v_cache.as<uint16_t>(), pos, n, kv_dim, n_ctx_));
+        cuda_attention_args a;
+        a.q         = q;
+        a.k         = ly.k_cache.as<uint16_t>();
+        a.v         = ly.v_cache.as<uint16_t>();
+        a.out       = x;  // x is free again: [n, q_dim]
+        a.n_q       = n;
+        a.n_head    = hp.n_head;
+        a.n_head_kv = hp.n_head_kv;
+        a.head_dim  = hd;
+        a.window    = hp.window[static_cast<size_t>(i)];
+        a.scale     = 1.0f / std::sqrt(static_cast<float>(hd));
+        a.q_stride = a.out_stride = q_dim;
+        a.kv_stride               = kv_dim;
+        if (device_count) {  // the bound sizes grid and workspace; the count is read when it runs
+            a.n_kv     = n_ctx_;
+            a.q_pos0   = 0;
+            a.n_kv_dev = n_kv;
+        } else {
+            a.n_kv   = n_past_ + n;
+            a.q_pos0 = n_past_;
+        }
+        GPTQ_TRY(op_cuda_attention(c, a));
+        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_O), x, y, n));
+        GPTQ_TRY(op_cuda_add(c, hidden, y, n * n_embd));
+        // ---- MLP ----
+        GPTQ_TRY(op_cuda_rms_norm(c, hidden, ly.mlp_norm.as<uint16_t>(), y, n, n_embd, hp.rms_eps));
+        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_GATE), y, gate, n));
+        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_UP), y, up, n));
+        GPTQ_TRY(op_cuda_silu_mul(c, gate, up, gate, n, hp.n_ff, hp.n_ff, hp.n_ff, hp.n_ff));
+        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_DOWN), gate, y, n));
+        GPTQ_TRY(op_cuda_add(c, hidden, y, n * n_embd));
+    }
+    // Final norm and lm_head over the rows whose logits are wanted.
+    const int64_t r0 = n - n_out_rows;
+    GPTQ_TRY(op_cuda_rms_norm(c, hidden + r0 * n_embd, norm_.as<uint16_t>(), x, n_out_rows, n_embd, hp.rms_eps));
+    const uint16_t* w = hp.tie_embeddings ? embed_.as<uint16_t>() : lm_head_.as<uint16_t>();
+    return op_cuda_linear_dense_f32_out(c, x, w, logits_.as<float>(), n_out_rows, hp.n_vocab, n_embd);
+}
+
+status llama_cuda_model::logits_download(int64_t n_rows, float* logits) {
+    return cuda_copy_to_host(*ctx_, logits, logits_.data(), size_t(n_rows * hparams().n_vocab) * 4);
+}
+
+status llama_cuda_model::prefill(const int32_t* ids, int64_t n, float* logits, bool all_logits) {
+    if (n <= 0) return make_error(E_ARG, "prefill of {} tokens, expected at least 1", n);
+    if (n_past_ + n > n_ctx_)
+        return make_error(E_ARG, "{} tokens after {} cached ones exceed the GPU cache's {} positions", n, n_past_,
+                          n_ctx_);
+    GPTQ_TRY(activations_reserve(n));
+    GPTQ_TRY(step_inputs_upload(ids, n));
+    const int64_t rows = all_logits ? n : 1;
+    GPTQ_TRY(forward_queued(n, rows, /*device_count=*/false));
+    GPTQ_TRY(logits_download(rows, logits));
+    n_past_ += n;
+    return status::ok();
+}
+
+status llama_cuda_model::decode(int32_t id, float* logits) {
+    if (n_past_ + 1 > n_ctx_)
+        return make_error(E_ARG, "a token after {} cached ones exceeds the GPU cache's {} positions", n_past_, n_ctx_);
+    GPTQ_TRY(activations_reserve(1));
+    GPTQ_TRY(step_inputs_upload(&id, 1));
+    if (!opts_.graph) {
+        GPTQ_TRY(forward_queued(1, 1, false));
+    } else {
+        // A reallocated scratch (a larger prefill since) leaves the graph pointing at freed memory.
+        GPTQ_ASSIGN_OR_RETURN(void* scratch, ctx_->scratch(0));
+        GPTQ_ASSIGN_OR_RETURN(void* zeroed, ctx_->zeroed_workspace(0));
+        if (!graph_.empty() && (scratch != graph_scratch_ || zeroed != graph_zeroed_)) {
+            graph_      = cuda_graph();
+            graph_warm_ = false;
+        }
+        if (graph_.empty() && !graph_warm_) {
+            // Warm-up: the same ops uncaptured, which sizes the scratch (nothing may allocate later).
+            GPTQ_TRY(forward_queued(1, 1, true));
+            graph_warm_ = true;
+        } else {
+            if (graph_.empty()) {
+                GPTQ_TRY(cuda_graph::capture_begin(*ctx_));
+                const status st = forward_queued(1, 1, true);
+                auto         g  = cuda_graph::capture_end(*ctx_, st.is_ok());
+                GPTQ_TRY(st);
+                if (!g) return g.error();
+                graph_ = std::move(*g);
+                GPTQ_ASSIGN_OR_RETURN(graph_scratch_, ctx_->scratch(0));
+                GPTQ_ASSIGN_OR_RETURN(graph_zeroed_, ctx_->zeroed_workspace(0));
+            }
+            GPTQ_TRY(graph_.launch(*ctx_));
+            ++graph_replays_;
+        }
+    }
+    GPTQ_TRY(logits_download(1, logits));
+    n_past_ += 1;
+    return status::ok();
+}
+
+}  // namespace gptq

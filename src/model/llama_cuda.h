@@ -1,0 +1,123 @@
+// The Llama family (llama.h: Llama 2/3, Mistral, Qwen2) resident on one GPU (GPTQ_CUDA builds
+// only): the same config, tensor table and forward pass as llama_model, over ops_cuda.h. One
+// sequence at a time with a preallocated KV cache; docs/cuda.md ("The model on the GPU") has the
+// memory layout and the CUDA-graph decode step.
+//
+//     GPTQ_ASSIGN_OR_RETURN(auto m, llama_cuda_model::open("models/tiny-llama", {.device = 0, .n_ctx = 512}));
+//     std::vector<float> logits(n * m->hparams().n_vocab);
+//     GPTQ_TRY(m->prefill(ids.data(), n, logits.data()));        // [n, n_vocab] F32
+//     GPTQ_TRY(m->decode(next_id, logits.data()));                // [1, n_vocab]; graph after one step
+//     m->reset();                                                  // a new sequence
+//
+// Numerics: weights and activations F16 (BF16 and F32 checkpoints are rounded to F16 at load),
+// F32 accumulation in every kernel, logits F32 (the lm_head GEMM writes F32). GPTQ linears stay
+// quantized (cuda_gptq_linear: the int4 kernel or the generic one, chosen per layer).
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+#include "model/llama.h"
+#include "ops/ops_cuda.h"
+
+namespace gptq {
+
+struct llama_cuda_options {
+    int     device    = 0;     // CUDA device index
+    int64_t n_ctx     = 0;     // KV-cache positions; 0: max_position_embeddings, at most k_llama_cuda_default_ctx
+    bool    graph     = true;  // replay the decode step as a CUDA graph (captured after one plain step)
+    bool    gptq_fast = true;  // allow the fast int4 kernel for GPTQ layers (false: generic kernel only)
+};
+constexpr int64_t k_llama_cuda_default_ctx = 4096;
+
+class llama_cuda_model {
+public:
+    // Read config.json and the tensor table (llama_model::open, which checks every tensor), then
+    // upload the weights layer by layer and allocate the KV cache.
+    static result<std::unique_ptr<llama_cuda_model>> open(const std::string& path, const llama_cuda_options& o = {});
+    ~llama_cuda_model();
+
+    const llama_hparams& hparams() const { return host_->hparams(); }
+    const llama_model&   host() const { return *host_; }  // config, GPTQ settings (no weights loaded)
+    cuda_context&        context() { return *ctx_; }
+    int64_t              n_ctx() const { return n_ctx_; }
+    int64_t              n_past() const { return n_past_; }
+
+    // Forget the sequence (the cache is overwritten from position 0 on).
+    void reset() { n_past_ = 0; }
+    // Make room for n_ctx positions (reallocates the cache when larger, which resets the sequence).
+    status context_reserve(int64_t n_ctx);
+
+    // Run ids[n] at positions n_past .. n_past + n - 1 and advance n_past. logits: [n, n_vocab] F32
+    // when all_logits, else the last token's [n_vocab].
+    status prefill(const int32_t* ids, int64_t n, float* logits, bool all_logits = true);
+    // One token at position n_past (a CUDA graph replay once warm, when options.graph); logits [n_vocab].
+    status decode(int32_t id, float* logits);
+
+    // Device memory held: weights, KV cache, activations + step inputs, the context's scratch.
+    uint64_t weight_bytes() const { return weight_bytes_; }
+    uint64_t cache_bytes() const;
+    uint64_t activation_bytes() const;
+    bool     graph_active() const { return !graph_.empty(); }
+    int64_t  graph_replays() const { return graph_replays_; }
+    int64_t  n_gptq_fast() const { return n_gptq_fast_; }        // GPTQ linears on the int4 kernel
+    int64_t  n_gptq_generic() const { return n_gptq_generic_; }  // ... on the generic kernel
+
+private:
+    struct linear {
+        int64_t          n_out = 0, n_in = 0;
+        cuda_buffer      w;     // [n_out, n_in] F16 (dense), empty when quantized
+        cuda_buffer      bias;  // [n_out] F16 (dense with bias), else empty
+        bool             quantized = false;
+        cuda_gptq_linear q;  // quantized: bias inside
+    };
+    struct layer {
+        cuda_buffer                          attn_norm, mlp_norm;  // [n_embd] F16
+        std::array<linear, k_n_linear_roles> lin;
+        cuda_buffer                          k_cache, v_cache;  // [n_ctx, kv_dim] F16
+    };
+
+    llama_cuda_model() = default;
+    status load_weights();
+    status linear_load(int64_t i_layer, linear_role r, linear* out);
+    status tensor_upload_f16(const tensor_spec& t, cuda_buffer* out);
+    status activations_reserve(int64_t n_tokens);
+    status linear_forward(const linear& l, const uint16_t* x, uint16_t* y, int64_t n);
+    // Upload ids, positions and the RoPE rows of the n tokens at n_past (one copy).
+    status step_inputs_upload(const int32_t* ids, int64_t n);
+    // The whole forward pass on the uploaded inputs; logits of rows [n - n_out_rows, n) to logits_.
+    // device_count: attention reads the key count from the step inputs (graph-safe decode).
+    status forward_queued(int64_t n, int64_t n_out_rows, bool device_count);
+    status logits_download(int64_t n_rows, float* logits);
+
+    std::unique_ptr<llama_model>  host_;
+    std::unique_ptr<cuda_context> ctx_;
+    llama_cuda_options            opts_;
+    int64_t                       n_ctx_ = 0, n_past_ = 0;
+    std::vector<layer>            layers_;
+    cuda_buffer                   embed_, norm_, lm_head_;  // [n_vocab, n_embd], [n_embd], lm_head or empty (tied)
+    uint64_t                      weight_bytes_ = 0;
+
+    // Activations for up to n_act_ tokens per call (grown on demand).
+    int64_t     n_act_ = 0;
+    cuda_buffer hidden_, x_, q_, k_, v_, y_, gate_, up_;  // [n, n_embd|q_dim|kv_dim|n_ff] F16
+    cuda_buffer logits_;                                  // [n, n_vocab] F32
+    // Step inputs: [n_act_] I32 ids, I32 pos, I32 n_kv, then (at step_rope_offset_) F32 cos and sin
+    // [n_act_, head_dim / 2] each. Uploaded once per call from step_host_.
+    cuda_buffer          step_;
+    size_t               step_rope_offset_ = 0;
+    std::vector<uint8_t> step_host_;
+
+    cuda_graph graph_;
+    bool       graph_warm_    = false;    // one plain device-count step has sized the scratch
+    void*      graph_scratch_ = nullptr;  // the context's scratch and zeroed workspace when the graph
+    void*      graph_zeroed_  = nullptr;  // was captured (a reallocation since means capturing again)
+    int64_t    graph_replays_ = 0;
+    int64_t    n_gptq_fast_ = 0, n_gptq_generic_ = 0;
+};
+
+}  // namespace gptq

@@ -1,0 +1,300 @@
+// model/llama_cuda: the GPU model against the CPU model (llama.h, F32) on the random test models
+// (Llama 3 with o bias, Mistral with a sliding window and linear RoPE, Qwen2 with q/k/v biases and a
+// sliding-window layer, dynamic RoPE), on tiny-llama, and on GPTQ checkpoints of tiny-llama made
+// here with the CPU quantizer (int4 kernel, int4 with act-order, generic 3-bit asym). Each case:
+// a prefill of 40 tokens, then 8 decode steps through the KV cache, with and without the CUDA graph.
+// Also: perplexity and generation through the engine on cuda, and the out-of-memory message.
+//
+// Paths: the source tree is GPTQ_SOURCE_DIR, or $GPTQ_TEST_SOURCE_DIR when set (the device bundle
+// runs these binaries from a checkout at another path).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "core/thread_pool.h"
+#include "cuda_test_util.h"
+#include "gptq/generate.h"
+#include "gptq/ppl.h"
+#include "gptq/quantize.h"
+#include "model/llama.h"
+#include "model/llama_cuda.h"
+#include "test_util.h"
+
+using namespace gptq;
+
+namespace {
+
+// GPU (F16 weights and activations, F32 accumulation) vs CPU (F32 throughout): max |diff| over a
+// logits row relative to the row's max |CPU logit|. Each F16 rounding is 2^-11 relative; a few
+// layers of them (weights, every activation, the KV cache) give ~1e-3..1e-2 on these models.
+constexpr double k_f16_logits_rel_tol = 3e-2;
+// The decode step as a graph replay vs launched op by op: the same kernels, except that the graph
+// sizes the attention split from the cache bound (different F32 summation order).
+constexpr double k_graph_rel_tol = 5e-3;
+// Perplexity on the GPU vs the CPU: the per-token log-probabilities differ by the F16 noise above,
+// which mostly averages out over the windows (the bound for small-llama is 0.1%).
+constexpr double k_ppl_rel_tol = 2e-3;
+
+constexpr int64_t k_n_prefill = 40;
+constexpr int64_t k_n_decode  = 8;
+
+std::string source_dir() {
+    const char* env = std::getenv("GPTQ_TEST_SOURCE_DIR");
+    return env && *env ? std::string(env) : std::string(GPTQ_SOURCE_DIR);
+}
+
+thread_pool& pool2() {
+    static thread_pool p(2);
+    return p;
+}
+
+double row_rel_error(const float* got, const float* want, int64_t n) {
+    double max_diff = 0, max_ref = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        max_diff = std::max(max_diff, std::fabs(double(got[i]) - double(want[i])));
+        max_ref  = std::max(max_ref, std::fabs(double(want[i])));
+    }
+    return max_ref > 0 ? max_diff / max_ref : max_diff;
+}
+
+std::vector<int32_t> test_ids(int64_t n, int64_t vocab) {
+    std::vector<int32_t> ids(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) ids[static_cast<size_t>(i)] = static_cast<int32_t>((i * 37 + 11) % vocab);
+    return ids;
+}
+
+// CPU logits of all n tokens in one pass (causal, so row t is the logits after token t).
+std::vector<float> cpu_logits(const std::string& dir, const std::vector<int32_t>& ids) {
+    auto m = llama_model::open(dir);
+    EXPECT_TRUE(m.is_ok()) << m.error().message();
+    if (!m.is_ok()) return {};
+    const int64_t      V = (*m)->hparams().n_vocab, n = static_cast<int64_t>(ids.size());
+    std::vector<float> out(static_cast<size_t>(n * V));
+    const ops_context  ctx{&pool2(), false};
+    auto               st = (*m)->forward(ctx, ids.data(), n, nullptr, out.data());
+    EXPECT_TRUE(st.is_ok()) << st.message();
+    return out;
+}
+
+// GPU prefill of k_n_prefill tokens, then k_n_decode decode steps; returns all rows.
+std::vector<float> gpu_logits(const std::string& dir, const std::vector<int32_t>& ids, bool graph,
+                              llama_cuda_model** keep = nullptr, std::unique_ptr<llama_cuda_model>* owner = nullptr) {
+    llama_cuda_options o;
+    o.graph = graph;
+    o.n_ctx = 64;  // rand-dynamic's max_position_embeddings is 16: dynamic scaling beyond it
+    auto m  = llama_cuda_model::open(dir, o);
+    EXPECT_TRUE(m.is_ok()) << m.error().message();
+    if (!m.is_ok()) return {};
+    const int64_t      V = (*m)->hparams().n_vocab;
+    std::vector<float> out(ids.size() * static_cast<size_t>(V));
+    const status       st = (*m)->prefill(ids.data(), k_n_prefill, out.data());
+    EXPECT_TRUE(st.is_ok()) << st.message();
+    if (!st.is_ok()) return {};
+    EXPECT_EQ((*m)->n_past(), k_n_prefill);
+    for (int64_t t = k_n_prefill; t < k_n_prefill + k_n_decode; ++t) {
+        const status sd = (*m)->decode(ids[static_cast<size_t>(t)], out.data() + t * V);
+        EXPECT_TRUE(sd.is_ok()) << "decode " << t << ": " << sd.message();
+        if (!sd.is_ok()) return {};
+    }
+    EXPECT_EQ((*m)->n_past(), k_n_prefill + k_n_decode);
+    if (graph) {  // step 1 warms up, step 2 captures and replays, the rest replay
+        EXPECT_TRUE((*m)->graph_active());
+        EXPECT_EQ((*m)->graph_replays(), k_n_decode - 1);
+    } else {
+        EXPECT_FALSE((*m)->graph_active());
+    }
+    if (keep) *keep = m->get();
+    if (owner) *owner = std::move(*m);
+    return out;
+}
+
+void check_model(const std::string& dir, int64_t* n_fast = nullptr, int64_t* n_generic = nullptr) {
+    auto host = llama_model::open(dir);
+    ASSERT_TRUE(host.is_ok()) << host.error().message();
+    const int64_t V   = (*host)->hparams().n_vocab;
+    const auto    ids = test_ids(k_n_prefill + k_n_decode, V);
+    const auto    cpu = cpu_logits(dir, ids);
+    ASSERT_FALSE(cpu.empty());
+    std::unique_ptr<llama_cuda_model> owner;
+    const auto                        plain = gpu_logits(dir, ids, false, nullptr, &owner);
+    ASSERT_FALSE(plain.empty());
+    if (n_fast) *n_fast = owner->n_gptq_fast();
+    if (n_generic) *n_generic = owner->n_gptq_generic();
+    owner.reset();
+    const auto graph = gpu_logits(dir, ids, true);
+    ASSERT_FALSE(graph.empty());
+    for (int64_t t = 0; t < k_n_prefill + k_n_decode; ++t) {
+        const char* what = t < k_n_prefill ? "prefill" : "decode";
+        EXPECT_LE(row_rel_error(plain.data() + t * V, cpu.data() + t * V, V), k_f16_logits_rel_tol)
+            << dir << " " << what << " row " << t << " (no graph)";
+        EXPECT_LE(row_rel_error(graph.data() + t * V, cpu.data() + t * V, V), k_f16_logits_rel_tol)
+            << dir << " " << what << " row " << t << " (graph)";
+        if (t >= k_n_prefill) {
+            EXPECT_LE(row_rel_error(graph.data() + t * V, plain.data() + t * V, V), k_graph_rel_tol)
+                << dir << " decode row " << t << ": graph vs op by op";
+        }
+    }
+}
+
+// A GPTQ checkpoint of tiny-llama, made once per configuration by the CPU quantizer.
+std::string gptq_checkpoint(const std::string& tag, int bits, int group, bool desc_act, bool sym,
+                            const std::string& method) {
+    static test::temp_dir dir("llama-cuda-gptq");
+    const std::string     out = dir.file(tag);
+    if (std::filesystem::exists(out)) return out;
+    quantize_params p;
+    p.model_path  = source_dir() + "/models/tiny-llama";
+    p.output_path = out;
+    p.bits        = bits;
+    p.group_size  = group;
+    p.desc_act    = desc_act;
+    p.sym         = sym;
+    p.method      = method;
+    p.calib       = source_dir() + "/data/calib/corpus-sample.txt";
+    p.nsamples    = 4;
+    p.seqlen      = 64;
+    p.n_threads   = 2;
+    auto r        = quantize_model(p);
+    EXPECT_TRUE(r.is_ok()) << r.error().message();
+    return out;
+}
+
+}  // namespace
+
+TEST(llama_cuda, tiny_llama_matches_cpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    check_model(source_dir() + "/models/tiny-llama");
+}
+TEST(llama_cuda, rand_llama3_matches_cpu) {  // o_proj bias, head_dim 16
+    GPTQ_SKIP_WITHOUT_GPU();
+    check_model(source_dir() + "/tests/data/model/rand-llama3");
+}
+TEST(llama_cuda, rand_mistral_sliding_window_matches_cpu) {  // window 5 < 48 tokens, linear RoPE
+    GPTQ_SKIP_WITHOUT_GPU();
+    check_model(source_dir() + "/tests/data/model/rand-mistral");
+}
+TEST(llama_cuda, rand_qwen2_biases_matches_cpu) {  // q/k/v biases, one sliding-window layer
+    GPTQ_SKIP_WITHOUT_GPU();
+    check_model(source_dir() + "/tests/data/model/rand-qwen2");
+}
+TEST(llama_cuda, rand_dynamic_rope_matches_cpu) {  // RoPE tables depend on the sequence length
+    GPTQ_SKIP_WITHOUT_GPU();
+    check_model(source_dir() + "/tests/data/model/rand-dynamic");
+}
+
+TEST(llama_cuda, gptq_int4_matches_cpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    int64_t fast = 0, generic = 0;
+    check_model(gptq_checkpoint("w4g128-rtn", 4, 128, false, true, "rtn"), &fast, &generic);
+    EXPECT_EQ(fast, 4 * 7);  // every linear of the 4 layers on the int4 kernel
+    EXPECT_EQ(generic, 0);
+}
+TEST(llama_cuda, gptq_int4_act_order_matches_cpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    int64_t fast = 0, generic = 0;
+    check_model(gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq"), &fast, &generic);
+    EXPECT_EQ(fast + generic, 4 * 7);
+    EXPECT_GT(fast, 0);  // groups of equal size after the act-order sort: the int4 kernel with a permutation
+}
+TEST(llama_cuda, gptq_3bit_asym_generic_matches_cpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    int64_t fast = 0, generic = 0;
+    check_model(gptq_checkpoint("w3g32-asym", 3, 32, false, false, "rtn"), &fast, &generic);
+    EXPECT_EQ(fast, 0);
+    EXPECT_EQ(generic, 4 * 7);
+}
+
+TEST(llama_cuda, reset_and_prefill_after_decode) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const std::string dir = source_dir() + "/tests/data/model/rand-qwen2";
+    auto              m   = llama_cuda_model::open(dir);
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    const int64_t      V   = (*m)->hparams().n_vocab;
+    const auto         ids = test_ids(20, V);
+    std::vector<float> a(static_cast<size_t>(V)), b(static_cast<size_t>(V)), all(static_cast<size_t>(20 * V));
+    GPTQ_EXPECT_OK((*m)->prefill(ids.data(), 20, all.data()));
+    (*m)->reset();
+    // Several decode steps (graph captured), then a second sequence from scratch: the cache rows of
+    // the first one must not leak into it.
+    for (int t = 0; t < 5; ++t) GPTQ_EXPECT_OK((*m)->decode(ids[static_cast<size_t>(t)], a.data()));
+    EXPECT_LE(row_rel_error(a.data(), all.data() + 4 * V, V), k_f16_logits_rel_tol);
+    (*m)->reset();
+    GPTQ_EXPECT_OK((*m)->prefill(ids.data(), 3, b.data(), /*all_logits=*/false));
+    EXPECT_LE(row_rel_error(b.data(), all.data() + 2 * V, V), k_f16_logits_rel_tol);
+    // Past the cache: an error, not a write out of bounds.
+    (*m)->reset();
+    std::vector<int32_t> many(static_cast<size_t>((*m)->n_ctx() + 1), 1);
+    std::vector<float>   big(many.size() * static_cast<size_t>(V));
+    EXPECT_FALSE((*m)->prefill(many.data(), static_cast<int64_t>(many.size()), big.data()).is_ok());
+    int32_t bad = static_cast<int32_t>(V);
+    EXPECT_FALSE((*m)->prefill(&bad, 1, big.data()).is_ok());  // id outside the vocabulary
+}
+
+TEST(llama_cuda, out_of_memory_names_the_size_and_free_memory) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    llama_cuda_options o;
+    o.n_ctx = int64_t(1) << 36;  // a KV cache of 2^36 positions: terabytes
+    auto m  = llama_cuda_model::open(source_dir() + "/models/tiny-llama", o);
+    ASSERT_FALSE(m.is_ok());
+    EXPECT_EQ(m.error().code(), status_code::STATUS_OUT_OF_MEMORY) << m.error().message();
+    EXPECT_NE(m.error().message().find("MiB free of"), std::string::npos) << m.error().message();
+}
+
+TEST(llama_cuda, ppl_on_cuda_matches_cpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    ppl_params p;
+    p.model_path  = source_dir() + "/models/tiny-llama";
+    p.dataset     = source_dir() + "/data/wikitext2/wiki.test.raw.gptq_join.txt";
+    p.seqlen      = 256;
+    p.max_windows = 4;
+    p.progress    = false;
+    p.n_threads   = 2;
+    auto cpu      = ppl_run(p);
+    ASSERT_TRUE(cpu.is_ok()) << cpu.error().message();
+    p.device = "cuda";
+    auto gpu = ppl_run(p);
+    ASSERT_TRUE(gpu.is_ok()) << gpu.error().message();
+    EXPECT_EQ(gpu->device, "cuda:0");
+    EXPECT_EQ(gpu->n_predicted, cpu->n_predicted);
+    EXPECT_GT(gpu->device_bytes, 0u);
+    EXPECT_NEAR(gpu->ppl / cpu->ppl, 1.0, k_ppl_rel_tol) << "cpu " << cpu->ppl << " cuda " << gpu->ppl;
+}
+
+TEST(llama_cuda, generate_on_cuda_picks_tokens_the_cpu_ranks_first) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const std::string dir = source_dir() + "/models/tiny-llama";
+    auto              gen = generator::open({.model_path = dir, .device = "cuda"});
+    ASSERT_TRUE(gen.is_ok()) << gen.error().message();
+    generate_params gp;
+    gp.max_new_tokens              = 16;
+    gp.ignore_eos                  = true;
+    gp.sampling.temperature        = 0.0f;
+    gp.sampling.repetition_penalty = 1.0f;
+    auto res                       = (*gen)->generate_batch({"The King James Bible", "Once upon a time"}, gp);
+    ASSERT_TRUE(res.is_ok()) << res.error().message();
+    ASSERT_EQ(res->size(), 2u);
+    auto host = llama_model::open(dir);
+    ASSERT_TRUE(host.is_ok());
+    const int64_t V = (*host)->hparams().n_vocab;
+    for (const auto& r : *res) {
+        EXPECT_EQ(r.tokens.size(), 16u);
+        EXPECT_EQ(r.finish_reason, "length");
+        // Greedy on F16 logits: each chosen token's CPU logit is the CPU maximum up to the F16 noise.
+        std::vector<int32_t> seq = r.prompt_tokens;
+        seq.insert(seq.end(), r.tokens.begin(), r.tokens.end() - 1);
+        const auto    cpu = cpu_logits(dir, seq);
+        const int64_t n0  = static_cast<int64_t>(r.prompt_tokens.size()) - 1;
+        for (size_t i = 0; i < r.tokens.size(); ++i) {
+            const float* row  = cpu.data() + (n0 + static_cast<int64_t>(i)) * V;
+            const float  top  = *std::max_element(row, row + V);
+            float        amax = 0;
+            for (int64_t j = 0; j < V; ++j) amax = std::max(amax, std::fabs(row[j]));
+            EXPECT_GE(row[r.tokens[i]], top - k_f16_logits_rel_tol * amax) << r.prompt << " token " << i;
+        }
+    }
+}

@@ -67,7 +67,7 @@ bool parse_size(const std::string& raw, uint64_t* out) {
             digits = true;
         ++i;
     }
-    if (!digits) return false;
+    if (!digits || i > 32) return false;  // 32 characters: std::stod cannot overflow
     const double      v    = std::stod(s.substr(0, i));
     const std::string unit = lower(trim(s.substr(i)));
     double            mult = 0;

@@ -134,6 +134,8 @@ TEST(max_memory, errors_quote_the_bad_item) {
         {"0=1GB,1=2GB,0=3GB", "'0=3GB'"},
         {"cpu=1GB,CPU=2GB", "'CPU=2GB'"},
     };
+    const std::string huge = "0=" + std::string(400, '9');  // beyond double's range
+    EXPECT_FALSE(max_memory_parse(huge).is_ok());
     for (const auto& c : cases) {
         auto m = max_memory_parse(c.in);
         ASSERT_FALSE(m.is_ok()) << c.in;

@@ -58,8 +58,9 @@ struct generator::impl {
 
     result<std::vector<generate_result>> run(const std::vector<std::string>& prompts, const generate_params& p,
                                              const text_callback& on_text, generate_stats* stats);
-    result<std::vector<generate_result>> run_unguarded(const std::vector<std::string>& prompts, const generate_params& p,
-                                             const text_callback& on_text, generate_stats* stats);
+    result<std::vector<generate_result>> run_unguarded(const std::vector<std::string>& prompts,
+                                                       const generate_params& p, const text_callback& on_text,
+                                                       generate_stats* stats);
 };
 
 generator::generator() : impl_(std::make_unique<impl>()) {}
@@ -112,8 +113,9 @@ result<std::vector<generate_result>> generator::impl::run(const std::vector<std:
 }
 
 result<std::vector<generate_result>> generator::impl::run_unguarded(const std::vector<std::string>& prompts,
-                                                          const generate_params& p, const text_callback& on_text,
-                                                          generate_stats* stats) {
+                                                                    const generate_params&          p,
+                                                                    const text_callback&            on_text,
+                                                                    generate_stats*                 stats) {
     const sampling_params& sp = p.sampling;
     if (p.max_new_tokens < 0) return make_error(E_ARG, "-n/--max-new-tokens is {}, expected >= 0", p.max_new_tokens);
     if (!(sp.temperature >= 0.0f)) return make_error(E_ARG, "--temperature is {}, expected >= 0", sp.temperature);
@@ -129,8 +131,8 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
         max_stop = std::max(max_stop, s.size());
     }
 
-    const llama_hparams&  hp    = model->hparams();
-    const int64_t         n_seq = static_cast<int64_t>(prompts.size());
+    const llama_hparams& hp    = model->hparams();
+    const int64_t        n_seq = static_cast<int64_t>(prompts.size());
     {
         // KV caches of every sequence (F32 keys and values of each layer) plus the logits.
         uint64_t kv = 0;
@@ -138,9 +140,9 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
             kv += 8 * static_cast<uint64_t>(hp.n_layer * hp.kv_dim()) *
                   static_cast<uint64_t>(static_cast<int64_t>(pr.size()) + 1 + p.max_new_tokens);
         kv += 4 * static_cast<uint64_t>(n_seq * hp.n_vocab);
-        GPTQ_TRY(host_memory_check(
-            fmt::format("generating {} sequence{} (KV cache, at most)", n_seq, n_seq == 1 ? "" : "s"), kv,
-            "lower -n/--max-new-tokens, shorten the prompts or generate fewer at once"));
+        GPTQ_TRY(
+            host_memory_check(fmt::format("generating {} sequence{} (KV cache, at most)", n_seq, n_seq == 1 ? "" : "s"),
+                              kv, "lower -n/--max-new-tokens, shorten the prompts or generate fewer at once"));
     }
     std::vector<sequence> seqs(static_cast<size_t>(n_seq));
     std::vector<int32_t>  ids;
@@ -153,9 +155,9 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
             return make_error(E_ARG, "prompt {} encodes to no tokens (empty prompt and no BOS)", s + 1);
         const int64_t n_ctx = static_cast<int64_t>(q.res.prompt_tokens.size()) + p.max_new_tokens;
         if (!gpu) q.cache = kv_cache::create(hp, n_ctx);
-        q.smp               = std::make_unique<sampler>(sp);
-        q.dec               = std::make_unique<incremental_decoder>(*tok, /*skip_special=*/true);
-        q.history           = q.res.prompt_tokens;
+        q.smp     = std::make_unique<sampler>(sp);
+        q.dec     = std::make_unique<incremental_decoder>(*tok, /*skip_special=*/true);
+        q.history = q.res.prompt_tokens;
         ids.insert(ids.end(), q.res.prompt_tokens.begin(), q.res.prompt_tokens.end());
         lens.push_back(static_cast<int64_t>(q.res.prompt_tokens.size()));
     }

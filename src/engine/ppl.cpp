@@ -4,9 +4,9 @@
 #include <fmt/format.h>
 
 #include <chrono>
-#include <new>
 #include <filesystem>
 #include <fstream>
+#include <new>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <sstream>
@@ -92,10 +92,9 @@ result<ppl_result> ppl_run_unguarded(const ppl_params& params) {
         const uint64_t       act = 4 * sl *
                              static_cast<uint64_t>(hp.n_vocab + 6 * hp.n_embd + 3 * hp.n_ff + hp.q_dim() +
                                                    2 * hp.kv_dim() + hp.n_head * params.seqlen);
-        GPTQ_TRY(host_memory_check(
-            fmt::format("evaluating {} (weights {} + activations {})", params.model_path,
-                        human_bytes(model->resident_bytes()), human_bytes(act)),
-            model->resident_bytes() + act, "lower --seqlen or use a machine with more memory"));
+        GPTQ_TRY(host_memory_check(fmt::format("evaluating {} (weights {} + activations {})", params.model_path,
+                                               human_bytes(model->resident_bytes()), human_bytes(act)),
+                                   model->resident_bytes() + act, "lower --seqlen or use a machine with more memory"));
     }
     const std::vector<int32_t> ids = tok->encode(text, /*add_special=*/true);
     r.n_dataset_tokens             = static_cast<int64_t>(ids.size());

@@ -15,8 +15,11 @@
 #    docs/results.md, 113.827) when .device-small-llama (bundle.sh) is carried. One JSON line per
 #    run in ppl.jsonl; the relative differences go to summary.txt.
 # 4. Only with GPTQ_DEVICE_BENCH=1: bench_gptq_gemv (JSON), then Nsight Compute on two int4 launches.
-# $OUT gets at most 8 files (the `run` tool brings back 8): summary.txt, build.log, tests.log,
-# memcheck.log, ppl.jsonl, and with the benchmark bench_gptq_gemv.json, bench_gptq_gemv.txt, ncu.txt.
+# 4a. End to end (GPTQ_DEVICE_E2E=1, default): gptq bench of make-random llama-2-7b (FP16) and of an
+#    8-layer 7B shape quantized RTN W4 g128 against its FP16 original, batch 1 on cuda.
+# Memcheck covers test_llama_cuda's small models (MEMCHECK_ALL=1 adds the kernel tests).
+# $OUT gets: summary.txt, build.log, tests.log, memcheck.log, ppl.jsonl, bench_e2e.jsonl, and with
+# the benchmark bench_gptq_gemv.json, bench_gptq_gemv.txt, ncu.txt.
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
@@ -75,8 +78,9 @@ done
 # Memcheck on the small tests (the 4096-wide shapes are skipped: sanitizer time, not coverage).
 if command -v compute-sanitizer > /dev/null; then
     san="$OUT/memcheck.log"; : > "$san"
-    for spec in "test_cuda_kernels:-*CublasGemm*" "test_cuda_gptq:-*LlamaShape*" "test_ops_cuda:*" \
-                "test_llama_cuda:*rand_qwen2*:*rand_mistral*:*reset*"; do
+    specs=("test_llama_cuda:*rand_qwen2*:*rand_mistral*:*reset*")  # MEMCHECK_ALL=1: the kernel tests too
+    [ "${MEMCHECK_ALL:-0}" = 1 ] && specs+=("test_cuda_kernels:-*CublasGemm*" "test_cuda_gptq:-*LlamaShape*" "test_ops_cuda:*")
+    for spec in "${specs[@]}"; do
         name=${spec%%:*}; filter=${spec#*:}
         if compute-sanitizer --tool memcheck --error-exitcode 99 "$TEST_DIR/$name" \
                 --gtest_filter="$filter" >> "$san" 2>&1; then
@@ -120,6 +124,36 @@ if [ -d .device-small-llama ]; then
     log "ppl small-llama, all 791 windows: cuda $c, vs the CPU's 113.827 (docs/results.md) $(reldiff "$c" 113.827) (issue 6: within 0.1%)"
 else
     log "no .device-small-llama carried: small-llama ppl skipped (run scripts/device/bundle.sh here, carry it)"
+fi
+
+# ---- end to end: gptq bench on make-random shapes (GPTQ_DEVICE_E2E=0 skips) -----------------------
+# FP16 Llama-2-7B (all 32 layers) at batch 1 on the GPU, then an 8-layer 7B-shaped model quantized
+# with RTN W4 g128 on the host's cores (fast; the weights' values do not matter for speed) against
+# its FP16 original in the same bench run. One JSON line per row in bench_e2e.jsonl.
+if [ "${GPTQ_DEVICE_E2E:-1}" = 1 ]; then
+    E2E=/tmp/gptq-e2e; rm -rf "$E2E"; mkdir -p "$E2E"
+    BARGS=(--device cuda --batch 1 --prompt "${E2E_PROMPT:-512}" --gen "${E2E_GEN:-128}" --repeat 3 --json)
+    if timeout 180 "$GPTQ" -q make-random --like llama-2-7b -o "$E2E/l7b" --threads "$JOBS" >> "$OUT/tests.log" 2>&1 &&
+       timeout 180 "$GPTQ" -q bench "$E2E/l7b" "${BARGS[@]}" >> "$OUT/bench_e2e.jsonl" 2>> "$OUT/tests.log"; then
+        log "bench llama-2-7b fp16 cuda: $(tail -1 "$OUT/bench_e2e.jsonl" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print("decode %.1f tok/s (%.2f ms/step), prefill %.0f tok/s, ttft %.1f ms" % (r["decode_tok_per_s"], r["decode_ms_per_step"], r["prefill_tok_per_s"], r["ttft_ms"]))' 2>&1)"
+    else
+        status=1; log "bench llama-2-7b fp16 cuda FAILED (see tests.log)"
+    fi
+    rm -rf "$E2E/l7b"
+    if timeout 120 "$GPTQ" -q make-random --like llama-2-7b-layers=8 -o "$E2E/l8" --threads "$JOBS" >> "$OUT/tests.log" 2>&1 &&
+       timeout 180 "$GPTQ" -q quantize "$E2E/l8" -o "$E2E/l8-w4" --method rtn --bits 4 --group-size 128 \
+           --threads "$JOBS" >> "$OUT/tests.log" 2>&1 &&
+       timeout 180 "$GPTQ" -q bench "$E2E/l8-w4" --compare-fp16 "$E2E/l8" "${BARGS[@]}" >> "$OUT/bench_e2e.jsonl" \
+           2>> "$OUT/tests.log"; then
+        log "bench llama-2-7b-layers=8 W4 g128 vs fp16, cuda: $(python3 -c 'import json,sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    if "layers=8" in r.get("model_path", "") or "l8" in r.get("model_path", ""):
+        print("[%s %s: decode %.1f tok/s, %.2f ms/step, prefill %.0f tok/s]" % (r["role"], r["weights"], r["decode_tok_per_s"], r["decode_ms_per_step"], r["prefill_tok_per_s"]), end=" ")' "$OUT/bench_e2e.jsonl" 2>&1)"
+    else
+        status=1; log "bench llama-2-7b-layers=8 W4 FAILED (see tests.log)"
+    fi
+    rm -rf "$E2E"
 fi
 
 if [ "${GPTQ_DEVICE_BENCH:-0}" != 1 ]; then

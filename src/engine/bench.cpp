@@ -34,10 +34,16 @@ double median(std::vector<double> v) {
 
 status check_params(const bench_params& p) {
     if (p.model_path.empty()) return make_error(E_ARG, "bench: no model given");
-    if (p.device == "cuda" || p.device.rfind("cuda:", 0) == 0)
-        return make_error(status_code::STATUS_UNSUPPORTED, "bench: --device cuda is not built yet; use --device cpu");
-    if (p.device != "cpu") return make_error(E_ARG, "bench: --device '{}': expected cpu or cuda[:N]", p.device);
+    GPTQ_ASSIGN_OR_RETURN(const device_spec dev, device_parse(p.device));
     if (p.batches.empty()) return make_error(E_ARG, "bench: --batch needs at least one batch size");
+    if (dev.cuda)
+        for (int64_t b : p.batches)
+            if (b != 1)
+                return make_error(status_code::STATUS_UNSUPPORTED,
+                                  "bench: --batch {} on --device {}: the GPU model runs batch 1 only so far; use "
+                                  "--batch 1",
+                                  b, device_name(dev));
+    GPTQ_TRY(device_check(dev));
     for (int64_t b : p.batches)
         if (b < 1 || b > 4096) return make_error(E_ARG, "bench: --batch {}: expected 1 .. 4096", b);
     if (p.prompt < 1) return make_error(E_ARG, "bench: --prompt {}: expected >= 1 token", p.prompt);
@@ -48,8 +54,8 @@ status check_params(const bench_params& p) {
 }
 
 result<std::unique_ptr<bench_backend>> backend_open(const bench_params& p, const std::string& path) {
-    // --device cuda[:N] is refused by check_params until the CUDA adapter (bench_cuda.cpp) exists.
-    auto b = bench_backend_cpu_open(path, p.n_threads);
+    GPTQ_ASSIGN_OR_RETURN(const device_spec dev, device_parse(p.device));
+    auto b = dev.cuda ? bench_backend_cuda_open(path, dev) : bench_backend_cpu_open(path, p.n_threads);
     if (!b) return b.error().with_context(fmt::format("bench: {}", path));
     return b;
 }

@@ -3,9 +3,8 @@
 // model. Every call returns when its work is finished (a CUDA adapter synchronises its stream),
 // so wall-clock time around a call is the call's time.
 //
-// Adapters: bench_cpu.cpp (llama_model::forward_batch on the host). The CUDA adapter goes in
-// bench_cuda.cpp, built when GPTQ_CUDA is on, over the CUDA model (model/llama_cuda.h);
-// bench_backend_open() in bench.cpp picks it for --device cuda[:N] (docs/bench.md).
+// Adapters: bench_cpu.cpp (llama_model::forward_batch on the host) and bench_cuda.cpp (the GPU
+// session of engine_cuda.h, batch 1); backend_open() in bench.cpp picks one from --device.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +12,7 @@
 #include <string>
 
 #include "core/status.h"
+#include "gptq/device.h"
 
 namespace gptq {
 
@@ -43,5 +43,7 @@ public:
 
 // The CPU adapter (bench_cpu.cpp): loads every layer at open; n_threads 0 = all cores.
 result<std::unique_ptr<bench_backend>> bench_backend_cpu_open(const std::string& model_path, int n_threads);
+// The CUDA adapter (bench_cuda.cpp): the GPU model of engine_cuda.h; batch 1 only so far.
+result<std::unique_ptr<bench_backend>> bench_backend_cuda_open(const std::string& model_path, const device_spec& dev);
 
 }  // namespace gptq

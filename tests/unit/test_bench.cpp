@@ -104,8 +104,15 @@ TEST_F(Bench, BadArguments) {
         const char* message;
     };
     const bad_case cases[] = {
-        {"cuda", [](bench_params& p) { p.device = "cuda"; }, "bench: --device cuda is not built yet"},
-        {"cuda:1", [](bench_params& p) { p.device = "cuda:1"; }, "bench: --device cuda is not built yet"},
+        // No GPU in the test environment (CPU builds: no CUDA at all): both say so and point to cpu.
+        {"cuda", [](bench_params& p) { p.device = "cuda"; }, "use --device cpu"},
+        {"cuda:1", [](bench_params& p) { p.device = "cuda:1"; }, "use --device cpu"},
+        {"cuda batch 4",
+         [](bench_params& p) {
+             p.device  = "cuda";
+             p.batches = {1, 4};
+         },
+         "--batch 4 on --device cuda:0: the GPU model runs batch 1 only"},
         {"device", [](bench_params& p) { p.device = "tpu"; }, "'tpu'"},
         {"batch 0",
          [](bench_params& p) {
@@ -156,7 +163,10 @@ TEST_F(Bench, CliJsonLinesParse) {
 TEST_F(Bench, CliErrors) {
     auto cuda = run_command(gptq_binary() + " bench " + model() + " --device cuda");
     EXPECT_EQ(cuda.exit_code, 1);
-    EXPECT_NE(cuda.err.find("bench: --device cuda is not built yet"), std::string::npos) << cuda.err;
+    EXPECT_NE(cuda.err.find("--batch 4 on --device cuda:0"), std::string::npos) << cuda.err;  // default 1,4,16
+    auto cuda1 = run_command(gptq_binary() + " bench " + model() + " --device cuda --batch 1");
+    EXPECT_EQ(cuda1.exit_code, 1);
+    EXPECT_NE(cuda1.err.find("use --device cpu"), std::string::npos) << cuda1.err;
     EXPECT_EQ(run_command(gptq_binary() + " bench " + model() + " --batch 0").exit_code, 2);
     EXPECT_EQ(run_command(gptq_binary() + " bench " + model() + " --batch 1,x").exit_code, 2);
     EXPECT_EQ(run_command(gptq_binary() + " bench " + model() + " --gen 0").exit_code, 2);

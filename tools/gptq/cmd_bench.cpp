@@ -1,4 +1,4 @@
-// gptq bench MODEL [--device cpu] [--batch 1,4,16] [--prompt 512] [--gen 128] [--compare-fp16 ORIGINAL]
+// gptq bench MODEL [--device cpu|cuda[:N]] [--batch 1,4,16] [--prompt 512] [--gen 128] [--compare-fp16 ORIGINAL]
 //                  [--repeat 3] [--threads N] [--seed S] [--json]
 #include <cstdio>
 #include <memory>
@@ -14,7 +14,7 @@ command register_bench(CLI::App& app) {
     auto sub =
         app.add_subcommand("bench", "prefill / decode speed, time to first token and peak memory per batch size");
     sub->add_option("model", o->model_path, "model folder (FP16/BF16 or GPTQ checkpoint)")->required();
-    sub->add_option("--device", o->device, "cpu (cuda: not built yet)")->capture_default_str();
+    sub->add_option("--device", o->device, "cpu, cuda or cuda:N (the GPU: batch 1 only so far)")->capture_default_str();
     sub->add_option("--batch", o->batches, "batch sizes, comma-separated")
         ->delimiter(',')
         ->capture_default_str()

@@ -1,0 +1,78 @@
+// The CUDA adapter of gptq bench (bench_backend.h) over the engine's GPU session (engine_cuda.h,
+// model/llama_cuda.h). Builds without CUDA too: opening then fails with device_check's message.
+// The GPU model holds one sequence, so only batch 1 is measured on the GPU so far (bench.cpp
+// refuses larger batches up front); memory is the device bytes the model allocated (weights, KV
+// cache, activations), not a driver-level peak.
+#include <fmt/format.h>
+
+#include <string>
+#include <vector>
+
+#include "bench_backend.h"
+#include "core/error.h"
+#include "engine_cuda.h"
+#include "model/llama.h"
+
+namespace gptq {
+
+namespace {
+
+class bench_backend_cuda final : public bench_backend {
+public:
+    std::unique_ptr<gpu_session> gpu;
+    device_spec                  dev;
+    std::string                  weights_name;
+    std::string                  machine_name;
+    std::vector<float>           logits;
+    int64_t                      n_ctx = 0;
+
+    int64_t     n_vocab() const override { return gpu->n_vocab(); }
+    std::string weights() const override { return weights_name; }
+    std::string device() const override { return device_name(dev); }
+    std::string machine() const override { return machine_name; }
+    int         n_threads() const override { return 1; }
+
+    status reset(int64_t n_seq, int64_t ctx) override {
+        if (n_seq > 1)
+            return make_error(status_code::STATUS_UNSUPPORTED,
+                              "bench: --device {} measures batch 1 only (the GPU model holds one sequence)",
+                              device_name(dev));
+        if (ctx > n_ctx) {
+            GPTQ_TRY(gpu->context_reserve(ctx));
+            n_ctx = ctx;
+        }
+        gpu->reset();
+        logits.assign(static_cast<size_t>(gpu->n_vocab()), 0.0f);
+        return status::ok();
+    }
+    status prefill(const int32_t* ids, int64_t n_seq, int64_t n_tokens) override {
+        if (n_seq != 1) return make_error(status_code::STATUS_INVALID_ARGUMENT, "bench: batch {} on the GPU", n_seq);
+        return gpu->prefill(ids, n_tokens, logits.data(), /*all_logits=*/false);  // returns once logits are on the host
+    }
+    status decode_step(const int32_t* ids, int64_t n_seq) override {
+        if (n_seq != 1) return make_error(status_code::STATUS_INVALID_ARGUMENT, "bench: batch {} on the GPU", n_seq);
+        return gpu->decode(ids[0], logits.data());
+    }
+    uint64_t    memory_used() const override { return gpu->device_bytes(); }
+    void        memory_reset_peak() override {}
+    std::string memory_kind() const override { return "device_allocated"; }
+};
+
+}  // namespace
+
+result<std::unique_ptr<bench_backend>> bench_backend_cuda_open(const std::string& model_path, const device_spec& dev) {
+    auto b = std::make_unique<bench_backend_cuda>();
+    b->dev = dev;
+    {
+        GPTQ_ASSIGN_OR_RETURN(auto m, llama_model::open(model_path));  // config only, for the weights' name
+        if (const gptq_config* q = m->quantization())
+            b->weights_name = fmt::format("gptq-{}bit-g{}{}", q->bits, q->group_size, q->desc_act ? "-act" : "");
+        else
+            b->weights_name = m->config().dtype_name.empty() ? "unknown" : m->config().dtype_name;
+    }
+    GPTQ_ASSIGN_OR_RETURN(b->gpu, gpu_session::open(model_path, dev));
+    b->machine_name = b->gpu->describe();
+    return std::unique_ptr<bench_backend>(std::move(b));
+}
+
+}  // namespace gptq

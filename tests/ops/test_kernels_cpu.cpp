@@ -49,7 +49,7 @@ thread_pool& pool3() {
 TEST(kernels_cpu, linear_blas_matches_reference) {
     std::mt19937 rng(1);
     int          n_cases = 0;
-    for (int64_t m : {1, 3, 17, 64, 100})
+    for (int64_t m : {1, 2, 3, 4, 17, 64, 100})
         for (int64_t n : {1, 5, 16, 33, 100, 257})
             for (int64_t k : {1, 7, 64, 129, 300})
                 for (bool with_bias : {false, true}) {
@@ -67,7 +67,27 @@ TEST(kernels_cpu, linear_blas_matches_reference) {
                         }
                     ++n_cases;
                 }
-    EXPECT_EQ(n_cases, 300);
+    EXPECT_EQ(n_cases, 420);
+}
+
+TEST(kernels_cpu, linear_blas_small_batches_walk_output_blocks) {
+    // m = 2..4 go through the sgemv path in blocks of output features (k_gemv_block_bytes = 256 KiB
+    // of weights: 64 rows at k = 1024), so n = 1000 spans 16 blocks, the last one partial.
+    std::mt19937 rng(7);
+    const int64_t n = 1000, k = 1024;
+    for (int64_t m : {2, 3, 4})
+        for (thread_pool* pool : {static_cast<thread_pool*>(nullptr), &pool3()}) {
+            auto               x = random_vec(rng, m * k), w = random_vec(rng, n * k), b = random_vec(rng, n);
+            std::vector<float> y_ref(m * n), y(m * n, 123.0f);
+            cpu::linear_ref(x.data(), w.data(), b.data(), y_ref.data(), m, n, k);
+            cpu::linear_blas(x.data(), w.data(), b.data(), y.data(), m, n, k, pool);
+            for (int64_t i = 0; i < m * n; ++i) {
+                const int64_t r = i / n, j = i % n;
+                double        cond = std::fabs(b[j]);
+                for (int64_t l = 0; l < k; ++l) cond += std::fabs(x[r * k + l] * w[j * k + l]);
+                ASSERT_LE(std::fabs(y[i] - y_ref[i]), k_linear_tol * cond) << "m=" << m << " i=" << i;
+            }
+        }
 }
 
 TEST(kernels_cpu, linear_serial_equals_threaded) {

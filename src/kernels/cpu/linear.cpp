@@ -31,6 +31,11 @@ constexpr int64_t k_slice_align = 16;
 // Up to this many rows, one sgemv per row instead of one sgemm (see linear_slice); measured on the
 // tiny-llama decode step (docs/generate.md).
 constexpr int64_t k_gemv_max_rows = 4;
+// With 2..4 rows, the slice is walked in blocks of output features whose weights (about this many
+// bytes) stay in the core's L2 while every row's sgemv reads them: the weights come from memory
+// once per block instead of once per row (a batch-4 decode step cost 3.3-4.1x a batch-1 step
+// before; docs/perf-notes.md).
+constexpr int64_t k_gemv_block_bytes = 256 * 1024;
 
 void linear_slice(const float* x, const float* w, const float* bias, float* y, int64_t m, int64_t n, int64_t k,
                   int64_t j0, int64_t j1) {
@@ -45,9 +50,13 @@ void linear_slice(const float* x, const float* w, const float* bias, float* y, i
         // over a zeroed (or bias-filled) y, since not every BLAS clears y when beta = 0.
         if (!bias)
             for (int64_t i = 0; i < m; ++i) std::fill(y + i * n + j0, y + i * n + j1, 0.0f);
-        for (int64_t i = 0; i < m; ++i)
-            cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<blasint>(nj), static_cast<blasint>(k), 1.0f,
-                        w + j0 * k, static_cast<blasint>(k), x + i * k, 1, 1.0f, y + i * n + j0, 1);
+        const int64_t rows = m == 1 ? nj : std::max<int64_t>(k_slice_align, k_gemv_block_bytes / (4 * k));
+        for (int64_t b0 = j0; b0 < j1; b0 += rows) {
+            const int64_t nb = std::min(rows, j1 - b0);
+            for (int64_t i = 0; i < m; ++i)
+                cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<blasint>(nb), static_cast<blasint>(k), 1.0f,
+                            w + b0 * k, static_cast<blasint>(k), x + i * k, 1, 1.0f, y + i * n + b0, 1);
+        }
         return;
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m), static_cast<blasint>(nj),

@@ -3,7 +3,8 @@
 # the project's Debian build dependencies: builds the cuda tests and the kernel benchmark here for
 # sm_90a (in build-cuda-dev, 2 jobs: this machine is shared), then copies the binaries and the
 # shared libraries they need that the GPU machine lacks (fmt, OpenBLAS and its Fortran runtime;
-# cuBLAS and libc come from the machine). .device-bundle is ignored through .git/info/exclude and
+# cuBLAS, cuSOLVER with its cuSPARSE and nvJitLink, and libc come from the machine: run.sh finds
+# them; 300 MB that could not travel). .device-bundle is ignored through .git/info/exclude and
 # named in the `run` call's carry list. With ../shared/models/small-llama present it also packs that
 # model into .device-small-llama/ (run.sh's GPU-vs-CPU perplexity): the F16 bytes split into low and
 # high halves and xz-compressed (39 MB instead of 45), because the working tree and everything
@@ -12,15 +13,16 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=${BUILD:-build-cuda-dev}
 cmake -S . -B "$BUILD" -G Ninja -DGPTQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a -DGPTQ_BUILD_BENCH=ON > /dev/null
-ninja -C "$BUILD" -j "${JOBS:-2}" test_cuda_kernels test_cuda_gptq test_ops_cuda test_llama_cuda bench_gptq_gemv gptq
+ninja -C "$BUILD" -j "${JOBS:-2}" test_cuda_kernels test_cuda_gptq test_ops_cuda test_gptq_cuda test_llama_cuda bench_gptq_gemv \
+    gptq
 STAGE="$BUILD/device-bundle"
 rm -rf "$STAGE" .device-bundle && mkdir -p "$STAGE/bin" "$STAGE/lib" .device-bundle
 cp "$BUILD"/tests/test_cuda_kernels "$BUILD"/tests/test_cuda_gptq "$BUILD"/tests/test_ops_cuda \
-   "$BUILD"/tests/test_llama_cuda "$BUILD"/bin/bench_gptq_gemv "$BUILD"/bin/gptq "$STAGE/bin/"
+   "$BUILD"/tests/test_gptq_cuda "$BUILD"/tests/test_llama_cuda "$BUILD"/bin/bench_gptq_gemv "$BUILD"/bin/gptq "$STAGE/bin/"
 strip "$STAGE"/bin/*
 for b in "$STAGE"/bin/*; do
     ldd "$b" | awk '/=> \// {print $3}'
-done | sort -u | grep -Ev 'libc\.so|libm\.so|libstdc\+\+|libgcc_s|libpthread|libdl\.so|librt\.so|ld-linux|libcublas|libcuda' |
+done | sort -u | grep -Ev 'libc\.so|libm\.so|libstdc\+\+|libgcc_s|libpthread|libdl\.so|librt\.so|ld-linux|libcublas|libcuda|libcusolver|libcusparse|libnvJitLink' |
     while read -r lib; do cp -L "$lib" "$STAGE/lib/"; done
 git rev-parse --short HEAD > "$STAGE/COMMIT"
 # Compressed: the working tree and what it carries travel within 64 MiB (OpenBLAS alone is 36 MB).

@@ -7,8 +7,9 @@
 #    machines have CUDA but not those Debian packages, so scripts/device/bundle.sh (run here)
 #    prepares .device-bundle/ (binaries built for sm_90a + the shared libraries they need) and the
 #    `run` call carries it; this script uses it when the build is impossible.
-# 2. Tests: every `cuda`-labelled test (test_llama_cuda: the GPU model vs the CPU model), then
-#    compute-sanitizer memcheck on the small ones.
+# 2. Tests: every `cuda`-labelled test (test_llama_cuda: the GPU model vs the CPU model;
+#    test_gptq_cuda: GPTQ quantization on the GPU vs the CPU, whose `gptq_cuda_diff` lines go to
+#    summary.txt), then compute-sanitizer memcheck on the small ones.
 # 3. Perplexity, `gptq ppl --seqlen 512` on cpu and cuda: tiny-llama (first 100 windows on both, all
 #    791 on cuda),
 #    small-llama (first 40 windows on both, and all 791 on cuda, to compare with the CPU figure of
@@ -32,12 +33,12 @@ BIN=""
 if cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release -DGPTQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
         -DGPTQ_BUILD_BENCH=ON > "$OUT/build.log" 2>&1; then
     log "building in build-device with $JOBS jobs"
-    if cmake --build build-device -j "$JOBS" --target test_cuda_kernels test_cuda_gptq test_ops_cuda test_llama_cuda \
+    if cmake --build build-device -j "$JOBS" --target test_cuda_kernels test_cuda_gptq test_ops_cuda test_gptq_cuda test_llama_cuda \
             bench_gptq_gemv gptq >> "$OUT/build.log" 2>&1; then
         BIN=build-device
         TEST_DIR=build-device/tests
         TESTS=(build-device/tests/test_cuda_kernels build-device/tests/test_cuda_gptq build-device/tests/test_ops_cuda
-               build-device/tests/test_llama_cuda)
+               build-device/tests/test_gptq_cuda build-device/tests/test_llama_cuda)
         BENCH=build-device/bin/bench_gptq_gemv
         GPTQ=build-device/bin/gptq
     else
@@ -54,10 +55,13 @@ if [ -z "$BIN" ]; then
     rm -rf "$BIN" && mkdir -p "$BIN" && tar -C "$BIN" -xJf .device-bundle/bundle.tar.xz
     log "using the carried .device-bundle (built at commit $(cat $BIN/COMMIT 2>/dev/null))"
     TEST_DIR=$BIN/bin
-    # The bundle's own libraries (fmt, OpenBLAS), then the machine's cuBLAS.
+    # The bundle's own libraries (fmt, OpenBLAS), then the machine's cuBLAS and cuSOLVER (with its
+    # cuSPARSE and nvJitLink; too large to carry, the CUDA image has them).
     CUBLAS_DIR=$(dirname "$(find /usr/local /opt /usr/lib -name 'libcublas.so.13*' 2>/dev/null | head -1)")
-    export LD_LIBRARY_PATH=$BIN/lib:${CUBLAS_DIR}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-    TESTS=("$TEST_DIR/test_cuda_kernels" "$TEST_DIR/test_cuda_gptq" "$TEST_DIR/test_ops_cuda" "$TEST_DIR/test_llama_cuda")
+    CUSOLVER_DIR=$(dirname "$(find /usr/local /opt /usr/lib -name 'libcusolver.so.12*' 2>/dev/null | head -1)")
+    export LD_LIBRARY_PATH=$BIN/lib:${CUBLAS_DIR}:${CUSOLVER_DIR}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    TESTS=("$TEST_DIR/test_cuda_kernels" "$TEST_DIR/test_cuda_gptq" "$TEST_DIR/test_ops_cuda" "$TEST_DIR/test_gptq_cuda"
+           "$TEST_DIR/test_llama_cuda")
     BENCH=$TEST_DIR/bench_gptq_gemv
     GPTQ=$TEST_DIR/gptq
 fi
@@ -72,13 +76,14 @@ for t in "${TESTS[@]}"; do
     else
         status=1; log "$name FAILED"; grep -E 'FAILED|Failure|error' "$OUT/$name.tmp" | head -20
     fi
+    [ "$name" = test_gptq_cuda ] && grep -E '^gptq_cuda_diff (summary|256x320)' "$OUT/$name.tmp" | tee -a "$OUT/summary.txt"
     cat "$OUT/$name.tmp" >> "$OUT/tests.log"; rm -f "$OUT/$name.tmp"
 done
 
 # Memcheck on the small tests (the 4096-wide shapes are skipped: sanitizer time, not coverage).
 if command -v compute-sanitizer > /dev/null; then
     san="$OUT/memcheck.log"; : > "$san"
-    specs=("test_llama_cuda:*rand_qwen2*:*rand_mistral*:*reset*")  # MEMCHECK_ALL=1: the kernel tests too
+    specs=("test_llama_cuda:*rand_qwen2*:*rand_mistral*:*reset*" "test_gptq_cuda:*damping*")  # MEMCHECK_ALL=1: the kernel tests too
     [ "${MEMCHECK_ALL:-0}" = 1 ] && specs+=("test_cuda_kernels:-*CublasGemm*" "test_cuda_gptq:-*LlamaShape*" "test_ops_cuda:*")
     for spec in "${specs[@]}"; do
         name=${spec%%:*}; filter=${spec#*:}

@@ -1,0 +1,281 @@
+// GPTQ on the GPU (experimental): quant/gptq.cpp's steps with the heavy ones on the device.
+// Steps 1-5 decide on the host exactly as the CPU does (same code, same order of summation), so
+// the dead columns, the permutation, the damping sequence and the up-front grid params are the
+// CPU's; steps 6-7 (Cholesky of H^-1, column loop) run through ops_cuda_gptq.h.
+#include "quant/gptq_cuda.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+#include "core/error.h"
+#include "core/log.h"
+#include "core/thread_pool.h"
+#include "ops/ops_cuda_gptq.h"
+
+namespace gptq {
+
+namespace {
+
+constexpr auto E_ARG = status_code::STATUS_INVALID_ARGUMENT;
+
+template <typename Fn>
+void for_rows(const ops_context& ctx, int64_t n_rows, Fn&& fn) {
+    if (ctx.pool && n_rows >= 64) {
+        ctx.pool->parallel_for(n_rows, [&](int64_t r0, int64_t r1) { fn(r0, r1); });
+    } else {
+        fn(0, n_rows);
+    }
+}
+
+// Device copy of a host array, ordered on the context's stream (the host array must live until
+// the stream has run it: every caller here synchronises before returning).
+template <typename T>
+result<cuda_buffer> to_device(cuda_context& cctx, const T* src, size_t n) {
+    auto b = cuda_buffer::alloc(n * sizeof(T));
+    if (!b) return b.error();
+    GPTQ_TRY(cuda_copy_to_device_async(cctx, b->data(), src, n * sizeof(T)));
+    return b;
+}
+
+}  // namespace
+
+result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_context& ctx, const float* w_in,
+                                            int64_t n_out, int64_t n_in, const float* h_in, const gptq_options& opt,
+                                            gptq_stats* stats) {
+    GPTQ_TRY(gptq_check_options(opt, n_in));
+    GPTQ_TRY(gptq_check_finite(w_in, n_out, n_in, "the weight"));
+    GPTQ_TRY(gptq_check_finite(h_in, n_in, n_in,
+                               "the Hessian of the calibration inputs (the activations reaching this layer overflowed "
+                               "or hold NaN)"));
+    const int64_t      gs      = opt.group_size == -1 ? n_in : opt.group_size;
+    const bool         grouped = opt.group_size != -1;
+    const auto         K       = static_cast<size_t>(n_in);
+    const grid_options gopt{opt.bits, opt.sym, opt.mse, opt.zero_min};
+    const int64_t      n_groups = (n_in + gs - 1) / gs;
+
+    // Full-row params (no groups), from W before the dead-column fix.
+    std::vector<grid_params> row_params;
+    if (!grouped) {
+        row_params.resize(static_cast<size_t>(n_out));
+        for_rows(ctx, n_out, [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r)
+                row_params[static_cast<size_t>(r)] = grid_find_params(w_in + r * n_in, n_in, 1, gopt);
+        });
+    }
+
+    // Dead columns (diag H == 0); the device applies them while permuting.
+    std::vector<float> diag(K);
+    int64_t            n_dead = 0;
+    for (size_t k = 0; k < K; ++k) {
+        diag[k] = h_in[k * K + k];
+        if (diag[k] == 0.0f) {
+            diag[k] = 1.0f;
+            ++n_dead;
+        }
+    }
+    if (n_dead == n_in) {
+        GPTQ_LOG_WARN(
+            "all {} input columns are dead (the calibration inputs of this layer are all zero); using "
+            "round-to-nearest for it",
+            n_in);
+        if (stats) *stats = gptq_stats{0.0, n_dead, 0.0};
+        return rtn_quantize(ctx, w_in, n_out, n_in, opt);
+    }
+
+    // static_groups: params of each contiguous original group, from W with dead columns zeroed.
+    std::vector<grid_params> static_params;  // [n_groups, n_out]
+    if (opt.static_groups && grouped) {
+        static_params.resize(static_cast<size_t>(n_groups * n_out));
+        for_rows(ctx, n_out, [&](int64_t r0, int64_t r1) {
+            std::vector<float> row(K);
+            for (int64_t r = r0; r < r1; ++r) {
+                for (size_t k = 0; k < K; ++k)
+                    row[k] = h_in[k * K + k] == 0.0f ? 0.0f : w_in[static_cast<size_t>(r) * K + k];
+                for (int64_t g = 0; g < n_groups; ++g) {
+                    const int64_t k0 = g * gs, k1 = std::min(n_in, k0 + gs);
+                    static_params[static_cast<size_t>(g * n_out + r)] =
+                        grid_find_params(&row[size_t(k0)], k1 - k0, 1, gopt);
+                }
+            }
+        });
+    }
+
+    // Act-order: stable argsort of diag(H) (dead diagonal 1), descending.
+    std::vector<int32_t> perm;
+    if (opt.desc_act) {
+        perm.resize(K);
+        std::iota(perm.begin(), perm.end(), 0);
+        std::stable_sort(perm.begin(), perm.end(), [&](int32_t a, int32_t b) {
+            return diag[static_cast<size_t>(a)] > diag[static_cast<size_t>(b)];
+        });
+    }
+    double mean_diag = 0.0;  // in processing order, as the CPU sums it
+    for (size_t k = 0; k < K; ++k) mean_diag += diag[perm.empty() ? k : static_cast<size_t>(perm[k])];
+    mean_diag /= static_cast<double>(K);
+
+    // Device: W and H permuted (dead columns applied), then H's buffer is reused for U.
+    const size_t nw = static_cast<size_t>(n_out) * K, nh = K * K;
+    auto         w_raw = to_device(cctx, w_in, nw);
+    auto         h_raw = to_device(cctx, h_in, nh);
+    auto         w_dev = cuda_buffer::alloc(nw * sizeof(float));
+    auto         h_dev = cuda_buffer::alloc(nh * sizeof(float));
+    for (const auto* b : {&w_raw, &h_raw, &w_dev, &h_dev})
+        if (!*b) return b->error();
+    cuda_buffer perm_dev;
+    if (!perm.empty()) {
+        auto p = to_device(cctx, perm.data(), K);
+        if (!p) return p.error();
+        perm_dev = std::move(*p);
+    }
+    GPTQ_TRY(op_cuda_gptq_permute(cctx, w_raw->as<float>(), h_raw->as<float>(), perm_dev.as<int32_t>(),
+                                  w_dev->as<float>(), h_dev->as<float>(), n_out, n_in));
+    GPTQ_TRY(cctx.synchronize());
+    *w_raw        = cuda_buffer();  // free early: one W-sized buffer fewer during the loop
+    cuda_buffer u = std::move(*h_raw);
+
+    // Damping, raised while the Cholesky factorisation fails (the CPU's sequence of values).
+    auto solver = cuda_gptq_solver::create(cctx);
+    if (!solver) return solver.error();
+    double damp_percent = opt.damp_percent;
+    for (;;) {
+        const float damp = static_cast<float>(damp_percent * mean_diag);
+        auto        pd = (*solver)->damped_cholesky_inverse_upper(cctx, h_dev->as<float>(), u.as<float>(), n_in, damp);
+        if (!pd) return pd.error();
+        if (*pd) break;
+        const double next = damp_percent + opt.damp_auto_increment;
+        if (opt.damp_auto_increment <= 0.0 || next >= 1.0)
+            return make_error(E_ARG,
+                              "the Hessian [{} x {}] is not positive definite even with damp_percent {:.2f} "
+                              "(too few calibration tokens for this layer, or inputs with NaN/Inf?)",
+                              n_in, n_in, damp_percent);
+        damp_percent = next;
+    }
+    if (damp_percent != opt.damp_percent)
+        GPTQ_LOG_WARN("Hessian [{} x {}] not positive definite with damp_percent {:.3f}; used {:.3f}", n_in, n_in,
+                      opt.damp_percent, damp_percent);
+    *h_dev = cuda_buffer();
+
+    // Group params the loop reads (full rows, static groups) or writes (dynamic groups).
+    const bool           dynamic = grouped && static_params.empty();
+    const int64_t        n_par   = grouped ? n_groups * n_out : n_out;
+    std::vector<float>   scales(static_cast<size_t>(n_par), 0.0f);
+    std::vector<int32_t> zeros(static_cast<size_t>(n_par), 0);
+    const auto&          fixed = grouped ? static_params : row_params;
+    for (size_t i = 0; i < fixed.size(); ++i) {
+        scales[i] = fixed[i].scale;
+        zeros[i]  = fixed[i].zero;
+    }
+    auto                scale_dev = to_device(cctx, scales.data(), scales.size());
+    auto                zero_dev  = to_device(cctx, zeros.data(), zeros.size());
+    std::vector<double> row_loss(static_cast<size_t>(n_out), 0.0);
+    auto                loss_dev = to_device(cctx, row_loss.data(), row_loss.size());
+    auto                code_dev = cuda_buffer::alloc(nw);
+    for (const auto* b : {&scale_dev, &zero_dev, &loss_dev, &code_dev})
+        if (!*b) return b->error();
+
+    cuda_gptq_loop_args a;
+    a.w              = w_dev->as<float>();
+    a.u              = u.as<float>();
+    a.code           = code_dev->as<uint8_t>();
+    a.scale          = scale_dev->as<float>();
+    a.zero           = zero_dev->as<int32_t>();
+    a.perm           = perm_dev.as<int32_t>();
+    a.row_loss       = loss_dev->as<double>();
+    a.n_out          = n_out;
+    a.n_in           = n_in;
+    a.block_size     = opt.block_size;
+    a.group_size     = gs;
+    a.dynamic_groups = dynamic;
+    a.bits           = opt.bits;
+    a.zero_min       = opt.zero_min;
+    a.sym            = opt.sym;
+    a.mse            = opt.mse;
+    GPTQ_TRY(op_cuda_gptq_column_loop(cctx, a));
+
+    quantized_linear q;
+    q.n_out      = n_out;
+    q.n_in       = n_in;
+    q.bits       = opt.bits;
+    q.group_size = opt.group_size;
+    q.sym        = opt.sym;
+    q.n_groups   = n_groups;
+    q.codes.assign(nw, 0);
+    q.scales.assign(static_cast<size_t>(n_groups * n_out), 0.0f);
+    q.zeros.assign(static_cast<size_t>(n_groups * n_out), 0);
+    q.g_idx.assign(K, 0);
+    GPTQ_TRY(cuda_copy_to_host(cctx, q.codes.data(), code_dev->data(), nw));
+    GPTQ_TRY(cuda_copy_to_host(cctx, row_loss.data(), loss_dev->data(), row_loss.size() * sizeof(double)));
+    if (dynamic) {
+        GPTQ_TRY(cuda_copy_to_host(cctx, q.scales.data(), scale_dev->data(), q.scales.size() * sizeof(float)));
+        GPTQ_TRY(cuda_copy_to_host(cctx, q.zeros.data(), zero_dev->data(), q.zeros.size() * sizeof(int32_t)));
+    } else {
+        q.scales = std::move(scales);  // full rows: [1, n_out]; static groups: [n_groups, n_out]
+        q.zeros  = std::move(zeros);
+    }
+
+    if (grouped && !static_params.empty()) {
+        for (int64_t k = 0; k < n_in; ++k) q.g_idx[static_cast<size_t>(k)] = static_cast<int32_t>(k / gs);
+    } else {
+        for (int64_t i = 0; i < n_in; ++i) {
+            const int64_t orig                 = perm.empty() ? i : perm[static_cast<size_t>(i)];
+            q.g_idx[static_cast<size_t>(orig)] = static_cast<int32_t>(i / gs);
+        }
+    }
+    const double loss = std::accumulate(row_loss.begin(), row_loss.end(), 0.0);
+    if (!std::isfinite(loss))
+        return make_error(E_ARG,
+                          "GPTQ diverged on this layer (non-finite error {}) with damp_percent {:.3f}; raise "
+                          "--damp-percent",
+                          loss, damp_percent);
+    q.perm = std::move(perm);
+    if (stats) {
+        stats->damp_percent_used = damp_percent;
+        stats->n_dead_columns    = n_dead;
+        stats->loss              = loss;
+    }
+    return q;
+}
+
+// ---- cuda_hessian_accumulator ---------------------------------------------------------------------
+
+result<cuda_hessian_accumulator> cuda_hessian_accumulator::create(cuda_context& cctx, int64_t n_in) {
+    if (n_in <= 0) return make_error(E_ARG, "Hessian accumulator for {} input features", n_in);
+    cuda_hessian_accumulator acc;
+    acc.n_in_ = n_in;
+    const std::vector<float> zeros(static_cast<size_t>(n_in * n_in), 0.0f);
+    auto                     b = to_device(cctx, zeros.data(), zeros.size());
+    if (!b) return b.error();
+    GPTQ_TRY(cctx.synchronize());  // `zeros` goes out of scope
+    acc.sum_ = std::move(*b);
+    return acc;
+}
+
+status cuda_hessian_accumulator::add_f32(cuda_context& cctx, const float* x, int64_t n_tokens) {
+    GPTQ_TRY(op_cuda_hessian_accumulate(cctx, x, false, n_tokens, n_in_, sum_.as<float>()));
+    n_tokens_ += n_tokens;
+    return status::ok();
+}
+
+status cuda_hessian_accumulator::add_f16(cuda_context& cctx, const uint16_t* x, int64_t n_tokens) {
+    GPTQ_TRY(op_cuda_hessian_accumulate(cctx, x, true, n_tokens, n_in_, sum_.as<float>()));
+    n_tokens_ += n_tokens;
+    return status::ok();
+}
+
+status cuda_hessian_accumulator::finish(cuda_context& cctx, float* h) const {
+    const float scale = n_tokens_ > 0 ? 2.0f / static_cast<float>(n_tokens_) : 0.0f;
+    return op_cuda_hessian_finish(cctx, sum_.as<float>(), h, n_in_, scale);
+}
+
+result<std::vector<float>> cuda_hessian_accumulator::finish_host(cuda_context& cctx) const {
+    const size_t n = static_cast<size_t>(n_in_ * n_in_);
+    auto         d = cuda_buffer::alloc(n * sizeof(float));
+    if (!d) return d.error();
+    GPTQ_TRY(finish(cctx, d->as<float>()));
+    std::vector<float> h(n);
+    GPTQ_TRY(cuda_copy_to_host(cctx, h.data(), d->data(), n * sizeof(float)));
+    return h;
+}
+
+}  // namespace gptq

@@ -1,0 +1,49 @@
+// GPTQ on one linear layer on the GPU (GPTQ_CUDA builds only; EXPERIMENTAL: compiled and tested
+// against the CPU path by tests/cuda/test_gptq_cuda.cpp, see docs/gptq.md "GPTQ on the GPU").
+//
+// Same inputs, options, result and errors as gptq_quantize (quant/gptq.h); the CPU path stays the
+// oracle. The cheap O(n_in) decisions (dead columns, act-order permutation, mean of diag(H), and
+// the up-front grid params of full rows and static groups) run on the host with the CPU's code; the
+// O(n^3) work (Cholesky of H^-1 with cuSOLVER, the column loop, the lazy updates with cuBLAS) runs on
+// the device in F32, as the CPU does. Codes equal the CPU's except where a rounding tie falls
+// differently (a few-ULP difference in U or in the lazy update), which the tests measure.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/status.h"
+#include "ops/ops.h"
+#include "ops/ops_cuda.h"
+#include "quant/gptq.h"
+
+namespace gptq {
+
+// w: [n_out, n_in], h: [n_in, n_in] host arrays (unchanged). ctx: host threads for the host-side
+// steps (grid params of full rows / static groups). Device memory: about 2 (n_out n_in + n_in^2)
+// F32 plus the codes.
+result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_context& ctx, const float* w, int64_t n_out,
+                                            int64_t n_in, const float* h, const gptq_options& opt,
+                                            gptq_stats* stats = nullptr);
+
+// H = (2 / n_tokens) sum x x^T on the device, F32 sums (hessian_accumulator's contract).
+class cuda_hessian_accumulator {
+public:
+    static result<cuda_hessian_accumulator> create(cuda_context& cctx, int64_t n_in);
+    // x: [n_tokens, n_in] row-major device array, F32 or F16 bits.
+    status add_f32(cuda_context& cctx, const float* x, int64_t n_tokens);
+    status add_f16(cuda_context& cctx, const uint16_t* x, int64_t n_tokens);
+    // The normalised symmetric H [n_in, n_in] into a device array h (the sums are kept, so the
+    // accumulator can continue), or copied to the host.
+    status                     finish(cuda_context& cctx, float* h) const;
+    result<std::vector<float>> finish_host(cuda_context& cctx) const;
+    int64_t                    n_tokens() const { return n_tokens_; }
+    int64_t                    n_in() const { return n_in_; }
+
+private:
+    int64_t     n_in_     = 0;
+    int64_t     n_tokens_ = 0;
+    cuda_buffer sum_;  // [n_in, n_in] F32, upper triangle of sum x x^T
+};
+
+}  // namespace gptq

@@ -1,0 +1,430 @@
+// GPTQ quantization on the GPU (quant/gptq_cuda.h) against the CPU path (quant/gptq.h), the oracle.
+// (test_cuda_gptq.cpp is another thing: the GPTQ *linear* kernels of inference.)
+//
+// Three levels of agreement:
+// 1. Exact, where the arithmetic is the same: a diagonal Hessian (U diagonal: no error feedback,
+//    so every code, scale, zero, g_idx and perm must be bit-identical, which checks the grid, MSE
+//    search, groups, static groups, act-order and dead columns), and one block (n_in <= 128: no lazy
+//    GEMM) run by the GPU column loop with the CPU's own U (the kernel's per-column arithmetic must
+//    reproduce the CPU's bit for bit).
+// 2. The damping sequence and its errors: a Hessian that needs extra damping takes the CPU's path.
+// 3. Statistical, on random correlated layers: U from cuSOLVER and the lazy updates from cuBLAS
+//    differ from OpenBLAS by a few ULPs, which moves a code only where the value sits at a rounding
+//    tie; but GPTQ feeds each code's error forward along its row, so one flipped code changes the
+//    rest of that row's inputs by up to a quantization step and flips more codes after it. The bound
+//    on differing codes is therefore stated against the CPU's own two implementations: the BLAS path
+//    vs the double-precision reference path (ops_context::reference) differ by the same kind of
+//    rounding, and the GPU may differ from the BLAS path at most k_code_factor times as often
+//    (floor k_code_floor, for layers where the CPU pair happens to agree). Scales/zeros follow the
+//    same rule, and the Hessian-weighted error (what GPTQ minimises) must agree within k_herr_rtol.
+//    Each case prints its fractions ("gptq_cuda_diff ...") so the device log records them.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "core/thread_pool.h"
+#include "ops/linalg.h"
+#include "ops/ops_cuda.h"
+#include "ops/ops_cuda_gptq.h"
+#include "quant/gptq.h"
+#include "quant/gptq_cuda.h"
+
+namespace gptq {
+namespace {
+
+// Differing codes: GPU vs CPU at most k_code_factor x (CPU BLAS vs CPU reference), or k_code_floor.
+// The floor: with 48-96 rows per layer, a single cascading row is 1-2 % of the codes.
+constexpr double k_code_factor = 3.0;
+constexpr double k_code_floor  = 0.03;
+// Hessian-weighted error: the two runs are equally good GPTQ solutions; cascades in a few rows move
+// the total by a few percent at most on these sizes.
+constexpr double k_herr_rtol = 0.05;
+// Hessian accumulation: F32 sums of n_tokens products in a different order (cuBLAS vs OpenBLAS);
+// relative to sqrt(h_ii h_jj), which bounds the sum of the terms' magnitudes / n (worst case n eps
+// = 1.8e-5 for 300 tokens). F16 inputs: exact products, F32 sums on tensor cores (their adders
+// may truncate): x 4.
+constexpr double k_hess_rtol_f32 = 5e-5;
+constexpr double k_hess_rtol_f16 = 2e-4;
+
+cuda_context* gpu() {
+    static std::unique_ptr<cuda_context> ctx;
+    static bool                          tried = false;
+    if (!tried) {
+        tried  = true;
+        auto c = cuda_context::create(0);
+        if (c) {
+            ctx = std::move(*c);
+        } else if (c.error().code() != status_code::STATUS_UNSUPPORTED) {
+            ADD_FAILURE() << c.error().message();
+        }
+    }
+    return ctx.get();
+}
+
+#define SKIP_WITHOUT_GPU()                                         \
+    cuda_context* cc = gpu();                                      \
+    if (!cc) GTEST_SKIP() << "no CUDA device: cuda tests skipped"; \
+    do {                                                           \
+    } while (0)
+
+struct layer {
+    int64_t            n_out, n_in;
+    std::vector<float> w;  // [n_out, n_in]
+    std::vector<float> h;  // [n_in, n_in]
+    std::vector<float> x;  // [n_tokens, n_in] calibration inputs
+};
+
+// Correlated inputs with uneven scales (as real activations): x = z A (rank n_in / 2), every 7th
+// feature x4, plus noise; H from the CPU accumulator.
+layer make_layer(int64_t n_out, int64_t n_in, uint32_t seed, int64_t n_tokens = 384) {
+    std::mt19937                    rng(seed);
+    std::normal_distribution<float> nd;
+    layer                           L{n_out, n_in, {}, {}, {}};
+    L.w.resize(static_cast<size_t>(n_out * n_in));
+    for (auto& v : L.w) v = 0.05f * nd(rng);
+    const int64_t      r = std::max<int64_t>(1, n_in / 2);
+    std::vector<float> a(static_cast<size_t>(r * n_in));
+    for (auto& v : a) v = nd(rng) / std::sqrt(static_cast<float>(r));
+    L.x.assign(static_cast<size_t>(n_tokens * n_in), 0.0f);
+    std::vector<float> z(static_cast<size_t>(r));
+    for (int64_t t = 0; t < n_tokens; ++t) {
+        for (auto& v : z) v = nd(rng);
+        float* xt = &L.x[static_cast<size_t>(t * n_in)];
+        for (int64_t j = 0; j < r; ++j)
+            for (int64_t k = 0; k < n_in; ++k) xt[k] += z[size_t(j)] * a[static_cast<size_t>(j * n_in + k)];
+        for (int64_t k = 0; k < n_in; k += 7) xt[k] *= 4.0f;
+        for (int64_t k = 0; k < n_in; ++k) xt[k] += 0.1f * nd(rng);
+    }
+    hessian_accumulator acc(n_in);
+    acc.add(ops_context{}, L.x.data(), n_tokens);
+    L.h = acc.finish();
+    return L;
+}
+
+double herr(const layer& L, const quantized_linear& q) {
+    std::vector<float> dq(static_cast<size_t>(q.n_out * q.n_in));
+    quantized_linear_dequantize(q, dq.data());
+    return hessian_weighted_error(ops_context{}, L.w.data(), dq.data(), L.n_out, L.n_in, L.h.data());
+}
+
+template <typename T>
+double frac_differ(const std::vector<T>& a, const std::vector<T>& b) {
+    if (a.size() != b.size() || a.empty()) return a.size() == b.size() ? 0.0 : 1.0;
+    size_t n = 0;
+    for (size_t i = 0; i < a.size(); ++i) n += a[i] != b[i];
+    return static_cast<double>(n) / static_cast<double>(a.size());
+}
+
+std::string describe(const gptq_options& o) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "bits %d gs %d %s%s%s%s", o.bits, o.group_size, o.sym ? "sym" : "asym",
+                  o.desc_act ? " act-order" : "", o.static_groups ? " static" : "", o.mse ? " mse" : "");
+    return buf;
+}
+
+void expect_identical(const quantized_linear& g, const quantized_linear& c, const std::string& what) {
+    EXPECT_EQ(frac_differ(g.codes, c.codes), 0.0) << what << ": codes";
+    EXPECT_EQ(g.scales, c.scales) << what << ": scales";
+    EXPECT_EQ(g.zeros, c.zeros) << what << ": zeros";
+    EXPECT_EQ(g.g_idx, c.g_idx) << what << ": g_idx";
+    EXPECT_EQ(g.perm, c.perm) << what << ": perm";
+    EXPECT_EQ(g.n_groups, c.n_groups) << what;
+}
+
+std::vector<gptq_options> option_sweep(bool with_mse) {
+    std::vector<gptq_options> out;
+    for (int bits : {2, 3, 4, 8})
+        for (int gs : {-1, 32, 128})
+            for (bool act : {false, true})
+                for (bool sym : {true, false}) {
+                    gptq_options o;
+                    o.bits       = bits;
+                    o.group_size = gs;
+                    o.desc_act   = act;
+                    o.sym        = sym;
+                    out.push_back(o);
+                }
+    for (bool act : {false, true}) {  // static groups, with and without act-order
+        gptq_options o;
+        o.group_size    = 32;
+        o.static_groups = true;
+        o.desc_act      = act;
+        out.push_back(o);
+    }
+    if (with_mse)
+        for (int gs : {-1, 32}) {
+            gptq_options o;
+            o.bits       = 3;
+            o.group_size = gs;
+            o.mse        = true;
+            o.sym        = gs == -1;
+            out.push_back(o);
+        }
+    return out;
+}
+
+}  // namespace
+
+// 1a. Diagonal H: GPTQ is RTN on the (permuted) weights, on both sides; everything bit-identical.
+TEST(gptq_cuda, diagonal_hessian_is_bit_identical) {
+    SKIP_WITHOUT_GPU();
+    thread_pool                     pool(4);
+    ops_context                     ctx{&pool, false};
+    const int64_t                   n_out = 40, n_in = 300;  // n_in: not a multiple of 32 or 128
+    std::mt19937                    rng(11);
+    std::normal_distribution<float> nd;
+    std::vector<float>              w(static_cast<size_t>(n_out * n_in)), h(static_cast<size_t>(n_in * n_in), 0.0f);
+    for (auto& v : w) v = 0.05f * nd(rng);
+    for (int64_t k = 0; k < n_in; ++k)
+        h[static_cast<size_t>(k * n_in + k)] = k % 13 == 5 ? 0.0f : 0.5f + std::fabs(nd(rng));  // dead columns
+    for (const auto& o : option_sweep(true)) {
+        gptq_stats sg, sc;
+        auto       g = gptq_quantize_cuda(*cc, ctx, w.data(), n_out, n_in, h.data(), o, &sg);
+        auto       c = gptq_quantize(ctx, w.data(), n_out, n_in, h.data(), o, &sc);
+        ASSERT_TRUE(g.is_ok()) << describe(o) << ": " << g.error().message();
+        ASSERT_TRUE(c.is_ok()) << describe(o) << ": " << c.error().message();
+        expect_identical(*g, *c, describe(o));
+        EXPECT_EQ(sg.n_dead_columns, sc.n_dead_columns);
+        EXPECT_EQ(sg.damp_percent_used, sc.damp_percent_used);
+    }
+}
+
+// 1b. One block (n_in <= 128), the CPU's own U: the kernel's per-column arithmetic (quantize, error
+// feedback inside the block, group params from the updated block) equals the CPU bit for bit.
+TEST(gptq_cuda, column_loop_with_the_cpus_u_is_bit_identical) {
+    SKIP_WITHOUT_GPU();
+    ops_context ctx;
+    for (int64_t n_in : {int64_t(96), int64_t(128), int64_t(77)}) {
+        const int64_t n_out = 50;
+        const layer   L     = make_layer(n_out, n_in, 21 + static_cast<uint32_t>(n_in));
+        // The CPU path's U (no act-order, no dead columns): chol((H + damp I)^-1) upper, F32 LAPACK.
+        double mean_diag = 0.0;
+        for (int64_t k = 0; k < n_in; ++k) mean_diag += L.h[static_cast<size_t>(k * n_in + k)];
+        mean_diag /= static_cast<double>(n_in);
+        std::vector<float> u    = L.h;
+        const float        damp = static_cast<float>(0.01 * mean_diag);
+        for (int64_t k = 0; k < n_in; ++k) u[static_cast<size_t>(k * n_in + k)] += damp;
+        ASSERT_TRUE(op_cholesky_inverse_upper(ctx, u.data(), n_in));
+        for (const auto& o : option_sweep(true)) {
+            if (o.desc_act) continue;
+            gptq_stats st_c;
+            auto       c = gptq_quantize(ctx, L.w.data(), n_out, n_in, L.h.data(), o, &st_c);
+            ASSERT_TRUE(c.is_ok()) << c.error().message();
+            ASSERT_EQ(st_c.damp_percent_used, 0.01) << "the CPU used another damping than the U made here";
+            // The GPU column loop alone, fed the CPU's U and the CPU's up-front params.
+            const int64_t        gs      = o.group_size == -1 ? n_in : o.group_size;
+            const bool           dynamic = o.group_size != -1 && !o.static_groups;
+            auto                 wd      = cuda_buffer::from_host(L.w.data(), L.w.size() * 4);
+            auto                 ud      = cuda_buffer::from_host(u.data(), u.size() * 4);
+            std::vector<float>   sc(c->scales.size());
+            std::vector<int32_t> zc(c->zeros.size());
+            if (!dynamic) {
+                sc = c->scales;  // full rows / static groups: the params are fixed up front
+                zc = c->zeros;
+            }
+            auto                sd = cuda_buffer::from_host(sc.data(), sc.size() * 4);
+            auto                zd = cuda_buffer::from_host(zc.data(), zc.size() * 4);
+            std::vector<double> loss0(static_cast<size_t>(n_out), 0.0);
+            auto                ld = cuda_buffer::from_host(loss0.data(), loss0.size() * 8);
+            auto                cd = cuda_buffer::alloc(L.w.size());
+            for (const auto* b : {&wd, &ud, &sd, &zd, &ld, &cd}) ASSERT_TRUE(b->is_ok()) << b->error().message();
+            cuda_gptq_loop_args a;
+            a.w              = wd->as<float>();
+            a.u              = ud->as<float>();
+            a.code           = cd->as<uint8_t>();
+            a.scale          = sd->as<float>();
+            a.zero           = zd->as<int32_t>();
+            a.row_loss       = ld->as<double>();
+            a.n_out          = n_out;
+            a.n_in           = n_in;
+            a.group_size     = gs;
+            a.dynamic_groups = dynamic;
+            a.bits           = o.bits;
+            a.sym            = o.sym;
+            a.mse            = o.mse;
+            const status st  = op_cuda_gptq_column_loop(*cc, a);
+            ASSERT_TRUE(st.is_ok()) << st.message();
+            std::vector<uint8_t> codes(L.w.size());
+            ASSERT_TRUE(cuda_copy_to_host(*cc, codes.data(), cd->data(), codes.size()).is_ok());
+            ASSERT_TRUE(cuda_copy_to_host(*cc, sc.data(), sd->data(), sc.size() * 4).is_ok());
+            ASSERT_TRUE(cuda_copy_to_host(*cc, zc.data(), zd->data(), zc.size() * 4).is_ok());
+            EXPECT_EQ(frac_differ(codes, c->codes), 0.0) << "n_in " << n_in << " " << describe(o);
+            EXPECT_EQ(sc, c->scales) << "n_in " << n_in << " " << describe(o);
+            EXPECT_EQ(zc, c->zeros) << "n_in " << n_in << " " << describe(o);
+        }
+    }
+}
+
+// 2. Damping: raised by the same steps as on the CPU; a negative definite H fails the same way.
+TEST(gptq_cuda, damping_follows_the_cpu) {
+    SKIP_WITHOUT_GPU();
+    ops_context        ctx;
+    const layer        L = make_layer(16, 160, 6, 64);
+    std::vector<float> h(160 * 160, 0.0f);
+    for (int i = 0; i < 160; ++i) h[static_cast<size_t>(i * 161)] = 1.0f;
+    h[0] = -0.02f;  // one negative eigenvalue: fails at damp 0.01 and 0.02, passes at 0.03
+    gptq_options o;
+    o.group_size = -1;
+    gptq_stats sg, sc;
+    auto       g = gptq_quantize_cuda(*cc, ctx, L.w.data(), 16, 160, h.data(), o, &sg);
+    auto       c = gptq_quantize(ctx, L.w.data(), 16, 160, h.data(), o, &sc);
+    ASSERT_TRUE(g.is_ok()) << g.error().message();
+    ASSERT_TRUE(c.is_ok()) << c.error().message();
+    EXPECT_GT(sc.damp_percent_used, 0.02);
+    EXPECT_EQ(sg.damp_percent_used, sc.damp_percent_used);
+    expect_identical(*g, *c, "diagonal H with extra damping");
+
+    // Rank-deficient H (8 tokens for 160 inputs) with dead columns: same dead count and damping.
+    layer R = make_layer(24, 160, 7, 8);
+    for (int k = 0; k < 160; k += 9)
+        for (int j = 0; j < 160; ++j)
+            R.h[static_cast<size_t>(k * 160 + j)] = R.h[static_cast<size_t>(j * 160 + k)] = 0.0f;
+    o.group_size = 32;
+    g            = gptq_quantize_cuda(*cc, ctx, R.w.data(), 24, 160, R.h.data(), o, &sg);
+    c            = gptq_quantize(ctx, R.w.data(), 24, 160, R.h.data(), o, &sc);
+    ASSERT_TRUE(g.is_ok()) << g.error().message();
+    ASSERT_TRUE(c.is_ok()) << c.error().message();
+    EXPECT_EQ(sg.n_dead_columns, 18);
+    EXPECT_EQ(sg.n_dead_columns, sc.n_dead_columns);
+    EXPECT_EQ(sg.damp_percent_used, sc.damp_percent_used);
+    std::vector<float> dq(24 * 160);
+    quantized_linear_dequantize(*g, dq.data());
+    for (int r = 0; r < 24; ++r)
+        for (int k = 0; k < 160; k += 9) EXPECT_EQ(dq[static_cast<size_t>(r * 160 + k)], 0.0f) << "dead column -> 0";
+
+    for (auto& v : h) v = -v;  // negative definite: no damping below 1 helps
+    g = gptq_quantize_cuda(*cc, ctx, L.w.data(), 16, 160, h.data(), o, &sg);
+    ASSERT_FALSE(g.is_ok());
+    EXPECT_NE(g.error().message().find("not positive definite"), std::string::npos) << g.error().message();
+
+    std::vector<float> zero_h(160 * 160, 0.0f);  // every column dead: RTN, as the CPU
+    g = gptq_quantize_cuda(*cc, ctx, L.w.data(), 16, 160, zero_h.data(), o);
+    c = gptq_quantize(ctx, L.w.data(), 16, 160, zero_h.data(), o);
+    ASSERT_TRUE(g.is_ok() && c.is_ok());
+    expect_identical(*g, *c, "all columns dead");
+
+    o.bits = 5;
+    g      = gptq_quantize_cuda(*cc, ctx, L.w.data(), 16, 160, L.h.data(), o);
+    ASSERT_FALSE(g.is_ok());
+    EXPECT_NE(g.error().message().find("bits 5"), std::string::npos);
+}
+
+// 3. Random correlated layers: GPU vs CPU within the bounds stated at the top.
+TEST(gptq_cuda, correlated_layers_agree_with_the_cpu) {
+    SKIP_WITHOUT_GPU();
+    thread_pool       pool(4);
+    const ops_context ctx{&pool, false}, ref{nullptr, true};
+    struct shape {
+        int64_t n_out, n_in;
+    };
+    double worst = 0.0, sum = 0.0;
+    int    n_cases = 0;
+    for (const shape s : {shape{64, 256}, shape{48, 200}, shape{33, 300}}) {
+        const layer L = make_layer(s.n_out, s.n_in, 100 + static_cast<uint32_t>(s.n_in));
+        for (const auto& o : option_sweep(s.n_in == 200)) {
+            gptq_stats sg, sc;
+            auto       g = gptq_quantize_cuda(*cc, ctx, L.w.data(), s.n_out, s.n_in, L.h.data(), o, &sg);
+            auto       c = gptq_quantize(ctx, L.w.data(), s.n_out, s.n_in, L.h.data(), o, &sc);
+            auto       r = gptq_quantize(ref, L.w.data(), s.n_out, s.n_in, L.h.data(), o);
+            ASSERT_TRUE(g.is_ok()) << describe(o) << ": " << g.error().message();
+            ASSERT_TRUE(c.is_ok() && r.is_ok()) << describe(o);
+            const std::string what = std::to_string(s.n_out) + "x" + std::to_string(s.n_in) + " " + describe(o);
+            EXPECT_EQ(g->g_idx, c->g_idx) << what;
+            EXPECT_EQ(g->perm, c->perm) << what;
+            EXPECT_EQ(sg.damp_percent_used, sc.damp_percent_used) << what;
+            const double fc_gpu = frac_differ(g->codes, c->codes), fc_ref = frac_differ(r->codes, c->codes);
+            const double fs_gpu = frac_differ(g->scales, c->scales), fs_ref = frac_differ(r->scales, c->scales);
+            const double fz_gpu = frac_differ(g->zeros, c->zeros), fz_ref = frac_differ(r->zeros, c->zeros);
+            const double eg = herr(L, *g), ec = herr(L, *c);
+            std::printf("gptq_cuda_diff %-40s codes gpu %.5f ref %.5f  scales gpu %.5f ref %.5f  herr gpu/cpu %.4f\n",
+                        what.c_str(), fc_gpu, fc_ref, fs_gpu, fs_ref, eg / ec);
+            EXPECT_LE(fc_gpu, std::max(k_code_floor, k_code_factor * fc_ref)) << what;
+            EXPECT_LE(fs_gpu, std::max(k_code_floor, k_code_factor * fs_ref)) << what;
+            EXPECT_LE(fz_gpu, std::max(k_code_floor, k_code_factor * fz_ref)) << what;
+            EXPECT_LE(std::fabs(eg - ec), k_herr_rtol * ec) << what << ": gpu " << eg << " cpu " << ec;
+            // Scales are F16 values on both sides (the checkpoint stores them as they are).
+            for (float v : g->scales) ASSERT_EQ(f16_to_f32(f32_to_f16(v)), v) << what;
+            for (uint8_t q : g->codes) ASSERT_LE(q, (1 << o.bits) - 1) << what;
+            worst = std::max(worst, fc_gpu);
+            sum += fc_gpu;
+            ++n_cases;
+        }
+    }
+    std::printf("gptq_cuda_diff summary: %d cases, differing codes mean %.5f, worst %.5f\n", n_cases, sum / n_cases,
+                worst);
+}
+
+// A layer of a realistic width (two full blocks and a partial one, 4-bit g128 act-order): printed
+// for the record, same bounds.
+TEST(gptq_cuda, wider_layer_agrees_with_the_cpu) {
+    SKIP_WITHOUT_GPU();
+    thread_pool       pool(8);
+    const ops_context ctx{&pool, false};
+    const layer       L = make_layer(256, 320, 5, 512);
+    gptq_options      o;
+    o.desc_act = true;
+    auto g     = gptq_quantize_cuda(*cc, ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), o);
+    auto c     = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), o);
+    ASSERT_TRUE(g.is_ok() && c.is_ok());
+    const double fc = frac_differ(g->codes, c->codes), eg = herr(L, *g), ec = herr(L, *c);
+    std::printf("gptq_cuda_diff 256x320 4-bit g128 act-order: codes %.5f, herr gpu/cpu %.4f\n", fc, eg / ec);
+    EXPECT_LE(fc, k_code_floor);
+    EXPECT_LE(std::fabs(eg - ec), k_herr_rtol * ec);
+}
+
+// Hessian accumulation from F32 and F16 activations on the device vs the CPU accumulator.
+TEST(gptq_cuda, hessian_accumulation_matches_the_cpu) {
+    SKIP_WITHOUT_GPU();
+    for (int64_t n_in : {int64_t(64), int64_t(200)}) {
+        const layer L = make_layer(8, n_in, 3, 300);
+        for (bool f16 : {false, true}) {
+            std::vector<float>    x = L.x;
+            std::vector<uint16_t> xh(x.size());
+            if (f16) {
+                for (size_t i = 0; i < x.size(); ++i) {
+                    xh[i] = f32_to_f16(x[i]);
+                    x[i]  = f16_to_f32(xh[i]);  // the CPU sees exactly the F16 values
+                }
+            }
+            hessian_accumulator cpu(n_in);
+            cpu.add(ops_context{}, x.data(), 100);
+            cpu.add(ops_context{}, x.data() + 100 * n_in, 200);
+            const auto hc = cpu.finish();
+
+            auto acc = cuda_hessian_accumulator::create(*cc, n_in);
+            ASSERT_TRUE(acc.is_ok()) << acc.error().message();
+            auto xd =
+                f16 ? cuda_buffer::from_host(xh.data(), xh.size() * 2) : cuda_buffer::from_host(x.data(), x.size() * 4);
+            ASSERT_TRUE(xd.is_ok());
+            if (f16) {
+                ASSERT_TRUE(acc->add_f16(*cc, xd->as<uint16_t>(), 100).is_ok());
+                ASSERT_TRUE(acc->add_f16(*cc, xd->as<uint16_t>() + 100 * n_in, 200).is_ok());
+            } else {
+                ASSERT_TRUE(acc->add_f32(*cc, xd->as<float>(), 100).is_ok());
+                ASSERT_TRUE(acc->add_f32(*cc, xd->as<float>() + 100 * n_in, 200).is_ok());
+            }
+            EXPECT_EQ(acc->n_tokens(), 300);
+            auto hg = acc->finish_host(*cc);
+            ASSERT_TRUE(hg.is_ok()) << hg.error().message();
+            const double tol = f16 ? k_hess_rtol_f16 : k_hess_rtol_f32;
+            for (int64_t i = 0; i < n_in; ++i)
+                for (int64_t j = 0; j < n_in; ++j) {
+                    const size_t ij = static_cast<size_t>(i * n_in + j);
+                    const double s =
+                        std::sqrt(static_cast<double>(hc[size_t(i * n_in + i)]) * hc[size_t(j * n_in + j)]);
+                    ASSERT_NEAR((*hg)[ij], hc[ij], tol * s + 1e-30)
+                        << "n_in " << n_in << (f16 ? " f16" : " f32") << " at [" << i << ", " << j << "]";
+                    ASSERT_EQ((*hg)[ij], (*hg)[static_cast<size_t>(j * n_in + i)]) << "symmetric";
+                }
+        }
+    }
+}
+
+}  // namespace gptq

@@ -40,12 +40,15 @@ namespace gptq {
 namespace {
 
 // Differing codes: GPU vs CPU at most k_code_factor x (CPU BLAS vs CPU reference), or k_code_floor.
-// The floor: with 48-96 rows per layer, a single cascading row is 1-2 % of the codes.
-constexpr double k_code_factor = 3.0;
-constexpr double k_code_floor  = 0.03;
-// Hessian-weighted error: the two runs are equally good GPTQ solutions; cascades in a few rows move
-// the total by a few percent at most on these sizes.
-constexpr double k_herr_rtol = 0.05;
+// Measured on the dev VM for this very sweep (CPU BLAS vs reference): 146 of 152 cases identical
+// codes, the worst 1.2 % (8-bit g32 on 33 x 300: one cascading row is 3 % of 33 rows' codes), mean
+// 0.01 %; scales up to 2.1 % (an F16 scale one ULP apart can leave every code unchanged); Hessian-
+// weighted error within 0.4 %. The floor covers one or two cascading rows of a 33-64-row layer.
+constexpr double k_code_factor   = 3.0;
+constexpr double k_code_floor    = 0.03;
+constexpr double k_code_mean_max = 0.005;  // over the whole sweep: ties are rare
+// Hessian-weighted error: both runs are equally good GPTQ solutions; 5x the worst CPU-pair gap.
+constexpr double k_herr_rtol = 0.02;
 // Hessian accumulation: F32 sums of n_tokens products in a different order (cuBLAS vs OpenBLAS);
 // relative to sqrt(h_ii h_jj), which bounds the sum of the terms' magnitudes / n (worst case n eps
 // = 1.8e-5 for 300 tokens). F16 inputs: exact products, F32 sums on tensor cores (their adders
@@ -359,6 +362,7 @@ TEST(gptq_cuda, correlated_layers_agree_with_the_cpu) {
     }
     std::printf("gptq_cuda_diff summary: %d cases, differing codes mean %.5f, worst %.5f\n", n_cases, sum / n_cases,
                 worst);
+    EXPECT_LE(sum / n_cases, k_code_mean_max);
 }
 
 // A layer of a realistic width (two full blocks and a partial one, 4-bit g128 act-order): printed

@@ -45,6 +45,10 @@ struct quantize_params {
     std::string report_path;                   // write a JSON report here ("" = none)
     int         n_threads         = 0;         // 0 = all cores
     int64_t     stop_after_layers = -1;        // testing: stop (as if killed) after this many layers
+
+    // Where each linear's GPTQ solve (Cholesky of H^-1, column loop) runs: "cpu", or "cuda[:N]",
+    // EXPERIMENTAL (docs/cuda.md, "GPTQ on the GPU"); the calibration passes stay on the CPU.
+    std::string device = "cpu";
 };
 
 struct quantize_linear_report {

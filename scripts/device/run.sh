@@ -15,6 +15,8 @@
 #    small-llama (first 40 windows on both, and all 791 on cuda, to compare with the CPU figure of
 #    docs/results.md, 113.827) when .device-small-llama (bundle.sh) is carried. One JSON line per
 #    run in ppl.jsonl; the relative differences go to summary.txt.
+# 3a. GPTQ on the GPU (experimental): tiny-llama quantized with --device cpu and cuda, codes compared
+#    (scripts/device/gptq_codes_diff.py) and both perplexities on cuda.
 # 4. Only with GPTQ_DEVICE_BENCH=1: bench_gptq_gemv (JSON), then Nsight Compute on two int4 launches.
 # 4a. End to end (GPTQ_DEVICE_E2E=1, default): gptq bench of make-random llama-2-7b (FP16) and of an
 #    8-layer 7B shape quantized RTN W4 g128 against its FP16 original, batch 1 on cuda.
@@ -130,6 +132,30 @@ if [ -d .device-small-llama ]; then
 else
     log "no .device-small-llama carried: small-llama ppl skipped (run scripts/device/bundle.sh here, carry it)"
 fi
+
+# ---- GPTQ on the GPU (experimental): tiny-llama quantized with --device cpu and --device cuda -----
+# Same calibration (64 x 512 tokens, seed 0), 4-bit g128 act-order; the codes and scales compared
+# (gptq_codes_diff.py; for scale: two CPU runs with different calibration seeds differ in ~14 % of
+# the codes), then the perplexity of both checkpoints on cuda (first 100 windows).
+QD=/tmp/gptq-qdev; rm -rf "$QD"; mkdir -p "$QD"
+qok=1
+for dev in cpu cuda; do
+    t0=$(date +%s.%N)
+    if "$GPTQ" -q quantize models/tiny-llama -o "$QD/$dev" --nsamples 64 --seqlen 512 --desc-act --device "$dev" \
+            --report "$QD/$dev.json" >> "$OUT/tests.log" 2>&1; then
+        echo "$(date +%s.%N) $t0" | awk '{printf "%.1f", $1 - $2}' > "$QD/$dev.secs"
+    else
+        qok=0; status=1; log "gptq quantize tiny-llama --device $dev FAILED (see tests.log)"
+    fi
+done
+if [ "$qok" = 1 ]; then
+    log "gptq quantize tiny-llama 4-bit g128 act-order, cuda vs cpu codes: $(python3 scripts/device/gptq_codes_diff.py "$QD/cpu" "$QD/cuda" 4 2>&1)"
+    a=$(ppl tiny-llama-gptq-cpu-100w "$QD/cpu" cuda --max-windows 100)
+    b=$(ppl tiny-llama-gptq-cuda-100w "$QD/cuda" cuda --max-windows 100)
+    check "$a" "$b"
+    log "ppl of tiny-llama W4 g128 act-order, 100 windows on cuda: quantized on cpu $a ($(cat "$QD/cpu.secs") s), on cuda $b ($(cat "$QD/cuda.secs") s), $(reldiff "$b" "$a")"
+fi
+rm -rf "$QD"
 
 # ---- end to end: gptq bench on make-random shapes (GPTQ_DEVICE_E2E=0 skips) -----------------------
 # FP16 Llama-2-7B (all 32 layers) at batch 1 on the GPU, then an 8-layer 7B-shaped model quantized

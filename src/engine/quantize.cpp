@@ -22,6 +22,7 @@
 #include "core/progress.h"
 #include "core/thread_pool.h"
 #include "data_files.h"
+#include "gptq/device.h"
 #include "host_memory.h"
 #include "io/gptq_checkpoint.h"
 #include "io/gptq_config.h"
@@ -32,6 +33,9 @@
 #include "model/llama.h"
 #include "quant/gptq.h"
 #include "tokenizer/tokenizer.h"
+#ifdef GPTQ_HAVE_CUDA
+#include "quant/gptq_cuda.h"
+#endif
 
 namespace gptq {
 
@@ -142,6 +146,9 @@ struct run_state {
     std::vector<float>           x;  // [nsamples * seqlen, n_embd] current layer inputs
     int64_t                      n_samples = 0;
     quantize_report              report;
+#ifdef GPTQ_HAVE_CUDA
+    std::unique_ptr<cuda_context> gpu;  // --device cuda: the GPTQ solve runs there (experimental)
+#endif
 };
 
 // Tensor names of a layer's non-linear weights (the norms), copied unchanged.
@@ -266,7 +273,12 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
             quantized_linear   q;
             if (s.p.method == "gptq") {
                 gptq_stats st;
-                auto       g = gptq_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, h.data(), s.opt, &st);
+#ifdef GPTQ_HAVE_CUDA
+                auto g = s.gpu ? gptq_quantize_cuda(*s.gpu, ctx, lw.w.data(), lw.n_out, lw.n_in, h.data(), s.opt, &st)
+                               : gptq_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, h.data(), s.opt, &st);
+#else
+                auto g = gptq_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, h.data(), s.opt, &st);
+#endif
                 if (!g) return g.error().with_context(name);
                 q                = std::move(g).value();
                 rep.damp_percent = st.damp_percent_used;
@@ -438,6 +450,19 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             "stored; --format gptq_v2 has no such limit");
     }
     GPTQ_TRY(gptq_check_options(s.opt, 1));
+
+    // --device: the CPU unless asked (the GPU path is experimental and only runs the GPTQ solve).
+    GPTQ_ASSIGN_OR_RETURN(const device_spec dev, device_parse(params.device));
+    if (dev.cuda && params.method == "gptq") {
+        GPTQ_TRY(device_check(dev));
+#ifdef GPTQ_HAVE_CUDA
+        GPTQ_ASSIGN_OR_RETURN(s.gpu, cuda_context::create(dev.index));
+        GPTQ_LOG_WARN(
+            "--device {}: GPTQ on the GPU is experimental (the Cholesky and column loop of each linear run "
+            "there; calibration stays on the CPU); compare with --device cpu before trusting it",
+            device_name(dev));
+#endif
+    }
 
     // The model.
     GPTQ_ASSIGN_OR_RETURN(s.model, llama_model::open(params.model_path));

@@ -2,6 +2,7 @@
 // GPU): there `--device cuda` must fail with a message saying why; with a GPU it must work.
 #include <gtest/gtest.h>
 
+#include <filesystem>
 #include <string>
 
 #include "gptq/device.h"
@@ -62,4 +63,19 @@ TEST(device, cli_cuda_fails_cleanly_without_a_gpu_or_runs_with_one) {
     const auto r2 = test::run_command(test::gptq_binary() + " generate " + model + " -p hi -n 1 --device cuda:999");
     EXPECT_NE(r2.exit_code, 0);
     EXPECT_NE(r2.err.find("cuda:999"), std::string::npos) << r2.err;
+}
+
+TEST(device, cli_quantize_device_is_checked_before_any_work) {
+    const std::string model = test::source_path("models/tiny-llama");
+    test::temp_dir    tmp("quantize-device");
+    const std::string out = tmp.path() + "/out";
+    auto r = test::run_command(test::gptq_binary() + " quantize " + model + " -o " + out + " --device tpu");
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("'tpu'"), std::string::npos) << r.err;
+    // No GPU here (or no such device on any machine): a message naming the device, no output folder.
+    r = test::run_command(test::gptq_binary() + " quantize " + model + " -o " + out + " --device cuda:999");
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find("cuda:999"), std::string::npos) << r.err;
+    EXPECT_FALSE(std::filesystem::exists(out));
+    EXPECT_FALSE(std::filesystem::exists(out + ".partial"));
 }

@@ -1,4 +1,4 @@
-// gptq quantize MODEL -o OUT [--bits 4] [--group-size 128] [--desc-act] [--sym|--no-sym] ...
+// gptq quantize MODEL -o OUT [--bits 4] [--group-size 128] [--desc-act] [--sym|--no-sym] [--device cpu|cuda] ...
 #include <cstdio>
 #include <memory>
 
@@ -71,6 +71,10 @@ command register_quantize(CLI::App& app) {
     sub->add_option("--threads", o->n_threads, "CPU threads (0: all cores)")
         ->capture_default_str()
         ->check(CLI::NonNegativeNumber);
+    sub->add_option("--device", o->device,
+                    "where each linear's GPTQ solve runs: cpu, or cuda[:N] (EXPERIMENTAL: Cholesky and column "
+                    "loop on the GPU, calibration on the CPU)")
+        ->capture_default_str();
     sub->add_option("--stop-after-layers", o->stop_after_layers, "testing: stop after N layers as if interrupted")
         ->group("");
     return {sub, [o, no_ts, shard] {

@@ -77,6 +77,16 @@ cuda_context* gpu() {
     do {                                                           \
     } while (0)
 
+// A device copy ordered on the context's stream (cuda_buffer::from_host copies on the legacy stream,
+// which the context's non-blocking stream does not wait for). `src` must outlive the next sync.
+result<cuda_buffer> upload(cuda_context& cc, const void* src, size_t bytes) {
+    auto b = cuda_buffer::alloc(bytes);
+    if (!b) return b.error();
+    const status st = cuda_copy_to_device_async(cc, b->data(), src, bytes);
+    if (!st.is_ok()) return st;
+    return b;
+}
+
 struct layer {
     int64_t            n_out, n_in;
     std::vector<float> w;  // [n_out, n_in]
@@ -224,18 +234,18 @@ TEST(gptq_cuda, column_loop_with_the_cpus_u_is_bit_identical) {
             // The GPU column loop alone, fed the CPU's U and the CPU's up-front params.
             const int64_t        gs      = o.group_size == -1 ? n_in : o.group_size;
             const bool           dynamic = o.group_size != -1 && !o.static_groups;
-            auto                 wd      = cuda_buffer::from_host(L.w.data(), L.w.size() * 4);
-            auto                 ud      = cuda_buffer::from_host(u.data(), u.size() * 4);
+            auto                 wd      = upload(*cc, L.w.data(), L.w.size() * 4);
+            auto                 ud      = upload(*cc, u.data(), u.size() * 4);
             std::vector<float>   sc(c->scales.size());
             std::vector<int32_t> zc(c->zeros.size());
             if (!dynamic) {
                 sc = c->scales;  // full rows / static groups: the params are fixed up front
                 zc = c->zeros;
             }
-            auto                sd = cuda_buffer::from_host(sc.data(), sc.size() * 4);
-            auto                zd = cuda_buffer::from_host(zc.data(), zc.size() * 4);
+            auto                sd = upload(*cc, sc.data(), sc.size() * 4);
+            auto                zd = upload(*cc, zc.data(), zc.size() * 4);
             std::vector<double> loss0(static_cast<size_t>(n_out), 0.0);
-            auto                ld = cuda_buffer::from_host(loss0.data(), loss0.size() * 8);
+            auto                ld = upload(*cc, loss0.data(), loss0.size() * 8);
             auto                cd = cuda_buffer::alloc(L.w.size());
             for (const auto* b : {&wd, &ud, &sd, &zd, &ld, &cd}) ASSERT_TRUE(b->is_ok()) << b->error().message();
             cuda_gptq_loop_args a;
@@ -404,8 +414,7 @@ TEST(gptq_cuda, hessian_accumulation_matches_the_cpu) {
 
             auto acc = cuda_hessian_accumulator::create(*cc, n_in);
             ASSERT_TRUE(acc.is_ok()) << acc.error().message();
-            auto xd =
-                f16 ? cuda_buffer::from_host(xh.data(), xh.size() * 2) : cuda_buffer::from_host(x.data(), x.size() * 4);
+            auto xd = f16 ? upload(*cc, xh.data(), xh.size() * 2) : upload(*cc, x.data(), x.size() * 4);
             ASSERT_TRUE(xd.is_ok());
             if (f16) {
                 ASSERT_TRUE(acc->add_f16(*cc, xd->as<uint16_t>(), 100).is_ok());

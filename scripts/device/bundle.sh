@@ -14,11 +14,12 @@ cd "$(dirname "$0")/../.."
 BUILD=${BUILD:-build-cuda-dev}
 cmake -S . -B "$BUILD" -G Ninja -DGPTQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a -DGPTQ_BUILD_BENCH=ON > /dev/null
 ninja -C "$BUILD" -j "${JOBS:-2}" test_cuda_kernels test_cuda_gptq test_ops_cuda test_gptq_cuda test_llama_cuda bench_gptq_gemv \
-    gptq
+    bench_gptq_quantize gptq
 STAGE="$BUILD/device-bundle"
 rm -rf "$STAGE" .device-bundle && mkdir -p "$STAGE/bin" "$STAGE/lib" .device-bundle
 cp "$BUILD"/tests/test_cuda_kernels "$BUILD"/tests/test_cuda_gptq "$BUILD"/tests/test_ops_cuda \
-   "$BUILD"/tests/test_gptq_cuda "$BUILD"/tests/test_llama_cuda "$BUILD"/bin/bench_gptq_gemv "$BUILD"/bin/gptq "$STAGE/bin/"
+   "$BUILD"/tests/test_gptq_cuda "$BUILD"/tests/test_llama_cuda "$BUILD"/bin/bench_gptq_gemv \
+   "$BUILD"/bin/bench_gptq_quantize "$BUILD"/bin/gptq "$STAGE/bin/"
 strip "$STAGE"/bin/*
 for b in "$STAGE"/bin/*; do
     ldd "$b" | awk '/=> \// {print $3}'

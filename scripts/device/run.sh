@@ -15,8 +15,10 @@
 #    small-llama (first 40 windows on both, and all 791 on cuda, to compare with the CPU figure of
 #    docs/results.md, 113.827) when .device-small-llama (bundle.sh) is carried. One JSON line per
 #    run in ppl.jsonl; the relative differences go to summary.txt.
-# 3a. GPTQ on the GPU (experimental): tiny-llama quantized with --device cpu and cuda, codes compared
-#    (scripts/device/gptq_codes_diff.py) and both perplexities on cuda.
+# 3a. GPTQ on the GPU (experimental; GPTQ_DEVICE_GPTQ=0 skips 3a and 3b): tiny-llama quantized with
+#    --device cpu and cuda, codes compared (scripts/device/gptq_codes_diff.py), both perplexities.
+# 3b. bench_gptq_quantize (GPTQ on the GPU vs the CPU at the 7B linear shapes; JSON lines appended to
+#    bench_e2e.jsonl, the estimate in summary.txt).
 # 4. Only with GPTQ_DEVICE_BENCH=1: bench_gptq_gemv (JSON), then Nsight Compute on two int4 launches.
 # 4a. End to end (GPTQ_DEVICE_E2E=1, default): gptq bench of make-random llama-2-7b (FP16) and of an
 #    8-layer 7B shape quantized RTN W4 g128 against its FP16 original, batch 1 on cuda.
@@ -36,12 +38,13 @@ if cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release -DGPTQ_CUDA=ON
         -DGPTQ_BUILD_BENCH=ON > "$OUT/build.log" 2>&1; then
     log "building in build-device with $JOBS jobs"
     if cmake --build build-device -j "$JOBS" --target test_cuda_kernels test_cuda_gptq test_ops_cuda test_gptq_cuda test_llama_cuda \
-            bench_gptq_gemv gptq >> "$OUT/build.log" 2>&1; then
+            bench_gptq_gemv bench_gptq_quantize gptq >> "$OUT/build.log" 2>&1; then
         BIN=build-device
         TEST_DIR=build-device/tests
         TESTS=(build-device/tests/test_cuda_kernels build-device/tests/test_cuda_gptq build-device/tests/test_ops_cuda
                build-device/tests/test_gptq_cuda build-device/tests/test_llama_cuda)
         BENCH=build-device/bin/bench_gptq_gemv
+        BENCH_Q=build-device/bin/bench_gptq_quantize
         GPTQ=build-device/bin/gptq
     else
         log "build failed (see build.log)"; tail -30 "$OUT/build.log"
@@ -65,6 +68,7 @@ if [ -z "$BIN" ]; then
     TESTS=("$TEST_DIR/test_cuda_kernels" "$TEST_DIR/test_cuda_gptq" "$TEST_DIR/test_ops_cuda" "$TEST_DIR/test_gptq_cuda"
            "$TEST_DIR/test_llama_cuda")
     BENCH=$TEST_DIR/bench_gptq_gemv
+    BENCH_Q=$TEST_DIR/bench_gptq_quantize
     GPTQ=$TEST_DIR/gptq
 fi
 # The tests find models and data in this checkout (their compiled-in source path is the build host's).
@@ -139,7 +143,9 @@ fi
 # the codes), then the perplexity of both checkpoints on cuda (first 100 windows).
 QD=/tmp/gptq-qdev; rm -rf "$QD"; mkdir -p "$QD"
 qok=1
+[ "${GPTQ_DEVICE_GPTQ:-1}" = 1 ] || qok=skip
 for dev in cpu cuda; do
+    [ "$qok" = skip ] && break
     t0=$(date +%s.%N)
     if "$GPTQ" -q quantize models/tiny-llama -o "$QD/$dev" --nsamples 64 --seqlen 512 --desc-act --device "$dev" \
             --report "$QD/$dev.json" >> "$OUT/tests.log" 2>&1; then
@@ -185,6 +191,20 @@ for l in open(sys.argv[1]):
         status=1; log "bench llama-2-7b-layers=8 W4 FAILED (see tests.log)"
     fi
     rm -rf "$E2E"
+fi
+
+# ---- GPTQ on the GPU (experimental) at the Llama-2-7B linear shapes, GPU vs CPU ------------------
+# bench_gptq_quantize: Hessian of 128 x 2048 F16 tokens, gptq_quantize_cuda and the CPU's
+# gptq_quantize on the same layer (time, differing codes), and a 32-layer estimate of the solve.
+# JSON lines (with "bench":"gptq_quantize") go to bench_e2e.jsonl: $OUT returns at most 8 files.
+if [ -x "${BENCH_Q:-}" ] && [ "${GPTQ_DEVICE_GPTQ:-1}" = 1 ]; then
+    if timeout 300 "$BENCH_Q" --cpu --out "$OUT/bench_gptq_quantize.tmp" 2>> "$OUT/summary.txt"; then
+        cat "$OUT/bench_gptq_quantize.tmp" >> "$OUT/bench_e2e.jsonl"
+        log "bench_gptq_quantize: $(tail -1 "$OUT/bench_gptq_quantize.tmp")"
+    else
+        status=1; log "bench_gptq_quantize FAILED"
+    fi
+    rm -f "$OUT/bench_gptq_quantize.tmp"
 fi
 
 if [ "${GPTQ_DEVICE_BENCH:-0}" != 1 ]; then

@@ -62,9 +62,15 @@ if [ -z "$BIN" ]; then
     TEST_DIR=$BIN/bin
     # The bundle's own libraries (fmt, OpenBLAS), then the machine's cuBLAS and cuSOLVER (with its
     # cuSPARSE and nvJitLink; too large to carry, the CUDA image has them).
-    CUBLAS_DIR=$(dirname "$(find /usr/local /opt /usr/lib -name 'libcublas.so.13*' 2>/dev/null | head -1)")
-    CUSOLVER_DIR=$(dirname "$(find /usr/local /opt /usr/lib -name 'libcusolver.so.12*' 2>/dev/null | head -1)")
-    export LD_LIBRARY_PATH=$BIN/lib:${CUBLAS_DIR}:${CUSOLVER_DIR}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    CUDA_DIRS=""
+    for lib in libcublas.so.13 libcusolver.so.12 libcusparse.so.12 libnvJitLink.so.13; do
+        d=$(dirname "$(find /usr/local /opt /usr/lib -name "$lib*" 2>/dev/null | head -1)")
+        [ "$d" != . ] && CUDA_DIRS="$CUDA_DIRS:$d"
+    done
+    export LD_LIBRARY_PATH=$BIN/lib${CUDA_DIRS}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+    if ldd "$TEST_DIR/test_gptq_cuda" | grep -q 'not found'; then
+        log "missing shared libraries: $(ldd "$TEST_DIR/test_gptq_cuda" | grep 'not found' | tr -s ' \t\n' ' ')"
+    fi
     TESTS=("$TEST_DIR/test_cuda_kernels" "$TEST_DIR/test_cuda_gptq" "$TEST_DIR/test_ops_cuda" "$TEST_DIR/test_gptq_cuda"
            "$TEST_DIR/test_llama_cuda")
     BENCH=$TEST_DIR/bench_gptq_gemv

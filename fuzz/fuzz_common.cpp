@@ -87,6 +87,7 @@ const std::vector<fuzz_target>& fuzz_targets() {
         {"tokenizer_text", fuzz_tokenizer_text},
         {"gptq_module", fuzz_gptq_module},
         {"chat_template", fuzz_chat_template},
+        {"device_map", fuzz_device_map},
     };
     return t;
 }

@@ -29,6 +29,9 @@ int fuzz_gptq_module(const uint8_t* data, size_t size);
 // input: a chat template (Jinja text), rendered for four fixed messages with and without the
 // generation prompt.
 int fuzz_chat_template(const uint8_t* data, size_t size);
+// input: a --max-memory value, a newline, then a --device-map JSON file; planned for a fixed small
+// Llama shape (auto and from the file); a plan that succeeds fits its limits and round-trips.
+int fuzz_device_map(const uint8_t* data, size_t size);
 
 struct fuzz_target {
     const char* name;  // also the folder name under fuzz/corpus and tests/data/fuzz-regressions

@@ -254,6 +254,17 @@ def chat_template_seeds():
           "{% set ns.a = ns.a + 1 %}{{ m.content[1:] | trim }}{% endfor %}{{ ns.a }}")
 
 
+def device_map_seeds():
+    """--max-memory line + --device-map JSON (fuzz/fuzz_plan.cpp: a 4-layer Llama shape)."""
+    layers = {f"model.layers.{i}": (0 if i < 2 else 1) for i in range(4)}
+    full = dict({"model.embed_tokens": 0}, **layers, **{"model.norm": 1, "lm_head": "cpu"})
+    write("device_map", "two-gpus-cpu", "0=8MiB,1=8MiB,cpu=1GiB\n" + json.dumps(full, indent=1))
+    write("device_map", "prefixes", "cuda:0=2GB,cpu=64GiB\n" + json.dumps({"model": 0, "model.layers.3": "cuda:1",
+                                                                        "lm_head": "cuda"}))
+    write("device_map", "auto-tight", "0=3MiB,1=3MiB,2=3MiB\n{}")
+    write("device_map", "bad-units", "0=1.5qb,cpu=-1\n" + json.dumps({"": "disk"}))
+
+
 def main():
     rng = random.Random(1234)
     ts = safetensors_seeds(rng)
@@ -262,6 +273,7 @@ def main():
     tokenizer_seeds()
     config_seeds()
     chat_template_seeds()
+    device_map_seeds()
 
 
 if __name__ == "__main__":

@@ -511,8 +511,9 @@ std::string hf_tokenizer::decode(const std::vector<int32_t>& ids, bool skip_spec
         auto it = added_index.find(id);
         if (it != added_index.end())
             toks.push_back(added[it->second].content);
-        else if (!model.id_to_token[id].empty())
-            toks.push_back(model.id_to_token[id]);
+        else if (id < static_cast<int32_t>(model.id_to_token.size()) && !model.id_to_token[id].empty())
+            toks.push_back(model.id_to_token[id]);  // ids past the model's table that no added token
+                                                    // covers (a gap below a high added id) decode to nothing
     }
     if (!has_decoder) {
         std::string out;

@@ -36,10 +36,15 @@ constexpr int64_t k_max_items = int64_t(1) << 20;
 // recurse): tokens per tag (bounds the depth of a left-deep chain like 1+1+1+...), nesting of
 // parentheses / brackets / unary operators, nesting of block statements. Published templates stay
 // far below (longest tag ~60 tokens, nesting < 10).
-constexpr size_t k_max_tag_tokens  = 512;
-constexpr int    k_max_expr_nest   = 128;
-constexpr int    k_max_block_nest  = 64;
-constexpr int    k_max_value_nest  = 64;  // lists / dicts inside each other
+constexpr size_t k_max_tag_tokens = 512;
+constexpr int    k_max_expr_nest  = 128;
+constexpr int    k_max_block_nest = 64;
+constexpr int    k_max_value_nest = 64;  // lists / dicts inside each other
+// Work per render: expression evaluations plus loop iterations, and the rendered text's size, so
+// that nested loops (each up to k_max_items long) end in an error instead of running for hours.
+// A chat of thousands of messages stays below (a published template spends ~50 steps a message).
+constexpr int64_t k_max_work         = int64_t(1) << 18;
+constexpr size_t  k_max_output_bytes = size_t(1) << 24;
 
 struct nest_guard {  // counts one level of recursion for as long as it lives
     int& depth;
@@ -1156,6 +1161,9 @@ private:
         if (items.empty()) return render(n.else_body, out);
         const int64_t len = static_cast<int64_t>(items.size());
         for (int64_t i = 0; i < len; ++i) {
+            GPTQ_TRY(spend(n.line));
+            if (out.size() > k_max_output_bytes)
+                return fail(n.line, "the rendered text passes {} bytes", k_max_output_bytes);
             value loop = value::make_dict({{"index0", value::integer(i)},
                                            {"index", value::integer(i + 1)},
                                            {"revindex0", value::integer(len - 1 - i)},
@@ -1194,7 +1202,14 @@ private:
         return false;
     }
 
+    status spend(int line) {
+        if (++work_ > k_max_work)
+            return fail(line, "the template does more than {} evaluation steps and loop iterations", k_max_work);
+        return status::ok();
+    }
+
     result<value> eval(const expr& e, int line) {
+        GPTQ_TRY(spend(line));
         GPTQ_ASSIGN_OR_RETURN(value v, eval_node(e, line));
         if (v.depth > k_max_value_nest) return fail(line, "lists or dicts nested more than {} deep", k_max_value_nest);
         return v;
@@ -1664,6 +1679,7 @@ private:
 
     std::vector<value> scopes_;
     flow_t             flow_ = FLOW_NONE;
+    int64_t            work_ = 0;  // spend(): evaluations + loop iterations so far
 };
 
 }  // namespace

@@ -52,8 +52,7 @@ TEST(inference_oom, ppl_refuses_with_needed_and_available_before_loading) {
         ASSERT_FALSE(r.is_ok());
         EXPECT_EQ(r.error().code(), status_code::STATUS_OUT_OF_MEMORY);
         const std::string& msg = r.error().message();
-        EXPECT_TRUE(contains(msg, "needs about ") && contains(msg, "weights ") && contains(msg, "activations "))
-            << msg;
+        EXPECT_TRUE(contains(msg, "needs about ") && contains(msg, "weights ") && contains(msg, "activations ")) << msg;
         EXPECT_TRUE(contains(msg, "only 4.00 KiB is available (GPTQ_MEMORY_LIMIT_BYTES)")) << msg;
         EXPECT_TRUE(contains(msg, tiny())) << msg;
     }
@@ -92,7 +91,7 @@ TEST(inference_oom, generation_checks_the_model_at_open_and_the_kv_cache_per_cal
     }
     gp.max_new_tokens = 4;
     gp.ignore_eos     = true;
-    auto r = (*g)->generate("Hello", gp);
+    auto r            = (*g)->generate("Hello", gp);
     ASSERT_TRUE(r.is_ok()) << r.error().message();
     EXPECT_EQ(r->tokens.size(), 4u);
 }

@@ -73,7 +73,7 @@ TEST(kernels_cpu, linear_blas_matches_reference) {
 TEST(kernels_cpu, linear_blas_small_batches_walk_output_blocks) {
     // m = 2..4 go through the sgemv path in blocks of output features (k_gemv_block_bytes = 256 KiB
     // of weights: 64 rows at k = 1024), so n = 1000 spans 16 blocks, the last one partial.
-    std::mt19937 rng(7);
+    std::mt19937  rng(7);
     const int64_t n = 1000, k = 1024;
     for (int64_t m : {2, 3, 4})
         for (thread_pool* pool : {static_cast<thread_pool*>(nullptr), &pool3()}) {

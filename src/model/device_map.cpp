@@ -529,6 +529,54 @@ result<device_plan> device_map_apply(const device_map_costs& costs, const device
     return plan;
 }
 
+// ---- a plan on one GPU ------------------------------------------------------------------------------
+
+result<offload_placement> device_plan_offload_placement(const device_plan& plan, int device, int64_t n_layer) {
+    if (int64_t(plan.modules.size()) != n_layer + 3)
+        return make_error(E_ARG, "device map ({}): {} modules, expected {} for a model of {} layers", plan.source,
+                          plan.modules.size(), n_layer + 3, n_layer);
+    std::vector<std::string> elsewhere;
+    std::set<int>            other_gpus;
+    offload_placement        p;
+    for (size_t i = 0; i < plan.modules.size(); ++i) {
+        const auto& m = plan.modules[i];
+        if (m.device != k_device_cpu && m.device != device) {
+            elsewhere.push_back(m.name);
+            other_gpus.insert(m.device);
+            continue;
+        }
+        if (m.device != k_device_cpu) continue;
+        if (i == 0)
+            p.embed = true;
+        else if (i == plan.modules.size() - 2)
+            p.norm = true;
+        else if (i == plan.modules.size() - 1)
+            p.lm_head = true;
+        else
+            p.layers.push_back(int64_t(i) - 1);
+    }
+    if (!elsewhere.empty()) {
+        std::vector<std::string> gpus;
+        for (int g : other_gpus) gpus.push_back(device_map_device_name(g));
+        return make_error(E_UNSUP,
+                          "device map ({}) places {} on {}, but this command runs on {} alone: executing a plan "
+                          "over several GPUs needs the pipeline runtime, which is not built yet (issue #10). Give "
+                          "--max-memory only for {} (and cpu), or a map with only {} and \"cpu\"",
+                          plan.source, join_limited(module_ranges(elsewhere), 8), join_limited(gpus, 8),
+                          device_map_device_name(device), device, device_map_device_name(device));
+    }
+    if (p.any() && plan.exec_device != k_device_cpu && plan.exec_device != device)
+        return make_error(E_UNSUP,
+                          "device map ({}) runs its offloaded modules on {}, but this command runs on {}: executing "
+                          "a plan over several GPUs needs the pipeline runtime, which is not built yet (issue #10)",
+                          plan.source, device_map_device_name(plan.exec_device), device_map_device_name(device));
+    for (size_t i = 1; i + 2 < plan.modules.size(); ++i)
+        if (plan.modules[i].name != fmt::format("model.layers.{}", i - 1))
+            return make_error(E_ARG, "device map ({}): module {} is '{}', expected 'model.layers.{}'", plan.source, i,
+                              plan.modules[i].name, i - 1);
+    return p;
+}
+
 // ---- printing ------------------------------------------------------------------------------------------
 
 std::string device_plan_table(const device_plan& p) {

@@ -127,6 +127,26 @@ result<device_map_spec> device_map_spec_load(const std::string& path);
 result<device_plan> device_map_apply(const device_map_costs& costs, const device_map_spec& spec, const max_memory& mem,
                                      const std::string& source);
 
+// ---- a plan on one GPU: which modules are offloaded ------------------------------------------------
+
+// What the one-GPU runtime (llama_cuda_options::offload) keeps in pinned host memory and copies to
+// the GPU each time it runs: decoder layers by index, and the three global modules.
+struct offload_placement {
+    std::vector<int64_t> layers;  // ascending
+    bool                 embed   = false;
+    bool                 norm    = false;
+    bool                 lm_head = false;
+
+    bool    any() const { return !layers.empty() || embed || norm || lm_head; }
+    int64_t n_modules() const { return int64_t(layers.size()) + embed + norm + lm_head; }
+};
+
+// The plan as run on GPU `device` alone: modules on `device` stay resident, modules on cpu are
+// offloaded. A module on another GPU, or offloaded modules meant to run on another GPU, is refused
+// (STATUS_UNSUPPORTED: executing a plan over several GPUs needs the pipeline runtime, not built
+// yet). n_layer: the model's layer count (module names are checked against it).
+result<offload_placement> device_plan_offload_placement(const device_plan& plan, int device, int64_t n_layer);
+
 // A short table: module ranges per device, then per-device totals against --max-memory.
 std::string device_plan_table(const device_plan& plan);
 // The plan as a --device-map file: {"model.embed_tokens": 0, ..., "lm_head": "cpu"}, one module a line.

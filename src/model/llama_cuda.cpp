@@ -3,8 +3,11 @@
 // preallocated per layer, and the decode step replayed as a CUDA graph. Every pointer a kernel sees
 // is fixed once the buffers are sized (the activations and step inputs live at the same addresses
 // for every call of a given size class); what changes from step to step (token id, position, key
-// count, RoPE rows) is uploaded into device memory before the launch or replay.
+// count, RoPE rows) is uploaded into device memory before the launch or replay. Offloaded modules
+// (CPU offload) are staged through two fixed device buffers, so their addresses are fixed too.
 #include "model/llama_cuda.h"
+
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cmath>
@@ -42,6 +45,7 @@ status to_f16(const std::vector<float>& src, std::vector<uint16_t>* dst, const s
 
 llama_cuda_model::~llama_cuda_model() {
     if (ctx_) (void)ctx_->synchronize();  // nothing queued may outlive the buffers
+    (void)copy_stream_.synchronize();
 }
 
 result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::string& path, const llama_cuda_options& o) {
@@ -53,6 +57,11 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
     if (hp.head_dim % 2 != 0 || hp.head_dim > 256)
         return make_error(status_code::STATUS_UNSUPPORTED, "{}: head_dim {} (the GPU attention needs even, <= 256)",
                           path, hp.head_dim);
+    const auto& off = o.offload.layers;
+    for (size_t i = 0; i < off.size(); ++i)
+        if (off[i] < 0 || off[i] >= hp.n_layer || (i > 0 && off[i] <= off[i - 1]))
+            return make_error(E_ARG, "{}: offloaded layers must be ascending indices in [0, {}); got {} at position {}",
+                              path, hp.n_layer, off[i], i);
     auto st = m->load_weights();
     if (!st.is_ok()) return st.with_context(path);
     int64_t n_ctx = o.n_ctx;
@@ -126,12 +135,15 @@ status llama_cuda_model::linear_load(int64_t i_layer, linear_role r, linear* out
 }
 
 status llama_cuda_model::load_weights() {
-    const llama_hparams& hp      = hparams();
-    const auto           globals = llama_global_tensors(hp);
+    const llama_hparams&     hp      = hparams();
+    const auto               globals = llama_global_tensors(hp);
+    const offload_placement& off     = opts_.offload;
+    // Modules in execution order (the order of the offload units): embeddings, layers, norm, lm_head.
     GPTQ_TRY(tensor_upload_f16(globals[0], &embed_));
-    GPTQ_TRY(tensor_upload_f16(globals[1], &norm_));
-    if (!hp.tie_embeddings) GPTQ_TRY(tensor_upload_f16(globals[2], &lm_head_));
+    if (off.embed) GPTQ_TRY(offload_module("model.embed_tokens", {&embed_}, &embed_unit_));
     layers_.resize(static_cast<size_t>(hp.n_layer));
+    layer_unit_.assign(static_cast<size_t>(hp.n_layer), -1);
+    size_t next_off = 0;
     for (int64_t i = 0; i < hp.n_layer; ++i) {  // one layer's host copies alive at a time
         layer&     L     = layers_[static_cast<size_t>(i)];
         const auto specs = llama_layer_tensors(hp, i);
@@ -139,8 +151,105 @@ status llama_cuda_model::load_weights() {
         GPTQ_TRY(tensor_upload_f16(specs[1], &L.mlp_norm));
         for (int r = 0; r < k_n_linear_roles; ++r)
             GPTQ_TRY(linear_load(i, static_cast<linear_role>(r), &L.lin[static_cast<size_t>(r)]));
+        if (next_off < off.layers.size() && off.layers[next_off] == i) {
+            ++next_off;
+            std::vector<cuda_buffer*> bufs = {&L.attn_norm, &L.mlp_norm};
+            for (linear& l : L.lin)
+                for (cuda_buffer* b : {&l.w, &l.bias, &l.q.weights, &l.q.sz, &l.q.perm, &l.q.qweight, &l.q.qzeros,
+                                       &l.q.scales, &l.q.g_idx, &l.q.bias})
+                    bufs.push_back(b);
+            GPTQ_TRY(offload_module(fmt::format("model.layers.{}", i), bufs, &layer_unit_[static_cast<size_t>(i)]));
+        }
+    }
+    GPTQ_TRY(tensor_upload_f16(globals[1], &norm_));
+    if (off.norm) GPTQ_TRY(offload_module("model.norm", {&norm_}, &norm_unit_));
+    // A tied lm_head shares the embeddings' table when both are resident; otherwise it is a module
+    // of its own (an offloaded table is staged through a slot that later modules reuse).
+    if (!hp.tie_embeddings || off.embed || off.lm_head) {
+        GPTQ_TRY(tensor_upload_f16(hp.tie_embeddings ? globals[0] : globals[2], &lm_head_));
+        if (off.lm_head) GPTQ_TRY(offload_module("lm_head", {&lm_head_}, &lm_head_unit_));
+    }
+    return offload_finish();
+}
+
+status llama_cuda_model::offload_module(const std::string& name, const std::vector<cuda_buffer*>& bufs, int* unit) {
+    GPTQ_TRY(ctx_->synchronize());  // the module's repacking kernels ran on the context's stream
+    offload_unit u;
+    u.name       = name;
+    size_t bytes = 0;
+    for (cuda_buffer* b : bufs) {
+        if (!b->bytes()) continue;
+        u.targets.push_back(b);
+        u.offsets.push_back(bytes);
+        u.sizes.push_back(b->bytes());
+        bytes = align_up(bytes + b->bytes(), 256);  // cudaMalloc's alignment: the kernels see the same
+    }
+    auto host = cuda_host_buffer::alloc(bytes);
+    if (!host) return host.error().with_context(fmt::format("offloading {} to host memory", name));
+    u.host = std::move(*host);
+    for (size_t i = 0; i < u.targets.size(); ++i) {
+        GPTQ_TRY(u.targets[i]->download(u.host.as<uint8_t>() + u.offsets[i], u.sizes[i]));
+        *u.targets[i] = cuda_buffer();  // frees the device copy
+        weight_bytes_ -= u.sizes[i];
+        offload_bytes_ += u.sizes[i];
+    }
+    *unit = static_cast<int>(units_.size());
+    units_.push_back(std::move(u));
+    return status::ok();
+}
+
+status llama_cuda_model::offload_finish() {
+    if (units_.empty()) return status::ok();
+    size_t slot = 0;
+    for (const auto& u : units_) slot = std::max(slot, u.host.bytes());
+    const size_t n_slots = std::min<size_t>(2, units_.size());
+    for (size_t s = 0; s < n_slots; ++s) {
+        auto b = cuda_buffer::alloc(slot);
+        if (!b) return b.error().with_context("the staging buffers of the offloaded modules");
+        slots_[s] = std::move(*b);
+    }
+    for (size_t j = 0; j < units_.size(); ++j) {
+        offload_unit& u    = units_[j];
+        uint8_t*      base = slots_[j % 2].as<uint8_t>();
+        for (size_t i = 0; i < u.targets.size(); ++i)
+            *u.targets[i] = cuda_buffer::borrow(base + u.offsets[i], u.sizes[i]);
+    }
+    GPTQ_ASSIGN_OR_RETURN(copy_stream_, cuda_stream::create(*ctx_));
+    GPTQ_ASSIGN_OR_RETURN(start_, cuda_event::create());
+    for (size_t s = 0; s < 2; ++s) {
+        GPTQ_ASSIGN_OR_RETURN(copied_[s], cuda_event::create());
+        GPTQ_ASSIGN_OR_RETURN(freed_[s], cuda_event::create());
     }
     return status::ok();
+}
+
+// The copy stream's work is always joined back into the compute stream (the last copy is waited on
+// before the last offloaded module runs), so synchronizing the context's stream covers it, and a
+// capture of the decode step forks and joins the copy stream within the graph.
+status llama_cuda_model::stage_begin() {
+    if (units_.empty()) return status::ok();
+    GPTQ_TRY(start_.record(ctx_->stream()));  // the previous pass (or graph replay) is done with the slots
+    GPTQ_TRY(start_.wait_on(copy_stream_.get()));
+    for (int u = 0; u < std::min<int>(2, static_cast<int>(units_.size())); ++u) GPTQ_TRY(stage_copy(u));
+    return status::ok();
+}
+
+status llama_cuda_model::stage_copy(int u) {
+    const offload_unit& x = units_[static_cast<size_t>(u)];
+    GPTQ_TRY(cuda_copy_to_device_on(copy_stream_.get(), slots_[u % 2].data(), x.host.data(), x.host.bytes()));
+    return copied_[u % 2].record(copy_stream_.get());
+}
+
+status llama_cuda_model::stage_wait(int u) {
+    if (u < 0) return status::ok();
+    return copied_[u % 2].wait_on(ctx_->stream());
+}
+
+status llama_cuda_model::stage_done(int u) {
+    if (u < 0 || u + 2 >= static_cast<int>(units_.size())) return status::ok();
+    GPTQ_TRY(freed_[u % 2].record(ctx_->stream()));
+    GPTQ_TRY(freed_[u % 2].wait_on(copy_stream_.get()));
+    return stage_copy(u + 2);
 }
 
 status llama_cuda_model::context_reserve(int64_t n_ctx) {
@@ -248,9 +357,14 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
     uint16_t *           gate = gate_.as<uint16_t>(), *up = up_.as<uint16_t>();
     auto L = [&](const layer& ly, linear_role r) -> const linear& { return ly.lin[static_cast<size_t>(r)]; };
 
+    GPTQ_TRY(stage_begin());
+    GPTQ_TRY(stage_wait(embed_unit_));
     GPTQ_TRY(op_cuda_embedding(c, embed_.as<uint16_t>(), ids, hidden, n, hp.n_vocab, n_embd));
+    GPTQ_TRY(stage_done(embed_unit_));
     for (int64_t i = 0; i < hp.n_layer; ++i) {
-        const layer& ly = layers_[static_cast<size_t>(i)];
+        const layer& ly   = layers_[static_cast<size_t>(i)];
+        const int    unit = layer_unit_[static_cast<size_t>(i)];
+        GPTQ_TRY(stage_wait(unit));
         // ---- attention ----
         GPTQ_TRY(op_cuda_rms_norm(c, hidden, ly.attn_norm.as<uint16_t>(), x, n, n_embd, hp.rms_eps));
         GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_Q), x, q, n));
@@ -291,12 +405,17 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
         GPTQ_TRY(op_cuda_silu_mul(c, gate, up, gate, n, hp.n_ff, hp.n_ff, hp.n_ff, hp.n_ff));
         GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_DOWN), gate, y, n));
         GPTQ_TRY(op_cuda_add(c, hidden, y, n * n_embd));
+        GPTQ_TRY(stage_done(unit));
     }
     // Final norm and lm_head over the rows whose logits are wanted.
     const int64_t r0 = n - n_out_rows;
+    GPTQ_TRY(stage_wait(norm_unit_));
     GPTQ_TRY(op_cuda_rms_norm(c, hidden + r0 * n_embd, norm_.as<uint16_t>(), x, n_out_rows, n_embd, hp.rms_eps));
-    const uint16_t* w = hp.tie_embeddings ? embed_.as<uint16_t>() : lm_head_.as<uint16_t>();
-    return op_cuda_linear_dense_f32_out(c, x, w, logits_.as<float>(), n_out_rows, hp.n_vocab, n_embd);
+    GPTQ_TRY(stage_done(norm_unit_));
+    const uint16_t* w = lm_head_.bytes() ? lm_head_.as<uint16_t>() : embed_.as<uint16_t>();  // empty: tied, shared
+    GPTQ_TRY(stage_wait(lm_head_unit_));
+    GPTQ_TRY(op_cuda_linear_dense_f32_out(c, x, w, logits_.as<float>(), n_out_rows, hp.n_vocab, n_embd));
+    return stage_done(lm_head_unit_);
 }
 
 status llama_cuda_model::logits_download(int64_t n_rows, float* logits) {

@@ -12,6 +12,12 @@
 // Numerics: weights and activations F16 (BF16 and F32 checkpoints are rounded to F16 at load),
 // F32 accumulation in every kernel, logits F32 (the lm_head GEMM writes F32). GPTQ linears stay
 // quantized (cuda_gptq_linear: the int4 kernel or the generic one, chosen per layer).
+//
+// CPU offload (options.offload, docs/multi-gpu.md): an offloaded module's device buffers are packed
+// into pinned host memory at load; each forward pass copies it into one of two device staging
+// buffers on a copy stream while the previous module computes (events order the two streams, and
+// the CUDA graph of the decode step captures the copies too). The kernels and their order are the
+// same as with the module resident, so the logits are bit-for-bit the same.
 #pragma once
 
 #include <array>
@@ -21,16 +27,18 @@
 #include <vector>
 
 #include "core/status.h"
+#include "model/device_map.h"
 #include "model/llama.h"
 #include "ops/ops_cuda.h"
 
 namespace gptq {
 
 struct llama_cuda_options {
-    int     device    = 0;     // CUDA device index
-    int64_t n_ctx     = 0;     // KV-cache positions; 0: max_position_embeddings, at most k_llama_cuda_default_ctx
-    bool    graph     = true;  // replay the decode step as a CUDA graph (captured after one plain step)
-    bool    gptq_fast = true;  // allow the fast int4 kernel for GPTQ layers (false: generic kernel only)
+    int               device = 0;  // CUDA device index
+    int64_t           n_ctx  = 0;  // KV-cache positions; 0: max_position_embeddings, at most k_llama_cuda_default_ctx
+    bool              graph  = true;     // replay the decode step as a CUDA graph (captured after one plain step)
+    bool              gptq_fast = true;  // allow the fast int4 kernel for GPTQ layers (false: generic kernel only)
+    offload_placement offload;           // modules kept in pinned host memory and copied in when they run
 };
 constexpr int64_t k_llama_cuda_default_ctx = 4096;
 
@@ -59,7 +67,10 @@ public:
     status decode(int32_t id, float* logits);
 
     // Device memory held: weights, KV cache, activations + step inputs, the context's scratch.
-    uint64_t weight_bytes() const { return weight_bytes_; }
+    uint64_t weight_bytes() const { return weight_bytes_; }    // resident on the GPU
+    uint64_t offload_bytes() const { return offload_bytes_; }  // offloaded: in pinned host memory
+    uint64_t staging_bytes() const { return slots_[0].bytes() + slots_[1].bytes(); }  // device staging buffers
+    int64_t  n_offloaded() const { return int64_t(units_.size()); }                   // modules offloaded
     uint64_t cache_bytes() const;
     uint64_t activation_bytes() const;
     bool     graph_active() const { return !graph_.empty(); }
@@ -94,6 +105,26 @@ private:
     status forward_queued(int64_t n, int64_t n_out_rows, bool device_count);
     status logits_download(int64_t n_rows, float* logits);
 
+    // CPU offload. A unit is one offloaded module: its buffers laid out one after another (256-byte
+    // aligned) in pinned host memory, copied whole into staging slot (unit index % 2); its
+    // cuda_buffers are views into that slot (same offsets), so the forward pass reads them as usual.
+    struct offload_unit {
+        std::string               name;     // "model.layers.3"
+        std::vector<cuda_buffer*> targets;  // the module's non-empty buffers
+        std::vector<size_t>       offsets, sizes;
+        cuda_host_buffer          host;
+    };
+    // Move a loaded module's buffers to pinned host memory (freeing the device copies); *unit: its index.
+    status offload_module(const std::string& name, const std::vector<cuda_buffer*>& bufs, int* unit);
+    status offload_finish();  // staging slots, copy stream, events; the units' buffers become slot views
+    // Around each module in forward_queued (unit -1: resident, nothing to do): stage_begin queues the
+    // first two copies; stage_wait makes the compute stream wait for unit u's copy; stage_done marks
+    // its slot free and queues the copy of unit u + 2 into it.
+    status stage_begin();
+    status stage_copy(int u);
+    status stage_wait(int u);
+    status stage_done(int u);
+
     std::unique_ptr<llama_model>  host_;
     std::unique_ptr<cuda_context> ctx_;
     llama_cuda_options            opts_;
@@ -101,6 +132,15 @@ private:
     std::vector<layer>            layers_;
     cuda_buffer                   embed_, norm_, lm_head_;  // [n_vocab, n_embd], [n_embd], lm_head or empty (tied)
     uint64_t                      weight_bytes_ = 0;
+
+    std::vector<offload_unit>  units_;       // execution order
+    std::vector<int>           layer_unit_;  // per layer: its unit, or -1 when resident
+    int                        embed_unit_ = -1, norm_unit_ = -1, lm_head_unit_ = -1;
+    uint64_t                   offload_bytes_ = 0;
+    std::array<cuda_buffer, 2> slots_;  // staging: the largest unit each (one when a single unit)
+    cuda_stream                copy_stream_;
+    cuda_event                 start_;  // compute stream reached the pass: slots of the last pass are free
+    std::array<cuda_event, 2>  copied_, freed_;
 
     // Activations for up to n_act_ tokens per call (grown on demand).
     int64_t     n_act_ = 0;

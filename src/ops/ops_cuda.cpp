@@ -25,16 +25,26 @@ namespace gptq {
 // ---- cuda_buffer -------------------------------------------------------------------------------
 
 cuda_buffer::~cuda_buffer() {
-    if (p_) cudaFree(p_);
+    if (p_ && owned_) cudaFree(p_);
 }
-cuda_buffer::cuda_buffer(cuda_buffer&& o) noexcept : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+cuda_buffer::cuda_buffer(cuda_buffer&& o) noexcept
+    : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)), owned_(std::exchange(o.owned_, true)) {}
 cuda_buffer& cuda_buffer::operator=(cuda_buffer&& o) noexcept {
     if (this != &o) {
-        if (p_) cudaFree(p_);
-        p_ = std::exchange(o.p_, nullptr);
-        n_ = std::exchange(o.n_, 0);
+        if (p_ && owned_) cudaFree(p_);
+        p_     = std::exchange(o.p_, nullptr);
+        n_     = std::exchange(o.n_, 0);
+        owned_ = std::exchange(o.owned_, true);
     }
     return *this;
+}
+
+cuda_buffer cuda_buffer::borrow(void* p, size_t bytes) {
+    cuda_buffer b;
+    b.p_     = p;
+    b.n_     = bytes;
+    b.owned_ = false;
+    return b;
 }
 
 result<cuda_buffer> cuda_buffer::alloc(size_t bytes) {
@@ -165,6 +175,99 @@ status cuda_copy_to_device_async(cuda_context& ctx, void* dst, const void* src, 
 status cuda_copy_to_host(cuda_context& ctx, void* dst, const void* src, size_t bytes) {
     if (bytes) GPTQ_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, ctx.stream()));
     return ctx.synchronize();
+}
+
+// ---- offload: pinned host memory, streams, events ------------------------------------------------
+
+cuda_host_buffer::~cuda_host_buffer() {
+    if (p_) cudaFreeHost(p_);
+}
+cuda_host_buffer::cuda_host_buffer(cuda_host_buffer&& o) noexcept
+    : p_(std::exchange(o.p_, nullptr)), n_(std::exchange(o.n_, 0)) {}
+cuda_host_buffer& cuda_host_buffer::operator=(cuda_host_buffer&& o) noexcept {
+    if (this != &o) {
+        if (p_) cudaFreeHost(p_);
+        p_ = std::exchange(o.p_, nullptr);
+        n_ = std::exchange(o.n_, 0);
+    }
+    return *this;
+}
+
+result<cuda_host_buffer> cuda_host_buffer::alloc(size_t bytes) {
+    cuda_host_buffer b;
+    if (bytes == 0) return b;
+    const cudaError_t err = cudaHostAlloc(&b.p_, bytes, cudaHostAllocDefault);
+    if (err != cudaSuccess) {
+        cudaGetLastError();
+        b.p_ = nullptr;
+        return make_error(status_code::STATUS_OUT_OF_MEMORY,
+                          "cudaHostAlloc of {} bytes ({:.1f} MiB) of pinned host memory failed: {}", bytes,
+                          bytes / 1048576.0, cudaGetErrorString(err));
+    }
+    b.n_ = bytes;
+    return b;
+}
+
+cuda_stream::~cuda_stream() {
+    if (s_) {
+        cudaStreamSynchronize(s_);
+        cudaStreamDestroy(s_);
+    }
+}
+cuda_stream::cuda_stream(cuda_stream&& o) noexcept : s_(std::exchange(o.s_, nullptr)) {}
+cuda_stream& cuda_stream::operator=(cuda_stream&& o) noexcept {
+    if (this != &o) {
+        this->~cuda_stream();
+        s_ = std::exchange(o.s_, nullptr);
+    }
+    return *this;
+}
+
+result<cuda_stream> cuda_stream::create(const cuda_context& ctx) {
+    GPTQ_CUDA_CHECK(cudaSetDevice(ctx.device()));
+    cuda_stream s;
+    GPTQ_CUDA_CHECK(cudaStreamCreateWithFlags(&s.s_, cudaStreamNonBlocking));
+    return s;
+}
+
+status cuda_stream::synchronize() const {
+    if (s_) GPTQ_CUDA_CHECK(cudaStreamSynchronize(s_));
+    return status::ok();
+}
+
+cuda_event::~cuda_event() {
+    if (e_) cudaEventDestroy(static_cast<cudaEvent_t>(e_));
+}
+cuda_event::cuda_event(cuda_event&& o) noexcept : e_(std::exchange(o.e_, nullptr)) {}
+cuda_event& cuda_event::operator=(cuda_event&& o) noexcept {
+    if (this != &o) {
+        this->~cuda_event();
+        e_ = std::exchange(o.e_, nullptr);
+    }
+    return *this;
+}
+
+result<cuda_event> cuda_event::create() {
+    cuda_event  e;
+    cudaEvent_t ev = nullptr;
+    GPTQ_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    e.e_ = ev;
+    return e;
+}
+
+status cuda_event::record(cudaStream_t s) const {
+    GPTQ_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(e_), s));
+    return status::ok();
+}
+
+status cuda_event::wait_on(cudaStream_t s) const {
+    GPTQ_CUDA_CHECK(cudaStreamWaitEvent(s, static_cast<cudaEvent_t>(e_), 0));
+    return status::ok();
+}
+
+status cuda_copy_to_device_on(cudaStream_t s, void* dst, const void* src, size_t bytes) {
+    if (bytes) GPTQ_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, s));
+    return status::ok();
 }
 
 // ---- cuda_graph --------------------------------------------------------------------------------

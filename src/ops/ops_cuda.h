@@ -28,6 +28,8 @@ public:
 
     static result<cuda_buffer> alloc(size_t bytes);                       // OUT_OF_MEMORY names the size
     static result<cuda_buffer> from_host(const void* src, size_t bytes);  // alloc + synchronous copy
+    // A view of memory owned elsewhere (a part of another buffer): not freed with the object.
+    static cuda_buffer borrow(void* p, size_t bytes);
     status                     upload(const void* src, size_t bytes, size_t offset = 0);
     status                     download(void* dst, size_t bytes, size_t offset = 0) const;
 
@@ -39,8 +41,9 @@ public:
     }
 
 private:
-    void*  p_ = nullptr;
-    size_t n_ = 0;
+    void*  p_     = nullptr;
+    size_t n_     = 0;
+    bool   owned_ = true;
 };
 
 struct cuda_context_state;
@@ -102,6 +105,76 @@ private:
     void* graph_ = nullptr;  // cudaGraph_t
     void* exec_  = nullptr;  // cudaGraphExec_t
 };
+
+// ---- CPU offload: pinned host memory, a second stream, events ------------------------------------
+// (model/llama_cuda.cpp: offloaded modules live in pinned host memory and are copied into a device
+// staging buffer on a copy stream while the context's stream computes; events order the two.)
+
+// Page-locked host memory (cudaHostAlloc), freed with the object. Copies from it are asynchronous
+// and can be captured into a CUDA graph (the pages do not move).
+class cuda_host_buffer {
+public:
+    cuda_host_buffer() = default;
+    ~cuda_host_buffer();
+    cuda_host_buffer(cuda_host_buffer&& o) noexcept;
+    cuda_host_buffer& operator=(cuda_host_buffer&& o) noexcept;
+    cuda_host_buffer(const cuda_host_buffer&)            = delete;
+    cuda_host_buffer& operator=(const cuda_host_buffer&) = delete;
+
+    static result<cuda_host_buffer> alloc(size_t bytes);  // OUT_OF_MEMORY names the size
+
+    void*  data() const { return p_; }
+    size_t bytes() const { return n_; }
+    template <typename T>
+    T* as() const {
+        return static_cast<T*>(p_);
+    }
+
+private:
+    void*  p_ = nullptr;
+    size_t n_ = 0;
+};
+
+// A second non-blocking stream on a context's device; destroyed (after finishing its work) with the object.
+class cuda_stream {
+public:
+    cuda_stream() = default;
+    ~cuda_stream();
+    cuda_stream(cuda_stream&& o) noexcept;
+    cuda_stream& operator=(cuda_stream&& o) noexcept;
+    cuda_stream(const cuda_stream&)            = delete;
+    cuda_stream& operator=(const cuda_stream&) = delete;
+
+    static result<cuda_stream> create(const cuda_context& ctx);
+    cudaStream_t               get() const { return s_; }
+    status                     synchronize() const;
+
+private:
+    cudaStream_t s_ = nullptr;
+};
+
+// An event without timing, for ordering streams: record() on one stream, wait_on() by another (both
+// are captured into a CUDA graph as dependencies when the streams are capturing: the fork/join of
+// a multi-stream capture).
+class cuda_event {
+public:
+    cuda_event() = default;
+    ~cuda_event();
+    cuda_event(cuda_event&& o) noexcept;
+    cuda_event& operator=(cuda_event&& o) noexcept;
+    cuda_event(const cuda_event&)            = delete;
+    cuda_event& operator=(const cuda_event&) = delete;
+
+    static result<cuda_event> create();
+    status                    record(cudaStream_t s) const;
+    status                    wait_on(cudaStream_t s) const;  // work queued on s after this waits for the record
+
+private:
+    void* e_ = nullptr;  // cudaEvent_t
+};
+
+// Host -> device copy queued on stream s (the host memory pinned for it to be asynchronous).
+status cuda_copy_to_device_on(cudaStream_t s, void* dst, const void* src, size_t bytes);
 
 // ---- element-wise and normalisation (F16 device pointers) ----------------------------------
 status op_cuda_rms_norm(cuda_context& ctx, const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t n_rows,

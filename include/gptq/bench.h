@@ -27,6 +27,8 @@ struct bench_params {
     int                  n_threads = 0;           // CPU threads; 0 = all cores
     uint64_t             seed      = 0;           // token ids
     bool                 progress  = true;        // one line per row on stderr
+    std::string          device_map{};            // --device cuda: "auto" or a device-map file (gptq/plan.h)
+    std::string          max_memory{};            // --device cuda: "0=8GiB,cpu=32GiB"; both empty: all on the GPU
 };
 
 struct bench_row {

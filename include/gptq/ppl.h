@@ -19,6 +19,8 @@ struct ppl_params {
     int         n_threads   = 0;            // 0 = all cores
     bool        progress    = true;         // progress bar on stderr (when it is a terminal)
     std::string device      = "cpu";        // "cpu", "cuda" or "cuda:N" (include/gptq/device.h)
+    std::string device_map{};               // --device cuda: "auto" or a device-map file (gptq/plan.h)
+    std::string max_memory{};               // --device cuda: "0=8GiB,cpu=32GiB"; both empty: all on the GPU
 };
 
 struct ppl_result {
@@ -34,8 +36,9 @@ struct ppl_result {
     double      tokens_per_second = 0.0;  // n_tokens / seconds
     double      load_seconds      = 0.0;  // model open + tokenization + weight conversion
     std::string dataset_path;
-    std::string device       = "cpu";  // where the forward passes ran ("cuda:0")
-    uint64_t    device_bytes = 0;      // GPU memory held by the model (weights, KV cache, activations)
+    std::string device        = "cpu";  // where the forward passes ran ("cuda:0")
+    uint64_t    device_bytes  = 0;      // GPU memory held by the model (weights, KV cache, activations, staging)
+    uint64_t    offload_bytes = 0;      // weights offloaded to pinned host memory (--max-memory / --device-map)
 };
 
 result<ppl_result> ppl_run(const ppl_params& params);

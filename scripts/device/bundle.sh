@@ -13,12 +13,12 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=${BUILD:-build-cuda-dev}
 cmake -S . -B "$BUILD" -G Ninja -DGPTQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a -DGPTQ_BUILD_BENCH=ON > /dev/null
-ninja -C "$BUILD" -j "${JOBS:-2}" test_cuda_kernels test_cuda_gptq test_ops_cuda test_gptq_cuda test_llama_cuda bench_gptq_gemv \
+ninja -C "$BUILD" -j "${JOBS:-2}" test_cuda_kernels test_cuda_gptq test_ops_cuda test_gptq_cuda test_llama_cuda test_offload_cuda bench_gptq_gemv \
     bench_gptq_quantize gptq
 STAGE="$BUILD/device-bundle"
 rm -rf "$STAGE" .device-bundle && mkdir -p "$STAGE/bin" "$STAGE/lib" .device-bundle
 cp "$BUILD"/tests/test_cuda_kernels "$BUILD"/tests/test_cuda_gptq "$BUILD"/tests/test_ops_cuda \
-   "$BUILD"/tests/test_gptq_cuda "$BUILD"/tests/test_llama_cuda "$BUILD"/bin/bench_gptq_gemv \
+   "$BUILD"/tests/test_gptq_cuda "$BUILD"/tests/test_llama_cuda "$BUILD"/tests/test_offload_cuda "$BUILD"/bin/bench_gptq_gemv \
    "$BUILD"/bin/bench_gptq_quantize "$BUILD"/bin/gptq "$STAGE/bin/"
 strip "$STAGE"/bin/*
 for b in "$STAGE"/bin/*; do

@@ -55,7 +55,9 @@ status check_params(const bench_params& p) {
 
 result<std::unique_ptr<bench_backend>> backend_open(const bench_params& p, const std::string& path) {
     GPTQ_ASSIGN_OR_RETURN(const device_spec dev, device_parse(p.device));
-    auto b = dev.cuda ? bench_backend_cuda_open(path, dev) : bench_backend_cpu_open(path, p.n_threads);
+    GPTQ_TRY(gpu_placement_check(dev, {p.device_map, p.max_memory}));
+    auto b = dev.cuda ? bench_backend_cuda_open(path, dev, p.prompt + p.gen, {p.device_map, p.max_memory})
+                      : bench_backend_cpu_open(path, p.n_threads);
     if (!b) return b.error().with_context(fmt::format("bench: {}", path));
     return b;
 }

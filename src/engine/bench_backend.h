@@ -12,6 +12,7 @@
 #include <string>
 
 #include "core/status.h"
+#include "engine_cuda.h"
 #include "gptq/device.h"
 
 namespace gptq {
@@ -44,6 +45,8 @@ public:
 // The CPU adapter (bench_cpu.cpp): loads every layer at open; n_threads 0 = all cores.
 result<std::unique_ptr<bench_backend>> bench_backend_cpu_open(const std::string& model_path, int n_threads);
 // The CUDA adapter (bench_cuda.cpp): the GPU model of engine_cuda.h; batch 1 only so far.
-result<std::unique_ptr<bench_backend>> bench_backend_cuda_open(const std::string& model_path, const device_spec& dev);
+// n_ctx: the KV-cache positions to open with (the planner's context when placement is given).
+result<std::unique_ptr<bench_backend>> bench_backend_cuda_open(const std::string& model_path, const device_spec& dev,
+                                                               int64_t n_ctx, const gpu_placement_flags& placement);
 
 }  // namespace gptq

@@ -60,7 +60,8 @@ public:
 
 }  // namespace
 
-result<std::unique_ptr<bench_backend>> bench_backend_cuda_open(const std::string& model_path, const device_spec& dev) {
+result<std::unique_ptr<bench_backend>> bench_backend_cuda_open(const std::string& model_path, const device_spec& dev,
+                                                               int64_t n_ctx, const gpu_placement_flags& placement) {
     auto b = std::make_unique<bench_backend_cuda>();
     b->dev = dev;
     {
@@ -70,7 +71,8 @@ result<std::unique_ptr<bench_backend>> bench_backend_cuda_open(const std::string
         else
             b->weights_name = m->config().dtype_name.empty() ? "unknown" : m->config().dtype_name;
     }
-    GPTQ_ASSIGN_OR_RETURN(b->gpu, gpu_session::open(model_path, dev));
+    GPTQ_ASSIGN_OR_RETURN(b->gpu, gpu_session::open(model_path, dev, n_ctx, placement));
+    b->n_ctx        = n_ctx;
     b->machine_name = b->gpu->describe();
     return std::unique_ptr<bench_backend>(std::move(b));
 }

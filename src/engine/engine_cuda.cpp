@@ -4,17 +4,28 @@
 
 #include <fmt/format.h>
 
+#include <cstdio>
 #include <optional>
 
 #include "core/error.h"
 #include "core/progress.h"
 #include "core/thread_pool.h"
+#include "gptq/plan.h"
 #ifdef GPTQ_HAVE_CUDA
 #include "model/llama_cuda.h"
 #include "model/perplexity.h"
 #endif
 
 namespace gptq {
+
+status gpu_placement_check(const device_spec& dev, const gpu_placement_flags& flags) {
+    if (!dev.cuda && flags.any())
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "--device-map and --max-memory place the model's modules for the GPU runtime; they need "
+                          "--device cuda or cuda:N (got --device {})",
+                          device_name(dev));
+    return status::ok();
+}
 
 #ifdef GPTQ_HAVE_CUDA
 
@@ -27,12 +38,26 @@ gpu_session::gpu_session() : impl_(std::make_unique<impl>()) {}
 gpu_session::~gpu_session() = default;
 
 result<std::unique_ptr<gpu_session>> gpu_session::open(const std::string& model_path, const device_spec& dev,
-                                                       int64_t n_ctx) {
+                                                       int64_t n_ctx, const gpu_placement_flags& placement) {
     GPTQ_TRY(device_check(dev));
     std::unique_ptr<gpu_session> s(new gpu_session());
     llama_cuda_options           o;
     o.device = dev.index;
     o.n_ctx  = n_ctx;
+    if (placement.any()) {  // the planner's costs for this context (0: the model's default, as below)
+        plan_params pp;
+        pp.model_path = model_path;
+        pp.device_map = placement.device_map.empty() ? "auto" : placement.device_map;
+        pp.max_memory = placement.max_memory;
+        pp.n_ctx      = n_ctx;
+        GPTQ_ASSIGN_OR_RETURN(device_offload_plan plan, plan_for_device(pp, dev.index));
+        if (!plan.note.empty()) std::fprintf(stderr, "%s\n", plan.note.c_str());
+        std::fputs(plan.table.c_str(), stderr);
+        o.offload.layers  = plan.offload_layers;
+        o.offload.embed   = plan.offload_embed;
+        o.offload.norm    = plan.offload_norm;
+        o.offload.lm_head = plan.offload_lm_head;
+    }
     GPTQ_ASSIGN_OR_RETURN(s->impl_->model, llama_cuda_model::open(model_path, o));
     s->impl_->dev = dev;
     return s;
@@ -55,13 +80,21 @@ status gpu_session::decode(int32_t id, float* logits) {
 }
 uint64_t gpu_session::device_bytes() const {
     const auto& m = *impl_->model;
-    return m.weight_bytes() + m.cache_bytes() + m.activation_bytes();
+    return m.weight_bytes() + m.cache_bytes() + m.activation_bytes() + m.staging_bytes();
+}
+uint64_t gpu_session::offload_bytes() const {
+    return impl_->model->offload_bytes();
 }
 std::string gpu_session::describe() const {
     const auto& m = *impl_->model;
-    return fmt::format("{}: weights {:.1f} MiB (GPTQ linears: {} int4 kernel, {} generic), KV cache {:.1f} MiB",
-                       device_name(impl_->dev), m.weight_bytes() / 1048576.0, m.n_gptq_fast(), m.n_gptq_generic(),
-                       m.cache_bytes() / 1048576.0);
+    std::string s =
+        fmt::format("{}: weights {:.1f} MiB (GPTQ linears: {} int4 kernel, {} generic), KV cache {:.1f} MiB",
+                    device_name(impl_->dev), m.weight_bytes() / 1048576.0, m.n_gptq_fast(), m.n_gptq_generic(),
+                    m.cache_bytes() / 1048576.0);
+    if (m.n_offloaded() > 0)
+        s += fmt::format(", {} modules offloaded: {:.1f} MiB in pinned host memory, staging {:.1f} MiB",
+                         m.n_offloaded(), m.offload_bytes() / 1048576.0, m.staging_bytes() / 1048576.0);
+    return s;
 }
 
 result<ppl_result> ppl_evaluate_cuda(const ppl_params& params, const device_spec& dev, const std::vector<int32_t>& ids,
@@ -69,7 +102,8 @@ result<ppl_result> ppl_evaluate_cuda(const ppl_params& params, const device_spec
     auto since = [](std::chrono::steady_clock::time_point t0) {
         return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     };
-    GPTQ_ASSIGN_OR_RETURN(auto gpu, gpu_session::open(params.model_path, dev, params.seqlen));
+    GPTQ_ASSIGN_OR_RETURN(
+        auto gpu, gpu_session::open(params.model_path, dev, params.seqlen, {params.device_map, params.max_memory}));
     r.load_seconds = since(t_load);
     // The log-softmax of each window runs on the host (F32 in, F64 sums), on a few threads.
     thread_pool       pool(2);
@@ -98,6 +132,7 @@ result<ppl_result> ppl_evaluate_cuda(const ppl_params& params, const device_spec
     r.n_threads         = 0;
     r.device            = device_name(dev);
     r.device_bytes      = gpu->device_bytes();
+    r.offload_bytes     = gpu->offload_bytes();
     r.tokens_per_second = r.seconds > 0 ? static_cast<double>(r.n_tokens) / r.seconds : 0.0;
     return r;
 }
@@ -107,7 +142,8 @@ result<ppl_result> ppl_evaluate_cuda(const ppl_params& params, const device_spec
 struct gpu_session::impl {};
 gpu_session::gpu_session()  = default;
 gpu_session::~gpu_session() = default;
-result<std::unique_ptr<gpu_session>> gpu_session::open(const std::string&, const device_spec& dev, int64_t) {
+result<std::unique_ptr<gpu_session>> gpu_session::open(const std::string&, const device_spec& dev, int64_t,
+                                                       const gpu_placement_flags&) {
     GPTQ_TRY(device_check(dev));
     return make_error(status_code::STATUS_UNSUPPORTED, "--device {}: no CUDA in this build", device_name(dev));
 }
@@ -125,6 +161,9 @@ status gpu_session::decode(int32_t, float*) {
     return make_error(status_code::STATUS_UNSUPPORTED, "no CUDA in this build");
 }
 uint64_t gpu_session::device_bytes() const {
+    return 0;
+}
+uint64_t gpu_session::offload_bytes() const {
     return 0;
 }
 std::string gpu_session::describe() const {

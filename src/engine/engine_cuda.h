@@ -15,12 +15,23 @@
 
 namespace gptq {
 
+// Where the modules live: --device-map / --max-memory (gptq/plan.h plan_for_device). Both empty:
+// everything on the GPU. Otherwise the plan is printed to stderr and its cpu modules are offloaded.
+struct gpu_placement_flags {
+    std::string device_map;
+    std::string max_memory;
+    bool        any() const { return !device_map.empty() || !max_memory.empty(); }
+};
+
+// --device-map / --max-memory with --device cpu: an error (they place modules for the GPU runtime).
+status gpu_placement_check(const device_spec& dev, const gpu_placement_flags& flags);
+
 // One sequence on the GPU model (model/llama_cuda.h): prefill, decode steps, reset.
 class gpu_session {
 public:
     // n_ctx: KV-cache positions (0: the model's default).
     static result<std::unique_ptr<gpu_session>> open(const std::string& model_path, const device_spec& dev,
-                                                     int64_t n_ctx = 0);
+                                                     int64_t n_ctx = 0, const gpu_placement_flags& placement = {});
     ~gpu_session();
     int64_t n_vocab() const;
     status  context_reserve(int64_t n_ctx);  // grows the cache (resets the sequence)
@@ -28,8 +39,9 @@ public:
     // logits: [n, n_vocab] when all_logits, else the last token's [n_vocab] (F32).
     status      prefill(const int32_t* ids, int64_t n, float* logits, bool all_logits);
     status      decode(int32_t id, float* logits);
-    uint64_t    device_bytes() const;  // weights + KV cache + activations
-    std::string describe() const;      // "cuda:0 (NVIDIA H100 ...), weights ... MiB, ..."
+    uint64_t    device_bytes() const;   // weights + KV cache + activations + staging
+    uint64_t    offload_bytes() const;  // weights offloaded to pinned host memory
+    std::string describe() const;       // "cuda:0 (NVIDIA H100 ...), weights ... MiB, ..."
 
 private:
     gpu_session();

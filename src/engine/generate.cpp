@@ -73,6 +73,7 @@ const std::string& generator::model_path() const {
 result<std::unique_ptr<generator>> generator::open(const generator_options& options) {
     GPTQ_ASSIGN_OR_RETURN(const device_spec dev, device_parse(options.device));
     GPTQ_TRY(device_check(dev));
+    GPTQ_TRY(gpu_placement_check(dev, {options.device_map, options.max_memory}));
     if (options.n_threads < 0) return make_error(E_ARG, "--threads is {}, expected >= 0", options.n_threads);
     std::unique_ptr<generator> g(new generator());
     impl&                      m = *g->impl_;
@@ -80,7 +81,8 @@ result<std::unique_ptr<generator>> generator::open(const generator_options& opti
     GPTQ_ASSIGN_OR_RETURN(m.model, llama_model::open(options.model_path));
     GPTQ_ASSIGN_OR_RETURN(m.tok, tokenizer::load(options.model_path));
     if (dev.cuda) {  // weights on the GPU only; llama_model above holds the config
-        GPTQ_ASSIGN_OR_RETURN(m.gpu, gpu_session::open(options.model_path, dev));
+        GPTQ_ASSIGN_OR_RETURN(m.gpu,
+                              gpu_session::open(options.model_path, dev, 0, {options.device_map, options.max_memory}));
         m.n_threads = 1;
         return g;
     }

@@ -1,9 +1,12 @@
 // gptq plan: config.json (+ the GPTQ config) -> module costs -> device plan (model/device_map.h).
 #include "gptq/plan.h"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 
 #include "core/error.h"
+#include "host_memory.h"
 #include "io/gptq_config.h"
 #include "io/hf_config.h"
 #include "model/device_map.h"
@@ -18,7 +21,9 @@ constexpr int64_t k_plan_max_ctx     = int64_t(1) << 24;
 constexpr int64_t k_plan_max_batch   = int64_t(1) << 12;
 }  // namespace
 
-result<plan_report> plan_model(const plan_params& p) {
+namespace {
+// The plan of p; cpu_default: the cpu limit added when --max-memory gives none (0: none added).
+result<device_plan> plan_build(const plan_params& p, uint64_t cpu_default, std::string* note) {
     // Bounds keep the byte counts far from overflow (n_ctx x batch x n_vocab x 4 < 2^63).
     if (p.batch < 1 || p.batch > k_plan_max_batch)
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "--batch {} is outside [1, {}]", p.batch,
@@ -45,6 +50,14 @@ result<plan_report> plan_model(const plan_params& p) {
     if (!p.max_memory.empty()) {
         GPTQ_ASSIGN_OR_RETURN(mem, max_memory_parse(p.max_memory));
     }
+    if (cpu_default > 0 && !mem.entries.empty() && !mem.find(k_device_cpu)) {
+        mem.entries.push_back({k_device_cpu, cpu_default});
+        if (note)
+            *note = fmt::format(
+                "--max-memory {} has no cpu entry: what does not fit on the GPU is offloaded to host "
+                "memory, up to the {} available (cpu=0 forbids offloading)",
+                p.max_memory, device_map_bytes_str(cpu_default));
+    }
     device_plan plan;
     if (p.device_map.empty() || p.device_map == "auto") {
         if (mem.entries.empty())
@@ -55,12 +68,33 @@ result<plan_report> plan_model(const plan_params& p) {
         GPTQ_ASSIGN_OR_RETURN(device_map_spec spec, device_map_spec_load(p.device_map));
         GPTQ_ASSIGN_OR_RETURN(plan, device_map_apply(costs, spec, mem, p.device_map));
     }
+    return plan;
+}
+}  // namespace
+
+result<plan_report> plan_model(const plan_params& p) {
+    GPTQ_ASSIGN_OR_RETURN(device_plan plan, plan_build(p, 0, nullptr));
     plan_report r;
     r.table       = device_plan_table(plan);
     r.json        = device_plan_json(plan);
     r.n_modules   = int64_t(plan.modules.size());
     r.n_offloaded = plan.n_offloaded();
     for (const auto& d : plan.devices) r.n_gpus += d.device != k_device_cpu && d.n_modules > 0;
+    return r;
+}
+
+result<device_offload_plan> plan_for_device(const plan_params& p, int device) {
+    device_offload_plan r;
+    GPTQ_ASSIGN_OR_RETURN(device_plan plan, plan_build(p, host_memory_available(), &r.note));
+    const int64_t n_layer = int64_t(plan.modules.size()) - 3;
+    GPTQ_ASSIGN_OR_RETURN(offload_placement off, device_plan_offload_placement(plan, device, n_layer));
+    r.table           = device_plan_table(plan);
+    r.offload_layers  = off.layers;
+    r.offload_embed   = off.embed;
+    r.offload_norm    = off.norm;
+    r.offload_lm_head = off.lm_head;
+    r.n_modules       = int64_t(plan.modules.size());
+    r.n_offloaded     = off.n_modules();
     return r;
 }
 

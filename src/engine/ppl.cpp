@@ -73,6 +73,7 @@ result<ppl_result> ppl_run_unguarded(const ppl_params& params) {
                           params.max_windows);
     GPTQ_ASSIGN_OR_RETURN(const device_spec dev, device_parse(params.device));
     GPTQ_TRY(device_check(dev));
+    GPTQ_TRY(gpu_placement_check(dev, {params.device_map, params.max_memory}));
     const auto t_load = std::chrono::steady_clock::now();
     ppl_result r;
     GPTQ_ASSIGN_OR_RETURN(r.dataset_path, dataset_resolve(params.dataset));
@@ -137,6 +138,8 @@ std::string ppl_result_text(const ppl_result& r) {
         r.ppl, r.nll_mean, r.n_predicted, r.n_windows, r.seqlen, r.n_tokens, r.n_dataset_tokens, r.dataset_path,
         r.seconds, r.tokens_per_second,
         r.device == "cpu" ? fmt::format("{} threads", r.n_threads)
+        : r.offload_bytes ? fmt::format("{} ({:.1f} MiB of GPU memory, {:.1f} MiB of weights offloaded to host memory)",
+                                        r.device, r.device_bytes / 1048576.0, r.offload_bytes / 1048576.0)
                           : fmt::format("{} ({:.1f} MiB of GPU memory)", r.device, r.device_bytes / 1048576.0),
         r.load_seconds);
 }
@@ -157,6 +160,7 @@ std::string ppl_result_json(const ppl_result& r) {
     j["dataset"]           = r.dataset_path;
     j["device"]            = r.device;
     j["device_bytes"]      = r.device_bytes;
+    j["offload_bytes"]     = r.offload_bytes;
     return j.dump();
 }
 

@@ -30,8 +30,8 @@ public:
     static result<cuda_buffer> from_host(const void* src, size_t bytes);  // alloc + synchronous copy
     // A view of memory owned elsewhere (a part of another buffer): not freed with the object.
     static cuda_buffer borrow(void* p, size_t bytes);
-    status                     upload(const void* src, size_t bytes, size_t offset = 0);
-    status                     download(void* dst, size_t bytes, size_t offset = 0) const;
+    status             upload(const void* src, size_t bytes, size_t offset = 0);
+    status             download(void* dst, size_t bytes, size_t offset = 0) const;
 
     void*  data() const { return p_; }
     size_t bytes() const { return n_; }

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "gptq/status.h"
@@ -73,6 +74,9 @@ struct quantize_report {
     uint64_t                            bytes_out       = 0;  // written safetensors
     uint64_t                            peak_plan_bytes = 0;  // the memory plan's estimate
     std::vector<quantize_linear_report> linears;
+    // Wall time of this run by phase (load, calibration, hessian, solve, rtn, error, update, write,
+    // forward), summed over the layers: where the time goes (not kept across --resume).
+    std::vector<std::pair<std::string, double>> phase_seconds;
 };
 
 result<quantize_report> quantize_model(const quantize_params& params);

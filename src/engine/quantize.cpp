@@ -8,11 +8,13 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <new>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -34,6 +36,7 @@
 #include "quant/gptq.h"
 #include "tokenizer/tokenizer.h"
 #ifdef GPTQ_HAVE_CUDA
+#include "model/llama_cuda_layer.h"
 #include "quant/gptq_cuda.h"
 #endif
 
@@ -147,9 +150,56 @@ struct run_state {
     int64_t                      n_samples = 0;
     quantize_report              report;
 #ifdef GPTQ_HAVE_CUDA
-    std::unique_ptr<cuda_context> gpu;  // --device cuda: the GPTQ solve runs there (experimental)
+    // --device cuda (experimental): calibration passes and the GPTQ solve run there; the
+    // calibration inputs live on the device in F16 (x_dev) instead of s.x.
+    std::unique_ptr<cuda_context>            gpu;
+    std::unique_ptr<llama_cuda_layer_runner> runner;
+    cuda_buffer                              x_dev;  // [nsamples * seqlen, n_embd] F16
 #endif
 };
+
+// Adds the wall time of its scope to the report's phase `name` (GPU work queued in the scope is
+// waited for first, so that the time lands in the phase that queued it).
+class phase_timer {
+public:
+    phase_timer(run_state& s, const char* name) : s_(s), name_(name), t0_(clock::now()) {}
+    ~phase_timer() {
+#ifdef GPTQ_HAVE_CUDA
+        if (s_.gpu) (void)s_.gpu->synchronize();
+#endif
+        const double dt = seconds_since(t0_);
+        for (auto& [n, v] : s_.report.phase_seconds)
+            if (n == name_) {
+                v += dt;
+                return;
+            }
+        s_.report.phase_seconds.emplace_back(name_, dt);
+    }
+    phase_timer(const phase_timer&)            = delete;
+    phase_timer& operator=(const phase_timer&) = delete;
+
+private:
+    run_state&        s_;
+    const char*       name_;
+    clock::time_point t0_;
+};
+
+// "load 1.2 s, calibration 3.4 s, ..." from the report's phase times.
+std::string phase_summary(const quantize_report& r) {
+    std::string out;
+    for (const auto& [name, secs] : r.phase_seconds)
+        out += fmt::format("{}{} {:.1f} s", out.empty() ? "" : ", ", name, secs);
+    return out;
+}
+
+// Whether the calibration passes run on the GPU (--device cuda with GPTQ).
+bool gpu_calibration([[maybe_unused]] const run_state& s) {
+#ifdef GPTQ_HAVE_CUDA
+    return s.runner != nullptr;
+#else
+    return false;
+#endif
+}
 
 // Tensor names of a layer's non-linear weights (the norms), copied unchanged.
 std::vector<std::string> layer_plain_tensors(const run_state& s, int64_t i) {
@@ -197,9 +247,15 @@ status write_state(const run_state& s, int64_t layers_done) {
 
 // Run layer `layer` on every calibration window of s.x. With `capture`, call it with each linear
 // input (s.x unchanged); without, replace s.x by the layer's output.
-void run_layer_on_calibration(run_state& s, const ops_context& ctx, const llama_layer& layer, bool update_x,
-                              const linear_input_hook* hook,
-                              linear_input             stop_after = linear_input::LINEAR_INPUT_COUNT) {
+status run_layer_on_calibration(run_state& s, const ops_context& ctx, const llama_layer& layer, bool update_x,
+                                const linear_input_hook* hook,
+                                linear_input             stop_after = linear_input::LINEAR_INPUT_COUNT) {
+#ifdef GPTQ_HAVE_CUDA
+    if (s.runner) {  // the runner holds this layer's current weights (quantize_layer keeps them in step)
+        GPTQ_ASSERT(update_x && !hook);
+        return s.runner->forward(s.x_dev.as<uint16_t>(), s.n_samples, nullptr);
+    }
+#endif
     const int64_t      seqlen = s.p.seqlen, n_embd = s.model->hparams().n_embd;
     std::vector<float> scratch;
     for (int64_t j = 0; j < s.n_samples; ++j) {
@@ -211,6 +267,7 @@ void run_layer_on_calibration(run_state& s, const ops_context& ctx, const llama_
             s.model->layer_forward(ctx, layer, scratch.data(), seqlen, 0, nullptr, hook, stop_after);
         }
     }
+    return status::ok();
 }
 
 // Replace layer i's linears by those stored in its work-folder file (resume).
@@ -236,14 +293,98 @@ status check_tensors_finite(const tensor_source& src, const std::vector<tensor_s
     return status::ok();
 }
 
+#ifdef GPTQ_HAVE_CUDA
+// --device cuda: print the device memory plan, refuse it when the GPU has less free memory, then
+// move the calibration inputs (s.x, F32 host) to the device as F16 and create the layer runner.
+status gpu_calibration_setup(run_state& s, thread_pool* pool) {
+    const llama_hparams& hp      = s.model->hparams();
+    const int64_t        n_tok   = s.n_samples * s.p.seqlen;
+    const uint64_t       x_bytes = uint64_t(n_tok) * uint64_t(hp.n_embd) * 2;
+    uint64_t             w_bytes = 0, h_bytes = 0, solve_bytes = 0;
+    for (int r = 0; r < k_n_linear_roles; ++r) {
+        const auto     shp = hp.linear_shape(static_cast<linear_role>(r));
+        const uint64_t wn = uint64_t(shp[0] * shp[1]), hn = uint64_t(shp[1] * shp[1]);
+        w_bytes += wn * 2;
+        // The solve: W (raw, permuted), H (raw, permuted / U), codes, the error's D and D H.
+        solve_bytes = std::max<uint64_t>(solve_bytes, wn * 4 * 4 + hn * 4 * 2 + wn);
+        h_bytes += hn * 4;  // one accumulator per input (all four without --true-sequential)
+    }
+    // The runner's activations for one chunk: the sizes llama_cuda_layer_runner::create allocates.
+    const int64_t  chunk = std::max<int64_t>(1, 16384 / s.p.seqlen) * s.p.seqlen;
+    const uint64_t act_bytes =
+        uint64_t(std::min(chunk, n_tok)) *
+        uint64_t(2 * hp.n_embd + std::max(hp.n_embd, hp.q_dim()) + hp.q_dim() + 2 * hp.kv_dim() + 2 * hp.n_ff) * 2;
+    // The attention output of every window, kept between GPTQ's passes over the layer (q/k/v are
+    // quantized first, so the later passes and the final one reuse it).
+    const uint64_t attn_bytes = uint64_t(n_tok) * uint64_t(hp.q_dim()) * 2;
+    const uint64_t plan       = x_bytes + w_bytes + act_bytes + h_bytes + solve_bytes + attn_bytes;
+    GPTQ_ASSIGN_OR_RETURN(const cuda_memory_info mem, cuda_memory_info_get(*s.gpu));
+    GPTQ_LOG_INFO(
+        "GPU memory plan: calibration inputs {} (F16) + one layer {} + activations {} + attention cache {} + "
+        "Hessians {} + solve {} = {} (cuda:{} has {} free of {})",
+        human_bytes(x_bytes), human_bytes(w_bytes), human_bytes(act_bytes), human_bytes(attn_bytes),
+        human_bytes(h_bytes), human_bytes(solve_bytes), human_bytes(plan), s.gpu->device(), human_bytes(mem.free),
+        human_bytes(mem.total));
+    if (plan > mem.free)
+        return make_error(status_code::STATUS_OUT_OF_MEMORY,
+                          "quantizing on cuda:{} needs about {} of GPU memory and {} is free; lower --nsamples or "
+                          "--seqlen, or use --device cpu",
+                          s.gpu->device(), human_bytes(plan), human_bytes(mem.free));
+    s.report.peak_plan_bytes = plan;
+    std::vector<uint16_t> x16(s.x.size());
+    for (size_t i = 0; i < s.x.size(); ++i) {
+        if (!(std::fabs(s.x[i]) <= 65504.0f))
+            return make_error(status_code::STATUS_UNSUPPORTED,
+                              "model.embed_tokens.weight holds {} (calibration row {}), outside the F16 range the "
+                              "GPU calibration uses; use --device cpu",
+                              s.x[i], i / size_t(hp.n_embd));
+        x16[i] = f32_to_f16(s.x[i]);
+    }
+    GPTQ_ASSIGN_OR_RETURN(s.x_dev, cuda_buffer::from_host(x16.data(), x16.size() * 2));
+    std::vector<float>().swap(s.x);
+    GPTQ_ASSIGN_OR_RETURN(s.runner, llama_cuda_layer_runner::create(*s.gpu, hp, s.p.seqlen));
+    GPTQ_TRY(s.runner->attention_cache_enable(s.n_samples));
+    s.runner->set_thread_pool(pool);
+    return status::ok();
+}
+#endif
+
 status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_layer* layer) {
     const auto& hp = s.model->hparams();
     GPTQ_TRY(check_tensors_finite(s.model->source(), llama_layer_tensors(hp, i)));
     std::vector<std::pair<linear_role, gptq_linear_data>> out;
+#ifdef GPTQ_HAVE_CUDA
+    if (s.runner) {
+        phase_timer t(s, "load");
+        GPTQ_TRY(s.runner->load(*layer));
+    }
+#endif
     for (const auto& group : quant_groups(s.p.true_sequential)) {
         // Hessians of the distinct inputs this group reads.
         std::map<linear_input, std::unique_ptr<hessian_accumulator>> acc;
-        if (s.p.method == "gptq") {
+#ifdef GPTQ_HAVE_CUDA
+        std::map<linear_input, cuda_hessian_accumulator> acc_dev;  // --device cuda
+        if (s.runner) {
+            phase_timer  t(s, "calibration");
+            linear_input last = linear_input::LINEAR_INPUT_QKV;
+            for (linear_role r : group) {
+                const linear_input in = linear_role_input(r);
+                if (!acc_dev.count(in)) {
+                    GPTQ_ASSIGN_OR_RETURN(auto a, cuda_hessian_accumulator::create(*s.gpu, hp.linear_shape(r)[1]));
+                    acc_dev.emplace(in, std::move(a));
+                }
+                last = std::max(last, in);
+            }
+            cuda_linear_input_hook hook = [&](linear_input which, const uint16_t* x, int64_t n_tokens,
+                                              int64_t) -> status {
+                auto it = acc_dev.find(which);
+                return it != acc_dev.end() ? it->second.add_f16(*s.gpu, x, n_tokens) : status::ok();
+            };
+            GPTQ_TRY(s.runner->forward(s.x_dev.as<uint16_t>(), s.n_samples, &hook, last));
+        }
+#endif
+        if (s.p.method == "gptq" && !gpu_calibration(s)) {
+            phase_timer  t(s, "calibration");
             linear_input last = linear_input::LINEAR_INPUT_QKV;  // the pass can stop once this is seen
             for (linear_role r : group) {
                 const linear_input in = linear_role_input(r);
@@ -254,7 +395,7 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
                 auto it = acc.find(which);
                 if (it != acc.end()) it->second->add(ctx, x, n_tokens);
             };
-            run_layer_on_calibration(s, ctx, *layer, false, &hook, last);
+            GPTQ_TRY(run_layer_on_calibration(s, ctx, *layer, false, &hook, last));
         }
         for (linear_role r : group) {
             const auto            t0   = clock::now();
@@ -266,13 +407,30 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
             rep.n_out = lw.n_out;
             rep.n_in  = lw.n_in;
             std::vector<float> h;
-            if (s.p.method == "gptq") h = acc[linear_role_input(r)]->finish();
-            auto rtn = rtn_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, s.opt);
+#ifdef GPTQ_HAVE_CUDA
+            cuda_buffer h_dev;  // GPU calibration: H on the device (errors), and a host copy (the solve's input)
+            if (s.runner) {
+                phase_timer                     t(s, "hessian");
+                const cuda_hessian_accumulator& a = acc_dev.at(linear_role_input(r));
+                GPTQ_ASSIGN_OR_RETURN(h_dev, cuda_buffer::alloc(size_t(lw.n_in * lw.n_in) * 4));
+                GPTQ_TRY(a.finish(*s.gpu, h_dev.as<float>()));
+                h.resize(size_t(lw.n_in * lw.n_in));
+                GPTQ_TRY(cuda_copy_to_host(*s.gpu, h.data(), h_dev.data(), h.size() * 4));
+            }
+#endif
+            if (s.p.method == "gptq" && !gpu_calibration(s)) {
+                phase_timer t(s, "hessian");
+                h = acc[linear_role_input(r)]->finish();
+            }
+            std::optional<phase_timer> t_rtn(std::in_place, s, "rtn");
+            auto                       rtn = rtn_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, s.opt);
             if (!rtn) return rtn.error().with_context(name);
+            t_rtn.reset();
             std::vector<float> wq(lw.w.size());
             quantized_linear   q;
             if (s.p.method == "gptq") {
-                gptq_stats st;
+                gptq_stats                 st;
+                std::optional<phase_timer> t_solve(std::in_place, s, "solve");
 #ifdef GPTQ_HAVE_CUDA
                 auto g = s.gpu ? gptq_quantize_cuda(*s.gpu, ctx, lw.w.data(), lw.n_out, lw.n_in, h.data(), s.opt, &st)
                                : gptq_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, h.data(), s.opt, &st);
@@ -280,19 +438,42 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
                 auto g = gptq_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, h.data(), s.opt, &st);
 #endif
                 if (!g) return g.error().with_context(name);
+                t_solve.reset();
+                phase_timer t(s, "error");
                 q                = std::move(g).value();
                 rep.damp_percent = st.damp_percent_used;
                 std::vector<float> wr(lw.w.size());
                 quantized_linear_dequantize(*rtn, wr.data());
-                rep.error_rtn = hessian_weighted_error(ctx, lw.w.data(), wr.data(), lw.n_out, lw.n_in, h.data());
                 quantized_linear_dequantize(q, wq.data());
-                rep.error_gptq = hessian_weighted_error(ctx, lw.w.data(), wq.data(), lw.n_out, lw.n_in, h.data());
+#ifdef GPTQ_HAVE_CUDA
+                if (h_dev.bytes()) {  // O(n_out n_in^2) each: on the GPU when H is there
+                    GPTQ_ASSIGN_OR_RETURN(rep.error_rtn,
+                                          hessian_weighted_error_cuda(*s.gpu, lw.w.data(), wr.data(), lw.n_out, lw.n_in,
+                                                                      h_dev.as<float>()));
+                    GPTQ_ASSIGN_OR_RETURN(rep.error_gptq,
+                                          hessian_weighted_error_cuda(*s.gpu, lw.w.data(), wq.data(), lw.n_out, lw.n_in,
+                                                                      h_dev.as<float>()));
+                }
+#endif
+                if (!gpu_calibration(s)) {
+                    rep.error_rtn  = hessian_weighted_error(ctx, lw.w.data(), wr.data(), lw.n_out, lw.n_in, h.data());
+                    rep.error_gptq = hessian_weighted_error(ctx, lw.w.data(), wq.data(), lw.n_out, lw.n_in, h.data());
+                }
             } else {
                 q = std::move(rtn).value();
                 quantized_linear_dequantize(q, wq.data());
             }
-            out.emplace_back(r, to_checkpoint_form(q, lw));
-            GPTQ_TRY(layer->linear_replace(r, std::move(wq)));
+            {
+                phase_timer t(s, "write");
+                out.emplace_back(r, to_checkpoint_form(q, lw));
+            }
+            {
+                phase_timer t(s, "update");
+#ifdef GPTQ_HAVE_CUDA
+                if (s.runner) GPTQ_TRY(s.runner->linear_update(r, wq));  // later groups see the quantized layer
+#endif
+                GPTQ_TRY(layer->linear_replace(r, std::move(wq)));
+            }
             rep.seconds = seconds_since(t0);
             GPTQ_LOG_DEBUG("{}: error gptq {:.6g} rtn {:.6g} ({:.2f} s)", name, rep.error_gptq, rep.error_rtn,
                            rep.seconds);
@@ -300,6 +481,7 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
         }
     }
     std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+    phase_timer t(s, "write");
     return write_layer(s, i, out);
 }
 
@@ -458,11 +640,12 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
 #ifdef GPTQ_HAVE_CUDA
         GPTQ_ASSIGN_OR_RETURN(s.gpu, cuda_context::create(dev.index));
         GPTQ_LOG_WARN(
-            "--device {}: GPTQ on the GPU is experimental (the Cholesky and column loop of each linear run "
-            "there; calibration stays on the CPU); compare with --device cpu before trusting it",
+            "--device {}: GPTQ on the GPU is experimental (calibration passes in F16 with F32 accumulation, "
+            "Hessians, Cholesky and column loop in F32 there); compare with --device cpu before trusting it",
             device_name(dev));
 #endif
     }
+    const bool gpu_calibration_wanted = dev.cuda && params.method == "gptq";
 
     // The model.
     GPTQ_ASSIGN_OR_RETURN(s.model, llama_model::open(params.model_path));
@@ -561,7 +744,9 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                                    static_cast<uint64_t>(2 * hp.n_embd + 2 * hp.kv_dim() + hp.q_dim() + 3 * hp.n_ff +
                                                          hp.n_head * params.seqlen) *
                                    4;
-        const uint64_t plan      = x_bytes + layer_bytes + 3 * h_bytes + act_bytes * static_cast<uint64_t>(n_threads);
+        // With the GPU calibration the host holds no per-thread activations.
+        const uint64_t act_host  = gpu_calibration_wanted ? 0 : act_bytes * static_cast<uint64_t>(n_threads);
+        const uint64_t plan      = x_bytes + layer_bytes + 3 * h_bytes + act_host;
         s.report.peak_plan_bytes = plan;
         const uint64_t avail     = host_memory_available();
         GPTQ_LOG_INFO(
@@ -577,6 +762,9 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         s.x.resize(static_cast<size_t>(s.n_samples * params.seqlen * hp.n_embd));
         GPTQ_TRY(s.model->globals_load());
         GPTQ_TRY(s.model->embed(windows.data(), s.n_samples * params.seqlen, s.x.data()));
+#ifdef GPTQ_HAVE_CUDA
+        if (s.gpu) GPTQ_TRY(gpu_calibration_setup(s, &pool));
+#endif
     }
 
     // The work folder is made only now, so that a run failing its checks leaves nothing behind.
@@ -599,17 +787,25 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                               "stopped after {} layers as asked (--stop-after-layers); "
                               "continue with --resume",
                               i);
-        const auto t_layer = clock::now();
+        const auto                 t_layer = clock::now();
+        std::optional<phase_timer> t_load(std::in_place, s, "load");
         GPTQ_ASSIGN_OR_RETURN(auto layer, s.model->layer_load(i));
+        t_load.reset();
         if (i < layers_done) {
             if (params.method == "gptq") {
                 GPTQ_TRY(load_finished_layer(s, i, layer.get()));
-                run_layer_on_calibration(s, ctx, *layer, true, nullptr);
+#ifdef GPTQ_HAVE_CUDA
+                if (s.runner) GPTQ_TRY(s.runner->load(*layer));
+#endif
+                GPTQ_TRY(run_layer_on_calibration(s, ctx, *layer, true, nullptr));
             }
             continue;
         }
         GPTQ_TRY(quantize_layer(s, ctx, i, layer.get()).with_context(fmt::format("layer {}", i)));
-        if (params.method == "gptq") run_layer_on_calibration(s, ctx, *layer, true, nullptr);
+        if (params.method == "gptq") {
+            phase_timer t(s, "forward");
+            GPTQ_TRY(run_layer_on_calibration(s, ctx, *layer, true, nullptr).with_context(fmt::format("layer {}", i)));
+        }
         GPTQ_TRY(write_state(s, i + 1));
         bar.update(1);
         // One line per layer: the error GPTQ minimises against RTN's.
@@ -621,8 +817,9 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             }
         if (!bar.enabled()) {
             if (params.method == "gptq")
-                GPTQ_LOG_INFO("layer {}/{}: error {:.4g} (RTN {:.4g}, ratio {:.3f}) in {:.1f} s", i + 1, hp.n_layer, eg,
-                              er, er > 0 ? eg / er : 0.0, seconds_since(t_layer));
+                GPTQ_LOG_INFO("layer {}/{}: error {:.4g} (RTN {:.4g}, ratio {:.3f}) in {:.1f} s (so far: {})", i + 1,
+                              hp.n_layer, eg, er, er > 0 ? eg / er : 0.0, seconds_since(t_layer),
+                              phase_summary(s.report));
             else
                 GPTQ_LOG_INFO("layer {}/{} in {:.1f} s", i + 1, hp.n_layer, seconds_since(t_layer));
         }
@@ -682,6 +879,9 @@ std::string quantize_report_json(const quantize_report& r) {
     j["bytes_in"]             = r.bytes_in;
     j["bytes_out"]            = r.bytes_out;
     j["peak_plan_bytes"]      = r.peak_plan_bytes;
+    nlohmann::ordered_json ph = nlohmann::ordered_json::object();
+    for (const auto& [name, secs] : r.phase_seconds) ph[name] = secs;
+    j["phase_seconds"]        = ph;
     nlohmann::ordered_json ls = nlohmann::ordered_json::array();
     for (const auto& l : r.linears)
         ls.push_back({{"name", l.name},

@@ -172,6 +172,16 @@ status cuda_copy_to_device_async(cuda_context& ctx, void* dst, const void* src, 
     return status::ok();
 }
 
+status cuda_zero_async(cuda_context& ctx, void* dst, size_t bytes) {
+    if (bytes) GPTQ_CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, ctx.stream()));
+    return status::ok();
+}
+
+status cuda_copy_device_async(cuda_context& ctx, void* dst, const void* src, size_t bytes) {
+    if (bytes) GPTQ_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, ctx.stream()));
+    return status::ok();
+}
+
 status cuda_copy_to_host(cuda_context& ctx, void* dst, const void* src, size_t bytes) {
     if (bytes) GPTQ_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, ctx.stream()));
     return ctx.synchronize();

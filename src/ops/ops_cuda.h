@@ -80,7 +80,9 @@ result<cuda_memory_info> cuda_memory_info_get(const cuda_context& ctx);
 // Copies ordered on the context's stream (the stream is non-blocking, so plain cudaMemcpy on the
 // legacy stream would not wait for it). The host->device one returns before the copy has run.
 status cuda_copy_to_device_async(cuda_context& ctx, void* dst, const void* src, size_t bytes);
-status cuda_copy_to_host(cuda_context& ctx, void* dst, const void* src, size_t bytes);  // waits for the stream
+status cuda_copy_to_host(cuda_context& ctx, void* dst, const void* src, size_t bytes);       // waits for the stream
+status cuda_copy_device_async(cuda_context& ctx, void* dst, const void* src, size_t bytes);  // device to device
+status cuda_zero_async(cuda_context& ctx, void* dst, size_t bytes);                          // memset 0
 
 // A CUDA graph captured from the context's stream: capture_begin, then the ops (queued, not run),
 // then capture_end instantiates them; launch replays them on the stream. Kernel arguments are

@@ -28,6 +28,17 @@ status op_cuda_hessian_finish(cuda_context& ctx, const float* h_sum, float* h, i
     return cuda::gptq_hessian_finish(h_sum, h, n_in, scale, ctx.stream());
 }
 
+result<double> op_cuda_hessian_weighted_error(cuda_context& ctx, const float* d, const float* h, int64_t n_out,
+                                              int64_t n_in) {
+    GPTQ_ASSIGN_OR_RETURN(cuda_buffer work, cuda_buffer::alloc(size_t(std::max<int64_t>(n_out * n_in, 1)) * 4));
+    GPTQ_ASSIGN_OR_RETURN(cuda_buffer out, cuda_buffer::alloc(sizeof(double)));
+    GPTQ_TRY(
+        cuda::gptq_weighted_error(ctx.blas(), d, h, work.as<float>(), n_out, n_in, out.as<double>(), ctx.stream()));
+    double v = 0.0;
+    GPTQ_TRY(cuda_copy_to_host(ctx, &v, out.data(), sizeof(double)));
+    return v;
+}
+
 status op_cuda_gptq_permute(cuda_context& ctx, const float* w, const float* h, const int32_t* perm, float* w_out,
                             float* h_out, int64_t n_out, int64_t n_in) {
     return cuda::gptq_permute(w, h, perm, w_out, h_out, n_out, n_in, ctx.stream());

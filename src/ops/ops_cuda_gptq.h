@@ -19,6 +19,11 @@ status op_cuda_hessian_accumulate(cuda_context& ctx, const void* x, bool x_f16, 
 // h = symmetric(h_sum upper) * scale; h may alias h_sum.
 status op_cuda_hessian_finish(cuda_context& ctx, const float* h_sum, float* h, int64_t n_in, float scale);
 
+// trace(D H D^T) for device d [n_out, n_in] and symmetric h [n_in, n_in] (F32 product, double sum);
+// waits for the stream.
+result<double> op_cuda_hessian_weighted_error(cuda_context& ctx, const float* d, const float* h, int64_t n_out,
+                                              int64_t n_in);
+
 // w_out[r, i] = w[r, perm[i]] (0 for dead columns: diag(h) == 0), h_out = h[perm][:, perm] with a
 // dead diagonal set to 1. perm: [n_in] I32 device or nullptr (identity).
 status op_cuda_gptq_permute(cuda_context& ctx, const float* w, const float* h, const int32_t* perm, float* w_out,

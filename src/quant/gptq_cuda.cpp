@@ -237,17 +237,24 @@ result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_contex
     return q;
 }
 
+result<double> hessian_weighted_error_cuda(cuda_context& cctx, const float* w, const float* wq, int64_t n_out,
+                                           int64_t n_in, const float* h_dev) {
+    const size_t       n = static_cast<size_t>(n_out * n_in);
+    std::vector<float> d(n);
+    for (size_t i = 0; i < n; ++i) d[i] = w[i] - wq[i];
+    auto d_dev = to_device(cctx, d.data(), n);
+    if (!d_dev) return d_dev.error();
+    return op_cuda_hessian_weighted_error(cctx, d_dev->as<float>(), h_dev, n_out, n_in);  // waits: d may go
+}
+
 // ---- cuda_hessian_accumulator ---------------------------------------------------------------------
 
 result<cuda_hessian_accumulator> cuda_hessian_accumulator::create(cuda_context& cctx, int64_t n_in) {
     if (n_in <= 0) return make_error(E_ARG, "Hessian accumulator for {} input features", n_in);
     cuda_hessian_accumulator acc;
     acc.n_in_ = n_in;
-    const std::vector<float> zeros(static_cast<size_t>(n_in * n_in), 0.0f);
-    auto                     b = to_device(cctx, zeros.data(), zeros.size());
-    if (!b) return b.error();
-    GPTQ_TRY(cctx.synchronize());  // `zeros` goes out of scope
-    acc.sum_ = std::move(*b);
+    GPTQ_ASSIGN_OR_RETURN(acc.sum_, cuda_buffer::alloc(static_cast<size_t>(n_in * n_in) * sizeof(float)));
+    GPTQ_TRY(cuda_zero_async(cctx, acc.sum_.data(), acc.sum_.bytes()));
     return acc;
 }
 

@@ -440,4 +440,36 @@ TEST(gptq_cuda, hessian_accumulation_matches_the_cpu) {
     }
 }
 
+// trace((W - Q) H (W - Q)^T) on the device (quantize's report with --device cuda) vs the CPU's
+// hessian_weighted_error, on fresh random layers of awkward shapes; F32 products both sides, so
+// they agree to F32 summation noise.
+TEST(gptq_cuda, hessian_weighted_error_matches_the_cpu) {
+    SKIP_WITHOUT_GPU();
+    std::random_device rd;
+    const uint32_t     seed = rd();
+    std::mt19937       rng(seed);
+    for (auto [n_out, n_in] : {std::pair<int64_t, int64_t>{1, 1}, {7, 33}, {64, 128}, {129, 300}, {5, 257}}) {
+        const layer                     L = make_layer(n_out, n_in, rng(), 2 * n_in + 3);
+        std::vector<float>              wq(L.w);
+        std::normal_distribution<float> nd;
+        for (auto& v : wq) v += 0.01f * nd(rng);  // a "quantized" weight near W
+        const double cpu = hessian_weighted_error(ops_context{}, L.w.data(), wq.data(), n_out, n_in, L.h.data());
+        auto         hd  = upload(*cc, L.h.data(), L.h.size() * 4);
+        ASSERT_TRUE(hd.is_ok());
+        auto gpu = hessian_weighted_error_cuda(*cc, L.w.data(), wq.data(), n_out, n_in, hd->as<float>());
+        ASSERT_TRUE(gpu.is_ok()) << gpu.error().message();
+        // H is positive semi-definite (X^T X), so each row's d H d^T >= 0: no cancellation between
+        // rows, and F32 products agree to ~1e-6 relative; 1e-4 leaves room for longer sums.
+        EXPECT_GT(*gpu, 0.0);
+        EXPECT_NEAR(*gpu, cpu, 1e-4 * std::fabs(cpu) + 1e-12) << n_out << " x " << n_in << " seed " << seed;
+    }
+    // W == Q: exactly zero.
+    const layer L  = make_layer(3, 40, 5, 90);
+    auto        hd = upload(*cc, L.h.data(), L.h.size() * 4);
+    ASSERT_TRUE(hd.is_ok());
+    auto z = hessian_weighted_error_cuda(*cc, L.w.data(), L.w.data(), 3, 40, hd->as<float>());
+    ASSERT_TRUE(z.is_ok());
+    EXPECT_EQ(*z, 0.0);
+}
+
 }  // namespace gptq

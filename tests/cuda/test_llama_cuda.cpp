@@ -16,6 +16,9 @@
 #include <string>
 #include <vector>
 
+#include <map>
+#include <random>
+#include "core/dtype.h"
 #include "core/thread_pool.h"
 #include "cuda_test_util.h"
 #include "gptq/generate.h"
@@ -23,6 +26,7 @@
 #include "gptq/quantize.h"
 #include "model/llama.h"
 #include "model/llama_cuda.h"
+#include "model/llama_cuda_layer.h"
 #include "test_util.h"
 
 using namespace gptq;
@@ -306,4 +310,132 @@ TEST(llama_cuda, generate_on_cuda_picks_tokens_the_cpu_ranks_first) {
             EXPECT_GE(row[r.tokens[i]], top - k_f16_logits_rel_tol * amax) << r.prompt << " token " << i;
         }
     }
+}
+
+// ---- llama_cuda_layer_runner (GPTQ's calibration passes on the GPU) -----------------------------
+// Each decoder layer of a model run over n_windows windows of seqlen tokens: the runner (F16, in
+// chunks of 2 windows, the last chunk partial) against llama_model::layer_forward (F32) window by
+// window on the same F16-rounded inputs. Checked: every captured linear input, the layer output,
+// a capture pass leaves the inputs untouched (bit for bit), and linear_update changes the output
+// as the CPU's linear_replace does.
+namespace {
+std::vector<float> f16_round(const std::vector<float>& v) {
+    std::vector<float> o(v.size());
+    for (size_t i = 0; i < v.size(); ++i) o[i] = f16_to_f32(f32_to_f16(v[i]));
+    return o;
+}
+
+double max_rel(const std::vector<float>& got, const std::vector<float>& want) {
+    double md = 0, mr = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+        md = std::max(md, std::fabs(double(got[i]) - double(want[i])));
+        mr = std::max(mr, std::fabs(double(want[i])));
+    }
+    return mr > 0 ? md / mr : md;
+}
+
+void check_layer_runner(const std::string& dir, bool attention_cache) {
+    auto m = llama_model::open(dir);
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    const llama_hparams& hp = (*m)->hparams();
+    auto                 cc = cuda_context::create(0);
+    ASSERT_TRUE(cc.is_ok()) << cc.error().message();
+    const int64_t seqlen = 24, n_windows = 5, n_embd = hp.n_embd, n_tok = seqlen * n_windows;
+    auto          run = llama_cuda_layer_runner::create(**cc, hp, seqlen, 2 * seqlen);
+    ASSERT_TRUE(run.is_ok()) << run.error().message();
+    ASSERT_EQ((*run)->chunk_windows(), 2);
+    if (attention_cache) ASSERT_TRUE((*run)->attention_cache_enable(n_windows).is_ok());
+    const ops_context               ctx{&pool2(), false};
+    std::mt19937                    rng(std::random_device{}());
+    std::normal_distribution<float> nd;
+    for (int64_t li = 0; li < hp.n_layer; ++li) {
+        auto layer = (*m)->layer_load(li);
+        ASSERT_TRUE(layer.is_ok()) << layer.error().message();
+        std::vector<float> x(size_t(n_tok * n_embd));
+        for (auto& v : x) v = nd(rng);
+        x = f16_round(x);
+        // CPU: captures of every input, and the output, window by window.
+        std::map<linear_input, std::vector<float>> cap_cpu, cap_gpu;
+        linear_input_hook hook = [&](int64_t, linear_input w, const float* xi, int64_t n, int64_t n_in) {
+            auto& c = cap_cpu[w];
+            c.insert(c.end(), xi, xi + n * n_in);
+        };
+        std::vector<float> out_cpu = x;
+        for (int64_t j = 0; j < n_windows; ++j)
+            (*m)->layer_forward(ctx, **layer, out_cpu.data() + j * seqlen * n_embd, seqlen, 0, nullptr, &hook);
+        // GPU: a capture pass that stops after the MLP input, then the full pass.
+        std::vector<uint16_t> xh(x.size());
+        for (size_t i = 0; i < x.size(); ++i) xh[i] = f32_to_f16(x[i]);
+        auto xd = cuda_buffer::alloc(xh.size() * 2);
+        ASSERT_TRUE(xd.is_ok());
+        ASSERT_TRUE(cuda_copy_to_device_async(**cc, xd->data(), xh.data(), xh.size() * 2).is_ok());
+        ASSERT_TRUE((*run)->load(**layer).is_ok());
+        cuda_linear_input_hook ghook = [&](linear_input w, const uint16_t* xi, int64_t n, int64_t n_in) -> status {
+            std::vector<uint16_t> b(size_t(n * n_in));
+            GPTQ_TRY(cuda_copy_to_host(**cc, b.data(), xi, b.size() * 2));
+            auto& c = cap_gpu[w];
+            for (uint16_t v : b) c.push_back(f16_to_f32(v));
+            return status::ok();
+        };
+        ASSERT_TRUE((*run)->forward(xd->as<uint16_t>(), n_windows, &ghook, linear_input::LINEAR_INPUT_DOWN).is_ok());
+        std::vector<uint16_t> back(xh.size());
+        ASSERT_TRUE(cuda_copy_to_host(**cc, back.data(), xd->data(), back.size() * 2).is_ok());
+        EXPECT_EQ(back, xh) << "layer " << li << ": a capture pass changed the inputs";
+        for (int w = 0; w < int(linear_input::LINEAR_INPUT_COUNT); ++w) {
+            const auto which = static_cast<linear_input>(w);
+            ASSERT_EQ(cap_gpu[which].size(), cap_cpu[which].size()) << linear_input_name(which);
+            EXPECT_LE(max_rel(cap_gpu[which], cap_cpu[which]), k_f16_logits_rel_tol)
+                << dir << " layer " << li << " input " << linear_input_name(which);
+        }
+        EXPECT_EQ((*run)->attention_cached(), attention_cache);                        // the capture pass computed it
+        ASSERT_TRUE((*run)->forward(xd->as<uint16_t>(), n_windows, nullptr).is_ok());  // reuses it
+        EXPECT_FALSE((*run)->attention_cached());  // the inputs it came from are gone
+        ASSERT_TRUE(cuda_copy_to_host(**cc, back.data(), xd->data(), back.size() * 2).is_ok());
+        std::vector<float> out_gpu(back.size());
+        for (size_t i = 0; i < back.size(); ++i) out_gpu[i] = f16_to_f32(back[i]);
+        const double e_out = max_rel(out_gpu, out_cpu);
+        EXPECT_LE(e_out, k_f16_logits_rel_tol) << dir << " layer " << li << " output";
+        // linear_update: halve down_proj on both sides; the outputs move together.
+        std::vector<float> w2 = (*layer)->linear(linear_role::LINEAR_DOWN).dense();
+        for (auto& v : w2) v *= 0.5f;
+        ASSERT_TRUE((*run)->linear_update(linear_role::LINEAR_DOWN, w2).is_ok());
+        ASSERT_TRUE((*layer)->linear_replace(linear_role::LINEAR_DOWN, w2).is_ok());
+        std::vector<float> out2_cpu = x;
+        for (int64_t j = 0; j < n_windows; ++j)
+            (*m)->layer_forward(ctx, **layer, out2_cpu.data() + j * seqlen * n_embd, seqlen, 0, nullptr);
+        ASSERT_TRUE(cuda_copy_to_device_async(**cc, xd->data(), xh.data(), xh.size() * 2).is_ok());
+        ASSERT_TRUE((*run)->forward(xd->as<uint16_t>(), n_windows, nullptr).is_ok());
+        ASSERT_TRUE(cuda_copy_to_host(**cc, back.data(), xd->data(), back.size() * 2).is_ok());
+        for (size_t i = 0; i < back.size(); ++i) out_gpu[i] = f16_to_f32(back[i]);
+        EXPECT_LE(max_rel(out_gpu, out2_cpu), k_f16_logits_rel_tol) << dir << " layer " << li << " after update";
+        EXPECT_GT(max_rel(out2_cpu, out_cpu), 1e-3) << "the update changed nothing";
+        // With the cache: an update of v_proj after a capture pass invalidates it (recomputed).
+        if (attention_cache) {
+            ASSERT_TRUE(cuda_copy_to_device_async(**cc, xd->data(), xh.data(), xh.size() * 2).is_ok());
+            ASSERT_TRUE((*run)->forward(xd->as<uint16_t>(), n_windows, nullptr, linear_input::LINEAR_INPUT_O).is_ok());
+            EXPECT_TRUE((*run)->attention_cached());
+            std::vector<float> wv = (*layer)->linear(linear_role::LINEAR_V).dense();
+            for (auto& v : wv) v *= -1.0f;
+            ASSERT_TRUE((*run)->linear_update(linear_role::LINEAR_V, wv).is_ok());
+            ASSERT_TRUE((*layer)->linear_replace(linear_role::LINEAR_V, wv).is_ok());
+            EXPECT_FALSE((*run)->attention_cached());
+            std::vector<float> out3_cpu = x;
+            for (int64_t j = 0; j < n_windows; ++j)
+                (*m)->layer_forward(ctx, **layer, out3_cpu.data() + j * seqlen * n_embd, seqlen, 0, nullptr);
+            ASSERT_TRUE((*run)->forward(xd->as<uint16_t>(), n_windows, nullptr).is_ok());
+            ASSERT_TRUE(cuda_copy_to_host(**cc, back.data(), xd->data(), back.size() * 2).is_ok());
+            for (size_t i = 0; i < back.size(); ++i) out_gpu[i] = f16_to_f32(back[i]);
+            EXPECT_LE(max_rel(out_gpu, out3_cpu), k_f16_logits_rel_tol) << dir << " layer " << li << " after v update";
+        }
+        ASSERT_TRUE(run->get()->linear_update(linear_role::LINEAR_DOWN, std::vector<float>(3)).code() ==
+                    status_code::STATUS_INVALID_ARGUMENT);
+    }
+}
+}  // namespace
+
+TEST(llama_cuda_layer_runner, matches_cpu_layer_forward) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    for (const char* d : {"/models/tiny-llama", "/tests/data/model/rand-qwen2", "/tests/data/model/rand-mistral",
+                          "/tests/data/model/rand-llama3", "/tests/data/model/rand-dynamic"})
+        for (bool cache : {false, true}) check_layer_runner(source_dir() + d, cache);
 }

@@ -398,4 +398,43 @@ status gptq_lazy_update(cublasHandle_t blas, float* w, const float* u, const flo
     return status::ok();
 }
 
+namespace {
+// out += sum_i a[i] * b[i] in double: grid-stride partial sums, a block reduction, one atomic per block.
+__global__ void dot_f32_to_f64(const float* a, const float* b, int64_t n, double* out) {
+    double s = 0.0;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+        s += double(a[i]) * double(b[i]);
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+    __shared__ double warp_sums[32];
+    const int         lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_sums[warp] = s;
+    __syncthreads();
+    if (warp == 0) {
+        s = lane < int(blockDim.x >> 5) ? warp_sums[lane] : 0.0;
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_down_sync(0xffffffffu, s, o);
+        if (lane == 0) atomicAdd(out, s);
+    }
+}
+}  // namespace
+
+status gptq_weighted_error(cublasHandle_t blas, const float* d, const float* h, float* work, int64_t n_out,
+                           int64_t n_in, double* out, cudaStream_t stream) {
+    GPTQ_TRY(check_int32(n_out, "n_out"));
+    GPTQ_TRY(check_int32(n_in, "n_in"));
+    GPTQ_CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(double), stream));
+    if (n_out <= 0 || n_in <= 0) return status::ok();
+    GPTQ_CUBLAS_CHECK(cublasSetStream(blas, stream));
+    const float one = 1.0f, zero = 0.0f;
+    // Row-major work = D H is, column-major, work^T = H^T D^T = H D^T (H symmetric).
+    GPTQ_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(n_in), static_cast<int>(n_out),
+                                   static_cast<int>(n_in), &one, h, CUDA_R_32F, static_cast<int>(n_in), d, CUDA_R_32F,
+                                   static_cast<int>(n_in), &zero, work, CUDA_R_32F, static_cast<int>(n_in),
+                                   CUBLAS_COMPUTE_32F_PEDANTIC, CUBLAS_GEMM_DEFAULT));
+    const int64_t n      = n_out * n_in;
+    const int     blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 1024));
+    dot_f32_to_f64<<<blocks, 256, 0, stream>>>(d, work, n, out);
+    GPTQ_CUDA_CHECK(cudaGetLastError());
+    return status::ok();
+}
+
 }  // namespace gptq::cuda

@@ -71,4 +71,9 @@ status gptq_quantize_block(const gptq_block_args& a, cudaStream_t stream);
 status gptq_lazy_update(cublasHandle_t blas, float* w, const float* u, const float* err, int64_t n_out, int64_t n_in,
                         int64_t i1, int64_t nb, cudaStream_t stream);
 
+// *out = sum_ij d[i, j] (d h)[i, j] = trace(D H D^T) for d: [n_out, n_in], h: [n_in, n_in] symmetric;
+// the product in F32 (PEDANTIC) into work [n_out, n_in], the sum in double. out: one device double.
+status gptq_weighted_error(cublasHandle_t blas, const float* d, const float* h, float* work, int64_t n_out,
+                           int64_t n_in, double* out, cudaStream_t stream);
+
 }  // namespace gptq::cuda

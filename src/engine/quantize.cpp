@@ -4,6 +4,9 @@
 #include "gptq/quantize.h"
 
 #include <fmt/format.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <unistd.h>
 
 #include <algorithm>
@@ -12,6 +15,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <new>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -319,6 +323,14 @@ status gpu_calibration_setup(run_state& s, thread_pool* pool) {
     const uint64_t attn_bytes = uint64_t(n_tok) * uint64_t(hp.q_dim()) * 2;
     const uint64_t plan       = x_bytes + w_bytes + act_bytes + h_bytes + solve_bytes + attn_bytes;
     GPTQ_ASSIGN_OR_RETURN(const cuda_memory_info mem, cuda_memory_info_get(*s.gpu));
+#ifdef __GLIBC__
+    // The host side allocates and frees layer-sized arrays (hundreds of MB) for every linear; glibc
+    // maps each from the kernel afresh (page faults on first touch, slow in sandboxes). Keep them in
+    // the heap and reuse the pages instead (the host memory plan above bounds what is live).
+    // (M_MMAP_THRESHOLD is capped at 32 MiB, so mmap is switched off instead.)
+    mallopt(M_MMAP_MAX, 0);
+    mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
+#endif
     GPTQ_LOG_INFO(
         "GPU memory plan: calibration inputs {} (F16) + one layer {} + activations {} + attention cache {} + "
         "Hessians {} + solve {} = {} (cuda:{} has {} free of {})",
@@ -443,16 +455,16 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
                 q                = std::move(g).value();
                 rep.damp_percent = st.damp_percent_used;
                 std::vector<float> wr(lw.w.size());
-                quantized_linear_dequantize(*rtn, wr.data());
-                quantized_linear_dequantize(q, wq.data());
+                quantized_linear_dequantize(ctx, *rtn, wr.data());
+                quantized_linear_dequantize(ctx, q, wq.data());
 #ifdef GPTQ_HAVE_CUDA
                 if (h_dev.bytes()) {  // O(n_out n_in^2) each: on the GPU when H is there
                     GPTQ_ASSIGN_OR_RETURN(rep.error_rtn,
-                                          hessian_weighted_error_cuda(*s.gpu, lw.w.data(), wr.data(), lw.n_out, lw.n_in,
-                                                                      h_dev.as<float>()));
+                                          hessian_weighted_error_cuda(*s.gpu, ctx, lw.w.data(), wr.data(), lw.n_out,
+                                                                      lw.n_in, h_dev.as<float>()));
                     GPTQ_ASSIGN_OR_RETURN(rep.error_gptq,
-                                          hessian_weighted_error_cuda(*s.gpu, lw.w.data(), wq.data(), lw.n_out, lw.n_in,
-                                                                      h_dev.as<float>()));
+                                          hessian_weighted_error_cuda(*s.gpu, ctx, lw.w.data(), wq.data(), lw.n_out,
+                                                                      lw.n_in, h_dev.as<float>()));
                 }
 #endif
                 if (!gpu_calibration(s)) {

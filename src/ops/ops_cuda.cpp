@@ -6,6 +6,9 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstring>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -21,6 +24,119 @@
 #include "kernels/cuda/rope.cuh"
 
 namespace gptq {
+
+// ---- staged host <-> device copies ---------------------------------------------------------------
+// Large copies between pageable host memory and the device go through two pinned chunks: on the
+// lent H100 machines (sandboxed) pageable copies ran at about 1 GB/s (GPTQ on the GPU of a 7B
+// shape spent most of its time in them; docs/perf-notes.md), pinned ones at ~50 GB/s. The host
+// copies a chunk into pinned memory while the device copies the previous one. Copies below
+// k_stage_min, from or to pinned or device memory, on another device than the chunks' events,
+// or when pinned memory cannot be had, are plain cudaMemcpyAsync.
+namespace {
+constexpr size_t k_stage_min   = size_t(4) << 20;
+constexpr size_t k_stage_chunk = size_t(16) << 20;
+
+struct staging_area {
+    std::mutex  mu;
+    bool        tried = false, ok = false;
+    int         device = -1;
+    void*       buf[2] = {nullptr, nullptr};
+    cudaEvent_t ev[2]  = {nullptr, nullptr};
+};
+staging_area& staging() {
+    static staging_area* s = new staging_area();  // process lifetime (freed by the driver at exit)
+    return *s;
+}
+
+bool pageable(const void* p) {
+    cudaPointerAttributes a{};
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        cudaGetLastError();
+        return true;
+    }
+    return a.type == cudaMemoryTypeUnregistered;
+}
+
+// Locks the area and makes it ready on the current device; false: use a plain copy.
+bool staging_ready(staging_area& s) {
+    int dev = -1;
+    if (cudaGetDevice(&dev) != cudaSuccess) {
+        cudaGetLastError();
+        return false;
+    }
+    if (!s.tried) {
+        s.tried  = true;
+        s.device = dev;
+        s.ok     = true;
+        for (int i = 0; i < 2 && s.ok; ++i)
+            s.ok = cudaHostAlloc(&s.buf[i], k_stage_chunk, cudaHostAllocPortable) == cudaSuccess &&
+                   cudaEventCreateWithFlags(&s.ev[i], cudaEventDisableTiming) == cudaSuccess;
+        if (!s.ok) cudaGetLastError();
+    }
+    return s.ok && s.device == dev;
+}
+
+// Host -> device on stream st. Returns once src has been read; with `wait`, once the copy is done.
+status copy_h2d(void* dst, const void* src, size_t bytes, cudaStream_t st, bool wait) {
+    if (bytes == 0) return status::ok();
+    staging_area& s = staging();
+    if (bytes >= k_stage_min && pageable(src)) {
+        std::lock_guard<std::mutex> lock(s.mu);
+        if (staging_ready(s)) {
+            for (size_t off = 0, i = 0; off < bytes; off += k_stage_chunk, ++i) {
+                const size_t n = std::min(k_stage_chunk, bytes - off);
+                const int    b = int(i % 2);
+                GPTQ_CUDA_CHECK(cudaEventSynchronize(s.ev[b]));  // the device has read the chunk's last use
+                std::memcpy(s.buf[b], static_cast<const char*>(src) + off, n);
+                GPTQ_CUDA_CHECK(
+                    cudaMemcpyAsync(static_cast<char*>(dst) + off, s.buf[b], n, cudaMemcpyHostToDevice, st));
+                GPTQ_CUDA_CHECK(cudaEventRecord(s.ev[b], st));
+            }
+            if (wait)
+                for (cudaEvent_t e : s.ev) GPTQ_CUDA_CHECK(cudaEventSynchronize(e));
+            return status::ok();
+        }
+    }
+    GPTQ_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, st));
+    if (wait) GPTQ_CUDA_CHECK(cudaStreamSynchronize(st));
+    return status::ok();
+}
+
+// Device -> host on stream st; returns when dst holds the bytes.
+status copy_d2h(void* dst, const void* src, size_t bytes, cudaStream_t st) {
+    if (bytes == 0) return status::ok();
+    staging_area& s = staging();
+    if (bytes >= k_stage_min && pageable(dst)) {
+        std::lock_guard<std::mutex> lock(s.mu);
+        if (staging_ready(s)) {
+            // Chunk i goes to buf[i % 2]; chunk i - 1 is copied out while chunk i is in flight.
+            size_t prev_off = 0, prev_n = 0;
+            int    prev_b = -1;
+            for (size_t off = 0, i = 0; off < bytes; off += k_stage_chunk, ++i) {
+                const size_t n = std::min(k_stage_chunk, bytes - off);
+                const int    b = int(i % 2);
+                GPTQ_CUDA_CHECK(cudaEventSynchronize(s.ev[b]));
+                GPTQ_CUDA_CHECK(
+                    cudaMemcpyAsync(s.buf[b], static_cast<const char*>(src) + off, n, cudaMemcpyDeviceToHost, st));
+                GPTQ_CUDA_CHECK(cudaEventRecord(s.ev[b], st));
+                if (prev_b >= 0) {
+                    GPTQ_CUDA_CHECK(cudaEventSynchronize(s.ev[prev_b]));
+                    std::memcpy(static_cast<char*>(dst) + prev_off, s.buf[prev_b], prev_n);
+                }
+                prev_off = off;
+                prev_n   = n;
+                prev_b   = b;
+            }
+            GPTQ_CUDA_CHECK(cudaEventSynchronize(s.ev[prev_b]));
+            std::memcpy(static_cast<char*>(dst) + prev_off, s.buf[prev_b], prev_n);
+            return status::ok();
+        }
+    }
+    GPTQ_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, st));
+    GPTQ_CUDA_CHECK(cudaStreamSynchronize(st));
+    return status::ok();
+}
+}  // namespace
 
 // ---- cuda_buffer -------------------------------------------------------------------------------
 
@@ -74,14 +190,13 @@ result<cuda_buffer> cuda_buffer::from_host(const void* src, size_t bytes) {
 
 status cuda_buffer::upload(const void* src, size_t bytes, size_t offset) {
     GPTQ_ASSERT(offset + bytes <= n_);
-    if (bytes) GPTQ_CUDA_CHECK(cudaMemcpy(static_cast<char*>(p_) + offset, src, bytes, cudaMemcpyHostToDevice));
-    return status::ok();
+    // Synchronous, as cudaMemcpy: callers use the bytes from other streams right after.
+    return copy_h2d(static_cast<char*>(p_) + offset, src, bytes, nullptr, /*wait=*/true);
 }
 
 status cuda_buffer::download(void* dst, size_t bytes, size_t offset) const {
     GPTQ_ASSERT(offset + bytes <= n_);
-    if (bytes) GPTQ_CUDA_CHECK(cudaMemcpy(dst, static_cast<const char*>(p_) + offset, bytes, cudaMemcpyDeviceToHost));
-    return status::ok();
+    return copy_d2h(dst, static_cast<const char*>(p_) + offset, bytes, nullptr);
 }
 
 // ---- cuda_context ------------------------------------------------------------------------------
@@ -168,8 +283,7 @@ result<cuda_memory_info> cuda_memory_info_get(const cuda_context& ctx) {
 }
 
 status cuda_copy_to_device_async(cuda_context& ctx, void* dst, const void* src, size_t bytes) {
-    if (bytes) GPTQ_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, ctx.stream()));
-    return status::ok();
+    return copy_h2d(dst, src, bytes, ctx.stream(), /*wait=*/false);
 }
 
 status cuda_zero_async(cuda_context& ctx, void* dst, size_t bytes) {
@@ -183,7 +297,7 @@ status cuda_copy_device_async(cuda_context& ctx, void* dst, const void* src, siz
 }
 
 status cuda_copy_to_host(cuda_context& ctx, void* dst, const void* src, size_t bytes) {
-    if (bytes) GPTQ_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, ctx.stream()));
+    GPTQ_TRY(copy_d2h(dst, src, bytes, ctx.stream()));
     return ctx.synchronize();
 }
 

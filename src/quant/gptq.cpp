@@ -307,14 +307,28 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
     return q;
 }
 
-void quantized_linear_dequantize(const quantized_linear& q, float* out) {
-    for (int64_t r = 0; r < q.n_out; ++r)
+namespace {
+void dequantize_rows(const quantized_linear& q, float* out, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
         for (int64_t k = 0; k < q.n_in; ++k) {
             const size_t gi = static_cast<size_t>(q.g_idx[static_cast<size_t>(k)] * q.n_out + r);
             out[r * q.n_in + k] =
                 q.scales[gi] *
                 static_cast<float>(static_cast<int>(q.codes[static_cast<size_t>(r * q.n_in + k)]) - q.zeros[gi]);
         }
+}
+}  // namespace
+
+void quantized_linear_dequantize(const quantized_linear& q, float* out) {
+    dequantize_rows(q, out, 0, q.n_out);
+}
+
+void quantized_linear_dequantize(const ops_context& ctx, const quantized_linear& q, float* out) {
+    if (ctx.pool && q.n_out >= 64) {
+        ctx.pool->parallel_for(q.n_out, [&](int64_t r0, int64_t r1) { dequantize_rows(q, out, r0, r1); });
+    } else {
+        dequantize_rows(q, out, 0, q.n_out);
+    }
 }
 
 double hessian_weighted_error(const ops_context& ctx, const float* w, const float* wq, int64_t n_out, int64_t n_in,

@@ -90,6 +90,8 @@ status gptq_check_finite(const float* x, int64_t n_rows, int64_t n_cols, const s
 
 // out: [n_out, n_in] = scales[g_idx[k], n] * (codes[n, k] - zeros[g_idx[k], n]).
 void quantized_linear_dequantize(const quantized_linear& q, float* out);
+// The same with the rows split over ctx.pool.
+void quantized_linear_dequantize(const ops_context& ctx, const quantized_linear& q, float* out);
 
 // The error GPTQ minimises: sum over rows of (w - wq) H (w - wq)^T, i.e. tr(D H D^T) with
 // D = w - wq [n_out, n_in]; with H = (2/n) X^T X this is (2/n) ||X D^T||^2.

@@ -237,11 +237,13 @@ result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_contex
     return q;
 }
 
-result<double> hessian_weighted_error_cuda(cuda_context& cctx, const float* w, const float* wq, int64_t n_out,
-                                           int64_t n_in, const float* h_dev) {
+result<double> hessian_weighted_error_cuda(cuda_context& cctx, const ops_context& ctx, const float* w, const float* wq,
+                                           int64_t n_out, int64_t n_in, const float* h_dev) {
     const size_t       n = static_cast<size_t>(n_out * n_in);
     std::vector<float> d(n);
-    for (size_t i = 0; i < n; ++i) d[i] = w[i] - wq[i];
+    for_rows(ctx, n_out, [&](int64_t r0, int64_t r1) {
+        for (size_t i = size_t(r0 * n_in); i < size_t(r1 * n_in); ++i) d[i] = w[i] - wq[i];
+    });
     auto d_dev = to_device(cctx, d.data(), n);
     if (!d_dev) return d_dev.error();
     return op_cuda_hessian_weighted_error(cctx, d_dev->as<float>(), h_dev, n_out, n_in);  // waits: d may go

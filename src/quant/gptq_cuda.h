@@ -27,9 +27,9 @@ result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_contex
                                             gptq_stats* stats = nullptr);
 
 // hessian_weighted_error (quant/gptq.h) on the GPU: trace((W - Q) H (W - Q)^T) for host w, wq
-// [n_out, n_in] and a device h [n_in, n_in] (F32 product, double sum).
-result<double> hessian_weighted_error_cuda(cuda_context& cctx, const float* w, const float* wq, int64_t n_out,
-                                           int64_t n_in, const float* h_dev);
+// [n_out, n_in] and a device h [n_in, n_in] (F32 product, double sum); W - Q on ctx's threads.
+result<double> hessian_weighted_error_cuda(cuda_context& cctx, const ops_context& ctx, const float* w, const float* wq,
+                                           int64_t n_out, int64_t n_in, const float* h_dev);
 
 // H = (2 / n_tokens) sum x x^T on the device, F32 sums (hessian_accumulator's contract).
 class cuda_hessian_accumulator {

@@ -456,7 +456,7 @@ TEST(gptq_cuda, hessian_weighted_error_matches_the_cpu) {
         const double cpu = hessian_weighted_error(ops_context{}, L.w.data(), wq.data(), n_out, n_in, L.h.data());
         auto         hd  = upload(*cc, L.h.data(), L.h.size() * 4);
         ASSERT_TRUE(hd.is_ok());
-        auto gpu = hessian_weighted_error_cuda(*cc, L.w.data(), wq.data(), n_out, n_in, hd->as<float>());
+        auto gpu = hessian_weighted_error_cuda(*cc, ops_context{}, L.w.data(), wq.data(), n_out, n_in, hd->as<float>());
         ASSERT_TRUE(gpu.is_ok()) << gpu.error().message();
         // H is positive semi-definite (X^T X), so each row's d H d^T >= 0: no cancellation between
         // rows, and F32 products agree to ~1e-6 relative; 1e-4 leaves room for longer sums.
@@ -467,7 +467,7 @@ TEST(gptq_cuda, hessian_weighted_error_matches_the_cpu) {
     const layer L  = make_layer(3, 40, 5, 90);
     auto        hd = upload(*cc, L.h.data(), L.h.size() * 4);
     ASSERT_TRUE(hd.is_ok());
-    auto z = hessian_weighted_error_cuda(*cc, L.w.data(), L.w.data(), 3, 40, hd->as<float>());
+    auto z = hessian_weighted_error_cuda(*cc, ops_context{}, L.w.data(), L.w.data(), 3, 40, hd->as<float>());
     ASSERT_TRUE(z.is_ok());
     EXPECT_EQ(*z, 0.0);
 }

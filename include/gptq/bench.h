@@ -29,6 +29,16 @@ struct bench_params {
     bool                 progress  = true;        // one line per row on stderr
     std::string          device_map{};            // --device cuda: "auto" or a device-map file (gptq/plan.h)
     std::string          max_memory{};            // --device cuda: "0=8GiB,cpu=32GiB"; both empty: all on the GPU
+    bool                 profile_ops = false;     // --device cuda: one more iteration, decode steps uncaptured
+                                                  // with a CUDA event after each op (bench_row::op_profile)
+};
+
+// One op kind of the decode step (profile_ops): GPU time from the end of the op before to its end.
+struct bench_op_time {
+    std::string op;                  // "rms_norm", "linear_q", "linear_qkv", "attention", "stage_wait", ...
+    double      calls_per_step = 0;  // launches of this kind per decode step
+    double      us_per_step    = 0;
+    double      share          = 0;  // of the profiled step's GPU time
 };
 
 struct bench_row {
@@ -59,6 +69,13 @@ struct bench_row {
     // Rates relative to the FP16 original (rows of the model with compare_fp16; else 0).
     double prefill_vs_fp16 = 0.0;
     double decode_vs_fp16  = 0.0;
+
+    // profile_ops: `profile_steps` decode steps run uncaptured (not the graph replays timed above)
+    // with an event after each op; wall-clock and GPU (first to last event) time per step; per op.
+    int64_t                    profile_steps            = 0;
+    double                     profile_wall_ms_per_step = 0.0;
+    double                     profile_gpu_us_per_step  = 0.0;
+    std::vector<bench_op_time> op_profile;
 };
 
 struct bench_result {

@@ -50,6 +50,9 @@ status check_params(const bench_params& p) {
     if (p.gen < 1) return make_error(E_ARG, "bench: --gen {}: expected >= 1 decode step", p.gen);
     if (p.repeat < 1) return make_error(E_ARG, "bench: --repeat {}: expected >= 1", p.repeat);
     if (p.n_threads < 0) return make_error(E_ARG, "bench: --threads {}: expected >= 0", p.n_threads);
+    if (p.profile_ops && !dev.cuda)
+        return make_error(E_ARG, "bench: --profile-ops times the ops of the GPU model; it needs --device cuda (got {})",
+                          device_name(dev));
     return status::ok();
 }
 
@@ -128,6 +131,22 @@ result<std::vector<bench_row>> bench_model(const bench_params& p, const std::str
         r.ttft_ms            = r.prefill_seconds * 1e3;
         r.decode_ms_per_step = r.decode_seconds * 1e3 / static_cast<double>(p.gen);
         r.peak_memory_bytes  = be->memory_used();
+        if (p.profile_ops) {  // one more iteration, decode steps uncaptured with an event after each op
+            GPTQ_TRY(be->profile_ops(true));
+            auto t = iterate(*be, p, batch, rng);
+            GPTQ_TRY(be->profile_ops(false));
+            if (!t) return t.error();
+            const gpu_op_profile prof = be->op_profile();
+            if (prof.passes > 0) {
+                const double steps         = static_cast<double>(prof.passes);
+                r.profile_steps            = prof.passes;
+                r.profile_wall_ms_per_step = t->decode * 1e3 / steps;
+                r.profile_gpu_us_per_step  = prof.pass_ms * 1e3 / steps;
+                for (const auto& o : prof.ops)
+                    r.op_profile.push_back({o.op, static_cast<double>(o.calls) / steps, o.ms * 1e3 / steps,
+                                            prof.pass_ms > 0 ? o.ms / prof.pass_ms : 0.0});
+            }
+        }
         if (p.progress)
             GPTQ_LOG_INFO("bench {} ({}) batch {}: prefill {:.1f} tok/s, decode {:.2f} tok/s", r.model, role, batch,
                           r.prefill_tok_per_s, r.decode_tok_per_s);
@@ -184,6 +203,20 @@ std::string bench_result_text(const bench_result& res) {
         if (cmp && r.role == "model") s += fmt::format("   {:.2f}x, {:.2f}x", r.prefill_vs_fp16, r.decode_vs_fp16);
         s += "\n";
     }
+    for (const auto& r : res.rows) {
+        if (r.op_profile.empty()) continue;
+        s += fmt::format(
+            "\nop profile, {} ({}) batch {}: {} decode steps run UNCAPTURED (no CUDA graph) with a CUDA event after "
+            "each op;\n{:.3f} ms/step wall, {:.1f} us/step GPU from the first event to the last (the graph replays "
+            "above: {:.3f} ms/step).\nAn op's time runs from the end of the op before to its own end, so it includes "
+            "the GPU waiting for the host to launch it.\n",
+            r.model, r.role, r.batch, r.profile_steps, r.profile_wall_ms_per_step, r.profile_gpu_us_per_step,
+            r.decode_ms_per_step);
+        s += fmt::format("{:<14} {:>10} {:>10} {:>7}\n", "op", "calls/step", "us/step", "share");
+        for (const auto& o : r.op_profile)
+            s += fmt::format("{:<14} {:>10.2f} {:>10.1f} {:>6.1f}%\n", o.op, o.calls_per_step, o.us_per_step,
+                             100.0 * o.share);
+    }
     return s;
 }
 
@@ -214,6 +247,21 @@ std::string bench_row_json(const bench_row& r) {
     if (r.role == "model" && (r.prefill_vs_fp16 > 0 || r.decode_vs_fp16 > 0)) {
         j["prefill_vs_fp16"] = r.prefill_vs_fp16;
         j["decode_vs_fp16"]  = r.decode_vs_fp16;
+    }
+    if (!r.op_profile.empty()) {
+        nlohmann::ordered_json p;
+        p["mode"]                  = "uncaptured";  // decode steps without the CUDA graph, an event after each op
+        p["steps"]                 = r.profile_steps;
+        p["wall_ms_per_step"]      = r.profile_wall_ms_per_step;
+        p["gpu_us_per_step"]       = r.profile_gpu_us_per_step;
+        nlohmann::ordered_json ops = nlohmann::ordered_json::array();
+        for (const auto& o : r.op_profile)
+            ops.push_back({{"op", o.op},
+                           {"calls_per_step", o.calls_per_step},
+                           {"us_per_step", o.us_per_step},
+                           {"share", o.share}});
+        p["ops"]        = ops;
+        j["op_profile"] = p;
     }
     return j.dump();
 }

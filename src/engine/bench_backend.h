@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 
+#include "core/error.h"
 #include "core/status.h"
 #include "engine_cuda.h"
 #include "gptq/device.h"
@@ -40,6 +41,13 @@ public:
     virtual uint64_t    memory_used() const = 0;
     virtual void        memory_reset_peak() = 0;
     virtual std::string memory_kind() const = 0;
+
+    // Op-level timing (--profile-ops; the CUDA adapter only): while on, decode steps run uncaptured
+    // with an event after each op; op_profile() is what the decode steps since turning it on took.
+    virtual status profile_ops(bool) {
+        return make_error(status_code::STATUS_UNSUPPORTED, "bench: --profile-ops needs --device cuda");
+    }
+    virtual gpu_op_profile op_profile() const { return {}; }
 };
 
 // The CPU adapter (bench_cpu.cpp): loads every layer at open; n_threads 0 = all cores.

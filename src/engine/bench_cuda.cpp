@@ -56,6 +56,11 @@ public:
     uint64_t    memory_used() const override { return gpu->device_bytes(); }
     void        memory_reset_peak() override {}
     std::string memory_kind() const override { return "device_allocated"; }
+    status      profile_ops(bool on) override {
+        gpu->set_profile_ops(on);
+        return status::ok();
+    }
+    gpu_op_profile op_profile() const override { return gpu->decode_profile(); }
 };
 
 }  // namespace

@@ -97,6 +97,28 @@ std::string gpu_session::describe() const {
     return s;
 }
 
+namespace {
+gpu_op_profile profile_of(const llama_op_profile& p) {
+    gpu_op_profile g;
+    g.passes  = p.passes;
+    g.tokens  = p.tokens;
+    g.pass_ms = p.pass_ms;
+    for (const auto& o : p.ops) g.ops.push_back({o.op, o.calls, o.ms});
+    return g;
+}
+}  // namespace
+
+void gpu_session::set_profile_ops(bool on) {
+    impl_->model->set_profile_ops(on);
+    if (on) impl_->model->profile_reset();
+}
+gpu_op_profile gpu_session::decode_profile() const {
+    return profile_of(impl_->model->decode_profile());
+}
+gpu_op_profile gpu_session::prefill_profile() const {
+    return profile_of(impl_->model->prefill_profile());
+}
+
 result<ppl_result> ppl_evaluate_cuda(const ppl_params& params, const device_spec& dev, const std::vector<int32_t>& ids,
                                      ppl_result r, std::chrono::steady_clock::time_point t_load) {
     auto since = [](std::chrono::steady_clock::time_point t0) {
@@ -168,6 +190,13 @@ uint64_t gpu_session::offload_bytes() const {
 }
 std::string gpu_session::describe() const {
     return "";
+}
+void           gpu_session::set_profile_ops(bool) {}
+gpu_op_profile gpu_session::decode_profile() const {
+    return {};
+}
+gpu_op_profile gpu_session::prefill_profile() const {
+    return {};
 }
 result<ppl_result> ppl_evaluate_cuda(const ppl_params&, const device_spec& dev, const std::vector<int32_t>&, ppl_result,
                                      std::chrono::steady_clock::time_point) {

@@ -26,6 +26,18 @@ struct gpu_placement_flags {
 // --device-map / --max-memory with --device cpu: an error (they place modules for the GPU runtime).
 status gpu_placement_check(const device_spec& dev, const gpu_placement_flags& flags);
 
+// Per-op GPU time of the forward passes run while profiling (model/llama_cuda.h llama_op_profile).
+struct gpu_op_profile {
+    struct op_time {
+        std::string op;
+        int64_t     calls = 0;
+        double      ms    = 0;
+    };
+    int64_t              passes = 0, tokens = 0;
+    double               pass_ms = 0;
+    std::vector<op_time> ops;
+};
+
 // One sequence on the GPU model (model/llama_cuda.h): prefill, decode steps, reset.
 class gpu_session {
 public:
@@ -42,6 +54,11 @@ public:
     uint64_t    device_bytes() const;   // weights + KV cache + activations + staging
     uint64_t    offload_bytes() const;  // weights offloaded to pinned host memory
     std::string describe() const;       // "cuda:0 (NVIDIA H100 ...), weights ... MiB, ..."
+    // Op-level timing (llama_cuda_model::set_profile_ops): on resets the profiles; decode steps
+    // then run uncaptured with an event after each op.
+    void           set_profile_ops(bool on);
+    gpu_op_profile decode_profile() const;
+    gpu_op_profile prefill_profile() const;
 
 private:
     gpu_session();

@@ -357,23 +357,36 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
     uint16_t *           gate = gate_.as<uint16_t>(), *up = up_.as<uint16_t>();
     auto L = [&](const layer& ly, linear_role r) -> const linear& { return ly.lin[static_cast<size_t>(r)]; };
 
+    auto wait = [&](int unit) -> status {  // a staged module's copy, timed on its own when profiling
+        GPTQ_TRY(stage_wait(unit));
+        return unit >= 0 ? prof_mark("stage_wait") : status::ok();
+    };
+
     GPTQ_TRY(stage_begin());
-    GPTQ_TRY(stage_wait(embed_unit_));
+    GPTQ_TRY(wait(embed_unit_));
     GPTQ_TRY(op_cuda_embedding(c, embed_.as<uint16_t>(), ids, hidden, n, hp.n_vocab, n_embd));
+    GPTQ_TRY(prof_mark("embedding"));
     GPTQ_TRY(stage_done(embed_unit_));
     for (int64_t i = 0; i < hp.n_layer; ++i) {
         const layer& ly   = layers_[static_cast<size_t>(i)];
         const int    unit = layer_unit_[static_cast<size_t>(i)];
-        GPTQ_TRY(stage_wait(unit));
+        GPTQ_TRY(wait(unit));
         // ---- attention ----
         GPTQ_TRY(op_cuda_rms_norm(c, hidden, ly.attn_norm.as<uint16_t>(), x, n, n_embd, hp.rms_eps));
+        GPTQ_TRY(prof_mark("rms_norm"));
         GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_Q), x, q, n));
+        GPTQ_TRY(prof_mark("linear_q"));
         GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_K), x, k, n));
+        GPTQ_TRY(prof_mark("linear_k"));
         GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_V), x, v, n));
+        GPTQ_TRY(prof_mark("linear_v"));
         GPTQ_TRY(op_cuda_rope(c, q, cos, sin, n, hp.n_head, hd, q_dim));
+        GPTQ_TRY(prof_mark("rope"));
         GPTQ_TRY(op_cuda_rope(c, k, cos, sin, n, hp.n_head_kv, hd, kv_dim));
+        GPTQ_TRY(prof_mark("rope"));
         GPTQ_TRY(
             op_cuda_kv_store(c, k, v, ly.k_cache.as<uint16_t>(), ly.v_cache.as<uint16_t>(), pos, n, kv_dim, n_ctx_));
+        GPTQ_TRY(prof_mark("kv_store"));
         cuda_attention_args a;
         a.q         = q;
         a.k         = ly.k_cache.as<uint16_t>();
@@ -396,26 +409,69 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
             a.q_pos0 = n_past_;
         }
         GPTQ_TRY(op_cuda_attention(c, a));
+        GPTQ_TRY(prof_mark("attention"));
         GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_O), x, y, n));
+        GPTQ_TRY(prof_mark("linear_o"));
         GPTQ_TRY(op_cuda_add(c, hidden, y, n * n_embd));
+        GPTQ_TRY(prof_mark("add"));
         // ---- MLP ----
         GPTQ_TRY(op_cuda_rms_norm(c, hidden, ly.mlp_norm.as<uint16_t>(), y, n, n_embd, hp.rms_eps));
+        GPTQ_TRY(prof_mark("rms_norm"));
         GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_GATE), y, gate, n));
+        GPTQ_TRY(prof_mark("linear_gate"));
         GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_UP), y, up, n));
+        GPTQ_TRY(prof_mark("linear_up"));
         GPTQ_TRY(op_cuda_silu_mul(c, gate, up, gate, n, hp.n_ff, hp.n_ff, hp.n_ff, hp.n_ff));
+        GPTQ_TRY(prof_mark("silu_mul"));
         GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_DOWN), gate, y, n));
+        GPTQ_TRY(prof_mark("linear_down"));
         GPTQ_TRY(op_cuda_add(c, hidden, y, n * n_embd));
+        GPTQ_TRY(prof_mark("add"));
         GPTQ_TRY(stage_done(unit));
     }
     // Final norm and lm_head over the rows whose logits are wanted.
     const int64_t r0 = n - n_out_rows;
-    GPTQ_TRY(stage_wait(norm_unit_));
+    GPTQ_TRY(wait(norm_unit_));
     GPTQ_TRY(op_cuda_rms_norm(c, hidden + r0 * n_embd, norm_.as<uint16_t>(), x, n_out_rows, n_embd, hp.rms_eps));
+    GPTQ_TRY(prof_mark("rms_norm"));
     GPTQ_TRY(stage_done(norm_unit_));
     const uint16_t* w = lm_head_.bytes() ? lm_head_.as<uint16_t>() : embed_.as<uint16_t>();  // empty: tied, shared
-    GPTQ_TRY(stage_wait(lm_head_unit_));
+    GPTQ_TRY(wait(lm_head_unit_));
     GPTQ_TRY(op_cuda_linear_dense_f32_out(c, x, w, logits_.as<float>(), n_out_rows, hp.n_vocab, n_embd));
+    GPTQ_TRY(prof_mark("lm_head"));
     return stage_done(lm_head_unit_);
+}
+
+status llama_cuda_model::prof_begin() {
+    if (!prof_on_) return status::ok();
+    prof_tl_.clear();
+    prof_ops_.clear();
+    return prof_tl_.mark(ctx_->stream());
+}
+
+status llama_cuda_model::prof_mark(const char* op) {
+    if (!prof_on_) return status::ok();
+    prof_ops_.push_back(op);
+    return prof_tl_.mark(ctx_->stream());
+}
+
+status llama_cuda_model::prof_end(llama_op_profile* p, int64_t n_tokens) {
+    if (!prof_on_) return status::ok();
+    GPTQ_ASSIGN_OR_RETURN(const std::vector<float> ms, prof_tl_.intervals_ms());
+    if (ms.size() != prof_ops_.size())
+        return make_error(status_code::STATUS_INTERNAL, "op profile: {} intervals for {} ops", ms.size(),
+                          prof_ops_.size());
+    for (size_t i = 0; i < ms.size(); ++i) {
+        auto it =
+            std::find_if(p->ops.begin(), p->ops.end(), [&](const llama_op_time& t) { return t.op == prof_ops_[i]; });
+        if (it == p->ops.end()) it = p->ops.insert(p->ops.end(), llama_op_time{prof_ops_[i], 0, 0.0});
+        it->calls += 1;
+        it->ms += ms[i];
+        p->pass_ms += ms[i];
+    }
+    p->passes += 1;
+    p->tokens += n_tokens;
+    return status::ok();
 }
 
 status llama_cuda_model::logits_download(int64_t n_rows, float* logits) {
@@ -428,10 +484,14 @@ status llama_cuda_model::prefill(const int32_t* ids, int64_t n, float* logits, b
         return make_error(E_ARG, "{} tokens after {} cached ones exceed the GPU cache's {} positions", n, n_past_,
                           n_ctx_);
     GPTQ_TRY(activations_reserve(n));
+    GPTQ_TRY(prof_begin());
     GPTQ_TRY(step_inputs_upload(ids, n));
+    GPTQ_TRY(prof_mark("step_inputs"));
     const int64_t rows = all_logits ? n : 1;
     GPTQ_TRY(forward_queued(n, rows, /*device_count=*/false));
     GPTQ_TRY(logits_download(rows, logits));
+    GPTQ_TRY(prof_mark("logits_copy"));
+    GPTQ_TRY(prof_end(&prof_prefill_, n));
     n_past_ += n;
     return status::ok();
 }
@@ -440,6 +500,17 @@ status llama_cuda_model::decode(int32_t id, float* logits) {
     if (n_past_ + 1 > n_ctx_)
         return make_error(E_ARG, "a token after {} cached ones exceeds the GPU cache's {} positions", n_past_, n_ctx_);
     GPTQ_TRY(activations_reserve(1));
+    if (prof_on_) {  // uncaptured, with the kernels of the path profiling is off (graph: device count)
+        GPTQ_TRY(prof_begin());
+        GPTQ_TRY(step_inputs_upload(&id, 1));
+        GPTQ_TRY(prof_mark("step_inputs"));
+        GPTQ_TRY(forward_queued(1, 1, /*device_count=*/opts_.graph));
+        GPTQ_TRY(logits_download(1, logits));
+        GPTQ_TRY(prof_mark("logits_copy"));
+        GPTQ_TRY(prof_end(&prof_decode_, 1));
+        n_past_ += 1;
+        return status::ok();
+    }
     GPTQ_TRY(step_inputs_upload(&id, 1));
     if (!opts_.graph) {
         GPTQ_TRY(forward_queued(1, 1, false));

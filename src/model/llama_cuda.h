@@ -42,6 +42,22 @@ struct llama_cuda_options {
 };
 constexpr int64_t k_llama_cuda_default_ctx = 4096;
 
+// GPU time per op kind of the forward pass (llama_cuda_model::set_profile_ops), summed over the
+// passes profiled: a timing event is recorded after each op, so an op's time runs from the end of
+// the op before to its own end, and includes any wait of the GPU for the host to launch it (the
+// profiled passes run uncaptured: launch gaps that the CUDA graph hides show up here).
+struct llama_op_time {
+    std::string op;         // "embedding", "rms_norm", "linear_qkv", "attention", "stage_wait", ...
+    int64_t     calls = 0;  // over all passes
+    double      ms    = 0;  // summed
+};
+struct llama_op_profile {
+    int64_t                    passes  = 0;  // forward passes profiled
+    int64_t                    tokens  = 0;  // tokens run by them
+    double                     pass_ms = 0;  // GPU time from the first event to the last, summed
+    std::vector<llama_op_time> ops;          // in order of first appearance
+};
+
 class llama_cuda_model {
 public:
     // Read config.json and the tensor table (llama_model::open, which checks every tensor), then
@@ -78,6 +94,17 @@ public:
     int64_t  n_gptq_fast() const { return n_gptq_fast_; }        // GPTQ linears on the int4 kernel
     int64_t  n_gptq_generic() const { return n_gptq_generic_; }  // ... on the generic kernel
 
+    // Op-level timing (issue #7): while on, prefill and decode record a timing event after each op
+    // (step inputs upload, every op of forward_queued, staging waits when offloaded, the logits
+    // download) and add the times to prefill_profile() / decode_profile(). Decode steps then run
+    // uncaptured (the same kernels as the graph: the key count read from the device), so the
+    // logits are bit for bit those with profiling off. Off (the default): no events, graph as usual.
+    void                    set_profile_ops(bool on) { prof_on_ = on; }
+    bool                    profile_ops() const { return prof_on_; }
+    const llama_op_profile& prefill_profile() const { return prof_prefill_; }
+    const llama_op_profile& decode_profile() const { return prof_decode_; }
+    void                    profile_reset() { prof_prefill_ = prof_decode_ = {}; }
+
 private:
     struct linear {
         int64_t          n_out = 0, n_in = 0;
@@ -104,6 +131,11 @@ private:
     // device_count: attention reads the key count from the step inputs (graph-safe decode).
     status forward_queued(int64_t n, int64_t n_out_rows, bool device_count);
     status logits_download(int64_t n_rows, float* logits);
+    // Profiling (no-ops when off): prof_begin clears the timeline and marks the start; prof_mark
+    // marks the end of op `op`; prof_end waits for the last mark and adds the intervals to *p.
+    status prof_begin();
+    status prof_mark(const char* op);
+    status prof_end(llama_op_profile* p, int64_t n_tokens);
 
     // CPU offload. A unit is one offloaded module: its buffers laid out one after another (256-byte
     // aligned) in pinned host memory, copied whole into staging slot (unit index % 2); its
@@ -158,6 +190,11 @@ private:
     void*      graph_zeroed_  = nullptr;  // was captured (a reallocation since means capturing again)
     int64_t    graph_replays_ = 0;
     int64_t    n_gptq_fast_ = 0, n_gptq_generic_ = 0;
+
+    bool                     prof_on_ = false;
+    cuda_timeline            prof_tl_;
+    std::vector<const char*> prof_ops_;  // the op each mark after the first ends
+    llama_op_profile         prof_prefill_, prof_decode_;
 };
 
 }  // namespace gptq

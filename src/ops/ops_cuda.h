@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "core/status.h"
 
@@ -255,5 +256,37 @@ struct cuda_gptq_linear {
 result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_host_tensors& t, bool allow_fast = true);
 // y[m, n_out] = x[m, n_in] W^T (+ bias). x, y: F16 device, contiguous rows.
 status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, uint16_t* y, int64_t m);
+
+// ---- op timing and the fused decode step (ops_cuda_timing.cpp) -----------------------------------
+
+// Timing of work queued on a stream: mark() records an event with timing after what is queued so
+// far; once the stream has run past the last mark, intervals_ms() gives the GPU time between
+// consecutive marks. Events are created on first use and reused after clear(). Not for use while
+// the stream is being captured into a graph.
+class cuda_timeline {
+public:
+    cuda_timeline() = default;
+    ~cuda_timeline();
+    cuda_timeline(cuda_timeline&& o) noexcept;
+    cuda_timeline& operator=(cuda_timeline&& o) noexcept;
+    cuda_timeline(const cuda_timeline&)            = delete;
+    cuda_timeline& operator=(const cuda_timeline&) = delete;
+
+    void   clear() { n_ = 0; }  // forget the marks (the events are kept)
+    status mark(cudaStream_t s);
+    size_t size() const { return n_; }
+    // Waits for the last mark; size() - 1 values, ms[i] between mark i and mark i + 1.
+    result<std::vector<float>> intervals_ms() const;
+
+private:
+    std::vector<void*> ev_;  // cudaEvent_t
+    size_t             n_ = 0;
+};
+
+// op_cuda_kv_store with k and v rows at a stride (src_stride >= kv_dim): the keys and values of a
+// fused q/k/v projection, [n_tokens, q_dim + 2 * kv_dim], stored without a copy.
+status op_cuda_kv_store_strided(cuda_context& ctx, const uint16_t* k, const uint16_t* v, int64_t src_stride,
+                                uint16_t* cache_k, uint16_t* cache_v, const int32_t* pos_dev, int64_t n_tokens,
+                                int64_t kv_dim, int64_t n_ctx);
 
 }  // namespace gptq

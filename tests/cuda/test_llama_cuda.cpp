@@ -10,8 +10,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -246,6 +249,122 @@ TEST(llama_cuda, reset_and_prefill_after_decode) {
     EXPECT_FALSE((*m)->prefill(many.data(), static_cast<int64_t>(many.size()), big.data()).is_ok());
     int32_t bad = static_cast<int32_t>(V);
     EXPECT_FALSE((*m)->prefill(&bad, 1, big.data()).is_ok());  // id outside the vocabulary
+}
+
+// ---- op-level timing (set_profile_ops) ----------------------------------------------------------
+
+struct profiled_run {
+    std::vector<float> logits;  // [k_n_prefill + k_n_decode, n_vocab]
+    llama_op_profile   prefill, decode;
+    double             decode_wall_ms = 0;  // the k_n_decode steps, host wall clock
+    int64_t            graph_replays  = 0;
+};
+
+profiled_run run_profiled(const std::string& dir, bool graph, bool profile, const offload_placement& off = {}) {
+    profiled_run       r;
+    llama_cuda_options o;
+    o.graph   = graph;
+    o.n_ctx   = 64;
+    o.offload = off;
+    auto m    = llama_cuda_model::open(dir, o);
+    EXPECT_TRUE(m.is_ok()) << m.error().message();
+    if (!m.is_ok()) return r;
+    (*m)->set_profile_ops(profile);
+    const int64_t V   = (*m)->hparams().n_vocab;
+    const auto    ids = test_ids(k_n_prefill + k_n_decode, V);
+    r.logits.assign(ids.size() * static_cast<size_t>(V), 0.0f);
+    status st = (*m)->prefill(ids.data(), k_n_prefill, r.logits.data());
+    EXPECT_TRUE(st.is_ok()) << st.message();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int64_t t = k_n_prefill; t < k_n_prefill + k_n_decode && st.is_ok(); ++t) {
+        st = (*m)->decode(ids[static_cast<size_t>(t)], r.logits.data() + t * V);
+        EXPECT_TRUE(st.is_ok()) << "decode " << t << ": " << st.message();
+    }
+    r.decode_wall_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    if (!st.is_ok()) return {};
+    r.prefill       = (*m)->prefill_profile();
+    r.decode        = (*m)->decode_profile();
+    r.graph_replays = (*m)->graph_replays();
+    return r;
+}
+
+const llama_op_time* find_op(const llama_op_profile& p, const std::string& op) {
+    for (const auto& t : p.ops)
+        if (t.op == op) return &t;
+    return nullptr;
+}
+
+// Every op kind expected with its calls per pass; times non-negative, each kind > 0 over the
+// passes, the kinds' sum equal to pass_ms; n_stage: staged (offloaded) modules per pass.
+void check_profile(const llama_op_profile& p, const llama_hparams& hp, int64_t passes, int64_t n_stage,
+                   const std::string& what) {
+    EXPECT_EQ(p.passes, passes) << what;
+    const int64_t                                L    = hp.n_layer;
+    std::vector<std::pair<std::string, int64_t>> want = {
+        {"step_inputs", 1}, {"embedding", 1},   {"rms_norm", 2 * L + 1}, {"linear_q", L},  {"linear_k", L},
+        {"linear_v", L},    {"rope", 2 * L},    {"kv_store", L},         {"attention", L}, {"linear_o", L},
+        {"add", 2 * L},     {"linear_gate", L}, {"linear_up", L},        {"silu_mul", L},  {"linear_down", L},
+        {"lm_head", 1},     {"logits_copy", 1}};
+    if (n_stage > 0) want.push_back({"stage_wait", n_stage});
+    double sum = 0;
+    for (const auto& t : p.ops) {
+        EXPECT_GE(t.ms, 0.0) << what << " " << t.op;
+        sum += t.ms;
+    }
+    EXPECT_NEAR(sum, p.pass_ms, 1e-6 * std::max(1.0, p.pass_ms)) << what;
+    EXPECT_EQ(p.ops.size(), want.size()) << what << ": op kinds";
+    for (const auto& [op, calls] : want) {
+        const llama_op_time* t = find_op(p, op);
+        ASSERT_NE(t, nullptr) << what << ": no '" << op << "' in the profile";
+        EXPECT_EQ(t->calls, calls * passes) << what << " " << op;
+        EXPECT_GT(t->ms, 0.0) << what << " " << op;
+    }
+}
+
+void check_profiling(const std::string& dir, const offload_placement& off, int64_t n_stage) {
+    auto host = llama_model::open(dir);
+    ASSERT_TRUE(host.is_ok()) << host.error().message();
+    const llama_hparams& hp = (*host)->hparams();
+    for (bool graph : {true, false}) {
+        const std::string what  = dir + (graph ? " (graph)" : " (no graph)");
+        const auto        plain = run_profiled(dir, graph, false, off);
+        const auto        prof  = run_profiled(dir, graph, true, off);
+        ASSERT_FALSE(plain.logits.empty());
+        ASSERT_FALSE(prof.logits.empty());
+        // The same kernels with the same arguments: the logits are bit for bit the same.
+        EXPECT_EQ(std::memcmp(plain.logits.data(), prof.logits.data(), plain.logits.size() * sizeof(float)), 0)
+            << what << ": logits with profiling differ";
+        if (graph) {
+            EXPECT_EQ(plain.graph_replays, k_n_decode - 1) << what;
+            EXPECT_EQ(prof.graph_replays, 0) << what << ": profiled steps run uncaptured";
+        }
+        EXPECT_EQ(plain.decode.passes, 0) << what << ": profiling off records nothing";
+        check_profile(prof.decode, hp, k_n_decode, n_stage, what + " decode");
+        check_profile(prof.prefill, hp, 1, n_stage, what + " prefill");
+        EXPECT_EQ(prof.decode.tokens, k_n_decode);
+        EXPECT_EQ(prof.prefill.tokens, k_n_prefill);
+        // The GPU time between the first and last event of each step, summed, against the host's
+        // wall clock around the steps: at most that (plus timer slack), and most of it.
+        EXPECT_LE(prof.decode.pass_ms, 1.05 * prof.decode_wall_ms + 0.1) << what;
+        EXPECT_GE(prof.decode.pass_ms, 0.3 * prof.decode_wall_ms) << what;
+        std::printf("%s: %lld profiled steps, %.3f ms GPU of %.3f ms wall\n", what.c_str(),
+                    static_cast<long long>(prof.decode.passes), prof.decode.pass_ms, prof.decode_wall_ms);
+    }
+}
+
+TEST(llama_cuda, profile_ops_times_each_op_and_keeps_logits) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    check_profiling(source_dir() + "/models/tiny-llama", {}, 0);
+    check_profiling(gptq_checkpoint("w4g128-rtn", 4, 128, false, true, "rtn"), {}, 0);
+    check_profiling(source_dir() + "/tests/data/model/rand-qwen2", {}, 0);
+}
+
+TEST(llama_cuda, profile_ops_with_offload_times_staging_waits) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    offload_placement off;
+    off.layers = {0, 2};
+    off.norm   = true;
+    check_profiling(source_dir() + "/models/tiny-llama", off, 3);
 }
 
 TEST(llama_cuda, out_of_memory_names_the_size_and_free_memory) {

@@ -125,6 +125,7 @@ TEST_F(Bench, BadArguments) {
         {"repeat", [](bench_params& p) { p.repeat = 0; }, "--repeat 0"},
         {"model", [](bench_params& p) { p.model_path = "/nonexistent/model"; }, "/nonexistent/model"},
         {"original", [](bench_params& p) { p.compare_fp16 = "/nonexistent/orig"; }, "/nonexistent/orig"},
+        {"profile ops on cpu", [](bench_params& p) { p.profile_ops = true; }, "--profile-ops"},
     };
     for (const auto& c : cases) {
         bench_params p = small();

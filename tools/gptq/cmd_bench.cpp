@@ -1,5 +1,5 @@
 // gptq bench MODEL [--device cpu|cuda[:N]] [--device-map auto|FILE] [--max-memory SPEC] [--batch 1,4,16] [--prompt 512]
-// [--gen 128] [--compare-fp16 ORIGINAL]
+// [--gen 128] [--compare-fp16 ORIGINAL] [--profile-ops]
 //                  [--repeat 3] [--threads N] [--seed S] [--json]
 #include <cstdio>
 #include <memory>
@@ -40,6 +40,9 @@ command register_bench(CLI::App& app) {
         ->capture_default_str()
         ->check(CLI::NonNegativeNumber);
     sub->add_option("--seed", o->seed, "seed of the random token ids")->capture_default_str();
+    sub->add_flag("--profile-ops", o->profile_ops,
+                  "with --device cuda: after the timed runs, one more iteration whose decode steps run uncaptured (no "
+                  "CUDA graph) with a CUDA event after each op; prints GPU time per op kind (JSON: op_profile)");
     sub->add_flag("--json", *json, "one JSON object per (model, batch) row instead of the table");
     return {sub, [o, json] {
                 auto r = bench_run(*o);

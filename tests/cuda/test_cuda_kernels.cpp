@@ -257,8 +257,18 @@ TEST(CudaKernels, AttentionPrefillMatchesCpu) {
                                                      {50, 50, 0, 4, 1, 256, 17},
                                                      {33, 200, 167, 6, 3, 80, 40},
                                                      {300, 300, 0, 2, 2, 128, 0},
-                                                     {16, 16, 0, 3, 1, 96, 1}})
-        run_attention(c, false, seed);
+                                                     {16, 16, 0, 3, 1, 96, 1},
+                                                     // tensor-core kernel: head_dim 64/128, n_q >= 64
+                                                     {64, 64, 0, 2, 2, 64, 0},
+                                                     {200, 200, 0, 4, 2, 64, 0},
+                                                     {130, 500, 370, 4, 1, 128, 50},
+                                                     {65, 65, 0, 3, 3, 128, 7},
+                                                     {1000, 1000, 0, 2, 1, 128, 0}})
+        for (bool cuda_cores : {false, true}) {  // the dispatch's choice, then the CUDA-core kernel everywhere
+            cuda::attention_prefill_force_cuda_cores(cuda_cores);
+            run_attention(c, false, seed);
+        }
+    cuda::attention_prefill_force_cuda_cores(false);
 }
 
 TEST(CudaKernels, AttentionDecodeMatchesCpu) {

@@ -6,11 +6,18 @@
 // updated online (flash attention), and each thread accumulates head_dim/8 output values.
 // Decode: a block owns (query, head, chunk of keys); each warp walks keys of the chunk with the
 // lanes splitting head_dim, keeps its own running max/sum/accumulator, the warps are merged in
-// shared memory, and a combine kernel merges the chunks. CUDA cores only: tensor-core (mma)
-// prefill is left for later (docs/cuda.md).
+// shared memory, and a combine kernel merges the chunks.
+// Prefill on tensor cores (head_dim 64 or 128, at least 64 queries, even strides): a block owns 64
+// queries of one head, 4 warps of 16 query rows; per tile of 32 keys each warp computes its
+// [16 x 32] scores with WMMA (F16 x F16 -> F32), runs the online softmax on them in shared memory
+// (two lanes per row), rounds P to F16 and adds P V into its [16 x head_dim] F32 output, which
+// lives in shared memory so that the per-row rescaling is plain arithmetic. The CUDA-core kernel
+// serves every other shape.
 #include <cuda_fp16.h>
+#include <mma.h>
 
 #include <cmath>
+#include <cstdint>
 
 #include "kernels/cuda/attention.cuh"
 #include "kernels/cuda/cuda_check.h"
@@ -121,6 +128,145 @@ __global__ void __launch_bounds__(k_threads) prefill_kernel(dev_params p) {
 #pragma unroll
     for (int j = 0; j < k_max_dim / 8; ++j)
         if (j < nd && sub + 8 * j < D) o[sub + 8 * j] = __float2half_rn(acc[j] * inv);
+}
+
+// ---- prefill on tensor cores ---------------------------------------------------------------------
+
+constexpr int k_tc_q = 64;  // queries per block: 4 warps x 16 rows
+constexpr int k_tc_k = 32;  // keys per tile
+
+template <int D>
+constexpr size_t prefill_tc_smem_bytes() {
+    return sizeof(__half) * (size_t(k_tc_q) * D + 2 * size_t(k_tc_k) * D + 4 * 16 * k_tc_k) +
+           sizeof(float) * (4 * 16 * k_tc_k + 4 * 16 * size_t(D));
+}
+
+template <int D>
+__global__ void __launch_bounds__(128) prefill_tc_kernel(dev_params p) {
+    namespace wm = nvcuda::wmma;
+    extern __shared__ __align__(128) unsigned char tc_smem[];
+    __half*                                        q_s = reinterpret_cast<__half*>(tc_smem);  // [64][D]
+    __half*                                        k_s = q_s + k_tc_q * D;                    // [32][D]
+    __half*                                        v_s = k_s + k_tc_k * D;                    // [32][D]
+    __half*                                        p_s = v_s + k_tc_k * D;  // [4 warps][16][32] probabilities
+    float*        s_s = reinterpret_cast<float*>(p_s + 4 * 16 * k_tc_k);    // [4 warps][16][32] scores
+    float*        o_s = s_s + 4 * 16 * k_tc_k;                              // [4 warps][16][D] output
+    const int     tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int64_t q0 = int64_t(blockIdx.x) * k_tc_q, h = blockIdx.y, hk = h / p.group;
+    const __half2 zero2 = __float2half2_rn(0.0f);
+
+    for (int i = tid; i < k_tc_q * D / 2; i += 128) {  // Q tile, rows past n_q zero
+        const int     r = (2 * i) / D, d = (2 * i) % D;
+        const int64_t qi = q0 + r;
+        reinterpret_cast<__half2*>(q_s)[i] =
+            qi < p.n_q ? *reinterpret_cast<const __half2*>(p.q + qi * p.q_stride + h * D + d) : zero2;
+    }
+    float*  o_w = o_s + warp * 16 * D;
+    float*  s_w = s_s + warp * 16 * k_tc_k;
+    __half* p_w = p_s + warp * 16 * k_tc_k;
+    for (int i = lane; i < 16 * D; i += 32) o_w[i] = 0.0f;
+    const int     row = lane / 2, side = lane % 2;  // softmax: two lanes per row, 16 keys each
+    const int64_t qrow = q0 + warp * 16 + row, pos = p.q_pos0 + qrow;
+    const bool    valid = qrow < p.n_q;
+    float         m_i = -INFINITY, l_i = 0.0f;
+
+    const int64_t last_q    = (q0 + k_tc_q < p.n_q ? q0 + k_tc_q : p.n_q) - 1;
+    const int64_t key_end   = p.q_pos0 + last_q + 1;
+    int64_t       key_begin = p.window > 0 ? p.q_pos0 + q0 - p.window + 1 : 0;
+    if (key_begin < 0) key_begin = 0;
+    key_begin -= key_begin % k_tc_k;
+
+    for (int64_t kt = key_begin; kt < key_end; kt += k_tc_k) {
+        __syncthreads();  // every warp is done with the previous K/V tile
+        for (int i = tid; i < k_tc_k * D / 2; i += 128) {
+            const int     r = (2 * i) / D, d = (2 * i) % D;
+            const int64_t j  = kt + r;
+            __half2       kv = zero2, vv = zero2;
+            if (j < p.n_kv) {
+                kv = *reinterpret_cast<const __half2*>(p.k + j * p.kv_stride + hk * D + d);
+                vv = *reinterpret_cast<const __half2*>(p.v + j * p.kv_stride + hk * D + d);
+            }
+            reinterpret_cast<__half2*>(k_s)[i] = kv;
+            reinterpret_cast<__half2*>(v_s)[i] = vv;
+        }
+        __syncthreads();
+        // S [16 x 32] = Q_w [16 x D] K^T.
+        wm::fragment<wm::accumulator, 16, 16, 16, float> sf[k_tc_k / 16];
+#pragma unroll
+        for (int n = 0; n < k_tc_k / 16; ++n) wm::fill_fragment(sf[n], 0.0f);
+#pragma unroll
+        for (int kk = 0; kk < D; kk += 16) {
+            wm::fragment<wm::matrix_a, 16, 16, 16, __half, wm::row_major> a;
+            wm::load_matrix_sync(a, q_s + warp * 16 * D + kk, D);
+#pragma unroll
+            for (int n = 0; n < k_tc_k / 16; ++n) {
+                wm::fragment<wm::matrix_b, 16, 16, 16, __half, wm::col_major> b;  // K^T: (d, key) at k_s[key * D + d]
+                wm::load_matrix_sync(b, k_s + n * 16 * D + kk, D);
+                wm::mma_sync(sf[n], a, b, sf[n]);
+            }
+        }
+#pragma unroll
+        for (int n = 0; n < k_tc_k / 16; ++n) wm::store_matrix_sync(s_w + n * 16, sf[n], k_tc_k, wm::mem_row_major);
+        __syncwarp();
+        // Online softmax over this row's 32 keys (16 per lane), P rounded to F16.
+        float sv[16], tile_max = -INFINITY;
+#pragma unroll
+        for (int c = 0; c < 16; ++c) {
+            const int     col = side * 16 + c;
+            const int64_t j   = kt + col;
+            const bool    vis = valid && j < p.n_kv && visible(pos, j, p.window);
+            sv[c]             = vis ? s_w[row * k_tc_k + col] * p.scale : -INFINITY;
+            tile_max          = fmaxf(tile_max, sv[c]);
+        }
+        tile_max          = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+        const float m_new = fmaxf(m_i, tile_max);
+        float       sum   = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 16; ++c) {
+            const float e                     = m_new == -INFINITY ? 0.0f : __expf(sv[c] - m_new);
+            p_w[row * k_tc_k + side * 16 + c] = __float2half_rn(e);
+            sum += e;
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        const float corr = m_i == -INFINITY ? 0.0f : __expf(m_i - m_new);
+        l_i              = l_i * corr + sum;
+        m_i              = m_new;
+        for (int d = side; d < D; d += 2) o_w[row * D + d] *= corr;
+        __syncwarp();
+        // O_w [16 x D] += P [16 x 32] V [32 x D].
+        wm::fragment<wm::matrix_a, 16, 16, 16, __half, wm::row_major> pa[k_tc_k / 16];
+#pragma unroll
+        for (int kk = 0; kk < k_tc_k / 16; ++kk) wm::load_matrix_sync(pa[kk], p_w + kk * 16, k_tc_k);
+#pragma unroll
+        for (int n = 0; n < D / 16; ++n) {
+            wm::fragment<wm::accumulator, 16, 16, 16, float> of;
+            wm::load_matrix_sync(of, o_w + n * 16, D, wm::mem_row_major);
+#pragma unroll
+            for (int kk = 0; kk < k_tc_k / 16; ++kk) {
+                wm::fragment<wm::matrix_b, 16, 16, 16, __half, wm::row_major> b;  // V: (key, d) at v_s[key * D + d]
+                wm::load_matrix_sync(b, v_s + kk * 16 * D + n * 16, D);
+                wm::mma_sync(of, pa[kk], b, of);
+            }
+            wm::store_matrix_sync(o_w + n * 16, of, D, wm::mem_row_major);
+        }
+        __syncwarp();
+    }
+    if (!valid) return;
+    const float inv = l_i > 0.0f ? 1.0f / l_i : 0.0f;
+    __half*     o   = p.out + qrow * p.out_stride + h * D;
+    for (int d = side; d < D; d += 2) o[d] = __float2half_rn(o_w[row * D + d] * inv);
+}
+
+template <int D>
+status launch_prefill_tc(const dev_params& dp, int64_t n_q, int64_t n_head, cudaStream_t stream) {
+    constexpr size_t bytes = prefill_tc_smem_bytes<D>();
+    if (bytes > 48 * 1024)
+        GPTQ_CUDA_CHECK(
+            cudaFuncSetAttribute(prefill_tc_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+    const dim3 grid(unsigned((n_q + k_tc_q - 1) / k_tc_q), unsigned(n_head));
+    prefill_tc_kernel<D><<<grid, 128, bytes, stream>>>(dp);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
 }
 
 // ---- decode ------------------------------------------------------------------------------------
@@ -284,7 +430,19 @@ dev_params to_dev(const attention_params& a) {
                       a.n_kv_dev};
 }
 
+bool& force_cuda_cores_flag() {
+    static bool f = false;
+    return f;
+}
+bool prefill_force_cuda_cores() {
+    return force_cuda_cores_flag();
+}
+
 }  // namespace
+
+void attention_prefill_force_cuda_cores(bool on) {
+    force_cuda_cores_flag() = on;
+}
 
 status attention_prefill_f16(const attention_params& a, cudaStream_t stream) {
     GPTQ_TRY(check_params(a, "attention_prefill_f16"));
@@ -292,8 +450,15 @@ status attention_prefill_f16(const attention_params& a, cudaStream_t stream) {
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
                           "attention_prefill_f16: a device key count (n_kv_dev) is for the decode kernel only");
     if (a.n_q == 0) return status::ok();
-    const int64_t D     = a.head_dim;
-    const size_t  bytes = sizeof(float) * size_t(k_qt * D + k_kt * (D + 1) + k_kt * D + k_qt * k_kt);
+    const int64_t D = a.head_dim;
+    // Tensor cores for the shapes they are written for (half2 loads: even strides, aligned bases).
+    const bool aligned = reinterpret_cast<uintptr_t>(a.q) % 4 == 0 && reinterpret_cast<uintptr_t>(a.k) % 4 == 0 &&
+                         reinterpret_cast<uintptr_t>(a.v) % 4 == 0 && a.q_stride % 2 == 0 && a.kv_stride % 2 == 0;
+    if (aligned && a.n_q >= k_tc_q && (D == 64 || D == 128) && !prefill_force_cuda_cores()) {
+        return D == 64 ? launch_prefill_tc<64>(to_dev(a), a.n_q, a.n_head, stream)
+                       : launch_prefill_tc<128>(to_dev(a), a.n_q, a.n_head, stream);
+    }
+    const size_t bytes = sizeof(float) * size_t(k_qt * D + k_kt * (D + 1) + k_kt * D + k_qt * k_kt);
     if (bytes > 48 * 1024)  // beyond the default limit (head_dim > 160): opt in, per launch (cheap, any device)
         GPTQ_CUDA_CHECK(cudaFuncSetAttribute(prefill_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
     const dim3 grid(unsigned((a.n_q + k_qt - 1) / k_qt), unsigned(a.n_head));

@@ -30,8 +30,11 @@ struct attention_params {
     const int32_t* n_kv_dev = nullptr;
 };
 
-// Checks the shape (returns INVALID_ARGUMENT naming the field) and runs the prefill kernel.
+// Checks the shape (returns INVALID_ARGUMENT naming the field) and runs the prefill kernel: the
+// tensor-core one for head_dim 64 or 128 with n_q >= 64 and even strides, the CUDA-core one otherwise.
 status attention_prefill_f16(const attention_params& p, cudaStream_t stream);
+// Tests and benchmarks: route every prefill to the CUDA-core kernel (process-wide, not thread-safe).
+void attention_prefill_force_cuda_cores(bool on);
 
 // F32 workspace the decode kernel needs for these sizes (a few KB).
 int64_t attention_decode_workspace_floats(int64_t n_q, int64_t n_kv, int64_t n_head, int64_t head_dim);

@@ -92,45 +92,149 @@ status llama_cuda_model::linear_load(int64_t i_layer, linear_role r, linear* out
     out->n_in                  = shape[1];
     const gptq_config* qc      = host_->quantization();
     if (qc && gptq_linear_present(host_->source(), name)) {
-        // Read (and check) through io's reader, then pack again for the device: codes as qweight,
-        // zeros as v1 (zero - 1, generic kernel adds 1) when every zero is >= 1, else as v2.
         GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d, gptq_linear_read(host_->source(), name, shape[0], shape[1], *qc));
-        const int            bits = d.bits;
-        std::vector<int32_t> qweight(static_cast<size_t>(gptq_packed_words(d.n_in, bits) * d.n_out));
-        gptq_pack_qweight(d.codes.data(), d.n_out, d.n_in, bits, qweight.data());
-        const bool           v1 = std::all_of(d.zeros.begin(), d.zeros.end(), [](int32_t z) { return z >= 1; });
-        std::vector<int32_t> qzeros(static_cast<size_t>(d.n_groups * gptq_packed_words(d.n_out, bits)));
-        GPTQ_TRY(gptq_pack_qzeros(d.zeros.data(), d.n_groups, d.n_out, bits,
-                                  v1 ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2,
-                                  qzeros.data())
-                     .with_context(name));
-        gptq_host_tensors t;
-        t.qweight    = qweight.data();
-        t.qzeros     = qzeros.data();
-        t.scales     = d.scales.data();
-        t.g_idx      = d.g_idx.data();
-        t.bias       = d.bias.empty() ? nullptr : d.bias.data();
-        t.n_out      = d.n_out;
-        t.n_in       = d.n_in;
-        t.n_groups   = d.n_groups;
-        t.bits       = bits;
-        t.group_size = qc->group_size;
-        t.zero_add   = v1 ? 1 : 0;
-        auto q       = cuda_gptq_linear_load(*ctx_, t, opts_.gptq_fast);
-        if (!q) return q.error().with_context(name);
-        out->q         = std::move(*q);
-        out->quantized = true;
-        (out->q.fast ? n_gptq_fast_ : n_gptq_generic_) += 1;
-        for (const cuda_buffer* b : {&out->q.weights, &out->q.sz, &out->q.perm, &out->q.qweight, &out->q.qzeros,
-                                     &out->q.scales, &out->q.g_idx, &out->q.bias})
-            weight_bytes_ += b->bytes();
         // A dense bias of a quantized layer that the checkpoint keeps outside the GPTQ tensors.
         if (d.bias.empty() && llama_linear_has_bias(hp, r))
             return make_error(status_code::STATUS_UNSUPPORTED, "{}: GPTQ layer without its bias tensor", name);
-        return status::ok();
+        return gptq_upload(d, name, out);
     }
     GPTQ_TRY(tensor_upload_f16({name + ".weight", {shape[0], shape[1]}, false}, &out->w));
     if (llama_linear_has_bias(hp, r)) GPTQ_TRY(tensor_upload_f16({name + ".bias", {shape[0]}, false}, &out->bias));
+    return status::ok();
+}
+
+// Read (and check) through io's reader, then pack again for the device: codes as qweight, zeros as
+// v1 (zero - 1, generic kernel adds 1) when every zero is >= 1, else as v2.
+status llama_cuda_model::gptq_upload(const gptq_linear_data& d, const std::string& name, linear* out) {
+    const gptq_config* qc     = host_->quantization();
+    out->n_out                = d.n_out;
+    out->n_in                 = d.n_in;
+    const int            bits = d.bits;
+    std::vector<int32_t> qweight(static_cast<size_t>(gptq_packed_words(d.n_in, bits) * d.n_out));
+    gptq_pack_qweight(d.codes.data(), d.n_out, d.n_in, bits, qweight.data());
+    const bool           v1 = std::all_of(d.zeros.begin(), d.zeros.end(), [](int32_t z) { return z >= 1; });
+    std::vector<int32_t> qzeros(static_cast<size_t>(d.n_groups * gptq_packed_words(d.n_out, bits)));
+    GPTQ_TRY(gptq_pack_qzeros(d.zeros.data(), d.n_groups, d.n_out, bits,
+                              v1 ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2,
+                              qzeros.data())
+                 .with_context(name));
+    gptq_host_tensors t;
+    t.qweight    = qweight.data();
+    t.qzeros     = qzeros.data();
+    t.scales     = d.scales.data();
+    t.g_idx      = d.g_idx.data();
+    t.bias       = d.bias.empty() ? nullptr : d.bias.data();
+    t.n_out      = d.n_out;
+    t.n_in       = d.n_in;
+    t.n_groups   = d.n_groups;
+    t.bits       = bits;
+    t.group_size = qc->group_size;
+    t.zero_add   = v1 ? 1 : 0;
+    auto q       = cuda_gptq_linear_load(*ctx_, t, opts_.gptq_fast);
+    if (!q) return q.error().with_context(name);
+    out->q         = std::move(*q);
+    out->quantized = true;
+    (out->q.fast ? n_gptq_fast_ : n_gptq_generic_) += 1;
+    for (const cuda_buffer* b : {&out->q.weights, &out->q.sz, &out->q.perm, &out->q.qweight, &out->q.qzeros,
+                                 &out->q.scales, &out->q.g_idx, &out->q.bias})
+        weight_bytes_ += b->bytes();
+    return status::ok();
+}
+
+status llama_cuda_model::linear_group_load(int64_t i_layer, const std::vector<linear_role>& roles, linear* fused,
+                                           std::array<linear, k_n_linear_roles>* lin) {
+    const llama_hparams& hp   = hparams();
+    const gptq_config*   qc   = host_->quantization();
+    auto                 each = [&]() -> status {
+        for (linear_role r : roles) GPTQ_TRY(linear_load(i_layer, r, &(*lin)[static_cast<size_t>(r)]));
+        return status::ok();
+    };
+    if (!opts_.fuse || roles.size() < 2) return each();
+    size_t n_quant = 0, n_bias = 0;
+    for (linear_role r : roles) {
+        n_quant += qc && gptq_linear_present(host_->source(), llama_linear_name(i_layer, r)) ? 1 : 0;
+        n_bias += llama_linear_has_bias(hp, r) ? 1 : 0;
+    }
+    if ((n_quant != 0 && n_quant != roles.size()) || (n_bias != 0 && n_bias != roles.size())) return each();
+    const std::string fused_name = fmt::format("{} (fused)", llama_linear_name(i_layer, roles[0]));  // for messages
+    if (n_quant == 0) {
+        // Dense: the weight rows (and biases) one part after the other, uploaded once.
+        std::vector<uint16_t> w, b;
+        int64_t               n_out = 0, n_in = 0;
+        for (linear_role r : roles) {
+            const auto         shape = hp.linear_shape(r);
+            const std::string  name  = llama_linear_name(i_layer, r);
+            std::vector<float> f(static_cast<size_t>(shape[0] * shape[1]));
+            GPTQ_TRY(host_->source().read_f32(name + ".weight", f.data(), {shape[0], shape[1]}));
+            std::vector<uint16_t> h;
+            GPTQ_TRY(to_f16(f, &h, name + ".weight"));
+            w.insert(w.end(), h.begin(), h.end());
+            if (n_bias) {
+                f.resize(static_cast<size_t>(shape[0]));
+                GPTQ_TRY(host_->source().read_f32(name + ".bias", f.data(), {shape[0]}));
+                GPTQ_TRY(to_f16(f, &h, name + ".bias"));
+                b.insert(b.end(), h.begin(), h.end());
+            }
+            n_out += shape[0];
+            n_in = shape[1];
+        }
+        fused->n_out = n_out;
+        fused->n_in  = n_in;
+        GPTQ_ASSIGN_OR_RETURN(fused->w, cuda_buffer::from_host(w.data(), w.size() * 2));
+        weight_bytes_ += fused->w.bytes();
+        if (n_bias) {
+            GPTQ_ASSIGN_OR_RETURN(fused->bias, cuda_buffer::from_host(b.data(), b.size() * 2));
+            weight_bytes_ += fused->bias.bytes();
+        }
+        ++n_fused_;
+        return status::ok();
+    }
+    // GPTQ: read every part; fuse along n_out when the parts agree on bits, groups and g_idx (the
+    // same act-order permutation), else upload them one by one.
+    std::vector<gptq_linear_data> parts;
+    for (linear_role r : roles) {
+        const auto        shape = hp.linear_shape(r);
+        const std::string name  = llama_linear_name(i_layer, r);
+        GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d, gptq_linear_read(host_->source(), name, shape[0], shape[1], *qc));
+        if (d.bias.empty() && llama_linear_has_bias(hp, r))
+            return make_error(status_code::STATUS_UNSUPPORTED, "{}: GPTQ layer without its bias tensor", name);
+        parts.push_back(std::move(d));
+    }
+    bool compatible = true;
+    for (const auto& d : parts)
+        compatible = compatible && d.bits == parts[0].bits && d.n_in == parts[0].n_in &&
+                     d.n_groups == parts[0].n_groups && d.g_idx == parts[0].g_idx &&
+                     d.bias.empty() == parts[0].bias.empty();
+    if (!compatible) {
+        for (size_t j = 0; j < roles.size(); ++j)
+            GPTQ_TRY(
+                gptq_upload(parts[j], llama_linear_name(i_layer, roles[j]), &(*lin)[static_cast<size_t>(roles[j])]));
+        return status::ok();
+    }
+    // Unpacked, the concatenation is plain: codes [n_out, n_in] row blocks one after the other; zeros
+    // and scales [n_groups, n_out] column blocks; biases one after the other. Packing the whole
+    // again (gptq_upload) keeps the qzeros bit stream right whatever each part's n_out.
+    gptq_linear_data f;
+    f.n_in     = parts[0].n_in;
+    f.n_groups = parts[0].n_groups;
+    f.bits     = parts[0].bits;
+    f.g_idx    = parts[0].g_idx;
+    for (const auto& d : parts) {
+        f.n_out += d.n_out;
+        f.codes.insert(f.codes.end(), d.codes.begin(), d.codes.end());
+        f.bias.insert(f.bias.end(), d.bias.begin(), d.bias.end());
+    }
+    f.zeros.reserve(static_cast<size_t>(f.n_groups * f.n_out));
+    f.scales.reserve(static_cast<size_t>(f.n_groups * f.n_out));
+    for (int64_t g = 0; g < f.n_groups; ++g)
+        for (const auto& d : parts) {
+            const size_t o = static_cast<size_t>(g * d.n_out);
+            f.zeros.insert(f.zeros.end(), d.zeros.begin() + o, d.zeros.begin() + o + size_t(d.n_out));
+            f.scales.insert(f.scales.end(), d.scales.begin() + o, d.scales.begin() + o + size_t(d.n_out));
+        }
+    parts.clear();
+    GPTQ_TRY(gptq_upload(f, fused_name, fused));
+    ++n_fused_;
     return status::ok();
 }
 
@@ -149,15 +253,24 @@ status llama_cuda_model::load_weights() {
         const auto specs = llama_layer_tensors(hp, i);
         GPTQ_TRY(tensor_upload_f16(specs[0], &L.attn_norm));
         GPTQ_TRY(tensor_upload_f16(specs[1], &L.mlp_norm));
-        for (int r = 0; r < k_n_linear_roles; ++r)
-            GPTQ_TRY(linear_load(i, static_cast<linear_role>(r), &L.lin[static_cast<size_t>(r)]));
+        using R = linear_role;
+        GPTQ_TRY(linear_group_load(i, {R::LINEAR_Q, R::LINEAR_K, R::LINEAR_V}, &L.qkv, &L.lin));
+        GPTQ_TRY(linear_load(i, R::LINEAR_O, &L.lin[static_cast<size_t>(R::LINEAR_O)]));
+        GPTQ_TRY(linear_group_load(i, {R::LINEAR_GATE, R::LINEAR_UP}, &L.gate_up, &L.lin));
+        GPTQ_TRY(linear_load(i, R::LINEAR_DOWN, &L.lin[static_cast<size_t>(R::LINEAR_DOWN)]));
+        any_qkv_fused_     = any_qkv_fused_ || L.qkv.n_out > 0;
+        any_gate_up_fused_ = any_gate_up_fused_ || L.gate_up.n_out > 0;
         if (next_off < off.layers.size() && off.layers[next_off] == i) {
             ++next_off;
             std::vector<cuda_buffer*> bufs = {&L.attn_norm, &L.mlp_norm};
-            for (linear& l : L.lin)
+            auto                      add  = [&](linear& l) {
                 for (cuda_buffer* b : {&l.w, &l.bias, &l.q.weights, &l.q.sz, &l.q.perm, &l.q.qweight, &l.q.qzeros,
                                        &l.q.scales, &l.q.g_idx, &l.q.bias})
                     bufs.push_back(b);
+            };
+            for (linear& l : L.lin) add(l);
+            add(L.qkv);
+            add(L.gate_up);
             GPTQ_TRY(offload_module(fmt::format("model.layers.{}", i), bufs, &layer_unit_[static_cast<size_t>(i)]));
         }
     }
@@ -296,11 +409,13 @@ status llama_cuda_model::activations_reserve(int64_t n) {
     };
     GPTQ_TRY(alloc(&hidden_, N * size_t(hp.n_embd) * 2));
     GPTQ_TRY(alloc(&x_, N * size_t(std::max(hp.n_embd, hp.q_dim())) * 2));
-    GPTQ_TRY(alloc(&q_, N * size_t(hp.q_dim()) * 2));
+    // Fused q/k/v writes [n, q_dim + 2 kv_dim] into q_; fused gate/up [n, 2 n_ff] into gate_, and
+    // silu_mul then writes its contiguous [n, n_ff] into up_ (the down projection's input).
+    GPTQ_TRY(alloc(&q_, N * size_t(hp.q_dim() + (any_qkv_fused_ ? 2 * hp.kv_dim() : 0)) * 2));
     GPTQ_TRY(alloc(&k_, N * size_t(hp.kv_dim()) * 2));
     GPTQ_TRY(alloc(&v_, N * size_t(hp.kv_dim()) * 2));
     GPTQ_TRY(alloc(&y_, N * size_t(hp.n_embd) * 2));
-    GPTQ_TRY(alloc(&gate_, N * size_t(hp.n_ff) * 2));
+    GPTQ_TRY(alloc(&gate_, N * size_t(hp.n_ff) * (any_gate_up_fused_ ? 2 : 1) * 2));
     GPTQ_TRY(alloc(&up_, N * size_t(hp.n_ff) * 2));
     GPTQ_TRY(alloc(&logits_, N * size_t(hp.n_vocab) * 4));
     const size_t half  = size_t(hp.head_dim / 2);
@@ -374,32 +489,44 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
         // ---- attention ----
         GPTQ_TRY(op_cuda_rms_norm(c, hidden, ly.attn_norm.as<uint16_t>(), x, n, n_embd, hp.rms_eps));
         GPTQ_TRY(prof_mark("rms_norm"));
-        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_Q), x, q, n));
-        GPTQ_TRY(prof_mark("linear_q"));
-        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_K), x, k, n));
-        GPTQ_TRY(prof_mark("linear_k"));
-        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_V), x, v, n));
-        GPTQ_TRY(prof_mark("linear_v"));
-        GPTQ_TRY(op_cuda_rope(c, q, cos, sin, n, hp.n_head, hd, q_dim));
+        // q, k, v: three buffers, or row slices of the fused projection's output (stride qkv_dim).
+        uint16_t *qh = q, *kh = k, *vh = v;
+        int64_t   q_stride = q_dim, kv_stride = kv_dim;
+        if (ly.qkv.n_out) {
+            GPTQ_TRY(linear_forward(ly.qkv, x, q, n));
+            GPTQ_TRY(prof_mark("linear_qkv"));
+            kh       = q + q_dim;
+            vh       = q + q_dim + kv_dim;
+            q_stride = kv_stride = q_dim + 2 * kv_dim;
+        } else {
+            GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_Q), x, q, n));
+            GPTQ_TRY(prof_mark("linear_q"));
+            GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_K), x, k, n));
+            GPTQ_TRY(prof_mark("linear_k"));
+            GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_V), x, v, n));
+            GPTQ_TRY(prof_mark("linear_v"));
+        }
+        GPTQ_TRY(op_cuda_rope(c, qh, cos, sin, n, hp.n_head, hd, q_stride));
         GPTQ_TRY(prof_mark("rope"));
-        GPTQ_TRY(op_cuda_rope(c, k, cos, sin, n, hp.n_head_kv, hd, kv_dim));
+        GPTQ_TRY(op_cuda_rope(c, kh, cos, sin, n, hp.n_head_kv, hd, kv_stride));
         GPTQ_TRY(prof_mark("rope"));
-        GPTQ_TRY(
-            op_cuda_kv_store(c, k, v, ly.k_cache.as<uint16_t>(), ly.v_cache.as<uint16_t>(), pos, n, kv_dim, n_ctx_));
+        GPTQ_TRY(op_cuda_kv_store_strided(c, kh, vh, kv_stride, ly.k_cache.as<uint16_t>(), ly.v_cache.as<uint16_t>(),
+                                          pos, n, kv_dim, n_ctx_));
         GPTQ_TRY(prof_mark("kv_store"));
         cuda_attention_args a;
-        a.q         = q;
-        a.k         = ly.k_cache.as<uint16_t>();
-        a.v         = ly.v_cache.as<uint16_t>();
-        a.out       = x;  // x is free again: [n, q_dim]
-        a.n_q       = n;
-        a.n_head    = hp.n_head;
-        a.n_head_kv = hp.n_head_kv;
-        a.head_dim  = hd;
-        a.window    = hp.window[static_cast<size_t>(i)];
-        a.scale     = 1.0f / std::sqrt(static_cast<float>(hd));
-        a.q_stride = a.out_stride = q_dim;
-        a.kv_stride               = kv_dim;
+        a.q          = qh;
+        a.k          = ly.k_cache.as<uint16_t>();
+        a.v          = ly.v_cache.as<uint16_t>();
+        a.out        = x;  // x is free again: [n, q_dim]
+        a.n_q        = n;
+        a.n_head     = hp.n_head;
+        a.n_head_kv  = hp.n_head_kv;
+        a.head_dim   = hd;
+        a.window     = hp.window[static_cast<size_t>(i)];
+        a.scale      = 1.0f / std::sqrt(static_cast<float>(hd));
+        a.q_stride   = q_stride;
+        a.out_stride = q_dim;
+        a.kv_stride  = kv_dim;
         if (device_count) {  // the bound sizes grid and workspace; the count is read when it runs
             a.n_kv     = n_ctx_;
             a.q_pos0   = 0;
@@ -417,13 +544,21 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
         // ---- MLP ----
         GPTQ_TRY(op_cuda_rms_norm(c, hidden, ly.mlp_norm.as<uint16_t>(), y, n, n_embd, hp.rms_eps));
         GPTQ_TRY(prof_mark("rms_norm"));
-        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_GATE), y, gate, n));
-        GPTQ_TRY(prof_mark("linear_gate"));
-        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_UP), y, up, n));
-        GPTQ_TRY(prof_mark("linear_up"));
-        GPTQ_TRY(op_cuda_silu_mul(c, gate, up, gate, n, hp.n_ff, hp.n_ff, hp.n_ff, hp.n_ff));
+        const uint16_t* act = gate;  // silu(gate) * up, [n, n_ff] contiguous
+        if (ly.gate_up.n_out) {
+            GPTQ_TRY(linear_forward(ly.gate_up, y, gate, n));  // [n, 2 n_ff]: gate | up
+            GPTQ_TRY(prof_mark("linear_gate_up"));
+            GPTQ_TRY(op_cuda_silu_mul(c, gate, gate + hp.n_ff, up, n, hp.n_ff, 2 * hp.n_ff, 2 * hp.n_ff, hp.n_ff));
+            act = up;
+        } else {
+            GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_GATE), y, gate, n));
+            GPTQ_TRY(prof_mark("linear_gate"));
+            GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_UP), y, up, n));
+            GPTQ_TRY(prof_mark("linear_up"));
+            GPTQ_TRY(op_cuda_silu_mul(c, gate, up, gate, n, hp.n_ff, hp.n_ff, hp.n_ff, hp.n_ff));
+        }
         GPTQ_TRY(prof_mark("silu_mul"));
-        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_DOWN), gate, y, n));
+        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_DOWN), act, y, n));
         GPTQ_TRY(prof_mark("linear_down"));
         GPTQ_TRY(op_cuda_add(c, hidden, y, n * n_embd));
         GPTQ_TRY(prof_mark("add"));

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "core/status.h"
+#include "io/gptq_checkpoint.h"
 #include "model/device_map.h"
 #include "model/llama.h"
 #include "ops/ops_cuda.h"
@@ -34,11 +35,15 @@
 namespace gptq {
 
 struct llama_cuda_options {
-    int               device = 0;  // CUDA device index
-    int64_t           n_ctx  = 0;  // KV-cache positions; 0: max_position_embeddings, at most k_llama_cuda_default_ctx
-    bool              graph  = true;     // replay the decode step as a CUDA graph (captured after one plain step)
-    bool              gptq_fast = true;  // allow the fast int4 kernel for GPTQ layers (false: generic kernel only)
-    offload_placement offload;           // modules kept in pinned host memory and copied in when they run
+    int     device    = 0;     // CUDA device index
+    int64_t n_ctx     = 0;     // KV-cache positions; 0: max_position_embeddings, at most k_llama_cuda_default_ctx
+    bool    graph     = true;  // replay the decode step as a CUDA graph (captured after one plain step)
+    bool    gptq_fast = true;  // allow the fast int4 kernel for GPTQ layers (false: generic kernel only)
+    // Fuse q/k/v into one linear [q_dim + 2 kv_dim, n_embd] and gate/up into one [2 n_ff, n_embd] at
+    // load (one GEMV/GEMM each instead of 3 and 2): dense F16 always, GPTQ when the parts have the
+    // same bits, group count and g_idx, and biases on all or none; otherwise they stay separate.
+    bool              fuse = true;
+    offload_placement offload;  // modules kept in pinned host memory and copied in when they run
 };
 constexpr int64_t k_llama_cuda_default_ctx = 4096;
 
@@ -93,6 +98,7 @@ public:
     int64_t  graph_replays() const { return graph_replays_; }
     int64_t  n_gptq_fast() const { return n_gptq_fast_; }        // GPTQ linears on the int4 kernel
     int64_t  n_gptq_generic() const { return n_gptq_generic_; }  // ... on the generic kernel
+    int64_t  n_fused() const { return n_fused_; }                // fused linears (q/k/v, gate/up) over all layers
 
     // Op-level timing (issue #7): while on, prefill and decode record a timing event after each op
     // (step inputs upload, every op of forward_queued, staging waits when offloaded, the logits
@@ -115,13 +121,20 @@ private:
     };
     struct layer {
         cuda_buffer                          attn_norm, mlp_norm;  // [n_embd] F16
-        std::array<linear, k_n_linear_roles> lin;
-        cuda_buffer                          k_cache, v_cache;  // [n_ctx, kv_dim] F16
+        std::array<linear, k_n_linear_roles> lin;                  // the roles not fused (empty when fused)
+        linear                               qkv, gate_up;         // fused (options.fuse): n_out 0 when not
+        cuda_buffer                          k_cache, v_cache;     // [n_ctx, kv_dim] F16
     };
 
     llama_cuda_model() = default;
     status load_weights();
     status linear_load(int64_t i_layer, linear_role r, linear* out);
+    // The linears `roles` of layer i_layer: fused into *fused when options.fuse and they can be (see
+    // llama_cuda_options::fuse), else each into its own entry of *lin.
+    status linear_group_load(int64_t i_layer, const std::vector<linear_role>& roles, linear* fused,
+                             std::array<linear, k_n_linear_roles>* lin);
+    // A GPTQ linear read by io (gptq_linear_read), packed again and uploaded.
+    status gptq_upload(const gptq_linear_data& d, const std::string& name, linear* out);
     status tensor_upload_f16(const tensor_spec& t, cuda_buffer* out);
     status activations_reserve(int64_t n_tokens);
     status linear_forward(const linear& l, const uint16_t* x, uint16_t* y, int64_t n);
@@ -189,7 +202,8 @@ private:
     void*      graph_scratch_ = nullptr;  // the context's scratch and zeroed workspace when the graph
     void*      graph_zeroed_  = nullptr;  // was captured (a reallocation since means capturing again)
     int64_t    graph_replays_ = 0;
-    int64_t    n_gptq_fast_ = 0, n_gptq_generic_ = 0;
+    int64_t    n_gptq_fast_ = 0, n_gptq_generic_ = 0, n_fused_ = 0;
+    bool       any_qkv_fused_ = false, any_gate_up_fused_ = false;  // activation sizes
 
     bool                     prof_on_ = false;
     cuda_timeline            prof_tl_;

@@ -229,7 +229,8 @@ fi
 # ---- end to end: gptq bench on make-random shapes (GPTQ_DEVICE_E2E=0 skips) -----------------------
 # FP16 Llama-2-7B (all 32 layers) at batch 1 on the GPU, then an 8-layer 7B-shaped model quantized
 # with RTN W4 g128 on the host's cores (fast; the weights' values do not matter for speed) against
-# its FP16 original in the same bench run. One JSON line per row in bench_e2e.jsonl.
+# its FP16 original in the same bench run. One JSON line per row in bench_e2e.jsonl. Then the W4
+# model again with --profile-ops: its per-op table of the decode step goes to summary.txt.
 if [ "${GPTQ_DEVICE_E2E:-1}" = 1 ]; then
     E2E=/tmp/gptq-e2e; rm -rf "$E2E"; mkdir -p "$E2E"
     BARGS=(--device cuda --batch 1 --prompt "${E2E_PROMPT:-512}" --gen "${E2E_GEN:-128}" --repeat 3 --json)
@@ -252,6 +253,15 @@ for l in open(sys.argv[1]):
         print("[%s %s: decode %.1f tok/s, %.2f ms/step, prefill %.0f tok/s]" % (r["role"], r["weights"], r["decode_tok_per_s"], r["decode_ms_per_step"], r["prefill_tok_per_s"]), end=" ")' "$OUT/bench_e2e.jsonl" 2>&1)"
     else
         status=1; log "bench llama-2-7b-layers=8 W4 FAILED (see tests.log)"
+    fi
+    # Op-level timing of the same W4 model (issue 7): decode steps run UNCAPTURED with a CUDA event
+    # after each op; the table (op, calls/step, us/step, share) goes to summary.txt.
+    if [ -d "$E2E/l8-w4" ]; then
+        log "op profile, llama-2-7b-layers=8 W4 g128 (decode steps uncaptured, an event after each op):"
+        if ! timeout 180 "$GPTQ" -q bench "$E2E/l8-w4" --device cuda --batch 1 --prompt "${E2E_PROMPT:-512}" \
+               --gen "${E2E_GEN:-128}" --repeat 3 --profile-ops 2>> "$OUT/tests.log" | tee -a "$OUT/summary.txt"; then
+            status=1; log "bench --profile-ops llama-2-7b-layers=8 W4 FAILED (see tests.log)"
+        fi
     fi
     rm -rf "$E2E"
 fi

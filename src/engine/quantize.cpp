@@ -801,7 +801,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                               i);
         const auto                 t_layer = clock::now();
         std::optional<phase_timer> t_load(std::in_place, s, "load");
-        GPTQ_ASSIGN_OR_RETURN(auto layer, s.model->layer_load(i));
+        GPTQ_ASSIGN_OR_RETURN(auto layer, s.model->layer_load(i, &pool));
         t_load.reset();
         if (i < layers_done) {
             if (params.method == "gptq") {

@@ -2,6 +2,8 @@
 // (and modeling_mistral / modeling_qwen2, which differ only in biases and sliding windows).
 #include "model/llama.h"
 
+#include "core/thread_pool.h"
+
 #include "io/gptq_checkpoint.h"
 
 #include <algorithm>
@@ -310,7 +312,7 @@ status read_vec(const tensor_source& src, const tensor_spec& t, std::vector<floa
 }
 }  // namespace
 
-result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer) const {
+result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer, thread_pool* pool) const {
     if (i_layer < 0 || i_layer >= hp_.n_layer)
         return make_error(E_ARG, "{}: layer {} out of range (the model has {})", src_->path(), i_layer, hp_.n_layer);
     auto layer       = std::make_unique<llama_layer>();
@@ -318,7 +320,7 @@ result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer) co
     const auto specs = llama_layer_tensors(hp_, i_layer);
     GPTQ_TRY(read_vec(*src_, specs[0], &layer->attn_norm));
     GPTQ_TRY(read_vec(*src_, specs[1], &layer->mlp_norm));
-    for (int r = 0; r < k_n_linear_roles; ++r) {
+    auto load_linear = [&](int r) -> status {
         const auto      role  = static_cast<linear_role>(r);
         const auto      shape = hp_.linear_shape(role);
         const auto      name  = llama_linear_name(i_layer, role);
@@ -335,7 +337,18 @@ result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer) co
             GPTQ_TRY(read_vec(*src_, {name + ".weight", {shape[0], shape[1]}, false}, &l.w));
         }
         if (role_has_bias(hp_, role)) GPTQ_TRY(read_vec(*src_, {name + ".bias", {shape[0]}, false}, &l.bias));
+        return status::ok();
+    };
+    // One linear per task (reads of the memory-mapped files are independent); the first error wins.
+    std::array<status, k_n_linear_roles> st;
+    if (pool) {
+        pool->parallel_for(k_n_linear_roles, [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) st[size_t(r)] = load_linear(int(r));
+        });
+    } else {
+        for (int r = 0; r < k_n_linear_roles; ++r) st[size_t(r)] = load_linear(r);
     }
+    for (const auto& x : st) GPTQ_TRY(x);
     return layer;
 }
 

@@ -29,6 +29,8 @@
 
 namespace gptq {
 
+class thread_pool;
+
 enum class linear_role : uint8_t {
     LINEAR_Q,
     LINEAR_K,
@@ -158,8 +160,9 @@ public:
     // qweight/qzeros/scales/g_idx and dequantized to F32 at load), else nullptr.
     const gptq_config* quantization() const { return gptq_ ? &*gptq_ : nullptr; }
 
-    // Layer i's weights, read from the checkpoint now (nothing else is read).
-    result<std::unique_ptr<llama_layer>> layer_load(int64_t i_layer) const;
+    // Layer i's weights, read from the checkpoint now (nothing else is read); with a pool, the
+    // linears are read (and converted to F32) in parallel.
+    result<std::unique_ptr<llama_layer>> layer_load(int64_t i_layer, thread_pool* pool = nullptr) const;
     // Keep every layer resident (ppl, generation). Idempotent.
     status       layers_load_all();
     llama_layer* layer(int64_t i_layer) { return layers_[static_cast<size_t>(i_layer)].get(); }  // or nullptr

@@ -1,6 +1,7 @@
 #include "quant/gptq.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -91,10 +92,24 @@ status gptq_check_finite(const float* x, int64_t n_rows, int64_t n_cols, const s
                       first % n_cols, n_bad, n_bad == 1 ? "" : "s", n_rows * n_cols);
 }
 
+status gptq_check_finite(const ops_context& ctx, const float* x, int64_t n_rows, int64_t n_cols,
+                         const std::string& what) {
+    if (!ctx.pool || n_rows < 64) return gptq_check_finite(x, n_rows, n_cols, what);
+    std::atomic<bool> bad{false};
+    ctx.pool->parallel_for(n_rows, [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0 * n_cols; i < r1 * n_cols; ++i)
+            if (!std::isfinite(x[i])) {
+                bad = true;
+                return;
+            }
+    });
+    return bad ? gptq_check_finite(x, n_rows, n_cols, what) : status::ok();  // the message counts them all
+}
+
 result<quantized_linear> rtn_quantize(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
                                       const gptq_options& opt) {
     GPTQ_TRY(gptq_check_options(opt, n_in));
-    GPTQ_TRY(gptq_check_finite(w, n_out, n_in, "the weight"));
+    GPTQ_TRY(gptq_check_finite(ctx, w, n_out, n_in, "the weight"));
     quantized_linear q    = make_result(opt, n_out, n_in);
     const int64_t    gs   = opt.group_size == -1 ? n_in : opt.group_size;
     const int        maxq = grid_maxq(opt.bits);
@@ -117,8 +132,8 @@ result<quantized_linear> rtn_quantize(const ops_context& ctx, const float* w, in
 result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in, int64_t n_out, int64_t n_in,
                                        const float* h_in, const gptq_options& opt, gptq_stats* stats) {
     GPTQ_TRY(gptq_check_options(opt, n_in));
-    GPTQ_TRY(gptq_check_finite(w_in, n_out, n_in, "the weight"));
-    GPTQ_TRY(gptq_check_finite(h_in, n_in, n_in,
+    GPTQ_TRY(gptq_check_finite(ctx, w_in, n_out, n_in, "the weight"));
+    GPTQ_TRY(gptq_check_finite(ctx, h_in, n_in, n_in,
                                "the Hessian of the calibration inputs (the activations reaching this layer overflowed "
                                "or hold NaN)"));
     const int          maxq    = grid_maxq(opt.bits);

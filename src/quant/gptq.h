@@ -87,6 +87,9 @@ status gptq_check_options(const gptq_options& opt, int64_t n_in);
 // x: [n_rows, n_cols]. An error naming `what`, the first non-finite value (NaN or Inf) and its
 // position, and how many there are; ok when every value is finite.
 status gptq_check_finite(const float* x, int64_t n_rows, int64_t n_cols, const std::string& what);
+// The same with the scan split over ctx.pool (the error message is the same).
+status gptq_check_finite(const ops_context& ctx, const float* x, int64_t n_rows, int64_t n_cols,
+                         const std::string& what);
 
 // out: [n_out, n_in] = scales[g_idx[k], n] * (codes[n, k] - zeros[g_idx[k], n]).
 void quantized_linear_dequantize(const quantized_linear& q, float* out);

@@ -69,8 +69,8 @@ if [ -z "$BIN" ]; then
         [ "$d" != . ] && CUDA_DIRS="$CUDA_DIRS:$d"
     done
     export LD_LIBRARY_PATH=$BIN/lib${CUDA_DIRS}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-    if ldd "$TEST_DIR/test_gptq_cuda" | grep -q 'not found'; then
-        log "missing shared libraries: $(ldd "$TEST_DIR/test_gptq_cuda" | grep 'not found' | tr -s ' \t\n' ' ')"
+    if ldd "$TEST_DIR/gptq" | grep -q 'not found'; then
+        log "missing shared libraries: $(ldd "$TEST_DIR/gptq" | grep 'not found' | tr -s ' \t\n' ' ')"
     fi
     TESTS=("$TEST_DIR/test_cuda_kernels" "$TEST_DIR/test_cuda_gptq" "$TEST_DIR/test_ops_cuda" "$TEST_DIR/test_gptq_cuda"
            "$TEST_DIR/test_llama_cuda" "$TEST_DIR/test_offload_cuda")

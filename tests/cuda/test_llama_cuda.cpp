@@ -23,6 +23,7 @@
 #include <random>
 #include "core/dtype.h"
 #include "core/thread_pool.h"
+#include "cuda_model_util.h"
 #include "cuda_test_util.h"
 #include "gptq/generate.h"
 #include "gptq/ppl.h"
@@ -51,8 +52,7 @@ constexpr int64_t k_n_prefill = 40;
 constexpr int64_t k_n_decode  = 8;
 
 std::string source_dir() {
-    const char* env = std::getenv("GPTQ_TEST_SOURCE_DIR");
-    return env && *env ? std::string(env) : std::string(GPTQ_SOURCE_DIR);
+    return test::cuda_source_dir();
 }
 
 thread_pool& pool2() {
@@ -70,9 +70,7 @@ double row_rel_error(const float* got, const float* want, int64_t n) {
 }
 
 std::vector<int32_t> test_ids(int64_t n, int64_t vocab) {
-    std::vector<int32_t> ids(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) ids[static_cast<size_t>(i)] = static_cast<int32_t>((i * 37 + 11) % vocab);
-    return ids;
+    return test::cuda_test_ids(n, vocab);
 }
 
 // CPU logits by the GPU's protocol: k_n_prefill tokens in one pass through a KV cache, then one
@@ -157,27 +155,9 @@ void check_model(const std::string& dir, int64_t* n_fast = nullptr, int64_t* n_g
     }
 }
 
-// A GPTQ checkpoint of tiny-llama, made once per configuration by the CPU quantizer.
 std::string gptq_checkpoint(const std::string& tag, int bits, int group, bool desc_act, bool sym,
                             const std::string& method) {
-    static test::temp_dir dir("llama-cuda-gptq");
-    const std::string     out = dir.file(tag);
-    if (std::filesystem::exists(out)) return out;
-    quantize_params p;
-    p.model_path  = source_dir() + "/models/tiny-llama";
-    p.output_path = out;
-    p.bits        = bits;
-    p.group_size  = group;
-    p.desc_act    = desc_act;
-    p.sym         = sym;
-    p.method      = method;
-    p.calib       = source_dir() + "/data/calib/corpus-sample.txt";
-    p.nsamples    = 4;
-    p.seqlen      = 64;
-    p.n_threads   = 2;
-    auto r        = quantize_model(p);
-    EXPECT_TRUE(r.is_ok()) << r.error().message();
-    return out;
+    return test::tiny_llama_gptq_checkpoint(tag, bits, group, desc_act, sym, method);
 }
 
 }  // namespace

@@ -16,12 +16,7 @@ command register_bench(CLI::App& app) {
         app.add_subcommand("bench", "prefill / decode speed, time to first token and peak memory per batch size");
     sub->add_option("model", o->model_path, "model folder (FP16/BF16 or GPTQ checkpoint)")->required();
     sub->add_option("--device", o->device, "cpu, cuda or cuda:N (the GPU: batch 1 only so far)")->capture_default_str();
-    sub->add_option("--device-map", o->device_map,
-                    "with --device cuda: auto (fill the GPU, offload the rest to CPU memory) or a JSON device-map file "
-                    "(gptq plan --json); modules on cpu are kept in pinned host memory and copied in when they run");
-    sub->add_option("--max-memory", o->max_memory,
-                    "with --device cuda: memory per device, e.g. 0=8GiB,cpu=32GiB (as gptq plan; without a cpu entry "
-                    "the rest is offloaded up to the host memory available, cpu=0 forbids it)");
+    add_offload_options(sub, &o->device_map, &o->max_memory);
     sub->add_option("--batch", o->batches, "batch sizes, comma-separated")
         ->delimiter(',')
         ->capture_default_str()

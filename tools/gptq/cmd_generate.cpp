@@ -159,12 +159,7 @@ command register_generate(CLI::App& app) {
     sub->add_flag("--ignore-eos", o->params.ignore_eos, "never stop at EOS (its logit is set to -inf)");
     sub->add_option("--device", o->open.device, "cpu, cuda or cuda:N (the GPU runs --prompts one at a time)")
         ->capture_default_str();
-    sub->add_option("--device-map", o->open.device_map,
-                    "with --device cuda: auto (fill the GPU, offload the rest to CPU memory) or a JSON device-map file "
-                    "(gptq plan --json); modules on cpu are kept in pinned host memory and copied in when they run");
-    sub->add_option("--max-memory", o->open.max_memory,
-                    "with --device cuda: memory per device, e.g. 0=8GiB,cpu=32GiB (as gptq plan; without a cpu entry "
-                    "the rest is offloaded up to the host memory available, cpu=0 forbids it)");
+    add_offload_options(sub, &o->open.device_map, &o->open.max_memory);
     sub->add_option("--threads", o->open.n_threads, "CPU threads (0: all cores)")->capture_default_str();
     return {sub, [o] { return run_generate(*o); }};
 }

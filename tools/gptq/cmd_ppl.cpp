@@ -24,12 +24,7 @@ command register_ppl(CLI::App& app) {
         ->check(CLI::NonNegativeNumber);
     sub->add_option("--device", o->device, "cpu, cuda or cuda:N (the GPU: F16 weights and activations)")
         ->capture_default_str();
-    sub->add_option("--device-map", o->device_map,
-                    "with --device cuda: auto (fill the GPU, offload the rest to CPU memory) or a JSON device-map file "
-                    "(gptq plan --json); modules on cpu are kept in pinned host memory and copied in when they run");
-    sub->add_option("--max-memory", o->max_memory,
-                    "with --device cuda: memory per device, e.g. 0=8GiB,cpu=32GiB (as gptq plan; without a cpu entry "
-                    "the rest is offloaded up to the host memory available, cpu=0 forbids it)");
+    add_offload_options(sub, &o->device_map, &o->max_memory);
     sub->add_flag("--json", *json, "print one JSON object instead of text");
     return {sub, [o, json] {
                 auto r = ppl_run(*o);

@@ -31,6 +31,9 @@ command register_plan(CLI::App& app);
 // Print "gptq: error: <message>" on stderr and return 1.
 int report_error(const status& st);
 
+// --device-map and --max-memory of the commands that run a model on the GPU (ppl, generate, bench).
+void add_offload_options(CLI::App* sub, std::string* device_map, std::string* max_memory);
+
 // "4GB", "500MB", "1.5GiB", "123" (bytes) -> bytes; 0 on a malformed value.
 uint64_t parse_size(const std::string& s);
 

@@ -14,6 +14,15 @@ int report_error(const status& st) {
     return 1;
 }
 
+void add_offload_options(CLI::App* sub, std::string* device_map, std::string* max_memory) {
+    sub->add_option("--device-map", *device_map,
+                    "with --device cuda: auto (fill the GPU, offload the rest to CPU memory) or a JSON device-map file "
+                    "(gptq plan --json); modules on cpu are kept in pinned host memory and copied in when they run");
+    sub->add_option("--max-memory", *max_memory,
+                    "with --device cuda: memory per device, e.g. 0=8GiB,cpu=32GiB (as gptq plan; without a cpu entry "
+                    "the rest is offloaded up to the host memory available, cpu=0 forbids it)");
+}
+
 uint64_t parse_size(const std::string& s) {
     size_t pos = 0;
     double v   = 0;

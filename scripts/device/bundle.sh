@@ -15,8 +15,11 @@ BUILD=${BUILD:-build-cuda-dev}
 cmake -S . -B "$BUILD" -G Ninja -DGPTQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a -DGPTQ_BUILD_BENCH=ON > /dev/null
 ninja -C "$BUILD" -j "${JOBS:-2}" test_cuda_kernels test_cuda_gptq test_ops_cuda test_gptq_cuda test_llama_cuda test_offload_cuda bench_gptq_gemv \
     bench_gptq_quantize gptq
+# BUNDLE_OUT: another folder than .device-bundle (helpers working beside each other; carry it and
+# pass DEVICE_BUNDLE=that-folder to run.sh). It must be git-ignored (added to info/exclude below).
+OUTB=${BUNDLE_OUT:-.device-bundle}
 STAGE="$BUILD/device-bundle"
-rm -rf "$STAGE" .device-bundle && mkdir -p "$STAGE/bin" "$STAGE/lib" .device-bundle
+rm -rf "$STAGE" "$OUTB" && mkdir -p "$STAGE/bin" "$STAGE/lib" "$OUTB"
 # BUNDLE_GPTQ_ONLY=1: the gptq binary alone (~4 MB less), so that .device-small-llama fits beside it
 # in the 64 MiB a `run` call carries (run it with GPTQ_DEVICE_TESTS=0 GPTQ_DEVICE_E2E=0).
 if [ "${BUNDLE_GPTQ_ONLY:-0}" = 1 ]; then
@@ -33,13 +36,13 @@ done | sort -u | grep -Ev 'libc\.so|libm\.so|libstdc\+\+|libgcc_s|libpthread|lib
     while read -r lib; do cp -L "$lib" "$STAGE/lib/"; done
 git rev-parse --short HEAD > "$STAGE/COMMIT"
 # Compressed: the working tree and what it carries travel within 64 MiB (OpenBLAS alone is 36 MB).
-tar -C "$STAGE" -cJf .device-bundle/bundle.tar.xz .
+tar -C "$STAGE" -cJf "$OUTB/bundle.tar.xz" .
 excl=$(git rev-parse --git-path info/exclude); mkdir -p "$(dirname "$excl")"
-grep -qx "/.device-bundle/" "$excl" 2>/dev/null || echo "/.device-bundle/" >> "$excl"
-ls -la .device-bundle "$STAGE/lib"
+grep -qx "/$OUTB/" "$excl" 2>/dev/null || echo "/$OUTB/" >> "$excl"
+ls -la "$OUTB" "$STAGE/lib"
 
 SMALL=../shared/models/small-llama
-if [ -d "$SMALL" ]; then
+if [ -d "$SMALL" ] && [ "${BUNDLE_SMALL_LLAMA:-1}" = 1 ]; then
     rm -rf .device-small-llama && mkdir -p .device-small-llama
     python3 scripts/device/byte_split.py pack "$SMALL" .device-small-llama
     grep -qx "/.device-small-llama/" "$excl" 2>/dev/null || echo "/.device-small-llama/" >> "$excl"

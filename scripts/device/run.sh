@@ -54,12 +54,13 @@ else
     log "configure failed here (missing build dependencies?): $(grep -m1 -i 'could not find\|error' "$OUT/build.log")"
 fi
 if [ -z "$BIN" ]; then
-    if [ ! -d .device-bundle ]; then
-        log "no build and no .device-bundle: run scripts/device/bundle.sh here and carry .device-bundle"; exit 1
+    DB=${DEVICE_BUNDLE:-.device-bundle}  # another carried bundle folder (bundle.sh's BUNDLE_OUT)
+    if [ ! -d "$DB" ]; then
+        log "no build and no $DB: run scripts/device/bundle.sh here and carry $DB"; exit 1
     fi
     BIN=/tmp/gptq-device-bundle
-    rm -rf "$BIN" && mkdir -p "$BIN" && tar -C "$BIN" -xJf .device-bundle/bundle.tar.xz
-    log "using the carried .device-bundle (built at commit $(cat $BIN/COMMIT 2>/dev/null))"
+    rm -rf "$BIN" && mkdir -p "$BIN" && tar -C "$BIN" -xJf "$DB/bundle.tar.xz"
+    log "using the carried $DB (built at commit $(cat $BIN/COMMIT 2>/dev/null))"
     TEST_DIR=$BIN/bin
     # The bundle's own libraries (fmt, OpenBLAS), then the machine's cuBLAS and cuSOLVER (with its
     # cuSPARSE and nvJitLink; too large to carry, the CUDA image has them).
@@ -243,26 +244,51 @@ if [ "${GPTQ_DEVICE_E2E:-1}" = 1 ]; then
         status=1; log "bench llama-2-7b fp16 cuda FAILED (see tests.log)"
     fi
     rm -rf "$E2E/l7b"
-    if timeout 120 "$GPTQ" -q make-random --like llama-2-7b-layers=8 -o "$E2E/l8" --threads "$JOBS" >> "$OUT/tests.log" 2>&1 &&
-       timeout 180 "$GPTQ" -q quantize "$E2E/l8" -o "$E2E/l8-w4" --method rtn --bits 4 --group-size 128 \
-           --threads "$JOBS" >> "$OUT/tests.log" 2>&1 &&
-       timeout 180 "$GPTQ" -q bench "$E2E/l8-w4" --compare-fp16 "$E2E/l8" "${BARGS[@]}" >> "$OUT/bench_e2e.jsonl" \
-           2>> "$OUT/tests.log"; then
-        log "bench llama-2-7b-layers=8 W4 g128 vs fp16, cuda: $(python3 -c 'import json,sys
+    # E2E_LIKE: the shape quantized and compared (default the 8-layer 7B; llama-2-7b for the whole
+    # model); E2E_BATCH: batch sizes of that comparison; E2E_DESC_ACT=1 also quantizes it with GPTQ
+    # --desc-act on cuda (8 x 512 calibration tokens: only the act-order layout matters for speed)
+    # and benches that checkpoint at batch 1 in the same call.
+    LIKE=${E2E_LIKE:-llama-2-7b-layers=8}
+    if timeout 200 "$GPTQ" -q make-random --like "$LIKE" -o "$E2E/l8" --threads "$JOBS" >> "$OUT/tests.log" 2>&1 &&
+       timeout 300 "$GPTQ" -q quantize "$E2E/l8" -o "$E2E/l8-w4" --method rtn --bits 4 --group-size 128 \
+           --threads "$JOBS" >> "$OUT/tests.log" 2>&1; then
+        for b in ${E2E_BATCH:-1}; do
+            BARGS[3]=$b
+            if timeout 240 "$GPTQ" -q bench "$E2E/l8-w4" --compare-fp16 "$E2E/l8" "${BARGS[@]}" >> "$OUT/bench_e2e.jsonl" \
+                   2>> "$OUT/tests.log"; then
+                log "bench $LIKE W4 g128 vs fp16, cuda, batch $b: $(python3 -c 'import json,sys
 for l in open(sys.argv[1]):
     r = json.loads(l)
-    if "layers=8" in r.get("model_path", "") or "l8" in r.get("model_path", ""):
-        print("[%s %s: decode %.1f tok/s, %.2f ms/step, prefill %.0f tok/s]" % (r["role"], r["weights"], r["decode_tok_per_s"], r["decode_ms_per_step"], r["prefill_tok_per_s"]), end=" ")' "$OUT/bench_e2e.jsonl" 2>&1)"
+    if "l8" in r.get("model_path", "") and r.get("batch") == int(sys.argv[2]):
+        print("[%s %s: decode %.1f tok/s, %.3f ms/step, prefill %.0f tok/s]" % (r["role"], r["weights"], r["decode_tok_per_s"], r["decode_ms_per_step"], r["prefill_tok_per_s"]), end=" ")' "$OUT/bench_e2e.jsonl" "$b" 2>&1)"
+            else
+                status=1; log "bench $LIKE W4 batch $b FAILED (see tests.log)"; tail -3 "$OUT/tests.log"
+            fi
+        done
+        BARGS[3]=1
     else
-        status=1; log "bench llama-2-7b-layers=8 W4 FAILED (see tests.log)"
+        status=1; log "make-random/quantize $LIKE W4 FAILED (see tests.log)"
+    fi
+    if [ "${E2E_DESC_ACT:-0}" = 1 ] && [ -d "$E2E/l8-w4" ]; then
+        t0=$(date +%s.%N)
+        if timeout 300 "$GPTQ" -q quantize "$E2E/l8" -o "$E2E/l8-w4-act" --nsamples 8 --seqlen 512 --bits 4 --group-size 128 \
+               --desc-act --device cuda --threads "$JOBS" >> "$OUT/tests.log" 2>&1 &&
+           timeout 200 "$GPTQ" -q bench "$E2E/l8-w4-act" "${BARGS[@]}" >> "$OUT/bench_e2e.jsonl" 2>> "$OUT/tests.log" &&
+           timeout 200 "$GPTQ" -q bench "$E2E/l8-w4" "${BARGS[@]}" >> "$OUT/bench_e2e.jsonl" 2>> "$OUT/tests.log"; then
+            log "desc_act (quantized in $(echo "$(date +%s.%N) $t0" | awk '{printf "%.0f", $1 - $2}') s with bench), then plain, batch 1: $(tail -2 "$OUT/bench_e2e.jsonl" | python3 -c 'import json,sys
+for l in sys.stdin:
+    r = json.loads(l); print("[%s: decode %.1f tok/s, %.3f ms/step, prefill %.0f tok/s]" % (r["model_path"].split("/")[-1], r["decode_tok_per_s"], r["decode_ms_per_step"], r["prefill_tok_per_s"]), end=" ")')"
+        else
+            status=1; log "desc_act quantize/bench $LIKE FAILED (see tests.log)"; tail -3 "$OUT/tests.log"
+        fi
     fi
     # Op-level timing of the same W4 model (issue 7): decode steps run UNCAPTURED with a CUDA event
     # after each op; the table (op, calls/step, us/step, share) goes to summary.txt.
-    if [ -d "$E2E/l8-w4" ]; then
-        log "op profile, llama-2-7b-layers=8 W4 g128 (decode steps uncaptured, an event after each op):"
+    if [ -d "$E2E/l8-w4" ] && [ "${E2E_PROFILE:-1}" = 1 ]; then
+        log "op profile, $LIKE W4 g128 (decode steps uncaptured, an event after each op):"
         if ! timeout 180 "$GPTQ" -q bench "$E2E/l8-w4" --device cuda --batch 1 --prompt "${E2E_PROMPT:-512}" \
                --gen "${E2E_GEN:-128}" --repeat 3 --profile-ops 2>> "$OUT/tests.log" | tee -a "$OUT/summary.txt"; then
-            status=1; log "bench --profile-ops llama-2-7b-layers=8 W4 FAILED (see tests.log)"
+            status=1; log "bench --profile-ops $LIKE W4 FAILED (see tests.log)"
         fi
     fi
     rm -rf "$E2E"

@@ -451,8 +451,8 @@ status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n) {
     return status::ok();
 }
 
-status llama_cuda_model::linear_forward(const linear& l, const uint16_t* x, uint16_t* y, int64_t n) {
-    if (l.quantized) return op_cuda_gptq_linear(*ctx_, l.q, x, y, n);
+status llama_cuda_model::linear_forward(const linear& l, const uint16_t* x, uint16_t* y, int64_t n, bool x_permuted) {
+    if (l.quantized) return op_cuda_gptq_linear(*ctx_, l.q, x, y, n, x_permuted);
     GPTQ_TRY(op_cuda_linear_dense(*ctx_, x, l.w.as<uint16_t>(), y, n, l.n_out, l.n_in));
     if (l.bias.bytes()) GPTQ_TRY(op_cuda_add_bias(*ctx_, y, l.bias.as<uint16_t>(), n, l.n_out));
     return status::ok();
@@ -477,23 +477,34 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
         return unit >= 0 ? prof_mark("stage_wait") : status::ok();
     };
 
+    // The act-order column order of a GPTQ linear on the int4 kernel, when the op producing its input
+    // can write it in that order (saves the linear's own permutation launch); nullptr otherwise.
+    auto perm_of = [](const linear& l) -> const int32_t* {
+        return l.quantized && l.q.fast && l.q.perm.bytes() ? l.q.perm.as<int32_t>() : nullptr;
+    };
+
     GPTQ_TRY(stage_begin());
     GPTQ_TRY(wait(embed_unit_));
     GPTQ_TRY(op_cuda_embedding(c, embed_.as<uint16_t>(), ids, hidden, n, hp.n_vocab, n_embd));
     GPTQ_TRY(prof_mark("embedding"));
     GPTQ_TRY(stage_done(embed_unit_));
+    // Each residual add is folded into the RMSNorm after it (op_cuda_add_rms_norm): the output of a
+    // layer's down projection waits in y until the next layer (or the final norm) adds it.
+    const uint16_t* pending = nullptr;
     for (int64_t i = 0; i < hp.n_layer; ++i) {
         const layer& ly   = layers_[static_cast<size_t>(i)];
         const int    unit = layer_unit_[static_cast<size_t>(i)];
         GPTQ_TRY(wait(unit));
         // ---- attention ----
-        GPTQ_TRY(op_cuda_rms_norm(c, hidden, ly.attn_norm.as<uint16_t>(), x, n, n_embd, hp.rms_eps));
-        GPTQ_TRY(prof_mark("rms_norm"));
+        const int32_t* p_qkv = ly.qkv.n_out ? perm_of(ly.qkv) : nullptr;
+        GPTQ_TRY(
+            op_cuda_add_rms_norm(c, hidden, pending, ly.attn_norm.as<uint16_t>(), x, n, n_embd, hp.rms_eps, p_qkv));
+        GPTQ_TRY(prof_mark(pending ? "add_rms_norm" : "rms_norm"));
         // q, k, v: three buffers, or row slices of the fused projection's output (stride qkv_dim).
         uint16_t *qh = q, *kh = k, *vh = v;
         int64_t   q_stride = q_dim, kv_stride = kv_dim;
         if (ly.qkv.n_out) {
-            GPTQ_TRY(linear_forward(ly.qkv, x, q, n));
+            GPTQ_TRY(linear_forward(ly.qkv, x, q, n, p_qkv != nullptr));
             GPTQ_TRY(prof_mark("linear_qkv"));
             kh       = q + q_dim;
             vh       = q + q_dim + kv_dim;
@@ -506,13 +517,10 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
             GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_V), x, v, n));
             GPTQ_TRY(prof_mark("linear_v"));
         }
-        GPTQ_TRY(op_cuda_rope(c, qh, cos, sin, n, hp.n_head, hd, q_stride));
-        GPTQ_TRY(prof_mark("rope"));
-        GPTQ_TRY(op_cuda_rope(c, kh, cos, sin, n, hp.n_head_kv, hd, kv_stride));
-        GPTQ_TRY(prof_mark("rope"));
-        GPTQ_TRY(op_cuda_kv_store_strided(c, kh, vh, kv_stride, ly.k_cache.as<uint16_t>(), ly.v_cache.as<uint16_t>(),
-                                          pos, n, kv_dim, n_ctx_));
-        GPTQ_TRY(prof_mark("kv_store"));
+        // RoPE on q (in place) and k, k and v into the cache: one launch.
+        GPTQ_TRY(op_cuda_rope_kv_store(c, qh, kh, vh, q_stride, kv_stride, cos, sin, n, hp.n_head, hp.n_head_kv, hd,
+                                       ly.k_cache.as<uint16_t>(), ly.v_cache.as<uint16_t>(), pos, n_ctx_));
+        GPTQ_TRY(prof_mark("rope_kv_store"));
         cuda_attention_args a;
         a.q          = qh;
         a.k          = ly.k_cache.as<uint16_t>();
@@ -539,36 +547,38 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
         GPTQ_TRY(prof_mark("attention"));
         GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_O), x, y, n));
         GPTQ_TRY(prof_mark("linear_o"));
-        GPTQ_TRY(op_cuda_add(c, hidden, y, n * n_embd));
-        GPTQ_TRY(prof_mark("add"));
-        // ---- MLP ----
-        GPTQ_TRY(op_cuda_rms_norm(c, hidden, ly.mlp_norm.as<uint16_t>(), y, n, n_embd, hp.rms_eps));
-        GPTQ_TRY(prof_mark("rms_norm"));
-        const uint16_t* act = gate;  // silu(gate) * up, [n, n_ff] contiguous
+        // ---- MLP ---- (hidden += o's output, then the norm into x: x is free after linear_o)
+        const int32_t* p_gu = ly.gate_up.n_out ? perm_of(ly.gate_up) : nullptr;
+        GPTQ_TRY(op_cuda_add_rms_norm(c, hidden, y, ly.mlp_norm.as<uint16_t>(), x, n, n_embd, hp.rms_eps, p_gu));
+        GPTQ_TRY(prof_mark("add_rms_norm"));
+        const uint16_t* act    = gate;  // silu(gate) * up, [n, n_ff] contiguous
+        const int32_t*  p_down = nullptr;
         if (ly.gate_up.n_out) {
-            GPTQ_TRY(linear_forward(ly.gate_up, y, gate, n));  // [n, 2 n_ff]: gate | up
+            GPTQ_TRY(linear_forward(ly.gate_up, x, gate, n, p_gu != nullptr));  // [n, 2 n_ff]: gate | up
             GPTQ_TRY(prof_mark("linear_gate_up"));
-            GPTQ_TRY(op_cuda_silu_mul(c, gate, gate + hp.n_ff, up, n, hp.n_ff, 2 * hp.n_ff, 2 * hp.n_ff, hp.n_ff));
+            p_down = perm_of(L(ly, linear_role::LINEAR_DOWN));  // silu_mul writes up_, no alias: may permute
+            GPTQ_TRY(
+                op_cuda_silu_mul(c, gate, gate + hp.n_ff, up, n, hp.n_ff, 2 * hp.n_ff, 2 * hp.n_ff, hp.n_ff, p_down));
             act = up;
         } else {
-            GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_GATE), y, gate, n));
+            GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_GATE), x, gate, n));
             GPTQ_TRY(prof_mark("linear_gate"));
-            GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_UP), y, up, n));
+            GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_UP), x, up, n));
             GPTQ_TRY(prof_mark("linear_up"));
             GPTQ_TRY(op_cuda_silu_mul(c, gate, up, gate, n, hp.n_ff, hp.n_ff, hp.n_ff, hp.n_ff));
         }
         GPTQ_TRY(prof_mark("silu_mul"));
-        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_DOWN), act, y, n));
+        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_DOWN), act, y, n, p_down != nullptr));
         GPTQ_TRY(prof_mark("linear_down"));
-        GPTQ_TRY(op_cuda_add(c, hidden, y, n * n_embd));
-        GPTQ_TRY(prof_mark("add"));
+        pending = y;
         GPTQ_TRY(stage_done(unit));
     }
-    // Final norm and lm_head over the rows whose logits are wanted.
+    // Final norm (with the last residual add) and lm_head over the rows whose logits are wanted.
     const int64_t r0 = n - n_out_rows;
     GPTQ_TRY(wait(norm_unit_));
-    GPTQ_TRY(op_cuda_rms_norm(c, hidden + r0 * n_embd, norm_.as<uint16_t>(), x, n_out_rows, n_embd, hp.rms_eps));
-    GPTQ_TRY(prof_mark("rms_norm"));
+    GPTQ_TRY(op_cuda_add_rms_norm(c, hidden + r0 * n_embd, pending ? pending + r0 * n_embd : nullptr,
+                                  norm_.as<uint16_t>(), x, n_out_rows, n_embd, hp.rms_eps));
+    GPTQ_TRY(prof_mark(pending ? "add_rms_norm" : "rms_norm"));
     GPTQ_TRY(stage_done(norm_unit_));
     const uint16_t* w = lm_head_.bytes() ? lm_head_.as<uint16_t>() : embed_.as<uint16_t>();  // empty: tied, shared
     GPTQ_TRY(wait(lm_head_unit_));

@@ -137,7 +137,8 @@ private:
     status gptq_upload(const gptq_linear_data& d, const std::string& name, linear* out);
     status tensor_upload_f16(const tensor_spec& t, cuda_buffer* out);
     status activations_reserve(int64_t n_tokens);
-    status linear_forward(const linear& l, const uint16_t* x, uint16_t* y, int64_t n);
+    // x_permuted: x is already in l's act-order column order (see op_cuda_gptq_linear).
+    status linear_forward(const linear& l, const uint16_t* x, uint16_t* y, int64_t n, bool x_permuted = false);
     // Upload ids, positions and the RoPE rows of the n tokens at n_past (one copy).
     status step_inputs_upload(const int32_t* ids, int64_t n);
     // The whole forward pass on the uploaded inputs; logits of rows [n - n_out_rows, n) to logits_.

@@ -453,8 +453,21 @@ status op_cuda_rope(cuda_context& ctx, uint16_t* x, const float* cos, const floa
 }
 
 status op_cuda_silu_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows,
-                        int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride) {
-    return cuda::silu_mul_f16(gate, up, y, n_rows, n, gate_stride, up_stride, y_stride, ctx.stream());
+                        int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride, const int32_t* perm) {
+    return cuda::silu_mul_f16(gate, up, y, n_rows, n, gate_stride, up_stride, y_stride, ctx.stream(), perm);
+}
+
+status op_cuda_add_rms_norm(cuda_context& ctx, uint16_t* h, const uint16_t* add, const uint16_t* w, uint16_t* y,
+                            int64_t n_rows, int64_t dim, float eps, const int32_t* perm) {
+    return cuda::add_rms_norm_f16(h, add, w, y, perm, n_rows, dim, dim, dim, dim, eps, ctx.stream());
+}
+
+status op_cuda_rope_kv_store(cuda_context& ctx, uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t q_stride,
+                             int64_t kv_stride, const float* cos, const float* sin, int64_t n_tokens, int64_t n_head,
+                             int64_t n_head_kv, int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v,
+                             const int32_t* pos_dev, int64_t n_ctx) {
+    return cuda::rope_kv_store_f16(q, k, v, q_stride, kv_stride, cos, sin, n_tokens, n_head, n_head_kv, head_dim,
+                                   cache_k, cache_v, pos_dev, n_ctx, ctx.stream());
 }
 
 status op_cuda_add(cuda_context& ctx, uint16_t* x, const uint16_t* y, int64_t n) {
@@ -568,14 +581,15 @@ result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_hos
     return L;
 }
 
-status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, uint16_t* y, int64_t m) {
+status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, uint16_t* y, int64_t m,
+                           bool x_permuted) {
     if (m <= 0) return status::ok();
     const uint16_t* bias = w.bias.bytes() ? w.bias.as<uint16_t>() : nullptr;
     if (w.fast) {
         auto lay = cuda::int4_layout_for(w.n_out, w.n_in, w.group_size);
         if (!lay) return lay.error();
         const uint16_t* xin = x;
-        if (w.perm.bytes()) {
+        if (w.perm.bytes() && !x_permuted) {
             auto xp = ctx.scratch(size_t(m * w.n_in) * 2);
             if (!xp) return xp.error();
             GPTQ_TRY(cuda::gptq_permute_cols_f16(x, w.perm.as<int32_t>(), static_cast<uint16_t*>(*xp), m, w.n_in,

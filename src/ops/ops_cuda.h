@@ -186,8 +186,23 @@ status op_cuda_rms_norm(cuda_context& ctx, const uint16_t* x, const uint16_t* w,
 status op_cuda_rope(cuda_context& ctx, uint16_t* x, const float* cos, const float* sin, int64_t n_tokens,
                     int64_t n_heads, int64_t head_dim, int64_t row_stride);
 // y[r, :n] = silu(gate[r, :n]) * up[r, :n]; gate/up/y with row strides (fused gate_up: up = gate + n).
+// perm ([n] I32 device, act-order order of the GPTQ layer reading y, see cuda_gptq_linear::perm):
+// y[r, i] = silu(gate[r, perm[i]]) * up[r, perm[i]], y then must not alias gate or up.
 status op_cuda_silu_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows,
-                        int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride);
+                        int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride,
+                        const int32_t* perm = nullptr);
+// The decode step's residual add + RMSNorm in one launch: h[r] += add[r] (add nullptr: none), then
+// y[r, i] = rms_norm(h[r])[perm ? perm[i] : i]; h, add: [n_rows, dim], y: [n_rows, dim], w: [dim];
+// bit for bit op_cuda_add then op_cuda_rms_norm (then the permutation). y must not alias h or add.
+status op_cuda_add_rms_norm(cuda_context& ctx, uint16_t* h, const uint16_t* add, const uint16_t* w, uint16_t* y,
+                            int64_t n_rows, int64_t dim, float eps, const int32_t* perm = nullptr);
+// RoPE of q (in place) and of k into the KV cache, v into the cache, in one launch (rope.cuh
+// rope_kv_store_f16): bit for bit op_cuda_rope on q and k, then op_cuda_kv_store_strided, except
+// that k itself is not rotated. q: [n_tokens, q_stride], k/v: [n_tokens, kv_stride].
+status op_cuda_rope_kv_store(cuda_context& ctx, uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t q_stride,
+                             int64_t kv_stride, const float* cos, const float* sin, int64_t n_tokens, int64_t n_head,
+                             int64_t n_head_kv, int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v,
+                             const int32_t* pos_dev, int64_t n_ctx);
 status op_cuda_add(cuda_context& ctx, uint16_t* x, const uint16_t* y, int64_t n);  // x += y
 // x[r, :n] += bias[:n] for r < n_rows; x: [n_rows, n] contiguous.
 status op_cuda_add_bias(cuda_context& ctx, uint16_t* x, const uint16_t* bias, int64_t n_rows, int64_t n);
@@ -254,8 +269,11 @@ struct cuda_gptq_linear {
     cuda_buffer bias;                            // [n_out] F16 or empty
 };
 result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_host_tensors& t, bool allow_fast = true);
-// y[m, n_out] = x[m, n_in] W^T (+ bias). x, y: F16 device, contiguous rows.
-status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, uint16_t* y, int64_t m);
+// y[m, n_out] = x[m, n_in] W^T (+ bias). x, y: F16 device, contiguous rows. x_permuted: x is
+// already in the layer's act-order column order (x[:, i] = x_orig[:, perm[i]], made by the op
+// before it, e.g. op_cuda_add_rms_norm with w.perm); only meaningful when w.perm is not empty.
+status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, uint16_t* y, int64_t m,
+                           bool x_permuted = false);
 
 // ---- op timing and the fused decode step (ops_cuda_timing.cpp) -----------------------------------
 

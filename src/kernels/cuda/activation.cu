@@ -3,6 +3,7 @@
 
 #include "kernels/cuda/activation.cuh"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 
 namespace gptq::cuda {
 
@@ -14,12 +15,14 @@ unsigned grid_for(int64_t n) {
 }
 
 __global__ void silu_mul_kernel(const __half* gate, const __half* up, __half* y, int64_t n_rows, int64_t n_cols,
-                                int64_t gate_stride, int64_t up_stride, int64_t y_stride) {
+                                int64_t gate_stride, int64_t up_stride, int64_t y_stride, const int32_t* perm) {
+    pdl_launch_dependents();
+    pdl_wait();  // gate and up come from the projection before
     const int64_t n = n_rows * n_cols;
     for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n; p += int64_t(gridDim.x) * blockDim.x) {
-        const int64_t r = p / n_cols, i = p % n_cols;
-        const float   g     = __half2float(gate[r * gate_stride + i]);
-        const float   u     = __half2float(up[r * up_stride + i]);
+        const int64_t r = p / n_cols, i = p % n_cols, j = perm ? int64_t(perm[i]) : i;
+        const float   g     = __half2float(gate[r * gate_stride + j]);
+        const float   u     = __half2float(up[r * up_stride + j]);
         y[r * y_stride + i] = __float2half_rn(g / (1.0f + expf(-g)) * u);
     }
 }
@@ -41,11 +44,12 @@ __global__ void add_bias_kernel(__half* x, const __half* bias, int64_t n_rows, i
 }  // namespace
 
 status silu_mul_f16(const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows, int64_t n_cols,
-                    int64_t gate_stride, int64_t up_stride, int64_t y_stride, cudaStream_t stream) {
+                    int64_t gate_stride, int64_t up_stride, int64_t y_stride, cudaStream_t stream,
+                    const int32_t* perm) {
     if (n_rows <= 0 || n_cols <= 0) return status::ok();
-    silu_mul_kernel<<<grid_for(n_rows * n_cols), 256, 0, stream>>>(
-        reinterpret_cast<const __half*>(gate), reinterpret_cast<const __half*>(up), reinterpret_cast<__half*>(y),
-        n_rows, n_cols, gate_stride, up_stride, y_stride);
+    GPTQ_CUDA_CHECK(launch_pdl(silu_mul_kernel, dim3(grid_for(n_rows * n_cols)), dim3(256), 0, stream,
+                               reinterpret_cast<const __half*>(gate), reinterpret_cast<const __half*>(up),
+                               reinterpret_cast<__half*>(y), n_rows, n_cols, gate_stride, up_stride, y_stride, perm));
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }

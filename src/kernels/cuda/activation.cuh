@@ -14,8 +14,11 @@ namespace gptq::cuda {
 // y[r, i] = silu(gate[r, i]) * up[r, i] for r < n_rows, i < n_cols. gate: [n_rows, gate_stride],
 // up: [n_rows, up_stride], y: [n_rows, y_stride], all F16; y may alias gate or up element for
 // element (for a fused [n_rows, 2 * I] gate_up buffer: gate = buf, up = buf + I, strides 2 * I).
+// perm: [n_cols] I32 device or nullptr: y[r, i] = silu(gate[r, perm[i]]) * up[r, perm[i]] (the
+// act-order column order of the GPTQ layer that reads y); then y must not alias gate or up.
 status silu_mul_f16(const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows, int64_t n_cols,
-                    int64_t gate_stride, int64_t up_stride, int64_t y_stride, cudaStream_t stream);
+                    int64_t gate_stride, int64_t up_stride, int64_t y_stride, cudaStream_t stream,
+                    const int32_t* perm = nullptr);
 
 // x[i] += y[i] for i < n, F16 (F32 sum, one rounding).
 status add_f16(uint16_t* x, const uint16_t* y, int64_t n, cudaStream_t stream);

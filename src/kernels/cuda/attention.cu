@@ -23,6 +23,7 @@
 
 #include "kernels/cuda/attention.cuh"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 
 namespace gptq::cuda {
 
@@ -283,6 +284,7 @@ status launch_prefill_tc(const dev_params& dp, int64_t n_q, int64_t n_head, cuda
 
 constexpr int k_dec_warps  = 4;
 constexpr int k_dec_pairs  = k_max_dim / 2 / 32;  // half2 pairs per lane at most
+constexpr int k_dec_keys   = 8;                   // keys per warp per batch (their rows loaded together)
 constexpr int k_min_chunk  = 64;
 constexpr int k_max_splits = 64;
 constexpr int k_split_goal = 264;  // blocks wanted: two per SM of an H100
@@ -296,6 +298,8 @@ int64_t decode_splits(int64_t n_q, int64_t n_kv, int64_t n_head) {
 }
 
 __global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, float* ws, int64_t n_splits) {
+    pdl_launch_dependents();
+    pdl_wait();  // q and the cache rows come from the kernels before
     const int64_t h = blockIdx.x, split = blockIdx.y, qi = blockIdx.z, hk = h / p.group;
     const int     lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int64_t D = p.head_dim, n_pairs = D / 2;
@@ -322,33 +326,63 @@ __global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, 
         q[j].y *= p.scale;
         acc[j] = make_float2(0.0f, 0.0f);
     }
+    // Keys in batches of k_dec_keys per warp (keys j0 + u * k_dec_warps): all their K and V rows are
+    // loaded before any is used, so a warp waits for memory once per batch instead of twice per key.
     float m = -INFINITY, l = 0.0f;
-    for (int64_t j = c0 + warp; j < c1; j += k_dec_warps) {
-        const __half2* kr  = reinterpret_cast<const __half2*>(p.k + j * p.kv_stride + hk * D);
-        float          dot = 0.0f;
+    for (int64_t j0 = c0 + warp; j0 < c1; j0 += int64_t(k_dec_warps) * k_dec_keys) {
+        __half2 kr[k_dec_keys][k_dec_pairs], vr[k_dec_keys][k_dec_pairs];
 #pragma unroll
-        for (int t = 0; t < k_dec_pairs; ++t) {
-            const int64_t pi = lane + 32 * t;
-            if (pi < n_pairs) {
-                const float2 kv = __half22float2(kr[pi]);
-                dot += q[t].x * kv.x + q[t].y * kv.y;
+        for (int u = 0; u < k_dec_keys; ++u) {
+            const int64_t  j    = j0 + int64_t(u) * k_dec_warps;
+            const int64_t  jj   = j < c1 ? j : j0;  // a valid row; its score is masked below
+            const __half2* krow = reinterpret_cast<const __half2*>(p.k + jj * p.kv_stride + hk * D);
+            const __half2* vrow = reinterpret_cast<const __half2*>(p.v + jj * p.kv_stride + hk * D);
+#pragma unroll
+            for (int t = 0; t < k_dec_pairs; ++t) {
+                const int64_t pi = lane + 32 * t;
+                kr[u][t]         = pi < n_pairs ? krow[pi] : __float2half2_rn(0.0f);
+                vr[u][t]         = pi < n_pairs ? vrow[pi] : __float2half2_rn(0.0f);
             }
         }
-        for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        const float m_new = fmaxf(m, dot);
-        const float corr  = m == -INFINITY ? 0.0f : __expf(m - m_new);
-        const float e     = __expf(dot - m_new);
-        l                 = l * corr + e;
-        m                 = m_new;
-        const __half2* vr = reinterpret_cast<const __half2*>(p.v + j * p.kv_stride + hk * D);
+        float dot[k_dec_keys];
+#pragma unroll
+        for (int u = 0; u < k_dec_keys; ++u) {
+            dot[u] = 0.0f;
+#pragma unroll
+            for (int t = 0; t < k_dec_pairs; ++t) {
+                const float2 kv = __half22float2(kr[u][t]);
+                dot[u] += q[t].x * kv.x + q[t].y * kv.y;
+            }
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int u = 0; u < k_dec_keys; ++u) dot[u] += __shfl_xor_sync(0xffffffffu, dot[u], o);
+        float m_new = m;
+#pragma unroll
+        for (int u = 0; u < k_dec_keys; ++u) {
+            if (j0 + int64_t(u) * k_dec_warps >= c1) dot[u] = -INFINITY;
+            m_new = fmaxf(m_new, dot[u]);
+        }
+        const float corr = m == -INFINITY ? 0.0f : __expf(m - m_new);
+        float       e[k_dec_keys];
+        l *= corr;
+#pragma unroll
+        for (int u = 0; u < k_dec_keys; ++u) {
+            e[u] = dot[u] == -INFINITY ? 0.0f : __expf(dot[u] - m_new);
+            l += e[u];
+        }
+        m = m_new;
 #pragma unroll
         for (int t = 0; t < k_dec_pairs; ++t) {
-            const int64_t pi = lane + 32 * t;
-            if (pi < n_pairs) {
-                const float2 vv = __half22float2(vr[pi]);
-                acc[t].x        = acc[t].x * corr + e * vv.x;
-                acc[t].y        = acc[t].y * corr + e * vv.y;
+            float2 a = make_float2(acc[t].x * corr, acc[t].y * corr);
+#pragma unroll
+            for (int u = 0; u < k_dec_keys; ++u) {
+                const float2 vv = __half22float2(vr[u][t]);
+                a.x += e[u] * vv.x;
+                a.y += e[u] * vv.y;
             }
+            acc[t] = a;
         }
     }
     // Merge the warps: [warp][2 + D] in shared memory.
@@ -385,6 +419,8 @@ __global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, 
 }
 
 __global__ void decode_combine_kernel(dev_params p, const float* ws, int64_t n_splits) {
+    pdl_launch_dependents();
+    pdl_wait();
     const int64_t h = blockIdx.x, qi = blockIdx.y, D = p.head_dim;
     const float*  src = ws + (qi * p.n_head + h) * n_splits * (2 + D);
     float         M   = -INFINITY;
@@ -496,10 +532,11 @@ status attention_decode_f16(const attention_params& a, float* workspace, int64_t
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "attention_decode_f16: n_q {} too large", a.n_q);
     const int64_t    splits = decode_splits(a.n_q, a.n_kv, a.n_head);
     const dev_params dp     = to_dev(a);
-    decode_kernel<<<dim3(unsigned(a.n_head), unsigned(splits), unsigned(a.n_q)), k_dec_warps * 32, 0, stream>>>(
-        dp, workspace, splits);
+    GPTQ_CUDA_CHECK(launch_pdl(decode_kernel, dim3(unsigned(a.n_head), unsigned(splits), unsigned(a.n_q)),
+                               dim3(k_dec_warps * 32), 0, stream, dp, workspace, splits));
     GPTQ_CUDA_CHECK_LAUNCH();
-    decode_combine_kernel<<<dim3(unsigned(a.n_head), unsigned(a.n_q)), 128, 0, stream>>>(dp, workspace, splits);
+    GPTQ_CUDA_CHECK(launch_pdl(decode_combine_kernel, dim3(unsigned(a.n_head), unsigned(a.n_q)), dim3(128), 0, stream,
+                               dp, workspace, splits));
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }

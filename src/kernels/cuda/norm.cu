@@ -2,47 +2,78 @@
 // read twice (the second read hits L1/L2: rows are at most a few tens of KB).
 #include <cuda_fp16.h>
 
+#include <algorithm>
+
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/norm.cuh"
 
 namespace gptq::cuda {
 
 namespace {
 
-constexpr int k_block = 256;
+constexpr int k_add_block = 1024;  // a 4096-wide row: 4 values per thread, one round trip
 
-__global__ void rms_norm_kernel(const __half* x, const __half* w, __half* y, int64_t dim, int64_t x_stride,
-                                int64_t y_stride, float eps) {
-    const __half* xr = x + blockIdx.x * x_stride;
-    __half*       yr = y + blockIdx.x * y_stride;
-    float         ss = 0.0f;
+__global__ void __launch_bounds__(k_add_block)
+    add_rms_norm_kernel(__half* h, const __half* __restrict__ add, const __half* __restrict__ w, __half* y,
+                        const int32_t* __restrict__ perm, int64_t dim, int64_t h_stride, int64_t add_stride,
+                        int64_t y_stride, float eps) {
+    pdl_launch_dependents();
+    pdl_wait();  // h and add come from the kernels before
+    __half* hr = h + blockIdx.x * h_stride;
+    __half* yr = y + blockIdx.x * y_stride;
+    float   ss = 0.0f;
     for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
-        const float v = __half2float(xr[i]);
-        ss += v * v;
+        __half v = hr[i];
+        if (add) {
+            v     = __float2half_rn(__half2float(v) + __half2float(add[blockIdx.x * add_stride + i]));
+            hr[i] = v;
+        }
+        const float f = __half2float(v);
+        ss += f * f;
     }
-    __shared__ float partial[k_block / 32];
+    __shared__ float partial[k_add_block / 32];
     for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     if ((threadIdx.x & 31) == 0) partial[threadIdx.x / 32] = ss;
-    __syncthreads();
+    __syncthreads();  // also makes this block's writes to hr visible to the permuted reads below
     float total = 0.0f;
-    for (int i = 0; i < k_block / 32; ++i) total += partial[i];
+    for (int i = 0; i < int(blockDim.x / 32); ++i) total += partial[i];
     const float inv = rsqrtf(total / float(dim) + eps);
-    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x)
-        yr[i] = __float2half_rn(__half2float(xr[i]) * inv * __half2float(w[i]));
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+        const int64_t j = perm ? int64_t(perm[i]) : i;
+        yr[i]           = __float2half_rn(__half2float(hr[j]) * inv * __half2float(w[j]));
+    }
 }
 
 }  // namespace
 
-status rms_norm_f16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t n_rows, int64_t dim, int64_t x_stride,
-                    int64_t y_stride, float eps, cudaStream_t stream) {
+status add_rms_norm_f16(uint16_t* h, const uint16_t* add, const uint16_t* w, uint16_t* y, const int32_t* perm,
+                        int64_t n_rows, int64_t dim, int64_t h_stride, int64_t add_stride, int64_t y_stride, float eps,
+                        cudaStream_t stream) {
     if (n_rows <= 0 || dim <= 0) return status::ok();
-    if (n_rows > 0x7fffffff)
-        return make_error(status_code::STATUS_INVALID_ARGUMENT, "rms_norm_f16: n_rows {} too large", n_rows);
-    rms_norm_kernel<<<unsigned(n_rows), k_block, 0, stream>>>(
-        reinterpret_cast<const __half*>(x), reinterpret_cast<const __half*>(w), reinterpret_cast<__half*>(y), dim,
-        x_stride, y_stride, eps);
+    if (n_rows > 0x7fffffff || h_stride < dim || y_stride < dim || (add && add_stride < dim))
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "add_rms_norm_f16: n_rows {} / strides h {} add {} y {} do not fit dim {}", n_rows, h_stride,
+                          add_stride, y_stride, dim);
+    const int threads = int(std::min<int64_t>(k_add_block, (dim + 31) / 32 * 32));
+    GPTQ_CUDA_CHECK(launch_pdl(add_rms_norm_kernel, dim3(unsigned(n_rows)), dim3(unsigned(threads)), 0, stream,
+                               reinterpret_cast<__half*>(h), reinterpret_cast<const __half*>(add),
+                               reinterpret_cast<const __half*>(w), reinterpret_cast<__half*>(y), perm, dim, h_stride,
+                               add_stride, y_stride, eps));
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
+}
+
+status rms_norm_f16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t n_rows, int64_t dim, int64_t x_stride,
+                    int64_t y_stride, float eps, cudaStream_t stream) {
+    // The add-and-norm kernel without the add: one reduction order for both, so that folding a
+    // residual add into the norm changes no bit. In place (y == x) is safe: no permutation, and
+    // each thread rewrites only the values it read.
+    if (y == x && y_stride != x_stride)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "rms_norm_f16: in place with strides {} and {}",
+                          x_stride, y_stride);
+    return add_rms_norm_f16(const_cast<uint16_t*>(x), nullptr, w, y, nullptr, n_rows, dim, x_stride, dim, y_stride,
+                            eps, stream);
 }
 
 }  // namespace gptq::cuda

@@ -3,6 +3,7 @@
 #include <cuda_fp16.h>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/rope.cuh"
 
 namespace gptq::cuda {
@@ -24,7 +25,66 @@ __global__ void rope_kernel(__half* x, const float* cos, const float* sin, int64
     }
 }
 
+// One thread per item of a token: n_head * half q pairs, then n_head_kv * half k pairs, then kv_dim
+// v values.
+__global__ void rope_kv_store_kernel(__half* q, const __half* k, const __half* v, int64_t q_stride, int64_t kv_stride,
+                                     const float* cos, const float* sin, int64_t n_items, int64_t n_head,
+                                     int64_t n_head_kv, int64_t half, __half* cache_k, __half* cache_v,
+                                     const int32_t* pos_dev, int64_t n_ctx, int64_t total) {
+    pdl_launch_dependents();
+    pdl_wait();  // q, k, v come from the projection before
+    const int64_t kv_dim = n_head_kv * 2 * half, nq = n_head * half, nk = n_head_kv * half;
+    const int64_t pos = int64_t(*pos_dev);
+    for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < total; p += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t t = p / n_items, it = p % n_items, row = pos + t;
+        const bool    store = row >= 0 && row < n_ctx;
+        if (it < nq + nk) {
+            const bool    is_q = it < nq;
+            const int64_t r    = is_q ? it : it - nq;
+            const int64_t i = r % half, hh = r / half;
+            const __half* src = (is_q ? q + t * q_stride : k + t * kv_stride) + hh * 2 * half;
+            const float   c = cos[t * half + i], s = sin[t * half + i];
+            const float   a = __half2float(src[i]), b = __half2float(src[i + half]);
+            const __half  lo = __float2half_rn(a * c - b * s), hi = __float2half_rn(b * c + a * s);
+            if (is_q) {
+                __half* dst   = q + t * q_stride + hh * 2 * half;
+                dst[i]        = lo;
+                dst[i + half] = hi;
+            } else if (store) {
+                __half* dst   = cache_k + row * kv_dim + hh * 2 * half;
+                dst[i]        = lo;
+                dst[i + half] = hi;
+            }
+        } else if (store) {
+            const int64_t i           = it - nq - nk;
+            cache_v[row * kv_dim + i] = v[t * kv_stride + i];
+        }
+    }
+}
+
 }  // namespace
+
+status rope_kv_store_f16(uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t q_stride, int64_t kv_stride,
+                         const float* cos, const float* sin, int64_t n_tokens, int64_t n_head, int64_t n_head_kv,
+                         int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v, const int32_t* pos_dev, int64_t n_ctx,
+                         cudaStream_t stream) {
+    if (head_dim % 2 != 0 || q_stride < n_head * head_dim || kv_stride < n_head_kv * head_dim)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "rope_kv_store_f16: head_dim {} (must be even), q_stride {}, kv_stride {}", head_dim,
+                          q_stride, kv_stride);
+    const int64_t half    = head_dim / 2;
+    const int64_t n_items = (n_head + n_head_kv) * half + n_head_kv * head_dim;
+    const int64_t total   = n_tokens * n_items;
+    if (total <= 0) return status::ok();
+    const int64_t blocks = (total + 255) / 256;
+    GPTQ_CUDA_CHECK(launch_pdl(rope_kv_store_kernel, dim3(unsigned(blocks < 65535 ? blocks : 65535)), dim3(256), 0,
+                               stream, reinterpret_cast<__half*>(q), reinterpret_cast<const __half*>(k),
+                               reinterpret_cast<const __half*>(v), q_stride, kv_stride, cos, sin, n_items, n_head,
+                               n_head_kv, half, reinterpret_cast<__half*>(cache_k), reinterpret_cast<__half*>(cache_v),
+                               pos_dev, n_ctx, total));
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
 
 status rope_f16(uint16_t* x, const float* cos, const float* sin, int64_t n_tokens, int64_t n_heads, int64_t head_dim,
                 int64_t row_stride, cudaStream_t stream) {

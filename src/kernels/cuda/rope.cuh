@@ -15,4 +15,14 @@ namespace gptq::cuda {
 status rope_f16(uint16_t* x, const float* cos, const float* sin, int64_t n_tokens, int64_t n_heads, int64_t head_dim,
                 int64_t row_stride, cudaStream_t stream);
 
+// The attention's RoPE and KV-cache append in one launch: q rotated in place; k rotated into
+// cache_k[pos + t] and v copied into cache_v[pos + t] (pos = *pos_dev, read when the kernel runs;
+// rows at or past n_ctx are not written), k and v themselves left as they are. Bit for bit rope_f16
+// on q and k, then kv_store_f16. q: [n_tokens, q_stride] ([n_head, head_dim] first), k and v:
+// [n_tokens, kv_stride] ([n_head_kv, head_dim]); caches [n_ctx, n_head_kv * head_dim] contiguous.
+status rope_kv_store_f16(uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t q_stride, int64_t kv_stride,
+                         const float* cos, const float* sin, int64_t n_tokens, int64_t n_head, int64_t n_head_kv,
+                         int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v, const int32_t* pos_dev, int64_t n_ctx,
+                         cudaStream_t stream);
+
 }  // namespace gptq::cuda

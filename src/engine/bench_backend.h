@@ -4,7 +4,7 @@
 // so wall-clock time around a call is the call's time.
 //
 // Adapters: bench_cpu.cpp (llama_model::forward_batch on the host) and bench_cuda.cpp (the GPU
-// session of engine_cuda.h, batch 1); backend_open() in bench.cpp picks one from --device.
+// session of engine_cuda.h, 1-16 sequences); backend_open() in bench.cpp picks one from --device.
 #pragma once
 
 #include <cstdint>
@@ -52,7 +52,7 @@ public:
 
 // The CPU adapter (bench_cpu.cpp): loads every layer at open; n_threads 0 = all cores.
 result<std::unique_ptr<bench_backend>> bench_backend_cpu_open(const std::string& model_path, int n_threads);
-// The CUDA adapter (bench_cuda.cpp): the GPU model of engine_cuda.h; batch 1 only so far.
+// The CUDA adapter (bench_cuda.cpp): the GPU model of engine_cuda.h; batches of 1 to 16 sequences.
 // n_ctx: the KV-cache positions to open with (the planner's context when placement is given).
 result<std::unique_ptr<bench_backend>> bench_backend_cuda_open(const std::string& model_path, const device_spec& dev,
                                                                int64_t n_ctx, const gpu_placement_flags& placement);

@@ -1,8 +1,8 @@
 // The CUDA adapter of gptq bench (bench_backend.h) over the engine's GPU session (engine_cuda.h,
 // model/llama_cuda.h). Builds without CUDA too: opening then fails with device_check's message.
-// The GPU model holds one sequence, so only batch 1 is measured on the GPU so far (bench.cpp
-// refuses larger batches up front); memory is the device bytes the model allocated (weights, KV
-// cache, activations), not a driver-level peak.
+// Batch B: B sequences in lockstep on the GPU model (llama_cuda_model::decode_batch: one KV cache
+// per sequence, every decode kernel launched once for all B, B <= 16); memory is the device bytes
+// the model allocated (weights, KV caches, activations), not a driver-level peak.
 #include <fmt/format.h>
 
 #include <string>
@@ -33,25 +33,23 @@ public:
     int         n_threads() const override { return 1; }
 
     status reset(int64_t n_seq, int64_t ctx) override {
-        if (n_seq > 1)
-            return make_error(status_code::STATUS_UNSUPPORTED,
-                              "bench: --device {} measures batch 1 only (the GPU model holds one sequence)",
-                              device_name(dev));
+        GPTQ_TRY(gpu->sequences_reserve(n_seq));
         if (ctx > n_ctx) {
             GPTQ_TRY(gpu->context_reserve(ctx));
             n_ctx = ctx;
         }
         gpu->reset();
-        logits.assign(static_cast<size_t>(gpu->n_vocab()), 0.0f);
+        logits.assign(static_cast<size_t>(n_seq * gpu->n_vocab()), 0.0f);
         return status::ok();
     }
+    // Both return once the logits are on the host.
     status prefill(const int32_t* ids, int64_t n_seq, int64_t n_tokens) override {
-        if (n_seq != 1) return make_error(status_code::STATUS_INVALID_ARGUMENT, "bench: batch {} on the GPU", n_seq);
-        return gpu->prefill(ids, n_tokens, logits.data(), /*all_logits=*/false);  // returns once logits are on the host
+        if (n_seq == 1) return gpu->prefill(ids, n_tokens, logits.data(), /*all_logits=*/false);
+        return gpu->prefill_batch(ids, n_seq, n_tokens, logits.data());
     }
     status decode_step(const int32_t* ids, int64_t n_seq) override {
-        if (n_seq != 1) return make_error(status_code::STATUS_INVALID_ARGUMENT, "bench: batch {} on the GPU", n_seq);
-        return gpu->decode(ids[0], logits.data());
+        if (n_seq == 1) return gpu->decode(ids[0], logits.data());
+        return gpu->decode_batch(ids, n_seq, logits.data());
     }
     uint64_t    memory_used() const override { return gpu->device_bytes(); }
     void        memory_reset_peak() override {}

@@ -78,6 +78,15 @@ status gpu_session::prefill(const int32_t* ids, int64_t n, float* logits, bool a
 status gpu_session::decode(int32_t id, float* logits) {
     return impl_->model->decode(id, logits);
 }
+status gpu_session::sequences_reserve(int64_t n_seq) {
+    return impl_->model->sequences_reserve(n_seq);
+}
+status gpu_session::prefill_batch(const int32_t* ids, int64_t n_seq, int64_t n, float* logits) {
+    return impl_->model->prefill_batch(ids, n_seq, n, logits);
+}
+status gpu_session::decode_batch(const int32_t* ids, int64_t n_seq, float* logits) {
+    return impl_->model->decode_batch(ids, n_seq, logits);
+}
 uint64_t gpu_session::device_bytes() const {
     const auto& m = *impl_->model;
     return m.weight_bytes() + m.cache_bytes() + m.activation_bytes() + m.staging_bytes();
@@ -180,6 +189,15 @@ status gpu_session::prefill(const int32_t*, int64_t, float*, bool) {
     return make_error(status_code::STATUS_UNSUPPORTED, "no CUDA in this build");
 }
 status gpu_session::decode(int32_t, float*) {
+    return make_error(status_code::STATUS_UNSUPPORTED, "no CUDA in this build");
+}
+status gpu_session::sequences_reserve(int64_t) {
+    return make_error(status_code::STATUS_UNSUPPORTED, "no CUDA in this build");
+}
+status gpu_session::prefill_batch(const int32_t*, int64_t, int64_t, float*) {
+    return make_error(status_code::STATUS_UNSUPPORTED, "no CUDA in this build");
+}
+status gpu_session::decode_batch(const int32_t*, int64_t, float*) {
     return make_error(status_code::STATUS_UNSUPPORTED, "no CUDA in this build");
 }
 uint64_t gpu_session::device_bytes() const {

@@ -49,8 +49,13 @@ public:
     status  context_reserve(int64_t n_ctx);  // grows the cache (resets the sequence)
     void    reset();
     // logits: [n, n_vocab] when all_logits, else the last token's [n_vocab] (F32).
-    status      prefill(const int32_t* ids, int64_t n, float* logits, bool all_logits);
-    status      decode(int32_t id, float* logits);
+    status prefill(const int32_t* ids, int64_t n, float* logits, bool all_logits);
+    status decode(int32_t id, float* logits);
+    // Several sequences in lockstep (llama_cuda_model::sequences_reserve / prefill_batch /
+    // decode_batch): logits of each sequence's last token, [n_seq, n_vocab].
+    status      sequences_reserve(int64_t n_seq);
+    status      prefill_batch(const int32_t* ids, int64_t n_seq, int64_t n, float* logits);
+    status      decode_batch(const int32_t* ids, int64_t n_seq, float* logits);
     uint64_t    device_bytes() const;   // weights + KV cache + activations + staging
     uint64_t    offload_bytes() const;  // weights offloaded to pinned host memory
     std::string describe() const;       // "cuda:0 (NVIDIA H100 ...), weights ... MiB, ..."

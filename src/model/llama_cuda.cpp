@@ -372,7 +372,7 @@ status llama_cuda_model::context_reserve(int64_t n_ctx) {
     graph_             = cuda_graph();  // the graph reads the old caches and bounds
     graph_warm_        = false;
     n_past_            = 0;
-    const size_t bytes = size_t(n_ctx) * size_t(hparams().kv_dim()) * 2;
+    const size_t bytes = size_t(n_seq_) * size_t(n_ctx) * size_t(hparams().kv_dim()) * 2;
     for (auto& L : layers_) {
         L.k_cache = cuda_buffer();
         L.v_cache = cuda_buffer();
@@ -386,7 +386,7 @@ status llama_cuda_model::context_reserve(int64_t n_ctx) {
 }
 
 uint64_t llama_cuda_model::cache_bytes() const {
-    return 2 * uint64_t(layers_.size()) * uint64_t(n_ctx_) * uint64_t(hparams().kv_dim()) * 2;
+    return 2 * uint64_t(layers_.size()) * uint64_t(n_seq_) * uint64_t(n_ctx_) * uint64_t(hparams().kv_dim()) * 2;
 }
 
 uint64_t llama_cuda_model::activation_bytes() const {
@@ -427,7 +427,7 @@ status llama_cuda_model::activations_reserve(int64_t n) {
     return status::ok();
 }
 
-status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n) {
+status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n, bool lockstep) {
     const llama_hparams& hp   = hparams();
     const int64_t        half = hp.head_dim / 2;
     for (int64_t t = 0; t < n; ++t)
@@ -436,13 +436,19 @@ status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n) {
                               hp.n_vocab);
     int32_t* hi = reinterpret_cast<int32_t*>(step_host_.data());
     std::memcpy(hi, ids, size_t(n) * 4);
-    hi[n_act_]     = static_cast<int32_t>(n_past_);      // first position
-    hi[n_act_ + 1] = static_cast<int32_t>(n_past_ + n);  // key count after this call
-    // RoPE rows for these positions, exactly as the CPU computes them (dynamic scaling included).
-    const std::vector<float> inv_freq = llama_rope_inv_freq(hp, n_past_ + n);
+    const int64_t n_pos = lockstep ? 1 : n;                       // positions this call adds to each sequence
+    hi[n_act_]          = static_cast<int32_t>(n_past_);          // first position
+    hi[n_act_ + 1]      = static_cast<int32_t>(n_past_ + n_pos);  // key count after this call
+    // RoPE rows for these positions, exactly as the CPU computes them (dynamic scaling included);
+    // in lockstep every token is at n_past: row 0 repeated.
+    const std::vector<float> inv_freq = llama_rope_inv_freq(hp, n_past_ + n_pos);
     float*                   cos      = reinterpret_cast<float*>(step_host_.data() + step_rope_offset_);
     float*                   sin      = cos + n_act_ * half;
-    op_rope_tables(inv_freq.data(), half, n_past_, n, 1.0f, cos, sin);
+    op_rope_tables(inv_freq.data(), half, n_past_, n_pos, 1.0f, cos, sin);
+    for (int64_t t = n_pos; t < n; ++t) {
+        std::memcpy(cos + t * half, cos, size_t(half) * 4);
+        std::memcpy(sin + t * half, sin, size_t(half) * 4);
+    }
     // One copy for ids + counters, one for the RoPE rows actually used.
     GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.data(), step_host_.data(), size_t(n_act_ + 2) * 4));
     GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.as<uint8_t>() + step_rope_offset_, cos, size_t(n * half) * 4));
@@ -458,7 +464,7 @@ status llama_cuda_model::linear_forward(const linear& l, const uint16_t* x, uint
     return status::ok();
 }
 
-status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool device_count) {
+status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool device_count, int64_t seq, bool lockstep) {
     const llama_hparams& hp     = hparams();
     const int64_t        n_embd = hp.n_embd, q_dim = hp.q_dim(), kv_dim = hp.kv_dim(), hd = hp.head_dim, half = hd / 2;
     cuda_context&        c      = *ctx_;
@@ -517,14 +523,18 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
             GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_V), x, v, n));
             GPTQ_TRY(prof_mark("linear_v"));
         }
-        // RoPE on q (in place) and k, k and v into the cache: one launch.
-        GPTQ_TRY(op_cuda_rope_kv_store(c, qh, kh, vh, q_stride, kv_stride, cos, sin, n, hp.n_head, hp.n_head_kv, hd,
-                                       ly.k_cache.as<uint16_t>(), ly.v_cache.as<uint16_t>(), pos, n_ctx_));
+        // RoPE on q (in place) and k, k and v into the cache: one launch. Sequence s's cache starts
+        // s * seq_stride elements into the layer's; in lockstep token t is sequence t's, at n_past.
+        const int64_t seq_stride = n_ctx_ * kv_dim;
+        uint16_t*     kc         = ly.k_cache.as<uint16_t>() + seq * seq_stride;
+        uint16_t*     vc         = ly.v_cache.as<uint16_t>() + seq * seq_stride;
+        GPTQ_TRY(op_cuda_rope_kv_store(c, qh, kh, vh, q_stride, kv_stride, cos, sin, n, hp.n_head, hp.n_head_kv, hd, kc,
+                                       vc, pos, n_ctx_, lockstep ? 0 : 1, lockstep ? seq_stride : 0));
         GPTQ_TRY(prof_mark("rope_kv_store"));
         cuda_attention_args a;
         a.q          = qh;
-        a.k          = ly.k_cache.as<uint16_t>();
-        a.v          = ly.v_cache.as<uint16_t>();
+        a.k          = kc;
+        a.v          = vc;
         a.out        = x;  // x is free again: [n, q_dim]
         a.n_q        = n;
         a.n_head     = hp.n_head;
@@ -535,12 +545,13 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
         a.q_stride   = q_stride;
         a.out_stride = q_dim;
         a.kv_stride  = kv_dim;
+        if (lockstep) a.kv_seq_stride = seq_stride;
         if (device_count) {  // the bound sizes grid and workspace; the count is read when it runs
             a.n_kv     = n_ctx_;
             a.q_pos0   = 0;
             a.n_kv_dev = n_kv;
         } else {
-            a.n_kv   = n_past_ + n;
+            a.n_kv   = n_past_ + (lockstep ? 1 : n);
             a.q_pos0 = n_past_;
         }
         GPTQ_TRY(op_cuda_attention(c, a));
@@ -642,39 +653,84 @@ status llama_cuda_model::prefill(const int32_t* ids, int64_t n, float* logits, b
 }
 
 status llama_cuda_model::decode(int32_t id, float* logits) {
+    return decode_tokens(&id, 1, logits);
+}
+
+status llama_cuda_model::sequences_reserve(int64_t n_seq) {
+    constexpr int64_t k_max_seq = 16;  // the decode attention kernel's queries per launch
+    if (n_seq < 1 || n_seq > k_max_seq)
+        return make_error(E_ARG, "{} sequences on the GPU: 1 to {} are supported", n_seq, k_max_seq);
+    if (n_seq <= n_seq_) return status::ok();
+    const int64_t n_ctx = n_ctx_;
+    n_seq_              = n_seq;
+    n_ctx_              = 0;  // context_reserve reallocates every cache at the new size
+    return context_reserve(n_ctx);
+}
+
+status llama_cuda_model::prefill_batch(const int32_t* ids, int64_t n_seq, int64_t n, float* logits) {
+    if (n_seq < 1 || n_seq > n_seq_)
+        return make_error(E_ARG, "prefill of {} sequences with room for {} (sequences_reserve)", n_seq, n_seq_);
+    if (n <= 0) return make_error(E_ARG, "prefill of {} tokens, expected at least 1", n);
+    if (n_past_ + n > n_ctx_)
+        return make_error(E_ARG, "{} tokens after {} cached ones exceed the GPU cache's {} positions", n, n_past_,
+                          n_ctx_);
+    GPTQ_TRY(activations_reserve(n));
+    const int64_t n_vocab = hparams().n_vocab;
+    for (int64_t s = 0; s < n_seq; ++s) {  // each prompt through the prefill kernels into its own cache
+        GPTQ_TRY(step_inputs_upload(ids + s * n, n));
+        GPTQ_TRY(forward_queued(n, 1, /*device_count=*/false, s));
+        GPTQ_TRY(logits_download(1, logits + s * n_vocab));
+    }
+    n_past_ += n;
+    return status::ok();
+}
+
+status llama_cuda_model::decode_batch(const int32_t* ids, int64_t n_seq, float* logits) {
+    if (n_seq < 1 || n_seq > n_seq_)
+        return make_error(E_ARG, "decode of {} sequences with room for {} (sequences_reserve)", n_seq, n_seq_);
+    return decode_tokens(ids, n_seq, logits);
+}
+
+status llama_cuda_model::decode_tokens(const int32_t* ids, int64_t n, float* logits) {
     if (n_past_ + 1 > n_ctx_)
         return make_error(E_ARG, "a token after {} cached ones exceeds the GPU cache's {} positions", n_past_, n_ctx_);
-    GPTQ_TRY(activations_reserve(1));
+    const bool lockstep = n > 1;
+    GPTQ_TRY(activations_reserve(n));
     if (prof_on_) {  // uncaptured, with the kernels of the path profiling is off (graph: device count)
         GPTQ_TRY(prof_begin());
-        GPTQ_TRY(step_inputs_upload(&id, 1));
+        GPTQ_TRY(step_inputs_upload(ids, n, lockstep));
         GPTQ_TRY(prof_mark("step_inputs"));
-        GPTQ_TRY(forward_queued(1, 1, /*device_count=*/opts_.graph));
-        GPTQ_TRY(logits_download(1, logits));
+        GPTQ_TRY(forward_queued(n, n, /*device_count=*/opts_.graph, 0, lockstep));
+        GPTQ_TRY(logits_download(n, logits));
         GPTQ_TRY(prof_mark("logits_copy"));
-        GPTQ_TRY(prof_end(&prof_decode_, 1));
+        GPTQ_TRY(prof_end(&prof_decode_, n));
         n_past_ += 1;
         return status::ok();
     }
-    GPTQ_TRY(step_inputs_upload(&id, 1));
+    GPTQ_TRY(step_inputs_upload(ids, n, lockstep));
     if (!opts_.graph) {
-        GPTQ_TRY(forward_queued(1, 1, false));
+        GPTQ_TRY(forward_queued(n, n, false, 0, lockstep));
     } else {
-        // A reallocated scratch (a larger prefill since) leaves the graph pointing at freed memory.
+        // A reallocated scratch (a larger prefill since) leaves the graph pointing at freed memory;
+        // a graph is for one step size.
         GPTQ_ASSIGN_OR_RETURN(void* scratch, ctx_->scratch(0));
         GPTQ_ASSIGN_OR_RETURN(void* zeroed, ctx_->zeroed_workspace(0));
-        if (!graph_.empty() && (scratch != graph_scratch_ || zeroed != graph_zeroed_)) {
+        if ((!graph_.empty() || graph_warm_) &&
+            (scratch != graph_scratch_ || zeroed != graph_zeroed_ || n != graph_n_)) {
             graph_      = cuda_graph();
             graph_warm_ = false;
         }
         if (graph_.empty() && !graph_warm_) {
             // Warm-up: the same ops uncaptured, which sizes the scratch (nothing may allocate later).
-            GPTQ_TRY(forward_queued(1, 1, true));
+            GPTQ_TRY(forward_queued(n, n, true, 0, lockstep));
             graph_warm_ = true;
+            graph_n_    = n;
+            GPTQ_ASSIGN_OR_RETURN(graph_scratch_, ctx_->scratch(0));
+            GPTQ_ASSIGN_OR_RETURN(graph_zeroed_, ctx_->zeroed_workspace(0));
         } else {
             if (graph_.empty()) {
                 GPTQ_TRY(cuda_graph::capture_begin(*ctx_));
-                const status st = forward_queued(1, 1, true);
+                const status st = forward_queued(n, n, true, 0, lockstep);
                 auto         g  = cuda_graph::capture_end(*ctx_, st.is_ok());
                 GPTQ_TRY(st);
                 if (!g) return g.error();
@@ -686,7 +742,7 @@ status llama_cuda_model::decode(int32_t id, float* logits) {
             ++graph_replays_;
         }
     }
-    GPTQ_TRY(logits_download(1, logits));
+    GPTQ_TRY(logits_download(n, logits));
     n_past_ += 1;
     return status::ok();
 }

@@ -87,6 +87,18 @@ public:
     // One token at position n_past (a CUDA graph replay once warm, when options.graph); logits [n_vocab].
     status decode(int32_t id, float* logits);
 
+    // Batched decode: n_seq sequences advancing in lockstep (all at the same position n_past), each
+    // with its own KV cache of n_ctx positions. sequences_reserve makes room for n_seq (1..16;
+    // reallocates the caches when larger, which resets); the single-sequence calls above use
+    // sequence 0. prefill_batch: ids[n_seq * n], row s the n prompt tokens of sequence s; logits of
+    // each row's last token, [n_seq, n_vocab]. decode_batch: one token per sequence, logits
+    // [n_seq, n_vocab]; one launch of every kernel for all of them (the GEMVs see m = n_seq), a CUDA
+    // graph per n_seq as for decode.
+    status  sequences_reserve(int64_t n_seq);
+    int64_t n_seq() const { return n_seq_; }
+    status  prefill_batch(const int32_t* ids, int64_t n_seq, int64_t n, float* logits);
+    status  decode_batch(const int32_t* ids, int64_t n_seq, float* logits);
+
     // Device memory held: weights, KV cache, activations + step inputs, the context's scratch.
     uint64_t weight_bytes() const { return weight_bytes_; }    // resident on the GPU
     uint64_t offload_bytes() const { return offload_bytes_; }  // offloaded: in pinned host memory
@@ -140,10 +152,14 @@ private:
     // x_permuted: x is already in l's act-order column order (see op_cuda_gptq_linear).
     status linear_forward(const linear& l, const uint16_t* x, uint16_t* y, int64_t n, bool x_permuted = false);
     // Upload ids, positions and the RoPE rows of the n tokens at n_past (one copy).
-    status step_inputs_upload(const int32_t* ids, int64_t n);
+    // lockstep: the n tokens are one per sequence, all at position n_past (batched decode).
+    status step_inputs_upload(const int32_t* ids, int64_t n, bool lockstep = false);
     // The whole forward pass on the uploaded inputs; logits of rows [n - n_out_rows, n) to logits_.
     // device_count: attention reads the key count from the step inputs (graph-safe decode).
-    status forward_queued(int64_t n, int64_t n_out_rows, bool device_count);
+    // seq: the sequence whose cache a plain pass uses; lockstep: token t belongs to sequence t.
+    status forward_queued(int64_t n, int64_t n_out_rows, bool device_count, int64_t seq = 0, bool lockstep = false);
+    // decode / decode_batch: n tokens (one per sequence when n > 1).
+    status decode_tokens(const int32_t* ids, int64_t n, float* logits);
     status logits_download(int64_t n_rows, float* logits);
     // Profiling (no-ops when off): prof_begin clears the timeline and marks the start; prof_mark
     // marks the end of op `op`; prof_end waits for the last mark and adds the intervals to *p.
@@ -175,6 +191,7 @@ private:
     std::unique_ptr<cuda_context> ctx_;
     llama_cuda_options            opts_;
     int64_t                       n_ctx_ = 0, n_past_ = 0;
+    int64_t                       n_seq_ = 1;  // KV caches: [n_seq_][n_ctx_][kv_dim] per layer
     std::vector<layer>            layers_;
     cuda_buffer                   embed_, norm_, lm_head_;  // [n_vocab, n_embd], [n_embd], lm_head or empty (tied)
     uint64_t                      weight_bytes_ = 0;
@@ -203,6 +220,7 @@ private:
     void*      graph_scratch_ = nullptr;  // the context's scratch and zeroed workspace when the graph
     void*      graph_zeroed_  = nullptr;  // was captured (a reallocation since means capturing again)
     int64_t    graph_replays_ = 0;
+    int64_t    graph_n_       = 0;  // tokens per step of the captured graph (decode_batch's n_seq)
     int64_t    n_gptq_fast_ = 0, n_gptq_generic_ = 0, n_fused_ = 0;
     bool       any_qkv_fused_ = false, any_gate_up_fused_ = false;  // activation sizes
 

@@ -202,7 +202,8 @@ status op_cuda_add_rms_norm(cuda_context& ctx, uint16_t* h, const uint16_t* add,
 status op_cuda_rope_kv_store(cuda_context& ctx, uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t q_stride,
                              int64_t kv_stride, const float* cos, const float* sin, int64_t n_tokens, int64_t n_head,
                              int64_t n_head_kv, int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v,
-                             const int32_t* pos_dev, int64_t n_ctx);
+                             const int32_t* pos_dev, int64_t n_ctx, int64_t tok_pos_step = 1,
+                             int64_t tok_cache_stride = 0);
 status op_cuda_add(cuda_context& ctx, uint16_t* x, const uint16_t* y, int64_t n);  // x += y
 // x[r, :n] += bias[:n] for r < n_rows; x: [n_rows, n] contiguous.
 status op_cuda_add_bias(cuda_context& ctx, uint16_t* x, const uint16_t* bias, int64_t n_rows, int64_t n);
@@ -228,6 +229,9 @@ struct cuda_attention_args {
     // When set: the key count is read from this device I32 when the kernel runs, the queries are the
     // last n_q positions, and n_kv is only the upper bound (grid and workspace). Decode kernel only.
     const int32_t* n_kv_dev = nullptr;
+    // > 0: one query per sequence, each in its own cache at k/v + i * kv_seq_stride (batched decode;
+    // kernels/cuda/attention.cuh). Decode kernel only (n_q <= 16).
+    int64_t kv_seq_stride = 0;
 };
 // Decode kernel (split over the KV length) for n_q <= 16, the tiled prefill kernel otherwise.
 status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a);

@@ -234,6 +234,85 @@ TEST(llama_cuda, reset_and_prefill_after_decode) {
     EXPECT_FALSE((*m)->prefill(&bad, 1, big.data()).is_ok());  // id outside the vocabulary
 }
 
+// ---- batched decode: sequences in lockstep ------------------------------------------------------
+
+// B sequences with different prompts through prefill_batch and decode_batch (graph on or off)
+// against each sequence run alone on a single-sequence model: the same kernels except the
+// attention split (it depends on the query count) and the GEMMs' m, so the bound is the
+// summation-order one.
+void check_batched(const std::string& dir, int64_t n_seq, bool graph) {
+    auto host = llama_model::open(dir);
+    ASSERT_TRUE(host.is_ok()) << host.error().message();
+    const int64_t V = (*host)->hparams().n_vocab, P = 12, D = 5;
+    const auto    base  = test_ids(P + D, V);
+    auto          id_of = [&](int64_t s, int64_t t) { return int32_t((base[size_t(t)] + 7 * s + 3 * t * s) % V); };
+    std::vector<int32_t> prompts(size_t(n_seq * P)), steps(size_t(n_seq * D));
+    for (int64_t s = 0; s < n_seq; ++s) {
+        for (int64_t t = 0; t < P; ++t) prompts[size_t(s * P + t)] = id_of(s, t);
+        for (int64_t j = 0; j < D; ++j) steps[size_t(j * n_seq + s)] = id_of(s, P + j);
+    }
+    llama_cuda_options o;
+    o.graph = graph;
+    o.n_ctx = 32;
+    // Alone: [s][1 + D][V] (the prompt's last row, then each step).
+    std::vector<float> alone(size_t(n_seq * (1 + D) * V));
+    {
+        auto m = llama_cuda_model::open(dir, o);
+        ASSERT_TRUE(m.is_ok()) << m.error().message();
+        for (int64_t s = 0; s < n_seq; ++s) {
+            (*m)->reset();
+            float* out = alone.data() + s * (1 + D) * V;
+            GPTQ_EXPECT_OK((*m)->prefill(prompts.data() + s * P, P, out, /*all_logits=*/false));
+            for (int64_t j = 0; j < D; ++j)
+                GPTQ_EXPECT_OK((*m)->decode(steps[size_t(j * n_seq + s)], out + (1 + j) * V));
+        }
+    }
+    auto m = llama_cuda_model::open(dir, o);
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    GPTQ_EXPECT_OK((*m)->sequences_reserve(n_seq));
+    EXPECT_EQ((*m)->n_seq(), n_seq);
+    std::vector<float> got(size_t(n_seq * V));
+    GPTQ_EXPECT_OK((*m)->prefill_batch(prompts.data(), n_seq, P, got.data()));
+    for (int64_t s = 0; s < n_seq; ++s)
+        EXPECT_LE(row_rel_error(got.data() + s * V, alone.data() + s * (1 + D) * V, V), k_graph_rel_tol)
+            << dir << " prefill, sequence " << s << " of " << n_seq;
+    for (int64_t j = 0; j < D; ++j) {
+        GPTQ_EXPECT_OK((*m)->decode_batch(steps.data() + j * n_seq, n_seq, got.data()));
+        for (int64_t s = 0; s < n_seq; ++s)
+            EXPECT_LE(row_rel_error(got.data() + s * V, alone.data() + (s * (1 + D) + 1 + j) * V, V), k_graph_rel_tol)
+                << dir << " decode step " << j << ", sequence " << s << " of " << n_seq << (graph ? " (graph)" : "");
+    }
+    EXPECT_EQ((*m)->n_past(), P + D);
+    if (graph) EXPECT_EQ((*m)->graph_replays(), D - 1);
+}
+
+TEST(llama_cuda, batched_decode_matches_sequences_alone) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const std::string data = source_dir() + "/tests/data/model/";
+    check_batched(source_dir() + "/models/tiny-llama", 3, true);
+    check_batched(source_dir() + "/models/tiny-llama", 16, false);
+    check_batched(data + "rand-qwen2", 4, true);    // q/k/v biases, a sliding-window layer, GQA
+    check_batched(data + "rand-dynamic", 2, true);  // RoPE tables depend on the length
+    check_batched(gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq"), 5, true);     // int4, act-order orders
+    check_batched(gptq_checkpoint("w3g32-asym", 3, 32, false, false, "rtn"), 3, false);  // generic kernel
+}
+
+TEST(llama_cuda, batched_decode_rejects_bad_counts) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    auto m = llama_cuda_model::open(source_dir() + "/tests/data/model/rand-qwen2");
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    EXPECT_FALSE((*m)->sequences_reserve(0).is_ok());
+    const status st = (*m)->sequences_reserve(17);
+    EXPECT_FALSE(st.is_ok());
+    EXPECT_NE(st.message().find("17 sequences"), std::string::npos) << st.message();
+    GPTQ_EXPECT_OK((*m)->sequences_reserve(2));
+    const int64_t        V = (*m)->hparams().n_vocab;
+    std::vector<int32_t> ids(8, 1);
+    std::vector<float>   out(size_t(3 * V));
+    EXPECT_FALSE((*m)->prefill_batch(ids.data(), 3, 2, out.data()).is_ok());  // room for 2
+    EXPECT_FALSE((*m)->decode_batch(ids.data(), 3, out.data()).is_ok());
+}
+
 // ---- op-level timing (set_profile_ops) ----------------------------------------------------------
 
 struct profiled_run {
@@ -289,11 +368,11 @@ const llama_op_time* find_op(const llama_op_profile& p, const std::string& op) {
 void check_profile(const llama_op_profile& p, const llama_hparams& hp, int64_t passes, int64_t n_stage, bool fused,
                    const std::string& what) {
     EXPECT_EQ(p.passes, passes) << what;
-    const int64_t                                L    = hp.n_layer;
+    const int64_t L = hp.n_layer;
     // Residual adds are folded into the norm after them (add_rms_norm); the first norm has none.
     std::vector<std::pair<std::string, int64_t>> want = {
-        {"step_inputs", 1}, {"embedding", 1},   {"rms_norm", 1},    {"add_rms_norm", 2 * L},
-        {"rope_kv_store", L}, {"attention", L}, {"linear_o", L},    {"silu_mul", L},
+        {"step_inputs", 1},   {"embedding", 1}, {"rms_norm", 1},   {"add_rms_norm", 2 * L},
+        {"rope_kv_store", L}, {"attention", L}, {"linear_o", L},   {"silu_mul", L},
         {"linear_down", L},   {"lm_head", 1},   {"logits_copy", 1}};
     if (fused) {
         want.push_back({"linear_qkv", L});

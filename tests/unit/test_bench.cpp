@@ -107,12 +107,12 @@ TEST_F(Bench, BadArguments) {
         // No GPU in the test environment (CPU builds: no CUDA at all): both say so and point to cpu.
         {"cuda", [](bench_params& p) { p.device = "cuda"; }, "use --device cpu"},
         {"cuda:1", [](bench_params& p) { p.device = "cuda:1"; }, "use --device cpu"},
-        {"cuda batch 4",
+        {"cuda batch 32",
          [](bench_params& p) {
              p.device  = "cuda";
-             p.batches = {1, 4};
+             p.batches = {1, 4, 32};
          },
-         "--batch 4 on --device cuda:0: the GPU model runs batch 1 only"},
+         "--batch 32 on --device cuda:0: the GPU model runs up to 16 sequences"},
         {"device", [](bench_params& p) { p.device = "tpu"; }, "'tpu'"},
         {"batch 0",
          [](bench_params& p) {

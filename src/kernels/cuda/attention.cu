@@ -40,7 +40,8 @@ struct dev_params {
     int64_t        n_q, n_kv, q_pos0, n_head, group, head_dim, window;
     float          scale;
     int64_t        q_stride, kv_stride, out_stride;
-    const int32_t* n_kv_dev;  // decode: run-time key count (attention_params::n_kv_dev), or nullptr
+    const int32_t* n_kv_dev;       // decode: run-time key count (attention_params::n_kv_dev), or nullptr
+    int64_t        kv_seq_stride;  // decode: > 0, one query per sequence (attention_params::kv_seq_stride)
 };
 
 __device__ inline bool visible(int64_t pos, int64_t j, int64_t window) {
@@ -304,11 +305,14 @@ __global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, 
     const int     lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int64_t D = p.head_dim, n_pairs = D / 2;
     // The key count and the first query position, from device memory when a graph replays this.
-    const int64_t n_kv   = p.n_kv_dev ? int64_t(*p.n_kv_dev) : p.n_kv;
-    const int64_t q_pos0 = p.n_kv_dev ? n_kv - p.n_q : p.q_pos0;
-    const int64_t pos    = q_pos0 + qi;
-    const int64_t end    = pos + 1 < n_kv ? pos + 1 : n_kv;
-    int64_t       begin  = p.window > 0 ? pos - p.window + 1 : 0;
+    const bool    per_seq = p.kv_seq_stride > 0;  // query qi: the last position of sequence qi's cache
+    const int64_t n_kv    = p.n_kv_dev ? int64_t(*p.n_kv_dev) : p.n_kv;
+    const int64_t q_pos0  = p.n_kv_dev ? n_kv - (per_seq ? 1 : p.n_q) : p.q_pos0;
+    const int64_t pos     = q_pos0 + (per_seq ? 0 : qi);
+    const __half* kbase   = p.k + (per_seq ? qi * p.kv_seq_stride : 0);
+    const __half* vbase   = p.v + (per_seq ? qi * p.kv_seq_stride : 0);
+    const int64_t end     = pos + 1 < n_kv ? pos + 1 : n_kv;
+    int64_t       begin   = p.window > 0 ? pos - p.window + 1 : 0;
     if (begin < 0) begin = 0;
     const int64_t chunk = (n_kv + n_splits - 1) / n_splits;
     int64_t       c0 = split * chunk, c1 = c0 + chunk;
@@ -335,8 +339,8 @@ __global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, 
         for (int u = 0; u < k_dec_keys; ++u) {
             const int64_t  j    = j0 + int64_t(u) * k_dec_warps;
             const int64_t  jj   = j < c1 ? j : j0;  // a valid row; its score is masked below
-            const __half2* krow = reinterpret_cast<const __half2*>(p.k + jj * p.kv_stride + hk * D);
-            const __half2* vrow = reinterpret_cast<const __half2*>(p.v + jj * p.kv_stride + hk * D);
+            const __half2* krow = reinterpret_cast<const __half2*>(kbase + jj * p.kv_stride + hk * D);
+            const __half2* vrow = reinterpret_cast<const __half2*>(vbase + jj * p.kv_stride + hk * D);
 #pragma unroll
             for (int t = 0; t < k_dec_pairs; ++t) {
                 const int64_t pi = lane + 32 * t;
@@ -449,7 +453,9 @@ status check_params(const attention_params& a, const char* who) {
     if (a.n_head <= 0) return bad("n_head", a.n_head);
     if (a.n_head_kv <= 0 || a.n_head % a.n_head_kv != 0) return bad("n_head_kv", a.n_head_kv);
     if (a.head_dim <= 0 || a.head_dim % 2 != 0 || a.head_dim > k_max_dim) return bad("head_dim", a.head_dim);
-    if (a.q_pos0 < 0 || a.q_pos0 + a.n_q > a.n_kv) return bad("q_pos0 + n_q (> n_kv)", a.q_pos0 + a.n_q);
+    if (a.kv_seq_stride < 0) return bad("kv_seq_stride", a.kv_seq_stride);
+    const int64_t n_q_seq = a.kv_seq_stride > 0 ? 1 : a.n_q;  // queries per cache
+    if (a.q_pos0 < 0 || a.q_pos0 + n_q_seq > a.n_kv) return bad("q_pos0 + n_q (> n_kv)", a.q_pos0 + n_q_seq);
     if (a.q_stride < a.n_head * a.head_dim) return bad("q_stride", a.q_stride);
     if (a.kv_stride < a.n_head_kv * a.head_dim) return bad("kv_stride", a.kv_stride);
     if (a.out_stride < a.n_head * a.head_dim) return bad("out_stride", a.out_stride);
@@ -473,7 +479,8 @@ dev_params to_dev(const attention_params& a) {
                       a.q_stride,
                       a.kv_stride,
                       a.out_stride,
-                      a.n_kv_dev};
+                      a.n_kv_dev,
+                      a.kv_seq_stride};
 }
 
 bool& force_cuda_cores_flag() {
@@ -492,9 +499,10 @@ void attention_prefill_force_cuda_cores(bool on) {
 
 status attention_prefill_f16(const attention_params& a, cudaStream_t stream) {
     GPTQ_TRY(check_params(a, "attention_prefill_f16"));
-    if (a.n_kv_dev)
+    if (a.n_kv_dev || a.kv_seq_stride)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
-                          "attention_prefill_f16: a device key count (n_kv_dev) is for the decode kernel only");
+                          "attention_prefill_f16: a device key count (n_kv_dev) and one query per sequence "
+                          "(kv_seq_stride) are for the decode kernel only");
     if (a.n_q == 0) return status::ok();
     const int64_t D = a.head_dim;
     // Tensor cores for the shapes they are written for (half2 loads: even strides, aligned bases).

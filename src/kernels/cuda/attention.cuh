@@ -28,6 +28,10 @@ struct attention_params {
     // which sizes the grid and the workspace. A captured CUDA graph can so be replayed as the KV
     // cache grows. The prefill kernel rejects it.
     const int32_t* n_kv_dev = nullptr;
+    // Decode only: when > 0, the queries are n_q sequences advancing in lockstep (batched decode):
+    // query i is at position q_pos0 (with n_kv_dev: *n_kv_dev - 1) of its own cache, whose keys and
+    // values start at k + i * kv_seq_stride and v + i * kv_seq_stride (elements). 0: one sequence.
+    int64_t kv_seq_stride = 0;
 };
 
 // Checks the shape (returns INVALID_ARGUMENT naming the field) and runs the prefill kernel: the

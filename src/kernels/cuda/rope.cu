@@ -30,13 +30,14 @@ __global__ void rope_kernel(__half* x, const float* cos, const float* sin, int64
 __global__ void rope_kv_store_kernel(__half* q, const __half* k, const __half* v, int64_t q_stride, int64_t kv_stride,
                                      const float* cos, const float* sin, int64_t n_items, int64_t n_head,
                                      int64_t n_head_kv, int64_t half, __half* cache_k, __half* cache_v,
-                                     const int32_t* pos_dev, int64_t n_ctx, int64_t total) {
+                                     const int32_t* pos_dev, int64_t n_ctx, int64_t total, int64_t tok_pos_step,
+                                     int64_t tok_cache_stride) {
     pdl_launch_dependents();
     pdl_wait();  // q, k, v come from the projection before
     const int64_t kv_dim = n_head_kv * 2 * half, nq = n_head * half, nk = n_head_kv * half;
     const int64_t pos = int64_t(*pos_dev);
     for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < total; p += int64_t(gridDim.x) * blockDim.x) {
-        const int64_t t = p / n_items, it = p % n_items, row = pos + t;
+        const int64_t t = p / n_items, it = p % n_items, row = pos + t * tok_pos_step, cofs = t * tok_cache_stride;
         const bool    store = row >= 0 && row < n_ctx;
         if (it < nq + nk) {
             const bool    is_q = it < nq;
@@ -51,13 +52,13 @@ __global__ void rope_kv_store_kernel(__half* q, const __half* k, const __half* v
                 dst[i]        = lo;
                 dst[i + half] = hi;
             } else if (store) {
-                __half* dst   = cache_k + row * kv_dim + hh * 2 * half;
+                __half* dst   = cache_k + cofs + row * kv_dim + hh * 2 * half;
                 dst[i]        = lo;
                 dst[i + half] = hi;
             }
         } else if (store) {
-            const int64_t i           = it - nq - nk;
-            cache_v[row * kv_dim + i] = v[t * kv_stride + i];
+            const int64_t i                  = it - nq - nk;
+            cache_v[cofs + row * kv_dim + i] = v[t * kv_stride + i];
         }
     }
 }
@@ -67,7 +68,7 @@ __global__ void rope_kv_store_kernel(__half* q, const __half* k, const __half* v
 status rope_kv_store_f16(uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t q_stride, int64_t kv_stride,
                          const float* cos, const float* sin, int64_t n_tokens, int64_t n_head, int64_t n_head_kv,
                          int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v, const int32_t* pos_dev, int64_t n_ctx,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, int64_t tok_pos_step, int64_t tok_cache_stride) {
     if (head_dim % 2 != 0 || q_stride < n_head * head_dim || kv_stride < n_head_kv * head_dim)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
                           "rope_kv_store_f16: head_dim {} (must be even), q_stride {}, kv_stride {}", head_dim,
@@ -81,7 +82,7 @@ status rope_kv_store_f16(uint16_t* q, const uint16_t* k, const uint16_t* v, int6
                                stream, reinterpret_cast<__half*>(q), reinterpret_cast<const __half*>(k),
                                reinterpret_cast<const __half*>(v), q_stride, kv_stride, cos, sin, n_items, n_head,
                                n_head_kv, half, reinterpret_cast<__half*>(cache_k), reinterpret_cast<__half*>(cache_v),
-                               pos_dev, n_ctx, total));
+                               pos_dev, n_ctx, total, tok_pos_step, tok_cache_stride));
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }

@@ -5,6 +5,7 @@
 // the model allocated (weights, KV caches, activations), not a driver-level peak.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <string>
 #include <vector>
 
@@ -33,13 +34,13 @@ public:
     int         n_threads() const override { return 1; }
 
     status reset(int64_t n_seq, int64_t ctx) override {
-        GPTQ_TRY(gpu->sequences_reserve(n_seq));
+        if (n_seq >= 1) GPTQ_TRY(gpu->sequences_reserve(n_seq));  // 0: between rows, keep what is there
         if (ctx > n_ctx) {
             GPTQ_TRY(gpu->context_reserve(ctx));
             n_ctx = ctx;
         }
         gpu->reset();
-        logits.assign(static_cast<size_t>(n_seq * gpu->n_vocab()), 0.0f);
+        logits.assign(static_cast<size_t>(std::max<int64_t>(n_seq, 1) * gpu->n_vocab()), 0.0f);
         return status::ok();
     }
     // Both return once the logits are on the host.

@@ -76,7 +76,7 @@ bool gptq_linear_present(const tensor_source& src, const std::string& module) {
 }
 
 result<gptq_linear_data> gptq_linear_read(const tensor_source& src, const std::string& module, int64_t n_out,
-                                          int64_t n_in, const gptq_config& cfg) {
+                                          int64_t n_in, const gptq_config& cfg, bool keep_packed) {
     if (cfg.format == gptq_checkpoint_format::GPTQ_FORMAT_MARLIN)
         return make_error(status_code::STATUS_UNSUPPORTED,
                           "{}: checkpoint_format 'marlin' is not supported for loading", cfg.source);
@@ -124,8 +124,12 @@ result<gptq_linear_data> gptq_linear_read(const tensor_source& src, const std::s
                                                          {gptq_packed_words(n_in, bits), n_out}));
     std::vector<int32_t> words(static_cast<size_t>(qw.info->numel()));
     qw.file->copy_to(*qw.info, words.data());
-    d.codes.resize(static_cast<size_t>(n_out * n_in));
-    gptq_unpack_qweight(words.data(), n_out, n_in, bits, d.codes.data());
+    if (keep_packed) {
+        d.qweight = std::move(words);
+    } else {
+        d.codes.resize(static_cast<size_t>(n_out * n_in));
+        gptq_unpack_qweight(words.data(), n_out, n_in, bits, d.codes.data());
+    }
 
     GPTQ_ASSIGN_OR_RETURN(tensor_entry qz, expect_tensor(src, module + ".qzeros", dtype::DTYPE_I32,
                                                          {d.n_groups, gptq_packed_words(n_out, bits)}));

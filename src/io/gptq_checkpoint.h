@@ -18,11 +18,12 @@ namespace gptq {
 struct gptq_linear_data {
     int64_t               n_out = 0, n_in = 0, n_groups = 0;
     int                   bits = 4;
-    std::vector<uint8_t>  codes;   // [n_out, n_in]
-    std::vector<int32_t>  zeros;   // [n_groups, n_out], the real zero point (v1 +1 already applied)
-    std::vector<uint16_t> scales;  // [n_groups, n_out] F16 bits
-    std::vector<int32_t>  g_idx;   // [n_in]
-    std::vector<uint16_t> bias;    // [n_out] F16 bits, or empty
+    std::vector<uint8_t>  codes;    // [n_out, n_in] (empty when read with keep_packed)
+    std::vector<int32_t>  qweight;  // keep_packed: the file's packed words [n_in * bits / 32, n_out]
+    std::vector<int32_t>  zeros;    // [n_groups, n_out], the real zero point (v1 +1 already applied)
+    std::vector<uint16_t> scales;   // [n_groups, n_out] F16 bits
+    std::vector<int32_t>  g_idx;    // [n_in]
+    std::vector<uint16_t> bias;     // [n_out] F16 bits, or empty
 
     // w[n_out, n_in] = scale[g_idx[k], n] * (code[n, k] - zero[g_idx[k], n]), in F32.
     void dequantize(float* w) const;
@@ -39,8 +40,10 @@ status gptq_linear_write(safetensors_writer& w, const std::string& module, const
 // Read and unpack a module's tensors, checking every shape against (n_out, n_in) and the config's
 // bits, and every g_idx value against the group count. With format v1 and sym, a checkpoint whose
 // zero fields all hold 2^(b-1) (the v2 value) is recognised as mislabelled v2 (format.md 1.4).
+// keep_packed: qweight keeps the file's packed words and codes stays empty (a reader that uploads
+// the packed form as it is, the GPU model, skips unpacking and packing every weight again).
 result<gptq_linear_data> gptq_linear_read(const tensor_source& src, const std::string& module, int64_t n_out,
-                                          int64_t n_in, const gptq_config& cfg);
+                                          int64_t n_in, const gptq_config& cfg, bool keep_packed = false);
 
 // True when the checkpoint holds `<module>.qweight`.
 bool gptq_linear_present(const tensor_source& src, const std::string& module);

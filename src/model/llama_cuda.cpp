@@ -75,6 +75,17 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
 status llama_cuda_model::tensor_upload_f16(const tensor_spec& t, cuda_buffer* out) {
     int64_t n = 1;
     for (int64_t d : t.shape) n *= d;
+    // Stored as F16 with the expected shape: the bytes as they are (checked finite), without the
+    // F32 round trip below (a 13.5 GB F16 checkpoint took ~80 s through it on the H100 host).
+    if (const tensor_entry* e = host_->source().find(t.name);
+        e && e->info->type == dtype::DTYPE_F16 && e->info->shape == t.shape) {
+        GPTQ_TRY(e->file->check_finite(*e->info));
+        std::vector<uint16_t> h(static_cast<size_t>(n));
+        e->file->copy_to(*e->info, h.data());
+        GPTQ_ASSIGN_OR_RETURN(*out, cuda_buffer::from_host(h.data(), h.size() * 2));
+        weight_bytes_ += out->bytes();
+        return status::ok();
+    }
     std::vector<float> f(static_cast<size_t>(n));
     GPTQ_TRY(host_->source().read_f32(t.name, f.data(), t.shape));
     std::vector<uint16_t> h;
@@ -92,7 +103,8 @@ status llama_cuda_model::linear_load(int64_t i_layer, linear_role r, linear* out
     out->n_in                  = shape[1];
     const gptq_config* qc      = host_->quantization();
     if (qc && gptq_linear_present(host_->source(), name)) {
-        GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d, gptq_linear_read(host_->source(), name, shape[0], shape[1], *qc));
+        GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d,
+                              gptq_linear_read(host_->source(), name, shape[0], shape[1], *qc, /*keep_packed=*/true));
         // A dense bias of a quantized layer that the checkpoint keeps outside the GPTQ tensors.
         if (d.bias.empty() && llama_linear_has_bias(hp, r))
             return make_error(status_code::STATUS_UNSUPPORTED, "{}: GPTQ layer without its bias tensor", name);
@@ -106,14 +118,19 @@ status llama_cuda_model::linear_load(int64_t i_layer, linear_role r, linear* out
 // Read (and check) through io's reader, then pack again for the device: codes as qweight, zeros as
 // v1 (zero - 1, generic kernel adds 1) when every zero is >= 1, else as v2.
 status llama_cuda_model::gptq_upload(const gptq_linear_data& d, const std::string& name, linear* out) {
-    const gptq_config* qc     = host_->quantization();
-    out->n_out                = d.n_out;
-    out->n_in                 = d.n_in;
-    const int            bits = d.bits;
-    std::vector<int32_t> qweight(static_cast<size_t>(gptq_packed_words(d.n_in, bits) * d.n_out));
-    gptq_pack_qweight(d.codes.data(), d.n_out, d.n_in, bits, qweight.data());
-    const bool           v1 = std::all_of(d.zeros.begin(), d.zeros.end(), [](int32_t z) { return z >= 1; });
-    std::vector<int32_t> qzeros(static_cast<size_t>(d.n_groups * gptq_packed_words(d.n_out, bits)));
+    const gptq_config* qc = host_->quantization();
+    out->n_out            = d.n_out;
+    out->n_in             = d.n_in;
+    const int bits        = d.bits;
+    // The file's packed words when read with keep_packed (the same stream packing the codes gives).
+    std::vector<int32_t> packed;
+    if (d.qweight.empty()) {
+        packed.resize(static_cast<size_t>(gptq_packed_words(d.n_in, bits) * d.n_out));
+        gptq_pack_qweight(d.codes.data(), d.n_out, d.n_in, bits, packed.data());
+    }
+    const std::vector<int32_t>& qweight = d.qweight.empty() ? packed : d.qweight;
+    const bool                  v1      = std::all_of(d.zeros.begin(), d.zeros.end(), [](int32_t z) { return z >= 1; });
+    std::vector<int32_t>        qzeros(static_cast<size_t>(d.n_groups * gptq_packed_words(d.n_out, bits)));
     GPTQ_TRY(gptq_pack_qzeros(d.zeros.data(), d.n_groups, d.n_out, bits,
                               v1 ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2,
                               qzeros.data())
@@ -195,7 +212,8 @@ status llama_cuda_model::linear_group_load(int64_t i_layer, const std::vector<li
     for (linear_role r : roles) {
         const auto        shape = hp.linear_shape(r);
         const std::string name  = llama_linear_name(i_layer, r);
-        GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d, gptq_linear_read(host_->source(), name, shape[0], shape[1], *qc));
+        GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d,
+                              gptq_linear_read(host_->source(), name, shape[0], shape[1], *qc, /*keep_packed=*/true));
         if (d.bias.empty() && llama_linear_has_bias(hp, r))
             return make_error(status_code::STATUS_UNSUPPORTED, "{}: GPTQ layer without its bias tensor", name);
         parts.push_back(std::move(d));
@@ -211,9 +229,10 @@ status llama_cuda_model::linear_group_load(int64_t i_layer, const std::vector<li
                 gptq_upload(parts[j], llama_linear_name(i_layer, roles[j]), &(*lin)[static_cast<size_t>(roles[j])]));
         return status::ok();
     }
-    // Unpacked, the concatenation is plain: codes [n_out, n_in] row blocks one after the other; zeros
-    // and scales [n_groups, n_out] column blocks; biases one after the other. Packing the whole
-    // again (gptq_upload) keeps the qzeros bit stream right whatever each part's n_out.
+    // The concatenation along n_out: packed qweight [n_in * bits / 32, n_out] column blocks (codes are
+    // packed along k, so a column is one output feature); zeros and scales [n_groups, n_out] column
+    // blocks; biases one after the other. Packing the zeros again (gptq_upload) keeps the qzeros bit
+    // stream right whatever each part's n_out.
     gptq_linear_data f;
     f.n_in     = parts[0].n_in;
     f.n_groups = parts[0].n_groups;
@@ -221,9 +240,15 @@ status llama_cuda_model::linear_group_load(int64_t i_layer, const std::vector<li
     f.g_idx    = parts[0].g_idx;
     for (const auto& d : parts) {
         f.n_out += d.n_out;
-        f.codes.insert(f.codes.end(), d.codes.begin(), d.codes.end());
         f.bias.insert(f.bias.end(), d.bias.begin(), d.bias.end());
     }
+    const int64_t rows = gptq_packed_words(f.n_in, f.bits);
+    f.qweight.reserve(static_cast<size_t>(rows * f.n_out));
+    for (int64_t r = 0; r < rows; ++r)
+        for (const auto& d : parts) {
+            const size_t o = static_cast<size_t>(r * d.n_out);
+            f.qweight.insert(f.qweight.end(), d.qweight.begin() + o, d.qweight.begin() + o + size_t(d.n_out));
+        }
     f.zeros.reserve(static_cast<size_t>(f.n_groups * f.n_out));
     f.scales.reserve(static_cast<size_t>(f.n_groups * f.n_out));
     for (int64_t g = 0; g < f.n_groups; ++g)

@@ -71,6 +71,16 @@ TEST(gptq_checkpoint, write_read_round_trip) {
                 EXPECT_EQ(back->scales, d.scales);
                 EXPECT_EQ(back->g_idx, d.g_idx);
                 EXPECT_EQ(back->bias, d.bias);
+                // keep_packed: the file's words, which unpack to the same codes; the rest as above.
+                auto packed = gptq_linear_read(**src, "blk.proj", n_out, n_in, cfg, /*keep_packed=*/true);
+                ASSERT_TRUE(packed.is_ok()) << packed.error().message();
+                EXPECT_TRUE(packed->codes.empty());
+                ASSERT_EQ(packed->qweight.size(), size_t(gptq_packed_words(n_in, bits) * n_out));
+                std::vector<uint8_t> unpacked(size_t(n_out * n_in));
+                gptq_unpack_qweight(packed->qweight.data(), n_out, n_in, bits, unpacked.data());
+                EXPECT_EQ(unpacked, d.codes) << bits;
+                EXPECT_EQ(packed->zeros, d.zeros);
+                EXPECT_EQ(packed->scales, d.scales);
                 // Dequantization follows format.md 1.5.
                 std::vector<float> w(static_cast<size_t>(n_out * n_in));
                 back->dequantize(w.data());

@@ -1,11 +1,13 @@
 // GPTQ linear kernels on the GPU against a plain dequantize-then-matmul reference (double) on the
 // CPU: the generic kernel for every bits / group size / act-order / sym-asym / v1-v2 combination,
 // and the fast int4 kernel (repack + GEMV) for group sizes -1/32/64/128, act-order, sym/asym,
-// m = 1..33, awkward n_out. Checkpoint tensors are made by io/gptq_pack, the writer's own packer.
+// m = 1..33, awkward n_out, every kernel variant forced and the automatic choice. Checkpoint
+// tensors are made by io/gptq_pack, the writer's own packer.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <string>
 
@@ -164,14 +166,19 @@ TEST(CudaGptq, Int4ActOrderPermutation) {
     EXPECT_FALSE(cuda::int4_layout_for(64, 128, 48).is_ok());
 }
 
+// variant: -1 the automatic choice, else a forced kernel variant (cuda::int4_gemv_variant_name).
+// x_pad: halves of padding after each activation row (poisoned with NaN: never read), so x_stride
+// = n_in + x_pad; the pipelined variants need x_stride % 8 == 0, the automatic choice takes the
+// batched kernel otherwise.
 void run_int4(std::mt19937& rng, uint32_t seed, int64_t n_out, int64_t n_in, int64_t gs, bool act, bool sym,
-              gptq_checkpoint_format fmt, const std::vector<int64_t>& ms, int unroll, int splits) {
+              gptq_checkpoint_format fmt, const std::vector<int64_t>& ms, int unroll, int splits, int variant = -1,
+              int64_t x_pad = 0) {
     layer L   = make_layer(rng, n_out, n_in, gs, 4, act, sym, fmt);
     auto  lay = cuda::int4_layout_for(n_out, n_in, gs);
     ASSERT_TRUE(lay.is_ok()) << lay.error().message();
     std::vector<int32_t> perm;
     GPTQ_EXPECT_OK(cuda::int4_act_order_perm(L.g_idx.data(), n_in, gs, perm));
-    EXPECT_EQ(perm.empty(), !act || gs == -1);
+    EXPECT_EQ(perm.empty(), !act || gs == -1 || gs == n_in);  // one group: nothing to sort
     device_array<int32_t>  dq(L.qweight), dz(L.qzeros), dperm(perm);
     device_array<uint16_t> ds(L.scales);
     device_array<uint8_t>  dw(size_t(lay->weight_bytes)), dsz(size_t(lay->sz_bytes));
@@ -184,22 +191,141 @@ void run_int4(std::mt19937& rng, uint32_t seed, int64_t n_out, int64_t n_in, int
     if (ws_bytes) {
         ASSERT_EQ(cudaMemset(ws.get(), 0, size_t(ws_bytes)), cudaSuccess);
     }
+    const int64_t x_stride = n_in + x_pad;
     for (int64_t m : ms) {
-        auto                   x        = test::random_f16(rng, size_t(m * n_in));
-        std::vector<uint16_t>  bias     = (m % 2) ? test::random_f16(rng, size_t(n_out)) : std::vector<uint16_t>{};
+        auto                  x    = test::random_f16(rng, size_t(m * n_in));
+        std::vector<uint16_t> bias = (m % 2) ? test::random_f16(rng, size_t(n_out)) : std::vector<uint16_t>{};
+        std::vector<uint16_t> xs(static_cast<size_t>(m * x_stride), uint16_t(0xFFFF));  // padding: F16 NaN
+        for (int64_t r = 0; r < m; ++r)
+            std::copy(x.begin() + r * n_in, x.begin() + (r + 1) * n_in, xs.begin() + r * x_stride);
         const int64_t          y_stride = n_out + 8 * (m % 3);
-        device_array<uint16_t> dx(x), dxp(size_t(m * n_in)), db(bias), dy(size_t(m * y_stride));
+        device_array<uint16_t> dx(xs), dxp(size_t(m * x_stride)), db(bias), dy(size_t(m * y_stride));
         const uint16_t*        xin = dx.get();
         if (!perm.empty()) {
-            GPTQ_EXPECT_OK(cuda::gptq_permute_cols_f16(dx.get(), dperm.get(), dxp.get(), m, n_in, n_in, n_in, nullptr));
+            GPTQ_EXPECT_OK(
+                cuda::gptq_permute_cols_f16(dx.get(), dperm.get(), dxp.get(), m, n_in, x_stride, x_stride, nullptr));
             xin = dxp.get();
         }
         GPTQ_EXPECT_OK(cuda::int4_gemv_f16(*lay, dw.get(), dsz.get(), xin, bias.empty() ? nullptr : db.get(), dy.get(),
-                                           m, n_in, y_stride, ws.get(), ws_bytes, nullptr, unroll, splits));
-        expect_close(
-            dy.download(), y_stride, reference(L, x, m, bias), m, n_out,
-            describe(L, m, act, sym, seed) + " unroll=" + std::to_string(unroll) + " splits=" + std::to_string(splits));
+                                           m, x_stride, y_stride, ws.get(), ws_bytes, nullptr, unroll, splits,
+                                           variant));
+        expect_close(dy.download(), y_stride, reference(L, x, m, bias), m, n_out,
+                     describe(L, m, act, sym, seed) + " unroll=" + std::to_string(unroll) +
+                         " splits=" + std::to_string(splits) + " variant=" +
+                         (variant < 0 ? std::string("auto(") +
+                                            cuda::int4_gemv_variant_name(
+                                                cuda::int4_gemv_auto_variant(*lay, std::min<int64_t>(m, 16))) +
+                                            ")"
+                                      : std::string(cuda::int4_gemv_variant_name(variant))) +
+                         " x_stride=" + std::to_string(x_stride));
     }
+}
+
+// Every kernel variant forced, over group sizes -1/32/64/128, act-order, sym/asym, v1/v2, awkward
+// n_out (not multiples of the 32-row tile, nor of 2 or 4 tiles per block), k from one step (most
+// warps idle) to 5504 (uneven warp ranges that start inside a group), m = 1..16 (and 17, 33: two
+// launches), padded activation rows.
+TEST(CudaGptq, Int4GemvEveryVariant) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    struct shape {
+        int64_t n_out, n_in;
+    };
+    // n_in multiples of 128 except the 32- and 96-wide ones (those only with gs -1 or 32).
+    const std::vector<shape>   shapes = {{40, 256}, {264, 1024}, {1000, 384}, {96, 2048},
+                                         {8, 32},   {168, 96},   {360, 5504}, {4104, 128}};
+    const std::vector<int64_t> all_m  = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 33};
+    const std::vector<int64_t> some_m = {1, 3, 8, 9, 16, 17};
+    for (int v = 0; v < cuda::int4_gemv_variant_count(); ++v)
+        for (int i = 0; i < 8; ++i) {
+            const int64_t gs_list[4] = {-1, 32, 64, 128};
+            const shape&  s          = shapes[size_t((i + 3 * v) % 8)];
+            int64_t       gs         = gs_list[i % 4];
+            if (gs > 0 && s.n_in % gs != 0) gs = 32;
+            const bool act = (i / 2) % 2 == 1, sym = (i + v) % 3 == 0;
+            const auto fmt =
+                (i + v) % 2 ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2;
+            run_int4(rng, seed, s.n_out, s.n_in, gs, act, sym, fmt, i == 0 ? all_m : some_m, 0, v == 0 ? 1 + i % 3 : 0,
+                     v, i % 3 == 2 ? 8 : 0);
+        }
+}
+
+// All pipelined variants (1 ..) sum each column in the same order (16 k chunks, a binary tree over
+// them), so their outputs are bit for bit the same; the automatic choice may then depend on n_out
+// (a fused q/k/v projection gives the same bits as its parts). k from 1 to 43 steps: chunks empty,
+// of unequal lengths, starting inside groups.
+TEST(CudaGptq, Int4GemvPipelinedVariantsBitIdentical) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    struct shape {
+        int64_t n_out, n_in, gs;
+    };
+    for (const shape& s :
+         std::vector<shape>{{200, 32, -1}, {72, 96, 32}, {136, 1376, 32}, {264, 1280, 128}, {48, 512, 64}}) {
+        layer L   = make_layer(rng, s.n_out, s.n_in, s.gs, 4, false, false, gptq_checkpoint_format::GPTQ_FORMAT_V2);
+        auto  lay = cuda::int4_layout_for(s.n_out, s.n_in, s.gs);
+        ASSERT_TRUE(lay.is_ok());
+        device_array<int32_t>  dq(L.qweight), dz(L.qzeros);
+        device_array<uint16_t> ds(L.scales);
+        device_array<uint8_t>  dw(size_t(lay->weight_bytes)), dsz(size_t(lay->sz_bytes));
+        GPTQ_EXPECT_OK(cuda::int4_repack(*lay, dq.get(), dz.get(), ds.get(), nullptr, 0, dw.get(), dsz.get(), nullptr));
+        for (int64_t m : {1, 5, 8, 9, 16}) {
+            auto                   x    = test::random_f16(rng, size_t(m * s.n_in));
+            auto                   bias = test::random_f16(rng, size_t(s.n_out));
+            device_array<uint16_t> dx(x), db(bias), dy(size_t(m * s.n_out));
+            std::vector<uint16_t>  first;
+            for (int v = 1; v < cuda::int4_gemv_variant_count(); ++v) {
+                GPTQ_EXPECT_OK(cuda::int4_gemv_f16(*lay, dw.get(), dsz.get(), dx.get(), db.get(), dy.get(), m, s.n_in,
+                                                   s.n_out, nullptr, 0, nullptr, 0, 0, v));
+                const auto got = dy.download();
+                if (v == 1) {
+                    first = got;
+                    expect_close(got, s.n_out, reference(L, x, m, bias), m, s.n_out,
+                                 "bit-identity base, m=" + std::to_string(m) + " seed=" + std::to_string(seed));
+                } else {
+                    EXPECT_EQ(std::memcmp(got.data(), first.data(), got.size() * 2), 0)
+                        << cuda::int4_gemv_variant_name(v) << " vs " << cuda::int4_gemv_variant_name(1)
+                        << ": n_out=" << s.n_out << " n_in=" << s.n_in << " m=" << m << " seed=" << seed;
+                }
+            }
+        }
+    }
+}
+
+// Activation rows whose stride is not a multiple of 8 halves: the automatic choice falls back to the
+// batched kernel; a forced pipelined variant (or one with split-K) is refused, not run.
+TEST(CudaGptq, Int4GemvVariantArguments) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    run_int4(rng, seed, 264, 1024, 128, true, false, gptq_checkpoint_format::GPTQ_FORMAT_V2, {1, 9, 16}, 0, 0, -1, 2);
+    run_int4(rng, seed, 96, 256, -1, false, true, gptq_checkpoint_format::GPTQ_FORMAT_V1, {4, 12}, 0, 0, -1, 6);
+    auto lay = cuda::int4_layout_for(64, 256, 128);
+    ASSERT_TRUE(lay.is_ok());
+    ASSERT_GE(cuda::int4_gemv_variant_count(), 2);
+    for (int64_t m : {1, 8, 9, 16, 40}) {
+        const int v = cuda::int4_gemv_auto_variant(*lay, m);
+        EXPECT_TRUE(v >= 0 && v < cuda::int4_gemv_variant_count()) << v;
+    }
+    for (int v = 0; v < cuda::int4_gemv_variant_count(); ++v)
+        for (int w = 0; w < v; ++w) EXPECT_STRNE(cuda::int4_gemv_variant_name(v), cuda::int4_gemv_variant_name(w));
+    device_array<uint16_t> x(size_t(2 * 264)), y(size_t(2 * 64));
+    device_array<uint8_t>  dw(size_t(lay->weight_bytes)), dsz(size_t(lay->sz_bytes));
+    const int64_t          ws_bytes = cuda::int4_gemv_workspace_bytes(*lay, 2);
+    device_array<uint8_t>  ws(static_cast<size_t>(ws_bytes));
+    for (int v = 1; v < cuda::int4_gemv_variant_count(); ++v) {
+        status st = cuda::int4_gemv_f16(*lay, dw.get(), dsz.get(), x.get(), nullptr, y.get(), 2, 258, 64, nullptr, 0,
+                                        nullptr, 0, 0, v);
+        EXPECT_EQ(st.code(), status_code::STATUS_INVALID_ARGUMENT) << cuda::int4_gemv_variant_name(v);
+        st = cuda::int4_gemv_f16(*lay, dw.get(), dsz.get(), x.get(), nullptr, y.get(), 2, 256, 64, ws.get(), ws_bytes,
+                                 nullptr, 0, 2, v);
+        EXPECT_EQ(st.code(), status_code::STATUS_INVALID_ARGUMENT) << cuda::int4_gemv_variant_name(v);
+    }
+    const status st = cuda::int4_gemv_f16(*lay, dw.get(), dsz.get(), x.get(), nullptr, y.get(), 2, 256, 64, nullptr, 0,
+                                          nullptr, 0, 0, cuda::int4_gemv_variant_count());
+    EXPECT_EQ(st.code(), status_code::STATUS_INVALID_ARGUMENT);
 }
 
 TEST(CudaGptq, Int4GemvMatchesReference) {

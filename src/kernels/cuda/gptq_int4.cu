@@ -1,17 +1,33 @@
 // Fast 4-bit GPTQ GEMV / skinny GEMM (see gptq_int4.cuh for the layout).
 //
-// Block = 8 warps on one tile of 32 output features; the warps split the k steps of the tile into
-// contiguous ranges and each streams its range with `unroll` 16-byte loads in flight per lane
-// (evict-first: the weights are read once). Per k32 step a lane turns its 16 bytes into 16 half2
-// values q - zero (exact small integers: 0x6400 | nibble is 1024 + nibble in F16, so a subtract
-// or an FMA by 1/16 finishes the job) and issues 4 (m <= 8) or 8 (m <= 16) mma.m16n8k16 with the
-// weights as the 16-row A operand and the activations as the 8-column B operand (swap-AB: the
-// tokens are the narrow side). Products are accumulated per group in F32 and multiplied by the
-// group's scales when the group ends; the 8 warps are summed in shared memory at the end.
-// mma.sync m16n8k16 exists on sm_80 and later: no Hopper-only instruction is used.
+// Two kernels share the layout and the arithmetic (docs/perf-notes.md, session 4):
+// - pipelined (v4, the default): block = W warps on TN tiles of 32 output features; k is cut into
+//   16 chunks and each warp owns 16 / W consecutive chunks. Each lane streams, with cp.async into
+//   a per-warp ring of D shared-memory slots, D - 1 steps ahead of the step it computes: its
+//   16-byte weight word of each tile (evict-first), its activation fragment of each 8-token column
+//   tile (one 16-byte load: the layout's in-step k order gives a lane 8 consecutive k) and, at a
+//   group's first step, the (scale, zero) words (lanes lane % 4 == 0 copy, the warp reads them
+//   after __syncwarp). A warp never drains between batches and the loads in flight cost no
+//   registers. The first D - 1 steps' weights are issued before griddepcontrol.wait, and the
+//   kernel is launched with programmatic stream serialization on sm_90 (GPTQ_INT4_PDL=0: off), so
+//   its weight stream starts while the previous kernel in the stream finishes. Every variant sums
+//   a column in the same order (chunk sums, then a binary tree over the 16 chunks): the variants,
+//   and so the table's choice, do not change a bit of the result.
+// - batched (v3): 8 warps per tile, batches of 8 register loads per lane (`ld.global.cs`) with the
+//   batch's activation fragments; the only kernel with split-K and with activations that are not
+//   16-byte aligned. Kept as variant 0 (its sums are in another order).
+// Per k32 step a lane turns its 16 bytes into 16 half2 values q - zero (exact small integers:
+// 0x6400 | nibble is 1024 + nibble in F16, so a subtract or an FMA by 1/16 finishes the job) and
+// issues 4 (m <= 8) or 8 (m <= 16) mma.m16n8k16 per tile with the weights as the 16-row A operand
+// and the activations as the 8-column B operand (swap-AB: the tokens are the narrow side).
+// Products are accumulated per group in F32 and multiplied by the group's scales when the group
+// ends. mma.sync, cp.async and createpolicy exist on sm_80 and later, griddepcontrol on sm_90 (a
+// no-op below): no other Hopper-only instruction is used.
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gptq_int4.cuh"
@@ -40,6 +56,18 @@ __device__ inline void dequant_word(uint32_t w, __half2 z1024, __half2 z64, uint
     out[3]                   = h2_bits(__hfma2(bits_h2((w8 & 0x00F000F0u) | 0x64006400u), sixteenth, z64));
 }
 
+__device__ inline void mma_16816(float& c0, float& c1, float& c2, float& c3, const uint32_t (&a)[4], uint32_t b0,
+                                 uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
 __device__ inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile(
@@ -101,7 +129,7 @@ __global__ void __launch_bounds__(k_warps * 32)
 #pragma unroll
     for (int b = 0; b < NB; ++b) {
         xok[b]  = b * 8 + gid < m;
-        xcur[b] = x + (xok[b] ? int64_t(b * 8 + gid) * x_stride : 0) + tig * 2 + s0 * 32;
+        xcur[b] = x + (xok[b] ? int64_t(b * 8 + gid) * x_stride : 0) + tig * 8 + s0 * 32;
     }
     const uint4* wcur   = wp + s0 * 32;
     int          n_left = int(s1 - s0);
@@ -129,10 +157,12 @@ __global__ void __launch_bounds__(k_warps * 32)
             for (int ks = 0; ks < 2; ++ks)
 #pragma unroll
                 for (int b = 0; b < NB; ++b) {
-                    const __half* xp = xcur[b] + u * 32 + ks * 16;
+                    // In-step k order (layout): lane tig holds k = 8 tig + 4 ks + (0, 1) in its
+                    // first fragment register and + (2, 3) in its second.
+                    const __half* xp = xcur[b] + u * 32 + ks * 4;
                     const bool    ok = xok[b] && u < cnt;
                     bx[u][ks][b][0]  = ok ? *reinterpret_cast<const uint32_t*>(xp) : 0u;
-                    bx[u][ks][b][1]  = ok ? *reinterpret_cast<const uint32_t*>(xp + 8) : 0u;
+                    bx[u][ks][b][1]  = ok ? *reinterpret_cast<const uint32_t*>(xp + 2) : 0u;
                 }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
@@ -247,7 +277,306 @@ __global__ void __launch_bounds__(k_warps * 32)
     }
 }
 
+// ---- pipelined kernel (v4) -----------------------------------------------------------------------
+
+__device__ inline uint32_t smem_u32(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copies (cp.async, sm_80+). Weights: L2-only (.cg) with an evict-first
+// policy (read once); activations and scales: L1-cached (.ca), read by every tile.
+__device__ inline uint64_t evict_first_policy() {
+    uint64_t p = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
+#endif
+    return p;
+}
+__device__ inline void cp_async_stream16(void* dst, const void* src, uint64_t policy) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "l"(policy)
+                 : "memory");
+#endif
+}
+__device__ inline void cp_async_cached16(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+#endif
+}
+__device__ inline void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ inline void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Programmatic dependent launch (sm_90+; no-ops when the launch did not ask for it): the weights
+// do not depend on the previous kernel in the stream, the activations and the output do.
+__device__ inline void griddep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ inline void griddep_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Every pipelined variant sums a column in the same order, so that its bits do not depend on the
+// variant (and so not on n_out through the table: a fused q/k/v or gate/up projection gives the
+// same bits as its parts): k is cut into 16 chunks of steps, chunk c = [k_steps c / 16,
+// k_steps (c + 1) / 16); a chunk's partial sum is its steps in order (F32 mma accumulation per
+// group, times the group's scales at each group end and at the chunk's end); the 16 partials are
+// added as a binary tree (node = left + right). A warp owns 16 / W consecutive chunks (their tree
+// levels in shared memory), the block adds the warps' subtrees.
+constexpr int k_chunks = 16;
+
+// A ring slot (uint4 units): TN x 32 weight words, NB x 32 activation fragments, TN x 8 scale words.
+constexpr int pipe_slot_words(int tn, int nb) {
+    return (tn + nb) * 32 + tn * 8;
+}
+constexpr int pipe_levels(int w) {  // pending tree levels per warp: log2(16 / W)
+    return w >= 16 ? 0 : w == 8 ? 1 : w == 4 ? 2 : 3;
+}
+// Dynamic shared memory of a block: the rings (reused for the final sum of the warps' results),
+// then each warp's pending chunk sums.
+constexpr size_t pipe_ring_bytes(int w, int tn, int nb, int d) {
+    const size_t ring = size_t(w) * d * pipe_slot_words(tn, nb) * 16;
+    const size_t red  = size_t(w) * tn * 2 * nb * 4 * 32 * 4;
+    return ring > red ? ring : red;
+}
+constexpr size_t pipe_smem_bytes(int w, int tn, int nb, int d) {
+    return pipe_ring_bytes(w, tn, nb, d) + size_t(w) * pipe_levels(w) * tn * 2 * nb * 4 * 32 * 4;
+}
+
+struct pipe_args {
+    const uint4*  wts;
+    const uint4*  sz;
+    const __half* x;
+    const __half* bias;
+    __half*       y;
+    int           m, n_out, n_tiles, k_steps, spg, n_groups;
+    int64_t       x_stride, y_stride;
+};
+
+// W warps (16, 8 or 4), TN tiles per block, NB 8-token column tiles, ring of D slots (D - 1 steps
+// in flight), registers capped for MINB blocks per SM. x must be 16-byte aligned with x_stride % 8
+// == 0.
+template <int W, int TN, int NB, int D, int MINB>
+__global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe_args a) {
+    static_assert(D >= 2, "ring of at least 2 slots");
+    static_assert(W == 16 || W == 8 || W == 4, "16 chunks over the warps");
+    constexpr int           SLOT = pipe_slot_words(TN, NB), CPW = k_chunks / W, LV = pipe_levels(W);
+    constexpr int           E = TN * 2 * NB * 4;  // accumulators per lane
+    extern __shared__ uint4 smem[];
+    const int               lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+    const int               tile0 = int(blockIdx.x) * TN;
+    const unsigned          ks    = unsigned(a.k_steps);
+    const int               c0    = warp * CPW;
+    const int               s0 = int(ks * unsigned(c0) / k_chunks), s1 = int(ks * unsigned(c0 + CPW) / k_chunks);
+    const int               n    = s1 - s0;
+    uint4*                  ring = smem + warp * (D * SLOT);
+    float*                  pend =
+        reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + pipe_ring_bytes(W, TN, NB, D)) + warp * (LV * E * 32);
+
+    // Sources at step s0. Tiles past the end (n_tiles % TN != 0) re-read the last tile; their
+    // results are not written.
+    const uint4* wsrc[TN];
+    const uint4* ssrc[TN];
+#pragma unroll
+    for (int tt = 0; tt < TN; ++tt) {
+        const int64_t tile = tile0 + tt < a.n_tiles ? tile0 + tt : a.n_tiles - 1;
+        wsrc[tt]           = a.wts + (tile * a.k_steps + s0) * 32 + lane;
+        ssrc[tt]           = a.sz + tile * a.n_groups * 8 + gid;
+    }
+    const __half* xsrc[NB];
+    bool          xok[NB];
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+        xok[b]  = b * 8 + gid < a.m;
+        xsrc[b] = a.x + (xok[b] ? int64_t(b * 8 + gid) * a.x_stride : 0) + int64_t(s0) * 32 + tig * 8;
+        // Tokens past m: their fragment slots are zeroed once and never copied into.
+        if (!xok[b])
+#pragma unroll
+            for (int i = 0; i < D; ++i) ring[i * SLOT + (TN + b) * 32 + lane] = make_uint4(0u, 0u, 0u, 0u);
+    }
+    const uint64_t policy = evict_first_policy();
+
+    // Issue side: step s0 + j into a slot; the activations and (scale, zero) words separately from
+    // the weights, so that the first weights are in flight before the previous kernel has finished.
+    int  ig = s0 / a.spg, iin = s0 % a.spg;
+    auto issue_w = [&](int j, int slot) {
+        uint4* sl = ring + slot * SLOT;
+#pragma unroll
+        for (int tt = 0; tt < TN; ++tt) cp_async_stream16(sl + tt * 32 + lane, wsrc[tt] + j * 32, policy);
+    };
+    auto issue_xs = [&](int j, int slot) {  // called for j = 0, 1, 2, ... in order
+        uint4* sl = ring + slot * SLOT;
+#pragma unroll
+        for (int b = 0; b < NB; ++b)
+            if (xok[b]) cp_async_cached16(sl + (TN + b) * 32 + lane, xsrc[b] + j * 32);
+        if ((iin == 0 || j == 0) && tig == 0)
+#pragma unroll
+            for (int tt = 0; tt < TN; ++tt) cp_async_cached16(sl + (TN + NB) * 32 + tt * 8 + gid, ssrc[tt] + ig * 8);
+        if (++iin == a.spg) iin = 0, ++ig;
+    };
+
+    float acc[E], tmp[E];  // index ((tt * 2 + t) * NB + b) * 4 + c
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] = tmp[e] = 0.0f;
+    float   scale[TN][4];
+    __half2 z1024[TN][4], z64[TN][4];
+#pragma unroll
+    for (int tt = 0; tt < TN; ++tt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            scale[tt][i] = 0.0f;
+            z1024[tt][i] = z64[tt][i] = __float2half2_rn(0.0f);
+        }
+    auto flush = [&]() {  // a group or chunk ended: scale its partial sums
+#pragma unroll
+        for (int e = 0; e < E; ++e) {
+            const int tt = e / (8 * NB), t = (e / (4 * NB)) % 2, c = e % 4;
+            acc[e] += scale[tt][2 * t + c / 2] * tmp[e];
+            tmp[e] = 0.0f;
+        }
+    };
+    // Chunk i (local) of this warp is complete in acc: add it into the warp's subtree.
+    auto finish_chunk = [&](int i) {
+        int idx = i, level = 0;
+        while (idx & 1) {  // merge with the left sibling kept at this level
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[e] = pend[(level * E + e) * 32 + lane] + acc[e];
+            ++level, idx >>= 1;
+        }
+        if (i != CPW - 1) {
+#pragma unroll
+            for (int e = 0; e < E; ++e) {
+                pend[(level * E + e) * 32 + lane] = acc[e];
+                acc[e]                            = 0.0f;
+            }
+        }
+    };
+
+#pragma unroll
+    for (int j = 0; j < D - 1; ++j)
+        if (j < n) issue_w(j, j);
+    griddep_wait();  // the activations (and y) may be the previous kernel's
+#pragma unroll
+    for (int j = 0; j < D - 1; ++j) {
+        if (j < n) issue_xs(j, j);
+        cp_async_commit();  // group 0 also holds the weights of steps 0 .. D - 2
+    }
+    griddep_launch_dependents();
+
+    int cslot = 0, islot = D - 1, cin = s0 % a.spg, chunk = 0;
+    int chunk_end = int(ks * unsigned(c0 + 1) / k_chunks) - s0;  // local step where chunk 0 ends
+    for (int j = 0; j < n; ++j) {
+        // Refill the slot consumed in the previous step, then wait for this step's (one commit
+        // group per step: at most D - 1 newer groups may still be in flight).
+        if (j + D - 1 < n) {
+            issue_w(j + D - 1, islot);
+            issue_xs(j + D - 1, islot);
+        }
+        cp_async_commit();
+        cp_async_wait<D - 1>();
+        if (++islot == D) islot = 0;
+        while (CPW > 1 && chunk < CPW - 1 && j == chunk_end) {  // chunk boundaries (empty chunks too)
+            flush();
+            finish_chunk(chunk++);
+            chunk_end = int(ks * unsigned(c0 + chunk + 1) / k_chunks) - s0;
+        }
+        const uint4* sl = ring + cslot * SLOT;
+        if (cin == 0 || j == 0) {  // a group starts: its (scale, zero) words, copied by lanes tig == 0
+            if (j > 0) flush();
+            __syncwarp();
+#pragma unroll
+            for (int tt = 0; tt < TN; ++tt) {
+                const uint4    v     = sl[(TN + NB) * 32 + tt * 8 + gid];
+                const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    const __half2 sz2 = bits_h2(vv[i]);  // (scale, zero)
+                    scale[tt][i]      = __low2float(sz2);
+                    const __half zh   = __high2half(sz2);
+                    z1024[tt][i]      = __half2half2(__hadd(zh, __float2half(1024.0f)));
+                    z64[tt][i]        = __half2half2(__hneg(__hadd(zh, __float2half(64.0f))));
+                }
+            }
+            __syncwarp();  // every lane has read the words before a lane refills the slot
+        }
+        if (++cin == a.spg) cin = 0;
+        uint32_t xw[NB][4];
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+            const uint4 v = sl[(TN + b) * 32 + lane];
+            xw[b][0] = v.x, xw[b][1] = v.y, xw[b][2] = v.z, xw[b][3] = v.w;
+        }
+#pragma unroll
+        for (int tt = 0; tt < TN; ++tt) {
+            const uint4    q     = sl[tt * 32 + lane];
+            const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
+            uint32_t       d[4][4];  // [word = row][slot]
+#pragma unroll
+            for (int i = 0; i < 4; ++i) dequant_word(qw[i], z1024[tt][i], z64[tt][i], d[i]);
+#pragma unroll
+            for (int kh = 0; kh < 2; ++kh)
+#pragma unroll
+                for (int t = 0; t < 2; ++t) {
+                    const uint32_t af[4] = {d[2 * t][2 * kh], d[2 * t + 1][2 * kh], d[2 * t][2 * kh + 1],
+                                            d[2 * t + 1][2 * kh + 1]};
+#pragma unroll
+                    for (int b = 0; b < NB; ++b) {
+                        const int e0 = ((tt * 2 + t) * NB + b) * 4;
+                        mma_16816(tmp[e0], tmp[e0 + 1], tmp[e0 + 2], tmp[e0 + 3], af, xw[b][2 * kh], xw[b][2 * kh + 1]);
+                    }
+                }
+        }
+        if (++cslot == D) cslot = 0;
+    }
+    flush();
+    while (chunk < CPW - 1) {  // trailing empty chunks (fewer than 16 steps)
+        finish_chunk(chunk++);
+        flush();
+    }
+    finish_chunk(CPW - 1);
+    cp_async_wait<0>();
+
+    // The warps' subtrees: red[warp][e][lane]; the rings are free once every warp is here.
+    float* red = reinterpret_cast<float*>(smem);
+    __syncthreads();
+#pragma unroll
+    for (int e = 0; e < E; ++e) red[(warp * E + e) * 32 + lane] = acc[e];
+    __syncthreads();
+    for (int e = threadIdx.x; e < E * 32; e += W * 32) {
+        float v[W];
+#pragma unroll
+        for (int w = 0; w < W; ++w) v[w] = red[w * E * 32 + e];
+#pragma unroll
+        for (int step = 1; step < W; step *= 2)
+#pragma unroll
+            for (int w = 0; w + step < W; w += 2 * step) v[w] = v[w] + v[w + step];
+        const int     idx = e / 32, ln = e % 32;
+        const int     c = idx % 4, b = (idx / 4) % NB, t = (idx / (4 * NB)) % 2, tt = idx / (8 * NB);
+        const int     tile    = tile0 + tt;
+        const int     n_local = t * 16 + (ln >> 2) + (c / 2) * 8, tok = b * 8 + (ln & 3) * 2 + (c & 1);
+        const int64_t nn = int64_t(tile) * 32 + n_local;
+        if (tile < a.n_tiles && nn < a.n_out && tok < a.m) {
+            float out = v[0];
+            if (a.bias) out += __half2float(a.bias[nn]);
+            a.y[int64_t(tok) * a.y_stride + nn] = __float2half_rn(out);
+        }
+    }
+}
+
 // One thread per 32-bit word of the repacked weights: word i of lane `lane` of (tile, step).
+static_assert(int4_layout_k_grouped, "int4_repack_weights_kernel writes the grouped in-step k order");
 __global__ void int4_repack_weights_kernel(const uint32_t* qweight, const int32_t* perm, uint32_t* out, int64_t n_out,
                                            int64_t k_steps, int64_t total) {
     for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
@@ -258,9 +587,11 @@ __global__ void int4_repack_weights_kernel(const uint32_t* qweight, const int32_
         uint32_t      word = 0;
         if (n < n_out) {
             for (int nib = 0; nib < 8; ++nib) {
-                const int      j = nib % 4, e = nib / 4;  // slot, parity
-                const int      kk = (j % 2) * 8 + (lane & 3) * 2 + e;
-                const int64_t  kp = s * 32 + (j / 2) * 16 + kk;
+                const int j = nib % 4, e = nib / 4;  // slot, parity
+                // Slot j of lane l holds k = 8 (l % 4) + 2 j + e: the A fragment's (k, k+1) pair at
+                // mma k 2 (l % 4) + 8 (j % 2) of the k16 half j / 2, so that the matching B fragments
+                // (the activations) are 8 consecutive halves per lane, one 16-byte load.
+                const int64_t  kp = s * 32 + (lane & 3) * 8 + 2 * j + e;
                 const int64_t  k  = perm ? perm[kp] : kp;
                 const uint32_t q  = (qweight[(k / 8) * n_out + n] >> ((k % 8) * 4)) & 0xFu;
                 word |= q << (4 * nib);
@@ -380,7 +711,158 @@ int64_t workspace_for(const int4_layout& L, int splits) {
     return splits > 1 ? counters + L.n_tiles * splits * 16 * 32 * 4 : 0;
 }
 
+// The kernel variants (int4_gemv_variant_name): 0 the batched v3 kernel, the others pipelined with
+// (warps per block, tiles per block, ring slots). All pipelined variants give the same bits.
+struct variant_info {
+    const char* name;
+    int         warps, tiles, depth;  // warps 0: the batched kernel
+};
+constexpr variant_info k_variants[] = {
+    {"v3-batched", 0, 1, 8},         {"pipe-w16-t1-d4", 16, 1, 4}, {"pipe-w16-t1-d6", 16, 1, 6},
+    {"pipe-w16-t1-d4-2b", 16, 1, 4}, {"pipe-w8-t1-d6", 8, 1, 6},   {"pipe-w4-t2-d4", 4, 2, 4},
+};
+constexpr int k_n_variants = int(sizeof(k_variants) / sizeof(k_variants[0]));
+// -2b: registers capped for two blocks per SM (64; at m > 8 89 -> 64 with 80 bytes of spills).
+enum : int { V_W16_D4 = 1, V_W16_D6, V_W16_D4_2B, V_W8_D6, V_W4_T2_D4 };
+
+size_t variant_smem(int v, int m) {
+    const variant_info& vi = k_variants[v];
+    return vi.warps ? pipe_smem_bytes(vi.warps, vi.tiles, m <= 8 ? 1 : 2, vi.depth) : 0;
+}
+
+struct device_caps {
+    int  sms        = 0;      // multiprocessors
+    int  smem_optin = 0;      // dynamic shared memory a block may opt in to
+    int  smem_sm    = 0;      // shared memory per multiprocessor
+    bool pdl        = false;  // programmatic dependent launch (sm_90+, not disabled by GPTQ_INT4_PDL=0)
+};
+
+// Of the current device, queried once per device.
+device_caps current_device_caps() {
+    static std::atomic<int> sms[64], smem[64], smem_sm[64], major[64];  // zero: not queried yet
+    static const bool       pdl_env = [] {
+        const char* e = std::getenv("GPTQ_INT4_PDL");
+        return !(e && e[0] == '0');
+    }();
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) {
+        cudaGetLastError();
+        return {132, 48 * 1024, 48 * 1024, false};
+    }
+    device_caps c{sms[dev].load(std::memory_order_relaxed), smem[dev].load(std::memory_order_relaxed),
+                  smem_sm[dev].load(std::memory_order_relaxed), false};
+    int         mj = major[dev].load(std::memory_order_relaxed);
+    if (c.sms == 0) {
+        if (cudaDeviceGetAttribute(&c.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&c.smem_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&mj, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+            cudaDeviceGetAttribute(&c.sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+            cudaGetLastError();
+            return {132, 48 * 1024, 48 * 1024, false};
+        }
+        smem[dev].store(c.smem_optin, std::memory_order_relaxed);
+        smem_sm[dev].store(c.smem_sm, std::memory_order_relaxed);
+        major[dev].store(mj, std::memory_order_relaxed);
+        sms[dev].store(c.sms, std::memory_order_relaxed);
+    }
+    c.pdl = pdl_env && mj >= 9;
+    return c;
+}
+
+// The table (docs/perf-notes.md, session 4, H100 run 3 sweep): which variant runs a chunk of m <= 16
+// tokens, from the number of 32-row tiles against the SM count. The variants give the same bits,
+// so the choice may depend on n_out. Llama-2-7B on the H100: o and down are 128 tiles, qkv 384,
+// gate_up 688, for 132 SMs.
+int auto_variant(const int4_layout& L, int m, const device_caps& c) {
+    const int64_t sms = c.sms > 0 ? c.sms : 1;
+    int           v   = V_W16_D4;  // 16 warps per tile, one block per SM (o, down; qkv at m > 8)
+    if (m <= 8 && L.n_tiles >= 2 * sms)
+        v = V_W16_D4_2B;  // registers capped (64) for two blocks per SM: qkv, gate_up
+    else if (m > 8 && L.n_tiles >= 4 * sms)
+        v = V_W4_T2_D4;  // two tiles per warp, each activation fragment read once for both: gate_up
+    return variant_smem(v, m) <= size_t(c.smem_optin) ? v : 0;
+}
+
+template <int W, int TN, int NB, int D, int MINB>
+status launch_pipe_nb(const pipe_args& a, const device_caps& caps, cudaStream_t stream) {
+    constexpr size_t bytes  = pipe_smem_bytes(W, TN, NB, D);
+    auto*            kernel = int4_gemv_pipe_kernel<W, TN, NB, D, MINB>;
+    // Once per device: the dynamic shared memory limit, and the carveout: as much shared memory as
+    // the blocks that the registers allow per SM need, the rest L1 (the activations are read
+    // through L1 by every block of the SM).
+    static std::atomic<uint64_t> configured{0};
+    int                          dev = 0;
+    GPTQ_CUDA_CHECK(cudaGetDevice(&dev));
+    const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
+    if (!(configured.load(std::memory_order_relaxed) & bit)) {
+        GPTQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+        GPTQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                             int(cudaSharedmemCarveoutMaxShared)));
+        int most = 0, got = 0;
+        GPTQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&most, kernel, W * 32, bytes));
+        if (caps.smem_sm > 0 && most > 0) {
+            const int pct = int(std::min<int64_t>(
+                100, (int64_t(most) * int64_t(bytes + 1024) * 100 + caps.smem_sm - 1) / caps.smem_sm));
+            GPTQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
+            GPTQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&got, kernel, W * 32, bytes));
+            if (got < most)
+                GPTQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                                     int(cudaSharedmemCarveoutMaxShared)));
+        }
+        configured.fetch_or(bit, std::memory_order_relaxed);
+    }
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim          = dim3(unsigned((a.n_tiles + TN - 1) / TN));
+    cfg.blockDim         = dim3(W * 32);
+    cfg.dynamicSmemBytes = bytes;
+    cfg.stream           = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id                                         = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs                                          = attr;
+    cfg.numAttrs                                       = caps.pdl ? 1 : 0;
+    GPTQ_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, a));
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+template <int W, int TN, int D, int MINB = 1>
+status launch_pipe(const pipe_args& a, const device_caps& caps, cudaStream_t stream) {
+    return a.m <= 8 ? launch_pipe_nb<W, TN, 1, D, MINB>(a, caps, stream)
+                    : launch_pipe_nb<W, TN, 2, D, MINB>(a, caps, stream);
+}
+
+status launch_variant(int v, const pipe_args& a, const device_caps& caps, cudaStream_t stream) {
+    switch (v) {
+        case V_W16_D4:
+            return launch_pipe<16, 1, 4>(a, caps, stream);
+        case V_W16_D6:
+            return launch_pipe<16, 1, 6>(a, caps, stream);
+        case V_W16_D4_2B:
+            return launch_pipe<16, 1, 4, 2>(a, caps, stream);
+        case V_W8_D6:
+            return launch_pipe<8, 1, 6>(a, caps, stream);
+        case V_W4_T2_D4:
+            return launch_pipe<4, 2, 4>(a, caps, stream);
+        default:
+            break;
+    }
+    return make_error(status_code::STATUS_INTERNAL, "int4_gemv_f16: no pipelined kernel for variant {}", v);
+}
+
 }  // namespace
+
+int int4_gemv_variant_count() {
+    return k_n_variants;
+}
+
+const char* int4_gemv_variant_name(int variant) {
+    return variant >= 0 && variant < k_n_variants ? k_variants[variant].name : "auto";
+}
+
+int int4_gemv_auto_variant(const int4_layout& L, int64_t m) {
+    return auto_variant(L, int(std::clamp<int64_t>(m, 1, 16)), current_device_caps());
+}
 
 int64_t int4_gemv_workspace_bytes(const int4_layout& L, int splits) {
     return workspace_for(L, splits > 0 ? std::min(splits, k_max_splits) : auto_splits(L));
@@ -388,7 +870,7 @@ int64_t int4_gemv_workspace_bytes(const int4_layout& L, int splits) {
 
 status int4_gemv_f16(const int4_layout& L, const void* weights, const void* sz, const uint16_t* x, const uint16_t* bias,
                      uint16_t* y, int64_t m, int64_t x_stride, int64_t y_stride, void* workspace,
-                     int64_t workspace_bytes, cudaStream_t stream, int unroll, int splits) {
+                     int64_t workspace_bytes, cudaStream_t stream, int unroll, int splits, int variant) {
     if (x_stride % 2 != 0 || reinterpret_cast<uintptr_t>(x) % 4 != 0)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
                           "int4_gemv_f16: x (stride {}) must be 4-byte aligned with an even stride", x_stride);
@@ -402,19 +884,53 @@ status int4_gemv_f16(const int4_layout& L, const void* weights, const void* sz, 
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
                           "int4_gemv_f16: {} k splits need {} bytes of workspace, {} given (max {} splits)", splits,
                           workspace_for(L, splits), workspace_bytes, k_max_splits);
+    if (variant < -1 || variant >= k_n_variants)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemv_f16: variant {} not in [-1, {})", variant,
+                          k_n_variants);
+    // The pipelined kernels read 16-byte activation fragments and do not split k.
+    const bool pipe_ok = splits == 1 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && x_stride % 8 == 0;
+    if (variant > 0 && !pipe_ok)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "int4_gemv_f16: variant {} needs splits 1 and 16-byte aligned x with x_stride % 8 == 0 "
+                          "(splits {}, x_stride {})",
+                          k_variants[variant].name, splits, x_stride);
     unsigned* counters = static_cast<unsigned*>(workspace);
     float*    partial  = reinterpret_cast<float*>(static_cast<char*>(workspace) + (L.n_tiles * 4 + 255) / 256 * 256);
-    if (L.n_tiles > 0x7fffffff)
-        return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemv_f16: n_out {} too large", L.n_out);
-    const uint4*  w   = static_cast<const uint4*>(weights);
-    const uint4*  s   = static_cast<const uint4*>(sz);
-    const __half* b   = reinterpret_cast<const __half*>(bias);
-    const int64_t spg = L.group_size / 32;
+    if (L.n_tiles > 0x7fffffff / 32 || L.k_steps > 0x7fffffff / 32)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemv_f16: layout {} x {} too large", L.n_out,
+                          L.n_in);
+    const device_caps caps = current_device_caps();
+    const uint4*      w    = static_cast<const uint4*>(weights);
+    const uint4*      s    = static_cast<const uint4*>(sz);
+    const __half*     b    = reinterpret_cast<const __half*>(bias);
+    const int64_t     spg  = L.group_size / 32;
     for (int64_t r = 0; r < m; r += 16) {
         const int     mm = int(std::min<int64_t>(16, m - r));
         const __half* xr = reinterpret_cast<const __half*>(x) + r * x_stride;
         __half*       yr = reinterpret_cast<__half*>(y) + r * y_stride;
-        const dim3    grid(unsigned(L.n_tiles), unsigned(splits));
+        int           v  = variant >= 0 ? variant : pipe_ok ? auto_variant(L, mm, caps) : 0;
+        if (v > 0 && variant_smem(v, mm) > size_t(caps.smem_optin))
+            return make_error(status_code::STATUS_UNSUPPORTED,
+                              "int4_gemv_f16: variant {} needs {} bytes of shared memory, the device allows {}",
+                              k_variants[v].name, variant_smem(v, mm), caps.smem_optin);
+        if (v > 0) {
+            const pipe_args a{w,
+                              s,
+                              xr,
+                              b,
+                              yr,
+                              mm,
+                              int(L.n_out),
+                              int(L.n_tiles),
+                              int(L.k_steps),
+                              int(spg),
+                              int(L.n_groups),
+                              x_stride,
+                              y_stride};
+            GPTQ_TRY(launch_variant(v, a, caps, stream));
+            continue;
+        }
+        const dim3 grid(unsigned(L.n_tiles), unsigned(splits));
         if (mm <= 8)
             int4_gemv_kernel<1, 8><<<grid, k_warps * 32, 0, stream>>>(
                 w, s, xr, b, yr, mm, L.n_out, L.k_steps, spg, L.n_groups, x_stride, y_stride, partial, counters);

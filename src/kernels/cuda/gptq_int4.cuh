@@ -4,7 +4,9 @@
 // Layout (docs/cuda.md): the output features are cut into tiles of 32 and k into steps of 32. For
 // each (tile, step) the 32x32 codes are 512 bytes, one 16-byte word per lane, arranged so that a
 // lane's 16 bytes are exactly its mma.m16n8k16 A-fragments (two 16-row tiles x two k16 steps)
-// after a mask-and-OR dequantisation (nibble pairs -> half2 via 0x6400 exponent bits). Scales
+// after a mask-and-OR dequantisation (nibble pairs -> half2 via 0x6400 exponent bits); within a
+// step, lane l's words cover k = 8 (l % 4) .. 8 (l % 4) + 7 (the mma's k order is permuted so that
+// a lane's activation fragment is 8 consecutive halves, one 16-byte load). Scales
 // and zeros: one 16-byte word per (tile, group, lane/4): the (scale, zero) F16 pairs of the
 // lane's 4 rows. Act-order: the k axis is sorted by group once (perm), the activations are
 // permuted by gptq_permute_cols_f16 before the GEMV, so groups are contiguous runs.
@@ -18,6 +20,11 @@
 typedef struct CUstream_st* cudaStream_t;
 
 namespace gptq::cuda {
+
+// The in-step k order of the lane words, as int4_repack writes it: true when slot j (nibbles j, j + 4)
+// of lane l holds k = 8 (l % 4) + 2 j + (0, 1) of the k32 step, false for the mma's own order
+// k = 16 (j / 2) + 8 (j % 2) + 2 (l % 4) + (0, 1). Read by the prefill GEMM (gptq_int4_gemm.cu).
+constexpr bool int4_layout_k_grouped = true;
 
 struct int4_layout {
     int64_t n_out = 0, n_in = 0;
@@ -52,13 +59,25 @@ status int4_repack(const int4_layout& L, const int32_t* qweight, const int32_t* 
 int64_t int4_gemv_workspace_bytes(const int4_layout& L, int splits = 0);
 
 // y[m, n_out] = x[m, n_in] W^T (+ bias), x already permuted when the layer has a perm.
-// x: [m, x_stride] F16 (x_stride even, 4-byte aligned); y: [m, y_stride] F16; bias: [n_out] F16 or
-// nullptr. Any m (chunks of 16 tokens); fastest for m <= 16. workspace: see above. `unroll`:
-// 16-byte loads in flight per lane, 8 (0: the default; 16 was slower and is gone); `splits`: k split over that many
-// blocks per tile, 1..8 (0: automatic, currently 1; the workspace must fit the choice).
+// x: [m, x_stride] F16 (x_stride even, 4-byte aligned; 16-byte aligned with x_stride % 8 == 0 for
+// the fast variants); y: [m, y_stride] F16; bias: [n_out] F16 or nullptr. Any m (chunks of 16
+// tokens); fastest for m <= 16. workspace: see above. `unroll`: 0 or 8, both the default (kept for
+// callers; the batched kernel's 16-byte loads in flight per lane); `splits`: k split over that
+// many blocks per tile, 1..8 (0: automatic, currently 1; the workspace must fit the choice; only
+// the batched variant 0 splits). `variant`: -1 the automatic per-shape choice, else a kernel
+// variant (below) forced, for tests and benchmarks.
 status int4_gemv_f16(const int4_layout& L, const void* weights, const void* sz, const uint16_t* x, const uint16_t* bias,
                      uint16_t* y, int64_t m, int64_t x_stride, int64_t y_stride, void* workspace,
-                     int64_t workspace_bytes, cudaStream_t stream, int unroll = 0, int splits = 0);
+                     int64_t workspace_bytes, cudaStream_t stream, int unroll = 0, int splits = 0, int variant = -1);
+
+// Kernel variants of int4_gemv_f16: 0 .. int4_gemv_variant_count() - 1. Variant 0 is the batched
+// kernel (any aligned-to-4 x, split-K); the others are pipelined (cp.async rings) with different
+// warps per block, tiles per block and ring depths (the names say which). int4_gemv_auto_variant:
+// the one the automatic choice takes for L and m tokens (m > 16: per 16-token chunk) on the
+// current device when x is 16-byte aligned and k is not split.
+int         int4_gemv_variant_count();
+const char* int4_gemv_variant_name(int variant);
+int         int4_gemv_auto_variant(const int4_layout& L, int64_t m);
 
 // y[r, i] = x[r, perm[i]] for r < m, i < n_cols. x: [m, x_stride], y: [m, y_stride] F16 (no alias);
 // perm: [n_cols] I32 device array.

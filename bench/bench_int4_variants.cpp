@@ -11,8 +11,7 @@
 // is compared with variant 0's on the same input (a sanity check; the tests are the correctness
 // check): the largest difference relative to the largest output is printed.
 //
-// Not built by CMake (bench/CMakeLists.txt builds the benchmarks of record); build it against a
-// CUDA build folder with scripts/device/int4_variants.sh build BUILD_DIR OUT_DIR.
+// Built with GPTQ_BUILD_BENCH (bin/bench_int4_variants); scripts/device/int4_variants.sh runs it.
 //   bench_int4_variants [--out FILE.jsonl] [--iters N] [--only SHAPE] [--m M] [--variant V]
 // (V: -1 auto, or an index; several --m / --variant flags allowed)
 #include <cuda_runtime.h>

@@ -38,11 +38,11 @@ BIN=""
 if cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release -DGPTQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
         -DGPTQ_BUILD_BENCH=ON > "$OUT/build.log" 2>&1; then
     log "building in build-device with $JOBS jobs"
-    if cmake --build build-device -j "$JOBS" --target test_cuda_kernels test_cuda_gptq test_ops_cuda test_gptq_cuda test_llama_cuda test_offload_cuda \
+    if cmake --build build-device -j "$JOBS" --target test_cuda_kernels test_cuda_gptq test_cuda_gemm test_ops_cuda test_gptq_cuda test_llama_cuda test_offload_cuda \
             bench_gptq_gemv bench_gptq_quantize gptq >> "$OUT/build.log" 2>&1; then
         BIN=build-device
         TEST_DIR=build-device/tests
-        TESTS=(build-device/tests/test_cuda_kernels build-device/tests/test_cuda_gptq build-device/tests/test_ops_cuda
+        TESTS=(build-device/tests/test_cuda_kernels build-device/tests/test_cuda_gptq build-device/tests/test_cuda_gemm build-device/tests/test_ops_cuda
                build-device/tests/test_gptq_cuda build-device/tests/test_llama_cuda build-device/tests/test_offload_cuda)
         BENCH=build-device/bin/bench_gptq_gemv
         BENCH_Q=build-device/bin/bench_gptq_quantize
@@ -73,7 +73,7 @@ if [ -z "$BIN" ]; then
     if ldd "$TEST_DIR/gptq" | grep -q 'not found'; then
         log "missing shared libraries: $(ldd "$TEST_DIR/gptq" | grep 'not found' | tr -s ' \t\n' ' ')"
     fi
-    TESTS=("$TEST_DIR/test_cuda_kernels" "$TEST_DIR/test_cuda_gptq" "$TEST_DIR/test_ops_cuda" "$TEST_DIR/test_gptq_cuda"
+    TESTS=("$TEST_DIR/test_cuda_kernels" "$TEST_DIR/test_cuda_gptq" "$TEST_DIR/test_cuda_gemm" "$TEST_DIR/test_ops_cuda" "$TEST_DIR/test_gptq_cuda"
            "$TEST_DIR/test_llama_cuda" "$TEST_DIR/test_offload_cuda")
     BENCH=$TEST_DIR/bench_gptq_gemv
     BENCH_Q=$TEST_DIR/bench_gptq_quantize

@@ -18,6 +18,7 @@
 #include "kernels/cuda/embedding.cuh"
 #include "kernels/cuda/gemm.cuh"
 #include "kernels/cuda/gptq_int4.cuh"
+#include "kernels/cuda/gptq_int4_gemm.cuh"
 #include "kernels/cuda/gptq_linear.cuh"
 #include "kernels/cuda/kv_cache.cuh"
 #include "kernels/cuda/norm.cuh"
@@ -583,6 +584,27 @@ result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_hos
     return L;
 }
 
+// The prefill dispatch table. m <= 16: the decode GEMV (its mma column tiles are 8 tokens, at most
+// two per launch). 16 < m < k_dequant_min_m: the fused GEMM (its own m-bucket tile table in
+// gptq_int4_gemm.cu). Larger m: dequantize + cuBLAS, which writes the layer once as F16 (2 bytes per
+// weight, in the context's scratch: 180 MB for Llama-2-7B's gate_up) and then runs at cuBLAS speed.
+// H100, Llama-2-7B shapes summed (docs/perf-notes.md, session 4, runs 1-3): fused ahead up to m = 128
+// (at 128: 282 vs 373 us), even at 192 (396 vs 388 us), dequantize + cuBLAS ahead from 256 on (401
+// vs >= 440 us for the best fused tile and split per shape; 2048: 1.2-1.3 ms vs 2.4 ms).
+gptq_prefill_path gptq_prefill_path_for(int64_t m, int64_t n_out, int64_t n_in) {
+    (void)n_out, (void)n_in;
+    constexpr int64_t k_gemv_max_m    = 16;
+    constexpr int64_t k_dequant_min_m = 192;  // 7B shapes: about equal at 192, dequantize ahead from 256 on
+    if (m <= k_gemv_max_m) return gptq_prefill_path::GPTQ_PREFILL_GEMV;
+    if (m < k_dequant_min_m) return gptq_prefill_path::GPTQ_PREFILL_FUSED;
+    return gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS;
+}
+
+gptq_gemm_plan_info gptq_gemm_plan_describe(int64_t m, int64_t n_in, int gemm_tile, int gemm_splits) {
+    const auto p = cuda::int4_gemm_plan_for(m, n_in, {static_cast<cuda::int4_gemm_tile>(gemm_tile), gemm_splits});
+    return {cuda::int4_gemm_tile_name(p.tile), p.splits};
+}
+
 status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, uint16_t* y, int64_t m,
                            bool x_permuted) {
     if (m <= 0) return status::ok();
@@ -590,13 +612,52 @@ status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const u
     if (w.fast) {
         auto lay = cuda::int4_layout_for(w.n_out, w.n_in, w.group_size);
         if (!lay) return lay.error();
+        gptq_prefill_path path = gptq_prefill_path::GPTQ_PREFILL_GEMV;
+        if (m > 16)
+            path = w.prefill != gptq_prefill_path::GPTQ_PREFILL_AUTO ? w.prefill
+                                                                     : gptq_prefill_path_for(m, w.n_out, w.n_in);
+        // Scratch: the permuted x (act-order), then the dequantized weights (dequantize + cuBLAS).
+        const bool   permute = w.perm.bytes() && !x_permuted;
+        const size_t x_bytes = permute ? (size_t(m * w.n_in) * 2 + 255) / 256 * 256 : 0;
+        const size_t w16_bytes =
+            path == gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS ? size_t(w.n_out * w.n_in) * 2 : 0;
+        char* scratch = nullptr;
+        if (x_bytes + w16_bytes > 0) {
+            auto sp = ctx.scratch(x_bytes + w16_bytes);
+            if (!sp) return sp.error();
+            scratch = static_cast<char*>(*sp);
+        }
         const uint16_t* xin = x;
-        if (w.perm.bytes() && !x_permuted) {
-            auto xp = ctx.scratch(size_t(m * w.n_in) * 2);
-            if (!xp) return xp.error();
-            GPTQ_TRY(cuda::gptq_permute_cols_f16(x, w.perm.as<int32_t>(), static_cast<uint16_t*>(*xp), m, w.n_in,
-                                                 w.n_in, w.n_in, ctx.stream()));
-            xin = static_cast<const uint16_t*>(*xp);
+        if (permute) {
+            GPTQ_TRY(cuda::gptq_permute_cols_f16(x, w.perm.as<int32_t>(), reinterpret_cast<uint16_t*>(scratch), m,
+                                                 w.n_in, w.n_in, w.n_in, ctx.stream()));
+            xin = reinterpret_cast<const uint16_t*>(scratch);
+        }
+        // The fused GEMM copies x in 16-byte pieces; an x that is not 16-byte aligned (never from
+        // this project's activation buffers) takes the GEMV, which needs 4 bytes.
+        if (path == gptq_prefill_path::GPTQ_PREFILL_FUSED && reinterpret_cast<uintptr_t>(xin) % 16 != 0)
+            path = gptq_prefill_path::GPTQ_PREFILL_GEMV;
+        if (path == gptq_prefill_path::GPTQ_PREFILL_FUSED) {
+            const cuda::int4_gemm_plan plan{static_cast<cuda::int4_gemm_tile>(w.gemm_tile), w.gemm_splits};
+            const int64_t              ws_bytes = cuda::int4_gemm_workspace_bytes(*lay, m, plan);
+            auto                       ws       = ctx.zeroed_workspace(size_t(ws_bytes));
+            if (!ws) return ws.error();
+            return cuda::int4_gemm_f16(*lay, w.weights.data(), w.sz.data(), xin, bias, y, m, w.n_in, w.n_out, *ws,
+                                       ws_bytes, ctx.stream(), plan);
+        }
+        if (path == gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS) {
+            uint16_t* w16 = reinterpret_cast<uint16_t*>(scratch + x_bytes);
+            GPTQ_TRY(cuda::int4_dequant_f16(*lay, w.weights.data(), w.sz.data(), w16, w.n_in, ctx.stream()));
+            // A bias enters the GEMM as C = bias rows with beta = 1, so the output is rounded to F16
+            // once, as in the fused kernel. Added to the F16 GEMM result instead, it would carry that
+            // result's rounding (half an ulp of |x W^T|, larger than the output when the bias cancels
+            // it): run 3's op test caught 7 ulps on one such element.
+            if (bias) {
+                GPTQ_TRY(cuda_zero_async(ctx, y, size_t(m * w.n_out) * 2));
+                GPTQ_TRY(op_cuda_add_bias(ctx, y, bias, m, w.n_out));
+            }
+            return cuda::gemm(ctx.blas(), cuda::gemm_dtype::f16, xin, w16, y, m, w.n_out, w.n_in, w.n_in, w.n_in,
+                              w.n_out, 1.0f, bias ? 1.0f : 0.0f, ctx.stream());
         }
         const int64_t ws_bytes = cuda::int4_gemv_workspace_bytes(*lay, w.splits);
         auto          ws       = ctx.zeroed_workspace(size_t(ws_bytes));

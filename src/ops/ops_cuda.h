@@ -257,6 +257,25 @@ struct gptq_host_tensors {
     int             zero_add   = 0;    // 1 for v1 ("gptq") checkpoints, 0 for v2
 };
 
+// How op_cuda_gptq_linear runs a layer on the fast int4 layout for m > 16 tokens (m <= 16: always
+// the GEMV). AUTO is the dispatch table gptq_prefill_path_for; the others force a path (tests,
+// benchmarks).
+enum class gptq_prefill_path : int {
+    GPTQ_PREFILL_AUTO = 0,
+    GPTQ_PREFILL_FUSED,           // the fused int4 GEMM (kernels/cuda/gptq_int4_gemm.cuh)
+    GPTQ_PREFILL_DEQUANT_CUBLAS,  // dequantize the layer to F16 in the context's scratch, then cuBLAS
+    GPTQ_PREFILL_GEMV,            // the decode GEMV in chunks of 16 tokens
+};
+// The table (docs/cuda.md, "Prefill GEMM"; evidence in docs/perf-notes.md, session 4).
+gptq_prefill_path gptq_prefill_path_for(int64_t m, int64_t n_out, int64_t n_in);
+// The fused GEMM's tile (name) and k splits for m tokens of an n_in-wide layer, with a layer's
+// gemm_tile / gemm_splits (0: the table's) resolved as op_cuda_gptq_linear resolves them. Reports.
+struct gptq_gemm_plan_info {
+    const char* tile   = "";
+    int         splits = 0;
+};
+gptq_gemm_plan_info gptq_gemm_plan_describe(int64_t m, int64_t n_in, int gemm_tile = 0, int gemm_splits = 0);
+
 // A GPTQ layer on the device, prepared once: the fast int4 layout when it applies (4 bits, n_in a
 // multiple of 32, group size -1 or a multiple of 32, groups of equal size after the act-order
 // sort, sm_80+), else the checkpoint tensors as they are for the generic kernel.
@@ -271,6 +290,11 @@ struct cuda_gptq_linear {
     cuda_buffer perm;         // fast with act-order: [n_in] I32 column order; empty otherwise
     cuda_buffer qweight, qzeros, scales, g_idx;  // generic: the checkpoint tensors as they are
     cuda_buffer bias;                            // [n_out] F16 or empty
+
+    // Fast layout, m > 16: the path and the fused GEMM's tile (cuda::int4_gemm_tile) and k splits;
+    // AUTO / 0 are the dispatch tables' choices, anything else is forced (tests, benchmarks).
+    gptq_prefill_path prefill   = gptq_prefill_path::GPTQ_PREFILL_AUTO;
+    int               gemm_tile = 0, gemm_splits = 0;
 };
 result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_host_tensors& t, bool allow_fast = true);
 // y[m, n_out] = x[m, n_in] W^T (+ bias). x, y: F16 device, contiguous rows. x_permuted: x is

@@ -1,0 +1,616 @@
+// 4-bit GPTQ GEMM for prefill and the dequantize kernel (see gptq_int4_gemm.cuh; the weight layout
+// is gptq_int4.cuh's).
+//
+// Fused kernel, per block: BM tokens x BN = 32 NT outputs (NT layout tiles of 32 rows). k runs in
+// stages of 64 (two layout k32 steps); each stage is three cp.async copies into shared memory:
+// the NT x 2 weight chunks (512 bytes each, one 16-byte word per lane, already in mma A-fragment
+// order), their scale/zero words (128 bytes per tile and step: one group per k32 step, since group
+// sizes are multiples of 32), and the x tile (BM rows of 128 bytes, 16-byte chunks XOR-swizzled by
+// row so that ldmatrix reads 8 rows without bank conflicts). STAGES stages are in flight.
+// Warps split the block into WN x WM warp tiles (MT layout tiles x BM / WM tokens); per k32 step a
+// warp reads its MT lane words, dequantizes each to 16 half2 f16(scale (q - zero)), and per k16 half
+// loads its B fragments with ldmatrix.x4 and issues MT x 2 x NB mma.m16n8k16 (F32 accumulators).
+// Epilogue: optional split-K sum (partials in a workspace, the last block of a tile adds them in
+// split order, so the result does not depend on which block finishes last), bias, F16, staged
+// through shared memory so that the output rows are written with 16-byte stores.
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/gptq_int4_gemm.cuh"
+
+namespace gptq::cuda {
+
+namespace {
+
+// ---- small PTX wrappers -------------------------------------------------------------------------
+
+__device__ inline uint32_t h2_bits(__half2 h) {
+    return *reinterpret_cast<uint32_t*>(&h);
+}
+__device__ inline __half2 bits_h2(uint32_t u) {
+    return *reinterpret_cast<__half2*>(&u);
+}
+__device__ inline uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte global -> shared copy that bypasses L1 (.cg: every byte is used once per block); with
+// src_bytes 0 it writes zeros (padding rows, tiles past n_out, steps past n_in) and reads nothing.
+__device__ inline void cp_async16(uint32_t dst, const void* src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+#endif
+}
+__device__ inline void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ inline void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// Four 8x8 b16 matrices; lane i gives the row address of matrix i / 8, row i % 8.
+[[maybe_unused]] __device__ inline void ldmatrix_x4(uint32_t addr, uint32_t& r0, uint32_t& r1, uint32_t& r2,
+                                                    uint32_t& r3) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(addr));
+#else
+    r0 = r1 = r2 = r3 = 0;
+#endif
+}
+
+__device__ inline void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                 uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+    __trap();  // built only for sm_80+; the caller checks the device
+#endif
+}
+
+// ---- the layout's in-step k order ----------------------------------------------------------------
+
+// Slot j (0..3) of a lane word holds the codes of k = slot_k(tig, j) + (0, 1) within the k32 step
+// (tig = lane % 4); for mma, slot 2 ks + h is the A-fragment register pair of k16 half ks at mma k
+// 2 tig + 8 h, so the B fragments must hold x at the same k. int4_layout_k_grouped (gptq_int4.cuh)
+// says which order int4_repack writes; test_cuda_gemm checks the repacked words against slot_k and
+// both kernels here against a reference built from the checkpoint tensors.
+// Grouped order (k = 8 tig + 2 j): a lane's activation fragments of one step are the 8 consecutive
+// halves x[8 tig .. 8 tig + 7] (one 16-byte shared load); interleaved order (k = 16 (j / 2) + 8 (j %
+// 2) + 2 tig, the mma's own k order): ldmatrix.x4.
+constexpr bool                    k_layout_k_grouped = int4_layout_k_grouped;
+__host__ __device__ constexpr int slot_k(int tig, int j) {
+    return k_layout_k_grouped ? 8 * tig + 2 * j : 16 * (j / 2) + 8 * (j % 2) + 2 * tig;
+}
+// XOR swizzle of the 16-byte chunks (8 per 128-byte row) of the x tile in shared memory: grouped
+// order reads rows (g, g + 1) x chunks (4 st + tig) per quarter warp, so odd rows use the other
+// half of the banks; ldmatrix reads 8 rows of one chunk, so each row its own slot.
+__host__ __device__ constexpr int x_swizzle(int row) {
+    return k_layout_k_grouped ? (row & 1) << 2 : row & 7;
+}
+
+// ---- dequantization -----------------------------------------------------------------------------
+
+// One lane word (4 rows x 8 k, gptq_int4.cuh) and its 4 rows' (scale, zero) F16 pairs -> a[row word]
+// [slot] half2 f16(scale (q - zero)). Slot j of a 32-bit word holds (k even, k odd) codes in nibbles
+// j and j + 4: (w & 0x000F000F) | 0x64006400 is the half2 (1024 + q_even, 1024 + q_odd), minus
+// (1024 + zero) is q - zero exactly; the 0x00F0 nibbles read as 1024 + 16 q, so an FMA by 1/16 with
+// -(64 + zero) gives q - zero exactly. One multiply by the scale then rounds the exact product once.
+__device__ inline void dequant_scaled(const uint4 q, const uint4 s, uint32_t (&a)[4][4]) {
+    const uint32_t qw[4] = {q.x, q.y, q.z, q.w}, sv[4] = {s.x, s.y, s.z, s.w};
+    const __half2  sixteenth = __float2half2_rn(1.0f / 16.0f);
+    const __half2  c1024 = __float2half2_rn(1024.0f), c64 = __float2half2_rn(64.0f);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const __half2  sz2   = bits_h2(sv[i]);  // (scale, zero)
+        const __half2  sc    = __low2half2(sz2);
+        const __half2  zz    = __high2half2(sz2);
+        const __half2  z1024 = __hadd2(zz, c1024);
+        const __half2  z64   = __hneg2(__hadd2(zz, c64));
+        const uint32_t w = qw[i], w8 = w >> 8;
+        a[i][0] = h2_bits(__hmul2(__hsub2(bits_h2((w & 0x000F000Fu) | 0x64006400u), z1024), sc));
+        a[i][1] = h2_bits(__hmul2(__hfma2(bits_h2((w & 0x00F000F0u) | 0x64006400u), sixteenth, z64), sc));
+        a[i][2] = h2_bits(__hmul2(__hsub2(bits_h2((w8 & 0x000F000Fu) | 0x64006400u), z1024), sc));
+        a[i][3] = h2_bits(__hmul2(__hfma2(bits_h2((w8 & 0x00F000F0u) | 0x64006400u), sixteenth, z64), sc));
+    }
+}
+
+// ---- the fused kernel ---------------------------------------------------------------------------
+
+struct gemm_args {
+    const uint4*  w;   // layout weights: [n_tiles][k_steps][32 lanes] x 16 bytes
+    const uint4*  sz;  // layout scales/zeros: [n_tiles][n_groups][8] x 16 bytes
+    const __half* x;   // [m, x_stride]
+    const __half* bias;
+    __half*       y;         // [m, y_stride]
+    float*        partial;   // split-K: [splits][n_pad][m_pad] F32
+    unsigned*     counters;  // split-K: [n_blocks * m_blocks]
+    int64_t       m, n_out, n_tiles, k_steps, n_groups, spg, x_stride, y_stride, n_pad, m_pad;
+    bool          y_vec;  // 16-byte output stores allowed
+};
+
+// BM: tokens per block; NT: 32-row layout tiles per block; WM x WN warps (WN along the outputs);
+// KS: k32 layout steps per stage (a stage is 32 KS of k); STAGES: stages in the ring.
+template <int BM, int NT, int WM, int WN, int KS, int STAGES>
+struct tile_config {
+    static constexpr int ks      = KS;  // k32 layout steps per stage
+    static constexpr int threads = WM * WN * 32;
+    static constexpr int mt      = NT / WN;   // layout tiles per warp
+    static constexpr int wtok    = BM / WM;   // tokens per warp
+    static constexpr int nb      = wtok / 8;  // 8-token mma columns per warp
+    static constexpr int w_bytes = NT * ks * 512, sz_bytes = NT * ks * 128, x_bytes = BM * ks * 64;
+    static constexpr int stage_bytes = w_bytes + sz_bytes + x_bytes;
+    static constexpr int out_pitch   = NT * 32 + 8;  // halves per staged output row (+16 bytes: no bank conflicts)
+    static constexpr int smem_bytes =
+        STAGES * stage_bytes > BM* out_pitch * 2 ? STAGES* stage_bytes : BM* out_pitch * 2;
+    static_assert(NT % WN == 0 && BM % WM == 0 && nb % 2 == 0, "warp tile");
+    static_assert((BM * ks * 4) % threads == 0 && (NT * ks * 32) % threads == 0 && NT * ks * 8 <= threads,
+                  "loader split");
+};
+
+template <int BM, int NT, int WM, int WN, int KS_, int STAGES>
+__global__ void __launch_bounds__(WM* WN * 32) int4_gemm_kernel(const gemm_args p) {
+    using C                   = tile_config<BM, NT, WM, WN, KS_, STAGES>;
+    constexpr int     KS      = C::ks;
+    constexpr int     MT      = C::mt;
+    constexpr int     NB      = C::nb;
+    constexpr int     THREADS = C::threads;
+    extern __shared__ __align__(128) unsigned char smem[];
+
+    const int     tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+    const int     wn = warp % WN, wm = warp / WN, gid = lane >> 2, tig = lane & 3;
+    const int64_t tok0  = int64_t(blockIdx.x) * BM;
+    const int64_t t0    = int64_t(blockIdx.y) * NT;  // first layout tile
+    const int     split = int(blockIdx.z), n_split = int(gridDim.z);
+    // This split's stages (stage-aligned, so only the last stage of the layer can be short).
+    const int64_t  n_stage_all = (p.k_steps + KS - 1) / KS;
+    const int64_t  st_begin = n_stage_all * split / n_split, st_end = n_stage_all * (split + 1) / n_split;
+    const int      n_stage = int(st_end - st_begin);
+    const uint32_t sbase   = smem_addr(smem);
+
+    // Loader assignments (fixed per thread). x: row r = e / (4 KS), chunk xc = e % (4 KS), which is
+    // the same for all of a thread's chunks since THREADS is a multiple of 4 KS.
+    constexpr int XPT = BM * KS * 4 / THREADS, WPT = NT * KS * 32 / THREADS;
+    const int     xc = tid % (KS * 4);
+    const __half* xsrc[XPT];
+    uint32_t      xdst[XPT];
+    bool          xok[XPT];
+#pragma unroll
+    for (int i = 0; i < XPT; ++i) {
+        const int     r   = (tid + i * THREADS) / (KS * 4);
+        const int64_t tok = tok0 + r;
+        xok[i]            = tok < p.m;
+        xsrc[i]           = p.x + (xok[i] ? tok : 0) * p.x_stride + xc * 8;
+        xdst[i]           = uint32_t(C::w_bytes + C::sz_bytes + r * KS * 64 + ((xc ^ x_swizzle(r)) << 4));
+    }
+    const uint4* wsrc[WPT];
+    bool         wok[WPT];
+    int          wst[WPT];
+#pragma unroll
+    for (int i = 0; i < WPT; ++i) {
+        const int e    = tid + i * THREADS;
+        const int tile = e / (KS * 32);
+        wst[i]         = (e / 32) % KS;
+        wok[i]         = t0 + tile < p.n_tiles;
+        wsrc[i]        = p.w + ((wok[i] ? t0 + tile : 0) * p.k_steps + wst[i]) * 32 + (e % 32);
+    }
+    const bool   szt   = tid < NT * KS * 8;
+    const int    sz_st = (tid / 8) % KS;
+    const bool   szok  = szt && t0 + tid / (KS * 8) < p.n_tiles;
+    const uint4* szsrc = p.sz + (szok ? t0 + tid / (KS * 8) : 0) * p.n_groups * 8 + (tid % 8);
+
+    auto load_stage = [&](int j) {
+        const int64_t  s0   = (st_begin + j) * KS;  // first k32 step of the stage
+        const uint32_t base = sbase + uint32_t((j % STAGES) * C::stage_bytes);
+#pragma unroll
+        for (int i = 0; i < WPT; ++i) {
+            const bool ok = wok[i] && s0 + wst[i] < p.k_steps;
+            cp_async16(base + uint32_t((tid + i * THREADS) * 16), ok ? wsrc[i] + s0 * 32 : p.w, ok ? 16 : 0);
+        }
+        if (szt) {
+            const int64_t step = s0 + sz_st;
+            const bool    ok   = szok && step < p.k_steps;
+            cp_async16(base + uint32_t(C::w_bytes + tid * 16), ok ? szsrc + (step / p.spg) * 8 : p.sz, ok ? 16 : 0);
+        }
+#pragma unroll
+        for (int i = 0; i < XPT; ++i) {
+            const bool ok = xok[i] && s0 + xc / 4 < p.k_steps;
+            cp_async16(base + xdst[i], ok ? xsrc[i] + s0 * 32 : p.x, ok ? 16 : 0);
+        }
+    };
+
+    float acc[MT][2][NB][4];
+#pragma unroll
+    for (int a = 0; a < MT; ++a)
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int b = 0; b < NB; ++b)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[a][t][b][c] = 0.0f;
+
+    // This lane's row in the x tile: grouped order, token wm wtok + 8 bb + gid (16-byte loads);
+    // interleaved, the ldmatrix row wm wtok + lane % 8 + 8 (lane / 16) of k half (lane / 8) % 2.
+    const int      x_r0  = k_layout_k_grouped ? wm * C::wtok + gid : wm * C::wtok + (lane & 7) + ((lane >> 4) << 3);
+    const uint32_t x_row = uint32_t(x_r0 * KS * 64);
+    const int      x_hi = (lane >> 3) & 1, x_sw = x_swizzle(x_r0);
+
+#pragma unroll
+    for (int j = 0; j < STAGES - 1; ++j) {
+        if (j < n_stage) load_stage(j);
+        cp_async_commit();
+    }
+    for (int it = 0; it < n_stage; ++it) {
+        cp_async_wait<STAGES - 2>();
+        __syncthreads();  // stage `it` visible to all; the buffer of stage it - 1 is free again
+        if (it + STAGES - 1 < n_stage) load_stage(it + STAGES - 1);
+        cp_async_commit();
+
+        const int            buf  = it % STAGES;
+        const unsigned char* sb   = smem + buf * C::stage_bytes;
+        const uint4*         w_s  = reinterpret_cast<const uint4*>(sb);
+        const uint4*         sz_s = reinterpret_cast<const uint4*>(sb + C::w_bytes);
+        const uint32_t       x_s  = sbase + uint32_t(buf * C::stage_bytes + C::w_bytes + C::sz_bytes) + x_row;
+        const unsigned char* x_p  = sb + C::w_bytes + C::sz_bytes + x_row;
+#pragma unroll
+        for (int st = 0; st < KS; ++st) {
+            uint32_t a[MT][4][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int tl = wn * MT + mt;
+                dequant_scaled(w_s[(tl * KS + st) * 32 + lane], sz_s[(tl * KS + st) * 8 + gid], a[mt]);
+            }
+            // B fragments of the step: b[bb][2 ks + h] = register h of k16 half ks, token column bb.
+            uint32_t b[NB][4];
+            if constexpr (k_layout_k_grouped) {
+#pragma unroll
+                for (int bb = 0; bb < NB; ++bb) {
+                    const uint4 v =
+                        *reinterpret_cast<const uint4*>(x_p + bb * 8 * KS * 64 + (((st * 4 + tig) ^ x_sw) << 4));
+                    b[bb][0] = v.x, b[bb][1] = v.y, b[bb][2] = v.z, b[bb][3] = v.w;
+                }
+            } else {
+#pragma unroll
+                for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+                    for (int jb = 0; jb < NB / 2; ++jb)
+                        ldmatrix_x4(
+                            x_s + uint32_t(jb * 16 * KS * 64) + uint32_t(((st * 4 + ks * 2 + x_hi) ^ x_sw) << 4),
+                            b[2 * jb][2 * ks], b[2 * jb][2 * ks + 1], b[2 * jb + 1][2 * ks], b[2 * jb + 1][2 * ks + 1]);
+            }
+#pragma unroll
+            for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int t = 0; t < 2; ++t)
+#pragma unroll
+                        for (int bb = 0; bb < NB; ++bb)
+                            mma_16816(acc[mt][t][bb], a[mt][2 * t][2 * ks], a[mt][2 * t + 1][2 * ks],
+                                      a[mt][2 * t][2 * ks + 1], a[mt][2 * t + 1][2 * ks + 1], b[bb][2 * ks],
+                                      b[bb][2 * ks + 1]);
+        }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the pipeline's shared memory is reused below
+
+    // Accumulator element (mt, t, bb, c): output row n_local = (wn MT + mt) 32 + 16 t + gid + 8 (c / 2)
+    // of the block, token wm wtok + 8 bb + 2 tig + (c % 2).
+    if (n_split > 1) {
+        const int64_t cidx = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int t = 0; t < 2; ++t)
+#pragma unroll
+                for (int bb = 0; bb < NB; ++bb)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int64_t n   = t0 * 32 + (wn * MT + mt) * 32 + 16 * t + gid + 8 * h;
+                        const int64_t tok = tok0 + wm * C::wtok + 8 * bb + 2 * tig;
+                        *reinterpret_cast<float2*>(p.partial + (split * p.n_pad + n) * p.m_pad + tok) =
+                            make_float2(acc[mt][t][bb][2 * h], acc[mt][t][bb][2 * h + 1]);
+                    }
+        __threadfence();
+        __syncthreads();
+        __shared__ bool last;
+        if (tid == 0) last = atomicAdd(&p.counters[cidx], 1u) == unsigned(n_split - 1);
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int t = 0; t < 2; ++t)
+#pragma unroll
+                for (int bb = 0; bb < NB; ++bb)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        const int64_t n   = t0 * 32 + (wn * MT + mt) * 32 + 16 * t + gid + 8 * h;
+                        const int64_t tok = tok0 + wm * C::wtok + 8 * bb + 2 * tig;
+                        float2        s   = make_float2(0.0f, 0.0f);
+                        for (int sp = 0; sp < n_split; ++sp) {
+                            const float2 v =
+                                __ldcg(reinterpret_cast<const float2*>(p.partial + (sp * p.n_pad + n) * p.m_pad + tok));
+                            s.x += v.x, s.y += v.y;
+                        }
+                        acc[mt][t][bb][2 * h] = s.x, acc[mt][t][bb][2 * h + 1] = s.y;
+                    }
+        if (tid == 0) p.counters[cidx] = 0u;  // ready for the next launch on this workspace
+    }
+
+    __half* out_s = reinterpret_cast<__half*>(smem);  // [BM][out_pitch]
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int     nl = (wn * MT + mt) * 32 + 16 * t + gid + 8 * h;
+                const int64_t n  = t0 * 32 + nl;
+                const float   bv = (p.bias && n < p.n_out) ? __half2float(p.bias[n]) : 0.0f;
+#pragma unroll
+                for (int bb = 0; bb < NB; ++bb) {
+                    const int tl                        = wm * C::wtok + 8 * bb + 2 * tig;
+                    out_s[tl * C::out_pitch + nl]       = __float2half_rn(acc[mt][t][bb][2 * h] + bv);
+                    out_s[(tl + 1) * C::out_pitch + nl] = __float2half_rn(acc[mt][t][bb][2 * h + 1] + bv);
+                }
+            }
+    __syncthreads();
+    constexpr int CPR = NT * 32 / 8;  // 16-byte chunks per output row of the block
+    for (int e = tid; e < BM * CPR; e += THREADS) {
+        const int     r = e / CPR, c = e % CPR;
+        const int64_t tok = tok0 + r, n = t0 * 32 + c * 8;
+        if (tok >= p.m || n >= p.n_out) continue;  // n_out % 8 == 0: a chunk is all in or all out
+        const __half* src = out_s + r * C::out_pitch + c * 8;
+        __half*       dst = p.y + tok * p.y_stride + n;
+        if (p.y_vec) {
+            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+#pragma unroll
+            for (int q = 0; q < 8; ++q) dst[q] = src[q];
+        }
+    }
+}
+
+// ---- the dequantize kernel ------------------------------------------------------------------------
+
+constexpr int k_dq_steps = 4;  // k32 steps per warp item: rows of 128 k = 256 bytes written per row
+
+constexpr int k_dq_warps = 4;  // 4 x 8.5 KB of shared memory per block
+
+// One warp per (tile, group of 4 k32 steps): each lane dequantizes its words into a shared [32 rows]
+// [128 k] tile, then each half-warp writes one row's 256 bytes with 16-byte stores.
+__global__ void __launch_bounds__(k_dq_warps * 32)
+    int4_dequant_kernel(const uint4* __restrict__ wts, const uint4* __restrict__ sz, __half* w, int64_t n_out,
+                        int64_t n_tiles, int64_t k_steps, int64_t n_groups, int64_t spg, int64_t w_stride) {
+    constexpr int pitch = 32 * k_dq_steps + 8;  // halves per shared row
+    __shared__ __align__(16) __half tile_s[k_dq_warps][32 * pitch];
+    const int     lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) >> 5, gid = lane >> 2, tig = lane & 3;
+    __half*       ts      = tile_s[warp];
+    const int64_t n_sgrp  = (k_steps + k_dq_steps - 1) / k_dq_steps;
+    const int64_t n_items = n_tiles * n_sgrp;
+    for (int64_t item = int64_t(blockIdx.x) * k_dq_warps + warp; item < n_items;
+         item += int64_t(gridDim.x) * k_dq_warps) {
+        const int64_t tn = item / n_sgrp, s0 = (item % n_sgrp) * k_dq_steps;
+        const int     n_st = k_steps - s0 < k_dq_steps ? int(k_steps - s0) : k_dq_steps;
+        for (int st = 0; st < n_st; ++st) {
+            const int64_t step = s0 + st;
+            uint32_t      a[4][4];
+            dequant_scaled(__ldcs(wts + (tn * k_steps + step) * 32 + lane),
+                           __ldg(sz + (tn * n_groups + step / spg) * 8 + gid), a);
+            // word i: row 8 i + gid; slot j: k = slot_k(tig, j) + (0, 1)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    *reinterpret_cast<uint32_t*>(ts + (8 * i + gid) * pitch + st * 32 + slot_k(tig, j)) = a[i][j];
+        }
+        __syncwarp();
+        const int half = lane >> 4, c = lane & 15;
+        for (int r = half; r < 32; r += 2) {
+            const int64_t n = tn * 32 + r;
+            if (n < n_out && c < n_st * 4)
+                *reinterpret_cast<uint4*>(w + n * w_stride + s0 * 32 + c * 8) =
+                    *reinterpret_cast<const uint4*>(ts + r * pitch + c * 8);
+        }
+        __syncwarp();
+    }
+}
+
+// ---- host side -----------------------------------------------------------------------------------
+
+constexpr int k_max_splits = 8;
+constexpr int k_stages     = 4;
+
+struct tile_shape {
+    int bm, bn;
+};
+tile_shape shape_of(int4_gemm_tile t) {
+    switch (t) {
+        case int4_gemm_tile::INT4_GEMM_TILE_M32_N128:
+            return {32, 128};
+        case int4_gemm_tile::INT4_GEMM_TILE_M64_N128:
+            return {64, 128};
+        case int4_gemm_tile::INT4_GEMM_TILE_M128_N128:
+            return {128, 128};
+        case int4_gemm_tile::INT4_GEMM_TILE_M128_N256:
+            return {128, 256};
+        default:
+            return {0, 0};
+    }
+}
+
+// The dispatch table (docs/cuda.md, "Prefill GEMM"; measurements in docs/perf-notes.md, session 4):
+// the tile by m bucket. Measured on the H100 over every tile x split on the Llama-2-7B shapes (runs
+// 1-3): m32_n128 was fastest (or within 5 %) for m <= 192 on every shape but gate_up at m = 128
+// (m64_n128, 5 % better); larger tiles lose because a block's warps are few and latency-bound (ncu,
+// run 2: 0.44 issued warps per scheduler, 56 % of cycles with no eligible warp, occupancy limited
+// by registers and shared memory). Tiles tried and dropped: 8-warp m32_n256 and m64_n256, k stages
+// of 128 (no better than 64). From m = 192 on the op layer takes dequantize + cuBLAS
+// (gptq_prefill_path_for); m128_n256 remains the fused tile for larger m when the kernel is forced.
+int4_gemm_tile table_tile(int64_t m) {
+    if (m <= 191) return int4_gemm_tile::INT4_GEMM_TILE_M32_N128;
+    return int4_gemm_tile::INT4_GEMM_TILE_M128_N256;
+}
+
+// Resolve AUTO entries: the table's tile for m; splits for the (possibly forced) tile: about 1024 k
+// per split with one or two m blocks, halved per doubling of the m blocks beyond two (the sweep's
+// best for m32_n128: n_in 4096 at 4 splits for m = 32 and 64, 2 at m = 128; 11008 at 8, then 4),
+// at least 512 k per split, 1..8. From m and n_in only.
+int4_gemm_plan resolve(int4_gemm_plan plan, int64_t m, int64_t n_in) {
+    if (plan.tile == int4_gemm_tile::INT4_GEMM_TILE_AUTO) plan.tile = table_tile(m);
+    if (plan.splits == 0) {
+        const int64_t m_blocks = (m + shape_of(plan.tile).bm - 1) / shape_of(plan.tile).bm;
+        int64_t       s        = std::llround(double(n_in) / (1024.0 * double(std::max<int64_t>(1, m_blocks / 2))));
+        s                      = std::min<int64_t>(s, n_in / 512);
+        plan.splits            = int(std::clamp<int64_t>(s, 1, k_max_splits));
+    }
+    return plan;
+}
+
+int64_t workspace_for(const int4_layout& L, int64_t m, int4_gemm_plan plan) {
+    if (plan.splits <= 1) return 0;
+    const tile_shape sh       = shape_of(plan.tile);
+    const int64_t    m_blocks = (m + sh.bm - 1) / sh.bm, n_blocks = (L.n_out + sh.bn - 1) / sh.bn;
+    const int64_t    counters = (n_blocks * m_blocks * 4 + 255) / 256 * 256;
+    return counters + int64_t(plan.splits) * (n_blocks * sh.bn) * (m_blocks * sh.bm) * 4;
+}
+
+template <int BM, int NT, int WM, int WN, int KS = 2, int STAGES = k_stages>
+status launch(const gemm_args& a, int splits, cudaStream_t stream) {
+    using C   = tile_config<BM, NT, WM, WN, KS, STAGES>;
+    auto kern = int4_gemm_kernel<BM, NT, WM, WN, KS, STAGES>;
+    // Opt in to more than 48 KB of dynamic shared memory once per device (a host-side attribute;
+    // done before any graph capture because the first prefill runs uncaptured).
+    static std::atomic<uint64_t> configured{0};
+    int                          dev = 0;
+    GPTQ_CUDA_CHECK(cudaGetDevice(&dev));
+    const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
+    if (!bit || !(configured.load() & bit)) {
+        GPTQ_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::smem_bytes));
+        configured.fetch_or(bit);
+    }
+    const int64_t m_blocks = (a.m + BM - 1) / BM, n_blocks = (a.n_tiles + NT - 1) / NT;
+    if (m_blocks > 0x7fffffff || n_blocks > 65535)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemm_f16: m {} / n_out {} too large", a.m,
+                          a.n_out);
+    const dim3 grid{unsigned(m_blocks), unsigned(n_blocks), unsigned(splits)};
+    kern<<<grid, C::threads, C::smem_bytes, stream>>>(a);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+unsigned grid_for_items(int64_t items, int per_block) {
+    const int64_t blocks = (items + per_block - 1) / per_block;
+    return unsigned(std::min<int64_t>(std::max<int64_t>(blocks, 1), 1 << 20));
+}
+
+}  // namespace
+
+const char* int4_gemm_tile_name(int4_gemm_tile t) {
+    switch (t) {
+        case int4_gemm_tile::INT4_GEMM_TILE_AUTO:
+            return "auto";
+        case int4_gemm_tile::INT4_GEMM_TILE_M32_N128:
+            return "m32_n128";
+        case int4_gemm_tile::INT4_GEMM_TILE_M64_N128:
+            return "m64_n128";
+        case int4_gemm_tile::INT4_GEMM_TILE_M128_N128:
+            return "m128_n128";
+        case int4_gemm_tile::INT4_GEMM_TILE_M128_N256:
+            return "m128_n256";
+    }
+    return "?";
+}
+
+int4_gemm_plan int4_gemm_plan_for(int64_t m, int64_t n_in, int4_gemm_plan forced) {
+    return resolve(forced, m, n_in);
+}
+
+int64_t int4_gemm_workspace_bytes(const int4_layout& L, int64_t m, int4_gemm_plan plan) {
+    if (m <= 0) return 0;
+    plan = resolve(plan, m, L.n_in);
+    return workspace_for(L, m, plan);
+}
+
+status int4_gemm_f16(const int4_layout& L, const void* weights, const void* sz, const uint16_t* x, const uint16_t* bias,
+                     uint16_t* y, int64_t m, int64_t x_stride, int64_t y_stride, void* workspace,
+                     int64_t workspace_bytes, cudaStream_t stream, int4_gemm_plan plan) {
+    if (m <= 0) return status::ok();
+    if (x_stride % 8 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "int4_gemm_f16: x (stride {}) must be 16-byte aligned with a stride multiple of 8", x_stride);
+    if (x_stride < L.n_in || y_stride < L.n_out)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemm_f16: x_stride {} / y_stride {} too small",
+                          x_stride, y_stride);
+    if (plan.splits < 0 || plan.splits > k_max_splits)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemm_f16: splits {} not in 0..{}", plan.splits,
+                          k_max_splits);
+    plan = resolve(plan, m, L.n_in);
+    if (shape_of(plan.tile).bm == 0)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemm_f16: unknown tile {}", int(plan.tile));
+    const int64_t need = workspace_for(L, m, plan);
+    if (need > workspace_bytes)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "int4_gemm_f16: tile {} with {} splits needs {} bytes of workspace, {} given",
+                          int4_gemm_tile_name(plan.tile), plan.splits, need, workspace_bytes);
+    const tile_shape sh = shape_of(plan.tile);
+    gemm_args        a;
+    a.w = static_cast<const uint4*>(weights), a.sz = static_cast<const uint4*>(sz);
+    a.x = reinterpret_cast<const __half*>(x), a.bias = reinterpret_cast<const __half*>(bias);
+    a.y = reinterpret_cast<__half*>(y);
+    a.m = m, a.n_out = L.n_out, a.n_tiles = L.n_tiles, a.k_steps = L.k_steps, a.n_groups = L.n_groups;
+    a.spg = L.group_size / 32, a.x_stride = x_stride, a.y_stride = y_stride;
+    a.n_pad = (L.n_out + sh.bn - 1) / sh.bn * sh.bn, a.m_pad = (m + sh.bm - 1) / sh.bm * sh.bm;
+    a.y_vec = y_stride % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0;
+    if (plan.splits > 1) {
+        const int64_t m_blocks = a.m_pad / sh.bm, n_blocks = a.n_pad / sh.bn;
+        a.counters = static_cast<unsigned*>(workspace);
+        a.partial =
+            reinterpret_cast<float*>(static_cast<char*>(workspace) + (n_blocks * m_blocks * 4 + 255) / 256 * 256);
+    }
+    switch (plan.tile) {
+        case int4_gemm_tile::INT4_GEMM_TILE_M32_N128:
+            return launch<32, 4, 1, 4>(a, plan.splits, stream);
+        case int4_gemm_tile::INT4_GEMM_TILE_M64_N128:
+            return launch<64, 4, 1, 4>(a, plan.splits, stream);
+        case int4_gemm_tile::INT4_GEMM_TILE_M128_N128:
+            return launch<128, 4, 2, 4>(a, plan.splits, stream);
+        case int4_gemm_tile::INT4_GEMM_TILE_M128_N256:
+            return launch<128, 8, 2, 4>(a, plan.splits, stream);
+        default:
+            break;
+    }
+    return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemm_f16: unknown tile {}", int(plan.tile));
+}
+
+status int4_dequant_f16(const int4_layout& L, const void* weights, const void* sz, uint16_t* w, int64_t w_stride,
+                        cudaStream_t stream) {
+    if (w_stride < L.n_in || w_stride % 8 != 0 || reinterpret_cast<uintptr_t>(w) % 16 != 0)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "int4_dequant_f16: w_stride {} must be >= n_in {} and a multiple of 8, w 16-byte aligned",
+                          w_stride, L.n_in);
+    const int64_t items = L.n_tiles * ((L.k_steps + k_dq_steps - 1) / k_dq_steps);
+    int4_dequant_kernel<<<grid_for_items(items, k_dq_warps), k_dq_warps * 32, 0, stream>>>(
+        static_cast<const uint4*>(weights), static_cast<const uint4*>(sz), reinterpret_cast<__half*>(w), L.n_out,
+        L.n_tiles, L.k_steps, L.n_groups, L.group_size / 32, w_stride);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+}  // namespace gptq::cuda

@@ -1,22 +1,32 @@
-// Kernel benchmark: the int4 GPTQ GEMV (ops_cuda, fast layout, g128) against cuBLAS FP16 in the
-// same run, on the Llama-2-7B linear shapes (qkv 4096->12288, o 4096->4096, gate_up 4096->22016,
-// down 11008->4096) at m = 1, 2, 4, 8, 16 tokens.
+// Kernel benchmark: the int4 GPTQ linear (ops_cuda, fast layout, g128) against cuBLAS FP16 in the
+// same run, on real layer shapes at m = 1 ... 2048 tokens. m <= 16: the decode GEMV; m > 16: the
+// prefill paths (op dispatch, the fused int4 GEMM, dequantize + cuBLAS, the GEMV in 16-token
+// chunks). Llama-2-7B by default (qkv fused 4096->12288, o 4096->4096, gate_up fused 4096->22016,
+// down 11008->4096); --models 7b,13b,70b adds Llama-2-13B (5120: qkv ->15360, o, gate_up ->27648,
+// down 13824->5120) and Llama-2-70B (8192, GQA 8 kv heads of 128: qkv ->10240, o, gate_up ->57344,
+// down 28672->8192).
 //
 // Method (../shared/docs/anchors.md, H100 section): random weights (never zeros), several copies
 // of each layer rotated so that L2 (50 MB) cannot hold them, launches pipelined on one stream
-// between two events (and again as one CUDA graph of the same launches), 10 warm-up launches,
-// 7 rounds of `iters` launches, the median round reported per launch. Bytes counted: weights +
-// scales/zeros + activations in + outputs, each once. Roofline: 2.94 TB/s (measured copy rate).
+// between two events (m <= 16 also as one CUDA graph of the same launches), warm-up launches, 7
+// rounds of N launches (N from a 3 ms round, at most --iters), the median round reported per
+// launch. Bytes counted: int4 weights + scales/zeros + activations in + outputs, each once (the
+// same bytes for every int4 path, so "GB/s" of dequantize + cuBLAS is an effective rate).
+// Roofline: 2.94 TB/s (measured copy rate). TFLOP/s: 2 m n k / time.
 //
-//   bench_gptq_gemv [--out FILE.json] [--iters N] [--only SHAPE] [--m M]
-// JSON to FILE (or stdout), a table on stderr; --only/--m restrict the sweep (for ncu).
+//   bench_gptq_gemv [--out FILE.json] [--iters N] [--only SHAPE] [--m M[,M...]] [--models 7b,13b,70b]
+//                   [--sweep]
+// JSON to FILE (or stdout), a table on stderr; --only/--m restrict the sweep (for ncu); --sweep adds,
+// for 16 < m <= 256, every fused tile x k split (the evidence for the dispatch table).
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -28,7 +38,8 @@ using namespace gptq;
 
 constexpr double k_roofline_bps = 2.94e12;       // H100 device-to-device copy, bytes read + written
 constexpr size_t k_rotate_bytes = 256ull << 20;  // each layer's copies span at least this (L2: 50 MB)
-constexpr int    k_rounds = 7, k_warmup = 10;
+constexpr int    k_rounds = 7, k_warmup = 5;
+constexpr double k_round_us = 3000.0;  // launches per round: about this much GPU time
 
 struct xorshift {
     uint64_t s = 0x9E3779B97F4A7C15ull;
@@ -54,74 +65,126 @@ bool check(const status& st, const char* what) {
     return false;
 }
 
-// Median time per launch (us) of `launch(i)` for i = 0..iters-1, on the context's stream;
-// graph = true captures the iters launches once and replays the graph.
-double time_us(cuda_context& ctx, int iters, bool graph, const std::function<status(int)>& launch) {
+// Median time per launch (us) of `launch(i)`, i = 0, 1, ..., on the context's stream. The launches
+// per round come from a first estimate (a round of ~3 ms, at most max_iters); graph = true
+// captures one round's launches once and replays the graph. -1 on failure.
+double time_us(cuda_context& ctx, int max_iters, bool graph, const std::function<status(int)>& launch) {
     cudaStream_t s = ctx.stream();
-    for (int i = 0; i < k_warmup; ++i)
-        if (!check(launch(i), "warm-up")) return -1;
-    cudaGraphExec_t exec = nullptr;
-    if (graph) {
-        cudaGraph_t g = nullptr;
-        if (cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal) != cudaSuccess) return -1;
-        bool ok = true;
-        for (int i = 0; i < iters && ok; ++i) ok = launch(i).is_ok();
-        if (cudaStreamEndCapture(s, &g) != cudaSuccess || !ok) {
-            cudaGetLastError();
-            return -1;
-        }
-        if (cudaGraphInstantiate(&exec, g, 0) != cudaSuccess) return -1;
-        cudaGraphDestroy(g);
-        cudaGraphLaunch(exec, s);  // warm the graph
-    }
-    cudaEvent_t a, b;
+    cudaEvent_t  a, b;
     cudaEventCreate(&a);
     cudaEventCreate(&b);
-    std::vector<double> rounds;
-    for (int r = 0; r < k_rounds; ++r) {
+    double result = -1;
+    for (int i = 0; i < k_warmup; ++i)
+        if (!check(launch(i), "warm-up")) goto done;
+    {
         cudaEventRecord(a, s);
-        if (graph) {
-            cudaGraphLaunch(exec, s);
-        } else {
-            for (int i = 0; i < iters; ++i) (void)launch(i);
-        }
+        for (int i = 0; i < 3; ++i) (void)launch(i);
         cudaEventRecord(b, s);
         cudaEventSynchronize(b);
-        float ms = 0;
-        cudaEventElapsedTime(&ms, a, b);
-        rounds.push_back(double(ms) * 1000.0 / iters);
+        float est_ms = 0;
+        cudaEventElapsedTime(&est_ms, a, b);
+        const int       iters = std::clamp(int(k_round_us / std::max(1.0, double(est_ms) * 1000.0 / 3)), 3, max_iters);
+        cudaGraphExec_t exec  = nullptr;
+        if (graph) {
+            cudaGraph_t g = nullptr;
+            if (cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal) != cudaSuccess) goto done;
+            bool ok = true;
+            for (int i = 0; i < iters && ok; ++i) ok = launch(i).is_ok();
+            if (cudaStreamEndCapture(s, &g) != cudaSuccess || !ok) {
+                cudaGetLastError();
+                goto done;
+            }
+            if (cudaGraphInstantiate(&exec, g, 0) != cudaSuccess) goto done;
+            cudaGraphDestroy(g);
+            cudaGraphLaunch(exec, s);  // warm the graph
+        }
+        std::vector<double> rounds;
+        for (int r = 0; r < k_rounds; ++r) {
+            cudaEventRecord(a, s);
+            if (graph) {
+                cudaGraphLaunch(exec, s);
+            } else {
+                for (int i = 0; i < iters; ++i) (void)launch(i);
+            }
+            cudaEventRecord(b, s);
+            cudaEventSynchronize(b);
+            float ms = 0;
+            cudaEventElapsedTime(&ms, a, b);
+            rounds.push_back(double(ms) * 1000.0 / iters);
+        }
+        if (exec) cudaGraphExecDestroy(exec);
+        if (cudaGetLastError() != cudaSuccess) goto done;
+        std::sort(rounds.begin(), rounds.end());
+        result = rounds[rounds.size() / 2];
     }
+done:
     cudaEventDestroy(a);
     cudaEventDestroy(b);
-    if (exec) cudaGraphExecDestroy(exec);
-    if (cudaGetLastError() != cudaSuccess) return -1;
-    std::sort(rounds.begin(), rounds.end());
-    return rounds[rounds.size() / 2];
+    return result;
 }
 
 struct shape {
+    const char* model;
     const char* name;
     int64_t     n_in, n_out;
 };
 
+const std::vector<shape> k_shapes = {
+    {"7b", "qkv", 4096, 12288},      {"7b", "o", 4096, 4096},         {"7b", "gate_up", 4096, 22016},
+    {"7b", "down", 11008, 4096},     {"13b", "qkv", 5120, 15360},     {"13b", "o", 5120, 5120},
+    {"13b", "gate_up", 5120, 27648}, {"13b", "down", 13824, 5120},    {"70b", "qkv", 8192, 10240},
+    {"70b", "o", 8192, 8192},        {"70b", "gate_up", 8192, 57344}, {"70b", "down", 28672, 8192},
+};
+
+std::vector<std::string> split_list(const std::string& s) {
+    std::vector<std::string> out;
+    std::stringstream        ss(s);
+    std::string              item;
+    while (std::getline(ss, item, ',')) out.push_back(item);
+    return out;
+}
+
+const char* path_name(gptq_prefill_path p) {
+    switch (p) {
+        case gptq_prefill_path::GPTQ_PREFILL_AUTO:
+            return "auto";
+        case gptq_prefill_path::GPTQ_PREFILL_FUSED:
+            return "fused";
+        case gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS:
+            return "dequant_cublas";
+        case gptq_prefill_path::GPTQ_PREFILL_GEMV:
+            return "gemv";
+    }
+    return "?";
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-    std::string out_path;
-    int         iters = 100;
-    std::string only;        // one shape (for the profiler)
-    int64_t     only_m = 0;  // one m
+    std::string              out_path;
+    int                      iters = 100;
+    std::string              only;  // one shape (for the profiler)
+    std::vector<int64_t>     ms     = {1, 2, 4, 8, 16, 32, 64, 128, 256, 2048};
+    std::vector<std::string> models = {"7b"};
+    bool                     sweep  = false;
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--out") && i + 1 < argc) {
             out_path = argv[++i];
         } else if (!std::strcmp(argv[i], "--only") && i + 1 < argc) {
             only = argv[++i];
         } else if (!std::strcmp(argv[i], "--m") && i + 1 < argc) {
-            only_m = std::atoi(argv[++i]);
+            ms.clear();
+            for (const auto& v : split_list(argv[++i])) ms.push_back(std::atoll(v.c_str()));
+        } else if (!std::strcmp(argv[i], "--models") && i + 1 < argc) {
+            models = split_list(argv[++i]);
         } else if (!std::strcmp(argv[i], "--iters") && i + 1 < argc) {
             iters = std::max(1, std::atoi(argv[++i]));
+        } else if (!std::strcmp(argv[i], "--sweep")) {
+            sweep = true;
         } else {
-            std::fprintf(stderr, "usage: bench_gptq_gemv [--out FILE.json] [--iters N] [--only SHAPE] [--m M]\n");
+            std::fprintf(stderr,
+                         "usage: bench_gptq_gemv [--out FILE.json] [--iters N] [--only SHAPE] [--m M[,M...]] "
+                         "[--models 7b,13b,70b] [--sweep]\n");
             return 2;
         }
     }
@@ -133,19 +196,21 @@ int main(int argc, char** argv) {
     cuda_context&  ctx = **ctxr;
     cudaDeviceProp prop{};
     cudaGetDeviceProperties(&prop, 0);
+    const int64_t m_max = *std::max_element(ms.begin(), ms.end());
 
-    const std::vector<shape> shapes = {
-        {"qkv", 4096, 12288}, {"o", 4096, 4096}, {"gate_up", 4096, 22016}, {"down", 11008, 4096}};
-    const std::vector<int64_t> ms = {1, 2, 4, 8, 16};
-    const int64_t              gs = 128;
-    xorshift                   rng;
-    std::string                json = "{\"device\": \"" + std::string(prop.name) + "\", \"roofline_tbps\": 2.94, " +
-                       "\"group_size\": 128, \"iters\": " + std::to_string(iters) + ", \"results\": [\n";
-    bool first = true;
-    std::fprintf(stderr, "%-8s %3s %9s %9s %9s %9s %9s %8s %8s %8s\n", "shape", "m", "fp16_us", "fp16_grph", "int4_us",
-                 "int4_nosp", "int4_grph", "act_us", "speedup", "roof%");
+    const int64_t gs = 128;
+    xorshift      rng;
+    std::string   json = "{\"device\": \"" + std::string(prop.name) +
+                       "\", \"sm_count\": " + std::to_string(prop.multiProcessorCount) + ", \"roofline_tbps\": 2.94, " +
+                       "\"group_size\": 128, \"max_iters\": " + std::to_string(iters) + ", \"results\": [\n";
+    std::string sweep_json;
+    bool        first = true, first_sweep = true;
+    std::fprintf(stderr, "%-4s %-8s %5s %9s %9s %-14s %8s %8s %8s %8s %8s %8s %7s %7s %7s\n", "mdl", "shape", "m",
+                 "fp16_us", "int4_us", "path", "fused", "deq_cub", "gemv", "graph", "act_us", "GB/s", "TF/s", "fp16TF",
+                 "ratio");
 
-    for (const shape& sh : shapes) {
+    for (const shape& sh : k_shapes) {
+        if (std::find(models.begin(), models.end(), std::string(sh.model)) == models.end()) continue;
         if (!only.empty() && only != sh.name) continue;
         const int64_t K = sh.n_in, N = sh.n_out, G = K / gs;
         // Host tensors (random codes, zeros, scales in [0.001, 0.021)), g_idx trivial and act-order.
@@ -192,53 +257,96 @@ int main(int argc, char** argv) {
                 w16.push_back(std::move(*b));
             }
         }
-        std::vector<uint16_t> xh(size_t(16 * K));
+        std::vector<uint16_t> xh(size_t(m_max * K));
         for (auto& v : xh) v = f16_bits(rng.uniform() + 0.01f) | uint16_t((rng.next() & 1) << 15);
         auto x = cuda_buffer::from_host(xh.data(), xh.size() * 2);
-        auto y = cuda_buffer::alloc(size_t(16 * N) * 2);
+        auto y = cuda_buffer::alloc(size_t(m_max * N) * 2);
         if (!x || !y) return 1;
         const uint16_t* xp = x->as<uint16_t>();
         uint16_t*       yp = y->as<uint16_t>();
-        if (!check(ctx.scratch(size_t(16 * K) * 2).to_status(), "scratch")) return 1;
+        // Size the scratch once (permuted x + a dequantized layer) so no launch reallocates it.
+        if (!check(ctx.scratch(size_t(m_max * K) * 2 + 256 + size_t(N * K) * 2).to_status(), "scratch")) return 1;
 
         for (int64_t m : ms) {
-            if (only_m && m != only_m) continue;
             auto fp16 = [&](int i) {
                 return op_cuda_linear_dense(ctx, xp, w16[size_t(i) % w16.size()].as<uint16_t>(), yp, m, N, K);
+            };
+            auto with = [&](gptq_prefill_path p, int tile = 0, int splits = 0) {
+                for (auto& l : q4) l.prefill = p, l.gemm_tile = tile, l.gemm_splits = splits;
             };
             auto int4 = [&](int i) { return op_cuda_gptq_linear(ctx, q4[size_t(i) % q4.size()], xp, yp, m); };
             auto act  = [&](int i) { return op_cuda_gptq_linear(ctx, q4act[size_t(i) % q4act.size()], xp, yp, m); };
             const double t16 = time_us(ctx, iters, false, fp16);
-            for (auto& l : q4) l.unroll = 8;
-            const double t4 = time_us(ctx, iters, false, int4);
-            for (auto& l : q4) l.splits = 1;
-            const double t4s1 = time_us(ctx, iters, false, int4);
-            for (auto& l : q4) l.splits = 0;
-            const double t4g  = time_us(ctx, iters, true, int4);
-            const double t16g = time_us(ctx, iters, true, fp16);
-            const double tact = time_us(ctx, iters, false, act);
-            const double best = std::min({t4 > 0 ? t4 : 1e30, t4s1 > 0 ? t4s1 : 1e30});
+            with(gptq_prefill_path::GPTQ_PREFILL_AUTO);
+            const double t4        = time_us(ctx, iters, false, int4);
+            const double tact      = time_us(ctx, iters, false, act);
+            const auto   auto_path = m <= 16 ? gptq_prefill_path::GPTQ_PREFILL_GEMV : gptq_prefill_path_for(m, N, K);
+            double       t4g = -1, t16g = -1, tfused = -1, tdeq = -1, tgemv = -1, t4s1 = -1;
+            const auto   plan = gptq_gemm_plan_describe(m, K);
+            if (m <= 16) {
+                for (auto& l : q4) l.splits = 1;
+                t4s1 = time_us(ctx, iters, false, int4);
+                for (auto& l : q4) l.splits = 0;
+                t4g  = time_us(ctx, iters, true, int4);
+                t16g = time_us(ctx, iters, true, fp16);
+            } else {
+                with(gptq_prefill_path::GPTQ_PREFILL_FUSED);
+                tfused = time_us(ctx, iters, false, int4);
+                with(gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS);
+                tdeq = time_us(ctx, iters, false, int4);
+                if (m <= 256) {
+                    with(gptq_prefill_path::GPTQ_PREFILL_GEMV);
+                    tgemv = time_us(ctx, iters, false, int4);
+                }
+                if (sweep && m <= 256) {
+                    for (int tl = 1; tl <= 4; ++tl)
+                        for (int sp : {1, 2, 3, 4, 6, 8}) {
+                            with(gptq_prefill_path::GPTQ_PREFILL_FUSED, tl, sp);
+                            const double tt = time_us(ctx, iters, false, int4);
+                            char         buf[512];
+                            std::snprintf(buf, sizeof buf,
+                                          "%s  {\"model\": \"%s\", \"shape\": \"%s\", \"m\": %lld, \"tile\": \"%s\", "
+                                          "\"splits\": %d, \"us\": %.2f, \"ratio_vs_fp16\": %.3f}",
+                                          first_sweep ? "" : ",\n", sh.model, sh.name, (long long)m,
+                                          gptq_gemm_plan_describe(m, K, tl, sp).tile, sp, tt, tt > 0 ? t16 / tt : 0.0);
+                            sweep_json += buf;
+                            first_sweep = false;
+                            std::fprintf(stderr, "  sweep %-4s %-8s m=%-5lld %-10s splits=%d %9.1f us  %5.2fx\n",
+                                         sh.model, sh.name, (long long)m, gptq_gemm_plan_describe(m, K, tl, sp).tile,
+                                         sp, tt, tt > 0 ? t16 / tt : 0.0);
+                        }
+                }
+                with(gptq_prefill_path::GPTQ_PREFILL_AUTO);
+            }
+            const double best = (m <= 16 && t4s1 > 0) ? std::min(t4, t4s1) : t4;
             const size_t io   = size_t(m * K * 2 + m * N * 2);
-            const double gbs  = double(int4_bytes + io) / (best * 1e-6) / 1e9;
+            const double flop = 2.0 * double(m) * double(N) * double(K);
+            const double gbs  = double(int4_bytes + io) / (t4 * 1e-6) / 1e9;
+            const double tf = flop / (t4 * 1e-6) / 1e12, tf16 = flop / (t16 * 1e-6) / 1e12;
             const double roof = double(int4_bytes + io) / k_roofline_bps / (best * 1e-6);
-            std::fprintf(stderr, "%-8s %3lld %9.1f %9.1f %9.1f %9.1f %9.1f %8.1f %7.2fx %7.1f%%\n", sh.name,
-                         (long long)m, t16, t16g, t4, t4s1, t4g, tact, t16 / best, 100 * roof);
-            char buf[1024];
-            std::snprintf(buf, sizeof buf,
-                          "%s  {\"shape\": \"%s\", \"n_in\": %lld, \"n_out\": %lld, \"m\": %lld, "
-                          "\"fp16_us\": %.2f, \"fp16_graph_us\": %.2f, \"fp16_gbs\": %.1f, "
-                          "\"int4_us\": %.2f, \"int4_nosplit_us\": %.2f, \"int4_graph_us\": %.2f, "
-                          "\"int4_act_order_us\": %.2f, \"int4_bytes\": %zu, \"int4_gbs\": %.1f, "
-                          "\"speedup_vs_fp16\": %.3f, \"roofline_fraction\": %.3f, \"copies_int4\": %d, "
-                          "\"copies_fp16\": %d}",
-                          first ? "" : ",\n", sh.name, (long long)K, (long long)N, (long long)m, t16, t16g,
-                          double(fp16_bytes + io) / (t16 * 1e-6) / 1e9, t4, t4s1, t4g, tact, int4_bytes + io, gbs,
-                          t16 / best, roof, r_int4, r_fp16);
+            std::fprintf(stderr,
+                         "%-4s %-8s %5lld %9.1f %9.1f %-14s %8.1f %8.1f %8.1f %8.1f %8.1f %8.0f %7.1f %7.1f %6.2fx\n",
+                         sh.model, sh.name, (long long)m, t16, t4, path_name(auto_path), tfused, tdeq, tgemv, t4g, tact,
+                         gbs, tf, tf16, t16 / t4);
+            char buf[2048];
+            std::snprintf(
+                buf, sizeof buf,
+                "%s  {\"model\": \"%s\", \"shape\": \"%s\", \"n_in\": %lld, \"n_out\": %lld, \"m\": %lld, "
+                "\"fp16_us\": %.2f, \"fp16_graph_us\": %.2f, \"fp16_gbs\": %.1f, \"fp16_tflops\": %.2f, "
+                "\"int4_us\": %.2f, \"int4_path\": \"%s\", \"int4_nosplit_us\": %.2f, \"int4_graph_us\": %.2f, "
+                "\"fused_us\": %.2f, \"fused_tile\": \"%s\", \"fused_splits\": %d, \"dequant_cublas_us\": %.2f, "
+                "\"gemv_chunks_us\": %.2f, \"int4_act_order_us\": %.2f, \"int4_bytes\": %zu, \"int4_gbs\": %.1f, "
+                "\"int4_tflops\": %.2f, \"speedup_vs_fp16\": %.3f, \"roofline_fraction\": %.3f, \"copies_int4\": %d, "
+                "\"copies_fp16\": %d}",
+                first ? "" : ",\n", sh.model, sh.name, (long long)K, (long long)N, (long long)m, t16, t16g,
+                double(fp16_bytes + io) / (t16 * 1e-6) / 1e9, tf16, t4, path_name(auto_path), t4s1, t4g, tfused,
+                m > 16 ? plan.tile : "-", m > 16 ? plan.splits : 0, tdeq, tgemv, tact, int4_bytes + io, gbs, tf,
+                t16 / t4, roof, r_int4, r_fp16);
             json += buf;
             first = false;
         }
     }
-    json += "\n]}\n";
+    json += "\n], \"sweep\": [\n" + sweep_json + "\n]}\n";
     if (out_path.empty()) {
         std::fputs(json.c_str(), stdout);
     } else {

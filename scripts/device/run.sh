@@ -270,8 +270,8 @@ for l in open(sys.argv[1]):
     fi
     # E2E_PDL_OFF=1: the W4 model again with programmatic dependent launch off (GPTQ_PDL=0), same call.
     if [ "${E2E_PDL_OFF:-0}" = 1 ] && [ -d "$E2E/l8-w4" ]; then
-        if GPTQ_PDL=0 timeout 200 "$GPTQ" -q bench "$E2E/l8-w4" "${BARGS[@]}" >> "$OUT/bench_e2e.jsonl" 2>> "$OUT/tests.log"; then
-            log "W4 with GPTQ_PDL=0, batch 1: $(tail -1 "$OUT/bench_e2e.jsonl" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print("decode %.1f tok/s, %.3f ms/step, prefill %.0f tok/s" % (r["decode_tok_per_s"], r["decode_ms_per_step"], r["prefill_tok_per_s"]))')"
+        if GPTQ_PDL=0 GPTQ_INT4_PDL=0 timeout 200 "$GPTQ" -q bench "$E2E/l8-w4" "${BARGS[@]}" >> "$OUT/bench_e2e.jsonl" 2>> "$OUT/tests.log"; then
+            log "W4 with GPTQ_PDL=0 GPTQ_INT4_PDL=0, batch 1: $(tail -1 "$OUT/bench_e2e.jsonl" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print("decode %.1f tok/s, %.3f ms/step, prefill %.0f tok/s" % (r["decode_tok_per_s"], r["decode_ms_per_step"], r["prefill_tok_per_s"]))')"
         else
             status=1; log "W4 bench with GPTQ_PDL=0 FAILED"
         fi

@@ -290,14 +290,16 @@ for l in sys.stdin:
         fi
     fi
     # Op-level timing of the same W4 model (issue 7): decode steps run UNCAPTURED with a CUDA event
-    # after each op; the table (op, calls/step, us/step, share) goes to summary.txt.
-    if [ -d "$E2E/l8-w4" ] && [ "${E2E_PROFILE:-1}" = 1 ]; then
-        log "op profile, $LIKE W4 g128 (decode steps uncaptured, an event after each op):"
-        if ! timeout 180 "$GPTQ" -q bench "$E2E/l8-w4" --device cuda --batch 1 --prompt "${E2E_PROMPT:-512}" \
+    # after each op; the table (op, calls/step, us/step, share) goes to summary.txt. With
+    # E2E_DESC_ACT=1 the act-order checkpoint's table follows.
+    for m in l8-w4 l8-w4-act; do
+        [ -d "$E2E/$m" ] && [ "${E2E_PROFILE:-1}" = 1 ] || continue
+        log "op profile, $LIKE $m (decode steps uncaptured, an event after each op):"
+        if ! timeout 180 "$GPTQ" -q bench "$E2E/$m" --device cuda --batch 1 --prompt "${E2E_PROMPT:-512}" \
                --gen "${E2E_GEN:-128}" --repeat 3 --profile-ops 2>> "$OUT/tests.log" | tee -a "$OUT/summary.txt"; then
-            status=1; log "bench --profile-ops $LIKE W4 FAILED (see tests.log)"
+            status=1; log "bench --profile-ops $LIKE $m FAILED (see tests.log)"
         fi
-    fi
+    done
     rm -rf "$E2E"
 fi
 

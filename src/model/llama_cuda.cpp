@@ -159,7 +159,9 @@ status llama_cuda_model::gptq_upload(const gptq_linear_data& d, const std::strin
 }
 
 status llama_cuda_model::linear_group_load(int64_t i_layer, const std::vector<linear_role>& roles, linear* fused,
-                                           std::array<linear, k_n_linear_roles>* lin) {
+                                           std::array<linear, k_n_linear_roles>* lin,
+                                           const std::vector<int32_t>* out_perm, bool* permuted) {
+    if (permuted) *permuted = false;
     const llama_hparams& hp   = hparams();
     const gptq_config*   qc   = host_->quantization();
     auto                 each = [&]() -> status {
@@ -229,6 +231,27 @@ status llama_cuda_model::linear_group_load(int64_t i_layer, const std::vector<li
                 gptq_upload(parts[j], llama_linear_name(i_layer, roles[j]), &(*lin)[static_cast<size_t>(roles[j])]));
         return status::ok();
     }
+    // Output features reordered within each part (the consumer's act-order order): columns of
+    // qweight, zeros and scales, and the bias, all indexed by the output feature.
+    const bool reorder = out_perm && std::all_of(parts.begin(), parts.end(), [&](const gptq_linear_data& d) {
+                             return d.n_out == int64_t(out_perm->size());
+                         });
+    if (reorder) {
+        const std::vector<int32_t>& P = *out_perm;
+        for (auto& d : parts) {
+            const int64_t N = d.n_out, rows = gptq_packed_words(d.n_in, d.bits);
+            auto          cols = [&](auto& v, int64_t n_rows) {
+                auto tmp = v;
+                for (int64_t r = 0; r < n_rows; ++r)
+                    for (int64_t i = 0; i < N; ++i) v[size_t(r * N + i)] = tmp[size_t(r * N + P[size_t(i)])];
+            };
+            cols(d.qweight, rows);
+            cols(d.zeros, d.n_groups);
+            cols(d.scales, d.n_groups);
+            if (!d.bias.empty()) cols(d.bias, 1);
+        }
+        if (permuted) *permuted = true;
+    }
     // The concatenation along n_out: packed qweight [n_in * bits / 32, n_out] column blocks (codes are
     // packed along k, so a column is one output feature); zeros and scales [n_groups, n_out] column
     // blocks; biases one after the other. Packing the zeros again (gptq_upload) keeps the qzeros bit
@@ -281,8 +304,17 @@ status llama_cuda_model::load_weights() {
         using R = linear_role;
         GPTQ_TRY(linear_group_load(i, {R::LINEAR_Q, R::LINEAR_K, R::LINEAR_V}, &L.qkv, &L.lin));
         GPTQ_TRY(linear_load(i, R::LINEAR_O, &L.lin[static_cast<size_t>(R::LINEAR_O)]));
-        GPTQ_TRY(linear_group_load(i, {R::LINEAR_GATE, R::LINEAR_UP}, &L.gate_up, &L.lin));
-        GPTQ_TRY(linear_load(i, R::LINEAR_DOWN, &L.lin[static_cast<size_t>(R::LINEAR_DOWN)]));
+        // down before gate/up: with act-order on the int4 kernel, gate/up's output features are laid
+        // out in down's column order at load, so the activation between them needs no permutation.
+        linear& down = L.lin[static_cast<size_t>(R::LINEAR_DOWN)];
+        GPTQ_TRY(linear_load(i, R::LINEAR_DOWN, &down));
+        std::vector<int32_t> down_perm;
+        if (down.quantized && down.q.fast && down.q.perm.bytes()) {
+            down_perm.resize(down.q.perm.bytes() / 4);
+            GPTQ_TRY(cuda_copy_to_host(*ctx_, down_perm.data(), down.q.perm.data(), down.q.perm.bytes()));
+        }
+        GPTQ_TRY(linear_group_load(i, {R::LINEAR_GATE, R::LINEAR_UP}, &L.gate_up, &L.lin,
+                                   down_perm.empty() ? nullptr : &down_perm, &L.gate_up_in_down_order));
         any_qkv_fused_     = any_qkv_fused_ || L.qkv.n_out > 0;
         any_gate_up_fused_ = any_gate_up_fused_ || L.gate_up.n_out > 0;
         if (next_off < off.layers.size() && off.layers[next_off] == i) {
@@ -592,9 +624,15 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
         if (ly.gate_up.n_out) {
             GPTQ_TRY(linear_forward(ly.gate_up, x, gate, n, p_gu != nullptr));  // [n, 2 n_ff]: gate | up
             GPTQ_TRY(prof_mark("linear_gate_up"));
-            p_down = perm_of(L(ly, linear_role::LINEAR_DOWN));  // silu_mul writes up_, no alias: may permute
+            // Down's act-order order: already that of gate_up's outputs (permuted at load), else
+            // written by silu_mul (its output up_ does not alias its input, so it may permute).
+            const int32_t* p_silu = nullptr;
+            if (ly.gate_up_in_down_order)
+                p_down = perm_of(L(ly, linear_role::LINEAR_DOWN));
+            else
+                p_down = p_silu = perm_of(L(ly, linear_role::LINEAR_DOWN));
             GPTQ_TRY(
-                op_cuda_silu_mul(c, gate, gate + hp.n_ff, up, n, hp.n_ff, 2 * hp.n_ff, 2 * hp.n_ff, hp.n_ff, p_down));
+                op_cuda_silu_mul(c, gate, gate + hp.n_ff, up, n, hp.n_ff, 2 * hp.n_ff, 2 * hp.n_ff, hp.n_ff, p_silu));
             act = up;
         } else {
             GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_GATE), x, gate, n));

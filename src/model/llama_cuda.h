@@ -135,7 +135,10 @@ private:
         cuda_buffer                          attn_norm, mlp_norm;  // [n_embd] F16
         std::array<linear, k_n_linear_roles> lin;                  // the roles not fused (empty when fused)
         linear                               qkv, gate_up;         // fused (options.fuse): n_out 0 when not
-        cuda_buffer                          k_cache, v_cache;     // [n_ctx, kv_dim] F16
+        // gate_up's output features are in down's act-order column order (permuted at load), so
+        // silu_mul's output is down's permuted input as it is.
+        bool        gate_up_in_down_order = false;
+        cuda_buffer k_cache, v_cache;  // [n_ctx, kv_dim] F16
     };
 
     llama_cuda_model() = default;
@@ -143,8 +146,11 @@ private:
     status linear_load(int64_t i_layer, linear_role r, linear* out);
     // The linears `roles` of layer i_layer: fused into *fused when options.fuse and they can be (see
     // llama_cuda_options::fuse), else each into its own entry of *lin.
+    // out_perm (GPTQ fused parts only): the fused output's features reordered within each part,
+    // feature i of a part = the part's feature out_perm[i]; *permuted says whether it was applied.
     status linear_group_load(int64_t i_layer, const std::vector<linear_role>& roles, linear* fused,
-                             std::array<linear, k_n_linear_roles>* lin);
+                             std::array<linear, k_n_linear_roles>* lin, const std::vector<int32_t>* out_perm = nullptr,
+                             bool* permuted = nullptr);
     // A GPTQ linear read by io (gptq_linear_read), packed again and uploaded.
     status gptq_upload(const gptq_linear_data& d, const std::string& name, linear* out);
     status tensor_upload_f16(const tensor_spec& t, cuda_buffer* out);

@@ -31,19 +31,14 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gptq_int4.cuh"
+#include "kernels/cuda/launch.cuh"
+#include "kernels/cuda/ptx.cuh"
 
 namespace gptq::cuda {
 
 namespace {
 
 constexpr int k_warps = 8;
-
-__device__ inline uint32_t h2_bits(__half2 h) {
-    return *reinterpret_cast<uint32_t*>(&h);
-}
-__device__ inline __half2 bits_h2(uint32_t u) {
-    return *reinterpret_cast<__half2*>(&u);
-}
 
 // The 4 half2 (q - zero) of one packed word: slot j = nibbles (j, j + 4) = (k even, k odd).
 // z1024 = 1024 + zero, z64 = -(64 + zero) as half2.
@@ -279,10 +274,6 @@ __global__ void __launch_bounds__(k_warps * 32)
 
 // ---- pipelined kernel (v4) -----------------------------------------------------------------------
 
-__device__ inline uint32_t smem_u32(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // 16-byte global -> shared copies (cp.async, sm_80+). Weights: L2-only (.cg) with an evict-first
 // policy (read once); activations and scales: L1-cached (.ca), read by every tile.
 __device__ inline uint64_t evict_first_policy() {
@@ -302,29 +293,6 @@ __device__ inline void cp_async_stream16(void* dst, const void* src, uint64_t po
 __device__ inline void cp_async_cached16(void* dst, const void* src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
-#endif
-}
-__device__ inline void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N>
-__device__ inline void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
-// Programmatic dependent launch (sm_90+; no-ops when the launch did not ask for it): the weights
-// do not depend on the previous kernel in the stream, the activations and the output do.
-__device__ inline void griddep_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ inline void griddep_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
 
@@ -467,13 +435,13 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
 #pragma unroll
     for (int j = 0; j < D - 1; ++j)
         if (j < n) issue_w(j, j);
-    griddep_wait();  // the activations (and y) may be the previous kernel's
+    pdl_wait();  // the activations (and y) may be the previous kernel's
 #pragma unroll
     for (int j = 0; j < D - 1; ++j) {
         if (j < n) issue_xs(j, j);
         cp_async_commit();  // group 0 also holds the weights of steps 0 .. D - 2
     }
-    griddep_launch_dependents();
+    pdl_launch_dependents();
 
     int cslot = 0, islot = D - 1, cin = s0 % a.spg, chunk = 0;
     int chunk_end = int(ks * unsigned(c0 + 1) / k_chunks) - s0;  // local step where chunk 0 ends
@@ -734,7 +702,7 @@ struct device_caps {
     int  sms        = 0;      // multiprocessors
     int  smem_optin = 0;      // dynamic shared memory a block may opt in to
     int  smem_sm    = 0;      // shared memory per multiprocessor
-    bool pdl        = false;  // programmatic dependent launch (sm_90+, not disabled by GPTQ_INT4_PDL=0)
+    bool pdl        = false;  // programmatic dependent launch (sm_90+, not disabled by GPTQ_INT4_PDL=0 or GPTQ_PDL=0)
 };
 
 // Of the current device, queried once per device.
@@ -765,7 +733,7 @@ device_caps current_device_caps() {
         major[dev].store(mj, std::memory_order_relaxed);
         sms[dev].store(c.sms, std::memory_order_relaxed);
     }
-    c.pdl = pdl_env && mj >= 9;
+    c.pdl = pdl_env && mj >= 9 && pdl_enabled();  // GPTQ_PDL=0 (launch.cuh) turns it off as well
     return c;
 }
 

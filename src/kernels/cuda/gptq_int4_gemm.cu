@@ -21,6 +21,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gptq_int4_gemm.cuh"
+#include "kernels/cuda/ptx.cuh"
 
 namespace gptq::cuda {
 
@@ -28,32 +29,11 @@ namespace {
 
 // ---- small PTX wrappers -------------------------------------------------------------------------
 
-__device__ inline uint32_t h2_bits(__half2 h) {
-    return *reinterpret_cast<uint32_t*>(&h);
-}
-__device__ inline __half2 bits_h2(uint32_t u) {
-    return *reinterpret_cast<__half2*>(&u);
-}
-__device__ inline uint32_t smem_addr(const void* p) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // 16-byte global -> shared copy that bypasses L1 (.cg: every byte is used once per block); with
 // src_bytes 0 it writes zeros (padding rows, tiles past n_out, steps past n_in) and reads nothing.
 __device__ inline void cp_async16(uint32_t dst, const void* src, int src_bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-#endif
-}
-__device__ inline void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N>
-__device__ inline void cp_async_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 
@@ -180,7 +160,7 @@ __global__ void __launch_bounds__(WM* WN * 32) int4_gemm_kernel(const gemm_args 
     const int64_t  n_stage_all = (p.k_steps + KS - 1) / KS;
     const int64_t  st_begin = n_stage_all * split / n_split, st_end = n_stage_all * (split + 1) / n_split;
     const int      n_stage = int(st_end - st_begin);
-    const uint32_t sbase   = smem_addr(smem);
+    const uint32_t sbase   = smem_u32(smem);
 
     // Loader assignments (fixed per thread). x: row r = e / (4 KS), chunk xc = e % (4 KS), which is
     // the same for all of a thread's chunks since THREADS is a multiple of 4 KS.

@@ -72,8 +72,8 @@ status rms_norm_f16(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t n
     if (y == x && y_stride != x_stride)
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "rms_norm_f16: in place with strides {} and {}",
                           x_stride, y_stride);
-    return add_rms_norm_f16(const_cast<uint16_t*>(x), nullptr, w, y, nullptr, n_rows, dim, x_stride, dim, y_stride,
-                            eps, stream);
+    return add_rms_norm_f16(const_cast<uint16_t*>(x), nullptr, w, y, nullptr, n_rows, dim, x_stride, dim, y_stride, eps,
+                            stream);
 }
 
 }  // namespace gptq::cuda

@@ -1,4 +1,4 @@
-// Perplexity over fixed token windows (the GPTQ paper's protocol, ../shared/docs/format.md 2.7):
+// Perplexity over fixed token windows (the GPTQ paper's protocol, docs/format.md 2.7):
 // ids are cut into non-overlapping windows of seqlen tokens (a partial last window is dropped);
 // in each window, tokens 1..seqlen-1 are predicted from the window's own prefix; the result is
 // the mean negative log-likelihood over all predicted tokens (ppl = exp of it).

@@ -21,6 +21,7 @@ struct ppl_params {
     std::string device      = "cpu";        // "cpu", "cuda" or "cuda:N" (include/gptq/device.h)
     std::string device_map{};               // --device cuda: "auto" or a device-map file (gptq/plan.h)
     std::string max_memory{};               // --device cuda: "0=8GiB,cpu=32GiB"; both empty: all on the GPU
+    bool        strict = false;             // tensors the model does not use: an error (else a warning)
 };
 
 struct ppl_result {

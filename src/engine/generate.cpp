@@ -78,7 +78,7 @@ result<std::unique_ptr<generator>> generator::open(const generator_options& opti
     std::unique_ptr<generator> g(new generator());
     impl&                      m = *g->impl_;
     m.opts                       = options;
-    GPTQ_ASSIGN_OR_RETURN(m.model, llama_model::open(options.model_path));
+    GPTQ_ASSIGN_OR_RETURN(m.model, llama_model::open(options.model_path, {.strict = options.strict}));
     GPTQ_ASSIGN_OR_RETURN(m.tok, tokenizer::load(options.model_path));
     if (dev.cuda) {  // weights on the GPU only; llama_model above holds the config
         GPTQ_ASSIGN_OR_RETURN(m.gpu,

@@ -78,7 +78,7 @@ result<ppl_result> ppl_run_unguarded(const ppl_params& params) {
     ppl_result r;
     GPTQ_ASSIGN_OR_RETURN(r.dataset_path, dataset_resolve(params.dataset));
     GPTQ_ASSIGN_OR_RETURN(std::string text, text_file_read(r.dataset_path));
-    GPTQ_ASSIGN_OR_RETURN(auto model, llama_model::open(params.model_path));
+    GPTQ_ASSIGN_OR_RETURN(auto model, llama_model::open(params.model_path, {.strict = params.strict}));
     GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(params.model_path));
     if (dev.cuda) {  // the weights go to the GPU, not to host memory: engine_cuda.cpp
         const std::vector<int32_t> gpu_ids = tok->encode(text, /*add_special=*/true);

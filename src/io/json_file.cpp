@@ -20,6 +20,16 @@ bool file_exists(const std::string& path) {
     return stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
 }
 
+const char* file_kind_name(unsigned mode) {
+    if (S_ISREG(mode)) return "a regular file";
+    if (S_ISDIR(mode)) return "a folder";
+    if (S_ISFIFO(mode)) return "a FIFO";
+    if (S_ISCHR(mode)) return "a character device";
+    if (S_ISBLK(mode)) return "a block device";
+    if (S_ISSOCK(mode)) return "a socket";
+    return "not a regular file";
+}
+
 bool dir_exists(const std::string& path) {
     struct stat st {};
     return stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
@@ -32,15 +42,17 @@ std::string path_join(const std::string& a, const std::string& b) {
 }
 
 result<std::string> file_read_all(const std::string& path) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: a FIFO would block open() until a writer comes; it is refused below instead.
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         const auto code = errno == ENOENT ? status_code::STATUS_NOT_FOUND : status_code::STATUS_IO_ERROR;
         return make_error(code, "{}: cannot open: {}", path, std::strerror(errno));
     }
     struct stat st {};
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        const char* kind = file_kind_name(st.st_mode);
         ::close(fd);
-        return make_error(status_code::STATUS_IO_ERROR, "{}: not a regular file", path);
+        return make_error(status_code::STATUS_IO_ERROR, "{}: not a regular file ({})", path, kind);
     }
     std::string out;
     out.resize(static_cast<size_t>(st.st_size));

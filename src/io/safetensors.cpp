@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <set>
@@ -178,15 +179,18 @@ result<safetensors_header> safetensors_parse_header(const uint8_t* bytes, size_t
 }
 
 result<std::unique_ptr<safetensors_file>> safetensors_file::open(const std::string& path) {
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever; it is
+    // refused just below (fstat) like any other file that is not a regular one.
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         const auto code = errno == ENOENT ? status_code::STATUS_NOT_FOUND : E_IO;
         return make_error(code, "{}: cannot open: {}", path, std::strerror(errno));
     }
     struct stat st {};
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        const char* kind = file_kind_name(st.st_mode);
         ::close(fd);
-        return make_error(E_IO, "{}: not a regular file", path);
+        return make_error(E_IO, "{}: not a regular file ({}); expected a .safetensors file", path, kind);
     }
     std::unique_ptr<safetensors_file> f(new safetensors_file());
     f->path_ = path;
@@ -239,18 +243,26 @@ status safetensors_file::read_f32(const safetensors_tensor_info& info, float* ds
     const size_t   n   = static_cast<size_t>(info.numel());
     const uint8_t* src = bytes(info);
     switch (info.type) {
-        case dtype::DTYPE_F32:
+        case dtype::DTYPE_F32: {
             std::memcpy(dst, src, n * 4);
-            return status::ok();
+            bool finite = true;
+            for (size_t i = 0; i < n; ++i) finite &= std::isfinite(dst[i]);
+            return finite ? status::ok() : check_finite(info);
+        }
         case dtype::DTYPE_F16:
         case dtype::DTYPE_BF16: {
-            const bool f16 = info.type == dtype::DTYPE_F16;
+            // Non-finite values are caught in the conversion pass itself (exponent bits all ones), so
+            // loading costs no extra pass; the error path counts them all (check_finite).
+            const bool     f16 = info.type == dtype::DTYPE_F16;
+            const uint16_t e   = f16 ? 0x7c00 : 0x7f80;
+            uint16_t       bad = 0;
             for (size_t i = 0; i < n; ++i) {
                 uint16_t h;
                 std::memcpy(&h, src + 2 * i, 2);
+                bad |= static_cast<uint16_t>((h & e) == e);
                 dst[i] = f16 ? f16_to_f32(h) : bf16_to_f32(h);
             }
-            return status::ok();
+            return bad ? check_finite(info) : status::ok();
         }
         default:
             return make_error(status_code::STATUS_UNSUPPORTED,

@@ -66,7 +66,8 @@ public:
     bool           is_aligned(const safetensors_tensor_info& info) const;
     // Copy the raw bytes of a tensor into dst (nbytes() bytes).
     void copy_to(const safetensors_tensor_info& info, void* dst) const;
-    // Convert a float tensor (F32/F16/BF16) into dst (numel() floats), whatever its alignment.
+    // Convert a float tensor (F32/F16/BF16) into dst (numel() floats), whatever its alignment. A
+    // NaN or Inf is an error (check_finite's), found in the same pass as the conversion.
     status read_f32(const safetensors_tensor_info& info, float* dst) const;
     // For a float tensor (F64/F32/F16/BF16): an error naming the file, the tensor, the first NaN or
     // Inf (its flat index) and how many there are. Other dtypes are always ok. Reads in place.

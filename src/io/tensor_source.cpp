@@ -1,6 +1,7 @@
 #include "io/tensor_source.h"
 
 #include <dirent.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <set>
@@ -112,6 +113,10 @@ result<std::unique_ptr<tensor_source>> tensor_source::open(const std::string& pa
             GPTQ_TRY(add_all_tensors(i));
         }
     } else {
+        struct stat st {};
+        if (stat(path.c_str(), &st) == 0)
+            return make_error(status_code::STATUS_IO_ERROR, "{}: {}, expected a model folder or a .safetensors file",
+                              path, file_kind_name(st.st_mode));
         return make_error(status_code::STATUS_NOT_FOUND, "{}: no such file or folder", path);
     }
     for (const auto& [name, e] : src->entries_) src->names_.push_back(name);

@@ -8,11 +8,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <set>
+#include <string_view>
 
 #include <fmt/ranges.h>
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/log.h"
 
 namespace gptq {
 
@@ -265,7 +268,69 @@ kv_cache kv_cache::create(const llama_hparams& hp, int64_t n_ctx) {
     return c;
 }
 
-result<std::unique_ptr<llama_model>> llama_model::open(const std::string& path) {
+namespace {
+// The layer index of "model.layers.<i>.<rest>", or -1 for another name (or an index that is not a
+// plain decimal number that fits).
+int64_t layer_index_of(const std::string& name) {
+    static constexpr std::string_view k_prefix = "model.layers.";
+    if (name.compare(0, k_prefix.size(), k_prefix) != 0) return -1;
+    int64_t i = 0;
+    size_t  p = k_prefix.size();
+    for (; p < name.size() && name[p] >= '0' && name[p] <= '9' && p < k_prefix.size() + 9; ++p)
+        i = 10 * i + (name[p] - '0');
+    return p > k_prefix.size() && p < name.size() && name[p] == '.' ? i : -1;
+}
+
+// Every tensor of the checkpoint must be one the model reads (or knows to skip): a layer past
+// config.json's num_hidden_layers is an error (the files and the config disagree: running fewer
+// layers would be a silent wrong answer); other unknown tensors are a warning, an error if strict.
+status check_tensor_names(const tensor_source& src, const llama_hparams& hp, const std::string& config_path,
+                          bool strict) {
+    std::set<std::string> known;
+    auto                  add = [&](const tensor_spec& t) {
+        known.insert(t.name);
+        const size_t dot = t.name.rfind('.');
+        if (t.name.compare(dot, std::string::npos, ".weight") == 0 && t.shape.size() == 2)
+            for (const char* suffix : {".qweight", ".qzeros", ".scales", ".g_idx"})  // format.md 1.2
+                known.insert(t.name.substr(0, dot) + suffix);
+    };
+    for (const auto& t : llama_global_tensors(hp)) add(t);
+    for (int64_t i = 0; i < hp.n_layer; ++i) {
+        for (const auto& t : llama_layer_tensors(hp, i)) add(t);
+        // Buffers that older transformers saved and that are recomputed from the config.
+        known.insert("model.layers." + std::to_string(i) + ".self_attn.rotary_emb.inv_freq");
+    }
+    int64_t                  max_layer = -1;
+    std::string              max_layer_name;
+    std::vector<std::string> unknown;
+    for (const auto& name : src.names()) {
+        if (known.count(name)) continue;
+        const int64_t i = layer_index_of(name);
+        if (i >= hp.n_layer) {
+            if (i > max_layer) max_layer = i, max_layer_name = name;
+            continue;
+        }
+        unknown.push_back(name);
+    }
+    if (max_layer >= 0)
+        return make_error(status_code::STATUS_PARSE_ERROR,
+                          "{}: num_hidden_layers is {} but the weights hold layers up to {} ('{}' in {}); the config "
+                          "and the weights disagree",
+                          config_path, hp.n_layer, max_layer, max_layer_name, src.find(max_layer_name)->file->path());
+    if (unknown.empty()) return status::ok();
+    std::string list;
+    for (size_t k = 0; k < unknown.size() && k < 5; ++k) list += (k ? ", '" : "'") + unknown[k] + "'";
+    if (unknown.size() > 5) list += fmt::format(" and {} more", unknown.size() - 5);
+    if (strict)
+        return make_error(status_code::STATUS_PARSE_ERROR, "{}: {} tensor{} the model does not use: {} (--strict)",
+                          src.path(), unknown.size(), unknown.size() == 1 ? "" : "s", list);
+    GPTQ_LOG_WARN("{}: {} tensor{} the model does not use, ignored (--strict makes this an error): {}", src.path(),
+                  unknown.size(), unknown.size() == 1 ? "" : "s", list);
+    return status::ok();
+}
+}  // namespace
+
+result<std::unique_ptr<llama_model>> llama_model::open(const std::string& path, const llama_open_options& options) {
     std::unique_ptr<llama_model> m(new llama_model());
     GPTQ_ASSIGN_OR_RETURN(m->cfg_, model_config_load(path));
     GPTQ_ASSIGN_OR_RETURN(m->hp_, llama_hparams_from_config(m->cfg_));
@@ -299,6 +364,7 @@ result<std::unique_ptr<llama_model>> llama_model::open(const std::string& path) 
             return make_error(E_UNSUP, "{}: tensor '{}' has dtype {}; the model runtime reads F32, F16 or BF16",
                               e->file->path(), t.name, dtype_name(ty));
     }
+    GPTQ_TRY(check_tensor_names(*m->src_, m->hp_, m->cfg_.path, options.strict));
     m->layers_.resize(static_cast<size_t>(m->hp_.n_layer));
     return m;
 }

@@ -147,11 +147,16 @@ struct kv_cache {
 using linear_input_hook =
     std::function<void(int64_t i_layer, linear_input which, const float* x, int64_t n_tokens, int64_t n_in)>;
 
+struct llama_open_options {
+    bool strict = false;  // tensors the model does not use are an error (else a warning)
+};
+
 class llama_model {
 public:
     // Read config.json, open the weights (memory-mapped, nothing read) and check that every tensor
-    // of the table is present with its shape and a float dtype.
-    static result<std::unique_ptr<llama_model>> open(const std::string& path);
+    // of the table is present with its shape and a float dtype, and that the weights hold no layer
+    // past num_hidden_layers; other tensors the model does not read are a warning (strict: error).
+    static result<std::unique_ptr<llama_model>> open(const std::string& path, const llama_open_options& options = {});
 
     const llama_hparams& hparams() const { return hp_; }
     const model_config&  config() const { return cfg_; }

@@ -161,6 +161,7 @@ command register_generate(CLI::App& app) {
         ->capture_default_str();
     add_offload_options(sub, &o->open.device_map, &o->open.max_memory);
     sub->add_option("--threads", o->open.n_threads, "CPU threads (0: all cores)")->capture_default_str();
+    sub->add_flag("--strict", o->open.strict, "tensors the model does not use are an error (default: a warning)");
     return {sub, [o] { return run_generate(*o); }};
 }
 

@@ -38,6 +38,17 @@ generate_params greedy_params(int64_t n) {
     return p;
 }
 
+// Sampling with every filter on (the sampler's defaults are greedy, as transformers').
+sampling_params hot_sampling() {
+    sampling_params s;
+    s.do_sample          = true;
+    s.temperature        = 0.7f;
+    s.top_k              = 40;
+    s.top_p              = 0.9f;
+    s.repetition_penalty = 1.1f;
+    return s;
+}
+
 // The RTN checkpoint of tiny-llama, made once (RTN is deterministic: the goldens were computed from
 // the same command's output).
 std::string rtn_checkpoint() {
@@ -108,6 +119,7 @@ TEST(Generate, GreedyMatchesTransformers) {
 TEST(Generate, SamplingIsReproducibleWithASeed) {
     generator&      g = model_generator(k_tiny);
     generate_params p;
+    p.sampling       = hot_sampling();
     p.max_new_tokens = 32;
     p.ignore_eos     = true;
     p.sampling.seed  = 1234;
@@ -136,7 +148,7 @@ TEST(Generate, BatchedEqualsOneByOne) {
     for (const bool sample : {false, true}) {
         generate_params p = greedy_params(24);
         if (sample) {
-            p.sampling      = sampling_params{};  // defaults: temperature 0.7, top-k 40, top-p 0.9
+            p.sampling      = hot_sampling();
             p.sampling.seed = 5;
         }
         p.stop = {"\n\n"};  // may end some sequences early, so the batch shrinks
@@ -202,6 +214,7 @@ TEST(Generate, StreamingNeverEmitsBrokenUtf8) {
         generate_params p;
         p.max_new_tokens              = 96;
         p.ignore_eos                  = true;
+        p.sampling.do_sample          = true;
         p.sampling.temperature        = 3.0f;
         p.sampling.top_k              = 0;
         p.sampling.top_p              = 1.0f;

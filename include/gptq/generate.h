@@ -34,7 +34,7 @@ struct generator_options {
 };
 
 // A default-constructed generate_params is transformers' default generate() but for the length
-// (200 new tokens, not max_length 20); generator::default_params() gives the model's own defaults.
+// (200 new tokens, not 20); generator::default_params() gives the model's own defaults.
 // Generation also stops at the model's context (max_position_embeddings): finish reason "length"
 // and a warning; a prompt that fills the whole context is an error.
 struct generate_params {

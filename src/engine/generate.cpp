@@ -95,9 +95,9 @@ int64_t generator::context_length() const {
 
 // transformers' generate() reads generation_config.json into a GenerationConfig whose absent keys
 // take the defaults of transformers 5's GenerationConfig._get_default_generation_params (greedy,
-// temperature 1, top_k 50, top_p 1, repetition_penalty 1, max_length 20); io/hf_config.h applies
-// the same ones. The one difference: without max_new_tokens or max_length in the file, 200 new
-// tokens rather than max_length 20 (which transformers itself warns about).
+// temperature 1, top_k 50, top_p 1, repetition_penalty 1); io/hf_config.h applies the same ones.
+// The one difference: without max_new_tokens or max_length in the file, 200 new tokens rather
+// than transformers' 20 (its "model-agnostic default max_length", which it warns about).
 status generator::impl::load_defaults() {
     GPTQ_ASSIGN_OR_RETURN(const generation_config gc, generation_config_load(opts.model_path));
     if (gc.found) defaults_source = (std::filesystem::path(opts.model_path) / "generation_config.json").string();
@@ -319,8 +319,10 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
     auto accept = [&](sequence& q, int32_t id) {
         q.res.tokens.push_back(id);
         q.history.push_back(id);
-        if (!p.ignore_eos && is_eos(id)) return finish(q, "eos");
+        // An EOS is decoded too, special tokens skipped (nothing for </s>), as transformers'
+        // decode(new_tokens, skip_special_tokens=True): an EOS id that is a plain word keeps its text.
         q.text += q.dec->step(id);
+        if (!p.ignore_eos && is_eos(id)) return finish(q, "eos");
         flush(q, false);
         if (q.done) return;
         if (static_cast<int64_t>(q.res.tokens.size()) >= q.max_new) finish(q, "length");

@@ -60,11 +60,16 @@ generate_params effective_params(const generate_cli& o, const generator& g) {
     p.stop        = flags.stop;
     p.ignore_eos  = flags.ignore_eos;
     p.add_special = flags.add_special;
-    if (sp.greedy() && (given(o.opt_top_k) || given(o.opt_top_p) || given(o.opt_min_p)))
+    return p;
+}
+
+// As transformers' warning for sampling-only settings in greedy mode (flags only: the model's own
+// generation_config.json may hold them harmlessly).
+void warn_unused_sampling_flags(const generate_cli& o, const generate_params& p) {
+    if (p.sampling.greedy() && (o.opt_top_k->count() || o.opt_top_p->count() || o.opt_min_p->count()))
         std::fprintf(stderr,
                      "warning: --top-k, --top-p and --min-p have no effect with greedy decoding (the model's default); "
                      "add --do-sample or --temperature T to sample\n");
-    return p;
 }
 
 void print_stats(const generate_stats& s, const char* finish) {
@@ -99,6 +104,7 @@ int run_generate(generate_cli& o) {
     if (o.chat) o.params.add_special = false;  // the template places BOS itself
     const generate_params params = effective_params(o, g);
     if (auto st = generator::check_params(params); !st) return report_error(st);
+    warn_unused_sampling_flags(o, params);
 
     if (!o.prompts_file.empty()) {
         auto prompts = prompts_file_read(o.prompts_file);

@@ -224,7 +224,7 @@ TEST(cli, bad_numbers_name_the_option_briefly) {
 
 TEST(cli, a_weights_file_for_a_model_folder_says_pass_the_folder) {
     const std::string file = test::source_path("models/tiny-llama/model.safetensors");
-    for (const std::string cmd : {"ppl " + q(file), "generate " + q(file) + " -p hi", "quantize " + q(file) + " -o out",
+    for (const std::string& cmd : {"ppl " + q(file), "generate " + q(file) + " -p hi", "quantize " + q(file) + " -o out",
                                   "bench " + q(file), "plan " + q(file) + " --max-memory 0=1GiB"}) {
         auto r = test::run_command(test::gptq_binary() + " " + cmd);
         expect_one_line_error(r, "model.safetensors is a file; pass the folder that holds the model");

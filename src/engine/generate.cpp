@@ -17,10 +17,10 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "context_limit.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "core/thread_pool.h"
-#include "context_limit.h"
 #include "engine_cuda.h"
 #include "host_memory.h"
 #include "model/llama.h"
@@ -68,7 +68,7 @@ struct generator::impl {
 
     status                       load_defaults();
     result<std::vector<int64_t>> token_limits(const std::vector<int64_t>& n_prompt, const generate_params& p) const;
-    bool   is_eos(int32_t id) const { return std::find(eos.begin(), eos.end(), id) != eos.end(); }
+    bool                         is_eos(int32_t id) const { return std::find(eos.begin(), eos.end(), id) != eos.end(); }
 
     result<std::vector<generate_result>> run(const std::vector<std::string>& prompts, const generate_params& p,
                                              const text_callback& on_text, generate_stats* stats);
@@ -255,8 +255,8 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
     size_t max_stop = 0;
     for (const auto& s : p.stop) max_stop = std::max(max_stop, s.size());
 
-    const llama_hparams& hp    = model->hparams();
-    const int64_t        n_seq = static_cast<int64_t>(prompts.size());
+    const llama_hparams&  hp    = model->hparams();
+    const int64_t         n_seq = static_cast<int64_t>(prompts.size());
     std::vector<sequence> seqs(static_cast<size_t>(n_seq));
     std::vector<int32_t>  ids;
     std::vector<int64_t>  lens;

@@ -12,10 +12,10 @@
 #include <sstream>
 #include <thread>
 
+#include "context_limit.h"
 #include "core/error.h"
 #include "core/progress.h"
 #include "core/thread_pool.h"
-#include "context_limit.h"
 #include "data_files.h"
 #include "engine_cuda.h"
 #include "host_memory.h"

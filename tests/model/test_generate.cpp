@@ -417,7 +417,8 @@ std::string tiny_variant(const std::string& tag, const nlohmann::json& gen_extra
         else
             std::filesystem::copy_file(e.path(), dst);
     }
-    for (const auto& [file, extra] : {std::pair{"generation_config.json", gen_extra}, std::pair{"config.json", cfg_extra}}) {
+    for (const auto& [file, extra] :
+         {std::pair{"generation_config.json", gen_extra}, std::pair{"config.json", cfg_extra}}) {
         auto j = nlohmann::json::parse(test::read_file(dir + "/" + file));
         j.update(extra);
         test::write_file(dir + "/" + file, j.dump(1));
@@ -514,8 +515,8 @@ TEST(GenerateCli, FlagsOverrideOnlyWhatTheyName) {
     const auto goldens = nlohmann::json::parse(test::read_file(test::source_path("tests/data/generate/defaults.json")));
     std::map<std::string, std::vector<int32_t>> golden;  // "model|call|prompt" -> tokens
     for (const auto& c : goldens["cases"])
-        golden[c["model"].get<std::string>() + "|" + c["call"].get<std::string>() + "|" + c["prompt"].get<std::string>()] =
-            c["tokens"].get<std::vector<int32_t>>();
+        golden[c["model"].get<std::string>() + "|" + c["call"].get<std::string>() + "|" +
+               c["prompt"].get<std::string>()] = c["tokens"].get<std::vector<int32_t>>();
     const std::string prompt = "The history of the city";
     const std::string call   = "generate(max_new_tokens=200)";
 
@@ -523,7 +524,8 @@ TEST(GenerateCli, FlagsOverrideOnlyWhatTheyName) {
     const std::string rp = tiny_variant("rp-flag", {{"repetition_penalty", 1.3}});
     auto              a  = generate_prompts(rp, {prompt}, " --repetition-penalty 1");
     ASSERT_EQ(a.exit_code, 0) << a.err;
-    EXPECT_EQ(json_lines(a.out).at(0)["tokens"].get<std::vector<int32_t>>(), golden.at("tiny-llama|" + call + "|" + prompt));
+    EXPECT_EQ(json_lines(a.out).at(0)["tokens"].get<std::vector<int32_t>>(),
+              golden.at("tiny-llama|" + call + "|" + prompt));
     // ... and -n 5 keeps the file's penalty: the first 5 tokens of its golden.
     auto b = generate_prompts(rp, {prompt}, " -n 5");
     ASSERT_EQ(b.exit_code, 0) << b.err;
@@ -598,8 +600,8 @@ TEST(GenerateCli, FlagsOverrideOnlyWhatTheyName) {
 // limit sizes the GPU session's cache (generate.cpp passes each sequence's limit to
 // context_reserve), which these CPU tests cannot run.
 TEST(Generate, StopsAtTheModelContext) {
-    const std::string ctx16  = tiny_variant("ctx16", nlohmann::json::object(), {{"max_position_embeddings", 16}});
-    generator&        g      = model_generator(ctx16);
+    const std::string ctx16 = tiny_variant("ctx16", nlohmann::json::object(), {{"max_position_embeddings", 16}});
+    generator&        g     = model_generator(ctx16);
     EXPECT_EQ(g.context_length(), 16);
     const std::string prompt = "The history of the city";  // 6 tokens
     auto              full   = model_generator(k_tiny).generate(prompt, greedy_params(20));

@@ -13,8 +13,8 @@ using namespace gptq;
 TEST(install, installed_binary_finds_its_default_data_under_share) {
     test::temp_dir    dir("install");
     const std::string prefix = fs::weakly_canonical(dir.path()).string();
-    auto inst = test::run_command(std::string(GPTQ_CMAKE_COMMAND) + " --install " + GPTQ_BINARY_DIR + " --prefix " +
-                                  prefix);
+    auto              inst =
+        test::run_command(std::string(GPTQ_CMAKE_COMMAND) + " --install " + GPTQ_BINARY_DIR + " --prefix " + prefix);
     ASSERT_EQ(inst.exit_code, 0) << inst.out << inst.err;
     const std::string gptq  = prefix + "/bin/gptq";
     const std::string share = prefix + "/share/gptqkit/data/";

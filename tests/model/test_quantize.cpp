@@ -199,7 +199,8 @@ TEST(quantize, resume_names_the_changed_setting_and_a_damaged_layer_file) {
     };
     auto changed       = res;
     changed.group_size = 64;
-    expect_refused(changed, "--resume: the work folder " + work + " was made with --group-size 128, this run asks for 64");
+    expect_refused(changed,
+                   "--resume: the work folder " + work + " was made with --group-size 128, this run asks for 64");
     changed          = res;
     changed.desc_act = true;
     expect_refused(changed, "was made without --desc-act, this run with it");
@@ -209,7 +210,8 @@ TEST(quantize, resume_names_the_changed_setting_and_a_damaged_layer_file) {
     changed      = res;
     changed.bits = 8;
     changed.seed = 7;
-    expect_refused(changed, "was made with --bits 4, this run asks for 8; it was made with --seed 0, this run asks for 7");
+    expect_refused(changed,
+                   "was made with --bits 4, this run asks for 8; it was made with --seed 0, this run asks for 7");
     changed            = res;
     changed.model_path = test::source_path("models/tiny-llama/");  // the same folder, spelled otherwise: fine
     changed.method     = "gptq";
@@ -228,8 +230,8 @@ TEST(quantize, resume_names_the_changed_setting_and_a_damaged_layer_file) {
     expect_refused(res, "--resume: " + l0 + " is damaged: ");
     // The CLI: one line.
     auto cli = test::run_command(test::gptq_binary() + " quantize " + tiny() + " -o " + cut.output_path +
-                                 " --method rtn --resume --nsamples " + std::to_string(cut.nsamples) +
-                                 " --seqlen " + std::to_string(cut.seqlen));
+                                 " --method rtn --resume --nsamples " + std::to_string(cut.nsamples) + " --seqlen " +
+                                 std::to_string(cut.seqlen));
     EXPECT_EQ(cli.exit_code, 1);
     EXPECT_EQ(cli.err.rfind("gptq: error: --resume: " + l0 + " is damaged: ", 0), 0u) << cli.err;
     EXPECT_EQ(std::count(cli.err.begin(), cli.err.end(), '\n'), 1) << cli.err;

@@ -200,10 +200,12 @@ TEST(cli, bad_numbers_name_the_option_briefly) {
         {"quantize " + model + " -o out --bits 99999999999999999999999",
          "--bits: '99999999999999999999999' is out of range", 2},
         {"quantize " + model + " -o out --damp-percent 1e999", "--damp-percent: '1e999' is out of range", 2},
-        {"quantize " + model + " -o out --group-size " + huge, "--group-size: '999999999999...' (300 characters) is out of range", 2},
+        {"quantize " + model + " -o out --group-size " + huge,
+         "--group-size: '999999999999...' (300 characters) is out of range", 2},
         {"ppl " + model + " --seqlen 1e400", "--seqlen: '1e400' is not a whole number", 2},
         {"ppl " + model + " --threads two", "--threads: 'two' is not a whole number", 2},
-        {"generate " + model + " -p hi -n " + huge, "--max-new-tokens: '999999999999...' (300 characters) is out of range", 2},
+        {"generate " + model + " -p hi -n " + huge,
+         "--max-new-tokens: '999999999999...' (300 characters) is out of range", 2},
         {"generate " + model + " -p hi --temperature 1e400", "--temperature: '1e400' is out of range", 2},
         {"generate " + model + " -p hi --temperature nan", "--temperature: 'nan' is not a finite number", 2},
         {"generate " + model + " -p hi --top-k 99999999999", "--top-k: '99999999999' is out of range", 2},
@@ -224,8 +226,9 @@ TEST(cli, bad_numbers_name_the_option_briefly) {
 
 TEST(cli, a_weights_file_for_a_model_folder_says_pass_the_folder) {
     const std::string file = test::source_path("models/tiny-llama/model.safetensors");
-    for (const std::string& cmd : {"ppl " + q(file), "generate " + q(file) + " -p hi", "quantize " + q(file) + " -o out",
-                                  "bench " + q(file), "plan " + q(file) + " --max-memory 0=1GiB"}) {
+    for (const std::string& cmd :
+         {"ppl " + q(file), "generate " + q(file) + " -p hi", "quantize " + q(file) + " -o out", "bench " + q(file),
+          "plan " + q(file) + " --max-memory 0=1GiB"}) {
         auto r = test::run_command(test::gptq_binary() + " " + cmd);
         expect_one_line_error(r, "model.safetensors is a file; pass the folder that holds the model");
         EXPECT_NE(r.err.find("e.g. " + test::source_path("models/tiny-llama")), std::string::npos) << r.err;

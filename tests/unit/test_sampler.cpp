@@ -139,7 +139,7 @@ TEST(Sampler, ASeedFixesTheDraws) {
     p.top_p              = 0.9f;
     p.repetition_penalty = 1.1f;
     p.seed               = 17;
-    auto run = [&](uint64_t seed) {
+    auto run             = [&](uint64_t seed) {
         p.seed = seed;
         sampler              s(p);
         std::vector<int32_t> out, history;

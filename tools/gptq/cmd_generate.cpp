@@ -39,10 +39,10 @@ struct generate_cli {
 
 // The model's defaults (generation_config.json, as transformers) with the flags given on top.
 generate_params effective_params(const generate_cli& o, const generator& g) {
-    generate_params   p     = g.default_params();
-    sampling_params&  sp    = p.sampling;
-    const auto&       flags = o.params;
-    auto              given = [](const CLI::Option* opt) { return opt->count() > 0; };
+    generate_params  p     = g.default_params();
+    sampling_params& sp    = p.sampling;
+    const auto&      flags = o.params;
+    auto             given = [](const CLI::Option* opt) { return opt->count() > 0; };
     if (given(o.opt_n)) {  // as transformers: max_new_tokens overrides max_length
         p.max_new_tokens = flags.max_new_tokens;
         p.max_length     = 0;
@@ -195,8 +195,8 @@ command register_generate(CLI::App& app) {
     o->opt_n = sub->add_option("-n,--max-new-tokens", o->params.max_new_tokens,
                                "tokens to generate at most (default: generation_config.json's max_new_tokens or "
                                "max_length, else 200); generation also stops at the model's context");
-    o->opt_do_sample = sub->add_flag("--do-sample", o->do_sample,
-                                     "sample (default: generation_config.json's do_sample, else greedy)");
+    o->opt_do_sample =
+        sub->add_flag("--do-sample", o->do_sample, "sample (default: generation_config.json's do_sample, else greedy)");
     o->opt_temperature =
         sub->add_option("--temperature", o->params.sampling.temperature, "> 0: sample at this temperature; 0: greedy");
     o->opt_top_k   = sub->add_option("--top-k", o->params.sampling.top_k, "when sampling; 0 = off (transformers: 50)");

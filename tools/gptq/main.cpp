@@ -2,10 +2,10 @@
 // function per subcommand and decides the exit code (0 ok, 1 error, 2 usage error).
 #include <algorithm>
 #include <cctype>
-#include <climits>
-#include <cstdint>
 #include <cerrno>
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -155,14 +156,27 @@ TEST(ppl_cli, seqlen_past_the_context_exits_1_naming_both_values) {
         << r.err;
     EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
     EXPECT_TRUE(r.out.empty());
-    // At the context exactly: fine.
+    // A copy whose context is 64: --seqlen 65 refused, 64 (the context exactly) evaluated.
+    temp_dir dir("ppl-ctx64");
+    for (const auto& e : std::filesystem::directory_iterator(source_path("models/tiny-llama")))
+        if (e.path().filename() != "config.json")
+            std::filesystem::create_symlink(e.path(), std::filesystem::path(dir.path()) / e.path().filename());
+    auto cfg                       = nlohmann::json::parse(read_file(source_path("models/tiny-llama/config.json")));
+    cfg["max_position_embeddings"] = 64;
+    write_file(dir.file("config.json"), cfg.dump());
     ppl_params p;
-    p.model_path  = source_path("models/tiny-llama");
-    p.seqlen      = 2048;
+    p.model_path  = dir.path();
+    p.seqlen      = 65;
     p.max_windows = 1;
     p.n_threads   = 2;
     p.progress    = false;
-    auto ok       = ppl_run(p);
+    auto over     = ppl_run(p);
+    ASSERT_FALSE(over.is_ok());
+    EXPECT_NE(over.error().message().find("--seqlen 65 is longer than the model's context of 64 positions"),
+              std::string::npos)
+        << over.error().message();
+    p.seqlen = 64;
+    auto ok  = ppl_run(p);
     ASSERT_TRUE(ok.is_ok()) << ok.error().message();
     EXPECT_EQ(ok->n_windows, 1);
 }

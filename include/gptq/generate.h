@@ -34,8 +34,14 @@ struct generator_options {
     std::string max_memory{};
 };
 
+// A default-constructed generate_params is transformers' default generate() but for the length
+// (200 new tokens, not 20); generator::default_params() gives the model's own defaults.
+// Generation also stops at the model's context (max_position_embeddings): finish reason "length"
+// and a warning; a prompt that fills the whole context is an error.
 struct generate_params {
-    int64_t                  max_new_tokens = 200;  // generated tokens at most (an EOS counts)
+    int64_t max_new_tokens = 200;  // generated tokens at most (an EOS counts)
+    int64_t max_length     = 0;    // prompt + generated tokens at most, 0: no such limit (transformers'
+                                   // max_length: generation_config.json's, when it has no max_new_tokens)
     sampling_params          sampling;
     std::vector<std::string> stop;                // the text ends before the first of these that appears
     bool                     ignore_eos = false;  // never stop at EOS (EOS logits set to -inf, as
@@ -87,6 +93,23 @@ public:
     bool                has_chat_template() const;
 
     const std::string& model_path() const;
+
+    // The model's defaults, as transformers' generate() takes them: generation_config.json
+    // (do_sample, temperature, top_k, top_p, min_p, repetition_penalty, max_new_tokens or else
+    // max_length), transformers' GenerationConfig defaults for keys it lacks, and 200 new tokens
+    // when it sets no length. docs/generate.md "Defaults".
+    const generate_params& default_params() const;
+    // The ids that end a sequence: generation_config.json eos_token_id (an int or a list), else
+    // config.json's, else the tokenizer's EOS.
+    const std::vector<int32_t>& eos_ids() const;
+    // Positions the model takes (config.json max_position_embeddings); 0: no limit (dynamic RoPE).
+    int64_t context_length() const;
+    // Errors for parameters out of range (also checked by generate / generate_batch).
+    static status check_params(const generate_params& params);
+    // One line: decoding (greedy or sampling with its settings), penalty, lengths, EOS ids, and
+    // where the defaults came from. log_settings writes it to stderr (info level: -q hides it).
+    std::string describe(const generate_params& params) const;
+    void        log_settings(const generate_params& params) const;
 
 private:
     generator();

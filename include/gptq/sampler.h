@@ -1,6 +1,7 @@
 // Token sampler for generation: repetition penalty, then temperature, top-k, top-p, min-p (the
 // order of transformers' logits processors), then a draw from a seeded RNG; greedy (argmax, lowest
-// id on ties) when temperature is 0. Implemented in src/engine/sampler.cpp.
+// id on ties, after the penalty) unless do_sample, or when temperature is 0. Implemented in
+// src/engine/sampler.cpp.
 //
 // Reproducibility: the draw uses std::mt19937_64 (whose output the C++ standard fixes) and our own
 // bits-to-double conversion, so a seed gives the same tokens on every platform for the same logits.
@@ -12,13 +13,18 @@
 
 namespace gptq {
 
+// The defaults are transformers' GenerationConfig defaults (greedy, penalty off); a model's own
+// come from its generation_config.json (gptq/generate.h generator::default_params).
 struct sampling_params {
-    float    temperature        = 0.7f;  // 0: greedy
-    int32_t  top_k              = 40;    // keep the k most likely tokens; 0 or >= n_vocab: off
-    float    top_p              = 0.9f;  // keep the smallest most-likely set with mass >= top_p; 1: off
-    float    min_p              = 0.0f;  // drop tokens with p < min_p * p_max; 0: off
-    float    repetition_penalty = 1.1f;  // logits of seen tokens: > 0 divided, < 0 multiplied; 1: off
+    bool     do_sample          = false;  // false: greedy (temperature, top-k/p, min-p unused)
+    float    temperature        = 1.0f;   // with do_sample; 0: greedy
+    int32_t  top_k              = 50;     // keep the k most likely tokens; 0 or >= n_vocab: off
+    float    top_p              = 1.0f;   // keep the smallest most-likely set with mass >= top_p; 1: off
+    float    min_p              = 0.0f;   // drop tokens with p < min_p * p_max; 0: off
+    float    repetition_penalty = 1.0f;   // logits of seen tokens: > 0 divided, < 0 multiplied; 1: off
     uint64_t seed               = 0;
+
+    bool greedy() const { return !do_sample || temperature <= 0.0f; }
 };
 
 class sampler {

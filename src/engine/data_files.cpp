@@ -1,3 +1,5 @@
+// bundled_data_resolve (data_files.h): where the files under data/ (and the bundled model's
+// tokenizer) are found, from the running executable's location.
 #include "data_files.h"
 
 #include <filesystem>
@@ -14,11 +16,18 @@ namespace gptq {
 
 namespace fs = std::filesystem;
 
+namespace {
+constexpr const char* k_install_data_dir = "share/gptqkit";  // CMakeLists.txt's install(DIRECTORY ...)
+}  // namespace
+
 result<std::string> bundled_data_resolve(const std::string& rel_path) {
     std::vector<fs::path> tried;
     std::error_code       ec;
     const fs::path        exe = fs::read_symlink("/proc/self/exe", ec);
     if (!ec) {
+        // Installed (cmake --install): PREFIX/bin/gptq and PREFIX/share/gptqkit/data/...; the build
+        // tree: build/bin/gptq beside the source's data/.
+        tried.push_back(exe.parent_path() / ".." / k_install_data_dir / rel_path);
         tried.push_back(exe.parent_path() / ".." / rel_path);
         tried.push_back(exe.parent_path() / ".." / ".." / rel_path);
     }

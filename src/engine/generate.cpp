@@ -1,19 +1,25 @@
 // generator (include/gptq/generate.h): the model and tokenizer loaded once; each call tokenizes
 // its prompts, runs one ragged-batch prefill (llama_model::forward_batch), then decode steps that
-// batch the sequences still running, one token each. Per sequence: a KV cache sized prompt +
-// max_new_tokens, a sampler, an incremental decoder and the stop-string scan.
+// batch the sequences still running, one token each. Per sequence: a KV cache sized prompt + its
+// token limit (-n, max_length, the model's context), a sampler, an incremental decoder and the
+// stop-string scan. The defaults come from generation_config.json (load_defaults).
 #include "gptq/generate.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <new>
 #include <nlohmann/json.hpp>
 #include <thread>
 
+#include "context_limit.h"
 #include "core/error.h"
+#include "core/log.h"
 #include "core/thread_pool.h"
 #include "engine_cuda.h"
 #include "host_memory.h"
@@ -44,6 +50,7 @@ struct sequence {
     std::vector<int32_t>                 history;      // prompt + generated: what the repetition penalty sees
     std::string                          text;         // decoded so far (may hold back a possible stop prefix)
     size_t                               emitted = 0;  // bytes of text already passed on
+    int64_t                              max_new = 0;  // tokens to generate at most (-n, max_length, context)
     bool                                 done    = false;
 };
 }  // namespace
@@ -55,6 +62,13 @@ struct generator::impl {
     std::unique_ptr<thread_pool> pool;
     int                          n_threads = 0;
     std::unique_ptr<gpu_session> gpu;  // --device cuda: one sequence at a time on the GPU model
+    generate_params              defaults;
+    std::string                  defaults_source;  // the generation_config.json read, or ""
+    std::vector<int32_t>         eos;              // ids that end a sequence
+
+    status                       load_defaults();
+    result<std::vector<int64_t>> token_limits(const std::vector<int64_t>& n_prompt, const generate_params& p) const;
+    bool                         is_eos(int32_t id) const { return std::find(eos.begin(), eos.end(), id) != eos.end(); }
 
     result<std::vector<generate_result>> run(const std::vector<std::string>& prompts, const generate_params& p,
                                              const text_callback& on_text, generate_stats* stats);
@@ -69,6 +83,124 @@ generator::~generator() = default;
 const std::string& generator::model_path() const {
     return impl_->opts.model_path;
 }
+const generate_params& generator::default_params() const {
+    return impl_->defaults;
+}
+const std::vector<int32_t>& generator::eos_ids() const {
+    return impl_->eos;
+}
+int64_t generator::context_length() const {
+    return model_context_limit(impl_->model->hparams());
+}
+
+// transformers' generate() reads generation_config.json into a GenerationConfig whose absent keys
+// take the defaults of transformers 5's GenerationConfig._get_default_generation_params (greedy,
+// temperature 1, top_k 50, top_p 1, repetition_penalty 1); io/hf_config.h applies the same ones.
+// The one difference: without max_new_tokens or max_length in the file, 200 new tokens rather
+// than transformers' 20 (its "model-agnostic default max_length", which it warns about).
+status generator::impl::load_defaults() {
+    GPTQ_ASSIGN_OR_RETURN(const generation_config gc, generation_config_load(opts.model_path));
+    if (gc.found) defaults_source = (std::filesystem::path(opts.model_path) / "generation_config.json").string();
+    sampling_params& sp   = defaults.sampling;
+    sp.do_sample          = gc.do_sample;
+    sp.temperature        = static_cast<float>(gc.temperature);
+    sp.top_k              = static_cast<int32_t>(std::min<int64_t>(gc.top_k, INT32_MAX));
+    sp.top_p              = static_cast<float>(gc.top_p);
+    sp.min_p              = static_cast<float>(gc.min_p);
+    sp.repetition_penalty = static_cast<float>(gc.repetition_penalty);
+    if (gc.max_new_tokens) {
+        defaults.max_new_tokens = *gc.max_new_tokens;
+    } else if (gc.max_length) {  // transformers: max_length counts the prompt; max_new_tokens unset
+        defaults.max_new_tokens = *gc.max_length;
+        defaults.max_length     = *gc.max_length;
+    }
+    // EOS as transformers' generate(): the generation config's, which falls back on config.json's.
+    std::vector<int64_t> ids = gc.eos_token_ids.empty() ? model->config().eos_token_ids : gc.eos_token_ids;
+    for (int64_t id : ids)
+        if (id >= 0 && id < model->hparams().n_vocab && !is_eos(static_cast<int32_t>(id)))
+            eos.push_back(static_cast<int32_t>(id));
+    if (ids.empty()) eos = tok->eos_ids();
+    return status::ok();
+}
+
+// Tokens each sequence may generate: -n, transformers' max_length (prompt included) and the
+// model's context: prompt + generated tokens <= max_position_embeddings (issue 15). Cut by the
+// context: a warning, and the sequence ends with finish reason "length".
+result<std::vector<int64_t>> generator::impl::token_limits(const std::vector<int64_t>& n_prompt,
+                                                           const generate_params&      p) const {
+    const int64_t        ctx = model_context_limit(model->hparams());
+    std::vector<int64_t> out;
+    int64_t              n_cut = 0, first_cut = -1;
+    for (size_t s = 0; s < n_prompt.size(); ++s) {
+        const int64_t     n     = n_prompt[s];
+        const std::string which = n_prompt.size() == 1 ? "the prompt" : fmt::format("prompt {}", s + 1);
+        if (ctx > 0 && n >= ctx)
+            return make_error(E_ARG,
+                              "{} is {} tokens, the model's context is {} positions (max_position_embeddings in "
+                              "{}): no room to generate; shorten it",
+                              which, n, ctx, model->config().path);
+        if (p.max_length > 0 && n >= p.max_length)
+            return make_error(E_ARG,
+                              "{} is {} tokens, max_length is {} (prompt included; from {}): pass -n N to set the "
+                              "number of new tokens instead",
+                              which, n, p.max_length, defaults_source.empty() ? "the parameters" : defaults_source);
+        int64_t lim = p.max_new_tokens;
+        if (p.max_length > 0) lim = std::min(lim, p.max_length - n);
+        if (ctx > 0 && lim > ctx - n) {
+            lim = ctx - n;
+            if (n_cut++ == 0) first_cut = static_cast<int64_t>(s);
+        }
+        out.push_back(lim);
+    }
+    if (n_cut == 1 && n_prompt.size() == 1)
+        GPTQ_LOG_WARN(
+            "the prompt's {} tokens + max_new_tokens {} exceed the model's context of {} positions "
+            "(max_position_embeddings): generation stops at the context, after {} new tokens at most (finish reason "
+            "\"length\")",
+            n_prompt[0], p.max_new_tokens, ctx, out[0]);
+    else if (n_cut > 0)
+        GPTQ_LOG_WARN(
+            "{} of {} prompts (the first: prompt {}, {} tokens) + max_new_tokens {} exceed the model's context of {} "
+            "positions (max_position_embeddings): they stop at the context (finish reason \"length\")",
+            n_cut, n_prompt.size(), first_cut + 1, n_prompt[static_cast<size_t>(first_cut)], p.max_new_tokens, ctx);
+    return out;
+}
+
+status generator::check_params(const generate_params& p) {
+    const sampling_params& sp = p.sampling;
+    if (p.max_new_tokens < 0) return make_error(E_ARG, "-n/--max-new-tokens is {}, expected >= 0", p.max_new_tokens);
+    if (p.max_length < 0) return make_error(E_ARG, "max_length is {}, expected >= 0", p.max_length);
+    if (!(sp.temperature >= 0.0f) || !std::isfinite(sp.temperature))
+        return make_error(E_ARG, "--temperature is {}, expected a finite number >= 0", sp.temperature);
+    if (sp.top_k < 0) return make_error(E_ARG, "--top-k is {}, expected >= 0", sp.top_k);
+    if (!(sp.top_p > 0.0f && sp.top_p <= 1.0f)) return make_error(E_ARG, "--top-p is {}, expected in (0, 1]", sp.top_p);
+    if (!(sp.min_p >= 0.0f && sp.min_p <= 1.0f))
+        return make_error(E_ARG, "--min-p is {}, expected in [0, 1]", sp.min_p);
+    if (!(sp.repetition_penalty > 0.0f) || !std::isfinite(sp.repetition_penalty))
+        return make_error(E_ARG, "--repetition-penalty is {}, expected a finite number > 0", sp.repetition_penalty);
+    for (const auto& s : p.stop)
+        if (s.empty()) return make_error(E_ARG, "--stop: empty stop string");
+    return status::ok();
+}
+
+std::string generator::describe(const generate_params& p) const {
+    const sampling_params& sp = p.sampling;
+    std::string            s  = sp.greedy() ? std::string("greedy")
+                                            : fmt::format("sampling (temperature {:g}, top_k {}, top_p {:g}, min_p {:g}, seed {})",
+                                                          sp.temperature, sp.top_k, sp.top_p, sp.min_p, sp.seed);
+    s += fmt::format(", repetition_penalty {:g}, max_new_tokens {}", sp.repetition_penalty, p.max_new_tokens);
+    if (p.max_length > 0) s += fmt::format(", max_length {}", p.max_length);
+    s += fmt::format(", eos {}{}", fmt::join(impl_->eos, ","), p.ignore_eos ? " (ignored)" : "");
+    if (context_length() > 0) s += fmt::format(", context {}", context_length());
+    s += impl_->defaults_source.empty()
+             ? " (defaults: transformers', the model has no generation_config.json; flags override)"
+             : fmt::format(" (defaults: {}; flags override)", impl_->defaults_source);
+    return "generation: " + s;
+}
+
+void generator::log_settings(const generate_params& params) const {
+    GPTQ_LOG_INFO("{}", describe(params));
+}
 
 result<std::unique_ptr<generator>> generator::open(const generator_options& options) {
     GPTQ_ASSIGN_OR_RETURN(const device_spec dev, device_parse(options.device));
@@ -80,6 +212,7 @@ result<std::unique_ptr<generator>> generator::open(const generator_options& opti
     m.opts                       = options;
     GPTQ_ASSIGN_OR_RETURN(m.model, llama_model::open(options.model_path, {.strict = options.strict}));
     GPTQ_ASSIGN_OR_RETURN(m.tok, tokenizer::load(options.model_path));
+    GPTQ_TRY(m.load_defaults());
     if (dev.cuda) {  // weights on the GPU only; llama_model above holds the config
         GPTQ_ASSIGN_OR_RETURN(m.gpu,
                               gpu_session::open(options.model_path, dev, 0, {options.device_map, options.max_memory}));
@@ -118,34 +251,12 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
                                                                     const generate_params&          p,
                                                                     const text_callback&            on_text,
                                                                     generate_stats*                 stats) {
-    const sampling_params& sp = p.sampling;
-    if (p.max_new_tokens < 0) return make_error(E_ARG, "-n/--max-new-tokens is {}, expected >= 0", p.max_new_tokens);
-    if (!(sp.temperature >= 0.0f)) return make_error(E_ARG, "--temperature is {}, expected >= 0", sp.temperature);
-    if (sp.top_k < 0) return make_error(E_ARG, "--top-k is {}, expected >= 0", sp.top_k);
-    if (!(sp.top_p > 0.0f && sp.top_p <= 1.0f)) return make_error(E_ARG, "--top-p is {}, expected in (0, 1]", sp.top_p);
-    if (!(sp.min_p >= 0.0f && sp.min_p <= 1.0f))
-        return make_error(E_ARG, "--min-p is {}, expected in [0, 1]", sp.min_p);
-    if (!(sp.repetition_penalty > 0.0f))
-        return make_error(E_ARG, "--repetition-penalty is {}, expected > 0", sp.repetition_penalty);
+    GPTQ_TRY(check_params(p));
     size_t max_stop = 0;
-    for (const auto& s : p.stop) {
-        if (s.empty()) return make_error(E_ARG, "--stop: empty stop string");
-        max_stop = std::max(max_stop, s.size());
-    }
+    for (const auto& s : p.stop) max_stop = std::max(max_stop, s.size());
 
-    const llama_hparams& hp    = model->hparams();
-    const int64_t        n_seq = static_cast<int64_t>(prompts.size());
-    {
-        // KV caches of every sequence (F32 keys and values of each layer) plus the logits.
-        uint64_t kv = 0;
-        for (const auto& pr : prompts)
-            kv += 8 * static_cast<uint64_t>(hp.n_layer * hp.kv_dim()) *
-                  static_cast<uint64_t>(static_cast<int64_t>(pr.size()) + 1 + p.max_new_tokens);
-        kv += 4 * static_cast<uint64_t>(n_seq * hp.n_vocab);
-        GPTQ_TRY(
-            host_memory_check(fmt::format("generating {} sequence{} (KV cache, at most)", n_seq, n_seq == 1 ? "" : "s"),
-                              kv, "lower -n/--max-new-tokens, shorten the prompts or generate fewer at once"));
-    }
+    const llama_hparams&  hp    = model->hparams();
+    const int64_t         n_seq = static_cast<int64_t>(prompts.size());
     std::vector<sequence> seqs(static_cast<size_t>(n_seq));
     std::vector<int32_t>  ids;
     std::vector<int64_t>  lens;
@@ -155,19 +266,30 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
         q.res.prompt_tokens = tok->encode(q.res.prompt, p.add_special);
         if (q.res.prompt_tokens.empty())
             return make_error(E_ARG, "prompt {} encodes to no tokens (empty prompt and no BOS)", s + 1);
-        const int64_t n_ctx = static_cast<int64_t>(q.res.prompt_tokens.size()) + p.max_new_tokens;
-        if (!gpu) q.cache = kv_cache::create(hp, n_ctx);
-        q.smp     = std::make_unique<sampler>(sp);
-        q.dec     = std::make_unique<incremental_decoder>(*tok, /*skip_special=*/true);
-        q.history = q.res.prompt_tokens;
         ids.insert(ids.end(), q.res.prompt_tokens.begin(), q.res.prompt_tokens.end());
         lens.push_back(static_cast<int64_t>(q.res.prompt_tokens.size()));
     }
-    const std::vector<int32_t> banned = p.ignore_eos ? tok->eos_ids() : std::vector<int32_t>{};
-    auto                       is_eos = [&](int32_t id) {
-        const auto& e = tok->eos_ids();
-        return std::find(e.begin(), e.end(), id) != e.end();
-    };
+    GPTQ_ASSIGN_OR_RETURN(std::vector<int64_t> limits, token_limits(lens, p));
+    {
+        // KV caches of every sequence (F32 keys and values of each layer) plus the logits.
+        uint64_t kv = 0;
+        for (int64_t s = 0; s < n_seq; ++s)
+            kv += 8 * static_cast<uint64_t>(hp.n_layer * hp.kv_dim()) *
+                  static_cast<uint64_t>(lens[static_cast<size_t>(s)] + limits[static_cast<size_t>(s)]);
+        kv += 4 * static_cast<uint64_t>(n_seq * hp.n_vocab);
+        GPTQ_TRY(
+            host_memory_check(fmt::format("generating {} sequence{} (KV cache, at most)", n_seq, n_seq == 1 ? "" : "s"),
+                              kv, "lower -n/--max-new-tokens, shorten the prompts or generate fewer at once"));
+    }
+    for (int64_t s = 0; s < n_seq; ++s) {
+        sequence& q = seqs[static_cast<size_t>(s)];
+        q.max_new   = limits[static_cast<size_t>(s)];
+        if (!gpu) q.cache = kv_cache::create(hp, lens[static_cast<size_t>(s)] + q.max_new);
+        q.smp     = std::make_unique<sampler>(p.sampling);
+        q.dec     = std::make_unique<incremental_decoder>(*tok, /*skip_special=*/true);
+        q.history = q.res.prompt_tokens;
+    }
+    const std::vector<int32_t> banned = p.ignore_eos ? eos : std::vector<int32_t>{};
 
     // Pass on text up to what could still be the start of a stop string; end at a stop string.
     auto flush = [&](sequence& q, bool final) {
@@ -197,11 +319,13 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
     auto accept = [&](sequence& q, int32_t id) {
         q.res.tokens.push_back(id);
         q.history.push_back(id);
-        if (!p.ignore_eos && is_eos(id)) return finish(q, "eos");
+        // An EOS is decoded too, special tokens skipped (nothing for </s>), as transformers'
+        // decode(new_tokens, skip_special_tokens=True): an EOS id that is a plain word keeps its text.
         q.text += q.dec->step(id);
+        if (!p.ignore_eos && is_eos(id)) return finish(q, "eos");
         flush(q, false);
         if (q.done) return;
-        if (static_cast<int64_t>(q.res.tokens.size()) >= p.max_new_tokens) finish(q, "length");
+        if (static_cast<int64_t>(q.res.tokens.size()) >= q.max_new) finish(q, "length");
     };
 
     const ops_context      ctx{pool.get(), false};
@@ -218,7 +342,7 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
         // The GPU model holds one sequence: each prompt's prefill and decode steps in turn.
         for (auto& q : seqs) {
             const int64_t n_prompt = static_cast<int64_t>(q.res.prompt_tokens.size());
-            GPTQ_TRY(gpu->context_reserve(n_prompt + p.max_new_tokens));
+            GPTQ_TRY(gpu->context_reserve(n_prompt + q.max_new));
             gpu->reset();
             auto t0 = std::chrono::steady_clock::now();
             GPTQ_TRY(gpu->prefill(q.res.prompt_tokens.data(), n_prompt, logits.data(), /*all_logits=*/false));

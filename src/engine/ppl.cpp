@@ -12,6 +12,7 @@
 #include <sstream>
 #include <thread>
 
+#include "context_limit.h"
 #include "core/error.h"
 #include "core/progress.h"
 #include "core/thread_pool.h"
@@ -79,6 +80,12 @@ result<ppl_result> ppl_run_unguarded(const ppl_params& params) {
     GPTQ_ASSIGN_OR_RETURN(r.dataset_path, dataset_resolve(params.dataset));
     GPTQ_ASSIGN_OR_RETURN(std::string text, text_file_read(r.dataset_path));
     GPTQ_ASSIGN_OR_RETURN(auto model, llama_model::open(params.model_path, {.strict = params.strict}));
+    // Windows past the trained positions (issue 15): an error for both devices, not a silent figure.
+    if (const int64_t ctx = model_context_limit(model->hparams()); ctx > 0 && params.seqlen > ctx)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "--seqlen {} is longer than the model's context of {} positions (max_position_embeddings "
+                          "in {}); use --seqlen {} or less",
+                          params.seqlen, ctx, model->config().path, ctx);
     GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(params.model_path));
     if (dev.cuda) {  // the weights go to the GPU, not to host memory: engine_cuda.cpp
         const std::vector<int32_t> gpu_ids = tok->encode(text, /*add_special=*/true);

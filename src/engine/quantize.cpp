@@ -77,17 +77,98 @@ nlohmann::json run_identity(const quantize_params& p, const gptq_config& cfg) {
             {"true_sequential", p.true_sequential}};
 }
 
+// FNV-1a of a file's bytes as 16 hex digits: state.json keeps one per finished layer file, so
+// that --resume tells a damaged file from a good one (not a defence against tampering).
+result<std::string> file_hash(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return make_error(status_code::STATUS_IO_ERROR, "{}: cannot open", path);
+    std::vector<char> buf(size_t(1) << 20);
+    uint64_t          h = 14695981039346656037ull;
+    while (in) {
+        in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+        const auto n = static_cast<size_t>(in.gcount());
+        for (size_t k = 0; k < n; ++k) h = (h ^ static_cast<unsigned char>(buf[k])) * 1099511628211ull;
+    }
+    if (in.bad()) return make_error(status_code::STATUS_IO_ERROR, "{}: read failed", path);
+    return fmt::format("{:016x}", h);
+}
+
+// What differs between the identity a work folder was made with and this run's, in flag terms:
+// "the work folder X was made with --group-size 128, this run asks for 64" (docs/quantize.md).
+std::string resume_mismatch(const std::string& work, const nlohmann::json& was, const nlohmann::json& now) {
+    struct setting {
+        const char* key;   // in the identity ("config." for gptq_config::to_json's keys)
+        const char* flag;  // what the user types
+        bool        is_bool;
+        bool        inverted;  // the flag sets the key to false
+    };
+    static const setting k_settings[] = {
+        {"config.bits", "--bits", false, false},
+        {"config.group_size", "--group-size", false, false},
+        {"config.desc_act", "--desc-act", true, false},
+        {"config.sym", "--no-sym", true, true},
+        {"config.static_groups", "--static-groups", true, false},
+        {"config.damp_percent", "--damp-percent", false, false},
+        {"config.checkpoint_format", "--format", false, false},
+        {"true_sequential", "--no-true-sequential", true, true},
+        {"method", "--method", false, false},
+        {"mse", "--mse", true, false},
+        {"calib", "--calib", false, false},
+        {"nsamples", "--nsamples", false, false},
+        {"seqlen", "--seqlen", false, false},
+        {"seed", "--seed", false, false},
+    };
+    auto at = [](const nlohmann::json& j, const std::string& key) {
+        const nlohmann::json* v = &j;
+        for (size_t a = 0, b; a <= key.size(); a = b + 1) {
+            b = std::min(key.find('.', a), key.size());
+            if (!v->is_object() || !v->contains(key.substr(a, b - a))) return nlohmann::json();
+            v = &(*v)[key.substr(a, b - a)];
+        }
+        return *v;
+    };
+    auto text = [](const nlohmann::json& v) { return v.is_string() ? v.get<std::string>() : v.dump(); };
+    std::vector<std::string> diffs;
+    if (at(was, "model") != at(now, "model"))
+        diffs.push_back(fmt::format("was made from the model {}, this run reads {}", text(at(was, "model")),
+                                    text(at(now, "model"))));
+    for (const auto& st : k_settings) {
+        const nlohmann::json a = at(was, st.key), b = at(now, st.key);
+        if (a == b) continue;
+        if (st.is_bool) {
+            const bool with_a = a.is_boolean() && a.get<bool>() != st.inverted;
+            diffs.push_back(fmt::format("was made {} {}, this run {} it", with_a ? "with" : "without", st.flag,
+                                        with_a ? "without" : "with"));
+        } else {
+            diffs.push_back(fmt::format("was made with {} {}, this run asks for {}", st.flag, text(a), text(b)));
+        }
+    }
+    if (diffs.empty() && at(was, "config.meta") != at(now, "config.meta"))
+        diffs.push_back(fmt::format("was made by {}, this is {}", text(at(was, "config.meta.quantizer")),
+                                    text(at(now, "config.meta.quantizer"))));
+    if (diffs.empty()) diffs.push_back("was made with other settings");
+    std::string list;
+    for (const auto& d : diffs) list += (list.empty() ? "" : "; it ") + d;
+    return fmt::format(
+        "--resume: the work folder {} {}; rerun with the same settings to continue it, or remove the folder to start "
+        "over",
+        work, list);
+}
+
 // Calibration token ids: the whole text tokenized once (no BOS), as the reference does for its
 // WikiText-2/C4 loaders; a .jsonl file contributes the "text" field of every line, joined by "\n\n".
 result<std::vector<int32_t>> calibration_tokens(const quantize_params& p, const tokenizer& tok,
                                                 std::string* used_path) {
     std::string path = p.calib;
-    if (p.calib == "default") {
-        GPTQ_ASSIGN_OR_RETURN(path, bundled_data_resolve(k_default_calib));
-    } else if (p.calib == "wikitext2") {
-        GPTQ_ASSIGN_OR_RETURN(path, bundled_data_resolve(k_wikitext2));
-        GPTQ_LOG_WARN("calibrating on the WikiText-2 test split: perplexity on that split is then biased");
+    if (p.calib == "default" || p.calib == "wikitext2") {
+        auto found = bundled_data_resolve(p.calib == "default" ? k_default_calib : k_wikitext2);
+        if (!found)
+            return make_error(found.error().code(), "--calib {}: {}; pass --calib FILE (a text or .jsonl file)",
+                              p.calib, found.error().message());
+        path = *found;
     }
+    if (p.calib == "wikitext2")
+        GPTQ_LOG_WARN("calibrating on the WikiText-2 test split: perplexity on that split is then biased");
     *used_path = path;
     GPTQ_ASSIGN_OR_RETURN(std::string text, text_file_read(path));
     if (path.size() >= 6 && path.compare(path.size() - 6, 6, ".jsonl") == 0) {
@@ -153,6 +234,7 @@ struct run_state {
     std::vector<float>           x;  // [nsamples * seqlen, n_embd] current layer inputs
     int64_t                      n_samples = 0;
     quantize_report              report;
+    std::vector<std::string>     layer_hashes;  // of each finished layer file (state.json; --resume checks them)
 #ifdef GPTQ_HAVE_CUDA
     // --device cuda (experimental): calibration passes and the GPTQ solve run there; the
     // calibration inputs live on the device in F16 (x_dev) instead of s.x.
@@ -238,13 +320,19 @@ status write_layer(run_state& s, int64_t i, const std::vector<std::pair<linear_r
         GPTQ_TRY(w->write(name, e->file->bytes(*e->info), e->info->nbytes()));
     }
     for (const auto& [role, d] : q) GPTQ_TRY(gptq_linear_write(*w, llama_linear_name(i, role), d, s.cfg.format));
-    return w->finish();
+    GPTQ_TRY(w->finish());
+    GPTQ_ASSIGN_OR_RETURN(std::string h, file_hash(path_join(s.work, layer_file_name(i))));
+    s.layer_hashes.resize(static_cast<size_t>(i) + 1);
+    s.layer_hashes[static_cast<size_t>(i)] = h;
+    return status::ok();
 }
 
 status write_state(const run_state& s, int64_t layers_done) {
+    const auto     n = std::min<size_t>(s.layer_hashes.size(), static_cast<size_t>(layers_done));
     nlohmann::json j = {{"version", k_state_version},
                         {"identity", run_identity(s.p, s.cfg)},
                         {"layers_done", layers_done},
+                        {"layer_hashes", std::vector<std::string>(s.layer_hashes.begin(), s.layer_hashes.begin() + n)},
                         {"report", nlohmann::json::parse(quantize_report_json(s.report))}};
     return file_write_atomic(path_join(s.work, "state.json"), j.dump(1));
 }
@@ -287,6 +375,58 @@ status load_finished_layer(run_state& s, int64_t i, llama_layer* layer) {
         GPTQ_TRY(layer->linear_replace(role, std::move(w)));
     }
     return status::ok();
+}
+
+// --resume: the layers of the work folder that can be kept, and their report entries. Another
+// model or other settings: an error naming what changed. A finished layer's file that is missing:
+// it and the layers after it are redone; one that is damaged (does not open, or its bytes are not
+// those written, by the hash in state.json): an error naming the file.
+result<int64_t> resume_state_load(run_state& s, const nlohmann::json& identity) {
+    auto state = json_read_file(path_join(s.work, "state.json"));
+    if (!state.is_ok()) return int64_t(0);  // killed before the first layer: start over in it
+    const nlohmann::json& st = *state;
+    if (st.value("identity", nlohmann::json()) != identity)
+        return make_error(E_ARG, "{}", resume_mismatch(s.work, st.value("identity", nlohmann::json()), identity));
+    int64_t layers_done = st.value("layers_done", int64_t(0));
+    if (st.contains("report"))
+        for (const auto& l : st["report"]["linears"])
+            s.report.linears.push_back({l["name"].get<std::string>(), l["n_out"].get<int64_t>(),
+                                        l["n_in"].get<int64_t>(), l["error_gptq"].get<double>(),
+                                        l["error_rtn"].get<double>(), l["damp_percent"].get<double>(),
+                                        l["seconds"].get<double>()});
+    const auto hashes = st.value("layer_hashes", std::vector<std::string>());
+    for (int64_t i = 0; i < layers_done; ++i) {
+        const std::string file = path_join(s.work, layer_file_name(i));
+        if (!fs::exists(file)) {
+            GPTQ_LOG_WARN("--resume: {} is missing: layers {} to {} are redone", file, i, layers_done - 1);
+            layers_done = i;
+            break;
+        }
+        std::string why;
+        if (auto f = safetensors_file::open(file); !f) {
+            why = f.error().message();
+        } else if (static_cast<size_t>(i) < hashes.size()) {
+            GPTQ_ASSIGN_OR_RETURN(const std::string h, file_hash(file));
+            if (h != hashes[static_cast<size_t>(i)])
+                why = fmt::format("its bytes are not those written (hash {}, state.json says {})", h,
+                                  hashes[static_cast<size_t>(i)]);
+        }
+        if (!why.empty())
+            return make_error(E_ARG,
+                              "--resume: {} is damaged: {}. Delete that file to redo layer {} and those after it, "
+                              "or remove {} to start over",
+                              file, why, i, s.work);
+        s.layer_hashes.push_back(static_cast<size_t>(i) < hashes.size() ? hashes[static_cast<size_t>(i)] : "");
+    }
+    // Drop report entries of layers that will be redone.
+    s.report.linears.erase(std::remove_if(s.report.linears.begin(), s.report.linears.end(),
+                                          [&](const quantize_linear_report& l) {
+                                              int64_t li = -1;
+                                              std::sscanf(l.name.c_str(), "model.layers.%ld.", &li);
+                                              return li >= layers_done;
+                                          }),
+                           s.report.linears.end());
+    return layers_done;
 }
 
 // NaN/Inf in the checkpoint's tensors would end up in the output (norms are copied, GPTQ would
@@ -690,35 +830,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                               "{}: an interrupted run left this work folder; pass --resume to continue it, or "
                               "remove it to start over",
                               s.work);
-        auto state = json_read_file(path_join(s.work, "state.json"));
-        if (state.is_ok() && (*state).value("identity", json()) == identity) {
-            layers_done = (*state).value("layers_done", int64_t(0));
-            if ((*state).contains("report"))
-                for (const auto& l : (*state)["report"]["linears"])
-                    s.report.linears.push_back({l["name"].get<std::string>(), l["n_out"].get<int64_t>(),
-                                                l["n_in"].get<int64_t>(), l["error_gptq"].get<double>(),
-                                                l["error_rtn"].get<double>(), l["damp_percent"].get<double>(),
-                                                l["seconds"].get<double>()});
-        } else if (state.is_ok()) {
-            return make_error(E_ARG,
-                              "{}: the interrupted run used other settings or another model; remove the folder "
-                              "to start over",
-                              s.work);
-        }
-        // Trust only layer files that open and validate.
-        for (int64_t i = 0; i < layers_done; ++i)
-            if (!safetensors_file::open(path_join(s.work, layer_file_name(i))).is_ok()) {
-                layers_done = i;
-                break;
-            }
-        // Drop report entries of layers that will be redone.
-        s.report.linears.erase(std::remove_if(s.report.linears.begin(), s.report.linears.end(),
-                                              [&](const quantize_linear_report& l) {
-                                                  int64_t li = -1;
-                                                  std::sscanf(l.name.c_str(), "model.layers.%ld.", &li);
-                                                  return li >= layers_done;
-                                              }),
-                               s.report.linears.end());
+        GPTQ_ASSIGN_OR_RETURN(layers_done, resume_state_load(s, identity));
         GPTQ_LOG_INFO("resuming {}: {} of {} layers already done", s.work, layers_done, hp.n_layer);
     }
 

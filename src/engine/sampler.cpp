@@ -28,7 +28,7 @@ int32_t sampler::sample(float* logits, int64_t n_vocab, const std::vector<int32_
             l                             = l < 0 ? l * p_.repetition_penalty : l / p_.repetition_penalty;
         }
     }
-    if (p_.temperature <= 0.0f) {  // greedy: the first maximum, as torch.argmax
+    if (p_.greedy()) {  // the first maximum, as torch.argmax
         int64_t best = 0;
         for (int64_t i = 1; i < n_vocab; ++i)
             if (logits[i] > logits[best]) best = i;

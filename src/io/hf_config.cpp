@@ -280,11 +280,19 @@ result<generation_config> generation_config_load(const std::string& path) {
     GPTQ_ASSIGN_OR_RETURN(g.temperature, f.get_number_or("temperature", 1.0));
     GPTQ_ASSIGN_OR_RETURN(g.top_p, f.get_number_or("top_p", 1.0));
     GPTQ_ASSIGN_OR_RETURN(g.top_k, f.get_int_or("top_k", 50));
+    GPTQ_ASSIGN_OR_RETURN(g.min_p, f.get_number_or("min_p", 0.0));
     GPTQ_ASSIGN_OR_RETURN(g.repetition_penalty, f.get_number_or("repetition_penalty", 1.0));
     GPTQ_ASSIGN_OR_RETURN(g.max_length, read_opt_int(f, "max_length"));
     GPTQ_ASSIGN_OR_RETURN(g.max_new_tokens, read_opt_int(f, "max_new_tokens"));
+    g.found = true;
     if (g.temperature < 0) return make_error(E_PARSE, "{}: temperature {} must be >= 0", file, g.temperature);
     if (!(g.top_p > 0 && g.top_p <= 1)) return make_error(E_PARSE, "{}: top_p {} must be in (0, 1]", file, g.top_p);
+    if (g.top_k < 0) return make_error(E_PARSE, "{}: top_k {} must be >= 0", file, g.top_k);
+    if (!(g.min_p >= 0 && g.min_p <= 1)) return make_error(E_PARSE, "{}: min_p {} must be in [0, 1]", file, g.min_p);
+    if (!(g.repetition_penalty > 0))
+        return make_error(E_PARSE, "{}: repetition_penalty {} must be > 0", file, g.repetition_penalty);
+    for (const auto& [key, v] : {std::pair{"max_length", g.max_length}, std::pair{"max_new_tokens", g.max_new_tokens}})
+        if (v && *v <= 0) return make_error(E_PARSE, "{}: {} {} must be > 0", file, key, *v);
     return g;
 }
 

@@ -77,7 +77,9 @@ struct model_config {
 result<model_config> model_config_load(const std::string& path);
 result<model_config> model_config_parse(const json& j, const std::string& path_for_errors);
 
+// Absent keys: transformers 5's GenerationConfig defaults (_get_default_generation_params).
 struct generation_config {
+    bool                   found = false;  // the file exists (else every field is a default)
     std::optional<int64_t> bos_token_id;
     std::vector<int64_t>   eos_token_ids;
     std::optional<int64_t> pad_token_id;
@@ -85,6 +87,7 @@ struct generation_config {
     double                 temperature        = 1.0;
     double                 top_p              = 1.0;
     int64_t                top_k              = 50;
+    double                 min_p              = 0.0;  // transformers: None (off)
     double                 repetition_penalty = 1.0;
     std::optional<int64_t> max_length;
     std::optional<int64_t> max_new_tokens;

@@ -5,6 +5,8 @@
 // strings, UTF-8-safe streaming, and the CLI end to end including bad input.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
 
@@ -36,6 +38,17 @@ generate_params greedy_params(int64_t n) {
     p.sampling.temperature        = 0.0f;
     p.sampling.repetition_penalty = 1.0f;
     return p;
+}
+
+// Sampling with every filter on (the sampler's defaults are greedy, as transformers').
+sampling_params hot_sampling() {
+    sampling_params s;
+    s.do_sample          = true;
+    s.temperature        = 0.7f;
+    s.top_k              = 40;
+    s.top_p              = 0.9f;
+    s.repetition_penalty = 1.1f;
+    return s;
 }
 
 // The RTN checkpoint of tiny-llama, made once (RTN is deterministic: the goldens were computed from
@@ -108,6 +121,7 @@ TEST(Generate, GreedyMatchesTransformers) {
 TEST(Generate, SamplingIsReproducibleWithASeed) {
     generator&      g = model_generator(k_tiny);
     generate_params p;
+    p.sampling       = hot_sampling();
     p.max_new_tokens = 32;
     p.ignore_eos     = true;
     p.sampling.seed  = 1234;
@@ -136,7 +150,7 @@ TEST(Generate, BatchedEqualsOneByOne) {
     for (const bool sample : {false, true}) {
         generate_params p = greedy_params(24);
         if (sample) {
-            p.sampling      = sampling_params{};  // defaults: temperature 0.7, top-k 40, top-p 0.9
+            p.sampling      = hot_sampling();
             p.sampling.seed = 5;
         }
         p.stop = {"\n\n"};  // may end some sequences early, so the batch shrinks
@@ -202,6 +216,7 @@ TEST(Generate, StreamingNeverEmitsBrokenUtf8) {
         generate_params p;
         p.max_new_tokens              = 96;
         p.ignore_eos                  = true;
+        p.sampling.do_sample          = true;
         p.sampling.temperature        = 3.0f;
         p.sampling.top_k              = 0;
         p.sampling.top_p              = 1.0f;
@@ -378,6 +393,250 @@ TEST(GenerateCli, BadInputExitsOneWithOneLine) {
         EXPECT_NE(r.err.find(needle), std::string::npos) << args << "\n" << r.err;
         EXPECT_TRUE(r.out.empty()) << args << "\n" << r.out;
     }
+}
+
+}  // namespace
+}  // namespace gptq
+
+namespace gptq {
+namespace {
+
+// ---- defaults from generation_config.json, context limit (issue 15) --------------------------------
+
+// A copy of the bundled tiny-llama (weights linked) whose generation_config.json / config.json
+// get `gen_extra` / `cfg_extra` merged in; kept for the whole test program.
+std::string tiny_variant(const std::string& tag, const nlohmann::json& gen_extra,
+                         const nlohmann::json& cfg_extra = nlohmann::json::object()) {
+    static std::vector<std::unique_ptr<test::temp_dir>> dirs;
+    dirs.push_back(std::make_unique<test::temp_dir>("gen-variant-" + tag));
+    const std::string dir = dirs.back()->path();
+    for (const auto& e : std::filesystem::directory_iterator(k_tiny)) {
+        const auto dst = std::filesystem::path(dir) / e.path().filename();
+        if (e.path().extension() == ".safetensors")
+            std::filesystem::create_symlink(e.path(), dst);
+        else
+            std::filesystem::copy_file(e.path(), dst);
+    }
+    for (const auto& [file, extra] :
+         {std::pair{"generation_config.json", gen_extra}, std::pair{"config.json", cfg_extra}}) {
+        auto j = nlohmann::json::parse(test::read_file(dir + "/" + file));
+        j.update(extra);
+        test::write_file(dir + "/" + file, j.dump(1));
+    }
+    return dir;
+}
+
+std::vector<nlohmann::json> json_lines(const std::string& text) {
+    std::vector<nlohmann::json> out;
+    size_t                      pos = 0, nl;
+    while ((nl = text.find('\n', pos)) != std::string::npos) {
+        out.push_back(nlohmann::json::parse(text.substr(pos, nl - pos)));
+        pos = nl + 1;
+    }
+    return out;
+}
+
+// `gptq generate MODEL --prompts FILE EXTRA`: the JSON line of each prompt (stderr checked by the caller).
+test::run_result generate_prompts(const std::string& model, const std::vector<std::string>& prompts,
+                                  const std::string& extra = "") {
+    static int     n = 0;
+    test::temp_dir dir("gen-prompts-" + std::to_string(n++));
+    std::string    text;
+    for (const auto& p : prompts) text += p + "\n";
+    test::write_file(dir.file("p.txt"), text);
+    return test::run_command(gen_cmd(model + " --prompts " + dir.file("p.txt") + " --threads 2" + extra));
+}
+
+// `gptq generate` with no decoding flag at all against transformers' generate() given nothing but
+// the prompt (tests/data/generate/defaults.json, scripts/make_generate_default_goldens.py): the
+// plain models (transformers' unset length, 20 new tokens: a prefix of our 200; and its
+// max_new_tokens=200: every token) and tiny-llama copies whose generation_config.json sets a
+// repetition penalty, a list of EOS ids, max_new_tokens, max_length, or sampling keys without
+// do_sample (still greedy).
+TEST(GenerateCli, DefaultFlagsMatchTransformersDefaultGenerate) {
+    const auto goldens = nlohmann::json::parse(test::read_file(test::source_path("tests/data/generate/defaults.json")));
+    const int64_t n_default = goldens["n_default"];
+    EXPECT_EQ(generate_params{}.max_new_tokens, n_default);
+    std::map<std::string, std::vector<nlohmann::json>> by_model;
+    for (const auto& c : goldens["cases"]) by_model[c["model"]].push_back(c);
+    int n_checked = 0;
+    for (const auto& [name, cases] : by_model) {
+        std::string path;
+        if (name == "tiny-llama") {
+            path = k_tiny;
+        } else if (name == "small-llama") {
+            if (!test::shared_available()) continue;
+#ifdef GPTQ_SANITIZE
+            continue;  // too slow under ASan; the release run covers it
+#endif
+            path = test::shared_path("models/small-llama");
+        } else {
+            ASSERT_EQ(name.rfind("tiny-llama+", 0), 0u) << name;
+            path = tiny_variant(name.substr(11), cases[0]["generation_config"]);
+        }
+        std::vector<std::string> prompts;
+        for (const auto& c : cases)
+            if (std::find(prompts.begin(), prompts.end(), c["prompt"]) == prompts.end()) prompts.push_back(c["prompt"]);
+        const auto r = generate_prompts(path, prompts);
+        ASSERT_EQ(r.exit_code, 0) << name << "\n" << r.err;
+        // One settings line: greedy, from the model's generation_config.json.
+        EXPECT_NE(r.err.find("generation: greedy, repetition_penalty "), std::string::npos) << r.err;
+        EXPECT_NE(r.err.find("generation_config.json; flags override)"), std::string::npos) << r.err;
+        const auto lines = json_lines(r.out);
+        ASSERT_EQ(lines.size(), prompts.size()) << r.out;
+        for (const auto& c : cases) {
+            const size_t      i    = std::find(prompts.begin(), prompts.end(), c["prompt"]) - prompts.begin();
+            const auto&       got  = lines[i];
+            const auto        want = c["tokens"].get<std::vector<int32_t>>();
+            const auto        ours = got["tokens"].get<std::vector<int32_t>>();
+            const std::string what = name + " " + c["call"].get<std::string>() + " '" + c["prompt"].get<std::string>() +
+                                     "' (smallest top-2 margin in transformers' run " +
+                                     std::to_string(c["min_margin"].get<double>()) + ")";
+            ASSERT_EQ(got["n_prompt_tokens"], c["prompt_ids"].size()) << what;
+            if (c["call"] == "generate()" && !c.contains("generation_config")) {
+                // transformers' unset length: 20 new tokens, the first of our 200.
+                ASSERT_EQ(want.size(), 20u) << what;
+                ASSERT_GE(ours.size(), want.size()) << what;
+                EXPECT_EQ(std::vector<int32_t>(ours.begin(), ours.begin() + want.size()), want) << what;
+            } else {
+                EXPECT_EQ(ours, want) << what;
+                EXPECT_EQ(got["text"], c["text"]) << what;
+            }
+            ++n_checked;
+        }
+    }
+    EXPECT_GE(n_checked, 21);
+}
+
+// Only the flags given override the model's defaults; do_sample in generation_config.json samples
+// with its temperature / top_p and transformers' top_k 50; --temperature 0 is greedy again; EOS
+// ids and lengths come from the file.
+TEST(GenerateCli, FlagsOverrideOnlyWhatTheyName) {
+    const auto goldens = nlohmann::json::parse(test::read_file(test::source_path("tests/data/generate/defaults.json")));
+    std::map<std::string, std::vector<int32_t>> golden;  // "model|call|prompt" -> tokens
+    for (const auto& c : goldens["cases"])
+        golden[c["model"].get<std::string>() + "|" + c["call"].get<std::string>() + "|" +
+               c["prompt"].get<std::string>()] = c["tokens"].get<std::vector<int32_t>>();
+    const std::string prompt = "The history of the city";
+    const std::string call   = "generate(max_new_tokens=200)";
+
+    // generation_config.json: repetition_penalty 1.3; --repetition-penalty 1 brings the plain golden.
+    const std::string rp = tiny_variant("rp-flag", {{"repetition_penalty", 1.3}});
+    auto              a  = generate_prompts(rp, {prompt}, " --repetition-penalty 1");
+    ASSERT_EQ(a.exit_code, 0) << a.err;
+    EXPECT_EQ(json_lines(a.out).at(0)["tokens"].get<std::vector<int32_t>>(),
+              golden.at("tiny-llama|" + call + "|" + prompt));
+    // ... and -n 5 keeps the file's penalty: the first 5 tokens of its golden.
+    auto b = generate_prompts(rp, {prompt}, " -n 5");
+    ASSERT_EQ(b.exit_code, 0) << b.err;
+    const auto rp_golden = golden.at("tiny-llama+repetition-penalty|" + call + "|" + prompt);
+    EXPECT_EQ(json_lines(b.out).at(0)["tokens"].get<std::vector<int32_t>>(),
+              std::vector<int32_t>(rp_golden.begin(), rp_golden.begin() + 5));
+    EXPECT_NE(b.err.find("repetition_penalty 1.3, max_new_tokens 5"), std::string::npos) << b.err;
+
+    // do_sample in the file: sampling with its temperature and top_p, top_k 50 (transformers'
+    // default), seed 0 -- the library call with those parameters gives the same tokens.
+    const std::string smp = tiny_variant("sample", {{"do_sample", true}, {"temperature", 0.8}, {"top_p", 0.9}});
+    auto              s   = generate_prompts(smp, {prompt}, " -n 24 --ignore-eos");
+    ASSERT_EQ(s.exit_code, 0) << s.err;
+    EXPECT_NE(s.err.find("generation: sampling (temperature 0.8, top_k 50, top_p 0.9, min_p 0, seed 0)"),
+              std::string::npos)
+        << s.err;
+    generate_params p;
+    p.max_new_tokens       = 24;
+    p.ignore_eos           = true;
+    p.sampling.do_sample   = true;
+    p.sampling.temperature = 0.8f;
+    p.sampling.top_p       = 0.9f;
+    auto direct            = model_generator(k_tiny).generate(prompt, p);
+    ASSERT_TRUE(direct.is_ok());
+    const auto sampled = json_lines(s.out).at(0)["tokens"].get<std::vector<int32_t>>();
+    EXPECT_EQ(sampled, direct->tokens);
+    const auto& greedy_golden = golden.at("tiny-llama|" + call + "|" + prompt);
+    EXPECT_NE(sampled, std::vector<int32_t>(greedy_golden.begin(), greedy_golden.begin() + 24));
+    auto g = generate_prompts(smp, {prompt}, " --temperature 0");
+    ASSERT_EQ(g.exit_code, 0) << g.err;
+    EXPECT_EQ(json_lines(g.out).at(0)["tokens"].get<std::vector<int32_t>>(), greedy_golden);
+    // The library's own defaults for that folder.
+    auto gen = generator::open({.model_path = smp});
+    ASSERT_TRUE(gen.is_ok()) << gen.error().message();
+    const generate_params& d = (*gen)->default_params();
+    EXPECT_TRUE(d.sampling.do_sample);
+    EXPECT_FLOAT_EQ(d.sampling.temperature, 0.8f);
+    EXPECT_EQ(d.sampling.top_k, 50);
+    EXPECT_FLOAT_EQ(d.sampling.top_p, 0.9f);
+    EXPECT_FLOAT_EQ(d.sampling.repetition_penalty, 1.0f);
+    EXPECT_EQ(d.max_new_tokens, 200);
+    EXPECT_EQ((*gen)->eos_ids(), std::vector<int32_t>{2});
+
+    // Greedy model + --top-k alone: a warning that it does nothing, greedy output.
+    auto k = generate_prompts(k_tiny, {prompt}, " --top-k 5");
+    ASSERT_EQ(k.exit_code, 0) << k.err;
+    EXPECT_NE(k.err.find("warning: --top-k, --top-p and --min-p have no effect with greedy decoding"),
+              std::string::npos)
+        << k.err;
+    EXPECT_EQ(json_lines(k.out).at(0)["tokens"].get<std::vector<int32_t>>(), greedy_golden);
+
+    // max_length in the file counts the prompt; -n replaces it (transformers: max_new_tokens wins).
+    const std::string ml = tiny_variant("ml-flag", {{"max_length", 12}});
+    auto              m  = generate_prompts(ml, {prompt}, " -n 9");
+    ASSERT_EQ(m.exit_code, 0) << m.err;
+    EXPECT_EQ(json_lines(m.out).at(0)["tokens"].get<std::vector<int32_t>>(),
+              std::vector<int32_t>(greedy_golden.begin(), greedy_golden.begin() + 9));
+    // A prompt as long as max_length: an error saying to pass -n (transformers refuses it too).
+    auto too_long = generate_prompts(ml, {"The history of the city is a new system. The history"});
+    EXPECT_EQ(too_long.exit_code, 1);
+    EXPECT_NE(too_long.err.find("max_length is 12 (prompt included"), std::string::npos) << too_long.err;
+
+    // A broken value in generation_config.json: an error naming the file and key.
+    const std::string bad = tiny_variant("bad-gen", {{"repetition_penalty", -1}});
+    auto              e   = test::run_command(gen_cmd(bad + " -p hi"));
+    EXPECT_EQ(e.exit_code, 1);
+    EXPECT_NE(e.err.find("generation_config.json: repetition_penalty -1 must be > 0"), std::string::npos) << e.err;
+}
+
+// Prompt + -n past the context (max_position_embeddings): generation stops at the context with
+// finish reason "length" and a warning; a prompt that fills the context is an error. The same
+// limit sizes the GPU session's cache (generate.cpp passes each sequence's limit to
+// context_reserve), which these CPU tests cannot run.
+TEST(Generate, StopsAtTheModelContext) {
+    const std::string ctx16 = tiny_variant("ctx16", nlohmann::json::object(), {{"max_position_embeddings", 16}});
+    generator&        g     = model_generator(ctx16);
+    EXPECT_EQ(g.context_length(), 16);
+    const std::string prompt = "The history of the city";  // 6 tokens
+    auto              full   = model_generator(k_tiny).generate(prompt, greedy_params(20));
+    ASSERT_TRUE(full.is_ok());
+    auto r = g.generate(prompt, greedy_params(20));
+    ASSERT_TRUE(r.is_ok()) << r.error().message();
+    EXPECT_EQ(r->finish_reason, "length");
+    ASSERT_EQ(r->tokens.size(), 10u) << "6 prompt tokens + 10 new = the 16 positions";
+    EXPECT_EQ(r->tokens, std::vector<int32_t>(full->tokens.begin(), full->tokens.begin() + 10));
+    // In a batch each sequence has its own room.
+    auto batch = g.generate_batch({prompt, "A"}, greedy_params(12));
+    ASSERT_TRUE(batch.is_ok()) << batch.error().message();
+    EXPECT_EQ((*batch)[0].tokens.size(), 10u);
+    EXPECT_EQ((*batch)[1].tokens.size(), 12u);
+    // A prompt of 16 tokens or more leaves no room.
+    auto over = g.generate("The history of the city is a new system. The history of the city", greedy_params(4));
+    ASSERT_FALSE(over.is_ok());
+    EXPECT_NE(over.error().message().find("the model's context is 16 positions (max_position_embeddings in "),
+              std::string::npos)
+        << over.error().message();
+
+    auto cli = test::run_command(gen_cmd(ctx16 + " -p '" + prompt + "' -n 20"));
+    ASSERT_EQ(cli.exit_code, 0) << cli.err;
+    EXPECT_NE(cli.err.find("warning: the prompt's 6 tokens + max_new_tokens 20 exceed the model's context of 16 "
+                           "positions"),
+              std::string::npos)
+        << cli.err;
+    EXPECT_NE(cli.err.find("finish: length"), std::string::npos) << cli.err;
+    EXPECT_EQ(cli.out, r->text + "\n");
+    auto cli_over =
+        test::run_command(gen_cmd(ctx16 + " -p 'The history of the city is a new system. The history of the city'"));
+    EXPECT_EQ(cli_over.exit_code, 1);
+    EXPECT_NE(cli_over.err.find("gptq: error: the prompt is 16 tokens, the model's context is 16 positions"),
+              std::string::npos)
+        << cli_over.err;
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "gptq/generate.h"
 #include "gptq/ppl.h"
@@ -80,10 +81,11 @@ TEST(inference_oom, generation_checks_the_model_at_open_and_the_kv_cache_per_cal
     auto g = generator::open(o);
     ASSERT_TRUE(g.is_ok()) << g.error().message();
     generate_params gp;
-    gp.max_new_tokens = 1000000;  // a KV cache of ~1M positions per layer: far beyond 64 MiB
+    gp.max_new_tokens = 1000000;  // cut to the context: 16 sequences x 2048 positions x 4 layers x
+                                  // kv_dim 128 x 8 bytes = 128 MiB of KV cache, beyond 64 MiB
     {
         memory_limit lim("67108864");
-        auto         r = (*g)->generate("Hello", gp);
+        auto         r = (*g)->generate_batch(std::vector<std::string>(16, "Hello"), gp);
         ASSERT_FALSE(r.is_ok());
         EXPECT_EQ(r.error().code(), status_code::STATUS_OUT_OF_MEMORY);
         EXPECT_TRUE(contains(r.error().message(), "KV cache") && contains(r.error().message(), "64.00 MiB"))

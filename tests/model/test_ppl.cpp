@@ -3,7 +3,9 @@
 // make_logit_goldens.py): window subsets always, the full WikiText-2 test split for tiny-llama.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -140,4 +142,41 @@ TEST(ppl_cli, missing_dataset_exits_1_with_one_line) {
     EXPECT_EQ(r.exit_code, 1);
     EXPECT_NE(r.err.find("gptq: error: dataset '/no/such.txt'"), std::string::npos) << r.err;
     EXPECT_TRUE(r.out.empty());
+}
+
+// Windows longer than the model's context (max_position_embeddings, 2048 for tiny-llama): an error
+// naming both values, before anything is evaluated (issue 15). The check sits before the CPU / GPU
+// split of ppl_run, so --device cuda gets the same.
+TEST(ppl_cli, seqlen_past_the_context_exits_1_naming_both_values) {
+    const auto r = run_command(gptq_binary() + " ppl " + source_path("models/tiny-llama") + " --seqlen 2049");
+    EXPECT_EQ(r.exit_code, 1) << r.err;
+    EXPECT_NE(r.err.find("gptq: error: --seqlen 2049 is longer than the model's context of 2048 positions "
+                         "(max_position_embeddings in "),
+              std::string::npos)
+        << r.err;
+    EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    EXPECT_TRUE(r.out.empty());
+    // A copy whose context is 64: --seqlen 65 refused, 64 (the context exactly) evaluated.
+    temp_dir dir("ppl-ctx64");
+    for (const auto& e : std::filesystem::directory_iterator(source_path("models/tiny-llama")))
+        if (e.path().filename() != "config.json")
+            std::filesystem::create_symlink(e.path(), std::filesystem::path(dir.path()) / e.path().filename());
+    auto cfg                       = nlohmann::json::parse(read_file(source_path("models/tiny-llama/config.json")));
+    cfg["max_position_embeddings"] = 64;
+    write_file(dir.file("config.json"), cfg.dump());
+    ppl_params p;
+    p.model_path  = dir.path();
+    p.seqlen      = 65;
+    p.max_windows = 1;
+    p.n_threads   = 2;
+    p.progress    = false;
+    auto over     = ppl_run(p);
+    ASSERT_FALSE(over.is_ok());
+    EXPECT_NE(over.error().message().find("--seqlen 65 is longer than the model's context of 64 positions"),
+              std::string::npos)
+        << over.error().message();
+    p.seqlen = 64;
+    auto ok  = ppl_run(p);
+    ASSERT_TRUE(ok.is_ok()) << ok.error().message();
+    EXPECT_EQ(ok->n_windows, 1);
 }

@@ -3,6 +3,7 @@
 // interruption gives a byte-identical checkpoint, and GPTQ's perplexity lies between FP16 and RTN.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -162,12 +163,84 @@ TEST(quantize, resume_after_interruption_is_byte_identical) {
     other.bits      = 3;
     auto mismatched = quantize_model(other);
     ASSERT_FALSE(mismatched.is_ok());
-    EXPECT_NE(mismatched.error().message().find("other settings"), std::string::npos) << mismatched.error().message();
+    EXPECT_NE(mismatched.error().message().find("was made with --bits 4, this run asks for 3"), std::string::npos)
+        << mismatched.error().message();
 
     no_flag.resume = true;
     auto resumed   = quantize_model(no_flag);
     ASSERT_TRUE(resumed.is_ok()) << resumed.error().message();
     EXPECT_EQ(resumed->linears.size(), 28u);
+    for (const char* f : {"model.safetensors", "config.json", "quantize_config.json"})
+        EXPECT_EQ(test::read_file(straight.output_path + "/" + f), test::read_file(cut.output_path + "/" + f)) << f;
+}
+
+// --resume refusals say what to do (issue 15): the settings that differ from the work folder's, in
+// flag terms; a finished layer file that is damaged (truncated: does not open; a flipped byte: its
+// hash in state.json differs) is named with "delete it or start over"; once deleted, that layer
+// and the ones after it are redone and the checkpoint is the uninterrupted one (RTN: quick).
+TEST(quantize, resume_names_the_changed_setting_and_a_damaged_layer_file) {
+    test::temp_dir dir("q-resume-msg");
+    auto           straight = small_run(dir.file("straight"));
+    straight.method         = "rtn";
+    ASSERT_TRUE(quantize_model(straight).is_ok());
+    auto cut              = straight;
+    cut.output_path       = dir.file("cut");
+    cut.stop_after_layers = 3;
+    ASSERT_EQ(quantize_model(cut).error().code(), status_code::STATUS_CANCELLED);
+    const std::string work = cut.output_path + ".partial";
+    auto              res  = cut;
+    res.stop_after_layers  = -1;
+    res.resume             = true;
+
+    auto expect_refused = [&](const quantize_params& p, const std::string& want) {
+        auto r = quantize_model(p);
+        ASSERT_FALSE(r.is_ok()) << want;
+        EXPECT_NE(r.error().message().find(want), std::string::npos) << r.error().message();
+    };
+    auto changed       = res;
+    changed.group_size = 64;
+    expect_refused(changed,
+                   "--resume: the work folder " + work + " was made with --group-size 128, this run asks for 64");
+    changed          = res;
+    changed.desc_act = true;
+    expect_refused(changed, "was made without --desc-act, this run with it");
+    changed     = res;
+    changed.sym = false;
+    expect_refused(changed, "was made without --no-sym, this run with it");
+    changed      = res;
+    changed.bits = 8;
+    changed.seed = 7;
+    expect_refused(changed,
+                   "was made with --bits 4, this run asks for 8; it was made with --seed 0, this run asks for 7");
+    changed            = res;
+    changed.model_path = test::source_path("models/tiny-llama/");  // the same folder, spelled otherwise: fine
+    changed.method     = "gptq";
+    expect_refused(changed, "the work folder " + work +
+                                " was made with --method rtn, this run asks for gptq; rerun with the same settings");
+
+    // A flipped byte in layer 1's data, then a truncated layer 0.
+    const std::string l1 = work + "/layer-00001.safetensors", l0 = work + "/layer-00000.safetensors";
+    std::string       bytes = test::read_file(l1);
+    bytes[bytes.size() - 3] ^= 0x10;
+    test::write_file(l1, bytes);
+    expect_refused(res, "--resume: " + l1 + " is damaged: its bytes are not those written");
+    expect_refused(res, "Delete that file to redo layer 1 and those after it, or remove " + work + " to start over");
+    const std::string l0_bytes = test::read_file(l0);
+    test::write_file(l0, l0_bytes.substr(0, l0_bytes.size() / 2));
+    expect_refused(res, "--resume: " + l0 + " is damaged: ");
+    // The CLI: one line.
+    auto cli = test::run_command(test::gptq_binary() + " quantize " + tiny() + " -o " + cut.output_path +
+                                 " --method rtn --resume --nsamples " + std::to_string(cut.nsamples) + " --seqlen " +
+                                 std::to_string(cut.seqlen));
+    EXPECT_EQ(cli.exit_code, 1);
+    EXPECT_EQ(cli.err.rfind("gptq: error: --resume: " + l0 + " is damaged: ", 0), 0u) << cli.err;
+    EXPECT_EQ(std::count(cli.err.begin(), cli.err.end(), '\n'), 1) << cli.err;
+
+    // As the message says: delete the damaged files; the rest is redone.
+    fs::remove(l0);
+    fs::remove(l1);
+    auto done = quantize_model(res);
+    ASSERT_TRUE(done.is_ok()) << done.error().message();
     for (const char* f : {"model.safetensors", "config.json", "quantize_config.json"})
         EXPECT_EQ(test::read_file(straight.output_path + "/" + f), test::read_file(cut.output_path + "/" + f)) << f;
 }

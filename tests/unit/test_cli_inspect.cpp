@@ -2,7 +2,11 @@
 // training_info.json, --json parses), and every bad-input case gives one line and exit code 1.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <filesystem>
 #include <nlohmann/json.hpp>
+#include <utility>
+#include <vector>
 
 #include "test_util.h"
 
@@ -163,4 +167,70 @@ TEST(cli, usage_errors_exit_2_and_help_exits_0) {
     auto v = test::run_command(test::gptq_binary() + " --version");
     EXPECT_EQ(v.exit_code, 0);
     EXPECT_NE(v.out.find("gptqkit"), std::string::npos);
+}
+
+// Usage errors users hit first (issue 15): a misspelt command gets the nearest one, a number out
+// of range or not a number names its option without echoing a huge value, a weights file given
+// for a model folder says to pass the folder. One line each; exit 2 for usage, 1 for the rest.
+TEST(cli, unknown_command_suggests_the_nearest) {
+    const auto gptq = test::gptq_binary();
+    for (const auto& [word, want] : std::vector<std::pair<std::string, std::string>>{
+             {"quantise", "did you mean quantize?"},
+             {"generat", "did you mean generate?"},
+             {"inpsect", "did you mean inspect?"},
+             {"ppll", "did you mean ppl?"},
+             {"frobnicate", "the commands are inspect, tokenize, ppl, quantize, generate"}}) {
+        auto r = test::run_command(gptq + " -q " + word + " models/x -o y");
+        EXPECT_EQ(r.exit_code, 2) << word;
+        EXPECT_EQ(r.err.rfind("gptq: error: unknown command '" + word + "'; ", 0), 0u) << r.err;
+        EXPECT_NE(r.err.find(want), std::string::npos) << r.err;
+        EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+    }
+}
+
+TEST(cli, bad_numbers_name_the_option_briefly) {
+    const auto        gptq  = test::gptq_binary();
+    const std::string model = q(test::source_path("models/tiny-llama"));
+    const std::string huge(300, '9');
+    struct bad_case {
+        std::string args, want;
+        int         exit_code;
+    };
+    const std::vector<bad_case> cases = {
+        {"quantize " + model + " -o out --bits 99999999999999999999999",
+         "--bits: '99999999999999999999999' is out of range", 2},
+        {"quantize " + model + " -o out --damp-percent 1e999", "--damp-percent: '1e999' is out of range", 2},
+        {"quantize " + model + " -o out --group-size " + huge,
+         "--group-size: '999999999999...' (300 characters) is out of range", 2},
+        {"ppl " + model + " --seqlen 1e400", "--seqlen: '1e400' is not a whole number", 2},
+        {"ppl " + model + " --threads two", "--threads: 'two' is not a whole number", 2},
+        {"generate " + model + " -p hi -n " + huge,
+         "--max-new-tokens: '999999999999...' (300 characters) is out of range", 2},
+        {"generate " + model + " -p hi --temperature 1e400", "--temperature: '1e400' is out of range", 2},
+        {"generate " + model + " -p hi --temperature nan", "--temperature: 'nan' is not a finite number", 2},
+        {"generate " + model + " -p hi --top-k 99999999999", "--top-k: '99999999999' is out of range", 2},
+        {"generate " + model + " -p hi --seed -1", "--seed: '-1' must not be negative", 2},
+        {"generate " + model + " -p hi -n -5", "-n/--max-new-tokens is -5, expected >= 0", 1},
+    };
+    for (const auto& c : cases) {
+        auto r = test::run_command(gptq + " " + c.args);
+        EXPECT_EQ(r.exit_code, c.exit_code) << c.args << "\n" << r.err;
+        EXPECT_EQ(r.err.rfind("gptq: error: ", 0), 0u) << r.err;
+        EXPECT_NE(r.err.find(c.want), std::string::npos) << c.args << "\n" << r.err;
+        EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+        EXPECT_LT(r.err.size(), 160u) << r.err;
+        EXPECT_TRUE(r.out.empty()) << r.out;
+    }
+    EXPECT_FALSE(std::filesystem::exists("out"));
+}
+
+TEST(cli, a_weights_file_for_a_model_folder_says_pass_the_folder) {
+    const std::string file = test::source_path("models/tiny-llama/model.safetensors");
+    for (const std::string& cmd :
+         {"ppl " + q(file), "generate " + q(file) + " -p hi", "quantize " + q(file) + " -o out", "bench " + q(file),
+          "plan " + q(file) + " --max-memory 0=1GiB"}) {
+        auto r = test::run_command(test::gptq_binary() + " " + cmd);
+        expect_one_line_error(r, "model.safetensors is a file; pass the folder that holds the model");
+        EXPECT_NE(r.err.find("e.g. " + test::source_path("models/tiny-llama")), std::string::npos) << r.err;
+    }
 }

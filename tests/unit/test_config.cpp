@@ -2,6 +2,10 @@
 // configs (AutoGPTQ, GPTQModel, transformers spellings), including the errors for bad values.
 #include <gtest/gtest.h>
 
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "io/gptq_config.h"
 #include "io/hf_config.h"
 #include "test_util.h"
@@ -255,4 +259,47 @@ TEST(gptq_config, found_in_folder_by_precedence) {
     ASSERT_TRUE(c.is_ok());
     EXPECT_EQ(c->bits, 2);
     EXPECT_NE(c->source.find("quantize_config.json"), std::string::npos);
+}
+
+// generation_config.json: absent keys take transformers 5's GenerationConfig defaults; values out
+// of range are errors naming the file and key (issue 15, docs/generate.md "Defaults").
+TEST(config, generation_config_defaults_and_ranges) {
+    test::temp_dir dir("gencfg");
+    auto           none = generation_config_load(dir.path());
+    ASSERT_TRUE(none.is_ok());
+    EXPECT_FALSE(none->found);
+    EXPECT_FALSE(none->do_sample);
+    EXPECT_EQ(none->temperature, 1.0);
+    EXPECT_EQ(none->top_k, 50);
+    EXPECT_EQ(none->top_p, 1.0);
+    EXPECT_EQ(none->min_p, 0.0);
+    EXPECT_EQ(none->repetition_penalty, 1.0);
+    EXPECT_FALSE(none->max_length || none->max_new_tokens);
+
+    test::write_file(dir.file("generation_config.json"),
+                     R"({"do_sample": true, "temperature": 0.6, "top_p": 0.9, "min_p": 0.05, "top_k": null,
+                         "eos_token_id": [128001, 128009], "max_length": 4096, "transformers_version": "4.45.0"})");
+    auto g = generation_config_load(dir.path());
+    ASSERT_TRUE(g.is_ok()) << g.error().message();
+    EXPECT_TRUE(g->found);
+    EXPECT_TRUE(g->do_sample);
+    EXPECT_EQ(g->temperature, 0.6);
+    EXPECT_EQ(g->top_k, 50);  // null: the default
+    EXPECT_EQ(g->min_p, 0.05);
+    EXPECT_EQ(g->eos_token_ids, (std::vector<int64_t>{128001, 128009}));
+    EXPECT_EQ(g->max_length, 4096);
+
+    for (const auto& [text, want] : std::vector<std::pair<std::string, std::string>>{
+             {R"({"top_k": -1})", "top_k -1 must be >= 0"},
+             {R"({"min_p": 1.5})", "min_p 1.5 must be in [0, 1]"},
+             {R"({"repetition_penalty": 0})", "repetition_penalty 0 must be > 0"},
+             {R"({"max_new_tokens": 0})", "max_new_tokens 0 must be > 0"},
+             {R"({"max_length": -5})", "max_length -5 must be > 0"},
+             {R"({"do_sample": "yes"})", "'do_sample'"}}) {
+        test::write_file(dir.file("generation_config.json"), text);
+        auto bad = generation_config_load(dir.path());
+        ASSERT_FALSE(bad.is_ok()) << text;
+        EXPECT_NE(bad.error().message().find("generation_config.json: "), std::string::npos) << bad.error().message();
+        EXPECT_NE(bad.error().message().find(want), std::string::npos) << bad.error().message();
+    }
 }

@@ -32,6 +32,7 @@ std::vector<double> draw(const sampling_params& p, const std::vector<double>& pr
 
 sampling_params plain(float temperature = 1.0f) {
     sampling_params p;
+    p.do_sample          = true;  // temperature 0 is greedy all the same
     p.temperature        = temperature;
     p.top_k              = 0;
     p.top_p              = 1.0f;
@@ -99,6 +100,25 @@ TEST(Sampler, FiltersKeepTheRightTokens) {
     expect_freq(draw(t, probs, k_draws), {0.0025 / z, 0.25 / z, 0.0225 / z, 0.09 / z}, "temperature 0.5");
 }
 
+// transformers' GenerationConfig defaults: greedy (do_sample false) whatever the temperature, top-k
+// 50, top-p 1, penalty 1.
+TEST(Sampler, DefaultsAreTransformersGreedy) {
+    const sampling_params d;
+    EXPECT_FALSE(d.do_sample);
+    EXPECT_TRUE(d.greedy());
+    EXPECT_EQ(d.temperature, 1.0f);
+    EXPECT_EQ(d.top_k, 50);
+    EXPECT_EQ(d.top_p, 1.0f);
+    EXPECT_EQ(d.min_p, 0.0f);
+    EXPECT_EQ(d.repetition_penalty, 1.0f);
+    sampler            s(d);
+    std::vector<float> l = {0.5f, 2.0f, -1.0f, 2.5f};
+    for (int i = 0; i < 20; ++i) {
+        auto c = l;
+        EXPECT_EQ(s.sample(c.data(), 4, {}), 3);
+    }
+}
+
 TEST(Sampler, AtLeastOneTokenSurvives) {
     sampling_params p = plain();
     p.top_p           = 0.01f;
@@ -112,9 +132,14 @@ TEST(Sampler, ASeedFixesTheDraws) {
     std::uniform_real_distribution<float> u(-3.0f, 3.0f);
     std::vector<float>                    base(1000);
     for (auto& x : base) x = u(rng);
-    sampling_params p;  // the defaults: temperature 0.7, top-k 40, top-p 0.9, penalty 1.1
-    p.seed   = 17;
-    auto run = [&](uint64_t seed) {
+    sampling_params p;  // every filter on
+    p.do_sample          = true;
+    p.temperature        = 0.7f;
+    p.top_k              = 40;
+    p.top_p              = 0.9f;
+    p.repetition_penalty = 1.1f;
+    p.seed               = 17;
+    auto run             = [&](uint64_t seed) {
         p.seed = seed;
         sampler              s(p);
         std::vector<int32_t> out, history;

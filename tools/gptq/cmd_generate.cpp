@@ -1,10 +1,11 @@
-// gptq generate MODEL (-p PROMPT | --prompts FILE | --chat) [-n 200] [--temperature 0.7] [--top-k 40]
-//                [--top-p 0.9] [--min-p 0] [--repetition-penalty 1.1] [--seed 0] [--stop STR]...
+// gptq generate MODEL (-p PROMPT | --prompts FILE | --chat) [-n N] [--do-sample] [--temperature T]
+//                [--top-k K] [--top-p P] [--min-p P] [--repetition-penalty R] [--seed 0] [--stop STR]...
 //                [--ignore-eos] [--device cpu|cuda|cuda:N] [--device-map auto|FILE] [--max-memory SPEC]
 //                [--threads N] [-o FILE]
 // -p streams the new text to stdout; --prompts writes one JSON line per prompt; --chat wraps prompts
 // in the model's chat template, and without -p reads user turns from stdin (interactive on a
-// terminal). Speeds go to stderr.
+// terminal). Speeds go to stderr. The decoding settings are the model's (generation_config.json,
+// as transformers' generate()); only the flags given override them (docs/generate.md "Defaults").
 #include <unistd.h>
 
 #include <cstdio>
@@ -24,13 +25,52 @@ status usage_error(const std::string& msg) {
 
 struct generate_cli {
     generator_options open;
-    generate_params   params;
+    generate_params   params;  // the flags' values: those given override the model's defaults
+    bool              do_sample = false;
     std::string       prompt;
     std::string       prompts_file;
     std::string       output;
     std::string       system;
     bool              chat = false;
+    // The options whose absence means "the model's default".
+    CLI::Option *opt_n = nullptr, *opt_do_sample = nullptr, *opt_temperature = nullptr, *opt_top_k = nullptr,
+                *opt_top_p = nullptr, *opt_min_p = nullptr, *opt_penalty = nullptr;
 };
+
+// The model's defaults (generation_config.json, as transformers) with the flags given on top.
+generate_params effective_params(const generate_cli& o, const generator& g) {
+    generate_params  p     = g.default_params();
+    sampling_params& sp    = p.sampling;
+    const auto&      flags = o.params;
+    auto             given = [](const CLI::Option* opt) { return opt->count() > 0; };
+    if (given(o.opt_n)) {  // as transformers: max_new_tokens overrides max_length
+        p.max_new_tokens = flags.max_new_tokens;
+        p.max_length     = 0;
+    }
+    if (given(o.opt_do_sample)) sp.do_sample = true;
+    if (given(o.opt_temperature)) {  // a temperature is a choice: > 0 samples, 0 is greedy
+        sp.temperature = flags.sampling.temperature;
+        sp.do_sample   = sp.temperature > 0.0f;
+    }
+    if (given(o.opt_top_k)) sp.top_k = flags.sampling.top_k;
+    if (given(o.opt_top_p)) sp.top_p = flags.sampling.top_p;
+    if (given(o.opt_min_p)) sp.min_p = flags.sampling.min_p;
+    if (given(o.opt_penalty)) sp.repetition_penalty = flags.sampling.repetition_penalty;
+    sp.seed       = flags.sampling.seed;
+    p.stop        = flags.stop;
+    p.ignore_eos  = flags.ignore_eos;
+    p.add_special = flags.add_special;
+    return p;
+}
+
+// As transformers' warning for sampling-only settings in greedy mode (flags only: the model's own
+// generation_config.json may hold them harmlessly).
+void warn_unused_sampling_flags(const generate_cli& o, const generate_params& p) {
+    if (p.sampling.greedy() && (o.opt_top_k->count() || o.opt_top_p->count() || o.opt_min_p->count()))
+        std::fprintf(stderr,
+                     "warning: --top-k, --top-p and --min-p have no effect with greedy decoding (the model's default); "
+                     "add --do-sample or --temperature T to sample\n");
+}
 
 void print_stats(const generate_stats& s, const char* finish) {
     std::fprintf(stderr,
@@ -62,6 +102,9 @@ int run_generate(generate_cli& o) {
         return g.chat_render(m, true);
     };
     if (o.chat) o.params.add_special = false;  // the template places BOS itself
+    const generate_params params = effective_params(o, g);
+    if (auto st = generator::check_params(params); !st) return report_error(st);
+    warn_unused_sampling_flags(o, params);
 
     if (!o.prompts_file.empty()) {
         auto prompts = prompts_file_read(o.prompts_file);
@@ -72,8 +115,9 @@ int run_generate(generate_cli& o) {
                 if (!r) return report_error(r.error());
                 p = *r;
             }
+        g.log_settings(params);
         generate_stats st;
-        auto           res = g.generate_batch(*prompts, o.params, &st);
+        auto           res = g.generate_batch(*prompts, params, &st);
         if (!res) return report_error(res.error());
         FILE* out = stdout;
         if (!o.output.empty() && !(out = std::fopen(o.output.c_str(), "wb")))
@@ -92,8 +136,9 @@ int run_generate(generate_cli& o) {
             if (!r) return report_error(r.error());
             text = *r;
         }
+        g.log_settings(params);
         generate_stats st;
-        auto           r = g.generate(text, o.params, stream_piece, &st);
+        auto           r = g.generate(text, params, stream_piece, &st);
         if (!r) return report_error(r.error());
         std::fputs("\n", stdout);
         std::fflush(stdout);
@@ -108,6 +153,7 @@ int run_generate(generate_cli& o) {
     const bool                tty = isatty(STDIN_FILENO);
     std::vector<chat_message> messages;
     if (!o.system.empty()) messages.push_back({"system", o.system});
+    g.log_settings(params);
     if (tty) std::fprintf(stderr, "chat with %s; an empty line or Ctrl-D ends it\n", o.open.model_path.c_str());
     std::string line;
     for (;;) {
@@ -121,7 +167,7 @@ int run_generate(generate_cli& o) {
         auto text = g.chat_render(messages, true);
         if (!text) return report_error(text.error());
         generate_stats st;
-        auto           r = g.generate(*text, o.params, stream_piece, &st);
+        auto           r = g.generate(*text, params, stream_piece, &st);
         if (!r) return report_error(r.error());
         std::fputs("\n", stdout);
         std::fflush(stdout);
@@ -145,13 +191,18 @@ command register_generate(CLI::App& app) {
                   "apply the model's chat template; without -p/--prompts, read user turns from stdin "
                   "(interactive on a terminal)");
     sub->add_option("--system", o->system, "with --chat: a system message");
-    sub->add_option("-n,--max-new-tokens", o->params.max_new_tokens, "tokens to generate at most")
-        ->capture_default_str();
-    sub->add_option("--temperature", o->params.sampling.temperature, "0 = greedy")->capture_default_str();
-    sub->add_option("--top-k", o->params.sampling.top_k, "0 = off")->capture_default_str();
-    sub->add_option("--top-p", o->params.sampling.top_p, "1 = off")->capture_default_str();
-    sub->add_option("--min-p", o->params.sampling.min_p, "0 = off")->capture_default_str();
-    sub->add_option("--repetition-penalty", o->params.sampling.repetition_penalty, "1 = off")->capture_default_str();
+    // No defaults shown: they are the model's (generation_config.json, else transformers').
+    o->opt_n = sub->add_option("-n,--max-new-tokens", o->params.max_new_tokens,
+                               "tokens to generate at most (default: generation_config.json's max_new_tokens or "
+                               "max_length, else 200); generation also stops at the model's context");
+    o->opt_do_sample =
+        sub->add_flag("--do-sample", o->do_sample, "sample (default: generation_config.json's do_sample, else greedy)");
+    o->opt_temperature =
+        sub->add_option("--temperature", o->params.sampling.temperature, "> 0: sample at this temperature; 0: greedy");
+    o->opt_top_k   = sub->add_option("--top-k", o->params.sampling.top_k, "when sampling; 0 = off (transformers: 50)");
+    o->opt_top_p   = sub->add_option("--top-p", o->params.sampling.top_p, "when sampling; 1 = off");
+    o->opt_min_p   = sub->add_option("--min-p", o->params.sampling.min_p, "when sampling; 0 = off");
+    o->opt_penalty = sub->add_option("--repetition-penalty", o->params.sampling.repetition_penalty, "1 = off");
     sub->add_option("--seed", o->params.sampling.seed, "sampler seed (every prompt's sampler starts from it)")
         ->capture_default_str();
     sub->add_option("--stop", o->params.stop, "stop when the text contains this string (repeatable; not printed)")

@@ -1,6 +1,7 @@
 #include "io/gptq_zero_format.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <mutex>
 #include <set>
@@ -41,8 +42,12 @@ bool module_from_tensors(const tensor_source& src, const std::string& name, gptq
 }
 
 // Add one module's zero fields and (for its first rows) code means to the evidence.
+struct offset_sums {
+    double sum = 0.0, sum_sq = 0.0;
+};
+
 status sample_module(const tensor_source& src, const gptq_module_desc& m, gptq_zero_format_evidence* ev,
-                     double* sum_offset) {
+                     offset_sums* acc) {
     const int      b    = m.bits;
     const uint32_t maxq = (1u << b) - 1;
     const int64_t  G = m.n_groups, N = m.n_out;
@@ -94,14 +99,16 @@ status sample_module(const tensor_source& src, const gptq_module_desc& m, gptq_z
                 ev->n_wrap += mean < maxq / 2.0 ? 1 : 0;
                 continue;
             }
-            *sum_offset += mean - static_cast<double>(f);
+            const double off = mean - static_cast<double>(f);
+            acc->sum += off;
+            acc->sum_sq += off * off;
             ev->n_pairs += 1;
         }
     }
     return status::ok();
 }
 
-void decide(gptq_zero_format_evidence* ev, double sum_offset) {
+void decide(gptq_zero_format_evidence* ev, const offset_sums& acc) {
     using F = gptq_checkpoint_format;
     ev->format  = ev->label;
     ev->decided = true;
@@ -118,13 +125,18 @@ void decide(gptq_zero_format_evidence* ev, double sum_offset) {
             "checkpoint; v1 stores 2^(bits-1) - 1",
             ev->n_modules);
     } else if (ev->n_pairs >= k_zero_min_pairs) {
-        ev->mean_offset  = sum_offset / static_cast<double>(ev->n_pairs);
+        const double n   = static_cast<double>(ev->n_pairs);
+        ev->mean_offset  = acc.sum / n;
+        ev->offset_se    = std::sqrt(std::max(0.0, acc.sum_sq / n - ev->mean_offset * ev->mean_offset) / n);
         const double d   = ev->mean_offset;
         const auto   why = fmt::format(
-            "mean code minus stored zero = {:.3f} over {} (group, column) pairs of {} modules; ~1 means v1, ~0 "
-            "means v2",
-            d, ev->n_pairs, ev->n_modules);
-        if (d >= k_zero_offset_v1_min) {
+            "mean code minus stored zero = {:.3f} (standard error {:.3f}) over {} (group, column) pairs of {} "
+            "modules; ~1 means v1, ~0 means v2",
+            d, ev->offset_se, ev->n_pairs, ev->n_modules);
+        if (ev->offset_se > k_zero_max_se) {
+            ev->decided = false;
+            ev->basis   = why + ": too imprecise, the label decides";
+        } else if (d >= k_zero_offset_v1_min) {
             ev->format = F::GPTQ_FORMAT_V1;
             ev->basis  = why;
         } else if (d <= k_zero_offset_v2_max) {
@@ -170,12 +182,22 @@ result<gptq_zero_format_evidence> gptq_zero_format_detect(const tensor_source& s
         ev.basis = "no quantized module found";
         return ev;
     }
-    // Modules spread evenly over the (sorted) list: first and last layers included.
-    const size_t m = mods.size(), s = std::min<size_t>(m, k_zero_sample_modules);
-    double       sum_offset = 0.0;
-    for (size_t i = 0; i < s; ++i)
-        GPTQ_TRY(sample_module(src, mods[s == 1 ? 0 : i * (m - 1) / (s - 1)], &ev, &sum_offset));
-    decide(&ev, sum_offset);
+    // Modules spread evenly over the (sorted) list, first and last layers included; when their
+    // statistic is too imprecise to decide (few outputs, 8 bits), every module.
+    const size_t        m = mods.size(), s = std::min<size_t>(m, k_zero_sample_modules);
+    std::vector<bool>   seen(m, false);
+    offset_sums         acc;
+    for (size_t i = 0; i < s; ++i) {
+        const size_t j = s == 1 ? 0 : i * (m - 1) / (s - 1);
+        seen[j]        = true;
+        GPTQ_TRY(sample_module(src, mods[j], &ev, &acc));
+    }
+    decide(&ev, acc);
+    if (!ev.decided && ev.n_sym_v1 != ev.n_fields && ev.n_sym_v2 != ev.n_fields && s < m) {
+        for (size_t j = 0; j < m; ++j)
+            if (!seen[j]) GPTQ_TRY(sample_module(src, mods[j], &ev, &acc));
+        decide(&ev, acc);
+    }
     return ev;
 }
 

@@ -39,8 +39,10 @@ std::vector<gptq_module_desc> gptq_modules_list(const tensor_source& src);
 // Thresholds of the asymmetric statistic (see docs/io.md for the measured values).
 constexpr double  k_zero_offset_v1_min = 0.7;  // mean (code - field) at or above: v1
 constexpr double  k_zero_offset_v2_max = 0.3;  // at or below: v2; between: ambiguous
+constexpr double  k_zero_max_se        = 0.1;  // standard error of that mean above which: ambiguous
 constexpr int64_t k_zero_min_pairs     = 256;  // (group, column) pairs needed to decide
-constexpr int     k_zero_sample_modules = 8;   // modules looked at, spread over the checkpoint
+constexpr int     k_zero_sample_modules = 8;   // modules looked at, spread over the checkpoint (all of
+                                               // them when those leave the statistic too imprecise)
 constexpr int64_t k_zero_sample_rows    = 1024;  // input rows of each module's codes looked at
 
 struct gptq_zero_format_evidence {
@@ -54,6 +56,7 @@ struct gptq_zero_format_evidence {
     int64_t n_sym_v1 = 0, n_sym_v2 = 0;  // fields equal to 2^(b-1) - 1 / 2^(b-1)
     int64_t n_pairs = 0;                 // (group, column) pairs in the asymmetric statistic
     double  mean_offset = 0.0;           // their mean of (mean code - stored field)
+    double  offset_se   = 0.0;           // its standard error
     int64_t n_top = 0, n_wrap = 0;       // fields at 2^b - 1 (left out); those with low codes
 };
 

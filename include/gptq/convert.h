@@ -18,9 +18,9 @@
 namespace gptq {
 
 struct convert_params {
-    std::string input_path;   // GPTQ checkpoint folder
-    std::string output_path;  // folder to create
-    std::string format;       // "gptq" (v1) or "gptq_v2"
+    std::string input_path;     // GPTQ checkpoint folder
+    std::string output_path;    // folder to create
+    std::string format;         // "gptq" (v1) or "gptq_v2"
     bool        force = false;  // replace an existing output folder (only once the new one is complete)
     // v1 output only: a zero point of 0 (which v1 cannot store) becomes 1 and the codes of its group
     // and column move up by one, so that every weight keeps its value except those whose code is
@@ -30,9 +30,9 @@ struct convert_params {
 
 struct convert_report {
     std::string output_path;
-    std::string label_in;    // the input config's checkpoint_format
-    std::string format_in;   // what its zero points are (the data decides; else the label)
-    std::string basis;       // why (one line)
+    std::string label_in;   // the input config's checkpoint_format
+    std::string format_in;  // what its zero points are (the data decides; else the label)
+    std::string basis;      // why (one line)
     std::string format_out;
     int64_t     n_modules       = 0;  // quantized modules rewritten
     int64_t     n_files         = 0;  // safetensors files

@@ -28,8 +28,8 @@ namespace gptq {
 
 namespace {
 
-namespace fs = std::filesystem;
-using ordered_json = nlohmann::ordered_json;
+namespace fs         = std::filesystem;
+using ordered_json   = nlohmann::ordered_json;
 constexpr auto E_ARG = status_code::STATUS_INVALID_ARGUMENT;
 constexpr auto E_IO  = status_code::STATUS_IO_ERROR;
 using F              = gptq_checkpoint_format;
@@ -110,8 +110,8 @@ status write_at(const std::string& path, uint64_t offset, const void* data, size
     if (fd < 0) return make_error(E_IO, "{}: cannot open for writing: {}", path, std::strerror(errno));
     size_t pos = 0;
     while (pos < n) {
-        const ssize_t r = ::pwrite(fd, static_cast<const uint8_t*>(data) + pos, n - pos,
-                                   static_cast<off_t>(offset + pos));
+        const ssize_t r =
+            ::pwrite(fd, static_cast<const uint8_t*>(data) + pos, n - pos, static_cast<off_t>(offset + pos));
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0) {
             const int err = errno;
@@ -232,8 +232,7 @@ status publish(const std::string& work, const std::string& out) {
 result<convert_report> convert_run(const convert_params& p, const std::string& work) {
     GPTQ_ASSIGN_OR_RETURN(auto src, tensor_source::open(p.input_path));
     auto cfg = gptq_config_find(p.input_path);
-    if (!cfg)
-        return make_error(E_ARG, "{}: not a GPTQ checkpoint ({})", p.input_path, cfg.error().message());
+    if (!cfg) return make_error(E_ARG, "{}: not a GPTQ checkpoint ({})", p.input_path, cfg.error().message());
     if (cfg->format == F::GPTQ_FORMAT_MARLIN)
         return make_error(status_code::STATUS_UNSUPPORTED, "{}: checkpoint_format 'marlin' cannot be converted",
                           cfg->source);

@@ -616,7 +616,10 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     run_state s;
     s.p = params;
 
-    // Options and the config we will write.
+    // Options and the config we will write. Zeros in v1 unless asked: the format most readers take,
+    // asymmetric included (docs/quantize.md, "Zero-point format").
+    const auto zero_format =
+        params.format == "gptq_v2" ? gptq_checkpoint_format::GPTQ_FORMAT_V2 : gptq_checkpoint_format::GPTQ_FORMAT_V1;
     s.cfg.bits            = params.bits;
     s.cfg.group_size      = params.group_size;
     s.cfg.desc_act        = params.desc_act;
@@ -624,9 +627,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     s.cfg.static_groups   = params.static_groups;
     s.cfg.true_sequential = params.true_sequential;
     s.cfg.damp_percent    = params.damp_percent;
-    // v1 unless asked: the format every reader takes, asymmetric included (docs/quantize.md).
-    s.cfg.format          = params.format == "gptq_v2" ? gptq_checkpoint_format::GPTQ_FORMAT_V2
-                                                       : gptq_checkpoint_format::GPTQ_FORMAT_V1;
+    s.cfg.format          = zero_format;
     s.cfg.quantizer       = {"gptqkit:0.1.0"};
     s.opt.bits            = params.bits;
     s.opt.group_size      = params.group_size;

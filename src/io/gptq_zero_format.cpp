@@ -109,30 +109,30 @@ status sample_module(const tensor_source& src, const gptq_module_desc& m, gptq_z
 }
 
 void decide(gptq_zero_format_evidence* ev, const offset_sums& acc) {
-    using F = gptq_checkpoint_format;
+    using F     = gptq_checkpoint_format;
     ev->format  = ev->label;
     ev->decided = true;
     if (ev->n_fields > 0 && ev->n_sym_v1 == ev->n_fields) {
         ev->format = F::GPTQ_FORMAT_V1;
         ev->basis  = fmt::format(
-            "every zero field of the {} modules looked at holds 2^(bits-1) - 1, the v1 value of a symmetric "
-            "checkpoint; v2 stores 2^(bits-1)",
-            ev->n_modules);
+             "every zero field of the {} modules looked at holds 2^(bits-1) - 1, the v1 value of a symmetric "
+              "checkpoint; v2 stores 2^(bits-1)",
+             ev->n_modules);
     } else if (ev->n_fields > 0 && ev->n_sym_v2 == ev->n_fields) {
         ev->format = F::GPTQ_FORMAT_V2;
         ev->basis  = fmt::format(
-            "every zero field of the {} modules looked at holds 2^(bits-1), the v2 value of a symmetric "
-            "checkpoint; v1 stores 2^(bits-1) - 1",
-            ev->n_modules);
+             "every zero field of the {} modules looked at holds 2^(bits-1), the v2 value of a symmetric "
+              "checkpoint; v1 stores 2^(bits-1) - 1",
+             ev->n_modules);
     } else if (ev->n_pairs >= k_zero_min_pairs) {
         const double n   = static_cast<double>(ev->n_pairs);
         ev->mean_offset  = acc.sum / n;
         ev->offset_se    = std::sqrt(std::max(0.0, acc.sum_sq / n - ev->mean_offset * ev->mean_offset) / n);
         const double d   = ev->mean_offset;
         const auto   why = fmt::format(
-            "mean code minus stored zero = {:.3f} (standard error {:.3f}) over {} (group, column) pairs of {} "
-            "modules; ~1 means v1, ~0 means v2",
-            d, ev->offset_se, ev->n_pairs, ev->n_modules);
+              "mean code minus stored zero = {:.3f} (standard error {:.3f}) over {} (group, column) pairs of {} "
+                "modules; ~1 means v1, ~0 means v2",
+              d, ev->offset_se, ev->n_pairs, ev->n_modules);
         if (ev->offset_se > k_zero_max_se) {
             ev->decided = false;
             ev->basis   = why + ": too imprecise, the label decides";
@@ -151,7 +151,8 @@ void decide(gptq_zero_format_evidence* ev, const offset_sums& acc) {
         ev->basis   = fmt::format("{} (group, column) pairs are too few to tell (at least {}): the label decides",
                                   ev->n_pairs, k_zero_min_pairs);
     }
-    if (ev->n_wrap > 0) ev->basis += fmt::format("; {} fields at 2^bits - 1 with low codes (a v1 zero of 0)", ev->n_wrap);
+    if (ev->n_wrap > 0)
+        ev->basis += fmt::format("; {} fields at 2^bits - 1 with low codes (a v1 zero of 0)", ev->n_wrap);
     ev->mismatch = ev->decided && ev->format != ev->label;
 }
 
@@ -184,9 +185,9 @@ result<gptq_zero_format_evidence> gptq_zero_format_detect(const tensor_source& s
     }
     // Modules spread evenly over the (sorted) list, first and last layers included; when their
     // statistic is too imprecise to decide (few outputs, 8 bits), every module.
-    const size_t        m = mods.size(), s = std::min<size_t>(m, k_zero_sample_modules);
-    std::vector<bool>   seen(m, false);
-    offset_sums         acc;
+    const size_t      m = mods.size(), s = std::min<size_t>(m, k_zero_sample_modules);
+    std::vector<bool> seen(m, false);
+    offset_sums       acc;
     for (size_t i = 0; i < s; ++i) {
         const size_t j = s == 1 ? 0 : i * (m - 1) / (s - 1);
         seen[j]        = true;

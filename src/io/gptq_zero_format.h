@@ -32,29 +32,30 @@ namespace gptq {
 struct gptq_module_desc {
     std::string name;  // "model.layers.0.self_attn.q_proj"
     int64_t     n_out = 0, n_in = 0, n_groups = 0;
-    int         bits  = 0;
+    int         bits = 0;
 };
 std::vector<gptq_module_desc> gptq_modules_list(const tensor_source& src);
 
-// Thresholds of the asymmetric statistic (see docs/io.md for the measured values).
-constexpr double  k_zero_offset_v1_min = 0.7;  // mean (code - field) at or above: v1
-constexpr double  k_zero_offset_v2_max = 0.3;  // at or below: v2; between: ambiguous
-constexpr double  k_zero_max_se        = 0.1;  // standard error of that mean above which: ambiguous
-constexpr int64_t k_zero_min_pairs     = 256;  // (group, column) pairs needed to decide
-constexpr int     k_zero_sample_modules = 8;   // modules looked at, spread over the checkpoint (all of
-                                               // them when those leave the statistic too imprecise)
+// Thresholds of the asymmetric statistic (see docs/io.md for the measured values). Modules looked
+// at: k_zero_sample_modules spread over the checkpoint, all of them when those leave the
+// statistic too imprecise.
+constexpr double  k_zero_offset_v1_min  = 0.7;   // mean (code - field) at or above: v1
+constexpr double  k_zero_offset_v2_max  = 0.3;   // at or below: v2; between: ambiguous
+constexpr double  k_zero_max_se         = 0.1;   // standard error of that mean above which: ambiguous
+constexpr int64_t k_zero_min_pairs      = 256;   // (group, column) pairs needed to decide
+constexpr int     k_zero_sample_modules = 8;     // modules looked at first
 constexpr int64_t k_zero_sample_rows    = 1024;  // input rows of each module's codes looked at
 
 struct gptq_zero_format_evidence {
-    gptq_checkpoint_format label  = gptq_checkpoint_format::GPTQ_FORMAT_V1;  // the config's
-    gptq_checkpoint_format format = gptq_checkpoint_format::GPTQ_FORMAT_V1;  // what to read with
+    gptq_checkpoint_format label    = gptq_checkpoint_format::GPTQ_FORMAT_V1;  // the config's
+    gptq_checkpoint_format format   = gptq_checkpoint_format::GPTQ_FORMAT_V1;  // what to read with
     bool                   decided  = false;  // the data decided `format` (else: the label)
     bool                   mismatch = false;  // decided, and not what the label says
     std::string            basis;             // one line: what the data shows
     // What was looked at.
     int64_t n_modules = 0, n_fields = 0;
     int64_t n_sym_v1 = 0, n_sym_v2 = 0;  // fields equal to 2^(b-1) - 1 / 2^(b-1)
-    int64_t n_pairs = 0;                 // (group, column) pairs in the asymmetric statistic
+    int64_t n_pairs     = 0;             // (group, column) pairs in the asymmetric statistic
     double  mean_offset = 0.0;           // their mean of (mean code - stored field)
     double  offset_se   = 0.0;           // its standard error
     int64_t n_top = 0, n_wrap = 0;       // fields at 2^b - 1 (left out); those with low codes

@@ -61,7 +61,7 @@ void relabel(const std::string& dir, const std::string& format) {
     json q                 = read_json(dir + "/quantize_config.json");
     q["checkpoint_format"] = format;
     test::write_file(dir + "/quantize_config.json", q.dump(2));
-    json c                                      = read_json(dir + "/config.json");
+    json c                                        = read_json(dir + "/config.json");
     c["quantization_config"]["checkpoint_format"] = format;
     test::write_file(dir + "/config.json", c.dump(2));
 }
@@ -132,10 +132,11 @@ TEST(zero_format, mislabelled_checkpoints_load_to_the_same_ppl_with_one_warning)
     copy_dir(asym, dir.file("asym-v2-as-v1"));
     relabel(dir.file("asym-v2-as-v1"), "gptq");
     auto ppl = [&](const std::string& path) {
-        return test::run_command(test::gptq_binary() + " ppl " + path + " --seqlen 128 --max-windows 4 --threads 2 --json");
+        return test::run_command(test::gptq_binary() + " ppl " + path +
+                                 " --seqlen 128 --max-windows 4 --threads 2 --json");
     };
-    for (auto [right, wrong, data] : {std::tuple{sym, dir.file("sym-as-v2"), "'gptq'"},
-                                      std::tuple{asym, dir.file("asym-v2-as-v1"), "'gptq_v2'"}}) {
+    for (auto [right, wrong, data] :
+         {std::tuple{sym, dir.file("sym-as-v2"), "'gptq'"}, std::tuple{asym, dir.file("asym-v2-as-v1"), "'gptq_v2'"}}) {
         auto a = ppl(right), b = ppl(wrong);
         ASSERT_EQ(a.exit_code, 0) << a.err;
         ASSERT_EQ(b.exit_code, 0) << b.err;
@@ -178,7 +179,7 @@ TEST(zero_format, convert_round_trip_is_byte_identical) {
     }
     // Both configs relabelled, nothing else changed.
     for (const char* f : {"quantize_config.json", "config.json"}) {
-        json a = read_json(v1 + "/" + f), b = read_json(dir.file("v2") + "/" + f);
+        json  a = read_json(v1 + "/" + f), b = read_json(dir.file("v2") + "/" + f);
         json& qa = std::string(f) == "config.json" ? a["quantization_config"] : a;
         json& qb = std::string(f) == "config.json" ? b["quantization_config"] : b;
         EXPECT_EQ(qb["checkpoint_format"], "gptq_v2") << f;
@@ -217,12 +218,13 @@ gptq_linear_data write_zero_zero_checkpoint(const std::string& dir) {
     for (int n = 0; n < 64; ++n)
         for (int k = 0; k < 256; ++k) d.codes[size_t(n * 256 + k)] = uint8_t((n * 7 + k * 3) % 16);
     d.zeros[5] = 0;
-    auto w     = safetensors_writer::create(dir + "/model.safetensors", gptq_linear_decls("m.proj", 64, 256, 2, 4, false));
+    auto w = safetensors_writer::create(dir + "/model.safetensors", gptq_linear_decls("m.proj", 64, 256, 2, 4, false));
     EXPECT_TRUE(w.is_ok());
     EXPECT_TRUE(gptq_linear_write(**w, "m.proj", d, F::GPTQ_FORMAT_V2).is_ok());
     EXPECT_TRUE((*w)->finish().is_ok());
-    test::write_file(dir + "/quantize_config.json",
-                     R"({"bits": 4, "group_size": 128, "sym": false, "desc_act": false, "checkpoint_format": "gptq_v2"})");
+    test::write_file(
+        dir + "/quantize_config.json",
+        R"({"bits": 4, "group_size": 128, "sym": false, "desc_act": false, "checkpoint_format": "gptq_v2"})");
     return d;
 }
 
@@ -282,10 +284,10 @@ TEST(zero_format, convert_refuses_a_zero_of_zero_unless_clamped) {
     {
         auto s = tensor_source::open(dir.file("wrapped"));
         ASSERT_TRUE(s.is_ok());
-        const tensor_entry* qz = (*s)->find("m.proj.qzeros");
+        const tensor_entry* qz    = (*s)->find("m.proj.qzeros");
         std::string         bytes = test::read_file(dir.file("wrapped/model.safetensors"));
         const size_t        at    = qz->file->data_start() + qz->info->begin;
-        bytes[at] = static_cast<char>((bytes[at] & 0xF0) | 0x0F);  // field of column 0, group 0
+        bytes[at]                 = static_cast<char>((bytes[at] & 0xF0) | 0x0F);  // field of column 0, group 0
         s->reset();
         test::write_file(dir.file("wrapped/model.safetensors"), bytes);
     }
@@ -293,7 +295,8 @@ TEST(zero_format, convert_refuses_a_zero_of_zero_unless_clamped) {
     p.output_path = dir.file("out3");
     auto wrapped  = convert_checkpoint(p);
     ASSERT_FALSE(wrapped.is_ok());
-    EXPECT_NE(wrapped.error().message().find("m.proj group 0 column 0"), std::string::npos) << wrapped.error().message();
+    EXPECT_NE(wrapped.error().message().find("m.proj group 0 column 0"), std::string::npos)
+        << wrapped.error().message();
     EXPECT_FALSE(fs::exists(dir.file("out3")));
 }
 

@@ -47,7 +47,7 @@ gptq_linear_data quantize_like_gptq(int64_t n_out, int64_t n_in, int64_t gs, int
                 }
             if (sym) hi = std::max(-lo, hi), lo = -hi;
             const float s = (hi - lo) / static_cast<float>(maxq);
-            const int   z = sym ? (maxq + 1) / 2 : std::clamp(static_cast<int>(std::nearbyint(-lo / s)), zero_min, maxq);
+            const int z = sym ? (maxq + 1) / 2 : std::clamp(static_cast<int>(std::nearbyint(-lo / s)), zero_min, maxq);
             d.scales[static_cast<size_t>(g * n_out + n)] = f32_to_f16(s);
             d.zeros[static_cast<size_t>(g * n_out + n)]  = z;
             for (int64_t k = 0; k < n_in; ++k)
@@ -96,17 +96,17 @@ TEST(gptq_zero_format, data_decides_for_every_width_both_grids_and_both_labels) 
         for (bool sym : {true, false})
             for (F stored : {F::GPTQ_FORMAT_V1, F::GPTQ_FORMAT_V2}) {
                 // v1 cannot hold an asymmetric zero of 0: the quantizer keeps zeros >= 1 for it.
-                const int zero_min = stored == F::GPTQ_FORMAT_V1 ? 1 : 0;
+                const int                     zero_min = stored == F::GPTQ_FORMAT_V1 ? 1 : 0;
                 std::vector<gptq_linear_data> ms;
                 for (int m = 0; m < 8; ++m)
                     ms.push_back(quantize_like_gptq(128, 512, 128, bits, sym, zero_min, /*act_order=*/m == 1, rng));
-                auto src = tensor_source::open(write_modules(dir, "m" + std::to_string(i++) + ".safetensors", ms, stored));
+                auto src =
+                    tensor_source::open(write_modules(dir, "m" + std::to_string(i++) + ".safetensors", ms, stored));
                 ASSERT_TRUE(src.is_ok());
                 for (F label : {F::GPTQ_FORMAT_V1, F::GPTQ_FORMAT_V2}) {
-                    const auto what = ::testing::Message()
-                                      << bits << "-bit " << (sym ? "sym" : "asym") << " stored "
-                                      << gptq_checkpoint_format_name(stored) << " labelled "
-                                      << gptq_checkpoint_format_name(label);
+                    const auto what = ::testing::Message() << bits << "-bit " << (sym ? "sym" : "asym") << " stored "
+                                                           << gptq_checkpoint_format_name(stored) << " labelled "
+                                                           << gptq_checkpoint_format_name(label);
                     auto ev = gptq_zero_format_detect(**src, config_labelled(label, sym, bits));
                     ASSERT_TRUE(ev.is_ok()) << ev.error().message();
                     EXPECT_TRUE(ev->decided) << what << ": " << ev->basis;
@@ -114,8 +114,7 @@ TEST(gptq_zero_format, data_decides_for_every_width_both_grids_and_both_labels) 
                     EXPECT_EQ(ev->mismatch, label != stored) << what;
                     EXPECT_EQ(ev->n_modules, 8) << what;
                     if (!sym) {  // the statistic sits near 1 (v1) or 0 (v2), within its own noise
-                        EXPECT_NEAR(ev->mean_offset, stored == F::GPTQ_FORMAT_V1 ? 1.0 : 0.0,
-                                    0.05 + 4 * ev->offset_se)
+                        EXPECT_NEAR(ev->mean_offset, stored == F::GPTQ_FORMAT_V1 ? 1.0 : 0.0, 0.05 + 4 * ev->offset_se)
                             << what;
                         EXPECT_LE(ev->offset_se, k_zero_max_se) << what;
                     }
@@ -148,9 +147,9 @@ TEST(gptq_zero_format, ambiguous_data_follows_the_label) {
     auto mid = quantize_like_gptq(64, 256, 64, 4, false, 1, false, rng);
     for (int64_t n = 0; n < 64; ++n)
         for (int64_t k = 0; k < 256; ++k) {
-            const int32_t z                        = std::min(mid.zeros[size_t(k / 64 * 64 + n)], 14);
-            mid.zeros[size_t(k / 64 * 64 + n)]     = z;
-            mid.codes[size_t(n * 256 + k)]         = static_cast<uint8_t>(z + (k % 2));
+            const int32_t z                    = std::min(mid.zeros[size_t(k / 64 * 64 + n)], 14);
+            mid.zeros[size_t(k / 64 * 64 + n)] = z;
+            mid.codes[size_t(n * 256 + k)]     = static_cast<uint8_t>(z + (k % 2));
         }
     auto src2 = tensor_source::open(write_modules(dir, "mid.safetensors", {mid}, F::GPTQ_FORMAT_V2));
     ASSERT_TRUE(src2.is_ok());
@@ -183,7 +182,7 @@ TEST(gptq_zero_format, v1_wrapped_zero_of_zero_is_counted_and_left_out) {
     std::mt19937   rng(13);
     // An asymmetric v1 writer that stored zero 0 as -1: the field wraps to 2^b - 1 = 15. Build the
     // raw fields by hand (v2 packing stores them as given).
-    auto d = quantize_like_gptq(128, 256, 64, 4, false, 0, false, rng);
+    auto d      = quantize_like_gptq(128, 256, 64, 4, false, 0, false, rng);
     int  n_zero = 0;
     for (int64_t g = 0; g < 4; ++g)  // some groups of non-negative weights: zero 0, codes sitting low
         for (int64_t n = 0; n < 8; ++n) {
@@ -219,8 +218,9 @@ TEST(gptq_zero_format, mismatch_warns_once_per_checkpoint) {
         EXPECT_EQ(cfg.format, F::GPTQ_FORMAT_V1);
     }
     const std::string err = ::testing::internal::GetCapturedStderr();
-    size_t            n = 0;
-    for (size_t p = err.find("checkpoint_format says"); p != std::string::npos; p = err.find("checkpoint_format says", p + 1))
+    size_t            n   = 0;
+    for (size_t p = err.find("checkpoint_format says"); p != std::string::npos;
+         p        = err.find("checkpoint_format says", p + 1))
         ++n;
     EXPECT_EQ(n, 1u) << err;
     // The warning names the config file, the label and what the data says.

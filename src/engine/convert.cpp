@@ -120,8 +120,28 @@ status write_at(const std::string& path, uint64_t offset, const void* data, size
         }
         pos += static_cast<size_t>(r);
     }
-    if (fsync(fd) != 0 || ::close(fd) != 0)
-        return make_error(E_IO, "{}: fsync/close failed: {}", path, std::strerror(errno));
+    if (::close(fd) != 0) return make_error(E_IO, "{}: close failed: {}", path, std::strerror(errno));
+    return status::ok();
+}
+
+// fsync every file of `dir`, then `dir` itself: the output is on disk before it gets its name.
+status fsync_all(const std::string& dir) {
+    std::error_code ec;
+    for (const auto& entry : fs::directory_iterator(dir, ec)) {
+        const int fd = ::open(entry.path().c_str(), O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || fsync(fd) != 0) {
+            const int err = errno;
+            if (fd >= 0) ::close(fd);
+            return make_error(E_IO, "{}: fsync failed: {}", entry.path().string(), std::strerror(err));
+        }
+        ::close(fd);
+    }
+    if (ec) return make_error(E_IO, "{}: cannot list: {}", dir, ec.message());
+    const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0) {
+        (void)fsync(fd);
+        ::close(fd);
+    }
     return status::ok();
 }
 
@@ -273,6 +293,7 @@ result<convert_report> convert_run(const convert_params& p, const std::string& w
             "{} zero points of 0 stored as 1 (--clamp-zeros): {} weights (codes at 2^bits - 1) lost one scale step",
             rep.n_zeros_clamped, rep.n_codes_changed);
     src.reset();  // unmap the input before the rename
+    GPTQ_TRY(fsync_all(work));
     GPTQ_TRY(publish(work, p.output_path));
     return rep;
 }

@@ -1,6 +1,7 @@
 #include "io/gptq_zero_format.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <mutex>
@@ -41,7 +42,7 @@ bool module_from_tensors(const tensor_source& src, const std::string& name, gptq
     return (m->n_out * m->bits) % 32 == 0 && sz[1] == gptq_packed_words(m->n_out, m->bits);
 }
 
-// Add one module's zero fields and (for its first rows) code means to the evidence.
+// Add one module's zero fields and (for its first rows and columns) code means to the evidence.
 struct offset_sums {
     double sum = 0.0, sum_sq = 0.0;
 };
@@ -65,34 +66,39 @@ status sample_module(const tensor_source& src, const gptq_module_desc& m, gptq_z
         ev->n_sym_v2 += f == (1 << (b - 1)) ? 1 : 0;
     }
 
-    // Codes of the first rows (a multiple of 32 keeps every bit width's words whole).
+    // Codes of the first rows (a multiple of 32 keeps every bit width's words whole) and columns.
     int64_t rows = std::min(m.n_in, k_zero_sample_rows);
     if (rows >= 32) rows -= rows % 32;
+    const int64_t C = std::min(N, k_zero_sample_cols);
     GPTQ_ASSIGN_OR_RETURN(tensor_entry gi, src.get(m.name + ".g_idx"));
     std::vector<int32_t> g_idx(static_cast<size_t>(m.n_in));
     gi.file->copy_to(*gi.info, g_idx.data());
     GPTQ_ASSIGN_OR_RETURN(tensor_entry qw, src.get(m.name + ".qweight"));
-    std::vector<int32_t> qwords(static_cast<size_t>(gptq_packed_words(rows, b) * N));
-    std::memcpy(qwords.data(), qw.file->bytes(*qw.info), qwords.size() * 4);
-    std::vector<uint8_t> codes(static_cast<size_t>(N * rows));
-    gptq_unpack_qweight(qwords.data(), N, rows, b, codes.data());
+    const int64_t        n_words = gptq_packed_words(rows, b);
+    std::vector<int32_t> qwords(static_cast<size_t>(n_words * C));
+    const uint8_t*       qbytes = qw.file->bytes(*qw.info);
+    for (int64_t w = 0; w < n_words; ++w)  // row w of qweight [words, N], first C columns
+        std::memcpy(&qwords[static_cast<size_t>(w * C)], qbytes + static_cast<size_t>(w * N) * 4,
+                    static_cast<size_t>(C) * 4);
+    std::vector<uint8_t> codes(static_cast<size_t>(C * rows));
+    gptq_unpack_qweight(qwords.data(), C, rows, b, codes.data());
 
-    std::vector<double>  sums(static_cast<size_t>(G * N), 0.0);
+    std::vector<double>  sums(static_cast<size_t>(G * C), 0.0);
     std::vector<int64_t> count(static_cast<size_t>(G), 0);
     for (int64_t k = 0; k < rows; ++k) {
         const int32_t g = g_idx[static_cast<size_t>(k)];
         if (g >= 0 && g < G) count[static_cast<size_t>(g)] += 1;  // bad g_idx: loading reports it
     }
-    for (int64_t n = 0; n < N; ++n)
+    for (int64_t n = 0; n < C; ++n)
         for (int64_t k = 0; k < rows; ++k) {
             const int32_t g = g_idx[static_cast<size_t>(k)];
-            if (g >= 0 && g < G) sums[static_cast<size_t>(g * N + n)] += codes[static_cast<size_t>(n * rows + k)];
+            if (g >= 0 && g < G) sums[static_cast<size_t>(g * C + n)] += codes[static_cast<size_t>(n * rows + k)];
         }
     for (int64_t g = 0; g < G; ++g) {
         const int64_t c = count[static_cast<size_t>(g)];
         if (c < 8) continue;  // too few codes for a mean
-        for (int64_t n = 0; n < N; ++n) {
-            const double   mean = sums[static_cast<size_t>(g * N + n)] / static_cast<double>(c);
+        for (int64_t n = 0; n < C; ++n) {
+            const double   mean = sums[static_cast<size_t>(g * C + n)] / static_cast<double>(c);
             const uint32_t f    = static_cast<uint32_t>(fields[static_cast<size_t>(g * N + n)]);
             if (f == maxq) {  // v1: a zero of 0 wrapped around; v2: a zero of 2^b - 1
                 ev->n_top += 1;
@@ -211,8 +217,10 @@ std::string gptq_zero_format_message(const gptq_zero_format_evidence& ev, const 
 }
 
 result<gptq_zero_format_evidence> gptq_zero_format_resolve(const tensor_source& src, gptq_config* cfg) {
+    const auto t0 = std::chrono::steady_clock::now();
     GPTQ_ASSIGN_OR_RETURN(gptq_zero_format_evidence ev, gptq_zero_format_detect(src, *cfg));
-    GPTQ_LOG_DEBUG("{}: zero points read as '{}' ({})", cfg->source, gptq_checkpoint_format_name(ev.format), ev.basis);
+    GPTQ_LOG_DEBUG("{}: zero points read as '{}' ({}; {:.1f} ms)", cfg->source, gptq_checkpoint_format_name(ev.format),
+                   ev.basis, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count());
     if (ev.mismatch) {
         static std::mutex            mu;
         static std::set<std::string> warned;  // checkpoint folders already warned about

@@ -45,6 +45,7 @@ constexpr double  k_zero_max_se         = 0.1;   // standard error of that mean 
 constexpr int64_t k_zero_min_pairs      = 256;   // (group, column) pairs needed to decide
 constexpr int     k_zero_sample_modules = 8;     // modules looked at first
 constexpr int64_t k_zero_sample_rows    = 1024;  // input rows of each module's codes looked at
+constexpr int64_t k_zero_sample_cols    = 512;   // and output columns
 
 struct gptq_zero_format_evidence {
     gptq_checkpoint_format label    = gptq_checkpoint_format::GPTQ_FORMAT_V1;  // the config's

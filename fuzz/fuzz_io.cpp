@@ -10,6 +10,7 @@
 #include "fuzz_targets.h"
 #include "io/gptq_checkpoint.h"
 #include "io/gptq_config.h"
+#include "io/gptq_zero_format.h"
 #include "io/hf_config.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
@@ -129,6 +130,8 @@ int fuzz_gptq_module(const uint8_t* data, size_t size) {
     auto src = tensor_source::open(path);
     if (!src) return 0;
     (void)gptq_linear_present(**src, "m");
+    // The zero-format detector reads every module it finds: a verdict (or the label) or an error.
+    if (auto ev = gptq_zero_format_detect(**src, cfg)) GPTQ_ASSERT(ev->decided || ev->format == cfg.format);
     auto d = gptq_linear_read(**src, "m", n_out, n_in, cfg);
     if (!d) return 0;
     // A successful read promises consistent sizes, codes and zeros on the grid, g_idx in range.

@@ -32,7 +32,7 @@ struct quantize_params {
     double      damp_percent    = 0.01;
     bool        mse             = false;   // clipping-range grid search
     std::string method          = "gptq";  // "gptq" or "rtn" (round to nearest, no calibration)
-    std::string format          = "";      // "gptq" (v1) or "gptq_v2"; "" = gptq when sym, gptq_v2 when asym
+    std::string format          = "";      // "gptq" (v1) or "gptq_v2"; "" = gptq (asym: zeros kept >= 1)
 
     // Calibration.
     std::string calib = "default";  // "default" (bundled calibration text), "wikitext2", or a path

@@ -756,7 +756,10 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     run_state s;
     s.p = params;
 
-    // Options and the config we will write.
+    // Options and the config we will write. Zeros in v1 unless asked: the format most readers take,
+    // asymmetric included (docs/quantize.md, "Zero-point format").
+    const auto zero_format =
+        params.format == "gptq_v2" ? gptq_checkpoint_format::GPTQ_FORMAT_V2 : gptq_checkpoint_format::GPTQ_FORMAT_V1;
     s.cfg.bits            = params.bits;
     s.cfg.group_size      = params.group_size;
     s.cfg.desc_act        = params.desc_act;
@@ -764,10 +767,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     s.cfg.static_groups   = params.static_groups;
     s.cfg.true_sequential = params.true_sequential;
     s.cfg.damp_percent    = params.damp_percent;
-    s.cfg.format          = params.format.empty()
-                                ? (params.sym ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2)
-                            : params.format == "gptq" ? gptq_checkpoint_format::GPTQ_FORMAT_V1
-                                                      : gptq_checkpoint_format::GPTQ_FORMAT_V2;
+    s.cfg.format          = zero_format;
     s.cfg.quantizer       = {"gptqkit:0.1.0"};
     s.opt.bits            = params.bits;
     s.opt.group_size      = params.group_size;
@@ -779,9 +779,10 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     if (!params.sym && s.cfg.format == gptq_checkpoint_format::GPTQ_FORMAT_V1) {
         // v1 stores zero - 1, so zero 0 does not exist there (format.md 1.4): keep zeros >= 1.
         s.opt.zero_min = 1;
-        GPTQ_LOG_WARN(
-            "asymmetric quantization in the v1 'gptq' format: zero points are kept >= 1 so that they can be "
-            "stored; --format gptq_v2 has no such limit");
+        GPTQ_LOG_INFO(
+            "asymmetric quantization written in the v1 'gptq' format (read by AutoGPTQ, transformers, vLLM, "
+            "ExLlama): zero points are kept >= 1, as v1 stores zero - 1. GPTQModel's own loader refuses sym=false "
+            "in v1 unless GPTQModel wrote it: --format gptq_v2 for it (docs/quantize.md, \"Zero-point format\")");
     }
     GPTQ_TRY(gptq_check_options(s.opt, 1));
 

@@ -4,7 +4,6 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
-#include "core/log.h"
 #include "io/gptq_pack.h"
 
 namespace gptq {
@@ -136,22 +135,9 @@ result<gptq_linear_data> gptq_linear_read(const tensor_source& src, const std::s
     std::vector<int32_t> zwords(static_cast<size_t>(qz.info->numel()));
     qz.file->copy_to(*qz.info, zwords.data());
     d.zeros.resize(static_cast<size_t>(d.n_groups * n_out));
-    auto fmt = cfg.format;
-    if (fmt == gptq_checkpoint_format::GPTQ_FORMAT_V1 && cfg.sym) {
-        // Mislabelled v2: every stored field equals 2^(b-1) instead of 2^(b-1) - 1.
-        gptq_unpack_qzeros(zwords.data(), d.n_groups, n_out, bits, gptq_checkpoint_format::GPTQ_FORMAT_V2,
-                           d.zeros.data());
-        bool all_v2 = !d.zeros.empty();
-        for (int32_t z : d.zeros) all_v2 &= z == (1 << (bits - 1));
-        if (all_v2) {
-            GPTQ_LOG_WARN(
-                "{}: {}.qzeros hold {} (the v2 value) although the config says checkpoint_format 'gptq'; "
-                "reading them as gptq_v2",
-                qz.file->path(), module, 1 << (bits - 1));
-            fmt = gptq_checkpoint_format::GPTQ_FORMAT_V2;
-        }
-    }
-    gptq_unpack_qzeros(zwords.data(), d.n_groups, n_out, bits, fmt, d.zeros.data());
+    // cfg.format is the config's label, or what the data says when the loader resolved it
+    // (io/gptq_zero_format.h: one decision per checkpoint).
+    gptq_unpack_qzeros(zwords.data(), d.n_groups, n_out, bits, cfg.format, d.zeros.data());
 
     if (const tensor_entry* b = src.find(module + ".bias")) {
         if (b->info->shape != std::vector<int64_t>{n_out})

@@ -38,8 +38,8 @@ status gptq_linear_write(safetensors_writer& w, const std::string& module, const
                          gptq_checkpoint_format format);
 
 // Read and unpack a module's tensors, checking every shape against (n_out, n_in) and the config's
-// bits, and every g_idx value against the group count. With format v1 and sym, a checkpoint whose
-// zero fields all hold 2^(b-1) (the v2 value) is recognised as mislabelled v2 (format.md 1.4).
+// bits, and every g_idx value against the group count. Zeros are read in cfg.format: callers that
+// load a checkpoint set it with gptq_zero_format_resolve first (the data decides, format.md 1.4).
 // keep_packed: qweight keeps the file's packed words and codes stays empty (a reader that uploads
 // the packed form as it is, the GPU model, skips unpacking and packing every weight again).
 result<gptq_linear_data> gptq_linear_read(const tensor_source& src, const std::string& module, int64_t n_out,

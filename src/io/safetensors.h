@@ -57,6 +57,7 @@ public:
     const std::vector<safetensors_tensor_info>& tensors() const { return header_.tensors; }
     const std::map<std::string, std::string>&   metadata() const { return header_.metadata; }
     const safetensors_tensor_info*              find(std::string_view name) const;
+    uint64_t data_start() const { return header_.data_start; }  // file offset of the data region
 
     // Zero-copy view of a tensor's bytes (read-only mapping: do not write through it). The data
     // pointer is aligned to the element size only if the writer aligned it (ours always does);

@@ -5,6 +5,7 @@
 #include "core/thread_pool.h"
 
 #include "io/gptq_checkpoint.h"
+#include "io/gptq_zero_format.h"
 
 #include <algorithm>
 #include <cmath>
@@ -337,6 +338,7 @@ result<std::unique_ptr<llama_model>> llama_model::open(const std::string& path, 
     GPTQ_ASSIGN_OR_RETURN(m->src_, tensor_source::open(path));
     if (m->cfg_.has_quantization_config) {
         GPTQ_ASSIGN_OR_RETURN(m->gptq_, gptq_config_find(m->src_->folder()));
+        GPTQ_TRY(gptq_zero_format_resolve(*m->src_, &*m->gptq_).to_status());  // v1/v2 from the data
         if (m->gptq_->lm_head)
             return make_error(E_UNSUP, "{}: a quantized lm_head is not supported yet", m->gptq_->source);
     }

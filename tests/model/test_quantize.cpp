@@ -109,12 +109,13 @@ TEST(quantize, rtn_checkpoint_loads_back_to_the_same_weights) {
         auto back = llama_model::open(p.output_path);
         ASSERT_TRUE(orig.is_ok() && back.is_ok()) << back.error().message();
         ASSERT_NE((*back)->quantization(), nullptr);
-        EXPECT_EQ((*back)->quantization()->format,
-                  sym ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2);
+        // v1 by default, asymmetric included (its zero points then kept >= 1: v1 stores zero - 1).
+        EXPECT_EQ((*back)->quantization()->format, gptq_checkpoint_format::GPTQ_FORMAT_V1);
         gptq_options opt;
         opt.bits       = bits;
         opt.group_size = gs;
         opt.sym        = sym;
+        opt.zero_min   = sym ? 0 : 1;
         for (int64_t i : {0, 3}) {
             auto lo = (*orig)->layer_load(i);
             auto lb = (*back)->layer_load(i);

@@ -50,8 +50,9 @@ command register_quantize(CLI::App& app) {
         ->capture_default_str()
         ->check(CLI::IsMember({"gptq", "rtn"}));
     sub->add_option("--format", o->format,
-                    "checkpoint zero-point format: gptq (v1) or gptq_v2 (default: gptq when "
-                    "symmetric, gptq_v2 when asymmetric)")
+                    "checkpoint zero-point format: gptq (v1, the default: every reader takes it; with --no-sym "
+                    "zero points are kept >= 1) or gptq_v2 (GPTQModel's; AutoGPTQ and other v1-only readers "
+                    "misread it)")
         ->check(CLI::IsMember({"gptq", "gptq_v2"}));
     sub->add_option("--calib", o->calib,
                     "calibration text: 'default' (bundled), 'wikitext2' (test split: biased), or "

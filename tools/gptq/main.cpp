@@ -227,6 +227,7 @@ int main(int argc, char** argv) {
     commands.push_back(register_make_random(app));
     commands.push_back(register_bench(app));
     commands.push_back(register_plan(app));
+    commands.push_back(register_convert(app));
 
     add_number_checks(app);
 

@@ -176,7 +176,7 @@ TEST(device_map_costs, llama_7b_dense_and_gptq_by_hand) {
     };
     EXPECT_EQ(cq.modules[1].weight_bytes, 4 * lin(4096, 4096) + 2 * lin(11008, 4096) + lin(4096, 11008) + 2 * 2 * 4096);
     EXPECT_EQ(cq.modules[0].weight_bytes, c.modules[0].weight_bytes);    // embeddings stay F16
-    EXPECT_EQ(cq.modules[34].weight_bytes, c.modules[34].weight_bytes);  // lm_head too unless "lm_head": true
+    EXPECT_EQ(cq.modules[34].weight_bytes, c.modules[34].weight_bytes);  // lm_head too (a GPTQ one is F16 on the GPU)
     EXPECT_EQ(cq.gpu_reserve_bytes, c.gpu_reserve_bytes);
     EXPECT_LT(cq.modules[1].weight_bytes * 3, c.modules[1].weight_bytes);
     // 8 bits, one group per row: no fast layout, the checkpoint tensors exactly.

@@ -373,8 +373,8 @@ void check_modules(const gptq_config& base, checkpoint_info* info) {
             add(t, fmt::format("{} says lm_head false, but the checkpoint holds a quantized lm_head (lm_head.qweight)",
                                base.source));
         if (c->bits != t.bits)
-            add(t, fmt::format("{} says bits {}, but the tensors hold {}-bit codes (qzeros: {} words for {} outputs)",
-                               c->source, c->bits, t.bits, t.n_out * t.bits / 32, t.n_out));
+            add(t, fmt::format("{} says bits {}, but the tensors hold {}-bit codes (from the width of qzeros)",
+                               c->source, c->bits, t.bits));
         if (!gptq_group_size_fits(c->group_size, t))
             add(t, fmt::format("{} says group_size {}, but the tensors have {} group{} over {} inputs (group size {})",
                                c->source, group_size_str(c->group_size), t.n_groups, t.n_groups == 1 ? "" : "s",

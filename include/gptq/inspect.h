@@ -31,10 +31,10 @@ struct inspect_quantization {
     bool                     static_groups = false;
     double                   damp_percent  = 0.0;
     std::string              checkpoint_format;  // "gptq", "gptq_v2", "marlin"
-    bool                     lm_head = false;      // lm_head is quantized
-    int                      n_dynamic_rules = 0;  // GPTQModel `dynamic` entries
-    std::vector<std::string> quantized_modules;    // module paths with a .qweight
-    std::map<std::string, int> module_kinds;       // "4-bit g128", "8-bit g32 act-order" -> modules
+    bool                       lm_head         = false;  // lm_head is quantized
+    int                        n_dynamic_rules = 0;      // GPTQModel `dynamic` entries
+    std::vector<std::string>   quantized_modules;        // module paths with a .qweight
+    std::map<std::string, int> module_kinds;             // "4-bit g128", "8-bit g32 act-order" -> modules
 };
 
 // Something the checkpoint detector noticed (io/checkpoint.h): a warning, or an error that makes

@@ -107,8 +107,7 @@ result<inspect_report> inspect_model(const std::string& path, const inspect_opti
         r.tie_word_embeddings     = cfg.tie_word_embeddings;
     }
     if (!options.check) GPTQ_TRY(ck.check());
-    for (const auto& f : ck.findings)
-        r.findings.push_back({checkpoint_finding_level_name(f.level), f.code, f.message});
+    for (const auto& f : ck.findings) r.findings.push_back({checkpoint_finding_level_name(f.level), f.code, f.message});
     r.has_errors     = ck.has_errors();
     r.weights_reason = ck.weights.reason;
     if (ck.gptq) report_quantization(ck, &r.quantization);
@@ -258,14 +257,14 @@ std::string inspect_report_text(const inspect_report& r, bool with_tensors) {
                                r.n_files == 1 ? "" : "s", r.n_tensors, r.weights_reason));
     if (r.quantization.present) {
         const auto& q = r.quantization;
-        row("quantization", fmt::format("GPTQ {}-bit, group size {}, desc_act {}, sym {}, format {}{}", q.bits,
-                                        q.group_size, q.desc_act, q.sym, q.checkpoint_format,
-                                        q.lm_head ? ", lm_head quantized" : ""));
+        row("quantization",
+            fmt::format("GPTQ {}-bit, group size {}, desc_act {}, sym {}, format {}{}", q.bits, q.group_size,
+                        q.desc_act, q.sym, q.checkpoint_format, q.lm_head ? ", lm_head quantized" : ""));
         std::string kinds;
         for (const auto& [k, n] : q.module_kinds) kinds += fmt::format("{}{} {}", kinds.empty() ? "" : ", ", n, k);
-        row("quantized modules", fmt::format("{} ({}; config: {}{})", q.quantized_modules.size(), kinds, q.source,
-                                             q.n_dynamic_rules ? fmt::format(", {} dynamic rules", q.n_dynamic_rules)
-                                                               : std::string()));
+        row("quantized modules",
+            fmt::format("{} ({}; config: {}{})", q.quantized_modules.size(), kinds, q.source,
+                        q.n_dynamic_rules ? fmt::format(", {} dynamic rules", q.n_dynamic_rules) : std::string()));
     } else {
         row("quantization", "none");
     }

@@ -125,8 +125,8 @@ result<checkpoint_weights> checkpoint_weights_locate(const std::string& path) {
         }
         if (!base.empty())
             w.findings.push_back({checkpoint_finding_level::FINDING_WARNING, "base_name_missing",
-                                  fmt::format("{}: model_file_base_name '{}' of {} names no file; read {} instead", path,
-                                              base, base_source, w.reason)});
+                                  fmt::format("{}: model_file_base_name '{}' of {} names no file; read {} instead",
+                                              path, base, base_source, w.reason)});
     }
     // Other .safetensors files are not part of the model: say so (a stale or foreign file).
     if (!w.file.empty()) {
@@ -196,8 +196,8 @@ result<gptq_module_tensors> gptq_module_tensors_read(const tensor_source& src, c
     for (int64_t k = 0; k < t.n_in; ++k) {
         const int32_t v = g[static_cast<size_t>(k)];
         if (v < 0 || v >= t.n_groups)
-            return make_error(E_PARSE, "{}: {}.g_idx[{}] = {} is outside the {} groups of its scales",
-                              gi.file->path(), module, k, v, t.n_groups);
+            return make_error(E_PARSE, "{}: {}.g_idx[{}] = {} is outside the {} groups of its scales", gi.file->path(),
+                              module, k, v, t.n_groups);
         ++count[static_cast<size_t>(v)];
     }
     if (t.n_groups == 1) {
@@ -264,13 +264,13 @@ bool base_governs(const gptq_config& base, const std::string& module, const char
 
 // Config files that disagree: a warning naming both files and values; the value the tensors
 // confirm wins (bits, group_size, desc_act), else the first file's.
-void resolve_disagreements(const std::vector<gptq_config_file>& files, const checkpoint_info& info,
-                           gptq_config* base, std::vector<checkpoint_finding>* findings) {
+void resolve_disagreements(const std::vector<gptq_config_file>& files, const checkpoint_info& info, gptq_config* base,
+                           std::vector<checkpoint_finding>* findings) {
     struct field {
-        const char*                                           name;
-        std::function<std::string(const gptq_config&)>        show;
+        const char*                                                         name;
+        std::function<std::string(const gptq_config&)>                      show;
         std::function<bool(const gptq_config&, const gptq_module_tensors&)> fits;  // null: tensors cannot tell
-        std::function<void(gptq_config*, const gptq_config&)> take;
+        std::function<void(gptq_config*, const gptq_config&)>               take;
     };
     const field fields[] = {
         {"bits", [](const gptq_config& c) { return std::to_string(c.bits); },
@@ -299,11 +299,11 @@ void resolve_disagreements(const std::vector<gptq_config_file>& files, const che
         }
         if (distinct.size() < 2) continue;
         // The first value (in precedence order) that every module the base governs confirms.
-        size_t      chosen = distinct[0];
-        std::string why    = fmt::format("{} is read first", files[distinct[0]].label);
+        size_t      chosen  = distinct[0];
+        std::string why     = fmt::format("{} is read first", files[distinct[0]].label);
         bool        decided = false;
         for (size_t d : distinct) {
-            const gptq_config& c = files[d].config;
+            const gptq_config& c        = files[d].config;
             bool               fits_all = true, any = false;
             if (std::string_view(f.name) == "lm_head") {
                 any      = info.source != nullptr;
@@ -311,7 +311,7 @@ void resolve_disagreements(const std::vector<gptq_config_file>& files, const che
             } else if (f.fits) {
                 for (const auto& [m, t] : info.tensors) {
                     if (m == "lm_head" || !base_governs(c, m, f.name)) continue;
-                    any = true;
+                    any      = true;
                     fits_all = fits_all && f.fits(c, t);
                 }
             }
@@ -332,19 +332,23 @@ void resolve_disagreements(const std::vector<gptq_config_file>& files, const che
             values += fmt::format("{}{} says {} {}", values.empty() ? "" : ", ", files[d].label, f.name,
                                   f.show(files[d].config));
         findings->push_back({checkpoint_finding_level::FINDING_WARNING, "config_files_disagree",
-                             fmt::format("{}: the GPTQ config files disagree: {}; using {} {} ({})", info.weights.folder,
-                                         values, f.name, f.show(files[chosen].config), why)});
+                             fmt::format("{}: the GPTQ config files disagree: {}; using {} {} ({})",
+                                         info.weights.folder, values, f.name, f.show(files[chosen].config), why)});
     }
     for (size_t i = 1; i < files.size(); ++i) {
         std::vector<std::string> a, b;
         for (const auto& r : files[0].config.dynamic) a.push_back(r.key);
         for (const auto& r : files[i].config.dynamic) b.push_back(r.key);
-        if (a != b)
-            findings->push_back({checkpoint_finding_level::FINDING_WARNING, "config_files_disagree",
-                                 fmt::format("{}: the GPTQ config files disagree on `dynamic` ({} has {} rules, {} has "
-                                             "{}); using {}'s",
-                                             info.weights.folder, files[0].label, a.size(), files[i].label, b.size(),
-                                             files[0].label)});
+        const json none;
+        const auto dyn = [&](const gptq_config& c) -> const json& {
+            return c.raw.is_object() && c.raw.contains("dynamic") ? c.raw.at("dynamic") : none;
+        };
+        if (a != b || dyn(files[0].config) != dyn(files[i].config))
+            findings->push_back(
+                {checkpoint_finding_level::FINDING_WARNING, "config_files_disagree",
+                 fmt::format("{}: the GPTQ config files disagree on `dynamic` ({} has {} rules, {} has "
+                             "{}); using {}'s",
+                             info.weights.folder, files[0].label, a.size(), files[i].label, b.size(), files[0].label)});
     }
 }
 
@@ -357,7 +361,7 @@ void check_modules(const gptq_config& base, checkpoint_info* info) {
         std::vector<std::string> modules;
     };
     std::map<std::string, issue> issues;  // keyed by the text after the module list
-    auto add = [&](const gptq_module_tensors& t, const std::string& text) {
+    auto                         add = [&](const gptq_module_tensors& t, const std::string& text) {
         auto& i = issues[text];
         if (i.modules.empty()) i.file = t.file;
         i.modules.push_back(t.module);
@@ -377,8 +381,8 @@ void check_modules(const gptq_config& base, checkpoint_info* info) {
                                c->source, c->bits, t.bits));
         if (!gptq_group_size_fits(c->group_size, t))
             add(t, fmt::format("{} says group_size {}, but the tensors have {} group{} over {} inputs (group size {})",
-                               c->source, group_size_str(c->group_size), t.n_groups, t.n_groups == 1 ? "" : "s",
-                               t.n_in, group_size_str(t.group_size)));
+                               c->source, group_size_str(c->group_size), t.n_groups, t.n_groups == 1 ? "" : "s", t.n_in,
+                               group_size_str(t.group_size)));
         if (!c->desc_act && t.act_order)
             add(t, fmt::format("{} says desc_act false, but g_idx is in act-order (not k // {})", c->source,
                                t.group_size));
@@ -388,8 +392,8 @@ void check_modules(const gptq_config& base, checkpoint_info* info) {
         const std::string who = i.modules.size() == 1
                                     ? i.modules[0]
                                     : fmt::format("{} modules ({})", i.modules.size(), name_list(i.modules, 3));
-        info->findings.push_back(
-            {checkpoint_finding_level::FINDING_ERROR, "config_vs_tensors", fmt::format("{}: {}: {}", i.file, who, text)});
+        info->findings.push_back({checkpoint_finding_level::FINDING_ERROR, "config_vs_tensors",
+                                  fmt::format("{}: {}: {}", i.file, who, text)});
     }
     if (base.lm_head && info->source && !info->source->has("lm_head.qweight"))
         info->findings.push_back({checkpoint_finding_level::FINDING_ERROR, "config_vs_tensors",

@@ -42,11 +42,11 @@ struct checkpoint_finding {
 
 // Which files hold the weights.
 struct checkpoint_weights {
-    std::string                     path;    // as given
-    std::string                     folder;  // folder holding the files (and the configs)
-    std::string                     index;   // the shard index read, or ""
-    std::string                     file;    // the single .safetensors file read, or "" (sharded)
-    std::string                     reason;  // why these, for messages ("model_file_base_name 'x' of quantize_config.json")
+    std::string path;    // as given
+    std::string folder;  // folder holding the files (and the configs)
+    std::string index;   // the shard index read, or ""
+    std::string file;    // the single .safetensors file read, or "" (sharded)
+    std::string reason;  // why these, for messages ("model_file_base_name 'x' of quantize_config.json")
     std::vector<checkpoint_finding> findings;  // e.g. other .safetensors files in the folder, not read
 };
 
@@ -60,12 +60,12 @@ result<checkpoint_weights> checkpoint_weights_locate(const std::string& path);
 // I32 [K*b/32, N], qzeros I32 [G, N*b/32], scales [G, N], g_idx I32 [K].
 struct gptq_module_tensors {
     std::string module;
-    std::string file;  // holding <module>.qweight
-    int64_t     n_in       = 0;  // K = len(g_idx)
-    int64_t     n_out      = 0;  // N = qweight columns
-    int64_t     n_groups   = 0;  // G = scales rows
-    int         bits       = 0;  // 32 * qzeros columns / N
-    int         group_size = 0;  // the columns of each group in g_idx; -1 when G == 1
+    std::string file;                // holding <module>.qweight
+    int64_t     n_in       = 0;      // K = len(g_idx)
+    int64_t     n_out      = 0;      // N = qweight columns
+    int64_t     n_groups   = 0;      // G = scales rows
+    int         bits       = 0;      // 32 * qzeros columns / N
+    int         group_size = 0;      // the columns of each group in g_idx; -1 when G == 1
     bool        act_order  = false;  // g_idx[k] != k / group_size somewhere
 };
 // Errors name the file, the tensor and the values that do not fit together.
@@ -94,11 +94,11 @@ struct checkpoint_info {
     std::unique_ptr<tensor_source> source;  // opened on `weights`; null only without need_weights
     // The GPTQ settings, or nullopt for an unquantized checkpoint. Fields the config files
     // disagreed on hold the value the tensors confirmed.
-    std::optional<gptq_config>                         gptq;
-    std::vector<std::string>                           gptq_files;  // config files read, precedence order
-    std::map<std::string, gptq_config, std::less<>>    modules;  // each quantized module -> its settings
-    std::map<std::string, gptq_module_tensors, std::less<>> tensors;  // each quantized module -> its tensors
-    std::vector<checkpoint_finding>                    findings;
+    std::optional<gptq_config>                              gptq;
+    std::vector<std::string>                                gptq_files;  // config files read, precedence order
+    std::map<std::string, gptq_config, std::less<>>         modules;     // each quantized module -> its settings
+    std::map<std::string, gptq_module_tensors, std::less<>> tensors;     // each quantized module -> its tensors
+    std::vector<checkpoint_finding>                         findings;
 
     bool has_errors() const;
     // OK, or STATUS_PARSE_ERROR carrying the first error (and how many more, pointing to

@@ -18,11 +18,11 @@ constexpr auto E_UNSUP = status_code::STATUS_UNSUPPORTED;
 class gptq_module_regex {
 public:
     static result<std::shared_ptr<const gptq_module_regex>> compile(const std::string& pattern,
-                                                                      const std::string& where) {
+                                                                    const std::string& where) {
         int         err_code   = 0;
         PCRE2_SIZE  err_offset = 0;
-        pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), PCRE2_UTF,
-                                         &err_code, &err_offset, nullptr);
+        pcre2_code* code       = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), PCRE2_UTF,
+                                               &err_code, &err_offset, nullptr);
         if (!code) {
             PCRE2_UCHAR buf[256];
             pcre2_get_error_message(err_code, buf, sizeof(buf));
@@ -38,8 +38,8 @@ public:
     // A match that starts at the first character (re.match); it may end anywhere.
     bool match_at_start(const std::string& s) const {
         pcre2_match_data* md = pcre2_match_data_create_from_pattern(code_, nullptr);
-        const int rc = pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), 0, PCRE2_ANCHORED, md,
-                                   nullptr);
+        const int         rc =
+            pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), 0, PCRE2_ANCHORED, md, nullptr);
         pcre2_match_data_free(md);
         return rc >= 0;
     }
@@ -99,8 +99,7 @@ result<gptq_dynamic_rule> parse_dynamic_rule(const std::string& key, const json&
         GPTQ_ASSIGN_OR_RETURN(r.sym, f.get_bool_or("sym", true));
     }
     GPTQ_ASSIGN_OR_RETURN(std::string pack, f.get_string_or("pack_dtype", "int32"));
-    if (pack != "int32")
-        return make_error(E_UNSUP, "{}: pack_dtype '{}' is not supported (only int32)", wkey, pack);
+    if (pack != "int32") return make_error(E_UNSUP, "{}: pack_dtype '{}' is not supported (only int32)", wkey, pack);
     return r;
 }
 
@@ -271,8 +270,8 @@ result<gptq_config> gptq_config_read(const std::string& path, const char* key) {
     // The file order of `dynamic`'s keys (the first matching rule wins).
     std::vector<std::string> order;
     if (obj->is_object() && obj->contains("dynamic") && obj->at("dynamic").is_object()) {
-        const auto ordered = nlohmann::ordered_json::parse(text, nullptr, /*allow_exceptions=*/false);
-        const auto* o      = key ? (ordered.is_object() && ordered.contains(key) ? &ordered.at(key) : nullptr) : &ordered;
+        const auto  ordered = nlohmann::ordered_json::parse(text, nullptr, /*allow_exceptions=*/false);
+        const auto* o = key ? (ordered.is_object() && ordered.contains(key) ? &ordered.at(key) : nullptr) : &ordered;
         if (o && o->is_object() && o->contains("dynamic") && o->at("dynamic").is_object())
             for (auto it = o->at("dynamic").begin(); it != o->at("dynamic").end(); ++it) order.push_back(it.key());
     }

@@ -28,13 +28,13 @@ class gptq_module_regex;
 // unquantized (dense .weight). Prefix "+:" or none: the rule's fields replace the base config's
 // for matching modules. Rules are tried in file order; the first that matches decides.
 struct gptq_dynamic_rule {
-    std::string         key;           // as written in the file, prefix included
-    std::string         pattern;       // the regex, prefix removed
-    bool                skip = false;  // "-:"
-    std::optional<int>  bits;          // overrides ("+:"): absent fields keep the base value
-    std::optional<int>  group_size;
-    std::optional<bool> desc_act;
-    std::optional<bool> sym;
+    std::string                              key;           // as written in the file, prefix included
+    std::string                              pattern;       // the regex, prefix removed
+    bool                                     skip = false;  // "-:"
+    std::optional<int>                       bits;          // overrides ("+:"): absent fields keep the base value
+    std::optional<int>                       group_size;
+    std::optional<bool>                      desc_act;
+    std::optional<bool>                      sym;
     std::shared_ptr<const gptq_module_regex> regex;
 
     bool matches(const std::string& module) const;
@@ -55,7 +55,7 @@ struct gptq_config {
     std::string              pack_dtype      = "int32";
     std::string              model_file_base_name;  // "" when absent or null
     std::vector<std::string> quantizer;             // meta.quantizer, e.g. "gptqmodel:4.0.0"
-    std::vector<gptq_dynamic_rule> dynamic;         // GPTQModel per-module rules, in file order
+    std::vector<gptq_dynamic_rule> dynamic;               // GPTQModel per-module rules, in file order
     json                     raw;                   // the object as read
 
     json to_json() const;  // the dict we write (both files), format.md 1.7 "minimal robust set"; no `dynamic`

@@ -322,8 +322,9 @@ device_map_costs device_map_costs_llama(const llama_hparams& hp, const gptq_conf
         std::string module = t.name.substr(0, t.name.rfind('.'));  // "model.embed_tokens", "model.norm", "lm_head"
         uint64_t    w      = dense(t);
         uint64_t    cache  = 0;
-        if (module == "lm_head") cache = n_tok * V * 4;  // F32 logits of every position (ppl); a GPTQ
-                                                         // lm_head is dequantized to F16 at load (llama_cuda.cpp)
+        if (module == "lm_head")
+            cache = n_tok * V * 4;  // F32 logits of every position (ppl); a GPTQ
+                                    // lm_head is dequantized to F16 at load (llama_cuda.cpp)
         c.modules.push_back({module, w, cache});
     }
     // Execution order: embeddings, layers, norm, lm_head.

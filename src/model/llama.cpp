@@ -400,8 +400,9 @@ uint64_t llama_model::resident_bytes() const {
     auto bytes = [&](const tensor_spec& t) -> uint64_t {
         const gptq_config* qc = t.shape.size() == 2 ? quantization_of(t.name.substr(0, t.name.rfind('.'))) : nullptr;
         if (!qc) return 4 * elems(t);
-        const int64_t  n_in     = t.shape[1];
-        const uint64_t n_groups = qc->group_size > 0 ? static_cast<uint64_t>((n_in + qc->group_size - 1) / qc->group_size) : 1;
+        const int64_t  n_in = t.shape[1];
+        const uint64_t n_groups =
+            qc->group_size > 0 ? static_cast<uint64_t>((n_in + qc->group_size - 1) / qc->group_size) : 1;
         return elems(t) + 8 * n_groups * static_cast<uint64_t>(t.shape[0]) + 4 * static_cast<uint64_t>(n_in);
     };
     uint64_t total = 0;

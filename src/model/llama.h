@@ -225,7 +225,7 @@ private:
     std::vector<std::unique_ptr<llama_layer>> layers_;
     std::vector<float>                        embed_;    // [n_vocab, n_embd]
     std::vector<float>                        norm_;     // [n_embd]
-    linear_weights                            lm_head_;  // [n_vocab, n_embd] dense or GPTQ; empty when tied
+    linear_weights                                  lm_head_;  // [n_vocab, n_embd] dense or GPTQ; empty when tied
 };
 
 }  // namespace gptq

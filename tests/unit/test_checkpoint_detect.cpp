@@ -47,7 +47,7 @@ tensor_map read_all(const std::string& file) {
     auto       src = tensor_source::open(file);
     EXPECT_TRUE(src.is_ok()) << src.error().message();
     for (const auto& name : (*src)->names()) {
-        const tensor_entry* e = (*src)->find(name);
+        const tensor_entry*  e = (*src)->find(name);
         std::vector<uint8_t> bytes(e->info->nbytes());
         e->file->copy_to(*e->info, bytes.data());
         m[name] = {{name, e->info->type, e->info->shape}, std::move(bytes)};
@@ -139,7 +139,7 @@ void set_config(const std::string& dir, const std::string& key, const json& valu
     json q = read_json(dir + "/quantize_config.json");
     q[key] = value;
     write_json(dir + "/quantize_config.json", q);
-    json c                       = read_json(dir + "/config.json");
+    json c                        = read_json(dir + "/config.json");
     c["quantization_config"][key] = value;
     write_json(dir + "/config.json", c);
 }
@@ -166,7 +166,7 @@ const std::string k_o2    = "model.layers.2.self_attn.o_proj";
 
 TEST(checkpoint_detect, autogptq_layout_and_quant_config_load_like_ours) {
     test::temp_dir dir("det-auto");
-    const auto     ours = make_ours(dir, "ours");
+    const auto     ours     = make_ours(dir, "ours");
     const auto     auto_dir = make_autogptq(ours, dir.file("auto"));
 
     auto ck = checkpoint_detect(auto_dir);
@@ -318,8 +318,9 @@ TEST(gptq_config, dynamic_rules_file_order_anchoring_and_errors) {
     EXPECT_EQ(l3->group_size, 128);
 
     // Anchored at the start (Python re.match), not at the end; no prefix = "+:".
-    test::write_file(dir.file("quantize_config.json"),
-                     R"({"bits": 4, "group_size": 128, "dynamic": {"layers\\.3\\.": {"bits": 3}, "model\\.layers\\.0": {"bits": 8}}})");
+    test::write_file(
+        dir.file("quantize_config.json"),
+        R"({"bits": 4, "group_size": 128, "dynamic": {"layers\\.3\\.": {"bits": 3}, "model\\.layers\\.0": {"bits": 8}}})");
     c = gptq_config_read(dir.file("quantize_config.json"));
     ASSERT_TRUE(c.is_ok()) << c.error().message();
     EXPECT_EQ(c->for_module("model.layers.3.mlp.up_proj")->bits, 4);
@@ -358,8 +359,8 @@ TEST(checkpoint_detect, dynamic_overrides_other_bits_and_a_dense_module) {
     put_module(&t, dir.path(), k_down1, rtn_module(down_w, 256, 768, 8, 32, &down_expect));
     for (const char* s : {".qweight", ".qzeros", ".scales", ".g_idx"}) t.erase(k_o2 + s);
     {
-        auto src = tensor_source::open(tiny());
-        auto e   = (*src)->get(k_o2 + ".weight");
+        auto                 src = tensor_source::open(tiny());
+        auto                 e   = (*src)->get(k_o2 + ".weight");
         std::vector<uint8_t> bytes(e->info->nbytes());
         e->file->copy_to(*e->info, bytes.data());
         t[k_o2 + ".weight"] = {{k_o2 + ".weight", e->info->type, e->info->shape}, bytes};
@@ -419,8 +420,8 @@ TEST(checkpoint_detect, quantized_lm_head) {
     const int64_t      V = 8192, E = 256;
     tensor_map         t = read_all(out + "/model.safetensors");
     std::vector<float> lm_expect;
-    put_module(&t, dir.path(), "lm_head", rtn_module(original_weight("model.embed_tokens.weight", V, E), V, E, 4, 128,
-                                                     &lm_expect));
+    put_module(&t, dir.path(), "lm_head",
+               rtn_module(original_weight("model.embed_tokens.weight", V, E), V, E, 4, 128, &lm_expect));
     write_all(out + "/model.safetensors", t);
 
     // lm_head false with lm_head tensors: refused.
@@ -492,8 +493,8 @@ TEST(checkpoint_detect, config_disagreeing_with_the_tensors_is_refused) {
     ASSERT_EQ(open_error(out), "(opened)");
 
     // Act-order tensors (g_idx a permutation of k // 128) under desc_act false: refused; true: loads.
-    tensor_map t  = read_all(out + "/model.safetensors");
-    auto&      gi = t["model.layers.0.mlp.up_proj.g_idx"].second;
+    tensor_map           t  = read_all(out + "/model.safetensors");
+    auto&                gi = t["model.layers.0.mlp.up_proj.g_idx"].second;
     std::vector<int32_t> g(256);
     std::memcpy(g.data(), gi.data(), gi.size());
     std::swap(g[3], g[200]);
@@ -519,8 +520,8 @@ TEST(checkpoint_detect, config_disagreeing_with_the_tensors_is_refused) {
 
 TEST(checkpoint_detect, config_files_that_disagree_are_warned_and_listed) {
     test::temp_dir dir("det-two");
-    const auto     out  = make_ours(dir, "two");
-    const auto     gptq = test::gptq_binary();
+    const auto     out    = make_ours(dir, "two");
+    const auto     gptq   = test::gptq_binary();
     const auto     expect = logits_of(out);
     // config.json (what transformers reads) says 8-bit g64 asym; quantize_config.json 4-bit g128.
     json c                                 = read_json(out + "/config.json");

@@ -26,8 +26,7 @@ command register_inspect(CLI::App& app) {
                 auto r = inspect_model(o->path, {.check = o->check});
                 if (!r) return report_error(r.error());
                 if (o->check) {
-                    const std::string out =
-                        o->json ? inspect_findings_json(*r) + "\n" : inspect_findings_text(*r);
+                    const std::string out = o->json ? inspect_findings_json(*r) + "\n" : inspect_findings_text(*r);
                     std::fputs(out.c_str(), stdout);
                     return r->has_errors ? 1 : 0;
                 }

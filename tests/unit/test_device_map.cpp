@@ -187,6 +187,16 @@ TEST(device_map_costs, llama_7b_dense_and_gptq_by_hand) {
     };
     EXPECT_EQ(costs_7b(&*q8).modules[1].weight_bytes,
               4 * lin8(4096, 4096) + 2 * lin8(11008, 4096) + lin8(4096, 11008) + 2 * 2 * 4096);
+
+    // GPTQModel `dynamic`: layer 1 at 8 bits g-1, layer 2's o_proj dense F16; the others as the base.
+    auto qd = gptq_config_parse(json::parse(R"({"bits": 4, "group_size": 128, "sym": true, "dynamic": {
+        "+:model\\.layers\\.1\\.": {"bits": 8, "group_size": -1}, "-:model\\.layers\\.2\\.self_attn\\.o_proj": {}}})"),
+                                "quantize_config.json");
+    ASSERT_TRUE(qd.is_ok()) << qd.error().message();
+    const auto cd = costs_7b(&*qd);
+    EXPECT_EQ(cd.modules[1].weight_bytes, cq.modules[1].weight_bytes);  // layer 0
+    EXPECT_EQ(cd.modules[2].weight_bytes, costs_7b(&*q8).modules[2].weight_bytes);
+    EXPECT_EQ(cd.modules[3].weight_bytes, cq.modules[3].weight_bytes - lin(4096, 4096) + 2 * 4096 * 4096);
 }
 
 // ---- auto ------------------------------------------------------------------------------------------------

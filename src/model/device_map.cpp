@@ -312,7 +312,7 @@ std::string max_memory_format(const max_memory& m) {
 device_map_costs device_map_costs_llama(const llama_hparams& hp, const gptq_config* gptq, const device_map_options& o) {
     device_map_costs c;
     c.options            = o;
-    c.tie_embeddings     = hp.tie_embeddings;
+    c.tie_embeddings     = hp.tie_embeddings && !(gptq && gptq->lm_head);  // a GPTQ lm_head is its own F16 copy
     const uint64_t n_tok = static_cast<uint64_t>(std::max<int64_t>(o.batch, 1) * std::max<int64_t>(o.n_ctx, 1));
     const uint64_t E = uint64_t(hp.n_embd), Q = uint64_t(hp.q_dim()), KV = uint64_t(hp.kv_dim()), F = uint64_t(hp.n_ff),
                    V = uint64_t(hp.n_vocab), HD = uint64_t(hp.head_dim);

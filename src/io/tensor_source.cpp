@@ -1,5 +1,7 @@
 #include "io/tensor_source.h"
 
+#include <dirent.h>
+
 #include <algorithm>
 #include <set>
 

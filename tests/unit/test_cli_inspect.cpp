@@ -2,7 +2,6 @@
 // training_info.json, --json parses), and every bad-input case gives one line and exit code 1.
 #include <gtest/gtest.h>
 
-#include <cstring>
 #include <nlohmann/json.hpp>
 
 #include "test_util.h"
@@ -86,10 +85,8 @@ TEST(cli_inspect, gptq_checkpoint_settings_are_reported) {
     std::string bytes(8, '\0');
     for (int i = 0; i < 8; ++i) bytes[static_cast<size_t>(i)] = static_cast<char>((hdr.size() >> (8 * i)) & 0xff);
     std::string data(off, '\0');
-    for (int k = 0; k < 64; ++k) {
-        const int32_t g = (k * 37 % 64) / 32;
-        std::memcpy(&data[off - 64 * 4 + static_cast<size_t>(k) * 4], &g, 4);
-    }
+    for (int k = 0; k < 64; ++k)  // little-endian int32 values 0 or 1: the low byte
+        data[off - 64 * 4 + static_cast<size_t>(k) * 4] = static_cast<char>((k * 37 % 64) / 32);
     test::write_file(dir.file("model.safetensors"), bytes + hdr + data);
     auto r = test::run_command(test::gptq_binary() + " inspect --json " + dir.path());
     ASSERT_EQ(r.exit_code, 0) << r.err;

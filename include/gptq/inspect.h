@@ -21,6 +21,9 @@ struct inspect_tensor {
 struct inspect_quantization {
     bool                     present = false;
     std::string              source;  // file (and key) the config came from
+    std::vector<std::string> config_files;  // every GPTQ config file present, precedence order
+    // bits, group_size and desc_act as the tensors have them (the most common over the quantized
+    // modules; desc_act: any module in act-order); the rest from the config.
     int                      bits          = 0;
     int                      group_size    = 0;
     bool                     desc_act      = false;
@@ -28,7 +31,23 @@ struct inspect_quantization {
     bool                     static_groups = false;
     double                   damp_percent  = 0.0;
     std::string              checkpoint_format;  // "gptq", "gptq_v2", "marlin"
-    std::vector<std::string> quantized_modules;  // module paths with a .qweight
+    bool                       lm_head         = false;  // lm_head is quantized
+    int                        n_dynamic_rules = 0;      // GPTQModel `dynamic` entries
+    std::vector<std::string>   quantized_modules;        // module paths with a .qweight
+    std::map<std::string, int> module_kinds;             // "4-bit g128", "8-bit g32 act-order" -> modules
+};
+
+// Something the checkpoint detector noticed (io/checkpoint.h): a warning, or an error that makes
+// every other command refuse the checkpoint.
+struct inspect_finding {
+    std::string level;  // "warning" or "error"
+    std::string code;   // "config_files_disagree", "config_vs_tensors", "weights_file_ignored", ...
+    std::string message;
+};
+
+struct inspect_options {
+    // List every finding instead of failing at the first error (`gptq inspect --check`).
+    bool check = false;
 };
 
 struct inspect_report {
@@ -55,11 +74,20 @@ struct inspect_report {
     int64_t                        n_tensors     = 0;
     std::vector<inspect_tensor>    tensors;  // sorted by name
     inspect_quantization           quantization;
+    std::string                    weights_reason;  // why these files: "model.safetensors", "model_file_base_name ..."
+    std::vector<inspect_finding>   findings;
+    bool                           has_errors = false;  // an error finding (only with options.check)
 };
 
 // Read a model folder (config.json + safetensors) or a single .safetensors file. Fails with a
-// message naming the file and value on any malformed or unsupported input.
-result<inspect_report> inspect_model(const std::string& path);
+// message naming the file and value on any malformed or unsupported input, and on a GPTQ config
+// that disagrees with the tensors (with options.check such findings are reported instead).
+result<inspect_report> inspect_model(const std::string& path, const inspect_options& options = {});
+
+// The findings alone (`gptq inspect --check`): one line each and a summary line; JSON: {"path",
+// "findings": [{"level", "code", "message"}], "n_errors", "n_warnings"}.
+std::string inspect_findings_text(const inspect_report& report);
+std::string inspect_findings_json(const inspect_report& report);
 
 // The report as JSON text (one object); per-tensor table included when `with_tensors`.
 std::string inspect_report_json(const inspect_report& report, bool with_tensors);

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "host_memory.h"
+#include "io/checkpoint.h"
 #include "io/gptq_config.h"
 #include "io/hf_config.h"
 #include "model/device_map.h"
@@ -32,12 +33,12 @@ result<device_plan> plan_build(const plan_params& p, uint64_t cpu_default, std::
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "--ctx {} is outside [1, {}]", p.n_ctx, k_plan_max_ctx);
     GPTQ_ASSIGN_OR_RETURN(model_config cfg, model_config_load(p.model_path));
     GPTQ_ASSIGN_OR_RETURN(llama_hparams hp, llama_hparams_from_config(cfg));
-    std::optional<gptq_config> q;
-    auto                       qr = gptq_config_find(p.model_path);
-    if (qr)
-        q = std::move(qr).value();
-    else if (qr.error().code() != status_code::STATUS_NOT_FOUND)
-        return qr.error();
+    // The GPTQ settings as every command finds them (io/checkpoint.h); a folder holding only the
+    // config files (no weights) is planned from them alone.
+    GPTQ_ASSIGN_OR_RETURN(checkpoint_info ck, checkpoint_detect(p.model_path, {.need_weights = false}));
+    GPTQ_TRY(ck.check());
+    ck.log_warnings();
+    const std::optional<gptq_config>& q = ck.gptq;
 
     device_map_options o;
     o.batch                      = p.batch;

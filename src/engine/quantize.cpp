@@ -802,8 +802,9 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
 
     // The model.
     GPTQ_ASSIGN_OR_RETURN(s.model, llama_model::open(params.model_path));
-    if (s.model->config().has_quantization_config)
-        return make_error(E_ARG, "{}: already quantized (config.json has quantization_config)", params.model_path);
+    if (const gptq_config* q = s.model->quantization())  // found by the checkpoint detector (io/checkpoint.h)
+        return make_error(E_ARG, "{}: already quantized ({} describes a GPTQ {}-bit checkpoint)", params.model_path,
+                          q->source, q->bits);
     const llama_hparams& hp = s.model->hparams();
     for (int64_t i = 0; i < hp.n_layer; ++i)
         for (int r = 0; r < k_n_linear_roles; ++r) {

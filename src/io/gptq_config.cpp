@@ -1,4 +1,7 @@
+#define PCRE2_CODE_UNIT_WIDTH 8
 #include "io/gptq_config.h"
+
+#include <pcre2.h>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -8,6 +11,98 @@ namespace gptq {
 namespace {
 constexpr auto E_PARSE = status_code::STATUS_PARSE_ERROR;
 constexpr auto E_UNSUP = status_code::STATUS_UNSUPPORTED;
+}  // namespace
+
+// GPTQModel matches `dynamic` keys with Python's re / the pcre module; PCRE2 reads the same
+// syntax for the patterns such keys use (classes, groups, alternation, escapes).
+class gptq_module_regex {
+public:
+    static result<std::shared_ptr<const gptq_module_regex>> compile(const std::string& pattern,
+                                                                    const std::string& where) {
+        int         err_code   = 0;
+        PCRE2_SIZE  err_offset = 0;
+        pcre2_code* code       = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(), PCRE2_UTF,
+                                               &err_code, &err_offset, nullptr);
+        if (!code) {
+            PCRE2_UCHAR buf[256];
+            pcre2_get_error_message(err_code, buf, sizeof(buf));
+            return make_error(E_PARSE, "{}: regex '{}' does not compile at offset {}: {}", where, pattern, err_offset,
+                              reinterpret_cast<const char*>(buf));
+        }
+        return std::shared_ptr<const gptq_module_regex>(new gptq_module_regex(code));
+    }
+    ~gptq_module_regex() { pcre2_code_free(code_); }
+    gptq_module_regex(const gptq_module_regex&)            = delete;
+    gptq_module_regex& operator=(const gptq_module_regex&) = delete;
+
+    // A match that starts at the first character (re.match); it may end anywhere.
+    bool match_at_start(const std::string& s) const {
+        pcre2_match_data* md = pcre2_match_data_create_from_pattern(code_, nullptr);
+        const int         rc =
+            pcre2_match(code_, reinterpret_cast<PCRE2_SPTR>(s.data()), s.size(), 0, PCRE2_ANCHORED, md, nullptr);
+        pcre2_match_data_free(md);
+        return rc >= 0;
+    }
+
+private:
+    explicit gptq_module_regex(pcre2_code* code) : code_(code) {}
+    pcre2_code* code_ = nullptr;
+};
+
+bool gptq_dynamic_rule::matches(const std::string& module) const {
+    return regex && regex->match_at_start(module);
+}
+
+namespace {
+
+result<int> parse_bits(const json_fields& f, const char* key, const std::string& where) {
+    GPTQ_ASSIGN_OR_RETURN(int64_t bits, f.get_int(key));
+    if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
+        return make_error(E_UNSUP, "{}: bits {} is not supported (2, 3, 4 or 8)", where, bits);
+    return static_cast<int>(bits);
+}
+
+result<int> parse_group_size(const json_fields& f, const char* key, const std::string& where) {
+    GPTQ_ASSIGN_OR_RETURN(int64_t gs, f.get_int(key));
+    if (gs != -1 && (gs <= 0 || gs > (int64_t(1) << 24)))
+        return make_error(E_PARSE, "{}: group_size {} must be -1 or a positive integer", where, gs);
+    return static_cast<int>(gs);
+}
+
+// One `dynamic` entry (GPTQModel's per-module overrides: bits, group_size, desc_act, sym,
+// pack_dtype; other keys, such as adapter settings, do not change how the tensors are read).
+result<gptq_dynamic_rule> parse_dynamic_rule(const std::string& key, const json& value, const std::string& where) {
+    gptq_dynamic_rule r;
+    r.key                  = key;
+    const std::string wkey = fmt::format("{} dynamic '{}'", where, key);
+    if (key.rfind("-:", 0) == 0) {
+        r.skip    = true;
+        r.pattern = key.substr(2);
+    } else {
+        r.pattern = key.rfind("+:", 0) == 0 ? key.substr(2) : key;
+    }
+    GPTQ_ASSIGN_OR_RETURN(r.regex, gptq_module_regex::compile(r.pattern, wkey));
+    if (r.skip) return r;
+    if (!value.is_object())
+        return make_error(E_PARSE, "{}: the overrides are {}, expected an object", wkey, json_fields::quote(value));
+    json_fields f{value, wkey};
+    if (f.has("bits")) {
+        GPTQ_ASSIGN_OR_RETURN(r.bits, parse_bits(f, "bits", wkey));
+    }
+    if (f.has("group_size")) {
+        GPTQ_ASSIGN_OR_RETURN(r.group_size, parse_group_size(f, "group_size", wkey));
+    }
+    if (f.has("desc_act")) {
+        GPTQ_ASSIGN_OR_RETURN(r.desc_act, f.get_bool_or("desc_act", false));
+    }
+    if (f.has("sym")) {
+        GPTQ_ASSIGN_OR_RETURN(r.sym, f.get_bool_or("sym", true));
+    }
+    GPTQ_ASSIGN_OR_RETURN(std::string pack, f.get_string_or("pack_dtype", "int32"));
+    if (pack != "int32") return make_error(E_UNSUP, "{}: pack_dtype '{}' is not supported (only int32)", wkey, pack);
+    return r;
+}
+
 }  // namespace
 
 const char* gptq_checkpoint_format_name(gptq_checkpoint_format f) {
@@ -22,7 +117,8 @@ const char* gptq_checkpoint_format_name(gptq_checkpoint_format f) {
     return "?";
 }
 
-result<gptq_config> gptq_config_parse(const json& j, const std::string& where) {
+result<gptq_config> gptq_config_parse(const json& j, const std::string& where,
+                                      const std::vector<std::string>& dynamic_order) {
     if (!j.is_object())
         return make_error(E_PARSE, "{}: quantization config is {}, expected an object", where, json_fields::quote(j));
     json_fields f{j, where};
@@ -37,27 +133,14 @@ result<gptq_config> gptq_config_parse(const json& j, const std::string& where) {
     if (c.quant_method != "gptq")
         return make_error(E_UNSUP, "{}: quant_method '{}' is not supported (only gptq)", where, c.quant_method);
 
-    int64_t bits = 0;
-    if (f.has("bits")) {
-        GPTQ_ASSIGN_OR_RETURN(bits, f.get_int("bits"));
-    } else {
-        GPTQ_ASSIGN_OR_RETURN(bits, f.get_int("w_bit"));
-    }
-    if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
-        return make_error(E_UNSUP, "{}: bits {} is not supported (2, 3, 4 or 8)", where, bits);
-    c.bits = static_cast<int>(bits);
-
-    int64_t gs = 128;
+    GPTQ_ASSIGN_OR_RETURN(c.bits, parse_bits(f, f.has("bits") ? "bits" : "w_bit", where));
     if (f.has("group_size")) {
-        GPTQ_ASSIGN_OR_RETURN(gs, f.get_int("group_size"));
+        GPTQ_ASSIGN_OR_RETURN(c.group_size, parse_group_size(f, "group_size", where));
     } else if (f.has("q_group_size")) {
-        GPTQ_ASSIGN_OR_RETURN(gs, f.get_int("q_group_size"));
+        GPTQ_ASSIGN_OR_RETURN(c.group_size, parse_group_size(f, "q_group_size", where));
     } else {
         return make_error(E_PARSE, "{}: missing required key 'group_size'", where);
     }
-    if (gs != -1 && (gs <= 0 || gs > (int64_t(1) << 24)))
-        return make_error(E_PARSE, "{}: group_size {} must be -1 or a positive integer", where, gs);
-    c.group_size = static_cast<int>(gs);
 
     GPTQ_ASSIGN_OR_RETURN(c.desc_act, f.get_bool_or("desc_act", false));
     if (!f.has("sym")) GPTQ_LOG_WARN("{}: no 'sym' key; assuming sym=true as AutoGPTQ does", where);
@@ -112,6 +195,45 @@ result<gptq_config> gptq_config_parse(const json& j, const std::string& where) {
     if (c.pack_dtype != "int32")
         return make_error(E_UNSUP, "{}: pack_dtype '{}' is not supported (only int32)", where, c.pack_dtype);
     GPTQ_ASSIGN_OR_RETURN(c.model_file_base_name, f.get_string_or("model_file_base_name", ""));
+
+    if (f.has("dynamic")) {
+        const json& d = j.at("dynamic");
+        if (!d.is_object())
+            return make_error(E_PARSE, "{}: dynamic is {}, expected an object of regex -> overrides", where,
+                              json_fields::quote(d));
+        std::vector<std::string> keys;
+        for (const auto& k : dynamic_order)
+            if (d.contains(k)) keys.push_back(k);
+        if (keys.size() != d.size()) {  // no (complete) file order: the object's own
+            keys.clear();
+            for (auto it = d.begin(); it != d.end(); ++it) keys.push_back(it.key());
+        }
+        for (const auto& k : keys) {
+            GPTQ_ASSIGN_OR_RETURN(gptq_dynamic_rule r, parse_dynamic_rule(k, d.at(k), where));
+            c.dynamic.push_back(std::move(r));
+        }
+    }
+    return c;
+}
+
+const gptq_dynamic_rule* gptq_config::dynamic_rule_for(const std::string& module) const {
+    for (const auto& r : dynamic)
+        if (r.matches(module)) return &r;
+    return nullptr;
+}
+
+std::optional<gptq_config> gptq_config::for_module(const std::string& module) const {
+    const gptq_dynamic_rule* r = dynamic_rule_for(module);
+    if (r && r->skip) return std::nullopt;
+    gptq_config c = *this;
+    c.dynamic.clear();
+    c.raw = json();
+    if (!r) return c;
+    c.source = fmt::format("{} dynamic '{}'", source, r->key);
+    if (r->bits) c.bits = *r->bits;
+    if (r->group_size) c.group_size = *r->group_size;
+    if (r->desc_act) c.desc_act = *r->desc_act;
+    if (r->sym) c.sym = *r->sym;
     return c;
 }
 
@@ -134,19 +256,34 @@ json gptq_config::to_json() const {
     return j;
 }
 
-result<gptq_config> gptq_config_find(const std::string& folder) {
-    for (const char* name : {"quantize_config.json", "quant_config.json"}) {
-        const std::string path = path_join(folder, name);
-        if (file_exists(path)) {
-            GPTQ_ASSIGN_OR_RETURN(json j, json_read_file(path));
-            return gptq_config_parse(j, path);
-        }
+result<gptq_config> gptq_config_read(const std::string& path, const char* key) {
+    if (!file_exists(path)) return make_error(status_code::STATUS_NOT_FOUND, "{}: no such file", path);
+    GPTQ_ASSIGN_OR_RETURN(std::string text, file_read_all(path));
+    GPTQ_ASSIGN_OR_RETURN(json j, json_parse(text, path));
+    const std::string where = key ? path + " " + key : path;
+    const json*       obj   = &j;
+    if (key) {
+        if (!j.is_object() || !j.contains(key) || j.at(key).is_null())
+            return make_error(status_code::STATUS_NOT_FOUND, "{}: no '{}'", path, key);
+        obj = &j.at(key);
     }
-    const std::string cfg = path_join(folder, "config.json");
-    if (file_exists(cfg)) {
-        GPTQ_ASSIGN_OR_RETURN(json j, json_read_file(cfg));
-        if (j.is_object() && j.contains("quantization_config") && !j.at("quantization_config").is_null())
-            return gptq_config_parse(j.at("quantization_config"), cfg + " quantization_config");
+    // The file order of `dynamic`'s keys (the first matching rule wins).
+    std::vector<std::string> order;
+    if (obj->is_object() && obj->contains("dynamic") && obj->at("dynamic").is_object()) {
+        const auto  ordered = nlohmann::ordered_json::parse(text, nullptr, /*allow_exceptions=*/false);
+        const auto* o = key ? (ordered.is_object() && ordered.contains(key) ? &ordered.at(key) : nullptr) : &ordered;
+        if (o && o->is_object() && o->contains("dynamic") && o->at("dynamic").is_object())
+            for (auto it = o->at("dynamic").begin(); it != o->at("dynamic").end(); ++it) order.push_back(it.key());
+    }
+    return gptq_config_parse(*obj, where, order);
+}
+
+result<gptq_config> gptq_config_find(const std::string& folder) {
+    const std::pair<const char*, const char*> files[] = {
+        {"quantize_config.json", nullptr}, {"quant_config.json", nullptr}, {"config.json", "quantization_config"}};
+    for (const auto& [name, key] : files) {
+        auto c = gptq_config_read(path_join(folder, name), key);
+        if (c.is_ok() || c.error().code() != status_code::STATUS_NOT_FOUND) return c;
     }
     return make_error(status_code::STATUS_NOT_FOUND,
                       "{}: no GPTQ quantization config (quantize_config.json, "

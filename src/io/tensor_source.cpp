@@ -7,30 +7,10 @@
 #include <set>
 
 #include "core/error.h"
+#include "io/checkpoint.h"
 #include "io/json_file.h"
 
 namespace gptq {
-
-namespace {
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-std::vector<std::string> list_safetensors(const std::string& folder) {
-    std::vector<std::string> out;
-    if (DIR* d = opendir(folder.c_str())) {
-        while (dirent* e = readdir(d)) {
-            std::string name = e->d_name;
-            if (ends_with(name, ".safetensors")) out.push_back(name);
-        }
-        closedir(d);
-    }
-    std::sort(out.begin(), out.end());
-    return out;
-}
-
-}  // namespace
 
 status work_folder_check(const std::string& folder) {
     if (!file_exists(path_join(folder, k_work_folder_marker))) return status::ok();
@@ -65,10 +45,11 @@ result<std::unique_ptr<tensor_source>> tensor_source::open(const std::string& pa
         GPTQ_ASSIGN_OR_RETURN(size_t i, add_file(path));
         GPTQ_TRY(add_all_tensors(i));
     } else if (dir_exists(path)) {
-        GPTQ_TRY(work_folder_check(path));
+        // Which files: the one decision of the checkpoint detector (io/checkpoint.h).
+        GPTQ_ASSIGN_OR_RETURN(checkpoint_weights located, checkpoint_weights_locate(path));
         src->folder_            = path;
-        const std::string index = path_join(path, "model.safetensors.index.json");
-        if (file_exists(index)) {
+        const std::string index = located.index;
+        if (!index.empty()) {
             GPTQ_ASSIGN_OR_RETURN(json j, json_read_file(index));
             auto wm = j.is_object() ? j.find("weight_map") : j.end();
             if (wm == j.end() || !wm->is_object())
@@ -97,19 +78,8 @@ result<std::unique_ptr<tensor_source>> tensor_source::open(const std::string& pa
                                       it.key(), shard, f.path());
                 src->entries_[it.key()] = {&f, info};
             }
-        } else if (file_exists(path_join(path, "model.safetensors"))) {
-            GPTQ_ASSIGN_OR_RETURN(size_t i, add_file(path_join(path, "model.safetensors")));
-            GPTQ_TRY(add_all_tensors(i));
         } else {
-            auto files = list_safetensors(path);
-            if (files.empty())
-                return make_error(status_code::STATUS_NOT_FOUND,
-                                  "{}: no model.safetensors.index.json, model.safetensors or *.safetensors file", path);
-            if (files.size() > 1)
-                return make_error(status_code::STATUS_PARSE_ERROR,
-                                  "{}: {} .safetensors files but no model.safetensors.index.json to say which to use",
-                                  path, files.size());
-            GPTQ_ASSIGN_OR_RETURN(size_t i, add_file(path_join(path, files[0])));
+            GPTQ_ASSIGN_OR_RETURN(size_t i, add_file(located.file));
             GPTQ_TRY(add_all_tensors(i));
         }
     } else {

@@ -1,8 +1,9 @@
 // tensor_source: "give me tensor NAME" over a model folder or a single .safetensors file.
 //
-// A folder is read through model.safetensors.index.json when present (every tensor it names must
-// exist in the shard it names), else through model.safetensors, else through the one *.safetensors
-// file it holds. Shards are memory-mapped once; nothing is read until a tensor is asked for.
+// A folder is read through the files checkpoint_weights_locate (io/checkpoint.h) picks: the GPTQ
+// config's model_file_base_name, model.safetensors.index.json (every tensor it names must exist in
+// the shard it names), model.safetensors, or the one *.safetensors file it holds. Shards are
+// memory-mapped once; nothing is read until a tensor is asked for.
 // The same interface serves FP16/BF16 originals and GPTQ checkpoints. io never learns architectures.
 #pragma once
 

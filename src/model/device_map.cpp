@@ -312,7 +312,7 @@ std::string max_memory_format(const max_memory& m) {
 device_map_costs device_map_costs_llama(const llama_hparams& hp, const gptq_config* gptq, const device_map_options& o) {
     device_map_costs c;
     c.options            = o;
-    c.tie_embeddings     = hp.tie_embeddings;
+    c.tie_embeddings     = hp.tie_embeddings && !(gptq && gptq->lm_head);  // a GPTQ lm_head is its own F16 copy
     const uint64_t n_tok = static_cast<uint64_t>(std::max<int64_t>(o.batch, 1) * std::max<int64_t>(o.n_ctx, 1));
     const uint64_t E = uint64_t(hp.n_embd), Q = uint64_t(hp.q_dim()), KV = uint64_t(hp.kv_dim()), F = uint64_t(hp.n_ff),
                    V = uint64_t(hp.n_vocab), HD = uint64_t(hp.head_dim);
@@ -322,19 +322,21 @@ device_map_costs device_map_costs_llama(const llama_hparams& hp, const gptq_conf
         std::string module = t.name.substr(0, t.name.rfind('.'));  // "model.embed_tokens", "model.norm", "lm_head"
         uint64_t    w      = dense(t);
         uint64_t    cache  = 0;
-        if (module == "lm_head") {
-            if (gptq && gptq->lm_head) w = gptq_linear_bytes(V, E, *gptq);
-            cache = n_tok * V * 4;  // F32 logits of every position (ppl)
-        }
+        if (module == "lm_head")
+            cache = n_tok * V * 4;  // F32 logits of every position (ppl); a GPTQ
+                                    // lm_head is dequantized to F16 at load (llama_cuda.cpp)
         c.modules.push_back({module, w, cache});
     }
     // Execution order: embeddings, layers, norm, lm_head.
     std::vector<module_cost> ordered = {c.modules[0]};
     for (int64_t i = 0; i < hp.n_layer; ++i) {
         uint64_t w = 0;
-        for (const auto& t : llama_layer_tensors(hp, i))
-            w += (gptq && t.shape.size() == 2) ? gptq_linear_bytes(uint64_t(t.shape[0]), uint64_t(t.shape[1]), *gptq)
-                                               : dense(t);
+        for (const auto& t : llama_layer_tensors(hp, i)) {
+            // A linear's own settings (GPTQModel `dynamic` may give it other bits or leave it dense).
+            const auto q = gptq && t.shape.size() == 2 ? gptq->for_module(t.name.substr(0, t.name.rfind('.')))
+                                                       : std::optional<gptq_config>();
+            w += q ? gptq_linear_bytes(uint64_t(t.shape[0]), uint64_t(t.shape[1]), *q) : dense(t);
+        }
         const uint64_t kv = 2 * n_tok * KV * 2;  // K and V, F16
         ordered.push_back({"model.layers." + std::to_string(i), w, kv});
     }

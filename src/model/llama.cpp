@@ -335,12 +335,19 @@ result<std::unique_ptr<llama_model>> llama_model::open(const std::string& path, 
     std::unique_ptr<llama_model> m(new llama_model());
     GPTQ_ASSIGN_OR_RETURN(m->cfg_, model_config_load(path));
     GPTQ_ASSIGN_OR_RETURN(m->hp_, llama_hparams_from_config(m->cfg_));
-    GPTQ_ASSIGN_OR_RETURN(m->src_, tensor_source::open(path));
-    if (m->cfg_.has_quantization_config) {
-        GPTQ_ASSIGN_OR_RETURN(m->gptq_, gptq_config_find(m->src_->folder()));
-        GPTQ_TRY(gptq_zero_format_resolve(*m->src_, &*m->gptq_).to_status());  // v1/v2 from the data
-        if (m->gptq_->lm_head)
-            return make_error(E_UNSUP, "{}: a quantized lm_head is not supported yet", m->gptq_->source);
+    {
+        // Which files, GPTQ or not, each module's settings checked against its tensors: the one
+        // detector every command uses (io/checkpoint.h).
+        GPTQ_ASSIGN_OR_RETURN(checkpoint_info ck, checkpoint_detect(path));
+        GPTQ_TRY(ck.check());
+        ck.log_warnings();
+        m->src_          = std::move(ck.source);
+        m->gptq_         = std::move(ck.gptq);
+        m->gptq_modules_ = std::move(ck.modules);
+        if (m->gptq_) {  // v1/v2 zeros from the data (io/gptq_zero_format.h), for every module
+            GPTQ_TRY(gptq_zero_format_resolve(*m->src_, &*m->gptq_).to_status());
+            for (auto& [name, c] : m->gptq_modules_) c.format = m->gptq_->format;
+        }
     }
     std::vector<tensor_spec> all = llama_global_tensors(m->hp_);
     for (int64_t i = 0; i < m->hp_.n_layer; ++i) {
@@ -349,8 +356,8 @@ result<std::unique_ptr<llama_model>> llama_model::open(const std::string& path, 
     }
     for (const auto& t : all) {
         // A GPTQ linear has .qweight/.qzeros/.scales/.g_idx instead of .weight (checked at load).
-        if (m->gptq_ && t.name.size() > 7 && t.name.compare(t.name.size() - 7, 7, ".weight") == 0 &&
-            gptq_linear_present(*m->src_, t.name.substr(0, t.name.size() - 7)))
+        if (t.name.size() > 7 && t.name.compare(t.name.size() - 7, 7, ".weight") == 0 &&
+            m->quantization_of(std::string_view(t.name).substr(0, t.name.size() - 7)))
             continue;
         const tensor_entry* e = m->src_->find(t.name);
         if (!e) {
@@ -371,12 +378,27 @@ result<std::unique_ptr<llama_model>> llama_model::open(const std::string& path, 
     return m;
 }
 
+const gptq_config* llama_model::quantization_of(std::string_view module) const {
+    auto it = gptq_modules_.find(module);
+    return it == gptq_modules_.end() ? nullptr : &it->second;
+}
+
 namespace {
 status read_vec(const tensor_source& src, const tensor_spec& t, std::vector<float>* out) {
     int64_t n = 1;
     for (int64_t d : t.shape) n *= d;
     out->resize(static_cast<size_t>(n));
     return src.read_f32(t.name, out->data(), t.shape);
+}
+
+// A GPTQ linear [n_out, n_in] read and checked by io, kept quantized (codes, F32 scales).
+result<std::shared_ptr<const gptq_packed_linear>> read_gptq_linear(const tensor_source& src, const std::string& name,
+                                                                   int64_t n_out, int64_t n_in, const gptq_config& qc) {
+    GPTQ_ASSIGN_OR_RETURN(gptq_linear_data q, gptq_linear_read(src, name, n_out, n_in, qc));
+    std::vector<float> scales(q.scales.size());
+    for (size_t j = 0; j < scales.size(); ++j) scales[j] = f16_to_f32(q.scales[j]);
+    return std::make_shared<const gptq_packed_linear>(gptq_packed_linear::from_unpacked(
+        q.codes.data(), scales.data(), q.zeros.data(), q.g_idx.data(), n_out, n_in, q.n_groups));
 }
 }  // namespace
 
@@ -395,12 +417,8 @@ result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer, th
         linear_weights& l     = layer->linear(role);
         l.n_out               = shape[0];
         l.n_in                = shape[1];
-        if (gptq_ && gptq_linear_present(*src_, name)) {
-            GPTQ_ASSIGN_OR_RETURN(gptq_linear_data q, gptq_linear_read(*src_, name, shape[0], shape[1], *gptq_));
-            std::vector<float> scales(q.scales.size());
-            for (size_t j = 0; j < scales.size(); ++j) scales[j] = f16_to_f32(q.scales[j]);
-            l.q = std::make_shared<const gptq_packed_linear>(gptq_packed_linear::from_unpacked(
-                q.codes.data(), scales.data(), q.zeros.data(), q.g_idx.data(), shape[0], shape[1], q.n_groups));
+        if (const gptq_config* qc = quantization_of(name)) {
+            GPTQ_ASSIGN_OR_RETURN(l.q, read_gptq_linear(*src_, name, shape[0], shape[1], *qc));
         } else {
             GPTQ_TRY(read_vec(*src_, {name + ".weight", {shape[0], shape[1]}, false}, &l.w));
         }
@@ -433,7 +451,13 @@ status llama_model::globals_load() {
     const auto specs = llama_global_tensors(hp_);
     GPTQ_TRY(read_vec(*src_, specs[0], &embed_));
     GPTQ_TRY(read_vec(*src_, specs[1], &norm_));
-    if (!hp_.tie_embeddings) GPTQ_TRY(read_vec(*src_, specs[2], &lm_head_));
+    lm_head_.n_out = hp_.n_vocab;
+    lm_head_.n_in  = hp_.n_embd;
+    if (const gptq_config* qc = quantization_of("lm_head")) {  // used even when config.json ties it
+        GPTQ_ASSIGN_OR_RETURN(lm_head_.q, read_gptq_linear(*src_, "lm_head", hp_.n_vocab, hp_.n_embd, *qc));
+    } else if (!hp_.tie_embeddings) {
+        GPTQ_TRY(read_vec(*src_, specs[2], &lm_head_.w));
+    }
     return status::ok();
 }
 
@@ -443,20 +467,22 @@ uint64_t llama_model::resident_bytes() const {
         for (int64_t d : t.shape) n *= static_cast<uint64_t>(d);
         return n;
     };
-    uint64_t globals = 0;
+    // A GPTQ linear: 1-byte codes, F32 scale + zero per group, the act-order permutation.
+    auto bytes = [&](const tensor_spec& t) -> uint64_t {
+        const gptq_config* qc = t.shape.size() == 2 ? quantization_of(t.name.substr(0, t.name.rfind('.'))) : nullptr;
+        if (!qc) return 4 * elems(t);
+        const int64_t  n_in = t.shape[1];
+        const uint64_t n_groups =
+            qc->group_size > 0 ? static_cast<uint64_t>((n_in + qc->group_size - 1) / qc->group_size) : 1;
+        return elems(t) + 8 * n_groups * static_cast<uint64_t>(t.shape[0]) + 4 * static_cast<uint64_t>(n_in);
+    };
+    uint64_t total = 0;
     for (const auto& t : llama_global_tensors(hp_))
-        if (!(hp_.tie_embeddings && t.name.find("lm_head") != std::string::npos)) globals += 4 * elems(t);
-    uint64_t layer = 0;
-    for (const auto& t : llama_layer_tensors(hp_, 0)) {
-        if (gptq_ && t.shape.size() == 2) {  // a GPTQ linear: 1-byte codes, F32 scale + zero per group, perm
-            const int64_t  n_in     = t.shape[1];
-            const uint64_t n_groups = gptq_->group_size > 0 ? static_cast<uint64_t>(n_in / gptq_->group_size) : 1;
-            layer += elems(t) + 8 * n_groups * static_cast<uint64_t>(t.shape[0]) + 4 * static_cast<uint64_t>(n_in);
-        } else {
-            layer += 4 * elems(t);
-        }
-    }
-    return globals + layer * static_cast<uint64_t>(hp_.n_layer);
+        if (!(hp_.tie_embeddings && t.name.find("lm_head") != std::string::npos) || quantization_of("lm_head"))
+            total += bytes(t);
+    for (int64_t i = 0; i < hp_.n_layer; ++i)
+        for (const auto& t : llama_layer_tensors(hp_, i)) total += bytes(t);
+    return total;
 }
 
 status llama_model::embed(const int32_t* ids, int64_t n_tokens, float* out) {
@@ -564,7 +590,11 @@ void llama_model::output_logits(const ops_context& ctx, const float* hidden, int
     GPTQ_ASSERT(!embed_.empty());  // globals_load() first
     std::vector<float> x(static_cast<size_t>(n_tokens * hp_.n_embd));
     op_rms_norm(ctx, hidden, norm_.data(), x.data(), n_tokens, hp_.n_embd, hp_.rms_eps);
-    const float* w = hp_.tie_embeddings ? embed_.data() : lm_head_.data();
+    if (lm_head_.q) {
+        linear_forward(ctx, lm_head_, x.data(), logits, n_tokens);
+        return;
+    }
+    const float* w = hp_.tie_embeddings ? embed_.data() : lm_head_.w.data();
     op_linear(ctx, x.data(), w, nullptr, logits, n_tokens, hp_.n_vocab, hp_.n_embd);
 }
 

@@ -15,12 +15,14 @@
 #include <array>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "core/status.h"
+#include "io/checkpoint.h"
 #include "io/gptq_config.h"
 #include "io/hf_config.h"
 #include "io/tensor_source.h"
@@ -161,9 +163,13 @@ public:
     const llama_hparams& hparams() const { return hp_; }
     const model_config&  config() const { return cfg_; }
     const tensor_source& source() const { return *src_; }
-    // The GPTQ settings when the checkpoint is GPTQ-quantized (its linears are then read from
-    // qweight/qzeros/scales/g_idx and dequantized to F32 at load), else nullptr.
+    // The GPTQ settings when the checkpoint is GPTQ-quantized (found by checkpoint_detect, in
+    // io/checkpoint.h: config.json quantization_config and/or quantize_config.json), else nullptr.
+    // Its linears stay quantized (qweight/qzeros/scales/g_idx, dequantized on the fly).
     const gptq_config* quantization() const { return gptq_ ? &*gptq_ : nullptr; }
+    // The settings of one module ("model.layers.0.mlp.down_proj", "lm_head") when its tensors are
+    // GPTQ, with GPTQModel's per-module `dynamic` overrides applied; nullptr for a dense module.
+    const gptq_config* quantization_of(std::string_view module) const;
 
     // Layer i's weights, read from the checkpoint now (nothing else is read); with a pool, the
     // linears are read (and converted to F32) in parallel.
@@ -172,7 +178,8 @@ public:
     status       layers_load_all();
     llama_layer* layer(int64_t i_layer) { return layers_[static_cast<size_t>(i_layer)].get(); }  // or nullptr
 
-    // Embeddings, final norm and lm_head in F32 (the embedding table serves a tied lm_head).
+    // Embeddings, final norm and lm_head in F32 (the embedding table serves a tied lm_head); a GPTQ
+    // lm_head ("lm_head": true) stays quantized like the layers' linears.
     status globals_load();
 
     // Host bytes held once layers_load_all() and globals_load() are done: F32 norms, embeddings
@@ -219,10 +226,11 @@ private:
     llama_hparams                             hp_;
     std::unique_ptr<tensor_source>            src_;
     std::optional<gptq_config>                gptq_;
+    std::map<std::string, gptq_config, std::less<>> gptq_modules_;  // quantized module -> its settings
     std::vector<std::unique_ptr<llama_layer>> layers_;
     std::vector<float>                        embed_;    // [n_vocab, n_embd]
     std::vector<float>                        norm_;     // [n_embd]
-    std::vector<float>                        lm_head_;  // [n_vocab, n_embd]; empty when tied
+    linear_weights                                  lm_head_;  // [n_vocab, n_embd] dense or GPTQ; empty when tied
 };
 
 }  // namespace gptq

@@ -101,14 +101,13 @@ status llama_cuda_model::linear_load(int64_t i_layer, linear_role r, linear* out
     const std::string    name  = llama_linear_name(i_layer, r);
     out->n_out                 = shape[0];
     out->n_in                  = shape[1];
-    const gptq_config* qc      = host_->quantization();
-    if (qc && gptq_linear_present(host_->source(), name)) {
+    if (const gptq_config* qc = host_->quantization_of(name)) {
         GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d,
                               gptq_linear_read(host_->source(), name, shape[0], shape[1], *qc, /*keep_packed=*/true));
         // A dense bias of a quantized layer that the checkpoint keeps outside the GPTQ tensors.
         if (d.bias.empty() && llama_linear_has_bias(hp, r))
             return make_error(status_code::STATUS_UNSUPPORTED, "{}: GPTQ layer without its bias tensor", name);
-        return gptq_upload(d, name, out);
+        return gptq_upload(d, qc->group_size, name, out);
     }
     GPTQ_TRY(tensor_upload_f16({name + ".weight", {shape[0], shape[1]}, false}, &out->w));
     if (llama_linear_has_bias(hp, r)) GPTQ_TRY(tensor_upload_f16({name + ".bias", {shape[0]}, false}, &out->bias));
@@ -117,8 +116,7 @@ status llama_cuda_model::linear_load(int64_t i_layer, linear_role r, linear* out
 
 // Read (and check) through io's reader, then pack again for the device: codes as qweight, zeros as
 // v1 (zero - 1, generic kernel adds 1) when every zero is >= 1, else as v2.
-status llama_cuda_model::gptq_upload(const gptq_linear_data& d, const std::string& name, linear* out) {
-    const gptq_config* qc = host_->quantization();
+status llama_cuda_model::gptq_upload(const gptq_linear_data& d, int group_size, const std::string& name, linear* out) {
     out->n_out            = d.n_out;
     out->n_in             = d.n_in;
     const int bits        = d.bits;
@@ -145,7 +143,7 @@ status llama_cuda_model::gptq_upload(const gptq_linear_data& d, const std::strin
     t.n_in       = d.n_in;
     t.n_groups   = d.n_groups;
     t.bits       = bits;
-    t.group_size = qc->group_size;
+    t.group_size = group_size;
     t.zero_add   = v1 ? 1 : 0;
     auto q       = cuda_gptq_linear_load(*ctx_, t, opts_.gptq_fast);
     if (!q) return q.error().with_context(name);
@@ -163,7 +161,6 @@ status llama_cuda_model::linear_group_load(int64_t i_layer, const std::vector<li
                                            const std::vector<int32_t>* out_perm, bool* permuted) {
     if (permuted) *permuted = false;
     const llama_hparams& hp   = hparams();
-    const gptq_config*   qc   = host_->quantization();
     auto                 each = [&]() -> status {
         for (linear_role r : roles) GPTQ_TRY(linear_load(i_layer, r, &(*lin)[static_cast<size_t>(r)]));
         return status::ok();
@@ -171,7 +168,7 @@ status llama_cuda_model::linear_group_load(int64_t i_layer, const std::vector<li
     if (!opts_.fuse || roles.size() < 2) return each();
     size_t n_quant = 0, n_bias = 0;
     for (linear_role r : roles) {
-        n_quant += qc && gptq_linear_present(host_->source(), llama_linear_name(i_layer, r)) ? 1 : 0;
+        n_quant += host_->quantization_of(llama_linear_name(i_layer, r)) ? 1 : 0;
         n_bias += llama_linear_has_bias(hp, r) ? 1 : 0;
     }
     if ((n_quant != 0 && n_quant != roles.size()) || (n_bias != 0 && n_bias != roles.size())) return each();
@@ -211,24 +208,29 @@ status llama_cuda_model::linear_group_load(int64_t i_layer, const std::vector<li
     // GPTQ: read every part; fuse along n_out when the parts agree on bits, groups and g_idx (the
     // same act-order permutation), else upload them one by one.
     std::vector<gptq_linear_data> parts;
+    std::vector<int>              group_sizes;  // each part's own (GPTQModel `dynamic` may differ)
     for (linear_role r : roles) {
-        const auto        shape = hp.linear_shape(r);
-        const std::string name  = llama_linear_name(i_layer, r);
+        const auto         shape = hp.linear_shape(r);
+        const std::string  name  = llama_linear_name(i_layer, r);
+        const gptq_config* qc    = host_->quantization_of(name);
         GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d,
                               gptq_linear_read(host_->source(), name, shape[0], shape[1], *qc, /*keep_packed=*/true));
         if (d.bias.empty() && llama_linear_has_bias(hp, r))
             return make_error(status_code::STATUS_UNSUPPORTED, "{}: GPTQ layer without its bias tensor", name);
         parts.push_back(std::move(d));
+        group_sizes.push_back(qc->group_size);
     }
     bool compatible = true;
-    for (const auto& d : parts)
-        compatible = compatible && d.bits == parts[0].bits && d.n_in == parts[0].n_in &&
+    for (size_t j = 0; j < parts.size(); ++j) {
+        const auto& d = parts[j];
+        compatible    = compatible && d.bits == parts[0].bits && d.n_in == parts[0].n_in &&
                      d.n_groups == parts[0].n_groups && d.g_idx == parts[0].g_idx &&
-                     d.bias.empty() == parts[0].bias.empty();
+                     d.bias.empty() == parts[0].bias.empty() && group_sizes[j] == group_sizes[0];
+    }
     if (!compatible) {
         for (size_t j = 0; j < roles.size(); ++j)
-            GPTQ_TRY(
-                gptq_upload(parts[j], llama_linear_name(i_layer, roles[j]), &(*lin)[static_cast<size_t>(roles[j])]));
+            GPTQ_TRY(gptq_upload(parts[j], group_sizes[j], llama_linear_name(i_layer, roles[j]),
+                                 &(*lin)[static_cast<size_t>(roles[j])]));
         return status::ok();
     }
     // Output features reordered within each part (the consumer's act-order order): columns of
@@ -281,7 +283,7 @@ status llama_cuda_model::linear_group_load(int64_t i_layer, const std::vector<li
             f.scales.insert(f.scales.end(), d.scales.begin() + o, d.scales.begin() + o + size_t(d.n_out));
         }
     parts.clear();
-    GPTQ_TRY(gptq_upload(f, fused_name, fused));
+    GPTQ_TRY(gptq_upload(f, group_sizes[0], fused_name, fused));
     ++n_fused_;
     return status::ok();
 }
@@ -335,11 +337,28 @@ status llama_cuda_model::load_weights() {
     if (off.norm) GPTQ_TRY(offload_module("model.norm", {&norm_}, &norm_unit_));
     // A tied lm_head shares the embeddings' table when both are resident; otherwise it is a module
     // of its own (an offloaded table is staged through a slot that later modules reuse).
-    if (!hp.tie_embeddings || off.embed || off.lm_head) {
-        GPTQ_TRY(tensor_upload_f16(hp.tie_embeddings ? globals[0] : globals[2], &lm_head_));
+    // A GPTQ lm_head is dequantized to F16 here and used as a dense one (tied or not).
+    const gptq_config* lm_head_q = host_->quantization_of("lm_head");
+    if (lm_head_q || !hp.tie_embeddings || off.embed || off.lm_head) {
+        if (lm_head_q)
+            GPTQ_TRY(lm_head_upload_dequantized(*lm_head_q));
+        else
+            GPTQ_TRY(tensor_upload_f16(hp.tie_embeddings ? globals[0] : globals[2], &lm_head_));
         if (off.lm_head) GPTQ_TRY(offload_module("lm_head", {&lm_head_}, &lm_head_unit_));
     }
     return offload_finish();
+}
+
+status llama_cuda_model::lm_head_upload_dequantized(const gptq_config& qc) {
+    const llama_hparams& hp = hparams();
+    GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d, gptq_linear_read(host_->source(), "lm_head", hp.n_vocab, hp.n_embd, qc));
+    std::vector<float> w(static_cast<size_t>(hp.n_vocab * hp.n_embd));  // [n_vocab, n_embd] F32, format.md 1.5
+    d.dequantize(w.data());
+    std::vector<uint16_t> h;
+    GPTQ_TRY(to_f16(w, &h, "lm_head (dequantized)"));
+    GPTQ_ASSIGN_OR_RETURN(lm_head_, cuda_buffer::from_host(h.data(), h.size() * 2));
+    weight_bytes_ += lm_head_.bytes();
+    return status::ok();
 }
 
 status llama_cuda_model::offload_module(const std::string& name, const std::vector<cuda_buffer*>& bufs, int* unit) {

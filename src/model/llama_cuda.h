@@ -151,8 +151,11 @@ private:
     status linear_group_load(int64_t i_layer, const std::vector<linear_role>& roles, linear* fused,
                              std::array<linear, k_n_linear_roles>* lin, const std::vector<int32_t>* out_perm = nullptr,
                              bool* permuted = nullptr);
-    // A GPTQ linear read by io (gptq_linear_read), packed again and uploaded.
-    status gptq_upload(const gptq_linear_data& d, const std::string& name, linear* out);
+    // A GPTQ linear read by io (gptq_linear_read), packed again and uploaded; group_size: its own
+    // (llama_model::quantization_of, GPTQModel's `dynamic` may differ between modules).
+    status gptq_upload(const gptq_linear_data& d, int group_size, const std::string& name, linear* out);
+    // A GPTQ lm_head ("lm_head": true): dequantized to F16 at load, then used as a dense one.
+    status lm_head_upload_dequantized(const gptq_config& qc);
     status tensor_upload_f16(const tensor_spec& t, cuda_buffer* out);
     status activations_reserve(int64_t n_tokens);
     // x_permuted: x is already in l's act-order column order (see op_cuda_gptq_linear).

@@ -73,7 +73,7 @@ TEST(cli_inspect, gptq_checkpoint_settings_are_reported) {
     config["quantization_config"] = {{"bits", 4},   {"group_size", 32},       {"desc_act", true},
                                      {"sym", true}, {"quant_method", "gptq"}, {"checkpoint_format", "gptq"}};
     test::write_file(dir.file("config.json"), config.dump());
-    // Header-only safetensors with the four tensors (data zero-filled).
+    // The four tensors, zero-filled but for g_idx: act-order groups of 32 (a permutation of k // 32).
     json     h;
     uint64_t off = 0;
     auto     add = [&](const char* name, const char* dt, std::vector<int64_t> shape, uint64_t nb) {
@@ -88,7 +88,10 @@ TEST(cli_inspect, gptq_checkpoint_settings_are_reported) {
     hdr.resize((hdr.size() + 7) / 8 * 8, ' ');
     std::string bytes(8, '\0');
     for (int i = 0; i < 8; ++i) bytes[static_cast<size_t>(i)] = static_cast<char>((hdr.size() >> (8 * i)) & 0xff);
-    test::write_file(dir.file("model.safetensors"), bytes + hdr + std::string(off, '\0'));
+    std::string data(off, '\0');
+    for (int k = 0; k < 64; ++k)  // little-endian int32 values 0 or 1: the low byte
+        data[off - 64 * 4 + static_cast<size_t>(k) * 4] = static_cast<char>((k * 37 % 64) / 32);
+    test::write_file(dir.file("model.safetensors"), bytes + hdr + data);
     auto r = test::run_command(test::gptq_binary() + " inspect --json " + dir.path());
     ASSERT_EQ(r.exit_code, 0) << r.err;
     auto j = json::parse(r.out);

@@ -176,7 +176,7 @@ TEST(device_map_costs, llama_7b_dense_and_gptq_by_hand) {
     };
     EXPECT_EQ(cq.modules[1].weight_bytes, 4 * lin(4096, 4096) + 2 * lin(11008, 4096) + lin(4096, 11008) + 2 * 2 * 4096);
     EXPECT_EQ(cq.modules[0].weight_bytes, c.modules[0].weight_bytes);    // embeddings stay F16
-    EXPECT_EQ(cq.modules[34].weight_bytes, c.modules[34].weight_bytes);  // lm_head too unless "lm_head": true
+    EXPECT_EQ(cq.modules[34].weight_bytes, c.modules[34].weight_bytes);  // lm_head too (a GPTQ one is F16 on the GPU)
     EXPECT_EQ(cq.gpu_reserve_bytes, c.gpu_reserve_bytes);
     EXPECT_LT(cq.modules[1].weight_bytes * 3, c.modules[1].weight_bytes);
     // 8 bits, one group per row: no fast layout, the checkpoint tensors exactly.
@@ -187,6 +187,16 @@ TEST(device_map_costs, llama_7b_dense_and_gptq_by_hand) {
     };
     EXPECT_EQ(costs_7b(&*q8).modules[1].weight_bytes,
               4 * lin8(4096, 4096) + 2 * lin8(11008, 4096) + lin8(4096, 11008) + 2 * 2 * 4096);
+
+    // GPTQModel `dynamic`: layer 1 at 8 bits g-1, layer 2's o_proj dense F16; the others as the base.
+    auto qd = gptq_config_parse(json::parse(R"({"bits": 4, "group_size": 128, "sym": true, "dynamic": {
+        "+:model\\.layers\\.1\\.": {"bits": 8, "group_size": -1}, "-:model\\.layers\\.2\\.self_attn\\.o_proj": {}}})"),
+                                "quantize_config.json");
+    ASSERT_TRUE(qd.is_ok()) << qd.error().message();
+    const auto cd = costs_7b(&*qd);
+    EXPECT_EQ(cd.modules[1].weight_bytes, cq.modules[1].weight_bytes);  // layer 0
+    EXPECT_EQ(cd.modules[2].weight_bytes, costs_7b(&*q8).modules[2].weight_bytes);
+    EXPECT_EQ(cd.modules[3].weight_bytes, cq.modules[3].weight_bytes - lin(4096, 4096) + 2 * 4096 * 4096);
 }
 
 // ---- auto ------------------------------------------------------------------------------------------------

@@ -497,95 +497,6 @@ status llama_model::embed(const int32_t* ids, int64_t n_tokens, float* out) {
     return status::ok();
 }
 
-void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_tokens,
-                                int64_t pos0, kv_cache* cache, const linear_input_hook* hook,
-                                linear_input stop_after) const {
-    if (n_tokens == 0) return;
-    const int64_t n_embd = hp_.n_embd, q_dim = hp_.q_dim(), kv_dim = hp_.kv_dim(), hd = hp_.head_dim;
-    const int64_t i_layer = layer.index;
-    GPTQ_ASSERT(i_layer >= 0 && i_layer < hp_.n_layer);
-    GPTQ_ASSERT(!cache || (pos0 == cache->n_past && pos0 + n_tokens <= cache->n_ctx && cache->kv_dim == kv_dim));
-    auto lin = [&](linear_role r, const float* x, float* y) {
-        const linear_weights& l = layer.linear(r);
-        linear_forward(ctx, l, x, y, n_tokens);
-    };
-    auto capture = [&](linear_input which, const float* x, int64_t n_in) {
-        if (hook && *hook) (*hook)(i_layer, which, x, n_tokens, n_in);
-    };
-
-    // ---- attention ------------------------------------------------------------------------------
-    std::vector<float> x(static_cast<size_t>(n_tokens * std::max(n_embd, q_dim)));  // [n_tokens, n_embd]
-    op_rms_norm(ctx, hidden, layer.attn_norm.data(), x.data(), n_tokens, n_embd, hp_.rms_eps);
-    capture(linear_input::LINEAR_INPUT_QKV, x.data(), n_embd);
-    if (stop_after == linear_input::LINEAR_INPUT_QKV) return;
-
-    std::vector<float> q(static_cast<size_t>(n_tokens * q_dim));  // [n_tokens, n_head * hd]
-    lin(linear_role::LINEAR_Q, x.data(), q.data());
-    // Keys/values go straight into the cache rows of their positions, or into local buffers.
-    std::vector<float> k_local, v_local;
-    float *            k, *v;
-    if (cache) {
-        k = cache->k[static_cast<size_t>(i_layer)].data() + pos0 * kv_dim;
-        v = cache->v[static_cast<size_t>(i_layer)].data() + pos0 * kv_dim;
-    } else {
-        k_local.resize(static_cast<size_t>(n_tokens * kv_dim));
-        v_local.resize(static_cast<size_t>(n_tokens * kv_dim));
-        k = k_local.data();
-        v = v_local.data();
-    }
-    lin(linear_role::LINEAR_K, x.data(), k);
-    lin(linear_role::LINEAR_V, x.data(), v);
-
-    const int64_t      half     = hd / 2;
-    std::vector<float> inv_freq = llama_rope_inv_freq(hp_, pos0 + n_tokens);
-    std::vector<float> cos(static_cast<size_t>(n_tokens * half)), sin(cos.size());
-    op_rope_tables(inv_freq.data(), half, pos0, n_tokens, 1.0f, cos.data(), sin.data());
-    op_rope(ctx, q.data(), cos.data(), sin.data(), n_tokens, hp_.n_head, hd, q_dim);
-    op_rope(ctx, k, cos.data(), sin.data(), n_tokens, hp_.n_head_kv, hd, kv_dim);
-
-    attention_args a;
-    a.q         = q.data();
-    a.out       = x.data();  // x is free again: [n_tokens, q_dim]
-    a.n_q       = n_tokens;
-    a.n_head    = hp_.n_head;
-    a.n_head_kv = hp_.n_head_kv;
-    a.head_dim  = hd;
-    a.window    = hp_.window[static_cast<size_t>(i_layer)];
-    a.scale     = 1.0f / std::sqrt(static_cast<float>(hd));
-    a.q_stride = a.out_stride = q_dim;
-    a.kv_stride               = kv_dim;
-    if (cache) {
-        a.k      = cache->k[static_cast<size_t>(i_layer)].data();
-        a.v      = cache->v[static_cast<size_t>(i_layer)].data();
-        a.n_kv   = pos0 + n_tokens;
-        a.q_pos0 = pos0;
-    } else {  // the mask depends on position differences only, so local indices do
-        a.k      = k;
-        a.v      = v;
-        a.n_kv   = n_tokens;
-        a.q_pos0 = 0;
-    }
-    op_attention(ctx, a);
-    capture(linear_input::LINEAR_INPUT_O, x.data(), q_dim);
-    if (stop_after == linear_input::LINEAR_INPUT_O) return;
-    std::vector<float> y(static_cast<size_t>(n_tokens * n_embd));  // [n_tokens, n_embd]
-    lin(linear_role::LINEAR_O, x.data(), y.data());
-    op_add(ctx, hidden, y.data(), n_tokens * n_embd);
-
-    // ---- MLP ------------------------------------------------------------------------------------
-    op_rms_norm(ctx, hidden, layer.mlp_norm.data(), y.data(), n_tokens, n_embd, hp_.rms_eps);
-    capture(linear_input::LINEAR_INPUT_GATE_UP, y.data(), n_embd);
-    if (stop_after == linear_input::LINEAR_INPUT_GATE_UP) return;
-    std::vector<float> gate(static_cast<size_t>(n_tokens * hp_.n_ff)), up(gate.size());  // [n_tokens, n_ff]
-    lin(linear_role::LINEAR_GATE, y.data(), gate.data());
-    lin(linear_role::LINEAR_UP, y.data(), up.data());
-    op_silu_mul(ctx, gate.data(), up.data(), gate.data(), n_tokens * hp_.n_ff);
-    capture(linear_input::LINEAR_INPUT_DOWN, gate.data(), hp_.n_ff);
-    if (stop_after == linear_input::LINEAR_INPUT_DOWN) return;
-    lin(linear_role::LINEAR_DOWN, gate.data(), y.data());
-    op_add(ctx, hidden, y.data(), n_tokens * n_embd);
-}
-
 void llama_model::output_logits(const ops_context& ctx, const float* hidden, int64_t n_tokens, float* logits) const {
     GPTQ_ASSERT(!embed_.empty());  // globals_load() first
     std::vector<float> x(static_cast<size_t>(n_tokens * hp_.n_embd));
@@ -604,11 +515,9 @@ status llama_model::forward(const ops_context& ctx, const int32_t* ids, int64_t 
     if (cache && pos0 + n_tokens > cache->n_ctx)
         return make_error(E_ARG, "{} tokens after {} cached ones exceed the cache's {} positions", n_tokens, pos0,
                           cache->n_ctx);
-    GPTQ_TRY(layers_load_all());
-    std::vector<float> hidden(static_cast<size_t>(n_tokens * hp_.n_embd));
-    GPTQ_TRY(embed(ids, n_tokens, hidden.data()));
-    for (int64_t i = 0; i < hp_.n_layer; ++i)
-        layer_forward(ctx, *layers_[static_cast<size_t>(i)], hidden.data(), n_tokens, pos0, cache);
+    const layer_seq    seq{n_tokens, pos0, cache};  // a batch of one
+    std::vector<float> hidden;                      // [n_tokens, n_embd]
+    GPTQ_TRY(layers_run(ctx, ids, std::span<const layer_seq>(&seq, 1), &hidden));
     if (cache) cache->n_past += n_tokens;
     output_logits(ctx, hidden.data(), n_tokens, logits);
     return status::ok();

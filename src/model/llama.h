@@ -3,7 +3,8 @@
 // generation. docs/model-runtime.md describes the design.
 //
 // Layer at a time: llama_model::layer_load(i) reads only layer i's tensors (converted to F32) and
-// llama_model::layer_forward runs one decoder layer on given hidden states [n_tokens, n_embd]. A
+// llama_model::layer_forward (llama_layer.cpp) runs one decoder layer on given hidden states of a
+// ragged batch of sequences [sum n_tokens, n_embd] (a single sequence is a batch of one). A
 // hook sees the input of every linear group (q/k/v share one input, o, gate/up share one, down),
 // and a layer's linear weights are plain F32 matrices the caller may replace (e.g. by a
 // dequantized GPTQ matrix) before running it.
@@ -18,6 +19,7 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -149,6 +151,17 @@ struct kv_cache {
 using linear_input_hook =
     std::function<void(int64_t i_layer, linear_input which, const float* x, int64_t n_tokens, int64_t n_in)>;
 
+// One sequence of the ragged batch a decoder layer runs on: n_tokens new tokens at positions
+// pos0 .. pos0 + n_tokens - 1, stored in the batch's hidden states after the previous sequences'
+// rows. With a cache (pos0 == cache->n_past, which the layer does not advance) the layer's
+// keys/values are stored at those positions and attention covers positions 0 .. pos0 + n_tokens - 1;
+// without one (local K/V: ppl, calibration) attention covers the sequence's given tokens only.
+struct layer_seq {
+    int64_t   n_tokens = 0;
+    int64_t   pos0     = 0;
+    kv_cache* cache    = nullptr;
+};
+
 struct llama_open_options {
     bool strict = false;  // tensors the model does not use are an error (else a warning)
 };
@@ -191,12 +204,16 @@ public:
     // out[n_tokens, n_embd] = embedding rows of ids; an id outside [0, n_vocab) is an error.
     status embed(const int32_t* ids, int64_t n_tokens, float* out);
 
-    // One decoder layer on hidden[n_tokens, n_embd] (in place) for tokens at positions
-    // pos0 .. pos0 + n_tokens - 1. With a cache, the layer's keys/values are stored at those
-    // positions and attention covers positions 0 .. pos0 + n_tokens - 1 (pos0 = cache->n_past,
-    // which this call does not advance); without one, attention covers the given tokens only.
+    // One decoder layer on the ragged batch hidden[sum n_tokens, n_embd] (in place; layer_seq says
+    // what each sequence's rows are). Every linear runs once over all rows; RoPE and attention per
+    // sequence. The hook sees each linear group's input over all rows (n_tokens = sum n_tokens).
     // With stop_after != LINEAR_INPUT_COUNT the call returns right after the hook has seen that
     // input (GPTQ's capture passes need nothing later); hidden is then left unspecified.
+    void layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden, std::span<const layer_seq> seqs,
+                       const linear_input_hook* hook = nullptr,
+                       linear_input stop_after = linear_input::LINEAR_INPUT_COUNT) const;
+    // The same on one sequence (a batch of one): hidden[n_tokens, n_embd], tokens at positions
+    // pos0 .. pos0 + n_tokens - 1, cache as in layer_seq (nullptr: local K/V).
     void layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_tokens, int64_t pos0,
                        kv_cache* cache, const linear_input_hook* hook = nullptr,
                        linear_input stop_after = linear_input::LINEAR_INPUT_COUNT) const;
@@ -219,9 +236,16 @@ public:
 
 private:
     llama_model() = default;
-    // One decoder layer over a ragged batch (see forward_batch); hidden: [sum n_tokens, n_embd].
-    void layer_forward_batch(const ops_context& ctx, const llama_layer& layer, float* hidden, const int64_t* n_tokens,
-                             int64_t n_seq, kv_cache* const* caches) const;
+    // The two blocks of layer_forward (llama_layer.cpp), each adding its output to hidden (the
+    // residual); false when the call stopped at stop_after. attention_block: input norm, q/k/v,
+    // RoPE, cache, attention, o. mlp_block: post-attention norm, gate/up, SiLU * up, down.
+    bool attention_block(const ops_context& ctx, const llama_layer& layer, float* hidden,
+                         std::span<const layer_seq> seqs, const linear_input_hook* hook, linear_input stop_after) const;
+    bool mlp_block(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_rows,
+                   const linear_input_hook* hook, linear_input stop_after) const;
+    // Embeddings of ids, then every layer over the batch: hidden[sum n_tokens, n_embd].
+    status layers_run(const ops_context& ctx, const int32_t* ids, std::span<const layer_seq> seqs,
+                      std::vector<float>* hidden);
     model_config                              cfg_;
     llama_hparams                             hp_;
     std::unique_ptr<tensor_source>            src_;

@@ -3,8 +3,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -265,6 +267,153 @@ TEST(llama_layers, replaced_linear_is_used) {
     auto bad = (*layer)->linear_replace(linear_role::LINEAR_Q, std::vector<float>(7));
     ASSERT_FALSE(bad.is_ok());
     EXPECT_NE(bad.message().find("q_proj"), std::string::npos) << bad.message();
+}
+
+namespace {
+// The ragged-batch layer (llama_layer.cpp) against each sequence run alone, layer by layer: the
+// hidden states after every layer, the hook's inputs and the cache rows written. The sequences mix
+// what a batch can hold: cached with a prefix (prefill, decode), cached from empty, and local K/V
+// (no cache, as ppl and calibration run). With the reference kernels every row's math is the same
+// in both runs, so the results must be bit-identical; BLAS may block a GEMM differently for a
+// different row count, so there the bound is k_cache_rel_tol.
+struct ragged_case {
+    int64_t n_prefix;  // tokens already in the cache; -1: no cache (local K/V)
+    int64_t n_new;
+};
+
+struct layer_trace {
+    std::vector<float>              hidden;  // [rows, n_embd] after the last layer
+    std::vector<std::vector<float>> seen;    // [layer * 4 + input] hook input rows, concatenated
+    std::vector<kv_cache>           caches;
+};
+
+void check_ragged_layer(const std::string& model_dir) {
+    auto m = llama_model::open(model_dir);
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    ASSERT_TRUE((*m)->layers_load_all().is_ok());
+    const auto&                    hp    = (*m)->hparams();
+    const int64_t                  E     = hp.n_embd;
+    const std::vector<ragged_case> cases = {{5, 3}, {-1, 6}, {0, 4}, {2, 1}, {-1, 1}, {7, 1}};
+    auto ids_of = [&](size_t c, int64_t t) { return static_cast<int32_t>((c * 131 + t * 37 + 5) % hp.n_vocab); };
+
+    for (const bool reference : {true, false}) {
+        const ops_context cx = reference ? ops_context{nullptr, true} : ctx();
+        // The caches after each prefix, filled by forward: both runs start from copies of them.
+        std::vector<kv_cache> prefixed;
+        for (size_t c = 0; c < cases.size(); ++c) {
+            prefixed.push_back(kv_cache::create(hp, 16));
+            if (cases[c].n_prefix <= 0) continue;
+            std::vector<int32_t> pre(static_cast<size_t>(cases[c].n_prefix));
+            for (int64_t t = 0; t < cases[c].n_prefix; ++t) pre[size_t(t)] = ids_of(c + 100, t);
+            std::vector<float> lg(pre.size() * static_cast<size_t>(hp.n_vocab));
+            ASSERT_TRUE((*m)->forward(cx, pre.data(), cases[c].n_prefix, &prefixed.back(), lg.data()).is_ok());
+        }
+        // Runs the given cases as one ragged batch through every layer.
+        auto run = [&](const std::vector<size_t>& which) {
+            layer_trace tr;
+            tr.seen.resize(static_cast<size_t>(hp.n_layer * 4));
+            std::vector<int32_t>   ids;
+            std::vector<layer_seq> seqs;
+            for (size_t c : which) tr.caches.push_back(prefixed[c]);
+            for (size_t j = 0; j < which.size(); ++j) {
+                const ragged_case& rc = cases[which[j]];
+                for (int64_t t = 0; t < rc.n_new; ++t) ids.push_back(ids_of(which[j], t));
+                kv_cache* cache = rc.n_prefix < 0 ? nullptr : &tr.caches[j];
+                seqs.push_back({rc.n_new, cache ? cache->n_past : 0, cache});
+            }
+            tr.hidden.resize(ids.size() * static_cast<size_t>(E));
+            EXPECT_TRUE((*m)->embed(ids.data(), static_cast<int64_t>(ids.size()), tr.hidden.data()).is_ok());
+            linear_input_hook hook = [&](int64_t i, linear_input in, const float* x, int64_t n, int64_t n_in) {
+                EXPECT_EQ(n, static_cast<int64_t>(ids.size()));
+                tr.seen[static_cast<size_t>(i * 4 + static_cast<int>(in))].assign(x, x + n * n_in);
+            };
+            for (int64_t i = 0; i < hp.n_layer; ++i)
+                (*m)->layer_forward(cx, *(*m)->layer(i), tr.hidden.data(), seqs, &hook);
+            return tr;
+        };
+        std::vector<size_t> all(cases.size());
+        for (size_t c = 0; c < cases.size(); ++c) all[c] = c;
+        const layer_trace batch = run(all);
+
+        // Each case alone (a batch of one), concatenated in batch order.
+        layer_trace alone;
+        alone.seen.resize(batch.seen.size());
+        for (size_t c = 0; c < cases.size(); ++c) {
+            layer_trace one = run({c});
+            alone.hidden.insert(alone.hidden.end(), one.hidden.begin(), one.hidden.end());
+            for (size_t k = 0; k < one.seen.size(); ++k)
+                alone.seen[k].insert(alone.seen[k].end(), one.seen[k].begin(), one.seen[k].end());
+            alone.caches.push_back(std::move(one.caches[0]));
+        }
+        const std::string what = model_dir + (reference ? " (reference kernels)" : " (BLAS)");
+        auto same = [&](const std::vector<float>& a, const std::vector<float>& b, int64_t width, const char* name) {
+            ASSERT_EQ(a.size(), b.size()) << what << " " << name;
+            if (reference) {
+                EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << what << " " << name;
+                return;
+            }
+            for (size_t r = 0; r < a.size() / static_cast<size_t>(width); ++r)
+                EXPECT_LE(row_rel_error(a.data() + r * width, b.data() + r * width, width), k_cache_rel_tol)
+                    << what << " " << name << " row " << r;
+        };
+        same(batch.hidden, alone.hidden, E, "hidden after the last layer");
+        const int64_t widths[4] = {E, hp.q_dim(), E, hp.n_ff};
+        for (size_t k = 0; k < batch.seen.size(); ++k) {
+            ASSERT_FALSE(batch.seen[k].empty()) << what << " the hook missed layer " << k / 4 << " input " << k % 4;
+            same(batch.seen[k], alone.seen[k], widths[k % 4], "hook input");
+        }
+        for (size_t c = 0; c < cases.size(); ++c)
+            for (int64_t i = 0; i < hp.n_layer; ++i) {
+                same(batch.caches[c].k[size_t(i)], alone.caches[c].k[size_t(i)], hp.kv_dim(), "cached keys");
+                same(batch.caches[c].v[size_t(i)], alone.caches[c].v[size_t(i)], hp.kv_dim(), "cached values");
+            }
+    }
+}
+}  // namespace
+
+TEST(llama_layers, ragged_batch_equals_each_sequence_alone) {
+    check_ragged_layer(k_source + "/models/tiny-llama");
+    check_ragged_layer(k_golden + "/rand-qwen2");    // sliding window, qkv bias
+    check_ragged_layer(k_golden + "/rand-dynamic");  // dynamic RoPE: positions change the frequencies
+    check_ragged_layer(k_golden + "/rand-llama3");   // head_dim != n_embd / n_head, o bias
+}
+
+// forward and forward_batch are the same layer: a cache filled from empty gives the logits of a run
+// without one (same shapes: bit-identical), and a ragged forward_batch gives each sequence's last
+// logits as forward does alone (reference kernels: bit-identical).
+TEST(llama_layers, forward_paths_agree_bit_for_bit) {
+    auto m = llama_model::open(k_golden + "/rand-qwen2");
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    const auto&          hp = (*m)->hparams();
+    const int64_t        V  = hp.n_vocab;
+    std::vector<int32_t> ids(12);
+    for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>((i * 53 + 7) % V);
+    std::vector<float> a(ids.size() * size_t(V)), b(a.size());
+    ASSERT_TRUE((*m)->forward(ctx(), ids.data(), 12, nullptr, a.data()).is_ok());
+    kv_cache c = kv_cache::create(hp, 12);
+    ASSERT_TRUE((*m)->forward(ctx(), ids.data(), 12, &c, b.data()).is_ok());
+    EXPECT_EQ(a, b);
+
+    // A ragged prefill of ids [0, 5), [5, 6), [6, 12), then one decode step each (ids 0, 1, 2).
+    const ops_context                        ref{nullptr, true};
+    const std::array<int64_t, 3>             n_prefill = {5, 1, 6}, start = {0, 5, 6}, n_decode = {1, 1, 1};
+    std::vector<kv_cache>                    cs(3, kv_cache::create(hp, 16));
+    std::array<kv_cache*, 3>                 cp = {&cs[0], &cs[1], &cs[2]};
+    std::vector<float>                       prefill(3 * size_t(V)), decode(3 * size_t(V));
+    ASSERT_TRUE((*m)->forward_batch(ref, ids.data(), n_prefill.data(), 3, cp.data(), prefill.data()).is_ok());
+    ASSERT_TRUE((*m)->forward_batch(ref, ids.data(), n_decode.data(), 3, cp.data(), decode.data()).is_ok());
+    for (size_t s = 0; s < 3; ++s) {
+        kv_cache           one = kv_cache::create(hp, 16);
+        std::vector<float> lg(size_t(n_prefill[s] * V));
+        ASSERT_TRUE((*m)->forward(ref, ids.data() + start[s], n_prefill[s], &one, lg.data()).is_ok());
+        EXPECT_EQ(0, std::memcmp(lg.data() + (n_prefill[s] - 1) * V, prefill.data() + s * size_t(V),
+                                 size_t(V) * sizeof(float)))
+            << "prefill of sequence " << s;
+        ASSERT_TRUE((*m)->forward(ref, ids.data() + s, 1, &one, lg.data()).is_ok());
+        EXPECT_EQ(0, std::memcmp(lg.data(), decode.data() + s * size_t(V), size_t(V) * sizeof(float)))
+            << "decode step of sequence " << s;
+        EXPECT_EQ(one.n_past, cs[s].n_past);
+    }
 }
 
 TEST(llama_model, reference_kernels_agree_through_the_model) {

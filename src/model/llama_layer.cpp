@@ -1,0 +1,155 @@
+// One decoder layer on the CPU (llama.h: layer_forward), written once for every caller: forward
+// and forward_batch (generation, ppl), and GPTQ calibration through the hooks. The input is a
+// ragged batch of sequences stacked row after row ([sum n_tokens, n_embd], no padding); a single
+// sequence is a batch of one. Every linear runs once over all rows; only RoPE (positions differ)
+// and attention (each sequence sees its own keys/values) run per sequence. The layer is two
+// blocks, each a function: attention_block (norm, q/k/v, RoPE, cache, attention, o, residual) and
+// mlp_block (norm, gate/up, SiLU * up, down, residual). docs/model-runtime.md describes it.
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+#include "model/llama.h"
+
+namespace gptq {
+
+namespace {
+int64_t rows_of(std::span<const layer_seq> seqs) {
+    int64_t n = 0;
+    for (const layer_seq& s : seqs) n += s.n_tokens;
+    return n;
+}
+}  // namespace
+
+bool llama_model::attention_block(const ops_context& ctx, const llama_layer& layer, float* hidden,
+                                  std::span<const layer_seq> seqs, const linear_input_hook* hook,
+                                  linear_input stop_after) const {
+    const int64_t n_embd = hp_.n_embd, q_dim = hp_.q_dim(), kv_dim = hp_.kv_dim(), hd = hp_.head_dim;
+    const int64_t i_layer = layer.index;
+    const int64_t n_rows  = rows_of(seqs);
+    auto          lin     = [&](linear_role r, const float* x, float* y) {
+        linear_forward(ctx, layer.linear(r), x, y, n_rows);
+    };
+
+    std::vector<float> x(static_cast<size_t>(n_rows * std::max(n_embd, q_dim)));  // [n_rows, n_embd]
+    op_rms_norm(ctx, hidden, layer.attn_norm.data(), x.data(), n_rows, n_embd, hp_.rms_eps);
+    if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_QKV, x.data(), n_rows, n_embd);
+    if (stop_after == linear_input::LINEAR_INPUT_QKV) return false;
+
+    std::vector<float> q(static_cast<size_t>(n_rows * q_dim));                // [n_rows, q_dim]
+    std::vector<float> k(static_cast<size_t>(n_rows * kv_dim)), v(k.size());  // [n_rows, kv_dim]
+    lin(linear_role::LINEAR_Q, x.data(), q.data());
+    lin(linear_role::LINEAR_K, x.data(), k.data());
+    lin(linear_role::LINEAR_V, x.data(), v.data());
+
+    // Per sequence: RoPE at its positions, keys/values into its cache, attention over its keys.
+    const int64_t      half = hd / 2;
+    std::vector<float> cos, sin;
+    int64_t            row0 = 0;
+    for (const layer_seq& s : seqs) {
+        const int64_t n  = s.n_tokens;
+        const int64_t p0 = s.pos0;
+        float*        qs = q.data() + row0 * q_dim;
+        float*        ks = k.data() + row0 * kv_dim;
+        float*        vs = v.data() + row0 * kv_dim;
+        // Dynamic RoPE depends on the sequence's length so far.
+        const std::vector<float> inv_freq = llama_rope_inv_freq(hp_, p0 + n);
+        cos.resize(static_cast<size_t>(n * half));
+        sin.resize(cos.size());
+        op_rope_tables(inv_freq.data(), half, p0, n, 1.0f, cos.data(), sin.data());
+        op_rope(ctx, qs, cos.data(), sin.data(), n, hp_.n_head, hd, q_dim);
+        op_rope(ctx, ks, cos.data(), sin.data(), n, hp_.n_head_kv, hd, kv_dim);
+
+        attention_args a;
+        a.q         = qs;
+        a.out       = x.data() + row0 * q_dim;  // x is free again: [n_rows, q_dim]
+        a.n_q       = n;
+        a.n_head    = hp_.n_head;
+        a.n_head_kv = hp_.n_head_kv;
+        a.head_dim  = hd;
+        a.window    = hp_.window[static_cast<size_t>(i_layer)];
+        a.scale     = 1.0f / std::sqrt(static_cast<float>(hd));
+        a.q_stride = a.out_stride = q_dim;
+        a.kv_stride               = kv_dim;
+        if (s.cache) {  // keys/values stored at their positions; attention over 0 .. p0 + n - 1
+            float* ck = s.cache->k[static_cast<size_t>(i_layer)].data();
+            float* cv = s.cache->v[static_cast<size_t>(i_layer)].data();
+            std::copy_n(ks, n * kv_dim, ck + p0 * kv_dim);
+            std::copy_n(vs, n * kv_dim, cv + p0 * kv_dim);
+            a.k      = ck;
+            a.v      = cv;
+            a.n_kv   = p0 + n;
+            a.q_pos0 = p0;
+        } else {  // local K/V: the mask depends on position differences only, so local indices do
+            a.k      = ks;
+            a.v      = vs;
+            a.n_kv   = n;
+            a.q_pos0 = 0;
+        }
+        op_attention(ctx, a);
+        row0 += n;
+    }
+    if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_O, x.data(), n_rows, q_dim);
+    if (stop_after == linear_input::LINEAR_INPUT_O) return false;
+    std::vector<float> y(static_cast<size_t>(n_rows * n_embd));  // [n_rows, n_embd]
+    lin(linear_role::LINEAR_O, x.data(), y.data());
+    op_add(ctx, hidden, y.data(), n_rows * n_embd);
+    return true;
+}
+
+bool llama_model::mlp_block(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_rows,
+                            const linear_input_hook* hook, linear_input stop_after) const {
+    const int64_t n_embd = hp_.n_embd, n_ff = hp_.n_ff;
+    const int64_t i_layer = layer.index;
+    auto          lin     = [&](linear_role r, const float* x, float* y) {
+        linear_forward(ctx, layer.linear(r), x, y, n_rows);
+    };
+    std::vector<float> y(static_cast<size_t>(n_rows * n_embd));  // [n_rows, n_embd]
+    op_rms_norm(ctx, hidden, layer.mlp_norm.data(), y.data(), n_rows, n_embd, hp_.rms_eps);
+    if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_GATE_UP, y.data(), n_rows, n_embd);
+    if (stop_after == linear_input::LINEAR_INPUT_GATE_UP) return false;
+    std::vector<float> gate(static_cast<size_t>(n_rows * n_ff)), up(gate.size());  // [n_rows, n_ff]
+    lin(linear_role::LINEAR_GATE, y.data(), gate.data());
+    lin(linear_role::LINEAR_UP, y.data(), up.data());
+    op_silu_mul(ctx, gate.data(), up.data(), gate.data(), n_rows * n_ff);
+    if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_DOWN, gate.data(), n_rows, n_ff);
+    if (stop_after == linear_input::LINEAR_INPUT_DOWN) return false;
+    lin(linear_role::LINEAR_DOWN, gate.data(), y.data());
+    op_add(ctx, hidden, y.data(), n_rows * n_embd);
+    return true;
+}
+
+void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden,
+                                std::span<const layer_seq> seqs, const linear_input_hook* hook,
+                                linear_input stop_after) const {
+    GPTQ_ASSERT(layer.index >= 0 && layer.index < hp_.n_layer);
+    for (const layer_seq& s : seqs) {
+        GPTQ_ASSERT(s.n_tokens >= 0 && s.pos0 >= 0);
+        GPTQ_ASSERT(!s.cache || (s.pos0 == s.cache->n_past && s.pos0 + s.n_tokens <= s.cache->n_ctx &&
+                                 s.cache->kv_dim == hp_.kv_dim() &&
+                                 static_cast<int64_t>(s.cache->k.size()) == hp_.n_layer));
+    }
+    const int64_t n_rows = rows_of(seqs);
+    if (n_rows == 0) return;
+    if (!attention_block(ctx, layer, hidden, seqs, hook, stop_after)) return;
+    mlp_block(ctx, layer, hidden, n_rows, hook, stop_after);
+}
+
+void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_tokens,
+                                int64_t pos0, kv_cache* cache, const linear_input_hook* hook,
+                                linear_input stop_after) const {
+    const layer_seq seq{n_tokens, pos0, cache};
+    layer_forward(ctx, layer, hidden, std::span<const layer_seq>(&seq, 1), hook, stop_after);
+}
+
+status llama_model::layers_run(const ops_context& ctx, const int32_t* ids, std::span<const layer_seq> seqs,
+                               std::vector<float>* hidden) {
+    const int64_t n_rows = rows_of(seqs);
+    GPTQ_TRY(layers_load_all());
+    hidden->resize(static_cast<size_t>(n_rows * hp_.n_embd));
+    GPTQ_TRY(embed(ids, n_rows, hidden->data()));
+    for (int64_t i = 0; i < hp_.n_layer; ++i) layer_forward(ctx, *layers_[static_cast<size_t>(i)], hidden->data(), seqs);
+    return status::ok();
+}
+
+}  // namespace gptq

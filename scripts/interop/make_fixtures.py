@@ -68,7 +68,11 @@ FIXTURES = {
         about="4-bit g128 asymmetric, saved with checkpoint_format gptq_v2 (zeros stored as is)"),
     "gptqmodel-lm-head": dict(
         producer="gptqmodel", qcfg=dict(bits=4, group_size=128, desc_act=False, sym=True, lm_head=True),
-        about="4-bit g128 with lm_head quantized too (tied embeddings: the embedding stays FP16)"),
+        untied=True, expect_reader="gptqmodel",
+        about="4-bit g128 with lm_head quantized too; the base is untied (lm_head.weight a copy of the "
+              "embedding, tie_word_embeddings false): GPTQModel refuses lm_head on a tied model. "
+              "Only GPTQModel's own loader reads it right (transformers + optimum leave lm_head a "
+              "plain Linear whose weight is missing from the file)"),
     "gptqmodel-sharded": dict(
         producer="gptqmodel", qcfg=dict(bits=4, group_size=64, desc_act=False, sym=True),
         save=dict(max_shard_size="300KB"),
@@ -87,15 +91,21 @@ MISLABELLED = ("gptqmodel-asym-v2-labelled-v1", "gptqmodel-asym-v2")
 # ---------------------------------------------------------------- inputs
 
 
-def make_base(dst):
+def make_base(dst, untied=False):
+    """models/tiny-llama cut to BASE_LAYERS layers; untied: with lm_head.weight, a copy of the
+    embedding, and tie_word_embeddings false (GPTQModel quantizes lm_head only when untied)."""
     from safetensors.torch import load_file, save_file
 
     cfg = ic.read_json(os.path.join(BASE, "config.json"))
     cfg["num_hidden_layers"] = BASE_LAYERS
+    if untied:
+        cfg["tie_word_embeddings"] = False
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(cfg, f, indent=2)
     st = load_file(os.path.join(BASE, "model.safetensors"))
     keep = {k: v for k, v in st.items() if not k.startswith("model.layers.") or int(k.split(".")[2]) < BASE_LAYERS}
+    if untied:
+        keep["lm_head.weight"] = keep["model.embed_tokens.weight"].clone()
     save_file(keep, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
     for name in os.listdir(BASE):
         if name not in ("config.json", "model.safetensors", "training_info.json"):
@@ -223,8 +233,9 @@ def produce_autogptq(base, out, spec):
     model.config.save_pretrained(out)
     with open(os.path.join(out, "quantize_config.json"), "w", encoding="utf-8") as f:
         json.dump(qc, f, indent=2)
-    # AutoGPTQ's save_quantized writes no tokenizer: the user saves it beside (tokenizer.save_pretrained).
-    tok.save_pretrained(out)
+    # AutoGPTQ's save_quantized writes no tokenizer: the user copies the original's files beside.
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(os.path.join(base, name), out)
 
 
 # ---------------------------------------------------------------- storing
@@ -343,11 +354,13 @@ def main():
     names = args.only.split(",") if args.only else list(FIXTURES) + [MISLABELLED[0]]
     work = args.keep_work or tempfile.mkdtemp(prefix="interop-fixtures-")
     os.makedirs(work, exist_ok=True)
-    base = os.path.join(work, "base")
-    if not os.path.isdir(base):
-        os.makedirs(base)
-        make_base(base)
-    ids = ic.dataset_ids(base)
+    bases = {}
+    for untied in (False, True):
+        bases[untied] = os.path.join(work, "base-untied" if untied else "base")
+        if not os.path.isdir(bases[untied]):
+            os.makedirs(bases[untied])
+            make_base(bases[untied], untied)
+    ids = ic.dataset_ids(bases[False])
     store = Store()
     # files of fixtures already committed are copy sources too
     for fx in sorted(os.listdir(OUT_ROOT)) if os.path.isdir(OUT_ROOT) else []:
@@ -369,14 +382,15 @@ def main():
             spec = FIXTURES[name]
             if not os.path.isdir(raw):
                 t0 = time.time()
-                (produce_gptqmodel if spec["producer"] == "gptqmodel" else produce_autogptq)(base, raw, spec)
+                produce = produce_gptqmodel if spec["producer"] == "gptqmodel" else produce_autogptq
+                produce(bases[spec.get("untied", False)], raw, spec)
                 ic.log(f"  produced in {time.time() - t0:.0f} s")
         readers = reader_results(raw, ids, ic.READERS)
         if name == MISLABELLED[0]:
             src = ic.read_json(os.path.join(OUT_ROOT, MISLABELLED[1], "fixture.json"))
             expect_reader, expect = f"{MISLABELLED[1]}: {src['expect_reader']}", src["expect_ppl"]
         else:
-            expect_reader = "autogptq" if spec["producer"] == "autogptq" else "transformers"
+            expect_reader = spec.get("expect_reader", "autogptq" if spec["producer"] == "autogptq" else "transformers")
             if "error" in readers[expect_reader]:
                 raise SystemExit(f"{name}: its own reader failed: {readers[expect_reader]['error']}")
             expect = readers[expect_reader]["ppl"]
@@ -388,7 +402,8 @@ def main():
             "about": spec["about"],
             "producer": spec["producer"],
             "settings": spec.get("qcfg", {}),
-            "base": f"models/tiny-llama cut to its first {BASE_LAYERS} decoder layers",
+            "base": f"models/tiny-llama cut to its first {BASE_LAYERS} decoder layers"
+                    + (", lm_head untied" if spec.get("untied") else ""),
             "protocol": {"dataset": "wikitext2", "seqlen": SEQLEN, "max_windows": MAX_WINDOWS},
             "expect_ppl": expect,
             "expect_reader": expect_reader,

@@ -268,6 +268,7 @@ class Store:
             if ln >= SPLICE_MIN_BYTES:
                 self.base_tensors[self.base_bytes[off:off + ln]] = off
         self.known = {}  # fnv -> repo-relative path of a stored identical file
+        self.known_spliced = {}  # fnv -> {"stored", "splice"} of an identical spliced file
         for name in sorted(os.listdir(BASE)):
             with open(os.path.join(BASE, name), "rb") as f:
                 self.known.setdefault(fnv1a64(f.read()), f"models/tiny-llama/{name}")
@@ -287,6 +288,8 @@ class Store:
             cuts = self._splices(data) if name.endswith(".safetensors") else []
             if h in self.known:
                 entry["copy"] = self.known[h]
+            elif h in self.known_spliced:  # the same .part and splice list as an earlier fixture's file
+                entry.update(self.known_spliced[h])
             elif cuts:
                 part, last = bytearray(), 0
                 for at, ln, src_off in cuts:
@@ -298,6 +301,7 @@ class Store:
                 entry["stored"] = f"{rel_fx}/{name}.part"
                 entry["splice"] = [{"at": at, "length": ln, "from": "models/tiny-llama/model.safetensors",
                                     "offset": src_off} for at, ln, src_off in cuts]
+                self.known_spliced[h] = {"stored": entry["stored"], "splice": entry["splice"]}
             else:
                 shutil.copy(path, os.path.join(fx_dir, name))
                 entry["stored"] = f"{rel_fx}/{name}"
@@ -367,7 +371,9 @@ def main():
         p = os.path.join(OUT_ROOT, fx, "fixture.json")
         if os.path.isfile(p) and fx not in names:
             for fname, e in ic.read_json(p)["files"].items():
-                if "stored" in e and "splice" not in e:
+                if "splice" in e:
+                    store.known_spliced[e["fnv1a64"]] = {"stored": e["stored"], "splice": e["splice"]}
+                elif "stored" in e:
                     store.known[e["fnv1a64"]] = e["stored"]
     for name in names:
         ic.log(f"== {name}")

@@ -413,7 +413,6 @@ def main():
             "protocol": {"dataset": "wikitext2", "seqlen": SEQLEN, "max_windows": MAX_WINDOWS},
             "expect_ppl": expect,
             "expect_reader": expect_reader,
-            "tolerance_pct": 0.2,
             "readers": readers,
             "versions": ic.versions(),
             "files": files,

@@ -125,9 +125,14 @@ def produce_gptqmodel(base, out, spec):
     from gptqmodel import GPTQModel, QuantizeConfig
 
     qcfg = QuantizeConfig(**spec["qcfg"])
-    model = GPTQModel.load(base, qcfg, device="cpu", dtype=torch.float16)
-    model.quantize(calibration_paragraphs(), batch_size=1)
-    model.save(out, **spec.get("save", {}))
+    cwd = os.getcwd()
+    os.chdir(os.path.dirname(out))  # GPTQModel writes a logs/ folder into the working directory
+    try:
+        model = GPTQModel.load(base, qcfg, device="cpu", dtype=torch.float16)
+        model.quantize(calibration_paragraphs(), batch_size=1)
+        model.save(out, **spec.get("save", {}))
+    finally:
+        os.chdir(cwd)
 
 
 # ---------------------------------------------------------------- AutoGPTQ 0.7.1

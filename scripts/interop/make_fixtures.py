@@ -361,7 +361,7 @@ def main():
     ap.add_argument("--keep-work", default=None, help="keep the peers' raw outputs in this folder")
     args = ap.parse_args()
     names = args.only.split(",") if args.only else list(FIXTURES) + [MISLABELLED[0]]
-    work = args.keep_work or tempfile.mkdtemp(prefix="interop-fixtures-")
+    work = os.path.abspath(args.keep_work or tempfile.mkdtemp(prefix="interop-fixtures-"))
     os.makedirs(work, exist_ok=True)
     bases = {}
     for untied in (False, True):

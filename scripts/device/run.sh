@@ -227,6 +227,16 @@ if [ "${GPTQ_DEVICE_Q7B:-0}" = 1 ]; then
     rm -rf "$Q7"
 fi
 
+# ---- 3e. conformance (issue 15; GPTQ_DEVICE_CONFORMANCE=0 skips): the checkpoints GPTQModel and ----
+# AutoGPTQ wrote (tests/data/interop) through gptq ppl on cpu and cuda vs the producer's reader.
+if [ "${GPTQ_DEVICE_CONFORMANCE:-1}" = 1 ]; then
+    if python3 scripts/device/conformance.py "$GPTQ" > "$OUT/conformance.jsonl" 2>> "$OUT/tests.log"; then
+        log "conformance: $(wc -l < "$OUT/conformance.jsonl") fixtures, cpu and cuda within 0.2 % of the producer's reader"
+    else
+        status=1; log "conformance FAILED:"; cat "$OUT/conformance.jsonl" | tee -a "$OUT/summary.txt"
+    fi
+fi
+
 # ---- end to end: gptq bench on make-random shapes (GPTQ_DEVICE_E2E=0 skips) -----------------------
 # FP16 Llama-2-7B (all 32 layers) at batch 1 on the GPU, then an 8-layer 7B-shaped model quantized
 # with RTN W4 g128 on the host's cores (fast; the weights' values do not matter for speed) against

@@ -282,18 +282,34 @@ int64_t layer_index_of(const std::string& name) {
     return p > k_prefix.size() && p < name.size() && name[p] == '.' ? i : -1;
 }
 
+status check_zero_bias(const tensor_source& src, const std::string& name, const std::string& config_path) {
+    const tensor_entry* e = src.find(name);
+    std::vector<float>  b(static_cast<size_t>(e->info->numel()));
+    GPTQ_TRY(src.read_f32(name, b.data()));
+    for (size_t k = 0; k < b.size(); ++k)
+        if (b[k] != 0.0f)
+            return make_error(status_code::STATUS_PARSE_ERROR,
+                              "{}: tensor '{}' holds a non-zero value ({} at element {}), but {} gives this linear no "
+                              "bias (attention_bias / mlp_bias): the model would run without it",
+                              e->file->path(), name, b[k], k, config_path);
+    return status::ok();
+}
+
 // Every tensor of the checkpoint must be one the model reads (or knows to skip): a layer past
 // config.json's num_hidden_layers is an error (the files and the config disagree: running fewer
 // layers would be a silent wrong answer); other unknown tensors are a warning, an error if strict.
 status check_tensor_names(const tensor_source& src, const llama_hparams& hp, const std::string& config_path,
                           bool strict) {
     std::set<std::string> known;
+    std::set<std::string> linears;  // module names of every linear ("model.layers.0.self_attn.q_proj")
     auto                  add = [&](const tensor_spec& t) {
         known.insert(t.name);
         const size_t dot = t.name.rfind('.');
-        if (t.name.compare(dot, std::string::npos, ".weight") == 0 && t.shape.size() == 2)
+        if (t.name.compare(dot, std::string::npos, ".weight") == 0 && t.shape.size() == 2) {
+            linears.insert(t.name.substr(0, dot));
             for (const char* suffix : {".qweight", ".qzeros", ".scales", ".g_idx"})  // format.md 1.2
                 known.insert(t.name.substr(0, dot) + suffix);
+        }
     };
     for (const auto& t : llama_global_tensors(hp)) add(t);
     for (int64_t i = 0; i < hp.n_layer; ++i) {
@@ -306,6 +322,13 @@ status check_tensor_names(const tensor_source& src, const llama_hparams& hp, con
     std::vector<std::string> unknown;
     for (const auto& name : src.names()) {
         if (known.count(name)) continue;
+        if (name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0 &&
+            linears.count(name.substr(0, name.size() - 5))) {
+            // A bias on a linear the architecture gives none: AutoGPTQ writes zero ones for every
+            // linear, which change nothing; a non-zero one would be dropped silently: an error.
+            GPTQ_TRY(check_zero_bias(src, name, config_path));
+            continue;
+        }
         const int64_t i = layer_index_of(name);
         if (i >= hp.n_layer) {
             if (i > max_layer) max_layer = i, max_layer_name = name;

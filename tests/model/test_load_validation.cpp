@@ -57,11 +57,12 @@ void set_config_key(const std::string& model, const std::string& key, const nloh
 
 // Add tensors to the copy: model.safetensors stays as it is, `extra` goes to extra.safetensors, and
 // an index maps every tensor to its file.
-void add_extra_tensors(const std::string& model, const std::vector<std::string>& extra) {
+void add_extra_tensors(const std::string& model, const std::vector<std::string>& extra, int64_t n = 4,
+                       uint16_t value = 0x3c00) {
     test::temp_dir            tmp("extra");
-    std::vector<uint16_t>     data(4, 0x3c00);
+    std::vector<uint16_t>     data(static_cast<size_t>(n), value);
     std::vector<named_buffer> bufs;
-    for (const auto& name : extra) bufs.push_back({{name, dtype::DTYPE_F16, {4}}, data.data()});
+    for (const auto& name : extra) bufs.push_back({{name, dtype::DTYPE_F16, {n}}, data.data()});
     ASSERT_TRUE(safetensors_save(tmp.path(), bufs, uint64_t(1) << 40).is_ok());
     fs::copy_file(tmp.file("model.safetensors"), model + "/extra.safetensors");
     auto src = tensor_source::open(model + "/model.safetensors");
@@ -222,4 +223,27 @@ TEST(load_validation, a_fifo_is_refused_without_hanging) {
     ASSERT_FALSE(p.is_ok());
     EXPECT_TRUE(contains(p.error().message(), "a FIFO, expected a model folder or a .safetensors file"))
         << p.error().message();
+}
+
+TEST(load_validation, a_bias_the_architecture_lacks_is_accepted_when_zero_and_refused_otherwise) {
+    // AutoGPTQ writes a zero .bias for every linear of a Llama (tests/data/interop): harmless. A
+    // non-zero one would be dropped by a model without biases: an error naming it.
+    const std::string q = "model.layers.0.self_attn.q_proj.bias", down = "model.layers.3.mlp.down_proj.bias";
+    {
+        test::temp_dir dir("zero-bias");
+        const auto     model = copy_tiny(dir);
+        add_extra_tensors(model, {q, down}, 256, 0x0000);
+        auto m = llama_model::open(model, {.strict = true});  // not even a warning: known and empty
+        ASSERT_TRUE(m.is_ok()) << m.error().message();
+    }
+    {
+        test::temp_dir dir("nonzero-bias");
+        const auto     model = copy_tiny(dir);
+        add_extra_tensors(model, {down}, 256, 0x3c00);
+        auto m = llama_model::open(model);
+        ASSERT_FALSE(m.is_ok());
+        const std::string msg = m.error().message();
+        EXPECT_TRUE(contains(msg, "'" + down + "' holds a non-zero value (1 at element 0)")) << msg;
+        EXPECT_TRUE(contains(msg, "config.json gives this linear no bias")) << msg;
+    }
 }

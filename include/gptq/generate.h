@@ -26,8 +26,8 @@ struct generator_options {
     std::string model_path;      // model folder (config.json, tokenizer, safetensors), FP or GPTQ
     std::string device = "cpu";  // "cpu", "cuda" or "cuda:N" (include/gptq/device.h); on the GPU the
                                  // prompts of a batch run one after another (one KV cache)
-    int n_threads = 0;           // CPU threads, 0 = all cores
-    bool strict = false;         // tensors the model does not use: an error (else a warning)
+    int  n_threads = 0;          // CPU threads, 0 = all cores
+    bool strict    = false;      // tensors the model does not use: an error (else a warning)
     // --device cuda: where the modules live (gptq/plan.h plan_for_device): "auto" or a device-map
     // file, and "0=8GiB,cpu=32GiB"; both empty: everything on the GPU.
     std::string device_map{};

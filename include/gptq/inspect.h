@@ -20,17 +20,17 @@ struct inspect_tensor {
 
 struct inspect_quantization {
     bool                     present = false;
-    std::string              source;  // file (and key) the config came from
+    std::string              source;        // file (and key) the config came from
     std::vector<std::string> config_files;  // every GPTQ config file present, precedence order
     // bits, group_size and desc_act as the tensors have them (the most common over the quantized
     // modules; desc_act: any module in act-order); the rest from the config.
-    int                      bits          = 0;
-    int                      group_size    = 0;
-    bool                     desc_act      = false;
-    bool                     sym           = true;
-    bool                     static_groups = false;
-    double                   damp_percent  = 0.0;
-    std::string              checkpoint_format;  // "gptq", "gptq_v2", "marlin"
+    int                        bits          = 0;
+    int                        group_size    = 0;
+    bool                       desc_act      = false;
+    bool                       sym           = true;
+    bool                       static_groups = false;
+    double                     damp_percent  = 0.0;
+    std::string                checkpoint_format;        // "gptq", "gptq_v2", "marlin"
     bool                       lm_head         = false;  // lm_head is quantized
     int                        n_dynamic_rules = 0;      // GPTQModel `dynamic` entries
     std::vector<std::string>   quantized_modules;        // module paths with a .qweight

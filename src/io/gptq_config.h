@@ -41,22 +41,22 @@ struct gptq_dynamic_rule {
 };
 
 struct gptq_config {
-    std::string              source;  // file it came from (and key, for config.json)
-    int                      bits            = 4;
-    int                      group_size      = 128;  // -1: one group per row
-    bool                     desc_act        = false;
-    bool                     sym             = true;
-    bool                     static_groups   = false;
-    bool                     true_sequential = true;
-    double                   damp_percent    = 0.01;
-    bool                     lm_head         = false;
-    gptq_checkpoint_format   format          = gptq_checkpoint_format::GPTQ_FORMAT_V1;
-    std::string              quant_method    = "gptq";
-    std::string              pack_dtype      = "int32";
-    std::string              model_file_base_name;  // "" when absent or null
-    std::vector<std::string> quantizer;             // meta.quantizer, e.g. "gptqmodel:4.0.0"
+    std::string                    source;  // file it came from (and key, for config.json)
+    int                            bits            = 4;
+    int                            group_size      = 128;  // -1: one group per row
+    bool                           desc_act        = false;
+    bool                           sym             = true;
+    bool                           static_groups   = false;
+    bool                           true_sequential = true;
+    double                         damp_percent    = 0.01;
+    bool                           lm_head         = false;
+    gptq_checkpoint_format         format          = gptq_checkpoint_format::GPTQ_FORMAT_V1;
+    std::string                    quant_method    = "gptq";
+    std::string                    pack_dtype      = "int32";
+    std::string                    model_file_base_name;  // "" when absent or null
+    std::vector<std::string>       quantizer;             // meta.quantizer, e.g. "gptqmodel:4.0.0"
     std::vector<gptq_dynamic_rule> dynamic;               // GPTQModel per-module rules, in file order
-    json                     raw;                   // the object as read
+    json                           raw;                   // the object as read
 
     json to_json() const;  // the dict we write (both files), format.md 1.7 "minimal robust set"; no `dynamic`
 

@@ -17,9 +17,9 @@ result<json>        json_read_file(const std::string& path);
 result<json>        json_parse(std::string_view text, const std::string& path_for_errors);
 result<std::string> file_read_all(const std::string& path);
 // Write text to "<path>.tmp-<pid>", fsync, rename to path.
-status      file_write_atomic(const std::string& path, std::string_view text);
-bool        file_exists(const std::string& path);
-bool        dir_exists(const std::string& path);
+status file_write_atomic(const std::string& path, std::string_view text);
+bool   file_exists(const std::string& path);
+bool   dir_exists(const std::string& path);
 // "a FIFO", "a folder", ... for a stat st_mode: what a path is, for errors about non-regular files.
 const char* file_kind_name(unsigned mode);
 std::string path_join(const std::string& a, const std::string& b);

@@ -210,8 +210,8 @@ public:
     // With stop_after != LINEAR_INPUT_COUNT the call returns right after the hook has seen that
     // input (GPTQ's capture passes need nothing later); hidden is then left unspecified.
     void layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden, std::span<const layer_seq> seqs,
-                       const linear_input_hook* hook = nullptr,
-                       linear_input stop_after = linear_input::LINEAR_INPUT_COUNT) const;
+                       const linear_input_hook* hook       = nullptr,
+                       linear_input             stop_after = linear_input::LINEAR_INPUT_COUNT) const;
     // The same on one sequence (a batch of one): hidden[n_tokens, n_embd], tokens at positions
     // pos0 .. pos0 + n_tokens - 1, cache as in layer_seq (nullptr: local K/V).
     void layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_tokens, int64_t pos0,
@@ -244,16 +244,16 @@ private:
     bool mlp_block(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_rows,
                    const linear_input_hook* hook, linear_input stop_after) const;
     // Embeddings of ids, then every layer over the batch: hidden[sum n_tokens, n_embd].
-    status layers_run(const ops_context& ctx, const int32_t* ids, std::span<const layer_seq> seqs,
-                      std::vector<float>* hidden);
-    model_config                              cfg_;
-    llama_hparams                             hp_;
-    std::unique_ptr<tensor_source>            src_;
-    std::optional<gptq_config>                gptq_;
+    status        layers_run(const ops_context& ctx, const int32_t* ids, std::span<const layer_seq> seqs,
+                             std::vector<float>* hidden);
+    model_config  cfg_;
+    llama_hparams hp_;
+    std::unique_ptr<tensor_source>                  src_;
+    std::optional<gptq_config>                      gptq_;
     std::map<std::string, gptq_config, std::less<>> gptq_modules_;  // quantized module -> its settings
-    std::vector<std::unique_ptr<llama_layer>> layers_;
-    std::vector<float>                        embed_;    // [n_vocab, n_embd]
-    std::vector<float>                        norm_;     // [n_embd]
+    std::vector<std::unique_ptr<llama_layer>>       layers_;
+    std::vector<float>                              embed_;    // [n_vocab, n_embd]
+    std::vector<float>                              norm_;     // [n_embd]
     linear_weights                                  lm_head_;  // [n_vocab, n_embd] dense or GPTQ; empty when tied
 };
 

@@ -117,9 +117,9 @@ status llama_cuda_model::linear_load(int64_t i_layer, linear_role r, linear* out
 // Read (and check) through io's reader, then pack again for the device: codes as qweight, zeros as
 // v1 (zero - 1, generic kernel adds 1) when every zero is >= 1, else as v2.
 status llama_cuda_model::gptq_upload(const gptq_linear_data& d, int group_size, const std::string& name, linear* out) {
-    out->n_out            = d.n_out;
-    out->n_in             = d.n_in;
-    const int bits        = d.bits;
+    out->n_out     = d.n_out;
+    out->n_in      = d.n_in;
+    const int bits = d.bits;
     // The file's packed words when read with keep_packed (the same stream packing the codes gives).
     std::vector<int32_t> packed;
     if (d.qweight.empty()) {

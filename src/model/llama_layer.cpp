@@ -27,9 +27,7 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
     const int64_t n_embd = hp_.n_embd, q_dim = hp_.q_dim(), kv_dim = hp_.kv_dim(), hd = hp_.head_dim;
     const int64_t i_layer = layer.index;
     const int64_t n_rows  = rows_of(seqs);
-    auto          lin     = [&](linear_role r, const float* x, float* y) {
-        linear_forward(ctx, layer.linear(r), x, y, n_rows);
-    };
+    auto lin = [&](linear_role r, const float* x, float* y) { linear_forward(ctx, layer.linear(r), x, y, n_rows); };
 
     std::vector<float> x(static_cast<size_t>(n_rows * std::max(n_embd, q_dim)));  // [n_rows, n_embd]
     op_rms_norm(ctx, hidden, layer.attn_norm.data(), x.data(), n_rows, n_embd, hp_.rms_eps);
@@ -101,9 +99,7 @@ bool llama_model::mlp_block(const ops_context& ctx, const llama_layer& layer, fl
                             const linear_input_hook* hook, linear_input stop_after) const {
     const int64_t n_embd = hp_.n_embd, n_ff = hp_.n_ff;
     const int64_t i_layer = layer.index;
-    auto          lin     = [&](linear_role r, const float* x, float* y) {
-        linear_forward(ctx, layer.linear(r), x, y, n_rows);
-    };
+    auto lin = [&](linear_role r, const float* x, float* y) { linear_forward(ctx, layer.linear(r), x, y, n_rows); };
     std::vector<float> y(static_cast<size_t>(n_rows * n_embd));  // [n_rows, n_embd]
     op_rms_norm(ctx, hidden, layer.mlp_norm.data(), y.data(), n_rows, n_embd, hp_.rms_eps);
     if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_GATE_UP, y.data(), n_rows, n_embd);
@@ -125,9 +121,9 @@ void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer
     GPTQ_ASSERT(layer.index >= 0 && layer.index < hp_.n_layer);
     for (const layer_seq& s : seqs) {
         GPTQ_ASSERT(s.n_tokens >= 0 && s.pos0 >= 0);
-        GPTQ_ASSERT(!s.cache || (s.pos0 == s.cache->n_past && s.pos0 + s.n_tokens <= s.cache->n_ctx &&
-                                 s.cache->kv_dim == hp_.kv_dim() &&
-                                 static_cast<int64_t>(s.cache->k.size()) == hp_.n_layer));
+        GPTQ_ASSERT(!s.cache ||
+                    (s.pos0 == s.cache->n_past && s.pos0 + s.n_tokens <= s.cache->n_ctx &&
+                     s.cache->kv_dim == hp_.kv_dim() && static_cast<int64_t>(s.cache->k.size()) == hp_.n_layer));
     }
     const int64_t n_rows = rows_of(seqs);
     if (n_rows == 0) return;
@@ -148,7 +144,8 @@ status llama_model::layers_run(const ops_context& ctx, const int32_t* ids, std::
     GPTQ_TRY(layers_load_all());
     hidden->resize(static_cast<size_t>(n_rows * hp_.n_embd));
     GPTQ_TRY(embed(ids, n_rows, hidden->data()));
-    for (int64_t i = 0; i < hp_.n_layer; ++i) layer_forward(ctx, *layers_[static_cast<size_t>(i)], hidden->data(), seqs);
+    for (int64_t i = 0; i < hp_.n_layer; ++i)
+        layer_forward(ctx, *layers_[static_cast<size_t>(i)], hidden->data(), seqs);
     return status::ok();
 }
 

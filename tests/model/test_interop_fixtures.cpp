@@ -139,9 +139,9 @@ INSTANTIATE_TEST_SUITE_P(peers, interop_fixture, ::testing::ValuesIn(fixture_nam
 TEST(interop_fixtures, all_present) {
     const auto names = fixture_names();
     EXPECT_GE(names.size(), 8u) << "tests/data/interop has " << names.size() << " fixtures";
-    for (const char* want : {"gptqmodel-w4-act-order", "gptqmodel-w3", "gptqmodel-w8", "gptqmodel-asym-v2",
-                             "gptqmodel-asym-v2-labelled-v1", "gptqmodel-lm-head", "gptqmodel-sharded",
-                             "autogptq-w4-act-order"})
+    for (const char* want :
+         {"gptqmodel-w4-act-order", "gptqmodel-w3", "gptqmodel-w8", "gptqmodel-asym-v2",
+          "gptqmodel-asym-v2-labelled-v1", "gptqmodel-lm-head", "gptqmodel-sharded", "autogptq-w4-act-order"})
         EXPECT_TRUE(std::find(names.begin(), names.end(), want) != names.end()) << want << " missing";
 }
 
@@ -150,7 +150,7 @@ TEST(interop_fixtures, assembly_checks_the_hash) {
     nlohmann::json fx = fixture_json("autogptq-w4-act-order");
     for (auto& [fname, e] : fx["files"].items())
         if (e.contains("splice")) e["splice"][0]["offset"] = e["splice"][0]["offset"].get<size_t>() + 2;
-    temp_dir tmp("interop-damaged");
+    temp_dir                       tmp("interop-damaged");
     ::testing::TestPartResultArray failures;
     {
         ::testing::ScopedFakeTestPartResultReporter reporter(

@@ -395,11 +395,11 @@ TEST(llama_layers, forward_paths_agree_bit_for_bit) {
     EXPECT_EQ(a, b);
 
     // A ragged prefill of ids [0, 5), [5, 6), [6, 12), then one decode step each (ids 0, 1, 2).
-    const ops_context                        ref{nullptr, true};
-    const std::array<int64_t, 3>             n_prefill = {5, 1, 6}, start = {0, 5, 6}, n_decode = {1, 1, 1};
-    std::vector<kv_cache>                    cs(3, kv_cache::create(hp, 16));
-    std::array<kv_cache*, 3>                 cp = {&cs[0], &cs[1], &cs[2]};
-    std::vector<float>                       prefill(3 * size_t(V)), decode(3 * size_t(V));
+    const ops_context            ref{nullptr, true};
+    const std::array<int64_t, 3> n_prefill = {5, 1, 6}, start = {0, 5, 6}, n_decode = {1, 1, 1};
+    std::vector<kv_cache>        cs(3, kv_cache::create(hp, 16));
+    std::array<kv_cache*, 3>     cp = {&cs[0], &cs[1], &cs[2]};
+    std::vector<float>           prefill(3 * size_t(V)), decode(3 * size_t(V));
     ASSERT_TRUE((*m)->forward_batch(ref, ids.data(), n_prefill.data(), 3, cp.data(), prefill.data()).is_ok());
     ASSERT_TRUE((*m)->forward_batch(ref, ids.data(), n_decode.data(), 3, cp.data(), decode.data()).is_ok());
     for (size_t s = 0; s < 3; ++s) {

@@ -66,7 +66,9 @@ int fuzz_tensor_source(const uint8_t* data, size_t size) {
         if (e->info->type == dtype::DTYPE_F32 || e->info->type == dtype::DTYPE_F16 ||
             e->info->type == dtype::DTYPE_BF16) {
             std::vector<float> f(static_cast<size_t>(e->info->numel()));
-            GPTQ_ASSERT(s.read_f32(name, f.data(), e->info->shape).is_ok());
+            // read_f32 refuses NaN/Inf (docs/reliability.md): it fails exactly when check_finite does.
+            const status st = s.read_f32(name, f.data(), e->info->shape);
+            GPTQ_ASSERT(st.is_ok() == e->file->check_finite(*e->info).is_ok());
         }
     }
     (void)s.total_bytes();

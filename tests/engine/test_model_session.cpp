@@ -21,7 +21,7 @@ using namespace gptq;
 
 namespace {
 
-const std::string k_models = std::string(GPTQ_SOURCE_DIR) + "/tests/data/model";
+const std::string k_models  = std::string(GPTQ_SOURCE_DIR) + "/tests/data/model";
 constexpr int     k_threads = 2;
 
 // A sequence alone and in a ragged batch runs the same ops on the same values, but the batch's
@@ -49,7 +49,8 @@ std::unique_ptr<model_session> open_cpu(const std::string& name) {
 
 std::vector<int32_t> token_ids(int64_t n, int64_t seed, int64_t n_vocab) {
     std::vector<int32_t> ids(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) ids[static_cast<size_t>(i)] = static_cast<int32_t>((i * 37 + seed * 11 + 5) % n_vocab);
+    for (int64_t i = 0; i < n; ++i)
+        ids[static_cast<size_t>(i)] = static_cast<int32_t>((i * 37 + seed * 11 + 5) % n_vocab);
     return ids;
 }
 
@@ -106,7 +107,9 @@ void check_ragged_steps(const std::string& name) {
         std::vector<seq_step> steps;
         int64_t               rows = 0;
         for (const chunk& c : plan[k]) {
-            steps.push_back({.seq = c.seq, .ids = tok[size_t(c.seq)].data() + fed[size_t(c.seq)], .n_tokens = c.n,
+            steps.push_back({.seq        = c.seq,
+                             .ids        = tok[size_t(c.seq)].data() + fed[size_t(c.seq)],
+                             .n_tokens   = c.n,
                              .all_logits = c.all});
             rows += c.all ? c.n : 1;
         }
@@ -156,14 +159,14 @@ TEST(model_session_cpu, seq_reset_starts_one_slot_over) {
     const std::vector<int32_t> a = token_ids(6, 3, V), b = token_ids(4, 4, V);
     ASSERT_TRUE(s->reserve(2, 16).is_ok());
     std::vector<float> first(static_cast<size_t>(2 * V)), again(first.size());
-    const seq_step     both[] = {{.seq = 0, .ids = a.data(), .n_tokens = 6}, {.seq = 1, .ids = b.data(), .n_tokens = 4}};
+    const seq_step both[] = {{.seq = 0, .ids = a.data(), .n_tokens = 6}, {.seq = 1, .ids = b.data(), .n_tokens = 4}};
     ASSERT_TRUE(s->step(both, first.data()).is_ok());
     s->seq_reset(1);
     EXPECT_EQ(s->seq_pos(0), 6);
     EXPECT_EQ(s->seq_pos(1), 0);
     // Slot 1 from position 0 again beside slot 0 (now at 6, running its next token): b's logits
     // as the first time.
-    const int32_t  next   = 9;
+    const int32_t  next    = 9;
     const seq_step mixed[] = {{.seq = 1, .ids = b.data(), .n_tokens = 4}, {.seq = 0, .ids = &next, .n_tokens = 1}};
     ASSERT_TRUE(s->step(mixed, again.data()).is_ok());
     EXPECT_LE(row_rel_error(again.data(), first.data() + V, V), k_batch_rel_tol);
@@ -216,7 +219,9 @@ TEST(model_session_cpu, step_errors_name_the_slot_and_advance_nothing) {
          "slot 1 is listed twice"},
         {"no tokens", {{.seq = 1, .ids = ids.data(), .n_tokens = 0}}, "slot 1 has 0 new tokens"},
         {"no ids", {{.seq = 1, .ids = nullptr, .n_tokens = 2}}, "no ids"},
-        {"past n_ctx", {{.seq = 0, .ids = ids.data(), .n_tokens = 6}}, "slot 0: 6 tokens after its 3 cached positions exceed the 8"},
+        {"past n_ctx",
+         {{.seq = 0, .ids = ids.data(), .n_tokens = 6}},
+         "slot 0: 6 tokens after its 3 cached positions exceed the 8"},
         {"id past the vocabulary",
          {{.seq = 1, .ids = ids.data(), .n_tokens = 1}, {.seq = 0, .ids = &bad_high, .n_tokens = 1}},
          "slot 0, token 0 of 1: id 96 is outside the vocabulary [0, 96)"},
@@ -242,7 +247,7 @@ TEST(model_session_cpu, evaluate_is_forward_with_local_kv_and_leaves_the_slots) 
     const int64_t              V = s->n_vocab(), n = 12;
     const std::vector<int32_t> ids = token_ids(n, 6, V);
     ASSERT_TRUE(s->reserve(1, 16).is_ok());
-    const seq_step warm[] = {{.seq = 0, .ids = ids.data(), .n_tokens = 4}};
+    const seq_step     warm[] = {{.seq = 0, .ids = ids.data(), .n_tokens = 4}};
     std::vector<float> before(static_cast<size_t>(V)), after(before.size());
     ASSERT_TRUE(s->step(warm, before.data()).is_ok());
 
@@ -293,8 +298,8 @@ TEST(model_session, open_checks_the_device_and_placement) {
     EXPECT_FALSE(model_session_open(o).is_ok());
 
     // Without CUDA in the build (or without the device), --device cuda is device_check's error.
-    o.n_threads = 1;
-    o.device    = {.cuda = true, .index = 7};
+    o.n_threads     = 1;
+    o.device        = {.cuda = true, .index = 7};
     const status dc = device_check(o.device);
     if (dc.is_ok()) GTEST_SKIP() << "this machine has a cuda:7";
     s = model_session_open(o);

@@ -697,8 +697,33 @@ void llama_model::output_logits(const ops_context& ctx, const float* hidden, int
     }
 }
 
+bool llama_model::rope_needs_reprefill(const kv_cache& cache, int64_t n_tokens) const {
+    const rope_config* ropes[] = {&hp_.rope, &hp_.rope_local};
+    for (const rope_config* r : ropes) {
+        if (r == &hp_.rope_local && !hp_.rope_local_differs) continue;
+        if (r->type != rope_type::ROPE_LONGROPE) continue;
+        const int64_t orig = r->original_max_position_embeddings;
+        if (cache.n_past > 0 && cache.n_past <= orig && cache.n_past + n_tokens > orig) return true;
+    }
+    return false;
+}
+
 status llama_model::forward(const ops_context& ctx, const int32_t* ids, int64_t n_tokens, kv_cache* cache,
                             float* logits) {
+    if (cache && rope_needs_reprefill(*cache, n_tokens)) {
+        // Every cached token again with the long factors (transformers drops its cache here).
+        if (static_cast<int64_t>(cache->ids.size()) != cache->n_past)
+            return make_error(E_ARG, "LongRoPE: the KV cache holds {} positions but {} token ids", cache->n_past,
+                              cache->ids.size());
+        std::vector<int32_t> all = cache->ids;
+        all.insert(all.end(), ids, ids + n_tokens);
+        cache->clear();
+        const int64_t      n_all = static_cast<int64_t>(all.size());
+        std::vector<float> all_logits(static_cast<size_t>(n_all * hp_.n_vocab));
+        GPTQ_TRY(forward(ctx, all.data(), n_all, cache, all_logits.data()));
+        std::copy_n(all_logits.data() + (n_all - n_tokens) * hp_.n_vocab, n_tokens * hp_.n_vocab, logits);
+        return status::ok();
+    }
     const int64_t pos0 = cache ? cache->n_past : 0;
     if (cache && pos0 + n_tokens > cache->n_ctx)
         return make_error(E_ARG, "{} tokens after {} cached ones exceed the cache's {} positions", n_tokens, pos0,
@@ -706,7 +731,10 @@ status llama_model::forward(const ops_context& ctx, const int32_t* ids, int64_t 
     const layer_seq    seq{n_tokens, pos0, cache};  // a batch of one
     std::vector<float> hidden;                      // [n_tokens, n_embd]
     GPTQ_TRY(layers_run(ctx, ids, std::span<const layer_seq>(&seq, 1), &hidden));
-    if (cache) cache->n_past += n_tokens;
+    if (cache) {
+        cache->n_past += n_tokens;
+        cache->ids.insert(cache->ids.end(), ids, ids + n_tokens);
+    }
     output_logits(ctx, hidden.data(), n_tokens, logits);
     return status::ok();
 }

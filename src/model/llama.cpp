@@ -533,20 +533,14 @@ const gptq_config* llama_model::quantization_of(std::string_view module) const {
 }
 
 namespace {
-// Rows [row0, row0 + n_out) of a GPTQ linear read whole: codes [n_out, n_in] are rows, scales and
-// zeros [n_groups, n_out] columns (format.md 1.2: output features are independent).
-std::shared_ptr<const gptq_packed_linear> gptq_rows(const gptq_linear_data& q, int64_t row0, int64_t n_out) {
-    const int64_t        n_in = q.n_in, n_all = q.n_out, n_groups = q.n_groups;
-    std::vector<float>   scales(static_cast<size_t>(n_groups * n_out));
-    std::vector<int32_t> zeros(scales.size());
-    for (int64_t g = 0; g < n_groups; ++g)
-        for (int64_t j = 0; j < n_out; ++j) {
-            scales[size_t(g * n_out + j)] = f16_to_f32(q.scales[size_t(g * n_all + row0 + j)]);
-            zeros[size_t(g * n_out + j)]  = q.zeros[size_t(g * n_all + row0 + j)];
-        }
+// A GPTQ linear as read by io, kept quantized (codes, F32 scales).
+std::shared_ptr<const gptq_packed_linear> gptq_packed(const gptq_linear_data& q) {
+    std::vector<float> scales(q.scales.size());
+    for (size_t j = 0; j < scales.size(); ++j) scales[j] = f16_to_f32(q.scales[j]);
     return std::make_shared<const gptq_packed_linear>(gptq_packed_linear::from_unpacked(
-        q.codes.data() + row0 * n_in, scales.data(), zeros.data(), q.g_idx.data(), n_out, n_in, n_groups));
+        q.codes.data(), scales.data(), q.zeros.data(), q.g_idx.data(), q.n_out, q.n_in, q.n_groups));
 }
+
 status read_vec(const tensor_source& src, const tensor_spec& t, std::vector<float>* out) {
     int64_t n = 1;
     for (int64_t d : t.shape) n *= d;
@@ -595,7 +589,7 @@ result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer, th
             l.n_out                 = n_out;
             l.n_in                  = n_in;
             if (q) {
-                l.q = gptq_rows(*q, s.row0, n_out);
+                l.q = m.roles.size() == 1 ? gptq_packed(*q) : gptq_packed(gptq_linear_rows(*q, s.row0, n_out));
             } else if (m.roles.size() == 1) {
                 l.w = std::move(w);
             } else {
@@ -636,7 +630,7 @@ status llama_model::globals_load() {
     lm_head_.n_in  = hp_.n_embd;
     if (const gptq_config* qc = quantization_of("lm_head")) {  // used even when config.json ties it
         GPTQ_ASSIGN_OR_RETURN(gptq_linear_data q, gptq_linear_read(*src_, "lm_head", hp_.n_vocab, hp_.n_embd, *qc));
-        lm_head_.q = gptq_rows(q, 0, hp_.n_vocab);
+        lm_head_.q = gptq_packed(q);
     } else if (!hp_.tie_embeddings) {
         GPTQ_TRY(read_vec(*src_, specs[2], &lm_head_.w));
     }

@@ -121,6 +121,26 @@ status hparams_set_options(const model_config& cfg, llama_hparams* hp) {
 }
 }  // namespace
 
+std::string llama_hparams::options_beyond_llama() const {
+    std::string out;
+    auto        add = [&](bool on, const char* name) {
+        if (on) out += (out.empty() ? "" : ", ") + std::string(name);
+    };
+    add(qk_norm, "qk_norm");
+    add(norm_plus_one, "norm_plus_one");
+    add(attn_out_norm || mlp_out_norm, "sandwich_norms");
+    add(act != mlp_activation::ACT_SILU, mlp_activation_name(act));
+    add(embed_scale != 1.0f, "embed_scale");
+    add(head_dim > 0 && attn_scale != 1.0f / std::sqrt(static_cast<float>(head_dim)), "attn_scale");
+    add(attn_softcap > 0.0f, "attn_softcap");
+    add(final_softcap > 0.0f, "final_softcap");
+    add(rope_local_differs, "rope_local");
+    add(rope.type == rope_type::ROPE_LONGROPE, "longrope");
+    add(fused_qkv, "fused_qkv");
+    add(fused_gate_up, "fused_gate_up");
+    return out;
+}
+
 const rope_config& llama_hparams::rope_of(int64_t i_layer) const {
     return rope_local_differs && window[static_cast<size_t>(i_layer)] > 0 ? rope_local : rope;
 }

@@ -106,6 +106,10 @@ struct llama_hparams {
     std::array<int64_t, 2> linear_shape(linear_role r) const;
     // The RoPE settings of layer i (rope, or rope_local on a sliding-window layer when it differs).
     const rope_config& rope_of(int64_t i_layer) const;
+    // The options above in use that a Llama / Mistral / Qwen2 layer does not have ("qk_norm,
+    // fused_qkv, longrope", ...), "" when none: a backend that does not run them yet refuses the
+    // model with this list (no silent wrong answer).
+    std::string options_beyond_llama() const;
 };
 
 // Upper bound of the layer count, head counts and head_dim a config may give (docs/reliability.md).

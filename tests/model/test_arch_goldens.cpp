@@ -125,3 +125,21 @@ TEST(arch_config, transformers4_dialect_same_hparams) {
         check_v4_dialect(name);
     }
 }
+
+// What a backend that runs only the Llama layer must refuse (llama_hparams::options_beyond_llama).
+TEST(arch_config, options_beyond_llama) {
+    auto hp_of = [](const std::string& path) {
+        auto c = model_config_load(path);
+        EXPECT_TRUE(c.is_ok()) << c.error().message();
+        auto h = llama_hparams_from_config(*c);
+        EXPECT_TRUE(h.is_ok()) << h.error().message();
+        return *h;
+    };
+    const std::string model = std::string(GPTQ_SOURCE_DIR) + "/tests/data/model/";
+    EXPECT_EQ(hp_of(model + "rand-mistral").options_beyond_llama(), "");
+    EXPECT_EQ(hp_of(model + "rand-qwen2").options_beyond_llama(), "");
+    EXPECT_EQ(hp_of(k_arch + "mistral-nemo").options_beyond_llama(), "");
+    EXPECT_EQ(hp_of(k_arch + "qwen3").options_beyond_llama(), "qk_norm");
+    EXPECT_EQ(hp_of(k_arch + "phi3").options_beyond_llama(), "fused_qkv, fused_gate_up");
+    EXPECT_EQ(hp_of(k_arch + "phi3-longrope").options_beyond_llama(), "longrope, fused_qkv, fused_gate_up");
+}

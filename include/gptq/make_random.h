@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -33,8 +34,13 @@ struct random_model_shape {
     int64_t     eos_token_id            = 2;
     bool        tie_word_embeddings     = false;
     std::string torch_dtype             = "float16";  // the dtype the published checkpoint ships in
+    // The family (a row of io/arch.h) and its config values beyond Llama's.
+    std::string            architecture    = "LlamaForCausalLM";
+    std::string            model_type      = "llama";
+    int64_t                head_dim_config = 0;  // config "head_dim"; 0: hidden_size / num_attention_heads
+    std::optional<int64_t> sliding_window;       // config "sliding_window" (Phi-3: 2047), absent when empty
 
-    int64_t head_dim() const { return hidden_size / num_attention_heads; }
+    int64_t head_dim() const { return head_dim_config > 0 ? head_dim_config : hidden_size / num_attention_heads; }
     // Parameters of the checkpoint (embeddings, lm_head unless tied, norms, linears).
     int64_t n_params() const;
 };

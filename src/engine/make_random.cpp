@@ -77,6 +77,30 @@ std::vector<random_model_shape> shape_table() {
     // smaller still and gets a generated tokenizer.
     add("tiny", "", 8192, 256, 768, 4, 4, 2, 2048, 10000.0, 1e-5, 1, 2, false, "float16");
     add("micro", "", 512, 64, 128, 2, 4, 2, 512, 10000.0, 1e-5, 1, 2, false, "float16");
+    // Other families (io/arch.h): the published config's values beyond the columns above.
+    auto family = [&](const char* architecture, const char* model_type, int64_t head_dim,
+                      std::optional<int64_t> window) {
+        t.back().architecture    = architecture;
+        t.back().model_type      = model_type;
+        t.back().head_dim_config = head_dim;
+        t.back().sliding_window  = window;
+    };
+    add("qwen3-8b", "Qwen/Qwen3-8B", 151936, 4096, 12288, 36, 32, 8, 40960, 1000000.0, 1e-6, 151643, 151645, false,
+        "bfloat16");
+    family("Qwen3ForCausalLM", "qwen3", 128, std::nullopt);
+    add("mistral-nemo-12b", "mistralai/Mistral-Nemo-Base-2407", 131072, 5120, 14336, 40, 32, 8, 1024000, 1000000.0,
+        1e-5, 1, 2, false, "bfloat16");
+    family("MistralForCausalLM", "mistral", 128, std::nullopt);
+    add("phi-3-mini", "microsoft/Phi-3-mini-4k-instruct", 32064, 3072, 8192, 32, 32, 32, 4096, 10000.0, 1e-5, 1,
+        32000, false, "bfloat16");
+    family("Phi3ForCausalLM", "phi3", 0, 2047);
+    // Test shapes of those families (generated tokenizer).
+    add("micro-qwen3", "", 512, 64, 128, 2, 4, 2, 512, 1000000.0, 1e-6, 1, 2, true, "bfloat16");
+    family("Qwen3ForCausalLM", "qwen3", 32, std::nullopt);
+    add("micro-nemo", "", 512, 96, 128, 2, 4, 2, 512, 1000000.0, 1e-5, 1, 2, false, "bfloat16");
+    family("MistralForCausalLM", "mistral", 16, std::nullopt);
+    add("micro-phi3", "", 512, 64, 128, 2, 4, 4, 512, 10000.0, 1e-5, 1, 2, false, "bfloat16");
+    family("Phi3ForCausalLM", "phi3", 0, 64);
     return t;
 }
 
@@ -323,8 +347,9 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }  // namespace
 
 int64_t random_model_shape::n_params() const {
-    const int64_t h = hidden_size, kv = num_key_value_heads * head_dim();
-    const int64_t per_layer = 2 * h + h * h * 2 + 2 * kv * h + 3 * h * intermediate_size;
+    const int64_t h = hidden_size, q = num_attention_heads * head_dim(), kv = num_key_value_heads * head_dim();
+    const int64_t qk_norms  = model_type == "qwen3" ? 2 * head_dim() : 0;  // io/arch.h qk_norm
+    const int64_t per_layer = 2 * h + 2 * q * h + 2 * kv * h + 3 * h * intermediate_size + qk_norms;
     return vocab_size * h * (tie_word_embeddings ? 1 : 2) + h + num_hidden_layers * per_layer;
 }
 
@@ -365,7 +390,7 @@ result<random_model_shape> make_random_shape(const std::string& name) {
 
 std::string make_random_config_json(const random_model_shape& s, const std::string& dtype, uint64_t seed) {
     ojson j;
-    j["architectures"]           = {"LlamaForCausalLM"};
+    j["architectures"]           = {s.architecture};
     j["attention_bias"]          = false;
     j["attention_dropout"]       = 0.0;
     j["bos_token_id"]            = s.bos_token_id;
@@ -376,7 +401,9 @@ std::string make_random_config_json(const random_model_shape& s, const std::stri
     j["intermediate_size"]       = s.intermediate_size;
     j["max_position_embeddings"] = s.max_position_embeddings;
     j["mlp_bias"]                = false;
-    j["model_type"]              = "llama";
+    j["model_type"]              = s.model_type;
+    if (s.head_dim_config > 0) j["head_dim"] = s.head_dim_config;
+    if (s.sliding_window) j["sliding_window"] = *s.sliding_window;
     j["num_attention_heads"]     = s.num_attention_heads;
     j["num_hidden_layers"]       = s.num_hidden_layers;
     j["num_key_value_heads"]     = s.num_key_value_heads;

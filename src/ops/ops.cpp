@@ -61,6 +61,7 @@ void op_attention(const ops_context& ctx, const attention_args& a) {
     s.head_dim   = a.head_dim;
     s.window     = a.window;
     s.scale      = a.scale;
+    s.softcap    = a.softcap;
     s.q_stride   = a.q_stride;
     s.kv_stride  = a.kv_stride;
     s.out_stride = a.out_stride;

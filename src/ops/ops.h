@@ -43,6 +43,7 @@ struct attention_args {
     int64_t      n_head = 0, n_head_kv = 0, head_dim = 0;
     int64_t      window   = 0;  // sliding window (0: none)
     float        scale    = 1.0f;
+    float        softcap  = 0.0f;  // > 0: attention logit soft-capping (kernels/cpu/attention.h)
     int64_t      q_stride = 0, kv_stride = 0, out_stride = 0;
 };
 // Causal GQA attention of the queries at positions q_pos0.. over keys 0..n_kv-1.

@@ -43,6 +43,7 @@ void attention_ref(const float* q, const float* k, const float* v, float* out, c
                 double       dot = 0.0;
                 for (int64_t d = 0; d < s.head_dim; ++d) dot += static_cast<double>(qh[d]) * kj[d];
                 w[j] = dot * s.scale;
+                if (s.softcap > 0.0f) w[j] = s.softcap * std::tanh(w[j] / s.softcap);
                 m    = std::max(m, w[j]);
             }
             double sum = 0.0;
@@ -75,6 +76,8 @@ void attention_block(const float* q, const float* k, const float* v, float* out,
                 static_cast<blasint>(s.head_dim), s.scale, q + i0 * s.q_stride + h * s.head_dim,
                 static_cast<blasint>(s.q_stride), k + jlo * s.kv_stride + hk * s.head_dim,
                 static_cast<blasint>(s.kv_stride), 0.0f, scores.data(), static_cast<blasint>(nk));
+    if (s.softcap > 0.0f)
+        for (float& x : scores) x = s.softcap * std::tanh(x / s.softcap);
     for (int64_t r = 0; r < nq; ++r) {
         const int64_t p   = s.q_pos0 + i0 + r;
         const int64_t a   = first_key(p, s.window) - jlo;  // visible: [a, b) within the range

@@ -53,7 +53,28 @@ status llama_model::forward_batch(const ops_context& ctx, const int32_t* ids, co
             all_ids.insert(all_ids.end(), p, p + n_tokens[s]);
             p += n_tokens[s];
         }
-        return forward_batch(ctx, all_ids.data(), all_n.data(), n_seq, caches, logits);
+        // A re-run sequence that wants all its rows gets only those of its new tokens: the rows of
+        // its history are computed into a scratch buffer and dropped.
+        std::vector<int64_t> history(static_cast<size_t>(n_seq));
+        bool                 drop = false;
+        for (int64_t s = 0; s < n_seq; ++s) {
+            history[static_cast<size_t>(s)] = all_n[static_cast<size_t>(s)] - n_tokens[s];
+            drop = drop || (all_logits && all_logits[s] && history[static_cast<size_t>(s)] > 0);
+        }
+        if (!drop) return forward_batch(ctx, all_ids.data(), all_n.data(), n_seq, caches, logits, all_logits);
+        int64_t n_rows = 0;
+        for (int64_t s = 0; s < n_seq; ++s) n_rows += all_logits[s] ? all_n[static_cast<size_t>(s)] : 1;
+        std::vector<float> scratch(static_cast<size_t>(n_rows * hp_.n_vocab));
+        GPTQ_TRY(forward_batch(ctx, all_ids.data(), all_n.data(), n_seq, caches, scratch.data(), all_logits));
+        const float* src = scratch.data();
+        float*       dst = logits;
+        for (int64_t s = 0; s < n_seq; ++s) {
+            const int64_t rows = all_logits[s] ? n_tokens[s] : 1;
+            if (all_logits[s]) src += history[static_cast<size_t>(s)] * hp_.n_vocab;
+            dst = std::copy_n(src, rows * hp_.n_vocab, dst);
+            src += rows * hp_.n_vocab;
+        }
+        return status::ok();
     }
     std::vector<layer_seq> seqs(static_cast<size_t>(n_seq));
     for (int64_t s = 0; s < n_seq; ++s) seqs[static_cast<size_t>(s)] = {n_tokens[s], caches[s]->n_past, caches[s]};
@@ -70,7 +91,7 @@ status llama_model::forward_batch(const ops_context& ctx, const int32_t* ids, co
         n_out += rows;
         row0 += n_tokens[s];
         caches[s]->n_past += n_tokens[s];
-        caches[s]->ids.insert(caches[s]->ids.end(), ids + row - n_tokens[s], ids + row);
+        caches[s]->ids.insert(caches[s]->ids.end(), ids + row0 - n_tokens[s], ids + row0);
     }
     output_logits(ctx, out.data(), n_out, logits);
     return status::ok();

@@ -152,9 +152,9 @@ TEST(arch_goldens, phi3_longrope_batch_across_the_switch) {
     const llama_hparams& hp = (*m)->hparams();
     const auto           g  = test::golden_load_file(k_arch + "phi3-longrope/golden.safetensors");
     ASSERT_GE(g.seqs.size(), 3u);
-    const auto& a = g.seqs[0];  // 28 tokens: crosses 32 during its greedy run
-    const auto& b = g.seqs[2];  // 48 tokens: long from the start
-    kv_cache    ca = kv_cache::create(hp, 64), cb = kv_cache::create(hp, 64);
+    const auto&          a  = g.seqs[0];  // 28 tokens: crosses 32 during its greedy run
+    const auto&          b  = g.seqs[2];  // 48 tokens: long from the start
+    kv_cache             ca = kv_cache::create(hp, 64), cb = kv_cache::create(hp, 64);
     std::vector<int32_t> ids(a.ids);
     ids.insert(ids.end(), b.ids.begin(), b.ids.end());
     int64_t              n[2]      = {static_cast<int64_t>(a.ids.size()), static_cast<int64_t>(b.ids.size())};
@@ -171,4 +171,32 @@ TEST(arch_goldens, phi3_longrope_batch_across_the_switch) {
     EXPECT_EQ(got_a, a.greedy);
     EXPECT_EQ(std::vector<int32_t>(got_b.begin(), got_b.end()),
               std::vector<int32_t>(b.greedy.begin(), b.greedy.begin() + static_cast<int64_t>(got_b.size())));
+}
+
+// A chunk with all_logits that crosses the LongRoPE switch: the re-run computes the whole history
+// again, and only the chunk's own rows come back, equal to the full sequence run at once.
+TEST(arch_goldens, phi3_longrope_all_logits_across_the_switch) {
+    auto m = llama_model::open(k_arch + "phi3-longrope");
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    const llama_hparams& hp = (*m)->hparams();
+    const auto           g  = test::golden_load_file(k_arch + "phi3-longrope/golden.safetensors");
+    const auto&          a  = g.seqs[2];  // 48 tokens
+    ASSERT_GE(a.ids.size(), 40u);
+    const int64_t      n0 = 28, n1 = 8;  // 28 cached (short factors), then 8 more: past 32
+    std::vector<float> full(static_cast<size_t>((n0 + n1) * hp.n_vocab));
+    ASSERT_TRUE((*m)->forward(ctx(), a.ids.data(), n0 + n1, nullptr, full.data()).is_ok());
+    kv_cache           c         = kv_cache::create(hp, 64);
+    kv_cache*          caches[1] = {&c};
+    std::vector<float> first(static_cast<size_t>(hp.n_vocab));
+    ASSERT_TRUE((*m)->forward_batch(ctx(), a.ids.data(), &n0, 1, caches, first.data()).is_ok());
+    std::vector<float> chunk(static_cast<size_t>(n1 * hp.n_vocab), -1.0f);
+    const bool         all = true;
+    ASSERT_TRUE((*m)->forward_batch(ctx(), a.ids.data() + n0, &n1, 1, caches, chunk.data(), &all).is_ok());
+    EXPECT_EQ(c.n_past, n0 + n1);
+    float worst = 0;
+    for (int64_t k = 0; k < n1 * hp.n_vocab; ++k) {
+        const float want = full[static_cast<size_t>(n0 * hp.n_vocab + k)];
+        worst            = std::max(worst, std::abs(chunk[static_cast<size_t>(k)] - want) / (std::abs(want) + 1e-3f));
+    }
+    EXPECT_LT(worst, 1e-4f);
 }

@@ -16,11 +16,6 @@
 
 namespace gptq {
 
-namespace {
-constexpr status_code E_ARG     = status_code::STATUS_INVALID_ARGUMENT;
-constexpr float       k_f16_max = 65504.0f;
-}  // namespace
-
 status cuda_linear_forward(cuda_context& c, const cuda_linear& l, const uint16_t* x, uint16_t* y, int64_t n,
                            bool x_permuted) {
     if (l.quantized) return op_cuda_gptq_linear(c, l.q, x, y, n, x_permuted);
@@ -30,6 +25,9 @@ status cuda_linear_forward(cuda_context& c, const cuda_linear& l, const uint16_t
 }
 
 namespace {
+constexpr status_code E_ARG     = status_code::STATUS_INVALID_ARGUMENT;
+constexpr float       k_f16_max = 65504.0f;
+
 // The act-order column order of a GPTQ linear on the int4 kernel, when the op producing its input
 // can write it in that order (saves the linear's own permutation launch); nullptr otherwise.
 const int32_t* perm_of(const cuda_linear& l) {

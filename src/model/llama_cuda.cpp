@@ -1,6 +1,6 @@
 // The Llama family on one GPU (llama_cuda.h): weights uploaded layer by layer from the tensor table
-// of llama.h, the forward pass of llama_model::layer_forward written over ops_cuda.h, a KV cache
-// preallocated per layer, and the decode step replayed as a CUDA graph. Every pointer a kernel sees
+// of llama.h, each layer run by the one GPU decoder layer (llama_cuda_layer.h: cuda_layer_forward),
+// a KV cache preallocated per layer, and the decode step replayed as a CUDA graph. Every pointer a kernel sees
 // is fixed once the buffers are sized (the activations and step inputs live at the same addresses
 // for every call of a given size class); what changes from step to step (token id, position, key
 // count, RoPE rows) is uploaded into device memory before the launch or replay. Offloaded modules

@@ -1,10 +1,11 @@
 // The Llama family on one GPU (llama_cuda.h): weights uploaded layer by layer from the tensor table
 // of llama.h, each layer run by the one GPU decoder layer (llama_cuda_layer.h: cuda_layer_forward),
-// a KV cache preallocated per layer, and the decode step replayed as a CUDA graph. Every pointer a kernel sees
-// is fixed once the buffers are sized (the activations and step inputs live at the same addresses
-// for every call of a given size class); what changes from step to step (token id, position, key
-// count, RoPE rows) is uploaded into device memory before the launch or replay. Offloaded modules
-// (CPU offload) are staged through two fixed device buffers, so their addresses are fixed too.
+// a KV cache preallocated per layer, and the decode step replayed as a CUDA graph. Every pointer a
+// kernel sees is fixed once the buffers are sized (the activations and step inputs live at the same
+// addresses for every call of a given size class); what changes from step to step (token id,
+// position, key count, RoPE rows) is uploaded into device memory before the launch or replay.
+// Offloaded modules (CPU offload) are staged through two fixed device buffers, so their addresses
+// are fixed too.
 #include "model/llama_cuda.h"
 
 #include <fmt/format.h>

@@ -1,12 +1,10 @@
 // gptq quantize: the layer-by-layer driver (docs/quantize.md). GPTQ math lives in quant/, the
 // model in model/, the checkpoint layout in io/; this file wires them together and owns the
-// work folder, resume, the memory plan, progress and the report.
+// work folder, resume, the memory plan, progress and the report. The calibration passes, Hessians
+// and solve run behind calibration.h's runner (CPU, or the GPU with --device cuda).
 #include "gptq/quantize.h"
 
 #include <fmt/format.h>
-#ifdef __GLIBC__
-#include <malloc.h>
-#endif
 #include <unistd.h>
 
 #include <algorithm>
@@ -15,13 +13,14 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <limits>
+#include <map>
 #include <new>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <random>
 #include <thread>
 
+#include "calibration.h"
 #include "core/dtype.h"
 #include "core/error.h"
 #include "core/log.h"
@@ -39,10 +38,6 @@
 #include "model/llama.h"
 #include "quant/gptq.h"
 #include "tokenizer/tokenizer.h"
-#ifdef GPTQ_HAVE_CUDA
-#include "model/llama_cuda_layer.h"
-#include "quant/gptq_cuda.h"
-#endif
 
 namespace gptq {
 
@@ -231,17 +226,12 @@ struct run_state {
     gptq_options                 opt;
     std::string                  work;
     std::unique_ptr<llama_model> model;
-    std::vector<float>           x;  // [nsamples * seqlen, n_embd] current layer inputs
     int64_t                      n_samples = 0;
     quantize_report              report;
     std::vector<std::string>     layer_hashes;  // of each finished layer file (state.json; --resume checks them)
-#ifdef GPTQ_HAVE_CUDA
-    // --device cuda (experimental): calibration passes and the GPTQ solve run there; the
-    // calibration inputs live on the device in F16 (x_dev) instead of s.x.
-    std::unique_ptr<cuda_context>            gpu;
-    std::unique_ptr<llama_cuda_layer_runner> runner;
-    cuda_buffer                              x_dev;  // [nsamples * seqlen, n_embd] F16
-#endif
+    // GPTQ: the calibration windows' hidden states and the passes over them, on the CPU or (--device
+    // cuda, experimental) the GPU (calibration.h); nullptr with --method rtn.
+    std::unique_ptr<calibration_runner> calib;
 };
 
 // Adds the wall time of its scope to the report's phase `name` (GPU work queued in the scope is
@@ -250,9 +240,7 @@ class phase_timer {
 public:
     phase_timer(run_state& s, const char* name) : s_(s), name_(name), t0_(clock::now()) {}
     ~phase_timer() {
-#ifdef GPTQ_HAVE_CUDA
-        if (s_.gpu) (void)s_.gpu->synchronize();
-#endif
+        if (s_.calib) (void)s_.calib->synchronize();
         const double dt = seconds_since(t0_);
         for (auto& [n, v] : s_.report.phase_seconds)
             if (n == name_) {
@@ -276,15 +264,6 @@ std::string phase_summary(const quantize_report& r) {
     for (const auto& [name, secs] : r.phase_seconds)
         out += fmt::format("{}{} {:.1f} s", out.empty() ? "" : ", ", name, secs);
     return out;
-}
-
-// Whether the calibration passes run on the GPU (--device cuda with GPTQ).
-bool gpu_calibration([[maybe_unused]] const run_state& s) {
-#ifdef GPTQ_HAVE_CUDA
-    return s.runner != nullptr;
-#else
-    return false;
-#endif
 }
 
 // Tensor names of a layer's non-linear weights (the norms), copied unchanged.
@@ -358,31 +337,6 @@ status write_state(const run_state& s, int64_t layers_done) {
                         {"layer_hashes", std::vector<std::string>(s.layer_hashes.begin(), s.layer_hashes.begin() + n)},
                         {"report", nlohmann::json::parse(quantize_report_json(s.report))}};
     return file_write_atomic(path_join(s.work, "state.json"), j.dump(1));
-}
-
-// Run layer `layer` on every calibration window of s.x. With `capture`, call it with each linear
-// input (s.x unchanged); without, replace s.x by the layer's output.
-status run_layer_on_calibration(run_state& s, const ops_context& ctx, const llama_layer& layer, bool update_x,
-                                const linear_input_hook* hook,
-                                linear_input             stop_after = linear_input::LINEAR_INPUT_COUNT) {
-#ifdef GPTQ_HAVE_CUDA
-    if (s.runner) {  // the runner holds this layer's current weights (quantize_layer keeps them in step)
-        GPTQ_ASSERT(update_x && !hook);
-        return s.runner->forward(s.x_dev.as<uint16_t>(), s.n_samples, nullptr);
-    }
-#endif
-    const int64_t      seqlen = s.p.seqlen, n_embd = s.model->hparams().n_embd;
-    std::vector<float> scratch;
-    for (int64_t j = 0; j < s.n_samples; ++j) {
-        float* xj = s.x.data() + j * seqlen * n_embd;
-        if (update_x) {
-            s.model->layer_forward(ctx, layer, xj, seqlen, 0, nullptr, hook);
-        } else {
-            scratch.assign(xj, xj + seqlen * n_embd);
-            s.model->layer_forward(ctx, layer, scratch.data(), seqlen, 0, nullptr, hook, stop_after);
-        }
-    }
-    return status::ok();
 }
 
 // Replace layer i's linears by those stored in its work-folder file (resume).
@@ -464,117 +418,19 @@ status check_tensors_finite(const tensor_source& src, const std::vector<tensor_s
     return status::ok();
 }
 
-#ifdef GPTQ_HAVE_CUDA
-// --device cuda: print the device memory plan, refuse it when the GPU has less free memory, then
-// move the calibration inputs (s.x, F32 host) to the device as F16 and create the layer runner.
-status gpu_calibration_setup(run_state& s, thread_pool* pool) {
-    const llama_hparams& hp      = s.model->hparams();
-    const int64_t        n_tok   = s.n_samples * s.p.seqlen;
-    const uint64_t       x_bytes = uint64_t(n_tok) * uint64_t(hp.n_embd) * 2;
-    uint64_t             w_bytes = 0, h_bytes = 0, solve_bytes = 0;
-    for (int r = 0; r < k_n_linear_roles; ++r) {
-        const auto     shp = hp.linear_shape(static_cast<linear_role>(r));
-        const uint64_t wn = uint64_t(shp[0] * shp[1]), hn = uint64_t(shp[1] * shp[1]);
-        w_bytes += wn * 2;
-        // The solve: W (raw, permuted), H (raw, permuted / U), codes, the error's D and D H.
-        solve_bytes = std::max<uint64_t>(solve_bytes, wn * 4 * 4 + hn * 4 * 2 + wn);
-        h_bytes += hn * 4;  // one accumulator per input (all four without --true-sequential)
-    }
-    // The runner's activations for one chunk: the sizes llama_cuda_layer_runner::create allocates.
-    const int64_t  chunk = std::max<int64_t>(1, 16384 / s.p.seqlen) * s.p.seqlen;
-    const uint64_t act_bytes =
-        uint64_t(std::min(chunk, n_tok)) *
-        uint64_t(2 * hp.n_embd + std::max(hp.n_embd, hp.q_dim()) + hp.q_dim() + 2 * hp.kv_dim() + 2 * hp.n_ff) * 2;
-    // The attention output of every window, kept between GPTQ's passes over the layer (q/k/v are
-    // quantized first, so the later passes and the final one reuse it).
-    const uint64_t attn_bytes = uint64_t(n_tok) * uint64_t(hp.q_dim()) * 2;
-    const uint64_t plan       = x_bytes + w_bytes + act_bytes + h_bytes + solve_bytes + attn_bytes;
-    GPTQ_ASSIGN_OR_RETURN(const cuda_memory_info mem, cuda_memory_info_get(*s.gpu));
-#ifdef __GLIBC__
-    // The host side allocates and frees layer-sized arrays (hundreds of MB) for every linear; glibc
-    // maps each from the kernel afresh (page faults on first touch, slow in sandboxes). Keep them in
-    // the heap and reuse the pages instead (the host memory plan above bounds what is live).
-    // (M_MMAP_THRESHOLD is capped at 32 MiB, so mmap is switched off instead.)
-    mallopt(M_MMAP_MAX, 0);
-    mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
-#endif
-    GPTQ_LOG_INFO(
-        "GPU memory plan: calibration inputs {} (F16) + one layer {} + activations {} + attention cache {} + "
-        "Hessians {} + solve {} = {} (cuda:{} has {} free of {})",
-        human_bytes(x_bytes), human_bytes(w_bytes), human_bytes(act_bytes), human_bytes(attn_bytes),
-        human_bytes(h_bytes), human_bytes(solve_bytes), human_bytes(plan), s.gpu->device(), human_bytes(mem.free),
-        human_bytes(mem.total));
-    if (plan > mem.free)
-        return make_error(status_code::STATUS_OUT_OF_MEMORY,
-                          "quantizing on cuda:{} needs about {} of GPU memory and {} is free; lower --nsamples or "
-                          "--seqlen, or use --device cpu",
-                          s.gpu->device(), human_bytes(plan), human_bytes(mem.free));
-    s.report.peak_plan_bytes = plan;
-    std::vector<uint16_t> x16(s.x.size());
-    for (size_t i = 0; i < s.x.size(); ++i) {
-        if (!(std::fabs(s.x[i]) <= 65504.0f))
-            return make_error(status_code::STATUS_UNSUPPORTED,
-                              "model.embed_tokens.weight holds {} (calibration row {}), outside the F16 range the "
-                              "GPU calibration uses; use --device cpu",
-                              s.x[i], i / size_t(hp.n_embd));
-        x16[i] = f32_to_f16(s.x[i]);
-    }
-    GPTQ_ASSIGN_OR_RETURN(s.x_dev, cuda_buffer::from_host(x16.data(), x16.size() * 2));
-    std::vector<float>().swap(s.x);
-    GPTQ_ASSIGN_OR_RETURN(s.runner, llama_cuda_layer_runner::create(*s.gpu, hp, s.p.seqlen));
-    GPTQ_TRY(s.runner->attention_cache_enable(s.n_samples));
-    s.runner->set_thread_pool(pool);
-    return status::ok();
-}
-#endif
-
 status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_layer* layer) {
     const auto& hp = s.model->hparams();
     GPTQ_TRY(check_tensors_finite(s.model->source(), llama_layer_tensors(hp, i)));
     std::vector<std::pair<linear_role, gptq_linear_data>> out;
-#ifdef GPTQ_HAVE_CUDA
-    if (s.runner) {
+    const bool                                            gptq = s.p.method == "gptq";
+    if (gptq) {
         phase_timer t(s, "load");
-        GPTQ_TRY(s.runner->load(*layer));
+        GPTQ_TRY(s.calib->layer_begin(*layer));
     }
-#endif
     for (const auto& group : quant_groups(s.p.true_sequential)) {
-        // Hessians of the distinct inputs this group reads.
-        std::map<linear_input, std::unique_ptr<hessian_accumulator>> acc;
-#ifdef GPTQ_HAVE_CUDA
-        std::map<linear_input, cuda_hessian_accumulator> acc_dev;  // --device cuda
-        if (s.runner) {
-            phase_timer  t(s, "calibration");
-            linear_input last = linear_input::LINEAR_INPUT_QKV;
-            for (linear_role r : group) {
-                const linear_input in = linear_role_input(r);
-                if (!acc_dev.count(in)) {
-                    GPTQ_ASSIGN_OR_RETURN(auto a, cuda_hessian_accumulator::create(*s.gpu, hp.linear_shape(r)[1]));
-                    acc_dev.emplace(in, std::move(a));
-                }
-                last = std::max(last, in);
-            }
-            cuda_linear_input_hook hook = [&](linear_input which, const uint16_t* x, int64_t n_tokens,
-                                              int64_t) -> status {
-                auto it = acc_dev.find(which);
-                return it != acc_dev.end() ? it->second.add_f16(*s.gpu, x, n_tokens) : status::ok();
-            };
-            GPTQ_TRY(s.runner->forward(s.x_dev.as<uint16_t>(), s.n_samples, &hook, last));
-        }
-#endif
-        if (s.p.method == "gptq" && !gpu_calibration(s)) {
-            phase_timer  t(s, "calibration");
-            linear_input last = linear_input::LINEAR_INPUT_QKV;  // the pass can stop once this is seen
-            for (linear_role r : group) {
-                const linear_input in = linear_role_input(r);
-                if (!acc.count(in)) acc[in] = std::make_unique<hessian_accumulator>(hp.linear_shape(r)[1]);
-                last = std::max(last, in);
-            }
-            linear_input_hook hook = [&](int64_t, linear_input which, const float* x, int64_t n_tokens, int64_t) {
-                auto it = acc.find(which);
-                if (it != acc.end()) it->second->add(ctx, x, n_tokens);
-            };
-            GPTQ_TRY(run_layer_on_calibration(s, ctx, *layer, false, &hook, last));
+        if (gptq) {  // Hessians of the distinct inputs this group reads
+            phase_timer t(s, "calibration");
+            GPTQ_TRY(s.calib->hessians_collect(*layer, group));
         }
         for (linear_role r : group) {
             const auto            t0   = clock::now();
@@ -586,20 +442,9 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
             rep.n_out = lw.n_out;
             rep.n_in  = lw.n_in;
             std::vector<float> h;
-#ifdef GPTQ_HAVE_CUDA
-            cuda_buffer h_dev;  // GPU calibration: H on the device (errors), and a host copy (the solve's input)
-            if (s.runner) {
-                phase_timer                     t(s, "hessian");
-                const cuda_hessian_accumulator& a = acc_dev.at(linear_role_input(r));
-                GPTQ_ASSIGN_OR_RETURN(h_dev, cuda_buffer::alloc(size_t(lw.n_in * lw.n_in) * 4));
-                GPTQ_TRY(a.finish(*s.gpu, h_dev.as<float>()));
-                h.resize(size_t(lw.n_in * lw.n_in));
-                GPTQ_TRY(cuda_copy_to_host(*s.gpu, h.data(), h_dev.data(), h.size() * 4));
-            }
-#endif
-            if (s.p.method == "gptq" && !gpu_calibration(s)) {
+            if (gptq) {
                 phase_timer t(s, "hessian");
-                h = acc[linear_role_input(r)]->finish();
+                GPTQ_ASSIGN_OR_RETURN(h, s.calib->hessian(linear_role_input(r)));
             }
             std::optional<phase_timer> t_rtn(std::in_place, s, "rtn");
             auto                       rtn = rtn_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, s.opt);
@@ -607,15 +452,10 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
             t_rtn.reset();
             std::vector<float> wq(lw.w.size());
             quantized_linear   q;
-            if (s.p.method == "gptq") {
+            if (gptq) {
                 gptq_stats                 st;
                 std::optional<phase_timer> t_solve(std::in_place, s, "solve");
-#ifdef GPTQ_HAVE_CUDA
-                auto g = s.gpu ? gptq_quantize_cuda(*s.gpu, ctx, lw.w.data(), lw.n_out, lw.n_in, h.data(), s.opt, &st)
-                               : gptq_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, h.data(), s.opt, &st);
-#else
-                auto g = gptq_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, h.data(), s.opt, &st);
-#endif
+                auto                       g = s.calib->solve(lw.w.data(), lw.n_out, lw.n_in, h, s.opt, &st);
                 if (!g) return g.error().with_context(name);
                 t_solve.reset();
                 phase_timer t(s, "error");
@@ -624,20 +464,10 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
                 std::vector<float> wr(lw.w.size());
                 quantized_linear_dequantize(ctx, *rtn, wr.data());
                 quantized_linear_dequantize(ctx, q, wq.data());
-#ifdef GPTQ_HAVE_CUDA
-                if (h_dev.bytes()) {  // O(n_out n_in^2) each: on the GPU when H is there
-                    GPTQ_ASSIGN_OR_RETURN(rep.error_rtn,
-                                          hessian_weighted_error_cuda(*s.gpu, ctx, lw.w.data(), wr.data(), lw.n_out,
-                                                                      lw.n_in, h_dev.as<float>()));
-                    GPTQ_ASSIGN_OR_RETURN(rep.error_gptq,
-                                          hessian_weighted_error_cuda(*s.gpu, ctx, lw.w.data(), wq.data(), lw.n_out,
-                                                                      lw.n_in, h_dev.as<float>()));
-                }
-#endif
-                if (!gpu_calibration(s)) {
-                    rep.error_rtn  = hessian_weighted_error(ctx, lw.w.data(), wr.data(), lw.n_out, lw.n_in, h.data());
-                    rep.error_gptq = hessian_weighted_error(ctx, lw.w.data(), wq.data(), lw.n_out, lw.n_in, h.data());
-                }
+                GPTQ_ASSIGN_OR_RETURN(rep.error_rtn,
+                                      s.calib->weighted_error(lw.w.data(), wr.data(), lw.n_out, lw.n_in, h));
+                GPTQ_ASSIGN_OR_RETURN(rep.error_gptq,
+                                      s.calib->weighted_error(lw.w.data(), wq.data(), lw.n_out, lw.n_in, h));
             } else {
                 q = std::move(rtn).value();
                 quantized_linear_dequantize(q, wq.data());
@@ -648,9 +478,7 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
             }
             {
                 phase_timer t(s, "update");
-#ifdef GPTQ_HAVE_CUDA
-                if (s.runner) GPTQ_TRY(s.runner->linear_update(r, wq));  // later groups see the quantized layer
-#endif
+                if (gptq) GPTQ_TRY(s.calib->linear_update(r, wq));  // later groups see the quantized layer
                 GPTQ_TRY(layer->linear_replace(r, std::move(wq)));
             }
             rep.seconds = seconds_since(t0);
@@ -813,19 +641,11 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     }
     GPTQ_TRY(gptq_check_options(s.opt, 1));
 
-    // --device: the CPU unless asked (the GPU path is experimental and only runs the GPTQ solve).
+    // --device: the CPU unless asked (the GPU calibration runner is experimental). Checked before
+    // anything is read; the runner itself is opened once the calibration inputs exist.
     GPTQ_ASSIGN_OR_RETURN(const device_spec dev, device_parse(params.device));
-    if (dev.cuda && params.method == "gptq") {
-        GPTQ_TRY(device_check(dev));
-#ifdef GPTQ_HAVE_CUDA
-        GPTQ_ASSIGN_OR_RETURN(s.gpu, cuda_context::create(dev.index));
-        GPTQ_LOG_WARN(
-            "--device {}: GPTQ on the GPU is experimental (calibration passes in F16 with F32 accumulation, "
-            "Hessians, Cholesky and column loop in F32 there); compare with --device cpu before trusting it",
-            device_name(dev));
-#endif
-    }
     const bool gpu_calibration_wanted = dev.cuda && params.method == "gptq";
+    if (gpu_calibration_wanted) GPTQ_TRY(device_check(dev));
 
     // The model.
     GPTQ_ASSIGN_OR_RETURN(s.model, llama_model::open(params.model_path));
@@ -917,12 +737,17 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             "lower --nsamples or --seqlen" +
                 (fs::exists(s.work) ? fmt::format(" (the finished layers in {} are kept for --resume)", s.work)
                                     : std::string())));
-        s.x.resize(static_cast<size_t>(s.n_samples * params.seqlen * hp.n_embd));
+        std::vector<float> x(static_cast<size_t>(s.n_samples * params.seqlen * hp.n_embd));
         GPTQ_TRY(s.model->globals_load());
-        GPTQ_TRY(s.model->embed(windows.data(), s.n_samples * params.seqlen, s.x.data()));
-#ifdef GPTQ_HAVE_CUDA
-        if (s.gpu) GPTQ_TRY(gpu_calibration_setup(s, &pool));
-#endif
+        GPTQ_TRY(s.model->embed(windows.data(), s.n_samples * params.seqlen, x.data()));
+        if (gpu_calibration_wanted) {
+            GPTQ_ASSIGN_OR_RETURN(
+                s.calib, calibration_runner_cuda(dev, *s.model, ctx, &pool, s.n_samples, params.seqlen, std::move(x)));
+            s.report.peak_plan_bytes = s.calib->device_plan_bytes();
+        } else {
+            GPTQ_ASSIGN_OR_RETURN(s.calib,
+                                  calibration_runner_cpu(*s.model, ctx, s.n_samples, params.seqlen, std::move(x)));
+        }
     }
 
     // The work folder is made only now, so that a run failing its checks leaves nothing behind.
@@ -952,17 +777,15 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         if (i < layers_done) {
             if (params.method == "gptq") {
                 GPTQ_TRY(load_finished_layer(s, i, layer.get()));
-#ifdef GPTQ_HAVE_CUDA
-                if (s.runner) GPTQ_TRY(s.runner->load(*layer));
-#endif
-                GPTQ_TRY(run_layer_on_calibration(s, ctx, *layer, true, nullptr));
+                GPTQ_TRY(s.calib->layer_begin(*layer));
+                GPTQ_TRY(s.calib->layer_forward(*layer));
             }
             continue;
         }
         GPTQ_TRY(quantize_layer(s, ctx, i, layer.get()).with_context(fmt::format("layer {}", i)));
         if (params.method == "gptq") {
             phase_timer t(s, "forward");
-            GPTQ_TRY(run_layer_on_calibration(s, ctx, *layer, true, nullptr).with_context(fmt::format("layer {}", i)));
+            GPTQ_TRY(s.calib->layer_forward(*layer).with_context(fmt::format("layer {}", i)));
         }
         GPTQ_TRY(write_state(s, i + 1));
         bar.update(1);

@@ -1,10 +1,11 @@
 // The Llama family on one GPU (llama_cuda.h): weights uploaded layer by layer from the tensor table
-// of llama.h, the forward pass of llama_model::layer_forward written over ops_cuda.h, a KV cache
-// preallocated per layer, and the decode step replayed as a CUDA graph. Every pointer a kernel sees
-// is fixed once the buffers are sized (the activations and step inputs live at the same addresses
-// for every call of a given size class); what changes from step to step (token id, position, key
-// count, RoPE rows) is uploaded into device memory before the launch or replay. Offloaded modules
-// (CPU offload) are staged through two fixed device buffers, so their addresses are fixed too.
+// of llama.h, each layer run by the one GPU decoder layer (llama_cuda_layer.h: cuda_layer_forward),
+// a KV cache preallocated per layer, and the decode step replayed as a CUDA graph. Every pointer a
+// kernel sees is fixed once the buffers are sized (the activations and step inputs live at the same
+// addresses for every call of a given size class); what changes from step to step (token id,
+// position, key count, RoPE rows) is uploaded into device memory before the launch or replay.
+// Offloaded modules (CPU offload) are staged through two fixed device buffers, so their addresses
+// are fixed too.
 #include "model/llama_cuda.h"
 
 #include <fmt/format.h>
@@ -52,8 +53,14 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
     std::unique_ptr<llama_cuda_model> m(new llama_cuda_model());
     m->opts_ = o;
     GPTQ_ASSIGN_OR_RETURN(m->host_, llama_model::open(path));
-    GPTQ_ASSIGN_OR_RETURN(m->ctx_, cuda_context::create(o.device));
     const llama_hparams& hp = m->hparams();
+    // Family options the GPU layer does not run yet are refused by name, never skipped
+    // (docs/architectures.md).
+    if (const std::string opts = hp.options_beyond_llama(); !opts.empty())
+        return make_error(status_code::STATUS_UNSUPPORTED,
+                          "{}: the GPU runtime does not run {} ({}) yet; use --device cpu", path,
+                          model_family_name(hp.family), opts);
+    GPTQ_ASSIGN_OR_RETURN(m->ctx_, cuda_context::create(o.device));
     if (hp.head_dim % 2 != 0 || hp.head_dim > 256)
         return make_error(status_code::STATUS_UNSUPPORTED, "{}: head_dim {} (the GPU attention needs even, <= 256)",
                           path, hp.head_dim);
@@ -533,36 +540,40 @@ status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n, bool 
     return status::ok();
 }
 
-status llama_cuda_model::linear_forward(const linear& l, const uint16_t* x, uint16_t* y, int64_t n, bool x_permuted) {
-    if (l.quantized) return op_cuda_gptq_linear(*ctx_, l.q, x, y, n, x_permuted);
-    GPTQ_TRY(op_cuda_linear_dense(*ctx_, x, l.w.as<uint16_t>(), y, n, l.n_out, l.n_in));
-    if (l.bias.bytes()) GPTQ_TRY(op_cuda_add_bias(*ctx_, y, l.bias.as<uint16_t>(), n, l.n_out));
-    return status::ok();
-}
-
 status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool device_count, int64_t seq, bool lockstep) {
-    const llama_hparams& hp     = hparams();
-    const int64_t        n_embd = hp.n_embd, q_dim = hp.q_dim(), kv_dim = hp.kv_dim(), hd = hp.head_dim, half = hd / 2;
-    cuda_context&        c      = *ctx_;
-    const int32_t*       ids    = step_.as<int32_t>();
-    const int32_t*       pos    = ids + n_act_;
-    const int32_t*       n_kv   = ids + n_act_ + 1;
-    const float*         cos    = reinterpret_cast<const float*>(step_.as<uint8_t>() + step_rope_offset_);
-    const float*         sin    = cos + n_act_ * half;
-    uint16_t *           hidden = hidden_.as<uint16_t>(), *x = x_.as<uint16_t>(), *q = q_.as<uint16_t>();
-    uint16_t *           k = k_.as<uint16_t>(), *v = v_.as<uint16_t>(), *y = y_.as<uint16_t>();
-    uint16_t *           gate = gate_.as<uint16_t>(), *up = up_.as<uint16_t>();
-    auto L = [&](const layer& ly, linear_role r) -> const linear& { return ly.lin[static_cast<size_t>(r)]; };
+    const llama_hparams&     hp     = hparams();
+    const int64_t            n_embd = hp.n_embd, kv_dim = hp.kv_dim(), half = hp.head_dim / 2;
+    cuda_context&            c      = *ctx_;
+    const int32_t*           ids    = step_.as<int32_t>();
+    uint16_t*                hidden = hidden_.as<uint16_t>();
+    uint16_t*                x      = x_.as<uint16_t>();
+    const cuda_layer_buffers b{x,
+                               q_.as<uint16_t>(),
+                               k_.as<uint16_t>(),
+                               v_.as<uint16_t>(),
+                               y_.as<uint16_t>(),
+                               gate_.as<uint16_t>(),
+                               up_.as<uint16_t>()};
+    const cuda_op_mark       marker = [this](const char* op) { return prof_mark(op); };
+
+    // The pass every layer runs: this sequence's cache (in lockstep token t is sequence t's, at
+    // n_past), the step inputs' positions, RoPE rows and (device_count) key count.
+    const int64_t   seq_stride = n_ctx_ * kv_dim;
+    cuda_layer_pass p;
+    p.n          = n;
+    p.cos        = reinterpret_cast<const float*>(step_.as<uint8_t>() + step_rope_offset_);
+    p.sin        = p.cos + n_act_ * half;
+    p.n_ctx      = n_ctx_;
+    p.n_past     = n_past_;
+    p.pos_dev    = ids + n_act_;
+    p.n_kv_dev   = device_count ? ids + n_act_ + 1 : nullptr;
+    p.lockstep   = lockstep;
+    p.seq_stride = seq_stride;
+    p.mark       = prof_on_ ? &marker : nullptr;
 
     auto wait = [&](int unit) -> status {  // a staged module's copy, timed on its own when profiling
         GPTQ_TRY(stage_wait(unit));
         return unit >= 0 ? prof_mark("stage_wait") : status::ok();
-    };
-
-    // The act-order column order of a GPTQ linear on the int4 kernel, when the op producing its input
-    // can write it in that order (saves the linear's own permutation launch); nullptr otherwise.
-    auto perm_of = [](const linear& l) -> const int32_t* {
-        return l.quantized && l.q.fast && l.q.perm.bytes() ? l.q.perm.as<int32_t>() : nullptr;
     };
 
     GPTQ_TRY(stage_begin());
@@ -577,93 +588,11 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
         const layer& ly   = layers_[static_cast<size_t>(i)];
         const int    unit = layer_unit_[static_cast<size_t>(i)];
         GPTQ_TRY(wait(unit));
-        // ---- attention ----
-        const int32_t* p_qkv = ly.qkv.n_out ? perm_of(ly.qkv) : nullptr;
-        GPTQ_TRY(
-            op_cuda_add_rms_norm(c, hidden, pending, ly.attn_norm.as<uint16_t>(), x, n, n_embd, hp.rms_eps, p_qkv));
-        GPTQ_TRY(prof_mark(pending ? "add_rms_norm" : "rms_norm"));
-        // q, k, v: three buffers, or row slices of the fused projection's output (stride qkv_dim).
-        uint16_t *qh = q, *kh = k, *vh = v;
-        int64_t   q_stride = q_dim, kv_stride = kv_dim;
-        if (ly.qkv.n_out) {
-            GPTQ_TRY(linear_forward(ly.qkv, x, q, n, p_qkv != nullptr));
-            GPTQ_TRY(prof_mark("linear_qkv"));
-            kh       = q + q_dim;
-            vh       = q + q_dim + kv_dim;
-            q_stride = kv_stride = q_dim + 2 * kv_dim;
-        } else {
-            GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_Q), x, q, n));
-            GPTQ_TRY(prof_mark("linear_q"));
-            GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_K), x, k, n));
-            GPTQ_TRY(prof_mark("linear_k"));
-            GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_V), x, v, n));
-            GPTQ_TRY(prof_mark("linear_v"));
-        }
-        // RoPE on q (in place) and k, k and v into the cache: one launch. Sequence s's cache starts
-        // s * seq_stride elements into the layer's; in lockstep token t is sequence t's, at n_past.
-        const int64_t seq_stride = n_ctx_ * kv_dim;
-        uint16_t*     kc         = ly.k_cache.as<uint16_t>() + seq * seq_stride;
-        uint16_t*     vc         = ly.v_cache.as<uint16_t>() + seq * seq_stride;
-        GPTQ_TRY(op_cuda_rope_kv_store(c, qh, kh, vh, q_stride, kv_stride, cos, sin, n, hp.n_head, hp.n_head_kv, hd, kc,
-                                       vc, pos, n_ctx_, lockstep ? 0 : 1, lockstep ? seq_stride : 0));
-        GPTQ_TRY(prof_mark("rope_kv_store"));
-        cuda_attention_args a;
-        a.q          = qh;
-        a.k          = kc;
-        a.v          = vc;
-        a.out        = x;  // x is free again: [n, q_dim]
-        a.n_q        = n;
-        a.n_head     = hp.n_head;
-        a.n_head_kv  = hp.n_head_kv;
-        a.head_dim   = hd;
-        a.window     = hp.window[static_cast<size_t>(i)];
-        a.scale      = 1.0f / std::sqrt(static_cast<float>(hd));
-        a.q_stride   = q_stride;
-        a.out_stride = q_dim;
-        a.kv_stride  = kv_dim;
-        if (lockstep) a.kv_seq_stride = seq_stride;
-        if (device_count) {  // the bound sizes grid and workspace; the count is read when it runs
-            a.n_kv     = n_ctx_;
-            a.q_pos0   = 0;
-            a.n_kv_dev = n_kv;
-        } else {
-            a.n_kv   = n_past_ + (lockstep ? 1 : n);
-            a.q_pos0 = n_past_;
-        }
-        GPTQ_TRY(op_cuda_attention(c, a));
-        GPTQ_TRY(prof_mark("attention"));
-        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_O), x, y, n));
-        GPTQ_TRY(prof_mark("linear_o"));
-        // ---- MLP ---- (hidden += o's output, then the norm into x: x is free after linear_o)
-        const int32_t* p_gu = ly.gate_up.n_out ? perm_of(ly.gate_up) : nullptr;
-        GPTQ_TRY(op_cuda_add_rms_norm(c, hidden, y, ly.mlp_norm.as<uint16_t>(), x, n, n_embd, hp.rms_eps, p_gu));
-        GPTQ_TRY(prof_mark("add_rms_norm"));
-        const uint16_t* act    = gate;  // silu(gate) * up, [n, n_ff] contiguous
-        const int32_t*  p_down = nullptr;
-        if (ly.gate_up.n_out) {
-            GPTQ_TRY(linear_forward(ly.gate_up, x, gate, n, p_gu != nullptr));  // [n, 2 n_ff]: gate | up
-            GPTQ_TRY(prof_mark("linear_gate_up"));
-            // Down's act-order order: already that of gate_up's outputs (permuted at load), else
-            // written by silu_mul (its output up_ does not alias its input, so it may permute).
-            const int32_t* p_silu = nullptr;
-            if (ly.gate_up_in_down_order)
-                p_down = perm_of(L(ly, linear_role::LINEAR_DOWN));
-            else
-                p_down = p_silu = perm_of(L(ly, linear_role::LINEAR_DOWN));
-            GPTQ_TRY(
-                op_cuda_silu_mul(c, gate, gate + hp.n_ff, up, n, hp.n_ff, 2 * hp.n_ff, 2 * hp.n_ff, hp.n_ff, p_silu));
-            act = up;
-        } else {
-            GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_GATE), x, gate, n));
-            GPTQ_TRY(prof_mark("linear_gate"));
-            GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_UP), x, up, n));
-            GPTQ_TRY(prof_mark("linear_up"));
-            GPTQ_TRY(op_cuda_silu_mul(c, gate, up, gate, n, hp.n_ff, hp.n_ff, hp.n_ff, hp.n_ff));
-        }
-        GPTQ_TRY(prof_mark("silu_mul"));
-        GPTQ_TRY(linear_forward(L(ly, linear_role::LINEAR_DOWN), act, y, n, p_down != nullptr));
-        GPTQ_TRY(prof_mark("linear_down"));
-        pending = y;
+        p.k_cache = ly.k_cache.as<uint16_t>() + seq * seq_stride;
+        p.v_cache = ly.v_cache.as<uint16_t>() + seq * seq_stride;
+        GPTQ_ASSIGN_OR_RETURN(const bool done, cuda_layer_forward(c, hp, i, ly, hidden, pending, b, p));
+        if (!done) return make_error(status_code::STATUS_INTERNAL, "layer {} stopped early", i);
+        pending = b.y;
         GPTQ_TRY(stage_done(unit));
     }
     // Final norm (with the last residual add) and lm_head over the rows whose logits are wanted.

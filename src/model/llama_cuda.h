@@ -30,6 +30,7 @@
 #include "io/gptq_checkpoint.h"
 #include "model/device_map.h"
 #include "model/llama.h"
+#include "model/llama_cuda_layer.h"
 #include "ops/ops_cuda.h"
 
 namespace gptq {
@@ -124,21 +125,9 @@ public:
     void                    profile_reset() { prof_prefill_ = prof_decode_ = {}; }
 
 private:
-    struct linear {
-        int64_t          n_out = 0, n_in = 0;
-        cuda_buffer      w;     // [n_out, n_in] F16 (dense), empty when quantized
-        cuda_buffer      bias;  // [n_out] F16 (dense with bias), else empty
-        bool             quantized = false;
-        cuda_gptq_linear q;  // quantized: bias inside
-    };
-    struct layer {
-        cuda_buffer                          attn_norm, mlp_norm;  // [n_embd] F16
-        std::array<linear, k_n_linear_roles> lin;                  // the roles not fused (empty when fused)
-        linear                               qkv, gate_up;         // fused (options.fuse): n_out 0 when not
-        // gate_up's output features are in down's act-order column order (permuted at load), so
-        // silu_mul's output is down's permuted input as it is.
-        bool        gate_up_in_down_order = false;
-        cuda_buffer k_cache, v_cache;  // [n_ctx, kv_dim] F16
+    using linear = cuda_linear;
+    struct layer : cuda_layer_weights {
+        cuda_buffer k_cache, v_cache;  // [n_seq][n_ctx, kv_dim] F16
     };
 
     llama_cuda_model() = default;
@@ -158,12 +147,11 @@ private:
     status lm_head_upload_dequantized(const gptq_config& qc);
     status tensor_upload_f16(const tensor_spec& t, cuda_buffer* out);
     status activations_reserve(int64_t n_tokens);
-    // x_permuted: x is already in l's act-order column order (see op_cuda_gptq_linear).
-    status linear_forward(const linear& l, const uint16_t* x, uint16_t* y, int64_t n, bool x_permuted = false);
     // Upload ids, positions and the RoPE rows of the n tokens at n_past (one copy).
     // lockstep: the n tokens are one per sequence, all at position n_past (batched decode).
     status step_inputs_upload(const int32_t* ids, int64_t n, bool lockstep = false);
-    // The whole forward pass on the uploaded inputs; logits of rows [n - n_out_rows, n) to logits_.
+    // The whole forward pass on the uploaded inputs (embedding, cuda_layer_forward per layer, final
+    // norm, lm_head); logits of rows [n - n_out_rows, n) to logits_.
     // device_count: attention reads the key count from the step inputs (graph-safe decode).
     // seq: the sequence whose cache a plain pass uses; lockstep: token t belongs to sequence t.
     status forward_queued(int64_t n, int64_t n_out_rows, bool device_count, int64_t seq = 0, bool lockstep = false);

@@ -1,7 +1,8 @@
-// One decoder layer on the GPU for GPTQ's calibration passes (llama_cuda_layer.h): the ops of
-// llama_cuda_model::forward_queued without the KV cache, chunk by chunk over the windows. Linears
-// run once over a chunk's rows (cuBLAS GEMMs of chunk_windows * seqlen rows); RoPE and attention
-// run per window (every window holds positions 0 .. seqlen-1, so one RoPE table serves all).
+// One decoder layer on the GPU (llama_cuda_layer.h): the attention and MLP blocks and the layer that
+// calls them, used by llama_cuda_model::forward_queued (the runtime) and by the calibration runner
+// below. Linears run once over all rows of a pass; RoPE and attention see either the runtime's KV
+// cache (rope_kv_store, attention over the cache) or local windows (calibration: every window holds
+// positions 0 .. seqlen-1, so one RoPE table serves all; RoPE and attention run per window).
 #include "model/llama_cuda_layer.h"
 
 #include <algorithm>
@@ -15,10 +16,201 @@
 
 namespace gptq {
 
+status cuda_linear_forward(cuda_context& c, const cuda_linear& l, const uint16_t* x, uint16_t* y, int64_t n,
+                           bool x_permuted) {
+    if (l.quantized) return op_cuda_gptq_linear(c, l.q, x, y, n, x_permuted);
+    GPTQ_TRY(op_cuda_linear_dense(c, x, l.w.as<uint16_t>(), y, n, l.n_out, l.n_in));
+    if (l.bias.bytes()) GPTQ_TRY(op_cuda_add_bias(c, y, l.bias.as<uint16_t>(), n, l.n_out));
+    return status::ok();
+}
+
 namespace {
 constexpr status_code E_ARG     = status_code::STATUS_INVALID_ARGUMENT;
 constexpr float       k_f16_max = 65504.0f;
+
+// The act-order column order of a GPTQ linear on the int4 kernel, when the op producing its input
+// can write it in that order (saves the linear's own permutation launch); nullptr otherwise.
+const int32_t* perm_of(const cuda_linear& l) {
+    return l.quantized && l.q.fast && l.q.perm.bytes() ? l.q.perm.as<int32_t>() : nullptr;
+}
+
+status mark(const cuda_layer_pass& p, const char* op) {
+    return p.mark && *p.mark ? (*p.mark)(op) : status::ok();
+}
+
+status capture(const cuda_layer_pass& p, linear_input which, const uint16_t* x, int64_t n_in) {
+    return p.hook && *p.hook ? (*p.hook)(which, x, p.n, n_in) : status::ok();
+}
+
+// hidden += add (nullptr: none), then the RMSNorm of hidden into y (in `perm` order when set): the
+// one place a family's norm variant goes.
+status norm(cuda_context& c, const llama_hparams& hp, uint16_t* hidden, const uint16_t* add, const cuda_buffer& w,
+            uint16_t* y, const cuda_layer_pass& p, const int32_t* perm = nullptr) {
+    GPTQ_TRY(op_cuda_add_rms_norm(c, hidden, add, w.as<uint16_t>(), y, p.n, hp.n_embd, hp.rms_eps, perm));
+    return mark(p, add ? "add_rms_norm" : "rms_norm");
+}
+
+cuda_attention_args attention_args_base(const llama_hparams& hp, int64_t i_layer) {
+    cuda_attention_args a;
+    a.n_head    = hp.n_head;
+    a.n_head_kv = hp.n_head_kv;
+    a.head_dim  = hp.head_dim;
+    a.window    = hp.window[static_cast<size_t>(i_layer)];
+    a.scale     = 1.0f / std::sqrt(static_cast<float>(hp.head_dim));
+    return a;
+}
+
+// RoPE, the keys/values into the cache and attention over it (the runtime). q, k, v: row slices of
+// stride q_stride / kv_stride; the output [n, q_dim] goes to out.
+status attention_cached(cuda_context& c, const llama_hparams& hp, int64_t i_layer, uint16_t* q, const uint16_t* k,
+                        const uint16_t* v, int64_t q_stride, int64_t kv_stride, uint16_t* out,
+                        const cuda_layer_pass& p) {
+    // RoPE on q (in place) and k, k and v into the cache: one launch. In lockstep token t is
+    // sequence t's, at n_past, its cache p.seq_stride elements after sequence t - 1's.
+    GPTQ_TRY(op_cuda_rope_kv_store(c, q, k, v, q_stride, kv_stride, p.cos, p.sin, p.n, hp.n_head, hp.n_head_kv,
+                                   hp.head_dim, p.k_cache, p.v_cache, p.pos_dev, p.n_ctx, p.lockstep ? 0 : 1,
+                                   p.lockstep ? p.seq_stride : 0));
+    GPTQ_TRY(mark(p, "rope_kv_store"));
+    cuda_attention_args a = attention_args_base(hp, i_layer);
+    a.q                   = q;
+    a.k                   = p.k_cache;
+    a.v                   = p.v_cache;
+    a.out                 = out;
+    a.n_q                 = p.n;
+    a.q_stride            = q_stride;
+    a.out_stride          = hp.q_dim();
+    a.kv_stride           = hp.kv_dim();
+    if (p.lockstep) a.kv_seq_stride = p.seq_stride;
+    if (p.n_kv_dev) {  // the bound sizes grid and workspace; the count is read when it runs
+        a.n_kv     = p.n_ctx;
+        a.q_pos0   = 0;
+        a.n_kv_dev = p.n_kv_dev;
+    } else {
+        a.n_kv   = p.n_past + (p.lockstep ? 1 : p.n);
+        a.q_pos0 = p.n_past;
+    }
+    GPTQ_TRY(op_cuda_attention(c, a));
+    return mark(p, "attention");
+}
+
+// Local K/V (calibration): per window of p.seqlen rows, RoPE on q and k in place and attention over
+// the window's own keys. q: [n, q_dim], k/v: [n, kv_dim]; the output [n, q_dim] goes to out.
+status attention_local(cuda_context& c, const llama_hparams& hp, int64_t i_layer, uint16_t* q, uint16_t* k, uint16_t* v,
+                       uint16_t* out, const cuda_layer_pass& p) {
+    const int64_t q_dim = hp.q_dim(), kv_dim = hp.kv_dim(), seqlen = p.seqlen;
+    if (seqlen <= 0 || p.n % seqlen != 0)
+        return make_error(E_ARG, "layer pass of {} rows in local windows of {} tokens", p.n, seqlen);
+    for (int64_t s = 0; s < p.n / seqlen; ++s) {
+        uint16_t* qs = q + s * seqlen * q_dim;
+        uint16_t* ks = k + s * seqlen * kv_dim;
+        uint16_t* vs = v + s * seqlen * kv_dim;
+        GPTQ_TRY(op_cuda_rope(c, qs, p.cos, p.sin, seqlen, hp.n_head, hp.head_dim, q_dim));
+        GPTQ_TRY(op_cuda_rope(c, ks, p.cos, p.sin, seqlen, hp.n_head_kv, hp.head_dim, kv_dim));
+        cuda_attention_args a = attention_args_base(hp, i_layer);
+        a.q                   = qs;
+        a.k                   = ks;
+        a.v                   = vs;
+        a.out                 = out + s * seqlen * q_dim;
+        a.n_q                 = seqlen;
+        a.n_kv                = seqlen;
+        a.q_pos0              = 0;
+        a.q_stride = a.out_stride = q_dim;
+        a.kv_stride               = kv_dim;
+        GPTQ_TRY(op_cuda_attention(c, a));
+    }
+    return mark(p, "attention");
+}
 }  // namespace
+
+result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int64_t i_layer,
+                                  const cuda_layer_weights& w, uint16_t* hidden, const uint16_t* pending,
+                                  const cuda_layer_buffers& b, const cuda_layer_pass& p) {
+    const int64_t  q_dim = hp.q_dim(), kv_dim = hp.kv_dim(), n = p.n;
+    const bool     fused = w.qkv.n_out > 0;
+    const int32_t* p_qkv = fused ? perm_of(w.qkv) : nullptr;
+    GPTQ_TRY(norm(c, hp, hidden, pending, w.attn_norm, b.x, p, p_qkv));
+    GPTQ_TRY(capture(p, linear_input::LINEAR_INPUT_QKV, b.x, hp.n_embd));
+    if (p.stop_after == linear_input::LINEAR_INPUT_QKV) return false;
+    // The attention output [n, q_dim]: in x (free again once q/k/v are computed) or where asked.
+    uint16_t* att = p.attn_out ? p.attn_out : b.x;
+    if (!p.attn_reuse) {
+        // q, k, v: three buffers, or row slices of the fused projection's output (stride qkv_dim).
+        uint16_t *q = b.q, *k = b.k, *v = b.v;
+        int64_t   q_stride = q_dim, kv_stride = kv_dim;
+        if (fused) {
+            GPTQ_TRY(cuda_linear_forward(c, w.qkv, b.x, b.q, n, p_qkv != nullptr));
+            GPTQ_TRY(mark(p, "linear_qkv"));
+            k        = b.q + q_dim;
+            v        = b.q + q_dim + kv_dim;
+            q_stride = kv_stride = q_dim + 2 * kv_dim;
+        } else {
+            GPTQ_TRY(cuda_linear_forward(c, w.linear(linear_role::LINEAR_Q), b.x, q, n));
+            GPTQ_TRY(mark(p, "linear_q"));
+            GPTQ_TRY(cuda_linear_forward(c, w.linear(linear_role::LINEAR_K), b.x, k, n));
+            GPTQ_TRY(mark(p, "linear_k"));
+            GPTQ_TRY(cuda_linear_forward(c, w.linear(linear_role::LINEAR_V), b.x, v, n));
+            GPTQ_TRY(mark(p, "linear_v"));
+        }
+        if (p.k_cache) {
+            GPTQ_TRY(attention_cached(c, hp, i_layer, q, k, v, q_stride, kv_stride, att, p));
+        } else {
+            if (fused) return make_error(status_code::STATUS_INTERNAL, "layer {}: local K/V with fused q/k/v", i_layer);
+            GPTQ_TRY(attention_local(c, hp, i_layer, q, k, v, att, p));
+        }
+    }
+    GPTQ_TRY(capture(p, linear_input::LINEAR_INPUT_O, att, q_dim));
+    if (p.stop_after == linear_input::LINEAR_INPUT_O) return false;
+    GPTQ_TRY(cuda_linear_forward(c, w.linear(linear_role::LINEAR_O), att, b.y, n));
+    GPTQ_TRY(mark(p, "linear_o"));
+    return true;
+}
+
+result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda_layer_weights& w, uint16_t* hidden,
+                            const cuda_layer_buffers& b, const cuda_layer_pass& p) {
+    const int64_t  n = p.n, n_ff = hp.n_ff;
+    const bool     fused = w.gate_up.n_out > 0;
+    const int32_t* p_gu  = fused ? perm_of(w.gate_up) : nullptr;
+    // hidden += o's output, then the norm into x (x is free after o).
+    GPTQ_TRY(norm(c, hp, hidden, b.y, w.mlp_norm, b.x, p, p_gu));
+    GPTQ_TRY(capture(p, linear_input::LINEAR_INPUT_GATE_UP, b.x, hp.n_embd));
+    if (p.stop_after == linear_input::LINEAR_INPUT_GATE_UP) return false;
+    const cuda_linear& down   = w.linear(linear_role::LINEAR_DOWN);
+    const uint16_t*    act    = b.gate;  // silu(gate) * up, [n, n_ff] contiguous
+    const int32_t*     p_down = nullptr;
+    if (fused) {
+        GPTQ_TRY(cuda_linear_forward(c, w.gate_up, b.x, b.gate, n, p_gu != nullptr));  // [n, 2 n_ff]: gate | up
+        GPTQ_TRY(mark(p, "linear_gate_up"));
+        // Down's act-order order: already that of gate_up's outputs (permuted at load), else
+        // written by silu_mul (its output up does not alias its input, so it may permute).
+        const int32_t* p_silu = nullptr;
+        if (w.gate_up_in_down_order)
+            p_down = perm_of(down);
+        else
+            p_down = p_silu = perm_of(down);
+        GPTQ_TRY(op_cuda_silu_mul(c, b.gate, b.gate + n_ff, b.up, n, n_ff, 2 * n_ff, 2 * n_ff, n_ff, p_silu));
+        act = b.up;
+    } else {
+        GPTQ_TRY(cuda_linear_forward(c, w.linear(linear_role::LINEAR_GATE), b.x, b.gate, n));
+        GPTQ_TRY(mark(p, "linear_gate"));
+        GPTQ_TRY(cuda_linear_forward(c, w.linear(linear_role::LINEAR_UP), b.x, b.up, n));
+        GPTQ_TRY(mark(p, "linear_up"));
+        GPTQ_TRY(op_cuda_silu_mul(c, b.gate, b.up, b.gate, n, n_ff, n_ff, n_ff, n_ff));
+    }
+    GPTQ_TRY(mark(p, "silu_mul"));
+    GPTQ_TRY(capture(p, linear_input::LINEAR_INPUT_DOWN, act, n_ff));
+    if (p.stop_after == linear_input::LINEAR_INPUT_DOWN) return false;
+    GPTQ_TRY(cuda_linear_forward(c, down, act, b.y, n, p_down != nullptr));
+    GPTQ_TRY(mark(p, "linear_down"));
+    return true;
+}
+
+result<bool> cuda_layer_forward(cuda_context& c, const llama_hparams& hp, int64_t i_layer, const cuda_layer_weights& w,
+                                uint16_t* hidden, const uint16_t* pending, const cuda_layer_buffers& b,
+                                const cuda_layer_pass& p) {
+    GPTQ_ASSIGN_OR_RETURN(const bool attention_done, cuda_attention_block(c, hp, i_layer, w, hidden, pending, b, p));
+    if (!attention_done) return false;
+    return cuda_mlp_block(c, hp, w, hidden, b, p);
+}
 
 result<std::unique_ptr<llama_cuda_layer_runner>> llama_cuda_layer_runner::create(cuda_context&        ctx,
                                                                                  const llama_hparams& hp,
@@ -103,10 +295,10 @@ status llama_cuda_layer_runner::load(const llama_layer& layer) {
     layer_index_ = layer.index;
     attn_valid_  = false;
     GPTQ_TRY(upload_f16(layer.attn_norm, "model.layers." + std::to_string(layer.index) + ".input_layernorm.weight",
-                        &attn_norm_));
+                        &w_.attn_norm));
     GPTQ_TRY(upload_f16(layer.mlp_norm,
                         "model.layers." + std::to_string(layer.index) + ".post_attention_layernorm.weight",
-                        &mlp_norm_));
+                        &w_.mlp_norm));
     for (int r = 0; r < k_n_linear_roles; ++r) {
         const auto            role = static_cast<linear_role>(r);
         const linear_weights& lw   = layer.linear(role);
@@ -114,9 +306,9 @@ status llama_cuda_layer_runner::load(const llama_layer& layer) {
         if (lw.q)
             return make_error(status_code::STATUS_UNSUPPORTED,
                               "{}: the GPU calibration runner takes dense weights (this one is GPTQ-packed)", name);
-        linear& l = lin_[size_t(r)];
-        l.n_out   = lw.n_out;
-        l.n_in    = lw.n_in;
+        cuda_linear& l = w_.lin[size_t(r)];
+        l.n_out        = lw.n_out;
+        l.n_in         = lw.n_in;
         GPTQ_TRY(upload_f16(lw.w, name + ".weight", &l.w));
         if (!lw.bias.empty()) {
             GPTQ_TRY(upload_f16(lw.bias, name + ".bias", &l.bias));
@@ -128,7 +320,7 @@ status llama_cuda_layer_runner::load(const llama_layer& layer) {
 }
 
 status llama_cuda_layer_runner::linear_update(linear_role r, const std::vector<float>& w) {
-    linear& l = lin_[size_t(r)];
+    cuda_linear& l = w_.lin[size_t(r)];
     if (r == linear_role::LINEAR_Q || r == linear_role::LINEAR_K || r == linear_role::LINEAR_V) attn_valid_ = false;
     if (int64_t(w.size()) != l.n_out * l.n_in)
         return make_error(E_ARG, "{}: weight of {} values, expected {} x {}", llama_linear_name(layer_index_, r),
@@ -136,84 +328,33 @@ status llama_cuda_layer_runner::linear_update(linear_role r, const std::vector<f
     return upload_f16(w, llama_linear_name(layer_index_, r) + ".weight", &l.w);
 }
 
-status llama_cuda_layer_runner::linear_run(linear_role r, const uint16_t* x, uint16_t* y, int64_t n) {
-    const linear& l = lin_[size_t(r)];
-    GPTQ_TRY(op_cuda_linear_dense(*ctx_, x, l.w.as<uint16_t>(), y, n, l.n_out, l.n_in));
-    if (l.bias.bytes()) GPTQ_TRY(op_cuda_add_bias(*ctx_, y, l.bias.as<uint16_t>(), n, l.n_out));
-    return status::ok();
-}
-
 status llama_cuda_layer_runner::forward(uint16_t* hidden, int64_t n_windows, const cuda_linear_input_hook* hook,
                                         linear_input stop_after) {
     if (layer_index_ < 0) return make_error(E_ARG, "layer runner: forward before load");
-    const llama_hparams& hp     = hp_;
-    const int64_t        n_embd = hp.n_embd, q_dim = hp.q_dim(), kv_dim = hp.kv_dim(), hd = hp.head_dim;
-    cuda_context&        c = *ctx_;
-    uint16_t *           h = h_.as<uint16_t>(), *x = x_.as<uint16_t>(), *q = q_.as<uint16_t>();
-    uint16_t *           k = k_.as<uint16_t>(), *v = v_.as<uint16_t>(), *y = y_.as<uint16_t>();
-    uint16_t *           gate = gate_.as<uint16_t>(), *up = up_.as<uint16_t>();
-    const bool           full    = stop_after == linear_input::LINEAR_INPUT_COUNT;
-    const bool           caching = attn_.bytes() && n_windows == attn_windows_;
-    const bool           reuse   = caching && attn_valid_;
-    auto                 capture = [&](linear_input which, const uint16_t* xin, int64_t n, int64_t n_in) -> status {
-        if (hook && *hook) return (*hook)(which, xin, n, n_in);
-        return status::ok();
-    };
+    const int64_t            n_embd = hp_.n_embd, q_dim = hp_.q_dim();
+    cuda_context&            c       = *ctx_;
+    uint16_t*                h       = h_.as<uint16_t>();
+    const bool               full    = stop_after == linear_input::LINEAR_INPUT_COUNT;
+    const bool               caching = attn_.bytes() && n_windows == attn_windows_;
+    const cuda_layer_buffers b{x_.as<uint16_t>(), q_.as<uint16_t>(),    k_.as<uint16_t>(), v_.as<uint16_t>(),
+                               y_.as<uint16_t>(), gate_.as<uint16_t>(), up_.as<uint16_t>()};
+    cuda_layer_pass          p;
+    p.cos        = cos_.as<float>();
+    p.sin        = sin_.as<float>();
+    p.seqlen     = seqlen_;
+    p.attn_reuse = caching && attn_valid_;
+    p.hook       = hook;
+    p.stop_after = stop_after;
     for (int64_t w0 = 0; w0 < n_windows; w0 += chunk_windows_) {
         const int64_t nw = std::min(chunk_windows_, n_windows - w0);
-        const int64_t n  = nw * seqlen_;
-        uint16_t*     hw = hidden + w0 * seqlen_ * n_embd;
-        GPTQ_TRY(cuda_copy_device_async(c, h, hw, size_t(n * n_embd) * 2));
-        // ---- attention ----
-        GPTQ_TRY(op_cuda_rms_norm(c, h, attn_norm_.as<uint16_t>(), x, n, n_embd, hp.rms_eps));
-        GPTQ_TRY(capture(linear_input::LINEAR_INPUT_QKV, x, n, n_embd));
-        if (stop_after == linear_input::LINEAR_INPUT_QKV) continue;
-        // The attention output of this chunk: [n, q_dim], in x or in the cache.
-        uint16_t* att = caching ? attn_.as<uint16_t>() + w0 * seqlen_ * q_dim : x;
-        if (!reuse) {
-            GPTQ_TRY(linear_run(linear_role::LINEAR_Q, x, q, n));
-            GPTQ_TRY(linear_run(linear_role::LINEAR_K, x, k, n));
-            GPTQ_TRY(linear_run(linear_role::LINEAR_V, x, v, n));
-            for (int64_t s = 0; s < nw; ++s) {
-                uint16_t* qs = q + s * seqlen_ * q_dim;
-                uint16_t* ks = k + s * seqlen_ * kv_dim;
-                uint16_t* vs = v + s * seqlen_ * kv_dim;
-                GPTQ_TRY(op_cuda_rope(c, qs, cos_.as<float>(), sin_.as<float>(), seqlen_, hp.n_head, hd, q_dim));
-                GPTQ_TRY(op_cuda_rope(c, ks, cos_.as<float>(), sin_.as<float>(), seqlen_, hp.n_head_kv, hd, kv_dim));
-                cuda_attention_args a;
-                a.q         = qs;
-                a.k         = ks;
-                a.v         = vs;
-                a.out       = att + s * seqlen_ * q_dim;  // x is free again: [n, q_dim]
-                a.n_q       = seqlen_;
-                a.n_kv      = seqlen_;
-                a.q_pos0    = 0;
-                a.n_head    = hp.n_head;
-                a.n_head_kv = hp.n_head_kv;
-                a.head_dim  = hd;
-                a.window    = hp.window[size_t(layer_index_)];
-                a.scale     = 1.0f / std::sqrt(static_cast<float>(hd));
-                a.q_stride = a.out_stride = q_dim;
-                a.kv_stride               = kv_dim;
-                GPTQ_TRY(op_cuda_attention(c, a));
-            }
-        }
-        GPTQ_TRY(capture(linear_input::LINEAR_INPUT_O, att, n, q_dim));
-        if (stop_after == linear_input::LINEAR_INPUT_O) continue;
-        GPTQ_TRY(linear_run(linear_role::LINEAR_O, att, y, n));
-        GPTQ_TRY(op_cuda_add(c, h, y, n * n_embd));
-        // ---- MLP ----
-        GPTQ_TRY(op_cuda_rms_norm(c, h, mlp_norm_.as<uint16_t>(), y, n, n_embd, hp.rms_eps));
-        GPTQ_TRY(capture(linear_input::LINEAR_INPUT_GATE_UP, y, n, n_embd));
-        if (stop_after == linear_input::LINEAR_INPUT_GATE_UP) continue;
-        GPTQ_TRY(linear_run(linear_role::LINEAR_GATE, y, gate, n));
-        GPTQ_TRY(linear_run(linear_role::LINEAR_UP, y, up, n));
-        GPTQ_TRY(op_cuda_silu_mul(c, gate, up, gate, n, hp.n_ff, hp.n_ff, hp.n_ff, hp.n_ff));
-        GPTQ_TRY(capture(linear_input::LINEAR_INPUT_DOWN, gate, n, hp.n_ff));
-        if (stop_after == linear_input::LINEAR_INPUT_DOWN) continue;
-        GPTQ_TRY(linear_run(linear_role::LINEAR_DOWN, gate, y, n));
-        GPTQ_TRY(op_cuda_add(c, h, y, n * n_embd));
-        if (full) GPTQ_TRY(cuda_copy_device_async(c, hw, h, size_t(n * n_embd) * 2));
+        p.n              = nw * seqlen_;
+        p.attn_out       = caching ? attn_.as<uint16_t>() + w0 * seqlen_ * q_dim : nullptr;
+        uint16_t* hw     = hidden + w0 * seqlen_ * n_embd;
+        GPTQ_TRY(cuda_copy_device_async(c, h, hw, size_t(p.n * n_embd) * 2));
+        GPTQ_ASSIGN_OR_RETURN(const bool done, cuda_layer_forward(c, hp_, layer_index_, w_, h, nullptr, b, p));
+        if (!done || !full) continue;
+        GPTQ_TRY(op_cuda_add(c, h, b.y, p.n * n_embd));  // the residual add of down's output
+        GPTQ_TRY(cuda_copy_device_async(c, hw, h, size_t(p.n * n_embd) * 2));
     }
     // Computed for every window now; a full pass has replaced the inputs it came from.
     if (caching && stop_after != linear_input::LINEAR_INPUT_QKV) attn_valid_ = !full;
@@ -221,8 +362,8 @@ status llama_cuda_layer_runner::forward(uint16_t* hidden, int64_t n_windows, con
 }
 
 uint64_t llama_cuda_layer_runner::device_bytes() const {
-    uint64_t n = attn_norm_.bytes() + mlp_norm_.bytes() + cos_.bytes() + sin_.bytes() + attn_.bytes();
-    for (const auto& l : lin_) n += l.w.bytes() + l.bias.bytes();
+    uint64_t n = w_.attn_norm.bytes() + w_.mlp_norm.bytes() + cos_.bytes() + sin_.bytes() + attn_.bytes();
+    for (const auto& l : w_.lin) n += l.w.bytes() + l.bias.bytes();
     for (const cuda_buffer* b : {&h_, &x_, &q_, &k_, &v_, &y_, &gate_, &up_}) n += b->bytes();
     return n;
 }

@@ -1,9 +1,14 @@
-// One Llama decoder layer on the GPU for layer-by-layer work (GPTQ_CUDA builds only): GPTQ's
-// calibration passes (engine/quantize.cpp with --device cuda) run every calibration window through
-// the layer being quantized, capture the inputs of its linears for the Hessians, and then run the
-// quantized layer to produce the next layer's inputs. The same forward pass as
-// llama_model::layer_forward without a KV cache (each window attends to itself, positions 0 ..
-// seqlen-1), over F16 activations on the device, with llama_cuda_model's kernels.
+// One Llama decoder layer on the GPU (GPTQ_CUDA builds only), written once for every caller, as
+// llama_layer.cpp is on the CPU: cuda_layer_forward = cuda_attention_block + cuda_mlp_block, run by
+// llama_cuda_model::forward_queued (prefill, graph decode, lockstep batches, offload, profiling)
+// and by llama_cuda_layer_runner below (GPTQ's calibration passes). docs/cuda.md ("One decoder
+// layer") describes it.
+//
+// The runner: GPTQ's calibration passes (engine/ calibration runner with --device cuda) run every
+// calibration window through the layer being quantized, capture the inputs of its linears for the
+// Hessians, and then run the quantized layer to produce the next layer's inputs. The same forward
+// pass as llama_model::layer_forward without a KV cache (each window attends to itself, positions
+// 0 .. seqlen-1), over F16 activations on the device, with llama_cuda_model's kernels.
 //
 //     GPTQ_ASSIGN_OR_RETURN(auto run, llama_cuda_layer_runner::create(cctx, hp, seqlen, n_windows));
 //     GPTQ_TRY(run->load(*host_layer));                  // F32 host weights -> F16 device
@@ -22,6 +27,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/status.h"
@@ -36,6 +42,95 @@ namespace gptq {
 // stream has passed the call's work, since everything is ordered on that one stream).
 using cuda_linear_input_hook =
     std::function<status(linear_input which, const uint16_t* x_dev, int64_t n_tokens, int64_t n_in)>;
+
+// ---- the one decoder layer -------------------------------------------------------------------
+
+// A linear on the device: dense F16 [n_out, n_in] (+ F16 bias) or GPTQ (cuda_gptq_linear, bias inside).
+struct cuda_linear {
+    int64_t          n_out = 0, n_in = 0;
+    cuda_buffer      w;     // [n_out, n_in] F16 (dense), empty when quantized
+    cuda_buffer      bias;  // [n_out] F16 (dense with bias), else empty
+    bool             quantized = false;
+    cuda_gptq_linear q;  // quantized: bias inside
+};
+// y[n, n_out] = x[n, n_in] W^T (+ bias). x_permuted: x is already in l's act-order column order
+// (see op_cuda_gptq_linear).
+status cuda_linear_forward(cuda_context& c, const cuda_linear& l, const uint16_t* x, uint16_t* y, int64_t n,
+                           bool x_permuted = false);
+
+// A decoder layer's weights on the device.
+struct cuda_layer_weights {
+    cuda_buffer                               attn_norm, mlp_norm;  // [n_embd] F16
+    std::array<cuda_linear, k_n_linear_roles> lin;                  // the roles not fused (empty when fused)
+    cuda_linear                               qkv, gate_up;         // fused (q|k|v, gate|up): n_out 0 when not
+    // gate_up's output features are in down's act-order column order (permuted at load), so
+    // silu_mul's output is down's permuted input as it is.
+    bool               gate_up_in_down_order = false;
+    const cuda_linear& linear(linear_role r) const { return lin[static_cast<size_t>(r)]; }
+};
+
+// The activation buffers a pass over n rows uses (F16 device; the caller sizes them).
+struct cuda_layer_buffers {
+    uint16_t* x = nullptr;                    // [n, max(n_embd, q_dim)]: the norms' outputs, the attention output
+    uint16_t* q = nullptr;                    // [n, q_dim]; fused q/k/v: [n, q_dim + 2 kv_dim] (q | k | v per row)
+    uint16_t *k = nullptr, *v = nullptr;      // [n, kv_dim] (unused when q/k/v are fused)
+    uint16_t* y    = nullptr;                 // [n, n_embd]: o's output, then down's
+    uint16_t *gate = nullptr, *up = nullptr;  // [n, n_ff]; fused gate/up: gate [n, 2 n_ff]
+};
+
+// Called after each op with its kind ("rms_norm", "linear_qkv", "attention", ...): profiling marks.
+using cuda_op_mark = std::function<status(const char* op)>;
+
+// One pass of a layer over n rows: where attention finds its keys and values, the hooks.
+struct cuda_layer_pass {
+    int64_t n = 0;  // rows (tokens) of hidden
+    // RoPE rows, F32 device [rows, head_dim / 2]: with a cache one row per token; local: the rows of
+    // positions 0 .. seqlen-1, shared by every window.
+    const float *cos = nullptr, *sin = nullptr;
+
+    // Keys/values. k_cache set: the runtime's KV cache (this layer's, of sequence `seq` when not
+    // lockstep): RoPE of q and k and the cache store in one launch at the device-held position,
+    // attention over positions 0 .. n_past + n - 1. k_cache nullptr: local K/V (calibration): the
+    // rows are n / seqlen windows of seqlen tokens at positions 0 .. seqlen-1, each attending to
+    // itself only.
+    uint16_t *     k_cache = nullptr, *v_cache = nullptr;  // [n_seq][n_ctx][kv_dim] from the pass's sequence
+    int64_t        n_ctx = 0, n_past = 0;
+    const int32_t* pos_dev    = nullptr;  // device I32: position of token 0
+    const int32_t* n_kv_dev   = nullptr;  // device I32 key count (graph decode), else n_past + n from the host
+    bool           lockstep   = false;    // token t is sequence t's, at n_past (batched decode)
+    int64_t        seq_stride = 0;        // lockstep: elements between sequences' caches
+    int64_t        seqlen     = 0;        // local: tokens per window
+
+    // Local only: the attention output goes to attn_out ([n, q_dim], nullptr: buffers.x), and with
+    // attn_reuse it is already there (q/k/v, RoPE and attention are skipped).
+    uint16_t* attn_out   = nullptr;
+    bool      attn_reuse = false;
+
+    // The hook sees each linear group's input over the pass's rows (as fed to the linear: with a
+    // GPTQ act-order layer on the int4 kernel, in its column order). With stop_after != COUNT the
+    // layer returns false right after the hook has seen that input.
+    const cuda_linear_input_hook* hook       = nullptr;
+    linear_input                  stop_after = linear_input::LINEAR_INPUT_COUNT;
+    const cuda_op_mark*           mark       = nullptr;  // nullptr: no marks
+};
+
+// The residual stream is carried as the runtime carries it: each residual add is folded into the
+// RMSNorm after it (op_cuda_add_rms_norm, bit for bit op_cuda_add then op_cuda_rms_norm). The
+// attention block adds `pending` (the previous layer's down output, nullptr: none) to hidden in its
+// norm; the MLP block adds o's output in its norm; down's output is left in buffers.y, to be added
+// by the next layer (its `pending`) or by the caller (op_cuda_add, the final norm).
+// Each returns false when it stopped at p.stop_after.
+result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int64_t i_layer,
+                                  const cuda_layer_weights& w, uint16_t* hidden, const uint16_t* pending,
+                                  const cuda_layer_buffers& b, const cuda_layer_pass& p);
+// hidden += buffers.y (o's output), norm, gate/up, SiLU * up, down into buffers.y.
+result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda_layer_weights& w, uint16_t* hidden,
+                            const cuda_layer_buffers& b, const cuda_layer_pass& p);
+result<bool> cuda_layer_forward(cuda_context& c, const llama_hparams& hp, int64_t i_layer, const cuda_layer_weights& w,
+                                uint16_t* hidden, const uint16_t* pending, const cuda_layer_buffers& b,
+                                const cuda_layer_pass& p);
+
+// ---- the calibration runner ----------------------------------------------------------------------
 
 class llama_cuda_layer_runner {
 public:
@@ -64,25 +159,19 @@ public:
     uint64_t device_bytes() const;  // weights + activations held
 
 private:
-    struct linear {
-        int64_t     n_out = 0, n_in = 0;
-        cuda_buffer w, bias;  // F16
-    };
     llama_cuda_layer_runner() = default;
     status upload_f16(const std::vector<float>& v, const std::string& name, cuda_buffer* out);
-    status linear_run(linear_role r, const uint16_t* x, uint16_t* y, int64_t n);
 
-    cuda_context*                        ctx_ = nullptr;
-    llama_hparams                        hp_;
-    int64_t                              seqlen_ = 0, chunk_windows_ = 0, layer_index_ = -1;
-    cuda_buffer                          attn_norm_, mlp_norm_;
-    std::array<linear, k_n_linear_roles> lin_;
-    cuda_buffer                          h_, x_, q_, k_, v_, y_, gate_, up_;  // one chunk's activations
-    cuda_buffer                          cos_, sin_;                          // [seqlen, head_dim / 2] F32
-    cuda_buffer                          attn_;  // [attn_windows_ * seqlen, q_dim] F16 attention output
-    int64_t                              attn_windows_ = 0;
-    bool                                 attn_valid_   = false;
-    thread_pool*                         pool_         = nullptr;
+    cuda_context*      ctx_ = nullptr;
+    llama_hparams      hp_;
+    int64_t            seqlen_ = 0, chunk_windows_ = 0, layer_index_ = -1;
+    cuda_layer_weights w_;                                  // dense, never fused
+    cuda_buffer        h_, x_, q_, k_, v_, y_, gate_, up_;  // one chunk's activations
+    cuda_buffer        cos_, sin_;                          // [seqlen, head_dim / 2] F32
+    cuda_buffer        attn_;                               // [attn_windows_ * seqlen, q_dim] F16 attention output
+    int64_t            attn_windows_ = 0;
+    bool               attn_valid_   = false;
+    thread_pool*       pool_         = nullptr;
 };
 
 }  // namespace gptq

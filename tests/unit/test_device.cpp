@@ -79,3 +79,24 @@ TEST(device, cli_quantize_device_is_checked_before_any_work) {
     EXPECT_FALSE(std::filesystem::exists(out));
     EXPECT_FALSE(std::filesystem::exists(out + ".partial"));
 }
+
+// The calibration runner (engine/calibration.h): --device cuda opens the CUDA one, which in a build
+// without CUDA (or on a machine without a GPU) returns device_check's error before any work; with a
+// GPU it quantizes.
+TEST(device, cli_quantize_on_cuda_runs_or_says_why_not) {
+    const std::string model = test::source_path("models/tiny-llama");
+    test::temp_dir    tmp("quantize-cuda");
+    const std::string out = tmp.path() + "/out";
+    const auto        r   = test::run_command(test::gptq_binary() + " quantize " + model + " -o " + out +
+                                              " --device cuda --nsamples 2 --seqlen 32 --bits 4 --group-size 64");
+    if (r.exit_code == 0) {
+        EXPECT_TRUE(std::filesystem::exists(out + "/model.safetensors")) << r.err;
+    } else {
+        EXPECT_EQ(r.exit_code, 1) << r.err;
+        EXPECT_TRUE(r.err.find("no CUDA device") != std::string::npos ||
+                    r.err.find("built without CUDA") != std::string::npos)
+            << r.err;
+        EXPECT_FALSE(std::filesystem::exists(out));
+        EXPECT_FALSE(std::filesystem::exists(out + ".partial"));
+    }
+}

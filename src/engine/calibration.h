@@ -1,0 +1,77 @@
+// GPTQ's calibration side behind one interface (docs/quantize.md, "The calibration runner"): the
+// hidden states of the calibration windows, the passes of one decoder layer over them with the
+// hooks GPTQ needs (the Hessians of its linears' inputs), the per-linear solve and error, and the
+// pass that turns the layer's outputs into the next layer's inputs. engine/quantize.cpp drives it
+// layer by layer and knows nothing of the device:
+//
+//     GPTQ_ASSIGN_OR_RETURN(auto run, calibration_runner_cpu(model, ctx, n_samples, seqlen, std::move(x)));
+//     for each layer:  run->layer_begin(layer)
+//         for each group of linears (true-sequential):  run->hessians_collect(layer, group)
+//             for each linear r of the group:  h = run->hessian(input of r); q = run->solve(w, h, ...)
+//                 run->weighted_error(w, wq) ...; run->linear_update(r, wq); layer.linear_replace(r, wq)
+//         run->layer_forward(layer)   // the windows now hold the quantized layer's outputs
+//
+// CPU (calibration.cpp): llama_model::layer_forward window by window in F32 (hooks, stop_after),
+// hessian_accumulator, gptq_quantize, hessian_weighted_error: the oracle. CUDA
+// (calibration_cuda.cpp, --device cuda): model/llama_cuda_layer.h's runner over F16 activations
+// kept on the GPU, cuda_hessian_accumulator, gptq_quantize_cuda, hessian_weighted_error_cuda. A
+// build without CUDA opening the CUDA runner gets device_check's "built without CUDA" error.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "core/status.h"
+#include "core/thread_pool.h"
+#include "gptq/device.h"
+#include "model/llama.h"
+#include "ops/ops.h"
+#include "quant/gptq.h"
+
+namespace gptq {
+
+class calibration_runner {
+public:
+    virtual ~calibration_runner() = default;
+
+    // Start a layer: its current weights (dense F32 linears) are those the passes below use.
+    virtual status layer_begin(const llama_layer& layer) = 0;
+    // Run the layer over every window until the last input the group's linears read has been seen,
+    // and accumulate the Hessian of each such input (those of an earlier call are dropped). The
+    // windows' hidden states are unchanged.
+    virtual status hessians_collect(const llama_layer& layer, const std::vector<linear_role>& group) = 0;
+    // The Hessian [n_in, n_in] F32 of an input collected by the last hessians_collect (the
+    // accumulator is kept: the same input may be asked for again). It becomes the H of
+    // weighted_error.
+    virtual result<std::vector<float>> hessian(linear_input in) = 0;
+    // gptq_quantize (quant/gptq.h) on this runner's device: the same inputs, result and errors.
+    virtual result<quantized_linear> solve(const float* w, int64_t n_out, int64_t n_in, const std::vector<float>& h,
+                                           const gptq_options& opt, gptq_stats* stats) = 0;
+    // hessian_weighted_error of w against wq with the H of the last hessian() call (h: its host copy).
+    virtual result<double> weighted_error(const float* w, const float* wq, int64_t n_out, int64_t n_in,
+                                          const std::vector<float>& h) = 0;
+    // A linear of the current layer replaced by w [n_out, n_in] (its dequantized GPTQ weight): later
+    // passes over this layer see it. The caller replaces it in its llama_layer too.
+    virtual status linear_update(linear_role r, const std::vector<float>& w) = 0;
+    // Run the layer (with the weights given by layer_begin and linear_update) over every window:
+    // its outputs become the windows' hidden states, the next layer's inputs.
+    virtual status layer_forward(const llama_layer& layer) = 0;
+    // Wait for the work queued so far (phase timing); nothing to do on the CPU.
+    virtual status synchronize() { return status::ok(); }
+    // Device memory the runner planned for (the report's peak_plan_bytes); 0 on the CPU.
+    virtual uint64_t device_plan_bytes() const { return 0; }
+};
+
+// x: [n_samples * seqlen, n_embd] F32, the embedded calibration windows (taken).
+result<std::unique_ptr<calibration_runner>> calibration_runner_cpu(const llama_model& model, const ops_context& ctx,
+                                                                   int64_t n_samples, int64_t seqlen,
+                                                                   std::vector<float> x);
+// The same on the GPU dev (device_check first): prints the device memory plan and refuses it when
+// the device has less free memory, then keeps x there as F16. pool: host threads for conversions.
+result<std::unique_ptr<calibration_runner>> calibration_runner_cuda(const device_spec& dev, const llama_model& model,
+                                                                    const ops_context& ctx, thread_pool* pool,
+                                                                    int64_t n_samples, int64_t seqlen,
+                                                                    std::vector<float> x);
+
+}  // namespace gptq

@@ -1,0 +1,220 @@
+// The CUDA calibration runner (calibration.h, --device cuda, experimental): the calibration
+// windows' hidden states on the GPU in F16, the layer passes of model/llama_cuda_layer.h, Hessians
+// from its hooks (cuda_hessian_accumulator), the solve (gptq_quantize_cuda) and the errors on the
+// GPU. Built without CUDA, opening it returns device_check's "built without CUDA" error.
+#include <fmt/format.h>
+
+#include "calibration.h"
+#include "core/error.h"
+#ifdef GPTQ_HAVE_CUDA
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+
+#include "core/dtype.h"
+#include "core/log.h"
+#include "host_memory.h"
+#include "model/llama_cuda_layer.h"
+#include "quant/gptq_cuda.h"
+#endif
+
+namespace gptq {
+
+#ifdef GPTQ_HAVE_CUDA
+
+namespace {
+
+class cuda_calibration final : public calibration_runner {
+public:
+    status layer_begin(const llama_layer& layer) override { return runner_->load(layer); }
+
+    status hessians_collect(const llama_layer&, const std::vector<linear_role>& group) override {
+        const llama_hparams& hp = *hp_;
+        acc_.clear();
+        h_dev_            = cuda_buffer();
+        linear_input last = linear_input::LINEAR_INPUT_QKV;
+        for (linear_role r : group) {
+            const linear_input in = linear_role_input(r);
+            if (!acc_.count(in)) {
+                GPTQ_ASSIGN_OR_RETURN(auto a, cuda_hessian_accumulator::create(*gpu_, hp.linear_shape(r)[1]));
+                acc_.emplace(in, std::move(a));
+            }
+            last = std::max(last, in);
+        }
+        cuda_linear_input_hook hook = [&](linear_input which, const uint16_t* x, int64_t n_tokens, int64_t) -> status {
+            auto it = acc_.find(which);
+            return it != acc_.end() ? it->second.add_f16(*gpu_, x, n_tokens) : status::ok();
+        };
+        return runner_->forward(x_dev_.as<uint16_t>(), n_samples_, &hook, last);
+    }
+
+    // H on the device (kept for weighted_error) and a host copy (the solve's input).
+    result<std::vector<float>> hessian(linear_input in) override {
+        auto it = acc_.find(in);
+        if (it == acc_.end())
+            return make_error(status_code::STATUS_INTERNAL, "calibration: no Hessian collected for the {} input",
+                              linear_input_name(in));
+        const int64_t n_in = it->second.n_in();
+        h_dev_             = cuda_buffer();
+        GPTQ_ASSIGN_OR_RETURN(h_dev_, cuda_buffer::alloc(size_t(n_in * n_in) * 4));
+        GPTQ_TRY(it->second.finish(*gpu_, h_dev_.as<float>()));
+        std::vector<float> h(size_t(n_in * n_in));
+        GPTQ_TRY(cuda_copy_to_host(*gpu_, h.data(), h_dev_.data(), h.size() * 4));
+        return h;
+    }
+
+    result<quantized_linear> solve(const float* w, int64_t n_out, int64_t n_in, const std::vector<float>& h,
+                                   const gptq_options& opt, gptq_stats* stats) override {
+        return gptq_quantize_cuda(*gpu_, ctx_, w, n_out, n_in, h.data(), opt, stats);
+    }
+
+    // O(n_out n_in^2): on the GPU, with the device copy of H.
+    result<double> weighted_error(const float* w, const float* wq, int64_t n_out, int64_t n_in,
+                                  const std::vector<float>& h) override {
+        if (h_dev_.bytes() != h.size() * 4 || int64_t(h.size()) != n_in * n_in)
+            return make_error(status_code::STATUS_INTERNAL, "calibration: weighted error without its Hessian");
+        return hessian_weighted_error_cuda(*gpu_, ctx_, w, wq, n_out, n_in, h_dev_.as<float>());
+    }
+
+    status linear_update(linear_role r, const std::vector<float>& w) override { return runner_->linear_update(r, w); }
+
+    status layer_forward(const llama_layer&) override {
+        acc_.clear();
+        h_dev_ = cuda_buffer();
+        return runner_->forward(x_dev_.as<uint16_t>(), n_samples_, nullptr);
+    }
+
+    status   synchronize() override { return gpu_->synchronize(); }
+    uint64_t device_plan_bytes() const override { return plan_bytes_; }
+
+    static result<std::unique_ptr<calibration_runner>> open(const device_spec& dev, const llama_model& model,
+                                                            const ops_context& ctx, thread_pool* pool,
+                                                            int64_t n_samples, int64_t seqlen, std::vector<float> x);
+
+private:
+    cuda_calibration() = default;
+    status plan_check(const device_spec& dev);
+
+    const llama_hparams*                             hp_ = nullptr;
+    ops_context                                      ctx_;
+    int64_t                                          n_samples_ = 0, seqlen_ = 0;
+    uint64_t                                         plan_bytes_ = 0;
+    std::unique_ptr<cuda_context>                    gpu_;
+    std::unique_ptr<llama_cuda_layer_runner>         runner_;
+    cuda_buffer                                      x_dev_;  // [n_samples * seqlen, n_embd] F16
+    std::map<linear_input, cuda_hessian_accumulator> acc_;
+    cuda_buffer                                      h_dev_;  // the last hessian(): [n_in, n_in] F32
+};
+
+// Print the device memory plan and refuse it when the GPU has less free memory.
+status cuda_calibration::plan_check(const device_spec& dev) {
+    const llama_hparams& hp      = *hp_;
+    const int64_t        n_tok   = n_samples_ * seqlen_;
+    const uint64_t       x_bytes = uint64_t(n_tok) * uint64_t(hp.n_embd) * 2;
+    uint64_t             w_bytes = 0, h_bytes = 0, solve_bytes = 0;
+    for (int r = 0; r < k_n_linear_roles; ++r) {
+        const auto     shp = hp.linear_shape(static_cast<linear_role>(r));
+        const uint64_t wn = uint64_t(shp[0] * shp[1]), hn = uint64_t(shp[1] * shp[1]);
+        w_bytes += wn * 2;
+        // The solve: W (raw, permuted), H (raw, permuted / U), codes, the error's D and D H.
+        solve_bytes = std::max<uint64_t>(solve_bytes, wn * 4 * 4 + hn * 4 * 2 + wn);
+        h_bytes += hn * 4;  // one accumulator per input (all four without --true-sequential)
+    }
+    // The runner's activations for one chunk: the sizes llama_cuda_layer_runner::create allocates.
+    const int64_t  chunk = std::max<int64_t>(1, 16384 / seqlen_) * seqlen_;
+    const uint64_t act_bytes =
+        uint64_t(std::min(chunk, n_tok)) *
+        uint64_t(2 * hp.n_embd + std::max(hp.n_embd, hp.q_dim()) + hp.q_dim() + 2 * hp.kv_dim() + 2 * hp.n_ff) * 2;
+    // The attention output of every window, kept between GPTQ's passes over the layer (q/k/v are
+    // quantized first, so the later passes and the final one reuse it).
+    const uint64_t attn_bytes = uint64_t(n_tok) * uint64_t(hp.q_dim()) * 2;
+    const uint64_t plan       = x_bytes + w_bytes + act_bytes + h_bytes + solve_bytes + attn_bytes;
+    GPTQ_ASSIGN_OR_RETURN(const cuda_memory_info mem, cuda_memory_info_get(*gpu_));
+    GPTQ_LOG_INFO(
+        "GPU memory plan: calibration inputs {} (F16) + one layer {} + activations {} + attention cache {} + "
+        "Hessians {} + solve {} = {} (cuda:{} has {} free of {})",
+        human_bytes(x_bytes), human_bytes(w_bytes), human_bytes(act_bytes), human_bytes(attn_bytes),
+        human_bytes(h_bytes), human_bytes(solve_bytes), human_bytes(plan), gpu_->device(), human_bytes(mem.free),
+        human_bytes(mem.total));
+    if (plan > mem.free)
+        return make_error(status_code::STATUS_OUT_OF_MEMORY,
+                          "quantizing on {} needs about {} of GPU memory and {} is free; lower --nsamples or "
+                          "--seqlen, or use --device cpu",
+                          device_name(dev), human_bytes(plan), human_bytes(mem.free));
+    plan_bytes_ = plan;
+    return status::ok();
+}
+
+result<std::unique_ptr<calibration_runner>> cuda_calibration::open(const device_spec& dev, const llama_model& model,
+                                                                   const ops_context& ctx, thread_pool* pool,
+                                                                   int64_t n_samples, int64_t seqlen,
+                                                                   std::vector<float> x) {
+    GPTQ_TRY(device_check(dev));
+    const llama_hparams& hp = model.hparams();
+    if (n_samples <= 0 || seqlen <= 0 || static_cast<int64_t>(x.size()) != n_samples * seqlen * hp.n_embd)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "calibration: {} values for {} windows of {} tokens of width {}", x.size(), n_samples, seqlen,
+                          hp.n_embd);
+    std::unique_ptr<cuda_calibration> c(new cuda_calibration());
+    c->hp_        = &hp;
+    c->ctx_       = ctx;
+    c->n_samples_ = n_samples;
+    c->seqlen_    = seqlen;
+    GPTQ_ASSIGN_OR_RETURN(c->gpu_, cuda_context::create(dev.index));
+    GPTQ_LOG_WARN(
+        "--device {}: GPTQ on the GPU is experimental (calibration passes in F16 with F32 accumulation, "
+        "Hessians, Cholesky and column loop in F32 there); compare with --device cpu before trusting it",
+        device_name(dev));
+    GPTQ_TRY(c->plan_check(dev));
+#ifdef __GLIBC__
+    // The host side allocates and frees layer-sized arrays (hundreds of MB) for every linear; glibc
+    // maps each from the kernel afresh (page faults on first touch, slow in sandboxes). Keep them in
+    // the heap and reuse the pages instead (the host memory plan bounds what is live).
+    // (M_MMAP_THRESHOLD is capped at 32 MiB, so mmap is switched off instead.)
+    mallopt(M_MMAP_MAX, 0);
+    mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
+#endif
+    std::vector<uint16_t> x16(x.size());
+    for (size_t i = 0; i < x.size(); ++i) {
+        if (!(std::fabs(x[i]) <= 65504.0f))
+            return make_error(status_code::STATUS_UNSUPPORTED,
+                              "model.embed_tokens.weight holds {} (calibration row {}), outside the F16 range the "
+                              "GPU calibration uses; use --device cpu",
+                              x[i], i / size_t(hp.n_embd));
+        x16[i] = f32_to_f16(x[i]);
+    }
+    GPTQ_ASSIGN_OR_RETURN(c->x_dev_, cuda_buffer::from_host(x16.data(), x16.size() * 2));
+    std::vector<float>().swap(x);
+    GPTQ_ASSIGN_OR_RETURN(c->runner_, llama_cuda_layer_runner::create(*c->gpu_, hp, seqlen));
+    GPTQ_TRY(c->runner_->attention_cache_enable(n_samples));
+    c->runner_->set_thread_pool(pool);
+    return std::unique_ptr<calibration_runner>(std::move(c));
+}
+
+}  // namespace
+
+result<std::unique_ptr<calibration_runner>> calibration_runner_cuda(const device_spec& dev, const llama_model& model,
+                                                                    const ops_context& ctx, thread_pool* pool,
+                                                                    int64_t n_samples, int64_t seqlen,
+                                                                    std::vector<float> x) {
+    return cuda_calibration::open(dev, model, ctx, pool, n_samples, seqlen, std::move(x));
+}
+
+#else
+
+result<std::unique_ptr<calibration_runner>> calibration_runner_cuda(const device_spec& dev, const llama_model&,
+                                                                    const ops_context&, thread_pool*, int64_t, int64_t,
+                                                                    std::vector<float>) {
+    GPTQ_TRY(device_check(dev));  // the "built without CUDA" error
+    return make_error(status_code::STATUS_UNSUPPORTED, "--device {}: this build has no CUDA calibration runner",
+                      device_name(dev));
+}
+
+#endif
+
+}  // namespace gptq

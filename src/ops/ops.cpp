@@ -61,6 +61,7 @@ void op_attention(const ops_context& ctx, const attention_args& a) {
     s.head_dim   = a.head_dim;
     s.window     = a.window;
     s.scale      = a.scale;
+    s.softcap    = a.softcap;
     s.q_stride   = a.q_stride;
     s.kv_stride  = a.kv_stride;
     s.out_stride = a.out_stride;
@@ -75,6 +76,21 @@ void op_silu_mul(const ops_context& ctx, const float* gate, const float* up, flo
         cpu::silu_mul_ref(gate, up, y, n);
     else
         cpu::silu_mul(gate, up, y, n, ctx.pool);
+}
+
+void op_gelu_tanh_mul(const ops_context& ctx, const float* gate, const float* up, float* y, int64_t n) {
+    if (ctx.reference)
+        cpu::gelu_tanh_mul_ref(gate, up, y, n);
+    else
+        cpu::gelu_tanh_mul(gate, up, y, n, ctx.pool);
+}
+
+void op_softcap(const ops_context& ctx, float* x, int64_t n, float cap) {
+    GPTQ_ASSERT(cap > 0 && n >= 0);
+    if (ctx.reference)
+        cpu::softcap_ref(x, n, cap);
+    else
+        cpu::softcap(x, n, cap, ctx.pool);
 }
 
 void op_add(const ops_context& ctx, float* x, const float* y, int64_t n) {

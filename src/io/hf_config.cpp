@@ -1,5 +1,7 @@
 #include "io/hf_config.h"
 
+#include <cmath>
+
 #include "core/error.h"
 #include "core/log.h"
 #include "io/tensor_source.h"
@@ -10,24 +12,6 @@ namespace {
 
 constexpr auto E_PARSE = status_code::STATUS_PARSE_ERROR;
 constexpr auto E_UNSUP = status_code::STATUS_UNSUPPORTED;
-
-struct family_entry {
-    const char*  architecture;
-    const char*  model_type;
-    model_family family;
-    int64_t      default_max_positions;
-};
-constexpr family_entry k_families[] = {
-    {"LlamaForCausalLM", "llama", model_family::MODEL_FAMILY_LLAMA, 2048},
-    {"MistralForCausalLM", "mistral", model_family::MODEL_FAMILY_MISTRAL, 32768},
-    {"Qwen2ForCausalLM", "qwen2", model_family::MODEL_FAMILY_QWEN2, 32768},
-};
-
-std::string supported_list() {
-    std::string s;
-    for (const auto& f : k_families) s += (s.empty() ? "" : ", ") + std::string(f.architecture);
-    return s;
-}
 
 // Read the token id fields that may be an int or a list of ints.
 result<std::vector<int64_t>> read_id_list(const json& j, const char* key, const std::string& where) {
@@ -55,6 +39,60 @@ result<std::optional<int64_t>> read_opt_int(const json_fields& f, const char* ke
     if (!f.has(key)) return std::optional<int64_t>();
     GPTQ_ASSIGN_OR_RETURN(int64_t v, f.get_int(key));
     return std::optional<int64_t>(v);
+}
+
+// LongRoPE (transformers' _compute_longrope_parameters): short_factor / long_factor lists,
+// original_max_position_embeddings in the rope object or at the top level, attention_factor given
+// or sqrt(1 + ln(factor) / ln(original)) with factor = max_position_embeddings / original when absent.
+result<std::vector<double>> read_number_list(const json& p, const char* key, const std::string& where) {
+    auto it = p.find(key);
+    if (it == p.end() || !it->is_array() || it->empty())
+        return make_error(E_PARSE, "{}: '{}' is {}, expected a list of numbers", where, key,
+                          it == p.end() ? std::string("missing") : json_fields::quote(*it));
+    std::vector<double> out;
+    for (const auto& v : *it) {
+        if (!v.is_number() || !(v.get<double>() > 0))
+            return make_error(E_PARSE, "{}: '{}' holds {}, expected positive numbers", where, key,
+                              json_fields::quote(v));
+        out.push_back(v.get<double>());
+    }
+    return out;
+}
+
+status read_longrope(const json& j, const json_fields& p, const std::string& pwhere, model_config* cfg) {
+    json_fields top{j, cfg->path};
+    GPTQ_ASSIGN_OR_RETURN(cfg->rope.short_factor, read_number_list(p.obj, "short_factor", pwhere));
+    GPTQ_ASSIGN_OR_RETURN(cfg->rope.long_factor, read_number_list(p.obj, "long_factor", pwhere));
+    if (p.has("original_max_position_embeddings")) {
+        GPTQ_ASSIGN_OR_RETURN(cfg->rope.original_max_position_embeddings,
+                              p.get_int("original_max_position_embeddings"));
+    } else {
+        GPTQ_ASSIGN_OR_RETURN(cfg->rope.original_max_position_embeddings,
+                              top.get_int("original_max_position_embeddings"));
+    }
+    for (const auto* v : {&cfg->rope.short_factor, &cfg->rope.long_factor})
+        if (static_cast<int64_t>(v->size()) != cfg->head_dim / 2)
+            return make_error(E_PARSE, "{}: '{}' has {} values, expected head_dim / 2 = {}", pwhere,
+                              v == &cfg->rope.short_factor ? "short_factor" : "long_factor", v->size(),
+                              cfg->head_dim / 2);
+    const int64_t orig = cfg->rope.original_max_position_embeddings;
+    if (orig <= 1) return make_error(E_PARSE, "{}: original_max_position_embeddings {} must be > 1", pwhere, orig);
+    GPTQ_ASSIGN_OR_RETURN(int64_t max_pos, top.get_int_or("max_position_embeddings", cfg->arch->default_max_positions));
+    double factor = static_cast<double>(max_pos) / static_cast<double>(orig);
+    if (p.has("factor")) {
+        GPTQ_ASSIGN_OR_RETURN(factor, p.get_number("factor"));
+    }
+    cfg->rope.factor = factor;
+    if (p.has("attention_factor")) {
+        GPTQ_ASSIGN_OR_RETURN(cfg->rope.attention_factor, p.get_number("attention_factor"));
+    } else {
+        cfg->rope.attention_factor =
+            factor <= 1.0 ? 1.0 : std::sqrt(1.0 + std::log(factor) / std::log(static_cast<double>(orig)));
+    }
+    if (!(cfg->rope.attention_factor > 0))
+        return make_error(E_PARSE, "{}: attention_factor {} must be > 0", pwhere, cfg->rope.attention_factor);
+    if (!(cfg->rope.theta > 0.0)) return make_error(E_PARSE, "{}: rope_theta {} must be > 0", pwhere, cfg->rope.theta);
+    return status::ok();
 }
 
 // RoPE: transformers 5 "rope_parameters" {rope_theta, rope_type, ...} or transformers 4 top-level
@@ -94,9 +132,12 @@ status read_rope(const json& j, const std::string& where, model_config* cfg) {
         cfg->rope.type = rope_type::ROPE_DYNAMIC;
     } else if (type == "llama3") {
         cfg->rope.type = rope_type::ROPE_LLAMA3;
+    } else if ((type == "longrope" || type == "su") && cfg->arch->rope_longrope) {
+        cfg->rope.type = rope_type::ROPE_LONGROPE;
+        return read_longrope(j, p, pwhere, cfg);
     } else {
-        return make_error(E_UNSUP, "{}: unsupported rope type '{}' (supported: default, linear, dynamic, llama3)",
-                          pwhere, type);
+        return make_error(E_UNSUP, "{}: unsupported rope type '{}' for {} (supported: default, linear, dynamic, llama3{})",
+                          pwhere, type, cfg->architecture, cfg->arch->rope_longrope ? ", longrope, su" : "");
     }
     if (cfg->rope.type != rope_type::ROPE_DEFAULT) {
         GPTQ_ASSIGN_OR_RETURN(cfg->rope.factor, p.get_number("factor"));
@@ -123,12 +164,6 @@ status read_rope(const json& j, const std::string& where, model_config* cfg) {
 
 }  // namespace
 
-const char* model_family_name(model_family f) {
-    for (const auto& e : k_families)
-        if (e.family == f) return e.model_type;
-    return "?";
-}
-
 const char* rope_type_name(rope_type t) {
     switch (t) {
         case rope_type::ROPE_DEFAULT:
@@ -139,20 +174,26 @@ const char* rope_type_name(rope_type t) {
             return "dynamic";
         case rope_type::ROPE_LLAMA3:
             return "llama3";
+        case rope_type::ROPE_LONGROPE:
+            return "longrope";
     }
     return "?";
 }
 
 bool model_config::layer_uses_sliding_window(int64_t i_layer) const {
     if (!sliding_window) return false;
-    switch (family) {
-        case model_family::MODEL_FAMILY_MISTRAL:
+    switch (arch->window) {
+        case arch_window_rule::WINDOW_ALL:
             return true;
-        case model_family::MODEL_FAMILY_QWEN2:
+        case arch_window_rule::WINDOW_FROM_MAX_LAYER:
             return use_sliding_window && i_layer >= max_window_layers;
-        default:
+        case arch_window_rule::WINDOW_LAYER_TYPES:
+            return i_layer < static_cast<int64_t>(layer_types.size()) &&
+                   layer_types[static_cast<size_t>(i_layer)] == "sliding_attention";
+        case arch_window_rule::WINDOW_NONE:
             return false;
     }
+    return false;
 }
 
 result<model_config> model_config_parse(const json& j, const std::string& where) {
@@ -162,29 +203,28 @@ result<model_config> model_config_parse(const json& j, const std::string& where)
     cfg.path = where;
 
     // Architecture: "architectures"[0], else model_type.
-    const family_entry* fam = nullptr;
+    const arch_desc* fam = nullptr;
     if (f.has("architectures")) {
         const auto& a = j.at("architectures");
         if (!a.is_array() || a.empty() || !a[0].is_string())
             return make_error(E_PARSE, "{}: 'architectures' is {}, expected a list of names", where,
                               json_fields::quote(a));
         cfg.architecture = a[0].get<std::string>();
-        for (const auto& e : k_families)
-            if (cfg.architecture == e.architecture) fam = &e;
+        fam              = arch_find_architecture(cfg.architecture);
         if (!fam)
             return make_error(E_UNSUP, "{}: unsupported architecture '{}' (supported: {})", where, cfg.architecture,
-                              supported_list());
+                              arch_supported_list());
     }
     GPTQ_ASSIGN_OR_RETURN(cfg.model_type, f.get_string_or("model_type", fam ? fam->model_type : ""));
     if (!fam) {
-        for (const auto& e : k_families)
-            if (cfg.model_type == e.model_type) fam = &e;
+        fam = arch_find_model_type(cfg.model_type);
         if (!fam)
             return make_error(E_UNSUP, "{}: unsupported model_type '{}' and no 'architectures' (supported: {})", where,
-                              cfg.model_type, supported_list());
+                              cfg.model_type, arch_supported_list());
         cfg.architecture = fam->architecture;
     }
     cfg.family = fam->family;
+    cfg.arch   = fam;
 
     GPTQ_ASSIGN_OR_RETURN(cfg.hidden_size, f.get_int("hidden_size"));
     GPTQ_ASSIGN_OR_RETURN(cfg.num_hidden_layers, f.get_int("num_hidden_layers"));
@@ -211,6 +251,8 @@ result<model_config> model_config_parse(const json& j, const std::string& where)
         GPTQ_ASSIGN_OR_RETURN(cfg.head_dim, f.get_int("head_dim"));
         if (cfg.head_dim <= 0 || cfg.head_dim % 2 != 0)
             return make_error(E_PARSE, "{}: head_dim is {}, expected a positive even integer", where, cfg.head_dim);
+    } else if (fam->default_head_dim > 0) {
+        cfg.head_dim = fam->default_head_dim;
     } else {
         if (cfg.hidden_size % cfg.num_attention_heads != 0)
             return make_error(E_PARSE,
@@ -223,18 +265,47 @@ result<model_config> model_config_parse(const json& j, const std::string& where)
     GPTQ_ASSIGN_OR_RETURN(cfg.rms_norm_eps, f.get_number_or("rms_norm_eps", 1e-6));
     if (!(cfg.rms_norm_eps > 0.0))
         return make_error(E_PARSE, "{}: rms_norm_eps {} must be > 0", where, cfg.rms_norm_eps);
-    GPTQ_ASSIGN_OR_RETURN(cfg.hidden_act, f.get_string_or("hidden_act", "silu"));
-    if (cfg.hidden_act != "silu")
-        return make_error(E_UNSUP, "{}: unsupported hidden_act '{}' (supported: silu)", where, cfg.hidden_act);
+    GPTQ_ASSIGN_OR_RETURN(cfg.hidden_act, f.get_string_or(fam->act_key, fam->act_default));
+    if (cfg.hidden_act == "silu") {
+        cfg.act = mlp_activation::ACT_SILU;
+    } else if (cfg.hidden_act == "gelu_pytorch_tanh") {
+        cfg.act = mlp_activation::ACT_GELU_TANH;
+    } else {
+        return make_error(E_UNSUP, "{}: unsupported {} '{}' (supported: silu, gelu_pytorch_tanh)", where, fam->act_key,
+                          cfg.hidden_act);
+    }
     GPTQ_TRY(read_rope(j, where, &cfg));
+    {
+        double partial = 1.0;
+        GPTQ_ASSIGN_OR_RETURN(partial, f.get_number_or("partial_rotary_factor", 1.0));
+        for (const char* k : {"rope_parameters", "rope_scaling"})
+            if (f.has(k) && j.at(k).is_object() && j.at(k).contains("partial_rotary_factor")) {
+                json_fields rp{j.at(k), where};
+                GPTQ_ASSIGN_OR_RETURN(partial, rp.get_number("partial_rotary_factor"));
+            }
+        if (partial != 1.0)
+            return make_error(E_UNSUP, "{}: partial_rotary_factor {} is not supported (only 1.0)", where, partial);
+    }
 
-    GPTQ_ASSIGN_OR_RETURN(cfg.tie_word_embeddings, f.get_bool_or("tie_word_embeddings", false));
+    GPTQ_ASSIGN_OR_RETURN(cfg.tie_word_embeddings, f.get_bool_or("tie_word_embeddings", fam->tie_default));
     GPTQ_ASSIGN_OR_RETURN(cfg.attention_bias, f.get_bool_or("attention_bias", false));
     GPTQ_ASSIGN_OR_RETURN(cfg.mlp_bias, f.get_bool_or("mlp_bias", false));
     if (cfg.mlp_bias) return make_error(E_UNSUP, "{}: mlp_bias true is not supported", where);
     GPTQ_ASSIGN_OR_RETURN(cfg.pretraining_tp, f.get_int_or("pretraining_tp", 1));
 
     GPTQ_ASSIGN_OR_RETURN(cfg.sliding_window, read_opt_int(f, "sliding_window"));
+    if (f.has("layer_types")) {
+        const json& lt = j.at("layer_types");
+        if (!lt.is_array() || static_cast<int64_t>(lt.size()) != cfg.num_hidden_layers)
+            return make_error(E_PARSE, "{}: 'layer_types' is {}, expected a list of {} names", where,
+                              json_fields::quote(lt), cfg.num_hidden_layers);
+        for (const auto& v : lt) {
+            if (!v.is_string() || (v != "sliding_attention" && v != "full_attention"))
+                return make_error(E_UNSUP, "{}: 'layer_types' holds {} (supported: sliding_attention, full_attention)",
+                                  where, json_fields::quote(v));
+            cfg.layer_types.push_back(v.get<std::string>());
+        }
+    }
     GPTQ_ASSIGN_OR_RETURN(cfg.use_sliding_window, f.get_bool_or("use_sliding_window", false));
     GPTQ_ASSIGN_OR_RETURN(cfg.max_window_layers, f.get_int_or("max_window_layers", 0));
     if (cfg.sliding_window && *cfg.sliding_window <= 0)

@@ -1,9 +1,9 @@
 // Hugging Face config.json / generation_config.json parsed into typed structs.
 //
 // Both config dialects are read: transformers 4 (torch_dtype, top-level rope_theta/rope_scaling)
-// and transformers 5 (dtype, rope_parameters {rope_theta, rope_type, ...}). Supported families:
-// Llama (LlamaForCausalLM), Mistral (MistralForCausalLM), Qwen2 (Qwen2ForCausalLM); anything
-// else is rejected by name. A GPTQ checkpoint's quantization_config is parsed by gptq_config.h.
+// and transformers 5 (dtype, rope_parameters {rope_theta, rope_type, ...}). The supported families
+// are the rows of io/arch.h (which also says which keys each reads); anything else is rejected by
+// name. A GPTQ checkpoint's quantization_config is parsed by gptq_config.h.
 #pragma once
 
 #include <optional>
@@ -11,14 +11,12 @@
 #include <vector>
 
 #include "core/status.h"
+#include "io/arch.h"
 #include "io/json_file.h"
 
 namespace gptq {
 
-enum class model_family : uint8_t { MODEL_FAMILY_LLAMA, MODEL_FAMILY_MISTRAL, MODEL_FAMILY_QWEN2 };
-const char* model_family_name(model_family f);
-
-enum class rope_type : uint8_t { ROPE_DEFAULT, ROPE_LINEAR, ROPE_DYNAMIC, ROPE_LLAMA3 };
+enum class rope_type : uint8_t { ROPE_DEFAULT, ROPE_LINEAR, ROPE_DYNAMIC, ROPE_LLAMA3, ROPE_LONGROPE };
 const char* rope_type_name(rope_type t);
 
 struct rope_config {
@@ -27,7 +25,12 @@ struct rope_config {
     double    factor                           = 1.0;  // linear, dynamic, llama3
     double    low_freq_factor                  = 1.0;  // llama3
     double    high_freq_factor                 = 4.0;  // llama3
-    int64_t   original_max_position_embeddings = 0;    // llama3, dynamic (0 = max_position_embeddings)
+    int64_t   original_max_position_embeddings = 0;    // llama3, dynamic, longrope (0 = max_position_embeddings)
+    // LongRoPE (Phi-3; "su" is its old name): per-frequency divisors [head_dim / 2], short up to
+    // original_max_position_embeddings tokens, long past it; cos/sin scaled by attention_factor.
+    std::vector<double> short_factor;
+    std::vector<double> long_factor;
+    double              attention_factor = 1.0;
 };
 
 struct model_config {
@@ -35,6 +38,7 @@ struct model_config {
     std::string  architecture;  // "LlamaForCausalLM"
     std::string  model_type;    // "llama"
     model_family family = model_family::MODEL_FAMILY_LLAMA;
+    const arch_desc* arch = nullptr;  // the family's row of io/arch.h (never null once parsed)
 
     int64_t     vocab_size              = 0;
     int64_t     hidden_size             = 0;
@@ -45,7 +49,8 @@ struct model_config {
     int64_t     head_dim                = 0;  // defaults to hidden_size / num_attention_heads
     int64_t     max_position_embeddings = 0;
     double      rms_norm_eps            = 1e-6;
-    std::string hidden_act              = "silu";
+    std::string    hidden_act           = "silu";  // the family's act_key ("hidden_activation" for Gemma)
+    mlp_activation act                  = mlp_activation::ACT_SILU;
     rope_config rope;
 
     bool    tie_word_embeddings = false;
@@ -57,6 +62,7 @@ struct model_config {
     std::optional<int64_t> sliding_window;
     bool                   use_sliding_window = false;
     int64_t                max_window_layers  = 0;
+    std::vector<std::string> layer_types;  // "sliding_attention" / "full_attention" per layer, or empty
 
     std::optional<int64_t> bos_token_id;
     std::vector<int64_t>   eos_token_ids;  // int or list in the file
@@ -69,8 +75,8 @@ struct model_config {
     // Whether layer i uses sliding-window attention (and so the window applies).
     bool layer_uses_sliding_window(int64_t i_layer) const;
     // Whether q/k/v (resp. o) projections carry a bias.
-    bool qkv_bias() const { return family == model_family::MODEL_FAMILY_QWEN2 || attention_bias; }
-    bool o_bias() const { return family != model_family::MODEL_FAMILY_QWEN2 && attention_bias; }
+    bool qkv_bias() const { return arch->qkv_bias_always || attention_bias; }
+    bool o_bias() const { return !arch->qkv_bias_always && attention_bias; }
 };
 
 // Parse config.json at `path` (a file, or a folder holding config.json).

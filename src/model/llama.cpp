@@ -1,5 +1,5 @@
-// Llama-family architecture: see llama.h. The forward pass mirrors transformers' modeling_llama
-// (and modeling_mistral / modeling_qwen2, which differ only in biases and sliding windows).
+// The decoder families of io/arch.h: see llama.h. The forward pass mirrors transformers'
+// modeling_llama and the families' modeling_<family>.py, whose differences are options here.
 #include "model/llama.h"
 
 #include "core/thread_pool.h"
@@ -93,12 +93,44 @@ std::array<int64_t, 2> llama_hparams::linear_shape(linear_role r) const {
     }
 }
 
+namespace {
+// The family's description and config values as options of the one layer (llama.h).
+status hparams_set_options(const model_config& cfg, llama_hparams* hp) {
+    const arch_desc& a = *cfg.arch;
+    hp->qk_norm        = a.qk_norm;
+    hp->norm_plus_one  = a.norm_plus_one;
+    hp->attn_out_norm  = a.norms.attn_out != nullptr;
+    hp->mlp_out_norm   = a.norms.mlp_out != nullptr;
+    hp->act            = cfg.act;
+    // torch.tensor(hidden_size ** 0.5): the double square root rounded to F32.
+    hp->embed_scale    = a.embed_scale ? static_cast<float>(std::sqrt(static_cast<double>(hp->n_embd))) : 1.0f;
+    hp->attn_scale     = 1.0f / std::sqrt(static_cast<float>(hp->head_dim));
+    hp->fused_qkv      = a.fused_qkv;
+    hp->fused_gate_up  = a.fused_gate_up;
+    if (hp->rope.type == rope_type::ROPE_LONGROPE) {
+        const size_t half = static_cast<size_t>(hp->head_dim / 2);
+        if (hp->rope.short_factor.size() != half || hp->rope.long_factor.size() != half)
+            return make_error(E_ARG, "{}: longrope short_factor/long_factor have {}/{} values, expected head_dim / 2 = {}",
+                              cfg.path, hp->rope.short_factor.size(), hp->rope.long_factor.size(), half);
+    }
+    // Options the CPU forward does not run yet are refused by name (none is silently ignored).
+    if (hp->act != mlp_activation::ACT_SILU)
+        return make_error(E_UNSUP, "{}: {} '{}' is not supported by the forward yet", cfg.path, a.act_key,
+                          mlp_activation_name(hp->act));
+    return status::ok();
+}
+}  // namespace
+
+const rope_config& llama_hparams::rope_of(int64_t i_layer) const {
+    return rope_local_differs && window[static_cast<size_t>(i_layer)] > 0 ? rope_local : rope;
+}
+
 result<llama_hparams> llama_hparams_from_config(const model_config& cfg) {
     const std::string& where = cfg.path;
-    if (cfg.hidden_act != "silu")
-        return make_error(E_UNSUP, "{}: unsupported hidden_act '{}' (supported: silu)", where, cfg.hidden_act);
+    if (!cfg.arch) return make_error(E_ARG, "{}: config has no architecture description", where);
     llama_hparams hp;
     hp.family                                        = cfg.family;
+    hp.arch                                          = cfg.arch;
     hp.n_vocab                                       = cfg.vocab_size;
     hp.n_embd                                        = cfg.hidden_size;
     hp.n_ff                                          = cfg.intermediate_size;
@@ -153,13 +185,42 @@ result<llama_hparams> llama_hparams_from_config(const model_config& cfg) {
     hp.window.assign(static_cast<size_t>(hp.n_layer), 0);
     for (int64_t i = 0; i < hp.n_layer; ++i)
         if (cfg.layer_uses_sliding_window(i)) hp.window[static_cast<size_t>(i)] = *cfg.sliding_window;
+    GPTQ_TRY(hparams_set_options(cfg, &hp));
     return hp;
 }
 
 std::vector<float> llama_rope_inv_freq(const llama_hparams& hp, int64_t seq_len) {
+    return llama_rope_inv_freq(hp, hp.rope, seq_len);
+}
+
+float llama_rope_attention_factor(const rope_config& rope) {
+    return rope.type == rope_type::ROPE_LONGROPE ? static_cast<float>(rope.attention_factor) : 1.0f;
+}
+
+std::vector<float> llama_rope_inv_freq(const llama_hparams& hp_in, const rope_config& rope, int64_t seq_len) {
+    // The body reads hp.rope: a copy whose rope is this layer's.
+    llama_hparams hp_copy;
+    hp_copy.head_dim                = hp_in.head_dim;
+    hp_copy.max_position_embeddings = hp_in.max_position_embeddings;
+    hp_copy.rope                    = rope;
+    const llama_hparams& hp         = hp_copy;
     const int64_t half = hp.head_dim / 2;
     const float   dim  = static_cast<float>(hp.head_dim);
     double        base = hp.rope.theta;
+    if (hp.rope.type == rope_type::ROPE_LONGROPE) {
+        // transformers' _compute_longrope_parameters: 1 / (ext_factor * base ** (2i / dim)) in F32,
+        // ext = long_factor once the sequence passes original_max_position_embeddings, else short.
+        const bool                 is_long = seq_len > hp.rope.original_max_position_embeddings;
+        const std::vector<double>& ext     = is_long ? hp.rope.long_factor : hp.rope.short_factor;
+        std::vector<float>         inv(static_cast<size_t>(half));
+        const float                base_f = static_cast<float>(base);
+        for (int64_t i = 0; i < half; ++i) {
+            const float e = static_cast<float>(2 * i) / dim;
+            const float p = static_cast<float>(std::pow(static_cast<double>(base_f), static_cast<double>(e)));
+            inv[static_cast<size_t>(i)] = 1.0f / (static_cast<float>(ext[static_cast<size_t>(i)]) * p);
+        }
+        return inv;
+    }
     if (hp.rope.type == rope_type::ROPE_DYNAMIC) {
         // NTK-aware base growth once the sequence passes the original context (transformers'
         // _compute_dynamic_ntk_parameters); below it, the plain frequencies.
@@ -219,18 +280,83 @@ std::vector<tensor_spec> llama_global_tensors(const llama_hparams& hp) {
     };
 }
 
-std::vector<tensor_spec> llama_layer_tensors(const llama_hparams& hp, int64_t i_layer) {
-    const std::string        p = "model.layers." + std::to_string(i_layer) + ".";
-    std::vector<tensor_spec> t = {
-        {p + "input_layernorm.weight", {hp.n_embd}, false},
-        {p + "post_attention_layernorm.weight", {hp.n_embd}, false},
-    };
+linear_slot llama_linear_slot(const llama_hparams& hp, int64_t i_layer, linear_role r) {
+    const std::string p = "model.layers." + std::to_string(i_layer);
+    switch (r) {
+        case linear_role::LINEAR_Q:
+        case linear_role::LINEAR_K:
+        case linear_role::LINEAR_V:
+            if (hp.fused_qkv) {
+                const int64_t row0 = r == linear_role::LINEAR_Q   ? 0
+                                     : r == linear_role::LINEAR_K ? hp.q_dim()
+                                                                  : hp.q_dim() + hp.kv_dim();
+                return {p + ".self_attn.qkv_proj", row0, hp.q_dim() + 2 * hp.kv_dim()};
+            }
+            break;
+        case linear_role::LINEAR_GATE:
+        case linear_role::LINEAR_UP:
+            if (hp.fused_gate_up)
+                return {p + ".mlp.gate_up_proj", r == linear_role::LINEAR_GATE ? 0 : hp.n_ff, 2 * hp.n_ff};
+            break;
+        default:
+            break;
+    }
+    return {llama_linear_name(i_layer, r), 0, hp.linear_shape(r)[0]};
+}
+
+std::vector<linear_module> llama_linear_modules(const llama_hparams& hp, int64_t i_layer) {
+    std::vector<linear_module> out;
     for (int r = 0; r < k_n_linear_roles; ++r) {
-        const auto role  = static_cast<linear_role>(r);
-        const auto shape = hp.linear_shape(role);
-        const auto name  = llama_linear_name(i_layer, role);
-        t.push_back({name + ".weight", {shape[0], shape[1]}, false});
-        if (role_has_bias(hp, role)) t.push_back({name + ".bias", {shape[0]}, false});
+        const auto  role = static_cast<linear_role>(r);
+        linear_slot s    = llama_linear_slot(hp, i_layer, role);
+        if (!out.empty() && out.back().module == s.module)
+            out.back().roles.push_back(role);
+        else
+            out.push_back({std::move(s.module), {role}});
+    }
+    return out;
+}
+
+namespace {
+// A layer's norms: checkpoint name (relative to "model.layers.<i>.") and length; which exist is
+// the family's arch_norm_names and qk_norm.
+enum class norm_slot : uint8_t { NORM_ATTN_IN, NORM_ATTN_OUT, NORM_MLP_IN, NORM_MLP_OUT, NORM_Q, NORM_K };
+const char* norm_slot_name(const llama_hparams& hp, norm_slot n) {
+    switch (n) {
+        case norm_slot::NORM_ATTN_IN:
+            return hp.arch->norms.attn_in;
+        case norm_slot::NORM_ATTN_OUT:
+            return hp.arch->norms.attn_out;
+        case norm_slot::NORM_MLP_IN:
+            return hp.arch->norms.mlp_in;
+        case norm_slot::NORM_MLP_OUT:
+            return hp.arch->norms.mlp_out;
+        case norm_slot::NORM_Q:
+            return hp.qk_norm ? "self_attn.q_norm" : nullptr;
+        case norm_slot::NORM_K:
+            return hp.qk_norm ? "self_attn.k_norm" : nullptr;
+    }
+    return nullptr;
+}
+constexpr norm_slot k_norm_slots[] = {norm_slot::NORM_ATTN_IN, norm_slot::NORM_ATTN_OUT, norm_slot::NORM_MLP_IN,
+                                      norm_slot::NORM_MLP_OUT, norm_slot::NORM_Q,        norm_slot::NORM_K};
+std::optional<tensor_spec> norm_spec(const llama_hparams& hp, int64_t i_layer, norm_slot n) {
+    const char* name = norm_slot_name(hp, n);
+    if (!name) return std::nullopt;
+    const int64_t len = n == norm_slot::NORM_Q || n == norm_slot::NORM_K ? hp.head_dim : hp.n_embd;
+    return tensor_spec{"model.layers." + std::to_string(i_layer) + "." + name + ".weight", {len}, false};
+}
+}  // namespace
+
+std::vector<tensor_spec> llama_layer_tensors(const llama_hparams& hp, int64_t i_layer) {
+    std::vector<tensor_spec> t;
+    for (norm_slot n : k_norm_slots)
+        if (auto spec = norm_spec(hp, i_layer, n)) t.push_back(std::move(*spec));
+    for (const linear_module& m : llama_linear_modules(hp, i_layer)) {
+        const linear_slot s = llama_linear_slot(hp, i_layer, m.roles[0]);
+        const int64_t     n_in = hp.linear_shape(m.roles[0])[1];
+        t.push_back({m.module + ".weight", {s.n_out_module, n_in}, false});
+        if (role_has_bias(hp, m.roles[0])) t.push_back({m.module + ".bias", {s.n_out_module}, false});
     }
     return t;
 }
@@ -407,6 +533,20 @@ const gptq_config* llama_model::quantization_of(std::string_view module) const {
 }
 
 namespace {
+// Rows [row0, row0 + n_out) of a GPTQ linear read whole: codes [n_out, n_in] are rows, scales and
+// zeros [n_groups, n_out] columns (format.md 1.2: output features are independent).
+std::shared_ptr<const gptq_packed_linear> gptq_rows(const gptq_linear_data& q, int64_t row0, int64_t n_out) {
+    const int64_t        n_in = q.n_in, n_all = q.n_out, n_groups = q.n_groups;
+    std::vector<float>   scales(static_cast<size_t>(n_groups * n_out));
+    std::vector<int32_t> zeros(scales.size());
+    for (int64_t g = 0; g < n_groups; ++g)
+        for (int64_t j = 0; j < n_out; ++j) {
+            scales[size_t(g * n_out + j)] = f16_to_f32(q.scales[size_t(g * n_all + row0 + j)]);
+            zeros[size_t(g * n_out + j)]  = q.zeros[size_t(g * n_all + row0 + j)];
+        }
+    return std::make_shared<const gptq_packed_linear>(gptq_packed_linear::from_unpacked(
+        q.codes.data() + row0 * n_in, scales.data(), zeros.data(), q.g_idx.data(), n_out, n_in, n_groups));
+}
 status read_vec(const tensor_source& src, const tensor_spec& t, std::vector<float>* out) {
     int64_t n = 1;
     for (int64_t d : t.shape) n *= d;
@@ -414,48 +554,64 @@ status read_vec(const tensor_source& src, const tensor_spec& t, std::vector<floa
     return src.read_f32(t.name, out->data(), t.shape);
 }
 
-// A GPTQ linear [n_out, n_in] read and checked by io, kept quantized (codes, F32 scales).
-result<std::shared_ptr<const gptq_packed_linear>> read_gptq_linear(const tensor_source& src, const std::string& name,
-                                                                   int64_t n_out, int64_t n_in, const gptq_config& qc) {
-    GPTQ_ASSIGN_OR_RETURN(gptq_linear_data q, gptq_linear_read(src, name, n_out, n_in, qc));
-    std::vector<float> scales(q.scales.size());
-    for (size_t j = 0; j < scales.size(); ++j) scales[j] = f16_to_f32(q.scales[j]);
-    return std::make_shared<const gptq_packed_linear>(gptq_packed_linear::from_unpacked(
-        q.codes.data(), scales.data(), q.zeros.data(), q.g_idx.data(), n_out, n_in, q.n_groups));
-}
 }  // namespace
+
 
 result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer, thread_pool* pool) const {
     if (i_layer < 0 || i_layer >= hp_.n_layer)
         return make_error(E_ARG, "{}: layer {} out of range (the model has {})", src_->path(), i_layer, hp_.n_layer);
-    auto layer       = std::make_unique<llama_layer>();
-    layer->index     = i_layer;
-    const auto specs = llama_layer_tensors(hp_, i_layer);
-    GPTQ_TRY(read_vec(*src_, specs[0], &layer->attn_norm));
-    GPTQ_TRY(read_vec(*src_, specs[1], &layer->mlp_norm));
-    auto load_linear = [&](int r) -> status {
-        const auto      role  = static_cast<linear_role>(r);
-        const auto      shape = hp_.linear_shape(role);
-        const auto      name  = llama_linear_name(i_layer, role);
-        linear_weights& l     = layer->linear(role);
-        l.n_out               = shape[0];
-        l.n_in                = shape[1];
-        if (const gptq_config* qc = quantization_of(name)) {
-            GPTQ_ASSIGN_OR_RETURN(l.q, read_gptq_linear(*src_, name, shape[0], shape[1], *qc));
+    auto layer   = std::make_unique<llama_layer>();
+    layer->index = i_layer;
+    std::vector<float>* norms[] = {&layer->attn_norm,    &layer->attn_out_norm, &layer->mlp_norm,
+                                   &layer->mlp_out_norm, &layer->q_norm,        &layer->k_norm};
+    for (size_t n = 0; n < std::size(k_norm_slots); ++n) {
+        auto spec = norm_spec(hp_, i_layer, k_norm_slots[n]);
+        if (!spec) continue;
+        GPTQ_TRY(read_vec(*src_, *spec, norms[n]));
+        // (1 + w) in F32 as transformers computes it (1.0 + weight.float()), so folding is exact.
+        if (hp_.norm_plus_one)
+            for (float& w : *norms[n]) w = 1.0f + w;
+    }
+    // One checkpoint module per task (reads of the memory-mapped files are independent), sliced
+    // into its roles' rows when fused; the first error wins.
+    const std::vector<linear_module> modules = llama_linear_modules(hp_, i_layer);
+    auto load_module = [&](const linear_module& m) -> status {
+        const linear_slot s0   = llama_linear_slot(hp_, i_layer, m.roles[0]);
+        const int64_t     n_in = hp_.linear_shape(m.roles[0])[1];
+        const int64_t     n_all = s0.n_out_module;
+        const bool        bias  = role_has_bias(hp_, m.roles[0]);
+        std::vector<float> w, b;
+        std::optional<gptq_linear_data> q;
+        if (const gptq_config* qc = quantization_of(m.module)) {
+            GPTQ_ASSIGN_OR_RETURN(q, gptq_linear_read(*src_, m.module, n_all, n_in, *qc));
         } else {
-            GPTQ_TRY(read_vec(*src_, {name + ".weight", {shape[0], shape[1]}, false}, &l.w));
+            GPTQ_TRY(read_vec(*src_, {m.module + ".weight", {n_all, n_in}, false}, &w));
         }
-        if (role_has_bias(hp_, role)) GPTQ_TRY(read_vec(*src_, {name + ".bias", {shape[0]}, false}, &l.bias));
+        if (bias) GPTQ_TRY(read_vec(*src_, {m.module + ".bias", {n_all}, false}, &b));
+        for (linear_role role : m.roles) {
+            const linear_slot s     = llama_linear_slot(hp_, i_layer, role);
+            const int64_t     n_out = hp_.linear_shape(role)[0];
+            linear_weights&   l     = layer->linear(role);
+            l.n_out                 = n_out;
+            l.n_in                  = n_in;
+            if (q) {
+                l.q = gptq_rows(*q, s.row0, n_out);
+            } else if (m.roles.size() == 1) {
+                l.w = std::move(w);
+            } else {
+                l.w.assign(w.begin() + s.row0 * n_in, w.begin() + (s.row0 + n_out) * n_in);
+            }
+            if (bias) l.bias.assign(b.begin() + s.row0, b.begin() + s.row0 + n_out);
+        }
         return status::ok();
     };
-    // One linear per task (reads of the memory-mapped files are independent); the first error wins.
-    std::array<status, k_n_linear_roles> st;
+    std::vector<status> st(modules.size());
     if (pool) {
-        pool->parallel_for(k_n_linear_roles, [&](int64_t r0, int64_t r1) {
-            for (int64_t r = r0; r < r1; ++r) st[size_t(r)] = load_linear(int(r));
+        pool->parallel_for(static_cast<int64_t>(modules.size()), [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) st[size_t(r)] = load_module(modules[size_t(r)]);
         });
     } else {
-        for (int r = 0; r < k_n_linear_roles; ++r) st[size_t(r)] = load_linear(r);
+        for (size_t r = 0; r < modules.size(); ++r) st[r] = load_module(modules[r]);
     }
     for (const auto& x : st) GPTQ_TRY(x);
     return layer;
@@ -474,10 +630,13 @@ status llama_model::globals_load() {
     const auto specs = llama_global_tensors(hp_);
     GPTQ_TRY(read_vec(*src_, specs[0], &embed_));
     GPTQ_TRY(read_vec(*src_, specs[1], &norm_));
+    if (hp_.norm_plus_one)
+        for (float& w : norm_) w = 1.0f + w;  // as the layers' norms (layer_load)
     lm_head_.n_out = hp_.n_vocab;
     lm_head_.n_in  = hp_.n_embd;
     if (const gptq_config* qc = quantization_of("lm_head")) {  // used even when config.json ties it
-        GPTQ_ASSIGN_OR_RETURN(lm_head_.q, read_gptq_linear(*src_, "lm_head", hp_.n_vocab, hp_.n_embd, *qc));
+        GPTQ_ASSIGN_OR_RETURN(gptq_linear_data q, gptq_linear_read(*src_, "lm_head", hp_.n_vocab, hp_.n_embd, *qc));
+        lm_head_.q = gptq_rows(q, 0, hp_.n_vocab);
     } else if (!hp_.tie_embeddings) {
         GPTQ_TRY(read_vec(*src_, specs[2], &lm_head_.w));
     }
@@ -517,6 +676,8 @@ status llama_model::embed(const int32_t* ids, int64_t n_tokens, float* out) {
                               hp_.n_vocab);
         std::copy_n(embed_.data() + static_cast<int64_t>(id) * hp_.n_embd, hp_.n_embd, out + t * hp_.n_embd);
     }
+    if (hp_.embed_scale != 1.0f)
+        for (int64_t k = 0; k < n_tokens * hp_.n_embd; ++k) out[k] *= hp_.embed_scale;
     return status::ok();
 }
 
@@ -526,10 +687,14 @@ void llama_model::output_logits(const ops_context& ctx, const float* hidden, int
     op_rms_norm(ctx, hidden, norm_.data(), x.data(), n_tokens, hp_.n_embd, hp_.rms_eps);
     if (lm_head_.q) {
         linear_forward(ctx, lm_head_, x.data(), logits, n_tokens);
-        return;
+    } else {
+        const float* w = hp_.tie_embeddings ? embed_.data() : lm_head_.w.data();
+        op_linear(ctx, x.data(), w, nullptr, logits, n_tokens, hp_.n_vocab, hp_.n_embd);
     }
-    const float* w = hp_.tie_embeddings ? embed_.data() : lm_head_.w.data();
-    op_linear(ctx, x.data(), w, nullptr, logits, n_tokens, hp_.n_vocab, hp_.n_embd);
+    if (hp_.final_softcap > 0.0f) {  // Gemma: cap * tanh(logits / cap), in F32
+        const float cap = hp_.final_softcap;
+        for (int64_t k = 0; k < n_tokens * hp_.n_vocab; ++k) logits[k] = cap * std::tanh(logits[k] / cap);
+    }
 }
 
 status llama_model::forward(const ops_context& ctx, const int32_t* ids, int64_t n_tokens, kv_cache* cache,

@@ -1,6 +1,8 @@
-// The Llama family (Llama 2/3, Mistral, Qwen2): hparams from config.json, the table of HF tensor
-// names and shapes, and the forward pass over ops/, written once and used by calibration, ppl and
-// generation. docs/model-runtime.md describes the design.
+// The decoder-only families of io/arch.h (Llama 2/3, Mistral, Qwen2, Qwen3, Phi-3, ...): hparams
+// from config.json, the table of HF tensor names and shapes, and the forward pass over ops/,
+// written once and used by calibration, ppl and generation. The family's description (io/arch.h)
+// becomes options in llama_hparams; the forward tests options, never the family.
+// docs/model-runtime.md describes the design, docs/architectures.md the families.
 //
 // Layer at a time: llama_model::layer_load(i) reads only layer i's tensors (converted to F32) and
 // llama_model::layer_forward (llama_layer.cpp) runs one decoder layer on given hidden states of a
@@ -61,6 +63,7 @@ const char*  linear_input_name(linear_input i);  // "qkv", "o", "gate_up", "down
 
 struct llama_hparams {
     model_family         family                  = model_family::MODEL_FAMILY_LLAMA;
+    const arch_desc*     arch                    = nullptr;  // tensor names and layout (io/arch.h)
     int64_t              n_vocab                 = 0;
     int64_t              n_embd                  = 0;
     int64_t              n_ff                    = 0;
@@ -77,10 +80,32 @@ struct llama_hparams {
     bool                 mlp_bias       = false;
     std::vector<int64_t> window;  // [n_layer] sliding window of each layer in tokens, 0 = full attention
 
+    // Options of the one decoder layer (llama_layer.cpp tests these, never the family). Defaults:
+    // Llama. Norm weights are F32 as the forward uses them (norm_plus_one already folded in).
+    bool           qk_norm       = false;  // RMSNorm per head of q and k (weights [head_dim]) before RoPE
+    bool           norm_plus_one = false;  // every RMSNorm scales by (1 + w); folded at load (exact in F32)
+    bool           attn_out_norm = false;  // sandwich: RMSNorm of attention's output before the residual add
+    bool           mlp_out_norm  = false;  // sandwich: RMSNorm of the MLP's output before the residual add
+    mlp_activation act           = mlp_activation::ACT_SILU;  // act(gate) * up
+    float          embed_scale   = 1.0f;   // embeddings multiplied by it (Gemma: sqrt(n_embd) in F32); 1 = off
+    float          attn_scale    = 0.0f;   // softmax scale of q.k: 1/sqrt(head_dim), or query_pre_attn_scalar^-0.5
+    float          attn_softcap  = 0.0f;   // > 0: scores = cap * tanh(scores / cap) before the mask; 0 = off
+    float          final_softcap = 0.0f;   // > 0: logits = cap * tanh(logits / cap); 0 = off
+    // RoPE of the sliding-window layers when it differs (Gemma 3 local layers: another base).
+    bool        rope_local_differs = false;
+    rope_config rope_local;
+    // The checkpoint stores q/k/v as one self_attn.qkv_proj and gate/up as one mlp.gate_up_proj
+    // (Phi-3): the layer still holds seven linears, sliced by output rows at load and joined again
+    // when a quantized checkpoint is written (a linear's output rows are independent).
+    bool fused_qkv     = false;
+    bool fused_gate_up = false;
+
     int64_t q_dim() const { return n_head * head_dim; }
     int64_t kv_dim() const { return n_head_kv * head_dim; }
     // [n_out, n_in] of a linear.
     std::array<int64_t, 2> linear_shape(linear_role r) const;
+    // The RoPE settings of layer i (rope, or rope_local on a sliding-window layer when it differs).
+    const rope_config& rope_of(int64_t i_layer) const;
 };
 
 // Upper bound of the layer count, head counts and head_dim a config may give (docs/reliability.md).
@@ -92,6 +117,10 @@ result<llama_hparams> llama_hparams_from_config(const model_config& cfg);
 // RoPE inverse frequencies [head_dim / 2] for a forward pass whose last position is seq_len - 1
 // (only the dynamic variant depends on it), computed in F32 as transformers does.
 std::vector<float> llama_rope_inv_freq(const llama_hparams& hp, int64_t seq_len);
+// The same for one layer's RoPE settings (hp.rope_of(i)); LongRoPE picks short or long factors by
+// seq_len. cos/sin are then multiplied by llama_rope_attention_factor (1 except LongRoPE).
+std::vector<float> llama_rope_inv_freq(const llama_hparams& hp, const rope_config& rope, int64_t seq_len);
+float              llama_rope_attention_factor(const rope_config& rope);
 
 // One tensor of the HF checkpoint: name, expected shape, and whether it may be absent.
 struct tensor_spec {
@@ -103,6 +132,24 @@ std::vector<tensor_spec> llama_global_tensors(const llama_hparams& hp);  // embe
 std::vector<tensor_spec> llama_layer_tensors(const llama_hparams& hp, int64_t i_layer);
 std::string              llama_linear_name(int64_t i_layer, linear_role r);  // "model.layers.3.self_attn.q_proj"
 bool                     llama_linear_has_bias(const llama_hparams& hp, linear_role r);  // Qwen2 q/k/v, ...
+
+// Where a linear's rows live in the checkpoint: the module (its .weight, .bias or GPTQ tensors),
+// the first output row of this role in it and the module's output rows. Unfused: the role's own
+// module, rows [0, n_out). Fused (Phi-3): "...self_attn.qkv_proj" with q at 0, k at q_dim, v at
+// q_dim + kv_dim; "...mlp.gate_up_proj" with gate at 0, up at n_ff.
+struct linear_slot {
+    std::string module;
+    int64_t     row0         = 0;
+    int64_t     n_out_module = 0;
+};
+linear_slot llama_linear_slot(const llama_hparams& hp, int64_t i_layer, linear_role r);
+// The checkpoint modules of layer i's linears in role order, fused ones once (q, k, v, o, ... or
+// qkv, o, gate_up, down), with the roles each holds.
+struct linear_module {
+    std::string              module;
+    std::vector<linear_role> roles;
+};
+std::vector<linear_module> llama_linear_modules(const llama_hparams& hp, int64_t i_layer);
 
 struct linear_weights {
     int64_t            n_out = 0;
@@ -123,8 +170,12 @@ void linear_forward(const ops_context& ctx, const linear_weights& l, const float
 // One decoder layer's weights in F32.
 struct llama_layer {
     int64_t                                      index = 0;
-    std::vector<float>                           attn_norm;  // [n_embd] input_layernorm
-    std::vector<float>                           mlp_norm;   // [n_embd] post_attention_layernorm
+    std::vector<float>                           attn_norm;      // [n_embd] input_layernorm
+    std::vector<float>                           mlp_norm;       // [n_embd] post_attention_layernorm (Llama)
+    std::vector<float>                           attn_out_norm;  // [n_embd] when hp.attn_out_norm, else empty
+    std::vector<float>                           mlp_out_norm;   // [n_embd] when hp.mlp_out_norm, else empty
+    std::vector<float>                           q_norm;         // [head_dim] when hp.qk_norm, else empty
+    std::vector<float>                           k_norm;         // [head_dim] when hp.qk_norm, else empty
     std::array<linear_weights, k_n_linear_roles> linears;
 
     linear_weights&       linear(linear_role r) { return linears[static_cast<size_t>(r)]; }

@@ -3,8 +3,10 @@
 // ragged batch of sequences stacked row after row ([sum n_tokens, n_embd], no padding); a single
 // sequence is a batch of one. Every linear runs once over all rows; only RoPE (positions differ)
 // and attention (each sequence sees its own keys/values) run per sequence. The layer is two
-// blocks, each a function: attention_block (norm, q/k/v, RoPE, cache, attention, o, residual) and
-// mlp_block (norm, gate/up, SiLU * up, down, residual). docs/model-runtime.md describes it.
+// blocks, each a function: attention_block (norm, q/k/v, [q/k norms], RoPE, cache, attention, o,
+// [output norm], residual) and mlp_block (norm, gate/up, act(gate) * up, down, [output norm],
+// residual). The bracketed steps and the activation are options of llama_hparams (the family's
+// description, io/arch.h), never tests of the family. docs/model-runtime.md describes it.
 #include <algorithm>
 #include <cmath>
 
@@ -39,6 +41,10 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
     lin(linear_role::LINEAR_Q, x.data(), q.data());
     lin(linear_role::LINEAR_K, x.data(), k.data());
     lin(linear_role::LINEAR_V, x.data(), v.data());
+    if (hp_.qk_norm) {  // Qwen3, Gemma 3: RMSNorm over each head's head_dim values, before RoPE
+        op_rms_norm(ctx, q.data(), layer.q_norm.data(), q.data(), n_rows * hp_.n_head, hd, hp_.rms_eps);
+        op_rms_norm(ctx, k.data(), layer.k_norm.data(), k.data(), n_rows * hp_.n_head_kv, hd, hp_.rms_eps);
+    }
 
     // Per sequence: RoPE at its positions, keys/values into its cache, attention over its keys.
     const int64_t      half = hd / 2;
@@ -50,11 +56,12 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
         float*        qs = q.data() + row0 * q_dim;
         float*        ks = k.data() + row0 * kv_dim;
         float*        vs = v.data() + row0 * kv_dim;
-        // Dynamic RoPE depends on the sequence's length so far.
-        const std::vector<float> inv_freq = llama_rope_inv_freq(hp_, p0 + n);
+        // Dynamic RoPE and LongRoPE depend on the sequence's length so far.
+        const rope_config&       rope     = hp_.rope_of(i_layer);
+        const std::vector<float> inv_freq = llama_rope_inv_freq(hp_, rope, p0 + n);
         cos.resize(static_cast<size_t>(n * half));
         sin.resize(cos.size());
-        op_rope_tables(inv_freq.data(), half, p0, n, 1.0f, cos.data(), sin.data());
+        op_rope_tables(inv_freq.data(), half, p0, n, llama_rope_attention_factor(rope), cos.data(), sin.data());
         op_rope(ctx, qs, cos.data(), sin.data(), n, hp_.n_head, hd, q_dim);
         op_rope(ctx, ks, cos.data(), sin.data(), n, hp_.n_head_kv, hd, kv_dim);
 
@@ -66,7 +73,8 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
         a.n_head_kv = hp_.n_head_kv;
         a.head_dim  = hd;
         a.window    = hp_.window[static_cast<size_t>(i_layer)];
-        a.scale     = 1.0f / std::sqrt(static_cast<float>(hd));
+        a.scale     = hp_.attn_scale;
+        a.softcap   = hp_.attn_softcap;
         a.q_stride = a.out_stride = q_dim;
         a.kv_stride               = kv_dim;
         if (s.cache) {  // keys/values stored at their positions; attention over 0 .. p0 + n - 1
@@ -91,6 +99,8 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
     if (stop_after == linear_input::LINEAR_INPUT_O) return false;
     std::vector<float> y(static_cast<size_t>(n_rows * n_embd));  // [n_rows, n_embd]
     lin(linear_role::LINEAR_O, x.data(), y.data());
+    if (hp_.attn_out_norm)  // sandwich norm (Gemma): on attention's output, before the residual add
+        op_rms_norm(ctx, y.data(), layer.attn_out_norm.data(), y.data(), n_rows, n_embd, hp_.rms_eps);
     op_add(ctx, hidden, y.data(), n_rows * n_embd);
     return true;
 }
@@ -107,10 +117,19 @@ bool llama_model::mlp_block(const ops_context& ctx, const llama_layer& layer, fl
     std::vector<float> gate(static_cast<size_t>(n_rows * n_ff)), up(gate.size());  // [n_rows, n_ff]
     lin(linear_role::LINEAR_GATE, y.data(), gate.data());
     lin(linear_role::LINEAR_UP, y.data(), up.data());
-    op_silu_mul(ctx, gate.data(), up.data(), gate.data(), n_rows * n_ff);
+    switch (hp_.act) {
+        case mlp_activation::ACT_SILU:
+            op_silu_mul(ctx, gate.data(), up.data(), gate.data(), n_rows * n_ff);
+            break;
+        case mlp_activation::ACT_GELU_TANH:
+            GPTQ_ASSERT(false && "refused by llama_hparams_from_config until the op exists");
+            break;
+    }
     if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_DOWN, gate.data(), n_rows, n_ff);
     if (stop_after == linear_input::LINEAR_INPUT_DOWN) return false;
     lin(linear_role::LINEAR_DOWN, gate.data(), y.data());
+    if (hp_.mlp_out_norm)  // sandwich norm (Gemma): on the MLP's output, before the residual add
+        op_rms_norm(ctx, y.data(), layer.mlp_out_norm.data(), y.data(), n_rows, n_embd, hp_.rms_eps);
     op_add(ctx, hidden, y.data(), n_rows * n_embd);
     return true;
 }

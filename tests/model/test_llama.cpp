@@ -15,6 +15,7 @@
 
 #include "core/thread_pool.h"
 #include "io/safetensors.h"
+#include "golden.h"
 #include "model/llama.h"
 
 using namespace gptq;
@@ -43,47 +44,11 @@ ops_context ctx() {
     return ops_context{&pool2(), false};
 }
 
-struct golden_seq {
-    std::vector<int32_t> ids;
-    std::vector<int32_t> positions;
-    std::vector<float>   logits;  // [positions, n_vocab]
-    std::vector<float>   hidden;  // [ids, n_embd] after layer 0, or empty
-};
+using test::golden_seq;
+using test::row_rel_error;
 
 std::vector<golden_seq> golden_load(const std::string& path) {
-    auto f = safetensors_file::open(path);
-    EXPECT_TRUE(f.is_ok()) << f.error().message();
-    std::vector<golden_seq> out;
-    for (int k = 0;; ++k) {
-        const std::string p   = "seq" + std::to_string(k) + ".";
-        const auto*       ids = (*f)->find(p + "ids");
-        if (!ids) break;
-        golden_seq s;
-        s.ids.resize(static_cast<size_t>(ids->numel()));
-        (*f)->copy_to(*ids, s.ids.data());
-        const auto* pos = (*f)->find(p + "positions");
-        s.positions.resize(static_cast<size_t>(pos->numel()));
-        (*f)->copy_to(*pos, s.positions.data());
-        const auto* lg = (*f)->find(p + "logits");
-        s.logits.resize(static_cast<size_t>(lg->numel()));
-        EXPECT_TRUE((*f)->read_f32(*lg, s.logits.data()).is_ok());
-        if (const auto* h = (*f)->find(p + "hidden_after_layer0")) {
-            s.hidden.resize(static_cast<size_t>(h->numel()));
-            EXPECT_TRUE((*f)->read_f32(*h, s.hidden.data()).is_ok());
-        }
-        out.push_back(std::move(s));
-    }
-    return out;
-}
-
-// max |a - b| / max |b| over one row.
-double row_rel_error(const float* a, const float* b, int64_t n) {
-    double num = 0, den = 0;
-    for (int64_t i = 0; i < n; ++i) {
-        num = std::max(num, std::fabs(static_cast<double>(a[i]) - b[i]));
-        den = std::max(den, std::fabs(static_cast<double>(b[i])));
-    }
-    return num / std::max(den, 1e-30);
+    return test::golden_load_file(path).seqs;
 }
 
 // Runs every golden sequence; returns the worst row error of logits (and of hidden states).

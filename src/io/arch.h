@@ -1,0 +1,80 @@
+// The architectures gptqkit knows, one description per family: how config.json names it, which
+// checkpoint tensors it has and under which names, and which blocks and options of the one
+// decoder layer it uses. Everything family-specific lives in this table (arch.cpp); config parsing
+// (hf_config.cpp), the tensor table and forward (model/llama*.cpp, both backends) and the
+// quantizer read it. The forward tests options (model/llama.h llama_hparams), never families.
+// docs/architectures.md lists what each family supports and how it was checked.
+//
+// It lives in io/ (data only, no compute) because config parsing, below model/, needs it.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace gptq {
+
+enum class model_family : uint8_t {
+    MODEL_FAMILY_LLAMA,
+    MODEL_FAMILY_MISTRAL,
+    MODEL_FAMILY_QWEN2,
+    MODEL_FAMILY_QWEN3,
+    MODEL_FAMILY_PHI3,
+};
+
+// How a layer's sliding window is chosen (config.json "sliding_window" gives its size).
+enum class arch_window_rule : uint8_t {
+    WINDOW_NONE,           // full attention everywhere; "sliding_window" is ignored (Llama, Phi-3 as transformers)
+    WINDOW_ALL,            // every layer (Mistral)
+    WINDOW_FROM_MAX_LAYER, // layers >= max_window_layers when use_sliding_window (Qwen2, Qwen3)
+    WINDOW_LAYER_TYPES,    // "layer_types": "sliding_attention" / "full_attention" per layer (Gemma 2/3)
+};
+
+// MLP activation of gate (the GLU's gated half): act(gate) * up.
+enum class mlp_activation : uint8_t {
+    ACT_SILU,       // "silu"
+    ACT_GELU_TANH,  // "gelu_pytorch_tanh" (tanh-approximated GELU)
+};
+const char* mlp_activation_name(mlp_activation a);
+
+// Checkpoint names of a layer's norms relative to "model.layers.<i>."; nullptr where the family has
+// none. attn_in: before attention; attn_out: on attention's output before the residual add
+// (sandwich); mlp_in: before the MLP; mlp_out: on the MLP's output before the residual add.
+struct arch_norm_names {
+    const char* attn_in  = "input_layernorm";
+    const char* attn_out = nullptr;
+    const char* mlp_in   = "post_attention_layernorm";
+    const char* mlp_out  = nullptr;
+};
+
+struct arch_desc {
+    const char*  architecture;           // config.json "architectures"[0]: "Qwen3ForCausalLM"
+    const char*  model_type;             // config.json "model_type": "qwen3"
+    model_family family;
+    int64_t      default_max_positions;  // transformers' config default when the key is absent
+    int64_t      default_head_dim = 0;   // head_dim when config.json omits it; 0: hidden_size / heads
+
+    // Checkpoint layout.
+    arch_norm_names norms;
+    bool            qk_norm       = false;  // self_attn.q_norm / k_norm [head_dim], per head before RoPE
+    bool            fused_qkv     = false;  // self_attn.qkv_proj [q_dim + 2 kv_dim, n_embd] (rows q, k, v)
+    bool            fused_gate_up = false;  // mlp.gate_up_proj [2 n_ff, n_embd] (rows gate, up)
+    bool            qkv_bias_always = false;  // q/k/v biased and o never, whatever attention_bias says (Qwen2)
+    bool            tie_default     = false;  // tie_word_embeddings when config.json omits it
+
+    // Options of the forward, read from config.json where it has them (hf_config.cpp).
+    bool             norm_plus_one = false;  // RMSNorm scales by (1 + w) (Gemma)
+    bool             embed_scale   = false;  // embeddings scaled by sqrt(hidden_size) (Gemma)
+    const char*      act_key       = "hidden_act";  // Gemma: "hidden_activation"
+    const char*      act_default   = "silu";
+    arch_window_rule window        = arch_window_rule::WINDOW_NONE;
+    bool             rope_longrope = false;  // accepts rope type longrope / su (Phi-3)
+};
+
+// The table; nullptr when unknown.
+const arch_desc* arch_find_architecture(const std::string& architecture);
+const arch_desc* arch_find_model_type(const std::string& model_type);
+const arch_desc& arch_of(model_family f);
+const char*      model_family_name(model_family f);  // its model_type: "qwen3"
+std::string      arch_supported_list();              // "LlamaForCausalLM, MistralForCausalLM, ..."
+
+}  // namespace gptq

@@ -1,0 +1,127 @@
+// The architecture families (io/arch.h) against transformers: small seeded random-weight models
+// built with transformers' own classes (scripts/make_arch_goldens.py, tests/data/arch/<name>/).
+// Per model: logits of fixed sequences (F32, 1e-3 relative per row), the greedy continuation
+// through the KV cache (token for token), the perplexity of a fixed sequence, and the
+// transformers 4 dialect of its config.json parsed to the same hparams.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "core/thread_pool.h"
+#include "golden.h"
+#include "model/llama.h"
+#include "model/perplexity.h"
+
+using namespace gptq;
+
+namespace {
+
+// Logits vs transformers (F32 compute both sides): the bound; summation order gives ~1e-6.
+constexpr double k_logit_rel_tol = 1e-3;
+// ppl from those logits: exp of a mean of ~100 log-softmax values, each off by ~1e-6 relative.
+constexpr double k_ppl_rel_tol = 1e-4;
+
+const std::string k_arch = std::string(GPTQ_SOURCE_DIR) + "/tests/data/arch/";
+
+ops_context ctx() {
+    static thread_pool pool(2);
+    return ops_context{&pool, false};
+}
+
+int32_t argmax(const float* x, int64_t n) {
+    return static_cast<int32_t>(std::max_element(x, x + n) - x);
+}
+
+void check_family(const std::string& name) {
+    const std::string dir = k_arch + name;
+    auto              m   = llama_model::open(dir, {.strict = true});
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    const llama_hparams& hp = (*m)->hparams();
+    const auto           g  = test::golden_load_file(dir + "/golden.safetensors");
+    ASSERT_FALSE(g.seqs.empty());
+    double worst = 0;
+    for (const auto& s : g.seqs) {
+        const int64_t      n = static_cast<int64_t>(s.ids.size());
+        std::vector<float> logits(static_cast<size_t>(n * hp.n_vocab));
+        ASSERT_TRUE((*m)->forward(ctx(), s.ids.data(), n, nullptr, logits.data()).is_ok());
+        for (size_t r = 0; r < s.positions.size(); ++r) {
+            const double e = test::row_rel_error(logits.data() + s.positions[r] * hp.n_vocab,
+                                                 s.logits.data() + static_cast<int64_t>(r) * hp.n_vocab, hp.n_vocab);
+            worst          = std::max(worst, e);
+            EXPECT_LE(e, k_logit_rel_tol) << name << ": seq of " << n << " tokens, position " << s.positions[r];
+        }
+        // Greedy: prefill, then one token at a time through the cache (as transformers' generate).
+        ASSERT_FALSE(s.greedy.empty()) << name;
+        const int64_t        n_new = static_cast<int64_t>(s.greedy.size());
+        kv_cache             cache = kv_cache::create(hp, n + n_new);
+        std::vector<int32_t> got;
+        ASSERT_TRUE((*m)->forward(ctx(), s.ids.data(), n, &cache, logits.data()).is_ok());
+        int32_t next = argmax(logits.data() + (n - 1) * hp.n_vocab, hp.n_vocab);
+        for (int64_t t = 0; t < n_new; ++t) {
+            got.push_back(next);
+            if (t + 1 == n_new) break;
+            ASSERT_TRUE((*m)->forward(ctx(), &next, 1, &cache, logits.data()).is_ok());
+            next = argmax(logits.data(), hp.n_vocab);
+        }
+        EXPECT_EQ(got, s.greedy) << name << ": greedy continuation of the " << n << "-token sequence";
+    }
+    ASSERT_FALSE(g.ppl_ids.empty());
+    const int64_t n_ppl = static_cast<int64_t>(g.ppl_ids.size());
+    auto          p     = perplexity_evaluate(**m, ctx(), g.ppl_ids, n_ppl, 1);
+    ASSERT_TRUE(p.is_ok()) << p.error().message();
+    EXPECT_NEAR(p->ppl(), g.ppl, k_ppl_rel_tol * g.ppl) << name;
+    std::printf("[ arch     ] %s: max rel error logits %.3g, ppl %.6f (transformers %.6f)\n", name.c_str(), worst,
+                p->ppl(), g.ppl);
+}
+
+// config.v4.json (the transformers 4 spelling of the same config) gives the same hparams.
+void check_v4_dialect(const std::string& name) {
+    auto c5 = model_config_load(k_arch + name + "/config.json");
+    auto c4 = model_config_load(k_arch + name + "/config.v4.json");
+    ASSERT_TRUE(c5.is_ok()) << c5.error().message();
+    ASSERT_TRUE(c4.is_ok()) << c4.error().message();
+    auto h5 = llama_hparams_from_config(*c5);
+    auto h4 = llama_hparams_from_config(*c4);
+    ASSERT_TRUE(h5.is_ok()) << h5.error().message();
+    ASSERT_TRUE(h4.is_ok()) << h4.error().message();
+    EXPECT_EQ(h4->arch, h5->arch);
+    EXPECT_EQ(h4->head_dim, h5->head_dim);
+    EXPECT_EQ(h4->n_head_kv, h5->n_head_kv);
+    EXPECT_EQ(h4->window, h5->window);
+    EXPECT_EQ(h4->tie_embeddings, h5->tie_embeddings);
+    EXPECT_EQ(h4->rope.type, h5->rope.type);
+    EXPECT_EQ(h4->rope.theta, h5->rope.theta);
+    EXPECT_EQ(h4->rope.short_factor, h5->rope.short_factor);
+    EXPECT_EQ(h4->rope.long_factor, h5->rope.long_factor);
+    EXPECT_EQ(h4->rope.attention_factor, h5->rope.attention_factor);
+    EXPECT_EQ(h4->rope.original_max_position_embeddings, h5->rope.original_max_position_embeddings);
+    EXPECT_EQ(h4->qk_norm, h5->qk_norm);
+    EXPECT_EQ(h4->fused_qkv, h5->fused_qkv);
+    EXPECT_EQ(c4->dtype_name, c5->dtype_name);
+}
+
+}  // namespace
+
+TEST(arch_goldens, qwen3) {
+    check_family("qwen3");
+}
+TEST(arch_goldens, mistral_nemo_head_dim) {
+    check_family("mistral-nemo");
+}
+TEST(arch_goldens, phi3_fused) {
+    check_family("phi3");
+}
+TEST(arch_goldens, phi3_longrope) {
+    check_family("phi3-longrope");
+}
+
+TEST(arch_config, transformers4_dialect_same_hparams) {
+    for (const char* name : {"qwen3", "mistral-nemo", "phi3", "phi3-longrope"}) {
+        SCOPED_TRACE(name);
+        check_v4_dialect(name);
+    }
+}

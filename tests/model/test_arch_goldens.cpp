@@ -102,6 +102,19 @@ void check_v4_dialect(const std::string& name) {
     EXPECT_EQ(h4->qk_norm, h5->qk_norm);
     EXPECT_EQ(h4->fused_qkv, h5->fused_qkv);
     EXPECT_EQ(c4->dtype_name, c5->dtype_name);
+    // Gemma's options (defaults elsewhere).
+    EXPECT_EQ(h4->act, h5->act);
+    EXPECT_EQ(h4->norm_plus_one, h5->norm_plus_one);
+    EXPECT_EQ(h4->attn_out_norm, h5->attn_out_norm);
+    EXPECT_EQ(h4->mlp_out_norm, h5->mlp_out_norm);
+    EXPECT_EQ(h4->embed_scale, h5->embed_scale);
+    EXPECT_EQ(h4->attn_scale, h5->attn_scale);
+    EXPECT_EQ(h4->attn_softcap, h5->attn_softcap);
+    EXPECT_EQ(h4->final_softcap, h5->final_softcap);
+    EXPECT_EQ(h4->rope.factor, h5->rope.factor);
+    EXPECT_EQ(h4->rope_local_differs, h5->rope_local_differs);
+    EXPECT_EQ(h4->rope_local.type, h5->rope_local.type);
+    EXPECT_EQ(h4->rope_local.theta, h5->rope_local.theta);
 }
 
 }  // namespace
@@ -119,8 +132,15 @@ TEST(arch_goldens, phi3_longrope) {
     check_family("phi3-longrope");
 }
 
+TEST(arch_goldens, gemma2) {
+    check_family("gemma2");
+}
+TEST(arch_goldens, gemma3_text) {
+    check_family("gemma3");
+}
+
 TEST(arch_config, transformers4_dialect_same_hparams) {
-    for (const char* name : {"qwen3", "mistral-nemo", "phi3", "phi3-longrope"}) {
+    for (const char* name : {"qwen3", "mistral-nemo", "phi3", "phi3-longrope", "gemma2", "gemma3"}) {
         SCOPED_TRACE(name);
         check_v4_dialect(name);
     }

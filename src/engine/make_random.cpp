@@ -79,8 +79,7 @@ std::vector<random_model_shape> shape_table() {
     add("micro", "", 512, 64, 128, 2, 4, 2, 512, 10000.0, 1e-5, 1, 2, false, "float16");
     // Gemma (google/gemma-2-9b, transformers 4.42; google/gemma-3-1b-pt, 4.50): head_dim 256 from the
     // config, (1 + w) norms (written as 0: the neutral value), tied embeddings.
-    add("gemma-2-9b", "google/gemma-2-9b", 256000, 3584, 14336, 42, 16, 8, 8192, 10000.0, 1e-6, 2, 1, true,
-        "float32");
+    add("gemma-2-9b", "google/gemma-2-9b", 256000, 3584, 14336, 42, 16, 8, 8192, 10000.0, 1e-6, 2, 1, true, "float32");
     t.back().architecture            = "Gemma2ForCausalLM";
     t.back().model_type              = "gemma2";
     t.back().head_dim_config         = 256;
@@ -433,7 +432,7 @@ std::string make_random_config_json(const random_model_shape& s, const std::stri
     j["torch_dtype"]             = dtype;
     j["use_cache"]               = true;
     j["vocab_size"]              = s.vocab_size;
-    const bool gemma = s.model_type == "gemma2" || s.model_type == "gemma3_text";
+    const bool gemma             = s.model_type == "gemma2" || s.model_type == "gemma3_text";
     if (gemma) gemma_config_keys(s, &j);
     j["gptqkit_make_random"] = {
         {"like", s.name},

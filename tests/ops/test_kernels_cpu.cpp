@@ -267,7 +267,7 @@ TEST(kernels_cpu, gelu_tanh_mul_matches_reference) {
 
 TEST(kernels_cpu, gelu_tanh_is_torchs_tanh_approximation) {
     // torch.nn.functional.gelu(x, approximate="tanh") in F32 (torch 2.11, CPU), up = 1.
-    const std::vector<float> x = {-3.0f, -1.0f, -0.25f, 0.0f, 0.5f, 1.0f, 2.5f, 10.0f};
+    const std::vector<float> x    = {-3.0f, -1.0f, -0.25f, 0.0f, 0.5f, 1.0f, 2.5f, 10.0f};
     const std::vector<float> want = {-0.00363743305f, -0.158807993f, -0.100324646f, 0.0f,
                                      0.345714003f,    0.841192007f,  2.48491573f,   10.0f};
     const std::vector<float> ones(x.size(), 1.0f);
@@ -329,13 +329,13 @@ TEST(kernels_cpu, attention_softcap_matches_reference) {
 
 TEST(kernels_cpu, attention_softcap_is_the_formula) {
     // One head, head_dim 1, query 1 sees keys 0 and 1: weights softmax(cap tanh(scale q k_j / cap)).
-    const float cap = 2.0f, scale = 0.5f;
+    const float          cap = 2.0f, scale = 0.5f;
     cpu::attention_shape s;
     s.n_q = s.n_kv = 2;
     s.n_head = s.n_head_kv = 1;
     s.head_dim = s.q_stride = s.kv_stride = s.out_stride = 1;
-    s.scale                                             = scale;
-    s.softcap                                           = cap;
+    s.scale                                              = scale;
+    s.softcap                                            = cap;
     const std::vector<float> q = {0, 6}, k = {1, -2}, v = {10, -4};
     const double             s0 = cap * std::tanh(scale * 6 * 1 / cap), s1 = cap * std::tanh(scale * 6 * -2 / cap);
     const double             w0 = 1 / (1 + std::exp(s1 - s0));

@@ -310,7 +310,8 @@ void expect_refused(const json& j, std::initializer_list<const char*> parts) {
     auto cfg = model_config_parse(j, "c.json");
     ASSERT_FALSE(cfg.is_ok());
     EXPECT_NE(cfg.error().message().find("c.json"), std::string::npos) << cfg.error().message();
-    for (const char* part : parts) EXPECT_NE(cfg.error().message().find(part), std::string::npos) << cfg.error().message();
+    for (const char* part : parts)
+        EXPECT_NE(cfg.error().message().find(part), std::string::npos) << cfg.error().message();
 }
 
 // google/gemma-2-9b's config.json (transformers 4.42).
@@ -380,9 +381,9 @@ TEST(config, gemma2_published_config_and_defaults) {
     EXPECT_EQ(cfg->final_logit_softcapping, 0.0);
 
     // Gemma reads hidden_activation (as transformers), not hidden_act.
-    j                      = gemma2_9b_v4();
-    j["hidden_act"]        = "silu";
-    cfg                    = model_config_parse(j, "c.json");
+    j               = gemma2_9b_v4();
+    j["hidden_act"] = "silu";
+    cfg             = model_config_parse(j, "c.json");
     ASSERT_TRUE(cfg.is_ok());
     EXPECT_EQ(cfg->act, mlp_activation::ACT_GELU_TANH);
     j["hidden_activation"] = "gelu";
@@ -390,13 +391,13 @@ TEST(config, gemma2_published_config_and_defaults) {
 }
 
 TEST(config, gemma_bad_values_name_the_key) {
-    json j                     = gemma2_9b_v4();
+    json j                      = gemma2_9b_v4();
     j["attn_logit_softcapping"] = 0;  // transformers would divide by zero
     expect_refused(j, {"attn_logit_softcapping", "0"});
-    j                          = gemma2_9b_v4();
+    j                            = gemma2_9b_v4();
     j["final_logit_softcapping"] = "30";
     expect_refused(j, {"final_logit_softcapping", "\"30\""});
-    j                        = gemma2_9b_v4();
+    j                          = gemma2_9b_v4();
     j["query_pre_attn_scalar"] = -1;
     expect_refused(j, {"query_pre_attn_scalar", "-1"});
     j                   = gemma2_9b_v4();
@@ -408,7 +409,7 @@ TEST(config, gemma_bad_values_name_the_key) {
     j                    = gemma3_1b_v4();
     j["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 10000.0}};  // not per layer type
     expect_refused(j, {"rope_parameters", "layer type"});
-    j                 = gemma3_1b_v4();
+    j                  = gemma3_1b_v4();
     j["architectures"] = {"Gemma3ForConditionalGeneration"};  // the multimodal checkpoint: refused by name
     expect_refused(j, {"Gemma3ForConditionalGeneration"});
 }
@@ -445,9 +446,8 @@ TEST(config, gemma3_both_dialects) {
     // what later versions save when layer_types is absent.
     j = gemma3_1b_v4();
     for (const char* k : {"rope_theta", "rope_local_base_freq", "rope_scaling", "sliding_window_pattern"}) j.erase(k);
-    j["rope_parameters"] = {
-        {"full_attention", {{"rope_type", "linear"}, {"factor", 8.0}, {"rope_theta", 1000000.0}}},
-        {"sliding_attention", {{"rope_type", "default"}, {"rope_theta", 10000.0}}}};
+    j["rope_parameters"] = {{"full_attention", {{"rope_type", "linear"}, {"factor", 8.0}, {"rope_theta", 1000000.0}}},
+                            {"sliding_attention", {{"rope_type", "default"}, {"rope_theta", 10000.0}}}};
     j["_sliding_window_pattern"] = 3;
     cfg                          = model_config_parse(j, "c.json");
     ASSERT_TRUE(cfg.is_ok()) << cfg.error().message();

@@ -16,8 +16,9 @@ golden.h reads it):
   seq<k>.ids         I32 [n]          a fixed token sequence (ids, no tokenizer), k = 0, 1, ...
   seq<k>.positions   I32 [r]          the rows whose logits are kept
   seq<k>.logits      F32 [r, n_vocab] logits at those positions (one forward over all n ids)
-  seq<k>.greedy      I32 [g]          greedy continuation of seq<k>.ids (generate, do_sample=False,
-                                      KV cache), g new tokens
+  seq<k>.greedy      I32 [g]          greedy continuation of seq<k>.ids, g new tokens: argmax of a
+                                      full forward, token after token (= generate with its KV cache,
+                                      checked, except LongRoPE past the switch: see make_one)
   ppl.ids            I32 [n]          the ppl sequence
   ppl.value          F32 [1]          exp(mean NLL of ids[1:] given the prefix), one forward, in double
   __metadata__       model, architecture, source, torch and transformers versions
@@ -171,8 +172,21 @@ def make_one(name, family, kwargs, store_dtype, lengths, n_greedy, out_root):
         tensors[f"seq{k}.ids"] = ids.to(torch.int32)
         tensors[f"seq{k}.positions"] = torch.tensor(pos, dtype=torch.int32)
         tensors[f"seq{k}.logits"] = logits[pos].contiguous()
+        # Greedy = argmax of a full forward over the sequence so far, token after token (no cache).
+        # transformers' generate (KV cache) must agree; it does, except Phi-3 LongRoPE past the
+        # short/long switch, where transformers 5.17's cache drop in prepare_inputs_for_generation
+        # gives other tokens than its own full forward: the full forward is the reference.
+        x, greedy = ids.unsqueeze(0), []
+        for _ in range(n_greedy):
+            nxt = ref(input_ids=x, use_cache=False).logits[0, -1].argmax()
+            greedy.append(int(nxt))
+            x = torch.cat([x, nxt.view(1, 1)], dim=1)
         gen = ref.generate(ids.unsqueeze(0), max_new_tokens=n_greedy, do_sample=False, min_new_tokens=n_greedy,
-                           pad_token_id=0, eos_token_id=None, use_cache=True)[0, n:]
+                           pad_token_id=0, eos_token_id=None, use_cache=True)[0, n:].tolist()
+        if gen != greedy:
+            print(f"{name} seq{k}: generate (KV cache) gives {gen}, the full forward {greedy}")
+            assert "longrope" in name, "generate and the full forward disagree on a model without LongRoPE"
+        gen = torch.tensor(greedy)
         tensors[f"seq{k}.greedy"] = gen.to(torch.int32).contiguous()
         top2 = torch.topk(logits[-1], 2).values
         print(f"{name} seq{k} n={n} greedy={gen.tolist()} last-row top2 margin={float(top2[0] - top2[1]):.4f}")

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -34,17 +35,18 @@ struct random_model_shape {
     int64_t     eos_token_id            = 2;
     bool        tie_word_embeddings     = false;
     std::string torch_dtype             = "float16";  // the dtype the published checkpoint ships in
+    // The family (a row of io/arch.h) and its config values beyond Llama's.
+    std::string            architecture    = "LlamaForCausalLM";
+    std::string            model_type      = "llama";
+    int64_t                head_dim_config = 0;  // config "head_dim"; 0: hidden_size / num_attention_heads
+    std::optional<int64_t> sliding_window;       // config "sliding_window" (Phi-3: 2047), absent when empty
 
-    // The family (config.json "architectures"[0] and "model_type") and what its config.json adds.
-    std::string architecture            = "LlamaForCausalLM";
-    std::string model_type              = "llama";
-    int64_t     head_dim_config         = 0;  // "head_dim" when it is not hidden_size / heads (Gemma); 0: absent
-    int64_t     sliding_window          = 0;  // Gemma: the local layers' window
-    int64_t     sliding_window_pattern  = 0;  // Gemma 3: every Nth layer is global
-    double      query_pre_attn_scalar   = 0;  // Gemma
-    double      attn_logit_softcapping  = 0;  // Gemma 2; 0: null
-    double      final_logit_softcapping = 0;  // Gemma 2; 0: null
-    double      rope_local_base_freq    = 0;  // Gemma 3
+    // Gemma's config values (0: absent / null).
+    int64_t sliding_window_pattern  = 0;  // Gemma 3: every Nth layer is global
+    double  query_pre_attn_scalar   = 0;
+    double  attn_logit_softcapping  = 0;  // Gemma 2
+    double  final_logit_softcapping = 0;  // Gemma 2
+    double  rope_local_base_freq    = 0;  // Gemma 3
 
     int64_t head_dim() const { return head_dim_config > 0 ? head_dim_config : hidden_size / num_attention_heads; }
     // Parameters of the checkpoint (embeddings, lm_head unless tied, norms, linears).

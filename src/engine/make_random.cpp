@@ -77,22 +77,40 @@ std::vector<random_model_shape> shape_table() {
     // smaller still and gets a generated tokenizer.
     add("tiny", "", 8192, 256, 768, 4, 4, 2, 2048, 10000.0, 1e-5, 1, 2, false, "float16");
     add("micro", "", 512, 64, 128, 2, 4, 2, 512, 10000.0, 1e-5, 1, 2, false, "float16");
+    // Other families (io/arch.h): the published config's values beyond the columns above.
+    auto family = [&](const char* architecture, const char* model_type, int64_t head_dim,
+                      std::optional<int64_t> window) {
+        t.back().architecture    = architecture;
+        t.back().model_type      = model_type;
+        t.back().head_dim_config = head_dim;
+        t.back().sliding_window  = window;
+    };
+    add("qwen3-8b", "Qwen/Qwen3-8B", 151936, 4096, 12288, 36, 32, 8, 40960, 1000000.0, 1e-6, 151643, 151645, false,
+        "bfloat16");
+    family("Qwen3ForCausalLM", "qwen3", 128, std::nullopt);
+    add("mistral-nemo-12b", "mistralai/Mistral-Nemo-Base-2407", 131072, 5120, 14336, 40, 32, 8, 1024000, 1000000.0,
+        1e-5, 1, 2, false, "bfloat16");
+    family("MistralForCausalLM", "mistral", 128, std::nullopt);
+    add("phi-3-mini", "microsoft/Phi-3-mini-4k-instruct", 32064, 3072, 8192, 32, 32, 32, 4096, 10000.0, 1e-5, 1,
+        32000, false, "bfloat16");
+    family("Phi3ForCausalLM", "phi3", 0, 2047);
+    // Test shapes of those families (generated tokenizer).
+    add("micro-qwen3", "", 512, 64, 128, 2, 4, 2, 512, 1000000.0, 1e-6, 1, 2, true, "bfloat16");
+    family("Qwen3ForCausalLM", "qwen3", 32, std::nullopt);
+    add("micro-nemo", "", 512, 96, 128, 2, 4, 2, 512, 1000000.0, 1e-5, 1, 2, false, "bfloat16");
+    family("MistralForCausalLM", "mistral", 16, std::nullopt);
+    add("micro-phi3", "", 512, 64, 128, 2, 4, 4, 512, 10000.0, 1e-5, 1, 2, false, "bfloat16");
+    family("Phi3ForCausalLM", "phi3", 0, 64);
     // Gemma (google/gemma-2-9b, transformers 4.42; google/gemma-3-1b-pt, 4.50): head_dim 256 from the
     // config, (1 + w) norms (written as 0: the neutral value), tied embeddings.
     add("gemma-2-9b", "google/gemma-2-9b", 256000, 3584, 14336, 42, 16, 8, 8192, 10000.0, 1e-6, 2, 1, true, "float32");
-    t.back().architecture            = "Gemma2ForCausalLM";
-    t.back().model_type              = "gemma2";
-    t.back().head_dim_config         = 256;
-    t.back().sliding_window          = 4096;
+    family("Gemma2ForCausalLM", "gemma2", 256, 4096);
     t.back().query_pre_attn_scalar   = 256;
     t.back().attn_logit_softcapping  = 50.0;
     t.back().final_logit_softcapping = 30.0;
     add("gemma-3-1b", "google/gemma-3-1b-pt", 262144, 1152, 6912, 26, 4, 1, 32768, 1000000.0, 1e-6, 2, 1, true,
         "bfloat16");
-    t.back().architecture           = "Gemma3ForCausalLM";
-    t.back().model_type             = "gemma3_text";
-    t.back().head_dim_config        = 256;
-    t.back().sliding_window         = 512;
+    family("Gemma3ForCausalLM", "gemma3_text", 256, 512);
     t.back().sliding_window_pattern = 6;
     t.back().query_pre_attn_scalar  = 256;
     t.back().rope_local_base_freq   = 10000.0;
@@ -345,10 +363,11 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 int64_t random_model_shape::n_params() const {
     const int64_t h = hidden_size, q = num_attention_heads * head_dim(), kv = num_key_value_heads * head_dim();
-    // Norms: input and post-attention (Llama); Gemma adds the pre/post-feedforward ones, Gemma 3 q/k norms.
+    // Norms: input and post-attention (Llama); Gemma adds the pre/post-feedforward ones; q/k norms
+    // (io/arch.h qk_norm) on Qwen3 and Gemma 3.
     const bool    gemma     = model_type == "gemma2" || model_type == "gemma3_text";
-    const int64_t norms     = (gemma ? 4 * h : 2 * h) + (model_type == "gemma3_text" ? 2 * head_dim() : 0);
-    const int64_t per_layer = norms + h * q * 2 + 2 * kv * h + 3 * h * intermediate_size;
+    const int64_t qk_norms  = model_type == "qwen3" || model_type == "gemma3_text" ? 2 * head_dim() : 0;
+    const int64_t per_layer = (gemma ? 4 * h : 2 * h) + 2 * q * h + 2 * kv * h + 3 * h * intermediate_size + qk_norms;
     return vocab_size * h * (tie_word_embeddings ? 1 : 2) + h + num_hidden_layers * per_layer;
 }
 
@@ -388,17 +407,16 @@ result<random_model_shape> make_random_shape(const std::string& name) {
 }
 
 namespace {
-// The Gemma keys of config.json (transformers 4 dialect, as the published files spell them).
+// The Gemma keys of config.json beyond head_dim and sliding_window (transformers 4 dialect, as the
+// published files spell them).
 void gemma_config_keys(const random_model_shape& s, ojson* j) {
     ojson& c = *j;
     c.erase("hidden_act");
     c.erase("mlp_bias");
     c.erase("pretraining_tp");
     c["hidden_activation"]       = "gelu_pytorch_tanh";
-    c["head_dim"]                = s.head_dim_config;
     c["pad_token_id"]            = 0;
     c["query_pre_attn_scalar"]   = s.query_pre_attn_scalar;
-    c["sliding_window"]          = s.sliding_window;
     c["attn_logit_softcapping"]  = s.attn_logit_softcapping > 0 ? ojson(s.attn_logit_softcapping) : ojson(nullptr);
     c["final_logit_softcapping"] = s.final_logit_softcapping > 0 ? ojson(s.final_logit_softcapping) : ojson(nullptr);
     if (s.sliding_window_pattern > 0) c["sliding_window_pattern"] = s.sliding_window_pattern;
@@ -421,6 +439,8 @@ std::string make_random_config_json(const random_model_shape& s, const std::stri
     j["max_position_embeddings"] = s.max_position_embeddings;
     j["mlp_bias"]                = false;
     j["model_type"]              = s.model_type;
+    if (s.head_dim_config > 0) j["head_dim"] = s.head_dim_config;
+    if (s.sliding_window) j["sliding_window"] = *s.sliding_window;
     j["num_attention_heads"]     = s.num_attention_heads;
     j["num_hidden_layers"]       = s.num_hidden_layers;
     j["num_key_value_heads"]     = s.num_key_value_heads;

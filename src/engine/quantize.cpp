@@ -290,19 +290,42 @@ bool gpu_calibration([[maybe_unused]] const run_state& s) {
 // Tensor names of a layer's non-linear weights (the norms), copied unchanged.
 std::vector<std::string> layer_plain_tensors(const run_state& s, int64_t i) {
     std::vector<std::string> out;
+    const auto modules = llama_linear_modules(s.model->hparams(), i);
     for (const auto& t : llama_layer_tensors(s.model->hparams(), i)) {
         bool linear = false;
-        for (int r = 0; r < k_n_linear_roles; ++r) {
-            const std::string base = llama_linear_name(i, static_cast<linear_role>(r));
-            if (t.name.rfind(base + ".", 0) == 0) linear = true;
-        }
+        for (const auto& m : modules)
+            if (t.name.rfind(m.module + ".", 0) == 0) linear = true;
         if (!linear && s.model->source().has(t.name)) out.push_back(t.name);
     }
     return out;
 }
 
+// The quantized linears of layer i by checkpoint module: a fused module (Phi-3 qkv_proj,
+// gate_up_proj) is its roles joined by output rows, written under the name it had.
+result<std::vector<std::pair<std::string, gptq_linear_data>>> layer_modules_data(
+    const run_state& s, int64_t i, const std::vector<std::pair<linear_role, gptq_linear_data>>& q) {
+    std::vector<std::pair<std::string, gptq_linear_data>> out;
+    for (const auto& m : llama_linear_modules(s.model->hparams(), i)) {
+        std::vector<const gptq_linear_data*> parts;
+        for (linear_role r : m.roles)
+            for (const auto& [role, d] : q)
+                if (role == r) parts.push_back(&d);
+        if (parts.empty()) continue;
+        if (parts.size() != m.roles.size())
+            return make_error(E_ARG, "{}: {} of its {} parts quantized", m.module, parts.size(), m.roles.size());
+        if (parts.size() == 1) {
+            out.emplace_back(m.module, *parts[0]);
+        } else {
+            GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d, gptq_linear_join_rows(parts, m.module));
+            out.emplace_back(m.module, std::move(d));
+        }
+    }
+    return out;
+}
+
 // Write layer i's tensors (norms copied, linears packed) to the work folder, atomically.
-status write_layer(run_state& s, int64_t i, const std::vector<std::pair<linear_role, gptq_linear_data>>& q) {
+status write_layer(run_state& s, int64_t i, const std::vector<std::pair<linear_role, gptq_linear_data>>& by_role) {
+    GPTQ_ASSIGN_OR_RETURN(const auto q, layer_modules_data(s, i, by_role));
     const tensor_source&          src = s.model->source();
     std::vector<safetensors_decl> decls;
     const auto                    plain = layer_plain_tensors(s, i);
@@ -310,8 +333,8 @@ status write_layer(run_state& s, int64_t i, const std::vector<std::pair<linear_r
         const tensor_entry* e = src.find(name);
         decls.push_back({name, e->info->type, e->info->shape});
     }
-    for (const auto& [role, d] : q) {
-        auto ds = gptq_linear_decls(llama_linear_name(i, role), d.n_out, d.n_in, d.n_groups, d.bits, !d.bias.empty());
+    for (const auto& [module, d] : q) {
+        auto ds = gptq_linear_decls(module, d.n_out, d.n_in, d.n_groups, d.bits, !d.bias.empty());
         decls.insert(decls.end(), ds.begin(), ds.end());
     }
     GPTQ_ASSIGN_OR_RETURN(auto w, safetensors_writer::create(path_join(s.work, layer_file_name(i)), decls));
@@ -319,7 +342,7 @@ status write_layer(run_state& s, int64_t i, const std::vector<std::pair<linear_r
         const tensor_entry* e = src.find(name);
         GPTQ_TRY(w->write(name, e->file->bytes(*e->info), e->info->nbytes()));
     }
-    for (const auto& [role, d] : q) GPTQ_TRY(gptq_linear_write(*w, llama_linear_name(i, role), d, s.cfg.format));
+    for (const auto& [module, d] : q) GPTQ_TRY(gptq_linear_write(*w, module, d, s.cfg.format));
     GPTQ_TRY(w->finish());
     GPTQ_ASSIGN_OR_RETURN(std::string h, file_hash(path_join(s.work, layer_file_name(i))));
     s.layer_hashes.resize(static_cast<size_t>(i) + 1);
@@ -365,14 +388,18 @@ status run_layer_on_calibration(run_state& s, const ops_context& ctx, const llam
 // Replace layer i's linears by those stored in its work-folder file (resume).
 status load_finished_layer(run_state& s, int64_t i, llama_layer* layer) {
     GPTQ_ASSIGN_OR_RETURN(auto src, tensor_source::open(path_join(s.work, layer_file_name(i))));
-    for (int r = 0; r < k_n_linear_roles; ++r) {
-        const auto role = static_cast<linear_role>(r);
-        const auto shp  = s.model->hparams().linear_shape(role);
-        GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d,
-                              gptq_linear_read(*src, llama_linear_name(i, role), shp[0], shp[1], s.cfg));
-        std::vector<float> w(static_cast<size_t>(shp[0] * shp[1]));
-        d.dequantize(w.data());
-        GPTQ_TRY(layer->linear_replace(role, std::move(w)));
+    const llama_hparams& hp = s.model->hparams();
+    for (const auto& m : llama_linear_modules(hp, i)) {
+        const linear_slot s0   = llama_linear_slot(hp, i, m.roles[0]);
+        const int64_t     n_in = hp.linear_shape(m.roles[0])[1];
+        GPTQ_ASSIGN_OR_RETURN(gptq_linear_data whole, gptq_linear_read(*src, m.module, s0.n_out_module, n_in, s.cfg));
+        for (linear_role role : m.roles) {
+            const int64_t          n_out = hp.linear_shape(role)[0];
+            const gptq_linear_data d     = gptq_linear_rows(whole, llama_linear_slot(hp, i, role).row0, n_out);
+            std::vector<float>     w(static_cast<size_t>(n_out * n_in));
+            d.dequantize(w.data());
+            GPTQ_TRY(layer->linear_replace(role, std::move(w)));
+        }
     }
     return status::ok();
 }
@@ -807,16 +834,16 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                           q->source, q->bits);
     const llama_hparams& hp = s.model->hparams();
     for (int64_t i = 0; i < hp.n_layer; ++i)
-        for (int r = 0; r < k_n_linear_roles; ++r) {
-            const auto shp = hp.linear_shape(static_cast<linear_role>(r));
-            GPTQ_TRY(
-                gptq_check_packable(shp[1], shp[0], params.bits, llama_linear_name(i, static_cast<linear_role>(r))));
+        for (const auto& m : llama_linear_modules(hp, i)) {  // as written: fused modules whole
+            const int64_t n_out = llama_linear_slot(hp, i, m.roles[0]).n_out_module;
+            const int64_t n_in  = hp.linear_shape(m.roles[0])[1];
+            GPTQ_TRY(gptq_check_packable(n_in, n_out, params.bits, m.module));
             // A partial last group is a checkpoint that vLLM / Marlin / ExLlama refuse: say so now.
-            if (params.group_size > 0 && shp[1] % params.group_size != 0)
+            if (params.group_size > 0 && n_in % params.group_size != 0)
                 return make_error(E_ARG,
                                   "{}: in_features {} is not a multiple of --group-size {}; GPTQ kernels need "
                                   "whole groups: choose a group size that divides it, or -1",
-                                  llama_linear_name(i, static_cast<linear_role>(r)), shp[1], params.group_size);
+                                  m.module, n_in, params.group_size);
         }
     GPTQ_TRY(check_tensors_finite(s.model->source(), llama_global_tensors(hp)));
 

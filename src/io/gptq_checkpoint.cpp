@@ -152,4 +152,57 @@ result<gptq_linear_data> gptq_linear_read(const tensor_source& src, const std::s
     return d;
 }
 
+gptq_linear_data gptq_linear_rows(const gptq_linear_data& d, int64_t row0, int64_t n_out) {
+    GPTQ_ASSERT(row0 >= 0 && n_out >= 0 && row0 + n_out <= d.n_out && !d.codes.empty());
+    gptq_linear_data r;
+    r.n_out    = n_out;
+    r.n_in     = d.n_in;
+    r.n_groups = d.n_groups;
+    r.bits     = d.bits;
+    r.codes.assign(d.codes.begin() + row0 * d.n_in, d.codes.begin() + (row0 + n_out) * d.n_in);
+    r.zeros.resize(static_cast<size_t>(d.n_groups * n_out));
+    r.scales.resize(r.zeros.size());
+    for (int64_t g = 0; g < d.n_groups; ++g)
+        for (int64_t j = 0; j < n_out; ++j) {
+            r.zeros[size_t(g * n_out + j)]  = d.zeros[size_t(g * d.n_out + row0 + j)];
+            r.scales[size_t(g * n_out + j)] = d.scales[size_t(g * d.n_out + row0 + j)];
+        }
+    r.g_idx = d.g_idx;
+    if (!d.bias.empty()) r.bias.assign(d.bias.begin() + row0, d.bias.begin() + row0 + n_out);
+    return r;
+}
+
+result<gptq_linear_data> gptq_linear_join_rows(const std::vector<const gptq_linear_data*>& parts,
+                                               const std::string& module) {
+    GPTQ_ASSERT(!parts.empty());
+    const gptq_linear_data& a = *parts[0];
+    gptq_linear_data        r;
+    r.n_in     = a.n_in;
+    r.n_groups = a.n_groups;
+    r.bits     = a.bits;
+    r.g_idx    = a.g_idx;
+    for (const auto* p : parts) {
+        if (p->n_in != a.n_in || p->bits != a.bits || p->n_groups != a.n_groups || p->g_idx != a.g_idx ||
+            p->bias.empty() != a.bias.empty())
+            return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                              "{}: the parts of a fused linear differ in in_features, bits, groups, g_idx or bias",
+                              module);
+        r.n_out += p->n_out;
+    }
+    r.zeros.resize(static_cast<size_t>(r.n_groups * r.n_out));
+    r.scales.resize(r.zeros.size());
+    int64_t row0 = 0;
+    for (const auto* p : parts) {
+        r.codes.insert(r.codes.end(), p->codes.begin(), p->codes.end());
+        r.bias.insert(r.bias.end(), p->bias.begin(), p->bias.end());
+        for (int64_t g = 0; g < r.n_groups; ++g)
+            for (int64_t j = 0; j < p->n_out; ++j) {
+                r.zeros[size_t(g * r.n_out + row0 + j)]  = p->zeros[size_t(g * p->n_out + j)];
+                r.scales[size_t(g * r.n_out + row0 + j)] = p->scales[size_t(g * p->n_out + j)];
+            }
+        row0 += p->n_out;
+    }
+    return r;
+}
+
 }  // namespace gptq

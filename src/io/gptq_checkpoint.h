@@ -29,6 +29,14 @@ struct gptq_linear_data {
     void dequantize(float* w) const;
 };
 
+// Output rows [row0, row0 + n_out) of a linear (codes rows, scales/zeros/bias columns; g_idx
+// shared): a linear's output features are independent (format.md 1.2), so a fused checkpoint
+// module (Phi-3 qkv_proj, gate_up_proj) splits into its parts and joins back exactly.
+gptq_linear_data gptq_linear_rows(const gptq_linear_data& d, int64_t row0, int64_t n_out);
+// The parts stacked by output rows, in order; they must share n_in, bits, n_groups and g_idx.
+result<gptq_linear_data> gptq_linear_join_rows(const std::vector<const gptq_linear_data*>& parts,
+                                               const std::string& module);
+
 // Declarations of the module's tensors, for a safetensors_writer.
 std::vector<safetensors_decl> gptq_linear_decls(const std::string& module, int64_t n_out, int64_t n_in,
                                                 int64_t n_groups, int bits, bool has_bias);

@@ -123,6 +123,26 @@ status hparams_set_options(const model_config& cfg, llama_hparams* hp) {
 }
 }  // namespace
 
+std::string llama_hparams::options_beyond_llama() const {
+    std::string out;
+    auto        add = [&](bool on, const char* name) {
+        if (on) out += (out.empty() ? "" : ", ") + std::string(name);
+    };
+    add(qk_norm, "qk_norm");
+    add(norm_plus_one, "norm_plus_one");
+    add(attn_out_norm || mlp_out_norm, "sandwich_norms");
+    add(act != mlp_activation::ACT_SILU, mlp_activation_name(act));
+    add(embed_scale != 1.0f, "embed_scale");
+    add(head_dim > 0 && attn_scale != 1.0f / std::sqrt(static_cast<float>(head_dim)), "attn_scale");
+    add(attn_softcap > 0.0f, "attn_softcap");
+    add(final_softcap > 0.0f, "final_softcap");
+    add(rope_local_differs, "rope_local");
+    add(rope.type == rope_type::ROPE_LONGROPE, "longrope");
+    add(fused_qkv, "fused_qkv");
+    add(fused_gate_up, "fused_gate_up");
+    return out;
+}
+
 const rope_config& llama_hparams::rope_of(int64_t i_layer) const {
     return rope_local_differs && window[static_cast<size_t>(i_layer)] > 0 ? rope_local : rope;
 }
@@ -535,20 +555,14 @@ const gptq_config* llama_model::quantization_of(std::string_view module) const {
 }
 
 namespace {
-// Rows [row0, row0 + n_out) of a GPTQ linear read whole: codes [n_out, n_in] are rows, scales and
-// zeros [n_groups, n_out] columns (format.md 1.2: output features are independent).
-std::shared_ptr<const gptq_packed_linear> gptq_rows(const gptq_linear_data& q, int64_t row0, int64_t n_out) {
-    const int64_t        n_in = q.n_in, n_all = q.n_out, n_groups = q.n_groups;
-    std::vector<float>   scales(static_cast<size_t>(n_groups * n_out));
-    std::vector<int32_t> zeros(scales.size());
-    for (int64_t g = 0; g < n_groups; ++g)
-        for (int64_t j = 0; j < n_out; ++j) {
-            scales[size_t(g * n_out + j)] = f16_to_f32(q.scales[size_t(g * n_all + row0 + j)]);
-            zeros[size_t(g * n_out + j)]  = q.zeros[size_t(g * n_all + row0 + j)];
-        }
+// A GPTQ linear as read by io, kept quantized (codes, F32 scales).
+std::shared_ptr<const gptq_packed_linear> gptq_packed(const gptq_linear_data& q) {
+    std::vector<float> scales(q.scales.size());
+    for (size_t j = 0; j < scales.size(); ++j) scales[j] = f16_to_f32(q.scales[j]);
     return std::make_shared<const gptq_packed_linear>(gptq_packed_linear::from_unpacked(
-        q.codes.data() + row0 * n_in, scales.data(), zeros.data(), q.g_idx.data(), n_out, n_in, n_groups));
+        q.codes.data(), scales.data(), q.zeros.data(), q.g_idx.data(), q.n_out, q.n_in, q.n_groups));
 }
+
 status read_vec(const tensor_source& src, const tensor_spec& t, std::vector<float>* out) {
     int64_t n = 1;
     for (int64_t d : t.shape) n *= d;
@@ -597,7 +611,7 @@ result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer, th
             l.n_out                 = n_out;
             l.n_in                  = n_in;
             if (q) {
-                l.q = gptq_rows(*q, s.row0, n_out);
+                l.q = m.roles.size() == 1 ? gptq_packed(*q) : gptq_packed(gptq_linear_rows(*q, s.row0, n_out));
             } else if (m.roles.size() == 1) {
                 l.w = std::move(w);
             } else {
@@ -638,7 +652,7 @@ status llama_model::globals_load() {
     lm_head_.n_in  = hp_.n_embd;
     if (const gptq_config* qc = quantization_of("lm_head")) {  // used even when config.json ties it
         GPTQ_ASSIGN_OR_RETURN(gptq_linear_data q, gptq_linear_read(*src_, "lm_head", hp_.n_vocab, hp_.n_embd, *qc));
-        lm_head_.q = gptq_rows(q, 0, hp_.n_vocab);
+        lm_head_.q = gptq_packed(q);
     } else if (!hp_.tie_embeddings) {
         GPTQ_TRY(read_vec(*src_, specs[2], &lm_head_.w));
     }
@@ -697,8 +711,33 @@ void llama_model::output_logits(const ops_context& ctx, const float* hidden, int
         op_softcap(ctx, logits, n_tokens * hp_.n_vocab, hp_.final_softcap);
 }
 
+bool llama_model::rope_needs_reprefill(const kv_cache& cache, int64_t n_tokens) const {
+    const rope_config* ropes[] = {&hp_.rope, &hp_.rope_local};
+    for (const rope_config* r : ropes) {
+        if (r == &hp_.rope_local && !hp_.rope_local_differs) continue;
+        if (r->type != rope_type::ROPE_LONGROPE) continue;
+        const int64_t orig = r->original_max_position_embeddings;
+        if (cache.n_past > 0 && cache.n_past <= orig && cache.n_past + n_tokens > orig) return true;
+    }
+    return false;
+}
+
 status llama_model::forward(const ops_context& ctx, const int32_t* ids, int64_t n_tokens, kv_cache* cache,
                             float* logits) {
+    if (cache && rope_needs_reprefill(*cache, n_tokens)) {
+        // Every cached token again with the long factors (transformers drops its cache here).
+        if (static_cast<int64_t>(cache->ids.size()) != cache->n_past)
+            return make_error(E_ARG, "LongRoPE: the KV cache holds {} positions but {} token ids", cache->n_past,
+                              cache->ids.size());
+        std::vector<int32_t> all = cache->ids;
+        all.insert(all.end(), ids, ids + n_tokens);
+        cache->clear();
+        const int64_t      n_all = static_cast<int64_t>(all.size());
+        std::vector<float> all_logits(static_cast<size_t>(n_all * hp_.n_vocab));
+        GPTQ_TRY(forward(ctx, all.data(), n_all, cache, all_logits.data()));
+        std::copy_n(all_logits.data() + (n_all - n_tokens) * hp_.n_vocab, n_tokens * hp_.n_vocab, logits);
+        return status::ok();
+    }
     const int64_t pos0 = cache ? cache->n_past : 0;
     if (cache && pos0 + n_tokens > cache->n_ctx)
         return make_error(E_ARG, "{} tokens after {} cached ones exceed the cache's {} positions", n_tokens, pos0,
@@ -706,7 +745,10 @@ status llama_model::forward(const ops_context& ctx, const int32_t* ids, int64_t 
     const layer_seq    seq{n_tokens, pos0, cache};  // a batch of one
     std::vector<float> hidden;                      // [n_tokens, n_embd]
     GPTQ_TRY(layers_run(ctx, ids, std::span<const layer_seq>(&seq, 1), &hidden));
-    if (cache) cache->n_past += n_tokens;
+    if (cache) {
+        cache->n_past += n_tokens;
+        cache->ids.insert(cache->ids.end(), ids, ids + n_tokens);
+    }
     output_logits(ctx, hidden.data(), n_tokens, logits);
     return status::ok();
 }

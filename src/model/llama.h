@@ -106,6 +106,10 @@ struct llama_hparams {
     std::array<int64_t, 2> linear_shape(linear_role r) const;
     // The RoPE settings of layer i (rope, or rope_local on a sliding-window layer when it differs).
     const rope_config& rope_of(int64_t i_layer) const;
+    // The options above in use that a Llama / Mistral / Qwen2 layer does not have ("qk_norm,
+    // fused_qkv, longrope", ...), "" when none: a backend that does not run them yet refuses the
+    // model with this list (no silent wrong answer).
+    std::string options_beyond_llama() const;
 };
 
 // Upper bound of the layer count, head counts and head_dim a config may give (docs/reliability.md).
@@ -192,9 +196,16 @@ struct kv_cache {
     int64_t                         n_past = 0;
     std::vector<std::vector<float>> k;  // [n_layer][n_ctx, kv_dim] rotated keys
     std::vector<std::vector<float>> v;  // [n_layer][n_ctx, kv_dim]
+    // The tokens of positions 0 .. n_past-1 (forward / forward_batch keep it): a LongRoPE model
+    // re-prefills them when a sequence first passes original_max_position_embeddings, as
+    // transformers' Phi3ForCausalLM.prepare_inputs_for_generation drops its cache there.
+    std::vector<int32_t> ids;
 
     static kv_cache create(const llama_hparams& hp, int64_t n_ctx);
-    void            clear() { n_past = 0; }
+    void            clear() {
+        n_past = 0;
+        ids.clear();
+    }
 };
 
 // Called with the input of each linear group as the layer runs; x: [n_tokens, n_in] row-major,
@@ -294,6 +305,9 @@ private:
                          std::span<const layer_seq> seqs, const linear_input_hook* hook, linear_input stop_after) const;
     bool mlp_block(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_rows,
                    const linear_input_hook* hook, linear_input stop_after) const;
+    // Whether n_tokens more tokens on this cache cross LongRoPE's switch from short to long factors
+    // with keys rotated by the short ones in the cache (then the whole sequence is run again).
+    bool rope_needs_reprefill(const kv_cache& cache, int64_t n_tokens) const;
     // Embeddings of ids, then every layer over the batch: hidden[sum n_tokens, n_embd].
     status        layers_run(const ops_context& ctx, const int32_t* ids, std::span<const layer_seq> seqs,
                              std::vector<float>* hidden);

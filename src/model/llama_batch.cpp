@@ -28,6 +28,32 @@ status llama_model::forward_batch(const ops_context& ctx, const int32_t* ids, co
                 return make_error(status_code::STATUS_INVALID_ARGUMENT, "sequences {} and {} share one KV cache", t, s);
     }
     if (n_seq == 0) return status::ok();
+    bool reprefill = false;
+    for (int64_t s = 0; s < n_seq; ++s) reprefill = reprefill || rope_needs_reprefill(*caches[s], n_tokens[s]);
+    if (reprefill) {
+        // A LongRoPE sequence crossing its switch runs all its tokens again from an empty cache
+        // (llama_model::forward does the same); the batch is rebuilt with its whole history.
+        std::vector<int32_t> all_ids;
+        std::vector<int64_t> all_n(static_cast<size_t>(n_seq));
+        const int32_t*       p = ids;
+        for (int64_t s = 0; s < n_seq; ++s) {
+            kv_cache* c = caches[s];
+            if (rope_needs_reprefill(*c, n_tokens[s])) {
+                if (static_cast<int64_t>(c->ids.size()) != c->n_past)
+                    return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                                      "sequence {}: LongRoPE: the KV cache holds {} positions but {} token ids", s,
+                                      c->n_past, c->ids.size());
+                all_ids.insert(all_ids.end(), c->ids.begin(), c->ids.end());
+                all_n[static_cast<size_t>(s)] = c->n_past + n_tokens[s];
+                c->clear();
+            } else {
+                all_n[static_cast<size_t>(s)] = n_tokens[s];
+            }
+            all_ids.insert(all_ids.end(), p, p + n_tokens[s]);
+            p += n_tokens[s];
+        }
+        return forward_batch(ctx, all_ids.data(), all_n.data(), n_seq, caches, logits);
+    }
     std::vector<layer_seq> seqs(static_cast<size_t>(n_seq));
     for (int64_t s = 0; s < n_seq; ++s) seqs[static_cast<size_t>(s)] = {n_tokens[s], caches[s]->n_past, caches[s]};
     std::vector<float> hidden;  // [sum n_tokens, n_embd]
@@ -39,6 +65,7 @@ status llama_model::forward_batch(const ops_context& ctx, const int32_t* ids, co
         row += n_tokens[s];
         std::copy_n(hidden.data() + (row - 1) * hp_.n_embd, hp_.n_embd, last.data() + s * hp_.n_embd);
         caches[s]->n_past += n_tokens[s];
+        caches[s]->ids.insert(caches[s]->ids.end(), ids + row - n_tokens[s], ids + row);
     }
     output_logits(ctx, last.data(), n_seq, logits);
     return status::ok();

@@ -145,3 +145,50 @@ TEST(arch_config, transformers4_dialect_same_hparams) {
         check_v4_dialect(name);
     }
 }
+
+// What a backend that runs only the Llama layer must refuse (llama_hparams::options_beyond_llama).
+TEST(arch_config, options_beyond_llama) {
+    auto hp_of = [](const std::string& path) {
+        auto c = model_config_load(path);
+        EXPECT_TRUE(c.is_ok()) << c.error().message();
+        auto h = llama_hparams_from_config(*c);
+        EXPECT_TRUE(h.is_ok()) << h.error().message();
+        return *h;
+    };
+    const std::string model = std::string(GPTQ_SOURCE_DIR) + "/tests/data/model/";
+    EXPECT_EQ(hp_of(model + "rand-mistral").options_beyond_llama(), "");
+    EXPECT_EQ(hp_of(model + "rand-qwen2").options_beyond_llama(), "");
+    EXPECT_EQ(hp_of(k_arch + "mistral-nemo").options_beyond_llama(), "");
+    EXPECT_EQ(hp_of(k_arch + "qwen3").options_beyond_llama(), "qk_norm");
+    EXPECT_EQ(hp_of(k_arch + "phi3").options_beyond_llama(), "fused_qkv, fused_gate_up");
+    EXPECT_EQ(hp_of(k_arch + "phi3-longrope").options_beyond_llama(), "longrope, fused_qkv, fused_gate_up");
+}
+
+// LongRoPE's switch in a ragged batch: two sequences decoded together, one crossing
+// original_max_position_embeddings (32) at this step, give the greedy tokens each gives alone.
+TEST(arch_goldens, phi3_longrope_batch_across_the_switch) {
+    auto m = llama_model::open(k_arch + "phi3-longrope");
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    const llama_hparams& hp = (*m)->hparams();
+    const auto           g  = test::golden_load_file(k_arch + "phi3-longrope/golden.safetensors");
+    ASSERT_GE(g.seqs.size(), 3u);
+    const auto& a = g.seqs[0];  // 28 tokens: crosses 32 during its greedy run
+    const auto& b = g.seqs[2];  // 48 tokens: long from the start
+    kv_cache    ca = kv_cache::create(hp, 64), cb = kv_cache::create(hp, 64);
+    std::vector<int32_t> ids(a.ids);
+    ids.insert(ids.end(), b.ids.begin(), b.ids.end());
+    int64_t              n[2]      = {static_cast<int64_t>(a.ids.size()), static_cast<int64_t>(b.ids.size())};
+    kv_cache*            caches[2] = {&ca, &cb};
+    std::vector<float>   logits(static_cast<size_t>(2 * hp.n_vocab));
+    std::vector<int32_t> got_a, got_b;
+    for (size_t t = 0; t < a.greedy.size(); ++t) {
+        ASSERT_TRUE((*m)->forward_batch(ctx(), ids.data(), n, 2, caches, logits.data()).is_ok());
+        got_a.push_back(argmax(logits.data(), hp.n_vocab));
+        got_b.push_back(argmax(logits.data() + hp.n_vocab, hp.n_vocab));
+        ids  = {got_a.back(), got_b.back()};
+        n[0] = n[1] = 1;
+    }
+    EXPECT_EQ(got_a, a.greedy);
+    EXPECT_EQ(std::vector<int32_t>(got_b.begin(), got_b.end()),
+              std::vector<int32_t>(b.greedy.begin(), b.greedy.begin() + static_cast<int64_t>(got_b.size())));
+}

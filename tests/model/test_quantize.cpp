@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "gptq/make_random.h"
 #include "gptq/ppl.h"
 #include "gptq/quantize.h"
 #include "model/llama.h"
@@ -307,4 +308,68 @@ TEST(quantize, gptq_perplexity_lies_between_fp16_and_rtn) {
     RecordProperty("ppl_fp16", std::to_string(fp16));
     RecordProperty("ppl_gptq3", std::to_string(gptq));
     RecordProperty("ppl_rtn3", std::to_string(rtn));
+}
+
+// Phi-3 keeps q/k/v and gate/up fused in the checkpoint (io/arch.h): the quantized checkpoint has
+// the fused names (as GPTQModel writes them), and each fused module is exactly the RTN of the
+// original fused matrix (a linear's output rows are independent, so quantizing the parts with one
+// Hessian and joining them equals quantizing the whole). GPTQ with act-order (one g_idx shared by
+// the parts) loads back too.
+TEST(quantize, phi3_fused_modules_round_trip) {
+    test::temp_dir     dir("q-phi3");
+    make_random_params mp;
+    mp.like        = "micro-phi3";
+    mp.output_path = dir.file("phi3");
+    mp.n_threads   = 2;
+    mp.progress    = false;
+    ASSERT_TRUE(make_random_model(mp).is_ok());
+    for (const char* method : {"rtn", "gptq"}) {
+        SCOPED_TRACE(method);
+        auto p       = small_run(dir.file(std::string("q-") + method));
+        p.model_path = mp.output_path;
+        p.method     = method;
+        p.group_size = 32;
+        p.desc_act   = std::string(method) == "gptq";
+        p.seqlen     = 64;
+        ASSERT_TRUE(quantize_model(p).is_ok());
+        auto orig = llama_model::open(mp.output_path);
+        auto back = llama_model::open(p.output_path, {.strict = true});
+        ASSERT_TRUE(orig.is_ok() && back.is_ok()) << back.error().message();
+        const llama_hparams& hp = (*back)->hparams();
+        for (const char* m : {"model.layers.1.self_attn.qkv_proj", "model.layers.1.mlp.gate_up_proj"})
+            EXPECT_NE((*back)->quantization_of(m), nullptr) << m;
+        EXPECT_EQ((*back)->quantization_of("model.layers.1.self_attn.q_proj"), nullptr);
+        auto lo = (*orig)->layer_load(1);
+        auto lb = (*back)->layer_load(1);
+        ASSERT_TRUE(lo.is_ok() && lb.is_ok());
+        gptq_options opt;
+        opt.bits       = 4;
+        opt.group_size = 32;
+        for (const auto& mod : llama_linear_modules(hp, 1)) {
+            std::vector<float> fused, got;
+            for (linear_role r : mod.roles) {
+                const auto& w = (*lo)->linear(r).w;
+                fused.insert(fused.end(), w.begin(), w.end());
+                const auto d = (*lb)->linear(r).dense();
+                got.insert(got.end(), d.begin(), d.end());
+            }
+            const int64_t n_in  = hp.linear_shape(mod.roles[0])[1];
+            const int64_t n_out = static_cast<int64_t>(fused.size()) / n_in;
+            if (std::string(method) == "rtn") {
+                auto q = rtn_quantize(ops_context{}, fused.data(), n_out, n_in, opt);
+                ASSERT_TRUE(q.is_ok());
+                std::vector<float> expect(fused.size());
+                quantized_linear_dequantize(*q, expect.data());
+                EXPECT_EQ(got, expect) << mod.module;
+            } else {  // close to the original, and not the original
+                double err = 0, norm = 0;
+                for (size_t k = 0; k < fused.size(); ++k) {
+                    err += (got[k] - fused[k]) * (got[k] - fused[k]);
+                    norm += fused[k] * fused[k];
+                }
+                EXPECT_GT(err, 0.0) << mod.module;
+                EXPECT_LT(err, 0.05 * norm) << mod.module;
+            }
+        }
+    }
 }

@@ -2,6 +2,7 @@
 // configs (AutoGPTQ, GPTQModel, transformers spellings), including the errors for bad values.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <string>
 #include <utility>
 #include <vector>
@@ -459,4 +460,60 @@ TEST(config, gemma3_both_dialects) {
     cfg = model_config_parse(j, "c.json");  // layer_types wins over the pattern
     ASSERT_TRUE(cfg.is_ok()) << cfg.error().message();
     for (int64_t i = 0; i < 26; ++i) EXPECT_EQ(cfg->layer_uses_sliding_window(i), i != 4) << i;
+}
+
+// The families of io/arch.h beyond Llama: defaults from transformers' config classes, LongRoPE
+// (Phi-3) in both spellings, and what is refused by name.
+TEST(config, qwen3_phi3_and_refusals) {
+    json q = llama_v4();
+    q["architectures"] = {"Qwen3ForCausalLM"};
+    q["model_type"]    = "qwen3";
+    q.erase("rope_scaling");
+    auto cfg = model_config_parse(q, "config.json");
+    ASSERT_TRUE(cfg.is_ok()) << cfg.error().message();
+    EXPECT_EQ(cfg->family, model_family::MODEL_FAMILY_QWEN3);
+    EXPECT_TRUE(cfg->arch->qk_norm);
+    EXPECT_EQ(cfg->head_dim, 128);  // Qwen3Config's default, not hidden / heads
+    EXPECT_FALSE(cfg->qkv_bias());
+
+    json p = llama_v4();
+    p["architectures"]                    = {"Phi3ForCausalLM"};
+    p["model_type"]                       = "phi3";
+    p["max_position_embeddings"]          = 131072;
+    p["original_max_position_embeddings"] = 4096;
+    std::vector<double> sf(64, 1.0), lf(64, 2.0);
+    p["rope_scaling"] = {{"type", "su"}, {"short_factor", sf}, {"long_factor", lf}};
+    cfg               = model_config_parse(p, "config.json");
+    ASSERT_TRUE(cfg.is_ok()) << cfg.error().message();
+    EXPECT_EQ(cfg->rope.type, rope_type::ROPE_LONGROPE);
+    EXPECT_EQ(cfg->rope.original_max_position_embeddings, 4096);
+    // transformers: sqrt(1 + ln(factor) / ln(original)) with factor = 131072 / 4096 = 32.
+    EXPECT_DOUBLE_EQ(cfg->rope.attention_factor, std::sqrt(1.0 + std::log(32.0) / std::log(4096.0)));
+    EXPECT_EQ(cfg->rope.long_factor, lf);
+    p["rope_scaling"]["attention_factor"] = 1.25;
+    EXPECT_EQ(model_config_parse(p, "config.json")->rope.attention_factor, 1.25);
+
+    struct bad_case {
+        json        j;
+        std::string message;
+    };
+    auto with = [](json j, const std::string& key, json v) {
+        j[key] = std::move(v);
+        return j;
+    };
+    json short_list = p;
+    short_list["rope_scaling"]["short_factor"] = std::vector<double>(10, 1.0);
+    const std::vector<bad_case> bad = {
+        {with(p, "rope_scaling", json{{"type", "yarn"}, {"factor", 2.0}}), "unsupported rope type 'yarn'"},
+        {short_list, "'short_factor' has 10 values, expected head_dim / 2 = 64"},
+        {with(llama_v4(), "rope_scaling", json{{"type", "longrope"}}), "unsupported rope type 'longrope'"},
+        {with(llama_v4(), "architectures", json{"FalconForCausalLM"}), "unsupported architecture 'FalconForCausalLM'"},
+        {with(llama_v4(), "partial_rotary_factor", 0.5), "partial_rotary_factor 0.5 is not supported"},
+        {with(llama_v4(), "layer_types", json{"full_attention"}), "'layer_types' is"},
+    };
+    for (const auto& b : bad) {
+        auto r = model_config_parse(b.j, "config.json");
+        ASSERT_FALSE(r.is_ok()) << b.message;
+        EXPECT_NE(r.error().message().find(b.message), std::string::npos) << r.error().message();
+    }
 }

@@ -117,6 +117,51 @@ TEST(MakeRandom, OtherNamedConfigs) {
     EXPECT_EQ(s3->torch_dtype, "bfloat16");
 }
 
+// Qwen/Qwen3-8B, mistralai/Mistral-Nemo-Base-2407, microsoft/Phi-3-mini-4k-instruct: their
+// config.json values, and parameter counts equal to the published checkpoints' (sum of the
+// safetensors index's tensors).
+TEST(MakeRandom, OtherFamilies) {
+    const llama_hparams q3 = hparams_of("qwen3-8b");
+    EXPECT_EQ(q3.family, model_family::MODEL_FAMILY_QWEN3);
+    EXPECT_TRUE(q3.qk_norm);
+    EXPECT_EQ(q3.n_vocab, 151936);
+    EXPECT_EQ(q3.n_embd, 4096);
+    EXPECT_EQ(q3.n_ff, 12288);
+    EXPECT_EQ(q3.n_layer, 36);
+    EXPECT_EQ(q3.n_head, 32);
+    EXPECT_EQ(q3.n_head_kv, 8);
+    EXPECT_EQ(q3.head_dim, 128);
+    EXPECT_FALSE(q3.qkv_bias);
+    EXPECT_EQ(make_random_shape("qwen3-8b")->n_params(), 8190735360);
+
+    const llama_hparams nemo = hparams_of("mistral-nemo-12b");
+    EXPECT_EQ(nemo.family, model_family::MODEL_FAMILY_MISTRAL);
+    EXPECT_EQ(nemo.n_embd, 5120);
+    EXPECT_EQ(nemo.head_dim, 128);
+    EXPECT_EQ(nemo.q_dim(), 4096);  // != n_embd
+    EXPECT_EQ(nemo.n_head_kv, 8);
+    EXPECT_EQ(nemo.window, std::vector<int64_t>(40, 0));
+    EXPECT_EQ(make_random_shape("mistral-nemo-12b")->n_params(), 12247782400);
+
+    const llama_hparams phi = hparams_of("phi-3-mini");
+    EXPECT_EQ(phi.family, model_family::MODEL_FAMILY_PHI3);
+    EXPECT_TRUE(phi.fused_qkv && phi.fused_gate_up);
+    EXPECT_EQ(phi.n_vocab, 32064);
+    EXPECT_EQ(phi.n_embd, 3072);
+    EXPECT_EQ(phi.n_ff, 8192);
+    EXPECT_EQ(phi.n_head_kv, 32);
+    EXPECT_EQ(phi.window, std::vector<int64_t>(32, 2047));
+    EXPECT_EQ(make_random_shape("phi-3-mini")->n_params(), 3821079552);
+    const auto t = llama_layer_tensors(phi, 0);
+    const auto has = [&](const std::string& name, std::vector<int64_t> shape) {
+        for (const auto& x : t)
+            if (x.name == name) return x.shape == shape;
+        return false;
+    };
+    EXPECT_TRUE(has("model.layers.0.self_attn.qkv_proj.weight", {9216, 3072}));
+    EXPECT_TRUE(has("model.layers.0.mlp.gate_up_proj.weight", {16384, 3072}));
+}
+
 TEST(MakeRandom, LayersSuffixAndBadNames) {
     const llama_hparams hp = hparams_of("llama-2-70b-layers=4");
     EXPECT_EQ(hp.n_layer, 4);

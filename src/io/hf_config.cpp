@@ -258,6 +258,12 @@ status default_layer_types(const json& j, const std::string& where, model_config
     if (pattern < 1)
         return make_error(E_PARSE, "{}: {} is {}, expected a positive integer", where,
                           a.window_pattern_key ? a.window_pattern_key : "sliding window pattern", pattern);
+    // The list is built here, not read: bound it as model/ bounds the layer count (k_llama_max_dim),
+    // so that a hostile num_hidden_layers cannot make it huge (fuzz/fuzz_config).
+    constexpr int64_t k_max_layers = int64_t(1) << 16;
+    if (cfg->num_hidden_layers > k_max_layers)
+        return make_error(E_UNSUP, "{}: num_hidden_layers is {}, more than the {} supported", where,
+                          cfg->num_hidden_layers, k_max_layers);
     for (int64_t i = 0; i < cfg->num_hidden_layers; ++i)
         cfg->layer_types.push_back((i + 1) % pattern != 0 ? "sliding_attention" : "full_attention");
     return status::ok();

@@ -410,6 +410,9 @@ TEST(config, gemma_bad_values_name_the_key) {
     j                    = gemma3_1b_v4();
     j["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 10000.0}};  // not per layer type
     expect_refused(j, {"rope_parameters", "layer type"});
+    j                      = gemma3_1b_v4();
+    j["num_hidden_layers"] = 100000;  // the default layer list is built, so bounded
+    expect_refused(j, {"num_hidden_layers is 100000"});
     j                  = gemma3_1b_v4();
     j["architectures"] = {"Gemma3ForConditionalGeneration"};  // the multimodal checkpoint: refused by name
     expect_refused(j, {"Gemma3ForConditionalGeneration"});

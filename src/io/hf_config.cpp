@@ -293,7 +293,14 @@ bool model_config::layer_uses_sliding_window(int64_t i_layer) const {
         case arch_window_rule::WINDOW_ALL:
             return true;
         case arch_window_rule::WINDOW_FROM_MAX_LAYER:
-            return use_sliding_window && i_layer >= max_window_layers;
+            // transformers 5 (Qwen2Config / Qwen3Config): the window exists only with
+            // use_sliding_window; "layer_types", when saved, says which layers use it, else the
+            // layers from max_window_layers on.
+            if (!use_sliding_window) return false;
+            if (!layer_types.empty())
+                return i_layer < static_cast<int64_t>(layer_types.size()) &&
+                       layer_types[static_cast<size_t>(i_layer)] == "sliding_attention";
+            return i_layer >= max_window_layers;
         case arch_window_rule::WINDOW_LAYER_TYPES:
             return i_layer < static_cast<int64_t>(layer_types.size()) &&
                    layer_types[static_cast<size_t>(i_layer)] == "sliding_attention";

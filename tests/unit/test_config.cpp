@@ -478,6 +478,20 @@ TEST(config, qwen3_phi3_and_refusals) {
     EXPECT_TRUE(cfg->arch->qk_norm);
     EXPECT_EQ(cfg->head_dim, 128);  // Qwen3Config's default, not hidden / heads
     EXPECT_FALSE(cfg->qkv_bias());
+    // Windows: only with use_sliding_window; saved layer_types win over max_window_layers.
+    q["sliding_window"]    = 64;
+    q["max_window_layers"] = 30;
+    q["layer_types"]       = std::vector<std::string>(32, "full_attention");
+    q["layer_types"][3]    = "sliding_attention";
+    EXPECT_FALSE(model_config_parse(q, "config.json")->layer_uses_sliding_window(3));
+    q["use_sliding_window"] = true;
+    EXPECT_TRUE(model_config_parse(q, "config.json")->layer_uses_sliding_window(3));
+    EXPECT_FALSE(model_config_parse(q, "config.json")->layer_uses_sliding_window(31));
+    q.erase("layer_types");
+    EXPECT_TRUE(model_config_parse(q, "config.json")->layer_uses_sliding_window(31));
+    EXPECT_FALSE(model_config_parse(q, "config.json")->layer_uses_sliding_window(3));
+    q.erase("sliding_window");
+    q.erase("use_sliding_window");
 
     json p = llama_v4();
     p["architectures"]                    = {"Phi3ForCausalLM"};

@@ -81,21 +81,29 @@ def families():
          torch.bfloat16, (28, 32, 48), 10),
         # Gemma 2: (1 + w) norms, sandwich norms, GeGLU tanh, sqrt(hidden) embedding scale,
         # query_pre_attn_scalar, attention and final soft-capping, alternating sliding windows, tied.
+        # query_pre_attn_scalar differs from head_dim (as Gemma-2-27B's 144 vs 128) so a scale of
+        # 1/sqrt(head_dim) fails; the caps are scaled to this model's activations (scaled scores
+        # up to ~0.9, raw logits up to ~1.9) so that both bind (Gemma 2's own 50 and 30 would
+        # change these logits by < 1e-4: a missing soft-cap would pass).
         ("gemma2", "Gemma2", dict(common, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                  max_position_embeddings=256, query_pre_attn_scalar=32, sliding_window=8,
-                                  final_logit_softcapping=30.0, attn_logit_softcapping=50.0, pad_token_id=0,
+                                  max_position_embeddings=256, query_pre_attn_scalar=24, sliding_window=8,
+                                  final_logit_softcapping=1.0, attn_logit_softcapping=0.5, pad_token_id=0,
                                   hidden_activation="gelu_pytorch_tanh",
                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
          torch.bfloat16, (7, 33, 64), 8),
         # Gemma 3 (text): as Gemma 2 plus q/k norms, 5 local : 1 global layers with a separate
-        # local RoPE base, no soft-capping.
+        # local RoPE base, linear RoPE scaling on the global layers only (as Gemma-3-4B+'s factor 8).
+        # attn_logit_softcapping is set but transformers' Gemma 3 ignores it (so must we); the final
+        # soft-cap binds (raw logits up to ~1.6).
         ("gemma3", "Gemma3Text", dict(common, hidden_size=64, intermediate_size=192, num_hidden_layers=6,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=32,
-                                      max_position_embeddings=256, query_pre_attn_scalar=32, sliding_window=8,
+                                      max_position_embeddings=256, query_pre_attn_scalar=24, sliding_window=8,
                                       pad_token_id=0, hidden_activation="gelu_pytorch_tanh",
+                                      final_logit_softcapping=1.0, attn_logit_softcapping=0.5,
                                       rope_parameters={
-                                          "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                                          "full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                             "rope_theta": 1000000.0},
                                           "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
          torch.bfloat16, (7, 33, 64), 8),
     ]

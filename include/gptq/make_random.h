@@ -2,7 +2,8 @@
 // shape, so that speed can be measured at real shapes without downloading anything
 // (docs/bench.md). The shape table holds the published config.json values of each named model.
 //
-// Names: llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, and the test shapes tiny (the bundled
+// Names: llama-2-7b, llama-2-13b, llama-2-70b, llama-3-8b, gemma-2-9b, gemma-3-1b, and the test
+// shapes tiny (the bundled
 // tiny-llama's dimensions) and micro (smaller still, with a generated tokenizer); any of them with
 // the suffix "-layers=N" keeps only the first N decoder layers (llama-2-70b-layers=4).
 #pragma once
@@ -39,6 +40,13 @@ struct random_model_shape {
     std::string            model_type      = "llama";
     int64_t                head_dim_config = 0;  // config "head_dim"; 0: hidden_size / num_attention_heads
     std::optional<int64_t> sliding_window;       // config "sliding_window" (Phi-3: 2047), absent when empty
+
+    // Gemma's config values (0: absent / null).
+    int64_t sliding_window_pattern  = 0;  // Gemma 3: every Nth layer is global
+    double  query_pre_attn_scalar   = 0;
+    double  attn_logit_softcapping  = 0;  // Gemma 2
+    double  final_logit_softcapping = 0;  // Gemma 2
+    double  rope_local_base_freq    = 0;  // Gemma 3
 
     int64_t head_dim() const { return head_dim_config > 0 ? head_dim_config : hidden_size / num_attention_heads; }
     // Parameters of the checkpoint (embeddings, lm_head unless tied, norms, linears).

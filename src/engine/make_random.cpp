@@ -101,6 +101,19 @@ std::vector<random_model_shape> shape_table() {
     family("MistralForCausalLM", "mistral", 16, std::nullopt);
     add("micro-phi3", "", 512, 64, 128, 2, 4, 4, 512, 10000.0, 1e-5, 1, 2, false, "bfloat16");
     family("Phi3ForCausalLM", "phi3", 0, 64);
+    // Gemma (google/gemma-2-9b, transformers 4.42; google/gemma-3-1b-pt, 4.50): head_dim 256 from the
+    // config, (1 + w) norms (written as 0: the neutral value), tied embeddings.
+    add("gemma-2-9b", "google/gemma-2-9b", 256000, 3584, 14336, 42, 16, 8, 8192, 10000.0, 1e-6, 2, 1, true, "float32");
+    family("Gemma2ForCausalLM", "gemma2", 256, 4096);
+    t.back().query_pre_attn_scalar   = 256;
+    t.back().attn_logit_softcapping  = 50.0;
+    t.back().final_logit_softcapping = 30.0;
+    add("gemma-3-1b", "google/gemma-3-1b-pt", 262144, 1152, 6912, 26, 4, 1, 32768, 1000000.0, 1e-6, 2, 1, true,
+        "bfloat16");
+    family("Gemma3ForCausalLM", "gemma3_text", 256, 512);
+    t.back().sliding_window_pattern = 6;
+    t.back().query_pre_attn_scalar  = 256;
+    t.back().rope_local_base_freq   = 10000.0;
     return t;
 }
 
@@ -117,9 +130,9 @@ uint64_t fnv1a(const std::string& s) {
     return h;
 }
 
-// values [n] of a tensor in `type` (F16 or BF16): std * z, or all ones when std == 0.
-void fill_tensor(thread_pool& pool, uint64_t seed, const std::string& name, double std_dev, dtype type, int64_t n,
-                 uint16_t* out) {
+// values [n] of a tensor in `type` (F16 or BF16): std * z, or all `constant` when std == 0.
+void fill_tensor(thread_pool& pool, uint64_t seed, const std::string& name, double std_dev, float constant, dtype type,
+                 int64_t n, uint16_t* out) {
     const int64_t  n_blocks    = (n + k_rng_block - 1) / k_rng_block;
     const uint64_t tensor_seed = seed * 0xD1B54A32D192ED03ull ^ fnv1a(name);
     // Irwin-Hall of 4: sum of 4 uniforms in [0, 1) has mean 2, variance 1/3.
@@ -132,7 +145,7 @@ void fill_tensor(thread_pool& pool, uint64_t seed, const std::string& name, doub
             splitmix64(state);
             for (int64_t i = 0; i < m; ++i) {
                 if (std_dev == 0.0) {
-                    tmp[static_cast<size_t>(i)] = 1.0f;
+                    tmp[static_cast<size_t>(i)] = constant;
                     continue;
                 }
                 const uint64_t r = splitmix64(state);
@@ -204,7 +217,9 @@ struct generated_tokenizer {
 result<generated_tokenizer> tokenizer_generate(const random_model_shape& s) {
     const int64_t                                V = s.vocab_size;
     std::vector<std::pair<int64_t, std::string>> specials;
-    if (s.bos_token_id < 3 && s.eos_token_id < 3) {
+    if (s.bos_token_id == 2 && s.eos_token_id == 1) {  // Gemma's ids
+        specials = {{0, "<pad>"}, {1, "<eos>"}, {2, "<bos>"}, {3, "<unk>"}};
+    } else if (s.bos_token_id < 3 && s.eos_token_id < 3) {
         specials = {{0, "<unk>"}, {1, "<s>"}, {2, "</s>"}};
     } else {
         const int64_t first = std::min(s.bos_token_id, s.eos_token_id);
@@ -348,8 +363,11 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 
 int64_t random_model_shape::n_params() const {
     const int64_t h = hidden_size, q = num_attention_heads * head_dim(), kv = num_key_value_heads * head_dim();
-    const int64_t qk_norms  = model_type == "qwen3" ? 2 * head_dim() : 0;  // io/arch.h qk_norm
-    const int64_t per_layer = 2 * h + 2 * q * h + 2 * kv * h + 3 * h * intermediate_size + qk_norms;
+    // Norms: input and post-attention (Llama); Gemma adds the pre/post-feedforward ones; q/k norms
+    // (io/arch.h qk_norm) on Qwen3 and Gemma 3.
+    const bool    gemma     = model_type == "gemma2" || model_type == "gemma3_text";
+    const int64_t qk_norms  = model_type == "qwen3" || model_type == "gemma3_text" ? 2 * head_dim() : 0;
+    const int64_t per_layer = (gemma ? 4 * h : 2 * h) + 2 * q * h + 2 * kv * h + 3 * h * intermediate_size + qk_norms;
     return vocab_size * h * (tie_word_embeddings ? 1 : 2) + h + num_hidden_layers * per_layer;
 }
 
@@ -388,6 +406,25 @@ result<random_model_shape> make_random_shape(const std::string& name) {
                       fmt::join(make_random_known_names(), ", "), k_layers_infix);
 }
 
+namespace {
+// The Gemma keys of config.json beyond head_dim and sliding_window (transformers 4 dialect, as the
+// published files spell them).
+void gemma_config_keys(const random_model_shape& s, ojson* j) {
+    ojson& c = *j;
+    c.erase("hidden_act");
+    c.erase("mlp_bias");
+    c.erase("pretraining_tp");
+    c["hidden_activation"]       = "gelu_pytorch_tanh";
+    c["pad_token_id"]            = 0;
+    c["query_pre_attn_scalar"]   = s.query_pre_attn_scalar;
+    c["attn_logit_softcapping"]  = s.attn_logit_softcapping > 0 ? ojson(s.attn_logit_softcapping) : ojson(nullptr);
+    c["final_logit_softcapping"] = s.final_logit_softcapping > 0 ? ojson(s.final_logit_softcapping) : ojson(nullptr);
+    if (s.sliding_window_pattern > 0) c["sliding_window_pattern"] = s.sliding_window_pattern;
+    if (s.rope_local_base_freq > 0) c["rope_local_base_freq"] = s.rope_local_base_freq;
+    c["cache_implementation"] = "hybrid";
+}
+}  // namespace
+
 std::string make_random_config_json(const random_model_shape& s, const std::string& dtype, uint64_t seed) {
     ojson j;
     j["architectures"]           = {s.architecture};
@@ -415,10 +452,14 @@ std::string make_random_config_json(const random_model_shape& s, const std::stri
     j["torch_dtype"]             = dtype;
     j["use_cache"]               = true;
     j["vocab_size"]              = s.vocab_size;
-    j["gptqkit_make_random"]     = {{"like", s.name},
-                                    {"shape_of", s.hf_model_id},
-                                    {"seed", seed},
-                                    {"weights", "random: N(0, 0.02) linears and embeddings, norms 1"}};
+    const bool gemma             = s.model_type == "gemma2" || s.model_type == "gemma3_text";
+    if (gemma) gemma_config_keys(s, &j);
+    j["gptqkit_make_random"] = {
+        {"like", s.name},
+        {"shape_of", s.hf_model_id},
+        {"seed", seed},
+        {"weights", gemma ? "random: N(0, 0.02) linears and embeddings, norms 0 (scale 1 + w = 1)"
+                          : "random: N(0, 0.02) linears and embeddings, norms 1"}};
     return j.dump(2) + "\n";
 }
 
@@ -496,7 +537,9 @@ result<make_random_report> make_random_run(const make_random_params& p) {
             int64_t n = 1;
             for (int64_t x : d.shape) n *= x;
             const bool is_norm = d.shape.size() == 1;
-            fill_tensor(pool, p.seed, d.name, is_norm ? 0.0 : k_weight_std, type, n, buf.data());
+            // A norm's neutral weight: 1, or 0 where the family scales by (1 + w).
+            fill_tensor(pool, p.seed, d.name, is_norm ? 0.0 : k_weight_std, hp.norm_plus_one ? 0.0f : 1.0f, type, n,
+                        buf.data());
             GPTQ_TRY(w->write(d.name, buf.data(), static_cast<size_t>(n) * 2));
             weight_map[d.name] = plan.file_names[k];
             done += n;

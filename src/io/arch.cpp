@@ -44,6 +44,51 @@ std::vector<arch_desc> make_table() {
     phi3.rope_longrope = true;
     phi3.window        = arch_window_rule::WINDOW_ALL;
     t.push_back(phi3);
+
+    // Gemma 2 (modeling_gemma2.py): RMSNorm by (1 + w), sandwich norms (post_attention_layernorm is
+    // on attention's output; pre_/post_feedforward_layernorm around the MLP), GeGLU with the tanh
+    // GELU ("hidden_activation"), embeddings times sqrt(hidden_size), attention scale
+    // query_pre_attn_scalar^-0.5, attention and final logit soft-capping, sliding window on every
+    // other layer (0, 2, ...), head_dim 256 and tied embeddings by default.
+    arch_desc gemma2                     = row("Gemma2ForCausalLM", "gemma2", model_family::MODEL_FAMILY_GEMMA2, 8192);
+    gemma2.norms                         = {.attn_in  = "input_layernorm",
+                                            .attn_out = "post_attention_layernorm",
+                                            .mlp_in   = "pre_feedforward_layernorm",
+                                            .mlp_out  = "post_feedforward_layernorm"};
+    gemma2.default_head_dim              = 256;
+    gemma2.tie_default                   = true;
+    gemma2.norm_plus_one                 = true;
+    gemma2.embed_scale                   = true;
+    gemma2.act_key                       = "hidden_activation";
+    gemma2.act_default                   = "gelu_pytorch_tanh";
+    gemma2.window                        = arch_window_rule::WINDOW_LAYER_TYPES;
+    gemma2.default_query_pre_attn_scalar = 256;
+    gemma2.reads_attn_softcap            = true;
+    gemma2.default_attn_softcap          = 50.0;
+    gemma2.reads_final_softcap           = true;
+    gemma2.default_final_softcap         = 30.0;
+    gemma2.default_window_pattern        = 2;
+    t.push_back(gemma2);
+
+    // Gemma 3 text (modeling_gemma3.py, Gemma3ForCausalLM): Gemma 2's layer plus q/k norms, no
+    // attention soft-capping (the key is ignored, as transformers does), final soft-capping only when
+    // given, 5 local : 1 global layers by default, and a RoPE per layer type (local base 10000,
+    // global 1e6 with the config's scaling).
+    arch_desc gemma3                     = gemma2;
+    gemma3.architecture                  = "Gemma3ForCausalLM";
+    gemma3.model_type                    = "gemma3_text";
+    gemma3.family                        = model_family::MODEL_FAMILY_GEMMA3;
+    gemma3.default_max_positions         = 131072;
+    gemma3.qk_norm                       = true;
+    gemma3.reads_attn_softcap            = false;
+    gemma3.default_attn_softcap          = 0;
+    gemma3.default_final_softcap         = 0;
+    gemma3.default_window_pattern        = 6;
+    gemma3.window_pattern_key            = "sliding_window_pattern";
+    gemma3.rope_by_layer_type            = true;
+    gemma3.default_rope_theta            = 1000000.0;
+    gemma3.default_rope_local_theta      = 10000.0;
+    t.push_back(gemma3);
     return t;
 }
 

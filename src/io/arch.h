@@ -19,6 +19,8 @@ enum class model_family : uint8_t {
     MODEL_FAMILY_QWEN2,
     MODEL_FAMILY_QWEN3,
     MODEL_FAMILY_PHI3,
+    MODEL_FAMILY_GEMMA2,
+    MODEL_FAMILY_GEMMA3,  // Gemma3ForCausalLM (text only, model_type gemma3_text)
 };
 
 // How a layer's sliding window is chosen (config.json "sliding_window" gives its size).
@@ -68,6 +70,27 @@ struct arch_desc {
     const char*      act_default   = "silu";
     arch_window_rule window        = arch_window_rule::WINDOW_NONE;
     bool             rope_longrope = false;  // accepts rope type longrope / su (Phi-3)
+
+    // Gemma. The attention scale is query_pre_attn_scalar^-0.5, with this default when config.json
+    // omits the key; 0: the family has no such key and the scale is 1 / sqrt(head_dim).
+    double default_query_pre_attn_scalar = 0;
+    // Tanh soft-capping from config.json ("attn_logit_softcapping", "final_logit_softcapping"; null
+    // = off), read only where transformers' forward applies it (its Gemma 3 ignores the attention
+    // one), with transformers' default when the key is absent (Gemma 2: 50 and 30).
+    bool   reads_attn_softcap    = false;
+    double default_attn_softcap  = 0;
+    bool   reads_final_softcap   = false;
+    double default_final_softcap = 0;
+    // WINDOW_LAYER_TYPES when config.json has no "layer_types": layer i is full attention when
+    // (i + 1) % pattern == 0, else sliding (Gemma 2: 2; Gemma 3: "sliding_window_pattern", else 6).
+    int64_t     default_window_pattern = 0;
+    const char* window_pattern_key     = nullptr;
+    // RoPE per layer type (Gemma 3): transformers 5 "rope_parameters" {"full_attention": {...},
+    // "sliding_attention": {...}}; transformers 4 "rope_theta" + "rope_scaling" for the full-attention
+    // layers and "rope_local_base_freq" (default RoPE) for the sliding ones. Defaults: these thetas.
+    bool   rope_by_layer_type       = false;
+    double default_rope_theta       = 10000.0;
+    double default_rope_local_theta = 10000.0;
 };
 
 // The table; nullptr when unknown.

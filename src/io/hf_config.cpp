@@ -1,6 +1,7 @@
 #include "io/hf_config.h"
 
 #include <cmath>
+#include <tuple>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -162,6 +163,112 @@ status read_rope(const json& j, const std::string& where, model_config* cfg) {
     return status::ok();
 }
 
+// RoPE per layer type (arch_desc.rope_by_layer_type, Gemma 3): cfg->rope for the full-attention
+// layers, cfg->rope_local for the sliding ones. Each is read by read_rope from an object holding
+// just that layer type's keys, so both dialects share its checks.
+status read_rope_by_layer_type(const json& j, const std::string& where, model_config* cfg) {
+    const arch_desc& a       = *cfg->arch;
+    json             global  = {{"rope_theta", a.default_rope_theta}};
+    json             local   = {{"rope_theta", a.default_rope_local_theta}};
+    std::string      gwhere  = where, lwhere = where;
+    const auto       rp      = j.find("rope_parameters");
+    if (rp != j.end() && !rp->is_null()) {
+        // transformers 5: one object per layer type; a missing one is the default RoPE.
+        if (!rp->is_object() || (!rp->contains("full_attention") && !rp->contains("sliding_attention")))
+            return make_error(E_UNSUP,
+                              "{}: 'rope_parameters' is {}; {} expects one object per layer type "
+                              "(full_attention, sliding_attention)",
+                              where, json_fields::quote(*rp), cfg->architecture);
+        for (const auto& [key, target, twhere] : {std::tuple{"full_attention", &global, &gwhere},
+                                                  std::tuple{"sliding_attention", &local, &lwhere}}) {
+            auto it = rp->find(key);
+            if (it == rp->end() || it->is_null()) continue;
+            (*target)["rope_parameters"] = *it;
+            *twhere                      = where + " rope_parameters." + key;
+        }
+    } else {
+        // transformers 4: rope_theta and rope_scaling are the global layers'; the local layers
+        // have the default RoPE with base rope_local_base_freq.
+        json_fields top{j, where};
+        GPTQ_ASSIGN_OR_RETURN(double theta, top.get_number_or("rope_theta", a.default_rope_theta));
+        GPTQ_ASSIGN_OR_RETURN(double local_theta, top.get_number_or("rope_local_base_freq", a.default_rope_local_theta));
+        global["rope_theta"] = theta;
+        if (top.has("rope_scaling")) global["rope_scaling"] = j.at("rope_scaling");
+        local["rope_theta"] = local_theta;
+        lwhere              = where + " rope_local_base_freq";
+    }
+    GPTQ_TRY(read_rope(global, gwhere, cfg));
+    model_config l;  // read_rope fills l.rope; it reads the architecture's description only
+    l.architecture = cfg->architecture;
+    l.arch         = cfg->arch;
+    GPTQ_TRY(read_rope(local, lwhere, &l));
+    cfg->rope_local         = l.rope;
+    cfg->rope_local_differs = true;
+    return status::ok();
+}
+
+// A soft-capping key: absent -> the family's default, null -> off (0), else a positive number.
+result<double> read_softcap(const json& j, const char* key, double def, const std::string& where) {
+    const auto it = j.find(key);
+    if (it == j.end()) return def;
+    if (it->is_null()) return 0.0;
+    if (!it->is_number() || !(it->get<double>() > 0))
+        return make_error(E_PARSE, "{}: '{}' is {}, expected a positive number or null", where, key,
+                          json_fields::quote(*it));
+    return it->get<double>();
+}
+
+// The Gemma keys the family's description says it reads (io/arch.h).
+status read_gemma_options(const json& j, const std::string& where, model_config* cfg) {
+    const arch_desc& a = *cfg->arch;
+    json_fields      f{j, where};
+    if (a.default_query_pre_attn_scalar > 0) {
+        GPTQ_ASSIGN_OR_RETURN(cfg->query_pre_attn_scalar,
+                              f.get_number_or("query_pre_attn_scalar", a.default_query_pre_attn_scalar));
+        if (!(cfg->query_pre_attn_scalar > 0))
+            return make_error(E_PARSE, "{}: query_pre_attn_scalar is {}, expected a positive number", where,
+                              cfg->query_pre_attn_scalar);
+    }
+    if (a.reads_attn_softcap) {
+        GPTQ_ASSIGN_OR_RETURN(cfg->attn_logit_softcapping,
+                              read_softcap(j, "attn_logit_softcapping", a.default_attn_softcap, where));
+    }
+    if (a.reads_final_softcap) {
+        GPTQ_ASSIGN_OR_RETURN(cfg->final_logit_softcapping,
+                              read_softcap(j, "final_logit_softcapping", a.default_final_softcap, where));
+    }
+    return status::ok();
+}
+
+// WINDOW_LAYER_TYPES without "layer_types": transformers' default list, layer i full attention
+// when (i + 1) % pattern == 0. Gemma 3 reads the pattern from "sliding_window_pattern" (transformers
+// 4.50) or "_sliding_window_pattern" (as later versions save it).
+status default_layer_types(const json& j, const std::string& where, model_config* cfg) {
+    const arch_desc& a       = *cfg->arch;
+    int64_t          pattern = a.default_window_pattern;
+    json_fields      f{j, where};
+    if (a.window_pattern_key) {
+        const std::string hidden = std::string("_") + a.window_pattern_key;
+        if (f.has(a.window_pattern_key)) {
+            GPTQ_ASSIGN_OR_RETURN(pattern, f.get_int(a.window_pattern_key));
+        } else if (f.has(hidden.c_str())) {
+            GPTQ_ASSIGN_OR_RETURN(pattern, f.get_int(hidden.c_str()));
+        }
+    }
+    if (pattern < 1)
+        return make_error(E_PARSE, "{}: {} is {}, expected a positive integer", where,
+                          a.window_pattern_key ? a.window_pattern_key : "sliding window pattern", pattern);
+    // The list is built here, not read: bound it as model/ bounds the layer count (k_llama_max_dim),
+    // so that a hostile num_hidden_layers cannot make it huge (fuzz/fuzz_config).
+    constexpr int64_t k_max_layers = int64_t(1) << 16;
+    if (cfg->num_hidden_layers > k_max_layers)
+        return make_error(E_UNSUP, "{}: num_hidden_layers is {}, more than the {} supported", where,
+                          cfg->num_hidden_layers, k_max_layers);
+    for (int64_t i = 0; i < cfg->num_hidden_layers; ++i)
+        cfg->layer_types.push_back((i + 1) % pattern != 0 ? "sliding_attention" : "full_attention");
+    return status::ok();
+}
+
 }  // namespace
 
 const char* rope_type_name(rope_type t) {
@@ -281,7 +388,12 @@ result<model_config> model_config_parse(const json& j, const std::string& where)
         return make_error(E_UNSUP, "{}: unsupported {} '{}' (supported: silu, gelu_pytorch_tanh)", where, fam->act_key,
                           cfg.hidden_act);
     }
-    GPTQ_TRY(read_rope(j, where, &cfg));
+    if (fam->rope_by_layer_type) {
+        GPTQ_TRY(read_rope_by_layer_type(j, where, &cfg));
+    } else {
+        GPTQ_TRY(read_rope(j, where, &cfg));
+    }
+    GPTQ_TRY(read_gemma_options(j, where, &cfg));
     {
         double partial = 1.0;
         GPTQ_ASSIGN_OR_RETURN(partial, f.get_number_or("partial_rotary_factor", 1.0));
@@ -313,6 +425,13 @@ result<model_config> model_config_parse(const json& j, const std::string& where)
             cfg.layer_types.push_back(v.get<std::string>());
         }
     }
+    if (cfg.layer_types.empty() && fam->window == arch_window_rule::WINDOW_LAYER_TYPES)
+        GPTQ_TRY(default_layer_types(j, where, &cfg));
+    if (fam->window == arch_window_rule::WINDOW_LAYER_TYPES && !cfg.sliding_window)
+        for (const auto& t : cfg.layer_types)
+            if (t == "sliding_attention")
+                return make_error(E_UNSUP, "{}: layer_types has sliding_attention layers but sliding_window is null",
+                                  where);
     GPTQ_ASSIGN_OR_RETURN(cfg.use_sliding_window, f.get_bool_or("use_sliding_window", false));
     GPTQ_ASSIGN_OR_RETURN(cfg.max_window_layers, f.get_int_or("max_window_layers", 0));
     if (cfg.sliding_window && *cfg.sliding_window <= 0)

@@ -63,6 +63,16 @@ struct model_config {
     bool                   use_sliding_window = false;
     int64_t                max_window_layers  = 0;
     std::vector<std::string> layer_types;  // "sliding_attention" / "full_attention" per layer, or empty
+    // (families with WINDOW_LAYER_TYPES get it from the family's pattern when config.json has none)
+
+    // Gemma options (io/arch.h says which family reads which key); 0 = none / off.
+    double query_pre_attn_scalar   = 0;  // attention scale query_pre_attn_scalar^-0.5
+    double attn_logit_softcapping  = 0;  // attention scores -> cap * tanh(scores / cap)
+    double final_logit_softcapping = 0;  // logits -> cap * tanh(logits / cap)
+    // RoPE of the sliding-window layers when the family gives them their own (Gemma 3; `rope` is
+    // then the full-attention layers' RoPE).
+    bool        rope_local_differs = false;
+    rope_config rope_local;
 
     std::optional<int64_t> bos_token_id;
     std::vector<int64_t>   eos_token_ids;  // int or list in the file

@@ -105,6 +105,12 @@ status hparams_set_options(const model_config& cfg, llama_hparams* hp) {
     // torch.tensor(hidden_size ** 0.5): the double square root rounded to F32.
     hp->embed_scale    = a.embed_scale ? static_cast<float>(std::sqrt(static_cast<double>(hp->n_embd))) : 1.0f;
     hp->attn_scale     = 1.0f / std::sqrt(static_cast<float>(hp->head_dim));
+    // Gemma: query_pre_attn_scalar ** -0.5 in Python (double), applied to F32 scores as an F32 scalar.
+    if (cfg.query_pre_attn_scalar > 0) hp->attn_scale = static_cast<float>(std::pow(cfg.query_pre_attn_scalar, -0.5));
+    hp->attn_softcap       = static_cast<float>(cfg.attn_logit_softcapping);
+    hp->final_softcap      = static_cast<float>(cfg.final_logit_softcapping);
+    hp->rope_local_differs = cfg.rope_local_differs;
+    hp->rope_local         = cfg.rope_local;
     hp->fused_qkv      = a.fused_qkv;
     hp->fused_gate_up  = a.fused_gate_up;
     if (hp->rope.type == rope_type::ROPE_LONGROPE) {
@@ -113,10 +119,6 @@ status hparams_set_options(const model_config& cfg, llama_hparams* hp) {
             return make_error(E_ARG, "{}: longrope short_factor/long_factor have {}/{} values, expected head_dim / 2 = {}",
                               cfg.path, hp->rope.short_factor.size(), hp->rope.long_factor.size(), half);
     }
-    // Options the CPU forward does not run yet are refused by name (none is silently ignored).
-    if (hp->act != mlp_activation::ACT_SILU)
-        return make_error(E_UNSUP, "{}: {} '{}' is not supported by the forward yet", cfg.path, a.act_key,
-                          mlp_activation_name(hp->act));
     return status::ok();
 }
 }  // namespace
@@ -705,10 +707,8 @@ void llama_model::output_logits(const ops_context& ctx, const float* hidden, int
         const float* w = hp_.tie_embeddings ? embed_.data() : lm_head_.w.data();
         op_linear(ctx, x.data(), w, nullptr, logits, n_tokens, hp_.n_vocab, hp_.n_embd);
     }
-    if (hp_.final_softcap > 0.0f) {  // Gemma: cap * tanh(logits / cap), in F32
-        const float cap = hp_.final_softcap;
-        for (int64_t k = 0; k < n_tokens * hp_.n_vocab; ++k) logits[k] = cap * std::tanh(logits[k] / cap);
-    }
+    if (hp_.final_softcap > 0.0f)  // Gemma: cap * tanh(logits / cap), in F32
+        op_softcap(ctx, logits, n_tokens * hp_.n_vocab, hp_.final_softcap);
 }
 
 bool llama_model::rope_needs_reprefill(const kv_cache& cache, int64_t n_tokens) const {

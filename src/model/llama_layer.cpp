@@ -122,7 +122,7 @@ bool llama_model::mlp_block(const ops_context& ctx, const llama_layer& layer, fl
             op_silu_mul(ctx, gate.data(), up.data(), gate.data(), n_rows * n_ff);
             break;
         case mlp_activation::ACT_GELU_TANH:
-            GPTQ_ASSERT(false && "refused by llama_hparams_from_config until the op exists");
+            op_gelu_tanh_mul(ctx, gate.data(), up.data(), gate.data(), n_rows * n_ff);
             break;
     }
     if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_DOWN, gate.data(), n_rows, n_ff);

@@ -78,6 +78,21 @@ void op_silu_mul(const ops_context& ctx, const float* gate, const float* up, flo
         cpu::silu_mul(gate, up, y, n, ctx.pool);
 }
 
+void op_gelu_tanh_mul(const ops_context& ctx, const float* gate, const float* up, float* y, int64_t n) {
+    if (ctx.reference)
+        cpu::gelu_tanh_mul_ref(gate, up, y, n);
+    else
+        cpu::gelu_tanh_mul(gate, up, y, n, ctx.pool);
+}
+
+void op_softcap(const ops_context& ctx, float* x, int64_t n, float cap) {
+    GPTQ_ASSERT(cap > 0 && n >= 0);
+    if (ctx.reference)
+        cpu::softcap_ref(x, n, cap);
+    else
+        cpu::softcap(x, n, cap, ctx.pool);
+}
+
 void op_add(const ops_context& ctx, float* x, const float* y, int64_t n) {
     for (int64_t i = 0; i < n; ++i) x[i] += y[i];  // memory-bound; one thread saturates it here
 }

@@ -43,14 +43,21 @@ struct attention_args {
     int64_t      n_head = 0, n_head_kv = 0, head_dim = 0;
     int64_t      window   = 0;  // sliding window (0: none)
     float        scale    = 1.0f;
-    float        softcap  = 0.0f;  // > 0: attention logit soft-capping (kernels/cpu/attention.h)
+    float        softcap  = 0.0f;  // scaled scores s -> softcap * tanh(s / softcap) (Gemma 2); 0 = off
     int64_t      q_stride = 0, kv_stride = 0, out_stride = 0;
 };
-// Causal GQA attention of the queries at positions q_pos0.. over keys 0..n_kv-1.
+// Causal GQA attention of the queries at positions q_pos0.. over keys 0..n_kv-1 (see
+// kernels/cpu/attention.h); with softcap 0 the result is bit-identical to the op without the option.
 void op_attention(const ops_context& ctx, const attention_args& a);
 
 // y[n] = silu(gate[n]) * up[n]; y may alias gate or up.
 void op_silu_mul(const ops_context& ctx, const float* gate, const float* up, float* y, int64_t n);
+
+// y[n] = gelu_tanh(gate[n]) * up[n] (GeGLU with transformers' gelu_pytorch_tanh); y may alias gate or up.
+void op_gelu_tanh_mul(const ops_context& ctx, const float* gate, const float* up, float* y, int64_t n);
+
+// x[n] = cap * tanh(x[n] / cap) in place, cap > 0 (final logit soft-capping).
+void op_softcap(const ops_context& ctx, float* x, int64_t n, float cap);
 
 // x[n] += y[n].
 void op_add(const ops_context& ctx, float* x, const float* y, int64_t n);

@@ -102,6 +102,19 @@ void check_v4_dialect(const std::string& name) {
     EXPECT_EQ(h4->qk_norm, h5->qk_norm);
     EXPECT_EQ(h4->fused_qkv, h5->fused_qkv);
     EXPECT_EQ(c4->dtype_name, c5->dtype_name);
+    // Gemma's options (defaults elsewhere).
+    EXPECT_EQ(h4->act, h5->act);
+    EXPECT_EQ(h4->norm_plus_one, h5->norm_plus_one);
+    EXPECT_EQ(h4->attn_out_norm, h5->attn_out_norm);
+    EXPECT_EQ(h4->mlp_out_norm, h5->mlp_out_norm);
+    EXPECT_EQ(h4->embed_scale, h5->embed_scale);
+    EXPECT_EQ(h4->attn_scale, h5->attn_scale);
+    EXPECT_EQ(h4->attn_softcap, h5->attn_softcap);
+    EXPECT_EQ(h4->final_softcap, h5->final_softcap);
+    EXPECT_EQ(h4->rope.factor, h5->rope.factor);
+    EXPECT_EQ(h4->rope_local_differs, h5->rope_local_differs);
+    EXPECT_EQ(h4->rope_local.type, h5->rope_local.type);
+    EXPECT_EQ(h4->rope_local.theta, h5->rope_local.theta);
 }
 
 }  // namespace
@@ -119,8 +132,15 @@ TEST(arch_goldens, phi3_longrope) {
     check_family("phi3-longrope");
 }
 
+TEST(arch_goldens, gemma2) {
+    check_family("gemma2");
+}
+TEST(arch_goldens, gemma3_text) {
+    check_family("gemma3");
+}
+
 TEST(arch_config, transformers4_dialect_same_hparams) {
-    for (const char* name : {"qwen3", "mistral-nemo", "phi3", "phi3-longrope"}) {
+    for (const char* name : {"qwen3", "mistral-nemo", "phi3", "phi3-longrope", "gemma2", "gemma3"}) {
         SCOPED_TRACE(name);
         check_v4_dialect(name);
     }
@@ -142,6 +162,44 @@ TEST(arch_config, options_beyond_llama) {
     EXPECT_EQ(hp_of(k_arch + "qwen3").options_beyond_llama(), "qk_norm");
     EXPECT_EQ(hp_of(k_arch + "phi3").options_beyond_llama(), "fused_qkv, fused_gate_up");
     EXPECT_EQ(hp_of(k_arch + "phi3-longrope").options_beyond_llama(), "longrope, fused_qkv, fused_gate_up");
+    EXPECT_EQ(hp_of(k_arch + "gemma2").options_beyond_llama(),
+              "norm_plus_one, sandwich_norms, gelu_pytorch_tanh, embed_scale, attn_scale, attn_softcap, final_softcap");
+    EXPECT_EQ(hp_of(k_arch + "gemma3").options_beyond_llama(),
+              "qk_norm, norm_plus_one, sandwich_norms, gelu_pytorch_tanh, embed_scale, attn_scale, final_softcap, "
+              "rope_local");
+}
+
+// Gemma in a ragged batch (generation's path): the 7- and 64-token sequences prefilled together,
+// then decoded one token each per step, give transformers' greedy tokens; the short one is inside
+// the sliding window (8) at first, the long one past it on every local layer.
+TEST(arch_goldens, gemma_ragged_batch_greedy) {
+    for (const char* name : {"gemma2", "gemma3"}) {
+        SCOPED_TRACE(name);
+        auto m = llama_model::open(k_arch + name);
+        ASSERT_TRUE(m.is_ok()) << m.error().message();
+        const llama_hparams& hp = (*m)->hparams();
+        const auto           g  = test::golden_load_file(k_arch + name + "/golden.safetensors");
+        ASSERT_GE(g.seqs.size(), 3u);
+        const auto&          a  = g.seqs[0];
+        const auto&          b  = g.seqs[2];
+        kv_cache             ca = kv_cache::create(hp, 80), cb = kv_cache::create(hp, 80);
+        std::vector<int32_t> ids(a.ids);
+        ids.insert(ids.end(), b.ids.begin(), b.ids.end());
+        int64_t              n[2]      = {static_cast<int64_t>(a.ids.size()), static_cast<int64_t>(b.ids.size())};
+        kv_cache*            caches[2] = {&ca, &cb};
+        std::vector<float>   logits(static_cast<size_t>(2 * hp.n_vocab));
+        std::vector<int32_t> got_a, got_b;
+        const size_t         steps = std::min(a.greedy.size(), b.greedy.size());
+        for (size_t t = 0; t < steps; ++t) {
+            ASSERT_TRUE((*m)->forward_batch(ctx(), ids.data(), n, 2, caches, logits.data()).is_ok());
+            got_a.push_back(argmax(logits.data(), hp.n_vocab));
+            got_b.push_back(argmax(logits.data() + hp.n_vocab, hp.n_vocab));
+            ids  = {got_a.back(), got_b.back()};
+            n[0] = n[1] = 1;
+        }
+        EXPECT_EQ(got_a, std::vector<int32_t>(a.greedy.begin(), a.greedy.begin() + static_cast<int64_t>(steps)));
+        EXPECT_EQ(got_b, std::vector<int32_t>(b.greedy.begin(), b.greedy.begin() + static_cast<int64_t>(steps)));
+    }
 }
 
 // LongRoPE's switch in a ragged batch: two sequences decoded together, one crossing

@@ -247,3 +247,105 @@ TEST(kernels_cpu, log_softmax_of_equal_logits_is_minus_log_n) {
     cpu::log_softmax_rows(x.data(), y.data(), 1, 10, nullptr);
     for (float v : y) EXPECT_NEAR(v, -std::log(10.0), 1e-6);
 }
+
+TEST(kernels_cpu, gelu_tanh_mul_matches_reference) {
+    // The F32 version against the double reference. Below x ~ -3, 1 + tanh(inner) cancels in F32
+    // (torch's own F32 result shares it), so the bound adds F32 rounding of that sum: 0.5 |x| |up| eps.
+    std::mt19937 rng(8);
+    for (int64_t n : {1, 7, 100, 20000}) {  // 20000: above the threaded threshold
+        auto               g = random_vec(rng, n, 4.0f), u = random_vec(rng, n);
+        std::vector<float> a(n), b(u);
+        cpu::gelu_tanh_mul_ref(g.data(), u.data(), a.data(), n);
+        cpu::gelu_tanh_mul(g.data(), b.data(), b.data(), n, &pool3());  // y aliases up
+        for (int64_t i = 0; i < n; ++i) {
+            const double cancel = 0.5 * std::fabs(g[i] * u[i]) * 2.4e-7;
+            ASSERT_NEAR(a[i], b[i], k_activation_tol * (std::fabs(a[i]) + 1e-6) + cancel)
+                << "n=" << n << " i=" << i << " gate=" << g[i];
+        }
+    }
+}
+
+TEST(kernels_cpu, gelu_tanh_is_torchs_tanh_approximation) {
+    // torch.nn.functional.gelu(x, approximate="tanh") in F32 (torch 2.11, CPU), up = 1.
+    const std::vector<float> x    = {-3.0f, -1.0f, -0.25f, 0.0f, 0.5f, 1.0f, 2.5f, 10.0f};
+    const std::vector<float> want = {-0.00363743305f, -0.158807993f, -0.100324646f, 0.0f,
+                                     0.345714003f,    0.841192007f,  2.48491573f,   10.0f};
+    const std::vector<float> ones(x.size(), 1.0f);
+    std::vector<float>       y(x.size()), y_ref(x.size());
+    cpu::gelu_tanh_mul(x.data(), ones.data(), y.data(), static_cast<int64_t>(x.size()), nullptr);
+    cpu::gelu_tanh_mul_ref(x.data(), ones.data(), y_ref.data(), static_cast<int64_t>(x.size()));
+    for (size_t i = 0; i < x.size(); ++i) {
+        // The F32 version evaluates torch's expression in torch's order: within an ulp or two.
+        EXPECT_NEAR(y[i], want[i], 2.5e-7 * std::fabs(want[i])) << "x=" << x[i];
+        // torch's F32 value itself carries the cancellation of 1 + tanh (0.5 |x| eps) that the
+        // double reference does not.
+        EXPECT_NEAR(y_ref[i], want[i], 2.5e-7 * std::fabs(want[i]) + 0.5 * std::fabs(x[i]) * 1.2e-7) << "x=" << x[i];
+    }
+}
+
+TEST(kernels_cpu, softcap_matches_reference_and_caps) {
+    std::mt19937 rng(9);
+    for (float cap : {0.5f, 30.0f, 50.0f})
+        for (int64_t n : {1, 9, 20000}) {
+            auto x = random_vec(rng, n, 40.0f), a = x, b = x;
+            cpu::softcap_ref(a.data(), n, cap);
+            cpu::softcap(b.data(), n, cap, &pool3());
+            for (int64_t i = 0; i < n; ++i) {
+                ASSERT_NEAR(a[i], b[i], k_activation_tol * (std::fabs(a[i]) + 1e-6)) << "cap=" << cap;
+                ASSERT_LE(std::fabs(b[i]), cap);
+                ASSERT_EQ(b[i] > 0, x[i] > 0);  // odd and monotone: the sign stays
+            }
+        }
+    float x = 15.0f;  // 30 tanh(0.5) = 13.8653...
+    cpu::softcap(&x, 1, 30.0f, nullptr);
+    EXPECT_NEAR(x, 30.0 * std::tanh(0.5), 4e-6);
+}
+
+TEST(kernels_cpu, attention_softcap_matches_reference) {
+    std::mt19937 rng(10);
+    int          n_cases = 0;
+    for (float cap : {0.3f, 5.0f, 50.0f})
+        for (int64_t window : {0, 3}) {
+            cpu::attention_shape s;
+            s.n_head    = 4;
+            s.n_head_kv = 2;
+            s.head_dim  = 8;
+            s.window    = window;
+            s.softcap   = cap;
+            for (int64_t n : {1, 33, 70}) {
+                s.n_q = s.n_kv = n;
+                s.q_pos0       = 0;
+                check_attention(rng, s);
+                ++n_cases;
+            }
+            s.n_q    = 1;  // decode
+            s.n_kv   = 45;
+            s.q_pos0 = 44;
+            check_attention(rng, s);
+            ++n_cases;
+        }
+    EXPECT_EQ(n_cases, 24);
+}
+
+TEST(kernels_cpu, attention_softcap_is_the_formula) {
+    // One head, head_dim 1, query 1 sees keys 0 and 1: weights softmax(cap tanh(scale q k_j / cap)).
+    const float          cap = 2.0f, scale = 0.5f;
+    cpu::attention_shape s;
+    s.n_q = s.n_kv = 2;
+    s.n_head = s.n_head_kv = 1;
+    s.head_dim = s.q_stride = s.kv_stride = s.out_stride = 1;
+    s.scale                                              = scale;
+    s.softcap                                            = cap;
+    const std::vector<float> q = {0, 6}, k = {1, -2}, v = {10, -4};
+    const double             s0 = cap * std::tanh(scale * 6 * 1 / cap), s1 = cap * std::tanh(scale * 6 * -2 / cap);
+    const double             w0 = 1 / (1 + std::exp(s1 - s0));
+    for (bool ref : {true, false}) {
+        std::vector<float> o(2);
+        if (ref)
+            cpu::attention_ref(q.data(), k.data(), v.data(), o.data(), s);
+        else
+            cpu::attention_blas(q.data(), k.data(), v.data(), o.data(), s, nullptr);
+        EXPECT_EQ(o[0], 10.0f);
+        EXPECT_NEAR(o[1], w0 * 10 + (1 - w0) * -4, 1e-5) << (ref ? "reference" : "blas");
+    }
+}

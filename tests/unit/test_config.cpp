@@ -305,6 +305,166 @@ TEST(config, generation_config_defaults_and_ranges) {
     }
 }
 
+namespace {
+// The config is refused, and the message names the file and holds every part.
+void expect_refused(const json& j, std::initializer_list<const char*> parts) {
+    auto cfg = model_config_parse(j, "c.json");
+    ASSERT_FALSE(cfg.is_ok());
+    EXPECT_NE(cfg.error().message().find("c.json"), std::string::npos) << cfg.error().message();
+    for (const char* part : parts)
+        EXPECT_NE(cfg.error().message().find(part), std::string::npos) << cfg.error().message();
+}
+
+// google/gemma-2-9b's config.json (transformers 4.42).
+json gemma2_9b_v4() {
+    return json::parse(R"({
+      "architectures": ["Gemma2ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+      "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid",
+      "eos_token_id": 1, "final_logit_softcapping": 30.0, "head_dim": 256,
+      "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 3584,
+      "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 8192,
+      "model_type": "gemma2", "num_attention_heads": 16, "num_hidden_layers": 42,
+      "num_key_value_heads": 8, "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+      "rope_theta": 10000.0, "sliding_window": 4096, "sliding_window_size": 4096,
+      "torch_dtype": "float32", "transformers_version": "4.42.0.dev0", "use_cache": true,
+      "vocab_size": 256000
+    })");
+}
+// google/gemma-3-1b-pt's config.json (transformers 4.50).
+json gemma3_1b_v4() {
+    return json::parse(R"({
+      "architectures": ["Gemma3ForCausalLM"], "attention_bias": false, "attention_dropout": 0.0,
+      "attn_logit_softcapping": null, "bos_token_id": 2, "cache_implementation": "hybrid",
+      "eos_token_id": 1, "final_logit_softcapping": null, "head_dim": 256,
+      "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "initializer_range": 0.02,
+      "intermediate_size": 6912, "max_position_embeddings": 32768, "model_type": "gemma3_text",
+      "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1, "pad_token_id": 0,
+      "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+      "rope_scaling": null, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+      "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0", "use_cache": true,
+      "vocab_size": 262144
+    })");
+}
+}  // namespace
+
+TEST(config, gemma2_published_config_and_defaults) {
+    auto cfg = model_config_parse(gemma2_9b_v4(), "gemma-2-9b/config.json");
+    ASSERT_TRUE(cfg.is_ok()) << cfg.error().message();
+    EXPECT_EQ(cfg->family, model_family::MODEL_FAMILY_GEMMA2);
+    EXPECT_EQ(cfg->act, mlp_activation::ACT_GELU_TANH);
+    EXPECT_EQ(cfg->head_dim, 256);
+    EXPECT_EQ(cfg->query_pre_attn_scalar, 256.0);
+    EXPECT_EQ(cfg->attn_logit_softcapping, 50.0);
+    EXPECT_EQ(cfg->final_logit_softcapping, 30.0);
+    EXPECT_TRUE(cfg->tie_word_embeddings);  // absent: Gemma2Config's default
+    EXPECT_FALSE(cfg->rope_local_differs);
+    ASSERT_EQ(cfg->layer_types.size(), 42u);  // no layer_types: sliding on layers 0, 2, 4, ...
+    for (int64_t i = 0; i < 42; ++i) EXPECT_EQ(cfg->layer_uses_sliding_window(i), i % 2 == 0) << i;
+
+    // Absent soft-capping keys take transformers' defaults (50, 30); null turns them off.
+    json j = gemma2_9b_v4();
+    j.erase("attn_logit_softcapping");
+    j.erase("final_logit_softcapping");
+    j.erase("query_pre_attn_scalar");
+    j.erase("hidden_activation");
+    j.erase("hidden_act");
+    cfg = model_config_parse(j, "c.json");
+    ASSERT_TRUE(cfg.is_ok()) << cfg.error().message();
+    EXPECT_EQ(cfg->attn_logit_softcapping, 50.0);
+    EXPECT_EQ(cfg->final_logit_softcapping, 30.0);
+    EXPECT_EQ(cfg->query_pre_attn_scalar, 256.0);
+    EXPECT_EQ(cfg->act, mlp_activation::ACT_GELU_TANH);
+    j["attn_logit_softcapping"]  = nullptr;
+    j["final_logit_softcapping"] = nullptr;
+    cfg                          = model_config_parse(j, "c.json");
+    ASSERT_TRUE(cfg.is_ok()) << cfg.error().message();
+    EXPECT_EQ(cfg->attn_logit_softcapping, 0.0);
+    EXPECT_EQ(cfg->final_logit_softcapping, 0.0);
+
+    // Gemma reads hidden_activation (as transformers), not hidden_act.
+    j               = gemma2_9b_v4();
+    j["hidden_act"] = "silu";
+    cfg             = model_config_parse(j, "c.json");
+    ASSERT_TRUE(cfg.is_ok());
+    EXPECT_EQ(cfg->act, mlp_activation::ACT_GELU_TANH);
+    j["hidden_activation"] = "gelu";
+    expect_refused(j, {"hidden_activation", "gelu"});
+}
+
+TEST(config, gemma_bad_values_name_the_key) {
+    json j                      = gemma2_9b_v4();
+    j["attn_logit_softcapping"] = 0;  // transformers would divide by zero
+    expect_refused(j, {"attn_logit_softcapping", "0"});
+    j                            = gemma2_9b_v4();
+    j["final_logit_softcapping"] = "30";
+    expect_refused(j, {"final_logit_softcapping", "\"30\""});
+    j                          = gemma2_9b_v4();
+    j["query_pre_attn_scalar"] = -1;
+    expect_refused(j, {"query_pre_attn_scalar", "-1"});
+    j                   = gemma2_9b_v4();
+    j["sliding_window"] = nullptr;  // sliding layers without a window
+    expect_refused(j, {"sliding_window is null"});
+    j                           = gemma3_1b_v4();
+    j["sliding_window_pattern"] = 0;
+    expect_refused(j, {"sliding_window_pattern", "0"});
+    j                    = gemma3_1b_v4();
+    j["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 10000.0}};  // not per layer type
+    expect_refused(j, {"rope_parameters", "layer type"});
+    j                      = gemma3_1b_v4();
+    j["num_hidden_layers"] = 100000;  // the default layer list is built, so bounded
+    expect_refused(j, {"num_hidden_layers is 100000"});
+    j                  = gemma3_1b_v4();
+    j["architectures"] = {"Gemma3ForConditionalGeneration"};  // the multimodal checkpoint: refused by name
+    expect_refused(j, {"Gemma3ForConditionalGeneration"});
+}
+
+TEST(config, gemma3_both_dialects) {
+    auto cfg = model_config_parse(gemma3_1b_v4(), "gemma-3-1b/config.json");
+    ASSERT_TRUE(cfg.is_ok()) << cfg.error().message();
+    EXPECT_EQ(cfg->family, model_family::MODEL_FAMILY_GEMMA3);
+    EXPECT_EQ(cfg->attn_logit_softcapping, 0.0);
+    EXPECT_EQ(cfg->final_logit_softcapping, 0.0);
+    EXPECT_EQ(cfg->rope.theta, 1e6);
+    EXPECT_EQ(cfg->rope.type, rope_type::ROPE_DEFAULT);
+    EXPECT_TRUE(cfg->rope_local_differs);
+    EXPECT_EQ(cfg->rope_local.theta, 1e4);
+    EXPECT_EQ(cfg->rope_local.type, rope_type::ROPE_DEFAULT);
+    for (int64_t i = 0; i < 26; ++i) EXPECT_EQ(cfg->layer_uses_sliding_window(i), (i + 1) % 6 != 0) << i;
+
+    // transformers 4: rope_scaling is the global layers' only; a missing rope_local_base_freq is 10000.
+    json j            = gemma3_1b_v4();
+    j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 8.0}};
+    j.erase("rope_local_base_freq");
+    j.erase("rope_theta");
+    j["attn_logit_softcapping"] = 50.0;  // transformers' Gemma 3 never applies it
+    cfg                         = model_config_parse(j, "c.json");
+    ASSERT_TRUE(cfg.is_ok()) << cfg.error().message();
+    EXPECT_EQ(cfg->rope.type, rope_type::ROPE_LINEAR);
+    EXPECT_EQ(cfg->rope.factor, 8.0);
+    EXPECT_EQ(cfg->rope.theta, 1e6);  // Gemma3TextConfig's default global base
+    EXPECT_EQ(cfg->rope_local.type, rope_type::ROPE_DEFAULT);
+    EXPECT_EQ(cfg->rope_local.theta, 1e4);
+    EXPECT_EQ(cfg->attn_logit_softcapping, 0.0);
+
+    // transformers 5: rope_parameters per layer type and layer_types; "_sliding_window_pattern" is
+    // what later versions save when layer_types is absent.
+    j = gemma3_1b_v4();
+    for (const char* k : {"rope_theta", "rope_local_base_freq", "rope_scaling", "sliding_window_pattern"}) j.erase(k);
+    j["rope_parameters"] = {{"full_attention", {{"rope_type", "linear"}, {"factor", 8.0}, {"rope_theta", 1000000.0}}},
+                            {"sliding_attention", {{"rope_type", "default"}, {"rope_theta", 10000.0}}}};
+    j["_sliding_window_pattern"] = 3;
+    cfg                          = model_config_parse(j, "c.json");
+    ASSERT_TRUE(cfg.is_ok()) << cfg.error().message();
+    EXPECT_EQ(cfg->rope.type, rope_type::ROPE_LINEAR);
+    EXPECT_EQ(cfg->rope_local.theta, 1e4);
+    for (int64_t i = 0; i < 26; ++i) EXPECT_EQ(cfg->layer_uses_sliding_window(i), (i + 1) % 3 != 0) << i;
+    j["layer_types"] = json::array();
+    for (int64_t i = 0; i < 26; ++i) j["layer_types"].push_back(i == 4 ? "full_attention" : "sliding_attention");
+    cfg = model_config_parse(j, "c.json");  // layer_types wins over the pattern
+    ASSERT_TRUE(cfg.is_ok()) << cfg.error().message();
+    for (int64_t i = 0; i < 26; ++i) EXPECT_EQ(cfg->layer_uses_sliding_window(i), i != 4) << i;
+}
+
 // The families of io/arch.h beyond Llama: defaults from transformers' config classes, LongRoPE
 // (Phi-3) in both spellings, and what is refused by name.
 TEST(config, qwen3_phi3_and_refusals) {

@@ -324,3 +324,38 @@ TEST(MakeRandom, Cli) {
     EXPECT_EQ(shard.exit_code, 1);
     EXPECT_FALSE(fs::exists(d.file("n")));
 }
+
+// Published values: config.json of google/gemma-2-9b (transformers 4.42) and google/gemma-3-1b-pt
+// (4.50); parameter counts as their model cards give them (9,241,705,984 and 999,885,952).
+TEST(MakeRandom, GemmaConfigsAreThePublishedOnes) {
+    const llama_hparams g2 = hparams_of("gemma-2-9b");
+    EXPECT_EQ(g2.family, model_family::MODEL_FAMILY_GEMMA2);
+    EXPECT_EQ(g2.n_vocab, 256000);
+    EXPECT_EQ(g2.n_embd, 3584);
+    EXPECT_EQ(g2.n_ff, 14336);
+    EXPECT_EQ(g2.n_layer, 42);
+    EXPECT_EQ(g2.n_head, 16);
+    EXPECT_EQ(g2.n_head_kv, 8);
+    EXPECT_EQ(g2.head_dim, 256);  // q_dim 4096 > hidden 3584
+    EXPECT_TRUE(g2.tie_embeddings);
+    EXPECT_EQ(g2.act, mlp_activation::ACT_GELU_TANH);
+    EXPECT_TRUE(g2.norm_plus_one && g2.attn_out_norm && g2.mlp_out_norm && !g2.qk_norm);
+    EXPECT_FLOAT_EQ(g2.attn_scale, 1.0f / 16.0f);
+    EXPECT_EQ(g2.attn_softcap, 50.0f);
+    EXPECT_EQ(g2.final_softcap, 30.0f);
+    EXPECT_FLOAT_EQ(g2.embed_scale, std::sqrt(3584.0f));
+    for (int64_t i = 0; i < 42; ++i) EXPECT_EQ(g2.window[size_t(i)], i % 2 == 0 ? 4096 : 0) << i;
+    EXPECT_EQ(make_random_shape("gemma-2-9b")->n_params(), 9241705984);
+
+    const llama_hparams g3 = hparams_of("gemma-3-1b");
+    EXPECT_EQ(g3.family, model_family::MODEL_FAMILY_GEMMA3);
+    EXPECT_EQ(g3.n_head_kv, 1);
+    EXPECT_TRUE(g3.qk_norm);
+    EXPECT_EQ(g3.attn_softcap, 0.0f);
+    EXPECT_EQ(g3.final_softcap, 0.0f);
+    EXPECT_EQ(g3.rope.theta, 1e6);
+    EXPECT_TRUE(g3.rope_local_differs);
+    EXPECT_EQ(g3.rope_local.theta, 1e4);
+    for (int64_t i = 0; i < 26; ++i) EXPECT_EQ(g3.window[size_t(i)], (i + 1) % 6 != 0 ? 512 : 0) << i;
+    EXPECT_EQ(make_random_shape("gemma-3-1b")->n_params(), 999885952);
+}

@@ -18,6 +18,24 @@ void silu_mul_range(const float* gate, const float* up, float* y, int64_t i0, in
     }
 }
 
+// torch's constants for the tanh GELU: beta = sqrt(2) * (2 / sqrt(pi)) * 0.5 = sqrt(2 / pi).
+constexpr double k_gelu_beta  = M_SQRT2 * M_2_SQRTPI * 0.5;
+constexpr double k_gelu_kappa = 0.044715;
+
+void gelu_tanh_mul_range(const float* gate, const float* up, float* y, int64_t i0, int64_t i1) {
+    constexpr float beta = static_cast<float>(k_gelu_beta), kappa = static_cast<float>(k_gelu_kappa);
+    for (int64_t i = i0; i < i1; ++i) {
+        const float x      = gate[i];
+        const float x_cube = x * x * x;
+        const float inner  = beta * (x + kappa * x_cube);
+        y[i]               = 0.5f * x * (1.0f + std::tanh(inner)) * up[i];
+    }
+}
+
+void softcap_range(float* x, int64_t i0, int64_t i1, float cap) {
+    for (int64_t i = i0; i < i1; ++i) x[i] = std::tanh(x[i] / cap) * cap;
+}
+
 void softmax_row(const float* x, float* y, int64_t n) {
     float m = -INFINITY;
     for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
@@ -57,6 +75,33 @@ void silu_mul(const float* gate, const float* up, float* y, int64_t n, thread_po
         return;
     }
     pool->parallel_for(n, [&](int64_t i0, int64_t i1) { silu_mul_range(gate, up, y, i0, i1); });
+}
+
+void gelu_tanh_mul_ref(const float* gate, const float* up, float* y, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+        const double x = gate[i];
+        y[i] = static_cast<float>(0.5 * x * (1.0 + std::tanh(k_gelu_beta * (x + k_gelu_kappa * x * x * x))) * up[i]);
+    }
+}
+
+void gelu_tanh_mul(const float* gate, const float* up, float* y, int64_t n, thread_pool* pool) {
+    if (!pool || n < k_min_parallel_elems) {
+        gelu_tanh_mul_range(gate, up, y, 0, n);
+        return;
+    }
+    pool->parallel_for(n, [&](int64_t i0, int64_t i1) { gelu_tanh_mul_range(gate, up, y, i0, i1); });
+}
+
+void softcap_ref(float* x, int64_t n, float cap) {
+    for (int64_t i = 0; i < n; ++i) x[i] = static_cast<float>(std::tanh(static_cast<double>(x[i]) / cap) * cap);
+}
+
+void softcap(float* x, int64_t n, float cap, thread_pool* pool) {
+    if (!pool || n < k_min_parallel_elems) {
+        softcap_range(x, 0, n, cap);
+        return;
+    }
+    pool->parallel_for(n, [&](int64_t i0, int64_t i1) { softcap_range(x, i0, i1, cap); });
 }
 
 void softmax_rows_ref(const float* x, float* y, int64_t n_rows, int64_t n_cols) {

@@ -24,6 +24,7 @@ void check_shape(const attention_shape& s) {
     GPTQ_ASSERT(s.q_pos0 >= 0 && s.q_pos0 + s.n_q <= s.n_kv);
     GPTQ_ASSERT(s.q_stride >= s.n_head * s.head_dim && s.out_stride >= s.n_head * s.head_dim);
     GPTQ_ASSERT(s.kv_stride >= s.n_head_kv * s.head_dim);
+    GPTQ_ASSERT(s.softcap >= 0);
 }
 }  // namespace
 
@@ -43,8 +44,8 @@ void attention_ref(const float* q, const float* k, const float* v, float* out, c
                 double       dot = 0.0;
                 for (int64_t d = 0; d < s.head_dim; ++d) dot += static_cast<double>(qh[d]) * kj[d];
                 w[j] = dot * s.scale;
-                if (s.softcap > 0.0f) w[j] = s.softcap * std::tanh(w[j] / s.softcap);
-                m    = std::max(m, w[j]);
+                if (s.softcap > 0) w[j] = std::tanh(w[j] / s.softcap) * s.softcap;
+                m = std::max(m, w[j]);
             }
             double sum = 0.0;
             for (int64_t j = j0; j <= p; ++j) sum += (w[j] = std::exp(w[j] - m));
@@ -76,8 +77,7 @@ void attention_block(const float* q, const float* k, const float* v, float* out,
                 static_cast<blasint>(s.head_dim), s.scale, q + i0 * s.q_stride + h * s.head_dim,
                 static_cast<blasint>(s.q_stride), k + jlo * s.kv_stride + hk * s.head_dim,
                 static_cast<blasint>(s.kv_stride), 0.0f, scores.data(), static_cast<blasint>(nk));
-    if (s.softcap > 0.0f)
-        for (float& x : scores) x = s.softcap * std::tanh(x / s.softcap);
+    if (s.softcap > 0) softcap(scores.data(), nq * nk, s.softcap, nullptr);  // masked entries are overwritten next
     for (int64_t r = 0; r < nq; ++r) {
         const int64_t p   = s.q_pos0 + i0 + r;
         const int64_t a   = first_key(p, s.window) - jlo;  // visible: [a, b) within the range

@@ -3,8 +3,9 @@
 // Query i sits at position q_pos0 + i; key/value j at position j. Query i sees key j when
 // j <= q_pos0 + i and, with window > 0, q_pos0 + i - j < window (the window counts the query
 // itself, as transformers' sliding-window mask does). Query head h reads key/value head
-// h / (n_head / n_head_kv). out = softmax(cap(scale * q k^T) over visible keys) v, in F32, with
-// cap(x) = softcap * tanh(x / softcap) when softcap > 0, else x.
+// h / (n_head / n_head_kv). out = softmax(scale * q k^T over visible keys) v, in F32. With
+// softcap > 0 the scaled scores are soft-capped first, s = softcap * tanh(s / softcap) (Gemma 2's
+// attn_logit_softcapping); softcap 0 leaves the computation exactly as without the option.
 #pragma once
 
 #include <cstdint>
@@ -24,7 +25,7 @@ struct attention_shape {
     int64_t head_dim  = 0;
     int64_t window    = 0;  // sliding window in tokens; 0 = none
     float   scale     = 1.0f;
-    float   softcap   = 0.0f;  // > 0: scores = softcap * tanh(scores / softcap) before the mask (Gemma 2)
+    float   softcap   = 0.0f;  // attention logit soft-capping; 0 = off
     // Row strides in floats: q [n_q, q_stride], k/v [n_kv, kv_stride], out [n_q, out_stride]; the
     // heads are the first n_head(_kv) * head_dim values of each row, [n_head, head_dim].
     int64_t q_stride   = 0;

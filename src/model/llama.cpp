@@ -123,24 +123,37 @@ status hparams_set_options(const model_config& cfg, llama_hparams* hp) {
 }
 }  // namespace
 
-std::string llama_hparams::options_beyond_llama() const {
+namespace {
+// The options of hp in use beyond the Llama layer ("qk_norm, fused_qkv, ..."); gpu_only: those the
+// one GPU decoder layer does not run yet (each option's `gpu` says whether it runs there).
+std::string options_in_use(const llama_hparams& hp, bool gpu_only) {
     std::string out;
-    auto        add = [&](bool on, const char* name) {
-        if (on) out += (out.empty() ? "" : ", ") + std::string(name);
+    auto        add = [&](bool on, const char* name, bool gpu) {
+        if (on && !(gpu_only && gpu)) out += (out.empty() ? "" : ", ") + std::string(name);
     };
-    add(qk_norm, "qk_norm");
-    add(norm_plus_one, "norm_plus_one");
-    add(attn_out_norm || mlp_out_norm, "sandwich_norms");
-    add(act != mlp_activation::ACT_SILU, mlp_activation_name(act));
-    add(embed_scale != 1.0f, "embed_scale");
-    add(head_dim > 0 && attn_scale != 1.0f / std::sqrt(static_cast<float>(head_dim)), "attn_scale");
-    add(attn_softcap > 0.0f, "attn_softcap");
-    add(final_softcap > 0.0f, "final_softcap");
-    add(rope_local_differs, "rope_local");
-    add(rope.type == rope_type::ROPE_LONGROPE, "longrope");
-    add(fused_qkv, "fused_qkv");
-    add(fused_gate_up, "fused_gate_up");
+    const float default_scale = hp.head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(hp.head_dim)) : 0.0f;
+    add(hp.qk_norm, "qk_norm", false);
+    add(hp.norm_plus_one, "norm_plus_one", false);
+    add(hp.attn_out_norm || hp.mlp_out_norm, "sandwich_norms", false);
+    add(hp.act != mlp_activation::ACT_SILU, mlp_activation_name(hp.act), false);
+    add(hp.embed_scale != 1.0f, "embed_scale", false);
+    add(hp.head_dim > 0 && hp.attn_scale != default_scale, "attn_scale", false);
+    add(hp.attn_softcap > 0.0f, "attn_softcap", false);
+    add(hp.final_softcap > 0.0f, "final_softcap", false);
+    add(hp.rope_local_differs, "rope_local", false);
+    add(hp.rope.type == rope_type::ROPE_LONGROPE, "longrope", false);
+    add(hp.fused_qkv, "fused_qkv", false);
+    add(hp.fused_gate_up, "fused_gate_up", false);
     return out;
+}
+}  // namespace
+
+std::string llama_hparams::options_beyond_llama() const {
+    return options_in_use(*this, false);
+}
+
+std::string llama_hparams::options_beyond_gpu() const {
+    return options_in_use(*this, true);
 }
 
 const rope_config& llama_hparams::rope_of(int64_t i_layer) const {

@@ -110,6 +110,10 @@ struct llama_hparams {
     // fused_qkv, longrope", ...), "" when none: a backend that does not run them yet refuses the
     // model with this list (no silent wrong answer).
     std::string options_beyond_llama() const;
+    // The options above in use that the one GPU decoder layer (llama_cuda_layer.cpp, the runtime
+    // and the calibration runner) does not run yet, "" when none: llama_cuda_model::open and
+    // quantize --device cuda refuse the model with this list (docs/architectures.md, GPU column).
+    std::string options_beyond_gpu() const;
 };
 
 // Upper bound of the layer count, head counts and head_dim a config may give (docs/reliability.md).

@@ -56,7 +56,7 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
     const llama_hparams& hp = m->hparams();
     // Family options the GPU layer does not run yet are refused by name, never skipped
     // (docs/architectures.md).
-    if (const std::string opts = hp.options_beyond_llama(); !opts.empty())
+    if (const std::string opts = hp.options_beyond_gpu(); !opts.empty())
         return make_error(status_code::STATUS_UNSUPPORTED,
                           "{}: the GPU runtime does not run {} ({}) yet; use --device cpu", path,
                           model_family_name(hp.family), opts);

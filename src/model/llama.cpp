@@ -724,20 +724,20 @@ void llama_model::output_logits(const ops_context& ctx, const float* hidden, int
         op_softcap(ctx, logits, n_tokens * hp_.n_vocab, hp_.final_softcap);
 }
 
-bool llama_model::rope_needs_reprefill(const kv_cache& cache, int64_t n_tokens) const {
+bool llama_model::rope_needs_reprefill(int64_t n_past, int64_t n_tokens) const {
     const rope_config* ropes[] = {&hp_.rope, &hp_.rope_local};
     for (const rope_config* r : ropes) {
         if (r == &hp_.rope_local && !hp_.rope_local_differs) continue;
         if (r->type != rope_type::ROPE_LONGROPE) continue;
         const int64_t orig = r->original_max_position_embeddings;
-        if (cache.n_past > 0 && cache.n_past <= orig && cache.n_past + n_tokens > orig) return true;
+        if (n_past > 0 && n_past <= orig && n_past + n_tokens > orig) return true;
     }
     return false;
 }
 
 status llama_model::forward(const ops_context& ctx, const int32_t* ids, int64_t n_tokens, kv_cache* cache,
                             float* logits) {
-    if (cache && rope_needs_reprefill(*cache, n_tokens)) {
+    if (cache && rope_needs_reprefill(cache->n_past, n_tokens)) {
         // Every cached token again with the long factors (transformers drops its cache here).
         if (static_cast<int64_t>(cache->ids.size()) != cache->n_past)
             return make_error(E_ARG, "LongRoPE: the KV cache holds {} positions but {} token ids", cache->n_past,

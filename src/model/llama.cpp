@@ -132,7 +132,7 @@ std::string options_in_use(const llama_hparams& hp, bool gpu_only) {
         if (on && !(gpu_only && gpu)) out += (out.empty() ? "" : ", ") + std::string(name);
     };
     const float default_scale = hp.head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(hp.head_dim)) : 0.0f;
-    add(hp.qk_norm, "qk_norm", false);
+    add(hp.qk_norm, "qk_norm", true);
     add(hp.norm_plus_one, "norm_plus_one", false);
     add(hp.attn_out_norm || hp.mlp_out_norm, "sandwich_norms", false);
     add(hp.act != mlp_activation::ACT_SILU, mlp_activation_name(hp.act), false);

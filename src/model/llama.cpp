@@ -141,7 +141,7 @@ std::string options_in_use(const llama_hparams& hp, bool gpu_only) {
     add(hp.attn_softcap > 0.0f, "attn_softcap", false);
     add(hp.final_softcap > 0.0f, "final_softcap", false);
     add(hp.rope_local_differs, "rope_local", false);
-    add(hp.rope.type == rope_type::ROPE_LONGROPE, "longrope", false);
+    add(hp.rope.type == rope_type::ROPE_LONGROPE, "longrope", true);
     add(hp.fused_qkv, "fused_qkv", true);
     add(hp.fused_gate_up, "fused_gate_up", true);
     return out;

@@ -137,7 +137,7 @@ std::string options_in_use(const llama_hparams& hp, bool gpu_only) {
     add(hp.attn_out_norm || hp.mlp_out_norm, "sandwich_norms", true);
     add(hp.act != mlp_activation::ACT_SILU, mlp_activation_name(hp.act), hp.act == mlp_activation::ACT_GELU_TANH);
     add(hp.embed_scale != 1.0f, "embed_scale", true);
-    add(hp.head_dim > 0 && hp.attn_scale != default_scale, "attn_scale", false);
+    add(hp.head_dim > 0 && hp.attn_scale != default_scale, "attn_scale", true);
     add(hp.attn_softcap > 0.0f, "attn_softcap", false);
     add(hp.final_softcap > 0.0f, "final_softcap", false);
     add(hp.rope_local_differs, "rope_local", false);

@@ -140,7 +140,7 @@ std::string options_in_use(const llama_hparams& hp, bool gpu_only) {
     add(hp.head_dim > 0 && hp.attn_scale != default_scale, "attn_scale", true);
     add(hp.attn_softcap > 0.0f, "attn_softcap", true);
     add(hp.final_softcap > 0.0f, "final_softcap", true);
-    add(hp.rope_local_differs, "rope_local", false);
+    add(hp.rope_local_differs, "rope_local", true);
     add(hp.rope.type == rope_type::ROPE_LONGROPE, "longrope", true);
     add(hp.fused_qkv, "fused_qkv", true);
     add(hp.fused_gate_up, "fused_gate_up", true);

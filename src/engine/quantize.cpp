@@ -653,8 +653,8 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         return make_error(E_ARG, "{}: already quantized ({} describes a GPTQ {}-bit checkpoint)", params.model_path,
                           q->source, q->bits);
     const llama_hparams& hp = s.model->hparams();
-    // The GPU calibration layer (llama_cuda_layer.cpp) runs the Llama layer only (docs/architectures.md).
-    if (const std::string opts = hp.options_beyond_llama(); gpu_calibration_wanted && !opts.empty())
+    // The options the GPU calibration layer (llama_cuda_layer.cpp) does not run yet (docs/architectures.md).
+    if (const std::string opts = hp.options_beyond_gpu(); gpu_calibration_wanted && !opts.empty())
         return make_error(status_code::STATUS_UNSUPPORTED,
                           "{}: {} uses {}, which the GPU calibration does not run yet; use --device cpu",
                           params.model_path, s.model->config().architecture, opts);

@@ -123,24 +123,37 @@ status hparams_set_options(const model_config& cfg, llama_hparams* hp) {
 }
 }  // namespace
 
-std::string llama_hparams::options_beyond_llama() const {
+namespace {
+// The options of hp in use beyond the Llama layer ("qk_norm, fused_qkv, ..."); gpu_only: those the
+// one GPU decoder layer does not run yet (each option's `gpu` says whether it runs there).
+std::string options_in_use(const llama_hparams& hp, bool gpu_only) {
     std::string out;
-    auto        add = [&](bool on, const char* name) {
-        if (on) out += (out.empty() ? "" : ", ") + std::string(name);
+    auto        add = [&](bool on, const char* name, bool gpu) {
+        if (on && !(gpu_only && gpu)) out += (out.empty() ? "" : ", ") + std::string(name);
     };
-    add(qk_norm, "qk_norm");
-    add(norm_plus_one, "norm_plus_one");
-    add(attn_out_norm || mlp_out_norm, "sandwich_norms");
-    add(act != mlp_activation::ACT_SILU, mlp_activation_name(act));
-    add(embed_scale != 1.0f, "embed_scale");
-    add(head_dim > 0 && attn_scale != 1.0f / std::sqrt(static_cast<float>(head_dim)), "attn_scale");
-    add(attn_softcap > 0.0f, "attn_softcap");
-    add(final_softcap > 0.0f, "final_softcap");
-    add(rope_local_differs, "rope_local");
-    add(rope.type == rope_type::ROPE_LONGROPE, "longrope");
-    add(fused_qkv, "fused_qkv");
-    add(fused_gate_up, "fused_gate_up");
+    const float default_scale = hp.head_dim > 0 ? 1.0f / std::sqrt(static_cast<float>(hp.head_dim)) : 0.0f;
+    add(hp.qk_norm, "qk_norm", true);
+    add(hp.norm_plus_one, "norm_plus_one", true);
+    add(hp.attn_out_norm || hp.mlp_out_norm, "sandwich_norms", true);
+    add(hp.act != mlp_activation::ACT_SILU, mlp_activation_name(hp.act), hp.act == mlp_activation::ACT_GELU_TANH);
+    add(hp.embed_scale != 1.0f, "embed_scale", true);
+    add(hp.head_dim > 0 && hp.attn_scale != default_scale, "attn_scale", true);
+    add(hp.attn_softcap > 0.0f, "attn_softcap", true);
+    add(hp.final_softcap > 0.0f, "final_softcap", true);
+    add(hp.rope_local_differs, "rope_local", true);
+    add(hp.rope.type == rope_type::ROPE_LONGROPE, "longrope", true);
+    add(hp.fused_qkv, "fused_qkv", true);
+    add(hp.fused_gate_up, "fused_gate_up", true);
     return out;
+}
+}  // namespace
+
+std::string llama_hparams::options_beyond_llama() const {
+    return options_in_use(*this, false);
+}
+
+std::string llama_hparams::options_beyond_gpu() const {
+    return options_in_use(*this, true);
 }
 
 const rope_config& llama_hparams::rope_of(int64_t i_layer) const {
@@ -711,20 +724,20 @@ void llama_model::output_logits(const ops_context& ctx, const float* hidden, int
         op_softcap(ctx, logits, n_tokens * hp_.n_vocab, hp_.final_softcap);
 }
 
-bool llama_model::rope_needs_reprefill(const kv_cache& cache, int64_t n_tokens) const {
+bool llama_model::rope_needs_reprefill(int64_t n_past, int64_t n_tokens) const {
     const rope_config* ropes[] = {&hp_.rope, &hp_.rope_local};
     for (const rope_config* r : ropes) {
         if (r == &hp_.rope_local && !hp_.rope_local_differs) continue;
         if (r->type != rope_type::ROPE_LONGROPE) continue;
         const int64_t orig = r->original_max_position_embeddings;
-        if (cache.n_past > 0 && cache.n_past <= orig && cache.n_past + n_tokens > orig) return true;
+        if (n_past > 0 && n_past <= orig && n_past + n_tokens > orig) return true;
     }
     return false;
 }
 
 status llama_model::forward(const ops_context& ctx, const int32_t* ids, int64_t n_tokens, kv_cache* cache,
                             float* logits) {
-    if (cache && rope_needs_reprefill(*cache, n_tokens)) {
+    if (cache && rope_needs_reprefill(cache->n_past, n_tokens)) {
         // Every cached token again with the long factors (transformers drops its cache here).
         if (static_cast<int64_t>(cache->ids.size()) != cache->n_past)
             return make_error(E_ARG, "LongRoPE: the KV cache holds {} positions but {} token ids", cache->n_past,

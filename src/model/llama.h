@@ -110,6 +110,10 @@ struct llama_hparams {
     // fused_qkv, longrope", ...), "" when none: a backend that does not run them yet refuses the
     // model with this list (no silent wrong answer).
     std::string options_beyond_llama() const;
+    // The options above in use that the one GPU decoder layer (llama_cuda_layer.cpp, the runtime
+    // and the calibration runner) does not run yet, "" when none: llama_cuda_model::open and
+    // quantize --device cuda refuse the model with this list (docs/architectures.md, GPU column).
+    std::string options_beyond_gpu() const;
 };
 
 // Upper bound of the layer count, head counts and head_dim a config may give (docs/reliability.md).
@@ -299,6 +303,11 @@ public:
     status forward_batch(const ops_context& ctx, const int32_t* ids, const int64_t* n_tokens, int64_t n_seq,
                          kv_cache* const* caches, float* logits, const bool* all_logits = nullptr);
 
+    // Whether n_tokens more tokens after n_past cached ones cross LongRoPE's switch from short to
+    // long factors with keys rotated by the short ones in the cache (then the whole sequence is run
+    // again, here and in llama_cuda_model).
+    bool rope_needs_reprefill(int64_t n_past, int64_t n_tokens) const;
+
 private:
     llama_model() = default;
     // The two blocks of layer_forward (llama_layer.cpp), each adding its output to hidden (the
@@ -308,9 +317,6 @@ private:
                          std::span<const layer_seq> seqs, const linear_input_hook* hook, linear_input stop_after) const;
     bool mlp_block(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_rows,
                    const linear_input_hook* hook, linear_input stop_after) const;
-    // Whether n_tokens more tokens on this cache cross LongRoPE's switch from short to long factors
-    // with keys rotated by the short ones in the cache (then the whole sequence is run again).
-    bool rope_needs_reprefill(const kv_cache& cache, int64_t n_tokens) const;
     // Embeddings of ids, then every layer over the batch: hidden[sum n_tokens, n_embd].
     status        layers_run(const ops_context& ctx, const int32_t* ids, std::span<const layer_seq> seqs,
                              std::vector<float>* hidden);

@@ -30,7 +30,7 @@ status llama_model::forward_batch(const ops_context& ctx, const int32_t* ids, co
     }
     if (n_seq == 0) return status::ok();
     bool reprefill = false;
-    for (int64_t s = 0; s < n_seq; ++s) reprefill = reprefill || rope_needs_reprefill(*caches[s], n_tokens[s]);
+    for (int64_t s = 0; s < n_seq; ++s) reprefill = reprefill || rope_needs_reprefill(caches[s]->n_past, n_tokens[s]);
     if (reprefill) {
         // A LongRoPE sequence crossing its switch runs all its tokens again from an empty cache
         // (llama_model::forward does the same); the batch is rebuilt with its whole history.
@@ -39,7 +39,7 @@ status llama_model::forward_batch(const ops_context& ctx, const int32_t* ids, co
         const int32_t*       p = ids;
         for (int64_t s = 0; s < n_seq; ++s) {
             kv_cache* c = caches[s];
-            if (rope_needs_reprefill(*c, n_tokens[s])) {
+            if (rope_needs_reprefill(c->n_past, n_tokens[s])) {
                 if (static_cast<int64_t>(c->ids.size()) != c->n_past)
                     return make_error(status_code::STATUS_INVALID_ARGUMENT,
                                       "sequence {}: LongRoPE: the KV cache holds {} positions but {} token ids", s,

@@ -56,7 +56,7 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
     const llama_hparams& hp = m->hparams();
     // Family options the GPU layer does not run yet are refused by name, never skipped
     // (docs/architectures.md).
-    if (const std::string opts = hp.options_beyond_llama(); !opts.empty())
+    if (const std::string opts = hp.options_beyond_gpu(); !opts.empty())
         return make_error(status_code::STATUS_UNSUPPORTED,
                           "{}: the GPU runtime does not run {} ({}) yet; use --device cpu", path,
                           model_family_name(hp.family), opts);
@@ -99,6 +99,42 @@ status llama_cuda_model::tensor_upload_f16(const tensor_spec& t, cuda_buffer* ou
     GPTQ_TRY(to_f16(f, &h, t.name));
     GPTQ_ASSIGN_OR_RETURN(*out, cuda_buffer::from_host(h.data(), h.size() * 2));
     weight_bytes_ += out->bytes();
+    return status::ok();
+}
+
+status llama_cuda_model::norm_upload(const std::string& name, int64_t len, cuda_buffer* out) {
+    if (!hparams().norm_plus_one) return tensor_upload_f16({name, {len}, false}, out);
+    // (1 + w) in F32 as the CPU folds it (llama_model::layer_load), then one rounding to F16.
+    std::vector<float> f(static_cast<size_t>(len));
+    GPTQ_TRY(host_->source().read_f32(name, f.data(), {len}));
+    for (float& w : f) w = 1.0f + w;
+    std::vector<uint16_t> h;
+    GPTQ_TRY(to_f16(f, &h, name + " (1 + w)"));
+    GPTQ_ASSIGN_OR_RETURN(*out, cuda_buffer::from_host(h.data(), h.size() * 2));
+    weight_bytes_ += out->bytes();
+    return status::ok();
+}
+
+status llama_cuda_model::fused_module_load(int64_t i_layer, linear_role first, linear* out) {
+    // The checkpoint's module as stored (Phi-3 qkv_proj / gate_up_proj): its output rows are the
+    // roles' rows one after the other (llama_linear_slot), which is the runtime's fused layout.
+    const llama_hparams& hp   = hparams();
+    const linear_slot    slot = llama_linear_slot(hp, i_layer, first);
+    const int64_t        n_in = hp.linear_shape(first)[1];
+    out->n_out                = slot.n_out_module;
+    out->n_in                 = n_in;
+    if (const gptq_config* qc = host_->quantization_of(slot.module)) {
+        GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d, gptq_linear_read(host_->source(), slot.module, slot.n_out_module,
+                                                                   n_in, *qc, /*keep_packed=*/true));
+        if (d.bias.empty() && llama_linear_has_bias(hp, first))
+            return make_error(status_code::STATUS_UNSUPPORTED, "{}: GPTQ layer without its bias tensor", slot.module);
+        GPTQ_TRY(gptq_upload(d, qc->group_size, slot.module, out));
+    } else {
+        GPTQ_TRY(tensor_upload_f16({slot.module + ".weight", {slot.n_out_module, n_in}, false}, &out->w));
+        if (llama_linear_has_bias(hp, first))
+            GPTQ_TRY(tensor_upload_f16({slot.module + ".bias", {slot.n_out_module}, false}, &out->bias));
+    }
+    ++n_fused_;
     return status::ok();
 }
 
@@ -306,12 +342,29 @@ status llama_cuda_model::load_weights() {
     layer_unit_.assign(static_cast<size_t>(hp.n_layer), -1);
     size_t next_off = 0;
     for (int64_t i = 0; i < hp.n_layer; ++i) {  // one layer's host copies alive at a time
-        layer&     L     = layers_[static_cast<size_t>(i)];
-        const auto specs = llama_layer_tensors(hp, i);
-        GPTQ_TRY(tensor_upload_f16(specs[0], &L.attn_norm));
-        GPTQ_TRY(tensor_upload_f16(specs[1], &L.mlp_norm));
+        layer&            L    = layers_[static_cast<size_t>(i)];
+        const std::string pre  = fmt::format("model.layers.{}.", i);
+        const auto&       nm   = hp.arch->norms;  // names relative to the layer (io/arch.h)
+        auto              norm = [&](const char* rel, int64_t len, cuda_buffer* out) -> status {
+            return norm_upload(pre + rel + ".weight", len, out);
+        };
+        GPTQ_TRY(norm(nm.attn_in, hp.n_embd, &L.attn_norm));
+        GPTQ_TRY(norm(nm.mlp_in, hp.n_embd, &L.mlp_norm));
+        if (hp.attn_out_norm) GPTQ_TRY(norm(nm.attn_out, hp.n_embd, &L.attn_out_norm));
+        if (hp.mlp_out_norm) GPTQ_TRY(norm(nm.mlp_out, hp.n_embd, &L.mlp_out_norm));
+        if (hp.qk_norm) {
+            GPTQ_TRY(norm("self_attn.q_norm", hp.head_dim, &L.q_norm));
+            GPTQ_TRY(norm("self_attn.k_norm", hp.head_dim, &L.k_norm));
+        }
         using R = linear_role;
-        GPTQ_TRY(linear_group_load(i, {R::LINEAR_Q, R::LINEAR_K, R::LINEAR_V}, &L.qkv, &L.lin));
+        if (hp.fused_qkv) {  // stored fused (Phi-3): kept as the fused linear
+            GPTQ_TRY(fused_module_load(i, R::LINEAR_Q, &L.qkv));
+        } else if (hp.qk_norm) {  // the q/k norms run over contiguous [n, heads * head_dim]: not fused
+            for (R r : {R::LINEAR_Q, R::LINEAR_K, R::LINEAR_V})
+                GPTQ_TRY(linear_load(i, r, &L.lin[static_cast<size_t>(r)]));
+        } else {
+            GPTQ_TRY(linear_group_load(i, {R::LINEAR_Q, R::LINEAR_K, R::LINEAR_V}, &L.qkv, &L.lin));
+        }
         GPTQ_TRY(linear_load(i, R::LINEAR_O, &L.lin[static_cast<size_t>(R::LINEAR_O)]));
         // down before gate/up: with act-order on the int4 kernel, gate/up's output features are laid
         // out in down's column order at load, so the activation between them needs no permutation.
@@ -322,13 +375,17 @@ status llama_cuda_model::load_weights() {
             down_perm.resize(down.q.perm.bytes() / 4);
             GPTQ_TRY(cuda_copy_to_host(*ctx_, down_perm.data(), down.q.perm.data(), down.q.perm.bytes()));
         }
-        GPTQ_TRY(linear_group_load(i, {R::LINEAR_GATE, R::LINEAR_UP}, &L.gate_up, &L.lin,
-                                   down_perm.empty() ? nullptr : &down_perm, &L.gate_up_in_down_order));
+        if (hp.fused_gate_up)  // stored fused (Phi-3): kept as it is; the activation permutes for down
+            GPTQ_TRY(fused_module_load(i, R::LINEAR_GATE, &L.gate_up));
+        else
+            GPTQ_TRY(linear_group_load(i, {R::LINEAR_GATE, R::LINEAR_UP}, &L.gate_up, &L.lin,
+                                       down_perm.empty() ? nullptr : &down_perm, &L.gate_up_in_down_order));
         any_qkv_fused_     = any_qkv_fused_ || L.qkv.n_out > 0;
         any_gate_up_fused_ = any_gate_up_fused_ || L.gate_up.n_out > 0;
         if (next_off < off.layers.size() && off.layers[next_off] == i) {
             ++next_off;
-            std::vector<cuda_buffer*> bufs = {&L.attn_norm, &L.mlp_norm};
+            std::vector<cuda_buffer*> bufs = {&L.attn_norm,     &L.mlp_norm, &L.attn_out_norm,
+                                              &L.mlp_out_norm, &L.q_norm,   &L.k_norm};
             auto                      add  = [&](linear& l) {
                 for (cuda_buffer* b : {&l.w, &l.bias, &l.q.weights, &l.q.sz, &l.q.perm, &l.q.qweight, &l.q.qzeros,
                                        &l.q.scales, &l.q.g_idx, &l.q.bias})
@@ -340,7 +397,7 @@ status llama_cuda_model::load_weights() {
             GPTQ_TRY(offload_module(fmt::format("model.layers.{}", i), bufs, &layer_unit_[static_cast<size_t>(i)]));
         }
     }
-    GPTQ_TRY(tensor_upload_f16(globals[1], &norm_));
+    GPTQ_TRY(norm_upload(globals[1].name, hp.n_embd, &norm_));
     if (off.norm) GPTQ_TRY(offload_module("model.norm", {&norm_}, &norm_unit_));
     // A tied lm_head shares the embeddings' table when both are resident; otherwise it is a module
     // of its own (an offloaded table is staged through a slot that later modules reuse).
@@ -454,7 +511,7 @@ status llama_cuda_model::context_reserve(int64_t n_ctx) {
     GPTQ_TRY(ctx_->synchronize());
     graph_             = cuda_graph();  // the graph reads the old caches and bounds
     graph_warm_        = false;
-    n_past_            = 0;
+    reset();
     const size_t bytes = size_t(n_seq_) * size_t(n_ctx) * size_t(hparams().kv_dim()) * 2;
     for (auto& L : layers_) {
         L.k_cache = cuda_buffer();
@@ -503,7 +560,7 @@ status llama_cuda_model::activations_reserve(int64_t n) {
     GPTQ_TRY(alloc(&logits_, N * size_t(hp.n_vocab) * 4));
     const size_t half  = size_t(hp.head_dim / 2);
     step_rope_offset_  = align_up((N + 2) * 4, 256);
-    const size_t bytes = step_rope_offset_ + 2 * N * half * 4;
+    const size_t bytes = step_rope_offset_ + size_t(2 * rope_tables()) * N * half * 4;
     GPTQ_TRY(alloc(&step_, bytes));
     step_host_.assign(bytes, 0);
     n_act_ = n;
@@ -522,21 +579,26 @@ status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n, bool 
     const int64_t n_pos = lockstep ? 1 : n;                       // positions this call adds to each sequence
     hi[n_act_]          = static_cast<int32_t>(n_past_);          // first position
     hi[n_act_ + 1]      = static_cast<int32_t>(n_past_ + n_pos);  // key count after this call
-    // RoPE rows for these positions, exactly as the CPU computes them (dynamic scaling included);
-    // in lockstep every token is at n_past: row 0 repeated.
-    const std::vector<float> inv_freq = llama_rope_inv_freq(hp, n_past_ + n_pos);
-    float*                   cos      = reinterpret_cast<float*>(step_host_.data() + step_rope_offset_);
-    float*                   sin      = cos + n_act_ * half;
-    op_rope_tables(inv_freq.data(), half, n_past_, n_pos, 1.0f, cos, sin);
-    for (int64_t t = n_pos; t < n; ++t) {
-        std::memcpy(cos + t * half, cos, size_t(half) * 4);
-        std::memcpy(sin + t * half, sin, size_t(half) * 4);
-    }
-    // One copy for ids + counters, one for the RoPE rows actually used.
+    // RoPE rows for these positions, exactly as the CPU computes them (dynamic scaling, LongRoPE's
+    // factors for the sequence's length and its attention factor); in lockstep every token is at
+    // n_past: row 0 repeated. Table 0: hp.rope; table 1 (when they differ): hp.rope_local.
     GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.data(), step_host_.data(), size_t(n_act_ + 2) * 4));
-    GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.as<uint8_t>() + step_rope_offset_, cos, size_t(n * half) * 4));
-    GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.as<uint8_t>() + step_rope_offset_ + size_t(n_act_ * half) * 4, sin,
-                                       size_t(n * half) * 4));
+    for (int64_t tab = 0; tab < rope_tables(); ++tab) {
+        const rope_config&       rope     = tab == 0 ? hp.rope : hp.rope_local;
+        const std::vector<float> inv_freq = llama_rope_inv_freq(hp, rope, n_past_ + n_pos);
+        const size_t             off_cos  = step_rope_offset_ + size_t(2 * tab * n_act_ * half) * 4;
+        const size_t             off_sin  = off_cos + size_t(n_act_ * half) * 4;
+        float*                   cos      = reinterpret_cast<float*>(step_host_.data() + off_cos);
+        float*                   sin      = reinterpret_cast<float*>(step_host_.data() + off_sin);
+        op_rope_tables(inv_freq.data(), half, n_past_, n_pos, llama_rope_attention_factor(rope), cos, sin);
+        for (int64_t t = n_pos; t < n; ++t) {
+            std::memcpy(cos + t * half, cos, size_t(half) * 4);
+            std::memcpy(sin + t * half, sin, size_t(half) * 4);
+        }
+        // The RoPE rows actually used.
+        GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.as<uint8_t>() + off_cos, cos, size_t(n * half) * 4));
+        GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.as<uint8_t>() + off_sin, sin, size_t(n * half) * 4));
+    }
     return status::ok();
 }
 
@@ -563,6 +625,10 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
     p.n          = n;
     p.cos        = reinterpret_cast<const float*>(step_.as<uint8_t>() + step_rope_offset_);
     p.sin        = p.cos + n_act_ * half;
+    if (rope_tables() > 1) {  // the local layers' rows (table 1)
+        p.cos_local = p.cos + 2 * n_act_ * half;
+        p.sin_local = p.cos + 3 * n_act_ * half;
+    }
     p.n_ctx      = n_ctx_;
     p.n_past     = n_past_;
     p.pos_dev    = ids + n_act_;
@@ -578,7 +644,7 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
 
     GPTQ_TRY(stage_begin());
     GPTQ_TRY(wait(embed_unit_));
-    GPTQ_TRY(op_cuda_embedding(c, embed_.as<uint16_t>(), ids, hidden, n, hp.n_vocab, n_embd));
+    GPTQ_TRY(op_cuda_embedding(c, embed_.as<uint16_t>(), ids, hidden, n, hp.n_vocab, n_embd, hp.embed_scale));
     GPTQ_TRY(prof_mark("embedding"));
     GPTQ_TRY(stage_done(embed_unit_));
     // Each residual add is folded into the RMSNorm after it (op_cuda_add_rms_norm): the output of a
@@ -606,6 +672,10 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
     GPTQ_TRY(wait(lm_head_unit_));
     GPTQ_TRY(op_cuda_linear_dense_f32_out(c, x, w, logits_.as<float>(), n_out_rows, hp.n_vocab, n_embd));
     GPTQ_TRY(prof_mark("lm_head"));
+    if (hp.final_softcap > 0.0f) {  // Gemma: logits = cap * tanh(logits / cap), F32
+        GPTQ_TRY(op_cuda_softcap(c, logits_.as<float>(), n_out_rows * hp.n_vocab, hp.final_softcap));
+        GPTQ_TRY(prof_mark("softcap"));
+    }
     return stage_done(lm_head_unit_);
 }
 
@@ -645,11 +715,44 @@ status llama_cuda_model::logits_download(int64_t n_rows, float* logits) {
     return cuda_copy_to_host(*ctx_, logits, logits_.data(), size_t(n_rows * hparams().n_vocab) * 4);
 }
 
+void llama_cuda_model::reset() {
+    n_past_ = 0;
+    for (auto& v : seq_ids_) v.clear();
+}
+
+void llama_cuda_model::ids_append(int64_t seq, const int32_t* ids, int64_t n) {
+    if (static_cast<int64_t>(seq_ids_.size()) <= seq) seq_ids_.resize(size_t(seq + 1));
+    auto& v = seq_ids_[size_t(seq)];
+    v.insert(v.end(), ids, ids + n);
+}
+
+status llama_cuda_model::reprefill(const int32_t* ids, int64_t n_seq, int64_t n, float* logits, bool all_logits) {
+    const int64_t        n_all = n_past_ + n, n_vocab = hparams().n_vocab;
+    std::vector<int32_t> all;
+    all.reserve(size_t(n_seq * n_all));
+    for (int64_t s = 0; s < n_seq; ++s) {
+        const auto* held = size_t(s) < seq_ids_.size() ? &seq_ids_[size_t(s)] : nullptr;
+        if (!held || static_cast<int64_t>(held->size()) != n_past_)
+            return make_error(status_code::STATUS_INTERNAL, "LongRoPE: sequence {} holds {} token ids for {} positions",
+                              s, held ? held->size() : 0, n_past_);
+        all.insert(all.end(), held->begin(), held->end());
+        all.insert(all.end(), ids + s * n, ids + (s + 1) * n);
+    }
+    reset();  // every cached token again, with the long factors (transformers drops its cache here)
+    if (n_seq > 1) return prefill_batch(all.data(), n_seq, n_all, logits);
+    if (!all_logits) return prefill(all.data(), n_all, logits, false);
+    std::vector<float> tmp(size_t(n_all * n_vocab));
+    GPTQ_TRY(prefill(all.data(), n_all, tmp.data(), true));
+    std::copy_n(tmp.data() + (n_all - n) * n_vocab, n * n_vocab, logits);
+    return status::ok();
+}
+
 status llama_cuda_model::prefill(const int32_t* ids, int64_t n, float* logits, bool all_logits) {
     if (n <= 0) return make_error(E_ARG, "prefill of {} tokens, expected at least 1", n);
     if (n_past_ + n > n_ctx_)
         return make_error(E_ARG, "{} tokens after {} cached ones exceed the GPU cache's {} positions", n, n_past_,
                           n_ctx_);
+    if (host_->rope_needs_reprefill(n_past_, n)) return reprefill(ids, 1, n, logits, all_logits);
     GPTQ_TRY(activations_reserve(n));
     GPTQ_TRY(prof_begin());
     GPTQ_TRY(step_inputs_upload(ids, n));
@@ -660,6 +763,7 @@ status llama_cuda_model::prefill(const int32_t* ids, int64_t n, float* logits, b
     GPTQ_TRY(prof_mark("logits_copy"));
     GPTQ_TRY(prof_end(&prof_prefill_, n));
     n_past_ += n;
+    ids_append(0, ids, n);
     return status::ok();
 }
 
@@ -685,12 +789,14 @@ status llama_cuda_model::prefill_batch(const int32_t* ids, int64_t n_seq, int64_
     if (n_past_ + n > n_ctx_)
         return make_error(E_ARG, "{} tokens after {} cached ones exceed the GPU cache's {} positions", n, n_past_,
                           n_ctx_);
+    if (host_->rope_needs_reprefill(n_past_, n)) return reprefill(ids, n_seq, n, logits, false);
     GPTQ_TRY(activations_reserve(n));
     const int64_t n_vocab = hparams().n_vocab;
     for (int64_t s = 0; s < n_seq; ++s) {  // each prompt through the prefill kernels into its own cache
         GPTQ_TRY(step_inputs_upload(ids + s * n, n));
         GPTQ_TRY(forward_queued(n, 1, /*device_count=*/false, s));
         GPTQ_TRY(logits_download(1, logits + s * n_vocab));
+        ids_append(s, ids + s * n, n);
     }
     n_past_ += n;
     return status::ok();
@@ -706,6 +812,9 @@ status llama_cuda_model::decode_tokens(const int32_t* ids, int64_t n, float* log
     if (n_past_ + 1 > n_ctx_)
         return make_error(E_ARG, "a token after {} cached ones exceeds the GPU cache's {} positions", n_past_, n_ctx_);
     const bool lockstep = n > 1;
+    // LongRoPE: the step that crosses the switch runs every sequence again (one token each).
+    if (host_->rope_needs_reprefill(n_past_, 1)) return reprefill(ids, n, 1, logits, false);
+    for (int64_t t = 0; t < n; ++t) ids_append(t, ids + t, 1);  // sequence t's token (one sequence: 0's)
     GPTQ_TRY(activations_reserve(n));
     if (prof_on_) {  // uncaptured, with the kernels of the path profiling is off (graph: device count)
         GPTQ_TRY(prof_begin());

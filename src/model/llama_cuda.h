@@ -43,6 +43,8 @@ struct llama_cuda_options {
     // Fuse q/k/v into one linear [q_dim + 2 kv_dim, n_embd] and gate/up into one [2 n_ff, n_embd] at
     // load (one GEMV/GEMM each instead of 3 and 2): dense F16 always, GPTQ when the parts have the
     // same bits, group count and g_idx, and biases on all or none; otherwise they stay separate.
+    // Modules stored fused in the checkpoint (Phi-3 qkv_proj, gate_up_proj) stay fused either way;
+    // q/k/v of a model with q/k norms (Qwen3, Gemma 3) are never fused (the norms need q, k apart).
     bool              fuse = true;
     offload_placement offload;  // modules kept in pinned host memory and copied in when they run
 };
@@ -78,7 +80,7 @@ public:
     int64_t              n_past() const { return n_past_; }
 
     // Forget the sequence (the cache is overwritten from position 0 on).
-    void reset() { n_past_ = 0; }
+    void reset();
     // Make room for n_ctx positions (reallocates the cache when larger, which resets the sequence).
     status context_reserve(int64_t n_ctx);
 
@@ -133,6 +135,19 @@ private:
     llama_cuda_model() = default;
     status load_weights();
     status linear_load(int64_t i_layer, linear_role r, linear* out);
+    // A norm weight [len] as F16 ((1 + w) in F32 first with hp.norm_plus_one).
+    status norm_upload(const std::string& name, int64_t len, cuda_buffer* out);
+    // A module stored fused in the checkpoint (Phi-3 qkv_proj / gate_up_proj, the one holding role
+    // `first`), uploaded whole as the fused linear: dense F16 or GPTQ.
+    status fused_module_load(int64_t i_layer, linear_role first, linear* out);
+    // RoPE tables of a step: hp.rope, and hp.rope_local when it differs (Gemma 3's local layers).
+    int64_t rope_tables() const { return hparams().rope_local_differs ? 2 : 1; }
+    // The token ids of each sequence's cached positions (LongRoPE runs them again when a sequence
+    // crosses original_max_position_embeddings, as llama_model::forward does).
+    void ids_append(int64_t seq, const int32_t* ids, int64_t n);
+    // Run every sequence's cached tokens and then ids ([n_seq, n] rows) again from position 0, with
+    // the logits the call that asked would give (all_logits: of the n new tokens; one sequence only).
+    status reprefill(const int32_t* ids, int64_t n_seq, int64_t n, float* logits, bool all_logits);
     // The linears `roles` of layer i_layer: fused into *fused when options.fuse and they can be (see
     // llama_cuda_options::fuse), else each into its own entry of *lin.
     // out_perm (GPTQ fused parts only): the fused output's features reordered within each part,
@@ -189,6 +204,7 @@ private:
     llama_cuda_options            opts_;
     int64_t                       n_ctx_ = 0, n_past_ = 0;
     int64_t                       n_seq_ = 1;  // KV caches: [n_seq_][n_ctx_][kv_dim] per layer
+    std::vector<std::vector<int32_t>> seq_ids_;  // [n_seq] ids of the cached positions (ids_append)
     std::vector<layer>            layers_;
     cuda_buffer                   embed_, norm_, lm_head_;  // [n_vocab, n_embd], [n_embd], lm_head or empty (tied)
     uint64_t                      weight_bytes_ = 0;
@@ -207,7 +223,7 @@ private:
     cuda_buffer hidden_, x_, q_, k_, v_, y_, gate_, up_;  // [n, n_embd|q_dim|kv_dim|n_ff] F16
     cuda_buffer logits_;                                  // [n, n_vocab] F32
     // Step inputs: [n_act_] I32 ids, I32 pos, I32 n_kv, then (at step_rope_offset_) F32 cos and sin
-    // [n_act_, head_dim / 2] each. Uploaded once per call from step_host_.
+    // [n_act_, head_dim / 2] each, per RoPE table (rope_tables()). Uploaded per call from step_host_.
     cuda_buffer          step_;
     size_t               step_rope_offset_ = 0;
     std::vector<uint8_t> step_host_;

@@ -50,13 +50,41 @@ status norm(cuda_context& c, const llama_hparams& hp, uint16_t* hidden, const ui
     return mark(p, add ? "add_rms_norm" : "rms_norm");
 }
 
+// RMSNorm of a block's output in place (sandwich norms, hp.attn_out_norm / mlp_out_norm): y [n, n_embd].
+status out_norm(cuda_context& c, const llama_hparams& hp, const cuda_buffer& w, uint16_t* y, const cuda_layer_pass& p) {
+    GPTQ_TRY(op_cuda_rms_norm(c, y, w.as<uint16_t>(), y, p.n, hp.n_embd, hp.rms_eps));
+    return mark(p, "rms_norm");
+}
+
+// act(gate) * up (hp.act) into y, with the strides and permutation of op_cuda_silu_mul.
+status act_mul(cuda_context& c, const llama_hparams& hp, const uint16_t* gate, const uint16_t* up, uint16_t* y,
+               int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride, const int32_t* perm = nullptr) {
+    const int64_t n_ff = hp.n_ff;
+    switch (hp.act) {
+        case mlp_activation::ACT_SILU:
+            return op_cuda_silu_mul(c, gate, up, y, n, n_ff, gate_stride, up_stride, y_stride, perm);
+        case mlp_activation::ACT_GELU_TANH:
+            return op_cuda_gelu_tanh_mul(c, gate, up, y, n, n_ff, gate_stride, up_stride, y_stride, perm);
+    }
+    return make_error(status_code::STATUS_INTERNAL, "activation {}", static_cast<int>(hp.act));
+}
+
+// The RoPE rows of layer i (hp.rope_of: the local ones on a sliding-window layer when they differ).
+void rope_rows(const llama_hparams& hp, int64_t i_layer, const cuda_layer_pass& p, const float** cos,
+               const float** sin) {
+    const bool local = &hp.rope_of(i_layer) != &hp.rope;
+    *cos             = local ? p.cos_local : p.cos;
+    *sin             = local ? p.sin_local : p.sin;
+}
+
 cuda_attention_args attention_args_base(const llama_hparams& hp, int64_t i_layer) {
     cuda_attention_args a;
     a.n_head    = hp.n_head;
     a.n_head_kv = hp.n_head_kv;
     a.head_dim  = hp.head_dim;
     a.window    = hp.window[static_cast<size_t>(i_layer)];
-    a.scale     = 1.0f / std::sqrt(static_cast<float>(hp.head_dim));
+    a.scale     = hp.attn_scale;  // 1/sqrt(head_dim), or query_pre_attn_scalar^-0.5
+    a.softcap   = hp.attn_softcap;
     return a;
 }
 
@@ -67,7 +95,9 @@ status attention_cached(cuda_context& c, const llama_hparams& hp, int64_t i_laye
                         const cuda_layer_pass& p) {
     // RoPE on q (in place) and k, k and v into the cache: one launch. In lockstep token t is
     // sequence t's, at n_past, its cache p.seq_stride elements after sequence t - 1's.
-    GPTQ_TRY(op_cuda_rope_kv_store(c, q, k, v, q_stride, kv_stride, p.cos, p.sin, p.n, hp.n_head, hp.n_head_kv,
+    const float *cos = nullptr, *sin = nullptr;
+    rope_rows(hp, i_layer, p, &cos, &sin);
+    GPTQ_TRY(op_cuda_rope_kv_store(c, q, k, v, q_stride, kv_stride, cos, sin, p.n, hp.n_head, hp.n_head_kv,
                                    hp.head_dim, p.k_cache, p.v_cache, p.pos_dev, p.n_ctx, p.lockstep ? 0 : 1,
                                    p.lockstep ? p.seq_stride : 0));
     GPTQ_TRY(mark(p, "rope_kv_store"));
@@ -100,12 +130,14 @@ status attention_local(cuda_context& c, const llama_hparams& hp, int64_t i_layer
     const int64_t q_dim = hp.q_dim(), kv_dim = hp.kv_dim(), seqlen = p.seqlen;
     if (seqlen <= 0 || p.n % seqlen != 0)
         return make_error(E_ARG, "layer pass of {} rows in local windows of {} tokens", p.n, seqlen);
+    const float *cos = nullptr, *sin = nullptr;
+    rope_rows(hp, i_layer, p, &cos, &sin);
     for (int64_t s = 0; s < p.n / seqlen; ++s) {
         uint16_t* qs = q + s * seqlen * q_dim;
         uint16_t* ks = k + s * seqlen * kv_dim;
         uint16_t* vs = v + s * seqlen * kv_dim;
-        GPTQ_TRY(op_cuda_rope(c, qs, p.cos, p.sin, seqlen, hp.n_head, hp.head_dim, q_dim));
-        GPTQ_TRY(op_cuda_rope(c, ks, p.cos, p.sin, seqlen, hp.n_head_kv, hp.head_dim, kv_dim));
+        GPTQ_TRY(op_cuda_rope(c, qs, cos, sin, seqlen, hp.n_head, hp.head_dim, q_dim));
+        GPTQ_TRY(op_cuda_rope(c, ks, cos, sin, seqlen, hp.n_head_kv, hp.head_dim, kv_dim));
         cuda_attention_args a = attention_args_base(hp, i_layer);
         a.q                   = qs;
         a.k                   = ks;
@@ -151,6 +183,13 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
             GPTQ_TRY(cuda_linear_forward(c, w.linear(linear_role::LINEAR_V), b.x, v, n));
             GPTQ_TRY(mark(p, "linear_v"));
         }
+        if (hp.qk_norm) {  // Qwen3, Gemma 3: RMSNorm over each head's head_dim values, before RoPE
+            // Rows of head_dim: q and k must be contiguous [n, heads * head_dim] (not fused at load).
+            if (fused) return make_error(status_code::STATUS_INTERNAL, "layer {}: q/k norms with fused q/k/v", i_layer);
+            GPTQ_TRY(op_cuda_rms_norm(c, q, w.q_norm.as<uint16_t>(), q, n * hp.n_head, hp.head_dim, hp.rms_eps));
+            GPTQ_TRY(op_cuda_rms_norm(c, k, w.k_norm.as<uint16_t>(), k, n * hp.n_head_kv, hp.head_dim, hp.rms_eps));
+            GPTQ_TRY(mark(p, "qk_norm"));
+        }
         if (p.k_cache) {
             GPTQ_TRY(attention_cached(c, hp, i_layer, q, k, v, q_stride, kv_stride, att, p));
         } else {
@@ -162,6 +201,7 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
     if (p.stop_after == linear_input::LINEAR_INPUT_O) return false;
     GPTQ_TRY(cuda_linear_forward(c, w.linear(linear_role::LINEAR_O), att, b.y, n));
     GPTQ_TRY(mark(p, "linear_o"));
+    if (hp.attn_out_norm) GPTQ_TRY(out_norm(c, hp, w.attn_out_norm, b.y, p));  // sandwich (Gemma)
     return true;
 }
 
@@ -187,20 +227,21 @@ result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda
             p_down = perm_of(down);
         else
             p_down = p_silu = perm_of(down);
-        GPTQ_TRY(op_cuda_silu_mul(c, b.gate, b.gate + n_ff, b.up, n, n_ff, 2 * n_ff, 2 * n_ff, n_ff, p_silu));
+        GPTQ_TRY(act_mul(c, hp, b.gate, b.gate + n_ff, b.up, n, 2 * n_ff, 2 * n_ff, n_ff, p_silu));
         act = b.up;
     } else {
         GPTQ_TRY(cuda_linear_forward(c, w.linear(linear_role::LINEAR_GATE), b.x, b.gate, n));
         GPTQ_TRY(mark(p, "linear_gate"));
         GPTQ_TRY(cuda_linear_forward(c, w.linear(linear_role::LINEAR_UP), b.x, b.up, n));
         GPTQ_TRY(mark(p, "linear_up"));
-        GPTQ_TRY(op_cuda_silu_mul(c, b.gate, b.up, b.gate, n, n_ff, n_ff, n_ff, n_ff));
+        GPTQ_TRY(act_mul(c, hp, b.gate, b.up, b.gate, n, n_ff, n_ff, n_ff));
     }
     GPTQ_TRY(mark(p, "silu_mul"));
     GPTQ_TRY(capture(p, linear_input::LINEAR_INPUT_DOWN, act, n_ff));
     if (p.stop_after == linear_input::LINEAR_INPUT_DOWN) return false;
     GPTQ_TRY(cuda_linear_forward(c, down, act, b.y, n, p_down != nullptr));
     GPTQ_TRY(mark(p, "linear_down"));
+    if (hp.mlp_out_norm) GPTQ_TRY(out_norm(c, hp, w.mlp_out_norm, b.y, p));  // sandwich (Gemma)
     return true;
 }
 
@@ -239,13 +280,20 @@ result<std::unique_ptr<llama_cuda_layer_runner>> llama_cuda_layer_runner::create
     GPTQ_TRY(a(&r->y_, hp.n_embd));
     GPTQ_TRY(a(&r->gate_, hp.n_ff));
     GPTQ_TRY(a(&r->up_, hp.n_ff));
-    // RoPE rows of positions 0 .. seqlen-1, exactly as the CPU computes them for a window.
-    const int64_t            half     = hp.head_dim / 2;
-    const std::vector<float> inv_freq = llama_rope_inv_freq(hp, seqlen);
-    std::vector<float>       cos(size_t(seqlen * half)), sin(cos.size());
-    op_rope_tables(inv_freq.data(), half, 0, seqlen, 1.0f, cos.data(), sin.data());
-    GPTQ_ASSIGN_OR_RETURN(r->cos_, cuda_buffer::from_host(cos.data(), cos.size() * 4));
-    GPTQ_ASSIGN_OR_RETURN(r->sin_, cuda_buffer::from_host(sin.data(), sin.size() * 4));
+    // RoPE rows of positions 0 .. seqlen-1, exactly as the CPU computes them for a window (LongRoPE:
+    // the factors of a seqlen-token sequence, the attention factor in the rows); the local layers'
+    // own rows when their RoPE differs.
+    const int64_t half   = hp.head_dim / 2;
+    auto          tables = [&](const rope_config& rope, cuda_buffer* c, cuda_buffer* s) -> status {
+        const std::vector<float> inv_freq = llama_rope_inv_freq(hp, rope, seqlen);
+        std::vector<float>       cos(size_t(seqlen * half)), sin(cos.size());
+        op_rope_tables(inv_freq.data(), half, 0, seqlen, llama_rope_attention_factor(rope), cos.data(), sin.data());
+        GPTQ_ASSIGN_OR_RETURN(*c, cuda_buffer::from_host(cos.data(), cos.size() * 4));
+        GPTQ_ASSIGN_OR_RETURN(*s, cuda_buffer::from_host(sin.data(), sin.size() * 4));
+        return status::ok();
+    };
+    GPTQ_TRY(tables(hp.rope, &r->cos_, &r->sin_));
+    if (hp.rope_local_differs) GPTQ_TRY(tables(hp.rope_local, &r->cos_local_, &r->sin_local_));
     return r;
 }
 
@@ -299,6 +347,19 @@ status llama_cuda_layer_runner::load(const llama_layer& layer) {
     GPTQ_TRY(upload_f16(layer.mlp_norm,
                         "model.layers." + std::to_string(layer.index) + ".post_attention_layernorm.weight",
                         &w_.mlp_norm));
+    // The options' norms (host F32, norm_plus_one already folded by layer_load); empty when off.
+    const std::string prefix  = "model.layers." + std::to_string(layer.index) + ".";
+    auto              options = [&](const std::vector<float>& v, const char* what, cuda_buffer* out) -> status {
+        if (v.empty()) {
+            *out = cuda_buffer();
+            return status::ok();
+        }
+        return upload_f16(v, prefix + what, out);
+    };
+    GPTQ_TRY(options(layer.attn_out_norm, "attention output norm", &w_.attn_out_norm));
+    GPTQ_TRY(options(layer.mlp_out_norm, "MLP output norm", &w_.mlp_out_norm));
+    GPTQ_TRY(options(layer.q_norm, "self_attn.q_norm.weight", &w_.q_norm));
+    GPTQ_TRY(options(layer.k_norm, "self_attn.k_norm.weight", &w_.k_norm));
     for (int r = 0; r < k_n_linear_roles; ++r) {
         const auto            role = static_cast<linear_role>(r);
         const linear_weights& lw   = layer.linear(role);
@@ -341,6 +402,8 @@ status llama_cuda_layer_runner::forward(uint16_t* hidden, int64_t n_windows, con
     cuda_layer_pass          p;
     p.cos        = cos_.as<float>();
     p.sin        = sin_.as<float>();
+    p.cos_local  = cos_local_.as<float>();
+    p.sin_local  = sin_local_.as<float>();
     p.seqlen     = seqlen_;
     p.attn_reuse = caching && attn_valid_;
     p.hook       = hook;
@@ -363,6 +426,8 @@ status llama_cuda_layer_runner::forward(uint16_t* hidden, int64_t n_windows, con
 
 uint64_t llama_cuda_layer_runner::device_bytes() const {
     uint64_t n = w_.attn_norm.bytes() + w_.mlp_norm.bytes() + cos_.bytes() + sin_.bytes() + attn_.bytes();
+    n += cos_local_.bytes() + sin_local_.bytes();
+    for (const cuda_buffer* b : {&w_.attn_out_norm, &w_.mlp_out_norm, &w_.q_norm, &w_.k_norm}) n += b->bytes();
     for (const auto& l : w_.lin) n += l.w.bytes() + l.bias.bytes();
     for (const cuda_buffer* b : {&h_, &x_, &q_, &k_, &v_, &y_, &gate_, &up_}) n += b->bytes();
     return n;

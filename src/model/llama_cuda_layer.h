@@ -61,6 +61,10 @@ status cuda_linear_forward(cuda_context& c, const cuda_linear& l, const uint16_t
 // A decoder layer's weights on the device.
 struct cuda_layer_weights {
     cuda_buffer                               attn_norm, mlp_norm;  // [n_embd] F16
+    // Options (llama_hparams), empty when off: sandwich norms [n_embd] (attn_out_norm, mlp_out_norm),
+    // per-head q/k norms [head_dim] (qk_norm). Norm weights with norm_plus_one hold 1 + w, added
+    // in F32 before the rounding to F16.
+    cuda_buffer attn_out_norm, mlp_out_norm, q_norm, k_norm;
     std::array<cuda_linear, k_n_linear_roles> lin;                  // the roles not fused (empty when fused)
     cuda_linear                               qkv, gate_up;         // fused (q|k|v, gate|up): n_out 0 when not
     // gate_up's output features are in down's act-order column order (permuted at load), so
@@ -85,8 +89,10 @@ using cuda_op_mark = std::function<status(const char* op)>;
 struct cuda_layer_pass {
     int64_t n = 0;  // rows (tokens) of hidden
     // RoPE rows, F32 device [rows, head_dim / 2]: with a cache one row per token; local: the rows of
-    // positions 0 .. seqlen-1, shared by every window.
+    // positions 0 .. seqlen-1, shared by every window. LongRoPE's attention factor is in them.
     const float *cos = nullptr, *sin = nullptr;
+    // The rows of hp.rope_local, used by the sliding-window layers when hp.rope_local_differs.
+    const float *cos_local = nullptr, *sin_local = nullptr;
 
     // Keys/values. k_cache set: the runtime's KV cache (this layer's, of sequence `seq` when not
     // lockstep): RoPE of q and k and the cache store in one launch at the device-held position,
@@ -168,6 +174,7 @@ private:
     cuda_layer_weights w_;                                  // dense, never fused
     cuda_buffer        h_, x_, q_, k_, v_, y_, gate_, up_;  // one chunk's activations
     cuda_buffer        cos_, sin_;                          // [seqlen, head_dim / 2] F32
+    cuda_buffer        cos_local_, sin_local_;              // the same for hp.rope_local (when it differs)
     cuda_buffer        attn_;                               // [attn_windows_ * seqlen, q_dim] F16 attention output
     int64_t            attn_windows_ = 0;
     bool               attn_valid_   = false;

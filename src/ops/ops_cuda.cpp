@@ -458,6 +458,15 @@ status op_cuda_silu_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t*
     return cuda::silu_mul_f16(gate, up, y, n_rows, n, gate_stride, up_stride, y_stride, ctx.stream(), perm);
 }
 
+status op_cuda_gelu_tanh_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows,
+                             int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride, const int32_t* perm) {
+    return cuda::gelu_tanh_mul_f16(gate, up, y, n_rows, n, gate_stride, up_stride, y_stride, ctx.stream(), perm);
+}
+
+status op_cuda_softcap(cuda_context& ctx, float* x, int64_t n, float cap) {
+    return cuda::softcap_f32(x, n, cap, ctx.stream());
+}
+
 status op_cuda_add_rms_norm(cuda_context& ctx, uint16_t* h, const uint16_t* add, const uint16_t* w, uint16_t* y,
                             int64_t n_rows, int64_t dim, float eps, const int32_t* perm) {
     return cuda::add_rms_norm_f16(h, add, w, y, perm, n_rows, dim, dim, dim, dim, eps, ctx.stream());
@@ -485,8 +494,8 @@ status op_cuda_kv_store(cuda_context& ctx, const uint16_t* k, const uint16_t* v,
 }
 
 status op_cuda_embedding(cuda_context& ctx, const uint16_t* table, const int32_t* ids, uint16_t* out, int64_t n_tokens,
-                         int64_t vocab, int64_t dim) {
-    return cuda::embedding_f16(table, ids, out, n_tokens, vocab, dim, dim, ctx.stream());
+                         int64_t vocab, int64_t dim, float scale) {
+    return cuda::embedding_f16(table, ids, out, n_tokens, vocab, dim, dim, ctx.stream(), scale);
 }
 
 // ---- attention ---------------------------------------------------------------------------------
@@ -496,7 +505,7 @@ status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a) {
     p.q = a.q, p.k = a.k, p.v = a.v, p.out = a.out;
     p.n_q = a.n_q, p.n_kv = a.n_kv, p.q_pos0 = a.q_pos0;
     p.n_head = a.n_head, p.n_head_kv = a.n_head_kv, p.head_dim = a.head_dim;
-    p.window = a.window, p.scale = a.scale;
+    p.window = a.window, p.scale = a.scale, p.softcap = a.softcap;
     p.q_stride = a.q_stride, p.kv_stride = a.kv_stride, p.out_stride = a.out_stride;
     p.n_kv_dev                       = a.n_kv_dev;
     p.kv_seq_stride                  = a.kv_seq_stride;

@@ -191,6 +191,12 @@ status op_cuda_rope(cuda_context& ctx, uint16_t* x, const float* cos, const floa
 status op_cuda_silu_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows,
                         int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride,
                         const int32_t* perm = nullptr);
+// The same with GELU (tanh approximation) for SiLU: GeGLU (Gemma), F32 math, F16 in and out.
+status op_cuda_gelu_tanh_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows,
+                             int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride,
+                             const int32_t* perm = nullptr);
+// x[i] = cap * tanh(x[i] / cap), F32 in place (final logit soft-capping); cap > 0.
+status op_cuda_softcap(cuda_context& ctx, float* x, int64_t n, float cap);
 // The decode step's residual add + RMSNorm in one launch: h[r] += add[r] (add nullptr: none), then
 // y[r, i] = rms_norm(h[r])[perm ? perm[i] : i]; h, add: [n_rows, dim], y: [n_rows, dim], w: [dim];
 // bit for bit op_cuda_add then op_cuda_rms_norm (then the permutation). y must not alias h or add.
@@ -211,9 +217,10 @@ status op_cuda_add_bias(cuda_context& ctx, uint16_t* x, const uint16_t* bias, in
 // [n_tokens, kv_dim]; caches [n_ctx, kv_dim]. pos_dev: device I32, read when the kernel runs.
 status op_cuda_kv_store(cuda_context& ctx, const uint16_t* k, const uint16_t* v, uint16_t* cache_k, uint16_t* cache_v,
                         const int32_t* pos_dev, int64_t n_tokens, int64_t kv_dim, int64_t n_ctx);
-// out[t] = table[ids[t]] (ids: device I32; ids out of range give zero rows).
+// out[t] = table[ids[t]] (ids: device I32; ids out of range give zero rows); scale != 1: times
+// scale in F32, rounded to F16 once (Gemma's embedding scale).
 status op_cuda_embedding(cuda_context& ctx, const uint16_t* table, const int32_t* ids, uint16_t* out, int64_t n_tokens,
-                         int64_t vocab, int64_t dim);
+                         int64_t vocab, int64_t dim, float scale = 1.0f);
 
 // ---- attention: the same arguments as ops.h, F16 device pointers ----------------------------
 struct cuda_attention_args {
@@ -225,6 +232,7 @@ struct cuda_attention_args {
     int64_t         n_head = 0, n_head_kv = 0, head_dim = 0;
     int64_t         window   = 0;
     float           scale    = 1.0f;
+    float           softcap  = 0.0f;  // > 0: scaled scores s -> softcap * tanh(s / softcap) (Gemma 2); 0 = off
     int64_t         q_stride = 0, kv_stride = 0, out_stride = 0;
     // When set: the key count is read from this device I32 when the kernel runs, the queries are the
     // last n_q positions, and n_kv is only the upper bound (grid and workspace). Decode kernel only.

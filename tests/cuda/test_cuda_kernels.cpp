@@ -148,6 +148,80 @@ TEST(CudaKernels, SiluMulAndAddMatchCpu) {
     }
 }
 
+// A random permutation of 0 .. n-1 (act-order column orders).
+std::vector<int32_t> random_perm(std::mt19937& rng, int64_t n) {
+    std::vector<int32_t> p(static_cast<size_t>(n));
+    std::iota(p.begin(), p.end(), 0);
+    std::shuffle(p.begin(), p.end(), rng);
+    return p;
+}
+
+// GeGLU (Gemma): gelu_tanh(gate) * up against the plain double reference of the CPU, unfused
+// (separate buffers, strides wider than the row) and fused in place, awkward shapes; then the
+// permuted output is the unpermuted one permuted, bit for bit.
+TEST(CudaKernels, GeluTanhMulMatchesCpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    for (auto [rows, cols] :
+         std::vector<std::pair<int64_t, int64_t>>{{1, 1}, {3, 11008}, {17, 333}, {1, 100003}, {5, 7}, {64, 129}}) {
+        // Fused [rows, 2 * cols] gate_up buffer, output in place over the gate half.
+        auto                   gu = test::random_f16(rng, size_t(rows * 2 * cols), 4.0f);
+        device_array<uint16_t> dgu(gu);
+        GPTQ_EXPECT_OK(cuda::gelu_tanh_mul_f16(dgu.get(), dgu.get() + cols, dgu.get(), rows, cols, 2 * cols, 2 * cols,
+                                               2 * cols, nullptr));
+        const auto            out = dgu.download();
+        const auto            guf = test::to_f32(gu);
+        std::vector<float>    ref(static_cast<size_t>(rows * cols));
+        std::vector<uint16_t> got(ref.size());
+        for (int64_t r = 0; r < rows; ++r) {
+            cpu::gelu_tanh_mul_ref(&guf[size_t(r * 2 * cols)], &guf[size_t(r * 2 * cols + cols)],
+                                   &ref[size_t(r * cols)], cols);
+            for (int64_t i = 0; i < cols; ++i) got[size_t(r * cols + i)] = out[size_t(r * 2 * cols + i)];
+        }
+        expect_close(got, ref, "gelu_tanh_mul (fused, in place)", seed);
+
+        // Separate gate and up with padded rows, output contiguous; then permuted.
+        const int64_t          gs = cols + 3, us = cols + 5;
+        auto                   g = test::random_f16(rng, size_t(rows * gs), 4.0f), u = test::random_f16(rng, size_t(rows * us));
+        device_array<uint16_t> dg(g), du(u), dy(size_t(rows * cols)), dyp(size_t(rows * cols));
+        GPTQ_EXPECT_OK(cuda::gelu_tanh_mul_f16(dg.get(), du.get(), dy.get(), rows, cols, gs, us, cols, nullptr));
+        const auto gf = test::to_f32(g), uf = test::to_f32(u);
+        for (int64_t r = 0; r < rows; ++r)
+            cpu::gelu_tanh_mul_ref(&gf[size_t(r * gs)], &uf[size_t(r * us)], &ref[size_t(r * cols)], cols);
+        const auto y = dy.download();
+        expect_close(y, ref, "gelu_tanh_mul (strided)", seed);
+        const auto            perm = random_perm(rng, cols);
+        device_array<int32_t> dp(perm);
+        GPTQ_EXPECT_OK(cuda::gelu_tanh_mul_f16(dg.get(), du.get(), dyp.get(), rows, cols, gs, us, cols, nullptr, dp.get()));
+        const auto yp = dyp.download();
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t i = 0; i < cols; ++i)
+                ASSERT_EQ(yp[size_t(r * cols + i)], y[size_t(r * cols + perm[size_t(i)])])
+                    << "permuted row " << r << " col " << i << " seed " << seed;
+    }
+}
+
+// Final logit soft-capping (F32 in place) against the double reference: tanhf's error is a few ulp.
+TEST(CudaKernels, SoftcapMatchesCpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    for (auto [n, cap] : std::vector<std::pair<int64_t, float>>{{1, 30.0f}, {1000, 0.5f}, {100003, 30.0f}}) {
+        std::normal_distribution<float> nd(0.0f, 3.0f * cap);
+        std::vector<float>              x(static_cast<size_t>(n));
+        for (auto& v : x) v = nd(rng);
+        device_array<float> dx(x);
+        GPTQ_EXPECT_OK(cuda::softcap_f32(dx.get(), n, cap, nullptr));
+        const auto got = dx.download();
+        cpu::softcap_ref(x.data(), n, cap);
+        for (int64_t i = 0; i < n; ++i)
+            ASSERT_NEAR(got[size_t(i)], x[size_t(i)], 1e-6f * cap + 1e-6f * std::fabs(x[size_t(i)]))
+                << "n " << n << " cap " << cap << " index " << i << " seed " << seed;
+    }
+    EXPECT_FALSE(cuda::softcap_f32(nullptr, 4, 0.0f, nullptr).is_ok());  // cap 0 is "off": never launched
+}
+
 TEST(CudaKernels, EmbeddingGathersRows) {
     GPTQ_SKIP_WITHOUT_GPU();
     const uint32_t seed = test::fresh_seed();
@@ -170,6 +244,18 @@ TEST(CudaKernels, EmbeddingGathersRows) {
                 const int32_t  id   = ids[size_t(t)];
                 const uint16_t want = (id >= 0 && id < vocab) ? table[size_t(id * dim + i)] : uint16_t(0);
                 ASSERT_EQ(out[size_t(t * stride + i)], want) << "token " << t << " dim " << i << " seed " << seed;
+            }
+        // Scaled (Gemma: sqrt(hidden)): the F32 product rounded once to F16, exactly.
+        const float scale = std::sqrt(float(dim));
+        GPTQ_EXPECT_OK(cuda::embedding_f16(dt.get(), did.get(), dout.get(), n, vocab, dim, stride, nullptr, scale));
+        const auto outs = dout.download();
+        for (int64_t t = 0; t < n; ++t)
+            for (int64_t i = 0; i < dim; ++i) {
+                const int32_t  id   = ids[size_t(t)];
+                const uint16_t want = (id >= 0 && id < vocab) ? f32_to_f16(f16_to_f32(table[size_t(id * dim + i)]) * scale)
+                                                              : uint16_t(0);
+                ASSERT_EQ(outs[size_t(t * stride + i)], want)
+                    << "scaled: token " << t << " dim " << i << " seed " << seed;
             }
     }
 }
@@ -217,7 +303,7 @@ struct attn_case {
     int64_t n_q, n_kv, q_pos0, n_head, n_head_kv, head_dim, window;
 };
 
-void run_attention(const attn_case& c, bool decode, uint32_t seed) {
+void run_attention(const attn_case& c, bool decode, uint32_t seed, float softcap = 0.0f) {
     std::mt19937  rng(seed);
     const int64_t q_stride = c.n_head * c.head_dim + 2, kv_stride = c.n_head_kv * c.head_dim + 4,
                   out_stride = c.n_head * c.head_dim;
@@ -228,6 +314,7 @@ void run_attention(const attn_case& c, bool decode, uint32_t seed) {
     p.q = dq.get(), p.k = dk.get(), p.v = dv.get(), p.out = dout.get();
     p.n_q = c.n_q, p.n_kv = c.n_kv, p.q_pos0 = c.q_pos0, p.n_head = c.n_head, p.n_head_kv = c.n_head_kv;
     p.head_dim = c.head_dim, p.window = c.window, p.scale = 1.0f / std::sqrt(float(c.head_dim));
+    p.softcap = softcap;
     p.q_stride = q_stride, p.kv_stride = kv_stride, p.out_stride = out_stride;
     if (decode) {
         const int64_t       ws = cuda::attention_decode_workspace_floats(c.n_q, c.n_kv, c.n_head, c.head_dim);
@@ -242,12 +329,12 @@ void run_attention(const attn_case& c, bool decode, uint32_t seed) {
     std::vector<float>   ref(static_cast<size_t>(c.n_q * out_stride));
     cpu::attention_shape s;
     s.n_q = c.n_q, s.n_kv = c.n_kv, s.q_pos0 = c.q_pos0, s.n_head = c.n_head, s.n_head_kv = c.n_head_kv;
-    s.head_dim = c.head_dim, s.window = c.window, s.scale = p.scale;
+    s.head_dim = c.head_dim, s.window = c.window, s.scale = p.scale, s.softcap = softcap;
     s.q_stride = q_stride, s.kv_stride = kv_stride, s.out_stride = out_stride;
     cpu::attention_ref(qf.data(), kf.data(), vf.data(), ref.data(), s);
     const std::string what = std::string(decode ? "decode" : "prefill") + " n_q=" + std::to_string(c.n_q) +
                              " n_kv=" + std::to_string(c.n_kv) + " d=" + std::to_string(c.head_dim) +
-                             " window=" + std::to_string(c.window);
+                             " window=" + std::to_string(c.window) + " softcap=" + std::to_string(softcap);
     expect_close(got, ref, what.c_str(), seed);
 }
 
@@ -286,6 +373,29 @@ TEST(CudaKernels, AttentionDecodeMatchesCpu) {
         run_attention(c, true, seed);
 }
 
+// Gemma 2's attention logit soft-capping in the three kernels (CUDA-core prefill, tensor-core
+// prefill, decode) against the CPU reference; a small cap (0.5) changes the softmax a lot, a large
+// one (50) hardly: both must match.
+TEST(CudaKernels, AttentionSoftcapMatchesCpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    for (float cap : {0.5f, 50.0f}) {
+        for (const attn_case& c : std::vector<attn_case>{{37, 37, 0, 4, 2, 64, 0},
+                                                         {33, 200, 167, 6, 3, 80, 40},
+                                                         {200, 200, 0, 4, 2, 64, 8},
+                                                         {130, 500, 370, 4, 1, 128, 50}})
+            for (bool cuda_cores : {false, true}) {
+                cuda::attention_prefill_force_cuda_cores(cuda_cores);
+                run_attention(c, false, seed, cap);
+            }
+        cuda::attention_prefill_force_cuda_cores(false);
+        for (const attn_case& c : std::vector<attn_case>{{1, 65, 64, 2, 1, 256, 0},
+                                                         {5, 300, 295, 8, 2, 128, 0},
+                                                         {16, 500, 484, 4, 2, 64, 33}})
+            run_attention(c, true, seed, cap);
+    }
+}
+
 TEST(CudaKernels, AttentionRejectsBadShapes) {
     GPTQ_SKIP_WITHOUT_GPU();
     cuda::attention_params p;
@@ -297,13 +407,6 @@ TEST(CudaKernels, AttentionRejectsBadShapes) {
 }
 
 // ---- fused decode-step kernels: bit for bit the unfused kernels they replace -------------------
-
-std::vector<int32_t> random_perm(std::mt19937& rng, int64_t n) {
-    std::vector<int32_t> p(static_cast<size_t>(n));
-    std::iota(p.begin(), p.end(), 0);
-    std::shuffle(p.begin(), p.end(), rng);
-    return p;
-}
 
 TEST(CudaKernels, AddRmsNormIsAddThenRmsNorm) {
     GPTQ_SKIP_WITHOUT_GPU();

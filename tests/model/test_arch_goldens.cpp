@@ -169,6 +169,18 @@ TEST(arch_config, options_beyond_llama) {
               "rope_local");
 }
 
+// What the GPU layer refuses (llama_hparams::options_beyond_gpu): nothing left for these families
+// (each option's refusal is lifted in its own commit; a refusal kept back appears here by name).
+TEST(arch_config, options_beyond_gpu) {
+    for (const char* name : {"qwen3", "mistral-nemo", "phi3", "phi3-longrope", "gemma2", "gemma3"}) {
+        auto c = model_config_load(k_arch + name);
+        ASSERT_TRUE(c.is_ok()) << c.error().message();
+        auto h = llama_hparams_from_config(*c);
+        ASSERT_TRUE(h.is_ok()) << h.error().message();
+        EXPECT_EQ(h->options_beyond_gpu(), "") << name;
+    }
+}
+
 // Gemma in a ragged batch (generation's path): the 7- and 64-token sequences prefilled together,
 // then decoded one token each per step, give transformers' greedy tokens; the short one is inside
 // the sliding window (8) at first, the long one past it on every local layer.

@@ -20,6 +20,15 @@ status silu_mul_f16(const uint16_t* gate, const uint16_t* up, uint16_t* y, int64
                     int64_t gate_stride, int64_t up_stride, int64_t y_stride, cudaStream_t stream,
                     const int32_t* perm = nullptr);
 
+// The same with GELU (tanh approximation, transformers' gelu_pytorch_tanh) in place of SiLU:
+// y = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) u, F32 math (GeGLU of Gemma).
+status gelu_tanh_mul_f16(const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows, int64_t n_cols,
+                         int64_t gate_stride, int64_t up_stride, int64_t y_stride, cudaStream_t stream,
+                         const int32_t* perm = nullptr);
+
+// x[i] = cap * tanh(x[i] / cap) for i < n, F32 in place (final logit soft-capping); cap > 0.
+status softcap_f32(float* x, int64_t n, float cap, cudaStream_t stream);
+
 // x[i] += y[i] for i < n, F16 (F32 sum, one rounding).
 status add_f16(uint16_t* x, const uint16_t* y, int64_t n, cudaStream_t stream);
 

@@ -39,10 +39,16 @@ struct dev_params {
     __half*        out;
     int64_t        n_q, n_kv, q_pos0, n_head, group, head_dim, window;
     float          scale;
+    float          softcap;  // > 0: scaled scores s -> softcap * tanh(s / softcap) before the mask; 0 = off
     int64_t        q_stride, kv_stride, out_stride;
     const int32_t* n_kv_dev;       // decode: run-time key count (attention_params::n_kv_dev), or nullptr
     int64_t        kv_seq_stride;  // decode: > 0, one query per sequence (attention_params::kv_seq_stride)
 };
+
+// Gemma 2's attention logit soft-capping of a scaled score (cap 0: the score unchanged, no op).
+__device__ inline float softcapped(float s, float cap) {
+    return cap > 0.0f ? tanhf(s / cap) * cap : s;
+}
 
 __device__ inline bool visible(int64_t pos, int64_t j, int64_t window) {
     return j <= pos && (window <= 0 || pos - j < window);
@@ -99,7 +105,7 @@ __global__ void __launch_bounds__(k_threads) prefill_kernel(dev_params p) {
             const int64_t j   = kt + jl;
             float         dot = 0.0f;
             for (int64_t d = 0; d < D; ++d) dot += q_s[r * D + d] * k_s[jl * Dp + d];
-            s[i]     = (valid && j < p.n_kv && visible(pos, j, p.window)) ? dot : -INFINITY;
+            s[i]     = (valid && j < p.n_kv && visible(pos, j, p.window)) ? softcapped(dot, p.softcap) : -INFINITY;
             tile_max = fmaxf(tile_max, s[i]);
         }
         for (int o = 1; o < 8; o <<= 1) tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, o));
@@ -221,7 +227,7 @@ __global__ void __launch_bounds__(128) prefill_tc_kernel(dev_params p) {
             const int     col = side * 16 + c;
             const int64_t j   = kt + col;
             const bool    vis = valid && j < p.n_kv && visible(pos, j, p.window);
-            sv[c]             = vis ? s_w[row * k_tc_k + col] * p.scale : -INFINITY;
+            sv[c]             = vis ? softcapped(s_w[row * k_tc_k + col] * p.scale, p.softcap) : -INFINITY;
             tile_max          = fmaxf(tile_max, sv[c]);
         }
         tile_max          = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
@@ -365,6 +371,7 @@ __global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, 
         float m_new = m;
 #pragma unroll
         for (int u = 0; u < k_dec_keys; ++u) {
+            dot[u] = softcapped(dot[u], p.softcap);
             if (j0 + int64_t(u) * k_dec_warps >= c1) dot[u] = -INFINITY;
             m_new = fmaxf(m_new, dot[u]);
         }
@@ -460,6 +467,8 @@ status check_params(const attention_params& a, const char* who) {
     if (a.kv_stride < a.n_head_kv * a.head_dim) return bad("kv_stride", a.kv_stride);
     if (a.out_stride < a.n_head * a.head_dim) return bad("out_stride", a.out_stride);
     if (a.window < 0) return bad("window", a.window);
+    if (!(a.softcap >= 0.0f))
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "{}: softcap = {} is invalid", who, a.softcap);
     return status::ok();
 }
 
@@ -476,6 +485,7 @@ dev_params to_dev(const attention_params& a) {
                       a.head_dim,
                       a.window,
                       a.scale,
+                      a.softcap,
                       a.q_stride,
                       a.kv_stride,
                       a.out_stride,

@@ -22,6 +22,7 @@ struct attention_params {
     int64_t         n_head = 0, n_head_kv = 0, head_dim = 0;  // n_head_kv divides n_head; head_dim even, <= 256
     int64_t         window   = 0;                             // sliding window in tokens (0: none)
     float           scale    = 1.0f;
+    float           softcap  = 0.0f;  // > 0: scaled scores s -> softcap * tanh(s / softcap) (Gemma 2); 0 = off
     int64_t         q_stride = 0, kv_stride = 0, out_stride = 0;  // row strides in elements
     // Decode only: when set, the key count is read from this device I32 at run time (the queries
     // are then the last n_q positions, q_pos0 = *n_kv_dev - n_q) and n_kv above is its upper bound,

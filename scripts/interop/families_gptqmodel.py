@@ -80,7 +80,7 @@ def main():
         golden = families.golden_of(name)
         for reader in ("transformers", "gptqmodel"):
             try:
-                model = ic.load(reader, out)
+                model = ic.load(reader, out, attn_implementation="eager")  # as families.py
                 r[reader + "_seq_ppl"] = families.reader_golden(model, golden,
                                                                 os.path.join(out, f"golden-{reader}.safetensors"))
                 r[reader] = ic.perplexity(model, ids, args.seqlen, args.max_windows)["ppl"]

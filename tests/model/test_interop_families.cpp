@@ -36,11 +36,14 @@ struct reader_bound {
     double      ppl_rel;
 };
 
-// transformers + optimum + GPTQModel's torch kernel computes in F32 like ours: the arch goldens'
-// bound (1e-3; summation order gives ~1e-6). GPTQModel.load runs F16 only (its torch kernel
-// refuses F32): F16 activations and F16-rounded dequantized weights through a few layers.
+// transformers + optimum + GPTQModel's torch kernel runs F32 activations, but its dequantization
+// multiplies the F16 scales by the codes in F16 (its modules keep scales F16 under dtype=float32):
+// every weight rounded to F16 (2^-11 relative), measured 4.9e-4 .. 2.2e-3 on these fixtures
+// (Gemma 3 the most). GPTQModel.load runs F16 only (its torch kernel refuses F32): F16 activations
+// as well, measured 1.4e-3 .. 8.1e-3. A wrong tensor, split, group or zero point, or a dropped
+// Gemma soft-cap (transformers' sdpa attention, measured 4 - 6 %), is far beyond both.
 constexpr reader_bound k_readers[] = {
-    {"transformers", 1e-3, 1e-4},
+    {"transformers", 5e-3, 1e-4},
     {"gptqmodel", 2e-2, 2e-3},
 };
 

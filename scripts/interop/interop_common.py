@@ -107,7 +107,7 @@ def gptq_settings(folder):
     return q
 
 
-def load_transformers(folder, dtype=torch.float32, device="cpu"):
+def load_transformers(folder, dtype=torch.float32, device="cpu", **kwargs):
     from transformers import AutoModelForCausalLM, GPTQConfig
 
     q = gptq_settings(folder)
@@ -115,16 +115,16 @@ def load_transformers(folder, dtype=torch.float32, device="cpu"):
     # bits etc. come from the folder's config.json.
     loading = GPTQConfig(bits=q["bits"], backend="gptq_torch")
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map=device,
-                                                 quantization_config=loading)
+                                                 quantization_config=loading, **kwargs)
     return model.eval()
 
 
-def load_gptqmodel(folder, dtype=torch.float32, device="cpu"):
+def load_gptqmodel(folder, dtype=torch.float32, device="cpu", **kwargs):
     from gptqmodel import BACKEND, GPTQModel
 
     # Its torch kernel (TorchLinear) refuses float32 ("only supports [torch.float16,
     # torch.bfloat16]"): this reader always runs in float16.
-    m = GPTQModel.load(folder, backend=BACKEND.GPTQ_TORCH, device=device, dtype=torch.float16)
+    m = GPTQModel.load(folder, backend=BACKEND.GPTQ_TORCH, device=device, dtype=torch.float16, **kwargs)
     return m.model.eval()
 
 
@@ -202,7 +202,7 @@ def load_state(path, is_sharded):
     return state
 
 
-def load_autogptq(folder, dtype=torch.float32, device="cpu"):
+def load_autogptq(folder, dtype=torch.float32, device="cpu", **kwargs):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     qcfg = autogptq_quantize_config(folder)
@@ -213,7 +213,7 @@ def load_autogptq(folder, dtype=torch.float32, device="cpu"):
     bits, group = qcfg["bits"], qcfg["group_size"]
     kind = "cuda_old" if (not qcfg["desc_act"] or group == -1) else "cuda"
     QuantLinear = autogptq_quantlinear(kind)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **kwargs)
     # AutoGPTQ quantizes every nn.Linear inside model.layers (lm_head and embeddings stay dense).
     for name, mod in list(model.named_modules()):
         if ".layers." not in name or not isinstance(mod, torch.nn.Linear):
@@ -240,8 +240,10 @@ def load_autogptq(folder, dtype=torch.float32, device="cpu"):
 LOADERS = {"transformers": load_transformers, "gptqmodel": load_gptqmodel, "autogptq": load_autogptq}
 
 
-def load(reader, folder, dtype=torch.float32, device="cpu"):
-    return LOADERS[reader](folder, dtype=dtype, device=device)
+def load(reader, folder, dtype=torch.float32, device="cpu", **kwargs):
+    """kwargs go to the reader's from_pretrained/from_config (e.g. attn_implementation="eager":
+    transformers' default sdpa attention drops Gemma 2's attention logit soft-capping)."""
+    return LOADERS[reader](folder, dtype=dtype, device=device, **kwargs)
 
 
 def versions():

@@ -513,6 +513,34 @@ status check_tensor_names(const tensor_source& src, const llama_hparams& hp, con
                   unknown.size(), unknown.size() == 1 ? "" : "s", list);
     return status::ok();
 }
+
+bool module_stored(const tensor_source& src, const std::string& module) {
+    return src.has(module + ".weight") || src.has(module + ".qweight");
+}
+
+// The checkpoint decides whether a family's fused modules are stored fused: GPTQModel 7.6 splits
+// Phi-3's mlp.gate_up_proj into mlp.gate_proj and mlp.up_proj before quantizing (its "defuser")
+// and writes them so, while transformers' own files (and ours) keep gate_up_proj
+// (docs/interop.md "New families"). Layer 0 decides; a layer stored the other way is then a
+// missing tensor, named at load.
+void fused_layout_from_checkpoint(const tensor_source& src, llama_hparams* hp) {
+    if (hp->n_layer < 1) return;
+    auto split_stored = [&](linear_role first, std::initializer_list<linear_role> parts) {
+        if (module_stored(src, llama_linear_slot(*hp, 0, first).module)) return false;
+        for (linear_role r : parts)
+            if (!module_stored(src, llama_linear_name(0, r))) return false;
+        return true;
+    };
+    if (hp->fused_qkv &&
+        split_stored(linear_role::LINEAR_Q, {linear_role::LINEAR_Q, linear_role::LINEAR_K, linear_role::LINEAR_V})) {
+        hp->fused_qkv = false;
+        GPTQ_LOG_INFO("{}: q_proj, k_proj and v_proj stored apart (not as self_attn.qkv_proj)", src.path());
+    }
+    if (hp->fused_gate_up && split_stored(linear_role::LINEAR_GATE, {linear_role::LINEAR_GATE, linear_role::LINEAR_UP})) {
+        hp->fused_gate_up = false;
+        GPTQ_LOG_INFO("{}: gate_proj and up_proj stored apart (not as mlp.gate_up_proj)", src.path());
+    }
+}
 }  // namespace
 
 result<std::unique_ptr<llama_model>> llama_model::open(const std::string& path, const llama_open_options& options) {
@@ -533,6 +561,7 @@ result<std::unique_ptr<llama_model>> llama_model::open(const std::string& path, 
             for (auto& [name, c] : m->gptq_modules_) c.format = m->gptq_->format;
         }
     }
+    fused_layout_from_checkpoint(*m->src_, &m->hp_);
     std::vector<tensor_spec> all = llama_global_tensors(m->hp_);
     for (int64_t i = 0; i < m->hp_.n_layer; ++i) {
         auto l = llama_layer_tensors(m->hp_, i);

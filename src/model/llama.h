@@ -97,6 +97,8 @@ struct llama_hparams {
     // The checkpoint stores q/k/v as one self_attn.qkv_proj and gate/up as one mlp.gate_up_proj
     // (Phi-3): the layer still holds seven linears, sliced by output rows at load and joined again
     // when a quantized checkpoint is written (a linear's output rows are independent).
+    // llama_model::open clears them when the checkpoint stores the parts apart (GPTQModel 7.6
+    // writes Phi-3's gate_proj and up_proj so): the checkpoint's layout, not the family's.
     bool fused_qkv     = false;
     bool fused_gate_up = false;
 

@@ -22,6 +22,7 @@
 #include "core/log.h"
 #include "core/thread_pool.h"
 #include "engine_cuda.h"
+#include "eos_ids.h"
 #include "host_memory.h"
 #include "model/llama.h"
 #include "tokenizer/tokenizer.h"
@@ -114,12 +115,7 @@ status generator::impl::load_defaults() {
         defaults.max_new_tokens = *gc.max_length;
         defaults.max_length     = *gc.max_length;
     }
-    // EOS as transformers' generate(): the generation config's, which falls back on config.json's.
-    std::vector<int64_t> ids = gc.eos_token_ids.empty() ? model->config().eos_token_ids : gc.eos_token_ids;
-    for (int64_t id : ids)
-        if (id >= 0 && id < model->hparams().n_vocab && !is_eos(static_cast<int32_t>(id)))
-            eos.push_back(static_cast<int32_t>(id));
-    if (ids.empty()) eos = tok->eos_ids();
+    eos = generation_eos_ids(gc, model->config(), model->hparams().n_vocab, *tok);
     return status::ok();
 }
 

@@ -1,6 +1,8 @@
-// gptq bench (include/gptq/bench.h): the measuring protocol over a bench_backend (bench_backend.h):
-// per batch size, a warm-up iteration then `repeat` timed ones of prefill + gen decode steps with
-// seeded random token ids; medians; peak memory per row; the FP16 original after the model.
+// gptq bench (include/gptq/bench.h): the measuring protocol over a model_session (model_session.h,
+// CPU or GPU): per batch size, a warm-up iteration then `repeat` timed ones of prefill + gen decode
+// steps with seeded random token ids; medians; peak memory per row; the FP16 original after the
+// model. Every step returns when its logits are on the host (the GPU's stream is synchronised), so
+// wall-clock time around a step is the step's time.
 #include "gptq/bench.h"
 
 #include <fmt/format.h>
@@ -11,9 +13,9 @@
 #include <nlohmann/json.hpp>
 #include <random>
 
-#include "bench_backend.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "model_session.h"
 
 namespace gptq {
 
@@ -55,44 +57,57 @@ status check_params(const bench_params& p) {
     return status::ok();
 }
 
-result<std::unique_ptr<bench_backend>> backend_open(const bench_params& p, const std::string& path) {
-    GPTQ_ASSIGN_OR_RETURN(const device_spec dev, device_parse(p.device));
-    GPTQ_TRY(gpu_placement_check(dev, {p.device_map, p.max_memory}));
-    auto b = dev.cuda ? bench_backend_cuda_open(path, dev, p.prompt + p.gen, {p.device_map, p.max_memory})
-                      : bench_backend_cpu_open(path, p.n_threads);
-    if (!b) return b.error().with_context(fmt::format("bench: {}", path));
-    return b;
+result<std::unique_ptr<model_session>> session_open(const bench_params& p, const std::string& path) {
+    model_session_options o;
+    o.model_path = path;
+    GPTQ_ASSIGN_OR_RETURN(o.device, device_parse(p.device));
+    o.n_threads  = p.n_threads;
+    o.n_ctx_hint = p.prompt + p.gen;  // the GPU: the KV cache and the planner's context
+    o.device_map = p.device_map;
+    o.max_memory = p.max_memory;
+    GPTQ_TRY(model_session_check(o));
+    auto s = model_session_open(o);
+    if (!s) return s.error().with_context(fmt::format("bench: {}", path));
+    return s;
 }
 
 struct timing {
     double prefill = 0, decode = 0;
 };
 
-// One iteration: reset, prefill batch x prompt, gen decode steps.
-result<timing> iterate(bench_backend& be, const bench_params& p, int64_t batch, std::mt19937_64& rng) {
-    std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(be.n_vocab() - 1));
+// One iteration: reserve, prefill batch x prompt (one step, a sequence per slot), gen decode steps.
+result<timing> iterate(model_session& s, const bench_params& p, int64_t batch, std::mt19937_64& rng) {
+    std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(s.n_vocab() - 1));
     std::vector<int32_t>                   ids(static_cast<size_t>(batch * p.prompt));
     for (auto& id : ids) id = tok(rng);
-    std::vector<std::vector<int32_t>> steps(static_cast<size_t>(p.gen),
-                                            std::vector<int32_t>(static_cast<size_t>(batch)));
-    for (auto& s : steps)
-        for (auto& id : s) id = tok(rng);
-    GPTQ_TRY(be.reset(batch, p.prompt + p.gen));
+    std::vector<std::vector<int32_t>> gen_ids(static_cast<size_t>(p.gen),
+                                              std::vector<int32_t>(static_cast<size_t>(batch)));
+    for (auto& g : gen_ids)
+        for (auto& id : g) id = tok(rng);
+    std::vector<float>    logits(static_cast<size_t>(batch * s.n_vocab()));
+    std::vector<seq_step> prefill(static_cast<size_t>(batch)), decode(static_cast<size_t>(batch));
+    for (int64_t b = 0; b < batch; ++b)
+        prefill[static_cast<size_t>(b)] = {.seq = b, .ids = ids.data() + b * p.prompt, .n_tokens = p.prompt};
+    GPTQ_TRY(s.reserve(batch, p.prompt + p.gen));
     timing t;
     auto   t0 = std::chrono::steady_clock::now();
-    GPTQ_TRY(be.prefill(ids.data(), batch, p.prompt));
+    GPTQ_TRY(s.step(prefill, logits.data()));
     t.prefill = seconds_since(t0);
     t0        = std::chrono::steady_clock::now();
-    for (const auto& s : steps) GPTQ_TRY(be.decode_step(s.data(), batch));
+    for (const auto& g : gen_ids) {
+        for (int64_t b = 0; b < batch; ++b)
+            decode[static_cast<size_t>(b)] = {.seq = b, .ids = g.data() + b, .n_tokens = 1};
+        GPTQ_TRY(s.step(decode, logits.data()));
+    }
     t.decode = seconds_since(t0);
     return t;
 }
 
 result<std::vector<bench_row>> bench_model(const bench_params& p, const std::string& path, const std::string& role) {
-    std::unique_ptr<bench_backend> be;
-    const auto                     t_load = std::chrono::steady_clock::now();
-    GPTQ_ASSIGN_OR_RETURN(be, backend_open(p, path));
+    const auto t_load = std::chrono::steady_clock::now();
+    GPTQ_ASSIGN_OR_RETURN(std::unique_ptr<model_session> be, session_open(p, path));
     const double           load_seconds = seconds_since(t_load);
+    const std::string      machine      = be->describe();  // as opened (the GPU's KV cache before any row)
     std::vector<bench_row> rows;
     for (int64_t batch : p.batches) {
         bench_row r;
@@ -102,8 +117,8 @@ result<std::vector<bench_row>> bench_model(const bench_params& p, const std::str
         r.role         = role;
         r.weights      = be->weights();
         r.device       = be->device();
-        r.machine      = be->machine();
-        r.n_threads    = be->n_threads();
+        r.machine      = machine;
+        r.n_threads    = std::max(1, be->n_threads());  // a GPU: the one host thread driving it
         r.batch        = batch;
         r.prompt       = p.prompt;
         r.gen          = p.gen;
@@ -112,7 +127,7 @@ result<std::vector<bench_row>> bench_model(const bench_params& p, const std::str
         r.load_seconds = load_seconds;
         // The same ids for a batch size whatever the model, so that the original sees what the model saw.
         std::mt19937_64 rng(p.seed * 1000003u + static_cast<uint64_t>(batch));
-        GPTQ_TRY(be->reset(0, 0));  // free the previous row's caches before the peak is reset
+        GPTQ_TRY(be->reserve(0, 0));  // free the previous row's caches before the peak is reset
         be->memory_reset_peak();
         GPTQ_TRY(iterate(*be, p, batch, rng).to_status());  // warm-up, not counted
         std::vector<double> pre, dec;
@@ -135,7 +150,7 @@ result<std::vector<bench_row>> bench_model(const bench_params& p, const std::str
             auto t = iterate(*be, p, batch, rng);
             GPTQ_TRY(be->profile_ops(false));
             if (!t) return t.error();
-            const gpu_op_profile prof = be->op_profile();
+            const gpu_op_profile prof = be->decode_profile();
             if (prof.passes > 0) {
                 const double steps         = static_cast<double>(prof.passes);
                 r.profile_steps            = prof.passes;

@@ -1,7 +1,8 @@
-// generator (include/gptq/generate.h): the model and tokenizer loaded once; each call tokenizes
-// its prompts, runs one ragged-batch prefill (llama_model::forward_batch), then decode steps that
-// batch the sequences still running, one token each. Per sequence: a KV cache sized prompt + its
-// token limit (-n, max_length, the model's context), a sampler, an incremental decoder and the
+// generator (include/gptq/generate.h): the model (a model_session, model_session.h) and tokenizer
+// loaded once; each call tokenizes its prompts, runs one prefill step over them, then decode steps
+// that batch the sequences still running, one token each: all prompts at once on a ragged session
+// (the CPU), one at a time otherwise (the GPU). Per sequence: a slot of prompt + its token limit
+// (-n, max_length, the model's context) positions, a sampler, an incremental decoder and the
 // stop-string scan. The defaults come from generation_config.json (load_defaults).
 #include "gptq/generate.h"
 
@@ -20,11 +21,9 @@
 #include "context_limit.h"
 #include "core/error.h"
 #include "core/log.h"
-#include "core/thread_pool.h"
-#include "engine_cuda.h"
 #include "eos_ids.h"
-#include "host_memory.h"
 #include "model/llama.h"
+#include "model_session.h"
 #include "tokenizer/tokenizer.h"
 
 namespace gptq {
@@ -45,7 +44,6 @@ size_t utf8_boundary(const std::string& s, size_t n) {
 // One sequence being generated.
 struct sequence {
     generate_result                      res;
-    kv_cache                             cache;
     std::unique_ptr<sampler>             smp;
     std::unique_ptr<incremental_decoder> dec;
     std::vector<int32_t>                 history;      // prompt + generated: what the repetition penalty sees
@@ -57,15 +55,14 @@ struct sequence {
 }  // namespace
 
 struct generator::impl {
-    generator_options            opts;
-    std::unique_ptr<llama_model> model;
-    std::unique_ptr<tokenizer>   tok;
-    std::unique_ptr<thread_pool> pool;
-    int                          n_threads = 0;
-    std::unique_ptr<gpu_session> gpu;  // --device cuda: one sequence at a time on the GPU model
-    generate_params              defaults;
-    std::string                  defaults_source;  // the generation_config.json read, or ""
-    std::vector<int32_t>         eos;              // ids that end a sequence
+    generator_options              opts;
+    std::unique_ptr<model_session> session;
+    std::unique_ptr<tokenizer>     tok;
+    generate_params                defaults;
+    std::string                    defaults_source;  // the generation_config.json read, or ""
+    std::vector<int32_t>           eos;              // ids that end a sequence
+
+    const llama_model& model() const { return session->model(); }
 
     status                       load_defaults();
     result<std::vector<int64_t>> token_limits(const std::vector<int64_t>& n_prompt, const generate_params& p) const;
@@ -91,7 +88,7 @@ const std::vector<int32_t>& generator::eos_ids() const {
     return impl_->eos;
 }
 int64_t generator::context_length() const {
-    return model_context_limit(impl_->model->hparams());
+    return model_context_limit(impl_->session->hparams());
 }
 
 // transformers' generate() reads generation_config.json into a GenerationConfig whose absent keys
@@ -115,7 +112,7 @@ status generator::impl::load_defaults() {
         defaults.max_new_tokens = *gc.max_length;
         defaults.max_length     = *gc.max_length;
     }
-    eos = generation_eos_ids(gc, model->config(), model->hparams().n_vocab, *tok);
+    eos = generation_eos_ids(gc, model().config(), model().hparams().n_vocab, *tok);
     return status::ok();
 }
 
@@ -124,7 +121,7 @@ status generator::impl::load_defaults() {
 // context: a warning, and the sequence ends with finish reason "length".
 result<std::vector<int64_t>> generator::impl::token_limits(const std::vector<int64_t>& n_prompt,
                                                            const generate_params&      p) const {
-    const int64_t        ctx = model_context_limit(model->hparams());
+    const int64_t        ctx = model_context_limit(model().hparams());
     std::vector<int64_t> out;
     int64_t              n_cut = 0, first_cut = -1;
     for (size_t s = 0; s < n_prompt.size(); ++s) {
@@ -134,7 +131,7 @@ result<std::vector<int64_t>> generator::impl::token_limits(const std::vector<int
             return make_error(E_ARG,
                               "{} is {} tokens, the model's context is {} positions (max_position_embeddings in "
                               "{}): no room to generate; shorten it",
-                              which, n, ctx, model->config().path);
+                              which, n, ctx, model().config().path);
         if (p.max_length > 0 && n >= p.max_length)
             return make_error(E_ARG,
                               "{} is {} tokens, max_length is {} (prompt included; from {}): pass -n N to set the "
@@ -199,34 +196,19 @@ void generator::log_settings(const generate_params& params) const {
 }
 
 result<std::unique_ptr<generator>> generator::open(const generator_options& options) {
-    GPTQ_ASSIGN_OR_RETURN(const device_spec dev, device_parse(options.device));
-    GPTQ_TRY(device_check(dev));
-    GPTQ_TRY(gpu_placement_check(dev, {options.device_map, options.max_memory}));
-    if (options.n_threads < 0) return make_error(E_ARG, "--threads is {}, expected >= 0", options.n_threads);
+    model_session_options so;
+    so.model_path = options.model_path;
+    GPTQ_ASSIGN_OR_RETURN(so.device, device_parse(options.device));
+    so.n_threads  = options.n_threads;
+    so.strict     = options.strict;
+    so.device_map = options.device_map;
+    so.max_memory = options.max_memory;
     std::unique_ptr<generator> g(new generator());
     impl&                      m = *g->impl_;
     m.opts                       = options;
-    GPTQ_ASSIGN_OR_RETURN(m.model, llama_model::open(options.model_path, {.strict = options.strict}));
+    GPTQ_ASSIGN_OR_RETURN(m.session, model_session_open(so));  // checks the host memory on the CPU
     GPTQ_ASSIGN_OR_RETURN(m.tok, tokenizer::load(options.model_path));
     GPTQ_TRY(m.load_defaults());
-    if (dev.cuda) {  // weights on the GPU only; llama_model above holds the config
-        GPTQ_ASSIGN_OR_RETURN(m.gpu,
-                              gpu_session::open(options.model_path, dev, 0, {options.device_map, options.max_memory}));
-        m.n_threads = 1;
-        return g;
-    }
-    GPTQ_TRY(host_memory_check(fmt::format("loading {}", options.model_path), m.model->resident_bytes(),
-                               "use a machine with more memory or a quantized checkpoint"));
-    try {
-        GPTQ_TRY(m.model->layers_load_all());
-        GPTQ_TRY(m.model->globals_load());
-    } catch (const std::bad_alloc&) {
-        return make_error(status_code::STATUS_OUT_OF_MEMORY, "out of host memory while loading {} (needs about {})",
-                          options.model_path, human_bytes(m.model->resident_bytes()));
-    }
-    m.n_threads =
-        options.n_threads > 0 ? options.n_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    m.pool = std::make_unique<thread_pool>(m.n_threads);
     return g;
 }
 
@@ -251,10 +233,8 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
     size_t max_stop = 0;
     for (const auto& s : p.stop) max_stop = std::max(max_stop, s.size());
 
-    const llama_hparams&  hp    = model->hparams();
     const int64_t         n_seq = static_cast<int64_t>(prompts.size());
     std::vector<sequence> seqs(static_cast<size_t>(n_seq));
-    std::vector<int32_t>  ids;
     std::vector<int64_t>  lens;
     for (int64_t s = 0; s < n_seq; ++s) {
         sequence& q         = seqs[static_cast<size_t>(s)];
@@ -262,28 +242,15 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
         q.res.prompt_tokens = tok->encode(q.res.prompt, p.add_special);
         if (q.res.prompt_tokens.empty())
             return make_error(E_ARG, "prompt {} encodes to no tokens (empty prompt and no BOS)", s + 1);
-        ids.insert(ids.end(), q.res.prompt_tokens.begin(), q.res.prompt_tokens.end());
         lens.push_back(static_cast<int64_t>(q.res.prompt_tokens.size()));
     }
     GPTQ_ASSIGN_OR_RETURN(std::vector<int64_t> limits, token_limits(lens, p));
-    {
-        // KV caches of every sequence (F32 keys and values of each layer) plus the logits.
-        uint64_t kv = 0;
-        for (int64_t s = 0; s < n_seq; ++s)
-            kv += 8 * static_cast<uint64_t>(hp.n_layer * hp.kv_dim()) *
-                  static_cast<uint64_t>(lens[static_cast<size_t>(s)] + limits[static_cast<size_t>(s)]);
-        kv += 4 * static_cast<uint64_t>(n_seq * hp.n_vocab);
-        GPTQ_TRY(
-            host_memory_check(fmt::format("generating {} sequence{} (KV cache, at most)", n_seq, n_seq == 1 ? "" : "s"),
-                              kv, "lower -n/--max-new-tokens, shorten the prompts or generate fewer at once"));
-    }
     for (int64_t s = 0; s < n_seq; ++s) {
         sequence& q = seqs[static_cast<size_t>(s)];
         q.max_new   = limits[static_cast<size_t>(s)];
-        if (!gpu) q.cache = kv_cache::create(hp, lens[static_cast<size_t>(s)] + q.max_new);
-        q.smp     = std::make_unique<sampler>(p.sampling);
-        q.dec     = std::make_unique<incremental_decoder>(*tok, /*skip_special=*/true);
-        q.history = q.res.prompt_tokens;
+        q.smp       = std::make_unique<sampler>(p.sampling);
+        q.dec       = std::make_unique<incremental_decoder>(*tok, /*skip_special=*/true);
+        q.history   = q.res.prompt_tokens;
     }
     const std::vector<int32_t> banned = p.ignore_eos ? eos : std::vector<int32_t>{};
 
@@ -324,68 +291,60 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
         if (static_cast<int64_t>(q.res.tokens.size()) >= q.max_new) finish(q, "length");
     };
 
-    const ops_context      ctx{pool.get(), false};
-    const int64_t          n_vocab = hp.n_vocab;
-    std::vector<float>     logits(static_cast<size_t>(n_seq * n_vocab));
-    std::vector<kv_cache*> caches;
-    for (auto& q : seqs) caches.push_back(&q.cache);
-
-    generate_stats st;
+    // The sequences run in groups of `group` (all at once on a ragged session; one at a time on the
+    // GPU, whose lockstep batches need equal prompt lengths), each sequence in slot i of its group:
+    // one prefill step over the group's prompts, then decode steps over those still running.
+    const int64_t         n_vocab = session->n_vocab();
+    const int64_t         group   = session->ragged() ? std::max<int64_t>(n_seq, 1) : 1;
+    std::vector<float>    logits(static_cast<size_t>(group * n_vocab));
+    std::vector<seq_step> steps;
+    std::vector<int64_t>  running;  // the index in the group of each sequence of a decode step
+    generate_stats        st;
     st.n_sequences = n_seq;
-    st.n_threads   = n_threads;
+    st.n_threads   = std::max(1, session->n_threads());  // a GPU: the one host thread driving it
     for (int64_t n : lens) st.n_prefill_tokens += n;
-    if (gpu && p.max_new_tokens > 0) {
-        // The GPU model holds one sequence: each prompt's prefill and decode steps in turn.
-        for (auto& q : seqs) {
-            const int64_t n_prompt = static_cast<int64_t>(q.res.prompt_tokens.size());
-            GPTQ_TRY(gpu->context_reserve(n_prompt + q.max_new));
-            gpu->reset();
-            auto t0 = std::chrono::steady_clock::now();
-            GPTQ_TRY(gpu->prefill(q.res.prompt_tokens.data(), n_prompt, logits.data(), /*all_logits=*/false));
-            st.prefill_seconds += seconds_since(t0);
-            t0 = std::chrono::steady_clock::now();
-            accept(q, q.smp->sample(logits.data(), n_vocab, q.history, banned));
-            while (!q.done) {
-                GPTQ_TRY(gpu->decode(q.res.tokens.back(), logits.data()));
-                st.n_decode_tokens += 1;
-                accept(q, q.smp->sample(logits.data(), n_vocab, q.history, banned));
-            }
-            st.decode_seconds += seconds_since(t0);
+    auto run_group = [&](sequence* first, int64_t count) -> status {
+        int64_t n_ctx = 0;
+        for (int64_t i = 0; i < count; ++i)
+            n_ctx = std::max(n_ctx, static_cast<int64_t>(first[i].res.prompt_tokens.size()) + first[i].max_new);
+        GPTQ_TRY(session->reserve(count, n_ctx)
+                     .with_context(fmt::format("generating {} sequence{} (lower -n/--max-new-tokens, shorten the "
+                                               "prompts or generate fewer at once)",
+                                               count, count == 1 ? "" : "s")));
+        steps.clear();
+        for (int64_t i = 0; i < count; ++i) {
+            const auto& prompt = first[i].res.prompt_tokens;
+            steps.push_back({.seq = i, .ids = prompt.data(), .n_tokens = static_cast<int64_t>(prompt.size())});
         }
-    } else if (p.max_new_tokens == 0) {
-        for (auto& q : seqs) q.res.finish_reason = "length";
-    } else if (n_seq > 0) {
         auto t0 = std::chrono::steady_clock::now();
-        GPTQ_TRY(model->forward_batch(ctx, ids.data(), lens.data(), n_seq, caches.data(), logits.data()));
-        st.prefill_seconds = seconds_since(t0);
-        t0                 = std::chrono::steady_clock::now();
-        for (int64_t s = 0; s < n_seq; ++s) {
-            sequence& q = seqs[static_cast<size_t>(s)];
-            accept(q, q.smp->sample(logits.data() + s * n_vocab, n_vocab, q.history, banned));
-        }
-        std::vector<sequence*> active;
-        std::vector<int64_t>   ones;
+        GPTQ_TRY(session->step(steps, logits.data()));
+        st.prefill_seconds += seconds_since(t0);
+        t0 = std::chrono::steady_clock::now();
+        for (int64_t i = 0; i < count; ++i)
+            accept(first[i], first[i].smp->sample(logits.data() + i * n_vocab, n_vocab, first[i].history, banned));
         for (;;) {
-            active.clear();
-            ids.clear();
-            caches.clear();
-            for (auto& q : seqs)
-                if (!q.done) {
-                    active.push_back(&q);
-                    ids.push_back(q.res.tokens.back());
-                    caches.push_back(&q.cache);
+            steps.clear();
+            running.clear();
+            for (int64_t i = 0; i < count; ++i)
+                if (!first[i].done) {
+                    steps.push_back({.seq = i, .ids = &first[i].res.tokens.back(), .n_tokens = 1});
+                    running.push_back(i);
                 }
-            if (active.empty()) break;
-            const int64_t n_active = static_cast<int64_t>(active.size());
-            ones.assign(static_cast<size_t>(n_active), 1);
-            GPTQ_TRY(model->forward_batch(ctx, ids.data(), ones.data(), n_active, caches.data(), logits.data()));
-            st.n_decode_tokens += n_active;
-            for (int64_t i = 0; i < n_active; ++i) {
-                sequence& q = *active[static_cast<size_t>(i)];
-                accept(q, q.smp->sample(logits.data() + i * n_vocab, n_vocab, q.history, banned));
+            if (steps.empty()) break;
+            GPTQ_TRY(session->step(steps, logits.data()));
+            st.n_decode_tokens += static_cast<int64_t>(steps.size());
+            for (size_t j = 0; j < running.size(); ++j) {
+                sequence& q = first[running[j]];
+                accept(q, q.smp->sample(logits.data() + static_cast<int64_t>(j) * n_vocab, n_vocab, q.history, banned));
             }
         }
-        st.decode_seconds = seconds_since(t0);
+        st.decode_seconds += seconds_since(t0);
+        return status::ok();
+    };
+    if (p.max_new_tokens == 0) {
+        for (auto& q : seqs) q.res.finish_reason = "length";
+    } else {
+        for (int64_t s = 0; s < n_seq; s += group) GPTQ_TRY(run_group(&seqs[static_cast<size_t>(s)], std::min(group, n_seq - s)));
     }
     if (stats) *stats = st;
     std::vector<generate_result> out;

@@ -3,7 +3,7 @@
 // own KV cache, and runs ragged steps over any subset of them. CPU (model_session_cpu.cpp, over
 // llama_model) and CUDA (model_session_cuda.cpp, over llama_cuda_model) implement it; a build
 // without CUDA opens the CUDA one as the "built without CUDA" error of device_check, so callers
-// need no #ifdef. docs/engine.md describes it.
+// need no #ifdef. docs/engine.md describes it, and which step shapes each backend runs.
 //
 //     GPTQ_ASSIGN_OR_RETURN(auto s, model_session_open({.model_path = dir, .device = dev}));
 //     GPTQ_TRY(s->reserve(/*n_seq=*/2, /*n_ctx=*/512));
@@ -17,6 +17,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "core/status.h"
 #include "gptq/device.h"
@@ -24,15 +25,22 @@
 
 namespace gptq {
 
-struct gpu_placement_flags;  // engine_cuda.h
-
 struct model_session_options {
     std::string model_path;
-    device_spec device;           // cpu (threads) or cuda:N
-    int         n_threads = 0;    // CPU: 0 = all cores
+    device_spec device;             // cpu (threads) or cuda:N
+    int         n_threads = 0;      // CPU: 0 = all cores
     bool        strict    = false;  // unused tensors are an error (llama_open_options::strict)
-    // CUDA only: --device-map / --max-memory placement (engine_cuda.h); empty = all on the GPU.
+    // CUDA: the context the KV cache is allocated and the placement planned for at open (0: the
+    // model's default, llama_cuda_options::n_ctx); reserve() grows it when asked for more.
+    int64_t n_ctx_hint = 0;
+    // CUDA only: --device-map / --max-memory placement (gptq/plan.h plan_for_device); both empty:
+    // everything on the GPU. Otherwise the plan is printed to stderr and its cpu modules offloaded.
     std::string device_map, max_memory;
+    // CPU: host memory the caller's own work needs beside the weights (ppl: one window's
+    // activations), checked with the weights at open before any weight is read (host_memory.h),
+    // and the advice of that out-of-memory error ("lower --seqlen ...").
+    uint64_t    host_work_bytes = 0;
+    std::string host_work_hint;
 };
 
 // One sequence's part of a step: n_tokens >= 1 new tokens ids[n_tokens] that follow the sequence's
@@ -45,6 +53,18 @@ struct seq_step {
     bool           all_logits = false;
 };
 
+// Per-op GPU time of the decode steps run while profiling (model/llama_cuda.h llama_op_profile).
+struct gpu_op_profile {
+    struct op_time {
+        std::string op;
+        int64_t     calls = 0;
+        double      ms    = 0;
+    };
+    int64_t              passes = 0, tokens = 0;
+    double               pass_ms = 0;
+    std::vector<op_time> ops;
+};
+
 class model_session {
 public:
     virtual ~model_session() = default;
@@ -52,34 +72,67 @@ public:
     virtual const llama_hparams& hparams() const = 0;
     virtual const llama_model&   model() const   = 0;  // config, tokenizer path, GPTQ settings
     int64_t                      n_vocab() const { return hparams().n_vocab; }
-    virtual std::string          device() const   = 0;  // "cpu", "cuda:0"
-    virtual std::string          describe() const = 0;  // device, weights, memory, for logs
+    std::string                  weights() const;  // "float16", "gptq-4bit-g128", "gptq-4bit-g128-act"
+    virtual std::string          device() const = 0;  // "cpu", "cuda:0"
+    // What runs the model, for logs and bench's `machine`: the CPU's model and core count; the GPU
+    // device with its weights and KV cache (MiB) and what is offloaded.
+    virtual std::string describe() const  = 0;
+    virtual int         n_threads() const = 0;  // host threads running the model's compute; 0 on a GPU
+    // Whether step() takes any ragged batch (sequences at different positions, different token
+    // counts, all_logits anywhere): the CPU. False: the lockstep shapes of docs/engine.md only
+    // (CUDA), and a step of another shape is a STATUS_UNSUPPORTED error naming it.
+    virtual bool ragged() const = 0;
 
     // Make room for n_seq sequence slots 0 .. n_seq-1 of up to n_ctx positions each; every
-    // sequence starts empty (pos 0). Errors when the memory does not fit, naming what was asked.
+    // sequence starts empty (pos 0); n_seq 0 drops every slot. Errors when the memory does not
+    // fit, naming what was asked (nothing is then reserved).
     virtual status  reserve(int64_t n_seq, int64_t n_ctx) = 0;
     virtual int64_t n_seq() const                         = 0;
     virtual int64_t n_ctx() const                         = 0;
-    // Forget sequence seq (its cache is overwritten from position 0 on).
+    // Forget sequence seq (its cache is overwritten from position 0 on); an unknown slot: nothing.
     virtual void    seq_reset(int64_t seq)     = 0;
-    virtual int64_t seq_pos(int64_t seq) const = 0;
+    virtual int64_t seq_pos(int64_t seq) const = 0;  // -1 for an unknown slot
 
     // One forward pass over a ragged batch: each listed sequence (at most once per step) runs its
     // new tokens; logits[rows, n_vocab] F32, rows in the order of `steps` (see seq_step). Errors
     // (nothing advanced): an unknown slot, a repeated one, n_tokens < 1, positions past n_ctx, a
-    // token id outside the vocabulary.
+    // token id outside the vocabulary (steps_check), and a shape the backend does not run.
     virtual status step(std::span<const seq_step> steps, float* logits) = 0;
 
     // Perplexity-style evaluation: the logits of every token of ids[n] run as a fresh sequence
-    // without touching any slot (local K/V), logits[n, n_vocab].
+    // without touching any slot (local K/V), logits[n, n_vocab]. CUDA: every slot must be empty
+    // (the GPU runs it in sequence 0's cache).
     virtual status evaluate(const int32_t* ids, int64_t n, float* logits) = 0;
 
     // Memory: bytes held on the device (host RSS on the CPU), and its peak since the last reset.
-    virtual uint64_t    memory_used() const  = 0;
-    virtual void        memory_reset_peak()  = 0;
-    virtual std::string memory_kind() const  = 0;  // "host RSS", "device"
+    virtual uint64_t    memory_used() const = 0;
+    virtual void        memory_reset_peak() = 0;
+    virtual std::string memory_kind() const = 0;  // "host_rss", "device_allocated"
+    // Weights offloaded to pinned host memory (CUDA --device-map / --max-memory); 0 otherwise.
+    virtual uint64_t offload_bytes() const { return 0; }
+
+    // Op-level GPU timing (bench --profile-ops; CUDA only, elsewhere STATUS_UNSUPPORTED): while on,
+    // decode steps run uncaptured with an event after each op; turning it on clears the profile.
+    virtual status         profile_ops(bool on);
+    virtual gpu_op_profile decode_profile() const { return {}; }
+
+protected:
+    // The checks every backend makes before a step runs (the errors listed at step()).
+    status steps_check(std::span<const seq_step> steps) const;
+    // ids[n] are all in the vocabulary; `where` starts the message ("evaluate").
+    status ids_check(const int32_t* ids, int64_t n, const std::string& where) const;
 };
 
+// The device, the placement flags (--device-map / --max-memory need a GPU) and the thread count;
+// model_session_open runs it first, and a flow may call it before its own slow work.
+status model_session_check(const model_session_options& options);
+
+// Opens the model on options.device: the CPU reads every layer (after a host memory check), the
+// GPU uploads them.
 result<std::unique_ptr<model_session>> model_session_open(const model_session_options& options);
+
+// The two backends (model_session_open picks one; options already checked).
+result<std::unique_ptr<model_session>> model_session_open_cpu(const model_session_options& options);
+result<std::unique_ptr<model_session>> model_session_open_cuda(const model_session_options& options);
 
 }  // namespace gptq

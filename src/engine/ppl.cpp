@@ -1,4 +1,5 @@
-// gptq ppl: resolve the dataset, tokenize once, run model/perplexity over the windows, time it.
+// gptq ppl: resolve the dataset, tokenize once, run model/perplexity over the windows on a
+// model_session (model_session.h: the same loop for every device), time it.
 #include "gptq/ppl.h"
 
 #include <fmt/format.h>
@@ -17,10 +18,9 @@
 #include "core/progress.h"
 #include "core/thread_pool.h"
 #include "data_files.h"
-#include "engine_cuda.h"
-#include "host_memory.h"
 #include "model/llama.h"
 #include "model/perplexity.h"
+#include "model_session.h"
 #include "tokenizer/tokenizer.h"
 
 namespace gptq {
@@ -66,60 +66,66 @@ result<ppl_result> ppl_run(const ppl_params& params) {
 }
 
 namespace {
+// The host memory ppl's own work needs beside the weights: one window's activations (logits,
+// hidden states, MLP, attention scores per head), checked by the CPU session at open.
+uint64_t window_activation_bytes(const llama_hparams& hp, int64_t seqlen) {
+    const auto sl = static_cast<uint64_t>(seqlen);
+    return 4 * sl *
+           static_cast<uint64_t>(hp.n_vocab + 6 * hp.n_embd + 3 * hp.n_ff + hp.q_dim() + 2 * hp.kv_dim() +
+                                 hp.n_head * seqlen);
+}
+
 result<ppl_result> ppl_run_unguarded(const ppl_params& params) {
     if (params.seqlen < 2)
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "--seqlen is {}, expected at least 2", params.seqlen);
     if (params.max_windows < 0)
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "--max-windows is {}, expected >= 0",
                           params.max_windows);
-    GPTQ_ASSIGN_OR_RETURN(const device_spec dev, device_parse(params.device));
-    GPTQ_TRY(device_check(dev));
-    GPTQ_TRY(gpu_placement_check(dev, {params.device_map, params.max_memory}));
+    model_session_options so;
+    so.model_path = params.model_path;
+    GPTQ_ASSIGN_OR_RETURN(so.device, device_parse(params.device));
+    so.n_threads      = params.n_threads;
+    so.strict         = params.strict;
+    so.n_ctx_hint     = params.seqlen;
+    so.device_map     = params.device_map;
+    so.max_memory     = params.max_memory;
+    so.host_work_hint = "lower --seqlen or use a machine with more memory";
+    GPTQ_TRY(model_session_check(so));
     const auto t_load = std::chrono::steady_clock::now();
     ppl_result r;
     GPTQ_ASSIGN_OR_RETURN(r.dataset_path, dataset_resolve(params.dataset));
     GPTQ_ASSIGN_OR_RETURN(std::string text, text_file_read(r.dataset_path));
-    GPTQ_ASSIGN_OR_RETURN(auto model, llama_model::open(params.model_path, {.strict = params.strict}));
-    // Windows past the trained positions (issue 15): an error for both devices, not a silent figure.
-    if (const int64_t ctx = model_context_limit(model->hparams()); ctx > 0 && params.seqlen > ctx)
-        return make_error(status_code::STATUS_INVALID_ARGUMENT,
-                          "--seqlen {} is longer than the model's context of {} positions (max_position_embeddings "
-                          "in {}); use --seqlen {} or less",
-                          params.seqlen, ctx, model->config().path, ctx);
-    GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(params.model_path));
-    if (dev.cuda) {  // the weights go to the GPU, not to host memory: engine_cuda.cpp
-        const std::vector<int32_t> gpu_ids = tok->encode(text, /*add_special=*/true);
-        r.n_dataset_tokens                 = static_cast<int64_t>(gpu_ids.size());
-        return ppl_evaluate_cuda(params, dev, gpu_ids, std::move(r), t_load);
-    }
     {
-        // The weights as the CPU runtime holds them plus one window's activations (logits, hidden
-        // states, MLP, attention scores per head), checked before anything large is read.
-        const llama_hparams& hp  = model->hparams();
-        const auto           sl  = static_cast<uint64_t>(params.seqlen);
-        const uint64_t       act = 4 * sl *
-                             static_cast<uint64_t>(hp.n_vocab + 6 * hp.n_embd + 3 * hp.n_ff + hp.q_dim() +
-                                                   2 * hp.kv_dim() + hp.n_head * params.seqlen);
-        GPTQ_TRY(host_memory_check(fmt::format("evaluating {} (weights {} + activations {})", params.model_path,
-                                               human_bytes(model->resident_bytes()), human_bytes(act)),
-                                   model->resident_bytes() + act, "lower --seqlen or use a machine with more memory"));
+        // The config alone (no tensor read) for the checks before the weights are loaded.
+        GPTQ_ASSIGN_OR_RETURN(const model_config cfg, model_config_load(params.model_path));
+        GPTQ_ASSIGN_OR_RETURN(const llama_hparams hp, llama_hparams_from_config(cfg));
+        // Windows past the trained positions (issue 15): an error for every device, not a silent figure.
+        if (const int64_t ctx = model_context_limit(hp); ctx > 0 && params.seqlen > ctx)
+            return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                              "--seqlen {} is longer than the model's context of {} positions (max_position_embeddings "
+                              "in {}); use --seqlen {} or less",
+                              params.seqlen, ctx, cfg.path, ctx);
+        so.host_work_bytes = window_activation_bytes(hp, params.seqlen);
     }
+    GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(params.model_path));
     const std::vector<int32_t> ids = tok->encode(text, /*add_special=*/true);
     r.n_dataset_tokens             = static_cast<int64_t>(ids.size());
-    GPTQ_TRY(model->layers_load_all());
-    GPTQ_TRY(model->globals_load());
+    GPTQ_ASSIGN_OR_RETURN(auto session, model_session_open(so));
     r.load_seconds = seconds_since(t_load);
 
-    const int n_threads =
-        params.n_threads > 0 ? params.n_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-    thread_pool       pool(n_threads);
+    // The log-softmax of each window runs on the host (F32 in, F64 sums): on the CPU with the
+    // forward pass's thread count, beside the GPU on a few threads.
+    thread_pool       pool(session->n_threads() > 0 ? session->n_threads() : 2);
     const ops_context ctx{&pool, false};
     int64_t           n_windows = r.n_dataset_tokens / params.seqlen;
     if (params.max_windows > 0) n_windows = std::min(n_windows, params.max_windows);
     std::optional<progress_bar> bar;  // none when the caller asked for no progress output
     if (params.progress) bar.emplace("ppl", n_windows, "win");
+    const window_forward fwd = [&](const int32_t* win, int64_t n, float* logits) {
+        return session->evaluate(win, n, logits);
+    };
     const auto t_eval = std::chrono::steady_clock::now();
-    auto       sums   = perplexity_evaluate(*model, ctx, ids, params.seqlen, params.max_windows, [&](int64_t) {
+    auto sums = perplexity_evaluate(fwd, session->n_vocab(), ctx, ids, params.seqlen, params.max_windows, [&](int64_t) {
         if (bar) bar->update(1);
     });
     if (bar) bar->finish();
@@ -131,8 +137,13 @@ result<ppl_result> ppl_run_unguarded(const ppl_params& params) {
     r.seqlen            = params.seqlen;
     r.n_tokens          = r.n_windows * params.seqlen;
     r.n_predicted       = sums->n_predicted;
-    r.n_threads         = n_threads;
+    r.n_threads         = session->n_threads();
+    r.device            = session->device();
     r.tokens_per_second = r.seconds > 0 ? static_cast<double>(r.n_tokens) / r.seconds : 0.0;
+    if (so.device.cuda) {  // the GPU's own memory figures (the CPU's is the process's RSS)
+        r.device_bytes  = session->memory_used();
+        r.offload_bytes = session->offload_bytes();
+    }
     return r;
 }
 }  // namespace

@@ -102,6 +102,13 @@ result<serve_plan> plan_kv(const serve_options& o, const model_session& s) {
         return make_error(E_ARG, "--ctx {} is more than the model's context of {} positions (max_position_embeddings)",
                           p.n_ctx, model_ctx);
     if (o.max_seqs < 1) return make_error(E_ARG, "--max-seqs is {}, expected >= 1", o.max_seqs);
+    // A backend without ragged steps (CUDA today: lockstep shapes only, docs/engine.md) serves one
+    // sequence at a time: slot 0 alone, prefill chunks and decode tokens at any position.
+    const int64_t max_seqs = s.ragged() ? o.max_seqs : 1;
+    if (!s.ragged() && o.max_seqs > 1)
+        GPTQ_LOG_WARN("serve: {} runs lockstep batches only, not the ragged steps of continuous batching: serving one "
+                      "sequence at a time (docs/serve.md)",
+                      s.device());
     p.per_position           = kv_bytes_per_position(s);
     p.weights                = s.memory_used();
     const uint64_t per_seq   = p.per_position * static_cast<uint64_t>(p.n_ctx);
@@ -113,12 +120,12 @@ result<serve_plan> plan_kv(const serve_options& o, const model_session& s) {
                               o.kv_memory_frac);
         const uint64_t avail = s.device() == "cpu" ? host_memory_available() : 0;
         budget               = avail > 0 ? static_cast<uint64_t>(static_cast<double>(avail) * o.kv_memory_frac)
-                                         : per_seq * static_cast<uint64_t>(o.max_seqs);  // unknown: what --max-seqs asks
+                                         : per_seq * static_cast<uint64_t>(max_seqs);  // unknown: what --max-seqs asks
         budget_of            = avail > 0
                                    ? fmt::format("--kv-memory {:g} of the {} available", o.kv_memory_frac, human_bytes(avail))
                                    : "--max-seqs (free memory unknown)";
     }
-    p.n_slots = std::min<int64_t>(o.max_seqs, static_cast<int64_t>(budget / per_seq));
+    p.n_slots = std::min<int64_t>(max_seqs, static_cast<int64_t>(budget / per_seq));
     if (p.n_slots < 1)
         return make_error(status_code::STATUS_OUT_OF_MEMORY,
                           "the KV budget ({}: {}) holds no sequence of --ctx {} positions ({} each); lower --ctx or "
@@ -477,6 +484,7 @@ status serve_run(const serve_options& o) {
     GPTQ_ASSIGN_OR_RETURN(auto session, model_session_open({.model_path = o.model_path,
                                                             .device     = dev,
                                                             .n_threads  = o.n_threads,
+                                                            .n_ctx_hint = o.n_ctx,
                                                             .device_map = o.device_map,
                                                             .max_memory = o.max_memory}));
     GPTQ_ASSIGN_OR_RETURN(const serve_plan plan, plan_kv(o, *session));

@@ -229,10 +229,13 @@ public:
     // n_tokens[s] >= 1 new tokens, stored back to back in ids[sum n_tokens], which follow the
     // n_past positions of caches[s] (advanced by n_tokens[s]). Every linear runs once over all
     // the batch's rows ([sum n_tokens, n_in], no padding); RoPE and attention run per sequence
-    // over its own cache. logits[n_seq, n_vocab]: the logits of each sequence's last token only.
-    // Used for batched prefill (prompts of different lengths) and batched decode (one token each).
+    // over its own cache, so the sequences may be at different positions and mix prompt chunks with
+    // single decode tokens. logits: per sequence in order, the logits of its last token (one row of
+    // n_vocab), or of every one of its tokens (n_tokens[s] rows) when all_logits[s] (all_logits
+    // nullptr: last tokens only, [n_seq, n_vocab]). Only those rows reach the final norm and lm_head.
+    // Used by the CPU model_session (engine/model_session.h): ragged steps of generate, bench, serve.
     status forward_batch(const ops_context& ctx, const int32_t* ids, const int64_t* n_tokens, int64_t n_seq,
-                         kv_cache* const* caches, float* logits);
+                         kv_cache* const* caches, float* logits, const bool* all_logits = nullptr);
 
 private:
     llama_model() = default;

@@ -1,7 +1,8 @@
 // Ragged-batch forward pass for generation (llama.h: forward_batch): several independent
 // sequences, each with its own KV cache and any number of new tokens, in one pass through
 // layer_forward (llama_layer.cpp), whose linears run once over the rows of all sequences
-// ([sum n_tokens, features], no padding). Only each sequence's last row reaches the lm_head.
+// ([sum n_tokens, features], no padding). Only each sequence's last row (or all of its rows, when
+// asked) reaches the lm_head.
 #include <algorithm>
 
 #include "core/error.h"
@@ -10,7 +11,7 @@
 namespace gptq {
 
 status llama_model::forward_batch(const ops_context& ctx, const int32_t* ids, const int64_t* n_tokens, int64_t n_seq,
-                                  kv_cache* const* caches, float* logits) {
+                                  kv_cache* const* caches, float* logits, const bool* all_logits) {
     for (int64_t s = 0; s < n_seq; ++s) {
         const kv_cache* c = caches[s];
         if (n_tokens[s] < 1)
@@ -32,15 +33,19 @@ status llama_model::forward_batch(const ops_context& ctx, const int32_t* ids, co
     for (int64_t s = 0; s < n_seq; ++s) seqs[static_cast<size_t>(s)] = {n_tokens[s], caches[s]->n_past, caches[s]};
     std::vector<float> hidden;  // [sum n_tokens, n_embd]
     GPTQ_TRY(layers_run(ctx, ids, seqs, &hidden));
-    // Only each sequence's last row goes through the final norm and lm_head.
-    std::vector<float> last(static_cast<size_t>(n_seq * hp_.n_embd));  // [n_seq, n_embd]
-    int64_t            row = 0;
+    // Only the rows asked for (each sequence's last, or all of its rows) go through the final norm
+    // and lm_head: out[n_out, n_embd].
+    std::vector<float> out;
+    int64_t            row0 = 0, n_out = 0;
     for (int64_t s = 0; s < n_seq; ++s) {
-        row += n_tokens[s];
-        std::copy_n(hidden.data() + (row - 1) * hp_.n_embd, hp_.n_embd, last.data() + s * hp_.n_embd);
+        const int64_t first = all_logits && all_logits[s] ? row0 : row0 + n_tokens[s] - 1;
+        const int64_t rows  = row0 + n_tokens[s] - first;
+        out.insert(out.end(), hidden.begin() + first * hp_.n_embd, hidden.begin() + (first + rows) * hp_.n_embd);
+        n_out += rows;
+        row0 += n_tokens[s];
         caches[s]->n_past += n_tokens[s];
     }
-    output_logits(ctx, last.data(), n_seq, logits);
+    output_logits(ctx, out.data(), n_out, logits);
     return status::ok();
 }
 

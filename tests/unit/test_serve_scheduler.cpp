@@ -26,6 +26,8 @@ public:
     const llama_model&   model() const override { std::abort(); }
     std::string          device() const override { return "fake"; }
     std::string          describe() const override { return "fake"; }
+    int                  n_threads() const override { return 1; }
+    bool                 ragged() const override { return true; }
     status               reserve(int64_t n_seq, int64_t n_ctx) override {
         n_seq_ = n_seq, n_ctx_ = n_ctx;
         hash_.assign(static_cast<size_t>(n_seq), 0);

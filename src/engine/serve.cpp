@@ -106,9 +106,10 @@ result<serve_plan> plan_kv(const serve_options& o, const model_session& s) {
     // sequence at a time: slot 0 alone, prefill chunks and decode tokens at any position.
     const int64_t max_seqs = s.ragged() ? o.max_seqs : 1;
     if (!s.ragged() && o.max_seqs > 1)
-        GPTQ_LOG_WARN("serve: {} runs lockstep batches only, not the ragged steps of continuous batching: serving one "
-                      "sequence at a time (docs/serve.md)",
-                      s.device());
+        GPTQ_LOG_WARN(
+            "serve: {} runs lockstep batches only, not the ragged steps of continuous batching: serving one "
+            "sequence at a time (docs/serve.md)",
+            s.device());
     p.per_position           = kv_bytes_per_position(s);
     p.weights                = s.memory_used();
     const uint64_t per_seq   = p.per_position * static_cast<uint64_t>(p.n_ctx);
@@ -481,12 +482,14 @@ status serve_run(const serve_options& o) {
     GPTQ_ASSIGN_OR_RETURN(const device_spec dev, device_parse(o.device));
     GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(o.model_path));
     GPTQ_ASSIGN_OR_RETURN(std::string tmpl, chat_template_of(o, *tok));
-    GPTQ_ASSIGN_OR_RETURN(auto session, model_session_open({.model_path = o.model_path,
-                                                            .device     = dev,
-                                                            .n_threads  = o.n_threads,
-                                                            .n_ctx_hint = o.n_ctx,
-                                                            .device_map = o.device_map,
-                                                            .max_memory = o.max_memory}));
+    model_session_options so;
+    so.model_path = o.model_path;
+    so.device     = dev;
+    so.n_threads  = o.n_threads;
+    so.n_ctx_hint = o.n_ctx;
+    so.device_map = o.device_map;
+    so.max_memory = o.max_memory;
+    GPTQ_ASSIGN_OR_RETURN(auto session, model_session_open(so));
     GPTQ_ASSIGN_OR_RETURN(const serve_plan plan, plan_kv(o, *session));
     GPTQ_TRY(session->reserve(plan.n_slots, plan.n_ctx));
     GPTQ_ASSIGN_OR_RETURN(const generation_config gc, generation_config_load(o.model_path));

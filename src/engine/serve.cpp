@@ -6,11 +6,11 @@
 
 #include <fmt/format.h>
 #include <httplib.h>
-#include <pthread.h>
 #include <signal.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -453,29 +453,29 @@ void server::install(httplib::Server& svr) {
     });
 }
 
-// SIGTERM / SIGINT are blocked in every thread and taken here (sigwait), so no handler runs at an
-// arbitrary point; the listener thread raises SIGUSR1 if it stops on its own.
-int wait_for_signal() {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGUSR1);
-    int sig = 0;
-    sigwait(&set, &sig);
-    return sig;
+// SIGTERM / SIGINT write their number to a pipe that serve_run waits on (a handler may run on
+// any thread, OpenBLAS's included, and write() is async-signal-safe); the listener thread writes 0
+// there if it stops on its own.
+int g_signal_pipe[2] = {-1, -1};
+
+extern "C" void on_stop_signal(int sig) {
+    const unsigned char            b = static_cast<unsigned char>(sig);
+    [[maybe_unused]] const ssize_t n = write(g_signal_pipe[1], &b, 1);
+}
+
+int wait_for_stop() {
+    unsigned char b = 0;
+    while (read(g_signal_pipe[0], &b, 1) < 0 && errno == EINTR) {
+    }
+    return b;
 }
 
 }  // namespace
 
 status serve_run(const serve_options& o) {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGUSR1);
-    pthread_sigmask(SIG_BLOCK, &set, nullptr);  // before any thread starts: they all inherit it
-    signal(SIGPIPE, SIG_IGN);                   // a client that left: a failed write, not a dead server
+    if (g_signal_pipe[0] < 0 && pipe(g_signal_pipe) != 0)
+        return make_error(status_code::STATUS_IO_ERROR, "serve: cannot create the signal pipe");
+    signal(SIGPIPE, SIG_IGN);  // a client that left: a failed write, not a dead server
 
     if (o.page_size < 1) return make_error(E_ARG, "--page-size is {}, expected >= 1", o.page_size);
     if (o.prefill_chunk < 1) return make_error(E_ARG, "--prefill-chunk is {}, expected >= 1", o.prefill_chunk);
@@ -529,12 +529,19 @@ status serve_run(const serve_options& o) {
         o.host.c_str(), port);
     std::fflush(stdout);
 
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, nullptr);
+    sigaction(SIGINT, &sa, nullptr);
     std::thread listener([&svr] {
         svr.listen_after_bind();
-        kill(getpid(), SIGUSR1);  // wakes wait_for_signal if the listener stopped on its own
+        on_stop_signal(0);  // wakes wait_for_stop if the listener stopped on its own
     });
-    const int   sig = wait_for_signal();
-    if (sig != SIGUSR1) {
+    const int   sig = wait_for_stop();
+    signal(SIGTERM, SIG_DFL);  // a second one ends the process at once
+    signal(SIGINT, SIG_DFL);
+    if (sig != 0) {
         GPTQ_LOG_INFO("serve: {}: admitting no new requests; finishing the running ones", strsignal(sig));
         srv.stop_admitting();
         sch.drain();

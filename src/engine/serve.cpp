@@ -43,7 +43,10 @@ constexpr status_code E_ARG = status_code::STATUS_INVALID_ARGUMENT;
 
 class tokenizer_decoder : public serve_decoder {
 public:
-    explicit tokenizer_decoder(const tokenizer& tok) : dec_(tok, /*skip_special=*/true) {}
+    // The prompt's last token goes first, its text dropped: the new text is decoded in context.
+    tokenizer_decoder(const tokenizer& tok, int32_t last_prompt_id) : dec_(tok, /*skip_special=*/true) {
+        (void)dec_.step(last_prompt_id);
+    }
     std::string step(int32_t id) override { return dec_.step(id); }
     std::string finish() override { return dec_.finish(); }
 
@@ -54,9 +57,10 @@ private:
 class tokenizer_vocab : public serve_vocab {
 public:
     tokenizer_vocab(const tokenizer& tok, std::vector<int32_t> eos) : tok_(tok), eos_(std::move(eos)) {}
-    std::unique_ptr<serve_decoder> new_decoder() const override { return std::make_unique<tokenizer_decoder>(tok_); }
-    std::string                    token_text(int32_t id) const override { return tok_.decode({id}, false); }
-    const std::vector<int32_t>&    eos_ids() const override { return eos_; }
+    std::unique_ptr<serve_decoder> new_decoder(int32_t last_prompt_id) const override {
+        return std::make_unique<tokenizer_decoder>(tok_, last_prompt_id);
+    }
+    const std::vector<int32_t>& eos_ids() const override { return eos_; }
 
 private:
     const tokenizer&     tok_;
@@ -143,7 +147,11 @@ class server {
 public:
     server(const serve_options& o, model_session& s, const tokenizer& tok, serve_scheduler& sch, std::string tmpl,
            std::string name)
-        : o_(o), session_(s), tok_(tok), sch_(sch), template_(std::move(tmpl)), name_(std::move(name)) {}
+        : o_(o), session_(s), tok_(tok), sch_(sch), template_(std::move(tmpl)), name_(std::move(name)) {
+        const std::vector<int32_t> a = tok_.encode("a", /*add_special=*/false);
+        anchor_                      = a.empty() ? 0 : a.back();
+        anchor_text_                 = tok_.decode(std::vector<int32_t>{anchor_}, false);
+    }
 
     void    install(httplib::Server& svr);
     void    stop_admitting() { draining_ = true; }
@@ -157,6 +165,7 @@ private:
     std::optional<api_error> prompt_ids(api_request& r);
     std::string              metrics_text();
     std::vector<api_token>   tokens_of(const std::vector<token_logprob>& lps) const;
+    std::string              token_text(int32_t id) const;
     void                     count(int status) {
                             std::lock_guard lk(mu_);
                             ++requests_[status];
@@ -167,6 +176,8 @@ private:
     const tokenizer&       tok_;
     serve_scheduler&       sch_;
     std::string            template_, name_;
+    int32_t                anchor_ = 0;  // a plain token that token_text decodes in front of another
+    std::string            anchor_text_;
     std::atomic<bool>      draining_{false};
     std::atomic<int64_t>   in_flight_{0};
     std::atomic<int64_t>   next_id_{0};
@@ -238,13 +249,20 @@ std::optional<api_error> server::prompt_ids(api_request& r) {
     return std::nullopt;
 }
 
+// A token's text as it reads inside a sequence (" will", not "will": a SentencePiece decoder strips
+// the first space of a text): decode(anchor, id) without decode(anchor).
+std::string server::token_text(int32_t id) const {
+    const std::string both = tok_.decode({anchor_, id}, false);
+    return both.size() >= anchor_text_.size() ? both.substr(anchor_text_.size()) : tok_.decode({id}, false);
+}
+
 std::vector<api_token> server::tokens_of(const std::vector<token_logprob>& lps) const {
     std::vector<api_token> out;
     for (const token_logprob& lp : lps) {
         api_token t;
         t.lp   = lp;
-        t.text = tok_.decode({lp.id}, false);
-        for (const auto& [id, v] : lp.top) t.top.emplace_back(tok_.decode({id}, false), v);
+        t.text = token_text(lp.id);
+        for (const auto& [id, v] : lp.top) t.top.emplace_back(token_text(id), v);
         out.push_back(std::move(t));
     }
     return out;

@@ -136,7 +136,7 @@ result<std::shared_ptr<serve_stream>> serve_scheduler::submit(serve_request requ
     q->pages     = pages_for(n + q->max_new, opts_.page_size);
     q->history   = request.prompt;
     q->smp       = std::make_unique<sampler>(request.sampling);
-    q->dec       = vocab_.new_decoder();
+    q->dec       = vocab_.new_decoder(request.prompt.back());
     q->text      = std::make_unique<stop_text>(request.stop);
     q->submitted = clock_type::now();
     q->req       = std::move(request);

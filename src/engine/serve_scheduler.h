@@ -90,10 +90,11 @@ public:
 
 class serve_vocab {
 public:
-    virtual ~serve_vocab()                                              = default;
-    virtual std::unique_ptr<serve_decoder> new_decoder() const          = 0;
-    virtual std::string                    token_text(int32_t id) const = 0;  // one token alone (logprobs)
-    virtual const std::vector<int32_t>&    eos_ids() const              = 0;
+    virtual ~serve_vocab() = default;
+    // A decoder for a sequence whose prompt ends with `last_prompt_id`: the new text reads as the
+    // prompt's continuation (" will", where a decode of the new ids alone strips the space).
+    virtual std::unique_ptr<serve_decoder> new_decoder(int32_t last_prompt_id) const = 0;
+    virtual const std::vector<int32_t>&    eos_ids() const                           = 0;
 };
 
 struct serve_scheduler_options {

@@ -97,8 +97,7 @@ public:
 };
 class fake_vocab : public serve_vocab {
 public:
-    std::unique_ptr<serve_decoder> new_decoder() const override { return std::make_unique<fake_decoder>(); }
-    std::string                    token_text(int32_t id) const override { return "<" + std::to_string(id) + ">"; }
+    std::unique_ptr<serve_decoder> new_decoder(int32_t) const override { return std::make_unique<fake_decoder>(); }
     const std::vector<int32_t>&    eos_ids() const override { return eos_; }
     std::vector<int32_t>           eos_{0};
 };

@@ -1,7 +1,7 @@
 // The text of one generated sequence as it grows: decoded pieces go in, the part that is final
 // comes out (never a possible beginning of a stop string, never half a UTF-8 character), and the
-// text ends before the first stop string that appears. Used by serve (serve_scheduler.cpp); the
-// same rule as generate's stream (docs/generate.md "Stop strings").
+// text ends before the first stop string that appears. The one implementation of that rule, for
+// generate (generate.cpp) and serve (serve_scheduler.cpp).
 #pragma once
 
 #include <string>

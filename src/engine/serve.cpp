@@ -93,7 +93,8 @@ result<std::string> chat_template_of(const serve_options& o, const tokenizer& to
 }
 
 struct serve_plan {
-    int64_t  n_ctx = 0, n_slots = 0, n_pages = 0;
+    int64_t  n_ctx = 0, n_slots = 0, n_pages = 0, n_fit = 0;  // n_fit: full-context sequences the budget holds
+    uint64_t budget       = 0;
     uint64_t per_position = 0, kv_bytes = 0, weights = 0;
 };
 
@@ -130,7 +131,9 @@ result<serve_plan> plan_kv(const serve_options& o, const model_session& s) {
                                    ? fmt::format("--kv-memory {:g} of the {} available", o.kv_memory_frac, human_bytes(avail))
                                    : "--max-seqs (free memory unknown)";
     }
-    p.n_slots = std::min<int64_t>(max_seqs, static_cast<int64_t>(budget / per_seq));
+    p.budget  = budget;
+    p.n_fit   = static_cast<int64_t>(budget / per_seq);
+    p.n_slots = std::min<int64_t>(max_seqs, p.n_fit);
     if (p.n_slots < 1)
         return make_error(status_code::STATUS_OUT_OF_MEMORY,
                           "the KV budget ({}: {}) holds no sequence of --ctx {} positions ({} each); lower --ctx or "
@@ -534,13 +537,12 @@ status serve_run(const serve_options& o) {
                           o.host, o.port);
 
     std::printf("gptq serve: %s on %s; %s\n", name.c_str(), session->device().c_str(), session->describe().c_str());
-    std::printf(
-        "memory plan: weights %s (%s); KV cache %s = %lld sequences x %lld positions (%s a position), %lld "
-        "pages of %lld positions; %lld full-context sequences fit (--max-seqs %lld)\n",
-        human_bytes(plan.weights).c_str(), session->memory_kind().c_str(), human_bytes(plan.kv_bytes).c_str(),
-        static_cast<long long>(plan.n_slots), static_cast<long long>(plan.n_ctx),
-        human_bytes(plan.per_position).c_str(), static_cast<long long>(plan.n_pages),
-        static_cast<long long>(o.page_size), static_cast<long long>(plan.n_slots), static_cast<long long>(o.max_seqs));
+    const std::string plan_line = fmt::format(
+        "memory plan: weights {} ({}); KV cache {} = {} sequences x {} positions ({} a position), {} pages of {} "
+        "positions (--max-seqs {}); the KV budget ({}) holds {} full-context sequences",
+        human_bytes(plan.weights), session->memory_kind(), human_bytes(plan.kv_bytes), plan.n_slots, plan.n_ctx,
+        human_bytes(plan.per_position), plan.n_pages, o.page_size, o.max_seqs, human_bytes(plan.budget), plan.n_fit);
+    std::printf("%s\n", plan_line.c_str());
     std::printf(
         "listening on http://%s:%d (POST /v1/completions, /v1/chat/completions; GET /v1/models, /health, "
         "/metrics)\n",

@@ -105,7 +105,8 @@ class ServeOpenAI(unittest.TestCase):
 
     def test_startup_prints_the_memory_plan(self):
         plan = "".join(self.srv.startup)
-        self.assertRegex(plan, r"memory plan: weights .* KV cache .* = 32 sequences x 512 positions")
+        self.assertRegex(plan, r"memory plan: weights .* KV cache .* = 32 sequences x 512 positions .* holds \d+ "
+                              r"full-context sequences")
 
     def test_models_and_health(self):
         self.assertEqual([m.id for m in self.client.models.list().data], ["tiny-llama"])

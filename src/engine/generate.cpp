@@ -279,8 +279,7 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
     const int64_t         n_vocab = session->n_vocab();
     const int64_t         group   = session->ragged() ? std::max<int64_t>(n_seq, 1) : 1;
     std::vector<float>    logits(static_cast<size_t>(group * n_vocab));
-    std::vector<seq_step> steps;
-    std::vector<int64_t>  running;  // the index in the group of each sequence of a decode step
+    std::vector<seq_step> steps;  // seq: the sequence's index in its group
     generate_stats        st;
     st.n_sequences = n_seq;
     st.n_threads   = std::max(1, session->n_threads());  // a GPU: the one host thread driving it
@@ -306,17 +305,13 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
             accept(first[i], first[i].smp->sample(logits.data() + i * n_vocab, n_vocab, first[i].history, banned));
         for (;;) {
             steps.clear();
-            running.clear();
             for (int64_t i = 0; i < count; ++i)
-                if (!first[i].done) {
-                    steps.push_back({.seq = i, .ids = &first[i].res.tokens.back(), .n_tokens = 1});
-                    running.push_back(i);
-                }
+                if (!first[i].done) steps.push_back({.seq = i, .ids = &first[i].res.tokens.back(), .n_tokens = 1});
             if (steps.empty()) break;
             GPTQ_TRY(session->step(steps, logits.data()));
             st.n_decode_tokens += static_cast<int64_t>(steps.size());
-            for (size_t j = 0; j < running.size(); ++j) {
-                sequence& q = first[running[j]];
+            for (size_t j = 0; j < steps.size(); ++j) {
+                sequence& q = first[steps[j].seq];
                 accept(q, q.smp->sample(logits.data() + static_cast<int64_t>(j) * n_vocab, n_vocab, q.history, banned));
             }
         }

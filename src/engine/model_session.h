@@ -72,7 +72,7 @@ public:
     virtual const llama_hparams& hparams() const = 0;
     virtual const llama_model&   model() const   = 0;  // config, tokenizer path, GPTQ settings
     int64_t                      n_vocab() const { return hparams().n_vocab; }
-    std::string                  weights() const;  // "float16", "gptq-4bit-g128", "gptq-4bit-g128-act"
+    std::string                  weights() const;     // "float16", "gptq-4bit-g128", "gptq-4bit-g128-act"
     virtual std::string          device() const = 0;  // "cpu", "cuda:0"
     // What runs the model, for logs and bench's `machine`: the CPU's model and core count; the GPU
     // device with its weights and KV cache (MiB) and what is offloaded.
@@ -104,7 +104,9 @@ public:
     // (the GPU runs it in sequence 0's cache).
     virtual status evaluate(const int32_t* ids, int64_t n, float* logits) = 0;
 
-    // Memory: bytes held on the device (host RSS on the CPU), and its peak since the last reset.
+    // Memory (bench's peak_memory_bytes): the CPU, the process's peak RSS since memory_reset_peak
+    // (VmHWM); the GPU, the device bytes the model holds now (weights, KV caches, activations,
+    // staging: they only grow, and memory_reset_peak does nothing).
     virtual uint64_t    memory_used() const = 0;
     virtual void        memory_reset_peak() = 0;
     virtual std::string memory_kind() const = 0;  // "host_rss", "device_allocated"

@@ -117,7 +117,7 @@ status model_session_cpu::reserve(int64_t n_seq, int64_t n_ctx) {
     const llama_hparams& hp    = hparams();
     const double         bytes = 8.0 * double(hp.n_layer) * double(hp.kv_dim()) * double(n_ctx) * double(n_seq);
     const std::string    what  = fmt::format("a KV cache of {} sequence{} x {} positions (F32 keys and values)", n_seq,
-                                             n_seq == 1 ? "" : "s", n_ctx);
+                                         n_seq == 1 ? "" : "s", n_ctx);
     const std::string    hint  = "ask for fewer sequences or positions";
     if (bytes > 0x1p62) return make_error(E_OOM, "{} is too large ({:.3g} bytes); {}", what, bytes, hint);
     GPTQ_TRY(host_memory_check(what, static_cast<uint64_t>(bytes), hint));
@@ -159,14 +159,13 @@ result<std::unique_ptr<model_session>> model_session_open_cpu(const model_sessio
     auto s = std::make_unique<model_session_cpu>();
     GPTQ_ASSIGN_OR_RETURN(s->model_, llama_model::open(o.model_path, {.strict = o.strict}));
     const uint64_t    weights = s->model_->resident_bytes();
-    const std::string what =
-        o.host_work_bytes == 0
-            ? fmt::format("loading {}", o.model_path)
-            : fmt::format("loading {} (weights {} + activations {})", o.model_path, human_bytes(weights),
-                          human_bytes(o.host_work_bytes));
-    GPTQ_TRY(host_memory_check(what, weights + o.host_work_bytes,
-                               o.host_work_hint.empty() ? "use a machine with more memory or a quantized checkpoint"
-                                                        : o.host_work_hint));
+    const std::string what    = o.host_work_bytes == 0
+                                    ? fmt::format("loading {}", o.model_path)
+                                    : fmt::format("loading {} (weights {} + activations {})", o.model_path,
+                                                  human_bytes(weights), human_bytes(o.host_work_bytes));
+    GPTQ_TRY(host_memory_check(
+        what, weights + o.host_work_bytes,
+        o.host_work_hint.empty() ? "use a machine with more memory or a quantized checkpoint" : o.host_work_hint));
     try {
         GPTQ_TRY(s->model_->layers_load_all());
         GPTQ_TRY(s->model_->globals_load());

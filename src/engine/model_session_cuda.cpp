@@ -29,8 +29,8 @@ namespace gptq {
 
 namespace {
 
-constexpr status_code E_ARG   = status_code::STATUS_INVALID_ARGUMENT;
-constexpr status_code E_UNSUP = status_code::STATUS_UNSUPPORTED;
+constexpr status_code E_ARG          = status_code::STATUS_INVALID_ARGUMENT;
+constexpr status_code E_UNSUP        = status_code::STATUS_UNSUPPORTED;
 constexpr int64_t     k_max_lockstep = 16;  // llama_cuda_model::sequences_reserve
 
 class model_session_cuda final : public model_session {
@@ -82,10 +82,9 @@ private:
 
 std::string model_session_cuda::describe() const {
     const auto& m = *gpu_;
-    std::string s =
-        fmt::format("{}: weights {:.1f} MiB (GPTQ linears: {} int4 kernel, {} generic), KV cache {:.1f} MiB",
-                    device_name(dev_), m.weight_bytes() / 1048576.0, m.n_gptq_fast(), m.n_gptq_generic(),
-                    m.cache_bytes() / 1048576.0);
+    std::string s = fmt::format(
+        "{}: weights {:.1f} MiB (GPTQ linears: {} int4 kernel, {} generic), KV cache {:.1f} MiB", device_name(dev_),
+        m.weight_bytes() / 1048576.0, m.n_gptq_fast(), m.n_gptq_generic(), m.cache_bytes() / 1048576.0);
     if (m.n_offloaded() > 0)
         s += fmt::format(", {} modules offloaded: {:.1f} MiB in pinned host memory, staging {:.1f} MiB",
                          m.n_offloaded(), m.offload_bytes() / 1048576.0, m.staging_bytes() / 1048576.0);

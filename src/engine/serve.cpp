@@ -39,6 +39,11 @@ using namespace std::chrono_literals;
 using ojson                 = nlohmann::ordered_json;
 constexpr status_code E_ARG = status_code::STATUS_INVALID_ARGUMENT;
 
+// JSON text; invalid UTF-8 (a prompt's bytes echoed in a message) becomes U+FFFD instead of throwing.
+std::string json_text(const ojson& j) {
+    return j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
 // ---- the tokenizer as the scheduler sees it ---------------------------------------------------------
 
 class tokenizer_decoder : public serve_decoder {
@@ -198,7 +203,7 @@ struct server::in_flight_guard {
 
 void server::send_error(httplib::Response& res, const api_error& e) {
     res.status = e.http_status;
-    res.set_content(api_error_json(e).dump(), "application/json");
+    res.set_content(json_text(api_error_json(e)), "application/json");
     count(e.http_status);
 }
 
@@ -326,7 +331,7 @@ void server::handle_generate(const httplib::Request& req, httplib::Response& res
             return send_error(res, {503, "the request was cancelled (the server is stopping)", "server_error", "", ""});
         const ojson j = api_response_json(r, head, text, e.finish_reason, {e.n_prompt, e.n_generated},
                                           r.run.logprobs >= 0 ? &lps : nullptr);
-        res.set_content(j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace), "application/json");
+        res.set_content(json_text(j), "application/json");
         count(200);
         return;
     }
@@ -347,8 +352,7 @@ void server::handle_generate(const httplib::Request& req, httplib::Response& res
         "text/event-stream",
         [this, st](size_t, httplib::DataSink& sink) {
             auto send = [&](const ojson& j) {
-                const std::string s =
-                    "data: " + j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n\n";
+                const std::string s = "data: " + json_text(j) + "\n\n";
                 return sink.write(s.data(), s.size());
             };
             if (st->over) return false;
@@ -450,7 +454,7 @@ void server::install(httplib::Server& svr) {
         m["created"]       = 0;
         m["owned_by"]      = "gptqkit";
         m["max_model_len"] = sch_.n_ctx();
-        res.set_content(ojson{{"object", "list"}, {"data", ojson::array({m})}}.dump(), "application/json");
+        res.set_content(json_text(ojson{{"object", "list"}, {"data", ojson::array({m})}}), "application/json");
     });
     svr.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
         handle_generate(req, res, api_kind::API_COMPLETIONS);
@@ -458,18 +462,31 @@ void server::install(httplib::Server& svr) {
     svr.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
         handle_generate(req, res, api_kind::API_CHAT);
     });
+    // An exception out of a handler (a bug, or out of memory): a 500 with the OpenAI body, never a
+    // dead server.
+    svr.set_exception_handler([this](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
+        std::string what = "unknown exception";
+        try {
+            std::rethrow_exception(ep);
+        } catch (const std::exception& ex) {
+            what = ex.what();
+        } catch (...) {
+        }
+        GPTQ_LOG_ERROR("serve: a request handler failed: {}", what);
+        send_error(res, {500, "internal error: " + what, "server_error", "", ""});
+    });
     // Errors that httplib itself answers (no route, body too large, bad request line) get the
     // OpenAI error body too.
     svr.set_error_handler([this](const httplib::Request& req, httplib::Response& res) {
         if (!res.body.empty()) return;
-        api_error e{res.status, "", "invalid_request_error", "", ""};
+        api_error e{res.status, "", res.status >= 500 ? "server_error" : "invalid_request_error", "", ""};
         if (res.status == 404)
             e.message = fmt::format("no such endpoint: {} {}", req.method, req.path);
         else if (res.status == 413)
             e.message = fmt::format("the request body is larger than {} bytes", o_.max_body_bytes);
         else
             e.message = fmt::format("HTTP {}", res.status);
-        res.set_content(api_error_json(e).dump(), "application/json");
+        res.set_content(json_text(api_error_json(e)), "application/json");
         if (res.status == 413) count(413);
     });
 }

@@ -210,7 +210,12 @@ void serve_scheduler::loop() {
             admit_locked();
             if (stopping_ && running_.empty() && waiting_.empty()) break;
         }
-        run_step();
+        try {
+            run_step();
+        } catch (const std::exception& ex) {  // out of memory in a step: its sequences fail, the server lives
+            GPTQ_LOG_ERROR("serve: a step failed: {}", ex.what());
+            for (auto& q : running_) finish(*q, "error", ex.what());
+        }
         {
             std::lock_guard lk(mu_);
             running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& q) { return q->done; }),

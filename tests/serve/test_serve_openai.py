@@ -229,6 +229,11 @@ class ServeOpenAI(unittest.TestCase):
         self.assertIn("not valid JSON", json.loads(body)["error"]["message"])
         status, _, body = self.srv.raw("/v1/completions", b"[1, 2]", auth)
         self.assertEqual(status, 400)
+        status, _, body = self.srv.raw("/v1/completions", b'{"prompt": "\xff\xfe", "max_tokens": 2}', auth)
+        self.assertEqual(status, 400)  # invalid UTF-8: a JSON error, echoed safely
+        self.assertIn("UTF-8", json.loads(body)["error"]["message"])
+        status, _, body = self.srv.raw("/v1/completions", b"[" * 300000 + b"]" * 300000, auth)
+        self.assertEqual(status, 400)  # deep nesting: no stack overflow
         status, _, body = self.srv.raw("/v1/completions", b'{"prompt": "' + b"a" * (2 << 20) + b'"}', auth)
         self.assertEqual(status, 413)
         self.assertIn("larger than", json.loads(body)["error"]["message"])

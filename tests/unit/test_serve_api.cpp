@@ -143,6 +143,9 @@ TEST(ServeApi, MalformedBodies) {
         EXPECT_FALSE(e.message.empty());
     }
     EXPECT_NE(refused("{").message.find("not valid JSON"), std::string::npos);
+    // Deep nesting: parsed and freed without a stack overflow, refused as not an object.
+    EXPECT_EQ(refused(std::string(200000, '[') + std::string(200000, ']')).http_status, 400);
+    EXPECT_EQ(refused("{\"prompt\": " + std::string(200000, '[') + std::string(200000, ']') + "}").param, "prompt");
 }
 
 TEST(ServeApi, ErrorShape) {

@@ -243,6 +243,8 @@ std::optional<api_error> server::prompt_ids(api_request& r) {
     } else {
         r.run.prompt = tok_.encode(r.prompt_text, /*add_special=*/true);
     }
+    if (r.truncate_prompt > 0 && static_cast<int64_t>(r.run.prompt.size()) > r.truncate_prompt)
+        r.run.prompt.erase(r.run.prompt.begin(), r.run.prompt.end() - r.truncate_prompt);
     const int64_t n   = static_cast<int64_t>(r.run.prompt.size());
     const int64_t ctx = sch_.n_ctx();
     const char*   p   = r.kind == api_kind::API_CHAT ? "messages" : "prompt";

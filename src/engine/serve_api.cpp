@@ -232,6 +232,8 @@ std::optional<api_error> api_request_parse(const std::string& body, api_kind kin
     if ((e = read_stop(b, out.run.stop))) return e;
     if ((e = read_logprobs(b, out))) return e;
     if ((e = read_bool(b, "ignore_eos", out.run.ignore_eos))) return e;
+    if ((e = read_int(b, "truncate_prompt_tokens", 1, std::numeric_limits<int64_t>::max(), out.truncate_prompt)))
+        return e;
     if ((e = read_bool(b, "stream", out.stream))) return e;
     if (b.contains("stream_options") && !b["stream_options"].is_null()) {
         const json& so = b["stream_options"];

@@ -40,6 +40,8 @@ struct api_request {
     bool                      stream           = false;
     bool                      include_usage    = false;  // stream_options.include_usage
     bool                      chat_logprobs    = false;  // chat: logprobs: true (top_logprobs in run.logprobs)
+    int64_t                   truncate_prompt  = 0;      // > 0: keep the prompt's last N tokens (vLLM's
+                                                         // truncate_prompt_tokens); 0: too long is an error
 };
 
 // Parse and check a request body. Unknown fields are ignored (clients send extras); fields we do

@@ -214,6 +214,9 @@ class ServeOpenAI(unittest.TestCase):
         self.assertEqual(expect(openai.BadRequestError, 400, stop=[""])["param"], "stop")
         self.assertEqual(expect(openai.BadRequestError, 400, prompt="word " * 2000)["code"],
                          "context_length_exceeded")
+        # Truncation only when asked: the last tokens of the prompt are kept.
+        r = self.greedy("word " * 2000, 4, extra_body={"truncate_prompt_tokens": 100})
+        self.assertEqual(r.usage.prompt_tokens, 100)
         expect(openai.BadRequestError, 400, prompt=[[1, 2], [3, 4]])
         expect(openai.BadRequestError, 400, prompt={"a": 1})
         with self.assertRaises(openai.BadRequestError):

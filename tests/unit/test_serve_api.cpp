@@ -63,6 +63,8 @@ TEST(ServeApi, CompletionFields) {
     EXPECT_EQ(ok(R"({"prompt": [[5, 6]]})").prompt_ids, (std::vector<int32_t>{5, 6}));
     EXPECT_EQ(ok(R"({"prompt": "x", "stop": "s"})").run.stop, std::vector<std::string>{"s"});
     EXPECT_EQ(ok(R"({"prompt": "x", "top_k": -1})").run.sampling.top_k, 0);
+    EXPECT_EQ(ok(R"({"prompt": "x", "truncate_prompt_tokens": 100})").truncate_prompt, 100);
+    EXPECT_EQ(refused(R"({"prompt": "x", "truncate_prompt_tokens": 0})").param, "truncate_prompt_tokens");
 }
 
 TEST(ServeApi, ChatFields) {

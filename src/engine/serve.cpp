@@ -174,6 +174,10 @@ private:
     std::string              metrics_text();
     std::vector<api_token>   tokens_of(const std::vector<token_logprob>& lps) const;
     std::string              token_text(int32_t id) const;
+    void                     respond_whole(httplib::Response& res, const api_request& r, const api_response_head& head,
+                                           serve_stream& stream);
+    void                     respond_stream(httplib::Response& res, api_request r, const api_response_head& head,
+                                            std::shared_ptr<serve_stream> stream, std::shared_ptr<in_flight_guard> guard);
     void                     count(int status) {
                             std::lock_guard lk(mu_);
                             ++requests_[status];
@@ -314,30 +318,37 @@ void server::handle_generate(const httplib::Request& req, httplib::Response& res
         std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
     head.model = name_;
 
-    if (!r.stream) {  // wait for the whole text (a disconnect is not seen before the end)
-        std::string            text;
-        std::vector<api_token> lps;
-        serve_event            e;
-        for (;;) {
-            if (!stream->next(e, 1s)) continue;
-            text += e.text;
-            if (r.run.logprobs >= 0) {
-                auto t = tokens_of(e.logprobs);
-                lps.insert(lps.end(), t.begin(), t.end());
-            }
-            if (e.finished) break;
-        }
-        if (e.finish_reason == "error")
-            return send_error(res, {500, "generation failed: " + e.error, "server_error", "", ""});
-        if (e.finish_reason == "cancelled")
-            return send_error(res, {503, "the request was cancelled (the server is stopping)", "server_error", "", ""});
-        const ojson j = api_response_json(r, head, text, e.finish_reason, {e.n_prompt, e.n_generated},
-                                          r.run.logprobs >= 0 ? &lps : nullptr);
-        res.set_content(json_text(j), "application/json");
-        count(200);
-        return;
-    }
+    if (!r.stream) return respond_whole(res, r, head, *stream);
+    respond_stream(res, std::move(r), head, stream, guard);
+}
 
+// The whole response once the sequence finished (a client that leaves is not seen before the end).
+void server::respond_whole(httplib::Response& res, const api_request& r, const api_response_head& head,
+                           serve_stream& stream) {
+    std::string            text;
+    std::vector<api_token> lps;
+    serve_event            e;
+    for (;;) {
+        if (!stream.next(e, 1s)) continue;
+        text += e.text;
+        if (r.run.logprobs >= 0) {
+            auto t = tokens_of(e.logprobs);
+            lps.insert(lps.end(), t.begin(), t.end());
+        }
+        if (e.finished) break;
+    }
+    if (e.finish_reason == "error")
+        return send_error(res, {500, "generation failed: " + e.error, "server_error", "", ""});
+    if (e.finish_reason == "cancelled")
+        return send_error(res, {503, "the request was cancelled (the server is stopping)", "server_error", "", ""});
+    const ojson j = api_response_json(r, head, text, e.finish_reason, {e.n_prompt, e.n_generated},
+                                      r.run.logprobs >= 0 ? &lps : nullptr);
+    res.set_content(json_text(j), "application/json");
+    count(200);
+}
+
+void server::respond_stream(httplib::Response& res, api_request r, const api_response_head& head,
+                            std::shared_ptr<serve_stream> stream, std::shared_ptr<in_flight_guard> guard) {
     // Server-sent events: a chunk per step with new text, the last one with the finish reason,
     // the usage chunk when asked, then [DONE]. A failed write (the client left) cancels.
     count(200);

@@ -5,10 +5,11 @@
 // step), samples, hands each request its new text, and frees the sequences that finished. HTTP
 // threads submit requests and read their events from a serve_stream.
 //
-//     serve_scheduler sch(session, vocab, {.n_ctx = 2048, .prefill_chunk = 256});
+//     GPTQ_TRY(session->reserve(n_slots, n_ctx));
+//     serve_scheduler sch(*session, vocab, {.page_size = 16, .prefill_chunk = 256});
 //     GPTQ_ASSIGN_OR_RETURN(auto stream, sch.submit(request));
-//     serve_event e;
-//     while (stream->next(e, 1s) || ...) { ... if (e.finished) break; }
+//     for (serve_event e; !e.finished;)
+//         if (stream->next(e, 1s)) send(e.text);   // e.finished: finish_reason, usage
 //
 // KV accounting (docs/serve.md "KV pages"): positions are counted in pages of page_size; a request
 // is admitted when a slot is free and the pages for its prompt + max_tokens are free (reserved up

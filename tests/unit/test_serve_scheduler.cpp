@@ -54,6 +54,7 @@ public:
                 return status(status_code::STATUS_INVALID_ARGUMENT, "past n_ctx");
         }
         ++n_steps;
+        if (step_delay.count() > 0) std::this_thread::sleep_for(step_delay);
         max_batch = std::max<int64_t>(max_batch, static_cast<int64_t>(steps.size()));
         for (size_t r = 0; r < steps.size(); ++r) {
             const auto& st = steps[r];
@@ -77,7 +78,8 @@ public:
     void        memory_reset_peak() override {}
     std::string memory_kind() const override { return "none"; }
 
-    int64_t n_steps = 0, max_batch = 0, max_chunk = 0;
+    int64_t                   n_steps = 0, max_batch = 0, max_chunk = 0;
+    std::chrono::microseconds step_delay{0};  // a slower model, for races with the client
 
     fake_session() { hp_.n_vocab = k_vocab; }
 
@@ -290,7 +292,8 @@ TEST(ServeScheduler, LogprobsAreLogSoftmaxWithTopAlternatives) {
 
 TEST(ServeScheduler, CancelFreesTheSlotAtTheNextStep) {
     fixture f(1, 4096);
-    auto    s = f.sch.submit(request(4, 4000));
+    f.session.step_delay = 1ms;  // 4000 steps take seconds: the cancel lands while it runs
+    auto s               = f.sch.submit(request(4, 4000));
     ASSERT_TRUE(s.is_ok());
     serve_event e;
     ASSERT_TRUE((*s)->next(e, 10s));  // running

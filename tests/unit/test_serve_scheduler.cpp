@@ -171,8 +171,9 @@ TEST(ServeScheduler, ConcurrentRequestsEqualEachAloneAndPagesReturnToZero) {
     for (const auto& r : reqs) solo.push_back(alone(r));
 
     serve_scheduler_options o;
-    o.prefill_chunk = 16;                                     // long prompts run over several steps, beside decodes
-    fixture                                    f(8, 256, o);  // fewer slots than requests: some wait
+    o.prefill_chunk = 16;          // long prompts run over several steps, beside decodes
+    fixture f(8, 256, o);          // fewer slots than requests: some wait
+    f.session.step_delay = 200us;  // the submissions below land while the first steps run
     std::vector<std::shared_ptr<serve_stream>> streams;
     for (const auto& r : reqs) {
         auto s = f.sch.submit(r);

@@ -88,6 +88,7 @@ const std::vector<fuzz_target>& fuzz_targets() {
         {"gptq_module", fuzz_gptq_module},
         {"chat_template", fuzz_chat_template},
         {"device_map", fuzz_device_map},
+        {"serve_request", fuzz_serve_request},
     };
     return t;
 }

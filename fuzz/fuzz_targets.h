@@ -32,6 +32,9 @@ int fuzz_chat_template(const uint8_t* data, size_t size);
 // input: a --max-memory value, a newline, then a --device-map JSON file; planned for a fixed small
 // Llama shape (auto and from the file); a plan that succeeds fits its limits and round-trips.
 int fuzz_device_map(const uint8_t* data, size_t size);
+// input: first byte odd = /v1/chat/completions, even = /v1/completions; the rest is the request
+// body, parsed as `gptq serve` does; its stop strings run over a fixed text.
+int fuzz_serve_request(const uint8_t* data, size_t size);
 
 struct fuzz_target {
     const char* name;  // also the folder name under fuzz/corpus and tests/data/fuzz-regressions

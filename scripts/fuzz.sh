@@ -10,7 +10,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-targets_all=(safetensors tensor_source config tokenizer_json tokenizer_text gptq_module chat_template device_map)
+targets_all=(safetensors tensor_source config tokenizer_json tokenizer_text gptq_module chat_template device_map serve_request)
 if [ $# -lt 2 ]; then
     echo "usage: $0 TARGET|all SECONDS [libFuzzer flags...]   (targets: ${targets_all[*]})" >&2
     exit 2

@@ -4,8 +4,8 @@
 set -euo pipefail
 
 packages=(
-    build-essential cmake ninja-build pkg-config python3
-    nlohmann-json3-dev libcli11-dev libfmt-dev
+    build-essential cmake ninja-build pkg-config python3 python3-venv
+    nlohmann-json3-dev libcli11-dev libfmt-dev libcpp-httplib-dev
     libpcre2-dev libsentencepiece-dev libopenblas-dev
     libgtest-dev libgmock-dev libbenchmark-dev
     clang libclang-rt-14-dev

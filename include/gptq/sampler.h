@@ -1,7 +1,6 @@
-// Token sampler for generation: repetition penalty, then temperature, top-k, top-p, min-p (the
-// order of transformers' logits processors), then a draw from a seeded RNG; greedy (argmax, lowest
-// id on ties, after the penalty) unless do_sample, or when temperature is 0. Implemented in
-// src/engine/sampler.cpp.
+// Token sampler for generation: repetition penalty, presence/frequency penalties, then temperature, top-k, top-p, min-p
+// (the order of transformers' logits processors), then a draw from a seeded RNG; greedy (argmax, lowest id on ties,
+// after the penalty) unless do_sample, or when temperature is 0. Implemented in src/engine/sampler.cpp.
 //
 // Reproducibility: the draw uses std::mt19937_64 (whose output the C++ standard fixes) and our own
 // bits-to-double conversion, so a seed gives the same tokens on every platform for the same logits.
@@ -16,13 +15,16 @@ namespace gptq {
 // The defaults are transformers' GenerationConfig defaults (greedy, penalty off); a model's own
 // come from its generation_config.json (gptq/generate.h generator::default_params).
 struct sampling_params {
-    bool     do_sample          = false;  // false: greedy (temperature, top-k/p, min-p unused)
-    float    temperature        = 1.0f;   // with do_sample; 0: greedy
-    int32_t  top_k              = 50;     // keep the k most likely tokens; 0 or >= n_vocab: off
-    float    top_p              = 1.0f;   // keep the smallest most-likely set with mass >= top_p; 1: off
-    float    min_p              = 0.0f;   // drop tokens with p < min_p * p_max; 0: off
-    float    repetition_penalty = 1.0f;   // logits of seen tokens: > 0 divided, < 0 multiplied; 1: off
-    uint64_t seed               = 0;
+    bool    do_sample          = false;  // false: greedy (temperature, top-k/p, min-p unused)
+    float   temperature        = 1.0f;   // with do_sample; 0: greedy
+    int32_t top_k              = 50;     // keep the k most likely tokens; 0 or >= n_vocab: off
+    float   top_p              = 1.0f;   // keep the smallest most-likely set with mass >= top_p; 1: off
+    float   min_p              = 0.0f;   // drop tokens with p < min_p * p_max; 0: off
+    float   repetition_penalty = 1.0f;   // logits of seen tokens: > 0 divided, < 0 multiplied; 1: off
+    // OpenAI's: each generated id's logit -= frequency_penalty * count + presence_penalty; 0: off.
+    float    presence_penalty  = 0.0f;
+    float    frequency_penalty = 0.0f;
+    uint64_t seed              = 0;
 
     bool greedy() const { return !do_sample || temperature <= 0.0f; }
 };
@@ -34,8 +36,10 @@ public:
     // Pick the next token from logits[n_vocab] (modified in place: penalty, temperature, filters).
     // history: the ids the repetition penalty looks at (prompt and generated so far), as
     // transformers does. banned: ids that must not be picked (logit set to -inf first).
+    // n_prompt: history[n_prompt, end) are the generated ids, which the presence and frequency
+    // penalties count (OpenAI counts the completion's tokens only).
     int32_t sample(float* logits, int64_t n_vocab, const std::vector<int32_t>& history,
-                   const std::vector<int32_t>& banned = {});
+                   const std::vector<int32_t>& banned = {}, size_t n_prompt = 0);
 
     const sampling_params& params() const { return p_; }
 

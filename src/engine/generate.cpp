@@ -21,8 +21,10 @@
 #include "context_limit.h"
 #include "core/error.h"
 #include "core/log.h"
+#include "eos_ids.h"
 #include "model/llama.h"
 #include "model_session.h"
+#include "stop_text.h"
 #include "tokenizer/tokenizer.h"
 
 namespace gptq {
@@ -34,20 +36,13 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// Length of the longest prefix of s[0, n) that does not end inside a UTF-8 sequence.
-size_t utf8_boundary(const std::string& s, size_t n) {
-    while (n > 0 && n < s.size() && (static_cast<unsigned char>(s[n]) & 0xC0) == 0x80) --n;
-    return n;
-}
-
 // One sequence being generated.
 struct sequence {
     generate_result                      res;
     std::unique_ptr<sampler>             smp;
     std::unique_ptr<incremental_decoder> dec;
     std::vector<int32_t>                 history;      // prompt + generated: what the repetition penalty sees
-    std::string                          text;         // decoded so far (may hold back a possible stop prefix)
-    size_t                               emitted = 0;  // bytes of text already passed on
+    std::unique_ptr<stop_text>           text;         // decoded so far, cut at a stop string
     int64_t                              max_new = 0;  // tokens to generate at most (-n, max_length, context)
     bool                                 done    = false;
 };
@@ -111,12 +106,7 @@ status generator::impl::load_defaults() {
         defaults.max_new_tokens = *gc.max_length;
         defaults.max_length     = *gc.max_length;
     }
-    // EOS as transformers' generate(): the generation config's, which falls back on config.json's.
-    std::vector<int64_t> ids = gc.eos_token_ids.empty() ? model().config().eos_token_ids : gc.eos_token_ids;
-    for (int64_t id : ids)
-        if (id >= 0 && id < model().hparams().n_vocab && !is_eos(static_cast<int32_t>(id)))
-            eos.push_back(static_cast<int32_t>(id));
-    if (ids.empty()) eos = tok->eos_ids();
+    eos = generation_eos_ids(gc, model().config(), model().hparams().n_vocab, *tok);
     return status::ok();
 }
 
@@ -234,8 +224,6 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
                                                                     const text_callback&            on_text,
                                                                     generate_stats*                 stats) {
     GPTQ_TRY(check_params(p));
-    size_t max_stop = 0;
-    for (const auto& s : p.stop) max_stop = std::max(max_stop, s.size());
 
     const int64_t         n_seq = static_cast<int64_t>(prompts.size());
     std::vector<sequence> seqs(static_cast<size_t>(n_seq));
@@ -255,32 +243,22 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
         q.smp       = std::make_unique<sampler>(p.sampling);
         q.dec       = std::make_unique<incremental_decoder>(*tok, /*skip_special=*/true);
         q.history   = q.res.prompt_tokens;
+        q.text      = std::make_unique<stop_text>(p.stop);
     }
     const std::vector<int32_t> banned = p.ignore_eos ? eos : std::vector<int32_t>{};
 
-    // Pass on text up to what could still be the start of a stop string; end at a stop string.
-    auto flush = [&](sequence& q, bool final) {
-        size_t       end  = q.text.size();
-        size_t       hit  = std::string::npos;
-        const size_t from = q.emitted > max_stop ? q.emitted - max_stop : 0;
-        for (const auto& s : p.stop) hit = std::min(hit, q.text.find(s, from));
-        if (hit != std::string::npos) {
-            q.text.resize(hit);
-            end                 = hit;
+    // Pass on text up to what could still be the start of a stop string (stop_text.h); end at one.
+    auto emit = [&](sequence& q, const std::string& piece, bool final) {
+        const std::string out = q.text->push(piece, final);
+        if (!out.empty() && on_text) on_text(out);
+        if (q.text->stopped()) {
             q.done              = true;
             q.res.finish_reason = "stop";
-        } else if (!final && max_stop > 0) {
-            end = q.text.size() >= max_stop ? utf8_boundary(q.text, q.text.size() - (max_stop - 1)) : 0;
-        }
-        if (end > q.emitted) {
-            if (on_text) on_text(q.text.substr(q.emitted, end - q.emitted));
-            q.emitted = end;
         }
     };
-    auto finish = [&](sequence& q, const char* reason) {
-        q.text += q.dec->finish();
+    auto finish = [&](sequence& q, const std::string& piece, const char* reason) {
+        emit(q, piece + q.dec->finish(), true);
         q.done = true;
-        flush(q, true);
         if (q.res.finish_reason.empty()) q.res.finish_reason = reason;
     };
     auto accept = [&](sequence& q, int32_t id) {
@@ -288,11 +266,11 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
         q.history.push_back(id);
         // An EOS is decoded too, special tokens skipped (nothing for </s>), as transformers'
         // decode(new_tokens, skip_special_tokens=True): an EOS id that is a plain word keeps its text.
-        q.text += q.dec->step(id);
-        if (!p.ignore_eos && is_eos(id)) return finish(q, "eos");
-        flush(q, false);
+        const std::string piece = q.dec->step(id);
+        if (!p.ignore_eos && is_eos(id)) return finish(q, piece, "eos");
+        emit(q, piece, false);
         if (q.done) return;
-        if (static_cast<int64_t>(q.res.tokens.size()) >= q.max_new) finish(q, "length");
+        if (static_cast<int64_t>(q.res.tokens.size()) >= q.max_new) finish(q, "", "length");
     };
 
     // The sequences run in groups of `group` (all at once on a ragged session; one at a time on the
@@ -349,7 +327,7 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
     if (stats) *stats = st;
     std::vector<generate_result> out;
     for (auto& q : seqs) {
-        q.res.text = q.text;
+        q.res.text = q.text->text();
         out.push_back(std::move(q.res));
     }
     return out;

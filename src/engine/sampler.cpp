@@ -1,5 +1,6 @@
 // Sampler (include/gptq/sampler.h). The filters follow transformers' logits processors:
-// RepetitionPenalty (each distinct seen id once), Temperature, TopK (keeps every token at least as
+// RepetitionPenalty (each distinct seen id once), then OpenAI's presence/frequency penalties over
+// the generated ids, Temperature, TopK (keeps every token at least as
 // likely as the k-th), TopP (drops a token when the tokens strictly more likely already hold top_p
 // of the mass), MinP (drops p < min_p * p_max), each keeping at least one token.
 #include "gptq/sampler.h"
@@ -15,7 +16,7 @@ double sampler::uniform() {
 }
 
 int32_t sampler::sample(float* logits, int64_t n_vocab, const std::vector<int32_t>& history,
-                        const std::vector<int32_t>& banned) {
+                        const std::vector<int32_t>& banned, size_t n_prompt) {
     constexpr float neg_inf = -std::numeric_limits<float>::infinity();
     for (int32_t id : banned)
         if (id >= 0 && id < n_vocab) logits[id] = neg_inf;
@@ -26,6 +27,18 @@ int32_t sampler::sample(float* logits, int64_t n_vocab, const std::vector<int32_
             seen[static_cast<size_t>(id)] = 1;
             float& l                      = logits[id];
             l                             = l < 0 ? l * p_.repetition_penalty : l / p_.repetition_penalty;
+        }
+    }
+    if ((p_.presence_penalty != 0.0f || p_.frequency_penalty != 0.0f) && n_prompt < history.size()) {
+        std::vector<int32_t> generated(history.begin() + static_cast<std::ptrdiff_t>(n_prompt), history.end());
+        std::sort(generated.begin(), generated.end());
+        for (size_t i = 0; i < generated.size();) {
+            size_t j = i;
+            while (j < generated.size() && generated[j] == generated[i]) ++j;
+            const int32_t id = generated[i];
+            if (id >= 0 && id < n_vocab)
+                logits[id] -= p_.frequency_penalty * static_cast<float>(j - i) + p_.presence_penalty;
+            i = j;
         }
     }
     if (p_.greedy()) {  // the first maximum, as torch.argmax

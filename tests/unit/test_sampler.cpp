@@ -77,6 +77,22 @@ TEST(Sampler, RepetitionPenaltyAsTransformers) {
     EXPECT_FLOAT_EQ(l[3], 0.5f);
 }
 
+TEST(Sampler, PresenceAndFrequencyPenaltiesAsOpenAI) {
+    // logit -= frequency * count + presence, over the generated ids only (history[n_prompt, end)).
+    sampling_params p   = plain(0.0f);
+    p.presence_penalty  = 0.25f;
+    p.frequency_penalty = 0.5f;
+    sampler            s(p);
+    std::vector<float> l = {2.4f, 2.0f, 1.0f};
+    EXPECT_EQ(s.sample(l.data(), 3, {0, 0, 1, 0}, {}, /*n_prompt=*/1), 1);  // generated: 0, 1, 0
+    EXPECT_FLOAT_EQ(l[0], 2.4f - 2 * 0.5f - 0.25f);
+    EXPECT_FLOAT_EQ(l[1], 2.0f - 0.5f - 0.25f);
+    EXPECT_FLOAT_EQ(l[2], 1.0f);
+    l = {2.4f, 2.0f, 1.0f};
+    EXPECT_EQ(s.sample(l.data(), 3, {0, 0, 1, 0}, {}, /*n_prompt=*/4), 0) << "the prompt is not penalised";
+    EXPECT_FLOAT_EQ(l[0], 2.4f);
+}
+
 TEST(Sampler, FiltersKeepTheRightTokens) {
     const std::vector<double> probs = {0.05, 0.5, 0.15, 0.3};
     expect_freq(draw(plain(), probs, k_draws), probs, "no filter");

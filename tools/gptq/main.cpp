@@ -228,6 +228,7 @@ int main(int argc, char** argv) {
     commands.push_back(register_bench(app));
     commands.push_back(register_plan(app));
     commands.push_back(register_convert(app));
+    commands.push_back(register_serve(app));
 
     add_number_checks(app);
 

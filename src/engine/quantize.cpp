@@ -269,7 +269,7 @@ std::string phase_summary(const quantize_report& r) {
 // Tensor names of a layer's non-linear weights (the norms), copied unchanged.
 std::vector<std::string> layer_plain_tensors(const run_state& s, int64_t i) {
     std::vector<std::string> out;
-    const auto modules = llama_linear_modules(s.model->hparams(), i);
+    const auto               modules = llama_linear_modules(s.model->hparams(), i);
     for (const auto& t : llama_layer_tensors(s.model->hparams(), i)) {
         bool linear = false;
         for (const auto& m : modules)
@@ -654,10 +654,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                           q->source, q->bits);
     const llama_hparams& hp = s.model->hparams();
     // The options the GPU calibration layer (llama_cuda_layer.cpp) does not run yet (docs/architectures.md).
-    if (const std::string opts = hp.options_beyond_gpu(); gpu_calibration_wanted && !opts.empty())
-        return make_error(status_code::STATUS_UNSUPPORTED,
-                          "{}: {} uses {}, which the GPU calibration does not run yet; use --device cpu",
-                          params.model_path, s.model->config().architecture, opts);
+    if (gpu_calibration_wanted) GPTQ_TRY(llama_gpu_options_check(hp, params.model_path + " (quantize --device cuda)"));
     for (int64_t i = 0; i < hp.n_layer; ++i)
         for (const auto& m : llama_linear_modules(hp, i)) {  // as written: fused modules whole
             const int64_t n_out = llama_linear_slot(hp, i, m.roles[0]).n_out_module;

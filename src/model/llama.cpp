@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <set>
 #include <string_view>
 
@@ -103,20 +104,21 @@ status hparams_set_options(const model_config& cfg, llama_hparams* hp) {
     hp->mlp_out_norm   = a.norms.mlp_out != nullptr;
     hp->act            = cfg.act;
     // torch.tensor(hidden_size ** 0.5): the double square root rounded to F32.
-    hp->embed_scale    = a.embed_scale ? static_cast<float>(std::sqrt(static_cast<double>(hp->n_embd))) : 1.0f;
-    hp->attn_scale     = 1.0f / std::sqrt(static_cast<float>(hp->head_dim));
+    hp->embed_scale = a.embed_scale ? static_cast<float>(std::sqrt(static_cast<double>(hp->n_embd))) : 1.0f;
+    hp->attn_scale  = 1.0f / std::sqrt(static_cast<float>(hp->head_dim));
     // Gemma: query_pre_attn_scalar ** -0.5 in Python (double), applied to F32 scores as an F32 scalar.
     if (cfg.query_pre_attn_scalar > 0) hp->attn_scale = static_cast<float>(std::pow(cfg.query_pre_attn_scalar, -0.5));
     hp->attn_softcap       = static_cast<float>(cfg.attn_logit_softcapping);
     hp->final_softcap      = static_cast<float>(cfg.final_logit_softcapping);
     hp->rope_local_differs = cfg.rope_local_differs;
     hp->rope_local         = cfg.rope_local;
-    hp->fused_qkv      = a.fused_qkv;
-    hp->fused_gate_up  = a.fused_gate_up;
+    hp->fused_qkv          = a.fused_qkv;
+    hp->fused_gate_up      = a.fused_gate_up;
     if (hp->rope.type == rope_type::ROPE_LONGROPE) {
         const size_t half = static_cast<size_t>(hp->head_dim / 2);
         if (hp->rope.short_factor.size() != half || hp->rope.long_factor.size() != half)
-            return make_error(E_ARG, "{}: longrope short_factor/long_factor have {}/{} values, expected head_dim / 2 = {}",
+            return make_error(E_ARG,
+                              "{}: longrope short_factor/long_factor have {}/{} values, expected head_dim / 2 = {}",
                               cfg.path, hp->rope.short_factor.size(), hp->rope.long_factor.size(), half);
     }
     return status::ok();
@@ -154,6 +156,25 @@ std::string llama_hparams::options_beyond_llama() const {
 
 std::string llama_hparams::options_beyond_gpu() const {
     return options_in_use(*this, true);
+}
+
+status llama_gpu_options_check(const llama_hparams& hp, const std::string& who) {
+    if (const std::string opts = hp.options_beyond_gpu(); !opts.empty())
+        return make_error(E_UNSUP, "{}: {} uses {}, which the GPU does not run yet; use --device cpu", who,
+                          model_family_name(hp.family), opts);
+    const std::string opts = hp.options_beyond_llama();
+    if (opts.empty()) return status::ok();
+    const char* env = std::getenv("GPTQ_GPU_UNVALIDATED");
+    if (!env || std::string_view(env) != "1")
+        return make_error(E_UNSUP,
+                          "{}: {} uses {}; the GPU layer has them but no GPU run has checked them against the CPU "
+                          "yet (docs/architectures.md, \"GPU\"); use --device cpu, or set GPTQ_GPU_UNVALIDATED=1 to "
+                          "run them anyway",
+                          who, model_family_name(hp.family), opts);
+    GPTQ_LOG_WARN(
+        "{}: running {} ({}) on the GPU, not yet checked against the CPU on a device (GPTQ_GPU_UNVALIDATED=1)", who,
+        model_family_name(hp.family), opts);
+    return status::ok();
 }
 
 const rope_config& llama_hparams::rope_of(int64_t i_layer) const {
@@ -239,9 +260,9 @@ std::vector<float> llama_rope_inv_freq(const llama_hparams& hp_in, const rope_co
     hp_copy.max_position_embeddings = hp_in.max_position_embeddings;
     hp_copy.rope                    = rope;
     const llama_hparams& hp         = hp_copy;
-    const int64_t half = hp.head_dim / 2;
-    const float   dim  = static_cast<float>(hp.head_dim);
-    double        base = hp.rope.theta;
+    const int64_t        half       = hp.head_dim / 2;
+    const float          dim        = static_cast<float>(hp.head_dim);
+    double               base       = hp.rope.theta;
     if (hp.rope.type == rope_type::ROPE_LONGROPE) {
         // transformers' _compute_longrope_parameters: 1 / (ext_factor * base ** (2i / dim)) in F32,
         // ext = long_factor once the sequence passes original_max_position_embeddings, else short.
@@ -373,8 +394,8 @@ const char* norm_slot_name(const llama_hparams& hp, norm_slot n) {
     }
     return nullptr;
 }
-constexpr norm_slot k_norm_slots[] = {norm_slot::NORM_ATTN_IN, norm_slot::NORM_ATTN_OUT, norm_slot::NORM_MLP_IN,
-                                      norm_slot::NORM_MLP_OUT, norm_slot::NORM_Q,        norm_slot::NORM_K};
+constexpr norm_slot        k_norm_slots[] = {norm_slot::NORM_ATTN_IN, norm_slot::NORM_ATTN_OUT, norm_slot::NORM_MLP_IN,
+                                             norm_slot::NORM_MLP_OUT, norm_slot::NORM_Q,        norm_slot::NORM_K};
 std::optional<tensor_spec> norm_spec(const llama_hparams& hp, int64_t i_layer, norm_slot n) {
     const char* name = norm_slot_name(hp, n);
     if (!name) return std::nullopt;
@@ -388,7 +409,7 @@ std::vector<tensor_spec> llama_layer_tensors(const llama_hparams& hp, int64_t i_
     for (norm_slot n : k_norm_slots)
         if (auto spec = norm_spec(hp, i_layer, n)) t.push_back(std::move(*spec));
     for (const linear_module& m : llama_linear_modules(hp, i_layer)) {
-        const linear_slot s = llama_linear_slot(hp, i_layer, m.roles[0]);
+        const linear_slot s    = llama_linear_slot(hp, i_layer, m.roles[0]);
         const int64_t     n_in = hp.linear_shape(m.roles[0])[1];
         t.push_back({m.module + ".weight", {s.n_out_module, n_in}, false});
         if (role_has_bias(hp, m.roles[0])) t.push_back({m.module + ".bias", {s.n_out_module}, false});
@@ -536,7 +557,8 @@ void fused_layout_from_checkpoint(const tensor_source& src, llama_hparams* hp) {
         hp->fused_qkv = false;
         GPTQ_LOG_INFO("{}: q_proj, k_proj and v_proj stored apart (not as self_attn.qkv_proj)", src.path());
     }
-    if (hp->fused_gate_up && split_stored(linear_role::LINEAR_GATE, {linear_role::LINEAR_GATE, linear_role::LINEAR_UP})) {
+    if (hp->fused_gate_up &&
+        split_stored(linear_role::LINEAR_GATE, {linear_role::LINEAR_GATE, linear_role::LINEAR_UP})) {
         hp->fused_gate_up = false;
         GPTQ_LOG_INFO("{}: gate_proj and up_proj stored apart (not as mlp.gate_up_proj)", src.path());
     }
@@ -614,12 +636,11 @@ status read_vec(const tensor_source& src, const tensor_spec& t, std::vector<floa
 
 }  // namespace
 
-
 result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer, thread_pool* pool) const {
     if (i_layer < 0 || i_layer >= hp_.n_layer)
         return make_error(E_ARG, "{}: layer {} out of range (the model has {})", src_->path(), i_layer, hp_.n_layer);
-    auto layer   = std::make_unique<llama_layer>();
-    layer->index = i_layer;
+    auto layer                  = std::make_unique<llama_layer>();
+    layer->index                = i_layer;
     std::vector<float>* norms[] = {&layer->attn_norm,    &layer->attn_out_norm, &layer->mlp_norm,
                                    &layer->mlp_out_norm, &layer->q_norm,        &layer->k_norm};
     for (size_t n = 0; n < std::size(k_norm_slots); ++n) {
@@ -632,13 +653,13 @@ result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer, th
     }
     // One checkpoint module per task (reads of the memory-mapped files are independent), sliced
     // into its roles' rows when fused; the first error wins.
-    const std::vector<linear_module> modules = llama_linear_modules(hp_, i_layer);
-    auto load_module = [&](const linear_module& m) -> status {
-        const linear_slot s0   = llama_linear_slot(hp_, i_layer, m.roles[0]);
-        const int64_t     n_in = hp_.linear_shape(m.roles[0])[1];
-        const int64_t     n_all = s0.n_out_module;
-        const bool        bias  = role_has_bias(hp_, m.roles[0]);
-        std::vector<float> w, b;
+    const std::vector<linear_module> modules     = llama_linear_modules(hp_, i_layer);
+    auto                             load_module = [&](const linear_module& m) -> status {
+        const linear_slot               s0    = llama_linear_slot(hp_, i_layer, m.roles[0]);
+        const int64_t                   n_in  = hp_.linear_shape(m.roles[0])[1];
+        const int64_t                   n_all = s0.n_out_module;
+        const bool                      bias  = role_has_bias(hp_, m.roles[0]);
+        std::vector<float>              w, b;
         std::optional<gptq_linear_data> q;
         if (const gptq_config* qc = quantization_of(m.module)) {
             GPTQ_ASSIGN_OR_RETURN(q, gptq_linear_read(*src_, m.module, n_all, n_in, *qc));

@@ -87,10 +87,10 @@ struct llama_hparams {
     bool           attn_out_norm = false;  // sandwich: RMSNorm of attention's output before the residual add
     bool           mlp_out_norm  = false;  // sandwich: RMSNorm of the MLP's output before the residual add
     mlp_activation act           = mlp_activation::ACT_SILU;  // act(gate) * up
-    float          embed_scale   = 1.0f;   // embeddings multiplied by it (Gemma: sqrt(n_embd) in F32); 1 = off
-    float          attn_scale    = 0.0f;   // softmax scale of q.k: 1/sqrt(head_dim), or query_pre_attn_scalar^-0.5
-    float          attn_softcap  = 0.0f;   // > 0: scores = cap * tanh(scores / cap) before the mask; 0 = off
-    float          final_softcap = 0.0f;   // > 0: logits = cap * tanh(logits / cap); 0 = off
+    float          embed_scale   = 1.0f;  // embeddings multiplied by it (Gemma: sqrt(n_embd) in F32); 1 = off
+    float          attn_scale    = 0.0f;  // softmax scale of q.k: 1/sqrt(head_dim), or query_pre_attn_scalar^-0.5
+    float          attn_softcap  = 0.0f;  // > 0: scores = cap * tanh(scores / cap) before the mask; 0 = off
+    float          final_softcap = 0.0f;  // > 0: logits = cap * tanh(logits / cap); 0 = off
     // RoPE of the sliding-window layers when it differs (Gemma 3 local layers: another base).
     bool        rope_local_differs = false;
     rope_config rope_local;
@@ -117,6 +117,12 @@ struct llama_hparams {
     // quantize --device cuda refuse the model with this list (docs/architectures.md, GPU column).
     std::string options_beyond_gpu() const;
 };
+
+// Whether the GPU may run hp (llama_cuda_model::open, quantize --device cuda; `who` starts the
+// message): options the GPU layer does not run are refused by name; options it runs but that no
+// device run has checked yet (every option beyond Llama's today: docs/architectures.md, "GPU") are
+// refused too unless the environment sets GPTQ_GPU_UNVALIDATED=1, which runs them with a warning.
+status llama_gpu_options_check(const llama_hparams& hp, const std::string& who);
 
 // Upper bound of the layer count, head counts and head_dim a config may give (docs/reliability.md).
 constexpr int64_t k_llama_max_dim = int64_t(1) << 16;
@@ -209,8 +215,8 @@ struct kv_cache {
 
     static kv_cache create(const llama_hparams& hp, int64_t n_ctx);
     void            clear() {
-        n_past = 0;
-        ids.clear();
+                   n_past = 0;
+                   ids.clear();
     }
 };
 

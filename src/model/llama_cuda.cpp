@@ -54,12 +54,9 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
     m->opts_ = o;
     GPTQ_ASSIGN_OR_RETURN(m->host_, llama_model::open(path));
     const llama_hparams& hp = m->hparams();
-    // Family options the GPU layer does not run yet are refused by name, never skipped
-    // (docs/architectures.md).
-    if (const std::string opts = hp.options_beyond_gpu(); !opts.empty())
-        return make_error(status_code::STATUS_UNSUPPORTED,
-                          "{}: the GPU runtime does not run {} ({}) yet; use --device cpu", path,
-                          model_family_name(hp.family), opts);
+    // Family options the GPU has not run (or no device has checked) are refused by name, never
+    // skipped (docs/architectures.md).
+    GPTQ_TRY(llama_gpu_options_check(hp, path));
     GPTQ_ASSIGN_OR_RETURN(m->ctx_, cuda_context::create(o.device));
     if (hp.head_dim % 2 != 0 || hp.head_dim > 256)
         return make_error(status_code::STATUS_UNSUPPORTED, "{}: head_dim {} (the GPU attention needs even, <= 256)",
@@ -384,7 +381,7 @@ status llama_cuda_model::load_weights() {
         any_gate_up_fused_ = any_gate_up_fused_ || L.gate_up.n_out > 0;
         if (next_off < off.layers.size() && off.layers[next_off] == i) {
             ++next_off;
-            std::vector<cuda_buffer*> bufs = {&L.attn_norm,     &L.mlp_norm, &L.attn_out_norm,
+            std::vector<cuda_buffer*> bufs = {&L.attn_norm,    &L.mlp_norm, &L.attn_out_norm,
                                               &L.mlp_out_norm, &L.q_norm,   &L.k_norm};
             auto                      add  = [&](linear& l) {
                 for (cuda_buffer* b : {&l.w, &l.bias, &l.q.weights, &l.q.sz, &l.q.perm, &l.q.qweight, &l.q.qzeros,
@@ -509,8 +506,8 @@ status llama_cuda_model::context_reserve(int64_t n_ctx) {
     if (n_ctx <= 0) return make_error(E_ARG, "context of {} positions, expected at least 1", n_ctx);
     if (n_ctx <= n_ctx_) return status::ok();
     GPTQ_TRY(ctx_->synchronize());
-    graph_             = cuda_graph();  // the graph reads the old caches and bounds
-    graph_warm_        = false;
+    graph_      = cuda_graph();  // the graph reads the old caches and bounds
+    graph_warm_ = false;
     reset();
     const size_t bytes = size_t(n_seq_) * size_t(n_ctx) * size_t(hparams().kv_dim()) * 2;
     for (auto& L : layers_) {
@@ -622,9 +619,9 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
     // n_past), the step inputs' positions, RoPE rows and (device_count) key count.
     const int64_t   seq_stride = n_ctx_ * kv_dim;
     cuda_layer_pass p;
-    p.n          = n;
-    p.cos        = reinterpret_cast<const float*>(step_.as<uint8_t>() + step_rope_offset_);
-    p.sin        = p.cos + n_act_ * half;
+    p.n   = n;
+    p.cos = reinterpret_cast<const float*>(step_.as<uint8_t>() + step_rope_offset_);
+    p.sin = p.cos + n_act_ * half;
     if (rope_tables() > 1) {  // the local layers' rows (table 1)
         p.cos_local = p.cos + 2 * n_act_ * half;
         p.sin_local = p.cos + 3 * n_act_ * half;

@@ -189,7 +189,10 @@ TEST(llama_cuda, rand_dynamic_rope_matches_cpu) {  // RoPE tables depend on the 
 // has, on the CPU, a logit within the same F16 bound of the CPU's top one (as the generate test
 // below checks tiny-llama's).
 namespace {
+// The families' options are refused on the GPU until a device run has checked them
+// (llama_gpu_options_check); these tests are that check, so they opt in.
 std::string arch_dir(const char* name) {
+    setenv("GPTQ_GPU_UNVALIDATED", "1", 1);
     return source_dir() + "/tests/data/arch/" + name;
 }
 
@@ -237,7 +240,7 @@ TEST(llama_cuda, arch_phi3_matches_cpu) {  // fused qkv_proj and gate_up_proj, k
     auto host = llama_model::open(arch_dir("phi3"));
     ASSERT_TRUE(host.is_ok()) << host.error().message();
     std::unique_ptr<llama_cuda_model> owner;
-    const auto ids = test_ids(k_n_prefill + k_n_decode, (*host)->hparams().n_vocab);
+    const auto                        ids = test_ids(k_n_prefill + k_n_decode, (*host)->hparams().n_vocab);
     ASSERT_FALSE(gpu_logits(arch_dir("phi3"), ids, false, nullptr, &owner).empty());
     EXPECT_EQ(owner->n_fused(), 2 * owner->hparams().n_layer);  // the checkpoint's modules as stored
     owner.reset();
@@ -266,7 +269,7 @@ TEST(llama_cuda, arch_gemma3_matches_cpu) {  // + q/k norms, 5 local : 1 global,
 // transformers does); every row, plain and as graph replays, against the CPU's.
 TEST(llama_cuda, arch_phi3_longrope_crossing_matches_cpu) {
     GPTQ_SKIP_WITHOUT_GPU();
-    const std::string dir = arch_dir("phi3-longrope");
+    const std::string dir  = arch_dir("phi3-longrope");
     auto              host = llama_model::open(dir);
     ASSERT_TRUE(host.is_ok()) << host.error().message();
     const int64_t V = (*host)->hparams().n_vocab, n_pre = 28, n_dec = 10, n = n_pre + n_dec;

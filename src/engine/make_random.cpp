@@ -91,8 +91,8 @@ std::vector<random_model_shape> shape_table() {
     add("mistral-nemo-12b", "mistralai/Mistral-Nemo-Base-2407", 131072, 5120, 14336, 40, 32, 8, 1024000, 1000000.0,
         1e-5, 1, 2, false, "bfloat16");
     family("MistralForCausalLM", "mistral", 128, std::nullopt);
-    add("phi-3-mini", "microsoft/Phi-3-mini-4k-instruct", 32064, 3072, 8192, 32, 32, 32, 4096, 10000.0, 1e-5, 1,
-        32000, false, "bfloat16");
+    add("phi-3-mini", "microsoft/Phi-3-mini-4k-instruct", 32064, 3072, 8192, 32, 32, 32, 4096, 10000.0, 1e-5, 1, 32000,
+        false, "bfloat16");
     family("Phi3ForCausalLM", "phi3", 0, 2047);
     // Test shapes of those families (generated tokenizer).
     add("micro-qwen3", "", 512, 64, 128, 2, 4, 2, 512, 1000000.0, 1e-6, 1, 2, true, "bfloat16");
@@ -441,18 +441,18 @@ std::string make_random_config_json(const random_model_shape& s, const std::stri
     j["model_type"]              = s.model_type;
     if (s.head_dim_config > 0) j["head_dim"] = s.head_dim_config;
     if (s.sliding_window) j["sliding_window"] = *s.sliding_window;
-    j["num_attention_heads"]     = s.num_attention_heads;
-    j["num_hidden_layers"]       = s.num_hidden_layers;
-    j["num_key_value_heads"]     = s.num_key_value_heads;
-    j["pretraining_tp"]          = 1;
-    j["rms_norm_eps"]            = s.rms_norm_eps;
-    j["rope_scaling"]            = nullptr;
-    j["rope_theta"]              = s.rope_theta;
-    j["tie_word_embeddings"]     = s.tie_word_embeddings;
-    j["torch_dtype"]             = dtype;
-    j["use_cache"]               = true;
-    j["vocab_size"]              = s.vocab_size;
-    const bool gemma             = s.model_type == "gemma2" || s.model_type == "gemma3_text";
+    j["num_attention_heads"] = s.num_attention_heads;
+    j["num_hidden_layers"]   = s.num_hidden_layers;
+    j["num_key_value_heads"] = s.num_key_value_heads;
+    j["pretraining_tp"]      = 1;
+    j["rms_norm_eps"]        = s.rms_norm_eps;
+    j["rope_scaling"]        = nullptr;
+    j["rope_theta"]          = s.rope_theta;
+    j["tie_word_embeddings"] = s.tie_word_embeddings;
+    j["torch_dtype"]         = dtype;
+    j["use_cache"]           = true;
+    j["vocab_size"]          = s.vocab_size;
+    const bool gemma         = s.model_type == "gemma2" || s.model_type == "gemma3_text";
     if (gemma) gemma_config_keys(s, &j);
     j["gptqkit_make_random"] = {
         {"like", s.name},

@@ -32,10 +32,10 @@ std::vector<arch_desc> make_table() {
     qwen2.window          = arch_window_rule::WINDOW_FROM_MAX_LAYER;
     t.push_back(qwen2);
 
-    arch_desc qwen3 = row("Qwen3ForCausalLM", "qwen3", model_family::MODEL_FAMILY_QWEN3, 32768);
+    arch_desc qwen3        = row("Qwen3ForCausalLM", "qwen3", model_family::MODEL_FAMILY_QWEN3, 32768);
     qwen3.qk_norm          = true;  // per-head RMSNorm on q and k before RoPE; biases only with attention_bias
     qwen3.default_head_dim = 128;   // Qwen3Config.head_dim
-    qwen3.window    = arch_window_rule::WINDOW_FROM_MAX_LAYER;
+    qwen3.window           = arch_window_rule::WINDOW_FROM_MAX_LAYER;
     t.push_back(qwen3);
 
     arch_desc phi3     = row("Phi3ForCausalLM", "phi3", model_family::MODEL_FAMILY_PHI3, 4096);
@@ -74,20 +74,20 @@ std::vector<arch_desc> make_table() {
     // attention soft-capping (the key is ignored, as transformers does), final soft-capping only when
     // given, 5 local : 1 global layers by default, and a RoPE per layer type (local base 10000,
     // global 1e6 with the config's scaling).
-    arch_desc gemma3                     = gemma2;
-    gemma3.architecture                  = "Gemma3ForCausalLM";
-    gemma3.model_type                    = "gemma3_text";
-    gemma3.family                        = model_family::MODEL_FAMILY_GEMMA3;
-    gemma3.default_max_positions         = 131072;
-    gemma3.qk_norm                       = true;
-    gemma3.reads_attn_softcap            = false;
-    gemma3.default_attn_softcap          = 0;
-    gemma3.default_final_softcap         = 0;
-    gemma3.default_window_pattern        = 6;
-    gemma3.window_pattern_key            = "sliding_window_pattern";
-    gemma3.rope_by_layer_type            = true;
-    gemma3.default_rope_theta            = 1000000.0;
-    gemma3.default_rope_local_theta      = 10000.0;
+    arch_desc gemma3                = gemma2;
+    gemma3.architecture             = "Gemma3ForCausalLM";
+    gemma3.model_type               = "gemma3_text";
+    gemma3.family                   = model_family::MODEL_FAMILY_GEMMA3;
+    gemma3.default_max_positions    = 131072;
+    gemma3.qk_norm                  = true;
+    gemma3.reads_attn_softcap       = false;
+    gemma3.default_attn_softcap     = 0;
+    gemma3.default_final_softcap    = 0;
+    gemma3.default_window_pattern   = 6;
+    gemma3.window_pattern_key       = "sliding_window_pattern";
+    gemma3.rope_by_layer_type       = true;
+    gemma3.default_rope_theta       = 1000000.0;
+    gemma3.default_rope_local_theta = 10000.0;
     t.push_back(gemma3);
     return t;
 }

@@ -25,10 +25,10 @@ enum class model_family : uint8_t {
 
 // How a layer's sliding window is chosen (config.json "sliding_window" gives its size).
 enum class arch_window_rule : uint8_t {
-    WINDOW_NONE,           // full attention everywhere; "sliding_window" is ignored (Llama, Phi-3 as transformers)
-    WINDOW_ALL,            // every layer (Mistral)
-    WINDOW_FROM_MAX_LAYER, // layers >= max_window_layers when use_sliding_window (Qwen2, Qwen3)
-    WINDOW_LAYER_TYPES,    // "layer_types": "sliding_attention" / "full_attention" per layer (Gemma 2/3)
+    WINDOW_NONE,            // full attention everywhere; "sliding_window" is ignored (Llama, Phi-3 as transformers)
+    WINDOW_ALL,             // every layer (Mistral)
+    WINDOW_FROM_MAX_LAYER,  // layers >= max_window_layers when use_sliding_window (Qwen2, Qwen3)
+    WINDOW_LAYER_TYPES,     // "layer_types": "sliding_attention" / "full_attention" per layer (Gemma 2/3)
 };
 
 // MLP activation of gate (the GLU's gated half): act(gate) * up.
@@ -49,23 +49,23 @@ struct arch_norm_names {
 };
 
 struct arch_desc {
-    const char*  architecture;           // config.json "architectures"[0]: "Qwen3ForCausalLM"
-    const char*  model_type;             // config.json "model_type": "qwen3"
+    const char*  architecture;  // config.json "architectures"[0]: "Qwen3ForCausalLM"
+    const char*  model_type;    // config.json "model_type": "qwen3"
     model_family family;
     int64_t      default_max_positions;  // transformers' config default when the key is absent
     int64_t      default_head_dim = 0;   // head_dim when config.json omits it; 0: hidden_size / heads
 
     // Checkpoint layout.
     arch_norm_names norms;
-    bool            qk_norm       = false;  // self_attn.q_norm / k_norm [head_dim], per head before RoPE
-    bool            fused_qkv     = false;  // self_attn.qkv_proj [q_dim + 2 kv_dim, n_embd] (rows q, k, v)
-    bool            fused_gate_up = false;  // mlp.gate_up_proj [2 n_ff, n_embd] (rows gate, up)
+    bool            qk_norm         = false;  // self_attn.q_norm / k_norm [head_dim], per head before RoPE
+    bool            fused_qkv       = false;  // self_attn.qkv_proj [q_dim + 2 kv_dim, n_embd] (rows q, k, v)
+    bool            fused_gate_up   = false;  // mlp.gate_up_proj [2 n_ff, n_embd] (rows gate, up)
     bool            qkv_bias_always = false;  // q/k/v biased and o never, whatever attention_bias says (Qwen2)
     bool            tie_default     = false;  // tie_word_embeddings when config.json omits it
 
     // Options of the forward, read from config.json where it has them (hf_config.cpp).
-    bool             norm_plus_one = false;  // RMSNorm scales by (1 + w) (Gemma)
-    bool             embed_scale   = false;  // embeddings scaled by sqrt(hidden_size) (Gemma)
+    bool             norm_plus_one = false;         // RMSNorm scales by (1 + w) (Gemma)
+    bool             embed_scale   = false;         // embeddings scaled by sqrt(hidden_size) (Gemma)
     const char*      act_key       = "hidden_act";  // Gemma: "hidden_activation"
     const char*      act_default   = "silu";
     arch_window_rule window        = arch_window_rule::WINDOW_NONE;

@@ -173,7 +173,7 @@ gptq_linear_data gptq_linear_rows(const gptq_linear_data& d, int64_t row0, int64
 }
 
 result<gptq_linear_data> gptq_linear_join_rows(const std::vector<const gptq_linear_data*>& parts,
-                                               const std::string& module) {
+                                               const std::string&                          module) {
     GPTQ_ASSERT(!parts.empty());
     const gptq_linear_data& a = *parts[0];
     gptq_linear_data        r;

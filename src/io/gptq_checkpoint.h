@@ -35,7 +35,7 @@ struct gptq_linear_data {
 gptq_linear_data gptq_linear_rows(const gptq_linear_data& d, int64_t row0, int64_t n_out);
 // The parts stacked by output rows, in order; they must share n_in, bits, n_groups and g_idx.
 result<gptq_linear_data> gptq_linear_join_rows(const std::vector<const gptq_linear_data*>& parts,
-                                               const std::string& module);
+                                               const std::string&                          module);
 
 // Declarations of the module's tensors, for a safetensors_writer.
 std::vector<safetensors_decl> gptq_linear_decls(const std::string& module, int64_t n_out, int64_t n_in,

@@ -137,7 +137,8 @@ status read_rope(const json& j, const std::string& where, model_config* cfg) {
         cfg->rope.type = rope_type::ROPE_LONGROPE;
         return read_longrope(j, p, pwhere, cfg);
     } else {
-        return make_error(E_UNSUP, "{}: unsupported rope type '{}' for {} (supported: default, linear, dynamic, llama3{})",
+        return make_error(E_UNSUP,
+                          "{}: unsupported rope type '{}' for {} (supported: default, linear, dynamic, llama3{})",
                           pwhere, type, cfg->architecture, cfg->arch->rope_longrope ? ", longrope, su" : "");
     }
     if (cfg->rope.type != rope_type::ROPE_DEFAULT) {
@@ -167,11 +168,11 @@ status read_rope(const json& j, const std::string& where, model_config* cfg) {
 // layers, cfg->rope_local for the sliding ones. Each is read by read_rope from an object holding
 // just that layer type's keys, so both dialects share its checks.
 status read_rope_by_layer_type(const json& j, const std::string& where, model_config* cfg) {
-    const arch_desc& a       = *cfg->arch;
-    json             global  = {{"rope_theta", a.default_rope_theta}};
-    json             local   = {{"rope_theta", a.default_rope_local_theta}};
-    std::string      gwhere  = where, lwhere = where;
-    const auto       rp      = j.find("rope_parameters");
+    const arch_desc& a      = *cfg->arch;
+    json             global = {{"rope_theta", a.default_rope_theta}};
+    json             local  = {{"rope_theta", a.default_rope_local_theta}};
+    std::string      gwhere = where, lwhere = where;
+    const auto       rp = j.find("rope_parameters");
     if (rp != j.end() && !rp->is_null()) {
         // transformers 5: one object per layer type; a missing one is the default RoPE.
         if (!rp->is_object() || (!rp->contains("full_attention") && !rp->contains("sliding_attention")))
@@ -179,8 +180,8 @@ status read_rope_by_layer_type(const json& j, const std::string& where, model_co
                               "{}: 'rope_parameters' is {}; {} expects one object per layer type "
                               "(full_attention, sliding_attention)",
                               where, json_fields::quote(*rp), cfg->architecture);
-        for (const auto& [key, target, twhere] : {std::tuple{"full_attention", &global, &gwhere},
-                                                  std::tuple{"sliding_attention", &local, &lwhere}}) {
+        for (const auto& [key, target, twhere] :
+             {std::tuple{"full_attention", &global, &gwhere}, std::tuple{"sliding_attention", &local, &lwhere}}) {
             auto it = rp->find(key);
             if (it == rp->end() || it->is_null()) continue;
             (*target)["rope_parameters"] = *it;
@@ -191,7 +192,8 @@ status read_rope_by_layer_type(const json& j, const std::string& where, model_co
         // have the default RoPE with base rope_local_base_freq.
         json_fields top{j, where};
         GPTQ_ASSIGN_OR_RETURN(double theta, top.get_number_or("rope_theta", a.default_rope_theta));
-        GPTQ_ASSIGN_OR_RETURN(double local_theta, top.get_number_or("rope_local_base_freq", a.default_rope_local_theta));
+        GPTQ_ASSIGN_OR_RETURN(double local_theta,
+                              top.get_number_or("rope_local_base_freq", a.default_rope_local_theta));
         global["rope_theta"] = theta;
         if (top.has("rope_scaling")) global["rope_scaling"] = j.at("rope_scaling");
         local["rope_theta"] = local_theta;

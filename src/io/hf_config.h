@@ -34,24 +34,24 @@ struct rope_config {
 };
 
 struct model_config {
-    std::string  path;          // the config.json read
-    std::string  architecture;  // "LlamaForCausalLM"
-    std::string  model_type;    // "llama"
-    model_family family = model_family::MODEL_FAMILY_LLAMA;
-    const arch_desc* arch = nullptr;  // the family's row of io/arch.h (never null once parsed)
+    std::string      path;          // the config.json read
+    std::string      architecture;  // "LlamaForCausalLM"
+    std::string      model_type;    // "llama"
+    model_family     family = model_family::MODEL_FAMILY_LLAMA;
+    const arch_desc* arch   = nullptr;  // the family's row of io/arch.h (never null once parsed)
 
-    int64_t     vocab_size              = 0;
-    int64_t     hidden_size             = 0;
-    int64_t     intermediate_size       = 0;
-    int64_t     num_hidden_layers       = 0;
-    int64_t     num_attention_heads     = 0;
-    int64_t     num_key_value_heads     = 0;  // GQA; defaults to num_attention_heads
-    int64_t     head_dim                = 0;  // defaults to hidden_size / num_attention_heads
-    int64_t     max_position_embeddings = 0;
-    double      rms_norm_eps            = 1e-6;
-    std::string    hidden_act           = "silu";  // the family's act_key ("hidden_activation" for Gemma)
-    mlp_activation act                  = mlp_activation::ACT_SILU;
-    rope_config rope;
+    int64_t        vocab_size              = 0;
+    int64_t        hidden_size             = 0;
+    int64_t        intermediate_size       = 0;
+    int64_t        num_hidden_layers       = 0;
+    int64_t        num_attention_heads     = 0;
+    int64_t        num_key_value_heads     = 0;  // GQA; defaults to num_attention_heads
+    int64_t        head_dim                = 0;  // defaults to hidden_size / num_attention_heads
+    int64_t        max_position_embeddings = 0;
+    double         rms_norm_eps            = 1e-6;
+    std::string    hidden_act              = "silu";  // the family's act_key ("hidden_activation" for Gemma)
+    mlp_activation act                     = mlp_activation::ACT_SILU;
+    rope_config    rope;
 
     bool    tie_word_embeddings = false;
     bool    attention_bias      = false;  // q/k/v/o bias (Llama); Qwen2: q/k/v always biased, o never
@@ -59,9 +59,9 @@ struct model_config {
     int64_t pretraining_tp      = 1;
 
     // Sliding window attention (Mistral; Qwen2 when use_sliding_window, from max_window_layers on).
-    std::optional<int64_t> sliding_window;
-    bool                   use_sliding_window = false;
-    int64_t                max_window_layers  = 0;
+    std::optional<int64_t>   sliding_window;
+    bool                     use_sliding_window = false;
+    int64_t                  max_window_layers  = 0;
     std::vector<std::string> layer_types;  // "sliding_attention" / "full_attention" per layer, or empty
     // (families with WINDOW_LAYER_TYPES get it from the family's pattern when config.json has none)
 

@@ -199,15 +199,15 @@ private:
     status stage_wait(int u);
     status stage_done(int u);
 
-    std::unique_ptr<llama_model>  host_;
-    std::unique_ptr<cuda_context> ctx_;
-    llama_cuda_options            opts_;
-    int64_t                       n_ctx_ = 0, n_past_ = 0;
-    int64_t                       n_seq_ = 1;  // KV caches: [n_seq_][n_ctx_][kv_dim] per layer
-    std::vector<std::vector<int32_t>> seq_ids_;  // [n_seq] ids of the cached positions (ids_append)
-    std::vector<layer>            layers_;
-    cuda_buffer                   embed_, norm_, lm_head_;  // [n_vocab, n_embd], [n_embd], lm_head or empty (tied)
-    uint64_t                      weight_bytes_ = 0;
+    std::unique_ptr<llama_model>      host_;
+    std::unique_ptr<cuda_context>     ctx_;
+    llama_cuda_options                opts_;
+    int64_t                           n_ctx_ = 0, n_past_ = 0;
+    int64_t                           n_seq_ = 1;  // KV caches: [n_seq_][n_ctx_][kv_dim] per layer
+    std::vector<std::vector<int32_t>> seq_ids_;    // [n_seq] ids of the cached positions (ids_append)
+    std::vector<layer>                layers_;
+    cuda_buffer                       embed_, norm_, lm_head_;  // [n_vocab, n_embd], [n_embd], lm_head or empty (tied)
+    uint64_t                          weight_bytes_ = 0;
 
     std::vector<offload_unit>  units_;       // execution order
     std::vector<int>           layer_unit_;  // per layer: its unit, or -1 when resident

@@ -97,8 +97,8 @@ status attention_cached(cuda_context& c, const llama_hparams& hp, int64_t i_laye
     // sequence t's, at n_past, its cache p.seq_stride elements after sequence t - 1's.
     const float *cos = nullptr, *sin = nullptr;
     rope_rows(hp, i_layer, p, &cos, &sin);
-    GPTQ_TRY(op_cuda_rope_kv_store(c, q, k, v, q_stride, kv_stride, cos, sin, p.n, hp.n_head, hp.n_head_kv,
-                                   hp.head_dim, p.k_cache, p.v_cache, p.pos_dev, p.n_ctx, p.lockstep ? 0 : 1,
+    GPTQ_TRY(op_cuda_rope_kv_store(c, q, k, v, q_stride, kv_stride, cos, sin, p.n, hp.n_head, hp.n_head_kv, hp.head_dim,
+                                   p.k_cache, p.v_cache, p.pos_dev, p.n_ctx, p.lockstep ? 0 : 1,
                                    p.lockstep ? p.seq_stride : 0));
     GPTQ_TRY(mark(p, "rope_kv_store"));
     cuda_attention_args a = attention_args_base(hp, i_layer);

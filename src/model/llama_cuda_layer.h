@@ -60,13 +60,13 @@ status cuda_linear_forward(cuda_context& c, const cuda_linear& l, const uint16_t
 
 // A decoder layer's weights on the device.
 struct cuda_layer_weights {
-    cuda_buffer                               attn_norm, mlp_norm;  // [n_embd] F16
+    cuda_buffer attn_norm, mlp_norm;  // [n_embd] F16
     // Options (llama_hparams), empty when off: sandwich norms [n_embd] (attn_out_norm, mlp_out_norm),
     // per-head q/k norms [head_dim] (qk_norm). Norm weights with norm_plus_one hold 1 + w, added
     // in F32 before the rounding to F16.
-    cuda_buffer attn_out_norm, mlp_out_norm, q_norm, k_norm;
-    std::array<cuda_linear, k_n_linear_roles> lin;                  // the roles not fused (empty when fused)
-    cuda_linear                               qkv, gate_up;         // fused (q|k|v, gate|up): n_out 0 when not
+    cuda_buffer                               attn_out_norm, mlp_out_norm, q_norm, k_norm;
+    std::array<cuda_linear, k_n_linear_roles> lin;           // the roles not fused (empty when fused)
+    cuda_linear                               qkv, gate_up;  // fused (q|k|v, gate|up): n_out 0 when not
     // gate_up's output features are in down's act-order column order (permuted at load), so
     // silu_mul's output is down's permuted input as it is.
     bool               gate_up_in_down_order = false;

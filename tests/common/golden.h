@@ -63,7 +63,7 @@ inline golden_file golden_load_file(const std::string& path) {
         s.greedy    = golden_read_i32(**f, p + "greedy");
         out.seqs.push_back(std::move(s));
     }
-    out.ppl_ids = golden_read_i32(**f, "ppl.ids");
+    out.ppl_ids  = golden_read_i32(**f, "ppl.ids");
     const auto v = golden_read_f32(**f, "ppl.value");
     if (!v.empty()) out.ppl = v[0];
     return out;

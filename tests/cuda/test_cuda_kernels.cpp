@@ -182,8 +182,8 @@ TEST(CudaKernels, GeluTanhMulMatchesCpu) {
         expect_close(got, ref, "gelu_tanh_mul (fused, in place)", seed);
 
         // Separate gate and up with padded rows, output contiguous; then permuted.
-        const int64_t          gs = cols + 3, us = cols + 5;
-        auto                   g = test::random_f16(rng, size_t(rows * gs), 4.0f), u = test::random_f16(rng, size_t(rows * us));
+        const int64_t gs = cols + 3, us = cols + 5;
+        auto          g = test::random_f16(rng, size_t(rows * gs), 4.0f), u = test::random_f16(rng, size_t(rows * us));
         device_array<uint16_t> dg(g), du(u), dy(size_t(rows * cols)), dyp(size_t(rows * cols));
         GPTQ_EXPECT_OK(cuda::gelu_tanh_mul_f16(dg.get(), du.get(), dy.get(), rows, cols, gs, us, cols, nullptr));
         const auto gf = test::to_f32(g), uf = test::to_f32(u);
@@ -193,7 +193,8 @@ TEST(CudaKernels, GeluTanhMulMatchesCpu) {
         expect_close(y, ref, "gelu_tanh_mul (strided)", seed);
         const auto            perm = random_perm(rng, cols);
         device_array<int32_t> dp(perm);
-        GPTQ_EXPECT_OK(cuda::gelu_tanh_mul_f16(dg.get(), du.get(), dyp.get(), rows, cols, gs, us, cols, nullptr, dp.get()));
+        GPTQ_EXPECT_OK(
+            cuda::gelu_tanh_mul_f16(dg.get(), du.get(), dyp.get(), rows, cols, gs, us, cols, nullptr, dp.get()));
         const auto yp = dyp.download();
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t i = 0; i < cols; ++i)
@@ -251,9 +252,9 @@ TEST(CudaKernels, EmbeddingGathersRows) {
         const auto outs = dout.download();
         for (int64_t t = 0; t < n; ++t)
             for (int64_t i = 0; i < dim; ++i) {
-                const int32_t  id   = ids[size_t(t)];
-                const uint16_t want = (id >= 0 && id < vocab) ? f32_to_f16(f16_to_f32(table[size_t(id * dim + i)]) * scale)
-                                                              : uint16_t(0);
+                const int32_t  id = ids[size_t(t)];
+                const uint16_t want =
+                    (id >= 0 && id < vocab) ? f32_to_f16(f16_to_f32(table[size_t(id * dim + i)]) * scale) : uint16_t(0);
                 ASSERT_EQ(outs[size_t(t * stride + i)], want)
                     << "scaled: token " << t << " dim " << i << " seed " << seed;
             }
@@ -314,7 +315,7 @@ void run_attention(const attn_case& c, bool decode, uint32_t seed, float softcap
     p.q = dq.get(), p.k = dk.get(), p.v = dv.get(), p.out = dout.get();
     p.n_q = c.n_q, p.n_kv = c.n_kv, p.q_pos0 = c.q_pos0, p.n_head = c.n_head, p.n_head_kv = c.n_head_kv;
     p.head_dim = c.head_dim, p.window = c.window, p.scale = 1.0f / std::sqrt(float(c.head_dim));
-    p.softcap = softcap;
+    p.softcap  = softcap;
     p.q_stride = q_stride, p.kv_stride = kv_stride, p.out_stride = out_stride;
     if (decode) {
         const int64_t       ws = cuda::attention_decode_workspace_floats(c.n_q, c.n_kv, c.n_head, c.head_dim);
@@ -389,9 +390,8 @@ TEST(CudaKernels, AttentionSoftcapMatchesCpu) {
                 run_attention(c, false, seed, cap);
             }
         cuda::attention_prefill_force_cuda_cores(false);
-        for (const attn_case& c : std::vector<attn_case>{{1, 65, 64, 2, 1, 256, 0},
-                                                         {5, 300, 295, 8, 2, 128, 0},
-                                                         {16, 500, 484, 4, 2, 64, 33}})
+        for (const attn_case& c : std::vector<attn_case>{
+                 {1, 65, 64, 2, 1, 256, 0}, {5, 300, 295, 8, 2, 128, 0}, {16, 500, 484, 4, 2, 64, 33}})
             run_attention(c, true, seed, cap);
     }
 }

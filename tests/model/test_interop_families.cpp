@@ -53,8 +53,8 @@ ops_context ctx() {
 }
 
 std::vector<fs::path> checkpoints() {
-    const char* env  = std::getenv("GPTQ_INTEROP_FAMILIES_DIR");
-    const fs::path root = env ? fs::path(env) : fs::path(GPTQ_SOURCE_DIR) / "tests/data/interop/families";
+    const char*           env  = std::getenv("GPTQ_INTEROP_FAMILIES_DIR");
+    const fs::path        root = env ? fs::path(env) : fs::path(GPTQ_SOURCE_DIR) / "tests/data/interop/families";
     std::vector<fs::path> out;
     if (!fs::is_directory(root)) return out;
     for (const auto& e : fs::directory_iterator(root))
@@ -92,7 +92,8 @@ void check_reader(llama_model& m, const fs::path& dir, const reader_bound& rb, i
 
 TEST(InteropFamilies, OurCheckpointsMatchThePeersReaders) {
     const auto dirs = checkpoints();
-    if (dirs.empty()) GTEST_SKIP() << "no checkpoint folders (tests/data/interop/families or $GPTQ_INTEROP_FAMILIES_DIR)";
+    if (dirs.empty())
+        GTEST_SKIP() << "no checkpoint folders (tests/data/interop/families or $GPTQ_INTEROP_FAMILIES_DIR)";
     for (const auto& dir : dirs) {
         auto m = llama_model::open(dir.string(), {.strict = true});
         ASSERT_TRUE(m.is_ok()) << dir << ": " << m.error().message();
@@ -166,7 +167,8 @@ TEST(InteropFamilies, Phi3SplitModulesReadAsFused) {
     for (int64_t i = 0; i < hp.n_layer; ++i) {
         const std::string p = "model.layers." + std::to_string(i);
         write_split(**in, p + ".self_attn.qkv_proj",
-                    {{p + ".self_attn.q_proj", hp.q_dim()}, {p + ".self_attn.k_proj", hp.kv_dim()},
+                    {{p + ".self_attn.q_proj", hp.q_dim()},
+                     {p + ".self_attn.k_proj", hp.kv_dim()},
                      {p + ".self_attn.v_proj", hp.kv_dim()}},
                     &decls, &data);
         write_split(**in, p + ".mlp.gate_up_proj", {{p + ".mlp.gate_proj", hp.n_ff}, {p + ".mlp.up_proj", hp.n_ff}},

@@ -14,8 +14,8 @@
 #include <vector>
 
 #include "core/thread_pool.h"
-#include "io/safetensors.h"
 #include "golden.h"
+#include "io/safetensors.h"
 #include "model/llama.h"
 
 using namespace gptq;

@@ -468,7 +468,7 @@ TEST(config, gemma3_both_dialects) {
 // The families of io/arch.h beyond Llama: defaults from transformers' config classes, LongRoPE
 // (Phi-3) in both spellings, and what is refused by name.
 TEST(config, qwen3_phi3_and_refusals) {
-    json q = llama_v4();
+    json q             = llama_v4();
     q["architectures"] = {"Qwen3ForCausalLM"};
     q["model_type"]    = "qwen3";
     q.erase("rope_scaling");
@@ -493,7 +493,7 @@ TEST(config, qwen3_phi3_and_refusals) {
     q.erase("sliding_window");
     q.erase("use_sliding_window");
 
-    json p = llama_v4();
+    json p                                = llama_v4();
     p["architectures"]                    = {"Phi3ForCausalLM"};
     p["model_type"]                       = "phi3";
     p["max_position_embeddings"]          = 131072;
@@ -518,15 +518,15 @@ TEST(config, qwen3_phi3_and_refusals) {
         j[key] = std::move(v);
         return j;
     };
-    json short_list = p;
+    json short_list                            = p;
     short_list["rope_scaling"]["short_factor"] = std::vector<double>(10, 1.0);
-    const std::vector<bad_case> bad = {
-        {with(p, "rope_scaling", json{{"type", "yarn"}, {"factor", 2.0}}), "unsupported rope type 'yarn'"},
-        {short_list, "'short_factor' has 10 values, expected head_dim / 2 = 64"},
-        {with(llama_v4(), "rope_scaling", json{{"type", "longrope"}}), "unsupported rope type 'longrope'"},
-        {with(llama_v4(), "architectures", json{"FalconForCausalLM"}), "unsupported architecture 'FalconForCausalLM'"},
-        {with(llama_v4(), "partial_rotary_factor", 0.5), "partial_rotary_factor 0.5 is not supported"},
-        {with(llama_v4(), "layer_types", json{"full_attention"}), "'layer_types' is"},
+    const std::vector<bad_case> bad            = {
+                   {with(p, "rope_scaling", json{{"type", "yarn"}, {"factor", 2.0}}), "unsupported rope type 'yarn'"},
+                   {short_list, "'short_factor' has 10 values, expected head_dim / 2 = 64"},
+                   {with(llama_v4(), "rope_scaling", json{{"type", "longrope"}}), "unsupported rope type 'longrope'"},
+                   {with(llama_v4(), "architectures", json{"FalconForCausalLM"}), "unsupported architecture 'FalconForCausalLM'"},
+                   {with(llama_v4(), "partial_rotary_factor", 0.5), "partial_rotary_factor 0.5 is not supported"},
+                   {with(llama_v4(), "layer_types", json{"full_attention"}), "'layer_types' is"},
     };
     for (const auto& b : bad) {
         auto r = model_config_parse(b.j, "config.json");

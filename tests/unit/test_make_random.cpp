@@ -152,7 +152,7 @@ TEST(MakeRandom, OtherFamilies) {
     EXPECT_EQ(phi.n_head_kv, 32);
     EXPECT_EQ(phi.window, std::vector<int64_t>(32, 2047));
     EXPECT_EQ(make_random_shape("phi-3-mini")->n_params(), 3821079552);
-    const auto t = llama_layer_tensors(phi, 0);
+    const auto t   = llama_layer_tensors(phi, 0);
     const auto has = [&](const std::string& name, std::vector<int64_t> shape) {
         for (const auto& x : t)
             if (x.name == name) return x.shape == shape;

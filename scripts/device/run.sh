@@ -23,6 +23,7 @@
 # 4. Only with GPTQ_DEVICE_BENCH=1: bench_gptq_gemv (JSON), then Nsight Compute on two int4 launches.
 # 4a. End to end (GPTQ_DEVICE_E2E=1, default): gptq bench of make-random llama-2-7b (FP16) and of an
 #    8-layer 7B shape quantized RTN W4 g128 against its FP16 original, batch 1 on cuda.
+# 3f. gptq serve --device cuda smoke test (GPTQ_DEVICE_SERVE=0 skips).
 # Memcheck covers test_llama_cuda's small models (MEMCHECK_ALL=1 adds the kernel tests).
 # $OUT gets: summary.txt, build.log, tests.log, memcheck.log, ppl.jsonl, bench_e2e.jsonl, and with
 # the benchmark bench_gptq_gemv.json, bench_gptq_gemv.txt, ncu.txt.
@@ -234,6 +235,17 @@ if [ "${GPTQ_DEVICE_CONFORMANCE:-1}" = 1 ]; then
         log "conformance: $(wc -l < "$OUT/conformance.jsonl") fixtures, cpu and cuda within 0.2 % of the producer's reader"
     else
         status=1; log "conformance FAILED:"; cat "$OUT/conformance.jsonl" | tee -a "$OUT/summary.txt"
+    fi
+fi
+
+# ---- 3f. gptq serve on cuda (issue 17; GPTQ_DEVICE_SERVE=0 skips): scripts/device/serve_smoke.py ---
+# (stdlib client: greedy text equal to the CPU server's, a stream, chat, two concurrent requests,
+# pages back to 0, SIGTERM -> exit 0).
+if [ "${GPTQ_DEVICE_SERVE:-1}" = 1 ]; then
+    if timeout 120 python3 scripts/device/serve_smoke.py "$GPTQ" > "$OUT/serve_smoke.log" 2>&1; then
+        log "serve smoke (cuda): passed"
+    else
+        status=1; log "serve smoke (cuda) FAILED:"; tail -8 "$OUT/serve_smoke.log" | tee -a "$OUT/summary.txt"
     fi
 fi
 

@@ -89,6 +89,9 @@ public:
     virtual status  reserve(int64_t n_seq, int64_t n_ctx) = 0;
     virtual int64_t n_seq() const                         = 0;
     virtual int64_t n_ctx() const                         = 0;
+    // Bytes of K and V of every layer for one cached position of one sequence (the KV cache's
+    // element type: F32 on the CPU, F16 on the GPU), for memory plans such as serve's.
+    virtual uint64_t kv_bytes_per_position() const = 0;
     // Forget sequence seq (its cache is overwritten from position 0 on); an unknown slot: nothing.
     virtual void    seq_reset(int64_t seq)     = 0;
     virtual int64_t seq_pos(int64_t seq) const = 0;  // -1 for an unknown slot

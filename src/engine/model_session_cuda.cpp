@@ -62,7 +62,10 @@ public:
     }
     void        memory_reset_peak() override {}
     std::string memory_kind() const override { return "device_allocated"; }
-    uint64_t    offload_bytes() const override { return gpu_->offload_bytes(); }
+    uint64_t    kv_bytes_per_position() const override {  // F16 K and V (docs/cuda.md "KV cache")
+        return 2ull * static_cast<uint64_t>(hparams().n_layer * hparams().kv_dim()) * sizeof(uint16_t);
+    }
+    uint64_t offload_bytes() const override { return gpu_->offload_bytes(); }
 
     status profile_ops(bool on) override {
         gpu_->set_profile_ops(on);

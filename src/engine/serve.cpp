@@ -74,13 +74,6 @@ private:
 
 // ---- startup: model, context, KV plan -----------------------------------------------------------------
 
-// KV bytes per cached position of one sequence: K and V of every layer, F32 on the CPU, F16 on
-// the GPU (docs/cuda.md "KV cache").
-uint64_t kv_bytes_per_position(const model_session& s) {
-    const llama_hparams& hp = s.hparams();
-    return 2ull * static_cast<uint64_t>(hp.n_layer * hp.kv_dim()) * (s.device() == "cpu" ? 4u : 2u);
-}
-
 result<std::string> chat_template_of(const serve_options& o, const tokenizer& tok) {
     if (o.chat_template_file.empty()) return tok.config().chat_template;
     std::ifstream in(o.chat_template_file, std::ios::binary);
@@ -120,7 +113,7 @@ result<serve_plan> plan_kv(const serve_options& o, const model_session& s) {
             "serve: {} runs lockstep batches only, not the ragged steps of continuous batching: serving one "
             "sequence at a time (docs/serve.md)",
             s.device());
-    p.per_position           = kv_bytes_per_position(s);
+    p.per_position           = s.kv_bytes_per_position();
     p.weights                = s.memory_used();
     const uint64_t per_seq   = p.per_position * static_cast<uint64_t>(p.n_ctx);
     uint64_t       budget    = o.kv_memory_bytes;

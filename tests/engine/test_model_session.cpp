@@ -146,6 +146,11 @@ TEST(model_session_cpu, describes_itself) {
     EXPECT_EQ(s->n_vocab(), 96);
     EXPECT_EQ(s->memory_kind(), "host_rss");
     EXPECT_GT(s->memory_used(), 0u);
+    // What one position costs is what the CPU KV cache allocates for it (F32 K and V, every layer).
+    const kv_cache one = kv_cache::create(s->hparams(), 1);
+    uint64_t       kv  = 0;
+    for (size_t l = 0; l < one.k.size(); ++l) kv += (one.k[l].size() + one.v[l].size()) * sizeof(float);
+    EXPECT_EQ(s->kv_bytes_per_position(), kv);
     EXPECT_EQ(s->n_seq(), 0);
     auto st = s->profile_ops(true);  // the GPU's op timing
     EXPECT_EQ(st.code(), status_code::STATUS_UNSUPPORTED);

@@ -37,6 +37,35 @@ int32_t argmax(const float* x, int64_t n) {
     return static_cast<int32_t>(std::max_element(x, x + n) - x);
 }
 
+// Two golden sequences prefilled together in one ragged batch through the KV cache, then decoded
+// greedily one token each per step: the tokens each sequence picks over `steps` steps.
+std::pair<std::vector<int32_t>, std::vector<int32_t>> batch_greedy(llama_model& m, const test::golden_seq& a,
+                                                                   const test::golden_seq& b, int64_t n_ctx,
+                                                                   size_t steps) {
+    const llama_hparams& hp = m.hparams();
+    kv_cache             ca = kv_cache::create(hp, n_ctx), cb = kv_cache::create(hp, n_ctx);
+    std::vector<int32_t> ids(a.ids);
+    ids.insert(ids.end(), b.ids.begin(), b.ids.end());
+    int64_t              n[2]      = {static_cast<int64_t>(a.ids.size()), static_cast<int64_t>(b.ids.size())};
+    kv_cache*            caches[2] = {&ca, &cb};
+    std::vector<float>   logits(static_cast<size_t>(2 * hp.n_vocab));
+    std::vector<int32_t> got_a, got_b;
+    for (size_t t = 0; t < steps; ++t) {
+        const status st = m.forward_batch(ctx(), ids.data(), n, 2, caches, logits.data());
+        EXPECT_TRUE(st.is_ok()) << st.message();
+        if (!st.is_ok()) break;
+        got_a.push_back(argmax(logits.data(), hp.n_vocab));
+        got_b.push_back(argmax(logits.data() + hp.n_vocab, hp.n_vocab));
+        ids  = {got_a.back(), got_b.back()};
+        n[0] = n[1] = 1;
+    }
+    return {got_a, got_b};
+}
+
+std::vector<int32_t> first(const std::vector<int32_t>& v, size_t n) {
+    return std::vector<int32_t>(v.begin(), v.begin() + static_cast<int64_t>(n));
+}
+
 void check_family(const std::string& name) {
     const std::string dir = k_arch + name;
     auto              m   = llama_model::open(dir, {.strict = true});
@@ -190,28 +219,14 @@ TEST(arch_goldens, gemma_ragged_batch_greedy) {
         SCOPED_TRACE(name);
         auto m = llama_model::open(k_arch + name);
         ASSERT_TRUE(m.is_ok()) << m.error().message();
-        const llama_hparams& hp = (*m)->hparams();
-        const auto           g  = test::golden_load_file(k_arch + name + "/golden.safetensors");
+        const auto g = test::golden_load_file(k_arch + name + "/golden.safetensors");
         ASSERT_GE(g.seqs.size(), 3u);
-        const auto&          a  = g.seqs[0];
-        const auto&          b  = g.seqs[2];
-        kv_cache             ca = kv_cache::create(hp, 80), cb = kv_cache::create(hp, 80);
-        std::vector<int32_t> ids(a.ids);
-        ids.insert(ids.end(), b.ids.begin(), b.ids.end());
-        int64_t              n[2]      = {static_cast<int64_t>(a.ids.size()), static_cast<int64_t>(b.ids.size())};
-        kv_cache*            caches[2] = {&ca, &cb};
-        std::vector<float>   logits(static_cast<size_t>(2 * hp.n_vocab));
-        std::vector<int32_t> got_a, got_b;
-        const size_t         steps = std::min(a.greedy.size(), b.greedy.size());
-        for (size_t t = 0; t < steps; ++t) {
-            ASSERT_TRUE((*m)->forward_batch(ctx(), ids.data(), n, 2, caches, logits.data()).is_ok());
-            got_a.push_back(argmax(logits.data(), hp.n_vocab));
-            got_b.push_back(argmax(logits.data() + hp.n_vocab, hp.n_vocab));
-            ids  = {got_a.back(), got_b.back()};
-            n[0] = n[1] = 1;
-        }
-        EXPECT_EQ(got_a, std::vector<int32_t>(a.greedy.begin(), a.greedy.begin() + static_cast<int64_t>(steps)));
-        EXPECT_EQ(got_b, std::vector<int32_t>(b.greedy.begin(), b.greedy.begin() + static_cast<int64_t>(steps)));
+        const auto&  a            = g.seqs[0];
+        const auto&  b            = g.seqs[2];
+        const size_t steps        = std::min(a.greedy.size(), b.greedy.size());
+        const auto [got_a, got_b] = batch_greedy(**m, a, b, 80, steps);
+        EXPECT_EQ(got_a, first(a.greedy, steps));
+        EXPECT_EQ(got_b, first(b.greedy, steps));
     }
 }
 
@@ -220,28 +235,13 @@ TEST(arch_goldens, gemma_ragged_batch_greedy) {
 TEST(arch_goldens, phi3_longrope_batch_across_the_switch) {
     auto m = llama_model::open(k_arch + "phi3-longrope");
     ASSERT_TRUE(m.is_ok()) << m.error().message();
-    const llama_hparams& hp = (*m)->hparams();
-    const auto           g  = test::golden_load_file(k_arch + "phi3-longrope/golden.safetensors");
+    const auto g = test::golden_load_file(k_arch + "phi3-longrope/golden.safetensors");
     ASSERT_GE(g.seqs.size(), 3u);
-    const auto&          a  = g.seqs[0];  // 28 tokens: crosses 32 during its greedy run
-    const auto&          b  = g.seqs[2];  // 48 tokens: long from the start
-    kv_cache             ca = kv_cache::create(hp, 64), cb = kv_cache::create(hp, 64);
-    std::vector<int32_t> ids(a.ids);
-    ids.insert(ids.end(), b.ids.begin(), b.ids.end());
-    int64_t              n[2]      = {static_cast<int64_t>(a.ids.size()), static_cast<int64_t>(b.ids.size())};
-    kv_cache*            caches[2] = {&ca, &cb};
-    std::vector<float>   logits(static_cast<size_t>(2 * hp.n_vocab));
-    std::vector<int32_t> got_a, got_b;
-    for (size_t t = 0; t < a.greedy.size(); ++t) {
-        ASSERT_TRUE((*m)->forward_batch(ctx(), ids.data(), n, 2, caches, logits.data()).is_ok());
-        got_a.push_back(argmax(logits.data(), hp.n_vocab));
-        got_b.push_back(argmax(logits.data() + hp.n_vocab, hp.n_vocab));
-        ids  = {got_a.back(), got_b.back()};
-        n[0] = n[1] = 1;
-    }
+    const auto& a             = g.seqs[0];  // 28 tokens: crosses 32 during its greedy run
+    const auto& b             = g.seqs[2];  // 48 tokens: long from the start
+    const auto [got_a, got_b] = batch_greedy(**m, a, b, 64, a.greedy.size());
     EXPECT_EQ(got_a, a.greedy);
-    EXPECT_EQ(std::vector<int32_t>(got_b.begin(), got_b.end()),
-              std::vector<int32_t>(b.greedy.begin(), b.greedy.begin() + static_cast<int64_t>(got_b.size())));
+    EXPECT_EQ(got_b, first(b.greedy, got_b.size()));
 }
 
 // A chunk with all_logits that crosses the LongRoPE switch: the re-run computes the whole history

@@ -24,6 +24,8 @@
 # 4a. End to end (GPTQ_DEVICE_E2E=1, default): gptq bench of make-random llama-2-7b (FP16) and of an
 #    8-layer 7B shape quantized RTN W4 g128 against its FP16 original, batch 1 on cuda.
 # 3f. gptq serve --device cuda smoke test (GPTQ_DEVICE_SERVE=0 skips).
+# 4b. The families (GPTQ_DEVICE_FAMILIES=0 skips): make-random qwen3-8b / gemma-2-9b / phi-3-mini cut to
+#    8 layers, RTN W4 g128, gptq bench W4 vs FP16 at batch 1 on cuda.
 # Memcheck covers test_llama_cuda's small models (MEMCHECK_ALL=1 adds the kernel tests).
 # $OUT gets: summary.txt, build.log, tests.log, memcheck.log, ppl.jsonl, bench_e2e.jsonl, and with
 # the benchmark bench_gptq_gemv.json, bench_gptq_gemv.txt, ncu.txt.
@@ -323,6 +325,33 @@ for l in sys.stdin:
         fi
     done
     rm -rf "$E2E"
+fi
+
+# ---- 4b. the families on the GPU (issue 16; GPTQ_DEVICE_FAMILIES=0 skips) --------------------------
+# For each FAMILIES shape (default qwen3-8b, gemma-2-9b, phi-3-mini, each cut to FAMILY_LAYERS=8
+# decoder layers): make-random F16, RTN W4 g128 on the host's cores, then one `gptq bench` of W4
+# against its FP16 original at batch 1 on cuda. JSON lines to bench_e2e.jsonl, a line each to
+# summary.txt. GPTQ_GPU_UNVALIDATED=1: the run also works from a build that still gates them.
+if [ "${GPTQ_DEVICE_FAMILIES:-1}" = 1 ]; then
+    FAM=/tmp/gptq-fam; rm -rf "$FAM"; mkdir -p "$FAM"
+    for like in ${FAMILIES:-qwen3-8b gemma-2-9b phi-3-mini}; do
+        shape="$like-layers=${FAMILY_LAYERS:-8}"
+        if timeout 200 "$GPTQ" -q make-random --like "$shape" -o "$FAM/f16" --threads "$JOBS" >> "$OUT/tests.log" 2>&1 &&
+           timeout 300 "$GPTQ" -q quantize "$FAM/f16" -o "$FAM/w4" --method rtn --bits 4 --group-size 128 \
+               --threads "$JOBS" >> "$OUT/tests.log" 2>&1 &&
+           GPTQ_GPU_UNVALIDATED=1 timeout 300 "$GPTQ" -q bench "$FAM/w4" --compare-fp16 "$FAM/f16" --device cuda --batch 1 \
+               --prompt 512 --gen 128 --repeat 3 --json > "$FAM/bench.jsonl" 2>> "$OUT/tests.log"; then
+            sed "s/^{/{\"family\":\"$shape\",/" "$FAM/bench.jsonl" >> "$OUT/bench_e2e.jsonl"
+            log "bench $shape W4 g128 vs fp16, cuda batch 1: $(python3 -c 'import json,sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    print("[%s %s: decode %.1f tok/s, %.3f ms/step, prefill %.0f tok/s]" % (r["role"], r["weights"], r["decode_tok_per_s"], r["decode_ms_per_step"], r["prefill_tok_per_s"]), end=" ")' "$FAM/bench.jsonl" 2>&1)"
+        else
+            status=1; log "family $shape make-random/quantize/bench FAILED (see tests.log)"; tail -3 "$OUT/tests.log"
+        fi
+        rm -rf "$FAM/f16" "$FAM/w4" "$FAM/bench.jsonl"
+    done
+    rm -rf "$FAM"
 fi
 
 # ---- GPTQ on the GPU (experimental) at the Llama-2-7B linear shapes, GPU vs CPU ------------------

@@ -40,10 +40,10 @@ status check_params(const bench_params& p) {
     if (p.batches.empty()) return make_error(E_ARG, "bench: --batch needs at least one batch size");
     if (dev.cuda)
         for (int64_t b : p.batches)
-            if (b > 16)
+            if (b > k_cuda_session_max_seq)
                 return make_error(status_code::STATUS_UNSUPPORTED,
-                                  "bench: --batch {} on --device {}: the GPU model runs up to 16 sequences in lockstep",
-                                  b, device_name(dev));
+                                  "bench: --batch {} on --device {}: the GPU model runs up to {} sequences", b,
+                                  device_name(dev), k_cuda_session_max_seq);
     GPTQ_TRY(device_check(dev));
     for (int64_t b : p.batches)
         if (b < 1 || b > 4096) return make_error(E_ARG, "bench: --batch {}: expected 1 .. 4096", b);

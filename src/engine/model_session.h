@@ -43,6 +43,9 @@ struct model_session_options {
     std::string host_work_hint;
 };
 
+// Sequence slots the CUDA session holds at most (llama_cuda.h k_llama_cuda_max_seq).
+constexpr int64_t k_cuda_session_max_seq = 256;
+
 // One sequence's part of a step: n_tokens >= 1 new tokens ids[n_tokens] that follow the sequence's
 // pos() cached positions (pos advances by n_tokens). all_logits: the step writes the logits of
 // every one of its tokens (n_tokens rows), else of its last token only (one row).
@@ -113,6 +116,9 @@ public:
     virtual uint64_t    memory_used() const = 0;
     virtual void        memory_reset_peak() = 0;
     virtual std::string memory_kind() const = 0;  // "host_rss", "device_allocated"
+    // Memory the backend could still allocate (KV caches: serve's plan): the host's available memory
+    // (CPU), the device's free memory (CUDA); 0 when unknown.
+    virtual uint64_t memory_available() const = 0;
     // Weights offloaded to pinned host memory (CUDA --device-map / --max-memory); 0 otherwise.
     virtual uint64_t offload_bytes() const { return 0; }
 

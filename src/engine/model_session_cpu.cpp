@@ -88,6 +88,7 @@ public:
         if (f) f << "5";
     }
     std::string memory_kind() const override { return "host_rss"; }
+    uint64_t    memory_available() const override { return host_memory_available(); }
     uint64_t    kv_bytes_per_position() const override {
         return 2ull * static_cast<uint64_t>(hparams().n_layer * hparams().kv_dim()) * sizeof(float);
     }

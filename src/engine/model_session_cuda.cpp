@@ -1,14 +1,10 @@
 // The CUDA model_session (model_session.h) over llama_cuda_model's public API (model/llama_cuda.h),
-// which keeps ONE position for all its sequences: the shapes it runs (docs/engine.md) are
-//   - one sequence, slot 0: prefill (any token count, all_logits or not) or a decode token (the
-//     CUDA-graph step), at any position;
-//   - lockstep: slots 0 .. k-1 (1 < k <= 16) all at the same position with the same token count:
-//     one token each (decode_batch, one launch of every kernel for all k) or a prompt each
-//     (prefill_batch, last-token logits only).
-// Every listed slot must be at the GPU's current position; once all slots are reset it starts
-// again from 0. Any other step is a STATUS_UNSUPPORTED error naming its shape. Builds without CUDA
-// too: opening then returns device_check's error. Memory is the device bytes the model allocated
-// (weights, KV caches, activations, staging), not a driver-level peak.
+// whose sequence slots each keep their own KV cache and position: every step shape runs (ragged()):
+// each sequence with several tokens through the prefill kernels on its own (its slot, its
+// position), then every one-token sequence together in one ragged decode pass (one launch of each
+// kernel for all of them, a CUDA graph per count; docs/cuda.md "Ragged decode"). Builds without
+// CUDA too: opening then returns device_check's error. Memory is the device bytes the model
+// allocated (weights, KV caches, activations, staging), not a driver-level peak.
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -29,9 +25,9 @@ namespace gptq {
 
 namespace {
 
-constexpr status_code E_ARG          = status_code::STATUS_INVALID_ARGUMENT;
-constexpr status_code E_UNSUP        = status_code::STATUS_UNSUPPORTED;
-constexpr int64_t     k_max_lockstep = 16;  // llama_cuda_model::sequences_reserve
+constexpr status_code E_ARG   = status_code::STATUS_INVALID_ARGUMENT;
+constexpr status_code E_UNSUP = status_code::STATUS_UNSUPPORTED;
+static_assert(k_cuda_session_max_seq == k_llama_cuda_max_seq);
 
 class model_session_cuda final : public model_session {
 public:
@@ -43,15 +39,13 @@ public:
     std::string          device() const override { return device_name(dev_); }
     std::string          describe() const override;
     int                  n_threads() const override { return 0; }
-    bool                 ragged() const override { return false; }
+    bool                 ragged() const override { return true; }
 
     status  reserve(int64_t n_seq, int64_t n_ctx) override;
-    int64_t n_seq() const override { return static_cast<int64_t>(pos_.size()); }
+    int64_t n_seq() const override { return n_seq_; }
     int64_t n_ctx() const override { return n_ctx_; }
-    void    seq_reset(int64_t seq) override;
-    int64_t seq_pos(int64_t seq) const override {
-        return seq >= 0 && seq < n_seq() ? pos_[static_cast<size_t>(seq)] : -1;
-    }
+    void    seq_reset(int64_t seq) override { gpu_->seq_reset(seq); }
+    int64_t seq_pos(int64_t seq) const override { return seq >= 0 && seq < n_seq_ ? gpu_->seq_pos(seq) : -1; }
 
     status step(std::span<const seq_step> steps, float* logits) override;
     status evaluate(const int32_t* ids, int64_t n, float* logits) override;
@@ -66,6 +60,10 @@ public:
         return 2ull * static_cast<uint64_t>(hparams().n_layer * hparams().kv_dim()) * sizeof(uint16_t);
     }
     uint64_t offload_bytes() const override { return gpu_->offload_bytes(); }
+    uint64_t memory_available() const override {
+        auto m = cuda_memory_info_get(gpu_->context());
+        return m ? uint64_t(m->free) : 0;
+    }
 
     status profile_ops(bool on) override {
         gpu_->set_profile_ops(on);
@@ -75,12 +73,10 @@ public:
     gpu_op_profile decode_profile() const override;
 
 private:
-    status lockstep_check(std::span<const seq_step> steps) const;
-
-    std::vector<int64_t> pos_;  // per slot: positions cached (the GPU's n_past for the slots in step)
-    int64_t              n_ctx_ = 0;
-    std::vector<int32_t> ids_;     // a step's tokens in slot order, [k, n]
-    std::vector<float>   logits_;  // a step's logits in slot order when the steps list them otherwise
+    int64_t              n_seq_ = 0, n_ctx_ = 0;  // reserved (the GPU's caches may be larger)
+    std::vector<int32_t> ids_;                    // a step's one-token sequences: ids, slots
+    std::vector<int64_t> seqs_;
+    std::vector<float>   logits_;  // their logits
 };
 
 std::string model_session_cuda::describe() const {
@@ -106,101 +102,71 @@ gpu_op_profile model_session_cuda::decode_profile() const {
 
 // The GPU's caches only grow (sequences_reserve, context_reserve); n_seq 0 keeps them.
 status model_session_cuda::reserve(int64_t n_seq, int64_t n_ctx) {
-    if (n_seq < 0 || n_seq > k_max_lockstep || (n_seq > 0 && n_ctx < 1))
+    if (n_seq < 0 || n_seq > k_llama_cuda_max_seq || (n_seq > 0 && n_ctx < 1))
         return make_error(E_ARG,
                           "reserve: {} sequences of {} positions; the GPU model runs 0 to {} sequences of at least 1 "
                           "position",
-                          n_seq, n_ctx, k_max_lockstep);
-    pos_.clear();
-    n_ctx_ = 0;
+                          n_seq, n_ctx, k_llama_cuda_max_seq);
+    n_seq_ = n_ctx_ = 0;
     gpu_->reset();
     if (n_seq == 0) return status::ok();
     GPTQ_TRY(gpu_->sequences_reserve(n_seq));
     GPTQ_TRY(gpu_->context_reserve(n_ctx));
-    pos_.assign(static_cast<size_t>(n_seq), 0);
+    gpu_->reset();
+    n_seq_ = n_seq;
     n_ctx_ = n_ctx;
     return status::ok();
 }
 
-void model_session_cuda::seq_reset(int64_t seq) {
-    if (seq < 0 || seq >= n_seq()) return;
-    pos_[static_cast<size_t>(seq)] = 0;
-    if (std::all_of(pos_.begin(), pos_.end(), [](int64_t p) { return p == 0; })) gpu_->reset();
-}
-
-// The shapes of the header comment; the slots are known, unrepeated and in range (steps_check).
-status model_session_cuda::lockstep_check(std::span<const seq_step> steps) const {
-    const int64_t   k = static_cast<int64_t>(steps.size());
-    const seq_step& a = steps[0];
-    const int64_t   p = seq_pos(a.seq);
-    for (const seq_step& s : steps) {
-        if (s.seq >= k)
-            return make_error(E_UNSUP,
-                              "step on {}: a batch of {} sequences runs slots 0 .. {} in lockstep, this one lists slot "
-                              "{}; other subsets need a ragged backend (--device cpu)",
-                              device(), k, k - 1, s.seq);
-        if (s.n_tokens != a.n_tokens || seq_pos(s.seq) != p)
-            return make_error(E_UNSUP,
-                              "step on {}: the GPU model runs its sequences in lockstep (one position, one token "
-                              "count), but slot {} has {} tokens at position {} and slot {} {} at position {}; ragged "
-                              "steps need --device cpu",
-                              device(), a.seq, a.n_tokens, p, s.seq, s.n_tokens, seq_pos(s.seq));
-        if (k > 1 && s.n_tokens > 1 && s.all_logits)
-            return make_error(E_UNSUP,
-                              "step on {}: a batched prefill ({} sequences of {} tokens) gives each sequence's last "
-                              "logits only; all_logits needs one sequence per step",
-                              device(), k, s.n_tokens);
-    }
-    if (p != gpu_->n_past())
-        return make_error(E_UNSUP,
-                          "step on {}: slot {} is at position {} but the GPU model's sequences are at {} (one position "
-                          "for all of them); reset every slot to start again from 0",
-                          device(), a.seq, p, gpu_->n_past());
-    return status::ok();
-}
-
+// Sequences with several tokens one by one through the prefill kernels, then every one-token
+// sequence in one ragged decode pass; the logits rows in the order of the steps.
 status model_session_cuda::step(std::span<const seq_step> steps, float* logits) {
     GPTQ_TRY(steps_check(steps));
-    if (steps.empty()) return status::ok();
-    GPTQ_TRY(lockstep_check(steps));
-    const int64_t k = static_cast<int64_t>(steps.size()), n = steps[0].n_tokens, V = n_vocab();
-    bool          in_order = true;
-    ids_.resize(static_cast<size_t>(k * n));
-    for (int64_t i = 0; i < k; ++i) {
-        const seq_step& s = steps[static_cast<size_t>(i)];
-        std::copy_n(s.ids, n, ids_.data() + s.seq * n);
-        in_order = in_order && s.seq == i;
+    const int64_t V   = n_vocab();
+    int64_t       row = 0;
+    ids_.clear();
+    seqs_.clear();
+    std::vector<int64_t> decode_rows;
+    for (const seq_step& s : steps) {
+        const int64_t rows = s.all_logits ? s.n_tokens : 1;
+        if (s.n_tokens == 1) {
+            ids_.push_back(s.ids[0]);
+            seqs_.push_back(s.seq);
+            decode_rows.push_back(row);
+        } else {
+            GPTQ_TRY(gpu_->prefill_seq(s.seq, s.ids, s.n_tokens, logits + row * V, s.all_logits));
+        }
+        row += rows;
     }
-    if (!in_order) logits_.resize(static_cast<size_t>(k * V));
-    float* out = in_order ? logits : logits_.data();  // [k, V] in slot order (k > 1: one row per slot)
-    if (k == 1 && n == 1)
-        GPTQ_TRY(gpu_->decode(ids_[0], out));
-    else if (k == 1)
-        GPTQ_TRY(gpu_->prefill(ids_.data(), n, out, steps[0].all_logits));
-    else if (n == 1)
-        GPTQ_TRY(gpu_->decode_batch(ids_.data(), k, out));
-    else
-        GPTQ_TRY(gpu_->prefill_batch(ids_.data(), k, n, out));
-    if (!in_order)
-        for (int64_t i = 0; i < k; ++i)
-            std::copy_n(logits_.data() + steps[static_cast<size_t>(i)].seq * V, V, logits + i * V);
-    for (const seq_step& s : steps) pos_[static_cast<size_t>(s.seq)] += n;
+    if (ids_.empty()) return status::ok();
+    const int64_t k = static_cast<int64_t>(ids_.size());
+    logits_.resize(static_cast<size_t>(k * V));
+    GPTQ_TRY(gpu_->decode_seqs(ids_.data(), seqs_.data(), k, logits_.data()));
+    for (int64_t i = 0; i < k; ++i)
+        std::copy_n(logits_.data() + i * V, V, logits + decode_rows[static_cast<size_t>(i)] * V);
     return status::ok();
 }
 
+// Runs in slot 0's cache (which must be empty), which is empty again after.
 status model_session_cuda::evaluate(const int32_t* ids, int64_t n, float* logits) {
     if (n < 1) return make_error(E_ARG, "evaluate: {} tokens, expected at least 1", n);
-    for (int64_t s = 0; s < n_seq(); ++s)
-        if (pos_[static_cast<size_t>(s)] > 0)
-            return make_error(E_UNSUP,
-                              "evaluate on {} runs in sequence 0's KV cache, but slot {} holds {} positions; reset "
-                              "every slot first",
-                              device(), s, pos_[static_cast<size_t>(s)]);
+    if (gpu_->seq_pos(0) > 0)
+        return make_error(E_UNSUP,
+                          "evaluate on {} runs in sequence 0's KV cache, but slot 0 holds {} positions; reset it "
+                          "first",
+                          device(), gpu_->seq_pos(0));
     GPTQ_TRY(ids_check(ids, n, "evaluate"));
-    GPTQ_TRY(gpu_->context_reserve(n));  // grows only
-    gpu_->reset();
-    const status st = gpu_->prefill(ids, n, logits, /*all_logits=*/true);
-    gpu_->reset();
+    if (n > gpu_->n_ctx()) {  // grows only, and drops every slot's cache
+        for (int64_t s = 1; s < n_seq_; ++s)
+            if (gpu_->seq_pos(s) > 0)
+                return make_error(E_UNSUP,
+                                  "evaluate on {}: {} tokens need a larger KV cache than the {} positions reserved, "
+                                  "which would drop slot {}'s {} cached positions; reset every slot first",
+                                  device(), n, gpu_->n_ctx(), s, gpu_->seq_pos(s));
+        GPTQ_TRY(gpu_->context_reserve(n));
+    }
+    const status st = gpu_->prefill_seq(0, ids, n, logits, /*all_logits=*/true);
+    gpu_->seq_reset(0);
     return st;
 }
 

@@ -24,8 +24,8 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "eos_ids.h"
+#include "host_memory.h"  // human_bytes
 #include "gptq/device.h"
-#include "host_memory.h"
 #include "io/hf_config.h"
 #include "model_session.h"
 #include "serve_api.h"
@@ -105,8 +105,8 @@ result<serve_plan> plan_kv(const serve_options& o, const model_session& s) {
         return make_error(E_ARG, "--ctx {} is more than the model's context of {} positions (max_position_embeddings)",
                           p.n_ctx, model_ctx);
     if (o.max_seqs < 1) return make_error(E_ARG, "--max-seqs is {}, expected >= 1", o.max_seqs);
-    // A backend without ragged steps (CUDA today: lockstep shapes only, docs/engine.md) serves one
-    // sequence at a time: slot 0 alone, prefill chunks and decode tokens at any position.
+    // A backend without ragged steps (model_session::ragged; both backends have them now) would
+    // serve one sequence at a time: slot 0 alone, prefill chunks and decode tokens at any position.
     const int64_t max_seqs = s.ragged() ? o.max_seqs : 1;
     if (!s.ragged() && o.max_seqs > 1)
         GPTQ_LOG_WARN(
@@ -122,7 +122,7 @@ result<serve_plan> plan_kv(const serve_options& o, const model_session& s) {
         if (!(o.kv_memory_frac > 0.0 && o.kv_memory_frac <= 1.0))
             return make_error(E_ARG, "--kv-memory {} is not a fraction in (0, 1] nor a size in bytes",
                               o.kv_memory_frac);
-        const uint64_t avail = s.device() == "cpu" ? host_memory_available() : 0;
+        const uint64_t avail = s.memory_available();  // host or device memory still free
         budget               = avail > 0 ? static_cast<uint64_t>(static_cast<double>(avail) * o.kv_memory_frac)
                                          : per_seq * static_cast<uint64_t>(max_seqs);  // unknown: what --max-seqs asks
         budget_of            = avail > 0

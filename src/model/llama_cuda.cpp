@@ -506,8 +506,7 @@ status llama_cuda_model::context_reserve(int64_t n_ctx) {
     if (n_ctx <= 0) return make_error(E_ARG, "context of {} positions, expected at least 1", n_ctx);
     if (n_ctx <= n_ctx_) return status::ok();
     GPTQ_TRY(ctx_->synchronize());
-    graph_      = cuda_graph();  // the graph reads the old caches and bounds
-    graph_warm_ = false;
+    graphs_.clear();  // they read the old caches and bounds
     reset();
     const size_t bytes = size_t(n_seq_) * size_t(n_ctx) * size_t(hparams().kv_dim()) * 2;
     for (auto& L : layers_) {
@@ -535,8 +534,7 @@ uint64_t llama_cuda_model::activation_bytes() const {
 status llama_cuda_model::activations_reserve(int64_t n) {
     if (n <= n_act_) return status::ok();
     GPTQ_TRY(ctx_->synchronize());
-    graph_                     = cuda_graph();  // its pointers are about to be freed
-    graph_warm_                = false;
+    graphs_.clear();  // their pointers are about to be freed
     const llama_hparams& hp    = hparams();
     const size_t         N     = size_t(n);
     auto                 alloc = [&](cuda_buffer* b, size_t bytes) -> status {
@@ -556,7 +554,7 @@ status llama_cuda_model::activations_reserve(int64_t n) {
     GPTQ_TRY(alloc(&up_, N * size_t(hp.n_ff) * 2));
     GPTQ_TRY(alloc(&logits_, N * size_t(hp.n_vocab) * 4));
     const size_t half  = size_t(hp.head_dim / 2);
-    step_rope_offset_  = align_up((N + 2) * 4, 256);
+    step_rope_offset_  = align_up(3 * N * 4, 256);
     const size_t bytes = step_rope_offset_ + size_t(2 * rope_tables()) * N * half * 4;
     GPTQ_TRY(alloc(&step_, bytes));
     step_host_.assign(bytes, 0);
@@ -564,42 +562,46 @@ status llama_cuda_model::activations_reserve(int64_t n) {
     return status::ok();
 }
 
-status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n, bool lockstep) {
+// The step's tokens: token t of slot tok_seq_[t] at position tok_pos_[t], its RoPE rows for a
+// sequence of tok_len_[t] positions (the CPU's rule: a step's tokens use the length after it).
+status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n) {
     const llama_hparams& hp   = hparams();
     const int64_t        half = hp.head_dim / 2;
     for (int64_t t = 0; t < n; ++t)
         if (ids[t] < 0 || ids[t] >= hp.n_vocab)
             return make_error(E_ARG, "token id {} at position {} is outside the vocabulary [0, {})", ids[t], t,
                               hp.n_vocab);
+    // [n_act_] ids, [n_act_] positions, [n_act_] slots: one copy.
     int32_t* hi = reinterpret_cast<int32_t*>(step_host_.data());
     std::memcpy(hi, ids, size_t(n) * 4);
-    const int64_t n_pos = lockstep ? 1 : n;                       // positions this call adds to each sequence
-    hi[n_act_]          = static_cast<int32_t>(n_past_);          // first position
-    hi[n_act_ + 1]      = static_cast<int32_t>(n_past_ + n_pos);  // key count after this call
-    // RoPE rows for these positions, exactly as the CPU computes them (dynamic scaling, LongRoPE's
-    // factors for the sequence's length and its attention factor); in lockstep every token is at
-    // n_past: row 0 repeated. Table 0: hp.rope; table 1 (when they differ): hp.rope_local.
-    GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.data(), step_host_.data(), size_t(n_act_ + 2) * 4));
+    for (int64_t t = 0; t < n; ++t) {
+        hi[n_act_ + t]     = static_cast<int32_t>(tok_pos_[size_t(t)]);
+        hi[2 * n_act_ + t] = static_cast<int32_t>(tok_seq_[size_t(t)]);
+    }
+    GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.data(), step_host_.data(), size_t(3 * n_act_) * 4));
+    // RoPE rows, exactly as the CPU computes them (dynamic scaling and LongRoPE's factors for the
+    // sequence's length, its attention factor). Table 0: hp.rope; table 1 (when they differ):
+    // hp.rope_local. The inverse frequencies once per run of tokens of one length.
     for (int64_t tab = 0; tab < rope_tables(); ++tab) {
-        const rope_config&       rope     = tab == 0 ? hp.rope : hp.rope_local;
-        const std::vector<float> inv_freq = llama_rope_inv_freq(hp, rope, n_past_ + n_pos);
-        const size_t             off_cos  = step_rope_offset_ + size_t(2 * tab * n_act_ * half) * 4;
-        const size_t             off_sin  = off_cos + size_t(n_act_ * half) * 4;
-        float*                   cos      = reinterpret_cast<float*>(step_host_.data() + off_cos);
-        float*                   sin      = reinterpret_cast<float*>(step_host_.data() + off_sin);
-        op_rope_tables(inv_freq.data(), half, n_past_, n_pos, llama_rope_attention_factor(rope), cos, sin);
-        for (int64_t t = n_pos; t < n; ++t) {
-            std::memcpy(cos + t * half, cos, size_t(half) * 4);
-            std::memcpy(sin + t * half, sin, size_t(half) * 4);
+        const rope_config& rope    = tab == 0 ? hp.rope : hp.rope_local;
+        const size_t       off_cos = step_rope_offset_ + size_t(2 * tab * n_act_ * half) * 4;
+        const size_t       off_sin = off_cos + size_t(n_act_ * half) * 4;
+        float*             cos     = reinterpret_cast<float*>(step_host_.data() + off_cos);
+        float*             sin     = reinterpret_cast<float*>(step_host_.data() + off_sin);
+        std::vector<float> inv_freq;
+        for (int64_t t = 0; t < n; ++t) {
+            if (t == 0 || tok_len_[size_t(t)] != tok_len_[size_t(t - 1)])
+                inv_freq = llama_rope_inv_freq(hp, rope, tok_len_[size_t(t)]);
+            op_rope_tables(inv_freq.data(), half, tok_pos_[size_t(t)], 1, llama_rope_attention_factor(rope),
+                           cos + t * half, sin + t * half);
         }
-        // The RoPE rows actually used.
         GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.as<uint8_t>() + off_cos, cos, size_t(n * half) * 4));
         GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.as<uint8_t>() + off_sin, sin, size_t(n * half) * 4));
     }
     return status::ok();
 }
 
-status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool device_count, int64_t seq, bool lockstep) {
+status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t seq, bool ragged) {
     const llama_hparams&     hp     = hparams();
     const int64_t            n_embd = hp.n_embd, kv_dim = hp.kv_dim(), half = hp.head_dim / 2;
     cuda_context&            c      = *ctx_;
@@ -615,8 +617,8 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
                                up_.as<uint16_t>()};
     const cuda_op_mark       marker = [this](const char* op) { return prof_mark(op); };
 
-    // The pass every layer runs: this sequence's cache (in lockstep token t is sequence t's, at
-    // n_past), the step inputs' positions, RoPE rows and (device_count) key count.
+    // The pass every layer runs: the step inputs' positions, slots and RoPE rows; a plain pass in
+    // slot seq's cache from its position, a ragged one in every slot's (cuda_layer_pass).
     const int64_t   seq_stride = n_ctx_ * kv_dim;
     cuda_layer_pass p;
     p.n   = n;
@@ -627,12 +629,13 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
         p.sin_local = p.cos + 3 * n_act_ * half;
     }
     p.n_ctx      = n_ctx_;
-    p.n_past     = n_past_;
+    p.n_past     = ragged ? 0 : seq_pos_[size_t(seq)];
     p.pos_dev    = ids + n_act_;
-    p.n_kv_dev   = device_count ? ids + n_act_ + 1 : nullptr;
-    p.lockstep   = lockstep;
+    p.seq_dev    = ids + 2 * n_act_;
+    p.ragged     = ragged;
     p.seq_stride = seq_stride;
     p.mark       = prof_on_ ? &marker : nullptr;
+    const int64_t cache_offset = ragged ? 0 : seq * seq_stride;
 
     auto wait = [&](int unit) -> status {  // a staged module's copy, timed on its own when profiling
         GPTQ_TRY(stage_wait(unit));
@@ -651,8 +654,8 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
         const layer& ly   = layers_[static_cast<size_t>(i)];
         const int    unit = layer_unit_[static_cast<size_t>(i)];
         GPTQ_TRY(wait(unit));
-        p.k_cache = ly.k_cache.as<uint16_t>() + seq * seq_stride;
-        p.v_cache = ly.v_cache.as<uint16_t>() + seq * seq_stride;
+        p.k_cache = ly.k_cache.as<uint16_t>() + cache_offset;
+        p.v_cache = ly.v_cache.as<uint16_t>() + cache_offset;
         GPTQ_ASSIGN_OR_RETURN(const bool done, cuda_layer_forward(c, hp, i, ly, hidden, pending, b, p));
         if (!done) return make_error(status_code::STATUS_INTERNAL, "layer {} stopped early", i);
         pending = b.y;
@@ -713,65 +716,77 @@ status llama_cuda_model::logits_download(int64_t n_rows, float* logits) {
 }
 
 void llama_cuda_model::reset() {
-    n_past_ = 0;
-    for (auto& v : seq_ids_) v.clear();
+    seq_pos_.assign(size_t(n_seq_), 0);
+    seq_ids_.assign(size_t(n_seq_), {});
 }
 
-void llama_cuda_model::ids_append(int64_t seq, const int32_t* ids, int64_t n) {
-    if (static_cast<int64_t>(seq_ids_.size()) <= seq) seq_ids_.resize(size_t(seq + 1));
-    auto& v = seq_ids_[size_t(seq)];
-    v.insert(v.end(), ids, ids + n);
+void llama_cuda_model::seq_reset(int64_t seq) {
+    if (seq < 0 || seq >= n_seq_) return;
+    seq_pos_[size_t(seq)] = 0;
+    seq_ids_[size_t(seq)].clear();
 }
 
-status llama_cuda_model::reprefill(const int32_t* ids, int64_t n_seq, int64_t n, float* logits, bool all_logits) {
-    const int64_t        n_all = n_past_ + n, n_vocab = hparams().n_vocab;
-    std::vector<int32_t> all;
-    all.reserve(size_t(n_seq * n_all));
-    for (int64_t s = 0; s < n_seq; ++s) {
-        const auto* held = size_t(s) < seq_ids_.size() ? &seq_ids_[size_t(s)] : nullptr;
-        if (!held || static_cast<int64_t>(held->size()) != n_past_)
-            return make_error(status_code::STATUS_INTERNAL, "LongRoPE: sequence {} holds {} token ids for {} positions",
-                              s, held ? held->size() : 0, n_past_);
-        all.insert(all.end(), held->begin(), held->end());
-        all.insert(all.end(), ids + s * n, ids + (s + 1) * n);
-    }
-    reset();  // every cached token again, with the long factors (transformers drops its cache here)
-    if (n_seq > 1) return prefill_batch(all.data(), n_seq, n_all, logits);
-    if (!all_logits) return prefill(all.data(), n_all, logits, false);
+status llama_cuda_model::seq_check(int64_t seq) const {
+    if (seq < 0 || seq >= n_seq_)
+        return make_error(E_ARG, "sequence slot {} on the GPU: slots 0 .. {} are reserved (sequences_reserve)", seq,
+                          n_seq_ - 1);
+    return status::ok();
+}
+
+// LongRoPE: slot seq's cached tokens and then ids[n] again from position 0 (transformers drops its
+// cache here), with the logits the call that asked would give (all_logits: of the n new tokens).
+status llama_cuda_model::reprefill(int64_t seq, const int32_t* ids, int64_t n, float* logits, bool all_logits) {
+    const int64_t        n_held = seq_pos_[size_t(seq)], n_all = n_held + n, n_vocab = hparams().n_vocab;
+    std::vector<int32_t> all    = seq_ids_[size_t(seq)];
+    if (static_cast<int64_t>(all.size()) != n_held)
+        return make_error(status_code::STATUS_INTERNAL, "LongRoPE: sequence {} holds {} token ids for {} positions", seq,
+                          all.size(), n_held);
+    all.insert(all.end(), ids, ids + n);
+    seq_reset(seq);
+    if (!all_logits) return prefill_seq(seq, all.data(), n_all, logits, false);
     std::vector<float> tmp(size_t(n_all * n_vocab));
-    GPTQ_TRY(prefill(all.data(), n_all, tmp.data(), true));
+    GPTQ_TRY(prefill_seq(seq, all.data(), n_all, tmp.data(), true));
     std::copy_n(tmp.data() + (n_all - n) * n_vocab, n * n_vocab, logits);
     return status::ok();
 }
 
-status llama_cuda_model::prefill(const int32_t* ids, int64_t n, float* logits, bool all_logits) {
+status llama_cuda_model::prefill_seq(int64_t seq, const int32_t* ids, int64_t n, float* logits, bool all_logits) {
+    GPTQ_TRY(seq_check(seq));
     if (n <= 0) return make_error(E_ARG, "prefill of {} tokens, expected at least 1", n);
-    if (n_past_ + n > n_ctx_)
-        return make_error(E_ARG, "{} tokens after {} cached ones exceed the GPU cache's {} positions", n, n_past_,
-                          n_ctx_);
-    if (host_->rope_needs_reprefill(n_past_, n)) return reprefill(ids, 1, n, logits, all_logits);
+    const int64_t pos0 = seq_pos_[size_t(seq)];
+    if (pos0 + n > n_ctx_)
+        return make_error(E_ARG, "{} tokens after {} cached ones exceed the GPU cache's {} positions", n, pos0, n_ctx_);
+    if (host_->rope_needs_reprefill(pos0, n)) return reprefill(seq, ids, n, logits, all_logits);
     GPTQ_TRY(activations_reserve(n));
+    tok_pos_.resize(size_t(n));
+    tok_seq_.assign(size_t(n), static_cast<int32_t>(seq));
+    tok_len_.assign(size_t(n), pos0 + n);
+    for (int64_t t = 0; t < n; ++t) tok_pos_[size_t(t)] = pos0 + t;
     GPTQ_TRY(prof_begin());
     GPTQ_TRY(step_inputs_upload(ids, n));
     GPTQ_TRY(prof_mark("step_inputs"));
     const int64_t rows = all_logits ? n : 1;
-    GPTQ_TRY(forward_queued(n, rows, /*device_count=*/false));
+    GPTQ_TRY(forward_queued(n, rows, seq, /*ragged=*/false));
     GPTQ_TRY(logits_download(rows, logits));
     GPTQ_TRY(prof_mark("logits_copy"));
     GPTQ_TRY(prof_end(&prof_prefill_, n));
-    n_past_ += n;
-    ids_append(0, ids, n);
+    seq_pos_[size_t(seq)] += n;
+    ids_append(seq, ids, n);
     return status::ok();
 }
 
+status llama_cuda_model::prefill(const int32_t* ids, int64_t n, float* logits, bool all_logits) {
+    return prefill_seq(0, ids, n, logits, all_logits);
+}
+
 status llama_cuda_model::decode(int32_t id, float* logits) {
-    return decode_tokens(&id, 1, logits);
+    const int64_t seq = 0;
+    return decode_seqs(&id, &seq, 1, logits);
 }
 
 status llama_cuda_model::sequences_reserve(int64_t n_seq) {
-    constexpr int64_t k_max_seq = 16;  // the decode attention kernel's queries per launch
-    if (n_seq < 1 || n_seq > k_max_seq)
-        return make_error(E_ARG, "{} sequences on the GPU: 1 to {} are supported", n_seq, k_max_seq);
+    if (n_seq < 1 || n_seq > k_llama_cuda_max_seq)
+        return make_error(E_ARG, "{} sequences on the GPU: 1 to {} are supported", n_seq, k_llama_cuda_max_seq);
     if (n_seq <= n_seq_) return status::ok();
     const int64_t n_ctx = n_ctx_;
     n_seq_              = n_seq;
@@ -782,86 +797,121 @@ status llama_cuda_model::sequences_reserve(int64_t n_seq) {
 status llama_cuda_model::prefill_batch(const int32_t* ids, int64_t n_seq, int64_t n, float* logits) {
     if (n_seq < 1 || n_seq > n_seq_)
         return make_error(E_ARG, "prefill of {} sequences with room for {} (sequences_reserve)", n_seq, n_seq_);
-    if (n <= 0) return make_error(E_ARG, "prefill of {} tokens, expected at least 1", n);
-    if (n_past_ + n > n_ctx_)
-        return make_error(E_ARG, "{} tokens after {} cached ones exceed the GPU cache's {} positions", n, n_past_,
-                          n_ctx_);
-    if (host_->rope_needs_reprefill(n_past_, n)) return reprefill(ids, n_seq, n, logits, false);
-    GPTQ_TRY(activations_reserve(n));
     const int64_t n_vocab = hparams().n_vocab;
-    for (int64_t s = 0; s < n_seq; ++s) {  // each prompt through the prefill kernels into its own cache
-        GPTQ_TRY(step_inputs_upload(ids + s * n, n));
-        GPTQ_TRY(forward_queued(n, 1, /*device_count=*/false, s));
-        GPTQ_TRY(logits_download(1, logits + s * n_vocab));
-        ids_append(s, ids + s * n, n);
-    }
-    n_past_ += n;
+    for (int64_t s = 0; s < n_seq; ++s)  // each prompt through the prefill kernels into its own cache
+        GPTQ_TRY(prefill_seq(s, ids + s * n, n, logits + s * n_vocab, false));
     return status::ok();
 }
 
 status llama_cuda_model::decode_batch(const int32_t* ids, int64_t n_seq, float* logits) {
     if (n_seq < 1 || n_seq > n_seq_)
         return make_error(E_ARG, "decode of {} sequences with room for {} (sequences_reserve)", n_seq, n_seq_);
-    return decode_tokens(ids, n_seq, logits);
+    std::vector<int64_t> seqs(static_cast<size_t>(n_seq));
+    for (int64_t s = 0; s < n_seq; ++s) seqs[size_t(s)] = s;
+    return decode_seqs(ids, seqs.data(), n_seq, logits);
 }
 
-status llama_cuda_model::decode_tokens(const int32_t* ids, int64_t n, float* logits) {
-    if (n_past_ + 1 > n_ctx_)
-        return make_error(E_ARG, "a token after {} cached ones exceeds the GPU cache's {} positions", n_past_, n_ctx_);
-    const bool lockstep = n > 1;
-    // LongRoPE: the step that crosses the switch runs every sequence again (one token each).
-    if (host_->rope_needs_reprefill(n_past_, 1)) return reprefill(ids, n, 1, logits, false);
-    for (int64_t t = 0; t < n; ++t) ids_append(t, ids + t, 1);  // sequence t's token (one sequence: 0's)
+status llama_cuda_model::decode_seqs(const int32_t* ids, const int64_t* seqs, int64_t n, float* logits) {
+    if (n < 1 || n > n_seq_)
+        return make_error(E_ARG, "decode of {} sequences with room for {} (sequences_reserve)", n, n_seq_);
+    std::vector<bool> seen(size_t(n_seq_), false);
+    for (int64_t t = 0; t < n; ++t) {
+        GPTQ_TRY(seq_check(seqs[t]));
+        if (seen[size_t(seqs[t])])
+            return make_error(E_ARG, "decode step lists sequence slot {} twice (one token per sequence)", seqs[t]);
+        seen[size_t(seqs[t])] = true;
+        if (seq_pos_[size_t(seqs[t])] + 1 > n_ctx_)
+            return make_error(E_ARG, "sequence {}: a token after {} cached ones exceeds the GPU cache's {} positions",
+                              seqs[t], seq_pos_[size_t(seqs[t])], n_ctx_);
+    }
+    // LongRoPE: a sequence whose step crosses the switch runs again on its own, the rest together.
+    std::vector<int64_t> rest;
+    const int64_t        n_vocab = hparams().n_vocab;
+    for (int64_t t = 0; t < n; ++t) {
+        if (host_->rope_needs_reprefill(seq_pos_[size_t(seqs[t])], 1))
+            GPTQ_TRY(reprefill(seqs[t], ids + t, 1, logits + t * n_vocab, false));
+        else
+            rest.push_back(t);
+    }
+    if (rest.empty()) return status::ok();
+    if (static_cast<int64_t>(rest.size()) < n) {
+        std::vector<int32_t> ids2;
+        std::vector<int64_t> seqs2;
+        for (int64_t t : rest) ids2.push_back(ids[t]), seqs2.push_back(seqs[t]);
+        std::vector<float> out(rest.size() * size_t(n_vocab));
+        GPTQ_TRY(decode_step(ids2.data(), seqs2.data(), int64_t(rest.size()), out.data()));
+        for (size_t i = 0; i < rest.size(); ++i)
+            std::copy_n(out.data() + i * size_t(n_vocab), n_vocab, logits + rest[i] * n_vocab);
+        return status::ok();
+    }
+    return decode_step(ids, seqs, n, logits);
+}
+
+// The graph of an n-token ragged step (captured after one plain step has sized the scratch); a
+// graph holds the scratch pointers of its capture, so one made before a reallocation is made again.
+status llama_cuda_model::decode_step(const int32_t* ids, const int64_t* seqs, int64_t n, float* logits) {
     GPTQ_TRY(activations_reserve(n));
-    if (prof_on_) {  // uncaptured, with the kernels of the path profiling is off (graph: device count)
+    tok_pos_.resize(size_t(n));
+    tok_seq_.resize(size_t(n));
+    tok_len_.resize(size_t(n));
+    for (int64_t t = 0; t < n; ++t) {
+        const int64_t pos     = seq_pos_[size_t(seqs[t])];
+        tok_pos_[size_t(t)]   = pos;
+        tok_seq_[size_t(t)]   = static_cast<int32_t>(seqs[t]);
+        tok_len_[size_t(t)]   = pos + 1;
+    }
+    auto advance = [&] {
+        for (int64_t t = 0; t < n; ++t) {
+            seq_pos_[size_t(seqs[t])] += 1;
+            ids_append(seqs[t], ids + t, 1);
+        }
+    };
+    if (prof_on_) {  // uncaptured, with the kernels of the graph
         GPTQ_TRY(prof_begin());
-        GPTQ_TRY(step_inputs_upload(ids, n, lockstep));
+        GPTQ_TRY(step_inputs_upload(ids, n));
         GPTQ_TRY(prof_mark("step_inputs"));
-        GPTQ_TRY(forward_queued(n, n, /*device_count=*/opts_.graph, 0, lockstep));
+        GPTQ_TRY(forward_queued(n, n, 0, /*ragged=*/true));
         GPTQ_TRY(logits_download(n, logits));
         GPTQ_TRY(prof_mark("logits_copy"));
         GPTQ_TRY(prof_end(&prof_decode_, n));
-        n_past_ += 1;
+        advance();
         return status::ok();
     }
-    GPTQ_TRY(step_inputs_upload(ids, n, lockstep));
+    GPTQ_TRY(step_inputs_upload(ids, n));
     if (!opts_.graph) {
-        GPTQ_TRY(forward_queued(n, n, false, 0, lockstep));
+        GPTQ_TRY(forward_queued(n, n, 0, true));
     } else {
-        // A reallocated scratch (a larger prefill since) leaves the graph pointing at freed memory;
-        // a graph is for one step size.
         GPTQ_ASSIGN_OR_RETURN(void* scratch, ctx_->scratch(0));
         GPTQ_ASSIGN_OR_RETURN(void* zeroed, ctx_->zeroed_workspace(0));
-        if ((!graph_.empty() || graph_warm_) &&
-            (scratch != graph_scratch_ || zeroed != graph_zeroed_ || n != graph_n_)) {
-            graph_      = cuda_graph();
-            graph_warm_ = false;
-        }
-        if (graph_.empty() && !graph_warm_) {
+        step_graph& g = graphs_[n];
+        if ((!g.graph.empty() || g.warm) && (scratch != g.scratch || zeroed != g.zeroed)) g = step_graph();
+        if (!g.warm) {
             // Warm-up: the same ops uncaptured, which sizes the scratch (nothing may allocate later).
-            GPTQ_TRY(forward_queued(n, n, true, 0, lockstep));
-            graph_warm_ = true;
-            graph_n_    = n;
-            GPTQ_ASSIGN_OR_RETURN(graph_scratch_, ctx_->scratch(0));
-            GPTQ_ASSIGN_OR_RETURN(graph_zeroed_, ctx_->zeroed_workspace(0));
+            GPTQ_TRY(forward_queued(n, n, 0, true));
+            g.warm = true;
+            GPTQ_ASSIGN_OR_RETURN(g.scratch, ctx_->scratch(0));
+            GPTQ_ASSIGN_OR_RETURN(g.zeroed, ctx_->zeroed_workspace(0));
         } else {
-            if (graph_.empty()) {
+            if (g.graph.empty()) {
                 GPTQ_TRY(cuda_graph::capture_begin(*ctx_));
-                const status st = forward_queued(n, n, true, 0, lockstep);
-                auto         g  = cuda_graph::capture_end(*ctx_, st.is_ok());
+                const status st = forward_queued(n, n, 0, true);
+                auto         cg = cuda_graph::capture_end(*ctx_, st.is_ok());
                 GPTQ_TRY(st);
-                if (!g) return g.error();
-                graph_ = std::move(*g);
-                GPTQ_ASSIGN_OR_RETURN(graph_scratch_, ctx_->scratch(0));
-                GPTQ_ASSIGN_OR_RETURN(graph_zeroed_, ctx_->zeroed_workspace(0));
+                if (!cg) return cg.error();
+                g.graph = std::move(*cg);
             }
-            GPTQ_TRY(graph_.launch(*ctx_));
+            GPTQ_TRY(g.graph.launch(*ctx_));
             ++graph_replays_;
         }
     }
     GPTQ_TRY(logits_download(n, logits));
-    n_past_ += 1;
+    advance();
     return status::ok();
+}
+
+void llama_cuda_model::ids_append(int64_t seq, const int32_t* ids, int64_t n) {
+    auto& v = seq_ids_[size_t(seq)];
+    v.insert(v.end(), ids, ids + n);
 }
 
 }  // namespace gptq

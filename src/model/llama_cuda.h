@@ -22,6 +22,7 @@
 
 #include <array>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -49,6 +50,7 @@ struct llama_cuda_options {
     offload_placement offload;  // modules kept in pinned host memory and copied in when they run
 };
 constexpr int64_t k_llama_cuda_default_ctx = 4096;
+constexpr int64_t k_llama_cuda_max_seq     = 256;  // sequence slots (sequences_reserve)
 
 // GPU time per op kind of the forward pass (llama_cuda_model::set_profile_ops), summed over the
 // passes profiled: a timing event is recorded after each op, so an op's time runs from the end of
@@ -77,30 +79,36 @@ public:
     const llama_model&   host() const { return *host_; }  // config, GPTQ settings (no weights loaded)
     cuda_context&        context() { return *ctx_; }
     int64_t              n_ctx() const { return n_ctx_; }
-    int64_t              n_past() const { return n_past_; }
+    int64_t              n_past() const { return seq_pos_.empty() ? 0 : seq_pos_[0]; }  // slot 0's
 
-    // Forget the sequence (the cache is overwritten from position 0 on).
+    // Forget every sequence (the caches are overwritten from position 0 on).
     void reset();
     // Make room for n_ctx positions (reallocates the cache when larger, which resets the sequence).
     status context_reserve(int64_t n_ctx);
 
-    // Run ids[n] at positions n_past .. n_past + n - 1 and advance n_past. logits: [n, n_vocab] F32
-    // when all_logits, else the last token's [n_vocab].
+    // Run ids[n] at positions n_past .. n_past + n - 1 of slot 0 and advance it. logits: [n, n_vocab]
+    // F32 when all_logits, else the last token's [n_vocab].
     status prefill(const int32_t* ids, int64_t n, float* logits, bool all_logits = true);
-    // One token at position n_past (a CUDA graph replay once warm, when options.graph); logits [n_vocab].
+    // One token of slot 0 (a CUDA graph replay once warm, when options.graph); logits [n_vocab].
     status decode(int32_t id, float* logits);
 
-    // Batched decode: n_seq sequences advancing in lockstep (all at the same position n_past), each
-    // with its own KV cache of n_ctx positions. sequences_reserve makes room for n_seq (1..16;
-    // reallocates the caches when larger, which resets); the single-sequence calls above use
-    // sequence 0. prefill_batch: ids[n_seq * n], row s the n prompt tokens of sequence s; logits of
-    // each row's last token, [n_seq, n_vocab]. decode_batch: one token per sequence, logits
-    // [n_seq, n_vocab]; one launch of every kernel for all of them (the GEMVs see m = n_seq), a CUDA
-    // graph per n_seq as for decode.
+    // Sequence slots, each with its own KV cache of n_ctx positions and its own position
+    // (continuous batching, docs/cuda.md "Ragged decode"). sequences_reserve makes room for n_seq
+    // (1 .. k_llama_cuda_max_seq; reallocates the caches when larger, which resets them).
     status  sequences_reserve(int64_t n_seq);
     int64_t n_seq() const { return n_seq_; }
-    status  prefill_batch(const int32_t* ids, int64_t n_seq, int64_t n, float* logits);
-    status  decode_batch(const int32_t* ids, int64_t n_seq, float* logits);
+    int64_t seq_pos(int64_t seq) const { return seq >= 0 && seq < n_seq_ ? seq_pos_[size_t(seq)] : -1; }
+    void    seq_reset(int64_t seq);  // forget one slot's sequence; an unknown slot: nothing
+    // ids[n] for slot seq after its cached positions (the prefill kernels), logits as prefill().
+    status prefill_seq(int64_t seq, const int32_t* ids, int64_t n, float* logits, bool all_logits);
+    // One token for each of n distinct slots seqs[t], each at its own position: one launch of every
+    // kernel for all of them (the GEMVs see m = n; attention reads each token's position and slot
+    // from the step inputs), replayed as a CUDA graph per n. logits [n, n_vocab] in the order given.
+    status decode_seqs(const int32_t* ids, const int64_t* seqs, int64_t n, float* logits);
+    // Lockstep shorthands over slots 0 .. n_seq-1: prefill_batch runs ids[n_seq * n] (row s: slot
+    // s's prompt) with each row's last logits [n_seq, n_vocab]; decode_batch one token each.
+    status prefill_batch(const int32_t* ids, int64_t n_seq, int64_t n, float* logits);
+    status decode_batch(const int32_t* ids, int64_t n_seq, float* logits);
 
     // Device memory held: weights, KV cache, activations + step inputs, the context's scratch.
     uint64_t weight_bytes() const { return weight_bytes_; }    // resident on the GPU
@@ -109,7 +117,11 @@ public:
     int64_t  n_offloaded() const { return int64_t(units_.size()); }                   // modules offloaded
     uint64_t cache_bytes() const;
     uint64_t activation_bytes() const;
-    bool     graph_active() const { return !graph_.empty(); }
+    bool     graph_active() const {
+        for (const auto& [n, g] : graphs_)
+            if (!g.graph.empty()) return true;
+        return false;
+    }
     int64_t  graph_replays() const { return graph_replays_; }
     int64_t  n_gptq_fast() const { return n_gptq_fast_; }        // GPTQ linears on the int4 kernel
     int64_t  n_gptq_generic() const { return n_gptq_generic_; }  // ... on the generic kernel
@@ -144,10 +156,13 @@ private:
     int64_t rope_tables() const { return hparams().rope_local_differs ? 2 : 1; }
     // The token ids of each sequence's cached positions (LongRoPE runs them again when a sequence
     // crosses original_max_position_embeddings, as llama_model::forward does).
-    void ids_append(int64_t seq, const int32_t* ids, int64_t n);
-    // Run every sequence's cached tokens and then ids ([n_seq, n] rows) again from position 0, with
-    // the logits the call that asked would give (all_logits: of the n new tokens; one sequence only).
-    status reprefill(const int32_t* ids, int64_t n_seq, int64_t n, float* logits, bool all_logits);
+    void   ids_append(int64_t seq, const int32_t* ids, int64_t n);
+    status seq_check(int64_t seq) const;
+    // Run slot seq's cached tokens and then ids[n] again from position 0, with the logits the call
+    // that asked would give (all_logits: of the n new tokens).
+    status reprefill(int64_t seq, const int32_t* ids, int64_t n, float* logits, bool all_logits);
+    // decode_seqs once no sequence crosses LongRoPE's switch: the ragged pass, as a graph per n.
+    status decode_step(const int32_t* ids, const int64_t* seqs, int64_t n, float* logits);
     // The linears `roles` of layer i_layer: fused into *fused when options.fuse and they can be (see
     // llama_cuda_options::fuse), else each into its own entry of *lin.
     // out_perm (GPTQ fused parts only): the fused output's features reordered within each part,
@@ -162,16 +177,13 @@ private:
     status lm_head_upload_dequantized(const gptq_config& qc);
     status tensor_upload_f16(const tensor_spec& t, cuda_buffer* out);
     status activations_reserve(int64_t n_tokens);
-    // Upload ids, positions and the RoPE rows of the n tokens at n_past (one copy).
-    // lockstep: the n tokens are one per sequence, all at position n_past (batched decode).
-    status step_inputs_upload(const int32_t* ids, int64_t n, bool lockstep = false);
+    // Upload ids, positions, slots (tok_pos_, tok_seq_) and the RoPE rows (for lengths tok_len_)
+    // of a step's n tokens.
+    status step_inputs_upload(const int32_t* ids, int64_t n);
     // The whole forward pass on the uploaded inputs (embedding, cuda_layer_forward per layer, final
-    // norm, lm_head); logits of rows [n - n_out_rows, n) to logits_.
-    // device_count: attention reads the key count from the step inputs (graph-safe decode).
-    // seq: the sequence whose cache a plain pass uses; lockstep: token t belongs to sequence t.
-    status forward_queued(int64_t n, int64_t n_out_rows, bool device_count, int64_t seq = 0, bool lockstep = false);
-    // decode / decode_batch: n tokens (one per sequence when n > 1).
-    status decode_tokens(const int32_t* ids, int64_t n, float* logits);
+    // norm, lm_head); logits of rows [n - n_out_rows, n) to logits_. A plain pass runs in slot seq's
+    // cache from its position; ragged: token t is one query of slot tok_seq_[t] (graph-safe decode).
+    status forward_queued(int64_t n, int64_t n_out_rows, int64_t seq, bool ragged);
     status logits_download(int64_t n_rows, float* logits);
     // Profiling (no-ops when off): prof_begin clears the timeline and marks the start; prof_mark
     // marks the end of op `op`; prof_end waits for the last mark and adds the intervals to *p.
@@ -202,9 +214,12 @@ private:
     std::unique_ptr<llama_model>      host_;
     std::unique_ptr<cuda_context>     ctx_;
     llama_cuda_options                opts_;
-    int64_t                           n_ctx_ = 0, n_past_ = 0;
+    int64_t                           n_ctx_ = 0;
     int64_t                           n_seq_ = 1;  // KV caches: [n_seq_][n_ctx_][kv_dim] per layer
+    std::vector<int64_t>              seq_pos_;    // [n_seq] positions cached per slot
     std::vector<std::vector<int32_t>> seq_ids_;    // [n_seq] ids of the cached positions (ids_append)
+    std::vector<int64_t>              tok_pos_, tok_len_;  // a step's tokens: position, sequence length
+    std::vector<int32_t>              tok_seq_;            // ... and slot
     std::vector<layer>                layers_;
     cuda_buffer                       embed_, norm_, lm_head_;  // [n_vocab, n_embd], [n_embd], lm_head or empty (tied)
     uint64_t                          weight_bytes_ = 0;
@@ -222,18 +237,22 @@ private:
     int64_t     n_act_ = 0;
     cuda_buffer hidden_, x_, q_, k_, v_, y_, gate_, up_;  // [n, n_embd|q_dim|kv_dim|n_ff] F16
     cuda_buffer logits_;                                  // [n, n_vocab] F32
-    // Step inputs: [n_act_] I32 ids, I32 pos, I32 n_kv, then (at step_rope_offset_) F32 cos and sin
+    // Step inputs: [n_act_] I32 ids, [n_act_] I32 positions, [n_act_] I32 slots, then (at step_rope_offset_) F32 cos and sin
     // [n_act_, head_dim / 2] each, per RoPE table (rope_tables()). Uploaded per call from step_host_.
     cuda_buffer          step_;
     size_t               step_rope_offset_ = 0;
     std::vector<uint8_t> step_host_;
 
-    cuda_graph graph_;
-    bool       graph_warm_    = false;    // one plain device-count step has sized the scratch
-    void*      graph_scratch_ = nullptr;  // the context's scratch and zeroed workspace when the graph
-    void*      graph_zeroed_  = nullptr;  // was captured (a reallocation since means capturing again)
-    int64_t    graph_replays_ = 0;
-    int64_t    graph_n_       = 0;  // tokens per step of the captured graph (decode_batch's n_seq)
+    // The decode step's CUDA graphs, one per token count; each keeps the context's scratch and
+    // zeroed workspace of its capture (a reallocation since means capturing again).
+    struct step_graph {
+        cuda_graph graph;
+        bool       warm    = false;  // one plain step has sized the scratch
+        void*      scratch = nullptr;
+        void*      zeroed  = nullptr;
+    };
+    std::map<int64_t, step_graph> graphs_;
+    int64_t                       graph_replays_ = 0;
     int64_t    n_gptq_fast_ = 0, n_gptq_generic_ = 0, n_fused_ = 0;
     bool       any_qkv_fused_ = false, any_gate_up_fused_ = false;  // activation sizes
 

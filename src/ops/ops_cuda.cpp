@@ -475,9 +475,9 @@ status op_cuda_add_rms_norm(cuda_context& ctx, uint16_t* h, const uint16_t* add,
 status op_cuda_rope_kv_store(cuda_context& ctx, uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t q_stride,
                              int64_t kv_stride, const float* cos, const float* sin, int64_t n_tokens, int64_t n_head,
                              int64_t n_head_kv, int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v,
-                             const int32_t* pos_dev, int64_t n_ctx, int64_t tok_pos_step, int64_t tok_cache_stride) {
+                             const int32_t* pos_dev, const int32_t* seq_dev, int64_t seq_stride, int64_t n_ctx) {
     return cuda::rope_kv_store_f16(q, k, v, q_stride, kv_stride, cos, sin, n_tokens, n_head, n_head_kv, head_dim,
-                                   cache_k, cache_v, pos_dev, n_ctx, ctx.stream(), tok_pos_step, tok_cache_stride);
+                                   cache_k, cache_v, pos_dev, seq_dev, seq_stride, n_ctx, ctx.stream());
 }
 
 status op_cuda_add(cuda_context& ctx, uint16_t* x, const uint16_t* y, int64_t n) {
@@ -507,13 +507,11 @@ status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a) {
     p.n_head = a.n_head, p.n_head_kv = a.n_head_kv, p.head_dim = a.head_dim;
     p.window = a.window, p.scale = a.scale, p.softcap = a.softcap;
     p.q_stride = a.q_stride, p.kv_stride = a.kv_stride, p.out_stride = a.out_stride;
-    p.n_kv_dev                       = a.n_kv_dev;
+    p.q_pos_dev                      = a.q_pos_dev;
+    p.q_seq_dev                      = a.q_seq_dev;
     p.kv_seq_stride                  = a.kv_seq_stride;
     constexpr int64_t k_decode_max_q = 16;  // beyond this the prefill tiles (16 queries) are as good
-    if ((a.n_kv_dev || a.kv_seq_stride) && a.n_q > k_decode_max_q)
-        return make_error(status_code::STATUS_INVALID_ARGUMENT,
-                          "attention with a device key count: n_q {} > {} (decode kernel only)", a.n_q, k_decode_max_q);
-    if (a.n_q <= k_decode_max_q && a.q_stride % 2 == 0 && a.kv_stride % 2 == 0) {
+    if (a.q_pos_dev || (a.n_q <= k_decode_max_q && a.q_stride % 2 == 0 && a.kv_stride % 2 == 0)) {
         const int64_t floats = cuda::attention_decode_workspace_floats(a.n_q, a.n_kv, a.n_head, a.head_dim);
         auto          ws     = ctx.scratch(size_t(floats) * sizeof(float));
         if (!ws) return ws.error();

@@ -204,12 +204,12 @@ status op_cuda_add_rms_norm(cuda_context& ctx, uint16_t* h, const uint16_t* add,
                             int64_t n_rows, int64_t dim, float eps, const int32_t* perm = nullptr);
 // RoPE of q (in place) and of k into the KV cache, v into the cache, in one launch (rope.cuh
 // rope_kv_store_f16): bit for bit op_cuda_rope on q and k, then op_cuda_kv_store_strided, except
-// that k itself is not rotated. q: [n_tokens, q_stride], k/v: [n_tokens, kv_stride].
+// that k itself is not rotated. q: [n_tokens, q_stride], k/v: [n_tokens, kv_stride]. Token t goes to
+// row pos_dev[t] of the cache seq_dev[t] * seq_stride elements on (seq_dev nullptr: the first).
 status op_cuda_rope_kv_store(cuda_context& ctx, uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t q_stride,
                              int64_t kv_stride, const float* cos, const float* sin, int64_t n_tokens, int64_t n_head,
                              int64_t n_head_kv, int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v,
-                             const int32_t* pos_dev, int64_t n_ctx, int64_t tok_pos_step = 1,
-                             int64_t tok_cache_stride = 0);
+                             const int32_t* pos_dev, const int32_t* seq_dev, int64_t seq_stride, int64_t n_ctx);
 status op_cuda_add(cuda_context& ctx, uint16_t* x, const uint16_t* y, int64_t n);  // x += y
 // x[r, :n] += bias[:n] for r < n_rows; x: [n_rows, n] contiguous.
 status op_cuda_add_bias(cuda_context& ctx, uint16_t* x, const uint16_t* bias, int64_t n_rows, int64_t n);
@@ -234,14 +234,14 @@ struct cuda_attention_args {
     float           scale    = 1.0f;
     float           softcap  = 0.0f;  // > 0: scaled scores s -> softcap * tanh(s / softcap) (Gemma 2); 0 = off
     int64_t         q_stride = 0, kv_stride = 0, out_stride = 0;
-    // When set: the key count is read from this device I32 when the kernel runs, the queries are the
-    // last n_q positions, and n_kv is only the upper bound (grid and workspace). Decode kernel only.
-    const int32_t* n_kv_dev = nullptr;
-    // > 0: one query per sequence, each in its own cache at k/v + i * kv_seq_stride (batched decode;
-    // kernels/cuda/attention.cuh). Decode kernel only (n_q <= 16).
-    int64_t kv_seq_stride = 0;
+    // Ragged decode (kernels/cuda/attention.cuh attention_params): query i at position q_pos_dev[i]
+    // of slot q_seq_dev[i]'s cache (k/v + slot * kv_seq_stride), device I32 read when the kernel
+    // runs; n_kv bounds every position + 1. Decode kernel only, any n_q.
+    const int32_t* q_pos_dev     = nullptr;
+    const int32_t* q_seq_dev     = nullptr;
+    int64_t        kv_seq_stride = 0;
 };
-// Decode kernel (split over the KV length) for n_q <= 16, the tiled prefill kernel otherwise.
+// Decode kernel (split over the KV length) for n_q <= 16 or ragged, the tiled prefill kernel otherwise.
 status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a);
 
 // ---- linear layers ---------------------------------------------------------------------------

@@ -374,6 +374,69 @@ TEST(CudaKernels, AttentionDecodeMatchesCpu) {
         run_attention(c, true, seed);
 }
 
+// Ragged decode (continuous batching): query i at position pos[i] of slot seq[i]'s cache, each
+// against the CPU reference of that one query over its slot's keys 0 .. pos[i]; slots repeat and
+// positions differ, the bound n_kv (grid, workspace) is larger than every position + 1.
+TEST(CudaKernels, AttentionDecodeRaggedMatchesCpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    struct ragged_case {
+        int64_t n_q, n_slots, n_ctx, n_head, n_head_kv, head_dim, window;
+        float   softcap;
+    };
+    for (const ragged_case& c : std::vector<ragged_case>{{1, 1, 1, 1, 1, 2, 0, 0.0f},
+                                                         {5, 3, 300, 8, 2, 128, 0, 0.0f},
+                                                         {24, 24, 130, 4, 1, 64, 0, 0.0f},
+                                                         {40, 7, 200, 4, 4, 80, 33, 0.0f},
+                                                         {3, 2, 1000, 2, 1, 256, 0, 30.0f}}) {
+        const int64_t kv_dim = c.n_head_kv * c.head_dim, q_dim = c.n_head * c.head_dim;
+        const int64_t q_stride = q_dim + 2, stride = c.n_ctx * kv_dim;
+        auto q = test::random_f16(rng, size_t(c.n_q * q_stride));
+        auto k = test::random_f16(rng, size_t(c.n_slots * stride)), v = test::random_f16(rng, size_t(c.n_slots * stride));
+        std::vector<int32_t> pos(size_t(c.n_q)), seq(size_t(c.n_q));
+        for (int64_t i = 0; i < c.n_q; ++i) {
+            seq[size_t(i)] = int32_t(rng() % uint32_t(c.n_slots));
+            pos[size_t(i)] = int32_t(i == 0 ? c.n_ctx - 1 : rng() % uint32_t(c.n_ctx));  // the last position too
+        }
+        device_array<uint16_t> dq(q), dk(k), dv(v), dout(size_t(c.n_q * q_dim));
+        device_array<int32_t>  dpos(pos), dseq(seq);
+        cuda::attention_params p;
+        p.q = dq.get(), p.k = dk.get(), p.v = dv.get(), p.out = dout.get();
+        p.n_q = c.n_q, p.n_kv = c.n_ctx, p.n_head = c.n_head, p.n_head_kv = c.n_head_kv, p.head_dim = c.head_dim;
+        p.window = c.window, p.scale = 1.0f / std::sqrt(float(c.head_dim)), p.softcap = c.softcap;
+        p.q_stride = q_stride, p.kv_stride = kv_dim, p.out_stride = q_dim;
+        p.q_pos_dev = dpos.get(), p.q_seq_dev = dseq.get(), p.kv_seq_stride = stride;
+        const int64_t       ws = cuda::attention_decode_workspace_floats(c.n_q, c.n_ctx, c.n_head, c.head_dim);
+        device_array<float> dws(static_cast<size_t>(ws));
+        GPTQ_EXPECT_OK(cuda::attention_decode_f16(p, dws.get(), ws, nullptr));
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const auto         got = dout.download();
+        const auto         qf = test::to_f32(q), kf = test::to_f32(k), vf = test::to_f32(v);
+        std::vector<float> ref(size_t(c.n_q * q_dim));
+        for (int64_t i = 0; i < c.n_q; ++i) {
+            cpu::attention_shape s;
+            s.n_q = 1, s.n_kv = pos[size_t(i)] + 1, s.q_pos0 = pos[size_t(i)];
+            s.n_head = c.n_head, s.n_head_kv = c.n_head_kv, s.head_dim = c.head_dim, s.window = c.window;
+            s.scale = p.scale, s.softcap = c.softcap;
+            s.q_stride = q_stride, s.kv_stride = kv_dim, s.out_stride = q_dim;
+            const size_t base = size_t(seq[size_t(i)]) * size_t(stride);
+            cpu::attention_ref(qf.data() + i * q_stride, kf.data() + base, vf.data() + base, ref.data() + i * q_dim, s);
+        }
+        const std::string what = "ragged decode n_q=" + std::to_string(c.n_q) + " slots=" + std::to_string(c.n_slots) +
+                                 " n_ctx=" + std::to_string(c.n_ctx) + " d=" + std::to_string(c.head_dim) +
+                                 " window=" + std::to_string(c.window);
+        expect_close(got, ref, what.c_str(), seed);
+    }
+    // The prefill kernel refuses device positions.
+    cuda::attention_params bad;
+    bad.n_q = 1, bad.n_kv = 1, bad.n_head = bad.n_head_kv = 1, bad.head_dim = 2;
+    bad.q_stride = bad.kv_stride = bad.out_stride = 2;
+    const int32_t one = 0;
+    bad.q_pos_dev     = &one;
+    EXPECT_FALSE(cuda::attention_prefill_f16(bad, nullptr).is_ok());
+}
+
 // Gemma 2's attention logit soft-capping in the three kernels (CUDA-core prefill, tensor-core
 // prefill, decode) against the CPU reference; a small cap (0.5) changes the softmax a lot, a large
 // one (50) hardly: both must match.
@@ -468,9 +531,11 @@ TEST(CudaKernels, RopeKvStoreIsRopeThenKvStore) {
             const float t = ang(rng);
             cs[i] = std::cos(t), sn[i] = std::sin(t);
         }
-        const std::vector<int32_t> pos{int32_t(c.pos)};
+        std::vector<int32_t> pos(size_t(c.tokens));
+        for (int64_t t = 0; t < c.tokens; ++t) pos[size_t(t)] = int32_t(c.pos + t);  // one sequence
+        const std::vector<int32_t> pos0{int32_t(c.pos)};
         device_array<float>        dc(cs), ds(sn);
-        device_array<int32_t>      dpos(pos);
+        device_array<int32_t>      dpos(pos), dpos0(pos0);
         auto run = [&](bool fused_kernel, std::vector<uint16_t>* q_out, std::vector<uint16_t>* k_out,
                        std::vector<uint16_t>* ck, std::vector<uint16_t>* cv) {
             device_array<uint16_t> dq(qbuf), dk(kbuf), dv(vbuf), dck(cache0), dcv(cache0);
@@ -480,13 +545,13 @@ TEST(CudaKernels, RopeKvStoreIsRopeThenKvStore) {
             if (fused_kernel) {
                 GPTQ_EXPECT_OK(cuda::rope_kv_store_f16(dq.get(), kp, vp, q_stride, kv_stride, dc.get(), ds.get(),
                                                        c.tokens, c.n_head, c.n_head_kv, c.hd, dck.get(), dcv.get(),
-                                                       dpos.get(), c.n_ctx, nullptr));
+                                                       dpos.get(), nullptr, 0, c.n_ctx, nullptr));
             } else {
                 GPTQ_EXPECT_OK(
                     cuda::rope_f16(dq.get(), dc.get(), ds.get(), c.tokens, c.n_head, c.hd, q_stride, nullptr));
                 GPTQ_EXPECT_OK(cuda::rope_f16(kp, dc.get(), ds.get(), c.tokens, c.n_head_kv, c.hd, kv_stride, nullptr));
-                GPTQ_EXPECT_OK(cuda::kv_store_f16(kp, vp, kv_stride, dck.get(), dcv.get(), dpos.get(), c.tokens, kv_dim,
-                                                  c.n_ctx, nullptr));
+                GPTQ_EXPECT_OK(cuda::kv_store_f16(kp, vp, kv_stride, dck.get(), dcv.get(), dpos0.get(), c.tokens,
+                                                  kv_dim, c.n_ctx, nullptr));
             }
             *q_out = dq.download();
             *k_out = dk.download();
@@ -514,6 +579,51 @@ TEST(CudaKernels, RopeKvStoreIsRopeThenKvStore) {
             }
         if (!c.fused) ASSERT_EQ(k_got, kbuf) << "k must be untouched, " << what;
     }
+}
+
+// Ragged: token t into slot seq[t] at position pos[t] (slots of [n_ctx, kv_dim] one after another),
+// against rope_f16 on q and k, then kv_store_f16 of each token alone into its slot.
+TEST(CudaKernels, RopeKvStoreRaggedWritesEachTokensSlot) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t                        seed = test::fresh_seed();
+    std::mt19937                          rng(seed);
+    std::uniform_real_distribution<float> ang(-3.2f, 3.2f);
+    const int64_t tokens = 9, n_head = 6, n_head_kv = 2, hd = 64, n_ctx = 50, n_slots = 12;
+    const int64_t q_dim = n_head * hd, kv_dim = n_head_kv * hd, half = hd / 2, stride = n_ctx * kv_dim;
+    auto          qbuf  = test::random_f16(rng, size_t(tokens * q_dim));
+    auto          kbuf = test::random_f16(rng, size_t(tokens * kv_dim)), vbuf = test::random_f16(rng, size_t(tokens * kv_dim));
+    auto          cache0 = test::random_f16(rng, size_t(n_slots * stride));
+    std::vector<float> cs(size_t(tokens * half)), sn(cs.size());
+    for (size_t i = 0; i < cs.size(); ++i) {
+        const float t = ang(rng);
+        cs[i] = std::cos(t), sn[i] = std::sin(t);
+    }
+    std::vector<int32_t> pos(static_cast<size_t>(tokens)), seq(static_cast<size_t>(tokens));
+    for (int64_t t = 0; t < tokens; ++t) {
+        seq[size_t(t)] = int32_t((t * 5 + 3) % n_slots);  // distinct slots, not in order
+        pos[size_t(t)] = int32_t(t == 0 ? n_ctx - 1 : rng() % uint32_t(n_ctx));
+    }
+    pos[1] = int32_t(n_ctx);  // past the cache: not written
+    device_array<float>    dc(cs), ds(sn);
+    device_array<int32_t>  dpos(pos), dseq(seq);
+    device_array<uint16_t> q1(qbuf), k1(kbuf), v1(vbuf), ck1(cache0), cv1(cache0);
+    GPTQ_EXPECT_OK(cuda::rope_kv_store_f16(q1.get(), k1.get(), v1.get(), q_dim, kv_dim, dc.get(), ds.get(), tokens,
+                                           n_head, n_head_kv, hd, ck1.get(), cv1.get(), dpos.get(), dseq.get(), stride,
+                                           n_ctx, nullptr));
+    device_array<uint16_t> q2(qbuf), k2(kbuf), v2(vbuf), ck2(cache0), cv2(cache0);
+    GPTQ_EXPECT_OK(cuda::rope_f16(q2.get(), dc.get(), ds.get(), tokens, n_head, hd, q_dim, nullptr));
+    GPTQ_EXPECT_OK(cuda::rope_f16(k2.get(), dc.get(), ds.get(), tokens, n_head_kv, hd, kv_dim, nullptr));
+    for (int64_t t = 0; t < tokens; ++t) {
+        device_array<int32_t> p1(std::vector<int32_t>{pos[size_t(t)]});
+        const int64_t         off = int64_t(seq[size_t(t)]) * stride;
+        GPTQ_EXPECT_OK(cuda::kv_store_f16(k2.get() + t * kv_dim, v2.get() + t * kv_dim, kv_dim, ck2.get() + off,
+                                          cv2.get() + off, p1.get(), 1, kv_dim, n_ctx, nullptr));
+    }
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(q1.download(), q2.download()) << "q, seed " << seed;
+    EXPECT_EQ(ck1.download(), ck2.download()) << "k caches, seed " << seed;
+    EXPECT_EQ(cv1.download(), cv2.download()) << "v caches, seed " << seed;
+    EXPECT_EQ(k1.download(), kbuf) << "k must be untouched";
 }
 
 TEST(CudaKernels, SiluMulPermutedIsSiluMulThenPermute) {

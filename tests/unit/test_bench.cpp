@@ -110,9 +110,9 @@ TEST_F(Bench, BadArguments) {
         {"cuda batch 32",
          [](bench_params& p) {
              p.device  = "cuda";
-             p.batches = {1, 4, 32};
+             p.batches = {1, 4, 300};
          },
-         "--batch 32 on --device cuda:0: the GPU model runs up to 16 sequences"},
+         "--batch 300 on --device cuda:0: the GPU model runs up to 256 sequences"},
         {"device", [](bench_params& p) { p.device = "tpu"; }, "'tpu'"},
         {"batch 0",
          [](bench_params& p) {

@@ -78,6 +78,7 @@ public:
     void        memory_reset_peak() override {}
     std::string memory_kind() const override { return "none"; }
     uint64_t    kv_bytes_per_position() const override { return 8; }
+    uint64_t    memory_available() const override { return 0; }
 
     int64_t                   n_steps = 0, max_batch = 0, max_chunk = 0;
     std::chrono::microseconds step_delay{0};  // a slower model, for races with the client

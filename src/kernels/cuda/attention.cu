@@ -41,8 +41,9 @@ struct dev_params {
     float          scale;
     float          softcap;  // > 0: scaled scores s -> softcap * tanh(s / softcap) before the mask; 0 = off
     int64_t        q_stride, kv_stride, out_stride;
-    const int32_t* n_kv_dev;       // decode: run-time key count (attention_params::n_kv_dev), or nullptr
-    int64_t        kv_seq_stride;  // decode: > 0, one query per sequence (attention_params::kv_seq_stride)
+    const int32_t* q_pos_dev;      // decode, ragged: each query's position (attention_params::q_pos_dev)
+    const int32_t* q_seq_dev;      // decode, ragged: each query's cache slot, or nullptr (slot 0)
+    int64_t        kv_seq_stride;  // decode, ragged: elements between slots' caches
 };
 
 // Gemma 2's attention logit soft-capping of a scaled score (cap 0: the score unchanged, no op).
@@ -310,13 +311,14 @@ __global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, 
     const int64_t h = blockIdx.x, split = blockIdx.y, qi = blockIdx.z, hk = h / p.group;
     const int     lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int64_t D = p.head_dim, n_pairs = D / 2;
-    // The key count and the first query position, from device memory when a graph replays this.
-    const bool    per_seq = p.kv_seq_stride > 0;  // query qi: the last position of sequence qi's cache
-    const int64_t n_kv    = p.n_kv_dev ? int64_t(*p.n_kv_dev) : p.n_kv;
-    const int64_t q_pos0  = p.n_kv_dev ? n_kv - (per_seq ? 1 : p.n_q) : p.q_pos0;
-    const int64_t pos     = q_pos0 + (per_seq ? 0 : qi);
-    const __half* kbase   = p.k + (per_seq ? qi * p.kv_seq_stride : 0);
-    const __half* vbase   = p.v + (per_seq ? qi * p.kv_seq_stride : 0);
+    // Ragged (a graph replays this as the caches grow): query qi at position q_pos_dev[qi] of slot
+    // q_seq_dev[qi]'s cache, its keys 0 .. pos; else query qi at q_pos0 + qi of the one cache.
+    const bool    ragged = p.q_pos_dev != nullptr;
+    const int64_t pos    = ragged ? int64_t(p.q_pos_dev[qi]) : p.q_pos0 + qi;
+    const int64_t n_kv   = ragged ? (pos + 1 < p.n_kv ? pos + 1 : p.n_kv) : p.n_kv;
+    const int64_t slot   = ragged && p.q_seq_dev ? int64_t(p.q_seq_dev[qi]) : 0;
+    const __half* kbase  = p.k + slot * p.kv_seq_stride;
+    const __half* vbase  = p.v + slot * p.kv_seq_stride;
     const int64_t end     = pos + 1 < n_kv ? pos + 1 : n_kv;
     int64_t       begin   = p.window > 0 ? pos - p.window + 1 : 0;
     if (begin < 0) begin = 0;
@@ -461,8 +463,8 @@ status check_params(const attention_params& a, const char* who) {
     if (a.n_head_kv <= 0 || a.n_head % a.n_head_kv != 0) return bad("n_head_kv", a.n_head_kv);
     if (a.head_dim <= 0 || a.head_dim % 2 != 0 || a.head_dim > k_max_dim) return bad("head_dim", a.head_dim);
     if (a.kv_seq_stride < 0) return bad("kv_seq_stride", a.kv_seq_stride);
-    const int64_t n_q_seq = a.kv_seq_stride > 0 ? 1 : a.n_q;  // queries per cache
-    if (a.q_pos0 < 0 || a.q_pos0 + n_q_seq > a.n_kv) return bad("q_pos0 + n_q (> n_kv)", a.q_pos0 + n_q_seq);
+    if (!a.q_pos_dev && (a.q_pos0 < 0 || a.q_pos0 + a.n_q > a.n_kv)) return bad("q_pos0 + n_q (> n_kv)", a.q_pos0 + a.n_q);
+    if (a.q_seq_dev && !a.q_pos_dev) return bad("q_seq_dev without q_pos_dev, n_q", a.n_q);
     if (a.q_stride < a.n_head * a.head_dim) return bad("q_stride", a.q_stride);
     if (a.kv_stride < a.n_head_kv * a.head_dim) return bad("kv_stride", a.kv_stride);
     if (a.out_stride < a.n_head * a.head_dim) return bad("out_stride", a.out_stride);
@@ -489,7 +491,8 @@ dev_params to_dev(const attention_params& a) {
                       a.q_stride,
                       a.kv_stride,
                       a.out_stride,
-                      a.n_kv_dev,
+                      a.q_pos_dev,
+                      a.q_seq_dev,
                       a.kv_seq_stride};
 }
 
@@ -509,10 +512,10 @@ void attention_prefill_force_cuda_cores(bool on) {
 
 status attention_prefill_f16(const attention_params& a, cudaStream_t stream) {
     GPTQ_TRY(check_params(a, "attention_prefill_f16"));
-    if (a.n_kv_dev || a.kv_seq_stride)
+    if (a.q_pos_dev || a.q_seq_dev)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
-                          "attention_prefill_f16: a device key count (n_kv_dev) and one query per sequence "
-                          "(kv_seq_stride) are for the decode kernel only");
+                          "attention_prefill_f16: device query positions and slots (q_pos_dev, q_seq_dev) are for "
+                          "the decode kernel only");
     if (a.n_q == 0) return status::ok();
     const int64_t D = a.head_dim;
     // Tensor cores for the shapes they are written for (half2 loads: even strides, aligned bases).

@@ -24,15 +24,15 @@ struct attention_params {
     float           scale    = 1.0f;
     float           softcap  = 0.0f;  // > 0: scaled scores s -> softcap * tanh(s / softcap) (Gemma 2); 0 = off
     int64_t         q_stride = 0, kv_stride = 0, out_stride = 0;  // row strides in elements
-    // Decode only: when set, the key count is read from this device I32 at run time (the queries
-    // are then the last n_q positions, q_pos0 = *n_kv_dev - n_q) and n_kv above is its upper bound,
-    // which sizes the grid and the workspace. A captured CUDA graph can so be replayed as the KV
-    // cache grows. The prefill kernel rejects it.
-    const int32_t* n_kv_dev = nullptr;
-    // Decode only: when > 0, the queries are n_q sequences advancing in lockstep (batched decode):
-    // query i is at position q_pos0 (with n_kv_dev: *n_kv_dev - 1) of its own cache, whose keys and
-    // values start at k + i * kv_seq_stride and v + i * kv_seq_stride (elements). 0: one sequence.
-    int64_t kv_seq_stride = 0;
+    // Decode only, ragged: when set, query i is at position q_pos_dev[i] (device I32, read when the
+    // kernel runs) of the cache of slot q_seq_dev[i] (device I32; nullptr: slot 0), whose keys and
+    // values start at k + slot * kv_seq_stride and v + slot * kv_seq_stride (elements); it attends
+    // to that cache's positions 0 .. q_pos_dev[i] (the window applies). n_kv is then the bound of
+    // every position + 1, which sizes the grid and the workspace; q_pos0 is unused. A captured CUDA
+    // graph so replays the decode step of any sequences at any positions (continuous batching).
+    const int32_t* q_pos_dev     = nullptr;
+    const int32_t* q_seq_dev     = nullptr;
+    int64_t        kv_seq_stride = 0;
 };
 
 // Checks the shape (returns INVALID_ARGUMENT naming the field) and runs the prefill kernel: the

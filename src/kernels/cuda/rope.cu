@@ -30,14 +30,14 @@ __global__ void rope_kernel(__half* x, const float* cos, const float* sin, int64
 __global__ void rope_kv_store_kernel(__half* q, const __half* k, const __half* v, int64_t q_stride, int64_t kv_stride,
                                      const float* cos, const float* sin, int64_t n_items, int64_t n_head,
                                      int64_t n_head_kv, int64_t half, __half* cache_k, __half* cache_v,
-                                     const int32_t* pos_dev, int64_t n_ctx, int64_t total, int64_t tok_pos_step,
-                                     int64_t tok_cache_stride) {
+                                     const int32_t* pos_dev, const int32_t* seq_dev, int64_t seq_stride,
+                                     int64_t n_ctx, int64_t total) {
     pdl_launch_dependents();
     pdl_wait();  // q, k, v come from the projection before
     const int64_t kv_dim = n_head_kv * 2 * half, nq = n_head * half, nk = n_head_kv * half;
-    const int64_t pos = int64_t(*pos_dev);
     for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < total; p += int64_t(gridDim.x) * blockDim.x) {
-        const int64_t t = p / n_items, it = p % n_items, row = pos + t * tok_pos_step, cofs = t * tok_cache_stride;
+        const int64_t t = p / n_items, it = p % n_items, row = int64_t(pos_dev[t]);
+        const int64_t cofs = seq_dev ? int64_t(seq_dev[t]) * seq_stride : 0;
         const bool    store = row >= 0 && row < n_ctx;
         if (it < nq + nk) {
             const bool    is_q = it < nq;
@@ -67,8 +67,8 @@ __global__ void rope_kv_store_kernel(__half* q, const __half* k, const __half* v
 
 status rope_kv_store_f16(uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t q_stride, int64_t kv_stride,
                          const float* cos, const float* sin, int64_t n_tokens, int64_t n_head, int64_t n_head_kv,
-                         int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v, const int32_t* pos_dev, int64_t n_ctx,
-                         cudaStream_t stream, int64_t tok_pos_step, int64_t tok_cache_stride) {
+                         int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v, const int32_t* pos_dev,
+                         const int32_t* seq_dev, int64_t seq_stride, int64_t n_ctx, cudaStream_t stream) {
     if (head_dim % 2 != 0 || q_stride < n_head * head_dim || kv_stride < n_head_kv * head_dim)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
                           "rope_kv_store_f16: head_dim {} (must be even), q_stride {}, kv_stride {}", head_dim,
@@ -82,7 +82,7 @@ status rope_kv_store_f16(uint16_t* q, const uint16_t* k, const uint16_t* v, int6
                                stream, reinterpret_cast<__half*>(q), reinterpret_cast<const __half*>(k),
                                reinterpret_cast<const __half*>(v), q_stride, kv_stride, cos, sin, n_items, n_head,
                                n_head_kv, half, reinterpret_cast<__half*>(cache_k), reinterpret_cast<__half*>(cache_v),
-                               pos_dev, n_ctx, total, tok_pos_step, tok_cache_stride));
+                               pos_dev, seq_dev, seq_stride, n_ctx, total));
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }

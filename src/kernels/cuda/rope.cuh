@@ -15,17 +15,17 @@ namespace gptq::cuda {
 status rope_f16(uint16_t* x, const float* cos, const float* sin, int64_t n_tokens, int64_t n_heads, int64_t head_dim,
                 int64_t row_stride, cudaStream_t stream);
 
-// The attention's RoPE and KV-cache append in one launch: q rotated in place; k rotated into
-// cache_k[pos + t] and v copied into cache_v[pos + t] (pos = *pos_dev, read when the kernel runs;
-// rows at or past n_ctx are not written), k and v themselves left as they are. Bit for bit rope_f16
-// on q and k, then kv_store_f16. q: [n_tokens, q_stride] ([n_head, head_dim] first), k and v:
-// [n_tokens, kv_stride] ([n_head_kv, head_dim]); caches [n_ctx, n_head_kv * head_dim] contiguous.
-// Batched decode (tokens = sequences in lockstep): token t goes to row pos + t * tok_pos_step of the
-// cache starting tok_cache_stride * t elements further (1 and 0: one sequence; 0 and n_ctx * kv_dim:
-// one token per sequence, all at pos).
+// The attention's RoPE and KV-cache append in one launch: q rotated in place; token t's k rotated
+// into row pos_dev[t] of its cache and v copied there (pos_dev: device I32 per token, read when the
+// kernel runs; rows outside [0, n_ctx) are not written); the cache of token t starts
+// seq_dev[t] * seq_stride elements after cache_k / cache_v (seq_dev nullptr: all at the start;
+// ragged decode: each token its own sequence's slot). k and v themselves are left as they are. Bit
+// for bit rope_f16 on q and k, then kv_store_f16. q: [n_tokens, q_stride] ([n_head, head_dim]
+// first), k and v: [n_tokens, kv_stride] ([n_head_kv, head_dim]); a cache [n_ctx, n_head_kv *
+// head_dim] contiguous.
 status rope_kv_store_f16(uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t q_stride, int64_t kv_stride,
                          const float* cos, const float* sin, int64_t n_tokens, int64_t n_head, int64_t n_head_kv,
-                         int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v, const int32_t* pos_dev, int64_t n_ctx,
-                         cudaStream_t stream, int64_t tok_pos_step = 1, int64_t tok_cache_stride = 0);
+                         int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v, const int32_t* pos_dev,
+                         const int32_t* seq_dev, int64_t seq_stride, int64_t n_ctx, cudaStream_t stream);
 
 }  // namespace gptq::cuda

@@ -1,21 +1,68 @@
 """Load generator for `gptq serve` (docs/serve.md, issue 17's benchmark): N concurrent streaming
-clients (the official openai package, asyncio) each send requests of random token-id prompts and
-a fixed number of output tokens (ignore_eos), for a concurrency sweep. Prints, per concurrency:
-output tok/s over the run, TTFT and time per output token (TPOT) p50 / p99.
+clients (asyncio, the standard library only: it runs on the GPU machine, which has no PyPI) each
+send requests of random token-id prompts and a fixed number of output tokens (ignore_eos), for a
+concurrency sweep. Prints, per concurrency: output tok/s over the run, TTFT and time per output
+token (TPOT) p50 / p99.
 
-    python3 -m venv /tmp/v && /tmp/v/bin/pip install openai
     gptq serve MODEL --port 8080 --max-seqs 64 &
-    /tmp/v/bin/python bench/serve_load.py --url http://127.0.0.1:8080 --prompt 512 --gen 128 \
+    python3 bench/serve_load.py --url http://127.0.0.1:8080 --prompt 512 --gen 128 \
         --concurrency 1,8,32,64 --requests 2     # requests per client
 """
 import argparse
 import asyncio
 import json
 import random
-import statistics
 import time
+import urllib.parse
+import urllib.request
 
-import openai
+
+class http_error(Exception):
+    pass
+
+
+async def sse_post(url, path, body, api_key):
+    """POST a JSON body and yield each `data:` payload of the server-sent event stream, as it
+    arrives (HTTP/1.1, chunked or not)."""
+    u = urllib.parse.urlparse(url)
+    reader, writer = await asyncio.open_connection(u.hostname, u.port or 80)
+    data = json.dumps(body).encode()
+    writer.write((f"POST {path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json\r\n"
+                  f"Authorization: Bearer {api_key}\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+                  ).encode() + data)
+    await writer.drain()
+    status = (await reader.readline()).decode()
+    headers = {}
+    while True:
+        line = (await reader.readline()).decode().strip()
+        if not line:
+            break
+        k, _, v = line.partition(":")
+        headers[k.strip().lower()] = v.strip()
+    if " 200 " not in status:
+        raise http_error(status.strip() + " " + (await reader.read()).decode()[:300])
+    chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+    buf = b""
+    try:
+        while True:
+            if chunked:
+                size = int((await reader.readline()).strip() or b"0", 16)
+                if size == 0:
+                    break
+                piece = await reader.readexactly(size)
+                await reader.readline()
+            else:
+                piece = await reader.read(65536)
+                if not piece:
+                    break
+            buf += piece
+            while b"\n\n" in buf:
+                event, buf = buf.split(b"\n\n", 1)
+                for line in event.split(b"\n"):
+                    if line.startswith(b"data: ") and line[6:] != b"[DONE]":
+                        yield json.loads(line[6:])
+    finally:
+        writer.close()
 
 
 def pct(xs, p):
@@ -26,15 +73,14 @@ def pct(xs, p):
 async def one(client, model, prompt, gen):
     t0 = time.perf_counter()
     times = []
-    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=gen, temperature=0,
-                                             stream=True, extra_body={"ignore_eos": True},
-                                             stream_options={"include_usage": True})
+    body = {"model": model, "prompt": prompt, "max_tokens": gen, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
     n_out = 0
-    async for chunk in stream:
-        if chunk.choices and chunk.choices[0].text:
+    async for chunk in sse_post(client["url"], "/v1/completions", body, client["key"]):
+        if chunk.get("choices") and chunk["choices"][0].get("text"):
             times.append(time.perf_counter())
-        if chunk.usage:
-            n_out = chunk.usage.completion_tokens
+        if chunk.get("usage"):
+            n_out = chunk["usage"]["completion_tokens"]
     ttft = times[0] - t0 if times else float("nan")
     tpot = (times[-1] - times[0]) / (n_out - 1) if n_out > 1 and times else float("nan")
     return ttft, tpot, n_out
@@ -70,8 +116,9 @@ async def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    client = openai.AsyncOpenAI(base_url=args.url + "/v1", api_key=args.api_key, max_retries=0, timeout=3600)
-    model = (await client.models.list()).data[0].id
+    client = {"url": args.url, "key": args.api_key}
+    req = urllib.request.Request(args.url + "/v1/models", headers={"Authorization": "Bearer " + args.api_key})
+    model = json.loads(urllib.request.urlopen(req, timeout=60).read())["data"][0]["id"]
     rng = random.Random(args.seed)
     await one(client, model, [rng.randrange(3, args.vocab) for _ in range(16)], 4)  # warm-up
     rows = []

@@ -26,6 +26,8 @@
 # 3f. gptq serve --device cuda smoke test (GPTQ_DEVICE_SERVE=0 skips).
 # 4b. The families (GPTQ_DEVICE_FAMILIES=0 skips): make-random qwen3-8b / gemma-2-9b / phi-3-mini cut to
 #    8 layers, RTN W4 g128, gptq bench W4 vs FP16 at batch 1 on cuda.
+# 4c. Only with GPTQ_DEVICE_SERVE_BENCH=1: gptq serve of make-random llama-2-7b W4 and FP16 under
+#    bench/serve_load.py at concurrency 1..64.
 # Memcheck covers test_llama_cuda's small models (MEMCHECK_ALL=1 adds the kernel tests).
 # $OUT gets: summary.txt, build.log, tests.log, memcheck.log, ppl.jsonl, bench_e2e.jsonl, and with
 # the benchmark bench_gptq_gemv.json, bench_gptq_gemv.txt, ncu.txt.
@@ -352,6 +354,40 @@ for l in open(sys.argv[1]):
         rm -rf "$FAM/f16" "$FAM/w4" "$FAM/bench.jsonl"
     done
     rm -rf "$FAM"
+fi
+
+# ---- 4c. gptq serve under load on cuda (issue 17; GPTQ_DEVICE_SERVE_BENCH=1 runs it) ---------------
+# make-random SERVE_LIKE (default llama-2-7b, all layers) F16 and its RTN W4 g128, each served with
+# --max-seqs 64 --ctx 1024 and loaded by bench/serve_load.py (stdlib asyncio client: random 512-token
+# prompts, 128 output tokens, ignore_eos) at concurrency SERVE_CONC (1,8,32,64). JSON rows (with
+# "weights") to bench_e2e.jsonl, a line each to summary.txt.
+if [ "${GPTQ_DEVICE_SERVE_BENCH:-0}" = 1 ]; then
+    SB=/tmp/gptq-serve-bench; rm -rf "$SB"; mkdir -p "$SB"
+    like=${SERVE_LIKE:-llama-2-7b}
+    if timeout 240 "$GPTQ" -q make-random --like "$like" -o "$SB/f16" --threads "$JOBS" >> "$OUT/tests.log" 2>&1 &&
+       timeout 400 "$GPTQ" -q quantize "$SB/f16" -o "$SB/w4" --method rtn --bits 4 --group-size 128 \
+           --threads "$JOBS" >> "$OUT/tests.log" 2>&1; then
+        for w in w4 f16; do
+            "$GPTQ" serve "$SB/$w" --device cuda --port 18080 --max-seqs 64 --ctx 1024 > "$OUT/serve_bench_$w.log" 2>&1 &
+            spid=$!
+            for _ in $(seq 240); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:18080/health', timeout=2)" 2> /dev/null && break; sleep 0.5; done
+            if timeout 400 python3 bench/serve_load.py --url http://127.0.0.1:18080 --prompt 512 --gen 128 \
+                   --concurrency "${SERVE_CONC:-1,8,32,64}" --requests 1 --vocab 32000 --json > "$SB/rows.jsonl" 2>> "$OUT/tests.log"; then
+                sed "s/^{/{\"weights\":\"$w\",\"model\":\"$like\",/" "$SB/rows.jsonl" >> "$OUT/bench_e2e.jsonl"
+                log "serve $like $w on cuda: $(python3 -c 'import json,sys
+for l in open(sys.argv[1]):
+    r = json.loads(l)
+    print("[c%d: %.0f tok/s, TTFT p50 %.0f ms, TPOT p50 %.1f ms]" % (r["concurrency"], r["output_tok_s"], r["ttft_p50_ms"], r["tpot_p50_ms"]), end=" ")' "$SB/rows.jsonl")"
+            else
+                status=1; log "serve bench $like $w FAILED (see serve_bench_$w.log)"; tail -5 "$OUT/serve_bench_$w.log"
+            fi
+            kill -TERM $spid 2>/dev/null; wait $spid 2>/dev/null
+            rm -rf "$SB/$w"
+        done
+    else
+        status=1; log "serve bench: make-random/quantize $like FAILED (see tests.log)"
+    fi
+    rm -rf "$SB"
 fi
 
 # ---- GPTQ on the GPU (experimental) at the Llama-2-7B linear shapes, GPU vs CPU ------------------

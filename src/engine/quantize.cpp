@@ -670,9 +670,30 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     GPTQ_TRY(check_tensors_finite(s.model->source(), llama_global_tensors(hp)));
 
     // Output and work folders.
-    if (fs::exists(params.output_path))
+    s.work = params.output_path + ".partial";
+    if (fs::exists(params.output_path)) {
+        // A run stopped between its final rename and the removal of the marker the folder carried
+        // there: everything else in it is final (the rename comes after the last write).
+        const std::string marker = path_join(params.output_path, k_work_folder_marker);
+        if (fs::exists(marker) && !fs::exists(s.work)) {
+            if (!params.resume)
+                return make_error(E_ARG,
+                                  "{}: a run was stopped right after it completed this folder ({} is still in it); "
+                                  "pass --resume to finish it",
+                                  params.output_path, k_work_folder_marker);
+            std::error_code ec;
+            fs::remove(marker, ec);
+            if (ec) return make_error(status_code::STATUS_IO_ERROR, "removing {}: {}", marker, ec.message());
+            GPTQ_LOG_INFO("{}: the previous run had completed it; only its marker was left (removed)",
+                          params.output_path);
+            s.report.output_path = params.output_path;
+            s.report.method      = params.method;
+            s.report.bits        = params.bits;
+            s.report.group_size  = params.group_size;
+            return s.report;
+        }
         return make_error(E_ARG, "{}: already exists; choose another output folder or remove it", params.output_path);
-    s.work                 = params.output_path + ".partial";
+    }
     int64_t    layers_done = 0;
     const auto identity    = run_identity(params, s.cfg);
     if (fs::exists(s.work)) {
@@ -815,15 +836,18 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             name.find(".tmp-") != std::string::npos)
             fs::remove(entry.path());
     }
-    {
-        std::error_code ec_marker;  // last: everything else is final now
-        fs::remove(path_join(s.work, k_work_folder_marker), ec_marker);
-    }
+    // The folder becomes the output with its marker, which goes last: a run stopped in between
+    // leaves either OUT.partial or OUT with the marker, both refused by loaders and finished by
+    // --resume, never a folder that looks complete under the work name.
     std::error_code ec;
     fs::rename(s.work, params.output_path, ec);
     if (ec)
         return make_error(status_code::STATUS_IO_ERROR, "renaming {} to {}: {}", s.work, params.output_path,
                           ec.message());
+    fs::remove(path_join(params.output_path, k_work_folder_marker), ec);
+    if (ec)
+        return make_error(status_code::STATUS_IO_ERROR, "removing {}: {}",
+                          path_join(params.output_path, k_work_folder_marker), ec.message());
 
     s.report.output_path = params.output_path;
     s.report.method      = params.method;

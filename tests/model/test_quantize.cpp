@@ -10,6 +10,8 @@
 #include "gptq/make_random.h"
 #include "gptq/ppl.h"
 #include "gptq/quantize.h"
+#include "io/hf_config.h"
+#include "io/tensor_source.h"
 #include "model/llama.h"
 #include "quant/gptq.h"
 #include "test_util.h"
@@ -174,6 +176,33 @@ TEST(quantize, resume_after_interruption_is_byte_identical) {
     EXPECT_EQ(resumed->linears.size(), 28u);
     for (const char* f : {"model.safetensors", "config.json", "quantize_config.json"})
         EXPECT_EQ(test::read_file(straight.output_path + "/" + f), test::read_file(cut.output_path + "/" + f)) << f;
+}
+
+// A run stopped between its final rename and the removal of the marker it carried into OUT: OUT is
+// complete but marked, loaders refuse it, a run without --resume says to pass it, --resume removes
+// the marker (and nothing else changes).
+TEST(quantize, resume_finishes_an_output_left_with_its_marker) {
+    test::temp_dir dir("q-resume-marker");
+    auto           run = small_run(dir.file("out"));
+    ASSERT_TRUE(quantize_model(run).is_ok());
+    const std::string model  = test::read_file(run.output_path + "/model.safetensors");
+    const std::string marker = run.output_path + "/" + k_work_folder_marker;
+    test::write_file(marker, "unfinished");
+    EXPECT_FALSE(model_config_load(run.output_path).is_ok());
+    auto refused = quantize_model(run);
+    ASSERT_FALSE(refused.is_ok());
+    EXPECT_NE(refused.error().message().find("pass --resume to finish it"), std::string::npos)
+        << refused.error().message();
+    run.resume    = true;
+    auto finished = quantize_model(run);
+    ASSERT_TRUE(finished.is_ok()) << finished.error().message();
+    EXPECT_FALSE(fs::exists(marker));
+    EXPECT_EQ(test::read_file(run.output_path + "/model.safetensors"), model);
+    EXPECT_TRUE(model_config_load(run.output_path).is_ok());
+    // Without the marker an existing output is refused as before, --resume or not.
+    auto again = quantize_model(run);
+    ASSERT_FALSE(again.is_ok());
+    EXPECT_NE(again.error().message().find("already exists"), std::string::npos) << again.error().message();
 }
 
 // --resume refusals say what to do (issue 15): the settings that differ from the work folder's, in

@@ -132,7 +132,14 @@ TEST(quantize_crash, sigkill_at_20_points_then_resume_is_byte_identical) {
             // Killed after the rename (while exiting): OUT is then complete, checked below.
             EXPECT_FALSE(fs::exists(out) && fs::exists(out + ".partial"));
             // Where the kill landed, for the summary printed at the end.
-            std::string phase = fs::exists(out) ? "after the rename" : "before the work folder";
+            const std::string marker = out + "/" + k_work_folder_marker;
+            std::string       phase  = fs::exists(marker) ? "renamed, marker left"
+                                       : fs::exists(out)  ? "after the rename"
+                                                          : "before the work folder";
+            if (fs::exists(marker)) {  // complete but marked: loaders refuse it, --resume finishes it
+                EXPECT_FALSE(tensor_source::open(out).is_ok());
+                EXPECT_FALSE(model_config_load(out).is_ok());
+            }
             if (fs::exists(out + ".partial")) {
                 int n_layers = 0;
                 for (const auto& e : fs::directory_iterator(out + ".partial"))
@@ -151,7 +158,7 @@ TEST(quantize_crash, sigkill_at_20_points_then_resume_is_byte_identical) {
                 }
             }
             // Resume until complete; every third point also kills its first resume half way.
-            for (int attempt = 0; !fs::exists(out); ++attempt) {
+            for (int attempt = 0; !fs::exists(out) || fs::exists(out + "/" + k_work_folder_marker); ++attempt) {
                 ASSERT_LT(attempt, 4) << test::read_file(log);
                 const double kill_resume  = (k % 3 == 0 && attempt == 0) ? t_run * 0.5 : -1.0;
                 const auto [rrc, rkilled] = run_child(spawn_quantize(out, true, log), kill_resume);

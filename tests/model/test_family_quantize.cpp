@@ -1,8 +1,10 @@
-// Gemma 2 and Gemma 3 (text) through GPTQ end to end, on the small random-weight goldens models of
-// tests/data/arch (transformers' own classes) with a generated 512-token tokenizer: `quantize`
-// picks the seven linears of every layer (true-sequential), copies the (1 + w) norms unchanged (they
-// are folded only in memory), the GPTQ checkpoint loads back, is closer to the F32 model than RTN's
-// (mean KL on calibration-like text; perplexities reported), and `gptq ppl` / `gptq generate` run on it.
+// The families through GPTQ end to end (Gemma 2, Gemma 3 text, Qwen3, Phi-3 with its fused modules,
+// Mistral-Nemo's head_dim), on the small random-weight goldens models of tests/data/arch
+// (transformers' own classes) with a generated 512-token tokenizer: `quantize` picks the linear
+// modules of every layer as the checkpoint stores them (true-sequential; Phi-3's qkv_proj and
+// gate_up_proj whole), copies the norms unchanged (Gemma's (1 + w) is folded only in memory), the
+// GPTQ checkpoint loads back, is closer to the F32 model than RTN's (mean KL on calibration-like
+// text; perplexities reported), and `gptq ppl` / `gptq generate` run on it.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -94,8 +96,10 @@ double ppl_of(const std::string& model, const std::string& dataset) {
     return r.is_ok() ? r->ppl : 0.0;
 }
 
-void check_family(const std::string& name, int64_t n_layer) {
-    test::temp_dir    dir("gemma-q-" + name);
+// norms_per_layer: the norm tensors each layer stores (input and post-attention; Gemma's pre/post
+// feed-forward; q/k norms).
+void check_family(const std::string& name, int64_t n_layer, int norms_per_layer) {
+    test::temp_dir    dir("family-q-" + name);
     const std::string fp = model_with_tokenizer(dir, name);
     const auto        g  = run_of(fp, dir.file("gptq"), "gptq");
     const auto        r  = run_of(fp, dir.file("rtn"), "rtn");
@@ -103,7 +107,12 @@ void check_family(const std::string& name, int64_t n_layer) {
     ASSERT_TRUE(rg.is_ok()) << rg.error().message();
     ASSERT_TRUE(quantize_model(r).is_ok());
 
-    // The seven linears of every layer, each better than RTN on its own (Hessian-weighted) error.
+    // The seven linears of every layer (a fused module's parts are solved apart with its one
+    // Hessian, which is the same solve row by row), each better than RTN on its own
+    // (Hessian-weighted) error; the checkpoint stores them by module as the original does.
+    auto model = llama_model::open(fp);
+    ASSERT_TRUE(model.is_ok()) << model.error().message();
+    ASSERT_EQ((*model)->hparams().n_layer, n_layer);
     std::set<std::string> want;
     for (int64_t i = 0; i < n_layer; ++i)
         for (int k = 0; k < k_n_linear_roles; ++k) want.insert(llama_linear_name(i, static_cast<linear_role>(k)));
@@ -118,6 +127,11 @@ void check_family(const std::string& name, int64_t n_layer) {
     auto src_fp = tensor_source::open(fp);
     auto src_q  = tensor_source::open(g.output_path);
     ASSERT_TRUE(src_fp.is_ok() && src_q.is_ok());
+    for (int64_t i = 0; i < n_layer; ++i)
+        for (const auto& m : llama_linear_modules((*model)->hparams(), i)) {
+            EXPECT_NE((*src_q)->find(m.module + ".qweight"), nullptr) << m.module;
+            EXPECT_NE((*src_fp)->find(m.module + ".weight"), nullptr) << m.module;
+        }
     int n_norms = 0;
     for (const auto& t : (*src_fp)->names()) {
         if (t.find("norm") == std::string::npos && t != "model.embed_tokens.weight") continue;
@@ -130,7 +144,7 @@ void check_family(const std::string& name, int64_t n_layer) {
         EXPECT_EQ(x, y) << t;
         n_norms += t.find("norm") != std::string::npos;
     }
-    EXPECT_GE(n_norms, 4 * n_layer + 1);  // input, post_attention, pre/post_feedforward (+ q/k), final
+    EXPECT_GE(n_norms, norms_per_layer * n_layer + 1);  // + the final norm
 
     // Closer to the F32 model than RTN: mean KL(F32 || quantized) over the first 256 tokens of the
     // calibration text. On random weights only text like the calibration's shows it: on other text
@@ -153,7 +167,7 @@ void check_family(const std::string& name, int64_t n_layer) {
     const double      w_fp = ppl_of(fp, "wikitext2"), w_g = ppl_of(g.output_path, "wikitext2"),
                  w_r = ppl_of(r.output_path, "wikitext2");
     std::printf(
-        "[ gemma    ] %s: KL gptq %.3g rtn %.3g; ppl calib fp %.3f gptq %.3f rtn %.3f; wiki fp %.3f gptq %.3f rtn "
+        "[ family   ] %s: KL gptq %.3g rtn %.3g; ppl calib fp %.3f gptq %.3f rtn %.3f; wiki fp %.3f gptq %.3f rtn "
         "%.3f\n",
         name.c_str(), kl_g, kl_r, p_fp, p_g, p_r, w_fp, w_g, w_r);
 
@@ -170,16 +184,33 @@ void check_family(const std::string& name, int64_t n_layer) {
 
 }  // namespace
 
-TEST(gemma_quantize, gemma2_end_to_end) {
 #ifdef GPTQ_SANITIZE
-    GTEST_SKIP() << "perplexity runs are too slow under sanitizers; the release build runs this";
+#define SKIP_UNDER_SANITIZERS() GTEST_SKIP() << "perplexity runs are too slow under sanitizers; the release build runs this"
+#else
+#define SKIP_UNDER_SANITIZERS() (void)0
 #endif
-    check_family("gemma2", 4);
+
+TEST(family_quantize, gemma2_end_to_end) {
+    SKIP_UNDER_SANITIZERS();
+    check_family("gemma2", 4, 4);  // input, post_attention, pre/post_feedforward
 }
 
-TEST(gemma_quantize, gemma3_text_end_to_end) {
-#ifdef GPTQ_SANITIZE
-    GTEST_SKIP() << "perplexity runs are too slow under sanitizers; the release build runs this";
-#endif
-    check_family("gemma3", 6);
+TEST(family_quantize, gemma3_text_end_to_end) {
+    SKIP_UNDER_SANITIZERS();
+    check_family("gemma3", 6, 6);  // + q/k norms
+}
+
+TEST(family_quantize, qwen3_end_to_end) {
+    SKIP_UNDER_SANITIZERS();
+    check_family("qwen3", 3, 4);  // input, post_attention, q/k norms
+}
+
+TEST(family_quantize, phi3_fused_modules_end_to_end) {
+    SKIP_UNDER_SANITIZERS();
+    check_family("phi3", 3, 2);
+}
+
+TEST(family_quantize, mistral_nemo_end_to_end) {
+    SKIP_UNDER_SANITIZERS();
+    check_family("mistral-nemo", 3, 2);
 }

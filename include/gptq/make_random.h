@@ -60,6 +60,10 @@ std::vector<std::string> make_random_known_names();
 // lists the known ones; N must be in [1, the model's layer count].
 result<random_model_shape> make_random_shape(const std::string& name);
 
+// The tokenizer.json generated for a shape without the bundled tokenizer's vocabulary: byte-level
+// BPE of exactly vocab_size ids with the special tokens at the config's ids.
+result<std::string> make_random_tokenizer_json(const random_model_shape& shape);
+
 // The config.json the checkpoint gets (transformers 4 dialect, "torch_dtype" = dtype), pretty-printed.
 // A "gptqkit_make_random" object records the shape name and seed, so that nobody takes it for a
 // trained model.

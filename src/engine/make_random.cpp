@@ -221,6 +221,11 @@ result<generated_tokenizer> tokenizer_generate(const random_model_shape& s) {
         specials = {{0, "<pad>"}, {1, "<eos>"}, {2, "<bos>"}, {3, "<unk>"}};
     } else if (s.bos_token_id < 3 && s.eos_token_id < 3) {
         specials = {{0, "<unk>"}, {1, "<s>"}, {2, "</s>"}};
+    } else if (s.bos_token_id < 3) {  // Llama 2's low ids, the end of text among added tokens (Phi-3: 32000 on)
+        specials = {{0, "<unk>"}, {1, "<s>"}, {2, "</s>"}};
+        for (int64_t id = s.eos_token_id, k = 0; id < V; ++id)
+            specials.push_back(
+                {id, id == s.eos_token_id ? std::string("<|endoftext|>") : fmt::format("<|placeholder{}|>", ++k)});
     } else {
         const int64_t first = std::min(s.bos_token_id, s.eos_token_id);
         for (int64_t id = first, k = 0; id < V; ++id) {
@@ -360,6 +365,11 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 }  // namespace
+
+result<std::string> make_random_tokenizer_json(const random_model_shape& shape) {
+    GPTQ_ASSIGN_OR_RETURN(generated_tokenizer g, tokenizer_generate(shape));
+    return g.tokenizer.dump();
+}
 
 int64_t random_model_shape::n_params() const {
     const int64_t h = hidden_size, q = num_attention_heads * head_dim(), kv = num_key_value_heads * head_dim();

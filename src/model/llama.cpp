@@ -162,18 +162,6 @@ status llama_gpu_options_check(const llama_hparams& hp, const std::string& who) 
     if (const std::string opts = hp.options_beyond_gpu(); !opts.empty())
         return make_error(E_UNSUP, "{}: {} uses {}, which the GPU does not run yet; use --device cpu", who,
                           model_family_name(hp.family), opts);
-    const std::string opts = hp.options_beyond_llama();
-    if (opts.empty()) return status::ok();
-    const char* env = std::getenv("GPTQ_GPU_UNVALIDATED");
-    if (!env || std::string_view(env) != "1")
-        return make_error(E_UNSUP,
-                          "{}: {} uses {}; the GPU layer has them but no GPU run has checked them against the CPU "
-                          "yet (docs/architectures.md, \"GPU\"); use --device cpu, or set GPTQ_GPU_UNVALIDATED=1 to "
-                          "run them anyway",
-                          who, model_family_name(hp.family), opts);
-    GPTQ_LOG_WARN(
-        "{}: running {} ({}) on the GPU, not yet checked against the CPU on a device (GPTQ_GPU_UNVALIDATED=1)", who,
-        model_family_name(hp.family), opts);
     return status::ok();
 }
 

@@ -119,9 +119,8 @@ struct llama_hparams {
 };
 
 // Whether the GPU may run hp (llama_cuda_model::open, quantize --device cuda; `who` starts the
-// message): options the GPU layer does not run are refused by name; options it runs but that no
-// device run has checked yet (every option beyond Llama's today: docs/architectures.md, "GPU") are
-// refused too unless the environment sets GPTQ_GPU_UNVALIDATED=1, which runs them with a warning.
+// message): options the GPU layer does not run are refused by name (none today; every option of
+// the families was checked against the CPU on an H100: docs/architectures.md, "GPU").
 status llama_gpu_options_check(const llama_hparams& hp, const std::string& who);
 
 // Upper bound of the layer count, head counts and head_dim a config may give (docs/reliability.md).

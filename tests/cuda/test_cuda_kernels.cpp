@@ -34,6 +34,7 @@ using test::device_array;
 // the RMS of the reference, so values near zero after cancellation are judged on the row's scale.
 constexpr float k_rtol_f16 = 1.0f / 1024;  // two F16 roundings
 constexpr float k_atol_rel = 1e-3f;        // of the reference RMS: F32 summation-order differences
+constexpr float k_f16_subnormal_step = 5.9604645e-8f;  // 2^-24
 // GEMM: F16/BF16 operands are exact, the products exact in F32 accumulation; cuBLAS may sum in
 // another order or split k. Normwise relative error bounds.
 constexpr double k_gemm_f16_rel  = 1e-3;  // output rounding 2^-11 plus summation order
@@ -52,7 +53,9 @@ void expect_close(const std::vector<uint16_t>& got, const std::vector<float>& re
     int          bad   = 0;
     for (size_t i = 0; i < ref.size(); ++i) {
         const float g   = f16_to_f32(got[i]);
-        const float tol = k_rtol_f16 * std::fabs(ref[i]) + float(k_atol_rel * scale);
+        // An F16 rounding is relative down to the smallest normal, then absolute: at most half the
+        // subnormal spacing 2^-24 (a reference of 1e-13 comes out 0), twice for two roundings.
+        const float tol = std::max(k_rtol_f16 * std::fabs(ref[i]), k_f16_subnormal_step) + float(k_atol_rel * scale);
         if (!(std::fabs(g - ref[i]) <= tol)) {
             if (bad++ < 5)
                 ADD_FAILURE() << what << " seed " << seed << " index " << i << ": gpu " << g << " ref " << ref[i];

@@ -189,10 +189,7 @@ TEST(llama_cuda, rand_dynamic_rope_matches_cpu) {  // RoPE tables depend on the 
 // has, on the CPU, a logit within the same F16 bound of the CPU's top one (as the generate test
 // below checks tiny-llama's).
 namespace {
-// The families' options are refused on the GPU until a device run has checked them
-// (llama_gpu_options_check); these tests are that check, so they opt in.
 std::string arch_dir(const char* name) {
-    setenv("GPTQ_GPU_UNVALIDATED", "1", 1);
     return source_dir() + "/tests/data/arch/" + name;
 }
 

@@ -5,7 +5,9 @@
 
 #include <cmath>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -299,6 +301,35 @@ TEST(MakeRandom, GeneratedTokenizerLoadsAndRoundTrips) {
         EXPECT_LT(id, 512);
     }
     EXPECT_EQ((*tok)->decode(ids, true), text);
+}
+
+// Every named shape up to 50k ids (the larger vocabularies take seconds each to generate; their
+// id layout is Llama 3's, covered by the micro shapes) gets a tokenizer of exactly its vocabulary
+// with BOS and EOS at the config's ids (Phi-3: Llama 2's low ids and its end of text, 32000, among
+// the added tokens after them).
+TEST(MakeRandom, EveryNamedShapeGeneratesItsTokenizer) {
+    int n_checked = 0;
+    for (const std::string& name : make_random_known_names()) {
+        auto shape = make_random_shape(name);
+        ASSERT_TRUE(shape.is_ok()) << name;
+        if (shape->vocab_size > 50000) continue;
+        ++n_checked;
+        auto js = make_random_tokenizer_json(*shape);
+        ASSERT_TRUE(js.is_ok()) << name << ": " << js.error().message();
+        const auto         j = nlohmann::json::parse(*js);
+        std::set<int64_t>  ids;
+        std::map<int64_t, std::string> added;
+        for (const auto& [piece, id] : j["model"]["vocab"].items()) ids.insert(id.get<int64_t>());
+        for (const auto& a : j["added_tokens"]) {
+            ids.insert(a["id"].get<int64_t>());
+            added[a["id"].get<int64_t>()] = a["content"];
+        }
+        EXPECT_EQ(static_cast<int64_t>(ids.size()), shape->vocab_size) << name;
+        EXPECT_EQ(*ids.rbegin(), shape->vocab_size - 1) << name;
+        EXPECT_TRUE(added.count(shape->bos_token_id)) << name << ": bos " << shape->bos_token_id;
+        EXPECT_TRUE(added.count(shape->eos_token_id)) << name << ": eos " << shape->eos_token_id;
+    }
+    EXPECT_GE(n_checked, 3);
 }
 
 TEST(MakeRandom, RefusesAnExistingOutput) {

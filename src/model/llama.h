@@ -256,6 +256,10 @@ struct moe_routing {
 moe_routing moe_route(const ops_context& ctx, const llama_hparams& hp, const llama_moe& moe, const float* x,
                       int64_t n_rows);
 
+// act(gate(x)) * up(x) of an expert over n rows x[n, n_embd]: h[n, n_ff] (the input of its down).
+void moe_expert_hidden(const ops_context& ctx, const llama_hparams& hp, const moe_expert& ex, const float* x,
+                       int64_t n, std::vector<float>* h);
+
 // One decoder layer's weights in F32.
 struct llama_layer {
     int64_t                                      index = 0;

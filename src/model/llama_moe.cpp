@@ -59,9 +59,7 @@ moe_routing moe_route(const ops_context& ctx, const llama_hparams& hp, const lla
     return r;
 }
 
-namespace {
-// act(gate(x)) * up(x) of an expert: h[n, n_ff].
-void expert_gate_up(const ops_context& ctx, const llama_hparams& hp, const moe_expert& ex, const float* x, int64_t n,
+void moe_expert_hidden(const ops_context& ctx, const llama_hparams& hp, const moe_expert& ex, const float* x, int64_t n,
                     std::vector<float>* h) {
     const int64_t      ff = ex.linear(moe_proj::MOE_GATE).n_out;
     std::vector<float> up(static_cast<size_t>(n * ff));
@@ -73,7 +71,6 @@ void expert_gate_up(const ops_context& ctx, const llama_hparams& hp, const moe_e
     else
         op_silu_mul(ctx, h->data(), up.data(), h->data(), n * ff);
 }
-}  // namespace
 
 bool llama_model::moe_block(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_rows,
                             const linear_input_hook* hook, linear_input stop_after,
@@ -113,7 +110,7 @@ bool llama_model::moe_block(const ops_context& ctx, const llama_layer& layer, fl
     for (int64_t e = 0; e < hp_.n_expert; ++e) {
         const int64_t n = r.count(e);
         if (n == 0) continue;
-        expert_gate_up(ctx, hp_, moe.expert(e), expert_x(e), n, &h);
+        moe_expert_hidden(ctx, hp_, moe.expert(e), expert_x(e), n, &h);
         const int64_t ff = moe.expert(e).linear(moe_proj::MOE_GATE).n_out;
         if (moe_hook && *moe_hook)
             (*moe_hook)(i_layer, e, linear_input::LINEAR_INPUT_DOWN, h.data(), expert_rows(e), n, ff);
@@ -130,7 +127,7 @@ bool llama_model::moe_block(const ops_context& ctx, const llama_layer& layer, fl
         }
     }
     if (shared) {  // Qwen2-MoE: + sigmoid(shared_expert_gate(x)) * shared_expert(x)
-        expert_gate_up(ctx, hp_, moe.shared, x.data(), n_rows, &h);
+        moe_expert_hidden(ctx, hp_, moe.shared, x.data(), n_rows, &h);
         if (moe_hook && *moe_hook)
             (*moe_hook)(i_layer, k_moe_shared, linear_input::LINEAR_INPUT_DOWN, h.data(), all_rows.data(), n_rows,
                         hp_.n_ff_shared);

@@ -81,8 +81,8 @@ public:
         for (int64_t e = 0; e < hp.n_expert; ++e)
             acc.push_back(std::make_unique<hessian_accumulator>(gate_up ? hp.n_embd : hp.n_ff_expert));
         if (gate_up) counts_.assign(static_cast<size_t>(hp.n_expert), 0);
-        auto routed = [&](int64_t e) { return e >= 0 && !(!gate_up && route_all[static_cast<size_t>(e)]); };
-        moe_input_hook mhook = [&](int64_t, int64_t e, linear_input which, const float* x, const int64_t*,
+        auto           routed = [&](int64_t e) { return e >= 0 && !(!gate_up && route_all[static_cast<size_t>(e)]); };
+        moe_input_hook mhook  = [&](int64_t, int64_t e, linear_input which, const float* x, const int64_t*,
                                    int64_t n_tokens, int64_t) {
             if (which != in) return;
             if (e == k_moe_shared) {
@@ -120,9 +120,8 @@ public:
         if (it == moe_acc_.end() || it->second.empty())
             return make_error(status_code::STATUS_INTERNAL, "calibration: no MoE Hessians collected for the {} input",
                               linear_input_name(in));
-        const bool shared_slot =
-            expert == k_moe_shared || (all_tokens && in == linear_input::LINEAR_INPUT_GATE_UP);
-        const size_t k = shared_slot ? 0 : static_cast<size_t>(expert + 1);
+        const bool   shared_slot = expert == k_moe_shared || (all_tokens && in == linear_input::LINEAR_INPUT_GATE_UP);
+        const size_t k           = shared_slot ? 0 : static_cast<size_t>(expert + 1);
         if (k >= it->second.size())
             return make_error(status_code::STATUS_INTERNAL, "calibration: expert {} out of range", expert);
         return it->second[k]->finish();
@@ -138,11 +137,11 @@ public:
     }
 
 private:
-    const llama_model&                                           model_;
-    ops_context                                                  ctx_;
-    int64_t                                                      n_samples_ = 0, seqlen_ = 0;
-    std::vector<float>                                           x_;  // [n_samples * seqlen, n_embd]
-    std::map<linear_input, std::unique_ptr<hessian_accumulator>> acc_;
+    const llama_model&                                                        model_;
+    ops_context                                                               ctx_;
+    int64_t                                                                   n_samples_ = 0, seqlen_ = 0;
+    std::vector<float>                                                        x_;  // [n_samples * seqlen, n_embd]
+    std::map<linear_input, std::unique_ptr<hessian_accumulator>>              acc_;
     std::map<linear_input, std::vector<std::unique_ptr<hessian_accumulator>>> moe_acc_;  // [shared, experts...]
     std::vector<int64_t>                                                      counts_;   // tokens per expert
 };

@@ -395,16 +395,15 @@ int64_t random_model_shape::n_params() const {
     const int64_t h = hidden_size, q = num_attention_heads * head_dim(), kv = num_key_value_heads * head_dim();
     // Norms: input and post-attention (Llama); Gemma adds the pre/post-feedforward ones; q/k norms
     // (io/arch.h qk_norm) on Qwen3 and Gemma 3.
-    const bool    gemma     = model_type == "gemma2" || model_type == "gemma3_text";
+    const bool    gemma = model_type == "gemma2" || model_type == "gemma3_text";
     const int64_t qk_norms =
         model_type == "qwen3" || model_type == "qwen3_moe" || model_type == "gemma3_text" ? 2 * head_dim() : 0;
-    const int64_t qkv_bias  = model_type == "qwen2_moe" ? q + 2 * kv : 0;
+    const int64_t qkv_bias = model_type == "qwen2_moe" ? q + 2 * kv : 0;
     // The MLP: dense, or the sparse block (router, experts, shared expert and its gate).
-    const int64_t mlp = num_experts == 0 ? 3 * h * intermediate_size
-                                         : num_experts * h + num_experts * 3 * h * moe_intermediate_size +
-                                               (shared_expert_intermediate_size > 0
-                                                    ? 3 * h * shared_expert_intermediate_size + h
-                                                    : 0);
+    const int64_t mlp =
+        num_experts == 0 ? 3 * h * intermediate_size
+                         : num_experts * h + num_experts * 3 * h * moe_intermediate_size +
+                               (shared_expert_intermediate_size > 0 ? 3 * h * shared_expert_intermediate_size + h : 0);
     const int64_t per_layer = (gemma ? 4 * h : 2 * h) + 2 * q * h + 2 * kv * h + mlp + qk_norms + qkv_bias;
     return vocab_size * h * (tie_word_embeddings ? 1 : 2) + h + num_hidden_layers * per_layer;
 }
@@ -482,8 +481,7 @@ void moe_config_keys(const random_model_shape& s, ojson* j) {
     c["mlp_only_layers"]       = ojson::array();
     c["use_sliding_window"]    = false;
     c["max_window_layers"]     = s.num_hidden_layers;
-    if (s.shared_expert_intermediate_size > 0)
-        c["shared_expert_intermediate_size"] = s.shared_expert_intermediate_size;
+    if (s.shared_expert_intermediate_size > 0) c["shared_expert_intermediate_size"] = s.shared_expert_intermediate_size;
 }
 }  // namespace
 

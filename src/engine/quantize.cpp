@@ -64,14 +64,14 @@ std::string layer_file_name(int64_t i) {
 // that work folders of earlier versions still resume).
 nlohmann::json run_identity(const quantize_params& p, const gptq_config& cfg, bool moe) {
     nlohmann::json j = {{"model", fs::weakly_canonical(p.model_path).string()},
-            {"config", cfg.to_json()},
-            {"method", p.method},
-            {"mse", p.mse},
-            {"calib", p.calib},
-            {"nsamples", p.nsamples},
-            {"seqlen", p.seqlen},
-            {"seed", p.seed},
-            {"true_sequential", p.true_sequential}};
+                        {"config", cfg.to_json()},
+                        {"method", p.method},
+                        {"mse", p.mse},
+                        {"calib", p.calib},
+                        {"nsamples", p.nsamples},
+                        {"seqlen", p.seqlen},
+                        {"seed", p.seed},
+                        {"true_sequential", p.true_sequential}};
     if (moe) {
         j["moe_coverage"]   = p.moe_coverage;
         j["moe_min_tokens"] = p.moe_min_tokens;
@@ -391,11 +391,10 @@ result<int64_t> resume_state_load(run_state& s, const nlohmann::json& identity) 
     int64_t layers_done = st.value("layers_done", int64_t(0));
     if (st.contains("report"))
         for (const auto& l : st["report"]["linears"])
-            s.report.linears.push_back({l["name"].get<std::string>(), l["n_out"].get<int64_t>(),
-                                        l["n_in"].get<int64_t>(), l["error_gptq"].get<double>(),
-                                        l["error_rtn"].get<double>(), l["damp_percent"].get<double>(),
-                                        l["seconds"].get<double>(), l.value("tokens", int64_t(-1)),
-                                        l.value("coverage", std::string())});
+            s.report.linears.push_back(
+                {l["name"].get<std::string>(), l["n_out"].get<int64_t>(), l["n_in"].get<int64_t>(),
+                 l["error_gptq"].get<double>(), l["error_rtn"].get<double>(), l["damp_percent"].get<double>(),
+                 l["seconds"].get<double>(), l.value("tokens", int64_t(-1)), l.value("coverage", std::string())});
     const auto hashes = st.value("layer_hashes", std::vector<std::string>());
     for (int64_t i = 0; i < layers_done; ++i) {
         const std::string file = path_join(s.work, layer_file_name(i));
@@ -503,19 +502,22 @@ result<std::vector<bool>> moe_coverage_check(const run_state& s, int64_t i, cons
                   i, *lo, *hi, s.report.n_calib_tokens, hp.n_expert_used, n_under, counts.size(), min);
     if (n_under == 0) return under;
     if (s.p.moe_coverage == "fail")
-        return make_error(E_ARG,
-                          "layer {}: experts {} (calibration tokens routed to each) saw fewer than {} (--moe-min-tokens); "
-                          "--moe-coverage fail stops here: use --moe-coverage route-all or rtn, more calibration "
-                          "(--nsamples, --seqlen), or a lower --moe-min-tokens",
-                          i, list, min);
+        return make_error(
+            E_ARG,
+            "layer {}: experts {} (calibration tokens routed to each) saw fewer than {} (--moe-min-tokens); "
+            "--moe-coverage fail stops here: use --moe-coverage route-all or rtn, more calibration "
+            "(--nsamples, --seqlen), or a lower --moe-min-tokens",
+            i, list, min);
     if (s.p.moe_coverage == "rtn")
-        GPTQ_LOG_WARN("layer {}: experts {} (calibration tokens routed to each) saw fewer than {}: round to nearest for them "
-                      "(--moe-coverage rtn)",
-                      i, list, min);
+        GPTQ_LOG_WARN(
+            "layer {}: experts {} (calibration tokens routed to each) saw fewer than {}: round to nearest for them "
+            "(--moe-coverage rtn)",
+            i, list, min);
     else
-        GPTQ_LOG_INFO("layer {}: experts {} (calibration tokens routed to each) saw fewer than {}: their Hessians from every "
-                      "calibration token (--moe-coverage route-all)",
-                      i, list, min);
+        GPTQ_LOG_INFO(
+            "layer {}: experts {} (calibration tokens routed to each) saw fewer than {}: their Hessians from every "
+            "calibration token (--moe-coverage route-all)",
+            i, list, min);
     return under;
 }
 
@@ -539,15 +541,15 @@ status quantize_moe(run_state& s, const ops_context& ctx, int64_t i, llama_layer
     }
     const bool route_all = s.p.moe_coverage == "route-all";
     auto       pass      = [&](std::initializer_list<moe_proj> projs) -> status {
-        const linear_input in = *projs.begin() == moe_proj::MOE_DOWN ? linear_input::LINEAR_INPUT_DOWN
-                                                                      : linear_input::LINEAR_INPUT_GATE_UP;
+        const linear_input in =
+            *projs.begin() == moe_proj::MOE_DOWN ? linear_input::LINEAR_INPUT_DOWN : linear_input::LINEAR_INPUT_GATE_UP;
         if (gptq && in == linear_input::LINEAR_INPUT_DOWN) {
             phase_timer t(s, "calibration");
             GPTQ_TRY(s.calib->moe_hessians_collect(*layer, in, route_all ? under : std::vector<bool>(under.size())));
         }
         for (const moe_linear& ml : llama_moe_linears(hp, i)) {
             if (std::find(projs.begin(), projs.end(), ml.proj) == projs.end()) continue;
-            const bool             shared  = ml.expert == k_moe_shared;
+            const bool             shared   = ml.expert == k_moe_shared;
             const bool             is_under = !shared && under[static_cast<size_t>(ml.expert)];
             quantize_linear_report rep;
             rep.name     = ml.module;
@@ -589,7 +591,9 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
     for (auto group : quant_groups(s.p.true_sequential)) {
         if (hp.is_moe(i))  // the sparse block replaces the MLP's linears: quantize_moe below
             group.erase(std::remove_if(group.begin(), group.end(),
-                                       [](linear_role r) { return static_cast<int>(r) > static_cast<int>(linear_role::LINEAR_O); }),
+                                       [](linear_role r) {
+                                           return static_cast<int>(r) > static_cast<int>(linear_role::LINEAR_O);
+                                       }),
                         group.end());
         if (group.empty()) continue;
         if (gptq) {  // Hessians of the distinct inputs this group reads
@@ -605,7 +609,8 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
                 phase_timer t(s, "hessian");
                 GPTQ_ASSIGN_OR_RETURN(h, s.calib->hessian(linear_role_input(r)));
             }
-            GPTQ_ASSIGN_OR_RETURN(linear_quantized q, quantize_linear(s, ctx, layer->linear(r), gptq ? &h : nullptr, &rep));
+            GPTQ_ASSIGN_OR_RETURN(linear_quantized q,
+                                  quantize_linear(s, ctx, layer->linear(r), gptq ? &h : nullptr, &rep));
             out.emplace_back(r, std::move(q.data));
             {
                 phase_timer t(s, "update");
@@ -871,7 +876,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             }
             layer_bytes += experts;
             const int64_t n_in = std::max(hp.n_embd, std::max(hp.n_ff_expert, hp.n_ff_shared));
-            moe_h_bytes = static_cast<uint64_t>(hp.n_expert + 1) * static_cast<uint64_t>(n_in * n_in) * 4;
+            moe_h_bytes        = static_cast<uint64_t>(hp.n_expert + 1) * static_cast<uint64_t>(n_in * n_in) * 4;
         }
         const uint64_t act_bytes = static_cast<uint64_t>(params.seqlen) *
                                    static_cast<uint64_t>(2 * hp.n_embd + 2 * hp.kv_dim() + hp.q_dim() + 3 * hp.n_ff +
@@ -885,8 +890,8 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         GPTQ_LOG_INFO(
             "memory plan: calibration inputs {} + one layer {} + Hessians {} + activations {} = {} "
             "(available {})",
-            human_bytes(x_bytes), human_bytes(layer_bytes), human_bytes(3 * h_bytes + moe_h_bytes), human_bytes(act_bytes),
-            human_bytes(plan), avail ? human_bytes(avail) : "unknown");
+            human_bytes(x_bytes), human_bytes(layer_bytes), human_bytes(3 * h_bytes + moe_h_bytes),
+            human_bytes(act_bytes), human_bytes(plan), avail ? human_bytes(avail) : "unknown");
         GPTQ_TRY(host_memory_check(
             "quantizing", plan,
             "lower --nsamples or --seqlen" +
@@ -1063,9 +1068,10 @@ std::string quantize_report_summary(const quantize_report& r) {
             n_rtn += l.coverage == "rtn";
         }
         if (n_route_all + n_rtn > 0)
-            s += fmt::format("mixture of experts: {} expert linears from every token (route-all), {} round to nearest "
-                             "(under --moe-min-tokens)\n",
-                             n_route_all, n_rtn);
+            s += fmt::format(
+                "mixture of experts: {} expert linears from every token (route-all), {} round to nearest "
+                "(under --moe-min-tokens)\n",
+                n_route_all, n_rtn);
     }
     return s;
 }

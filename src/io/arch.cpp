@@ -124,13 +124,11 @@ std::vector<arch_desc> make_table() {
     // Qwen3-MoE (modeling_qwen3_moe.py): Qwen3's attention (q/k norms) and Qwen2-MoE's block
     // without the shared expert. transformers 5 saves the expert count as num_local_experts,
     // transformers 4 as num_experts.
-    arch_desc qwen3_moe        = row("Qwen3MoeForCausalLM", "qwen3_moe", model_family::MODEL_FAMILY_QWEN3_MOE, 32768);
-    qwen3_moe.qk_norm          = true;  // head_dim: hidden_size / heads when absent (Qwen3MoeConfig has none)
-    qwen3_moe.window           = arch_window_rule::WINDOW_FROM_MAX_LAYER;
-    qwen3_moe.moe              = {.block         = "mlp",
-                                  .n_experts_key = "num_experts",
-                                  .n_experts_alt = "num_local_experts",
-                                  .sparse_step   = true};
+    arch_desc qwen3_moe = row("Qwen3MoeForCausalLM", "qwen3_moe", model_family::MODEL_FAMILY_QWEN3_MOE, 32768);
+    qwen3_moe.qk_norm   = true;  // head_dim: hidden_size / heads when absent (Qwen3MoeConfig has none)
+    qwen3_moe.window    = arch_window_rule::WINDOW_FROM_MAX_LAYER;
+    qwen3_moe.moe       = {
+              .block = "mlp", .n_experts_key = "num_experts", .n_experts_alt = "num_local_experts", .sparse_step = true};
     t.push_back(qwen3_moe);
     return t;
 }

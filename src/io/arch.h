@@ -31,17 +31,17 @@ enum class model_family : uint8_t {
 // expert with a sigmoid gate. Checkpoint names relative to "model.layers.<i>.<block>.", as
 // transformers saves them and GPTQModel writes them (one linear per expert, never stacked).
 struct arch_moe_desc {
-    const char* block         = nullptr;  // "block_sparse_moe" (Mixtral), "mlp" (Qwen); nullptr: no MoE
-    const char* router        = "gate";   // <block>.gate.weight [n_expert, n_embd]
-    const char* expert_gate   = "gate_proj";  // <block>.experts.<e>.<name>: Mixtral w1
-    const char* expert_up     = "up_proj";    // Mixtral w3
-    const char* expert_down   = "down_proj";  // Mixtral w2
-    const char* n_experts_key = "num_experts";        // Mixtral, Qwen3-MoE (transformers 5): num_local_experts
-    const char* n_experts_alt = nullptr;              // the other spelling also accepted
+    const char* block         = nullptr;                  // "block_sparse_moe" (Mixtral), "mlp" (Qwen); nullptr: no MoE
+    const char* router        = "gate";                   // <block>.gate.weight [n_expert, n_embd]
+    const char* expert_gate   = "gate_proj";              // <block>.experts.<e>.<name>: Mixtral w1
+    const char* expert_up     = "up_proj";                // Mixtral w3
+    const char* expert_down   = "down_proj";              // Mixtral w2
+    const char* n_experts_key = "num_experts";            // Mixtral, Qwen3-MoE (transformers 5): num_local_experts
+    const char* n_experts_alt = nullptr;                  // the other spelling also accepted
     const char* ff_key        = "moe_intermediate_size";  // Mixtral: intermediate_size
     bool        renorm_always = false;  // top-k weights divided by their sum (Mixtral); else norm_topk_prob
-    bool        shared_expert = false;  // <block>.shared_expert.{gate,up,down}_proj + <block>.shared_expert_gate (Qwen2-MoE)
-    bool        sparse_step   = false;  // decoder_sparse_step / mlp_only_layers pick the MoE layers (Qwen)
+    bool shared_expert = false;  // <block>.shared_expert.{gate,up,down}_proj + <block>.shared_expert_gate (Qwen2-MoE)
+    bool sparse_step   = false;  // decoder_sparse_step / mlp_only_layers pick the MoE layers (Qwen)
 };
 
 // How a layer's sliding window is chosen (config.json "sliding_window" gives its size).

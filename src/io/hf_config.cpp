@@ -250,8 +250,8 @@ status read_moe(const json& j, const std::string& where, model_config* cfg) {
     const arch_moe_desc& m = cfg->arch->moe;
     if (!m.block) return status::ok();
     json_fields f{j, where};
-    const char* n_key = f.has(m.n_experts_key) || !m.n_experts_alt || !f.has(m.n_experts_alt) ? m.n_experts_key
-                                                                                                 : m.n_experts_alt;
+    const char* n_key =
+        f.has(m.n_experts_key) || !m.n_experts_alt || !f.has(m.n_experts_alt) ? m.n_experts_key : m.n_experts_alt;
     GPTQ_ASSIGN_OR_RETURN(cfg->num_experts, f.get_int(n_key));
     GPTQ_ASSIGN_OR_RETURN(cfg->num_experts_per_tok, f.get_int("num_experts_per_tok"));
     GPTQ_ASSIGN_OR_RETURN(cfg->moe_intermediate_size, f.get_int(m.ff_key));
@@ -265,8 +265,7 @@ status read_moe(const json& j, const std::string& where, model_config* cfg) {
         return make_error(E_PARSE, "{}: {} is {}, expected a positive integer", where, m.ff_key,
                           cfg->moe_intermediate_size);
     if (m.shared_expert) {
-        GPTQ_ASSIGN_OR_RETURN(cfg->shared_expert_intermediate_size,
-                              f.get_int("shared_expert_intermediate_size"));
+        GPTQ_ASSIGN_OR_RETURN(cfg->shared_expert_intermediate_size, f.get_int("shared_expert_intermediate_size"));
         if (cfg->shared_expert_intermediate_size < 0 || cfg->shared_expert_intermediate_size > (int64_t(1) << 31))
             return make_error(E_PARSE, "{}: shared_expert_intermediate_size is {}, expected >= 0", where,
                               cfg->shared_expert_intermediate_size);

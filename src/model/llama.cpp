@@ -375,7 +375,7 @@ std::vector<linear_module> llama_linear_modules(const llama_hparams& hp, int64_t
     for (int r = 0; r < k_n_linear_roles; ++r) {
         const auto role = static_cast<linear_role>(r);
         if (!role_is_attention(role) && hp.is_moe(i_layer)) break;  // the sparse block replaces the MLP
-        linear_slot s    = llama_linear_slot(hp, i_layer, role);
+        linear_slot s = llama_linear_slot(hp, i_layer, role);
         if (!out.empty() && out.back().module == s.module)
             out.back().roles.push_back(role);
         else
@@ -441,9 +441,13 @@ std::string llama_moe_expert_name(const llama_hparams& hp, int64_t i_layer, int6
     const arch_moe_desc& m = hp.arch->moe;
     if (expert == k_moe_shared)  // Qwen2MoeMLP's names
         return moe_prefix(hp, i_layer) + ".shared_expert." +
-               (p == moe_proj::MOE_GATE ? "gate_proj" : p == moe_proj::MOE_UP ? "up_proj" : "down_proj");
+               (p == moe_proj::MOE_GATE ? "gate_proj"
+                : p == moe_proj::MOE_UP ? "up_proj"
+                                        : "down_proj");
     return moe_prefix(hp, i_layer) + ".experts." + std::to_string(expert) + "." +
-           (p == moe_proj::MOE_GATE ? m.expert_gate : p == moe_proj::MOE_UP ? m.expert_up : m.expert_down);
+           (p == moe_proj::MOE_GATE ? m.expert_gate
+            : p == moe_proj::MOE_UP ? m.expert_up
+                                    : m.expert_down);
 }
 
 std::string llama_moe_shared_gate_name(const llama_hparams& hp, int64_t i_layer) {
@@ -473,7 +477,8 @@ std::vector<tensor_spec> llama_layer_tensors(const llama_hparams& hp, int64_t i_
                 const auto shp = llama_moe_shape(hp, e, p);
                 t.push_back({llama_moe_expert_name(hp, i_layer, e, p) + ".weight", {shp[0], shp[1]}, false});
             }
-        if (hp.n_ff_shared > 0) t.push_back({llama_moe_shared_gate_name(hp, i_layer) + ".weight", {1, hp.n_embd}, false});
+        if (hp.n_ff_shared > 0)
+            t.push_back({llama_moe_shared_gate_name(hp, i_layer) + ".weight", {1, hp.n_embd}, false});
     }
     return t;
 }
@@ -763,7 +768,7 @@ result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer, th
     };
     std::vector<moe_task> moe_tasks;
     if (hp_.is_moe(i_layer)) {
-        layer->moe = std::make_unique<llama_moe>();
+        layer->moe     = std::make_unique<llama_moe>();
         llama_moe& moe = *layer->moe;
         moe.experts.resize(static_cast<size_t>(hp_.n_expert));
         moe_tasks.push_back({llama_moe_router_name(hp_, i_layer), &moe.router, hp_.n_expert, hp_.n_embd});

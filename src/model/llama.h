@@ -113,7 +113,7 @@ struct llama_hparams {
     int64_t           n_ff_shared   = 0;
     bool              moe_renorm    = false;  // top-k weights divided by their sum (Mixtral; Qwen norm_topk_prob)
     std::vector<bool> moe_layer;              // [n_layer]
-    bool is_moe(int64_t i_layer) const { return n_expert > 0 && moe_layer[static_cast<size_t>(i_layer)]; }
+    bool              is_moe(int64_t i_layer) const { return n_expert > 0 && moe_layer[static_cast<size_t>(i_layer)]; }
 
     int64_t q_dim() const { return n_head * head_dim; }
     int64_t kv_dim() const { return n_head_kv * head_dim; }
@@ -183,8 +183,8 @@ std::vector<linear_module> llama_linear_modules(const llama_hparams& hp, int64_t
 // The linears of a layer's sparse MoE block besides the router: expert e's SwiGLU (gate, up, down;
 // Mixtral w1, w3, w2) and the shared expert's (expert == -1).
 enum class moe_proj : uint8_t { MOE_GATE, MOE_UP, MOE_DOWN };
-const char* moe_proj_name(moe_proj p);  // "gate", "up", "down"
-constexpr int64_t k_moe_shared = -1;  // the shared expert's index in the functions below
+const char*       moe_proj_name(moe_proj p);  // "gate", "up", "down"
+constexpr int64_t k_moe_shared = -1;          // the shared expert's index in the functions below
 // Checkpoint names (as transformers saves and GPTQModel writes them): "model.layers.3.mlp.gate",
 // "model.layers.3.block_sparse_moe.experts.5.w1", "model.layers.3.mlp.shared_expert.up_proj",
 // "model.layers.3.mlp.shared_expert_gate".
@@ -234,9 +234,7 @@ struct llama_moe {
     moe_expert              shared;
     linear_weights          shared_gate;
     moe_expert&             expert(int64_t e) { return e == k_moe_shared ? shared : experts[static_cast<size_t>(e)]; }
-    const moe_expert&       expert(int64_t e) const {
-        return e == k_moe_shared ? shared : experts[static_cast<size_t>(e)];
-    }
+    const moe_expert& expert(int64_t e) const { return e == k_moe_shared ? shared : experts[static_cast<size_t>(e)]; }
 };
 
 // The routing of a MoE block over n_rows tokens: top-k experts and weights per token (in torch.topk's
@@ -257,8 +255,8 @@ moe_routing moe_route(const ops_context& ctx, const llama_hparams& hp, const lla
                       int64_t n_rows);
 
 // act(gate(x)) * up(x) of an expert over n rows x[n, n_embd]: h[n, n_ff] (the input of its down).
-void moe_expert_hidden(const ops_context& ctx, const llama_hparams& hp, const moe_expert& ex, const float* x,
-                       int64_t n, std::vector<float>* h);
+void moe_expert_hidden(const ops_context& ctx, const llama_hparams& hp, const moe_expert& ex, const float* x, int64_t n,
+                       std::vector<float>* h);
 
 // One decoder layer's weights in F32.
 struct llama_layer {
@@ -269,8 +267,8 @@ struct llama_layer {
     std::vector<float>                           mlp_out_norm;   // [n_embd] when hp.mlp_out_norm, else empty
     std::vector<float>                           q_norm;         // [head_dim] when hp.qk_norm, else empty
     std::vector<float>                           k_norm;         // [head_dim] when hp.qk_norm, else empty
-    std::array<linear_weights, k_n_linear_roles> linears;  // gate/up/down empty (n_out 0) on a MoE layer
-    std::unique_ptr<llama_moe>                   moe;      // the sparse block on a MoE layer, else nullptr
+    std::array<linear_weights, k_n_linear_roles> linears;        // gate/up/down empty (n_out 0) on a MoE layer
+    std::unique_ptr<llama_moe>                   moe;            // the sparse block on a MoE layer, else nullptr
 
     linear_weights&       linear(linear_role r) { return linears[static_cast<size_t>(r)]; }
     const linear_weights& linear(linear_role r) const { return linears[static_cast<size_t>(r)]; }
@@ -379,8 +377,8 @@ public:
     // pos0 .. pos0 + n_tokens - 1, cache as in layer_seq (nullptr: local K/V).
     void layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_tokens, int64_t pos0,
                        kv_cache* cache, const linear_input_hook* hook = nullptr,
-                       linear_input stop_after = linear_input::LINEAR_INPUT_COUNT,
-                       const moe_input_hook* moe_hook = nullptr) const;
+                       linear_input          stop_after = linear_input::LINEAR_INPUT_COUNT,
+                       const moe_input_hook* moe_hook   = nullptr) const;
 
     // logits[n_tokens, n_vocab] = lm_head(final_norm(hidden[n_tokens, n_embd])); hidden unchanged.
     void output_logits(const ops_context& ctx, const float* hidden, int64_t n_tokens, float* logits) const;

@@ -52,15 +52,16 @@ moe_routing moe_route(const ops_context& ctx, const llama_hparams& hp, const lla
     std::vector<int64_t> fill(r.offset.begin(), r.offset.end() - 1);
     for (int64_t t = 0; t < n_rows; ++t)
         for (int64_t j = 0; j < k; ++j) {
-            const size_t at = static_cast<size_t>(fill[static_cast<size_t>(r.expert[static_cast<size_t>(t * k + j)])]++);
-            r.rows[at]      = t;
-            r.slot[at]      = static_cast<int32_t>(j);
+            const size_t at =
+                static_cast<size_t>(fill[static_cast<size_t>(r.expert[static_cast<size_t>(t * k + j)])]++);
+            r.rows[at] = t;
+            r.slot[at] = static_cast<int32_t>(j);
         }
     return r;
 }
 
 void moe_expert_hidden(const ops_context& ctx, const llama_hparams& hp, const moe_expert& ex, const float* x, int64_t n,
-                    std::vector<float>* h) {
+                       std::vector<float>* h) {
     const int64_t      ff = ex.linear(moe_proj::MOE_GATE).n_out;
     std::vector<float> up(static_cast<size_t>(n * ff));
     h->resize(up.size());
@@ -76,9 +77,9 @@ bool llama_model::moe_block(const ops_context& ctx, const llama_layer& layer, fl
                             const linear_input_hook* hook, linear_input stop_after,
                             const moe_input_hook* moe_hook) const {
     GPTQ_ASSERT(layer.moe);
-    const llama_moe& moe    = *layer.moe;
-    const int64_t    n_embd = hp_.n_embd, i_layer = layer.index;
-    const bool       shared = hp_.n_ff_shared > 0;
+    const llama_moe&   moe    = *layer.moe;
+    const int64_t      n_embd = hp_.n_embd, i_layer = layer.index;
+    const bool         shared = hp_.n_ff_shared > 0;
     std::vector<float> x(static_cast<size_t>(n_rows * n_embd));  // [n_rows, n_embd] the block's input
     op_rms_norm(ctx, hidden, layer.mlp_norm.data(), x.data(), n_rows, n_embd, hp_.rms_eps);
     if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_GATE_UP, x.data(), n_rows, n_embd);
@@ -95,7 +96,7 @@ bool llama_model::moe_block(const ops_context& ctx, const llama_layer& layer, fl
     std::vector<float> xe(r.rows.size() * static_cast<size_t>(n_embd));
     for (size_t a = 0; a < r.rows.size(); ++a)
         std::copy_n(x.data() + r.rows[a] * n_embd, n_embd, xe.data() + a * static_cast<size_t>(n_embd));
-    auto expert_x = [&](int64_t e) { return xe.data() + r.offset[static_cast<size_t>(e)] * n_embd; };
+    auto expert_x    = [&](int64_t e) { return xe.data() + r.offset[static_cast<size_t>(e)] * n_embd; };
     auto expert_rows = [&](int64_t e) { return r.rows.data() + r.offset[static_cast<size_t>(e)]; };
     if (moe_hook && *moe_hook)
         for (int64_t e = 0; e < hp_.n_expert; ++e)
@@ -119,8 +120,8 @@ bool llama_model::moe_block(const ops_context& ctx, const llama_layer& layer, fl
         linear_forward(ctx, moe.expert(e).linear(moe_proj::MOE_DOWN), h.data(), out.data(), n);
         const int64_t off = r.offset[static_cast<size_t>(e)];
         for (int64_t a = 0; a < n; ++a) {
-            const int64_t t = r.rows[static_cast<size_t>(off + a)];
-            const float   w = r.weight[static_cast<size_t>(t * r.k + r.slot[static_cast<size_t>(off + a)])];
+            const int64_t t  = r.rows[static_cast<size_t>(off + a)];
+            const float   w  = r.weight[static_cast<size_t>(t * r.k + r.slot[static_cast<size_t>(off + a)])];
             float*        yt = y.data() + t * n_embd;
             const float*  ot = out.data() + a * n_embd;
             for (int64_t c = 0; c < n_embd; ++c) yt[c] += ot[c] * w;

@@ -39,18 +39,18 @@ std::string moe_model_with_empty_experts(const test::temp_dir& dir, const std::s
     EXPECT_TRUE(made.is_ok()) << made.error().message();
     auto m = llama_model::open(mp.output_path);
     EXPECT_TRUE(m.is_ok()) << m.error().message();
-    const llama_hparams&          hp  = (*m)->hparams();
-    const tensor_source&          src = (*m)->source();
-    std::vector<safetensors_decl> decls;
+    const llama_hparams&                      hp  = (*m)->hparams();
+    const tensor_source&                      src = (*m)->source();
+    std::vector<safetensors_decl>             decls;
     std::map<std::string, std::vector<float>> routers;
-    std::mt19937                  rng(5);
-    std::normal_distribution<float> nd;
+    std::mt19937                              rng(5);
+    std::normal_distribution<float>           nd;
     for (int64_t i = 0; i < hp.n_layer; ++i) {
         if (!hp.is_moe(i)) continue;
         std::vector<float> w(static_cast<size_t>(hp.n_expert * hp.n_embd), 0.0f);
         for (int64_t pair = 0; pair < 2; ++pair)
             for (int64_t c = 0; c < hp.n_embd; ++c) {
-                const float v                                         = nd(rng);
+                const float v                                          = nd(rng);
                 w[static_cast<size_t>((2 * pair) * hp.n_embd + c)]     = v;
                 w[static_cast<size_t>((2 * pair + 1) * hp.n_embd + c)] = -v;
             }
@@ -222,13 +222,13 @@ TEST(moe_quantize, checkpoint_names_as_gptqmodel) {
         mp.n_threads   = 2;
         mp.progress    = false;
         ASSERT_TRUE(make_random_model(mp).is_ok());
-        auto p         = moe_run(mp.output_path, dir.file(std::string("q-") + like), "route-all");
-        p.report_path  = dir.file(std::string(like) + ".json");
-        auto r         = quantize_model(p);
+        auto p        = moe_run(mp.output_path, dir.file(std::string("q-") + like), "route-all");
+        p.report_path = dir.file(std::string(like) + ".json");
+        auto r        = quantize_model(p);
         ASSERT_TRUE(r.is_ok()) << r.error().message();
         auto tensors = tensor_source::open(p.output_path);
         ASSERT_TRUE(tensors.is_ok());
-        const std::string l0 = "model.layers.0.";
+        const std::string        l0 = "model.layers.0.";
         std::vector<std::string> quantized, plain;
         if (std::string(like) == "micro-mixtral") {
             quantized = {l0 + "block_sparse_moe.experts.0.w1", l0 + "block_sparse_moe.experts.7.w2",
@@ -256,7 +256,7 @@ TEST(moe_quantize, checkpoint_names_as_gptqmodel) {
         EXPECT_EQ(qc["bits"], 4);
         EXPECT_EQ(qc["group_size"], 32);
         EXPECT_EQ(qc["quant_method"], "gptq");
-        const auto rep = json::parse(test::read_file(p.report_path));
+        const auto rep        = json::parse(test::read_file(p.report_path));
         bool       has_tokens = false;
         for (const auto& l : rep["linears"])
             if (l.contains("tokens") && l["coverage"] == "routed") has_tokens = true;
@@ -287,7 +287,7 @@ TEST(moe_quantize, resume_is_byte_identical) {
     EXPECT_EQ(test::read_file(full.output_path + "/model.safetensors"),
               test::read_file(part.output_path + "/model.safetensors"));
     // Another coverage mode is another run: named.
-    auto other         = moe_run(model, dir.file("part2"), "route-all");
+    auto other              = moe_run(model, dir.file("part2"), "route-all");
     other.stop_after_layers = 1;
     ASSERT_FALSE(quantize_model(other).is_ok());
     other.stop_after_layers = -1;

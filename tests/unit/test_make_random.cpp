@@ -9,11 +9,11 @@
 #include <string>
 #include <vector>
 
+#include "core/thread_pool.h"
 #include "gptq/make_random.h"
 #include "io/hf_config.h"
 #include "io/json_file.h"
 #include "io/tensor_source.h"
-#include "core/thread_pool.h"
 #include "model/llama.h"
 #include "test_util.h"
 #include "tokenizer/tokenizer.h"

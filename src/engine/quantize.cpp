@@ -504,10 +504,10 @@ result<std::vector<bool>> moe_coverage_check(const run_state& s, int64_t i, cons
     if (s.p.moe_coverage == "fail")
         return make_error(
             E_ARG,
-            "layer {}: experts {} (calibration tokens routed to each) saw fewer than {} (--moe-min-tokens); "
+            "experts {} (calibration tokens routed to each) saw fewer than {} (--moe-min-tokens); "
             "--moe-coverage fail stops here: use --moe-coverage route-all or rtn, more calibration "
             "(--nsamples, --seqlen), or a lower --moe-min-tokens",
-            i, list, min);
+            list, min);
     if (s.p.moe_coverage == "rtn")
         GPTQ_LOG_WARN(
             "layer {}: experts {} (calibration tokens routed to each) saw fewer than {}: round to nearest for them "

@@ -673,6 +673,17 @@ result<std::unique_ptr<llama_model>> llama_model::open(const std::string& path, 
         const tensor_entry* e = m->src_->find(t.name);
         if (!e) {
             if (t.optional) continue;
+            // transformers 5 holds a MoE layer's experts stacked in memory (experts.gate_up_proj
+            // [E, 2 ff, hidden], experts.down_proj); its save_pretrained writes one linear per
+            // expert, the only layout read here (docs/architectures.md "Mixture of experts").
+            const size_t at = t.name.find(".experts.");
+            if (at != std::string::npos && (m->src_->has(t.name.substr(0, at) + ".experts.gate_up_proj") ||
+                                            m->src_->has(t.name.substr(0, at) + ".experts.down_proj")))
+                return make_error(E_UNSUP,
+                                  "{}: tensor '{}' is missing: the checkpoint stores the experts stacked ('{}'), "
+                                  "transformers' in-memory layout; only one linear per expert (as save_pretrained "
+                                  "and GPTQModel write them) is read",
+                                  path, t.name, t.name.substr(0, at) + ".experts.gate_up_proj");
             return make_error(status_code::STATUS_NOT_FOUND, "{}: tensor '{}' (shape {}) is missing", path, t.name,
                               fmt::join(t.shape, ", "));
         }

@@ -15,6 +15,9 @@
 #include "core/thread_pool.h"
 #include "golden.h"
 #include "io/json_file.h"
+#include "io/safetensors.h"
+#include "io/tensor_source.h"
+#include "test_util.h"
 #include "model/llama.h"
 #include "model/perplexity.h"
 
@@ -263,6 +266,38 @@ TEST(moe_config, gpu_refuses_moe_by_name) {
             << st.message();
         EXPECT_NE(st.message().find("moe"), std::string::npos) << st.message();
     }
+}
+
+// A checkpoint with the experts stacked (transformers 5's in-memory experts.gate_up_proj /
+// down_proj) is refused naming that layout, not read wrongly.
+TEST(moe_config, stacked_experts_refused_by_name) {
+    test::temp_dir d("moe-stacked");
+    const std::string from = k_moe + "mixtral";
+    std::filesystem::copy_file(from + "/config.json", d.file("config.json"));
+    auto src = tensor_source::open(from);
+    ASSERT_TRUE(src.is_ok());
+    std::vector<safetensors_decl> decls;
+    const std::string             stacked = "model.layers.0.block_sparse_moe.experts.gate_up_proj";
+    for (const auto& name : (*src)->names())
+        if (name.find(".experts.") == std::string::npos)
+            decls.push_back({name, (*src)->find(name)->info->type, (*src)->find(name)->info->shape});
+    decls.push_back({stacked, dtype::DTYPE_F32, {8, 128, 64}});
+    auto w = safetensors_writer::create(d.file("model.safetensors"), decls);
+    ASSERT_TRUE(w.is_ok());
+    for (const auto& dc : decls) {
+        if (dc.name == stacked) {
+            std::vector<float> zero(8 * 128 * 64, 0.0f);
+            ASSERT_TRUE((*w)->write(dc.name, zero.data(), zero.size() * 4).is_ok());
+            continue;
+        }
+        const tensor_entry* e = (*src)->find(dc.name);
+        ASSERT_TRUE((*w)->write(dc.name, e->file->bytes(*e->info), e->info->nbytes()).is_ok());
+    }
+    ASSERT_TRUE((*w)->finish().is_ok());
+    auto m = llama_model::open(d.path());
+    ASSERT_FALSE(m.is_ok());
+    EXPECT_EQ(m.error().code(), status_code::STATUS_UNSUPPORTED);
+    EXPECT_NE(m.error().message().find("stacked ('" + stacked + "')"), std::string::npos) << m.error().message();
 }
 
 // The ragged batch (generation's path) on MoE: two sequences prefilled together then decoded one

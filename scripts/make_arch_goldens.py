@@ -142,12 +142,15 @@ def fixed_ids(n, seed):
 
 
 @torch.no_grad()
-def make_one(name, family, kwargs, store_dtype, lengths, n_greedy, out_root):
+def make_one(name, family, kwargs, store_dtype, lengths, n_greedy, out_root, tweak=None, v4=None):
+    """tweak(model): changes the random weights before saving; v4(cfg): config.v4.json (default config_v4)."""
     import transformers
     cfg = getattr(transformers, f"{family}Config")(**kwargs)
     model_cls = getattr(transformers, f"{family.replace('Text', '')}ForCausalLM")  # Gemma3TextConfig: Gemma3ForCausalLM
     torch.manual_seed(sum(name.encode()))  # fixed: hash() is salted per process
     model = model_cls(cfg).eval()
+    if tweak:
+        tweak(model)
     for pname, p in model.named_parameters():  # norms away from their neutral value, so a wrong
         if "norm" in pname:                    # (1 + w) or a missing norm shows in the logits
             base = 0.0 if "Gemma" in family else 1.0
@@ -160,7 +163,7 @@ def make_one(name, family, kwargs, store_dtype, lengths, n_greedy, out_root):
             os.remove(os.path.join(folder, f))
     cfg5 = json.load(open(os.path.join(folder, "config.json")))
     with open(os.path.join(folder, "config.v4.json"), "w") as f:
-        json.dump(config_v4(cfg5), f, indent=2)
+        json.dump((v4 or config_v4)(cfg5), f, indent=2)
         f.write("\n")
 
     ref = model_cls.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager").eval()

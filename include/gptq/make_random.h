@@ -48,6 +48,15 @@ struct random_model_shape {
     double  final_logit_softcapping = 0;  // Gemma 2
     double  rope_local_base_freq    = 0;  // Gemma 3
 
+    // Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; 0: dense): written under the family's keys
+    // (Mixtral: num_local_experts, experts of intermediate_size; Qwen: num_experts,
+    // moe_intermediate_size, shared_expert_intermediate_size).
+    int64_t num_experts                     = 0;
+    int64_t num_experts_per_tok             = 0;
+    int64_t moe_intermediate_size           = 0;
+    int64_t shared_expert_intermediate_size = 0;
+    bool    norm_topk_prob                  = false;
+
     int64_t head_dim() const { return head_dim_config > 0 ? head_dim_config : hidden_size / num_attention_heads; }
     // Parameters of the checkpoint (embeddings, lm_head unless tied, norms, linears).
     int64_t n_params() const;

@@ -46,6 +46,13 @@ struct quantize_params {
     std::string report_path;                   // write a JSON report here ("" = none)
     int         n_threads         = 0;         // 0 = all cores
     int64_t     stop_after_layers = -1;        // testing: stop (as if killed) after this many layers
+    // Mixture of experts (docs/quantize.md "Mixture of experts"): an expert whose routed calibration
+    // tokens are fewer than moe_min_tokens (-1: 2 * hidden_size / 16, the expert's in_features / 8)
+    // gets, by moe_coverage: "route-all" (its Hessians from every calibration token, for Hessian
+    // collection only: the layer's output keeps the real routing), "rtn" (round to nearest, with a
+    // warning) or "fail" (an error naming the experts).
+    std::string moe_coverage   = "route-all";
+    int64_t     moe_min_tokens = -1;
 
     // Where each linear's GPTQ solve (Cholesky of H^-1, column loop) runs: "cpu", or "cuda[:N]",
     // EXPERIMENTAL (docs/cuda.md, "GPTQ on the GPU"); the calibration passes stay on the CPU.
@@ -59,6 +66,10 @@ struct quantize_linear_report {
     double      error_rtn    = 0.0;  // the same for round-to-nearest on this layer's weights
     double      damp_percent = 0.0;
     double      seconds      = 0.0;
+    // MoE experts: the calibration tokens routed to the expert (-1: not an expert's linear, all
+    // tokens) and how its Hessian was made: "routed", "route-all", "rtn" (none), "" for others.
+    int64_t     tokens = -1;
+    std::string coverage;
 };
 
 struct quantize_report {

@@ -66,6 +66,69 @@ public:
         return status::ok();  // the passes read the caller's llama_layer, which it updates
     }
 
+    status moe_hessians_collect(const llama_layer& layer, linear_input in,
+                                const std::vector<bool>& route_all) override {
+        const llama_hparams& hp = model_.hparams();
+        if (!layer.moe || (in != linear_input::LINEAR_INPUT_GATE_UP && in != linear_input::LINEAR_INPUT_DOWN))
+            return make_error(status_code::STATUS_INTERNAL, "calibration: layer {} has no MoE block or input {}",
+                              layer.index, linear_input_name(in));
+        const bool gate_up = in == linear_input::LINEAR_INPUT_GATE_UP;
+        // [0]: the shared expert (GATE_UP: every token, which route-all experts share); [e + 1]: expert e.
+        auto& acc = moe_acc_[in];
+        acc.clear();
+        const int64_t n_in_shared = gate_up ? hp.n_embd : std::max<int64_t>(hp.n_ff_shared, 1);
+        acc.push_back(std::make_unique<hessian_accumulator>(n_in_shared));
+        for (int64_t e = 0; e < hp.n_expert; ++e)
+            acc.push_back(std::make_unique<hessian_accumulator>(gate_up ? hp.n_embd : hp.n_ff_expert));
+        if (gate_up) counts_.assign(static_cast<size_t>(hp.n_expert), 0);
+        auto           routed = [&](int64_t e) { return e >= 0 && !(!gate_up && route_all[static_cast<size_t>(e)]); };
+        moe_input_hook mhook  = [&](int64_t, int64_t e, linear_input which, const float* x, const int64_t*,
+                                   int64_t n_tokens, int64_t) {
+            if (which != in) return;
+            if (e == k_moe_shared) {
+                if (!gate_up) acc[0]->add(ctx_, x, n_tokens);  // GATE_UP: the block input below
+                return;
+            }
+            if (gate_up) counts_[static_cast<size_t>(e)] += n_tokens;
+            if (routed(e)) acc[static_cast<size_t>(e + 1)]->add(ctx_, x, n_tokens);
+        };
+        std::vector<float> h;
+        linear_input_hook  hook = [&](int64_t, linear_input which, const float* x, int64_t n_tokens, int64_t) {
+            if (which != linear_input::LINEAR_INPUT_GATE_UP) return;  // the block's input, every token
+            if (gate_up) {
+                acc[0]->add(ctx_, x, n_tokens);
+                return;
+            }
+            for (int64_t e = 0; e < hp.n_expert; ++e)
+                if (route_all[static_cast<size_t>(e)]) {  // every token through expert e, for its Hessian only
+                    moe_expert_hidden(ctx_, hp, layer.moe->expert(e), x, n_tokens, &h);
+                    acc[static_cast<size_t>(e + 1)]->add(ctx_, h.data(), n_tokens);
+                }
+        };
+        const int64_t      n_embd = hp.n_embd;
+        std::vector<float> scratch;
+        for (int64_t j = 0; j < n_samples_; ++j) {
+            const float* xj = x_.data() + j * seqlen_ * n_embd;
+            scratch.assign(xj, xj + seqlen_ * n_embd);
+            model_.layer_forward(ctx_, layer, scratch.data(), seqlen_, 0, nullptr, &hook, in, &mhook);
+        }
+        return status::ok();
+    }
+
+    result<std::vector<float>> moe_hessian(linear_input in, int64_t expert, bool all_tokens) override {
+        auto it = moe_acc_.find(in);
+        if (it == moe_acc_.end() || it->second.empty())
+            return make_error(status_code::STATUS_INTERNAL, "calibration: no MoE Hessians collected for the {} input",
+                              linear_input_name(in));
+        const bool   shared_slot = expert == k_moe_shared || (all_tokens && in == linear_input::LINEAR_INPUT_GATE_UP);
+        const size_t k           = shared_slot ? 0 : static_cast<size_t>(expert + 1);
+        if (k >= it->second.size())
+            return make_error(status_code::STATUS_INTERNAL, "calibration: expert {} out of range", expert);
+        return it->second[k]->finish();
+    }
+
+    std::vector<int64_t> moe_token_counts() const override { return counts_; }
+
     status layer_forward(const llama_layer& layer) override {
         const int64_t n_embd = model_.hparams().n_embd;
         for (int64_t j = 0; j < n_samples_; ++j)
@@ -74,14 +137,27 @@ public:
     }
 
 private:
-    const llama_model&                                           model_;
-    ops_context                                                  ctx_;
-    int64_t                                                      n_samples_ = 0, seqlen_ = 0;
-    std::vector<float>                                           x_;  // [n_samples * seqlen, n_embd]
-    std::map<linear_input, std::unique_ptr<hessian_accumulator>> acc_;
+    const llama_model&                                                        model_;
+    ops_context                                                               ctx_;
+    int64_t                                                                   n_samples_ = 0, seqlen_ = 0;
+    std::vector<float>                                                        x_;  // [n_samples * seqlen, n_embd]
+    std::map<linear_input, std::unique_ptr<hessian_accumulator>>              acc_;
+    std::map<linear_input, std::vector<std::unique_ptr<hessian_accumulator>>> moe_acc_;  // [shared, experts...]
+    std::vector<int64_t>                                                      counts_;   // tokens per expert
 };
 
 }  // namespace
+
+status calibration_runner::moe_hessians_collect(const llama_layer& layer, linear_input, const std::vector<bool>&) {
+    return make_error(status_code::STATUS_UNSUPPORTED,
+                      "calibration: layer {} is a mixture of experts, which this calibration runner does not run yet; "
+                      "use --device cpu",
+                      layer.index);
+}
+
+result<std::vector<float>> calibration_runner::moe_hessian(linear_input, int64_t, bool) {
+    return make_error(status_code::STATUS_UNSUPPORTED, "calibration: no MoE Hessians on this runner");
+}
 
 result<std::unique_ptr<calibration_runner>> calibration_runner_cpu(const llama_model& model, const ops_context& ctx,
                                                                    int64_t n_samples, int64_t seqlen,

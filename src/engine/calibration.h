@@ -57,6 +57,22 @@ public:
     // Run the layer (with the weights given by layer_begin and linear_update) over every window:
     // its outputs become the windows' hidden states, the next layer's inputs.
     virtual status layer_forward(const llama_layer& layer) = 0;
+
+    // ---- Mixture of experts (a MoE layer's sparse block; docs/quantize.md "Mixture of experts") ----
+    // Run the layer over every window until every expert's `in` (LINEAR_INPUT_GATE_UP or
+    // LINEAR_INPUT_DOWN) has been seen, with the real routing, and accumulate per expert the Hessian
+    // of that input over the tokens routed to it (the shared expert: every token). GATE_UP also
+    // keeps the Hessian of the block's input over every token, and the tokens each expert got.
+    // route_all[e] (DOWN): expert e's down input is computed for every token (act(gate(x)) * up(x)
+    // with its current gate/up) instead of its routed ones. Hessians of an earlier call of the same
+    // input are dropped. The windows' hidden states are unchanged. The GPU runner has none yet.
+    virtual status moe_hessians_collect(const llama_layer& layer, linear_input in, const std::vector<bool>& route_all);
+    // The Hessian of expert e's `in` (k_moe_shared: the shared expert) from the last collect of that
+    // input; all_tokens (GATE_UP): the one over every token (route-all, the shared expert).
+    virtual result<std::vector<float>> moe_hessian(linear_input in, int64_t expert, bool all_tokens);
+    // Calibration tokens routed to each expert [n_expert] by the last GATE_UP collect.
+    virtual std::vector<int64_t> moe_token_counts() const { return {}; }
+
     // Wait for the work queued so far (phase timing); nothing to do on the CPU.
     virtual status synchronize() { return status::ok(); }
     // Device memory the runner planned for (the report's peak_plan_bytes); 0 on the CPU.

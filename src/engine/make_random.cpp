@@ -114,6 +114,36 @@ std::vector<random_model_shape> shape_table() {
     t.back().sliding_window_pattern = 6;
     t.back().query_pre_attn_scalar  = 256;
     t.back().rope_local_base_freq   = 10000.0;
+    // Mixture of experts (mistralai/Mixtral-8x7B-v0.1, Qwen/Qwen3-30B-A3B, Qwen/Qwen2-57B-A14B).
+    auto moe = [&](int64_t n, int64_t k, int64_t ff, int64_t ff_shared, bool norm_topk) {
+        t.back().num_experts                     = n;
+        t.back().num_experts_per_tok             = k;
+        t.back().moe_intermediate_size           = ff;
+        t.back().shared_expert_intermediate_size = ff_shared;
+        t.back().norm_topk_prob                  = norm_topk;
+    };
+    add("mixtral-8x7b", "mistralai/Mixtral-8x7B-v0.1", 32000, 4096, 14336, 32, 32, 8, 32768, 1000000.0, 1e-5, 1, 2,
+        false, "bfloat16");
+    family("MixtralForCausalLM", "mixtral", 0, std::nullopt);
+    moe(8, 2, 14336, 0, true);
+    add("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", 151936, 2048, 6144, 48, 32, 4, 40960, 1000000.0, 1e-6, 151643, 151645,
+        false, "bfloat16");
+    family("Qwen3MoeForCausalLM", "qwen3_moe", 128, std::nullopt);
+    moe(128, 8, 768, 0, true);
+    add("qwen2-57b-a14b", "Qwen/Qwen2-57B-A14B", 151936, 3584, 18944, 28, 28, 4, 131072, 1000000.0, 1e-6, 151643,
+        151643, false, "bfloat16");
+    family("Qwen2MoeForCausalLM", "qwen2_moe", 0, std::nullopt);
+    moe(64, 8, 2560, 20480, false);
+    // Test shapes of those families (generated tokenizer): 8 experts, top 2.
+    add("micro-mixtral", "", 512, 64, 64, 2, 4, 2, 512, 1000000.0, 1e-5, 1, 2, false, "bfloat16");
+    family("MixtralForCausalLM", "mixtral", 0, std::nullopt);
+    moe(8, 2, 64, 0, true);
+    add("micro-qwen3-moe", "", 512, 64, 128, 2, 4, 2, 512, 1000000.0, 1e-6, 1, 2, false, "bfloat16");
+    family("Qwen3MoeForCausalLM", "qwen3_moe", 32, std::nullopt);
+    moe(8, 2, 32, 0, true);
+    add("micro-qwen2-moe", "", 512, 64, 128, 2, 4, 2, 512, 1000000.0, 1e-6, 1, 2, false, "bfloat16");
+    family("Qwen2MoeForCausalLM", "qwen2_moe", 0, std::nullopt);
+    moe(8, 2, 32, 64, false);
     return t;
 }
 
@@ -375,9 +405,16 @@ int64_t random_model_shape::n_params() const {
     const int64_t h = hidden_size, q = num_attention_heads * head_dim(), kv = num_key_value_heads * head_dim();
     // Norms: input and post-attention (Llama); Gemma adds the pre/post-feedforward ones; q/k norms
     // (io/arch.h qk_norm) on Qwen3 and Gemma 3.
-    const bool    gemma     = model_type == "gemma2" || model_type == "gemma3_text";
-    const int64_t qk_norms  = model_type == "qwen3" || model_type == "gemma3_text" ? 2 * head_dim() : 0;
-    const int64_t per_layer = (gemma ? 4 * h : 2 * h) + 2 * q * h + 2 * kv * h + 3 * h * intermediate_size + qk_norms;
+    const bool    gemma = model_type == "gemma2" || model_type == "gemma3_text";
+    const int64_t qk_norms =
+        model_type == "qwen3" || model_type == "qwen3_moe" || model_type == "gemma3_text" ? 2 * head_dim() : 0;
+    const int64_t qkv_bias = model_type == "qwen2_moe" ? q + 2 * kv : 0;
+    // The MLP: dense, or the sparse block (router, experts, shared expert and its gate).
+    const int64_t mlp =
+        num_experts == 0 ? 3 * h * intermediate_size
+                         : num_experts * h + num_experts * 3 * h * moe_intermediate_size +
+                               (shared_expert_intermediate_size > 0 ? 3 * h * shared_expert_intermediate_size + h : 0);
+    const int64_t per_layer = (gemma ? 4 * h : 2 * h) + 2 * q * h + 2 * kv * h + mlp + qk_norms + qkv_bias;
     return vocab_size * h * (tie_word_embeddings ? 1 : 2) + h + num_hidden_layers * per_layer;
 }
 
@@ -435,6 +472,29 @@ void gemma_config_keys(const random_model_shape& s, ojson* j) {
 }
 }  // namespace
 
+namespace {
+// The MoE keys (transformers 4 dialect, as the published files spell them).
+void moe_config_keys(const random_model_shape& s, ojson* j) {
+    ojson& c                  = *j;
+    c["num_experts_per_tok"]  = s.num_experts_per_tok;
+    c["output_router_logits"] = false;
+    c["router_aux_loss_coef"] = 0.001;
+    if (s.model_type == "mixtral") {
+        c["num_local_experts"] = s.num_experts;  // experts of intermediate_size
+        c["sliding_window"]    = nullptr;
+        return;
+    }
+    c["num_experts"]           = s.num_experts;
+    c["moe_intermediate_size"] = s.moe_intermediate_size;
+    c["norm_topk_prob"]        = s.norm_topk_prob;
+    c["decoder_sparse_step"]   = 1;
+    c["mlp_only_layers"]       = ojson::array();
+    c["use_sliding_window"]    = false;
+    c["max_window_layers"]     = s.num_hidden_layers;
+    if (s.shared_expert_intermediate_size > 0) c["shared_expert_intermediate_size"] = s.shared_expert_intermediate_size;
+}
+}  // namespace
+
 std::string make_random_config_json(const random_model_shape& s, const std::string& dtype, uint64_t seed) {
     ojson j;
     j["architectures"]           = {s.architecture};
@@ -464,6 +524,7 @@ std::string make_random_config_json(const random_model_shape& s, const std::stri
     j["vocab_size"]          = s.vocab_size;
     const bool gemma         = s.model_type == "gemma2" || s.model_type == "gemma3_text";
     if (gemma) gemma_config_keys(s, &j);
+    if (s.num_experts > 0) moe_config_keys(s, &j);
     j["gptqkit_make_random"] = {
         {"like", s.name},
         {"shape_of", s.hf_model_id},
@@ -546,7 +607,8 @@ result<make_random_report> make_random_run(const make_random_params& p) {
         for (const auto& d : plan.shards[k]) {
             int64_t n = 1;
             for (int64_t x : d.shape) n *= x;
-            const bool is_norm = d.shape.size() == 1;
+            // 1-D tensors are norms except q/k/v biases (Qwen2-MoE), drawn as the weights.
+            const bool is_norm = d.shape.size() == 1 && d.name.find("norm") != std::string::npos;
             // A norm's neutral weight: 1, or 0 where the family scales by (1 + w).
             fill_tensor(pool, p.seed, d.name, is_norm ? 0.0 : k_weight_std, hp.norm_plus_one ? 0.0f : 1.0f, type, n,
                         buf.data());

@@ -60,16 +60,23 @@ std::string layer_file_name(int64_t i) {
 }
 
 // The settings that must match for --resume to continue a run (everything that changes output).
-nlohmann::json run_identity(const quantize_params& p, const gptq_config& cfg) {
-    return {{"model", fs::weakly_canonical(p.model_path).string()},
-            {"config", cfg.to_json()},
-            {"method", p.method},
-            {"mse", p.mse},
-            {"calib", p.calib},
-            {"nsamples", p.nsamples},
-            {"seqlen", p.seqlen},
-            {"seed", p.seed},
-            {"true_sequential", p.true_sequential}};
+// moe: the MoE coverage settings change the output too (kept out of a dense model's identity, so
+// that work folders of earlier versions still resume).
+nlohmann::json run_identity(const quantize_params& p, const gptq_config& cfg, bool moe) {
+    nlohmann::json j = {{"model", fs::weakly_canonical(p.model_path).string()},
+                        {"config", cfg.to_json()},
+                        {"method", p.method},
+                        {"mse", p.mse},
+                        {"calib", p.calib},
+                        {"nsamples", p.nsamples},
+                        {"seqlen", p.seqlen},
+                        {"seed", p.seed},
+                        {"true_sequential", p.true_sequential}};
+    if (moe) {
+        j["moe_coverage"]   = p.moe_coverage;
+        j["moe_min_tokens"] = p.moe_min_tokens;
+    }
+    return j;
 }
 
 // FNV-1a of a file's bytes as 16 hex digits: state.json keeps one per finished layer file, so
@@ -112,6 +119,8 @@ std::string resume_mismatch(const std::string& work, const nlohmann::json& was, 
         {"nsamples", "--nsamples", false, false},
         {"seqlen", "--seqlen", false, false},
         {"seed", "--seed", false, false},
+        {"moe_coverage", "--moe-coverage", false, false},
+        {"moe_min_tokens", "--moe-min-tokens", false, false},
     };
     auto at = [](const nlohmann::json& j, const std::string& key) {
         const nlohmann::json* v = &j;
@@ -266,14 +275,15 @@ std::string phase_summary(const quantize_report& r) {
     return out;
 }
 
-// Tensor names of a layer's non-linear weights (the norms), copied unchanged.
-std::vector<std::string> layer_plain_tensors(const run_state& s, int64_t i) {
+// Tensor names of a layer's weights that are not quantized (norms; a MoE block's router and shared
+// expert gate), copied unchanged. quantized: the modules written as GPTQ.
+std::vector<std::string> layer_plain_tensors(const run_state& s, int64_t i,
+                                             const std::vector<std::pair<std::string, gptq_linear_data>>& quantized) {
     std::vector<std::string> out;
-    const auto               modules = llama_linear_modules(s.model->hparams(), i);
     for (const auto& t : llama_layer_tensors(s.model->hparams(), i)) {
         bool linear = false;
-        for (const auto& m : modules)
-            if (t.name.rfind(m.module + ".", 0) == 0) linear = true;
+        for (const auto& [module, d] : quantized)
+            if (t.name.rfind(module + ".", 0) == 0) linear = true;
         if (!linear && s.model->source().has(t.name)) out.push_back(t.name);
     }
     return out;
@@ -302,12 +312,15 @@ result<std::vector<std::pair<std::string, gptq_linear_data>>> layer_modules_data
     return out;
 }
 
-// Write layer i's tensors (norms copied, linears packed) to the work folder, atomically.
-status write_layer(run_state& s, int64_t i, const std::vector<std::pair<linear_role, gptq_linear_data>>& by_role) {
-    GPTQ_ASSIGN_OR_RETURN(const auto q, layer_modules_data(s, i, by_role));
+// Write layer i's tensors (norms copied, linears packed) to the work folder, atomically. moe: the
+// quantized linears of its MoE block by module name (GPTQModel's names).
+status write_layer(run_state& s, int64_t i, const std::vector<std::pair<linear_role, gptq_linear_data>>& by_role,
+                   std::vector<std::pair<std::string, gptq_linear_data>> moe) {
+    GPTQ_ASSIGN_OR_RETURN(auto q, layer_modules_data(s, i, by_role));
+    for (auto& m : moe) q.push_back(std::move(m));
     const tensor_source&          src = s.model->source();
     std::vector<safetensors_decl> decls;
-    const auto                    plain = layer_plain_tensors(s, i);
+    const auto                    plain = layer_plain_tensors(s, i, q);
     for (const auto& name : plain) {
         const tensor_entry* e = src.find(name);
         decls.push_back({name, e->info->type, e->info->shape});
@@ -332,7 +345,7 @@ status write_layer(run_state& s, int64_t i, const std::vector<std::pair<linear_r
 status write_state(const run_state& s, int64_t layers_done) {
     const auto     n = std::min<size_t>(s.layer_hashes.size(), static_cast<size_t>(layers_done));
     nlohmann::json j = {{"version", k_state_version},
-                        {"identity", run_identity(s.p, s.cfg)},
+                        {"identity", run_identity(s.p, s.cfg, s.model->hparams().n_expert > 0)},
                         {"layers_done", layers_done},
                         {"layer_hashes", std::vector<std::string>(s.layer_hashes.begin(), s.layer_hashes.begin() + n)},
                         {"report", nlohmann::json::parse(quantize_report_json(s.report))}};
@@ -355,6 +368,13 @@ status load_finished_layer(run_state& s, int64_t i, llama_layer* layer) {
             GPTQ_TRY(layer->linear_replace(role, std::move(w)));
         }
     }
+    for (const moe_linear& ml : llama_moe_linears(hp, i)) {
+        linear_weights& l = layer->moe->expert(ml.expert).linear(ml.proj);
+        GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d, gptq_linear_read(*src, ml.module, l.n_out, l.n_in, s.cfg));
+        l.w.resize(static_cast<size_t>(l.n_out * l.n_in));
+        d.dequantize(l.w.data());
+        l.q.reset();
+    }
     return status::ok();
 }
 
@@ -371,10 +391,10 @@ result<int64_t> resume_state_load(run_state& s, const nlohmann::json& identity) 
     int64_t layers_done = st.value("layers_done", int64_t(0));
     if (st.contains("report"))
         for (const auto& l : st["report"]["linears"])
-            s.report.linears.push_back({l["name"].get<std::string>(), l["n_out"].get<int64_t>(),
-                                        l["n_in"].get<int64_t>(), l["error_gptq"].get<double>(),
-                                        l["error_rtn"].get<double>(), l["damp_percent"].get<double>(),
-                                        l["seconds"].get<double>()});
+            s.report.linears.push_back(
+                {l["name"].get<std::string>(), l["n_out"].get<int64_t>(), l["n_in"].get<int64_t>(),
+                 l["error_gptq"].get<double>(), l["error_rtn"].get<double>(), l["damp_percent"].get<double>(),
+                 l["seconds"].get<double>(), l.value("tokens", int64_t(-1)), l.value("coverage", std::string())});
     const auto hashes = st.value("layer_hashes", std::vector<std::string>());
     for (int64_t i = 0; i < layers_done; ++i) {
         const std::string file = path_join(s.work, layer_file_name(i));
@@ -418,6 +438,147 @@ status check_tensors_finite(const tensor_source& src, const std::vector<tensor_s
     return status::ok();
 }
 
+// One linear quantized: GPTQ against h, or round to nearest when h is null (--method rtn, an
+// uncovered expert with --moe-coverage rtn); the report's errors filled (GPTQ only). Returns the
+// checkpoint form and the dequantized weight, which the caller puts back into the layer.
+struct linear_quantized {
+    gptq_linear_data   data;
+    std::vector<float> wq;
+};
+result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, const linear_weights& lw,
+                                         const std::vector<float>* h, quantize_linear_report* rep) {
+    const std::string& name = rep->name;
+    GPTQ_TRY(gptq_check_packable(lw.n_in, lw.n_out, s.p.bits, name));
+    rep->n_out = lw.n_out;
+    rep->n_in  = lw.n_in;
+    std::optional<phase_timer> t_rtn(std::in_place, s, "rtn");
+    auto                       rtn = rtn_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, s.opt);
+    if (!rtn) return rtn.error().with_context(name);
+    t_rtn.reset();
+    linear_quantized out;
+    out.wq.resize(lw.w.size());
+    quantized_linear q;
+    if (h) {
+        gptq_stats                 st;
+        std::optional<phase_timer> t_solve(std::in_place, s, "solve");
+        auto                       g = s.calib->solve(lw.w.data(), lw.n_out, lw.n_in, *h, s.opt, &st);
+        if (!g) return g.error().with_context(name);
+        t_solve.reset();
+        phase_timer t(s, "error");
+        q                 = std::move(g).value();
+        rep->damp_percent = st.damp_percent_used;
+        std::vector<float> wr(lw.w.size());
+        quantized_linear_dequantize(ctx, *rtn, wr.data());
+        quantized_linear_dequantize(ctx, q, out.wq.data());
+        GPTQ_ASSIGN_OR_RETURN(rep->error_rtn, s.calib->weighted_error(lw.w.data(), wr.data(), lw.n_out, lw.n_in, *h));
+        GPTQ_ASSIGN_OR_RETURN(rep->error_gptq,
+                              s.calib->weighted_error(lw.w.data(), out.wq.data(), lw.n_out, lw.n_in, *h));
+    } else {
+        q = std::move(rtn).value();
+        quantized_linear_dequantize(q, out.wq.data());
+    }
+    phase_timer t(s, "write");
+    out.data = to_checkpoint_form(q, lw);
+    return out;
+}
+
+// The experts of MoE layer i that calibration routed fewer than the threshold tokens to, by
+// --moe-coverage: route-all / rtn go on (logged), fail is an error naming them. Returns, per
+// expert, whether it is under the threshold.
+result<std::vector<bool>> moe_coverage_check(const run_state& s, int64_t i, const std::vector<int64_t>& counts) {
+    const llama_hparams& hp  = s.model->hparams();
+    const int64_t        min = s.p.moe_min_tokens >= 0 ? s.p.moe_min_tokens : 2 * hp.n_embd / 16;
+    std::vector<bool>    under(counts.size(), false);
+    std::string          list;
+    int64_t              n_under = 0;
+    for (size_t e = 0; e < counts.size(); ++e)
+        if (counts[e] < min) {
+            under[e] = true;
+            if (n_under++ < 16) list += fmt::format("{}{} ({})", list.empty() ? "" : ", ", e, counts[e]);
+        }
+    if (n_under > 16) list += fmt::format(" and {} more", n_under - 16);
+    const auto [lo, hi] = std::minmax_element(counts.begin(), counts.end());
+    GPTQ_LOG_INFO("layer {}: calibration tokens per expert: min {}, max {} of {} x top-{}; {} of {} experts under {}",
+                  i, *lo, *hi, s.report.n_calib_tokens, hp.n_expert_used, n_under, counts.size(), min);
+    if (n_under == 0) return under;
+    if (s.p.moe_coverage == "fail")
+        return make_error(
+            E_ARG,
+            "experts {} (calibration tokens routed to each) saw fewer than {} (--moe-min-tokens); "
+            "--moe-coverage fail stops here: use --moe-coverage route-all or rtn, more calibration "
+            "(--nsamples, --seqlen), or a lower --moe-min-tokens",
+            list, min);
+    if (s.p.moe_coverage == "rtn")
+        GPTQ_LOG_WARN(
+            "layer {}: experts {} (calibration tokens routed to each) saw fewer than {}: round to nearest for them "
+            "(--moe-coverage rtn)",
+            i, list, min);
+    else
+        GPTQ_LOG_INFO(
+            "layer {}: experts {} (calibration tokens routed to each) saw fewer than {}: their Hessians from every "
+            "calibration token (--moe-coverage route-all)",
+            i, list, min);
+    return under;
+}
+
+// The sparse block of MoE layer i (docs/quantize.md "Mixture of experts"): the experts' and shared
+// expert's gate/up from the Hessians of the tokens routed to each (one pass with the real
+// routing), then their down from a second pass over the quantized gate/up. The router and the
+// shared expert's gate stay unquantized (as GPTQModel). With --method rtn every expert is RTN.
+status quantize_moe(run_state& s, const ops_context& ctx, int64_t i, llama_layer* layer,
+                    std::vector<std::pair<std::string, gptq_linear_data>>* out) {
+    const llama_hparams& hp   = s.model->hparams();
+    const bool           gptq = s.p.method == "gptq";
+    std::vector<int64_t> counts(static_cast<size_t>(hp.n_expert), -1);
+    std::vector<bool>    under(static_cast<size_t>(hp.n_expert), false);
+    if (gptq) {
+        phase_timer t(s, "calibration");
+        GPTQ_TRY(s.calib->moe_hessians_collect(*layer, linear_input::LINEAR_INPUT_GATE_UP, under));
+        counts = s.calib->moe_token_counts();
+    }
+    if (gptq) {
+        GPTQ_ASSIGN_OR_RETURN(under, moe_coverage_check(s, i, counts));
+    }
+    const bool route_all = s.p.moe_coverage == "route-all";
+    auto       pass      = [&](std::initializer_list<moe_proj> projs) -> status {
+        const linear_input in =
+            *projs.begin() == moe_proj::MOE_DOWN ? linear_input::LINEAR_INPUT_DOWN : linear_input::LINEAR_INPUT_GATE_UP;
+        if (gptq && in == linear_input::LINEAR_INPUT_DOWN) {
+            phase_timer t(s, "calibration");
+            GPTQ_TRY(s.calib->moe_hessians_collect(*layer, in, route_all ? under : std::vector<bool>(under.size())));
+        }
+        for (const moe_linear& ml : llama_moe_linears(hp, i)) {
+            if (std::find(projs.begin(), projs.end(), ml.proj) == projs.end()) continue;
+            const bool             shared   = ml.expert == k_moe_shared;
+            const bool             is_under = !shared && under[static_cast<size_t>(ml.expert)];
+            quantize_linear_report rep;
+            rep.name     = ml.module;
+            rep.tokens   = shared ? s.report.n_calib_tokens : counts[static_cast<size_t>(ml.expert)];
+            rep.coverage = !gptq ? "" : shared ? "all" : !is_under ? "routed" : route_all ? "route-all" : "rtn";
+            const auto         t0 = clock::now();
+            std::vector<float> h;
+            const bool         use_h = gptq && !(is_under && !route_all);
+            if (use_h) {
+                phase_timer t(s, "hessian");
+                GPTQ_ASSIGN_OR_RETURN(h, s.calib->moe_hessian(in, ml.expert, is_under && route_all));
+            }
+            linear_weights& lw = layer->moe->expert(ml.expert).linear(ml.proj);
+            GPTQ_ASSIGN_OR_RETURN(linear_quantized q, quantize_linear(s, ctx, lw, use_h ? &h : nullptr, &rep));
+            out->emplace_back(ml.module, std::move(q.data));
+            {
+                phase_timer t(s, "update");  // the next pass and the layer's output see the quantized expert
+                lw.w = std::move(q.wq);
+                lw.q.reset();
+            }
+            rep.seconds = seconds_since(t0);
+            s.report.linears.push_back(rep);
+        }
+        return status::ok();
+    };
+    GPTQ_TRY(pass({moe_proj::MOE_GATE, moe_proj::MOE_UP}));
+    return pass({moe_proj::MOE_DOWN});
+}
+
 status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_layer* layer) {
     const auto& hp = s.model->hparams();
     GPTQ_TRY(check_tensors_finite(s.model->source(), llama_layer_tensors(hp, i)));
@@ -427,69 +588,46 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
         phase_timer t(s, "load");
         GPTQ_TRY(s.calib->layer_begin(*layer));
     }
-    for (const auto& group : quant_groups(s.p.true_sequential)) {
+    for (auto group : quant_groups(s.p.true_sequential)) {
+        if (hp.is_moe(i))  // the sparse block replaces the MLP's linears: quantize_moe below
+            group.erase(std::remove_if(group.begin(), group.end(),
+                                       [](linear_role r) {
+                                           return static_cast<int>(r) > static_cast<int>(linear_role::LINEAR_O);
+                                       }),
+                        group.end());
+        if (group.empty()) continue;
         if (gptq) {  // Hessians of the distinct inputs this group reads
             phase_timer t(s, "calibration");
             GPTQ_TRY(s.calib->hessians_collect(*layer, group));
         }
         for (linear_role r : group) {
-            const auto            t0   = clock::now();
-            const linear_weights& lw   = layer->linear(r);
-            const std::string     name = llama_linear_name(i, r);
-            GPTQ_TRY(gptq_check_packable(lw.n_in, lw.n_out, s.p.bits, name));
+            const auto             t0 = clock::now();
             quantize_linear_report rep;
-            rep.name  = name;
-            rep.n_out = lw.n_out;
-            rep.n_in  = lw.n_in;
+            rep.name = llama_linear_name(i, r);
             std::vector<float> h;
             if (gptq) {
                 phase_timer t(s, "hessian");
                 GPTQ_ASSIGN_OR_RETURN(h, s.calib->hessian(linear_role_input(r)));
             }
-            std::optional<phase_timer> t_rtn(std::in_place, s, "rtn");
-            auto                       rtn = rtn_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, s.opt);
-            if (!rtn) return rtn.error().with_context(name);
-            t_rtn.reset();
-            std::vector<float> wq(lw.w.size());
-            quantized_linear   q;
-            if (gptq) {
-                gptq_stats                 st;
-                std::optional<phase_timer> t_solve(std::in_place, s, "solve");
-                auto                       g = s.calib->solve(lw.w.data(), lw.n_out, lw.n_in, h, s.opt, &st);
-                if (!g) return g.error().with_context(name);
-                t_solve.reset();
-                phase_timer t(s, "error");
-                q                = std::move(g).value();
-                rep.damp_percent = st.damp_percent_used;
-                std::vector<float> wr(lw.w.size());
-                quantized_linear_dequantize(ctx, *rtn, wr.data());
-                quantized_linear_dequantize(ctx, q, wq.data());
-                GPTQ_ASSIGN_OR_RETURN(rep.error_rtn,
-                                      s.calib->weighted_error(lw.w.data(), wr.data(), lw.n_out, lw.n_in, h));
-                GPTQ_ASSIGN_OR_RETURN(rep.error_gptq,
-                                      s.calib->weighted_error(lw.w.data(), wq.data(), lw.n_out, lw.n_in, h));
-            } else {
-                q = std::move(rtn).value();
-                quantized_linear_dequantize(q, wq.data());
-            }
-            {
-                phase_timer t(s, "write");
-                out.emplace_back(r, to_checkpoint_form(q, lw));
-            }
+            GPTQ_ASSIGN_OR_RETURN(linear_quantized q,
+                                  quantize_linear(s, ctx, layer->linear(r), gptq ? &h : nullptr, &rep));
+            out.emplace_back(r, std::move(q.data));
             {
                 phase_timer t(s, "update");
-                if (gptq) GPTQ_TRY(s.calib->linear_update(r, wq));  // later groups see the quantized layer
-                GPTQ_TRY(layer->linear_replace(r, std::move(wq)));
+                if (gptq) GPTQ_TRY(s.calib->linear_update(r, q.wq));  // later groups see the quantized layer
+                GPTQ_TRY(layer->linear_replace(r, std::move(q.wq)));
             }
             rep.seconds = seconds_since(t0);
-            GPTQ_LOG_DEBUG("{}: error gptq {:.6g} rtn {:.6g} ({:.2f} s)", name, rep.error_gptq, rep.error_rtn,
+            GPTQ_LOG_DEBUG("{}: error gptq {:.6g} rtn {:.6g} ({:.2f} s)", rep.name, rep.error_gptq, rep.error_rtn,
                            rep.seconds);
             s.report.linears.push_back(rep);
         }
     }
+    std::vector<std::pair<std::string, gptq_linear_data>> moe;
+    if (hp.is_moe(i)) GPTQ_TRY(quantize_moe(s, ctx, i, layer, &moe));
     std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
     phase_timer t(s, "write");
-    return write_layer(s, i, out);
+    return write_layer(s, i, out, std::move(moe));
 }
 
 // Copy the non-layer tensors (embeddings, final norm, lm_head) unchanged into globals.safetensors.
@@ -582,6 +720,9 @@ status check_params(const quantize_params& p) {
     if (p.nsamples <= 0) return make_error(E_ARG, "--nsamples {} must be positive", p.nsamples);
     if (p.seqlen < 2) return make_error(E_ARG, "--seqlen {} must be at least 2", p.seqlen);
     if (p.max_shard_bytes == 0) return make_error(E_ARG, "--max-shard-size must be positive");
+    if (p.moe_coverage != "route-all" && p.moe_coverage != "rtn" && p.moe_coverage != "fail")
+        return make_error(E_ARG, "--moe-coverage '{}' is not supported (route-all, rtn or fail)", p.moe_coverage);
+    if (p.moe_min_tokens < -1) return make_error(E_ARG, "--moe-min-tokens {} must be >= 0 (or -1)", p.moe_min_tokens);
     return status::ok();
 }
 
@@ -667,6 +808,16 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                                   "whole groups: choose a group size that divides it, or -1",
                                   m.module, n_in, params.group_size);
         }
+    for (int64_t i = 0; i < hp.n_layer; ++i)
+        for (const moe_linear& ml : llama_moe_linears(hp, i)) {
+            const auto shp = llama_moe_shape(hp, ml.expert, ml.proj);
+            GPTQ_TRY(gptq_check_packable(shp[1], shp[0], params.bits, ml.module));
+            if (params.group_size > 0 && shp[1] % params.group_size != 0)
+                return make_error(E_ARG,
+                                  "{}: in_features {} is not a multiple of --group-size {}; GPTQ kernels need "
+                                  "whole groups: choose a group size that divides it, or -1",
+                                  ml.module, shp[1], params.group_size);
+        }
     GPTQ_TRY(check_tensors_finite(s.model->source(), llama_global_tensors(hp)));
 
     // Output and work folders.
@@ -695,7 +846,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         return make_error(E_ARG, "{}: already exists; choose another output folder or remove it", params.output_path);
     }
     int64_t    layers_done = 0;
-    const auto identity    = run_identity(params, s.cfg);
+    const auto identity    = run_identity(params, s.cfg, hp.n_expert > 0);
     if (fs::exists(s.work)) {
         if (!params.resume)
             return make_error(E_ARG,
@@ -730,11 +881,23 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
 
         // Memory plan: inputs, a scratch copy, one layer in F32, its Hessians, the layer's activations.
         const uint64_t x_bytes     = static_cast<uint64_t>(s.n_samples * params.seqlen * hp.n_embd) * 4;
-        uint64_t       layer_bytes = 0, h_bytes = 0;
+        uint64_t       layer_bytes = 0, h_bytes = 0, moe_h_bytes = 0;
         for (int r = 0; r < k_n_linear_roles; ++r) {
             const auto shp = hp.linear_shape(static_cast<linear_role>(r));
             layer_bytes += static_cast<uint64_t>(shp[0] * shp[1]) * 4 * 3;  // weights, quantized copy, GPTQ work copy
             h_bytes = std::max<uint64_t>(h_bytes, static_cast<uint64_t>(shp[1] * shp[1]) * 4 * 4);  // H, U, copies
+        }
+        // A MoE layer: every expert's weights, and per expert the Hessians of one input at a time
+        // (gate/up: n_embd^2 each, plus the all-token one; down: n_ff_expert^2 each).
+        if (hp.n_expert > 0) {
+            uint64_t experts = 0;
+            for (moe_proj pr : {moe_proj::MOE_GATE, moe_proj::MOE_UP, moe_proj::MOE_DOWN}) {
+                const auto a = llama_moe_shape(hp, 0, pr), b = llama_moe_shape(hp, k_moe_shared, pr);
+                experts += static_cast<uint64_t>(hp.n_expert * a[0] * a[1] + b[0] * b[1]) * 4 * 2;
+            }
+            layer_bytes += experts;
+            const int64_t n_in = std::max(hp.n_embd, std::max(hp.n_ff_expert, hp.n_ff_shared));
+            moe_h_bytes        = static_cast<uint64_t>(hp.n_expert + 1) * static_cast<uint64_t>(n_in * n_in) * 4;
         }
         const uint64_t act_bytes = static_cast<uint64_t>(params.seqlen) *
                                    static_cast<uint64_t>(2 * hp.n_embd + 2 * hp.kv_dim() + hp.q_dim() + 3 * hp.n_ff +
@@ -742,14 +905,14 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                                    4;
         // With the GPU calibration the host holds no per-thread activations.
         const uint64_t act_host  = gpu_calibration_wanted ? 0 : act_bytes * static_cast<uint64_t>(n_threads);
-        const uint64_t plan      = x_bytes + layer_bytes + 3 * h_bytes + act_host;
+        const uint64_t plan      = x_bytes + layer_bytes + 3 * h_bytes + moe_h_bytes + act_host;
         s.report.peak_plan_bytes = plan;
         const uint64_t avail     = host_memory_available();
         GPTQ_LOG_INFO(
             "memory plan: calibration inputs {} + one layer {} + Hessians {} + activations {} = {} "
             "(available {})",
-            human_bytes(x_bytes), human_bytes(layer_bytes), human_bytes(3 * h_bytes), human_bytes(act_bytes),
-            human_bytes(plan), avail ? human_bytes(avail) : "unknown");
+            human_bytes(x_bytes), human_bytes(layer_bytes), human_bytes(3 * h_bytes + moe_h_bytes),
+            human_bytes(act_bytes), human_bytes(plan), avail ? human_bytes(avail) : "unknown");
         GPTQ_TRY(host_memory_check(
             "quantizing", plan,
             "lower --nsamples or --seqlen" +
@@ -885,7 +1048,7 @@ std::string quantize_report_json(const quantize_report& r) {
     for (const auto& [name, secs] : r.phase_seconds) ph[name] = secs;
     j["phase_seconds"]        = ph;
     nlohmann::ordered_json ls = nlohmann::ordered_json::array();
-    for (const auto& l : r.linears)
+    for (const auto& l : r.linears) {
         ls.push_back({{"name", l.name},
                       {"n_out", l.n_out},
                       {"n_in", l.n_in},
@@ -893,6 +1056,11 @@ std::string quantize_report_json(const quantize_report& r) {
                       {"error_rtn", l.error_rtn},
                       {"damp_percent", l.damp_percent},
                       {"seconds", l.seconds}});
+        if (!l.coverage.empty() || l.tokens >= 0) {
+            ls.back()["tokens"]   = l.tokens;
+            ls.back()["coverage"] = l.coverage;
+        }
+    }
     j["linears"] = ls;
     return j.dump(1);
 }
@@ -918,6 +1086,16 @@ std::string quantize_report_summary(const quantize_report& r) {
             "layer error GPTQ/RTN (Hessian-weighted): mean {:.3f}, worst {:.3f} ({}); {} linears, {} "
             "calibration tokens\n",
             sum_ratio / static_cast<double>(r.linears.size()), worst, worst_name, r.linears.size(), r.n_calib_tokens);
+        int64_t n_route_all = 0, n_rtn = 0;
+        for (const auto& l : r.linears) {
+            n_route_all += l.coverage == "route-all";
+            n_rtn += l.coverage == "rtn";
+        }
+        if (n_route_all + n_rtn > 0)
+            s += fmt::format(
+                "mixture of experts: {} expert linears from every token (route-all), {} round to nearest "
+                "(under --moe-min-tokens)\n",
+                n_route_all, n_rtn);
     }
     return s;
 }

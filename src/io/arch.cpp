@@ -89,6 +89,47 @@ std::vector<arch_desc> make_table() {
     gemma3.default_rope_theta       = 1000000.0;
     gemma3.default_rope_local_theta = 10000.0;
     t.push_back(gemma3);
+
+    // Mixtral (modeling_mixtral.py): Mistral's attention (window on every layer when given) and a
+    // sparse MoE block on every layer: block_sparse_moe.gate, experts.<e>.w1 (gate) / w3 (up) /
+    // w2 (down) of intermediate_size, top-k weights always renormalised.
+    arch_desc mixtral = row("MixtralForCausalLM", "mixtral", model_family::MODEL_FAMILY_MIXTRAL, 131072);
+    mixtral.window    = arch_window_rule::WINDOW_ALL;
+    mixtral.moe       = {.block         = "block_sparse_moe",
+                         .router        = "gate",
+                         .expert_gate   = "w1",
+                         .expert_up     = "w3",
+                         .expert_down   = "w2",
+                         .n_experts_key = "num_local_experts",
+                         .n_experts_alt = "num_experts",
+                         .ff_key        = "intermediate_size",
+                         .renorm_always = true};
+    t.push_back(mixtral);
+
+    // Qwen2-MoE (modeling_qwen2_moe.py): Qwen2's attention (q/k/v bias from "qkv_bias", default
+    // true), mlp.gate + mlp.experts.<e>.{gate,up,down}_proj of moe_intermediate_size, a shared
+    // expert (shared_expert_intermediate_size) times sigmoid(mlp.shared_expert_gate), top-k weights
+    // renormalised when norm_topk_prob; dense MLP (intermediate_size) on mlp_only_layers and off
+    // decoder_sparse_step.
+    arch_desc qwen2_moe    = row("Qwen2MoeForCausalLM", "qwen2_moe", model_family::MODEL_FAMILY_QWEN2_MOE, 32768);
+    qwen2_moe.window       = arch_window_rule::WINDOW_FROM_MAX_LAYER;
+    qwen2_moe.qkv_bias_key = "qkv_bias";
+    qwen2_moe.moe          = {.block         = "mlp",
+                              .n_experts_key = "num_experts",
+                              .n_experts_alt = "num_local_experts",
+                              .shared_expert = true,
+                              .sparse_step   = true};
+    t.push_back(qwen2_moe);
+
+    // Qwen3-MoE (modeling_qwen3_moe.py): Qwen3's attention (q/k norms) and Qwen2-MoE's block
+    // without the shared expert. transformers 5 saves the expert count as num_local_experts,
+    // transformers 4 as num_experts.
+    arch_desc qwen3_moe = row("Qwen3MoeForCausalLM", "qwen3_moe", model_family::MODEL_FAMILY_QWEN3_MOE, 32768);
+    qwen3_moe.qk_norm   = true;  // head_dim: hidden_size / heads when absent (Qwen3MoeConfig has none)
+    qwen3_moe.window    = arch_window_rule::WINDOW_FROM_MAX_LAYER;
+    qwen3_moe.moe       = {
+              .block = "mlp", .n_experts_key = "num_experts", .n_experts_alt = "num_local_experts", .sparse_step = true};
+    t.push_back(qwen3_moe);
     return t;
 }
 

@@ -21,6 +21,27 @@ enum class model_family : uint8_t {
     MODEL_FAMILY_PHI3,
     MODEL_FAMILY_GEMMA2,
     MODEL_FAMILY_GEMMA3,  // Gemma3ForCausalLM (text only, model_type gemma3_text)
+    MODEL_FAMILY_MIXTRAL,
+    MODEL_FAMILY_QWEN2_MOE,
+    MODEL_FAMILY_QWEN3_MOE,
+};
+
+// The sparse MoE block of a family (docs/architectures.md "Mixture of experts"): a router linear
+// (never quantized), top-k of the softmax of its logits, SwiGLU experts, and optionally a shared
+// expert with a sigmoid gate. Checkpoint names relative to "model.layers.<i>.<block>.", as
+// transformers saves them and GPTQModel writes them (one linear per expert, never stacked).
+struct arch_moe_desc {
+    const char* block         = nullptr;                  // "block_sparse_moe" (Mixtral), "mlp" (Qwen); nullptr: no MoE
+    const char* router        = "gate";                   // <block>.gate.weight [n_expert, n_embd]
+    const char* expert_gate   = "gate_proj";              // <block>.experts.<e>.<name>: Mixtral w1
+    const char* expert_up     = "up_proj";                // Mixtral w3
+    const char* expert_down   = "down_proj";              // Mixtral w2
+    const char* n_experts_key = "num_experts";            // Mixtral, Qwen3-MoE (transformers 5): num_local_experts
+    const char* n_experts_alt = nullptr;                  // the other spelling also accepted
+    const char* ff_key        = "moe_intermediate_size";  // Mixtral: intermediate_size
+    bool        renorm_always = false;  // top-k weights divided by their sum (Mixtral); else norm_topk_prob
+    bool shared_expert = false;  // <block>.shared_expert.{gate,up,down}_proj + <block>.shared_expert_gate (Qwen2-MoE)
+    bool sparse_step   = false;  // decoder_sparse_step / mlp_only_layers pick the MoE layers (Qwen)
 };
 
 // How a layer's sliding window is chosen (config.json "sliding_window" gives its size).
@@ -91,6 +112,12 @@ struct arch_desc {
     bool   rope_by_layer_type       = false;
     double default_rope_theta       = 10000.0;
     double default_rope_local_theta = 10000.0;
+
+    // Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE); moe.block == nullptr for dense families.
+    arch_moe_desc moe;
+    // config.json key that says whether q/k/v carry a bias (Qwen2-MoE "qkv_bias", default true; o
+    // never); nullptr: attention_bias / qkv_bias_always decide.
+    const char* qkv_bias_key = nullptr;
 };
 
 // The table; nullptr when unknown.

@@ -1,5 +1,6 @@
 #include "io/hf_config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 
@@ -109,7 +110,7 @@ status read_rope(const json& j, const std::string& where, model_config* cfg) {
         params     = &j.at("rope_scaling");
         params_key = "rope_scaling";
     }
-    GPTQ_ASSIGN_OR_RETURN(cfg->rope.theta, top.get_number_or("rope_theta", 10000.0));
+    GPTQ_ASSIGN_OR_RETURN(cfg->rope.theta, top.get_number_or("rope_theta", cfg->arch->default_rope_theta));
     if (!params) return status::ok();
     if (!params->is_object())
         return make_error(E_PARSE, "{}: '{}' is {}, expected an object", where, params_key,
@@ -242,6 +243,61 @@ status read_gemma_options(const json& j, const std::string& where, model_config*
     return status::ok();
 }
 
+// The MoE keys of a family with a sparse block (io/arch.h arch_moe_desc), both dialects: the
+// expert count under the family's key or its other spelling (Qwen3-MoE: transformers 4
+// num_experts, 5 num_local_experts).
+status read_moe(const json& j, const std::string& where, model_config* cfg) {
+    const arch_moe_desc& m = cfg->arch->moe;
+    if (!m.block) return status::ok();
+    json_fields f{j, where};
+    const char* n_key =
+        f.has(m.n_experts_key) || !m.n_experts_alt || !f.has(m.n_experts_alt) ? m.n_experts_key : m.n_experts_alt;
+    GPTQ_ASSIGN_OR_RETURN(cfg->num_experts, f.get_int(n_key));
+    GPTQ_ASSIGN_OR_RETURN(cfg->num_experts_per_tok, f.get_int("num_experts_per_tok"));
+    GPTQ_ASSIGN_OR_RETURN(cfg->moe_intermediate_size, f.get_int(m.ff_key));
+    constexpr int64_t k_max = int64_t(1) << 16;  // far above any real model (fuzz/fuzz_config)
+    if (cfg->num_experts < 1 || cfg->num_experts > k_max)
+        return make_error(E_PARSE, "{}: {} is {}, expected 1 .. {}", where, n_key, cfg->num_experts, k_max);
+    if (cfg->num_experts_per_tok < 1 || cfg->num_experts_per_tok > cfg->num_experts)
+        return make_error(E_PARSE, "{}: num_experts_per_tok is {}, expected 1 .. {} ({})", where,
+                          cfg->num_experts_per_tok, cfg->num_experts, n_key);
+    if (cfg->moe_intermediate_size < 1 || cfg->moe_intermediate_size > (int64_t(1) << 31))
+        return make_error(E_PARSE, "{}: {} is {}, expected a positive integer", where, m.ff_key,
+                          cfg->moe_intermediate_size);
+    if (m.shared_expert) {
+        GPTQ_ASSIGN_OR_RETURN(cfg->shared_expert_intermediate_size, f.get_int("shared_expert_intermediate_size"));
+        if (cfg->shared_expert_intermediate_size < 0 || cfg->shared_expert_intermediate_size > (int64_t(1) << 31))
+            return make_error(E_PARSE, "{}: shared_expert_intermediate_size is {}, expected >= 0", where,
+                              cfg->shared_expert_intermediate_size);
+        if (cfg->shared_expert_intermediate_size == 0)
+            return make_error(E_UNSUP, "{}: shared_expert_intermediate_size 0 is not supported", where);
+    }
+    if (m.renorm_always) {
+        cfg->norm_topk_prob = true;
+    } else {
+        GPTQ_ASSIGN_OR_RETURN(cfg->norm_topk_prob, f.get_bool_or("norm_topk_prob", false));
+    }
+    if (m.sparse_step) {
+        GPTQ_ASSIGN_OR_RETURN(cfg->decoder_sparse_step, f.get_int_or("decoder_sparse_step", 1));
+        if (cfg->decoder_sparse_step < 1)
+            return make_error(E_PARSE, "{}: decoder_sparse_step is {}, expected a positive integer", where,
+                              cfg->decoder_sparse_step);
+        if (f.has("mlp_only_layers") && !j.at("mlp_only_layers").is_null()) {
+            const json& l = j.at("mlp_only_layers");
+            if (!l.is_array())
+                return make_error(E_PARSE, "{}: 'mlp_only_layers' is {}, expected a list of layer indices", where,
+                                  json_fields::quote(l));
+            for (const auto& v : l) {
+                if (!v.is_number_integer())
+                    return make_error(E_PARSE, "{}: 'mlp_only_layers' holds {}, expected layer indices", where,
+                                      json_fields::quote(v));
+                cfg->mlp_only_layers.push_back(v.get<int64_t>());
+            }
+        }
+    }
+    return status::ok();
+}
+
 // WINDOW_LAYER_TYPES without "layer_types": transformers' default list, layer i full attention
 // when (i + 1) % pattern == 0. Gemma 3 reads the pattern from "sliding_window_pattern" (transformers
 // 4.50) or "_sliding_window_pattern" (as later versions save it).
@@ -287,6 +343,12 @@ const char* rope_type_name(rope_type t) {
             return "longrope";
     }
     return "?";
+}
+
+bool model_config::layer_is_moe(int64_t i_layer) const {
+    if (!arch || !arch->moe.block || num_experts <= 0) return false;
+    if (std::find(mlp_only_layers.begin(), mlp_only_layers.end(), i_layer) != mlp_only_layers.end()) return false;
+    return (i_layer + 1) % decoder_sparse_step == 0;
 }
 
 bool model_config::layer_uses_sliding_window(int64_t i_layer) const {
@@ -411,6 +473,10 @@ result<model_config> model_config_parse(const json& j, const std::string& where)
     GPTQ_ASSIGN_OR_RETURN(cfg.tie_word_embeddings, f.get_bool_or("tie_word_embeddings", fam->tie_default));
     GPTQ_ASSIGN_OR_RETURN(cfg.attention_bias, f.get_bool_or("attention_bias", false));
     GPTQ_ASSIGN_OR_RETURN(cfg.mlp_bias, f.get_bool_or("mlp_bias", false));
+    if (fam->qkv_bias_key) {
+        GPTQ_ASSIGN_OR_RETURN(cfg.qkv_bias_key_value, f.get_bool_or(fam->qkv_bias_key, true));
+    }
+    GPTQ_TRY(read_moe(j, where, &cfg));
     if (cfg.mlp_bias) return make_error(E_UNSUP, "{}: mlp_bias true is not supported", where);
     GPTQ_ASSIGN_OR_RETURN(cfg.pretraining_tp, f.get_int_or("pretraining_tp", 1));
 
@@ -436,6 +502,9 @@ result<model_config> model_config_parse(const json& j, const std::string& where)
                                   where);
     GPTQ_ASSIGN_OR_RETURN(cfg.use_sliding_window, f.get_bool_or("use_sliding_window", false));
     GPTQ_ASSIGN_OR_RETURN(cfg.max_window_layers, f.get_int_or("max_window_layers", 0));
+    // Qwen2-MoE (transformers 5) saves sliding_window 0 when use_sliding_window is false: no window.
+    if (fam->moe.block && cfg.sliding_window && *cfg.sliding_window == 0 && !cfg.use_sliding_window)
+        cfg.sliding_window.reset();
     if (cfg.sliding_window && *cfg.sliding_window <= 0)
         return make_error(E_PARSE, "{}: sliding_window is {}, expected a positive integer or null", where,
                           *cfg.sliding_window);

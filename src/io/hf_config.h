@@ -74,6 +74,20 @@ struct model_config {
     bool        rope_local_differs = false;
     rope_config rope_local;
 
+    // Mixture of experts (arch->moe.block set): num_local_experts / num_experts, num_experts_per_tok,
+    // the experts' intermediate size (moe_intermediate_size; Mixtral: intermediate_size), the shared
+    // expert's (Qwen2-MoE), norm_topk_prob, and which layers are sparse: (i + 1) %
+    // decoder_sparse_step == 0 and i not in mlp_only_layers (Qwen; Mixtral: every layer). The
+    // router's aux-loss keys are training-only and ignored.
+    int64_t              num_experts                     = 0;
+    int64_t              num_experts_per_tok             = 0;
+    int64_t              moe_intermediate_size           = 0;
+    int64_t              shared_expert_intermediate_size = 0;
+    bool                 norm_topk_prob                  = false;
+    int64_t              decoder_sparse_step             = 1;
+    std::vector<int64_t> mlp_only_layers;
+    bool                 layer_is_moe(int64_t i_layer) const;
+
     std::optional<int64_t> bos_token_id;
     std::vector<int64_t>   eos_token_ids;  // int or list in the file
     std::optional<int64_t> pad_token_id;
@@ -85,8 +99,9 @@ struct model_config {
     // Whether layer i uses sliding-window attention (and so the window applies).
     bool layer_uses_sliding_window(int64_t i_layer) const;
     // Whether q/k/v (resp. o) projections carry a bias.
-    bool qkv_bias() const { return arch->qkv_bias_always || attention_bias; }
-    bool o_bias() const { return !arch->qkv_bias_always && attention_bias; }
+    bool qkv_bias() const { return arch->qkv_bias_always || attention_bias || qkv_bias_key_value; }
+    bool o_bias() const { return !arch->qkv_bias_always && !arch->qkv_bias_key && attention_bias; }
+    bool qkv_bias_key_value = false;  // arch->qkv_bias_key's value (Qwen2-MoE "qkv_bias", default true)
 };
 
 // Parse config.json at `path` (a file, or a folder holding config.json).

@@ -146,6 +146,7 @@ std::string options_in_use(const llama_hparams& hp, bool gpu_only) {
     add(hp.rope.type == rope_type::ROPE_LONGROPE, "longrope", true);
     add(hp.fused_qkv, "fused_qkv", true);
     add(hp.fused_gate_up, "fused_gate_up", true);
+    add(hp.n_expert > 0, "moe", false);  // the GPU MoE kernels are a later step (docs/architectures.md)
     return out;
 }
 }  // namespace
@@ -225,6 +226,15 @@ result<llama_hparams> llama_hparams_from_config(const model_config& cfg) {
                               "{}: llama3 RoPE needs original_max_position_embeddings > 0 and high_freq_factor > "
                               "low_freq_factor > 0 (got {}, {}, {})",
                               where, ctx, hp.rope.high_freq_factor, hp.rope.low_freq_factor);
+    }
+    if (cfg.arch->moe.block) {
+        hp.n_expert      = cfg.num_experts;
+        hp.n_expert_used = cfg.num_experts_per_tok;
+        hp.n_ff_expert   = cfg.moe_intermediate_size;
+        hp.n_ff_shared   = cfg.shared_expert_intermediate_size;
+        hp.moe_renorm    = cfg.norm_topk_prob;
+        hp.moe_layer.resize(static_cast<size_t>(hp.n_layer));
+        for (int64_t i = 0; i < hp.n_layer; ++i) hp.moe_layer[static_cast<size_t>(i)] = cfg.layer_is_moe(i);
     }
     hp.window.assign(static_cast<size_t>(hp.n_layer), 0);
     for (int64_t i = 0; i < hp.n_layer; ++i)
@@ -351,8 +361,9 @@ linear_slot llama_linear_slot(const llama_hparams& hp, int64_t i_layer, linear_r
 std::vector<linear_module> llama_linear_modules(const llama_hparams& hp, int64_t i_layer) {
     std::vector<linear_module> out;
     for (int r = 0; r < k_n_linear_roles; ++r) {
-        const auto  role = static_cast<linear_role>(r);
-        linear_slot s    = llama_linear_slot(hp, i_layer, role);
+        const auto role = static_cast<linear_role>(r);
+        if (!role_is_attention(role) && hp.is_moe(i_layer)) break;  // the sparse block replaces the MLP
+        linear_slot s = llama_linear_slot(hp, i_layer, role);
         if (!out.empty() && out.back().module == s.module)
             out.back().roles.push_back(role);
         else
@@ -392,6 +403,50 @@ std::optional<tensor_spec> norm_spec(const llama_hparams& hp, int64_t i_layer, n
 }
 }  // namespace
 
+const char* moe_proj_name(moe_proj p) {
+    switch (p) {
+        case moe_proj::MOE_GATE:
+            return "gate";
+        case moe_proj::MOE_UP:
+            return "up";
+        case moe_proj::MOE_DOWN:
+            return "down";
+    }
+    return "?";
+}
+
+namespace {
+std::string moe_prefix(const llama_hparams& hp, int64_t i_layer) {
+    return "model.layers." + std::to_string(i_layer) + "." + hp.arch->moe.block;
+}
+}  // namespace
+
+std::string llama_moe_router_name(const llama_hparams& hp, int64_t i_layer) {
+    return moe_prefix(hp, i_layer) + "." + hp.arch->moe.router;
+}
+
+std::string llama_moe_expert_name(const llama_hparams& hp, int64_t i_layer, int64_t expert, moe_proj p) {
+    const arch_moe_desc& m = hp.arch->moe;
+    if (expert == k_moe_shared)  // Qwen2MoeMLP's names
+        return moe_prefix(hp, i_layer) + ".shared_expert." +
+               (p == moe_proj::MOE_GATE ? "gate_proj"
+                : p == moe_proj::MOE_UP ? "up_proj"
+                                        : "down_proj");
+    return moe_prefix(hp, i_layer) + ".experts." + std::to_string(expert) + "." +
+           (p == moe_proj::MOE_GATE ? m.expert_gate
+            : p == moe_proj::MOE_UP ? m.expert_up
+                                    : m.expert_down);
+}
+
+std::string llama_moe_shared_gate_name(const llama_hparams& hp, int64_t i_layer) {
+    return moe_prefix(hp, i_layer) + ".shared_expert_gate";
+}
+
+std::array<int64_t, 2> llama_moe_shape(const llama_hparams& hp, int64_t expert, moe_proj p) {
+    const int64_t ff = expert == k_moe_shared ? hp.n_ff_shared : hp.n_ff_expert;
+    return p == moe_proj::MOE_DOWN ? std::array<int64_t, 2>{hp.n_embd, ff} : std::array<int64_t, 2>{ff, hp.n_embd};
+}
+
 std::vector<tensor_spec> llama_layer_tensors(const llama_hparams& hp, int64_t i_layer) {
     std::vector<tensor_spec> t;
     for (norm_slot n : k_norm_slots)
@@ -402,7 +457,28 @@ std::vector<tensor_spec> llama_layer_tensors(const llama_hparams& hp, int64_t i_
         t.push_back({m.module + ".weight", {s.n_out_module, n_in}, false});
         if (role_has_bias(hp, m.roles[0])) t.push_back({m.module + ".bias", {s.n_out_module}, false});
     }
+    if (hp.is_moe(i_layer)) {
+        t.push_back({llama_moe_router_name(hp, i_layer) + ".weight", {hp.n_expert, hp.n_embd}, false});
+        const int64_t first = hp.n_ff_shared > 0 ? k_moe_shared : 0;
+        for (int64_t e = first; e < hp.n_expert; ++e)
+            for (moe_proj p : {moe_proj::MOE_GATE, moe_proj::MOE_UP, moe_proj::MOE_DOWN}) {
+                const auto shp = llama_moe_shape(hp, e, p);
+                t.push_back({llama_moe_expert_name(hp, i_layer, e, p) + ".weight", {shp[0], shp[1]}, false});
+            }
+        if (hp.n_ff_shared > 0)
+            t.push_back({llama_moe_shared_gate_name(hp, i_layer) + ".weight", {1, hp.n_embd}, false});
+    }
     return t;
+}
+
+std::vector<moe_linear> llama_moe_linears(const llama_hparams& hp, int64_t i_layer) {
+    std::vector<moe_linear> out;
+    if (!hp.is_moe(i_layer)) return out;
+    const int64_t first = hp.n_ff_shared > 0 ? k_moe_shared : 0;
+    for (int64_t e = first; e < hp.n_expert; ++e)
+        for (moe_proj p : {moe_proj::MOE_GATE, moe_proj::MOE_UP, moe_proj::MOE_DOWN})
+            out.push_back({llama_moe_expert_name(hp, i_layer, e, p), e, p});
+    return out;
 }
 
 status llama_layer::linear_replace(linear_role r, std::vector<float> w) {
@@ -585,6 +661,17 @@ result<std::unique_ptr<llama_model>> llama_model::open(const std::string& path, 
         const tensor_entry* e = m->src_->find(t.name);
         if (!e) {
             if (t.optional) continue;
+            // transformers 5 holds a MoE layer's experts stacked in memory (experts.gate_up_proj
+            // [E, 2 ff, hidden], experts.down_proj); its save_pretrained writes one linear per
+            // expert, the only layout read here (docs/architectures.md "Mixture of experts").
+            const size_t at = t.name.find(".experts.");
+            if (at != std::string::npos && (m->src_->has(t.name.substr(0, at) + ".experts.gate_up_proj") ||
+                                            m->src_->has(t.name.substr(0, at) + ".experts.down_proj")))
+                return make_error(E_UNSUP,
+                                  "{}: tensor '{}' is missing: the checkpoint stores the experts stacked ('{}'), "
+                                  "transformers' in-memory layout; only one linear per expert (as save_pretrained "
+                                  "and GPTQModel write them) is read",
+                                  path, t.name, t.name.substr(0, at) + ".experts.gate_up_proj");
             return make_error(status_code::STATUS_NOT_FOUND, "{}: tensor '{}' (shape {}) is missing", path, t.name,
                               fmt::join(t.shape, ", "));
         }
@@ -672,13 +759,46 @@ result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer, th
         }
         return status::ok();
     };
-    std::vector<status> st(modules.size());
+    // The MoE block's linears (router, experts, shared expert and its gate), each dense or GPTQ.
+    struct moe_task {
+        std::string     module;
+        linear_weights* l;
+        int64_t         n_out, n_in;
+    };
+    std::vector<moe_task> moe_tasks;
+    if (hp_.is_moe(i_layer)) {
+        layer->moe     = std::make_unique<llama_moe>();
+        llama_moe& moe = *layer->moe;
+        moe.experts.resize(static_cast<size_t>(hp_.n_expert));
+        moe_tasks.push_back({llama_moe_router_name(hp_, i_layer), &moe.router, hp_.n_expert, hp_.n_embd});
+        for (const moe_linear& ml : llama_moe_linears(hp_, i_layer)) {
+            const auto shp = llama_moe_shape(hp_, ml.expert, ml.proj);
+            moe_tasks.push_back({ml.module, &moe.expert(ml.expert).linear(ml.proj), shp[0], shp[1]});
+        }
+        if (hp_.n_ff_shared > 0)
+            moe_tasks.push_back({llama_moe_shared_gate_name(hp_, i_layer), &moe.shared_gate, 1, hp_.n_embd});
+    }
+    auto load_moe = [&](const moe_task& t) -> status {
+        t.l->n_out = t.n_out;
+        t.l->n_in  = t.n_in;
+        if (const gptq_config* qc = quantization_of(t.module)) {
+            GPTQ_ASSIGN_OR_RETURN(gptq_linear_data q, gptq_linear_read(*src_, t.module, t.n_out, t.n_in, *qc));
+            t.l->q = gptq_packed(q);
+            return status::ok();
+        }
+        return read_vec(*src_, {t.module + ".weight", {t.n_out, t.n_in}, false}, &t.l->w);
+    };
+    const size_t        n_tasks = modules.size() + moe_tasks.size();
+    std::vector<status> st(n_tasks);
+    auto                task = [&](size_t r) {
+        st[r] = r < modules.size() ? load_module(modules[r]) : load_moe(moe_tasks[r - modules.size()]);
+    };
     if (pool) {
-        pool->parallel_for(static_cast<int64_t>(modules.size()), [&](int64_t r0, int64_t r1) {
-            for (int64_t r = r0; r < r1; ++r) st[size_t(r)] = load_module(modules[size_t(r)]);
+        pool->parallel_for(static_cast<int64_t>(n_tasks), [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) task(static_cast<size_t>(r));
         });
     } else {
-        for (size_t r = 0; r < modules.size(); ++r) st[r] = load_module(modules[r]);
+        for (size_t r = 0; r < n_tasks; ++r) task(r);
     }
     for (const auto& x : st) GPTQ_TRY(x);
     return layer;

@@ -102,6 +102,19 @@ struct llama_hparams {
     bool fused_qkv     = false;
     bool fused_gate_up = false;
 
+    // Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; docs/architectures.md "Mixture of
+    // experts"): n_expert > 0 on a MoE model. A layer with moe_layer[i] runs the sparse block
+    // (router, top-k, experts of n_ff_expert, shared expert of n_ff_shared when > 0) instead of the
+    // dense MLP (whose gate/up/down linears it then does not have); n_ff is the dense MLP's size
+    // (Qwen's mlp_only_layers).
+    int64_t           n_expert      = 0;
+    int64_t           n_expert_used = 0;  // top-k
+    int64_t           n_ff_expert   = 0;
+    int64_t           n_ff_shared   = 0;
+    bool              moe_renorm    = false;  // top-k weights divided by their sum (Mixtral; Qwen norm_topk_prob)
+    std::vector<bool> moe_layer;              // [n_layer]
+    bool              is_moe(int64_t i_layer) const { return n_expert > 0 && moe_layer[static_cast<size_t>(i_layer)]; }
+
     int64_t q_dim() const { return n_head * head_dim; }
     int64_t kv_dim() const { return n_head_kv * head_dim; }
     // [n_out, n_in] of a linear.
@@ -166,6 +179,29 @@ struct linear_module {
 };
 std::vector<linear_module> llama_linear_modules(const llama_hparams& hp, int64_t i_layer);
 
+// The linears of a layer's sparse MoE block besides the router: expert e's SwiGLU (gate, up, down;
+// Mixtral w1, w3, w2) and the shared expert's (expert == -1).
+enum class moe_proj : uint8_t { MOE_GATE, MOE_UP, MOE_DOWN };
+const char*       moe_proj_name(moe_proj p);  // "gate", "up", "down"
+constexpr int64_t k_moe_shared = -1;          // the shared expert's index in the functions below
+// Checkpoint names (as transformers saves and GPTQModel writes them): "model.layers.3.mlp.gate",
+// "model.layers.3.block_sparse_moe.experts.5.w1", "model.layers.3.mlp.shared_expert.up_proj",
+// "model.layers.3.mlp.shared_expert_gate".
+std::string llama_moe_router_name(const llama_hparams& hp, int64_t i_layer);
+std::string llama_moe_expert_name(const llama_hparams& hp, int64_t i_layer, int64_t expert, moe_proj p);
+std::string llama_moe_shared_gate_name(const llama_hparams& hp, int64_t i_layer);
+// [n_out, n_in] of an expert's (or the shared expert's) linear.
+std::array<int64_t, 2> llama_moe_shape(const llama_hparams& hp, int64_t expert, moe_proj p);
+// The quantizable linears of layer i's MoE block (shared expert first, then experts 0 .. n-1, each
+// gate, up, down); empty on a dense layer. The router and the shared expert's gate are not among
+// them (never quantized, as GPTQModel).
+struct moe_linear {
+    std::string module;
+    int64_t     expert = 0;
+    moe_proj    proj   = moe_proj::MOE_GATE;
+};
+std::vector<moe_linear> llama_moe_linears(const llama_hparams& hp, int64_t i_layer);
+
 struct linear_weights {
     int64_t            n_out = 0;
     int64_t            n_in  = 0;
@@ -182,6 +218,45 @@ struct linear_weights {
 // y[n_rows, n_out] = x[n_rows, n_in] W^T + bias, dense or quantized.
 void linear_forward(const ops_context& ctx, const linear_weights& l, const float* x, float* y, int64_t n_rows);
 
+// A SwiGLU expert: gate, up [n_ff, n_embd] and down [n_embd, n_ff], dense or GPTQ.
+struct moe_expert {
+    std::array<linear_weights, 3> linears;
+    linear_weights&               linear(moe_proj p) { return linears[static_cast<size_t>(p)]; }
+    const linear_weights&         linear(moe_proj p) const { return linears[static_cast<size_t>(p)]; }
+};
+
+// A layer's sparse MoE block: the router (never quantized), the experts, and the shared expert with
+// its sigmoid gate [1, n_embd] (Qwen2-MoE; empty linears otherwise).
+struct llama_moe {
+    linear_weights          router;  // [n_expert, n_embd]
+    std::vector<moe_expert> experts;
+    moe_expert              shared;
+    linear_weights          shared_gate;
+    moe_expert&             expert(int64_t e) { return e == k_moe_shared ? shared : experts[static_cast<size_t>(e)]; }
+    const moe_expert& expert(int64_t e) const { return e == k_moe_shared ? shared : experts[static_cast<size_t>(e)]; }
+};
+
+// The routing of a MoE block over n_rows tokens: top-k experts and weights per token (in torch.topk's
+// order, weights renormalised when hp.moe_renorm), and the tokens grouped by expert.
+struct moe_routing {
+    int64_t              n_rows = 0, k = 0;
+    std::vector<int32_t> expert;  // [n_rows, k]
+    std::vector<float>   weight;  // [n_rows, k]
+    // Tokens routed to expert e: rows[offset[e] .. offset[e + 1]) (ascending), with slot[] their
+    // position in the token's top-k (the weight's column).
+    std::vector<int64_t> offset;  // [n_expert + 1]
+    std::vector<int64_t> rows;
+    std::vector<int32_t> slot;
+    int64_t count(int64_t e) const { return offset[static_cast<size_t>(e) + 1] - offset[static_cast<size_t>(e)]; }
+};
+// Router logits, F32 softmax, top-k (transformers' TopKRouter), grouped by expert. x: [n_rows, n_embd].
+moe_routing moe_route(const ops_context& ctx, const llama_hparams& hp, const llama_moe& moe, const float* x,
+                      int64_t n_rows);
+
+// act(gate(x)) * up(x) of an expert over n rows x[n, n_embd]: h[n, n_ff] (the input of its down).
+void moe_expert_hidden(const ops_context& ctx, const llama_hparams& hp, const moe_expert& ex, const float* x, int64_t n,
+                       std::vector<float>* h);
+
 // One decoder layer's weights in F32.
 struct llama_layer {
     int64_t                                      index = 0;
@@ -191,7 +266,8 @@ struct llama_layer {
     std::vector<float>                           mlp_out_norm;   // [n_embd] when hp.mlp_out_norm, else empty
     std::vector<float>                           q_norm;         // [head_dim] when hp.qk_norm, else empty
     std::vector<float>                           k_norm;         // [head_dim] when hp.qk_norm, else empty
-    std::array<linear_weights, k_n_linear_roles> linears;
+    std::array<linear_weights, k_n_linear_roles> linears;        // gate/up/down empty (n_out 0) on a MoE layer
+    std::unique_ptr<llama_moe>                   moe;            // the sparse block on a MoE layer, else nullptr
 
     linear_weights&       linear(linear_role r) { return linears[static_cast<size_t>(r)]; }
     const linear_weights& linear(linear_role r) const { return linears[static_cast<size_t>(r)]; }
@@ -223,6 +299,14 @@ struct kv_cache {
 // valid during the call only.
 using linear_input_hook =
     std::function<void(int64_t i_layer, linear_input which, const float* x, int64_t n_tokens, int64_t n_in)>;
+
+// Called on a MoE layer with the input of each expert's linears: which = LINEAR_INPUT_GATE_UP (the
+// normed hidden states of the tokens routed to it) or LINEAR_INPUT_DOWN (act(gate) * up of those
+// tokens); expert k_moe_shared (the shared expert) sees every token. rows: the tokens' row indices in
+// the batch (ascending), n_tokens of them; x: [n_tokens, n_in]. The block's input over all tokens
+// (which the router and the shared expert's gate read) goes to the linear_input_hook as GATE_UP.
+using moe_input_hook = std::function<void(int64_t i_layer, int64_t expert, linear_input which, const float* x,
+                                          const int64_t* rows, int64_t n_tokens, int64_t n_in)>;
 
 // One sequence of the ragged batch a decoder layer runs on: n_tokens new tokens at positions
 // pos0 .. pos0 + n_tokens - 1, stored in the batch's hidden states after the previous sequences'
@@ -282,14 +366,18 @@ public:
     // sequence. The hook sees each linear group's input over all rows (n_tokens = sum n_tokens).
     // With stop_after != LINEAR_INPUT_COUNT the call returns right after the hook has seen that
     // input (GPTQ's capture passes need nothing later); hidden is then left unspecified.
+    // On a MoE layer moe_hook sees each expert's inputs (stop_after GATE_UP / DOWN: once every
+    // expert's has been seen).
     void layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden, std::span<const layer_seq> seqs,
                        const linear_input_hook* hook       = nullptr,
-                       linear_input             stop_after = linear_input::LINEAR_INPUT_COUNT) const;
+                       linear_input             stop_after = linear_input::LINEAR_INPUT_COUNT,
+                       const moe_input_hook*    moe_hook   = nullptr) const;
     // The same on one sequence (a batch of one): hidden[n_tokens, n_embd], tokens at positions
     // pos0 .. pos0 + n_tokens - 1, cache as in layer_seq (nullptr: local K/V).
     void layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_tokens, int64_t pos0,
                        kv_cache* cache, const linear_input_hook* hook = nullptr,
-                       linear_input stop_after = linear_input::LINEAR_INPUT_COUNT) const;
+                       linear_input          stop_after = linear_input::LINEAR_INPUT_COUNT,
+                       const moe_input_hook* moe_hook   = nullptr) const;
 
     // logits[n_tokens, n_vocab] = lm_head(final_norm(hidden[n_tokens, n_embd])); hidden unchanged.
     void output_logits(const ops_context& ctx, const float* hidden, int64_t n_tokens, float* logits) const;
@@ -324,6 +412,10 @@ private:
                          std::span<const layer_seq> seqs, const linear_input_hook* hook, linear_input stop_after) const;
     bool mlp_block(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_rows,
                    const linear_input_hook* hook, linear_input stop_after) const;
+    // The sparse MoE block in mlp_block's place (llama_moe.cpp): post-attention norm, router, the
+    // experts over their routed tokens, the shared expert, the weighted sum, residual.
+    bool moe_block(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_rows,
+                   const linear_input_hook* hook, linear_input stop_after, const moe_input_hook* moe_hook) const;
     // Embeddings of ids, then every layer over the batch: hidden[sum n_tokens, n_embd].
     status        layers_run(const ops_context& ctx, const int32_t* ids, std::span<const layer_seq> seqs,
                              std::vector<float>* hidden);

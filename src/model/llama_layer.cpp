@@ -135,8 +135,8 @@ bool llama_model::mlp_block(const ops_context& ctx, const llama_layer& layer, fl
 }
 
 void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden,
-                                std::span<const layer_seq> seqs, const linear_input_hook* hook,
-                                linear_input stop_after) const {
+                                std::span<const layer_seq> seqs, const linear_input_hook* hook, linear_input stop_after,
+                                const moe_input_hook* moe_hook) const {
     GPTQ_ASSERT(layer.index >= 0 && layer.index < hp_.n_layer);
     for (const layer_seq& s : seqs) {
         GPTQ_ASSERT(s.n_tokens >= 0 && s.pos0 >= 0);
@@ -147,14 +147,17 @@ void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer
     const int64_t n_rows = rows_of(seqs);
     if (n_rows == 0) return;
     if (!attention_block(ctx, layer, hidden, seqs, hook, stop_after)) return;
-    mlp_block(ctx, layer, hidden, n_rows, hook, stop_after);
+    if (hp_.is_moe(layer.index))
+        moe_block(ctx, layer, hidden, n_rows, hook, stop_after, moe_hook);
+    else
+        mlp_block(ctx, layer, hidden, n_rows, hook, stop_after);
 }
 
 void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_tokens,
-                                int64_t pos0, kv_cache* cache, const linear_input_hook* hook,
-                                linear_input stop_after) const {
+                                int64_t pos0, kv_cache* cache, const linear_input_hook* hook, linear_input stop_after,
+                                const moe_input_hook* moe_hook) const {
     const layer_seq seq{n_tokens, pos0, cache};
-    layer_forward(ctx, layer, hidden, std::span<const layer_seq>(&seq, 1), hook, stop_after);
+    layer_forward(ctx, layer, hidden, std::span<const layer_seq>(&seq, 1), hook, stop_after, moe_hook);
 }
 
 status llama_model::layers_run(const ops_context& ctx, const int32_t* ids, std::span<const layer_seq> seqs,

@@ -14,6 +14,10 @@
 
 #include "core/thread_pool.h"
 #include "golden.h"
+#include "io/json_file.h"
+#include "io/safetensors.h"
+#include "io/tensor_source.h"
+#include "test_util.h"
 #include "model/llama.h"
 #include "model/perplexity.h"
 
@@ -27,6 +31,7 @@ constexpr double k_logit_rel_tol = 1e-3;
 constexpr double k_ppl_rel_tol = 1e-4;
 
 const std::string k_arch = std::string(GPTQ_SOURCE_DIR) + "/tests/data/arch/";
+const std::string k_moe  = std::string(GPTQ_SOURCE_DIR) + "/tests/data/moe/";  // scripts/make_moe_goldens.py
 
 ops_context ctx() {
     static thread_pool pool(2);
@@ -66,8 +71,8 @@ std::vector<int32_t> first(const std::vector<int32_t>& v, size_t n) {
     return std::vector<int32_t>(v.begin(), v.begin() + static_cast<int64_t>(n));
 }
 
-void check_family(const std::string& name) {
-    const std::string dir = k_arch + name;
+void check_family(const std::string& name, const std::string& root = k_arch) {
+    const std::string dir = root + name;
     auto              m   = llama_model::open(dir, {.strict = true});
     ASSERT_TRUE(m.is_ok()) << m.error().message();
     const llama_hparams& hp = (*m)->hparams();
@@ -109,9 +114,9 @@ void check_family(const std::string& name) {
 }
 
 // config.v4.json (the transformers 4 spelling of the same config) gives the same hparams.
-void check_v4_dialect(const std::string& name) {
-    auto c5 = model_config_load(k_arch + name + "/config.json");
-    auto c4 = model_config_load(k_arch + name + "/config.v4.json");
+void check_v4_dialect(const std::string& name, const std::string& root = k_arch) {
+    auto c5 = model_config_load(root + name + "/config.json");
+    auto c4 = model_config_load(root + name + "/config.v4.json");
     ASSERT_TRUE(c5.is_ok()) << c5.error().message();
     ASSERT_TRUE(c4.is_ok()) << c4.error().message();
     auto h5 = llama_hparams_from_config(*c5);
@@ -173,6 +178,140 @@ TEST(arch_config, transformers4_dialect_same_hparams) {
     for (const char* name : {"qwen3", "mistral-nemo", "phi3", "phi3-longrope", "gemma2", "gemma3"}) {
         SCOPED_TRACE(name);
         check_v4_dialect(name);
+    }
+    for (const char* name : {"mixtral", "qwen2-moe", "qwen3-moe"}) {
+        SCOPED_TRACE(name);
+        check_v4_dialect(name, k_moe);
+    }
+}
+
+// Mixture of experts (scripts/make_moe_goldens.py): Mixtral top-2 renormalised; Qwen2-MoE with the
+// shared expert, q/k/v biases and a dense layer (mlp_only_layers); Qwen3-MoE with q/k norms, top-4
+// renormalised and every other layer sparse.
+TEST(moe_goldens, mixtral) {
+    check_family("mixtral", k_moe);
+}
+TEST(moe_goldens, qwen2_moe_shared_expert) {
+    check_family("qwen2-moe", k_moe);
+}
+TEST(moe_goldens, qwen3_moe) {
+    check_family("qwen3-moe", k_moe);
+}
+
+// The MoE keys of each fixture's config (both dialects: check_v4_dialect compares the rest).
+TEST(moe_config, hparams_of_each_family) {
+    struct want {
+        const char*       name;
+        int64_t           n_expert, k, ff_expert, ff_shared;
+        bool              renorm;
+        std::vector<bool> moe_layer;
+    };
+    const want wants[] = {{"mixtral", 8, 2, 64, 0, true, {true, true}},
+                          {"qwen2-moe", 8, 2, 32, 96, false, {true, false, true}},
+                          {"qwen3-moe", 8, 4, 32, 0, true, {false, true, false}}};
+    for (const want& w : wants)
+        for (const char* file : {"/config.json", "/config.v4.json"}) {
+            SCOPED_TRACE(std::string(w.name) + file);
+            auto c = model_config_load(k_moe + w.name + file);
+            ASSERT_TRUE(c.is_ok()) << c.error().message();
+            auto h = llama_hparams_from_config(*c);
+            ASSERT_TRUE(h.is_ok()) << h.error().message();
+            EXPECT_EQ(h->n_expert, w.n_expert);
+            EXPECT_EQ(h->n_expert_used, w.k);
+            EXPECT_EQ(h->n_ff_expert, w.ff_expert);
+            EXPECT_EQ(h->n_ff_shared, w.ff_shared);
+            EXPECT_EQ(h->moe_renorm, w.renorm);
+            EXPECT_EQ(h->moe_layer, w.moe_layer);
+            EXPECT_EQ(h->options_beyond_gpu(), "moe");
+        }
+}
+
+// Bad MoE keys are errors naming the key and value.
+TEST(moe_config, bad_values_named) {
+    auto base = json_read_file(k_moe + "qwen3-moe/config.json");
+    ASSERT_TRUE(base.is_ok());
+    auto expect_error = [&](const char* key, json v, const char* needle) {
+        json j = *base;
+        if (v.is_null())
+            j.erase(key);
+        else
+            j[key] = v;
+        auto c = model_config_parse(j, "cfg.json");
+        ASSERT_FALSE(c.is_ok()) << key;
+        EXPECT_NE(c.error().message().find(needle), std::string::npos) << c.error().message();
+    };
+    expect_error("num_experts_per_tok", 9, "num_experts_per_tok is 9");
+    expect_error("num_experts_per_tok", 0, "num_experts_per_tok is 0");
+    expect_error("num_local_experts", 0, "num_local_experts is 0");
+    expect_error("moe_intermediate_size", -4, "moe_intermediate_size is -4");
+    expect_error("moe_intermediate_size", nullptr, "moe_intermediate_size");
+    expect_error("decoder_sparse_step", 0, "decoder_sparse_step is 0");
+    expect_error("mlp_only_layers", "1", "mlp_only_layers");
+}
+
+// The GPU layer has no MoE block yet: the GPU refuses these models by name (STATUS_UNSUPPORTED).
+TEST(moe_config, gpu_refuses_moe_by_name) {
+    for (const char* name : {"mixtral", "qwen2-moe", "qwen3-moe"}) {
+        auto c = model_config_load(k_moe + name);
+        ASSERT_TRUE(c.is_ok()) << c.error().message();
+        auto h = llama_hparams_from_config(*c);
+        ASSERT_TRUE(h.is_ok()) << h.error().message();
+        const status st = llama_gpu_options_check(*h, "gptq generate --device cuda");
+        ASSERT_FALSE(st.is_ok()) << name;
+        EXPECT_EQ(st.code(), status_code::STATUS_UNSUPPORTED);
+        EXPECT_NE(st.message().find(std::string(model_family_name(h->family)) + " uses"), std::string::npos)
+            << st.message();
+        EXPECT_NE(st.message().find("moe"), std::string::npos) << st.message();
+    }
+}
+
+// A checkpoint with the experts stacked (transformers 5's in-memory experts.gate_up_proj /
+// down_proj) is refused naming that layout, not read wrongly.
+TEST(moe_config, stacked_experts_refused_by_name) {
+    test::temp_dir d("moe-stacked");
+    const std::string from = k_moe + "mixtral";
+    std::filesystem::copy_file(from + "/config.json", d.file("config.json"));
+    auto src = tensor_source::open(from);
+    ASSERT_TRUE(src.is_ok());
+    std::vector<safetensors_decl> decls;
+    const std::string             stacked = "model.layers.0.block_sparse_moe.experts.gate_up_proj";
+    for (const auto& name : (*src)->names())
+        if (name.find(".experts.") == std::string::npos)
+            decls.push_back({name, (*src)->find(name)->info->type, (*src)->find(name)->info->shape});
+    decls.push_back({stacked, dtype::DTYPE_F32, {8, 128, 64}});
+    auto w = safetensors_writer::create(d.file("model.safetensors"), decls);
+    ASSERT_TRUE(w.is_ok());
+    for (const auto& dc : decls) {
+        if (dc.name == stacked) {
+            std::vector<float> zero(8 * 128 * 64, 0.0f);
+            ASSERT_TRUE((*w)->write(dc.name, zero.data(), zero.size() * 4).is_ok());
+            continue;
+        }
+        const tensor_entry* e = (*src)->find(dc.name);
+        ASSERT_TRUE((*w)->write(dc.name, e->file->bytes(*e->info), e->info->nbytes()).is_ok());
+    }
+    ASSERT_TRUE((*w)->finish().is_ok());
+    auto m = llama_model::open(d.path());
+    ASSERT_FALSE(m.is_ok());
+    EXPECT_EQ(m.error().code(), status_code::STATUS_UNSUPPORTED);
+    EXPECT_NE(m.error().message().find("stacked ('" + stacked + "')"), std::string::npos) << m.error().message();
+}
+
+// The ragged batch (generation's path) on MoE: two sequences prefilled together then decoded one
+// token each per step give transformers' greedy tokens (the experts see both sequences' rows).
+TEST(moe_goldens, ragged_batch_greedy) {
+    for (const char* name : {"mixtral", "qwen2-moe", "qwen3-moe"}) {
+        SCOPED_TRACE(name);
+        auto m = llama_model::open(k_moe + name);
+        ASSERT_TRUE(m.is_ok()) << m.error().message();
+        const auto g = test::golden_load_file(k_moe + name + "/golden.safetensors");
+        ASSERT_GE(g.seqs.size(), 3u);
+        const auto&  a            = g.seqs[0];
+        const auto&  b            = g.seqs[2];
+        const size_t steps        = std::min(a.greedy.size(), b.greedy.size());
+        const auto [got_a, got_b] = batch_greedy(**m, a, b, 80, steps);
+        EXPECT_EQ(got_a, first(a.greedy, steps));
+        EXPECT_EQ(got_b, first(b.greedy, steps));
     }
 }
 

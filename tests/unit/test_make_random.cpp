@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "core/thread_pool.h"
 #include "gptq/make_random.h"
 #include "io/hf_config.h"
 #include "io/json_file.h"
@@ -389,4 +390,61 @@ TEST(MakeRandom, GemmaConfigsAreThePublishedOnes) {
     EXPECT_EQ(g3.rope_local.theta, 1e4);
     for (int64_t i = 0; i < 26; ++i) EXPECT_EQ(g3.window[size_t(i)], (i + 1) % 6 != 0 ? 512 : 0) << i;
     EXPECT_EQ(make_random_shape("gemma-3-1b")->n_params(), 999885952);
+}
+
+// Mixture of experts: the published shapes (parameter counts as published: Mixtral 46.7 B, Qwen3
+// 30.5 B, Qwen2 57.4 B) and the micro variants open with every tensor of the table.
+TEST(MakeRandom, MoeConfigsAreThePublishedOnes) {
+    const llama_hparams mx = hparams_of("mixtral-8x7b");
+    EXPECT_EQ(mx.family, model_family::MODEL_FAMILY_MIXTRAL);
+    EXPECT_EQ(mx.n_expert, 8);
+    EXPECT_EQ(mx.n_expert_used, 2);
+    EXPECT_EQ(mx.n_ff_expert, 14336);
+    EXPECT_TRUE(mx.moe_renorm);
+    EXPECT_EQ(mx.moe_layer, std::vector<bool>(32, true));
+    EXPECT_EQ(make_random_shape("mixtral-8x7b")->n_params(), 46702792704);
+
+    const llama_hparams q3 = hparams_of("qwen3-30b-a3b");
+    EXPECT_EQ(q3.family, model_family::MODEL_FAMILY_QWEN3_MOE);
+    EXPECT_EQ(q3.n_expert, 128);
+    EXPECT_EQ(q3.n_expert_used, 8);
+    EXPECT_EQ(q3.n_ff_expert, 768);
+    EXPECT_EQ(q3.head_dim, 128);
+    EXPECT_TRUE(q3.qk_norm && q3.moe_renorm);
+    EXPECT_EQ(q3.n_ff_shared, 0);
+    EXPECT_EQ(make_random_shape("qwen3-30b-a3b")->n_params(), 30532122624);
+    const auto t3 = llama_layer_tensors(q3, 47);
+    EXPECT_EQ(t3.back().name, "model.layers.47.mlp.experts.127.down_proj.weight");
+
+    const llama_hparams q2 = hparams_of("qwen2-57b-a14b-layers=2");
+    EXPECT_EQ(q2.family, model_family::MODEL_FAMILY_QWEN2_MOE);
+    EXPECT_EQ(q2.n_expert, 64);
+    EXPECT_EQ(q2.n_ff_expert, 2560);
+    EXPECT_EQ(q2.n_ff_shared, 20480);
+    EXPECT_FALSE(q2.moe_renorm);
+    EXPECT_TRUE(q2.qkv_bias && !q2.o_bias);
+    const int64_t n2 = make_random_shape("qwen2-57b-a14b")->n_params();
+    EXPECT_GT(n2, 57'300'000'000);
+    EXPECT_LT(n2, 57'500'000'000);
+}
+
+TEST(MakeRandom, MicroMoeLoadsAndRuns) {
+    for (const char* like : {"micro-mixtral", "micro-qwen3-moe", "micro-qwen2-moe"}) {
+        SCOPED_TRACE(like);
+        temp_dir          d("mr-moe");
+        const std::string out = d.file("m");
+        auto              rep = make(like, out, 3);
+        ASSERT_TRUE(rep.is_ok()) << rep.error().message();
+        auto m = llama_model::open(out, {.strict = true});
+        ASSERT_TRUE(m.is_ok()) << m.error().message();
+        EXPECT_EQ(static_cast<int64_t>((*m)->source().total_params()), rep->n_params);
+        EXPECT_EQ(rep->n_params, make_random_shape(like)->n_params());
+        const llama_hparams& hp = (*m)->hparams();
+        EXPECT_EQ(hp.n_expert, 8);
+        std::vector<int32_t> ids = {1, 40, 41, 300, 7, 9};
+        std::vector<float>   logits(ids.size() * static_cast<size_t>(hp.n_vocab));
+        thread_pool          pool(2);
+        ASSERT_TRUE((*m)->forward({&pool, false}, ids.data(), 6, nullptr, logits.data()).is_ok());
+        for (float v : logits) ASSERT_TRUE(std::isfinite(v));
+    }
 }

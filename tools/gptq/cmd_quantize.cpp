@@ -67,6 +67,17 @@ command register_quantize(CLI::App& app) {
     sub->add_option("--seed", o->seed, "seed of the window sampler")->capture_default_str();
     sub->add_option("--max-shard-size", *shard, "split the weights into shards beyond this size (e.g. 4GB, 500MB)")
         ->capture_default_str();
+    sub->add_option("--moe-coverage", o->moe_coverage,
+                    "mixture of experts: what an expert that calibration routed fewer than --moe-min-tokens tokens to "
+                    "gets: route-all (its Hessians from every calibration token; the layer output keeps the real "
+                    "routing), rtn (round to nearest, with a warning) or fail")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"route-all", "rtn", "fail"}));
+    sub->add_option("--moe-min-tokens", o->moe_min_tokens,
+                    "mixture of experts: the fewest routed calibration tokens an expert's Hessian is taken from "
+                    "(-1: 2 * hidden_size / 16)")
+        ->capture_default_str()
+        ->check(CLI::Range(int64_t(-1), int64_t(1) << 40));
     sub->add_flag("--resume", o->resume, "continue an interrupted run (OUT.partial) from its last finished layer");
     sub->add_option("--report", o->report_path, "write a JSON report (per-layer errors, timings) here");
     sub->add_option("--threads", o->n_threads, "CPU threads (0: all cores)")

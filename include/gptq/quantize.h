@@ -33,6 +33,10 @@ struct quantize_params {
     bool        mse             = false;   // clipping-range grid search
     std::string method          = "gptq";  // "gptq" or "rtn" (round to nearest, no calibration)
     std::string format          = "";      // "gptq" (v1) or "gptq_v2"; "" = gptq (asym: zeros kept >= 1)
+    // Quantize lm_head too (GPTQ with the Hessian of the final norm's output; GPTQModel's "lm_head":
+    // true). A tied lm_head gets its own quantized copy: the embedding table stays as it was and
+    // config.json says tie_word_embeddings false.
+    bool quantize_lm_head = false;
 
     // Calibration.
     std::string calib = "default";  // "default" (bundled calibration text), "wikitext2", or a path

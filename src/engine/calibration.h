@@ -57,6 +57,10 @@ public:
     // Run the layer (with the weights given by layer_begin and linear_update) over every window:
     // its outputs become the windows' hidden states, the next layer's inputs.
     virtual status layer_forward(const llama_layer& layer) = 0;
+    // The Hessian [n_embd, n_embd] F32 of lm_head's input, the final norm of the windows' hidden
+    // states (call it after the last layer_forward: --quantize-lm-head). Like hessian(), it becomes
+    // the H of weighted_error; the layer Hessians of the last hessians_collect are dropped.
+    virtual result<std::vector<float>> final_norm_hessian() = 0;
     // Wait for the work queued so far (phase timing); nothing to do on the CPU.
     virtual status synchronize() { return status::ok(); }
     // Device memory the runner planned for (the report's peak_plan_bytes); 0 on the CPU.

@@ -105,6 +105,7 @@ std::string resume_mismatch(const std::string& work, const nlohmann::json& was, 
         {"config.static_groups", "--static-groups", true, false},
         {"config.damp_percent", "--damp-percent", false, false},
         {"config.checkpoint_format", "--format", false, false},
+        {"config.lm_head", "--quantize-lm-head", true, false},
         {"true_sequential", "--no-true-sequential", true, true},
         {"method", "--method", false, false},
         {"mse", "--mse", true, false},
@@ -229,6 +230,7 @@ struct run_state {
     int64_t                      n_samples = 0;
     quantize_report              report;
     std::vector<std::string>     layer_hashes;  // of each finished layer file (state.json; --resume checks them)
+    std::optional<gptq_linear_data> lm_head;  // --quantize-lm-head, once the layers are done
     // GPTQ: the calibration windows' hidden states and the passes over them, on the CPU or (--device
     // cuda, experimental) the GPU (calibration.h); nullptr with --method rtn.
     std::unique_ptr<calibration_runner> calib;
@@ -492,6 +494,53 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
     return write_layer(s, i, out);
 }
 
+// --quantize-lm-head: lm_head (the embedding table when tied) quantized like a layer's linear, GPTQ
+// with the Hessian of its input, the final norm of the windows' hidden states after the last layer
+// (the runner holds them once the layer loop is done, --resume included); RTN with --method rtn.
+status quantize_lm_head(run_state& s, const ops_context& ctx) {
+    const auto             t0 = clock::now();
+    const llama_hparams&   hp = s.model->hparams();
+    GPTQ_TRY(s.model->globals_load());
+    GPTQ_ASSIGN_OR_RETURN(const std::vector<float> w, s.model->lm_head_dense_weight());
+    const int64_t          n_out = hp.n_vocab, n_in = hp.n_embd;
+    quantize_linear_report rep;
+    rep.name  = "lm_head";
+    rep.n_out = n_out;
+    rep.n_in  = n_in;
+    auto rtn  = rtn_quantize(ctx, w.data(), n_out, n_in, s.opt);
+    if (!rtn) return rtn.error().with_context("lm_head");
+    quantized_linear q;
+    if (s.p.method == "gptq") {
+        std::vector<float> h;
+        {
+            phase_timer t(s, "calibration");
+            GPTQ_ASSIGN_OR_RETURN(h, s.calib->final_norm_hessian());
+        }
+        gptq_stats st;
+        {
+            phase_timer t(s, "solve");
+            auto        g = s.calib->solve(w.data(), n_out, n_in, h, s.opt, &st);
+            if (!g) return g.error().with_context("lm_head");
+            q = std::move(g).value();
+        }
+        phase_timer        t(s, "error");
+        std::vector<float> wq(w.size()), wr(w.size());
+        quantized_linear_dequantize(ctx, *rtn, wr.data());
+        quantized_linear_dequantize(ctx, q, wq.data());
+        rep.damp_percent = st.damp_percent_used;
+        GPTQ_ASSIGN_OR_RETURN(rep.error_rtn, s.calib->weighted_error(w.data(), wr.data(), n_out, n_in, h));
+        GPTQ_ASSIGN_OR_RETURN(rep.error_gptq, s.calib->weighted_error(w.data(), wq.data(), n_out, n_in, h));
+    } else {
+        q = std::move(rtn).value();
+    }
+    linear_weights no_bias;
+    s.lm_head   = to_checkpoint_form(q, no_bias);
+    rep.seconds = seconds_since(t0);
+    s.report.linears.push_back(rep);
+    GPTQ_LOG_INFO("lm_head: {} x {} quantized in {:.1f} s", n_out, n_in, rep.seconds);
+    return status::ok();
+}
+
 // Copy the non-layer tensors (embeddings, final norm, lm_head) unchanged into globals.safetensors.
 status write_globals(run_state& s) {
     const tensor_source&          src = s.model->source();
@@ -500,14 +549,21 @@ status write_globals(run_state& s) {
     for (const auto& t : llama_global_tensors(s.model->hparams())) {
         const tensor_entry* e = src.find(t.name);
         if (!e) continue;  // optional (tied lm_head)
+        if (s.lm_head && t.name == "lm_head.weight") continue;  // replaced by its GPTQ tensors
         decls.push_back({t.name, e->info->type, e->info->shape});
         names.push_back(t.name);
+    }
+    if (s.lm_head) {
+        const auto ds = gptq_linear_decls("lm_head", s.lm_head->n_out, s.lm_head->n_in, s.lm_head->n_groups,
+                                          s.lm_head->bits, !s.lm_head->bias.empty());
+        decls.insert(decls.end(), ds.begin(), ds.end());
     }
     GPTQ_ASSIGN_OR_RETURN(auto w, safetensors_writer::create(path_join(s.work, "globals.safetensors"), decls));
     for (const auto& name : names) {
         const tensor_entry* e = src.find(name);
         GPTQ_TRY(w->write(name, e->file->bytes(*e->info), e->info->nbytes()));
     }
+    if (s.lm_head) GPTQ_TRY(gptq_linear_write(*w, "lm_head", *s.lm_head, s.cfg.format));
     return w->finish();
 }
 
@@ -556,6 +612,9 @@ status write_configs_and_copy_files(run_state& s) {
     gptq_config cfg               = s.cfg;
     cfg.model_file_base_name      = "model";
     config["quantization_config"] = cfg.to_json();
+    // A tied lm_head quantized is its own tensor now (GPTQModel unties too): the embedding table
+    // stays F16 and transformers must not tie lm_head back to it.
+    if (cfg.lm_head && s.model->hparams().tie_embeddings) config["tie_word_embeddings"] = false;
     GPTQ_TRY(file_write_atomic(path_join(s.work, "config.json"), config.dump(2) + "\n"));
     GPTQ_TRY(file_write_atomic(path_join(s.work, "quantize_config.json"), cfg.to_json().dump(2) + "\n"));
     // Tokenizer and generation files, unchanged.
@@ -624,6 +683,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     s.cfg.damp_percent    = params.damp_percent;
     s.cfg.format          = zero_format;
     s.cfg.quantizer       = {"gptqkit:0.1.0"};
+    s.cfg.lm_head         = params.quantize_lm_head;
     s.opt.bits            = params.bits;
     s.opt.group_size      = params.group_size;
     s.opt.sym             = params.sym;
@@ -667,6 +727,12 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                                   "whole groups: choose a group size that divides it, or -1",
                                   m.module, n_in, params.group_size);
         }
+    if (params.quantize_lm_head) {
+        GPTQ_TRY(gptq_check_packable(hp.n_embd, hp.n_vocab, params.bits, "lm_head"));
+        if (params.group_size > 0 && hp.n_embd % params.group_size != 0)
+            return make_error(E_ARG, "lm_head: in_features {} is not a multiple of --group-size {}", hp.n_embd,
+                              params.group_size);
+    }
     GPTQ_TRY(check_tensors_finite(s.model->source(), llama_global_tensors(hp)));
 
     // Output and work folders.
@@ -804,7 +870,8 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     }
     bar.finish();
 
-    // Finish: globals, shards, configs, tokenizer; then the work folder becomes the output.
+    // Finish: lm_head, globals, shards, configs, tokenizer; then the work folder becomes the output.
+    if (params.quantize_lm_head) GPTQ_TRY(quantize_lm_head(s, ctx));
     GPTQ_TRY(write_globals(s));
     uint64_t bytes_out = 0;
     GPTQ_TRY(assemble_shards(s, &bytes_out));

@@ -37,6 +37,14 @@ struct quantize_params {
     // true). A tied lm_head gets its own quantized copy: the embedding table stays as it was and
     // config.json says tie_word_embeddings false.
     bool quantize_lm_head = false;
+    // Mixed precision (docs/quantize.md, "Mixed precision"): > 0 chooses bits (2, 3, 4, 8) and group
+    // size per module so that the quantized linears take at most this many bits per weight
+    // (qweight, qzeros, scales and g_idx counted as written) with the least summed error, and
+    // writes the choice as GPTQModel `dynamic` rules over the base --bits / --group-size.
+    double target_bpw = 0.0;
+    // Group sizes the plan may choose besides --group-size (each must divide a module's inputs to be
+    // a choice for it; -1 allowed).
+    std::vector<int> bpw_group_sizes;
 
     // Calibration.
     std::string calib = "default";  // "default" (bundled calibration text), "wikitext2", or a path
@@ -59,6 +67,7 @@ struct quantize_params {
 struct quantize_linear_report {
     std::string name;  // "model.layers.3.mlp.down_proj"
     int64_t     n_out = 0, n_in = 0;
+    int         bits = 0, group_size = 0;  // the module's settings (differ per module with --target-bpw)
     double      error_gptq   = 0.0;  // Hessian-weighted error of the method used (tr(D H D^T))
     double      error_rtn    = 0.0;  // the same for round-to-nearest on this layer's weights
     double      damp_percent = 0.0;
@@ -78,6 +87,9 @@ struct quantize_report {
     uint64_t                            bytes_out       = 0;  // written safetensors
     uint64_t                            peak_plan_bytes = 0;  // the memory plan's estimate
     std::vector<quantize_linear_report> linears;
+    // --target-bpw: the plan as JSON (target, budget, bytes, per module its choice and the measured
+    // error of every candidate); null otherwise.
+    std::string bit_plan_json;
     // Wall time of this run by phase (load, calibration, hessian, solve, rtn, error, update, write,
     // forward), summed over the layers: where the time goes (not kept across --resume).
     std::vector<std::pair<std::string, double>> phase_seconds;

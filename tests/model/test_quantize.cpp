@@ -4,7 +4,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "gptq/make_random.h"
@@ -204,6 +206,100 @@ TEST(quantize, quantized_lm_head_round_trips) {
     EXPECT_LT(std::fabs(b / a - 1.0), 0.05) << "W4 " << a << ", W4 + lm_head " << b;
     RecordProperty("ppl_w4", std::to_string(a));
     RecordProperty("ppl_w4_lm_head", std::to_string(b));
+#endif
+}
+
+// --target-bpw: the plan is written as GPTQModel `dynamic` rules that our loader applies (each
+// module's tensors have the planned bits and group size), the quantized linears' bytes as written
+// are those of the plan and within the budget, tightly (no module could move to a choice of lower
+// error in the bytes left), and fewer bits per weight give a higher perplexity.
+TEST(quantize, target_bpw_plan_respects_the_budget_and_round_trips) {
+    test::temp_dir dir("q-bpw");
+    auto run_at = [&](double bpw, const std::string& name) {
+        auto p            = small_run(dir.file(name));
+        p.target_bpw      = bpw;
+        p.bpw_group_sizes = {64};
+        p.report_path     = dir.file(name + ".json");
+        auto r            = quantize_model(p);
+        EXPECT_TRUE(r.is_ok()) << r.error().message();
+        return p;
+    };
+    const auto p   = run_at(3.5, "b35");
+    const auto rep = json::parse(test::read_file(p.report_path));
+    ASSERT_TRUE(rep.contains("bit_plan"));
+    const auto&    plan   = rep["bit_plan"];
+    const uint64_t budget = plan["budget_bytes"].get<uint64_t>();
+    int64_t        n_w    = 0;
+    for (const auto& m : plan["modules"]) n_w += m["n_out"].get<int64_t>() * m["n_in"].get<int64_t>();
+    EXPECT_EQ(budget, static_cast<uint64_t>(std::floor(3.5 * double(n_w) / 8.0)));
+    EXPECT_LE(plan["bytes"].get<uint64_t>(), budget);
+
+    auto qc  = json::parse(test::read_file(p.output_path + "/quantize_config.json"));
+    auto cfg = json::parse(test::read_file(p.output_path + "/config.json"));
+    EXPECT_EQ(qc, cfg["quantization_config"]);
+    ASSERT_TRUE(qc.contains("dynamic"));
+    EXPECT_EQ(qc["dynamic"], plan["dynamic"]);
+    auto back = llama_model::open(p.output_path);
+    ASSERT_TRUE(back.is_ok()) << back.error().message();
+    std::set<int> bits_seen;
+    uint64_t      written = 0;
+    for (const auto& m : plan["modules"]) {
+        const std::string  name = m["module"];
+        const gptq_config* qm   = (*back)->quantization_of(name);
+        ASSERT_NE(qm, nullptr) << name;
+        EXPECT_EQ(qm->bits, m["bits"].get<int>()) << name;
+        EXPECT_EQ(qm->group_size, m["group_size"].get<int>()) << name;
+        bits_seen.insert(qm->bits);
+        for (const char* t : {".qweight", ".qzeros", ".scales", ".g_idx"}) {
+            const tensor_entry* e = (*back)->source().find(name + t);
+            ASSERT_NE(e, nullptr) << name << t;
+            written += e->info->nbytes();
+        }
+        // Tight: no other choice of lower error fits in the bytes left.
+        for (const auto& c : m["candidates"])
+            if (c["error"].get<double>() < m["error"].get<double>()) {
+                EXPECT_GT(plan["bytes"].get<uint64_t>() - m["bytes"].get<uint64_t>() + c["bytes"].get<uint64_t>(),
+                          budget)
+                    << name << " could take " << c.dump();
+            }
+    }
+    EXPECT_EQ(written, plan["bytes"].get<uint64_t>());
+    EXPECT_GT(bits_seen.size(), 1u) << "3.5 bits per weight mixes bit widths";
+
+    // Interrupted and resumed: the plan comes from the work folder, the files are the same.
+    auto cut              = small_run(dir.file("cut"));
+    cut.target_bpw        = 3.5;
+    cut.bpw_group_sizes   = {64};
+    cut.stop_after_layers = 2;
+    ASSERT_FALSE(quantize_model(cut).is_ok());
+    ASSERT_TRUE(fs::exists(cut.output_path + ".partial/plan.json"));
+    cut.stop_after_layers = -1;
+    cut.resume            = true;
+    auto resumed          = quantize_model(cut);
+    ASSERT_TRUE(resumed.is_ok()) << resumed.error().message();
+    EXPECT_EQ(test::read_file(cut.output_path + "/model.safetensors"),
+              test::read_file(p.output_path + "/model.safetensors"));
+    EXPECT_EQ(test::read_file(cut.output_path + "/quantize_config.json"),
+              test::read_file(p.output_path + "/quantize_config.json"));
+    for (const auto& l : rep["linears"]) EXPECT_GT(l["bits"].get<int>(), 0);
+
+#ifndef GPTQ_SANITIZE
+    const auto low   = run_at(2.75, "b275");
+    auto       ppl_of = [](const std::string& m) {
+        ppl_params pp;
+        pp.model_path  = m;
+        pp.seqlen      = 512;
+        pp.max_windows = 6;
+        pp.progress    = false;
+        pp.n_threads   = 2;
+        auto res       = ppl_run(pp);
+        EXPECT_TRUE(res.is_ok()) << res.error().message();
+        return res.is_ok() ? res->ppl : 0.0;
+    };
+    const double a = ppl_of(low.output_path), b = ppl_of(p.output_path);
+    EXPECT_GT(a, b) << "2.75 bpw " << a << ", 3.5 bpw " << b;
+    RecordProperty("ppl_bpw_2_75", std::to_string(a));
+    RecordProperty("ppl_bpw_3_5", std::to_string(b));
 #endif
 }
 

@@ -26,6 +26,7 @@ struct quantize_params {
     int         bits            = 4;      // 2, 3, 4, 8
     int         group_size      = 128;    // -1 = one group per output row
     bool        desc_act        = false;  // act-order
+    bool        gar             = false;  // act-order inside groups, contiguous g_idx (quant/gptq.h)
     bool        sym             = true;
     bool        static_groups   = false;
     bool        true_sequential = true;
@@ -52,6 +53,9 @@ struct quantize_params {
     int64_t  nsamples = 128;
     int64_t  seqlen   = 2048;
     uint64_t seed     = 0;
+    // "random": nsamples windows at seeded random offsets across the whole text (the reference);
+    // "contiguous": consecutive windows from the start of the text.
+    std::string calib_sampling = "random";
 
     uint64_t    max_shard_bytes = 4ull << 30;  // split the weights into shards beyond this
     bool        resume          = false;       // continue an interrupted run from its last finished layer

@@ -68,6 +68,8 @@ nlohmann::json run_identity(const quantize_params& p, const gptq_config& cfg) {
             {"config", cfg.to_json()},
             {"method", p.method},
             {"mse", p.mse},
+            {"gar", p.gar},
+            {"calib_sampling", p.calib_sampling},
             {"calib", p.calib},
             {"nsamples", p.nsamples},
             {"seqlen", p.seqlen},
@@ -114,6 +116,8 @@ std::string resume_mismatch(const std::string& work, const nlohmann::json& was, 
         {"true_sequential", "--no-true-sequential", true, true},
         {"method", "--method", false, false},
         {"mse", "--mse", true, false},
+        {"gar", "--gar", true, false},
+        {"calib_sampling", "--calib-sampling", false, false},
         {"calib", "--calib", false, false},
         {"nsamples", "--nsamples", false, false},
         {"seqlen", "--seqlen", false, false},
@@ -864,6 +868,10 @@ status check_params(const quantize_params& p) {
         return make_error(E_ARG, "--target-bpw needs --method gptq (the plan measures GPTQ's error on calibration data)");
     for (int g : p.bpw_group_sizes)
         if (g != -1 && g <= 0) return make_error(E_ARG, "--bpw-group-sizes: {} must be -1 or positive", g);
+    if (p.calib_sampling != "random" && p.calib_sampling != "contiguous")
+        return make_error(E_ARG, "--calib-sampling '{}' is not supported (random or contiguous)", p.calib_sampling);
+    if (p.gar && p.desc_act)
+        return make_error(E_ARG, "--gar and --desc-act exclude each other (GAR is act-order inside groups)");
     if (p.nsamples <= 0) return make_error(E_ARG, "--nsamples {} must be positive", p.nsamples);
     if (p.seqlen < 2) return make_error(E_ARG, "--seqlen {} must be at least 2", p.seqlen);
     if (p.max_shard_bytes == 0) return make_error(E_ARG, "--max-shard-size must be positive");
@@ -916,6 +924,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     s.opt.desc_act        = params.desc_act;
     s.opt.static_groups   = params.static_groups;
     s.opt.mse             = params.mse;
+    s.opt.gar             = params.gar;
     s.opt.damp_percent    = params.damp_percent;
     if (!params.sym && s.cfg.format == gptq_checkpoint_format::GPTQ_FORMAT_V1) {
         // v1 stores zero - 1, so zero 0 does not exist there (format.md 1.4): keep zeros >= 1.
@@ -992,8 +1001,11 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         std::mt19937_64                        rng(params.seed);
         std::uniform_int_distribution<int64_t> start(0, static_cast<int64_t>(ids.size()) - params.seqlen - 1);
         std::vector<int32_t>                   windows(static_cast<size_t>(s.n_samples * params.seqlen));
+        if (params.calib_sampling == "contiguous" && s.n_samples * params.seqlen > static_cast<int64_t>(ids.size()))
+            return make_error(E_ARG, "--calib-sampling contiguous: {} holds {} tokens, fewer than --nsamples {} x --seqlen {}",
+                              calib_path, ids.size(), s.n_samples, params.seqlen);
         for (int64_t j = 0; j < s.n_samples; ++j) {
-            const int64_t i0 = start(rng);
+            const int64_t i0 = params.calib_sampling == "contiguous" ? j * params.seqlen : start(rng);
             std::copy(ids.begin() + i0, ids.begin() + i0 + params.seqlen, windows.begin() + j * params.seqlen);
         }
         s.report.n_calib_tokens = s.n_samples * params.seqlen;

@@ -36,6 +36,9 @@ command register_quantize(CLI::App& app) {
     sub->add_option("--group-size", o->group_size, "input columns per scale/zero group; -1 = whole row")
         ->capture_default_str();
     sub->add_flag("--desc-act", o->desc_act, "act-order: quantize columns by decreasing Hessian diagonal");
+    sub->add_flag("--gar", o->gar,
+                  "group-aware act-order: act-order inside each group, groups by importance; no g_idx reorder, "
+                  "so kernels keep full speed (excludes --desc-act)");
     sub->add_flag("--sym,!--no-sym", o->sym, "symmetric grid (zero point 2^(bits-1)); --no-sym: asymmetric")
         ->capture_default_str();
     sub->add_flag("--static-groups", o->static_groups,
@@ -74,6 +77,10 @@ command register_quantize(CLI::App& app) {
     sub->add_option("--seqlen", o->seqlen, "tokens per calibration window")
         ->capture_default_str()
         ->check(CLI::Range(2, 1 << 20));
+    sub->add_option("--calib-sampling", o->calib_sampling,
+                    "calibration windows: random (seeded offsets across the text) or contiguous (from the start)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"random", "contiguous"}));
     sub->add_option("--seed", o->seed, "seed of the window sampler")->capture_default_str();
     sub->add_option("--max-shard-size", *shard, "split the weights into shards beyond this size (e.g. 4GB, 500MB)")
         ->capture_default_str();

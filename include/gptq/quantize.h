@@ -102,6 +102,27 @@ struct quantize_report {
 result<quantize_report> quantize_model(const quantize_params& params);
 
 std::string quantize_report_json(const quantize_report& r);
+
+// `gptq report` (engine/report_plot.cpp): a --report file read back.
+struct quantize_report_view {
+    std::string                         method;
+    int                                 bits = 0, group_size = 0;  // the base settings
+    int64_t                             n_layers = 0;
+    std::vector<quantize_linear_report> linears;  // name, shape, bits, group size, errors
+};
+struct quantize_layer_errors {
+    int64_t                             layer = 0;  // n_layers for lm_head
+    std::string                         label;      // "3", "lm_head"
+    double                              error_gptq = 0.0, error_rtn = 0.0;  // sums over its linears
+    std::vector<quantize_linear_report> modules;
+};
+// Errors: not JSON, no "linears" array, an entry without name / error_gptq / error_rtn, or errors
+// that are not finite and >= 0 (named with `where` and the entry).
+result<quantize_report_view>       quantize_report_read(const std::string& json_text, const std::string& where);
+std::vector<quantize_layer_errors> quantize_report_layers(const quantize_report_view& v);
+// An SVG: per layer the error GPTQ left against RTN's (log scale, the ratio above each pair), and
+// below it each module's bits (2, 3, 4, 8 coloured).
+std::string quantize_report_svg(const quantize_report_view& v, const std::string& title);
 std::string quantize_report_summary(const quantize_report& r);  // the closing lines the CLI prints
 
 }  // namespace gptq

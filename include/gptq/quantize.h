@@ -32,6 +32,7 @@ struct quantize_params {
     bool        true_sequential = true;
     double      damp_percent    = 0.01;
     bool        mse             = false;   // clipping-range grid search
+    bool        mse_hessian     = false;   // clipping range by diag(H)-weighted error (CPU solve only)
     std::string method          = "gptq";  // "gptq" or "rtn" (round to nearest, no calibration)
     std::string format          = "";      // "gptq" (v1) or "gptq_v2"; "" = gptq (asym: zeros kept >= 1)
     // Quantize lm_head too (GPTQ with the Hessian of the final norm's output; GPTQModel's "lm_head":

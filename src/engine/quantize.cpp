@@ -69,6 +69,7 @@ nlohmann::json run_identity(const quantize_params& p, const gptq_config& cfg) {
             {"method", p.method},
             {"mse", p.mse},
             {"gar", p.gar},
+            {"mse_hessian", p.mse_hessian},
             {"calib_sampling", p.calib_sampling},
             {"calib", p.calib},
             {"nsamples", p.nsamples},
@@ -117,6 +118,7 @@ std::string resume_mismatch(const std::string& work, const nlohmann::json& was, 
         {"method", "--method", false, false},
         {"mse", "--mse", true, false},
         {"gar", "--gar", true, false},
+        {"mse_hessian", "--mse-hessian", true, false},
         {"calib_sampling", "--calib-sampling", false, false},
         {"calib", "--calib", false, false},
         {"nsamples", "--nsamples", false, false},
@@ -870,6 +872,7 @@ status check_params(const quantize_params& p) {
         if (g != -1 && g <= 0) return make_error(E_ARG, "--bpw-group-sizes: {} must be -1 or positive", g);
     if (p.calib_sampling != "random" && p.calib_sampling != "contiguous")
         return make_error(E_ARG, "--calib-sampling '{}' is not supported (random or contiguous)", p.calib_sampling);
+    if (p.mse && p.mse_hessian) return make_error(E_ARG, "--mse and --mse-hessian exclude each other");
     if (p.gar && p.desc_act)
         return make_error(E_ARG, "--gar and --desc-act exclude each other (GAR is act-order inside groups)");
     if (p.nsamples <= 0) return make_error(E_ARG, "--nsamples {} must be positive", p.nsamples);
@@ -925,6 +928,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     s.opt.static_groups   = params.static_groups;
     s.opt.mse             = params.mse;
     s.opt.gar             = params.gar;
+    s.opt.mse_hessian     = params.mse_hessian;
     s.opt.damp_percent    = params.damp_percent;
     if (!params.sym && s.cfg.format == gptq_checkpoint_format::GPTQ_FORMAT_V1) {
         // v1 stores zero - 1, so zero 0 does not exist there (format.md 1.4): keep zeros >= 1.

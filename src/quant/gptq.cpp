@@ -77,6 +77,8 @@ status gptq_check_options(const gptq_options& opt, int64_t n_in) {
     if (opt.zero_min < 0 || opt.zero_min > grid_maxq(opt.bits))
         return make_error(E_ARG, "zero_min {} out of range", opt.zero_min);
     if (n_in <= 0) return make_error(E_ARG, "layer has {} input features", n_in);
+    if (opt.mse && opt.mse_hessian)
+        return make_error(E_ARG, "mse (|q - w|^2.4 grid) and mse_hessian exclude each other: choose one");
     if (opt.gar && opt.desc_act)
         return make_error(E_ARG, "GAR (group-aware act-order) and desc_act exclude each other: choose one");
     return status::ok();
@@ -177,13 +179,19 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
 
     std::vector<float> W(w_in, w_in + n_out * n_in);  // [n_out, n_in], updated in place
     std::vector<float> H(h_in, h_in + n_in * n_in);
+    // Grid params of a slice x[0..n) of columns whose diag(H) is wt[0..n).
+    auto find_params = [&](const float* x, const float* wt, int64_t n) {
+        return opt.mse_hessian ? grid_find_params_weighted(x, wt, n, gopt) : grid_find_params(x, n, 1, gopt);
+    };
+    std::vector<float> diag0(K);  // diag(H) in the original order, before the dead-column fix
+    for (size_t k = 0; k < K; ++k) diag0[k] = H[k * K + k];
 
     // Full-row params (used when there are no groups), from W before the dead-column fix.
     std::vector<grid_params> row_params(static_cast<size_t>(n_out));
     if (!grouped)
         for_rows(ctx, n_out, [&](int64_t r0, int64_t r1) {
             for (int64_t r = r0; r < r1; ++r)
-                row_params[static_cast<size_t>(r)] = grid_find_params(&W[static_cast<size_t>(r) * K], n_in, 1, gopt);
+                row_params[static_cast<size_t>(r)] = find_params(&W[static_cast<size_t>(r) * K], diag0.data(), n_in);
         });
 
     // Dead columns: inputs that were always zero carry no information; quantize them to zero.
@@ -215,7 +223,7 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
                 for (int64_t g = 0; g < q.n_groups; ++g) {
                     const int64_t k0 = g * gs, k1 = std::min(n_in, k0 + gs);
                     static_params[static_cast<size_t>(g * n_out + r)] =
-                        grid_find_params(&W[static_cast<size_t>(r) * K + static_cast<size_t>(k0)], k1 - k0, 1, gopt);
+                        find_params(&W[static_cast<size_t>(r) * K + static_cast<size_t>(k0)], &diag0[size_t(k0)], k1 - k0);
                 }
         });
     }
@@ -241,6 +249,9 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
                 hp[i * K + j] = H[static_cast<size_t>(perm[i]) * K + static_cast<size_t>(perm[j])];
         H.swap(hp);
     }
+
+    std::vector<float> pdiag(K);  // diag(H) in processing order (dead columns 1), before damping
+    for (size_t k = 0; k < K; ++k) pdiag[k] = H[k * K + k];
 
     // Damping, raised while the Cholesky factorisation of H^-1 fails.
     double mean_diag = 0.0;
@@ -297,7 +308,7 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
                             const int64_t cend = std::min(n_in, col + gs);
                             for (int64_t c = col; c < cend; ++c)
                                 gbuf[static_cast<size_t>(c - col)] = c < i2 ? w1[static_cast<size_t>(c - i1)] : wrow[c];
-                            cur[static_cast<size_t>(r)] = grid_find_params(gbuf.data(), cend - col, 1, gopt);
+                            cur[static_cast<size_t>(r)] = find_params(gbuf.data(), &pdiag[size_t(col)], cend - col);
                         }
                     }
                     const grid_params p  = cur[static_cast<size_t>(r)];

@@ -29,6 +29,9 @@ struct gptq_options {
     // Excludes desc_act.
     bool gar = false;
     bool   mse                 = false;  // clipping-range grid search (grid.h)
+    // The clipping range of each group (row) minimising its diag(H)-weighted squared error
+    // (grid_find_params_weighted) instead of the plain range; excludes mse. CPU only for now.
+    bool mse_hessian = false;
     double damp_percent        = 0.01;   // damping = damp_percent * mean(diag(H))
     double damp_auto_increment = 0.01;   // added to damp_percent while Cholesky fails (then error)
     int    block_size          = 128;

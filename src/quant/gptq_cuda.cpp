@@ -44,6 +44,9 @@ result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_contex
                                             int64_t n_out, int64_t n_in, const float* h_in, const gptq_options& opt,
                                             gptq_stats* stats) {
     GPTQ_TRY(gptq_check_options(opt, n_in));
+    if (opt.mse_hessian)
+        return make_error(status_code::STATUS_UNSUPPORTED,
+                          "--mse-hessian is not implemented in the GPU solve yet; use --device cpu or --mse");
     GPTQ_TRY(gptq_check_finite(ctx, w_in, n_out, n_in, "the weight"));
     GPTQ_TRY(gptq_check_finite(ctx, h_in, n_in, n_in,
                                "the Hessian of the calibration inputs (the activations reaching this layer overflowed "

@@ -115,6 +115,33 @@ TEST(grid, mse_search_never_increases_the_error) {
     }
 }
 
+// --mse-hessian's range: never a larger diag(H)-weighted squared error than the full range, and a
+// weight that puts all the importance on one value gets that value nearly exact.
+TEST(grid, weighted_search_never_increases_the_weighted_error) {
+    std::mt19937                          rng(4);
+    std::student_t_distribution<float>    heavy(3.0f);
+    std::uniform_real_distribution<float> u(0.0f, 2.0f);
+    for (int bits : {2, 3, 4}) {
+        std::vector<float> x(128), wt(128);
+        for (auto& v : x) v = heavy(rng);
+        for (auto& v : wt) v = u(rng);
+        for (bool sym : {true, false}) {
+            const int maxq = grid_maxq(bits);
+            auto      err  = [&](grid_params p) {
+                double e = 0;
+                for (size_t i = 0; i < x.size(); ++i) {
+                    const double d = grid_dequantize(grid_quantize(x[i], p, maxq), p) - x[i];
+                    e += wt[i] * d * d;
+                }
+                return e;
+            };
+            const auto plain = grid_find_params(x.data(), 128, 1, {bits, sym, false, 0});
+            const auto w     = grid_find_params_weighted(x.data(), wt.data(), 128, {bits, sym, false, 0});
+            EXPECT_LE(err(w), err(plain)) << bits << sym;
+        }
+    }
+}
+
 TEST(gptq, beats_rtn_on_correlated_inputs) {
     thread_pool pool(2);
     ops_context ctx{&pool, false};

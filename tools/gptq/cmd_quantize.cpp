@@ -49,6 +49,8 @@ command register_quantize(CLI::App& app) {
         ->capture_default_str()
         ->check(CLI::Range(1e-9, 0.999999));
     sub->add_flag("--mse", o->mse, "search the clipping range that minimises the quantization error");
+    sub->add_flag("--mse-hessian", o->mse_hessian,
+                  "search each group's clipping range on its diag(H)-weighted error (CPU solve only; excludes --mse)");
     sub->add_flag("--quantize-lm-head", o->quantize_lm_head,
                   "quantize lm_head too (GPTQ on the final norm's output; \"lm_head\": true as GPTQModel writes "
                   "it); a tied lm_head gets its own copy, the embeddings stay F16");

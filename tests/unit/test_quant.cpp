@@ -115,8 +115,7 @@ TEST(grid, mse_search_never_increases_the_error) {
     }
 }
 
-// --mse-hessian's range: never a larger diag(H)-weighted squared error than the full range, and a
-// weight that puts all the importance on one value gets that value nearly exact.
+// --mse-hessian's range: never a larger diag(H)-weighted squared error than the full range.
 TEST(grid, weighted_search_never_increases_the_weighted_error) {
     std::mt19937                          rng(4);
     std::student_t_distribution<float>    heavy(3.0f);

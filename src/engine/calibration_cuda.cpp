@@ -97,8 +97,8 @@ public:
         h_dev_ = cuda_buffer();
         GPTQ_ASSIGN_OR_RETURN(cuda_hessian_accumulator acc, cuda_hessian_accumulator::create(*gpu_, n_embd));
         GPTQ_ASSIGN_OR_RETURN(cuda_buffer y_dev, cuda_buffer::alloc(size_t(n) * 2));
-        std::vector<uint16_t> x16(size_t(n)), y16(size_t(n));
-        std::vector<float>    x(size_t(n)), y(size_t(n));
+        std::vector<uint16_t> x16(static_cast<size_t>(n)), y16(static_cast<size_t>(n));
+        std::vector<float>    x(static_cast<size_t>(n)), y(static_cast<size_t>(n));
         for (int64_t j = 0; j < n_samples_; ++j) {
             // Waits for the stream: the previous window's upload from y16 and its add are done.
             GPTQ_TRY(cuda_copy_to_host(*gpu_, x16.data(), x_dev_.as<uint16_t>() + j * n, size_t(n) * 2));

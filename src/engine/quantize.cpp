@@ -1212,6 +1212,12 @@ std::string quantize_report_summary(const quantize_report& r) {
             "calibration tokens\n",
             sum_ratio / static_cast<double>(r.linears.size()), worst, worst_name, r.linears.size(), r.n_calib_tokens);
     }
+    if (!r.bit_plan_json.empty()) {
+        const auto p = nlohmann::json::parse(r.bit_plan_json);
+        s += fmt::format("--target-bpw {}: {:.4f} bits per weight over the quantized linears ({} of {} budget bytes)\n",
+                         p.value("target_bpw", 0.0), p.value("bpw", 0.0), p.value("bytes", uint64_t(0)),
+                         p.value("budget_bytes", uint64_t(0)));
+    }
     return s;
 }
 

@@ -26,13 +26,27 @@ struct quantize_params {
     int         bits            = 4;      // 2, 3, 4, 8
     int         group_size      = 128;    // -1 = one group per output row
     bool        desc_act        = false;  // act-order
+    bool        gar             = false;  // act-order inside groups, contiguous g_idx (quant/gptq.h)
     bool        sym             = true;
     bool        static_groups   = false;
     bool        true_sequential = true;
     double      damp_percent    = 0.01;
     bool        mse             = false;   // clipping-range grid search
+    bool        mse_hessian     = false;   // clipping range by diag(H)-weighted error (CPU solve only)
     std::string method          = "gptq";  // "gptq" or "rtn" (round to nearest, no calibration)
     std::string format          = "";      // "gptq" (v1) or "gptq_v2"; "" = gptq (asym: zeros kept >= 1)
+    // Quantize lm_head too (GPTQ with the Hessian of the final norm's output; GPTQModel's "lm_head":
+    // true). A tied lm_head gets its own quantized copy: the embedding table stays as it was and
+    // config.json says tie_word_embeddings false.
+    bool quantize_lm_head = false;
+    // Mixed precision (docs/quantize.md, "Mixed precision"): > 0 chooses bits (2, 3, 4, 8) and group
+    // size per module so that the quantized linears take at most this many bits per weight
+    // (qweight, qzeros, scales and g_idx counted as written) with the least summed error, and
+    // writes the choice as GPTQModel `dynamic` rules over the base --bits / --group-size.
+    double target_bpw = 0.0;
+    // Group sizes the plan may choose besides --group-size (each must divide a module's inputs to be
+    // a choice for it; -1 allowed).
+    std::vector<int> bpw_group_sizes;
 
     // Calibration.
     std::string calib = "default";  // "default" (bundled calibration text), "wikitext2", or a path
@@ -40,6 +54,9 @@ struct quantize_params {
     int64_t  nsamples = 128;
     int64_t  seqlen   = 2048;
     uint64_t seed     = 0;
+    // "random": nsamples windows at seeded random offsets across the whole text (the reference);
+    // "contiguous": consecutive windows from the start of the text.
+    std::string calib_sampling = "random";
 
     uint64_t    max_shard_bytes = 4ull << 30;  // split the weights into shards beyond this
     bool        resume          = false;       // continue an interrupted run from its last finished layer
@@ -62,6 +79,7 @@ struct quantize_params {
 struct quantize_linear_report {
     std::string name;  // "model.layers.3.mlp.down_proj"
     int64_t     n_out = 0, n_in = 0;
+    int         bits = 0, group_size = 0;  // the module's settings (differ per module with --target-bpw)
     double      error_gptq   = 0.0;  // Hessian-weighted error of the method used (tr(D H D^T))
     double      error_rtn    = 0.0;  // the same for round-to-nearest on this layer's weights
     double      damp_percent = 0.0;
@@ -85,6 +103,9 @@ struct quantize_report {
     uint64_t                            bytes_out       = 0;  // written safetensors
     uint64_t                            peak_plan_bytes = 0;  // the memory plan's estimate
     std::vector<quantize_linear_report> linears;
+    // --target-bpw: the plan as JSON (target, budget, bytes, per module its choice and the measured
+    // error of every candidate); null otherwise.
+    std::string bit_plan_json;
     // Wall time of this run by phase (load, calibration, hessian, solve, rtn, error, update, write,
     // forward), summed over the layers: where the time goes (not kept across --resume).
     std::vector<std::pair<std::string, double>> phase_seconds;
@@ -93,6 +114,27 @@ struct quantize_report {
 result<quantize_report> quantize_model(const quantize_params& params);
 
 std::string quantize_report_json(const quantize_report& r);
+
+// `gptq report` (engine/report_plot.cpp): a --report file read back.
+struct quantize_report_view {
+    std::string                         method;
+    int                                 bits = 0, group_size = 0;  // the base settings
+    int64_t                             n_layers = 0;
+    std::vector<quantize_linear_report> linears;  // name, shape, bits, group size, errors
+};
+struct quantize_layer_errors {
+    int64_t                             layer = 0;  // n_layers for lm_head
+    std::string                         label;      // "3", "lm_head"
+    double                              error_gptq = 0.0, error_rtn = 0.0;  // sums over its linears
+    std::vector<quantize_linear_report> modules;
+};
+// Errors: not JSON, no "linears" array, an entry without name / error_gptq / error_rtn, or errors
+// that are not finite and >= 0 (named with `where` and the entry).
+result<quantize_report_view>       quantize_report_read(const std::string& json_text, const std::string& where);
+std::vector<quantize_layer_errors> quantize_report_layers(const quantize_report_view& v);
+// An SVG: per layer the error GPTQ left against RTN's (log scale, the ratio above each pair), and
+// below it each module's bits (2, 3, 4, 8 coloured).
+std::string quantize_report_svg(const quantize_report_view& v, const std::string& title);
 std::string quantize_report_summary(const quantize_report& r);  // the closing lines the CLI prints
 
 }  // namespace gptq

@@ -136,6 +136,18 @@ public:
         return status::ok();
     }
 
+    result<std::vector<float>> final_norm_hessian() override {
+        const int64_t n_embd = model_.hparams().n_embd;
+        acc_.clear();
+        hessian_accumulator acc(n_embd);
+        std::vector<float>  y(static_cast<size_t>(seqlen_ * n_embd));
+        for (int64_t j = 0; j < n_samples_; ++j) {
+            model_.final_norm(ctx_, x_.data() + j * seqlen_ * n_embd, seqlen_, y.data());
+            acc.add(ctx_, y.data(), seqlen_);
+        }
+        return acc.finish();
+    }
+
 private:
     const llama_model&                                                        model_;
     ops_context                                                               ctx_;

@@ -73,6 +73,10 @@ public:
     // Calibration tokens routed to each expert [n_expert] by the last GATE_UP collect.
     virtual std::vector<int64_t> moe_token_counts() const { return {}; }
 
+    // The Hessian [n_embd, n_embd] F32 of lm_head's input, the final norm of the windows' hidden
+    // states (call it after the last layer_forward: --quantize-lm-head). Like hessian(), it becomes
+    // the H of weighted_error; the layer Hessians of the last hessians_collect are dropped.
+    virtual result<std::vector<float>> final_norm_hessian() = 0;
     // Wait for the work queued so far (phase timing); nothing to do on the CPU.
     virtual status synchronize() { return status::ok(); }
     // Device memory the runner planned for (the report's peak_plan_bytes); 0 on the CPU.

@@ -89,6 +89,32 @@ public:
         return runner_->forward(x_dev_.as<uint16_t>(), n_samples_, nullptr);
     }
 
+    // The windows go to the host one at a time (F16 -> F32), get the final norm there (the model's
+    // own op), and come back as F16 into a device accumulator: H and its device copy as hessian().
+    result<std::vector<float>> final_norm_hessian() override {
+        const int64_t n_embd = hp_->n_embd, n = seqlen_ * n_embd;
+        acc_.clear();
+        h_dev_ = cuda_buffer();
+        GPTQ_ASSIGN_OR_RETURN(cuda_hessian_accumulator acc, cuda_hessian_accumulator::create(*gpu_, n_embd));
+        GPTQ_ASSIGN_OR_RETURN(cuda_buffer y_dev, cuda_buffer::alloc(size_t(n) * 2));
+        std::vector<uint16_t> x16(static_cast<size_t>(n)), y16(static_cast<size_t>(n));
+        std::vector<float>    x(static_cast<size_t>(n)), y(static_cast<size_t>(n));
+        for (int64_t j = 0; j < n_samples_; ++j) {
+            // Waits for the stream: the previous window's upload from y16 and its add are done.
+            GPTQ_TRY(cuda_copy_to_host(*gpu_, x16.data(), x_dev_.as<uint16_t>() + j * n, size_t(n) * 2));
+            for (size_t k = 0; k < x.size(); ++k) x[k] = f16_to_f32(x16[k]);
+            model_->final_norm(ctx_, x.data(), seqlen_, y.data());
+            for (size_t k = 0; k < y.size(); ++k) y16[k] = f32_to_f16(y[k]);
+            GPTQ_TRY(cuda_copy_to_device_async(*gpu_, y_dev.data(), y16.data(), size_t(n) * 2));
+            GPTQ_TRY(acc.add_f16(*gpu_, y_dev.as<uint16_t>(), seqlen_));
+        }
+        GPTQ_ASSIGN_OR_RETURN(h_dev_, cuda_buffer::alloc(size_t(n_embd * n_embd) * 4));
+        GPTQ_TRY(acc.finish(*gpu_, h_dev_.as<float>()));
+        std::vector<float> h(size_t(n_embd * n_embd));
+        GPTQ_TRY(cuda_copy_to_host(*gpu_, h.data(), h_dev_.data(), h.size() * 4));
+        return h;
+    }
+
     status   synchronize() override { return gpu_->synchronize(); }
     uint64_t device_plan_bytes() const override { return plan_bytes_; }
 
@@ -100,7 +126,8 @@ private:
     cuda_calibration() = default;
     status plan_check(const device_spec& dev);
 
-    const llama_hparams*                             hp_ = nullptr;
+    const llama_hparams*                             hp_    = nullptr;
+    const llama_model*                               model_ = nullptr;
     ops_context                                      ctx_;
     int64_t                                          n_samples_ = 0, seqlen_ = 0;
     uint64_t                                         plan_bytes_ = 0;
@@ -162,6 +189,7 @@ result<std::unique_ptr<calibration_runner>> cuda_calibration::open(const device_
                           hp.n_embd);
     std::unique_ptr<cuda_calibration> c(new cuda_calibration());
     c->hp_        = &hp;
+    c->model_     = &model;
     c->ctx_       = ctx;
     c->n_samples_ = n_samples;
     c->seqlen_    = seqlen;

@@ -8,11 +8,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <new>
 #include <nlohmann/json.hpp>
@@ -20,6 +22,7 @@
 #include <random>
 #include <thread>
 
+#include "bit_plan.h"
 #include "calibration.h"
 #include "core/dtype.h"
 #include "core/error.h"
@@ -67,11 +70,16 @@ nlohmann::json run_identity(const quantize_params& p, const gptq_config& cfg, bo
                         {"config", cfg.to_json()},
                         {"method", p.method},
                         {"mse", p.mse},
+                        {"gar", p.gar},
+                        {"mse_hessian", p.mse_hessian},
+                        {"calib_sampling", p.calib_sampling},
                         {"calib", p.calib},
                         {"nsamples", p.nsamples},
                         {"seqlen", p.seqlen},
                         {"seed", p.seed},
-                        {"true_sequential", p.true_sequential}};
+                        {"true_sequential", p.true_sequential},
+                        {"target_bpw", p.target_bpw},
+                        {"bpw_group_sizes", p.bpw_group_sizes}};
     if (moe) {
         j["moe_coverage"]   = p.moe_coverage;
         j["moe_min_tokens"] = p.moe_min_tokens;
@@ -112,15 +120,21 @@ std::string resume_mismatch(const std::string& work, const nlohmann::json& was, 
         {"config.static_groups", "--static-groups", true, false},
         {"config.damp_percent", "--damp-percent", false, false},
         {"config.checkpoint_format", "--format", false, false},
+        {"config.lm_head", "--quantize-lm-head", true, false},
         {"true_sequential", "--no-true-sequential", true, true},
         {"method", "--method", false, false},
         {"mse", "--mse", true, false},
+        {"gar", "--gar", true, false},
+        {"mse_hessian", "--mse-hessian", true, false},
+        {"calib_sampling", "--calib-sampling", false, false},
         {"calib", "--calib", false, false},
         {"nsamples", "--nsamples", false, false},
         {"seqlen", "--seqlen", false, false},
         {"seed", "--seed", false, false},
         {"moe_coverage", "--moe-coverage", false, false},
         {"moe_min_tokens", "--moe-min-tokens", false, false},
+        {"target_bpw", "--target-bpw", false, false},
+        {"bpw_group_sizes", "--bpw-group-sizes", false, false},
     };
     auto at = [](const nlohmann::json& j, const std::string& key) {
         const nlohmann::json* v = &j;
@@ -210,6 +224,14 @@ std::vector<std::vector<linear_role>> quant_groups(bool true_sequential) {
     return {{R::LINEAR_Q, R::LINEAR_K, R::LINEAR_V}, {R::LINEAR_O}, {R::LINEAR_GATE, R::LINEAR_UP}, {R::LINEAR_DOWN}};
 }
 
+// The checkpoint module holding role r of layer i (a fused module, Phi-3's qkv_proj, holds several).
+std::string module_of(const llama_hparams& hp, int64_t i, linear_role r) {
+    for (const auto& m : llama_linear_modules(hp, i))
+        for (linear_role x : m.roles)
+            if (x == r) return m.module;
+    return llama_linear_name(i, r);
+}
+
 // The neutral result of quant/ in the checkpoint's unpacked form.
 gptq_linear_data to_checkpoint_form(const quantized_linear& q, const linear_weights& lw) {
     gptq_linear_data d;
@@ -238,10 +260,23 @@ struct run_state {
     int64_t                      n_samples = 0;
     quantize_report              report;
     std::vector<std::string>     layer_hashes;  // of each finished layer file (state.json; --resume checks them)
+    std::optional<gptq_linear_data> lm_head;  // --quantize-lm-head, once the layers are done
+    nlohmann::json                  bit_plan;  // --target-bpw: the plan (plan.json in the work folder)
+    nlohmann::json                  identity;  // run_identity before any plan (state.json; --resume)
     // GPTQ: the calibration windows' hidden states and the passes over them, on the CPU or (--device
     // cuda, experimental) the GPU (calibration.h); nullptr with --method rtn.
     std::unique_ptr<calibration_runner> calib;
 };
+
+// The GPTQ options of one checkpoint module: the base ones with its `dynamic` rule applied.
+gptq_options options_for(const run_state& s, const std::string& module) {
+    gptq_options o = s.opt;
+    if (auto c = s.cfg.for_module(module)) {
+        o.bits       = c->bits;
+        o.group_size = c->group_size;
+    }
+    return o;
+}
 
 // Adds the wall time of its scope to the report's phase `name` (GPU work queued in the scope is
 // waited for first, so that the time lands in the phase that queued it).
@@ -345,7 +380,7 @@ status write_layer(run_state& s, int64_t i, const std::vector<std::pair<linear_r
 status write_state(const run_state& s, int64_t layers_done) {
     const auto     n = std::min<size_t>(s.layer_hashes.size(), static_cast<size_t>(layers_done));
     nlohmann::json j = {{"version", k_state_version},
-                        {"identity", run_identity(s.p, s.cfg, s.model->hparams().n_expert > 0)},
+                        {"identity", s.identity},
                         {"layers_done", layers_done},
                         {"layer_hashes", std::vector<std::string>(s.layer_hashes.begin(), s.layer_hashes.begin() + n)},
                         {"report", nlohmann::json::parse(quantize_report_json(s.report))}};
@@ -359,7 +394,9 @@ status load_finished_layer(run_state& s, int64_t i, llama_layer* layer) {
     for (const auto& m : llama_linear_modules(hp, i)) {
         const linear_slot s0   = llama_linear_slot(hp, i, m.roles[0]);
         const int64_t     n_in = hp.linear_shape(m.roles[0])[1];
-        GPTQ_ASSIGN_OR_RETURN(gptq_linear_data whole, gptq_linear_read(*src, m.module, s0.n_out_module, n_in, s.cfg));
+        const auto mc = s.cfg.for_module(m.module);
+        if (!mc) return make_error(status_code::STATUS_INTERNAL, "{}: not quantized by the plan", m.module);
+        GPTQ_ASSIGN_OR_RETURN(gptq_linear_data whole, gptq_linear_read(*src, m.module, s0.n_out_module, n_in, *mc));
         for (linear_role role : m.roles) {
             const int64_t          n_out = hp.linear_shape(role)[0];
             const gptq_linear_data d     = gptq_linear_rows(whole, llama_linear_slot(hp, i, role).row0, n_out);
@@ -391,10 +428,11 @@ result<int64_t> resume_state_load(run_state& s, const nlohmann::json& identity) 
     int64_t layers_done = st.value("layers_done", int64_t(0));
     if (st.contains("report"))
         for (const auto& l : st["report"]["linears"])
-            s.report.linears.push_back(
-                {l["name"].get<std::string>(), l["n_out"].get<int64_t>(), l["n_in"].get<int64_t>(),
-                 l["error_gptq"].get<double>(), l["error_rtn"].get<double>(), l["damp_percent"].get<double>(),
-                 l["seconds"].get<double>(), l.value("tokens", int64_t(-1)), l.value("coverage", std::string())});
+            s.report.linears.push_back({l["name"].get<std::string>(), l["n_out"].get<int64_t>(),
+                                        l["n_in"].get<int64_t>(), l.value("bits", 0), l.value("group_size", 0),
+                                        l["error_gptq"].get<double>(), l["error_rtn"].get<double>(),
+                                        l["damp_percent"].get<double>(), l["seconds"].get<double>(),
+                                        l.value("tokens", int64_t(-1)), l.value("coverage", std::string())});
     const auto hashes = st.value("layer_hashes", std::vector<std::string>());
     for (int64_t i = 0; i < layers_done; ++i) {
         const std::string file = path_join(s.work, layer_file_name(i));
@@ -446,13 +484,16 @@ struct linear_quantized {
     std::vector<float> wq;
 };
 result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, const linear_weights& lw,
-                                         const std::vector<float>* h, quantize_linear_report* rep) {
+                                         const gptq_options& opt, const std::vector<float>* h,
+                                         quantize_linear_report* rep) {
     const std::string& name = rep->name;
-    GPTQ_TRY(gptq_check_packable(lw.n_in, lw.n_out, s.p.bits, name));
-    rep->n_out = lw.n_out;
-    rep->n_in  = lw.n_in;
+    GPTQ_TRY(gptq_check_packable(lw.n_in, lw.n_out, opt.bits, name));
+    rep->n_out      = lw.n_out;
+    rep->n_in       = lw.n_in;
+    rep->bits       = opt.bits;
+    rep->group_size = opt.group_size;
     std::optional<phase_timer> t_rtn(std::in_place, s, "rtn");
-    auto                       rtn = rtn_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, s.opt);
+    auto                       rtn = rtn_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, opt);
     if (!rtn) return rtn.error().with_context(name);
     t_rtn.reset();
     linear_quantized out;
@@ -461,7 +502,7 @@ result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, c
     if (h) {
         gptq_stats                 st;
         std::optional<phase_timer> t_solve(std::in_place, s, "solve");
-        auto                       g = s.calib->solve(lw.w.data(), lw.n_out, lw.n_in, *h, s.opt, &st);
+        auto                       g = s.calib->solve(lw.w.data(), lw.n_out, lw.n_in, *h, opt, &st);
         if (!g) return g.error().with_context(name);
         t_solve.reset();
         phase_timer t(s, "error");
@@ -563,7 +604,8 @@ status quantize_moe(run_state& s, const ops_context& ctx, int64_t i, llama_layer
                 GPTQ_ASSIGN_OR_RETURN(h, s.calib->moe_hessian(in, ml.expert, is_under && route_all));
             }
             linear_weights& lw = layer->moe->expert(ml.expert).linear(ml.proj);
-            GPTQ_ASSIGN_OR_RETURN(linear_quantized q, quantize_linear(s, ctx, lw, use_h ? &h : nullptr, &rep));
+            GPTQ_ASSIGN_OR_RETURN(linear_quantized q, quantize_linear(s, ctx, lw, options_for(s, ml.module),
+                                                                      use_h ? &h : nullptr, &rep));
             out->emplace_back(ml.module, std::move(q.data));
             {
                 phase_timer t(s, "update");  // the next pass and the layer's output see the quantized expert
@@ -609,8 +651,9 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
                 phase_timer t(s, "hessian");
                 GPTQ_ASSIGN_OR_RETURN(h, s.calib->hessian(linear_role_input(r)));
             }
-            GPTQ_ASSIGN_OR_RETURN(linear_quantized q,
-                                  quantize_linear(s, ctx, layer->linear(r), gptq ? &h : nullptr, &rep));
+            GPTQ_ASSIGN_OR_RETURN(linear_quantized q, quantize_linear(s, ctx, layer->linear(r),
+                                                                      options_for(s, module_of(hp, i, r)),
+                                                                      gptq ? &h : nullptr, &rep));
             out.emplace_back(r, std::move(q.data));
             {
                 phase_timer t(s, "update");
@@ -630,6 +673,241 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
     return write_layer(s, i, out, std::move(moe));
 }
 
+// --target-bpw candidates of a module [n_out, n_in]: bits {2, 3, 4, 8} x the group sizes
+// (--group-size, --bpw-group-sizes) that divide n_in, where the shape can be packed.
+std::vector<std::pair<int, int>> bit_candidates(const quantize_params& p, int64_t n_out, int64_t n_in) {
+    std::vector<int> groups = {p.group_size};
+    for (int g : p.bpw_group_sizes)
+        if (std::find(groups.begin(), groups.end(), g) == groups.end()) groups.push_back(g);
+    std::vector<std::pair<int, int>> out;
+    for (int b : {2, 3, 4, 8}) {
+        if (!gptq_check_packable(n_in, n_out, b, "").is_ok()) continue;
+        for (int g : groups)
+            if (g == -1 || (g > 0 && g <= n_in && n_in % g == 0)) out.emplace_back(b, g);
+    }
+    return out;
+}
+
+// GPTQ's Hessian-weighted error at every candidate for one linear (h: the runner's last
+// hessian()), added to errs, and the output's own energy tr(W H W^T) added to signal (a fused
+// module sums its parts).
+status candidate_errors(calibration_runner& run, const ops_context& ctx, const gptq_options& base,
+                        const std::vector<float>& w, int64_t n_out, int64_t n_in, const std::vector<float>& h,
+                        const std::vector<std::pair<int, int>>& cands, std::vector<double>* errs, double* signal) {
+    std::vector<float> wq(w.size(), 0.0f);
+    GPTQ_ASSIGN_OR_RETURN(const double e0, run.weighted_error(w.data(), wq.data(), n_out, n_in, h));
+    *signal += e0;
+    for (size_t c = 0; c < cands.size(); ++c) {
+        gptq_options o = base;
+        o.bits         = cands[c].first;
+        o.group_size   = cands[c].second;
+        gptq_stats st;
+        auto       q = run.solve(w.data(), n_out, n_in, h, o, &st);
+        if (!q) return q.error();
+        quantized_linear_dequantize(ctx, *q, wq.data());
+        GPTQ_ASSIGN_OR_RETURN(const double e, run.weighted_error(w.data(), wq.data(), n_out, n_in, h));
+        (*errs)[c] += e;
+    }
+    return status::ok();
+}
+
+// The module's choices with their absolute errors. Measured on tiny-llama (docs/quantize.md), the
+// relative error (error / signal, as ExLlamaV2's per-layer measure) gave worse plans: 159.8 vs
+// 158.0 ppl at 4.0 bpw; signal is kept in the plan for the report.
+bit_plan_module plan_module(const std::string& module, int64_t n_out, int64_t n_in,
+                            const std::vector<std::pair<int, int>>& cands, const std::vector<double>& errs,
+                            double signal) {
+    bit_plan_module pm;
+    pm.module = module;
+    pm.n_out  = n_out;
+    pm.n_in   = n_in;
+    for (size_t c = 0; c < cands.size(); ++c)
+        pm.choices.push_back({cands[c].first, cands[c].second,
+                              gptq_module_bytes(n_out, n_in, cands[c].first, cands[c].second),
+                              errs[c]});
+    pm.signal = signal;
+    return pm;
+}
+
+// The sensitivity pass of --target-bpw, on its own runner: the unquantized model over the
+// calibration windows, each layer's Hessians from one pass (the inputs of the FP16 model, not of
+// the partly quantized one: a proxy), and GPTQ's error at every candidate of every module.
+result<std::vector<bit_plan_module>> measure_sensitivity(run_state& s, const ops_context& ctx, thread_pool* pool,
+                                                         calibration_runner& run) {
+    const llama_hparams&         hp = s.model->hparams();
+    std::vector<bit_plan_module> mods;
+    std::vector<linear_role>     all;
+    for (int r = 0; r < k_n_linear_roles; ++r) all.push_back(static_cast<linear_role>(r));
+    progress_bar bar("sensitivity", hp.n_layer, "layer");
+    for (int64_t i = 0; i < hp.n_layer; ++i) {
+        GPTQ_ASSIGN_OR_RETURN(auto layer, s.model->layer_load(i, pool));
+        GPTQ_TRY(run.layer_begin(*layer));
+        GPTQ_TRY(run.hessians_collect(*layer, all));
+        for (const auto& m : llama_linear_modules(hp, i)) {
+            const int64_t       n_in  = hp.linear_shape(m.roles[0])[1];
+            const int64_t       n_out = llama_linear_slot(hp, i, m.roles[0]).n_out_module;
+            const auto          cands = bit_candidates(s.p, n_out, n_in);
+            std::vector<double> errs(cands.size(), 0.0);
+            double              signal = 0.0;
+            for (linear_role r : m.roles) {
+                const linear_weights& lw = layer->linear(r);
+                GPTQ_ASSIGN_OR_RETURN(const std::vector<float> h, run.hessian(linear_role_input(r)));
+                GPTQ_TRY(candidate_errors(run, ctx, s.opt, lw.w, lw.n_out, lw.n_in, h, cands, &errs, &signal)
+                             .with_context(llama_linear_name(i, r)));
+            }
+            mods.push_back(plan_module(m.module, n_out, n_in, cands, errs, signal));
+        }
+        GPTQ_TRY(run.layer_forward(*layer));
+        bar.update(1);
+    }
+    bar.finish();
+    if (s.p.quantize_lm_head) {
+        const int64_t n_out = hp.n_vocab, n_in = hp.n_embd;
+        GPTQ_TRY(s.model->globals_load());
+        GPTQ_ASSIGN_OR_RETURN(const std::vector<float> w, s.model->lm_head_dense_weight());
+        GPTQ_ASSIGN_OR_RETURN(const std::vector<float> h, run.final_norm_hessian());
+        const auto          cands = bit_candidates(s.p, n_out, n_in);
+        std::vector<double> errs(cands.size(), 0.0);
+        double              signal = 0.0;
+        GPTQ_TRY(candidate_errors(run, ctx, s.opt, w, n_out, n_in, h, cands, &errs, &signal).with_context("lm_head"));
+        mods.push_back(plan_module("lm_head", n_out, n_in, cands, errs, signal));
+    }
+    return mods;
+}
+
+// "model.layers.0.mlp.down_proj" -> "^model\.layers\.0\.mlp\.down_proj$" (module names hold
+// letters, digits, '_' and '.'; anything else is escaped too).
+std::string regex_exact(const std::string& name) {
+    std::string out = "^";
+    for (char c : name) {
+        if (!std::isalnum(static_cast<unsigned char>(c)) && c != '_') out += '\\';
+        out += c;
+    }
+    return out + "$";
+}
+
+// s.cfg gets `dynamic` from the plan (a "+:" rule of bits and group size for each module whose
+// choice is not the base --bits / --group-size; the rules never overlap).
+status bit_plan_config(run_state& s, const nlohmann::json& dynamic) {
+    nlohmann::json cj = s.cfg.to_json();
+    if (!dynamic.empty()) cj["dynamic"] = dynamic;
+    GPTQ_ASSIGN_OR_RETURN(gptq_config c, gptq_config_parse(cj, "--target-bpw plan"));
+    s.cfg = std::move(c);
+    return status::ok();
+}
+
+// The plan as JSON (plan.json, the report) and its rules; printed one module a line.
+nlohmann::json bit_plan_describe(const run_state& s, const std::vector<bit_plan_module>& mods, const bit_plan& plan) {
+    nlohmann::ordered_json pj, list = nlohmann::ordered_json::array();
+    nlohmann::json         dynamic = nlohmann::json::object();
+    for (size_t m = 0; m < mods.size(); ++m) {
+        const bit_choice&      c = mods[m].choices[plan.pick[m]];
+        nlohmann::ordered_json cands = nlohmann::ordered_json::array();
+        std::string            alt;
+        for (const auto& o : mods[m].choices) {
+            cands.push_back({{"bits", o.bits}, {"group_size", o.group_size}, {"bytes", o.bytes}, {"error", o.error}});
+            alt += fmt::format("{}{}b/g{} {:.3g}", alt.empty() ? "" : ", ", o.bits, o.group_size, o.error);
+        }
+        list.push_back({{"module", mods[m].module},
+                        {"n_out", mods[m].n_out},
+                        {"n_in", mods[m].n_in},
+                        {"bits", c.bits},
+                        {"group_size", c.group_size},
+                        {"bytes", c.bytes},
+                        {"error", c.error},
+                        {"signal", mods[m].signal},
+                        {"candidates", cands}});
+        if (c.bits != s.p.bits || c.group_size != s.p.group_size)
+            dynamic["+:" + regex_exact(mods[m].module)] = {{"bits", c.bits}, {"group_size", c.group_size}};
+        GPTQ_LOG_INFO("plan: {} {}-bit g{} ({} bytes, error {:.4g}; measured: {})", mods[m].module, c.bits,
+                      c.group_size, c.bytes, c.error, alt);
+    }
+    pj["target_bpw"]   = s.p.target_bpw;
+    pj["budget_bytes"] = plan.budget_bytes;
+    pj["bytes"]        = plan.bytes;
+    pj["n_weights"]    = plan.n_weights;
+    pj["bpw"]          = plan.bpw();
+    pj["error"]        = plan.error;
+    pj["modules"]      = list;
+    pj["dynamic"]      = nlohmann::ordered_json::parse(dynamic.dump());
+    return nlohmann::json::parse(pj.dump());
+}
+
+// --target-bpw before the layer loop: the plan of an interrupted run (plan.json, with --resume),
+// else measured on a runner of its own (make_runner) and solved; s.cfg gets its `dynamic`.
+status bit_plan_make(run_state& s, const ops_context& ctx, thread_pool* pool,
+                     const std::function<result<std::unique_ptr<calibration_runner>>()>& make_runner) {
+    const std::string saved = path_join(s.work, "plan.json");
+    if (s.p.resume && fs::exists(saved)) {
+        GPTQ_ASSIGN_OR_RETURN(s.bit_plan, json_read_file(saved));
+        GPTQ_LOG_INFO("--target-bpw: the plan of {} ({:.4f} bits per weight)", saved, s.bit_plan.value("bpw", 0.0));
+        return bit_plan_config(s, s.bit_plan.value("dynamic", nlohmann::json::object()));
+    }
+    GPTQ_LOG_INFO("--target-bpw {}: measuring each module's error at bits 2, 3, 4, 8", s.p.target_bpw);
+    std::vector<bit_plan_module> mods;
+    {
+        GPTQ_ASSIGN_OR_RETURN(auto run, make_runner());
+        phase_timer t(s, "sensitivity");
+        GPTQ_ASSIGN_OR_RETURN(mods, measure_sensitivity(s, ctx, pool, *run));
+    }
+    const uint64_t budget = bit_plan_budget_bytes(mods, s.p.target_bpw);
+    GPTQ_ASSIGN_OR_RETURN(const bit_plan plan, bit_plan_solve(mods, budget));
+    s.bit_plan = bit_plan_describe(s, mods, plan);
+    GPTQ_LOG_INFO("plan: {} modules, {} bytes of a budget of {} ({:.4f} bits per weight, target {}), error {:.4g}",
+                  mods.size(), plan.bytes, budget, plan.bpw(), s.p.target_bpw, plan.error);
+    return bit_plan_config(s, s.bit_plan["dynamic"]);
+}
+
+// --quantize-lm-head: lm_head (the embedding table when tied) quantized like a layer's linear, GPTQ
+// with the Hessian of its input, the final norm of the windows' hidden states after the last layer
+// (the runner holds them once the layer loop is done, --resume included); RTN with --method rtn.
+status quantize_lm_head(run_state& s, const ops_context& ctx) {
+    const auto             t0 = clock::now();
+    const llama_hparams&   hp = s.model->hparams();
+    GPTQ_TRY(s.model->globals_load());
+    GPTQ_ASSIGN_OR_RETURN(const std::vector<float> w, s.model->lm_head_dense_weight());
+    const int64_t          n_out = hp.n_vocab, n_in = hp.n_embd;
+    quantize_linear_report rep;
+    const gptq_options     opt = options_for(s, "lm_head");
+    rep.name       = "lm_head";
+    rep.n_out      = n_out;
+    rep.n_in       = n_in;
+    rep.bits       = opt.bits;
+    rep.group_size = opt.group_size;
+    auto rtn       = rtn_quantize(ctx, w.data(), n_out, n_in, opt);
+    if (!rtn) return rtn.error().with_context("lm_head");
+    quantized_linear q;
+    if (s.p.method == "gptq") {
+        std::vector<float> h;
+        {
+            phase_timer t(s, "calibration");
+            GPTQ_ASSIGN_OR_RETURN(h, s.calib->final_norm_hessian());
+        }
+        gptq_stats st;
+        {
+            phase_timer t(s, "solve");
+            auto        g = s.calib->solve(w.data(), n_out, n_in, h, opt, &st);
+            if (!g) return g.error().with_context("lm_head");
+            q = std::move(g).value();
+        }
+        phase_timer        t(s, "error");
+        std::vector<float> wq(w.size()), wr(w.size());
+        quantized_linear_dequantize(ctx, *rtn, wr.data());
+        quantized_linear_dequantize(ctx, q, wq.data());
+        rep.damp_percent = st.damp_percent_used;
+        GPTQ_ASSIGN_OR_RETURN(rep.error_rtn, s.calib->weighted_error(w.data(), wr.data(), n_out, n_in, h));
+        GPTQ_ASSIGN_OR_RETURN(rep.error_gptq, s.calib->weighted_error(w.data(), wq.data(), n_out, n_in, h));
+    } else {
+        q = std::move(rtn).value();
+    }
+    linear_weights no_bias;
+    s.lm_head   = to_checkpoint_form(q, no_bias);
+    rep.seconds = seconds_since(t0);
+    s.report.linears.push_back(rep);
+    GPTQ_LOG_INFO("lm_head: {} x {} quantized in {:.1f} s", n_out, n_in, rep.seconds);
+    return status::ok();
+}
+
 // Copy the non-layer tensors (embeddings, final norm, lm_head) unchanged into globals.safetensors.
 status write_globals(run_state& s) {
     const tensor_source&          src = s.model->source();
@@ -638,14 +916,21 @@ status write_globals(run_state& s) {
     for (const auto& t : llama_global_tensors(s.model->hparams())) {
         const tensor_entry* e = src.find(t.name);
         if (!e) continue;  // optional (tied lm_head)
+        if (s.lm_head && t.name == "lm_head.weight") continue;  // replaced by its GPTQ tensors
         decls.push_back({t.name, e->info->type, e->info->shape});
         names.push_back(t.name);
+    }
+    if (s.lm_head) {
+        const auto ds = gptq_linear_decls("lm_head", s.lm_head->n_out, s.lm_head->n_in, s.lm_head->n_groups,
+                                          s.lm_head->bits, !s.lm_head->bias.empty());
+        decls.insert(decls.end(), ds.begin(), ds.end());
     }
     GPTQ_ASSIGN_OR_RETURN(auto w, safetensors_writer::create(path_join(s.work, "globals.safetensors"), decls));
     for (const auto& name : names) {
         const tensor_entry* e = src.find(name);
         GPTQ_TRY(w->write(name, e->file->bytes(*e->info), e->info->nbytes()));
     }
+    if (s.lm_head) GPTQ_TRY(gptq_linear_write(*w, "lm_head", *s.lm_head, s.cfg.format));
     return w->finish();
 }
 
@@ -694,6 +979,9 @@ status write_configs_and_copy_files(run_state& s) {
     gptq_config cfg               = s.cfg;
     cfg.model_file_base_name      = "model";
     config["quantization_config"] = cfg.to_json();
+    // A tied lm_head quantized is its own tensor now (GPTQModel unties too): the embedding table
+    // stays F16 and transformers must not tie lm_head back to it.
+    if (cfg.lm_head && s.model->hparams().tie_embeddings) config["tie_word_embeddings"] = false;
     GPTQ_TRY(file_write_atomic(path_join(s.work, "config.json"), config.dump(2) + "\n"));
     GPTQ_TRY(file_write_atomic(path_join(s.work, "quantize_config.json"), cfg.to_json().dump(2) + "\n"));
     // Tokenizer and generation files, unchanged.
@@ -717,6 +1005,17 @@ status check_params(const quantize_params& p) {
         return make_error(E_ARG, "--method '{}' is not supported (gptq or rtn)", p.method);
     if (!p.format.empty() && p.format != "gptq" && p.format != "gptq_v2")
         return make_error(E_ARG, "--format '{}' is not supported (gptq or gptq_v2)", p.format);
+    if (p.target_bpw < 0 || (p.target_bpw > 0 && (p.target_bpw < 2.0 || p.target_bpw > 16.0)))
+        return make_error(E_ARG, "--target-bpw {} must lie in [2, 16] bits per weight", p.target_bpw);
+    if (p.target_bpw > 0 && p.method != "gptq")
+        return make_error(E_ARG, "--target-bpw needs --method gptq (the plan measures GPTQ's error on calibration data)");
+    for (int g : p.bpw_group_sizes)
+        if (g != -1 && g <= 0) return make_error(E_ARG, "--bpw-group-sizes: {} must be -1 or positive", g);
+    if (p.calib_sampling != "random" && p.calib_sampling != "contiguous")
+        return make_error(E_ARG, "--calib-sampling '{}' is not supported (random or contiguous)", p.calib_sampling);
+    if (p.mse && p.mse_hessian) return make_error(E_ARG, "--mse and --mse-hessian exclude each other");
+    if (p.gar && p.desc_act)
+        return make_error(E_ARG, "--gar and --desc-act exclude each other (GAR is act-order inside groups)");
     if (p.nsamples <= 0) return make_error(E_ARG, "--nsamples {} must be positive", p.nsamples);
     if (p.seqlen < 2) return make_error(E_ARG, "--seqlen {} must be at least 2", p.seqlen);
     if (p.max_shard_bytes == 0) return make_error(E_ARG, "--max-shard-size must be positive");
@@ -765,12 +1064,15 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     s.cfg.damp_percent    = params.damp_percent;
     s.cfg.format          = zero_format;
     s.cfg.quantizer       = {"gptqkit:0.1.0"};
+    s.cfg.lm_head         = params.quantize_lm_head;
     s.opt.bits            = params.bits;
     s.opt.group_size      = params.group_size;
     s.opt.sym             = params.sym;
     s.opt.desc_act        = params.desc_act;
     s.opt.static_groups   = params.static_groups;
     s.opt.mse             = params.mse;
+    s.opt.gar             = params.gar;
+    s.opt.mse_hessian     = params.mse_hessian;
     s.opt.damp_percent    = params.damp_percent;
     if (!params.sym && s.cfg.format == gptq_checkpoint_format::GPTQ_FORMAT_V1) {
         // v1 stores zero - 1, so zero 0 does not exist there (format.md 1.4): keep zeros >= 1.
@@ -818,6 +1120,12 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                                   "whole groups: choose a group size that divides it, or -1",
                                   ml.module, shp[1], params.group_size);
         }
+    if (params.quantize_lm_head) {
+        GPTQ_TRY(gptq_check_packable(hp.n_embd, hp.n_vocab, params.bits, "lm_head"));
+        if (params.group_size > 0 && hp.n_embd % params.group_size != 0)
+            return make_error(E_ARG, "lm_head: in_features {} is not a multiple of --group-size {}", hp.n_embd,
+                              params.group_size);
+    }
     GPTQ_TRY(check_tensors_finite(s.model->source(), llama_global_tensors(hp)));
 
     // Output and work folders.
@@ -847,6 +1155,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     }
     int64_t    layers_done = 0;
     const auto identity    = run_identity(params, s.cfg, hp.n_expert > 0);
+    s.identity             = identity;
     if (fs::exists(s.work)) {
         if (!params.resume)
             return make_error(E_ARG,
@@ -871,8 +1180,11 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         std::mt19937_64                        rng(params.seed);
         std::uniform_int_distribution<int64_t> start(0, static_cast<int64_t>(ids.size()) - params.seqlen - 1);
         std::vector<int32_t>                   windows(static_cast<size_t>(s.n_samples * params.seqlen));
+        if (params.calib_sampling == "contiguous" && s.n_samples * params.seqlen > static_cast<int64_t>(ids.size()))
+            return make_error(E_ARG, "--calib-sampling contiguous: {} holds {} tokens, fewer than --nsamples {} x --seqlen {}",
+                              calib_path, ids.size(), s.n_samples, params.seqlen);
         for (int64_t j = 0; j < s.n_samples; ++j) {
-            const int64_t i0 = start(rng);
+            const int64_t i0 = params.calib_sampling == "contiguous" ? j * params.seqlen : start(rng);
             std::copy(ids.begin() + i0, ids.begin() + i0 + params.seqlen, windows.begin() + j * params.seqlen);
         }
         s.report.n_calib_tokens = s.n_samples * params.seqlen;
@@ -921,14 +1233,14 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         std::vector<float> x(static_cast<size_t>(s.n_samples * params.seqlen * hp.n_embd));
         GPTQ_TRY(s.model->globals_load());
         GPTQ_TRY(s.model->embed(windows.data(), s.n_samples * params.seqlen, x.data()));
-        if (gpu_calibration_wanted) {
-            GPTQ_ASSIGN_OR_RETURN(
-                s.calib, calibration_runner_cuda(dev, *s.model, ctx, &pool, s.n_samples, params.seqlen, std::move(x)));
-            s.report.peak_plan_bytes = s.calib->device_plan_bytes();
-        } else {
-            GPTQ_ASSIGN_OR_RETURN(s.calib,
-                                  calibration_runner_cpu(*s.model, ctx, s.n_samples, params.seqlen, std::move(x)));
-        }
+        auto make_runner = [&](std::vector<float> xs) -> result<std::unique_ptr<calibration_runner>> {
+            if (gpu_calibration_wanted)
+                return calibration_runner_cuda(dev, *s.model, ctx, &pool, s.n_samples, params.seqlen, std::move(xs));
+            return calibration_runner_cpu(*s.model, ctx, s.n_samples, params.seqlen, std::move(xs));
+        };
+        if (params.target_bpw > 0) GPTQ_TRY(bit_plan_make(s, ctx, &pool, [&] { return make_runner(x); }));
+        GPTQ_ASSIGN_OR_RETURN(s.calib, make_runner(std::move(x)));
+        if (gpu_calibration_wanted) s.report.peak_plan_bytes = s.calib->device_plan_bytes();
     }
 
     // The work folder is made only now, so that a run failing its checks leaves nothing behind.
@@ -943,6 +1255,8 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                                    "This folder is the work folder of an unfinished `gptq quantize`; continue it with "
                                    "--resume. It becomes the output folder when complete.\n"));
     }
+    if (!s.bit_plan.is_null())
+        GPTQ_TRY(file_write_atomic(path_join(s.work, "plan.json"), s.bit_plan.dump(1) + "\n"));
     progress_bar bar("quantize", hp.n_layer, "layer");
     bar.set(layers_done);
     for (int64_t i = 0; i < hp.n_layer; ++i) {
@@ -988,7 +1302,8 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     }
     bar.finish();
 
-    // Finish: globals, shards, configs, tokenizer; then the work folder becomes the output.
+    // Finish: lm_head, globals, shards, configs, tokenizer; then the work folder becomes the output.
+    if (params.quantize_lm_head) GPTQ_TRY(quantize_lm_head(s, ctx));
     GPTQ_TRY(write_globals(s));
     uint64_t bytes_out = 0;
     GPTQ_TRY(assemble_shards(s, &bytes_out));
@@ -996,6 +1311,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     for (const auto& entry : fs::directory_iterator(s.work)) {
         const std::string name = entry.path().filename().string();
         if (name.rfind("layer-", 0) == 0 || name == "globals.safetensors" || name == "state.json" ||
+            name == "plan.json" ||
             name.find(".tmp-") != std::string::npos)
             fs::remove(entry.path());
     }
@@ -1023,6 +1339,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     s.report.bytes_in    = s.model->source().total_bytes();
     s.report.bytes_out   = bytes_out;
     s.report.seconds     = seconds_since(t_start);
+    if (!s.bit_plan.is_null()) s.report.bit_plan_json = s.bit_plan.dump();
     if (!params.report_path.empty())
         GPTQ_TRY(file_write_atomic(params.report_path, quantize_report_json(s.report) + "\n"));
     return s.report;
@@ -1052,6 +1369,8 @@ std::string quantize_report_json(const quantize_report& r) {
         ls.push_back({{"name", l.name},
                       {"n_out", l.n_out},
                       {"n_in", l.n_in},
+                      {"bits", l.bits},
+                      {"group_size", l.group_size},
                       {"error_gptq", l.error_gptq},
                       {"error_rtn", l.error_rtn},
                       {"damp_percent", l.damp_percent},
@@ -1062,6 +1381,7 @@ std::string quantize_report_json(const quantize_report& r) {
         }
     }
     j["linears"] = ls;
+    if (!r.bit_plan_json.empty()) j["bit_plan"] = nlohmann::ordered_json::parse(r.bit_plan_json);
     return j.dump(1);
 }
 
@@ -1096,6 +1416,12 @@ std::string quantize_report_summary(const quantize_report& r) {
                 "mixture of experts: {} expert linears from every token (route-all), {} round to nearest "
                 "(under --moe-min-tokens)\n",
                 n_route_all, n_rtn);
+    }
+    if (!r.bit_plan_json.empty()) {
+        const auto p = nlohmann::json::parse(r.bit_plan_json);
+        s += fmt::format("--target-bpw {}: {:.4f} bits per weight over the quantized linears ({} of {} budget bytes)\n",
+                         p.value("target_bpw", 0.0), p.value("bpw", 0.0), p.value("bytes", uint64_t(0)),
+                         p.value("budget_bytes", uint64_t(0)));
     }
     return s;
 }

@@ -253,6 +253,18 @@ json gptq_config::to_json() const {
     j["lm_head"]              = lm_head;
     j["pack_dtype"]           = "int32";
     j["meta"]                 = {{"quantizer", quantizer}};
+    if (!dynamic.empty()) {  // GPTQModel's per-module rules (the keys as written, prefix included)
+        json d = json::object();
+        for (const auto& r : dynamic) {
+            json o = json::object();
+            if (r.bits) o["bits"] = *r.bits;
+            if (r.group_size) o["group_size"] = *r.group_size;
+            if (r.desc_act) o["desc_act"] = *r.desc_act;
+            if (r.sym) o["sym"] = *r.sym;
+            d[r.key] = o;
+        }
+        j["dynamic"] = d;
+    }
     return j;
 }
 

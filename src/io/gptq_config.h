@@ -58,7 +58,9 @@ struct gptq_config {
     std::vector<gptq_dynamic_rule> dynamic;               // GPTQModel per-module rules, in file order
     json                           raw;                   // the object as read
 
-    json to_json() const;  // the dict we write (both files), format.md 1.7 "minimal robust set"; no `dynamic`
+    // The dict we write (both files), format.md 1.7 "minimal robust set", and `dynamic` when there are
+    // rules (nlohmann's json sorts its keys: rules we write must not depend on their order).
+    json to_json() const;
 
     // The rule of `dynamic` that decides `module` (the first that matches), or nullptr.
     const gptq_dynamic_rule* dynamic_rule_for(const std::string& module) const;

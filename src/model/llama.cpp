@@ -868,10 +868,23 @@ status llama_model::embed(const int32_t* ids, int64_t n_tokens, float* out) {
     return status::ok();
 }
 
+void llama_model::final_norm(const ops_context& ctx, const float* hidden, int64_t n_tokens, float* out) const {
+    GPTQ_ASSERT(!norm_.empty());  // globals_load() first
+    op_rms_norm(ctx, hidden, norm_.data(), out, n_tokens, hp_.n_embd, hp_.rms_eps);
+}
+
+result<std::vector<float>> llama_model::lm_head_dense_weight() const {
+    if (lm_head_.q)
+        return make_error(E_ARG, "{}: lm_head is already GPTQ-quantized", src_->folder());
+    if (embed_.empty())
+        return make_error(status_code::STATUS_INTERNAL, "lm_head_dense_weight before globals_load");
+    return hp_.tie_embeddings ? embed_ : lm_head_.w;
+}
+
 void llama_model::output_logits(const ops_context& ctx, const float* hidden, int64_t n_tokens, float* logits) const {
     GPTQ_ASSERT(!embed_.empty());  // globals_load() first
     std::vector<float> x(static_cast<size_t>(n_tokens * hp_.n_embd));
-    op_rms_norm(ctx, hidden, norm_.data(), x.data(), n_tokens, hp_.n_embd, hp_.rms_eps);
+    final_norm(ctx, hidden, n_tokens, x.data());
     if (lm_head_.q) {
         linear_forward(ctx, lm_head_, x.data(), logits, n_tokens);
     } else {

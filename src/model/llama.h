@@ -379,6 +379,11 @@ public:
                        linear_input          stop_after = linear_input::LINEAR_INPUT_COUNT,
                        const moe_input_hook* moe_hook   = nullptr) const;
 
+    // out[n_tokens, n_embd] = final_norm(hidden[n_tokens, n_embd]): lm_head's input (globals_load first).
+    void final_norm(const ops_context& ctx, const float* hidden, int64_t n_tokens, float* out) const;
+    // lm_head's dense weight [n_vocab, n_embd] in F32: the embedding table when tied (globals_load
+    // first). An error when lm_head is GPTQ-quantized (there is no dense weight to give).
+    result<std::vector<float>> lm_head_dense_weight() const;
     // logits[n_tokens, n_vocab] = lm_head(final_norm(hidden[n_tokens, n_embd])); hidden unchanged.
     void output_logits(const ops_context& ctx, const float* hidden, int64_t n_tokens, float* logits) const;
 

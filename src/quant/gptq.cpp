@@ -77,7 +77,42 @@ status gptq_check_options(const gptq_options& opt, int64_t n_in) {
     if (opt.zero_min < 0 || opt.zero_min > grid_maxq(opt.bits))
         return make_error(E_ARG, "zero_min {} out of range", opt.zero_min);
     if (n_in <= 0) return make_error(E_ARG, "layer has {} input features", n_in);
+    if (opt.mse && opt.mse_hessian)
+        return make_error(E_ARG, "mse (|q - w|^2.4 grid) and mse_hessian exclude each other: choose one");
+    if (opt.gar && opt.desc_act)
+        return make_error(E_ARG, "GAR (group-aware act-order) and desc_act exclude each other: choose one");
     return status::ok();
+}
+
+std::vector<int32_t> gptq_column_order(const float* diag, int64_t n_in, int group_size, bool desc_act, bool gar,
+                                       std::vector<int32_t>* group_order) {
+    group_order->clear();
+    std::vector<int32_t> perm;
+    if (!desc_act && !gar) return perm;
+    perm.resize(static_cast<size_t>(n_in));
+    std::iota(perm.begin(), perm.end(), 0);
+    auto by_diag = [&](int32_t a, int32_t b) { return diag[a] > diag[b]; };
+    if (desc_act) {
+        std::stable_sort(perm.begin(), perm.end(), by_diag);
+        return perm;
+    }
+    const int64_t gs       = group_size == -1 ? n_in : group_size;
+    const int64_t n_groups = (n_in + gs - 1) / gs;
+    std::vector<float> top(static_cast<size_t>(n_groups), -INFINITY);
+    for (int64_t g = 0; g < n_groups; ++g) {
+        const auto b = perm.begin() + g * gs, e = perm.begin() + std::min(n_in, (g + 1) * gs);
+        std::stable_sort(b, e, by_diag);
+        top[static_cast<size_t>(g)] = diag[*b];
+    }
+    group_order->resize(static_cast<size_t>(n_groups));
+    std::iota(group_order->begin(), group_order->end(), 0);
+    std::stable_sort(group_order->begin(), group_order->end(),
+                     [&](int32_t a, int32_t b) { return top[static_cast<size_t>(a)] > top[static_cast<size_t>(b)]; });
+    std::vector<int32_t> out;
+    out.reserve(perm.size());
+    for (int32_t g : *group_order)
+        out.insert(out.end(), perm.begin() + g * gs, perm.begin() + std::min(n_in, (int64_t(g) + 1) * gs));
+    return out;
 }
 
 status gptq_check_finite(const float* x, int64_t n_rows, int64_t n_cols, const std::string& what) {
@@ -144,13 +179,19 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
 
     std::vector<float> W(w_in, w_in + n_out * n_in);  // [n_out, n_in], updated in place
     std::vector<float> H(h_in, h_in + n_in * n_in);
+    // Grid params of a slice x[0..n) of columns whose diag(H) is wt[0..n).
+    auto find_params = [&](const float* x, const float* wt, int64_t n) {
+        return opt.mse_hessian ? grid_find_params_weighted(x, wt, n, gopt) : grid_find_params(x, n, 1, gopt);
+    };
+    std::vector<float> diag0(K);  // diag(H) in the original order, before the dead-column fix
+    for (size_t k = 0; k < K; ++k) diag0[k] = H[k * K + k];
 
     // Full-row params (used when there are no groups), from W before the dead-column fix.
     std::vector<grid_params> row_params(static_cast<size_t>(n_out));
     if (!grouped)
         for_rows(ctx, n_out, [&](int64_t r0, int64_t r1) {
             for (int64_t r = r0; r < r1; ++r)
-                row_params[static_cast<size_t>(r)] = grid_find_params(&W[static_cast<size_t>(r) * K], n_in, 1, gopt);
+                row_params[static_cast<size_t>(r)] = find_params(&W[static_cast<size_t>(r) * K], diag0.data(), n_in);
         });
 
     // Dead columns: inputs that were always zero carry no information; quantize them to zero.
@@ -182,20 +223,21 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
                 for (int64_t g = 0; g < q.n_groups; ++g) {
                     const int64_t k0 = g * gs, k1 = std::min(n_in, k0 + gs);
                     static_params[static_cast<size_t>(g * n_out + r)] =
-                        grid_find_params(&W[static_cast<size_t>(r) * K + static_cast<size_t>(k0)], k1 - k0, 1, gopt);
+                        find_params(&W[static_cast<size_t>(r) * K + static_cast<size_t>(k0)], &diag0[size_t(k0)], k1 - k0);
                 }
         });
     }
 
-    // Act-order: permute columns of W and rows/columns of H by decreasing diag(H) (stable on ties).
-    std::vector<int32_t> perm;
-    if (opt.desc_act) {
-        perm.resize(K);
-        std::iota(perm.begin(), perm.end(), 0);
-        std::stable_sort(perm.begin(), perm.end(), [&](int32_t a, int32_t b) {
-            return H[static_cast<size_t>(a) * K + static_cast<size_t>(a)] >
-                   H[static_cast<size_t>(b) * K + static_cast<size_t>(b)];
-        });
+    // Act-order (or GAR): permute columns of W and rows/columns of H into the processing order.
+    std::vector<float> diag(K);
+    for (size_t k = 0; k < K; ++k) diag[k] = H[k * K + k];
+    std::vector<int32_t> group_order;  // GAR: the original group of each processing block
+    std::vector<int32_t> perm = gptq_column_order(diag.data(), n_in, opt.group_size, opt.desc_act, opt.gar, &group_order);
+    // The group index (scales row) of processing position col.
+    auto block_group = [&](int64_t col) {
+        return group_order.empty() ? col / gs : int64_t(group_order[static_cast<size_t>(col / gs)]);
+    };
+    if (!perm.empty()) {
         std::vector<float> tmp(W.size());
         for (int64_t r = 0; r < n_out; ++r)
             for (size_t i = 0; i < K; ++i)
@@ -207,6 +249,9 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
                 hp[i * K + j] = H[static_cast<size_t>(perm[i]) * K + static_cast<size_t>(perm[j])];
         H.swap(hp);
     }
+
+    std::vector<float> pdiag(K);  // diag(H) in processing order (dead columns 1), before damping
+    for (size_t k = 0; k < K; ++k) pdiag[k] = H[k * K + k];
 
     // Damping, raised while the Cholesky factorisation of H^-1 fails.
     double mean_diag = 0.0;
@@ -263,7 +308,7 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
                             const int64_t cend = std::min(n_in, col + gs);
                             for (int64_t c = col; c < cend; ++c)
                                 gbuf[static_cast<size_t>(c - col)] = c < i2 ? w1[static_cast<size_t>(c - i1)] : wrow[c];
-                            cur[static_cast<size_t>(r)] = grid_find_params(gbuf.data(), cend - col, 1, gopt);
+                            cur[static_cast<size_t>(r)] = find_params(gbuf.data(), &pdiag[size_t(col)], cend - col);
                         }
                     }
                     const grid_params p  = cur[static_cast<size_t>(r)];
@@ -277,8 +322,8 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
                     const int64_t orig                            = perm.empty() ? col : perm[static_cast<size_t>(col)];
                     q.codes[static_cast<size_t>(r * n_in + orig)] = static_cast<uint8_t>(qi);
                     if (grouped ? (static_params.empty() ? col % gs == 0 : false) : col == 0) {
-                        q.scales[static_cast<size_t>((col / gs) * n_out + r)] = p.scale;
-                        q.zeros[static_cast<size_t>((col / gs) * n_out + r)]  = p.zero;
+                        q.scales[static_cast<size_t>(block_group(col) * n_out + r)] = p.scale;
+                        q.zeros[static_cast<size_t>(block_group(col) * n_out + r)]  = p.zero;
                     }
                     const float* urow = &U[static_cast<size_t>(col) * K + static_cast<size_t>(i1)];
                     for (int64_t j = i; j < nb; ++j) w1[static_cast<size_t>(j)] -= e * urow[j];
@@ -304,7 +349,7 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
     } else {
         for (int64_t i = 0; i < n_in; ++i) {
             const int64_t orig                 = perm.empty() ? i : perm[static_cast<size_t>(i)];
-            q.g_idx[static_cast<size_t>(orig)] = static_cast<int32_t>(i / gs);
+            q.g_idx[static_cast<size_t>(orig)] = static_cast<int32_t>(block_group(i));
         }
     }
     const double loss = std::accumulate(row_loss.begin(), row_loss.end(), 0.0);

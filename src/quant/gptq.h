@@ -24,7 +24,14 @@ struct gptq_options {
     bool   sym                 = true;
     bool   desc_act            = false;  // act-order: process columns by decreasing diag(H)
     bool   static_groups       = false;  // group params fixed up front on the original column order
+    // GAR (group-aware reordering): act-order inside each contiguous group, and the groups in the
+    // order of their largest diag(H); g_idx stays k / group_size, so kernels need no gather.
+    // Excludes desc_act.
+    bool gar = false;
     bool   mse                 = false;  // clipping-range grid search (grid.h)
+    // The clipping range of each group (row) minimising its diag(H)-weighted squared error
+    // (grid_find_params_weighted) instead of the plain range; excludes mse. CPU only for now.
+    bool mse_hessian = false;
     double damp_percent        = 0.01;   // damping = damp_percent * mean(diag(H))
     double damp_auto_increment = 0.01;   // added to damp_percent while Cholesky fails (then error)
     int    block_size          = 128;
@@ -67,6 +74,14 @@ private:
     int64_t            n_tokens_ = 0;
     std::vector<float> h_;  // upper triangle of sum x x^T
 };
+
+// GPTQ's processing order of the columns from diag(H) [n_in]: empty (natural order) unless
+// desc_act (stable argsort, descending) or gar (group_size gs, -1 = one group: each contiguous
+// group's columns by descending diag, the groups by descending largest diag, ties by index).
+// With gar, *group_order gets the original group processed at each block of gs positions (the
+// group index its scales belong to); it is cleared otherwise.
+std::vector<int32_t> gptq_column_order(const float* diag, int64_t n_in, int group_size, bool desc_act, bool gar,
+                                       std::vector<int32_t>* group_order);
 
 // GPTQ. w: [n_out, n_in], h: [n_in, n_in] (both unchanged). Errors: bad options, NaN/Inf in w or
 // h (h non-finite means the layer's calibration inputs were), a Hessian that stays not positive

@@ -44,6 +44,9 @@ result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_contex
                                             int64_t n_out, int64_t n_in, const float* h_in, const gptq_options& opt,
                                             gptq_stats* stats) {
     GPTQ_TRY(gptq_check_options(opt, n_in));
+    if (opt.mse_hessian)
+        return make_error(status_code::STATUS_UNSUPPORTED,
+                          "--mse-hessian is not implemented in the GPU solve yet; use --device cpu or --mse");
     GPTQ_TRY(gptq_check_finite(ctx, w_in, n_out, n_in, "the weight"));
     GPTQ_TRY(gptq_check_finite(ctx, h_in, n_in, n_in,
                                "the Hessian of the calibration inputs (the activations reaching this layer overflowed "
@@ -101,15 +104,11 @@ result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_contex
         });
     }
 
-    // Act-order: stable argsort of diag(H) (dead diagonal 1), descending.
-    std::vector<int32_t> perm;
-    if (opt.desc_act) {
-        perm.resize(K);
-        std::iota(perm.begin(), perm.end(), 0);
-        std::stable_sort(perm.begin(), perm.end(), [&](int32_t a, int32_t b) {
-            return diag[static_cast<size_t>(a)] > diag[static_cast<size_t>(b)];
-        });
-    }
+    // Act-order or GAR (dead diagonal 1): the CPU's order. GAR: the device writes group params at
+    // the processing block's index; they are moved to their original group after the loop.
+    std::vector<int32_t> group_order;
+    std::vector<int32_t> perm =
+        gptq_column_order(diag.data(), n_in, opt.group_size, opt.desc_act, opt.gar, &group_order);
     double mean_diag = 0.0;  // in processing order, as the CPU sums it
     for (size_t k = 0; k < K; ++k) mean_diag += diag[perm.empty() ? k : static_cast<size_t>(perm[k])];
     mean_diag /= static_cast<double>(K);
@@ -209,6 +208,17 @@ result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_contex
     if (dynamic) {
         GPTQ_TRY(cuda_copy_to_host(cctx, q.scales.data(), scale_dev->data(), q.scales.size() * sizeof(float)));
         GPTQ_TRY(cuda_copy_to_host(cctx, q.zeros.data(), zero_dev->data(), q.zeros.size() * sizeof(int32_t)));
+        if (!group_order.empty()) {  // GAR: block b's params belong to group group_order[b]
+            std::vector<float>   s2(q.scales.size());
+            std::vector<int32_t> z2(q.zeros.size());
+            for (size_t b = 0; b < group_order.size(); ++b)
+                for (int64_t r = 0; r < n_out; ++r) {
+                    s2[size_t(group_order[b]) * size_t(n_out) + size_t(r)] = q.scales[b * size_t(n_out) + size_t(r)];
+                    z2[size_t(group_order[b]) * size_t(n_out) + size_t(r)] = q.zeros[b * size_t(n_out) + size_t(r)];
+                }
+            q.scales.swap(s2);
+            q.zeros.swap(z2);
+        }
     } else {
         q.scales = std::move(scales);  // full rows: [1, n_out]; static groups: [n_groups, n_out]
         q.zeros  = std::move(zeros);
@@ -219,7 +229,8 @@ result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_contex
     } else {
         for (int64_t i = 0; i < n_in; ++i) {
             const int64_t orig                 = perm.empty() ? i : perm[static_cast<size_t>(i)];
-            q.g_idx[static_cast<size_t>(orig)] = static_cast<int32_t>(i / gs);
+            q.g_idx[static_cast<size_t>(orig)] =
+                static_cast<int32_t>(group_order.empty() ? i / gs : group_order[static_cast<size_t>(i / gs)]);
         }
     }
     const double loss = std::accumulate(row_loss.begin(), row_loss.end(), 0.0);

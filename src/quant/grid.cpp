@@ -70,4 +70,36 @@ grid_params grid_find_params(const float* x, int64_t n, int64_t stride, const gr
     return best;
 }
 
+grid_params grid_find_params_weighted(const float* x, const float* wt, int64_t n, const grid_options& opt) {
+    grid_options plain = opt;
+    plain.mse          = false;
+    const int maxq     = grid_maxq(opt.bits);
+    float     xmin = 0.0f, xmax = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+        xmin = std::min(xmin, x[i]);
+        xmax = std::max(xmax, x[i]);
+    }
+    if (opt.sym) {
+        xmax = std::max(std::fabs(xmin), xmax);
+        if (xmin < 0.0f) xmin = -xmax;
+    }
+    if (xmin == 0.0f && xmax == 0.0f) return grid_find_params(x, n, 1, plain);
+    grid_params best     = params_for_range(xmin, xmax, plain, maxq);
+    double      best_err = INFINITY;
+    for (int i = 0; i < 80; ++i) {
+        const float       s    = 1.0f - static_cast<float>(i) / 100;
+        const grid_params cand = params_for_range(s * xmin, s * xmax, plain, maxq);
+        double            err  = 0.0;
+        for (int64_t j = 0; j < n; ++j) {
+            const double d = grid_dequantize(grid_quantize(x[j], cand, maxq), cand) - x[j];
+            err += static_cast<double>(wt[j]) * d * d;
+        }
+        if (err < best_err) {
+            best_err = err;
+            best     = cand;
+        }
+    }
+    return best;
+}
+
 }  // namespace gptq

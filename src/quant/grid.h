@@ -42,4 +42,9 @@ inline float grid_dequantize(int q, grid_params p) {
 // Parameters for the values x[0], x[stride], ..., x[(n-1) * stride] (one row's slice).
 grid_params grid_find_params(const float* x, int64_t n, int64_t stride, const grid_options& opt);
 
+// The clipping range p * [xmin, xmax] (p = 1, 0.99, ..., 0.21, as the --mse grid) that minimises
+// sum_i wt[i] (Q(x[i]) - x[i])^2: with wt = diag(H) of the columns, the diagonal part of the
+// Hessian-weighted error GPTQ minimises (--mse-hessian). opt.mse is ignored. Contiguous x, wt.
+grid_params grid_find_params_weighted(const float* x, const float* wt, int64_t n, const grid_options& opt);
+
 }  // namespace gptq

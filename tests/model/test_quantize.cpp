@@ -4,12 +4,15 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <filesystem>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "gptq/make_random.h"
 #include "gptq/ppl.h"
 #include "gptq/quantize.h"
+#include "io/gptq_checkpoint.h"
 #include "io/hf_config.h"
 #include "io/tensor_source.h"
 #include "model/llama.h"
@@ -136,6 +139,170 @@ TEST(quantize, rtn_checkpoint_loads_back_to_the_same_weights) {
             EXPECT_EQ((*lb)->attn_norm, (*lo)->attn_norm);
         }
     }
+}
+
+// --quantize-lm-head on the tied tiny-llama: lm_head gets its own GPTQ tensors (GPTQModel's names,
+// "lm_head": true, tie_word_embeddings false), the embedding table stays F16. With RTN the tensors
+// read back through the loader's settings are exactly RTN of the embedding table; with GPTQ the
+// model loads and its perplexity stays close to that of the same run without it.
+TEST(quantize, quantized_lm_head_round_trips) {
+    test::temp_dir dir("q-lm-head");
+    auto           r      = small_run(dir.file("rtn"));
+    r.method              = "rtn";
+    r.quantize_lm_head    = true;
+    ASSERT_TRUE(quantize_model(r).is_ok());
+    const std::string out = r.output_path;
+    auto qc  = json::parse(test::read_file(out + "/quantize_config.json"));
+    auto cfg = json::parse(test::read_file(out + "/config.json"));
+    EXPECT_EQ(qc["lm_head"], true);
+    EXPECT_EQ(cfg["quantization_config"]["lm_head"], true);
+    EXPECT_EQ(cfg["tie_word_embeddings"], false);
+    auto orig = llama_model::open(tiny());
+    auto back = llama_model::open(out);
+    ASSERT_TRUE(orig.is_ok() && back.is_ok()) << back.error().message();
+    const gptq_config* qh = (*back)->quantization_of("lm_head");
+    ASSERT_NE(qh, nullptr);
+    const auto& hp = (*orig)->hparams();
+    ASSERT_TRUE(hp.tie_embeddings);
+    EXPECT_TRUE((*back)->source().has("lm_head.qweight"));
+    EXPECT_FALSE((*back)->source().has("lm_head.weight"));
+    EXPECT_TRUE((*back)->source().has("model.embed_tokens.weight"));
+    ASSERT_TRUE((*orig)->globals_load().is_ok());
+    auto w = (*orig)->lm_head_dense_weight();
+    ASSERT_TRUE(w.is_ok());
+    gptq_options opt;
+    auto         q = rtn_quantize(ops_context{}, w->data(), hp.n_vocab, hp.n_embd, opt);
+    ASSERT_TRUE(q.is_ok());
+    std::vector<float> expect(w->size()), got(w->size());
+    quantized_linear_dequantize(*q, expect.data());
+    auto d = gptq_linear_read((*back)->source(), "lm_head", hp.n_vocab, hp.n_embd, *qh);
+    ASSERT_TRUE(d.is_ok()) << d.error().message();
+    d->dequantize(got.data());
+    EXPECT_EQ(got, expect);
+    ASSERT_TRUE((*back)->globals_load().is_ok());
+    EXPECT_FALSE((*back)->lm_head_dense_weight().is_ok());  // quantized: no dense weight to give
+
+#ifndef GPTQ_SANITIZE
+    auto plain = small_run(dir.file("gptq"));
+    auto head  = small_run(dir.file("gptq-head"));
+    head.quantize_lm_head = true;
+    head.report_path      = dir.file("report.json");
+    ASSERT_TRUE(quantize_model(plain).is_ok());
+    auto rep = quantize_model(head);
+    ASSERT_TRUE(rep.is_ok()) << rep.error().message();
+    ASSERT_EQ(rep->linears.back().name, "lm_head");
+    EXPECT_LT(rep->linears.back().error_gptq, rep->linears.back().error_rtn);
+    auto ppl_of = [](const std::string& m) {
+        ppl_params p;
+        p.model_path  = m;
+        p.seqlen      = 512;
+        p.max_windows = 6;
+        p.progress    = false;
+        p.n_threads   = 2;
+        auto res      = ppl_run(p);
+        EXPECT_TRUE(res.is_ok()) << res.error().message();
+        return res.is_ok() ? res->ppl : 0.0;
+    };
+    const double a = ppl_of(plain.output_path), b = ppl_of(head.output_path);
+    EXPECT_TRUE(std::isfinite(b));
+    EXPECT_LT(std::fabs(b / a - 1.0), 0.05) << "W4 " << a << ", W4 + lm_head " << b;
+    RecordProperty("ppl_w4", std::to_string(a));
+    RecordProperty("ppl_w4_lm_head", std::to_string(b));
+#endif
+}
+
+// --target-bpw: the plan is written as GPTQModel `dynamic` rules that our loader applies (each
+// module's tensors have the planned bits and group size), the quantized linears' bytes as written
+// are those of the plan and within the budget, tightly (no module could move to a choice of lower
+// error in the bytes left), and fewer bits per weight give a higher perplexity.
+TEST(quantize, target_bpw_plan_respects_the_budget_and_round_trips) {
+    test::temp_dir dir("q-bpw");
+    auto run_at = [&](double bpw, const std::string& name) {
+        auto p            = small_run(dir.file(name));
+        p.target_bpw      = bpw;
+        p.bpw_group_sizes = {64};
+        p.report_path     = dir.file(name + ".json");
+        auto r            = quantize_model(p);
+        EXPECT_TRUE(r.is_ok()) << r.error().message();
+        return p;
+    };
+    const auto p   = run_at(3.5, "b35");
+    const auto rep = json::parse(test::read_file(p.report_path));
+    ASSERT_TRUE(rep.contains("bit_plan"));
+    const auto&    plan   = rep["bit_plan"];
+    const uint64_t budget = plan["budget_bytes"].get<uint64_t>();
+    int64_t        n_w    = 0;
+    for (const auto& m : plan["modules"]) n_w += m["n_out"].get<int64_t>() * m["n_in"].get<int64_t>();
+    EXPECT_EQ(budget, static_cast<uint64_t>(std::floor(3.5 * double(n_w) / 8.0)));
+    EXPECT_LE(plan["bytes"].get<uint64_t>(), budget);
+
+    auto qc  = json::parse(test::read_file(p.output_path + "/quantize_config.json"));
+    auto cfg = json::parse(test::read_file(p.output_path + "/config.json"));
+    EXPECT_EQ(qc, cfg["quantization_config"]);
+    ASSERT_TRUE(qc.contains("dynamic"));
+    EXPECT_EQ(qc["dynamic"], plan["dynamic"]);
+    auto back = llama_model::open(p.output_path);
+    ASSERT_TRUE(back.is_ok()) << back.error().message();
+    std::set<int> bits_seen;
+    uint64_t      written = 0;
+    for (const auto& m : plan["modules"]) {
+        const std::string  name = m["module"];
+        const gptq_config* qm   = (*back)->quantization_of(name);
+        ASSERT_NE(qm, nullptr) << name;
+        EXPECT_EQ(qm->bits, m["bits"].get<int>()) << name;
+        EXPECT_EQ(qm->group_size, m["group_size"].get<int>()) << name;
+        bits_seen.insert(qm->bits);
+        for (const char* t : {".qweight", ".qzeros", ".scales", ".g_idx"}) {
+            const tensor_entry* e = (*back)->source().find(name + t);
+            ASSERT_NE(e, nullptr) << name << t;
+            written += e->info->nbytes();
+        }
+        // Tight: no other choice of lower error fits in the bytes left.
+        for (const auto& c : m["candidates"])
+            if (c["error"].get<double>() < m["error"].get<double>()) {
+                EXPECT_GT(plan["bytes"].get<uint64_t>() - m["bytes"].get<uint64_t>() + c["bytes"].get<uint64_t>(),
+                          budget)
+                    << name << " could take " << c.dump();
+            }
+    }
+    EXPECT_EQ(written, plan["bytes"].get<uint64_t>());
+    EXPECT_GT(bits_seen.size(), 1u) << "3.5 bits per weight mixes bit widths";
+
+    // Interrupted and resumed: the plan comes from the work folder, the files are the same.
+    auto cut              = small_run(dir.file("cut"));
+    cut.target_bpw        = 3.5;
+    cut.bpw_group_sizes   = {64};
+    cut.stop_after_layers = 2;
+    ASSERT_FALSE(quantize_model(cut).is_ok());
+    ASSERT_TRUE(fs::exists(cut.output_path + ".partial/plan.json"));
+    cut.stop_after_layers = -1;
+    cut.resume            = true;
+    auto resumed          = quantize_model(cut);
+    ASSERT_TRUE(resumed.is_ok()) << resumed.error().message();
+    EXPECT_EQ(test::read_file(cut.output_path + "/model.safetensors"),
+              test::read_file(p.output_path + "/model.safetensors"));
+    EXPECT_EQ(test::read_file(cut.output_path + "/quantize_config.json"),
+              test::read_file(p.output_path + "/quantize_config.json"));
+    for (const auto& l : rep["linears"]) EXPECT_GT(l["bits"].get<int>(), 0);
+
+#ifndef GPTQ_SANITIZE
+    const auto low   = run_at(2.75, "b275");
+    auto       ppl_of = [](const std::string& m) {
+        ppl_params pp;
+        pp.model_path  = m;
+        pp.seqlen      = 512;
+        pp.max_windows = 6;
+        pp.progress    = false;
+        pp.n_threads   = 2;
+        auto res       = ppl_run(pp);
+        EXPECT_TRUE(res.is_ok()) << res.error().message();
+        return res.is_ok() ? res->ppl : 0.0;
+    };
+    const double a = ppl_of(low.output_path), b = ppl_of(p.output_path);
+    EXPECT_GT(a, b) << "2.75 bpw " << a << ", 3.5 bpw " << b;
+    RecordProperty("ppl_bpw_2_75", std::to_string(a));
+    RecordProperty("ppl_bpw_3_5", std::to_string(b));
+#endif
 }
 
 TEST(quantize, resume_after_interruption_is_byte_identical) {

@@ -115,6 +115,32 @@ TEST(grid, mse_search_never_increases_the_error) {
     }
 }
 
+// --mse-hessian's range: never a larger diag(H)-weighted squared error than the full range.
+TEST(grid, weighted_search_never_increases_the_weighted_error) {
+    std::mt19937                          rng(4);
+    std::student_t_distribution<float>    heavy(3.0f);
+    std::uniform_real_distribution<float> u(0.0f, 2.0f);
+    for (int bits : {2, 3, 4}) {
+        std::vector<float> x(128), wt(128);
+        for (auto& v : x) v = heavy(rng);
+        for (auto& v : wt) v = u(rng);
+        for (bool sym : {true, false}) {
+            const int maxq = grid_maxq(bits);
+            auto      err  = [&](grid_params p) {
+                double e = 0;
+                for (size_t i = 0; i < x.size(); ++i) {
+                    const double d = grid_dequantize(grid_quantize(x[i], p, maxq), p) - x[i];
+                    e += wt[i] * d * d;
+                }
+                return e;
+            };
+            const auto plain = grid_find_params(x.data(), 128, 1, {bits, sym, false, 0});
+            const auto w     = grid_find_params_weighted(x.data(), wt.data(), 128, {bits, sym, false, 0});
+            EXPECT_LE(err(w), err(plain)) << bits << sym;
+        }
+    }
+}
+
 TEST(gptq, beats_rtn_on_correlated_inputs) {
     thread_pool pool(2);
     ops_context ctx{&pool, false};
@@ -168,6 +194,53 @@ TEST(gptq, act_order_and_static_groups) {
     EXPECT_EQ(s->scales, r->scales);
     EXPECT_LT(herr(L, *s), 0.8 * herr(L, *r));
     EXPECT_LT(herr(L, *g), 0.8 * herr(L, *r));
+}
+
+// GAR: processing order = each group's columns by descending diag(H), groups by their largest
+// diag; g_idx stays contiguous (k / gs) and each group's scales are those computed when its block
+// was processed; with one group it is act-order exactly; with desc_act it is refused.
+TEST(gptq, gar_keeps_contiguous_groups) {
+    ops_context  ctx;
+    const auto   L = make_layer(64, 128, 5);
+    gptq_options o;
+    o.group_size = 32;
+    o.gar        = true;
+    auto g       = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), o);
+    ASSERT_TRUE(g.is_ok()) << g.error().message();
+    ASSERT_EQ(g->perm.size(), 128u);
+    auto d = [&](int32_t k) { return L.h[static_cast<size_t>(k) * 129]; };
+    for (size_t i = 0; i < 128; ++i) {
+        EXPECT_EQ(g->g_idx[i], static_cast<int32_t>(i / 32));
+        EXPECT_EQ(g->perm[i] / 32, g->perm[(i / 32) * 32] / 32) << "block " << i / 32 << " is one group";
+        if (i % 32) {
+            EXPECT_GE(d(g->perm[i - 1]), d(g->perm[i]));
+        }
+    }
+    for (size_t b = 1; b < 4; ++b) EXPECT_GE(d(g->perm[(b - 1) * 32]), d(g->perm[b * 32]));
+    bool natural = true;
+    for (size_t i = 0; i < 128; ++i) natural &= g->perm[i] == static_cast<int32_t>(i);
+    EXPECT_FALSE(natural);
+    auto plain = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), gptq_options{.group_size = 32});
+    auto r     = rtn_quantize(ctx, L.w.data(), L.n_out, L.n_in, o);
+    ASSERT_TRUE(plain.is_ok() && r.is_ok());
+    EXPECT_LT(herr(L, *g), 0.8 * herr(L, *r));
+    RecordProperty("gar_over_plain", std::to_string(herr(L, *g) / herr(L, *plain)));
+
+    // One group: GAR is act-order.
+    o.group_size    = -1;
+    gptq_options da = o;
+    da.gar          = false;
+    da.desc_act     = true;
+    auto g1 = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), o);
+    auto a1 = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), da);
+    ASSERT_TRUE(g1.is_ok() && a1.is_ok());
+    EXPECT_EQ(g1->codes, a1->codes);
+    EXPECT_EQ(g1->scales, a1->scales);
+    EXPECT_EQ(g1->g_idx, a1->g_idx);
+    da.gar = true;
+    auto both = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), da);
+    ASSERT_FALSE(both.is_ok());
+    EXPECT_NE(both.error().message().find("exclude each other"), std::string::npos);
 }
 
 TEST(gptq, blocked_loop_equals_unblocked) {

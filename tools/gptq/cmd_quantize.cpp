@@ -36,6 +36,9 @@ command register_quantize(CLI::App& app) {
     sub->add_option("--group-size", o->group_size, "input columns per scale/zero group; -1 = whole row")
         ->capture_default_str();
     sub->add_flag("--desc-act", o->desc_act, "act-order: quantize columns by decreasing Hessian diagonal");
+    sub->add_flag("--gar", o->gar,
+                  "group-aware act-order: act-order inside each group, groups by importance; no g_idx reorder, "
+                  "so kernels keep full speed (excludes --desc-act)");
     sub->add_flag("--sym,!--no-sym", o->sym, "symmetric grid (zero point 2^(bits-1)); --no-sym: asymmetric")
         ->capture_default_str();
     sub->add_flag("--static-groups", o->static_groups,
@@ -46,6 +49,18 @@ command register_quantize(CLI::App& app) {
         ->capture_default_str()
         ->check(CLI::Range(1e-9, 0.999999));
     sub->add_flag("--mse", o->mse, "search the clipping range that minimises the quantization error");
+    sub->add_flag("--mse-hessian", o->mse_hessian,
+                  "search each group's clipping range on its diag(H)-weighted error (CPU solve only; excludes --mse)");
+    sub->add_flag("--quantize-lm-head", o->quantize_lm_head,
+                  "quantize lm_head too (GPTQ on the final norm's output; \"lm_head\": true as GPTQModel writes "
+                  "it); a tied lm_head gets its own copy, the embeddings stay F16");
+    sub->add_option("--target-bpw", o->target_bpw,
+                    "mixed precision: bits (2/3/4/8) per module chosen by measured GPTQ error so that the "
+                    "quantized linears take at most this many bits per weight (scales, zeros, g_idx counted); "
+                    "written as GPTQModel `dynamic` rules")
+        ->check(CLI::Range(2.0, 16.0));
+    sub->add_option("--bpw-group-sizes", o->bpw_group_sizes,
+                    "with --target-bpw: group sizes the plan may also choose besides --group-size (e.g. 32 64)");
     sub->add_option("--method", o->method, "gptq, or rtn (round to nearest; no calibration)")
         ->capture_default_str()
         ->check(CLI::IsMember({"gptq", "rtn"}));
@@ -64,6 +79,10 @@ command register_quantize(CLI::App& app) {
     sub->add_option("--seqlen", o->seqlen, "tokens per calibration window")
         ->capture_default_str()
         ->check(CLI::Range(2, 1 << 20));
+    sub->add_option("--calib-sampling", o->calib_sampling,
+                    "calibration windows: random (seeded offsets across the text) or contiguous (from the start)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"random", "contiguous"}));
     sub->add_option("--seed", o->seed, "seed of the window sampler")->capture_default_str();
     sub->add_option("--max-shard-size", *shard, "split the weights into shards beyond this size (e.g. 4GB, 500MB)")
         ->capture_default_str();

@@ -28,6 +28,7 @@ command register_bench(CLI::App& app);
 command register_plan(CLI::App& app);
 command register_convert(CLI::App& app);
 command register_serve(CLI::App& app);
+command register_report(CLI::App& app);
 // More subcommands add a line here and in main.cpp.
 
 // Print "gptq: error: <message>" on stderr and return 1.

@@ -229,6 +229,7 @@ int main(int argc, char** argv) {
     commands.push_back(register_plan(app));
     commands.push_back(register_convert(app));
     commands.push_back(register_serve(app));
+    commands.push_back(register_report(app));
 
     add_number_checks(app);
 

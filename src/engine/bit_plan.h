@@ -1,0 +1,53 @@
+// --target-bpw (docs/quantize.md, "Mixed precision"): the choice of bits and group size per
+// checkpoint module that minimises the summed Hessian-weighted error under an exact size budget.
+// Pure bookkeeping: the errors are measured by quantize.cpp; the bytes are those the checkpoint
+// writes for the module (qweight, qzeros, scales, g_idx: gptq_linear_decls), bias not counted.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+
+namespace gptq {
+
+struct bit_choice {
+    int      bits       = 4;
+    int      group_size = 128;
+    uint64_t bytes      = 0;    // bytes written for the module at these settings
+    double   error      = 0.0;  // its measured error (sum over the module's parts)
+};
+
+struct bit_plan_module {
+    std::string             module;  // "model.layers.3.mlp.down_proj", "lm_head"
+    int64_t                 n_out = 0, n_in = 0;
+    std::vector<bit_choice> choices;
+    double                  signal = 0.0;  // the module's output energy tr(W H W^T) (for relative errors)
+};
+
+struct bit_plan {
+    std::vector<size_t> pick;  // per module, the index of its chosen choice
+    uint64_t            bytes        = 0;  // sum of the picks' bytes (<= budget_bytes)
+    uint64_t            budget_bytes = 0;
+    double              error        = 0.0;  // sum of the picks' errors
+    int64_t             n_weights    = 0;    // sum of n_out * n_in
+    double              bpw() const { return n_weights ? 8.0 * double(bytes) / double(n_weights) : 0.0; }
+};
+
+// Bytes a GPTQ module of this shape and these settings writes: qweight I32 [n_in * bits / 32,
+// n_out], qzeros I32 [G, n_out * bits / 32], scales F16 [G, n_out], g_idx I32 [n_in] (format.md 1.2).
+uint64_t gptq_module_bytes(int64_t n_out, int64_t n_in, int bits, int group_size);
+
+// The budget of target_bpw bits per weight over these modules, in whole bytes (rounded down).
+uint64_t bit_plan_budget_bytes(const std::vector<bit_plan_module>& modules, double target_bpw);
+
+// The plan: the smallest choice of every module first (an error naming the smallest possible bpw
+// when even that does not fit), then upgrades along each module's lower convex hull of (bytes,
+// error) in order of error saved per byte while they fit, then a local search: the best single
+// move (a module to any choice of lower error that fits the bytes left) or pair of moves (one
+// module up, another down to free the bytes) until none lowers the error. The result is within
+// budget, and no single module can move to a lower-error choice within the bytes left (tested).
+result<bit_plan> bit_plan_solve(const std::vector<bit_plan_module>& modules, uint64_t budget_bytes);
+
+}  // namespace gptq

@@ -1,0 +1,187 @@
+// gptq report (docs/quantize.md, "Report"): a quantize --report JSON read back, the per-layer
+// table and an SVG of the error GPTQ left against RTN's, layer by layer, with each module's bits.
+// The SVG is written by hand (a handful of rect/line/text elements): no plotting library.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "gptq/quantize.h"
+
+namespace gptq {
+
+namespace {
+
+constexpr auto E_PARSE = status_code::STATUS_PARSE_ERROR;
+
+// "model.layers.12.mlp.down_proj" -> 12; "lm_head" -> n_layers (a last column).
+int64_t layer_of(const std::string& name, int64_t n_layers) {
+    long i = -1;
+    if (std::sscanf(name.c_str(), "model.layers.%ld.", &i) == 1) return i;
+    return n_layers;
+}
+
+std::string xml_escape(const std::string& s) {
+    std::string out;
+    for (char c : s) {
+        switch (c) {
+            case '<': out += "&lt;"; break;
+            case '>': out += "&gt;"; break;
+            case '&': out += "&amp;"; break;
+            case '"': out += "&quot;"; break;
+            default: out += c;
+        }
+    }
+    return out;
+}
+
+}  // namespace
+
+result<quantize_report_view> quantize_report_read(const std::string& json_text, const std::string& where) {
+    nlohmann::json j = nlohmann::json::parse(json_text, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded() || !j.is_object())
+        return make_error(E_PARSE, "{}: not a JSON object (expected a `gptq quantize --report` file)", where);
+    if (!j.contains("linears") || !j["linears"].is_array())
+        return make_error(E_PARSE, "{}: no \"linears\" array (expected a `gptq quantize --report` file)", where);
+    quantize_report_view v;
+    v.method     = j.value("method", "");
+    v.bits       = j.value("bits", 0);
+    v.group_size = j.value("group_size", 0);
+    v.n_layers   = j.value("n_layers", int64_t(0));
+    size_t k     = 0;
+    for (const auto& l : j["linears"]) {
+        if (!l.is_object() || !l.contains("name") || !l["name"].is_string() || !l.contains("error_gptq") ||
+            !l["error_gptq"].is_number() || !l.contains("error_rtn") || !l["error_rtn"].is_number())
+            return make_error(E_PARSE, "{}: linears[{}] lacks a name, error_gptq or error_rtn", where, k);
+        quantize_linear_report r;
+        r.name       = l["name"].get<std::string>();
+        r.n_out      = l.value("n_out", int64_t(0));
+        r.n_in       = l.value("n_in", int64_t(0));
+        r.bits       = l.value("bits", v.bits);
+        r.group_size = l.value("group_size", v.group_size);
+        r.error_gptq = l["error_gptq"].get<double>();
+        r.error_rtn  = l["error_rtn"].get<double>();
+        if (!std::isfinite(r.error_gptq) || !std::isfinite(r.error_rtn) || r.error_gptq < 0 || r.error_rtn < 0)
+            return make_error(E_PARSE, "{}: {} has errors {} / {}, expected finite and >= 0", where, r.name,
+                              r.error_gptq, r.error_rtn);
+        long i = -1;
+        if (std::sscanf(r.name.c_str(), "model.layers.%ld.", &i) == 1) v.n_layers = std::max<int64_t>(v.n_layers, i + 1);
+        v.linears.push_back(r);
+        ++k;
+    }
+    if (v.linears.empty()) return make_error(E_PARSE, "{}: \"linears\" is empty", where);
+    return v;
+}
+
+std::vector<quantize_layer_errors> quantize_report_layers(const quantize_report_view& v) {
+    std::map<int64_t, quantize_layer_errors> by;
+    for (const auto& l : v.linears) {
+        const int64_t i = layer_of(l.name, v.n_layers);
+        auto&         e = by[i];
+        e.layer         = i;
+        e.label         = i == v.n_layers ? "lm_head" : std::to_string(i);
+        e.error_gptq += l.error_gptq;
+        e.error_rtn += l.error_rtn;
+        e.modules.push_back(l);
+    }
+    std::vector<quantize_layer_errors> out;
+    for (auto& [i, e] : by) out.push_back(std::move(e));
+    return out;
+}
+
+std::string quantize_report_svg(const quantize_report_view& v, const std::string& title) {
+    const auto layers = quantize_report_layers(v);
+    // Layout: a log-scale bar chart (RTN grey, GPTQ blue per layer) over a strip of the modules'
+    // bits (one cell per module, coloured by bits).
+    const double W = std::max(640.0, 90.0 + 46.0 * double(layers.size())), H = 440;
+    const double x0 = 70, x1 = W - 20, y0 = 50, y1 = 300;  // plot area
+    double       lo = INFINITY, hi = 0;
+    for (const auto& e : layers)
+        for (double x : {e.error_gptq, e.error_rtn})
+            if (x > 0) {
+                lo = std::min(lo, x);
+                hi = std::max(hi, x);
+            }
+    if (!(hi > 0)) {
+        lo = 1e-3;
+        hi = 1;
+    }
+    const double d0 = std::floor(std::log10(lo)), d1 = std::max(d0 + 1, std::ceil(std::log10(hi)));
+    auto         y_of = [&](double x) {
+        const double l = x > 0 ? std::log10(x) : d0;
+        return y1 - (l - d0) / (d1 - d0) * (y1 - y0);
+    };
+    std::string s = fmt::format(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{:.0f}\" height=\"{:.0f}\" viewBox=\"0 0 {:.0f} {:.0f}\" "
+        "font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+        W, H, W, H);
+    s += fmt::format("<text x=\"{:.0f}\" y=\"24\" font-size=\"15\">{}</text>\n", x0, xml_escape(title));
+    s += fmt::format(
+        "<text x=\"{:.0f}\" y=\"40\" fill=\"#555\">Hessian-weighted error per layer (sum over its linears, log "
+        "scale): RTN grey, GPTQ blue; ratio GPTQ/RTN above</text>\n",
+        x0);
+    for (double d = d0; d <= d1; d += 1) {  // decades
+        const double y = y_of(std::pow(10.0, d));
+        s += fmt::format("<line x1=\"{:.1f}\" y1=\"{:.1f}\" x2=\"{:.1f}\" y2=\"{:.1f}\" stroke=\"#ddd\"/>\n", x0, y, x1,
+                         y);
+        s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" text-anchor=\"end\">1e{:.0f}</text>\n", x0 - 6, y + 4, d);
+    }
+    s += fmt::format("<line x1=\"{0:.1f}\" y1=\"{1:.1f}\" x2=\"{0:.1f}\" y2=\"{2:.1f}\" stroke=\"black\"/>\n", x0, y0,
+                     y1);
+    const double slot = (x1 - x0) / double(layers.size()), bw = std::min(18.0, slot * 0.35);
+    auto         bits_colour = [](int b) {
+        switch (b) {
+            case 2: return "#d7301f";
+            case 3: return "#fc8d59";
+            case 4: return "#4575b4";
+            case 8: return "#1a9850";
+            default: return "#999999";
+        }
+    };
+    for (size_t k = 0; k < layers.size(); ++k) {
+        const auto&  e  = layers[k];
+        const double cx = x0 + slot * (double(k) + 0.5);
+        const double yr = y_of(e.error_rtn), yg = y_of(e.error_gptq);
+        s += fmt::format(
+            "<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"{:.1f}\" height=\"{:.1f}\" fill=\"#bbbbbb\"><title>layer {} RTN "
+            "{:.4g}</title></rect>\n",
+            cx - bw, yr, bw, y1 - yr, e.label, e.error_rtn);
+        s += fmt::format(
+            "<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"{:.1f}\" height=\"{:.1f}\" fill=\"#2c7fb8\"><title>layer {} GPTQ "
+            "{:.4g}</title></rect>\n",
+            cx, yg, bw, y1 - yg, e.label, e.error_gptq);
+        if (e.error_rtn > 0)
+            s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" text-anchor=\"middle\" font-size=\"10\">{:.2f}</text>\n",
+                             cx, std::min(yr, yg) - 4, e.error_gptq / e.error_rtn);
+        s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" text-anchor=\"middle\">{}</text>\n", cx, y1 + 16,
+                         xml_escape(e.label));
+        // The bits strip: one cell per module of the layer.
+        const double cw = std::max(2.0, (slot * 0.9) / double(e.modules.size()));
+        for (size_t m = 0; m < e.modules.size(); ++m) {
+            const auto& l = e.modules[m];
+            s += fmt::format(
+                "<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"{:.1f}\" height=\"28\" fill=\"{}\" stroke=\"white\"><title>{} "
+                "{}-bit g{}</title></rect>\n",
+                cx - slot * 0.45 + cw * double(m), y1 + 34, cw, bits_colour(l.bits), xml_escape(l.name), l.bits,
+                l.group_size);
+        }
+    }
+    s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" text-anchor=\"end\">bits</text>\n", x0 - 6, y1 + 52);
+    double lx = x0;
+    for (int b : {2, 3, 4, 8}) {
+        s += fmt::format("<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"14\" height=\"14\" fill=\"{}\"/>", lx, H - 40,
+                         bits_colour(b));
+        s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\">{}-bit</text>\n", lx + 18, H - 28, b);
+        lx += 70;
+    }
+    s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" fill=\"#555\">layer (x axis); cells: modules in report order</text>\n",
+                     lx + 10, H - 28);
+    s += "</svg>\n";
+    return s;
+}
+
+}  // namespace gptq

@@ -74,7 +74,7 @@ public:
     status evaluate(const int32_t* ids, int64_t n, float* logits) override {
         if (n < 1) return make_error(E_ARG, "evaluate: {} tokens, expected at least 1", n);
         GPTQ_TRY(ids_check(ids, n, "evaluate"));
-        return model_->forward(ops(), ids, n, /*cache=*/nullptr, logits);
+        return model_->forward(ops(false), ids, n, /*cache=*/nullptr, logits);  // ppl: F32 products
     }
 
     uint64_t memory_used() const override {
@@ -93,7 +93,9 @@ public:
     }
 
 private:
-    ops_context ops() const { return {pool_.get(), false}; }
+    // Generation (step): decode rows of GPTQ linears take int8 activations (ops.h); prompts and
+    // evaluate (perplexity) keep the F32 products.
+    ops_context ops(bool int8_activations) const { return {pool_.get(), false, int8_activations}; }
 
     std::vector<kv_cache> caches_;  // one per slot, n_ctx_ positions each
     int64_t               n_ctx_ = 0;
@@ -152,7 +154,7 @@ status model_session_cpu::step(std::span<const seq_step> steps, float* logits) {
         batch_caches_.push_back(&caches_[static_cast<size_t>(s.seq)]);
         all_logits_[i] = s.all_logits;
     }
-    return model_->forward_batch(ops(), ids_.data(), n_tokens_.data(), static_cast<int64_t>(n), batch_caches_.data(),
+    return model_->forward_batch(ops(true), ids_.data(), n_tokens_.data(), static_cast<int64_t>(n), batch_caches_.data(),
                                  logits, all_logits_.get());
 }
 

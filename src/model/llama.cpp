@@ -624,7 +624,7 @@ std::shared_ptr<const gptq_packed_linear> gptq_packed(const gptq_linear_data& q)
     std::vector<float> scales(q.scales.size());
     for (size_t j = 0; j < scales.size(); ++j) scales[j] = f16_to_f32(q.scales[j]);
     return std::make_shared<const gptq_packed_linear>(gptq_packed_linear::from_unpacked(
-        q.codes.data(), scales.data(), q.zeros.data(), q.g_idx.data(), q.n_out, q.n_in, q.n_groups));
+        q.codes.data(), scales.data(), q.zeros.data(), q.g_idx.data(), q.n_out, q.n_in, q.n_groups, q.bits));
 }
 
 status read_vec(const tensor_source& src, const tensor_spec& t, std::vector<float>* out) {

@@ -14,6 +14,10 @@ class thread_pool;
 struct ops_context {
     thread_pool* pool      = nullptr;  // nullptr: run on the calling thread
     bool         reference = false;    // use the plain reference kernels (slow; for checking)
+    // Decode-sized GPTQ linears (m < 4 rows) quantize their activations to int8 per block of 32
+    // (kernels/cpu/gptq_linear.h): much faster, not F32-exact. Generation turns it on; perplexity
+    // and calibration keep the F32 products (docs/model-runtime.md).
+    bool int8_activations = false;
 };
 
 // y[m, n] = x[m, k] w[n, k]^T + bias[n] (bias may be nullptr). y must not alias x.

@@ -162,7 +162,7 @@ status model_session_cpu::step(std::span<const seq_step> steps, float* logits) {
 
 result<std::unique_ptr<model_session>> model_session_open_cpu(const model_session_options& o) {
     auto s = std::make_unique<model_session_cpu>();
-    GPTQ_ASSIGN_OR_RETURN(s->model_, llama_model::open(o.model_path, {.strict = o.strict}));
+    GPTQ_ASSIGN_OR_RETURN(s->model_, llama_model::open(o.model_path, {.strict = o.strict, .keep_f16 = true}));
     const uint64_t    weights = s->model_->resident_bytes();
     const std::string what    = o.host_work_bytes == 0
                                     ? fmt::format("loading {}", o.model_path)

@@ -24,6 +24,10 @@ struct ops_context {
 void op_linear(const ops_context& ctx, const float* x, const float* w, const float* bias, float* y, int64_t m,
                int64_t n, int64_t k);
 
+// The same with w in F16 bits [n, k] (weights kept F16 in memory; kernels/cpu/linear.h linear_f16).
+void op_linear_f16(const ops_context& ctx, const float* x, const uint16_t* w, const float* bias, float* y, int64_t m,
+                   int64_t n, int64_t k);
+
 // y[n_rows, dim] = rmsnorm(x[n_rows, dim]) * w[dim]; y may alias x.
 void op_rms_norm(const ops_context& ctx, const float* x, const float* w, float* y, int64_t n_rows, int64_t dim,
                  float eps);

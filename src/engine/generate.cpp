@@ -195,6 +195,7 @@ result<std::unique_ptr<generator>> generator::open(const generator_options& opti
     GPTQ_ASSIGN_OR_RETURN(so.device, device_parse(options.device));
     so.n_threads  = options.n_threads;
     so.strict     = options.strict;
+    so.int8_activations = !options.exact_activations;
     so.device_map = options.device_map;
     so.max_memory = options.max_memory;
     std::unique_ptr<generator> g(new generator());

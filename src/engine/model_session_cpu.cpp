@@ -50,7 +50,8 @@ class model_session_cpu final : public model_session {
 public:
     std::unique_ptr<llama_model> model_;
     std::unique_ptr<thread_pool> pool_;
-    int                          n_threads_ = 0;
+    int                          n_threads_        = 0;
+    bool                         int8_activations_ = true;  // model_session_options::int8_activations
     std::string                  machine_   = cpu_machine();
 
     const llama_hparams& hparams() const override { return model_->hparams(); }
@@ -93,9 +94,9 @@ public:
     }
 
 private:
-    // Generation (step): decode rows of GPTQ linears take int8 activations (ops.h); prompts and
-    // evaluate (perplexity) keep the F32 products.
-    ops_context ops(bool int8_activations) const { return {pool_.get(), false, int8_activations}; }
+    // Generation (step): GPTQ linears take int8-rounded activations (ops.h), prompts and decode rows
+    // alike; evaluate (perplexity) keeps the F32 products.
+    ops_context ops(bool generation) const { return {pool_.get(), false, generation && int8_activations_}; }
 
     std::vector<kv_cache> caches_;  // one per slot, n_ctx_ positions each
     int64_t               n_ctx_ = 0;
@@ -180,6 +181,7 @@ result<std::unique_ptr<model_session>> model_session_open_cpu(const model_sessio
     }
     s->n_threads_ = o.n_threads > 0 ? o.n_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     s->pool_      = std::make_unique<thread_pool>(s->n_threads_);
+    s->int8_activations_ = o.int8_activations;
     return std::unique_ptr<model_session>(std::move(s));
 }
 

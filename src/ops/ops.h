@@ -14,9 +14,10 @@ class thread_pool;
 struct ops_context {
     thread_pool* pool      = nullptr;  // nullptr: run on the calling thread
     bool         reference = false;    // use the plain reference kernels (slow; for checking)
-    // Decode-sized GPTQ linears (m < 4 rows) quantize their activations to int8 per block of 32
-    // (kernels/cpu/gptq_linear.h): much faster, not F32-exact. Generation turns it on; perplexity
-    // and calibration keep the F32 products (docs/model-runtime.md).
+    // GPTQ linears round their activations to int8 (one scale per block of up to 128 rows of a
+    // group; kernels/cpu/gptq_linear.h) and decode-sized calls (m < 4 rows) use the int8 GEMV:
+    // much faster, not F32-exact. Generation turns it on; perplexity and calibration keep the F32
+    // products (docs/model-runtime.md).
     bool int8_activations = false;
 };
 

@@ -168,3 +168,43 @@ TEST(cpu_int4_gemv, threaded_op_equals_single_row_kernel) {
             }
         }
 }
+
+// Prompt-sized calls (m >= 4) with int8 activations multiply the same int8-rounded activations in
+// F32 (dequantize + sgemm): each row within F32 summation bounds of the double reference on its
+// dequantized activations, so a row's result does not depend on the number of rows in the call.
+TEST(cpu_int4_gemv, prompt_rows_use_the_same_rounded_activations) {
+    std::mt19937                    rng(9);
+    std::normal_distribution<float> nd;
+    thread_pool                     pool(3);
+    const double                    eps = std::ldexp(1.0, -24);
+    for (int bits : {2, 4, 8})
+        for (bool act : {false, true})
+            for (int64_t m : {4, 9}) {
+                const int64_t n_out = 70, n_in = 300;
+                auto          L     = make(n_out, n_in, 128, bits, act, rng);
+                auto p = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
+                                                           L.g_idx.data(), n_out, n_in, L.n_groups, bits);
+                std::vector<float> x(static_cast<size_t>(m * n_in)), y(static_cast<size_t>(m * n_out));
+                for (auto& v : x) v = nd(rng);
+                op_gptq_linear(ops_context{&pool, false, true}, x.data(), p, nullptr, y.data(), m);
+                const double gamma = n_in * eps / (1 - n_in * eps);
+                for (int64_t i = 0; i < m; ++i) {
+                    q8                 a = quantize(x.data() + i * n_in, p.layout());
+                    std::vector<float> xd, dk, ref(static_cast<size_t>(n_out));
+                    dequantized(p, a, &xd, &dk);
+                    cpu::gptq_linear_ref(xd.data(), L.codes.data(), L.scales.data(), L.zeros_f.data(), L.g_idx.data(),
+                                         nullptr, ref.data(), 1, n_out, n_in);
+                    for (int64_t n = 0; n < n_out; ++n) {
+                        double mag = 0;
+                        for (int64_t k = 0; k < n_in; ++k) {
+                            const auto gi = static_cast<size_t>(L.g_idx[size_t(k)] * n_out + n);
+                            mag += L.scales[gi] * std::fabs(L.codes[size_t(n * n_in + k)] - L.zeros_f[gi]) *
+                                   std::fabs(xd[size_t(k)]);
+                        }
+                        // + one rounding of each dequantized weight s * (q - z)
+                        ASSERT_LE(std::fabs(y[size_t(i * n_out + n)] - ref[size_t(n)]), (gamma + 2 * eps) * mag + 1e-30)
+                            << "bits " << bits << " act " << act << " m " << m << " row " << i << " n " << n;
+                    }
+                }
+            }
+}

@@ -167,10 +167,30 @@ void dequantize_rows(const gptq_cpu_layout& w, int64_t n0, int64_t n1, float* wb
     }
 }
 
-void linear_f32(const float* x, const gptq_cpu_layout& w, float* y, int64_t m, thread_pool* pool) {
+// xs[i, sorted row] = d_b * xq (the int8-rounded activations the GEMV multiplies, dequantized).
+void gather_rounded(const float* x, const gptq_cpu_layout& w, int64_t m, float* xs) {
+    scratch&      s   = thread_scratch();
+    const int64_t nch = w.k_pad / k_gptq_chunk;
+    int8_t*       xq  = grow(s.xq, w.k_pad);
+    float*        d   = grow(s.d, nch);
+    float*        xsm = grow(s.xsum, w.n_groups);
+    for (int64_t i = 0; i < m; ++i) {
+        gptq_quantize_activations(x + i * w.n_in, w, {xq, d, xsm});
+        for (int64_t g = 0; g < w.n_groups; ++g)
+            for (int64_t r = w.group_start[g]; r < w.group_start[g + 1]; ++r) {
+                const int64_t p     = w.pad_start[g] + (r - w.group_start[g]);
+                xs[i * w.n_in + r] = d[p / k_gptq_chunk] * static_cast<float>(xq[p]);
+            }
+    }
+}
+
+void linear_f32(const float* x, const gptq_cpu_layout& w, float* y, int64_t m, thread_pool* pool, bool int8_act) {
     float* xs = grow(thread_scratch().xs, m * w.n_in);
-    for (int64_t i = 0; i < m; ++i)
-        for (int64_t k = 0; k < w.n_in; ++k) xs[i * w.n_in + k] = x[i * w.n_in + (w.perm ? w.perm[k] : k)];
+    if (int8_act)
+        gather_rounded(x, w, m, xs);
+    else
+        for (int64_t i = 0; i < m; ++i)
+            for (int64_t k = 0; k < w.n_in; ++k) xs[i * w.n_in + k] = x[i * w.n_in + (w.perm ? w.perm[k] : k)];
     const int64_t n_tasks = (w.n_out + k_rows_per_task - 1) / k_rows_per_task;
     auto          task    = [&](int64_t t0, int64_t t1) {
         float* wbuf = grow(thread_scratch().wbuf, k_rows_per_task * w.n_in);
@@ -231,7 +251,7 @@ void gptq_linear(const float* x, const gptq_cpu_layout& w, const float* bias, fl
     if (int8_act && m < 4)
         linear_int8(x, w, y, m, pool, isa);
     else
-        linear_f32(x, w, y, m, pool);
+        linear_f32(x, w, y, m, pool, int8_act);
     if (bias)
         for (int64_t i = 0; i < m; ++i)
             for (int64_t n = 0; n < w.n_out; ++n) y[i * w.n_out + n] += bias[n];

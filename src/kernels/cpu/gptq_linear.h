@@ -83,9 +83,11 @@ void gptq_quantize_activations(const float* x, const gptq_cpu_layout& w, const g
 // y[n] for n in [n0, n1) from one quantized activation row (bias not added).
 void gptq_gemv_q8(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0, int64_t n1, gptq_isa isa);
 
-// y[m, n_out] = x W^T + bias. int8_act: the int8-activation GEMV for m < 4 rows (decode), the F32
-// dequantize + sgemm path otherwise. pool may be nullptr. Scratch memory is per thread and reused
-// (no allocation per call once warm).
+// y[m, n_out] = x W^T + bias. F32 products: dequantize + sgemm. int8_act: every row multiplies
+// its int8-rounded activations d_b * xq (the same function for every row, so a row's result does
+// not depend on how many rows share the call): m < 4 rows with the int8 GEMV, more rows (prompts)
+// with the rounded activations in F32 through dequantize + sgemm. pool may be nullptr. Scratch
+// memory is per thread and reused (no allocation per call once warm).
 void gptq_linear(const float* x, const gptq_cpu_layout& w, const float* bias, float* y, int64_t m, thread_pool* pool,
                  bool int8_act, gptq_isa isa = gptq_isa::GPTQ_ISA_BEST);
 

@@ -1,5 +1,5 @@
 // The int8-activation GPTQ GEMV of kernels/cpu/gptq_linear.h (decode rows): every kernel the CPU
-// has (scalar, AVX2 maddubs, AVX512-VNNI vpdpbusd) on fresh random layers of bits 2/3/4/8, group
+// has (scalar, AVX2 maddubs, AVX512-VNNI vpdpbusd on 256- and 512-bit registers) on fresh random layers of bits 2/3/4/8, group
 // sizes 32/64/128/-1 and odd ones, with and without act-order, K not a multiple of 32.
 //
 // Two checks per output, each against a bound derived for it, never a tuned tolerance:
@@ -83,7 +83,8 @@ TEST(cpu_int4_gemv, kernels_within_derived_bounds) {
     std::mt19937                    rng(2022);
     std::normal_distribution<float> nd;
     std::vector<cpu::gptq_isa>      isas;
-    for (auto i : {cpu::gptq_isa::GPTQ_ISA_SCALAR, cpu::gptq_isa::GPTQ_ISA_AVX2, cpu::gptq_isa::GPTQ_ISA_VNNI})
+    for (auto i : {cpu::gptq_isa::GPTQ_ISA_SCALAR, cpu::gptq_isa::GPTQ_ISA_AVX2, cpu::gptq_isa::GPTQ_ISA_VNNI,
+                   cpu::gptq_isa::GPTQ_ISA_AVX512})
         if (cpu::gptq_isa_available(i)) isas.push_back(i);
     std::printf("kernels tested:");
     for (auto i : isas) std::printf(" %s", cpu::gptq_isa_name(i));

@@ -29,6 +29,83 @@ namespace vnni {
 // vpdpbusd on 256-bit registers (AVX512-VNNI + VL): four u8 x s8 products summed into each int32.
 GPTQ_KT inline __m256i dot_u8s8(__m256i acc, __m256i q, __m256i x) { return _mm256_dpbusd_epi32(acc, q, x); }
 #include "kernels/cpu/gptq_gemv_body.inc"
+
+// The same on 512-bit registers: one vpdpbusd per two chunks (64 codes). A nibble row's 32 bytes
+// of two chunks unpack to 16-byte lanes [c0 rows 0-15, c1 rows 0-15, c0 rows 16-31, c1 rows 16-31];
+// the activations are permuted to that order once per chunk pair (shared by the R rows). A
+// block's odd last chunk takes the 256-bit path.
+template <bool B8>
+GPTQ_KT inline __m512i pair_dot(__m512i acc, const uint8_t* row, int64_t c, __m512i xv) {
+    const __m512i m4 = _mm512_set1_epi8(15);
+    if constexpr (!B8) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 16));
+        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
+        return _mm512_dpbusd_epi32(acc, _mm512_and_si512(v, m4), xv);
+    } else {
+        const __m512i q  = _mm512_loadu_si512(row + c * 32);
+        const __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(q, 4), m4), xv);
+        return _mm512_dpbusd_epi32(_mm512_add_epi32(acc, _mm512_slli_epi32(hi, 4)), _mm512_and_si512(q, m4), xv);
+    }
+}
+
+template <int R, bool B8>
+GPTQ_KT void rows_q8_512(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0) {
+    const int64_t  rb = w.row_bytes(), G = w.n_groups;
+    const uint8_t* rows[R];
+    __m256         acc[R];
+    float          corr[R];
+    for (int r = 0; r < R; ++r) {
+        rows[r] = w.codes + (n0 + r) * rb;
+        acc[r]  = _mm256_setzero_ps();
+        corr[r] = 0.0f;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+        __m256 gacc[R];
+        for (int r = 0; r < R; ++r) gacc[r] = _mm256_setzero_ps();
+        const int64_t c1 = w.pad_start[g + 1] / k_gptq_chunk;
+        for (int64_t cb = w.pad_start[g] / k_gptq_chunk; cb < c1; cb += k_gptq_act_chunks) {
+            const int64_t ce = std::min(c1, cb + k_gptq_act_chunks);
+            __m512i       wide[R];
+            for (int r = 0; r < R; ++r) wide[r] = _mm512_setzero_si512();
+            int64_t c = cb;
+            for (; c + 2 <= ce; c += 2) {
+                __m512i xv = _mm512_loadu_si512(xr.xq + c * k_gptq_chunk);
+                if constexpr (!B8) xv = _mm512_shuffle_i64x2(xv, xv, _MM_SHUFFLE(3, 1, 2, 0));
+                for (int r = 0; r < R; ++r) wide[r] = pair_dot<B8>(wide[r], rows[r], c, xv);
+            }
+            __m256i iacc[R];
+            for (int r = 0; r < R; ++r)
+                iacc[r] = _mm256_add_epi32(_mm512_castsi512_si256(wide[r]), _mm512_extracti64x4_epi64(wide[r], 1));
+            if (c < ce) {
+                const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.xq + c * k_gptq_chunk));
+                for (int r = 0; r < R; ++r) iacc[r] = chunk_dot<B8>(iacc[r], rows[r], c, xv);
+            }
+            const __m256 dv = _mm256_set1_ps(xr.d[cb]);
+            for (int r = 0; r < R; ++r) gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), dv, gacc[r]);
+        }
+        for (int r = 0; r < R; ++r) {
+            const float s = w.scales[(n0 + r) * G + g];
+            acc[r]        = _mm256_fmadd_ps(gacc[r], _mm256_set1_ps(s), acc[r]);
+            corr[r] += s * w.zeros[(n0 + r) * G + g] * xr.xsum[g];
+        }
+    }
+    for (int r = 0; r < R; ++r) y[n0 + r] = hsum(acc[r]) - corr[r];
+}
+
+template <bool B8>
+GPTQ_KT void gemv_512(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0, int64_t n1) {
+    constexpr int R = 4;
+    int64_t       n = n0;
+    for (; n + R <= n1; n += R) rows_q8_512<R, B8>(w, xr, y, n);
+    for (; n < n1; ++n) rows_q8_512<1, B8>(w, xr, y, n);
+}
+
+GPTQ_KT void gemv_q8_512(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0, int64_t n1) {
+    if (w.bits == 8)
+        gemv_512<true>(w, xr, y, n0, n1);
+    else
+        gemv_512<false>(w, xr, y, n0, n1);
+}
 #undef GPTQ_KT
 }  // namespace vnni
 
@@ -54,7 +131,8 @@ void gemv_q8_scalar(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, i
 
 gptq_isa resolve(gptq_isa isa) {
     if (isa != gptq_isa::GPTQ_ISA_BEST) return isa;
-    static const gptq_isa best = gptq_isa_available(gptq_isa::GPTQ_ISA_VNNI)   ? gptq_isa::GPTQ_ISA_VNNI
+    static const gptq_isa best = gptq_isa_available(gptq_isa::GPTQ_ISA_AVX512) ? gptq_isa::GPTQ_ISA_AVX512
+                                 : gptq_isa_available(gptq_isa::GPTQ_ISA_VNNI) ? gptq_isa::GPTQ_ISA_VNNI
                                  : gptq_isa_available(gptq_isa::GPTQ_ISA_AVX2) ? gptq_isa::GPTQ_ISA_AVX2
                                                                                : gptq_isa::GPTQ_ISA_SCALAR;
     return best;
@@ -69,6 +147,7 @@ bool gptq_isa_available(gptq_isa isa) {
         case gptq_isa::GPTQ_ISA_AVX2:
             return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
         case gptq_isa::GPTQ_ISA_VNNI:
+        case gptq_isa::GPTQ_ISA_AVX512:
             return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                    __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                    __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
@@ -85,7 +164,9 @@ const char* gptq_isa_name(gptq_isa isa) {
         case gptq_isa::GPTQ_ISA_AVX2:
             return "avx2";
         case gptq_isa::GPTQ_ISA_VNNI:
-            return "avx512-vnni";
+            return "avx512-vnni-256";
+        case gptq_isa::GPTQ_ISA_AVX512:
+            return "avx512-vnni-512";
     }
     return "?";
 }
@@ -110,7 +191,10 @@ void gptq_quantize_activations(const float* x, const gptq_cpu_layout& w, const g
             const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
             int32_t     sum = 0;
             for (int64_t j = j0; j < j1; ++j) {
-                const int32_t q = std::clamp(static_cast<int32_t>(std::lrintf(in_x(j) * inv)), -127, 127);
+                // Round to nearest even without a libm call: adding 1.5 * 2^23 leaves the integer
+                // part in the mantissa (|x * inv| <= 127 here, inv = 0 for an all-zero block).
+                const float   r = (in_x(j) * inv + 12582912.0f) - 12582912.0f;
+                const int32_t q = std::clamp(static_cast<int32_t>(r), -127, 127);
                 out.xq[p0 + (j - j0)] = static_cast<int8_t>(q);
                 sum += q;
             }
@@ -123,6 +207,8 @@ void gptq_quantize_activations(const float* x, const gptq_cpu_layout& w, const g
 
 void gptq_gemv_q8(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0, int64_t n1, gptq_isa isa) {
     switch (resolve(isa)) {
+        case gptq_isa::GPTQ_ISA_AVX512:
+            return vnni::gemv_q8_512(w, xr, y, n0, n1);
         case gptq_isa::GPTQ_ISA_VNNI:
             return vnni::gemv_q8(w, xr, y, n0, n1);
         case gptq_isa::GPTQ_ISA_AVX2:

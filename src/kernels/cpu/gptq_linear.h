@@ -66,7 +66,8 @@ void gptq_linear_ref(const float* x, const uint8_t* codes_orig, const float* sca
 
 // Which int8-activation GEMV kernel runs: the best the CPU has (checked at run time), or one named
 // (tests compare them; naming one the CPU lacks is a bug).
-enum class gptq_isa { GPTQ_ISA_BEST, GPTQ_ISA_SCALAR, GPTQ_ISA_AVX2, GPTQ_ISA_VNNI };
+// VNNI: AVX512-VNNI vpdpbusd on 256-bit registers; AVX512: the same on 512-bit registers.
+enum class gptq_isa { GPTQ_ISA_BEST, GPTQ_ISA_SCALAR, GPTQ_ISA_AVX2, GPTQ_ISA_VNNI, GPTQ_ISA_AVX512 };
 bool        gptq_isa_available(gptq_isa isa);
 const char* gptq_isa_name(gptq_isa isa);
 

@@ -36,12 +36,22 @@ f16_isa best_isa() {
     return isa;
 }
 
-// y[r] = dot(w + r * k, x) for r < R (rows k apart). The k % 16 tail in scalar F32.
+// y[r] = dot(w + r * k, x) for r < R (rows k apart). Two accumulators per row (2 R independent
+// FMA chains hide the FMA latency); the k % 16 tail in scalar F32.
 template <int R>
 __attribute__((target("avx512f"))) void dot_rows_avx512(const uint16_t* w, const float* x, int64_t k, float* y) {
-    __m512  acc[R];
+    __m512  acc[R], acc2[R];
     int64_t j = 0;
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) acc[r] = acc2[r] = _mm512_setzero_ps();
+    for (; j + 32 <= k; j += 32) {
+        const __m512 xv = _mm512_loadu_ps(x + j), xv2 = _mm512_loadu_ps(x + j + 16);
+        for (int r = 0; r < R; ++r) {
+            const __m256i h  = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * k + j));
+            const __m256i h2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + r * k + j + 16));
+            acc[r]           = _mm512_fmadd_ps(_mm512_cvtph_ps(h), xv, acc[r]);
+            acc2[r]          = _mm512_fmadd_ps(_mm512_cvtph_ps(h2), xv2, acc2[r]);
+        }
+    }
     for (; j + 16 <= k; j += 16) {
         const __m512 xv = _mm512_loadu_ps(x + j);
         for (int r = 0; r < R; ++r) {
@@ -50,7 +60,7 @@ __attribute__((target("avx512f"))) void dot_rows_avx512(const uint16_t* w, const
         }
     }
     for (int r = 0; r < R; ++r) {
-        float s = _mm512_reduce_add_ps(acc[r]);
+        float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r]));
         for (int64_t t = j; t < k; ++t) s += f16_to_f32(w[r * k + t]) * x[t];
         y[r] = s;
     }

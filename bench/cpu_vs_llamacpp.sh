@@ -6,7 +6,8 @@
 #
 #   bench/cpu_vs_llamacpp.sh build      # once: download the sdist, build llama-bench + llama-quantize (-j 2, slow)
 #   bench/cpu_vs_llamacpp.sh convert    # once: GGUF F16 via convert_hf_to_gguf.py, then Q4_0 and Q4_K_M
-#   bench/cpu_vs_llamacpp.sh run [N]    # N interleaved rounds (default 3) of every engine; medians in docs/perf-notes.md
+#   bench/cpu_vs_llamacpp.sh run [N] > results.jsonl   # N interleaved rounds (default 3) of every engine
+#   bench/cpu_vs_llamacpp.sh table results.jsonl       # medians over the rounds (docs/perf-notes.md)
 #
 # Environment: GPTQ (our binary, default build-cpu/bin/gptq), MODEL (default ../shared/models/small-llama),
 # W4 (our W4 g128 checkpoint; made with `gptq quantize --method rtn` when absent), LLAMACPP_DIR
@@ -63,6 +64,30 @@ run() {
                 -d "0,$PROMPT" -r 3 -o jsonl
         done
     done
+}
+
+table() {
+    python3 - "$1" <<'PY'
+import json, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    line = line.strip()
+    if not line.startswith("{"):
+        continue
+    j = json.loads(line)
+    if "decode_tok_per_s" in j:  # gptq bench
+        name = "gptqkit " + j["weights"]
+        rows.setdefault((name, "prefill"), []).append(j["prefill_tok_per_s"])
+        rows.setdefault((name, "decode after prompt"), []).append(j["decode_tok_per_s"])
+    else:  # llama-bench
+        name = "llama.cpp " + j["model_type"].split(" ", 2)[-1]
+        what = "prefill" if j["n_prompt"] > 0 else ("decode after prompt" if j["n_depth"] > 0 else "decode")
+        if j["n_prompt"] > 0 and j["n_depth"] > 0:
+            what = "prefill after prompt"
+        rows.setdefault((name, what), []).append(j["avg_ts"])
+for (name, what), v in sorted(rows.items()):
+    print(f"| {name} | {what} | {statistics.median(v):.0f} | {min(v):.0f}-{max(v):.0f} | {len(v)} |")
+PY
 }
 
 cmd=${1:-run}

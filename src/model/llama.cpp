@@ -648,16 +648,19 @@ bool tensor_is_f16(const tensor_source& src, const std::string& name) {
     return e && e->info->type == dtype::DTYPE_F16;
 }
 
-// A weight kept F16 (keep_f16 and an F16 tensor): read through F32 (exact both ways) into *w16,
-// *w left empty; otherwise read into *w as F32.
+// A weight kept F16 (keep_f16 and an F16 tensor): its bytes copied into *w16 (no F32 copy, even
+// transient) after the same finite-values check as read_f32, *w left empty; otherwise read into
+// *w as F32.
 status read_weight(const tensor_source& src, const tensor_spec& t, bool keep_f16, std::vector<float>* w,
                    std::vector<uint16_t>* w16) {
-    GPTQ_TRY(read_vec(src, t, w));
-    if (keep_f16 && tensor_is_f16(src, t.name)) {
-        w16->resize(w->size());
-        f32_to_f16_row(w->data(), w16->data(), w->size());
-        std::vector<float>().swap(*w);
-    }
+    if (!keep_f16 || !tensor_is_f16(src, t.name)) return read_vec(src, t, w);
+    GPTQ_ASSIGN_OR_RETURN(tensor_entry e, src.get(t.name));
+    if (e.info->shape != t.shape)
+        return make_error(status_code::STATUS_PARSE_ERROR, "{}: tensor '{}' has shape [{}], expected [{}]",
+                          e.file->path(), t.name, fmt::join(e.info->shape, ", "), fmt::join(t.shape, ", "));
+    GPTQ_TRY(e.file->check_finite(*e.info));
+    w16->resize(static_cast<size_t>(e.info->numel()));
+    e.file->copy_to(*e.info, w16->data());
     return status::ok();
 }
 

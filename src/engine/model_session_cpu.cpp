@@ -52,7 +52,7 @@ public:
     std::unique_ptr<thread_pool> pool_;
     int                          n_threads_        = 0;
     bool                         int8_activations_ = true;  // model_session_options::int8_activations
-    std::string                  machine_   = cpu_machine();
+    std::string                  machine_          = cpu_machine();
 
     const llama_hparams& hparams() const override { return model_->hparams(); }
     const llama_model&   model() const override { return *model_; }
@@ -155,8 +155,8 @@ status model_session_cpu::step(std::span<const seq_step> steps, float* logits) {
         batch_caches_.push_back(&caches_[static_cast<size_t>(s.seq)]);
         all_logits_[i] = s.all_logits;
     }
-    return model_->forward_batch(ops(true), ids_.data(), n_tokens_.data(), static_cast<int64_t>(n), batch_caches_.data(),
-                                 logits, all_logits_.get());
+    return model_->forward_batch(ops(true), ids_.data(), n_tokens_.data(), static_cast<int64_t>(n),
+                                 batch_caches_.data(), logits, all_logits_.get());
 }
 
 }  // namespace

@@ -170,10 +170,10 @@ std::vector<linear_module> llama_linear_modules(const llama_hparams& hp, int64_t
 struct linear_weights {
     int64_t            n_out = 0;
     int64_t            n_in  = 0;
-    std::vector<float> w;     // [n_out, n_in] row-major (PyTorch layout); empty when `q` or `w16` is set
+    std::vector<float> w;  // [n_out, n_in] row-major (PyTorch layout); empty when `q` or `w16` is set
     // The same in F16 bits when the model keeps F16 weights F16 (llama_open_options::keep_f16).
     std::vector<uint16_t> w16;
-    std::vector<float> bias;  // [n_out], or empty
+    std::vector<float>    bias;  // [n_out], or empty
     // A GPTQ linear of a quantized checkpoint stays quantized (dequantized on the fly); nullptr for
     // dense weights. The quantizer works on dense `w` (linear_replace clears `q`).
     std::shared_ptr<const gptq_packed_linear> q;
@@ -277,8 +277,8 @@ public:
 
     // Host bytes held once layers_load_all() and globals_load() are done: F32 norms, embeddings
     // and lm_head (F16 ones in F16 with keep_f16); dense linears likewise, GPTQ linears as nibbles
-    // (bytes for 8 bits) + F32 scales and zeros (gptq_packed_linear). An estimate for the memory checks of engine/ (docs/reliability.md);
-    // the transient buffers of the tensor being read are not counted.
+    // (bytes for 8 bits) + F32 scales and zeros (gptq_packed_linear). An estimate for the memory checks of engine/
+    // (docs/reliability.md); the transient buffers of the tensor being read are not counted.
     uint64_t resident_bytes() const;
 
     // out[n_tokens, n_embd] = embedding rows of ids; an id outside [0, n_vocab) is an error.

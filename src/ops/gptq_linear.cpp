@@ -32,8 +32,8 @@ gptq_packed_linear gptq_packed_linear::from_unpacked(const uint8_t* codes_orig, 
         p.group_start[static_cast<size_t>(g + 1)] += p.group_start[static_cast<size_t>(g)];
     p.pad_start.assign(static_cast<size_t>(n_groups + 1), 0);
     for (int64_t g = 0; g < n_groups; ++g) {
-        const int64_t len = p.group_start[size_t(g + 1)] - p.group_start[size_t(g)];
-        const int64_t ch  = cpu::k_gptq_chunk;
+        const int64_t len          = p.group_start[size_t(g + 1)] - p.group_start[size_t(g)];
+        const int64_t ch           = cpu::k_gptq_chunk;
         p.pad_start[size_t(g + 1)] = static_cast<int32_t>(p.pad_start[size_t(g)] + (len + ch - 1) / ch * ch);
     }
     p.k_pad       = p.pad_start[static_cast<size_t>(n_groups)];

@@ -31,7 +31,7 @@ struct gptq_packed_linear {
     static gptq_packed_linear from_unpacked(const uint8_t* codes_orig, const float* scales, const int32_t* zeros,
                                             const int32_t* g_idx, int64_t n_out, int64_t n_in, int64_t n_groups,
                                             int bits);
-    cpu::gptq_cpu_layout layout() const;  // the kernels' view (pointers into this object)
+    cpu::gptq_cpu_layout      layout() const;  // the kernels' view (pointers into this object)
     // W [n_out, n_in] in F32, original column order.
     void   dequantize(float* w) const;
     size_t bytes() const;  // memory held

@@ -1,6 +1,6 @@
 // The int8-activation GPTQ GEMV of kernels/cpu/gptq_linear.h (decode rows): every kernel the CPU
-// has (scalar, AVX2 maddubs, AVX512-VNNI vpdpbusd on 256- and 512-bit registers) on fresh random layers of bits 2/3/4/8, group
-// sizes 32/64/128/-1 and odd ones, with and without act-order, K not a multiple of 32.
+// has (scalar, AVX2 maddubs, AVX512-VNNI vpdpbusd on 256- and 512-bit registers) on fresh random layers of bits
+// 2/3/4/8, group sizes 32/64/128/-1 and odd ones, with and without act-order, K not a multiple of 32.
 //
 // Two checks per output, each against a bound derived for it, never a tuned tolerance:
 // 1. Against the double-precision reference on the SAME dequantized activations d_c * xq[k]: the
@@ -69,11 +69,11 @@ void dequantized(const gptq_packed_linear& p, q8& a, std::vector<float>* xd, std
     dk->assign(static_cast<size_t>(p.n_in), 0.0f);
     for (int64_t g = 0; g < p.n_groups; ++g)
         for (int64_t i = p.group_start[size_t(g)]; i < p.group_start[size_t(g + 1)]; ++i) {
-            const int64_t pos  = p.pad_start[size_t(g)] + (i - p.group_start[size_t(g)]);
-            const int64_t k    = p.perm.empty() ? i : p.perm[size_t(i)];
-            const float   d    = a.d[size_t(pos / cpu::k_gptq_chunk)];
-            (*xd)[size_t(k)]   = d * static_cast<float>(a.xq[size_t(pos)]);
-            (*dk)[size_t(k)]   = d;
+            const int64_t pos = p.pad_start[size_t(g)] + (i - p.group_start[size_t(g)]);
+            const int64_t k   = p.perm.empty() ? i : p.perm[size_t(i)];
+            const float   d   = a.d[size_t(pos / cpu::k_gptq_chunk)];
+            (*xd)[size_t(k)]  = d * static_cast<float>(a.xq[size_t(pos)]);
+            (*dk)[size_t(k)]  = d;
         }
 }
 
@@ -93,14 +93,14 @@ TEST(cpu_int4_gemv, kernels_within_derived_bounds) {
     int          cases = 0;
     for (int bits : {2, 3, 4, 8})
         for (auto [n_out, n_in, gs] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{8, 32, 32},
-                                                                                        {24, 96, 32},
-                                                                                        {64, 200, 64},
-                                                                                        {100, 128, 128},
-                                                                                        {37, 1000, 128},
-                                                                                        {13, 257, -1},
-                                                                                        {5, 33, 64},
-                                                                                        {136, 96, 96},
-                                                                                        {8, 40, 7}})
+                                                                                         {24, 96, 32},
+                                                                                         {64, 200, 64},
+                                                                                         {100, 128, 128},
+                                                                                         {37, 1000, 128},
+                                                                                         {13, 257, -1},
+                                                                                         {5, 33, 64},
+                                                                                         {136, 96, 96},
+                                                                                         {8, 40, 7}})
             for (bool act : {false, true}) {
                 auto L = make(n_out, n_in, gs, bits, act, rng);
                 auto p = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
@@ -182,9 +182,9 @@ TEST(cpu_int4_gemv, prompt_rows_use_the_same_rounded_activations) {
         for (bool act : {false, true})
             for (int64_t m : {4, 9}) {
                 const int64_t n_out = 70, n_in = 300;
-                auto          L     = make(n_out, n_in, 128, bits, act, rng);
-                auto p = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
-                                                           L.g_idx.data(), n_out, n_in, L.n_groups, bits);
+                auto          L = make(n_out, n_in, 128, bits, act, rng);
+                auto          p = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
+                                                                    L.g_idx.data(), n_out, n_in, L.n_groups, bits);
                 std::vector<float> x(static_cast<size_t>(m * n_in)), y(static_cast<size_t>(m * n_out));
                 for (auto& v : x) v = nd(rng);
                 op_gptq_linear(ops_context{&pool, false, true}, x.data(), p, nullptr, y.data(), m);

@@ -27,7 +27,9 @@ GPTQ_KT inline __m256i dot_u8s8(__m256i acc, __m256i q, __m256i x) {
 namespace vnni {
 #define GPTQ_KT __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 // vpdpbusd on 256-bit registers (AVX512-VNNI + VL): four u8 x s8 products summed into each int32.
-GPTQ_KT inline __m256i dot_u8s8(__m256i acc, __m256i q, __m256i x) { return _mm256_dpbusd_epi32(acc, q, x); }
+GPTQ_KT inline __m256i dot_u8s8(__m256i acc, __m256i q, __m256i x) {
+    return _mm256_dpbusd_epi32(acc, q, x);
+}
 #include "kernels/cpu/gptq_gemv_body.inc"
 
 // The same on 512-bit registers: one vpdpbusd per two chunks (64 codes). A nibble row's 32 bytes
@@ -42,8 +44,9 @@ GPTQ_KT inline __m512i pair_dot(__m512i acc, const uint8_t* row, int64_t c, __m5
         const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
         return _mm512_dpbusd_epi32(acc, _mm512_and_si512(v, m4), xv);
     } else {
-        const __m512i q  = _mm512_loadu_si512(row + c * 32);
-        const __m512i hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(q, 4), m4), xv);
+        const __m512i q = _mm512_loadu_si512(row + c * 32);
+        const __m512i hi =
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(q, 4), m4), xv);
         return _mm512_dpbusd_epi32(_mm512_add_epi32(acc, _mm512_slli_epi32(hi, 4)), _mm512_and_si512(q, m4), xv);
     }
 }
@@ -118,7 +121,8 @@ void gemv_q8_scalar(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, i
             const int64_t p1   = w.pad_start[g + 1];
             for (int64_t pb = w.pad_start[g]; pb < p1; pb += k_gptq_act_block) {
                 int32_t dot = 0;
-                for (int64_t p = pb; p < std::min(p1, pb + k_gptq_act_block); ++p) dot += gptq_code_at(w, n, p) * xr.xq[p];
+                for (int64_t p = pb; p < std::min(p1, pb + k_gptq_act_block); ++p)
+                    dot += gptq_code_at(w, n, p) * xr.xq[p];
                 gacc += static_cast<float>(dot) * xr.d[pb / k_gptq_chunk];
             }
             const float s = w.scales[n * w.n_groups + g];
@@ -193,12 +197,13 @@ void gptq_quantize_activations(const float* x, const gptq_cpu_layout& w, const g
             for (int64_t j = j0; j < j1; ++j) {
                 // Round to nearest even without a libm call: adding 1.5 * 2^23 leaves the integer
                 // part in the mantissa (|x * inv| <= 127 here, inv = 0 for an all-zero block).
-                const float   r = (in_x(j) * inv + 12582912.0f) - 12582912.0f;
-                const int32_t q = std::clamp(static_cast<int32_t>(r), -127, 127);
+                const float   r       = (in_x(j) * inv + 12582912.0f) - 12582912.0f;
+                const int32_t q       = std::clamp(static_cast<int32_t>(r), -127, 127);
                 out.xq[p0 + (j - j0)] = static_cast<int8_t>(q);
                 sum += q;
             }
-            for (int64_t c = p0 / k_gptq_chunk; c < (p0 + (j1 - j0) + k_gptq_chunk - 1) / k_gptq_chunk; ++c) out.d[c] = d;
+            for (int64_t c = p0 / k_gptq_chunk; c < (p0 + (j1 - j0) + k_gptq_chunk - 1) / k_gptq_chunk; ++c)
+                out.d[c] = d;
             xs += d * static_cast<float>(sum);
         }
         out.xsum[g] = xs;
@@ -264,7 +269,7 @@ void gather_rounded(const float* x, const gptq_cpu_layout& w, int64_t m, float* 
         gptq_quantize_activations(x + i * w.n_in, w, {xq, d, xsm});
         for (int64_t g = 0; g < w.n_groups; ++g)
             for (int64_t r = w.group_start[g]; r < w.group_start[g + 1]; ++r) {
-                const int64_t p     = w.pad_start[g] + (r - w.group_start[g]);
+                const int64_t p    = w.pad_start[g] + (r - w.group_start[g]);
                 xs[i * w.n_in + r] = d[p / k_gptq_chunk] * static_cast<float>(xq[p]);
             }
     }
@@ -284,8 +289,8 @@ void linear_f32(const float* x, const gptq_cpu_layout& w, float* y, int64_t m, t
             const int64_t n0 = t * k_rows_per_task, n1 = std::min(w.n_out, n0 + k_rows_per_task);
             dequantize_rows(w, n0, n1, wbuf);
             cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m), static_cast<blasint>(n1 - n0),
-                                 static_cast<blasint>(w.n_in), 1.0f, xs, static_cast<blasint>(w.n_in), wbuf,
-                                 static_cast<blasint>(w.n_in), 0.0f, y + n0, static_cast<blasint>(w.n_out));
+                                    static_cast<blasint>(w.n_in), 1.0f, xs, static_cast<blasint>(w.n_in), wbuf,
+                                    static_cast<blasint>(w.n_in), 0.0f, y + n0, static_cast<blasint>(w.n_out));
         }
     };
     if (pool)

@@ -38,8 +38,8 @@ constexpr int64_t k_gptq_act_chunks = k_gptq_act_block / k_gptq_chunk;
 
 struct gptq_cpu_layout {
     int64_t        n_in = 0, n_out = 0, n_groups = 0;
-    int            bits  = 4;  // 2, 3, 4 (nibbles) or 8 (bytes)
-    int64_t        k_pad = 0;  // padded sorted rows: a multiple of k_gptq_chunk
+    int            bits        = 4;        // 2, 3, 4 (nibbles) or 8 (bytes)
+    int64_t        k_pad       = 0;        // padded sorted rows: a multiple of k_gptq_chunk
     const uint8_t* codes       = nullptr;  // [n_out, row_bytes()]
     const float*   scales      = nullptr;  // [n_out, n_groups]
     const float*   zeros       = nullptr;  // [n_out, n_groups]

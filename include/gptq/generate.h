@@ -28,6 +28,10 @@ struct generator_options {
                                  // prompts of a batch run one after another (one KV cache)
     int  n_threads = 0;          // CPU threads, 0 = all cores
     bool strict    = false;      // tensors the model does not use: an error (else a warning)
+    // CPU: GPTQ linears keep F32 activations (the F32 products transformers computes) instead of
+    // int8-rounded ones, one scale per block of up to 128 (the default: faster decode, about the
+    // precision of llama.cpp's Q8 activations; docs/model-runtime.md).
+    bool exact_activations = false;
     // --device cuda: where the modules live (gptq/plan.h plan_for_device): "auto" or a device-map
     // file, and "0=8GiB,cpu=32GiB"; both empty: everything on the GPU.
     std::string device_map{};

@@ -193,10 +193,11 @@ result<std::unique_ptr<generator>> generator::open(const generator_options& opti
     model_session_options so;
     so.model_path = options.model_path;
     GPTQ_ASSIGN_OR_RETURN(so.device, device_parse(options.device));
-    so.n_threads  = options.n_threads;
-    so.strict     = options.strict;
-    so.device_map = options.device_map;
-    so.max_memory = options.max_memory;
+    so.n_threads        = options.n_threads;
+    so.strict           = options.strict;
+    so.int8_activations = !options.exact_activations;
+    so.device_map       = options.device_map;
+    so.max_memory       = options.max_memory;
     std::unique_ptr<generator> g(new generator());
     impl&                      m = *g->impl_;
     m.opts                       = options;

@@ -30,6 +30,10 @@ struct model_session_options {
     device_spec device;             // cpu (threads) or cuda:N
     int         n_threads = 0;      // CPU: 0 = all cores
     bool        strict    = false;  // unused tensors are an error (llama_open_options::strict)
+    // CPU: GPTQ linears of step() (generation: prompts and decode rows alike) take int8-rounded
+    // activations (ops_context::int8_activations); false: F32 products everywhere. evaluate()
+    // (perplexity) is always F32.
+    bool int8_activations = true;
     // CUDA: the context the KV cache is allocated and the placement planned for at open (0: the
     // model's default, llama_cuda_options::n_ctx); reserve() grows it when asked for more.
     int64_t n_ctx_hint = 0;

@@ -50,8 +50,9 @@ class model_session_cpu final : public model_session {
 public:
     std::unique_ptr<llama_model> model_;
     std::unique_ptr<thread_pool> pool_;
-    int                          n_threads_ = 0;
-    std::string                  machine_   = cpu_machine();
+    int                          n_threads_        = 0;
+    bool                         int8_activations_ = true;  // model_session_options::int8_activations
+    std::string                  machine_          = cpu_machine();
 
     const llama_hparams& hparams() const override { return model_->hparams(); }
     const llama_model&   model() const override { return *model_; }
@@ -74,7 +75,7 @@ public:
     status evaluate(const int32_t* ids, int64_t n, float* logits) override {
         if (n < 1) return make_error(E_ARG, "evaluate: {} tokens, expected at least 1", n);
         GPTQ_TRY(ids_check(ids, n, "evaluate"));
-        return model_->forward(ops(), ids, n, /*cache=*/nullptr, logits);
+        return model_->forward(ops(false), ids, n, /*cache=*/nullptr, logits);  // ppl: F32 products
     }
 
     uint64_t memory_used() const override {
@@ -94,7 +95,9 @@ public:
     }
 
 private:
-    ops_context ops() const { return {pool_.get(), false}; }
+    // Generation (step): GPTQ linears take int8-rounded activations (ops.h), prompts and decode rows
+    // alike; evaluate (perplexity) keeps the F32 products.
+    ops_context ops(bool generation) const { return {pool_.get(), false, generation && int8_activations_}; }
 
     std::vector<kv_cache> caches_;  // one per slot, n_ctx_ positions each
     int64_t               n_ctx_ = 0;
@@ -153,15 +156,15 @@ status model_session_cpu::step(std::span<const seq_step> steps, float* logits) {
         batch_caches_.push_back(&caches_[static_cast<size_t>(s.seq)]);
         all_logits_[i] = s.all_logits;
     }
-    return model_->forward_batch(ops(), ids_.data(), n_tokens_.data(), static_cast<int64_t>(n), batch_caches_.data(),
-                                 logits, all_logits_.get());
+    return model_->forward_batch(ops(true), ids_.data(), n_tokens_.data(), static_cast<int64_t>(n),
+                                 batch_caches_.data(), logits, all_logits_.get());
 }
 
 }  // namespace
 
 result<std::unique_ptr<model_session>> model_session_open_cpu(const model_session_options& o) {
     auto s = std::make_unique<model_session_cpu>();
-    GPTQ_ASSIGN_OR_RETURN(s->model_, llama_model::open(o.model_path, {.strict = o.strict}));
+    GPTQ_ASSIGN_OR_RETURN(s->model_, llama_model::open(o.model_path, {.strict = o.strict, .keep_f16 = true}));
     const uint64_t    weights = s->model_->resident_bytes();
     const std::string what    = o.host_work_bytes == 0
                                     ? fmt::format("loading {}", o.model_path)
@@ -179,6 +182,7 @@ result<std::unique_ptr<model_session>> model_session_open_cpu(const model_sessio
     }
     s->n_threads_ = o.n_threads > 0 ? o.n_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     s->pool_      = std::make_unique<thread_pool>(s->n_threads_);
+    s->int8_activations_ = o.int8_activations;
     return std::unique_ptr<model_session>(std::move(s));
 }
 

@@ -487,11 +487,17 @@ status llama_layer::linear_replace(linear_role r, std::vector<float> w) {
         return make_error(E_ARG, "layer {} {}: replacement weight has {} values, expected [{}, {}] = {}", index,
                           linear_role_name(r), w.size(), l.n_out, l.n_in, l.n_out * l.n_in);
     l.w = std::move(w);
+    l.w16.clear();
     l.q.reset();
     return status::ok();
 }
 
 std::vector<float> linear_weights::dense() const {
+    if (!w16.empty()) {
+        std::vector<float> out(w16.size());
+        f16_to_f32_row(w16.data(), out.data(), w16.size());
+        return out;
+    }
     if (!q) return w;
     std::vector<float> out(static_cast<size_t>(n_out * n_in));
     q->dequantize(out.data());
@@ -502,6 +508,8 @@ void linear_forward(const ops_context& ctx, const linear_weights& l, const float
     const float* bias = l.bias.empty() ? nullptr : l.bias.data();
     if (l.q)
         op_gptq_linear(ctx, x, *l.q, bias, y, n_rows);
+    else if (!l.w16.empty())
+        op_linear_f16(ctx, x, l.w16.data(), bias, y, n_rows, l.n_out, l.n_in);
     else
         op_linear(ctx, x, l.w.data(), bias, y, n_rows, l.n_out, l.n_in);
 }
@@ -685,6 +693,7 @@ result<std::unique_ptr<llama_model>> llama_model::open(const std::string& path, 
     }
     GPTQ_TRY(check_tensor_names(*m->src_, m->hp_, m->cfg_.path, options.strict));
     m->layers_.resize(static_cast<size_t>(m->hp_.n_layer));
+    m->keep_f16_ = options.keep_f16;
     return m;
 }
 
@@ -699,7 +708,7 @@ std::shared_ptr<const gptq_packed_linear> gptq_packed(const gptq_linear_data& q)
     std::vector<float> scales(q.scales.size());
     for (size_t j = 0; j < scales.size(); ++j) scales[j] = f16_to_f32(q.scales[j]);
     return std::make_shared<const gptq_packed_linear>(gptq_packed_linear::from_unpacked(
-        q.codes.data(), scales.data(), q.zeros.data(), q.g_idx.data(), q.n_out, q.n_in, q.n_groups));
+        q.codes.data(), scales.data(), q.zeros.data(), q.g_idx.data(), q.n_out, q.n_in, q.n_groups, q.bits));
 }
 
 status read_vec(const tensor_source& src, const tensor_spec& t, std::vector<float>* out) {
@@ -707,6 +716,27 @@ status read_vec(const tensor_source& src, const tensor_spec& t, std::vector<floa
     for (int64_t d : t.shape) n *= d;
     out->resize(static_cast<size_t>(n));
     return src.read_f32(t.name, out->data(), t.shape);
+}
+
+bool tensor_is_f16(const tensor_source& src, const std::string& name) {
+    const tensor_entry* e = src.find(name);
+    return e && e->info->type == dtype::DTYPE_F16;
+}
+
+// A weight kept F16 (keep_f16 and an F16 tensor): its bytes copied into *w16 (no F32 copy, even
+// transient) after the same finite-values check as read_f32, *w left empty; otherwise read into
+// *w as F32.
+status read_weight(const tensor_source& src, const tensor_spec& t, bool keep_f16, std::vector<float>* w,
+                   std::vector<uint16_t>* w16) {
+    if (!keep_f16 || !tensor_is_f16(src, t.name)) return read_vec(src, t, w);
+    GPTQ_ASSIGN_OR_RETURN(tensor_entry e, src.get(t.name));
+    if (e.info->shape != t.shape)
+        return make_error(status_code::STATUS_PARSE_ERROR, "{}: tensor '{}' has shape [{}], expected [{}]",
+                          e.file->path(), t.name, fmt::join(e.info->shape, ", "), fmt::join(t.shape, ", "));
+    GPTQ_TRY(e.file->check_finite(*e.info));
+    w16->resize(static_cast<size_t>(e.info->numel()));
+    e.file->copy_to(*e.info, w16->data());
+    return status::ok();
 }
 
 }  // namespace
@@ -735,11 +765,12 @@ result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer, th
         const int64_t                   n_all = s0.n_out_module;
         const bool                      bias  = role_has_bias(hp_, m.roles[0]);
         std::vector<float>              w, b;
+        std::vector<uint16_t>           w16;
         std::optional<gptq_linear_data> q;
         if (const gptq_config* qc = quantization_of(m.module)) {
             GPTQ_ASSIGN_OR_RETURN(q, gptq_linear_read(*src_, m.module, n_all, n_in, *qc));
         } else {
-            GPTQ_TRY(read_vec(*src_, {m.module + ".weight", {n_all, n_in}, false}, &w));
+            GPTQ_TRY(read_weight(*src_, {m.module + ".weight", {n_all, n_in}, false}, keep_f16_, &w, &w16));
         }
         if (bias) GPTQ_TRY(read_vec(*src_, {m.module + ".bias", {n_all}, false}, &b));
         for (linear_role role : m.roles) {
@@ -750,6 +781,8 @@ result<std::unique_ptr<llama_layer>> llama_model::layer_load(int64_t i_layer, th
             l.n_in                  = n_in;
             if (q) {
                 l.q = m.roles.size() == 1 ? gptq_packed(*q) : gptq_packed(gptq_linear_rows(*q, s.row0, n_out));
+            } else if (!w16.empty()) {
+                l.w16.assign(w16.begin() + s.row0 * n_in, w16.begin() + (s.row0 + n_out) * n_in);
             } else if (m.roles.size() == 1) {
                 l.w = std::move(w);
             } else {
@@ -813,9 +846,9 @@ status llama_model::layers_load_all() {
 }
 
 status llama_model::globals_load() {
-    if (!embed_.empty()) return status::ok();
+    if (!embed_.empty() || !embed16_.empty()) return status::ok();
     const auto specs = llama_global_tensors(hp_);
-    GPTQ_TRY(read_vec(*src_, specs[0], &embed_));
+    GPTQ_TRY(read_weight(*src_, specs[0], keep_f16_, &embed_, &embed16_));
     GPTQ_TRY(read_vec(*src_, specs[1], &norm_));
     if (hp_.norm_plus_one)
         for (float& w : norm_) w = 1.0f + w;  // as the layers' norms (layer_load)
@@ -825,7 +858,7 @@ status llama_model::globals_load() {
         GPTQ_ASSIGN_OR_RETURN(gptq_linear_data q, gptq_linear_read(*src_, "lm_head", hp_.n_vocab, hp_.n_embd, *qc));
         lm_head_.q = gptq_packed(q);
     } else if (!hp_.tie_embeddings) {
-        GPTQ_TRY(read_vec(*src_, specs[2], &lm_head_.w));
+        GPTQ_TRY(read_weight(*src_, specs[2], keep_f16_, &lm_head_.w, &lm_head_.w16));
     }
     return status::ok();
 }
@@ -836,14 +869,18 @@ uint64_t llama_model::resident_bytes() const {
         for (int64_t d : t.shape) n *= static_cast<uint64_t>(d);
         return n;
     };
-    // A GPTQ linear: 1-byte codes, F32 scale + zero per group, the act-order permutation.
+    // A GPTQ linear: nibble codes (bytes for 8 bits; each group padded to 32 rows), F32 scale +
+    // zero per group, group starts and the act-order permutation (gptq_packed_linear). A dense
+    // tensor: F16 when kept F16 (keep_f16 and an F16 checkpoint tensor of a 2-D weight), else F32.
     auto bytes = [&](const tensor_spec& t) -> uint64_t {
         const gptq_config* qc = t.shape.size() == 2 ? quantization_of(t.name.substr(0, t.name.rfind('.'))) : nullptr;
-        if (!qc) return 4 * elems(t);
+        if (!qc) return (keep_f16_ && t.shape.size() == 2 && tensor_is_f16(*src_, t.name) ? 2 : 4) * elems(t);
         const int64_t  n_in = t.shape[1];
         const uint64_t n_groups =
             qc->group_size > 0 ? static_cast<uint64_t>((n_in + qc->group_size - 1) / qc->group_size) : 1;
-        return elems(t) + 8 * n_groups * static_cast<uint64_t>(t.shape[0]) + 4 * static_cast<uint64_t>(n_in);
+        const uint64_t k_pad = static_cast<uint64_t>(n_in) + 31 * n_groups;  // at most
+        return (qc->bits == 8 ? k_pad : k_pad / 2 + 1) * static_cast<uint64_t>(t.shape[0]) +
+               8 * n_groups * static_cast<uint64_t>(t.shape[0]) + 4 * static_cast<uint64_t>(n_in) + 8 * n_groups;
     };
     uint64_t total = 0;
     for (const auto& t : llama_global_tensors(hp_))
@@ -861,7 +898,11 @@ status llama_model::embed(const int32_t* ids, int64_t n_tokens, float* out) {
         if (id < 0 || id >= hp_.n_vocab)
             return make_error(E_ARG, "token id {} at position {} is outside the vocabulary [0, {})", id, t,
                               hp_.n_vocab);
-        std::copy_n(embed_.data() + static_cast<int64_t>(id) * hp_.n_embd, hp_.n_embd, out + t * hp_.n_embd);
+        const int64_t row = static_cast<int64_t>(id) * hp_.n_embd;
+        if (!embed16_.empty())
+            f16_to_f32_row(embed16_.data() + row, out + t * hp_.n_embd, static_cast<size_t>(hp_.n_embd));
+        else
+            std::copy_n(embed_.data() + row, hp_.n_embd, out + t * hp_.n_embd);
     }
     if (hp_.embed_scale != 1.0f)
         for (int64_t k = 0; k < n_tokens * hp_.n_embd; ++k) out[k] *= hp_.embed_scale;
@@ -882,11 +923,13 @@ result<std::vector<float>> llama_model::lm_head_dense_weight() const {
 }
 
 void llama_model::output_logits(const ops_context& ctx, const float* hidden, int64_t n_tokens, float* logits) const {
-    GPTQ_ASSERT(!embed_.empty());  // globals_load() first
+    GPTQ_ASSERT(!embed_.empty() || !embed16_.empty());  // globals_load() first
     std::vector<float> x(static_cast<size_t>(n_tokens * hp_.n_embd));
     final_norm(ctx, hidden, n_tokens, x.data());
-    if (lm_head_.q) {
+    if (lm_head_.q || !lm_head_.w16.empty()) {
         linear_forward(ctx, lm_head_, x.data(), logits, n_tokens);
+    } else if (hp_.tie_embeddings && !embed16_.empty()) {
+        op_linear_f16(ctx, x.data(), embed16_.data(), nullptr, logits, n_tokens, hp_.n_vocab, hp_.n_embd);
     } else {
         const float* w = hp_.tie_embeddings ? embed_.data() : lm_head_.w.data();
         op_linear(ctx, x.data(), w, nullptr, logits, n_tokens, hp_.n_vocab, hp_.n_embd);

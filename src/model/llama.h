@@ -205,8 +205,10 @@ std::vector<moe_linear> llama_moe_linears(const llama_hparams& hp, int64_t i_lay
 struct linear_weights {
     int64_t            n_out = 0;
     int64_t            n_in  = 0;
-    std::vector<float> w;     // [n_out, n_in] row-major (PyTorch layout); empty when `q` is set
-    std::vector<float> bias;  // [n_out], or empty
+    std::vector<float> w;  // [n_out, n_in] row-major (PyTorch layout); empty when `q` or `w16` is set
+    // The same in F16 bits when the model keeps F16 weights F16 (llama_open_options::keep_f16).
+    std::vector<uint16_t> w16;
+    std::vector<float>    bias;  // [n_out], or empty
     // A GPTQ linear of a quantized checkpoint stays quantized (dequantized on the fly); nullptr for
     // dense weights. The quantizer works on dense `w` (linear_replace clears `q`).
     std::shared_ptr<const gptq_packed_linear> q;
@@ -321,6 +323,10 @@ struct layer_seq {
 
 struct llama_open_options {
     bool strict = false;  // tensors the model does not use are an error (else a warning)
+    // F16 checkpoint tensors of dense linears, embeddings and lm_head stay F16 in memory (the
+    // inference sessions: resident bytes = file bytes); otherwise everything is read as F32 (the
+    // quantizer works on F32 weights).
+    bool keep_f16 = false;
 };
 
 class llama_model {
@@ -353,9 +359,9 @@ public:
     status globals_load();
 
     // Host bytes held once layers_load_all() and globals_load() are done: F32 norms, embeddings
-    // and lm_head; dense linears in F32, GPTQ linears as 1-byte codes + F32 scales and zeros
-    // (gptq_packed_linear). An estimate for the memory checks of engine/ (docs/reliability.md);
-    // the transient buffers of the tensor being read are not counted.
+    // and lm_head (F16 ones in F16 with keep_f16); dense linears likewise, GPTQ linears as nibbles
+    // (bytes for 8 bits) + F32 scales and zeros (gptq_packed_linear). An estimate for the memory checks of engine/
+    // (docs/reliability.md); the transient buffers of the tensor being read are not counted.
     uint64_t resident_bytes() const;
 
     // out[n_tokens, n_embd] = embedding rows of ids; an id outside [0, n_vocab) is an error.
@@ -430,7 +436,9 @@ private:
     std::optional<gptq_config>                      gptq_;
     std::map<std::string, gptq_config, std::less<>> gptq_modules_;  // quantized module -> its settings
     std::vector<std::unique_ptr<llama_layer>>       layers_;
-    std::vector<float>                              embed_;    // [n_vocab, n_embd]
+    std::vector<float>                              embed_;    // [n_vocab, n_embd]; empty when embed16_ is set
+    std::vector<uint16_t>                           embed16_;  // the same in F16 bits (keep_f16, F16 checkpoint)
+    bool                                            keep_f16_ = false;
     std::vector<float>                              norm_;     // [n_embd]
     linear_weights                                  lm_head_;  // [n_vocab, n_embd] dense or GPTQ; empty when tied
 };

@@ -11,12 +11,15 @@ namespace gptq {
 
 gptq_packed_linear gptq_packed_linear::from_unpacked(const uint8_t* codes_orig, const float* scales,
                                                      const int32_t* zeros, const int32_t* g_idx, int64_t n_out,
-                                                     int64_t n_in, int64_t n_groups) {
+                                                     int64_t n_in, int64_t n_groups, int bits) {
+    GPTQ_ASSERT(bits == 2 || bits == 3 || bits == 4 || bits == 8);
     gptq_packed_linear p;
     p.n_in     = n_in;
     p.n_out    = n_out;
     p.n_groups = n_groups;
-    // Stable counting sort of the input rows by group.
+    p.bits     = bits;
+    // Stable counting sort of the input rows by group (format.md 1.5: act-order groups are not
+    // contiguous in k; sorted, each is a contiguous run of rows).
     std::vector<int32_t> order(static_cast<size_t>(n_in));
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return g_idx[a] < g_idx[b]; });
@@ -27,51 +30,85 @@ gptq_packed_linear gptq_packed_linear::from_unpacked(const uint8_t* codes_orig, 
     }
     for (int64_t g = 0; g < n_groups; ++g)
         p.group_start[static_cast<size_t>(g + 1)] += p.group_start[static_cast<size_t>(g)];
+    p.pad_start.assign(static_cast<size_t>(n_groups + 1), 0);
+    for (int64_t g = 0; g < n_groups; ++g) {
+        const int64_t len          = p.group_start[size_t(g + 1)] - p.group_start[size_t(g)];
+        const int64_t ch           = cpu::k_gptq_chunk;
+        p.pad_start[size_t(g + 1)] = static_cast<int32_t>(p.pad_start[size_t(g)] + (len + ch - 1) / ch * ch);
+    }
+    p.k_pad       = p.pad_start[static_cast<size_t>(n_groups)];
     bool identity = true;
     for (int64_t i = 0; i < n_in; ++i) identity &= order[static_cast<size_t>(i)] == i;
     if (!identity) p.perm = order;
-    p.codes.resize(static_cast<size_t>(n_in * n_out));
-    for (int64_t i = 0; i < n_in; ++i) {
-        const int64_t k = order[static_cast<size_t>(i)];
-        for (int64_t n = 0; n < n_out; ++n) p.codes[static_cast<size_t>(i * n_out + n)] = codes_orig[n * n_in + k];
+    const int64_t rb = bits == 8 ? p.k_pad : p.k_pad / 2;
+    p.codes.assign(static_cast<size_t>(n_out * rb), 0);
+    for (int64_t n = 0; n < n_out; ++n) {
+        uint8_t* row = p.codes.data() + n * rb;
+        for (int64_t g = 0; g < n_groups; ++g)
+            for (int64_t i = p.group_start[size_t(g)]; i < p.group_start[size_t(g + 1)]; ++i) {
+                const uint8_t c   = codes_orig[n * n_in + order[static_cast<size_t>(i)]];
+                const int64_t pos = p.pad_start[size_t(g)] + (i - p.group_start[size_t(g)]);
+                if (bits == 8)
+                    row[pos] = c;
+                else  // chunk of 32 in 16 bytes: rows 0..15 low nibbles, 16..31 high (kernels/cpu/gptq_linear.h)
+                    row[(pos / 32) * 16 + pos % 16] |= static_cast<uint8_t>((pos % 32) < 16 ? c : c << 4);
+            }
     }
-    p.scales.assign(scales, scales + n_groups * n_out);
-    p.zeros.resize(static_cast<size_t>(n_groups * n_out));
-    for (size_t i = 0; i < p.zeros.size(); ++i) p.zeros[i] = static_cast<float>(zeros[i]);
+    p.scales.resize(static_cast<size_t>(n_groups * n_out));
+    p.zeros.resize(p.scales.size());
+    for (int64_t g = 0; g < n_groups; ++g)
+        for (int64_t n = 0; n < n_out; ++n) {
+            p.scales[static_cast<size_t>(n * n_groups + g)] = scales[g * n_out + n];
+            p.zeros[static_cast<size_t>(n * n_groups + g)]  = static_cast<float>(zeros[g * n_out + n]);
+        }
     return p;
 }
 
+cpu::gptq_cpu_layout gptq_packed_linear::layout() const {
+    cpu::gptq_cpu_layout l;
+    l.n_in        = n_in;
+    l.n_out       = n_out;
+    l.n_groups    = n_groups;
+    l.bits        = bits;
+    l.k_pad       = k_pad;
+    l.codes       = codes.data();
+    l.scales      = scales.data();
+    l.zeros       = zeros.data();
+    l.group_start = group_start.data();
+    l.pad_start   = pad_start.data();
+    l.perm        = perm.empty() ? nullptr : perm.data();
+    return l;
+}
+
 void gptq_packed_linear::dequantize(float* w) const {
-    for (int64_t g = 0; g < n_groups; ++g)
-        for (int32_t i = group_start[static_cast<size_t>(g)]; i < group_start[static_cast<size_t>(g + 1)]; ++i) {
-            const int64_t k = perm.empty() ? i : perm[static_cast<size_t>(i)];
-            for (int64_t n = 0; n < n_out; ++n)
-                w[n * n_in + k] = scales[static_cast<size_t>(g * n_out + n)] *
-                                  (static_cast<float>(codes[static_cast<size_t>(i * n_out + n)]) -
-                                   zeros[static_cast<size_t>(g * n_out + n)]);
+    const cpu::gptq_cpu_layout l = layout();
+    for (int64_t n = 0; n < n_out; ++n)
+        for (int64_t g = 0; g < n_groups; ++g) {
+            const float s = scales[static_cast<size_t>(n * n_groups + g)];
+            const float z = zeros[static_cast<size_t>(n * n_groups + g)];
+            for (int32_t i = group_start[static_cast<size_t>(g)]; i < group_start[static_cast<size_t>(g + 1)]; ++i) {
+                const int64_t k = perm.empty() ? i : perm[static_cast<size_t>(i)];
+                const int64_t p = pad_start[static_cast<size_t>(g)] + (i - group_start[static_cast<size_t>(g)]);
+                w[n * n_in + k] = s * (static_cast<float>(cpu::gptq_code_at(l, n, p)) - z);
+            }
         }
 }
 
 size_t gptq_packed_linear::bytes() const {
-    return codes.size() + (scales.size() + zeros.size()) * 4 + (group_start.size() + perm.size()) * 4;
+    return codes.size() + (scales.size() + zeros.size()) * 4 +
+           (group_start.size() + pad_start.size() + perm.size()) * 4;
 }
 
 void op_gptq_linear(const ops_context& ctx, const float* x, const gptq_packed_linear& w, const float* bias, float* y,
                     int64_t m) {
-    cpu::gptq_cpu_layout l;
-    l.n_in        = w.n_in;
-    l.n_out       = w.n_out;
-    l.n_groups    = w.n_groups;
-    l.codes       = w.codes.data();
-    l.scales      = w.scales.data();
-    l.zeros       = w.zeros.data();
-    l.group_start = w.group_start.data();
-    l.perm        = w.perm.empty() ? nullptr : w.perm.data();
     cpu::blas_init_single_threaded();
-    if (ctx.reference)
-        cpu::gptq_linear_portable(x, l, bias, y, m, ctx.pool);
-    else
-        cpu::gptq_linear(x, l, bias, y, m, ctx.pool);
+    if (ctx.reference) {
+        std::vector<float> wd(static_cast<size_t>(w.n_out * w.n_in));
+        w.dequantize(wd.data());
+        cpu::linear_ref(x, wd.data(), bias, y, m, w.n_out, w.n_in);
+        return;
+    }
+    cpu::gptq_linear(x, w.layout(), bias, y, m, ctx.pool, ctx.int8_activations);
 }
 
 }  // namespace gptq

@@ -1,5 +1,6 @@
-// A GPTQ-quantized linear layer kept quantized in memory (one byte per code, rows sorted by group)
-// and applied with dequantization on the fly (kernels/cpu/gptq_linear.h).
+// A GPTQ-quantized linear layer kept quantized in memory (nibbles for bits <= 4, bytes for 8; rows
+// sorted by group and padded per group, codes per output row) and applied with dequantization on
+// the fly (kernels/cpu/gptq_linear.h has the layout and the two products).
 #pragma once
 
 #include <cstddef>
@@ -8,26 +9,36 @@
 
 #include "ops/ops.h"
 
+namespace gptq::cpu {
+struct gptq_cpu_layout;  // kernels/cpu/gptq_linear.h
+}
+
 namespace gptq {
 
 struct gptq_packed_linear {
     int64_t              n_in = 0, n_out = 0, n_groups = 0;
-    std::vector<uint8_t> codes;        // [n_in, n_out], input rows in sorted (group) order
-    std::vector<float>   scales;       // [n_groups, n_out]
-    std::vector<float>   zeros;        // [n_groups, n_out]
+    int                  bits  = 4;
+    int64_t              k_pad = 0;    // sorted input rows padded per group to multiples of 32
+    std::vector<uint8_t> codes;        // [n_out, k_pad / 2] (bits <= 4) or [n_out, k_pad] (bits 8)
+    std::vector<float>   scales;       // [n_out, n_groups]
+    std::vector<float>   zeros;        // [n_out, n_groups]
     std::vector<int32_t> group_start;  // [n_groups + 1]
+    std::vector<int32_t> pad_start;    // [n_groups + 1]
     std::vector<int32_t> perm;         // [n_in] sorted row -> original input index; empty = identity
 
-    // From the unpacked checkpoint form: codes_orig [n_out, n_in], scales/zeros [n_groups, n_out],
-    // g_idx [n_in] with values in [0, n_groups) (the caller has checked them).
+    // From the unpacked checkpoint form: codes_orig [n_out, n_in] in [0, 2^bits), scales/zeros
+    // [n_groups, n_out], g_idx [n_in] with values in [0, n_groups) (the caller has checked them).
     static gptq_packed_linear from_unpacked(const uint8_t* codes_orig, const float* scales, const int32_t* zeros,
-                                            const int32_t* g_idx, int64_t n_out, int64_t n_in, int64_t n_groups);
+                                            const int32_t* g_idx, int64_t n_out, int64_t n_in, int64_t n_groups,
+                                            int bits);
+    cpu::gptq_cpu_layout      layout() const;  // the kernels' view (pointers into this object)
     // W [n_out, n_in] in F32, original column order.
     void   dequantize(float* w) const;
     size_t bytes() const;  // memory held
 };
 
-// y[m, n_out] = x[m, n_in] W^T + bias (bias may be nullptr). y must not alias x.
+// y[m, n_out] = x[m, n_in] W^T + bias (bias may be nullptr). y must not alias x. With
+// ctx.int8_activations, rows of a decode step (m < 4) use the int8-activation GEMV.
 void op_gptq_linear(const ops_context& ctx, const float* x, const gptq_packed_linear& w, const float* bias, float* y,
                     int64_t m);
 

@@ -21,6 +21,15 @@ void op_linear(const ops_context& ctx, const float* x, const float* w, const flo
         cpu::linear_blas(x, w, bias, y, m, n, k, ctx.pool);
 }
 
+void op_linear_f16(const ops_context& ctx, const float* x, const uint16_t* w, const float* bias, float* y, int64_t m,
+                   int64_t n, int64_t k) {
+    GPTQ_ASSERT(m >= 0 && n >= 0 && k >= 0 && x != y);
+    if (ctx.reference)
+        cpu::linear_f16_ref(x, w, bias, y, m, n, k);
+    else
+        cpu::linear_f16(x, w, bias, y, m, n, k, ctx.pool);
+}
+
 void op_rms_norm(const ops_context& ctx, const float* x, const float* w, float* y, int64_t n_rows, int64_t dim,
                  float eps) {
     GPTQ_ASSERT(n_rows >= 0 && dim > 0);

@@ -14,11 +14,20 @@ class thread_pool;
 struct ops_context {
     thread_pool* pool      = nullptr;  // nullptr: run on the calling thread
     bool         reference = false;    // use the plain reference kernels (slow; for checking)
+    // GPTQ linears round their activations to int8 (one scale per block of up to 128 rows of a
+    // group; kernels/cpu/gptq_linear.h) and decode-sized calls (m < 4 rows) use the int8 GEMV:
+    // much faster, not F32-exact. Generation turns it on; perplexity and calibration keep the F32
+    // products (docs/model-runtime.md).
+    bool int8_activations = false;
 };
 
 // y[m, n] = x[m, k] w[n, k]^T + bias[n] (bias may be nullptr). y must not alias x.
 void op_linear(const ops_context& ctx, const float* x, const float* w, const float* bias, float* y, int64_t m,
                int64_t n, int64_t k);
+
+// The same with w in F16 bits [n, k] (weights kept F16 in memory; kernels/cpu/linear.h linear_f16).
+void op_linear_f16(const ops_context& ctx, const float* x, const uint16_t* w, const float* bias, float* y, int64_t m,
+                   int64_t n, int64_t k);
 
 // y[n_rows, dim] = rmsnorm(x[n_rows, dim]) * w[dim]; y may alias x.
 void op_rms_norm(const ops_context& ctx, const float* x, const float* w, float* y, int64_t n_rows, int64_t dim,

@@ -1,6 +1,7 @@
-// GPTQ linear with dequantization on the fly: the sorted/factorised CPU kernels (AVX2 and
-// portable, GEMV m < 4 and dequantize+sgemm m >= 4) against the plain reference on the original
-// layout, with trivial and act-order g_idx, uneven groups, odd shapes and every bit width's range.
+// GPTQ linear with dequantization on the fly, F32 products (no int8 activations: those are
+// test_cpu_int4_gemv): the sorted/padded layout's dequantize + sgemm path and the reference kernels
+// against the plain reference on the original layout, with trivial and act-order g_idx, uneven
+// groups, odd shapes and every bit width's range.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -71,7 +72,7 @@ TEST(gptq_linear, kernels_match_reference) {
                     cpu::gptq_linear_ref(x.data(), L.codes.data(), L.scales.data(), L.zeros_f.data(), L.g_idx.data(),
                                          bias.data(), ref.data(), m, n_out, n_in);
                     auto p = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
-                                                               L.g_idx.data(), n_out, n_in, L.n_groups);
+                                                               L.g_idx.data(), n_out, n_in, L.n_groups, bits);
                     EXPECT_EQ(p.perm.empty(), !act || n_in == gs);
                     std::vector<float> fast(ref.size()), portable(ref.size());
                     op_gptq_linear(ops_context{&pool, false}, x.data(), p, bias.data(), fast.data(), m);

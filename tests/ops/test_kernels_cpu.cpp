@@ -8,6 +8,7 @@
 #include <random>
 #include <vector>
 
+#include "core/dtype.h"
 #include "core/thread_pool.h"
 #include "kernels/cpu/activation.h"
 #include "kernels/cpu/attention.h"
@@ -68,6 +69,35 @@ TEST(kernels_cpu, linear_blas_matches_reference) {
                     ++n_cases;
                 }
     EXPECT_EQ(n_cases, 420);
+}
+
+// F16 weights kept F16: the F16C GEMV (m <= 4, weights converted in registers, 16- or 8-lane
+// partial sums with a scalar tail for k % 16) and the convert-a-tile + sgemm path (m > 4, tiles
+// of 64 rows), against the double reference on the exactly converted weights; same bound as F32.
+TEST(kernels_cpu, linear_f16_matches_reference) {
+    std::mt19937 rng(11);
+    int          n_cases = 0;
+    for (int64_t m : {1, 2, 3, 4, 5, 17})
+        for (int64_t n : {1, 5, 16, 67, 130})
+            for (int64_t k : {0, 1, 7, 8, 15, 16, 17, 33, 300})
+                for (bool with_bias : {false, true}) {
+                    auto x = random_vec(rng, m * k), wf = random_vec(rng, n * k), b = random_vec(rng, n);
+                    std::vector<uint16_t> w(wf.size());
+                    for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_f16(wf[i]);
+                    std::vector<float> y_ref(m * n), y(m * n, 123.0f);
+                    const float*       bias = with_bias ? b.data() : nullptr;
+                    cpu::linear_f16_ref(x.data(), w.data(), bias, y_ref.data(), m, n, k);
+                    cpu::linear_f16(x.data(), w.data(), bias, y.data(), m, n, k, &pool3());
+                    for (int64_t i = 0; i < m; ++i)
+                        for (int64_t j = 0; j < n; ++j) {
+                            double cond = with_bias ? std::fabs(b[j]) : 0.0;
+                            for (int64_t l = 0; l < k; ++l) cond += std::fabs(x[i * k + l] * f16_to_f32(w[j * k + l]));
+                            ASSERT_LE(std::fabs(y[i * n + j] - y_ref[i * n + j]), k_linear_tol * cond)
+                                << "m=" << m << " n=" << n << " k=" << k << " i=" << i << " j=" << j;
+                        }
+                    ++n_cases;
+                }
+    EXPECT_EQ(n_cases, 6 * 5 * 9 * 2);
 }
 
 TEST(kernels_cpu, linear_blas_small_batches_walk_output_blocks) {

@@ -213,6 +213,8 @@ command register_generate(CLI::App& app) {
     add_offload_options(sub, &o->open.device_map, &o->open.max_memory);
     sub->add_option("--threads", o->open.n_threads, "CPU threads (0: all cores)")->capture_default_str();
     sub->add_flag("--strict", o->open.strict, "tensors the model does not use are an error (default: a warning)");
+    sub->add_flag("--exact-activations", o->open.exact_activations,
+                  "CPU: decode GPTQ linears with F32 activations (default: int8 per block of 128, faster)");
     return {sub, [o] { return run_generate(*o); }};
 }
 

@@ -64,6 +64,21 @@ namespace {
 // blocks skip most of the masked half and two threads get balanced work at seqlen 128+.
 constexpr int64_t k_q_block = 32;
 
+// One query over keys [0, nk) of k/v (rows kv_stride apart), of which [a, nk) are visible.
+void attention_row(const float* q, const float* k, const float* v, float* out, const attention_shape& s, int64_t a,
+                   int64_t nk, float* scores) {
+    const int64_t n = nk - a;
+    // Zeroed first: some BLASes scale y by beta = 0 (a -inf or NaN left in it would survive).
+    std::fill(scores, scores + n, 0.0f);
+    std::fill(out, out + s.head_dim, 0.0f);
+    cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<blasint>(n), static_cast<blasint>(s.head_dim), s.scale,
+                k + a * s.kv_stride, static_cast<blasint>(s.kv_stride), q, 1, 0.0f, scores, 1);
+    if (s.softcap > 0) softcap(scores, n, s.softcap, nullptr);
+    softmax_rows(scores, scores, 1, n, nullptr);
+    cblas_sgemv(CblasRowMajor, CblasTrans, static_cast<blasint>(n), static_cast<blasint>(s.head_dim), 1.0f,
+                v + a * s.kv_stride, static_cast<blasint>(s.kv_stride), scores, 1, 0.0f, out, 1);
+}
+
 void attention_block(const float* q, const float* k, const float* v, float* out, const attention_shape& s, int64_t h,
                      int64_t i0, int64_t i1, std::vector<float>& scores) {
     const int64_t hk  = h / (s.n_head / s.n_head_kv);
@@ -72,6 +87,12 @@ void attention_block(const float* q, const float* k, const float* v, float* out,
     const int64_t jhi = s.q_pos0 + i1;                       // one past the last
     const int64_t nk  = jhi - jlo;
     scores.resize(static_cast<size_t>(nq * nk));
+    if (nq == 1) {  // a decode row: sgemv reads K and V in place (sgemm would copy them into panels)
+        attention_row(q + i0 * s.q_stride + h * s.head_dim, k + jlo * s.kv_stride + hk * s.head_dim,
+                      v + jlo * s.kv_stride + hk * s.head_dim, out + i0 * s.out_stride + h * s.head_dim, s,
+                      first_key(s.q_pos0 + i0, s.window) - jlo, nk, scores.data());
+        return;
+    }
     // scores[nq, nk] = scale * q_block[nq, hd] k_range[nk, hd]^T
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(nq), static_cast<blasint>(nk),
                 static_cast<blasint>(s.head_dim), s.scale, q + i0 * s.q_stride + h * s.head_dim,

@@ -4,134 +4,319 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "core/thread_pool.h"
 
 namespace gptq::cpu {
 
+// ---- The int8-activation GEMV, one copy per instruction set (gptq_gemv_body.inc) ----
+namespace {
+namespace avx2 {
+#define GPTQ_KT __attribute__((target("avx2,fma")))
+// maddubs: pairs of u8 x s8 products summed to int16 (|.| <= 2 * 15 * 127, no saturation for
+// nibble codes); madd with ones sums the pairs to int32.
+GPTQ_KT inline __m256i dot_u8s8(__m256i acc, __m256i q, __m256i x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1)));
+}
+#include "kernels/cpu/gptq_gemv_body.inc"
+#undef GPTQ_KT
+}  // namespace avx2
+
+namespace vnni {
+#define GPTQ_KT __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+// vpdpbusd on 256-bit registers (AVX512-VNNI + VL): four u8 x s8 products summed into each int32.
+GPTQ_KT inline __m256i dot_u8s8(__m256i acc, __m256i q, __m256i x) {
+    return _mm256_dpbusd_epi32(acc, q, x);
+}
+#include "kernels/cpu/gptq_gemv_body.inc"
+
+// The same on 512-bit registers: one vpdpbusd per two chunks (64 codes). A nibble row's 32 bytes
+// of two chunks unpack to 16-byte lanes [c0 rows 0-15, c1 rows 0-15, c0 rows 16-31, c1 rows 16-31];
+// the activations are permuted to that order once per chunk pair (shared by the R rows). A
+// block's odd last chunk takes the 256-bit path.
+template <bool B8>
+GPTQ_KT inline __m512i pair_dot(__m512i acc, const uint8_t* row, int64_t c, __m512i xv) {
+    const __m512i m4 = _mm512_set1_epi8(15);
+    if constexpr (!B8) {
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 16));
+        const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1);
+        return _mm512_dpbusd_epi32(acc, _mm512_and_si512(v, m4), xv);
+    } else {
+        const __m512i q = _mm512_loadu_si512(row + c * 32);
+        const __m512i hi =
+            _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(_mm512_srli_epi16(q, 4), m4), xv);
+        return _mm512_dpbusd_epi32(_mm512_add_epi32(acc, _mm512_slli_epi32(hi, 4)), _mm512_and_si512(q, m4), xv);
+    }
+}
+
+template <int R, bool B8>
+GPTQ_KT void rows_q8_512(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0) {
+    const int64_t  rb = w.row_bytes(), G = w.n_groups;
+    const uint8_t* rows[R];
+    __m256         acc[R];
+    float          corr[R];
+    for (int r = 0; r < R; ++r) {
+        rows[r] = w.codes + (n0 + r) * rb;
+        acc[r]  = _mm256_setzero_ps();
+        corr[r] = 0.0f;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+        __m256 gacc[R];
+        for (int r = 0; r < R; ++r) gacc[r] = _mm256_setzero_ps();
+        const int64_t c1 = w.pad_start[g + 1] / k_gptq_chunk;
+        for (int64_t cb = w.pad_start[g] / k_gptq_chunk; cb < c1; cb += k_gptq_act_chunks) {
+            const int64_t ce = std::min(c1, cb + k_gptq_act_chunks);
+            __m512i       wide[R];
+            for (int r = 0; r < R; ++r) wide[r] = _mm512_setzero_si512();
+            int64_t c = cb;
+            for (; c + 2 <= ce; c += 2) {
+                __m512i xv = _mm512_loadu_si512(xr.xq + c * k_gptq_chunk);
+                if constexpr (!B8) xv = _mm512_shuffle_i64x2(xv, xv, _MM_SHUFFLE(3, 1, 2, 0));
+                for (int r = 0; r < R; ++r) wide[r] = pair_dot<B8>(wide[r], rows[r], c, xv);
+            }
+            __m256i iacc[R];
+            for (int r = 0; r < R; ++r)
+                iacc[r] = _mm256_add_epi32(_mm512_castsi512_si256(wide[r]), _mm512_extracti64x4_epi64(wide[r], 1));
+            if (c < ce) {
+                const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr.xq + c * k_gptq_chunk));
+                for (int r = 0; r < R; ++r) iacc[r] = chunk_dot<B8>(iacc[r], rows[r], c, xv);
+            }
+            const __m256 dv = _mm256_set1_ps(xr.d[cb]);
+            for (int r = 0; r < R; ++r) gacc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r]), dv, gacc[r]);
+        }
+        for (int r = 0; r < R; ++r) {
+            const float s = w.scales[(n0 + r) * G + g];
+            acc[r]        = _mm256_fmadd_ps(gacc[r], _mm256_set1_ps(s), acc[r]);
+            corr[r] += s * w.zeros[(n0 + r) * G + g] * xr.xsum[g];
+        }
+    }
+    for (int r = 0; r < R; ++r) y[n0 + r] = hsum(acc[r]) - corr[r];
+}
+
+template <bool B8>
+GPTQ_KT void gemv_512(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0, int64_t n1) {
+    constexpr int R = 4;
+    int64_t       n = n0;
+    for (; n + R <= n1; n += R) rows_q8_512<R, B8>(w, xr, y, n);
+    for (; n < n1; ++n) rows_q8_512<1, B8>(w, xr, y, n);
+}
+
+GPTQ_KT void gemv_q8_512(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0, int64_t n1) {
+    if (w.bits == 8)
+        gemv_512<true>(w, xr, y, n0, n1);
+    else
+        gemv_512<false>(w, xr, y, n0, n1);
+}
+#undef GPTQ_KT
+}  // namespace vnni
+
+// The portable kernel: the same sums in the same grouping (integer chunk dots, then F32).
+void gemv_q8_scalar(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+        float acc = 0.0f, corr = 0.0f;
+        for (int64_t g = 0; g < w.n_groups; ++g) {
+            float         gacc = 0.0f;
+            const int64_t p1   = w.pad_start[g + 1];
+            for (int64_t pb = w.pad_start[g]; pb < p1; pb += k_gptq_act_block) {
+                int32_t dot = 0;
+                for (int64_t p = pb; p < std::min(p1, pb + k_gptq_act_block); ++p)
+                    dot += gptq_code_at(w, n, p) * xr.xq[p];
+                gacc += static_cast<float>(dot) * xr.d[pb / k_gptq_chunk];
+            }
+            const float s = w.scales[n * w.n_groups + g];
+            acc += gacc * s;
+            corr += s * w.zeros[n * w.n_groups + g] * xr.xsum[g];
+        }
+        y[n] = acc - corr;
+    }
+}
+
+gptq_isa resolve(gptq_isa isa) {
+    if (isa != gptq_isa::GPTQ_ISA_BEST) return isa;
+    static const gptq_isa best = gptq_isa_available(gptq_isa::GPTQ_ISA_AVX512) ? gptq_isa::GPTQ_ISA_AVX512
+                                 : gptq_isa_available(gptq_isa::GPTQ_ISA_VNNI) ? gptq_isa::GPTQ_ISA_VNNI
+                                 : gptq_isa_available(gptq_isa::GPTQ_ISA_AVX2) ? gptq_isa::GPTQ_ISA_AVX2
+                                                                               : gptq_isa::GPTQ_ISA_SCALAR;
+    return best;
+}
+}  // namespace
+
+bool gptq_isa_available(gptq_isa isa) {
+    switch (isa) {
+        case gptq_isa::GPTQ_ISA_BEST:
+        case gptq_isa::GPTQ_ISA_SCALAR:
+            return true;
+        case gptq_isa::GPTQ_ISA_AVX2:
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        case gptq_isa::GPTQ_ISA_VNNI:
+        case gptq_isa::GPTQ_ISA_AVX512:
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                   __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                   __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+    }
+    return false;
+}
+
+const char* gptq_isa_name(gptq_isa isa) {
+    switch (isa) {
+        case gptq_isa::GPTQ_ISA_BEST:
+            return gptq_isa_name(resolve(isa));
+        case gptq_isa::GPTQ_ISA_SCALAR:
+            return "scalar";
+        case gptq_isa::GPTQ_ISA_AVX2:
+            return "avx2";
+        case gptq_isa::GPTQ_ISA_VNNI:
+            return "avx512-vnni-256";
+        case gptq_isa::GPTQ_ISA_AVX512:
+            return "avx512-vnni-512";
+    }
+    return "?";
+}
+
+void gptq_quantize_activations(const float* x, const gptq_cpu_layout& w, const gptq_q8_row& out) {
+    std::fill(out.xq, out.xq + w.k_pad, int8_t{0});
+    std::fill(out.d, out.d + w.k_pad / k_gptq_chunk, 0.0f);
+    for (int64_t g = 0; g < w.n_groups; ++g) {
+        const int64_t len = w.group_start[g + 1] - w.group_start[g];
+        float         xs  = 0.0f;
+        // The group's rows in blocks of k_gptq_act_block (the last one may end in padding, xq 0).
+        for (int64_t j0 = 0; j0 < len; j0 += k_gptq_act_block) {
+            const int64_t j1   = std::min(len, j0 + k_gptq_act_block);
+            const int64_t p0   = w.pad_start[g] + j0;
+            auto          in_x = [&](int64_t j) {
+                const int64_t i = w.group_start[g] + j;
+                return x[w.perm ? w.perm[i] : i];
+            };
+            float amax = 0.0f;
+            for (int64_t j = j0; j < j1; ++j) amax = std::max(amax, std::fabs(in_x(j)));
+            const float d   = amax / 127.0f;
+            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            int32_t     sum = 0;
+            for (int64_t j = j0; j < j1; ++j) {
+                // Round to nearest even without a libm call: adding 1.5 * 2^23 leaves the integer
+                // part in the mantissa (|x * inv| <= 127 here, inv = 0 for an all-zero block).
+                const float   r       = (in_x(j) * inv + 12582912.0f) - 12582912.0f;
+                const int32_t q       = std::clamp(static_cast<int32_t>(r), -127, 127);
+                out.xq[p0 + (j - j0)] = static_cast<int8_t>(q);
+                sum += q;
+            }
+            for (int64_t c = p0 / k_gptq_chunk; c < (p0 + (j1 - j0) + k_gptq_chunk - 1) / k_gptq_chunk; ++c)
+                out.d[c] = d;
+            xs += d * static_cast<float>(sum);
+        }
+        out.xsum[g] = xs;
+    }
+}
+
+void gptq_gemv_q8(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0, int64_t n1, gptq_isa isa) {
+    switch (resolve(isa)) {
+        case gptq_isa::GPTQ_ISA_AVX512:
+            return vnni::gemv_q8_512(w, xr, y, n0, n1);
+        case gptq_isa::GPTQ_ISA_VNNI:
+            return vnni::gemv_q8(w, xr, y, n0, n1);
+        case gptq_isa::GPTQ_ISA_AVX2:
+            return avx2::gemv_q8(w, xr, y, n0, n1);
+        default:
+            return gemv_q8_scalar(w, xr, y, n0, n1);
+    }
+}
+
 namespace {
 
-constexpr int64_t k_cols_per_task = 64;  // output columns per work item (a multiple of 8)
+constexpr int64_t k_rows_per_task = 64;  // output rows per work item of the F32 path
+constexpr int64_t k_gemv_block    = 16;  // output rows per work item of the int8 GEMV (a multiple of 4)
 
-// x gathered into sorted row order, and the per-group sums of x: xs [m, n_in], xg [m, n_groups].
-void gather(const float* x, const gptq_cpu_layout& w, int64_t m, std::vector<float>* xs, std::vector<float>* xg) {
-    xs->resize(static_cast<size_t>(m * w.n_in));
-    xg->assign(static_cast<size_t>(m * w.n_groups), 0.0f);
-    for (int64_t i = 0; i < m; ++i) {
-        const float* xi = x + i * w.n_in;
-        float*       si = xs->data() + i * w.n_in;
-        for (int64_t k = 0; k < w.n_in; ++k) si[k] = w.perm ? xi[w.perm[k]] : xi[k];
+// Per-thread scratch, grown as needed and kept: no allocation per call once warm.
+struct scratch {
+    std::vector<float>  xs;    // [m, n_in] gathered activations (F32 path)
+    std::vector<float>  wbuf;  // [k_rows_per_task, n_in] dequantized weights (F32 path)
+    std::vector<int8_t> xq;    // [m, k_pad]
+    std::vector<float>  d;     // [m, k_pad / 32]
+    std::vector<float>  xsum;  // [m, n_groups]
+};
+scratch& thread_scratch() {
+    thread_local scratch s;
+    return s;
+}
+template <typename T>
+T* grow(std::vector<T>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+    return v.data();
+}
+
+// Rows [n0, n1) of W, dequantized into wbuf [n1 - n0, n_in] in sorted row order.
+void dequantize_rows(const gptq_cpu_layout& w, int64_t n0, int64_t n1, float* wbuf) {
+    for (int64_t n = n0; n < n1; ++n) {
+        float* out = wbuf + (n - n0) * w.n_in;
         for (int64_t g = 0; g < w.n_groups; ++g) {
-            float s = 0.0f;
-            for (int32_t k = w.group_start[g]; k < w.group_start[g + 1]; ++k) s += si[k];
-            (*xg)[static_cast<size_t>(i * w.n_groups + g)] = s;
+            const float s = w.scales[n * w.n_groups + g], z = w.zeros[n * w.n_groups + g];
+            for (int64_t i = w.group_start[g]; i < w.group_start[g + 1]; ++i)
+                out[i] = s * (static_cast<float>(gptq_code_at(w, n, w.pad_start[g] + i - w.group_start[g])) - z);
         }
     }
 }
 
-// Columns [n0, n1) of one row: y[n] = sum_g s (acc_q - z * xg).
-void gemv_cols_portable(const float* xs, const float* xg, const gptq_cpu_layout& w, float* y, int64_t n0, int64_t n1) {
-    float         acc[k_cols_per_task], out[k_cols_per_task];
-    const int64_t nc = n1 - n0;
-    std::fill(out, out + nc, 0.0f);
-    for (int64_t g = 0; g < w.n_groups; ++g) {
-        std::fill(acc, acc + nc, 0.0f);
-        for (int32_t k = w.group_start[g]; k < w.group_start[g + 1]; ++k) {
-            const float    xv = xs[k];
-            const uint8_t* q  = w.codes + static_cast<int64_t>(k) * w.n_out + n0;
-            for (int64_t j = 0; j < nc; ++j) acc[j] += xv * static_cast<float>(q[j]);
-        }
-        const float* s = w.scales + g * w.n_out + n0;
-        const float* z = w.zeros + g * w.n_out + n0;
-        for (int64_t j = 0; j < nc; ++j) out[j] += s[j] * (acc[j] - z[j] * xg[g]);
-    }
-    std::copy(out, out + nc, y + n0);
-}
-
-__attribute__((target("avx2,fma"))) void gemv_cols_avx2(const float* xs, const float* xg, const gptq_cpu_layout& w,
-                                                        float* y, int64_t n0, int64_t n1) {
-    const int64_t nc = n1 - n0;
-    if (nc % 8 != 0) return gemv_cols_portable(xs, xg, w, y, n0, n1);
-    __m256        out[k_cols_per_task / 8], acc[k_cols_per_task / 8];
-    const int64_t nv = nc / 8;
-    for (int64_t v = 0; v < nv; ++v) out[v] = _mm256_setzero_ps();
-    for (int64_t g = 0; g < w.n_groups; ++g) {
-        for (int64_t v = 0; v < nv; ++v) acc[v] = _mm256_setzero_ps();
-        for (int32_t k = w.group_start[g]; k < w.group_start[g + 1]; ++k) {
-            const __m256   xv = _mm256_set1_ps(xs[k]);
-            const uint8_t* q  = w.codes + static_cast<int64_t>(k) * w.n_out + n0;
-            for (int64_t v = 0; v < nv; ++v) {
-                const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * v));
-                const __m256  f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-                acc[v]          = _mm256_fmadd_ps(xv, f, acc[v]);
+// xs[i, sorted row] = d_b * xq (the int8-rounded activations the GEMV multiplies, dequantized).
+void gather_rounded(const float* x, const gptq_cpu_layout& w, int64_t m, float* xs) {
+    scratch&      s   = thread_scratch();
+    const int64_t nch = w.k_pad / k_gptq_chunk;
+    int8_t*       xq  = grow(s.xq, w.k_pad);
+    float*        d   = grow(s.d, nch);
+    float*        xsm = grow(s.xsum, w.n_groups);
+    for (int64_t i = 0; i < m; ++i) {
+        gptq_quantize_activations(x + i * w.n_in, w, {xq, d, xsm});
+        for (int64_t g = 0; g < w.n_groups; ++g)
+            for (int64_t r = w.group_start[g]; r < w.group_start[g + 1]; ++r) {
+                const int64_t p    = w.pad_start[g] + (r - w.group_start[g]);
+                xs[i * w.n_in + r] = d[p / k_gptq_chunk] * static_cast<float>(xq[p]);
             }
-        }
-        const __m256 xgv = _mm256_set1_ps(xg[g]);
-        for (int64_t v = 0; v < nv; ++v) {
-            const __m256 s = _mm256_loadu_ps(w.scales + g * w.n_out + n0 + 8 * v);
-            const __m256 z = _mm256_loadu_ps(w.zeros + g * w.n_out + n0 + 8 * v);
-            out[v]         = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, xgv, acc[v]), out[v]);
-        }
     }
-    for (int64_t v = 0; v < nv; ++v) _mm256_storeu_ps(y + n0 + 8 * v, out[v]);
 }
 
-bool cpu_has_avx2() {
-    static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return has;
-}
-
-// m >= 4: dequantize a slice of W's columns into [nc, n_in] (PyTorch layout, sorted rows) and
-// multiply with sgemm; the activations are already gathered into sorted order.
-void gemm_slice(const float* xs, const gptq_cpu_layout& w, float* y, int64_t m, int64_t n0, int64_t n1,
-                std::vector<float>* wbuf) {
-    const int64_t nc = n1 - n0;
-    wbuf->resize(static_cast<size_t>(nc * w.n_in));
-    for (int64_t g = 0; g < w.n_groups; ++g)
-        for (int32_t k = w.group_start[g]; k < w.group_start[g + 1]; ++k) {
-            const uint8_t* q = w.codes + static_cast<int64_t>(k) * w.n_out + n0;
-            const float*   s = w.scales + g * w.n_out + n0;
-            const float*   z = w.zeros + g * w.n_out + n0;
-            for (int64_t j = 0; j < nc; ++j)
-                (*wbuf)[static_cast<size_t>(j * w.n_in + k)] = s[j] * (static_cast<float>(q[j]) - z[j]);
-        }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(nc),
-                static_cast<int>(w.n_in), 1.0f, xs, static_cast<int>(w.n_in), wbuf->data(), static_cast<int>(w.n_in),
-                0.0f, y + n0, static_cast<int>(w.n_out));
-}
-
-void run(const float* x, const gptq_cpu_layout& w, const float* bias, float* y, int64_t m, thread_pool* pool,
-         bool allow_avx2) {
-    std::vector<float> xs, xg;
-    gather(x, w, m, &xs, &xg);
-    const int64_t n_tasks = (w.n_out + k_cols_per_task - 1) / k_cols_per_task;
-    const bool    avx2    = allow_avx2 && cpu_has_avx2();
+void linear_f32(const float* x, const gptq_cpu_layout& w, float* y, int64_t m, thread_pool* pool, bool int8_act) {
+    float* xs = grow(thread_scratch().xs, m * w.n_in);
+    if (int8_act)
+        gather_rounded(x, w, m, xs);
+    else
+        for (int64_t i = 0; i < m; ++i)
+            for (int64_t k = 0; k < w.n_in; ++k) xs[i * w.n_in + k] = x[i * w.n_in + (w.perm ? w.perm[k] : k)];
+    const int64_t n_tasks = (w.n_out + k_rows_per_task - 1) / k_rows_per_task;
     auto          task    = [&](int64_t t0, int64_t t1) {
-        std::vector<float> wbuf;
+        float* wbuf = grow(thread_scratch().wbuf, k_rows_per_task * w.n_in);
         for (int64_t t = t0; t < t1; ++t) {
-            const int64_t n0 = t * k_cols_per_task, n1 = std::min(w.n_out, n0 + k_cols_per_task);
-            if (m >= 4) {
-                gemm_slice(xs.data(), w, y, m, n0, n1, &wbuf);
-                continue;
-            }
-            for (int64_t i = 0; i < m; ++i) {
-                const float* xsi = xs.data() + i * w.n_in;
-                const float* xgi = xg.data() + i * w.n_groups;
-                if (avx2)
-                    gemv_cols_avx2(xsi, xgi, w, y + i * w.n_out, n0, n1);
-                else
-                    gemv_cols_portable(xsi, xgi, w, y + i * w.n_out, n0, n1);
-            }
+            const int64_t n0 = t * k_rows_per_task, n1 = std::min(w.n_out, n0 + k_rows_per_task);
+            dequantize_rows(w, n0, n1, wbuf);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m), static_cast<blasint>(n1 - n0),
+                                    static_cast<blasint>(w.n_in), 1.0f, xs, static_cast<blasint>(w.n_in), wbuf,
+                                    static_cast<blasint>(w.n_in), 0.0f, y + n0, static_cast<blasint>(w.n_out));
         }
     };
     if (pool)
         pool->parallel_for(n_tasks, task);
     else
         task(0, n_tasks);
-    if (bias)
+}
+
+void linear_int8(const float* x, const gptq_cpu_layout& w, float* y, int64_t m, thread_pool* pool, gptq_isa isa) {
+    scratch&      s   = thread_scratch();
+    const int64_t nch = w.k_pad / k_gptq_chunk;
+    int8_t*       xq  = grow(s.xq, m * w.k_pad);
+    float*        d   = grow(s.d, m * nch);
+    float*        xsm = grow(s.xsum, m * w.n_groups);
+    for (int64_t i = 0; i < m; ++i)
+        gptq_quantize_activations(x + i * w.n_in, w, {xq + i * w.k_pad, d + i * nch, xsm + i * w.n_groups});
+    const int64_t n_tasks = (w.n_out + k_gemv_block - 1) / k_gemv_block;
+    auto          task    = [&](int64_t t0, int64_t t1) {
+        const int64_t n0 = t0 * k_gemv_block, n1 = std::min(w.n_out, t1 * k_gemv_block);
         for (int64_t i = 0; i < m; ++i)
-            for (int64_t n = 0; n < w.n_out; ++n) y[i * w.n_out + n] += bias[n];
+            gptq_gemv_q8(w, {xq + i * w.k_pad, d + i * nch, xsm + i * w.n_groups}, y + i * w.n_out, n0, n1, isa);
+    };
+    if (pool)
+        pool->parallel_for(n_tasks, task);
+    else
+        task(0, n_tasks);
 }
 
 }  // namespace
@@ -151,13 +336,16 @@ void gptq_linear_ref(const float* x, const uint8_t* codes_orig, const float* sca
         }
 }
 
-void gptq_linear(const float* x, const gptq_cpu_layout& w, const float* bias, float* y, int64_t m, thread_pool* pool) {
-    run(x, w, bias, y, m, pool, true);
-}
-
-void gptq_linear_portable(const float* x, const gptq_cpu_layout& w, const float* bias, float* y, int64_t m,
-                          thread_pool* pool) {
-    run(x, w, bias, y, m, pool, false);
+void gptq_linear(const float* x, const gptq_cpu_layout& w, const float* bias, float* y, int64_t m, thread_pool* pool,
+                 bool int8_act, gptq_isa isa) {
+    if (m <= 0 || w.n_out == 0) return;
+    if (int8_act && m < 4)
+        linear_int8(x, w, y, m, pool, isa);
+    else
+        linear_f32(x, w, y, m, pool, int8_act);
+    if (bias)
+        for (int64_t i = 0; i < m; ++i)
+            for (int64_t n = 0; n < w.n_out; ++n) y[i * w.n_out + n] += bias[n];
 }
 
 }  // namespace gptq::cpu

@@ -1,12 +1,27 @@
-// GPTQ linear layers on the CPU with dequantization on the fly: y = x W^T + b where
-// W[n, k] = scale[g(k), n] * (code[k, n] - zero[g(k), n]).
+// GPTQ linear layers on the CPU with the weights kept quantized: y = x W^T + b where
+// W[n, k] = scale[g(k), n] * (code[k, n] - zero[g(k), n]) (format.md 1.5).
 //
-// Layout used here (built once at load by ops/gptq_linear.cpp from a checkpoint's tensors):
-// the input rows k are sorted by group (stable, so act-order checkpoints get contiguous groups and
-// the activations are gathered through `perm`), codes are one byte each, [K, N] row-major, and
-// scales and zeros are F32 [G, N]. Within a group the sum factorises:
-//   y[n] = sum_g scale[g, n] * (sum_{k in g} x[k] q[k, n] - zero[g, n] * sum_{k in g} x[k]),
-// so the inner loop is a multiply-add of one x value against a row of codes, contiguous in n.
+// Layout (built once at load by ops/gptq_linear.cpp from a checkpoint's tensors): the input rows k
+// are sorted by group (stable, so act-order checkpoints get contiguous groups and the activations
+// are gathered once per call through `perm`, format.md 1.5 "sort rows by g_idx"); each group's run
+// of rows is padded with code 0 to a multiple of 32 ("chunks"). Codes are stored per OUTPUT row
+// (a GEMV reads one contiguous stream per output): bits 2, 3 and 4 as nibbles, 16 bytes per chunk,
+// byte j holding the codes of chunk rows j (low nibble) and 16 + j (high nibble); bits 8 as one
+// byte per code. Scales and zeros are F32 [n_out, n_groups].
+//
+// Two products:
+// - F32 (exact up to summation order): a slice of W is dequantized to F32 and multiplied with
+//   OpenBLAS sgemm. Used for prefill, perplexity and whenever int8 activations are not asked for.
+// - int8 activations (decode rows): the gathered activations of each group are quantized once per
+//   call to int8, one scale d = max|x| / 127 per block of up to 128 rows of the group (so per
+//   group for group sizes 32/64/128; llama.cpp's Q8_0 uses blocks of 32), and every output row
+//   accumulates integer products code x int8 (AVX2 maddubs + madd, or VNNI vpdpbusd) over the
+//   block, converted to F32 and scaled by d once per block and by the weight scale once per group;
+//   the zero point enters once per group through the group's sum of quantized activations:
+//     y[n] = sum_g s[n,g] * (sum_{b in g} d_b * sum_{k in b} q[n,k] xq[k]  -  z[n,g] * xsum_g),
+//     xsum_g = sum_{b in g} d_b * sum_{k in b} xq[k].
+//   The result is the F32 product of W with the dequantized activations d_b * xq[k] (|error| per
+//   activation <= d_b / 2), up to float summation order.
 #pragma once
 
 #include <cstdint>
@@ -17,26 +32,64 @@ class thread_pool;
 
 namespace gptq::cpu {
 
+constexpr int64_t k_gptq_chunk      = 32;   // rows per chunk: the padding unit of each group
+constexpr int64_t k_gptq_act_block  = 128;  // int8 activations: rows per scale (within a group)
+constexpr int64_t k_gptq_act_chunks = k_gptq_act_block / k_gptq_chunk;
+
 struct gptq_cpu_layout {
     int64_t        n_in = 0, n_out = 0, n_groups = 0;
-    const uint8_t* codes       = nullptr;  // [n_in, n_out] codes of the sorted input rows
-    const float*   scales      = nullptr;  // [n_groups, n_out]
-    const float*   zeros       = nullptr;  // [n_groups, n_out]
+    int            bits        = 4;        // 2, 3, 4 (nibbles) or 8 (bytes)
+    int64_t        k_pad       = 0;        // padded sorted rows: a multiple of k_gptq_chunk
+    const uint8_t* codes       = nullptr;  // [n_out, row_bytes()]
+    const float*   scales      = nullptr;  // [n_out, n_groups]
+    const float*   zeros       = nullptr;  // [n_out, n_groups]
     const int32_t* group_start = nullptr;  // [n_groups + 1] first sorted row of each group
+    const int32_t* pad_start   = nullptr;  // [n_groups + 1] first padded row of each group (multiples of 32)
     const int32_t* perm        = nullptr;  // [n_in] sorted row i reads x[perm[i]]; nullptr = identity
+
+    int64_t row_bytes() const { return bits == 8 ? k_pad : k_pad / 2; }
 };
 
+// Code of padded row p of output n.
+inline int gptq_code_at(const gptq_cpu_layout& w, int64_t n, int64_t p) {
+    const uint8_t* row = w.codes + n * w.row_bytes();
+    if (w.bits == 8) return row[p];
+    const uint8_t b = row[(p / k_gptq_chunk) * 16 + (p % 16)];
+    return (p % k_gptq_chunk) < 16 ? (b & 15) : (b >> 4);
+}
+
 // Plain reference: dequantize each weight from the ORIGINAL layout (codes_orig [n_out, n_in],
-// g_idx [n_in]) and accumulate in double. x: [m, n_in]; y: [m, n_out]; bias [n_out] or nullptr.
+// g_idx [n_in], scales/zeros [n_groups, n_out]) and accumulate in double. x: [m, n_in];
+// y: [m, n_out]; bias [n_out] or nullptr.
 void gptq_linear_ref(const float* x, const uint8_t* codes_orig, const float* scales, const float* zeros,
                      const int32_t* g_idx, const float* bias, float* y, int64_t m, int64_t n_out, int64_t n_in);
 
-// The factorised kernel over the sorted layout: AVX2+FMA when the CPU has it (checked at run
-// time), portable C++ otherwise; for m >= 4 it dequantizes slices of W and uses sgemm.
-void gptq_linear(const float* x, const gptq_cpu_layout& w, const float* bias, float* y, int64_t m, thread_pool* pool);
+// Which int8-activation GEMV kernel runs: the best the CPU has (checked at run time), or one named
+// (tests compare them; naming one the CPU lacks is a bug).
+// VNNI: AVX512-VNNI vpdpbusd on 256-bit registers; AVX512: the same on 512-bit registers.
+enum class gptq_isa { GPTQ_ISA_BEST, GPTQ_ISA_SCALAR, GPTQ_ISA_AVX2, GPTQ_ISA_VNNI, GPTQ_ISA_AVX512 };
+bool        gptq_isa_available(gptq_isa isa);
+const char* gptq_isa_name(gptq_isa isa);
 
-// The portable path only (tests compare it with the AVX2 one).
-void gptq_linear_portable(const float* x, const gptq_cpu_layout& w, const float* bias, float* y, int64_t m,
-                          thread_pool* pool);
+// One row of activations quantized for the int8 GEMV: xq [k_pad] (padded rows 0), d
+// [k_pad / 32] (per chunk: every chunk of a block holds the block's scale), xsum [n_groups] (see
+// the header comment). x: [n_in], original order.
+struct gptq_q8_row {
+    int8_t* xq   = nullptr;
+    float*  d    = nullptr;
+    float*  xsum = nullptr;
+};
+void gptq_quantize_activations(const float* x, const gptq_cpu_layout& w, const gptq_q8_row& out);
+
+// y[n] for n in [n0, n1) from one quantized activation row (bias not added).
+void gptq_gemv_q8(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0, int64_t n1, gptq_isa isa);
+
+// y[m, n_out] = x W^T + bias. F32 products: dequantize + sgemm. int8_act: every row multiplies
+// its int8-rounded activations d_b * xq (the same function for every row, so a row's result does
+// not depend on how many rows share the call): m < 4 rows with the int8 GEMV, more rows (prompts)
+// with the rounded activations in F32 through dequantize + sgemm. pool may be nullptr. Scratch
+// memory is per thread and reused (no allocation per call once warm).
+void gptq_linear(const float* x, const gptq_cpu_layout& w, const float* bias, float* y, int64_t m, thread_pool* pool,
+                 bool int8_act, gptq_isa isa = gptq_isa::GPTQ_ISA_BEST);
 
 }  // namespace gptq::cpu

@@ -23,4 +23,10 @@ void linear_ref(const float* x, const float* w, const float* bias, float* y, int
 void linear_blas(const float* x, const float* w, const float* bias, float* y, int64_t m, int64_t n, int64_t k,
                  thread_pool* pool);
 
+// The same with w in F16 bits ([n, k], kept F16 in memory; linear_f16.cpp): m <= 4 rows, a GEMV
+// converting the weights in registers (F16C); more rows, tiles of w converted to F32 and sgemm.
+void linear_f16(const float* x, const uint16_t* w, const float* bias, float* y, int64_t m, int64_t n, int64_t k,
+                thread_pool* pool);
+void linear_f16_ref(const float* x, const uint16_t* w, const float* bias, float* y, int64_t m, int64_t n, int64_t k);
+
 }  // namespace gptq::cpu

@@ -1,0 +1,211 @@
+// The int8-activation GPTQ GEMV of kernels/cpu/gptq_linear.h (decode rows): every kernel the CPU
+// has (scalar, AVX2 maddubs, AVX512-VNNI vpdpbusd on 256- and 512-bit registers) on fresh random layers of bits
+// 2/3/4/8, group sizes 32/64/128/-1 and odd ones, with and without act-order, K not a multiple of 32.
+//
+// Two checks per output, each against a bound derived for it, never a tuned tolerance:
+// 1. Against the double-precision reference on the SAME dequantized activations d_c * xq[k]: the
+//    integer chunk dots are exact, so the only difference is F32 rounding in the kernel's sums.
+//    With n_ops the length of the longest chain of F32 operations (chunks + groups + a few), the
+//    error is below gamma(n_ops) * sum_k |s| (q + z) |d xq| (Higham's bound, with every partial sum
+//    bounded by that sum of magnitudes, the zero-point term included).
+// 2. Against the double reference on the ORIGINAL F32 activations: |x - d xq| <= d / 2 per element
+//    (round to nearest), so |y - y_f32| <= sum_k |w[n, k]| d_c(k) / 2 plus bound 1.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "core/thread_pool.h"
+#include "kernels/cpu/gptq_linear.h"
+#include "ops/gptq_linear.h"
+
+using namespace gptq;
+
+namespace {
+
+struct random_layer {
+    int64_t              n_out, n_in, n_groups;
+    std::vector<uint8_t> codes;  // [n_out, n_in]
+    std::vector<float>   scales;
+    std::vector<int32_t> zeros, g_idx;
+    std::vector<float>   zeros_f;
+};
+
+random_layer make(int64_t n_out, int64_t n_in, int64_t gs, int bits, bool act_order, std::mt19937& rng) {
+    if (gs < 0) gs = n_in;
+    random_layer L{n_out, n_in, (n_in + gs - 1) / gs, {}, {}, {}, {}, {}};
+    const int    maxq = (1 << bits) - 1;
+    L.codes.resize(static_cast<size_t>(n_out * n_in));
+    for (auto& c : L.codes) c = static_cast<uint8_t>(rng() % (maxq + 1));
+    std::uniform_real_distribution<float> sd(0.001f, 0.05f);
+    L.scales.resize(static_cast<size_t>(L.n_groups * n_out));
+    for (auto& s : L.scales) s = sd(rng);
+    L.zeros.resize(L.scales.size());
+    for (auto& z : L.zeros) z = static_cast<int32_t>(rng() % (maxq + 2));  // v1 zeros reach maxq + 1
+    L.zeros_f.assign(L.zeros.begin(), L.zeros.end());
+    L.g_idx.resize(static_cast<size_t>(n_in));
+    for (int64_t k = 0; k < n_in; ++k) L.g_idx[static_cast<size_t>(k)] = static_cast<int32_t>(k / gs);
+    if (act_order) std::shuffle(L.g_idx.begin(), L.g_idx.end(), rng);
+    return L;
+}
+
+struct q8 {
+    std::vector<int8_t> xq;
+    std::vector<float>  d, xsum;
+    cpu::gptq_q8_row    row() { return {xq.data(), d.data(), xsum.data()}; }
+};
+
+q8 quantize(const float* x, const cpu::gptq_cpu_layout& l) {
+    q8 a{std::vector<int8_t>(static_cast<size_t>(l.k_pad)),
+         std::vector<float>(static_cast<size_t>(l.k_pad / cpu::k_gptq_chunk)),
+         std::vector<float>(static_cast<size_t>(l.n_groups))};
+    cpu::gptq_quantize_activations(x, l, a.row());
+    return a;
+}
+
+// The dequantized activations d_c xq[p] in the original input order, and each input's d_c.
+void dequantized(const gptq_packed_linear& p, q8& a, std::vector<float>* xd, std::vector<float>* dk) {
+    xd->assign(static_cast<size_t>(p.n_in), 0.0f);
+    dk->assign(static_cast<size_t>(p.n_in), 0.0f);
+    for (int64_t g = 0; g < p.n_groups; ++g)
+        for (int64_t i = p.group_start[size_t(g)]; i < p.group_start[size_t(g + 1)]; ++i) {
+            const int64_t pos = p.pad_start[size_t(g)] + (i - p.group_start[size_t(g)]);
+            const int64_t k   = p.perm.empty() ? i : p.perm[size_t(i)];
+            const float   d   = a.d[size_t(pos / cpu::k_gptq_chunk)];
+            (*xd)[size_t(k)]  = d * static_cast<float>(a.xq[size_t(pos)]);
+            (*dk)[size_t(k)]  = d;
+        }
+}
+
+}  // namespace
+
+TEST(cpu_int4_gemv, kernels_within_derived_bounds) {
+    std::mt19937                    rng(2022);
+    std::normal_distribution<float> nd;
+    std::vector<cpu::gptq_isa>      isas;
+    for (auto i : {cpu::gptq_isa::GPTQ_ISA_SCALAR, cpu::gptq_isa::GPTQ_ISA_AVX2, cpu::gptq_isa::GPTQ_ISA_VNNI,
+                   cpu::gptq_isa::GPTQ_ISA_AVX512})
+        if (cpu::gptq_isa_available(i)) isas.push_back(i);
+    std::printf("kernels tested:");
+    for (auto i : isas) std::printf(" %s", cpu::gptq_isa_name(i));
+    std::printf("\n");
+    const double eps   = std::ldexp(1.0, -24);
+    int          cases = 0;
+    for (int bits : {2, 3, 4, 8})
+        for (auto [n_out, n_in, gs] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{8, 32, 32},
+                                                                                         {24, 96, 32},
+                                                                                         {64, 200, 64},
+                                                                                         {100, 128, 128},
+                                                                                         {37, 1000, 128},
+                                                                                         {13, 257, -1},
+                                                                                         {5, 33, 64},
+                                                                                         {136, 96, 96},
+                                                                                         {8, 40, 7}})
+            for (bool act : {false, true}) {
+                auto L = make(n_out, n_in, gs, bits, act, rng);
+                auto p = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
+                                                           L.g_idx.data(), n_out, n_in, L.n_groups, bits);
+                const cpu::gptq_cpu_layout l = p.layout();
+                std::vector<float>         x(static_cast<size_t>(n_in));
+                for (auto& v : x) v = nd(rng) * (rng() % 50 == 0 ? 20.0f : 1.0f);  // a few outliers
+                q8                 a = quantize(x.data(), l);
+                std::vector<float> xd, dk;
+                dequantized(p, a, &xd, &dk);
+                // Round to nearest: every activation within d / 2 of its dequantized value.
+                for (int64_t k = 0; k < n_in; ++k)
+                    ASSERT_LE(std::fabs(x[size_t(k)] - xd[size_t(k)]), 0.5 * dk[size_t(k)] * (1 + 4 * eps) + 1e-30);
+                std::vector<float> ref8(static_cast<size_t>(n_out)), ref32(ref8.size());
+                cpu::gptq_linear_ref(xd.data(), L.codes.data(), L.scales.data(), L.zeros_f.data(), L.g_idx.data(),
+                                     nullptr, ref8.data(), 1, n_out, n_in);
+                cpu::gptq_linear_ref(x.data(), L.codes.data(), L.scales.data(), L.zeros_f.data(), L.g_idx.data(),
+                                     nullptr, ref32.data(), 1, n_out, n_in);
+                const double n_ops = static_cast<double>(l.k_pad / cpu::k_gptq_chunk + l.n_groups + 8);
+                const double gamma = n_ops * eps / (1 - n_ops * eps);
+                for (auto isa : isas) {
+                    std::vector<float> y(static_cast<size_t>(n_out));
+                    cpu::gptq_gemv_q8(l, a.row(), y.data(), 0, n_out, isa);
+                    for (int64_t n = 0; n < n_out; ++n) {
+                        double mag = 0, act_err = 0;
+                        for (int64_t k = 0; k < n_in; ++k) {
+                            const auto  gi = static_cast<size_t>(L.g_idx[size_t(k)] * n_out + n);
+                            const float q  = L.codes[size_t(n * n_in + k)];
+                            mag += L.scales[gi] * (q + L.zeros_f[gi]) * std::fabs(xd[size_t(k)]);
+                            act_err += L.scales[gi] * std::fabs(q - L.zeros_f[gi]) * 0.5 * dk[size_t(k)];
+                        }
+                        const double b1 = gamma * mag + 1e-30;
+                        ASSERT_LE(std::fabs(y[size_t(n)] - ref8[size_t(n)]), b1)
+                            << cpu::gptq_isa_name(isa) << " bits " << bits << " " << n_out << "x" << n_in << " gs "
+                            << gs << " act " << act << " n " << n;
+                        ASSERT_LE(std::fabs(y[size_t(n)] - ref32[size_t(n)]), act_err * (1 + 1e-6) + b1)
+                            << cpu::gptq_isa_name(isa) << " bits " << bits << " " << n_out << "x" << n_in << " gs "
+                            << gs << " act " << act << " n " << n;
+                    }
+                }
+                ++cases;
+            }
+    EXPECT_EQ(cases, 4 * 9 * 2);
+}
+
+// The threaded op (rows split over the pool, m = 1..3, bias) gives exactly the per-row GEMV of
+// the best kernel plus the bias: the split does not change any row's sums.
+TEST(cpu_int4_gemv, threaded_op_equals_single_row_kernel) {
+    std::mt19937                    rng(7);
+    std::normal_distribution<float> nd;
+    thread_pool                     pool(3);
+    for (int bits : {3, 4, 8})
+        for (int64_t m : {1, 2, 3}) {
+            auto L = make(300, 256, 64, bits, true, rng);
+            auto p = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(), L.g_idx.data(),
+                                                       300, 256, L.n_groups, bits);
+            std::vector<float> x(static_cast<size_t>(m * 256)), bias(300), y(static_cast<size_t>(m * 300));
+            for (auto& v : x) v = nd(rng);
+            for (auto& v : bias) v = nd(rng);
+            op_gptq_linear(ops_context{&pool, false, true}, x.data(), p, bias.data(), y.data(), m);
+            for (int64_t i = 0; i < m; ++i) {
+                q8                 a = quantize(x.data() + i * 256, p.layout());
+                std::vector<float> yr(300);
+                cpu::gptq_gemv_q8(p.layout(), a.row(), yr.data(), 0, 300, cpu::gptq_isa::GPTQ_ISA_BEST);
+                for (int64_t n = 0; n < 300; ++n) ASSERT_EQ(y[size_t(i * 300 + n)], yr[size_t(n)] + bias[size_t(n)]);
+            }
+        }
+}
+
+// Prompt-sized calls (m >= 4) with int8 activations multiply the same int8-rounded activations in
+// F32 (dequantize + sgemm): each row within F32 summation bounds of the double reference on its
+// dequantized activations, so a row's result does not depend on the number of rows in the call.
+TEST(cpu_int4_gemv, prompt_rows_use_the_same_rounded_activations) {
+    std::mt19937                    rng(9);
+    std::normal_distribution<float> nd;
+    thread_pool                     pool(3);
+    const double                    eps = std::ldexp(1.0, -24);
+    for (int bits : {2, 4, 8})
+        for (bool act : {false, true})
+            for (int64_t m : {4, 9}) {
+                const int64_t n_out = 70, n_in = 300;
+                auto          L = make(n_out, n_in, 128, bits, act, rng);
+                auto          p = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
+                                                                    L.g_idx.data(), n_out, n_in, L.n_groups, bits);
+                std::vector<float> x(static_cast<size_t>(m * n_in)), y(static_cast<size_t>(m * n_out));
+                for (auto& v : x) v = nd(rng);
+                op_gptq_linear(ops_context{&pool, false, true}, x.data(), p, nullptr, y.data(), m);
+                const double gamma = n_in * eps / (1 - n_in * eps);
+                for (int64_t i = 0; i < m; ++i) {
+                    q8                 a = quantize(x.data() + i * n_in, p.layout());
+                    std::vector<float> xd, dk, ref(static_cast<size_t>(n_out));
+                    dequantized(p, a, &xd, &dk);
+                    cpu::gptq_linear_ref(xd.data(), L.codes.data(), L.scales.data(), L.zeros_f.data(), L.g_idx.data(),
+                                         nullptr, ref.data(), 1, n_out, n_in);
+                    for (int64_t n = 0; n < n_out; ++n) {
+                        double mag = 0;
+                        for (int64_t k = 0; k < n_in; ++k) {
+                            const auto gi = static_cast<size_t>(L.g_idx[size_t(k)] * n_out + n);
+                            mag += L.scales[gi] * std::fabs(L.codes[size_t(n * n_in + k)] - L.zeros_f[gi]) *
+                                   std::fabs(xd[size_t(k)]);
+                        }
+                        // + one rounding of each dequantized weight s * (q - z)
+                        ASSERT_LE(std::fabs(y[size_t(i * n_out + n)] - ref[size_t(n)]), (gamma + 2 * eps) * mag + 1e-30)
+                            << "bits " << bits << " act " << act << " m " << m << " row " << i << " n " << n;
+                    }
+                }
+            }
+}

@@ -7,6 +7,9 @@
 #include <cstdint>
 #include <string>
 
+#include <vector>
+
+#include "gptq/lora.h"
 #include "gptq/status.h"
 
 namespace gptq {
@@ -22,6 +25,7 @@ struct ppl_params {
     std::string device_map{};               // --device cuda: "auto" or a device-map file (gptq/plan.h)
     std::string max_memory{};               // --device cuda: "0=8GiB,cpu=32GiB"; both empty: all on the GPU
     bool        strict = false;             // tensors the model does not use: an error (else a warning)
+    std::vector<lora_spec> loras{};         // LoRA adapters applied (summed) to every window (docs/lora.md)
 };
 
 struct ppl_result {

@@ -20,6 +20,7 @@
 #include "model_session.h"
 #ifdef GPTQ_HAVE_CUDA
 #include "gptq/plan.h"
+#include "lora_load.h"
 #include "model/llama_cuda.h"
 #endif
 
@@ -54,7 +55,7 @@ public:
     }
 
     status step(std::span<const seq_step> steps, float* logits) override;
-    status evaluate(const int32_t* ids, int64_t n, float* logits) override;
+    status evaluate(const int32_t* ids, int64_t n, float* logits, int32_t lora) override;
 
     uint64_t memory_used() const override {
         const auto& m = *gpu_;
@@ -73,6 +74,7 @@ public:
         return status::ok();
     }
     gpu_op_profile decode_profile() const override;
+    void           lora_name_add(const std::string& name) { lora_names_.push_back(name); }
 
 private:
     status lockstep_check(std::span<const seq_step> steps) const;
@@ -171,6 +173,11 @@ status model_session_cuda::step(std::span<const seq_step> steps, float* logits) 
         std::copy_n(s.ids, n, ids_.data() + s.seq * n);
         in_order = in_order && s.seq == i;
     }
+    if (gpu_->n_loras() > 0) {  // each slot's adapter, read by the pass from the step inputs
+        std::vector<int32_t> sel(static_cast<size_t>(k), -1);
+        for (const seq_step& s : steps) sel[static_cast<size_t>(s.seq)] = s.lora;
+        GPTQ_TRY(gpu_->lora_select(sel));
+    }
     if (!in_order) logits_.resize(static_cast<size_t>(k * V));
     float* out = in_order ? logits : logits_.data();  // [k, V] in slot order (k > 1: one row per slot)
     if (k == 1 && n == 1)
@@ -188,7 +195,7 @@ status model_session_cuda::step(std::span<const seq_step> steps, float* logits) 
     return status::ok();
 }
 
-status model_session_cuda::evaluate(const int32_t* ids, int64_t n, float* logits) {
+status model_session_cuda::evaluate(const int32_t* ids, int64_t n, float* logits, int32_t lora) {
     if (n < 1) return make_error(E_ARG, "evaluate: {} tokens, expected at least 1", n);
     for (int64_t s = 0; s < n_seq(); ++s)
         if (pos_[static_cast<size_t>(s)] > 0)
@@ -197,6 +204,8 @@ status model_session_cuda::evaluate(const int32_t* ids, int64_t n, float* logits
                               "every slot first",
                               device(), s, pos_[static_cast<size_t>(s)]);
     GPTQ_TRY(ids_check(ids, n, "evaluate"));
+    GPTQ_TRY(lora_check(lora, "evaluate"));
+    if (gpu_->n_loras() > 0) GPTQ_TRY(gpu_->lora_select({lora}));
     GPTQ_TRY(gpu_->context_reserve(n));  // grows only
     gpu_->reset();
     const status st = gpu_->prefill(ids, n, logits, /*all_logits=*/true);
@@ -236,6 +245,11 @@ result<std::unique_ptr<model_session>> model_session_open_cuda(const model_sessi
     GPTQ_TRY(placement_plan(o, &co));
     auto s  = std::make_unique<model_session_cuda>();
     s->dev_ = o.device;
+    if (!o.loras.empty()) {  // read for the model's hparams (config and tensor table only, no weights)
+        GPTQ_ASSIGN_OR_RETURN(auto host, llama_model::open(o.model_path));
+        GPTQ_ASSIGN_OR_RETURN(co.loras, lora_adapters_open(o.loras, host->hparams(), o.lora_stack));
+        for (const auto& a : co.loras) s->lora_name_add(a->name);
+    }
     GPTQ_ASSIGN_OR_RETURN(s->gpu_, llama_cuda_model::open(o.model_path, co));
     return std::unique_ptr<model_session>(std::move(s));
 }

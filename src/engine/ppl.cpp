@@ -110,6 +110,7 @@ result<ppl_result> ppl_run_unguarded(const ppl_params& params) {
     GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(params.model_path));
     const std::vector<int32_t> ids = tok->encode(text, /*add_special=*/true);
     r.n_dataset_tokens             = static_cast<int64_t>(ids.size());
+    so.loras = params.loras;
     GPTQ_ASSIGN_OR_RETURN(auto session, model_session_open(so));
     r.load_seconds = seconds_since(t_load);
 
@@ -121,8 +122,9 @@ result<ppl_result> ppl_run_unguarded(const ppl_params& params) {
     if (params.max_windows > 0) n_windows = std::min(n_windows, params.max_windows);
     std::optional<progress_bar> bar;  // none when the caller asked for no progress output
     if (params.progress) bar.emplace("ppl", n_windows, "win");
-    const window_forward fwd = [&](const int32_t* win, int64_t n, float* logits) {
-        return session->evaluate(win, n, logits);
+    const int32_t        lora = session->lora_names().empty() ? -1 : 0;  // the adapters, stacked
+    const window_forward fwd  = [&](const int32_t* win, int64_t n, float* logits) {
+        return session->evaluate(win, n, logits, lora);
     };
     const auto t_eval = std::chrono::steady_clock::now();
     auto sums = perplexity_evaluate(fwd, session->n_vocab(), ctx, ids, params.seqlen, params.max_windows, [&](int64_t) {

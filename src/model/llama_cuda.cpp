@@ -12,7 +12,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "core/dtype.h"
 #include "core/error.h"
@@ -57,6 +60,21 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
     // Family options the GPU has not run (or no device has checked) are refused by name, never
     // skipped (docs/architectures.md).
     GPTQ_TRY(llama_gpu_options_check(hp, path));
+    if (!o.loras.empty()) {
+        if (hp.fused_qkv || hp.fused_gate_up)
+            return make_error(status_code::STATUS_UNSUPPORTED,
+                              "{}: LoRA on the GPU needs unfused linears, and this checkpoint stores fused ones "
+                              "(qkv_proj / gate_up_proj); use --device cpu",
+                              path);
+        const char* env = std::getenv("GPTQ_GPU_UNVALIDATED");
+        if (!env || std::string(env) != "1")
+            return make_error(status_code::STATUS_UNSUPPORTED,
+                              "{}: LoRA adapters on the GPU have not been checked on a device yet (test_lora_cuda); "
+                              "use --device cpu, or set GPTQ_GPU_UNVALIDATED=1 to run them anyway",
+                              path);
+        std::fprintf(stderr, "warning: LoRA on the GPU is not validated yet (GPTQ_GPU_UNVALIDATED=1)\n");
+        m->opts_.fuse = false;  // the adapters add to each linear's own output
+    }
     GPTQ_ASSIGN_OR_RETURN(m->ctx_, cuda_context::create(o.device));
     if (hp.head_dim % 2 != 0 || hp.head_dim > 256)
         return make_error(status_code::STATUS_UNSUPPORTED, "{}: head_dim {} (the GPU attention needs even, <= 256)",
@@ -67,6 +85,7 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
             return make_error(E_ARG, "{}: offloaded layers must be ascending indices in [0, {}); got {} at position {}",
                               path, hp.n_layer, off[i], i);
     auto st = m->load_weights();
+    if (st.is_ok()) st = m->loras_upload();
     if (!st.is_ok()) return st.with_context(path);
     int64_t n_ctx = o.n_ctx;
     if (n_ctx <= 0)
@@ -556,7 +575,7 @@ status llama_cuda_model::activations_reserve(int64_t n) {
     GPTQ_TRY(alloc(&up_, N * size_t(hp.n_ff) * 2));
     GPTQ_TRY(alloc(&logits_, N * size_t(hp.n_vocab) * 4));
     const size_t half  = size_t(hp.head_dim / 2);
-    step_rope_offset_  = align_up((N + 2) * 4, 256);
+    step_rope_offset_  = align_up((2 * N + 2) * 4, 256);
     const size_t bytes = step_rope_offset_ + size_t(2 * rope_tables()) * N * half * 4;
     GPTQ_TRY(alloc(&step_, bytes));
     step_host_.assign(bytes, 0);
@@ -564,7 +583,7 @@ status llama_cuda_model::activations_reserve(int64_t n) {
     return status::ok();
 }
 
-status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n, bool lockstep) {
+status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n, bool lockstep, int64_t seq) {
     const llama_hparams& hp   = hparams();
     const int64_t        half = hp.head_dim / 2;
     for (int64_t t = 0; t < n; ++t)
@@ -576,10 +595,12 @@ status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n, bool 
     const int64_t n_pos = lockstep ? 1 : n;                       // positions this call adds to each sequence
     hi[n_act_]          = static_cast<int32_t>(n_past_);          // first position
     hi[n_act_ + 1]      = static_cast<int32_t>(n_past_ + n_pos);  // key count after this call
+    auto lora_of        = [&](int64_t s) { return s < static_cast<int64_t>(lora_sel_.size()) ? lora_sel_[size_t(s)] : -1; };
+    for (int64_t t = 0; t < n; ++t) hi[n_act_ + 2 + t] = lora_of(lockstep ? t : seq);  // each row's adapter
     // RoPE rows for these positions, exactly as the CPU computes them (dynamic scaling, LongRoPE's
     // factors for the sequence's length and its attention factor); in lockstep every token is at
     // n_past: row 0 repeated. Table 0: hp.rope; table 1 (when they differ): hp.rope_local.
-    GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.data(), step_host_.data(), size_t(n_act_ + 2) * 4));
+    GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.data(), step_host_.data(), size_t(2 * n_act_ + 2) * 4));
     for (int64_t tab = 0; tab < rope_tables(); ++tab) {
         const rope_config&       rope     = tab == 0 ? hp.rope : hp.rope_local;
         const std::vector<float> inv_freq = llama_rope_inv_freq(hp, rope, n_past_ + n_pos);
@@ -633,6 +654,7 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, bool devi
     p.lockstep   = lockstep;
     p.seq_stride = seq_stride;
     p.mark       = prof_on_ ? &marker : nullptr;
+    p.lora_rows  = opts_.loras.empty() ? nullptr : ids + n_act_ + 2;
 
     auto wait = [&](int unit) -> status {  // a staged module's copy, timed on its own when profiling
         GPTQ_TRY(stage_wait(unit));
@@ -744,6 +766,56 @@ status llama_cuda_model::reprefill(const int32_t* ids, int64_t n_seq, int64_t n,
     return status::ok();
 }
 
+status llama_cuda_model::loras_upload() {
+    const auto& loras = opts_.loras;
+    if (loras.empty()) return status::ok();
+    const llama_hparams& hp = hparams();
+    for (const auto& a : loras)
+        if (!a || static_cast<int64_t>(a->layers.size()) != hp.n_layer)
+            return make_error(E_ARG, "LoRA adapter {} is not one of this model's {} layers", a ? a->name : "(null)",
+                              hp.n_layer);
+    auto upload = [&](const std::vector<float>& v) -> result<const float*> {
+        GPTQ_ASSIGN_OR_RETURN(cuda_buffer b, cuda_buffer::from_host(v.data(), v.size() * sizeof(float)));
+        lora_bytes_ += b.bytes();
+        lora_factors_.push_back(std::move(b));
+        return lora_factors_.back().as<const float>();
+    };
+    for (int64_t i = 0; i < hp.n_layer; ++i) {
+        layer& L = layers_[static_cast<size_t>(i)];
+        for (int r = 0; r < k_n_linear_roles; ++r) {
+            std::vector<cuda_lora_slot> slots(loras.size());
+            bool                        any = false;
+            for (size_t k = 0; k < loras.size(); ++k) {
+                const lora_module* m = loras[k]->module(i, static_cast<linear_role>(r));
+                if (!m) continue;
+                if (m->r > 1024)
+                    return make_error(status_code::STATUS_UNSUPPORTED, "LoRA adapter {}: r {} (the GPU takes <= 1024)",
+                                      loras[k]->name, m->r);
+                GPTQ_ASSIGN_OR_RETURN(slots[k].a, upload(m->a));
+                GPTQ_ASSIGN_OR_RETURN(slots[k].b, upload(m->b));
+                slots[k].r     = static_cast<int32_t>(m->r);
+                slots[k].scale = m->scale;
+                L.lora_max_r   = std::max(L.lora_max_r, slots[k].r);
+                any            = true;
+            }
+            if (!any) continue;
+            GPTQ_ASSIGN_OR_RETURN(L.lora[static_cast<size_t>(r)],
+                                  cuda_buffer::from_host(slots.data(), slots.size() * sizeof(cuda_lora_slot)));
+            lora_bytes_ += L.lora[static_cast<size_t>(r)].bytes();
+        }
+    }
+    weight_bytes_ += lora_bytes_;
+    return status::ok();
+}
+
+status llama_cuda_model::lora_select(const std::vector<int32_t>& per_seq) {
+    for (size_t s = 0; s < per_seq.size(); ++s)
+        if (per_seq[s] < -1 || per_seq[s] >= n_loras())
+            return make_error(E_ARG, "sequence {}: LoRA adapter {} is not loaded ({} are)", s, per_seq[s], n_loras());
+    lora_sel_ = per_seq;
+    return status::ok();
+}
+
 status llama_cuda_model::prefill(const int32_t* ids, int64_t n, float* logits, bool all_logits) {
     if (n <= 0) return make_error(E_ARG, "prefill of {} tokens, expected at least 1", n);
     if (n_past_ + n > n_ctx_)
@@ -790,7 +862,7 @@ status llama_cuda_model::prefill_batch(const int32_t* ids, int64_t n_seq, int64_
     GPTQ_TRY(activations_reserve(n));
     const int64_t n_vocab = hparams().n_vocab;
     for (int64_t s = 0; s < n_seq; ++s) {  // each prompt through the prefill kernels into its own cache
-        GPTQ_TRY(step_inputs_upload(ids + s * n, n));
+        GPTQ_TRY(step_inputs_upload(ids + s * n, n, /*lockstep=*/false, s));
         GPTQ_TRY(forward_queued(n, 1, /*device_count=*/false, s));
         GPTQ_TRY(logits_download(1, logits + s * n_vocab));
         ids_append(s, ids + s * n, n);

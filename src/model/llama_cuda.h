@@ -31,6 +31,7 @@
 #include "model/device_map.h"
 #include "model/llama.h"
 #include "model/llama_cuda_layer.h"
+#include "model/lora.h"
 #include "ops/ops_cuda.h"
 
 namespace gptq {
@@ -47,6 +48,11 @@ struct llama_cuda_options {
     // q/k/v of a model with q/k norms (Qwen3, Gemma 3) are never fused (the norms need q, k apart).
     bool              fuse = true;
     offload_placement offload;  // modules kept in pinned host memory and copied in when they run
+    // LoRA adapters (model/lora.h, loaded for this model's hparams), resident on the GPU as F32
+    // factors, index k = loras[k]; lora_select says which each sequence uses. With adapters the
+    // linears are loaded unfused (fuse is ignored) and a checkpoint storing fused modules (Phi-3)
+    // is refused. Not yet validated on a device: refused unless GPTQ_GPU_UNVALIDATED=1.
+    std::vector<std::shared_ptr<const lora_adapter>> loras;
 };
 constexpr int64_t k_llama_cuda_default_ctx = 4096;
 
@@ -101,6 +107,12 @@ public:
     int64_t n_seq() const { return n_seq_; }
     status  prefill_batch(const int32_t* ids, int64_t n_seq, int64_t n, float* logits);
     status  decode_batch(const int32_t* ids, int64_t n_seq, float* logits);
+
+    // The LoRA adapter (index into options.loras, -1 none) of sequences 0 .. size-1 in the calls
+    // that follow (sequences past the list: none); an index not loaded is an error. The rows of a
+    // pass read it from the step inputs, so a captured decode graph follows a new choice.
+    status lora_select(const std::vector<int32_t>& per_seq);
+    int64_t n_loras() const { return static_cast<int64_t>(opts_.loras.size()); }
 
     // Device memory held: weights, KV cache, activations + step inputs, the context's scratch.
     uint64_t weight_bytes() const { return weight_bytes_; }    // resident on the GPU
@@ -164,7 +176,10 @@ private:
     status activations_reserve(int64_t n_tokens);
     // Upload ids, positions and the RoPE rows of the n tokens at n_past (one copy).
     // lockstep: the n tokens are one per sequence, all at position n_past (batched decode).
-    status step_inputs_upload(const int32_t* ids, int64_t n, bool lockstep = false);
+    // seq: the sequence of the tokens when not lockstep (its LoRA adapter goes to every row).
+    status step_inputs_upload(const int32_t* ids, int64_t n, bool lockstep = false, int64_t seq = 0);
+    // The adapters' factors and per-layer slot tables (options.loras) onto the device.
+    status loras_upload();
     // The whole forward pass on the uploaded inputs (embedding, cuda_layer_forward per layer, final
     // norm, lm_head); logits of rows [n - n_out_rows, n) to logits_.
     // device_count: attention reads the key count from the step inputs (graph-safe decode).
@@ -222,8 +237,9 @@ private:
     int64_t     n_act_ = 0;
     cuda_buffer hidden_, x_, q_, k_, v_, y_, gate_, up_;  // [n, n_embd|q_dim|kv_dim|n_ff] F16
     cuda_buffer logits_;                                  // [n, n_vocab] F32
-    // Step inputs: [n_act_] I32 ids, I32 pos, I32 n_kv, then (at step_rope_offset_) F32 cos and sin
-    // [n_act_, head_dim / 2] each, per RoPE table (rope_tables()). Uploaded per call from step_host_.
+    // Step inputs: [n_act_] I32 ids, I32 pos, I32 n_kv, [n_act_] I32 LoRA adapter per row, then (at
+    // step_rope_offset_) F32 cos and sin [n_act_, head_dim / 2] each, per RoPE table (rope_tables()).
+    // Uploaded per call from step_host_.
     cuda_buffer          step_;
     size_t               step_rope_offset_ = 0;
     std::vector<uint8_t> step_host_;
@@ -241,6 +257,10 @@ private:
     cuda_timeline            prof_tl_;
     std::vector<const char*> prof_ops_;  // the op each mark after the first ends
     llama_op_profile         prof_prefill_, prof_decode_;
+
+    std::vector<cuda_buffer> lora_factors_;  // every adapter's A and B, F32
+    std::vector<int32_t>     lora_sel_;      // per sequence: its adapter (lora_select)
+    uint64_t                 lora_bytes_ = 0;
 };
 
 }  // namespace gptq

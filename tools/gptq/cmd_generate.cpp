@@ -211,6 +211,7 @@ command register_generate(CLI::App& app) {
     sub->add_option("--device", o->open.device, "cpu, cuda or cuda:N (the GPU runs --prompts one at a time)")
         ->capture_default_str();
     add_offload_options(sub, &o->open.device_map, &o->open.max_memory);
+    add_lora_option(sub, &o->open.loras, "several are summed");
     sub->add_option("--threads", o->open.n_threads, "CPU threads (0: all cores)")->capture_default_str();
     sub->add_flag("--strict", o->open.strict, "tensors the model does not use are an error (default: a warning)");
     return {sub, [o] { return run_generate(*o); }};

@@ -50,6 +50,9 @@ command register_serve(CLI::App& app) {
     sub->add_option("model", o.model_path, "model folder (FP16/BF16/F32 or GPTQ checkpoint)")->required();
     sub->add_option("--device", o.device, "cpu, cuda or cuda:N")->capture_default_str();
     add_offload_options(sub, &o.device_map, &o.max_memory);
+    add_lora_option(sub, &o.loras,
+                    "each is a model named after its folder, chosen by a request's \"model\" (the base model's name: "
+                    "no adapter)");
     sub->add_option("--threads", o.n_threads, "CPU threads (0: all cores)")
         ->capture_default_str()
         ->check(CLI::NonNegativeNumber);

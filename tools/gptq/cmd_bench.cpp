@@ -1,6 +1,6 @@
 // gptq bench MODEL [--device cpu|cuda[:N]] [--device-map auto|FILE] [--max-memory SPEC] [--batch 1,4,16] [--prompt 512]
 // [--gen 128] [--compare-fp16 ORIGINAL] [--profile-ops]
-//                  [--repeat 3] [--threads N] [--seed S] [--json]
+//                  [--repeat 3] [--threads N] [--seed S] [--json] [--lora DIR[:SCALE]]...
 #include <cstdio>
 #include <memory>
 

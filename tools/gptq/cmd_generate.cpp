@@ -1,7 +1,7 @@
 // gptq generate MODEL (-p PROMPT | --prompts FILE | --chat) [-n N] [--do-sample] [--temperature T]
 //                [--top-k K] [--top-p P] [--min-p P] [--repetition-penalty R] [--seed 0] [--stop STR]...
 //                [--ignore-eos] [--device cpu|cuda|cuda:N] [--device-map auto|FILE] [--max-memory SPEC]
-//                [--threads N] [-o FILE]
+//                [--threads N] [-o FILE] [--lora DIR[:SCALE]]...
 // -p streams the new text to stdout; --prompts writes one JSON line per prompt; --chat wraps prompts
 // in the model's chat template, and without -p reads user turns from stdin (interactive on a
 // terminal). Speeds go to stderr. The decoding settings are the model's (generation_config.json,

@@ -1,5 +1,6 @@
 // gptq ppl MODEL [--dataset wikitext2|PATH] [--seqlen 2048] [--max-windows N] [--threads N]
 //              [--device cpu|cuda|cuda:N] [--device-map auto|FILE] [--max-memory SPEC] [--json]
+//              [--lora DIR[:SCALE]]...
 #include <cstdio>
 #include <memory>
 

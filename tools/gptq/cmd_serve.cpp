@@ -1,6 +1,7 @@
 // gptq serve MODEL [--device cpu|cuda|cuda:N] [--host 127.0.0.1] [--port 8080] [--api-key KEY]
 //                  [--max-seqs 64] [--ctx N] [--kv-memory 0.9|BYTES] [--chat-template FILE]
 //                  [--prefill-chunk 256] [--max-connections N] [--max-body BYTES] [--timeout S] [--threads N]
+//                  [--lora DIR[:SCALE]]...
 // An OpenAI-compatible HTTP server (docs/serve.md). Prints the memory plan and the URL, serves
 // until SIGTERM / Ctrl-C, then finishes the running requests and exits 0.
 #include <cstdlib>

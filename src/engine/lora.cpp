@@ -45,16 +45,18 @@ result<lora_spec> lora_spec_parse(const std::string& arg) {
 }
 
 result<std::vector<std::shared_ptr<const lora_adapter>>> lora_adapters_open(const std::vector<lora_spec>& specs,
-                                                                             const llama_hparams& hp, bool stack) {
+                                                                            const llama_hparams& hp, bool stack) {
     std::vector<lora_adapter> loaded;
     for (const lora_spec& s : specs) {
         GPTQ_ASSIGN_OR_RETURN(lora_adapter a, lora_adapter_load(s.path, hp, static_cast<float>(s.scale)));
-        GPTQ_LOG_INFO("LoRA adapter {} ({}): {} linears, scale x{}, {:.1f} MiB", a.name, s.path, a.n_modules(),
-                      s.scale, a.bytes() / 1048576.0);
+        GPTQ_LOG_INFO("LoRA adapter {} ({}): {} linears, scale x{}, {:.1f} MiB", a.name, s.path, a.n_modules(), s.scale,
+                      a.bytes() / 1048576.0);
         for (const lora_adapter& b : loaded)
             if (!stack && b.name == a.name)
-                return make_error(E_ARG, "--lora {} and {}: two adapters named {} (the folder name is the model "
-                                  "name clients choose it by)", b.path, a.path, a.name);
+                return make_error(E_ARG,
+                                  "--lora {} and {}: two adapters named {} (the folder name is the model "
+                                  "name clients choose it by)",
+                                  b.path, a.path, a.name);
         loaded.push_back(std::move(a));
     }
     std::vector<std::shared_ptr<const lora_adapter>> out;
@@ -81,7 +83,8 @@ status merge_check(const merge_lora_params& p) {
 // One shard of the base written again under the same name: adapted linears' weights merged
 // (each role's rows of a fused module), every other tensor copied byte for byte.
 status merge_shard(const safetensors_file& f, const std::string& out_path, const llama_hparams& hp,
-                   const lora_adapter& a, const std::map<std::string, std::vector<std::pair<int64_t, linear_role>>>& mods) {
+                   const lora_adapter&                                                        a,
+                   const std::map<std::string, std::vector<std::pair<int64_t, linear_role>>>& mods) {
     std::vector<safetensors_decl> decls;
     for (const safetensors_tensor_info& t : f.tensors()) decls.push_back({t.name, t.type, t.shape});
     GPTQ_ASSIGN_OR_RETURN(auto w, safetensors_writer::create(out_path, decls, f.metadata()));
@@ -101,7 +104,7 @@ status merge_shard(const safetensors_file& f, const std::string& out_path, const
         for (const auto& [layer, role] : it->second) {
             const lora_module* lm = a.module(layer, role);
             if (!lm) continue;
-            const linear_slot s    = llama_linear_slot(hp, layer, role);
+            const linear_slot s      = llama_linear_slot(hp, layer, role);
             const auto [n_out, n_in] = hp.linear_shape(role);
             lora_merge_into(*lm, m.data() + s.row0 * n_in, n_out, n_in);
         }
@@ -115,8 +118,10 @@ status merge_shard(const safetensors_file& f, const std::string& out_path, const
                 f32_to_bf16_row(m.data(), half.data(), m.size());
             bytes = half.data();
         } else if (t.type != dtype::DTYPE_F32) {
-            return make_error(status_code::STATUS_UNSUPPORTED, "{}: tensor {} has dtype {}; merge-lora writes F16, "
-                              "BF16 or F32 weights", f.path(), t.name, dtype_name(t.type));
+            return make_error(status_code::STATUS_UNSUPPORTED,
+                              "{}: tensor {} has dtype {}; merge-lora writes F16, "
+                              "BF16 or F32 weights",
+                              f.path(), t.name, dtype_name(t.type));
         }
         GPTQ_TRY(w->write(t.name, bytes, t.nbytes()));
     }
@@ -136,7 +141,7 @@ status merge_lora_run(const merge_lora_params& p) {
                           p.base_path);
     const llama_hparams& hp = model->hparams();
     GPTQ_ASSIGN_OR_RETURN(auto adapters, lora_adapters_open(p.loras, hp, /*stack=*/true));
-    const lora_adapter& a = *adapters[0];
+    const lora_adapter&                                                 a = *adapters[0];
     std::map<std::string, std::vector<std::pair<int64_t, linear_role>>> mods;  // module -> its roles
     for (int64_t i = 0; i < hp.n_layer; ++i)
         for (const linear_module& m : llama_linear_modules(hp, i))
@@ -154,8 +159,7 @@ status merge_lora_run(const merge_lora_params& p) {
     // Every other regular file of the base (config, tokenizer, generation config, the shard index,
     // which still holds: same names in the same shards) is copied.
     std::map<std::string, const safetensors_file*> shards;
-    for (size_t i = 0; i < src.n_files(); ++i)
-        shards[fs::path(src.file(i).path()).filename().string()] = &src.file(i);
+    for (size_t i = 0; i < src.n_files(); ++i) shards[fs::path(src.file(i).path()).filename().string()] = &src.file(i);
     for (const auto& entry : fs::directory_iterator(src.folder(), ec)) {
         const std::string name = entry.path().filename().string();
         if (!entry.is_regular_file(ec) || shards.count(name)) continue;

@@ -13,6 +13,6 @@ namespace gptq {
 // Each spec read for hp (lora_adapter_load); stack: one adapter summing them all (ppl, generate,
 // bench, merge-lora), else one per spec (serve), whose names (folder names) must differ.
 result<std::vector<std::shared_ptr<const lora_adapter>>> lora_adapters_open(const std::vector<lora_spec>& specs,
-                                                                             const llama_hparams& hp, bool stack);
+                                                                            const llama_hparams& hp, bool stack);
 
 }  // namespace gptq

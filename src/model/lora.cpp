@@ -24,9 +24,9 @@ constexpr status_code E_PARSE = status_code::STATUS_PARSE_ERROR;
 
 // What adapter_config.json says that the product needs.
 struct lora_config {
-    int64_t r       = 0;
-    double  alpha   = 0;
-    bool    rslora  = false;
+    int64_t r      = 0;
+    double  alpha  = 0;
+    bool    rslora = false;
     float   scale() const { return static_cast<float>(rslora ? alpha / std::sqrt(double(r)) : alpha / double(r)); }
 };
 
@@ -94,8 +94,10 @@ result<lora_config> config_read(const std::string& path, const std::set<std::str
             if (!short_names.count(s)) {
                 std::string have;
                 for (const std::string& n : short_names) have += (have.empty() ? "" : ", ") + n;
-                return make_error(E_UNSUP, "{}: target_modules names {}, which this model does not have as a linear "
-                                  "gptq adapts (it has: {})", path, json_fields::quote(t), have);
+                return make_error(E_UNSUP,
+                                  "{}: target_modules names {}, which this model does not have as a linear "
+                                  "gptq adapts (it has: {})",
+                                  path, json_fields::quote(t), have);
             }
         }
     }
@@ -175,14 +177,16 @@ result<lora_adapter> lora_adapter_load(const std::string& dir, const llama_hpara
         std::string module, which;
         if (!tensor_name_split(t.name, &module, &which)) {
             const char* why = t.name.find("lora_magnitude_vector") != std::string::npos ? " (DoRA is not supported)"
-                              : t.name.find("lora_embedding") != std::string::npos ? " (embedding LoRA is not supported)"
-                                                                                    : "";
+                              : t.name.find("lora_embedding") != std::string::npos
+                                  ? " (embedding LoRA is not supported)"
+                                  : "";
             return make_error(E_UNSUP, "{}: tensor {} is not a LoRA A or B weight of a linear{}", st_path, t.name, why);
         }
         if (!modules.count(module))
-            return make_error(E_UNSUP, "{}: tensor {} adapts {}, which the model does not have as a linear gptq "
-                              "adapts ({} layers; q/k/v/o/gate/up/down projections)", st_path, t.name, module,
-                              hp.n_layer);
+            return make_error(E_UNSUP,
+                              "{}: tensor {} adapts {}, which the model does not have as a linear gptq "
+                              "adapts ({} layers; q/k/v/o/gate/up/down projections)",
+                              st_path, t.name, module, hp.n_layer);
         found[module][which == "lora_A" ? 0 : 1] = &t;
     }
     if (found.empty()) return make_error(E_ARG, "{}: no lora_A / lora_B tensors", st_path);
@@ -190,15 +194,16 @@ result<lora_adapter> lora_adapter_load(const std::string& dir, const llama_hpara
         if (!ab[0] || !ab[1])
             return make_error(E_ARG, "{}: module {} has {} but no {}", st_path, module, ab[0] ? "lora_A" : "lora_B",
                               ab[0] ? "lora_B" : "lora_A");
-        const module_ref&  ref   = modules.at(module);
-        const linear_slot  slot  = llama_linear_slot(hp, ref.layer, ref.roles[0]);
-        const int64_t      n_in  = hp.linear_shape(ref.roles[0])[1];
+        const module_ref&          ref    = modules.at(module);
+        const linear_slot          slot   = llama_linear_slot(hp, ref.layer, ref.roles[0]);
+        const int64_t              n_in   = hp.linear_shape(ref.roles[0])[1];
         const std::vector<int64_t> want_a = {cfg.r, n_in}, want_b = {slot.n_out_module, cfg.r};
         if (ab[0]->shape != want_a || ab[1]->shape != want_b)
-            return make_error(E_ARG, "{}: module {}: lora_A is [{}] and lora_B [{}], expected [{}] and [{}] (r {} of "
-                              "{} and the model's shapes)", st_path, module, fmt::join(ab[0]->shape, ", "),
-                              fmt::join(ab[1]->shape, ", "), fmt::join(want_a, ", "), fmt::join(want_b, ", "), cfg.r,
-                              cfg_path);
+            return make_error(E_ARG,
+                              "{}: module {}: lora_A is [{}] and lora_B [{}], expected [{}] and [{}] (r {} of "
+                              "{} and the model's shapes)",
+                              st_path, module, fmt::join(ab[0]->shape, ", "), fmt::join(ab[1]->shape, ", "),
+                              fmt::join(want_a, ", "), fmt::join(want_b, ", "), cfg.r, cfg_path);
         GPTQ_ASSIGN_OR_RETURN(std::vector<float> a, tensor_read(*file, *ab[0]));
         GPTQ_ASSIGN_OR_RETURN(std::vector<float> b, tensor_read(*file, *ab[1]));
         for (linear_role role : ref.roles) {  // a fused module: each role takes its rows of B
@@ -232,8 +237,8 @@ lora_adapter lora_adapters_stack(const std::vector<lora_adapter>& parts) {
                 out.layers[i][r] = *ms[0];
                 continue;
             }
-            lora_module& m   = out.layers[i][r];
-            const size_t n_in = ms[0]->a.size() / static_cast<size_t>(ms[0]->r);
+            lora_module& m     = out.layers[i][r];
+            const size_t n_in  = ms[0]->a.size() / static_cast<size_t>(ms[0]->r);
             const size_t n_out = ms[0]->b.size() / static_cast<size_t>(ms[0]->r);
             for (const lora_module* p : ms) m.r += p->r;
             m.scale = 1.0f;

@@ -15,9 +15,9 @@
 #include "core/dtype.h"
 #include "cuda_model_util.h"
 #include "cuda_test_util.h"
+#include "engine/model_session.h"
 #include "golden.h"
 #include "model/lora.h"
-#include "engine/model_session.h"
 #include "ops/ops_cuda.h"
 #include "test_util.h"
 
@@ -49,8 +49,8 @@ lora_module random_module(std::mt19937& rng, int64_t r, int64_t n_in, int64_t n_
 
 TEST(lora_cuda, add_kernel_matches_cpu_per_row_adapters) {
     GPTQ_SKIP_WITHOUT_GPU();
-    std::mt19937  rng(21);
-    const int64_t n_rows = 5, n_in = 320, n_out = 600;  // n_out not a multiple of the 256-column blocks
+    std::mt19937      rng(21);
+    const int64_t     n_rows = 5, n_in = 320, n_out = 600;  // n_out not a multiple of the 256-column blocks
     const lora_module m0 = random_module(rng, 8, n_in, n_out, 2.0f), m1 = random_module(rng, 3, n_in, n_out, 0.5f);
     const std::vector<int32_t> rows = {0, -1, 1, 1, 0};
     const auto                 x16  = random_f16(rng, size_t(n_rows * n_in));
@@ -69,15 +69,15 @@ TEST(lora_cuda, add_kernel_matches_cpu_per_row_adapters) {
         EXPECT_TRUE(b.is_ok());
         return std::move(*b);
     };
-    cuda_buffer a0 = up(m0.a.data(), m0.a.size() * 4), b0 = up(m0.b.data(), m0.b.size() * 4);
-    cuda_buffer a1 = up(m1.a.data(), m1.a.size() * 4), b1 = up(m1.b.data(), m1.b.size() * 4);
-    std::vector<cuda_lora_slot> slots = {{a0.as<float>(), b0.as<float>(), 8, 2.0f},
-                                         {a1.as<float>(), b1.as<float>(), 3, 0.5f}};
-    cuda_buffer dslots = up(slots.data(), slots.size() * sizeof(cuda_lora_slot));
-    cuda_buffer drows = up(rows.data(), rows.size() * 4), dx = up(x16.data(), x16.size() * 2);
-    cuda_buffer dy    = up(y16.data(), y16.size() * 2);
-    GPTQ_EXPECT_OK(op_cuda_lora_add(**c, dx.as<uint16_t>(), dy.as<uint16_t>(), n_rows, n_in, n_out,
-                                    drows.as<int32_t>(), dslots.as<cuda_lora_slot>(), 8));
+    cuda_buffer                 a0 = up(m0.a.data(), m0.a.size() * 4), b0 = up(m0.b.data(), m0.b.size() * 4);
+    cuda_buffer                 a1 = up(m1.a.data(), m1.a.size() * 4), b1 = up(m1.b.data(), m1.b.size() * 4);
+    std::vector<cuda_lora_slot> slots  = {{a0.as<float>(), b0.as<float>(), 8, 2.0f},
+                                          {a1.as<float>(), b1.as<float>(), 3, 0.5f}};
+    cuda_buffer                 dslots = up(slots.data(), slots.size() * sizeof(cuda_lora_slot));
+    cuda_buffer                 drows = up(rows.data(), rows.size() * 4), dx = up(x16.data(), x16.size() * 2);
+    cuda_buffer                 dy = up(y16.data(), y16.size() * 2);
+    GPTQ_EXPECT_OK(op_cuda_lora_add(**c, dx.as<uint16_t>(), dy.as<uint16_t>(), n_rows, n_in, n_out, drows.as<int32_t>(),
+                                    dslots.as<cuda_lora_slot>(), 8));
     GPTQ_EXPECT_OK((*c)->synchronize());
     std::vector<uint16_t> got16(y16.size());
     GPTQ_EXPECT_OK(dy.download(got16.data(), got16.size() * 2));
@@ -92,15 +92,15 @@ TEST(lora_cuda, add_kernel_matches_cpu_per_row_adapters) {
 std::unique_ptr<model_session> open(const std::string& model, const std::string& device, bool stack) {
     model_session_options o;
     o.model_path = model;
-    auto d = device_parse(device);
+    auto d       = device_parse(device);
     EXPECT_TRUE(d.is_ok());
-    o.device     = *d;
-    o.n_threads  = 2;
-    o.n_ctx_hint = 128;
+    o.device              = *d;
+    o.n_threads           = 2;
+    o.n_ctx_hint          = 128;
     const std::string dir = cuda_source_dir() + "/tests/data/lora/";
-    o.loras      = {{dir + "adapter-a", 1.0}, {dir + "adapter-b", 1.0}};
-    o.lora_stack = stack;
-    auto s       = model_session_open(o);
+    o.loras               = {{dir + "adapter-a", 1.0}, {dir + "adapter-b", 1.0}};
+    o.lora_stack          = stack;
+    auto s                = model_session_open(o);
     EXPECT_TRUE(s.is_ok()) << s.error().message();
     return s.is_ok() ? std::move(*s) : nullptr;
 }

@@ -15,13 +15,13 @@
 #include <string>
 #include <vector>
 
+#include "engine/model_session.h"
 #include "golden.h"
 #include "gptq/lora.h"
 #include "interop_fixture.h"
 #include "io/safetensors.h"
 #include "io/tensor_source.h"
 #include "model/lora.h"
-#include "engine/model_session.h"
 #include "test_util.h"
 
 using namespace gptq;
@@ -163,7 +163,7 @@ TEST(lora, ragged_batch_rows_use_their_own_adapters) {
     const auto a = golden_case("fp16_a"), b = golden_case("fp16_b");
     // Slot 0: seq 0 with a; slot 1: seq 1 with b; slot 2: seq 1 with none; slot 3: seq 0 with a.
     ASSERT_TRUE(s->reserve(4, 64).is_ok());
-    const int64_t         V = s->n_vocab();
+    const int64_t         V     = s->n_vocab();
     std::vector<seq_step> steps = {
         {.seq = 0, .ids = a[0].ids.data(), .n_tokens = int64_t(a[0].ids.size()), .lora = 0},
         {.seq = 1, .ids = b[1].ids.data(), .n_tokens = int64_t(b[1].ids.size()), .lora = 1},
@@ -176,13 +176,12 @@ TEST(lora, ragged_batch_rows_use_their_own_adapters) {
     ASSERT_EQ(a[0].positions.back(), int32_t(a[0].ids.size()) - 1);
     EXPECT_LE(row_rel_error(logits.data(), a[0].logits.data() + (a[0].positions.size() - 1) * V, V), k_rel_tol);
     EXPECT_LE(row_rel_error(logits.data() + V, b[1].logits.data() + (b[1].positions.size() - 1) * V, V), k_rel_tol);
-    EXPECT_LE(row_rel_error(logits.data() + 3 * V, a[0].logits.data() + (a[0].positions.size() - 1) * V, V),
-              k_rel_tol);
+    EXPECT_LE(row_rel_error(logits.data() + 3 * V, a[0].logits.data() + (a[0].positions.size() - 1) * V, V), k_rel_tol);
     std::vector<float> base(b[1].ids.size() * size_t(V));
     ASSERT_TRUE(s->evaluate(b[1].ids.data(), int64_t(b[1].ids.size()), base.data(), -1).is_ok());
     EXPECT_LE(row_rel_error(logits.data() + 2 * V, base.data() + (b[1].ids.size() - 1) * V, V), 1e-5);
     // An adapter the session does not hold: an error naming it, nothing advanced.
-    seq_step bad{.seq = 0, .ids = a[0].ids.data(), .n_tokens = 1, .lora = 2};
+    seq_step     bad{.seq = 0, .ids = a[0].ids.data(), .n_tokens = 1, .lora = 2};
     const status st = s->step({&bad, 1}, logits.data());
     EXPECT_FALSE(st.is_ok());
     EXPECT_NE(st.message().find("LoRA adapter 2"), std::string::npos) << st.message();
@@ -206,7 +205,8 @@ TEST(lora, merge_lora_matches_peft_merge) {
     EXPECT_FALSE(again.is_ok());
     temp_dir gptq_dir("lora-merge-gptq");
     ASSERT_TRUE(assemble(fixture_json("gptqmodel-w4-act-order"), gptq_dir.path()));
-    status q4 = merge_lora_run({.base_path = gptq_dir.path(), .loras = {spec("adapter-a2")}, .out_path = tmp.file("m2")});
+    status q4 =
+        merge_lora_run({.base_path = gptq_dir.path(), .loras = {spec("adapter-a2")}, .out_path = tmp.file("m2")});
     EXPECT_EQ(q4.code(), status_code::STATUS_UNSUPPORTED);
     EXPECT_NE(q4.message().find("GPTQ checkpoint"), std::string::npos) << q4.message();
     EXPECT_FALSE(fs::exists(tmp.file("m2")));
@@ -242,9 +242,10 @@ void save_adapter(const std::string& dir, const std::vector<named_buffer>& t) {
 
 // Two tensors, A [r, in] and B [out, r] of layer 0's q_proj (b_rows and values as given).
 void write_qa(const std::string& dir, int64_t a_rows, int64_t b_rows, float fill, bool with_b = true) {
-    std::vector<float>       a(size_t(a_rows * 256), fill), b(size_t(b_rows * 4), 0.01f);
+    std::vector<float>        a(size_t(a_rows * 256), fill), b(size_t(b_rows * 4), 0.01f);
     std::vector<named_buffer> t = {
-        {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", dtype::DTYPE_F32, {a_rows, 256}}, a.data()}};
+        {{"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", dtype::DTYPE_F32, {a_rows, 256}},
+         a.data()}};
     if (with_b)
         t.push_back({{"base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", dtype::DTYPE_F32, {b_rows, 4}},
                      b.data()});
@@ -274,15 +275,17 @@ TEST(lora, unsupported_variants_are_errors_naming_what) {
     has(load_error(half), "has lora_A but no lora_B");
     has(load_error(tmp.file("nowhere")), "no such folder");
     // A tensor for a module the model lacks.
-    const std::string emb = variant(tmp, "emb", [](auto&) {});
+    const std::string  emb = variant(tmp, "emb", [](auto&) {});
     std::vector<float> e(4 * 256, 0.0f);
-    save_adapter(emb, {{{"base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight", dtype::DTYPE_F32, {4, 256}},
-                        e.data()}});
+    save_adapter(
+        emb,
+        {{{"base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight", dtype::DTYPE_F32, {4, 256}}, e.data()}});
     has(load_error(emb), "qkv_proj");
     // DoRA's magnitude vector among the tensors.
     const std::string mag = variant(tmp, "mag", [](auto&) {});
-    save_adapter(mag, {{{"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", dtype::DTYPE_F32,
-                         {256}}, e.data()}});
+    save_adapter(mag,
+                 {{{"base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector", dtype::DTYPE_F32, {256}},
+                   e.data()}});
     has(load_error(mag), "DoRA");
     // Only the pickle form.
     const std::string bin = variant(tmp, "bin", [](auto&) {});
@@ -313,8 +316,8 @@ TEST(lora, cli_generate_with_lora) {
     const run_result r = run_command(gptq_binary() + " generate " + k_tiny + " -p 'Once upon a time' -n 6 " +
                                      "--temperature 0 --threads 2 --lora " + k_dir + "/adapter-a:1");
     EXPECT_EQ(r.exit_code, 0) << r.err;
-    const run_result base = run_command(gptq_binary() + " generate " + k_tiny +
-                                        " -p 'Once upon a time' -n 6 --temperature 0 --threads 2");
+    const run_result base =
+        run_command(gptq_binary() + " generate " + k_tiny + " -p 'Once upon a time' -n 6 --temperature 0 --threads 2");
     EXPECT_EQ(base.exit_code, 0) << base.err;
     EXPECT_NE(r.out, base.out) << "the adapter changed nothing";
     const run_result bad = run_command(gptq_binary() + " ppl " + k_tiny + " --lora " + k_dir + "/nowhere");

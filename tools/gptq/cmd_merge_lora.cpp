@@ -16,8 +16,9 @@ command register_merge_lora(CLI::App& app) {
                                    "merge PEFT LoRA adapters into an FP16/BF16 model (W + scale * B A), to quantize or "
                                     "run without the adapter");
     sub->add_option("base", o->base_path, "the FP16/BF16/F32 model folder (not a GPTQ checkpoint)")->required();
-    sub->add_option("lora", *args, "adapter folder(s), DIR or DIR:SCALE (scale multiplies lora_alpha / r); several "
-                                   "are summed")
+    sub->add_option("lora", *args,
+                    "adapter folder(s), DIR or DIR:SCALE (scale multiplies lora_alpha / r); several "
+                    "are summed")
         ->required();
     sub->add_option("-o,--output", o->out_path, "output model folder (must not exist)")->required();
     return {sub, [o, args] {

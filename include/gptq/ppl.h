@@ -44,6 +44,7 @@ struct ppl_result {
     std::string device        = "cpu";  // where the forward passes ran ("cuda:0")
     uint64_t    device_bytes  = 0;      // GPU memory held by the model (weights, KV cache, activations, staging)
     uint64_t    offload_bytes = 0;      // weights offloaded to pinned host memory (--max-memory / --device-map)
+    std::string lora;                   // the LoRA adapters applied ("a+b"), "" none
 };
 
 result<ppl_result> ppl_run(const ppl_params& params);

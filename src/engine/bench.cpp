@@ -109,7 +109,8 @@ result<timing> iterate(model_session& s, const bench_params& p, int64_t batch, s
 
 result<std::vector<bench_row>> bench_model(const bench_params& p, const std::string& path, const std::string& role) {
     const auto t_load = std::chrono::steady_clock::now();
-    GPTQ_ASSIGN_OR_RETURN(std::unique_ptr<model_session> be, session_open(p, path, role == "model" ? p.loras : std::vector<lora_spec>{}));
+    GPTQ_ASSIGN_OR_RETURN(std::unique_ptr<model_session> be,
+                          session_open(p, path, role == "model" ? p.loras : std::vector<lora_spec>{}));
     const double           load_seconds = seconds_since(t_load);
     const std::string      machine      = be->describe();  // as opened (the GPU's KV cache before any row)
     std::vector<bench_row> rows;

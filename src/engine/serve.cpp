@@ -296,12 +296,12 @@ void server::handle_generate(const httplib::Request& req, httplib::Response& res
         const auto& loras = session_.lora_names();
         const auto  it    = std::find(loras.begin(), loras.end(), r.model);
         if (it == loras.end())
-            return send_error(res, {404,
-                                    fmt::format("the model '{}' does not exist; this server serves '{}'{}", r.model,
-                                                name_,
-                                                loras.empty() ? "" : fmt::format(" and the LoRA adapters '{}'",
-                                                                                 fmt::join(loras, "', '"))),
-                                    "invalid_request_error", "model", "model_not_found"});
+            return send_error(
+                res,
+                {404,
+                 fmt::format("the model '{}' does not exist; this server serves '{}'{}", r.model, name_,
+                             loras.empty() ? "" : fmt::format(" and the LoRA adapters '{}'", fmt::join(loras, "', '"))),
+                 "invalid_request_error", "model", "model_not_found"});
         r.run.lora = static_cast<int32_t>(it - loras.begin());
     }
     if (auto e = prompt_ids(r)) return send_error(res, *e);

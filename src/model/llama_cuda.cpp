@@ -595,7 +595,7 @@ status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n, bool 
     const int64_t n_pos = lockstep ? 1 : n;                       // positions this call adds to each sequence
     hi[n_act_]          = static_cast<int32_t>(n_past_);          // first position
     hi[n_act_ + 1]      = static_cast<int32_t>(n_past_ + n_pos);  // key count after this call
-    auto lora_of        = [&](int64_t s) { return s < static_cast<int64_t>(lora_sel_.size()) ? lora_sel_[size_t(s)] : -1; };
+    auto lora_of = [&](int64_t s) { return s < static_cast<int64_t>(lora_sel_.size()) ? lora_sel_[size_t(s)] : -1; };
     for (int64_t t = 0; t < n; ++t) hi[n_act_ + 2 + t] = lora_of(lockstep ? t : seq);  // each row's adapter
     // RoPE rows for these positions, exactly as the CPU computes them (dynamic scaling, LongRoPE's
     // factors for the sequence's length and its attention factor); in lockstep every token is at

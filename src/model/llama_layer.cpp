@@ -58,7 +58,7 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
     const int64_t n_embd = hp_.n_embd, q_dim = hp_.q_dim(), kv_dim = hp_.kv_dim(), hd = hp_.head_dim;
     const int64_t i_layer = layer.index;
     const int64_t n_rows  = rows_of(seqs);
-    auto lin = [&](linear_role r, const float* x, float* y) { linear_run(ctx, layer, r, seqs, x, y); };
+    auto          lin     = [&](linear_role r, const float* x, float* y) { linear_run(ctx, layer, r, seqs, x, y); };
 
     std::vector<float> x(static_cast<size_t>(n_rows * std::max(n_embd, q_dim)));  // [n_rows, n_embd]
     op_rms_norm(ctx, hidden, layer.attn_norm.data(), x.data(), n_rows, n_embd, hp_.rms_eps);
@@ -139,8 +139,8 @@ bool llama_model::mlp_block(const ops_context& ctx, const llama_layer& layer, fl
                             linear_input stop_after) const {
     const int64_t n_embd = hp_.n_embd, n_ff = hp_.n_ff;
     const int64_t i_layer = layer.index;
-    const int64_t n_rows  = rows_of(seqs);
-    auto lin = [&](linear_role r, const float* x, float* y) { linear_run(ctx, layer, r, seqs, x, y); };
+    const int64_t      n_rows  = rows_of(seqs);
+    auto               lin = [&](linear_role r, const float* x, float* y) { linear_run(ctx, layer, r, seqs, x, y); };
     std::vector<float> y(static_cast<size_t>(n_rows * n_embd));  // [n_rows, n_embd]
     op_rms_norm(ctx, hidden, layer.mlp_norm.data(), y.data(), n_rows, n_embd, hp_.rms_eps);
     if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_GATE_UP, y.data(), n_rows, n_embd);

@@ -42,7 +42,8 @@ void add_lora_option(CLI::App* sub, std::vector<lora_spec>* out, const std::stri
                }
            },
            "a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), applied unmerged; :SCALE "
-           "multiplies its lora_alpha / r; repeatable: " + what)
+           "multiplies its lora_alpha / r; repeatable: " +
+               what)
         ->type_name("DIR[:SCALE]")
         ->allow_extra_args(false);
 }

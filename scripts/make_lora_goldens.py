@@ -108,8 +108,18 @@ def make_adapters(tmp):
     randomize_lora(pb, 2, 0.05, 0.05)
     pb.save_pretrained(os.path.join(OUT, "adapter-b"))
     # Stored in F16 (half the bytes; the goldens below load them back, so they see the same values).
+    # PEFT writes target_modules from a set (its order varies run to run) and the base model's
+    # absolute path: sorted, and the path relative to the repository, so reruns write the same bytes.
     from safetensors.torch import load_file, save_file
     for d in ("adapter-a", "adapter-b"):
+        cfg_path = os.path.join(OUT, d, "adapter_config.json")
+        cfg = json.load(open(cfg_path))
+        if isinstance(cfg["target_modules"], list):
+            cfg["target_modules"] = sorted(cfg["target_modules"])
+        cfg["base_model_name_or_path"] = "models/tiny-llama"
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f, indent=2, sort_keys=True)
+            f.write("\n")
         f = os.path.join(OUT, d, "adapter_model.safetensors")
         save_file({k: v.half() for k, v in load_file(f).items()}, f, metadata={"format": "pt"})
     # adapter-a cut to 2 layers for the 2-layer GPTQ fixture

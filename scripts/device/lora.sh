@@ -5,7 +5,8 @@
 # scripts/device/run.sh for the layout), or DEVICE_BUNDLE=another-folder.
 # 1. test_lora_cuda: the add kernel vs the CPU, GPU sessions vs CPU sessions with adapters (FP16 and
 #    act-order GPTQ tiny-llama; prefill, graph decode, lockstep batch mixing adapters).
-# 2. gptq generate with --lora on cuda vs cpu (greedy, 24 tokens, adapter-a and adapter-b:2).
+# 2. gptq generate with --lora on cuda vs cpu (greedy, 24 tokens, adapter-a and adapter-b:2; the
+#    texts are compared for information only).
 # 3. gptq ppl with --lora on cuda vs cpu (tiny-llama, 20 windows of 512).
 # 4. gptq bench --device cuda with and without --lora (tiny-llama, batch 1 and 4): the adapters'
 #    cost per decode step. One JSON line per row in lora_bench.jsonl.
@@ -51,8 +52,10 @@ for lora in "$L/adapter-a" "$L/adapter-b:2"; do
     args=(generate "$M" -p "Once upon a time" -n 24 --temperature 0 --ignore-eos --lora "$lora")
     cpu=$("$GPTQ" "${args[@]}" --device cpu 2>/dev/null)
     gpu=$("$GPTQ" "${args[@]}" --device cuda 2>>"$OUT/lora_stderr.log")
-    if [ -n "$gpu" ] && [ "$cpu" = "$gpu" ]; then log "generate --lora $lora: cuda = cpu"
-    else status=1; log "generate --lora $lora: cuda '$gpu' vs cpu '$cpu'"; fi
+    # Informational: F16 on the GPU may flip a near-tie late in a greedy text (test_lora_cuda has the bounds).
+    if [ -z "$gpu" ]; then status=1; log "generate --lora $lora on cuda failed (lora_stderr.log)"
+    elif [ "$cpu" = "$gpu" ]; then log "generate --lora $lora: cuda = cpu"
+    else log "generate --lora $lora: cuda '$gpu' vs cpu '$cpu' (differ)"; fi
 done
 
 for dev in cpu cuda; do

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "gptq/lora.h"
 #include "gptq/status.h"
 
 namespace gptq {
@@ -29,6 +30,7 @@ struct bench_params {
     bool                 progress  = true;        // one line per row on stderr
     std::string          device_map{};            // --device cuda: "auto" or a device-map file (gptq/plan.h)
     std::string          max_memory{};            // --device cuda: "0=8GiB,cpu=32GiB"; both empty: all on the GPU
+    std::vector<lora_spec> loras{};               // LoRA adapters on the model (not the FP16 original), summed
     bool                 profile_ops = false;     // --device cuda: one more iteration, decode steps uncaptured
                                                   // with a CUDA event after each op (bench_row::op_profile)
 };

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "gptq/chat.h"
+#include "gptq/lora.h"
 #include "gptq/sampler.h"
 #include "gptq/status.h"
 
@@ -36,6 +37,7 @@ struct generator_options {
     // file, and "0=8GiB,cpu=32GiB"; both empty: everything on the GPU.
     std::string device_map{};
     std::string max_memory{};
+    std::vector<lora_spec> loras{};  // LoRA adapters applied (summed) to every sequence (docs/lora.md)
 };
 
 // A default-constructed generate_params is transformers' default generate() but for the length

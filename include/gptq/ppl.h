@@ -7,6 +7,9 @@
 #include <cstdint>
 #include <string>
 
+#include <vector>
+
+#include "gptq/lora.h"
 #include "gptq/status.h"
 
 namespace gptq {
@@ -22,6 +25,7 @@ struct ppl_params {
     std::string device_map{};               // --device cuda: "auto" or a device-map file (gptq/plan.h)
     std::string max_memory{};               // --device cuda: "0=8GiB,cpu=32GiB"; both empty: all on the GPU
     bool        strict = false;             // tensors the model does not use: an error (else a warning)
+    std::vector<lora_spec> loras{};         // LoRA adapters applied (summed) to every window (docs/lora.md)
 };
 
 struct ppl_result {
@@ -40,6 +44,7 @@ struct ppl_result {
     std::string device        = "cpu";  // where the forward passes ran ("cuda:0")
     uint64_t    device_bytes  = 0;      // GPU memory held by the model (weights, KV cache, activations, staging)
     uint64_t    offload_bytes = 0;      // weights offloaded to pinned host memory (--max-memory / --device-map)
+    std::string lora;                   // the LoRA adapters applied ("a+b"), "" none
 };
 
 result<ppl_result> ppl_run(const ppl_params& params);

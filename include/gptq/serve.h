@@ -9,6 +9,9 @@
 #include <cstdint>
 #include <string>
 
+#include <vector>
+
+#include "gptq/lora.h"
 #include "gptq/status.h"
 
 namespace gptq {
@@ -23,6 +26,9 @@ struct serve_options {
     int         port = 8080;  // 0: any free port (the URL line says which)
     std::string api_key;      // non-empty: /v1/* need "Authorization: Bearer <key>"
     std::string model_name;   // the name clients send as "model"; "": the model folder's name
+    // LoRA adapters (docs/lora.md), each served as a model named after its folder: a request whose
+    // "model" is that name runs with the adapter, the base model's name without.
+    std::vector<lora_spec> loras;
 
     int64_t     max_seqs        = 64;   // sequences running at once at most
     int64_t     n_ctx           = 0;    // positions per sequence; 0: the model's (at most 4096)

@@ -57,7 +57,8 @@ status check_params(const bench_params& p) {
     return status::ok();
 }
 
-result<std::unique_ptr<model_session>> session_open(const bench_params& p, const std::string& path) {
+result<std::unique_ptr<model_session>> session_open(const bench_params& p, const std::string& path,
+                                                    const std::vector<lora_spec>& loras) {
     model_session_options o;
     o.model_path = path;
     GPTQ_ASSIGN_OR_RETURN(o.device, device_parse(p.device));
@@ -65,6 +66,7 @@ result<std::unique_ptr<model_session>> session_open(const bench_params& p, const
     o.n_ctx_hint = p.prompt + p.gen;  // the GPU: the KV cache and the planner's context
     o.device_map = p.device_map;
     o.max_memory = p.max_memory;
+    o.loras      = loras;
     GPTQ_TRY(model_session_check(o));
     auto s = model_session_open(o);
     if (!s) return s.error().with_context(fmt::format("bench: {}", path));
@@ -86,8 +88,10 @@ result<timing> iterate(model_session& s, const bench_params& p, int64_t batch, s
         for (auto& id : g) id = tok(rng);
     std::vector<float>    logits(static_cast<size_t>(batch * s.n_vocab()));
     std::vector<seq_step> prefill(static_cast<size_t>(batch)), decode(static_cast<size_t>(batch));
+    const int32_t         lora = s.lora_names().empty() ? -1 : 0;  // the adapters, stacked
     for (int64_t b = 0; b < batch; ++b)
-        prefill[static_cast<size_t>(b)] = {.seq = b, .ids = ids.data() + b * p.prompt, .n_tokens = p.prompt};
+        prefill[static_cast<size_t>(b)] = {
+            .seq = b, .ids = ids.data() + b * p.prompt, .n_tokens = p.prompt, .lora = lora};
     GPTQ_TRY(s.reserve(batch, p.prompt + p.gen));
     timing t;
     auto   t0 = std::chrono::steady_clock::now();
@@ -96,7 +100,7 @@ result<timing> iterate(model_session& s, const bench_params& p, int64_t batch, s
     t0        = std::chrono::steady_clock::now();
     for (const auto& g : gen_ids) {
         for (int64_t b = 0; b < batch; ++b)
-            decode[static_cast<size_t>(b)] = {.seq = b, .ids = g.data() + b, .n_tokens = 1};
+            decode[static_cast<size_t>(b)] = {.seq = b, .ids = g.data() + b, .n_tokens = 1, .lora = lora};
         GPTQ_TRY(s.step(decode, logits.data()));
     }
     t.decode = seconds_since(t0);
@@ -105,7 +109,8 @@ result<timing> iterate(model_session& s, const bench_params& p, int64_t batch, s
 
 result<std::vector<bench_row>> bench_model(const bench_params& p, const std::string& path, const std::string& role) {
     const auto t_load = std::chrono::steady_clock::now();
-    GPTQ_ASSIGN_OR_RETURN(std::unique_ptr<model_session> be, session_open(p, path));
+    GPTQ_ASSIGN_OR_RETURN(std::unique_ptr<model_session> be,
+                          session_open(p, path, role == "model" ? p.loras : std::vector<lora_spec>{}));
     const double           load_seconds = seconds_since(t_load);
     const std::string      machine      = be->describe();  // as opened (the GPU's KV cache before any row)
     std::vector<bench_row> rows;
@@ -115,7 +120,7 @@ result<std::vector<bench_row>> bench_model(const bench_params& p, const std::str
         if (r.model.empty()) r.model = fs::path(path).lexically_normal().parent_path().filename().string();
         r.model_path   = path;
         r.role         = role;
-        r.weights      = be->weights();
+        r.weights      = be->weights() + (be->lora_names().empty() ? "" : "+lora:" + be->lora_names()[0]);
         r.device       = be->device();
         r.machine      = machine;
         r.n_threads    = std::max(1, be->n_threads());  // a GPU: the one host thread driving it

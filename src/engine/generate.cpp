@@ -198,6 +198,7 @@ result<std::unique_ptr<generator>> generator::open(const generator_options& opti
     so.int8_activations = !options.exact_activations;
     so.device_map       = options.device_map;
     so.max_memory       = options.max_memory;
+    so.loras            = options.loras;
     std::unique_ptr<generator> g(new generator());
     impl&                      m = *g->impl_;
     m.opts                       = options;
@@ -282,6 +283,7 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
         session->ragged() ? std::clamp<int64_t>(n_seq, 1, k_cuda_session_max_seq) : 1;
     std::vector<float>    logits(static_cast<size_t>(group * n_vocab));
     std::vector<seq_step> steps;  // seq: the sequence's index in its group
+    const int32_t         lora = session->lora_names().empty() ? -1 : 0;  // the adapters, stacked
     generate_stats        st;
     st.n_sequences = n_seq;
     st.n_threads   = std::max(1, session->n_threads());  // a GPU: the one host thread driving it
@@ -297,7 +299,8 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
         steps.clear();
         for (int64_t i = 0; i < count; ++i) {
             const auto& prompt = first[i].res.prompt_tokens;
-            steps.push_back({.seq = i, .ids = prompt.data(), .n_tokens = static_cast<int64_t>(prompt.size())});
+            steps.push_back(
+                {.seq = i, .ids = prompt.data(), .n_tokens = static_cast<int64_t>(prompt.size()), .lora = lora});
         }
         auto t0 = std::chrono::steady_clock::now();
         GPTQ_TRY(session->step(steps, logits.data()));
@@ -308,7 +311,8 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
         for (;;) {
             steps.clear();
             for (int64_t i = 0; i < count; ++i)
-                if (!first[i].done) steps.push_back({.seq = i, .ids = &first[i].res.tokens.back(), .n_tokens = 1});
+                if (!first[i].done)
+                    steps.push_back({.seq = i, .ids = &first[i].res.tokens.back(), .n_tokens = 1, .lora = lora});
             if (steps.empty()) break;
             GPTQ_TRY(session->step(steps, logits.data()));
             st.n_decode_tokens += static_cast<int64_t>(steps.size());

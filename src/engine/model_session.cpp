@@ -32,6 +32,13 @@ status model_session::ids_check(const int32_t* ids, int64_t n, const std::string
     return status::ok();
 }
 
+status model_session::lora_check(int32_t lora, const std::string& where) const {
+    if (lora < -1 || lora >= static_cast<int32_t>(lora_names_.size()))
+        return make_error(E_ARG, "{}: LoRA adapter {} is not loaded ({} {})", where, lora, lora_names_.size(),
+                          lora_names_.size() == 1 ? "is" : "are");
+    return status::ok();
+}
+
 status model_session::steps_check(std::span<const seq_step> steps) const {
     const int64_t        n_slots = n_seq();
     std::vector<int64_t> entry_of(static_cast<size_t>(n_slots), -1);  // the entry that lists each slot
@@ -55,6 +62,7 @@ status model_session::steps_check(std::span<const seq_step> steps) const {
             return make_error(E_ARG, "step: slot {}: {} tokens after its {} cached positions exceed the {} reserved",
                               s.seq, s.n_tokens, pos, n_ctx());
         GPTQ_TRY(ids_check(s.ids, s.n_tokens, fmt::format("step: slot {}", s.seq)));
+        GPTQ_TRY(lora_check(s.lora, fmt::format("step: slot {}", s.seq)));
     }
     return status::ok();
 }

@@ -21,6 +21,7 @@
 
 #include "core/status.h"
 #include "gptq/device.h"
+#include "gptq/lora.h"
 #include "model/llama.h"
 
 namespace gptq {
@@ -45,6 +46,11 @@ struct model_session_options {
     // and the advice of that out-of-memory error ("lower --seqlen ...").
     uint64_t    host_work_bytes = 0;
     std::string host_work_hint;
+    // LoRA adapters (docs/lora.md): with lora_stack all of them summed as adapter 0 (ppl, generate,
+    // bench), else adapter k = loras[k] (serve: chosen per sequence). A step uses one by
+    // seq_step::lora; none unless asked.
+    std::vector<lora_spec> loras;
+    bool                   lora_stack = true;
 };
 
 // Sequence slots the CUDA session holds at most (llama_cuda.h k_llama_cuda_max_seq).
@@ -52,12 +58,14 @@ constexpr int64_t k_cuda_session_max_seq = 256;
 
 // One sequence's part of a step: n_tokens >= 1 new tokens ids[n_tokens] that follow the sequence's
 // pos() cached positions (pos advances by n_tokens). all_logits: the step writes the logits of
-// every one of its tokens (n_tokens rows), else of its last token only (one row).
+// every one of its tokens (n_tokens rows), else of its last token only (one row). lora: the
+// session's LoRA adapter its tokens run with (0 .. lora_names().size() - 1), -1 none.
 struct seq_step {
     int64_t        seq        = 0;
     const int32_t* ids        = nullptr;
     int64_t        n_tokens   = 0;
     bool           all_logits = false;
+    int32_t        lora       = -1;
 };
 
 // Per-op GPU time of the decode steps run while profiling (model/llama_cuda.h llama_op_profile).
@@ -112,7 +120,12 @@ public:
     // Perplexity-style evaluation: the logits of every token of ids[n] run as a fresh sequence
     // without touching any slot (local K/V), logits[n, n_vocab]. CUDA: every slot must be empty
     // (the GPU runs it in sequence 0's cache).
-    virtual status evaluate(const int32_t* ids, int64_t n, float* logits) = 0;
+    // lora: the adapter the tokens run with, -1 none.
+    virtual status evaluate(const int32_t* ids, int64_t n, float* logits, int32_t lora = -1) = 0;
+
+    // The LoRA adapters loaded (model_session_options::loras), by index: their names (the folder
+    // names; a stack's joined with "+").
+    const std::vector<std::string>& lora_names() const { return lora_names_; }
 
     // Memory (bench's peak_memory_bytes): the CPU, the process's peak RSS since memory_reset_peak
     // (VmHWM); the GPU, the device bytes the model holds now (weights, KV caches, activations,
@@ -132,6 +145,9 @@ public:
     virtual gpu_op_profile decode_profile() const { return {}; }
 
 protected:
+    std::vector<std::string> lora_names_;
+    // lora is -1 or a loaded adapter; `where` starts the message.
+    status lora_check(int32_t lora, const std::string& where) const;
     // The checks every backend makes before a step runs (the errors listed at step()).
     status steps_check(std::span<const seq_step> steps) const;
     // ids[n] are all in the vocabulary; `where` starts the message ("evaluate").

@@ -16,6 +16,7 @@
 #include "core/error.h"
 #include "core/thread_pool.h"
 #include "host_memory.h"
+#include "lora_load.h"
 #include "model_session.h"
 
 namespace gptq {
@@ -72,10 +73,17 @@ public:
     }
 
     status step(std::span<const seq_step> steps, float* logits) override;
-    status evaluate(const int32_t* ids, int64_t n, float* logits) override {
+    status evaluate(const int32_t* ids, int64_t n, float* logits, int32_t lora) override {
         if (n < 1) return make_error(E_ARG, "evaluate: {} tokens, expected at least 1", n);
         GPTQ_TRY(ids_check(ids, n, "evaluate"));
-        return model_->forward(ops(false), ids, n, /*cache=*/nullptr, logits);  // ppl: F32 products
+        GPTQ_TRY(lora_check(lora, "evaluate"));
+        return model_->forward(ops(false), ids, n, /*cache=*/nullptr, logits, lora);  // ppl: F32 products
+    }
+    void loras_add(std::vector<std::shared_ptr<const lora_adapter>> adapters) {
+        for (auto& a : adapters) {
+            lora_names_.push_back(a->name);
+            model_->lora_add(std::move(a));
+        }
     }
 
     uint64_t memory_used() const override {
@@ -105,6 +113,7 @@ private:
     std::vector<int32_t>    ids_;
     std::vector<int64_t>    n_tokens_;
     std::vector<kv_cache*>  batch_caches_;
+    std::vector<int32_t>    loras_;
     std::unique_ptr<bool[]> all_logits_;
     size_t                  all_logits_size_ = 0;
 };
@@ -148,6 +157,7 @@ status model_session_cpu::step(std::span<const seq_step> steps, float* logits) {
     ids_.clear();
     n_tokens_.clear();
     batch_caches_.clear();
+    loras_.clear();
     if (all_logits_size_ < n) all_logits_.reset(new bool[all_logits_size_ = n]);
     for (size_t i = 0; i < n; ++i) {
         const seq_step& s = steps[i];
@@ -155,9 +165,10 @@ status model_session_cpu::step(std::span<const seq_step> steps, float* logits) {
         n_tokens_.push_back(s.n_tokens);
         batch_caches_.push_back(&caches_[static_cast<size_t>(s.seq)]);
         all_logits_[i] = s.all_logits;
+        loras_.push_back(s.lora);
     }
     return model_->forward_batch(ops(true), ids_.data(), n_tokens_.data(), static_cast<int64_t>(n),
-                                 batch_caches_.data(), logits, all_logits_.get());
+                                 batch_caches_.data(), logits, all_logits_.get(), loras_.data());
 }
 
 }  // namespace
@@ -165,6 +176,8 @@ status model_session_cpu::step(std::span<const seq_step> steps, float* logits) {
 result<std::unique_ptr<model_session>> model_session_open_cpu(const model_session_options& o) {
     auto s = std::make_unique<model_session_cpu>();
     GPTQ_ASSIGN_OR_RETURN(s->model_, llama_model::open(o.model_path, {.strict = o.strict, .keep_f16 = true}));
+    GPTQ_ASSIGN_OR_RETURN(auto adapters, lora_adapters_open(o.loras, s->model_->hparams(), o.lora_stack));
+    s->loras_add(std::move(adapters));
     const uint64_t    weights = s->model_->resident_bytes();
     const std::string what    = o.host_work_bytes == 0
                                     ? fmt::format("loading {}", o.model_path)

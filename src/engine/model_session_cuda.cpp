@@ -48,7 +48,7 @@ public:
     int64_t seq_pos(int64_t seq) const override { return seq >= 0 && seq < n_seq_ ? gpu_->seq_pos(seq) : -1; }
 
     status step(std::span<const seq_step> steps, float* logits) override;
-    status evaluate(const int32_t* ids, int64_t n, float* logits) override;
+    status evaluate(const int32_t* ids, int64_t n, float* logits, int32_t lora = -1) override;
 
     uint64_t memory_used() const override {
         const auto& m = *gpu_;
@@ -148,8 +148,9 @@ status model_session_cuda::step(std::span<const seq_step> steps, float* logits) 
 }
 
 // Runs in slot 0's cache (which must be empty), which is empty again after.
-status model_session_cuda::evaluate(const int32_t* ids, int64_t n, float* logits) {
+status model_session_cuda::evaluate(const int32_t* ids, int64_t n, float* logits, int32_t lora) {
     if (n < 1) return make_error(E_ARG, "evaluate: {} tokens, expected at least 1", n);
+    GPTQ_TRY(lora_check(lora, "evaluate"));
     if (gpu_->seq_pos(0) > 0)
         return make_error(E_UNSUP,
                           "evaluate on {} runs in sequence 0's KV cache, but slot 0 holds {} positions; reset it "
@@ -193,6 +194,11 @@ status placement_plan(const model_session_options& o, llama_cuda_options* out) {
 
 result<std::unique_ptr<model_session>> model_session_open_cuda(const model_session_options& o) {
     GPTQ_TRY(device_check(o.device));
+    // The adapters' kernel exists (kernels/cuda/lora.cu, op_cuda_lora_add, called by the GPU layer
+    // for rows with an adapter) but the runtime does not load adapters yet (docs/lora.md).
+    if (!o.loras.empty())
+        return make_error(E_UNSUP, "--lora {} on --device {}: LoRA adapters run on the CPU only for now; use --device cpu",
+                          o.loras[0].path, device_name(o.device));
     // llama_cuda_model::open checks the tensor table but has no strict mode: the host model's
     // check first (config and table only, no weight read).
     if (o.strict) GPTQ_TRY(llama_model::open(o.model_path, {.strict = true}).to_status());

@@ -110,8 +110,10 @@ result<ppl_result> ppl_run_unguarded(const ppl_params& params) {
     GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(params.model_path));
     const std::vector<int32_t> ids = tok->encode(text, /*add_special=*/true);
     r.n_dataset_tokens             = static_cast<int64_t>(ids.size());
+    so.loras                       = params.loras;
     GPTQ_ASSIGN_OR_RETURN(auto session, model_session_open(so));
     r.load_seconds = seconds_since(t_load);
+    if (!session->lora_names().empty()) r.lora = session->lora_names()[0];
 
     // The log-softmax of each window runs on the host (F32 in, F64 sums): on the CPU with the
     // forward pass's thread count, beside the GPU on a few threads.
@@ -121,8 +123,9 @@ result<ppl_result> ppl_run_unguarded(const ppl_params& params) {
     if (params.max_windows > 0) n_windows = std::min(n_windows, params.max_windows);
     std::optional<progress_bar> bar;  // none when the caller asked for no progress output
     if (params.progress) bar.emplace("ppl", n_windows, "win");
-    const window_forward fwd = [&](const int32_t* win, int64_t n, float* logits) {
-        return session->evaluate(win, n, logits);
+    const int32_t        lora = session->lora_names().empty() ? -1 : 0;  // the adapters, stacked
+    const window_forward fwd  = [&](const int32_t* win, int64_t n, float* logits) {
+        return session->evaluate(win, n, logits, lora);
     };
     const auto t_eval = std::chrono::steady_clock::now();
     auto sums = perplexity_evaluate(fwd, session->n_vocab(), ctx, ids, params.seqlen, params.max_windows, [&](int64_t) {
@@ -150,10 +153,10 @@ result<ppl_result> ppl_run_unguarded(const ppl_params& params) {
 
 std::string ppl_result_text(const ppl_result& r) {
     return fmt::format(
-        "ppl {:.4f}  (mean NLL {:.5f} over {} predicted tokens)\n"
+        "ppl {:.4f}  (mean NLL {:.5f} over {} predicted tokens){}\n"
         "{} windows of {} tokens = {} tokens of {} in {}\n"
         "{:.2f} s, {:.1f} tokens/s on {} (load and tokenize {:.2f} s)\n",
-        r.ppl, r.nll_mean, r.n_predicted, r.n_windows, r.seqlen, r.n_tokens, r.n_dataset_tokens, r.dataset_path,
+        r.ppl, r.nll_mean, r.n_predicted, r.lora.empty() ? "" : ", LoRA " + r.lora, r.n_windows, r.seqlen, r.n_tokens, r.n_dataset_tokens, r.dataset_path,
         r.seconds, r.tokens_per_second,
         r.device == "cpu" ? fmt::format("{} threads", r.n_threads)
         : r.offload_bytes ? fmt::format("{} ({:.1f} MiB of GPU memory, {:.1f} MiB of weights offloaded to host memory)",
@@ -174,6 +177,7 @@ std::string ppl_result_json(const ppl_result& r) {
     j["n_threads"]         = r.n_threads;
     j["seconds"]           = r.seconds;
     j["tokens_per_second"] = r.tokens_per_second;
+    if (!r.lora.empty()) j["lora"] = r.lora;
     j["load_seconds"]      = r.load_seconds;
     j["dataset"]           = r.dataset_path;
     j["device"]            = r.device;

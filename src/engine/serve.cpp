@@ -5,10 +5,12 @@
 #include "gptq/serve.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <httplib.h>
 #include <signal.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -289,10 +291,19 @@ void server::handle_generate(const httplib::Request& req, httplib::Response& res
     }
     api_request r;
     if (auto e = api_request_parse(req.body, kind, r)) return send_error(res, *e);
-    if (!r.model.empty() && r.model != name_)
-        return send_error(res,
-                          {404, fmt::format("the model '{}' does not exist; this server serves '{}'", r.model, name_),
-                           "invalid_request_error", "model", "model_not_found"});
+    // "model": the base model's name (or none) runs without adapter; a LoRA adapter's name with it.
+    if (!r.model.empty() && r.model != name_) {
+        const auto& loras = session_.lora_names();
+        const auto  it    = std::find(loras.begin(), loras.end(), r.model);
+        if (it == loras.end())
+            return send_error(
+                res,
+                {404,
+                 fmt::format("the model '{}' does not exist; this server serves '{}'{}", r.model, name_,
+                             loras.empty() ? "" : fmt::format(" and the LoRA adapters '{}'", fmt::join(loras, "', '"))),
+                 "invalid_request_error", "model", "model_not_found"});
+        r.run.lora = static_cast<int32_t>(it - loras.begin());
+    }
     if (auto e = prompt_ids(r)) return send_error(res, *e);
     if (!r.seed_given) {
         std::lock_guard lk(mu_);
@@ -454,13 +465,21 @@ void server::install(httplib::Server& svr) {
     });
     svr.Get("/v1/models", [this](const httplib::Request& req, httplib::Response& res) {
         if (!authorized(req, res)) return;
-        ojson m;
-        m["id"]            = name_;
-        m["object"]        = "model";
-        m["created"]       = 0;
-        m["owned_by"]      = "gptqkit";
-        m["max_model_len"] = sch_.n_ctx();
-        res.set_content(json_text(ojson{{"object", "list"}, {"data", ojson::array({m})}}), "application/json");
+        // The base model, then each LoRA adapter (its "parent" the base, as vLLM lists them).
+        ojson data = ojson::array();
+        auto  add  = [&](const std::string& id, const std::string& parent) {
+            ojson m;
+            m["id"]            = id;
+            m["object"]        = "model";
+            m["created"]       = 0;
+            m["owned_by"]      = "gptqkit";
+            m["max_model_len"] = sch_.n_ctx();
+            if (!parent.empty()) m["parent"] = parent;
+            data.push_back(std::move(m));
+        };
+        add(name_, "");
+        for (const std::string& l : session_.lora_names()) add(l, name_);
+        res.set_content(json_text(ojson{{"object", "list"}, {"data", data}}), "application/json");
     });
     svr.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
         handle_generate(req, res, api_kind::API_COMPLETIONS);
@@ -533,6 +552,8 @@ status serve_run(const serve_options& o) {
     so.n_ctx_hint = o.n_ctx;
     so.device_map = o.device_map;
     so.max_memory = o.max_memory;
+    so.loras      = o.loras;
+    so.lora_stack = false;  // each adapter a model of its own, chosen per request
     GPTQ_ASSIGN_OR_RETURN(auto session, model_session_open(so));
     GPTQ_ASSIGN_OR_RETURN(const serve_plan plan, plan_kv(o, *session));
     GPTQ_TRY(session->reserve(plan.n_slots, plan.n_ctx));

@@ -250,11 +250,11 @@ bool serve_scheduler::run_step() {
             budget -= n;
             offsets.push_back(static_cast<int64_t>(ids_.size()));
             ids_.insert(ids_.end(), q.req.prompt.begin() + q.n_read, q.req.prompt.begin() + q.n_read + n);
-            steps.push_back({.seq = q.slot, .ids = nullptr, .n_tokens = n});
+            steps.push_back({.seq = q.slot, .ids = nullptr, .n_tokens = n, .lora = q.req.lora});
         } else {
             offsets.push_back(static_cast<int64_t>(ids_.size()));
             ids_.push_back(q.history.back());
-            steps.push_back({.seq = q.slot, .ids = nullptr, .n_tokens = 1});
+            steps.push_back({.seq = q.slot, .ids = nullptr, .n_tokens = 1, .lora = q.req.lora});
         }
         rows.push_back(&q);
     }

@@ -43,6 +43,7 @@ struct serve_request {
     std::vector<std::string> stop;             // the text ends before the first that appears
     int32_t                  logprobs   = -1;  // -1: none; else the alternatives per token (0 .. 20)
     bool                     ignore_eos = false;
+    int32_t                  lora       = -1;  // the session's LoRA adapter (the model name asked for), -1 none
 };
 
 struct token_logprob {

@@ -950,7 +950,9 @@ bool llama_model::rope_needs_reprefill(int64_t n_past, int64_t n_tokens) const {
 }
 
 status llama_model::forward(const ops_context& ctx, const int32_t* ids, int64_t n_tokens, kv_cache* cache,
-                            float* logits) {
+                            float* logits, int32_t lora) {
+    if (lora < -1 || lora >= static_cast<int32_t>(loras_.size()))
+        return make_error(E_ARG, "LoRA adapter {} is not loaded ({} are)", lora, loras_.size());
     if (cache && rope_needs_reprefill(cache->n_past, n_tokens)) {
         // Every cached token again with the long factors (transformers drops its cache here).
         if (static_cast<int64_t>(cache->ids.size()) != cache->n_past)
@@ -961,7 +963,7 @@ status llama_model::forward(const ops_context& ctx, const int32_t* ids, int64_t 
         cache->clear();
         const int64_t      n_all = static_cast<int64_t>(all.size());
         std::vector<float> all_logits(static_cast<size_t>(n_all * hp_.n_vocab));
-        GPTQ_TRY(forward(ctx, all.data(), n_all, cache, all_logits.data()));
+        GPTQ_TRY(forward(ctx, all.data(), n_all, cache, all_logits.data(), lora));
         std::copy_n(all_logits.data() + (n_all - n_tokens) * hp_.n_vocab, n_tokens * hp_.n_vocab, logits);
         return status::ok();
     }
@@ -969,7 +971,7 @@ status llama_model::forward(const ops_context& ctx, const int32_t* ids, int64_t 
     if (cache && pos0 + n_tokens > cache->n_ctx)
         return make_error(E_ARG, "{} tokens after {} cached ones exceed the cache's {} positions", n_tokens, pos0,
                           cache->n_ctx);
-    const layer_seq    seq{n_tokens, pos0, cache};  // a batch of one
+    const layer_seq    seq{n_tokens, pos0, cache, lora};  // a batch of one
     std::vector<float> hidden;                      // [n_tokens, n_embd]
     GPTQ_TRY(layers_run(ctx, ids, std::span<const layer_seq>(&seq, 1), &hidden));
     if (cache) {

@@ -315,11 +315,15 @@ using moe_input_hook = std::function<void(int64_t i_layer, int64_t expert, linea
 // rows. With a cache (pos0 == cache->n_past, which the layer does not advance) the layer's
 // keys/values are stored at those positions and attention covers positions 0 .. pos0 + n_tokens - 1;
 // without one (local K/V: ppl, calibration) attention covers the sequence's given tokens only.
+// lora: the index of the model's LoRA adapter (llama_model::lora_add) its rows use, -1 none.
 struct layer_seq {
     int64_t   n_tokens = 0;
     int64_t   pos0     = 0;
     kv_cache* cache    = nullptr;
+    int32_t   lora     = -1;
 };
+
+struct lora_adapter;
 
 struct llama_open_options {
     bool strict = false;  // tensors the model does not use are an error (else a warning)
@@ -395,7 +399,9 @@ public:
 
     // Whole model on ids (layers loaded on demand and kept): logits[n_tokens, n_vocab]. With a
     // cache the tokens follow its n_past positions, and n_past advances by n_tokens.
-    status forward(const ops_context& ctx, const int32_t* ids, int64_t n_tokens, kv_cache* cache, float* logits);
+    // lora: the adapter the tokens run with (lora_add's index), -1 none.
+    status forward(const ops_context& ctx, const int32_t* ids, int64_t n_tokens, kv_cache* cache, float* logits,
+                   int32_t lora = -1);
 
     // A ragged batch of n_seq independent sequences (llama_batch.cpp): sequence s contributes
     // n_tokens[s] >= 1 new tokens, stored back to back in ids[sum n_tokens], which follow the
@@ -406,8 +412,17 @@ public:
     // n_vocab), or of every one of its tokens (n_tokens[s] rows) when all_logits[s] (all_logits
     // nullptr: last tokens only, [n_seq, n_vocab]). Only those rows reach the final norm and lm_head.
     // Used by the CPU model_session (engine/model_session.h): ragged steps of generate, bench, serve.
+    // loras[s]: sequence s's LoRA adapter (lora_add's index), -1 none; nullptr: none for all.
     status forward_batch(const ops_context& ctx, const int32_t* ids, const int64_t* n_tokens, int64_t n_seq,
-                         kv_cache* const* caches, float* logits, const bool* all_logits = nullptr);
+                         kv_cache* const* caches, float* logits, const bool* all_logits = nullptr,
+                         const int32_t* loras = nullptr);
+
+    // LoRA adapters (model/lora.h, docs/lora.md): an adapter loaded for this model's hparams is
+    // added and gets the next index (0, 1, ...); a sequence names it in layer_seq::lora and every
+    // linear it adapts then adds scale * (x A^T) B^T to the rows of that sequence. The weights are
+    // not touched (GPTQ linears stay quantized).
+    int32_t                                                lora_add(std::shared_ptr<const lora_adapter> adapter);
+    const std::vector<std::shared_ptr<const lora_adapter>>& loras() const { return loras_; }
 
     // Whether n_tokens more tokens after n_past cached ones cross LongRoPE's switch from short to
     // long factors with keys rotated by the short ones in the cache (then the whole sequence is run
@@ -421,12 +436,15 @@ private:
     // RoPE, cache, attention, o. mlp_block: post-attention norm, gate/up, SiLU * up, down.
     bool attention_block(const ops_context& ctx, const llama_layer& layer, float* hidden,
                          std::span<const layer_seq> seqs, const linear_input_hook* hook, linear_input stop_after) const;
-    bool mlp_block(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_rows,
+    bool mlp_block(const ops_context& ctx, const llama_layer& layer, float* hidden, std::span<const layer_seq> seqs,
                    const linear_input_hook* hook, linear_input stop_after) const;
     // The sparse MoE block in mlp_block's place (llama_moe.cpp): post-attention norm, router, the
     // experts over their routed tokens, the shared expert, the weighted sum, residual.
     bool moe_block(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_rows,
                    const linear_input_hook* hook, linear_input stop_after, const moe_input_hook* moe_hook) const;
+    // y[rows, n_out] = linear r of the layer on x[rows, n_in], plus each sequence's LoRA product.
+    void linear_run(const ops_context& ctx, const llama_layer& layer, linear_role r, std::span<const layer_seq> seqs,
+                    const float* x, float* y) const;
     // Embeddings of ids, then every layer over the batch: hidden[sum n_tokens, n_embd].
     status        layers_run(const ops_context& ctx, const int32_t* ids, std::span<const layer_seq> seqs,
                              std::vector<float>* hidden);
@@ -441,6 +459,7 @@ private:
     bool                                            keep_f16_ = false;
     std::vector<float>                              norm_;     // [n_embd]
     linear_weights                                  lm_head_;  // [n_vocab, n_embd] dense or GPTQ; empty when tied
+    std::vector<std::shared_ptr<const lora_adapter>> loras_;
 };
 
 }  // namespace gptq

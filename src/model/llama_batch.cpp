@@ -11,9 +11,14 @@
 namespace gptq {
 
 status llama_model::forward_batch(const ops_context& ctx, const int32_t* ids, const int64_t* n_tokens, int64_t n_seq,
-                                  kv_cache* const* caches, float* logits, const bool* all_logits) {
+                                  kv_cache* const* caches, float* logits, const bool* all_logits,
+                                  const int32_t* loras) {
     for (int64_t s = 0; s < n_seq; ++s) {
         const kv_cache* c = caches[s];
+        if (loras && (loras[s] < -1 || loras[s] >= static_cast<int32_t>(loras_.size())))
+            return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                              "sequence {} of the batch asks for LoRA adapter {}, {} are loaded", s, loras[s],
+                              loras_.size());
         if (n_tokens[s] < 1)
             return make_error(status_code::STATUS_INVALID_ARGUMENT,
                               "sequence {} of the batch has {} tokens, expected at least 1", s, n_tokens[s]);
@@ -61,11 +66,11 @@ status llama_model::forward_batch(const ops_context& ctx, const int32_t* ids, co
             history[static_cast<size_t>(s)] = all_n[static_cast<size_t>(s)] - n_tokens[s];
             drop = drop || (all_logits && all_logits[s] && history[static_cast<size_t>(s)] > 0);
         }
-        if (!drop) return forward_batch(ctx, all_ids.data(), all_n.data(), n_seq, caches, logits, all_logits);
+        if (!drop) return forward_batch(ctx, all_ids.data(), all_n.data(), n_seq, caches, logits, all_logits, loras);
         int64_t n_rows = 0;
         for (int64_t s = 0; s < n_seq; ++s) n_rows += all_logits[s] ? all_n[static_cast<size_t>(s)] : 1;
         std::vector<float> scratch(static_cast<size_t>(n_rows * hp_.n_vocab));
-        GPTQ_TRY(forward_batch(ctx, all_ids.data(), all_n.data(), n_seq, caches, scratch.data(), all_logits));
+        GPTQ_TRY(forward_batch(ctx, all_ids.data(), all_n.data(), n_seq, caches, scratch.data(), all_logits, loras));
         const float* src = scratch.data();
         float*       dst = logits;
         for (int64_t s = 0; s < n_seq; ++s) {
@@ -77,7 +82,8 @@ status llama_model::forward_batch(const ops_context& ctx, const int32_t* ids, co
         return status::ok();
     }
     std::vector<layer_seq> seqs(static_cast<size_t>(n_seq));
-    for (int64_t s = 0; s < n_seq; ++s) seqs[static_cast<size_t>(s)] = {n_tokens[s], caches[s]->n_past, caches[s]};
+    for (int64_t s = 0; s < n_seq; ++s)
+        seqs[static_cast<size_t>(s)] = {n_tokens[s], caches[s]->n_past, caches[s], loras ? loras[s] : -1};
     std::vector<float> hidden;  // [sum n_tokens, n_embd]
     GPTQ_TRY(layers_run(ctx, ids, seqs, &hidden));
     // Only the rows asked for (each sequence's last, or all of its rows) go through the final norm

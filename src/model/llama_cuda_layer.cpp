@@ -38,6 +38,20 @@ status mark(const cuda_layer_pass& p, const char* op) {
     return p.mark && *p.mark ? (*p.mark)(op) : status::ok();
 }
 
+// A linear of the layer (unfused), then each row's LoRA adapter when the pass has adapters and one
+// of them adapts the role (one more launch).
+status linear_run(cuda_context& c, const cuda_layer_weights& w, linear_role r, const uint16_t* x, uint16_t* y,
+                  const cuda_layer_pass& p, bool x_permuted = false) {
+    const cuda_linear& l = w.linear(r);
+    GPTQ_TRY(cuda_linear_forward(c, l, x, y, p.n, x_permuted));
+    const cuda_buffer& slots = w.lora[static_cast<size_t>(r)];
+    if (!p.lora_rows || !slots.bytes()) return status::ok();
+    if (x_permuted)
+        return make_error(status_code::STATUS_INTERNAL, "LoRA on {}: its input is in act-order column order",
+                          linear_role_name(r));
+    return op_cuda_lora_add(c, x, y, p.n, l.n_in, l.n_out, p.lora_rows, slots.as<cuda_lora_slot>(), w.lora_max_r);
+}
+
 status capture(const cuda_layer_pass& p, linear_input which, const uint16_t* x, int64_t n_in) {
     return p.hook && *p.hook ? (*p.hook)(which, x, p.n, n_in) : status::ok();
 }
@@ -177,11 +191,11 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
             v        = b.q + q_dim + kv_dim;
             q_stride = kv_stride = q_dim + 2 * kv_dim;
         } else {
-            GPTQ_TRY(cuda_linear_forward(c, w.linear(linear_role::LINEAR_Q), b.x, q, n));
+            GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_Q, b.x, q, p));
             GPTQ_TRY(mark(p, "linear_q"));
-            GPTQ_TRY(cuda_linear_forward(c, w.linear(linear_role::LINEAR_K), b.x, k, n));
+            GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_K, b.x, k, p));
             GPTQ_TRY(mark(p, "linear_k"));
-            GPTQ_TRY(cuda_linear_forward(c, w.linear(linear_role::LINEAR_V), b.x, v, n));
+            GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_V, b.x, v, p));
             GPTQ_TRY(mark(p, "linear_v"));
         }
         if (hp.qk_norm) {  // Qwen3, Gemma 3: RMSNorm over each head's head_dim values, before RoPE
@@ -200,7 +214,7 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
     }
     GPTQ_TRY(capture(p, linear_input::LINEAR_INPUT_O, att, q_dim));
     if (p.stop_after == linear_input::LINEAR_INPUT_O) return false;
-    GPTQ_TRY(cuda_linear_forward(c, w.linear(linear_role::LINEAR_O), att, b.y, n));
+    GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_O, att, b.y, p));
     GPTQ_TRY(mark(p, "linear_o"));
     if (hp.attn_out_norm) GPTQ_TRY(out_norm(c, hp, w.attn_out_norm, b.y, p));  // sandwich (Gemma)
     return true;
@@ -231,16 +245,16 @@ result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda
         GPTQ_TRY(act_mul(c, hp, b.gate, b.gate + n_ff, b.up, n, 2 * n_ff, 2 * n_ff, n_ff, p_silu));
         act = b.up;
     } else {
-        GPTQ_TRY(cuda_linear_forward(c, w.linear(linear_role::LINEAR_GATE), b.x, b.gate, n));
+        GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_GATE, b.x, b.gate, p));
         GPTQ_TRY(mark(p, "linear_gate"));
-        GPTQ_TRY(cuda_linear_forward(c, w.linear(linear_role::LINEAR_UP), b.x, b.up, n));
+        GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_UP, b.x, b.up, p));
         GPTQ_TRY(mark(p, "linear_up"));
         GPTQ_TRY(act_mul(c, hp, b.gate, b.up, b.gate, n, n_ff, n_ff, n_ff));
     }
     GPTQ_TRY(mark(p, "silu_mul"));
     GPTQ_TRY(capture(p, linear_input::LINEAR_INPUT_DOWN, act, n_ff));
     if (p.stop_after == linear_input::LINEAR_INPUT_DOWN) return false;
-    GPTQ_TRY(cuda_linear_forward(c, down, act, b.y, n, p_down != nullptr));
+    GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_DOWN, act, b.y, p, p_down != nullptr));
     GPTQ_TRY(mark(p, "linear_down"));
     if (hp.mlp_out_norm) GPTQ_TRY(out_norm(c, hp, w.mlp_out_norm, b.y, p));  // sandwich (Gemma)
     return true;

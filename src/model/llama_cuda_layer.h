@@ -71,6 +71,11 @@ struct cuda_layer_weights {
     // silu_mul's output is down's permuted input as it is.
     bool               gate_up_in_down_order = false;
     const cuda_linear& linear(linear_role r) const { return lin[static_cast<size_t>(r)]; }
+    // LoRA adapters (docs/lora.md), per role: device [n_adapters] cuda_lora_slot, empty when no
+    // adapter touches the role; lora_max_r: the largest r of the layer's slots. Only unfused linears
+    // (llama_cuda_model loads the layers unfused when it has adapters).
+    std::array<cuda_buffer, k_n_linear_roles> lora;
+    int32_t                                   lora_max_r = 0;
 };
 
 // The activation buffers a pass over n rows uses (F16 device; the caller sizes them).
@@ -120,6 +125,8 @@ struct cuda_layer_pass {
     const cuda_linear_input_hook* hook       = nullptr;
     linear_input                  stop_after = linear_input::LINEAR_INPUT_COUNT;
     const cuda_op_mark*           mark       = nullptr;  // nullptr: no marks
+    // Device I32 [n]: the LoRA adapter of each row (-1: none); nullptr: no LoRA in this pass.
+    const int32_t* lora_rows = nullptr;
 };
 
 // The residual stream is carried as the runtime carries it: each residual add is folded into the

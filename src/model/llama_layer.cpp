@@ -12,6 +12,7 @@
 
 #include "core/error.h"
 #include "model/llama.h"
+#include "model/lora.h"
 
 namespace gptq {
 
@@ -23,13 +24,41 @@ int64_t rows_of(std::span<const layer_seq> seqs) {
 }
 }  // namespace
 
+void llama_model::linear_run(const ops_context& ctx, const llama_layer& layer, linear_role r,
+                             std::span<const layer_seq> seqs, const float* x, float* y) const {
+    const linear_weights& l = layer.linear(r);
+    linear_forward(ctx, l, x, y, rows_of(seqs));
+    if (loras_.empty()) return;
+    // Runs of consecutive sequences with the same adapter get one product each.
+    int64_t row0 = 0;
+    for (size_t i = 0; i < seqs.size();) {
+        const int32_t a = seqs[i].lora;
+        int64_t       n = 0;
+        size_t        j = i;
+        for (; j < seqs.size() && seqs[j].lora == a; ++j) n += seqs[j].n_tokens;
+        if (a >= 0) {
+            GPTQ_ASSERT(a < static_cast<int32_t>(loras_.size()));
+            if (const lora_module* m = loras_[static_cast<size_t>(a)]->module(layer.index, r))
+                lora_forward(ctx, *m, x + row0 * l.n_in, y + row0 * l.n_out, n, l.n_in, l.n_out);
+        }
+        row0 += n;
+        i = j;
+    }
+}
+
+int32_t llama_model::lora_add(std::shared_ptr<const lora_adapter> adapter) {
+    GPTQ_ASSERT(adapter && static_cast<int64_t>(adapter->layers.size()) == hp_.n_layer);
+    loras_.push_back(std::move(adapter));
+    return static_cast<int32_t>(loras_.size() - 1);
+}
+
 bool llama_model::attention_block(const ops_context& ctx, const llama_layer& layer, float* hidden,
                                   std::span<const layer_seq> seqs, const linear_input_hook* hook,
                                   linear_input stop_after) const {
     const int64_t n_embd = hp_.n_embd, q_dim = hp_.q_dim(), kv_dim = hp_.kv_dim(), hd = hp_.head_dim;
     const int64_t i_layer = layer.index;
     const int64_t n_rows  = rows_of(seqs);
-    auto lin = [&](linear_role r, const float* x, float* y) { linear_forward(ctx, layer.linear(r), x, y, n_rows); };
+    auto          lin     = [&](linear_role r, const float* x, float* y) { linear_run(ctx, layer, r, seqs, x, y); };
 
     std::vector<float> x(static_cast<size_t>(n_rows * std::max(n_embd, q_dim)));  // [n_rows, n_embd]
     op_rms_norm(ctx, hidden, layer.attn_norm.data(), x.data(), n_rows, n_embd, hp_.rms_eps);
@@ -105,11 +134,13 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
     return true;
 }
 
-bool llama_model::mlp_block(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_rows,
-                            const linear_input_hook* hook, linear_input stop_after) const {
+bool llama_model::mlp_block(const ops_context& ctx, const llama_layer& layer, float* hidden,
+                            std::span<const layer_seq> seqs, const linear_input_hook* hook,
+                            linear_input stop_after) const {
     const int64_t n_embd = hp_.n_embd, n_ff = hp_.n_ff;
     const int64_t i_layer = layer.index;
-    auto lin = [&](linear_role r, const float* x, float* y) { linear_forward(ctx, layer.linear(r), x, y, n_rows); };
+    const int64_t      n_rows  = rows_of(seqs);
+    auto               lin = [&](linear_role r, const float* x, float* y) { linear_run(ctx, layer, r, seqs, x, y); };
     std::vector<float> y(static_cast<size_t>(n_rows * n_embd));  // [n_rows, n_embd]
     op_rms_norm(ctx, hidden, layer.mlp_norm.data(), y.data(), n_rows, n_embd, hp_.rms_eps);
     if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_GATE_UP, y.data(), n_rows, n_embd);
@@ -139,7 +170,7 @@ void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer
                                 const moe_input_hook* moe_hook) const {
     GPTQ_ASSERT(layer.index >= 0 && layer.index < hp_.n_layer);
     for (const layer_seq& s : seqs) {
-        GPTQ_ASSERT(s.n_tokens >= 0 && s.pos0 >= 0);
+        GPTQ_ASSERT(s.n_tokens >= 0 && s.pos0 >= 0 && s.lora < static_cast<int32_t>(loras_.size()));
         GPTQ_ASSERT(!s.cache ||
                     (s.pos0 == s.cache->n_past && s.pos0 + s.n_tokens <= s.cache->n_ctx &&
                      s.cache->kv_dim == hp_.kv_dim() && static_cast<int64_t>(s.cache->k.size()) == hp_.n_layer));
@@ -147,10 +178,10 @@ void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer
     const int64_t n_rows = rows_of(seqs);
     if (n_rows == 0) return;
     if (!attention_block(ctx, layer, hidden, seqs, hook, stop_after)) return;
-    if (hp_.is_moe(layer.index))
+    if (hp_.is_moe(layer.index))  // LoRA adapters are refused on MoE models (lora_add)
         moe_block(ctx, layer, hidden, n_rows, hook, stop_after, moe_hook);
     else
-        mlp_block(ctx, layer, hidden, n_rows, hook, stop_after);
+        mlp_block(ctx, layer, hidden, seqs, hook, stop_after);
 }
 
 void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_tokens,

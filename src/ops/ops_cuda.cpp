@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstring>
 #include <mutex>
 #include <utility>
@@ -21,6 +22,7 @@
 #include "kernels/cuda/gptq_int4_gemm.cuh"
 #include "kernels/cuda/gptq_linear.cuh"
 #include "kernels/cuda/kv_cache.cuh"
+#include "kernels/cuda/lora.cuh"
 #include "kernels/cuda/norm.cuh"
 #include "kernels/cuda/rope.cuh"
 
@@ -486,6 +488,19 @@ status op_cuda_add(cuda_context& ctx, uint16_t* x, const uint16_t* y, int64_t n)
 
 status op_cuda_add_bias(cuda_context& ctx, uint16_t* x, const uint16_t* bias, int64_t n_rows, int64_t n) {
     return cuda::add_bias_f16(x, bias, n_rows, n, n, ctx.stream());
+}
+
+static_assert(sizeof(cuda_lora_slot) == sizeof(cuda::lora_slot) &&
+                  offsetof(cuda_lora_slot, a) == offsetof(cuda::lora_slot, a) &&
+                  offsetof(cuda_lora_slot, b) == offsetof(cuda::lora_slot, b) &&
+                  offsetof(cuda_lora_slot, r) == offsetof(cuda::lora_slot, r) &&
+                  offsetof(cuda_lora_slot, scale) == offsetof(cuda::lora_slot, scale),
+              "cuda_lora_slot is the kernel's lora_slot");
+
+status op_cuda_lora_add(cuda_context& ctx, const uint16_t* x, uint16_t* y, int64_t n_rows, int64_t n_in, int64_t n_out,
+                        const int32_t* row_adapter, const cuda_lora_slot* slots, int32_t max_r) {
+    return cuda::lora_add_f16(x, y, n_rows, n_in, n_out, n_out, row_adapter,
+                              reinterpret_cast<const cuda::lora_slot*>(slots), max_r, ctx.stream());
 }
 
 status op_cuda_kv_store(cuda_context& ctx, const uint16_t* k, const uint16_t* v, uint16_t* cache_k, uint16_t* cache_v,

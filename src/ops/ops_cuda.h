@@ -213,6 +213,20 @@ status op_cuda_rope_kv_store(cuda_context& ctx, uint16_t* q, const uint16_t* k, 
 status op_cuda_add(cuda_context& ctx, uint16_t* x, const uint16_t* y, int64_t n);  // x += y
 // x[r, :n] += bias[:n] for r < n_rows; x: [n_rows, n] contiguous.
 status op_cuda_add_bias(cuda_context& ctx, uint16_t* x, const uint16_t* bias, int64_t n_rows, int64_t n);
+
+// LoRA after a linear (model/lora.h, docs/lora.md): one adapter's F32 factors of one linear on the
+// device (the layout of kernels/cuda/lora.cuh lora_slot); r == 0: the adapter leaves it alone.
+struct cuda_lora_slot {
+    const float* a     = nullptr;  // [r, n_in]
+    const float* b     = nullptr;  // [n_out, r]
+    int32_t      r     = 0;
+    float        scale = 0.0f;
+};
+// y[i] += scale_k * (x[i] A_k^T) B_k^T with k = row_adapter[i] (device I32 [n_rows], read when the
+// kernel runs; < 0: row i unchanged), slots: device [n_adapters] cuda_lora_slot, max_r: the largest
+// r among them. x: [n_rows, n_in], y: [n_rows, n_out] F16. One launch.
+status op_cuda_lora_add(cuda_context& ctx, const uint16_t* x, uint16_t* y, int64_t n_rows, int64_t n_in, int64_t n_out,
+                        const int32_t* row_adapter, const cuda_lora_slot* slots, int32_t max_r);
 // cache_k/v[*pos_dev + t] = k/v[t] for t < n_tokens (rows at or past n_ctx are skipped); k, v:
 // [n_tokens, kv_dim]; caches [n_ctx, kv_dim]. pos_dev: device I32, read when the kernel runs.
 status op_cuda_kv_store(cuda_context& ctx, const uint16_t* k, const uint16_t* v, uint16_t* cache_k, uint16_t* cache_v,

@@ -330,6 +330,48 @@ class ServeLimits(unittest.TestCase):
         self.assertEqual(self.srv.proc.wait(timeout=30), 0)
 
 
+class ServeLora(unittest.TestCase):
+    """LoRA adapters as models of their own (docs/lora.md): chosen per request, mixed in one batch."""
+
+    LORA = os.path.join(ROOT, "tests", "data", "lora")
+
+    @classmethod
+    def setUpClass(cls):
+        cls.srv = server("--max-seqs", "16", "--lora", os.path.join(cls.LORA, "adapter-a"),
+                         "--lora", os.path.join(cls.LORA, "adapter-b") + ":2")
+        cls.client = openai.OpenAI(base_url=cls.srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    @classmethod
+    def tearDownClass(cls):
+        code = cls.srv.stop()
+        assert code == 0, f"gptq serve exited with {code}: {cls.srv.proc.stderr.read()}"
+
+    def test_models_lists_the_adapters(self):
+        self.assertEqual([m.id for m in self.client.models.list().data], ["tiny-llama", "adapter-a", "adapter-b"])
+        status, _, body = self.srv.raw("/v1/completions", b'{"model": "adapter-c", "prompt": "x", "max_tokens": 2}')
+        self.assertEqual(status, 404)
+        self.assertIn("adapter-a", json.loads(body)["error"]["message"])
+
+    def test_each_model_equals_gptq_generate_with_its_lora_and_mixes_in_a_batch(self):
+        flags = {"tiny-llama": [], "adapter-a": ["--lora", os.path.join(self.LORA, "adapter-a")],
+                 "adapter-b": ["--lora", os.path.join(self.LORA, "adapter-b") + ":2"]}
+        want = {}
+        for name, extra in flags.items():
+            out = subprocess.run([GPTQ, "generate", MODEL, "-p", "Once upon a time", "-n", "12", "--temperature", "0",
+                                  "--ignore-eos", *extra], capture_output=True, text=True, check=True)
+            want[name] = out.stdout[:-1]  # generate ends with a newline
+        self.assertEqual(len(set(want.values())), 3, want)  # the adapters change the text
+
+        def one(name):
+            r = self.client.completions.create(model=name, prompt="Once upon a time", max_tokens=12, temperature=0,
+                                               extra_body={"ignore_eos": True})
+            return name, r.choices[0].text.lstrip(" ")  # as test_greedy_completion_equals_gptq_generate
+        with ThreadPoolExecutor(max_workers=9) as pool:
+            got = list(pool.map(one, list(flags) * 3))
+        for name, text in got:
+            self.assertEqual(text, want[name], name)
+
+
 if __name__ == "__main__":
     GPTQ = sys.argv.pop(1)
     unittest.main(verbosity=2)

@@ -1,6 +1,6 @@
 // gptq bench MODEL [--device cpu|cuda[:N]] [--device-map auto|FILE] [--max-memory SPEC] [--batch 1,4,16] [--prompt 512]
 // [--gen 128] [--compare-fp16 ORIGINAL] [--profile-ops]
-//                  [--repeat 3] [--threads N] [--seed S] [--json]
+//                  [--repeat 3] [--threads N] [--seed S] [--json] [--lora DIR[:SCALE]]...
 #include <cstdio>
 #include <memory>
 
@@ -17,6 +17,7 @@ command register_bench(CLI::App& app) {
     sub->add_option("model", o->model_path, "model folder (FP16/BF16 or GPTQ checkpoint)")->required();
     sub->add_option("--device", o->device, "cpu, cuda or cuda:N (the GPU: batch 1 only so far)")->capture_default_str();
     add_offload_options(sub, &o->device_map, &o->max_memory);
+    add_lora_option(sub, &o->loras, "several are summed (the --compare-fp16 original runs without)");
     sub->add_option("--batch", o->batches, "batch sizes, comma-separated")
         ->delimiter(',')
         ->capture_default_str()

@@ -1,7 +1,7 @@
 // gptq generate MODEL (-p PROMPT | --prompts FILE | --chat) [-n N] [--do-sample] [--temperature T]
 //                [--top-k K] [--top-p P] [--min-p P] [--repetition-penalty R] [--seed 0] [--stop STR]...
 //                [--ignore-eos] [--device cpu|cuda|cuda:N] [--device-map auto|FILE] [--max-memory SPEC]
-//                [--threads N] [-o FILE]
+//                [--threads N] [-o FILE] [--lora DIR[:SCALE]]...
 // -p streams the new text to stdout; --prompts writes one JSON line per prompt; --chat wraps prompts
 // in the model's chat template, and without -p reads user turns from stdin (interactive on a
 // terminal). Speeds go to stderr. The decoding settings are the model's (generation_config.json,
@@ -211,6 +211,7 @@ command register_generate(CLI::App& app) {
     sub->add_option("--device", o->open.device, "cpu, cuda or cuda:N (the GPU runs --prompts one at a time)")
         ->capture_default_str();
     add_offload_options(sub, &o->open.device_map, &o->open.max_memory);
+    add_lora_option(sub, &o->open.loras, "several are summed");
     sub->add_option("--threads", o->open.n_threads, "CPU threads (0: all cores)")->capture_default_str();
     sub->add_flag("--strict", o->open.strict, "tensors the model does not use are an error (default: a warning)");
     sub->add_flag("--exact-activations", o->open.exact_activations,

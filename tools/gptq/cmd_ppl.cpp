@@ -1,5 +1,6 @@
 // gptq ppl MODEL [--dataset wikitext2|PATH] [--seqlen 2048] [--max-windows N] [--threads N]
 //              [--device cpu|cuda|cuda:N] [--device-map auto|FILE] [--max-memory SPEC] [--json]
+//              [--lora DIR[:SCALE]]...
 #include <cstdio>
 #include <memory>
 
@@ -25,6 +26,7 @@ command register_ppl(CLI::App& app) {
     sub->add_option("--device", o->device, "cpu, cuda or cuda:N (the GPU: F16 weights and activations)")
         ->capture_default_str();
     add_offload_options(sub, &o->device_map, &o->max_memory);
+    add_lora_option(sub, &o->loras, "several are summed");
     sub->add_flag("--strict", o->strict, "tensors the model does not use are an error (default: a warning)");
     sub->add_flag("--json", *json, "print one JSON object instead of text");
     return {sub, [o, json] {

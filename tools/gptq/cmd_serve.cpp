@@ -1,6 +1,7 @@
 // gptq serve MODEL [--device cpu|cuda|cuda:N] [--host 127.0.0.1] [--port 8080] [--api-key KEY]
 //                  [--max-seqs 64] [--ctx N] [--kv-memory 0.9|BYTES] [--chat-template FILE]
 //                  [--prefill-chunk 256] [--max-connections N] [--max-body BYTES] [--timeout S] [--threads N]
+//                  [--lora DIR[:SCALE]]...
 // An OpenAI-compatible HTTP server (docs/serve.md). Prints the memory plan and the URL, serves
 // until SIGTERM / Ctrl-C, then finishes the running requests and exits 0.
 #include <cstdlib>
@@ -50,6 +51,9 @@ command register_serve(CLI::App& app) {
     sub->add_option("model", o.model_path, "model folder (FP16/BF16/F32 or GPTQ checkpoint)")->required();
     sub->add_option("--device", o.device, "cpu, cuda or cuda:N")->capture_default_str();
     add_offload_options(sub, &o.device_map, &o.max_memory);
+    add_lora_option(sub, &o.loras,
+                    "each is a model named after its folder, chosen by a request's \"model\" (the base model's name: "
+                    "no adapter)");
     sub->add_option("--threads", o.n_threads, "CPU threads (0: all cores)")
         ->capture_default_str()
         ->check(CLI::NonNegativeNumber);

@@ -31,6 +31,23 @@ void add_offload_options(CLI::App* sub, std::string* device_map, std::string* ma
                     "the rest is offloaded up to the host memory available, cpu=0 forbids it)");
 }
 
+void add_lora_option(CLI::App* sub, std::vector<lora_spec>* out, const std::string& what) {
+    sub->add_option_function<std::vector<std::string>>(
+           "--lora",
+           [out](const std::vector<std::string>& args) {
+               for (const std::string& a : args) {
+                   auto s = lora_spec_parse(a);
+                   if (!s) throw CLI::ValidationError("--lora", s.error().message());
+                   out->push_back(*s);
+               }
+           },
+           "a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors), applied unmerged; :SCALE "
+           "multiplies its lora_alpha / r; repeatable: " +
+               what)
+        ->type_name("DIR[:SCALE]")
+        ->allow_extra_args(false);
+}
+
 uint64_t parse_size(const std::string& s) {
     size_t pos = 0;
     double v   = 0;
@@ -230,6 +247,7 @@ int main(int argc, char** argv) {
     commands.push_back(register_convert(app));
     commands.push_back(register_serve(app));
     commands.push_back(register_report(app));
+    commands.push_back(register_merge_lora(app));
 
     add_number_checks(app);
 

@@ -79,7 +79,7 @@ if [ -z "$BIN" ]; then
         log "missing shared libraries: $(ldd "$TEST_DIR/gptq" | grep 'not found' | tr -s ' \t\n' ' ')"
     fi
     TESTS=("$TEST_DIR/test_cuda_kernels" "$TEST_DIR/test_cuda_gptq" "$TEST_DIR/test_cuda_gemm" "$TEST_DIR/test_ops_cuda" "$TEST_DIR/test_gptq_cuda"
-           "$TEST_DIR/test_llama_cuda" "$TEST_DIR/test_offload_cuda")
+           "$TEST_DIR/test_llama_cuda" "$TEST_DIR/test_offload_cuda" "$TEST_DIR/test_lora_cuda")
     BENCH=$TEST_DIR/bench_gptq_gemv
     BENCH_Q=$TEST_DIR/bench_gptq_quantize
     GPTQ=$TEST_DIR/gptq

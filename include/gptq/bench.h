@@ -18,21 +18,21 @@
 namespace gptq {
 
 struct bench_params {
-    std::string          model_path;              // model folder (FP16/BF16 or GPTQ checkpoint)
-    std::string          compare_fp16;            // optional: the FP16 original, measured in the same run
-    std::string          device    = "cpu";       // cpu | cuda[:N]
-    std::vector<int64_t> batches   = {1, 4, 16};  // batch sizes, one row each
-    int64_t              prompt    = 512;         // prompt tokens per sequence (>= 1)
-    int64_t              gen       = 128;         // decode steps (>= 1), one token per sequence each
-    int                  repeat    = 3;           // timed iterations per row (median reported)
-    int                  n_threads = 0;           // CPU threads; 0 = all cores
-    uint64_t             seed      = 0;           // token ids
-    bool                 progress  = true;        // one line per row on stderr
-    std::string          device_map{};            // --device cuda: "auto" or a device-map file (gptq/plan.h)
-    std::string          max_memory{};            // --device cuda: "0=8GiB,cpu=32GiB"; both empty: all on the GPU
-    std::vector<lora_spec> loras{};               // LoRA adapters on the model (not the FP16 original), summed
-    bool                 profile_ops = false;     // --device cuda: one more iteration, decode steps uncaptured
-                                                  // with a CUDA event after each op (bench_row::op_profile)
+    std::string            model_path;              // model folder (FP16/BF16 or GPTQ checkpoint)
+    std::string            compare_fp16;            // optional: the FP16 original, measured in the same run
+    std::string            device    = "cpu";       // cpu | cuda[:N]
+    std::vector<int64_t>   batches   = {1, 4, 16};  // batch sizes, one row each
+    int64_t                prompt    = 512;         // prompt tokens per sequence (>= 1)
+    int64_t                gen       = 128;         // decode steps (>= 1), one token per sequence each
+    int                    repeat    = 3;           // timed iterations per row (median reported)
+    int                    n_threads = 0;           // CPU threads; 0 = all cores
+    uint64_t               seed      = 0;           // token ids
+    bool                   progress  = true;        // one line per row on stderr
+    std::string            device_map{};            // --device cuda: "auto" or a device-map file (gptq/plan.h)
+    std::string            max_memory{};            // --device cuda: "0=8GiB,cpu=32GiB"; both empty: all on the GPU
+    std::vector<lora_spec> loras{};                 // LoRA adapters on the model (not the FP16 original), summed
+    bool                   profile_ops = false;     // --device cuda: one more iteration, decode steps uncaptured
+                                                    // with a CUDA event after each op (bench_row::op_profile)
 };
 
 // One op kind of the decode step (profile_ops): GPU time from the end of the op before to its end.

@@ -35,8 +35,8 @@ struct generator_options {
     bool exact_activations = false;
     // --device cuda: where the modules live (gptq/plan.h plan_for_device): "auto" or a device-map
     // file, and "0=8GiB,cpu=32GiB"; both empty: everything on the GPU.
-    std::string device_map{};
-    std::string max_memory{};
+    std::string            device_map{};
+    std::string            max_memory{};
     std::vector<lora_spec> loras{};  // LoRA adapters applied (summed) to every sequence (docs/lora.md)
 };
 

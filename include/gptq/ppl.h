@@ -15,17 +15,17 @@
 namespace gptq {
 
 struct ppl_params {
-    std::string model_path;                 // model folder (config.json, tokenizer, safetensors)
-    std::string dataset     = "wikitext2";  // "wikitext2" (bundled) or a path to a text file, read as is
-    int64_t     seqlen      = 2048;         // tokens per window
-    int64_t     max_windows = 0;            // evaluate only the first N windows; 0 = all
-    int         n_threads   = 0;            // 0 = all cores
-    bool        progress    = true;         // progress bar on stderr (when it is a terminal)
-    std::string device      = "cpu";        // "cpu", "cuda" or "cuda:N" (include/gptq/device.h)
-    std::string device_map{};               // --device cuda: "auto" or a device-map file (gptq/plan.h)
-    std::string max_memory{};               // --device cuda: "0=8GiB,cpu=32GiB"; both empty: all on the GPU
-    bool        strict = false;             // tensors the model does not use: an error (else a warning)
-    std::vector<lora_spec> loras{};         // LoRA adapters applied (summed) to every window (docs/lora.md)
+    std::string            model_path;                 // model folder (config.json, tokenizer, safetensors)
+    std::string            dataset     = "wikitext2";  // "wikitext2" (bundled) or a path to a text file, read as is
+    int64_t                seqlen      = 2048;         // tokens per window
+    int64_t                max_windows = 0;            // evaluate only the first N windows; 0 = all
+    int                    n_threads   = 0;            // 0 = all cores
+    bool                   progress    = true;         // progress bar on stderr (when it is a terminal)
+    std::string            device      = "cpu";        // "cpu", "cuda" or "cuda:N" (include/gptq/device.h)
+    std::string            device_map{};               // --device cuda: "auto" or a device-map file (gptq/plan.h)
+    std::string            max_memory{};               // --device cuda: "0=8GiB,cpu=32GiB"; both empty: all on the GPU
+    bool                   strict = false;             // tensors the model does not use: an error (else a warning)
+    std::vector<lora_spec> loras{};                    // LoRA adapters applied (summed) to every window (docs/lora.md)
 };
 
 struct ppl_result {

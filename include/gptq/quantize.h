@@ -80,8 +80,8 @@ struct quantize_linear_report {
     std::string name;  // "model.layers.3.mlp.down_proj"
     int64_t     n_out = 0, n_in = 0;
     int         bits = 0, group_size = 0;  // the module's settings (differ per module with --target-bpw)
-    double      error_gptq   = 0.0;  // Hessian-weighted error of the method used (tr(D H D^T))
-    double      error_rtn    = 0.0;  // the same for round-to-nearest on this layer's weights
+    double      error_gptq   = 0.0;        // Hessian-weighted error of the method used (tr(D H D^T))
+    double      error_rtn    = 0.0;        // the same for round-to-nearest on this layer's weights
     double      damp_percent = 0.0;
     double      seconds      = 0.0;
     // MoE experts: the calibration tokens routed to the expert (-1: not an expert's linear, all
@@ -123,8 +123,8 @@ struct quantize_report_view {
     std::vector<quantize_linear_report> linears;  // name, shape, bits, group size, errors
 };
 struct quantize_layer_errors {
-    int64_t                             layer = 0;  // n_layers for lm_head
-    std::string                         label;      // "3", "lm_head"
+    int64_t                             layer = 0;                          // n_layers for lm_head
+    std::string                         label;                              // "3", "lm_head"
     double                              error_gptq = 0.0, error_rtn = 0.0;  // sums over its linears
     std::vector<quantize_linear_report> modules;
 };

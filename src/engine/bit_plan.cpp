@@ -64,8 +64,8 @@ std::vector<size_t> lower_hull(const std::vector<bit_choice>& c) {
 // lowers the summed error the most and fits the budget; false when there is none.
 bool improve_once(const std::vector<bit_plan_module>& modules, uint64_t budget, bit_plan* plan) {
     struct move {
-        size_t m, c;
-        double d_error;  // change of the summed error
+        size_t  m, c;
+        double  d_error;  // change of the summed error
         int64_t d_bytes;  // change of the bytes
     };
     const int64_t     slack = static_cast<int64_t>(budget) - static_cast<int64_t>(plan->bytes);
@@ -74,7 +74,7 @@ bool improve_once(const std::vector<bit_plan_module>& modules, uint64_t budget, 
         const bit_choice& cur = modules[m].choices[plan->pick[m]];
         for (size_t c = 0; c < modules[m].choices.size(); ++c) {
             const bit_choice& o = modules[m].choices[c];
-            const move        mv{m, c, o.error - cur.error, static_cast<int64_t>(o.bytes) - static_cast<int64_t>(cur.bytes)};
+            const move mv{m, c, o.error - cur.error, static_cast<int64_t>(o.bytes) - static_cast<int64_t>(cur.bytes)};
             if (mv.d_error < 0) up.push_back(mv);
             if (mv.d_bytes < 0) down.push_back(mv);
         }
@@ -83,11 +83,13 @@ bool improve_once(const std::vector<bit_plan_module>& modules, uint64_t budget, 
     // best[k], second[k]: the two cheapest (in error) of down[0..k] on different modules.
     std::vector<int64_t> best(down.size(), -1), second(down.size(), -1);
     for (size_t k = 0; k < down.size(); ++k) {
-        int64_t b = k ? best[k - 1] : -1, s2 = k ? second[k - 1] : -1;
+        int64_t     b = k ? best[k - 1] : -1, s2 = k ? second[k - 1] : -1;
         const move& mv = down[k];
         if (b < 0 || mv.d_error < down[size_t(b)].d_error) {
-            if (b >= 0 && down[size_t(b)].m != mv.m) s2 = b;
-            else if (b >= 0 && s2 >= 0 && down[size_t(s2)].m == mv.m) s2 = -1;
+            if (b >= 0 && down[size_t(b)].m != mv.m)
+                s2 = b;
+            else if (b >= 0 && s2 >= 0 && down[size_t(s2)].m == mv.m)
+                s2 = -1;
             b = int64_t(k);
         } else if (mv.m != down[size_t(b)].m && (s2 < 0 || mv.d_error < down[size_t(s2)].d_error)) {
             s2 = int64_t(k);
@@ -110,7 +112,8 @@ bool improve_once(const std::vector<bit_plan_module>& modules, uint64_t budget, 
         }
         const int64_t need = a.d_bytes - slack;  // bytes another module must free
         // down is sorted by d_bytes ascending (most freed first): those with -d_bytes >= need.
-        const auto end = std::partition_point(down.begin(), down.end(), [&](const move& d) { return -d.d_bytes >= need; });
+        const auto end =
+            std::partition_point(down.begin(), down.end(), [&](const move& d) { return -d.d_bytes >= need; });
         if (end == down.begin()) continue;
         const size_t k = size_t(end - down.begin()) - 1;
         int64_t      j = best[k];
@@ -127,8 +130,8 @@ bool improve_once(const std::vector<bit_plan_module>& modules, uint64_t budget, 
     }
     if (!found) return false;
     auto apply = [&](const move& mv) {
-        plan->bytes        = uint64_t(int64_t(plan->bytes) + mv.d_bytes);
-        plan->pick[mv.m]   = mv.c;
+        plan->bytes      = uint64_t(int64_t(plan->bytes) + mv.d_bytes);
+        plan->pick[mv.m] = mv.c;
     };
     apply(a_best);
     if (pair) apply(b_best);
@@ -168,7 +171,7 @@ result<bit_plan> bit_plan_solve(const std::vector<bit_plan_module>& modules, uin
         bool   operator<(const step& o) const { return rate < o.rate || (rate == o.rate && m > o.m); }
     };
     std::priority_queue<step> q;
-    auto push_next = [&](size_t m) {
+    auto                      push_next = [&](size_t m) {
         if (at[m] + 1 >= hulls[m].size()) return;
         const bit_choice& a = modules[m].choices[hulls[m][at[m]]];
         const bit_choice& b = modules[m].choices[hulls[m][at[m] + 1]];

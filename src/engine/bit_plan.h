@@ -27,7 +27,7 @@ struct bit_plan_module {
 };
 
 struct bit_plan {
-    std::vector<size_t> pick;  // per module, the index of its chosen choice
+    std::vector<size_t> pick;              // per module, the index of its chosen choice
     uint64_t            bytes        = 0;  // sum of the picks' bytes (<= budget_bytes)
     uint64_t            budget_bytes = 0;
     double              error        = 0.0;  // sum of the picks' errors

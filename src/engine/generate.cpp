@@ -278,11 +278,10 @@ result<std::vector<generate_result>> generator::impl::run_unguarded(const std::v
     // The sequences run in groups of `group` (up to the GPU's slot count at once on a ragged
     // session, both backends today; one at a time otherwise), each sequence in slot i of its group:
     // one prefill step over the group's prompts, then decode steps over those still running.
-    const int64_t n_vocab = session->n_vocab();
-    const int64_t group =
-        session->ragged() ? std::clamp<int64_t>(n_seq, 1, k_cuda_session_max_seq) : 1;
+    const int64_t         n_vocab = session->n_vocab();
+    const int64_t         group   = session->ragged() ? std::clamp<int64_t>(n_seq, 1, k_cuda_session_max_seq) : 1;
     std::vector<float>    logits(static_cast<size_t>(group * n_vocab));
-    std::vector<seq_step> steps;  // seq: the sequence's index in its group
+    std::vector<seq_step> steps;                                          // seq: the sequence's index in its group
     const int32_t         lora = session->lora_names().empty() ? -1 : 0;  // the adapters, stacked
     generate_stats        st;
     st.n_sequences = n_seq;

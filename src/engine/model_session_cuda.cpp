@@ -197,7 +197,8 @@ result<std::unique_ptr<model_session>> model_session_open_cuda(const model_sessi
     // The adapters' kernel exists (kernels/cuda/lora.cu, op_cuda_lora_add, called by the GPU layer
     // for rows with an adapter) but the runtime does not load adapters yet (docs/lora.md).
     if (!o.loras.empty())
-        return make_error(E_UNSUP, "--lora {} on --device {}: LoRA adapters run on the CPU only for now; use --device cpu",
+        return make_error(E_UNSUP,
+                          "--lora {} on --device {}: LoRA adapters run on the CPU only for now; use --device cpu",
                           o.loras[0].path, device_name(o.device));
     // llama_cuda_model::open checks the tensor table but has no strict mode: the host model's
     // check first (config and table only, no weight read).

@@ -156,8 +156,8 @@ std::string ppl_result_text(const ppl_result& r) {
         "ppl {:.4f}  (mean NLL {:.5f} over {} predicted tokens){}\n"
         "{} windows of {} tokens = {} tokens of {} in {}\n"
         "{:.2f} s, {:.1f} tokens/s on {} (load and tokenize {:.2f} s)\n",
-        r.ppl, r.nll_mean, r.n_predicted, r.lora.empty() ? "" : ", LoRA " + r.lora, r.n_windows, r.seqlen, r.n_tokens, r.n_dataset_tokens, r.dataset_path,
-        r.seconds, r.tokens_per_second,
+        r.ppl, r.nll_mean, r.n_predicted, r.lora.empty() ? "" : ", LoRA " + r.lora, r.n_windows, r.seqlen, r.n_tokens,
+        r.n_dataset_tokens, r.dataset_path, r.seconds, r.tokens_per_second,
         r.device == "cpu" ? fmt::format("{} threads", r.n_threads)
         : r.offload_bytes ? fmt::format("{} ({:.1f} MiB of GPU memory, {:.1f} MiB of weights offloaded to host memory)",
                                         r.device, r.device_bytes / 1048576.0, r.offload_bytes / 1048576.0)
@@ -178,11 +178,11 @@ std::string ppl_result_json(const ppl_result& r) {
     j["seconds"]           = r.seconds;
     j["tokens_per_second"] = r.tokens_per_second;
     if (!r.lora.empty()) j["lora"] = r.lora;
-    j["load_seconds"]      = r.load_seconds;
-    j["dataset"]           = r.dataset_path;
-    j["device"]            = r.device;
-    j["device_bytes"]      = r.device_bytes;
-    j["offload_bytes"]     = r.offload_bytes;
+    j["load_seconds"]  = r.load_seconds;
+    j["dataset"]       = r.dataset_path;
+    j["device"]        = r.device;
+    j["device_bytes"]  = r.device_bytes;
+    j["offload_bytes"] = r.offload_bytes;
     return j.dump();
 }
 

@@ -252,17 +252,17 @@ gptq_linear_data to_checkpoint_form(const quantized_linear& q, const linear_weig
 }
 
 struct run_state {
-    quantize_params              p;
-    gptq_config                  cfg;
-    gptq_options                 opt;
-    std::string                  work;
-    std::unique_ptr<llama_model> model;
-    int64_t                      n_samples = 0;
-    quantize_report              report;
-    std::vector<std::string>     layer_hashes;  // of each finished layer file (state.json; --resume checks them)
-    std::optional<gptq_linear_data> lm_head;  // --quantize-lm-head, once the layers are done
-    nlohmann::json                  bit_plan;  // --target-bpw: the plan (plan.json in the work folder)
-    nlohmann::json                  identity;  // run_identity before any plan (state.json; --resume)
+    quantize_params                 p;
+    gptq_config                     cfg;
+    gptq_options                    opt;
+    std::string                     work;
+    std::unique_ptr<llama_model>    model;
+    int64_t                         n_samples = 0;
+    quantize_report                 report;
+    std::vector<std::string>        layer_hashes;  // of each finished layer file (state.json; --resume checks them)
+    std::optional<gptq_linear_data> lm_head;       // --quantize-lm-head, once the layers are done
+    nlohmann::json                  bit_plan;      // --target-bpw: the plan (plan.json in the work folder)
+    nlohmann::json                  identity;      // run_identity before any plan (state.json; --resume)
     // GPTQ: the calibration windows' hidden states and the passes over them, on the CPU or (--device
     // cuda, experimental) the GPU (calibration.h); nullptr with --method rtn.
     std::unique_ptr<calibration_runner> calib;
@@ -394,7 +394,7 @@ status load_finished_layer(run_state& s, int64_t i, llama_layer* layer) {
     for (const auto& m : llama_linear_modules(hp, i)) {
         const linear_slot s0   = llama_linear_slot(hp, i, m.roles[0]);
         const int64_t     n_in = hp.linear_shape(m.roles[0])[1];
-        const auto mc = s.cfg.for_module(m.module);
+        const auto        mc   = s.cfg.for_module(m.module);
         if (!mc) return make_error(status_code::STATUS_INTERNAL, "{}: not quantized by the plan", m.module);
         GPTQ_ASSIGN_OR_RETURN(gptq_linear_data whole, gptq_linear_read(*src, m.module, s0.n_out_module, n_in, *mc));
         for (linear_role role : m.roles) {
@@ -543,12 +543,11 @@ result<std::vector<bool>> moe_coverage_check(const run_state& s, int64_t i, cons
                   i, *lo, *hi, s.report.n_calib_tokens, hp.n_expert_used, n_under, counts.size(), min);
     if (n_under == 0) return under;
     if (s.p.moe_coverage == "fail")
-        return make_error(
-            E_ARG,
-            "experts {} (calibration tokens routed to each) saw fewer than {} (--moe-min-tokens); "
-            "--moe-coverage fail stops here: use --moe-coverage route-all or rtn, more calibration "
-            "(--nsamples, --seqlen), or a lower --moe-min-tokens",
-            list, min);
+        return make_error(E_ARG,
+                          "experts {} (calibration tokens routed to each) saw fewer than {} (--moe-min-tokens); "
+                          "--moe-coverage fail stops here: use --moe-coverage route-all or rtn, more calibration "
+                          "(--nsamples, --seqlen), or a lower --moe-min-tokens",
+                          list, min);
     if (s.p.moe_coverage == "rtn")
         GPTQ_LOG_WARN(
             "layer {}: experts {} (calibration tokens routed to each) saw fewer than {}: round to nearest for them "
@@ -604,8 +603,8 @@ status quantize_moe(run_state& s, const ops_context& ctx, int64_t i, llama_layer
                 GPTQ_ASSIGN_OR_RETURN(h, s.calib->moe_hessian(in, ml.expert, is_under && route_all));
             }
             linear_weights& lw = layer->moe->expert(ml.expert).linear(ml.proj);
-            GPTQ_ASSIGN_OR_RETURN(linear_quantized q, quantize_linear(s, ctx, lw, options_for(s, ml.module),
-                                                                      use_h ? &h : nullptr, &rep));
+            GPTQ_ASSIGN_OR_RETURN(linear_quantized q,
+                                             quantize_linear(s, ctx, lw, options_for(s, ml.module), use_h ? &h : nullptr, &rep));
             out->emplace_back(ml.module, std::move(q.data));
             {
                 phase_timer t(s, "update");  // the next pass and the layer's output see the quantized expert
@@ -651,9 +650,9 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
                 phase_timer t(s, "hessian");
                 GPTQ_ASSIGN_OR_RETURN(h, s.calib->hessian(linear_role_input(r)));
             }
-            GPTQ_ASSIGN_OR_RETURN(linear_quantized q, quantize_linear(s, ctx, layer->linear(r),
-                                                                      options_for(s, module_of(hp, i, r)),
-                                                                      gptq ? &h : nullptr, &rep));
+            GPTQ_ASSIGN_OR_RETURN(linear_quantized q,
+                                  quantize_linear(s, ctx, layer->linear(r), options_for(s, module_of(hp, i, r)),
+                                                  gptq ? &h : nullptr, &rep));
             out.emplace_back(r, std::move(q.data));
             {
                 phase_timer t(s, "update");
@@ -723,8 +722,7 @@ bit_plan_module plan_module(const std::string& module, int64_t n_out, int64_t n_
     pm.n_in   = n_in;
     for (size_t c = 0; c < cands.size(); ++c)
         pm.choices.push_back({cands[c].first, cands[c].second,
-                              gptq_module_bytes(n_out, n_in, cands[c].first, cands[c].second),
-                              errs[c]});
+                              gptq_module_bytes(n_out, n_in, cands[c].first, cands[c].second), errs[c]});
     pm.signal = signal;
     return pm;
 }
@@ -801,7 +799,7 @@ nlohmann::json bit_plan_describe(const run_state& s, const std::vector<bit_plan_
     nlohmann::ordered_json pj, list = nlohmann::ordered_json::array();
     nlohmann::json         dynamic = nlohmann::json::object();
     for (size_t m = 0; m < mods.size(); ++m) {
-        const bit_choice&      c = mods[m].choices[plan.pick[m]];
+        const bit_choice&      c     = mods[m].choices[plan.pick[m]];
         nlohmann::ordered_json cands = nlohmann::ordered_json::array();
         std::string            alt;
         for (const auto& o : mods[m].choices) {
@@ -862,19 +860,19 @@ status bit_plan_make(run_state& s, const ops_context& ctx, thread_pool* pool,
 // with the Hessian of its input, the final norm of the windows' hidden states after the last layer
 // (the runner holds them once the layer loop is done, --resume included); RTN with --method rtn.
 status quantize_lm_head(run_state& s, const ops_context& ctx) {
-    const auto             t0 = clock::now();
-    const llama_hparams&   hp = s.model->hparams();
+    const auto           t0 = clock::now();
+    const llama_hparams& hp = s.model->hparams();
     GPTQ_TRY(s.model->globals_load());
     GPTQ_ASSIGN_OR_RETURN(const std::vector<float> w, s.model->lm_head_dense_weight());
     const int64_t          n_out = hp.n_vocab, n_in = hp.n_embd;
     quantize_linear_report rep;
     const gptq_options     opt = options_for(s, "lm_head");
-    rep.name       = "lm_head";
-    rep.n_out      = n_out;
-    rep.n_in       = n_in;
-    rep.bits       = opt.bits;
-    rep.group_size = opt.group_size;
-    auto rtn       = rtn_quantize(ctx, w.data(), n_out, n_in, opt);
+    rep.name                   = "lm_head";
+    rep.n_out                  = n_out;
+    rep.n_in                   = n_in;
+    rep.bits                   = opt.bits;
+    rep.group_size             = opt.group_size;
+    auto rtn                   = rtn_quantize(ctx, w.data(), n_out, n_in, opt);
     if (!rtn) return rtn.error().with_context("lm_head");
     quantized_linear q;
     if (s.p.method == "gptq") {
@@ -915,7 +913,7 @@ status write_globals(run_state& s) {
     std::vector<std::string>      names;
     for (const auto& t : llama_global_tensors(s.model->hparams())) {
         const tensor_entry* e = src.find(t.name);
-        if (!e) continue;  // optional (tied lm_head)
+        if (!e) continue;                                       // optional (tied lm_head)
         if (s.lm_head && t.name == "lm_head.weight") continue;  // replaced by its GPTQ tensors
         decls.push_back({t.name, e->info->type, e->info->shape});
         names.push_back(t.name);
@@ -1008,7 +1006,8 @@ status check_params(const quantize_params& p) {
     if (p.target_bpw < 0 || (p.target_bpw > 0 && (p.target_bpw < 2.0 || p.target_bpw > 16.0)))
         return make_error(E_ARG, "--target-bpw {} must lie in [2, 16] bits per weight", p.target_bpw);
     if (p.target_bpw > 0 && p.method != "gptq")
-        return make_error(E_ARG, "--target-bpw needs --method gptq (the plan measures GPTQ's error on calibration data)");
+        return make_error(E_ARG,
+                          "--target-bpw needs --method gptq (the plan measures GPTQ's error on calibration data)");
     for (int g : p.bpw_group_sizes)
         if (g != -1 && g <= 0) return make_error(E_ARG, "--bpw-group-sizes: {} must be -1 or positive", g);
     if (p.calib_sampling != "random" && p.calib_sampling != "contiguous")
@@ -1181,7 +1180,8 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         std::uniform_int_distribution<int64_t> start(0, static_cast<int64_t>(ids.size()) - params.seqlen - 1);
         std::vector<int32_t>                   windows(static_cast<size_t>(s.n_samples * params.seqlen));
         if (params.calib_sampling == "contiguous" && s.n_samples * params.seqlen > static_cast<int64_t>(ids.size()))
-            return make_error(E_ARG, "--calib-sampling contiguous: {} holds {} tokens, fewer than --nsamples {} x --seqlen {}",
+            return make_error(E_ARG,
+                              "--calib-sampling contiguous: {} holds {} tokens, fewer than --nsamples {} x --seqlen {}",
                               calib_path, ids.size(), s.n_samples, params.seqlen);
         for (int64_t j = 0; j < s.n_samples; ++j) {
             const int64_t i0 = params.calib_sampling == "contiguous" ? j * params.seqlen : start(rng);
@@ -1255,8 +1255,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                                    "This folder is the work folder of an unfinished `gptq quantize`; continue it with "
                                    "--resume. It becomes the output folder when complete.\n"));
     }
-    if (!s.bit_plan.is_null())
-        GPTQ_TRY(file_write_atomic(path_join(s.work, "plan.json"), s.bit_plan.dump(1) + "\n"));
+    if (!s.bit_plan.is_null()) GPTQ_TRY(file_write_atomic(path_join(s.work, "plan.json"), s.bit_plan.dump(1) + "\n"));
     progress_bar bar("quantize", hp.n_layer, "layer");
     bar.set(layers_done);
     for (int64_t i = 0; i < hp.n_layer; ++i) {
@@ -1311,8 +1310,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     for (const auto& entry : fs::directory_iterator(s.work)) {
         const std::string name = entry.path().filename().string();
         if (name.rfind("layer-", 0) == 0 || name == "globals.safetensors" || name == "state.json" ||
-            name == "plan.json" ||
-            name.find(".tmp-") != std::string::npos)
+            name == "plan.json" || name.find(".tmp-") != std::string::npos)
             fs::remove(entry.path());
     }
     // The folder becomes the output with its marker, which goes last: a run stopped in between

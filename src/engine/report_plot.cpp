@@ -29,11 +29,20 @@ std::string xml_escape(const std::string& s) {
     std::string out;
     for (char c : s) {
         switch (c) {
-            case '<': out += "&lt;"; break;
-            case '>': out += "&gt;"; break;
-            case '&': out += "&amp;"; break;
-            case '"': out += "&quot;"; break;
-            default: out += c;
+            case '<':
+                out += "&lt;";
+                break;
+            case '>':
+                out += "&gt;";
+                break;
+            case '&':
+                out += "&amp;";
+                break;
+            case '"':
+                out += "&quot;";
+                break;
+            default:
+                out += c;
         }
     }
     return out;
@@ -69,7 +78,8 @@ result<quantize_report_view> quantize_report_read(const std::string& json_text, 
             return make_error(E_PARSE, "{}: {} has errors {} / {}, expected finite and >= 0", where, r.name,
                               r.error_gptq, r.error_rtn);
         long i = -1;
-        if (std::sscanf(r.name.c_str(), "model.layers.%ld.", &i) == 1) v.n_layers = std::max<int64_t>(v.n_layers, i + 1);
+        if (std::sscanf(r.name.c_str(), "model.layers.%ld.", &i) == 1)
+            v.n_layers = std::max<int64_t>(v.n_layers, i + 1);
         v.linears.push_back(r);
         ++k;
     }
@@ -135,11 +145,16 @@ std::string quantize_report_svg(const quantize_report_view& v, const std::string
     const double slot = (x1 - x0) / double(layers.size()), bw = std::min(18.0, slot * 0.35);
     auto         bits_colour = [](int b) {
         switch (b) {
-            case 2: return "#d7301f";
-            case 3: return "#fc8d59";
-            case 4: return "#4575b4";
-            case 8: return "#1a9850";
-            default: return "#999999";
+            case 2:
+                return "#d7301f";
+            case 3:
+                return "#fc8d59";
+            case 4:
+                return "#4575b4";
+            case 8:
+                return "#1a9850";
+            default:
+                return "#999999";
         }
     };
     for (size_t k = 0; k < layers.size(); ++k) {
@@ -178,8 +193,9 @@ std::string quantize_report_svg(const quantize_report_view& v, const std::string
         s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\">{}-bit</text>\n", lx + 18, H - 28, b);
         lx += 70;
     }
-    s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" fill=\"#555\">layer (x axis); cells: modules in report order</text>\n",
-                     lx + 10, H - 28);
+    s += fmt::format(
+        "<text x=\"{:.1f}\" y=\"{:.1f}\" fill=\"#555\">layer (x axis); cells: modules in report order</text>\n",
+        lx + 10, H - 28);
     s += "</svg>\n";
     return s;
 }

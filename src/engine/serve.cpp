@@ -26,8 +26,8 @@
 #include "core/error.h"
 #include "core/log.h"
 #include "eos_ids.h"
-#include "host_memory.h"  // human_bytes
 #include "gptq/device.h"
+#include "host_memory.h"  // human_bytes
 #include "io/hf_config.h"
 #include "model_session.h"
 #include "serve_api.h"

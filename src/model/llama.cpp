@@ -915,10 +915,8 @@ void llama_model::final_norm(const ops_context& ctx, const float* hidden, int64_
 }
 
 result<std::vector<float>> llama_model::lm_head_dense_weight() const {
-    if (lm_head_.q)
-        return make_error(E_ARG, "{}: lm_head is already GPTQ-quantized", src_->folder());
-    if (embed_.empty())
-        return make_error(status_code::STATUS_INTERNAL, "lm_head_dense_weight before globals_load");
+    if (lm_head_.q) return make_error(E_ARG, "{}: lm_head is already GPTQ-quantized", src_->folder());
+    if (embed_.empty()) return make_error(status_code::STATUS_INTERNAL, "lm_head_dense_weight before globals_load");
     return hp_.tie_embeddings ? embed_ : lm_head_.w;
 }
 
@@ -972,7 +970,7 @@ status llama_model::forward(const ops_context& ctx, const int32_t* ids, int64_t 
         return make_error(E_ARG, "{} tokens after {} cached ones exceed the cache's {} positions", n_tokens, pos0,
                           cache->n_ctx);
     const layer_seq    seq{n_tokens, pos0, cache, lora};  // a batch of one
-    std::vector<float> hidden;                      // [n_tokens, n_embd]
+    std::vector<float> hidden;                            // [n_tokens, n_embd]
     GPTQ_TRY(layers_run(ctx, ids, std::span<const layer_seq>(&seq, 1), &hidden));
     if (cache) {
         cache->n_past += n_tokens;

@@ -421,7 +421,7 @@ public:
     // added and gets the next index (0, 1, ...); a sequence names it in layer_seq::lora and every
     // linear it adapts then adds scale * (x A^T) B^T to the rows of that sequence. The weights are
     // not touched (GPTQ linears stay quantized).
-    int32_t                                                lora_add(std::shared_ptr<const lora_adapter> adapter);
+    int32_t                                                 lora_add(std::shared_ptr<const lora_adapter> adapter);
     const std::vector<std::shared_ptr<const lora_adapter>>& loras() const { return loras_; }
 
     // Whether n_tokens more tokens after n_past cached ones cross LongRoPE's switch from short to
@@ -450,15 +450,15 @@ private:
                              std::vector<float>* hidden);
     model_config  cfg_;
     llama_hparams hp_;
-    std::unique_ptr<tensor_source>                  src_;
-    std::optional<gptq_config>                      gptq_;
-    std::map<std::string, gptq_config, std::less<>> gptq_modules_;  // quantized module -> its settings
-    std::vector<std::unique_ptr<llama_layer>>       layers_;
-    std::vector<float>                              embed_;    // [n_vocab, n_embd]; empty when embed16_ is set
-    std::vector<uint16_t>                           embed16_;  // the same in F16 bits (keep_f16, F16 checkpoint)
-    bool                                            keep_f16_ = false;
-    std::vector<float>                              norm_;     // [n_embd]
-    linear_weights                                  lm_head_;  // [n_vocab, n_embd] dense or GPTQ; empty when tied
+    std::unique_ptr<tensor_source>                   src_;
+    std::optional<gptq_config>                       gptq_;
+    std::map<std::string, gptq_config, std::less<>>  gptq_modules_;  // quantized module -> its settings
+    std::vector<std::unique_ptr<llama_layer>>        layers_;
+    std::vector<float>                               embed_;    // [n_vocab, n_embd]; empty when embed16_ is set
+    std::vector<uint16_t>                            embed16_;  // the same in F16 bits (keep_f16, F16 checkpoint)
+    bool                                             keep_f16_ = false;
+    std::vector<float>                               norm_;     // [n_embd]
+    linear_weights                                   lm_head_;  // [n_vocab, n_embd] dense or GPTQ; empty when tied
     std::vector<std::shared_ptr<const lora_adapter>> loras_;
 };
 

@@ -628,13 +628,13 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
         p.cos_local = p.cos + 2 * n_act_ * half;
         p.sin_local = p.cos + 3 * n_act_ * half;
     }
-    p.n_ctx      = n_ctx_;
-    p.n_past     = ragged ? 0 : seq_pos_[size_t(seq)];
-    p.pos_dev    = ids + n_act_;
-    p.seq_dev    = ids + 2 * n_act_;
-    p.ragged     = ragged;
-    p.seq_stride = seq_stride;
-    p.mark       = prof_on_ ? &marker : nullptr;
+    p.n_ctx                    = n_ctx_;
+    p.n_past                   = ragged ? 0 : seq_pos_[size_t(seq)];
+    p.pos_dev                  = ids + n_act_;
+    p.seq_dev                  = ids + 2 * n_act_;
+    p.ragged                   = ragged;
+    p.seq_stride               = seq_stride;
+    p.mark                     = prof_on_ ? &marker : nullptr;
     const int64_t cache_offset = ragged ? 0 : seq * seq_stride;
 
     auto wait = [&](int unit) -> status {  // a staged module's copy, timed on its own when profiling
@@ -737,10 +737,10 @@ status llama_cuda_model::seq_check(int64_t seq) const {
 // cache here), with the logits the call that asked would give (all_logits: of the n new tokens).
 status llama_cuda_model::reprefill(int64_t seq, const int32_t* ids, int64_t n, float* logits, bool all_logits) {
     const int64_t        n_held = seq_pos_[size_t(seq)], n_all = n_held + n, n_vocab = hparams().n_vocab;
-    std::vector<int32_t> all    = seq_ids_[size_t(seq)];
+    std::vector<int32_t> all = seq_ids_[size_t(seq)];
     if (static_cast<int64_t>(all.size()) != n_held)
-        return make_error(status_code::STATUS_INTERNAL, "LongRoPE: sequence {} holds {} token ids for {} positions", seq,
-                          all.size(), n_held);
+        return make_error(status_code::STATUS_INTERNAL, "LongRoPE: sequence {} holds {} token ids for {} positions",
+                          seq, all.size(), n_held);
     all.insert(all.end(), ids, ids + n);
     seq_reset(seq);
     if (!all_logits) return prefill_seq(seq, all.data(), n_all, logits, false);
@@ -855,10 +855,10 @@ status llama_cuda_model::decode_step(const int32_t* ids, const int64_t* seqs, in
     tok_seq_.resize(size_t(n));
     tok_len_.resize(size_t(n));
     for (int64_t t = 0; t < n; ++t) {
-        const int64_t pos     = seq_pos_[size_t(seqs[t])];
-        tok_pos_[size_t(t)]   = pos;
-        tok_seq_[size_t(t)]   = static_cast<int32_t>(seqs[t]);
-        tok_len_[size_t(t)]   = pos + 1;
+        const int64_t pos   = seq_pos_[size_t(seqs[t])];
+        tok_pos_[size_t(t)] = pos;
+        tok_seq_[size_t(t)] = static_cast<int32_t>(seqs[t]);
+        tok_len_[size_t(t)] = pos + 1;
     }
     auto advance = [&] {
         for (int64_t t = 0; t < n; ++t) {

@@ -118,14 +118,14 @@ public:
     uint64_t cache_bytes() const;
     uint64_t activation_bytes() const;
     bool     graph_active() const {
-        for (const auto& [n, g] : graphs_)
+            for (const auto& [n, g] : graphs_)
             if (!g.graph.empty()) return true;
         return false;
     }
-    int64_t  graph_replays() const { return graph_replays_; }
-    int64_t  n_gptq_fast() const { return n_gptq_fast_; }        // GPTQ linears on the int4 kernel
-    int64_t  n_gptq_generic() const { return n_gptq_generic_; }  // ... on the generic kernel
-    int64_t  n_fused() const { return n_fused_; }                // fused linears (q/k/v, gate/up) over all layers
+    int64_t graph_replays() const { return graph_replays_; }
+    int64_t n_gptq_fast() const { return n_gptq_fast_; }        // GPTQ linears on the int4 kernel
+    int64_t n_gptq_generic() const { return n_gptq_generic_; }  // ... on the generic kernel
+    int64_t n_fused() const { return n_fused_; }                // fused linears (q/k/v, gate/up) over all layers
 
     // Op-level timing (issue #7): while on, prefill and decode record a timing event after each op
     // (step inputs upload, every op of forward_queued, staging waits when offloaded, the logits
@@ -215,9 +215,9 @@ private:
     std::unique_ptr<cuda_context>     ctx_;
     llama_cuda_options                opts_;
     int64_t                           n_ctx_ = 0;
-    int64_t                           n_seq_ = 1;  // KV caches: [n_seq_][n_ctx_][kv_dim] per layer
-    std::vector<int64_t>              seq_pos_;    // [n_seq] positions cached per slot
-    std::vector<std::vector<int32_t>> seq_ids_;    // [n_seq] ids of the cached positions (ids_append)
+    int64_t                           n_seq_ = 1;          // KV caches: [n_seq_][n_ctx_][kv_dim] per layer
+    std::vector<int64_t>              seq_pos_;            // [n_seq] positions cached per slot
+    std::vector<std::vector<int32_t>> seq_ids_;            // [n_seq] ids of the cached positions (ids_append)
     std::vector<int64_t>              tok_pos_, tok_len_;  // a step's tokens: position, sequence length
     std::vector<int32_t>              tok_seq_;            // ... and slot
     std::vector<layer>                layers_;
@@ -237,8 +237,8 @@ private:
     int64_t     n_act_ = 0;
     cuda_buffer hidden_, x_, q_, k_, v_, y_, gate_, up_;  // [n, n_embd|q_dim|kv_dim|n_ff] F16
     cuda_buffer logits_;                                  // [n, n_vocab] F32
-    // Step inputs: [n_act_] I32 ids, [n_act_] I32 positions, [n_act_] I32 slots, then (at step_rope_offset_) F32 cos and sin
-    // [n_act_, head_dim / 2] each, per RoPE table (rope_tables()). Uploaded per call from step_host_.
+    // Step inputs: [n_act_] I32 ids, [n_act_] I32 positions, [n_act_] I32 slots, then (at step_rope_offset_) F32 cos
+    // and sin [n_act_, head_dim / 2] each, per RoPE table (rope_tables()). Uploaded per call from step_host_.
     cuda_buffer          step_;
     size_t               step_rope_offset_ = 0;
     std::vector<uint8_t> step_host_;
@@ -253,8 +253,8 @@ private:
     };
     std::map<int64_t, step_graph> graphs_;
     int64_t                       graph_replays_ = 0;
-    int64_t    n_gptq_fast_ = 0, n_gptq_generic_ = 0, n_fused_ = 0;
-    bool       any_qkv_fused_ = false, any_gate_up_fused_ = false;  // activation sizes
+    int64_t                       n_gptq_fast_ = 0, n_gptq_generic_ = 0, n_fused_ = 0;
+    bool                          any_qkv_fused_ = false, any_gate_up_fused_ = false;  // activation sizes
 
     bool                     prof_on_ = false;
     cuda_timeline            prof_tl_;

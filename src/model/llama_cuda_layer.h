@@ -112,7 +112,7 @@ struct cuda_layer_pass {
     const int32_t* seq_dev    = nullptr;  // ragged: device I32 [n], each token's slot
     bool           ragged     = false;
     int64_t        seq_stride = 0;  // ragged: elements between slots' caches
-    int64_t        seqlen     = 0;        // local: tokens per window
+    int64_t        seqlen     = 0;  // local: tokens per window
 
     // Local only: the attention output goes to attn_out ([n, q_dim], nullptr: buffers.x), and with
     // attn_reuse it is already there (q/k/v, RoPE and attention are skipped).

@@ -137,8 +137,8 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
 bool llama_model::mlp_block(const ops_context& ctx, const llama_layer& layer, float* hidden,
                             std::span<const layer_seq> seqs, const linear_input_hook* hook,
                             linear_input stop_after) const {
-    const int64_t n_embd = hp_.n_embd, n_ff = hp_.n_ff;
-    const int64_t i_layer = layer.index;
+    const int64_t      n_embd = hp_.n_embd, n_ff = hp_.n_ff;
+    const int64_t      i_layer = layer.index;
     const int64_t      n_rows  = rows_of(seqs);
     auto               lin = [&](linear_role r, const float* x, float* y) { linear_run(ctx, layer, r, seqs, x, y); };
     std::vector<float> y(static_cast<size_t>(n_rows * n_embd));  // [n_rows, n_embd]

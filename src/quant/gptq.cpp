@@ -96,8 +96,8 @@ std::vector<int32_t> gptq_column_order(const float* diag, int64_t n_in, int grou
         std::stable_sort(perm.begin(), perm.end(), by_diag);
         return perm;
     }
-    const int64_t gs       = group_size == -1 ? n_in : group_size;
-    const int64_t n_groups = (n_in + gs - 1) / gs;
+    const int64_t      gs       = group_size == -1 ? n_in : group_size;
+    const int64_t      n_groups = (n_in + gs - 1) / gs;
     std::vector<float> top(static_cast<size_t>(n_groups), -INFINITY);
     for (int64_t g = 0; g < n_groups; ++g) {
         const auto b = perm.begin() + g * gs, e = perm.begin() + std::min(n_in, (g + 1) * gs);
@@ -222,8 +222,8 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
             for (int64_t r = r0; r < r1; ++r)
                 for (int64_t g = 0; g < q.n_groups; ++g) {
                     const int64_t k0 = g * gs, k1 = std::min(n_in, k0 + gs);
-                    static_params[static_cast<size_t>(g * n_out + r)] =
-                        find_params(&W[static_cast<size_t>(r) * K + static_cast<size_t>(k0)], &diag0[size_t(k0)], k1 - k0);
+                    static_params[static_cast<size_t>(g * n_out + r)] = find_params(
+                        &W[static_cast<size_t>(r) * K + static_cast<size_t>(k0)], &diag0[size_t(k0)], k1 - k0);
                 }
         });
     }
@@ -232,7 +232,8 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
     std::vector<float> diag(K);
     for (size_t k = 0; k < K; ++k) diag[k] = H[k * K + k];
     std::vector<int32_t> group_order;  // GAR: the original group of each processing block
-    std::vector<int32_t> perm = gptq_column_order(diag.data(), n_in, opt.group_size, opt.desc_act, opt.gar, &group_order);
+    std::vector<int32_t> perm =
+        gptq_column_order(diag.data(), n_in, opt.group_size, opt.desc_act, opt.gar, &group_order);
     // The group index (scales row) of processing position col.
     auto block_group = [&](int64_t col) {
         return group_order.empty() ? col / gs : int64_t(group_order[static_cast<size_t>(col / gs)]);

@@ -19,21 +19,21 @@
 namespace gptq {
 
 struct gptq_options {
-    int    bits                = 4;
-    int    group_size          = 128;  // -1: one group spanning the row
-    bool   sym                 = true;
-    bool   desc_act            = false;  // act-order: process columns by decreasing diag(H)
-    bool   static_groups       = false;  // group params fixed up front on the original column order
+    int  bits          = 4;
+    int  group_size    = 128;  // -1: one group spanning the row
+    bool sym           = true;
+    bool desc_act      = false;  // act-order: process columns by decreasing diag(H)
+    bool static_groups = false;  // group params fixed up front on the original column order
     // GAR (group-aware reordering): act-order inside each contiguous group, and the groups in the
     // order of their largest diag(H); g_idx stays k / group_size, so kernels need no gather.
     // Excludes desc_act.
     bool gar = false;
-    bool   mse                 = false;  // clipping-range grid search (grid.h)
+    bool mse = false;  // clipping-range grid search (grid.h)
     // The clipping range of each group (row) minimising its diag(H)-weighted squared error
     // (grid_find_params_weighted) instead of the plain range; excludes mse. CPU only for now.
-    bool mse_hessian = false;
-    double damp_percent        = 0.01;   // damping = damp_percent * mean(diag(H))
-    double damp_auto_increment = 0.01;   // added to damp_percent while Cholesky fails (then error)
+    bool   mse_hessian         = false;
+    double damp_percent        = 0.01;  // damping = damp_percent * mean(diag(H))
+    double damp_auto_increment = 0.01;  // added to damp_percent while Cholesky fails (then error)
     int    block_size          = 128;
     int    zero_min            = 0;  // see grid_options::zero_min
 };

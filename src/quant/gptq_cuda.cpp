@@ -228,7 +228,7 @@ result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_contex
         for (int64_t k = 0; k < n_in; ++k) q.g_idx[static_cast<size_t>(k)] = static_cast<int32_t>(k / gs);
     } else {
         for (int64_t i = 0; i < n_in; ++i) {
-            const int64_t orig                 = perm.empty() ? i : perm[static_cast<size_t>(i)];
+            const int64_t orig = perm.empty() ? i : perm[static_cast<size_t>(i)];
             q.g_idx[static_cast<size_t>(orig)] =
                 static_cast<int32_t>(group_order.empty() ? i / gs : group_order[static_cast<size_t>(i / gs)]);
         }

@@ -32,8 +32,8 @@ using test::device_array;
 // One F16 rounding of the output is 2^-11 relative; F32 arithmetic in a different order (and
 // __expf in attention) adds far less. Elementwise bound: rtol * |ref| + atol * scale, scale being
 // the RMS of the reference, so values near zero after cancellation are judged on the row's scale.
-constexpr float k_rtol_f16 = 1.0f / 1024;  // two F16 roundings
-constexpr float k_atol_rel = 1e-3f;        // of the reference RMS: F32 summation-order differences
+constexpr float k_rtol_f16           = 1.0f / 1024;    // two F16 roundings
+constexpr float k_atol_rel           = 1e-3f;          // of the reference RMS: F32 summation-order differences
 constexpr float k_f16_subnormal_step = 5.9604645e-8f;  // 2^-24
 // GEMM: F16/BF16 operands are exact, the products exact in F32 accumulation; cuBLAS may sum in
 // another order or split k. Normwise relative error bounds.
@@ -52,7 +52,7 @@ void expect_close(const std::vector<uint16_t>& got, const std::vector<float>& re
     const double scale = rms(ref);
     int          bad   = 0;
     for (size_t i = 0; i < ref.size(); ++i) {
-        const float g   = f16_to_f32(got[i]);
+        const float g = f16_to_f32(got[i]);
         // An F16 rounding is relative down to the smallest normal, then absolute: at most half the
         // subnormal spacing 2^-24 (a reference of 1e-13 comes out 0), twice for two roundings.
         const float tol = std::max(k_rtol_f16 * std::fabs(ref[i]), k_f16_subnormal_step) + float(k_atol_rel * scale);
@@ -395,8 +395,9 @@ TEST(CudaKernels, AttentionDecodeRaggedMatchesCpu) {
                                                          {3, 2, 1000, 2, 1, 256, 0, 30.0f}}) {
         const int64_t kv_dim = c.n_head_kv * c.head_dim, q_dim = c.n_head * c.head_dim;
         const int64_t q_stride = q_dim + 2, stride = c.n_ctx * kv_dim;
-        auto q = test::random_f16(rng, size_t(c.n_q * q_stride));
-        auto k = test::random_f16(rng, size_t(c.n_slots * stride)), v = test::random_f16(rng, size_t(c.n_slots * stride));
+        auto          q = test::random_f16(rng, size_t(c.n_q * q_stride));
+        auto          k = test::random_f16(rng, size_t(c.n_slots * stride)),
+             v          = test::random_f16(rng, size_t(c.n_slots * stride));
         std::vector<int32_t> pos(size_t(c.n_q)), seq(size_t(c.n_q));
         for (int64_t i = 0; i < c.n_q; ++i) {
             seq[size_t(i)] = int32_t(rng() % uint32_t(c.n_slots));
@@ -435,8 +436,8 @@ TEST(CudaKernels, AttentionDecodeRaggedMatchesCpu) {
     cuda::attention_params bad;
     bad.n_q = 1, bad.n_kv = 1, bad.n_head = bad.n_head_kv = 1, bad.head_dim = 2;
     bad.q_stride = bad.kv_stride = bad.out_stride = 2;
-    const int32_t one = 0;
-    bad.q_pos_dev     = &one;
+    const int32_t one                             = 0;
+    bad.q_pos_dev                                 = &one;
     EXPECT_FALSE(cuda::attention_prefill_f16(bad, nullptr).is_ok());
 }
 
@@ -591,11 +592,11 @@ TEST(CudaKernels, RopeKvStoreRaggedWritesEachTokensSlot) {
     const uint32_t                        seed = test::fresh_seed();
     std::mt19937                          rng(seed);
     std::uniform_real_distribution<float> ang(-3.2f, 3.2f);
-    const int64_t tokens = 9, n_head = 6, n_head_kv = 2, hd = 64, n_ctx = 50, n_slots = 12;
+    const int64_t                         tokens = 9, n_head = 6, n_head_kv = 2, hd = 64, n_ctx = 50, n_slots = 12;
     const int64_t q_dim = n_head * hd, kv_dim = n_head_kv * hd, half = hd / 2, stride = n_ctx * kv_dim;
-    auto          qbuf  = test::random_f16(rng, size_t(tokens * q_dim));
-    auto          kbuf = test::random_f16(rng, size_t(tokens * kv_dim)), vbuf = test::random_f16(rng, size_t(tokens * kv_dim));
-    auto          cache0 = test::random_f16(rng, size_t(n_slots * stride));
+    auto          qbuf = test::random_f16(rng, size_t(tokens * q_dim));
+    auto kbuf = test::random_f16(rng, size_t(tokens * kv_dim)), vbuf = test::random_f16(rng, size_t(tokens * kv_dim));
+    auto cache0 = test::random_f16(rng, size_t(n_slots * stride));
     std::vector<float> cs(size_t(tokens * half)), sn(cs.size());
     for (size_t i = 0; i < cs.size(); ++i) {
         const float t = ang(rng);

@@ -17,9 +17,9 @@
 #include "io/json_file.h"
 #include "io/safetensors.h"
 #include "io/tensor_source.h"
-#include "test_util.h"
 #include "model/llama.h"
 #include "model/perplexity.h"
+#include "test_util.h"
 
 using namespace gptq;
 
@@ -268,7 +268,7 @@ TEST(moe_config, gpu_refuses_moe_by_name) {
 // A checkpoint with the experts stacked (transformers 5's in-memory experts.gate_up_proj /
 // down_proj) is refused naming that layout, not read wrongly.
 TEST(moe_config, stacked_experts_refused_by_name) {
-    test::temp_dir d("moe-stacked");
+    test::temp_dir    d("moe-stacked");
     const std::string from = k_moe + "mixtral";
     std::filesystem::copy_file(from + "/config.json", d.file("config.json"));
     auto src = tensor_source::open(from);

@@ -185,7 +185,8 @@ void check_family(const std::string& name, int64_t n_layer, int norms_per_layer)
 }  // namespace
 
 #ifdef GPTQ_SANITIZE
-#define SKIP_UNDER_SANITIZERS() GTEST_SKIP() << "perplexity runs are too slow under sanitizers; the release build runs this"
+#define SKIP_UNDER_SANITIZERS() \
+    GTEST_SKIP() << "perplexity runs are too slow under sanitizers; the release build runs this"
 #else
 #define SKIP_UNDER_SANITIZERS() (void)0
 #endif

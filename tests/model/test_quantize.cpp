@@ -6,8 +6,8 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
-#include <set>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "gptq/make_random.h"
 #include "gptq/ppl.h"
@@ -147,13 +147,13 @@ TEST(quantize, rtn_checkpoint_loads_back_to_the_same_weights) {
 // model loads and its perplexity stays close to that of the same run without it.
 TEST(quantize, quantized_lm_head_round_trips) {
     test::temp_dir dir("q-lm-head");
-    auto           r      = small_run(dir.file("rtn"));
-    r.method              = "rtn";
-    r.quantize_lm_head    = true;
+    auto           r   = small_run(dir.file("rtn"));
+    r.method           = "rtn";
+    r.quantize_lm_head = true;
     ASSERT_TRUE(quantize_model(r).is_ok());
     const std::string out = r.output_path;
-    auto qc  = json::parse(test::read_file(out + "/quantize_config.json"));
-    auto cfg = json::parse(test::read_file(out + "/config.json"));
+    auto              qc  = json::parse(test::read_file(out + "/quantize_config.json"));
+    auto              cfg = json::parse(test::read_file(out + "/config.json"));
     EXPECT_EQ(qc["lm_head"], true);
     EXPECT_EQ(cfg["quantization_config"]["lm_head"], true);
     EXPECT_EQ(cfg["tie_word_embeddings"], false);
@@ -183,8 +183,8 @@ TEST(quantize, quantized_lm_head_round_trips) {
     EXPECT_FALSE((*back)->lm_head_dense_weight().is_ok());  // quantized: no dense weight to give
 
 #ifndef GPTQ_SANITIZE
-    auto plain = small_run(dir.file("gptq"));
-    auto head  = small_run(dir.file("gptq-head"));
+    auto plain            = small_run(dir.file("gptq"));
+    auto head             = small_run(dir.file("gptq-head"));
     head.quantize_lm_head = true;
     head.report_path      = dir.file("report.json");
     ASSERT_TRUE(quantize_model(plain).is_ok());
@@ -217,7 +217,7 @@ TEST(quantize, quantized_lm_head_round_trips) {
 // error in the bytes left), and fewer bits per weight give a higher perplexity.
 TEST(quantize, target_bpw_plan_respects_the_budget_and_round_trips) {
     test::temp_dir dir("q-bpw");
-    auto run_at = [&](double bpw, const std::string& name) {
+    auto           run_at = [&](double bpw, const std::string& name) {
         auto p            = small_run(dir.file(name));
         p.target_bpw      = bpw;
         p.bpw_group_sizes = {64};
@@ -286,7 +286,7 @@ TEST(quantize, target_bpw_plan_respects_the_budget_and_round_trips) {
     for (const auto& l : rep["linears"]) EXPECT_GT(l["bits"].get<int>(), 0);
 
 #ifndef GPTQ_SANITIZE
-    const auto low   = run_at(2.75, "b275");
+    const auto low    = run_at(2.75, "b275");
     auto       ppl_of = [](const std::string& m) {
         ppl_params pp;
         pp.model_path  = m;

@@ -134,8 +134,8 @@ TEST(quantize_crash, sigkill_at_20_points_then_resume_is_byte_identical) {
             // Where the kill landed, for the summary printed at the end.
             const std::string marker = out + "/" + k_work_folder_marker;
             std::string       phase  = fs::exists(marker) ? "renamed, marker left"
-                                       : fs::exists(out)  ? "after the rename"
-                                                          : "before the work folder";
+                                         : fs::exists(out)  ? "after the rename"
+                                                            : "before the work folder";
             if (fs::exists(marker)) {  // complete but marked: loaders refuse it, --resume finishes it
                 EXPECT_FALSE(tensor_source::open(out).is_ok());
                 EXPECT_FALSE(model_config_load(out).is_ok());

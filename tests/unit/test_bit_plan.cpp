@@ -119,8 +119,8 @@ TEST(bit_plan, close_to_the_best_plan_on_small_instances) {
 }
 
 TEST(bit_plan, a_budget_below_the_minimum_is_refused) {
-    const auto mods   = random_modules(3, 8);
-    auto       plan   = bit_plan_solve(mods, bit_plan_budget_bytes(mods, 2.0));
+    const auto mods = random_modules(3, 8);
+    auto       plan = bit_plan_solve(mods, bit_plan_budget_bytes(mods, 2.0));
     ASSERT_FALSE(plan.is_ok());
     EXPECT_NE(plan.error().message().find("below the smallest possible"), std::string::npos) << plan.error().message();
 }

@@ -317,8 +317,8 @@ TEST(MakeRandom, EveryNamedShapeGeneratesItsTokenizer) {
         ++n_checked;
         auto js = make_random_tokenizer_json(*shape);
         ASSERT_TRUE(js.is_ok()) << name << ": " << js.error().message();
-        const auto         j = nlohmann::json::parse(*js);
-        std::set<int64_t>  ids;
+        const auto                     j = nlohmann::json::parse(*js);
+        std::set<int64_t>              ids;
         std::map<int64_t, std::string> added;
         for (const auto& [piece, id] : j["model"]["vocab"].items()) ids.insert(id.get<int64_t>());
         for (const auto& a : j["added_tokens"]) {

@@ -231,13 +231,13 @@ TEST(gptq, gar_keeps_contiguous_groups) {
     gptq_options da = o;
     da.gar          = false;
     da.desc_act     = true;
-    auto g1 = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), o);
-    auto a1 = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), da);
+    auto g1         = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), o);
+    auto a1         = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), da);
     ASSERT_TRUE(g1.is_ok() && a1.is_ok());
     EXPECT_EQ(g1->codes, a1->codes);
     EXPECT_EQ(g1->scales, a1->scales);
     EXPECT_EQ(g1->g_idx, a1->g_idx);
-    da.gar = true;
+    da.gar    = true;
     auto both = gptq_quantize(ctx, L.w.data(), L.n_out, L.n_in, L.h.data(), da);
     ASSERT_FALSE(both.is_ok());
     EXPECT_NE(both.error().message().find("exclude each other"), std::string::npos);

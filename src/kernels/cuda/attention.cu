@@ -319,8 +319,8 @@ __global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, 
     const int64_t slot   = ragged && p.q_seq_dev ? int64_t(p.q_seq_dev[qi]) : 0;
     const __half* kbase  = p.k + slot * p.kv_seq_stride;
     const __half* vbase  = p.v + slot * p.kv_seq_stride;
-    const int64_t end     = pos + 1 < n_kv ? pos + 1 : n_kv;
-    int64_t       begin   = p.window > 0 ? pos - p.window + 1 : 0;
+    const int64_t end    = pos + 1 < n_kv ? pos + 1 : n_kv;
+    int64_t       begin  = p.window > 0 ? pos - p.window + 1 : 0;
     if (begin < 0) begin = 0;
     const int64_t chunk = (n_kv + n_splits - 1) / n_splits;
     int64_t       c0 = split * chunk, c1 = c0 + chunk;
@@ -463,7 +463,8 @@ status check_params(const attention_params& a, const char* who) {
     if (a.n_head_kv <= 0 || a.n_head % a.n_head_kv != 0) return bad("n_head_kv", a.n_head_kv);
     if (a.head_dim <= 0 || a.head_dim % 2 != 0 || a.head_dim > k_max_dim) return bad("head_dim", a.head_dim);
     if (a.kv_seq_stride < 0) return bad("kv_seq_stride", a.kv_seq_stride);
-    if (!a.q_pos_dev && (a.q_pos0 < 0 || a.q_pos0 + a.n_q > a.n_kv)) return bad("q_pos0 + n_q (> n_kv)", a.q_pos0 + a.n_q);
+    if (!a.q_pos_dev && (a.q_pos0 < 0 || a.q_pos0 + a.n_q > a.n_kv))
+        return bad("q_pos0 + n_q (> n_kv)", a.q_pos0 + a.n_q);
     if (a.q_seq_dev && !a.q_pos_dev) return bad("q_seq_dev without q_pos_dev, n_q", a.n_q);
     if (a.q_stride < a.n_head * a.head_dim) return bad("q_stride", a.q_stride);
     if (a.kv_stride < a.n_head_kv * a.head_dim) return bad("kv_stride", a.kv_stride);

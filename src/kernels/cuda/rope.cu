@@ -30,14 +30,14 @@ __global__ void rope_kernel(__half* x, const float* cos, const float* sin, int64
 __global__ void rope_kv_store_kernel(__half* q, const __half* k, const __half* v, int64_t q_stride, int64_t kv_stride,
                                      const float* cos, const float* sin, int64_t n_items, int64_t n_head,
                                      int64_t n_head_kv, int64_t half, __half* cache_k, __half* cache_v,
-                                     const int32_t* pos_dev, const int32_t* seq_dev, int64_t seq_stride,
-                                     int64_t n_ctx, int64_t total) {
+                                     const int32_t* pos_dev, const int32_t* seq_dev, int64_t seq_stride, int64_t n_ctx,
+                                     int64_t total) {
     pdl_launch_dependents();
     pdl_wait();  // q, k, v come from the projection before
     const int64_t kv_dim = n_head_kv * 2 * half, nq = n_head * half, nk = n_head_kv * half;
     for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < total; p += int64_t(gridDim.x) * blockDim.x) {
         const int64_t t = p / n_items, it = p % n_items, row = int64_t(pos_dev[t]);
-        const int64_t cofs = seq_dev ? int64_t(seq_dev[t]) * seq_stride : 0;
+        const int64_t cofs  = seq_dev ? int64_t(seq_dev[t]) * seq_stride : 0;
         const bool    store = row >= 0 && row < n_ctx;
         if (it < nq + nk) {
             const bool    is_q = it < nq;

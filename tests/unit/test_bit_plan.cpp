@@ -52,7 +52,7 @@ TEST(bit_plan, module_bytes_are_the_checkpoint_tensors) {
     for (int b : {2, 3, 4, 8}) {
         uint64_t sum = 0;
         for (const auto& d : gptq_linear_decls("m", 512, 1024, 1024 / 64, b, false))
-            sum += uint64_t(d.shape[0]) * uint64_t(d.shape[1] > 0 && d.shape.size() > 1 ? d.shape[1] : 1) *
+            sum += uint64_t(d.shape[0]) * uint64_t(d.shape.size() > 1 ? d.shape[1] : 1) *
                    (d.type == dtype::DTYPE_F16 ? 2 : 4);
         EXPECT_EQ(gptq_module_bytes(512, 1024, b, 64), sum) << b;
     }

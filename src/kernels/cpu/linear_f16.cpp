@@ -7,6 +7,7 @@
 //   is the same sum as linear_blas computes on the F32 matrix; the conversion is exact).
 // Runtime dispatch (__builtin_cpu_supports); the portable code converts with core/dtype.h.
 #include <cblas.h>
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include <algorithm>
@@ -26,11 +27,16 @@ constexpr int64_t k_f16_gemv_block    = 16;  // output rows per work item of the
 
 enum class f16_isa { PORTABLE, AVX2, AVX512 };
 
+// F16C from CPUID leaf 1 (clang's __builtin_cpu_supports does not know "f16c").
+bool cpu_has_f16c() {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+}
+
 f16_isa best_isa() {
     static const f16_isa isa = [] {
         if (__builtin_cpu_supports("avx512f")) return f16_isa::AVX512;
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-            return f16_isa::AVX2;
+        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c()) return f16_isa::AVX2;
         return f16_isa::PORTABLE;
     }();
     return isa;

@@ -41,10 +41,32 @@ public:
     int32_t sample(float* logits, int64_t n_vocab, const std::vector<int32_t>& history,
                    const std::vector<int32_t>& banned = {}, size_t n_prompt = 0);
 
+    // The same choice from a row's candidates (ops/logits_top.h: its k most likely ids and logits,
+    // larger first with ties by lower id, and sum_exp_t, the row's sum of exp((l - max) / T)):
+    // returns true with *out = the token sample() would pick from the whole row, with the same
+    // draws; false when the candidates do not decide it (a top-p or plain draw reaching past them, a
+    // penalty raising a token outside them, ...): then call sample() on the whole row, which uses
+    // any draw this call made. Exact but for the rounding of the row's total mass (sum_exp_t
+    // summed in id order, sample() in likelihood order) where a draw needs it (top_k 0).
+    bool sample_top(const int32_t* ids, const float* logits, int64_t k, int64_t n_vocab, double sum_exp_t,
+                    const std::vector<int32_t>& history, const std::vector<int32_t>& banned, size_t n_prompt,
+                    int32_t* out);
+
     const sampling_params& params() const { return p_; }
 
 private:
     double uniform();  // [0, 1) with 53 random bits
+    double draw();     // the draw sample_top left pending, else uniform()
+    // Each id of `mods` with its penalised logit (as sample() computes it) where it is a candidate;
+    // returns false when a penalty raises a token that is not a candidate; *outside: some penalty
+    // or ban touches one.
+    bool penalise_candidates(const int32_t* ids, float* cand, int64_t k, const std::vector<int32_t>& history,
+                             const std::vector<int32_t>& banned, size_t n_prompt, bool* outside);
+
+    bool                 has_pending_ = false;
+    double               pending_     = 0.0;
+    std::vector<float>   cand_;  // sample_top's scratch
+    std::vector<int32_t> slot_;
 
     sampling_params      p_;
     std::mt19937_64      rng_;

@@ -3,6 +3,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include "core/error.h"
 
 namespace gptq {
@@ -22,6 +24,28 @@ status model_session::profile_ops(bool) {
     return make_error(status_code::STATUS_UNSUPPORTED,
                       "op profiling times the ops of the GPU model; the {} session has none (use --device cuda)",
                       device());
+}
+
+status model_session::step_top(std::span<const seq_step> steps, int64_t k, const float* inv_temp, logits_top* out) {
+    for (const seq_step& s : steps)
+        if (s.all_logits)
+            return make_error(E_ARG, "step_top: slot {} asks for every row's logits; candidates are one row per step",
+                              s.seq);
+    if (k < 1 || k > k_logits_top_max)
+        return make_error(E_ARG, "step_top: {} candidates per row; 1 to {} are supported", k, k_logits_top_max);
+    top_rows_ = 0;
+    top_logits_.resize(steps.size() * static_cast<size_t>(n_vocab()));
+    GPTQ_TRY(step(steps, top_logits_.data()));
+    top_rows_ = static_cast<int64_t>(steps.size());
+    logits_top_cpu(top_logits_.data(), top_rows_, n_vocab(), k, inv_temp, out);
+    return status::ok();
+}
+
+status model_session::step_row_logits(int64_t row, float* logits) {
+    if (row < 0 || row >= top_rows_)
+        return make_error(E_ARG, "step_row_logits: row {} of a step_top of {} rows", row, top_rows_);
+    std::copy_n(top_logits_.data() + row * n_vocab(), n_vocab(), logits);
+    return status::ok();
 }
 
 status model_session::ids_check(const int32_t* ids, int64_t n, const std::string& where) const {

@@ -23,6 +23,7 @@
 #include "gptq/device.h"
 #include "gptq/lora.h"
 #include "model/llama.h"
+#include "ops/logits_top.h"
 
 namespace gptq {
 
@@ -117,6 +118,15 @@ public:
     // token id outside the vocabulary (steps_check), and a shape the backend does not run.
     virtual status step(std::span<const seq_step> steps, float* logits) = 0;
 
+    // step() with each row's k most likely tokens and softmax normalisers instead of its logits
+    // (ops/logits_top.h; serve samples on them, sampler::sample_top): every seq_step's all_logits
+    // must be false (one row per step, in their order); inv_temp[steps.size()] (or nullptr) is each
+    // row's 1 / temperature for logits_top::sum_exp_t. Until the next step, step_row_logits(row)
+    // gives a row's whole logits [n_vocab] (for the rows the candidates do not decide). The CPU
+    // selects them on the host; CUDA on the GPU, where the logits stay.
+    virtual status step_top(std::span<const seq_step> steps, int64_t k, const float* inv_temp, logits_top* out);
+    virtual status step_row_logits(int64_t row, float* logits);
+
     // Perplexity-style evaluation: the logits of every token of ids[n] run as a fresh sequence
     // without touching any slot (local K/V), logits[n, n_vocab]. CUDA: every slot must be empty
     // (the GPU runs it in sequence 0's cache).
@@ -146,6 +156,8 @@ public:
 
 protected:
     std::vector<std::string> lora_names_;
+    std::vector<float>       top_logits_;  // step_top's logits (the host path)
+    int64_t                  top_rows_ = 0;
     // lora is -1 or a loaded adapter; `where` starts the message.
     status lora_check(int32_t lora, const std::string& where) const;
     // The checks every backend makes before a step runs (the errors listed at step()).

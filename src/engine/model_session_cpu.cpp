@@ -151,6 +151,7 @@ status model_session_cpu::reserve(int64_t n_seq, int64_t n_ctx) {
 }
 
 status model_session_cpu::step(std::span<const seq_step> steps, float* logits) {
+    top_rows_ = 0;  // step_row_logits reads step_top's rows only
     GPTQ_TRY(steps_check(steps));
     if (steps.empty()) return status::ok();
     const size_t n = steps.size();

@@ -48,6 +48,8 @@ public:
     int64_t seq_pos(int64_t seq) const override { return seq >= 0 && seq < n_seq_ ? gpu_->seq_pos(seq) : -1; }
 
     status step(std::span<const seq_step> steps, float* logits) override;
+    status step_top(std::span<const seq_step> steps, int64_t k, const float* inv_temp, logits_top* out) override;
+    status step_row_logits(int64_t row, float* logits) override;
     status evaluate(const int32_t* ids, int64_t n, float* logits, int32_t lora = -1) override;
 
     uint64_t memory_used() const override {
@@ -77,6 +79,12 @@ private:
     std::vector<int32_t> ids_;                    // a step's one-token sequences: ids, slots
     std::vector<int64_t> seqs_;
     std::vector<float>   logits_;  // their logits
+    // step_top: where each row's whole logits are: >= 0 the row of the decode pass on the GPU, else
+    // -1 - i for the host row i of prefill_rows_ (the prefills' last rows); top_host_: the base
+    // class's host path ran (all_logits, or a LongRoPE switch).
+    std::vector<int64_t> row_src_;
+    std::vector<float>   prefill_rows_;
+    bool                 top_host_ = false;
 };
 
 std::string model_session_cuda::describe() const {
@@ -121,6 +129,7 @@ status model_session_cuda::reserve(int64_t n_seq, int64_t n_ctx) {
 // Sequences with several tokens one by one through the prefill kernels, then every one-token
 // sequence in one ragged decode pass; the logits rows in the order of the steps.
 status model_session_cuda::step(std::span<const seq_step> steps, float* logits) {
+    top_rows_ = 0;  // step_row_logits reads step_top's rows only
     GPTQ_TRY(steps_check(steps));
     const int64_t V   = n_vocab();
     int64_t       row = 0;
@@ -144,6 +153,69 @@ status model_session_cuda::step(std::span<const seq_step> steps, float* logits) 
     GPTQ_TRY(gpu_->decode_seqs(ids_.data(), seqs_.data(), k, logits_.data()));
     for (int64_t i = 0; i < k; ++i)
         std::copy_n(logits_.data() + i * V, V, logits + decode_rows[static_cast<size_t>(i)] * V);
+    return status::ok();
+}
+
+// As step(), with the candidates selected on the GPU: a prefill's last row is downloaded whole too
+// (kept for step_row_logits), the decode pass's rows stay on the GPU.
+status model_session_cuda::step_top(std::span<const seq_step> steps, int64_t k, const float* inv_temp,
+                                    logits_top* out) {
+    GPTQ_TRY(steps_check(steps));
+    top_host_ = false;
+    top_rows_ = 0;
+    for (const seq_step& s : steps)
+        if (s.all_logits || (s.n_tokens == 1 && model().rope_needs_reprefill(gpu_->seq_pos(s.seq), 1))) {
+            top_host_ = true;
+            return model_session::step_top(steps, k, inv_temp, out);
+        }
+    if (k < 1 || k > k_logits_top_max)
+        return make_error(E_ARG, "step_top: {} candidates per row; 1 to {} are supported", k, k_logits_top_max);
+    const int64_t V = n_vocab(), n = static_cast<int64_t>(steps.size());
+    k = std::min(k, V);
+    out->resize(n, k);
+    row_src_.assign(size_t(n), 0);
+    prefill_rows_.clear();
+    ids_.clear();
+    seqs_.clear();
+    std::vector<int64_t> decode_rows;
+    std::vector<float>   decode_temp;
+    logits_top           part;
+    for (int64_t i = 0; i < n; ++i) {
+        const seq_step& s = steps[size_t(i)];
+        if (s.n_tokens == 1) {
+            ids_.push_back(s.ids[0]);
+            seqs_.push_back(s.seq);
+            decode_rows.push_back(i);
+            if (inv_temp) decode_temp.push_back(inv_temp[i]);
+            continue;
+        }
+        const size_t h = prefill_rows_.size();
+        prefill_rows_.resize(h + size_t(V));
+        GPTQ_TRY(gpu_->prefill_seq(s.seq, s.ids, s.n_tokens, prefill_rows_.data() + h, false));
+        GPTQ_TRY(gpu_->logits_top_download(1, k, inv_temp ? inv_temp + i : nullptr, &part));
+        out->set_row(i, part, 0);
+        row_src_[size_t(i)] = -1 - static_cast<int64_t>(h / size_t(V));
+    }
+    if (!ids_.empty()) {
+        const int64_t nd = static_cast<int64_t>(ids_.size());
+        GPTQ_TRY(gpu_->decode_seqs(ids_.data(), seqs_.data(), nd, nullptr));
+        GPTQ_TRY(gpu_->logits_top_download(nd, k, inv_temp ? decode_temp.data() : nullptr, &part));
+        for (int64_t j = 0; j < nd; ++j) {
+            out->set_row(decode_rows[size_t(j)], part, j);
+            row_src_[size_t(decode_rows[size_t(j)])] = j;
+        }
+    }
+    top_rows_ = n;
+    return status::ok();
+}
+
+status model_session_cuda::step_row_logits(int64_t row, float* logits) {
+    if (top_host_) return model_session::step_row_logits(row, logits);
+    if (row < 0 || row >= top_rows_)
+        return make_error(E_ARG, "step_row_logits: row {} of a step_top of {} rows", row, top_rows_);
+    const int64_t src = row_src_[size_t(row)];
+    if (src >= 0) return gpu_->logits_row_download(src, logits);
+    std::copy_n(prefill_rows_.data() + (-1 - src) * n_vocab(), n_vocab(), logits);
     return status::ok();
 }
 

@@ -431,6 +431,9 @@ std::string server::metrics_text() {
                        "gptq_requests_finished_total{{reason=\"cancelled\"}} {}\n"
                        "gptq_requests_finished_total{{reason=\"error\"}} {}\n",
                        m.finished_stop, m.finished_length, m.finished_cancelled, m.finished_error));
+    metric("gptq_sampled_whole_rows_total", "counter",
+           "tokens sampled from the whole logits row (the step's top candidates did not decide them)",
+           one("gptq_sampled_whole_rows_total", m.sampled_whole_rows));
     metric("gptq_running_sequences", "gauge", "sequences in the batch", one("gptq_running_sequences", m.running));
     metric("gptq_waiting_sequences", "gauge", "requests waiting for a slot or KV pages",
            one("gptq_waiting_sequences", m.waiting));

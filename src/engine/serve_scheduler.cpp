@@ -45,6 +45,19 @@ token_logprob logprobs_of(const float* logits, int64_t n, int32_t id, int32_t n_
     }
     return out;
 }
+// The same from a row's candidates (ops/logits_top.h), which hold `id` and n_top <= k: the row's
+// log-sum-exp is max + log(sum_exp), as logprobs_of computes it.
+token_logprob logprobs_of_top(const int32_t* ids, const float* logits, int64_t k, double sum_exp, int32_t id,
+                              int32_t n_top) {
+    const double  lse = static_cast<double>(logits[0]) + std::log(sum_exp);
+    token_logprob out;
+    out.id = id;
+    for (int64_t i = 0; i < k; ++i)
+        if (ids[i] == id) out.logprob = static_cast<float>(logits[i] - lse);
+    for (int64_t i = 0; i < std::min<int64_t>(n_top, k); ++i)
+        out.top.emplace_back(ids[i], static_cast<float>(logits[i] - lse));
+    return out;
+}
 }  // namespace
 
 // ---- serve_stream ---------------------------------------------------------------------------------
@@ -260,8 +273,12 @@ bool serve_scheduler::run_step() {
     }
     if (steps.empty()) return false;
     for (size_t i = 0; i < steps.size(); ++i) steps[i].ids = ids_.data() + offsets[i];  // ids_ no longer grows
-    logits_.resize(steps.size() * static_cast<size_t>(n_vocab_));
-    const status st = session_.step(steps, logits_.data());
+    inv_temp_.resize(steps.size());
+    for (size_t i = 0; i < rows.size(); ++i) {
+        const sampling_params& sp = rows[i]->req.sampling;
+        inv_temp_[i]              = sp.greedy() ? 1.0f : 1.0f / sp.temperature;
+    }
+    const status st = session_.step_top(steps, k_candidates, inv_temp_.data(), &top_);
     if (!st) {
         GPTQ_LOG_ERROR("serve: a step over {} sequences failed: {}", steps.size(), st.message());
         for (sequence* q : rows) finish(*q, "error", st.message());
@@ -275,19 +292,39 @@ bool serve_scheduler::run_step() {
             metrics_.prompt_tokens += steps[i].n_tokens;
             if (q.n_read < q.n_prompt()) continue;  // more prompt chunks to come
         }
-        accept(q, logits_.data() + i * static_cast<size_t>(n_vocab_));
+        accept(q, static_cast<int64_t>(i));
     }
     return true;
 }
 
-// Sample the next token of q from its logits row, pass its text on, finish q when it ends.
-void serve_scheduler::accept(sequence& q, const float* row) {
-    std::vector<float> work(row, row + n_vocab_);  // the sampler changes its logits
-    const bool         ignore_eos = q.req.ignore_eos;
-    const auto&        eos        = vocab_.eos_ids();
-    const int32_t      id  = q.smp->sample(work.data(), n_vocab_, q.history, ignore_eos ? eos : std::vector<int32_t>{},
-                                           static_cast<size_t>(q.n_prompt()));
-    const auto         now = clock_type::now();
+// Sample the next token of q from row `row` of the step's candidates (the whole logits row only
+// where they do not decide it), pass its text on, finish q when it ends.
+void serve_scheduler::accept(sequence& q, int64_t row) {
+    const bool                        ignore_eos = q.req.ignore_eos;
+    const auto&                       eos        = vocab_.eos_ids();
+    static const std::vector<int32_t> none;
+    const std::vector<int32_t>&       banned   = ignore_eos ? eos : none;
+    const size_t                      n_prompt = static_cast<size_t>(q.n_prompt());
+    const int64_t                     k        = top_.k;
+    const int32_t*                    cand_ids = top_.ids.data() + row * k;
+    const float*                      cand_l   = top_.logits.data() + row * k;
+    int32_t                           id       = 0;
+    bool                              whole    = false;  // logits_ holds the row
+    if (!q.smp->sample_top(cand_ids, cand_l, k, n_vocab_, top_.sum_exp_t[static_cast<size_t>(row)], q.history, banned,
+                           n_prompt, &id)) {
+        logits_.resize(static_cast<size_t>(n_vocab_));
+        const status st = session_.step_row_logits(row, logits_.data());
+        if (!st) {
+            finish(q, "error", st.message());
+            return;
+        }
+        work_.assign(logits_.begin(), logits_.end());  // the sampler changes its logits
+        id    = q.smp->sample(work_.data(), n_vocab_, q.history, banned, n_prompt);
+        whole = true;
+        std::lock_guard lk(mu_);
+        ++metrics_.sampled_whole_rows;
+    }
+    const auto now = clock_type::now();
     {
         std::lock_guard lk(mu_);
         ++metrics_.generated_tokens;
@@ -301,7 +338,10 @@ void serve_scheduler::accept(sequence& q, const float* row) {
 
     serve_event e;
     e.tokens.push_back(id);
-    if (q.req.logprobs >= 0) e.logprobs.push_back(logprobs_of(row, n_vocab_, id, q.req.logprobs));
+    if (q.req.logprobs >= 0)
+        e.logprobs.push_back(
+            whole ? logprobs_of(logits_.data(), n_vocab_, id, q.req.logprobs)
+                  : logprobs_of_top(cand_ids, cand_l, k, top_.sum_exp[static_cast<size_t>(row)], id, q.req.logprobs));
     const std::string piece  = q.dec->step(id);
     const bool        is_eos = !ignore_eos && std::find(eos.begin(), eos.end(), id) != eos.end();
     const bool        at_end = is_eos || q.n_generated() >= q.max_new;

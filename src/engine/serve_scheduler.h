@@ -119,7 +119,8 @@ struct serve_metrics {
     int64_t         n_slots = 0, pages_total = 0, pages_used = 0, pages_reserved = 0;
     int64_t         prompt_tokens = 0, generated_tokens = 0, steps = 0;
     int64_t         finished_stop = 0, finished_length = 0, finished_cancelled = 0, finished_error = 0;
-    serve_histogram ttft, tpot;  // seconds: submit -> first token; between tokens of a sequence
+    int64_t         sampled_whole_rows = 0;  // tokens the candidates did not decide (the whole row fetched)
+    serve_histogram ttft, tpot;              // seconds: submit -> first token; between tokens of a sequence
 };
 
 class serve_scheduler {
@@ -145,7 +146,7 @@ private:
     void loop();
     void admit_locked();
     bool run_step();  // false when nothing ran
-    void accept(sequence& q, const float* logits);
+    void accept(sequence& q, int64_t row);
     void finish(sequence& q, const std::string& reason, const std::string& error = "");
 
     model_session&          session_;
@@ -161,9 +162,12 @@ private:
     std::vector<int64_t>                   free_slots_;
     std::vector<std::unique_ptr<sequence>> running_;  // the scheduler thread's (admitted under mu_)
 
-    std::vector<float>   logits_;  // scheduler thread only
-    std::vector<int32_t> ids_;
-    std::thread          thread_;
+    // Candidates per row (logits_top.h): enough for logprobs' 20 alternatives and most top-k.
+    static constexpr int64_t k_candidates = 64;
+    logits_top               top_;  // scheduler thread only
+    std::vector<float>       inv_temp_, logits_, work_;
+    std::vector<int32_t>     ids_;
+    std::thread              thread_;
 };
 
 }  // namespace gptq

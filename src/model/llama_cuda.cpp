@@ -712,7 +712,53 @@ status llama_cuda_model::prof_end(llama_op_profile* p, int64_t n_tokens) {
 }
 
 status llama_cuda_model::logits_download(int64_t n_rows, float* logits) {
+    logits_rows_ = n_rows;
+    if (!logits) return status::ok();  // left on the device (logits_top_download, logits_row_download)
     return cuda_copy_to_host(*ctx_, logits, logits_.data(), size_t(n_rows * hparams().n_vocab) * 4);
+}
+
+status llama_cuda_model::logits_row_download(int64_t row, float* logits) {
+    const int64_t V = hparams().n_vocab;
+    if (row < 0 || row >= logits_rows_)
+        return make_error(E_ARG, "logits row {} of a pass that left {} rows on the GPU", row, logits_rows_);
+    return cuda_copy_to_host(*ctx_, logits, logits_.as<float>() + row * V, size_t(V) * 4);
+}
+
+// One kernel over the rows, one download of [sums | values | ids] into top_host_.
+status llama_cuda_model::logits_top_download(int64_t n_rows, int64_t k, const float* inv_temp, logits_top* out) {
+    const int64_t V = hparams().n_vocab;
+    if (n_rows < 1 || n_rows > logits_rows_)
+        return make_error(E_ARG, "candidates of {} logits rows of a pass that left {} on the GPU", n_rows,
+                          logits_rows_);
+    if (k < 1 || k > k_logits_top_max)
+        return make_error(E_ARG, "{} candidates per row; 1 to {} are supported", k, k_logits_top_max);
+    k                 = std::min(k, V);
+    const size_t sums = size_t(n_rows) * 16, vals = size_t(n_rows * k) * 4, ids = vals, temps = size_t(n_rows) * 4;
+    const size_t download = sums + vals + ids;
+    if (top_dev_.bytes() < download + temps) {
+        top_dev_ = cuda_buffer();
+        GPTQ_ASSIGN_OR_RETURN(top_dev_, cuda_buffer::alloc(download + temps));
+    }
+    uint8_t*     base = top_dev_.as<uint8_t>();
+    const float* it   = nullptr;
+    if (inv_temp) {
+        GPTQ_TRY(cuda_copy_to_device_async(*ctx_, base + download, inv_temp, temps));
+        it = reinterpret_cast<const float*>(base + download);
+    }
+    GPTQ_TRY(op_cuda_logits_top(*ctx_, logits_.as<float>(), n_rows, V, k, it,
+                                reinterpret_cast<int32_t*>(base + sums + vals), reinterpret_cast<float*>(base + sums),
+                                reinterpret_cast<double*>(base)));
+    top_host_.resize(download);
+    GPTQ_TRY(cuda_copy_to_host(*ctx_, top_host_.data(), base, download));
+    out->resize(n_rows, k);
+    const double* s = reinterpret_cast<const double*>(top_host_.data());
+    for (int64_t r = 0; r < n_rows; ++r) {
+        out->sum_exp[size_t(r)]   = s[2 * r];
+        out->sum_exp_t[size_t(r)] = s[2 * r + 1];
+    }
+    std::memcpy(out->logits.data(), top_host_.data() + sums, vals);
+    std::memcpy(out->ids.data(), top_host_.data() + sums + vals, ids);
+    return status::ok();
 }
 
 void llama_cuda_model::reset() {
@@ -742,6 +788,8 @@ status llama_cuda_model::reprefill(int64_t seq, const int32_t* ids, int64_t n, f
         return make_error(status_code::STATUS_INTERNAL, "LongRoPE: sequence {} holds {} token ids for {} positions",
                           seq, all.size(), n_held);
     all.insert(all.end(), ids, ids + n);
+    if (!logits && all_logits)
+        return make_error(E_ARG, "LongRoPE re-prefill of sequence {} with every row's logits left on the GPU", seq);
     seq_reset(seq);
     if (!all_logits) return prefill_seq(seq, all.data(), n_all, logits, false);
     std::vector<float> tmp(size_t(n_all * n_vocab));
@@ -825,6 +873,13 @@ status llama_cuda_model::decode_seqs(const int32_t* ids, const int64_t* seqs, in
                               seqs[t], seq_pos_[size_t(seqs[t])], n_ctx_);
     }
     // LongRoPE: a sequence whose step crosses the switch runs again on its own, the rest together.
+    if (!logits)
+        for (int64_t t = 0; t < n; ++t)
+            if (host_->rope_needs_reprefill(seq_pos_[size_t(seqs[t])], 1))
+                return make_error(E_ARG,
+                                  "decode with the logits left on the GPU: sequence {} crosses LongRoPE's switch at "
+                                  "position {} and runs again on its own; ask for its logits",
+                                  seqs[t], seq_pos_[size_t(seqs[t])]);
     std::vector<int64_t> rest;
     const int64_t        n_vocab = hparams().n_vocab;
     for (int64_t t = 0; t < n; ++t) {

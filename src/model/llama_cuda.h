@@ -32,6 +32,7 @@
 #include "model/device_map.h"
 #include "model/llama.h"
 #include "model/llama_cuda_layer.h"
+#include "ops/logits_top.h"
 #include "ops/ops_cuda.h"
 
 namespace gptq {
@@ -109,6 +110,13 @@ public:
     // s's prompt) with each row's last logits [n_seq, n_vocab]; decode_batch one token each.
     status prefill_batch(const int32_t* ids, int64_t n_seq, int64_t n, float* logits);
     status decode_batch(const int32_t* ids, int64_t n_seq, float* logits);
+    // prefill_seq and decode_seqs with logits nullptr leave the logits on the device (not with a
+    // LongRoPE switch, whose re-prefill needs them: an error). Until the next pass, these read its
+    // output rows: logits_top_download their candidates for sampling (ops/logits_top.h: n_rows
+    // rows, inv_temp[n_rows] host or nullptr), logits_row_download one whole row [n_vocab].
+    status  logits_top_download(int64_t n_rows, int64_t k, const float* inv_temp, logits_top* out);
+    status  logits_row_download(int64_t row, float* logits);
+    int64_t logits_rows() const { return logits_rows_; }  // rows the last pass left on the device
 
     // Device memory held: weights, KV cache, activations + step inputs, the context's scratch.
     uint64_t weight_bytes() const { return weight_bytes_; }    // resident on the GPU
@@ -237,6 +245,11 @@ private:
     int64_t     n_act_ = 0;
     cuda_buffer hidden_, x_, q_, k_, v_, y_, gate_, up_;  // [n, n_embd|q_dim|kv_dim|n_ff] F16
     cuda_buffer logits_;                                  // [n, n_vocab] F32
+    int64_t     logits_rows_ = 0;                         // rows of logits_ the last pass wrote
+    // logits_top_download: device [rows, 2] F64 sums, [rows, k] F32 values, [rows, k] I32 ids, [rows] F32
+    // inv_temp; the host copy of the first three.
+    cuda_buffer          top_dev_;
+    std::vector<uint8_t> top_host_;
     // Step inputs: [n_act_] I32 ids, [n_act_] I32 positions, [n_act_] I32 slots, then (at step_rope_offset_) F32 cos
     // and sin [n_act_, head_dim / 2] each, per RoPE table (rope_tables()). Uploaded per call from step_host_.
     cuda_buffer          step_;

@@ -22,6 +22,7 @@
 #include "kernels/cuda/gptq_int4_gemm.cuh"
 #include "kernels/cuda/gptq_linear.cuh"
 #include "kernels/cuda/kv_cache.cuh"
+#include "kernels/cuda/logits_top.cuh"
 #include "kernels/cuda/lora.cuh"
 #include "kernels/cuda/norm.cuh"
 #include "kernels/cuda/rope.cuh"
@@ -467,6 +468,11 @@ status op_cuda_gelu_tanh_mul(cuda_context& ctx, const uint16_t* gate, const uint
 
 status op_cuda_softcap(cuda_context& ctx, float* x, int64_t n, float cap) {
     return cuda::softcap_f32(x, n, cap, ctx.stream());
+}
+
+status op_cuda_logits_top(cuda_context& ctx, const float* logits, int64_t rows, int64_t n_vocab, int64_t k,
+                          const float* inv_temp, int32_t* ids, float* vals, double* sums) {
+    return cuda::logits_top_f32(logits, rows, n_vocab, k, inv_temp, ids, vals, sums, ctx.stream());
 }
 
 status op_cuda_add_rms_norm(cuda_context& ctx, uint16_t* h, const uint16_t* add, const uint16_t* w, uint16_t* y,

@@ -197,6 +197,11 @@ status op_cuda_gelu_tanh_mul(cuda_context& ctx, const uint16_t* gate, const uint
                              const int32_t* perm = nullptr);
 // x[i] = cap * tanh(x[i] / cap), F32 in place (final logit soft-capping); cap > 0.
 status op_cuda_softcap(cuda_context& ctx, float* x, int64_t n, float cap);
+// Each row's k most likely tokens and softmax normalisers (ops/logits_top.h; kernels/cuda/
+// logits_top.cuh): logits [rows, n_vocab] F32, inv_temp [rows] or nullptr; ids, vals [rows, k],
+// sums [rows, 2] (sum_exp, sum_exp_t); all device pointers, 1 <= k <= min(n_vocab, 256).
+status op_cuda_logits_top(cuda_context& ctx, const float* logits, int64_t rows, int64_t n_vocab, int64_t k,
+                          const float* inv_temp, int32_t* ids, float* vals, double* sums);
 // The decode step's residual add + RMSNorm in one launch: h[r] += add[r] (add nullptr: none), then
 // y[r, i] = rms_norm(h[r])[perm ? perm[i] : i]; h, add: [n_rows, dim], y: [n_rows, dim], w: [dim];
 // bit for bit op_cuda_add then op_cuda_rms_norm (then the permutation). y must not alias h or add.

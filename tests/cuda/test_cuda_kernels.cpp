@@ -21,8 +21,10 @@
 #include "kernels/cuda/embedding.cuh"
 #include "kernels/cuda/gemm.cuh"
 #include "kernels/cuda/kv_cache.cuh"
+#include "kernels/cuda/logits_top.cuh"
 #include "kernels/cuda/norm.cuh"
 #include "kernels/cuda/rope.cuh"
+#include "ops/logits_top.h"
 
 namespace gptq {
 namespace {
@@ -224,6 +226,56 @@ TEST(CudaKernels, SoftcapMatchesCpu) {
                 << "n " << n << " cap " << cap << " index " << i << " seed " << seed;
     }
     EXPECT_FALSE(cuda::softcap_f32(nullptr, 4, 0.0f, nullptr).is_ok());  // cap 0 is "off": never launched
+}
+
+// Candidates for sampling (ops/logits_top.h): ids and values equal to the reference's (the same
+// order, ties by lower id), sums to double rounding; rows with many ties, -inf, a huge vocabulary.
+TEST(CudaKernels, LogitsTopMatchesCpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    struct shape {
+        int64_t rows, n_vocab, k;
+    };
+    for (auto [rows, n_vocab, k] : std::vector<shape>{{1, 1, 1},
+                                                      {3, 7, 7},
+                                                      {2, 255, 64},
+                                                      {5, 256, 256},
+                                                      {4, 257, 200},
+                                                      {64, 1000, 64},
+                                                      {64, 32000, 64},
+                                                      {3, 32000, 1},
+                                                      {2, 151936, 256},
+                                                      {130, 50257, 20}}) {
+        for (int variant = 0; variant < 3; ++variant) {  // continuous, coarse grid (ties), grid with -inf
+            std::normal_distribution<float> nd(0.0f, 3.0f);
+            std::vector<float>              l(static_cast<size_t>(rows * n_vocab));
+            for (auto& v : l) v = variant == 0 ? nd(rng) : std::round(nd(rng));
+            if (variant == 2)
+                for (size_t i = 0; i < l.size(); i += 3) l[i] = -INFINITY;
+            std::vector<float> it(static_cast<size_t>(rows));
+            for (auto& v : it) v = std::uniform_real_distribution<float>(0.3f, 3.0f)(rng);
+            logits_top ref;
+            logits_top_cpu(l.data(), rows, n_vocab, k, it.data(), &ref);
+            device_array<float>   dl(l), dit(it), dvals(static_cast<size_t>(rows * k));
+            device_array<int32_t> dids(static_cast<size_t>(rows * k));
+            device_array<double>  dsums(static_cast<size_t>(rows * 2));
+            GPTQ_EXPECT_OK(cuda::logits_top_f32(dl.get(), rows, n_vocab, k, dit.get(), dids.get(), dvals.get(),
+                                                dsums.get(), nullptr));
+            const auto ids  = dids.download();
+            const auto vals = dvals.download();
+            const auto sums = dsums.download();
+            ASSERT_EQ(ids, ref.ids) << "rows " << rows << " vocab " << n_vocab << " k " << k << " variant " << variant
+                                    << " seed " << seed;
+            ASSERT_EQ(vals, ref.logits);
+            for (int64_t r = 0; r < rows; ++r) {
+                EXPECT_NEAR(sums[size_t(2 * r)], ref.sum_exp[size_t(r)], 1e-12 * ref.sum_exp[size_t(r)]);
+                EXPECT_NEAR(sums[size_t(2 * r + 1)], ref.sum_exp_t[size_t(r)], 1e-12 * ref.sum_exp_t[size_t(r)]);
+            }
+        }
+    }
+    EXPECT_FALSE(cuda::logits_top_f32(nullptr, 1, 10, 11, nullptr, nullptr, nullptr, nullptr, nullptr).is_ok());
+    EXPECT_FALSE(cuda::logits_top_f32(nullptr, 1, 1000, 257, nullptr, nullptr, nullptr, nullptr, nullptr).is_ok());
 }
 
 TEST(CudaKernels, EmbeddingGathersRows) {

@@ -31,6 +31,7 @@
 #include "model/llama.h"
 #include "model/llama_cuda.h"
 #include "model/llama_cuda_layer.h"
+#include "step_top_check.h"
 #include "test_util.h"
 
 using namespace gptq;
@@ -520,6 +521,22 @@ TEST(llama_cuda, ragged_decode_matches_sequences_alone) {
     check_ragged(data + "rand-qwen2", true);    // biases, a sliding-window layer, GQA
     check_ragged(data + "rand-dynamic", true);  // RoPE tables depend on each sequence's length
     check_ragged(gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq"), true);  // int4 kernel, act-order
+}
+
+// The CUDA session's step_top (candidates selected on the GPU, the decode rows' logits left there)
+// against its step() + logits_top_cpu: the same kernels ran, so the same bits.
+TEST(llama_cuda, session_step_top_gives_the_candidates_of_steps_logits) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    for (const std::string dir :
+         {source_dir() + "/models/tiny-llama", gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq")})
+        for (int64_t k : {1, 64, 256})
+            test::check_step_top(
+                [&] {
+                    auto s = model_session_open({.model_path = dir, .device = {.cuda = true, .index = 0}});
+                    EXPECT_TRUE(s.is_ok()) << s.error().message();
+                    return s.is_ok() ? std::move(*s) : nullptr;
+                },
+                k);
 }
 
 // ---- op-level timing (set_profile_ops) ----------------------------------------------------------

@@ -16,6 +16,7 @@
 #include "core/thread_pool.h"
 #include "engine/model_session.h"
 #include "model/llama.h"
+#include "step_top_check.h"
 
 using namespace gptq;
 
@@ -134,6 +135,11 @@ void check_ragged_steps(const std::string& name) {
 TEST(model_session_cpu, ragged_steps_match_each_sequence_alone) {
     check_ragged_steps("rand-qwen2");    // sliding window: positions past the window of 6
     check_ragged_steps("rand-dynamic");  // dynamic RoPE: each sequence's length sets its frequencies
+}
+
+TEST(model_session_cpu, step_top_gives_the_candidates_of_steps_logits) {
+    test::check_step_top([] { return open_cpu("rand-qwen2"); }, 64);
+    test::check_step_top([] { return open_cpu("rand-qwen2"); }, 256);  // past the vocabulary of 96: all of it
 }
 
 TEST(model_session_cpu, describes_itself) {

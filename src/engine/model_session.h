@@ -127,6 +127,15 @@ public:
     virtual status step_top(std::span<const seq_step> steps, int64_t k, const float* inv_temp, logits_top* out);
     virtual status step_row_logits(int64_t row, float* logits);
 
+    // Before serving: run the step shapes a server will run so that none pays a first-time cost
+    // mid-traffic (CUDA: activations grown to a prompt chunk of max_chunk tokens, then the decode
+    // step of every batch size 1 .. max_batch captured as a graph). Every slot is empty after.
+    // Returns how many shapes it ran (0: the backend needs none, the CPU).
+    virtual result<int64_t> warm_up(int64_t max_batch, int64_t max_chunk) {
+        (void)max_batch, (void)max_chunk;
+        return int64_t(0);
+    }
+
     // Perplexity-style evaluation: the logits of every token of ids[n] run as a fresh sequence
     // without touching any slot (local K/V), logits[n, n_vocab]. CUDA: every slot must be empty
     // (the GPU runs it in sequence 0's cache).

@@ -16,6 +16,7 @@
 #include "model_session.h"
 #ifdef GPTQ_HAVE_CUDA
 #include "gptq/plan.h"
+#include "lora_load.h"
 #include "model/llama_cuda.h"
 #endif
 
@@ -50,7 +51,8 @@ public:
     status step(std::span<const seq_step> steps, float* logits) override;
     status step_top(std::span<const seq_step> steps, int64_t k, const float* inv_temp, logits_top* out) override;
     status step_row_logits(int64_t row, float* logits) override;
-    status evaluate(const int32_t* ids, int64_t n, float* logits, int32_t lora = -1) override;
+    result<int64_t> warm_up(int64_t max_batch, int64_t max_chunk) override;
+    status          evaluate(const int32_t* ids, int64_t n, float* logits, int32_t lora = -1) override;
 
     uint64_t memory_used() const override {
         const auto& m = *gpu_;
@@ -73,8 +75,11 @@ public:
         return status::ok();
     }
     gpu_op_profile decode_profile() const override;
+    void           lora_name_add(const std::string& name) { lora_names_.push_back(name); }
 
 private:
+    status loras_select(std::span<const seq_step> steps);
+
     int64_t              n_seq_ = 0, n_ctx_ = 0;  // reserved (the GPU's caches may be larger)
     std::vector<int32_t> ids_;                    // a step's one-token sequences: ids, slots
     std::vector<int64_t> seqs_;
@@ -131,6 +136,7 @@ status model_session_cuda::reserve(int64_t n_seq, int64_t n_ctx) {
 status model_session_cuda::step(std::span<const seq_step> steps, float* logits) {
     top_rows_ = 0;  // step_row_logits reads step_top's rows only
     GPTQ_TRY(steps_check(steps));
+    GPTQ_TRY(loras_select(steps));
     const int64_t V   = n_vocab();
     int64_t       row = 0;
     ids_.clear();
@@ -156,11 +162,19 @@ status model_session_cuda::step(std::span<const seq_step> steps, float* logits) 
     return status::ok();
 }
 
+// Each listed slot's adapter for this step (the step inputs carry it per token).
+status model_session_cuda::loras_select(std::span<const seq_step> steps) {
+    if (gpu_->n_loras() == 0) return status::ok();  // lora_check allowed -1 only
+    for (const seq_step& s : steps) GPTQ_TRY(gpu_->seq_lora_set(s.seq, s.lora));
+    return status::ok();
+}
+
 // As step(), with the candidates selected on the GPU: a prefill's last row is downloaded whole too
 // (kept for step_row_logits), the decode pass's rows stay on the GPU.
 status model_session_cuda::step_top(std::span<const seq_step> steps, int64_t k, const float* inv_temp,
                                     logits_top* out) {
     GPTQ_TRY(steps_check(steps));
+    GPTQ_TRY(loras_select(steps));
     top_host_ = false;
     top_rows_ = 0;
     for (const seq_step& s : steps)
@@ -219,6 +233,30 @@ status model_session_cuda::step_row_logits(int64_t row, float* logits) {
     return status::ok();
 }
 
+// The chunk first (growing the activations drops every graph), then each batch size twice: a plain
+// step that sizes the scratch, then the capture (llama_cuda_model::decode_step).
+result<int64_t> model_session_cuda::warm_up(int64_t max_batch, int64_t max_chunk) {
+    max_batch = std::min(max_batch, n_seq_);
+    if (max_batch < 1 || n_ctx_ < 3) return int64_t(0);
+    for (int64_t s = 0; s < n_seq_; ++s) gpu_->seq_reset(s);
+    int64_t shapes = 0;
+    if (max_chunk > 1) {
+        std::vector<int32_t> ids(size_t(std::min(max_chunk, n_ctx_)), 0);
+        GPTQ_TRY(gpu_->prefill_seq(0, ids.data(), int64_t(ids.size()), nullptr, false));
+        gpu_->seq_reset(0);
+        ++shapes;
+    }
+    std::vector<int32_t> ids(static_cast<size_t>(max_batch), 0);
+    std::vector<int64_t> seqs(static_cast<size_t>(max_batch));
+    for (int64_t s = 0; s < max_batch; ++s) seqs[size_t(s)] = s;
+    for (int64_t n = 1; n <= max_batch; ++n) {
+        for (int rep = 0; rep < 2; ++rep) GPTQ_TRY(gpu_->decode_seqs(ids.data(), seqs.data(), n, nullptr));
+        for (int64_t s = 0; s < n; ++s) gpu_->seq_reset(s);
+        ++shapes;
+    }
+    return shapes;
+}
+
 // Runs in slot 0's cache (which must be empty), which is empty again after.
 status model_session_cuda::evaluate(const int32_t* ids, int64_t n, float* logits, int32_t lora) {
     if (n < 1) return make_error(E_ARG, "evaluate: {} tokens, expected at least 1", n);
@@ -238,6 +276,7 @@ status model_session_cuda::evaluate(const int32_t* ids, int64_t n, float* logits
                                   device(), n, gpu_->n_ctx(), s, gpu_->seq_pos(s));
         GPTQ_TRY(gpu_->context_reserve(n));
     }
+    if (gpu_->n_loras() > 0) GPTQ_TRY(gpu_->seq_lora_set(0, lora));
     const status st = gpu_->prefill_seq(0, ids, n, logits, /*all_logits=*/true);
     gpu_->seq_reset(0);
     return st;
@@ -266,12 +305,6 @@ status placement_plan(const model_session_options& o, llama_cuda_options* out) {
 
 result<std::unique_ptr<model_session>> model_session_open_cuda(const model_session_options& o) {
     GPTQ_TRY(device_check(o.device));
-    // The adapters' kernel exists (kernels/cuda/lora.cu, op_cuda_lora_add, called by the GPU layer
-    // for rows with an adapter) but the runtime does not load adapters yet (docs/lora.md).
-    if (!o.loras.empty())
-        return make_error(E_UNSUP,
-                          "--lora {} on --device {}: LoRA adapters run on the CPU only for now; use --device cpu",
-                          o.loras[0].path, device_name(o.device));
     // llama_cuda_model::open checks the tensor table but has no strict mode: the host model's
     // check first (config and table only, no weight read).
     if (o.strict) GPTQ_TRY(llama_model::open(o.model_path, {.strict = true}).to_status());
@@ -281,6 +314,11 @@ result<std::unique_ptr<model_session>> model_session_open_cuda(const model_sessi
     GPTQ_TRY(placement_plan(o, &co));
     auto s  = std::make_unique<model_session_cuda>();
     s->dev_ = o.device;
+    if (!o.loras.empty()) {  // read for the model's hparams (config and tensor table only, no weights)
+        GPTQ_ASSIGN_OR_RETURN(auto host, llama_model::open(o.model_path));
+        GPTQ_ASSIGN_OR_RETURN(co.loras, lora_adapters_open(o.loras, host->hparams(), o.lora_stack));
+        for (const auto& a : co.loras) s->lora_name_add(a->name);
+    }
     GPTQ_ASSIGN_OR_RETURN(s->gpu_, llama_cuda_model::open(o.model_path, co));
     return std::unique_ptr<model_session>(std::move(s));
 }

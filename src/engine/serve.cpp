@@ -560,6 +560,14 @@ status serve_run(const serve_options& o) {
     GPTQ_ASSIGN_OR_RETURN(auto session, model_session_open(so));
     GPTQ_ASSIGN_OR_RETURN(const serve_plan plan, plan_kv(o, *session));
     GPTQ_TRY(session->reserve(plan.n_slots, plan.n_ctx));
+    {  // the GPU's activations at the largest step and a decode graph per batch size, before any request
+        const auto t0 = std::chrono::steady_clock::now();
+        GPTQ_ASSIGN_OR_RETURN(const int64_t n_warm,
+                              session->warm_up(plan.n_slots, std::min(o.prefill_chunk, plan.n_ctx)));
+        if (n_warm > 0)
+            std::printf("warm-up: %lld step shapes in %.2f s\n", static_cast<long long>(n_warm),
+                        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
     GPTQ_ASSIGN_OR_RETURN(const generation_config gc, generation_config_load(o.model_path));
     tokenizer_vocab vocab(*tok, generation_eos_ids(gc, session->model().config(), session->n_vocab(), *tok));
 

@@ -57,6 +57,14 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
     // Family options the GPU has not run (or no device has checked) are refused by name, never
     // skipped (docs/architectures.md).
     GPTQ_TRY(llama_gpu_options_check(hp, path));
+    if (!o.loras.empty()) {
+        if (hp.fused_qkv || hp.fused_gate_up)
+            return make_error(status_code::STATUS_UNSUPPORTED,
+                              "{}: LoRA on the GPU adds to each linear's own output, and this checkpoint stores fused "
+                              "ones (qkv_proj / gate_up_proj); use --device cpu",
+                              path);
+        m->opts_.fuse = false;
+    }
     GPTQ_ASSIGN_OR_RETURN(m->ctx_, cuda_context::create(o.device));
     if (hp.head_dim % 2 != 0 || hp.head_dim > 256)
         return make_error(status_code::STATUS_UNSUPPORTED, "{}: head_dim {} (the GPU attention needs even, <= 256)",
@@ -67,6 +75,7 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
             return make_error(E_ARG, "{}: offloaded layers must be ascending indices in [0, {}); got {} at position {}",
                               path, hp.n_layer, off[i], i);
     auto st = m->load_weights();
+    if (st.is_ok()) st = m->loras_upload();
     if (!st.is_ok()) return st.with_context(path);
     int64_t n_ctx = o.n_ctx;
     if (n_ctx <= 0)
@@ -554,7 +563,7 @@ status llama_cuda_model::activations_reserve(int64_t n) {
     GPTQ_TRY(alloc(&up_, N * size_t(hp.n_ff) * 2));
     GPTQ_TRY(alloc(&logits_, N * size_t(hp.n_vocab) * 4));
     const size_t half  = size_t(hp.head_dim / 2);
-    step_rope_offset_  = align_up(3 * N * 4, 256);
+    step_rope_offset_  = align_up(4 * N * 4, 256);
     const size_t bytes = step_rope_offset_ + size_t(2 * rope_tables()) * N * half * 4;
     GPTQ_TRY(alloc(&step_, bytes));
     step_host_.assign(bytes, 0);
@@ -577,8 +586,9 @@ status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n) {
     for (int64_t t = 0; t < n; ++t) {
         hi[n_act_ + t]     = static_cast<int32_t>(tok_pos_[size_t(t)]);
         hi[2 * n_act_ + t] = static_cast<int32_t>(tok_seq_[size_t(t)]);
+        hi[3 * n_act_ + t] = seq_lora_[size_t(tok_seq_[size_t(t)])];
     }
-    GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.data(), step_host_.data(), size_t(3 * n_act_) * 4));
+    GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.data(), step_host_.data(), size_t(4 * n_act_) * 4));
     // RoPE rows, exactly as the CPU computes them (dynamic scaling and LongRoPE's factors for the
     // sequence's length, its attention factor). Table 0: hp.rope; table 1 (when they differ):
     // hp.rope_local. The inverse frequencies once per run of tokens of one length.
@@ -588,9 +598,11 @@ status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n) {
         const size_t       off_sin = off_cos + size_t(n_act_ * half) * 4;
         float*             cos     = reinterpret_cast<float*>(step_host_.data() + off_cos);
         float*             sin     = reinterpret_cast<float*>(step_host_.data() + off_sin);
+        // Only dynamic NTK and LongRoPE frequencies depend on the length (llama_rope_inv_freq).
+        const bool         by_len = rope.type == rope_type::ROPE_DYNAMIC || rope.type == rope_type::ROPE_LONGROPE;
         std::vector<float> inv_freq;
         for (int64_t t = 0; t < n; ++t) {
-            if (t == 0 || tok_len_[size_t(t)] != tok_len_[size_t(t - 1)])
+            if (t == 0 || (by_len && tok_len_[size_t(t)] != tok_len_[size_t(t - 1)]))
                 inv_freq = llama_rope_inv_freq(hp, rope, tok_len_[size_t(t)]);
             op_rope_tables(inv_freq.data(), half, tok_pos_[size_t(t)], 1, llama_rope_attention_factor(rope),
                            cos + t * half, sin + t * half);
@@ -632,6 +644,7 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
     p.n_past                   = ragged ? 0 : seq_pos_[size_t(seq)];
     p.pos_dev                  = ids + n_act_;
     p.seq_dev                  = ids + 2 * n_act_;
+    p.lora_rows                = opts_.loras.empty() ? nullptr : ids + 3 * n_act_;
     p.ragged                   = ragged;
     p.seq_stride               = seq_stride;
     p.mark                     = prof_on_ ? &marker : nullptr;
@@ -764,12 +777,66 @@ status llama_cuda_model::logits_top_download(int64_t n_rows, int64_t k, const fl
 void llama_cuda_model::reset() {
     seq_pos_.assign(size_t(n_seq_), 0);
     seq_ids_.assign(size_t(n_seq_), {});
+    seq_lora_.assign(size_t(n_seq_), -1);
 }
 
 void llama_cuda_model::seq_reset(int64_t seq) {
     if (seq < 0 || seq >= n_seq_) return;
     seq_pos_[size_t(seq)] = 0;
     seq_ids_[size_t(seq)].clear();
+    seq_lora_[size_t(seq)] = -1;
+}
+
+status llama_cuda_model::seq_lora_set(int64_t seq, int32_t lora) {
+    GPTQ_TRY(seq_check(seq));
+    if (lora < -1 || lora >= n_loras())
+        return make_error(E_ARG, "sequence {}: LoRA adapter {} is not loaded ({} are)", seq, lora, n_loras());
+    seq_lora_[size_t(seq)] = lora;
+    return status::ok();
+}
+
+// Per layer and linear role: a device table [n_adapters] of cuda_lora_slot {A, B, r, scale}, the
+// slots of adapters without that module empty (r 0); the layer's largest r sizes the kernel.
+status llama_cuda_model::loras_upload() {
+    const auto& loras = opts_.loras;
+    if (loras.empty()) return status::ok();
+    const llama_hparams& hp = hparams();
+    for (const auto& a : loras)
+        if (!a || static_cast<int64_t>(a->layers.size()) != hp.n_layer)
+            return make_error(E_ARG, "LoRA adapter {} does not have this model's {} layers", a ? a->name : "(null)",
+                              hp.n_layer);
+    auto upload = [&](const std::vector<float>& v) -> result<const float*> {
+        GPTQ_ASSIGN_OR_RETURN(cuda_buffer b, cuda_buffer::from_host(v.data(), v.size() * sizeof(float)));
+        lora_bytes_ += b.bytes();
+        lora_factors_.push_back(std::move(b));
+        return lora_factors_.back().as<const float>();
+    };
+    for (int64_t i = 0; i < hp.n_layer; ++i) {
+        layer& L = layers_[size_t(i)];
+        for (int r = 0; r < k_n_linear_roles; ++r) {
+            std::vector<cuda_lora_slot> slots(loras.size());
+            bool                        any = false;
+            for (size_t k = 0; k < loras.size(); ++k) {
+                const lora_module* m = loras[k]->module(i, static_cast<linear_role>(r));
+                if (!m) continue;
+                if (m->r > 1024)
+                    return make_error(status_code::STATUS_UNSUPPORTED, "LoRA adapter {}: r {} (the GPU takes <= 1024)",
+                                      loras[k]->name, m->r);
+                GPTQ_ASSIGN_OR_RETURN(slots[k].a, upload(m->a));
+                GPTQ_ASSIGN_OR_RETURN(slots[k].b, upload(m->b));
+                slots[k].r     = static_cast<int32_t>(m->r);
+                slots[k].scale = m->scale;
+                L.lora_max_r   = std::max(L.lora_max_r, slots[k].r);
+                any            = true;
+            }
+            if (!any) continue;
+            GPTQ_ASSIGN_OR_RETURN(L.lora[size_t(r)],
+                                  cuda_buffer::from_host(slots.data(), slots.size() * sizeof(cuda_lora_slot)));
+            lora_bytes_ += L.lora[size_t(r)].bytes();
+        }
+    }
+    weight_bytes_ += lora_bytes_;
+    return status::ok();
 }
 
 status llama_cuda_model::seq_check(int64_t seq) const {
@@ -790,7 +857,9 @@ status llama_cuda_model::reprefill(int64_t seq, const int32_t* ids, int64_t n, f
     all.insert(all.end(), ids, ids + n);
     if (!logits && all_logits)
         return make_error(E_ARG, "LongRoPE re-prefill of sequence {} with every row's logits left on the GPU", seq);
+    const int32_t lora = seq_lora_[size_t(seq)];
     seq_reset(seq);
+    seq_lora_[size_t(seq)] = lora;
     if (!all_logits) return prefill_seq(seq, all.data(), n_all, logits, false);
     std::vector<float> tmp(size_t(n_all * n_vocab));
     GPTQ_TRY(prefill_seq(seq, all.data(), n_all, tmp.data(), true));

@@ -32,6 +32,7 @@
 #include "model/device_map.h"
 #include "model/llama.h"
 #include "model/llama_cuda_layer.h"
+#include "model/lora.h"
 #include "ops/logits_top.h"
 #include "ops/ops_cuda.h"
 
@@ -49,6 +50,11 @@ struct llama_cuda_options {
     // q/k/v of a model with q/k norms (Qwen3, Gemma 3) are never fused (the norms need q, k apart).
     bool              fuse = true;
     offload_placement offload;  // modules kept in pinned host memory and copied in when they run
+    // LoRA adapters (model/lora.h, read for this model's hparams; docs/lora.md), resident on the GPU
+    // as F32 factors, adapter k = loras[k]; each sequence slot runs with the one seq_lora_set gave
+    // it. With adapters the linears stay unfused (each adapter adds to its own linear's output), and
+    // a checkpoint that stores fused modules (Phi-3) is refused.
+    std::vector<std::shared_ptr<const lora_adapter>> loras;
 };
 constexpr int64_t k_llama_cuda_default_ctx = 4096;
 constexpr int64_t k_llama_cuda_max_seq     = 256;  // sequence slots (sequences_reserve)
@@ -99,7 +105,10 @@ public:
     status  sequences_reserve(int64_t n_seq);
     int64_t n_seq() const { return n_seq_; }
     int64_t seq_pos(int64_t seq) const { return seq >= 0 && seq < n_seq_ ? seq_pos_[size_t(seq)] : -1; }
-    void    seq_reset(int64_t seq);  // forget one slot's sequence; an unknown slot: nothing
+    void    seq_reset(int64_t seq);  // forget one slot's sequence (and its adapter); an unknown slot: nothing
+    // The LoRA adapter (index into options.loras, -1 none) the tokens of slot seq run with from now on.
+    status  seq_lora_set(int64_t seq, int32_t lora);
+    int64_t n_loras() const { return static_cast<int64_t>(opts_.loras.size()); }
     // ids[n] for slot seq after its cached positions (the prefill kernels), logits as prefill().
     status prefill_seq(int64_t seq, const int32_t* ids, int64_t n, float* logits, bool all_logits);
     // One token for each of n distinct slots seqs[t], each at its own position: one launch of every
@@ -184,6 +193,8 @@ private:
     // A GPTQ lm_head ("lm_head": true): dequantized to F16 at load, then used as a dense one.
     status lm_head_upload_dequantized(const gptq_config& qc);
     status tensor_upload_f16(const tensor_spec& t, cuda_buffer* out);
+    // The adapters' factors and per-layer slot tables (options.loras) onto the device.
+    status loras_upload();
     status activations_reserve(int64_t n_tokens);
     // Upload ids, positions, slots (tok_pos_, tok_seq_) and the RoPE rows (for lengths tok_len_)
     // of a step's n tokens.
@@ -228,6 +239,9 @@ private:
     std::vector<std::vector<int32_t>> seq_ids_;            // [n_seq] ids of the cached positions (ids_append)
     std::vector<int64_t>              tok_pos_, tok_len_;  // a step's tokens: position, sequence length
     std::vector<int32_t>              tok_seq_;            // ... and slot
+    std::vector<int32_t>              seq_lora_;           // [n_seq] each slot's LoRA adapter (-1 none)
+    std::vector<cuda_buffer>          lora_factors_;       // every adapter's A and B, F32
+    uint64_t                          lora_bytes_ = 0;
     std::vector<layer>                layers_;
     cuda_buffer                       embed_, norm_, lm_head_;  // [n_vocab, n_embd], [n_embd], lm_head or empty (tied)
     uint64_t                          weight_bytes_ = 0;
@@ -250,7 +264,8 @@ private:
     // inv_temp; the host copy of the first three.
     cuda_buffer          top_dev_;
     std::vector<uint8_t> top_host_;
-    // Step inputs: [n_act_] I32 ids, [n_act_] I32 positions, [n_act_] I32 slots, then (at step_rope_offset_) F32 cos
+    // Step inputs: [n_act_] I32 ids, [n_act_] I32 positions, [n_act_] I32 slots, [n_act_] I32 LoRA adapters, then
+    // (at step_rope_offset_) F32 cos
     // and sin [n_act_, head_dim / 2] each, per RoPE table (rope_tables()). Uploaded per call from step_host_.
     cuda_buffer          step_;
     size_t               step_rope_offset_ = 0;

@@ -1,12 +1,15 @@
-// LoRA adapters on the GPU (docs/lora.md): the add kernel (kernels/cuda/lora.cu) alone with
-// per-row adapters against the CPU reference (model/lora.h lora_forward, F32); the CUDA session
-// refuses adapters until the runtime loads them (not wired yet).
+// LoRA adapters on the GPU (docs/lora.md) against the CPU reference (model/lora.h lora_forward,
+// F32): the add kernel (kernels/cuda/lora.cu) alone with per-row adapters, then the CUDA
+// model_session with two adapters: evaluate, prefill + graph decode steps, and ragged steps whose
+// sequences sit at different positions with different adapters (and none), on the FP16 tiny-llama
+// and an act-order GPTQ checkpoint of it (the int4 kernel: the base stays quantized).
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -81,19 +84,112 @@ TEST(lora_cuda, add_kernel_matches_cpu_per_row_adapters) {
     EXPECT_TRUE(std::equal(got16.begin() + n_out, got16.begin() + 2 * n_out, y16.begin() + n_out));
 }
 
-// The runtime does not load adapters on the GPU yet (the kernel above is not wired into
-// llama_cuda_model): a CUDA session with --lora is refused, naming the adapter and the way out.
-TEST(lora_cuda, gpu_session_with_adapters_is_refused_by_name) {
-    GPTQ_SKIP_WITHOUT_GPU();
+// The F16 bound of test_llama_cuda (GPU F16 weights and activations vs CPU F32).
+constexpr double k_f16_logits_rel_tol = 3e-2;
+
+std::unique_ptr<model_session> open(const std::string& model, const std::string& device) {
     model_session_options o;
-    o.model_path = cuda_source_dir() + "/models/tiny-llama";
-    o.device     = {.cuda = true, .index = 0};
-    o.loras      = {{cuda_source_dir() + "/tests/data/lora/adapter-a", 1.0}};
-    auto s       = model_session_open(o);
-    ASSERT_FALSE(s.is_ok());
-    EXPECT_EQ(s.error().code(), status_code::STATUS_UNSUPPORTED);
-    EXPECT_NE(s.error().message().find("adapter-a"), std::string::npos) << s.error().message();
-    EXPECT_NE(s.error().message().find("--device cpu"), std::string::npos) << s.error().message();
+    o.model_path = model;
+    auto d       = device_parse(device);
+    EXPECT_TRUE(d.is_ok());
+    o.device              = *d;
+    o.n_threads           = 2;
+    o.n_ctx_hint          = 128;
+    const std::string dir = cuda_source_dir() + "/tests/data/lora/";
+    o.loras               = {{dir + "adapter-a", 1.0}, {dir + "adapter-b", 1.0}};
+    o.lora_stack          = false;  // adapter 0 = a, 1 = b, chosen per sequence
+    auto s                = model_session_open(o);
+    EXPECT_TRUE(s.is_ok()) << s.error().message();
+    return s.is_ok() ? std::move(*s) : nullptr;
+}
+
+// The same steps on both sessions; each row GPU vs CPU. Returns the worst relative error.
+double steps_compare(model_session& gpu, model_session& cpu, std::span<const seq_step> steps, const char* what) {
+    const int64_t      V = gpu.n_vocab();
+    std::vector<float> g(steps.size() * size_t(V)), c(steps.size() * size_t(V));
+    const status       sg = gpu.step(steps, g.data()), sc = cpu.step(steps, c.data());
+    EXPECT_TRUE(sg.is_ok()) << what << ": " << sg.message();
+    EXPECT_TRUE(sc.is_ok()) << what << ": " << sc.message();
+    if (!sg.is_ok() || !sc.is_ok()) return 1.0;
+    double worst = 0;
+    for (size_t r = 0; r < steps.size(); ++r) {
+        const double e = row_rel_error(g.data() + r * size_t(V), c.data() + r * size_t(V), V);
+        worst          = std::max(worst, e);
+        EXPECT_LE(e, k_f16_logits_rel_tol)
+            << what << " row " << r << " (slot " << steps[r].seq << ", adapter " << steps[r].lora << ")";
+    }
+    return worst;
+}
+
+void check_model(const std::string& model) {
+    auto gpu = open(model, "cuda"), cpu = open(model, "cpu");
+    ASSERT_TRUE(gpu && cpu);
+    ASSERT_EQ(gpu->lora_names(), cpu->lora_names());
+    const int64_t              V = gpu->n_vocab(), n = 24;
+    const std::vector<int32_t> ids = cuda_test_ids(n, V);
+    // evaluate with adapter 0: every row.
+    std::vector<float> g(size_t(n * V)), c(size_t(n * V)), base(size_t(n * V));
+    GPTQ_EXPECT_OK(gpu->evaluate(ids.data(), n, g.data(), 0));
+    GPTQ_EXPECT_OK(cpu->evaluate(ids.data(), n, c.data(), 0));
+    double worst = 0;
+    for (int64_t t = 0; t < n; ++t) {
+        const double e = row_rel_error(g.data() + t * V, c.data() + t * V, V);
+        worst          = std::max(worst, e);
+        EXPECT_LE(e, k_f16_logits_rel_tol) << model << " evaluate row " << t;
+    }
+    // The adapter matters here: the CPU without it is far from the CPU with it.
+    GPTQ_EXPECT_OK(cpu->evaluate(ids.data(), n, base.data(), -1));
+    EXPECT_GT(row_rel_error(base.data() + (n - 1) * V, c.data() + (n - 1) * V, V), 3 * k_f16_logits_rel_tol);
+
+    // Ragged: three slots, prompts of different lengths, adapters 0, 1 and none; then decode steps
+    // (graphs from the second on) with subsets and a slot reused with another adapter.
+    for (model_session* s : {gpu.get(), cpu.get()}) GPTQ_EXPECT_OK(s->reserve(3, 64));
+    std::vector<seq_step> pre = {{.seq = 0, .ids = ids.data(), .n_tokens = 8, .lora = 0},
+                                 {.seq = 1, .ids = ids.data() + 8, .n_tokens = 5, .lora = 1},
+                                 {.seq = 2, .ids = ids.data() + 13, .n_tokens = 3, .lora = -1}};
+    worst                     = std::max(worst, steps_compare(*gpu, *cpu, pre, "prefill"));
+    for (int t = 0; t < 6; ++t) {
+        std::vector<seq_step> dec = {{.seq = 0, .ids = ids.data() + 16 + t, .n_tokens = 1, .lora = 0},
+                                     {.seq = 1, .ids = ids.data() + 17 + t, .n_tokens = 1, .lora = 1},
+                                     {.seq = 2, .ids = ids.data() + 10 + t, .n_tokens = 1, .lora = -1}};
+        if (t == 3) dec.erase(dec.begin());  // a subset
+        worst = std::max(worst, steps_compare(*gpu, *cpu, dec, "decode"));
+    }
+    for (model_session* s : {gpu.get(), cpu.get()}) s->seq_reset(2);
+    std::vector<seq_step> again = {{.seq = 2, .ids = ids.data() + 3, .n_tokens = 4, .lora = 1},
+                                   {.seq = 0, .ids = ids.data() + 5, .n_tokens = 1, .lora = 0}};
+    worst                       = std::max(worst, steps_compare(*gpu, *cpu, again, "reused slot"));
+    for (int t = 0; t < 3; ++t) {
+        std::vector<seq_step> dec = {{.seq = 2, .ids = ids.data() + t, .n_tokens = 1, .lora = 1},
+                                     {.seq = 1, .ids = ids.data() + 2 + t, .n_tokens = 1, .lora = 1},
+                                     {.seq = 0, .ids = ids.data() + 4 + t, .n_tokens = 1, .lora = 0}};
+        worst                     = std::max(worst, steps_compare(*gpu, *cpu, dec, "decode after reuse"));
+    }
+    std::printf("[ lora gpu ] %s: max rel error vs the CPU %.3g\n", model.c_str(), worst);
+}
+
+TEST(lora_cuda, fp16_model_matches_cpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    check_model(cuda_source_dir() + "/models/tiny-llama");
+}
+
+TEST(lora_cuda, gptq_act_order_model_matches_cpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    check_model(tiny_llama_gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq"));
+}
+
+TEST(lora_cuda, unknown_adapter_index_is_an_error) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    auto gpu = open(cuda_source_dir() + "/models/tiny-llama", "cuda");
+    ASSERT_TRUE(gpu);
+    GPTQ_EXPECT_OK(gpu->reserve(1, 16));
+    const int32_t      id = 1;
+    std::vector<float> l(size_t(gpu->n_vocab()));
+    seq_step           s{.seq = 0, .ids = &id, .n_tokens = 1, .lora = 2};
+    const status       st = gpu->step({&s, 1}, l.data());
+    ASSERT_FALSE(st.is_ok());
+    EXPECT_NE(st.message().find("LoRA adapter 2"), std::string::npos) << st.message();
+    EXPECT_EQ(gpu->seq_pos(0), 0);
 }
 
 }  // namespace

@@ -229,7 +229,8 @@ TEST(CudaKernels, SoftcapMatchesCpu) {
 }
 
 // Candidates for sampling (ops/logits_top.h): ids and values equal to the reference's (the same
-// order, ties by lower id), sums to double rounding; rows with many ties, -inf, a huge vocabulary.
+// order, ties by lower id, -0 and +0 equal), sums to double rounding; rows with many ties (the
+// rounded values hold -0 and +0), -inf, a huge vocabulary.
 TEST(CudaKernels, LogitsTopMatchesCpu) {
     GPTQ_SKIP_WITHOUT_GPU();
     const uint32_t seed = test::fresh_seed();
@@ -251,8 +252,9 @@ TEST(CudaKernels, LogitsTopMatchesCpu) {
             std::normal_distribution<float> nd(0.0f, 3.0f);
             std::vector<float>              l(static_cast<size_t>(rows * n_vocab));
             for (auto& v : l) v = variant == 0 ? nd(rng) : std::round(nd(rng));
-            if (variant == 2)
-                for (size_t i = 0; i < l.size(); i += 3) l[i] = -INFINITY;
+            if (variant == 2)  // a third of each row (never its first value: a row all -inf has no softmax)
+                for (int64_t r = 0; r < rows; ++r)
+                    for (int64_t j = 1; j < n_vocab; j += 3) l[size_t(r * n_vocab + j)] = -INFINITY;
             std::vector<float> it(static_cast<size_t>(rows));
             for (auto& v : it) v = std::uniform_real_distribution<float>(0.3f, 3.0f)(rng);
             logits_top ref;

@@ -11,9 +11,10 @@ namespace {
 constexpr int k_threads = 512;
 constexpr int k_max     = 256;
 
-// Order-preserving key: a > b as floats <=> key(a) > key(b) as unsigned (NaNs at the ends).
+// Order-preserving key: a > b as floats <=> key(a) > key(b) as unsigned, and -0 == +0 as floats
+// compare them (so ties between them go by id, as on the host); NaNs at the ends.
 __device__ __forceinline__ uint32_t order_key(float x) {
-    const uint32_t u = __float_as_uint(x);
+    const uint32_t u = __float_as_uint(x == 0.0f ? 0.0f : x);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 

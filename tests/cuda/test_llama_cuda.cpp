@@ -631,7 +631,7 @@ TEST(llama_cuda, paged_pages_return_and_out_of_pages_is_an_error) {
     EXPECT_EQ((*m)->kv_pages_total(), 6);
     const int64_t      V   = (*m)->hparams().n_vocab;
     const auto         ids = test_ids(48, V);
-    std::vector<float> out(size_t(3 * V)), ref(size_t(V));
+    std::vector<float> out(static_cast<size_t>(3 * V)), ref(static_cast<size_t>(V));
     GPTQ_EXPECT_OK((*m)->prefill_seq(0, ids.data(), 20, out.data(), false));  // 3 pages
     GPTQ_EXPECT_OK((*m)->prefill_seq(1, ids.data(), 16, out.data(), false));  // 2 pages
     EXPECT_EQ((*m)->kv_pages_used(), 5);

@@ -226,7 +226,7 @@ result<std::unique_ptr<model_session>> model_session_open_cuda(const model_sessi
     // check first (config and table only, no weight read).
     if (o.strict) GPTQ_TRY(llama_model::open(o.model_path, {.strict = true}).to_status());
     llama_cuda_options co;
-    co.device = o.device.index;
+    co.device    = o.device.index;
     co.n_ctx     = o.n_ctx_hint;
     co.page_size = o.kv_page_size;
     GPTQ_TRY(placement_plan(o, &co));

@@ -121,11 +121,12 @@ result<serve_plan> plan_kv(const serve_options& o, const model_session& s) {
             return make_error(E_ARG, "--kv-memory {} is not a fraction in (0, 1] nor a size in bytes",
                               o.kv_memory_frac);
         const uint64_t avail = s.memory_available();  // host or device memory still free
-        in.budget            = avail > 0 ? static_cast<uint64_t>(static_cast<double>(avail) * o.kv_memory_frac)
-                                         : in.per_position * uint64_t(in.n_ctx) * uint64_t(in.max_seqs);  // unknown: what --max-seqs asks
-        in.budget_of         = avail > 0
-                                   ? fmt::format("--kv-memory {:g} of the {} available", o.kv_memory_frac, human_bytes(avail))
-                                   : "--max-seqs (free memory unknown)";
+        in.budget =
+            avail > 0 ? static_cast<uint64_t>(static_cast<double>(avail) * o.kv_memory_frac)
+                      : in.per_position * uint64_t(in.n_ctx) * uint64_t(in.max_seqs);  // unknown: what --max-seqs asks
+        in.budget_of = avail > 0
+                           ? fmt::format("--kv-memory {:g} of the {} available", o.kv_memory_frac, human_bytes(avail))
+                           : "--max-seqs (free memory unknown)";
     }
     return serve_kv_plan(in);
 }
@@ -532,15 +533,15 @@ status serve_run(const serve_options& o) {
     GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(o.model_path));
     GPTQ_ASSIGN_OR_RETURN(std::string tmpl, chat_template_of(o, *tok));
     model_session_options so;
-    so.model_path = o.model_path;
-    so.device     = dev;
-    so.n_threads  = o.n_threads;
+    so.model_path   = o.model_path;
+    so.device       = dev;
+    so.n_threads    = o.n_threads;
     so.n_ctx_hint   = o.n_ctx;
     so.kv_page_size = o.page_size;  // the GPU's pages are the scheduler's
-    so.device_map = o.device_map;
-    so.max_memory = o.max_memory;
-    so.loras      = o.loras;
-    so.lora_stack = false;  // each adapter a model of its own, chosen per request
+    so.device_map   = o.device_map;
+    so.max_memory   = o.max_memory;
+    so.loras        = o.loras;
+    so.lora_stack   = false;  // each adapter a model of its own, chosen per request
     GPTQ_ASSIGN_OR_RETURN(auto session, model_session_open(so));
     GPTQ_ASSIGN_OR_RETURN(const serve_plan plan, plan_kv(o, *session));
     const uint64_t weights = session->memory_used();  // before the KV cache
@@ -570,17 +571,17 @@ status serve_run(const serve_options& o) {
 
     std::printf("gptq serve: %s on %s; %s\n", name.c_str(), session->device().c_str(), session->describe().c_str());
     const std::string kv_line =
-        plan.paged ? fmt::format("KV pool {} = {} pages of {} positions ({} a position), shared by {} sequence slots "
-                                 "of up to {} positions",
-                                 human_bytes(plan.kv_bytes), plan.n_pages, plan.page_size,
-                                 human_bytes(plan.per_position), plan.n_slots, plan.n_ctx)
+        plan.paged ? fmt::format(
+                         "KV pool {} = {} pages of {} positions ({} a position), shared by {} sequence slots "
+                         "of up to {} positions",
+                         human_bytes(plan.kv_bytes), plan.n_pages, plan.page_size, human_bytes(plan.per_position),
+                         plan.n_slots, plan.n_ctx)
                    : fmt::format("KV cache {} = {} sequences x {} positions ({} a position), {} pages of {} positions",
                                  human_bytes(plan.kv_bytes), plan.n_slots, plan.n_ctx, human_bytes(plan.per_position),
                                  plan.n_pages, plan.page_size);
-    const std::string plan_line =
-        fmt::format("memory plan: weights {} ({}); {} (--max-seqs {}); the KV budget ({}) holds {} full-context sequences",
-                    human_bytes(weights), session->memory_kind(), kv_line, o.max_seqs, human_bytes(plan.budget),
-                    plan.n_fit);
+    const std::string plan_line = fmt::format(
+        "memory plan: weights {} ({}); {} (--max-seqs {}); the KV budget ({}) holds {} full-context sequences",
+        human_bytes(weights), session->memory_kind(), kv_line, o.max_seqs, human_bytes(plan.budget), plan.n_fit);
     std::printf("%s\n", plan_line.c_str());
     std::printf(
         "listening on http://%s:%d (POST /v1/completions, /v1/chat/completions; GET /v1/models, /health, "

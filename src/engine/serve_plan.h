@@ -16,18 +16,18 @@ struct serve_kv_inputs {
     uint64_t    per_position = 0;   // KV bytes of one position (model_session::kv_bytes_per_position)
     uint64_t    budget       = 0;   // bytes the KV cache may take
     std::string budget_of;          // where the budget comes from, for the error ("--kv-memory 0.9 of ...")
-    int64_t     page_size    = 16;  // positions per KV page (the scheduler's and, paged, the backend's)
-    bool        paged        = false;  // the backend's slots share a pool of pages (model_session::kv_page_size)
+    int64_t     page_size = 16;     // positions per KV page (the scheduler's and, paged, the backend's)
+    bool        paged     = false;  // the backend's slots share a pool of pages (model_session::kv_page_size)
 };
 
 struct serve_plan {
     int64_t  n_ctx = 0, n_slots = 0;  // sequence slots of up to n_ctx positions
     int64_t  n_pages   = 0;           // KV pages of page_size positions, in all
     int64_t  page_size = 0;
-    int64_t  n_fit     = 0;           // full-context sequences the budget holds
+    int64_t  n_fit     = 0;  // full-context sequences the budget holds
     bool     paged     = false;
     uint64_t budget = 0, per_position = 0;
-    uint64_t kv_bytes = 0;            // what the plan allocates
+    uint64_t kv_bytes = 0;  // what the plan allocates
 };
 
 // Paged: a pool of min(budget / page bytes, max_seqs x ceil(n_ctx / page_size)) pages shared by

@@ -69,11 +69,11 @@ public:
 
 private:
     int64_t              n_seq_ = 0, max_pages_ = 0, page_size_ = 0;
-    std::vector<int32_t> table_;   // [n_seq][max_pages]
-    std::vector<int64_t> held_;    // [n_seq] pages held
-    std::vector<int32_t> free_;    // a stack: the next page taken is free_.back()
-    std::vector<int32_t> owner_;   // [n_pages] the sequence holding the page, -1 free (checks)
-    std::vector<int64_t> dirty_;   // [n_seq] first entry set since dirty_take, or max_pages: none
+    std::vector<int32_t> table_;  // [n_seq][max_pages]
+    std::vector<int64_t> held_;   // [n_seq] pages held
+    std::vector<int32_t> free_;   // a stack: the next page taken is free_.back()
+    std::vector<int32_t> owner_;  // [n_pages] the sequence holding the page, -1 free (checks)
+    std::vector<int64_t> dirty_;  // [n_seq] first entry set since dirty_take, or max_pages: none
 };
 
 }  // namespace gptq

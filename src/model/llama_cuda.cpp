@@ -519,6 +519,12 @@ status llama_cuda_model::kv_reserve(int64_t n_seq, int64_t n_ctx, int64_t n_page
     if (n_pages < 0) return make_error(E_ARG, "a KV pool of {} pages", n_pages);
     const int64_t P = opts_.page_size, max_pages = (n_ctx + P - 1) / P;
     const int64_t pages = n_pages > 0 ? n_pages : n_seq * max_pages;
+    if (n_seq == n_seq_ && n_ctx == n_ctx_ && pages == pages_.n_pages() && pages_.max_pages() == max_pages &&
+        page_table_.bytes()) {  // the same layout: the graphs stay valid (bench reserves every iteration)
+        pages_explicit_ = n_pages > 0;
+        reset();
+        return status::ok();
+    }
     GPTQ_TRY(ctx_->synchronize());
     graphs_.clear();  // they read the old pools, tables and bounds
     // Until the new layout stands: no pages, so no step can run on a half-made cache.
@@ -612,9 +618,17 @@ status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n) {
     }
     GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.data(), step_host_.data(), size_t(3 * n_act_) * 4));
     // The page table entries the step's sequences took (pageable copies: the driver has the bytes
-    // when the call returns, and the addresses the kernels and graphs hold stay the same).
-    for (const auto& [b, e] : pages_.dirty_take())
-        GPTQ_TRY(cuda_copy_to_device_async(*ctx_, page_table_.as<int32_t>() + b, pages_.table() + b, size_t(e - b) * 4));
+    // when the call returns, and the addresses the kernels and graphs hold stay the same). Ranges
+    // less than 4 KiB apart go as one copy: any span of the host table may be uploaded, since the
+    // entries between them are either already on the device or not read by any kernel.
+    const auto dirty = pages_.dirty_take();
+    for (size_t i = 0; i < dirty.size();) {
+        const int64_t b = dirty[i].first;
+        int64_t       e = dirty[i].second;
+        for (++i; i < dirty.size() && dirty[i].first - e < 1024; ++i) e = dirty[i].second;
+        GPTQ_TRY(
+            cuda_copy_to_device_async(*ctx_, page_table_.as<int32_t>() + b, pages_.table() + b, size_t(e - b) * 4));
+    }
     // RoPE rows, exactly as the CPU computes them (dynamic scaling and LongRoPE's factors for the
     // sequence's length, its attention factor). Table 0: hp.rope; table 1 (when they differ):
     // hp.rope_local. The inverse frequencies once per run of tokens of one length.
@@ -663,14 +677,14 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
         p.cos_local = p.cos + 2 * n_act_ * half;
         p.sin_local = p.cos + 3 * n_act_ * half;
     }
-    p.n_ctx                    = n_ctx_;
-    p.n_past                   = ragged ? 0 : seq_pos_[size_t(seq)];
-    p.pos_dev                  = ids + n_act_;
-    p.seq_dev                  = ids + 2 * n_act_;
-    p.ragged = ragged;
-    p.mark   = prof_on_ ? &marker : nullptr;
-    p.pages  = {page_table_.as<int32_t>() + (ragged ? 0 : seq * pages_.max_pages()), pages_.page_size(),
-                pages_.max_pages()};
+    p.n_ctx   = n_ctx_;
+    p.n_past  = ragged ? 0 : seq_pos_[size_t(seq)];
+    p.pos_dev = ids + n_act_;
+    p.seq_dev = ids + 2 * n_act_;
+    p.ragged  = ragged;
+    p.mark    = prof_on_ ? &marker : nullptr;
+    p.pages   = {page_table_.as<int32_t>() + (ragged ? 0 : seq * pages_.max_pages()), pages_.page_size(),
+                 pages_.max_pages()};
 
     auto wait = [&](int unit) -> status {  // a staged module's copy, timed on its own when profiling
         GPTQ_TRY(stage_wait(unit));

@@ -113,7 +113,7 @@ struct cuda_layer_pass {
     const int32_t* pos_dev = nullptr;                      // device I32 [n]: each token's position
     const int32_t* seq_dev = nullptr;                      // ragged: device I32 [n], each token's sequence
     bool           ragged  = false;
-    int64_t        seqlen     = 0;  // local: tokens per window
+    int64_t        seqlen  = 0;  // local: tokens per window
 
     // Local only: the attention output goes to attn_out ([n, q_dim], nullptr: buffers.x), and with
     // attn_reuse it is already there (q/k/v, RoPE and attention are skipped).

@@ -477,7 +477,8 @@ status op_cuda_add_rms_norm(cuda_context& ctx, uint16_t* h, const uint16_t* add,
 status op_cuda_rope_kv_store(cuda_context& ctx, uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t q_stride,
                              int64_t kv_stride, const float* cos, const float* sin, int64_t n_tokens, int64_t n_head,
                              int64_t n_head_kv, int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v,
-                             const int32_t* pos_dev, const int32_t* seq_dev, const cuda_kv_pages& pages, int64_t n_ctx) {
+                             const int32_t* pos_dev, const int32_t* seq_dev, const cuda_kv_pages& pages,
+                             int64_t n_ctx) {
     const cuda::kv_page_map m{pages.pages, pages.page_size, pages.pages_stride};
     return cuda::rope_kv_store_f16(q, k, v, q_stride, kv_stride, cos, sin, n_tokens, n_head, n_head_kv, head_dim,
                                    cache_k, cache_v, pos_dev, seq_dev, m, n_ctx, ctx.stream());

@@ -257,7 +257,7 @@ struct cuda_attention_args {
     float           scale    = 1.0f;
     float           softcap  = 0.0f;  // > 0: scaled scores s -> softcap * tanh(s / softcap) (Gemma 2); 0 = off
     int64_t         q_stride = 0, kv_stride = 0, out_stride = 0;
-    cuda_kv_pages kv_pages;  // paged K/V: each sequence's rows through its page table
+    cuda_kv_pages   kv_pages;  // paged K/V: each sequence's rows through its page table
     // Ragged decode (kernels/cuda/attention.cuh attention_params): query i at position q_pos_dev[i]
     // of sequence q_seq_dev[i] (its page table row), device I32 read when the kernel runs; n_kv
     // bounds every position + 1. Decode kernel only, any n_q.

@@ -390,8 +390,8 @@ struct paged_kv {
     std::vector<int32_t>               table;           // [n_seq][max_pages], -1: no page
     std::vector<uint16_t>              k_pool, v_pool;  // [n_pages * page_size][kv_dim]
     std::vector<std::vector<uint16_t>> k_seq, v_seq;    // [len[s]][kv_dim]
-    int64_t row_of(int64_t s, int64_t r) const {
-        return int64_t(table[size_t(s * max_pages + r / page_size)]) * page_size + r % page_size;
+    int64_t                            row_of(int64_t s, int64_t r) const {
+                                   return int64_t(table[size_t(s * max_pages + r / page_size)]) * page_size + r % page_size;
     }
 };
 
@@ -447,12 +447,12 @@ TEST(CudaKernels, AttentionDecodePagedMatchesCpu) {
                                                        {6, 3, 129, 64, 2, 1, 128, 20, 0.0f},
                                                        {3, 2, 1000, 16, 2, 1, 256, 0, 30.0f},
                                                        {12, 5, 100, 16, 6, 3, 64, 7, 5.0f}}) {
-        const int64_t kv_dim = c.n_head_kv * c.head_dim, q_dim = c.n_head * c.head_dim, q_stride = q_dim + 2;
-        const int64_t max_pages = (c.n_ctx + c.page_size - 1) / c.page_size;
+        const int64_t        kv_dim = c.n_head_kv * c.head_dim, q_dim = c.n_head * c.head_dim, q_stride = q_dim + 2;
+        const int64_t        max_pages = (c.n_ctx + c.page_size - 1) / c.page_size;
         std::vector<int32_t> pos(size_t(c.n_q)), seq(size_t(c.n_q));
         std::vector<int64_t> len(size_t(c.n_seq), 1);
         for (int64_t i = 0; i < c.n_q; ++i) {
-            seq[size_t(i)] = int32_t(i < c.n_seq ? i : rng() % uint32_t(c.n_seq));
+            seq[size_t(i)]     = int32_t(i < c.n_seq ? i : rng() % uint32_t(c.n_seq));
             const int64_t kind = i % 4;  // the last position, a page's first / last row, anywhere
             int64_t       p    = kind == 0 ? c.n_ctx - 1 : int64_t(rng() % uint32_t(c.n_ctx));
             if (kind == 1) p = p / c.page_size * c.page_size;
@@ -470,8 +470,8 @@ TEST(CudaKernels, AttentionDecodePagedMatchesCpu) {
         p.window = c.window, p.scale = 1.0f / std::sqrt(float(c.head_dim)), p.softcap = c.softcap;
         p.q_stride = q_stride, p.kv_stride = kv_dim, p.out_stride = q_dim;
         p.q_pos_dev = dpos.get(), p.q_seq_dev = dseq.get();
-        p.kv_pages                = {dtab.get(), c.page_size, max_pages};
-        const int64_t       ws    = cuda::attention_decode_workspace_floats(c.n_q, c.n_ctx, c.n_head, c.head_dim);
+        p.kv_pages             = {dtab.get(), c.page_size, max_pages};
+        const int64_t       ws = cuda::attention_decode_workspace_floats(c.n_q, c.n_ctx, c.n_head, c.head_dim);
         device_array<float> dws(static_cast<size_t>(ws));
         GPTQ_EXPECT_OK(cuda::attention_decode_f16(p, dws.get(), ws, nullptr));
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
@@ -484,7 +484,8 @@ TEST(CudaKernels, AttentionDecodePagedMatchesCpu) {
             sh.n_head = c.n_head, sh.n_head_kv = c.n_head_kv, sh.head_dim = c.head_dim, sh.window = c.window;
             sh.scale = p.scale, sh.softcap = c.softcap;
             sh.q_stride = q_stride, sh.kv_stride = kv_dim, sh.out_stride = q_dim;
-            const auto kf = test::to_f32(kv.k_seq[size_t(seq[size_t(i)])]), vf = test::to_f32(kv.v_seq[size_t(seq[size_t(i)])]);
+            const auto kf = test::to_f32(kv.k_seq[size_t(seq[size_t(i)])]),
+                       vf = test::to_f32(kv.v_seq[size_t(seq[size_t(i)])]);
             cpu::attention_ref(qf.data() + i * q_stride, kf.data(), vf.data(), ref.data() + i * q_dim, sh);
         }
         const std::string what = "paged decode n_q=" + std::to_string(c.n_q) + " seqs=" + std::to_string(c.n_seq) +
@@ -500,8 +501,8 @@ TEST(CudaKernels, AttentionDecodePagedMatchesCpu) {
     bad.q_pos_dev                                 = &one;
     EXPECT_FALSE(cuda::attention_prefill_f16(bad, nullptr).is_ok());
     bad.q_seq_dev = &one;
-    float         ws[8];
-    const status  st = cuda::attention_decode_f16(bad, ws, 8, nullptr);
+    float        ws[8];
+    const status st = cuda::attention_decode_f16(bad, ws, 8, nullptr);
     EXPECT_FALSE(st.is_ok());
     EXPECT_NE(st.message().find("page table"), std::string::npos) << st.message();
     // A page size that is not a power of two, and a table too short for n_kv, are refused by name.
@@ -550,7 +551,7 @@ TEST(CudaKernels, AttentionPrefillPagedMatchesCpu) {
         p.head_dim = c.head_dim, p.window = c.window, p.scale = 1.0f / std::sqrt(float(c.head_dim));
         p.softcap  = c.softcap;
         p.q_stride = p.out_stride = q_dim, p.kv_stride = kv_dim;
-        p.kv_pages                = {dtab.get() + which * max_pages, c.page_size, max_pages};
+        p.kv_pages            = {dtab.get() + which * max_pages, c.page_size, max_pages};
         const auto         qf = test::to_f32(q), kf = test::to_f32(kv.k_seq[which]), vf = test::to_f32(kv.v_seq[which]);
         std::vector<float> ref(size_t(c.n_q * q_dim));
         cpu::attention_shape sh;
@@ -736,9 +737,9 @@ TEST(CudaKernels, RopeKvStorePagedWritesEachTokensRow) {
     std::uniform_real_distribution<float> ang(-3.2f, 3.2f);
     for (const int64_t page_size : {int64_t(1), int64_t(16), int64_t(64)}) {
         for (const bool ragged : {true, false}) {
-            const int64_t tokens = ragged ? 9 : 40, n_head = 6, n_head_kv = 2, hd = 64, n_ctx = 150, n_seq = 12;
-            const int64_t q_dim = n_head * hd, kv_dim = n_head_kv * hd, half = hd / 2;
-            const int64_t max_pages = (n_ctx + page_size - 1) / page_size;
+            const int64_t        tokens = ragged ? 9 : 40, n_head = 6, n_head_kv = 2, hd = 64, n_ctx = 150, n_seq = 12;
+            const int64_t        q_dim = n_head * hd, kv_dim = n_head_kv * hd, half = hd / 2;
+            const int64_t        max_pages = (n_ctx + page_size - 1) / page_size;
             std::vector<int32_t> pos(static_cast<size_t>(tokens)), seq(static_cast<size_t>(tokens));
             std::vector<int64_t> len(static_cast<size_t>(n_seq), 1);
             const int64_t        start = ragged ? 0 : std::max<int64_t>(0, page_size * 2 - 3);  // crosses pages
@@ -758,17 +759,18 @@ TEST(CudaKernels, RopeKvStorePagedWritesEachTokensRow) {
                 const int64_t s3 = seq[3], e = s3 * max_pages + pos[3] / page_size;
                 kv.table[size_t(e)] = -1;
             }
-            auto qbuf = test::random_f16(rng, size_t(tokens * q_dim));
-            auto kbuf = test::random_f16(rng, size_t(tokens * kv_dim)), vbuf = test::random_f16(rng, size_t(tokens * kv_dim));
-            auto pool0 = test::random_f16(rng, kv.k_pool.size());
+            auto qbuf                = test::random_f16(rng, size_t(tokens * q_dim));
+            auto kbuf                = test::random_f16(rng, size_t(tokens * kv_dim)),
+                 vbuf                = test::random_f16(rng, size_t(tokens * kv_dim));
+            auto               pool0 = test::random_f16(rng, kv.k_pool.size());
             std::vector<float> cs(size_t(tokens * half)), sn(cs.size());
             for (size_t i = 0; i < cs.size(); ++i) {
                 const float a = ang(rng);
                 cs[i] = std::cos(a), sn[i] = std::sin(a);
             }
-            device_array<float>    dc(cs), ds(sn);
-            device_array<int32_t>  dpos(pos), dseq(seq), dtab(kv.table);
-            device_array<uint16_t> q1(qbuf), k1(kbuf), v1(vbuf), ck(pool0), cv(pool0);
+            device_array<float>     dc(cs), ds(sn);
+            device_array<int32_t>   dpos(pos), dseq(seq), dtab(kv.table);
+            device_array<uint16_t>  q1(qbuf), k1(kbuf), v1(vbuf), ck(pool0), cv(pool0);
             const cuda::kv_page_map m{dtab.get() + (ragged ? 0 : 4 * max_pages), page_size, max_pages};
             GPTQ_EXPECT_OK(cuda::rope_kv_store_f16(q1.get(), k1.get(), v1.get(), q_dim, kv_dim, dc.get(), ds.get(),
                                                    tokens, n_head, n_head_kv, hd, ck.get(), cv.get(), dpos.get(),
@@ -777,7 +779,7 @@ TEST(CudaKernels, RopeKvStorePagedWritesEachTokensRow) {
             device_array<uint16_t> q2(qbuf), k2(kbuf);
             GPTQ_EXPECT_OK(cuda::rope_f16(q2.get(), dc.get(), ds.get(), tokens, n_head, hd, q_dim, nullptr));
             GPTQ_EXPECT_OK(cuda::rope_f16(k2.get(), dc.get(), ds.get(), tokens, n_head_kv, hd, kv_dim, nullptr));
-            const auto k_rot = k2.download();
+            const auto k_rot  = k2.download();
             auto       ck_ref = pool0, cv_ref = pool0;
             for (int64_t t = 0; t < tokens; ++t) {
                 const int64_t s = seq[size_t(t)], r = pos[size_t(t)];
@@ -796,8 +798,8 @@ TEST(CudaKernels, RopeKvStorePagedWritesEachTokensRow) {
     }
     // Per-token sequences without a table, and a bad page size, are refused by name.
     const int32_t zero = 0;
-    status        st   = cuda::rope_kv_store_f16(nullptr, nullptr, nullptr, 2, 2, nullptr, nullptr, 1, 1, 1, 2, nullptr,
-                                                 nullptr, &zero, &zero, cuda::kv_page_map{}, 1, nullptr);
+    status st = cuda::rope_kv_store_f16(nullptr, nullptr, nullptr, 2, 2, nullptr, nullptr, 1, 1, 1, 2, nullptr, nullptr,
+                                        &zero, &zero, cuda::kv_page_map{}, 1, nullptr);
     EXPECT_NE(st.message().find("page table"), std::string::npos) << st.message();
     st = cuda::rope_kv_store_f16(nullptr, nullptr, nullptr, 2, 2, nullptr, nullptr, 1, 1, 1, 2, nullptr, nullptr, &zero,
                                  nullptr, cuda::kv_page_map{&zero, 6, 1}, 1, nullptr);

@@ -528,8 +528,9 @@ TEST(llama_cuda, ragged_decode_matches_sequences_alone) {
 // prefilled in chunks taken in alternation (so each sequence's pages are scattered between the
 // others'), then decode rounds; one sequence reset half way and its slot reused (its pages taken
 // again from the free list, in another order). Every logits row against the sequence alone on a
-// model of its own (pages 0, 1, 2, ... in order): the same kernels except the attention split and
-// the GEMMs' m, so the bound is the summation-order one (k_graph_rel_tol).
+// model of its own (pages 0, 1, 2, ... in order; the prompt in the same chunks): the same kernels
+// except the decode steps' attention split and GEMM m, so the bound is the summation-order one
+// (k_graph_rel_tol), as in the ragged test.
 void check_paged(const std::string& dir, int64_t page_size, bool graph) {
     auto host = llama_model::open(dir);
     ASSERT_TRUE(host.is_ok()) << host.error().message();
@@ -589,8 +590,10 @@ void check_paged(const std::string& dir, int64_t page_size, bool graph) {
     auto a = llama_cuda_model::open(dir, o);
     ASSERT_TRUE(a.is_ok()) << a.error().message();
     for (int64_t r = 0; r < 4; ++r) {
-        (*a)->reset();
-        GPTQ_EXPECT_OK((*a)->prefill(prompt[r].data(), int64_t(prompt[r].size()), row.data(), false));
+        (*a)->reset();  // the prompt in the same chunks (3 tokens; run 3 whole): the same kernels
+        const int64_t n = int64_t(prompt[r].size()), chunk = r < 3 ? 3 : n;
+        for (int64_t c = 0; c < n; c += chunk)
+            GPTQ_EXPECT_OK((*a)->prefill(prompt[r].data() + c, std::min(chunk, n - c), row.data(), false));
         ASSERT_FALSE(got[r].empty());
         EXPECT_LE(row_rel_error(got[r][0].data(), row.data(), V), k_graph_rel_tol)
             << dir << " page " << page_size << " run " << r << " prompt";
@@ -609,9 +612,9 @@ TEST(llama_cuda, paged_interleaved_sequences_match_each_alone) {
     const std::string data = source_dir() + "/tests/data/model/";
     check_paged(source_dir() + "/models/tiny-llama", 16, true);
     check_paged(source_dir() + "/models/tiny-llama", 4, false);
-    check_paged(source_dir() + "/models/tiny-llama", 1, true);        // every position its own page
-    check_paged(data + "rand-qwen2", 4, true);                        // biases, a sliding-window layer, GQA
-    check_paged(data + "rand-mistral", 2, true);                      // window 5 across pages
+    check_paged(source_dir() + "/models/tiny-llama", 1, true);  // every position its own page
+    check_paged(data + "rand-qwen2", 4, true);                  // biases, a sliding-window layer, GQA
+    check_paged(data + "rand-mistral", 2, true);                // window 5 across pages
     check_paged(gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq"), 8, true);  // int4 kernel, act-order
 }
 

@@ -75,7 +75,7 @@ TEST(kv_pages, out_of_pages_names_the_need_and_takes_nothing) {
     ASSERT_TRUE(t.layout(3, 8, 5, 4).is_ok());
     ASSERT_TRUE(t.grow(0, 12).is_ok());  // 3 pages
     const std::vector<int32_t> before(t.table(), t.table() + 24);
-    auto st = t.grow(1, 9);  // 3 pages, 2 free
+    auto                       st = t.grow(1, 9);  // 3 pages, 2 free
     ASSERT_FALSE(st.is_ok());
     EXPECT_EQ(st.code(), status_code::STATUS_OUT_OF_MEMORY);
     EXPECT_NE(st.message().find("needs 3 new pages of 4 positions, 2 of the 5 are free"), std::string::npos)
@@ -122,7 +122,7 @@ TEST(kv_pages, dirty_ranges_list_the_entries_set_since_the_last_upload) {
     EXPECT_EQ(t.dirty_take(), (ranges{{5, 8}}));
     // A shrink below the first entry set keeps only what is still held.
     ASSERT_TRUE(t.grow(0, 10).is_ok());  // entries 1 .. 4
-    t.shrink(0, 4);                     // holds 2 pages
+    t.shrink(0, 4);                      // holds 2 pages
     EXPECT_EQ(t.dirty_take(), (ranges{{1, 2}}));
 }
 
@@ -143,7 +143,7 @@ TEST(kv_pages, random_interleaving_keeps_the_tables_consistent) {
         } else {
             const int64_t want = std::min<int64_t>(max_pages * P, pos[size_t(s)] + 1 + int64_t(rng() % 9));
             const int64_t need = t.pages_needed(s, want), free = t.n_free();
-            const status  st   = t.grow(s, want);
+            const status  st = t.grow(s, want);
             ASSERT_EQ(st.is_ok(), need <= free) << st.message();
             if (st.is_ok()) pos[size_t(s)] = want;
         }

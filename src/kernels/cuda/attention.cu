@@ -347,7 +347,7 @@ __global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, 
 #pragma unroll
         for (int u = 0; u < k_dec_keys; ++u) {
             const int64_t  j    = j0 + int64_t(u) * k_dec_warps;
-            const int64_t  jj   = j < c1 ? j : j0;  // a valid key; its score is masked below
+            const int64_t  jj   = j < c1 ? j : j0;                // a valid key; its score is masked below
             const int64_t  row  = kv_page_row(p.pages, seq, jj);  // every key < c1 has its page
             const __half2* krow = reinterpret_cast<const __half2*>(p.k + row * p.kv_stride + hk * D);
             const __half2* vrow = reinterpret_cast<const __half2*>(p.v + row * p.kv_stride + hk * D);

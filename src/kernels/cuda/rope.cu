@@ -58,7 +58,7 @@ __global__ void rope_kv_store_kernel(__half* q, const __half* k, const __half* v
                 dst[i + half] = hi;
             }
         } else if (store) {
-            const int64_t i                  = it - nq - nk;
+            const int64_t i           = it - nq - nk;
             cache_v[row * kv_dim + i] = v[t * kv_stride + i];
         }
     }

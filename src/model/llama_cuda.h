@@ -187,6 +187,8 @@ private:
     // decode_seqs once its pages are taken (they go back when it fails).
     status decode_run(const int32_t* ids, const int64_t* seqs, int64_t n, float* logits);
     // decode_run once no sequence crosses LongRoPE's switch: the ragged pass, as a graph per n.
+    // Every step entry point takes its sequences' KV pages first (pages_.grow / grow_all, as
+    // prefill_seq and decode_seqs do): the kernels write and read only pages a table holds.
     status decode_step(const int32_t* ids, const int64_t* seqs, int64_t n, float* logits);
     // The linears `roles` of layer i_layer: fused into *fused when options.fuse and they can be (see
     // llama_cuda_options::fuse), else each into its own entry of *lin.

@@ -432,96 +432,6 @@ TEST(llama_cuda, batched_decode_rejects_bad_counts) {
     EXPECT_FALSE((*m)->prefill_seq(2, ids.data(), 2, out.data(), false).is_ok());
 }
 
-// ---- ragged decode: sequences at their own positions (continuous batching) ----------------------
-
-// Six sequences in five slots: prompts of different lengths prefilled in a scrambled slot order,
-// decode rounds over changing subsets of the slots in changing orders (some wait a round), then
-// one slot reset and reused by a new sequence while the others go on. Every logits row against the
-// sequence run alone (prefill + decode on a single-slot model): the same kernels except the
-// attention split and the GEMMs' m, so the bound is the summation-order one.
-void check_ragged(const std::string& dir, bool graph) {
-    auto host = llama_model::open(dir);
-    ASSERT_TRUE(host.is_ok()) << host.error().message();
-    const int64_t V = (*host)->hparams().n_vocab, n_slots = 5;
-    struct seq_run {
-        int64_t                         slot = 0;
-        std::vector<int32_t>            prompt, steps;
-        std::vector<std::vector<float>> got;  // the prompt's last row, then one per step
-    };
-    const auto           base = test_ids(64, V);
-    std::vector<seq_run> runs(6);
-    for (int64_t r = 0; r < 6; ++r) {
-        runs[size_t(r)].slot = r < 5 ? (r * 3) % n_slots : 2;
-        for (int64_t t = 0; t < 3 + 2 * r; ++t)
-            runs[size_t(r)].prompt.push_back(int32_t((base[size_t(t)] + 11 * r + t) % V));
-    }
-    llama_cuda_options o;
-    o.graph = graph;
-    o.n_ctx = 48;
-    auto m  = llama_cuda_model::open(dir, o);
-    ASSERT_TRUE(m.is_ok()) << m.error().message();
-    GPTQ_EXPECT_OK((*m)->sequences_reserve(n_slots));
-    std::vector<float> row(static_cast<size_t>(V)), rows(static_cast<size_t>(n_slots * V));
-    auto               prefill = [&](seq_run& r) {
-        GPTQ_EXPECT_OK((*m)->prefill_seq(r.slot, r.prompt.data(), int64_t(r.prompt.size()), row.data(), false));
-        r.got.push_back(row);
-        EXPECT_EQ((*m)->seq_pos(r.slot), int64_t(r.prompt.size()));
-    };
-    // One round: the runs listed, each one token (a function of its history), one decode_seqs.
-    auto round = [&](const std::vector<size_t>& which) {
-        std::vector<int32_t> ids;
-        std::vector<int64_t> slots;
-        for (size_t w : which) {
-            seq_run& r = runs[w];
-            r.steps.push_back(int32_t((r.prompt.back() * 7 + 13 * r.steps.size() + w) % V));
-            ids.push_back(r.steps.back());
-            slots.push_back(r.slot);
-        }
-        GPTQ_EXPECT_OK((*m)->decode_seqs(ids.data(), slots.data(), int64_t(ids.size()), rows.data()));
-        for (size_t i = 0; i < which.size(); ++i)
-            runs[which[i]].got.emplace_back(rows.begin() + int64_t(i) * V, rows.begin() + int64_t(i + 1) * V);
-    };
-    for (size_t r : {3u, 0u, 4u, 1u, 2u}) prefill(runs[r]);
-    for (int j = 0; j < 6; ++j) {
-        std::vector<size_t> which;
-        for (size_t r = 0; r < 5; ++r)
-            if ((r + size_t(j)) % 3 != 0) which.push_back(r);
-        if (j % 2) std::reverse(which.begin(), which.end());
-        round(which);
-    }
-    (*m)->seq_reset(runs[4].slot);  // run 4's slot (2) goes to run 5
-    EXPECT_EQ((*m)->seq_pos(runs[4].slot), 0);
-    prefill(runs[5]);
-    for (int j = 0; j < 3; ++j) round({5, 0, 1, 2, 3});
-    // Each run alone.
-    auto a = llama_cuda_model::open(dir, o);
-    ASSERT_TRUE(a.is_ok()) << a.error().message();
-    for (size_t r = 0; r < runs.size(); ++r) {
-        (*a)->reset();
-        const seq_run& run = runs[r];
-        GPTQ_EXPECT_OK((*a)->prefill(run.prompt.data(), int64_t(run.prompt.size()), row.data(), false));
-        EXPECT_LE(row_rel_error(run.got[0].data(), row.data(), V), k_graph_rel_tol) << dir << " run " << r << " prompt";
-        for (size_t j = 0; j < run.steps.size(); ++j) {
-            GPTQ_EXPECT_OK((*a)->decode(run.steps[j], row.data()));
-            EXPECT_LE(row_rel_error(run.got[1 + j].data(), row.data(), V), k_graph_rel_tol)
-                << dir << " run " << r << " step " << j << (graph ? " (graph)" : "");
-        }
-    }
-    if (graph) {
-        EXPECT_GT((*m)->graph_replays(), 0);
-    }
-}
-
-TEST(llama_cuda, ragged_decode_matches_sequences_alone) {
-    GPTQ_SKIP_WITHOUT_GPU();
-    const std::string data = source_dir() + "/tests/data/model/";
-    check_ragged(source_dir() + "/models/tiny-llama", true);
-    check_ragged(source_dir() + "/models/tiny-llama", false);
-    check_ragged(data + "rand-qwen2", true);    // biases, a sliding-window layer, GQA
-    check_ragged(data + "rand-dynamic", true);  // RoPE tables depend on each sequence's length
-    check_ragged(gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq"), true);  // int4 kernel, act-order
-}
-
 // ---- paged KV cache (docs/cuda.md "KV pages") ---------------------------------------------------
 
 // Three sequences whose pages interleave: a pool smaller than every slot's full context, prompts
@@ -690,6 +600,96 @@ TEST(llama_cuda, paged_pages_return_and_out_of_pages_is_an_error) {
     auto bad    = llama_cuda_model::open(dir, o);
     ASSERT_FALSE(bad.is_ok());
     EXPECT_NE(bad.error().message().find("power of two"), std::string::npos) << bad.error().message();
+}
+
+// ---- ragged decode: sequences at their own positions (continuous batching) ----------------------
+
+// Six sequences in five slots: prompts of different lengths prefilled in a scrambled slot order,
+// decode rounds over changing subsets of the slots in changing orders (some wait a round), then
+// one slot reset and reused by a new sequence while the others go on. Every logits row against the
+// sequence run alone (prefill + decode on a single-slot model): the same kernels except the
+// attention split and the GEMMs' m, so the bound is the summation-order one.
+void check_ragged(const std::string& dir, bool graph) {
+    auto host = llama_model::open(dir);
+    ASSERT_TRUE(host.is_ok()) << host.error().message();
+    const int64_t V = (*host)->hparams().n_vocab, n_slots = 5;
+    struct seq_run {
+        int64_t                         slot = 0;
+        std::vector<int32_t>            prompt, steps;
+        std::vector<std::vector<float>> got;  // the prompt's last row, then one per step
+    };
+    const auto           base = test_ids(64, V);
+    std::vector<seq_run> runs(6);
+    for (int64_t r = 0; r < 6; ++r) {
+        runs[size_t(r)].slot = r < 5 ? (r * 3) % n_slots : 2;
+        for (int64_t t = 0; t < 3 + 2 * r; ++t)
+            runs[size_t(r)].prompt.push_back(int32_t((base[size_t(t)] + 11 * r + t) % V));
+    }
+    llama_cuda_options o;
+    o.graph = graph;
+    o.n_ctx = 48;
+    auto m  = llama_cuda_model::open(dir, o);
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    GPTQ_EXPECT_OK((*m)->sequences_reserve(n_slots));
+    std::vector<float> row(static_cast<size_t>(V)), rows(static_cast<size_t>(n_slots * V));
+    auto               prefill = [&](seq_run& r) {
+        GPTQ_EXPECT_OK((*m)->prefill_seq(r.slot, r.prompt.data(), int64_t(r.prompt.size()), row.data(), false));
+        r.got.push_back(row);
+        EXPECT_EQ((*m)->seq_pos(r.slot), int64_t(r.prompt.size()));
+    };
+    // One round: the runs listed, each one token (a function of its history), one decode_seqs.
+    auto round = [&](const std::vector<size_t>& which) {
+        std::vector<int32_t> ids;
+        std::vector<int64_t> slots;
+        for (size_t w : which) {
+            seq_run& r = runs[w];
+            r.steps.push_back(int32_t((r.prompt.back() * 7 + 13 * r.steps.size() + w) % V));
+            ids.push_back(r.steps.back());
+            slots.push_back(r.slot);
+        }
+        GPTQ_EXPECT_OK((*m)->decode_seqs(ids.data(), slots.data(), int64_t(ids.size()), rows.data()));
+        for (size_t i = 0; i < which.size(); ++i)
+            runs[which[i]].got.emplace_back(rows.begin() + int64_t(i) * V, rows.begin() + int64_t(i + 1) * V);
+    };
+    for (size_t r : {3u, 0u, 4u, 1u, 2u}) prefill(runs[r]);
+    for (int j = 0; j < 6; ++j) {
+        std::vector<size_t> which;
+        for (size_t r = 0; r < 5; ++r)
+            if ((r + size_t(j)) % 3 != 0) which.push_back(r);
+        if (j % 2) std::reverse(which.begin(), which.end());
+        round(which);
+    }
+    (*m)->seq_reset(runs[4].slot);  // run 4's slot (2) goes to run 5
+    EXPECT_EQ((*m)->seq_pos(runs[4].slot), 0);
+    prefill(runs[5]);
+    for (int j = 0; j < 3; ++j) round({5, 0, 1, 2, 3});
+    // Each run alone.
+    auto a = llama_cuda_model::open(dir, o);
+    ASSERT_TRUE(a.is_ok()) << a.error().message();
+    for (size_t r = 0; r < runs.size(); ++r) {
+        (*a)->reset();
+        const seq_run& run = runs[r];
+        GPTQ_EXPECT_OK((*a)->prefill(run.prompt.data(), int64_t(run.prompt.size()), row.data(), false));
+        EXPECT_LE(row_rel_error(run.got[0].data(), row.data(), V), k_graph_rel_tol) << dir << " run " << r << " prompt";
+        for (size_t j = 0; j < run.steps.size(); ++j) {
+            GPTQ_EXPECT_OK((*a)->decode(run.steps[j], row.data()));
+            EXPECT_LE(row_rel_error(run.got[1 + j].data(), row.data(), V), k_graph_rel_tol)
+                << dir << " run " << r << " step " << j << (graph ? " (graph)" : "");
+        }
+    }
+    if (graph) {
+        EXPECT_GT((*m)->graph_replays(), 0);
+    }
+}
+
+TEST(llama_cuda, ragged_decode_matches_sequences_alone) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const std::string data = source_dir() + "/tests/data/model/";
+    check_ragged(source_dir() + "/models/tiny-llama", true);
+    check_ragged(source_dir() + "/models/tiny-llama", false);
+    check_ragged(data + "rand-qwen2", true);    // biases, a sliding-window layer, GQA
+    check_ragged(data + "rand-dynamic", true);  // RoPE tables depend on each sequence's length
+    check_ragged(gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq"), true);  // int4 kernel, act-order
 }
 
 // ---- op-level timing (set_profile_ops) ----------------------------------------------------------

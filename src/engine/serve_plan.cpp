@@ -30,8 +30,9 @@ result<serve_plan> serve_kv_plan(const serve_kv_inputs& in) {
                           "raise --kv-memory",
                           in.budget_of, human_bytes(in.budget), in.n_ctx, human_bytes(full_budget));
     if (in.paged) {
-        p.n_slots  = in.max_seqs;
-        p.n_pages  = std::min<int64_t>(int64_t(in.budget / per_page), in.max_seqs * pages_full);
+        p.n_pages = std::min<int64_t>(int64_t(in.budget / per_page), in.max_seqs * pages_full);
+        // Every slot shares the pool; a slot that could not get one page would never run.
+        p.n_slots  = std::min<int64_t>(in.max_seqs, p.n_pages);
         p.kv_bytes = uint64_t(p.n_pages) * per_page;
     } else {
         p.n_slots  = std::min<int64_t>(in.max_seqs, p.n_fit);

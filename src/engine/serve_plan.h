@@ -31,7 +31,7 @@ struct serve_plan {
 };
 
 // Paged: a pool of min(budget / page bytes, max_seqs x ceil(n_ctx / page_size)) pages shared by
-// max_seqs slots, each of which may grow to n_ctx. Not paged (one cache of n_ctx positions per
+// max_seqs slots (at most one per page), each of which may grow to n_ctx. Not paged (one cache of n_ctx positions per
 // slot): min(max_seqs, budget / (n_ctx positions)) slots, their pages counted for the scheduler.
 // Either way an error (STATUS_OUT_OF_MEMORY) when the budget holds no full-context sequence.
 result<serve_plan> serve_kv_plan(const serve_kv_inputs& in);

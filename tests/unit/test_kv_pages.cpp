@@ -186,6 +186,15 @@ TEST(serve_plan, paged_pool_shares_the_budget_between_the_slots) {
     p         = serve_kv_plan(in);
     ASSERT_TRUE(p.is_ok());
     EXPECT_EQ(p->n_pages, 64 * 63);
+    // Fewer pages than --max-seqs: no more slots than pages (a slot needs one to run).
+    in.n_ctx  = 16;
+    in.budget = 16384ull * 10;
+    p         = serve_kv_plan(in);
+    ASSERT_TRUE(p.is_ok());
+    EXPECT_EQ(p->n_pages, 10);
+    EXPECT_EQ(p->n_slots, 10);
+    EXPECT_EQ(p->n_fit, 10);
+    in.n_ctx = 1000;
     // Not even one full-context sequence: an error naming the budget and --ctx.
     in.budget = 16384ull * 62;
     p         = serve_kv_plan(in);

@@ -30,6 +30,19 @@ constexpr status_code E_ARG   = status_code::STATUS_INVALID_ARGUMENT;
 constexpr status_code E_UNSUP = status_code::STATUS_UNSUPPORTED;
 static_assert(k_cuda_session_max_seq == k_llama_cuda_max_seq);
 
+// The KV pages a step takes, checked before any of it runs (the GPU model checks each of its calls;
+// a step is several calls, so the whole step is checked here): "out of KV pages" naming both.
+status pages_check(const llama_cuda_model& m, std::span<const seq_step> steps, const std::string& device) {
+    int64_t need = 0;
+    for (const seq_step& s : steps) need += m.kv_pages_needed(s.seq, m.seq_pos(s.seq) + s.n_tokens);
+    if (need > m.kv_pages_free())
+        return make_error(status_code::STATUS_OUT_OF_MEMORY,
+                          "out of KV pages on {}: the step of {} sequences needs {} new pages of {} positions, {} of "
+                          "the {} are free",
+                          device, steps.size(), need, m.page_size(), m.kv_pages_free(), m.kv_pages_total());
+    return status::ok();
+}
+
 class model_session_cuda final : public model_session {
 public:
     std::unique_ptr<llama_cuda_model> gpu_;
@@ -78,10 +91,6 @@ public:
     gpu_op_profile decode_profile() const override;
 
 private:
-    // The KV pages a step takes, checked before anything runs (the GPU model checks each call; a
-    // step is several calls, so the whole step is checked here).
-    status pages_check(std::span<const seq_step> steps) const;
-
     int64_t              n_seq_ = 0, n_ctx_ = 0;  // reserved (the GPU's caches may be larger)
     std::vector<int32_t> ids_;                    // a step's one-token sequences: ids, slots
     std::vector<int64_t> seqs_;
@@ -127,25 +136,13 @@ status model_session_cuda::reserve_paged(int64_t n_seq, int64_t n_ctx, int64_t n
     return status::ok();
 }
 
-status model_session_cuda::pages_check(std::span<const seq_step> steps) const {
-    int64_t need = 0;
-    for (const seq_step& s : steps) need += gpu_->kv_pages_needed(s.seq, gpu_->seq_pos(s.seq) + s.n_tokens);
-    if (need > gpu_->kv_pages_free())
-        return make_error(status_code::STATUS_OUT_OF_MEMORY,
-                          "out of KV pages on {}: the step of {} sequences needs {} new pages of {} positions, {} of "
-                          "the {} are free",
-                          device(), steps.size(), need, gpu_->page_size(), gpu_->kv_pages_free(),
-                          gpu_->kv_pages_total());
-    return status::ok();
-}
-
 // Sequences with several tokens one by one through the prefill kernels, then every one-token
 // sequence in one ragged decode pass; the logits rows in the order of the steps.
 status model_session_cuda::step(std::span<const seq_step> steps, float* logits) {
     GPTQ_TRY(steps_check(steps));
-    GPTQ_TRY(pages_check(steps));
     const int64_t V   = n_vocab();
     int64_t       row = 0;
+    GPTQ_TRY(pages_check(*gpu_, steps, device()));
     ids_.clear();
     seqs_.clear();
     std::vector<int64_t> decode_rows;

@@ -605,18 +605,6 @@ status llama_cuda_model::activations_reserve(int64_t n) {
 status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n) {
     const llama_hparams& hp   = hparams();
     const int64_t        half = hp.head_dim / 2;
-    for (int64_t t = 0; t < n; ++t)
-        if (ids[t] < 0 || ids[t] >= hp.n_vocab)
-            return make_error(E_ARG, "token id {} at position {} is outside the vocabulary [0, {})", ids[t], t,
-                              hp.n_vocab);
-    // [n_act_] ids, [n_act_] positions, [n_act_] slots: one copy.
-    int32_t* hi = reinterpret_cast<int32_t*>(step_host_.data());
-    std::memcpy(hi, ids, size_t(n) * 4);
-    for (int64_t t = 0; t < n; ++t) {
-        hi[n_act_ + t]     = static_cast<int32_t>(tok_pos_[size_t(t)]);
-        hi[2 * n_act_ + t] = static_cast<int32_t>(tok_seq_[size_t(t)]);
-    }
-    GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.data(), step_host_.data(), size_t(3 * n_act_) * 4));
     // The page table entries the step's sequences took (pageable copies: the driver has the bytes
     // when the call returns, and the addresses the kernels and graphs hold stay the same). Ranges
     // less than 4 KiB apart go as one copy: any span of the host table may be uploaded, since the
@@ -629,6 +617,18 @@ status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n) {
         GPTQ_TRY(
             cuda_copy_to_device_async(*ctx_, page_table_.as<int32_t>() + b, pages_.table() + b, size_t(e - b) * 4));
     }
+    for (int64_t t = 0; t < n; ++t)
+        if (ids[t] < 0 || ids[t] >= hp.n_vocab)
+            return make_error(E_ARG, "token id {} at position {} is outside the vocabulary [0, {})", ids[t], t,
+                              hp.n_vocab);
+    // [n_act_] ids, [n_act_] positions, [n_act_] slots: one copy.
+    int32_t* hi = reinterpret_cast<int32_t*>(step_host_.data());
+    std::memcpy(hi, ids, size_t(n) * 4);
+    for (int64_t t = 0; t < n; ++t) {
+        hi[n_act_ + t]     = static_cast<int32_t>(tok_pos_[size_t(t)]);
+        hi[2 * n_act_ + t] = static_cast<int32_t>(tok_seq_[size_t(t)]);
+    }
+    GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.data(), step_host_.data(), size_t(3 * n_act_) * 4));
     // RoPE rows, exactly as the CPU computes them (dynamic scaling and LongRoPE's factors for the
     // sequence's length, its attention factor). Table 0: hp.rope; table 1 (when they differ):
     // hp.rope_local. The inverse frequencies once per run of tokens of one length.
@@ -765,16 +765,16 @@ status llama_cuda_model::logits_download(int64_t n_rows, float* logits) {
 }
 
 void llama_cuda_model::reset() {
+    pages_.release_all();
     seq_pos_.assign(size_t(n_seq_), 0);
     seq_ids_.assign(size_t(n_seq_), {});
-    pages_.release_all();
 }
 
 void llama_cuda_model::seq_reset(int64_t seq) {
     if (seq < 0 || seq >= n_seq_) return;
+    pages_.release(seq);
     seq_pos_[size_t(seq)] = 0;
     seq_ids_[size_t(seq)].clear();
-    pages_.release(seq);
 }
 
 status llama_cuda_model::seq_check(int64_t seq) const {

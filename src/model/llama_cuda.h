@@ -244,14 +244,11 @@ private:
     std::unique_ptr<cuda_context>     ctx_;
     llama_cuda_options                opts_;
     int64_t                           n_ctx_ = 0;
-    int64_t                           n_seq_ = 1;               // sequence slots (page tables)
-    kv_page_table                     pages_;                   // the pool's free list and the slots' page tables
-    bool                              pages_explicit_ = false;  // the pool size was asked for (kv_reserve n_pages)
-    cuda_buffer                       page_table_;              // device I32 [n_seq_][pages_.max_pages()]
-    std::vector<int64_t>              seq_pos_;                 // [n_seq] positions cached per slot
-    std::vector<std::vector<int32_t>> seq_ids_;                 // [n_seq] ids of the cached positions (ids_append)
-    std::vector<int64_t>              tok_pos_, tok_len_;       // a step's tokens: position, sequence length
-    std::vector<int32_t>              tok_seq_;                 // ... and slot
+    int64_t                           n_seq_ = 1;          // sequence slots, each a page table (pages_)
+    std::vector<int64_t>              seq_pos_;            // [n_seq] positions cached per slot
+    std::vector<std::vector<int32_t>> seq_ids_;            // [n_seq] ids of the cached positions (ids_append)
+    std::vector<int64_t>              tok_pos_, tok_len_;  // a step's tokens: position, sequence length
+    std::vector<int32_t>              tok_seq_;            // ... and slot
     std::vector<layer>                layers_;
     cuda_buffer                       embed_, norm_, lm_head_;  // [n_vocab, n_embd], [n_embd], lm_head or empty (tied)
     uint64_t                          weight_bytes_ = 0;
@@ -264,6 +261,11 @@ private:
     cuda_stream                copy_stream_;
     cuda_event                 start_;  // compute stream reached the pass: slots of the last pass are free
     std::array<cuda_event, 2>  copied_, freed_;
+
+    // The paged KV cache (docs/cuda.md "KV pages"): the layers' pools are layer::k_cache / v_cache.
+    kv_page_table pages_;                   // the pool's free list and the slots' page tables (host)
+    bool          pages_explicit_ = false;  // the pool size was asked for (kv_reserve's n_pages)
+    cuda_buffer   page_table_;              // device I32 [n_seq_][pages_.max_pages()]
 
     // Activations for up to n_act_ tokens per call (grown on demand).
     int64_t     n_act_ = 0;

@@ -677,14 +677,14 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
         p.cos_local = p.cos + 2 * n_act_ * half;
         p.sin_local = p.cos + 3 * n_act_ * half;
     }
-    p.n_ctx   = n_ctx_;
-    p.n_past  = ragged ? 0 : seq_pos_[size_t(seq)];
-    p.pos_dev = ids + n_act_;
-    p.seq_dev = ids + 2 * n_act_;
-    p.ragged  = ragged;
-    p.mark    = prof_on_ ? &marker : nullptr;
-    p.pages   = {page_table_.as<int32_t>() + (ragged ? 0 : seq * pages_.max_pages()), pages_.page_size(),
-                 pages_.max_pages()};
+    p.n_ctx                    = n_ctx_;
+    p.n_past                   = ragged ? 0 : seq_pos_[size_t(seq)];
+    p.pos_dev                  = ids + n_act_;
+    p.seq_dev                  = ids + 2 * n_act_;
+    p.ragged                   = ragged;
+    p.mark                     = prof_on_ ? &marker : nullptr;
+    const int64_t table_offset = ragged ? 0 : seq * pages_.max_pages();  // a plain pass: slot seq's table row
+    p.pages                    = {page_table_.as<int32_t>() + table_offset, pages_.page_size(), pages_.max_pages()};
 
     auto wait = [&](int unit) -> status {  // a staged module's copy, timed on its own when profiling
         GPTQ_TRY(stage_wait(unit));

@@ -35,7 +35,7 @@ struct serve_options {
     double      kv_memory_frac  = 0.9;  // of the memory left after the weights, for the KV cache
     uint64_t    kv_memory_bytes = 0;    // non-zero: this many bytes instead
     int64_t     prefill_chunk   = 256;  // prompt tokens per step at most
-    int64_t     page_size       = 16;   // KV positions per page
+    int64_t     page_size       = 16;   // KV positions per page (cuda: the GPU pool's too, a power of two)
     std::string chat_template_file;     // Jinja text (or a tokenizer_config.json) replacing the model's
 
     int64_t  max_connections = 0;        // requests in flight at most (503 beyond); 0: 4 x max_seqs

@@ -1,7 +1,7 @@
 """`gptq serve --device cuda` smoke test on the GPU machine (no network there, so no openai
 package: stdlib only). Starts the server on the bundled tiny-llama, checks a greedy completion
-equals the CPU server's, a stream, a chat request, two concurrent requests (the CUDA session
-serves one sequence at a time), the metrics back to 0, and SIGTERM -> exit 0.
+equals the CPU server's, a stream, a chat request, two concurrent requests, the metrics back to 0,
+the plan line naming the GPU's shared KV page pool, and SIGTERM -> exit 0.
 
     python3 scripts/device/serve_smoke.py GPTQ_BINARY [MODEL]
 """
@@ -18,6 +18,9 @@ MODEL = sys.argv[2] if len(sys.argv) > 2 else "models/tiny-llama"
 TEMPLATE = "tests/data/serve/chat_template.jinja"
 
 
+plans = {}  # device -> the startup's "memory plan" line
+
+
 def start(device):
     p = subprocess.Popen([GPTQ, "serve", MODEL, "--device", device, "--port", "0", "--ctx", "512",
                           "--chat-template", TEMPLATE], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -25,6 +28,8 @@ def start(device):
     for line in p.stdout:
         lines.append(line)
         print(f"[{device}] {line}", end="")
+        if line.startswith("memory plan:"):
+            plans[device] = line.strip()
         m = re.match(r"listening on (http://\S+)", line)
         if m:
             return p, m.group(1)
@@ -84,6 +89,9 @@ results["concurrent_equal"] = outs == [want["Once upon a time"], want["The kerne
 m = metrics(url)
 results["pages_used_after"] = m["gptq_kv_pages_used"]
 results["pages_reserved_after"] = m["gptq_kv_pages_reserved"]
+results["pages_total"] = m["gptq_kv_pages_total"]
+# The GPU's KV cache is a pool of pages shared by the slots (docs/serve.md "Memory plan").
+results["paged_plan"] = "KV pool" in plans.get("cuda", "") and "shared by" in plans.get("cuda", "")
 gpu.send_signal(signal.SIGTERM)
 results["cuda_exit"] = gpu.wait(timeout=60)
 results["cuda_stderr"] = gpu.stderr.read()[-2000:]

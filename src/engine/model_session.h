@@ -39,6 +39,8 @@ struct model_session_options {
     // CUDA: the context the KV cache is allocated and the placement planned for at open (0: the
     // model's default, llama_cuda_options::n_ctx); reserve() grows it when asked for more.
     int64_t n_ctx_hint = 0;
+    // CUDA: positions per page of the paged KV cache (a power of two; docs/cuda.md "KV pages").
+    int64_t kv_page_size = 16;
     // CUDA only: --device-map / --max-memory placement (gptq/plan.h plan_for_device); both empty:
     // everything on the GPU. Otherwise the plan is printed to stderr and its cpu modules offloaded.
     std::string device_map, max_memory;
@@ -105,6 +107,19 @@ public:
     virtual status  reserve(int64_t n_seq, int64_t n_ctx) = 0;
     virtual int64_t n_seq() const                         = 0;
     virtual int64_t n_ctx() const                         = 0;
+    // A paged KV cache (CUDA, docs/cuda.md "KV pages"): reserve(n_seq, n_ctx) with a pool of
+    // n_pages pages of kv_page_size() positions that the slots share as they grow (each up to
+    // n_ctx); n_pages 0 is reserve(n_seq, n_ctx), every slot's full context. A step that needs more
+    // pages than are free is an error naming both, with nothing advanced. A backend without pages
+    // (the CPU: one cache of n_ctx positions per slot) ignores n_pages and reserves every slot's
+    // full context; kv_page_size() 0 says so.
+    virtual status reserve_paged(int64_t n_seq, int64_t n_ctx, int64_t n_pages) {
+        (void)n_pages;
+        return reserve(n_seq, n_ctx);
+    }
+    virtual int64_t kv_page_size() const { return 0; }    // positions per page; 0: not paged
+    virtual int64_t kv_pages_total() const { return 0; }  // pages in the pool
+    virtual int64_t kv_pages_used() const { return 0; }   // pages holding some slot's positions
     // Bytes of K and V of every layer for one cached position of one sequence (the KV cache's
     // element type: F32 on the CPU, F16 on the GPU), for memory plans such as serve's.
     virtual uint64_t kv_bytes_per_position() const = 0;

@@ -1,5 +1,6 @@
 // The CUDA model_session (model_session.h) over llama_cuda_model's public API (model/llama_cuda.h),
-// whose sequence slots each keep their own KV cache and position: every step shape runs (ragged()):
+// whose sequence slots each keep their own page table (a shared pool of KV pages, docs/cuda.md "KV
+// pages") and position: every step shape runs (ragged()):
 // each sequence with several tokens through the prefill kernels on its own (its slot, its
 // position), then every one-token sequence together in one ragged decode pass (one launch of each
 // kernel for all of them, a CUDA graph per count; docs/cuda.md "Ragged decode"). Builds without
@@ -30,6 +31,19 @@ constexpr status_code E_ARG   = status_code::STATUS_INVALID_ARGUMENT;
 constexpr status_code E_UNSUP = status_code::STATUS_UNSUPPORTED;
 static_assert(k_cuda_session_max_seq == k_llama_cuda_max_seq);
 
+// The KV pages a step takes, checked before any of it runs (the GPU model checks each of its calls;
+// a step is several calls, so the whole step is checked here): "out of KV pages" naming both.
+status pages_check(const llama_cuda_model& m, std::span<const seq_step> steps, const std::string& device) {
+    int64_t need = 0;
+    for (const seq_step& s : steps) need += m.kv_pages_needed(s.seq, m.seq_pos(s.seq) + s.n_tokens);
+    if (need > m.kv_pages_free())
+        return make_error(status_code::STATUS_OUT_OF_MEMORY,
+                          "out of KV pages on {}: the step of {} sequences needs {} new pages of {} positions, {} of "
+                          "the {} are free",
+                          device, steps.size(), need, m.page_size(), m.kv_pages_free(), m.kv_pages_total());
+    return status::ok();
+}
+
 class model_session_cuda final : public model_session {
 public:
     std::unique_ptr<llama_cuda_model> gpu_;
@@ -42,7 +56,11 @@ public:
     int                  n_threads() const override { return 0; }
     bool                 ragged() const override { return true; }
 
-    status  reserve(int64_t n_seq, int64_t n_ctx) override;
+    status  reserve(int64_t n_seq, int64_t n_ctx) override { return reserve_paged(n_seq, n_ctx, 0); }
+    status  reserve_paged(int64_t n_seq, int64_t n_ctx, int64_t n_pages) override;
+    int64_t kv_page_size() const override { return gpu_->page_size(); }
+    int64_t kv_pages_total() const override { return gpu_->kv_pages_total(); }
+    int64_t kv_pages_used() const override { return gpu_->kv_pages_used(); }
     int64_t n_seq() const override { return n_seq_; }
     int64_t n_ctx() const override { return n_ctx_; }
     void    seq_reset(int64_t seq) override { gpu_->seq_reset(seq); }
@@ -95,8 +113,10 @@ private:
 std::string model_session_cuda::describe() const {
     const auto& m = *gpu_;
     std::string s = fmt::format(
-        "{}: weights {:.1f} MiB (GPTQ linears: {} int4 kernel, {} generic), KV cache {:.1f} MiB", device_name(dev_),
-        m.weight_bytes() / 1048576.0, m.n_gptq_fast(), m.n_gptq_generic(), m.cache_bytes() / 1048576.0);
+        "{}: weights {:.1f} MiB (GPTQ linears: {} int4 kernel, {} generic), KV cache {:.1f} MiB ({} pages of {} "
+        "positions)",
+        device_name(dev_), m.weight_bytes() / 1048576.0, m.n_gptq_fast(), m.n_gptq_generic(),
+        m.cache_bytes() / 1048576.0, m.kv_pages_total(), m.page_size());
     if (m.n_offloaded() > 0)
         s += fmt::format(", {} modules offloaded: {:.1f} MiB in pinned host memory, staging {:.1f} MiB",
                          m.n_offloaded(), m.offload_bytes() / 1048576.0, m.staging_bytes() / 1048576.0);
@@ -113,19 +133,17 @@ gpu_op_profile model_session_cuda::decode_profile() const {
     return g;
 }
 
-// The GPU's caches only grow (sequences_reserve, context_reserve); n_seq 0 keeps them.
-status model_session_cuda::reserve(int64_t n_seq, int64_t n_ctx) {
-    if (n_seq < 0 || n_seq > k_llama_cuda_max_seq || (n_seq > 0 && n_ctx < 1))
+// kv_reserve lays the GPU's cache out again (what changed is reallocated); n_seq 0 keeps it.
+status model_session_cuda::reserve_paged(int64_t n_seq, int64_t n_ctx, int64_t n_pages) {
+    if (n_seq < 0 || n_seq > k_llama_cuda_max_seq || (n_seq > 0 && n_ctx < 1) || n_pages < 0)
         return make_error(E_ARG,
-                          "reserve: {} sequences of {} positions; the GPU model runs 0 to {} sequences of at least 1 "
-                          "position",
-                          n_seq, n_ctx, k_llama_cuda_max_seq);
+                          "reserve: {} sequences of {} positions, {} KV pages; the GPU model runs 0 to {} sequences "
+                          "of at least 1 position",
+                          n_seq, n_ctx, n_pages, k_llama_cuda_max_seq);
     n_seq_ = n_ctx_ = 0;
     gpu_->reset();
     if (n_seq == 0) return status::ok();
-    GPTQ_TRY(gpu_->sequences_reserve(n_seq));
-    GPTQ_TRY(gpu_->context_reserve(n_ctx));
-    gpu_->reset();
+    GPTQ_TRY(gpu_->kv_reserve(n_seq, n_ctx, n_pages));
     n_seq_ = n_seq;
     n_ctx_ = n_ctx;
     return status::ok();
@@ -136,6 +154,7 @@ status model_session_cuda::reserve(int64_t n_seq, int64_t n_ctx) {
 status model_session_cuda::step(std::span<const seq_step> steps, float* logits) {
     top_rows_ = 0;  // step_row_logits reads step_top's rows only
     GPTQ_TRY(steps_check(steps));
+    GPTQ_TRY(pages_check(*gpu_, steps, device()));
     GPTQ_TRY(loras_select(steps));
     const int64_t V   = n_vocab();
     int64_t       row = 0;
@@ -174,6 +193,7 @@ status model_session_cuda::loras_select(std::span<const seq_step> steps) {
 status model_session_cuda::step_top(std::span<const seq_step> steps, int64_t k, const float* inv_temp,
                                     logits_top* out) {
     GPTQ_TRY(steps_check(steps));
+    GPTQ_TRY(pages_check(*gpu_, steps, device()));
     GPTQ_TRY(loras_select(steps));
     top_host_ = false;
     top_rows_ = 0;
@@ -239,9 +259,14 @@ result<int64_t> model_session_cuda::warm_up(int64_t max_batch, int64_t max_chunk
     max_batch = std::min(max_batch, n_seq_);
     if (max_batch < 1 || n_ctx_ < 3) return int64_t(0);
     for (int64_t s = 0; s < n_seq_; ++s) gpu_->seq_reset(s);
+    // Within the KV pages: the chunk in the free pages, each decoding slot holding 2 positions.
+    const int64_t P = gpu_->page_size(), free = gpu_->kv_pages_free();
+    max_chunk       = std::min({max_chunk, n_ctx_, free * P});
+    max_batch       = std::min(max_batch, free / ((2 + P - 1) / P));
+    if (max_batch < 1) return int64_t(0);
     int64_t shapes = 0;
     if (max_chunk > 1) {
-        std::vector<int32_t> ids(size_t(std::min(max_chunk, n_ctx_)), 0);
+        std::vector<int32_t> ids(static_cast<size_t>(max_chunk), 0);
         GPTQ_TRY(gpu_->prefill_seq(0, ids.data(), int64_t(ids.size()), nullptr, false));
         gpu_->seq_reset(0);
         ++shapes;
@@ -309,8 +334,9 @@ result<std::unique_ptr<model_session>> model_session_open_cuda(const model_sessi
     // check first (config and table only, no weight read).
     if (o.strict) GPTQ_TRY(llama_model::open(o.model_path, {.strict = true}).to_status());
     llama_cuda_options co;
-    co.device = o.device.index;
-    co.n_ctx  = o.n_ctx_hint;
+    co.device    = o.device.index;
+    co.n_ctx     = o.n_ctx_hint;
+    co.page_size = o.kv_page_size;
     GPTQ_TRY(placement_plan(o, &co));
     auto s  = std::make_unique<model_session_cuda>();
     s->dev_ = o.device;

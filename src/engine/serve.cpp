@@ -31,6 +31,7 @@
 #include "io/hf_config.h"
 #include "model_session.h"
 #include "serve_api.h"
+#include "serve_plan.h"
 #include "serve_scheduler.h"
 #include "tokenizer/tokenizer.h"
 
@@ -92,56 +93,42 @@ result<std::string> chat_template_of(const serve_options& o, const tokenizer& to
     return text;
 }
 
-struct serve_plan {
-    int64_t  n_ctx = 0, n_slots = 0, n_pages = 0, n_fit = 0;  // n_fit: full-context sequences the budget holds
-    uint64_t budget       = 0;
-    uint64_t per_position = 0, kv_bytes = 0, weights = 0;
-};
-
-// How many sequence slots of n_ctx positions the KV budget holds (at most max_seqs).
+// The KV plan (serve_plan.h) for this session: the budget is --kv-memory in bytes, or that
+// fraction of the memory still available after the weights (model_session::memory_available).
 result<serve_plan> plan_kv(const serve_options& o, const model_session& s) {
-    serve_plan    p;
-    const int64_t model_ctx = model_context_limit(s.hparams());
-    p.n_ctx                 = o.n_ctx > 0 ? o.n_ctx : (model_ctx > 0 ? std::min<int64_t>(model_ctx, 4096) : 4096);
-    if (model_ctx > 0 && p.n_ctx > model_ctx)
+    serve_kv_inputs in;
+    const int64_t   model_ctx = model_context_limit(s.hparams());
+    in.n_ctx                  = o.n_ctx > 0 ? o.n_ctx : (model_ctx > 0 ? std::min<int64_t>(model_ctx, 4096) : 4096);
+    if (model_ctx > 0 && in.n_ctx > model_ctx)
         return make_error(E_ARG, "--ctx {} is more than the model's context of {} positions (max_position_embeddings)",
-                          p.n_ctx, model_ctx);
+                          in.n_ctx, model_ctx);
     if (o.max_seqs < 1) return make_error(E_ARG, "--max-seqs is {}, expected >= 1", o.max_seqs);
     // A backend without ragged steps (model_session::ragged; both backends have them now) would
     // serve one sequence at a time: slot 0 alone, prefill chunks and decode tokens at any position.
-    const int64_t max_seqs = s.ragged() ? o.max_seqs : 1;
+    in.max_seqs = s.ragged() ? o.max_seqs : 1;
     if (!s.ragged() && o.max_seqs > 1)
         GPTQ_LOG_WARN(
             "serve: {} runs lockstep batches only, not the ragged steps of continuous batching: serving one "
             "sequence at a time (docs/serve.md)",
             s.device());
-    p.per_position           = s.kv_bytes_per_position();
-    p.weights                = s.memory_used();
-    const uint64_t per_seq   = p.per_position * static_cast<uint64_t>(p.n_ctx);
-    uint64_t       budget    = o.kv_memory_bytes;
-    std::string    budget_of = "--kv-memory";
-    if (budget == 0) {
+    in.per_position = s.kv_bytes_per_position();
+    in.paged        = s.kv_page_size() > 0;
+    in.page_size    = in.paged ? s.kv_page_size() : o.page_size;
+    in.budget       = o.kv_memory_bytes;
+    in.budget_of    = "--kv-memory";
+    if (in.budget == 0) {
         if (!(o.kv_memory_frac > 0.0 && o.kv_memory_frac <= 1.0))
             return make_error(E_ARG, "--kv-memory {} is not a fraction in (0, 1] nor a size in bytes",
                               o.kv_memory_frac);
         const uint64_t avail = s.memory_available();  // host or device memory still free
-        budget               = avail > 0 ? static_cast<uint64_t>(static_cast<double>(avail) * o.kv_memory_frac)
-                                         : per_seq * static_cast<uint64_t>(max_seqs);  // unknown: what --max-seqs asks
-        budget_of            = avail > 0
-                                   ? fmt::format("--kv-memory {:g} of the {} available", o.kv_memory_frac, human_bytes(avail))
-                                   : "--max-seqs (free memory unknown)";
+        in.budget =
+            avail > 0 ? static_cast<uint64_t>(static_cast<double>(avail) * o.kv_memory_frac)
+                      : in.per_position * uint64_t(in.n_ctx) * uint64_t(in.max_seqs);  // unknown: what --max-seqs asks
+        in.budget_of = avail > 0
+                           ? fmt::format("--kv-memory {:g} of the {} available", o.kv_memory_frac, human_bytes(avail))
+                           : "--max-seqs (free memory unknown)";
     }
-    p.budget  = budget;
-    p.n_fit   = static_cast<int64_t>(budget / per_seq);
-    p.n_slots = std::min<int64_t>(max_seqs, p.n_fit);
-    if (p.n_slots < 1)
-        return make_error(status_code::STATUS_OUT_OF_MEMORY,
-                          "the KV budget ({}: {}) holds no sequence of --ctx {} positions ({} each); lower --ctx or "
-                          "raise --kv-memory",
-                          budget_of, human_bytes(budget), p.n_ctx, human_bytes(per_seq));
-    p.kv_bytes = per_seq * static_cast<uint64_t>(p.n_slots);
-    p.n_pages  = p.n_slots * ((p.n_ctx + o.page_size - 1) / o.page_size);
-    return p;
+    return serve_kv_plan(in);
 }
 
 // ---- the server ---------------------------------------------------------------------------------------
@@ -549,17 +536,19 @@ status serve_run(const serve_options& o) {
     GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(o.model_path));
     GPTQ_ASSIGN_OR_RETURN(std::string tmpl, chat_template_of(o, *tok));
     model_session_options so;
-    so.model_path = o.model_path;
-    so.device     = dev;
-    so.n_threads  = o.n_threads;
-    so.n_ctx_hint = o.n_ctx;
-    so.device_map = o.device_map;
-    so.max_memory = o.max_memory;
-    so.loras      = o.loras;
-    so.lora_stack = false;  // each adapter a model of its own, chosen per request
+    so.model_path   = o.model_path;
+    so.device       = dev;
+    so.n_threads    = o.n_threads;
+    so.n_ctx_hint   = o.n_ctx;
+    so.kv_page_size = o.page_size;  // the GPU's pages are the scheduler's
+    so.device_map   = o.device_map;
+    so.max_memory   = o.max_memory;
+    so.loras        = o.loras;
+    so.lora_stack   = false;  // each adapter a model of its own, chosen per request
     GPTQ_ASSIGN_OR_RETURN(auto session, model_session_open(so));
     GPTQ_ASSIGN_OR_RETURN(const serve_plan plan, plan_kv(o, *session));
-    GPTQ_TRY(session->reserve(plan.n_slots, plan.n_ctx));
+    const uint64_t weights = session->memory_used();  // before the KV cache
+    GPTQ_TRY(session->reserve_paged(plan.n_slots, plan.n_ctx, plan.paged ? plan.n_pages : 0));
     {  // the GPU's activations at the largest step and a decode graph per batch size, before any request
         const auto t0 = std::chrono::steady_clock::now();
         GPTQ_ASSIGN_OR_RETURN(const int64_t n_warm,
@@ -592,11 +581,18 @@ status serve_run(const serve_options& o) {
                           o.host, o.port);
 
     std::printf("gptq serve: %s on %s; %s\n", name.c_str(), session->device().c_str(), session->describe().c_str());
+    const std::string kv_line =
+        plan.paged ? fmt::format(
+                         "KV pool {} = {} pages of {} positions ({} a position), shared by {} sequence slots "
+                         "of up to {} positions",
+                         human_bytes(plan.kv_bytes), plan.n_pages, plan.page_size, human_bytes(plan.per_position),
+                         plan.n_slots, plan.n_ctx)
+                   : fmt::format("KV cache {} = {} sequences x {} positions ({} a position), {} pages of {} positions",
+                                 human_bytes(plan.kv_bytes), plan.n_slots, plan.n_ctx, human_bytes(plan.per_position),
+                                 plan.n_pages, plan.page_size);
     const std::string plan_line = fmt::format(
-        "memory plan: weights {} ({}); KV cache {} = {} sequences x {} positions ({} a position), {} pages of {} "
-        "positions (--max-seqs {}); the KV budget ({}) holds {} full-context sequences",
-        human_bytes(plan.weights), session->memory_kind(), human_bytes(plan.kv_bytes), plan.n_slots, plan.n_ctx,
-        human_bytes(plan.per_position), plan.n_pages, o.page_size, o.max_seqs, human_bytes(plan.budget), plan.n_fit);
+        "memory plan: weights {} ({}); {} (--max-seqs {}); the KV budget ({}) holds {} full-context sequences",
+        human_bytes(weights), session->memory_kind(), kv_line, o.max_seqs, human_bytes(plan.budget), plan.n_fit);
     std::printf("%s\n", plan_line.c_str());
     std::printf(
         "listening on http://%s:%d (POST /v1/completions, /v1/chat/completions; GET /v1/models, /health, "

@@ -1,9 +1,11 @@
 // The Llama family on one GPU (llama_cuda.h): weights uploaded layer by layer from the tensor table
 // of llama.h, each layer run by the one GPU decoder layer (llama_cuda_layer.h: cuda_layer_forward),
-// a KV cache preallocated per layer, and the decode step replayed as a CUDA graph. Every pointer a
+// a paged KV cache per layer (a pool of pages and a page table per sequence slot, docs/cuda.md
+// "KV pages"), and the decode step replayed as a CUDA graph. Every pointer a
 // kernel sees is fixed once the buffers are sized (the activations and step inputs live at the same
 // addresses for every call of a given size class); what changes from step to step (token id,
-// position, key count, RoPE rows) is uploaded into device memory before the launch or replay.
+// position, key count, RoPE rows, the page table entries a sequence took) is uploaded into device
+// memory before the launch or replay.
 // Offloaded modules (CPU offload) are staged through two fixed device buffers, so their addresses
 // are fixed too.
 #include "model/llama_cuda.h"
@@ -69,6 +71,8 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
     if (hp.head_dim % 2 != 0 || hp.head_dim > 256)
         return make_error(status_code::STATUS_UNSUPPORTED, "{}: head_dim {} (the GPU attention needs even, <= 256)",
                           path, hp.head_dim);
+    if (o.page_size < 1 || (o.page_size & (o.page_size - 1)) != 0 || o.page_size > (int64_t(1) << 20))
+        return make_error(E_ARG, "{}: KV page size {}: expected a power of two from 1 to 2^20", path, o.page_size);
     const auto& off = o.offload.layers;
     for (size_t i = 0; i < off.size(); ++i)
         if (off[i] < 0 || off[i] >= hp.n_layer || (i > 0 && off[i] <= off[i - 1]))
@@ -514,24 +518,58 @@ status llama_cuda_model::stage_done(int u) {
 status llama_cuda_model::context_reserve(int64_t n_ctx) {
     if (n_ctx <= 0) return make_error(E_ARG, "context of {} positions, expected at least 1", n_ctx);
     if (n_ctx <= n_ctx_) return status::ok();
+    return kv_reserve(n_seq_, n_ctx, pages_explicit_ ? pages_.n_pages() : 0);
+}
+
+status llama_cuda_model::kv_reserve(int64_t n_seq, int64_t n_ctx, int64_t n_pages) {
+    if (n_seq < 1 || n_seq > k_llama_cuda_max_seq)
+        return make_error(E_ARG, "{} sequences on the GPU: 1 to {} are supported", n_seq, k_llama_cuda_max_seq);
+    if (n_ctx <= 0) return make_error(E_ARG, "context of {} positions, expected at least 1", n_ctx);
+    if (n_pages < 0) return make_error(E_ARG, "a KV pool of {} pages", n_pages);
+    const int64_t P = opts_.page_size, max_pages = (n_ctx + P - 1) / P;
+    const int64_t pages = n_pages > 0 ? n_pages : n_seq * max_pages;
+    if (n_seq == n_seq_ && n_ctx == n_ctx_ && pages == pages_.n_pages() && pages_.max_pages() == max_pages &&
+        page_table_.bytes()) {  // the same layout: the graphs stay valid (bench reserves every iteration)
+        pages_explicit_ = n_pages > 0;
+        reset();
+        return status::ok();
+    }
     GPTQ_TRY(ctx_->synchronize());
-    graphs_.clear();  // they read the old caches and bounds
+    graphs_.clear();  // they read the old pools, tables and bounds
+    // Until the new layout stands: no pages, so no step can run on a half-made cache.
+    const int64_t old_pages = pages_.n_pages();
+    GPTQ_TRY(pages_.layout(n_seq_, 0, 0, P));
+    seq_pos_.assign(size_t(n_seq_), 0);
+    seq_ids_.assign(size_t(n_seq_), {});
+    if (pages != old_pages || layers_.empty() || !layers_[0].k_cache.bytes()) {
+        const size_t bytes = size_t(pages) * size_t(P) * size_t(hparams().kv_dim()) * 2;
+        for (auto& L : layers_) {  // the old pools first
+            L.k_cache = cuda_buffer();
+            L.v_cache = cuda_buffer();
+        }
+        for (auto& L : layers_) {
+            GPTQ_ASSIGN_OR_RETURN(L.k_cache, cuda_buffer::alloc(bytes));
+            GPTQ_ASSIGN_OR_RETURN(L.v_cache, cuda_buffer::alloc(bytes));
+        }
+    }
+    const size_t table_bytes = size_t(n_seq * max_pages) * 4;
+    if (page_table_.bytes() != table_bytes) {
+        page_table_ = cuda_buffer();
+        GPTQ_ASSIGN_OR_RETURN(page_table_, cuda_buffer::alloc(table_bytes));
+    }
+    GPTQ_TRY(pages_.layout(n_seq, max_pages, pages, P));
+    GPTQ_TRY(page_table_.upload(pages_.table(), table_bytes));  // every entry "no page"
+    n_seq_          = n_seq;
+    n_ctx_          = n_ctx;
+    pages_explicit_ = n_pages > 0;
     reset();
-    const size_t bytes = size_t(n_seq_) * size_t(n_ctx) * size_t(hparams().kv_dim()) * 2;
-    for (auto& L : layers_) {
-        L.k_cache = cuda_buffer();
-        L.v_cache = cuda_buffer();
-    }
-    for (auto& L : layers_) {
-        GPTQ_ASSIGN_OR_RETURN(L.k_cache, cuda_buffer::alloc(bytes));
-        GPTQ_ASSIGN_OR_RETURN(L.v_cache, cuda_buffer::alloc(bytes));
-    }
-    n_ctx_ = n_ctx;
     return status::ok();
 }
 
 uint64_t llama_cuda_model::cache_bytes() const {
-    return 2 * uint64_t(layers_.size()) * uint64_t(n_seq_) * uint64_t(n_ctx_) * uint64_t(hparams().kv_dim()) * 2;
+    uint64_t n = page_table_.bytes();
+    for (const auto& L : layers_) n += L.k_cache.bytes() + L.v_cache.bytes();
+    return n;
 }
 
 uint64_t llama_cuda_model::activation_bytes() const {
@@ -576,6 +614,18 @@ status llama_cuda_model::activations_reserve(int64_t n) {
 status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n) {
     const llama_hparams& hp   = hparams();
     const int64_t        half = hp.head_dim / 2;
+    // The page table entries the step's sequences took (pageable copies: the driver has the bytes
+    // when the call returns, and the addresses the kernels and graphs hold stay the same). Ranges
+    // less than 4 KiB apart go as one copy: any span of the host table may be uploaded, since the
+    // entries between them are either already on the device or not read by any kernel.
+    const auto dirty = pages_.dirty_take();
+    for (size_t i = 0; i < dirty.size();) {
+        const int64_t b = dirty[i].first;
+        int64_t       e = dirty[i].second;
+        for (++i; i < dirty.size() && dirty[i].first - e < 1024; ++i) e = dirty[i].second;
+        GPTQ_TRY(
+            cuda_copy_to_device_async(*ctx_, page_table_.as<int32_t>() + b, pages_.table() + b, size_t(e - b) * 4));
+    }
     for (int64_t t = 0; t < n; ++t)
         if (ids[t] < 0 || ids[t] >= hp.n_vocab)
             return make_error(E_ARG, "token id {} at position {} is outside the vocabulary [0, {})", ids[t], t,
@@ -615,7 +665,7 @@ status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n) {
 
 status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t seq, bool ragged) {
     const llama_hparams&     hp     = hparams();
-    const int64_t            n_embd = hp.n_embd, kv_dim = hp.kv_dim(), half = hp.head_dim / 2;
+    const int64_t            n_embd = hp.n_embd, half = hp.head_dim / 2;
     cuda_context&            c      = *ctx_;
     const int32_t*           ids    = step_.as<int32_t>();
     uint16_t*                hidden = hidden_.as<uint16_t>();
@@ -630,8 +680,7 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
     const cuda_op_mark       marker = [this](const char* op) { return prof_mark(op); };
 
     // The pass every layer runs: the step inputs' positions, slots and RoPE rows; a plain pass in
-    // slot seq's cache from its position, a ragged one in every slot's (cuda_layer_pass).
-    const int64_t   seq_stride = n_ctx_ * kv_dim;
+    // slot seq's pages from its position, a ragged one in every slot's (cuda_layer_pass).
     cuda_layer_pass p;
     p.n   = n;
     p.cos = reinterpret_cast<const float*>(step_.as<uint8_t>() + step_rope_offset_);
@@ -646,9 +695,9 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
     p.seq_dev                  = ids + 2 * n_act_;
     p.lora_rows                = opts_.loras.empty() ? nullptr : ids + 3 * n_act_;
     p.ragged                   = ragged;
-    p.seq_stride               = seq_stride;
     p.mark                     = prof_on_ ? &marker : nullptr;
-    const int64_t cache_offset = ragged ? 0 : seq * seq_stride;
+    const int64_t table_offset = ragged ? 0 : seq * pages_.max_pages();  // a plain pass: slot seq's table row
+    p.pages                    = {page_table_.as<int32_t>() + table_offset, pages_.page_size(), pages_.max_pages()};
 
     auto wait = [&](int unit) -> status {  // a staged module's copy, timed on its own when profiling
         GPTQ_TRY(stage_wait(unit));
@@ -667,8 +716,8 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
         const layer& ly   = layers_[static_cast<size_t>(i)];
         const int    unit = layer_unit_[static_cast<size_t>(i)];
         GPTQ_TRY(wait(unit));
-        p.k_cache = ly.k_cache.as<uint16_t>() + cache_offset;
-        p.v_cache = ly.v_cache.as<uint16_t>() + cache_offset;
+        p.k_cache = ly.k_cache.as<uint16_t>();
+        p.v_cache = ly.v_cache.as<uint16_t>();
         GPTQ_ASSIGN_OR_RETURN(const bool done, cuda_layer_forward(c, hp, i, ly, hidden, pending, b, p));
         if (!done) return make_error(status_code::STATUS_INTERNAL, "layer {} stopped early", i);
         pending = b.y;
@@ -775,6 +824,7 @@ status llama_cuda_model::logits_top_download(int64_t n_rows, int64_t k, const fl
 }
 
 void llama_cuda_model::reset() {
+    pages_.release_all();
     seq_pos_.assign(size_t(n_seq_), 0);
     seq_ids_.assign(size_t(n_seq_), {});
     seq_lora_.assign(size_t(n_seq_), -1);
@@ -782,6 +832,7 @@ void llama_cuda_model::reset() {
 
 void llama_cuda_model::seq_reset(int64_t seq) {
     if (seq < 0 || seq >= n_seq_) return;
+    pages_.release(seq);
     seq_pos_[size_t(seq)] = 0;
     seq_ids_[size_t(seq)].clear();
     seq_lora_[size_t(seq)] = -1;
@@ -874,6 +925,14 @@ status llama_cuda_model::prefill_seq(int64_t seq, const int32_t* ids, int64_t n,
     if (pos0 + n > n_ctx_)
         return make_error(E_ARG, "{} tokens after {} cached ones exceed the GPU cache's {} positions", n, pos0, n_ctx_);
     if (host_->rope_needs_reprefill(pos0, n)) return reprefill(seq, ids, n, logits, all_logits);
+    GPTQ_TRY(pages_.grow(seq, pos0 + n).with_context(fmt::format("prefill of {} tokens in sequence slot {}", n, seq)));
+    const status st = prefill_run(seq, ids, n, logits, all_logits);
+    if (!st.is_ok()) pages_.shrink(seq, seq_pos_[size_t(seq)]);  // nothing advanced
+    return st;
+}
+
+status llama_cuda_model::prefill_run(int64_t seq, const int32_t* ids, int64_t n, float* logits, bool all_logits) {
+    const int64_t pos0 = seq_pos_[size_t(seq)];
     GPTQ_TRY(activations_reserve(n));
     tok_pos_.resize(size_t(n));
     tok_seq_.assign(size_t(n), static_cast<int32_t>(seq));
@@ -905,10 +964,7 @@ status llama_cuda_model::sequences_reserve(int64_t n_seq) {
     if (n_seq < 1 || n_seq > k_llama_cuda_max_seq)
         return make_error(E_ARG, "{} sequences on the GPU: 1 to {} are supported", n_seq, k_llama_cuda_max_seq);
     if (n_seq <= n_seq_) return status::ok();
-    const int64_t n_ctx = n_ctx_;
-    n_seq_              = n_seq;
-    n_ctx_              = 0;  // context_reserve reallocates every cache at the new size
-    return context_reserve(n_ctx);
+    return kv_reserve(n_seq, n_ctx_, pages_explicit_ ? pages_.n_pages() : 0);
 }
 
 status llama_cuda_model::prefill_batch(const int32_t* ids, int64_t n_seq, int64_t n, float* logits) {
@@ -941,6 +997,18 @@ status llama_cuda_model::decode_seqs(const int32_t* ids, const int64_t* seqs, in
             return make_error(E_ARG, "sequence {}: a token after {} cached ones exceeds the GPU cache's {} positions",
                               seqs[t], seq_pos_[size_t(seqs[t])], n_ctx_);
     }
+    // Every page the step needs before anything runs: an error names what was asked and what is
+    // free, and nothing advances; the pages go back if the step fails.
+    std::vector<std::pair<int64_t, int64_t>> want(static_cast<size_t>(n));
+    for (int64_t t = 0; t < n; ++t) want[size_t(t)] = {seqs[t], seq_pos_[size_t(seqs[t])] + 1};
+    GPTQ_TRY(pages_.grow_all(want).with_context(fmt::format("decode step of {} sequences", n)));
+    const status st = decode_run(ids, seqs, n, logits);
+    if (!st.is_ok())
+        for (int64_t t = 0; t < n; ++t) pages_.shrink(seqs[t], seq_pos_[size_t(seqs[t])]);
+    return st;
+}
+
+status llama_cuda_model::decode_run(const int32_t* ids, const int64_t* seqs, int64_t n, float* logits) {
     // LongRoPE: a sequence whose step crosses the switch runs again on its own, the rest together.
     if (!logits)
         for (int64_t t = 0; t < n; ++t)

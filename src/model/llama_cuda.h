@@ -1,7 +1,8 @@
 // The Llama family (llama.h: Llama 2/3, Mistral, Qwen2) resident on one GPU (GPTQ_CUDA builds
 // only): the same config, tensor table and forward pass as llama_model, over ops_cuda.h. One
-// sequence at a time with a preallocated KV cache; docs/cuda.md ("The model on the GPU") has the
-// memory layout and the CUDA-graph decode step.
+// sequence at a time or many in sequence slots over a paged KV cache (a pool of pages shared by the
+// slots, a page table per slot); docs/cuda.md ("The model on the GPU", "KV pages") has the memory
+// layout and the CUDA-graph decode step.
 //
 //     GPTQ_ASSIGN_OR_RETURN(auto m, llama_cuda_model::open("models/tiny-llama", {.device = 0, .n_ctx = 512}));
 //     std::vector<float> logits(n * m->hparams().n_vocab);
@@ -30,6 +31,7 @@
 #include "core/status.h"
 #include "io/gptq_checkpoint.h"
 #include "model/device_map.h"
+#include "model/kv_pages.h"
 #include "model/llama.h"
 #include "model/llama_cuda_layer.h"
 #include "model/lora.h"
@@ -41,6 +43,7 @@ namespace gptq {
 struct llama_cuda_options {
     int     device    = 0;     // CUDA device index
     int64_t n_ctx     = 0;     // KV-cache positions; 0: max_position_embeddings, at most k_llama_cuda_default_ctx
+    int64_t page_size = 16;    // positions per KV page (a power of two, 1 .. 2^20; docs/cuda.md "KV pages")
     bool    graph     = true;  // replay the decode step as a CUDA graph (captured after one plain step)
     bool    gptq_fast = true;  // allow the fast int4 kernel for GPTQ layers (false: generic kernel only)
     // Fuse q/k/v into one linear [q_dim + 2 kv_dim, n_embd] and gate/up into one [2 n_ff, n_embd] at
@@ -88,10 +91,29 @@ public:
     int64_t              n_ctx() const { return n_ctx_; }
     int64_t              n_past() const { return seq_pos_.empty() ? 0 : seq_pos_[0]; }  // slot 0's
 
-    // Forget every sequence (the caches are overwritten from position 0 on).
+    // Forget every sequence (every KV page back to the free list).
     void reset();
-    // Make room for n_ctx positions (reallocates the cache when larger, which resets the sequence).
+    // Make room for n_ctx positions per sequence (kv_reserve when larger, which resets every sequence;
+    // a pool sized by kv_reserve's n_pages keeps its size).
     status context_reserve(int64_t n_ctx);
+
+    // The KV cache (docs/cuda.md "KV pages"): per layer a pool of n_pages pages of page_size
+    // positions shared by n_seq sequence slots (1 .. k_llama_cuda_max_seq), each with a page table of
+    // up to ceil(n_ctx / page_size) pages. A slot takes pages from the free list as its positions
+    // grow and gives them back at seq_reset / reset. n_pages 0: every slot's full context (n_seq x
+    // ceil(n_ctx / page_size)); fewer pages are shared, and a step that needs more pages than are
+    // free is an error naming both, with nothing advanced. Every sequence starts empty; buffers
+    // whose size changed are reallocated (the old ones freed first).
+    status  kv_reserve(int64_t n_seq, int64_t n_ctx, int64_t n_pages = 0);
+    status  kv_pages_reserve(int64_t n_pages) { return kv_reserve(n_seq_, n_ctx_, n_pages); }
+    int64_t page_size() const { return opts_.page_size; }
+    int64_t kv_pages_total() const { return pages_.n_pages(); }
+    int64_t kv_pages_free() const { return pages_.n_free(); }
+    int64_t kv_pages_used() const { return pages_.n_used(); }
+    // New pages slot seq needs to hold n_positions positions in all (0 when it has them; -1: no slot).
+    int64_t kv_pages_needed(int64_t seq, int64_t n_positions) const {
+        return seq >= 0 && seq < n_seq_ ? pages_.pages_needed(seq, n_positions) : -1;
+    }
 
     // Run ids[n] at positions n_past .. n_past + n - 1 of slot 0 and advance it. logits: [n, n_vocab]
     // F32 when all_logits, else the last token's [n_vocab].
@@ -99,9 +121,10 @@ public:
     // One token of slot 0 (a CUDA graph replay once warm, when options.graph); logits [n_vocab].
     status decode(int32_t id, float* logits);
 
-    // Sequence slots, each with its own KV cache of n_ctx positions and its own position
-    // (continuous batching, docs/cuda.md "Ragged decode"). sequences_reserve makes room for n_seq
-    // (1 .. k_llama_cuda_max_seq; reallocates the caches when larger, which resets them).
+    // Sequence slots, each with its own page table and position (continuous batching, docs/cuda.md
+    // "Ragged decode"). sequences_reserve makes room for n_seq (1 .. k_llama_cuda_max_seq; kv_reserve
+    // when larger, which resets them; with n_pages 0 last time the pool grows to every slot's full
+    // context, else it keeps its size).
     status  sequences_reserve(int64_t n_seq);
     int64_t n_seq() const { return n_seq_; }
     int64_t seq_pos(int64_t seq) const { return seq >= 0 && seq < n_seq_ ? seq_pos_[size_t(seq)] : -1; }
@@ -132,7 +155,7 @@ public:
     uint64_t offload_bytes() const { return offload_bytes_; }  // offloaded: in pinned host memory
     uint64_t staging_bytes() const { return slots_[0].bytes() + slots_[1].bytes(); }  // device staging buffers
     int64_t  n_offloaded() const { return int64_t(units_.size()); }                   // modules offloaded
-    uint64_t cache_bytes() const;
+    uint64_t cache_bytes() const;  // the page pools and the page tables
     uint64_t activation_bytes() const;
     bool     graph_active() const {
             for (const auto& [n, g] : graphs_)
@@ -158,7 +181,7 @@ public:
 private:
     using linear = cuda_linear;
     struct layer : cuda_layer_weights {
-        cuda_buffer k_cache, v_cache;  // [n_seq][n_ctx, kv_dim] F16
+        cuda_buffer k_cache, v_cache;  // page pools [n_pages][page_size][kv_dim] F16
     };
 
     llama_cuda_model() = default;
@@ -178,7 +201,11 @@ private:
     // Run slot seq's cached tokens and then ids[n] again from position 0, with the logits the call
     // that asked would give (all_logits: of the n new tokens).
     status reprefill(int64_t seq, const int32_t* ids, int64_t n, float* logits, bool all_logits);
-    // decode_seqs once no sequence crosses LongRoPE's switch: the ragged pass, as a graph per n.
+    // decode_seqs once its pages are taken (they go back when it fails).
+    status decode_run(const int32_t* ids, const int64_t* seqs, int64_t n, float* logits);
+    // decode_run once no sequence crosses LongRoPE's switch: the ragged pass, as a graph per n.
+    // Every step entry point takes its sequences' KV pages first (pages_.grow / grow_all, as
+    // prefill_seq and decode_seqs do): the kernels write and read only pages a table holds.
     status decode_step(const int32_t* ids, const int64_t* seqs, int64_t n, float* logits);
     // The linears `roles` of layer i_layer: fused into *fused when options.fuse and they can be (see
     // llama_cuda_options::fuse), else each into its own entry of *lin.
@@ -197,8 +224,10 @@ private:
     status loras_upload();
     status activations_reserve(int64_t n_tokens);
     // Upload ids, positions, slots (tok_pos_, tok_seq_) and the RoPE rows (for lengths tok_len_)
-    // of a step's n tokens.
+    // of a step's n tokens, and the page table entries set since the last upload.
     status step_inputs_upload(const int32_t* ids, int64_t n);
+    // prefill_seq once its pages are taken (they go back when it fails).
+    status prefill_run(int64_t seq, const int32_t* ids, int64_t n, float* logits, bool all_logits);
     // The whole forward pass on the uploaded inputs (embedding, cuda_layer_forward per layer, final
     // norm, lm_head); logits of rows [n - n_out_rows, n) to logits_. A plain pass runs in slot seq's
     // cache from its position; ragged: token t is one query of slot tok_seq_[t] (graph-safe decode).
@@ -234,7 +263,7 @@ private:
     std::unique_ptr<cuda_context>     ctx_;
     llama_cuda_options                opts_;
     int64_t                           n_ctx_ = 0;
-    int64_t                           n_seq_ = 1;          // KV caches: [n_seq_][n_ctx_][kv_dim] per layer
+    int64_t                           n_seq_ = 1;          // sequence slots, each a page table (pages_)
     std::vector<int64_t>              seq_pos_;            // [n_seq] positions cached per slot
     std::vector<std::vector<int32_t>> seq_ids_;            // [n_seq] ids of the cached positions (ids_append)
     std::vector<int64_t>              tok_pos_, tok_len_;  // a step's tokens: position, sequence length
@@ -254,6 +283,11 @@ private:
     cuda_stream                copy_stream_;
     cuda_event                 start_;  // compute stream reached the pass: slots of the last pass are free
     std::array<cuda_event, 2>  copied_, freed_;
+
+    // The paged KV cache (docs/cuda.md "KV pages"): the layers' pools are layer::k_cache / v_cache.
+    kv_page_table pages_;                   // the pool's free list and the slots' page tables (host)
+    bool          pages_explicit_ = false;  // the pool size was asked for (kv_reserve's n_pages)
+    cuda_buffer   page_table_;              // device I32 [n_seq_][pages_.max_pages()]
 
     // Activations for up to n_act_ tokens per call (grown on demand).
     int64_t     n_act_ = 0;

@@ -107,13 +107,12 @@ cuda_attention_args attention_args_base(const llama_hparams& hp, int64_t i_layer
 status attention_cached(cuda_context& c, const llama_hparams& hp, int64_t i_layer, uint16_t* q, const uint16_t* k,
                         const uint16_t* v, int64_t q_stride, int64_t kv_stride, uint16_t* out,
                         const cuda_layer_pass& p) {
-    // RoPE on q (in place) and k, k and v into the cache: one launch. Ragged: token t into slot
-    // seq_dev[t] at pos_dev[t]; a plain pass: the one slot k_cache, positions pos_dev[t].
+    // RoPE on q (in place) and k, k and v into the cache: one launch. Ragged: token t into sequence
+    // seq_dev[t] at pos_dev[t]; a plain pass: the one sequence of p.pages, positions pos_dev[t].
     const float *cos = nullptr, *sin = nullptr;
     rope_rows(hp, i_layer, p, &cos, &sin);
     GPTQ_TRY(op_cuda_rope_kv_store(c, q, k, v, q_stride, kv_stride, cos, sin, p.n, hp.n_head, hp.n_head_kv, hp.head_dim,
-                                   p.k_cache, p.v_cache, p.pos_dev, p.ragged ? p.seq_dev : nullptr,
-                                   p.ragged ? p.seq_stride : 0, p.n_ctx));
+                                   p.k_cache, p.v_cache, p.pos_dev, p.ragged ? p.seq_dev : nullptr, p.pages, p.n_ctx));
     GPTQ_TRY(mark(p, "rope_kv_store"));
     cuda_attention_args a = attention_args_base(hp, i_layer);
     a.q                   = q;
@@ -124,12 +123,12 @@ status attention_cached(cuda_context& c, const llama_hparams& hp, int64_t i_laye
     a.q_stride            = q_stride;
     a.out_stride          = hp.q_dim();
     a.kv_stride           = hp.kv_dim();
+    a.kv_pages            = p.pages;
     if (p.ragged) {  // the bound sizes grid and workspace; each query's position is read when it runs
-        a.n_kv          = p.n_ctx;
-        a.q_pos0        = 0;
-        a.q_pos_dev     = p.pos_dev;
-        a.q_seq_dev     = p.seq_dev;
-        a.kv_seq_stride = p.seq_stride;
+        a.n_kv      = p.n_ctx;
+        a.q_pos0    = 0;
+        a.q_pos_dev = p.pos_dev;
+        a.q_seq_dev = p.seq_dev;
     } else {
         a.n_kv   = p.n_past + p.n;
         a.q_pos0 = p.n_past;

@@ -99,20 +99,21 @@ struct cuda_layer_pass {
     // The rows of hp.rope_local, used by the sliding-window layers when hp.rope_local_differs.
     const float *cos_local = nullptr, *sin_local = nullptr;
 
-    // Keys/values. k_cache set: the runtime's KV cache (this layer's): RoPE of q and k and the cache
-    // store in one launch at the device-held positions, then attention over the cache. A plain pass
-    // (one sequence, k_cache its slot): tokens at n_past .. n_past + n - 1 attend to positions
-    // 0 .. their own. Ragged (decode, k_cache slot 0's): token t is one query at position pos_dev[t]
-    // of slot seq_dev[t] (caches seq_stride elements apart), a CUDA graph replays it for any
-    // positions and slots. k_cache nullptr: local K/V (calibration): the rows are n / seqlen windows
-    // of seqlen tokens at positions 0 .. seqlen-1, each attending to itself only.
-    uint16_t *     k_cache = nullptr, *v_cache = nullptr;  // [n_ctx][kv_dim] per slot
-    int64_t        n_ctx = 0, n_past = 0;
-    const int32_t* pos_dev    = nullptr;  // device I32 [n]: each token's position
-    const int32_t* seq_dev    = nullptr;  // ragged: device I32 [n], each token's slot
-    bool           ragged     = false;
-    int64_t        seq_stride = 0;  // ragged: elements between slots' caches
-    int64_t        seqlen     = 0;  // local: tokens per window
+    // Keys/values. k_cache set: the runtime's paged KV cache (this layer's page pool, docs/cuda.md
+    // "KV pages"): RoPE of q and k and the cache store in one launch at the device-held positions,
+    // then attention over the cache, every row addressed through the page tables `pages`. A plain
+    // pass (one sequence; pages.pages its table row): tokens at n_past .. n_past + n - 1 attend to
+    // positions 0 .. their own. Ragged (decode; pages.pages every sequence's table): token t is one
+    // query at position pos_dev[t] of sequence seq_dev[t], a CUDA graph replays it for any positions
+    // and sequences. k_cache nullptr: local K/V (calibration): the rows are n / seqlen windows of
+    // seqlen tokens at positions 0 .. seqlen-1, each attending to itself only.
+    uint16_t *     k_cache = nullptr, *v_cache = nullptr;  // [n_pages][page_size][kv_dim] F16
+    cuda_kv_pages  pages;                                  // the page tables (device)
+    int64_t        n_ctx = 0, n_past = 0;                  // n_ctx: positions a sequence may hold
+    const int32_t* pos_dev = nullptr;                      // device I32 [n]: each token's position
+    const int32_t* seq_dev = nullptr;                      // ragged: device I32 [n], each token's sequence
+    bool           ragged  = false;
+    int64_t        seqlen  = 0;  // local: tokens per window
 
     // Local only: the attention output goes to attn_out ([n, q_dim], nullptr: buffers.x), and with
     // attn_reuse it is already there (q/k/v, RoPE and attention are skipped).

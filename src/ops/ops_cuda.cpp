@@ -483,9 +483,11 @@ status op_cuda_add_rms_norm(cuda_context& ctx, uint16_t* h, const uint16_t* add,
 status op_cuda_rope_kv_store(cuda_context& ctx, uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t q_stride,
                              int64_t kv_stride, const float* cos, const float* sin, int64_t n_tokens, int64_t n_head,
                              int64_t n_head_kv, int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v,
-                             const int32_t* pos_dev, const int32_t* seq_dev, int64_t seq_stride, int64_t n_ctx) {
+                             const int32_t* pos_dev, const int32_t* seq_dev, const cuda_kv_pages& pages,
+                             int64_t n_ctx) {
+    const cuda::kv_page_map m{pages.pages, pages.page_size, pages.pages_stride};
     return cuda::rope_kv_store_f16(q, k, v, q_stride, kv_stride, cos, sin, n_tokens, n_head, n_head_kv, head_dim,
-                                   cache_k, cache_v, pos_dev, seq_dev, seq_stride, n_ctx, ctx.stream());
+                                   cache_k, cache_v, pos_dev, seq_dev, m, n_ctx, ctx.stream());
 }
 
 status op_cuda_add(cuda_context& ctx, uint16_t* x, const uint16_t* y, int64_t n) {
@@ -528,9 +530,9 @@ status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a) {
     p.n_head = a.n_head, p.n_head_kv = a.n_head_kv, p.head_dim = a.head_dim;
     p.window = a.window, p.scale = a.scale, p.softcap = a.softcap;
     p.q_stride = a.q_stride, p.kv_stride = a.kv_stride, p.out_stride = a.out_stride;
+    p.kv_pages                       = {a.kv_pages.pages, a.kv_pages.page_size, a.kv_pages.pages_stride};
     p.q_pos_dev                      = a.q_pos_dev;
     p.q_seq_dev                      = a.q_seq_dev;
-    p.kv_seq_stride                  = a.kv_seq_stride;
     constexpr int64_t k_decode_max_q = 16;  // beyond this the prefill tiles (16 queries) are as good
     if (a.q_pos_dev || (a.n_q <= k_decode_max_q && a.q_stride % 2 == 0 && a.kv_stride % 2 == 0)) {
         const int64_t floats = cuda::attention_decode_workspace_floats(a.n_q, a.n_kv, a.n_head, a.head_dim);

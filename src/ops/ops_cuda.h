@@ -207,14 +207,23 @@ status op_cuda_logits_top(cuda_context& ctx, const float* logits, int64_t rows, 
 // bit for bit op_cuda_add then op_cuda_rms_norm (then the permutation). y must not alias h or add.
 status op_cuda_add_rms_norm(cuda_context& ctx, uint16_t* h, const uint16_t* add, const uint16_t* w, uint16_t* y,
                             int64_t n_rows, int64_t dim, float eps, const int32_t* perm = nullptr);
+// A paged KV cache's page tables (kernels/cuda/kv_pages.cuh, docs/cuda.md "KV pages"): row r of
+// sequence s is pool row pages[s * pages_stride + r / page_size] * page_size + r % page_size.
+// pages nullptr: contiguous rows (row r at r).
+struct cuda_kv_pages {
+    const int32_t* pages        = nullptr;  // device I32 [n_seq][pages_stride], or one sequence's row
+    int64_t        page_size    = 0;        // a power of two
+    int64_t        pages_stride = 0;
+};
 // RoPE of q (in place) and of k into the KV cache, v into the cache, in one launch (rope.cuh
-// rope_kv_store_f16): bit for bit op_cuda_rope on q and k, then op_cuda_kv_store_strided, except
-// that k itself is not rotated. q: [n_tokens, q_stride], k/v: [n_tokens, kv_stride]. Token t goes to
-// row pos_dev[t] of the cache seq_dev[t] * seq_stride elements on (seq_dev nullptr: the first).
+// rope_kv_store_f16): bit for bit op_cuda_rope on q and k, then op_cuda_kv_store_strided into the
+// addressed rows, except that k itself is not rotated. q: [n_tokens, q_stride], k/v: [n_tokens,
+// kv_stride]. Token t goes to position pos_dev[t] of sequence seq_dev[t] (nullptr: sequence 0 of
+// `pages`) through the page map; cache_k/v: the page pool (or [n_ctx, kv_dim] with a null map).
 status op_cuda_rope_kv_store(cuda_context& ctx, uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t q_stride,
                              int64_t kv_stride, const float* cos, const float* sin, int64_t n_tokens, int64_t n_head,
                              int64_t n_head_kv, int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v,
-                             const int32_t* pos_dev, const int32_t* seq_dev, int64_t seq_stride, int64_t n_ctx);
+                             const int32_t* pos_dev, const int32_t* seq_dev, const cuda_kv_pages& pages, int64_t n_ctx);
 status op_cuda_add(cuda_context& ctx, uint16_t* x, const uint16_t* y, int64_t n);  // x += y
 // x[r, :n] += bias[:n] for r < n_rows; x: [n_rows, n] contiguous.
 status op_cuda_add_bias(cuda_context& ctx, uint16_t* x, const uint16_t* bias, int64_t n_rows, int64_t n);
@@ -244,7 +253,7 @@ status op_cuda_embedding(cuda_context& ctx, const uint16_t* table, const int32_t
 // ---- attention: the same arguments as ops.h, F16 device pointers ----------------------------
 struct cuda_attention_args {
     const uint16_t* q   = nullptr;  // [n_q, q_stride]
-    const uint16_t* k   = nullptr;  // [n_kv, kv_stride] (the KV cache)
+    const uint16_t* k   = nullptr;  // [n_kv, kv_stride] (the KV cache; paged: its page pool)
     const uint16_t* v   = nullptr;  // [n_kv, kv_stride]
     uint16_t*       out = nullptr;  // [n_q, out_stride]
     int64_t         n_q = 0, n_kv = 0, q_pos0 = 0;
@@ -253,12 +262,12 @@ struct cuda_attention_args {
     float           scale    = 1.0f;
     float           softcap  = 0.0f;  // > 0: scaled scores s -> softcap * tanh(s / softcap) (Gemma 2); 0 = off
     int64_t         q_stride = 0, kv_stride = 0, out_stride = 0;
+    cuda_kv_pages   kv_pages;  // paged K/V: each sequence's rows through its page table
     // Ragged decode (kernels/cuda/attention.cuh attention_params): query i at position q_pos_dev[i]
-    // of slot q_seq_dev[i]'s cache (k/v + slot * kv_seq_stride), device I32 read when the kernel
-    // runs; n_kv bounds every position + 1. Decode kernel only, any n_q.
-    const int32_t* q_pos_dev     = nullptr;
-    const int32_t* q_seq_dev     = nullptr;
-    int64_t        kv_seq_stride = 0;
+    // of sequence q_seq_dev[i] (its page table row), device I32 read when the kernel runs; n_kv
+    // bounds every position + 1. Decode kernel only, any n_q.
+    const int32_t* q_pos_dev = nullptr;
+    const int32_t* q_seq_dev = nullptr;
 };
 // Decode kernel (split over the KV length) for n_q <= 16 or ragged, the tiled prefill kernel otherwise.
 status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a);

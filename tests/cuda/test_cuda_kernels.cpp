@@ -431,68 +431,206 @@ TEST(CudaKernels, AttentionDecodeMatchesCpu) {
         run_attention(c, true, seed);
 }
 
-// Ragged decode (continuous batching): query i at position pos[i] of slot seq[i]'s cache, each
-// against the CPU reference of that one query over its slot's keys 0 .. pos[i]; slots repeat and
-// positions differ, the bound n_kv (grid, workspace) is larger than every position + 1.
-TEST(CudaKernels, AttentionDecodeRaggedMatchesCpu) {
+// ---- paged KV cache (kv_pages.cuh) ---------------------------------------------------------------
+
+// Sequences of len[s] rows each, kept in a pool of pages: the pages drawn from a shuffled pool and
+// handed out in alternation (sequence 0's first page, sequence 1's first, ..., then the second
+// pages), so each page table is scattered, interleaved with the others and not monotonic. Every
+// pool row that holds no sequence row is NaN: a kernel that reads a row through a wrong entry
+// gives NaN. k_seq / v_seq: the same rows contiguous per sequence (the CPU reference's input).
+struct paged_kv {
+    int64_t                            page_size = 0, max_pages = 0, n_pages = 0, kv_dim = 0;
+    std::vector<int32_t>               table;           // [n_seq][max_pages], -1: no page
+    std::vector<uint16_t>              k_pool, v_pool;  // [n_pages * page_size][kv_dim]
+    std::vector<std::vector<uint16_t>> k_seq, v_seq;    // [len[s]][kv_dim]
+    int64_t                            row_of(int64_t s, int64_t r) const {
+                                   return int64_t(table[size_t(s * max_pages + r / page_size)]) * page_size + r % page_size;
+    }
+};
+
+paged_kv make_paged(std::mt19937& rng, const std::vector<int64_t>& len, int64_t page_size, int64_t max_pages,
+                    int64_t kv_dim, int64_t spare_pages) {
+    paged_kv      kv;
+    const int64_t n_seq = int64_t(len.size());
+    kv.page_size = page_size, kv.max_pages = max_pages, kv.kv_dim = kv_dim;
+    int64_t need = 0;
+    for (int64_t l : len) need += (l + page_size - 1) / page_size;
+    kv.n_pages = need + spare_pages;
+    std::vector<int32_t> order(size_t(kv.n_pages));
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    kv.table.assign(size_t(n_seq * max_pages), -1);
+    size_t next = 0;
+    for (int64_t j = 0; j < max_pages; ++j)
+        for (int64_t s = 0; s < n_seq; ++s)
+            if (j * page_size < len[size_t(s)]) kv.table[size_t(s * max_pages + j)] = order[next++];
+    const uint16_t nan = 0x7e00;
+    kv.k_pool.assign(size_t(kv.n_pages * page_size * kv_dim), nan);
+    kv.v_pool = kv.k_pool;
+    for (int64_t s = 0; s < n_seq; ++s) {
+        kv.k_seq.push_back(test::random_f16(rng, size_t(len[size_t(s)] * kv_dim)));
+        kv.v_seq.push_back(test::random_f16(rng, size_t(len[size_t(s)] * kv_dim)));
+        for (int64_t r = 0; r < len[size_t(s)]; ++r) {
+            const int64_t row = kv.row_of(s, r);
+            std::copy_n(kv.k_seq.back().begin() + r * kv_dim, kv_dim, kv.k_pool.begin() + row * kv_dim);
+            std::copy_n(kv.v_seq.back().begin() + r * kv_dim, kv_dim, kv.v_pool.begin() + row * kv_dim);
+        }
+    }
+    return kv;
+}
+
+// Ragged paged decode (continuous batching): query i at position pos[i] of sequence seq[i], its
+// keys and values through that sequence's page table, each against the CPU reference of that one
+// query over the sequence's contiguous rows 0 .. pos[i]. Page sizes 1, 16, 64; positions at and
+// across page boundaries, the last position of the context; sequences repeat; the bound n_kv (grid,
+// workspace) is larger than most positions + 1; GQA, sliding windows, soft-capping.
+TEST(CudaKernels, AttentionDecodePagedMatchesCpu) {
     GPTQ_SKIP_WITHOUT_GPU();
     const uint32_t seed = test::fresh_seed();
     std::mt19937   rng(seed);
-    struct ragged_case {
-        int64_t n_q, n_slots, n_ctx, n_head, n_head_kv, head_dim, window;
+    struct paged_case {
+        int64_t n_q, n_seq, n_ctx, page_size, n_head, n_head_kv, head_dim, window;
         float   softcap;
     };
-    for (const ragged_case& c : std::vector<ragged_case>{{1, 1, 1, 1, 1, 2, 0, 0.0f},
-                                                         {5, 3, 300, 8, 2, 128, 0, 0.0f},
-                                                         {24, 24, 130, 4, 1, 64, 0, 0.0f},
-                                                         {40, 7, 200, 4, 4, 80, 33, 0.0f},
-                                                         {3, 2, 1000, 2, 1, 256, 0, 30.0f}}) {
-        const int64_t kv_dim = c.n_head_kv * c.head_dim, q_dim = c.n_head * c.head_dim;
-        const int64_t q_stride = q_dim + 2, stride = c.n_ctx * kv_dim;
-        auto          q = test::random_f16(rng, size_t(c.n_q * q_stride));
-        auto          k = test::random_f16(rng, size_t(c.n_slots * stride)),
-             v          = test::random_f16(rng, size_t(c.n_slots * stride));
+    for (const paged_case& c : std::vector<paged_case>{{1, 1, 1, 1, 1, 1, 2, 0, 0.0f},
+                                                       {5, 3, 300, 16, 8, 2, 128, 0, 0.0f},
+                                                       {24, 24, 130, 16, 4, 1, 64, 0, 0.0f},
+                                                       {40, 7, 200, 64, 4, 4, 80, 33, 0.0f},
+                                                       {9, 4, 70, 1, 4, 2, 64, 0, 0.0f},
+                                                       {6, 3, 129, 64, 2, 1, 128, 20, 0.0f},
+                                                       {3, 2, 1000, 16, 2, 1, 256, 0, 30.0f},
+                                                       {12, 5, 100, 16, 6, 3, 64, 7, 5.0f}}) {
+        const int64_t        kv_dim = c.n_head_kv * c.head_dim, q_dim = c.n_head * c.head_dim, q_stride = q_dim + 2;
+        const int64_t        max_pages = (c.n_ctx + c.page_size - 1) / c.page_size;
         std::vector<int32_t> pos(size_t(c.n_q)), seq(size_t(c.n_q));
+        std::vector<int64_t> len(size_t(c.n_seq), 1);
         for (int64_t i = 0; i < c.n_q; ++i) {
-            seq[size_t(i)] = int32_t(rng() % uint32_t(c.n_slots));
-            pos[size_t(i)] = int32_t(i == 0 ? c.n_ctx - 1 : rng() % uint32_t(c.n_ctx));  // the last position too
+            seq[size_t(i)]     = int32_t(i < c.n_seq ? i : rng() % uint32_t(c.n_seq));
+            const int64_t kind = i % 4;  // the last position, a page's first / last row, anywhere
+            int64_t       p    = kind == 0 ? c.n_ctx - 1 : int64_t(rng() % uint32_t(c.n_ctx));
+            if (kind == 1) p = p / c.page_size * c.page_size;
+            if (kind == 2) p = std::min(c.n_ctx - 1, p / c.page_size * c.page_size + c.page_size - 1);
+            pos[size_t(i)]              = int32_t(p);
+            len[size_t(seq[size_t(i)])] = std::max(len[size_t(seq[size_t(i)])], p + 1);
         }
-        device_array<uint16_t> dq(q), dk(k), dv(v), dout(size_t(c.n_q * q_dim));
-        device_array<int32_t>  dpos(pos), dseq(seq);
+        const paged_kv         kv = make_paged(rng, len, c.page_size, max_pages, kv_dim, 3);
+        auto                   q  = test::random_f16(rng, size_t(c.n_q * q_stride));
+        device_array<uint16_t> dq(q), dk(kv.k_pool), dv(kv.v_pool), dout(size_t(c.n_q * q_dim));
+        device_array<int32_t>  dpos(pos), dseq(seq), dtab(kv.table);
         cuda::attention_params p;
         p.q = dq.get(), p.k = dk.get(), p.v = dv.get(), p.out = dout.get();
         p.n_q = c.n_q, p.n_kv = c.n_ctx, p.n_head = c.n_head, p.n_head_kv = c.n_head_kv, p.head_dim = c.head_dim;
         p.window = c.window, p.scale = 1.0f / std::sqrt(float(c.head_dim)), p.softcap = c.softcap;
         p.q_stride = q_stride, p.kv_stride = kv_dim, p.out_stride = q_dim;
-        p.q_pos_dev = dpos.get(), p.q_seq_dev = dseq.get(), p.kv_seq_stride = stride;
+        p.q_pos_dev = dpos.get(), p.q_seq_dev = dseq.get();
+        p.kv_pages             = {dtab.get(), c.page_size, max_pages};
         const int64_t       ws = cuda::attention_decode_workspace_floats(c.n_q, c.n_ctx, c.n_head, c.head_dim);
         device_array<float> dws(static_cast<size_t>(ws));
         GPTQ_EXPECT_OK(cuda::attention_decode_f16(p, dws.get(), ws, nullptr));
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
         const auto         got = dout.download();
-        const auto         qf = test::to_f32(q), kf = test::to_f32(k), vf = test::to_f32(v);
+        const auto         qf  = test::to_f32(q);
         std::vector<float> ref(size_t(c.n_q * q_dim));
         for (int64_t i = 0; i < c.n_q; ++i) {
-            cpu::attention_shape s;
-            s.n_q = 1, s.n_kv = pos[size_t(i)] + 1, s.q_pos0 = pos[size_t(i)];
-            s.n_head = c.n_head, s.n_head_kv = c.n_head_kv, s.head_dim = c.head_dim, s.window = c.window;
-            s.scale = p.scale, s.softcap = c.softcap;
-            s.q_stride = q_stride, s.kv_stride = kv_dim, s.out_stride = q_dim;
-            const size_t base = size_t(seq[size_t(i)]) * size_t(stride);
-            cpu::attention_ref(qf.data() + i * q_stride, kf.data() + base, vf.data() + base, ref.data() + i * q_dim, s);
+            cpu::attention_shape sh;
+            sh.n_q = 1, sh.n_kv = pos[size_t(i)] + 1, sh.q_pos0 = pos[size_t(i)];
+            sh.n_head = c.n_head, sh.n_head_kv = c.n_head_kv, sh.head_dim = c.head_dim, sh.window = c.window;
+            sh.scale = p.scale, sh.softcap = c.softcap;
+            sh.q_stride = q_stride, sh.kv_stride = kv_dim, sh.out_stride = q_dim;
+            const auto kf = test::to_f32(kv.k_seq[size_t(seq[size_t(i)])]),
+                       vf = test::to_f32(kv.v_seq[size_t(seq[size_t(i)])]);
+            cpu::attention_ref(qf.data() + i * q_stride, kf.data(), vf.data(), ref.data() + i * q_dim, sh);
         }
-        const std::string what = "ragged decode n_q=" + std::to_string(c.n_q) + " slots=" + std::to_string(c.n_slots) +
-                                 " n_ctx=" + std::to_string(c.n_ctx) + " d=" + std::to_string(c.head_dim) +
-                                 " window=" + std::to_string(c.window);
+        const std::string what = "paged decode n_q=" + std::to_string(c.n_q) + " seqs=" + std::to_string(c.n_seq) +
+                                 " n_ctx=" + std::to_string(c.n_ctx) + " page=" + std::to_string(c.page_size) +
+                                 " d=" + std::to_string(c.head_dim) + " window=" + std::to_string(c.window);
         expect_close(got, ref, what.c_str(), seed);
     }
-    // The prefill kernel refuses device positions.
+    // The prefill kernel refuses device positions; per-query sequences need a page table.
     cuda::attention_params bad;
     bad.n_q = 1, bad.n_kv = 1, bad.n_head = bad.n_head_kv = 1, bad.head_dim = 2;
     bad.q_stride = bad.kv_stride = bad.out_stride = 2;
     const int32_t one                             = 0;
     bad.q_pos_dev                                 = &one;
     EXPECT_FALSE(cuda::attention_prefill_f16(bad, nullptr).is_ok());
+    bad.q_seq_dev = &one;
+    float        ws[8];
+    const status st = cuda::attention_decode_f16(bad, ws, 8, nullptr);
+    EXPECT_FALSE(st.is_ok());
+    EXPECT_NE(st.message().find("page table"), std::string::npos) << st.message();
+    // A page size that is not a power of two, and a table too short for n_kv, are refused by name.
+    bad.q_seq_dev = nullptr;
+    bad.kv_pages  = {&one, 3, 1};
+    EXPECT_NE(cuda::attention_decode_f16(bad, ws, 8, nullptr).message().find("power of two"), std::string::npos);
+    bad.kv_pages = {&one, 4, 1};
+    bad.n_kv     = 5;
+    EXPECT_NE(cuda::attention_decode_f16(bad, ws, 8, nullptr).message().find("page table"), std::string::npos);
+}
+
+// One sequence's chunk after its cached rows (the runtime's prefill_seq): queries at n_past ..
+// n_past + n_q - 1 over rows 0 .. n_past + n_q - 1 through the sequence's page table (the table row
+// of sequence `which` of three), against the CPU reference over the contiguous rows. Both prefill
+// kernels (tensor cores, CUDA cores) and the decode kernel that op_cuda_attention uses for <= 16
+// queries; page sizes 1, 16, 64.
+TEST(CudaKernels, AttentionPrefillPagedMatchesCpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    struct prefill_case {
+        int64_t n_q, n_past, page_size, n_head, n_head_kv, head_dim, window;
+        float   softcap;
+    };
+    for (const prefill_case& c : std::vector<prefill_case>{{37, 0, 16, 4, 2, 64, 0, 0.0f},
+                                                           {70, 30, 16, 8, 8, 128, 0, 0.0f},
+                                                           {130, 370, 64, 4, 1, 128, 50, 0.0f},
+                                                           {64, 17, 1, 2, 2, 64, 0, 0.0f},
+                                                           {33, 167, 16, 6, 3, 80, 40, 0.0f},
+                                                           {200, 0, 64, 4, 2, 64, 8, 5.0f},
+                                                           {50, 14, 16, 4, 1, 256, 17, 0.0f},
+                                                           {5, 295, 16, 8, 2, 128, 0, 0.0f},  // decode kernel
+                                                           {16, 484, 64, 4, 2, 64, 33, 0.0f},
+                                                           {1, 64, 64, 2, 1, 128, 0, 0.0f}}) {
+        const int64_t kv_dim = c.n_head_kv * c.head_dim, q_dim = c.n_head * c.head_dim, n_kv = c.n_past + c.n_q;
+        const int64_t max_pages = (n_kv + 2 * c.page_size - 1) / c.page_size;  // a spare entry in each row
+        const std::vector<int64_t> len{n_kv / 2 + 1, n_kv, n_kv / 3 + 1};
+        const paged_kv             kv    = make_paged(rng, len, c.page_size, max_pages, kv_dim, 2);
+        const int64_t              which = 1;
+        auto                       q     = test::random_f16(rng, size_t(c.n_q * q_dim));
+        device_array<int32_t>      dtab(kv.table);
+        device_array<uint16_t>     dq(q), dk(kv.k_pool), dv(kv.v_pool);
+        cuda::attention_params     p;
+        p.q = dq.get(), p.k = dk.get(), p.v = dv.get();
+        p.n_q = c.n_q, p.n_kv = n_kv, p.q_pos0 = c.n_past, p.n_head = c.n_head, p.n_head_kv = c.n_head_kv;
+        p.head_dim = c.head_dim, p.window = c.window, p.scale = 1.0f / std::sqrt(float(c.head_dim));
+        p.softcap  = c.softcap;
+        p.q_stride = p.out_stride = q_dim, p.kv_stride = kv_dim;
+        p.kv_pages            = {dtab.get() + which * max_pages, c.page_size, max_pages};
+        const auto         qf = test::to_f32(q), kf = test::to_f32(kv.k_seq[which]), vf = test::to_f32(kv.v_seq[which]);
+        std::vector<float> ref(size_t(c.n_q * q_dim));
+        cpu::attention_shape sh;
+        sh.n_q = c.n_q, sh.n_kv = n_kv, sh.q_pos0 = c.n_past, sh.n_head = c.n_head, sh.n_head_kv = c.n_head_kv;
+        sh.head_dim = c.head_dim, sh.window = c.window, sh.scale = p.scale, sh.softcap = c.softcap;
+        sh.q_stride = sh.out_stride = q_dim, sh.kv_stride = kv_dim;
+        cpu::attention_ref(qf.data(), kf.data(), vf.data(), ref.data(), sh);
+        const std::string what = "paged prefill n_q=" + std::to_string(c.n_q) + " n_past=" + std::to_string(c.n_past) +
+                                 " page=" + std::to_string(c.page_size) + " d=" + std::to_string(c.head_dim);
+        for (int kernel = 0; kernel < 3; ++kernel) {  // dispatch's choice, CUDA cores, decode (n_q <= 16)
+            if (kernel == 2 && c.n_q > 16) continue;
+            device_array<uint16_t> dout(size_t(c.n_q * q_dim));
+            p.out = dout.get();
+            if (kernel == 2) {
+                const int64_t       ws = cuda::attention_decode_workspace_floats(c.n_q, n_kv, c.n_head, c.head_dim);
+                device_array<float> dws(static_cast<size_t>(ws));
+                GPTQ_EXPECT_OK(cuda::attention_decode_f16(p, dws.get(), ws, nullptr));
+                ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+            } else {
+                cuda::attention_prefill_force_cuda_cores(kernel == 1);
+                GPTQ_EXPECT_OK(cuda::attention_prefill_f16(p, nullptr));
+                cuda::attention_prefill_force_cuda_cores(false);
+            }
+            expect_close(dout.download(), ref, (what + " kernel " + std::to_string(kernel)).c_str(), seed);
+        }
+    }
 }
 
 // Gemma 2's attention logit soft-capping in the three kernels (CUDA-core prefill, tensor-core
@@ -603,7 +741,7 @@ TEST(CudaKernels, RopeKvStoreIsRopeThenKvStore) {
             if (fused_kernel) {
                 GPTQ_EXPECT_OK(cuda::rope_kv_store_f16(dq.get(), kp, vp, q_stride, kv_stride, dc.get(), ds.get(),
                                                        c.tokens, c.n_head, c.n_head_kv, c.hd, dck.get(), dcv.get(),
-                                                       dpos.get(), nullptr, 0, c.n_ctx, nullptr));
+                                                       dpos.get(), nullptr, cuda::kv_page_map{}, c.n_ctx, nullptr));
             } else {
                 GPTQ_EXPECT_OK(
                     cuda::rope_f16(dq.get(), dc.get(), ds.get(), c.tokens, c.n_head, c.hd, q_stride, nullptr));
@@ -639,49 +777,86 @@ TEST(CudaKernels, RopeKvStoreIsRopeThenKvStore) {
     }
 }
 
-// Ragged: token t into slot seq[t] at position pos[t] (slots of [n_ctx, kv_dim] one after another),
-// against rope_f16 on q and k, then kv_store_f16 of each token alone into its slot.
-TEST(CudaKernels, RopeKvStoreRaggedWritesEachTokensSlot) {
+// Paged (the runtime): token t's k and v into position pos[t] of sequence seq[t] through the page
+// tables (scattered, interleaved, not monotonic; page sizes 1, 16, 64), against rope_f16 on q and
+// k, then each token's row written on the host at the pool row its table gives. Positions at page
+// boundaries; one past n_ctx and one whose page entry is -1 are not written; every other pool row
+// keeps its bytes. Then the plain form (seq_dev nullptr, the table row of one sequence): a chunk of
+// consecutive positions crossing pages.
+TEST(CudaKernels, RopeKvStorePagedWritesEachTokensRow) {
     GPTQ_SKIP_WITHOUT_GPU();
     const uint32_t                        seed = test::fresh_seed();
     std::mt19937                          rng(seed);
     std::uniform_real_distribution<float> ang(-3.2f, 3.2f);
-    const int64_t                         tokens = 9, n_head = 6, n_head_kv = 2, hd = 64, n_ctx = 50, n_slots = 12;
-    const int64_t q_dim = n_head * hd, kv_dim = n_head_kv * hd, half = hd / 2, stride = n_ctx * kv_dim;
-    auto          qbuf = test::random_f16(rng, size_t(tokens * q_dim));
-    auto kbuf = test::random_f16(rng, size_t(tokens * kv_dim)), vbuf = test::random_f16(rng, size_t(tokens * kv_dim));
-    auto cache0 = test::random_f16(rng, size_t(n_slots * stride));
-    std::vector<float> cs(size_t(tokens * half)), sn(cs.size());
-    for (size_t i = 0; i < cs.size(); ++i) {
-        const float t = ang(rng);
-        cs[i] = std::cos(t), sn[i] = std::sin(t);
+    for (const int64_t page_size : {int64_t(1), int64_t(16), int64_t(64)}) {
+        for (const bool ragged : {true, false}) {
+            const int64_t        tokens = ragged ? 9 : 40, n_head = 6, n_head_kv = 2, hd = 64, n_ctx = 150, n_seq = 12;
+            const int64_t        q_dim = n_head * hd, kv_dim = n_head_kv * hd, half = hd / 2;
+            const int64_t        max_pages = (n_ctx + page_size - 1) / page_size;
+            std::vector<int32_t> pos(static_cast<size_t>(tokens)), seq(static_cast<size_t>(tokens));
+            std::vector<int64_t> len(static_cast<size_t>(n_seq), 1);
+            const int64_t        start = ragged ? 0 : std::max<int64_t>(0, page_size * 2 - 3);  // crosses pages
+            for (int64_t t = 0; t < tokens; ++t) {
+                seq[size_t(t)] = ragged ? int32_t((t * 5 + 3) % n_seq) : 4;  // distinct, not in order
+                int64_t p      = ragged ? int64_t(rng() % uint32_t(n_ctx)) : start + t;
+                if (ragged && t == 0) p = n_ctx - 1;
+                if (ragged && t == 2) p = p / page_size * page_size;  // a page's first row
+                pos[size_t(t)] = int32_t(p);
+            }
+            if (ragged) pos[1] = int32_t(n_ctx);  // past the context: not written
+            for (int64_t t = 0; t < tokens; ++t)
+                if (pos[size_t(t)] < n_ctx)
+                    len[size_t(seq[size_t(t)])] = std::max<int64_t>(len[size_t(seq[size_t(t)])], pos[size_t(t)] + 1);
+            paged_kv kv = make_paged(rng, len, page_size, max_pages, kv_dim, 2);
+            if (ragged) {  // token 3's page is not in its table: not written
+                const int64_t s3 = seq[3], e = s3 * max_pages + pos[3] / page_size;
+                kv.table[size_t(e)] = -1;
+            }
+            auto qbuf                = test::random_f16(rng, size_t(tokens * q_dim));
+            auto kbuf                = test::random_f16(rng, size_t(tokens * kv_dim)),
+                 vbuf                = test::random_f16(rng, size_t(tokens * kv_dim));
+            auto               pool0 = test::random_f16(rng, kv.k_pool.size());
+            std::vector<float> cs(size_t(tokens * half)), sn(cs.size());
+            for (size_t i = 0; i < cs.size(); ++i) {
+                const float a = ang(rng);
+                cs[i] = std::cos(a), sn[i] = std::sin(a);
+            }
+            device_array<float>     dc(cs), ds(sn);
+            device_array<int32_t>   dpos(pos), dseq(seq), dtab(kv.table);
+            device_array<uint16_t>  q1(qbuf), k1(kbuf), v1(vbuf), ck(pool0), cv(pool0);
+            const cuda::kv_page_map m{dtab.get() + (ragged ? 0 : 4 * max_pages), page_size, max_pages};
+            GPTQ_EXPECT_OK(cuda::rope_kv_store_f16(q1.get(), k1.get(), v1.get(), q_dim, kv_dim, dc.get(), ds.get(),
+                                                   tokens, n_head, n_head_kv, hd, ck.get(), cv.get(), dpos.get(),
+                                                   ragged ? dseq.get() : nullptr, m, n_ctx, nullptr));
+            // Reference: the unfused RoPE, then the rows placed on the host.
+            device_array<uint16_t> q2(qbuf), k2(kbuf);
+            GPTQ_EXPECT_OK(cuda::rope_f16(q2.get(), dc.get(), ds.get(), tokens, n_head, hd, q_dim, nullptr));
+            GPTQ_EXPECT_OK(cuda::rope_f16(k2.get(), dc.get(), ds.get(), tokens, n_head_kv, hd, kv_dim, nullptr));
+            const auto k_rot  = k2.download();
+            auto       ck_ref = pool0, cv_ref = pool0;
+            for (int64_t t = 0; t < tokens; ++t) {
+                const int64_t s = seq[size_t(t)], r = pos[size_t(t)];
+                if (r >= n_ctx || kv.table[size_t(s * max_pages + r / page_size)] < 0) continue;
+                const int64_t row = kv.row_of(s, r);
+                std::copy_n(k_rot.begin() + t * kv_dim, kv_dim, ck_ref.begin() + row * kv_dim);
+                std::copy_n(vbuf.begin() + t * kv_dim, kv_dim, cv_ref.begin() + row * kv_dim);
+            }
+            const std::string what = std::string(ragged ? "ragged" : "plain") + " page " + std::to_string(page_size) +
+                                     ", seed " + std::to_string(seed);
+            EXPECT_EQ(q1.download(), q2.download()) << "q, " << what;
+            EXPECT_EQ(ck.download(), ck_ref) << "k pool, " << what;
+            EXPECT_EQ(cv.download(), cv_ref) << "v pool, " << what;
+            EXPECT_EQ(k1.download(), kbuf) << "k must be untouched, " << what;
+        }
     }
-    std::vector<int32_t> pos(static_cast<size_t>(tokens)), seq(static_cast<size_t>(tokens));
-    for (int64_t t = 0; t < tokens; ++t) {
-        seq[size_t(t)] = int32_t((t * 5 + 3) % n_slots);  // distinct slots, not in order
-        pos[size_t(t)] = int32_t(t == 0 ? n_ctx - 1 : rng() % uint32_t(n_ctx));
-    }
-    pos[1] = int32_t(n_ctx);  // past the cache: not written
-    device_array<float>    dc(cs), ds(sn);
-    device_array<int32_t>  dpos(pos), dseq(seq);
-    device_array<uint16_t> q1(qbuf), k1(kbuf), v1(vbuf), ck1(cache0), cv1(cache0);
-    GPTQ_EXPECT_OK(cuda::rope_kv_store_f16(q1.get(), k1.get(), v1.get(), q_dim, kv_dim, dc.get(), ds.get(), tokens,
-                                           n_head, n_head_kv, hd, ck1.get(), cv1.get(), dpos.get(), dseq.get(), stride,
-                                           n_ctx, nullptr));
-    device_array<uint16_t> q2(qbuf), k2(kbuf), v2(vbuf), ck2(cache0), cv2(cache0);
-    GPTQ_EXPECT_OK(cuda::rope_f16(q2.get(), dc.get(), ds.get(), tokens, n_head, hd, q_dim, nullptr));
-    GPTQ_EXPECT_OK(cuda::rope_f16(k2.get(), dc.get(), ds.get(), tokens, n_head_kv, hd, kv_dim, nullptr));
-    for (int64_t t = 0; t < tokens; ++t) {
-        device_array<int32_t> p1(std::vector<int32_t>{pos[size_t(t)]});
-        const int64_t         off = int64_t(seq[size_t(t)]) * stride;
-        GPTQ_EXPECT_OK(cuda::kv_store_f16(k2.get() + t * kv_dim, v2.get() + t * kv_dim, kv_dim, ck2.get() + off,
-                                          cv2.get() + off, p1.get(), 1, kv_dim, n_ctx, nullptr));
-    }
-    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    EXPECT_EQ(q1.download(), q2.download()) << "q, seed " << seed;
-    EXPECT_EQ(ck1.download(), ck2.download()) << "k caches, seed " << seed;
-    EXPECT_EQ(cv1.download(), cv2.download()) << "v caches, seed " << seed;
-    EXPECT_EQ(k1.download(), kbuf) << "k must be untouched";
+    // Per-token sequences without a table, and a bad page size, are refused by name.
+    const int32_t zero = 0;
+    status st = cuda::rope_kv_store_f16(nullptr, nullptr, nullptr, 2, 2, nullptr, nullptr, 1, 1, 1, 2, nullptr, nullptr,
+                                        &zero, &zero, cuda::kv_page_map{}, 1, nullptr);
+    EXPECT_NE(st.message().find("page table"), std::string::npos) << st.message();
+    st = cuda::rope_kv_store_f16(nullptr, nullptr, nullptr, 2, 2, nullptr, nullptr, 1, 1, 1, 2, nullptr, nullptr, &zero,
+                                 nullptr, cuda::kv_page_map{&zero, 6, 1}, 1, nullptr);
+    EXPECT_NE(st.message().find("power of two"), std::string::npos) << st.message();
 }
 
 TEST(CudaKernels, SiluMulPermutedIsSiluMulThenPermute) {

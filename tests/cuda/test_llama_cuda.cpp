@@ -433,6 +433,176 @@ TEST(llama_cuda, batched_decode_rejects_bad_counts) {
     EXPECT_FALSE((*m)->prefill_seq(2, ids.data(), 2, out.data(), false).is_ok());
 }
 
+// ---- paged KV cache (docs/cuda.md "KV pages") ---------------------------------------------------
+
+// Three sequences whose pages interleave: a pool smaller than every slot's full context, prompts
+// prefilled in chunks taken in alternation (so each sequence's pages are scattered between the
+// others'), then decode rounds; one sequence reset half way and its slot reused (its pages taken
+// again from the free list, in another order). Every logits row against the sequence alone on a
+// model of its own (pages 0, 1, 2, ... in order; the prompt in the same chunks): the same kernels
+// except the decode steps' attention split and GEMM m, so the bound is the summation-order one
+// (k_graph_rel_tol), as in the ragged test.
+void check_paged(const std::string& dir, int64_t page_size, bool graph) {
+    auto host = llama_model::open(dir);
+    ASSERT_TRUE(host.is_ok()) << host.error().message();
+    const int64_t        V = (*host)->hparams().n_vocab, n_slots = 3, n_ctx = 48;
+    const auto           base = test_ids(64, V);
+    std::vector<int32_t> prompt[4];
+    for (int64_t r = 0; r < 4; ++r)
+        for (int64_t t = 0; t < 9 + 4 * r; ++t) prompt[r].push_back(int32_t((base[size_t(t)] + 13 * r + 5 * t) % V));
+    llama_cuda_options o;
+    o.graph     = graph;
+    o.n_ctx     = n_ctx;
+    o.page_size = page_size;
+    auto m      = llama_cuda_model::open(dir, o);
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    const int64_t max_pages = (n_ctx + page_size - 1) / page_size;
+    const int64_t n_pages   = 2 * max_pages;  // two full contexts for three slots
+    GPTQ_EXPECT_OK((*m)->kv_reserve(n_slots, n_ctx, n_pages));
+    EXPECT_EQ((*m)->kv_pages_total(), n_pages);
+    EXPECT_EQ((*m)->kv_pages_used(), 0);
+    // got[r]: run r's prompt logits (last row of each chunk is checked by the last chunk only), then
+    // one row per decode step; steps[r]: its decode tokens; slot_of[r]: its slot.
+    std::vector<std::vector<float>> got[4];
+    std::vector<int32_t>            steps[4];
+    const int64_t                   slot_of[4] = {0, 1, 2, 1};
+    std::vector<float>              row(static_cast<size_t>(V)), rows(static_cast<size_t>(n_slots * V));
+    // Prompts in chunks of 3 tokens, runs 0..2 in alternation.
+    for (size_t c = 0; c * 3 < prompt[2].size(); ++c)
+        for (int64_t r : {2, 0, 1}) {
+            const auto& pr = prompt[r];
+            if (c * 3 >= pr.size()) continue;
+            const int64_t n = std::min<int64_t>(3, int64_t(pr.size() - c * 3));
+            GPTQ_EXPECT_OK((*m)->prefill_seq(slot_of[r], pr.data() + c * 3, n, row.data(), false));
+            if (c * 3 + size_t(n) == pr.size()) got[r].push_back(row);
+        }
+    auto round = [&](const std::vector<int64_t>& which) {
+        std::vector<int32_t> ids;
+        std::vector<int64_t> slots;
+        for (int64_t r : which) {
+            steps[r].push_back(int32_t((prompt[r].back() * 7 + 11 * steps[r].size() + r) % V));
+            ids.push_back(steps[r].back());
+            slots.push_back(slot_of[r]);
+        }
+        GPTQ_EXPECT_OK((*m)->decode_seqs(ids.data(), slots.data(), int64_t(ids.size()), rows.data()));
+        for (size_t i = 0; i < which.size(); ++i)
+            got[which[i]].emplace_back(rows.begin() + int64_t(i) * V, rows.begin() + int64_t(i + 1) * V);
+    };
+    for (int j = 0; j < 5; ++j) round(j % 2 ? std::vector<int64_t>{1, 2, 0} : std::vector<int64_t>{0, 2, 1});
+    int64_t used = 0;
+    for (int64_t r = 0; r < 3; ++r) used += ((*m)->seq_pos(slot_of[r]) + page_size - 1) / page_size;
+    EXPECT_EQ((*m)->kv_pages_used(), used) << dir << " page " << page_size;
+    (*m)->seq_reset(slot_of[1]);  // run 1's pages back; run 3 takes slot 1
+    EXPECT_EQ((*m)->kv_pages_used(), used - ((int64_t(prompt[1].size()) + 5 + page_size - 1) / page_size));
+    GPTQ_EXPECT_OK((*m)->prefill_seq(slot_of[3], prompt[3].data(), int64_t(prompt[3].size()), row.data(), false));
+    got[3].push_back(row);
+    for (int j = 0; j < 4; ++j) round({3, 0, 2});
+    // Each run alone.
+    auto a = llama_cuda_model::open(dir, o);
+    ASSERT_TRUE(a.is_ok()) << a.error().message();
+    for (int64_t r = 0; r < 4; ++r) {
+        (*a)->reset();  // the prompt in the same chunks (3 tokens; run 3 whole): the same kernels
+        const int64_t n = int64_t(prompt[r].size()), chunk = r < 3 ? 3 : n;
+        for (int64_t c = 0; c < n; c += chunk)
+            GPTQ_EXPECT_OK((*a)->prefill(prompt[r].data() + c, std::min(chunk, n - c), row.data(), false));
+        ASSERT_FALSE(got[r].empty());
+        EXPECT_LE(row_rel_error(got[r][0].data(), row.data(), V), k_graph_rel_tol)
+            << dir << " page " << page_size << " run " << r << " prompt";
+        for (size_t j = 0; j < steps[r].size(); ++j) {
+            GPTQ_EXPECT_OK((*a)->decode(steps[r][j], row.data()));
+            EXPECT_LE(row_rel_error(got[r][1 + j].data(), row.data(), V), k_graph_rel_tol)
+                << dir << " page " << page_size << " run " << r << " step " << j << (graph ? " (graph)" : "");
+        }
+    }
+    (*m)->reset();
+    EXPECT_EQ((*m)->kv_pages_used(), 0);
+}
+
+TEST(llama_cuda, paged_interleaved_sequences_match_each_alone) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const std::string data = source_dir() + "/tests/data/model/";
+    check_paged(source_dir() + "/models/tiny-llama", 16, true);
+    check_paged(source_dir() + "/models/tiny-llama", 4, false);
+    check_paged(source_dir() + "/models/tiny-llama", 1, true);  // every position its own page
+    check_paged(data + "rand-qwen2", 4, true);                  // biases, a sliding-window layer, GQA
+    check_paged(data + "rand-mistral", 2, true);                // window 5 across pages
+    check_paged(gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq"), 8, true);  // int4 kernel, act-order
+}
+
+// seq_reset and reset give the pages back; a step that needs more pages than are free is an error
+// naming what was asked and what is free, with nothing advanced (positions, pages, logits of the
+// next step); the pool size survives sequences_reserve / context_reserve.
+TEST(llama_cuda, paged_pages_return_and_out_of_pages_is_an_error) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const std::string  dir = source_dir() + "/models/tiny-llama";
+    llama_cuda_options o;
+    o.n_ctx     = 64;
+    o.page_size = 8;
+    auto m      = llama_cuda_model::open(dir, o);
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    EXPECT_EQ((*m)->kv_pages_total(), 8);  // one slot, its full context
+    GPTQ_EXPECT_OK((*m)->kv_reserve(3, 64, 6));
+    EXPECT_EQ((*m)->kv_pages_total(), 6);
+    const int64_t      V   = (*m)->hparams().n_vocab;
+    const auto         ids = test_ids(48, V);
+    std::vector<float> out(static_cast<size_t>(3 * V)), ref(static_cast<size_t>(V));
+    GPTQ_EXPECT_OK((*m)->prefill_seq(0, ids.data(), 20, out.data(), false));  // 3 pages
+    GPTQ_EXPECT_OK((*m)->prefill_seq(1, ids.data(), 16, out.data(), false));  // 2 pages
+    EXPECT_EQ((*m)->kv_pages_used(), 5);
+    EXPECT_EQ((*m)->kv_pages_free(), 1);
+    // Slot 2 asks for 2 pages, 1 is free.
+    status st = (*m)->prefill_seq(2, ids.data(), 9, out.data(), false);
+    ASSERT_FALSE(st.is_ok());
+    EXPECT_EQ(st.code(), status_code::STATUS_OUT_OF_MEMORY) << st.message();
+    EXPECT_NE(st.message().find("needs 2 new pages of 8 positions, 1 of the 6 are free"), std::string::npos)
+        << st.message();
+    EXPECT_EQ((*m)->seq_pos(2), 0);
+    EXPECT_EQ((*m)->kv_pages_used(), 5);
+    // A decode step of slots 0, 1, 2: slot 1 (16 positions) and slot 2 (a first token) each need a
+    // new page, one is free: refused, nothing advanced.
+    const int32_t step_ids[3] = {ids[20], ids[16], ids[0]};
+    const int64_t seqs[3]     = {0, 1, 2};
+    st                        = (*m)->decode_seqs(step_ids, seqs, 3, out.data());
+    ASSERT_FALSE(st.is_ok());
+    EXPECT_NE(st.message().find("needs 2 new pages"), std::string::npos) << st.message();
+    EXPECT_EQ((*m)->seq_pos(0), 20);
+    EXPECT_EQ((*m)->seq_pos(1), 16);
+    EXPECT_EQ((*m)->seq_pos(2), 0);
+    EXPECT_EQ((*m)->kv_pages_used(), 5);
+    // Slot 0 alone still fits (no new page at 20 -> 21), and gives what an unhindered model gives.
+    GPTQ_EXPECT_OK((*m)->decode_seqs(step_ids, seqs, 1, out.data()));
+    {
+        auto a = llama_cuda_model::open(dir, o);
+        ASSERT_TRUE(a.is_ok()) << a.error().message();
+        GPTQ_EXPECT_OK((*a)->prefill(ids.data(), 20, ref.data(), false));
+        GPTQ_EXPECT_OK((*a)->decode(step_ids[0], ref.data()));
+        EXPECT_LE(row_rel_error(out.data(), ref.data(), V), k_graph_rel_tol) << "slot 0 after the refused steps";
+    }
+    // seq_reset gives slot 0's 3 pages back; then slot 2 fits.
+    (*m)->seq_reset(0);
+    EXPECT_EQ((*m)->kv_pages_used(), 2);
+    GPTQ_EXPECT_OK((*m)->prefill_seq(2, ids.data(), 9, out.data(), false));
+    EXPECT_EQ((*m)->kv_pages_used(), 4);
+    // Growing the slots or the context keeps an asked-for pool size; reset empties it.
+    GPTQ_EXPECT_OK((*m)->sequences_reserve(5));
+    EXPECT_EQ((*m)->kv_pages_total(), 6);
+    EXPECT_EQ((*m)->kv_pages_used(), 0);
+    GPTQ_EXPECT_OK((*m)->context_reserve(128));
+    EXPECT_EQ((*m)->kv_pages_total(), 6);
+    GPTQ_EXPECT_OK((*m)->prefill_seq(4, ids.data(), 48, out.data(), false));
+    EXPECT_EQ((*m)->kv_pages_used(), 6);
+    (*m)->reset();
+    EXPECT_EQ((*m)->kv_pages_used(), 0);
+    // n_pages 0: every slot's full context again.
+    GPTQ_EXPECT_OK((*m)->kv_reserve(2, 64));
+    EXPECT_EQ((*m)->kv_pages_total(), 16);
+    // A page size that is not a power of two is refused at open.
+    o.page_size = 12;
+    auto bad    = llama_cuda_model::open(dir, o);
+    ASSERT_FALSE(bad.is_ok());
+    EXPECT_NE(bad.error().message().find("power of two"), std::string::npos) << bad.error().message();
+}
+
 // ---- ragged decode: sequences at their own positions (continuous batching) ----------------------
 
 // Six sequences in five slots: prompts of different lengths prefilled in a scrambled slot order,

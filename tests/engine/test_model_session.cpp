@@ -198,6 +198,16 @@ TEST(model_session_cpu, seq_reset_starts_one_slot_over) {
     EXPECT_EQ(s->n_seq(), 0);
     EXPECT_FALSE(s->reserve(-1, 8).is_ok());
     EXPECT_FALSE(s->reserve(2, 0).is_ok());
+    // The CPU has no KV pages (one cache per slot): a pool size is ignored, every slot gets its
+    // full context (docs/engine.md).
+    EXPECT_EQ(s->kv_page_size(), 0);
+    ASSERT_TRUE(s->reserve_paged(2, 16, 1).is_ok());
+    EXPECT_EQ(s->n_seq(), 2);
+    EXPECT_EQ(s->n_ctx(), 16);
+    const std::vector<int32_t> full        = token_ids(16, 5, V);
+    const seq_step             both_full[] = {{.seq = 0, .ids = full.data(), .n_tokens = 16},
+                                              {.seq = 1, .ids = full.data(), .n_tokens = 16}};
+    EXPECT_TRUE(s->step(both_full, again.data()).is_ok());
 }
 
 TEST(model_session_cpu, step_errors_name_the_slot_and_advance_nothing) {

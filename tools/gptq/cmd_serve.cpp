@@ -76,7 +76,9 @@ command register_serve(CLI::App& app) {
     sub->add_option("--prefill-chunk", o.prefill_chunk, "prompt tokens per step at most (chunked prefill)")
         ->capture_default_str()
         ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
-    sub->add_option("--page-size", o.page_size, "KV positions per page (the accounting of docs/serve.md)")
+    sub->add_option("--page-size", o.page_size,
+                    "KV positions per page: the scheduler's accounting, and on cuda the GPU pool's pages (a power of "
+                    "two; docs/serve.md)")
         ->capture_default_str()
         ->check(CLI::Range(int64_t{1}, int64_t{1} << 16));
     sub->add_option("--max-connections", o.max_connections,

@@ -41,9 +41,9 @@ struct dev_params {
     float          scale;
     float          softcap;  // > 0: scaled scores s -> softcap * tanh(s / softcap) before the mask; 0 = off
     int64_t        q_stride, kv_stride, out_stride;
-    const int32_t* q_pos_dev;      // decode, ragged: each query's position (attention_params::q_pos_dev)
-    const int32_t* q_seq_dev;      // decode, ragged: each query's cache slot, or nullptr (slot 0)
-    int64_t        kv_seq_stride;  // decode, ragged: elements between slots' caches
+    const int32_t* q_pos_dev;  // decode, ragged: each query's position (attention_params::q_pos_dev)
+    const int32_t* q_seq_dev;  // decode, ragged: each query's sequence, or nullptr (sequence 0)
+    kv_page_dev    pages;      // paged K/V: row j of sequence s at pool row kv_page_row(pages, s, j)
 };
 
 // Gemma 2's attention logit soft-capping of a scaled score (cap 0: the score unchanged, no op).
@@ -89,10 +89,11 @@ __global__ void __launch_bounds__(k_threads) prefill_kernel(dev_params p) {
         __syncthreads();
         for (int64_t i = tid; i < k_kt * D; i += k_threads) {
             const int64_t j = kt + i / D, d = i % D;
+            const int64_t row = j < p.n_kv ? kv_page_row(p.pages, 0, j) : -1;  // the pool row (paged)
             float         kv = 0.0f, vv = 0.0f;
-            if (j < p.n_kv) {
-                kv = __half2float(p.k[j * p.kv_stride + hk * D + d]);
-                vv = __half2float(p.v[j * p.kv_stride + hk * D + d]);
+            if (row >= 0) {
+                kv = __half2float(p.k[row * p.kv_stride + hk * D + d]);
+                vv = __half2float(p.v[row * p.kv_stride + hk * D + d]);
             }
             k_s[(i / D) * Dp + d] = kv;
             v_s[i]                = vv;
@@ -193,11 +194,12 @@ __global__ void __launch_bounds__(128) prefill_tc_kernel(dev_params p) {
         __syncthreads();  // every warp is done with the previous K/V tile
         for (int i = tid; i < k_tc_k * D / 2; i += 128) {
             const int     r = (2 * i) / D, d = (2 * i) % D;
-            const int64_t j  = kt + r;
+            const int64_t j   = kt + r;
+            const int64_t row = j < p.n_kv ? kv_page_row(p.pages, 0, j) : -1;  // the pool row (paged)
             __half2       kv = zero2, vv = zero2;
-            if (j < p.n_kv) {
-                kv = *reinterpret_cast<const __half2*>(p.k + j * p.kv_stride + hk * D + d);
-                vv = *reinterpret_cast<const __half2*>(p.v + j * p.kv_stride + hk * D + d);
+            if (row >= 0) {
+                kv = *reinterpret_cast<const __half2*>(p.k + row * p.kv_stride + hk * D + d);
+                vv = *reinterpret_cast<const __half2*>(p.v + row * p.kv_stride + hk * D + d);
             }
             reinterpret_cast<__half2*>(k_s)[i] = kv;
             reinterpret_cast<__half2*>(v_s)[i] = vv;
@@ -311,14 +313,13 @@ __global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, 
     const int64_t h = blockIdx.x, split = blockIdx.y, qi = blockIdx.z, hk = h / p.group;
     const int     lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int64_t D = p.head_dim, n_pairs = D / 2;
-    // Ragged (a graph replays this as the caches grow): query qi at position q_pos_dev[qi] of slot
-    // q_seq_dev[qi]'s cache, its keys 0 .. pos; else query qi at q_pos0 + qi of the one cache.
+    // Ragged (a graph replays this as the sequences grow): query qi at position q_pos_dev[qi] of
+    // sequence q_seq_dev[qi], its keys 0 .. pos; else query qi at q_pos0 + qi of the one sequence.
+    // Key j's row is looked up in the sequence's page table (paged) or is row j.
     const bool    ragged = p.q_pos_dev != nullptr;
     const int64_t pos    = ragged ? int64_t(p.q_pos_dev[qi]) : p.q_pos0 + qi;
     const int64_t n_kv   = ragged ? (pos + 1 < p.n_kv ? pos + 1 : p.n_kv) : p.n_kv;
-    const int64_t slot   = ragged && p.q_seq_dev ? int64_t(p.q_seq_dev[qi]) : 0;
-    const __half* kbase  = p.k + slot * p.kv_seq_stride;
-    const __half* vbase  = p.v + slot * p.kv_seq_stride;
+    const int64_t seq    = ragged && p.q_seq_dev ? int64_t(p.q_seq_dev[qi]) : 0;
     const int64_t end    = pos + 1 < n_kv ? pos + 1 : n_kv;
     int64_t       begin  = p.window > 0 ? pos - p.window + 1 : 0;
     if (begin < 0) begin = 0;
@@ -346,9 +347,10 @@ __global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, 
 #pragma unroll
         for (int u = 0; u < k_dec_keys; ++u) {
             const int64_t  j    = j0 + int64_t(u) * k_dec_warps;
-            const int64_t  jj   = j < c1 ? j : j0;  // a valid row; its score is masked below
-            const __half2* krow = reinterpret_cast<const __half2*>(kbase + jj * p.kv_stride + hk * D);
-            const __half2* vrow = reinterpret_cast<const __half2*>(vbase + jj * p.kv_stride + hk * D);
+            const int64_t  jj   = j < c1 ? j : j0;                // a valid key; its score is masked below
+            const int64_t  row  = kv_page_row(p.pages, seq, jj);  // every key < c1 has its page
+            const __half2* krow = reinterpret_cast<const __half2*>(p.k + row * p.kv_stride + hk * D);
+            const __half2* vrow = reinterpret_cast<const __half2*>(p.v + row * p.kv_stride + hk * D);
 #pragma unroll
             for (int t = 0; t < k_dec_pairs; ++t) {
                 const int64_t pi = lane + 32 * t;
@@ -462,10 +464,11 @@ status check_params(const attention_params& a, const char* who) {
     if (a.n_head <= 0) return bad("n_head", a.n_head);
     if (a.n_head_kv <= 0 || a.n_head % a.n_head_kv != 0) return bad("n_head_kv", a.n_head_kv);
     if (a.head_dim <= 0 || a.head_dim % 2 != 0 || a.head_dim > k_max_dim) return bad("head_dim", a.head_dim);
-    if (a.kv_seq_stride < 0) return bad("kv_seq_stride", a.kv_seq_stride);
+    GPTQ_TRY(kv_page_map_check(a.kv_pages, a.n_kv, who));
     if (!a.q_pos_dev && (a.q_pos0 < 0 || a.q_pos0 + a.n_q > a.n_kv))
         return bad("q_pos0 + n_q (> n_kv)", a.q_pos0 + a.n_q);
     if (a.q_seq_dev && !a.q_pos_dev) return bad("q_seq_dev without q_pos_dev, n_q", a.n_q);
+    if (a.q_seq_dev && !a.kv_pages.pages) return bad("q_seq_dev without a page table (kv_pages), n_q", a.n_q);
     if (a.q_stride < a.n_head * a.head_dim) return bad("q_stride", a.q_stride);
     if (a.kv_stride < a.n_head_kv * a.head_dim) return bad("kv_stride", a.kv_stride);
     if (a.out_stride < a.n_head * a.head_dim) return bad("out_stride", a.out_stride);
@@ -494,7 +497,7 @@ dev_params to_dev(const attention_params& a) {
                       a.out_stride,
                       a.q_pos_dev,
                       a.q_seq_dev,
-                      a.kv_seq_stride};
+                      kv_page_dev_of(a.kv_pages)};
 }
 
 bool& force_cuda_cores_flag() {
@@ -515,7 +518,7 @@ status attention_prefill_f16(const attention_params& a, cudaStream_t stream) {
     GPTQ_TRY(check_params(a, "attention_prefill_f16"));
     if (a.q_pos_dev || a.q_seq_dev)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
-                          "attention_prefill_f16: device query positions and slots (q_pos_dev, q_seq_dev) are for "
+                          "attention_prefill_f16: device query positions and sequences (q_pos_dev, q_seq_dev) are for "
                           "the decode kernel only");
     if (a.n_q == 0) return status::ok();
     const int64_t D = a.head_dim;

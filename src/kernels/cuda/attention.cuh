@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "core/status.h"
+#include "kernels/cuda/kv_pages.cuh"
 
 typedef struct CUstream_st* cudaStream_t;
 
@@ -15,8 +16,8 @@ namespace gptq::cuda {
 
 struct attention_params {
     const uint16_t* q   = nullptr;  // [n_q, q_stride] F16, heads [n_head, head_dim] first in each row
-    const uint16_t* k   = nullptr;  // [n_kv, kv_stride] F16, heads [n_head_kv, head_dim]
-    const uint16_t* v   = nullptr;  // [n_kv, kv_stride] F16
+    const uint16_t* k   = nullptr;  // [n_kv, kv_stride] F16, heads [n_head_kv, head_dim] (paged: the pool's rows)
+    const uint16_t* v   = nullptr;  // [n_kv, kv_stride] F16 (paged: the pool's rows)
     uint16_t*       out = nullptr;  // [n_q, out_stride] F16, heads [n_head, head_dim]; no alias with q/k/v
     int64_t         n_q = 0, n_kv = 0, q_pos0 = 0;            // query i at position q_pos0 + i; q_pos0 + n_q <= n_kv
     int64_t         n_head = 0, n_head_kv = 0, head_dim = 0;  // n_head_kv divides n_head; head_dim even, <= 256
@@ -24,15 +25,18 @@ struct attention_params {
     float           scale    = 1.0f;
     float           softcap  = 0.0f;  // > 0: scaled scores s -> softcap * tanh(s / softcap) (Gemma 2); 0 = off
     int64_t         q_stride = 0, kv_stride = 0, out_stride = 0;  // row strides in elements
+    // Paged keys and values (kv_pages.cuh): k and v are then the page pool and row j of a sequence
+    // is addressed through its page table (kv_pages.pages: the sequence's table row, or with
+    // q_seq_dev the tables of every sequence). Null map: rows j of k and v one after another.
+    kv_page_map kv_pages;
     // Decode only, ragged: when set, query i is at position q_pos_dev[i] (device I32, read when the
-    // kernel runs) of the cache of slot q_seq_dev[i] (device I32; nullptr: slot 0), whose keys and
-    // values start at k + slot * kv_seq_stride and v + slot * kv_seq_stride (elements); it attends
-    // to that cache's positions 0 .. q_pos_dev[i] (the window applies). n_kv is then the bound of
-    // every position + 1, which sizes the grid and the workspace; q_pos0 is unused. A captured CUDA
-    // graph so replays the decode step of any sequences at any positions (continuous batching).
-    const int32_t* q_pos_dev     = nullptr;
-    const int32_t* q_seq_dev     = nullptr;
-    int64_t        kv_seq_stride = 0;
+    // kernel runs) of sequence q_seq_dev[i] (device I32, needs kv_pages; nullptr: sequence 0); it
+    // attends to that sequence's positions 0 .. q_pos_dev[i] (the window applies). n_kv is then the
+    // bound of every position + 1, which sizes the grid and the workspace; q_pos0 is unused. A
+    // captured CUDA graph so replays the decode step of any sequences at any positions (continuous
+    // batching).
+    const int32_t* q_pos_dev = nullptr;
+    const int32_t* q_seq_dev = nullptr;
 };
 
 // Checks the shape (returns INVALID_ARGUMENT naming the field) and runs the prefill kernel: the

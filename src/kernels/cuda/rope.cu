@@ -30,15 +30,16 @@ __global__ void rope_kernel(__half* x, const float* cos, const float* sin, int64
 __global__ void rope_kv_store_kernel(__half* q, const __half* k, const __half* v, int64_t q_stride, int64_t kv_stride,
                                      const float* cos, const float* sin, int64_t n_items, int64_t n_head,
                                      int64_t n_head_kv, int64_t half, __half* cache_k, __half* cache_v,
-                                     const int32_t* pos_dev, const int32_t* seq_dev, int64_t seq_stride, int64_t n_ctx,
+                                     const int32_t* pos_dev, const int32_t* seq_dev, kv_page_dev pages, int64_t n_ctx,
                                      int64_t total) {
     pdl_launch_dependents();
     pdl_wait();  // q, k, v come from the projection before
     const int64_t kv_dim = n_head_kv * 2 * half, nq = n_head * half, nk = n_head_kv * half;
     for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < total; p += int64_t(gridDim.x) * blockDim.x) {
-        const int64_t t = p / n_items, it = p % n_items, row = int64_t(pos_dev[t]);
-        const int64_t cofs  = seq_dev ? int64_t(seq_dev[t]) * seq_stride : 0;
-        const bool    store = row >= 0 && row < n_ctx;
+        const int64_t t = p / n_items, it = p % n_items, pos = int64_t(pos_dev[t]);
+        // The pool row of token t's position in its sequence (paged), or the position itself.
+        const int64_t row   = pos >= 0 && pos < n_ctx ? kv_page_row(pages, seq_dev ? seq_dev[t] : 0, pos) : -1;
+        const bool    store = row >= 0;
         if (it < nq + nk) {
             const bool    is_q = it < nq;
             const int64_t r    = is_q ? it : it - nq;
@@ -52,13 +53,13 @@ __global__ void rope_kv_store_kernel(__half* q, const __half* k, const __half* v
                 dst[i]        = lo;
                 dst[i + half] = hi;
             } else if (store) {
-                __half* dst   = cache_k + cofs + row * kv_dim + hh * 2 * half;
+                __half* dst   = cache_k + row * kv_dim + hh * 2 * half;
                 dst[i]        = lo;
                 dst[i + half] = hi;
             }
         } else if (store) {
-            const int64_t i                  = it - nq - nk;
-            cache_v[cofs + row * kv_dim + i] = v[t * kv_stride + i];
+            const int64_t i           = it - nq - nk;
+            cache_v[row * kv_dim + i] = v[t * kv_stride + i];
         }
     }
 }
@@ -68,11 +69,15 @@ __global__ void rope_kv_store_kernel(__half* q, const __half* k, const __half* v
 status rope_kv_store_f16(uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t q_stride, int64_t kv_stride,
                          const float* cos, const float* sin, int64_t n_tokens, int64_t n_head, int64_t n_head_kv,
                          int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v, const int32_t* pos_dev,
-                         const int32_t* seq_dev, int64_t seq_stride, int64_t n_ctx, cudaStream_t stream) {
+                         const int32_t* seq_dev, const kv_page_map& pages, int64_t n_ctx, cudaStream_t stream) {
     if (head_dim % 2 != 0 || q_stride < n_head * head_dim || kv_stride < n_head_kv * head_dim)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
                           "rope_kv_store_f16: head_dim {} (must be even), q_stride {}, kv_stride {}", head_dim,
                           q_stride, kv_stride);
+    if (seq_dev && !pages.pages)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "rope_kv_store_f16: per-token sequences (seq_dev) need a page table");
+    GPTQ_TRY(kv_page_map_check(pages, n_ctx, "rope_kv_store_f16"));
     const int64_t half    = head_dim / 2;
     const int64_t n_items = (n_head + n_head_kv) * half + n_head_kv * head_dim;
     const int64_t total   = n_tokens * n_items;
@@ -82,7 +87,7 @@ status rope_kv_store_f16(uint16_t* q, const uint16_t* k, const uint16_t* v, int6
                                stream, reinterpret_cast<__half*>(q), reinterpret_cast<const __half*>(k),
                                reinterpret_cast<const __half*>(v), q_stride, kv_stride, cos, sin, n_items, n_head,
                                n_head_kv, half, reinterpret_cast<__half*>(cache_k), reinterpret_cast<__half*>(cache_v),
-                               pos_dev, seq_dev, seq_stride, n_ctx, total));
+                               pos_dev, seq_dev, kv_page_dev_of(pages), n_ctx, total));
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }

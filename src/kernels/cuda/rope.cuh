@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "core/status.h"
+#include "kernels/cuda/kv_pages.cuh"
 
 typedef struct CUstream_st* cudaStream_t;
 
@@ -16,16 +17,17 @@ status rope_f16(uint16_t* x, const float* cos, const float* sin, int64_t n_token
                 int64_t row_stride, cudaStream_t stream);
 
 // The attention's RoPE and KV-cache append in one launch: q rotated in place; token t's k rotated
-// into row pos_dev[t] of its cache and v copied there (pos_dev: device I32 per token, read when the
-// kernel runs; rows outside [0, n_ctx) are not written); the cache of token t starts
-// seq_dev[t] * seq_stride elements after cache_k / cache_v (seq_dev nullptr: all at the start;
-// ragged decode: each token its own sequence's slot). k and v themselves are left as they are. Bit
-// for bit rope_f16 on q and k, then kv_store_f16. q: [n_tokens, q_stride] ([n_head, head_dim]
-// first), k and v: [n_tokens, kv_stride] ([n_head_kv, head_dim]); a cache [n_ctx, n_head_kv *
-// head_dim] contiguous.
+// into row pos_dev[t] of sequence seq_dev[t] and v copied there (pos_dev, seq_dev: device I32 per
+// token, read when the kernel runs; seq_dev nullptr: every token in sequence 0, i.e. the table row
+// pages.pages points at; rows outside [0, n_ctx) and rows whose page table entry is negative are
+// not written). The row's place in cache_k / cache_v is given by the page map (kv_pages.cuh:
+// cache_k/v are the page pool [n_pages][page_size][kv_dim]; a null map: [n_ctx, kv_dim]
+// contiguous, one sequence). k and v themselves are left as they are. Bit for bit rope_f16 on q
+// and k, then kv_store_f16 into the addressed rows. q: [n_tokens, q_stride] ([n_head, head_dim]
+// first), k and v: [n_tokens, kv_stride] ([n_head_kv, head_dim]); kv_dim = n_head_kv * head_dim.
 status rope_kv_store_f16(uint16_t* q, const uint16_t* k, const uint16_t* v, int64_t q_stride, int64_t kv_stride,
                          const float* cos, const float* sin, int64_t n_tokens, int64_t n_head, int64_t n_head_kv,
                          int64_t head_dim, uint16_t* cache_k, uint16_t* cache_v, const int32_t* pos_dev,
-                         const int32_t* seq_dev, int64_t seq_stride, int64_t n_ctx, cudaStream_t stream);
+                         const int32_t* seq_dev, const kv_page_map& pages, int64_t n_ctx, cudaStream_t stream);
 
 }  // namespace gptq::cuda

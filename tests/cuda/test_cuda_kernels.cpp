@@ -229,7 +229,7 @@ TEST(CudaKernels, SoftcapMatchesCpu) {
 }
 
 // Candidates for sampling (ops/logits_top.h): ids and values equal to the reference's (the same
-// order, ties by lower id, -0 and +0 equal), sums to double rounding; rows with many ties (the
+// order, ties by lower id, -0 and +0 equal), sums to double summation error; rows with many ties (the
 // rounded values hold -0 and +0), -inf, a huge vocabulary.
 TEST(CudaKernels, LogitsTopMatchesCpu) {
     GPTQ_SKIP_WITHOUT_GPU();
@@ -270,9 +270,12 @@ TEST(CudaKernels, LogitsTopMatchesCpu) {
             ASSERT_EQ(ids, ref.ids) << "rows " << rows << " vocab " << n_vocab << " k " << k << " variant " << variant
                                     << " seed " << seed;
             ASSERT_EQ(vals, ref.logits);
+            // n_vocab positive terms summed in double in another order: within n_vocab * 2^-52 of the
+            // sum (the recursive-summation bound); the device measured up to 1.2e-12 relative at 32000.
+            const double sum_rel = double(n_vocab) * 0x1p-52;
             for (int64_t r = 0; r < rows; ++r) {
-                EXPECT_NEAR(sums[size_t(2 * r)], ref.sum_exp[size_t(r)], 1e-12 * ref.sum_exp[size_t(r)]);
-                EXPECT_NEAR(sums[size_t(2 * r + 1)], ref.sum_exp_t[size_t(r)], 1e-12 * ref.sum_exp_t[size_t(r)]);
+                EXPECT_NEAR(sums[size_t(2 * r)], ref.sum_exp[size_t(r)], sum_rel * ref.sum_exp[size_t(r)]);
+                EXPECT_NEAR(sums[size_t(2 * r + 1)], ref.sum_exp_t[size_t(r)], sum_rel * ref.sum_exp_t[size_t(r)]);
             }
         }
     }

@@ -12,6 +12,7 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "model/llama_cuda_moe.h"
 #include "ops/ops.h"
 
 namespace gptq {
@@ -265,6 +266,7 @@ result<bool> cuda_layer_forward(cuda_context& c, const llama_hparams& hp, int64_
                                 const cuda_layer_pass& p) {
     GPTQ_ASSIGN_OR_RETURN(const bool attention_done, cuda_attention_block(c, hp, i_layer, w, hidden, pending, b, p));
     if (!attention_done) return false;
+    if (w.moe) return cuda_moe_block(c, hp, w, hidden, b, p);  // the sparse block (llama_cuda_moe.cpp)
     return cuda_mlp_block(c, hp, w, hidden, b, p);
 }
 

@@ -45,6 +45,9 @@ using cuda_linear_input_hook =
 
 // ---- the one decoder layer -------------------------------------------------------------------
 
+struct cuda_moe_weights;  // model/llama_cuda_moe.h: a MoE layer's sparse block
+struct cuda_moe_buffers;
+
 // A linear on the device: dense F16 [n_out, n_in] (+ F16 bias) or GPTQ (cuda_gptq_linear, bias inside).
 struct cuda_linear {
     int64_t          n_out = 0, n_in = 0;
@@ -76,6 +79,9 @@ struct cuda_layer_weights {
     // (llama_cuda_model loads the layers unfused when it has adapters).
     std::array<cuda_buffer, k_n_linear_roles> lora;
     int32_t                                   lora_max_r = 0;
+    // A MoE layer's sparse block (router, experts, shared expert) in place of gate/up/down; nullptr
+    // on a dense layer.
+    std::shared_ptr<cuda_moe_weights> moe;
 };
 
 // The activation buffers a pass over n rows uses (F16 device; the caller sizes them).
@@ -85,6 +91,7 @@ struct cuda_layer_buffers {
     uint16_t *k = nullptr, *v = nullptr;      // [n, kv_dim] (unused when q/k/v are fused)
     uint16_t* y    = nullptr;                 // [n, n_embd]: o's output, then down's
     uint16_t *gate = nullptr, *up = nullptr;  // [n, n_ff]; fused gate/up: gate [n, 2 n_ff]
+    cuda_moe_buffers* moe = nullptr;          // the MoE block's activations (a model with MoE layers)
 };
 
 // Called after each op with its kind ("rms_norm", "linear_qkv", "attention", ...): profiling marks.
@@ -127,6 +134,10 @@ struct cuda_layer_pass {
     const cuda_op_mark*           mark       = nullptr;  // nullptr: no marks
     // Device I32 [n]: the LoRA adapter of each row (-1: none); nullptr: no LoRA in this pass.
     const int32_t* lora_rows = nullptr;
+    // MoE layers run their experts with the grouped kernels (routing read on the device, no host
+    // sync: a ragged decode pass that is captured into a graph) where their weights allow it;
+    // false: per expert, with the routing brought to the host (llama_cuda_moe.h).
+    bool moe_grouped = false;
 };
 
 // The residual stream is carried as the runtime carries it: each residual add is folded into the

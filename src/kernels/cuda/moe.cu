@@ -1,0 +1,363 @@
+// MoE kernels (moe.cuh): top-k routing (one warp per token), row gathers, the grouped expert
+// linears (a block per (output tile, pair), the expert read from the routing), the weighted sum.
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/moe.cuh"
+#include "kernels/cuda/ptx.cuh"
+
+namespace gptq::cuda {
+
+namespace {
+
+constexpr unsigned k_full = 0xFFFFFFFFu;
+
+unsigned grid_for(int64_t n) {
+    const int64_t blocks = (n + 255) / 256;
+    return unsigned(std::min<int64_t>(std::max<int64_t>(blocks, 1), 65535));
+}
+
+// ---- top-k ---------------------------------------------------------------------------------------
+
+// (v, e) ranks above (bv, be): larger value, or equal value and lower expert (torch.topk).
+__device__ inline bool ranks_above(float v, int e, float bv, int be) {
+    return v > bv || (v == bv && e < be);
+}
+
+// PER: values per lane (n_expert <= 32 PER). A lane holds experts q * 32 + lane.
+template <int PER>
+__global__ void topk_kernel(const float* logits, int n_tokens, int n_expert, int k, bool renorm, int32_t* ids,
+                            float* weights) {
+    const int lane = threadIdx.x & 31;
+    const int t    = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    if (t >= n_tokens) return;  // whole warps leave together
+    const float* row = logits + int64_t(t) * n_expert;
+    float        v[PER];
+    float        mx = -INFINITY;
+#pragma unroll
+    for (int q = 0; q < PER; ++q) {
+        const int e = q * 32 + lane;
+        v[q]        = e < n_expert ? row[e] : -INFINITY;
+        mx          = fmaxf(mx, v[q]);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(k_full, mx, off));
+    float sum = 0.0f;
+#pragma unroll
+    for (int q = 0; q < PER; ++q) {
+        const int e = q * 32 + lane;
+        if (e < n_expert) {
+            v[q] = expf(v[q] - mx);
+            sum += v[q];
+        }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(k_full, sum, off);
+    // Probabilities are >= 0: -1 marks lanes past n_expert, -2 the experts already chosen.
+#pragma unroll
+    for (int q = 0; q < PER; ++q) {
+        const float pr = v[q] / sum;
+        // NaN (a NaN logit): ranked below every number, so a chosen id is always a real expert.
+        v[q] = q * 32 + lane < n_expert ? (pr >= 0.0f ? pr : -0.5f) : -1.0f;
+    }
+
+    int   sel[k_moe_max_k];
+    float pv[k_moe_max_k];
+    for (int j = 0; j < k; ++j) {
+        float bv = -3.0f;
+        int   be = n_expert;
+#pragma unroll
+        for (int q = 0; q < PER; ++q)
+            if (ranks_above(v[q], q * 32 + lane, bv, be)) bv = v[q], be = q * 32 + lane;
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) {
+            const float ov = __shfl_xor_sync(k_full, bv, off);
+            const int   oe = __shfl_xor_sync(k_full, be, off);
+            if (ranks_above(ov, oe, bv, be)) bv = ov, be = oe;
+        }
+        sel[j] = be;
+        pv[j]  = bv;
+#pragma unroll
+        for (int q = 0; q < PER; ++q)
+            if (q * 32 + lane == be) v[q] = -2.0f;
+    }
+    if (lane != 0) return;
+    float top = 0.0f;
+    for (int j = 0; j < k; ++j) top += pv[j];
+    for (int j = 0; j < k; ++j) {
+        ids[int64_t(t) * k + j]     = sel[j];
+        weights[int64_t(t) * k + j] = renorm ? pv[j] / top : pv[j];
+    }
+}
+
+// ---- gathers ----------------------------------------------------------------------------------------
+
+__global__ void gather_rows_kernel(const __half* x, int64_t x_stride, const int32_t* rows, int64_t n_rows, int64_t dim,
+                                   __half* y) {
+    const int64_t total = n_rows * dim;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t a = i / dim, c = i % dim;
+        y[i]            = x[int64_t(rows[a]) * x_stride + c];
+    }
+}
+
+__global__ void pair_rows_kernel(const moe_expert_linear* table, const int32_t* ids, const __half* x, int64_t x_stride,
+                                 int64_t x_div, int64_t n_pairs, int64_t n_in, __half* y) {
+    const int64_t total = n_pairs * n_in;
+    for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t  p = i / n_in, c = i % n_in;
+        const int32_t* perm = table[ids[p]].perm;
+        y[i]                = x[(p / x_div) * x_stride + (perm ? int64_t(perm[c]) : c)];
+    }
+}
+
+// ---- grouped int4 -------------------------------------------------------------------------------------
+
+constexpr int k_int4_warps = 4;
+
+// Block (tile tn of 32 output features, pair p); the warps split the k steps. Lane l of a step
+// holds, in its 16-byte word of the layout, rows tn * 32 + (l >> 2) + 8 i (word i) at k = 32 s +
+// 8 (l & 3) + 2 j + (0, 1) in nibbles (j, j + 4) (gptq_int4.cu int4_repack_weights_kernel), and
+// the (scale, zero) pairs of those rows for the step's group in sz's word (tn, g, l >> 2).
+__global__ void __launch_bounds__(k_int4_warps * 32)
+    grouped_int4_kernel(const moe_expert_linear* table, const int32_t* ids, const __half* x, int64_t x_stride,
+                        int64_t x_div, __half* y, int64_t y_stride, int64_t n_out, int64_t k_steps, int64_t spg,
+                        int64_t n_groups) {
+    const int     lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+    const int64_t tn = blockIdx.x, p = blockIdx.y;
+    const moe_expert_linear ex  = table[ids[p]];
+    const uint4*            wp  = static_cast<const uint4*>(ex.w) + tn * k_steps * 32 + lane;
+    const uint4*            szp = static_cast<const uint4*>(ex.sz) + tn * n_groups * 8 + gid;
+    const __half*           xr  = x + (p / x_div) * x_stride + tig * 8;
+    const int64_t           s0 = k_steps * warp / k_int4_warps, s1 = k_steps * (warp + 1) / k_int4_warps;
+    float                   acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 4
+    for (int64_t s = s0; s < s1; ++s) {
+        const uint4    q   = __ldcs(wp + s * 32);
+        const uint4    szv = __ldg(szp + (s / spg) * 8);
+        const uint4    xv  = *reinterpret_cast<const uint4*>(xr + s * 32);
+        const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
+        float          xf[8];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const float2 f = __half22float2(bits_h2(xw[j]));
+            xf[2 * j]      = f.x;
+            xf[2 * j + 1]  = f.y;
+        }
+        const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
+        const uint32_t sv[4] = {szv.x, szv.y, szv.z, szv.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 sz = __half22float2(bits_h2(sv[i]));  // (scale, zero)
+            float        d  = 0.0f;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float lo = float((qw[i] >> (4 * j)) & 0xFu) - sz.y;
+                const float hi = float((qw[i] >> (4 * (j + 4))) & 0xFu) - sz.y;
+                d              = fmaf(lo, xf[2 * j], d);
+                d              = fmaf(hi, xf[2 * j + 1], d);
+            }
+            acc[i] = fmaf(sz.x, d, acc[i]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        acc[i] += __shfl_xor_sync(k_full, acc[i], 1);
+        acc[i] += __shfl_xor_sync(k_full, acc[i], 2);
+    }
+    __shared__ float red[k_int4_warps][32];
+    if (tig == 0)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp][gid + 8 * i] = acc[i];
+    __syncthreads();
+    if (threadIdx.x >= 32) return;
+    const int64_t row = tn * 32 + threadIdx.x;
+    if (row >= n_out) return;
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < k_int4_warps; ++w) s += red[w][threadIdx.x];
+    if (ex.bias) s += __half2float(reinterpret_cast<const __half*>(ex.bias)[row]);
+    y[p * y_stride + row] = __float2half_rn(s);
+}
+
+// ---- grouped dense F16 --------------------------------------------------------------------------------
+
+constexpr int k_dense_warps = 8;  // output features per block, one warp each
+
+// VEC: 16-byte loads of 8 halves (n_in % 8 == 0, x rows and weights 16-byte aligned).
+template <bool VEC>
+__global__ void __launch_bounds__(k_dense_warps * 32)
+    grouped_f16_kernel(const moe_expert_linear* table, const int32_t* ids, const __half* x, int64_t x_stride,
+                       int64_t x_div, __half* y, int64_t y_stride, int64_t n_out, int64_t n_in) {
+    const int     lane = threadIdx.x & 31;
+    const int64_t row  = int64_t(blockIdx.x) * k_dense_warps + (threadIdx.x >> 5), p = blockIdx.y;
+    if (row >= n_out) return;
+    const moe_expert_linear ex = table[ids[p]];
+    const __half*           w  = static_cast<const __half*>(ex.w) + row * n_in;
+    const __half*           xr = x + (p / x_div) * x_stride;
+    float                   acc = 0.0f;
+    if constexpr (VEC) {
+        for (int64_t i = int64_t(lane) * 8; i < n_in; i += 256) {
+            const uint4    wv = __ldcs(reinterpret_cast<const uint4*>(w + i));
+            const uint4    xv = *reinterpret_cast<const uint4*>(xr + i);
+            const uint32_t ww[4] = {wv.x, wv.y, wv.z, wv.w}, xx[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float2 a = __half22float2(bits_h2(ww[j])), b = __half22float2(bits_h2(xx[j]));
+                acc            = fmaf(a.x, b.x, acc);
+                acc            = fmaf(a.y, b.y, acc);
+            }
+        }
+    } else {
+        for (int64_t i = lane; i < n_in; i += 32) acc = fmaf(__half2float(w[i]), __half2float(xr[i]), acc);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(k_full, acc, off);
+    if (lane != 0) return;
+    if (ex.bias) acc += __half2float(reinterpret_cast<const __half*>(ex.bias)[row]);
+    y[p * y_stride + row] = __float2half_rn(acc);
+}
+
+// ---- combine ---------------------------------------------------------------------------------------------
+
+// Block: (columns, token t). The token's pairs in ascending expert order are found once per block.
+__global__ void combine_kernel(const __half* out, const int32_t* pos, const int32_t* ids, const float* weights,
+                               int64_t t0, int64_t k, int64_t dim, const __half* shared_out, const float* shared_logit,
+                               __half* y) {
+    const int64_t t = t0 + blockIdx.y;
+    __shared__ int order[k_moe_max_k];
+    if (threadIdx.x == 0) {
+        const int32_t* e = ids + t * k;
+        for (int j = 0; j < k; ++j) order[j] = j;
+        for (int a = 1; a < k; ++a)  // insertion sort by expert (distinct experts: no ties)
+            for (int b = a; b > 0 && e[order[b]] < e[order[b - 1]]; --b) {
+                const int tmp = order[b];
+                order[b]      = order[b - 1];
+                order[b - 1]  = tmp;
+            }
+    }
+    __syncthreads();
+    const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (c >= dim) return;
+    float acc = 0.0f;
+    for (int a = 0; a < k; ++a) {
+        const int64_t pair = t * k + order[a];
+        const int64_t r    = pos ? int64_t(pos[pair]) : pair;
+        acc += __half2float(out[r * dim + c]) * weights[pair];
+    }
+    if (shared_out) {
+        const float s = shared_logit ? 1.0f / (1.0f + expf(-shared_logit[t])) : 1.0f;
+        acc += s * __half2float(shared_out[t * dim + c]);
+    }
+    y[t * dim + c] = __float2half_rn(acc);
+}
+
+template <int PER>
+status topk_launch(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool renorm, int32_t* ids,
+                   float* weights, cudaStream_t stream) {
+    constexpr int warps = 4;
+    const auto    grid  = unsigned((n_tokens + warps - 1) / warps);
+    topk_kernel<PER><<<grid, warps * 32, 0, stream>>>(logits, int(n_tokens), int(n_expert), int(k), renorm, ids,
+                                                      weights);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+}  // namespace
+
+status moe_topk_f32(const float* logits, int64_t n_tokens, int64_t n_expert, int64_t k, bool renorm, int32_t* ids,
+                    float* weights, cudaStream_t stream) {
+    if (n_tokens <= 0) return status::ok();
+    if (n_expert < 1 || n_expert > k_moe_max_experts || k < 1 || k > n_expert || k > k_moe_max_k)
+        return make_error(status_code::STATUS_UNSUPPORTED, "MoE top-k: {} of {} experts (at most {} of {})", k,
+                          n_expert, k_moe_max_k, k_moe_max_experts);
+    if (n_expert <= 32) return topk_launch<1>(logits, n_tokens, n_expert, k, renorm, ids, weights, stream);
+    if (n_expert <= 64) return topk_launch<2>(logits, n_tokens, n_expert, k, renorm, ids, weights, stream);
+    if (n_expert <= 128) return topk_launch<4>(logits, n_tokens, n_expert, k, renorm, ids, weights, stream);
+    if (n_expert <= 256) return topk_launch<8>(logits, n_tokens, n_expert, k, renorm, ids, weights, stream);
+    return topk_launch<32>(logits, n_tokens, n_expert, k, renorm, ids, weights, stream);
+}
+
+status moe_gather_rows_f16(const uint16_t* x, int64_t x_stride, const int32_t* rows, int64_t n_rows, int64_t dim,
+                           uint16_t* y, cudaStream_t stream) {
+    if (n_rows <= 0 || dim <= 0) return status::ok();
+    gather_rows_kernel<<<grid_for(n_rows * dim), 256, 0, stream>>>(reinterpret_cast<const __half*>(x), x_stride, rows,
+                                                                   n_rows, dim, reinterpret_cast<__half*>(y));
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+status moe_pair_rows_f16(const moe_expert_linear* table, const int32_t* ids, const uint16_t* x, int64_t x_stride,
+                         int64_t x_div, int64_t n_pairs, int64_t n_in, uint16_t* y, cudaStream_t stream) {
+    if (n_pairs <= 0 || n_in <= 0) return status::ok();
+    if (x_div < 1) return make_error(status_code::STATUS_INVALID_ARGUMENT, "MoE pair rows: x_div {}", x_div);
+    pair_rows_kernel<<<grid_for(n_pairs * n_in), 256, 0, stream>>>(
+        table, ids, reinterpret_cast<const __half*>(x), x_stride, x_div, n_pairs, n_in, reinterpret_cast<__half*>(y));
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+status moe_grouped_int4_f16(const int4_layout& L, const moe_expert_linear* table, const int32_t* ids,
+                            const uint16_t* x, int64_t x_stride, int64_t x_div, int64_t n_pairs, uint16_t* y,
+                            int64_t y_stride, cudaStream_t stream) {
+    if (n_pairs <= 0) return status::ok();
+    if (x_div < 1 || x_stride % 8 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0 || y_stride < L.n_out)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "MoE grouped int4: x must be 16-byte aligned rows (stride {}), x_div {}, y stride {} < {}",
+                          x_stride, x_div, y_stride, L.n_out);
+    if (n_pairs > 65535)
+        return make_error(status_code::STATUS_UNSUPPORTED, "MoE grouped int4: {} pairs in one launch (at most 65535)",
+                          n_pairs);
+    const dim3 grid(unsigned(L.n_tiles), unsigned(n_pairs));
+    grouped_int4_kernel<<<grid, k_int4_warps * 32, 0, stream>>>(table, ids, reinterpret_cast<const __half*>(x),
+                                                                x_stride, x_div, reinterpret_cast<__half*>(y), y_stride,
+                                                                L.n_out, L.k_steps, L.group_size / 32, L.n_groups);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+status moe_grouped_f16(const moe_expert_linear* table, const int32_t* ids, const uint16_t* x, int64_t x_stride,
+                       int64_t x_div, int64_t n_pairs, int64_t n_out, int64_t n_in, uint16_t* y, int64_t y_stride,
+                       cudaStream_t stream) {
+    if (n_pairs <= 0 || n_out <= 0) return status::ok();
+    if (x_div < 1 || y_stride < n_out)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "MoE grouped F16: x_div {}, y stride {} < {}", x_div,
+                          y_stride, n_out);
+    if (n_pairs > 65535)
+        return make_error(status_code::STATUS_UNSUPPORTED, "MoE grouped F16: {} pairs in one launch (at most 65535)",
+                          n_pairs);
+    // The weights come from cudaMalloc (256-byte aligned): rows are 16-byte aligned when n_in % 8 == 0.
+    const bool vec = n_in % 8 == 0 && x_stride % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+    const dim3 grid(unsigned((n_out + k_dense_warps - 1) / k_dense_warps), unsigned(n_pairs));
+    const auto xh = reinterpret_cast<const __half*>(x);
+    const auto yh = reinterpret_cast<__half*>(y);
+    if (vec)
+        grouped_f16_kernel<true><<<grid, k_dense_warps * 32, 0, stream>>>(table, ids, xh, x_stride, x_div, yh, y_stride,
+                                                                          n_out, n_in);
+    else
+        grouped_f16_kernel<false><<<grid, k_dense_warps * 32, 0, stream>>>(table, ids, xh, x_stride, x_div, yh,
+                                                                           y_stride, n_out, n_in);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+status moe_combine_f16(const uint16_t* out, const int32_t* pos, const int32_t* ids, const float* weights,
+                       int64_t n_tokens, int64_t k, int64_t dim, const uint16_t* shared_out, const float* shared_logit,
+                       uint16_t* y, cudaStream_t stream) {
+    if (n_tokens <= 0 || dim <= 0) return status::ok();
+    if (k < 1 || k > k_moe_max_k)
+        return make_error(status_code::STATUS_UNSUPPORTED, "MoE combine: k {} (at most {})", k, k_moe_max_k);
+    for (int64_t t0 = 0; t0 < n_tokens; t0 += 65535) {  // grid.y: at most 65535 tokens per launch
+        const dim3 grid(unsigned((dim + 255) / 256), unsigned(std::min<int64_t>(65535, n_tokens - t0)));
+        combine_kernel<<<grid, 256, 0, stream>>>(reinterpret_cast<const __half*>(out), pos, ids, weights, t0, k, dim,
+                                                 reinterpret_cast<const __half*>(shared_out), shared_logit,
+                                                 reinterpret_cast<__half*>(y));
+        GPTQ_CUDA_CHECK_LAUNCH();
+    }
+    return status::ok();
+}
+
+}  // namespace gptq::cuda

@@ -6,7 +6,8 @@
 #  2. make-random micro-mixtral: `gptq generate --device cuda` runs (greedy text compared with the
 #     CPU's, informational); `gptq quantize --device cuda` must exit non-zero naming "MoE layers"
 #     (the GPU calibration runner does not run them).
-#  3. Bench (MOE_BENCH=0 skips): make-random qwen3-30b-a3b cut to $MOE_BENCH_LAYERS layers (default 4),
+#  3. Bench (MOE_BENCH=0 skips): make-random qwen3-30b-a3b cut to $MOE_BENCH_LAYERS layers (default 8;
+#     the F16 lm_head, 151936 x 2048, is as large as 4 layers' active weights: more layers, truer ratio),
 #     RTN W4 g128 on the host's cores, `gptq bench` W4 against its FP16 original on cuda at batch 1
 #     and 16 (prompt 512, gen 128): JSON lines to $OUT/moe_bench.jsonl, one line per row to moe.txt.
 #  4. CPU quantize of the issue's shape (MOE_CPU_QUANTIZE=1 runs it; long): make-random
@@ -62,7 +63,7 @@ fi
 
 # ---- 3. bench: qwen3-30b-a3b cut to a few layers, W4 vs FP16, batch 1 and 16 ---------------------------
 if [ "${MOE_BENCH:-1}" = 1 ]; then
-    shape=qwen3-30b-a3b-layers=${MOE_BENCH_LAYERS:-4}
+    shape=qwen3-30b-a3b-layers=${MOE_BENCH_LAYERS:-8}
     if timeout 300 "$GPTQ" -q make-random --like "$shape" -o "$W/b16" --threads "$(nproc)" >> "$LOG.detail" 2>&1 &&
        timeout 400 "$GPTQ" -q quantize "$W/b16" -o "$W/bw4" --method rtn --bits 4 --group-size 128 \
            --threads "$(nproc)" >> "$LOG.detail" 2>&1 &&

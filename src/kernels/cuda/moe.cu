@@ -116,7 +116,7 @@ __global__ void pair_rows_kernel(const moe_expert_linear* table, const int32_t* 
 
 // ---- grouped int4 -------------------------------------------------------------------------------------
 
-constexpr int k_int4_warps = 4;
+constexpr int k_int4_warps = 8;  // k split over the block's warps: loads in flight for a decode-sized grid
 
 // Block (tile tn of 32 output features, pair p); the warps split the k steps. Lane l of a step
 // holds, in its 16-byte word of the layout, rows tn * 32 + (l >> 2) + 8 i (word i) at k = 32 s +
@@ -200,6 +200,7 @@ __global__ void __launch_bounds__(k_dense_warps * 32)
     const __half*           xr = x + (p / x_div) * x_stride;
     float                   acc = 0.0f;
     if constexpr (VEC) {
+#pragma unroll 4
         for (int64_t i = int64_t(lane) * 8; i < n_in; i += 256) {
             const uint4    wv = __ldcs(reinterpret_cast<const uint4*>(w + i));
             const uint4    xv = *reinterpret_cast<const uint4*>(xr + i);

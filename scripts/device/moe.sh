@@ -4,16 +4,16 @@
 #  1. test_moe_cuda (the MoE ops against references, the MoE models on the GPU against the CPU),
 #     when the binary is found next to gptq or in build-device/tests ($MOE_TEST overrides).
 #  2. make-random micro-mixtral: `gptq generate --device cuda` runs (greedy text compared with the
-#     CPU's, informational); `gptq quantize --device cuda` must exit non-zero naming "MoE layers"
-#     (the GPU calibration runner does not run them).
+#     CPU's, informational); `gptq quantize --device cuda` runs (GPTQ of the experts on the GPU).
 #  3. Bench (MOE_BENCH=0 skips): make-random qwen3-30b-a3b cut to $MOE_BENCH_LAYERS layers (default 8;
 #     the F16 lm_head, 151936 x 2048, is as large as 4 layers' active weights: more layers, truer ratio),
 #     RTN W4 g128 on the host's cores, `gptq bench` W4 against its FP16 original on cuda at batch 1
 #     and 16 (prompt 512, gen 128): JSON lines to $OUT/moe_bench.jsonl, one line per row to moe.txt.
-#  4. CPU quantize of the issue's shape (MOE_CPU_QUANTIZE=1 runs it; long): make-random
-#     qwen3-30b-a3b-layers=$MOE_LAYERS (default 2), `gptq quantize` on all cores with
-#     $MOE_NSAMPLES x $MOE_SEQLEN calibration (default 128 x 2048): wall time, peak RSS and the
-#     per-layer expert coverage lines.
+#  4. GPTQ of the issue's shape on the GPU (MOE_GPU_QUANTIZE=0 skips): make-random
+#     qwen3-30b-a3b-layers=$MOE_LAYERS (default 2), `gptq quantize --device cuda` with
+#     $MOE_NSAMPLES x $MOE_SEQLEN calibration (default 128 x 2048): wall time, peak RSS, the GPU
+#     memory plan and the per-layer expert coverage lines (x 48 / MOE_LAYERS for the whole model).
+#     MOE_CPU_QUANTIZE=1: the same on the CPU (all cores; long).
 # Run from the repository root after run.sh has built or unpacked gptq:
 #     GPTQ=path/to/gptq bash scripts/device/moe.sh
 set -uo pipefail
@@ -54,11 +54,11 @@ else
     status=1; log "FAIL: generate micro-mixtral --device cuda rc $rc_gpu: $gen_gpu"
 fi
 [ $rc_cpu -eq 0 ] || log "generate micro-mixtral --device cpu rc $rc_cpu: $gen_cpu"
-msg=$("$GPTQ" quantize "$W/mx" -o "$W/mxq" --device cuda --group-size 32 2>&1); rc=$?
-if [ $rc -ne 0 ] && echo "$msg" | grep -q "MoE layers"; then
-    log "quantize --device cuda refused as expected (rc $rc): $(echo "$msg" | grep -m1 'MoE layers')"
+msg=$("$GPTQ" quantize "$W/mx" -o "$W/mxq" --device cuda --group-size 32 --nsamples 8 --seqlen 64 2>&1); rc=$?
+if [ $rc -eq 0 ]; then
+    log "quantize micro-mixtral --device cuda: ok ($(echo "$msg" | grep -m1 '^wrote'))"
 else
-    status=1; log "FAIL: quantize --device cuda on a MoE model: rc $rc: $msg"
+    status=1; log "FAIL: quantize micro-mixtral --device cuda rc $rc: $(echo "$msg" | tail -3)"
 fi
 
 # ---- 3. bench: qwen3-30b-a3b cut to a few layers, W4 vs FP16, batch 1 and 16 ---------------------------
@@ -83,18 +83,26 @@ for l in open(sys.argv[1]):
     rm -rf "$W/b16" "$W/bw4"
 fi
 
-# ---- 4. CPU quantize of the issue's shape (MOE_CPU_QUANTIZE=1) ---------------------------------------------
-if [ "${MOE_CPU_QUANTIZE:-0}" = 1 ]; then
+# ---- 4. GPTQ of the issue's shape on the GPU (and with MOE_CPU_QUANTIZE=1 on the CPU) ------------------------
+devices=()
+[ "${MOE_GPU_QUANTIZE:-1}" = 1 ] && devices+=(cuda)
+[ "${MOE_CPU_QUANTIZE:-0}" = 1 ] && devices+=(cpu)
+if [ ${#devices[@]} -gt 0 ]; then
     like=qwen3-30b-a3b-layers=${MOE_LAYERS:-2}
-    "$GPTQ" make-random --like "$like" -o "$W/q3" > /dev/null || { log "make-random $like failed"; exit 1; }
-    log "quantize $like on the CPU ($(nproc) cores), ${MOE_NSAMPLES:-128} x ${MOE_SEQLEN:-2048} calibration"
-    TIME=(); [ -x /usr/bin/time ] && TIME=(/usr/bin/time -v)  # peak RSS when GNU time is there
-    start=$(date +%s)
-    "${TIME[@]}" "$GPTQ" quantize "$W/q3" -o "$W/q3q" --nsamples "${MOE_NSAMPLES:-128}" --seqlen "${MOE_SEQLEN:-2048}" \
-        --report "$OUT/moe_report.json" > "$W/q.log" 2>&1
-    rc=$?
-    log "wall $(( $(date +%s) - start )) s"
-    grep -E "memory plan|tokens per expert|saw fewer|^wrote|^time|Elapsed|Maximum resident" "$W/q.log" | tee -a "$LOG"
-    log "quantize rc $rc"
+    "$GPTQ" -q make-random --like "$like" -o "$W/q3" > /dev/null || { log "make-random $like failed"; exit 1; }
+    for dev in "${devices[@]}"; do
+        log "quantize $like --device $dev ($(nproc) cores), ${MOE_NSAMPLES:-128} x ${MOE_SEQLEN:-2048} calibration"
+        TIME=(); [ -x /usr/bin/time ] && TIME=(/usr/bin/time -v)  # peak RSS when GNU time is there
+        start=$(date +%s)
+        rm -rf "$W/q3q"
+        timeout "${MOE_QUANTIZE_TIMEOUT:-1200}" "${TIME[@]}" "$GPTQ" quantize "$W/q3" -o "$W/q3q" --device "$dev" \
+            --nsamples "${MOE_NSAMPLES:-128}" --seqlen "${MOE_SEQLEN:-2048}" --report "$OUT/moe_report_$dev.json" \
+            > "$W/q.log" 2>&1
+        rc=$?
+        log "wall $(( $(date +%s) - start )) s"
+        grep -E "memory plan|tokens per expert|saw fewer|^wrote|^time|Elapsed|Maximum resident" "$W/q.log" | tee -a "$LOG"
+        [ $rc -eq 0 ] || { status=1; tail -5 "$W/q.log" | tee -a "$LOG"; }
+        log "quantize --device $dev rc $rc"
+    done
 fi
 exit $status

@@ -1095,10 +1095,8 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         return make_error(E_ARG, "{}: already quantized ({} describes a GPTQ {}-bit checkpoint)", params.model_path,
                           q->source, q->bits);
     const llama_hparams& hp = s.model->hparams();
-    // The options the GPU calibration layer (llama_cuda_layer.cpp) does not run yet, MoE layers
-    // among them (docs/architectures.md).
-    if (gpu_calibration_wanted)
-        GPTQ_TRY(llama_gpu_calibration_check(hp, params.model_path + " (quantize --device cuda)"));
+    // The options the GPU calibration layer (llama_cuda_layer.cpp) does not run yet (docs/architectures.md).
+    if (gpu_calibration_wanted) GPTQ_TRY(llama_gpu_options_check(hp, params.model_path + " (quantize --device cuda)"));
     for (int64_t i = 0; i < hp.n_layer; ++i)
         for (const auto& m : llama_linear_modules(hp, i)) {  // as written: fused modules whole
             const int64_t n_out = llama_linear_slot(hp, i, m.roles[0]).n_out_module;

@@ -146,7 +146,7 @@ std::string options_in_use(const llama_hparams& hp, bool gpu_only) {
     add(hp.rope.type == rope_type::ROPE_LONGROPE, "longrope", true);
     add(hp.fused_qkv, "fused_qkv", true);
     add(hp.fused_gate_up, "fused_gate_up", true);
-    add(hp.n_expert > 0, "moe", true);  // the runtime's sparse block (llama_cuda_moe.h); not the calibration runner
+    add(hp.n_expert > 0, "moe", true);  // the sparse block of the GPU layer (llama_cuda_moe.h)
     return out;
 }
 }  // namespace
@@ -163,16 +163,6 @@ status llama_gpu_options_check(const llama_hparams& hp, const std::string& who) 
     if (const std::string opts = hp.options_beyond_gpu(); !opts.empty())
         return make_error(E_UNSUP, "{}: {} uses {}, which the GPU does not run yet; use --device cpu", who,
                           model_family_name(hp.family), opts);
-    return status::ok();
-}
-
-status llama_gpu_calibration_check(const llama_hparams& hp, const std::string& who) {
-    GPTQ_TRY(llama_gpu_options_check(hp, who));
-    if (hp.n_expert > 0)
-        return make_error(E_UNSUP,
-                          "{}: {} has MoE layers, which the GPU calibration runner does not run yet; use --device cpu "
-                          "(the quantized model then runs on the GPU)",
-                          who, model_family_name(hp.family));
     return status::ok();
 }
 

@@ -131,13 +131,10 @@ struct llama_hparams {
     std::string options_beyond_gpu() const;
 };
 
-// Whether the GPU may run hp (llama_cuda_model::open; `who` starts the message): options the GPU
-// layer does not run are refused by name (none today; every option of the families was checked
-// against the CPU on an H100: docs/architectures.md, "GPU").
+// Whether the GPU may run hp (llama_cuda_model::open, quantize --device cuda; `who` starts the
+// message): options the GPU layer does not run are refused by name (none today; every option of
+// the families was checked against the CPU on an H100: docs/architectures.md, "GPU").
 status llama_gpu_options_check(const llama_hparams& hp, const std::string& who);
-// The same for GPTQ's calibration passes on the GPU (quantize --device cuda, llama_cuda_layer_runner),
-// which also refuse MoE layers by name (the runtime runs them: llama_cuda_moe.h).
-status llama_gpu_calibration_check(const llama_hparams& hp, const std::string& who);
 
 // Upper bound of the layer count, head counts and head_dim a config may give (docs/reliability.md).
 constexpr int64_t k_llama_max_dim = int64_t(1) << 16;

@@ -42,6 +42,13 @@ namespace gptq {
 // stream has passed the call's work, since everything is ordered on that one stream).
 using cuda_linear_input_hook =
     std::function<status(linear_input which, const uint16_t* x_dev, int64_t n_tokens, int64_t n_in)>;
+// Called on a MoE layer with the input of an expert's linears, device F16 [n_tokens, n_in], valid
+// during the call: which = LINEAR_INPUT_GATE_UP (the block input's rows routed to the expert) or
+// LINEAR_INPUT_DOWN (act(gate) * up of those rows, or of every row for a route-all expert); expert
+// k_moe_shared (the shared expert) sees every row. The block input over every row goes to the
+// cuda_linear_input_hook as GATE_UP. As model/llama.h's moe_input_hook, on the device.
+using cuda_moe_input_hook =
+    std::function<status(int64_t expert, linear_input which, const uint16_t* x_dev, int64_t n_tokens, int64_t n_in)>;
 
 // ---- the one decoder layer -------------------------------------------------------------------
 
@@ -138,6 +145,11 @@ struct cuda_layer_pass {
     // sync: a ragged decode pass that is captured into a graph) where their weights allow it;
     // false: per expert, with the routing brought to the host (llama_cuda_moe.h).
     bool moe_grouped = false;
+    // MoE layers (calibration): each expert's inputs (per expert; stop_after GATE_UP / DOWN: once
+    // every expert's has been seen), and the experts whose down input is computed over every row
+    // (route-all, [n_expert]; nullptr: none).
+    const cuda_moe_input_hook* moe_hook      = nullptr;
+    const std::vector<bool>*   moe_route_all = nullptr;
 };
 
 // The residual stream is carried as the runtime carries it: each residual add is folded into the
@@ -172,9 +184,14 @@ public:
 
     // hidden: device F16 [n_windows * seqlen, n_embd]. With stop_after == LINEAR_INPUT_COUNT the
     // layer's output replaces hidden; otherwise each window runs until the hook has seen
-    // `stop_after` and hidden is left unchanged. The hook sees each chunk's inputs in turn.
+    // `stop_after` and hidden is left unchanged. The hook sees each chunk's inputs in turn. On a MoE
+    // layer moe_hook sees each expert's inputs, route_all as cuda_layer_pass::moe_route_all.
     status forward(uint16_t* hidden, int64_t n_windows, const cuda_linear_input_hook* hook,
-                   linear_input stop_after = linear_input::LINEAR_INPUT_COUNT);
+                   linear_input stop_after = linear_input::LINEAR_INPUT_COUNT,
+                   const cuda_moe_input_hook* moe_hook = nullptr, const std::vector<bool>* route_all = nullptr);
+    // A MoE layer's block (router, experts, shared expert and its gate) uploaded again from the host
+    // layer (F32, dense): GPTQ's MoE pass replaces the experts in the host layer only.
+    status moe_load(const llama_layer& layer);
 
     // Keep the attention output of n_windows windows (n_windows * seqlen * q_dim F16 on the device).
     status attention_cache_enable(int64_t n_windows);
@@ -195,6 +212,7 @@ private:
     cuda_buffer        h_, x_, q_, k_, v_, y_, gate_, up_;  // one chunk's activations
     cuda_buffer        cos_, sin_;                          // [seqlen, head_dim / 2] F32
     cuda_buffer        cos_local_, sin_local_;              // the same for hp.rope_local (when it differs)
+    std::shared_ptr<cuda_moe_buffers> moe_buf_;             // a MoE layer's block activations (one chunk)
     cuda_buffer        attn_;                               // [attn_windows_ * seqlen, q_dim] F16 attention output
     int64_t            attn_windows_ = 0;
     bool               attn_valid_   = false;

@@ -62,6 +62,13 @@ using cuda_module_loader = std::function<status(const std::string& module, int64
 result<std::unique_ptr<cuda_moe_weights>> cuda_moe_load(const llama_hparams& hp, int64_t i_layer,
                                                          const cuda_module_loader& load);
 
+// The calibration runner's copy: the block of a host layer (dense F32 linears) as dense F16 linears
+// into *out (its buffers reused when the sizes match; no grouped tables: calibration runs per
+// expert). upload: F32 -> F16 into a device buffer, range-checked (llama_cuda_layer_runner's).
+using cuda_f16_upload = std::function<status(const std::vector<float>& v, const std::string& name, cuda_buffer* out)>;
+status cuda_moe_upload_dense(const llama_hparams& hp, const llama_layer& layer, const cuda_f16_upload& upload,
+                             cuda_moe_weights* out);
+
 // The MoE block's activations for up to n tokens (reserve grows them; llama_cuda_model sizes them
 // with its other activations, so their addresses are fixed for the decode graphs).
 struct cuda_moe_buffers {
@@ -77,16 +84,19 @@ struct cuda_moe_buffers {
     cuda_buffer sh_up;       // [n, ff_shared] F16
     cuda_buffer sh_out;      // [n, n_embd] F16
     cuda_buffer sh_logit;    // [n] F32 shared_expert_gate
+    cuda_buffer ra_gate, ra_up;  // [n, ff] F16: a route-all expert over every row (calibration only)
     std::vector<int32_t> host_ids, host_rows, host_pos;  // the per-expert path's routing on the host
 
-    status   reserve(const llama_hparams& hp, int64_t n_tokens);
+    // route_all: also the route-all buffers (the calibration runner's).
+    status   reserve(const llama_hparams& hp, int64_t n_tokens, bool route_all = false);
     uint64_t bytes() const;
 };
 
 // The block over p.n rows: hidden += buffers.y (o's output), the post-attention norm into buffers.x,
 // router, top-k, the experts (grouped when p.moe_grouped and w.moe->grouped), the shared expert,
 // the weighted sum into buffers.y (added by the next layer's norm, as the dense MLP's down output).
-// Needs w.moe and b.moe; calibration hooks are not supported (an error).
+// Needs w.moe and b.moe. Calibration (p.hook, p.moe_hook, p.stop_after GATE_UP / DOWN): per expert,
+// the hooks see the block input and each expert's inputs; returns false when stopped.
 result<bool> cuda_moe_block(cuda_context& c, const llama_hparams& hp, const cuda_layer_weights& w, uint16_t* hidden,
                             const cuda_layer_buffers& b, const cuda_layer_pass& p);
 

@@ -7,12 +7,14 @@
 //   against the CPU model: prefill + decode (graph and op by op, grouped and per-expert experts),
 //   greedy tokens, ragged decode of several sequences against each alone, int4 checkpoints
 //   (RTN, and GPTQ with act-order) made here from make-random micro models;
-// - quantize --device cuda on a MoE model: a clear refusal.
+// - GPU calibration of MoE layers: the layer runner's hooks and outputs against the CPU layer,
+//   quantize --device cuda against --device cpu.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <map>
 #include <numeric>
 #include <random>
 #include <string>
@@ -27,6 +29,7 @@
 #include "gptq_test_layer.h"
 #include "model/llama.h"
 #include "model/llama_cuda.h"
+#include "model/llama_cuda_layer.h"
 #include "ops/ops_cuda.h"
 #include "ops/ops_cuda_moe.h"
 #include "test_util.h"
@@ -651,19 +654,202 @@ TEST(moe_cuda, int4_gptq_act_order_matches_cpu) {
     check_moe_ragged(dir);
 }
 
-// GPU calibration of MoE layers is not built: quantize --device cuda refuses by name, writes nothing.
-TEST(moe_cuda, quantize_on_cuda_refuses_moe) {
+// ---- GPU calibration of MoE layers (llama_cuda_layer_runner, engine/calibration_cuda.cpp) ------------
+
+namespace {
+std::vector<float> f16_round(const std::vector<float>& v) {
+    std::vector<float> o(v.size());
+    for (size_t i = 0; i < v.size(); ++i) o[i] = f16_to_f32(f32_to_f16(v[i]));
+    return o;
+}
+
+double max_rel(const std::vector<float>& got, const std::vector<float>& want) {
+    double md = 0, mr = 0;
+    for (size_t i = 0; i < want.size(); ++i) {
+        md = std::max(md, std::fabs(double(got[i]) - double(want[i])));
+        mr = std::max(mr, std::fabs(double(want[i])));
+    }
+    return mr > 0 ? md / mr : md;
+}
+
+// Each MoE layer of dir through the calibration runner (windows of 16 tokens in chunks of 2, the
+// last partial) against llama_model::layer_forward window by window on the same F16-rounded
+// inputs: the block input and every expert's inputs as the hooks see them (GATE_UP: the tokens
+// routed to it; DOWN: with experts 0 and 3 route-all, every token), the output, and the output
+// after an expert's down is changed in the host layer and moe_load'ed.
+void check_moe_runner(const std::string& dir) {
+    auto m = llama_model::open(dir);
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    const llama_hparams& hp = (*m)->hparams();
+    auto                 cc = cuda_context::create(0);
+    ASSERT_TRUE(cc.is_ok()) << cc.error().message();
+    const int64_t seqlen = 16, n_windows = 5, n_embd = hp.n_embd, n_tok = seqlen * n_windows;
+    auto          run = llama_cuda_layer_runner::create(**cc, hp, seqlen, 2 * seqlen);
+    ASSERT_TRUE(run.is_ok()) << run.error().message();
+    const ops_context               ctx{&pool2(), false};
+    std::mt19937                    rng(23);
+    std::normal_distribution<float> nd;
+    std::vector<bool>               route_all(static_cast<size_t>(hp.n_expert), false);
+    route_all[0] = route_all[3] = true;
+    for (int64_t li = 0; li < hp.n_layer; ++li) {
+        if (!hp.is_moe(li)) continue;
+        SCOPED_TRACE(dir + " layer " + std::to_string(li));
+        auto layer = (*m)->layer_load(li);
+        ASSERT_TRUE(layer.is_ok()) << layer.error().message();
+        std::vector<float> x(static_cast<size_t>(n_tok * n_embd));
+        for (auto& v : x) v = nd(rng);
+        x = f16_round(x);
+        // CPU: per (input, expert) the captured rows, window by window; the output.
+        std::map<std::pair<int, int64_t>, std::vector<float>> cap_cpu, cap_gpu;
+        std::vector<float>                                    block_cpu, block_gpu;
+        linear_input_hook hook = [&](int64_t, linear_input w, const float* xi, int64_t n, int64_t n_in) {
+            if (w == linear_input::LINEAR_INPUT_GATE_UP) block_cpu.insert(block_cpu.end(), xi, xi + n * n_in);
+        };
+        std::vector<float> h;
+        moe_input_hook     mhook = [&](int64_t, int64_t e, linear_input w, const float* xi, const int64_t*, int64_t n,
+                                   int64_t n_in) {
+            if (w == linear_input::LINEAR_INPUT_DOWN && e >= 0 && route_all[size_t(e)]) return;
+            auto& c = cap_cpu[{int(w), e}];
+            c.insert(c.end(), xi, xi + n * n_in);
+        };
+        std::vector<float> out_cpu = x;
+        for (int64_t j = 0; j < n_windows; ++j) {
+            float* xj = out_cpu.data() + j * seqlen * n_embd;
+            std::vector<float> in(xj, xj + seqlen * n_embd);
+            (*m)->layer_forward(ctx, **layer, in.data(), seqlen, 0, nullptr, &hook, linear_input::LINEAR_INPUT_DOWN,
+                                &mhook);
+            // Route-all experts' down input over every token of the window (the CPU runner's rule).
+            const std::vector<float> blk(block_cpu.end() - seqlen * n_embd, block_cpu.end());
+            for (int64_t e = 0; e < hp.n_expert; ++e)
+                if (route_all[size_t(e)]) {
+                    moe_expert_hidden(ctx, hp, (*layer)->moe->expert(e), blk.data(), seqlen, &h);
+                    auto& c = cap_cpu[{int(linear_input::LINEAR_INPUT_DOWN), e}];
+                    c.insert(c.end(), h.begin(), h.end());
+                }
+            (*m)->layer_forward(ctx, **layer, xj, seqlen, 0, nullptr);
+        }
+        // GPU: the GATE_UP pass, the DOWN pass (route-all), then the full pass.
+        std::vector<uint16_t> xh(x.size());
+        for (size_t i = 0; i < x.size(); ++i) xh[i] = f32_to_f16(x[i]);
+        auto xd = cuda_buffer::from_host(xh.data(), xh.size() * 2);
+        ASSERT_TRUE(xd.is_ok());
+        GPTQ_EXPECT_OK((*run)->load(**layer));
+        auto grab = [&](const uint16_t* xi, int64_t n, int64_t n_in, std::vector<float>* to) -> status {
+            std::vector<uint16_t> b(static_cast<size_t>(n * n_in));
+            GPTQ_TRY(cuda_copy_to_host(**cc, b.data(), xi, b.size() * 2));
+            for (uint16_t v : b) to->push_back(f16_to_f32(v));
+            return status::ok();
+        };
+        cuda_linear_input_hook ghook = [&](linear_input w, const uint16_t* xi, int64_t n, int64_t n_in) -> status {
+            return w == linear_input::LINEAR_INPUT_GATE_UP ? grab(xi, n, n_in, &block_gpu) : status::ok();
+        };
+        for (linear_input stop : {linear_input::LINEAR_INPUT_GATE_UP, linear_input::LINEAR_INPUT_DOWN}) {
+            cuda_moe_input_hook gm = [&](int64_t e, linear_input w, const uint16_t* xi, int64_t n,
+                                         int64_t n_in) -> status {
+                return w == stop ? grab(xi, n, n_in, &cap_gpu[{int(w), e}]) : status::ok();
+            };
+            GPTQ_EXPECT_OK((*run)->forward(xd->as<uint16_t>(), n_windows, stop == linear_input::LINEAR_INPUT_GATE_UP
+                                                                              ? &ghook : nullptr,
+                                           stop, &gm, stop == linear_input::LINEAR_INPUT_DOWN ? &route_all : nullptr));
+        }
+        std::vector<uint16_t> back(xh.size());
+        GPTQ_EXPECT_OK(cuda_copy_to_host(**cc, back.data(), xd->data(), back.size() * 2));
+        EXPECT_EQ(back, xh) << "a capture pass changed the inputs";
+        ASSERT_EQ(block_gpu.size(), block_cpu.size());
+        EXPECT_LE(max_rel(block_gpu, block_cpu), k_f16_logits_rel_tol) << "block input";
+        EXPECT_EQ(cap_gpu.size(), cap_cpu.size());
+        for (const auto& [key, want] : cap_cpu) {
+            const auto& got = cap_gpu[key];
+            ASSERT_EQ(got.size(), want.size()) << linear_input_name(linear_input(key.first)) << " expert " << key.second;
+            EXPECT_LE(max_rel(got, want), k_f16_logits_rel_tol)
+                << linear_input_name(linear_input(key.first)) << " expert " << key.second;
+        }
+        GPTQ_EXPECT_OK((*run)->forward(xd->as<uint16_t>(), n_windows, nullptr));
+        GPTQ_EXPECT_OK(cuda_copy_to_host(**cc, back.data(), xd->data(), back.size() * 2));
+        std::vector<float> out_gpu(back.size());
+        for (size_t i = 0; i < back.size(); ++i) out_gpu[i] = f16_to_f32(back[i]);
+        EXPECT_LE(max_rel(out_gpu, out_cpu), k_f16_logits_rel_tol) << "output";
+        // An expert's down halved in the host layer, then moe_load: the outputs move together.
+        linear_weights& d = (*layer)->moe->expert(1).linear(moe_proj::MOE_DOWN);
+        for (auto& v : d.w) v *= 0.5f;
+        std::vector<float> out2_cpu = x;
+        for (int64_t j = 0; j < n_windows; ++j)
+            (*m)->layer_forward(ctx, **layer, out2_cpu.data() + j * seqlen * n_embd, seqlen, 0, nullptr);
+        GPTQ_EXPECT_OK((*run)->moe_load(**layer));
+        GPTQ_EXPECT_OK(cuda_copy_to_device_async(**cc, xd->data(), xh.data(), xh.size() * 2));
+        GPTQ_EXPECT_OK((*run)->forward(xd->as<uint16_t>(), n_windows, nullptr));
+        GPTQ_EXPECT_OK(cuda_copy_to_host(**cc, back.data(), xd->data(), back.size() * 2));
+        for (size_t i = 0; i < back.size(); ++i) out_gpu[i] = f16_to_f32(back[i]);
+        EXPECT_LE(max_rel(out_gpu, out2_cpu), k_f16_logits_rel_tol) << "after moe_load";
+        EXPECT_GT(max_rel(out2_cpu, out_cpu), 1e-4) << "the change did nothing";
+    }
+}
+
+// logits of the CPU model on ids (one pass).
+std::vector<float> cpu_forward(const std::string& dir, const std::vector<int32_t>& ids) {
+    auto m = llama_model::open(dir);
+    EXPECT_TRUE(m.is_ok()) << m.error().message();
+    if (!m.is_ok()) return {};
+    std::vector<float> out(ids.size() * static_cast<size_t>((*m)->hparams().n_vocab));
+    EXPECT_TRUE((*m)->forward({&pool2(), false}, ids.data(), int64_t(ids.size()), nullptr, out.data()).is_ok());
+    return out;
+}
+}  // namespace
+
+TEST(moe_cuda, layer_runner_matches_cpu_layer_forward) {
     GPTQ_SKIP_WITHOUT_GPU();
-    test::temp_dir  dir("cuda-moe-quantize");
-    quantize_params p;
-    p.model_path  = moe_dir("qwen3-moe");
-    p.output_path = dir.file("out");
-    p.device      = "cuda";
-    p.group_size  = 32;
-    auto r        = quantize_model(p);
-    ASSERT_FALSE(r.is_ok());
-    EXPECT_EQ(r.error().code(), status_code::STATUS_UNSUPPORTED);
-    EXPECT_NE(r.error().message().find("MoE layers"), std::string::npos) << r.error().message();
-    EXPECT_NE(r.error().message().find("--device cpu"), std::string::npos) << r.error().message();
-    EXPECT_FALSE(std::filesystem::exists(dir.file("out")));
+    for (const char* name : {"mixtral", "qwen2-moe", "qwen3-moe"}) check_moe_runner(moe_dir(name));
+}
+
+// quantize --device cuda on MoE models (the shared expert, route-all experts: --moe-min-tokens
+// above what most experts get) against --device cpu: the same experts' token counts (within 2: the
+// GPU's F16 routing may move a near tie), and the two checkpoints give the CPU model logits within
+// the F16 bound of each other.
+TEST(moe_cuda, quantize_on_cuda_matches_cpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    test::temp_dir dir("cuda-moe-quantize");
+    for (const char* like : {"micro-qwen2-moe", "micro-mixtral"}) {
+        SCOPED_TRACE(like);
+        make_random_params mp;
+        mp.like        = like;
+        mp.output_path = dir.file(like);
+        mp.n_threads   = 2;
+        mp.progress    = false;
+        ASSERT_TRUE(make_random_model(mp).is_ok());
+        std::vector<quantize_report> reports;
+        for (const char* device : {"cpu", "cuda"}) {
+            quantize_params p;
+            p.model_path     = mp.output_path;
+            p.output_path    = dir.file(std::string(like) + "-" + device);
+            p.device         = device;
+            p.group_size     = 32;
+            p.desc_act       = true;
+            p.calib          = source_dir() + "/data/calib/corpus-sample.txt";
+            p.nsamples       = 4;
+            p.seqlen         = 32;
+            p.n_threads      = 2;
+            p.moe_min_tokens = 32;  // 128 tokens x top-2 of 8: 32 on average, so some under it: route-all
+            auto r           = quantize_model(p);
+            ASSERT_TRUE(r.is_ok()) << device << ": " << r.error().message();
+            reports.push_back(*r);
+        }
+        ASSERT_EQ(reports[0].linears.size(), reports[1].linears.size());
+        int n_routed = 0, n_route_all = 0;
+        for (size_t i = 0; i < reports[0].linears.size(); ++i) {
+            const auto &a = reports[0].linears[i], &b = reports[1].linears[i];
+            ASSERT_EQ(a.name, b.name);
+            EXPECT_LE(std::abs(a.tokens - b.tokens), 2) << a.name;
+            if (a.coverage == "routed") ++n_routed;
+            if (a.coverage == "route-all") ++n_route_all;
+        }
+        EXPECT_GT(n_routed, 0);
+        EXPECT_GT(n_route_all, 0);
+        const auto ids  = test::cuda_test_ids(24, 512);
+        const auto cpu  = cpu_forward(dir.file(std::string(like) + "-cpu"), ids);
+        const auto cuda = cpu_forward(dir.file(std::string(like) + "-cuda"), ids);
+        ASSERT_FALSE(cpu.empty() || cuda.empty());
+        for (int64_t t = 0; t < 24; ++t)
+            EXPECT_LE(row_rel_error(cuda.data() + t * 512, cpu.data() + t * 512, 512), k_f16_logits_rel_tol)
+                << "row " << t;
+    }
 }

@@ -101,8 +101,9 @@ public:
             return make_error(status_code::STATUS_INTERNAL, "calibration: layer {} has no MoE block or input {}",
                               layer.index, linear_input_name(in));
         const bool gate_up = in == linear_input::LINEAR_INPUT_GATE_UP;
-        // The experts as the caller's layer holds them now (its MoE pass updates the host layer).
-        GPTQ_TRY(runner_->moe_load(layer));
+        // The experts as the caller's layer holds them now: its MoE pass updates the host layer's
+        // gate/up before asking for the down inputs (layer_begin loaded them for GATE_UP).
+        if (!gate_up) GPTQ_TRY(runner_->moe_load(layer));
         acc_.clear();
         h_dev_    = cuda_buffer();
         moe_acc_.clear();  // the other input's are not asked for again (quantize_moe: gate/up, then down)

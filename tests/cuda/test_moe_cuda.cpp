@@ -801,10 +801,13 @@ TEST(moe_cuda, layer_runner_matches_cpu_layer_forward) {
     for (const char* name : {"mixtral", "qwen2-moe", "qwen3-moe"}) check_moe_runner(moe_dir(name));
 }
 
-// quantize --device cuda on MoE models (the shared expert, route-all experts: --moe-min-tokens
-// above what most experts get) against --device cpu: the same experts' token counts (within 2: the
-// GPU's F16 routing may move a near tie), and the two checkpoints give the CPU model logits within
-// the F16 bound of each other.
+// quantize --device cuda on MoE models (the shared expert, act-order, route-all experts:
+// --moe-min-tokens at the mean count) against --device cpu: the same experts' token counts (within
+// k_count_slack: the GPU's F16 routing may move a near tie), both coverage kinds used, and the GPU's
+// checkpoint as close to the original model as the CPU's (the CPU model's logits of each against
+// the unquantized model's: the GPU's error at most k_quality_factor times the CPU's).
+constexpr int64_t k_count_slack    = 4;
+constexpr double  k_quality_factor = 1.5;
 TEST(moe_cuda, quantize_on_cuda_matches_cpu) {
     GPTQ_SKIP_WITHOUT_GPU();
     test::temp_dir dir("cuda-moe-quantize");
@@ -838,18 +841,23 @@ TEST(moe_cuda, quantize_on_cuda_matches_cpu) {
         for (size_t i = 0; i < reports[0].linears.size(); ++i) {
             const auto &a = reports[0].linears[i], &b = reports[1].linears[i];
             ASSERT_EQ(a.name, b.name);
-            EXPECT_LE(std::abs(a.tokens - b.tokens), 2) << a.name;
+            EXPECT_LE(std::abs(a.tokens - b.tokens), k_count_slack) << a.name;
             if (a.coverage == "routed") ++n_routed;
             if (a.coverage == "route-all") ++n_route_all;
         }
         EXPECT_GT(n_routed, 0);
         EXPECT_GT(n_route_all, 0);
         const auto ids  = test::cuda_test_ids(24, 512);
+        const auto orig = cpu_forward(mp.output_path, ids);
         const auto cpu  = cpu_forward(dir.file(std::string(like) + "-cpu"), ids);
         const auto cuda = cpu_forward(dir.file(std::string(like) + "-cuda"), ids);
-        ASSERT_FALSE(cpu.empty() || cuda.empty());
-        for (int64_t t = 0; t < 24; ++t)
-            EXPECT_LE(row_rel_error(cuda.data() + t * 512, cpu.data() + t * 512, 512), k_f16_logits_rel_tol)
-                << "row " << t;
+        ASSERT_FALSE(orig.empty() || cpu.empty() || cuda.empty());
+        double e_cpu = 0, e_cuda = 0;
+        for (int64_t t = 0; t < 24; ++t) {
+            e_cpu  = std::max(e_cpu, row_rel_error(cpu.data() + t * 512, orig.data() + t * 512, 512));
+            e_cuda = std::max(e_cuda, row_rel_error(cuda.data() + t * 512, orig.data() + t * 512, 512));
+        }
+        EXPECT_GT(e_cpu, 0.0);
+        EXPECT_LE(e_cuda, k_quality_factor * e_cpu + 1e-3) << "cpu " << e_cpu << " cuda " << e_cuda;
     }
 }

@@ -105,14 +105,15 @@ public:
         // gate/up before asking for the down inputs (layer_begin loaded them for GATE_UP).
         if (!gate_up) GPTQ_TRY(runner_->moe_load(layer));
         acc_.clear();
-        h_dev_    = cuda_buffer();
+        h_dev_ = cuda_buffer();
         moe_acc_.clear();  // the other input's are not asked for again (quantize_moe: gate/up, then down)
-        auto& acc = moe_acc_[in];
+        auto&         acc         = moe_acc_[in];
         const int64_t n_in_shared = gate_up ? hp.n_embd : std::max<int64_t>(hp.n_ff_shared, 1);
         GPTQ_ASSIGN_OR_RETURN(auto a0, cuda_hessian_accumulator::create(*gpu_, n_in_shared));
         acc.push_back(std::move(a0));
         for (int64_t e = 0; e < hp.n_expert; ++e) {
-            GPTQ_ASSIGN_OR_RETURN(auto a, cuda_hessian_accumulator::create(*gpu_, gate_up ? hp.n_embd : hp.n_ff_expert));
+            GPTQ_ASSIGN_OR_RETURN(auto a,
+                                  cuda_hessian_accumulator::create(*gpu_, gate_up ? hp.n_embd : hp.n_ff_expert));
             acc.push_back(std::move(a));
         }
         if (gate_up) counts_.assign(size_t(hp.n_expert), 0);
@@ -190,16 +191,16 @@ private:
     cuda_calibration() = default;
     status plan_check(const device_spec& dev);
 
-    const llama_hparams*                             hp_    = nullptr;
-    const llama_model*                               model_ = nullptr;
-    ops_context                                      ctx_;
-    int64_t                                          n_samples_ = 0, seqlen_ = 0;
-    uint64_t                                         plan_bytes_ = 0;
-    std::unique_ptr<cuda_context>                    gpu_;
-    std::unique_ptr<llama_cuda_layer_runner>         runner_;
-    cuda_buffer                                      x_dev_;  // [n_samples * seqlen, n_embd] F16
-    std::map<linear_input, cuda_hessian_accumulator> acc_;
-    cuda_buffer                                      h_dev_;  // the last hessian(): [n_in, n_in] F32
+    const llama_hparams*                                          hp_    = nullptr;
+    const llama_model*                                            model_ = nullptr;
+    ops_context                                                   ctx_;
+    int64_t                                                       n_samples_ = 0, seqlen_ = 0;
+    uint64_t                                                      plan_bytes_ = 0;
+    std::unique_ptr<cuda_context>                                 gpu_;
+    std::unique_ptr<llama_cuda_layer_runner>                      runner_;
+    cuda_buffer                                                   x_dev_;  // [n_samples * seqlen, n_embd] F16
+    std::map<linear_input, cuda_hessian_accumulator>              acc_;
+    cuda_buffer                                                   h_dev_;    // the last hessian(): [n_in, n_in] F32
     std::map<linear_input, std::vector<cuda_hessian_accumulator>> moe_acc_;  // [shared, experts...]
     std::vector<int64_t>                                          counts_;   // tokens per expert
 };
@@ -235,7 +236,8 @@ status cuda_calibration::plan_check(const device_spec& dev) {
         const uint64_t t = uint64_t(std::min(chunk, n_tok));
         moe_bytes        = (E * 3 * d * ff + 3 * d * fs + E * d + d) * 2 + (E + 1) * d * d * 4 +
                     t * (k * (2 * d + 2 * ff) * 2 + k * 16 + E * 4 + (2 * fs + d) * 2 + 2 * ff * 2);
-        solve_bytes = std::max<uint64_t>(solve_bytes, d * ff * 4 * 4 + std::max(d, ff) * std::max(d, ff) * 4 * 2 + d * ff);
+        solve_bytes =
+            std::max<uint64_t>(solve_bytes, d * ff * 4 * 4 + std::max(d, ff) * std::max(d, ff) * 4 * 2 + d * ff);
     }
     const uint64_t plan = x_bytes + w_bytes + act_bytes + h_bytes + solve_bytes + attn_bytes + moe_bytes;
     GPTQ_ASSIGN_OR_RETURN(const cuda_memory_info mem, cuda_memory_info_get(*gpu_));

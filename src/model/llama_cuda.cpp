@@ -76,9 +76,10 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
     auto st = m->load_weights();
     if (!st.is_ok()) return st.with_context(path);
     if (hp.n_expert > 0 && o.moe_grouped && !m->moe_grouped_)
-        GPTQ_LOG_WARN("{}: the experts cannot run grouped ({}): decode steps run them one by one, without the CUDA "
-                      "graph (docs/cuda.md \"Mixture of experts\")",
-                      path, m->moe_why_not_grouped_);
+        GPTQ_LOG_WARN(
+            "{}: the experts cannot run grouped ({}): decode steps run them one by one, without the CUDA "
+            "graph (docs/cuda.md \"Mixture of experts\")",
+            path, m->moe_why_not_grouped_);
     int64_t n_ctx = o.n_ctx;
     if (n_ctx <= 0)
         n_ctx = hp.max_position_embeddings > 0 ? std::min(hp.max_position_embeddings, k_llama_cuda_default_ctx)

@@ -246,11 +246,11 @@ private:
     std::array<cuda_event, 2>  copied_, freed_;
 
     // Activations for up to n_act_ tokens per call (grown on demand).
-    int64_t     n_act_ = 0;
-    cuda_buffer hidden_, x_, q_, k_, v_, y_, gate_, up_;  // [n, n_embd|q_dim|kv_dim|n_ff] F16
-    cuda_buffer logits_;                                  // [n, n_vocab] F32
-    cuda_moe_buffers moe_buf_;                            // the MoE block's activations (MoE models)
-    bool             moe_grouped_ = false;                // MoE decode steps grouped (graph-capturable)
+    int64_t          n_act_ = 0;
+    cuda_buffer      hidden_, x_, q_, k_, v_, y_, gate_, up_;  // [n, n_embd|q_dim|kv_dim|n_ff] F16
+    cuda_buffer      logits_;                                  // [n, n_vocab] F32
+    cuda_moe_buffers moe_buf_;                                 // the MoE block's activations (MoE models)
+    bool             moe_grouped_ = false;                     // MoE decode steps grouped (graph-capturable)
     std::string      moe_why_not_grouped_;
     // Step inputs: [n_act_] I32 ids, [n_act_] I32 positions, [n_act_] I32 slots, then (at step_rope_offset_) F32 cos
     // and sin [n_act_, head_dim / 2] each, per RoPE table (rope_tables()). Uploaded per call from step_host_.

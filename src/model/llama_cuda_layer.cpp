@@ -431,15 +431,15 @@ status llama_cuda_layer_runner::forward(uint16_t* hidden, int64_t n_windows, con
     uint16_t*                h       = h_.as<uint16_t>();
     const bool               full    = stop_after == linear_input::LINEAR_INPUT_COUNT;
     const bool               caching = attn_.bytes() && n_windows == attn_windows_;
-    const cuda_layer_buffers b{x_.as<uint16_t>(), q_.as<uint16_t>(),    k_.as<uint16_t>(), v_.as<uint16_t>(),
+    const cuda_layer_buffers b{x_.as<uint16_t>(), q_.as<uint16_t>(),    k_.as<uint16_t>(),  v_.as<uint16_t>(),
                                y_.as<uint16_t>(), gate_.as<uint16_t>(), up_.as<uint16_t>(), moe_buf_.get()};
     cuda_layer_pass          p;
-    p.cos        = cos_.as<float>();
-    p.sin        = sin_.as<float>();
-    p.cos_local  = cos_local_.as<float>();
-    p.sin_local  = sin_local_.as<float>();
-    p.seqlen     = seqlen_;
-    p.attn_reuse = caching && attn_valid_;
+    p.cos           = cos_.as<float>();
+    p.sin           = sin_.as<float>();
+    p.cos_local     = cos_local_.as<float>();
+    p.sin_local     = sin_local_.as<float>();
+    p.seqlen        = seqlen_;
+    p.attn_reuse    = caching && attn_valid_;
     p.hook          = hook;
     p.stop_after    = stop_after;
     p.moe_hook      = moe_hook;

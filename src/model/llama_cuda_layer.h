@@ -93,12 +93,12 @@ struct cuda_layer_weights {
 
 // The activation buffers a pass over n rows uses (F16 device; the caller sizes them).
 struct cuda_layer_buffers {
-    uint16_t* x = nullptr;                    // [n, max(n_embd, q_dim)]: the norms' outputs, the attention output
-    uint16_t* q = nullptr;                    // [n, q_dim]; fused q/k/v: [n, q_dim + 2 kv_dim] (q | k | v per row)
-    uint16_t *k = nullptr, *v = nullptr;      // [n, kv_dim] (unused when q/k/v are fused)
-    uint16_t* y    = nullptr;                 // [n, n_embd]: o's output, then down's
-    uint16_t *gate = nullptr, *up = nullptr;  // [n, n_ff]; fused gate/up: gate [n, 2 n_ff]
-    cuda_moe_buffers* moe = nullptr;          // the MoE block's activations (a model with MoE layers)
+    uint16_t*         x = nullptr;                // [n, max(n_embd, q_dim)]: the norms' outputs, the attention output
+    uint16_t*         q = nullptr;                // [n, q_dim]; fused q/k/v: [n, q_dim + 2 kv_dim] (q | k | v per row)
+    uint16_t *        k = nullptr, *v = nullptr;  // [n, kv_dim] (unused when q/k/v are fused)
+    uint16_t*         y    = nullptr;             // [n, n_embd]: o's output, then down's
+    uint16_t *        gate = nullptr, *up = nullptr;  // [n, n_ff]; fused gate/up: gate [n, 2 n_ff]
+    cuda_moe_buffers* moe = nullptr;                  // the MoE block's activations (a model with MoE layers)
 };
 
 // Called after each op with its kind ("rms_norm", "linear_qkv", "attention", ...): profiling marks.
@@ -187,7 +187,7 @@ public:
     // `stop_after` and hidden is left unchanged. The hook sees each chunk's inputs in turn. On a MoE
     // layer moe_hook sees each expert's inputs, route_all as cuda_layer_pass::moe_route_all.
     status forward(uint16_t* hidden, int64_t n_windows, const cuda_linear_input_hook* hook,
-                   linear_input stop_after = linear_input::LINEAR_INPUT_COUNT,
+                   linear_input               stop_after = linear_input::LINEAR_INPUT_COUNT,
                    const cuda_moe_input_hook* moe_hook = nullptr, const std::vector<bool>* route_all = nullptr);
     // A MoE layer's block (router, experts, shared expert and its gate) uploaded again from the host
     // layer (F32, dense): GPTQ's MoE pass replaces the experts in the host layer only.
@@ -205,18 +205,18 @@ private:
     llama_cuda_layer_runner() = default;
     status upload_f16(const std::vector<float>& v, const std::string& name, cuda_buffer* out);
 
-    cuda_context*      ctx_ = nullptr;
-    llama_hparams      hp_;
-    int64_t            seqlen_ = 0, chunk_windows_ = 0, layer_index_ = -1;
-    cuda_layer_weights w_;                                  // dense, never fused
-    cuda_buffer        h_, x_, q_, k_, v_, y_, gate_, up_;  // one chunk's activations
-    cuda_buffer        cos_, sin_;                          // [seqlen, head_dim / 2] F32
-    cuda_buffer        cos_local_, sin_local_;              // the same for hp.rope_local (when it differs)
-    std::shared_ptr<cuda_moe_buffers> moe_buf_;             // a MoE layer's block activations (one chunk)
-    cuda_buffer        attn_;                               // [attn_windows_ * seqlen, q_dim] F16 attention output
-    int64_t            attn_windows_ = 0;
-    bool               attn_valid_   = false;
-    thread_pool*       pool_         = nullptr;
+    cuda_context*                     ctx_ = nullptr;
+    llama_hparams                     hp_;
+    int64_t                           seqlen_ = 0, chunk_windows_ = 0, layer_index_ = -1;
+    cuda_layer_weights                w_;                                  // dense, never fused
+    cuda_buffer                       h_, x_, q_, k_, v_, y_, gate_, up_;  // one chunk's activations
+    cuda_buffer                       cos_, sin_;                          // [seqlen, head_dim / 2] F32
+    cuda_buffer                       cos_local_, sin_local_;  // the same for hp.rope_local (when it differs)
+    std::shared_ptr<cuda_moe_buffers> moe_buf_;                // a MoE layer's block activations (one chunk)
+    cuda_buffer                       attn_;                   // [attn_windows_ * seqlen, q_dim] F16 attention output
+    int64_t                           attn_windows_ = 0;
+    bool                              attn_valid_   = false;
+    thread_pool*                      pool_         = nullptr;
 };
 
 }  // namespace gptq

@@ -24,8 +24,8 @@ constexpr moe_proj k_projs[3] = {moe_proj::MOE_GATE, moe_proj::MOE_UP, moe_proj:
 
 uint64_t linear_bytes(const cuda_linear& l) {
     uint64_t n = l.w.bytes() + l.bias.bytes();
-    for (const cuda_buffer* b : {&l.q.weights, &l.q.sz, &l.q.perm, &l.q.qweight, &l.q.qzeros, &l.q.scales, &l.q.g_idx,
-                                 &l.q.bias})
+    for (const cuda_buffer* b :
+         {&l.q.weights, &l.q.sz, &l.q.perm, &l.q.qweight, &l.q.qzeros, &l.q.scales, &l.q.g_idx, &l.q.bias})
         n += b->bytes();
     return n;
 }
@@ -33,13 +33,13 @@ uint64_t linear_bytes(const cuda_linear& l) {
 // Projection p of every expert as the grouped kernels read it, or "" and *args / *table filled;
 // otherwise the reason the projection cannot run grouped.
 result<std::string> grouped_build(const cuda_moe_weights& m, int p, cuda_moe_grouped_args* args, cuda_buffer* table) {
-    const cuda_linear& first = proj_of(m.experts[0], p);
-    const char*        name  = moe_proj_name(k_projs[p]);
+    const cuda_linear&                first = proj_of(m.experts[0], p);
+    const char*                       name  = moe_proj_name(k_projs[p]);
     std::vector<cuda_moe_expert_ptrs> h(m.experts.size());
-    *args          = cuda_moe_grouped_args();
-    args->n_out    = first.n_out;
-    args->n_in     = first.n_in;
-    args->int4     = first.quantized;
+    *args            = cuda_moe_grouped_args();
+    args->n_out      = first.n_out;
+    args->n_in       = first.n_in;
+    args->int4       = first.quantized;
     args->group_size = first.quantized ? first.q.group_size : 0;
     for (size_t e = 0; e < m.experts.size(); ++e) {
         const cuda_linear& l = proj_of(m.experts[e], p);
@@ -49,14 +49,15 @@ result<std::string> grouped_build(const cuda_moe_weights& m, int p, cuda_moe_gro
         if (l.quantized != first.quantized) return fmt::format("{}: dense and GPTQ experts mixed", name);
         cuda_moe_expert_ptrs& t = h[e];
         if (l.quantized) {
-            if (!l.q.fast) return fmt::format("expert {} {}: GPTQ on the generic kernel (not 4-bit int4 layout)", e, name);
+            if (!l.q.fast)
+                return fmt::format("expert {} {}: GPTQ on the generic kernel (not 4-bit int4 layout)", e, name);
             if (l.q.group_size != first.q.group_size)
                 return fmt::format("{}: group sizes {} and {} differ between experts", name, first.q.group_size,
                                    l.q.group_size);
-            t.w    = l.q.weights.data();
-            t.sz   = l.q.sz.data();
-            t.perm = l.q.perm.bytes() ? l.q.perm.as<int32_t>() : nullptr;
-            t.bias = l.q.bias.bytes() ? l.q.bias.as<uint16_t>() : nullptr;
+            t.w            = l.q.weights.data();
+            t.sz           = l.q.sz.data();
+            t.perm         = l.q.perm.bytes() ? l.q.perm.as<int32_t>() : nullptr;
+            t.bias         = l.q.bias.bytes() ? l.q.bias.as<uint16_t>() : nullptr;
             args->any_perm = args->any_perm || t.perm != nullptr;
         } else {
             t.w    = l.w.data();
@@ -107,7 +108,8 @@ result<bool> experts_per_expert(cuda_context& c, const llama_hparams& hp, const 
     GPTQ_TRY(cuda_copy_to_host(c, mb.host_ids.data(), mb.ids.data(), size_t(n_pairs) * 4));  // waits
     std::vector<int64_t> offset(size_t(hp.n_expert + 1), 0);
     for (int32_t e : mb.host_ids) {
-        if (e < 0 || e >= hp.n_expert) return make_error(E_INTERNAL, "MoE routing chose expert {} of {}", e, hp.n_expert);
+        if (e < 0 || e >= hp.n_expert)
+            return make_error(E_INTERNAL, "MoE routing chose expert {} of {}", e, hp.n_expert);
         ++offset[size_t(e) + 1];
     }
     for (int64_t e = 0; e < hp.n_expert; ++e) offset[size_t(e + 1)] += offset[size_t(e)];
@@ -139,7 +141,8 @@ result<bool> experts_per_expert(cuda_context& c, const llama_hparams& hp, const 
         const cuda_moe_expert& ex = w.experts[size_t(e)];
         GPTQ_TRY(expert_hidden(c, hp, ex, xg + off * n_embd, cnt, gate + off * ff, up + off * ff));
         if (!route_all_of(p, e)) GPTQ_TRY(hook_call(p, e, linear_input::LINEAR_INPUT_DOWN, gate + off * ff, cnt, ff));
-        if (!stop_down) GPTQ_TRY(cuda_linear_forward(c, ex.down, gate + off * ff, mb.out.as<uint16_t>() + off * n_embd, cnt));
+        if (!stop_down)
+            GPTQ_TRY(cuda_linear_forward(c, ex.down, gate + off * ff, mb.out.as<uint16_t>() + off * n_embd, cnt));
     }
     // Route-all experts (calibration): their down input over every row, for their Hessians only.
     for (int64_t e = 0; e < hp.n_expert && p.moe_route_all; ++e) {
@@ -180,10 +183,12 @@ result<bool> shared_run(cuda_context& c, const llama_hparams& hp, const cuda_moe
 }
 
 // A host linear (dense F32) as a dense F16 device linear.
-status dense_upload(const linear_weights& lw, const std::string& name, const cuda_f16_upload& upload, cuda_linear* out) {
+status dense_upload(const linear_weights& lw, const std::string& name, const cuda_f16_upload& upload,
+                    cuda_linear* out) {
     if (lw.q || (lw.w.empty() && lw.n_out * lw.n_in > 0))
         return make_error(status_code::STATUS_UNSUPPORTED,
-                          "{}: the GPU calibration runner takes dense F32 weights (this one is GPTQ-packed or F16)", name);
+                          "{}: the GPU calibration runner takes dense F32 weights (this one is GPTQ-packed or F16)",
+                          name);
     out->n_out     = lw.n_out;
     out->n_in      = lw.n_in;
     out->quantized = false;
@@ -205,7 +210,7 @@ uint64_t cuda_moe_weights::bytes() const {
 }
 
 result<std::unique_ptr<cuda_moe_weights>> cuda_moe_load(const llama_hparams& hp, int64_t i_layer,
-                                                         const cuda_module_loader& load) {
+                                                        const cuda_module_loader& load) {
     auto m = std::make_unique<cuda_moe_weights>();
     GPTQ_TRY(load(llama_moe_router_name(hp, i_layer), hp.n_expert, hp.n_embd, /*dense_only=*/true, &m->router));
     m->experts.resize(size_t(hp.n_expert));
@@ -292,8 +297,8 @@ status cuda_moe_buffers::reserve(const llama_hparams& hp, int64_t n_tokens, bool
 
 uint64_t cuda_moe_buffers::bytes() const {
     uint64_t s = 0;
-    for (const cuda_buffer* b : {&logits, &ids, &weights, &rows, &pos, &xg, &gate, &up, &out, &sh_gate, &sh_up,
-                                 &sh_out, &sh_logit, &ra_gate, &ra_up})
+    for (const cuda_buffer* b : {&logits, &ids, &weights, &rows, &pos, &xg, &gate, &up, &out, &sh_gate, &sh_up, &sh_out,
+                                 &sh_logit, &ra_gate, &ra_up})
         s += b->bytes();
     return s;
 }
@@ -335,8 +340,8 @@ result<bool> cuda_moe_block(cuda_context& c, const llama_hparams& hp, const cuda
     if (p.stop_after == linear_input::LINEAR_INPUT_DOWN) return false;
     GPTQ_TRY(op_cuda_moe_combine(c, mb.out.as<uint16_t>(), grouped ? nullptr : mb.pos.as<int32_t>(),
                                  mb.ids.as<int32_t>(), mb.weights.as<float>(), n, k, hp.n_embd,
-                                 shared ? mb.sh_out.as<uint16_t>() : nullptr, shared ? mb.sh_logit.as<float>() : nullptr,
-                                 b.y));
+                                 shared ? mb.sh_out.as<uint16_t>() : nullptr,
+                                 shared ? mb.sh_logit.as<float>() : nullptr, b.y));
     GPTQ_TRY(mark(p, "moe_combine"));
     if (hp.mlp_out_norm)  // sandwich norms: no MoE family has them, kept for the layer's contract
         GPTQ_TRY(op_cuda_rms_norm(c, b.y, w.mlp_out_norm.as<uint16_t>(), b.y, n, hp.n_embd, hp.rms_eps));

@@ -55,12 +55,12 @@ struct cuda_moe_weights {
 
 // Loads one checkpoint module (its .weight, or its GPTQ tensors) as llama_cuda_model does; with
 // dense_only, a GPTQ module is dequantized to a dense F16 one.
-using cuda_module_loader = std::function<status(const std::string& module, int64_t n_out, int64_t n_in,
-                                                bool dense_only, cuda_linear* out)>;
+using cuda_module_loader =
+    std::function<status(const std::string& module, int64_t n_out, int64_t n_in, bool dense_only, cuda_linear* out)>;
 
 // Layer i_layer's router, experts, shared expert and its gate (hp.is_moe(i_layer)).
 result<std::unique_ptr<cuda_moe_weights>> cuda_moe_load(const llama_hparams& hp, int64_t i_layer,
-                                                         const cuda_module_loader& load);
+                                                        const cuda_module_loader& load);
 
 // The calibration runner's copy: the block of a host layer (dense F32 linears) as dense F16 linears
 // into *out (its buffers reused when the sizes match; no grouped tables: calibration runs per
@@ -72,19 +72,19 @@ status cuda_moe_upload_dense(const llama_hparams& hp, const llama_layer& layer, 
 // The MoE block's activations for up to n tokens (reserve grows them; llama_cuda_model sizes them
 // with its other activations, so their addresses are fixed for the decode graphs).
 struct cuda_moe_buffers {
-    int64_t     n = 0;
-    cuda_buffer logits;      // [n, n_expert] F32 router logits
-    cuda_buffer ids;         // [n, k] I32 chosen experts
-    cuda_buffer weights;     // [n, k] F32 their weights
-    cuda_buffer rows, pos;   // [n k] I32 (per-expert path): gathered row a's token; pair p's gathered row
-    cuda_buffer xg;          // [n k, n_embd] F16: gathered inputs (per expert) / permuted inputs (grouped)
-    cuda_buffer gate, up;    // [n k, ff] F16: the experts' gate and up outputs; act(gate) * up into gate
-    cuda_buffer out;         // [n k, n_embd] F16: the experts' down outputs
-    cuda_buffer sh_gate;     // [n, ff_shared] F16 shared expert (when the model has one)
-    cuda_buffer sh_up;       // [n, ff_shared] F16
-    cuda_buffer sh_out;      // [n, n_embd] F16
-    cuda_buffer sh_logit;    // [n] F32 shared_expert_gate
-    cuda_buffer ra_gate, ra_up;  // [n, ff] F16: a route-all expert over every row (calibration only)
+    int64_t              n = 0;
+    cuda_buffer          logits;          // [n, n_expert] F32 router logits
+    cuda_buffer          ids;             // [n, k] I32 chosen experts
+    cuda_buffer          weights;         // [n, k] F32 their weights
+    cuda_buffer          rows, pos;       // [n k] I32 (per-expert path): gathered row a's token; pair p's gathered row
+    cuda_buffer          xg;              // [n k, n_embd] F16: gathered inputs (per expert) / permuted inputs (grouped)
+    cuda_buffer          gate, up;        // [n k, ff] F16: the experts' gate and up outputs; act(gate) * up into gate
+    cuda_buffer          out;             // [n k, n_embd] F16: the experts' down outputs
+    cuda_buffer          sh_gate;         // [n, ff_shared] F16 shared expert (when the model has one)
+    cuda_buffer          sh_up;           // [n, ff_shared] F16
+    cuda_buffer          sh_out;          // [n, n_embd] F16
+    cuda_buffer          sh_logit;        // [n] F32 shared_expert_gate
+    cuda_buffer          ra_gate, ra_up;  // [n, ff] F16: a route-all expert over every row (calibration only)
     std::vector<int32_t> host_ids, host_rows, host_pos;  // the per-expert path's routing on the host
 
     // route_all: also the route-all buffers (the calibration runner's).

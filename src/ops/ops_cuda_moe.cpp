@@ -33,8 +33,9 @@ status op_cuda_moe_grouped_linear(cuda_context& ctx, const cuda_moe_grouped_args
                                   uint16_t* x_work) {
     if (n_pairs <= 0) return status::ok();
     const auto* table = reinterpret_cast<const cuda::moe_expert_linear*>(g.table);
-    if (!g.int4) return cuda::moe_grouped_f16(table, ids, x, x_stride, x_div, n_pairs, g.n_out, g.n_in, y, g.n_out,
-                                              ctx.stream());
+    if (!g.int4)
+        return cuda::moe_grouped_f16(table, ids, x, x_stride, x_div, n_pairs, g.n_out, g.n_in, y, g.n_out,
+                                     ctx.stream());
     GPTQ_ASSIGN_OR_RETURN(const cuda::int4_layout lay, cuda::int4_layout_for(g.n_out, g.n_in, g.group_size));
     const bool aligned = x_stride % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
     if (g.any_perm || !aligned) {  // each pair's row in its expert's column order, contiguous

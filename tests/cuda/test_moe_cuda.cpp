@@ -206,11 +206,11 @@ TEST(moe_cuda_ops, grouped_int4_matches_reference) {
                                   {16, 64, 128, 64, true},   {5, 256, 512, 128, true}, {128, 96, 256, 128, false},
                                   {8, 768, 2048, 128, false}};
     for (const grouped_case& gc : cases) {
-        std::vector<test::gptq_layer>       layers;
-        std::vector<cuda_gptq_linear>       dev;
-        std::vector<std::vector<double>>    w;
-        std::vector<cuda_moe_expert_ptrs>   table;
-        bool                                any_perm = false;
+        std::vector<test::gptq_layer>     layers;
+        std::vector<cuda_gptq_linear>     dev;
+        std::vector<std::vector<double>>  w;
+        std::vector<cuda_moe_expert_ptrs> table;
+        bool                              any_perm = false;
         for (int64_t e = 0; e < gc.n_expert; ++e) {
             const bool act = gc.act_order && e % 2 == 0;  // some experts permuted, some not
             layers.push_back(test::gptq_layer_random(rng, gc.n_out, gc.n_in, gc.group, 4, act, e % 3 != 0,
@@ -224,9 +224,9 @@ TEST(moe_cuda_ops, grouped_int4_matches_reference) {
             ASSERT_TRUE(q.is_ok()) << q.error().message();
             ASSERT_TRUE(q->fast);
             cuda_moe_expert_ptrs p;
-            p.w    = q->weights.data();
-            p.sz   = q->sz.data();
-            p.perm = q->perm.bytes() ? q->perm.as<int32_t>() : nullptr;
+            p.w      = q->weights.data();
+            p.sz     = q->sz.data();
+            p.perm   = q->perm.bytes() ? q->perm.as<int32_t>() : nullptr;
             any_perm = any_perm || p.perm;
             table.push_back(p);
             dev.push_back(std::move(*q));
@@ -243,28 +243,29 @@ TEST(moe_cuda_ops, grouped_int4_matches_reference) {
                 for (int64_t x_div : {k, int64_t(1)}) {
                     const int64_t n_pairs = n * k, x_rows = x_div == 1 ? n_pairs : n;
                     // x_stride: rows padded (8 halves more: still 16-byte aligned), or exactly n_in.
-                    const int64_t x_stride = gc.n_in + (x_div == 1 ? 8 : 0);
-                    const auto    ids      = random_routing(rng, n, k, gc.n_expert);
-                    const auto    x        = test::random_f16(rng, size_t(x_rows * x_stride));
+                    const int64_t                x_stride = gc.n_in + (x_div == 1 ? 8 : 0);
+                    const auto                   ids      = random_routing(rng, n, k, gc.n_expert);
+                    const auto                   x        = test::random_f16(rng, size_t(x_rows * x_stride));
                     test::device_array<uint16_t> dx(x), dy(static_cast<size_t>(n_pairs * gc.n_out)),
                         work(static_cast<size_t>(n_pairs * gc.n_in));
                     test::device_array<int32_t> di(ids);
                     GPTQ_EXPECT_OK(op_cuda_moe_grouped_linear(*ctx, g, di.get(), dx.get(), x_stride, x_div, n_pairs,
                                                               dy.get(), work.get()));
-                    const std::string what = "E=" + std::to_string(gc.n_expert) + " " + std::to_string(gc.n_out) +
-                                             "x" + std::to_string(gc.n_in) + " g" + std::to_string(gc.group) +
+                    const std::string what = "E=" + std::to_string(gc.n_expert) + " " + std::to_string(gc.n_out) + "x" +
+                                             std::to_string(gc.n_in) + " g" + std::to_string(gc.group) +
                                              " act=" + std::to_string(gc.act_order) + " k=" + std::to_string(k) +
                                              " n=" + std::to_string(n) + " div=" + std::to_string(x_div);
-                    expect_close_f16(dy.download(),
-                                     grouped_reference(w, ids, x, x_stride, x_div, gc.n_out, gc.n_in), what);
+                    expect_close_f16(dy.download(), grouped_reference(w, ids, x, x_stride, x_div, gc.n_out, gc.n_in),
+                                     what);
                 }
             }
         // Rows that are not 16-byte aligned (x_stride odd): gathered into the work buffer first.
-        const int64_t n = 3, k = std::min<int64_t>(2, gc.n_expert), x_stride = gc.n_in + 1;
-        const auto    ids = random_routing(rng, n, k, gc.n_expert);
-        const auto    x   = test::random_f16(rng, size_t(n * x_stride));
-        test::device_array<uint16_t> dx(x), dy(static_cast<size_t>(n * k * gc.n_out)), work(static_cast<size_t>(n * k * gc.n_in));
-        test::device_array<int32_t>  di(ids);
+        const int64_t                n = 3, k = std::min<int64_t>(2, gc.n_expert), x_stride = gc.n_in + 1;
+        const auto                   ids = random_routing(rng, n, k, gc.n_expert);
+        const auto                   x   = test::random_f16(rng, size_t(n * x_stride));
+        test::device_array<uint16_t> dx(x), dy(static_cast<size_t>(n * k * gc.n_out)),
+            work(static_cast<size_t>(n * k * gc.n_in));
+        test::device_array<int32_t> di(ids);
         GPTQ_EXPECT_OK(
             op_cuda_moe_grouped_linear(*ctx, g, di.get(), dx.get(), x_stride, k, n * k, dy.get(), work.get()));
         expect_close_f16(dy.download(), grouped_reference(w, ids, x, x_stride, k, gc.n_out, gc.n_in), "unaligned");
@@ -277,8 +278,8 @@ TEST(moe_cuda_ops, grouped_f16_matches_reference) {
     ASSERT_TRUE(ctx);
     std::mt19937 rng(11);
     // n_in % 8 != 0 (the scalar loop), n_out not a multiple of the block's 8 rows, biases on some.
-    const grouped_case cases[] = {{4, 64, 64, 0, false}, {8, 37, 100, 0, false}, {60, 96, 128, 0, false},
-                                  {128, 33, 2048, 0, false}};
+    const grouped_case cases[] = {
+        {4, 64, 64, 0, false}, {8, 37, 100, 0, false}, {60, 96, 128, 0, false}, {128, 33, 2048, 0, false}};
     for (const grouped_case& gc : cases) {
         std::vector<cuda_buffer>          wd, bd;
         std::vector<std::vector<double>>  w;
@@ -312,13 +313,13 @@ TEST(moe_cuda_ops, grouped_f16_matches_reference) {
         for (int64_t k : {1, 2, 8})
             for (int64_t n : {1, 7, 16}) {
                 if (k > gc.n_expert) continue;
-                const int64_t n_pairs = n * k, x_stride = gc.n_in;
-                const auto    ids     = random_routing(rng, n, k, gc.n_expert);
-                const auto    x       = test::random_f16(rng, size_t(n * x_stride));
+                const int64_t                n_pairs = n * k, x_stride = gc.n_in;
+                const auto                   ids = random_routing(rng, n, k, gc.n_expert);
+                const auto                   x   = test::random_f16(rng, size_t(n * x_stride));
                 test::device_array<uint16_t> dx(x), dy(static_cast<size_t>(n_pairs * gc.n_out));
                 test::device_array<int32_t>  di(ids);
-                GPTQ_EXPECT_OK(op_cuda_moe_grouped_linear(*ctx, g, di.get(), dx.get(), x_stride, k, n_pairs, dy.get(),
-                                                          nullptr));
+                GPTQ_EXPECT_OK(
+                    op_cuda_moe_grouped_linear(*ctx, g, di.get(), dx.get(), x_stride, k, n_pairs, dy.get(), nullptr));
                 auto want = grouped_reference(w, ids, x, x_stride, k, gc.n_out, gc.n_in);
                 for (int64_t p = 0; p < n_pairs; ++p)
                     for (int64_t o = 0; o < gc.n_out; ++o)
@@ -378,7 +379,7 @@ TEST(moe_cuda_ops, combine_matches_reference) {
                     test::device_array<uint16_t> dout(out), dsh(sh), dy(static_cast<size_t>(n * dim));
                     test::device_array<int32_t>  dids(ids), dpos(pos);
                     test::device_array<float>    dw(w), dl(logit);
-                    const bool use_pos = mode == 1, shared = mode != 0, gate = mode == 1;
+                    const bool                   use_pos = mode == 1, shared = mode != 0, gate = mode == 1;
                     GPTQ_EXPECT_OK(op_cuda_moe_combine(*ctx, dout.get(), use_pos ? dpos.get() : nullptr, dids.get(),
                                                        dw.get(), n, k, dim, shared ? dsh.get() : nullptr,
                                                        gate ? dl.get() : nullptr, dy.get()));
@@ -475,8 +476,8 @@ void check_moe_model(const std::string& dir, bool expect_grouped) {
     const auto    ids = test::cuda_test_ids(k_n_prefill + k_n_decode, V);
     const auto    cpu = cpu_logits(dir, ids);
     ASSERT_FALSE(cpu.empty());
-    const gpu_run plain = gpu_logits(dir, ids, false, true);
-    const gpu_run graph = gpu_logits(dir, ids, true, true);
+    const gpu_run plain       = gpu_logits(dir, ids, false, true);
+    const gpu_run graph       = gpu_logits(dir, ids, true, true);
     const gpu_run host_routed = gpu_logits(dir, ids, true, false);
     ASSERT_FALSE(plain.logits.empty() || graph.logits.empty() || host_routed.logits.empty());
     EXPECT_EQ(plain.grouped, expect_grouped) << dir;
@@ -488,12 +489,13 @@ void check_moe_model(const std::string& dir, bool expect_grouped) {
         for (const auto* r : {&plain, &graph, &host_routed})
             EXPECT_LE(row_rel_error(r->logits.data() + t * V, cpu.data() + t * V, V), k_f16_logits_rel_tol)
                 << dir << " " << what << " row " << t
-                << (r == &plain ? " (grouped, no graph)" : r == &graph ? " (grouped, graph)" : " (per expert)");
+                << (r == &plain   ? " (grouped, no graph)"
+                    : r == &graph ? " (grouped, graph)"
+                                  : " (per expert)");
         if (t >= k_n_prefill) {
             EXPECT_LE(row_rel_error(graph.logits.data() + t * V, plain.logits.data() + t * V, V), k_graph_rel_tol)
                 << dir << " decode row " << t << ": graph vs op by op";
-            EXPECT_LE(row_rel_error(host_routed.logits.data() + t * V, plain.logits.data() + t * V, V),
-                      k_graph_rel_tol)
+            EXPECT_LE(row_rel_error(host_routed.logits.data() + t * V, plain.logits.data() + t * V, V), k_graph_rel_tol)
                 << dir << " decode row " << t << ": per expert vs grouped";
         }
     }
@@ -540,7 +542,8 @@ void check_moe_ragged(const std::string& dir) {
     std::vector<seq_run> runs(static_cast<size_t>(n_seq));
     const auto           base = test::cuda_test_ids(64, V);
     for (int64_t r = 0; r < n_seq; ++r)
-        for (int64_t t = 0; t < 2 + 5 * r; ++t) runs[size_t(r)].prompt.push_back(int32_t((base[size_t(t)] + 7 * r) % V));
+        for (int64_t t = 0; t < 2 + 5 * r; ++t)
+            runs[size_t(r)].prompt.push_back(int32_t((base[size_t(t)] + 7 * r) % V));
     llama_cuda_options o;
     o.n_ctx = 48;
     auto m  = llama_cuda_model::open(dir, o);
@@ -714,7 +717,7 @@ void check_moe_runner(const std::string& dir) {
         };
         std::vector<float> out_cpu = x;
         for (int64_t j = 0; j < n_windows; ++j) {
-            float* xj = out_cpu.data() + j * seqlen * n_embd;
+            float*             xj = out_cpu.data() + j * seqlen * n_embd;
             std::vector<float> in(xj, xj + seqlen * n_embd);
             (*m)->layer_forward(ctx, **layer, in.data(), seqlen, 0, nullptr, &hook, linear_input::LINEAR_INPUT_DOWN,
                                 &mhook);
@@ -748,9 +751,9 @@ void check_moe_runner(const std::string& dir) {
                                          int64_t n_in) -> status {
                 return w == stop ? grab(xi, n, n_in, &cap_gpu[{int(w), e}]) : status::ok();
             };
-            GPTQ_EXPECT_OK((*run)->forward(xd->as<uint16_t>(), n_windows, stop == linear_input::LINEAR_INPUT_GATE_UP
-                                                                              ? &ghook : nullptr,
-                                           stop, &gm, stop == linear_input::LINEAR_INPUT_DOWN ? &route_all : nullptr));
+            GPTQ_EXPECT_OK((*run)->forward(xd->as<uint16_t>(), n_windows,
+                                           stop == linear_input::LINEAR_INPUT_GATE_UP ? &ghook : nullptr, stop, &gm,
+                                           stop == linear_input::LINEAR_INPUT_DOWN ? &route_all : nullptr));
         }
         std::vector<uint16_t> back(xh.size());
         GPTQ_EXPECT_OK(cuda_copy_to_host(**cc, back.data(), xd->data(), back.size() * 2));
@@ -760,7 +763,8 @@ void check_moe_runner(const std::string& dir) {
         EXPECT_EQ(cap_gpu.size(), cap_cpu.size());
         for (const auto& [key, want] : cap_cpu) {
             const auto& got = cap_gpu[key];
-            ASSERT_EQ(got.size(), want.size()) << linear_input_name(linear_input(key.first)) << " expert " << key.second;
+            ASSERT_EQ(got.size(), want.size())
+                << linear_input_name(linear_input(key.first)) << " expert " << key.second;
             EXPECT_LE(max_rel(got, want), k_f16_logits_rel_tol)
                 << linear_input_name(linear_input(key.first)) << " expert " << key.second;
         }

@@ -56,7 +56,7 @@ __global__ void topk_kernel(const float* logits, int n_tokens, int n_expert, int
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(k_full, sum, off);
-    // Probabilities are >= 0: -1 marks lanes past n_expert, -2 the experts already chosen.
+        // Probabilities are >= 0: -1 marks lanes past n_expert, -2 the experts already chosen.
 #pragma unroll
     for (int q = 0; q < PER; ++q) {
         const float pr = v[q] / sum;
@@ -100,7 +100,7 @@ __global__ void gather_rows_kernel(const __half* x, int64_t x_stride, const int3
     const int64_t total = n_rows * dim;
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
         const int64_t a = i / dim, c = i % dim;
-        y[i]            = x[int64_t(rows[a]) * x_stride + c];
+        y[i] = x[int64_t(rows[a]) * x_stride + c];
     }
 }
 
@@ -126,8 +126,8 @@ __global__ void __launch_bounds__(k_int4_warps * 32)
     grouped_int4_kernel(const moe_expert_linear* table, const int32_t* ids, const __half* x, int64_t x_stride,
                         int64_t x_div, __half* y, int64_t y_stride, int64_t n_out, int64_t k_steps, int64_t spg,
                         int64_t n_groups) {
-    const int     lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
-    const int64_t tn = blockIdx.x, p = blockIdx.y;
+    const int               lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+    const int64_t           tn = blockIdx.x, p = blockIdx.y;
     const moe_expert_linear ex  = table[ids[p]];
     const uint4*            wp  = static_cast<const uint4*>(ex.w) + tn * k_steps * 32 + lane;
     const uint4*            szp = static_cast<const uint4*>(ex.sz) + tn * n_groups * 8 + gid;
@@ -136,9 +136,9 @@ __global__ void __launch_bounds__(k_int4_warps * 32)
     float                   acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll 4
     for (int64_t s = s0; s < s1; ++s) {
-        const uint4    q   = __ldcs(wp + s * 32);
-        const uint4    szv = __ldg(szp + (s / spg) * 8);
-        const uint4    xv  = *reinterpret_cast<const uint4*>(xr + s * 32);
+        const uint4    q     = __ldcs(wp + s * 32);
+        const uint4    szv   = __ldg(szp + (s / spg) * 8);
+        const uint4    xv    = *reinterpret_cast<const uint4*>(xr + s * 32);
         const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
         float          xf[8];
 #pragma unroll
@@ -193,23 +193,23 @@ __global__ void __launch_bounds__(k_dense_warps * 32)
     grouped_f16_kernel(const moe_expert_linear* table, const int32_t* ids, const __half* x, int64_t x_stride,
                        int64_t x_div, __half* y, int64_t y_stride, int64_t n_out, int64_t n_in) {
     const int     lane = threadIdx.x & 31;
-    const int64_t row  = int64_t(blockIdx.x) * k_dense_warps + (threadIdx.x >> 5), p = blockIdx.y;
+    const int64_t row = int64_t(blockIdx.x) * k_dense_warps + (threadIdx.x >> 5), p = blockIdx.y;
     if (row >= n_out) return;
-    const moe_expert_linear ex = table[ids[p]];
-    const __half*           w  = static_cast<const __half*>(ex.w) + row * n_in;
-    const __half*           xr = x + (p / x_div) * x_stride;
+    const moe_expert_linear ex  = table[ids[p]];
+    const __half*           w   = static_cast<const __half*>(ex.w) + row * n_in;
+    const __half*           xr  = x + (p / x_div) * x_stride;
     float                   acc = 0.0f;
     if constexpr (VEC) {
 #pragma unroll 4
         for (int64_t i = int64_t(lane) * 8; i < n_in; i += 256) {
-            const uint4    wv = __ldcs(reinterpret_cast<const uint4*>(w + i));
-            const uint4    xv = *reinterpret_cast<const uint4*>(xr + i);
+            const uint4    wv    = __ldcs(reinterpret_cast<const uint4*>(w + i));
+            const uint4    xv    = *reinterpret_cast<const uint4*>(xr + i);
             const uint32_t ww[4] = {wv.x, wv.y, wv.z, wv.w}, xx[4] = {xv.x, xv.y, xv.z, xv.w};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
                 const float2 a = __half22float2(bits_h2(ww[j])), b = __half22float2(bits_h2(xx[j]));
-                acc            = fmaf(a.x, b.x, acc);
-                acc            = fmaf(a.y, b.y, acc);
+                acc = fmaf(a.x, b.x, acc);
+                acc = fmaf(a.y, b.y, acc);
             }
         }
     } else {
@@ -228,7 +228,7 @@ __global__ void __launch_bounds__(k_dense_warps * 32)
 __global__ void combine_kernel(const __half* out, const int32_t* pos, const int32_t* ids, const float* weights,
                                int64_t t0, int64_t k, int64_t dim, const __half* shared_out, const float* shared_logit,
                                __half* y) {
-    const int64_t t = t0 + blockIdx.y;
+    const int64_t  t = t0 + blockIdx.y;
     __shared__ int order[k_moe_max_k];
     if (threadIdx.x == 0) {
         const int32_t* e = ids + t * k;
@@ -261,8 +261,8 @@ status topk_launch(const float* logits, int64_t n_tokens, int64_t n_expert, int6
                    float* weights, cudaStream_t stream) {
     constexpr int warps = 4;
     const auto    grid  = unsigned((n_tokens + warps - 1) / warps);
-    topk_kernel<PER><<<grid, warps * 32, 0, stream>>>(logits, int(n_tokens), int(n_expert), int(k), renorm, ids,
-                                                      weights);
+    topk_kernel<PER>
+        <<<grid, warps * 32, 0, stream>>>(logits, int(n_tokens), int(n_expert), int(k), renorm, ids, weights);
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }
@@ -301,9 +301,9 @@ status moe_pair_rows_f16(const moe_expert_linear* table, const int32_t* ids, con
     return status::ok();
 }
 
-status moe_grouped_int4_f16(const int4_layout& L, const moe_expert_linear* table, const int32_t* ids,
-                            const uint16_t* x, int64_t x_stride, int64_t x_div, int64_t n_pairs, uint16_t* y,
-                            int64_t y_stride, cudaStream_t stream) {
+status moe_grouped_int4_f16(const int4_layout& L, const moe_expert_linear* table, const int32_t* ids, const uint16_t* x,
+                            int64_t x_stride, int64_t x_div, int64_t n_pairs, uint16_t* y, int64_t y_stride,
+                            cudaStream_t stream) {
     if (n_pairs <= 0) return status::ok();
     if (x_div < 1 || x_stride % 8 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0 || y_stride < L.n_out)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
@@ -336,11 +336,11 @@ status moe_grouped_f16(const moe_expert_linear* table, const int32_t* ids, const
     const auto xh = reinterpret_cast<const __half*>(x);
     const auto yh = reinterpret_cast<__half*>(y);
     if (vec)
-        grouped_f16_kernel<true><<<grid, k_dense_warps * 32, 0, stream>>>(table, ids, xh, x_stride, x_div, yh, y_stride,
-                                                                          n_out, n_in);
+        grouped_f16_kernel<true>
+            <<<grid, k_dense_warps * 32, 0, stream>>>(table, ids, xh, x_stride, x_div, yh, y_stride, n_out, n_in);
     else
-        grouped_f16_kernel<false><<<grid, k_dense_warps * 32, 0, stream>>>(table, ids, xh, x_stride, x_div, yh,
-                                                                           y_stride, n_out, n_in);
+        grouped_f16_kernel<false>
+            <<<grid, k_dense_warps * 32, 0, stream>>>(table, ids, xh, x_stride, x_div, yh, y_stride, n_out, n_in);
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }

@@ -52,9 +52,9 @@ status moe_pair_rows_f16(const moe_expert_linear* table, const int32_t* ids, con
 // int4: every expert on layout L (the same shape and group size); x in the expert's column order
 // (moe_pair_rows_f16 when it has a perm), rows 16-byte aligned (x 16-byte aligned, x_stride % 8 == 0).
 // dense: W_e F16 [n_out, n_in]. y: [n_pairs, y_stride] F16.
-status moe_grouped_int4_f16(const int4_layout& L, const moe_expert_linear* table, const int32_t* ids,
-                            const uint16_t* x, int64_t x_stride, int64_t x_div, int64_t n_pairs, uint16_t* y,
-                            int64_t y_stride, cudaStream_t stream);
+status moe_grouped_int4_f16(const int4_layout& L, const moe_expert_linear* table, const int32_t* ids, const uint16_t* x,
+                            int64_t x_stride, int64_t x_div, int64_t n_pairs, uint16_t* y, int64_t y_stride,
+                            cudaStream_t stream);
 status moe_grouped_f16(const moe_expert_linear* table, const int32_t* ids, const uint16_t* x, int64_t x_stride,
                        int64_t x_div, int64_t n_pairs, int64_t n_out, int64_t n_in, uint16_t* y, int64_t y_stride,
                        cudaStream_t stream);

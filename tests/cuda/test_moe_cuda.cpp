@@ -195,16 +195,14 @@ struct grouped_case {
     bool    act_order;
 };
 
-TEST(moe_cuda_ops, grouped_int4_matches_reference) {
-    GPTQ_SKIP_WITHOUT_GPU();
+// The grouped int4 linear over experts `cases` against the double reference: k = 1, 2, 8 experts per
+// token, 1 .. 16 tokens, inputs per token (x_div = k) or per pair (padded rows), and rows that are
+// not 16-byte aligned (gathered first).
+void check_grouped_int4(const std::vector<grouped_case>& cases, uint32_t seed) {
     auto ctx = make_ctx();
     ASSERT_TRUE(ctx);
     if (ctx->sm_version() < 80) GTEST_SKIP() << "the int4 layout needs sm_80+";
-    std::mt19937 rng(7);
-    // Partial output tiles (40, 72: n_out % 32 != 0), one group (-1), act-order, a Qwen3-like shape.
-    const grouped_case cases[] = {{4, 64, 64, 32, false},    {8, 40, 96, 32, false},   {8, 72, 128, -1, false},
-                                  {16, 64, 128, 64, true},   {5, 256, 512, 128, true}, {128, 96, 256, 128, false},
-                                  {8, 768, 2048, 128, false}};
+    std::mt19937 rng(seed);
     for (const grouped_case& gc : cases) {
         std::vector<test::gptq_layer>     layers;
         std::vector<cuda_gptq_linear>     dev;
@@ -270,6 +268,17 @@ TEST(moe_cuda_ops, grouped_int4_matches_reference) {
             op_cuda_moe_grouped_linear(*ctx, g, di.get(), dx.get(), x_stride, k, n * k, dy.get(), work.get()));
         expect_close_f16(dy.download(), grouped_reference(w, ids, x, x_stride, k, gc.n_out, gc.n_in), "unaligned");
     }
+}
+
+TEST(moe_cuda_ops, grouped_int4_matches_reference) {  // small shapes (memcheck runs these)
+    GPTQ_SKIP_WITHOUT_GPU();
+    // Partial output tiles (40, 72: n_out % 32 != 0), one group (-1), act-order on some experts.
+    check_grouped_int4(
+        {{4, 64, 64, 32, false}, {8, 40, 96, 32, false}, {8, 72, 128, -1, false}, {16, 64, 128, 64, true}}, 7);
+}
+TEST(moe_cuda_ops, grouped_int4_large_matches_reference) {  // 128 experts, a Qwen3-30B-A3B expert's gate shape
+    GPTQ_SKIP_WITHOUT_GPU();
+    check_grouped_int4({{5, 256, 512, 128, true}, {128, 96, 256, 128, false}, {8, 768, 2048, 128, false}}, 8);
 }
 
 TEST(moe_cuda_ops, grouped_f16_matches_reference) {

@@ -16,6 +16,7 @@
 #     MOE_CPU_QUANTIZE=1: the same on the CPU (all cores; long).
 # Run from the repository root after run.sh has built or unpacked gptq:
 #     GPTQ=path/to/gptq bash scripts/device/moe.sh
+# Tests and the small checks only (about a minute): MOE_BENCH=0 MOE_GPU_QUANTIZE=0.
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"

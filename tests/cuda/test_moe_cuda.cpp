@@ -5,8 +5,8 @@
 //   weighted sum;
 // - the MoE test models (tests/data/moe: Mixtral, Qwen2-MoE with a shared expert, Qwen3-MoE)
 //   against the CPU model: prefill + decode (graph and op by op, grouped and per-expert experts),
-//   greedy tokens, ragged decode of several sequences against each alone, int4 checkpoints
-//   (RTN, and GPTQ with act-order) made here from make-random micro models;
+//   greedy tokens, ragged decode of several sequences against each alone, perplexity through the
+//   engine, int4 checkpoints (RTN, and GPTQ with act-order) made here from make-random micro models;
 // - GPU calibration of MoE layers: the layer runner's hooks and outputs against the CPU layer,
 //   quantize --device cuda against --device cpu.
 #include <gtest/gtest.h>
@@ -25,6 +25,7 @@
 #include "cuda_model_util.h"
 #include "cuda_test_util.h"
 #include "gptq/make_random.h"
+#include "gptq/ppl.h"
 #include "gptq/quantize.h"
 #include "gptq_test_layer.h"
 #include "model/llama.h"
@@ -645,6 +646,37 @@ TEST(moe_cuda, qwen3_moe_matches_cpu) {  // top-4 of 8, q/k norms, dense first a
 TEST(moe_cuda, ragged_decode_matches_sequences_alone) {
     GPTQ_SKIP_WITHOUT_GPU();
     for (const char* name : {"mixtral", "qwen2-moe", "qwen3-moe"}) check_moe_ragged(moe_dir(name));
+}
+
+// Perplexity through the engine (model_session on cuda: windows of 128 tokens through the per-expert
+// prefill with every row's logits) against the CPU's: test_llama_cuda's bound.
+TEST(moe_cuda, ppl_on_cuda_matches_cpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    constexpr double k_ppl_rel_tol = 2e-3;
+    for (const char* like : {"micro-qwen2-moe", "micro-mixtral"}) {
+        SCOPED_TRACE(like);
+        test::temp_dir     dir("cuda-moe-ppl");
+        make_random_params mp;
+        mp.like        = like;
+        mp.output_path = dir.file(like);
+        mp.n_threads   = 2;
+        mp.progress    = false;
+        ASSERT_TRUE(make_random_model(mp).is_ok());
+        ppl_params p;
+        p.model_path  = mp.output_path;
+        p.dataset     = source_dir() + "/data/wikitext2/wiki.test.raw.gptq_join.txt";
+        p.seqlen      = 128;
+        p.max_windows = 4;
+        p.progress    = false;
+        p.n_threads   = 2;
+        auto cpu      = ppl_run(p);
+        ASSERT_TRUE(cpu.is_ok()) << cpu.error().message();
+        p.device = "cuda";
+        auto gpu = ppl_run(p);
+        ASSERT_TRUE(gpu.is_ok()) << gpu.error().message();
+        EXPECT_EQ(gpu->n_predicted, cpu->n_predicted);
+        EXPECT_NEAR(gpu->ppl / cpu->ppl, 1.0, k_ppl_rel_tol) << "cpu " << cpu->ppl << " cuda " << gpu->ppl;
+    }
 }
 
 // Int4 experts: RTN (every expert on the int4 layout: grouped int4 decode, as a graph), and GPTQ

@@ -105,7 +105,7 @@ done
 if command -v compute-sanitizer > /dev/null && [ "${GPTQ_DEVICE_TESTS:-1}" = 1 ] && [ "${MEMCHECK:-1}" = 1 ]; then
     san="$OUT/memcheck.log"; : > "$san"
     specs=("test_llama_cuda:*rand_qwen2*:*rand_mistral*:*reset*" "test_gptq_cuda:*damping*" "test_offload_cuda:*rand_qwen2*"
-           "test_moe_cuda:*topk_matches*:*gather*:*combine*:*grouped_int4_matches*:*grouped_f16*:moe_cuda.qwen2_moe*")  # MEMCHECK_ALL=1: the kernel tests too
+           "test_moe_cuda:*topk_matches*:*gather*:*combine*:*grouped_int4_matches*:*grouped_f16*:*sort_pairs*:moe_cuda.qwen2_moe*")  # MEMCHECK_ALL=1: the kernel tests too
     [ "${MEMCHECK_ALL:-0}" = 1 ] && specs+=("test_cuda_kernels:-*CublasGemm*" "test_cuda_gptq:-*LlamaShape*" "test_ops_cuda:*")
     for spec in "${specs[@]}"; do
         name=${spec%%:*}; filter=${spec#*:}

@@ -155,18 +155,26 @@ result<bool> experts_per_expert(cuda_context& c, const llama_hparams& hp, const 
 }
 
 // The experts grouped: gate and up of every pair in one launch each, the activation, down; each
-// pair's output at row p = t * k + j of out. Nothing leaves the device.
+// pair's output at row p = t * k + j of out. With more than one token the pairs' blocks are
+// launched grouped by expert (mb.rows holds that order: unused by this path otherwise), so that an
+// expert several tokens chose is read from memory about once. Nothing leaves the device.
 status experts_grouped(cuda_context& c, const llama_hparams& hp, const cuda_moe_weights& w, cuda_moe_buffers& mb,
                        const uint16_t* x, int64_t n) {
     const int64_t  k = hp.n_expert_used, n_pairs = n * k, ff = hp.n_ff_expert;
-    const int32_t* ids  = mb.ids.as<int32_t>();
-    uint16_t*      gate = mb.gate.as<uint16_t>();
-    uint16_t*      up   = mb.up.as<uint16_t>();
-    GPTQ_TRY(op_cuda_moe_grouped_linear(c, w.proj[0], ids, x, hp.n_embd, k, n_pairs, gate, mb.xg.as<uint16_t>()));
-    GPTQ_TRY(op_cuda_moe_grouped_linear(c, w.proj[1], ids, x, hp.n_embd, k, n_pairs, up, mb.xg.as<uint16_t>()));
+    const int32_t* ids   = mb.ids.as<int32_t>();
+    uint16_t*      gate  = mb.gate.as<uint16_t>();
+    uint16_t*      up    = mb.up.as<uint16_t>();
+    const int32_t* order = nullptr;  // one token: its k experts are distinct
+    if (n > 1) {
+        GPTQ_TRY(op_cuda_moe_sort_pairs(c, ids, n_pairs, hp.n_expert, mb.rows.as<int32_t>()));
+        order = mb.rows.as<int32_t>();
+    }
+    uint16_t* xg = mb.xg.as<uint16_t>();
+    GPTQ_TRY(op_cuda_moe_grouped_linear(c, w.proj[0], ids, x, hp.n_embd, k, n_pairs, gate, xg, order));
+    GPTQ_TRY(op_cuda_moe_grouped_linear(c, w.proj[1], ids, x, hp.n_embd, k, n_pairs, up, xg, order));
     GPTQ_TRY(act_mul(c, hp, gate, up, n_pairs, ff));
     // up is free again: the work buffer of down's permuted inputs.
-    return op_cuda_moe_grouped_linear(c, w.proj[2], ids, gate, ff, 1, n_pairs, mb.out.as<uint16_t>(), up);
+    return op_cuda_moe_grouped_linear(c, w.proj[2], ids, gate, ff, 1, n_pairs, mb.out.as<uint16_t>(), up, order);
 }
 
 // Qwen2-MoE's shared expert over all n rows and its gate's logit (F32); the calibration hooks see

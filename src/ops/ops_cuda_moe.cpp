@@ -30,11 +30,11 @@ status op_cuda_moe_gather_rows(cuda_context& ctx, const uint16_t* x, int64_t x_s
 
 status op_cuda_moe_grouped_linear(cuda_context& ctx, const cuda_moe_grouped_args& g, const int32_t* ids,
                                   const uint16_t* x, int64_t x_stride, int64_t x_div, int64_t n_pairs, uint16_t* y,
-                                  uint16_t* x_work) {
+                                  uint16_t* x_work, const int32_t* order) {
     if (n_pairs <= 0) return status::ok();
     const auto* table = reinterpret_cast<const cuda::moe_expert_linear*>(g.table);
     if (!g.int4)
-        return cuda::moe_grouped_f16(table, ids, x, x_stride, x_div, n_pairs, g.n_out, g.n_in, y, g.n_out,
+        return cuda::moe_grouped_f16(table, ids, order, x, x_stride, x_div, n_pairs, g.n_out, g.n_in, y, g.n_out,
                                      ctx.stream());
     GPTQ_ASSIGN_OR_RETURN(const cuda::int4_layout lay, cuda::int4_layout_for(g.n_out, g.n_in, g.group_size));
     const bool aligned = x_stride % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
@@ -47,7 +47,12 @@ status op_cuda_moe_grouped_linear(cuda_context& ctx, const cuda_moe_grouped_args
         x_stride = g.n_in;
         x_div    = 1;
     }
-    return cuda::moe_grouped_int4_f16(lay, table, ids, x, x_stride, x_div, n_pairs, y, g.n_out, ctx.stream());
+    return cuda::moe_grouped_int4_f16(lay, table, ids, order, x, x_stride, x_div, n_pairs, y, g.n_out, ctx.stream());
+}
+
+status op_cuda_moe_sort_pairs(cuda_context& ctx, const int32_t* ids, int64_t n_pairs, int64_t n_expert,
+                              int32_t* order) {
+    return cuda::moe_sort_pairs(ids, n_pairs, n_expert, order, ctx.stream());
 }
 
 status op_cuda_moe_combine(cuda_context& ctx, const uint16_t* out, const int32_t* pos, const int32_t* ids,

@@ -41,9 +41,13 @@ struct cuda_moe_grouped_args {
 // y[p, :n_out] = x[p / x_div] W_{ids[p]}^T (+ bias) for p < n_pairs, one launch (two when the
 // inputs are first gathered into x_work: int4 with any_perm or rows not 16-byte aligned; x_work:
 // device F16 [n_pairs, n_in]). y: [n_pairs, n_out] F16. Graph-capturable (nothing allocated).
+// order: nullptr or op_cuda_moe_sort_pairs' [n_pairs] (the blocks of one expert's pairs launched
+// together: its weights read about once; the same results).
 status op_cuda_moe_grouped_linear(cuda_context& ctx, const cuda_moe_grouped_args& g, const int32_t* ids,
                                   const uint16_t* x, int64_t x_stride, int64_t x_div, int64_t n_pairs, uint16_t* y,
-                                  uint16_t* x_work);
+                                  uint16_t* x_work, const int32_t* order = nullptr);
+// order[0 .. n_pairs) = the pairs p (ids[p]: their experts, < n_expert) grouped by expert, one launch.
+status op_cuda_moe_sort_pairs(cuda_context& ctx, const int32_t* ids, int64_t n_pairs, int64_t n_expert, int32_t* order);
 
 // y[t] = sum of the token's k experts' out rows (row pos[t * k + j], pos nullptr: t * k + j) times
 // their weights in ascending expert order, + sigmoid(shared_logit[t]) * shared_out[t] when

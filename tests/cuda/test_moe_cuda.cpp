@@ -247,15 +247,21 @@ void check_grouped_int4(const std::vector<grouped_case>& cases, uint32_t seed) {
                     const auto                   x        = test::random_f16(rng, size_t(x_rows * x_stride));
                     test::device_array<uint16_t> dx(x), dy(static_cast<size_t>(n_pairs * gc.n_out)),
                         work(static_cast<size_t>(n_pairs * gc.n_in));
-                    test::device_array<int32_t> di(ids);
-                    GPTQ_EXPECT_OK(op_cuda_moe_grouped_linear(*ctx, g, di.get(), dx.get(), x_stride, x_div, n_pairs,
-                                                              dy.get(), work.get()));
+                    test::device_array<int32_t> di(ids), order(static_cast<size_t>(n_pairs));
                     const std::string what = "E=" + std::to_string(gc.n_expert) + " " + std::to_string(gc.n_out) + "x" +
                                              std::to_string(gc.n_in) + " g" + std::to_string(gc.group) +
                                              " act=" + std::to_string(gc.act_order) + " k=" + std::to_string(k) +
                                              " n=" + std::to_string(n) + " div=" + std::to_string(x_div);
-                    expect_close_f16(dy.download(), grouped_reference(w, ids, x, x_stride, x_div, gc.n_out, gc.n_in),
-                                     what);
+                    const auto want = grouped_reference(w, ids, x, x_stride, x_div, gc.n_out, gc.n_in);
+                    GPTQ_EXPECT_OK(op_cuda_moe_grouped_linear(*ctx, g, di.get(), dx.get(), x_stride, x_div, n_pairs,
+                                                              dy.get(), work.get()));
+                    expect_close_f16(dy.download(), want, what);
+                    // The blocks in expert order (the model's decode with several tokens): the same values.
+                    const auto first = dy.download();
+                    GPTQ_EXPECT_OK(op_cuda_moe_sort_pairs(*ctx, di.get(), n_pairs, gc.n_expert, order.get()));
+                    GPTQ_EXPECT_OK(op_cuda_moe_grouped_linear(*ctx, g, di.get(), dx.get(), x_stride, x_div, n_pairs,
+                                                              dy.get(), work.get(), order.get()));
+                    EXPECT_EQ(dy.download(), first) << what << " (pairs in expert order)";
                 }
             }
         // Rows that are not 16-byte aligned (x_stride odd): gathered into the work buffer first.
@@ -327,18 +333,51 @@ TEST(moe_cuda_ops, grouped_f16_matches_reference) {
                 const auto                   ids = random_routing(rng, n, k, gc.n_expert);
                 const auto                   x   = test::random_f16(rng, size_t(n * x_stride));
                 test::device_array<uint16_t> dx(x), dy(static_cast<size_t>(n_pairs * gc.n_out));
-                test::device_array<int32_t>  di(ids);
+                test::device_array<int32_t>  di(ids), order(static_cast<size_t>(n_pairs));
                 GPTQ_EXPECT_OK(
                     op_cuda_moe_grouped_linear(*ctx, g, di.get(), dx.get(), x_stride, k, n_pairs, dy.get(), nullptr));
                 auto want = grouped_reference(w, ids, x, x_stride, k, gc.n_out, gc.n_in);
                 for (int64_t p = 0; p < n_pairs; ++p)
                     for (int64_t o = 0; o < gc.n_out; ++o)
                         want[size_t(p * gc.n_out + o)] += bias[size_t(ids[size_t(p)])][size_t(o)];
-                expect_close_f16(dy.download(), want,
-                                 "F16 E=" + std::to_string(gc.n_expert) + " " + std::to_string(gc.n_out) + "x" +
-                                     std::to_string(gc.n_in) + " k=" + std::to_string(k) + " n=" + std::to_string(n));
+                const std::string what = "F16 E=" + std::to_string(gc.n_expert) + " " + std::to_string(gc.n_out) + "x" +
+                                         std::to_string(gc.n_in) + " k=" + std::to_string(k) +
+                                         " n=" + std::to_string(n);
+                const auto first = dy.download();
+                expect_close_f16(first, want, what);
+                GPTQ_EXPECT_OK(op_cuda_moe_sort_pairs(*ctx, di.get(), n_pairs, gc.n_expert, order.get()));
+                GPTQ_EXPECT_OK(op_cuda_moe_grouped_linear(*ctx, g, di.get(), dx.get(), x_stride, k, n_pairs, dy.get(),
+                                                          nullptr, order.get()));
+                EXPECT_EQ(dy.download(), first) << what << " (pairs in expert order)";
             }
     }
+}
+
+// ---- pair order ------------------------------------------------------------------------------------------
+
+// op_cuda_moe_sort_pairs: a permutation of the pairs with their experts in ascending order, for 1 ..
+// 8192 pairs over 4 .. 1024 experts (all pairs on one expert too).
+TEST(moe_cuda_ops, sort_pairs_groups_by_expert) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    auto ctx = make_ctx();
+    ASSERT_TRUE(ctx);
+    std::mt19937 rng(13);
+    for (int64_t n_expert : {4, 8, 128, 1024})
+        for (int64_t n_pairs : {1, 2, 33, 1000, 8192})
+            for (bool one : {false, true}) {
+                std::uniform_int_distribution<int32_t> d(0, int32_t(n_expert - 1));
+                std::vector<int32_t>                   ids(static_cast<size_t>(n_pairs));
+                for (auto& e : ids) e = one ? int32_t(n_expert - 1) : d(rng);
+                test::device_array<int32_t> di(ids), order(static_cast<size_t>(n_pairs));
+                GPTQ_EXPECT_OK(op_cuda_moe_sort_pairs(*ctx, di.get(), n_pairs, n_expert, order.get()));
+                const auto        o = order.download();
+                std::vector<bool> seen(ids.size(), false);
+                for (size_t i = 0; i < o.size(); ++i) {
+                    ASSERT_TRUE(o[i] >= 0 && o[i] < n_pairs && !seen[size_t(o[i])]) << "not a permutation at " << i;
+                    seen[size_t(o[i])] = true;
+                    if (i > 0) ASSERT_LE(ids[size_t(o[i - 1])], ids[size_t(o[i])]) << "not grouped at " << i;
+                }
+            }
 }
 
 // ---- gather and combine ----------------------------------------------------------------------------

@@ -123,11 +123,11 @@ constexpr int k_int4_warps = 8;  // k split over the block's warps: loads in fli
 // 8 (l & 3) + 2 j + (0, 1) in nibbles (j, j + 4) (gptq_int4.cu int4_repack_weights_kernel), and
 // the (scale, zero) pairs of those rows for the step's group in sz's word (tn, g, l >> 2).
 __global__ void __launch_bounds__(k_int4_warps * 32)
-    grouped_int4_kernel(const moe_expert_linear* table, const int32_t* ids, const __half* x, int64_t x_stride,
-                        int64_t x_div, __half* y, int64_t y_stride, int64_t n_out, int64_t k_steps, int64_t spg,
-                        int64_t n_groups) {
+    grouped_int4_kernel(const moe_expert_linear* table, const int32_t* ids, const int32_t* order, const __half* x,
+                        int64_t x_stride, int64_t x_div, __half* y, int64_t y_stride, int64_t n_out, int64_t k_steps,
+                        int64_t spg, int64_t n_groups) {
     const int               lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
-    const int64_t           tn = blockIdx.x, p = blockIdx.y;
+    const int64_t           tn = blockIdx.x, p = order ? int64_t(order[blockIdx.y]) : int64_t(blockIdx.y);
     const moe_expert_linear ex  = table[ids[p]];
     const uint4*            wp  = static_cast<const uint4*>(ex.w) + tn * k_steps * 32 + lane;
     const uint4*            szp = static_cast<const uint4*>(ex.sz) + tn * n_groups * 8 + gid;
@@ -190,10 +190,11 @@ constexpr int k_dense_warps = 8;  // output features per block, one warp each
 // VEC: 16-byte loads of 8 halves (n_in % 8 == 0, x rows and weights 16-byte aligned).
 template <bool VEC>
 __global__ void __launch_bounds__(k_dense_warps * 32)
-    grouped_f16_kernel(const moe_expert_linear* table, const int32_t* ids, const __half* x, int64_t x_stride,
-                       int64_t x_div, __half* y, int64_t y_stride, int64_t n_out, int64_t n_in) {
+    grouped_f16_kernel(const moe_expert_linear* table, const int32_t* ids, const int32_t* order, const __half* x,
+                       int64_t x_stride, int64_t x_div, __half* y, int64_t y_stride, int64_t n_out, int64_t n_in) {
     const int     lane = threadIdx.x & 31;
-    const int64_t row = int64_t(blockIdx.x) * k_dense_warps + (threadIdx.x >> 5), p = blockIdx.y;
+    const int64_t row  = int64_t(blockIdx.x) * k_dense_warps + (threadIdx.x >> 5);
+    const int64_t p    = order ? int64_t(order[blockIdx.y]) : int64_t(blockIdx.y);
     if (row >= n_out) return;
     const moe_expert_linear ex  = table[ids[p]];
     const __half*           w   = static_cast<const __half*>(ex.w) + row * n_in;
@@ -220,6 +221,28 @@ __global__ void __launch_bounds__(k_dense_warps * 32)
     if (lane != 0) return;
     if (ex.bias) acc += __half2float(reinterpret_cast<const __half*>(ex.bias)[row]);
     y[p * y_stride + row] = __float2half_rn(acc);
+}
+
+// ---- pair order ------------------------------------------------------------------------------------------
+
+// One block: order = the pairs grouped by expert (a counting sort; the order within an expert is
+// whatever the atomics give: it only decides which blocks run close together, never a result).
+__global__ void sort_pairs_kernel(const int32_t* ids, int n_pairs, int n_expert, int32_t* order) {
+    __shared__ int start[k_moe_max_experts];
+    for (int e = threadIdx.x; e < n_expert; e += blockDim.x) start[e] = 0;
+    __syncthreads();
+    for (int p = threadIdx.x; p < n_pairs; p += blockDim.x) atomicAdd(&start[ids[p]], 1);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int sum = 0;
+        for (int e = 0; e < n_expert; ++e) {
+            const int c = start[e];
+            start[e]    = sum;
+            sum += c;
+        }
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < n_pairs; p += blockDim.x) order[atomicAdd(&start[ids[p]], 1)] = p;
 }
 
 // ---- combine ---------------------------------------------------------------------------------------------
@@ -301,9 +324,9 @@ status moe_pair_rows_f16(const moe_expert_linear* table, const int32_t* ids, con
     return status::ok();
 }
 
-status moe_grouped_int4_f16(const int4_layout& L, const moe_expert_linear* table, const int32_t* ids, const uint16_t* x,
-                            int64_t x_stride, int64_t x_div, int64_t n_pairs, uint16_t* y, int64_t y_stride,
-                            cudaStream_t stream) {
+status moe_grouped_int4_f16(const int4_layout& L, const moe_expert_linear* table, const int32_t* ids,
+                            const int32_t* order, const uint16_t* x, int64_t x_stride, int64_t x_div, int64_t n_pairs,
+                            uint16_t* y, int64_t y_stride, cudaStream_t stream) {
     if (n_pairs <= 0) return status::ok();
     if (x_div < 1 || x_stride % 8 != 0 || reinterpret_cast<uintptr_t>(x) % 16 != 0 || y_stride < L.n_out)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
@@ -313,16 +336,16 @@ status moe_grouped_int4_f16(const int4_layout& L, const moe_expert_linear* table
         return make_error(status_code::STATUS_UNSUPPORTED, "MoE grouped int4: {} pairs in one launch (at most 65535)",
                           n_pairs);
     const dim3 grid(unsigned(L.n_tiles), unsigned(n_pairs));
-    grouped_int4_kernel<<<grid, k_int4_warps * 32, 0, stream>>>(table, ids, reinterpret_cast<const __half*>(x),
+    grouped_int4_kernel<<<grid, k_int4_warps * 32, 0, stream>>>(table, ids, order, reinterpret_cast<const __half*>(x),
                                                                 x_stride, x_div, reinterpret_cast<__half*>(y), y_stride,
                                                                 L.n_out, L.k_steps, L.group_size / 32, L.n_groups);
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }
 
-status moe_grouped_f16(const moe_expert_linear* table, const int32_t* ids, const uint16_t* x, int64_t x_stride,
-                       int64_t x_div, int64_t n_pairs, int64_t n_out, int64_t n_in, uint16_t* y, int64_t y_stride,
-                       cudaStream_t stream) {
+status moe_grouped_f16(const moe_expert_linear* table, const int32_t* ids, const int32_t* order, const uint16_t* x,
+                       int64_t x_stride, int64_t x_div, int64_t n_pairs, int64_t n_out, int64_t n_in, uint16_t* y,
+                       int64_t y_stride, cudaStream_t stream) {
     if (n_pairs <= 0 || n_out <= 0) return status::ok();
     if (x_div < 1 || y_stride < n_out)
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "MoE grouped F16: x_div {}, y stride {} < {}", x_div,
@@ -336,11 +359,21 @@ status moe_grouped_f16(const moe_expert_linear* table, const int32_t* ids, const
     const auto xh = reinterpret_cast<const __half*>(x);
     const auto yh = reinterpret_cast<__half*>(y);
     if (vec)
-        grouped_f16_kernel<true>
-            <<<grid, k_dense_warps * 32, 0, stream>>>(table, ids, xh, x_stride, x_div, yh, y_stride, n_out, n_in);
+        grouped_f16_kernel<true><<<grid, k_dense_warps * 32, 0, stream>>>(table, ids, order, xh, x_stride, x_div, yh,
+                                                                          y_stride, n_out, n_in);
     else
-        grouped_f16_kernel<false>
-            <<<grid, k_dense_warps * 32, 0, stream>>>(table, ids, xh, x_stride, x_div, yh, y_stride, n_out, n_in);
+        grouped_f16_kernel<false><<<grid, k_dense_warps * 32, 0, stream>>>(table, ids, order, xh, x_stride, x_div, yh,
+                                                                           y_stride, n_out, n_in);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+status moe_sort_pairs(const int32_t* ids, int64_t n_pairs, int64_t n_expert, int32_t* order, cudaStream_t stream) {
+    if (n_pairs <= 0) return status::ok();
+    if (n_expert < 1 || n_expert > k_moe_max_experts || n_pairs > (int64_t(1) << 30))
+        return make_error(status_code::STATUS_UNSUPPORTED, "MoE pair order: {} pairs over {} experts (at most {})",
+                          n_pairs, n_expert, k_moe_max_experts);
+    sort_pairs_kernel<<<1, 1024, 0, stream>>>(ids, int(n_pairs), int(n_expert), order);
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }

@@ -51,13 +51,19 @@ status moe_pair_rows_f16(const moe_expert_linear* table, const int32_t* ids, con
 // Grouped linears: y[p, :n_out] = x[p / x_div, :n_in] W_e^T (+ bias_e), e = ids[p], for p < n_pairs.
 // int4: every expert on layout L (the same shape and group size); x in the expert's column order
 // (moe_pair_rows_f16 when it has a perm), rows 16-byte aligned (x 16-byte aligned, x_stride % 8 == 0).
-// dense: W_e F16 [n_out, n_in]. y: [n_pairs, y_stride] F16.
-status moe_grouped_int4_f16(const int4_layout& L, const moe_expert_linear* table, const int32_t* ids, const uint16_t* x,
-                            int64_t x_stride, int64_t x_div, int64_t n_pairs, uint16_t* y, int64_t y_stride,
-                            cudaStream_t stream);
-status moe_grouped_f16(const moe_expert_linear* table, const int32_t* ids, const uint16_t* x, int64_t x_stride,
-                       int64_t x_div, int64_t n_pairs, int64_t n_out, int64_t n_in, uint16_t* y, int64_t y_stride,
-                       cudaStream_t stream);
+// dense: W_e F16 [n_out, n_in]. y: [n_pairs, y_stride] F16. order: nullptr, or [n_pairs] I32 the
+// pairs in the order their blocks are launched (moe_sort_pairs: pairs of one expert together, so
+// that an expert's weights are read from memory about once per step; the results do not depend on it).
+status moe_grouped_int4_f16(const int4_layout& L, const moe_expert_linear* table, const int32_t* ids,
+                            const int32_t* order, const uint16_t* x, int64_t x_stride, int64_t x_div, int64_t n_pairs,
+                            uint16_t* y, int64_t y_stride, cudaStream_t stream);
+status moe_grouped_f16(const moe_expert_linear* table, const int32_t* ids, const int32_t* order, const uint16_t* x,
+                       int64_t x_stride, int64_t x_div, int64_t n_pairs, int64_t n_out, int64_t n_in, uint16_t* y,
+                       int64_t y_stride, cudaStream_t stream);
+
+// order[0 .. n_pairs) = the pairs grouped by expert (ids: [n_pairs] I32, values < n_expert <=
+// k_moe_max_experts). One block.
+status moe_sort_pairs(const int32_t* ids, int64_t n_pairs, int64_t n_expert, int32_t* order, cudaStream_t stream);
 
 // The block's output: y[t, c] = sum over the token's k experts in ascending expert order of
 // weights[t, j] * out[row, c] (row = pos[t * k + j], pos nullptr: t * k + j), then (shared_out

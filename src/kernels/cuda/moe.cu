@@ -1,11 +1,14 @@
 // MoE kernels (moe.cuh): top-k routing (one warp per token), row gathers, the grouped expert
 // linears (a block per (output tile, pair), the expert read from the routing), the weighted sum.
+// Every kernel is launched with programmatic dependent launch and waits (pdl_wait) before its first
+// read, so each overlaps only its launch with the kernel before (launch.cuh's rule).
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cmath>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/moe.cuh"
 #include "kernels/cuda/ptx.cuh"
 
@@ -31,6 +34,8 @@ __device__ inline bool ranks_above(float v, int e, float bv, int be) {
 template <int PER>
 __global__ void topk_kernel(const float* logits, int n_tokens, int n_expert, int k, bool renorm, int32_t* ids,
                             float* weights) {
+    pdl_launch_dependents();
+    pdl_wait();  // every input comes from the kernel before (launched with PDL: launch.cuh)
     const int lane = threadIdx.x & 31;
     const int t    = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
     if (t >= n_tokens) return;  // whole warps leave together
@@ -97,6 +102,8 @@ __global__ void topk_kernel(const float* logits, int n_tokens, int n_expert, int
 
 __global__ void gather_rows_kernel(const __half* x, int64_t x_stride, const int32_t* rows, int64_t n_rows, int64_t dim,
                                    __half* y) {
+    pdl_launch_dependents();
+    pdl_wait();  // every input comes from the kernel before (launched with PDL: launch.cuh)
     const int64_t total = n_rows * dim;
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
         const int64_t a = i / dim, c = i % dim;
@@ -106,6 +113,8 @@ __global__ void gather_rows_kernel(const __half* x, int64_t x_stride, const int3
 
 __global__ void pair_rows_kernel(const moe_expert_linear* table, const int32_t* ids, const __half* x, int64_t x_stride,
                                  int64_t x_div, int64_t n_pairs, int64_t n_in, __half* y) {
+    pdl_launch_dependents();
+    pdl_wait();  // every input comes from the kernel before (launched with PDL: launch.cuh)
     const int64_t total = n_pairs * n_in;
     for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
         const int64_t  p = i / n_in, c = i % n_in;
@@ -126,6 +135,8 @@ __global__ void __launch_bounds__(k_int4_warps * 32)
     grouped_int4_kernel(const moe_expert_linear* table, const int32_t* ids, const int32_t* order, const __half* x,
                         int64_t x_stride, int64_t x_div, __half* y, int64_t y_stride, int64_t n_out, int64_t k_steps,
                         int64_t spg, int64_t n_groups) {
+    pdl_launch_dependents();
+    pdl_wait();  // every input comes from the kernel before (launched with PDL: launch.cuh)
     const int               lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
     const int64_t           tn = blockIdx.x, p = order ? int64_t(order[blockIdx.y]) : int64_t(blockIdx.y);
     const moe_expert_linear ex  = table[ids[p]];
@@ -192,6 +203,8 @@ template <bool VEC>
 __global__ void __launch_bounds__(k_dense_warps * 32)
     grouped_f16_kernel(const moe_expert_linear* table, const int32_t* ids, const int32_t* order, const __half* x,
                        int64_t x_stride, int64_t x_div, __half* y, int64_t y_stride, int64_t n_out, int64_t n_in) {
+    pdl_launch_dependents();
+    pdl_wait();  // every input comes from the kernel before (launched with PDL: launch.cuh)
     const int     lane = threadIdx.x & 31;
     const int64_t row  = int64_t(blockIdx.x) * k_dense_warps + (threadIdx.x >> 5);
     const int64_t p    = order ? int64_t(order[blockIdx.y]) : int64_t(blockIdx.y);
@@ -228,6 +241,8 @@ __global__ void __launch_bounds__(k_dense_warps * 32)
 // One block: order = the pairs grouped by expert (a counting sort; the order within an expert is
 // whatever the atomics give: it only decides which blocks run close together, never a result).
 __global__ void sort_pairs_kernel(const int32_t* ids, int n_pairs, int n_expert, int32_t* order) {
+    pdl_launch_dependents();
+    pdl_wait();  // every input comes from the kernel before (launched with PDL: launch.cuh)
     __shared__ int start[k_moe_max_experts];
     for (int e = threadIdx.x; e < n_expert; e += blockDim.x) start[e] = 0;
     __syncthreads();
@@ -251,6 +266,8 @@ __global__ void sort_pairs_kernel(const int32_t* ids, int n_pairs, int n_expert,
 __global__ void combine_kernel(const __half* out, const int32_t* pos, const int32_t* ids, const float* weights,
                                int64_t t0, int64_t k, int64_t dim, const __half* shared_out, const float* shared_logit,
                                __half* y) {
+    pdl_launch_dependents();
+    pdl_wait();  // every input comes from the kernel before (launched with PDL: launch.cuh)
     const int64_t  t = t0 + blockIdx.y;
     __shared__ int order[k_moe_max_k];
     if (threadIdx.x == 0) {
@@ -284,8 +301,8 @@ status topk_launch(const float* logits, int64_t n_tokens, int64_t n_expert, int6
                    float* weights, cudaStream_t stream) {
     constexpr int warps = 4;
     const auto    grid  = unsigned((n_tokens + warps - 1) / warps);
-    topk_kernel<PER>
-        <<<grid, warps * 32, 0, stream>>>(logits, int(n_tokens), int(n_expert), int(k), renorm, ids, weights);
+    GPTQ_CUDA_CHECK(launch_pdl(topk_kernel<PER>, dim3(grid), dim3(warps * 32), 0, stream, logits, int(n_tokens),
+                               int(n_expert), int(k), renorm, ids, weights));
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }
@@ -308,8 +325,9 @@ status moe_topk_f32(const float* logits, int64_t n_tokens, int64_t n_expert, int
 status moe_gather_rows_f16(const uint16_t* x, int64_t x_stride, const int32_t* rows, int64_t n_rows, int64_t dim,
                            uint16_t* y, cudaStream_t stream) {
     if (n_rows <= 0 || dim <= 0) return status::ok();
-    gather_rows_kernel<<<grid_for(n_rows * dim), 256, 0, stream>>>(reinterpret_cast<const __half*>(x), x_stride, rows,
-                                                                   n_rows, dim, reinterpret_cast<__half*>(y));
+    GPTQ_CUDA_CHECK(launch_pdl(gather_rows_kernel, dim3(grid_for(n_rows * dim)), dim3(256), 0, stream,
+                               reinterpret_cast<const __half*>(x), x_stride, rows, n_rows, dim,
+                               reinterpret_cast<__half*>(y)));
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }
@@ -318,8 +336,9 @@ status moe_pair_rows_f16(const moe_expert_linear* table, const int32_t* ids, con
                          int64_t x_div, int64_t n_pairs, int64_t n_in, uint16_t* y, cudaStream_t stream) {
     if (n_pairs <= 0 || n_in <= 0) return status::ok();
     if (x_div < 1) return make_error(status_code::STATUS_INVALID_ARGUMENT, "MoE pair rows: x_div {}", x_div);
-    pair_rows_kernel<<<grid_for(n_pairs * n_in), 256, 0, stream>>>(
-        table, ids, reinterpret_cast<const __half*>(x), x_stride, x_div, n_pairs, n_in, reinterpret_cast<__half*>(y));
+    GPTQ_CUDA_CHECK(launch_pdl(pair_rows_kernel, dim3(grid_for(n_pairs * n_in)), dim3(256), 0, stream, table, ids,
+                               reinterpret_cast<const __half*>(x), x_stride, x_div, n_pairs, n_in,
+                               reinterpret_cast<__half*>(y)));
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }
@@ -336,9 +355,9 @@ status moe_grouped_int4_f16(const int4_layout& L, const moe_expert_linear* table
         return make_error(status_code::STATUS_UNSUPPORTED, "MoE grouped int4: {} pairs in one launch (at most 65535)",
                           n_pairs);
     const dim3 grid(unsigned(L.n_tiles), unsigned(n_pairs));
-    grouped_int4_kernel<<<grid, k_int4_warps * 32, 0, stream>>>(table, ids, order, reinterpret_cast<const __half*>(x),
-                                                                x_stride, x_div, reinterpret_cast<__half*>(y), y_stride,
-                                                                L.n_out, L.k_steps, L.group_size / 32, L.n_groups);
+    GPTQ_CUDA_CHECK(launch_pdl(grouped_int4_kernel, grid, dim3(k_int4_warps * 32), 0, stream, table, ids, order,
+                               reinterpret_cast<const __half*>(x), x_stride, x_div, reinterpret_cast<__half*>(y),
+                               y_stride, L.n_out, L.k_steps, L.group_size / 32, L.n_groups));
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }
@@ -358,12 +377,9 @@ status moe_grouped_f16(const moe_expert_linear* table, const int32_t* ids, const
     const dim3 grid(unsigned((n_out + k_dense_warps - 1) / k_dense_warps), unsigned(n_pairs));
     const auto xh = reinterpret_cast<const __half*>(x);
     const auto yh = reinterpret_cast<__half*>(y);
-    if (vec)
-        grouped_f16_kernel<true><<<grid, k_dense_warps * 32, 0, stream>>>(table, ids, order, xh, x_stride, x_div, yh,
-                                                                          y_stride, n_out, n_in);
-    else
-        grouped_f16_kernel<false><<<grid, k_dense_warps * 32, 0, stream>>>(table, ids, order, xh, x_stride, x_div, yh,
-                                                                           y_stride, n_out, n_in);
+    GPTQ_CUDA_CHECK(launch_pdl(vec ? grouped_f16_kernel<true> : grouped_f16_kernel<false>, grid,
+                               dim3(k_dense_warps * 32), 0, stream, table, ids, order, xh, x_stride, x_div, yh,
+                               y_stride, n_out, n_in));
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }
@@ -373,7 +389,8 @@ status moe_sort_pairs(const int32_t* ids, int64_t n_pairs, int64_t n_expert, int
     if (n_expert < 1 || n_expert > k_moe_max_experts || n_pairs > (int64_t(1) << 30))
         return make_error(status_code::STATUS_UNSUPPORTED, "MoE pair order: {} pairs over {} experts (at most {})",
                           n_pairs, n_expert, k_moe_max_experts);
-    sort_pairs_kernel<<<1, 1024, 0, stream>>>(ids, int(n_pairs), int(n_expert), order);
+    GPTQ_CUDA_CHECK(
+        launch_pdl(sort_pairs_kernel, dim3(1), dim3(1024), 0, stream, ids, int(n_pairs), int(n_expert), order));
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }
@@ -386,9 +403,9 @@ status moe_combine_f16(const uint16_t* out, const int32_t* pos, const int32_t* i
         return make_error(status_code::STATUS_UNSUPPORTED, "MoE combine: k {} (at most {})", k, k_moe_max_k);
     for (int64_t t0 = 0; t0 < n_tokens; t0 += 65535) {  // grid.y: at most 65535 tokens per launch
         const dim3 grid(unsigned((dim + 255) / 256), unsigned(std::min<int64_t>(65535, n_tokens - t0)));
-        combine_kernel<<<grid, 256, 0, stream>>>(reinterpret_cast<const __half*>(out), pos, ids, weights, t0, k, dim,
-                                                 reinterpret_cast<const __half*>(shared_out), shared_logit,
-                                                 reinterpret_cast<__half*>(y));
+        GPTQ_CUDA_CHECK(launch_pdl(combine_kernel, grid, dim3(256), 0, stream, reinterpret_cast<const __half*>(out),
+                                   pos, ids, weights, t0, k, dim, reinterpret_cast<const __half*>(shared_out),
+                                   shared_logit, reinterpret_cast<__half*>(y)));
         GPTQ_CUDA_CHECK_LAUNCH();
     }
     return status::ok();

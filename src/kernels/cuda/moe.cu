@@ -127,10 +127,14 @@ __global__ void pair_rows_kernel(const moe_expert_linear* table, const int32_t* 
 
 constexpr int k_int4_warps = 8;  // k split over the block's warps: loads in flight for a decode-sized grid
 
-// Block (tile tn of 32 output features, pair p); the warps split the k steps. Lane l of a step
-// holds, in its 16-byte word of the layout, rows tn * 32 + (l >> 2) + 8 i (word i) at k = 32 s +
-// 8 (l & 3) + 2 j + (0, 1) in nibbles (j, j + 4) (gptq_int4.cu int4_repack_weights_kernel), and
-// the (scale, zero) pairs of those rows for the step's group in sz's word (tn, g, l >> 2).
+// Block (tile tn of 32 output features, pair p); the warps split the k steps. A lane's 16-byte word
+// of a step holds rows tn * 32 + (l >> 2) + 8 i (word i) at k = 32 s + 8 (l & 3) + 2 j + (0, 1) in
+// nibbles (j, j + 4) (gptq_int4.cu int4_repack_weights_kernel): dequant_word turns it into the A
+// fragments of two m16n8k16 tiles (rows 0-15 and 16-31) x two k16 halves, exactly as the GEMV of
+// gptq_int4.cu; the pair's activations are column 0 of B (lanes l >> 2 == 0: the 8 halves at
+// 8 (l & 3) of the step, one 16-byte load; the other columns zero). Products sum in F32 per group
+// and are multiplied by the rows' scales when the group ends; the warps' sums are added in a fixed
+// order.
 __global__ void __launch_bounds__(k_int4_warps * 32)
     grouped_int4_kernel(const moe_expert_linear* table, const int32_t* ids, const int32_t* order, const __half* x,
                         int64_t x_stride, int64_t x_div, __half* y, int64_t y_stride, int64_t n_out, int64_t k_steps,
@@ -144,54 +148,80 @@ __global__ void __launch_bounds__(k_int4_warps * 32)
     const uint4*            szp = static_cast<const uint4*>(ex.sz) + tn * n_groups * 8 + gid;
     const __half*           xr  = x + (p / x_div) * x_stride + tig * 8;
     const int64_t           s0 = k_steps * warp / k_int4_warps, s1 = k_steps * (warp + 1) / k_int4_warps;
-    float                   acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll 4
-    for (int64_t s = s0; s < s1; ++s) {
-        const uint4    q     = __ldcs(wp + s * 32);
-        const uint4    szv   = __ldg(szp + (s / spg) * 8);
-        const uint4    xv    = *reinterpret_cast<const uint4*>(xr + s * 32);
-        const uint32_t xw[4] = {xv.x, xv.y, xv.z, xv.w};
-        float          xf[8];
+
+    float acc[2][4], tmp[2][4];  // [row tile][C fragment]
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const float2 f = __half22float2(bits_h2(xw[j]));
-            xf[2 * j]      = f.x;
-            xf[2 * j + 1]  = f.y;
-        }
-        const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
-        const uint32_t sv[4] = {szv.x, szv.y, szv.z, szv.w};
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[t][c] = tmp[t][c] = 0.0f;
+    float   scale[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    __half2 z1024[4], z64[4];
+    auto    use_group = [&](int64_t g) {  // the (scale, zero) pairs of this lane's 4 rows
+        const uint4    v     = __ldg(szp + g * 8);
+        const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const float2 sz = __half22float2(bits_h2(sv[i]));  // (scale, zero)
-            float        d  = 0.0f;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const float lo = float((qw[i] >> (4 * j)) & 0xFu) - sz.y;
-                const float hi = float((qw[i] >> (4 * (j + 4))) & 0xFu) - sz.y;
-                d              = fmaf(lo, xf[2 * j], d);
-                d              = fmaf(hi, xf[2 * j + 1], d);
-            }
-            acc[i] = fmaf(sz.x, d, acc[i]);
+            const __half2 sz2 = bits_h2(vv[i]);
+            scale[i]          = __low2float(sz2);
+            const __half zh   = __high2half(sz2);
+            z1024[i]          = __half2half2(__hadd(zh, __float2half(1024.0f)));
+            z64[i]            = __half2half2(__hneg(__hadd(zh, __float2half(64.0f))));
         }
-    }
+    };
+    auto flush = [&] {  // C fragments c0, c1: row l >> 2 of the tile (word 2 t); c2, c3: row + 8 (word 2 t + 1)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        acc[i] += __shfl_xor_sync(k_full, acc[i], 1);
-        acc[i] += __shfl_xor_sync(k_full, acc[i], 2);
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                acc[t][c] += scale[2 * t + c / 2] * tmp[t][c];
+                tmp[t][c] = 0.0f;
+            }
+    };
+    int64_t g    = s0 / spg;
+    int     left = int(spg - s0 % spg);  // steps left in group g
+    if (s0 < s1) use_group(g);
+#pragma unroll 2
+    for (int64_t s = s0; s < s1; ++s) {
+        if (left == 0) {
+            flush();
+            use_group(++g);
+            left = int(spg);
+        }
+        --left;
+        const uint4    q     = __ldcs(wp + s * 32);
+        const uint4    xv    = *reinterpret_cast<const uint4*>(xr + s * 32);
+        const uint32_t xw[4] = {gid == 0 ? xv.x : 0u, gid == 0 ? xv.y : 0u, gid == 0 ? xv.z : 0u, gid == 0 ? xv.w : 0u};
+        const uint32_t qw[4] = {q.x, q.y, q.z, q.w};
+        uint32_t       d[4][4];  // [word = row][slot]
+#pragma unroll
+        for (int i = 0; i < 4; ++i) dequant_word(qw[i], z1024[i], z64[i], d[i]);
+#pragma unroll
+        for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+            for (int t = 0; t < 2; ++t) {
+                const uint32_t a[4] = {d[2 * t][2 * ks], d[2 * t + 1][2 * ks], d[2 * t][2 * ks + 1],
+                                       d[2 * t + 1][2 * ks + 1]};
+                mma_16816(tmp[t], a, xw[2 * ks], xw[2 * ks + 1]);
+            }
     }
+    flush();
+    // Column 0 (the pair) sits in the lanes l & 3 == 0: c0 (row l >> 2) and c2 (row (l >> 2) + 8).
     __shared__ float red[k_int4_warps][32];
     if (tig == 0)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) red[warp][gid + 8 * i] = acc[i];
+        for (int t = 0; t < 2; ++t) {
+            red[warp][16 * t + gid]     = acc[t][0];
+            red[warp][16 * t + gid + 8] = acc[t][2];
+        }
     __syncthreads();
     if (threadIdx.x >= 32) return;
     const int64_t row = tn * 32 + threadIdx.x;
     if (row >= n_out) return;
-    float s = 0.0f;
+    float sum = 0.0f;
 #pragma unroll
-    for (int w = 0; w < k_int4_warps; ++w) s += red[w][threadIdx.x];
-    if (ex.bias) s += __half2float(reinterpret_cast<const __half*>(ex.bias)[row]);
-    y[p * y_stride + row] = __float2half_rn(s);
+    for (int w = 0; w < k_int4_warps; ++w) sum += red[w][threadIdx.x];
+    if (ex.bias) sum += __half2float(reinterpret_cast<const __half*>(ex.bias)[row]);
+    y[p * y_stride + row] = __float2half_rn(sum);
 }
 
 // ---- grouped dense F16 --------------------------------------------------------------------------------

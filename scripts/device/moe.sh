@@ -8,7 +8,8 @@
 #  3. Bench (MOE_BENCH=0 skips): make-random qwen3-30b-a3b cut to $MOE_BENCH_LAYERS layers (default 8;
 #     the F16 lm_head, 151936 x 2048, is as large as 4 layers' active weights: more layers, truer ratio),
 #     RTN W4 g128 on the host's cores, `gptq bench` W4 against its FP16 original on cuda at batch 1
-#     and 16 (prompt 512, gen 128): JSON lines to $OUT/moe_bench.jsonl, one line per row to moe.txt.
+#     and 16 (prompt 512, gen 128): JSON lines to $OUT/moe_bench.jsonl, one line per row to moe.txt;
+#     the W4 op profile at batch 1 to $OUT/moe_profile.txt.
 #  4. GPTQ of the issue's shape on the GPU (MOE_GPU_QUANTIZE=0 skips): make-random
 #     qwen3-30b-a3b-layers=$MOE_LAYERS (default 2), `gptq quantize --device cuda` with
 #     $MOE_NSAMPLES x $MOE_SEQLEN calibration (default 128 x 2048): wall time, peak RSS, the GPU
@@ -78,6 +79,9 @@ for l in open(sys.argv[1]):
           r.get("role"), r.get("weights"), r.get("batch"), r.get("decode_tok_per_s", 0), r.get("decode_ms_per_step", 0),
           r.get("prefill_tok_per_s", 0), r.get("peak_memory_bytes", r.get("peak_bytes", "?"))))' "$W/bench.jsonl" "$shape" \
             2>&1 | while read -r line; do log "$line"; done
+        # Where a W4 decode step goes at batch 1 (op timing: uncaptured steps, the graph's kernels).
+        timeout 300 "$GPTQ" -q bench "$W/bw4" --device cuda --batch 1 --prompt 512 --gen 32 --profile-ops \
+            > "$OUT/moe_profile.txt" 2>&1 || log "bench --profile-ops failed (moe_profile.txt)"
     else
         status=1; log "bench $shape make-random/quantize/bench FAILED (see moe.txt.detail)"; tail -5 "$LOG.detail"
     fi

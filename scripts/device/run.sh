@@ -10,7 +10,7 @@
 # 2. Tests: every `cuda`-labelled test (test_llama_cuda: the GPU model vs the CPU model;
 #    test_offload_cuda: CPU offload, bit-for-bit the resident model;
 #    test_gptq_cuda: GPTQ quantization on the GPU vs the CPU, whose `gptq_cuda_diff` lines go to
-#    summary.txt), then compute-sanitizer memcheck on the small ones.
+#    summary.txt; test_moe_cuda: the MoE block), then compute-sanitizer memcheck on the small ones.
 # 3. Perplexity, `gptq ppl --seqlen 512` on cpu and cuda: tiny-llama (first 100 windows on both, all
 #    791 on cuda),
 #    small-llama (first 40 windows on both, and all 791 on cuda, to compare with the CPU figure of
@@ -43,12 +43,13 @@ BIN=""
 if cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release -DGPTQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
         -DGPTQ_BUILD_BENCH=ON > "$OUT/build.log" 2>&1; then
     log "building in build-device with $JOBS jobs"
-    if cmake --build build-device -j "$JOBS" --target test_cuda_kernels test_cuda_gptq test_cuda_gemm test_ops_cuda test_gptq_cuda test_llama_cuda test_offload_cuda \
+    if cmake --build build-device -j "$JOBS" --target test_cuda_kernels test_cuda_gptq test_cuda_gemm test_ops_cuda test_gptq_cuda test_llama_cuda test_offload_cuda test_moe_cuda \
             bench_gptq_gemv bench_gptq_quantize gptq >> "$OUT/build.log" 2>&1; then
         BIN=build-device
         TEST_DIR=build-device/tests
         TESTS=(build-device/tests/test_cuda_kernels build-device/tests/test_cuda_gptq build-device/tests/test_cuda_gemm build-device/tests/test_ops_cuda
-               build-device/tests/test_gptq_cuda build-device/tests/test_llama_cuda build-device/tests/test_offload_cuda)
+               build-device/tests/test_gptq_cuda build-device/tests/test_llama_cuda build-device/tests/test_offload_cuda
+               build-device/tests/test_moe_cuda)
         BENCH=build-device/bin/bench_gptq_gemv
         BENCH_Q=build-device/bin/bench_gptq_quantize
         GPTQ=build-device/bin/gptq
@@ -79,7 +80,7 @@ if [ -z "$BIN" ]; then
         log "missing shared libraries: $(ldd "$TEST_DIR/gptq" | grep 'not found' | tr -s ' \t\n' ' ')"
     fi
     TESTS=("$TEST_DIR/test_cuda_kernels" "$TEST_DIR/test_cuda_gptq" "$TEST_DIR/test_cuda_gemm" "$TEST_DIR/test_ops_cuda" "$TEST_DIR/test_gptq_cuda"
-           "$TEST_DIR/test_llama_cuda" "$TEST_DIR/test_offload_cuda" "$TEST_DIR/test_lora_cuda")
+           "$TEST_DIR/test_llama_cuda" "$TEST_DIR/test_offload_cuda" "$TEST_DIR/test_lora_cuda" "$TEST_DIR/test_moe_cuda")
     BENCH=$TEST_DIR/bench_gptq_gemv
     BENCH_Q=$TEST_DIR/bench_gptq_quantize
     GPTQ=$TEST_DIR/gptq
@@ -103,7 +104,8 @@ done
 # Memcheck on the small tests (the 4096-wide shapes are skipped: sanitizer time, not coverage).
 if command -v compute-sanitizer > /dev/null && [ "${GPTQ_DEVICE_TESTS:-1}" = 1 ] && [ "${MEMCHECK:-1}" = 1 ]; then
     san="$OUT/memcheck.log"; : > "$san"
-    specs=("test_llama_cuda:*rand_qwen2*:*rand_mistral*:*reset*" "test_gptq_cuda:*damping*" "test_offload_cuda:*rand_qwen2*")  # MEMCHECK_ALL=1: the kernel tests too
+    specs=("test_llama_cuda:*rand_qwen2*:*rand_mistral*:*reset*" "test_gptq_cuda:*damping*" "test_offload_cuda:*rand_qwen2*"
+           "test_moe_cuda:*topk_matches*:*gather*:*combine*:*grouped_int4_matches*:*grouped_f16*:*sort_pairs*:moe_cuda.qwen2_moe*")  # MEMCHECK_ALL=1: the kernel tests too
     [ "${MEMCHECK_ALL:-0}" = 1 ] && specs+=("test_cuda_kernels:-*CublasGemm*" "test_cuda_gptq:-*LlamaShape*" "test_ops_cuda:*")
     for spec in "${specs[@]}"; do
         name=${spec%%:*}; filter=${spec#*:}

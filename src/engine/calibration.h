@@ -65,7 +65,7 @@ public:
     // keeps the Hessian of the block's input over every token, and the tokens each expert got.
     // route_all[e] (DOWN): expert e's down input is computed for every token (act(gate(x)) * up(x)
     // with its current gate/up) instead of its routed ones. Hessians of an earlier call of the same
-    // input are dropped. The windows' hidden states are unchanged. The GPU runner has none yet.
+    // input are dropped. The windows' hidden states are unchanged. Both runners have them.
     virtual status moe_hessians_collect(const llama_layer& layer, linear_input in, const std::vector<bool>& route_all);
     // The Hessian of expert e's `in` (k_moe_shared: the shared expert) from the last collect of that
     // input; all_tokens (GATE_UP): the one over every token (route-all, the shared expert).

@@ -83,11 +83,76 @@ public:
 
     status linear_update(linear_role r, const std::vector<float>& w) override { return runner_->linear_update(r, w); }
 
-    status layer_forward(const llama_layer&) override {
+    status layer_forward(const llama_layer& layer) override {
         acc_.clear();
+        moe_acc_.clear();
         h_dev_ = cuda_buffer();
+        if (layer.moe) GPTQ_TRY(runner_->moe_load(layer));  // the experts as quantized (host layer only)
         return runner_->forward(x_dev_.as<uint16_t>(), n_samples_, nullptr);
     }
+
+    // As the CPU runner (calibration.cpp): accumulators [0] the shared expert (GATE_UP: the block
+    // input over every token, which route-all experts share), [e + 1] expert e, fed by the layer's
+    // hooks per expert over the tokens routed to it (DOWN of a route-all expert: every token).
+    status moe_hessians_collect(const llama_layer& layer, linear_input in,
+                                const std::vector<bool>& route_all) override {
+        const llama_hparams& hp = *hp_;
+        if (!layer.moe || (in != linear_input::LINEAR_INPUT_GATE_UP && in != linear_input::LINEAR_INPUT_DOWN))
+            return make_error(status_code::STATUS_INTERNAL, "calibration: layer {} has no MoE block or input {}",
+                              layer.index, linear_input_name(in));
+        const bool gate_up = in == linear_input::LINEAR_INPUT_GATE_UP;
+        // The experts as the caller's layer holds them now: its MoE pass updates the host layer's
+        // gate/up before asking for the down inputs (layer_begin loaded them for GATE_UP).
+        if (!gate_up) GPTQ_TRY(runner_->moe_load(layer));
+        acc_.clear();
+        h_dev_ = cuda_buffer();
+        moe_acc_.clear();  // the other input's are not asked for again (quantize_moe: gate/up, then down)
+        auto&         acc         = moe_acc_[in];
+        const int64_t n_in_shared = gate_up ? hp.n_embd : std::max<int64_t>(hp.n_ff_shared, 1);
+        GPTQ_ASSIGN_OR_RETURN(auto a0, cuda_hessian_accumulator::create(*gpu_, n_in_shared));
+        acc.push_back(std::move(a0));
+        for (int64_t e = 0; e < hp.n_expert; ++e) {
+            GPTQ_ASSIGN_OR_RETURN(auto a,
+                                  cuda_hessian_accumulator::create(*gpu_, gate_up ? hp.n_embd : hp.n_ff_expert));
+            acc.push_back(std::move(a));
+        }
+        if (gate_up) counts_.assign(size_t(hp.n_expert), 0);
+        cuda_linear_input_hook hook = [&](linear_input which, const uint16_t* x, int64_t n_tokens, int64_t) -> status {
+            return gate_up && which == linear_input::LINEAR_INPUT_GATE_UP ? acc[0].add_f16(*gpu_, x, n_tokens)
+                                                                          : status::ok();
+        };
+        cuda_moe_input_hook mhook = [&](int64_t e, linear_input which, const uint16_t* x, int64_t n_tokens,
+                                        int64_t) -> status {
+            if (which != in) return status::ok();
+            if (e == k_moe_shared) return gate_up ? status::ok() : acc[0].add_f16(*gpu_, x, n_tokens);
+            if (e < 0 || e >= hp.n_expert) return make_error(status_code::STATUS_INTERNAL, "calibration: expert {}", e);
+            if (gate_up) counts_[size_t(e)] += n_tokens;
+            return acc[size_t(e + 1)].add_f16(*gpu_, x, n_tokens);
+        };
+        return runner_->forward(x_dev_.as<uint16_t>(), n_samples_, &hook, in, &mhook, gate_up ? nullptr : &route_all);
+    }
+
+    // H of expert `expert`'s `in` on the device (kept for weighted_error) and a host copy, as hessian().
+    result<std::vector<float>> moe_hessian(linear_input in, int64_t expert, bool all_tokens) override {
+        auto it = moe_acc_.find(in);
+        if (it == moe_acc_.end() || it->second.empty())
+            return make_error(status_code::STATUS_INTERNAL, "calibration: no MoE Hessians collected for the {} input",
+                              linear_input_name(in));
+        const bool   shared_slot = expert == k_moe_shared || (all_tokens && in == linear_input::LINEAR_INPUT_GATE_UP);
+        const size_t k           = shared_slot ? 0 : size_t(expert + 1);
+        if (k >= it->second.size())
+            return make_error(status_code::STATUS_INTERNAL, "calibration: expert {} out of range", expert);
+        const cuda_hessian_accumulator& a    = it->second[k];
+        const int64_t                   n_in = a.n_in();
+        h_dev_                               = cuda_buffer();
+        GPTQ_ASSIGN_OR_RETURN(h_dev_, cuda_buffer::alloc(size_t(n_in * n_in) * 4));
+        GPTQ_TRY(a.finish(*gpu_, h_dev_.as<float>()));
+        std::vector<float> h(size_t(n_in * n_in));
+        GPTQ_TRY(cuda_copy_to_host(*gpu_, h.data(), h_dev_.data(), h.size() * 4));
+        return h;
+    }
+
+    std::vector<int64_t> moe_token_counts() const override { return counts_; }
 
     // The windows go to the host one at a time (F16 -> F32), get the final norm there (the model's
     // own op), and come back as F16 into a device accumulator: H and its device copy as hessian().
@@ -126,16 +191,18 @@ private:
     cuda_calibration() = default;
     status plan_check(const device_spec& dev);
 
-    const llama_hparams*                             hp_    = nullptr;
-    const llama_model*                               model_ = nullptr;
-    ops_context                                      ctx_;
-    int64_t                                          n_samples_ = 0, seqlen_ = 0;
-    uint64_t                                         plan_bytes_ = 0;
-    std::unique_ptr<cuda_context>                    gpu_;
-    std::unique_ptr<llama_cuda_layer_runner>         runner_;
-    cuda_buffer                                      x_dev_;  // [n_samples * seqlen, n_embd] F16
-    std::map<linear_input, cuda_hessian_accumulator> acc_;
-    cuda_buffer                                      h_dev_;  // the last hessian(): [n_in, n_in] F32
+    const llama_hparams*                                          hp_    = nullptr;
+    const llama_model*                                            model_ = nullptr;
+    ops_context                                                   ctx_;
+    int64_t                                                       n_samples_ = 0, seqlen_ = 0;
+    uint64_t                                                      plan_bytes_ = 0;
+    std::unique_ptr<cuda_context>                                 gpu_;
+    std::unique_ptr<llama_cuda_layer_runner>                      runner_;
+    cuda_buffer                                                   x_dev_;  // [n_samples * seqlen, n_embd] F16
+    std::map<linear_input, cuda_hessian_accumulator>              acc_;
+    cuda_buffer                                                   h_dev_;    // the last hessian(): [n_in, n_in] F32
+    std::map<linear_input, std::vector<cuda_hessian_accumulator>> moe_acc_;  // [shared, experts...]
+    std::vector<int64_t>                                          counts_;   // tokens per expert
 };
 
 // Print the device memory plan and refuse it when the GPU has less free memory.
@@ -160,14 +227,27 @@ status cuda_calibration::plan_check(const device_spec& dev) {
     // The attention output of every window, kept between GPTQ's passes over the layer (q/k/v are
     // quantized first, so the later passes and the final one reuse it).
     const uint64_t attn_bytes = uint64_t(n_tok) * uint64_t(hp.q_dim()) * 2;
-    const uint64_t plan       = x_bytes + w_bytes + act_bytes + h_bytes + solve_bytes + attn_bytes;
+    // A MoE layer (llama_cuda_moe.h): every expert (and the shared one) in F16, one Hessian per
+    // expert of the larger input, a chunk's gathered rows and expert activations (k per token).
+    uint64_t moe_bytes = 0;
+    if (hp.n_expert > 0) {
+        const uint64_t ff = uint64_t(hp.n_ff_expert), fs = uint64_t(hp.n_ff_shared), E = uint64_t(hp.n_expert);
+        const uint64_t d = uint64_t(hp.n_embd), k = uint64_t(hp.n_expert_used);
+        const uint64_t t = uint64_t(std::min(chunk, n_tok));
+        moe_bytes        = (E * 3 * d * ff + 3 * d * fs + E * d + d) * 2 + (E + 1) * d * d * 4 +
+                    t * (k * (2 * d + 2 * ff) * 2 + k * 16 + E * 4 + (2 * fs + d) * 2 + 2 * ff * 2);
+        solve_bytes =
+            std::max<uint64_t>(solve_bytes, d * ff * 4 * 4 + std::max(d, ff) * std::max(d, ff) * 4 * 2 + d * ff);
+    }
+    const uint64_t plan = x_bytes + w_bytes + act_bytes + h_bytes + solve_bytes + attn_bytes + moe_bytes;
     GPTQ_ASSIGN_OR_RETURN(const cuda_memory_info mem, cuda_memory_info_get(*gpu_));
     GPTQ_LOG_INFO(
         "GPU memory plan: calibration inputs {} (F16) + one layer {} + activations {} + attention cache {} + "
-        "Hessians {} + solve {} = {} (cuda:{} has {} free of {})",
+        "Hessians {} + solve {}{} = {} (cuda:{} has {} free of {})",
         human_bytes(x_bytes), human_bytes(w_bytes), human_bytes(act_bytes), human_bytes(attn_bytes),
-        human_bytes(h_bytes), human_bytes(solve_bytes), human_bytes(plan), gpu_->device(), human_bytes(mem.free),
-        human_bytes(mem.total));
+        human_bytes(h_bytes), human_bytes(solve_bytes),
+        moe_bytes ? " + MoE experts, their Hessians and activations " + human_bytes(moe_bytes) : std::string(),
+        human_bytes(plan), gpu_->device(), human_bytes(mem.free), human_bytes(mem.total));
     if (plan > mem.free)
         return make_error(status_code::STATUS_OUT_OF_MEMORY,
                           "quantizing on {} needs about {} of GPU memory and {} is free; lower --nsamples or "

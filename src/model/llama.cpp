@@ -146,7 +146,7 @@ std::string options_in_use(const llama_hparams& hp, bool gpu_only) {
     add(hp.rope.type == rope_type::ROPE_LONGROPE, "longrope", true);
     add(hp.fused_qkv, "fused_qkv", true);
     add(hp.fused_gate_up, "fused_gate_up", true);
-    add(hp.n_expert > 0, "moe", false);  // the GPU MoE kernels are a later step (docs/architectures.md)
+    add(hp.n_expert > 0, "moe", true);  // the sparse block of the GPU layer (llama_cuda_moe.h)
     return out;
 }
 }  // namespace

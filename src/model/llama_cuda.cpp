@@ -18,6 +18,7 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "core/log.h"
 #include "io/gptq_checkpoint.h"
 #include "io/gptq_pack.h"
 
@@ -78,9 +79,20 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
         if (off[i] < 0 || off[i] >= hp.n_layer || (i > 0 && off[i] <= off[i - 1]))
             return make_error(E_ARG, "{}: offloaded layers must be ascending indices in [0, {}); got {} at position {}",
                               path, hp.n_layer, off[i], i);
+    for (int64_t l : off)
+        if (hp.is_moe(l))
+            return make_error(status_code::STATUS_UNSUPPORTED,
+                              "{}: CPU offload of MoE layer {} is not supported on the GPU yet (all of a MoE model's "
+                              "layers must fit the GPU)",
+                              path, l);
     auto st = m->load_weights();
     if (st.is_ok()) st = m->loras_upload();
     if (!st.is_ok()) return st.with_context(path);
+    if (hp.n_expert > 0 && o.moe_grouped && !m->moe_grouped_)
+        GPTQ_LOG_WARN(
+            "{}: the experts cannot run grouped ({}): decode steps run them one by one, without the CUDA "
+            "graph (docs/cuda.md \"Mixture of experts\")",
+            path, m->moe_why_not_grouped_);
     int64_t n_ctx = o.n_ctx;
     if (n_ctx <= 0)
         n_ctx = hp.max_position_embeddings > 0 ? std::min(hp.max_position_embeddings, k_llama_cuda_default_ctx)
@@ -149,21 +161,39 @@ status llama_cuda_model::fused_module_load(int64_t i_layer, linear_role first, l
 }
 
 status llama_cuda_model::linear_load(int64_t i_layer, linear_role r, linear* out) {
-    const llama_hparams& hp    = hparams();
-    const auto           shape = hp.linear_shape(r);
-    const std::string    name  = llama_linear_name(i_layer, r);
-    out->n_out                 = shape[0];
-    out->n_in                  = shape[1];
+    const auto shape = hparams().linear_shape(r);
+    return module_load(llama_linear_name(i_layer, r), shape[0], shape[1], llama_linear_has_bias(hparams(), r),
+                       /*dense_only=*/false, out);
+}
+
+status llama_cuda_model::module_load(const std::string& name, int64_t n_out, int64_t n_in, bool bias, bool dense_only,
+                                     linear* out) {
+    out->n_out = n_out;
+    out->n_in  = n_in;
     if (const gptq_config* qc = host_->quantization_of(name)) {
+        if (dense_only) {  // dequantized to F16 once (format.md 1.5), then a dense linear
+            GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d, gptq_linear_read(host_->source(), name, n_out, n_in, *qc));
+            std::vector<float> w(static_cast<size_t>(n_out * n_in));
+            d.dequantize(w.data());
+            std::vector<uint16_t> h;
+            GPTQ_TRY(to_f16(w, &h, name + " (dequantized)"));
+            GPTQ_ASSIGN_OR_RETURN(out->w, cuda_buffer::from_host(h.data(), h.size() * 2));
+            weight_bytes_ += out->w.bytes();
+            if (!d.bias.empty()) {  // F16 bits already
+                GPTQ_ASSIGN_OR_RETURN(out->bias, cuda_buffer::from_host(d.bias.data(), d.bias.size() * 2));
+                weight_bytes_ += out->bias.bytes();
+            }
+            return status::ok();
+        }
         GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d,
-                              gptq_linear_read(host_->source(), name, shape[0], shape[1], *qc, /*keep_packed=*/true));
+                              gptq_linear_read(host_->source(), name, n_out, n_in, *qc, /*keep_packed=*/true));
         // A dense bias of a quantized layer that the checkpoint keeps outside the GPTQ tensors.
-        if (d.bias.empty() && llama_linear_has_bias(hp, r))
+        if (d.bias.empty() && bias)
             return make_error(status_code::STATUS_UNSUPPORTED, "{}: GPTQ layer without its bias tensor", name);
         return gptq_upload(d, qc->group_size, name, out);
     }
-    GPTQ_TRY(tensor_upload_f16({name + ".weight", {shape[0], shape[1]}, false}, &out->w));
-    if (llama_linear_has_bias(hp, r)) GPTQ_TRY(tensor_upload_f16({name + ".bias", {shape[0]}, false}, &out->bias));
+    GPTQ_TRY(tensor_upload_f16({name + ".weight", {n_out, n_in}, false}, &out->w));
+    if (bias) GPTQ_TRY(tensor_upload_f16({name + ".bias", {n_out}, false}, &out->bias));
     return status::ok();
 }
 
@@ -345,6 +375,8 @@ status llama_cuda_model::load_weights() {
     const llama_hparams&     hp      = hparams();
     const auto               globals = llama_global_tensors(hp);
     const offload_placement& off     = opts_.offload;
+    moe_grouped_                     = hp.n_expert > 0 && opts_.moe_grouped;
+    if (hp.n_expert > 0 && !opts_.moe_grouped) moe_why_not_grouped_ = "off (llama_cuda_options::moe_grouped)";
     // Modules in execution order (the order of the offload units): embeddings, layers, norm, lm_head.
     GPTQ_TRY(tensor_upload_f16(globals[0], &embed_));
     if (off.embed) GPTQ_TRY(offload_module("model.embed_tokens", {&embed_}, &embed_unit_));
@@ -376,6 +408,17 @@ status llama_cuda_model::load_weights() {
             GPTQ_TRY(linear_group_load(i, {R::LINEAR_Q, R::LINEAR_K, R::LINEAR_V}, &L.qkv, &L.lin));
         }
         GPTQ_TRY(linear_load(i, R::LINEAR_O, &L.lin[static_cast<size_t>(R::LINEAR_O)]));
+        if (hp.is_moe(i)) {  // the sparse block in place of the MLP (llama_cuda_moe.h)
+            const cuda_module_loader load = [this](const std::string& name, int64_t n_out, int64_t n_in,
+                                                   bool dense_only, linear* out) {
+                return module_load(name, n_out, n_in, /*bias=*/false, dense_only, out);
+            };
+            GPTQ_ASSIGN_OR_RETURN(auto moe, cuda_moe_load(hp, i, load));
+            if (!moe->grouped && moe_why_not_grouped_.empty()) moe_why_not_grouped_ = moe->why_not_grouped;
+            moe_grouped_ = moe_grouped_ && moe->grouped;
+            L.moe        = std::move(moe);
+            continue;  // MoE layers are never offloaded (checked at open)
+        }
         // down before gate/up: with act-order on the int4 kernel, gate/up's output features are laid
         // out in down's column order at load, so the activation between them needs no permutation.
         linear& down = L.lin[static_cast<size_t>(R::LINEAR_DOWN)];
@@ -575,7 +618,7 @@ uint64_t llama_cuda_model::cache_bytes() const {
 uint64_t llama_cuda_model::activation_bytes() const {
     uint64_t n = 0;
     for (const cuda_buffer* b : {&hidden_, &x_, &q_, &k_, &v_, &y_, &gate_, &up_, &logits_, &step_}) n += b->bytes();
-    return n;
+    return n + moe_buf_.bytes();
 }
 
 status llama_cuda_model::activations_reserve(int64_t n) {
@@ -600,6 +643,7 @@ status llama_cuda_model::activations_reserve(int64_t n) {
     GPTQ_TRY(alloc(&gate_, N * size_t(hp.n_ff) * (any_gate_up_fused_ ? 2 : 1) * 2));
     GPTQ_TRY(alloc(&up_, N * size_t(hp.n_ff) * 2));
     GPTQ_TRY(alloc(&logits_, N * size_t(hp.n_vocab) * 4));
+    GPTQ_TRY(moe_buf_.reserve(hp, n));
     const size_t half  = size_t(hp.head_dim / 2);
     step_rope_offset_  = align_up(4 * N * 4, 256);
     const size_t bytes = step_rope_offset_ + size_t(2 * rope_tables()) * N * half * 4;
@@ -676,7 +720,8 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
                                v_.as<uint16_t>(),
                                y_.as<uint16_t>(),
                                gate_.as<uint16_t>(),
-                               up_.as<uint16_t>()};
+                               up_.as<uint16_t>(),
+                               &moe_buf_};
     const cuda_op_mark       marker = [this](const char* op) { return prof_mark(op); };
 
     // The pass every layer runs: the step inputs' positions, slots and RoPE rows; a plain pass in
@@ -698,6 +743,7 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
     p.mark                     = prof_on_ ? &marker : nullptr;
     const int64_t table_offset = ragged ? 0 : seq * pages_.max_pages();  // a plain pass: slot seq's table row
     p.pages                    = {page_table_.as<int32_t>() + table_offset, pages_.page_size(), pages_.max_pages()};
+    p.moe_grouped              = ragged && moe_grouped_;  // prefill: the experts per expert (llama_cuda_moe.h)
 
     auto wait = [&](int unit) -> status {  // a staged module's copy, timed on its own when profiling
         GPTQ_TRY(stage_wait(unit));
@@ -1070,7 +1116,8 @@ status llama_cuda_model::decode_step(const int32_t* ids, const int64_t* seqs, in
         return status::ok();
     }
     GPTQ_TRY(step_inputs_upload(ids, n));
-    if (!opts_.graph) {
+    // MoE layers whose experts run per expert bring the routing to the host: no graph.
+    if (!opts_.graph || (hparams().n_expert > 0 && !moe_grouped_)) {
         GPTQ_TRY(forward_queued(n, n, 0, true));
     } else {
         GPTQ_ASSIGN_OR_RETURN(void* scratch, ctx_->scratch(0));

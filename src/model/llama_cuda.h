@@ -36,6 +36,7 @@
 #include "model/llama_cuda_layer.h"
 #include "model/lora.h"
 #include "ops/logits_top.h"
+#include "model/llama_cuda_moe.h"
 #include "ops/ops_cuda.h"
 
 namespace gptq {
@@ -58,6 +59,10 @@ struct llama_cuda_options {
     // it. With adapters the linears stay unfused (each adapter adds to its own linear's output), and
     // a checkpoint that stores fused modules (Phi-3) is refused.
     std::vector<std::shared_ptr<const lora_adapter>> loras;
+    // MoE layers in a decode step: the grouped expert kernels (routing read on the device, the step
+    // a CUDA graph) where the experts allow them; false: per expert with the routing on the host
+    // (no graph), as prefill always runs them (llama_cuda_moe.h).
+    bool moe_grouped = true;
 };
 constexpr int64_t k_llama_cuda_default_ctx = 4096;
 constexpr int64_t k_llama_cuda_max_seq     = 256;  // sequence slots (sequences_reserve)
@@ -166,6 +171,10 @@ public:
     int64_t n_gptq_fast() const { return n_gptq_fast_; }        // GPTQ linears on the int4 kernel
     int64_t n_gptq_generic() const { return n_gptq_generic_; }  // ... on the generic kernel
     int64_t n_fused() const { return n_fused_; }                // fused linears (q/k/v, gate/up) over all layers
+    // MoE: whether decode steps run the experts grouped (and so as CUDA graphs), and why not ("" when
+    // they do or the model has no MoE layer).
+    bool               moe_decode_grouped() const { return moe_grouped_; }
+    const std::string& moe_why_not_grouped() const { return moe_why_not_grouped_; }
 
     // Op-level timing (issue #7): while on, prefill and decode record a timing event after each op
     // (step inputs upload, every op of forward_queued, staging waits when offloaded, the logits
@@ -187,6 +196,9 @@ private:
     llama_cuda_model() = default;
     status load_weights();
     status linear_load(int64_t i_layer, linear_role r, linear* out);
+    // A checkpoint module [n_out, n_in] (+ bias) as stored: GPTQ (as the checkpoint's quantization
+    // of it says) or dense F16. dense_only: a GPTQ module dequantized to dense F16 (MoE routers).
+    status module_load(const std::string& name, int64_t n_out, int64_t n_in, bool bias, bool dense_only, linear* out);
     // A norm weight [len] as F16 ((1 + w) in F32 first with hp.norm_plus_one).
     status norm_upload(const std::string& name, int64_t len, cuda_buffer* out);
     // A module stored fused in the checkpoint (Phi-3 qkv_proj / gate_up_proj, the one holding role
@@ -293,6 +305,9 @@ private:
     int64_t     n_act_ = 0;
     cuda_buffer hidden_, x_, q_, k_, v_, y_, gate_, up_;  // [n, n_embd|q_dim|kv_dim|n_ff] F16
     cuda_buffer logits_;                                  // [n, n_vocab] F32
+    cuda_moe_buffers moe_buf_;      // the MoE block's activations (MoE models)
+    bool             moe_grouped_ = false;  // MoE decode steps grouped (graph-capturable)
+    std::string      moe_why_not_grouped_;
     int64_t     logits_rows_ = 0;                         // rows of logits_ the last pass wrote
     // logits_top_download: device [rows, 2] F64 sums, [rows, k] F32 values, [rows, k] I32 ids, [rows] F32
     // inv_temp; the host copy of the first three.

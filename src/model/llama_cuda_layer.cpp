@@ -12,6 +12,7 @@
 
 #include "core/dtype.h"
 #include "core/error.h"
+#include "model/llama_cuda_moe.h"
 #include "ops/ops.h"
 
 namespace gptq {
@@ -264,6 +265,7 @@ result<bool> cuda_layer_forward(cuda_context& c, const llama_hparams& hp, int64_
                                 const cuda_layer_pass& p) {
     GPTQ_ASSIGN_OR_RETURN(const bool attention_done, cuda_attention_block(c, hp, i_layer, w, hidden, pending, b, p));
     if (!attention_done) return false;
+    if (w.moe) return cuda_moe_block(c, hp, w, hidden, b, p);  // the sparse block (llama_cuda_moe.cpp)
     return cuda_mlp_block(c, hp, w, hidden, b, p);
 }
 
@@ -391,6 +393,22 @@ status llama_cuda_layer_runner::load(const llama_layer& layer) {
             l.bias = cuda_buffer();
         }
     }
+    if (layer.moe) return moe_load(layer);
+    w_.moe.reset();
+    return status::ok();
+}
+
+status llama_cuda_layer_runner::moe_load(const llama_layer& layer) {
+    if (!layer.moe) return make_error(E_ARG, "layer {} has no MoE block", layer.index);
+    if (!w_.moe) w_.moe = std::make_shared<cuda_moe_weights>();
+    const cuda_f16_upload up = [this](const std::vector<float>& v, const std::string& name, cuda_buffer* out) {
+        return upload_f16(v, name, out);
+    };
+    GPTQ_TRY(cuda_moe_upload_dense(hp_, layer, up, w_.moe.get()));
+    if (!moe_buf_) {  // one chunk's MoE activations, with the route-all buffers
+        moe_buf_ = std::make_shared<cuda_moe_buffers>();
+        GPTQ_TRY(moe_buf_->reserve(hp_, chunk_windows_ * seqlen_, /*route_all=*/true));
+    }
     return status::ok();
 }
 
@@ -404,24 +422,27 @@ status llama_cuda_layer_runner::linear_update(linear_role r, const std::vector<f
 }
 
 status llama_cuda_layer_runner::forward(uint16_t* hidden, int64_t n_windows, const cuda_linear_input_hook* hook,
-                                        linear_input stop_after) {
+                                        linear_input stop_after, const cuda_moe_input_hook* moe_hook,
+                                        const std::vector<bool>* route_all) {
     if (layer_index_ < 0) return make_error(E_ARG, "layer runner: forward before load");
     const int64_t            n_embd = hp_.n_embd, q_dim = hp_.q_dim();
     cuda_context&            c       = *ctx_;
     uint16_t*                h       = h_.as<uint16_t>();
     const bool               full    = stop_after == linear_input::LINEAR_INPUT_COUNT;
     const bool               caching = attn_.bytes() && n_windows == attn_windows_;
-    const cuda_layer_buffers b{x_.as<uint16_t>(), q_.as<uint16_t>(),    k_.as<uint16_t>(), v_.as<uint16_t>(),
-                               y_.as<uint16_t>(), gate_.as<uint16_t>(), up_.as<uint16_t>()};
+    const cuda_layer_buffers b{x_.as<uint16_t>(), q_.as<uint16_t>(),    k_.as<uint16_t>(),  v_.as<uint16_t>(),
+                               y_.as<uint16_t>(), gate_.as<uint16_t>(), up_.as<uint16_t>(), moe_buf_.get()};
     cuda_layer_pass          p;
-    p.cos        = cos_.as<float>();
-    p.sin        = sin_.as<float>();
-    p.cos_local  = cos_local_.as<float>();
-    p.sin_local  = sin_local_.as<float>();
-    p.seqlen     = seqlen_;
-    p.attn_reuse = caching && attn_valid_;
-    p.hook       = hook;
-    p.stop_after = stop_after;
+    p.cos           = cos_.as<float>();
+    p.sin           = sin_.as<float>();
+    p.cos_local     = cos_local_.as<float>();
+    p.sin_local     = sin_local_.as<float>();
+    p.seqlen        = seqlen_;
+    p.attn_reuse    = caching && attn_valid_;
+    p.hook          = hook;
+    p.stop_after    = stop_after;
+    p.moe_hook      = moe_hook;
+    p.moe_route_all = route_all;
     for (int64_t w0 = 0; w0 < n_windows; w0 += chunk_windows_) {
         const int64_t nw = std::min(chunk_windows_, n_windows - w0);
         p.n              = nw * seqlen_;
@@ -444,6 +465,8 @@ uint64_t llama_cuda_layer_runner::device_bytes() const {
     for (const cuda_buffer* b : {&w_.attn_out_norm, &w_.mlp_out_norm, &w_.q_norm, &w_.k_norm}) n += b->bytes();
     for (const auto& l : w_.lin) n += l.w.bytes() + l.bias.bytes();
     for (const cuda_buffer* b : {&h_, &x_, &q_, &k_, &v_, &y_, &gate_, &up_}) n += b->bytes();
+    if (w_.moe) n += w_.moe->bytes();
+    if (moe_buf_) n += moe_buf_->bytes();
     return n;
 }
 

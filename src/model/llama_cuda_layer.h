@@ -42,8 +42,18 @@ namespace gptq {
 // stream has passed the call's work, since everything is ordered on that one stream).
 using cuda_linear_input_hook =
     std::function<status(linear_input which, const uint16_t* x_dev, int64_t n_tokens, int64_t n_in)>;
+// Called on a MoE layer with the input of an expert's linears, device F16 [n_tokens, n_in], valid
+// during the call: which = LINEAR_INPUT_GATE_UP (the block input's rows routed to the expert) or
+// LINEAR_INPUT_DOWN (act(gate) * up of those rows, or of every row for a route-all expert); expert
+// k_moe_shared (the shared expert) sees every row. The block input over every row goes to the
+// cuda_linear_input_hook as GATE_UP. As model/llama.h's moe_input_hook, on the device.
+using cuda_moe_input_hook =
+    std::function<status(int64_t expert, linear_input which, const uint16_t* x_dev, int64_t n_tokens, int64_t n_in)>;
 
 // ---- the one decoder layer -------------------------------------------------------------------
+
+struct cuda_moe_weights;  // model/llama_cuda_moe.h: a MoE layer's sparse block
+struct cuda_moe_buffers;
 
 // A linear on the device: dense F16 [n_out, n_in] (+ F16 bias) or GPTQ (cuda_gptq_linear, bias inside).
 struct cuda_linear {
@@ -76,15 +86,19 @@ struct cuda_layer_weights {
     // (llama_cuda_model loads the layers unfused when it has adapters).
     std::array<cuda_buffer, k_n_linear_roles> lora;
     int32_t                                   lora_max_r = 0;
+    // A MoE layer's sparse block (router, experts, shared expert) in place of gate/up/down; nullptr
+    // on a dense layer.
+    std::shared_ptr<cuda_moe_weights> moe;
 };
 
 // The activation buffers a pass over n rows uses (F16 device; the caller sizes them).
 struct cuda_layer_buffers {
-    uint16_t* x = nullptr;                    // [n, max(n_embd, q_dim)]: the norms' outputs, the attention output
-    uint16_t* q = nullptr;                    // [n, q_dim]; fused q/k/v: [n, q_dim + 2 kv_dim] (q | k | v per row)
-    uint16_t *k = nullptr, *v = nullptr;      // [n, kv_dim] (unused when q/k/v are fused)
-    uint16_t* y    = nullptr;                 // [n, n_embd]: o's output, then down's
-    uint16_t *gate = nullptr, *up = nullptr;  // [n, n_ff]; fused gate/up: gate [n, 2 n_ff]
+    uint16_t*         x = nullptr;                // [n, max(n_embd, q_dim)]: the norms' outputs, the attention output
+    uint16_t*         q = nullptr;                // [n, q_dim]; fused q/k/v: [n, q_dim + 2 kv_dim] (q | k | v per row)
+    uint16_t *        k = nullptr, *v = nullptr;  // [n, kv_dim] (unused when q/k/v are fused)
+    uint16_t*         y    = nullptr;             // [n, n_embd]: o's output, then down's
+    uint16_t *        gate = nullptr, *up = nullptr;  // [n, n_ff]; fused gate/up: gate [n, 2 n_ff]
+    cuda_moe_buffers* moe = nullptr;                  // the MoE block's activations (a model with MoE layers)
 };
 
 // Called after each op with its kind ("rms_norm", "linear_qkv", "attention", ...): profiling marks.
@@ -128,6 +142,15 @@ struct cuda_layer_pass {
     const cuda_op_mark*           mark       = nullptr;  // nullptr: no marks
     // Device I32 [n]: the LoRA adapter of each row (-1: none); nullptr: no LoRA in this pass.
     const int32_t* lora_rows = nullptr;
+    // MoE layers run their experts with the grouped kernels (routing read on the device, no host
+    // sync: a ragged decode pass that is captured into a graph) where their weights allow it;
+    // false: per expert, with the routing brought to the host (llama_cuda_moe.h).
+    bool moe_grouped = false;
+    // MoE layers (calibration): each expert's inputs (per expert; stop_after GATE_UP / DOWN: once
+    // every expert's has been seen), and the experts whose down input is computed over every row
+    // (route-all, [n_expert]; nullptr: none).
+    const cuda_moe_input_hook* moe_hook      = nullptr;
+    const std::vector<bool>*   moe_route_all = nullptr;
 };
 
 // The residual stream is carried as the runtime carries it: each residual add is folded into the
@@ -162,9 +185,14 @@ public:
 
     // hidden: device F16 [n_windows * seqlen, n_embd]. With stop_after == LINEAR_INPUT_COUNT the
     // layer's output replaces hidden; otherwise each window runs until the hook has seen
-    // `stop_after` and hidden is left unchanged. The hook sees each chunk's inputs in turn.
+    // `stop_after` and hidden is left unchanged. The hook sees each chunk's inputs in turn. On a MoE
+    // layer moe_hook sees each expert's inputs, route_all as cuda_layer_pass::moe_route_all.
     status forward(uint16_t* hidden, int64_t n_windows, const cuda_linear_input_hook* hook,
-                   linear_input stop_after = linear_input::LINEAR_INPUT_COUNT);
+                   linear_input               stop_after = linear_input::LINEAR_INPUT_COUNT,
+                   const cuda_moe_input_hook* moe_hook = nullptr, const std::vector<bool>* route_all = nullptr);
+    // A MoE layer's block (router, experts, shared expert and its gate) uploaded again from the host
+    // layer (F32, dense): GPTQ's MoE pass replaces the experts in the host layer only.
+    status moe_load(const llama_layer& layer);
 
     // Keep the attention output of n_windows windows (n_windows * seqlen * q_dim F16 on the device).
     status attention_cache_enable(int64_t n_windows);
@@ -178,17 +206,18 @@ private:
     llama_cuda_layer_runner() = default;
     status upload_f16(const std::vector<float>& v, const std::string& name, cuda_buffer* out);
 
-    cuda_context*      ctx_ = nullptr;
-    llama_hparams      hp_;
-    int64_t            seqlen_ = 0, chunk_windows_ = 0, layer_index_ = -1;
-    cuda_layer_weights w_;                                  // dense, never fused
-    cuda_buffer        h_, x_, q_, k_, v_, y_, gate_, up_;  // one chunk's activations
-    cuda_buffer        cos_, sin_;                          // [seqlen, head_dim / 2] F32
-    cuda_buffer        cos_local_, sin_local_;              // the same for hp.rope_local (when it differs)
-    cuda_buffer        attn_;                               // [attn_windows_ * seqlen, q_dim] F16 attention output
-    int64_t            attn_windows_ = 0;
-    bool               attn_valid_   = false;
-    thread_pool*       pool_         = nullptr;
+    cuda_context*                     ctx_ = nullptr;
+    llama_hparams                     hp_;
+    int64_t                           seqlen_ = 0, chunk_windows_ = 0, layer_index_ = -1;
+    cuda_layer_weights                w_;                                  // dense, never fused
+    cuda_buffer                       h_, x_, q_, k_, v_, y_, gate_, up_;  // one chunk's activations
+    cuda_buffer                       cos_, sin_;                          // [seqlen, head_dim / 2] F32
+    cuda_buffer                       cos_local_, sin_local_;  // the same for hp.rope_local (when it differs)
+    std::shared_ptr<cuda_moe_buffers> moe_buf_;                // a MoE layer's block activations (one chunk)
+    cuda_buffer                       attn_;                   // [attn_windows_ * seqlen, q_dim] F16 attention output
+    int64_t                           attn_windows_ = 0;
+    bool                              attn_valid_   = false;
+    thread_pool*                      pool_         = nullptr;
 };
 
 }  // namespace gptq

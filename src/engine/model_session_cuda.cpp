@@ -303,17 +303,23 @@ result<int64_t> model_session_cuda::warm_up(int64_t max_batch, int64_t max_chunk
     for (int64_t s = 0; s < n_seq_; ++s) gpu_->seq_reset(s);
     // Within the KV pages: the chunk in the free pages, each decoding slot holding 2 positions.
     const int64_t P = gpu_->page_size(), free = gpu_->kv_pages_free();
-    max_chunk       = std::min({max_chunk, n_ctx_, free * P});
-    max_batch       = std::min(max_batch, free / ((2 + P - 1) / P));
+    max_chunk = std::min({max_chunk, n_ctx_, free * P});
+    max_batch = std::min(max_batch, free / ((2 + P - 1) / P));
     if (max_batch < 1) return int64_t(0);
     int64_t shapes = 0;
-    // The largest mixed step (a chunk beside every slot's decode token) sized now: growing the
-    // activations later would drop the graphs captured below.
+    // The largest mixed step first (a chunk beside a decode token in every other slot, as far as the
+    // pages go): growing the activations or the scratch (act-order linears permute the step's rows
+    // into it) later would drop the graphs captured below.
     GPTQ_TRY(gpu_->tokens_reserve(std::min(max_chunk + max_batch, k_mixed_max_tokens)));
     if (max_chunk > 1) {
-        std::vector<int32_t> ids(static_cast<size_t>(max_chunk), 0);
-        GPTQ_TRY(gpu_->prefill_seq(0, ids.data(), int64_t(ids.size()), nullptr, false));
-        gpu_->seq_reset(0);
+        const int64_t chunk_pages = (max_chunk + P - 1) / P;
+        const int64_t n_dec =
+            std::max<int64_t>(0, std::min({max_batch - 1, free - chunk_pages, k_mixed_max_tokens - max_chunk}));
+        std::vector<int32_t>            ids(static_cast<size_t>(max_chunk), 0);
+        std::vector<llama_cuda_segment> segs = {{.seq = 0, .ids = ids.data(), .n = max_chunk}};
+        for (int64_t s = 1; s <= n_dec; ++s) segs.push_back({.seq = s, .ids = ids.data(), .n = 1});
+        GPTQ_TRY(gpu_->step_mixed(segs.data(), int64_t(segs.size()), nullptr));
+        for (int64_t s = 0; s <= n_dec; ++s) gpu_->seq_reset(s);
         ++shapes;
     }
     std::vector<int32_t> ids(static_cast<size_t>(max_batch), 0);

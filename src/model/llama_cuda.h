@@ -34,9 +34,9 @@
 #include "model/kv_pages.h"
 #include "model/llama.h"
 #include "model/llama_cuda_layer.h"
+#include "model/llama_cuda_moe.h"
 #include "model/lora.h"
 #include "ops/logits_top.h"
-#include "model/llama_cuda_moe.h"
 #include "ops/ops_cuda.h"
 
 namespace gptq {
@@ -334,13 +334,13 @@ private:
     cuda_buffer   page_table_;              // device I32 [n_seq_][pages_.max_pages()]
 
     // Activations for up to n_act_ tokens per call (grown on demand).
-    int64_t     n_act_ = 0;
-    cuda_buffer hidden_, x_, q_, k_, v_, y_, gate_, up_;  // [n, n_embd|q_dim|kv_dim|n_ff] F16
-    cuda_buffer logits_;                                  // [n, n_vocab] F32
-    cuda_moe_buffers moe_buf_;      // the MoE block's activations (MoE models)
-    bool             moe_grouped_ = false;  // MoE decode steps grouped (graph-capturable)
+    int64_t          n_act_ = 0;
+    cuda_buffer      hidden_, x_, q_, k_, v_, y_, gate_, up_;  // [n, n_embd|q_dim|kv_dim|n_ff] F16
+    cuda_buffer      logits_;                                  // [n, n_vocab] F32
+    cuda_moe_buffers moe_buf_;                                 // the MoE block's activations (MoE models)
+    bool             moe_grouped_ = false;                     // MoE decode steps grouped (graph-capturable)
     std::string      moe_why_not_grouped_;
-    int64_t     logits_rows_ = 0;                         // rows of logits_ the last pass wrote
+    int64_t          logits_rows_ = 0;  // rows of logits_ the last pass wrote
     // logits_top_download: device [rows, 2] F64 sums, [rows, k] F32 values, [rows, k] I32 ids, [rows] F32
     // inv_temp; the host copy of the first three.
     cuda_buffer          top_dev_;

@@ -141,7 +141,7 @@ struct cuda_layer_pass {
     const cuda_attention_chunk* chunks      = nullptr;
     int64_t                     n_chunks    = 0;
     int64_t                     decode_row0 = 0;
-    int64_t        seqlen  = 0;  // local: tokens per window
+    int64_t                     seqlen      = 0;  // local: tokens per window
 
     // Local only: the attention output goes to attn_out ([n, q_dim], nullptr: buffers.x), and with
     // attn_reuse it is already there (q/k/v, RoPE and attention are skipped).

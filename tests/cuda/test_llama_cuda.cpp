@@ -25,10 +25,10 @@
 #include "core/thread_pool.h"
 #include "cuda_model_util.h"
 #include "cuda_test_util.h"
-#include "mixed_check.h"
 #include "gptq/generate.h"
 #include "gptq/ppl.h"
 #include "gptq/quantize.h"
+#include "mixed_check.h"
 #include "model/llama.h"
 #include "model/llama_cuda.h"
 #include "model/llama_cuda_layer.h"
@@ -701,7 +701,7 @@ TEST(llama_cuda, ragged_decode_matches_sequences_alone) {
 // page sizes from 1 (every position its own page) to 16.
 TEST(llama_cuda, mixed_steps_match_separate_passes) {
     GPTQ_SKIP_WITHOUT_GPU();
-    const std::string data  = source_dir() + "/tests/data/model/";
+    const std::string data = source_dir() + "/tests/data/model/";
     auto              opts = [](int64_t page, bool graph = true, bool fuse = true) {
         llama_cuda_options o;
         o.n_ctx     = 64;
@@ -715,11 +715,11 @@ TEST(llama_cuda, mixed_steps_match_separate_passes) {
     test::check_mixed_steps(source_dir() + "/models/tiny-llama", opts(4, false), {}, &worst);
     test::check_mixed_steps(source_dir() + "/models/tiny-llama", opts(1), {}, &worst);
     test::check_mixed_steps(source_dir() + "/models/tiny-llama", opts(8, true, false), {}, &worst);  // unfused
-    test::check_mixed_steps(data + "rand-qwen2", opts(4), {}, &worst);    // biases, a sliding-window layer, GQA
-    test::check_mixed_steps(data + "rand-dynamic", opts(8), {}, &worst);  // RoPE rows by each sequence's length
-    test::check_mixed_steps(data + "rand-mistral", opts(2), {}, &worst);  // window 5 across pages
-    test::check_mixed_steps(data + "rand-llama3", opts(16), {}, &worst);  // o bias
-    test::check_mixed_steps(arch_dir("gemma3"), opts(4), {}, &worst);     // q/k norms, local RoPE table, soft-caps
+    test::check_mixed_steps(data + "rand-qwen2", opts(4), {}, &worst);        // biases, a sliding-window layer, GQA
+    test::check_mixed_steps(data + "rand-dynamic", opts(8), {}, &worst);      // RoPE rows by each sequence's length
+    test::check_mixed_steps(data + "rand-mistral", opts(2), {}, &worst);      // window 5 across pages
+    test::check_mixed_steps(data + "rand-llama3", opts(16), {}, &worst);      // o bias
+    test::check_mixed_steps(arch_dir("gemma3"), opts(4), {}, &worst);         // q/k norms, local RoPE table, soft-caps
     test::check_mixed_steps(arch_dir("phi3-longrope"), opts(8), {}, &worst);  // fused modules; positions < 32
     test::check_mixed_steps(gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq"), opts(8), {}, &worst);
     test::check_mixed_steps(gptq_checkpoint("w4g128-rtn", 4, 128, false, true, "rtn"), opts(16), {}, &worst);
@@ -747,7 +747,7 @@ TEST(llama_cuda, mixed_step_errors_take_nothing) {
     GPTQ_EXPECT_OK((*m)->prefill_seq(0, ids.data(), 10, out.data(), false));  // 2 pages
     auto refused = [&](std::vector<llama_cuda_segment> segs, const std::string& what, const std::string& msg) {
         const int64_t used = (*m)->kv_pages_used(), p0 = (*m)->seq_pos(0), p1 = (*m)->seq_pos(1);
-        const status  st   = (*m)->step_mixed(segs.data(), int64_t(segs.size()), out.data());
+        const status  st = (*m)->step_mixed(segs.data(), int64_t(segs.size()), out.data());
         EXPECT_FALSE(st.is_ok()) << what;
         EXPECT_NE(st.message().find(msg), std::string::npos) << what << ": " << st.message();
         EXPECT_EQ((*m)->kv_pages_used(), used) << what;
@@ -781,8 +781,8 @@ TEST(llama_cuda, mixed_step_errors_take_nothing) {
     auto lr = llama_cuda_model::open(arch_dir("phi3-longrope"), o);
     ASSERT_TRUE(lr.is_ok()) << lr.error().message();
     GPTQ_EXPECT_OK((*lr)->kv_reserve(2, 64));
-    const int64_t Vl = (*lr)->hparams().n_vocab;
-    const auto    il = test_ids(40, Vl);
+    const int64_t      Vl = (*lr)->hparams().n_vocab;
+    const auto         il = test_ids(40, Vl);
     std::vector<float> ol(static_cast<size_t>(2 * Vl));
     GPTQ_EXPECT_OK((*lr)->prefill_seq(0, il.data(), 28, ol.data(), false));
     const llama_cuda_segment cross[] = {{0, il.data() + 28, 8}, {1, il.data(), 1}};
@@ -841,9 +841,9 @@ void check_session_mixed(const std::string& dir) {
             steps.push_back({.seq = plan[j].segs[i].first, .ids = ids[i].data(), .n_tokens = plan[j].segs[i].second});
             segs.push_back({.seq = steps.back().seq, .ids = ids[i].data(), .n = steps.back().n_tokens});
         }
-        const size_t       n     = steps.size();
-        const bool         mixed = n > 1 && std::any_of(steps.begin(), steps.end(),
-                                                        [](const seq_step& x) { return x.n_tokens > 1; });
+        const size_t n = steps.size();
+        const bool   mixed =
+            n > 1 && std::any_of(steps.begin(), steps.end(), [](const seq_step& x) { return x.n_tokens > 1; });
         std::vector<float> g(n * size_t(V)), c(n * size_t(V)), want(n * size_t(V));
         GPTQ_EXPECT_OK(gpu->step(steps, g.data()));
         GPTQ_EXPECT_OK(cpu->step(steps, c.data()));
@@ -891,8 +891,8 @@ TEST(llama_cuda, session_step_crossing_longrope_matches_cpu) {
     auto gpu = open("cuda"), cpu = open("cpu");
     ASSERT_TRUE(gpu && cpu);
     for (model_session* s : {gpu.get(), cpu.get()}) GPTQ_EXPECT_OK(s->reserve(2, 64));
-    const int64_t V   = gpu->n_vocab();
-    const auto    ids = test_ids(48, V);
+    const int64_t                            V    = gpu->n_vocab();
+    const auto                               ids  = test_ids(48, V);
     const std::vector<std::vector<seq_step>> plan = {
         {{.seq = 0, .ids = ids.data(), .n_tokens = 28}, {.seq = 1, .ids = ids.data() + 1, .n_tokens = 5}},
         {{.seq = 0, .ids = ids.data() + 28, .n_tokens = 8}, {.seq = 1, .ids = ids.data() + 6, .n_tokens = 1}},
@@ -1044,6 +1044,55 @@ TEST(llama_cuda, profile_ops_times_each_op_and_keeps_logits) {
     check_profiling(gptq_checkpoint("w4g128-rtn", 4, 128, false, true, "rtn"), {}, 0);
     check_profiling(source_dir() + "/tests/data/model/rand-qwen2", {}, 0);
     check_profiling(source_dir() + "/models/tiny-llama", {}, 0, /*fuse=*/false);  // q/k/v, gate/up one by one
+}
+
+// A profiled mixed pass: the same logits bit for bit, its ops in mixed_profile() (one attention mark
+// per layer for the chunks' and the decode rows' launches together, the row gather before the
+// lm_head), nothing in the prefill or decode profiles.
+TEST(llama_cuda, profile_ops_times_mixed_passes) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const std::string  dir = source_dir() + "/models/tiny-llama";
+    std::vector<float> logits[2];
+    for (int prof = 0; prof < 2; ++prof) {
+        llama_cuda_options o;
+        o.n_ctx = 64;
+        auto m  = llama_cuda_model::open(dir, o);
+        ASSERT_TRUE(m.is_ok()) << m.error().message();
+        GPTQ_EXPECT_OK((*m)->kv_reserve(3, 64));
+        const int64_t V = (*m)->hparams().n_vocab, L = (*m)->hparams().n_layer;
+        const auto    ids = test_ids(32, V);
+        GPTQ_EXPECT_OK((*m)->prefill_seq(1, ids.data(), 5, nullptr, false));
+        GPTQ_EXPECT_OK((*m)->prefill_seq(2, ids.data() + 5, 3, nullptr, false));
+        (*m)->set_profile_ops(prof == 1);
+        const llama_cuda_segment segs[] = {{2, ids.data() + 8, 1}, {0, ids.data() + 9, 12}, {1, ids.data() + 21, 1}};
+        logits[prof].resize(size_t(3 * V));
+        GPTQ_EXPECT_OK((*m)->step_mixed(segs, 3, logits[prof].data()));
+        const llama_op_profile& p = (*m)->mixed_profile();
+        if (prof == 0) {
+            EXPECT_EQ(p.passes, 0);
+            continue;
+        }
+        EXPECT_EQ(p.passes, 1);
+        EXPECT_EQ(p.tokens, 14);
+        EXPECT_EQ((*m)->prefill_profile().passes, 0);
+        EXPECT_EQ((*m)->decode_profile().passes, 0);
+        const std::vector<std::pair<std::string, int64_t>> want = {
+            {"step_inputs", 1},   {"embedding", 1},   {"rms_norm", 1}, {"add_rms_norm", 2 * L}, {"linear_qkv", L},
+            {"rope_kv_store", L}, {"attention", L},   {"linear_o", L}, {"linear_gate_up", L},   {"silu_mul", L},
+            {"linear_down", L},   {"gather_rows", 1}, {"lm_head", 1},  {"logits_copy", 1}};
+        EXPECT_EQ(p.ops.size(), want.size());
+        double sum = 0;
+        for (const auto& t : p.ops) sum += t.ms;
+        EXPECT_NEAR(sum, p.pass_ms, 1e-6 * std::max(1.0, p.pass_ms));
+        for (const auto& [op, calls] : want) {
+            const llama_op_time* t = find_op(p, op);
+            ASSERT_NE(t, nullptr) << "no '" << op << "' in the mixed profile";
+            EXPECT_EQ(t->calls, calls) << op;
+            EXPECT_GE(t->ms, 0.0) << op;
+        }
+    }
+    EXPECT_EQ(0, std::memcmp(logits[0].data(), logits[1].data(), logits[0].size() * sizeof(float)))
+        << "logits with profiling differ";
 }
 
 TEST(llama_cuda, profile_ops_with_offload_times_staging_waits) {

@@ -1,9 +1,12 @@
 // The CUDA model_session (model_session.h) over llama_cuda_model's public API (model/llama_cuda.h),
 // whose sequence slots each keep their own page table (a shared pool of KV pages, docs/cuda.md "KV
-// pages") and position: every step shape runs (ragged()):
-// each sequence with several tokens through the prefill kernels on its own (its slot, its
-// position), then every one-token sequence together in one ragged decode pass (one launch of each
-// kernel for all of them, a CUDA graph per count; docs/cuda.md "Ragged decode"). Builds without
+// pages") and position: every step shape runs (ragged()). A step of one-token sequences is one
+// ragged decode pass (one launch of each kernel for all of them, a CUDA graph per count;
+// docs/cuda.md "Ragged decode"); a step with prompt chunks beside other sequences is one mixed pass
+// (llama_cuda_model::step_mixed: every linear once over all tokens, attention per chunk and one
+// ragged launch for the decode tokens; docs/cuda.md "Mixed passes"); the rest (a lone chunk,
+// every row's logits, LongRoPE's switch, more than k_mixed_max_tokens) each sequence with several
+// tokens through the prefill kernels on its own, then the one-token ones in one decode pass. Builds without
 // CUDA too: opening then returns device_check's error. Memory is the device bytes the model
 // allocated (weights, KV caches, activations, staging), not a driver-level peak.
 #include <fmt/format.h>
@@ -42,6 +45,25 @@ status pages_check(const llama_cuda_model& m, std::span<const seq_step> steps, c
                           "the {} are free",
                           device, steps.size(), need, m.page_size(), m.kv_pages_free(), m.kv_pages_total());
     return status::ok();
+}
+
+// The most tokens a step runs as one mixed pass: its activations (and logits buffer) are sized for
+// all of them. A larger step (a lockstep prefill of many prompts: bench, generate) runs each chunk
+// on its own, as before; serve's steps hold --prefill-chunk prompt tokens plus the decode tokens.
+constexpr int64_t k_mixed_max_tokens = 2048;
+
+// Whether a step runs as one mixed pass: prompt chunks beside other sequences, the last row's logits
+// only, no sequence crossing LongRoPE's switch (re-run on its own), within k_mixed_max_tokens.
+bool mixed_step(const llama_cuda_model& m, std::span<const seq_step> steps) {
+    if (steps.size() < 2) return false;
+    int64_t total = 0;
+    bool    chunk = false;
+    for (const seq_step& s : steps) {
+        if (s.all_logits || m.host().rope_needs_reprefill(m.seq_pos(s.seq), s.n_tokens)) return false;
+        chunk = chunk || s.n_tokens > 1;
+        total += s.n_tokens;
+    }
+    return chunk && total <= k_mixed_max_tokens;
 }
 
 class model_session_cuda final : public model_session {
@@ -97,6 +119,10 @@ public:
 
 private:
     status loras_select(std::span<const seq_step> steps);
+    // The step as one mixed pass (mixed_step said so); logits nullptr: left on the GPU.
+    status mixed_run(std::span<const seq_step> steps, float* logits);
+
+    std::vector<llama_cuda_segment> segs_;  // a mixed step's segments
 
     int64_t              n_seq_ = 0, n_ctx_ = 0;  // reserved (the GPU's caches may be larger)
     std::vector<int32_t> ids_;                    // a step's one-token sequences: ids, slots
@@ -149,13 +175,21 @@ status model_session_cuda::reserve_paged(int64_t n_seq, int64_t n_ctx, int64_t n
     return status::ok();
 }
 
-// Sequences with several tokens one by one through the prefill kernels, then every one-token
-// sequence in one ragged decode pass; the logits rows in the order of the steps.
+status model_session_cuda::mixed_run(std::span<const seq_step> steps, float* logits) {
+    segs_.clear();
+    for (const seq_step& s : steps) segs_.push_back({.seq = s.seq, .ids = s.ids, .n = s.n_tokens});
+    return gpu_->step_mixed(segs_.data(), static_cast<int64_t>(segs_.size()), logits);
+}
+
+// A mixed step in one pass; otherwise sequences with several tokens one by one through the
+// prefill kernels, then every one-token sequence in one ragged decode pass; the logits rows in the
+// order of the steps.
 status model_session_cuda::step(std::span<const seq_step> steps, float* logits) {
     top_rows_ = 0;  // step_row_logits reads step_top's rows only
     GPTQ_TRY(steps_check(steps));
     GPTQ_TRY(pages_check(*gpu_, steps, device()));
     GPTQ_TRY(loras_select(steps));
+    if (mixed_step(*gpu_, steps)) return mixed_run(steps, logits);  // one row per step (no all_logits)
     const int64_t V   = n_vocab();
     int64_t       row = 0;
     ids_.clear();
@@ -188,8 +222,9 @@ status model_session_cuda::loras_select(std::span<const seq_step> steps) {
     return status::ok();
 }
 
-// As step(), with the candidates selected on the GPU: a prefill's last row is downloaded whole too
-// (kept for step_row_logits), the decode pass's rows stay on the GPU.
+// As step(), with the candidates selected on the GPU: a mixed pass's rows stay on the GPU; on the
+// separate passes a prefill's last row is downloaded whole too (kept for step_row_logits), the
+// decode pass's rows stay on the GPU.
 status model_session_cuda::step_top(std::span<const seq_step> steps, int64_t k, const float* inv_temp,
                                     logits_top* out) {
     GPTQ_TRY(steps_check(steps));
@@ -209,6 +244,13 @@ status model_session_cuda::step_top(std::span<const seq_step> steps, int64_t k, 
     out->resize(n, k);
     row_src_.assign(size_t(n), 0);
     prefill_rows_.clear();
+    if (mixed_step(*gpu_, steps)) {  // row i of the pass is step i's
+        GPTQ_TRY(mixed_run(steps, nullptr));
+        GPTQ_TRY(gpu_->logits_top_download(n, k, inv_temp, out));
+        for (int64_t i = 0; i < n; ++i) row_src_[size_t(i)] = i;
+        top_rows_ = n;
+        return status::ok();
+    }
     ids_.clear();
     seqs_.clear();
     std::vector<int64_t> decode_rows;
@@ -261,14 +303,23 @@ result<int64_t> model_session_cuda::warm_up(int64_t max_batch, int64_t max_chunk
     for (int64_t s = 0; s < n_seq_; ++s) gpu_->seq_reset(s);
     // Within the KV pages: the chunk in the free pages, each decoding slot holding 2 positions.
     const int64_t P = gpu_->page_size(), free = gpu_->kv_pages_free();
-    max_chunk       = std::min({max_chunk, n_ctx_, free * P});
-    max_batch       = std::min(max_batch, free / ((2 + P - 1) / P));
+    max_chunk = std::min({max_chunk, n_ctx_, free * P});
+    max_batch = std::min(max_batch, free / ((2 + P - 1) / P));
     if (max_batch < 1) return int64_t(0);
     int64_t shapes = 0;
+    // The largest mixed step first (a chunk beside a decode token in every other slot, as far as the
+    // pages go): growing the activations or the scratch (act-order linears permute the step's rows
+    // into it) later would drop the graphs captured below.
+    GPTQ_TRY(gpu_->tokens_reserve(std::min(max_chunk + max_batch, k_mixed_max_tokens)));
     if (max_chunk > 1) {
-        std::vector<int32_t> ids(static_cast<size_t>(max_chunk), 0);
-        GPTQ_TRY(gpu_->prefill_seq(0, ids.data(), int64_t(ids.size()), nullptr, false));
-        gpu_->seq_reset(0);
+        const int64_t chunk_pages = (max_chunk + P - 1) / P;
+        const int64_t n_dec =
+            std::max<int64_t>(0, std::min({max_batch - 1, free - chunk_pages, k_mixed_max_tokens - max_chunk}));
+        std::vector<int32_t>            ids(static_cast<size_t>(max_chunk), 0);
+        std::vector<llama_cuda_segment> segs = {{.seq = 0, .ids = ids.data(), .n = max_chunk}};
+        for (int64_t s = 1; s <= n_dec; ++s) segs.push_back({.seq = s, .ids = ids.data(), .n = 1});
+        GPTQ_TRY(gpu_->step_mixed(segs.data(), int64_t(segs.size()), nullptr));
+        for (int64_t s = 0; s <= n_dec; ++s) gpu_->seq_reset(s);
         ++shapes;
     }
     std::vector<int32_t> ids(static_cast<size_t>(max_batch), 0);

@@ -645,7 +645,7 @@ status llama_cuda_model::activations_reserve(int64_t n) {
     GPTQ_TRY(alloc(&logits_, N * size_t(hp.n_vocab) * 4));
     GPTQ_TRY(moe_buf_.reserve(hp, n));
     const size_t half  = size_t(hp.head_dim / 2);
-    step_rope_offset_  = align_up(4 * N * 4, 256);
+    step_rope_offset_  = align_up(5 * N * 4, 256);  // ids, positions, slots, adapters, out rows
     const size_t bytes = step_rope_offset_ + size_t(2 * rope_tables()) * N * half * 4;
     GPTQ_TRY(alloc(&step_, bytes));
     step_host_.assign(bytes, 0);
@@ -707,7 +707,8 @@ status llama_cuda_model::step_inputs_upload(const int32_t* ids, int64_t n) {
     return status::ok();
 }
 
-status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t seq, bool ragged) {
+status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t seq, bool ragged,
+                                        const mixed_rows* mixed) {
     const llama_hparams&     hp     = hparams();
     const int64_t            n_embd = hp.n_embd, half = hp.head_dim / 2;
     cuda_context&            c      = *ctx_;
@@ -743,7 +744,14 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
     p.mark                     = prof_on_ ? &marker : nullptr;
     const int64_t table_offset = ragged ? 0 : seq * pages_.max_pages();  // a plain pass: slot seq's table row
     p.pages                    = {page_table_.as<int32_t>() + table_offset, pages_.page_size(), pages_.max_pages()};
-    p.moe_grouped              = ragged && moe_grouped_;  // prefill: the experts per expert (llama_cuda_moe.h)
+    // Prefill and mixed passes: the experts per expert (llama_cuda_moe.h); the grouped kernels are
+    // written for one token per sequence.
+    p.moe_grouped = ragged && !mixed && moe_grouped_;
+    if (mixed) {
+        p.chunks      = mixed->chunks.data();
+        p.n_chunks    = static_cast<int64_t>(mixed->chunks.size());
+        p.decode_row0 = mixed->decode_row0;
+    }
 
     auto wait = [&](int unit) -> status {  // a staged module's copy, timed on its own when profiling
         GPTQ_TRY(stage_wait(unit));
@@ -769,16 +777,25 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
         pending = b.y;
         GPTQ_TRY(stage_done(unit));
     }
-    // Final norm (with the last residual add) and lm_head over the rows whose logits are wanted.
-    const int64_t r0 = n - n_out_rows;
+    // Final norm (with the last residual add) and lm_head over the rows whose logits are wanted: the
+    // last n_out_rows, or (mixed) every row's norm and then the wanted rows gathered into y (free
+    // once the add has read it) by the out-row indices (the embedding gather over the rows of x: a
+    // row copy), so that the lm_head runs on those rows only.
+    const int64_t r0 = mixed ? 0 : n - n_out_rows, n_norm = mixed ? n : n_out_rows;
     GPTQ_TRY(wait(norm_unit_));
     GPTQ_TRY(op_cuda_add_rms_norm(c, hidden + r0 * n_embd, pending ? pending + r0 * n_embd : nullptr,
-                                  norm_.as<uint16_t>(), x, n_out_rows, n_embd, hp.rms_eps));
+                                  norm_.as<uint16_t>(), x, n_norm, n_embd, hp.rms_eps));
     GPTQ_TRY(prof_mark(pending ? "add_rms_norm" : "rms_norm"));
     GPTQ_TRY(stage_done(norm_unit_));
+    const uint16_t* head_in = x;
+    if (mixed) {
+        GPTQ_TRY(op_cuda_embedding(c, x, ids + 4 * n_act_, b.y, n_out_rows, n, n_embd));
+        GPTQ_TRY(prof_mark("gather_rows"));
+        head_in = b.y;
+    }
     const uint16_t* w = lm_head_.bytes() ? lm_head_.as<uint16_t>() : embed_.as<uint16_t>();  // empty: tied, shared
     GPTQ_TRY(wait(lm_head_unit_));
-    GPTQ_TRY(op_cuda_linear_dense_f32_out(c, x, w, logits_.as<float>(), n_out_rows, hp.n_vocab, n_embd));
+    GPTQ_TRY(op_cuda_linear_dense_f32_out(c, head_in, w, logits_.as<float>(), n_out_rows, hp.n_vocab, n_embd));
     GPTQ_TRY(prof_mark("lm_head"));
     if (hp.final_softcap > 0.0f) {  // Gemma: logits = cap * tanh(logits / cap), F32
         GPTQ_TRY(op_cuda_softcap(c, logits_.as<float>(), n_out_rows * hp.n_vocab, hp.final_softcap));
@@ -1145,6 +1162,83 @@ status llama_cuda_model::decode_step(const int32_t* ids, const int64_t* seqs, in
     }
     GPTQ_TRY(logits_download(n, logits));
     advance();
+    return status::ok();
+}
+
+status llama_cuda_model::step_mixed(const llama_cuda_segment* segs, int64_t n_seg, float* logits) {
+    if (n_seg < 1 || n_seg > n_seq_)
+        return make_error(E_ARG, "mixed step of {} sequences with room for {} (sequences_reserve)", n_seg, n_seq_);
+    std::vector<bool> seen(size_t(n_seq_), false);
+    for (int64_t i = 0; i < n_seg; ++i) {
+        const llama_cuda_segment& s = segs[i];
+        GPTQ_TRY(seq_check(s.seq));
+        if (seen[size_t(s.seq)])
+            return make_error(E_ARG, "mixed step lists sequence slot {} twice (one segment per sequence)", s.seq);
+        seen[size_t(s.seq)] = true;
+        const int64_t pos   = seq_pos_[size_t(s.seq)];
+        if (s.n < 1 || !s.ids)
+            return make_error(E_ARG, "mixed step: sequence {} with {} tokens, expected at least 1", s.seq, s.n);
+        if (pos + s.n > n_ctx_)
+            return make_error(E_ARG, "sequence {}: {} tokens after {} cached ones exceed the GPU cache's {} positions",
+                              s.seq, s.n, pos, n_ctx_);
+        if (host_->rope_needs_reprefill(pos, s.n))
+            return make_error(E_ARG,
+                              "mixed step: sequence {} crosses LongRoPE's switch at position {} and must run again "
+                              "on its own (prefill_seq / decode_seqs)",
+                              s.seq, pos);
+    }
+    std::vector<std::pair<int64_t, int64_t>> want(static_cast<size_t>(n_seg));
+    for (int64_t i = 0; i < n_seg; ++i) want[size_t(i)] = {segs[i].seq, seq_pos_[size_t(segs[i].seq)] + segs[i].n};
+    GPTQ_TRY(pages_.grow_all(want).with_context(fmt::format("mixed step of {} sequences", n_seg)));
+    const status st = mixed_run(segs, n_seg, logits);
+    if (!st.is_ok())
+        for (int64_t i = 0; i < n_seg; ++i) pages_.shrink(segs[i].seq, seq_pos_[size_t(segs[i].seq)]);
+    return st;
+}
+
+// The rows: every chunk (n > 1) in the order given, then the one-token segments (one ragged
+// decode launch needs its rows together); the logits rows in the segments' order, gathered.
+status llama_cuda_model::mixed_run(const llama_cuda_segment* segs, int64_t n_seg, float* logits) {
+    mixed_rows           rows;
+    std::vector<int32_t> ids;
+    std::vector<int32_t> out_row(static_cast<size_t>(n_seg));
+    tok_pos_.clear();
+    tok_seq_.clear();
+    tok_len_.clear();
+    auto add = [&](int64_t i) {
+        const llama_cuda_segment& s   = segs[i];
+        const int64_t             pos = seq_pos_[size_t(s.seq)], row0 = static_cast<int64_t>(ids.size());
+        if (s.n > 1) rows.chunks.push_back({row0, s.n, s.seq, pos});
+        for (int64_t t = 0; t < s.n; ++t) {
+            ids.push_back(s.ids[t]);
+            tok_pos_.push_back(pos + t);
+            tok_seq_.push_back(static_cast<int32_t>(s.seq));
+            tok_len_.push_back(pos + s.n);  // the CPU's rule: a step's tokens use the length after it
+        }
+        out_row[size_t(i)] = static_cast<int32_t>(row0 + s.n - 1);
+    };
+    for (int64_t i = 0; i < n_seg; ++i)
+        if (segs[i].n > 1) add(i);
+    rows.decode_row0 = static_cast<int64_t>(ids.size());
+    for (int64_t i = 0; i < n_seg; ++i)
+        if (segs[i].n == 1) add(i);
+    const int64_t n = static_cast<int64_t>(ids.size());
+    GPTQ_TRY(activations_reserve(n));
+    GPTQ_TRY(prof_begin());
+    GPTQ_TRY(step_inputs_upload(ids.data(), n));
+    // The out-row indices after the adapters' (step_inputs_upload wrote ids .. adapters).
+    int32_t* hi = reinterpret_cast<int32_t*>(step_host_.data()) + 4 * n_act_;
+    std::copy(out_row.begin(), out_row.end(), hi);
+    GPTQ_TRY(cuda_copy_to_device_async(*ctx_, step_.as<int32_t>() + 4 * n_act_, hi, size_t(n_seg) * 4));
+    GPTQ_TRY(prof_mark("step_inputs"));
+    GPTQ_TRY(forward_queued(n, n_seg, 0, /*ragged=*/true, &rows));
+    GPTQ_TRY(logits_download(n_seg, logits));
+    GPTQ_TRY(prof_mark("logits_copy"));
+    GPTQ_TRY(prof_end(&prof_mixed_, n));
+    for (int64_t i = 0; i < n_seg; ++i) {
+        seq_pos_[size_t(segs[i].seq)] += segs[i].n;
+        ids_append(segs[i].seq, segs[i].ids, segs[i].n);
+    }
     return status::ok();
 }
 

@@ -34,9 +34,9 @@
 #include "model/kv_pages.h"
 #include "model/llama.h"
 #include "model/llama_cuda_layer.h"
+#include "model/llama_cuda_moe.h"
 #include "model/lora.h"
 #include "ops/logits_top.h"
-#include "model/llama_cuda_moe.h"
 #include "ops/ops_cuda.h"
 
 namespace gptq {
@@ -81,6 +81,14 @@ struct llama_op_profile {
     int64_t                    tokens  = 0;  // tokens run by them
     double                     pass_ms = 0;  // GPU time from the first event to the last, summed
     std::vector<llama_op_time> ops;          // in order of first appearance
+};
+
+// One sequence's tokens in a mixed step (llama_cuda_model::step_mixed): ids[n] of slot seq after its
+// cached positions; n > 1: a prompt chunk, n == 1: a decode token.
+struct llama_cuda_segment {
+    int64_t        seq = 0;
+    const int32_t* ids = nullptr;
+    int64_t        n   = 0;
 };
 
 class llama_cuda_model {
@@ -143,6 +151,19 @@ public:
     // kernel for all of them (the GEMVs see m = n; attention reads each token's position and slot
     // from the step inputs), replayed as a CUDA graph per n. logits [n, n_vocab] in the order given.
     status decode_seqs(const int32_t* ids, const int64_t* seqs, int64_t n, float* logits);
+    // A mixed step (continuous batching: prompt chunks beside decode tokens; docs/cuda.md "Mixed
+    // passes"): n_seg segments of distinct slots in ONE forward pass: the embedding, every linear,
+    // norm and MLP (MoE: per expert) and the lm_head run once over all their tokens; attention is
+    // split: each chunk (n > 1) through the prefill kernels over its slot's pages (one launch per
+    // chunk), every one-token segment together in one ragged decode launch. logits [n_seg, n_vocab]:
+    // each segment's last token, in the order given (nullptr: left on the device, as decode_seqs).
+    // Uncaptured (no graph). A segment crossing LongRoPE's switch is an error (run it with
+    // prefill_seq / decode_seqs, which re-prefill it); pages as decode_seqs: all taken before
+    // anything runs, none advanced on an error.
+    status step_mixed(const llama_cuda_segment* segs, int64_t n_seg, float* logits);
+    // Size the activations for passes of up to n tokens now (growing them later drops every decode
+    // graph: gptq serve's warm-up reserves its largest mixed step first).
+    status tokens_reserve(int64_t n) { return activations_reserve(n); }
     // Lockstep shorthands over slots 0 .. n_seq-1: prefill_batch runs ids[n_seq * n] (row s: slot
     // s's prompt) with each row's last logits [n_seq, n_vocab]; decode_batch one token each.
     status prefill_batch(const int32_t* ids, int64_t n_seq, int64_t n, float* logits);
@@ -185,7 +206,8 @@ public:
     bool                    profile_ops() const { return prof_on_; }
     const llama_op_profile& prefill_profile() const { return prof_prefill_; }
     const llama_op_profile& decode_profile() const { return prof_decode_; }
-    void                    profile_reset() { prof_prefill_ = prof_decode_ = {}; }
+    const llama_op_profile& mixed_profile() const { return prof_mixed_; }  // step_mixed's passes
+    void                    profile_reset() { prof_prefill_ = prof_decode_ = prof_mixed_ = {}; }
 
 private:
     using linear = cuda_linear;
@@ -240,10 +262,20 @@ private:
     status step_inputs_upload(const int32_t* ids, int64_t n);
     // prefill_seq once its pages are taken (they go back when it fails).
     status prefill_run(int64_t seq, const int32_t* ids, int64_t n, float* logits, bool all_logits);
+    // step_mixed once its pages are taken (they go back when it fails).
+    status mixed_run(const llama_cuda_segment* segs, int64_t n_seg, float* logits);
+    // A mixed pass's rows: the chunks' (cuda_layer_pass::chunks), the decode rows from decode_row0;
+    // the logits rows are gathered by the step inputs' out-row indices.
+    struct mixed_rows {
+        std::vector<cuda_attention_chunk> chunks;
+        int64_t                           decode_row0 = 0;
+    };
     // The whole forward pass on the uploaded inputs (embedding, cuda_layer_forward per layer, final
     // norm, lm_head); logits of rows [n - n_out_rows, n) to logits_. A plain pass runs in slot seq's
-    // cache from its position; ragged: token t is one query of slot tok_seq_[t] (graph-safe decode).
-    status forward_queued(int64_t n, int64_t n_out_rows, int64_t seq, bool ragged);
+    // cache from its position; ragged: token t is one query of slot tok_seq_[t] (graph-safe decode);
+    // mixed (ragged too): attention split as `mixed` says, the n_out_rows logits rows those the
+    // step inputs' out-row indices name.
+    status forward_queued(int64_t n, int64_t n_out_rows, int64_t seq, bool ragged, const mixed_rows* mixed = nullptr);
     status logits_download(int64_t n_rows, float* logits);
     // Profiling (no-ops when off): prof_begin clears the timeline and marks the start; prof_mark
     // marks the end of op `op`; prof_end waits for the last mark and adds the intervals to *p.
@@ -302,19 +334,19 @@ private:
     cuda_buffer   page_table_;              // device I32 [n_seq_][pages_.max_pages()]
 
     // Activations for up to n_act_ tokens per call (grown on demand).
-    int64_t     n_act_ = 0;
-    cuda_buffer hidden_, x_, q_, k_, v_, y_, gate_, up_;  // [n, n_embd|q_dim|kv_dim|n_ff] F16
-    cuda_buffer logits_;                                  // [n, n_vocab] F32
-    cuda_moe_buffers moe_buf_;      // the MoE block's activations (MoE models)
-    bool             moe_grouped_ = false;  // MoE decode steps grouped (graph-capturable)
+    int64_t          n_act_ = 0;
+    cuda_buffer      hidden_, x_, q_, k_, v_, y_, gate_, up_;  // [n, n_embd|q_dim|kv_dim|n_ff] F16
+    cuda_buffer      logits_;                                  // [n, n_vocab] F32
+    cuda_moe_buffers moe_buf_;                                 // the MoE block's activations (MoE models)
+    bool             moe_grouped_ = false;                     // MoE decode steps grouped (graph-capturable)
     std::string      moe_why_not_grouped_;
-    int64_t     logits_rows_ = 0;                         // rows of logits_ the last pass wrote
+    int64_t          logits_rows_ = 0;  // rows of logits_ the last pass wrote
     // logits_top_download: device [rows, 2] F64 sums, [rows, k] F32 values, [rows, k] I32 ids, [rows] F32
     // inv_temp; the host copy of the first three.
     cuda_buffer          top_dev_;
     std::vector<uint8_t> top_host_;
-    // Step inputs: [n_act_] I32 ids, [n_act_] I32 positions, [n_act_] I32 slots, [n_act_] I32 LoRA adapters, then
-    // (at step_rope_offset_) F32 cos
+    // Step inputs: [n_act_] I32 ids, [n_act_] I32 positions, [n_act_] I32 slots, [n_act_] I32 LoRA adapters,
+    // [n_act_] I32 out rows (mixed passes: the rows whose logits are wanted), then (at step_rope_offset_) F32 cos
     // and sin [n_act_, head_dim / 2] each, per RoPE table (rope_tables()). Uploaded per call from step_host_.
     cuda_buffer          step_;
     size_t               step_rope_offset_ = 0;
@@ -336,7 +368,7 @@ private:
     bool                     prof_on_ = false;
     cuda_timeline            prof_tl_;
     std::vector<const char*> prof_ops_;  // the op each mark after the first ends
-    llama_op_profile         prof_prefill_, prof_decode_;
+    llama_op_profile         prof_prefill_, prof_decode_, prof_mixed_;
 };
 
 }  // namespace gptq

@@ -115,26 +115,41 @@ status attention_cached(cuda_context& c, const llama_hparams& hp, int64_t i_laye
     GPTQ_TRY(op_cuda_rope_kv_store(c, q, k, v, q_stride, kv_stride, cos, sin, p.n, hp.n_head, hp.n_head_kv, hp.head_dim,
                                    p.k_cache, p.v_cache, p.pos_dev, p.ragged ? p.seq_dev : nullptr, p.pages, p.n_ctx));
     GPTQ_TRY(mark(p, "rope_kv_store"));
-    cuda_attention_args a = attention_args_base(hp, i_layer);
-    a.q                   = q;
-    a.k                   = p.k_cache;
-    a.v                   = p.v_cache;
-    a.out                 = out;
-    a.n_q                 = p.n;
-    a.q_stride            = q_stride;
-    a.out_stride          = hp.q_dim();
-    a.kv_stride           = hp.kv_dim();
-    a.kv_pages            = p.pages;
-    if (p.ragged) {  // the bound sizes grid and workspace; each query's position is read when it runs
-        a.n_kv      = p.n_ctx;
-        a.q_pos0    = 0;
-        a.q_pos_dev = p.pos_dev;
-        a.q_seq_dev = p.seq_dev;
+    // Queries of rows [row0, row0 + n_q) over one sequence's pages from n_past (a prefill, or a chunk
+    // of a mixed pass: the pages row of that sequence), or ragged (seq < 0: each row's own position
+    // and sequence, read when the kernel runs; the bound n_ctx sizes grid and workspace).
+    auto run = [&](int64_t row0, int64_t n_q, int64_t seq, int64_t n_past) -> status {
+        cuda_attention_args a = attention_args_base(hp, i_layer);
+        a.q                   = q + row0 * q_stride;
+        a.k                   = p.k_cache;
+        a.v                   = p.v_cache;
+        a.out                 = out + row0 * hp.q_dim();
+        a.n_q                 = n_q;
+        a.q_stride            = q_stride;
+        a.out_stride          = hp.q_dim();
+        a.kv_stride           = hp.kv_dim();
+        a.kv_pages            = p.pages;
+        if (seq < 0) {
+            a.n_kv      = p.n_ctx;
+            a.q_pos0    = 0;
+            a.q_pos_dev = p.pos_dev + row0;
+            a.q_seq_dev = p.seq_dev + row0;
+        } else {
+            a.n_kv           = n_past + n_q;
+            a.q_pos0         = n_past;
+            a.kv_pages.pages = p.pages.pages + seq * p.pages.pages_stride;
+        }
+        return op_cuda_attention(c, a);
+    };
+    if (!p.ragged) {
+        GPTQ_TRY(run(0, p.n, 0, p.n_past));  // p.pages is the sequence's row already
     } else {
-        a.n_kv   = p.n_past + p.n;
-        a.q_pos0 = p.n_past;
+        for (int64_t j = 0; j < p.n_chunks; ++j) {
+            const cuda_attention_chunk& ch = p.chunks[j];
+            GPTQ_TRY(run(ch.row0, ch.n, ch.seq, ch.n_past));
+        }
+        if (p.decode_row0 < p.n) GPTQ_TRY(run(p.decode_row0, p.n - p.decode_row0, -1, 0));
     }
-    GPTQ_TRY(op_cuda_attention(c, a));
     return mark(p, "attention");
 }
 

@@ -104,6 +104,12 @@ struct cuda_layer_buffers {
 // Called after each op with its kind ("rms_norm", "linear_qkv", "attention", ...): profiling marks.
 using cuda_op_mark = std::function<status(const char* op)>;
 
+// Rows [row0, row0 + n) of a mixed pass: a prompt chunk of sequence seq at positions n_past ..
+// n_past + n - 1 (cuda_layer_pass::chunks).
+struct cuda_attention_chunk {
+    int64_t row0 = 0, n = 0, seq = 0, n_past = 0;
+};
+
 // One pass of a layer over n rows: where attention finds its keys and values, the hooks.
 struct cuda_layer_pass {
     int64_t n = 0;  // rows (tokens) of hidden
@@ -127,7 +133,15 @@ struct cuda_layer_pass {
     const int32_t* pos_dev = nullptr;                      // device I32 [n]: each token's position
     const int32_t* seq_dev = nullptr;                      // ragged: device I32 [n], each token's sequence
     bool           ragged  = false;
-    int64_t        seqlen  = 0;  // local: tokens per window
+    // Mixed passes (ragged set; a serve step: prompt chunks beside decode tokens, docs/cuda.md "Mixed
+    // passes"): rope_kv_store runs once over all rows as in a ragged pass, attention is split: each
+    // chunk's rows through the prefill kernels over its sequence's pages (one launch per chunk),
+    // rows decode_row0 .. n-1 (one token of a sequence each) in one ragged decode launch. A ragged
+    // decode pass has no chunks and decode_row0 0.
+    const cuda_attention_chunk* chunks      = nullptr;
+    int64_t                     n_chunks    = 0;
+    int64_t                     decode_row0 = 0;
+    int64_t                     seqlen      = 0;  // local: tokens per window
 
     // Local only: the attention output goes to attn_out ([n, q_dim], nullptr: buffers.x), and with
     // attn_reuse it is already there (q/k/v, RoPE and attention are skipped).

@@ -28,6 +28,7 @@
 #include "gptq/generate.h"
 #include "gptq/ppl.h"
 #include "gptq/quantize.h"
+#include "mixed_check.h"
 #include "model/llama.h"
 #include "model/llama_cuda.h"
 #include "model/llama_cuda_layer.h"
@@ -693,6 +694,220 @@ TEST(llama_cuda, ragged_decode_matches_sequences_alone) {
     check_ragged(gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq"), true);  // int4 kernel, act-order
 }
 
+// ---- mixed passes: prompt chunks beside decode tokens in one forward (docs/cuda.md) ---------------
+
+// Every row of the mixed steps against the separate passes (tests/cuda/mixed_check.h explains the
+// bound): FP16 models with the families' options, GPTQ int4 (act-order) and the generic kernel,
+// page sizes from 1 (every position its own page) to 16.
+TEST(llama_cuda, mixed_steps_match_separate_passes) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const std::string data = source_dir() + "/tests/data/model/";
+    auto              opts = [](int64_t page, bool graph = true, bool fuse = true) {
+        llama_cuda_options o;
+        o.n_ctx     = 64;
+        o.page_size = page;
+        o.graph     = graph;
+        o.fuse      = fuse;
+        return o;
+    };
+    double worst = 0;
+    test::check_mixed_steps(source_dir() + "/models/tiny-llama", opts(16), {}, &worst);
+    test::check_mixed_steps(source_dir() + "/models/tiny-llama", opts(4, false), {}, &worst);
+    test::check_mixed_steps(source_dir() + "/models/tiny-llama", opts(1), {}, &worst);
+    test::check_mixed_steps(source_dir() + "/models/tiny-llama", opts(8, true, false), {}, &worst);  // unfused
+    test::check_mixed_steps(data + "rand-qwen2", opts(4), {}, &worst);        // biases, a sliding-window layer, GQA
+    test::check_mixed_steps(data + "rand-dynamic", opts(8), {}, &worst);      // RoPE rows by each sequence's length
+    test::check_mixed_steps(data + "rand-mistral", opts(2), {}, &worst);      // window 5 across pages
+    test::check_mixed_steps(data + "rand-llama3", opts(16), {}, &worst);      // o bias
+    test::check_mixed_steps(arch_dir("gemma3"), opts(4), {}, &worst);         // q/k norms, local RoPE table, soft-caps
+    test::check_mixed_steps(arch_dir("phi3-longrope"), opts(8), {}, &worst);  // fused modules; positions < 32
+    test::check_mixed_steps(gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq"), opts(8), {}, &worst);
+    test::check_mixed_steps(gptq_checkpoint("w4g128-rtn", 4, 128, false, true, "rtn"), opts(16), {}, &worst);
+    test::check_mixed_steps(gptq_checkpoint("w3g32-asym", 3, 32, false, false, "rtn"), opts(4), {}, &worst);
+    std::printf("[ mixed ] worst over the models: %.3g (bound %.3g)\n", worst, test::k_mixed_rel_tol);
+}
+
+// A refused mixed step takes and advances nothing: a slot listed twice, an unknown slot, no
+// tokens, past the context, a token outside the vocabulary (found while uploading, after the
+// pages were taken: they go back), too few free pages; and on LongRoPE, a segment crossing the
+// switch (it must run again on its own).
+TEST(llama_cuda, mixed_step_errors_take_nothing) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    llama_cuda_options o;
+    o.n_ctx     = 64;
+    o.page_size = 8;
+    auto m      = llama_cuda_model::open(source_dir() + "/models/tiny-llama", o);
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    GPTQ_EXPECT_OK((*m)->kv_reserve(3, 64, 5));
+    const int64_t        V   = (*m)->hparams().n_vocab;
+    const auto           ids = test_ids(48, V);
+    std::vector<float>   out(static_cast<size_t>(3 * V));
+    std::vector<int32_t> bad_ids(ids.begin(), ids.begin() + 6);
+    bad_ids[4] = static_cast<int32_t>(V);
+    GPTQ_EXPECT_OK((*m)->prefill_seq(0, ids.data(), 10, out.data(), false));  // 2 pages
+    auto refused = [&](std::vector<llama_cuda_segment> segs, const std::string& what, const std::string& msg) {
+        const int64_t used = (*m)->kv_pages_used(), p0 = (*m)->seq_pos(0), p1 = (*m)->seq_pos(1);
+        const status  st = (*m)->step_mixed(segs.data(), int64_t(segs.size()), out.data());
+        EXPECT_FALSE(st.is_ok()) << what;
+        EXPECT_NE(st.message().find(msg), std::string::npos) << what << ": " << st.message();
+        EXPECT_EQ((*m)->kv_pages_used(), used) << what;
+        EXPECT_EQ((*m)->seq_pos(0), p0) << what;
+        EXPECT_EQ((*m)->seq_pos(1), p1) << what;
+    };
+    refused({{0, ids.data(), 1}, {1, ids.data(), 5}, {0, ids.data(), 1}}, "twice", "twice");
+    refused({{1, ids.data(), 5}, {3, ids.data(), 1}}, "unknown slot", "slot 3");
+    refused({{1, ids.data(), 0}, {0, ids.data(), 1}}, "no tokens", "at least 1");
+    refused({{1, ids.data(), 5}, {0, ids.data(), 60}}, "past the context", "exceed");
+    refused({{0, ids.data(), 1}, {1, bad_ids.data(), 6}}, "bad id", "outside the vocabulary");
+    refused({{1, ids.data(), 17}, {2, ids.data(), 9}, {0, ids.data(), 1}}, "pages", "out of KV pages");
+    // Still usable, and equal to the separate passes.
+    const llama_cuda_segment ok[] = {{1, ids.data() + 10, 6}, {0, ids.data() + 10, 1}};
+    GPTQ_EXPECT_OK((*m)->step_mixed(ok, 2, out.data()));
+    EXPECT_EQ((*m)->seq_pos(0), 11);
+    EXPECT_EQ((*m)->seq_pos(1), 6);
+    EXPECT_EQ((*m)->kv_pages_used(), 3);
+    auto a = llama_cuda_model::open(source_dir() + "/models/tiny-llama", o);
+    ASSERT_TRUE(a.is_ok()) << a.error().message();
+    GPTQ_EXPECT_OK((*a)->kv_reserve(3, 64, 5));
+    std::vector<float> ref(static_cast<size_t>(V));
+    GPTQ_EXPECT_OK((*a)->prefill_seq(1, ids.data() + 10, 6, ref.data(), false));
+    EXPECT_LE(row_rel_error(out.data(), ref.data(), V), k_graph_rel_tol);
+    GPTQ_EXPECT_OK((*a)->prefill_seq(0, ids.data(), 10, ref.data(), false));
+    const int64_t slot0 = 0;
+    GPTQ_EXPECT_OK((*a)->decode_seqs(ids.data() + 10, &slot0, 1, ref.data()));
+    EXPECT_LE(row_rel_error(out.data() + V, ref.data(), V), k_graph_rel_tol);
+
+    // LongRoPE (phi3-longrope: original 32): a chunk from 28 to 36 crosses the switch.
+    auto lr = llama_cuda_model::open(arch_dir("phi3-longrope"), o);
+    ASSERT_TRUE(lr.is_ok()) << lr.error().message();
+    GPTQ_EXPECT_OK((*lr)->kv_reserve(2, 64));
+    const int64_t      Vl = (*lr)->hparams().n_vocab;
+    const auto         il = test_ids(40, Vl);
+    std::vector<float> ol(static_cast<size_t>(2 * Vl));
+    GPTQ_EXPECT_OK((*lr)->prefill_seq(0, il.data(), 28, ol.data(), false));
+    const llama_cuda_segment cross[] = {{0, il.data() + 28, 8}, {1, il.data(), 1}};
+    const status             st      = (*lr)->step_mixed(cross, 2, ol.data());
+    EXPECT_FALSE(st.is_ok());
+    EXPECT_NE(st.message().find("LongRoPE"), std::string::npos) << st.message();
+    EXPECT_EQ((*lr)->seq_pos(0), 28);
+    EXPECT_EQ((*lr)->seq_pos(1), 0);
+}
+
+// The CUDA session runs steps with prompt chunks beside other sequences as one mixed pass: its
+// rows equal step_mixed's on a model of the same layout bit for bit (the same kernels and
+// arguments), and the CPU session's within the F16 bound; step_top's candidates are those of
+// step()'s rows (bit for bit) and its first candidate is one the CPU ranks first within the bound.
+// A step whose chunk crosses LongRoPE's switch runs the separate passes (re-prefill) and still
+// equals the CPU.
+void check_session_mixed(const std::string& dir) {
+    auto open = [&](const char* device) {
+        model_session_options so;
+        so.model_path       = dir;
+        so.device           = *device_parse(device);
+        so.n_threads        = 2;
+        so.n_ctx_hint       = 64;
+        so.int8_activations = false;  // the CPU's F32 products (the GPU's numerics against F32)
+        auto s              = model_session_open(so);
+        EXPECT_TRUE(s.is_ok()) << s.error().message();
+        return s.is_ok() ? std::move(*s) : nullptr;
+    };
+    auto gpu = open("cuda"), top = open("cuda"), cpu = open("cpu");
+    ASSERT_TRUE(gpu && top && cpu);
+    for (model_session* s : {gpu.get(), top.get(), cpu.get()}) GPTQ_EXPECT_OK(s->reserve(4, 64));
+    llama_cuda_options o;
+    o.n_ctx = 64;
+    auto m  = llama_cuda_model::open(dir, o);
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    GPTQ_EXPECT_OK((*m)->kv_reserve(4, 64));
+    const int64_t        V = gpu->n_vocab(), k = 8;
+    std::vector<int64_t> gen(4, 0);
+    const auto           plan = test::mixed_default_plan();
+    for (size_t j = 0; j < plan.size(); ++j) {
+        if (plan[j].reset >= 0) {
+            ++gen[size_t(plan[j].reset)];
+            for (model_session* s : {gpu.get(), top.get(), cpu.get()}) s->seq_reset(plan[j].reset);
+            (*m)->seq_reset(plan[j].reset);
+        }
+        std::vector<std::vector<int32_t>> ids;
+        std::vector<seq_step>             steps;
+        std::vector<llama_cuda_segment>   segs;
+        for (auto [slot, n] : plan[j].segs) {
+            std::vector<int32_t> v;
+            for (int64_t t = 0; t < n; ++t)
+                v.push_back(int32_t((31 * (gpu->seq_pos(slot) + t) + 7 * slot + 101 * gen[size_t(slot)] + 3) % V));
+            ids.push_back(std::move(v));
+        }
+        for (size_t i = 0; i < ids.size(); ++i) {
+            steps.push_back({.seq = plan[j].segs[i].first, .ids = ids[i].data(), .n_tokens = plan[j].segs[i].second});
+            segs.push_back({.seq = steps.back().seq, .ids = ids[i].data(), .n = steps.back().n_tokens});
+        }
+        const size_t n = steps.size();
+        const bool   mixed =
+            n > 1 && std::any_of(steps.begin(), steps.end(), [](const seq_step& x) { return x.n_tokens > 1; });
+        std::vector<float> g(n * size_t(V)), c(n * size_t(V)), want(n * size_t(V));
+        GPTQ_EXPECT_OK(gpu->step(steps, g.data()));
+        GPTQ_EXPECT_OK(cpu->step(steps, c.data()));
+        GPTQ_EXPECT_OK((*m)->step_mixed(segs.data(), int64_t(n), want.data()));
+        logits_top t;
+        GPTQ_EXPECT_OK(top->step_top(steps, k, nullptr, &t));
+        for (size_t r = 0; r < n; ++r) {
+            const float* gr = g.data() + r * size_t(V);
+            const float* cr = c.data() + r * size_t(V);
+            if (mixed) {  // the session's pass is step_mixed's
+                EXPECT_EQ(0, std::memcmp(gr, want.data() + r * size_t(V), size_t(V) * 4))
+                    << dir << " step " << j << " row " << r << ": the session did not run the mixed pass";
+            }
+            EXPECT_LE(row_rel_error(gr, cr, V), k_f16_logits_rel_tol) << dir << " step " << j << " row " << r;
+            float amax = 0;
+            for (int64_t i = 0; i < V; ++i) amax = std::max(amax, std::fabs(cr[i]));
+            const float cmax = *std::max_element(cr, cr + V);
+            for (int64_t i = 0; i < k; ++i) EXPECT_EQ(t.logits[r * size_t(k) + size_t(i)], gr[t.id(int64_t(r), i)]);
+            EXPECT_GE(cr[t.id(int64_t(r), 0)], cmax - k_f16_logits_rel_tol * amax) << dir << " step " << j;
+        }
+    }
+}
+
+TEST(llama_cuda, session_mixed_steps_match_cpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    check_session_mixed(source_dir() + "/models/tiny-llama");
+    check_session_mixed(source_dir() + "/tests/data/model/rand-qwen2");
+    check_session_mixed(source_dir() + "/tests/data/model/rand-dynamic");
+}
+
+// LongRoPE's switch inside a step with other sequences: the session runs the separate passes
+// (the crossing chunk again on its own from position 0), rows within the F16 bound of the CPU's.
+TEST(llama_cuda, session_step_crossing_longrope_matches_cpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const std::string dir  = arch_dir("phi3-longrope");
+    auto              open = [&](const char* device) {
+        model_session_options so;
+        so.model_path = dir;
+        so.device     = *device_parse(device);
+        so.n_threads  = 2;
+        auto s        = model_session_open(so);
+        EXPECT_TRUE(s.is_ok()) << s.error().message();
+        return s.is_ok() ? std::move(*s) : nullptr;
+    };
+    auto gpu = open("cuda"), cpu = open("cpu");
+    ASSERT_TRUE(gpu && cpu);
+    for (model_session* s : {gpu.get(), cpu.get()}) GPTQ_EXPECT_OK(s->reserve(2, 64));
+    const int64_t                            V    = gpu->n_vocab();
+    const auto                               ids  = test_ids(48, V);
+    const std::vector<std::vector<seq_step>> plan = {
+        {{.seq = 0, .ids = ids.data(), .n_tokens = 28}, {.seq = 1, .ids = ids.data() + 1, .n_tokens = 5}},
+        {{.seq = 0, .ids = ids.data() + 28, .n_tokens = 8}, {.seq = 1, .ids = ids.data() + 6, .n_tokens = 1}},
+        {{.seq = 1, .ids = ids.data() + 7, .n_tokens = 3}, {.seq = 0, .ids = ids.data() + 36, .n_tokens = 1}}};
+    for (size_t j = 0; j < plan.size(); ++j) {
+        std::vector<float> g(plan[j].size() * size_t(V)), c(g.size());
+        GPTQ_EXPECT_OK(gpu->step(plan[j], g.data()));
+        GPTQ_EXPECT_OK(cpu->step(plan[j], c.data()));
+        for (size_t r = 0; r < plan[j].size(); ++r)
+            EXPECT_LE(row_rel_error(g.data() + r * size_t(V), c.data() + r * size_t(V), V), k_f16_logits_rel_tol)
+                << "step " << j << " row " << r;
+    }
+    EXPECT_EQ(gpu->seq_pos(0), 37);
+}
+
 // The CUDA session's step_top (candidates selected on the GPU, the decode rows' logits left there)
 // against its step() + logits_top_cpu: the same kernels ran, so the same bits.
 TEST(llama_cuda, session_step_top_gives_the_candidates_of_steps_logits) {
@@ -829,6 +1044,55 @@ TEST(llama_cuda, profile_ops_times_each_op_and_keeps_logits) {
     check_profiling(gptq_checkpoint("w4g128-rtn", 4, 128, false, true, "rtn"), {}, 0);
     check_profiling(source_dir() + "/tests/data/model/rand-qwen2", {}, 0);
     check_profiling(source_dir() + "/models/tiny-llama", {}, 0, /*fuse=*/false);  // q/k/v, gate/up one by one
+}
+
+// A profiled mixed pass: the same logits bit for bit, its ops in mixed_profile() (one attention mark
+// per layer for the chunks' and the decode rows' launches together, the row gather before the
+// lm_head), nothing in the prefill or decode profiles.
+TEST(llama_cuda, profile_ops_times_mixed_passes) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const std::string  dir = source_dir() + "/models/tiny-llama";
+    std::vector<float> logits[2];
+    for (int prof = 0; prof < 2; ++prof) {
+        llama_cuda_options o;
+        o.n_ctx = 64;
+        auto m  = llama_cuda_model::open(dir, o);
+        ASSERT_TRUE(m.is_ok()) << m.error().message();
+        GPTQ_EXPECT_OK((*m)->kv_reserve(3, 64));
+        const int64_t V = (*m)->hparams().n_vocab, L = (*m)->hparams().n_layer;
+        const auto    ids = test_ids(32, V);
+        GPTQ_EXPECT_OK((*m)->prefill_seq(1, ids.data(), 5, nullptr, false));
+        GPTQ_EXPECT_OK((*m)->prefill_seq(2, ids.data() + 5, 3, nullptr, false));
+        (*m)->set_profile_ops(prof == 1);
+        const llama_cuda_segment segs[] = {{2, ids.data() + 8, 1}, {0, ids.data() + 9, 12}, {1, ids.data() + 21, 1}};
+        logits[prof].resize(size_t(3 * V));
+        GPTQ_EXPECT_OK((*m)->step_mixed(segs, 3, logits[prof].data()));
+        const llama_op_profile& p = (*m)->mixed_profile();
+        if (prof == 0) {
+            EXPECT_EQ(p.passes, 0);
+            continue;
+        }
+        EXPECT_EQ(p.passes, 1);
+        EXPECT_EQ(p.tokens, 14);
+        EXPECT_EQ((*m)->prefill_profile().passes, 0);
+        EXPECT_EQ((*m)->decode_profile().passes, 0);
+        const std::vector<std::pair<std::string, int64_t>> want = {
+            {"step_inputs", 1},   {"embedding", 1},   {"rms_norm", 1}, {"add_rms_norm", 2 * L}, {"linear_qkv", L},
+            {"rope_kv_store", L}, {"attention", L},   {"linear_o", L}, {"linear_gate_up", L},   {"silu_mul", L},
+            {"linear_down", L},   {"gather_rows", 1}, {"lm_head", 1},  {"logits_copy", 1}};
+        EXPECT_EQ(p.ops.size(), want.size());
+        double sum = 0;
+        for (const auto& t : p.ops) sum += t.ms;
+        EXPECT_NEAR(sum, p.pass_ms, 1e-6 * std::max(1.0, p.pass_ms));
+        for (const auto& [op, calls] : want) {
+            const llama_op_time* t = find_op(p, op);
+            ASSERT_NE(t, nullptr) << "no '" << op << "' in the mixed profile";
+            EXPECT_EQ(t->calls, calls) << op;
+            EXPECT_GE(t->ms, 0.0) << op;
+        }
+    }
+    EXPECT_EQ(0, std::memcmp(logits[0].data(), logits[1].data(), logits[0].size() * sizeof(float)))
+        << "logits with profiling differ";
 }
 
 TEST(llama_cuda, profile_ops_with_offload_times_staging_waits) {

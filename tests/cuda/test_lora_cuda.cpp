@@ -16,8 +16,10 @@
 #include "core/dtype.h"
 #include "cuda_model_util.h"
 #include "cuda_test_util.h"
+#include "engine/lora_load.h"
 #include "engine/model_session.h"
 #include "golden.h"
+#include "mixed_check.h"
 #include "model/lora.h"
 #include "ops/ops_cuda.h"
 #include "test_util.h"
@@ -165,6 +167,11 @@ void check_model(const std::string& model) {
                                      {.seq = 0, .ids = ids.data() + 4 + t, .n_tokens = 1, .lora = 0}};
         worst                     = std::max(worst, steps_compare(*gpu, *cpu, dec, "decode after reuse"));
     }
+    // A mixed step (one pass on the GPU): a chunk with adapter 0 beside decode tokens with adapter 1.
+    std::vector<seq_step> mixed = {{.seq = 1, .ids = ids.data() + 9, .n_tokens = 1, .lora = 1},
+                                   {.seq = 0, .ids = ids.data() + 11, .n_tokens = 6, .lora = 0},
+                                   {.seq = 2, .ids = ids.data() + 1, .n_tokens = 1, .lora = 1}};
+    worst                       = std::max(worst, steps_compare(*gpu, *cpu, mixed, "mixed"));
     std::printf("[ lora gpu ] %s: max rel error vs the CPU %.3g\n", model.c_str(), worst);
 }
 
@@ -176,6 +183,29 @@ TEST(lora_cuda, fp16_model_matches_cpu) {
 TEST(lora_cuda, gptq_act_order_model_matches_cpu) {
     GPTQ_SKIP_WITHOUT_GPU();
     check_model(tiny_llama_gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq"));
+}
+
+// Mixed passes with two adapters on different sequences (and slots without one): every row
+// against the separate passes (tests/cuda/mixed_check.h), the rows' adapters read per token.
+void check_mixed(const std::string& model) {
+    auto host = llama_model::open(model);
+    ASSERT_TRUE(host.is_ok()) << host.error().message();
+    const std::string dir = cuda_source_dir() + "/tests/data/lora/";
+    auto              ad  = lora_adapters_open({{dir + "adapter-a", 1.0}, {dir + "adapter-b", 1.0}}, (*host)->hparams(),
+                                               /*stack=*/false);
+    ASSERT_TRUE(ad.is_ok()) << ad.error().message();
+    llama_cuda_options o;
+    o.n_ctx     = 64;
+    o.page_size = 8;
+    o.loras     = *ad;
+    check_mixed_steps(model, o, {0, 1, -1, 1});  // slot 2 (reset and reused mid-plan) without one
+    check_mixed_steps(model, o, {1, -1, 0, 0});
+}
+
+TEST(lora_cuda, mixed_steps_match_separate_passes) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    check_mixed(cuda_source_dir() + "/models/tiny-llama");
+    check_mixed(tiny_llama_gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq"));
 }
 
 TEST(lora_cuda, unknown_adapter_index_is_an_error) {

@@ -28,6 +28,7 @@
 #include "gptq/ppl.h"
 #include "gptq/quantize.h"
 #include "gptq_test_layer.h"
+#include "mixed_check.h"
 #include "model/llama.h"
 #include "model/llama_cuda.h"
 #include "model/llama_cuda_layer.h"
@@ -685,6 +686,20 @@ TEST(moe_cuda, qwen3_moe_matches_cpu) {  // top-4 of 8, q/k norms, dense first a
 TEST(moe_cuda, ragged_decode_matches_sequences_alone) {
     GPTQ_SKIP_WITHOUT_GPU();
     for (const char* name : {"mixtral", "qwen2-moe", "qwen3-moe"}) check_moe_ragged(moe_dir(name));
+}
+
+// Mixed passes (prompt chunks beside decode tokens in one forward): the experts run per expert over
+// all rows (the prefill path), against the separate passes (per-expert prefill, grouped decode as a
+// graph): the summation-order bound, as per expert vs grouped above (tests/cuda/mixed_check.h).
+TEST(moe_cuda, mixed_steps_match_separate_passes) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    llama_cuda_options o;
+    o.n_ctx     = 64;
+    o.page_size = 4;
+    for (const char* name : {"mixtral", "qwen2-moe", "qwen3-moe"}) test::check_mixed_steps(moe_dir(name), o, {});
+    o.page_size = 16;
+    test::check_mixed_steps(micro_int4("micro-qwen3-moe", "rtn", false), o, {});
+    test::check_mixed_steps(micro_int4("micro-mixtral", "gptq", true), o, {});
 }
 
 // Perplexity through the engine (model_session on cuda: windows of 128 tokens through the per-expert

@@ -12,6 +12,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 #include <numbers>
+#include <optional>
 
 #include "core/error.h"
 #include "core/log.h"
@@ -397,7 +398,8 @@ struct train_loop {
 
     status run(int64_t start, finetune_result* r) {
         const int64_t per_step = p.batch * p.grad_accum, n_train = static_cast<int64_t>(sp.train.size());
-        progress_bar  bar("finetune", total - start, "step");
+        std::optional<progress_bar> bar;
+        if (p.progress) bar.emplace("finetune", total - start, "step");
         const auto    t0 = std::chrono::steady_clock::now();
         const int64_t log_every = std::max<int64_t>(1, (total - start) / 20);
         for (int64_t k = start; k < total; ++k) {
@@ -412,8 +414,10 @@ struct train_loop {
             r->train_loss     = st.loss;
             const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             const double tps  = secs > 0 ? static_cast<double>(r->n_train_tokens) / secs : 0.0;
-            bar.set_note(fmt::format("loss {:.4f} {:.0f} tok/s", st.loss, tps));
-            bar.update();
+            if (bar) {
+                bar->set_note(fmt::format("loss {:.4f} {:.0f} tok/s", st.loss, tps));
+                bar->update();
+            }
             if ((k + 1 - start) % log_every == 0 || k + 1 == total)
                 GPTQ_LOG_INFO("step {}/{}: loss {:.4f} lr {:.3g} grad_norm {:.4f} {:.0f} tok/s", k + 1, total, st.loss,
                               lr, st.grad_norm, tps);
@@ -427,7 +431,7 @@ struct train_loop {
             if (p.save_every > 0 && (k + 1) % p.save_every == 0 && k + 1 < total)
                 GPTQ_TRY(checkpoint_save(p, hp, trainer, run_state{k + 1}));
         }
-        bar.finish();
+        if (bar) bar->finish();
         r->seconds           = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         r->tokens_per_second = r->seconds > 0 ? static_cast<double>(r->n_train_tokens) / r->seconds : 0.0;
         return status::ok();

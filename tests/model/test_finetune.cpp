@@ -433,6 +433,9 @@ TEST(finetune, bad_inputs_are_clear_errors) {
     p = tiny_params(d.file("data.txt"), d.file("o9"));
     p.data_path = d.file("data.csv");
     has(err(p), "expected a .txt or .jsonl");
+    p              = tiny_params(d.file("data.txt"), d.file("o11"));
+    p.init_adapter = source_path("tests/data/lora/adapter-a");  // r 8, this run trains r 4
+    has(err(p), "--init-adapter");
     // The CLI: exit 1 and the message.
     auto cli = run_command(gptq_binary() + " finetune " + k_tiny + " --data " + d.file("data.txt") + " -o " +
                            d.file("o10") + " --device cuda");

@@ -53,7 +53,8 @@ def main():
     for name, t in sd.items():
         p = params[name.replace(".weight", ".default.weight")]
         assert torch.equal(p.detach().float(), t.float()), name
-    scales = {m.scaling["default"] for m in model.modules() if hasattr(m, "scaling") and "default" in m.scaling}
+    scales = {m.scaling["default"] for m in model.modules()
+              if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling}
     want = acfg["lora_alpha"] / (math.sqrt(acfg["r"]) if acfg.get("use_rslora") else acfg["r"])
     assert scales == {want}, (scales, want)
     after = ppl(model, ids, seqlen, windows)

@@ -2,7 +2,7 @@
 // - two optimizer steps on a GPTQ base against peft + transformers (tests/data/finetune, made by
 //   scripts/make_finetune_goldens.py): loss, gradients of every A and B, the clipped AdamW update;
 // - the whole model's LoRA gradients against finite differences of its loss (a tiny random Mistral
-//   with a sliding window and an untied lm_head);
+//   with a sliding window and an untied lm_head; the same as Qwen2 with q/k/v biases);
 // - gradient accumulation equals one big batch; resume equals an uninterrupted run, bit for bit;
 // - data: chat masking, text windows; the written adapter loads in Part 1's reader (and ppl);
 // - errors: empty data, seqlen past the context, unknown target, jsonl without text/messages,
@@ -176,6 +176,40 @@ std::string mistral_copy(const temp_dir& d) {
     return d.path();
 }
 
+// The same weights as a Qwen2 model (q/k/v biases, random F32 ones added): the bias path.
+std::string qwen2_copy(const temp_dir& d) {
+    const std::string src = source_path("tests/data/arch/mistral-nemo");
+    auto              cfg = nlohmann::json::parse(read_file(src + "/config.json"));
+    cfg["architectures"]  = {"Qwen2ForCausalLM"};
+    cfg["model_type"]     = "qwen2";
+    cfg["use_sliding_window"] = false;
+    cfg.erase("sliding_window");
+    write_file(d.file("config.json"), cfg.dump());
+    auto f = safetensors_file::open(src + "/model.safetensors");
+    EXPECT_TRUE(f);
+    std::vector<safetensors_decl>   decls;
+    std::vector<std::vector<float>> biases;
+    for (const auto& t : (*f)->tensors()) decls.push_back({t.name, t.type, t.shape});
+    const int64_t kv = cfg["num_key_value_heads"].get<int64_t>() * cfg["head_dim"].get<int64_t>();
+    const int64_t q  = cfg["num_attention_heads"].get<int64_t>() * cfg["head_dim"].get<int64_t>();
+    std::mt19937  rng(12);
+    std::normal_distribution<float> nd(0.0f, 0.5f);
+    for (int64_t l = 0; l < cfg["num_hidden_layers"].get<int64_t>(); ++l)
+        for (auto [r, n] : {std::pair{"q_proj", q}, std::pair{"k_proj", kv}, std::pair{"v_proj", kv}}) {
+            decls.push_back({"model.layers." + std::to_string(l) + ".self_attn." + r + ".bias", dtype::DTYPE_F32, {n}});
+            biases.emplace_back(static_cast<size_t>(n));
+            for (float& x : biases.back()) x = nd(rng);
+        }
+    auto w = safetensors_writer::create(d.file("model.safetensors"), decls);
+    EXPECT_TRUE(w);
+    for (const auto& t : (*f)->tensors()) EXPECT_TRUE((*w)->write(t.name, (*f)->bytes(t), t.nbytes()).is_ok());
+    size_t i = 0;
+    for (size_t k = (*f)->tensors().size(); k < decls.size(); ++k, ++i)
+        EXPECT_TRUE((*w)->write(decls[k].name, biases[i].data(), biases[i].size() * 4).is_ok());
+    EXPECT_TRUE((*w)->finish().is_ok());
+    return d.path();
+}
+
 std::array<bool, k_n_linear_roles> all_roles() {
     std::array<bool, k_n_linear_roles> on{};
     on.fill(true);
@@ -194,12 +228,11 @@ train_batch random_batch(std::mt19937& rng, int64_t vocab, std::vector<int64_t> 
 }
 }  // namespace
 
-TEST(finetune, whole_model_gradients_match_finite_differences) {
-    temp_dir d("ft-fd");
-    auto     model = llama_model::open(mistral_copy(d));
+namespace {
+void check_model_gradients(const std::string& path) {
+    auto model = llama_model::open(path);
     ASSERT_TRUE(model) << model.error().message();
     const llama_hparams& hp = (*model)->hparams();
-    ASSERT_EQ(hp.window[0], 5);
     auto adapter = std::make_shared<lora_adapter>(lora_adapter_init(hp, 4, 2.0f, all_roles(), 3));
     std::mt19937 rng(9);
     each_tensor(*adapter, [&](const std::string&, std::vector<float>& w) {  // B non-zero: A gets gradients
@@ -241,6 +274,25 @@ TEST(finetune, whole_model_gradients_match_finite_differences) {
             }
         }
     EXPECT_EQ(n_checked, 3 * 2 * (7 + 2 * (hp.n_layer - 1)));
+}
+}  // namespace
+
+TEST(finetune, whole_model_gradients_match_finite_differences) {
+    temp_dir d("ft-fd");
+    const std::string path = mistral_copy(d);
+    auto              hp   = llama_model::open(path);
+    ASSERT_TRUE(hp);
+    ASSERT_EQ((*hp)->hparams().window[0], 5);
+    check_model_gradients(path);
+}
+
+TEST(finetune, whole_model_gradients_with_qkv_biases) {
+    temp_dir d("ft-fd-qwen2");
+    const std::string path = qwen2_copy(d);
+    auto              m    = llama_model::open(path);
+    ASSERT_TRUE(m) << m.error().message();
+    ASSERT_TRUE((*m)->hparams().qkv_bias);
+    check_model_gradients(path);
 }
 
 TEST(finetune, gradient_accumulation_equals_one_batch) {

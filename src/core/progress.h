@@ -21,9 +21,9 @@ public:
     progress_bar(const progress_bar&)            = delete;
     progress_bar& operator=(const progress_bar&) = delete;
 
-    void update(int64_t done_delta = 1);  // add done work and maybe redraw
-    void set(int64_t done);               // absolute position
-    void finish();                        // final redraw and newline (idempotent)
+    void update(int64_t done_delta = 1);                          // add done work and maybe redraw
+    void set(int64_t done);                                       // absolute position
+    void finish();                                                // final redraw and newline (idempotent)
     void set_note(std::string note) { note_ = std::move(note); }  // shown after the ETA ("loss 2.31")
 
     bool enabled() const { return enabled_; }

@@ -40,7 +40,8 @@ void for_each_module(lora_adapter& a, F&& fn) {  // fn(lora_module&) over the ad
 
 double finetune_lr_at(double lr, int64_t step, int64_t total, int64_t warmup) {
     if (step < warmup) return lr * static_cast<double>(step) / static_cast<double>(std::max<int64_t>(1, warmup));
-    const double progress = static_cast<double>(step - warmup) / static_cast<double>(std::max<int64_t>(1, total - warmup));
+    const double progress =
+        static_cast<double>(step - warmup) / static_cast<double>(std::max<int64_t>(1, total - warmup));
     return lr * std::max(0.0, 0.5 * (1.0 + std::cos(std::numbers::pi * 2.0 * 0.5 * progress)));
 }
 
@@ -107,18 +108,18 @@ result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::v
         for (float x : g.a) sq += static_cast<double>(x) * x;
         for (float x : g.b) sq += static_cast<double>(x) * x;
     });
-    st.grad_norm      = std::sqrt(sq);
-    const float  clip = cfg_.max_grad_norm > 0 ? static_cast<float>(cfg_.max_grad_norm / (st.grad_norm + 1e-6)) : 1.0f;
-    const bool   do_clip = cfg_.max_grad_norm > 0 && clip < 1.0f;
+    st.grad_norm     = std::sqrt(sq);
+    const float clip = cfg_.max_grad_norm > 0 ? static_cast<float>(cfg_.max_grad_norm / (st.grad_norm + 1e-6)) : 1.0f;
+    const bool  do_clip = cfg_.max_grad_norm > 0 && clip < 1.0f;
     // AdamW as torch's single-tensor implementation: decoupled decay, bias corrections in double.
     ++t_;
-    const double bc1 = 1.0 - std::pow(cfg_.beta1, static_cast<double>(t_));
-    const double bc2 = 1.0 - std::pow(cfg_.beta2, static_cast<double>(t_));
+    const double bc1       = 1.0 - std::pow(cfg_.beta1, static_cast<double>(t_));
+    const double bc2       = 1.0 - std::pow(cfg_.beta2, static_cast<double>(t_));
     const float  step_size = static_cast<float>(lr / bc1), bc2_sqrt = static_cast<float>(std::sqrt(bc2));
     // The Python scalars torch passes: 1 - beta computed in double, then rounded to F32.
-    const float  b1c = static_cast<float>(1.0 - cfg_.beta1), b2 = static_cast<float>(cfg_.beta2);
-    const float  b2c = static_cast<float>(1.0 - cfg_.beta2);
-    const float  eps = static_cast<float>(cfg_.eps), decay = static_cast<float>(1.0 - lr * cfg_.weight_decay);
+    const float b1c = static_cast<float>(1.0 - cfg_.beta1), b2 = static_cast<float>(cfg_.beta2);
+    const float b2c = static_cast<float>(1.0 - cfg_.beta2);
+    const float eps = static_cast<float>(cfg_.eps), decay = static_cast<float>(1.0 - lr * cfg_.weight_decay);
     auto update = [&](std::vector<float>& w, std::vector<float>& g, std::vector<float>& m, std::vector<float>& v) {
         for (size_t i = 0; i < w.size(); ++i) {
             const float gi = do_clip ? g[i] * clip : g[i];
@@ -211,7 +212,8 @@ status optimizer_load(lora_trainer& t, const std::string& path) {
             if (a.layers[l][r].r == 0) continue;
             const std::string k = module_key(l, r);
             for (auto [moment, name] : {std::pair{&t.exp_avg(), "exp_avg"}, std::pair{&t.exp_avg_sq(), "exp_avg_sq"}})
-                for (auto [vec, ab] : {std::pair{&moment->layers[l][r].a, "A"}, std::pair{&moment->layers[l][r].b, "B"}}) {
+                for (auto [vec, ab] :
+                     {std::pair{&moment->layers[l][r].a, "A"}, std::pair{&moment->layers[l][r].b, "B"}}) {
                     const std::string              tn   = k + ".lora_" + ab + "." + name;
                     const safetensors_tensor_info* info = f->find(tn);
                     if (!info || info->type != dtype::DTYPE_F32 || info->numel() != static_cast<int64_t>(vec->size()))
@@ -262,15 +264,16 @@ result<run_state> checkpoint_load(const finetune_params& p, const llama_hparams&
             return make_error(E_ARG, "--resume: the checkpoint in {} was made with {} = {}, this run has {}", dir, key,
                               j["run"].contains(key) ? j["run"][key].dump() : "(none)", v.dump());
     run_state s;
-    s.step          = j.value("step", int64_t(0));
-    t.adam_steps()  = j.value("adam_steps", int64_t(0));
+    s.step         = j.value("step", int64_t(0));
+    t.adam_steps() = j.value("adam_steps", int64_t(0));
     GPTQ_ASSIGN_OR_RETURN(lora_adapter a, lora_adapter_load(dir, hp, 1.0f));
     lora_adapter& cur = t.adapter();
     for (size_t l = 0; l < cur.layers.size(); ++l)
         for (size_t r = 0; r < cur.layers[l].size(); ++r) {
             lora_module&       m = cur.layers[l][r];
             const lora_module& n = a.layers[l][r];
-            if (m.r != n.r) return make_error(E_ARG, "{}: {} has rank {}, expected {}", dir, module_key(l, r), n.r, m.r);
+            if (m.r != n.r)
+                return make_error(E_ARG, "{}: {} has rank {}, expected {}", dir, module_key(l, r), n.r, m.r);
             m.a = n.a;  // the scale stays the run's (the same expression)
             m.b = n.b;
         }
@@ -293,8 +296,8 @@ result<std::array<bool, k_n_linear_roles>> targets_parse(const std::string& list
             if (t == name || t + "_proj" == name) on[static_cast<size_t>(r)] = found = true;
         }
         if (!found)
-            return make_error(E_ARG, "--targets: unknown module '{}' (known: q, k, v, o, gate, up, down or q_proj, ...)",
-                              t);
+            return make_error(E_ARG,
+                              "--targets: unknown module '{}' (known: q, k, v, o, gate, up, down or q_proj, ...)", t);
         any = true;
     }
     if (!any) return make_error(E_ARG, "--targets '{}': no module named", list);
@@ -325,8 +328,9 @@ status params_check(const finetune_params& p) {
     if (!(p.warmup_ratio >= 0 && p.warmup_ratio <= 1))
         return make_error(E_ARG, "finetune --warmup-ratio {}: must be in [0, 1]", p.warmup_ratio);
     if (p.max_steps < 0 || p.save_every < 0 || p.eval_every < 0 || p.weight_decay < 0 || p.max_grad_norm < 0)
-        return make_error(E_ARG, "finetune: --max-steps, --save-every, --eval-every, --weight-decay and "
-                                 "--max-grad-norm must not be negative");
+        return make_error(E_ARG,
+                          "finetune: --max-steps, --save-every, --eval-every, --weight-decay and "
+                          "--max-grad-norm must not be negative");
     std::error_code ec;
     if (p.resume) {
         if (!fs::exists(path_join(path_join(p.out_dir, "checkpoint"), "trainer_state.json"), ec))
@@ -369,8 +373,7 @@ struct split {
 
 split split_data(int64_t n, double fraction, uint64_t seed) {
     int64_t n_eval = 0;
-    if (fraction > 0 && n >= 2)
-        n_eval = std::clamp<int64_t>(std::llround(fraction * static_cast<double>(n)), 1, n - 1);
+    if (fraction > 0 && n >= 2) n_eval = std::clamp<int64_t>(std::llround(fraction * static_cast<double>(n)), 1, n - 1);
     const std::vector<int64_t> perm = finetune_shuffle(n, seed ^ 0x9e3779b97f4a7c15ULL);
     split                      s;
     s.eval.assign(perm.begin(), perm.begin() + n_eval);
@@ -397,17 +400,18 @@ struct train_loop {
     }
 
     status run(int64_t start, finetune_result* r) {
-        const int64_t per_step = p.batch * p.grad_accum, n_train = static_cast<int64_t>(sp.train.size());
+        const int64_t               per_step = p.batch * p.grad_accum, n_train = static_cast<int64_t>(sp.train.size());
         std::optional<progress_bar> bar;
         if (p.progress) bar.emplace("finetune", total - start, "step");
-        const auto    t0 = std::chrono::steady_clock::now();
+        const auto    t0        = std::chrono::steady_clock::now();
         const int64_t log_every = std::max<int64_t>(1, (total - start) / 20);
         for (int64_t k = start; k < total; ++k) {
             const int64_t        epoch = k / steps_per_epoch, j = k % steps_per_epoch;
             std::vector<int64_t> order = finetune_shuffle(n_train, p.seed + static_cast<uint64_t>(epoch));
             for (int64_t& o : order) o = sp.train[static_cast<size_t>(o)];
-            const auto micro = finetune_batches(seqs, order, j * per_step, std::min(n_train, (j + 1) * per_step), p.batch);
-            const double lr  = finetune_lr_at(p.lr, k, total, warmup);
+            const auto micro =
+                finetune_batches(seqs, order, j * per_step, std::min(n_train, (j + 1) * per_step), p.batch);
+            const double lr = finetune_lr_at(p.lr, k, total, warmup);
             GPTQ_ASSIGN_OR_RETURN(train_step_stats st, trainer.step(ctx, micro, lr));
             r->steps++;
             r->n_train_tokens += st.n_tokens;
@@ -449,8 +453,9 @@ result<finetune_result> finetune_run(const finetune_params& p) {
     const llama_hparams& hp = model->hparams();
     GPTQ_TRY(llama_train_check(hp, p.model_path));
     if (p.seqlen > hp.max_position_embeddings)
-        return make_error(E_ARG, "finetune --seqlen {}: longer than the model's context of {} positions "
-                                 "(max_position_embeddings)",
+        return make_error(E_ARG,
+                          "finetune --seqlen {}: longer than the model's context of {} positions "
+                          "(max_position_embeddings)",
                           p.seqlen, hp.max_position_embeddings);
     GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(p.model_path));
     GPTQ_ASSIGN_OR_RETURN(finetune_data data, finetune_data_read(p.data_path, *tok, p.seqlen));
@@ -475,7 +480,7 @@ result<finetune_result> finetune_run(const finetune_params& p) {
     thread_pool pool(p.n_threads);
     ops_context ctx;
     ctx.pool = &pool;
-    train_loop loop{p, hp, data.seqs, sp, trainer, ctx};
+    train_loop    loop{p, hp, data.seqs, sp, trainer, ctx};
     const int64_t n_train = static_cast<int64_t>(sp.train.size());
     loop.steps_per_epoch  = (n_train + p.batch * p.grad_accum - 1) / (p.batch * p.grad_accum);
     loop.total            = p.max_steps > 0 ? p.max_steps : p.epochs * loop.steps_per_epoch;
@@ -486,12 +491,13 @@ result<finetune_result> finetune_run(const finetune_params& p) {
     r.n_train_seqs = n_train;
     r.n_eval_seqs  = static_cast<int64_t>(sp.eval.size());
     r.out_dir      = p.out_dir;
-    for_each_module(*adapter, [&](lora_module& m) { r.n_trainable_params += static_cast<int64_t>(m.a.size() + m.b.size()); });
-    GPTQ_LOG_INFO("finetune {}: {} train / {} eval sequences (seqlen {}), {} steps of {} x {} sequences, {} trainable "
-                  "parameters (r {}, alpha {}), {} threads{}",
-                  p.model_path, n_train, r.n_eval_seqs, p.seqlen, loop.total, p.batch, p.grad_accum,
-                  r.n_trainable_params, p.r, p.alpha, pool.n_threads(),
-                  p.resume ? fmt::format(", resumed at step {}", state.step) : "");
+    for_each_module(*adapter,
+                    [&](lora_module& m) { r.n_trainable_params += static_cast<int64_t>(m.a.size() + m.b.size()); });
+    GPTQ_LOG_INFO(
+        "finetune {}: {} train / {} eval sequences (seqlen {}), {} steps of {} x {} sequences, {} trainable "
+        "parameters (r {}, alpha {}), {} threads{}",
+        p.model_path, n_train, r.n_eval_seqs, p.seqlen, loop.total, p.batch, p.grad_accum, r.n_trainable_params, p.r,
+        p.alpha, pool.n_threads(), p.resume ? fmt::format(", resumed at step {}", state.step) : "");
     GPTQ_ASSIGN_OR_RETURN(r.eval_loss_first, loop.eval_loss());
     r.eval_loss = r.eval_loss_first;
     GPTQ_TRY(loop.run(state.step, &r));

@@ -36,8 +36,7 @@ void add_windows(const std::vector<int32_t>& ids, int64_t seqlen, finetune_data*
 
 // Tokens of text[0, n_chars) that agree with the tokens of the whole text: the token boundary
 // nearest below a character boundary (a token spanning it stays with the earlier side).
-int64_t token_boundary(const tokenizer& tok, const std::string& text, size_t n_chars,
-                       const std::vector<int32_t>& all) {
+int64_t token_boundary(const tokenizer& tok, const std::string& text, size_t n_chars, const std::vector<int32_t>& all) {
     const std::vector<int32_t> pre = tok.encode(std::string_view(text).substr(0, n_chars), /*add_special=*/false);
     size_t                     k   = 0;
     while (k < pre.size() && k < all.size() && pre[k] == all[k]) ++k;
@@ -85,11 +84,11 @@ status add_chat(const tokenizer& tok, const nlohmann::json& msgs, const std::str
                               "start in the whole conversation; cannot find the assistant's tokens",
                               where, i);
         const int64_t t0 = token_boundary(tok, full, pre.size(), ids);
-        const int64_t t1 = end.size() == full.size() ? static_cast<int64_t>(ids.size())
-                                                     : token_boundary(tok, full, end.size(), ids);
+        const int64_t t1 =
+            end.size() == full.size() ? static_cast<int64_t>(ids.size()) : token_boundary(tok, full, end.size(), ids);
         for (int64_t t = t0; t < t1; ++t) trained[static_cast<size_t>(t)] = true;
     }
-    finetune_seq q;
+    finetune_seq  q;
     const int64_t n = std::min<int64_t>(seqlen, static_cast<int64_t>(ids.size()));
     if (static_cast<int64_t>(ids.size()) > seqlen) ++out->n_truncated;
     q.ids.assign(ids.begin(), ids.begin() + n);

@@ -84,8 +84,8 @@ void llama_model::layer_backward(const ops_context& ctx, const llama_layer& laye
                                  lora_adapter* grads) const {
     const int64_t n = rows_of(seqs), E = hp_.n_embd, qd = hp_.q_dim(), kvd = hp_.kv_dim(), hd = hp_.head_dim;
     const int64_t F = hp_.n_ff, half = hd / 2, i_layer = layer.index;
-    auto lin = [&](linear_role r, const float* x, float* y) { linear_run(ctx, layer, r, seqs, x, y); };
-    auto lin_back = [&](linear_role r, const float* x, const float* dy, float* dx, bool acc) {
+    auto          lin      = [&](linear_role r, const float* x, float* y) { linear_run(ctx, layer, r, seqs, x, y); };
+    auto          lin_back = [&](linear_role r, const float* x, const float* dy, float* dx, bool acc) {
         lora_linear_backward(ctx, layer, r, n, x, dy, dx, acc, adapter, grads);
     };
     // Attention's forward again, keeping what its backward reads.
@@ -95,7 +95,7 @@ void llama_model::layer_backward(const ops_context& ctx, const llama_layer& laye
     lin(linear_role::LINEAR_Q, xn.data(), q.data());
     lin(linear_role::LINEAR_K, xn.data(), k.data());
     lin(linear_role::LINEAR_V, xn.data(), v.data());
-    fvec cos = zeros(n * half), sin = zeros(n * half), att = zeros(n * qd);
+    fvec                        cos = zeros(n * half), sin = zeros(n * half), att = zeros(n * qd);
     std::vector<attention_args> args;
     int64_t                     row0 = 0;
     for (const layer_seq& s : seqs) {  // local K/V from position 0 (layer_forward's cache-less path)
@@ -183,7 +183,7 @@ double llama_model::output_loss_grad(const ops_context& ctx, const float* hidden
     for (int64_t i = 0; i < n; ++i)
         if (targets[i] >= 0) rows.push_back(i);
     const int64_t       n_t = static_cast<int64_t>(rows.size());
-    fvec                h = zeros(std::min(n_t, k_loss_rows) * E), dx(h.size()), logits(h.size() / E * V);
+    fvec                h   = zeros(std::min(n_t, k_loss_rows) * E), dx(h.size()), logits(h.size() / E * V);
     std::vector<double> nll(static_cast<size_t>(std::min(n_t, k_loss_rows)));
     double              total = 0.0;
     for (int64_t c0 = 0; c0 < n_t; c0 += k_loss_rows) {
@@ -199,7 +199,7 @@ double llama_model::output_loss_grad(const ops_context& ctx, const float* hidden
                 const float   mx = *std::max_element(l, l + V);
                 double        s  = 0.0;
                 for (int64_t j = 0; j < V; ++j) s += std::exp(static_cast<double>(l[j]) - mx);
-                const double lse           = mx + std::log(s);
+                const double lse            = mx + std::log(s);
                 nll[static_cast<size_t>(i)] = lse - l[t];
                 if (!dh) continue;
                 for (int64_t j = 0; j < V; ++j) l[j] = static_cast<float>(std::exp(l[j] - lse) * grad_scale);
@@ -214,8 +214,7 @@ double llama_model::output_loss_grad(const ops_context& ctx, const float* hidden
         if (!dh) continue;
         lm_head_backward_input(ctx, logits.data(), dx.data(), nc);
         op_rms_norm_backward(ctx, h.data(), norm_.data(), dx.data(), dx.data(), nc, E, hp_.rms_eps);
-        for (int64_t i = 0; i < nc; ++i)
-            std::copy_n(dx.data() + i * E, E, dh + rows[static_cast<size_t>(c0 + i)] * E);
+        for (int64_t i = 0; i < nc; ++i) std::copy_n(dx.data() + i * E, E, dh + rows[static_cast<size_t>(c0 + i)] * E);
     }
     return total;
 }
@@ -225,7 +224,7 @@ result<double> llama_model::lora_loss_grad(const ops_context& ctx, const train_b
     GPTQ_TRY(llama_train_check(hp_, src_->folder()));
     if (lora < -1 || lora >= static_cast<int32_t>(loras_.size()))
         return make_error(E_ARG, "LoRA adapter {} is not loaded ({} are)", lora, loras_.size());
-    const int64_t n = static_cast<int64_t>(b.ids.size());
+    const int64_t n   = static_cast<int64_t>(b.ids.size());
     int64_t       sum = 0;
     for (int64_t t : b.n_tokens) {
         if (t < 1) return make_error(E_ARG, "train batch: a sequence of {} tokens", t);
@@ -252,8 +251,9 @@ result<double> llama_model::lora_loss_grad(const ops_context& ctx, const train_b
         if (grads) inputs[static_cast<size_t>(i)] = hidden;
         layer_forward(ctx, *layers_[static_cast<size_t>(i)], hidden.data(), seqs);
     }
-    fvec         dh   = grads ? zeros(n * E) : fvec();
-    const double loss = output_loss_grad(ctx, hidden.data(), b.targets.data(), n, grad_scale, grads ? dh.data() : nullptr);
+    fvec         dh = grads ? zeros(n * E) : fvec();
+    const double loss =
+        output_loss_grad(ctx, hidden.data(), b.targets.data(), n, grad_scale, grads ? dh.data() : nullptr);
     if (!grads) return loss;
     for (int64_t i = hp_.n_layer - 1; i >= 0; --i) {
         layer_backward(ctx, *layers_[static_cast<size_t>(i)], inputs[static_cast<size_t>(i)].data(), seqs, dh.data(),

@@ -318,9 +318,9 @@ status lora_adapter_save(const lora_adapter& a, const llama_hparams& hp, const l
     std::error_code ec;
     std::filesystem::create_directories(dir, ec);
     if (ec) return make_error(status_code::STATUS_IO_ERROR, "creating {}: {}", dir, ec.message());
-    std::vector<safetensors_decl>                    decls;
+    std::vector<safetensors_decl>                                  decls;
     std::vector<std::pair<std::string, const std::vector<float>*>> data;
-    std::set<std::string>                            targets;
+    std::set<std::string>                                          targets;
     for (int64_t i = 0; i < hp.n_layer; ++i)
         for (int ri = 0; ri < k_n_linear_roles; ++ri) {
             const linear_role  role = static_cast<linear_role>(ri);
@@ -350,16 +350,16 @@ status lora_adapter_save(const lora_adapter& a, const llama_hparams& hp, const l
         j["lora_alpha"] = static_cast<int64_t>(c.alpha);
     else
         j["lora_alpha"] = c.alpha;
-    j["lora_dropout"]            = 0.0;
-    j["modules_to_save"]         = nullptr;
-    j["peft_type"]               = "LORA";
-    j["r"]                       = c.r;
-    j["rank_pattern"]            = nlohmann::json::object();
-    j["revision"]                = nullptr;
-    j["target_modules"]          = std::vector<std::string>(targets.begin(), targets.end());
-    j["task_type"]               = "CAUSAL_LM";
-    j["use_dora"]                = false;
-    j["use_rslora"]              = c.use_rslora;
+    j["lora_dropout"]    = 0.0;
+    j["modules_to_save"] = nullptr;
+    j["peft_type"]       = "LORA";
+    j["r"]               = c.r;
+    j["rank_pattern"]    = nlohmann::json::object();
+    j["revision"]        = nullptr;
+    j["target_modules"]  = std::vector<std::string>(targets.begin(), targets.end());
+    j["task_type"]       = "CAUSAL_LM";
+    j["use_dora"]        = false;
+    j["use_rslora"]      = c.use_rslora;
     return file_write_atomic(path_join(dir, "adapter_config.json"), j.dump(2) + "\n");
 }
 

@@ -92,8 +92,8 @@ void gptq_packed_linear::dequantize_rows(int64_t n0, int64_t n1, float* w) const
             const float s = scales[static_cast<size_t>(n * n_groups + g)];
             const float z = zeros[static_cast<size_t>(n * n_groups + g)];
             for (int32_t i = group_start[static_cast<size_t>(g)]; i < group_start[static_cast<size_t>(g + 1)]; ++i) {
-                const int64_t k = perm.empty() ? i : perm[static_cast<size_t>(i)];
-                const int64_t p = pad_start[static_cast<size_t>(g)] + (i - group_start[static_cast<size_t>(g)]);
+                const int64_t k        = perm.empty() ? i : perm[static_cast<size_t>(i)];
+                const int64_t p        = pad_start[static_cast<size_t>(g)] + (i - group_start[static_cast<size_t>(g)]);
                 w[(n - n0) * n_in + k] = s * (static_cast<float>(cpu::gptq_code_at(l, n, p)) - z);
             }
         }

@@ -12,8 +12,8 @@
 #include <cmath>
 #include <filesystem>
 #include <map>
-#include <numeric>
 #include <nlohmann/json.hpp>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -107,8 +107,8 @@ TEST(finetune, two_steps_match_peft_on_a_gptq_base) {
     auto model  = llama_model::open(gdir.path(), oo);
     ASSERT_TRUE(model) << model.error().message();
     ASSERT_NE((*model)->quantization(), nullptr);
-    const llama_hparams& hp = (*model)->hparams();
-    auto init = lora_adapter_load(source_path("tests/data/lora/adapter-a2"), hp, 1.0f);
+    const llama_hparams& hp   = (*model)->hparams();
+    auto                 init = lora_adapter_load(source_path("tests/data/lora/adapter-a2"), hp, 1.0f);
     ASSERT_TRUE(init) << init.error().message();
     auto          adapter = std::make_shared<lora_adapter>(*init);
     const int32_t idx     = (*model)->lora_add(adapter);
@@ -128,8 +128,8 @@ TEST(finetune, two_steps_match_peft_on_a_gptq_base) {
         EXPECT_NEAR(st->loss, golden_scalar(**f, p + "loss"), 1e-5 * std::fabs(st->loss)) << p;
         EXPECT_NEAR(st->grad_norm, golden_scalar(**f, p + "grad_norm"), 1e-4 * st->grad_norm) << p;
         EXPECT_GT(st->grad_norm, 1.0) << "the golden's steps clip: the clipping path is checked";
-        double worst_g = 0, worst_w = 0;
-        int    n       = 0;
+        double       worst_g = 0, worst_w = 0;
+        int          n     = 0;
         lora_adapter grads = trainer.grads();
         each_tensor(grads, [&](const std::string& name, std::vector<float>& g) {
             const auto want = golden_read_f32(**f, p + "grad." + name);
@@ -178,10 +178,10 @@ std::string mistral_copy(const temp_dir& d) {
 
 // The same weights as a Qwen2 model (q/k/v biases, random F32 ones added): the bias path.
 std::string qwen2_copy(const temp_dir& d) {
-    const std::string src = source_path("tests/data/arch/mistral-nemo");
-    auto              cfg = nlohmann::json::parse(read_file(src + "/config.json"));
-    cfg["architectures"]  = {"Qwen2ForCausalLM"};
-    cfg["model_type"]     = "qwen2";
+    const std::string src     = source_path("tests/data/arch/mistral-nemo");
+    auto              cfg     = nlohmann::json::parse(read_file(src + "/config.json"));
+    cfg["architectures"]      = {"Qwen2ForCausalLM"};
+    cfg["model_type"]         = "qwen2";
     cfg["use_sliding_window"] = false;
     cfg.erase("sliding_window");
     write_file(d.file("config.json"), cfg.dump());
@@ -190,9 +190,9 @@ std::string qwen2_copy(const temp_dir& d) {
     std::vector<safetensors_decl>   decls;
     std::vector<std::vector<float>> biases;
     for (const auto& t : (*f)->tensors()) decls.push_back({t.name, t.type, t.shape});
-    const int64_t kv = cfg["num_key_value_heads"].get<int64_t>() * cfg["head_dim"].get<int64_t>();
-    const int64_t q  = cfg["num_attention_heads"].get<int64_t>() * cfg["head_dim"].get<int64_t>();
-    std::mt19937  rng(12);
+    const int64_t                   kv = cfg["num_key_value_heads"].get<int64_t>() * cfg["head_dim"].get<int64_t>();
+    const int64_t                   q  = cfg["num_attention_heads"].get<int64_t>() * cfg["head_dim"].get<int64_t>();
+    std::mt19937                    rng(12);
     std::normal_distribution<float> nd(0.0f, 0.5f);
     for (int64_t l = 0; l < cfg["num_hidden_layers"].get<int64_t>(); ++l)
         for (auto [r, n] : {std::pair{"q_proj", q}, std::pair{"k_proj", kv}, std::pair{"v_proj", kv}}) {
@@ -232,9 +232,9 @@ namespace {
 void check_model_gradients(const std::string& path) {
     auto model = llama_model::open(path);
     ASSERT_TRUE(model) << model.error().message();
-    const llama_hparams& hp = (*model)->hparams();
-    auto adapter = std::make_shared<lora_adapter>(lora_adapter_init(hp, 4, 2.0f, all_roles(), 3));
-    std::mt19937 rng(9);
+    const llama_hparams& hp      = (*model)->hparams();
+    auto                 adapter = std::make_shared<lora_adapter>(lora_adapter_init(hp, 4, 2.0f, all_roles(), 3));
+    std::mt19937         rng(9);
     each_tensor(*adapter, [&](const std::string&, std::vector<float>& w) {  // B non-zero: A gets gradients
         std::normal_distribution<float> nd(0.0f, 0.05f);
         for (float& x : w) x = nd(rng);
@@ -252,8 +252,10 @@ void check_model_gradients(const std::string& path) {
             const linear_role r = linear_role(ri);
             if (l > 0 && r != linear_role::LINEAR_Q && r != linear_role::LINEAR_DOWN) continue;
             for (bool is_a : {true, false}) {
-                std::vector<float>& w  = is_a ? adapter->layers[size_t(l)][size_t(ri)].a : adapter->layers[size_t(l)][size_t(ri)].b;
-                std::vector<float>& g  = is_a ? grads.layers[size_t(l)][size_t(ri)].a : grads.layers[size_t(l)][size_t(ri)].b;
+                std::vector<float>& w =
+                    is_a ? adapter->layers[size_t(l)][size_t(ri)].a : adapter->layers[size_t(l)][size_t(ri)].b;
+                std::vector<float>& g =
+                    is_a ? grads.layers[size_t(l)][size_t(ri)].a : grads.layers[size_t(l)][size_t(ri)].b;
                 std::vector<size_t> ix(g.size());
                 std::iota(ix.begin(), ix.end(), 0);
                 std::partial_sort(ix.begin(), ix.begin() + 3, ix.end(),
@@ -278,7 +280,7 @@ void check_model_gradients(const std::string& path) {
 }  // namespace
 
 TEST(finetune, whole_model_gradients_match_finite_differences) {
-    temp_dir d("ft-fd");
+    temp_dir          d("ft-fd");
     const std::string path = mistral_copy(d);
     auto              hp   = llama_model::open(path);
     ASSERT_TRUE(hp);
@@ -287,7 +289,7 @@ TEST(finetune, whole_model_gradients_match_finite_differences) {
 }
 
 TEST(finetune, whole_model_gradients_with_qkv_biases) {
-    temp_dir d("ft-fd-qwen2");
+    temp_dir          d("ft-fd-qwen2");
     const std::string path = qwen2_copy(d);
     auto              m    = llama_model::open(path);
     ASSERT_TRUE(m) << m.error().message();
@@ -309,7 +311,7 @@ TEST(finetune, gradient_accumulation_equals_one_batch) {
     b.ids.assign(one.ids.begin() + 7, one.ids.end());
     b.targets.assign(one.targets.begin() + 7, one.targets.end());
     b.n_tokens = {11};
-    auto run = [&](const std::vector<train_batch>& micro) {
+    auto run   = [&](const std::vector<train_batch>& micro) {
         auto         m  = llama_model::open(d.path());
         auto         ad = std::make_shared<lora_adapter>(lora_adapter_init(hp, 4, 2.0f, all_roles(), 5));
         std::mt19937 r2(6);
@@ -418,17 +420,18 @@ TEST(finetune, chat_data_trains_on_assistant_tokens_only) {
     for (const auto& t : templates["templates"])
         if (t["name"] == "llama-2") cfg["chat_template"] = t["template"];
     write_file(d.file("tokenizer_config.json"), cfg.dump());
-    write_file(d.file("chat.jsonl"),
-               R"({"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue sky"}, {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Green grass"}]})"
-               "\n\n"
-               R"({"text": "plain text lines are trained on every token"})"
-               "\n");
+    write_file(
+        d.file("chat.jsonl"),
+        R"({"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue sky"}, {"role": "user", "content": "Another?"}, {"role": "assistant", "content": "Green grass"}]})"
+        "\n\n"
+        R"({"text": "plain text lines are trained on every token"})"
+        "\n");
     auto tok = tokenizer::load(d.path());
     ASSERT_TRUE(tok);
     auto data = finetune_data_read(d.file("chat.jsonl"), **tok, 256);
     ASSERT_TRUE(data) << data.error().message();
     ASSERT_EQ(data->seqs.size(), 2u);
-    const finetune_seq& c = data->seqs[0];
+    const finetune_seq&  c = data->seqs[0];
     std::vector<int32_t> trained;
     for (int32_t t : c.targets)
         if (t >= 0) trained.push_back(t);
@@ -453,7 +456,8 @@ TEST(finetune, bad_inputs_are_clear_errors) {
     write_file(d.file("empty.txt"), "  \n");
     write_file(d.file("data.txt"), some_text());
     write_file(d.file("bad.jsonl"), "{\"prompt\": \"x\"}\n");
-    write_file(d.file("chat.jsonl"), R"({"messages": [{"role": "user", "content": "hi"}]})" "\n");
+    write_file(d.file("chat.jsonl"), R"({"messages": [{"role": "user", "content": "hi"}]})"
+                                     "\n");
     auto err = [&](finetune_params p) {
         auto r = finetune_run(p);
         EXPECT_FALSE(r);
@@ -482,7 +486,7 @@ TEST(finetune, bad_inputs_are_clear_errors) {
     p            = tiny_params(d.file("data.txt"), d.file("o8"));
     p.model_path = source_path("tests/data/arch/gemma2");
     has(err(p), "LoRA training runs the Llama");
-    p = tiny_params(d.file("data.txt"), d.file("o9"));
+    p           = tiny_params(d.file("data.txt"), d.file("o9"));
     p.data_path = d.file("data.csv");
     has(err(p), "expected a .txt or .jsonl");
     p              = tiny_params(d.file("data.txt"), d.file("o11"));

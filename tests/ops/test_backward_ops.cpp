@@ -91,7 +91,8 @@ dvec attention_fwd(const dvec& q, const dvec& k, const dvec& v, const cpu::atten
                 w[static_cast<size_t>(j)] = d * s.scale;
                 m                         = std::max(m, d * s.scale);
             }
-            for (int64_t j = j0; j <= p; ++j) sum += (w[static_cast<size_t>(j)] = std::exp(w[static_cast<size_t>(j)] - m));
+            for (int64_t j = j0; j <= p; ++j)
+                sum += (w[static_cast<size_t>(j)] = std::exp(w[static_cast<size_t>(j)] - m));
             for (int64_t j = j0; j <= p; ++j)
                 for (int64_t c = 0; c < hd; ++c)
                     out[static_cast<size_t>((i * s.n_head + h) * hd + c)] +=
@@ -122,9 +123,9 @@ TEST(backward_ops, rms_norm_matches_finite_differences) {
     std::mt19937 rng(1);
     thread_pool  pool(3);
     for (auto [rows, dim] : {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {5, 64}}) {
-        const float eps = 1e-5f;
-        auto        x = randn(static_cast<size_t>(rows * dim), rng), w = randn(static_cast<size_t>(dim), rng);
-        auto        dy = randn(x.size(), rng);
+        const float        eps = 1e-5f;
+        auto               x = randn(static_cast<size_t>(rows * dim), rng), w = randn(static_cast<size_t>(dim), rng);
+        auto               dy = randn(x.size(), rng);
         std::vector<float> dx(x.size());
         ops_context        ctx;
         ctx.pool = &pool;
@@ -147,11 +148,12 @@ TEST(backward_ops, rms_norm_matches_finite_differences) {
 }
 
 TEST(backward_ops, silu_mul_matches_finite_differences) {
-    std::mt19937 rng(2);
-    const size_t n    = 37;
-    auto         gate = randn(n, rng, 3.0f), up = randn(n, rng), dy = randn(n, rng);
+    std::mt19937       rng(2);
+    const size_t       n    = 37;
+    auto               gate = randn(n, rng, 3.0f), up = randn(n, rng), dy = randn(n, rng);
     std::vector<float> dg(n), du(n);
-    op_silu_mul_backward(ops_context{}, gate.data(), up.data(), dy.data(), dg.data(), du.data(), static_cast<int64_t>(n));
+    op_silu_mul_backward(ops_context{}, gate.data(), up.data(), dy.data(), dg.data(), du.data(),
+                         static_cast<int64_t>(n));
     auto loss_g = [&](const dvec& g) {
         dvec y(n);
         for (size_t i = 0; i < n; ++i) y[i] = g[i] / (1 + std::exp(-g[i])) * up[i];
@@ -167,8 +169,8 @@ TEST(backward_ops, silu_mul_matches_finite_differences) {
 }
 
 TEST(backward_ops, rope_is_the_transposed_rotation) {
-    std::mt19937  rng(3);
-    const int64_t n = 5, heads = 3, hd = 8, half = hd / 2, stride = heads * hd + 2;  // padded rows
+    std::mt19937       rng(3);
+    const int64_t      n = 5, heads = 3, hd = 8, half = hd / 2, stride = heads * hd + 2;  // padded rows
     std::vector<float> inv(static_cast<size_t>(half)), cs(size_t(n * half)), sn(cs.size());
     for (int64_t i = 0; i < half; ++i) inv[size_t(i)] = std::pow(10000.0f, -2.0f * i / hd);
     op_rope_tables(inv.data(), half, 3, n, 1.0f, cs.data(), sn.data());
@@ -184,8 +186,8 @@ TEST(backward_ops, rope_is_the_transposed_rotation) {
                 for (int64_t i = 0; i < half; ++i) {
                     const size_t a = size_t(t * stride + h * hd + i), b = a + size_t(half);
                     const double c = cs[size_t(t * half + i)], s = sn[size_t(t * half + i)];
-                    y[a]           = xd[a] * c - xd[b] * s;
-                    y[b]           = xd[b] * c + xd[a] * s;
+                    y[a] = xd[a] * c - xd[b] * s;
+                    y[b] = xd[b] * c + xd[a] * s;
                 }
         return dot(y, dy);
     };
@@ -200,9 +202,9 @@ TEST(backward_ops, attention_matches_finite_differences_and_reference) {
     };
     for (const cfg c : {cfg{1, 1, 1, 1, 4, 0}, cfg{5, 5, 4, 2, 8, 0}, cfg{6, 9, 3, 3, 4, 0}, cfg{7, 7, 4, 1, 6, 3},
                         cfg{33, 33, 4, 2, 16, 0}, cfg{70, 70, 2, 1, 64, 20}}) {
-        const auto s = att_shape(c.n_q, c.n_kv, c.n_head, c.n_head_kv, c.hd, c.window);
-        auto       q = randn(size_t(c.n_q * c.n_head * c.hd), rng), dout = randn(q.size(), rng);
-        auto       k = randn(size_t(c.n_kv * c.n_head_kv * c.hd), rng), v = randn(k.size(), rng);
+        const auto         s = att_shape(c.n_q, c.n_kv, c.n_head, c.n_head_kv, c.hd, c.window);
+        auto               q = randn(size_t(c.n_q * c.n_head * c.hd), rng), dout = randn(q.size(), rng);
+        auto               k = randn(size_t(c.n_kv * c.n_head_kv * c.hd), rng), v = randn(k.size(), rng);
         std::vector<float> dq(q.size()), dk(k.size()), dv(k.size()), rq(q.size()), rk(k.size()), rv(k.size());
         cpu::attention_backward(q.data(), k.data(), v.data(), dout.data(), dq.data(), dk.data(), dv.data(), s, &pool);
         cpu::attention_backward_ref(q.data(), k.data(), v.data(), dout.data(), rq.data(), rk.data(), rv.data(), s);
@@ -247,7 +249,7 @@ TEST(backward_ops, linear_input_gradients_dense_f16_gptq) {
     ctx.pool = &pool;
     // n = 300 output rows: two weight blocks of the blockwise products (256 rows each).
     for (auto [m, n, k] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {3, 17, 9}, {5, 300, 96}}) {
-        auto dy = randn(size_t(m * n), rng), w = randn(size_t(n * k), rng);
+        auto                  dy = randn(size_t(m * n), rng), w = randn(size_t(n * k), rng);
         std::vector<uint16_t> w16(w.size());
         f32_to_f16_row(w.data(), w16.data(), w.size());
         std::vector<float> w16f(w.size());
@@ -276,7 +278,7 @@ TEST(backward_ops, linear_input_gradients_dense_f16_gptq) {
         std::shuffle(g_idx.begin(), g_idx.end(), rng);
         const gptq_packed_linear q = gptq_packed_linear::from_unpacked(codes.data(), scales.data(), zeros.data(),
                                                                        g_idx.data(), n_out, n_in, n_groups, bits);
-        std::vector<float> w(size_t(n_out * n_in));
+        std::vector<float>       w(size_t(n_out * n_in));
         q.dequantize(w.data());
         auto               dy = randn(size_t(m * n_out), rng);
         std::vector<float> dx(size_t(m * n_in));

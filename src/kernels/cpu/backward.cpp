@@ -114,7 +114,8 @@ void attention_backward_ref(const float* q, const float* k, const float* v, cons
                     dvd[kd] += p[j] * doh[d];
                 }
             }
-            for (int64_t d = 0; d < hd; ++d) dq[i * s.q_stride + h * hd + d] = static_cast<float>(dqh[static_cast<size_t>(d)]);
+            for (int64_t d = 0; d < hd; ++d)
+                dq[i * s.q_stride + h * hd + d] = static_cast<float>(dqh[static_cast<size_t>(d)]);
         }
     }
     for (int64_t j = 0; j < s.n_kv; ++j)
@@ -188,7 +189,7 @@ void attention_backward(const float* q, const float* k, const float* v, const fl
         std::vector<float> pm, dpm;
         for (int64_t h = h0; h < h1; ++h)
             attention_backward_head(q, k, v, dout, dq, dkh.data() + static_cast<size_t>(h) * per_head,
-                                    dvh.data() + static_cast<size_t>(h) * per_head, s, h, pm, dpm);
+                                                  dvh.data() + static_cast<size_t>(h) * per_head, s, h, pm, dpm);
     };
     run_rows(s.n_head, pool, run);
     for (int64_t h = 0; h < s.n_head; ++h) {

@@ -418,22 +418,29 @@ struct train_loop {
             r->train_loss     = st.loss;
             const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             const double tps  = secs > 0 ? static_cast<double>(r->n_train_tokens) / secs : 0.0;
-            if (bar) {
-                bar->set_note(fmt::format("loss {:.4f} {:.0f} tok/s", st.loss, tps));
-                bar->update();
-            }
-            if ((k + 1 - start) % log_every == 0 || k + 1 == total)
+            // A log line over the bar's line (on a terminal), which the next update draws again below.
+            auto clear_bar = [&] {
+                if (bar && bar->enabled()) std::fputs("\r\x1b[K", stderr);
+            };
+            if ((k + 1 - start) % log_every == 0 || k + 1 == total) {
+                clear_bar();
                 GPTQ_LOG_INFO("step {}/{}: loss {:.4f} lr {:.3g} grad_norm {:.4f} {:.0f} tok/s", k + 1, total, st.loss,
                               lr, st.grad_norm, tps);
+            }
             const bool epoch_end = j + 1 == steps_per_epoch || k + 1 == total;
             if (epoch_end || (p.eval_every > 0 && (k + 1) % p.eval_every == 0)) {
                 GPTQ_ASSIGN_OR_RETURN(r->eval_loss, eval_loss());
+                clear_bar();
                 if (!sp.eval.empty())
                     GPTQ_LOG_INFO("step {}/{} (epoch {}): eval loss {:.4f} (ppl {:.3f})", k + 1, total, epoch + 1,
                                   r->eval_loss, std::exp(r->eval_loss));
             }
             if (p.save_every > 0 && (k + 1) % p.save_every == 0 && k + 1 < total)
                 GPTQ_TRY(checkpoint_save(p, hp, trainer, run_state{k + 1}));
+            if (bar) {
+                bar->set_note(fmt::format("loss {:.4f} {:.0f} tok/s", st.loss, tps));
+                bar->update();
+            }
         }
         if (bar) bar->finish();
         r->seconds           = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -494,9 +501,10 @@ result<finetune_result> finetune_run(const finetune_params& p) {
     for_each_module(*adapter,
                     [&](lora_module& m) { r.n_trainable_params += static_cast<int64_t>(m.a.size() + m.b.size()); });
     GPTQ_LOG_INFO(
-        "finetune {}: {} train / {} eval sequences (seqlen {}), {} steps of {} x {} sequences, {} trainable "
+        "finetune {}: {} train / {} eval sequences (seqlen {}), {} steps of {} micro-batch(es) x {} sequences, {} "
+        "trainable "
         "parameters (r {}, alpha {}), {} threads{}",
-        p.model_path, n_train, r.n_eval_seqs, p.seqlen, loop.total, p.batch, p.grad_accum, r.n_trainable_params, p.r,
+        p.model_path, n_train, r.n_eval_seqs, p.seqlen, loop.total, p.grad_accum, p.batch, r.n_trainable_params, p.r,
         p.alpha, pool.n_threads(), p.resume ? fmt::format(", resumed at step {}", state.step) : "");
     GPTQ_ASSIGN_OR_RETURN(r.eval_loss_first, loop.eval_loss());
     r.eval_loss = r.eval_loss_first;
@@ -507,12 +515,15 @@ result<finetune_result> finetune_run(const finetune_params& p) {
 }
 
 std::string finetune_result_text(const finetune_result& r) {
+    const std::string eval =
+        r.n_eval_seqs == 0 ? std::string("eval loss: none (no held-out sequences: --eval-fraction 0)\n")
+                           : fmt::format("eval loss: {:.4f} -> {:.4f} (ppl {:.3f} -> {:.3f})\n", r.eval_loss_first,
+                                         r.eval_loss, std::exp(r.eval_loss_first), std::exp(r.eval_loss));
     return fmt::format(
         "adapter: {}\nsteps: {} of {} ({} train / {} eval sequences), {} tokens in {:.1f} s ({:.0f} tok/s)\n"
-        "train loss (last step): {:.4f}\neval loss: {:.4f} -> {:.4f} (ppl {:.3f} -> {:.3f})\n",
+        "train loss (last step): {:.4f}\n{}",
         r.out_dir, r.steps, r.total_steps, r.n_train_seqs, r.n_eval_seqs, r.n_train_tokens, r.seconds,
-        r.tokens_per_second, r.train_loss, r.eval_loss_first, r.eval_loss, std::exp(r.eval_loss_first),
-        std::exp(r.eval_loss));
+        r.tokens_per_second, r.train_loss, eval);
 }
 
 }  // namespace gptq

@@ -253,6 +253,34 @@ status checkpoint_save(const finetune_params& p, const llama_hparams& hp, lora_t
     return status::ok();
 }
 
+// A crash between checkpoint_save's two renames leaves no checkpoint/ but the complete new one
+// (checkpoint.tmp-PID, complete once trainer_state.json is in it: written last) and the previous
+// one (checkpoint.old-PID): the newest complete one becomes checkpoint/ again. Stale temporary
+// folders beside a checkpoint/ are removed.
+status checkpoint_recover(const std::string& out_dir) {
+    const std::string dir = path_join(out_dir, "checkpoint");
+    std::error_code   ec;
+    std::string       tmp_done, old;
+    for (const auto& e : fs::directory_iterator(out_dir, ec)) {
+        const std::string name = e.path().filename().string();
+        if (name.starts_with("checkpoint.tmp-") && fs::exists(e.path() / "trainer_state.json", ec))
+            tmp_done = e.path().string();
+        else if (name.starts_with("checkpoint.old-"))
+            old = e.path().string();
+    }
+    if (!fs::exists(dir, ec) && (!tmp_done.empty() || !old.empty())) {
+        const std::string& from = tmp_done.empty() ? old : tmp_done;
+        fs::rename(from, dir, ec);
+        if (ec) return make_error(E_IO, "renaming {} to {}: {}", from, dir, ec.message());
+        GPTQ_LOG_WARN("{}: recovered the checkpoint of an interrupted save from {}", out_dir, from);
+    }
+    for (const auto& e : fs::directory_iterator(out_dir, ec)) {
+        const std::string name = e.path().filename().string();
+        if (name.starts_with("checkpoint.tmp-") || name.starts_with("checkpoint.old-")) fs::remove_all(e.path(), ec);
+    }
+    return status::ok();
+}
+
 result<run_state> checkpoint_load(const finetune_params& p, const llama_hparams& hp, lora_trainer& t) {
     const std::string dir = path_join(p.out_dir, "checkpoint");
     GPTQ_ASSIGN_OR_RETURN(json j, json_read_file(path_join(dir, "trainer_state.json")));
@@ -333,6 +361,7 @@ status params_check(const finetune_params& p) {
                           "--max-grad-norm must not be negative");
     std::error_code ec;
     if (p.resume) {
+        if (fs::is_directory(p.out_dir, ec)) GPTQ_TRY(checkpoint_recover(p.out_dir));
         if (!fs::exists(path_join(path_join(p.out_dir, "checkpoint"), "trainer_state.json"), ec))
             return make_error(E_ARG, "finetune --resume: {} holds no checkpoint (checkpoint/trainer_state.json)",
                               p.out_dir);

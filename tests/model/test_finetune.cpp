@@ -374,12 +374,17 @@ TEST(finetune, resume_equals_an_uninterrupted_run) {
     ASSERT_TRUE(finetune_run(p));
     fs::remove(d.file("cut/adapter_config.json"));
     fs::remove(d.file("cut/adapter_model.safetensors"));
+    // ... and interrupted in checkpoint_save between its renames: the new one is still the tmp-
+    // folder, the previous one the old- folder; resume takes the complete new one.
+    fs::rename(d.file("cut/checkpoint"), d.file("cut/checkpoint.tmp-1"));
+    fs::create_directories(d.file("cut/checkpoint.old-1"));
     p.resume     = true;
     auto resumed = finetune_run(p);
     ASSERT_TRUE(resumed) << resumed.error().message();
     EXPECT_EQ(resumed->steps, 2);  // steps 3 and 4
     EXPECT_EQ(read_file(d.file("full/adapter_model.safetensors")), read_file(d.file("cut/adapter_model.safetensors")));
     EXPECT_EQ(read_file(d.file("full/adapter_config.json")), read_file(d.file("cut/adapter_config.json")));
+    EXPECT_FALSE(fs::exists(d.file("cut/checkpoint.old-1")));
     // Another setting than the checkpoint's is refused, naming it.
     p.lr   = 2e-3;
     auto e = finetune_run(p);

@@ -108,7 +108,12 @@ result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::v
         for (float x : g.a) sq += static_cast<double>(x) * x;
         for (float x : g.b) sq += static_cast<double>(x) * x;
     });
-    st.grad_norm     = std::sqrt(sq);
+    st.grad_norm = std::sqrt(sq);
+    if (!std::isfinite(st.loss) || !std::isfinite(st.grad_norm))  // nothing updated: the adapter stays finite
+        return make_error(status_code::STATUS_INTERNAL,
+                          "training diverged at Adam step {}: loss {}, gradient norm {} (lower --lr, or keep "
+                          "--max-grad-norm)",
+                          t_ + 1, st.loss, st.grad_norm);
     const float clip = cfg_.max_grad_norm > 0 ? static_cast<float>(cfg_.max_grad_norm / (st.grad_norm + 1e-6)) : 1.0f;
     const bool  do_clip = cfg_.max_grad_norm > 0 && clip < 1.0f;
     // AdamW as torch's single-tensor implementation: decoupled decay, bias corrections in double.

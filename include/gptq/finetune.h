@@ -39,7 +39,9 @@ struct finetune_params {
     double      max_grad_norm = 1.0;   // global gradient-norm clip (0: off)
     int         n_threads     = 0;     // 0 = all cores
     bool        progress      = true;
-    std::string init_adapter{};  // start from this PEFT adapter (same r) instead of PEFT's init
+    std::string init_adapter{};        // start from this PEFT adapter (same r) instead of PEFT's init
+    std::string chat_template_file{};  // "messages" rendered with this template (Jinja text or a
+                                       // tokenizer_config.json) instead of the model's
 };
 
 struct finetune_result {

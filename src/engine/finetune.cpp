@@ -19,6 +19,7 @@
 #include "core/progress.h"
 #include "core/thread_pool.h"
 #include "finetune_train.h"
+#include "gptq/chat.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
 #include "tokenizer/tokenizer.h"
@@ -499,7 +500,11 @@ result<finetune_result> finetune_run(const finetune_params& p) {
                           "(max_position_embeddings)",
                           p.seqlen, hp.max_position_embeddings);
     GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(p.model_path));
-    GPTQ_ASSIGN_OR_RETURN(finetune_data data, finetune_data_read(p.data_path, *tok, p.seqlen));
+    std::string tmpl;
+    if (!p.chat_template_file.empty()) {
+        GPTQ_ASSIGN_OR_RETURN(tmpl, chat_template_file_read(p.chat_template_file));
+    }
+    GPTQ_ASSIGN_OR_RETURN(finetune_data data, finetune_data_read(p.data_path, *tok, p.seqlen, tmpl));
     if (data.n_truncated > 0)
         GPTQ_LOG_WARN("{}: {} chat samples were longer than --seqlen {} and were cut", p.data_path, data.n_truncated,
                       p.seqlen);

@@ -43,21 +43,24 @@ int64_t token_boundary(const tokenizer& tok, const std::string& text, size_t n_c
     return static_cast<int64_t>(k);
 }
 
-result<std::string> render(const tokenizer& tok, const std::vector<chat_message>& m, bool gen_prompt) {
+result<std::string> render(const tokenizer& tok, const std::string& tmpl, const std::vector<chat_message>& m,
+                           bool gen_prompt) {
     chat_template_vars v;
     v.bos_token             = tok.config().bos_token.value_or("");
     v.eos_token             = tok.config().eos_token.value_or("");
     v.add_generation_prompt = gen_prompt;
-    return chat_template_render(tok.config().chat_template, m, v);
+    return chat_template_render(tmpl, m, v);
 }
 
 // A chat sample: the rendered conversation, trained on the tokens of each assistant message (from
 // the end of the prompt the template renders before it to the end of the message, the template's
 // end-of-turn marker included).
-status add_chat(const tokenizer& tok, const nlohmann::json& msgs, const std::string& where, int64_t seqlen,
-                finetune_data* out) {
-    if (tok.config().chat_template.empty())
-        return make_error(E_ARG, "{}: \"messages\" needs the model's chat template, and tokenizer_config.json has none",
+status add_chat(const tokenizer& tok, const std::string& tmpl, const nlohmann::json& msgs, const std::string& where,
+                int64_t seqlen, finetune_data* out) {
+    if (tmpl.empty())
+        return make_error(E_ARG,
+                          "{}: \"messages\" needs a chat template, and the model's tokenizer_config.json has none "
+                          "(give one with --chat-template FILE)",
                           where);
     if (!msgs.is_array() || msgs.empty())
         return make_error(E_ARG, "{}: \"messages\" must be a non-empty array of {{\"role\", \"content\"}}", where);
@@ -69,15 +72,15 @@ status add_chat(const tokenizer& tok, const nlohmann::json& msgs, const std::str
                               where, json_fields::quote(e));
         m.push_back({e["role"].get<std::string>(), e["content"].get<std::string>()});
     }
-    GPTQ_ASSIGN_OR_RETURN(std::string full, render(tok, m, false));
+    GPTQ_ASSIGN_OR_RETURN(std::string full, render(tok, tmpl, m, false));
     const std::vector<int32_t> ids = tok.encode(full, /*add_special=*/false);
     std::vector<bool>          trained(ids.size(), false);
     for (size_t i = 0; i < m.size(); ++i) {
         if (m[i].role != "assistant") continue;
         const std::vector<chat_message> head(m.begin(), m.begin() + static_cast<std::ptrdiff_t>(i));
         const std::vector<chat_message> upto(m.begin(), m.begin() + static_cast<std::ptrdiff_t>(i + 1));
-        GPTQ_ASSIGN_OR_RETURN(std::string pre, render(tok, head, true));
-        GPTQ_ASSIGN_OR_RETURN(std::string end, render(tok, upto, false));
+        GPTQ_ASSIGN_OR_RETURN(std::string pre, render(tok, tmpl, head, true));
+        GPTQ_ASSIGN_OR_RETURN(std::string end, render(tok, tmpl, upto, false));
         if (!full.starts_with(end) || !end.starts_with(pre))
             return make_error(E_ARG,
                               "{}: the chat template renders the conversation up to message {} differently from its "
@@ -107,7 +110,8 @@ status add_chat(const tokenizer& tok, const nlohmann::json& msgs, const std::str
     return status::ok();
 }
 
-result<finetune_data> read_jsonl(const std::string& path, const tokenizer& tok, int64_t seqlen) {
+result<finetune_data> read_jsonl(const std::string& path, const tokenizer& tok, const std::string& tmpl,
+                                 int64_t seqlen) {
     std::ifstream in(path, std::ios::binary);
     if (!in) return make_error(status_code::STATUS_NOT_FOUND, "--data {}: cannot open", path);
     finetune_data out;
@@ -122,7 +126,7 @@ result<finetune_data> read_jsonl(const std::string& path, const tokenizer& tok, 
         if (j.contains("text") && j["text"].is_string()) {
             add_windows(tok.encode(j["text"].get<std::string>(), /*add_special=*/true), seqlen, &out);
         } else if (j.contains("messages")) {
-            GPTQ_TRY(add_chat(tok, j["messages"], where, seqlen, &out));
+            GPTQ_TRY(add_chat(tok, tmpl, j["messages"], where, seqlen, &out));
         } else {
             return make_error(E_ARG, "{}: expected a string \"text\" or an array \"messages\"; the object has keys {}",
                               where, json_fields::quote(j));
@@ -132,10 +136,12 @@ result<finetune_data> read_jsonl(const std::string& path, const tokenizer& tok, 
 }
 }  // namespace
 
-result<finetune_data> finetune_data_read(const std::string& path, const tokenizer& tok, int64_t seqlen) {
+result<finetune_data> finetune_data_read(const std::string& path, const tokenizer& tok, int64_t seqlen,
+                                         const std::string& chat_template) {
     finetune_data out;
     if (path.ends_with(".jsonl")) {
-        GPTQ_ASSIGN_OR_RETURN(out, read_jsonl(path, tok, seqlen));
+        const std::string& tmpl = chat_template.empty() ? tok.config().chat_template : chat_template;
+        GPTQ_ASSIGN_OR_RETURN(out, read_jsonl(path, tok, tmpl, seqlen));
     } else if (path.ends_with(".txt")) {
         GPTQ_ASSIGN_OR_RETURN(std::string text, file_read_all(path));
         if (text.find_first_not_of(" \t\r\n") != std::string::npos)

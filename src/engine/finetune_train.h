@@ -30,11 +30,12 @@ struct finetune_data {
     int64_t                   n_dropped   = 0;  // samples without a target (or shorter than 2 tokens)
 };
 
-// Reads a .txt or .jsonl file (include/gptq/finetune.h) into sequences of at most seqlen tokens.
-// Errors name the file and line: no data, a line that is not a JSON object with "text" or
-// "messages", messages without the model's chat template, a template that renders a prefix of a
-// conversation differently.
-result<finetune_data> finetune_data_read(const std::string& path, const tokenizer& tok, int64_t seqlen);
+// Reads a .txt or .jsonl file (include/gptq/finetune.h) into sequences of at most seqlen tokens;
+// "messages" are rendered with chat_template (empty: the tokenizer's). Errors name the file and
+// line: no data, a line that is not a JSON object with "text" or "messages", messages without a
+// chat template, a template that renders a prefix of a conversation differently.
+result<finetune_data> finetune_data_read(const std::string& path, const tokenizer& tok, int64_t seqlen,
+                                         const std::string& chat_template = "");
 
 // transformers' get_cosine_schedule_with_warmup: lr * step / warmup during warm-up, then
 // lr * 0.5 * (1 + cos(pi * progress)), progress = (step - warmup) / (total - warmup). step from 0.

@@ -454,6 +454,20 @@ TEST(finetune, chat_data_trains_on_assistant_tokens_only) {
     p.eval_fraction   = 0;
     auto r            = finetune_run(p);
     EXPECT_TRUE(r) << r.error().message();
+    // The same template given with --chat-template to the model without one: the same sequences.
+    write_file(d.file("llama2.jinja"), cfg["chat_template"].get<std::string>());
+    auto plain = tokenizer::load(k_tiny);
+    ASSERT_TRUE(plain);
+    auto same = finetune_data_read(d.file("chat.jsonl"), **plain, 256, cfg["chat_template"].get<std::string>());
+    ASSERT_TRUE(same) << same.error().message();
+    ASSERT_EQ(same->seqs.size(), 2u);
+    EXPECT_EQ(same->seqs[0].ids, c.ids);
+    EXPECT_EQ(same->seqs[0].targets, c.targets);
+    p.model_path         = k_tiny;
+    p.out_dir            = d.file("out2");
+    p.chat_template_file = d.file("llama2.jinja");
+    r                    = finetune_run(p);
+    EXPECT_TRUE(r) << r.error().message();
 }
 
 TEST(finetune, bad_inputs_are_clear_errors) {

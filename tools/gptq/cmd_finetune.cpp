@@ -45,6 +45,8 @@ command register_finetune(CLI::App& app) {
     sub->add_option("--weight-decay", p->weight_decay, "AdamW weight decay")->capture_default_str();
     sub->add_option("--max-grad-norm", p->max_grad_norm, "gradient-norm clip (0: off)")->capture_default_str();
     sub->add_option("--init-adapter", p->init_adapter, "start from this PEFT adapter (same targets and r)");
+    sub->add_option("--chat-template", p->chat_template_file,
+                    "chat template for \"messages\" (Jinja file, or a tokenizer_config.json) instead of the model's");
     sub->add_option("-t,--threads", p->n_threads, "CPU threads (0: all cores)")->capture_default_str();
     return {sub, [p] {
                 auto r = finetune_run(*p);

@@ -62,5 +62,6 @@ struct finetune_result {
 result<finetune_result> finetune_run(const finetune_params& params);
 
 std::string finetune_result_text(const finetune_result& r);
+std::string finetune_result_json(const finetune_result& r);  // one line, no trailing newline
 
 }  // namespace gptq

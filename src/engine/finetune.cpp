@@ -565,4 +565,22 @@ std::string finetune_result_text(const finetune_result& r) {
         r.tokens_per_second, r.train_loss, eval);
 }
 
+std::string finetune_result_json(const finetune_result& r) {
+    nlohmann::ordered_json j;
+    auto num                = [](double x) { return std::isfinite(x) ? nlohmann::json(x) : nlohmann::json(nullptr); };
+    j["adapter"]            = r.out_dir;
+    j["steps"]              = r.steps;
+    j["total_steps"]        = r.total_steps;
+    j["n_train_seqs"]       = r.n_train_seqs;
+    j["n_eval_seqs"]        = r.n_eval_seqs;
+    j["n_train_tokens"]     = r.n_train_tokens;
+    j["n_trainable_params"] = r.n_trainable_params;
+    j["train_loss"]         = num(r.train_loss);
+    j["eval_loss_first"]    = num(r.eval_loss_first);
+    j["eval_loss"]          = num(r.eval_loss);
+    j["seconds"]            = r.seconds;
+    j["tokens_per_second"]  = r.tokens_per_second;
+    return j.dump();
+}
+
 }  // namespace gptq

@@ -412,6 +412,14 @@ TEST(finetune, adapter_loads_in_part_1_and_lowers_the_loss) {
     EXPECT_EQ(cfg["peft_type"], "LORA");
     EXPECT_EQ(cfg["r"], 4);
     EXPECT_EQ(cfg["lora_alpha"], 8);
+    // The command line, with --json.
+    auto cli = run_command(gptq_binary() + " finetune " + k_tiny + " --data " + d.file("data.txt") + " -o " +
+                           d.file("cli") + " --r 4 --alpha 8 --seqlen 32 --batch 2 --max-steps 2 --json");
+    ASSERT_EQ(cli.exit_code, 0) << cli.err;
+    auto j = nlohmann::json::parse(cli.out);
+    EXPECT_EQ(j["steps"], 2);
+    EXPECT_EQ(j["n_trainable_params"], r->n_trainable_params);
+    EXPECT_TRUE(fs::exists(d.file("cli/adapter_config.json")));
     auto ppl = run_command(gptq_binary() + " ppl " + k_tiny + " --dataset " + d.file("data.txt") +
                            " --seqlen 32 --lora " + d.file("ad"));
     EXPECT_EQ(ppl.exit_code, 0) << ppl.err;

@@ -9,10 +9,11 @@
 namespace gptq::cli {
 
 command register_finetune(CLI::App& app) {
-    auto p   = std::make_shared<finetune_params>();
-    auto sub = app.add_subcommand("finetune",
-                                  "train a LoRA adapter on a frozen model (a GPTQ checkpoint stays 4-bit), written in "
-                                  "PEFT's format");
+    auto p    = std::make_shared<finetune_params>();
+    auto json = std::make_shared<bool>(false);
+    auto sub  = app.add_subcommand("finetune",
+                                   "train a LoRA adapter on a frozen model (a GPTQ checkpoint stays 4-bit), written in "
+                                    "PEFT's format");
     sub->add_option("model", p->model_path, "base model folder (GPTQ checkpoint or FP16)")->required();
     sub->add_option("--data", p->data_path,
                     ".txt (cut into --seqlen windows) or .jsonl with \"text\" or chat \"messages\" (loss on the "
@@ -48,10 +49,12 @@ command register_finetune(CLI::App& app) {
     sub->add_option("--chat-template", p->chat_template_file,
                     "chat template for \"messages\" (Jinja file, or a tokenizer_config.json) instead of the model's");
     sub->add_option("-t,--threads", p->n_threads, "CPU threads (0: all cores)")->capture_default_str();
-    return {sub, [p] {
+    sub->add_flag("--json", *json, "print one JSON object instead of text");
+    return {sub, [p, json] {
                 auto r = finetune_run(*p);
                 if (!r) return report_error(r.error());
-                std::printf("%s", finetune_result_text(*r).c_str());
+                const std::string out = *json ? finetune_result_json(*r) + "\n" : finetune_result_text(*r);
+                std::printf("%s", out.c_str());
                 return 0;
             }};
 }

@@ -126,25 +126,30 @@ void llama_model::layer_backward(const ops_context& ctx, const llama_layer& laye
         args.push_back(a);
         row0 += s.n_tokens;
     }
-    fvec h1(x0, x0 + n * E), y = zeros(n * E);
-    lin(linear_role::LINEAR_O, att.data(), y.data());
-    op_add(ctx, h1.data(), y.data(), n * E);
-    // The MLP's forward again.
-    fvec yn = zeros(n * E), g = zeros(n * F), u = zeros(n * F), act = zeros(n * F);
-    op_rms_norm(ctx, h1.data(), layer.mlp_norm.data(), yn.data(), n, E, hp_.rms_eps);
-    lin(linear_role::LINEAR_GATE, yn.data(), g.data());
-    lin(linear_role::LINEAR_UP, yn.data(), u.data());
-    op_silu_mul(ctx, g.data(), u.data(), act.data(), n * F);
-
-    // MLP backward: dh = dL/dh2 -> dL/dh1 (residual plus the block's path).
-    fvec da = zeros(n * F), dg = zeros(n * F), du = zeros(n * F);
-    lin_back(linear_role::LINEAR_DOWN, act.data(), dh, da.data(), false);
-    op_silu_mul_backward(ctx, g.data(), u.data(), da.data(), dg.data(), du.data(), n * F);
+    fvec h1(x0, x0 + n * E);
+    {
+        fvec y = zeros(n * E);
+        lin(linear_role::LINEAR_O, att.data(), y.data());
+        op_add(ctx, h1.data(), y.data(), n * E);
+    }
     fvec dx = zeros(n * E);
-    lin_back(linear_role::LINEAR_GATE, yn.data(), dg.data(), dx.data(), false);
-    lin_back(linear_role::LINEAR_UP, yn.data(), du.data(), dx.data(), true);
-    op_rms_norm_backward(ctx, h1.data(), layer.mlp_norm.data(), dx.data(), dx.data(), n, E, hp_.rms_eps);
-    op_add(ctx, dh, dx.data(), n * E);
+    {  // The MLP's forward again, then its backward: dh = dL/dh2 -> dL/dh1 (residual plus the block's
+       // path). Its buffers end here; dL/d(act) becomes dL/dgate and up's buffer dL/dup in place.
+        fvec yn = zeros(n * E), g = zeros(n * F), u = zeros(n * F), da = zeros(n * F);
+        op_rms_norm(ctx, h1.data(), layer.mlp_norm.data(), yn.data(), n, E, hp_.rms_eps);
+        lin(linear_role::LINEAR_GATE, yn.data(), g.data());
+        lin(linear_role::LINEAR_UP, yn.data(), u.data());
+        {
+            fvec act = zeros(n * F);
+            op_silu_mul(ctx, g.data(), u.data(), act.data(), n * F);
+            lin_back(linear_role::LINEAR_DOWN, act.data(), dh, da.data(), false);
+        }
+        op_silu_mul_backward(ctx, g.data(), u.data(), da.data(), da.data(), u.data(), n * F);
+        lin_back(linear_role::LINEAR_GATE, yn.data(), da.data(), dx.data(), false);
+        lin_back(linear_role::LINEAR_UP, yn.data(), u.data(), dx.data(), true);
+        op_rms_norm_backward(ctx, h1.data(), layer.mlp_norm.data(), dx.data(), dx.data(), n, E, hp_.rms_eps);
+        op_add(ctx, dh, dx.data(), n * E);
+    }
 
     // Attention backward: dL/dh1 -> dL/dx0.
     fvec datt = zeros(n * qd), dq = zeros(n * qd), dk = zeros(n * kvd), dv = zeros(n * kvd);

@@ -24,7 +24,8 @@ void op_rope_backward(const ops_context& ctx, float* dy, const float* cos, const
 void op_attention_backward(const ops_context& ctx, const attention_args& a, const float* dout, float* dq, float* dk,
                            float* dv);
 
-// op_silu_mul's: dgate[n], dup[n] from gate, up and dy (each may alias dy, not each other).
+// op_silu_mul's: dgate[n], dup[n] from gate, up and dy (dgate may alias gate or dy, dup up or dy;
+// not each other).
 void op_silu_mul_backward(const ops_context& ctx, const float* gate, const float* up, const float* dy, float* dgate,
                           float* dup, int64_t n);
 

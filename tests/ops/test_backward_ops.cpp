@@ -166,6 +166,12 @@ TEST(backward_ops, silu_mul_matches_finite_differences) {
     };
     EXPECT_LT(rel_err(dg, numeric_grad(gate, loss_g)), k_fd_tol);
     EXPECT_LT(rel_err(du, numeric_grad(up, loss_u)), k_fd_tol);
+    // In place, as the layer's backward runs it: dgate over dy, dup over up.
+    std::vector<float> d2 = dy, u2 = up;
+    op_silu_mul_backward(ops_context{}, gate.data(), u2.data(), d2.data(), d2.data(), u2.data(),
+                         static_cast<int64_t>(n));
+    EXPECT_EQ(d2, dg);
+    EXPECT_EQ(u2, du);
 }
 
 TEST(backward_ops, rope_is_the_transposed_rotation) {

@@ -23,7 +23,8 @@ void rms_norm_backward(const float* x, const float* w, const float* dy, float* d
                        float eps, thread_pool* pool);
 
 // y = silu(gate) * up (silu_mul): dup = dy * silu(gate), dgate = dy * up * s * (1 + gate * (1 - s)),
-// s = sigmoid(gate). All [n]; dgate / dup may alias dy (not each other).
+// s = sigmoid(gate). All [n]; element by element, so dgate may alias gate or dy and dup up or dy
+// (not each other).
 void silu_mul_backward(const float* gate, const float* up, const float* dy, float* dgate, float* dup, int64_t n,
                        thread_pool* pool);
 

@@ -26,4 +26,8 @@ struct chat_template_vars {
 result<std::string> chat_template_render(const std::string& tmpl, const std::vector<chat_message>& messages,
                                          const chat_template_vars& vars);
 
+// The template of a --chat-template FILE (serve, finetune): the file's text, or the string
+// "chat_template" of a .json file (a tokenizer_config.json). Errors name the option and the file.
+result<std::string> chat_template_file_read(const std::string& path);
+
 }  // namespace gptq

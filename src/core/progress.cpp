@@ -66,8 +66,8 @@ std::string progress_bar::render(double elapsed_s) const {
     bar.resize(width, '.');
     const double rate = elapsed_s > 0 ? static_cast<double>(done_) / elapsed_s : 0.0;
     const double eta  = rate > 0 ? static_cast<double>(total_ - done_) / rate : NAN;
-    return fmt::format("{} [{}] {}/{} {:.1f} {}/s elapsed {} eta {}", label_, bar, done_, total_, rate, unit_,
-                       format_duration(elapsed_s), format_duration(eta));
+    return fmt::format("{} [{}] {}/{} {:.1f} {}/s elapsed {} eta {}{}{}", label_, bar, done_, total_, rate, unit_,
+                       format_duration(elapsed_s), format_duration(eta), note_.empty() ? "" : " ", note_);
 }
 
 void progress_bar::draw(bool force) {

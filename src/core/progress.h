@@ -21,9 +21,10 @@ public:
     progress_bar(const progress_bar&)            = delete;
     progress_bar& operator=(const progress_bar&) = delete;
 
-    void update(int64_t done_delta = 1);  // add done work and maybe redraw
-    void set(int64_t done);               // absolute position
-    void finish();                        // final redraw and newline (idempotent)
+    void update(int64_t done_delta = 1);                          // add done work and maybe redraw
+    void set(int64_t done);                                       // absolute position
+    void finish();                                                // final redraw and newline (idempotent)
+    void set_note(std::string note) { note_ = std::move(note); }  // shown after the ETA ("loss 2.31")
 
     bool enabled() const { return enabled_; }
     // The line as it would be drawn now; exposed for tests.
@@ -34,6 +35,7 @@ private:
 
     std::string                           label_;
     std::string                           unit_;
+    std::string                           note_;
     int64_t                               total_;
     int64_t                               done_ = 0;
     bool                                  enabled_;

@@ -16,8 +16,11 @@
 #include <cmath>
 #include <cstdlib>
 #include <ctime>
+#include <filesystem>
+#include <fstream>
 #include <map>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <variant>
 
@@ -1703,6 +1706,22 @@ result<std::string> chat_template_render(const std::string& tmpl, const std::vec
     std::string out;
     GPTQ_TRY(r.render(root, out));
     return out;
+}
+
+result<std::string> chat_template_file_read(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return make_error(status_code::STATUS_NOT_FOUND, "--chat-template {}: cannot open", path);
+    std::string text((std::istreambuf_iterator<char>(in)), {});
+    if (std::filesystem::path(path).extension() == ".json") {  // a tokenizer_config.json
+        auto j = nlohmann::json::parse(text, nullptr, false);
+        if (j.is_discarded() || !j.is_object() || !j.contains("chat_template") || !j["chat_template"].is_string())
+            return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                              "--chat-template {}: a .json file must hold a string \"chat_template\"", path);
+        return j["chat_template"].get<std::string>();
+    }
+    if (text.empty())
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "--chat-template {}: the file is empty", path);
+    return text;
 }
 
 }  // namespace gptq

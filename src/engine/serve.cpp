@@ -79,18 +79,7 @@ private:
 
 result<std::string> chat_template_of(const serve_options& o, const tokenizer& tok) {
     if (o.chat_template_file.empty()) return tok.config().chat_template;
-    std::ifstream in(o.chat_template_file, std::ios::binary);
-    if (!in) return make_error(status_code::STATUS_NOT_FOUND, "--chat-template {}: cannot open", o.chat_template_file);
-    std::string text((std::istreambuf_iterator<char>(in)), {});
-    if (std::filesystem::path(o.chat_template_file).extension() == ".json") {  // a tokenizer_config.json
-        auto j = nlohmann::json::parse(text, nullptr, false);
-        if (j.is_discarded() || !j.is_object() || !j.contains("chat_template") || !j["chat_template"].is_string())
-            return make_error(E_ARG, "--chat-template {}: a .json file must hold a string \"chat_template\"",
-                              o.chat_template_file);
-        return j["chat_template"].get<std::string>();
-    }
-    if (text.empty()) return make_error(E_ARG, "--chat-template {}: the file is empty", o.chat_template_file);
-    return text;
+    return chat_template_file_read(o.chat_template_file);
 }
 
 // The KV plan (serve_plan.h) for this session: the budget is --kv-memory in bytes, or that

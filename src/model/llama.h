@@ -219,6 +219,10 @@ struct linear_weights {
 
 // y[n_rows, n_out] = x[n_rows, n_in] W^T + bias, dense or quantized.
 void linear_forward(const ops_context& ctx, const linear_weights& l, const float* x, float* y, int64_t n_rows);
+// Its input gradient (llama_train.cpp): dx[n_rows, n_in] (+)= dy[n_rows, n_out] W, W frozen (F32,
+// F16, or GPTQ dequantized a block of rows at a time); accumulate: add to dx instead of writing it.
+void linear_backward_input(const ops_context& ctx, const linear_weights& l, const float* dy, float* dx, int64_t n_rows,
+                           bool accumulate);
 
 // A SwiGLU expert: gate, up [n_ff, n_embd] and down [n_embd, n_ff], dense or GPTQ.
 struct moe_expert {
@@ -325,6 +329,20 @@ struct layer_seq {
 
 struct lora_adapter;
 
+// A batch of LoRA training (llama_train.cpp, docs/lora.md "Fine-tuning"): sequences stored back to
+// back without padding, each attending to its own tokens only (positions from 0).
+struct train_batch {
+    std::vector<int32_t> ids;       // [n_rows] token ids
+    std::vector<int32_t> targets;   // [n_rows] the token row i is trained to predict (the next one), -1: no loss
+    std::vector<int64_t> n_tokens;  // [n_seq] rows of each sequence
+    int64_t              n_targets() const;
+};
+
+// Whether LoRA training runs hp's layer: the Llama / Mistral / Qwen2 layer (RMSNorm, RoPE, causal
+// GQA attention with an optional sliding window, SiLU MLP, q/k/v biases) is; options beyond it
+// (llama_hparams::options_beyond_llama: MoE, soft-capping, qk_norm, ...) are refused by name.
+status llama_train_check(const llama_hparams& hp, const std::string& who);
+
 struct llama_open_options {
     bool strict = false;  // tensors the model does not use are an error (else a warning)
     // F16 checkpoint tensors of dense linears, embeddings and lm_head stay F16 in memory (the
@@ -424,6 +442,14 @@ public:
     int32_t                                                 lora_add(std::shared_ptr<const lora_adapter> adapter);
     const std::vector<std::shared_ptr<const lora_adapter>>& loras() const { return loras_; }
 
+    // LoRA training (llama_train.cpp, docs/lora.md "Fine-tuning"): the summed cross-entropy (natural
+    // log) of the batch's targets with adapter `lora` (lora_add's index, -1 none) applied, and with
+    // grads set, d(grad_scale * loss)/dA and /dB of that adapter added into grads (an adapter of the
+    // same shapes). The base weights are frozen. Gradient checkpointing: the forward keeps each
+    // layer's input only; the backward recomputes one layer at a time from it. globals_load first.
+    result<double> lora_loss_grad(const ops_context& ctx, const train_batch& batch, int32_t lora, lora_adapter* grads,
+                                  float grad_scale);
+
     // Whether n_tokens more tokens after n_past cached ones cross LongRoPE's switch from short to
     // long factors with keys rotated by the short ones in the cache (then the whole sequence is run
     // again, here and in llama_cuda_model).
@@ -445,6 +471,20 @@ private:
     // y[rows, n_out] = linear r of the layer on x[rows, n_in], plus each sequence's LoRA product.
     void linear_run(const ops_context& ctx, const llama_layer& layer, linear_role r, std::span<const layer_seq> seqs,
                     const float* x, float* y) const;
+    // Training (llama_train.cpp): one layer recomputed from its input x0 [n_rows, n_embd] and back-
+    // propagated: dh holds dL/d(layer output) and becomes dL/d(x0); LoRA gradients into grads.
+    void layer_backward(const ops_context& ctx, const llama_layer& layer, const float* x0,
+                        std::span<const layer_seq> seqs, float* dh, const lora_adapter* adapter,
+                        lora_adapter* grads) const;
+    // dx (+)= dy W of linear r, plus its LoRA product's: dx += s (dy B) A, gB += s dy^T (x A^T), gA += s (dy B)^T x.
+    void lora_linear_backward(const ops_context& ctx, const llama_layer& layer, linear_role r, int64_t n_rows,
+                              const float* x, const float* dy, float* dx, bool accumulate, const lora_adapter* adapter,
+                              lora_adapter* grads) const;
+    // Summed NLL of the rows with a target; with dh, dL/d(hidden) * grad_scale of final norm + lm_head.
+    double output_loss_grad(const ops_context& ctx, const float* hidden, const int32_t* targets, int64_t n_rows,
+                            float grad_scale, float* dh) const;
+    // dx[n, n_embd] = dlogits[n, n_vocab] W_lm_head.
+    void lm_head_backward_input(const ops_context& ctx, const float* dlogits, float* dx, int64_t n) const;
     // Embeddings of ids, then every layer over the batch: hidden[sum n_tokens, n_embd].
     status        layers_run(const ops_context& ctx, const int32_t* ids, std::span<const layer_seq> seqs,
                              std::vector<float>* hidden);

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <filesystem>
 #include <map>
+#include <random>
 #include <set>
 
 #include "core/error.h"
@@ -281,6 +282,85 @@ void lora_merge_into(const lora_module& m, float* w, int64_t n_out, int64_t n_in
             for (int64_t i = 0; i < n_in; ++i) row[i] += s * a[i];
         }
     }
+}
+
+}  // namespace gptq
+
+namespace gptq {
+
+lora_adapter lora_adapter_init(const llama_hparams& hp, int64_t r, float scale,
+                               const std::array<bool, k_n_linear_roles>& targets, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    lora_adapter    a;
+    a.name = "finetune";
+    a.layers.resize(static_cast<size_t>(hp.n_layer));
+    for (int64_t i = 0; i < hp.n_layer; ++i)
+        for (int ri = 0; ri < k_n_linear_roles; ++ri) {
+            if (!targets[static_cast<size_t>(ri)]) continue;
+            const auto [n_out, n_in] = hp.linear_shape(static_cast<linear_role>(ri));
+            lora_module& m           = a.layers[static_cast<size_t>(i)][static_cast<size_t>(ri)];
+            m.r                      = r;
+            m.scale                  = scale;
+            m.a.resize(static_cast<size_t>(r * n_in));
+            // kaiming_uniform_(a=sqrt(5)): gain sqrt(2 / (1 + 5)), bound gain * sqrt(3 / fan_in) = 1/sqrt(fan_in)
+            const double bound = 1.0 / std::sqrt(static_cast<double>(n_in));
+            for (float& x : m.a) {
+                const double u = static_cast<double>(rng() >> 11) * 0x1.0p-53;  // [0, 1)
+                x              = static_cast<float>((2.0 * u - 1.0) * bound);
+            }
+            m.b.assign(static_cast<size_t>(n_out * r), 0.0f);
+        }
+    return a;
+}
+
+status lora_adapter_save(const lora_adapter& a, const llama_hparams& hp, const lora_save_config& c,
+                         const std::string& dir) {
+    std::error_code ec;
+    std::filesystem::create_directories(dir, ec);
+    if (ec) return make_error(status_code::STATUS_IO_ERROR, "creating {}: {}", dir, ec.message());
+    std::vector<safetensors_decl>                                  decls;
+    std::vector<std::pair<std::string, const std::vector<float>*>> data;
+    std::set<std::string>                                          targets;
+    for (int64_t i = 0; i < hp.n_layer; ++i)
+        for (int ri = 0; ri < k_n_linear_roles; ++ri) {
+            const linear_role  role = static_cast<linear_role>(ri);
+            const lora_module* m    = a.module(i, role);
+            if (!m) continue;
+            const auto [n_out, n_in] = hp.linear_shape(role);
+            const std::string base   = "base_model.model." + llama_linear_name(i, role);
+            decls.push_back({base + ".lora_A.weight", dtype::DTYPE_F32, {m->r, n_in}});
+            decls.push_back({base + ".lora_B.weight", dtype::DTYPE_F32, {n_out, m->r}});
+            data.push_back({base + ".lora_A.weight", &m->a});
+            data.push_back({base + ".lora_B.weight", &m->b});
+            targets.insert(linear_role_name(role));
+        }
+    GPTQ_ASSIGN_OR_RETURN(auto w, safetensors_writer::create(path_join(dir, "adapter_model.safetensors"), decls));
+    for (const auto& [name, v] : data) GPTQ_TRY(w->write(name, v->data(), v->size() * sizeof(float)));
+    GPTQ_TRY(w->finish());
+    nlohmann::ordered_json j;
+    j["alpha_pattern"]           = nlohmann::json::object();
+    j["base_model_name_or_path"] = c.base_model;
+    j["bias"]                    = "none";
+    j["fan_in_fan_out"]          = false;
+    j["inference_mode"]          = true;
+    j["init_lora_weights"]       = true;
+    j["layers_pattern"]          = nullptr;
+    j["layers_to_transform"]     = nullptr;
+    if (c.alpha == std::floor(c.alpha) && std::abs(c.alpha) < 1e9)  // as PEFT writes an int alpha
+        j["lora_alpha"] = static_cast<int64_t>(c.alpha);
+    else
+        j["lora_alpha"] = c.alpha;
+    j["lora_dropout"]    = 0.0;
+    j["modules_to_save"] = nullptr;
+    j["peft_type"]       = "LORA";
+    j["r"]               = c.r;
+    j["rank_pattern"]    = nlohmann::json::object();
+    j["revision"]        = nullptr;
+    j["target_modules"]  = std::vector<std::string>(targets.begin(), targets.end());
+    j["task_type"]       = "CAUSAL_LM";
+    j["use_dora"]        = false;
+    j["use_rslora"]      = c.use_rslora;
+    return file_write_atomic(path_join(dir, "adapter_config.json"), j.dump(2) + "\n");
 }
 
 }  // namespace gptq

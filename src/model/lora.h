@@ -58,6 +58,26 @@ lora_adapter lora_adapters_stack(const std::vector<lora_adapter>& parts);
 void lora_forward(const ops_context& ctx, const lora_module& m, const float* x, float* y, int64_t n_rows, int64_t n_in,
                   int64_t n_out);
 
+// A new trainable adapter (gptq finetune) over the roles of every layer that `targets` marks, as
+// PEFT initialises one: A [r, n_in] kaiming-uniform with a = sqrt(5) (nn.Linear's default: uniform
+// in +-1/sqrt(n_in)) from a 64-bit Mersenne Twister seeded with `seed`, B [n_out, r] zeros.
+lora_adapter lora_adapter_init(const llama_hparams& hp, int64_t r, float scale,
+                               const std::array<bool, k_n_linear_roles>& targets, uint64_t seed);
+
+// What adapter_config.json says beyond the tensors.
+struct lora_save_config {
+    int64_t     r          = 0;
+    double      alpha      = 0.0;
+    bool        use_rslora = false;
+    std::string base_model;  // base_model_name_or_path
+};
+// Writes PEFT's format into the folder dir (created if missing): adapter_model.safetensors (F32
+// A and B, names base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight, ...) and then
+// adapter_config.json, each to a temporary name and renamed when complete; the config comes last,
+// so a folder with a config holds a complete adapter.
+status lora_adapter_save(const lora_adapter& a, const llama_hparams& hp, const lora_save_config& c,
+                         const std::string& dir);
+
 // The delta of a linear's weight, W += scale * B A: w[n_out, n_in] (merge-lora).
 void lora_merge_into(const lora_module& m, float* w, int64_t n_out, int64_t n_in);
 

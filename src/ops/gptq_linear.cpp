@@ -81,15 +81,20 @@ cpu::gptq_cpu_layout gptq_packed_linear::layout() const {
 }
 
 void gptq_packed_linear::dequantize(float* w) const {
+    dequantize_rows(0, n_out, w);
+}
+
+void gptq_packed_linear::dequantize_rows(int64_t n0, int64_t n1, float* w) const {
+    GPTQ_ASSERT(0 <= n0 && n0 <= n1 && n1 <= n_out);
     const cpu::gptq_cpu_layout l = layout();
-    for (int64_t n = 0; n < n_out; ++n)
+    for (int64_t n = n0; n < n1; ++n)
         for (int64_t g = 0; g < n_groups; ++g) {
             const float s = scales[static_cast<size_t>(n * n_groups + g)];
             const float z = zeros[static_cast<size_t>(n * n_groups + g)];
             for (int32_t i = group_start[static_cast<size_t>(g)]; i < group_start[static_cast<size_t>(g + 1)]; ++i) {
-                const int64_t k = perm.empty() ? i : perm[static_cast<size_t>(i)];
-                const int64_t p = pad_start[static_cast<size_t>(g)] + (i - group_start[static_cast<size_t>(g)]);
-                w[n * n_in + k] = s * (static_cast<float>(cpu::gptq_code_at(l, n, p)) - z);
+                const int64_t k        = perm.empty() ? i : perm[static_cast<size_t>(i)];
+                const int64_t p        = pad_start[static_cast<size_t>(g)] + (i - group_start[static_cast<size_t>(g)]);
+                w[(n - n0) * n_in + k] = s * (static_cast<float>(cpu::gptq_code_at(l, n, p)) - z);
             }
         }
 }

@@ -33,7 +33,9 @@ struct gptq_packed_linear {
                                             int bits);
     cpu::gptq_cpu_layout      layout() const;  // the kernels' view (pointers into this object)
     // W [n_out, n_in] in F32, original column order.
-    void   dequantize(float* w) const;
+    void dequantize(float* w) const;
+    // Rows [n0, n1) of W into w [n1 - n0, n_in], original column order (the backward's blocks).
+    void   dequantize_rows(int64_t n0, int64_t n1, float* w) const;
     size_t bytes() const;  // memory held
 };
 

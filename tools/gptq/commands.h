@@ -33,6 +33,7 @@ command register_convert(CLI::App& app);
 command register_serve(CLI::App& app);
 command register_report(CLI::App& app);
 command register_merge_lora(CLI::App& app);
+command register_finetune(CLI::App& app);
 // More subcommands add a line here and in main.cpp.
 
 // Print "gptq: error: <message>" on stderr and return 1.

@@ -248,6 +248,7 @@ int main(int argc, char** argv) {
     commands.push_back(register_serve(app));
     commands.push_back(register_report(app));
     commands.push_back(register_merge_lora(app));
+    commands.push_back(register_finetune(app));
 
     add_number_checks(app);
 

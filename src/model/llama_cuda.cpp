@@ -408,6 +408,8 @@ status llama_cuda_model::load_weights() {
         } else {
             GPTQ_TRY(linear_group_load(i, {R::LINEAR_Q, R::LINEAR_K, R::LINEAR_V}, &L.qkv, &L.lin));
         }
+        // Before the MoE branch's `continue`: sizes q_ (a fused q/k/v writes [n, q_dim + 2 kv_dim]).
+        any_qkv_fused_ = any_qkv_fused_ || L.qkv.n_out > 0;
         GPTQ_TRY(linear_load(i, R::LINEAR_O, &L.lin[static_cast<size_t>(R::LINEAR_O)]));
         if (hp.is_moe(i)) {  // the sparse block in place of the MLP (llama_cuda_moe.h)
             const cuda_module_loader load = [this](const std::string& name, int64_t n_out, int64_t n_in,
@@ -434,7 +436,6 @@ status llama_cuda_model::load_weights() {
         else
             GPTQ_TRY(linear_group_load(i, {R::LINEAR_GATE, R::LINEAR_UP}, &L.gate_up, &L.lin,
                                        down_perm.empty() ? nullptr : &down_perm, &L.gate_up_in_down_order));
-        any_qkv_fused_     = any_qkv_fused_ || L.qkv.n_out > 0;
         any_gate_up_fused_ = any_gate_up_fused_ || L.gate_up.n_out > 0;
         if (next_off < off.layers.size() && off.layers[next_off] == i) {
             ++next_off;

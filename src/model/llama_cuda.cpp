@@ -1167,17 +1167,7 @@ status llama_cuda_model::decode_step(const int32_t* ids, const int64_t* seqs, in
     return status::ok();
 }
 
-bool llama_cuda_model::mixed_supported() const {
-    if (hparams().n_expert <= 0) return true;
-    const char* env = std::getenv("GPTQ_MIXED_MOE");
-    return env && std::string(env) == "1";
-}
-
 status llama_cuda_model::step_mixed(const llama_cuda_segment* segs, int64_t n_seg, float* logits) {
-    if (!mixed_supported())
-        return make_error(status_code::STATUS_UNSUPPORTED,
-                          "mixed passes (prompt chunks beside decode tokens) do not run MoE layers yet: run the "
-                          "chunks with prefill_seq and the decode tokens with decode_seqs");
     if (n_seg < 1 || n_seg > n_seq_)
         return make_error(E_ARG, "mixed step of {} sequences with room for {} (sequences_reserve)", n_seg, n_seq_);
     std::vector<bool> seen(size_t(n_seq_), false);

@@ -52,11 +52,10 @@ status pages_check(const llama_cuda_model& m, std::span<const seq_step> steps, c
 // on its own, as before; serve's steps hold --prefill-chunk prompt tokens plus the decode tokens.
 constexpr int64_t k_mixed_max_tokens = 2048;
 
-// Whether a step runs as one mixed pass: a model that runs them (not MoE yet), prompt chunks beside
-// other sequences, the last row's logits only, no sequence crossing LongRoPE's switch (re-run on
-// its own), within k_mixed_max_tokens.
+// Whether a step runs as one mixed pass: prompt chunks beside other sequences, the last row's logits
+// only, no sequence crossing LongRoPE's switch (re-run on its own), within k_mixed_max_tokens.
 bool mixed_step(const llama_cuda_model& m, std::span<const seq_step> steps) {
-    if (steps.size() < 2 || !m.mixed_supported()) return false;
+    if (steps.size() < 2) return false;
     int64_t total = 0;
     bool    chunk = false;
     for (const seq_step& s : steps) {
@@ -316,14 +315,10 @@ result<int64_t> model_session_cuda::warm_up(int64_t max_batch, int64_t max_chunk
         const int64_t chunk_pages = (max_chunk + P - 1) / P;
         const int64_t n_dec =
             std::max<int64_t>(0, std::min({max_batch - 1, free - chunk_pages, k_mixed_max_tokens - max_chunk}));
-        std::vector<int32_t> ids(static_cast<size_t>(max_chunk), 0);
-        if (gpu_->mixed_supported()) {
-            std::vector<llama_cuda_segment> segs = {{.seq = 0, .ids = ids.data(), .n = max_chunk}};
-            for (int64_t s = 1; s <= n_dec; ++s) segs.push_back({.seq = s, .ids = ids.data(), .n = 1});
-            GPTQ_TRY(gpu_->step_mixed(segs.data(), int64_t(segs.size()), nullptr));
-        } else {  // the chunk alone, as its steps will run (step)
-            GPTQ_TRY(gpu_->prefill_seq(0, ids.data(), max_chunk, nullptr, false));
-        }
+        std::vector<int32_t>            ids(static_cast<size_t>(max_chunk), 0);
+        std::vector<llama_cuda_segment> segs = {{.seq = 0, .ids = ids.data(), .n = max_chunk}};
+        for (int64_t s = 1; s <= n_dec; ++s) segs.push_back({.seq = s, .ids = ids.data(), .n = 1});
+        GPTQ_TRY(gpu_->step_mixed(segs.data(), int64_t(segs.size()), nullptr));
         for (int64_t s = 0; s <= n_dec; ++s) gpu_->seq_reset(s);
         ++shapes;
     }

@@ -160,9 +160,6 @@ public:
     // Uncaptured (no graph). A segment crossing LongRoPE's switch is an error (run it with
     // prefill_seq / decode_seqs, which re-prefill it); pages as decode_seqs: all taken before
     // anything runs, none advanced on an error.
-    // Whether step_mixed runs this model: not with MoE layers yet (the mixed test faulted on the
-    // device with an illegal address; GPTQ_MIXED_MOE=1 lets them run, to find it).
-    bool   mixed_supported() const;
     status step_mixed(const llama_cuda_segment* segs, int64_t n_seg, float* logits);
     // Size the activations for passes of up to n tokens now (growing them later drops every decode
     // graph: gptq serve's warm-up reserves its largest mixed step first).

@@ -692,10 +692,7 @@ TEST(moe_cuda, ragged_decode_matches_sequences_alone) {
 // Mixed passes (prompt chunks beside decode tokens in one forward): the experts run per expert over
 // all rows (the prefill path), against the separate passes (per-expert prefill, grouped decode as a
 // graph): the summation-order bound, as per expert vs grouped above (tests/cuda/mixed_check.h).
-// Refused by default (llama_cuda_model::mixed_supported): this test faulted on the H100 with an
-// illegal address in the first MoE model's mixed step. Run it with GPTQ_MIXED_MOE=1 and
-// --gtest_also_run_disabled_tests (under compute-sanitizer) to find the kernel.
-TEST(moe_cuda, DISABLED_mixed_steps_match_separate_passes) {
+TEST(moe_cuda, mixed_steps_match_separate_passes) {
     GPTQ_SKIP_WITHOUT_GPU();
     llama_cuda_options o;
     o.n_ctx     = 64;
@@ -704,26 +701,6 @@ TEST(moe_cuda, DISABLED_mixed_steps_match_separate_passes) {
     o.page_size = 16;
     test::check_mixed_steps(micro_int4("micro-qwen3-moe", "rtn", false), o, {});
     test::check_mixed_steps(micro_int4("micro-mixtral", "gptq", true), o, {});
-}
-
-// Until then a mixed step on a MoE model is an error naming the way out, and the session runs its
-// steps as separate passes (the step tests above).
-TEST(moe_cuda, mixed_steps_are_refused_by_name) {
-    GPTQ_SKIP_WITHOUT_GPU();
-    if (const char* env = std::getenv("GPTQ_MIXED_MOE"); env && std::string(env) == "1") GTEST_SKIP();
-    llama_cuda_options o;
-    o.n_ctx = 64;
-    auto m  = llama_cuda_model::open(moe_dir("mixtral"), o);
-    ASSERT_TRUE(m.is_ok()) << m.error().message();
-    EXPECT_FALSE((*m)->mixed_supported());
-    GPTQ_EXPECT_OK((*m)->sequences_reserve(2));
-    const std::vector<int32_t> a = {1, 2, 3}, b = {4};
-    const llama_cuda_segment   segs[] = {{.seq = 0, .ids = a.data(), .n = 3}, {.seq = 1, .ids = b.data(), .n = 1}};
-    std::vector<float>         logits(size_t(2 * (*m)->hparams().n_vocab));
-    const status               st = (*m)->step_mixed(segs, 2, logits.data());
-    ASSERT_FALSE(st.is_ok());
-    EXPECT_NE(st.message().find("MoE"), std::string::npos) << st.message();
-    EXPECT_EQ((*m)->seq_pos(0), 0);
 }
 
 // Perplexity through the engine (model_session on cuda: windows of 128 tokens through the per-expert

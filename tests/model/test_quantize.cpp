@@ -245,27 +245,51 @@ TEST(quantize, target_bpw_plan_respects_the_budget_and_round_trips) {
     ASSERT_TRUE(back.is_ok()) << back.error().message();
     std::set<int> bits_seen;
     uint64_t      written = 0;
+    int n_qkv_units = 0, n_gate_up_units = 0;
     for (const auto& m : plan["modules"]) {
-        const std::string  name = m["module"];
-        const gptq_config* qm   = (*back)->quantization_of(name);
-        ASSERT_NE(qm, nullptr) << name;
-        EXPECT_EQ(qm->bits, m["bits"].get<int>()) << name;
-        EXPECT_EQ(qm->group_size, m["group_size"].get<int>()) << name;
-        bits_seen.insert(qm->bits);
-        for (const char* t : {".qweight", ".qzeros", ".scales", ".g_idx"}) {
-            const tensor_entry* e = (*back)->source().find(name + t);
-            ASSERT_NE(e, nullptr) << name << t;
-            written += e->info->nbytes();
+        // A unit of several modules (q/k/v, gate/up: vLLM fuses them) takes one choice.
+        std::vector<std::string> names = m["members"].get<std::vector<std::string>>();
+        const std::string        unit  = m["module"];
+        if (names.empty()) names.push_back(unit);
+        if (unit.ends_with(".self_attn.qkv_proj")) {
+            ++n_qkv_units;
+            EXPECT_EQ(names.size(), 3u) << unit;
+        }
+        if (unit.ends_with(".mlp.gate_up_proj")) {
+            ++n_gate_up_units;
+            EXPECT_EQ(names.size(), 2u) << unit;
+        }
+        for (const std::string& name : names) {
+            const gptq_config* qm = (*back)->quantization_of(name);
+            ASSERT_NE(qm, nullptr) << name;
+            EXPECT_EQ(qm->bits, m["bits"].get<int>()) << name;
+            EXPECT_EQ(qm->group_size, m["group_size"].get<int>()) << name;
+            bits_seen.insert(qm->bits);
+            for (const char* t : {".qweight", ".qzeros", ".scales", ".g_idx"}) {
+                const tensor_entry* e = (*back)->source().find(name + t);
+                ASSERT_NE(e, nullptr) << name << t;
+                written += e->info->nbytes();
+            }
+        }
+        // The rule of a unit also matches vLLM's fused name.
+        if (m["bits"].get<int>() != qc["bits"].get<int>() || m["group_size"].get<int>() != qc["group_size"].get<int>()) {
+            const auto all = gptq_config_parse(qc, "quantize_config.json");
+            ASSERT_TRUE(all.is_ok());
+            const gptq_dynamic_rule* r = all->dynamic_rule_for(unit);
+            ASSERT_NE(r, nullptr) << unit;
+            for (const auto& name : names) EXPECT_EQ(all->dynamic_rule_for(name), r) << name;
         }
         // Tight: no other choice of lower error fits in the bytes left.
         for (const auto& c : m["candidates"])
             if (c["error"].get<double>() < m["error"].get<double>()) {
                 EXPECT_GT(plan["bytes"].get<uint64_t>() - m["bytes"].get<uint64_t>() + c["bytes"].get<uint64_t>(),
                           budget)
-                    << name << " could take " << c.dump();
+                    << unit << " could take " << c.dump();
             }
     }
     EXPECT_EQ(written, plan["bytes"].get<uint64_t>());
+    EXPECT_GT(n_qkv_units, 0);
+    EXPECT_GT(n_gate_up_units, 0);
     EXPECT_GT(bits_seen.size(), 1u) << "3.5 bits per weight mixes bit widths";
 
     // Interrupted and resumed: the plan comes from the work folder, the files are the same.

@@ -27,8 +27,8 @@ struct bit_plan_module {
     std::string              module;   // "model.layers.3.mlp.down_proj", "lm_head", "model.layers.3.self_attn.qkv_proj"
     std::vector<std::string> members;  // the checkpoint modules it covers (empty: `module` alone)
     int64_t                  n_out = 0, n_in = 0;  // n_out summed over the members
-    std::vector<bit_choice> choices;
-    double                  signal = 0.0;  // the module's output energy tr(W H W^T) (for relative errors)
+    std::vector<bit_choice>  choices;
+    double                   signal = 0.0;  // the module's output energy tr(W H W^T) (for relative errors)
 };
 
 struct bit_plan {

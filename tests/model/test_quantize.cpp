@@ -244,8 +244,8 @@ TEST(quantize, target_bpw_plan_respects_the_budget_and_round_trips) {
     auto back = llama_model::open(p.output_path);
     ASSERT_TRUE(back.is_ok()) << back.error().message();
     std::set<int> bits_seen;
-    uint64_t      written = 0;
-    int n_qkv_units = 0, n_gate_up_units = 0;
+    uint64_t      written     = 0;
+    int           n_qkv_units = 0, n_gate_up_units = 0;
     for (const auto& m : plan["modules"]) {
         // A unit of several modules (q/k/v, gate/up: vLLM fuses them) takes one choice.
         std::vector<std::string> names = m["members"].get<std::vector<std::string>>();
@@ -272,7 +272,8 @@ TEST(quantize, target_bpw_plan_respects_the_budget_and_round_trips) {
             }
         }
         // The rule of a unit also matches vLLM's fused name.
-        if (m["bits"].get<int>() != qc["bits"].get<int>() || m["group_size"].get<int>() != qc["group_size"].get<int>()) {
+        if (m["bits"].get<int>() != qc["bits"].get<int>() ||
+            m["group_size"].get<int>() != qc["group_size"].get<int>()) {
             const auto all = gptq_config_parse(qc, "quantize_config.json");
             ASSERT_TRUE(all.is_ok());
             const gptq_dynamic_rule* r = all->dynamic_rule_for(unit);

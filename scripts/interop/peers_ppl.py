@@ -98,7 +98,7 @@ def markdown(results):
             ours = r["ours_by_windows"][str(row["max_windows"])]["ppl"]
             if "error" in row:
                 lines.append(f"| {r['config']} | {r['format']} | {row['reader']} | {row['max_windows']} | "
-                             f"error: {row['error'][:160]} | {ours:.4f} | - | no | {modules_cell(row)} |")
+                             f"error: {' '.join(row['error'].split())[:160]} | {ours:.4f} | - | no | {modules_cell(row)} |")
                 continue
             d = 100.0 * (row["ppl"] - ours) / ours
             ok = "yes" if abs(d) <= TOLERANCE_PCT else "**no**"

@@ -855,7 +855,7 @@ std::string unit_rule(const bit_plan_module& m) {
     return "+:" + parent + "\\.(?:" + alt + ")$";
 }
 
-// s.cfg gets `dynamic` from the plan (a "+:" rule of bits and group size for each module whose
+// s.cfg gets `dynamic` from the plan (a "+:" rule of bits and group size for each unit whose
 // choice is not the base --bits / --group-size; the rules never overlap).
 status bit_plan_config(run_state& s, const nlohmann::json& dynamic) {
     nlohmann::json cj = s.cfg.to_json();

@@ -237,6 +237,57 @@ def load_autogptq(folder, dtype=torch.float32, device="cpu", **kwargs):
     return model.to(device).eval()
 
 
+def dynamic_override(dynamic, module):
+    """GPTQModel's `dynamic` for one module name (quantization/config.py _resolve_dynamic_override):
+    the first rule in order that re.match-es it; "-:" excludes the module (False), "+:" or a bare
+    pattern gives its overrides. None: no rule."""
+    import re
+
+    for key, overrides in (dynamic or {}).items():
+        negative = key.startswith("-:")
+        pattern = key[2:] if key[:2] in ("+:", "-:") else key
+        if re.match(pattern, module):
+            return False if negative else overrides
+    return None
+
+
+def checkpoint_modules(folder):
+    """{module name: (bits, group_size)} for every module with a .qweight in the folder's
+    safetensors, each as the folder's quantization_config says (base, then its `dynamic` rule)."""
+    from safetensors import safe_open
+
+    q = gptq_settings(folder)
+    names = set()
+    for f in glob.glob(os.path.join(folder, "*.safetensors")):
+        with safe_open(f, framework="pt") as h:
+            names.update(k[:-len(".qweight")] for k in h.keys() if k.endswith(".qweight"))
+    out = {}
+    for n in sorted(names):
+        o = dynamic_override(q.get("dynamic"), n) or {}
+        out[n] = (o.get("bits", q["bits"]), o.get("group_size", q["group_size"]))
+    return out
+
+
+def check_modules(model, folder):
+    """Did the reader build every quantized module of the checkpoint with the checkpoint's bits and
+    group size, and none dense? Returns {"ok", "n_modules", "problems"}: a module left dense
+    (e.g. a quantized lm_head as nn.Linear, its weight newly initialized) or built with other
+    bits / group size than the config says for it (e.g. `dynamic` ignored)."""
+    expected = checkpoint_modules(folder)
+    mods = dict(model.named_modules())
+    problems = []
+    for name, (bits, group) in expected.items():
+        m = mods.get(name)
+        if m is None:
+            problems.append(f"{name}: no such module")
+        elif not hasattr(m, "qweight"):
+            problems.append(f"{name}: left dense ({type(m).__name__})")
+        elif (getattr(m, "bits", None), getattr(m, "group_size", None)) != (bits, group):
+            problems.append(f"{name}: built as {getattr(m, 'bits', '?')}-bit g{getattr(m, 'group_size', '?')}, "
+                            f"checkpoint {bits}-bit g{group}")
+    return {"ok": not problems, "n_modules": len(expected), "problems": problems}
+
+
 LOADERS = {"transformers": load_transformers, "gptqmodel": load_gptqmodel, "autogptq": load_autogptq}
 
 

@@ -33,7 +33,14 @@ CONFIGS = {
     "w4-g32": ["--bits", "4", "--group-size", "32"],
     "w4-g-1": ["--bits", "4", "--group-size", "-1"],
     "w4-g128-asym": ["--bits", "4", "--group-size", "128", "--no-sym"],
+    # issue 20: a quantized lm_head ("lm_head": true) and mixed precision (GPTQModel `dynamic` rules)
+    "w4-g128-lm-head": ["--bits", "4", "--group-size", "128", "--quantize-lm-head"],
+    "bpw-3.5": ["--bits", "4", "--group-size", "128", "--target-bpw", "3.5"],
+    "bpw-3.5-groups": ["--bits", "4", "--group-size", "128", "--target-bpw", "3.5", "--bpw-group-sizes", "32", "64"],
+    "bpw-3.5-lm-head": ["--bits", "4", "--group-size", "128", "--target-bpw", "3.5", "--quantize-lm-head"],
 }
+# The configurations of issue 20 (docs/interop.md "Mixed precision and a quantized lm_head").
+ISSUE20_CONFIGS = ("w4-g128", "w4-g128-lm-head", "bpw-3.5", "bpw-3.5-groups", "bpw-3.5-lm-head")
 TOLERANCE_PCT = 0.2  # issue 15: every reader's ppl equals ours within 0.2 %
 
 
@@ -65,6 +72,9 @@ def run_reader(reader, folder, ids, args):
         t0 = time.time()
         model = ic.load(reader, folder, dtype=args.torch_dtype, device=args.device)
         row["load_seconds"] = time.time() - t0
+        # Before the forward: a reader that builds a module with other bits or group size than
+        # the checkpoint's, or leaves a quantized lm_head dense, is named even when it then fails.
+        row["modules"] = ic.check_modules(model, folder)
         row.update(ic.perplexity(model, ids, args.seqlen, row["max_windows"], device=args.device))
         del model
     except Exception as e:  # noqa: BLE001 - a reader that refuses the folder is a result
@@ -73,20 +83,27 @@ def run_reader(reader, folder, ids, args):
     return row
 
 
+def modules_cell(row):
+    m = row.get("modules")
+    if m is None:
+        return "-"
+    return "as written" if m["ok"] else "**" + "; ".join(m["problems"])[:160] + "**"
+
+
 def markdown(results):
-    lines = ["| config | format | reader | windows | theirs | ours | delta % | within 0.2 % |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| config | format | reader | windows | theirs | ours | delta % | within 0.2 % | modules |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for row in r["readers"]:
             ours = r["ours_by_windows"][str(row["max_windows"])]["ppl"]
             if "error" in row:
                 lines.append(f"| {r['config']} | {r['format']} | {row['reader']} | {row['max_windows']} | "
-                             f"error: {row['error'][:160]} | {ours:.4f} | - | no |")
+                             f"error: {' '.join(row['error'].split())[:160]} | {ours:.4f} | - | no | {modules_cell(row)} |")
                 continue
             d = 100.0 * (row["ppl"] - ours) / ours
             ok = "yes" if abs(d) <= TOLERANCE_PCT else "**no**"
             lines.append(f"| {r['config']} | {r['format']} | {row['reader']} | {row['n_windows']} | {row['ppl']:.4f} | "
-                         f"{ours:.4f} | {d:+.4f} | {ok} |")
+                         f"{ours:.4f} | {d:+.4f} | {ok} | {modules_cell(row)} |")
     return "\n".join(lines)
 
 
@@ -95,7 +112,8 @@ def outside_tolerance(results):
     for r in results:
         for row in r["readers"]:
             ours = r["ours_by_windows"][str(row["max_windows"])]["ppl"]
-            if "error" in row or abs(row["ppl"] - ours) > TOLERANCE_PCT / 100 * ours:
+            if "error" in row or abs(row["ppl"] - ours) > TOLERANCE_PCT / 100 * ours or \
+                    not row.get("modules", {"ok": True})["ok"]:
                 bad.append((r["config"], row["reader"]))
     return bad
 
@@ -105,7 +123,8 @@ def main():
     ap.add_argument("--model", required=True, help="FP16 model folder (e.g. ../shared/models/small-llama)")
     ap.add_argument("--work", required=True, help="folder for the quantized checkpoints")
     ap.add_argument("--gptq", default=None, help="our CLI (default: build*/bin/gptq or $GPTQ_BIN)")
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated names, or 'issue20' for {','.join(ISSUE20_CONFIGS)}")
     ap.add_argument("--readers", default=",".join(ic.READERS))
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--max-windows", type=int, default=0, help="0: all windows")
@@ -142,7 +161,8 @@ def main():
         results["fp16"] = {"ours": ours, "transformers": theirs}
         ic.log(f"FP16 original: ours {ours['ppl']:.4f}, transformers {theirs['ppl']:.4f}")
 
-    for name in args.configs.split(","):
+    configs = ISSUE20_CONFIGS if args.configs == "issue20" else args.configs.split(",")
+    for name in configs:
         folder = os.path.join(args.work, name)
         quantize(gptq, args.model, folder, CONFIGS[name] + args.quantize_flags.split(), args.threads)
         r = {"config": name, "flags": CONFIGS[name] + args.quantize_flags.split(), "format": checkpoint_format(folder),

@@ -19,11 +19,16 @@ struct bit_choice {
     double   error      = 0.0;  // its measured error (sum over the module's parts)
 };
 
+// One unit of the plan: the checkpoint modules that take one choice together. vLLM loads a
+// layer's q/k/v as one fused linear (qkv_proj) and gate/up as one (gate_up_proj), each with the
+// quantization of the `dynamic` rule that matches the fused name, so those share a choice; every
+// other module is a unit of its own (docs/quantize.md, "Mixed precision").
 struct bit_plan_module {
-    std::string             module;  // "model.layers.3.mlp.down_proj", "lm_head"
-    int64_t                 n_out = 0, n_in = 0;
-    std::vector<bit_choice> choices;
-    double                  signal = 0.0;  // the module's output energy tr(W H W^T) (for relative errors)
+    std::string              module;   // "model.layers.3.mlp.down_proj", "lm_head", "model.layers.3.self_attn.qkv_proj"
+    std::vector<std::string> members;  // the checkpoint modules it covers (empty: `module` alone)
+    int64_t                  n_out = 0, n_in = 0;  // n_out summed over the members
+    std::vector<bit_choice>  choices;
+    double                   signal = 0.0;  // the module's output energy tr(W H W^T) (for relative errors)
 };
 
 struct bit_plan {

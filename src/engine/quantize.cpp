@@ -727,9 +727,57 @@ bit_plan_module plan_module(const std::string& module, int64_t n_out, int64_t n_
     return pm;
 }
 
+// The unit of the plan a layer's module belongs to (bit_plan_module): q/k/v (separate, or
+// Phi-3's fused qkv_proj) -> "<layer>.self_attn.qkv_proj", gate/up -> "<layer>.mlp.gate_up_proj",
+// as vLLM names its fused linears; any other module is its own unit.
+std::string plan_unit_of(const linear_module& m) {
+    auto in = [&](std::initializer_list<linear_role> set) {
+        for (linear_role r : m.roles)
+            if (std::find(set.begin(), set.end(), r) == set.end()) return false;
+        return true;
+    };
+    const std::string parent = m.module.substr(0, m.module.rfind('.'));
+    using R                  = linear_role;
+    if (in({R::LINEAR_Q, R::LINEAR_K, R::LINEAR_V})) return parent + ".qkv_proj";
+    if (in({R::LINEAR_GATE, R::LINEAR_UP})) return parent + ".gate_up_proj";
+    return m.module;
+}
+
+// Joins the plan modules of one unit: the candidates all members have, their errors, bytes
+// (each member's tensors, g_idx included), output rows and signal summed.
+bit_plan_module plan_unit(const std::string& unit, const std::vector<bit_plan_module>& parts) {
+    if (parts.size() == 1 && parts[0].module == unit) return parts[0];
+    bit_plan_module u;
+    u.module = unit;
+    u.n_in   = parts[0].n_in;
+    for (const auto& p : parts) {
+        u.members.push_back(p.module);
+        u.n_out += p.n_out;
+        u.signal += p.signal;
+    }
+    for (const bit_choice& c : parts[0].choices) {
+        bit_choice sum{c.bits, c.group_size, 0, 0.0};
+        bool       everywhere = true;
+        for (const auto& p : parts) {
+            auto it = std::find_if(p.choices.begin(), p.choices.end(), [&](const bit_choice& o) {
+                return o.bits == c.bits && o.group_size == c.group_size;
+            });
+            if (it == p.choices.end()) {
+                everywhere = false;
+                break;
+            }
+            sum.bytes += it->bytes;
+            sum.error += it->error;
+        }
+        if (everywhere) u.choices.push_back(sum);
+    }
+    return u;
+}
+
 // The sensitivity pass of --target-bpw, on its own runner: the unquantized model over the
 // calibration windows, each layer's Hessians from one pass (the inputs of the FP16 model, not of
-// the partly quantized one: a proxy), and GPTQ's error at every candidate of every module.
+// the partly quantized one: a proxy), and GPTQ's error at every candidate of every module, the
+// modules then joined into the plan's units (plan_unit_of).
 result<std::vector<bit_plan_module>> measure_sensitivity(run_state& s, const ops_context& ctx, thread_pool* pool,
                                                          calibration_runner& run) {
     const llama_hparams&         hp = s.model->hparams();
@@ -741,6 +789,7 @@ result<std::vector<bit_plan_module>> measure_sensitivity(run_state& s, const ops
         GPTQ_ASSIGN_OR_RETURN(auto layer, s.model->layer_load(i, pool));
         GPTQ_TRY(run.layer_begin(*layer));
         GPTQ_TRY(run.hessians_collect(*layer, all));
+        std::vector<std::pair<std::string, std::vector<bit_plan_module>>> units;  // in module order
         for (const auto& m : llama_linear_modules(hp, i)) {
             const int64_t       n_in  = hp.linear_shape(m.roles[0])[1];
             const int64_t       n_out = llama_linear_slot(hp, i, m.roles[0]).n_out_module;
@@ -753,8 +802,11 @@ result<std::vector<bit_plan_module>> measure_sensitivity(run_state& s, const ops
                 GPTQ_TRY(candidate_errors(run, ctx, s.opt, lw.w, lw.n_out, lw.n_in, h, cands, &errs, &signal)
                              .with_context(llama_linear_name(i, r)));
             }
-            mods.push_back(plan_module(m.module, n_out, n_in, cands, errs, signal));
+            const std::string unit = plan_unit_of(m);
+            if (units.empty() || units.back().first != unit) units.push_back({unit, {}});
+            units.back().second.push_back(plan_module(m.module, n_out, n_in, cands, errs, signal));
         }
+        for (const auto& [unit, parts] : units) mods.push_back(plan_unit(unit, parts));
         GPTQ_TRY(run.layer_forward(*layer));
         bar.update(1);
     }
@@ -784,7 +836,26 @@ std::string regex_exact(const std::string& name) {
     return out + "$";
 }
 
-// s.cfg gets `dynamic` from the plan (a "+:" rule of bits and group size for each module whose
+// The `dynamic` key of a unit: its module alone, or its members and the fused name vLLM gives
+// them: "^model\.layers\.0\.self_attn\.(?:q_proj|k_proj|v_proj|qkv_proj)$" (GPTQModel and our
+// loader match the members, vLLM the fused module).
+std::string unit_rule(const bit_plan_module& m) {
+    if (m.members.empty()) return "+:" + regex_exact(m.module);
+    const auto  cut    = m.module.rfind('.');  // the members share the unit's parent (plan_unit_of)
+    std::string parent = regex_exact(m.module.substr(0, cut));
+    parent.pop_back();  // "^model\.layers\.0\.self_attn"
+    std::vector<std::string> leaves;
+    for (const auto& name : m.members) leaves.push_back(name.substr(name.rfind('.') + 1));
+    leaves.push_back(m.module.substr(cut + 1));
+    std::string alt;
+    for (const auto& leaf : leaves) {
+        const std::string e = regex_exact(leaf);  // "^leaf$"
+        alt += (alt.empty() ? "" : "|") + e.substr(1, e.size() - 2);
+    }
+    return "+:" + parent + "\\.(?:" + alt + ")$";
+}
+
+// s.cfg gets `dynamic` from the plan (a "+:" rule of bits and group size for each unit whose
 // choice is not the base --bits / --group-size; the rules never overlap).
 status bit_plan_config(run_state& s, const nlohmann::json& dynamic) {
     nlohmann::json cj = s.cfg.to_json();
@@ -806,7 +877,10 @@ nlohmann::json bit_plan_describe(const run_state& s, const std::vector<bit_plan_
             cands.push_back({{"bits", o.bits}, {"group_size", o.group_size}, {"bytes", o.bytes}, {"error", o.error}});
             alt += fmt::format("{}{}b/g{} {:.3g}", alt.empty() ? "" : ", ", o.bits, o.group_size, o.error);
         }
+        nlohmann::ordered_json members = nlohmann::ordered_json::array();
+        for (const auto& name : mods[m].members) members.push_back(name);
         list.push_back({{"module", mods[m].module},
+                        {"members", members},
                         {"n_out", mods[m].n_out},
                         {"n_in", mods[m].n_in},
                         {"bits", c.bits},
@@ -816,7 +890,7 @@ nlohmann::json bit_plan_describe(const run_state& s, const std::vector<bit_plan_
                         {"signal", mods[m].signal},
                         {"candidates", cands}});
         if (c.bits != s.p.bits || c.group_size != s.p.group_size)
-            dynamic["+:" + regex_exact(mods[m].module)] = {{"bits", c.bits}, {"group_size", c.group_size}};
+            dynamic[unit_rule(mods[m])] = {{"bits", c.bits}, {"group_size", c.group_size}};
         GPTQ_LOG_INFO("plan: {} {}-bit g{} ({} bytes, error {:.4g}; measured: {})", mods[m].module, c.bits,
                       c.group_size, c.bytes, c.error, alt);
     }

@@ -845,10 +845,29 @@ status llama_model::layers_load_all() {
     return status::ok();
 }
 
+namespace {
+// GPTQModel's quantized input embeddings (docs/quantize.md "Quantized embeddings"): the table
+// E [n_vocab, n_embd] stored as the GPTQ linear of E^T (n_out = n_embd, n_in = n_vocab: groups of
+// consecutive token ids), read here as the dense F32 table scale * (code - zero).
+status read_quantized_embedding(const tensor_source& src, const llama_hparams& hp, const gptq_config& qc,
+                                std::vector<float>* table) {
+    GPTQ_ASSIGN_OR_RETURN(gptq_linear_data q, gptq_linear_read(src, "model.embed_tokens", hp.n_embd, hp.n_vocab, qc));
+    std::vector<float> wt(static_cast<size_t>(hp.n_embd * hp.n_vocab));
+    q.dequantize(wt.data());  // [n_embd, n_vocab]
+    table->resize(wt.size());
+    for (int64_t d = 0; d < hp.n_embd; ++d)
+        for (int64_t v = 0; v < hp.n_vocab; ++v) (*table)[size_t(v * hp.n_embd + d)] = wt[size_t(d * hp.n_vocab + v)];
+    return status::ok();
+}
+}  // namespace
+
 status llama_model::globals_load() {
     if (!embed_.empty() || !embed16_.empty()) return status::ok();
     const auto specs = llama_global_tensors(hp_);
-    GPTQ_TRY(read_weight(*src_, specs[0], keep_f16_, &embed_, &embed16_));
+    if (const gptq_config* qe = quantization_of("model.embed_tokens"))
+        GPTQ_TRY(read_quantized_embedding(*src_, hp_, *qe, &embed_).with_context(src_->folder()));
+    else
+        GPTQ_TRY(read_weight(*src_, specs[0], keep_f16_, &embed_, &embed16_));
     GPTQ_TRY(read_vec(*src_, specs[1], &norm_));
     if (hp_.norm_plus_one)
         for (float& w : norm_) w = 1.0f + w;  // as the layers' norms (layer_load)
@@ -873,7 +892,9 @@ uint64_t llama_model::resident_bytes() const {
     // zero per group, group starts and the act-order permutation (gptq_packed_linear). A dense
     // tensor: F16 when kept F16 (keep_f16 and an F16 checkpoint tensor of a 2-D weight), else F32.
     auto bytes = [&](const tensor_spec& t) -> uint64_t {
-        const gptq_config* qc = t.shape.size() == 2 ? quantization_of(t.name.substr(0, t.name.rfind('.'))) : nullptr;
+        const std::string module = t.name.substr(0, t.name.rfind('.'));
+        if (module == "model.embed_tokens" && quantization_of(module)) return 4 * elems(t);  // read dense (F32)
+        const gptq_config* qc = t.shape.size() == 2 ? quantization_of(module) : nullptr;
         if (!qc) return (keep_f16_ && t.shape.size() == 2 && tensor_is_f16(*src_, t.name) ? 2 : 4) * elems(t);
         const int64_t  n_in = t.shape[1];
         const uint64_t n_groups =

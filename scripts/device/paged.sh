@@ -18,20 +18,7 @@ set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
 log() { echo "== $*" | tee -a "$OUT/paged_summary.txt"; }
-if [ -x build-device/tests/test_llama_cuda ]; then
-    TEST_DIR=build-device/tests GPTQ=build-device/bin/gptq
-else
-    B=/tmp/gptq-device-bundle
-    [ -x "$B/bin/test_llama_cuda" ] || { log "no build-device and no unpacked bundle: run run.sh first"; exit 1; }
-    TEST_DIR=$B/bin GPTQ=$B/bin/gptq
-    CUDA_DIRS=""
-    for lib in libcublas.so.13 libcusolver.so.12 libcusparse.so.12 libnvJitLink.so.13; do
-        d=$(dirname "$(find /usr/local /opt /usr/lib -name "$lib*" 2>/dev/null | head -1)")
-        [ "$d" != . ] && CUDA_DIRS="$CUDA_DIRS:$d"
-    done
-    export LD_LIBRARY_PATH=$B/lib${CUDA_DIRS}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
-fi
-export GPTQ_TEST_SOURCE_DIR=$PWD
+. scripts/device/bundle_env.sh || { log "no build-device and no unpacked bundle: run run.sh first"; exit 1; }
 status=0
 run() {  # run NAME FILTER [memcheck]
     local name=$1 filter=$2 pre=()

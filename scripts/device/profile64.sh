@@ -4,11 +4,11 @@
 # RTN W4 g128, then `gptq bench --profile-ops` at batch PROFILE_BATCH (default 64; prompt 512, gen
 # 32) for W4 and its FP16 original on cuda. Output: $OUT/profile64.txt (the op tables), JSON rows in
 # $OUT/profile64.jsonl.
-#     GPTQ=path/to/gptq bash scripts/device/profile64.sh
+#     bash scripts/device/profile64.sh
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
-GPTQ=${GPTQ:-/tmp/gptq-device-bundle/bin/gptq}
+. scripts/device/bundle_env.sh || { echo "profile64: run run.sh first (no build-device, no unpacked bundle)"; exit 1; }
 L=${PROFILE_LAYERS:-8}
 W=/tmp/gptq-profile64; rm -rf "$W"; mkdir -p "$W"
 timeout 200 "$GPTQ" -q make-random --like "llama-2-7b-layers=$L" -o "$W/f16" --threads "$(nproc)" > /dev/null &&

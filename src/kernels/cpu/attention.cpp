@@ -181,6 +181,9 @@ GPTQ_KT inline vf vload_h(const uint16_t* p) {
 GPTQ_KT inline vf    vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
 GPTQ_KT inline void  vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
 GPTQ_KT inline float vhsum(vf v) { return _mm512_reduce_add_ps(v); }
+inline void vprefetch(const uint16_t* p, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+}
 #include "kernels/cpu/attention_f16_body.inc"
 #undef GPTQ_KT
 }  // namespace f16_avx512
@@ -203,6 +206,9 @@ GPTQ_KT inline float vhsum(vf v) {
     t        = _mm_add_ss(t, _mm_movehdup_ps(t));
     return _mm_cvtss_f32(t);
 }
+inline void vprefetch(const uint16_t* p, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+}
 #include "kernels/cpu/attention_f16_body.inc"
 #undef GPTQ_KT
 }  // namespace f16_avx2
@@ -218,6 +224,7 @@ inline vf    vload_h(const uint16_t* p) { return f16_to_f32(*p); }
 inline vf    vfma(vf a, vf b, vf c) { return a * b + c; }
 inline void  vstore(float* p, vf v) { *p = v; }
 inline float vhsum(vf v) { return v; }
+inline void  vprefetch(const uint16_t*, int64_t) {}
 #include "kernels/cpu/attention_f16_body.inc"
 #undef GPTQ_KT
 }  // namespace f16_portable

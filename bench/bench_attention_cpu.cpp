@@ -51,14 +51,14 @@ void run(const char* name, int64_t n_head, int64_t n_head_kv, int64_t hd, int64_
     std::vector<uint16_t> k16(k.size()), v16(v.size());
     f32_to_f16_row(k.data(), k16.data(), k.size());
     f32_to_f16_row(v.data(), v16.data(), v.size());
-    const double mb = 2.0 * n_kv * s.kv_stride;  // elements of K and V
+    const double mb  = 2.0 * n_kv * s.kv_stride;  // elements of K and V
     const double t32 = median_us([&] { cpu::attention_blas(q.data(), k.data(), v.data(), out.data(), s, nullptr); });
     std::printf("%-12s n_kv %5lld  F32 sgemv      %8.1f us  %6.1f GB/s\n", name, (long long)n_kv, t32,
                 mb * 4 / t32 / 1e3);
     for (cpu::f16_isa isa : {cpu::f16_isa::AVX512, cpu::f16_isa::AVX2, cpu::f16_isa::PORTABLE}) {
         if (!cpu::f16_isa_supported(isa)) continue;
-        const double t16 = median_us(
-            [&] { cpu::attention_f16(q.data(), k16.data(), v16.data(), out.data(), s, nullptr, isa); });
+        const double t16 =
+            median_us([&] { cpu::attention_f16(q.data(), k16.data(), v16.data(), out.data(), s, nullptr, isa); });
         std::printf("%-12s n_kv %5lld  F16 %-10s %8.1f us  %6.1f GB/s  (%.2fx F32)\n", name, (long long)n_kv,
                     cpu::f16_isa_name(isa), t16, mb * 2 / t16 / 1e3, t32 / t16);
     }

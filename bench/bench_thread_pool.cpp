@@ -44,9 +44,10 @@ int main(int argc, char** argv) {
         }
         std::sort(r0.begin(), r0.end());
         std::sort(r1.begin(), r1.end());
-        std::printf("threads %d, gap %2d us: spin 0: %.2f us per parallel_for (median of 5 x %d calls; %.2f-%.2f), "
-                    "spin %d us: %.2f (%.2f-%.2f)\n",
-                    threads, gap, r0[2], calls, r0[0], r0[4], spin, r1[2], r1[0], r1[4]);
+        std::printf(
+            "threads %d, gap %2d us: spin 0: %.2f us per parallel_for (median of 5 x %d calls; %.2f-%.2f), "
+            "spin %d us: %.2f (%.2f-%.2f)\n",
+            threads, gap, r0[2], calls, r0[0], r0[4], spin, r1[2], r1[0], r1[4]);
     }
     return 0;
 }

@@ -107,7 +107,7 @@ void thread_pool::worker_loop(int index) {
             cv_work_.wait(lock, has_work);
         }
         if (stop_) return;
-        seen                                               = generation_.load(std::memory_order_acquire);
+        seen                                             = generation_.load(std::memory_order_acquire);
         const std::function<void(int64_t, int64_t)>* job = job_;
         const int64_t                                n   = job_n_;
         int64_t                                      begin, end;

@@ -78,7 +78,7 @@ private:
     std::atomic<int64_t>                         quiet_until_ns_{0};  // steady clock: no spinning before it
     std::mutex                                   quiet_mutex_;
     int                                          quiet_level_ = 0;  // quiet_mutex_
-    std::exception_ptr                           error_;  // first exception of a worker in this job (mutex_)
+    std::exception_ptr                           error_;            // first exception of a worker in this job (mutex_)
 };
 
 }  // namespace gptq

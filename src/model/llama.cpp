@@ -517,9 +517,9 @@ void linear_forward(const ops_context& ctx, const linear_weights& l, const float
 kv_cache kv_cache::create(const llama_hparams& hp, int64_t n_ctx, bool f16) {
     kv_cache     c;
     const size_t n_layer = static_cast<size_t>(hp.n_layer), n = static_cast<size_t>(n_ctx * hp.kv_dim());
-    c.n_ctx              = n_ctx;
-    c.kv_dim             = hp.kv_dim();
-    c.f16                = f16;
+    c.n_ctx  = n_ctx;
+    c.kv_dim = hp.kv_dim();
+    c.f16    = f16;
     if (f16) {
         c.k16.assign(n_layer, std::vector<uint16_t>(n));
         c.v16.assign(n_layer, std::vector<uint16_t>(n));

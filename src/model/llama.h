@@ -286,9 +286,9 @@ struct kv_cache {
     int64_t                            kv_dim = 0;
     int64_t                            n_past = 0;
     bool                               f16    = false;  // k16/v16 hold the cache, k/v are empty
-    std::vector<std::vector<float>>    k;                // [n_layer][n_ctx, kv_dim] rotated keys
-    std::vector<std::vector<float>>    v;                // [n_layer][n_ctx, kv_dim]
-    std::vector<std::vector<uint16_t>> k16;              // the same as F16 bits when f16
+    std::vector<std::vector<float>>    k;               // [n_layer][n_ctx, kv_dim] rotated keys
+    std::vector<std::vector<float>>    v;               // [n_layer][n_ctx, kv_dim]
+    std::vector<std::vector<uint16_t>> k16;             // the same as F16 bits when f16
     std::vector<std::vector<uint16_t>> v16;
     // The tokens of positions 0 .. n_past-1 (forward / forward_batch keep it): a LongRoPE model
     // re-prefills them when a sequence first passes original_max_position_embeddings, as

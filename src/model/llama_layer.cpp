@@ -181,9 +181,8 @@ void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer
     GPTQ_ASSERT(layer.index >= 0 && layer.index < hp_.n_layer);
     for (const layer_seq& s : seqs) {
         GPTQ_ASSERT(s.n_tokens >= 0 && s.pos0 >= 0 && s.lora < static_cast<int32_t>(loras_.size()));
-        GPTQ_ASSERT(!s.cache ||
-                    (s.pos0 == s.cache->n_past && s.pos0 + s.n_tokens <= s.cache->n_ctx &&
-                     s.cache->kv_dim == hp_.kv_dim() && s.cache->n_layer() == hp_.n_layer));
+        GPTQ_ASSERT(!s.cache || (s.pos0 == s.cache->n_past && s.pos0 + s.n_tokens <= s.cache->n_ctx &&
+                                 s.cache->kv_dim == hp_.kv_dim() && s.cache->n_layer() == hp_.n_layer));
     }
     const int64_t n_rows = rows_of(seqs);
     if (n_rows == 0) return;

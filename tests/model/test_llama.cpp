@@ -231,15 +231,14 @@ void check_f16_cache_greedy(const std::string& model_dir, int64_t n_prompt, int6
     std::vector<float> a(static_cast<size_t>(n_prompt * V)), b(a.size());
     ASSERT_TRUE((*m)->forward(ctx(), prompt.data(), n_prompt, &c32, a.data()).is_ok());
     ASSERT_TRUE((*m)->forward(ctx(), prompt.data(), n_prompt, &c16, b.data()).is_ok());
-    const float* la = a.data() + (n_prompt - 1) * V;
-    const float* lb = b.data() + (n_prompt - 1) * V;
+    const float* la         = a.data() + (n_prompt - 1) * V;
+    const float* lb         = b.data() + (n_prompt - 1) * V;
     int          n_compared = 0;
     for (int64_t t = 0; t < n_gen; ++t) {
         std::vector<int32_t> order(static_cast<size_t>(V));
         for (int64_t i = 0; i < V; ++i) order[static_cast<size_t>(i)] = static_cast<int32_t>(i);
-        std::partial_sort(order.begin(), order.begin() + 2, order.end(), [&](int32_t x, int32_t y) {
-            return la[x] > la[y] || (la[x] == la[y] && x < y);
-        });
+        std::partial_sort(order.begin(), order.begin() + 2, order.end(),
+                          [&](int32_t x, int32_t y) { return la[x] > la[y] || (la[x] == la[y] && x < y); });
         float amax = 0;
         for (int64_t i = 0; i < V; ++i) amax = std::max(amax, std::fabs(la[i]));
         const int32_t tok_a = order[0];
@@ -263,8 +262,8 @@ void check_f16_cache_greedy(const std::string& model_dir, int64_t n_prompt, int6
 
 TEST(llama_cache, f16_cache_within_bound_of_f32_cache) {
     check_f16_cache(k_source + "/models/tiny-llama", 40, 7);
-    check_f16_cache(k_golden + "/rand-qwen2", 20, 3);    // sliding window
-    check_f16_cache(k_golden + "/rand-llama3", 24, 1);   // GQA, head_dim 16
+    check_f16_cache(k_golden + "/rand-qwen2", 20, 3);   // sliding window
+    check_f16_cache(k_golden + "/rand-llama3", 24, 1);  // GQA, head_dim 16
     check_f16_cache(k_golden + "/rand-mistral", 20, 5);
 }
 

@@ -243,10 +243,10 @@ namespace {
 // D = scale 2^-11 sum_d |q_d k_d| (soft-capping is 1-Lipschitz), which moves the softmax weights
 // by at most e^{2D} - 1 in sum; a value rounded by rel. 2^-11 moves the output by 2^-11 max|v|.
 void check_attention_f16(std::mt19937& rng, cpu::attention_shape s, cpu::f16_isa isa) {
-    s.q_stride   = s.n_head * s.head_dim + 3;
-    s.kv_stride  = s.n_head_kv * s.head_dim + 1;
-    s.out_stride = s.n_head * s.head_dim + 2;
-    s.scale      = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+    s.q_stride              = s.n_head * s.head_dim + 3;
+    s.kv_stride             = s.n_head_kv * s.head_dim + 1;
+    s.out_stride            = s.n_head * s.head_dim + 2;
+    s.scale                 = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
     auto                  q = random_vec(rng, s.n_q * s.q_stride, 1.5f);
     auto                  k = random_vec(rng, s.n_kv * s.kv_stride, 1.5f);
     auto                  v = random_vec(rng, s.n_kv * s.kv_stride);

@@ -78,8 +78,8 @@ void attention_row(const float* q, const float* k, const float* v, int64_t ld, f
                 k + a * ld, static_cast<blasint>(ld), q, 1, 0.0f, scores, 1);
     if (s.softcap > 0) softcap(scores, n, s.softcap, nullptr);
     softmax_rows(scores, scores, 1, n, nullptr);
-    cblas_sgemv(CblasRowMajor, CblasTrans, static_cast<blasint>(n), static_cast<blasint>(s.head_dim), 1.0f,
-                v + a * ld, static_cast<blasint>(ld), scores, 1, 0.0f, out, 1);
+    cblas_sgemv(CblasRowMajor, CblasTrans, static_cast<blasint>(n), static_cast<blasint>(s.head_dim), 1.0f, v + a * ld,
+                static_cast<blasint>(ld), scores, 1, 0.0f, out, 1);
 }
 
 // Keys [jlo, jhi) that some query of the block [i0, i1) sees.
@@ -92,8 +92,8 @@ key_range keys_of_block(const attention_shape& s, int64_t i0, int64_t i1) {
 
 // Queries [i0, i1) of head h over the block's keys (keys_of_block): kr, vr point at the first key's
 // head_dim values of h's key/value head, rows ld floats apart.
-void attention_block(const float* q, const float* kr, const float* vr, int64_t ld, float* out,
-                     const attention_shape& s, int64_t h, int64_t i0, int64_t i1, std::vector<float>& scores) {
+void attention_block(const float* q, const float* kr, const float* vr, int64_t ld, float* out, const attention_shape& s,
+                     int64_t h, int64_t i0, int64_t i1, std::vector<float>& scores) {
     const int64_t nq  = i1 - i0;
     const int64_t jlo = keys_of_block(s, i0, i1).lo;
     const int64_t nk  = keys_of_block(s, i0, i1).hi - jlo;
@@ -120,9 +120,8 @@ void attention_block(const float* q, const float* kr, const float* vr, int64_t l
     softmax_rows(scores.data(), scores.data(), nq, nk, nullptr);
     // out_block[nq, hd] = scores[nq, nk] v_range[nk, hd]
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(nq), static_cast<blasint>(s.head_dim),
-                static_cast<blasint>(nk), 1.0f, scores.data(), static_cast<blasint>(nk), vr,
-                static_cast<blasint>(ld), 0.0f, out + i0 * s.out_stride + h * s.head_dim,
-                static_cast<blasint>(s.out_stride));
+                static_cast<blasint>(nk), 1.0f, scores.data(), static_cast<blasint>(nk), vr, static_cast<blasint>(ld),
+                0.0f, out + i0 * s.out_stride + h * s.head_dim, static_cast<blasint>(s.out_stride));
 }
 
 // parallel_for hands out contiguous chunks, and a causal block's cost grows with its index;
@@ -170,17 +169,29 @@ namespace {
 // The decode rows, one copy per instruction set (attention_f16_body.inc).
 namespace f16_avx512 {
 #define GPTQ_KT __attribute__((target("avx512f")))
-using vf                  = __m512;
-constexpr int64_t k_w     = 16;
-GPTQ_KT inline vf vzero() { return _mm512_setzero_ps(); }
-GPTQ_KT inline vf vset1(float x) { return _mm512_set1_ps(x); }
-GPTQ_KT inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+using vf              = __m512;
+constexpr int64_t k_w = 16;
+GPTQ_KT inline vf vzero() {
+    return _mm512_setzero_ps();
+}
+GPTQ_KT inline vf vset1(float x) {
+    return _mm512_set1_ps(x);
+}
+GPTQ_KT inline vf vload(const float* p) {
+    return _mm512_loadu_ps(p);
+}
 GPTQ_KT inline vf vload_h(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-GPTQ_KT inline vf    vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
-GPTQ_KT inline void  vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
-GPTQ_KT inline float vhsum(vf v) { return _mm512_reduce_add_ps(v); }
+GPTQ_KT inline vf vfma(vf a, vf b, vf c) {
+    return _mm512_fmadd_ps(a, b, c);
+}
+GPTQ_KT inline void vstore(float* p, vf v) {
+    _mm512_storeu_ps(p, v);
+}
+GPTQ_KT inline float vhsum(vf v) {
+    return _mm512_reduce_add_ps(v);
+}
 inline void vprefetch(const uint16_t* p, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
 }
@@ -192,14 +203,24 @@ namespace f16_avx2 {
 #define GPTQ_KT __attribute__((target("avx2,fma,f16c")))
 using vf              = __m256;
 constexpr int64_t k_w = 8;
-GPTQ_KT inline vf vzero() { return _mm256_setzero_ps(); }
-GPTQ_KT inline vf vset1(float x) { return _mm256_set1_ps(x); }
-GPTQ_KT inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+GPTQ_KT inline vf vzero() {
+    return _mm256_setzero_ps();
+}
+GPTQ_KT inline vf vset1(float x) {
+    return _mm256_set1_ps(x);
+}
+GPTQ_KT inline vf vload(const float* p) {
+    return _mm256_loadu_ps(p);
+}
 GPTQ_KT inline vf vload_h(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-GPTQ_KT inline vf    vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-GPTQ_KT inline void  vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+GPTQ_KT inline vf vfma(vf a, vf b, vf c) {
+    return _mm256_fmadd_ps(a, b, c);
+}
+GPTQ_KT inline void vstore(float* p, vf v) {
+    _mm256_storeu_ps(p, v);
+}
 GPTQ_KT inline float vhsum(vf v) {
     __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     t        = _mm_add_ps(t, _mm_movehl_ps(t, t));
@@ -217,14 +238,28 @@ namespace f16_portable {
 #define GPTQ_KT
 using vf              = float;
 constexpr int64_t k_w = 1;
-inline vf    vzero() { return 0.0f; }
-inline vf    vset1(float x) { return x; }
-inline vf    vload(const float* p) { return *p; }
-inline vf    vload_h(const uint16_t* p) { return f16_to_f32(*p); }
-inline vf    vfma(vf a, vf b, vf c) { return a * b + c; }
-inline void  vstore(float* p, vf v) { *p = v; }
-inline float vhsum(vf v) { return v; }
-inline void  vprefetch(const uint16_t*, int64_t) {}
+inline vf         vzero() {
+            return 0.0f;
+}
+inline vf vset1(float x) {
+    return x;
+}
+inline vf vload(const float* p) {
+    return *p;
+}
+inline vf vload_h(const uint16_t* p) {
+    return f16_to_f32(*p);
+}
+inline vf vfma(vf a, vf b, vf c) {
+    return a * b + c;
+}
+inline void vstore(float* p, vf v) {
+    *p = v;
+}
+inline float vhsum(vf v) {
+    return v;
+}
+inline void vprefetch(const uint16_t*, int64_t) {}
 #include "kernels/cpu/attention_f16_body.inc"
 #undef GPTQ_KT
 }  // namespace f16_portable
@@ -253,13 +288,13 @@ struct f16_scratch {
 void f16_item(f16_isa isa, const float* q, const uint16_t* k, const uint16_t* v, float* out, const attention_shape& s,
               int64_t hk, int64_t i0, int64_t i1, f16_scratch& w) {
     const int64_t   group = s.n_head / s.n_head_kv, hd = s.head_dim;
-    const key_range keys  = keys_of_block(s, i0, i1);
-    const int64_t   nk    = keys.hi - keys.lo;
-    const int64_t   off   = keys.lo * s.kv_stride + hk * hd;
+    const key_range keys = keys_of_block(s, i0, i1);
+    const int64_t   nk   = keys.hi - keys.lo;
+    const int64_t   off  = keys.lo * s.kv_stride + hk * hd;
     if (i1 - i0 == 1) {  // a decode row: K and V converted in registers, each read once for the group
         w.scores.resize(static_cast<size_t>(group * nk));
-        decode_heads(isa, q + i0 * s.q_stride + hk * group * hd, k + off, v + off, s.kv_stride, nk, hd, group,
-                     s.scale, s.softcap, w.scores.data(), out + i0 * s.out_stride + hk * group * hd);
+        decode_heads(isa, q + i0 * s.q_stride + hk * group * hd, k + off, v + off, s.kv_stride, nk, hd, group, s.scale,
+                     s.softcap, w.scores.data(), out + i0 * s.out_stride + hk * group * hd);
         return;
     }
     // A prompt block: the keys/values it sees converted once (exact), then the F32 block.

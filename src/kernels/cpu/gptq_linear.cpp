@@ -159,8 +159,8 @@ GPTQ_KT void tile_q8_512(const gptq_cpu_layout& w, const gptq_q8_row* xr, float*
             __m256i iacc[R][M];
             for (int r = 0; r < R; ++r)
                 for (int i = 0; i < M; ++i)
-                    iacc[r][i] = _mm256_add_epi32(_mm512_castsi512_si256(wide[r][i]),
-                                                  _mm512_extracti64x4_epi64(wide[r][i], 1));
+                    iacc[r][i] =
+                        _mm256_add_epi32(_mm512_castsi512_si256(wide[r][i]), _mm512_extracti64x4_epi64(wide[r][i], 1));
             if (c < ce)
                 for (int i = 0; i < M; ++i) {
                     const __m256i xv =
@@ -331,11 +331,11 @@ constexpr int64_t k_gemv_block    = 16;  // output rows per work item of the int
 
 // Per-thread scratch, grown as needed and kept: no allocation per call once warm.
 struct scratch {
-    std::vector<float>  xs;    // [m, n_in] gathered activations (F32 path)
-    std::vector<float>  wbuf;  // [k_rows_per_task, n_in] dequantized weights (F32 path)
-    std::vector<int8_t> xq;    // [m, k_pad]
-    std::vector<float>  d;     // [m, k_pad / 32]
-    std::vector<float>  xsum;  // [m, n_groups]
+    std::vector<float>       xs;    // [m, n_in] gathered activations (F32 path)
+    std::vector<float>       wbuf;  // [k_rows_per_task, n_in] dequantized weights (F32 path)
+    std::vector<int8_t>      xq;    // [m, k_pad]
+    std::vector<float>       d;     // [m, k_pad / 32]
+    std::vector<float>       xsum;  // [m, n_groups]
     std::vector<gptq_q8_row> rows;  // [m] views of xq/d/xsum (the int8 GEMM)
 };
 scratch& thread_scratch() {
@@ -413,7 +413,8 @@ void linear_int8(const float* x, const gptq_cpu_layout& w, float* y, int64_t m, 
     const bool    gemm    = m >= 4 && resolve(isa) == gptq_isa::GPTQ_ISA_AVX512;
     if (gemm) {
         s.rows.resize(static_cast<size_t>(m));
-        for (int64_t i = 0; i < m; ++i) s.rows[static_cast<size_t>(i)] = {xq + i * w.k_pad, d + i * nch, xsm + i * w.n_groups};
+        for (int64_t i = 0; i < m; ++i)
+            s.rows[static_cast<size_t>(i)] = {xq + i * w.k_pad, d + i * nch, xsm + i * w.n_groups};
     }
     const gptq_q8_row* rows = s.rows.data();
     auto               task = [&](int64_t t0, int64_t t1) {

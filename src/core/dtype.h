@@ -44,7 +44,8 @@ uint16_t f32_to_bf16(float f);
 
 // Row conversions. `n` elements, no aliasing between src and dst.
 void f16_to_f32_row(const uint16_t* src, float* dst, size_t n);
-void f32_to_f16_row(const float* src, uint16_t* dst, size_t n);
+void f32_to_f16_row(const float* src, uint16_t* dst, size_t n);           // F16C where the CPU has it (the same bits)
+void f32_to_f16_row_portable(const float* src, uint16_t* dst, size_t n);  // f32_to_f16 per element
 void bf16_to_f32_row(const uint16_t* src, float* dst, size_t n);
 void f32_to_bf16_row(const float* src, uint16_t* dst, size_t n);
 

@@ -1,6 +1,8 @@
 #include "core/thread_pool.h"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdlib>
 #include <exception>
 
 namespace gptq {
@@ -13,9 +15,28 @@ void chunk_of(int64_t n, int n_chunks, int i, int64_t* begin, int64_t* end) {
     *begin = i * base + std::min<int64_t>(i, rem);
     *end   = *begin + base + (i < rem ? 1 : 0);
 }
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
 }  // namespace
 
-thread_pool::thread_pool(int n_threads) {
+int thread_pool::default_spin_us() {
+    static const int us = [] {
+        const char* e = std::getenv("GPTQ_POOL_SPIN_US");
+        if (!e || !*e) return k_default_spin_us;
+        char*      end = nullptr;
+        const long v   = std::strtol(e, &end, 10);
+        return (*end == '\0' && v >= 0 && v <= 100000) ? static_cast<int>(v) : k_default_spin_us;
+    }();
+    return us;
+}
+
+thread_pool::thread_pool(int n_threads, int spin_us) : spin_us_(spin_us < 0 ? default_spin_us() : spin_us) {
     if (n_threads <= 0) n_threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     for (int i = 0; i + 1 < n_threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
 }
@@ -34,20 +55,62 @@ thread_pool& thread_pool::global() {
     return pool;
 }
 
+namespace {
+int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+        .count();
+}
+}  // namespace
+
+template <class Pred>
+bool thread_pool::spin_until(Pred pred, bool timeout_is_contention) {
+    if (spin_us_ <= 0) return pred();
+    int64_t t = now_ns();
+    if (t < quiet_until_ns_.load(std::memory_order_relaxed)) return pred();
+    const int64_t end = t + int64_t(spin_us_) * 1000;
+    for (;;) {
+        for (int i = 0; i < 64; ++i) {  // a clock read costs more than a pause: one every 64 (~1 us)
+            if (pred()) return true;
+            cpu_relax();
+        }
+        const int64_t prev = t;
+        t                  = now_ns();
+        if (t - prev > k_preempted_ns) {  // off the CPU in between
+            quiet(t);
+            return pred();
+        }
+        if (t >= end) {
+            if (timeout_is_contention && !pred()) quiet(t);
+            return pred();
+        }
+    }
+}
+
+void thread_pool::quiet(int64_t t) {
+    // Contention soon after the last quiet period ended: the next one is twice as long (up to
+    // 2^6 x k_quiet_ns = 3.2 s), so a machine that stays oversubscribed rarely pays for a probe.
+    std::lock_guard<std::mutex> lock(quiet_mutex_);
+    const int64_t               last_end = quiet_until_ns_.load(std::memory_order_relaxed);
+    if (t < last_end) return;  // another thread already did
+    quiet_level_ = t - last_end < k_quiet_memory_ns ? std::min(quiet_level_ + 1, 6) : 0;
+    quiet_until_ns_.store(t + (k_quiet_ns << quiet_level_), std::memory_order_relaxed);
+}
+
 void thread_pool::worker_loop(int index) {
     uint64_t seen = 0;
     for (;;) {
-        const std::function<void(int64_t, int64_t)>* job;
-        int64_t                                      n;
-        {
+        auto has_work = [&] { return stop_.load() || generation_.load(std::memory_order_acquire) != seen; };
+        if (!spin_until(has_work, false)) {  // an idle pool times out: no sign of contention
+            // Every change of generation_ / stop_ is followed by a lock of mutex_ and a notify,
+            // so checking the predicate under the lock cannot miss one.
             std::unique_lock<std::mutex> lock(mutex_);
-            cv_work_.wait(lock, [&] { return stop_ || generation_ != seen; });
-            if (stop_) return;
-            seen = generation_;
-            job  = job_;
-            n    = job_n_;
+            cv_work_.wait(lock, has_work);
         }
-        int64_t begin, end;
+        if (stop_) return;
+        seen                                             = generation_.load(std::memory_order_acquire);
+        const std::function<void(int64_t, int64_t)>* job = job_;
+        const int64_t                                n   = job_n_;
+        int64_t                                      begin, end;
         chunk_of(n, n_threads(), index + 1, &begin, &end);
         std::exception_ptr err;
         t_inside_pool = true;
@@ -57,32 +120,29 @@ void thread_pool::worker_loop(int index) {
             err = std::current_exception();
         }
         t_inside_pool = false;
-        {
+        if (err) {
             std::lock_guard<std::mutex> lock(mutex_);
-            if (err && !error_) error_ = err;
-            if (--pending_ == 0) cv_done_.notify_one();
+            if (!error_) error_ = err;
+        }
+        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+            // The last one: wake the caller if it sleeps (the lock orders this after its check).
+            { std::lock_guard<std::mutex> lock(mutex_); }
+            cv_done_.notify_one();
         }
     }
 }
 
 void thread_pool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
     if (n <= 0) return;
-    if (workers_.empty() || t_inside_pool || n == 1) {
-        fn(0, n);
+    if (workers_.empty() || t_inside_pool || n == 1 || busy_.exchange(true, std::memory_order_acquire)) {
+        fn(0, n);  // serial: no workers, a nested call, or another thread is using the pool
         return;
     }
-    std::unique_lock<std::mutex> lock(mutex_);
-    if (busy_) {  // another thread is using the pool: run serially rather than wait
-        lock.unlock();
-        fn(0, n);
-        return;
-    }
-    busy_    = true;
-    job_     = &fn;
-    job_n_   = n;
-    pending_ = static_cast<int>(workers_.size());
-    ++generation_;
-    lock.unlock();
+    job_   = &fn;
+    job_n_ = n;
+    pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_release);
+    { std::lock_guard<std::mutex> lock(mutex_); }  // a worker between its check and its wait is now waiting
     cv_work_.notify_all();
 
     int64_t begin, end;
@@ -96,13 +156,18 @@ void thread_pool::parallel_for(int64_t n, const std::function<void(int64_t, int6
     }
     t_inside_pool = false;
 
-    lock.lock();
-    cv_done_.wait(lock, [&] { return pending_ == 0; });
-    if (!err) err = error_;
-    error_ = nullptr;
-    busy_  = false;
-    job_   = nullptr;
-    lock.unlock();
+    auto done = [&] { return pending_.load(std::memory_order_acquire) == 0; };
+    if (!spin_until(done, true)) {  // the workers' chunks took as long as ours + spin_us: preempted?
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_done_.wait(lock, done);
+    }
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!err) err = error_;
+        error_ = nullptr;
+        job_   = nullptr;
+    }
+    busy_.store(false, std::memory_order_release);
     if (err) std::rethrow_exception(err);
 }
 

@@ -3,10 +3,22 @@
 // parallel_for splits [0, n) into contiguous chunks, one per worker (the calling thread takes
 // one too), and returns when all are done. Nested calls from inside a task run serially.
 // An exception thrown by fn in any thread (std::bad_alloc above all) is rethrown by parallel_for in
-// the calling thread once every chunk has finished (the first one, if several threw), so callers
-// turn it into an error as they would in serial code instead of the process terminating.
+// the calling thread once every chunk has finished (the first one, if several threads threw), so
+// callers turn it into an error as they would in serial code instead of the process terminating.
+//
+// Wake-up (docs/model-runtime.md "Threading"): a worker that finishes a chunk spins (pause) for
+// up to spin_us microseconds waiting for the next job before it sleeps on a condition variable,
+// and the caller spins as long for the workers' chunks before it sleeps; a decode step's ~60
+// calls, a few microseconds apart, then find the workers awake instead of paying a futex wake-up
+// and the scheduler's latency each (tens of microseconds). Idle for longer than spin_us, every
+// thread sleeps: an idle pool burns no core. spin_us 0: sleep at once (the pool before issue 22).
+// On oversubscribed cores (other processes want them too) spinning is a loss, 4x slower decode
+// on the shared 2-core VM (load 6): a spinning thread that notices it was preempted, or a caller
+// whose wait for the workers outlasts the spin, stops the pool's spinning for 50 ms, then tries
+// again; contention again within a second doubles the pause (up to 3.2 s).
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -19,12 +31,18 @@ namespace gptq {
 
 class thread_pool {
 public:
-    explicit thread_pool(int n_threads);  // n_threads <= 0: hardware concurrency
+    // The spin of every pool made without one: GPTQ_POOL_SPIN_US when set (0 .. 100000), else
+    // k_default_spin_us.
+    static constexpr int k_default_spin_us = 100;
+    static int           default_spin_us();
+
+    explicit thread_pool(int n_threads, int spin_us = -1);  // n_threads <= 0: hardware concurrency; -1: default
     ~thread_pool();
     thread_pool(const thread_pool&)            = delete;
     thread_pool& operator=(const thread_pool&) = delete;
 
     int n_threads() const { return static_cast<int>(workers_.size()) + 1; }
+    int spin_us() const { return spin_us_; }
 
     // fn(begin, end) over disjoint ranges covering [0, n).
     void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn);
@@ -33,18 +51,34 @@ public:
 
 private:
     void worker_loop(int index);
+    // Spins until pred() or spin_us_ have passed; whether pred() held. Signs of oversubscribed
+    // cores turn spinning off for every thread of the pool for a while (quiet): a spin that finds
+    // itself preempted (k_preempted_ns between two checks about 1 us apart), and, with
+    // timeout_is_contention (the caller waiting for the workers' chunks), a spin that times out.
+    template <class Pred>
+    bool                     spin_until(Pred pred, bool timeout_is_contention);
+    void                     quiet(int64_t now_ns);
+    static constexpr int64_t k_preempted_ns    = 50'000;
+    static constexpr int64_t k_quiet_ns        = 50'000'000;     // the first quiet period
+    static constexpr int64_t k_quiet_memory_ns = 1'000'000'000;  // contention this soon after one: twice as long
 
-    std::vector<std::thread>                     workers_;
-    std::mutex                                   mutex_;
-    std::condition_variable                      cv_work_;
-    std::condition_variable                      cv_done_;
-    const std::function<void(int64_t, int64_t)>* job_        = nullptr;
-    int64_t                                      job_n_      = 0;
-    uint64_t                                     generation_ = 0;
-    int                                          pending_    = 0;
-    bool                                         stop_       = false;
-    bool                                         busy_       = false;
-    std::exception_ptr                           error_;  // first exception of a worker in this job
+    std::vector<std::thread> workers_;
+    int                      spin_us_ = 0;
+    std::mutex               mutex_;
+    std::condition_variable  cv_work_;
+    std::condition_variable  cv_done_;
+    // The job: written by parallel_for before generation_ is advanced (release), read by the
+    // workers after they see the new generation (acquire).
+    const std::function<void(int64_t, int64_t)>* job_   = nullptr;
+    int64_t                                      job_n_ = 0;
+    std::atomic<uint64_t>                        generation_{0};
+    std::atomic<int>                             pending_{0};  // workers still running the job
+    std::atomic<bool>                            stop_{false};
+    std::atomic<bool>                            busy_{false};
+    std::atomic<int64_t>                         quiet_until_ns_{0};  // steady clock: no spinning before it
+    std::mutex                                   quiet_mutex_;
+    int                                          quiet_level_ = 0;  // quiet_mutex_
+    std::exception_ptr                           error_;            // first exception of a worker in this job (mutex_)
 };
 
 }  // namespace gptq

@@ -36,6 +36,9 @@ struct model_session_options {
     // activations (ops_context::int8_activations); false: F32 products everywhere. evaluate()
     // (perplexity) is always F32.
     bool int8_activations = true;
+    // CPU: the KV cache holds F16 keys and values (half the bytes and half the decode attention's
+    // reads; rounded when stored: docs/model-runtime.md "KV cache"); false: F32.
+    bool kv_f16 = true;
     // CUDA: the context the KV cache is allocated and the placement planned for at open (0: the
     // model's default, llama_cuda_options::n_ctx); reserve() grows it when asked for more.
     int64_t n_ctx_hint = 0;

@@ -1,5 +1,5 @@
 // The CPU model_session (model_session.h) over llama_model: every layer resident in F32 (GPTQ
-// linears stay quantized), one kv_cache per slot, and a step is one ragged batch through
+// linears stay quantized), one kv_cache per slot (F16 unless kv_f16 is off), and a step is one ragged batch through
 // llama_model::forward_batch (layer_forward over the rows of every listed sequence; each sequence
 // at its own position, prompt chunks and single decode tokens mixed). evaluate() is
 // llama_model::forward with local K/V, what ppl has always run. Memory is the process's peak RSS
@@ -53,6 +53,7 @@ public:
     std::unique_ptr<thread_pool> pool_;
     int                          n_threads_        = 0;
     bool                         int8_activations_ = true;  // model_session_options::int8_activations
+    bool                         kv_f16_           = true;  // model_session_options::kv_f16
     std::string                  machine_          = cpu_machine();
 
     const llama_hparams& hparams() const override { return model_->hparams(); }
@@ -98,9 +99,7 @@ public:
     }
     std::string memory_kind() const override { return "host_rss"; }
     uint64_t    memory_available() const override { return host_memory_available(); }
-    uint64_t    kv_bytes_per_position() const override {
-        return 2ull * static_cast<uint64_t>(hparams().n_layer * hparams().kv_dim()) * sizeof(float);
-    }
+    uint64_t    kv_bytes_per_position() const override { return kv_cache::bytes_per_position(hparams(), kv_f16_); }
 
 private:
     // Generation (step): GPTQ linears take int8-rounded activations (ops.h), prompts and decode rows
@@ -131,15 +130,15 @@ status model_session_cpu::reserve(int64_t n_seq, int64_t n_ctx) {
     n_ctx_ = 0;
     if (n_seq == 0) return status::ok();
     const llama_hparams& hp    = hparams();
-    const double         bytes = 8.0 * double(hp.n_layer) * double(hp.kv_dim()) * double(n_ctx) * double(n_seq);
-    const std::string    what  = fmt::format("a KV cache of {} sequence{} x {} positions (F32 keys and values)", n_seq,
-                                         n_seq == 1 ? "" : "s", n_ctx);
+    const double         bytes = double(kv_cache::bytes_per_position(hp, kv_f16_)) * double(n_ctx) * double(n_seq);
+    const std::string    what  = fmt::format("a KV cache of {} sequence{} x {} positions ({} keys and values)", n_seq,
+                                         n_seq == 1 ? "" : "s", n_ctx, kv_f16_ ? "F16" : "F32");
     const std::string    hint  = "ask for fewer sequences or positions";
     if (bytes > 0x1p62) return make_error(E_OOM, "{} is too large ({:.3g} bytes); {}", what, bytes, hint);
     GPTQ_TRY(host_memory_check(what, static_cast<uint64_t>(bytes), hint));
     try {
         caches_.reserve(static_cast<size_t>(n_seq));
-        for (int64_t s = 0; s < n_seq; ++s) caches_.push_back(kv_cache::create(hp, n_ctx));
+        for (int64_t s = 0; s < n_seq; ++s) caches_.push_back(kv_cache::create(hp, n_ctx, kv_f16_));
     } catch (const std::bad_alloc&) {
         caches_.clear();
         caches_.shrink_to_fit();
@@ -197,6 +196,7 @@ result<std::unique_ptr<model_session>> model_session_open_cpu(const model_sessio
     s->n_threads_ = o.n_threads > 0 ? o.n_threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
     s->pool_      = std::make_unique<thread_pool>(s->n_threads_);
     s->int8_activations_ = o.int8_activations;
+    s->kv_f16_           = o.kv_f16;
     return std::unique_ptr<model_session>(std::move(s));
 }
 

@@ -514,13 +514,24 @@ void linear_forward(const ops_context& ctx, const linear_weights& l, const float
         op_linear(ctx, x, l.w.data(), bias, y, n_rows, l.n_out, l.n_in);
 }
 
-kv_cache kv_cache::create(const llama_hparams& hp, int64_t n_ctx) {
-    kv_cache c;
+kv_cache kv_cache::create(const llama_hparams& hp, int64_t n_ctx, bool f16) {
+    kv_cache     c;
+    const size_t n_layer = static_cast<size_t>(hp.n_layer), n = static_cast<size_t>(n_ctx * hp.kv_dim());
     c.n_ctx  = n_ctx;
     c.kv_dim = hp.kv_dim();
-    c.k.assign(static_cast<size_t>(hp.n_layer), std::vector<float>(static_cast<size_t>(n_ctx * c.kv_dim)));
-    c.v.assign(static_cast<size_t>(hp.n_layer), std::vector<float>(static_cast<size_t>(n_ctx * c.kv_dim)));
+    c.f16    = f16;
+    if (f16) {
+        c.k16.assign(n_layer, std::vector<uint16_t>(n));
+        c.v16.assign(n_layer, std::vector<uint16_t>(n));
+    } else {
+        c.k.assign(n_layer, std::vector<float>(n));
+        c.v.assign(n_layer, std::vector<float>(n));
+    }
     return c;
+}
+
+uint64_t kv_cache::bytes_per_position(const llama_hparams& hp, bool f16) {
+    return 2ull * static_cast<uint64_t>(hp.n_layer * hp.kv_dim()) * (f16 ? sizeof(uint16_t) : sizeof(float));
 }
 
 namespace {

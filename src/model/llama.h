@@ -282,19 +282,27 @@ struct llama_layer {
 };
 
 // Keys and values of every layer for positions 0 .. n_ctx-1; positions < n_past are filled.
-// Sliding-window layers keep all positions too (the mask does the windowing).
+// Sliding-window layers keep all positions too (the mask does the windowing). F32 (k, v) or F16
+// (k16, v16: the generation sessions' cache, half the bytes; keys and values are rounded to F16
+// when stored, and every query, of the prompt or of a decode step, reads the rounded values).
 struct kv_cache {
-    int64_t                         n_ctx  = 0;
-    int64_t                         kv_dim = 0;
-    int64_t                         n_past = 0;
-    std::vector<std::vector<float>> k;  // [n_layer][n_ctx, kv_dim] rotated keys
-    std::vector<std::vector<float>> v;  // [n_layer][n_ctx, kv_dim]
+    int64_t                            n_ctx  = 0;
+    int64_t                            kv_dim = 0;
+    int64_t                            n_past = 0;
+    bool                               f16    = false;  // k16/v16 hold the cache, k/v are empty
+    std::vector<std::vector<float>>    k;               // [n_layer][n_ctx, kv_dim] rotated keys
+    std::vector<std::vector<float>>    v;               // [n_layer][n_ctx, kv_dim]
+    std::vector<std::vector<uint16_t>> k16;             // the same as F16 bits when f16
+    std::vector<std::vector<uint16_t>> v16;
     // The tokens of positions 0 .. n_past-1 (forward / forward_batch keep it): a LongRoPE model
     // re-prefills them when a sequence first passes original_max_position_embeddings, as
     // transformers' Phi3ForCausalLM.prepare_inputs_for_generation drops its cache there.
     std::vector<int32_t> ids;
 
-    static kv_cache create(const llama_hparams& hp, int64_t n_ctx);
+    static kv_cache create(const llama_hparams& hp, int64_t n_ctx, bool f16 = false);
+    // Bytes of keys and values per position (all layers): 2 * n_layer * kv_dim * (2 or 4).
+    static uint64_t bytes_per_position(const llama_hparams& hp, bool f16);
+    int64_t         n_layer() const { return static_cast<int64_t>(f16 ? k16.size() : k.size()); }
     void            clear() {
                    n_past = 0;
                    ids.clear();

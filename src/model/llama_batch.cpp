@@ -22,7 +22,7 @@ status llama_model::forward_batch(const ops_context& ctx, const int32_t* ids, co
         if (n_tokens[s] < 1)
             return make_error(status_code::STATUS_INVALID_ARGUMENT,
                               "sequence {} of the batch has {} tokens, expected at least 1", s, n_tokens[s]);
-        if (!c || c->kv_dim != hp_.kv_dim() || static_cast<int64_t>(c->k.size()) != hp_.n_layer)
+        if (!c || c->kv_dim != hp_.kv_dim() || c->n_layer() != hp_.n_layer)
             return make_error(status_code::STATUS_INVALID_ARGUMENT,
                               "sequence {} of the batch has no KV cache of this model", s);
         if (c->n_past + n_tokens[s] > c->n_ctx)

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/dtype.h"
 #include "core/error.h"
 #include "model/llama.h"
 #include "model/lora.h"
@@ -106,7 +107,16 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
         a.softcap   = hp_.attn_softcap;
         a.q_stride = a.out_stride = q_dim;
         a.kv_stride               = kv_dim;
-        if (s.cache) {  // keys/values stored at their positions; attention over 0 .. p0 + n - 1
+        if (s.cache && s.cache->f16) {  // rounded to F16 when stored; every query reads the rounded values
+            uint16_t* ck = s.cache->k16[static_cast<size_t>(i_layer)].data();
+            uint16_t* cv = s.cache->v16[static_cast<size_t>(i_layer)].data();
+            f32_to_f16_row(ks, ck + p0 * kv_dim, static_cast<size_t>(n * kv_dim));
+            f32_to_f16_row(vs, cv + p0 * kv_dim, static_cast<size_t>(n * kv_dim));
+            a.k16    = ck;
+            a.v16    = cv;
+            a.n_kv   = p0 + n;
+            a.q_pos0 = p0;
+        } else if (s.cache) {  // keys/values stored at their positions; attention over 0 .. p0 + n - 1
             float* ck = s.cache->k[static_cast<size_t>(i_layer)].data();
             float* cv = s.cache->v[static_cast<size_t>(i_layer)].data();
             std::copy_n(ks, n * kv_dim, ck + p0 * kv_dim);
@@ -171,9 +181,8 @@ void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer
     GPTQ_ASSERT(layer.index >= 0 && layer.index < hp_.n_layer);
     for (const layer_seq& s : seqs) {
         GPTQ_ASSERT(s.n_tokens >= 0 && s.pos0 >= 0 && s.lora < static_cast<int32_t>(loras_.size()));
-        GPTQ_ASSERT(!s.cache ||
-                    (s.pos0 == s.cache->n_past && s.pos0 + s.n_tokens <= s.cache->n_ctx &&
-                     s.cache->kv_dim == hp_.kv_dim() && static_cast<int64_t>(s.cache->k.size()) == hp_.n_layer));
+        GPTQ_ASSERT(!s.cache || (s.pos0 == s.cache->n_past && s.pos0 + s.n_tokens <= s.cache->n_ctx &&
+                                 s.cache->kv_dim == hp_.kv_dim() && s.cache->n_layer() == hp_.n_layer));
     }
     const int64_t n_rows = rows_of(seqs);
     if (n_rows == 0) return;

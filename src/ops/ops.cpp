@@ -74,10 +74,17 @@ void op_attention(const ops_context& ctx, const attention_args& a) {
     s.q_stride   = a.q_stride;
     s.kv_stride  = a.kv_stride;
     s.out_stride = a.out_stride;
-    if (ctx.reference)
+    GPTQ_ASSERT((a.k16 != nullptr) == (a.v16 != nullptr));
+    if (a.k16) {
+        if (ctx.reference)
+            cpu::attention_f16_ref(a.q, a.k16, a.v16, a.out, s);
+        else
+            cpu::attention_f16(a.q, a.k16, a.v16, a.out, s, ctx.pool);
+    } else if (ctx.reference) {
         cpu::attention_ref(a.q, a.k, a.v, a.out, s);
-    else
+    } else {
         cpu::attention_blas(a.q, a.k, a.v, a.out, s, ctx.pool);
+    }
 }
 
 void op_silu_mul(const ops_context& ctx, const float* gate, const float* up, float* y, int64_t n) {

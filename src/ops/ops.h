@@ -44,19 +44,23 @@ void op_rope(const ops_context& ctx, float* x, const float* cos, const float* si
              int64_t head_dim, int64_t row_stride);
 
 struct attention_args {
-    const float* q   = nullptr;  // [n_q, q_stride], heads [n_head, head_dim] first in each row
-    const float* k   = nullptr;  // [n_kv, kv_stride], heads [n_head_kv, head_dim]
-    const float* v   = nullptr;  // [n_kv, kv_stride]
-    float*       out = nullptr;  // [n_q, out_stride]
-    int64_t      n_q = 0, n_kv = 0, q_pos0 = 0;
-    int64_t      n_head = 0, n_head_kv = 0, head_dim = 0;
-    int64_t      window   = 0;  // sliding window (0: none)
-    float        scale    = 1.0f;
-    float        softcap  = 0.0f;  // scaled scores s -> softcap * tanh(s / softcap) (Gemma 2); 0 = off
-    int64_t      q_stride = 0, kv_stride = 0, out_stride = 0;
+    const float* q = nullptr;  // [n_q, q_stride], heads [n_head, head_dim] first in each row
+    const float* k = nullptr;  // [n_kv, kv_stride], heads [n_head_kv, head_dim]
+    const float* v = nullptr;  // [n_kv, kv_stride]
+    // Keys and values as F16 bits instead (an F16 KV cache; k and v unused): [n_kv, kv_stride].
+    const uint16_t* k16 = nullptr;
+    const uint16_t* v16 = nullptr;
+    float*          out = nullptr;  // [n_q, out_stride]
+    int64_t         n_q = 0, n_kv = 0, q_pos0 = 0;
+    int64_t         n_head = 0, n_head_kv = 0, head_dim = 0;
+    int64_t         window   = 0;  // sliding window (0: none)
+    float           scale    = 1.0f;
+    float           softcap  = 0.0f;  // scaled scores s -> softcap * tanh(s / softcap) (Gemma 2); 0 = off
+    int64_t         q_stride = 0, kv_stride = 0, out_stride = 0;
 };
 // Causal GQA attention of the queries at positions q_pos0.. over keys 0..n_kv-1 (see
 // kernels/cpu/attention.h); with softcap 0 the result is bit-identical to the op without the option.
+// With k16/v16 the F16 kernels run (attention_f16: F16C in the decode rows).
 void op_attention(const ops_context& ctx, const attention_args& a);
 
 // y[n] = silu(gate[n]) * up[n]; y may alias gate or up.

@@ -82,13 +82,13 @@ TEST(inference_oom, generation_checks_the_model_at_open_and_the_kv_cache_per_cal
     ASSERT_TRUE(g.is_ok()) << g.error().message();
     generate_params gp;
     gp.max_new_tokens = 1000000;  // cut to the context: 16 sequences x 2048 positions x 4 layers x
-                                  // kv_dim 128 x 8 bytes = 128 MiB of KV cache, beyond 64 MiB
+                                  // kv_dim 128 x 2 x 2 bytes (F16 K, V) = 64 MiB of KV cache, beyond 32 MiB
     {
-        memory_limit lim("67108864");
+        memory_limit lim("33554432");
         auto         r = (*g)->generate_batch(std::vector<std::string>(16, "Hello"), gp);
         ASSERT_FALSE(r.is_ok());
         EXPECT_EQ(r.error().code(), status_code::STATUS_OUT_OF_MEMORY);
-        EXPECT_TRUE(contains(r.error().message(), "KV cache") && contains(r.error().message(), "64.00 MiB"))
+        EXPECT_TRUE(contains(r.error().message(), "KV cache") && contains(r.error().message(), "32.00 MiB"))
             << r.error().message();
     }
     gp.max_new_tokens = 4;

@@ -170,9 +170,10 @@ TEST(cpu_int4_gemv, threaded_op_equals_single_row_kernel) {
         }
 }
 
-// Prompt-sized calls (m >= 4) with int8 activations multiply the same int8-rounded activations in
-// F32 (dequantize + sgemm): each row within F32 summation bounds of the double reference on its
-// dequantized activations, so a row's result does not depend on the number of rows in the call.
+// Prompt-sized calls (m >= 4) with int8 activations multiply the same int8-rounded activations
+// (the int8 GEMM with AVX512-VNNI, else in F32: dequantize + sgemm): each row within F32 summation
+// bounds of the double reference on its dequantized activations, so a row's result does not depend
+// on the number of rows in the call.
 TEST(cpu_int4_gemv, prompt_rows_use_the_same_rounded_activations) {
     std::mt19937                    rng(9);
     std::normal_distribution<float> nd;
@@ -208,4 +209,40 @@ TEST(cpu_int4_gemv, prompt_rows_use_the_same_rounded_activations) {
                     }
                 }
             }
+}
+
+// The int8 GEMM of prompt rows (AVX512-VNNI: tiles of 4 rows x 2 outputs, the rows past a multiple
+// of 4 through the GEMV) gives every row bit for bit what the GEMV gives it alone: bits 2/3/4/8,
+// group sizes 32/64/128/-1 and an odd one, act-order, n_out odd (a last 1-output tile), K not a
+// multiple of 32, row counts around the tile size, threaded.
+TEST(cpu_int4_gemv, prompt_gemm_equals_the_gemv_bit_for_bit) {
+    if (!cpu::gptq_isa_available(cpu::gptq_isa::GPTQ_ISA_AVX512))
+        GTEST_SKIP() << "the int8 GEMM needs AVX512-VNNI, which this CPU lacks (prompts take the F32 path)";
+    std::mt19937                    rng(11);
+    std::normal_distribution<float> nd;
+    thread_pool                     pool(3);
+    int                             n_cases = 0;
+    for (int bits : {2, 3, 4, 8})
+        for (int64_t gs : {32, 64, 128, -1, 48})
+            for (bool act : {false, true})
+                for (int64_t m : {4, 5, 8, 13}) {
+                    const int64_t n_out = 37, n_in = 300;
+                    auto          L = make(n_out, n_in, gs, bits, act, rng);
+                    auto          p = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
+                                                                        L.g_idx.data(), n_out, n_in, L.n_groups, bits);
+                    std::vector<float> x(static_cast<size_t>(m * n_in)), y(static_cast<size_t>(m * n_out));
+                    for (auto& v : x) v = nd(rng);
+                    op_gptq_linear(ops_context{&pool, false, true}, x.data(), p, nullptr, y.data(), m);
+                    for (int64_t i = 0; i < m; ++i) {
+                        q8                 a = quantize(x.data() + i * n_in, p.layout());
+                        std::vector<float> yr(static_cast<size_t>(n_out));
+                        cpu::gptq_gemv_q8(p.layout(), a.row(), yr.data(), 0, n_out, cpu::gptq_isa::GPTQ_ISA_AVX512);
+                        for (int64_t n = 0; n < n_out; ++n)
+                            ASSERT_EQ(y[size_t(i * n_out + n)], yr[size_t(n)])
+                                << "bits " << bits << " gs " << gs << " act " << act << " m " << m << " row " << i
+                                << " n " << n;
+                    }
+                    ++n_cases;
+                }
+    EXPECT_EQ(n_cases, 4 * 5 * 2 * 4);
 }

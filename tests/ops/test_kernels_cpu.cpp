@@ -235,6 +235,105 @@ TEST(kernels_cpu, attention_blas_matches_reference) {
     EXPECT_EQ(n_cases, 160);
 }
 
+namespace {
+// Attention over an F16 cache (attention_f16, on instruction set isa) against two references on
+// the same random inputs: attention_ref on the F16-rounded keys/values (the same function: F32
+// sums against double, k_attention_tol), and attention_ref on the unrounded F32 keys/values, within
+// the rounding's bound: a key rounded by rel. 2^-11 moves a score by at most
+// D = scale 2^-11 sum_d |q_d k_d| (soft-capping is 1-Lipschitz), which moves the softmax weights
+// by at most e^{2D} - 1 in sum; a value rounded by rel. 2^-11 moves the output by 2^-11 max|v|.
+void check_attention_f16(std::mt19937& rng, cpu::attention_shape s, cpu::f16_isa isa) {
+    s.q_stride              = s.n_head * s.head_dim + 3;
+    s.kv_stride             = s.n_head_kv * s.head_dim + 1;
+    s.out_stride            = s.n_head * s.head_dim + 2;
+    s.scale                 = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+    auto                  q = random_vec(rng, s.n_q * s.q_stride, 1.5f);
+    auto                  k = random_vec(rng, s.n_kv * s.kv_stride, 1.5f);
+    auto                  v = random_vec(rng, s.n_kv * s.kv_stride);
+    std::vector<uint16_t> k16(k.size()), v16(v.size());
+    f32_to_f16_row(k.data(), k16.data(), k.size());
+    f32_to_f16_row(v.data(), v16.data(), v.size());
+    std::vector<float> o_ref16(s.n_q * s.out_stride, 7.0f), o_ref32(o_ref16), o(o_ref16);
+    cpu::attention_f16_ref(q.data(), k16.data(), v16.data(), o_ref16.data(), s);
+    cpu::attention_ref(q.data(), k.data(), v.data(), o_ref32.data(), s);
+    cpu::attention_f16(q.data(), k16.data(), v16.data(), o.data(), s, &pool3(), isa);
+    float vmax = 0;
+    for (float x : v) vmax = std::max(vmax, std::fabs(x));
+    double qk_max = 0;  // max over query rows, heads, keys of sum_d |q_d k_d|
+    for (int64_t i = 0; i < s.n_q; ++i)
+        for (int64_t h = 0; h < s.n_head; ++h)
+            for (int64_t j = 0; j < s.n_kv; ++j) {
+                double a = 0;
+                for (int64_t d = 0; d < s.head_dim; ++d)
+                    a += std::fabs(q[i * s.q_stride + h * s.head_dim + d] *
+                                   k[j * s.kv_stride + h / (s.n_head / s.n_head_kv) * s.head_dim + d]);
+                qk_max = std::max(qk_max, a);
+            }
+    const double d_score = s.scale * std::ldexp(1.0, -11) * qk_max;
+    const double bound   = vmax * (std::expm1(2 * d_score) + std::ldexp(1.0, -11) + k_attention_tol);
+    for (int64_t i = 0; i < s.n_q; ++i)
+        for (int64_t c = 0; c < s.out_stride; ++c) {
+            const size_t x = static_cast<size_t>(i * s.out_stride + c);
+            if (c >= s.n_head * s.head_dim) {  // the row's padding is not written
+                ASSERT_EQ(o[x], 7.0f);
+                continue;
+            }
+            ASSERT_NEAR(o[x], o_ref16[x], k_attention_tol * vmax)
+                << cpu::f16_isa_name(isa) << " n_q=" << s.n_q << " n_kv=" << s.n_kv << " q_pos0=" << s.q_pos0
+                << " heads=" << s.n_head << "/" << s.n_head_kv << " hd=" << s.head_dim << " window=" << s.window
+                << " softcap=" << s.softcap << " x=" << x;
+            ASSERT_NEAR(o[x], o_ref32[x], bound) << cpu::f16_isa_name(isa) << " n_q=" << s.n_q << " n_kv=" << s.n_kv
+                                                 << " hd=" << s.head_dim << " x=" << x;
+        }
+}
+}  // namespace
+
+TEST(kernels_cpu, attention_f16_matches_reference) {
+    std::mt19937 rng(12);
+    struct heads {
+        int64_t h, hkv, hd;
+    };
+    int n_isa = 0;
+    for (cpu::f16_isa isa : {cpu::f16_isa::PORTABLE, cpu::f16_isa::AVX2, cpu::f16_isa::AVX512}) {
+        if (!cpu::f16_isa_supported(isa)) continue;
+        ++n_isa;
+        int n_cases = 0;
+        // GQA groups of 1-7 (the decode rows take the group's heads 4 at a time), head_dim with
+        // tails of every kind (2, 6: below a vector; 66, 72, 80: past the 64-column blocks).
+        for (heads hs : {heads{4, 2, 8}, heads{3, 3, 6}, heads{8, 1, 64}, heads{2, 1, 2}, heads{7, 1, 66},
+                         heads{6, 2, 80}, heads{4, 4, 72}, heads{2, 1, 256}})
+            for (int64_t window : {0, 3, 40})
+                for (float cap : {0.0f, 5.0f}) {
+                    cpu::attention_shape s;
+                    s.n_head    = hs.h;
+                    s.n_head_kv = hs.hkv;
+                    s.head_dim  = hs.hd;
+                    s.window    = window;
+                    s.softcap   = cap;
+                    for (int64_t n : {1, 5, 33}) {  // prefill
+                        s.n_q = s.n_kv = n;
+                        s.q_pos0       = 0;
+                        check_attention_f16(rng, s, isa);
+                        ++n_cases;
+                    }
+                    for (int64_t n_kv : {1, 2, 45, 130}) {  // one decode step
+                        s.n_q    = 1;
+                        s.n_kv   = n_kv;
+                        s.q_pos0 = n_kv - 1;
+                        check_attention_f16(rng, s, isa);
+                        ++n_cases;
+                    }
+                    s.n_q    = 37;  // a chunk after a prefix (its last block holds one query)
+                    s.n_kv   = 50;
+                    s.q_pos0 = 13;
+                    check_attention_f16(rng, s, isa);
+                    ++n_cases;
+                }
+        EXPECT_EQ(n_cases, 8 * 3 * 2 * 8);
+    }
+    EXPECT_GE(n_isa, 1);
+}
+
 TEST(kernels_cpu, attention_first_query_copies_first_value) {
     // Query 0 sees only key 0: its output is v[0] whatever the scores.
     cpu::attention_shape s;

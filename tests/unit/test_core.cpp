@@ -3,11 +3,14 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
+#include <ctime>
 #include <limits>
 #include <new>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "core/dtype.h"
@@ -126,6 +129,37 @@ TEST(dtype, f32_to_f16_matches_oracle_on_ties_subnormals_and_random) {
     for (float f : cases) ASSERT_EQ(f32_to_f16(f), f16_round_oracle(f)) << "value " << f << " bits " << bits(f);
 }
 
+TEST(dtype, f32_to_f16_row_equals_the_scalar_conversion_bit_for_bit) {
+    // The row conversion (F16C where the CPU has it) against f32_to_f16 per element, on every
+    // class of input: random bit patterns (NaNs with payloads, Infs, subnormals, huge and tiny
+    // values included), ties, the overflow edge; lengths that leave tails of every size.
+    std::vector<float> cases = {65519.99f,
+                                65520.0f,
+                                -65520.0f,
+                                std::ldexp(1.0f, -25),
+                                std::ldexp(3.0f, -25),
+                                std::numeric_limits<float>::denorm_min(),
+                                INFINITY,
+                                -INFINITY};
+    for (uint32_t h = 0; h < 0x7bff; h += 37)
+        cases.push_back(
+            static_cast<float>((f16_value(static_cast<uint16_t>(h)) + f16_value(static_cast<uint16_t>(h + 1))) / 2));
+    std::mt19937                            rng(99);
+    std::uniform_int_distribution<uint32_t> any;
+    for (int i = 0; i < 100000; ++i) {
+        const uint32_t u = any(rng);
+        float          f;
+        std::memcpy(&f, &u, 4);
+        cases.push_back(f);
+    }
+    for (size_t n : {cases.size(), size_t(1), size_t(7), size_t(9), size_t(15)}) {
+        std::vector<uint16_t> row(n), scalar(n);
+        f32_to_f16_row(cases.data(), row.data(), n);
+        f32_to_f16_row_portable(cases.data(), scalar.data(), n);
+        for (size_t i = 0; i < n; ++i) ASSERT_EQ(row[i], scalar[i]) << "bits " << bits(cases[i]);
+    }
+}
+
 TEST(dtype, bf16_conversions) {
     for (uint32_t b = 0; b <= 0xffff; ++b) {
         const float f = bf16_to_f32(static_cast<uint16_t>(b));
@@ -216,7 +250,19 @@ TEST(progress, render_reports_rate_and_eta) {
 }
 
 TEST(thread_pool, parallel_for_covers_range_once) {
+    for (int spin_us : {0, 100, 5000}) {  // sleeping at once, the default spin, a long spin
+        thread_pool pool(3, spin_us);
+        EXPECT_EQ(pool.spin_us(), spin_us);
+        for (int round = 0; round < 200; ++round) {  // back to back: the workers catch jobs while spinning
+            std::vector<std::atomic<int>> hits(17);
+            pool.parallel_for(17, [&](int64_t b, int64_t e) {
+                for (int64_t i = b; i < e; ++i) hits[static_cast<size_t>(i)]++;
+            });
+            for (auto& h : hits) ASSERT_EQ(h.load(), 1) << "spin " << spin_us << " round " << round;
+        }
+    }
     thread_pool pool(4);
+    EXPECT_EQ(pool.spin_us(), thread_pool::default_spin_us());
     for (int64_t n : {0, 1, 2, 3, 7, 100, 1001}) {
         std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
         pool.parallel_for(n, [&](int64_t b, int64_t e) {
@@ -230,6 +276,23 @@ TEST(thread_pool, parallel_for_covers_range_once) {
         for (int64_t i = b; i < e; ++i) pool.parallel_for(10, [&](int64_t b2, int64_t e2) { total += e2 - b2; });
     });
     EXPECT_EQ(total.load(), 80);
+}
+
+TEST(thread_pool, an_idle_pool_sleeps) {
+    // After a job the workers spin for at most spin_us, then sleep: 300 ms of idleness cost the
+    // process far less than 300 ms of CPU time per worker (a spinning worker would).
+    thread_pool          pool(3, 1000);
+    std::atomic<int64_t> total{0};
+    pool.parallel_for(3, [&](int64_t b, int64_t e) { total += e - b; });
+    EXPECT_EQ(total.load(), 3);
+    auto cpu_ms = [] {
+        timespec ts{};
+        clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+        return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+    };
+    const double c0 = cpu_ms();
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    EXPECT_LT(cpu_ms() - c0, 50.0) << "CPU time of an idle pool over 300 ms";
 }
 
 TEST(thread_pool, exception_in_a_worker_reaches_the_caller_and_the_pool_stays_usable) {

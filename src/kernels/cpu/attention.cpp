@@ -1,14 +1,17 @@
 #include "kernels/cpu/attention.h"
 
 #include <cblas.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "core/dtype.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
 #include "kernels/cpu/activation.h"
+#include "kernels/cpu/f16_isa.h"
 #include "kernels/cpu/linear.h"
 
 namespace gptq::cpu {
@@ -64,40 +67,47 @@ namespace {
 // blocks skip most of the masked half and two threads get balanced work at seqlen 128+.
 constexpr int64_t k_q_block = 32;
 
-// One query over keys [0, nk) of k/v (rows kv_stride apart), of which [a, nk) are visible.
-void attention_row(const float* q, const float* k, const float* v, float* out, const attention_shape& s, int64_t a,
-                   int64_t nk, float* scores) {
+// One query over keys [0, nk) of k/v (rows ld floats apart), of which [a, nk) are visible.
+void attention_row(const float* q, const float* k, const float* v, int64_t ld, float* out, const attention_shape& s,
+                   int64_t a, int64_t nk, float* scores) {
     const int64_t n = nk - a;
     // Zeroed first: some BLASes scale y by beta = 0 (a -inf or NaN left in it would survive).
     std::fill(scores, scores + n, 0.0f);
     std::fill(out, out + s.head_dim, 0.0f);
     cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<blasint>(n), static_cast<blasint>(s.head_dim), s.scale,
-                k + a * s.kv_stride, static_cast<blasint>(s.kv_stride), q, 1, 0.0f, scores, 1);
+                k + a * ld, static_cast<blasint>(ld), q, 1, 0.0f, scores, 1);
     if (s.softcap > 0) softcap(scores, n, s.softcap, nullptr);
     softmax_rows(scores, scores, 1, n, nullptr);
-    cblas_sgemv(CblasRowMajor, CblasTrans, static_cast<blasint>(n), static_cast<blasint>(s.head_dim), 1.0f,
-                v + a * s.kv_stride, static_cast<blasint>(s.kv_stride), scores, 1, 0.0f, out, 1);
+    cblas_sgemv(CblasRowMajor, CblasTrans, static_cast<blasint>(n), static_cast<blasint>(s.head_dim), 1.0f, v + a * ld,
+                static_cast<blasint>(ld), scores, 1, 0.0f, out, 1);
 }
 
-void attention_block(const float* q, const float* k, const float* v, float* out, const attention_shape& s, int64_t h,
-                     int64_t i0, int64_t i1, std::vector<float>& scores) {
-    const int64_t hk  = h / (s.n_head / s.n_head_kv);
+// Keys [jlo, jhi) that some query of the block [i0, i1) sees.
+struct key_range {
+    int64_t lo = 0, hi = 0;
+};
+key_range keys_of_block(const attention_shape& s, int64_t i0, int64_t i1) {
+    return {first_key(s.q_pos0 + i0, s.window), s.q_pos0 + i1};
+}
+
+// Queries [i0, i1) of head h over the block's keys (keys_of_block): kr, vr point at the first key's
+// head_dim values of h's key/value head, rows ld floats apart.
+void attention_block(const float* q, const float* kr, const float* vr, int64_t ld, float* out, const attention_shape& s,
+                     int64_t h, int64_t i0, int64_t i1, std::vector<float>& scores) {
     const int64_t nq  = i1 - i0;
-    const int64_t jlo = first_key(s.q_pos0 + i0, s.window);  // first key any query of the block sees
-    const int64_t jhi = s.q_pos0 + i1;                       // one past the last
-    const int64_t nk  = jhi - jlo;
+    const int64_t jlo = keys_of_block(s, i0, i1).lo;
+    const int64_t nk  = keys_of_block(s, i0, i1).hi - jlo;
     scores.resize(static_cast<size_t>(nq * nk));
     if (nq == 1) {  // a decode row: sgemv reads K and V in place (sgemm would copy them into panels)
-        attention_row(q + i0 * s.q_stride + h * s.head_dim, k + jlo * s.kv_stride + hk * s.head_dim,
-                      v + jlo * s.kv_stride + hk * s.head_dim, out + i0 * s.out_stride + h * s.head_dim, s,
+        attention_row(q + i0 * s.q_stride + h * s.head_dim, kr, vr, ld, out + i0 * s.out_stride + h * s.head_dim, s,
                       first_key(s.q_pos0 + i0, s.window) - jlo, nk, scores.data());
         return;
     }
     // scores[nq, nk] = scale * q_block[nq, hd] k_range[nk, hd]^T
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(nq), static_cast<blasint>(nk),
                 static_cast<blasint>(s.head_dim), s.scale, q + i0 * s.q_stride + h * s.head_dim,
-                static_cast<blasint>(s.q_stride), k + jlo * s.kv_stride + hk * s.head_dim,
-                static_cast<blasint>(s.kv_stride), 0.0f, scores.data(), static_cast<blasint>(nk));
+                static_cast<blasint>(s.q_stride), kr, static_cast<blasint>(ld), 0.0f, scores.data(),
+                static_cast<blasint>(nk));
     if (s.softcap > 0) softcap(scores.data(), nq * nk, s.softcap, nullptr);  // masked entries are overwritten next
     for (int64_t r = 0; r < nq; ++r) {
         const int64_t p   = s.q_pos0 + i0 + r;
@@ -110,9 +120,14 @@ void attention_block(const float* q, const float* k, const float* v, float* out,
     softmax_rows(scores.data(), scores.data(), nq, nk, nullptr);
     // out_block[nq, hd] = scores[nq, nk] v_range[nk, hd]
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(nq), static_cast<blasint>(s.head_dim),
-                static_cast<blasint>(nk), 1.0f, scores.data(), static_cast<blasint>(nk),
-                v + jlo * s.kv_stride + hk * s.head_dim, static_cast<blasint>(s.kv_stride), 0.0f,
-                out + i0 * s.out_stride + h * s.head_dim, static_cast<blasint>(s.out_stride));
+                static_cast<blasint>(nk), 1.0f, scores.data(), static_cast<blasint>(nk), vr, static_cast<blasint>(ld),
+                0.0f, out + i0 * s.out_stride + h * s.head_dim, static_cast<blasint>(s.out_stride));
+}
+
+// parallel_for hands out contiguous chunks, and a causal block's cost grows with its index;
+// visiting blocks as 0, B-1, 1, B-2, ... gives every chunk the same mix.
+int64_t balanced_block(int64_t u, int64_t n_blocks) {
+    return (u % 2 == 0) ? u / 2 : n_blocks - 1 - u / 2;
 }
 }  // namespace
 
@@ -121,16 +136,16 @@ void attention_blas(const float* q, const float* k, const float* v, float* out, 
     check_shape(s);
     if (s.n_q == 0) return;
     blas_init_single_threaded();
+    const int64_t group    = s.n_head / s.n_head_kv;
     const int64_t n_blocks = (s.n_q + k_q_block - 1) / k_q_block;
     const int64_t n_items  = s.n_head * n_blocks;
     auto          run      = [&](int64_t t0, int64_t t1) {
         std::vector<float> scores;
         for (int64_t t = t0; t < t1; ++t) {
-            // parallel_for hands out contiguous chunks, and a causal block's cost grows with its
-            // index; visiting blocks as 0, B-1, 1, B-2, ... gives every chunk the same mix.
-            const int64_t u = t / s.n_head, h = t % s.n_head;
-            const int64_t blk = (u % 2 == 0) ? u / 2 : n_blocks - 1 - u / 2;
-            attention_block(q, k, v, out, s, h, blk * k_q_block, std::min(s.n_q, (blk + 1) * k_q_block), scores);
+            const int64_t h = t % s.n_head, blk = balanced_block(t / s.n_head, n_blocks);
+            const int64_t i0 = blk * k_q_block, i1 = std::min(s.n_q, i0 + k_q_block);
+            const int64_t off = keys_of_block(s, i0, i1).lo * s.kv_stride + h / group * s.head_dim;
+            attention_block(q, k + off, v + off, s.kv_stride, out, s, h, i0, i1, scores);
         }
     };
     if (!pool || n_items == 1) {
@@ -138,6 +153,268 @@ void attention_blas(const float* q, const float* k, const float* v, float* out, 
         return;
     }
     pool->parallel_for(n_items, run);
+}
+
+// ---- Keys and values in F16 (a KV cache of F16 bits) ----
+
+void attention_f16_ref(const float* q, const uint16_t* k, const uint16_t* v, float* out, const attention_shape& s) {
+    check_shape(s);
+    std::vector<float> kf(static_cast<size_t>(s.n_kv * s.kv_stride)), vf(kf.size());
+    f16_to_f32_row(k, kf.data(), kf.size());
+    f16_to_f32_row(v, vf.data(), vf.size());
+    attention_ref(q, kf.data(), vf.data(), out, s);
+}
+
+namespace {
+// e^x in vectors (Cephes expf): the input clamped to [k_exp_lo, k_exp_hi] (e^x stays a normal
+// float), x = n ln2 + r with ln2 = k_ln2_hi + k_ln2_lo, e^r = 1 + r + r^2 P(r).
+constexpr float k_exp_lo = -87.3365447505531f, k_exp_hi = 88.3762626647949f;
+constexpr float k_log2e = 1.44269504088896341f, k_ln2_hi = 0.693359375f, k_ln2_lo = -2.12194440e-4f;
+constexpr float k_exp_p[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
+// The decode rows, one copy per instruction set (attention_f16_body.inc).
+namespace f16_avx512 {
+#define GPTQ_KT __attribute__((target("avx512f")))
+using vf              = __m512;
+constexpr int64_t k_w = 16;
+GPTQ_KT inline vf vzero() {
+    return _mm512_setzero_ps();
+}
+GPTQ_KT inline vf vset1(float x) {
+    return _mm512_set1_ps(x);
+}
+GPTQ_KT inline vf vload(const float* p) {
+    return _mm512_loadu_ps(p);
+}
+GPTQ_KT inline vf vload_h(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+GPTQ_KT inline vf vfma(vf a, vf b, vf c) {
+    return _mm512_fmadd_ps(a, b, c);
+}
+GPTQ_KT inline void vstore(float* p, vf v) {
+    _mm512_storeu_ps(p, v);
+}
+GPTQ_KT inline float vhsum(vf v) {
+    return _mm512_reduce_add_ps(v);
+}
+inline void vprefetch(const uint16_t* p, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+}
+GPTQ_KT inline vf vmax(vf a, vf b) {
+    return _mm512_max_ps(a, b);
+}
+GPTQ_KT inline float vhmax(vf v) {
+    return _mm512_reduce_max_ps(v);
+}
+GPTQ_KT inline vf vsub(vf a, vf b) {
+    return _mm512_sub_ps(a, b);
+}
+GPTQ_KT inline vf vmul(vf a, vf b) {
+    return _mm512_mul_ps(a, b);
+}
+GPTQ_KT inline vf vadd(vf a, vf b) {
+    return _mm512_add_ps(a, b);
+}
+// e^x: x = n ln2 + r, |r| <= ln2 / 2 (ln2 in two parts), e^r by Cephes' expf polynomial, times 2^n.
+GPTQ_KT inline vf vexp(vf x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(k_exp_lo)), _mm512_set1_ps(k_exp_hi));
+    const vf n =
+        _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(k_log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = _mm512_fnmadd_ps(n, _mm512_set1_ps(k_ln2_hi), x);
+    r    = _mm512_fnmadd_ps(n, _mm512_set1_ps(k_ln2_lo), r);
+    vf p = _mm512_set1_ps(k_exp_p[0]);
+    for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(k_exp_p[i]));
+    const vf y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+#include "kernels/cpu/attention_f16_body.inc"
+#undef GPTQ_KT
+}  // namespace f16_avx512
+
+namespace f16_avx2 {
+#define GPTQ_KT __attribute__((target("avx2,fma,f16c")))
+using vf              = __m256;
+constexpr int64_t k_w = 8;
+GPTQ_KT inline vf vzero() {
+    return _mm256_setzero_ps();
+}
+GPTQ_KT inline vf vset1(float x) {
+    return _mm256_set1_ps(x);
+}
+GPTQ_KT inline vf vload(const float* p) {
+    return _mm256_loadu_ps(p);
+}
+GPTQ_KT inline vf vload_h(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+GPTQ_KT inline vf vfma(vf a, vf b, vf c) {
+    return _mm256_fmadd_ps(a, b, c);
+}
+GPTQ_KT inline void vstore(float* p, vf v) {
+    _mm256_storeu_ps(p, v);
+}
+GPTQ_KT inline float vhsum(vf v) {
+    __m128 t = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    t        = _mm_add_ps(t, _mm_movehl_ps(t, t));
+    t        = _mm_add_ss(t, _mm_movehdup_ps(t));
+    return _mm_cvtss_f32(t);
+}
+inline void vprefetch(const uint16_t* p, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+}
+GPTQ_KT inline vf vmax(vf a, vf b) {
+    return _mm256_max_ps(a, b);
+}
+GPTQ_KT inline float vhmax(vf v) {
+    __m128 t = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    t        = _mm_max_ps(t, _mm_movehl_ps(t, t));
+    t        = _mm_max_ss(t, _mm_movehdup_ps(t));
+    return _mm_cvtss_f32(t);
+}
+GPTQ_KT inline vf vsub(vf a, vf b) {
+    return _mm256_sub_ps(a, b);
+}
+GPTQ_KT inline vf vmul(vf a, vf b) {
+    return _mm256_mul_ps(a, b);
+}
+GPTQ_KT inline vf vadd(vf a, vf b) {
+    return _mm256_add_ps(a, b);
+}
+GPTQ_KT inline vf vexp(vf x) {  // as the AVX-512 one; 2^n through the exponent bits (n in [-126, 127])
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(k_exp_lo)), _mm256_set1_ps(k_exp_hi));
+    const vf n =
+        _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(k_log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vf r = _mm256_fnmadd_ps(n, _mm256_set1_ps(k_ln2_hi), x);
+    r    = _mm256_fnmadd_ps(n, _mm256_set1_ps(k_ln2_lo), r);
+    vf p = _mm256_set1_ps(k_exp_p[0]);
+    for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(k_exp_p[i]));
+    const vf      y  = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e2));
+}
+#include "kernels/cpu/attention_f16_body.inc"
+#undef GPTQ_KT
+}  // namespace f16_avx2
+
+namespace f16_portable {
+#define GPTQ_KT
+using vf              = float;
+constexpr int64_t k_w = 1;
+inline vf         vzero() {
+            return 0.0f;
+}
+inline vf vset1(float x) {
+    return x;
+}
+inline vf vload(const float* p) {
+    return *p;
+}
+inline vf vload_h(const uint16_t* p) {
+    return f16_to_f32(*p);
+}
+inline vf vfma(vf a, vf b, vf c) {
+    return a * b + c;
+}
+inline void vstore(float* p, vf v) {
+    *p = v;
+}
+inline float vhsum(vf v) {
+    return v;
+}
+inline void vprefetch(const uint16_t*, int64_t) {}
+inline vf   vmax(vf a, vf b) {
+      return std::max(a, b);
+}
+inline float vhmax(vf v) {
+    return v;
+}
+inline vf vsub(vf a, vf b) {
+    return a - b;
+}
+inline vf vmul(vf a, vf b) {
+    return a * b;
+}
+inline vf vadd(vf a, vf b) {
+    return a + b;
+}
+inline vf vexp(vf x) {
+    return std::exp(x);
+}
+#include "kernels/cpu/attention_f16_body.inc"
+#undef GPTQ_KT
+}  // namespace f16_portable
+
+void decode_heads(f16_isa isa, const float* q, const uint16_t* k, const uint16_t* v, int64_t stride, int64_t n,
+                  int64_t hd, int64_t g, float scale, float cap, float* scores, float* out) {
+    switch (isa) {
+        case f16_isa::AVX512:
+            return f16_avx512::decode_heads(q, k, v, stride, n, hd, g, scale, cap, scores, out);
+        case f16_isa::AVX2:
+            return f16_avx2::decode_heads(q, k, v, stride, n, hd, g, scale, cap, scores, out);
+        default:
+            return f16_portable::decode_heads(q, k, v, stride, n, hd, g, scale, cap, scores, out);
+    }
+}
+
+// rows of src (F16, ld apart; hd values each) -> dst [n, hd] F32.
+void convert_rows(f16_isa isa, const uint16_t* src, int64_t ld, int64_t n, int64_t hd, float* dst) {
+    for (int64_t j = 0; j < n; ++j) f16_convert(isa, src + j * ld, dst + j * hd, hd);
+}
+
+// Work item (key/value head hk, queries [i0, i1)): the group's query heads.
+struct f16_scratch {
+    std::vector<float> scores, kf, vf;
+};
+void f16_item(f16_isa isa, const float* q, const uint16_t* k, const uint16_t* v, float* out, const attention_shape& s,
+              int64_t hk, int64_t i0, int64_t i1, f16_scratch& w) {
+    const int64_t   group = s.n_head / s.n_head_kv, hd = s.head_dim;
+    const key_range keys = keys_of_block(s, i0, i1);
+    const int64_t   nk   = keys.hi - keys.lo;
+    const int64_t   off  = keys.lo * s.kv_stride + hk * hd;
+    if (i1 - i0 == 1) {  // a decode row: K and V converted in registers, each read once for the group
+        w.scores.resize(static_cast<size_t>(group * nk));
+        decode_heads(isa, q + i0 * s.q_stride + hk * group * hd, k + off, v + off, s.kv_stride, nk, hd, group, s.scale,
+                     s.softcap, w.scores.data(), out + i0 * s.out_stride + hk * group * hd);
+        return;
+    }
+    // A prompt block: the keys/values it sees converted once (exact), then the F32 block.
+    w.kf.resize(static_cast<size_t>(nk * hd));
+    w.vf.resize(w.kf.size());
+    convert_rows(isa, k + off, s.kv_stride, nk, hd, w.kf.data());
+    convert_rows(isa, v + off, s.kv_stride, nk, hd, w.vf.data());
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+        attention_block(q, w.kf.data(), w.vf.data(), hd, out, s, h, i0, i1, w.scores);
+}
+}  // namespace
+
+void attention_f16(const float* q, const uint16_t* k, const uint16_t* v, float* out, const attention_shape& s,
+                   thread_pool* pool, f16_isa isa) {
+    check_shape(s);
+    GPTQ_ASSERT(f16_isa_supported(isa));
+    if (s.n_q == 0) return;
+    blas_init_single_threaded();
+    const int64_t n_blocks = (s.n_q + k_q_block - 1) / k_q_block;
+    const int64_t n_items  = s.n_head_kv * n_blocks;
+    auto          run      = [&](int64_t t0, int64_t t1) {
+        thread_local f16_scratch w;  // kept between calls: no allocation per decode step
+        for (int64_t t = t0; t < t1; ++t) {
+            const int64_t hk = t % s.n_head_kv, blk = balanced_block(t / s.n_head_kv, n_blocks);
+            const int64_t i0 = blk * k_q_block;
+            f16_item(isa, q, k, v, out, s, hk, i0, std::min(s.n_q, i0 + k_q_block), w);
+        }
+    };
+    if (!pool || n_items == 1) {
+        run(0, n_items);
+        return;
+    }
+    pool->parallel_for(n_items, run);
+}
+
+void attention_f16(const float* q, const uint16_t* k, const uint16_t* v, float* out, const attention_shape& s,
+                   thread_pool* pool) {
+    attention_f16(q, k, v, out, s, pool, f16_best_isa());
 }
 
 }  // namespace gptq::cpu

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "kernels/cpu/f16_isa.h"
+
 namespace gptq {
 class thread_pool;
 }
@@ -39,5 +41,19 @@ void attention_ref(const float* q, const float* k, const float* v, float* out, c
 // over just the keys its block can see, then a row softmax.
 void attention_blas(const float* q, const float* k, const float* v, float* out, const attention_shape& s,
                     thread_pool* pool);
+
+// The same with keys and values held as F16 bits (an F16 KV cache): k, v [n_kv, kv_stride] uint16.
+// The reference converts them to F32 (exact) and runs attention_ref.
+void attention_f16_ref(const float* q, const uint16_t* k, const uint16_t* v, float* out, const attention_shape& s);
+// Work items are (key/value head, block of 32 queries), the group's query heads together. A block
+// of one query (decode) converts K and V in registers (F16C on AVX-512F or AVX2, portable C++
+// otherwise; isa must be supported): per key one dot product for each query head of the group,
+// softmax, then the weighted sum of the values with head_dim F32 accumulators in registers; each
+// K/V row is read once for the group. Larger blocks convert the keys/values they see to F32 once
+// and run attention_blas's two sgemms per query head.
+void attention_f16(const float* q, const uint16_t* k, const uint16_t* v, float* out, const attention_shape& s,
+                   thread_pool* pool, f16_isa isa);
+void attention_f16(const float* q, const uint16_t* k, const uint16_t* v, float* out, const attention_shape& s,
+                   thread_pool* pool);  // f16_best_isa()
 
 }  // namespace gptq::cpu

@@ -109,6 +109,107 @@ GPTQ_KT void gemv_q8_512(const gptq_cpu_layout& w, const gptq_q8_row& xr, float*
     else
         gemv_512<false>(w, xr, y, n0, n1);
 }
+
+// The int8 GEMM of prompt rows: M activation rows x R output rows per tile, each weight chunk pair
+// unpacked once for the M rows (the GEMV unpacks it per activation row), every (row, output) the
+// same operations in the same order as rows_q8_512, so a row's result is bit for bit the GEMV's
+// (a row computes the same function whatever the batch holds; test_cpu_int4_gemv checks it).
+template <int R, int M, bool B8>
+GPTQ_KT void tile_q8_512(const gptq_cpu_layout& w, const gptq_q8_row* xr, float* const* y, int64_t n0) {
+    const int64_t  rb = w.row_bytes(), G = w.n_groups;
+    const __m512i  m4 = _mm512_set1_epi8(15);
+    const uint8_t* rows[R];
+    __m256         acc[R][M];
+    float          corr[R][M];
+    for (int r = 0; r < R; ++r) {
+        rows[r] = w.codes + (n0 + r) * rb;
+        for (int i = 0; i < M; ++i) {
+            acc[r][i]  = _mm256_setzero_ps();
+            corr[r][i] = 0.0f;
+        }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+        __m256 gacc[R][M];
+        for (int r = 0; r < R; ++r)
+            for (int i = 0; i < M; ++i) gacc[r][i] = _mm256_setzero_ps();
+        const int64_t c1 = w.pad_start[g + 1] / k_gptq_chunk;
+        for (int64_t cb = w.pad_start[g] / k_gptq_chunk; cb < c1; cb += k_gptq_act_chunks) {
+            const int64_t ce = std::min(c1, cb + k_gptq_act_chunks);
+            __m512i       wide[R][M];
+            for (int r = 0; r < R; ++r)
+                for (int i = 0; i < M; ++i) wide[r][i] = _mm512_setzero_si512();
+            int64_t c = cb;
+            for (; c + 2 <= ce; c += 2) {
+                __m512i xv[M];
+                for (int i = 0; i < M; ++i) {
+                    xv[i] = _mm512_loadu_si512(xr[i].xq + c * k_gptq_chunk);
+                    if constexpr (!B8) xv[i] = _mm512_shuffle_i64x2(xv[i], xv[i], _MM_SHUFFLE(3, 1, 2, 0));
+                }
+                for (int r = 0; r < R; ++r) {
+                    if constexpr (!B8) {  // pair_dot's unpacking, once for the M rows
+                        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + c * 16));
+                        const __m512i v = _mm512_and_si512(
+                            _mm512_inserti64x4(_mm512_castsi256_si512(b), _mm256_srli_epi16(b, 4), 1), m4);
+                        for (int i = 0; i < M; ++i) wide[r][i] = _mm512_dpbusd_epi32(wide[r][i], v, xv[i]);
+                    } else {
+                        for (int i = 0; i < M; ++i) wide[r][i] = pair_dot<true>(wide[r][i], rows[r], c, xv[i]);
+                    }
+                }
+            }
+            __m256i iacc[R][M];
+            for (int r = 0; r < R; ++r)
+                for (int i = 0; i < M; ++i)
+                    iacc[r][i] =
+                        _mm256_add_epi32(_mm512_castsi512_si256(wide[r][i]), _mm512_extracti64x4_epi64(wide[r][i], 1));
+            if (c < ce)
+                for (int i = 0; i < M; ++i) {
+                    const __m256i xv =
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr[i].xq + c * k_gptq_chunk));
+                    for (int r = 0; r < R; ++r) iacc[r][i] = chunk_dot<B8>(iacc[r][i], rows[r], c, xv);
+                }
+            for (int i = 0; i < M; ++i) {
+                const __m256 dv = _mm256_set1_ps(xr[i].d[cb]);
+                for (int r = 0; r < R; ++r)
+                    gacc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(iacc[r][i]), dv, gacc[r][i]);
+            }
+        }
+        for (int r = 0; r < R; ++r) {
+            const float s = w.scales[(n0 + r) * G + g];
+            const float z = w.zeros[(n0 + r) * G + g];
+            for (int i = 0; i < M; ++i) {
+                acc[r][i] = _mm256_fmadd_ps(gacc[r][i], _mm256_set1_ps(s), acc[r][i]);
+                corr[r][i] += s * z * xr[i].xsum[g];
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int i = 0; i < M; ++i) y[i][n0 + r] = hsum(acc[r][i]) - corr[r][i];
+}
+
+// y[i, n] for activation rows i < m (y rows ldy apart) and outputs [n0, n1): tiles of 4 rows x 2
+// outputs, the last m % 4 rows through the GEMV.
+template <bool B8>
+GPTQ_KT void gemm_512(const gptq_cpu_layout& w, const gptq_q8_row* xr, int64_t m, float* y, int64_t ldy, int64_t n0,
+                      int64_t n1) {
+    constexpr int M = 4, R = 2;
+    int64_t       i0 = 0;
+    for (; i0 + M <= m; i0 += M) {
+        float* yr[M];
+        for (int i = 0; i < M; ++i) yr[i] = y + (i0 + i) * ldy;
+        int64_t n = n0;
+        for (; n + R <= n1; n += R) tile_q8_512<R, M, B8>(w, xr + i0, yr, n);
+        for (; n < n1; ++n) tile_q8_512<1, M, B8>(w, xr + i0, yr, n);
+    }
+    for (; i0 < m; ++i0) gemv_512<B8>(w, xr[i0], y + i0 * ldy, n0, n1);
+}
+
+GPTQ_KT void gemm_q8_512(const gptq_cpu_layout& w, const gptq_q8_row* xr, int64_t m, float* y, int64_t ldy, int64_t n0,
+                         int64_t n1) {
+    if (w.bits == 8)
+        gemm_512<true>(w, xr, m, y, ldy, n0, n1);
+    else
+        gemm_512<false>(w, xr, m, y, ldy, n0, n1);
+}
 #undef GPTQ_KT
 }  // namespace vnni
 
@@ -230,11 +331,12 @@ constexpr int64_t k_gemv_block    = 16;  // output rows per work item of the int
 
 // Per-thread scratch, grown as needed and kept: no allocation per call once warm.
 struct scratch {
-    std::vector<float>  xs;    // [m, n_in] gathered activations (F32 path)
-    std::vector<float>  wbuf;  // [k_rows_per_task, n_in] dequantized weights (F32 path)
-    std::vector<int8_t> xq;    // [m, k_pad]
-    std::vector<float>  d;     // [m, k_pad / 32]
-    std::vector<float>  xsum;  // [m, n_groups]
+    std::vector<float>       xs;    // [m, n_in] gathered activations (F32 path)
+    std::vector<float>       wbuf;  // [k_rows_per_task, n_in] dequantized weights (F32 path)
+    std::vector<int8_t>      xq;    // [m, k_pad]
+    std::vector<float>       d;     // [m, k_pad / 32]
+    std::vector<float>       xsum;  // [m, n_groups]
+    std::vector<gptq_q8_row> rows;  // [m] views of xq/d/xsum (the int8 GEMM)
 };
 scratch& thread_scratch() {
     thread_local scratch s;
@@ -308,8 +410,19 @@ void linear_int8(const float* x, const gptq_cpu_layout& w, float* y, int64_t m, 
     for (int64_t i = 0; i < m; ++i)
         gptq_quantize_activations(x + i * w.n_in, w, {xq + i * w.k_pad, d + i * nch, xsm + i * w.n_groups});
     const int64_t n_tasks = (w.n_out + k_gemv_block - 1) / k_gemv_block;
-    auto          task    = [&](int64_t t0, int64_t t1) {
+    const bool    gemm    = m >= 4 && resolve(isa) == gptq_isa::GPTQ_ISA_AVX512;
+    if (gemm) {
+        s.rows.resize(static_cast<size_t>(m));
+        for (int64_t i = 0; i < m; ++i)
+            s.rows[static_cast<size_t>(i)] = {xq + i * w.k_pad, d + i * nch, xsm + i * w.n_groups};
+    }
+    const gptq_q8_row* rows = s.rows.data();
+    auto               task = [&](int64_t t0, int64_t t1) {
         const int64_t n0 = t0 * k_gemv_block, n1 = std::min(w.n_out, t1 * k_gemv_block);
+        if (gemm) {
+            vnni::gemm_q8_512(w, rows, m, y, w.n_out, n0, n1);
+            return;
+        }
         for (int64_t i = 0; i < m; ++i)
             gptq_gemv_q8(w, {xq + i * w.k_pad, d + i * nch, xsm + i * w.n_groups}, y + i * w.n_out, n0, n1, isa);
     };
@@ -339,7 +452,9 @@ void gptq_linear_ref(const float* x, const uint8_t* codes_orig, const float* sca
 void gptq_linear(const float* x, const gptq_cpu_layout& w, const float* bias, float* y, int64_t m, thread_pool* pool,
                  bool int8_act, gptq_isa isa) {
     if (m <= 0 || w.n_out == 0) return;
-    if (int8_act && m < 4)
+    // int8 activations: decode rows through the GEMV; prompt rows through the int8 GEMM where the
+    // CPU has AVX512-VNNI (bit for bit the GEMV's result per row), else rounded activations in F32.
+    if (int8_act && (m < 4 || resolve(isa) == gptq_isa::GPTQ_ISA_AVX512))
         linear_int8(x, w, y, m, pool, isa);
     else
         linear_f32(x, w, y, m, pool, int8_act);

@@ -15,32 +15,64 @@
 
 #include "core/dtype.h"
 #include "core/thread_pool.h"
+#include "kernels/cpu/f16_isa.h"
 #include "kernels/cpu/linear.h"
 
 namespace gptq::cpu {
+
+namespace {
+// F16C from CPUID leaf 1 (clang's __builtin_cpu_supports does not know "f16c").
+bool cpu_has_f16c() {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+}
+}  // namespace
+
+bool f16_isa_supported(f16_isa i) {
+    switch (i) {
+        case f16_isa::AVX512:
+            return __builtin_cpu_supports("avx512f");
+        case f16_isa::AVX2:
+            return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
+        default:
+            return true;
+    }
+}
+
+f16_isa f16_best_isa() {
+    static const f16_isa isa = [] {
+        for (f16_isa i : {f16_isa::AVX512, f16_isa::AVX2})
+            if (f16_isa_supported(i)) return i;
+        return f16_isa::PORTABLE;
+    }();
+    return isa;
+}
+
+const char* f16_isa_name(f16_isa i) {
+    return i == f16_isa::AVX512 ? "avx512" : i == f16_isa::AVX2 ? "avx2" : "portable";
+}
+
+namespace {
+__attribute__((target("avx2,f16c"))) void convert_f16c(const uint16_t* src, float* dst, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+    for (; i < n; ++i) dst[i] = f16_to_f32(src[i]);
+}
+}  // namespace
+
+void f16_convert(f16_isa isa, const uint16_t* src, float* dst, int64_t n) {
+    if (isa == f16_isa::PORTABLE)
+        f16_to_f32_row(src, dst, static_cast<size_t>(n));
+    else
+        convert_f16c(src, dst, n);
+}
 
 namespace {
 
 constexpr int64_t k_f16_gemv_max_rows = 4;   // as linear_blas's sgemv rows (linear.cpp)
 constexpr int64_t k_f16_tile          = 64;  // output rows converted per sgemm (a multiple of 16)
 constexpr int64_t k_f16_gemv_block    = 16;  // output rows per work item of the GEMV
-
-enum class f16_isa { PORTABLE, AVX2, AVX512 };
-
-// F16C from CPUID leaf 1 (clang's __builtin_cpu_supports does not know "f16c").
-bool cpu_has_f16c() {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
-}
-
-f16_isa best_isa() {
-    static const f16_isa isa = [] {
-        if (__builtin_cpu_supports("avx512f")) return f16_isa::AVX512;
-        if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c()) return f16_isa::AVX2;
-        return f16_isa::PORTABLE;
-    }();
-    return isa;
-}
 
 // y[r] = dot(w + r * k, x) for r < R (rows k apart). Two accumulators per row (2 R independent
 // FMA chains hide the FMA latency); the k % 16 tail in scalar F32.
@@ -129,20 +161,6 @@ void gemv_rows(f16_isa isa, const float* x, const uint16_t* w, float* y, int64_t
         for (int64_t i = 0; i < m; ++i) dot_rows<1>(isa, w + j * k, x + i * k, k, y + i * n + j);
 }
 
-__attribute__((target("avx2,f16c"))) void convert_f16c(const uint16_t* src, float* dst, int64_t n) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-    for (; i < n; ++i) dst[i] = f16_to_f32(src[i]);
-}
-
-void convert(f16_isa isa, const uint16_t* src, float* dst, int64_t n) {
-    if (isa == f16_isa::PORTABLE)
-        f16_to_f32_row(src, dst, static_cast<size_t>(n));
-    else
-        convert_f16c(src, dst, n);
-}
-
 // Rows [j0, j1) in tiles: convert, sgemm (beta 0: y's tile is written, not read).
 void gemm_rows(f16_isa isa, const float* x, const uint16_t* w, float* y, int64_t m, int64_t n, int64_t k, int64_t j0,
                int64_t j1) {
@@ -150,7 +168,7 @@ void gemm_rows(f16_isa isa, const float* x, const uint16_t* w, float* y, int64_t
     if (static_cast<int64_t>(tile.size()) < k_f16_tile * k) tile.resize(static_cast<size_t>(k_f16_tile * k));
     for (int64_t t0 = j0; t0 < j1; t0 += k_f16_tile) {
         const int64_t nt = std::min(k_f16_tile, j1 - t0);
-        convert(isa, w + t0 * k, tile.data(), nt * k);
+        f16_convert(isa, w + t0 * k, tile.data(), nt * k);
         cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<blasint>(m), static_cast<blasint>(nt),
                     static_cast<blasint>(k), 1.0f, x, static_cast<blasint>(k), tile.data(), static_cast<blasint>(k),
                     0.0f, y + t0, static_cast<blasint>(n));
@@ -169,7 +187,7 @@ void linear_f16(const float* x, const uint16_t* w, const float* bias, float* y, 
                 thread_pool* pool) {
     if (m == 0 || n == 0) return;
     blas_init_single_threaded();
-    const f16_isa isa  = best_isa();
+    const f16_isa isa  = f16_best_isa();
     const bool    gemv = m <= k_f16_gemv_max_rows || k == 0;
     const int64_t unit = gemv ? k_f16_gemv_block : k_f16_tile;
     auto          task = [&](int64_t b0, int64_t b1) {

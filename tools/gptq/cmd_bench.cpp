@@ -15,7 +15,8 @@ command register_bench(CLI::App& app) {
     auto sub =
         app.add_subcommand("bench", "prefill / decode speed, time to first token and peak memory per batch size");
     sub->add_option("model", o->model_path, "model folder (FP16/BF16 or GPTQ checkpoint)")->required();
-    sub->add_option("--device", o->device, "cpu, cuda or cuda:N (the GPU: batches of up to 256 sequences)")->capture_default_str();
+    sub->add_option("--device", o->device, "cpu, cuda or cuda:N (the GPU: batches of up to 256 sequences)")
+        ->capture_default_str();
     add_offload_options(sub, &o->device_map, &o->max_memory);
     add_lora_option(sub, &o->loras, "several are summed (the --compare-fp16 original runs without)");
     sub->add_option("--batch", o->batches, "batch sizes, comma-separated")

@@ -9,6 +9,7 @@
 #include "kernels/cpu/linear.h"
 #include "kernels/cpu/norm.h"
 #include "kernels/cpu/rope.h"
+#include "ops/attention_shape_of.h"
 
 namespace gptq {
 
@@ -61,19 +62,7 @@ void op_rope(const ops_context& ctx, float* x, const float* cos, const float* si
 }
 
 void op_attention(const ops_context& ctx, const attention_args& a) {
-    cpu::attention_shape s;
-    s.n_q        = a.n_q;
-    s.n_kv       = a.n_kv;
-    s.q_pos0     = a.q_pos0;
-    s.n_head     = a.n_head;
-    s.n_head_kv  = a.n_head_kv;
-    s.head_dim   = a.head_dim;
-    s.window     = a.window;
-    s.scale      = a.scale;
-    s.softcap    = a.softcap;
-    s.q_stride   = a.q_stride;
-    s.kv_stride  = a.kv_stride;
-    s.out_stride = a.out_stride;
+    const cpu::attention_shape s = attention_shape_of(a);
     GPTQ_ASSERT((a.k16 != nullptr) == (a.v16 != nullptr));
     if (a.k16) {
         if (ctx.reference)

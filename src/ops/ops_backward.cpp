@@ -9,6 +9,7 @@
 #include "kernels/cpu/backward.h"
 #include "kernels/cpu/linalg.h"
 #include "kernels/cpu/rope.h"
+#include "ops/attention_shape_of.h"
 
 namespace gptq {
 
@@ -43,19 +44,7 @@ void op_rope_backward(const ops_context& ctx, float* dy, const float* cos, const
 
 void op_attention_backward(const ops_context& ctx, const attention_args& a, const float* dout, float* dq, float* dk,
                            float* dv) {
-    cpu::attention_shape s;
-    s.n_q        = a.n_q;
-    s.n_kv       = a.n_kv;
-    s.q_pos0     = a.q_pos0;
-    s.n_head     = a.n_head;
-    s.n_head_kv  = a.n_head_kv;
-    s.head_dim   = a.head_dim;
-    s.window     = a.window;
-    s.scale      = a.scale;
-    s.softcap    = a.softcap;
-    s.q_stride   = a.q_stride;
-    s.kv_stride  = a.kv_stride;
-    s.out_stride = a.out_stride;
+    const cpu::attention_shape s = attention_shape_of(a);
     if (ctx.reference)
         cpu::attention_backward_ref(a.q, a.k, a.v, dout, dq, dk, dv, s);
     else

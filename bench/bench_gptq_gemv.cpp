@@ -15,9 +15,10 @@
 // Roofline: 2.94 TB/s (measured copy rate). TFLOP/s: 2 m n k / time.
 //
 //   bench_gptq_gemv [--out FILE.json] [--iters N] [--only SHAPE] [--m M[,M...]] [--models 7b,13b,70b]
-//                   [--sweep]
+//                   [--sweep] [--tile T --splits S]
 // JSON to FILE (or stdout), a table on stderr; --only/--m restrict the sweep (for ncu); --sweep adds,
-// for 16 < m <= 256, every fused tile x k split (the evidence for the dispatch table).
+// for 16 < m <= 256, every fused tile x k split (the evidence for the dispatch table); --tile/--splits
+// force the "fused" column's plan (int4_gemm_tile values; for ncu on one tile).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -167,6 +168,7 @@ int main(int argc, char** argv) {
     std::vector<int64_t>     ms     = {1, 2, 4, 8, 16, 32, 64, 128, 256, 2048};
     std::vector<std::string> models = {"7b"};
     bool                     sweep  = false;
+    int                      force_tile = 0, force_splits = 0;  // the "fused" column's plan (0: the table's)
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--out") && i + 1 < argc) {
             out_path = argv[++i];
@@ -181,10 +183,14 @@ int main(int argc, char** argv) {
             iters = std::max(1, std::atoi(argv[++i]));
         } else if (!std::strcmp(argv[i], "--sweep")) {
             sweep = true;
+        } else if (!std::strcmp(argv[i], "--tile") && i + 1 < argc) {
+            force_tile = std::atoi(argv[++i]);
+        } else if (!std::strcmp(argv[i], "--splits") && i + 1 < argc) {
+            force_splits = std::atoi(argv[++i]);
         } else {
             std::fprintf(stderr,
                          "usage: bench_gptq_gemv [--out FILE.json] [--iters N] [--only SHAPE] [--m M[,M...]] "
-                         "[--models 7b,13b,70b] [--sweep]\n");
+                         "[--models 7b,13b,70b] [--sweep] [--tile T --splits S]\n");
             return 2;
         }
     }
@@ -290,7 +296,7 @@ int main(int argc, char** argv) {
                 t4g  = time_us(ctx, iters, true, int4);
                 t16g = time_us(ctx, iters, true, fp16);
             } else {
-                with(gptq_prefill_path::GPTQ_PREFILL_FUSED);
+                with(gptq_prefill_path::GPTQ_PREFILL_FUSED, force_tile, force_splits);
                 tfused = time_us(ctx, iters, false, int4);
                 with(gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS);
                 tdeq = time_us(ctx, iters, false, int4);
@@ -299,8 +305,9 @@ int main(int argc, char** argv) {
                     tgemv = time_us(ctx, iters, false, int4);
                 }
                 if (sweep && m <= 256) {
-                    for (int tl = 1; tl <= 4; ++tl)
+                    for (int tl = 1; tl < gptq_gemm_tile_count(); ++tl)
                         for (int sp : {1, 2, 3, 4, 6, 8}) {
+                            if (!gptq_gemm_tile_usable(tl)) continue;
                             with(gptq_prefill_path::GPTQ_PREFILL_FUSED, tl, sp);
                             const double tt = time_us(ctx, iters, false, int4);
                             char         buf[512];

@@ -311,6 +311,10 @@ struct gptq_gemm_plan_info {
     int         splits = 0;
 };
 gptq_gemm_plan_info gptq_gemm_plan_describe(int64_t m, int64_t n_in, int gemm_tile = 0, int gemm_splits = 0);
+// The fused GEMM's tiles for sweeps: gemm_tile values 1 .. gptq_gemm_tile_count() - 1; whether one
+// can run on the current device (the Hopper wgmma tiles need sm_90a code and a 9.0 GPU).
+int  gptq_gemm_tile_count();
+bool gptq_gemm_tile_usable(int gemm_tile);
 
 // A GPTQ layer on the device, prepared once: the fast int4 layout when it applies (4 bits, n_in a
 // multiple of 32, group size -1 or a multiple of 32, groups of equal size after the act-order

@@ -172,9 +172,10 @@ TEST(CudaGemm, EveryTileAndSplit) {
         auto                        x    = test::random_f16(rng, size_t(m * L.n_in));
         const std::vector<uint16_t> bias = test::random_f16(rng, size_t(L.n_out));
         const auto                  ref  = test::gptq_reference(w16, L.n_out, L.n_in, x, m, bias);
-        for (tile t : {tile::INT4_GEMM_TILE_M32_N128, tile::INT4_GEMM_TILE_M64_N128, tile::INT4_GEMM_TILE_M128_N128,
-                       tile::INT4_GEMM_TILE_M128_N256})
+        for (int ti = 1; ti < cuda::int4_gemm_tile_count; ++ti)
             for (int splits : {1, 2, 3, 8}) {
+                const tile t = static_cast<tile>(ti);
+                if (cuda::int4_gemm_tile_is_wgmma(t) && !cuda::int4_gemm_has_wgmma()) continue;  // not Hopper
                 const auto y = run_gemm(P, L, x, m, bias, L.n_out, {t, splits});
                 expect_close(y, L.n_out, ref, m, L.n_out,
                              test::gptq_layer_describe(L, m, true, false, seed) +
@@ -321,9 +322,15 @@ TEST(CudaGemm, RepackedWordsFollowTheKOrder) {
 
 TEST(CudaGemm, PlanTableAndErrors) {
     // The table: tile by m bucket, splits 1..8 from m and n_in only.
-    EXPECT_EQ(cuda::int4_gemm_plan_for(17, 4096).tile, tile::INT4_GEMM_TILE_M32_N128);
-    EXPECT_EQ(cuda::int4_gemm_plan_for(128, 4096).tile, tile::INT4_GEMM_TILE_M32_N128);
-    EXPECT_EQ(cuda::int4_gemm_plan_for(4096, 4096).tile, tile::INT4_GEMM_TILE_M128_N256);
+    if (cuda::int4_gemm_has_wgmma()) {  // Hopper with sm_90a code: the wgmma tiles
+        EXPECT_EQ(cuda::int4_gemm_plan_for(17, 4096).tile, tile::INT4_GEMM_TILE_WG_M32_N128);
+        EXPECT_EQ(cuda::int4_gemm_plan_for(64, 4096).tile, tile::INT4_GEMM_TILE_WG_M64_N256);
+        EXPECT_EQ(cuda::int4_gemm_plan_for(4096, 4096).tile, tile::INT4_GEMM_TILE_WG_M128_N256);
+    } else {
+        EXPECT_EQ(cuda::int4_gemm_plan_for(17, 4096).tile, tile::INT4_GEMM_TILE_M32_N128);
+        EXPECT_EQ(cuda::int4_gemm_plan_for(128, 4096).tile, tile::INT4_GEMM_TILE_M32_N128);
+        EXPECT_EQ(cuda::int4_gemm_plan_for(4096, 4096).tile, tile::INT4_GEMM_TILE_M128_N256);
+    }
     EXPECT_EQ(cuda::int4_gemm_plan_for(64, 4096, {tile::INT4_GEMM_TILE_M64_N128, 3}).splits, 3);
     for (int64_t m : {17, 64, 65, 256, 257, 2048})
         for (int64_t k : {256, 4096, 11008, 28672}) {

@@ -18,6 +18,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gptq_int4_gemm.cuh"
@@ -61,6 +63,98 @@ __device__ inline void mma_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32
     __trap();  // built only for sm_80+; the caller checks the device
 #endif
 }
+
+// ---- Hopper: wgmma with the dequantized weights as the register A operand -------------------------
+
+// The sm_90a instructions exist only in the arch-specific build (CMAKE_CUDA_ARCHITECTURES 90a); any
+// other target compiles the wgmma kernel to a trap and int4_gemm_has_wgmma() says false on it.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GPTQ_HAS_WGMMA 1
+#else
+#define GPTQ_HAS_WGMMA 0
+#endif
+
+__device__ inline void wgmma_fence() {
+#if GPTQ_HAS_WGMMA
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ inline void wgmma_commit() {
+#if GPTQ_HAS_WGMMA
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ inline void wgmma_wait() {
+#if GPTQ_HAS_WGMMA
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Makes this thread's generic-proxy shared-memory writes (cp.async included) visible to the async
+// proxy through which wgmma reads its shared-memory operand; followed by a barrier.
+__device__ inline void fence_proxy_async_shared() {
+#if GPTQ_HAS_WGMMA
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// 4-byte global -> shared copy (cp.async sizes 4 and 8 go through L1: .ca); src_bytes 0 writes zeros.
+__device__ inline void cp_async4(uint32_t dst, const void* src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+#endif
+}
+
+// Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start address >> 4 in bits
+// 0-13, leading byte offset >> 4 in 16-29 (unused by the swizzled K-major layouts: 1), stride byte
+// offset >> 4 in 32-45 (1024: the distance between groups of 8 rows of 128 bytes), base offset 0 (the
+// tile starts 1024-aligned), swizzle mode 1 = 128-byte swizzle in bits 62-63.
+__device__ inline uint64_t wgmma_desc_sw128(uint32_t smem_addr) {
+    return uint64_t((smem_addr & 0x3FFFFu) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
+           (uint64_t(1) << 62);
+}
+
+// D[64 x N] += A[64 x 16] B[16 x N]: A from registers (each warp of the warpgroup gives 16 rows in the
+// mma.m16n8k16 A-fragment layout), B = N rows of 16 k (K-major) in shared memory through desc_b; F32
+// accumulators, element (row 16 warp + gid + 8 (i % 4 / 2), column 8 (i / 4) + 2 tig + i % 2) in d[i].
+template <int N>
+__device__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t desc_b);
+template <>
+__device__ __forceinline__ void wgmma_rs<32>(float (&d)[16], const uint32_t (&a)[4], uint64_t desc_b) {
+#if GPTQ_HAS_WGMMA
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, 1, 1, 1, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+#else
+    (void)d, (void)a, (void)desc_b;
+    __trap();
+#endif
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<64>(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
+#if GPTQ_HAS_WGMMA
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, 1, 1, 1, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+#else
+    (void)d, (void)a, (void)desc_b;
+    __trap();
+#endif
+}
+template <>
+__device__ __forceinline__ void wgmma_rs<128>(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
+#if GPTQ_HAS_WGMMA
+    asm volatile(
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, 1, 1, 1, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+#else
+    (void)d, (void)a, (void)desc_b;
+    __trap();
+#endif
+}
+
 
 // ---- the layout's in-step k order ----------------------------------------------------------------
 
@@ -141,6 +235,66 @@ struct tile_config {
     static_assert((BM * ks * 4) % threads == 0 && (NT * ks * 32) % threads == 0 && NT * ks * 8 <= threads,
                   "loader split");
 };
+
+// The block's epilogue, shared by both kernels: `visit(f)` calls f(nl, tl, v0, v1) for each pair of
+// the thread's accumulators, output row nl of the block (n0 + nl overall) at tokens tl and tl + 1 of
+// the block (tok0 + tl overall), v0 and v1 by reference. Optional split-K sum (partials in the
+// workspace; the last block of a tile adds them in split order, so the result does not depend on
+// which block finishes last), bias, F16, staged through shared memory so that the output rows are
+// written with 16-byte stores. Ends with the block's shared memory overwritten.
+template <int BM, int NOUT, int THREADS, class Visit>
+__device__ inline void gemm_epilogue(const gemm_args& p, unsigned char* smem, int64_t tok0, int64_t n0, int split,
+                                     int n_split, Visit&& visit) {
+    const int tid = int(threadIdx.x);
+    if (n_split > 1) {
+        const int64_t cidx = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
+        visit([&](int nl, int tl, float& v0, float& v1) {
+            *reinterpret_cast<float2*>(p.partial + (split * p.n_pad + n0 + nl) * p.m_pad + tok0 + tl) =
+                make_float2(v0, v1);
+        });
+        __threadfence();
+        __syncthreads();
+        __shared__ bool last;
+        if (tid == 0) last = atomicAdd(&p.counters[cidx], 1u) == unsigned(n_split - 1);
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        visit([&](int nl, int tl, float& v0, float& v1) {
+            float2 s = make_float2(0.0f, 0.0f);
+            for (int sp = 0; sp < n_split; ++sp) {
+                const float2 v =
+                    __ldcg(reinterpret_cast<const float2*>(p.partial + (sp * p.n_pad + n0 + nl) * p.m_pad + tok0 + tl));
+                s.x += v.x, s.y += v.y;
+            }
+            v0 = s.x, v1 = s.y;
+        });
+        if (tid == 0) p.counters[cidx] = 0u;  // ready for the next launch on this workspace
+    }
+
+    constexpr int pitch = NOUT + 8;  // halves per staged output row (+16 bytes: no bank conflicts)
+    __half*       out_s = reinterpret_cast<__half*>(smem);  // [BM][pitch]
+    visit([&](int nl, int tl, float& v0, float& v1) {
+        const int64_t n  = n0 + nl;
+        const float   bv = (p.bias && n < p.n_out) ? __half2float(p.bias[n]) : 0.0f;
+        out_s[tl * pitch + nl]       = __float2half_rn(v0 + bv);
+        out_s[(tl + 1) * pitch + nl] = __float2half_rn(v1 + bv);
+    });
+    __syncthreads();
+    constexpr int CPR = NOUT / 8;  // 16-byte chunks per output row of the block
+    for (int e = tid; e < BM * CPR; e += THREADS) {
+        const int     r = e / CPR, c = e % CPR;
+        const int64_t tok = tok0 + r, n = n0 + c * 8;
+        if (tok >= p.m || n >= p.n_out) continue;  // n_out % 8 == 0: a chunk is all in or all out
+        const __half* src = out_s + r * pitch + c * 8;
+        __half*       dst = p.y + tok * p.y_stride + n;
+        if (p.y_vec) {
+            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+        } else {
+#pragma unroll
+            for (int q = 0; q < 8; ++q) dst[q] = src[q];
+        }
+    }
+}
 
 template <int BM, int NT, int WM, int WN, int KS_, int STAGES>
 __global__ void __launch_bounds__(WM* WN * 32) int4_gemm_kernel(const gemm_args p) {
@@ -290,8 +444,7 @@ __global__ void __launch_bounds__(WM* WN * 32) int4_gemm_kernel(const gemm_args 
 
     // Accumulator element (mt, t, bb, c): output row n_local = (wn MT + mt) 32 + 16 t + gid + 8 (c / 2)
     // of the block, token wm wtok + 8 bb + 2 tig + (c % 2).
-    if (n_split > 1) {
-        const int64_t cidx = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
+    gemm_epilogue<BM, NT * 32, THREADS>(p, smem, tok0, t0 * 32, split, n_split, [&](auto&& f) {
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -299,72 +452,195 @@ __global__ void __launch_bounds__(WM* WN * 32) int4_gemm_kernel(const gemm_args 
 #pragma unroll
                 for (int bb = 0; bb < NB; ++bb)
 #pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const int64_t n   = t0 * 32 + (wn * MT + mt) * 32 + 16 * t + gid + 8 * h;
-                        const int64_t tok = tok0 + wm * C::wtok + 8 * bb + 2 * tig;
-                        *reinterpret_cast<float2*>(p.partial + (split * p.n_pad + n) * p.m_pad + tok) =
-                            make_float2(acc[mt][t][bb][2 * h], acc[mt][t][bb][2 * h + 1]);
-                    }
-        __threadfence();
-        __syncthreads();
-        __shared__ bool last;
-        if (tid == 0) last = atomicAdd(&p.counters[cidx], 1u) == unsigned(n_split - 1);
-        __syncthreads();
-        if (!last) return;
-        __threadfence();
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int t = 0; t < 2; ++t)
-#pragma unroll
-                for (int bb = 0; bb < NB; ++bb)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        const int64_t n   = t0 * 32 + (wn * MT + mt) * 32 + 16 * t + gid + 8 * h;
-                        const int64_t tok = tok0 + wm * C::wtok + 8 * bb + 2 * tig;
-                        float2        s   = make_float2(0.0f, 0.0f);
-                        for (int sp = 0; sp < n_split; ++sp) {
-                            const float2 v =
-                                __ldcg(reinterpret_cast<const float2*>(p.partial + (sp * p.n_pad + n) * p.m_pad + tok));
-                            s.x += v.x, s.y += v.y;
-                        }
-                        acc[mt][t][bb][2 * h] = s.x, acc[mt][t][bb][2 * h + 1] = s.y;
-                    }
-        if (tid == 0) p.counters[cidx] = 0u;  // ready for the next launch on this workspace
-    }
+                    for (int h = 0; h < 2; ++h)
+                        f((wn * MT + mt) * 32 + 16 * t + gid + 8 * h, wm * C::wtok + 8 * bb + 2 * tig,
+                          acc[mt][t][bb][2 * h], acc[mt][t][bb][2 * h + 1]);
+    });
+}
 
-    __half* out_s = reinterpret_cast<__half*>(smem);  // [BM][out_pitch]
+// ---- the Hopper kernel (sm_90a) -------------------------------------------------------------------
+
+// Per block: BM tokens (the wgmma's N: 32, 64 or 128) x NT = 4 WG MT layout tiles of 32 outputs; WG
+// warpgroups of 4 warps, each warp MT tiles. The weights are the register A operand: a warp's 32-row
+// tile gives two 16-row slices, and each wgmma m64nBMk16 takes one slice from each warp of the
+// warpgroup (rows 16 w .. 16 w + 15 of the wgmma = rows 16 t .. 16 t + 15 of warp w's tile). The
+// tokens are the B operand, read by the tensor cores from shared memory through a descriptor: the x
+// tile, BM rows of one 64-k stage (128 bytes), 128-byte swizzled. Stages as in the mma.sync kernel
+// (cp.async ring of weights, scale/zero words and x), with two differences: x is copied in 4-byte
+// pieces, because the layout's k order within a k32 step (slot_k, grouped) must be matched by x:
+// position word (chunk c, slot tig) of a step holds the x pair of k = 8 tig + 2 c, i.e. the step's
+// 16 words are transposed as a 4 x 4 matrix; and a proxy fence makes the copies visible to wgmma.
+// Per k32 step a warp dequantizes its MT words into registers, then issues MT x 2 (slices) x 2 (k16
+// halves) wgmma; a stage's wgmma complete before its buffer is refilled.
+template <int BM, int MT, int WG, int STAGES>
+struct wg_config {
+    static constexpr int ks      = 2;  // k32 layout steps per stage: 64 k = one 128-byte swizzle row of x
+    static constexpr int nt      = WG * 4 * MT;
+    static constexpr int threads = WG * 128;
+    static constexpr int x_bytes = BM * 128, w_bytes = nt * ks * 512, sz_bytes = nt * ks * 128;
+    static constexpr int stage_bytes = (x_bytes + w_bytes + sz_bytes + 1023) / 1024 * 1024;
+    static constexpr int out_bytes   = BM * (nt * 32 + 8) * 2;
+    // + 1024: the dynamic shared memory is aligned to 1024 bytes in the kernel (the swizzle atom).
+    static constexpr int smem_bytes = (STAGES * stage_bytes > out_bytes ? STAGES * stage_bytes : out_bytes) + 1024;
+    static_assert(BM == 32 || BM == 64 || BM == 128, "wgmma n");
+    static_assert(x_bytes % 1024 == 0 && (BM * 32) % threads == 0 && nt * ks * 8 <= threads, "loader split");
+};
+
+template <int BM, int MT, int WG, int STAGES>
+__global__ void __launch_bounds__(WG * 128) int4_gemm_wgmma_kernel(const gemm_args p) {
+#if GPTQ_HAS_WGMMA
+    using C                   = wg_config<BM, MT, WG, STAGES>;
+    constexpr int     KS      = C::ks;
+    constexpr int     NT      = C::nt;
+    constexpr int     THREADS = C::threads;
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    // The epilogue's static `last` flag may precede the dynamic shared memory: align by hand.
+    unsigned char* smem  = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+    const uint32_t sbase = smem_u32(smem);
+
+    const int     tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+    const int     wtile = warp * MT;  // the warp's first tile in the block (warpgroup warp / 4, rank warp % 4)
+    const int64_t tok0  = int64_t(blockIdx.x) * BM;
+    const int64_t t0    = int64_t(blockIdx.y) * NT;
+    const int     split = int(blockIdx.z), n_split = int(gridDim.z);
+    const int64_t n_stage_all = (p.k_steps + KS - 1) / KS;
+    const int64_t st_begin = n_stage_all * split / n_split, st_end = n_stage_all * (split + 1) / n_split;
+    const int     n_stage = int(st_end - st_begin);
+
+    // Loaders. Weights and scale/zero words as in the mma.sync kernel (after the x tile in a stage).
+    constexpr int WPT = NT * KS * 32 / THREADS, XPT = BM * 32 / THREADS;
+    const uint4*  wsrc[WPT];
+    bool          wok[WPT];
+    int           wst[WPT];
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    for (int i = 0; i < WPT; ++i) {
+        const int e    = tid + i * THREADS;
+        const int tile = e / (KS * 32);
+        wst[i]         = (e / 32) % KS;
+        wok[i]         = t0 + tile < p.n_tiles;
+        wsrc[i]        = p.w + ((wok[i] ? t0 + tile : 0) * p.k_steps + wst[i]) * 32 + (e % 32);
+    }
+    const bool   szt   = tid < NT * KS * 8;
+    const int    sz_st = (tid / 8) % KS;
+    const bool   szok  = szt && t0 + tid / (KS * 8) < p.n_tiles;
+    const uint4* szsrc = p.sz + (szok ? t0 + tid / (KS * 8) : 0) * p.n_groups * 8 + (tid % 8);
+    // x: element e = (row r = e / 32, word tw = e % 32 of the row's 64 k): warp w copies rows w, w + NW,
+    // ... (128 bytes each), lane = tw. Word tw = 16 st + 4 c + i (k32 step st, 16-byte chunk c, word
+    // i) goes to chunk 4 st + i, slot c, of the row: 128-byte swizzle, chunk ^ (row % 8).
+    constexpr int NW    = THREADS / 32;
+    const int     x_st  = lane / 16;
+    const int     x_chk = 4 * x_st + lane % 4;  // destination chunk before the swizzle
+    const int     x_off = 4 * ((lane / 4) % 4);  // byte offset of the slot in the chunk
+    const __half* x_lane = p.x + 2 * lane;
+    auto load_stage = [&](int j) {
+        const int64_t  s0   = (st_begin + j) * KS;
+        const uint32_t base = sbase + uint32_t((j % STAGES) * C::stage_bytes);
+        const bool step_ok = s0 + x_st < p.k_steps;
+#pragma unroll
+        for (int i = 0; i < XPT; ++i) {
+            const int     r   = warp + i * NW;
+            const int64_t tok = tok0 + r;
+            const bool    ok  = step_ok && tok < p.m;
+            cp_async4(base + uint32_t(r * 128 + ((x_chk ^ (r & 7)) << 4) + x_off),
+                      ok ? x_lane + tok * p.x_stride + s0 * 32 : p.x, ok ? 4 : 0);
+        }
+#pragma unroll
+        for (int i = 0; i < WPT; ++i) {
+            const bool ok = wok[i] && s0 + wst[i] < p.k_steps;
+            cp_async16(base + uint32_t(C::x_bytes + (tid + i * THREADS) * 16), ok ? wsrc[i] + s0 * 32 : p.w,
+                       ok ? 16 : 0);
+        }
+        if (szt) {
+            const int64_t step = s0 + sz_st;
+            const bool    ok   = szok && step < p.k_steps;
+            cp_async16(base + uint32_t(C::x_bytes + C::w_bytes + tid * 16), ok ? szsrc + (step / p.spg) * 8 : p.sz,
+                       ok ? 16 : 0);
+        }
+    };
+
+    float acc[MT][2][BM / 2];
+#pragma unroll
+    for (int a = 0; a < MT; ++a)
 #pragma unroll
         for (int t = 0; t < 2; ++t)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int     nl = (wn * MT + mt) * 32 + 16 * t + gid + 8 * h;
-                const int64_t n  = t0 * 32 + nl;
-                const float   bv = (p.bias && n < p.n_out) ? __half2float(p.bias[n]) : 0.0f;
+            for (int c = 0; c < BM / 2; ++c) acc[a][t][c] = 0.0f;
+
+    // The ring: STAGES buffers, loads LEAD = STAGES - 2 stages ahead. A stage's wgmma may still run
+    // while the next stage is dequantized and issued (wait_group 1 after each stage's commit), so the
+    // buffer refilled at the top of iteration it is the one of stage it - 2, whose wgmma every warp
+    // has waited for before the barrier.
+    constexpr int LEAD = STAGES - 2;
 #pragma unroll
-                for (int bb = 0; bb < NB; ++bb) {
-                    const int tl                        = wm * C::wtok + 8 * bb + 2 * tig;
-                    out_s[tl * C::out_pitch + nl]       = __float2half_rn(acc[mt][t][bb][2 * h] + bv);
-                    out_s[(tl + 1) * C::out_pitch + nl] = __float2half_rn(acc[mt][t][bb][2 * h + 1] + bv);
-                }
-            }
-    __syncthreads();
-    constexpr int CPR = NT * 32 / 8;  // 16-byte chunks per output row of the block
-    for (int e = tid; e < BM * CPR; e += THREADS) {
-        const int     r = e / CPR, c = e % CPR;
-        const int64_t tok = tok0 + r, n = t0 * 32 + c * 8;
-        if (tok >= p.m || n >= p.n_out) continue;  // n_out % 8 == 0: a chunk is all in or all out
-        const __half* src = out_s + r * C::out_pitch + c * 8;
-        __half*       dst = p.y + tok * p.y_stride + n;
-        if (p.y_vec) {
-            *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-        } else {
-#pragma unroll
-            for (int q = 0; q < 8; ++q) dst[q] = src[q];
-        }
+    for (int j = 0; j < LEAD; ++j) {
+        if (j < n_stage) load_stage(j);
+        cp_async_commit();
     }
+    for (int it = 0; it < n_stage; ++it) {
+        cp_async_wait<LEAD - 1>();
+        fence_proxy_async_shared();  // this thread's x copies -> the async proxy (wgmma)
+        __syncthreads();             // stage `it` visible to all; stage it - 2's wgmma done in every warp
+        if (it + LEAD < n_stage) load_stage(it + LEAD);
+        cp_async_commit();
+
+        const int            buf  = it % STAGES;
+        const unsigned char* sb   = smem + buf * C::stage_bytes;
+        const uint4*         w_s  = reinterpret_cast<const uint4*>(sb + C::x_bytes);
+        const uint4*         sz_s = reinterpret_cast<const uint4*>(sb + C::x_bytes + C::w_bytes);
+        const uint32_t       x_s  = sbase + uint32_t(buf * C::stage_bytes);
+        uint32_t             a[KS][MT][4][4];
+#pragma unroll
+        for (int st = 0; st < KS; ++st)
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                const int tl = wtile + mt;
+                dequant_scaled(w_s[(tl * KS + st) * 32 + lane], sz_s[(tl * KS + st) * 8 + gid], a[st][mt]);
+            }
+        wgmma_fence();
+#pragma unroll
+        for (int st = 0; st < KS; ++st)
+#pragma unroll
+            for (int ks = 0; ks < 2; ++ks) {
+                const uint64_t desc = wgmma_desc_sw128(x_s + uint32_t(32 * (2 * st + ks)));
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int t = 0; t < 2; ++t) {
+                        const uint32_t af[4] = {a[st][mt][2 * t][2 * ks], a[st][mt][2 * t + 1][2 * ks],
+                                                a[st][mt][2 * t][2 * ks + 1], a[st][mt][2 * t + 1][2 * ks + 1]};
+                        wgmma_rs<BM>(acc[mt][t], af, desc);
+                    }
+            }
+        wgmma_commit();
+        wgmma_wait<1>();  // stage it - 1's wgmma done: its A registers and (after the barrier) its buffer are free
+    }
+    wgmma_wait<0>();
+    cp_async_wait<0>();
+    __syncthreads();  // the pipeline's shared memory is reused below
+
+    // Accumulator element (mt, t, i): output row (wtile + mt) 32 + 16 t + gid + 8 (i % 4 / 2) of the
+    // block, token 8 (i / 4) + 2 tig + i % 2.
+    gemm_epilogue<BM, NT * 32, THREADS>(p, smem, tok0, t0 * 32, split, n_split, [&](auto&& f) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int t = 0; t < 2; ++t)
+#pragma unroll
+                for (int j = 0; j < BM / 8; ++j)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+                        f((wtile + mt) * 32 + 16 * t + gid + 8 * h, 8 * j + 2 * tig, acc[mt][t][4 * j + 2 * h],
+                          acc[mt][t][4 * j + 2 * h + 1]);
+    });
+#else
+    (void)p;
+    __trap();  // int4_gemm_has_wgmma() is false on builds without sm_90a code
+#endif
+}
+
+// Says whether this build's code for the current device has the wgmma kernel (GPTQ_HAS_WGMMA).
+__global__ void int4_gemm_wgmma_probe(int* has) {
+    *has = GPTQ_HAS_WGMMA;
 }
 
 // ---- the dequantize kernel ------------------------------------------------------------------------
@@ -416,6 +692,7 @@ __global__ void __launch_bounds__(k_dq_warps * 32)
 
 constexpr int k_max_splits = 8;
 constexpr int k_stages     = 4;
+constexpr int k_wg_stages  = 6;  // wgmma kernel: loads 4 stages ahead (LEAD = STAGES - 2)
 
 struct tile_shape {
     int bm, bn;
@@ -423,12 +700,18 @@ struct tile_shape {
 tile_shape shape_of(int4_gemm_tile t) {
     switch (t) {
         case int4_gemm_tile::INT4_GEMM_TILE_M32_N128:
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M32_N128:
             return {32, 128};
         case int4_gemm_tile::INT4_GEMM_TILE_M64_N128:
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M64_N128:
             return {64, 128};
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M64_N256:
+            return {64, 256};
         case int4_gemm_tile::INT4_GEMM_TILE_M128_N128:
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N128:
             return {128, 128};
         case int4_gemm_tile::INT4_GEMM_TILE_M128_N256:
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N256:
             return {128, 256};
         default:
             return {0, 0};
@@ -443,7 +726,14 @@ tile_shape shape_of(int4_gemm_tile t) {
 // by registers and shared memory). Tiles tried and dropped: 8-warp m32_n256 and m64_n256, k stages
 // of 128 (no better than 64). From m = 192 on the op layer takes dequantize + cuBLAS
 // (gptq_prefill_path_for); m128_n256 remains the fused tile for larger m when the kernel is forced.
+// With wgmma (Hopper): m32 / m64 / m128 token tiles of 256 outputs by m bucket (first guess, before
+// the H100 sweep).
 int4_gemm_tile table_tile(int64_t m) {
+    if (int4_gemm_has_wgmma()) {
+        if (m <= 32) return int4_gemm_tile::INT4_GEMM_TILE_WG_M32_N128;
+        if (m <= 64) return int4_gemm_tile::INT4_GEMM_TILE_WG_M64_N256;
+        return int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N256;
+    }
     if (m <= 191) return int4_gemm_tile::INT4_GEMM_TILE_M32_N128;
     return int4_gemm_tile::INT4_GEMM_TILE_M128_N256;
 }
@@ -495,6 +785,58 @@ status launch(const gemm_args& a, int splits, cudaStream_t stream) {
     return status::ok();
 }
 
+template <int BM, int MT, int WG, int STAGES = k_wg_stages>
+status launch_wg(const gemm_args& a, int splits, cudaStream_t stream) {
+    using C                = wg_config<BM, MT, WG, STAGES>;
+    const int64_t m_blocks = (a.m + BM - 1) / BM, n_blocks = (a.n_tiles + C::nt - 1) / C::nt;
+    if (m_blocks > 0x7fffffff || n_blocks > 65535)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemm_f16: m {} / n_out {} too large", a.m,
+                          a.n_out);
+    const dim3 grid{unsigned(m_blocks), unsigned(n_blocks), unsigned(splits)};
+    int4_gemm_wgmma_kernel<BM, MT, WG, STAGES><<<grid, C::threads, C::smem_bytes, stream>>>(a);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+template <int BM, int MT, int WG, int STAGES = k_wg_stages>
+cudaError_t configure_wg() {
+    return cudaFuncSetAttribute(int4_gemm_wgmma_kernel<BM, MT, WG, STAGES>,
+                                cudaFuncAttributeMaxDynamicSharedMemorySize, wg_config<BM, MT, WG, STAGES>::smem_bytes);
+}
+
+// The probe of int4_gemm_has_wgmma on the current device (compute capability 9.0): a private
+// non-blocking stream and relaxed capture mode, so that a first call during another stream's graph
+// capture neither breaks that capture nor fails.
+bool probe_wgmma() {
+    if (const char* e = std::getenv("GPTQ_INT4_WGMMA"); e && std::strcmp(e, "0") == 0) return false;
+    int dev = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess || major != 9 ||
+        minor != 0)
+        return false;
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    bool         ok = false;
+    cudaStream_t s  = nullptr;
+    int*         d  = nullptr;
+    int          h  = 0;
+    if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess && cudaMalloc(&d, sizeof(int)) == cudaSuccess) {
+        int4_gemm_wgmma_probe<<<1, 1, 0, s>>>(d);
+        ok = cudaGetLastError() == cudaSuccess && cudaMemcpyAsync(&h, d, sizeof(int), cudaMemcpyDeviceToHost, s) == cudaSuccess &&
+             cudaStreamSynchronize(s) == cudaSuccess && h == 1;
+    }
+    if (d) cudaFree(d);
+    if (s) cudaStreamDestroy(s);
+    if (ok)
+        ok = configure_wg<32, 1, 1>() == cudaSuccess && configure_wg<64, 1, 1>() == cudaSuccess &&
+             configure_wg<64, 1, 2>() == cudaSuccess && configure_wg<128, 1, 1>() == cudaSuccess &&
+             configure_wg<128, 1, 2>() == cudaSuccess;
+    cudaThreadExchangeStreamCaptureMode(&mode);
+    (void)cudaGetLastError();  // a failed probe leaves no sticky error behind
+    return ok;
+}
+
 unsigned grid_for_items(int64_t items, int per_block) {
     const int64_t blocks = (items + per_block - 1) / per_block;
     return unsigned(std::min<int64_t>(std::max<int64_t>(blocks, 1), 1 << 20));
@@ -502,8 +844,35 @@ unsigned grid_for_items(int64_t items, int per_block) {
 
 }  // namespace
 
+bool int4_gemm_has_wgmma() {
+    // Per device: 0 unknown, 1 no, 2 yes (64 devices at most; others: no).
+    static std::atomic<uint8_t> known[64];
+    int                         dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return false;
+    uint8_t v = known[dev].load();
+    if (v == 0) {
+        v = probe_wgmma() ? 2 : 1;
+        known[dev].store(v);
+    }
+    return v == 2;
+}
+
+bool int4_gemm_tile_is_wgmma(int4_gemm_tile t) {
+    return int(t) >= int(int4_gemm_tile::INT4_GEMM_TILE_WG_M32_N128);
+}
+
 const char* int4_gemm_tile_name(int4_gemm_tile t) {
     switch (t) {
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M32_N128:
+            return "wg_m32_n128";
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M64_N128:
+            return "wg_m64_n128";
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M64_N256:
+            return "wg_m64_n256";
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N128:
+            return "wg_m128_n128";
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N256:
+            return "wg_m128_n256";
         case int4_gemm_tile::INT4_GEMM_TILE_AUTO:
             return "auto";
         case int4_gemm_tile::INT4_GEMM_TILE_M32_N128:
@@ -544,6 +913,10 @@ status int4_gemm_f16(const int4_layout& L, const void* weights, const void* sz, 
     plan = resolve(plan, m, L.n_in);
     if (shape_of(plan.tile).bm == 0)
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemm_f16: unknown tile {}", int(plan.tile));
+    if (int4_gemm_tile_is_wgmma(plan.tile) && !int4_gemm_has_wgmma())
+        return make_error(status_code::STATUS_UNSUPPORTED,
+                          "int4_gemm_f16: tile {} needs a compute capability 9.0 GPU and a build with sm_90a code",
+                          int4_gemm_tile_name(plan.tile));
     const int64_t need = workspace_for(L, m, plan);
     if (need > workspace_bytes)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
@@ -573,6 +946,16 @@ status int4_gemm_f16(const int4_layout& L, const void* weights, const void* sz, 
             return launch<128, 4, 2, 4>(a, plan.splits, stream);
         case int4_gemm_tile::INT4_GEMM_TILE_M128_N256:
             return launch<128, 8, 2, 4>(a, plan.splits, stream);
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M32_N128:
+            return launch_wg<32, 1, 1>(a, plan.splits, stream);
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M64_N128:
+            return launch_wg<64, 1, 1>(a, plan.splits, stream);
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M64_N256:
+            return launch_wg<64, 1, 2>(a, plan.splits, stream);
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N128:
+            return launch_wg<128, 1, 1>(a, plan.splits, stream);
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N256:
+            return launch_wg<128, 1, 2>(a, plan.splits, stream);
         default:
             break;
     }

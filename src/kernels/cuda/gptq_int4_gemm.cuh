@@ -32,8 +32,23 @@ enum class int4_gemm_tile : int {
     INT4_GEMM_TILE_M64_N128,   // 4 warps, each 32 outputs x 64 tokens
     INT4_GEMM_TILE_M128_N128,  // 8 warps (4 x 2), each 32 outputs x 64 tokens
     INT4_GEMM_TILE_M128_N256,  // 8 warps (4 x 2), each 64 outputs x 64 tokens
+    // Hopper (sm_90a) wgmma tiles (int4_gemm_has_wgmma): warpgroups x 128 outputs x m tokens.
+    INT4_GEMM_TILE_WG_M32_N128,   // 1 warpgroup, wgmma m64n32k16
+    INT4_GEMM_TILE_WG_M64_N128,   // 1 warpgroup, m64n64k16
+    INT4_GEMM_TILE_WG_M64_N256,   // 2 warpgroups, m64n64k16
+    INT4_GEMM_TILE_WG_M128_N128,  // 1 warpgroup, m64n128k16
+    INT4_GEMM_TILE_WG_M128_N256,  // 2 warpgroups, m64n128k16
 };
-const char* int4_gemm_tile_name(int4_gemm_tile t);
+constexpr int int4_gemm_tile_count = 10;  // AUTO + the tiles above (for sweeps)
+const char*   int4_gemm_tile_name(int4_gemm_tile t);
+// True for the wgmma tiles.
+bool int4_gemm_tile_is_wgmma(int4_gemm_tile t);
+
+// Whether the wgmma tiles can run on the current device: a compute capability 9.0 GPU and this
+// build has sm_90a code (checked once per device by a probe kernel; GPTQ_INT4_WGMMA=0 turns them off).
+// Call it once outside stream capture before the first GEMM (int4_repack does): the first call per
+// device launches the probe and sets the kernels' shared-memory limits.
+bool int4_gemm_has_wgmma();
 
 struct int4_gemm_plan {
     int4_gemm_tile tile   = int4_gemm_tile::INT4_GEMM_TILE_AUTO;

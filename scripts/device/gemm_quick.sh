@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Quick int4 GEMM loop on the GPU machine: test_cuda_gemm, the Llama-2-7B tile x split sweep and an
+# optional Nsight Compute look at one tile, from a small bundle of just test_cuda_gemm and
+# bench_gptq_gemv (.device-gemm/bundle.tar.xz: the two binaries + libfmt/libpcre2, made by hand, see
+# docs/cuda.md "Prefill GEMM"). run(command="bash scripts/device/gemm_quick.sh", carry=[".device-gemm"])
+# Knobs: QUICK_M (bench m list), QUICK_SWEEP=0, QUICK_NCU="shape:m:tile:splits ..." (tile numbers of
+# int4_gemm_tile).
+set -uo pipefail
+OUT=${OUT:-$PWD/device-out}; mkdir -p "$OUT"
+BIN=/tmp/gb; rm -rf $BIN; mkdir -p $BIN; tar -C $BIN -xJf .device-gemm/bundle.tar.xz
+CUDA_DIRS=""
+for lib in libcublas.so.13 libcusolver.so.12 libcusparse.so.12 libnvJitLink.so.13; do
+  d=$(dirname "$(find /usr/local /opt /usr/lib -name "$lib*" 2>/dev/null | head -1)"); [ "$d" != . ] && CUDA_DIRS="$CUDA_DIRS:$d"
+done
+export LD_LIBRARY_PATH=$BIN/lib${CUDA_DIRS}:/usr/local/cuda/lib64
+export GPTQ_TEST_SOURCE_DIR=$PWD
+nvidia-smi --query-gpu=name --format=csv,noheader
+timeout 120 $BIN/bin/test_cuda_gemm 2>&1 | grep -E "^\[  |Failure|gpu|tile=|Expected|Which" | head -60
+timeout 300 $BIN/bin/bench_gptq_gemv --models 7b --m "${QUICK_M:-17,32,64,128,256,512,1024,2048}" \
+    $([ "${QUICK_SWEEP:-1}" = 1 ] && echo --sweep) --out $OUT/b7.json 2> $OUT/b7.txt; echo bench rc $?
+grep -v sweep $OUT/b7.txt | head -50
+for spec in ${QUICK_NCU:-}; do
+  IFS=: read -r shape m tile splits <<< "$spec"
+  kn=int4_gemm_wgmma_kernel; [ "$tile" -le 4 ] && kn=int4_gemm_kernel
+  timeout 60 ncu --kernel-name regex:$kn --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section Occupancy \
+      --section LaunchStats $BIN/bin/bench_gptq_gemv --only $shape --m $m --iters 3 --tile $tile --splits $splits \
+      --out /dev/null > $OUT/ncu_${shape}_${m}_${tile}.txt 2>&1
+  echo "== ncu $spec"; grep -E "int4_gemm|Memory Throughput|DRAM Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|Compute \(SM\)|Duration|Achieved Occupancy|Issued Warp|No Eligible|Warp Cycles Per Issued|Registers Per|Block Limit|Grid Size|Stall" $OUT/ncu_${shape}_${m}_${tile}.txt | head -30
+done

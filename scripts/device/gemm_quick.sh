@@ -28,3 +28,8 @@ for spec in ${QUICK_NCU:-}; do
       --out /dev/null > $OUT/ncu_${shape}_${m}_${tile}.txt 2>&1
   echo "== ncu $spec"; grep -E "int4_gemm|Memory Throughput|DRAM Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|Compute \(SM\)|Duration|Achieved Occupancy|Issued Warp|No Eligible|Warp Cycles Per Issued|Registers Per|Block Limit|Grid Size|Stall" $OUT/ncu_${shape}_${m}_${tile}.txt | head -30
 done
+# QUICK_DBG=1: an uncommitted debug build (bench_dbg in the bundle) with GPTQ_DBG_X16=1 (x copied in
+# 16-byte pieces without the k transposition: wrong results, timing only).
+if [ "${QUICK_DBG:-0}" = 1 ] && [ -x $BIN/bin/bench_dbg ]; then
+  echo "== dbg x16"; GPTQ_DBG_X16=1 timeout 60 $BIN/bin/bench_dbg --models 7b --m 32,64,128,256 --out /dev/null 2>&1 | grep -v sweep | head -20
+fi

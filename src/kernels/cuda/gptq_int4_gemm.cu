@@ -483,10 +483,33 @@ struct wg_config {
     // + 1024: the dynamic shared memory is aligned to 1024 bytes in the kernel (the swizzle atom).
     static constexpr int smem_bytes = (STAGES * stage_bytes > out_bytes ? STAGES * stage_bytes : out_bytes) + 1024;
     static_assert(BM == 32 || BM == 64 || BM == 128, "wgmma n");
-    static_assert(x_bytes % 1024 == 0 && (BM * 32) % threads == 0 && nt * ks * 8 <= threads, "loader split");
+    static_assert(x_bytes % 1024 == 0 && (BM * 32) % threads == 0 && (BM * 8) % threads == 0 &&
+                      nt * ks * 8 <= threads,
+                  "loader split");
 };
 
-template <int BM, int MT, int WG, int STAGES>
+// The layout's grouped k order -> the mma's order for the A registers of one k32 step (XREG): slot j of
+// lane (gid, tig) holds the pair of k = 8 tig + 2 j; the wgmma wants, in slot q = 2 ks + h, the pair of
+// k = 16 ks + 8 h + 2 tig, which slot tig of lane (gid, q) holds: a 4 x 4 transpose over the quad,
+// two exchange rounds (lane ^ 1, lane ^ 2), each swapping the two elements whose index bit differs
+// from the lane's.
+__device__ inline void quad_transpose(uint32_t (&v)[4], int tig) {
+    const bool t0 = tig & 1, t1 = tig & 2;
+    {
+        const uint32_t r0 = __shfl_xor_sync(0xffffffffu, t0 ? v[0] : v[1], 1);
+        const uint32_t r1 = __shfl_xor_sync(0xffffffffu, t0 ? v[2] : v[3], 1);
+        if (t0) v[0] = r0, v[2] = r1;
+        else v[1] = r0, v[3] = r1;
+    }
+    {
+        const uint32_t r0 = __shfl_xor_sync(0xffffffffu, t1 ? v[0] : v[2], 2);
+        const uint32_t r1 = __shfl_xor_sync(0xffffffffu, t1 ? v[1] : v[3], 2);
+        if (t1) v[0] = r0, v[1] = r1;
+        else v[2] = r0, v[3] = r1;
+    }
+}
+
+template <int BM, int MT, int WG, int STAGES, bool XREG>
 __global__ void __launch_bounds__(WG * 128) int4_gemm_wgmma_kernel(const gemm_args p) {
 #if GPTQ_HAS_WGMMA
     using C                   = wg_config<BM, MT, WG, STAGES>;
@@ -535,14 +558,25 @@ __global__ void __launch_bounds__(WG * 128) int4_gemm_wgmma_kernel(const gemm_ar
     auto load_stage = [&](int j) {
         const int64_t  s0   = (st_begin + j) * KS;
         const uint32_t base = sbase + uint32_t((j % STAGES) * C::stage_bytes);
-        const bool step_ok = s0 + x_st < p.k_steps;
+        if constexpr (XREG) {  // natural k order: 16-byte chunks, chunk c of row r at c ^ (r % 8)
 #pragma unroll
-        for (int i = 0; i < XPT; ++i) {
-            const int     r   = warp + i * NW;
-            const int64_t tok = tok0 + r;
-            const bool    ok  = step_ok && tok < p.m;
-            cp_async4(base + uint32_t(r * 128 + ((x_chk ^ (r & 7)) << 4) + x_off),
-                      ok ? x_lane + tok * p.x_stride + s0 * 32 : p.x, ok ? 4 : 0);
+            for (int i = 0; i < BM * 8 / THREADS; ++i) {
+                const int     e = tid + i * THREADS, r = e / 8, c = e % 8;
+                const int64_t tok = tok0 + r;
+                const bool    ok  = tok < p.m && s0 + c / 4 < p.k_steps;
+                cp_async16(base + uint32_t(r * 128 + ((c ^ (r & 7)) << 4)),
+                           ok ? p.x + tok * p.x_stride + s0 * 32 + c * 8 : p.x, ok ? 16 : 0);
+            }
+        } else {
+            const bool step_ok = s0 + x_st < p.k_steps;
+#pragma unroll
+            for (int i = 0; i < XPT; ++i) {
+                const int     r   = warp + i * NW;
+                const int64_t tok = tok0 + r;
+                const bool    ok  = step_ok && tok < p.m;
+                cp_async4(base + uint32_t(r * 128 + ((x_chk ^ (r & 7)) << 4) + x_off),
+                          ok ? x_lane + tok * p.x_stride + s0 * 32 : p.x, ok ? 4 : 0);
+            }
         }
 #pragma unroll
         for (int i = 0; i < WPT; ++i) {
@@ -595,6 +629,9 @@ __global__ void __launch_bounds__(WG * 128) int4_gemm_wgmma_kernel(const gemm_ar
             for (int mt = 0; mt < MT; ++mt) {
                 const int tl = wtile + mt;
                 dequant_scaled(w_s[(tl * KS + st) * 32 + lane], sz_s[(tl * KS + st) * 8 + gid], a[st][mt]);
+                if constexpr (XREG)
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) quad_transpose(a[st][mt][i], tig);
             }
         wgmma_fence();
 #pragma unroll
@@ -706,12 +743,14 @@ tile_shape shape_of(int4_gemm_tile t) {
         case int4_gemm_tile::INT4_GEMM_TILE_WG_M64_N128:
             return {64, 128};
         case int4_gemm_tile::INT4_GEMM_TILE_WG_M64_N256:
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M64_N256_XREG:
             return {64, 256};
         case int4_gemm_tile::INT4_GEMM_TILE_M128_N128:
         case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N128:
             return {128, 128};
         case int4_gemm_tile::INT4_GEMM_TILE_M128_N256:
         case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N256:
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N256_XREG:
             return {128, 256};
         default:
             return {0, 0};
@@ -785,7 +824,7 @@ status launch(const gemm_args& a, int splits, cudaStream_t stream) {
     return status::ok();
 }
 
-template <int BM, int MT, int WG, int STAGES = k_wg_stages>
+template <int BM, int MT, int WG, bool XREG = false, int STAGES = k_wg_stages>
 status launch_wg(const gemm_args& a, int splits, cudaStream_t stream) {
     using C                = wg_config<BM, MT, WG, STAGES>;
     const int64_t m_blocks = (a.m + BM - 1) / BM, n_blocks = (a.n_tiles + C::nt - 1) / C::nt;
@@ -793,14 +832,14 @@ status launch_wg(const gemm_args& a, int splits, cudaStream_t stream) {
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemm_f16: m {} / n_out {} too large", a.m,
                           a.n_out);
     const dim3 grid{unsigned(m_blocks), unsigned(n_blocks), unsigned(splits)};
-    int4_gemm_wgmma_kernel<BM, MT, WG, STAGES><<<grid, C::threads, C::smem_bytes, stream>>>(a);
+    int4_gemm_wgmma_kernel<BM, MT, WG, STAGES, XREG><<<grid, C::threads, C::smem_bytes, stream>>>(a);
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }
 
-template <int BM, int MT, int WG, int STAGES = k_wg_stages>
+template <int BM, int MT, int WG, bool XREG = false, int STAGES = k_wg_stages>
 cudaError_t configure_wg() {
-    return cudaFuncSetAttribute(int4_gemm_wgmma_kernel<BM, MT, WG, STAGES>,
+    return cudaFuncSetAttribute(int4_gemm_wgmma_kernel<BM, MT, WG, STAGES, XREG>,
                                 cudaFuncAttributeMaxDynamicSharedMemorySize, wg_config<BM, MT, WG, STAGES>::smem_bytes);
 }
 
@@ -831,7 +870,8 @@ bool probe_wgmma() {
     if (ok)
         ok = configure_wg<32, 1, 1>() == cudaSuccess && configure_wg<64, 1, 1>() == cudaSuccess &&
              configure_wg<64, 1, 2>() == cudaSuccess && configure_wg<128, 1, 1>() == cudaSuccess &&
-             configure_wg<128, 1, 2>() == cudaSuccess;
+             configure_wg<128, 1, 2>() == cudaSuccess && configure_wg<64, 1, 2, true>() == cudaSuccess &&
+             configure_wg<128, 1, 2, true>() == cudaSuccess;
     cudaThreadExchangeStreamCaptureMode(&mode);
     (void)cudaGetLastError();  // a failed probe leaves no sticky error behind
     return ok;
@@ -873,6 +913,10 @@ const char* int4_gemm_tile_name(int4_gemm_tile t) {
             return "wg_m128_n128";
         case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N256:
             return "wg_m128_n256";
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M64_N256_XREG:
+            return "wg_m64_n256_xreg";
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N256_XREG:
+            return "wg_m128_n256_xreg";
         case int4_gemm_tile::INT4_GEMM_TILE_AUTO:
             return "auto";
         case int4_gemm_tile::INT4_GEMM_TILE_M32_N128:
@@ -956,6 +1000,10 @@ status int4_gemm_f16(const int4_layout& L, const void* weights, const void* sz, 
             return launch_wg<128, 1, 1>(a, plan.splits, stream);
         case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N256:
             return launch_wg<128, 1, 2>(a, plan.splits, stream);
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M64_N256_XREG:
+            return launch_wg<64, 1, 2, true>(a, plan.splits, stream);
+        case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N256_XREG:
+            return launch_wg<128, 1, 2, true>(a, plan.splits, stream);
         default:
             break;
     }

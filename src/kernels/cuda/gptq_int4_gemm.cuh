@@ -38,8 +38,11 @@ enum class int4_gemm_tile : int {
     INT4_GEMM_TILE_WG_M64_N256,   // 2 warpgroups, m64n64k16
     INT4_GEMM_TILE_WG_M128_N128,  // 1 warpgroup, m64n128k16
     INT4_GEMM_TILE_WG_M128_N256,  // 2 warpgroups, m64n128k16
+    // The same with x copied in the natural k order and the A registers transposed across each quad.
+    INT4_GEMM_TILE_WG_M64_N256_XREG,
+    INT4_GEMM_TILE_WG_M128_N256_XREG,
 };
-constexpr int int4_gemm_tile_count = 10;  // AUTO + the tiles above (for sweeps)
+constexpr int int4_gemm_tile_count = 12;  // AUTO + the tiles above (for sweeps)
 const char*   int4_gemm_tile_name(int4_gemm_tile t);
 // True for the wgmma tiles.
 bool int4_gemm_tile_is_wgmma(int4_gemm_tile t);

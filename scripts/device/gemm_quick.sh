@@ -33,3 +33,5 @@ done
 if [ "${QUICK_DBG:-0}" = 1 ] && [ -x $BIN/bin/bench_dbg ]; then
   echo "== dbg x16"; GPTQ_DBG_X16=1 timeout 60 $BIN/bin/bench_dbg --models 7b --m 32,64,128,256 --out /dev/null 2>&1 | grep -v sweep | head -20
 fi
+# Replay of issue 18's one-off OpPrefillPaths failure (seed 2609901896; path 2 = dequantize + cuBLAS).
+echo "== replay seed 2609901896"; GPTQ_TEST_SEED=2609901896 timeout 60 $BIN/bin/test_cuda_gemm --gtest_filter='*OpPrefillPaths*' 2>&1 | grep -E "^\[  |gpu|Failure" | head -12

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -81,8 +82,10 @@ inline std::vector<float> to_f32(const std::vector<uint16_t>& h) {
     return v;
 }
 
-// Fresh seed per run (printed by the caller on failure), so that every run draws new inputs.
+// Fresh seed per run (printed by the caller on failure), so that every run draws new inputs;
+// GPTQ_TEST_SEED=N replays a printed one.
 inline uint32_t fresh_seed() {
+    if (const char* e = std::getenv("GPTQ_TEST_SEED"); e && *e) return uint32_t(std::strtoul(e, nullptr, 10));
     return std::random_device{}();
 }
 

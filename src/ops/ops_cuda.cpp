@@ -621,15 +621,15 @@ result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_hos
 // H100, Llama-2-7B shapes summed (docs/perf-notes.md, session 4, runs 1-3): fused ahead up to m = 128
 // (at 128: 282 vs 373 us), even at 192 (396 vs 388 us), dequantize + cuBLAS ahead from 256 on (401
 // vs >= 440 us for the best fused tile and split per shape; 2048: 1.2-1.3 ms vs 2.4 ms).
-// With the Hopper wgmma kernel (cuda::int4_gemm_has_wgmma) the fused GEMM keeps m up to
-// k_dequant_min_m_wgmma (first guess, before the H100 sweep).
+// With the Hopper wgmma tiles in the table (cuda::int4_gemm_wgmma_in_table) the fused GEMM keeps m up
+// to k_dequant_min_m_wgmma (a first guess).
 gptq_prefill_path gptq_prefill_path_for(int64_t m, int64_t n_out, int64_t n_in) {
     (void)n_out, (void)n_in;
     constexpr int64_t k_gemv_max_m          = 16;
     constexpr int64_t k_dequant_min_m_mma   = 192;  // 7B shapes: about equal at 192, dequantize ahead from 256 on
     constexpr int64_t k_dequant_min_m_wgmma = 1024;
     if (m <= k_gemv_max_m) return gptq_prefill_path::GPTQ_PREFILL_GEMV;
-    const int64_t k_dequant_min_m = cuda::int4_gemm_has_wgmma() ? k_dequant_min_m_wgmma : k_dequant_min_m_mma;
+    const int64_t k_dequant_min_m = cuda::int4_gemm_wgmma_in_table() ? k_dequant_min_m_wgmma : k_dequant_min_m_mma;
     if (m < k_dequant_min_m) return gptq_prefill_path::GPTQ_PREFILL_FUSED;
     return gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS;
 }

@@ -156,6 +156,18 @@ TEST(CudaGemm, FusedMatchesReference) {
             expect_close(y, y_stride, ref, m, c.n_out,
                          test::gptq_layer_describe(L, m, c.act, c.sym, seed) + " tile=" +
                              cuda::int4_gemm_tile_name(plan.tile) + " splits=" + std::to_string(plan.splits));
+            if (cuda::int4_gemm_has_wgmma()) {  // the wgmma tile of m's bucket as well, both x orders
+                const tile wt[2][2] = {{m <= 64 ? tile::INT4_GEMM_TILE_WG_M64_N256 : tile::INT4_GEMM_TILE_WG_M128_N256,
+                                        m <= 64 ? tile::INT4_GEMM_TILE_WG_M64_N256_XREG
+                                                : tile::INT4_GEMM_TILE_WG_M128_N256_XREG},
+                                       {tile::INT4_GEMM_TILE_WG_M32_N128, tile::INT4_GEMM_TILE_WG_M128_N128}};
+                for (const tile t : wt[m % 2]) {
+                    const auto yw = run_gemm(P, L, x, m, bias, y_stride, {t, 0});
+                    expect_close(yw, y_stride, ref, m, c.n_out,
+                                 test::gptq_layer_describe(L, m, c.act, c.sym, seed) + " tile=" +
+                                     cuda::int4_gemm_tile_name(t));
+                }
+            }
         }
     }
 }
@@ -322,7 +334,7 @@ TEST(CudaGemm, RepackedWordsFollowTheKOrder) {
 
 TEST(CudaGemm, PlanTableAndErrors) {
     // The table: tile by m bucket, splits 1..8 from m and n_in only.
-    if (cuda::int4_gemm_has_wgmma()) {  // Hopper with sm_90a code: the wgmma tiles
+    if (cuda::int4_gemm_wgmma_in_table()) {  // GPTQ_INT4_WGMMA_TABLE=1 on Hopper with sm_90a code
         EXPECT_EQ(cuda::int4_gemm_plan_for(17, 4096).tile, tile::INT4_GEMM_TILE_WG_M32_N128);
         EXPECT_EQ(cuda::int4_gemm_plan_for(64, 4096).tile, tile::INT4_GEMM_TILE_WG_M64_N256);
         EXPECT_EQ(cuda::int4_gemm_plan_for(4096, 4096).tile, tile::INT4_GEMM_TILE_WG_M128_N256);

@@ -765,10 +765,19 @@ tile_shape shape_of(int4_gemm_tile t) {
 // by registers and shared memory). Tiles tried and dropped: 8-warp m32_n256 and m64_n256, k stages
 // of 128 (no better than 64). From m = 192 on the op layer takes dequantize + cuBLAS
 // (gptq_prefill_path_for); m128_n256 remains the fused tile for larger m when the kernel is forced.
-// With wgmma (Hopper): m32 / m64 / m128 token tiles of 256 outputs by m bucket (first guess, before
-// the H100 sweep).
+// With wgmma (Hopper) and GPTQ_INT4_WGMMA_TABLE=1: m32 / m64 / m128 token tiles of 256 outputs by m
+// bucket. Off by default: on the H100 (session 9's first sweep) the wgmma tiles were slower than
+// m32_n128 at every m (docs/perf-notes.md, session 9).
+bool wgmma_in_table() {
+    static const bool on = [] {
+        const char* e = std::getenv("GPTQ_INT4_WGMMA_TABLE");
+        return e && std::strcmp(e, "1") == 0;
+    }();
+    return on && int4_gemm_has_wgmma();
+}
+
 int4_gemm_tile table_tile(int64_t m) {
-    if (int4_gemm_has_wgmma()) {
+    if (wgmma_in_table()) {
         if (m <= 32) return int4_gemm_tile::INT4_GEMM_TILE_WG_M32_N128;
         if (m <= 64) return int4_gemm_tile::INT4_GEMM_TILE_WG_M64_N256;
         return int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N256;
@@ -895,6 +904,10 @@ bool int4_gemm_has_wgmma() {
         known[dev].store(v);
     }
     return v == 2;
+}
+
+bool int4_gemm_wgmma_in_table() {
+    return wgmma_in_table();
 }
 
 bool int4_gemm_tile_is_wgmma(int4_gemm_tile t) {

@@ -52,6 +52,8 @@ bool int4_gemm_tile_is_wgmma(int4_gemm_tile t);
 // Call it once outside stream capture before the first GEMM (int4_repack does): the first call per
 // device launches the probe and sets the kernels' shared-memory limits.
 bool int4_gemm_has_wgmma();
+// Whether the dispatch table takes the wgmma tiles (GPTQ_INT4_WGMMA_TABLE=1 on a device that has them).
+bool int4_gemm_wgmma_in_table();
 
 struct int4_gemm_plan {
     int4_gemm_tile tile   = int4_gemm_tile::INT4_GEMM_TILE_AUTO;

@@ -457,13 +457,15 @@ status op_cuda_rope(cuda_context& ctx, uint16_t* x, const float* cos, const floa
 }
 
 status op_cuda_silu_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows,
-                        int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride, const int32_t* perm) {
-    return cuda::silu_mul_f16(gate, up, y, n_rows, n, gate_stride, up_stride, y_stride, ctx.stream(), perm);
+                        int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride, const int32_t* perm,
+                        int64_t block) {
+    return cuda::silu_mul_f16(gate, up, y, n_rows, n, gate_stride, up_stride, y_stride, ctx.stream(), perm, block);
 }
 
 status op_cuda_gelu_tanh_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows,
-                             int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride, const int32_t* perm) {
-    return cuda::gelu_tanh_mul_f16(gate, up, y, n_rows, n, gate_stride, up_stride, y_stride, ctx.stream(), perm);
+                             int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride, const int32_t* perm,
+                             int64_t block) {
+    return cuda::gelu_tanh_mul_f16(gate, up, y, n_rows, n, gate_stride, up_stride, y_stride, ctx.stream(), perm, block);
 }
 
 status op_cuda_softcap(cuda_context& ctx, float* x, int64_t n, float cap) {
@@ -699,6 +701,48 @@ status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const u
     p.g_idx = w.g_idx.as<int32_t>(), p.bias = bias;
     p.n_out = w.n_out, p.n_in = w.n_in, p.n_groups = w.n_groups, p.bits = w.bits, p.zero_add = w.zero_add;
     return cuda::gptq_linear_generic_f16(p, x, y, m, w.n_in, w.n_out, ctx.stream());
+}
+
+namespace {
+cuda::int4_gemv_fusion int4_fusion_of(const cuda_gptq_linear& w, const cuda_gptq_fusion& f) {
+    cuda::int4_gemv_fusion k;
+    k.norm_w   = f.norm_w;
+    k.eps      = f.eps;
+    k.perm     = f.norm_w && w.perm.bytes() ? w.perm.as<int32_t>() : nullptr;
+    k.residual = f.residual;
+    k.silu     = f.silu;
+    return k;
+}
+}  // namespace
+
+bool op_cuda_gptq_fused_ok(const cuda_gptq_linear& w, int64_t m, const cuda_gptq_fusion& f) {
+    if (!w.fast || m < 1) return false;
+    auto lay = cuda::int4_layout_for(w.n_out, w.n_in, w.group_size);
+    return lay.is_ok() && cuda::int4_gemv_fused_check(*lay, m, int4_fusion_of(w, f)).is_ok();
+}
+
+status op_cuda_gptq_linear_fused(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, uint16_t* y,
+                                 int64_t m, const cuda_gptq_fusion& f, bool x_permuted) {
+    if (!w.fast)
+        return make_error(status_code::STATUS_UNSUPPORTED, "fused GPTQ linear {} x {}: not on the int4 layout", w.n_out,
+                          w.n_in);
+    if (f.norm_w && x_permuted)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "fused GPTQ linear: the norm reads the residual stream, never permuted");
+    auto lay = cuda::int4_layout_for(w.n_out, w.n_in, w.group_size);
+    if (!lay) return lay.error();
+    const cuda::int4_gemv_fusion k    = int4_fusion_of(w, f);
+    const uint16_t*              bias = w.bias.bytes() ? w.bias.as<uint16_t>() : nullptr;
+    const uint16_t*              xin  = x;
+    if (!f.norm_w && w.perm.bytes() && !x_permuted) {  // act-order input, as op_cuda_gptq_linear permutes it
+        auto sp = ctx.scratch(size_t(m * w.n_in) * 2);
+        if (!sp) return sp.error();
+        GPTQ_TRY(cuda::gptq_permute_cols_f16(x, w.perm.as<int32_t>(), static_cast<uint16_t*>(*sp), m, w.n_in, w.n_in,
+                                             w.n_in, ctx.stream()));
+        xin = static_cast<const uint16_t*>(*sp);
+    }
+    return cuda::int4_gemv_fused_f16(*lay, w.weights.data(), w.sz.data(), xin, bias, y, m, w.n_in,
+                                     f.silu ? w.n_out / 2 : w.n_out, k, ctx.stream());
 }
 
 }  // namespace gptq

@@ -188,13 +188,15 @@ status op_cuda_rope(cuda_context& ctx, uint16_t* x, const float* cos, const floa
 // y[r, :n] = silu(gate[r, :n]) * up[r, :n]; gate/up/y with row strides (fused gate_up: up = gate + n).
 // perm ([n] I32 device, act-order order of the GPTQ layer reading y, see cuda_gptq_linear::perm):
 // y[r, i] = silu(gate[r, perm[i]]) * up[r, perm[i]], y then must not alias gate or up.
+// block > 0: gate and up interleaved in blocks of `block` features (kernels/cuda/activation.cuh; the
+// fused decode layout of a gate/up projection): pass up = gate + block.
 status op_cuda_silu_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows,
                         int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride,
-                        const int32_t* perm = nullptr);
+                        const int32_t* perm = nullptr, int64_t block = 0);
 // The same with GELU (tanh approximation) for SiLU: GeGLU (Gemma), F32 math, F16 in and out.
 status op_cuda_gelu_tanh_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows,
                              int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride,
-                             const int32_t* perm = nullptr);
+                             const int32_t* perm = nullptr, int64_t block = 0);
 // x[i] = cap * tanh(x[i] / cap), F32 in place (final logit soft-capping); cap > 0.
 status op_cuda_softcap(cuda_context& ctx, float* x, int64_t n, float cap);
 // Each row's k most likely tokens and softmax normalisers (ops/logits_top.h; kernels/cuda/
@@ -338,6 +340,28 @@ result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_hos
 // before it, e.g. op_cuda_add_rms_norm with w.perm); only meaningful when w.perm is not empty.
 status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, uint16_t* y, int64_t m,
                            bool x_permuted = false);
+
+// The fused decode step (docs/cuda.md "The fused decode step"): a GPTQ linear on the int4 layout with
+// the op before or after it folded into the GEMV, bit for bit the plain sequence. One of:
+// - norm_w: x is the residual stream h [m, n_in]; the linear multiplies rms_norm(h) * norm_w
+//   (op_cuda_add_rms_norm without the add, in the layer's act-order order when it has one), with
+//   silu optionally;
+// - residual: y is the residual stream [m, n_out], y += the linear's output (op_cuda_add);
+// - silu (with norm_w): the layer is a gate/up projection in the interleaved layout (16 gate rows,
+//   then their 16 up rows, per 32; cuda_gptq_linear's rows as loaded), y [m, n_out / 2] receives
+//   silu(gate) * up (op_cuda_silu_mul with block 16).
+struct cuda_gptq_fusion {
+    const uint16_t* norm_w   = nullptr;  // [n_in] F16
+    float           eps      = 0.0f;
+    bool            residual = false;
+    bool            silu     = false;
+};
+// Whether op_cuda_gptq_linear_fused runs w for m rows with f (the int4 layout, m <= 8, the shared
+// memory of the normalised rows on the current device): otherwise the caller runs the plain ops.
+bool op_cuda_gptq_fused_ok(const cuda_gptq_linear& w, int64_t m, const cuda_gptq_fusion& f);
+// x_permuted as op_cuda_gptq_linear (residual only: a normalised input is permuted by the kernel).
+status op_cuda_gptq_linear_fused(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, uint16_t* y,
+                                 int64_t m, const cuda_gptq_fusion& f, bool x_permuted = false);
 
 // ---- op timing and the fused decode step (ops_cuda_timing.cpp) -----------------------------------
 

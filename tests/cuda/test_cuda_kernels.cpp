@@ -883,5 +883,41 @@ TEST(CudaKernels, SiluMulPermutedIsSiluMulThenPermute) {
     }
 }
 
+// gate/up interleaved in blocks of B features (the fused decode layout): the same bits as the plain
+// kernel on the de-interleaved rows, with and without a permutation, SiLU and GELU; a block that
+// does not divide the features is refused.
+TEST(CudaKernels, ActMulInterleavedIsActMulOfTheDeinterleavedRows) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    for (auto [rows, cols, B] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+             {1, 16, 16}, {1, 11008, 16}, {5, 336, 16}, {3, 96, 32}, {8, 4096, 16}}) {
+        auto                  gu = test::random_f16(rng, size_t(rows * 2 * cols), 3.0f);
+        std::vector<uint16_t> plain(gu.size());  // gate | up per row
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t i = 0; i < cols; ++i) {
+                const int64_t c                        = (i / B) * 2 * B + i % B;
+                plain[size_t(r * 2 * cols + i)]        = gu[size_t(r * 2 * cols + c)];
+                plain[size_t(r * 2 * cols + cols + i)] = gu[size_t(r * 2 * cols + c + B)];
+            }
+        const auto             perm = random_perm(rng, cols);
+        device_array<uint16_t> dgu(gu), dplain(plain), ref(size_t(rows * cols)), got(size_t(rows * cols));
+        device_array<int32_t>  dp(perm);
+        for (int gelu = 0; gelu < 2; ++gelu)
+            for (const int32_t* p : {static_cast<const int32_t*>(nullptr), static_cast<const int32_t*>(dp.get())}) {
+                auto run = gelu ? cuda::gelu_tanh_mul_f16 : cuda::silu_mul_f16;
+                GPTQ_EXPECT_OK(run(dplain.get(), dplain.get() + cols, ref.get(), rows, cols, 2 * cols, 2 * cols, cols,
+                                   nullptr, p, 0));
+                GPTQ_EXPECT_OK(
+                    run(dgu.get(), dgu.get() + B, got.get(), rows, cols, 2 * cols, 2 * cols, cols, nullptr, p, B));
+                EXPECT_EQ(got.download(), ref.download()) << rows << " x " << cols << " block " << B << " gelu " << gelu
+                                                          << " perm " << (p != nullptr) << " seed " << seed;
+            }
+    }
+    device_array<uint16_t> buf(size_t(2 * 40));
+    const status st = cuda::silu_mul_f16(buf.get(), buf.get() + 16, buf.get(), 1, 40, 80, 80, 40, nullptr, nullptr, 16);
+    EXPECT_EQ(st.code(), status_code::STATUS_INVALID_ARGUMENT) << st.message();
+}
+
 }  // namespace
 }  // namespace gptq

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <utility>
@@ -211,6 +212,7 @@ struct cuda_context_state {
     cublasHandle_t blas   = nullptr;
     cuda_buffer    scratch;
     cuda_buffer    zeroed;
+    cuda_buffer    counters;  // k_context_counters zeros, allocated with the context, never moved
 };
 
 result<std::unique_ptr<cuda_context>> cuda_context::create(int device) {
@@ -232,7 +234,13 @@ result<std::unique_ptr<cuda_context>> cuda_context::create(int device) {
     GPTQ_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx->s_->stream, cudaStreamNonBlocking));
     GPTQ_CUBLAS_CHECK(cublasCreate(&ctx->s_->blas));
     GPTQ_CUBLAS_CHECK(cublasSetStream(ctx->s_->blas, ctx->s_->stream));
+    GPTQ_ASSIGN_OR_RETURN(ctx->s_->counters, cuda_buffer::alloc(size_t(k_context_counters) * sizeof(unsigned)));
+    GPTQ_CUDA_CHECK(cudaMemset(ctx->s_->counters.data(), 0, size_t(k_context_counters) * sizeof(unsigned)));
     return ctx;
+}
+
+unsigned* cuda_context::counters(int64_t n) {
+    return n >= 0 && n <= k_context_counters ? s_->counters.as<unsigned>() : nullptr;
 }
 
 cuda_context::~cuda_context() {
@@ -525,6 +533,14 @@ status op_cuda_embedding(cuda_context& ctx, const uint16_t* table, const int32_t
 
 // ---- attention ---------------------------------------------------------------------------------
 
+bool decode_attention_one_launch() {
+    static const bool on = [] {
+        const char* e = std::getenv("GPTQ_DECODE_FUSE");
+        return !(e && std::strcmp(e, "0") == 0);
+    }();
+    return on;
+}
+
 status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a) {
     cuda::attention_params p;
     p.q = a.q, p.k = a.k, p.v = a.v, p.out = a.out;
@@ -540,7 +556,12 @@ status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a) {
         const int64_t floats = cuda::attention_decode_workspace_floats(a.n_q, a.n_kv, a.n_head, a.head_dim);
         auto          ws     = ctx.scratch(size_t(floats) * sizeof(float));
         if (!ws) return ws.error();
-        return cuda::attention_decode_f16(p, static_cast<float*>(*ws), floats, ctx.stream());
+        // One launch: the key chunks merged by each (query, head)'s last block, with the context's
+        // counters (left zero); more (query, head) pairs than counters, or GPTQ_DECODE_FUSE=0: the
+        // combine kernel, the reference.
+        unsigned* counters =
+            decode_attention_one_launch() ? ctx.counters(cuda::attention_decode_counters(a.n_q, a.n_head)) : nullptr;
+        return cuda::attention_decode_f16(p, static_cast<float*>(*ws), floats, ctx.stream(), counters);
     }
     return cuda::attention_prefill_f16(p, ctx.stream());
 }

@@ -66,6 +66,11 @@ public:
     // A second area, zero when (re)allocated, for kernels that leave it zero after use (the int4
     // GEMV's split-K counters). Same growth rule as scratch.
     result<void*> zeroed_workspace(size_t bytes);
+    // k_context_counters unsigned zeros on the device, allocated with the context and never moved
+    // (safe in captured graphs), for one kernel at a time that leaves them zero (the decode
+    // attention's chunk counters); nullptr when n exceeds them.
+    static constexpr int64_t k_context_counters = 65536;
+    unsigned*                counters(int64_t n);
 
 private:
     cuda_context() = default;
@@ -272,7 +277,10 @@ struct cuda_attention_args {
     const int32_t* q_seq_dev = nullptr;
 };
 // Decode kernel (split over the KV length) for n_q <= 16 or ragged, the tiled prefill kernel otherwise.
+// The decode kernel merges its key chunks in its last blocks (one launch) unless GPTQ_DECODE_FUSE=0
+// is in the environment (then a combine kernel does, the reference; the same bits).
 status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a);
+bool   decode_attention_one_launch();
 
 // ---- linear layers ---------------------------------------------------------------------------
 // Dense: y[m, n] = x[m, k] w[n, k]^T through cuBLAS, F16 or BF16 (bf16 = true), F32 accumulation.

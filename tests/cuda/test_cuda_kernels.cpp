@@ -364,6 +364,28 @@ struct attn_case {
     int64_t n_q, n_kv, q_pos0, n_head, n_head_kv, head_dim, window;
 };
 
+// The decode kernel with counters (each (query, head)'s last block merges the key chunks: one
+// launch) gives the two-kernel output `want` bit for bit, twice in a row on the same counters (the
+// first launch must leave them zero); p.out is overwritten.
+void expect_one_launch_decode_same(const cuda::attention_params& p, const std::vector<uint16_t>& want, uint32_t seed) {
+    const int64_t          ws = cuda::attention_decode_workspace_floats(p.n_q, p.n_kv, p.n_head, p.head_dim);
+    device_array<float>    dws(static_cast<size_t>(ws));
+    device_array<unsigned> counters(size_t(cuda::attention_decode_counters(p.n_q, p.n_head)));
+    ASSERT_EQ(cudaMemset(counters.get(), 0, counters.size() * sizeof(unsigned)), cudaSuccess);
+    for (int round = 0; round < 2; ++round) {
+        ASSERT_EQ(cudaMemset(p.out, 0xFF, want.size() * 2), cudaSuccess);
+        GPTQ_EXPECT_OK(cuda::attention_decode_f16(p, dws.get(), ws, nullptr, counters.get()));
+        std::vector<uint16_t> got(want.size());
+        ASSERT_EQ(cudaMemcpy(got.data(), p.out, got.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+        EXPECT_EQ(got, want) << "one-launch decode, round " << round << ": n_q=" << p.n_q << " n_kv=" << p.n_kv
+                             << " heads=" << p.n_head << " d=" << p.head_dim << " seed " << seed;
+    }
+    std::vector<unsigned> left(counters.size());
+    ASSERT_EQ(cudaMemcpy(left.data(), counters.get(), left.size() * sizeof(unsigned), cudaMemcpyDeviceToHost),
+              cudaSuccess);
+    EXPECT_EQ(left, std::vector<unsigned>(left.size(), 0u)) << "counters not left zero";
+}
+
 void run_attention(const attn_case& c, bool decode, uint32_t seed, float softcap = 0.0f) {
     std::mt19937  rng(seed);
     const int64_t q_stride = c.n_head * c.head_dim + 2, kv_stride = c.n_head_kv * c.head_dim + 4,
@@ -382,6 +404,7 @@ void run_attention(const attn_case& c, bool decode, uint32_t seed, float softcap
         device_array<float> dws(static_cast<size_t>(ws));
         GPTQ_EXPECT_OK(cuda::attention_decode_f16(p, dws.get(), ws, nullptr));
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        expect_one_launch_decode_same(p, dout.download(), seed);
     } else {
         GPTQ_EXPECT_OK(cuda::attention_prefill_f16(p, nullptr));
     }
@@ -531,8 +554,9 @@ TEST(CudaKernels, AttentionDecodePagedMatchesCpu) {
         device_array<float> dws(static_cast<size_t>(ws));
         GPTQ_EXPECT_OK(cuda::attention_decode_f16(p, dws.get(), ws, nullptr));
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        const auto         got = dout.download();
-        const auto         qf  = test::to_f32(q);
+        const auto got = dout.download();
+        expect_one_launch_decode_same(p, got, seed);
+        const auto         qf = test::to_f32(q);
         std::vector<float> ref(size_t(c.n_q * q_dim));
         for (int64_t i = 0; i < c.n_q; ++i) {
             cpu::attention_shape sh;

@@ -6,7 +6,8 @@
 // updated online (flash attention), and each thread accumulates head_dim/8 output values.
 // Decode: a block owns (query, head, chunk of keys); each warp walks keys of the chunk with the
 // lanes splitting head_dim, keeps its own running max/sum/accumulator, the warps are merged in
-// shared memory, and a combine kernel merges the chunks.
+// shared memory, and a combine kernel merges the chunks, or (counters given) the last block of each
+// (query, head) to finish does, in the same order: one launch instead of two, the same bits.
 // Prefill on tensor cores (head_dim 64 or 128, at least 64 queries, even strides): a block owns 64
 // queries of one head, 4 warps of 16 query rows; per tile of 32 keys each warp computes its
 // [16 x 32] scores with WMMA (F16 x F16 -> F32), runs the online softmax on them in shared memory
@@ -307,7 +308,35 @@ int64_t decode_splits(int64_t n_q, int64_t n_kv, int64_t n_head) {
     return want < by_len ? want : (by_len > 0 ? by_len : 1);
 }
 
-__global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, float* ws, int64_t n_splits) {
+// Chunk partials [n_splits][2 + D] of (query qi, head h) merged into the output row: the one merge,
+// run by the combine kernel or by the last block of the decode kernel (threads tid, tid + nt, ...).
+// Loads through L2 (__ldcg): in the decode kernel the partials were written by other blocks.
+__device__ void combine_chunks(const dev_params& p, const float* ws, int64_t n_splits, int64_t qi, int64_t h, int tid,
+                               int nt) {
+    const int64_t D   = p.head_dim;
+    const float*  src = ws + (qi * p.n_head + h) * n_splits * (2 + D);
+    float         M   = -INFINITY;
+    for (int64_t s = 0; s < n_splits; ++s) M = fmaxf(M, __ldcg(src + s * (2 + D)));
+    float L = 0.0f;
+    for (int64_t s = 0; s < n_splits; ++s) {
+        const float ms = __ldcg(src + s * (2 + D));
+        if (ms != -INFINITY) L += __ldcg(src + s * (2 + D) + 1) * __expf(ms - M);
+    }
+    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    for (int64_t d = tid; d < D; d += nt) {
+        float o = 0.0f;
+        for (int64_t s = 0; s < n_splits; ++s) {
+            const float ms = __ldcg(src + s * (2 + D));
+            if (ms != -INFINITY) o += __ldcg(src + s * (2 + D) + 2 + d) * __expf(ms - M);
+        }
+        p.out[qi * p.out_stride + h * D + d] = __float2half_rn(o * inv);
+    }
+}
+
+// counters: nullptr, the combine kernel merges the chunks; else [n_q * n_head] zeros, and the last
+// block of each (query, head) to finish merges them (the counters left zero): one launch.
+__global__ void __launch_bounds__(k_dec_warps * 32)
+    decode_kernel(dev_params p, float* ws, int64_t n_splits, unsigned* counters) {
     pdl_launch_dependents();
     pdl_wait();  // q and the cache rows come from the kernels before
     const int64_t h = blockIdx.x, split = blockIdx.y, qi = blockIdx.z, hk = h / p.group;
@@ -431,29 +460,25 @@ __global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, 
             if (part[w][0] != -INFINITY) o += part[w][2 + d] * __expf(part[w][0] - M);
         dst[2 + d] = o;
     }
+    if (!counters) return;
+    // The last block of (qi, h) to get here merges the chunks (the split-K pattern: every block's
+    // partial is visible device-wide before it counts itself in).
+    __threadfence();
+    __syncthreads();
+    __shared__ bool last;
+    unsigned*       count = counters + qi * p.n_head + h;
+    if (threadIdx.x == 0) last = atomicAdd(count, 1u) == unsigned(n_splits - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    combine_chunks(p, ws, n_splits, qi, h, int(threadIdx.x), int(blockDim.x));
+    if (threadIdx.x == 0) *count = 0u;  // ready for the next launch on these counters
 }
 
 __global__ void decode_combine_kernel(dev_params p, const float* ws, int64_t n_splits) {
     pdl_launch_dependents();
     pdl_wait();
-    const int64_t h = blockIdx.x, qi = blockIdx.y, D = p.head_dim;
-    const float*  src = ws + (qi * p.n_head + h) * n_splits * (2 + D);
-    float         M   = -INFINITY;
-    for (int64_t s = 0; s < n_splits; ++s) M = fmaxf(M, src[s * (2 + D)]);
-    float L = 0.0f;
-    for (int64_t s = 0; s < n_splits; ++s) {
-        const float ms = src[s * (2 + D)];
-        if (ms != -INFINITY) L += src[s * (2 + D) + 1] * __expf(ms - M);
-    }
-    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-        float o = 0.0f;
-        for (int64_t s = 0; s < n_splits; ++s) {
-            const float ms = src[s * (2 + D)];
-            if (ms != -INFINITY) o += src[s * (2 + D) + 2 + d] * __expf(ms - M);
-        }
-        p.out[qi * p.out_stride + h * D + d] = __float2half_rn(o * inv);
-    }
+    combine_chunks(p, ws, n_splits, blockIdx.y, blockIdx.x, int(threadIdx.x), int(blockDim.x));
 }
 
 status check_params(const attention_params& a, const char* who) {
@@ -542,8 +567,12 @@ int64_t attention_decode_workspace_floats(int64_t n_q, int64_t n_kv, int64_t n_h
     return n_q * n_head * decode_splits(n_q, n_kv, n_head) * (2 + head_dim);
 }
 
-status attention_decode_f16(const attention_params& a, float* workspace, int64_t workspace_floats,
-                            cudaStream_t stream) {
+int64_t attention_decode_counters(int64_t n_q, int64_t n_head) {
+    return n_q * n_head;
+}
+
+status attention_decode_f16(const attention_params& a, float* workspace, int64_t workspace_floats, cudaStream_t stream,
+                            unsigned* counters) {
     GPTQ_TRY(check_params(a, "attention_decode_f16"));
     if (a.n_q == 0) return status::ok();
     const int64_t need = attention_decode_workspace_floats(a.n_q, a.n_kv, a.n_head, a.head_dim);
@@ -558,8 +587,9 @@ status attention_decode_f16(const attention_params& a, float* workspace, int64_t
     const int64_t    splits = decode_splits(a.n_q, a.n_kv, a.n_head);
     const dev_params dp     = to_dev(a);
     GPTQ_CUDA_CHECK(launch_pdl(decode_kernel, dim3(unsigned(a.n_head), unsigned(splits), unsigned(a.n_q)),
-                               dim3(k_dec_warps * 32), 0, stream, dp, workspace, splits));
+                               dim3(k_dec_warps * 32), 0, stream, dp, workspace, splits, counters));
     GPTQ_CUDA_CHECK_LAUNCH();
+    if (counters) return status::ok();  // merged by each (query, head)'s last block
     GPTQ_CUDA_CHECK(launch_pdl(decode_combine_kernel, dim3(unsigned(a.n_head), unsigned(a.n_q)), dim3(128), 0, stream,
                                dp, workspace, splits));
     GPTQ_CUDA_CHECK_LAUNCH();

@@ -48,7 +48,11 @@ void attention_prefill_force_cuda_cores(bool on);
 // F32 workspace the decode kernel needs for these sizes (a few KB).
 int64_t attention_decode_workspace_floats(int64_t n_q, int64_t n_kv, int64_t n_head, int64_t head_dim);
 // Decode: best for n_q small (1..16) and n_kv large. workspace: device F32 buffer of at least
-// attention_decode_workspace_floats(...) values.
-status attention_decode_f16(const attention_params& p, float* workspace, int64_t workspace_floats, cudaStream_t stream);
+// attention_decode_workspace_floats(...) values. counters: nullptr, a second kernel merges the key
+// chunks; else a device array of attention_decode_counters(n_q, n_head) zeros (left zero), and the
+// last block of each (query, head) merges them in the same order: one launch, the same bits.
+status  attention_decode_f16(const attention_params& p, float* workspace, int64_t workspace_floats, cudaStream_t stream,
+                             unsigned* counters = nullptr);
+int64_t attention_decode_counters(int64_t n_q, int64_t n_head);
 
 }  // namespace gptq::cuda

@@ -262,6 +262,14 @@ __device__ inline void cp_async_cached16(void* dst, const void* src) {
 #endif
 }
 
+// The bytes [src, src + bytes) into L2 (a hint: no data comes back, nothing waits for it). sm_90's
+// bulk prefetch; 16-byte aligned, bytes a multiple of 16.
+__device__ inline void prefetch_l2_bulk(const void* src, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
+#endif
+}
+
 // Every pipelined variant sums a column in the same order, so that its bits do not depend on the
 // variant (and so not on n_out through the table: a fused q/k/v or gate/up projection gives the
 // same bits as its parts): k is cut into 16 chunks of steps, chunk c = [k_steps c / 16,
@@ -328,6 +336,7 @@ struct pipe_args {
     const __half*  norm_w;
     const int32_t* perm;
     float          eps;
+    int            prefetch;  // 1: cp.async.bulk.prefetch.L2 of each warp's weights first (sm_90)
 };
 
 // F_NORM prologue: the block's tokens normalised into xs [m][pipe_norm_stride] (in perm order when
@@ -471,6 +480,13 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
         }
     };
 
+    // The warp's whole weight range of each tile requested into L2 at once (weights are never written by
+    // a kernel of the step: before pdl_wait), so that DRAM streams at its full rate from the start
+    // while the ring copies below, D - 1 steps ahead, find their bytes in L2 (docs/cuda.md).
+    if (a.prefetch && lane < TN && n > 0) {
+        const int64_t tile = tile0 + lane < a.n_tiles ? tile0 + lane : a.n_tiles - 1;
+        prefetch_l2_bulk(a.wts + (tile * a.k_steps + s0) * 32, uint32_t(n) * 512u);
+    }
 #pragma unroll
     for (int j = 0; j < D - 1; ++j)
         if (j < n) issue_w(j, j);
@@ -767,6 +783,7 @@ struct device_caps {
     int  smem_optin = 0;      // dynamic shared memory a block may opt in to
     int  smem_sm    = 0;      // shared memory per multiprocessor
     bool pdl        = false;  // programmatic dependent launch (sm_90+, not disabled by GPTQ_INT4_PDL=0 or GPTQ_PDL=0)
+    bool prefetch   = false;  // each warp's weights prefetched into L2 at its start (sm_90+, GPTQ_INT4_PREFETCH=0: off)
 };
 
 // Of the current device, queried once per device.
@@ -798,6 +815,11 @@ device_caps current_device_caps() {
         sms[dev].store(c.sms, std::memory_order_relaxed);
     }
     c.pdl = pdl_env && mj >= 9 && pdl_enabled();  // GPTQ_PDL=0 (launch.cuh) turns it off as well
+    static const bool prefetch_env = [] {
+        const char* e = std::getenv("GPTQ_INT4_PREFETCH");
+        return !(e && e[0] == '0');
+    }();
+    c.prefetch = prefetch_env && mj >= 9;
     return c;
 }
 
@@ -1001,7 +1023,11 @@ status int4_gemv_f16(const int4_layout& L, const void* weights, const void* sz, 
                               int(spg),
                               int(L.n_groups),
                               x_stride,
-                              y_stride};
+                              y_stride,
+                              nullptr,
+                              nullptr,
+                              0.0f,
+                              caps.prefetch ? 1 : 0};
             GPTQ_TRY(launch_variant(v, a, caps, stream));
             continue;
         }
@@ -1091,6 +1117,7 @@ status int4_gemv_fused_f16(const int4_layout& L, const void* weights, const void
     a.norm_w   = reinterpret_cast<const __half*>(f.norm_w);
     a.perm     = f.perm;
     a.eps      = f.eps;
+    a.prefetch = caps.prefetch ? 1 : 0;
     return launch_fused(v, fusion_flags(f), a, caps, stream);
 }
 

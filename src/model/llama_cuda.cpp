@@ -235,8 +235,8 @@ status llama_cuda_model::gptq_upload(const gptq_linear_data& d, int group_size, 
     out->q         = std::move(*q);
     out->quantized = true;
     (out->q.fast ? n_gptq_fast_ : n_gptq_generic_) += 1;
-    for (const cuda_buffer* b : {&out->q.weights, &out->q.sz, &out->q.perm, &out->q.qweight, &out->q.qzeros,
-                                 &out->q.scales, &out->q.g_idx, &out->q.bias})
+    for (const cuda_buffer* b : {&out->q.weights, &out->q.sz, &out->q.perm, &out->q.perm_inv, &out->q.qweight,
+                                 &out->q.qzeros, &out->q.scales, &out->q.g_idx, &out->q.bias})
         weight_bytes_ += b->bytes();
     return status::ok();
 }
@@ -468,8 +468,8 @@ status llama_cuda_model::load_weights() {
             std::vector<cuda_buffer*> bufs = {&L.attn_norm,    &L.mlp_norm, &L.attn_out_norm,
                                               &L.mlp_out_norm, &L.q_norm,   &L.k_norm};
             auto                      add  = [&](linear& l) {
-                for (cuda_buffer* b : {&l.w, &l.bias, &l.q.weights, &l.q.sz, &l.q.perm, &l.q.qweight, &l.q.qzeros,
-                                       &l.q.scales, &l.q.g_idx, &l.q.bias})
+                for (cuda_buffer* b : {&l.w, &l.bias, &l.q.weights, &l.q.sz, &l.q.perm, &l.q.perm_inv, &l.q.qweight,
+                                       &l.q.qzeros, &l.q.scales, &l.q.g_idx, &l.q.bias})
                     bufs.push_back(b);
             };
             for (linear& l : L.lin) add(l);

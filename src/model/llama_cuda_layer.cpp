@@ -107,9 +107,11 @@ cuda_attention_args attention_args_base(const llama_hparams& hp, int64_t i_layer
 
 // RoPE, the keys/values into the cache and attention over it (the runtime). q, k, v: row slices of
 // stride q_stride / kv_stride; the output [n, q_dim] goes to out.
+// out_col: the inverse act-order permutation of the linear reading the output (written in its column
+// order; every launch of the pass must be the decode kernel: attention_all_decode), or nullptr.
 status attention_cached(cuda_context& c, const llama_hparams& hp, int64_t i_layer, uint16_t* q, const uint16_t* k,
-                        const uint16_t* v, int64_t q_stride, int64_t kv_stride, uint16_t* out,
-                        const cuda_layer_pass& p) {
+                        const uint16_t* v, int64_t q_stride, int64_t kv_stride, uint16_t* out, const cuda_layer_pass& p,
+                        const int32_t* out_col = nullptr) {
     // RoPE on q (in place) and k, k and v into the cache: one launch. Ragged: token t into sequence
     // seq_dev[t] at pos_dev[t]; a plain pass: the one sequence of p.pages, positions pos_dev[t].
     const float *cos = nullptr, *sin = nullptr;
@@ -131,6 +133,7 @@ status attention_cached(cuda_context& c, const llama_hparams& hp, int64_t i_laye
         a.out_stride          = hp.q_dim();
         a.kv_stride           = hp.kv_dim();
         a.kv_pages            = p.pages;
+        a.out_col             = out_col;
         if (seq < 0) {
             a.n_kv      = p.n_ctx;
             a.q_pos0    = 0;
@@ -153,6 +156,22 @@ status attention_cached(cuda_context& c, const llama_hparams& hp, int64_t i_laye
         if (p.decode_row0 < p.n) GPTQ_TRY(run(p.decode_row0, p.n - p.decode_row0, -1, 0));
     }
     return mark(p, "attention");
+}
+
+// Whether every attention launch of a cached pass (attention_cached) runs the decode kernel, so that
+// its output may be written in the next linear's column order (cuda_attention_args::out_col).
+bool attention_all_decode(const llama_hparams& hp, const cuda_layer_pass& p, int64_t q_stride, int64_t kv_stride) {
+    cuda_attention_args a;
+    a.q_stride = q_stride, a.kv_stride = kv_stride;
+    auto decode = [&](int64_t n_q, bool ragged) {
+        a.n_q       = n_q;
+        a.q_pos_dev = ragged ? p.pos_dev : nullptr;
+        return op_cuda_attention_is_decode(a);
+    };
+    if (!p.ragged) return decode(p.n, false);
+    for (int64_t j = 0; j < p.n_chunks; ++j)
+        if (!decode(p.chunks[j].n, false)) return false;
+    return p.decode_row0 >= p.n || decode(p.n - p.decode_row0, true);
 }
 
 // Local K/V (calibration): per window of p.seqlen rows, RoPE on q and k in place and attention over
@@ -231,6 +250,11 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
     if (p.stop_after == linear_input::LINEAR_INPUT_QKV) return false;
     // The attention output [n, q_dim]: in x (free again once q/k/v are computed) or where asked.
     uint16_t* att = p.attn_out ? p.attn_out : b.x;
+    // The fused step with an act-order o: attention writes its output in o's column order (no
+    // permutation launch before o) when all its launches are the decode kernel.
+    const cuda_linear& o          = w.linear(linear_role::LINEAR_O);
+    const int32_t*     o_col      = nullptr;
+    bool               o_in_order = false;
     if (!p.attn_reuse) {
         // q, k, v: three buffers, or row slices of the fused projection's output (stride qkv_dim).
         uint16_t *q = b.q, *k = b.k, *v = b.v;
@@ -262,8 +286,12 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
             GPTQ_TRY(op_cuda_rms_norm(c, k, w.k_norm.as<uint16_t>(), k, n * hp.n_head_kv, hp.head_dim, hp.rms_eps));
             GPTQ_TRY(mark(p, "qk_norm"));
         }
+        if (f.mlp && perm_of(o) && p.k_cache && attention_all_decode(hp, p, q_stride, kv_stride)) {
+            o_col      = o.q.perm_inv.as<int32_t>();
+            o_in_order = true;
+        }
         if (p.k_cache) {
-            GPTQ_TRY(attention_cached(c, hp, i_layer, q, k, v, q_stride, kv_stride, att, p));
+            GPTQ_TRY(attention_cached(c, hp, i_layer, q, k, v, q_stride, kv_stride, att, p, o_col));
         } else {
             if (fused) return make_error(status_code::STATUS_INTERNAL, "layer {}: local K/V with fused q/k/v", i_layer);
             GPTQ_TRY(attention_local(c, hp, i_layer, q, k, v, att, p));
@@ -272,8 +300,7 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
     GPTQ_TRY(capture(p, linear_input::LINEAR_INPUT_O, att, q_dim));
     if (p.stop_after == linear_input::LINEAR_INPUT_O) return false;
     if (f.mlp) {  // hidden += o's output, in o's GEMV
-        GPTQ_TRY(op_cuda_gptq_linear_fused(c, w.linear(linear_role::LINEAR_O).q, att, hidden, n,
-                                           {nullptr, 0.0f, true, false}));
+        GPTQ_TRY(op_cuda_gptq_linear_fused(c, o.q, att, hidden, n, {nullptr, 0.0f, true, false}, o_in_order));
         GPTQ_TRY(mark(p, "linear_o+add"));
         return true;
     }

@@ -533,6 +533,11 @@ status op_cuda_embedding(cuda_context& ctx, const uint16_t* table, const int32_t
 
 // ---- attention ---------------------------------------------------------------------------------
 
+bool op_cuda_attention_is_decode(const cuda_attention_args& a) {
+    constexpr int64_t k_decode_max_q = 16;  // beyond this the prefill tiles (16 queries) are as good
+    return a.q_pos_dev || (a.n_q <= k_decode_max_q && a.q_stride % 2 == 0 && a.kv_stride % 2 == 0);
+}
+
 bool decode_attention_one_launch() {
     static const bool on = [] {
         const char* e = std::getenv("GPTQ_DECODE_FUSE");
@@ -548,11 +553,11 @@ status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a) {
     p.n_head = a.n_head, p.n_head_kv = a.n_head_kv, p.head_dim = a.head_dim;
     p.window = a.window, p.scale = a.scale, p.softcap = a.softcap;
     p.q_stride = a.q_stride, p.kv_stride = a.kv_stride, p.out_stride = a.out_stride;
-    p.kv_pages                       = {a.kv_pages.pages, a.kv_pages.page_size, a.kv_pages.pages_stride};
-    p.q_pos_dev                      = a.q_pos_dev;
-    p.q_seq_dev                      = a.q_seq_dev;
-    constexpr int64_t k_decode_max_q = 16;  // beyond this the prefill tiles (16 queries) are as good
-    if (a.q_pos_dev || (a.n_q <= k_decode_max_q && a.q_stride % 2 == 0 && a.kv_stride % 2 == 0)) {
+    p.kv_pages  = {a.kv_pages.pages, a.kv_pages.page_size, a.kv_pages.pages_stride};
+    p.q_pos_dev = a.q_pos_dev;
+    p.q_seq_dev = a.q_seq_dev;
+    p.out_col   = a.out_col;
+    if (op_cuda_attention_is_decode(a)) {
         const int64_t floats = cuda::attention_decode_workspace_floats(a.n_q, a.n_kv, a.n_head, a.head_dim);
         auto          ws     = ctx.scratch(size_t(floats) * sizeof(float));
         if (!ws) return ws.error();
@@ -615,6 +620,11 @@ result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_hos
             auto p = cuda_buffer::from_host(perm.data(), perm.size() * 4);
             if (!p) return p.error();
             L.perm = std::move(*p);
+            std::vector<int32_t> inv(perm.size());
+            for (size_t i = 0; i < perm.size(); ++i) inv[size_t(perm[i])] = int32_t(i);
+            auto pi = cuda_buffer::from_host(inv.data(), inv.size() * 4);
+            if (!pi) return pi.error();
+            L.perm_inv = std::move(*pi);
         }
         GPTQ_TRY(cuda::int4_repack(*lay, qw->as<int32_t>(), qz->as<int32_t>(), sc->as<uint16_t>(), L.perm.as<int32_t>(),
                                    t.zero_add, w->data(), sz->data(), ctx.stream()));

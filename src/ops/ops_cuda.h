@@ -275,7 +275,13 @@ struct cuda_attention_args {
     // bounds every position + 1. Decode kernel only, any n_q.
     const int32_t* q_pos_dev = nullptr;
     const int32_t* q_seq_dev = nullptr;
+    // Decode kernel only (op_cuda_attention_is_decode): output column c goes to column out_col[c]
+    // (device I32 [n_head * head_dim]: the inverse act-order permutation of the GPTQ linear reading
+    // the output, cuda_gptq_linear::perm_inv, which then takes it as x_permuted).
+    const int32_t* out_col = nullptr;
 };
+// Whether op_cuda_attention runs a on the decode kernel (ragged, or n_q <= 16 with even strides).
+bool op_cuda_attention_is_decode(const cuda_attention_args& a);
 // Decode kernel (split over the KV length) for n_q <= 16 or ragged, the tiled prefill kernel otherwise.
 // The decode kernel merges its key chunks in its last blocks (one launch) unless GPTQ_DECODE_FUSE=0
 // is in the environment (then a combine kernel does, the reference; the same bits).
@@ -334,6 +340,7 @@ struct cuda_gptq_linear {
     int         splits = 0;   // fast kernel's k split over blocks (0: automatic); for benchmarks
     cuda_buffer weights, sz;  // fast: the repacked layout (kernels/cuda/gptq_int4.cuh)
     cuda_buffer perm;         // fast with act-order: [n_in] I32 column order; empty otherwise
+    cuda_buffer perm_inv;     // its inverse (column i of x goes to perm_inv[i]); empty without perm
     cuda_buffer qweight, qzeros, scales, g_idx;  // generic: the checkpoint tensors as they are
     cuda_buffer bias;                            // [n_out] F16 or empty
 

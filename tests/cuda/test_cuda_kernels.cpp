@@ -384,6 +384,29 @@ void expect_one_launch_decode_same(const cuda::attention_params& p, const std::v
     ASSERT_EQ(cudaMemcpy(left.data(), counters.get(), left.size() * sizeof(unsigned), cudaMemcpyDeviceToHost),
               cudaSuccess);
     EXPECT_EQ(left, std::vector<unsigned>(left.size(), 0u)) << "counters not left zero";
+    // Output columns through a permutation (the next linear's act-order order), with the combine
+    // kernel and in one launch: column c of each row at out_col[c], the same bits.
+    const int64_t        width = p.n_head * p.head_dim, rows = p.n_q;
+    std::vector<int32_t> cols(static_cast<size_t>(width));
+    std::iota(cols.begin(), cols.end(), 0);
+    std::mt19937 rng(seed + 1);
+    std::shuffle(cols.begin(), cols.end(), rng);
+    device_array<int32_t>  dcols(cols);
+    cuda::attention_params pc = p;
+    pc.out_col                = dcols.get();
+    for (unsigned* cnt : {static_cast<unsigned*>(nullptr), counters.get()}) {
+        ASSERT_EQ(cudaMemset(p.out, 0xFF, want.size() * 2), cudaSuccess);
+        GPTQ_EXPECT_OK(cuda::attention_decode_f16(pc, dws.get(), ws, nullptr, cnt));
+        std::vector<uint16_t> got(want.size());
+        ASSERT_EQ(cudaMemcpy(got.data(), p.out, got.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+        int bad = 0;
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < width; ++c)
+                if (got[size_t(r * p.out_stride + cols[size_t(c)])] != want[size_t(r * p.out_stride + c)]) ++bad;
+        EXPECT_EQ(bad, 0) << "decode with out_col (" << (cnt ? "one launch" : "combine kernel") << "): n_q=" << p.n_q
+                          << " seed " << seed;
+    }
+    EXPECT_FALSE(cuda::attention_prefill_f16(pc, nullptr).is_ok()) << "the prefill kernel takes no out_col";
 }
 
 void run_attention(const attn_case& c, bool decode, uint32_t seed, float softcap = 0.0f) {

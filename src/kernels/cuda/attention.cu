@@ -45,6 +45,7 @@ struct dev_params {
     const int32_t* q_pos_dev;  // decode, ragged: each query's position (attention_params::q_pos_dev)
     const int32_t* q_seq_dev;  // decode, ragged: each query's sequence, or nullptr (sequence 0)
     kv_page_dev    pages;      // paged K/V: row j of sequence s at pool row kv_page_row(pages, s, j)
+    const int32_t* out_col;    // decode: output column c at out_col[c] (attention_params::out_col), or nullptr
 };
 
 // Gemma 2's attention logit soft-capping of a scaled score (cap 0: the score unchanged, no op).
@@ -329,7 +330,8 @@ __device__ void combine_chunks(const dev_params& p, const float* ws, int64_t n_s
             const float ms = __ldcg(src + s * (2 + D));
             if (ms != -INFINITY) o += __ldcg(src + s * (2 + D) + 2 + d) * __expf(ms - M);
         }
-        p.out[qi * p.out_stride + h * D + d] = __float2half_rn(o * inv);
+        const int64_t c                                                    = h * D + d;
+        p.out[qi * p.out_stride + (p.out_col ? int64_t(p.out_col[c]) : c)] = __float2half_rn(o * inv);
     }
 }
 
@@ -522,7 +524,8 @@ dev_params to_dev(const attention_params& a) {
                       a.out_stride,
                       a.q_pos_dev,
                       a.q_seq_dev,
-                      kv_page_dev_of(a.kv_pages)};
+                      kv_page_dev_of(a.kv_pages),
+                      a.out_col};
 }
 
 bool& force_cuda_cores_flag() {
@@ -541,10 +544,10 @@ void attention_prefill_force_cuda_cores(bool on) {
 
 status attention_prefill_f16(const attention_params& a, cudaStream_t stream) {
     GPTQ_TRY(check_params(a, "attention_prefill_f16"));
-    if (a.q_pos_dev || a.q_seq_dev)
+    if (a.q_pos_dev || a.q_seq_dev || a.out_col)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
-                          "attention_prefill_f16: device query positions and sequences (q_pos_dev, q_seq_dev) are for "
-                          "the decode kernel only");
+                          "attention_prefill_f16: device query positions and sequences (q_pos_dev, q_seq_dev) and "
+                          "output columns (out_col) are for the decode kernel only");
     if (a.n_q == 0) return status::ok();
     const int64_t D = a.head_dim;
     // Tensor cores for the shapes they are written for (half2 loads: even strides, aligned bases).

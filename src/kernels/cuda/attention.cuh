@@ -37,6 +37,10 @@ struct attention_params {
     // batching).
     const int32_t* q_pos_dev = nullptr;
     const int32_t* q_seq_dev = nullptr;
+    // Decode only: column c (< n_head * head_dim) of a query's output goes to column out_col[c] of its
+    // row (device I32; the act-order column order of the linear that reads the output: the inverse of
+    // its permutation); nullptr: column c.
+    const int32_t* out_col = nullptr;
 };
 
 // Checks the shape (returns INVALID_ARGUMENT naming the field) and runs the prefill kernel: the

@@ -109,16 +109,22 @@ cuda_attention_args attention_args_base(const llama_hparams& hp, int64_t i_layer
 // stride q_stride / kv_stride; the output [n, q_dim] goes to out.
 // out_col: the inverse act-order permutation of the linear reading the output (written in its column
 // order; every launch of the pass must be the decode kernel: attention_all_decode), or nullptr.
+// in_attention: RoPE and the cache append inside the decode attention (every launch of the pass is the
+// decode kernel: attention_all_decode).
 status attention_cached(cuda_context& c, const llama_hparams& hp, int64_t i_layer, uint16_t* q, const uint16_t* k,
                         const uint16_t* v, int64_t q_stride, int64_t kv_stride, uint16_t* out, const cuda_layer_pass& p,
-                        const int32_t* out_col = nullptr) {
+                        const int32_t* out_col = nullptr, bool in_attention = false) {
     // RoPE on q (in place) and k, k and v into the cache: one launch. Ragged: token t into sequence
     // seq_dev[t] at pos_dev[t]; a plain pass: the one sequence of p.pages, positions pos_dev[t].
     const float *cos = nullptr, *sin = nullptr;
     rope_rows(hp, i_layer, p, &cos, &sin);
-    GPTQ_TRY(op_cuda_rope_kv_store(c, q, k, v, q_stride, kv_stride, cos, sin, p.n, hp.n_head, hp.n_head_kv, hp.head_dim,
-                                   p.k_cache, p.v_cache, p.pos_dev, p.ragged ? p.seq_dev : nullptr, p.pages, p.n_ctx));
-    GPTQ_TRY(mark(p, "rope_kv_store"));
+    if (!in_attention) {
+        GPTQ_TRY(op_cuda_rope_kv_store(c, q, k, v, q_stride, kv_stride, cos, sin, p.n, hp.n_head, hp.n_head_kv,
+                                       hp.head_dim, p.k_cache, p.v_cache, p.pos_dev, p.ragged ? p.seq_dev : nullptr,
+                                       p.pages, p.n_ctx));
+        GPTQ_TRY(mark(p, "rope_kv_store"));
+    }
+    const int64_t half = hp.head_dim / 2;
     // Queries of rows [row0, row0 + n_q) over one sequence's pages from n_past (a prefill, or a chunk
     // of a mixed pass: the pages row of that sequence), or ragged (seq < 0: each row's own position
     // and sequence, read when the kernel runs; the bound n_ctx sizes grid and workspace).
@@ -134,6 +140,14 @@ status attention_cached(cuda_context& c, const llama_hparams& hp, int64_t i_laye
         a.kv_stride           = hp.kv_dim();
         a.kv_pages            = p.pages;
         a.out_col             = out_col;
+        if (in_attention) {  // rows row0 .. of q/k/v and of the RoPE tables are this launch's queries
+            a.k_new      = k + row0 * kv_stride;
+            a.v_new      = v + row0 * kv_stride;
+            a.new_stride = kv_stride;
+            a.rope_cos   = cos + row0 * half;
+            a.rope_sin   = sin + row0 * half;
+            a.n_ctx      = p.n_ctx;
+        }
         if (seq < 0) {
             a.n_kv      = p.n_ctx;
             a.q_pos0    = 0;
@@ -155,7 +169,7 @@ status attention_cached(cuda_context& c, const llama_hparams& hp, int64_t i_laye
         }
         if (p.decode_row0 < p.n) GPTQ_TRY(run(p.decode_row0, p.n - p.decode_row0, -1, 0));
     }
-    return mark(p, "attention");
+    return mark(p, in_attention ? "attention+rope" : "attention");
 }
 
 // Whether every attention launch of a cached pass (attention_cached) runs the decode kernel, so that
@@ -216,6 +230,7 @@ cuda_layer_fusion cuda_layer_fusion_of(const llama_hparams& hp, const cuda_layer
     if (!p.decode_fuse || p.hook || p.moe_hook || p.lora_rows || !p.k_cache || p.attn_out || p.attn_reuse ||
         p.stop_after != linear_input::LINEAR_INPUT_COUNT)
         return f;
+    f.attn_rope     = true;  // where every attention launch is the decode kernel (attention_cached checks)
     const float eps = hp.rms_eps;
     if (fast_gptq(w.qkv) && !hp.qk_norm)
         f.qkv_norm = op_cuda_gptq_fused_ok(w.qkv.q, p.n, {w.attn_norm.as<uint16_t>(), eps, false, false});
@@ -286,12 +301,14 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
             GPTQ_TRY(op_cuda_rms_norm(c, k, w.k_norm.as<uint16_t>(), k, n * hp.n_head_kv, hp.head_dim, hp.rms_eps));
             GPTQ_TRY(mark(p, "qk_norm"));
         }
-        if (f.mlp && perm_of(o) && p.k_cache && attention_all_decode(hp, p, q_stride, kv_stride)) {
+        const bool all_decode = p.k_cache && attention_all_decode(hp, p, q_stride, kv_stride);
+        if (f.mlp && perm_of(o) && all_decode) {
             o_col      = o.q.perm_inv.as<int32_t>();
             o_in_order = true;
         }
         if (p.k_cache) {
-            GPTQ_TRY(attention_cached(c, hp, i_layer, q, k, v, q_stride, kv_stride, att, p, o_col));
+            GPTQ_TRY(attention_cached(c, hp, i_layer, q, k, v, q_stride, kv_stride, att, p, o_col,
+                                      f.attn_rope && all_decode));
         } else {
             if (fused) return make_error(status_code::STATUS_INTERNAL, "layer {}: local K/V with fused q/k/v", i_layer);
             GPTQ_TRY(attention_local(c, hp, i_layer, q, k, v, att, p));

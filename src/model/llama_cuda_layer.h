@@ -178,8 +178,10 @@ struct cuda_layer_pass {
 // - mlp: o's output added to the residual stream in o's GEMV, the MLP norm folded into the fused
 //   gate/up GEMV, down's output added in down's GEMV (the layer's output is then in hidden);
 // - silu (with mlp): SiLU * up in the gate/up GEMV (its rows interleaved, gate_up_block 16).
+// - attn_rope: RoPE and the KV-cache append inside the decode attention (no rope_kv_store launch), when
+//   every attention launch of the pass is the decode kernel.
 struct cuda_layer_fusion {
-    bool qkv_norm = false, mlp = false, silu = false;
+    bool qkv_norm = false, mlp = false, silu = false, attn_rope = false;
 };
 cuda_layer_fusion cuda_layer_fusion_of(const llama_hparams& hp, const cuda_layer_weights& w, const cuda_layer_pass& p);
 

@@ -557,6 +557,8 @@ status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a) {
     p.q_pos_dev = a.q_pos_dev;
     p.q_seq_dev = a.q_seq_dev;
     p.out_col   = a.out_col;
+    p.k_new = a.k_new, p.v_new = a.v_new, p.new_stride = a.new_stride;
+    p.rope_cos = a.rope_cos, p.rope_sin = a.rope_sin, p.n_ctx = a.n_ctx;
     if (op_cuda_attention_is_decode(a)) {
         const int64_t floats = cuda::attention_decode_workspace_floats(a.n_q, a.n_kv, a.n_head, a.head_dim);
         auto          ws     = ctx.scratch(size_t(floats) * sizeof(float));

@@ -279,6 +279,16 @@ struct cuda_attention_args {
     // (device I32 [n_head * head_dim]: the inverse act-order permutation of the GPTQ linear reading
     // the output, cuda_gptq_linear::perm_inv, which then takes it as x_permuted).
     const int32_t* out_col = nullptr;
+    // Decode kernel only: RoPE and the KV-cache append inside the attention (kernels/cuda/attention.cuh
+    // attention_params::k_new): q unrotated, each query's own key and value row i of k_new / v_new
+    // (stride new_stride), tables rope_cos / rope_sin [n_q, head_dim / 2], stored below n_ctx;
+    // op_cuda_rope_kv_store is then not run before.
+    const uint16_t* k_new      = nullptr;
+    const uint16_t* v_new      = nullptr;
+    int64_t         new_stride = 0;
+    const float*    rope_cos   = nullptr;
+    const float*    rope_sin   = nullptr;
+    int64_t         n_ctx      = 0;
 };
 // Whether op_cuda_attention runs a on the decode kernel (ragged, or n_q <= 16 with even strides).
 bool op_cuda_attention_is_decode(const cuda_attention_args& a);

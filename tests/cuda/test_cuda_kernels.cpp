@@ -966,5 +966,97 @@ TEST(CudaKernels, ActMulInterleavedIsActMulOfTheDeinterleavedRows) {
     EXPECT_EQ(st.code(), status_code::STATUS_INVALID_ARGUMENT) << st.message();
 }
 
+// RoPE and the KV-cache append inside the decode attention (attention_params::k_new) against
+// rope_kv_store_f16 then the decode kernel: the same output and the same cache rows, bit for bit.
+// Ragged paged decode (one query per sequence, its own new row) and several queries of one
+// contiguous sequence (every row from q_pos0 on new: later queries see earlier new keys), GQA,
+// head_dim 2 (half 1), 80, 128, windows, with the combine kernel and in one launch.
+TEST(CudaKernels, AttentionDecodeWithRopeIsRopeKvStoreThenAttention) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    struct rope_case {
+        int64_t n_q, n_ctx, page_size, n_head, n_head_kv, head_dim, window;
+        bool    ragged;
+    };
+    for (const rope_case& c : std::vector<rope_case>{{1, 1, 1, 1, 1, 2, 0, true},
+                                                     {4, 300, 16, 8, 2, 128, 0, true},
+                                                     {7, 90, 1, 4, 4, 80, 17, true},
+                                                     {1, 40, 0, 4, 2, 128, 0, false},
+                                                     {5, 64, 0, 6, 3, 80, 0, false},
+                                                     {16, 100, 0, 4, 1, 64, 9, false}}) {
+        const int64_t        D = c.head_dim, half = D / 2, q_dim = c.n_head * D, kv_dim = c.n_head_kv * D;
+        const int64_t        stride = q_dim + 2 * kv_dim;  // the fused q/k/v rows
+        std::vector<int32_t> pos(size_t(c.n_q)), seq(size_t(c.n_q));
+        std::vector<int64_t> len(size_t(c.ragged ? c.n_q : 1));
+        const int64_t        q_pos0 = c.ragged ? 0 : c.n_ctx - c.n_q - int64_t(rng() % 8);
+        for (int64_t i = 0; i < c.n_q; ++i) {
+            seq[size_t(i)] = c.ragged ? int32_t(i) : 0;
+            pos[size_t(i)] = c.ragged ? int32_t(rng() % uint32_t(c.n_ctx)) : int32_t(q_pos0 + i);
+            if (c.ragged && i == 0) pos[0] = int32_t(c.n_ctx - 1);
+            len[size_t(seq[size_t(i)])] = std::max<int64_t>(len[size_t(seq[size_t(i)])], pos[size_t(i)] + 1);
+        }
+        // The cache: paged (ragged) or contiguous rows of one sequence; every row random, the new
+        // rows included (both paths overwrite them).
+        paged_kv              kv;
+        std::vector<uint16_t> kc, vc;
+        if (c.ragged) {
+            kv = make_paged(rng, len, c.page_size, (c.n_ctx + c.page_size - 1) / c.page_size, kv_dim, 2);
+            kc = kv.k_pool, vc = kv.v_pool;
+        } else {
+            kc = test::random_f16(rng, size_t(c.n_ctx * kv_dim));
+            vc = test::random_f16(rng, size_t(c.n_ctx * kv_dim));
+        }
+        const auto                            qkv = test::random_f16(rng, size_t(c.n_q * stride));
+        std::vector<float>                    cs(size_t(c.n_q * half)), sn(cs.size());
+        std::uniform_real_distribution<float> angle(-3.14159f, 3.14159f);
+        for (size_t i = 0; i < cs.size(); ++i) {
+            const float a = angle(rng);
+            cs[i] = std::cos(a), sn[i] = std::sin(a);
+        }
+        device_array<uint16_t>  dqkv(qkv), dqkv_rot(qkv), kA(kc), vA(vc), kB(kc), vB(vc);
+        device_array<uint16_t>  outA(size_t(c.n_q * q_dim)), outB(size_t(c.n_q * q_dim));
+        device_array<float>     dc(cs), ds(sn);
+        device_array<int32_t>   dpos(pos), dseq(seq), dtab(kv.table);
+        const cuda::kv_page_map map =
+            c.ragged ? cuda::kv_page_map{dtab.get(), c.page_size, kv.max_pages} : cuda::kv_page_map{};
+        // A: RoPE + store, then the kernel on the rotated q and the cache.
+        GPTQ_EXPECT_OK(cuda::rope_kv_store_f16(dqkv_rot.get(), dqkv_rot.get() + q_dim, dqkv_rot.get() + q_dim + kv_dim,
+                                               stride, stride, dc.get(), ds.get(), c.n_q, c.n_head, c.n_head_kv, D,
+                                               kA.get(), vA.get(), dpos.get(), c.ragged ? dseq.get() : nullptr, map,
+                                               c.n_ctx, nullptr));
+        cuda::attention_params p;
+        p.n_q = c.n_q, p.n_kv = c.ragged ? c.n_ctx : q_pos0 + c.n_q, p.q_pos0 = q_pos0;
+        p.n_head = c.n_head, p.n_head_kv = c.n_head_kv, p.head_dim = D, p.window = c.window;
+        p.scale    = 1.0f / std::sqrt(float(D));
+        p.q_stride = stride, p.kv_stride = kv_dim, p.out_stride = q_dim;
+        p.kv_pages = map;
+        if (c.ragged) p.q_pos_dev = dpos.get(), p.q_seq_dev = dseq.get();
+        const int64_t          ws = cuda::attention_decode_workspace_floats(p.n_q, p.n_kv, p.n_head, D);
+        device_array<float>    dws(static_cast<size_t>(ws));
+        cuda::attention_params pa = p;
+        pa.q = dqkv_rot.get(), pa.k = kA.get(), pa.v = vA.get(), pa.out = outA.get();
+        GPTQ_EXPECT_OK(cuda::attention_decode_f16(pa, dws.get(), ws, nullptr));
+        const auto want = outA.download(), want_k = kA.download(), want_v = vA.download();
+        // B: the unrotated rows into the kernel, with the combine kernel and in one launch.
+        device_array<unsigned> counters(size_t(cuda::attention_decode_counters(p.n_q, p.n_head)));
+        ASSERT_EQ(cudaMemset(counters.get(), 0, counters.size() * sizeof(unsigned)), cudaSuccess);
+        for (unsigned* cnt : {static_cast<unsigned*>(nullptr), counters.get()}) {
+            kB.upload(kc), vB.upload(vc);
+            cuda::attention_params pb = p;
+            pb.q = dqkv.get(), pb.k = kB.get(), pb.v = vB.get(), pb.out = outB.get();
+            pb.k_new = dqkv.get() + q_dim, pb.v_new = dqkv.get() + q_dim + kv_dim, pb.new_stride = stride;
+            pb.rope_cos = dc.get(), pb.rope_sin = ds.get(), pb.n_ctx = c.n_ctx;
+            GPTQ_EXPECT_OK(cuda::attention_decode_f16(pb, dws.get(), ws, nullptr, cnt));
+            const std::string what = std::string(c.ragged ? "ragged" : "plain") + " n_q=" + std::to_string(c.n_q) +
+                                     " d=" + std::to_string(D) + " window=" + std::to_string(c.window) +
+                                     (cnt ? " one launch" : " combine kernel") + " seed " + std::to_string(seed);
+            EXPECT_EQ(outB.download(), want) << what << ": output";
+            EXPECT_EQ(kB.download(), want_k) << what << ": keys in the cache";
+            EXPECT_EQ(vB.download(), want_v) << what << ": values in the cache";
+        }
+    }
+}
+
 }  // namespace
 }  // namespace gptq

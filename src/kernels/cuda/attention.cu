@@ -24,6 +24,7 @@
 
 #include "kernels/cuda/attention.cuh"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/decode_math.cuh"
 #include "kernels/cuda/launch.cuh"
 
 namespace gptq::cuda {
@@ -46,6 +47,11 @@ struct dev_params {
     const int32_t* q_seq_dev;  // decode, ragged: each query's sequence, or nullptr (sequence 0)
     kv_page_dev    pages;      // paged K/V: row j of sequence s at pool row kv_page_row(pages, s, j)
     const int32_t* out_col;    // decode: output column c at out_col[c] (attention_params::out_col), or nullptr
+    // Decode with RoPE and the cache append (attention_params::k_new ...): k_new nullptr when off.
+    const __half *k_new, *v_new;
+    int64_t       new_stride;
+    const float * rope_cos, *rope_sin;
+    int64_t       n_ctx;
 };
 
 // Gemma 2's attention logit soft-capping of a scaled score (cap 0: the score unchanged, no op).
@@ -359,16 +365,45 @@ __global__ void __launch_bounds__(k_dec_warps * 32)
     if (c0 < begin) c0 = begin;
     if (c1 > end) c1 = end;
 
+    // RoPE here (p.k_new): the queries and the new keys (this pass's rows: query qi's own position, or
+    // with several queries of one sequence every key from q_pos0 on) come unrotated from the
+    // projection and are rotated with their row's tables, as rope_kv_store_f16 would have stored them.
+    const bool    rope = p.k_new != nullptr;
+    const int64_t half = D / 2, new0 = ragged ? pos : p.q_pos0;
+    auto          rotated = [&](const __half* x, int64_t t, int64_t pi) {  // pair pi of head x, token row t
+        const float* cs = p.rope_cos + t * half;
+        const float* sn = p.rope_sin + t * half;
+        return __halves2half2(rope_elem(x, cs, sn, half, 2 * pi), rope_elem(x, cs, sn, half, 2 * pi + 1));
+    };
+
     float2         q[k_dec_pairs];
     float2         acc[k_dec_pairs];
-    const __half2* qrow = reinterpret_cast<const __half2*>(p.q + qi * p.q_stride + h * D);
+    const __half*  qh   = p.q + qi * p.q_stride + h * D;
+    const __half2* qrow = reinterpret_cast<const __half2*>(qh);
 #pragma unroll
     for (int j = 0; j < k_dec_pairs; ++j) {
         const int64_t pi = lane + 32 * j;
-        q[j]             = pi < n_pairs ? __half22float2(qrow[pi]) : make_float2(0.0f, 0.0f);
+        q[j]             = pi >= n_pairs ? make_float2(0.0f, 0.0f)
+                           : rope        ? __half22float2(rotated(qh, qi, pi))
+                                         : __half22float2(qrow[pi]);
         q[j].x *= p.scale;
         q[j].y *= p.scale;
         acc[j] = make_float2(0.0f, 0.0f);
+    }
+    // The block of (qi, the group's first head, the chunk holding pos) stores query qi's key and value.
+    if (rope && h % p.group == 0 && split == pos / chunk && pos < p.n_ctx) {
+        const int64_t row = kv_page_row(p.pages, seq, pos);
+        if (row >= 0) {
+            const __half* kn = p.k_new + qi * p.new_stride + hk * D;
+            const __half* vn = p.v_new + qi * p.new_stride + hk * D;
+            const float * cs = p.rope_cos + qi * half, *sn = p.rope_sin + qi * half;
+            __half*       kc = const_cast<__half*>(p.k) + row * p.kv_stride + hk * D;
+            __half*       vc = const_cast<__half*>(p.v) + row * p.kv_stride + hk * D;
+            for (int64_t e = threadIdx.x; e < D; e += blockDim.x) {
+                kc[e] = rope_elem(kn, cs, sn, half, e);
+                vc[e] = vn[e];
+            }
+        }
     }
     // Keys in batches of k_dec_keys per warp (keys j0 + u * k_dec_warps): all their K and V rows are
     // loaded before any is used, so a warp waits for memory once per batch instead of twice per key.
@@ -377,8 +412,20 @@ __global__ void __launch_bounds__(k_dec_warps * 32)
         __half2 kr[k_dec_keys][k_dec_pairs], vr[k_dec_keys][k_dec_pairs];
 #pragma unroll
         for (int u = 0; u < k_dec_keys; ++u) {
-            const int64_t  j    = j0 + int64_t(u) * k_dec_warps;
-            const int64_t  jj   = j < c1 ? j : j0;                // a valid key; its score is masked below
+            const int64_t j  = j0 + int64_t(u) * k_dec_warps;
+            const int64_t jj = j < c1 ? j : j0;  // a valid key; its score is masked below
+            if (rope && jj >= new0) {            // a key of this pass: from the projection, rotated
+                const int64_t  t    = ragged ? qi : jj - p.q_pos0;
+                const __half*  kn   = p.k_new + t * p.new_stride + hk * D;
+                const __half2* vrow = reinterpret_cast<const __half2*>(p.v_new + t * p.new_stride + hk * D);
+#pragma unroll
+                for (int tt = 0; tt < k_dec_pairs; ++tt) {
+                    const int64_t pi = lane + 32 * tt;
+                    kr[u][tt]        = pi < n_pairs ? rotated(kn, t, pi) : __float2half2_rn(0.0f);
+                    vr[u][tt]        = pi < n_pairs ? vrow[pi] : __float2half2_rn(0.0f);
+                }
+                continue;
+            }
             const int64_t  row  = kv_page_row(p.pages, seq, jj);  // every key < c1 has its page
             const __half2* krow = reinterpret_cast<const __half2*>(p.k + row * p.kv_stride + hk * D);
             const __half2* vrow = reinterpret_cast<const __half2*>(p.v + row * p.kv_stride + hk * D);
@@ -525,7 +572,13 @@ dev_params to_dev(const attention_params& a) {
                       a.q_pos_dev,
                       a.q_seq_dev,
                       kv_page_dev_of(a.kv_pages),
-                      a.out_col};
+                      a.out_col,
+                      reinterpret_cast<const __half*>(a.k_new),
+                      reinterpret_cast<const __half*>(a.v_new),
+                      a.new_stride,
+                      a.rope_cos,
+                      a.rope_sin,
+                      a.n_ctx};
 }
 
 bool& force_cuda_cores_flag() {
@@ -544,10 +597,11 @@ void attention_prefill_force_cuda_cores(bool on) {
 
 status attention_prefill_f16(const attention_params& a, cudaStream_t stream) {
     GPTQ_TRY(check_params(a, "attention_prefill_f16"));
-    if (a.q_pos_dev || a.q_seq_dev || a.out_col)
+    if (a.q_pos_dev || a.q_seq_dev || a.out_col || a.k_new)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
-                          "attention_prefill_f16: device query positions and sequences (q_pos_dev, q_seq_dev) and "
-                          "output columns (out_col) are for the decode kernel only");
+                          "attention_prefill_f16: device query positions and sequences (q_pos_dev, q_seq_dev), "
+                          "output columns (out_col) and RoPE with the cache append (k_new) are for the decode kernel "
+                          "only");
     if (a.n_q == 0) return status::ok();
     const int64_t D = a.head_dim;
     // Tensor cores for the shapes they are written for (half2 loads: even strides, aligned bases).
@@ -585,6 +639,12 @@ status attention_decode_f16(const attention_params& a, float* workspace, int64_t
     if (a.q_stride % 2 != 0 || a.kv_stride % 2 != 0)  // rows are read as half2
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
                           "attention_decode_f16: q_stride {} and kv_stride {} must be even", a.q_stride, a.kv_stride);
+    if (a.k_new && (!a.v_new || !a.rope_cos || !a.rope_sin || a.new_stride % 2 != 0 ||
+                    a.new_stride < a.n_head_kv * a.head_dim || (a.q_seq_dev && !a.q_pos_dev)))
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "attention_decode_f16: RoPE in the kernel needs k_new, v_new, the tables and an even "
+                          "new_stride >= {} (new_stride {})",
+                          a.n_head_kv * a.head_dim, a.new_stride);
     if (a.n_q > 65535)
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "attention_decode_f16: n_q {} too large", a.n_q);
     const int64_t    splits = decode_splits(a.n_q, a.n_kv, a.n_head);

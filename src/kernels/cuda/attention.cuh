@@ -41,6 +41,18 @@ struct attention_params {
     // row (device I32; the act-order column order of the linear that reads the output: the inverse of
     // its permutation); nullptr: column c.
     const int32_t* out_col = nullptr;
+    // Decode only: RoPE and the KV-cache append done here, rope_kv_store_f16 not run before. q holds the
+    // unrotated queries; query i's own key and value (at its position: q_pos0 + i, or q_pos_dev[i]) are
+    // row i of k_new / v_new (stride new_stride, heads as in k; unrotated), which the kernel rotates
+    // with row i of rope_cos / rope_sin ([n_q, head_dim / 2] F32) where a query needs that key, and
+    // stores into the cache (k, v: the pool, written through the page map) when the position is below
+    // n_ctx and its page exists: the same bits as rope_kv_store_f16 then this kernel. k_new nullptr: off.
+    const uint16_t* k_new      = nullptr;
+    const uint16_t* v_new      = nullptr;
+    int64_t         new_stride = 0;
+    const float*    rope_cos   = nullptr;
+    const float*    rope_sin   = nullptr;
+    int64_t         n_ctx      = 0;
 };
 
 // Checks the shape (returns INVALID_ARGUMENT naming the field) and runs the prefill kernel: the

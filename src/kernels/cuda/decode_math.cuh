@@ -1,8 +1,8 @@
 // Device arithmetic shared by a plain kernel and the kernel that fuses it (docs/cuda.md, "The fused
-// decode step"): RMSNorm (norm.cu, and the int4 GEMV's input prologue) and act(gate) * up
-// (activation.cu, and the GEMV's gate/up epilogue). Each piece is written once here so that the
-// fused kernels give the plain path's bits: the same operations in the same order, FMA contraction
-// spelled out rather than left to the compiler.
+// decode step"): RMSNorm (norm.cu, and the int4 GEMV's input prologue), act(gate) * up
+// (activation.cu, and the GEMV's gate/up epilogue) and RoPE (rope.cu, and the decode attention). Each piece is written
+// once here so that the fused kernels give the plain path's bits: the same operations in the same order, FMA
+// contraction spelled out rather than left to the compiler.
 #pragma once
 
 #include <cuda_fp16.h>
@@ -69,6 +69,23 @@ __device__ __forceinline__ float act_mul_f32(float g, float u) {
 template <act_kind A>
 __device__ __forceinline__ __half act_mul_h(__half g, __half u) {
     return __float2half_rn(act_mul_f32<A>(__half2float(g), __half2float(u)));
+}
+
+// RoPE (rotate_half, kernels/cpu/rope.h) of the pair (a, b) = (x[i], x[i + half]) with the token's cos c
+// and sin s: (a c - b s, b c + a s) in F32, each rounded to F16 once; no FMA, so that rope_f16,
+// rope_kv_store_f16 and the decode attention that rotates its own queries and new keys agree.
+__device__ __forceinline__ __half rope_lo(float a, float b, float c, float s) {
+    return __float2half_rn(__fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s)));
+}
+__device__ __forceinline__ __half rope_hi(float a, float b, float c, float s) {
+    return __float2half_rn(__fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s)));
+}
+// Element e (< 2 half) of a head x [2 half] after RoPE with the token's tables cs, sn [half].
+__device__ __forceinline__ __half rope_elem(const __half* x, const float* cs, const float* sn, int64_t half,
+                                            int64_t e) {
+    if (e < half) return rope_lo(__half2float(x[e]), __half2float(x[e + half]), cs[e], sn[e]);
+    const int64_t i = e - half;
+    return rope_hi(__half2float(x[i]), __half2float(x[e]), cs[i], sn[i]);
 }
 
 }  // namespace gptq::cuda

@@ -510,7 +510,7 @@ TEST(CudaGptq, Int4GemvFusedRefusals) {
     EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 1, perm_only).code(), status_code::STATUS_INVALID_ARGUMENT);
     EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 1, res, 0).code(), status_code::STATUS_INVALID_ARGUMENT);
     EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 1, cuda::int4_gemv_fusion{}).code(), status_code::STATUS_UNSUPPORTED);
-    auto wide = cuda::int4_layout_for(64, 65536, 128);  // 8 normalised rows of 128 KB each
+    auto wide = cuda::int4_layout_for(64, 16384, 128);  // 9 rows of 32 KB (8 inputs and the weights)
     ASSERT_TRUE(wide.is_ok());
     EXPECT_TRUE(cuda::int4_gemv_fused_check(*wide, 1, norm).is_ok());
     EXPECT_EQ(cuda::int4_gemv_fused_check(*wide, 8, norm).code(), status_code::STATUS_UNSUPPORTED);

@@ -303,8 +303,7 @@ constexpr size_t pipe_act_bytes(int tn, int f) {
 }
 // Dynamic shared memory of a block: the rings (reused for the final sum of the warps' results and
 // the F_SILU outputs), then each warp's pending chunk sums; with F_NORM then the norm's warp sums
-// [16 tokens][32] and inverse RMS [16] (pipe_norm_bytes), then the normalised rows (m x
-// pipe_norm_stride halves).
+// [16 tokens][32] and inverse RMS [16] (pipe_norm_bytes), then the rows of pipe_norm_rows_bytes.
 constexpr size_t pipe_ring_bytes(int w, int tn, int nb, int d, int f = 0) {
     const size_t ring = size_t(w) * d * pipe_slot_words(tn, pipe_xb(nb, f)) * 16;
     const size_t red  = size_t(w) * tn * 2 * nb * 4 * 32 * 4 + pipe_act_bytes(tn, f);
@@ -315,13 +314,15 @@ constexpr size_t pipe_smem_bytes(int w, int tn, int nb, int d, int f = 0) {
     return pipe_ring_bytes(w, tn, nb, d, f) + size_t(w) * pipe_levels(w) * tn * 2 * nb * 4 * 32 * 4 +
            ((f & F_NORM) ? pipe_norm_bytes : 0);
 }
-// Halves per normalised row in shared memory: n_in, plus 32 when that makes the row stride an odd
-// multiple of 64 bytes (the 8 lanes of a 16-byte load phase then read two rows in distinct banks).
+// Halves per row in shared memory: n_in, plus 32 when that makes the row stride an odd multiple of
+// 64 bytes (the 8 lanes of a 16-byte load phase then read two rows in distinct banks).
 constexpr int64_t pipe_norm_stride(int64_t n_in) {
     return n_in % 64 == 0 ? n_in + 32 : n_in;
 }
-constexpr size_t pipe_norm_rows_bytes(int64_t m, int64_t n_in) {
-    return size_t(m * pipe_norm_stride(n_in)) * 2;
+// F_NORM rows: the m input rows and the norm's weights as copied (m + 1 rows), normalised in place;
+// with an act-order permutation the normalised rows (m more) are apart from them (a gather).
+constexpr size_t pipe_norm_rows_bytes(int64_t m, int64_t n_in, bool perm) {
+    return size_t((m + 1 + (perm ? m : 0)) * pipe_norm_stride(n_in)) * 2;
 }
 
 struct pipe_args {
@@ -340,31 +341,58 @@ struct pipe_args {
 };
 
 // F_NORM prologue: the block's tokens normalised into xs [m][pipe_norm_stride] (in perm order when
-// set), bit for bit add_rms_norm_f16 without the add (norm.cu): virtual thread t of rms_threads(n_in)
-// is lane t % 32 of warp (t / 32) % W.
+// set), bit for bit add_rms_norm_f16 without the add (norm.cu). raw: the rows as copied (h, then the
+// norm's weights); xs == raw without a permutation (normalised in place). The global reads are
+// 16-byte copies issued in pairs per thread (one L2 round trip per 2 x 8 KB at 16 warps), the rest
+// reads shared memory: virtual thread t of rms_threads(n_in) is lane t % 32 of warp (t / 32) % W.
 template <int W>
-__device__ void pipe_norm_prologue(const pipe_args& a, float* part, __half* xs) {
+__device__ void pipe_norm_prologue(const pipe_args& a, float* part, __half* raw, __half* xs) {
+    constexpr int nt   = W * 32;
     const int     lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int64_t dim = int64_t(a.k_steps) * 32, xstr = pipe_norm_stride(dim);
-    const int     T = rms_threads(dim), VW = T / 32;
-    float*        inv = part + 16 * 32;
-    for (int tok = 0; tok < a.m; ++tok) {
-        const __half* h = a.x + int64_t(tok) * a.x_stride;
+    const int     dim = a.k_steps * 32, xstr = int(pipe_norm_stride(dim));
+    const int     T = rms_threads(dim), VW = T / 32, rows = a.m + 1;
+    float*        inv     = part + 16 * 32;
+    auto          src_row = [&](int r) { return r < a.m ? a.x + int64_t(r) * a.x_stride : a.norm_w; };
+    const bool    v16     = (reinterpret_cast<uintptr_t>(a.x) % 16 == 0) && a.x_stride % 8 == 0 &&
+                     (reinterpret_cast<uintptr_t>(a.norm_w) % 16 == 0);
+    if (v16) {
+        const int per_row = dim / 8, total = rows * per_row;  // 16-byte pieces
+        for (int c0 = threadIdx.x; c0 < total; c0 += 2 * nt) {
+            const int   c1 = c0 + nt;
+            const uint4 v0 = *reinterpret_cast<const uint4*>(src_row(c0 / per_row) + (c0 % per_row) * 8);
+            uint4       v1 = make_uint4(0u, 0u, 0u, 0u);
+            if (c1 < total) v1 = *reinterpret_cast<const uint4*>(src_row(c1 / per_row) + (c1 % per_row) * 8);
+            *reinterpret_cast<uint4*>(raw + (c0 / per_row) * xstr + (c0 % per_row) * 8) = v0;
+            if (c1 < total) *reinterpret_cast<uint4*>(raw + (c1 / per_row) * xstr + (c1 % per_row) * 8) = v1;
+        }
+    } else {  // rows not 16-byte aligned (an odd stride): one half at a time
+        for (int e = threadIdx.x; e < rows * dim; e += nt) raw[(e / dim) * xstr + e % dim] = src_row(e / dim)[e % dim];
+    }
+    __syncthreads();
+    for (int tok = 0; tok < a.m; ++tok)
         for (int vw = warp; vw < VW; vw += W) {
-            const float ss = rms_warp_sum(rms_thread_sumsq(h, dim, vw * 32 + lane, T));
+            const float ss = rms_warp_sum(rms_thread_sumsq(raw + tok * xstr, dim, vw * 32 + lane, T));
             if (lane == 0) part[tok * 32 + vw] = ss;
         }
-    }
     __syncthreads();
     if (int(threadIdx.x) < a.m) inv[threadIdx.x] = rms_inv_from_partials(part + threadIdx.x * 32, VW, dim, a.eps);
     __syncthreads();
-    for (int tok = 0; tok < a.m; ++tok) {
-        const __half* h  = a.x + int64_t(tok) * a.x_stride;
-        const float   iv = inv[tok];
-        __half*       xr = xs + tok * xstr;
-        for (int64_t i = threadIdx.x; i < dim; i += W * 32) {
-            const int64_t j = a.perm ? int64_t(a.perm[i]) : i;
-            xr[i]           = rms_apply(h[j], iv, a.norm_w[j]);
+    const __half* g = raw + a.m * xstr;
+    constexpr int U = 8;  // column indices loaded together (the permutation is in global memory)
+    for (int i0 = threadIdx.x; i0 < dim; i0 += U * nt) {
+        int j[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int i = i0 + u * nt;
+            j[u]        = i < dim ? (a.perm ? a.perm[i] : i) : 0;
+        }
+        for (int tok = 0; tok < a.m; ++tok) {
+            const float iv = inv[tok];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int i = i0 + u * nt;
+                if (i < dim) xs[tok * xstr + i] = rms_apply(raw[tok * xstr + j[u]], iv, g[j[u]]);
+            }
         }
     }
     __syncthreads();
@@ -394,8 +422,10 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
     float*                  pend       = reinterpret_cast<float*>(after_ring) + warp * (LV * E * 32);
     char*                   after_pend = after_ring + size_t(W) * LV * E * 32 * 4;
     float*                  norm_part  = reinterpret_cast<float*>(after_pend);                     // F_NORM
-    __half*                 xs         = reinterpret_cast<__half*>(after_pend + pipe_norm_bytes);  // F_NORM
+    __half*                 norm_raw   = reinterpret_cast<__half*>(after_pend + pipe_norm_bytes);  // F_NORM
     const int64_t           xs_stride  = pipe_norm_stride(int64_t(a.k_steps) * 32);
+    // The normalised rows: in place over the copied ones, or after them with a permutation.
+    __half* xs = a.perm ? norm_raw + (a.m + 1) * xs_stride : norm_raw;
 
     // Sources at step s0. Tiles past the end (n_tiles % TN != 0) re-read the last tile; their
     // results are not written.
@@ -497,7 +527,7 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
         cp_async_commit();  // group 0 also holds the weights of steps 0 .. D - 2
     }
     pdl_launch_dependents();
-    if constexpr (NORM) pipe_norm_prologue<W>(a, norm_part, xs);  // while the first steps are in flight
+    if constexpr (NORM) pipe_norm_prologue<W>(a, norm_part, norm_raw, xs);  // while the first steps are in flight
 
     int cslot = 0, islot = D - 1, cin = s0 % a.spg, chunk = 0;
     int chunk_end = int(ks * unsigned(c0 + 1) / k_chunks) - s0;  // local step where chunk 0 ends
@@ -841,8 +871,9 @@ template <int W, int TN, int NB, int D, int MINB, int F = 0>
 status launch_pipe_nb(const pipe_args& a, const device_caps& caps, cudaStream_t stream) {
     constexpr size_t base = pipe_smem_bytes(W, TN, NB, D, F);
     // F_NORM: the normalised rows come on top, their size known at launch only.
-    const size_t bytes  = base + ((F & F_NORM) ? pipe_norm_rows_bytes(a.m, int64_t(a.k_steps) * 32) : 0);
-    auto*        kernel = int4_gemv_pipe_kernel<W, TN, NB, D, MINB, F>;
+    const size_t bytes =
+        base + ((F & F_NORM) ? pipe_norm_rows_bytes(a.m, int64_t(a.k_steps) * 32, a.perm != nullptr) : 0);
+    auto* kernel = int4_gemv_pipe_kernel<W, TN, NB, D, MINB, F>;
     // Once per device: the dynamic shared memory limit, and the carveout: as much shared memory as
     // the blocks that the registers allow per SM need, the rest L1 (the activations are read
     // through L1 by every block of the SM). F_NORM kernels read their activations from shared
@@ -917,10 +948,10 @@ bool          fused_variant(int v) {
 int fusion_flags(const int4_gemv_fusion& f) {
     return (f.norm_w ? F_NORM : 0) | (f.residual ? F_RES : 0) | (f.silu ? F_SILU : 0);
 }
-size_t fused_smem(int v, int flags, int64_t m, int64_t n_in) {
+size_t fused_smem(int v, int flags, int64_t m, int64_t n_in, bool perm) {
     const variant_info& vi = k_variants[v];
     return pipe_smem_bytes(vi.warps, vi.tiles, 1, vi.depth, flags) +
-           ((flags & F_NORM) ? pipe_norm_rows_bytes(m, n_in) : 0);
+           ((flags & F_NORM) ? pipe_norm_rows_bytes(m, n_in, perm) : 0);
 }
 
 template <int F>
@@ -1076,11 +1107,11 @@ status int4_gemv_fused_check(const int4_layout& L, int64_t m, const int4_gemv_fu
     const device_caps caps = current_device_caps();
     int               v    = variant >= 0 ? variant : auto_variant(L, int(m), caps);
     if (!fused_variant(v)) v = V_W16_D4;
-    if (fused_smem(v, flags, m, L.n_in) > size_t(caps.smem_optin))
+    if (fused_smem(v, flags, m, L.n_in, f.perm != nullptr) > size_t(caps.smem_optin))
         return make_error(status_code::STATUS_UNSUPPORTED,
                           "int4_gemv_fused_f16: {} tokens of {} inputs need {} bytes of shared memory, the device "
                           "allows {}",
-                          m, L.n_in, fused_smem(v, flags, m, L.n_in), caps.smem_optin);
+                          m, L.n_in, fused_smem(v, flags, m, L.n_in, f.perm != nullptr), caps.smem_optin);
     return status::ok();
 }
 

@@ -1175,9 +1175,9 @@ TEST(llama_cuda, fused_projections_match_unfused_gptq) {
 // ---- the fused decode step (llama_cuda_options::decode_fuse) ----------------------------------------
 
 // The same model with the fused decode step on and off: prefill (plain either way, 40 rows) and
-// decode steps, graph on and off, then lockstep batches of 3 (fused) and 9 (plain either way)
-// sequences. Every fused kernel computes the plain ops' arithmetic in their order, so the logits
-// must be bit for bit the same.
+// decode steps, graph on and off, then lockstep batches of 3, 9 (fused: one and two 8-row column
+// tiles) and 17 (plain either way) sequences. Every fused kernel computes the plain ops' arithmetic in their order, so
+// the logits must be bit for bit the same.
 void check_decode_fusion(const std::string& dir, bool expect_fused) {
     auto host = llama_model::open(dir);
     ASSERT_TRUE(host.is_ok()) << host.error().message();
@@ -1195,7 +1195,7 @@ void check_decode_fusion(const std::string& dir, bool expect_fused) {
     // The profile says whether the fused kernels ran.
     const auto prof = run_profiled(dir, false, true, {}, true, -1, true);
     EXPECT_EQ(find_op(prof.decode, "linear_qkv+norm") != nullptr, expect_fused) << dir;
-    for (int64_t n_seq : {3, 9}) {
+    for (int64_t n_seq : {3, 9, 17}) {
         std::vector<float> out[2];
         for (int fuse = 0; fuse < 2; ++fuse) {
             llama_cuda_options o;
@@ -1204,13 +1204,13 @@ void check_decode_fusion(const std::string& dir, bool expect_fused) {
             auto m        = llama_cuda_model::open(dir, o);
             ASSERT_TRUE(m.is_ok()) << m.error().message();
             GPTQ_EXPECT_OK((*m)->kv_reserve(n_seq, 64));
-            const auto           ids = test_ids(64, V);
+            const auto           ids = test_ids(128, V);
             std::vector<int32_t> step(static_cast<size_t>(n_seq), 0);
             std::vector<float>   first(size_t(n_seq * V));  // each prompt (5 rows: fused too) and its logits
             GPTQ_EXPECT_OK((*m)->prefill_batch(ids.data(), n_seq, 5, first.data()));
             out[fuse] = first;
             for (int64_t s = 0; s < 4; ++s) {
-                for (int64_t j = 0; j < n_seq; ++j) step[size_t(j)] = ids[size_t((7 * s + j) % 64)];
+                for (int64_t j = 0; j < n_seq; ++j) step[size_t(j)] = ids[size_t((7 * s + j) % 128)];
                 const size_t at = out[fuse].size();
                 out[fuse].resize(at + size_t(n_seq * V));
                 GPTQ_EXPECT_OK((*m)->decode_batch(step.data(), n_seq, out[fuse].data() + at));

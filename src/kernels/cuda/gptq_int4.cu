@@ -939,23 +939,30 @@ status launch_variant(int v, const pipe_args& a, const device_caps& caps, cudaSt
     return make_error(status_code::STATUS_INTERNAL, "int4_gemv_f16: no pipelined kernel for variant {}", v);
 }
 
-// The fused kernels (int4_gemv_fused_f16): m <= 8 (one 8-token column tile), the two 16-warp
-// variants that the table picks at m <= 8.
-constexpr int k_fused_max_m = 8;
+// The fused kernels (int4_gemv_fused_f16): m <= 16; at m <= 8 (one 8-token column tile) the two
+// 16-warp variants that the table picks there, at m > 8 (two column tiles) 16 warps x 4 slots (the
+// register-capped variant would spill).
+constexpr int k_fused_max_m = 16;
 bool          fused_variant(int v) {
              return v == V_W16_D4 || v == V_W16_D4_2B;
+}
+// The variant a fused launch of m rows runs: the forced one or the table's, among the fused ones.
+int fused_variant_for(const int4_layout& L, int m, int variant, const device_caps& caps) {
+    int v = variant >= 0 ? variant : auto_variant(L, m, caps);
+    return fused_variant(v) && m <= 8 ? v : V_W16_D4;
 }
 int fusion_flags(const int4_gemv_fusion& f) {
     return (f.norm_w ? F_NORM : 0) | (f.residual ? F_RES : 0) | (f.silu ? F_SILU : 0);
 }
 size_t fused_smem(int v, int flags, int64_t m, int64_t n_in, bool perm) {
     const variant_info& vi = k_variants[v];
-    return pipe_smem_bytes(vi.warps, vi.tiles, 1, vi.depth, flags) +
+    return pipe_smem_bytes(vi.warps, vi.tiles, m <= 8 ? 1 : 2, vi.depth, flags) +
            ((flags & F_NORM) ? pipe_norm_rows_bytes(m, n_in, perm) : 0);
 }
 
 template <int F>
 status launch_fused_f(int v, const pipe_args& a, const device_caps& caps, cudaStream_t stream) {
+    if (a.m > 8) return launch_pipe_nb<16, 1, 2, 4, 1, F>(a, caps, stream);
     if (v == V_W16_D4) return launch_pipe_nb<16, 1, 1, 4, 1, F>(a, caps, stream);
     if (v == V_W16_D4_2B) return launch_pipe_nb<16, 1, 1, 4, 2, F>(a, caps, stream);
     return make_error(status_code::STATUS_INTERNAL, "int4_gemv_fused_f16: no fused kernel for variant {}", v);
@@ -1105,8 +1112,7 @@ status int4_gemv_fused_check(const int4_layout& L, int64_t m, const int4_gemv_fu
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemv_fused_f16: layout {} x {} too large",
                           L.n_out, L.n_in);
     const device_caps caps = current_device_caps();
-    int               v    = variant >= 0 ? variant : auto_variant(L, int(m), caps);
-    if (!fused_variant(v)) v = V_W16_D4;
+    const int         v    = fused_variant_for(L, int(m), variant, caps);
     if (fused_smem(v, flags, m, L.n_in, f.perm != nullptr) > size_t(caps.smem_optin))
         return make_error(status_code::STATUS_UNSUPPORTED,
                           "int4_gemv_fused_f16: {} tokens of {} inputs need {} bytes of shared memory, the device "
@@ -1129,9 +1135,8 @@ status int4_gemv_fused_f16(const int4_layout& L, const void* weights, const void
                           "int4_gemv_fused_f16: x must be 16-byte aligned with x_stride % 8 == 0 (x_stride {})",
                           x_stride);
     const device_caps caps = current_device_caps();
-    int               v    = variant >= 0 ? variant : auto_variant(L, int(m), caps);
-    if (!fused_variant(v)) v = V_W16_D4;
-    pipe_args a{};
+    const int         v    = fused_variant_for(L, int(m), variant, caps);
+    pipe_args         a{};
     a.wts      = static_cast<const uint4*>(weights);
     a.sz       = static_cast<const uint4*>(sz);
     a.x        = reinterpret_cast<const __half*>(x);

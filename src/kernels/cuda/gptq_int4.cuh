@@ -98,13 +98,13 @@ struct int4_gemv_fusion {
     bool            residual = false;
     bool            silu     = false;
 };
-// The most tokens a fused launch takes (one 8-token column tile).
+// The most tokens a fused launch takes (16: two 8-token column tiles).
 int64_t int4_gemv_fused_max_m();
 // OK when int4_gemv_fused_f16 runs L for m tokens with f on the current device (m, the combination,
 // the shared memory of the normalised rows); UNSUPPORTED (use the plain ops) otherwise.
 status int4_gemv_fused_check(const int4_layout& L, int64_t m, const int4_gemv_fusion& f, int variant = -1);
 // variant: -1 the table's choice (among the fused ones), or one for which int4_gemv_fused_variant is
-// true (tests).
+// true (tests; at m > 8 every launch runs 16 warps x 4 slots, pipe-w16-t1-d4).
 status int4_gemv_fused_f16(const int4_layout& L, const void* weights, const void* sz, const uint16_t* x,
                            const uint16_t* bias, uint16_t* y, int64_t m, int64_t x_stride, int64_t y_stride,
                            const int4_gemv_fusion& f, cudaStream_t stream, int variant = -1);

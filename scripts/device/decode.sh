@@ -3,6 +3,7 @@
 # built or unpacked gptq: make-random llama-2-7b cut to DECODE_LAYERS (default 8) layers, RTN W4 g128,
 # then for each setting of the fused decode step / the GEMV's L2 prefetch (all on; GPTQ_DECODE_FUSE=0;
 # GPTQ_INT4_PREFETCH=0; both off):
+#   0. (once) bench_gptq_gemv at m = 1, 4, 16 on the 7B shapes, L2 prefetch on and off;
 #   1. gptq bench --batch DECODE_BATCH (default 1,4,16), JSON rows in $OUT/decode.jsonl;
 #   2. gptq bench --profile-ops at batch 1 (uncaptured op table) into $OUT/decode.txt;
 #   3. with ncu on the machine: Nsight Compute over the kernels of two decode steps (graph nodes
@@ -20,6 +21,15 @@ timeout 200 "$GPTQ" -q make-random --like "llama-2-7b-layers=$L" -o "$W/f16" --t
     timeout 300 "$GPTQ" -q quantize "$W/f16" -o "$W/w4" --method rtn --bits 4 --group-size 128 --threads "$(nproc)" > /dev/null ||
     { echo "decode: make-random or quantize failed" | tee -a "$OUT/decode.txt"; exit 1; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader >> "$OUT/decode.txt"
+# The int4 GEMV alone on the 7B shapes (bench_gptq_gemv: stream and graph us per launch, cuBLAS FP16
+# beside), with and without the L2 prefetch.
+if [ -x "$TEST_DIR/bench_gptq_gemv" ]; then
+    for pf in 1 0; do
+        echo "== bench_gptq_gemv, GPTQ_INT4_PREFETCH=$pf" >> "$OUT/decode.txt"
+        GPTQ_INT4_PREFETCH=$pf timeout 300 "$TEST_DIR/bench_gptq_gemv" --m 1,4,16 --models 7b \
+            --out "$OUT/decode_gemv_prefetch$pf.json" 2>> "$OUT/decode.txt"
+    done
+fi
 for setting in "on" "GPTQ_DECODE_FUSE=0" "GPTQ_INT4_PREFETCH=0" "GPTQ_DECODE_FUSE=0 GPTQ_INT4_PREFETCH=0"; do
     envs=""; [ "$setting" != on ] && envs=$setting
     tag=$(echo "$setting" | tr ' =' '_-')

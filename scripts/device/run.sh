@@ -22,7 +22,8 @@
 #    bench_e2e.jsonl, the estimate in summary.txt).
 # 4. Only with GPTQ_DEVICE_BENCH=1: bench_gptq_gemv (JSON), then Nsight Compute on two int4 launches.
 # 4a. End to end (GPTQ_DEVICE_E2E=1, default): gptq bench of make-random llama-2-7b (FP16) and of an
-#    8-layer 7B shape quantized RTN W4 g128 against its FP16 original, batch 1 on cuda.
+#    8-layer 7B shape quantized RTN W4 g128 against its FP16 original, batch 1 on cuda
+#    (E2E_DECODE_AB=1: the W4 model again with the fused decode step and/or the GEMV's L2 prefetch off).
 # 3f. gptq serve --device cuda smoke test (GPTQ_DEVICE_SERVE=0 skips).
 # 4b. The families (GPTQ_DEVICE_FAMILIES=0 skips): make-random qwen3-8b / gemma-2-9b / phi-3-mini cut to
 #    8 layers, RTN W4 g128, gptq bench W4 vs FP16 at batch 1 on cuda.
@@ -304,6 +305,23 @@ for l in open(sys.argv[1]):
             status=1; log "W4 bench with GPTQ_PDL=0 FAILED"
         fi
     fi
+    # E2E_DECODE_AB=1: the W4 model again at the E2E_BATCH sizes with parts of the decode work off, same
+    # call (before/after): the fused decode step (GPTQ_DECODE_FUSE=0: plain norm / SiLU / add kernels,
+    # two-kernel attention) and the GEMV's L2 prefetch (GPTQ_INT4_PREFETCH=0), each and both.
+    if [ "${E2E_DECODE_AB:-0}" = 1 ] && [ -d "$E2E/l8-w4" ]; then
+        BARGS[3]=${E2E_BATCH:-1}
+        n_rows=$(echo "${E2E_BATCH:-1}" | tr ',' '\n' | wc -l)
+        for envs in "GPTQ_DECODE_FUSE=0 GPTQ_INT4_PREFETCH=0" "GPTQ_DECODE_FUSE=0" "GPTQ_INT4_PREFETCH=0"; do
+            if env $envs timeout 300 "$GPTQ" -q bench "$E2E/l8-w4" "${BARGS[@]}" >> "$OUT/bench_e2e.jsonl" 2>> "$OUT/tests.log"; then
+                log "W4 with $envs: $(tail -n "$n_rows" "$OUT/bench_e2e.jsonl" | python3 -c 'import json,sys
+for l in sys.stdin:
+    r = json.loads(l); print("[batch %d: decode %.1f tok/s, %.3f ms/step, prefill %.0f tok/s]" % (r["batch"], r["decode_tok_per_s"], r["decode_ms_per_step"], r["prefill_tok_per_s"]), end=" ")')"
+            else
+                status=1; log "W4 bench with $envs FAILED"
+            fi
+        done
+        BARGS[3]=1
+    fi
     if [ "${E2E_DESC_ACT:-0}" = 1 ] && [ -d "$E2E/l8-w4" ]; then
         t0=$(date +%s.%N)
         if timeout 300 "$GPTQ" -q quantize "$E2E/l8" -o "$E2E/l8-w4-act" --nsamples 8 --seqlen 512 --bits 4 --group-size 128 \
@@ -320,13 +338,17 @@ for l in sys.stdin:
     # Op-level timing of the same W4 model (issue 7): decode steps run UNCAPTURED with a CUDA event
     # after each op; the table (op, calls/step, us/step, share) goes to summary.txt. With
     # E2E_DESC_ACT=1 the act-order checkpoint's table follows.
+    # E2E_DECODE_AB=1: each table again with the fused decode step off.
     for m in l8-w4 l8-w4-act; do
         [ -d "$E2E/$m" ] && [ "${E2E_PROFILE:-1}" = 1 ] || continue
-        log "op profile, $LIKE $m (decode steps uncaptured, an event after each op):"
-        if ! timeout 180 "$GPTQ" -q bench "$E2E/$m" --device cuda --batch 1 --prompt "${E2E_PROMPT:-512}" \
-               --gen "${E2E_GEN:-128}" --repeat 3 --profile-ops 2>> "$OUT/tests.log" | tee -a "$OUT/summary.txt"; then
-            status=1; log "bench --profile-ops $LIKE $m FAILED (see tests.log)"
-        fi
+        for fuse in 1 $([ "${E2E_DECODE_AB:-0}" = 1 ] && echo 0); do
+            log "op profile, $LIKE $m, GPTQ_DECODE_FUSE=$fuse (decode steps uncaptured, an event after each op):"
+            if ! GPTQ_DECODE_FUSE=$fuse timeout 180 "$GPTQ" -q bench "$E2E/$m" --device cuda --batch 1 \
+                   --prompt "${E2E_PROMPT:-512}" --gen "${E2E_GEN:-128}" --repeat 3 --profile-ops 2>> "$OUT/tests.log" |
+                   tee -a "$OUT/summary.txt"; then
+                status=1; log "bench --profile-ops $LIKE $m FAILED (see tests.log)"
+            fi
+        done
     done
     rm -rf "$E2E"
 fi

@@ -69,6 +69,7 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
                               path);
         m->opts_.fuse = false;
     }
+    if (const char* e = std::getenv("GPTQ_DECODE_FUSE"); e && std::strcmp(e, "0") == 0) m->opts_.decode_fuse = false;
     GPTQ_ASSIGN_OR_RETURN(m->ctx_, cuda_context::create(o.device));
     if (hp.head_dim % 2 != 0 || hp.head_dim > 256)
         return make_error(status_code::STATUS_UNSUPPORTED, "{}: head_dim {} (the GPU attention needs even, <= 256)",
@@ -234,16 +235,18 @@ status llama_cuda_model::gptq_upload(const gptq_linear_data& d, int group_size, 
     out->q         = std::move(*q);
     out->quantized = true;
     (out->q.fast ? n_gptq_fast_ : n_gptq_generic_) += 1;
-    for (const cuda_buffer* b : {&out->q.weights, &out->q.sz, &out->q.perm, &out->q.qweight, &out->q.qzeros,
-                                 &out->q.scales, &out->q.g_idx, &out->q.bias})
+    for (const cuda_buffer* b : {&out->q.weights, &out->q.sz, &out->q.perm, &out->q.perm_inv, &out->q.qweight,
+                                 &out->q.qzeros, &out->q.scales, &out->q.g_idx, &out->q.bias})
         weight_bytes_ += b->bytes();
     return status::ok();
 }
 
 status llama_cuda_model::linear_group_load(int64_t i_layer, const std::vector<linear_role>& roles, linear* fused,
                                            std::array<linear, k_n_linear_roles>* lin,
-                                           const std::vector<int32_t>* out_perm, bool* permuted) {
+                                           const std::vector<int32_t>* out_perm, bool* permuted, int64_t interleave,
+                                           int64_t* interleaved) {
     if (permuted) *permuted = false;
+    if (interleaved) *interleaved = 0;
     const llama_hparams& hp   = hparams();
     auto                 each = [&]() -> status {
         for (linear_role r : roles) GPTQ_TRY(linear_load(i_layer, r, &(*lin)[static_cast<size_t>(r)]));
@@ -367,6 +370,27 @@ status llama_cuda_model::linear_group_load(int64_t i_layer, const std::vector<li
             f.scales.insert(f.scales.end(), d.scales.begin() + o, d.scales.begin() + o + size_t(d.n_out));
         }
     parts.clear();
+    // Two parts interleaved in blocks of `interleave` output features (the fused decode layout of
+    // gate/up, docs/cuda.md "The fused decode step"): row 2 B b + j is part 0's feature B b + j,
+    // row 2 B b + B + j part 1's, so that one 32-row tile of the int4 GEMV holds both halves.
+    const int64_t half = f.n_out / 2;
+    if (interleave > 0 && roles.size() == 2 && half * 2 == f.n_out && half % interleave == 0) {
+        const int64_t B   = interleave;
+        auto          col = [&](int64_t c) {  // the fused column that new column c takes
+            const int64_t b = c / (2 * B), j = c % (2 * B);
+            return j < B ? b * B + j : half + b * B + (j - B);
+        };
+        auto cols = [&](auto& v, int64_t n_rows) {
+            const auto tmp = v;
+            for (int64_t r = 0; r < n_rows; ++r)
+                for (int64_t c = 0; c < f.n_out; ++c) v[size_t(r * f.n_out + c)] = tmp[size_t(r * f.n_out + col(c))];
+        };
+        cols(f.qweight, rows);
+        cols(f.zeros, f.n_groups);
+        cols(f.scales, f.n_groups);
+        if (!f.bias.empty()) cols(f.bias, 1);
+        if (interleaved) *interleaved = B;
+    }
     GPTQ_TRY(gptq_upload(f, group_sizes[0], fused_name, fused));
     ++n_fused_;
     return status::ok();
@@ -435,15 +459,17 @@ status llama_cuda_model::load_weights() {
             GPTQ_TRY(fused_module_load(i, R::LINEAR_GATE, &L.gate_up));
         else
             GPTQ_TRY(linear_group_load(i, {R::LINEAR_GATE, R::LINEAR_UP}, &L.gate_up, &L.lin,
-                                       down_perm.empty() ? nullptr : &down_perm, &L.gate_up_in_down_order));
+                                       down_perm.empty() ? nullptr : &down_perm, &L.gate_up_in_down_order,
+                                       opts_.decode_fuse && hp.act == mlp_activation::ACT_SILU ? 16 : 0,
+                                       &L.gate_up_block));
         any_gate_up_fused_ = any_gate_up_fused_ || L.gate_up.n_out > 0;
         if (next_off < off.layers.size() && off.layers[next_off] == i) {
             ++next_off;
             std::vector<cuda_buffer*> bufs = {&L.attn_norm,    &L.mlp_norm, &L.attn_out_norm,
                                               &L.mlp_out_norm, &L.q_norm,   &L.k_norm};
             auto                      add  = [&](linear& l) {
-                for (cuda_buffer* b : {&l.w, &l.bias, &l.q.weights, &l.q.sz, &l.q.perm, &l.q.qweight, &l.q.qzeros,
-                                       &l.q.scales, &l.q.g_idx, &l.q.bias})
+                for (cuda_buffer* b : {&l.w, &l.bias, &l.q.weights, &l.q.sz, &l.q.perm, &l.q.perm_inv, &l.q.qweight,
+                                       &l.q.qzeros, &l.q.scales, &l.q.g_idx, &l.q.bias})
                     bufs.push_back(b);
             };
             for (linear& l : L.lin) add(l);
@@ -744,6 +770,7 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
     p.lora_rows                = opts_.loras.empty() ? nullptr : ids + 3 * n_act_;
     p.ragged                   = ragged;
     p.mark                     = prof_on_ ? &marker : nullptr;
+    p.decode_fuse              = opts_.decode_fuse;
     const int64_t table_offset = ragged ? 0 : seq * pages_.max_pages();  // a plain pass: slot seq's table row
     p.pages                    = {page_table_.as<int32_t>() + table_offset, pages_.page_size(), pages_.max_pages()};
     // Prefill and mixed passes: the experts per expert (llama_cuda_moe.h); the grouped kernels are
@@ -766,17 +793,19 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
     GPTQ_TRY(prof_mark("embedding"));
     GPTQ_TRY(stage_done(embed_unit_));
     // Each residual add is folded into the RMSNorm after it (op_cuda_add_rms_norm): the output of a
-    // layer's down projection waits in y until the next layer (or the final norm) adds it.
+    // layer's down projection waits in y until the next layer (or the final norm) adds it; in the
+    // fused decode step down's GEMV adds it (cuda_layer_fusion).
     const uint16_t* pending = nullptr;
     for (int64_t i = 0; i < hp.n_layer; ++i) {
         const layer& ly   = layers_[static_cast<size_t>(i)];
         const int    unit = layer_unit_[static_cast<size_t>(i)];
         GPTQ_TRY(wait(unit));
-        p.k_cache = ly.k_cache.as<uint16_t>();
-        p.v_cache = ly.v_cache.as<uint16_t>();
-        GPTQ_ASSIGN_OR_RETURN(const bool done, cuda_layer_forward(c, hp, i, ly, hidden, pending, b, p));
+        p.k_cache  = ly.k_cache.as<uint16_t>();
+        p.v_cache  = ly.v_cache.as<uint16_t>();
+        bool added = false;  // the fused decode step added down's output to hidden itself
+        GPTQ_ASSIGN_OR_RETURN(const bool done, cuda_layer_forward(c, hp, i, ly, hidden, pending, b, p, &added));
         if (!done) return make_error(status_code::STATUS_INTERNAL, "layer {} stopped early", i);
-        pending = b.y;
+        pending = added ? nullptr : b.y;
         GPTQ_TRY(stage_done(unit));
     }
     // Final norm (with the last residual add) and lm_head over the rows whose logits are wanted: the

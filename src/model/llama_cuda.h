@@ -63,6 +63,12 @@ struct llama_cuda_options {
     // a CUDA graph) where the experts allow them; false: per expert with the routing on the host
     // (no graph), as prefill always runs them (llama_cuda_moe.h).
     bool moe_grouped = true;
+    // The fused decode step (docs/cuda.md "The fused decode step"): passes of at most
+    // cuda::int4_gemv_fused_max_m() rows run the GPTQ int4 linears with the RMSNorm folded into q/k/v
+    // and gate/up, SiLU * up into gate/up (its rows interleaved at load) and the residual adds into o
+    // and down, bit for bit the plain sequence; false (or GPTQ_DECODE_FUSE=0 in the environment):
+    // the plain ops everywhere, the reference.
+    bool decode_fuse = true;
 };
 constexpr int64_t k_llama_cuda_default_ctx = 4096;
 constexpr int64_t k_llama_cuda_max_seq     = 256;  // sequence slots (sequences_reserve)
@@ -247,7 +253,7 @@ private:
     // feature i of a part = the part's feature out_perm[i]; *permuted says whether it was applied.
     status linear_group_load(int64_t i_layer, const std::vector<linear_role>& roles, linear* fused,
                              std::array<linear, k_n_linear_roles>* lin, const std::vector<int32_t>* out_perm = nullptr,
-                             bool* permuted = nullptr);
+                             bool* permuted = nullptr, int64_t interleave = 0, int64_t* interleaved = nullptr);
     // A GPTQ linear read by io (gptq_linear_read), packed again and uploaded; group_size: its own
     // (llama_model::quantization_of, GPTQModel's `dynamic` may differ between modules).
     status gptq_upload(const gptq_linear_data& d, int group_size, const std::string& name, linear* out);

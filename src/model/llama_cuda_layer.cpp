@@ -72,14 +72,16 @@ status out_norm(cuda_context& c, const llama_hparams& hp, const cuda_buffer& w, 
 }
 
 // act(gate) * up (hp.act) into y, with the strides and permutation of op_cuda_silu_mul.
+// block: gate/up interleaved in blocks of that many features (cuda_layer_weights::gate_up_block).
 status act_mul(cuda_context& c, const llama_hparams& hp, const uint16_t* gate, const uint16_t* up, uint16_t* y,
-               int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride, const int32_t* perm = nullptr) {
+               int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride, const int32_t* perm = nullptr,
+               int64_t block = 0) {
     const int64_t n_ff = hp.n_ff;
     switch (hp.act) {
         case mlp_activation::ACT_SILU:
-            return op_cuda_silu_mul(c, gate, up, y, n, n_ff, gate_stride, up_stride, y_stride, perm);
+            return op_cuda_silu_mul(c, gate, up, y, n, n_ff, gate_stride, up_stride, y_stride, perm, block);
         case mlp_activation::ACT_GELU_TANH:
-            return op_cuda_gelu_tanh_mul(c, gate, up, y, n, n_ff, gate_stride, up_stride, y_stride, perm);
+            return op_cuda_gelu_tanh_mul(c, gate, up, y, n, n_ff, gate_stride, up_stride, y_stride, perm, block);
     }
     return make_error(status_code::STATUS_INTERNAL, "activation {}", static_cast<int>(hp.act));
 }
@@ -105,16 +107,24 @@ cuda_attention_args attention_args_base(const llama_hparams& hp, int64_t i_layer
 
 // RoPE, the keys/values into the cache and attention over it (the runtime). q, k, v: row slices of
 // stride q_stride / kv_stride; the output [n, q_dim] goes to out.
+// out_col: the inverse act-order permutation of the linear reading the output (written in its column
+// order; every launch of the pass must be the decode kernel: attention_all_decode), or nullptr.
+// in_attention: RoPE and the cache append inside the decode attention (every launch of the pass is the
+// decode kernel: attention_all_decode).
 status attention_cached(cuda_context& c, const llama_hparams& hp, int64_t i_layer, uint16_t* q, const uint16_t* k,
-                        const uint16_t* v, int64_t q_stride, int64_t kv_stride, uint16_t* out,
-                        const cuda_layer_pass& p) {
+                        const uint16_t* v, int64_t q_stride, int64_t kv_stride, uint16_t* out, const cuda_layer_pass& p,
+                        const int32_t* out_col = nullptr, bool in_attention = false) {
     // RoPE on q (in place) and k, k and v into the cache: one launch. Ragged: token t into sequence
     // seq_dev[t] at pos_dev[t]; a plain pass: the one sequence of p.pages, positions pos_dev[t].
     const float *cos = nullptr, *sin = nullptr;
     rope_rows(hp, i_layer, p, &cos, &sin);
-    GPTQ_TRY(op_cuda_rope_kv_store(c, q, k, v, q_stride, kv_stride, cos, sin, p.n, hp.n_head, hp.n_head_kv, hp.head_dim,
-                                   p.k_cache, p.v_cache, p.pos_dev, p.ragged ? p.seq_dev : nullptr, p.pages, p.n_ctx));
-    GPTQ_TRY(mark(p, "rope_kv_store"));
+    if (!in_attention) {
+        GPTQ_TRY(op_cuda_rope_kv_store(c, q, k, v, q_stride, kv_stride, cos, sin, p.n, hp.n_head, hp.n_head_kv,
+                                       hp.head_dim, p.k_cache, p.v_cache, p.pos_dev, p.ragged ? p.seq_dev : nullptr,
+                                       p.pages, p.n_ctx));
+        GPTQ_TRY(mark(p, "rope_kv_store"));
+    }
+    const int64_t half = hp.head_dim / 2;
     // Queries of rows [row0, row0 + n_q) over one sequence's pages from n_past (a prefill, or a chunk
     // of a mixed pass: the pages row of that sequence), or ragged (seq < 0: each row's own position
     // and sequence, read when the kernel runs; the bound n_ctx sizes grid and workspace).
@@ -129,6 +139,15 @@ status attention_cached(cuda_context& c, const llama_hparams& hp, int64_t i_laye
         a.out_stride          = hp.q_dim();
         a.kv_stride           = hp.kv_dim();
         a.kv_pages            = p.pages;
+        a.out_col             = out_col;
+        if (in_attention) {  // rows row0 .. of q/k/v and of the RoPE tables are this launch's queries
+            a.k_new      = k + row0 * kv_stride;
+            a.v_new      = v + row0 * kv_stride;
+            a.new_stride = kv_stride;
+            a.rope_cos   = cos + row0 * half;
+            a.rope_sin   = sin + row0 * half;
+            a.n_ctx      = p.n_ctx;
+        }
         if (seq < 0) {
             a.n_kv      = p.n_ctx;
             a.q_pos0    = 0;
@@ -150,7 +169,23 @@ status attention_cached(cuda_context& c, const llama_hparams& hp, int64_t i_laye
         }
         if (p.decode_row0 < p.n) GPTQ_TRY(run(p.decode_row0, p.n - p.decode_row0, -1, 0));
     }
-    return mark(p, "attention");
+    return mark(p, in_attention ? "attention+rope" : "attention");
+}
+
+// Whether every attention launch of a cached pass (attention_cached) runs the decode kernel, so that
+// its output may be written in the next linear's column order (cuda_attention_args::out_col).
+bool attention_all_decode(const llama_hparams& hp, const cuda_layer_pass& p, int64_t q_stride, int64_t kv_stride) {
+    cuda_attention_args a;
+    a.q_stride = q_stride, a.kv_stride = kv_stride;
+    auto decode = [&](int64_t n_q, bool ragged) {
+        a.n_q       = n_q;
+        a.q_pos_dev = ragged ? p.pos_dev : nullptr;
+        return op_cuda_attention_is_decode(a);
+    };
+    if (!p.ragged) return decode(p.n, false);
+    for (int64_t j = 0; j < p.n_chunks; ++j)
+        if (!decode(p.chunks[j].n, false)) return false;
+    return p.decode_row0 >= p.n || decode(p.n - p.decode_row0, true);
 }
 
 // Local K/V (calibration): per window of p.seqlen rows, RoPE on q and k in place and attention over
@@ -182,26 +217,72 @@ status attention_local(cuda_context& c, const llama_hparams& hp, int64_t i_layer
     }
     return mark(p, "attention");
 }
+
+bool fast_gptq(const cuda_linear& l) {
+    return l.n_out > 0 && l.quantized && l.q.fast;
+}
 }  // namespace
+
+cuda_layer_fusion cuda_layer_fusion_of(const llama_hparams& hp, const cuda_layer_weights& w, const cuda_layer_pass& p) {
+    cuda_layer_fusion f;
+    // The runtime's decode passes only: no hooks (they see the plain ops' inputs), no LoRA (it adds
+    // to each linear's own output), the cache, at most int4_gemv_fused_max_m rows (checked per linear).
+    if (!p.decode_fuse || p.hook || p.moe_hook || p.lora_rows || !p.k_cache || p.attn_out || p.attn_reuse ||
+        p.stop_after != linear_input::LINEAR_INPUT_COUNT)
+        return f;
+    f.attn_rope     = true;  // where every attention launch is the decode kernel (attention_cached checks)
+    const float eps = hp.rms_eps;
+    if (fast_gptq(w.qkv) && !hp.qk_norm)
+        f.qkv_norm = op_cuda_gptq_fused_ok(w.qkv.q, p.n, {w.attn_norm.as<uint16_t>(), eps, false, false});
+    const cuda_linear &o = w.linear(linear_role::LINEAR_O), &down = w.linear(linear_role::LINEAR_DOWN);
+    // Sandwich norms act on o's / down's output before the residual add: not fused.
+    if (!w.moe && !hp.attn_out_norm && !hp.mlp_out_norm && fast_gptq(w.gate_up) && fast_gptq(o) && fast_gptq(down)) {
+        const cuda_gptq_fusion res{nullptr, 0.0f, true, false};
+        // SiLU in gate/up's epilogue: the interleaved rows, already in down's act-order order when
+        // down has one (silu_mul could not permute its output then).
+        const bool silu =
+            w.gate_up_block == 16 && hp.act == mlp_activation::ACT_SILU && (w.gate_up_in_down_order || !perm_of(down));
+        f.mlp = op_cuda_gptq_fused_ok(o.q, p.n, res) && op_cuda_gptq_fused_ok(down.q, p.n, res) &&
+                op_cuda_gptq_fused_ok(w.gate_up.q, p.n, {w.mlp_norm.as<uint16_t>(), eps, false, silu});
+        f.silu = f.mlp && silu;
+    }
+    return f;
+}
 
 result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int64_t i_layer,
                                   const cuda_layer_weights& w, uint16_t* hidden, const uint16_t* pending,
-                                  const cuda_layer_buffers& b, const cuda_layer_pass& p) {
+                                  const cuda_layer_buffers& b, const cuda_layer_pass& p, const cuda_layer_fusion& f) {
     const int64_t  q_dim = hp.q_dim(), kv_dim = hp.kv_dim(), n = p.n;
     const bool     fused = w.qkv.n_out > 0;
     const int32_t* p_qkv = fused ? perm_of(w.qkv) : nullptr;
-    GPTQ_TRY(norm(c, hp, hidden, pending, w.attn_norm, b.x, p, p_qkv));
+    if (!f.qkv_norm) {
+        GPTQ_TRY(norm(c, hp, hidden, pending, w.attn_norm, b.x, p, p_qkv));
+    } else if (pending) {  // the norm is in q/k/v's GEMV; the add is not (a plain layer before)
+        GPTQ_TRY(op_cuda_add(c, hidden, pending, n * hp.n_embd));
+        GPTQ_TRY(mark(p, "add"));
+    }
     GPTQ_TRY(capture(p, linear_input::LINEAR_INPUT_QKV, b.x, hp.n_embd));
     if (p.stop_after == linear_input::LINEAR_INPUT_QKV) return false;
     // The attention output [n, q_dim]: in x (free again once q/k/v are computed) or where asked.
     uint16_t* att = p.attn_out ? p.attn_out : b.x;
+    // The fused step with an act-order o: attention writes its output in o's column order (no
+    // permutation launch before o) when all its launches are the decode kernel.
+    const cuda_linear& o          = w.linear(linear_role::LINEAR_O);
+    const int32_t*     o_col      = nullptr;
+    bool               o_in_order = false;
     if (!p.attn_reuse) {
         // q, k, v: three buffers, or row slices of the fused projection's output (stride qkv_dim).
         uint16_t *q = b.q, *k = b.k, *v = b.v;
         int64_t   q_stride = q_dim, kv_stride = kv_dim;
-        if (fused) {
+        if (f.qkv_norm) {  // rms_norm(hidden) * attn_norm inside the GEMV
+            GPTQ_TRY(op_cuda_gptq_linear_fused(c, w.qkv.q, hidden, b.q, n,
+                                               {w.attn_norm.as<uint16_t>(), hp.rms_eps, false, false}));
+            GPTQ_TRY(mark(p, "linear_qkv+norm"));
+        } else if (fused) {
             GPTQ_TRY(cuda_linear_forward(c, w.qkv, b.x, b.q, n, p_qkv != nullptr));
             GPTQ_TRY(mark(p, "linear_qkv"));
+        }
+        if (fused) {
             k        = b.q + q_dim;
             v        = b.q + q_dim + kv_dim;
             q_stride = kv_stride = q_dim + 2 * kv_dim;
@@ -220,8 +301,14 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
             GPTQ_TRY(op_cuda_rms_norm(c, k, w.k_norm.as<uint16_t>(), k, n * hp.n_head_kv, hp.head_dim, hp.rms_eps));
             GPTQ_TRY(mark(p, "qk_norm"));
         }
+        const bool all_decode = p.k_cache && attention_all_decode(hp, p, q_stride, kv_stride);
+        if (f.mlp && perm_of(o) && all_decode) {
+            o_col      = o.q.perm_inv.as<int32_t>();
+            o_in_order = true;
+        }
         if (p.k_cache) {
-            GPTQ_TRY(attention_cached(c, hp, i_layer, q, k, v, q_stride, kv_stride, att, p));
+            GPTQ_TRY(attention_cached(c, hp, i_layer, q, k, v, q_stride, kv_stride, att, p, o_col,
+                                      f.attn_rope && all_decode));
         } else {
             if (fused) return make_error(status_code::STATUS_INTERNAL, "layer {}: local K/V with fused q/k/v", i_layer);
             GPTQ_TRY(attention_local(c, hp, i_layer, q, k, v, att, p));
@@ -229,14 +316,49 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
     }
     GPTQ_TRY(capture(p, linear_input::LINEAR_INPUT_O, att, q_dim));
     if (p.stop_after == linear_input::LINEAR_INPUT_O) return false;
+    if (f.mlp) {  // hidden += o's output, in o's GEMV
+        GPTQ_TRY(op_cuda_gptq_linear_fused(c, o.q, att, hidden, n, {nullptr, 0.0f, true, false}, o_in_order));
+        GPTQ_TRY(mark(p, "linear_o+add"));
+        return true;
+    }
     GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_O, att, b.y, p));
     GPTQ_TRY(mark(p, "linear_o"));
     if (hp.attn_out_norm) GPTQ_TRY(out_norm(c, hp, w.attn_out_norm, b.y, p));  // sandwich (Gemma)
     return true;
 }
 
+namespace {
+// The MLP block of the fused decode step (f.mlp): o's output is in hidden already; the norm goes into
+// gate/up's GEMV (with SiLU * up when f.silu), down's output into hidden.
+status mlp_block_fused(cuda_context& c, const llama_hparams& hp, const cuda_layer_weights& w, uint16_t* hidden,
+                       const cuda_layer_buffers& b, const cuda_layer_pass& p, const cuda_layer_fusion& f) {
+    const int64_t      n = p.n, n_ff = hp.n_ff;
+    const cuda_linear& down   = w.linear(linear_role::LINEAR_DOWN);
+    const int32_t*     p_down = perm_of(down);
+    // The act-order order down reads: gate/up's rows are in it, or silu_mul permutes (not with f.silu).
+    const int32_t*  p_silu = w.gate_up_in_down_order ? nullptr : p_down;
+    const uint16_t* norm_w = w.mlp_norm.as<uint16_t>();
+    if (f.silu) {
+        GPTQ_TRY(op_cuda_gptq_linear_fused(c, w.gate_up.q, hidden, b.up, n, {norm_w, hp.rms_eps, false, true}));
+        GPTQ_TRY(mark(p, "linear_gate_up+norm+silu"));
+    } else {
+        GPTQ_TRY(op_cuda_gptq_linear_fused(c, w.gate_up.q, hidden, b.gate, n, {norm_w, hp.rms_eps, false, false}));
+        GPTQ_TRY(mark(p, "linear_gate_up+norm"));
+        const int64_t B = w.gate_up_block;
+        GPTQ_TRY(act_mul(c, hp, b.gate, b.gate + (B ? B : n_ff), b.up, n, 2 * n_ff, 2 * n_ff, n_ff, p_silu, B));
+        GPTQ_TRY(mark(p, "silu_mul"));
+    }
+    GPTQ_TRY(op_cuda_gptq_linear_fused(c, down.q, b.up, hidden, n, {nullptr, 0.0f, true, false}, p_down != nullptr));
+    return mark(p, "linear_down+add");
+}
+}  // namespace
+
 result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda_layer_weights& w, uint16_t* hidden,
-                            const cuda_layer_buffers& b, const cuda_layer_pass& p) {
+                            const cuda_layer_buffers& b, const cuda_layer_pass& p, const cuda_layer_fusion& f) {
+    if (f.mlp) {
+        GPTQ_TRY(mlp_block_fused(c, hp, w, hidden, b, p, f));
+        return true;
+    }
     const int64_t  n = p.n, n_ff = hp.n_ff;
     const bool     fused = w.gate_up.n_out > 0;
     const int32_t* p_gu  = fused ? perm_of(w.gate_up) : nullptr;
@@ -257,7 +379,8 @@ result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda
             p_down = perm_of(down);
         else
             p_down = p_silu = perm_of(down);
-        GPTQ_TRY(act_mul(c, hp, b.gate, b.gate + n_ff, b.up, n, 2 * n_ff, 2 * n_ff, n_ff, p_silu));
+        const int64_t B = w.gate_up_block;  // interleaved rows: up = gate + B (block B), else gate + n_ff
+        GPTQ_TRY(act_mul(c, hp, b.gate, b.gate + (B ? B : n_ff), b.up, n, 2 * n_ff, 2 * n_ff, n_ff, p_silu, B));
         act = b.up;
     } else {
         GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_GATE, b.x, b.gate, p));
@@ -277,11 +400,15 @@ result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda
 
 result<bool> cuda_layer_forward(cuda_context& c, const llama_hparams& hp, int64_t i_layer, const cuda_layer_weights& w,
                                 uint16_t* hidden, const uint16_t* pending, const cuda_layer_buffers& b,
-                                const cuda_layer_pass& p) {
-    GPTQ_ASSIGN_OR_RETURN(const bool attention_done, cuda_attention_block(c, hp, i_layer, w, hidden, pending, b, p));
+                                const cuda_layer_pass& p, bool* output_added) {
+    if (output_added) *output_added = false;
+    const cuda_layer_fusion f = cuda_layer_fusion_of(hp, w, p);
+    GPTQ_ASSIGN_OR_RETURN(const bool attention_done, cuda_attention_block(c, hp, i_layer, w, hidden, pending, b, p, f));
     if (!attention_done) return false;
     if (w.moe) return cuda_moe_block(c, hp, w, hidden, b, p);  // the sparse block (llama_cuda_moe.cpp)
-    return cuda_mlp_block(c, hp, w, hidden, b, p);
+    GPTQ_ASSIGN_OR_RETURN(const bool done, cuda_mlp_block(c, hp, w, hidden, b, p, f));
+    if (output_added) *output_added = done && f.mlp;
+    return done;
 }
 
 result<std::unique_ptr<llama_cuda_layer_runner>> llama_cuda_layer_runner::create(cuda_context&        ctx,

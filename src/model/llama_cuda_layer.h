@@ -79,7 +79,10 @@ struct cuda_layer_weights {
     cuda_linear                               qkv, gate_up;  // fused (q|k|v, gate|up): n_out 0 when not
     // gate_up's output features are in down's act-order column order (permuted at load), so
     // silu_mul's output is down's permuted input as it is.
-    bool               gate_up_in_down_order = false;
+    bool gate_up_in_down_order = false;
+    // 16: gate_up's rows interleaved in blocks of 16 features (16 gate rows, their 16 up rows, ...; the
+    // fused decode layout, docs/cuda.md "The fused decode step"); 0: gate | up.
+    int64_t            gate_up_block = 0;
     const cuda_linear& linear(linear_role r) const { return lin[static_cast<size_t>(r)]; }
     // LoRA adapters (docs/lora.md), per role: device [n_adapters] cuda_lora_slot, empty when no
     // adapter touches the role; lora_max_r: the largest r of the layer's slots. Only unfused linears
@@ -165,7 +168,22 @@ struct cuda_layer_pass {
     // (route-all, [n_expert]; nullptr: none).
     const cuda_moe_input_hook* moe_hook      = nullptr;
     const std::vector<bool>*   moe_route_all = nullptr;
+    // The fused decode step may run where it applies (cuda_layer_fusion_of); false: the plain ops.
+    bool decode_fuse = false;
 };
+
+// Which of the fused decode step's kernels a layer's pass runs (docs/cuda.md "The fused decode step"),
+// each bit for bit the plain ops it replaces:
+// - qkv_norm: the attention norm folded into the fused q/k/v GEMV (a pending residual is added first);
+// - mlp: o's output added to the residual stream in o's GEMV, the MLP norm folded into the fused
+//   gate/up GEMV, down's output added in down's GEMV (the layer's output is then in hidden);
+// - silu (with mlp): SiLU * up in the gate/up GEMV (its rows interleaved, gate_up_block 16).
+// - attn_rope: RoPE and the KV-cache append inside the decode attention (no rope_kv_store launch), when
+//   every attention launch of the pass is the decode kernel.
+struct cuda_layer_fusion {
+    bool qkv_norm = false, mlp = false, silu = false, attn_rope = false;
+};
+cuda_layer_fusion cuda_layer_fusion_of(const llama_hparams& hp, const cuda_layer_weights& w, const cuda_layer_pass& p);
 
 // The residual stream is carried as the runtime carries it: each residual add is folded into the
 // RMSNorm after it (op_cuda_add_rms_norm, bit for bit op_cuda_add then op_cuda_rms_norm). The
@@ -173,15 +191,19 @@ struct cuda_layer_pass {
 // norm; the MLP block adds o's output in its norm; down's output is left in buffers.y, to be added
 // by the next layer (its `pending`) or by the caller (op_cuda_add, the final norm).
 // Each returns false when it stopped at p.stop_after.
+// With f.mlp, o's output is added to hidden by o's GEMV (not left in buffers.y), and the MLP block
+// reads hidden as it is; with f.mlp down's output is added to hidden as well, and cuda_layer_forward
+// sets *output_added (the caller has nothing pending).
 result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int64_t i_layer,
                                   const cuda_layer_weights& w, uint16_t* hidden, const uint16_t* pending,
-                                  const cuda_layer_buffers& b, const cuda_layer_pass& p);
+                                  const cuda_layer_buffers& b, const cuda_layer_pass& p,
+                                  const cuda_layer_fusion& f = {});
 // hidden += buffers.y (o's output), norm, gate/up, SiLU * up, down into buffers.y.
 result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda_layer_weights& w, uint16_t* hidden,
-                            const cuda_layer_buffers& b, const cuda_layer_pass& p);
+                            const cuda_layer_buffers& b, const cuda_layer_pass& p, const cuda_layer_fusion& f = {});
 result<bool> cuda_layer_forward(cuda_context& c, const llama_hparams& hp, int64_t i_layer, const cuda_layer_weights& w,
                                 uint16_t* hidden, const uint16_t* pending, const cuda_layer_buffers& b,
-                                const cuda_layer_pass& p);
+                                const cuda_layer_pass& p, bool* output_added = nullptr);
 
 // ---- the calibration runner ----------------------------------------------------------------------
 

@@ -24,8 +24,8 @@ constexpr moe_proj k_projs[3] = {moe_proj::MOE_GATE, moe_proj::MOE_UP, moe_proj:
 
 uint64_t linear_bytes(const cuda_linear& l) {
     uint64_t n = l.w.bytes() + l.bias.bytes();
-    for (const cuda_buffer* b :
-         {&l.q.weights, &l.q.sz, &l.q.perm, &l.q.qweight, &l.q.qzeros, &l.q.scales, &l.q.g_idx, &l.q.bias})
+    for (const cuda_buffer* b : {&l.q.weights, &l.q.sz, &l.q.perm, &l.q.perm_inv, &l.q.qweight, &l.q.qzeros,
+                                 &l.q.scales, &l.q.g_idx, &l.q.bias})
         n += b->bytes();
     return n;
 }

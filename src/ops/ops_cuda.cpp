@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <utility>
@@ -211,6 +212,7 @@ struct cuda_context_state {
     cublasHandle_t blas   = nullptr;
     cuda_buffer    scratch;
     cuda_buffer    zeroed;
+    cuda_buffer    counters;  // k_context_counters zeros, allocated with the context, never moved
 };
 
 result<std::unique_ptr<cuda_context>> cuda_context::create(int device) {
@@ -232,7 +234,13 @@ result<std::unique_ptr<cuda_context>> cuda_context::create(int device) {
     GPTQ_CUDA_CHECK(cudaStreamCreateWithFlags(&ctx->s_->stream, cudaStreamNonBlocking));
     GPTQ_CUBLAS_CHECK(cublasCreate(&ctx->s_->blas));
     GPTQ_CUBLAS_CHECK(cublasSetStream(ctx->s_->blas, ctx->s_->stream));
+    GPTQ_ASSIGN_OR_RETURN(ctx->s_->counters, cuda_buffer::alloc(size_t(k_context_counters) * sizeof(unsigned)));
+    GPTQ_CUDA_CHECK(cudaMemset(ctx->s_->counters.data(), 0, size_t(k_context_counters) * sizeof(unsigned)));
     return ctx;
+}
+
+unsigned* cuda_context::counters(int64_t n) {
+    return n >= 0 && n <= k_context_counters ? s_->counters.as<unsigned>() : nullptr;
 }
 
 cuda_context::~cuda_context() {
@@ -457,13 +465,15 @@ status op_cuda_rope(cuda_context& ctx, uint16_t* x, const float* cos, const floa
 }
 
 status op_cuda_silu_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows,
-                        int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride, const int32_t* perm) {
-    return cuda::silu_mul_f16(gate, up, y, n_rows, n, gate_stride, up_stride, y_stride, ctx.stream(), perm);
+                        int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride, const int32_t* perm,
+                        int64_t block) {
+    return cuda::silu_mul_f16(gate, up, y, n_rows, n, gate_stride, up_stride, y_stride, ctx.stream(), perm, block);
 }
 
 status op_cuda_gelu_tanh_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows,
-                             int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride, const int32_t* perm) {
-    return cuda::gelu_tanh_mul_f16(gate, up, y, n_rows, n, gate_stride, up_stride, y_stride, ctx.stream(), perm);
+                             int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride, const int32_t* perm,
+                             int64_t block) {
+    return cuda::gelu_tanh_mul_f16(gate, up, y, n_rows, n, gate_stride, up_stride, y_stride, ctx.stream(), perm, block);
 }
 
 status op_cuda_softcap(cuda_context& ctx, float* x, int64_t n, float cap) {
@@ -523,6 +533,19 @@ status op_cuda_embedding(cuda_context& ctx, const uint16_t* table, const int32_t
 
 // ---- attention ---------------------------------------------------------------------------------
 
+bool op_cuda_attention_is_decode(const cuda_attention_args& a) {
+    constexpr int64_t k_decode_max_q = 16;  // beyond this the prefill tiles (16 queries) are as good
+    return a.q_pos_dev || (a.n_q <= k_decode_max_q && a.q_stride % 2 == 0 && a.kv_stride % 2 == 0);
+}
+
+bool decode_attention_one_launch() {
+    static const bool on = [] {
+        const char* e = std::getenv("GPTQ_DECODE_FUSE");
+        return !(e && std::strcmp(e, "0") == 0);
+    }();
+    return on;
+}
+
 status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a) {
     cuda::attention_params p;
     p.q = a.q, p.k = a.k, p.v = a.v, p.out = a.out;
@@ -530,15 +553,22 @@ status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a) {
     p.n_head = a.n_head, p.n_head_kv = a.n_head_kv, p.head_dim = a.head_dim;
     p.window = a.window, p.scale = a.scale, p.softcap = a.softcap;
     p.q_stride = a.q_stride, p.kv_stride = a.kv_stride, p.out_stride = a.out_stride;
-    p.kv_pages                       = {a.kv_pages.pages, a.kv_pages.page_size, a.kv_pages.pages_stride};
-    p.q_pos_dev                      = a.q_pos_dev;
-    p.q_seq_dev                      = a.q_seq_dev;
-    constexpr int64_t k_decode_max_q = 16;  // beyond this the prefill tiles (16 queries) are as good
-    if (a.q_pos_dev || (a.n_q <= k_decode_max_q && a.q_stride % 2 == 0 && a.kv_stride % 2 == 0)) {
+    p.kv_pages  = {a.kv_pages.pages, a.kv_pages.page_size, a.kv_pages.pages_stride};
+    p.q_pos_dev = a.q_pos_dev;
+    p.q_seq_dev = a.q_seq_dev;
+    p.out_col   = a.out_col;
+    p.k_new = a.k_new, p.v_new = a.v_new, p.new_stride = a.new_stride;
+    p.rope_cos = a.rope_cos, p.rope_sin = a.rope_sin, p.n_ctx = a.n_ctx;
+    if (op_cuda_attention_is_decode(a)) {
         const int64_t floats = cuda::attention_decode_workspace_floats(a.n_q, a.n_kv, a.n_head, a.head_dim);
         auto          ws     = ctx.scratch(size_t(floats) * sizeof(float));
         if (!ws) return ws.error();
-        return cuda::attention_decode_f16(p, static_cast<float*>(*ws), floats, ctx.stream());
+        // One launch: the key chunks merged by each (query, head)'s last block, with the context's
+        // counters (left zero); more (query, head) pairs than counters, or GPTQ_DECODE_FUSE=0: the
+        // combine kernel, the reference.
+        unsigned* counters =
+            decode_attention_one_launch() ? ctx.counters(cuda::attention_decode_counters(a.n_q, a.n_head)) : nullptr;
+        return cuda::attention_decode_f16(p, static_cast<float*>(*ws), floats, ctx.stream(), counters);
     }
     return cuda::attention_prefill_f16(p, ctx.stream());
 }
@@ -592,6 +622,11 @@ result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_hos
             auto p = cuda_buffer::from_host(perm.data(), perm.size() * 4);
             if (!p) return p.error();
             L.perm = std::move(*p);
+            std::vector<int32_t> inv(perm.size());
+            for (size_t i = 0; i < perm.size(); ++i) inv[size_t(perm[i])] = int32_t(i);
+            auto pi = cuda_buffer::from_host(inv.data(), inv.size() * 4);
+            if (!pi) return pi.error();
+            L.perm_inv = std::move(*pi);
         }
         (void)cuda::int4_gemm_has_wgmma();  // the probe runs here, at load, never during a graph capture
         GPTQ_TRY(cuda::int4_repack(*lay, qw->as<int32_t>(), qz->as<int32_t>(), sc->as<uint16_t>(), L.perm.as<int32_t>(),
@@ -713,6 +748,48 @@ status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const u
     p.g_idx = w.g_idx.as<int32_t>(), p.bias = bias;
     p.n_out = w.n_out, p.n_in = w.n_in, p.n_groups = w.n_groups, p.bits = w.bits, p.zero_add = w.zero_add;
     return cuda::gptq_linear_generic_f16(p, x, y, m, w.n_in, w.n_out, ctx.stream());
+}
+
+namespace {
+cuda::int4_gemv_fusion int4_fusion_of(const cuda_gptq_linear& w, const cuda_gptq_fusion& f) {
+    cuda::int4_gemv_fusion k;
+    k.norm_w   = f.norm_w;
+    k.eps      = f.eps;
+    k.perm     = f.norm_w && w.perm.bytes() ? w.perm.as<int32_t>() : nullptr;
+    k.residual = f.residual;
+    k.silu     = f.silu;
+    return k;
+}
+}  // namespace
+
+bool op_cuda_gptq_fused_ok(const cuda_gptq_linear& w, int64_t m, const cuda_gptq_fusion& f) {
+    if (!w.fast || m < 1) return false;
+    auto lay = cuda::int4_layout_for(w.n_out, w.n_in, w.group_size);
+    return lay.is_ok() && cuda::int4_gemv_fused_check(*lay, m, int4_fusion_of(w, f)).is_ok();
+}
+
+status op_cuda_gptq_linear_fused(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, uint16_t* y,
+                                 int64_t m, const cuda_gptq_fusion& f, bool x_permuted) {
+    if (!w.fast)
+        return make_error(status_code::STATUS_UNSUPPORTED, "fused GPTQ linear {} x {}: not on the int4 layout", w.n_out,
+                          w.n_in);
+    if (f.norm_w && x_permuted)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "fused GPTQ linear: the norm reads the residual stream, never permuted");
+    auto lay = cuda::int4_layout_for(w.n_out, w.n_in, w.group_size);
+    if (!lay) return lay.error();
+    const cuda::int4_gemv_fusion k    = int4_fusion_of(w, f);
+    const uint16_t*              bias = w.bias.bytes() ? w.bias.as<uint16_t>() : nullptr;
+    const uint16_t*              xin  = x;
+    if (!f.norm_w && w.perm.bytes() && !x_permuted) {  // act-order input, as op_cuda_gptq_linear permutes it
+        auto sp = ctx.scratch(size_t(m * w.n_in) * 2);
+        if (!sp) return sp.error();
+        GPTQ_TRY(cuda::gptq_permute_cols_f16(x, w.perm.as<int32_t>(), static_cast<uint16_t*>(*sp), m, w.n_in, w.n_in,
+                                             w.n_in, ctx.stream()));
+        xin = static_cast<const uint16_t*>(*sp);
+    }
+    return cuda::int4_gemv_fused_f16(*lay, w.weights.data(), w.sz.data(), xin, bias, y, m, w.n_in,
+                                     f.silu ? w.n_out / 2 : w.n_out, k, ctx.stream());
 }
 
 }  // namespace gptq

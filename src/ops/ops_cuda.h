@@ -66,6 +66,11 @@ public:
     // A second area, zero when (re)allocated, for kernels that leave it zero after use (the int4
     // GEMV's split-K counters). Same growth rule as scratch.
     result<void*> zeroed_workspace(size_t bytes);
+    // k_context_counters unsigned zeros on the device, allocated with the context and never moved
+    // (safe in captured graphs), for one kernel at a time that leaves them zero (the decode
+    // attention's chunk counters); nullptr when n exceeds them.
+    static constexpr int64_t k_context_counters = 65536;
+    unsigned*                counters(int64_t n);
 
 private:
     cuda_context() = default;
@@ -188,13 +193,15 @@ status op_cuda_rope(cuda_context& ctx, uint16_t* x, const float* cos, const floa
 // y[r, :n] = silu(gate[r, :n]) * up[r, :n]; gate/up/y with row strides (fused gate_up: up = gate + n).
 // perm ([n] I32 device, act-order order of the GPTQ layer reading y, see cuda_gptq_linear::perm):
 // y[r, i] = silu(gate[r, perm[i]]) * up[r, perm[i]], y then must not alias gate or up.
+// block > 0: gate and up interleaved in blocks of `block` features (kernels/cuda/activation.cuh; the
+// fused decode layout of a gate/up projection): pass up = gate + block.
 status op_cuda_silu_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows,
                         int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride,
-                        const int32_t* perm = nullptr);
+                        const int32_t* perm = nullptr, int64_t block = 0);
 // The same with GELU (tanh approximation) for SiLU: GeGLU (Gemma), F32 math, F16 in and out.
 status op_cuda_gelu_tanh_mul(cuda_context& ctx, const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows,
                              int64_t n, int64_t gate_stride, int64_t up_stride, int64_t y_stride,
-                             const int32_t* perm = nullptr);
+                             const int32_t* perm = nullptr, int64_t block = 0);
 // x[i] = cap * tanh(x[i] / cap), F32 in place (final logit soft-capping); cap > 0.
 status op_cuda_softcap(cuda_context& ctx, float* x, int64_t n, float cap);
 // Each row's k most likely tokens and softmax normalisers (ops/logits_top.h; kernels/cuda/
@@ -268,9 +275,28 @@ struct cuda_attention_args {
     // bounds every position + 1. Decode kernel only, any n_q.
     const int32_t* q_pos_dev = nullptr;
     const int32_t* q_seq_dev = nullptr;
+    // Decode kernel only (op_cuda_attention_is_decode): output column c goes to column out_col[c]
+    // (device I32 [n_head * head_dim]: the inverse act-order permutation of the GPTQ linear reading
+    // the output, cuda_gptq_linear::perm_inv, which then takes it as x_permuted).
+    const int32_t* out_col = nullptr;
+    // Decode kernel only: RoPE and the KV-cache append inside the attention (kernels/cuda/attention.cuh
+    // attention_params::k_new): q unrotated, each query's own key and value row i of k_new / v_new
+    // (stride new_stride), tables rope_cos / rope_sin [n_q, head_dim / 2], stored below n_ctx;
+    // op_cuda_rope_kv_store is then not run before.
+    const uint16_t* k_new      = nullptr;
+    const uint16_t* v_new      = nullptr;
+    int64_t         new_stride = 0;
+    const float*    rope_cos   = nullptr;
+    const float*    rope_sin   = nullptr;
+    int64_t         n_ctx      = 0;
 };
+// Whether op_cuda_attention runs a on the decode kernel (ragged, or n_q <= 16 with even strides).
+bool op_cuda_attention_is_decode(const cuda_attention_args& a);
 // Decode kernel (split over the KV length) for n_q <= 16 or ragged, the tiled prefill kernel otherwise.
+// The decode kernel merges its key chunks in its last blocks (one launch) unless GPTQ_DECODE_FUSE=0
+// is in the environment (then a combine kernel does, the reference; the same bits).
 status op_cuda_attention(cuda_context& ctx, const cuda_attention_args& a);
+bool   decode_attention_one_launch();
 
 // ---- linear layers ---------------------------------------------------------------------------
 // Dense: y[m, n] = x[m, k] w[n, k]^T through cuBLAS, F16 or BF16 (bf16 = true), F32 accumulation.
@@ -328,6 +354,7 @@ struct cuda_gptq_linear {
     int         splits = 0;   // fast kernel's k split over blocks (0: automatic); for benchmarks
     cuda_buffer weights, sz;  // fast: the repacked layout (kernels/cuda/gptq_int4.cuh)
     cuda_buffer perm;         // fast with act-order: [n_in] I32 column order; empty otherwise
+    cuda_buffer perm_inv;     // its inverse (column i of x goes to perm_inv[i]); empty without perm
     cuda_buffer qweight, qzeros, scales, g_idx;  // generic: the checkpoint tensors as they are
     cuda_buffer bias;                            // [n_out] F16 or empty
 
@@ -342,6 +369,28 @@ result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_hos
 // before it, e.g. op_cuda_add_rms_norm with w.perm); only meaningful when w.perm is not empty.
 status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, uint16_t* y, int64_t m,
                            bool x_permuted = false);
+
+// The fused decode step (docs/cuda.md "The fused decode step"): a GPTQ linear on the int4 layout with
+// the op before or after it folded into the GEMV, bit for bit the plain sequence. One of:
+// - norm_w: x is the residual stream h [m, n_in]; the linear multiplies rms_norm(h) * norm_w
+//   (op_cuda_add_rms_norm without the add, in the layer's act-order order when it has one), with
+//   silu optionally;
+// - residual: y is the residual stream [m, n_out], y += the linear's output (op_cuda_add);
+// - silu (with norm_w): the layer is a gate/up projection in the interleaved layout (16 gate rows,
+//   then their 16 up rows, per 32; cuda_gptq_linear's rows as loaded), y [m, n_out / 2] receives
+//   silu(gate) * up (op_cuda_silu_mul with block 16).
+struct cuda_gptq_fusion {
+    const uint16_t* norm_w   = nullptr;  // [n_in] F16
+    float           eps      = 0.0f;
+    bool            residual = false;
+    bool            silu     = false;
+};
+// Whether op_cuda_gptq_linear_fused runs w for m rows with f (the int4 layout, m <= 8, the shared
+// memory of the normalised rows on the current device): otherwise the caller runs the plain ops.
+bool op_cuda_gptq_fused_ok(const cuda_gptq_linear& w, int64_t m, const cuda_gptq_fusion& f);
+// x_permuted as op_cuda_gptq_linear (residual only: a normalised input is permuted by the kernel).
+status op_cuda_gptq_linear_fused(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, uint16_t* y,
+                                 int64_t m, const cuda_gptq_fusion& f, bool x_permuted = false);
 
 // ---- op timing and the fused decode step (ops_cuda_timing.cpp) -----------------------------------
 

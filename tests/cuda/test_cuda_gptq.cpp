@@ -7,14 +7,17 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <numeric>
 #include <string>
 
 #include "cuda_test_util.h"
 #include "io/gptq_pack.h"
+#include "kernels/cuda/activation.cuh"
 #include "kernels/cuda/gptq_int4.cuh"
 #include "kernels/cuda/gptq_linear.cuh"
+#include "kernels/cuda/norm.cuh"
 
 namespace gptq {
 namespace {
@@ -363,6 +366,171 @@ TEST(CudaGptq, Int4GemvLlamaShape) {
     std::mt19937   rng(seed);
     run_int4(rng, seed, 4096, 4096, 128, true, false, gptq_checkpoint_format::GPTQ_FORMAT_V2, {1, 4, 16}, 8, 0);
     run_int4(rng, seed, 512, 11008, 128, false, true, gptq_checkpoint_format::GPTQ_FORMAT_V1, {1, 5}, 8, 5);
+}
+
+// ---- the fused decode step's GEMV (int4_gemv_fused_f16) against the plain ops, bit for bit ----------
+
+enum class fused_mode { NORM, NORM_SILU, RES };
+
+const char* mode_name(fused_mode f) {
+    return f == fused_mode::NORM ? "norm" : f == fused_mode::NORM_SILU ? "norm+silu" : "residual";
+}
+
+// One random layer on the device, run for each m by the plain ops (add_rms_norm_f16 (+ its act-order
+// permutation) then int4_gemv_f16 (then silu_mul_f16 over the interleaved rows); or int4_gemv_f16 then
+// add_f16 into the residual stream) and by the fused kernel; the outputs must be the same bits.
+// variant: -1 the table's choice, else a fused variant forced. Inputs: a residual stream of
+// standard deviation 3 (norm weights around 1), strides that are odd for the norm's input.
+void check_fused(std::mt19937& rng, uint32_t seed, fused_mode mode, int64_t n_out, int64_t n_in, int64_t gs, bool act,
+                 bool sym, gptq_checkpoint_format fmt, const std::vector<int64_t>& ms, int variant) {
+    layer L   = make_layer(rng, n_out, n_in, gs, 4, act, sym, fmt);
+    auto  lay = cuda::int4_layout_for(n_out, n_in, gs);
+    ASSERT_TRUE(lay.is_ok()) << lay.error().message();
+    std::vector<int32_t> perm;
+    GPTQ_EXPECT_OK(cuda::int4_act_order_perm(L.g_idx.data(), n_in, gs, perm));
+    device_array<int32_t>  dq(L.qweight), dz(L.qzeros), dperm(perm);
+    device_array<uint16_t> ds(L.scales);
+    device_array<uint8_t>  dw(size_t(lay->weight_bytes)), dsz(size_t(lay->sz_bytes));
+    GPTQ_EXPECT_OK(cuda::int4_repack(*lay, dq.get(), dz.get(), ds.get(), perm.empty() ? nullptr : dperm.get(),
+                                     fmt == gptq_checkpoint_format::GPTQ_FORMAT_V1 ? 1 : 0, dw.get(), dsz.get(),
+                                     nullptr));
+    const bool     norm          = mode != fused_mode::RES;
+    const int32_t* dperm_or_null = perm.empty() ? nullptr : dperm.get();
+    const float    eps           = 1e-5f;
+    for (int64_t m : ms) {
+        const std::string what = std::string(mode_name(mode)) + " " + describe(L, m, act, sym, seed) +
+                                 " variant=" + (variant < 0 ? "auto" : cuda::int4_gemv_variant_name(variant));
+        {  // rows that do not fit in shared memory (wide act-order layers at large m): refused, skipped
+            cuda::int4_gemv_fusion probe;
+            probe.norm_w    = norm ? reinterpret_cast<const uint16_t*>(uintptr_t(256)) : nullptr;  // not read
+            probe.perm      = norm ? dperm_or_null : nullptr;
+            probe.residual  = !norm;
+            probe.silu      = mode == fused_mode::NORM_SILU;
+            const status st = cuda::int4_gemv_fused_check(*lay, m, probe, variant);
+            if (st.code() == status_code::STATUS_UNSUPPORTED &&
+                st.message().find("shared memory") != std::string::npos) {
+                std::printf("skipped (%s): %s\n", what.c_str(), st.message().c_str());
+                continue;
+            }
+            GPTQ_EXPECT_OK(st);
+        }
+        std::vector<uint16_t>  bias = (m % 2) ? test::random_f16(rng, size_t(n_out)) : std::vector<uint16_t>{};
+        device_array<uint16_t> db(bias);
+        const uint16_t*        bp  = bias.empty() ? nullptr : db.get();
+        const int64_t          n_y = mode == fused_mode::NORM_SILU ? n_out / 2 : n_out;
+        std::vector<uint16_t>  want, got;
+        if (norm) {
+            const int64_t x_stride = n_in + (m % 3) * 5;  // odd strides: 2-byte aligned rows
+            auto          h        = test::random_f16(rng, size_t(m * x_stride), 3.0f);
+            auto          nw       = test::random_f16(rng, size_t(n_in), 0.3f);
+            for (auto& v : nw) v = f32_to_f16(1.0f + f16_to_f32(v));
+            device_array<uint16_t> dh(h), dnw(nw), dxn(size_t(m * n_in)), dfull(size_t(m * n_out));
+            device_array<uint16_t> dref(size_t(m * n_y)), dgot(size_t(m * n_y));
+            GPTQ_EXPECT_OK(cuda::add_rms_norm_f16(dh.get(), nullptr, dnw.get(), dxn.get(), dperm_or_null, m, n_in,
+                                                  x_stride, n_in, n_in, eps, nullptr));
+            GPTQ_EXPECT_OK(cuda::int4_gemv_f16(*lay, dw.get(), dsz.get(), dxn.get(), bp, dfull.get(), m, n_in, n_out,
+                                               nullptr, 0, nullptr));
+            if (mode == fused_mode::NORM_SILU) {
+                GPTQ_EXPECT_OK(cuda::silu_mul_f16(dfull.get(), dfull.get() + 16, dref.get(), m, n_y, n_out, n_out, n_y,
+                                                  nullptr, nullptr, 16));
+                want = dref.download();
+            } else {
+                want = dfull.download();
+            }
+            cuda::int4_gemv_fusion f;
+            f.norm_w = dnw.get(), f.eps = eps, f.perm = dperm_or_null, f.silu = mode == fused_mode::NORM_SILU;
+            GPTQ_EXPECT_OK(cuda::int4_gemv_fused_f16(*lay, dw.get(), dsz.get(), dh.get(), bp, dgot.get(), m, x_stride,
+                                                     n_y, f, nullptr, variant));
+            got = dgot.download();
+            // The fused kernel reads the stream and leaves it: the norm's input is unchanged.
+            EXPECT_EQ(dh.download(), h) << what;
+        } else {
+            auto                   x = test::random_f16(rng, size_t(m * n_in));  // already in the layer's order
+            auto                   h = test::random_f16(rng, size_t(m * n_out), 3.0f);
+            device_array<uint16_t> dx(x), dy(size_t(m * n_out)), dref(h), dgot(h);
+            GPTQ_EXPECT_OK(cuda::int4_gemv_f16(*lay, dw.get(), dsz.get(), dx.get(), bp, dy.get(), m, n_in, n_out,
+                                               nullptr, 0, nullptr));
+            GPTQ_EXPECT_OK(cuda::add_f16(dref.get(), dy.get(), m * n_out, nullptr));
+            want = dref.download();
+            cuda::int4_gemv_fusion f;
+            f.residual = true;
+            GPTQ_EXPECT_OK(cuda::int4_gemv_fused_f16(*lay, dw.get(), dsz.get(), dx.get(), bp, dgot.get(), m, n_in,
+                                                     n_out, f, nullptr, variant));
+            got = dgot.download();
+        }
+        ASSERT_EQ(got.size(), want.size()) << what;
+        int bad = 0;
+        for (size_t i = 0; i < got.size(); ++i)
+            if (got[i] != want[i] && bad++ < 5)
+                ADD_FAILURE() << what << ": element " << i << " (row " << i / size_t(n_y) << " col " << i % size_t(n_y)
+                              << ") fused " << f16_to_f32(got[i]) << " plain " << f16_to_f32(want[i]);
+        EXPECT_EQ(bad, 0) << what;
+    }
+}
+
+// Awkward shapes: n_in not a multiple of 256 (352: 11 k steps, rows not padded in shared memory;
+// 1376 and 2080: uneven k chunks and norm threads), odd group counts (352 / 32, 1376 / 32, 384 /
+// 128), one group, act-order, n_out not a multiple of the tile (norm, residual), the 4096-wide
+// Llama shape; m = 1..16, every fused variant and the table's choice. (A layer whose rows do not fit in
+// shared memory at some m is refused there, and that m is skipped.)
+TEST(CudaGptq, Int4GemvFusedMatchesPlainOps) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    struct shape {
+        int64_t n_out, n_in, gs;
+        bool    act;
+    };
+    const std::vector<shape> shapes   = {{40, 256, 128, false},   {264, 352, 32, true},  {1000, 1376, 32, false},
+                                         {96, 384, 128, true},    {72, 96, -1, false},   {520, 2080, 32, true},
+                                         {1056, 4096, 128, true}, {4104, 128, 64, false}};
+    std::vector<int>         variants = {-1};
+    for (int v = 0; v < cuda::int4_gemv_variant_count(); ++v)
+        if (cuda::int4_gemv_fused_variant(v)) variants.push_back(v);
+    ASSERT_GE(variants.size(), 2u);
+    const std::vector<int64_t> all_m  = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+    const std::vector<int64_t> some_m = {1, 3, 8, 9, 16};
+    int                        i      = 0;
+    for (fused_mode mode : {fused_mode::NORM, fused_mode::NORM_SILU, fused_mode::RES})
+        for (const shape& s : shapes) {
+            const int64_t n_out = mode == fused_mode::NORM_SILU ? (s.n_out + 31) / 32 * 32 : s.n_out;
+            const auto    fmt = i % 2 ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2;
+            const int     variant = variants[size_t(i) % variants.size()];
+            check_fused(rng, seed, mode, n_out, s.n_in, s.gs, s.act, i % 3 == 0, fmt, i % 4 == 0 ? all_m : some_m,
+                        variant);
+            ++i;
+        }
+}
+
+// What the fused kernel refuses (the caller then runs the plain ops): more than 16 tokens, residual
+// with SiLU, SiLU on rows that are not whole 32-row tiles, a permutation without the norm, a
+// variant without a fused kernel; and a norm whose rows do not fit in shared memory.
+TEST(CudaGptq, Int4GemvFusedRefusals) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    auto lay = cuda::int4_layout_for(40, 256, 128);
+    ASSERT_TRUE(lay.is_ok());
+    const uint16_t*        nw = reinterpret_cast<const uint16_t*>(uintptr_t(256));  // never dereferenced
+    cuda::int4_gemv_fusion norm, res, silu_res, perm_only;
+    norm.norm_w       = nw;
+    res.residual      = true;
+    silu_res.residual = silu_res.silu = true;
+    perm_only.perm                    = reinterpret_cast<const int32_t*>(uintptr_t(256));
+    EXPECT_TRUE(cuda::int4_gemv_fused_check(*lay, 1, norm).is_ok());
+    EXPECT_TRUE(cuda::int4_gemv_fused_check(*lay, 8, res).is_ok());
+    EXPECT_TRUE(cuda::int4_gemv_fused_check(*lay, 16, norm).is_ok());
+    EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 17, norm).code(), status_code::STATUS_UNSUPPORTED);
+    EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 0, res).code(), status_code::STATUS_UNSUPPORTED);
+    EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 1, silu_res).code(), status_code::STATUS_UNSUPPORTED);
+    cuda::int4_gemv_fusion silu = norm;
+    silu.silu                   = true;
+    EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 1, silu).code(), status_code::STATUS_UNSUPPORTED);  // 40 rows
+    EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 1, perm_only).code(), status_code::STATUS_INVALID_ARGUMENT);
+    EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 1, res, 0).code(), status_code::STATUS_INVALID_ARGUMENT);
+    EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 1, cuda::int4_gemv_fusion{}).code(), status_code::STATUS_UNSUPPORTED);
+    auto wide = cuda::int4_layout_for(64, 16384, 128);  // 9 rows of 32 KB at m = 8 (inputs and the weights)
+    ASSERT_TRUE(wide.is_ok());
+    EXPECT_TRUE(cuda::int4_gemv_fused_check(*wide, 1, norm).is_ok());
+    EXPECT_EQ(cuda::int4_gemv_fused_check(*wide, 8, norm).code(), status_code::STATUS_UNSUPPORTED);
 }
 
 }  // namespace

@@ -364,6 +364,51 @@ struct attn_case {
     int64_t n_q, n_kv, q_pos0, n_head, n_head_kv, head_dim, window;
 };
 
+// The decode kernel with counters (each (query, head)'s last block merges the key chunks: one
+// launch) gives the two-kernel output `want` bit for bit, twice in a row on the same counters (the
+// first launch must leave them zero); p.out is overwritten.
+void expect_one_launch_decode_same(const cuda::attention_params& p, const std::vector<uint16_t>& want, uint32_t seed) {
+    const int64_t          ws = cuda::attention_decode_workspace_floats(p.n_q, p.n_kv, p.n_head, p.head_dim);
+    device_array<float>    dws(static_cast<size_t>(ws));
+    device_array<unsigned> counters(size_t(cuda::attention_decode_counters(p.n_q, p.n_head)));
+    ASSERT_EQ(cudaMemset(counters.get(), 0, counters.size() * sizeof(unsigned)), cudaSuccess);
+    for (int round = 0; round < 2; ++round) {
+        ASSERT_EQ(cudaMemset(p.out, 0xFF, want.size() * 2), cudaSuccess);
+        GPTQ_EXPECT_OK(cuda::attention_decode_f16(p, dws.get(), ws, nullptr, counters.get()));
+        std::vector<uint16_t> got(want.size());
+        ASSERT_EQ(cudaMemcpy(got.data(), p.out, got.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+        EXPECT_EQ(got, want) << "one-launch decode, round " << round << ": n_q=" << p.n_q << " n_kv=" << p.n_kv
+                             << " heads=" << p.n_head << " d=" << p.head_dim << " seed " << seed;
+    }
+    std::vector<unsigned> left(counters.size());
+    ASSERT_EQ(cudaMemcpy(left.data(), counters.get(), left.size() * sizeof(unsigned), cudaMemcpyDeviceToHost),
+              cudaSuccess);
+    EXPECT_EQ(left, std::vector<unsigned>(left.size(), 0u)) << "counters not left zero";
+    // Output columns through a permutation (the next linear's act-order order), with the combine
+    // kernel and in one launch: column c of each row at out_col[c], the same bits.
+    const int64_t        width = p.n_head * p.head_dim, rows = p.n_q;
+    std::vector<int32_t> cols(static_cast<size_t>(width));
+    std::iota(cols.begin(), cols.end(), 0);
+    std::mt19937 rng(seed + 1);
+    std::shuffle(cols.begin(), cols.end(), rng);
+    device_array<int32_t>  dcols(cols);
+    cuda::attention_params pc = p;
+    pc.out_col                = dcols.get();
+    for (unsigned* cnt : {static_cast<unsigned*>(nullptr), counters.get()}) {
+        ASSERT_EQ(cudaMemset(p.out, 0xFF, want.size() * 2), cudaSuccess);
+        GPTQ_EXPECT_OK(cuda::attention_decode_f16(pc, dws.get(), ws, nullptr, cnt));
+        std::vector<uint16_t> got(want.size());
+        ASSERT_EQ(cudaMemcpy(got.data(), p.out, got.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+        int bad = 0;
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t c = 0; c < width; ++c)
+                if (got[size_t(r * p.out_stride + cols[size_t(c)])] != want[size_t(r * p.out_stride + c)]) ++bad;
+        EXPECT_EQ(bad, 0) << "decode with out_col (" << (cnt ? "one launch" : "combine kernel") << "): n_q=" << p.n_q
+                          << " seed " << seed;
+    }
+    EXPECT_FALSE(cuda::attention_prefill_f16(pc, nullptr).is_ok()) << "the prefill kernel takes no out_col";
+}
+
 void run_attention(const attn_case& c, bool decode, uint32_t seed, float softcap = 0.0f) {
     std::mt19937  rng(seed);
     const int64_t q_stride = c.n_head * c.head_dim + 2, kv_stride = c.n_head_kv * c.head_dim + 4,
@@ -382,6 +427,7 @@ void run_attention(const attn_case& c, bool decode, uint32_t seed, float softcap
         device_array<float> dws(static_cast<size_t>(ws));
         GPTQ_EXPECT_OK(cuda::attention_decode_f16(p, dws.get(), ws, nullptr));
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        expect_one_launch_decode_same(p, dout.download(), seed);
     } else {
         GPTQ_EXPECT_OK(cuda::attention_prefill_f16(p, nullptr));
     }
@@ -531,8 +577,9 @@ TEST(CudaKernels, AttentionDecodePagedMatchesCpu) {
         device_array<float> dws(static_cast<size_t>(ws));
         GPTQ_EXPECT_OK(cuda::attention_decode_f16(p, dws.get(), ws, nullptr));
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        const auto         got = dout.download();
-        const auto         qf  = test::to_f32(q);
+        const auto got = dout.download();
+        expect_one_launch_decode_same(p, got, seed);
+        const auto         qf = test::to_f32(q);
         std::vector<float> ref(size_t(c.n_q * q_dim));
         for (int64_t i = 0; i < c.n_q; ++i) {
             cpu::attention_shape sh;
@@ -880,6 +927,134 @@ TEST(CudaKernels, SiluMulPermutedIsSiluMulThenPermute) {
             for (int64_t i = 0; i < cols; ++i)
                 ASSERT_EQ(g[size_t(row * cols + i)], r[size_t(row * cols + perm[size_t(i)])])
                     << "row " << row << " col " << i << " seed " << seed;
+    }
+}
+
+// gate/up interleaved in blocks of B features (the fused decode layout): the same bits as the plain
+// kernel on the de-interleaved rows, with and without a permutation, SiLU and GELU; a block that
+// does not divide the features is refused.
+TEST(CudaKernels, ActMulInterleavedIsActMulOfTheDeinterleavedRows) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    for (auto [rows, cols, B] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+             {1, 16, 16}, {1, 11008, 16}, {5, 336, 16}, {3, 96, 32}, {8, 4096, 16}}) {
+        auto                  gu = test::random_f16(rng, size_t(rows * 2 * cols), 3.0f);
+        std::vector<uint16_t> plain(gu.size());  // gate | up per row
+        for (int64_t r = 0; r < rows; ++r)
+            for (int64_t i = 0; i < cols; ++i) {
+                const int64_t c                        = (i / B) * 2 * B + i % B;
+                plain[size_t(r * 2 * cols + i)]        = gu[size_t(r * 2 * cols + c)];
+                plain[size_t(r * 2 * cols + cols + i)] = gu[size_t(r * 2 * cols + c + B)];
+            }
+        const auto             perm = random_perm(rng, cols);
+        device_array<uint16_t> dgu(gu), dplain(plain), ref(size_t(rows * cols)), got(size_t(rows * cols));
+        device_array<int32_t>  dp(perm);
+        for (int gelu = 0; gelu < 2; ++gelu)
+            for (const int32_t* p : {static_cast<const int32_t*>(nullptr), static_cast<const int32_t*>(dp.get())}) {
+                auto run = gelu ? cuda::gelu_tanh_mul_f16 : cuda::silu_mul_f16;
+                GPTQ_EXPECT_OK(run(dplain.get(), dplain.get() + cols, ref.get(), rows, cols, 2 * cols, 2 * cols, cols,
+                                   nullptr, p, 0));
+                GPTQ_EXPECT_OK(
+                    run(dgu.get(), dgu.get() + B, got.get(), rows, cols, 2 * cols, 2 * cols, cols, nullptr, p, B));
+                EXPECT_EQ(got.download(), ref.download()) << rows << " x " << cols << " block " << B << " gelu " << gelu
+                                                          << " perm " << (p != nullptr) << " seed " << seed;
+            }
+    }
+    device_array<uint16_t> buf(size_t(2 * 40));
+    const status st = cuda::silu_mul_f16(buf.get(), buf.get() + 16, buf.get(), 1, 40, 80, 80, 40, nullptr, nullptr, 16);
+    EXPECT_EQ(st.code(), status_code::STATUS_INVALID_ARGUMENT) << st.message();
+}
+
+// RoPE and the KV-cache append inside the decode attention (attention_params::k_new) against
+// rope_kv_store_f16 then the decode kernel: the same output and the same cache rows, bit for bit.
+// Ragged paged decode (one query per sequence, its own new row) and several queries of one
+// contiguous sequence (every row from q_pos0 on new: later queries see earlier new keys), GQA,
+// head_dim 2 (half 1), 80, 128, windows, with the combine kernel and in one launch.
+TEST(CudaKernels, AttentionDecodeWithRopeIsRopeKvStoreThenAttention) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    struct rope_case {
+        int64_t n_q, n_ctx, page_size, n_head, n_head_kv, head_dim, window;
+        bool    ragged;
+    };
+    for (const rope_case& c : std::vector<rope_case>{{1, 1, 1, 1, 1, 2, 0, true},
+                                                     {4, 300, 16, 8, 2, 128, 0, true},
+                                                     {7, 90, 1, 4, 4, 80, 17, true},
+                                                     {1, 40, 0, 4, 2, 128, 0, false},
+                                                     {5, 64, 0, 6, 3, 80, 0, false},
+                                                     {16, 100, 0, 4, 1, 64, 9, false}}) {
+        const int64_t        D = c.head_dim, half = D / 2, q_dim = c.n_head * D, kv_dim = c.n_head_kv * D;
+        const int64_t        stride = q_dim + 2 * kv_dim;  // the fused q/k/v rows
+        std::vector<int32_t> pos(size_t(c.n_q)), seq(size_t(c.n_q));
+        std::vector<int64_t> len(size_t(c.ragged ? c.n_q : 1));
+        const int64_t        q_pos0 = c.ragged ? 0 : c.n_ctx - c.n_q - int64_t(rng() % 8);
+        for (int64_t i = 0; i < c.n_q; ++i) {
+            seq[size_t(i)] = c.ragged ? int32_t(i) : 0;
+            pos[size_t(i)] = c.ragged ? int32_t(rng() % uint32_t(c.n_ctx)) : int32_t(q_pos0 + i);
+            if (c.ragged && i == 0) pos[0] = int32_t(c.n_ctx - 1);
+            len[size_t(seq[size_t(i)])] = std::max<int64_t>(len[size_t(seq[size_t(i)])], pos[size_t(i)] + 1);
+        }
+        // The cache: paged (ragged) or contiguous rows of one sequence; every row random, the new
+        // rows included (both paths overwrite them).
+        paged_kv              kv;
+        std::vector<uint16_t> kc, vc;
+        if (c.ragged) {
+            kv = make_paged(rng, len, c.page_size, (c.n_ctx + c.page_size - 1) / c.page_size, kv_dim, 2);
+            kc = kv.k_pool, vc = kv.v_pool;
+        } else {
+            kc = test::random_f16(rng, size_t(c.n_ctx * kv_dim));
+            vc = test::random_f16(rng, size_t(c.n_ctx * kv_dim));
+        }
+        const auto                            qkv = test::random_f16(rng, size_t(c.n_q * stride));
+        std::vector<float>                    cs(size_t(c.n_q * half)), sn(cs.size());
+        std::uniform_real_distribution<float> angle(-3.14159f, 3.14159f);
+        for (size_t i = 0; i < cs.size(); ++i) {
+            const float a = angle(rng);
+            cs[i] = std::cos(a), sn[i] = std::sin(a);
+        }
+        device_array<uint16_t>  dqkv(qkv), dqkv_rot(qkv), kA(kc), vA(vc), kB(kc), vB(vc);
+        device_array<uint16_t>  outA(size_t(c.n_q * q_dim)), outB(size_t(c.n_q * q_dim));
+        device_array<float>     dc(cs), ds(sn);
+        device_array<int32_t>   dpos(pos), dseq(seq), dtab(kv.table);
+        const cuda::kv_page_map map =
+            c.ragged ? cuda::kv_page_map{dtab.get(), c.page_size, kv.max_pages} : cuda::kv_page_map{};
+        // A: RoPE + store, then the kernel on the rotated q and the cache.
+        GPTQ_EXPECT_OK(cuda::rope_kv_store_f16(dqkv_rot.get(), dqkv_rot.get() + q_dim, dqkv_rot.get() + q_dim + kv_dim,
+                                               stride, stride, dc.get(), ds.get(), c.n_q, c.n_head, c.n_head_kv, D,
+                                               kA.get(), vA.get(), dpos.get(), c.ragged ? dseq.get() : nullptr, map,
+                                               c.n_ctx, nullptr));
+        cuda::attention_params p;
+        p.n_q = c.n_q, p.n_kv = c.ragged ? c.n_ctx : q_pos0 + c.n_q, p.q_pos0 = q_pos0;
+        p.n_head = c.n_head, p.n_head_kv = c.n_head_kv, p.head_dim = D, p.window = c.window;
+        p.scale    = 1.0f / std::sqrt(float(D));
+        p.q_stride = stride, p.kv_stride = kv_dim, p.out_stride = q_dim;
+        p.kv_pages = map;
+        if (c.ragged) p.q_pos_dev = dpos.get(), p.q_seq_dev = dseq.get();
+        const int64_t          ws = cuda::attention_decode_workspace_floats(p.n_q, p.n_kv, p.n_head, D);
+        device_array<float>    dws(static_cast<size_t>(ws));
+        cuda::attention_params pa = p;
+        pa.q = dqkv_rot.get(), pa.k = kA.get(), pa.v = vA.get(), pa.out = outA.get();
+        GPTQ_EXPECT_OK(cuda::attention_decode_f16(pa, dws.get(), ws, nullptr));
+        const auto want = outA.download(), want_k = kA.download(), want_v = vA.download();
+        // B: the unrotated rows into the kernel, with the combine kernel and in one launch.
+        device_array<unsigned> counters(size_t(cuda::attention_decode_counters(p.n_q, p.n_head)));
+        ASSERT_EQ(cudaMemset(counters.get(), 0, counters.size() * sizeof(unsigned)), cudaSuccess);
+        for (unsigned* cnt : {static_cast<unsigned*>(nullptr), counters.get()}) {
+            kB.upload(kc), vB.upload(vc);
+            cuda::attention_params pb = p;
+            pb.q = dqkv.get(), pb.k = kB.get(), pb.v = vB.get(), pb.out = outB.get();
+            pb.k_new = dqkv.get() + q_dim, pb.v_new = dqkv.get() + q_dim + kv_dim, pb.new_stride = stride;
+            pb.rope_cos = dc.get(), pb.rope_sin = ds.get(), pb.n_ctx = c.n_ctx;
+            GPTQ_EXPECT_OK(cuda::attention_decode_f16(pb, dws.get(), ws, nullptr, cnt));
+            const std::string what = std::string(c.ragged ? "ragged" : "plain") + " n_q=" + std::to_string(c.n_q) +
+                                     " d=" + std::to_string(D) + " window=" + std::to_string(c.window) +
+                                     (cnt ? " one launch" : " combine kernel") + " seed " + std::to_string(seed);
+            EXPECT_EQ(outB.download(), want) << what << ": output";
+            EXPECT_EQ(kB.download(), want_k) << what << ": keys in the cache";
+            EXPECT_EQ(vB.download(), want_v) << what << ": values in the cache";
+        }
     }
 }
 

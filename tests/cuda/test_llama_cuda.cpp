@@ -935,14 +935,15 @@ struct profiled_run {
 
 // want_fused: the fused linears expected (-1: not checked; default: every layer's two groups when fuse).
 profiled_run run_profiled(const std::string& dir, bool graph, bool profile, const offload_placement& off = {},
-                          bool fuse = true, int64_t want_fused = -2) {
+                          bool fuse = true, int64_t want_fused = -2, bool decode_fuse = true) {
     profiled_run       r;
     llama_cuda_options o;
-    o.fuse    = fuse;
-    o.graph   = graph;
-    o.n_ctx   = 64;
-    o.offload = off;
-    auto m    = llama_cuda_model::open(dir, o);
+    o.fuse        = fuse;
+    o.decode_fuse = decode_fuse;
+    o.graph       = graph;
+    o.n_ctx       = 64;
+    o.offload     = off;
+    auto m        = llama_cuda_model::open(dir, o);
     EXPECT_TRUE(m.is_ok()) << m.error().message();
     if (!m.is_ok()) return r;
     (*m)->set_profile_ops(profile);
@@ -976,8 +977,11 @@ const llama_op_time* find_op(const llama_op_profile& p, const std::string& op) {
 
 // Every op kind expected with its calls per pass; times non-negative, each kind > 0 over the
 // passes, the kinds' sum equal to pass_ms; n_stage: staged (offloaded) modules per pass.
+// decode_fused: the passes ran the fused decode step's GEMVs (GPTQ int4 layers, fused projections, a
+// few rows); rope_in_attention: RoPE and the cache append inside the decode attention (every pass of
+// at most 16 rows per attention launch with the fused decode step on, any weights).
 void check_profile(const llama_op_profile& p, const llama_hparams& hp, int64_t passes, int64_t n_stage, bool fused,
-                   const std::string& what) {
+                   const std::string& what, bool decode_fused = false, bool rope_in_attention = false) {
     EXPECT_EQ(p.passes, passes) << what;
     const int64_t L = hp.n_layer;
     // Residual adds are folded into the norm after them (add_rms_norm); the first norm has none.
@@ -985,11 +989,22 @@ void check_profile(const llama_op_profile& p, const llama_hparams& hp, int64_t p
         {"step_inputs", 1},   {"embedding", 1}, {"rms_norm", 1},   {"add_rms_norm", 2 * L},
         {"rope_kv_store", L}, {"attention", L}, {"linear_o", L},   {"silu_mul", L},
         {"linear_down", L},   {"lm_head", 1},   {"logits_copy", 1}};
-    if (fused) {
+    if (decode_fused) {
+        // The norms in q/k/v's and gate/up's GEMV (with SiLU * up), the residual adds in o's and
+        // down's: the final norm (nothing pending) is the one norm launch left.
+        want = {{"step_inputs", 1},     {"embedding", 1}, {"rms_norm", 1},     {"linear_qkv+norm", L},
+                {"rope_kv_store", L},   {"attention", L}, {"linear_o+add", L}, {"linear_gate_up+norm+silu", L},
+                {"linear_down+add", L}, {"lm_head", 1},   {"logits_copy", 1}};
+    } else if (fused) {
         want.push_back({"linear_qkv", L});
         want.push_back({"linear_gate_up", L});
     } else {
         for (const char* op : {"linear_q", "linear_k", "linear_v", "linear_gate", "linear_up"}) want.push_back({op, L});
+    }
+    if (rope_in_attention) {  // no rope_kv_store launch; the attention mark says so
+        want.erase(std::find_if(want.begin(), want.end(), [](const auto& w) { return w.first == "rope_kv_store"; }));
+        std::find_if(want.begin(), want.end(), [](const auto& w) { return w.first == "attention"; })->first =
+            "attention+rope";
     }
     if (n_stage > 0) want.push_back({"stage_wait", n_stage});
     double sum = 0;
@@ -1007,7 +1022,9 @@ void check_profile(const llama_op_profile& p, const llama_hparams& hp, int64_t p
     }
 }
 
-void check_profiling(const std::string& dir, const offload_placement& off, int64_t n_stage, bool fuse = true) {
+// decode_fused: the decode steps are expected to run the fused decode step (a GPTQ int4 model, fused).
+void check_profiling(const std::string& dir, const offload_placement& off, int64_t n_stage, bool fuse = true,
+                     bool decode_fused = false) {
     auto host = llama_model::open(dir);
     ASSERT_TRUE(host.is_ok()) << host.error().message();
     const llama_hparams& hp = (*host)->hparams();
@@ -1025,7 +1042,8 @@ void check_profiling(const std::string& dir, const offload_placement& off, int64
             EXPECT_EQ(prof.graph_replays, 0) << what << ": profiled steps run uncaptured";
         }
         EXPECT_EQ(plain.decode.passes, 0) << what << ": profiling off records nothing";
-        check_profile(prof.decode, hp, k_n_decode, n_stage, fuse, what + " decode");
+        check_profile(prof.decode, hp, k_n_decode, n_stage, fuse, what + " decode", decode_fused,
+                      /*rope_in_attention=*/true);
         check_profile(prof.prefill, hp, 1, n_stage, fuse, what + " prefill");
         EXPECT_EQ(prof.decode.tokens, k_n_decode);
         EXPECT_EQ(prof.prefill.tokens, k_n_prefill);
@@ -1041,7 +1059,7 @@ void check_profiling(const std::string& dir, const offload_placement& off, int64
 TEST(llama_cuda, profile_ops_times_each_op_and_keeps_logits) {
     GPTQ_SKIP_WITHOUT_GPU();
     check_profiling(source_dir() + "/models/tiny-llama", {}, 0);
-    check_profiling(gptq_checkpoint("w4g128-rtn", 4, 128, false, true, "rtn"), {}, 0);
+    check_profiling(gptq_checkpoint("w4g128-rtn", 4, 128, false, true, "rtn"), {}, 0, true, /*decode_fused=*/true);
     check_profiling(source_dir() + "/tests/data/model/rand-qwen2", {}, 0);
     check_profiling(source_dir() + "/models/tiny-llama", {}, 0, /*fuse=*/false);  // q/k/v, gate/up one by one
 }
@@ -1076,10 +1094,12 @@ TEST(llama_cuda, profile_ops_times_mixed_passes) {
         EXPECT_EQ(p.tokens, 14);
         EXPECT_EQ((*m)->prefill_profile().passes, 0);
         EXPECT_EQ((*m)->decode_profile().passes, 0);
+        // Every attention launch of this pass (a 12-row chunk, two decode rows) is the decode kernel:
+        // RoPE and the cache append run inside it (no rope_kv_store launch).
         const std::vector<std::pair<std::string, int64_t>> want = {
-            {"step_inputs", 1},   {"embedding", 1},   {"rms_norm", 1}, {"add_rms_norm", 2 * L}, {"linear_qkv", L},
-            {"rope_kv_store", L}, {"attention", L},   {"linear_o", L}, {"linear_gate_up", L},   {"silu_mul", L},
-            {"linear_down", L},   {"gather_rows", 1}, {"lm_head", 1},  {"logits_copy", 1}};
+            {"step_inputs", 1},    {"embedding", 1}, {"rms_norm", 1},       {"add_rms_norm", 2 * L}, {"linear_qkv", L},
+            {"attention+rope", L}, {"linear_o", L},  {"linear_gate_up", L}, {"silu_mul", L},         {"linear_down", L},
+            {"gather_rows", 1},    {"lm_head", 1},   {"logits_copy", 1}};
         EXPECT_EQ(p.ops.size(), want.size());
         double sum = 0;
         for (const auto& t : p.ops) sum += t.ms;
@@ -1150,6 +1170,64 @@ TEST(llama_cuda, fused_projections_match_unfused_gptq) {
     check_fusion(gptq_checkpoint("w4g128-rtn", 4, 128, false, true, "rtn"), true, 2 * 4);  // int4 kernel
     check_fusion(gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq"), true, -1);       // act-order
     check_fusion(gptq_checkpoint("w3g32-asym", 3, 32, false, false, "rtn"), true, 2 * 4);  // generic 3-bit
+}
+
+// ---- the fused decode step (llama_cuda_options::decode_fuse) ----------------------------------------
+
+// The same model with the fused decode step on and off: prefill (plain either way, 40 rows) and
+// decode steps, graph on and off, then lockstep batches of 3, 9 (fused: one and two 8-row column
+// tiles) and 17 (plain either way) sequences. Every fused kernel computes the plain ops' arithmetic in their order, so
+// the logits must be bit for bit the same.
+void check_decode_fusion(const std::string& dir, bool expect_fused) {
+    auto host = llama_model::open(dir);
+    ASSERT_TRUE(host.is_ok()) << host.error().message();
+    const int64_t V = (*host)->hparams().n_vocab;
+    for (bool graph : {true, false}) {
+        const auto on  = run_profiled(dir, graph, false, {}, true, -1, true);
+        const auto off = run_profiled(dir, graph, false, {}, true, -1, false);
+        ASSERT_FALSE(on.logits.empty());
+        ASSERT_FALSE(off.logits.empty());
+        for (int64_t t = 0; t < k_n_prefill + k_n_decode; ++t)
+            EXPECT_EQ(0, std::memcmp(on.logits.data() + t * V, off.logits.data() + t * V, size_t(V) * sizeof(float)))
+                << dir << (graph ? " (graph)" : " (no graph)") << ": row " << t << " fused vs plain, rel diff "
+                << row_rel_error(on.logits.data() + t * V, off.logits.data() + t * V, V);
+    }
+    // The profile says whether the fused kernels ran.
+    const auto prof = run_profiled(dir, false, true, {}, true, -1, true);
+    EXPECT_EQ(find_op(prof.decode, "linear_qkv+norm") != nullptr, expect_fused) << dir;
+    for (int64_t n_seq : {3, 9, 17}) {
+        std::vector<float> out[2];
+        for (int fuse = 0; fuse < 2; ++fuse) {
+            llama_cuda_options o;
+            o.n_ctx       = 64;
+            o.decode_fuse = fuse == 1;
+            auto m        = llama_cuda_model::open(dir, o);
+            ASSERT_TRUE(m.is_ok()) << m.error().message();
+            GPTQ_EXPECT_OK((*m)->kv_reserve(n_seq, 64));
+            const auto           ids = test_ids(128, V);
+            std::vector<int32_t> step(static_cast<size_t>(n_seq), 0);
+            std::vector<float>   first(size_t(n_seq * V));  // each prompt (5 rows: fused too) and its logits
+            GPTQ_EXPECT_OK((*m)->prefill_batch(ids.data(), n_seq, 5, first.data()));
+            out[fuse] = first;
+            for (int64_t s = 0; s < 4; ++s) {
+                for (int64_t j = 0; j < n_seq; ++j) step[size_t(j)] = ids[size_t((7 * s + j) % 128)];
+                const size_t at = out[fuse].size();
+                out[fuse].resize(at + size_t(n_seq * V));
+                GPTQ_EXPECT_OK((*m)->decode_batch(step.data(), n_seq, out[fuse].data() + at));
+            }
+        }
+        EXPECT_EQ(out[0].size(), out[1].size());
+        EXPECT_EQ(0, std::memcmp(out[0].data(), out[1].data(), out[0].size() * sizeof(float)))
+            << dir << ": batch of " << n_seq << " fused vs plain";
+    }
+}
+
+TEST(llama_cuda, decode_fusion_matches_plain_bit_for_bit) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    check_decode_fusion(gptq_checkpoint("w4g128-rtn", 4, 128, false, true, "rtn"), true);
+    check_decode_fusion(gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq"), true);  // act-order
+    check_decode_fusion(gptq_checkpoint("w4g32-asym", 4, 32, false, false, "rtn"), true);
+    check_decode_fusion(source_dir() + "/models/tiny-llama", false);  // dense: nothing to fuse
 }
 
 TEST(llama_cuda, out_of_memory_names_the_size_and_free_memory) {

@@ -3,6 +3,7 @@
 
 #include "kernels/cuda/activation.cuh"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/decode_math.cuh"
 #include "kernels/cuda/launch.cuh"
 
 namespace gptq::cuda {
@@ -14,32 +15,23 @@ unsigned grid_for(int64_t n) {
     return unsigned(blocks < 65535 ? (blocks > 0 ? blocks : 1) : 65535);
 }
 
-// act(g) * u in F32: SiLU, or GELU with the tanh approximation (transformers' gelu_pytorch_tanh,
-// the formula of kernels/cpu/activation.cpp in F32).
-enum class act_kind { SILU, GELU_TANH };
-template <act_kind A>
-__device__ inline float act_mul(float g, float u) {
-    if constexpr (A == act_kind::SILU) {
-        return g / (1.0f + expf(-g)) * u;
-    } else {
-        constexpr float beta  = 0.7978845608028654f;  // sqrt(2 / pi)
-        constexpr float kappa = 0.044715f;
-        const float     inner = beta * (g + kappa * (g * g * g));
-        return 0.5f * g * (1.0f + tanhf(inner)) * u;
-    }
+// Feature i's column in gate / up: i, or with gate/up interleaved in blocks of `block` features
+// (the fused decode layout, gptq_int4.cuh int4_gemv_fusion::act: 32-row tiles of block gate rows then
+// block up rows; up = gate + block) (i / block) 2 block + i % block.
+__device__ __forceinline__ int64_t act_col(int64_t i, int64_t block) {
+    return block ? (i / block) * 2 * block + i % block : i;
 }
 
 template <act_kind A>
 __global__ void act_mul_kernel(const __half* gate, const __half* up, __half* y, int64_t n_rows, int64_t n_cols,
-                               int64_t gate_stride, int64_t up_stride, int64_t y_stride, const int32_t* perm) {
+                               int64_t gate_stride, int64_t up_stride, int64_t y_stride, const int32_t* perm,
+                               int64_t block) {
     pdl_launch_dependents();
     pdl_wait();  // gate and up come from the projection before
     const int64_t n = n_rows * n_cols;
     for (int64_t p = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; p < n; p += int64_t(gridDim.x) * blockDim.x) {
-        const int64_t r = p / n_cols, i = p % n_cols, j = perm ? int64_t(perm[i]) : i;
-        const float   g     = __half2float(gate[r * gate_stride + j]);
-        const float   u     = __half2float(up[r * up_stride + j]);
-        y[r * y_stride + i] = __float2half_rn(act_mul<A>(g, u));
+        const int64_t r = p / n_cols, i = p % n_cols, j = act_col(perm ? int64_t(perm[i]) : i, block);
+        y[r * y_stride + i] = act_mul_h<A>(gate[r * gate_stride + j], up[r * up_stride + j]);
     }
 }
 
@@ -50,11 +42,16 @@ __global__ void softcap_kernel(float* x, int64_t n, float cap) {
 
 template <act_kind A>
 status act_mul_f16(const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows, int64_t n_cols,
-                   int64_t gate_stride, int64_t up_stride, int64_t y_stride, cudaStream_t stream, const int32_t* perm) {
+                   int64_t gate_stride, int64_t up_stride, int64_t y_stride, cudaStream_t stream, const int32_t* perm,
+                   int64_t block) {
     if (n_rows <= 0 || n_cols <= 0) return status::ok();
+    if (block < 0 || (block > 0 && n_cols % block != 0))
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "act_mul_f16: interleave block {} does not divide the {} features", block, n_cols);
     GPTQ_CUDA_CHECK(launch_pdl(act_mul_kernel<A>, dim3(grid_for(n_rows * n_cols)), dim3(256), 0, stream,
                                reinterpret_cast<const __half*>(gate), reinterpret_cast<const __half*>(up),
-                               reinterpret_cast<__half*>(y), n_rows, n_cols, gate_stride, up_stride, y_stride, perm));
+                               reinterpret_cast<__half*>(y), n_rows, n_cols, gate_stride, up_stride, y_stride, perm,
+                               block));
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }
@@ -76,16 +73,17 @@ __global__ void add_bias_kernel(__half* x, const __half* bias, int64_t n_rows, i
 }  // namespace
 
 status silu_mul_f16(const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows, int64_t n_cols,
-                    int64_t gate_stride, int64_t up_stride, int64_t y_stride, cudaStream_t stream,
-                    const int32_t* perm) {
-    return act_mul_f16<act_kind::SILU>(gate, up, y, n_rows, n_cols, gate_stride, up_stride, y_stride, stream, perm);
+                    int64_t gate_stride, int64_t up_stride, int64_t y_stride, cudaStream_t stream, const int32_t* perm,
+                    int64_t block) {
+    return act_mul_f16<act_kind::SILU>(gate, up, y, n_rows, n_cols, gate_stride, up_stride, y_stride, stream, perm,
+                                       block);
 }
 
 status gelu_tanh_mul_f16(const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows, int64_t n_cols,
                          int64_t gate_stride, int64_t up_stride, int64_t y_stride, cudaStream_t stream,
-                         const int32_t* perm) {
-    return act_mul_f16<act_kind::GELU_TANH>(gate, up, y, n_rows, n_cols, gate_stride, up_stride, y_stride, stream,
-                                            perm);
+                         const int32_t* perm, int64_t block) {
+    return act_mul_f16<act_kind::GELU_TANH>(gate, up, y, n_rows, n_cols, gate_stride, up_stride, y_stride, stream, perm,
+                                            block);
 }
 
 status softcap_f32(float* x, int64_t n, float cap, cudaStream_t stream) {

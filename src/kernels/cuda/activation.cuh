@@ -16,15 +16,19 @@ namespace gptq::cuda {
 // element (for a fused [n_rows, 2 * I] gate_up buffer: gate = buf, up = buf + I, strides 2 * I).
 // perm: [n_cols] I32 device or nullptr: y[r, i] = silu(gate[r, perm[i]]) * up[r, perm[i]] (the
 // act-order column order of the GPTQ layer that reads y); then y must not alias gate or up.
+// block > 0: gate and up are interleaved in blocks of `block` features (the fused decode layout of a
+// gate/up projection, docs/cuda.md "The fused decode step"): feature i's column is
+// (i / block) 2 block + i % block of gate, and up = gate + block; n_cols % block == 0, y must not
+// alias gate or up.
 status silu_mul_f16(const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows, int64_t n_cols,
                     int64_t gate_stride, int64_t up_stride, int64_t y_stride, cudaStream_t stream,
-                    const int32_t* perm = nullptr);
+                    const int32_t* perm = nullptr, int64_t block = 0);
 
 // The same with GELU (tanh approximation, transformers' gelu_pytorch_tanh) in place of SiLU:
 // y = 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))) u, F32 math (GeGLU of Gemma).
 status gelu_tanh_mul_f16(const uint16_t* gate, const uint16_t* up, uint16_t* y, int64_t n_rows, int64_t n_cols,
                          int64_t gate_stride, int64_t up_stride, int64_t y_stride, cudaStream_t stream,
-                         const int32_t* perm = nullptr);
+                         const int32_t* perm = nullptr, int64_t block = 0);
 
 // x[i] = cap * tanh(x[i] / cap) for i < n, F32 in place (final logit soft-capping); cap > 0.
 status softcap_f32(float* x, int64_t n, float cap, cudaStream_t stream);

@@ -6,7 +6,8 @@
 // updated online (flash attention), and each thread accumulates head_dim/8 output values.
 // Decode: a block owns (query, head, chunk of keys); each warp walks keys of the chunk with the
 // lanes splitting head_dim, keeps its own running max/sum/accumulator, the warps are merged in
-// shared memory, and a combine kernel merges the chunks.
+// shared memory, and a combine kernel merges the chunks, or (counters given) the last block of each
+// (query, head) to finish does, in the same order: one launch instead of two, the same bits.
 // Prefill on tensor cores (head_dim 64 or 128, at least 64 queries, even strides): a block owns 64
 // queries of one head, 4 warps of 16 query rows; per tile of 32 keys each warp computes its
 // [16 x 32] scores with WMMA (F16 x F16 -> F32), runs the online softmax on them in shared memory
@@ -23,6 +24,7 @@
 
 #include "kernels/cuda/attention.cuh"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/decode_math.cuh"
 #include "kernels/cuda/launch.cuh"
 
 namespace gptq::cuda {
@@ -44,6 +46,12 @@ struct dev_params {
     const int32_t* q_pos_dev;  // decode, ragged: each query's position (attention_params::q_pos_dev)
     const int32_t* q_seq_dev;  // decode, ragged: each query's sequence, or nullptr (sequence 0)
     kv_page_dev    pages;      // paged K/V: row j of sequence s at pool row kv_page_row(pages, s, j)
+    const int32_t* out_col;    // decode: output column c at out_col[c] (attention_params::out_col), or nullptr
+    // Decode with RoPE and the cache append (attention_params::k_new ...): k_new nullptr when off.
+    const __half *k_new, *v_new;
+    int64_t       new_stride;
+    const float * rope_cos, *rope_sin;
+    int64_t       n_ctx;
 };
 
 // Gemma 2's attention logit soft-capping of a scaled score (cap 0: the score unchanged, no op).
@@ -307,7 +315,36 @@ int64_t decode_splits(int64_t n_q, int64_t n_kv, int64_t n_head) {
     return want < by_len ? want : (by_len > 0 ? by_len : 1);
 }
 
-__global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, float* ws, int64_t n_splits) {
+// Chunk partials [n_splits][2 + D] of (query qi, head h) merged into the output row: the one merge,
+// run by the combine kernel or by the last block of the decode kernel (threads tid, tid + nt, ...).
+// Loads through L2 (__ldcg): in the decode kernel the partials were written by other blocks.
+__device__ void combine_chunks(const dev_params& p, const float* ws, int64_t n_splits, int64_t qi, int64_t h, int tid,
+                               int nt) {
+    const int64_t D   = p.head_dim;
+    const float*  src = ws + (qi * p.n_head + h) * n_splits * (2 + D);
+    float         M   = -INFINITY;
+    for (int64_t s = 0; s < n_splits; ++s) M = fmaxf(M, __ldcg(src + s * (2 + D)));
+    float L = 0.0f;
+    for (int64_t s = 0; s < n_splits; ++s) {
+        const float ms = __ldcg(src + s * (2 + D));
+        if (ms != -INFINITY) L += __ldcg(src + s * (2 + D) + 1) * __expf(ms - M);
+    }
+    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
+    for (int64_t d = tid; d < D; d += nt) {
+        float o = 0.0f;
+        for (int64_t s = 0; s < n_splits; ++s) {
+            const float ms = __ldcg(src + s * (2 + D));
+            if (ms != -INFINITY) o += __ldcg(src + s * (2 + D) + 2 + d) * __expf(ms - M);
+        }
+        const int64_t c                                                    = h * D + d;
+        p.out[qi * p.out_stride + (p.out_col ? int64_t(p.out_col[c]) : c)] = __float2half_rn(o * inv);
+    }
+}
+
+// counters: nullptr, the combine kernel merges the chunks; else [n_q * n_head] zeros, and the last
+// block of each (query, head) to finish merges them (the counters left zero): one launch.
+__global__ void __launch_bounds__(k_dec_warps * 32)
+    decode_kernel(dev_params p, float* ws, int64_t n_splits, unsigned* counters) {
     pdl_launch_dependents();
     pdl_wait();  // q and the cache rows come from the kernels before
     const int64_t h = blockIdx.x, split = blockIdx.y, qi = blockIdx.z, hk = h / p.group;
@@ -328,16 +365,45 @@ __global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, 
     if (c0 < begin) c0 = begin;
     if (c1 > end) c1 = end;
 
+    // RoPE here (p.k_new): the queries and the new keys (this pass's rows: query qi's own position, or
+    // with several queries of one sequence every key from q_pos0 on) come unrotated from the
+    // projection and are rotated with their row's tables, as rope_kv_store_f16 would have stored them.
+    const bool    rope = p.k_new != nullptr;
+    const int64_t half = D / 2, new0 = ragged ? pos : p.q_pos0;
+    auto          rotated = [&](const __half* x, int64_t t, int64_t pi) {  // pair pi of head x, token row t
+        const float* cs = p.rope_cos + t * half;
+        const float* sn = p.rope_sin + t * half;
+        return __halves2half2(rope_elem(x, cs, sn, half, 2 * pi), rope_elem(x, cs, sn, half, 2 * pi + 1));
+    };
+
     float2         q[k_dec_pairs];
     float2         acc[k_dec_pairs];
-    const __half2* qrow = reinterpret_cast<const __half2*>(p.q + qi * p.q_stride + h * D);
+    const __half*  qh   = p.q + qi * p.q_stride + h * D;
+    const __half2* qrow = reinterpret_cast<const __half2*>(qh);
 #pragma unroll
     for (int j = 0; j < k_dec_pairs; ++j) {
         const int64_t pi = lane + 32 * j;
-        q[j]             = pi < n_pairs ? __half22float2(qrow[pi]) : make_float2(0.0f, 0.0f);
+        q[j]             = pi >= n_pairs ? make_float2(0.0f, 0.0f)
+                           : rope        ? __half22float2(rotated(qh, qi, pi))
+                                         : __half22float2(qrow[pi]);
         q[j].x *= p.scale;
         q[j].y *= p.scale;
         acc[j] = make_float2(0.0f, 0.0f);
+    }
+    // The block of (qi, the group's first head, the chunk holding pos) stores query qi's key and value.
+    if (rope && h % p.group == 0 && split == pos / chunk && pos < p.n_ctx) {
+        const int64_t row = kv_page_row(p.pages, seq, pos);
+        if (row >= 0) {
+            const __half* kn = p.k_new + qi * p.new_stride + hk * D;
+            const __half* vn = p.v_new + qi * p.new_stride + hk * D;
+            const float * cs = p.rope_cos + qi * half, *sn = p.rope_sin + qi * half;
+            __half*       kc = const_cast<__half*>(p.k) + row * p.kv_stride + hk * D;
+            __half*       vc = const_cast<__half*>(p.v) + row * p.kv_stride + hk * D;
+            for (int64_t e = threadIdx.x; e < D; e += blockDim.x) {
+                kc[e] = rope_elem(kn, cs, sn, half, e);
+                vc[e] = vn[e];
+            }
+        }
     }
     // Keys in batches of k_dec_keys per warp (keys j0 + u * k_dec_warps): all their K and V rows are
     // loaded before any is used, so a warp waits for memory once per batch instead of twice per key.
@@ -346,8 +412,20 @@ __global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, 
         __half2 kr[k_dec_keys][k_dec_pairs], vr[k_dec_keys][k_dec_pairs];
 #pragma unroll
         for (int u = 0; u < k_dec_keys; ++u) {
-            const int64_t  j    = j0 + int64_t(u) * k_dec_warps;
-            const int64_t  jj   = j < c1 ? j : j0;                // a valid key; its score is masked below
+            const int64_t j  = j0 + int64_t(u) * k_dec_warps;
+            const int64_t jj = j < c1 ? j : j0;  // a valid key; its score is masked below
+            if (rope && jj >= new0) {            // a key of this pass: from the projection, rotated
+                const int64_t  t    = ragged ? qi : jj - p.q_pos0;
+                const __half*  kn   = p.k_new + t * p.new_stride + hk * D;
+                const __half2* vrow = reinterpret_cast<const __half2*>(p.v_new + t * p.new_stride + hk * D);
+#pragma unroll
+                for (int tt = 0; tt < k_dec_pairs; ++tt) {
+                    const int64_t pi = lane + 32 * tt;
+                    kr[u][tt]        = pi < n_pairs ? rotated(kn, t, pi) : __float2half2_rn(0.0f);
+                    vr[u][tt]        = pi < n_pairs ? vrow[pi] : __float2half2_rn(0.0f);
+                }
+                continue;
+            }
             const int64_t  row  = kv_page_row(p.pages, seq, jj);  // every key < c1 has its page
             const __half2* krow = reinterpret_cast<const __half2*>(p.k + row * p.kv_stride + hk * D);
             const __half2* vrow = reinterpret_cast<const __half2*>(p.v + row * p.kv_stride + hk * D);
@@ -431,29 +509,25 @@ __global__ void __launch_bounds__(k_dec_warps * 32) decode_kernel(dev_params p, 
             if (part[w][0] != -INFINITY) o += part[w][2 + d] * __expf(part[w][0] - M);
         dst[2 + d] = o;
     }
+    if (!counters) return;
+    // The last block of (qi, h) to get here merges the chunks (the split-K pattern: every block's
+    // partial is visible device-wide before it counts itself in).
+    __threadfence();
+    __syncthreads();
+    __shared__ bool last;
+    unsigned*       count = counters + qi * p.n_head + h;
+    if (threadIdx.x == 0) last = atomicAdd(count, 1u) == unsigned(n_splits - 1);
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    combine_chunks(p, ws, n_splits, qi, h, int(threadIdx.x), int(blockDim.x));
+    if (threadIdx.x == 0) *count = 0u;  // ready for the next launch on these counters
 }
 
 __global__ void decode_combine_kernel(dev_params p, const float* ws, int64_t n_splits) {
     pdl_launch_dependents();
     pdl_wait();
-    const int64_t h = blockIdx.x, qi = blockIdx.y, D = p.head_dim;
-    const float*  src = ws + (qi * p.n_head + h) * n_splits * (2 + D);
-    float         M   = -INFINITY;
-    for (int64_t s = 0; s < n_splits; ++s) M = fmaxf(M, src[s * (2 + D)]);
-    float L = 0.0f;
-    for (int64_t s = 0; s < n_splits; ++s) {
-        const float ms = src[s * (2 + D)];
-        if (ms != -INFINITY) L += src[s * (2 + D) + 1] * __expf(ms - M);
-    }
-    const float inv = L > 0.0f ? 1.0f / L : 0.0f;
-    for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-        float o = 0.0f;
-        for (int64_t s = 0; s < n_splits; ++s) {
-            const float ms = src[s * (2 + D)];
-            if (ms != -INFINITY) o += src[s * (2 + D) + 2 + d] * __expf(ms - M);
-        }
-        p.out[qi * p.out_stride + h * D + d] = __float2half_rn(o * inv);
-    }
+    combine_chunks(p, ws, n_splits, blockIdx.y, blockIdx.x, int(threadIdx.x), int(blockDim.x));
 }
 
 status check_params(const attention_params& a, const char* who) {
@@ -497,7 +571,14 @@ dev_params to_dev(const attention_params& a) {
                       a.out_stride,
                       a.q_pos_dev,
                       a.q_seq_dev,
-                      kv_page_dev_of(a.kv_pages)};
+                      kv_page_dev_of(a.kv_pages),
+                      a.out_col,
+                      reinterpret_cast<const __half*>(a.k_new),
+                      reinterpret_cast<const __half*>(a.v_new),
+                      a.new_stride,
+                      a.rope_cos,
+                      a.rope_sin,
+                      a.n_ctx};
 }
 
 bool& force_cuda_cores_flag() {
@@ -516,10 +597,11 @@ void attention_prefill_force_cuda_cores(bool on) {
 
 status attention_prefill_f16(const attention_params& a, cudaStream_t stream) {
     GPTQ_TRY(check_params(a, "attention_prefill_f16"));
-    if (a.q_pos_dev || a.q_seq_dev)
+    if (a.q_pos_dev || a.q_seq_dev || a.out_col || a.k_new)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
-                          "attention_prefill_f16: device query positions and sequences (q_pos_dev, q_seq_dev) are for "
-                          "the decode kernel only");
+                          "attention_prefill_f16: device query positions and sequences (q_pos_dev, q_seq_dev), "
+                          "output columns (out_col) and RoPE with the cache append (k_new) are for the decode kernel "
+                          "only");
     if (a.n_q == 0) return status::ok();
     const int64_t D = a.head_dim;
     // Tensor cores for the shapes they are written for (half2 loads: even strides, aligned bases).
@@ -542,8 +624,12 @@ int64_t attention_decode_workspace_floats(int64_t n_q, int64_t n_kv, int64_t n_h
     return n_q * n_head * decode_splits(n_q, n_kv, n_head) * (2 + head_dim);
 }
 
-status attention_decode_f16(const attention_params& a, float* workspace, int64_t workspace_floats,
-                            cudaStream_t stream) {
+int64_t attention_decode_counters(int64_t n_q, int64_t n_head) {
+    return n_q * n_head;
+}
+
+status attention_decode_f16(const attention_params& a, float* workspace, int64_t workspace_floats, cudaStream_t stream,
+                            unsigned* counters) {
     GPTQ_TRY(check_params(a, "attention_decode_f16"));
     if (a.n_q == 0) return status::ok();
     const int64_t need = attention_decode_workspace_floats(a.n_q, a.n_kv, a.n_head, a.head_dim);
@@ -553,13 +639,20 @@ status attention_decode_f16(const attention_params& a, float* workspace, int64_t
     if (a.q_stride % 2 != 0 || a.kv_stride % 2 != 0)  // rows are read as half2
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
                           "attention_decode_f16: q_stride {} and kv_stride {} must be even", a.q_stride, a.kv_stride);
+    if (a.k_new && (!a.v_new || !a.rope_cos || !a.rope_sin || a.new_stride % 2 != 0 ||
+                    a.new_stride < a.n_head_kv * a.head_dim || (a.q_seq_dev && !a.q_pos_dev)))
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "attention_decode_f16: RoPE in the kernel needs k_new, v_new, the tables and an even "
+                          "new_stride >= {} (new_stride {})",
+                          a.n_head_kv * a.head_dim, a.new_stride);
     if (a.n_q > 65535)
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "attention_decode_f16: n_q {} too large", a.n_q);
     const int64_t    splits = decode_splits(a.n_q, a.n_kv, a.n_head);
     const dev_params dp     = to_dev(a);
     GPTQ_CUDA_CHECK(launch_pdl(decode_kernel, dim3(unsigned(a.n_head), unsigned(splits), unsigned(a.n_q)),
-                               dim3(k_dec_warps * 32), 0, stream, dp, workspace, splits));
+                               dim3(k_dec_warps * 32), 0, stream, dp, workspace, splits, counters));
     GPTQ_CUDA_CHECK_LAUNCH();
+    if (counters) return status::ok();  // merged by each (query, head)'s last block
     GPTQ_CUDA_CHECK(launch_pdl(decode_combine_kernel, dim3(unsigned(a.n_head), unsigned(a.n_q)), dim3(128), 0, stream,
                                dp, workspace, splits));
     GPTQ_CUDA_CHECK_LAUNCH();

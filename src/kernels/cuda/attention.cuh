@@ -37,6 +37,22 @@ struct attention_params {
     // batching).
     const int32_t* q_pos_dev = nullptr;
     const int32_t* q_seq_dev = nullptr;
+    // Decode only: column c (< n_head * head_dim) of a query's output goes to column out_col[c] of its
+    // row (device I32; the act-order column order of the linear that reads the output: the inverse of
+    // its permutation); nullptr: column c.
+    const int32_t* out_col = nullptr;
+    // Decode only: RoPE and the KV-cache append done here, rope_kv_store_f16 not run before. q holds the
+    // unrotated queries; query i's own key and value (at its position: q_pos0 + i, or q_pos_dev[i]) are
+    // row i of k_new / v_new (stride new_stride, heads as in k; unrotated), which the kernel rotates
+    // with row i of rope_cos / rope_sin ([n_q, head_dim / 2] F32) where a query needs that key, and
+    // stores into the cache (k, v: the pool, written through the page map) when the position is below
+    // n_ctx and its page exists: the same bits as rope_kv_store_f16 then this kernel. k_new nullptr: off.
+    const uint16_t* k_new      = nullptr;
+    const uint16_t* v_new      = nullptr;
+    int64_t         new_stride = 0;
+    const float*    rope_cos   = nullptr;
+    const float*    rope_sin   = nullptr;
+    int64_t         n_ctx      = 0;
 };
 
 // Checks the shape (returns INVALID_ARGUMENT naming the field) and runs the prefill kernel: the
@@ -48,7 +64,11 @@ void attention_prefill_force_cuda_cores(bool on);
 // F32 workspace the decode kernel needs for these sizes (a few KB).
 int64_t attention_decode_workspace_floats(int64_t n_q, int64_t n_kv, int64_t n_head, int64_t head_dim);
 // Decode: best for n_q small (1..16) and n_kv large. workspace: device F32 buffer of at least
-// attention_decode_workspace_floats(...) values.
-status attention_decode_f16(const attention_params& p, float* workspace, int64_t workspace_floats, cudaStream_t stream);
+// attention_decode_workspace_floats(...) values. counters: nullptr, a second kernel merges the key
+// chunks; else a device array of attention_decode_counters(n_q, n_head) zeros (left zero), and the
+// last block of each (query, head) merges them in the same order: one launch, the same bits.
+status  attention_decode_f16(const attention_params& p, float* workspace, int64_t workspace_floats, cudaStream_t stream,
+                             unsigned* counters = nullptr);
+int64_t attention_decode_counters(int64_t n_q, int64_t n_head);
 
 }  // namespace gptq::cuda

@@ -30,6 +30,7 @@
 #include <cstdlib>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/decode_math.cuh"
 #include "kernels/cuda/gptq_int4.cuh"
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/ptx.cuh"
@@ -261,6 +262,14 @@ __device__ inline void cp_async_cached16(void* dst, const void* src) {
 #endif
 }
 
+// The bytes [src, src + bytes) into L2 (a hint: no data comes back, nothing waits for it). sm_90's
+// bulk prefetch; 16-byte aligned, bytes a multiple of 16.
+__device__ inline void prefetch_l2_bulk(const void* src, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
+#endif
+}
+
 // Every pipelined variant sums a column in the same order, so that its bits do not depend on the
 // variant (and so not on n_out through the table: a fused q/k/v or gate/up projection gives the
 // same bits as its parts): k is cut into 16 chunks of steps, chunk c = [k_steps c / 16,
@@ -270,22 +279,50 @@ __device__ inline void cp_async_cached16(void* dst, const void* src) {
 // levels in shared memory), the block adds the warps' subtrees.
 constexpr int k_chunks = 16;
 
-// A ring slot (uint4 units): TN x 32 weight words, NB x 32 activation fragments, TN x 8 scale words.
-constexpr int pipe_slot_words(int tn, int nb) {
-    return (tn + nb) * 32 + tn * 8;
+// Fusion flags of the pipelined kernel (int4_gemv_fusion, docs/cuda.md "The fused decode step"):
+// F_NORM: x is the residual stream; the block computes each token's RMSNorm (decode_math.cuh's order)
+// into shared memory once and the warps read their fragments from there instead of the ring.
+// F_RES: y is the residual stream, y += the (rounded) output. F_SILU: 32-row tiles of 16 gate then
+// 16 up rows, y = silu(gate) * up per feature.
+enum : int { F_NORM = 1, F_RES = 2, F_SILU = 4 };
+
+// A ring slot (uint4 units): TN x 32 weight words, XB x 32 activation fragments (XB = NB, or 0 when
+// the activations are in the block's normalised copy), TN x 8 scale words.
+constexpr int pipe_slot_words(int tn, int xb) {
+    return (tn + xb) * 32 + tn * 8;
 }
 constexpr int pipe_levels(int w) {  // pending tree levels per warp: log2(16 / W)
     return w >= 16 ? 0 : w == 8 ? 1 : w == 4 ? 2 : 3;
 }
-// Dynamic shared memory of a block: the rings (reused for the final sum of the warps' results),
-// then each warp's pending chunk sums.
-constexpr size_t pipe_ring_bytes(int w, int tn, int nb, int d) {
-    const size_t ring = size_t(w) * d * pipe_slot_words(tn, nb) * 16;
-    const size_t red  = size_t(w) * tn * 2 * nb * 4 * 32 * 4;
+constexpr int pipe_xb(int nb, int f) {
+    return (f & F_NORM) ? 0 : nb;
+}
+// F_SILU: the block's rounded outputs [TN][16 tokens][32 rows] F16, after the warps' sums.
+constexpr size_t pipe_act_bytes(int tn, int f) {
+    return (f & F_SILU) ? size_t(tn) * 16 * 32 * 2 : 0;
+}
+// Dynamic shared memory of a block: the rings (reused for the final sum of the warps' results and
+// the F_SILU outputs), then each warp's pending chunk sums; with F_NORM then the norm's warp sums
+// [16 tokens][32] and inverse RMS [16] (pipe_norm_bytes), then the rows of pipe_norm_rows_bytes.
+constexpr size_t pipe_ring_bytes(int w, int tn, int nb, int d, int f = 0) {
+    const size_t ring = size_t(w) * d * pipe_slot_words(tn, pipe_xb(nb, f)) * 16;
+    const size_t red  = size_t(w) * tn * 2 * nb * 4 * 32 * 4 + pipe_act_bytes(tn, f);
     return ring > red ? ring : red;
 }
-constexpr size_t pipe_smem_bytes(int w, int tn, int nb, int d) {
-    return pipe_ring_bytes(w, tn, nb, d) + size_t(w) * pipe_levels(w) * tn * 2 * nb * 4 * 32 * 4;
+constexpr size_t pipe_norm_bytes = 16 * 32 * 4 + 16 * 4;
+constexpr size_t pipe_smem_bytes(int w, int tn, int nb, int d, int f = 0) {
+    return pipe_ring_bytes(w, tn, nb, d, f) + size_t(w) * pipe_levels(w) * tn * 2 * nb * 4 * 32 * 4 +
+           ((f & F_NORM) ? pipe_norm_bytes : 0);
+}
+// Halves per row in shared memory: n_in, plus 32 when that makes the row stride an odd multiple of
+// 64 bytes (the 8 lanes of a 16-byte load phase then read two rows in distinct banks).
+constexpr int64_t pipe_norm_stride(int64_t n_in) {
+    return n_in % 64 == 0 ? n_in + 32 : n_in;
+}
+// F_NORM rows: the m input rows and the norm's weights as copied (m + 1 rows), normalised in place;
+// with an act-order permutation the normalised rows (m more) are apart from them (a gather).
+constexpr size_t pipe_norm_rows_bytes(int64_t m, int64_t n_in, bool perm) {
+    return size_t((m + 1 + (perm ? m : 0)) * pipe_norm_stride(n_in)) * 2;
 }
 
 struct pipe_args {
@@ -296,16 +333,82 @@ struct pipe_args {
     __half*       y;
     int           m, n_out, n_tiles, k_steps, spg, n_groups;
     int64_t       x_stride, y_stride;
+    // F_NORM: the norm's weights [n_in] F16, epsilon, the act-order column order [n_in] (or nullptr).
+    const __half*  norm_w;
+    const int32_t* perm;
+    float          eps;
+    int            prefetch;  // 1: cp.async.bulk.prefetch.L2 of each warp's weights first (sm_90)
 };
 
+// F_NORM prologue: the block's tokens normalised into xs [m][pipe_norm_stride] (in perm order when
+// set), bit for bit add_rms_norm_f16 without the add (norm.cu). raw: the rows as copied (h, then the
+// norm's weights); xs == raw without a permutation (normalised in place). The global reads are
+// 16-byte copies issued in pairs per thread (one L2 round trip per 2 x 8 KB at 16 warps), the rest
+// reads shared memory: virtual thread t of rms_threads(n_in) is lane t % 32 of warp (t / 32) % W.
+template <int W>
+__device__ void pipe_norm_prologue(const pipe_args& a, float* part, __half* raw, __half* xs) {
+    constexpr int nt   = W * 32;
+    const int     lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int     dim = a.k_steps * 32, xstr = int(pipe_norm_stride(dim));
+    const int     T = rms_threads(dim), VW = T / 32, rows = a.m + 1;
+    float*        inv     = part + 16 * 32;
+    auto          src_row = [&](int r) { return r < a.m ? a.x + int64_t(r) * a.x_stride : a.norm_w; };
+    const bool    v16     = (reinterpret_cast<uintptr_t>(a.x) % 16 == 0) && a.x_stride % 8 == 0 &&
+                     (reinterpret_cast<uintptr_t>(a.norm_w) % 16 == 0);
+    if (v16) {
+        const int per_row = dim / 8, total = rows * per_row;  // 16-byte pieces
+        for (int c0 = threadIdx.x; c0 < total; c0 += 2 * nt) {
+            const int   c1 = c0 + nt;
+            const uint4 v0 = *reinterpret_cast<const uint4*>(src_row(c0 / per_row) + (c0 % per_row) * 8);
+            uint4       v1 = make_uint4(0u, 0u, 0u, 0u);
+            if (c1 < total) v1 = *reinterpret_cast<const uint4*>(src_row(c1 / per_row) + (c1 % per_row) * 8);
+            *reinterpret_cast<uint4*>(raw + (c0 / per_row) * xstr + (c0 % per_row) * 8) = v0;
+            if (c1 < total) *reinterpret_cast<uint4*>(raw + (c1 / per_row) * xstr + (c1 % per_row) * 8) = v1;
+        }
+    } else {  // rows not 16-byte aligned (an odd stride): one half at a time
+        for (int e = threadIdx.x; e < rows * dim; e += nt) raw[(e / dim) * xstr + e % dim] = src_row(e / dim)[e % dim];
+    }
+    __syncthreads();
+    for (int tok = 0; tok < a.m; ++tok)
+        for (int vw = warp; vw < VW; vw += W) {
+            const float ss = rms_warp_sum(rms_thread_sumsq(raw + tok * xstr, dim, vw * 32 + lane, T));
+            if (lane == 0) part[tok * 32 + vw] = ss;
+        }
+    __syncthreads();
+    if (int(threadIdx.x) < a.m) inv[threadIdx.x] = rms_inv_from_partials(part + threadIdx.x * 32, VW, dim, a.eps);
+    __syncthreads();
+    const __half* g = raw + a.m * xstr;
+    constexpr int U = 8;  // column indices loaded together (the permutation is in global memory)
+    for (int i0 = threadIdx.x; i0 < dim; i0 += U * nt) {
+        int j[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int i = i0 + u * nt;
+            j[u]        = i < dim ? (a.perm ? a.perm[i] : i) : 0;
+        }
+        for (int tok = 0; tok < a.m; ++tok) {
+            const float iv = inv[tok];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int i = i0 + u * nt;
+                if (i < dim) xs[tok * xstr + i] = rms_apply(raw[tok * xstr + j[u]], iv, g[j[u]]);
+            }
+        }
+    }
+    __syncthreads();
+}
+
 // W warps (16, 8 or 4), TN tiles per block, NB 8-token column tiles, ring of D slots (D - 1 steps
-// in flight), registers capped for MINB blocks per SM. x must be 16-byte aligned with x_stride % 8
-// == 0.
-template <int W, int TN, int NB, int D, int MINB>
+// in flight), registers capped for MINB blocks per SM, fusion flags F. x must be 16-byte aligned with
+// x_stride % 8 == 0.
+template <int W, int TN, int NB, int D, int MINB, int F = 0>
 __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe_args a) {
     static_assert(D >= 2, "ring of at least 2 slots");
     static_assert(W == 16 || W == 8 || W == 4, "16 chunks over the warps");
-    constexpr int           SLOT = pipe_slot_words(TN, NB), CPW = k_chunks / W, LV = pipe_levels(W);
+    static_assert(!((F & F_RES) && (F & F_SILU)), "one epilogue");
+    constexpr bool          NORM = (F & F_NORM) != 0;
+    constexpr int           XB   = pipe_xb(NB, F);
+    constexpr int           SLOT = pipe_slot_words(TN, XB), CPW = k_chunks / W, LV = pipe_levels(W);
     constexpr int           E = TN * 2 * NB * 4;  // accumulators per lane
     extern __shared__ uint4 smem[];
     const int               lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
@@ -313,10 +416,16 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
     const unsigned          ks    = unsigned(a.k_steps);
     const int               c0    = warp * CPW;
     const int               s0 = int(ks * unsigned(c0) / k_chunks), s1 = int(ks * unsigned(c0 + CPW) / k_chunks);
-    const int               n    = s1 - s0;
-    uint4*                  ring = smem + warp * (D * SLOT);
-    float*                  pend =
-        reinterpret_cast<float*>(reinterpret_cast<char*>(smem) + pipe_ring_bytes(W, TN, NB, D)) + warp * (LV * E * 32);
+    const int               n          = s1 - s0;
+    uint4*                  ring       = smem + warp * (D * SLOT);
+    char*                   after_ring = reinterpret_cast<char*>(smem) + pipe_ring_bytes(W, TN, NB, D, F);
+    float*                  pend       = reinterpret_cast<float*>(after_ring) + warp * (LV * E * 32);
+    char*                   after_pend = after_ring + size_t(W) * LV * E * 32 * 4;
+    float*                  norm_part  = reinterpret_cast<float*>(after_pend);                     // F_NORM
+    __half*                 norm_raw   = reinterpret_cast<__half*>(after_pend + pipe_norm_bytes);  // F_NORM
+    const int64_t           xs_stride  = pipe_norm_stride(int64_t(a.k_steps) * 32);
+    // The normalised rows: in place over the copied ones, or after them with a permutation.
+    __half* xs = a.perm ? norm_raw + (a.m + 1) * xs_stride : norm_raw;
 
     // Sources at step s0. Tiles past the end (n_tiles % TN != 0) re-read the last tile; their
     // results are not written.
@@ -332,12 +441,16 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
     bool          xok[NB];
 #pragma unroll
     for (int b = 0; b < NB; ++b) {
-        xok[b]  = b * 8 + gid < a.m;
-        xsrc[b] = a.x + (xok[b] ? int64_t(b * 8 + gid) * a.x_stride : 0) + int64_t(s0) * 32 + tig * 8;
-        // Tokens past m: their fragment slots are zeroed once and never copied into.
-        if (!xok[b])
+        xok[b] = b * 8 + gid < a.m;
+        if constexpr (NORM) {  // the block's normalised copy
+            xsrc[b] = xs + (xok[b] ? int64_t(b * 8 + gid) * xs_stride : 0) + int64_t(s0) * 32 + tig * 8;
+        } else {
+            xsrc[b] = a.x + (xok[b] ? int64_t(b * 8 + gid) * a.x_stride : 0) + int64_t(s0) * 32 + tig * 8;
+            // Tokens past m: their fragment slots are zeroed once and never copied into.
+            if (!xok[b])
 #pragma unroll
-            for (int i = 0; i < D; ++i) ring[i * SLOT + (TN + b) * 32 + lane] = make_uint4(0u, 0u, 0u, 0u);
+                for (int i = 0; i < D; ++i) ring[i * SLOT + (TN + b) * 32 + lane] = make_uint4(0u, 0u, 0u, 0u);
+        }
     }
     const uint64_t policy = evict_first_policy();
 
@@ -352,11 +465,11 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
     auto issue_xs = [&](int j, int slot) {  // called for j = 0, 1, 2, ... in order
         uint4* sl = ring + slot * SLOT;
 #pragma unroll
-        for (int b = 0; b < NB; ++b)
+        for (int b = 0; b < XB; ++b)
             if (xok[b]) cp_async_cached16(sl + (TN + b) * 32 + lane, xsrc[b] + j * 32);
         if ((iin == 0 || j == 0) && tig == 0)
 #pragma unroll
-            for (int tt = 0; tt < TN; ++tt) cp_async_cached16(sl + (TN + NB) * 32 + tt * 8 + gid, ssrc[tt] + ig * 8);
+            for (int tt = 0; tt < TN; ++tt) cp_async_cached16(sl + (TN + XB) * 32 + tt * 8 + gid, ssrc[tt] + ig * 8);
         if (++iin == a.spg) iin = 0, ++ig;
     };
 
@@ -397,6 +510,13 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
         }
     };
 
+    // The warp's whole weight range of each tile requested into L2 at once (weights are never written by
+    // a kernel of the step: before pdl_wait), so that DRAM streams at its full rate from the start
+    // while the ring copies below, D - 1 steps ahead, find their bytes in L2 (docs/cuda.md).
+    if (a.prefetch && lane < TN && n > 0) {
+        const int64_t tile = tile0 + lane < a.n_tiles ? tile0 + lane : a.n_tiles - 1;
+        prefetch_l2_bulk(a.wts + (tile * a.k_steps + s0) * 32, uint32_t(n) * 512u);
+    }
 #pragma unroll
     for (int j = 0; j < D - 1; ++j)
         if (j < n) issue_w(j, j);
@@ -407,6 +527,7 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
         cp_async_commit();  // group 0 also holds the weights of steps 0 .. D - 2
     }
     pdl_launch_dependents();
+    if constexpr (NORM) pipe_norm_prologue<W>(a, norm_part, norm_raw, xs);  // while the first steps are in flight
 
     int cslot = 0, islot = D - 1, cin = s0 % a.spg, chunk = 0;
     int chunk_end = int(ks * unsigned(c0 + 1) / k_chunks) - s0;  // local step where chunk 0 ends
@@ -431,7 +552,7 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
             __syncwarp();
 #pragma unroll
             for (int tt = 0; tt < TN; ++tt) {
-                const uint4    v     = sl[(TN + NB) * 32 + tt * 8 + gid];
+                const uint4    v     = sl[(TN + XB) * 32 + tt * 8 + gid];
                 const uint32_t vv[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
                 for (int i = 0; i < 4; ++i) {
@@ -448,7 +569,12 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
         uint32_t xw[NB][4];
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-            const uint4 v = sl[(TN + b) * 32 + lane];
+            uint4 v = make_uint4(0u, 0u, 0u, 0u);
+            if constexpr (NORM) {
+                if (xok[b]) v = *reinterpret_cast<const uint4*>(xsrc[b] + int64_t(j) * 32);
+            } else {
+                v = sl[(TN + b) * 32 + lane];
+            }
             xw[b][0] = v.x, xw[b][1] = v.y, xw[b][2] = v.z, xw[b][3] = v.w;
         }
 #pragma unroll
@@ -482,7 +608,8 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
     cp_async_wait<0>();
 
     // The warps' subtrees: red[warp][e][lane]; the rings are free once every warp is here.
-    float* red = reinterpret_cast<float*>(smem);
+    float*  red = reinterpret_cast<float*>(smem);
+    __half* act = reinterpret_cast<__half*>(red + W * E * 32);  // F_SILU: [TN][16][32]
     __syncthreads();
 #pragma unroll
     for (int e = 0; e < E; ++e) red[(warp * E + e) * 32 + lane] = acc[e];
@@ -503,7 +630,25 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
         if (tile < a.n_tiles && nn < a.n_out && tok < a.m) {
             float out = v[0];
             if (a.bias) out += __half2float(a.bias[nn]);
-            a.y[int64_t(tok) * a.y_stride + nn] = __float2half_rn(out);
+            __half o = __float2half_rn(out);
+            if constexpr ((F & F_SILU) != 0) {
+                act[(tt * 16 + tok) * 32 + n_local] = o;  // combined below, once the tile is complete
+                continue;
+            }
+            __half* dst = a.y + int64_t(tok) * a.y_stride + nn;
+            if constexpr ((F & F_RES) != 0) o = __float2half_rn(__half2float(*dst) + __half2float(o));  // add_f16
+            *dst = o;
+        }
+    }
+    if constexpr ((F & F_SILU) != 0) {
+        // Tile tile0 + tt holds gate features 16 (tile0 + tt) .. + 15 in rows 0..15, the up ones in 16..31.
+        __syncthreads();
+        for (int i = threadIdx.x; i < TN * a.m * 16; i += W * 32) {
+            const int tt = i / (a.m * 16), tok = (i / 16) % a.m, jf = i % 16;
+            const int tile = tile0 + tt;
+            if (tile >= a.n_tiles) continue;
+            const __half* r                                          = act + (tt * 16 + tok) * 32;
+            a.y[int64_t(tok) * a.y_stride + int64_t(tile) * 16 + jf] = act_mul_h<act_kind::SILU>(r[jf], r[16 + jf]);
         }
     }
 }
@@ -668,6 +813,7 @@ struct device_caps {
     int  smem_optin = 0;      // dynamic shared memory a block may opt in to
     int  smem_sm    = 0;      // shared memory per multiprocessor
     bool pdl        = false;  // programmatic dependent launch (sm_90+, not disabled by GPTQ_INT4_PDL=0 or GPTQ_PDL=0)
+    bool prefetch   = false;  // each warp's weights prefetched into L2 at its start (sm_90+, GPTQ_INT4_PREFETCH=0: off)
 };
 
 // Of the current device, queried once per device.
@@ -699,6 +845,11 @@ device_caps current_device_caps() {
         sms[dev].store(c.sms, std::memory_order_relaxed);
     }
     c.pdl = pdl_env && mj >= 9 && pdl_enabled();  // GPTQ_PDL=0 (launch.cuh) turns it off as well
+    static const bool prefetch_env = [] {
+        const char* e = std::getenv("GPTQ_INT4_PREFETCH");
+        return !(e && e[0] == '0');
+    }();
+    c.prefetch = prefetch_env && mj >= 9;
     return c;
 }
 
@@ -716,28 +867,33 @@ int auto_variant(const int4_layout& L, int m, const device_caps& c) {
     return variant_smem(v, m) <= size_t(c.smem_optin) ? v : 0;
 }
 
-template <int W, int TN, int NB, int D, int MINB>
+template <int W, int TN, int NB, int D, int MINB, int F = 0>
 status launch_pipe_nb(const pipe_args& a, const device_caps& caps, cudaStream_t stream) {
-    constexpr size_t bytes  = pipe_smem_bytes(W, TN, NB, D);
-    auto*            kernel = int4_gemv_pipe_kernel<W, TN, NB, D, MINB>;
+    constexpr size_t base = pipe_smem_bytes(W, TN, NB, D, F);
+    // F_NORM: the normalised rows come on top, their size known at launch only.
+    const size_t bytes =
+        base + ((F & F_NORM) ? pipe_norm_rows_bytes(a.m, int64_t(a.k_steps) * 32, a.perm != nullptr) : 0);
+    auto* kernel = int4_gemv_pipe_kernel<W, TN, NB, D, MINB, F>;
     // Once per device: the dynamic shared memory limit, and the carveout: as much shared memory as
     // the blocks that the registers allow per SM need, the rest L1 (the activations are read
-    // through L1 by every block of the SM).
+    // through L1 by every block of the SM). F_NORM kernels read their activations from shared
+    // memory: the device's whole limit, all shared.
     static std::atomic<uint64_t> configured{0};
     int                          dev = 0;
     GPTQ_CUDA_CHECK(cudaGetDevice(&dev));
     const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
     if (!(configured.load(std::memory_order_relaxed) & bit)) {
-        GPTQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+        const int limit = (F & F_NORM) ? caps.smem_optin : int(base);
+        GPTQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit));
         GPTQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                              int(cudaSharedmemCarveoutMaxShared)));
         int most = 0, got = 0;
-        GPTQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&most, kernel, W * 32, bytes));
+        if (!(F & F_NORM)) GPTQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&most, kernel, W * 32, base));
         if (caps.smem_sm > 0 && most > 0) {
-            const int pct = int(std::min<int64_t>(
-                100, (int64_t(most) * int64_t(bytes + 1024) * 100 + caps.smem_sm - 1) / caps.smem_sm));
+            const int pct = int(
+                std::min<int64_t>(100, (int64_t(most) * int64_t(base + 1024) * 100 + caps.smem_sm - 1) / caps.smem_sm));
             GPTQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, pct));
-            GPTQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&got, kernel, W * 32, bytes));
+            GPTQ_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&got, kernel, W * 32, base));
             if (got < most)
                 GPTQ_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                                      int(cudaSharedmemCarveoutMaxShared)));
@@ -781,6 +937,52 @@ status launch_variant(int v, const pipe_args& a, const device_caps& caps, cudaSt
             break;
     }
     return make_error(status_code::STATUS_INTERNAL, "int4_gemv_f16: no pipelined kernel for variant {}", v);
+}
+
+// The fused kernels (int4_gemv_fused_f16): m <= 16; at m <= 8 (one 8-token column tile) the two
+// 16-warp variants that the table picks there, at m > 8 (two column tiles) 16 warps x 4 slots (the
+// register-capped variant would spill).
+constexpr int k_fused_max_m = 16;
+bool          fused_variant(int v) {
+             return v == V_W16_D4 || v == V_W16_D4_2B;
+}
+// The variant a fused launch of m rows runs: the forced one or the table's, among the fused ones.
+int fused_variant_for(const int4_layout& L, int m, int variant, const device_caps& caps) {
+    int v = variant >= 0 ? variant : auto_variant(L, m, caps);
+    return fused_variant(v) && m <= 8 ? v : V_W16_D4;
+}
+int fusion_flags(const int4_gemv_fusion& f) {
+    return (f.norm_w ? F_NORM : 0) | (f.residual ? F_RES : 0) | (f.silu ? F_SILU : 0);
+}
+size_t fused_smem(int v, int flags, int64_t m, int64_t n_in, bool perm) {
+    const variant_info& vi = k_variants[v];
+    return pipe_smem_bytes(vi.warps, vi.tiles, m <= 8 ? 1 : 2, vi.depth, flags) +
+           ((flags & F_NORM) ? pipe_norm_rows_bytes(m, n_in, perm) : 0);
+}
+
+template <int F>
+status launch_fused_f(int v, const pipe_args& a, const device_caps& caps, cudaStream_t stream) {
+    if (a.m > 8) return launch_pipe_nb<16, 1, 2, 4, 1, F>(a, caps, stream);
+    if (v == V_W16_D4) return launch_pipe_nb<16, 1, 1, 4, 1, F>(a, caps, stream);
+    if (v == V_W16_D4_2B) return launch_pipe_nb<16, 1, 1, 4, 2, F>(a, caps, stream);
+    return make_error(status_code::STATUS_INTERNAL, "int4_gemv_fused_f16: no fused kernel for variant {}", v);
+}
+
+status launch_fused(int v, int flags, const pipe_args& a, const device_caps& caps, cudaStream_t stream) {
+    switch (flags) {
+        case F_NORM:
+            return launch_fused_f<F_NORM>(v, a, caps, stream);
+        case F_NORM | F_SILU:
+            return launch_fused_f<F_NORM | F_SILU>(v, a, caps, stream);
+        case F_RES:
+            return launch_fused_f<F_RES>(v, a, caps, stream);
+        default:
+            break;
+    }
+    return make_error(status_code::STATUS_UNSUPPORTED,
+                      "int4_gemv_fused_f16: fusion (norm {}, residual {}, silu {}) is not one of norm, norm + silu, "
+                      "residual",
+                      (flags & F_NORM) != 0, (flags & F_RES) != 0, (flags & F_SILU) != 0);
 }
 
 }  // namespace
@@ -859,7 +1061,11 @@ status int4_gemv_f16(const int4_layout& L, const void* weights, const void* sz, 
                               int(spg),
                               int(L.n_groups),
                               x_stride,
-                              y_stride};
+                              y_stride,
+                              nullptr,
+                              nullptr,
+                              0.0f,
+                              caps.prefetch ? 1 : 0};
             GPTQ_TRY(launch_variant(v, a, caps, stream));
             continue;
         }
@@ -873,6 +1079,82 @@ status int4_gemv_f16(const int4_layout& L, const void* weights, const void* sz, 
         GPTQ_CUDA_CHECK_LAUNCH();
     }
     return status::ok();
+}
+
+int64_t int4_gemv_fused_max_m() {
+    return k_fused_max_m;
+}
+
+bool int4_gemv_fused_variant(int variant) {
+    return variant >= 0 && variant < k_n_variants && fused_variant(variant);
+}
+
+status int4_gemv_fused_check(const int4_layout& L, int64_t m, const int4_gemv_fusion& f, int variant) {
+    if (m < 1 || m > k_fused_max_m)
+        return make_error(status_code::STATUS_UNSUPPORTED, "int4_gemv_fused_f16: m {} not in [1, {}]", m,
+                          k_fused_max_m);
+    if (f.perm && !f.norm_w)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "int4_gemv_fused_f16: a column order without the norm (the caller permutes x)");
+    if (f.silu && L.n_out % 32 != 0)
+        return make_error(status_code::STATUS_UNSUPPORTED,
+                          "int4_gemv_fused_f16: gate/up in 32-row tiles needs n_out % 32 == 0 (n_out {})", L.n_out);
+    if (variant != -1 && !int4_gemv_fused_variant(variant))
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemv_fused_f16: variant {} has no fused kernel",
+                          variant);
+    const int flags = fusion_flags(f);
+    if (flags != F_NORM && flags != (F_NORM | F_SILU) && flags != F_RES)
+        return make_error(status_code::STATUS_UNSUPPORTED,
+                          "int4_gemv_fused_f16: fusion (norm {}, residual {}, silu {}) is not one of norm, norm + "
+                          "silu, residual",
+                          f.norm_w != nullptr, f.residual, f.silu);
+    if (L.n_tiles > 0x7fffffff / 32 || L.k_steps > 0x7fffffff / 32)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemv_fused_f16: layout {} x {} too large",
+                          L.n_out, L.n_in);
+    const device_caps caps = current_device_caps();
+    const int         v    = fused_variant_for(L, int(m), variant, caps);
+    if (fused_smem(v, flags, m, L.n_in, f.perm != nullptr) > size_t(caps.smem_optin))
+        return make_error(status_code::STATUS_UNSUPPORTED,
+                          "int4_gemv_fused_f16: {} tokens of {} inputs need {} bytes of shared memory, the device "
+                          "allows {}",
+                          m, L.n_in, fused_smem(v, flags, m, L.n_in, f.perm != nullptr), caps.smem_optin);
+    return status::ok();
+}
+
+status int4_gemv_fused_f16(const int4_layout& L, const void* weights, const void* sz, const uint16_t* x,
+                           const uint16_t* bias, uint16_t* y, int64_t m, int64_t x_stride, int64_t y_stride,
+                           const int4_gemv_fusion& f, cudaStream_t stream, int variant) {
+    GPTQ_TRY(int4_gemv_fused_check(L, m, f, variant));
+    if (x_stride < L.n_in || y_stride < (f.silu ? L.n_out / 2 : L.n_out))
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "int4_gemv_fused_f16: x_stride {} / y_stride {} too small for {} x {}", x_stride, y_stride,
+                          L.n_out, L.n_in);
+    // Without the norm the warps copy 16-byte fragments of x (the pipelined kernels' condition).
+    if (!f.norm_w && (reinterpret_cast<uintptr_t>(x) % 16 != 0 || x_stride % 8 != 0))
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "int4_gemv_fused_f16: x must be 16-byte aligned with x_stride % 8 == 0 (x_stride {})",
+                          x_stride);
+    const device_caps caps = current_device_caps();
+    const int         v    = fused_variant_for(L, int(m), variant, caps);
+    pipe_args         a{};
+    a.wts      = static_cast<const uint4*>(weights);
+    a.sz       = static_cast<const uint4*>(sz);
+    a.x        = reinterpret_cast<const __half*>(x);
+    a.bias     = reinterpret_cast<const __half*>(bias);
+    a.y        = reinterpret_cast<__half*>(y);
+    a.m        = int(m);
+    a.n_out    = int(L.n_out);
+    a.n_tiles  = int(L.n_tiles);
+    a.k_steps  = int(L.k_steps);
+    a.spg      = int(L.group_size / 32);
+    a.n_groups = int(L.n_groups);
+    a.x_stride = x_stride;
+    a.y_stride = y_stride;
+    a.norm_w   = reinterpret_cast<const __half*>(f.norm_w);
+    a.perm     = f.perm;
+    a.eps      = f.eps;
+    a.prefetch = caps.prefetch ? 1 : 0;
+    return launch_fused(v, fusion_flags(f), a, caps, stream);
 }
 
 status gptq_permute_cols_f16(const uint16_t* x, const int32_t* perm, uint16_t* y, int64_t m, int64_t n_cols,

@@ -79,6 +79,37 @@ int         int4_gemv_variant_count();
 const char* int4_gemv_variant_name(int variant);
 int         int4_gemv_auto_variant(const int4_layout& L, int64_t m);
 
+// The fused decode step (docs/cuda.md "The fused decode step"): the pipelined GEMV with the op
+// before it folded into its input, or the op after it into its output, giving the bits of the plain
+// sequence (the arithmetic of decode_math.cuh). One of:
+// - norm_w set (F_NORM): x is the residual stream h [m, x_stride] (any 2-byte alignment); the kernel
+//   computes rms_norm(h) * norm_w as add_rms_norm_f16 without the add (in `perm` order when set: the
+//   layer's act-order column order) and multiplies that; eps the norm's epsilon. Optionally with
+//   silu.
+// - residual: y is the residual stream [m, y_stride], y += the layer's (rounded) output, as add_f16.
+// - silu (with norm_w): the layer's 32-row tiles hold gate features 16 t .. 16 t + 15 in rows 0..15
+//   and the matching up features in rows 16..31 (n_out = 2 n_ff, n_ff % 16 == 0: the interleaved
+//   gate/up layout); y [m, y_stride] receives silu(gate) * up, n_out / 2 features, as silu_mul_f16.
+// bias as int4_gemv_f16 (added before the rounding of the layer's output).
+struct int4_gemv_fusion {
+    const uint16_t* norm_w   = nullptr;  // [n_in] F16: the input RMSNorm's weights (nullptr: none)
+    float           eps      = 0.0f;
+    const int32_t*  perm     = nullptr;  // [n_in] I32 device, with norm_w only
+    bool            residual = false;
+    bool            silu     = false;
+};
+// The most tokens a fused launch takes (16: two 8-token column tiles).
+int64_t int4_gemv_fused_max_m();
+// OK when int4_gemv_fused_f16 runs L for m tokens with f on the current device (m, the combination,
+// the shared memory of the normalised rows); UNSUPPORTED (use the plain ops) otherwise.
+status int4_gemv_fused_check(const int4_layout& L, int64_t m, const int4_gemv_fusion& f, int variant = -1);
+// variant: -1 the table's choice (among the fused ones), or one for which int4_gemv_fused_variant is
+// true (tests; at m > 8 every launch runs 16 warps x 4 slots, pipe-w16-t1-d4).
+status int4_gemv_fused_f16(const int4_layout& L, const void* weights, const void* sz, const uint16_t* x,
+                           const uint16_t* bias, uint16_t* y, int64_t m, int64_t x_stride, int64_t y_stride,
+                           const int4_gemv_fusion& f, cudaStream_t stream, int variant = -1);
+bool   int4_gemv_fused_variant(int variant);
+
 // y[r, i] = x[r, perm[i]] for r < m, i < n_cols. x: [m, x_stride], y: [m, y_stride] F16 (no alias);
 // perm: [n_cols] I32 device array.
 status gptq_permute_cols_f16(const uint16_t* x, const int32_t* perm, uint16_t* y, int64_t m, int64_t n_cols,

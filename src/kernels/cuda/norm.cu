@@ -1,10 +1,12 @@
 // RMSNorm kernel: one block per row, the sum of squares reduced in F32 over the block, the row
-// read twice (the second read hits L1/L2: rows are at most a few tens of KB).
+// read twice (the second read hits L1/L2: rows are at most a few tens of KB). The arithmetic and its
+// order are decode_math.cuh's, shared with the int4 GEMV that folds the norm into its input.
 #include <cuda_fp16.h>
 
 #include <algorithm>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/decode_math.cuh"
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/norm.cuh"
 
@@ -12,7 +14,7 @@ namespace gptq::cuda {
 
 namespace {
 
-constexpr int k_add_block = 1024;  // a 4096-wide row: 4 values per thread, one round trip
+constexpr int k_add_block = k_rms_max_threads;  // a 4096-wide row: 4 values per thread, one round trip
 
 __global__ void __launch_bounds__(k_add_block)
     add_rms_norm_kernel(__half* h, const __half* __restrict__ add, const __half* __restrict__ w, __half* y,
@@ -30,18 +32,16 @@ __global__ void __launch_bounds__(k_add_block)
             hr[i] = v;
         }
         const float f = __half2float(v);
-        ss += f * f;
+        ss            = __fmaf_rn(f, f, ss);  // rms_thread_sumsq's order, with the add in the same pass
     }
     __shared__ float partial[k_add_block / 32];
-    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    ss = rms_warp_sum(ss);
     if ((threadIdx.x & 31) == 0) partial[threadIdx.x / 32] = ss;
     __syncthreads();  // also makes this block's writes to hr visible to the permuted reads below
-    float total = 0.0f;
-    for (int i = 0; i < int(blockDim.x / 32); ++i) total += partial[i];
-    const float inv = rsqrtf(total / float(dim) + eps);
+    const float inv = rms_inv_from_partials(partial, int(blockDim.x / 32), dim, eps);
     for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
         const int64_t j = perm ? int64_t(perm[i]) : i;
-        yr[i]           = __float2half_rn(__half2float(hr[j]) * inv * __half2float(w[j]));
+        yr[i]           = rms_apply(hr[j], inv, w[j]);
     }
 }
 
@@ -55,7 +55,7 @@ status add_rms_norm_f16(uint16_t* h, const uint16_t* add, const uint16_t* w, uin
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
                           "add_rms_norm_f16: n_rows {} / strides h {} add {} y {} do not fit dim {}", n_rows, h_stride,
                           add_stride, y_stride, dim);
-    const int threads = int(std::min<int64_t>(k_add_block, (dim + 31) / 32 * 32));
+    const int threads = rms_threads(dim);  // the reduction order of decode_math.cuh
     GPTQ_CUDA_CHECK(launch_pdl(add_rms_norm_kernel, dim3(unsigned(n_rows)), dim3(unsigned(threads)), 0, stream,
                                reinterpret_cast<__half*>(h), reinterpret_cast<const __half*>(add),
                                reinterpret_cast<const __half*>(w), reinterpret_cast<__half*>(y), perm, dim, h_stride,

@@ -3,6 +3,7 @@
 #include <cuda_fp16.h>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/decode_math.cuh"
 #include "kernels/cuda/launch.cuh"
 #include "kernels/cuda/rope.cuh"
 
@@ -20,8 +21,8 @@ __global__ void rope_kernel(__half* x, const float* cos, const float* sin, int64
         __half*       row = x + t * row_stride + h * 2 * half;
         const float   c = cos[t * half + i], s = sin[t * half + i];
         const float   a = __half2float(row[i]), b = __half2float(row[i + half]);
-        row[i]        = __float2half_rn(a * c - b * s);
-        row[i + half] = __float2half_rn(b * c + a * s);
+        row[i]        = rope_lo(a, b, c, s);
+        row[i + half] = rope_hi(a, b, c, s);
     }
 }
 
@@ -47,7 +48,7 @@ __global__ void rope_kv_store_kernel(__half* q, const __half* k, const __half* v
             const __half* src = (is_q ? q + t * q_stride : k + t * kv_stride) + hh * 2 * half;
             const float   c = cos[t * half + i], s = sin[t * half + i];
             const float   a = __half2float(src[i]), b = __half2float(src[i + half]);
-            const __half  lo = __float2half_rn(a * c - b * s), hi = __float2half_rn(b * c + a * s);
+            const __half  lo = rope_lo(a, b, c, s), hi = rope_hi(a, b, c, s);
             if (is_q) {
                 __half* dst   = q + t * q_stride + hh * 2 * half;
                 dst[i]        = lo;

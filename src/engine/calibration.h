@@ -81,6 +81,8 @@ public:
     virtual status synchronize() { return status::ok(); }
     // Device memory the runner planned for (the report's peak_plan_bytes); 0 on the CPU.
     virtual uint64_t device_plan_bytes() const { return 0; }
+    // The most device memory in use seen at a synchronize() (the whole device); 0 on the CPU.
+    virtual uint64_t device_used_peak() const { return 0; }
 };
 
 // x: [n_samples * seqlen, n_embd] F32, the embedded calibration windows (taken).

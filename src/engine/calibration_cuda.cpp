@@ -180,8 +180,15 @@ public:
         return h;
     }
 
-    status   synchronize() override { return gpu_->synchronize(); }
+    // Also samples the device's memory in use (the report's device_used_peak_bytes).
+    status synchronize() override {
+        GPTQ_TRY(gpu_->synchronize());
+        GPTQ_ASSIGN_OR_RETURN(const cuda_memory_info mem, cuda_memory_info_get(*gpu_));
+        used_peak_ = std::max<uint64_t>(used_peak_, mem.total - mem.free);
+        return status::ok();
+    }
     uint64_t device_plan_bytes() const override { return plan_bytes_; }
+    uint64_t device_used_peak() const override { return used_peak_; }
 
     static result<std::unique_ptr<calibration_runner>> open(const device_spec& dev, const llama_model& model,
                                                             const ops_context& ctx, thread_pool* pool,
@@ -196,6 +203,7 @@ private:
     ops_context                                                   ctx_;
     int64_t                                                       n_samples_ = 0, seqlen_ = 0;
     uint64_t                                                      plan_bytes_ = 0;
+    uint64_t                                                      used_peak_  = 0;  // synchronize()'s samples
     std::unique_ptr<cuda_context>                                 gpu_;
     std::unique_ptr<llama_cuda_layer_runner>                      runner_;
     cuda_buffer                                                   x_dev_;  // [n_samples * seqlen, n_embd] F16

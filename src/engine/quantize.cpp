@@ -622,7 +622,10 @@ status quantize_moe(run_state& s, const ops_context& ctx, int64_t i, llama_layer
 
 status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_layer* layer) {
     const auto& hp = s.model->hparams();
-    GPTQ_TRY(check_tensors_finite(s.model->source(), llama_layer_tensors(hp, i)));
+    {
+        phase_timer t(s, "check");
+        GPTQ_TRY(check_tensors_finite(s.model->source(), llama_layer_tensors(hp, i)));
+    }
     std::vector<std::pair<linear_role, gptq_linear_data>> out;
     const bool                                            gptq = s.p.method == "gptq";
     if (gptq) {
@@ -1123,6 +1126,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     GPTQ_TRY(check_params(params));
     run_state s;
     s.p = params;
+    std::optional<phase_timer> t_open(std::in_place, s, "open");
 
     // Options and the config we will write. Zeros in v1 unless asked: the format most readers take,
     // asymmetric included (docs/quantize.md, "Zero-point format").
@@ -1244,8 +1248,11 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     thread_pool       pool(n_threads);
     const ops_context ctx{&pool, false};
 
+    t_open.reset();
+
     // Calibration activations.
     if (params.method == "gptq") {
+        std::optional<phase_timer> t_tok(std::in_place, s, "tokenize");
         GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(params.model_path));
         std::string calib_path;
         GPTQ_ASSIGN_OR_RETURN(std::vector<int32_t> ids, calibration_tokens(params, *tok, &calib_path));
@@ -1262,6 +1269,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             std::copy(ids.begin() + i0, ids.begin() + i0 + params.seqlen, windows.begin() + j * params.seqlen);
         }
         s.report.n_calib_tokens = s.n_samples * params.seqlen;
+        t_tok.reset();
         GPTQ_LOG_INFO("calibration: {} windows of {} tokens from {} ({} tokens)", s.n_samples, params.seqlen,
                       calib_path, ids.size());
 
@@ -1304,16 +1312,21 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             "lower --nsamples or --seqlen" +
                 (fs::exists(s.work) ? fmt::format(" (the finished layers in {} are kept for --resume)", s.work)
                                     : std::string())));
-        std::vector<float> x(static_cast<size_t>(s.n_samples * params.seqlen * hp.n_embd));
+        std::optional<phase_timer> t_embed(std::in_place, s, "embed");
+        std::vector<float>         x(static_cast<size_t>(s.n_samples * params.seqlen * hp.n_embd));
         GPTQ_TRY(s.model->globals_load());
         GPTQ_TRY(s.model->embed(windows.data(), s.n_samples * params.seqlen, x.data()));
+        t_embed.reset();
         auto make_runner = [&](std::vector<float> xs) -> result<std::unique_ptr<calibration_runner>> {
             if (gpu_calibration_wanted)
                 return calibration_runner_cuda(dev, *s.model, ctx, &pool, s.n_samples, params.seqlen, std::move(xs));
             return calibration_runner_cpu(*s.model, ctx, s.n_samples, params.seqlen, std::move(xs));
         };
         if (params.target_bpw > 0) GPTQ_TRY(bit_plan_make(s, ctx, &pool, [&] { return make_runner(x); }));
-        GPTQ_ASSIGN_OR_RETURN(s.calib, make_runner(std::move(x)));
+        {
+            phase_timer t(s, "runner");
+            GPTQ_ASSIGN_OR_RETURN(s.calib, make_runner(std::move(x)));
+        }
         if (gpu_calibration_wanted) s.report.peak_plan_bytes = s.calib->device_plan_bytes();
     }
 
@@ -1355,7 +1368,10 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             phase_timer t(s, "forward");
             GPTQ_TRY(s.calib->layer_forward(*layer).with_context(fmt::format("layer {}", i)));
         }
-        GPTQ_TRY(write_state(s, i + 1));
+        {
+            phase_timer t(s, "state");
+            GPTQ_TRY(write_state(s, i + 1));
+        }
         bar.update(1);
         // One line per layer: the error GPTQ minimises against RTN's.
         double eg = 0, er = 0;
@@ -1377,6 +1393,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
 
     // Finish: lm_head, globals, shards, configs, tokenizer; then the work folder becomes the output.
     if (params.quantize_lm_head) GPTQ_TRY(quantize_lm_head(s, ctx));
+    std::optional<phase_timer> t_assemble(std::in_place, s, "assemble");
     GPTQ_TRY(write_globals(s));
     uint64_t bytes_out = 0;
     GPTQ_TRY(assemble_shards(s, &bytes_out));
@@ -1399,6 +1416,8 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     if (ec)
         return make_error(status_code::STATUS_IO_ERROR, "removing {}: {}",
                           path_join(params.output_path, k_work_folder_marker), ec.message());
+    t_assemble.reset();
+    if (s.calib) s.report.device_used_peak_bytes = s.calib->device_used_peak();
 
     s.report.output_path = params.output_path;
     s.report.method      = params.method;
@@ -1411,6 +1430,10 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     s.report.bytes_in    = s.model->source().total_bytes();
     s.report.bytes_out   = bytes_out;
     s.report.seconds     = seconds_since(t_start);
+    double in_phases     = 0.0;
+    for (const auto& [name, secs] : s.report.phase_seconds) in_phases += secs;
+    GPTQ_LOG_INFO("time by phase (summed over the layers): {}; other {:.1f} s; total {:.1f} s", phase_summary(s.report),
+                  s.report.seconds - in_phases, s.report.seconds);
     if (!s.bit_plan.is_null()) s.report.bit_plan_json = s.bit_plan.dump();
     if (!params.report_path.empty())
         GPTQ_TRY(file_write_atomic(params.report_path, quantize_report_json(s.report) + "\n"));
@@ -1433,6 +1456,7 @@ std::string quantize_report_json(const quantize_report& r) {
     j["bytes_in"]             = r.bytes_in;
     j["bytes_out"]            = r.bytes_out;
     j["peak_plan_bytes"]      = r.peak_plan_bytes;
+    if (r.device_used_peak_bytes) j["device_used_peak_bytes"] = r.device_used_peak_bytes;
     nlohmann::ordered_json ph = nlohmann::ordered_json::object();
     for (const auto& [name, secs] : r.phase_seconds) ph[name] = secs;
     j["phase_seconds"]        = ph;

@@ -36,7 +36,7 @@ public:
     status hessians_collect(const llama_layer&, const std::vector<linear_role>& group) override {
         const llama_hparams& hp = *hp_;
         acc_.clear();
-        h_dev_            = cuda_buffer();
+        drop_h();
         linear_input last = linear_input::LINEAR_INPUT_QKV;
         for (linear_role r : group) {
             const linear_input in = linear_role_input(r);
@@ -60,7 +60,7 @@ public:
             return make_error(status_code::STATUS_INTERNAL, "calibration: no Hessian collected for the {} input",
                               linear_input_name(in));
         const int64_t n_in = it->second.n_in();
-        h_dev_             = cuda_buffer();
+        drop_h();
         GPTQ_ASSIGN_OR_RETURN(h_dev_, cuda_buffer::alloc(size_t(n_in * n_in) * 4));
         GPTQ_TRY(it->second.finish(*gpu_, h_dev_.as<float>()));
         std::vector<float> h(size_t(n_in * n_in));
@@ -83,10 +83,60 @@ public:
 
     status linear_update(linear_role r, const std::vector<float>& w) override { return runner_->linear_update(r, w); }
 
+    // ---- device-resident linears (GPTQ_QUANTIZE_PLAIN=1 turns them off: resident() false) ----
+    bool resident() const override { return resident_; }
+
+    status hessian_keep(linear_input in) override {
+        if (h_in_ == in && h_dev_.bytes()) return status::ok();  // q/k/v, gate/up: one H per input
+        auto it = acc_.find(in);
+        if (it == acc_.end())
+            return make_error(status_code::STATUS_INTERNAL, "calibration: no Hessian collected for the {} input",
+                              linear_input_name(in));
+        const int64_t n_in = it->second.n_in();
+        drop_h();
+        GPTQ_ASSIGN_OR_RETURN(h_dev_, cuda_buffer::alloc(size_t(n_in * n_in) * 4));
+        GPTQ_TRY(it->second.finish(*gpu_, h_dev_.as<float>()));
+        h_in_ = in;
+        return status::ok();
+    }
+
+    // W from the runner's F16 copy when that is exact (an F16 checkpoint: no upload), else uploaded.
+    result<quantized_linear> solve_kept(linear_role r, const float* w, int64_t n_out, int64_t n_in,
+                                        const gptq_options& opt, gptq_stats* stats) override {
+        if (h_in_ == linear_input::LINEAR_INPUT_COUNT || h_dev_.bytes() != size_t(n_in * n_in) * 4)
+            return make_error(status_code::STATUS_INTERNAL, "calibration: solve of a {} x {} linear without its Hessian",
+                              n_out, n_in);
+        w_kept_ = cuda_buffer();
+        q_kept_ = gptq_cuda_codes();
+        return gptq_quantize_cuda_resident(*gpu_, ctx_, w, n_out, n_in, h_dev_.as<float>(), opt, stats, &w_kept_,
+                                           &q_kept_, runner_->linear_f16_if_exact(r));
+    }
+
+    result<double> weighted_error_kept(const quantized_linear* q) override {
+        if (!w_kept_.bytes() || h_dev_.bytes() != size_t(q_kept_.n_in * q_kept_.n_in) * 4)
+            return make_error(status_code::STATUS_INTERNAL, "calibration: weighted error without a kept solve");
+        if (!q) return hessian_weighted_error_cuda(*gpu_, w_kept_.as<float>(), q_kept_, h_dev_.as<float>());
+        if (q->n_out != q_kept_.n_out || q->n_in != q_kept_.n_in)
+            return make_error(status_code::STATUS_INTERNAL, "calibration: weighted error of {} x {} against {} x {}",
+                              q->n_out, q->n_in, q_kept_.n_out, q_kept_.n_in);
+        GPTQ_ASSIGN_OR_RETURN(const gptq_cuda_codes c, gptq_cuda_codes_upload(*gpu_, *q));
+        return hessian_weighted_error_cuda(*gpu_, w_kept_.as<float>(), c, h_dev_.as<float>());
+    }
+
+    status linear_update_kept(linear_role r) override {
+        if (!q_kept_.code.bytes())
+            return make_error(status_code::STATUS_INTERNAL, "calibration: update of {} without a kept solve",
+                              linear_role_name(r));
+        GPTQ_TRY(runner_->linear_update(r, q_kept_.view()));
+        w_kept_ = cuda_buffer();  // the linear is done (the update is queued on the same stream)
+        q_kept_ = gptq_cuda_codes();
+        return status::ok();
+    }
+
     status layer_forward(const llama_layer& layer) override {
         acc_.clear();
         moe_acc_.clear();
-        h_dev_ = cuda_buffer();
+        drop_h();
         if (layer.moe) GPTQ_TRY(runner_->moe_load(layer));  // the experts as quantized (host layer only)
         return runner_->forward(x_dev_.as<uint16_t>(), n_samples_, nullptr);
     }
@@ -105,7 +155,7 @@ public:
         // gate/up before asking for the down inputs (layer_begin loaded them for GATE_UP).
         if (!gate_up) GPTQ_TRY(runner_->moe_load(layer));
         acc_.clear();
-        h_dev_ = cuda_buffer();
+        drop_h();
         moe_acc_.clear();  // the other input's are not asked for again (quantize_moe: gate/up, then down)
         auto&         acc         = moe_acc_[in];
         const int64_t n_in_shared = gate_up ? hp.n_embd : std::max<int64_t>(hp.n_ff_shared, 1);
@@ -144,7 +194,7 @@ public:
             return make_error(status_code::STATUS_INTERNAL, "calibration: expert {} out of range", expert);
         const cuda_hessian_accumulator& a    = it->second[k];
         const int64_t                   n_in = a.n_in();
-        h_dev_                               = cuda_buffer();
+        drop_h();
         GPTQ_ASSIGN_OR_RETURN(h_dev_, cuda_buffer::alloc(size_t(n_in * n_in) * 4));
         GPTQ_TRY(a.finish(*gpu_, h_dev_.as<float>()));
         std::vector<float> h(size_t(n_in * n_in));
@@ -159,7 +209,7 @@ public:
     result<std::vector<float>> final_norm_hessian() override {
         const int64_t n_embd = hp_->n_embd, n = seqlen_ * n_embd;
         acc_.clear();
-        h_dev_ = cuda_buffer();
+        drop_h();
         GPTQ_ASSIGN_OR_RETURN(cuda_hessian_accumulator acc, cuda_hessian_accumulator::create(*gpu_, n_embd));
         GPTQ_ASSIGN_OR_RETURN(cuda_buffer y_dev, cuda_buffer::alloc(size_t(n) * 2));
         std::vector<uint16_t> x16(static_cast<size_t>(n)), y16(static_cast<size_t>(n));
@@ -197,6 +247,10 @@ public:
 private:
     cuda_calibration() = default;
     status plan_check(const device_spec& dev);
+    void   drop_h() {
+        h_dev_ = cuda_buffer();
+        h_in_  = linear_input::LINEAR_INPUT_COUNT;
+    }
 
     const llama_hparams*                                          hp_    = nullptr;
     const llama_model*                                            model_ = nullptr;
@@ -209,6 +263,10 @@ private:
     cuda_buffer                                                   x_dev_;  // [n_samples * seqlen, n_embd] F16
     std::map<linear_input, cuda_hessian_accumulator>              acc_;
     cuda_buffer                                                   h_dev_;    // the last hessian(): [n_in, n_in] F32
+    linear_input h_in_ = linear_input::LINEAR_INPUT_COUNT;  // the input h_dev_ holds (hessian_keep)
+    bool         resident_ = true;                          // not GPTQ_QUANTIZE_PLAIN
+    cuda_buffer     w_kept_;                                // the last solve_kept's W [n_out, n_in] F32
+    gptq_cuda_codes q_kept_;                                // and its codes
     std::map<linear_input, std::vector<cuda_hessian_accumulator>> moe_acc_;  // [shared, experts...]
     std::vector<int64_t>                                          counts_;   // tokens per expert
 };
@@ -281,6 +339,7 @@ result<std::unique_ptr<calibration_runner>> cuda_calibration::open(const device_
     c->ctx_       = ctx;
     c->n_samples_ = n_samples;
     c->seqlen_    = seqlen;
+    c->resident_  = !quantize_plain_mode();
     GPTQ_ASSIGN_OR_RETURN(c->gpu_, cuda_context::create(dev.index));
     GPTQ_LOG_WARN(
         "--device {}: GPTQ on the GPU is experimental (calibration passes in F16 with F32 accumulation, "

@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <map>
 #include <new>
 #include <nlohmann/json.hpp>
@@ -278,6 +279,16 @@ gptq_options options_for(const run_state& s, const std::string& module) {
     return o;
 }
 
+// dt seconds added to the report's phase `name` (appended when new).
+void add_phase(quantize_report& r, const char* name, double dt) {
+    for (auto& [n, v] : r.phase_seconds)
+        if (n == name) {
+            v += dt;
+            return;
+        }
+    r.phase_seconds.emplace_back(name, dt);
+}
+
 // Adds the wall time of its scope to the report's phase `name` (GPU work queued in the scope is
 // waited for first, so that the time lands in the phase that queued it).
 class phase_timer {
@@ -285,13 +296,7 @@ public:
     phase_timer(run_state& s, const char* name) : s_(s), name_(name), t0_(clock::now()) {}
     ~phase_timer() {
         if (s_.calib) (void)s_.calib->synchronize();
-        const double dt = seconds_since(t0_);
-        for (auto& [n, v] : s_.report.phase_seconds)
-            if (n == name_) {
-                v += dt;
-                return;
-            }
-        s_.report.phase_seconds.emplace_back(name_, dt);
+        add_phase(s_.report, name_, seconds_since(t0_));
     }
     phase_timer(const phase_timer&)            = delete;
     phase_timer& operator=(const phase_timer&) = delete;
@@ -377,13 +382,14 @@ status write_layer(run_state& s, int64_t i, const std::vector<std::pair<linear_r
     return status::ok();
 }
 
-status write_state(const run_state& s, int64_t layers_done) {
+// report_json: quantize_report_json of the report as it was when layer layers_done - 1 was done.
+status write_state(const run_state& s, int64_t layers_done, const std::string& report_json) {
     const auto     n = std::min<size_t>(s.layer_hashes.size(), static_cast<size_t>(layers_done));
     nlohmann::json j = {{"version", k_state_version},
                         {"identity", s.identity},
                         {"layers_done", layers_done},
                         {"layer_hashes", std::vector<std::string>(s.layer_hashes.begin(), s.layer_hashes.begin() + n)},
-                        {"report", nlohmann::json::parse(quantize_report_json(s.report))}};
+                        {"report", nlohmann::json::parse(report_json)}};
     return file_write_atomic(path_join(s.work, "state.json"), j.dump(1));
 }
 
@@ -479,27 +485,44 @@ status check_tensors_finite(const tensor_source& src, const std::vector<tensor_s
 // One linear quantized: GPTQ against h, or round to nearest when h is null (--method rtn, an
 // uncovered expert with --moe-coverage rtn); the report's errors filled (GPTQ only). Returns the
 // checkpoint form and the dequantized weight, which the caller puts back into the layer.
+// resident (with h, its content unused): the runner's kept H, W and codes (calibration.h) for
+// role r; the dequantized weight is then left empty (linear_update_kept puts it on the device).
 struct linear_quantized {
     gptq_linear_data   data;
     std::vector<float> wq;
 };
+// rtn_pre: the RTN baseline computed ahead (the reader thread), else computed here.
 result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, const linear_weights& lw,
                                          const gptq_options& opt, const std::vector<float>* h,
-                                         quantize_linear_report* rep) {
+                                         quantize_linear_report* rep, bool resident = false,
+                                         std::optional<quantized_linear>* rtn_pre = nullptr,
+                                         linear_role r = linear_role::LINEAR_Q) {
     const std::string& name = rep->name;
     GPTQ_TRY(gptq_check_packable(lw.n_in, lw.n_out, opt.bits, name));
     rep->n_out      = lw.n_out;
     rep->n_in       = lw.n_in;
     rep->bits       = opt.bits;
     rep->group_size = opt.group_size;
-    std::optional<phase_timer> t_rtn(std::in_place, s, "rtn");
-    auto                       rtn = rtn_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, opt);
+    std::optional<phase_timer>  t_rtn(std::in_place, s, "rtn");
+    result<quantized_linear>    rtn = rtn_pre && *rtn_pre ? result<quantized_linear>(std::move(**rtn_pre))
+                                                          : rtn_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, opt);
     if (!rtn) return rtn.error().with_context(name);
     t_rtn.reset();
     linear_quantized out;
-    out.wq.resize(lw.w.size());
     quantized_linear q;
-    if (h) {
+    if (h && resident) {
+        gptq_stats                 st;
+        std::optional<phase_timer> t_solve(std::in_place, s, "solve");
+        auto                       g = s.calib->solve_kept(r, lw.w.data(), lw.n_out, lw.n_in, opt, &st);
+        if (!g) return g.error().with_context(name);
+        t_solve.reset();
+        phase_timer t(s, "error");
+        q                 = std::move(g).value();
+        rep->damp_percent = st.damp_percent_used;
+        GPTQ_ASSIGN_OR_RETURN(rep->error_rtn, s.calib->weighted_error_kept(&*rtn));
+        GPTQ_ASSIGN_OR_RETURN(rep->error_gptq, s.calib->weighted_error_kept(nullptr));
+    } else if (h) {
+        out.wq.resize(lw.w.size());
         gptq_stats                 st;
         std::optional<phase_timer> t_solve(std::in_place, s, "solve");
         auto                       g = s.calib->solve(lw.w.data(), lw.n_out, lw.n_in, *h, opt, &st);
@@ -515,6 +538,7 @@ result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, c
         GPTQ_ASSIGN_OR_RETURN(rep->error_gptq,
                               s.calib->weighted_error(lw.w.data(), out.wq.data(), lw.n_out, lw.n_in, *h));
     } else {
+        out.wq.resize(lw.w.size());
         q = std::move(rtn).value();
         quantized_linear_dequantize(q, out.wq.data());
     }
@@ -620,16 +644,61 @@ status quantize_moe(run_state& s, const ops_context& ctx, int64_t i, llama_layer
     return pass({moe_proj::MOE_DOWN});
 }
 
-status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_layer* layer) {
+// A layer as read from the checkpoint, by the layer loop or ahead of it by the reader thread
+// (docs/quantize.md "Overlap"), which also checks its tensors and computes its linears' RTN
+// baselines (checked / rtn); seconds: the read's own time.
+struct layer_read {
+    std::unique_ptr<llama_layer>                 layer;
+    bool                                         checked = false;
+    std::vector<std::optional<quantized_linear>> rtn;  // [k_n_linear_roles] or empty
+    double                                       seconds = 0.0;
+};
+
+// Read layer i on `pool`; ahead: also checked and, for a layer still to quantize (dense linears),
+// its RTN baselines. The errors are those the layer loop gives without it.
+result<layer_read> read_layer(const run_state& s, int64_t i, thread_pool* pool, bool ahead, bool to_quantize) {
+    const auto  t0 = clock::now();
     const auto& hp = s.model->hparams();
-    {
+    layer_read  rd;
+    GPTQ_ASSIGN_OR_RETURN(rd.layer, s.model->layer_load(i, pool));
+    if (ahead && to_quantize) {
+        GPTQ_TRY(check_tensors_finite(s.model->source(), llama_layer_tensors(hp, i))
+                     .with_context(fmt::format("layer {}", i)));
+        rd.checked = true;
+        const ops_context rctx{pool, false};
+        rd.rtn.resize(k_n_linear_roles);
+        for (int k = 0; k < k_n_linear_roles; ++k) {
+            const auto r = static_cast<linear_role>(k);
+            if (hp.is_moe(i) && k > static_cast<int>(linear_role::LINEAR_O)) continue;  // quantize_moe's
+            const linear_weights& lw  = rd.layer->linear(r);
+            const gptq_options    opt = options_for(s, module_of(hp, i, r));
+            if (!gptq_check_packable(lw.n_in, lw.n_out, opt.bits, "").is_ok()) continue;  // quantize_linear says
+            auto q = rtn_quantize(rctx, lw.w.data(), lw.n_out, lw.n_in, opt);
+            if (q) rd.rtn[size_t(k)] = std::move(q).value();  // an error: quantize_linear gives it again
+        }
+    }
+    rd.seconds = seconds_since(t0);
+    return rd;
+}
+
+// Layer i's quantized linears: by role (dense) and by module (a MoE block's), for write_layer.
+struct layer_quantized {
+    std::vector<std::pair<linear_role, gptq_linear_data>> by_role;
+    std::vector<std::pair<std::string, gptq_linear_data>> moe;
+};
+
+result<layer_quantized> quantize_layer(run_state& s, const ops_context& ctx, int64_t i, layer_read& rd) {
+    const auto&  hp    = s.model->hparams();
+    llama_layer* layer = rd.layer.get();
+    if (!rd.checked) {
         phase_timer t(s, "check");
         GPTQ_TRY(check_tensors_finite(s.model->source(), llama_layer_tensors(hp, i)));
     }
     std::vector<std::pair<linear_role, gptq_linear_data>> out;
-    const bool                                            gptq = s.p.method == "gptq";
+    const bool                                            gptq     = s.p.method == "gptq";
+    const bool                                            resident = gptq && s.calib->resident();
     if (gptq) {
-        phase_timer t(s, "load");
+        phase_timer t(s, "upload");
         GPTQ_TRY(s.calib->layer_begin(*layer));
     }
     for (auto group : quant_groups(s.p.true_sequential)) {
@@ -651,16 +720,28 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
             std::vector<float> h;
             if (gptq) {
                 phase_timer t(s, "hessian");
-                GPTQ_ASSIGN_OR_RETURN(h, s.calib->hessian(linear_role_input(r)));
+                if (resident) {
+                    GPTQ_TRY(s.calib->hessian_keep(linear_role_input(r)));
+                } else {
+                    GPTQ_ASSIGN_OR_RETURN(h, s.calib->hessian(linear_role_input(r)));
+                }
             }
             GPTQ_ASSIGN_OR_RETURN(linear_quantized q,
                                   quantize_linear(s, ctx, layer->linear(r), options_for(s, module_of(hp, i, r)),
-                                                  gptq ? &h : nullptr, &rep));
+                                                  gptq ? &h : nullptr, &rep, resident,
+                                                  rd.rtn.empty() ? nullptr : &rd.rtn[size_t(r)], r));
             out.emplace_back(r, std::move(q.data));
             {
                 phase_timer t(s, "update");
-                if (gptq) GPTQ_TRY(s.calib->linear_update(r, q.wq));  // later groups see the quantized layer
-                GPTQ_TRY(layer->linear_replace(r, std::move(q.wq)));
+                // Later groups see the quantized layer. Resident: on the device only; the host layer
+                // keeps the original weight, which nothing reads after this (the runner's passes use
+                // its own copy, a MoE block its own linears).
+                if (resident) {
+                    GPTQ_TRY(s.calib->linear_update_kept(r));
+                } else {
+                    if (gptq) GPTQ_TRY(s.calib->linear_update(r, q.wq));
+                    GPTQ_TRY(layer->linear_replace(r, std::move(q.wq)));
+                }
             }
             rep.seconds = seconds_since(t0);
             GPTQ_LOG_DEBUG("{}: error gptq {:.6g} rtn {:.6g} ({:.2f} s)", rep.name, rep.error_gptq, rep.error_rtn,
@@ -668,11 +749,11 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
             s.report.linears.push_back(rep);
         }
     }
-    std::vector<std::pair<std::string, gptq_linear_data>> moe;
-    if (hp.is_moe(i)) GPTQ_TRY(quantize_moe(s, ctx, i, layer, &moe));
+    layer_quantized lq;
+    if (hp.is_moe(i)) GPTQ_TRY(quantize_moe(s, ctx, i, layer, &lq.moe));
     std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-    phase_timer t(s, "write");
-    return write_layer(s, i, out, std::move(moe));
+    lq.by_role = std::move(out);
+    return lq;
 }
 
 // --target-bpw candidates of a module [n_out, n_in]: bits {2, 3, 4, 8} x the group sizes
@@ -1298,15 +1379,19 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                                                          hp.n_head * params.seqlen) *
                                    4;
         // With the GPU calibration the host holds no per-thread activations.
-        const uint64_t act_host  = gpu_calibration_wanted ? 0 : act_bytes * static_cast<uint64_t>(n_threads);
-        const uint64_t plan      = x_bytes + layer_bytes + 3 * h_bytes + moe_h_bytes + act_host;
+        const uint64_t act_host = gpu_calibration_wanted ? 0 : act_bytes * static_cast<uint64_t>(n_threads);
+        // Overlap (not GPTQ_QUANTIZE_PLAIN): the reader's next layer (F32 weights and their RTN
+        // codes) and the writer's layer (codes).
+        const uint64_t ahead_bytes = quantize_plain_mode() ? 0 : layer_bytes / 3 + 2 * (layer_bytes / 12);
+        const uint64_t plan        = x_bytes + layer_bytes + ahead_bytes + 3 * h_bytes + moe_h_bytes + act_host;
         s.report.peak_plan_bytes = plan;
         const uint64_t avail     = host_memory_available();
         GPTQ_LOG_INFO(
-            "memory plan: calibration inputs {} + one layer {} + Hessians {} + activations {} = {} "
-            "(available {})",
-            human_bytes(x_bytes), human_bytes(layer_bytes), human_bytes(3 * h_bytes + moe_h_bytes),
-            human_bytes(act_bytes), human_bytes(plan), avail ? human_bytes(avail) : "unknown");
+            "memory plan: calibration inputs {} + one layer {} + the reader's and writer's layers {} + Hessians {} + "
+            "activations {} = {} (available {})",
+            human_bytes(x_bytes), human_bytes(layer_bytes), human_bytes(ahead_bytes),
+            human_bytes(3 * h_bytes + moe_h_bytes), human_bytes(act_bytes), human_bytes(plan),
+            avail ? human_bytes(avail) : "unknown");
         GPTQ_TRY(host_memory_check(
             "quantizing", plan,
             "lower --nsamples or --seqlen" +
@@ -1345,32 +1430,86 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     if (!s.bit_plan.is_null()) GPTQ_TRY(file_write_atomic(path_join(s.work, "plan.json"), s.bit_plan.dump(1) + "\n"));
     progress_bar bar("quantize", hp.n_layer, "layer");
     bar.set(layers_done);
+    // Overlap (docs/quantize.md "Overlap"; off with GPTQ_QUANTIZE_PLAIN=1): a reader thread reads
+    // layer i + 1 (checks it, computes its RTN baselines) on a pool of its own while layer i is
+    // quantized, and a writer thread writes layer i's file and state.json while layer i + 1 is. The
+    // loop waits for each where the sequential code would have done the work ("load", "write"); the
+    // threads' own times are read_thread / write_thread.
+    const bool                      overlap = !quantize_plain_mode();
+    std::unique_ptr<thread_pool>    read_pool;
+    std::future<result<layer_read>> next_read;
+    std::future<result<double>>     writer;
+    auto                            read_ahead = [&](int64_t i) {
+        if (i >= hp.n_layer) return;
+        if (!read_pool) read_pool = std::make_unique<thread_pool>(std::max(1, n_threads / 2));
+        next_read = std::async(std::launch::async, [&s, i, p = read_pool.get(), q = i >= layers_done] {
+            return read_layer(s, i, p, true, q);
+        });
+    };
+    auto join_writer = [&]() -> status {
+        if (!writer.valid()) return status::ok();
+        std::optional<result<double>> secs;
+        {
+            phase_timer t(s, "write");
+            secs.emplace(writer.get());
+        }
+        if (!*secs) return secs->error();
+        add_phase(s.report, "write_thread", **secs);
+        return status::ok();
+    };
+    if (overlap) read_ahead(0);
     for (int64_t i = 0; i < hp.n_layer; ++i) {
-        if (params.stop_after_layers >= 0 && i >= params.stop_after_layers && i >= layers_done)
+        if (params.stop_after_layers >= 0 && i >= params.stop_after_layers && i >= layers_done) {
+            GPTQ_TRY(join_writer());
             return make_error(status_code::STATUS_CANCELLED,
                               "stopped after {} layers as asked (--stop-after-layers); "
                               "continue with --resume",
                               i);
+        }
         const auto                 t_layer = clock::now();
         std::optional<phase_timer> t_load(std::in_place, s, "load");
-        GPTQ_ASSIGN_OR_RETURN(auto layer, s.model->layer_load(i, &pool));
+        layer_read                 rd;
+        if (overlap) {
+            auto r = next_read.get();
+            if (!r) return r.error();
+            rd = std::move(r).value();
+            read_ahead(i + 1);
+        } else {
+            GPTQ_ASSIGN_OR_RETURN(rd, read_layer(s, i, &pool, false, i >= layers_done));
+        }
         t_load.reset();
+        if (overlap) add_phase(s.report, "read_thread", rd.seconds);
+        llama_layer* layer = rd.layer.get();
         if (i < layers_done) {
             if (params.method == "gptq") {
-                GPTQ_TRY(load_finished_layer(s, i, layer.get()));
+                GPTQ_TRY(load_finished_layer(s, i, layer));
                 GPTQ_TRY(s.calib->layer_begin(*layer));
                 GPTQ_TRY(s.calib->layer_forward(*layer));
             }
             continue;
         }
-        GPTQ_TRY(quantize_layer(s, ctx, i, layer.get()).with_context(fmt::format("layer {}", i)));
+        auto quantized = quantize_layer(s, ctx, i, rd);
+        if (!quantized) return quantized.error().with_context(fmt::format("layer {}", i));
+        layer_quantized lq = std::move(quantized).value();
+        if (!overlap) {
+            phase_timer t(s, "write");
+            GPTQ_TRY(write_layer(s, i, lq.by_role, std::move(lq.moe)).with_context(fmt::format("layer {}", i)));
+        } else {
+            GPTQ_TRY(join_writer());  // layer i - 1's
+            writer = std::async(std::launch::async, [&s, i, lq = std::move(lq), rj = quantize_report_json(s.report)]() mutable -> result<double> {
+                const auto t0 = clock::now();
+                GPTQ_TRY(write_layer(s, i, lq.by_role, std::move(lq.moe)).with_context(fmt::format("layer {}", i)));
+                GPTQ_TRY(write_state(s, i + 1, rj));
+                return seconds_since(t0);
+            });
+        }
         if (params.method == "gptq") {
             phase_timer t(s, "forward");
             GPTQ_TRY(s.calib->layer_forward(*layer).with_context(fmt::format("layer {}", i)));
         }
-        {
+        if (!overlap) {
             phase_timer t(s, "state");
-            GPTQ_TRY(write_state(s, i + 1));
+            GPTQ_TRY(write_state(s, i + 1, quantize_report_json(s.report)));
         }
         bar.update(1);
         // One line per layer: the error GPTQ minimises against RTN's.
@@ -1389,6 +1528,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                 GPTQ_LOG_INFO("layer {}/{} in {:.1f} s", i + 1, hp.n_layer, seconds_since(t_layer));
         }
     }
+    GPTQ_TRY(join_writer());
     bar.finish();
 
     // Finish: lm_head, globals, shards, configs, tokenizer; then the work folder becomes the output.

@@ -12,6 +12,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <map>
@@ -354,14 +355,31 @@ result<std::unique_ptr<calibration_runner>> cuda_calibration::open(const device_
     mallopt(M_MMAP_MAX, 0);
     mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
 #endif
+    // F32 -> F16 on the pool's threads (GBs at the 7B shape); the first value out of range is named.
     std::vector<uint16_t> x16(x.size());
-    for (size_t i = 0; i < x.size(); ++i) {
-        if (!(std::fabs(x[i]) <= 65504.0f))
-            return make_error(status_code::STATUS_UNSUPPORTED,
-                              "model.embed_tokens.weight holds {} (calibration row {}), outside the F16 range the "
-                              "GPU calibration uses; use --device cpu",
-                              x[i], i / size_t(hp.n_embd));
-        x16[i] = f32_to_f16(x[i]);
+    const int64_t         n_x = static_cast<int64_t>(x.size());
+    std::atomic<int64_t>  bad{n_x};
+    auto                  convert = [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+            if (!(std::fabs(x[size_t(i)]) <= 65504.0f)) {
+                int64_t cur = bad.load();
+                while (i < cur && !bad.compare_exchange_weak(cur, i)) {
+                }
+                return;
+            }
+            x16[size_t(i)] = f32_to_f16(x[size_t(i)]);
+        }
+    };
+    if (pool && n_x >= (int64_t(1) << 20) && !quantize_plain_mode())
+        pool->parallel_for(n_x, convert);
+    else
+        convert(0, n_x);
+    if (bad.load() < n_x) {
+        const size_t i = size_t(bad.load());
+        return make_error(status_code::STATUS_UNSUPPORTED,
+                          "model.embed_tokens.weight holds {} (calibration row {}), outside the F16 range the "
+                          "GPU calibration uses; use --device cpu",
+                          x[i], i / size_t(hp.n_embd));
     }
     GPTQ_ASSIGN_OR_RETURN(c->x_dev_, cuda_buffer::from_host(x16.data(), x16.size() * 2));
     std::vector<float>().swap(x);

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <chrono>
 #include <cmath>
@@ -215,6 +216,24 @@ result<std::vector<int32_t>> calibration_tokens(const quantize_params& p, const 
         return make_error(E_ARG, "{}: {} tokens, need more than --seqlen {} for calibration windows", path, ids.size(),
                           p.seqlen);
     return ids;
+}
+
+// The calibration windows' embeddings into x [ids, n_embd] (llama_model::embed), in chunks on
+// the pool's threads when there is one (after globals_load; the ids checked first, so that an
+// error names its position in the whole).
+status embed_windows(llama_model& model, const std::vector<int32_t>& ids, int64_t n_embd, thread_pool* pool,
+                     float* x) {
+    const int64_t n = static_cast<int64_t>(ids.size());
+    if (!pool || n < 4096) return model.embed(ids.data(), n, x);
+    for (int64_t t = 0; t < n; ++t)
+        if (ids[size_t(t)] < 0 || ids[size_t(t)] >= model.hparams().n_vocab)
+            return model.embed(ids.data(), n, x);  // its error
+    std::atomic<bool> failed{false};
+    pool->parallel_for(n, [&](int64_t t0, int64_t t1) {
+        if (!model.embed(ids.data() + t0, t1 - t0, x + t0 * n_embd).is_ok()) failed = true;
+    });
+    if (failed) return model.embed(ids.data(), n, x);  // not expected (ids checked): its error
+    return status::ok();
 }
 
 // Linear groups in the order GPTQ quantizes them (true-sequential), or all at once.
@@ -1400,7 +1419,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         std::optional<phase_timer> t_embed(std::in_place, s, "embed");
         std::vector<float>         x(static_cast<size_t>(s.n_samples * params.seqlen * hp.n_embd));
         GPTQ_TRY(s.model->globals_load());
-        GPTQ_TRY(s.model->embed(windows.data(), s.n_samples * params.seqlen, x.data()));
+        GPTQ_TRY(embed_windows(*s.model, windows, hp.n_embd, quantize_plain_mode() ? nullptr : &pool, x.data()));
         t_embed.reset();
         auto make_runner = [&](std::vector<float> xs) -> result<std::unique_ptr<calibration_runner>> {
             if (gpu_calibration_wanted)

@@ -105,8 +105,8 @@ public:
     result<quantized_linear> solve_kept(linear_role r, const float* w, int64_t n_out, int64_t n_in,
                                         const gptq_options& opt, gptq_stats* stats) override {
         if (h_in_ == linear_input::LINEAR_INPUT_COUNT || h_dev_.bytes() != size_t(n_in * n_in) * 4)
-            return make_error(status_code::STATUS_INTERNAL, "calibration: solve of a {} x {} linear without its Hessian",
-                              n_out, n_in);
+            return make_error(status_code::STATUS_INTERNAL,
+                              "calibration: solve of a {} x {} linear without its Hessian", n_out, n_in);
         w_kept_ = cuda_buffer();
         q_kept_ = gptq_cuda_codes();
         return gptq_quantize_cuda_resident(*gpu_, ctx_, w, n_out, n_in, h_dev_.as<float>(), opt, stats, &w_kept_,
@@ -249,25 +249,25 @@ private:
     cuda_calibration() = default;
     status plan_check(const device_spec& dev);
     void   drop_h() {
-        h_dev_ = cuda_buffer();
-        h_in_  = linear_input::LINEAR_INPUT_COUNT;
+          h_dev_ = cuda_buffer();
+          h_in_  = linear_input::LINEAR_INPUT_COUNT;
     }
 
-    const llama_hparams*                                          hp_    = nullptr;
-    const llama_model*                                            model_ = nullptr;
-    ops_context                                                   ctx_;
-    int64_t                                                       n_samples_ = 0, seqlen_ = 0;
-    uint64_t                                                      plan_bytes_ = 0;
-    uint64_t                                                      used_peak_  = 0;  // synchronize()'s samples
-    std::unique_ptr<cuda_context>                                 gpu_;
-    std::unique_ptr<llama_cuda_layer_runner>                      runner_;
-    cuda_buffer                                                   x_dev_;  // [n_samples * seqlen, n_embd] F16
-    std::map<linear_input, cuda_hessian_accumulator>              acc_;
-    cuda_buffer                                                   h_dev_;    // the last hessian(): [n_in, n_in] F32
-    linear_input h_in_ = linear_input::LINEAR_INPUT_COUNT;  // the input h_dev_ holds (hessian_keep)
-    bool         resident_ = true;                          // not GPTQ_QUANTIZE_PLAIN
-    cuda_buffer     w_kept_;                                // the last solve_kept's W [n_out, n_in] F32
-    gptq_cuda_codes q_kept_;                                // and its codes
+    const llama_hparams*                             hp_    = nullptr;
+    const llama_model*                               model_ = nullptr;
+    ops_context                                      ctx_;
+    int64_t                                          n_samples_ = 0, seqlen_ = 0;
+    uint64_t                                         plan_bytes_ = 0;
+    uint64_t                                         used_peak_  = 0;  // synchronize()'s samples
+    std::unique_ptr<cuda_context>                    gpu_;
+    std::unique_ptr<llama_cuda_layer_runner>         runner_;
+    cuda_buffer                                      x_dev_;  // [n_samples * seqlen, n_embd] F16
+    std::map<linear_input, cuda_hessian_accumulator> acc_;
+    cuda_buffer                                      h_dev_;       // the last hessian(): [n_in, n_in] F32
+    linear_input    h_in_     = linear_input::LINEAR_INPUT_COUNT;  // the input h_dev_ holds (hessian_keep)
+    bool            resident_ = true;                              // not GPTQ_QUANTIZE_PLAIN
+    cuda_buffer     w_kept_;                                       // the last solve_kept's W [n_out, n_in] F32
+    gptq_cuda_codes q_kept_;                                       // and its codes
     std::map<linear_input, std::vector<cuda_hessian_accumulator>> moe_acc_;  // [shared, experts...]
     std::vector<int64_t>                                          counts_;   // tokens per expert
 };

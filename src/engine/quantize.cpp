@@ -221,8 +221,7 @@ result<std::vector<int32_t>> calibration_tokens(const quantize_params& p, const 
 // The calibration windows' embeddings into x [ids, n_embd] (llama_model::embed), in chunks on
 // the pool's threads when there is one (after globals_load; the ids checked first, so that an
 // error names its position in the whole).
-status embed_windows(llama_model& model, const std::vector<int32_t>& ids, int64_t n_embd, thread_pool* pool,
-                     float* x) {
+status embed_windows(llama_model& model, const std::vector<int32_t>& ids, int64_t n_embd, thread_pool* pool, float* x) {
     const int64_t n = static_cast<int64_t>(ids.size());
     if (!pool || n < 4096) return model.embed(ids.data(), n, x);
     for (int64_t t = 0; t < n; ++t)
@@ -515,16 +514,16 @@ result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, c
                                          const gptq_options& opt, const std::vector<float>* h,
                                          quantize_linear_report* rep, bool resident = false,
                                          std::optional<quantized_linear>* rtn_pre = nullptr,
-                                         linear_role r = linear_role::LINEAR_Q) {
+                                         linear_role                      r       = linear_role::LINEAR_Q) {
     const std::string& name = rep->name;
     GPTQ_TRY(gptq_check_packable(lw.n_in, lw.n_out, opt.bits, name));
     rep->n_out      = lw.n_out;
     rep->n_in       = lw.n_in;
     rep->bits       = opt.bits;
     rep->group_size = opt.group_size;
-    std::optional<phase_timer>  t_rtn(std::in_place, s, "rtn");
-    result<quantized_linear>    rtn = rtn_pre && *rtn_pre ? result<quantized_linear>(std::move(**rtn_pre))
-                                                          : rtn_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, opt);
+    std::optional<phase_timer> t_rtn(std::in_place, s, "rtn");
+    result<quantized_linear>   rtn = rtn_pre && *rtn_pre ? result<quantized_linear>(std::move(**rtn_pre))
+                                                         : rtn_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, opt);
     if (!rtn) return rtn.error().with_context(name);
     t_rtn.reset();
     linear_quantized out;
@@ -745,10 +744,10 @@ result<layer_quantized> quantize_layer(run_state& s, const ops_context& ctx, int
                     GPTQ_ASSIGN_OR_RETURN(h, s.calib->hessian(linear_role_input(r)));
                 }
             }
-            GPTQ_ASSIGN_OR_RETURN(linear_quantized q,
-                                  quantize_linear(s, ctx, layer->linear(r), options_for(s, module_of(hp, i, r)),
-                                                  gptq ? &h : nullptr, &rep, resident,
-                                                  rd.rtn.empty() ? nullptr : &rd.rtn[size_t(r)], r));
+            GPTQ_ASSIGN_OR_RETURN(
+                linear_quantized q,
+                quantize_linear(s, ctx, layer->linear(r), options_for(s, module_of(hp, i, r)), gptq ? &h : nullptr,
+                                &rep, resident, rd.rtn.empty() ? nullptr : &rd.rtn[size_t(r)], r));
             out.emplace_back(r, std::move(q.data));
             {
                 phase_timer t(s, "update");
@@ -1403,8 +1402,8 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         // codes) and the writer's layer (codes).
         const uint64_t ahead_bytes = quantize_plain_mode() ? 0 : layer_bytes / 3 + 2 * (layer_bytes / 12);
         const uint64_t plan        = x_bytes + layer_bytes + ahead_bytes + 3 * h_bytes + moe_h_bytes + act_host;
-        s.report.peak_plan_bytes = plan;
-        const uint64_t avail     = host_memory_available();
+        s.report.peak_plan_bytes   = plan;
+        const uint64_t avail       = host_memory_available();
         GPTQ_LOG_INFO(
             "memory plan: calibration inputs {} + one layer {} + the reader's and writer's layers {} + Hessians {} + "
             "activations {} = {} (available {})",
@@ -1515,12 +1514,14 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             GPTQ_TRY(write_layer(s, i, lq.by_role, std::move(lq.moe)).with_context(fmt::format("layer {}", i)));
         } else {
             GPTQ_TRY(join_writer());  // layer i - 1's
-            writer = std::async(std::launch::async, [&s, i, lq = std::move(lq), rj = quantize_report_json(s.report)]() mutable -> result<double> {
-                const auto t0 = clock::now();
-                GPTQ_TRY(write_layer(s, i, lq.by_role, std::move(lq.moe)).with_context(fmt::format("layer {}", i)));
-                GPTQ_TRY(write_state(s, i + 1, rj));
-                return seconds_since(t0);
-            });
+            writer = std::async(
+                std::launch::async,
+                [&s, i, lq = std::move(lq), rj = quantize_report_json(s.report)]() mutable -> result<double> {
+                    const auto t0 = clock::now();
+                    GPTQ_TRY(write_layer(s, i, lq.by_role, std::move(lq.moe)).with_context(fmt::format("layer {}", i)));
+                    GPTQ_TRY(write_state(s, i + 1, rj));
+                    return seconds_since(t0);
+                });
         }
         if (params.method == "gptq") {
             phase_timer t(s, "forward");
@@ -1602,19 +1603,19 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
 
 std::string quantize_report_json(const quantize_report& r) {
     nlohmann::ordered_json j;
-    j["output"]               = r.output_path;
-    j["method"]               = r.method;
-    j["bits"]                 = r.bits;
-    j["group_size"]           = r.group_size;
-    j["desc_act"]             = r.desc_act;
-    j["sym"]                  = r.sym;
-    j["format"]               = r.format;
-    j["n_calib_tokens"]       = r.n_calib_tokens;
-    j["n_layers"]             = r.n_layers;
-    j["seconds"]              = r.seconds;
-    j["bytes_in"]             = r.bytes_in;
-    j["bytes_out"]            = r.bytes_out;
-    j["peak_plan_bytes"]      = r.peak_plan_bytes;
+    j["output"]          = r.output_path;
+    j["method"]          = r.method;
+    j["bits"]            = r.bits;
+    j["group_size"]      = r.group_size;
+    j["desc_act"]        = r.desc_act;
+    j["sym"]             = r.sym;
+    j["format"]          = r.format;
+    j["n_calib_tokens"]  = r.n_calib_tokens;
+    j["n_layers"]        = r.n_layers;
+    j["seconds"]         = r.seconds;
+    j["bytes_in"]        = r.bytes_in;
+    j["bytes_out"]       = r.bytes_out;
+    j["peak_plan_bytes"] = r.peak_plan_bytes;
     if (r.device_used_peak_bytes) j["device_used_peak_bytes"] = r.device_used_peak_bytes;
     nlohmann::ordered_json ph = nlohmann::ordered_json::object();
     for (const auto& [name, secs] : r.phase_seconds) ph[name] = secs;

@@ -345,7 +345,8 @@ status llama_cuda_layer_runner::upload_f16(const std::vector<float>& v, const st
                 return;
             }
             h[size_t(i)] = f32_to_f16(v[size_t(i)]);
-            if (exact) lossy |= std::bit_cast<uint32_t>(f16_to_f32(h[size_t(i)])) != std::bit_cast<uint32_t>(v[size_t(i)]);
+            if (exact)
+                lossy |= std::bit_cast<uint32_t>(f16_to_f32(h[size_t(i)])) != std::bit_cast<uint32_t>(v[size_t(i)]);
         }
         if (lossy) inexact = true;
     };
@@ -405,9 +406,9 @@ status llama_cuda_layer_runner::load(const llama_layer& layer) {
         if (lw.q)
             return make_error(status_code::STATUS_UNSUPPORTED,
                               "{}: the GPU calibration runner takes dense weights (this one is GPTQ-packed)", name);
-        cuda_linear& l = w_.lin[size_t(r)];
-        l.n_out        = lw.n_out;
-        l.n_in         = lw.n_in;
+        cuda_linear& l    = w_.lin[size_t(r)];
+        l.n_out           = lw.n_out;
+        l.n_in            = lw.n_in;
         exact_[size_t(r)] = false;
         GPTQ_TRY(upload_f16(lw.w, name + ".weight", &l.w, &exact_[size_t(r)]));
         if (!lw.bias.empty()) {
@@ -441,7 +442,7 @@ const uint16_t* llama_cuda_layer_runner::linear_f16_if_exact(linear_role r) cons
 }
 
 status llama_cuda_layer_runner::linear_update(linear_role r, const std::vector<float>& w) {
-    cuda_linear& l = w_.lin[size_t(r)];
+    cuda_linear& l    = w_.lin[size_t(r)];
     exact_[size_t(r)] = false;
     if (r == linear_role::LINEAR_Q || r == linear_role::LINEAR_K || r == linear_role::LINEAR_V) attn_valid_ = false;
     if (int64_t(w.size()) != l.n_out * l.n_in)
@@ -451,7 +452,7 @@ status llama_cuda_layer_runner::linear_update(linear_role r, const std::vector<f
 }
 
 status llama_cuda_layer_runner::linear_update(linear_role r, const cuda_gptq_codes& q) {
-    cuda_linear& l = w_.lin[size_t(r)];
+    cuda_linear& l    = w_.lin[size_t(r)];
     exact_[size_t(r)] = false;
     if (r == linear_role::LINEAR_Q || r == linear_role::LINEAR_K || r == linear_role::LINEAR_V) attn_valid_ = false;
     if (q.n_out != l.n_out || q.n_in != l.n_in)

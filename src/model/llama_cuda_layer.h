@@ -229,18 +229,18 @@ private:
     // exact (optional): whether every value is F16-representable (the F16 copy widens back to v).
     status upload_f16(const std::vector<float>& v, const std::string& name, cuda_buffer* out, bool* exact = nullptr);
 
-    cuda_context*                     ctx_ = nullptr;
-    llama_hparams                     hp_;
-    int64_t                           seqlen_ = 0, chunk_windows_ = 0, layer_index_ = -1;
-    cuda_layer_weights                w_;                                  // dense, never fused
-    cuda_buffer                       h_, x_, q_, k_, v_, y_, gate_, up_;  // one chunk's activations
-    cuda_buffer                       cos_, sin_;                          // [seqlen, head_dim / 2] F32
-    cuda_buffer                       cos_local_, sin_local_;  // the same for hp.rope_local (when it differs)
-    std::shared_ptr<cuda_moe_buffers> moe_buf_;                // a MoE layer's block activations (one chunk)
-    cuda_buffer                       attn_;                   // [attn_windows_ * seqlen, q_dim] F16 attention output
-    int64_t                           attn_windows_ = 0;
-    bool                              attn_valid_   = false;
-    thread_pool*                      pool_         = nullptr;
+    cuda_context*                      ctx_ = nullptr;
+    llama_hparams                      hp_;
+    int64_t                            seqlen_ = 0, chunk_windows_ = 0, layer_index_ = -1;
+    cuda_layer_weights                 w_;                                  // dense, never fused
+    cuda_buffer                        h_, x_, q_, k_, v_, y_, gate_, up_;  // one chunk's activations
+    cuda_buffer                        cos_, sin_;                          // [seqlen, head_dim / 2] F32
+    cuda_buffer                        cos_local_, sin_local_;  // the same for hp.rope_local (when it differs)
+    std::shared_ptr<cuda_moe_buffers>  moe_buf_;                // a MoE layer's block activations (one chunk)
+    cuda_buffer                        attn_;                   // [attn_windows_ * seqlen, q_dim] F16 attention output
+    int64_t                            attn_windows_ = 0;
+    bool                               attn_valid_   = false;
+    thread_pool*                       pool_         = nullptr;
     std::array<bool, k_n_linear_roles> exact_{};  // linear_f16_if_exact
 };
 

@@ -143,9 +143,9 @@ result<quantized_linear> quantize_impl(cuda_context& cctx, const ops_context& ct
     const size_t nw = static_cast<size_t>(n_out) * K, nh = K * K;
     auto         w_raw = w16_dev ? cuda_buffer::alloc(nw * sizeof(float)) : to_device(cctx, w_in, nw);
     if (w16_dev && w_raw) GPTQ_TRY(op_cuda_f16_to_f32(cctx, w16_dev, w_raw->as<float>(), int64_t(nw)));
-    auto         h_raw = h_dev_in ? cuda_buffer::alloc(nh * sizeof(float)) : to_device(cctx, h_in, nh);  // U later
-    auto         w_dev = cuda_buffer::alloc(nw * sizeof(float));
-    auto         h_dev = cuda_buffer::alloc(nh * sizeof(float));
+    auto h_raw = h_dev_in ? cuda_buffer::alloc(nh * sizeof(float)) : to_device(cctx, h_in, nh);  // U later
+    auto w_dev = cuda_buffer::alloc(nw * sizeof(float));
+    auto h_dev = cuda_buffer::alloc(nh * sizeof(float));
     for (const auto* b : {&w_raw, &h_raw, &w_dev, &h_dev})
         if (!*b) return b->error();
     cuda_buffer perm_dev;

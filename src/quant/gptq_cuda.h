@@ -30,11 +30,11 @@ result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_contex
 // A quantized_linear's codes and params on the device (the device-resident path: W, H and Q stay
 // there between the solve, the errors and the calibration runner's update; docs/cuda.md).
 struct gptq_cuda_codes {
-    int64_t     n_out = 0, n_in = 0;
-    cuda_buffer code;   // [n_out, n_in] U8, original column order
-    cuda_buffer scale;  // [n_groups, n_out] F32
-    cuda_buffer zero;   // [n_groups, n_out] I32
-    cuda_buffer g_idx;  // [n_in] I32
+    int64_t         n_out = 0, n_in = 0;
+    cuda_buffer     code;   // [n_out, n_in] U8, original column order
+    cuda_buffer     scale;  // [n_groups, n_out] F32
+    cuda_buffer     zero;   // [n_groups, n_out] I32
+    cuda_buffer     g_idx;  // [n_in] I32
     cuda_gptq_codes view() const;
 };
 // q's params (and its codes unless `code` already holds them on the device) uploaded.

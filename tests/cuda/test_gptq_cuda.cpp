@@ -509,7 +509,7 @@ std::vector<gptq_options> resident_options() {
     add(4, 32, true, true, false, false, false);
     add(4, 32, false, false, false, false, true);  // GAR, asymmetric
     add(3, -1, false, false, false, false, false);
-    add(8, 32, true, true, true, false, false);  // static groups with act-order
+    add(8, 32, true, true, true, false, false);   // static groups with act-order
     add(3, 32, false, true, false, true, false);  // MSE
     add(2, 64, true, false, false, false, false);
     return out;
@@ -546,8 +546,8 @@ TEST(gptq_cuda, resident_solve_equals_the_host_h_solve) {
             ASSERT_TRUE(hd.is_ok());
             cuda_buffer     wd;
             gptq_cuda_codes codes;
-            auto qd = gptq_quantize_cuda_resident(*cc, ctx, L.w.data(), n_out, n_in, hd->as<float>(), o, &st_d, &wd,
-                                                  &codes);
+            auto            qd =
+                gptq_quantize_cuda_resident(*cc, ctx, L.w.data(), n_out, n_in, hd->as<float>(), o, &st_d, &wd, &codes);
             ASSERT_TRUE(qd.is_ok()) << what << ": " << qd.error().message();
             expect_identical(*qd, *qh, what);
             EXPECT_EQ(st_d.damp_percent_used, st_h.damp_percent_used) << what;
@@ -574,8 +574,8 @@ TEST(gptq_cuda, resident_solve_equals_the_host_h_solve) {
         for (const auto& o : resident_options()) {
             const std::string what = "F16 W " + std::to_string(n_out) + " x " + std::to_string(n_in) + " " +
                                      describe(o) + " seed " + std::to_string(seed);
-            auto qh = gptq_quantize_cuda(*cc, ctx, L.w.data(), n_out, n_in, L.h.data(), o);
-            auto hd = upload(*cc, L.h.data(), L.h.size() * 4);
+            auto qh   = gptq_quantize_cuda(*cc, ctx, L.w.data(), n_out, n_in, L.h.data(), o);
+            auto hd   = upload(*cc, L.h.data(), L.h.size() * 4);
             auto wd16 = upload(*cc, w16.data(), w16.size() * 2);
             ASSERT_TRUE(qh.is_ok() && hd.is_ok() && wd16.is_ok());
             cuda_buffer     wd;
@@ -595,7 +595,7 @@ TEST(gptq_cuda, resident_solve_equals_the_host_h_solve) {
     gptq_options    o;
     cuda_buffer     wd;
     gptq_cuda_codes codes;
-    auto qh = gptq_quantize_cuda(*cc, ctx, L.w.data(), 9, 64, zero.data(), o);
+    auto            qh = gptq_quantize_cuda(*cc, ctx, L.w.data(), 9, 64, zero.data(), o);
     auto qd = gptq_quantize_cuda_resident(*cc, ctx, L.w.data(), 9, 64, hd->as<float>(), o, nullptr, &wd, &codes);
     ASSERT_TRUE(qh.is_ok() && qd.is_ok());
     expect_identical(*qd, *qh, "all dead");
@@ -607,7 +607,7 @@ TEST(gptq_cuda, resident_solve_equals_the_host_h_solve) {
 TEST(gptq_cuda, resident_solve_refuses_a_nonfinite_hessian_as_the_host) {
     SKIP_WITHOUT_GPU();
     const ops_context ctx;
-    layer             L = make_layer(16, 70, 11);
+    layer             L      = make_layer(16, 70, 11);
     L.h[size_t(40 * 70 + 2)] = std::numeric_limits<float>::infinity();
     L.h[size_t(5 * 70 + 69)] = std::numeric_limits<float>::quiet_NaN();
     gptq_options o;
@@ -628,10 +628,10 @@ TEST(gptq_cuda, resident_solve_refuses_a_nonfinite_hessian_as_the_host) {
 // Inf (none: -1), on fresh random matrices of awkward sizes.
 TEST(gptq_cuda, diag_check_matches_a_plain_loop) {
     SKIP_WITHOUT_GPU();
-    std::random_device                    rd;
-    const uint32_t                        seed = rd();
-    std::mt19937                          rng(seed);
-    std::normal_distribution<float>       nd;
+    std::random_device              rd;
+    const uint32_t                  seed = rd();
+    std::mt19937                    rng(seed);
+    std::normal_distribution<float> nd;
     for (int64_t n : {int64_t(1), int64_t(2), int64_t(33), int64_t(300), int64_t(1031)}) {
         std::vector<float> h(size_t(n * n));
         for (auto& v : h) v = nd(rng);
@@ -687,7 +687,8 @@ TEST(gptq_cuda, device_dequantize_matches_the_host) {
                 q.codes.resize(size_t(n_out * n_in));
                 for (auto& c : q.codes) c = uint8_t(rng() % uint32_t(maxq + 1));
                 q.scales.resize(size_t(q.n_groups * n_out));
-                for (auto& v : q.scales) v = f16_to_f32(f32_to_f16(std::exp2(ud(rng)) * (rng() % 50 == 0 ? 900.0f : 1.0f)));
+                for (auto& v : q.scales)
+                    v = f16_to_f32(f32_to_f16(std::exp2(ud(rng)) * (rng() % 50 == 0 ? 900.0f : 1.0f)));
                 q.zeros.resize(q.scales.size());
                 for (auto& z : q.zeros) z = int32_t(rng() % uint32_t(maxq + 1));
                 q.g_idx.resize(size_t(n_in));
@@ -705,7 +706,7 @@ TEST(gptq_cuda, device_dequantize_matches_the_host) {
                 ASSERT_TRUE(c.is_ok() && wd.is_ok() && dd.is_ok() && fd.is_ok());
                 ASSERT_TRUE(op_cuda_gptq_dequant_diff(*cc, wd->as<float>(), c->view(), dd->as<float>()).is_ok());
                 EXPECT_TRUE(same_bits(download<float>(*cc, *dd, d.size()), d)) << what << ": w - dequantize";
-                int64_t first_bad = -1;  // the host's: the first value out of the F16 range
+                int64_t               first_bad = -1;  // the host's: the first value out of the F16 range
                 std::vector<uint16_t> f16(w.size(), 0);
                 for (size_t i = 0; i < wq.size(); ++i) {
                     if (!(std::fabs(wq[i]) <= 65504.0f)) {
@@ -719,17 +720,16 @@ TEST(gptq_cuda, device_dequantize_matches_the_host) {
                 EXPECT_EQ(*bad, first_bad) << what;
                 std::vector<uint16_t> got     = download<uint16_t>(*cc, *fd, f16.size());
                 int64_t               n_wrong = 0;  // where the value is in range (else the host stops)
-                for (size_t i = 0; i < f16.size(); ++i)
-                    n_wrong += std::fabs(wq[i]) <= 65504.0f && got[i] != f16[i];
+                for (size_t i = 0; i < f16.size(); ++i) n_wrong += std::fabs(wq[i]) <= 65504.0f && got[i] != f16[i];
                 EXPECT_EQ(n_wrong, 0) << what << ": F16";
                 // Out of range on purpose: the largest scale with the largest code distance, in
                 // two rows; the smaller flat index is reported.
                 if (bits >= 4 && n_out >= 3 && n_in >= 2) {
                     quantized_linear b = q;
                     for (int64_t r : {int64_t(2), int64_t(1)}) {
-                        const int64_t k                                = n_in - 1;
-                        b.codes[size_t(r * n_in + k)]                  = uint8_t(maxq);
-                        b.zeros[size_t(b.g_idx[size_t(k)] * n_out + r)] = 0;
+                        const int64_t k                                  = n_in - 1;
+                        b.codes[size_t(r * n_in + k)]                    = uint8_t(maxq);
+                        b.zeros[size_t(b.g_idx[size_t(k)] * n_out + r)]  = 0;
                         b.scales[size_t(b.g_idx[size_t(k)] * n_out + r)] = 65504.0f;
                     }
                     std::vector<float> bq(w.size());
@@ -767,8 +767,9 @@ TEST(gptq_cuda, resident_weighted_error_equals_the_host_path) {
         auto wd = upload(*cc, L.w.data(), L.w.size() * 4);
         auto c  = gptq_cuda_codes_upload(*cc, *q);
         ASSERT_TRUE(hd.is_ok() && wd.is_ok() && c.is_ok());
-        auto host = hessian_weighted_error_cuda(*cc, ops_context{}, L.w.data(), wq.data(), n_out, n_in, hd->as<float>());
-        auto dev  = hessian_weighted_error_cuda(*cc, wd->as<float>(), *c, hd->as<float>());
+        auto host =
+            hessian_weighted_error_cuda(*cc, ops_context{}, L.w.data(), wq.data(), n_out, n_in, hd->as<float>());
+        auto dev = hessian_weighted_error_cuda(*cc, wd->as<float>(), *c, hd->as<float>());
         ASSERT_TRUE(host.is_ok() && dev.is_ok());
         EXPECT_NEAR(*dev, *host, 1e-12 * std::fabs(*host)) << n_out << " x " << n_in << " seed " << seed;
         const double cpu = hessian_weighted_error(ops_context{}, L.w.data(), wq.data(), n_out, n_in, L.h.data());

@@ -1404,9 +1404,9 @@ TEST(llama_cuda_layer_runner, update_from_codes_equals_update_from_host) {
     const linear_weights& lw = (*layer)->linear(linear_role::LINEAR_O);
     auto                  q  = rtn_quantize(ops_context{}, lw.w.data(), lw.n_out, lw.n_in, gptq_options{});
     ASSERT_TRUE(q.is_ok());
-    q->scales[5]     = 65504.0f;
+    q->scales[5]              = 65504.0f;
     q->codes[5 * lw.n_in + 3] = uint8_t(q->zeros[5] == 0 ? 15 : 0);
-    auto run = llama_cuda_layer_runner::create(**cc, hp, seqlen, 2 * seqlen);
+    auto run                  = llama_cuda_layer_runner::create(**cc, hp, seqlen, 2 * seqlen);
     ASSERT_TRUE(run.is_ok());
     ASSERT_TRUE((*run)->load(**layer).is_ok());
     auto c = gptq_cuda_codes_upload(**cc, *q);
@@ -1421,11 +1421,10 @@ TEST(llama_cuda_layer_runner, update_from_codes_equals_update_from_host) {
 // same per-linear errors (to the device sum's order, 1e-9), over options that change the solve.
 TEST(quantize_cuda, resident_and_overlap_equal_plain) {
     GPTQ_SKIP_WITHOUT_GPU();
-    namespace fs = std::filesystem;
-    const std::string out =
-        (fs::temp_directory_path() / ("gptq-quantize-cuda-" + std::to_string(::getpid()))).string();
+    namespace fs          = std::filesystem;
+    const std::string out = (fs::temp_directory_path() / ("gptq-quantize-cuda-" + std::to_string(::getpid()))).string();
     for (const char* opts : {"plain", "desc-act", "asym-g64", "no-true-sequential"}) {
-        const std::string what = opts;
+        const std::string                      what = opts;
         std::map<std::string, quantize_report> reports;
         for (const char* mode : {"plain", "new"}) {
             quantize_params p;
@@ -1454,7 +1453,8 @@ TEST(quantize_cuda, resident_and_overlap_equal_plain) {
         for (const auto& e : fs::directory_iterator(a)) {
             std::ifstream fa(e.path(), std::ios::binary), fb(fs::path(b) / e.path().filename(), std::ios::binary);
             ASSERT_TRUE(fb.good()) << what << ": " << e.path().filename() << " missing in the new run";
-            const std::string sa((std::istreambuf_iterator<char>(fa)), {}), sb((std::istreambuf_iterator<char>(fb)), {});
+            const std::string sa((std::istreambuf_iterator<char>(fa)), {}),
+                sb((std::istreambuf_iterator<char>(fb)), {});
             EXPECT_TRUE(sa == sb) << what << ": " << e.path().filename() << " differs";
             ++n_files;
         }

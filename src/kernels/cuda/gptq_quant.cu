@@ -459,7 +459,8 @@ __global__ void fill_i64_kernel(int64_t* p, int64_t v) {
 
 __global__ void dequant_f16_kernel(gptq_codes_view q, uint16_t* out, unsigned long long* first_bad) {
     const int64_t n = q.n_out * q.n_in;
-    for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += gridDim.x * int64_t(blockDim.x)) {
+    for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
+         idx += gridDim.x * int64_t(blockDim.x)) {
         const float v = dequant_at(q, idx);
         if (!(fabsf(v) <= 65504.0f)) atomicMin(first_bad, static_cast<unsigned long long>(idx));
         out[idx] = __half_as_ushort(__float2half_rn(v));
@@ -492,7 +493,7 @@ status gptq_dequant_f16(const gptq_codes_view& q, uint16_t* out, int64_t* first_
     GPTQ_CUDA_CHECK_LAUNCH();
     if (n <= 0) return status::ok();
     dequant_f16_kernel<<<grid_1d(n), k_elem_threads, 0, stream>>>(q, out,
-                                                                    reinterpret_cast<unsigned long long*>(first_bad));
+                                                                  reinterpret_cast<unsigned long long*>(first_bad));
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }

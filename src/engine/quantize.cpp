@@ -252,15 +252,16 @@ std::string module_of(const llama_hparams& hp, int64_t i, linear_role r) {
 }
 
 // The neutral result of quant/ in the checkpoint's unpacked form.
-gptq_linear_data to_checkpoint_form(const quantized_linear& q, const linear_weights& lw) {
+// (q is taken: its codes move, hundreds of MB at the 7B shape.)
+gptq_linear_data to_checkpoint_form(quantized_linear q, const linear_weights& lw) {
     gptq_linear_data d;
     d.n_out    = q.n_out;
     d.n_in     = q.n_in;
     d.n_groups = q.n_groups;
     d.bits     = q.bits;
-    d.codes    = q.codes;
-    d.zeros    = q.zeros;
-    d.g_idx    = q.g_idx;
+    d.codes    = std::move(q.codes);
+    d.zeros    = std::move(q.zeros);
+    d.g_idx    = std::move(q.g_idx);
     d.scales.resize(q.scales.size());
     for (size_t i = 0; i < q.scales.size(); ++i) d.scales[i] = f32_to_f16(q.scales[i]);
     if (!lw.bias.empty()) {
@@ -561,7 +562,7 @@ result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, c
         quantized_linear_dequantize(q, out.wq.data());
     }
     phase_timer t(s, "write");
-    out.data = to_checkpoint_form(q, lw);
+    out.data = to_checkpoint_form(std::move(q), lw);
     return out;
 }
 
@@ -1075,7 +1076,7 @@ status quantize_lm_head(run_state& s, const ops_context& ctx) {
         q = std::move(rtn).value();
     }
     linear_weights no_bias;
-    s.lm_head   = to_checkpoint_form(q, no_bias);
+    s.lm_head   = to_checkpoint_form(std::move(q), no_bias);
     rep.seconds = seconds_since(t0);
     s.report.linears.push_back(rep);
     GPTQ_LOG_INFO("lm_head: {} x {} quantized in {:.1f} s", n_out, n_in, rep.seconds);

@@ -16,7 +16,8 @@
 # Prints one JSON line per mode ("run":"gptq7b"), also appended to $OUT/gptq7b.jsonl: total seconds
 # (wall, and the report's), peak GPU memory (nvidia-smi, MiB, and the runner's own cudaMemGetInfo
 # peak), the GPU memory plan, the report's phase_seconds (summed over the layers; "other" is the
-# total minus the phases).
+# total minus the phases) and detail_seconds (parts of phases: the GPU solve's steps, the GPU time
+# of the Hessian accumulation; the reader / writer threads' own time).
 # Knobs: GPTQ7B_MODES, GPTQ7B_LIKE (default llama-2-7b; e.g. llama-2-7b-layers=4 for a quick run),
 # GPTQ7B_ARGS (extra quantize flags), GPTQ7B_TINY=0 skips the tiny-llama new-vs-plain check run first,
 # GPTQ7B_TIMEOUT (seconds per quantize, default 330).
@@ -78,6 +79,7 @@ out = {"run": "gptq7b", "model": model.rsplit("/", 1)[-1], "mode": mode, "wall_s
        "plan_mib": round(r.get("peak_plan_bytes", 0) / 2**20),
        "n_calib_tokens": r["n_calib_tokens"],
        "phase_seconds": {k: round(v, 2) for k, v in ph.items()},
+       "detail_seconds": {k: round(v, 2) for k, v in r.get("detail_seconds", {}).items()},
        "other_seconds": round(r["seconds"] - sum(ph.values()), 2), "gpu_plan": plan}
 print(json.dumps(out))
 EOF

@@ -20,6 +20,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "core/status.h"
@@ -102,6 +104,8 @@ public:
     virtual uint64_t device_plan_bytes() const { return 0; }
     // The most device memory in use seen at a synchronize() (the whole device); 0 on the CPU.
     virtual uint64_t device_used_peak() const { return 0; }
+    // Seconds of the runner's own sub-steps for the report's detail_seconds (none on the CPU).
+    virtual std::vector<std::pair<std::string, double>> detail_seconds() const { return {}; }
 };
 
 // GPTQ_QUANTIZE_PLAIN=1 in the environment: quantize as before issue 18 (no reader / writer

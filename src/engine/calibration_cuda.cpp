@@ -49,9 +49,13 @@ public:
         }
         cuda_linear_input_hook hook = [&](linear_input which, const uint16_t* x, int64_t n_tokens, int64_t) -> status {
             auto it = acc_.find(which);
-            return it != acc_.end() ? it->second.add_f16(*gpu_, x, n_tokens) : status::ok();
+            if (it == acc_.end()) return status::ok();
+            GPTQ_TRY(timer_start());
+            GPTQ_TRY(it->second.add_f16(*gpu_, x, n_tokens));
+            return timer_stop();
         };
-        return runner_->forward(x_dev_.as<uint16_t>(), n_samples_, &hook, last);
+        GPTQ_TRY(runner_->forward(x_dev_.as<uint16_t>(), n_samples_, &hook, last));
+        return timer_collect();  // waits for the passes (the caller's phase timer would)
     }
 
     // H on the device (kept for weighted_error) and a host copy (the solve's input).
@@ -238,8 +242,11 @@ public:
         used_peak_ = std::max<uint64_t>(used_peak_, mem.total - mem.free);
         return status::ok();
     }
-    uint64_t device_plan_bytes() const override { return plan_bytes_; }
-    uint64_t device_used_peak() const override { return used_peak_; }
+    uint64_t                                    device_plan_bytes() const override { return plan_bytes_; }
+    uint64_t                                    device_used_peak() const override { return used_peak_; }
+    std::vector<std::pair<std::string, double>> detail_seconds() const override {
+        return {{"calibration.hessian_gpu", hessian_gpu_seconds_}};
+    }
 
     static result<std::unique_ptr<calibration_runner>> open(const device_spec& dev, const llama_model& model,
                                                             const ops_context& ctx, thread_pool* pool,
@@ -252,6 +259,25 @@ private:
           h_dev_ = cuda_buffer();
           h_in_  = linear_input::LINEAR_INPUT_COUNT;
     }
+    // Timing events around the Hessian accumulations of a collect (reused; summed by collect).
+    status timer_start() {
+        if (timer_used_ == timer_events_.size()) {
+            GPTQ_ASSIGN_OR_RETURN(cuda_event a, cuda_event::create_timing());
+            GPTQ_ASSIGN_OR_RETURN(cuda_event b, cuda_event::create_timing());
+            timer_events_.emplace_back(std::move(a), std::move(b));
+        }
+        return timer_events_[timer_used_].first.record(gpu_->stream());
+    }
+    status timer_stop() { return timer_events_[timer_used_++].second.record(gpu_->stream()); }
+    status timer_collect() {
+        for (size_t k = 0; k < timer_used_; ++k) {
+            GPTQ_ASSIGN_OR_RETURN(const double s,
+                                  cuda_event::elapsed_seconds(timer_events_[k].first, timer_events_[k].second));
+            hessian_gpu_seconds_ += s;
+        }
+        timer_used_ = 0;
+        return status::ok();
+    }
 
     const llama_hparams*                             hp_    = nullptr;
     const llama_model*                               model_ = nullptr;
@@ -259,6 +285,9 @@ private:
     int64_t                                          n_samples_ = 0, seqlen_ = 0;
     uint64_t                                         plan_bytes_ = 0;
     uint64_t                                         used_peak_  = 0;  // synchronize()'s samples
+    std::vector<std::pair<cuda_event, cuda_event>>   timer_events_;
+    size_t                                           timer_used_          = 0;
+    double                                           hessian_gpu_seconds_ = 0.0;
     std::unique_ptr<cuda_context>                    gpu_;
     std::unique_ptr<llama_cuda_layer_runner>         runner_;
     cuda_buffer                                      x_dev_;  // [n_samples * seqlen, n_embd] F16

@@ -298,14 +298,23 @@ gptq_options options_for(const run_state& s, const std::string& module) {
     return o;
 }
 
-// dt seconds added to the report's phase `name` (appended when new).
-void add_phase(quantize_report& r, const char* name, double dt) {
-    for (auto& [n, v] : r.phase_seconds)
+// dt seconds added to the entry `name` of a report's phase_seconds / detail_seconds (appended when new).
+void add_seconds(std::vector<std::pair<std::string, double>>* list, const std::string& name, double dt) {
+    for (auto& [n, v] : *list)
         if (n == name) {
             v += dt;
             return;
         }
-    r.phase_seconds.emplace_back(name, dt);
+    list->emplace_back(name, dt);
+}
+
+// The GPU solve's steps (gptq_stats' seconds; zero on the CPU) into the report's details.
+void add_solve_details(quantize_report& r, const gptq_stats& st) {
+    if (st.seconds_prepare + st.seconds_cholesky + st.seconds_loop + st.seconds_download == 0.0) return;
+    add_seconds(&r.detail_seconds, "solve.prepare", st.seconds_prepare);
+    add_seconds(&r.detail_seconds, "solve.cholesky", st.seconds_cholesky);
+    add_seconds(&r.detail_seconds, "solve.loop", st.seconds_loop);
+    add_seconds(&r.detail_seconds, "solve.download", st.seconds_download);
 }
 
 // Adds the wall time of its scope to the report's phase `name` (GPU work queued in the scope is
@@ -315,7 +324,7 @@ public:
     phase_timer(run_state& s, const char* name) : s_(s), name_(name), t0_(clock::now()) {}
     ~phase_timer() {
         if (s_.calib) (void)s_.calib->synchronize();
-        add_phase(s_.report, name_, seconds_since(t0_));
+        add_seconds(&s_.report.phase_seconds, name_, seconds_since(t0_));
     }
     phase_timer(const phase_timer&)            = delete;
     phase_timer& operator=(const phase_timer&) = delete;
@@ -538,6 +547,7 @@ result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, c
         phase_timer t(s, "error");
         q                 = std::move(g).value();
         rep->damp_percent = st.damp_percent_used;
+        add_solve_details(s.report, st);
         GPTQ_ASSIGN_OR_RETURN(rep->error_rtn, s.calib->weighted_error_kept(&*rtn));
         GPTQ_ASSIGN_OR_RETURN(rep->error_gptq, s.calib->weighted_error_kept(nullptr));
     } else if (h) {
@@ -550,6 +560,7 @@ result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, c
         phase_timer t(s, "error");
         q                 = std::move(g).value();
         rep->damp_percent = st.damp_percent_used;
+        add_solve_details(s.report, st);
         std::vector<float> wr(lw.w.size());
         quantized_linear_dequantize(ctx, *rtn, wr.data());
         quantized_linear_dequantize(ctx, q, out.wq.data());
@@ -1473,7 +1484,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             secs.emplace(writer.get());
         }
         if (!*secs) return secs->error();
-        add_phase(s.report, "write_thread", **secs);
+        add_seconds(&s.report.detail_seconds, "write_thread", **secs);
         return status::ok();
     };
     if (overlap) read_ahead(0);
@@ -1497,7 +1508,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             GPTQ_ASSIGN_OR_RETURN(rd, read_layer(s, i, &pool, false, i >= layers_done));
         }
         t_load.reset();
-        if (overlap) add_phase(s.report, "read_thread", rd.seconds);
+        if (overlap) add_seconds(&s.report.detail_seconds, "read_thread", rd.seconds);
         llama_layer* layer = rd.layer.get();
         if (i < layers_done) {
             if (params.method == "gptq") {
@@ -1578,7 +1589,10 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         return make_error(status_code::STATUS_IO_ERROR, "removing {}: {}",
                           path_join(params.output_path, k_work_folder_marker), ec.message());
     t_assemble.reset();
-    if (s.calib) s.report.device_used_peak_bytes = s.calib->device_used_peak();
+    if (s.calib) {
+        s.report.device_used_peak_bytes = s.calib->device_used_peak();
+        for (const auto& [name, secs] : s.calib->detail_seconds()) add_seconds(&s.report.detail_seconds, name, secs);
+    }
 
     s.report.output_path = params.output_path;
     s.report.method      = params.method;
@@ -1595,6 +1609,12 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     for (const auto& [name, secs] : s.report.phase_seconds) in_phases += secs;
     GPTQ_LOG_INFO("time by phase (summed over the layers): {}; other {:.1f} s; total {:.1f} s", phase_summary(s.report),
                   s.report.seconds - in_phases, s.report.seconds);
+    if (!s.report.detail_seconds.empty()) {
+        std::string d;
+        for (const auto& [name, secs] : s.report.detail_seconds)
+            d += fmt::format("{}{} {:.1f} s", d.empty() ? "" : ", ", name, secs);
+        GPTQ_LOG_INFO("details (parts of the phases, and the overlap threads): {}", d);
+    }
     if (!s.bit_plan.is_null()) s.report.bit_plan_json = s.bit_plan.dump();
     if (!params.report_path.empty())
         GPTQ_TRY(file_write_atomic(params.report_path, quantize_report_json(s.report) + "\n"));
@@ -1620,7 +1640,12 @@ std::string quantize_report_json(const quantize_report& r) {
     if (r.device_used_peak_bytes) j["device_used_peak_bytes"] = r.device_used_peak_bytes;
     nlohmann::ordered_json ph = nlohmann::ordered_json::object();
     for (const auto& [name, secs] : r.phase_seconds) ph[name] = secs;
-    j["phase_seconds"]        = ph;
+    j["phase_seconds"] = ph;
+    if (!r.detail_seconds.empty()) {
+        nlohmann::ordered_json dt = nlohmann::ordered_json::object();
+        for (const auto& [name, secs] : r.detail_seconds) dt[name] = secs;
+        j["detail_seconds"] = dt;
+    }
     nlohmann::ordered_json ls = nlohmann::ordered_json::array();
     for (const auto& l : r.linears) {
         ls.push_back({{"name", l.name},

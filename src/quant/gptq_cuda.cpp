@@ -5,6 +5,7 @@
 #include "quant/gptq_cuda.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <numeric>
 
@@ -64,6 +65,9 @@ result<quantized_linear> quantize_impl(cuda_context& cctx, const ops_context& ct
                                        int64_t n_in, const float* h_in, const float* h_dev_in, const gptq_options& opt,
                                        gptq_stats* stats, cuda_buffer* w_keep, cuda_buffer* code_keep,
                                        const uint16_t* w16_dev) {
+    using clock      = std::chrono::steady_clock;
+    const auto t0    = clock::now();
+    auto       since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
     GPTQ_TRY(gptq_check_options(opt, n_in));
     if (opt.mse_hessian)
         return make_error(status_code::STATUS_UNSUPPORTED,
@@ -161,7 +165,9 @@ result<quantized_linear> quantize_impl(cuda_context& cctx, const ops_context& ct
         *w_keep = std::move(*w_raw);
     else
         *w_raw = cuda_buffer();  // free early: one W-sized buffer fewer during the loop
-    cuda_buffer u = std::move(*h_raw);
+    cuda_buffer  u         = std::move(*h_raw);
+    const double t_prepare = since(t0);
+    const auto   t1        = clock::now();
 
     // Damping, raised while the Cholesky factorisation fails (the CPU's sequence of values).
     auto solver = cuda_gptq_solver::create(cctx);
@@ -204,23 +210,28 @@ result<quantized_linear> quantize_impl(cuda_context& cctx, const ops_context& ct
         if (!*b) return b->error();
 
     cuda_gptq_loop_args a;
-    a.w              = w_dev->as<float>();
-    a.u              = u.as<float>();
-    a.code           = code_dev->as<uint8_t>();
-    a.scale          = scale_dev->as<float>();
-    a.zero           = zero_dev->as<int32_t>();
-    a.perm           = perm_dev.as<int32_t>();
-    a.row_loss       = loss_dev->as<double>();
-    a.n_out          = n_out;
-    a.n_in           = n_in;
-    a.block_size     = opt.block_size;
-    a.group_size     = gs;
-    a.dynamic_groups = dynamic;
-    a.bits           = opt.bits;
-    a.zero_min       = opt.zero_min;
-    a.sym            = opt.sym;
-    a.mse            = opt.mse;
+    a.w                     = w_dev->as<float>();
+    a.u                     = u.as<float>();
+    a.code                  = code_dev->as<uint8_t>();
+    a.scale                 = scale_dev->as<float>();
+    a.zero                  = zero_dev->as<int32_t>();
+    a.perm                  = perm_dev.as<int32_t>();
+    a.row_loss              = loss_dev->as<double>();
+    a.n_out                 = n_out;
+    a.n_in                  = n_in;
+    a.block_size            = opt.block_size;
+    a.group_size            = gs;
+    a.dynamic_groups        = dynamic;
+    a.bits                  = opt.bits;
+    a.zero_min              = opt.zero_min;
+    a.sym                   = opt.sym;
+    a.mse                   = opt.mse;
+    const double t_cholesky = since(t1);
+    const auto   t2         = clock::now();
     GPTQ_TRY(op_cuda_gptq_column_loop(cctx, a));
+    GPTQ_TRY(cctx.synchronize());  // (the download below waits anyway: the loop's own time)
+    const double t_loop = since(t2);
+    const auto   t3     = clock::now();
 
     quantized_linear q;
     q.n_out      = n_out;
@@ -274,6 +285,10 @@ result<quantized_linear> quantize_impl(cuda_context& cctx, const ops_context& ct
         stats->damp_percent_used = damp_percent;
         stats->n_dead_columns    = n_dead;
         stats->loss              = loss;
+        stats->seconds_prepare   = t_prepare;
+        stats->seconds_cholesky  = t_cholesky;
+        stats->seconds_loop      = t_loop;
+        stats->seconds_download  = since(t3);
     }
     if (code_keep) *code_keep = std::move(*code_dev);
     return q;

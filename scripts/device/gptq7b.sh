@@ -63,7 +63,7 @@ quantize() {
         return 1
     fi
     python3 - "$mode" "$secs" "$mem" "$dst.json" "$log_file" "$model" <<'EOF' | tee -a "$OUT/gptq7b.jsonl"
-import json, re, sys
+import json, os, re, sys
 mode, secs, mem, rep, log, model = sys.argv[1:]
 r = json.load(open(rep))
 mib = [int(x) for x in open(mem).read().split() if x.strip().isdigit()]
@@ -72,7 +72,7 @@ plan = ""
 for line in open(log, errors="replace"):
     if "GPU memory plan" in line:
         plan = line.strip().split("GPU memory plan: ", 1)[-1]
-out = {"run": "gptq7b", "model": model.rsplit("/", 1)[-1], "mode": mode, "wall_seconds": float(secs),
+out = {"run": "gptq7b", "model": os.environ.get("LABEL") or model.rsplit("/", 1)[-1], "mode": mode, "wall_seconds": float(secs),
        "report_seconds": round(r["seconds"], 2),
        "peak_gpu_mib_smi": max(mib) if mib else None, "gpu_mib_before": mib[0] if mib else None,
        "device_used_peak_mib": round(r.get("device_used_peak_bytes", 0) / 2**20),
@@ -128,7 +128,7 @@ fi
 log "make-random $LIKE: $(echo "$(date +%s.%N) $t0" | awk '{printf "%.1f", $1 - $2}') s, $(du -sh "$Q7/fp16" | cut -f1)"
 # shellcheck disable=SC2086
 for mode in $MODES; do
-    quantize "$mode" "$Q7/fp16" "$Q7/$mode" --nsamples 128 --seqlen 2048 --bits 4 --group-size 128 ${GPTQ7B_ARGS:-} \
+    LABEL=$LIKE quantize "$mode" "$Q7/fp16" "$Q7/$mode" --nsamples 128 --seqlen 2048 --bits 4 --group-size 128 ${GPTQ7B_ARGS:-} \
         || status=1
     rm -f "$Q7/$mode.mem"
 done

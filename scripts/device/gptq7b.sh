@@ -53,8 +53,9 @@ quantize() {
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$mem" 2>/dev/null &
     local smi=$!
     local t0; t0=$(date +%s.%N)
+    # --calib named: the bundle's binary finds no data/ beside it on this machine.
     GPTQ_QUANTIZE_PLAIN=$plain timeout "${GPTQ7B_TIMEOUT:-330}" "$GPTQ" -v quantize "$model" -o "$dst" --device cuda \
-        --threads "$JOBS" --report "$dst.json" "$@" > "$log_file" 2>&1
+        --calib "$PWD/data/calib/corpus-sample.txt" --threads "$JOBS" --report "$dst.json" "$@" > "$log_file" 2>&1
     local rc=$?
     local secs; secs=$(echo "$(date +%s.%N) $t0" | awk '{printf "%.2f", $1 - $2}')
     kill $smi 2>/dev/null; wait $smi 2>/dev/null

@@ -1429,6 +1429,7 @@ TEST(quantize_cuda, resident_and_overlap_equal_plain) {
         for (const char* mode : {"plain", "new"}) {
             quantize_params p;
             p.model_path      = source_dir() + "/models/tiny-llama";
+            p.calib           = source_dir() + "/data/calib/corpus-sample.txt";
             p.output_path     = out + "-" + what + "-" + mode;
             p.nsamples        = 12;
             p.seqlen          = 96;

@@ -113,8 +113,11 @@ public:
                               "calibration: solve of a {} x {} linear without its Hessian", n_out, n_in);
         w_kept_ = cuda_buffer();
         q_kept_ = gptq_cuda_codes();
+        if (!solver_) {  // kept across linears
+            GPTQ_ASSIGN_OR_RETURN(solver_, cuda_gptq_solver::create(*gpu_));
+        }
         return gptq_quantize_cuda_resident(*gpu_, ctx_, w, n_out, n_in, h_dev_.as<float>(), opt, stats, &w_kept_,
-                                           &q_kept_, runner_->linear_f16_if_exact(r));
+                                           &q_kept_, runner_->linear_f16_if_exact(r), solver_.get());
     }
 
     result<double> weighted_error_kept(const quantized_linear* q) override {
@@ -290,7 +293,8 @@ private:
     double                                           hessian_gpu_seconds_ = 0.0;
     std::unique_ptr<cuda_context>                    gpu_;
     std::unique_ptr<llama_cuda_layer_runner>         runner_;
-    cuda_buffer                                      x_dev_;  // [n_samples * seqlen, n_embd] F16
+    std::unique_ptr<cuda_gptq_solver>                solver_;  // solve_kept's cuSOLVER handle + workspace
+    cuda_buffer                                      x_dev_;   // [n_samples * seqlen, n_embd] F16
     std::map<linear_input, cuda_hessian_accumulator> acc_;
     cuda_buffer                                      h_dev_;       // the last hessian(): [n_in, n_in] F32
     linear_input    h_in_     = linear_input::LINEAR_INPUT_COUNT;  // the input h_dev_ holds (hessian_keep)

@@ -1359,6 +1359,35 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     thread_pool       pool(n_threads);
     const ops_context ctx{&pool, false};
 
+    // Overlap (docs/quantize.md "Issue 18"; off with GPTQ_QUANTIZE_PLAIN=1): a reader thread reads
+    // layer i + 1 (checks it, computes its RTN baselines) on a pool of its own while layer i is
+    // quantized, and a writer thread writes layer i's file and state.json while layer i + 1 is. The
+    // loop waits for each where the sequential code would have done the work ("load", "write"); the
+    // threads' own times are read_thread / write_thread. Layer 0's read starts while the
+    // calibration runner opens.
+    const bool                      overlap = !quantize_plain_mode();
+    std::unique_ptr<thread_pool>    read_pool;
+    std::future<result<layer_read>> next_read;
+    std::future<result<double>>     writer;
+    auto                            read_ahead = [&](int64_t i) {
+        if (i >= hp.n_layer) return;
+        if (!read_pool) read_pool = std::make_unique<thread_pool>(std::max(1, n_threads / 2));
+        next_read = std::async(std::launch::async, [&s, i, p = read_pool.get(), q = i >= layers_done] {
+            return read_layer(s, i, p, true, q);
+        });
+    };
+    auto join_writer = [&]() -> status {
+        if (!writer.valid()) return status::ok();
+        std::optional<result<double>> secs;
+        {
+            phase_timer t(s, "write");
+            secs.emplace(writer.get());
+        }
+        if (!*secs) return secs->error();
+        add_seconds(&s.report.detail_seconds, "write_thread", **secs);
+        return status::ok();
+    };
+
     t_open.reset();
 
     // Calibration activations.
@@ -1438,6 +1467,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             return calibration_runner_cpu(*s.model, ctx, s.n_samples, params.seqlen, std::move(xs));
         };
         if (params.target_bpw > 0) GPTQ_TRY(bit_plan_make(s, ctx, &pool, [&] { return make_runner(x); }));
+        if (overlap) read_ahead(0);  // s.cfg is final (the bit plan made)
         {
             phase_timer t(s, "runner");
             GPTQ_ASSIGN_OR_RETURN(s.calib, make_runner(std::move(x)));
@@ -1460,34 +1490,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     if (!s.bit_plan.is_null()) GPTQ_TRY(file_write_atomic(path_join(s.work, "plan.json"), s.bit_plan.dump(1) + "\n"));
     progress_bar bar("quantize", hp.n_layer, "layer");
     bar.set(layers_done);
-    // Overlap (docs/quantize.md "Overlap"; off with GPTQ_QUANTIZE_PLAIN=1): a reader thread reads
-    // layer i + 1 (checks it, computes its RTN baselines) on a pool of its own while layer i is
-    // quantized, and a writer thread writes layer i's file and state.json while layer i + 1 is. The
-    // loop waits for each where the sequential code would have done the work ("load", "write"); the
-    // threads' own times are read_thread / write_thread.
-    const bool                      overlap = !quantize_plain_mode();
-    std::unique_ptr<thread_pool>    read_pool;
-    std::future<result<layer_read>> next_read;
-    std::future<result<double>>     writer;
-    auto                            read_ahead = [&](int64_t i) {
-        if (i >= hp.n_layer) return;
-        if (!read_pool) read_pool = std::make_unique<thread_pool>(std::max(1, n_threads / 2));
-        next_read = std::async(std::launch::async, [&s, i, p = read_pool.get(), q = i >= layers_done] {
-            return read_layer(s, i, p, true, q);
-        });
-    };
-    auto join_writer = [&]() -> status {
-        if (!writer.valid()) return status::ok();
-        std::optional<result<double>> secs;
-        {
-            phase_timer t(s, "write");
-            secs.emplace(writer.get());
-        }
-        if (!*secs) return secs->error();
-        add_seconds(&s.report.detail_seconds, "write_thread", **secs);
-        return status::ok();
-    };
-    if (overlap) read_ahead(0);
+    if (overlap && !next_read.valid()) read_ahead(0);  // --method rtn: not started yet
     for (int64_t i = 0; i < hp.n_layer; ++i) {
         if (params.stop_after_layers >= 0 && i >= params.stop_after_layers && i >= layers_done) {
             GPTQ_TRY(join_writer());

@@ -51,7 +51,9 @@ struct cuda_gptq_solver_state {
     cusolverDnHandle_t handle = nullptr;
     cuda_buffer        work;  // potrf/potri workspace, grown on demand
     cuda_buffer        info;  // one I32 devInfo
-    int64_t            work_n = -1;
+    int64_t            work_n    = -1;
+    size_t             work_need = 0;  // what n = work_n needs: the lwork passed (a kept solver's
+                                       // larger buffer must not change cuSOLVER's choices)
 };
 
 result<std::unique_ptr<cuda_gptq_solver>> cuda_gptq_solver::create(cuda_context& ctx) {
@@ -83,11 +85,12 @@ result<bool> cuda_gptq_solver::damped_cholesky_inverse_upper(cuda_context& ctx, 
             if (!b) return b.error();
             s_->work = std::move(*b);
         }
-        s_->work_n = n;
+        s_->work_n    = n;
+        s_->work_need = *bytes;
     }
     GPTQ_TRY(cuda::gptq_damp_copy(h, u, n, damp, ctx.stream()));
     bool pd = false;
-    GPTQ_TRY(cuda::gptq_cholesky_inverse_upper(s_->handle, u, n, s_->work.data(), s_->work.bytes(), s_->info.as<int>(),
+    GPTQ_TRY(cuda::gptq_cholesky_inverse_upper(s_->handle, u, n, s_->work.data(), s_->work_need, s_->info.as<int>(),
                                                &pd, ctx.stream()));
     return pd;
 }

@@ -61,10 +61,11 @@ result<std::vector<float>> device_diag(cuda_context& cctx, const ops_context& ct
 // gptq_quantize_cuda with H on the host (h_in) or on the device (h_dev_in, unchanged); with the
 // latter, W's device copy and the codes are handed out (w_keep, code_keep) instead of freed.
 // w16_dev: W as F16 on the device, widened there instead of uploading w_in (exact: the caller's word).
+// solver_in: the cuSOLVER handle and workspace to use (nullptr: one made for this call).
 result<quantized_linear> quantize_impl(cuda_context& cctx, const ops_context& ctx, const float* w_in, int64_t n_out,
                                        int64_t n_in, const float* h_in, const float* h_dev_in, const gptq_options& opt,
                                        gptq_stats* stats, cuda_buffer* w_keep, cuda_buffer* code_keep,
-                                       const uint16_t* w16_dev) {
+                                       const uint16_t* w16_dev, cuda_gptq_solver* solver_in) {
     using clock      = std::chrono::steady_clock;
     const auto t0    = clock::now();
     auto       since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
@@ -170,12 +171,15 @@ result<quantized_linear> quantize_impl(cuda_context& cctx, const ops_context& ct
     const auto   t1        = clock::now();
 
     // Damping, raised while the Cholesky factorisation fails (the CPU's sequence of values).
-    auto solver = cuda_gptq_solver::create(cctx);
-    if (!solver) return solver.error();
-    double damp_percent = opt.damp_percent;
+    std::unique_ptr<cuda_gptq_solver> own;
+    if (!solver_in) {
+        GPTQ_ASSIGN_OR_RETURN(own, cuda_gptq_solver::create(cctx));
+    }
+    cuda_gptq_solver* solver       = solver_in ? solver_in : own.get();
+    double            damp_percent = opt.damp_percent;
     for (;;) {
         const float damp = static_cast<float>(damp_percent * mean_diag);
-        auto        pd = (*solver)->damped_cholesky_inverse_upper(cctx, h_dev->as<float>(), u.as<float>(), n_in, damp);
+        auto        pd   = solver->damped_cholesky_inverse_upper(cctx, h_dev->as<float>(), u.as<float>(), n_in, damp);
         if (!pd) return pd.error();
         if (*pd) break;
         const double next = damp_percent + opt.damp_auto_increment;
@@ -299,7 +303,7 @@ result<quantized_linear> quantize_impl(cuda_context& cctx, const ops_context& ct
 result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_context& ctx, const float* w_in,
                                             int64_t n_out, int64_t n_in, const float* h_in, const gptq_options& opt,
                                             gptq_stats* stats) {
-    return quantize_impl(cctx, ctx, w_in, n_out, n_in, h_in, nullptr, opt, stats, nullptr, nullptr, nullptr);
+    return quantize_impl(cctx, ctx, w_in, n_out, n_in, h_in, nullptr, opt, stats, nullptr, nullptr, nullptr, nullptr);
 }
 
 cuda_gptq_codes gptq_cuda_codes::view() const {
@@ -337,11 +341,12 @@ result<gptq_cuda_codes> gptq_cuda_codes_upload(cuda_context& cctx, const quantiz
 result<quantized_linear> gptq_quantize_cuda_resident(cuda_context& cctx, const ops_context& ctx, const float* w,
                                                      int64_t n_out, int64_t n_in, const float* h_dev,
                                                      const gptq_options& opt, gptq_stats* stats, cuda_buffer* w_dev,
-                                                     gptq_cuda_codes* codes, const uint16_t* w16_dev) {
+                                                     gptq_cuda_codes* codes, const uint16_t* w16_dev,
+                                                     cuda_gptq_solver* solver) {
     *w_dev = cuda_buffer();
     cuda_buffer code;
-    GPTQ_ASSIGN_OR_RETURN(quantized_linear q,
-                          quantize_impl(cctx, ctx, w, n_out, n_in, nullptr, h_dev, opt, stats, w_dev, &code, w16_dev));
+    GPTQ_ASSIGN_OR_RETURN(quantized_linear q, quantize_impl(cctx, ctx, w, n_out, n_in, nullptr, h_dev, opt, stats,
+                                                            w_dev, &code, w16_dev, solver));
     const size_t nw = static_cast<size_t>(n_out * n_in);
     if (w_dev->bytes() != nw * sizeof(float)) {  // every column dead: round to nearest, nothing uploaded
         GPTQ_ASSIGN_OR_RETURN(*w_dev, to_device(cctx, w, nw));

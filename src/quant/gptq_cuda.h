@@ -46,11 +46,13 @@ result<gptq_cuda_codes> gptq_cuda_codes_upload(cuda_context& cctx, const quantiz
 // gets W [n_out, n_in] F32 as given, *codes the result's codes and params. Same result as
 // gptq_quantize_cuda(w, host copy of h_dev). w16_dev (or nullptr): W as F16 on the device, which
 // the caller knows to widen to w exactly (every value F16-representable); W is then widened there
-// instead of uploaded.
+// instead of uploaded. solver (or nullptr): a cuSOLVER handle + workspace kept by the caller
+// across linears (else one is made per call, as gptq_quantize_cuda does).
 result<quantized_linear> gptq_quantize_cuda_resident(cuda_context& cctx, const ops_context& ctx, const float* w,
                                                      int64_t n_out, int64_t n_in, const float* h_dev,
                                                      const gptq_options& opt, gptq_stats* stats, cuda_buffer* w_dev,
-                                                     gptq_cuda_codes* codes, const uint16_t* w16_dev = nullptr);
+                                                     gptq_cuda_codes* codes, const uint16_t* w16_dev = nullptr,
+                                                     cuda_gptq_solver* solver = nullptr);
 // hessian_weighted_error_cuda of a device W [n_out, n_in] F32 against device codes (the same
 // value: D = W - dequantize(Q) with the host's rounding, then the same product and sum).
 result<double> hessian_weighted_error_cuda(cuda_context& cctx, const float* w_dev, const gptq_cuda_codes& q,

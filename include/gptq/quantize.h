@@ -106,9 +106,22 @@ struct quantize_report {
     // --target-bpw: the plan as JSON (target, budget, bytes, per module its choice and the measured
     // error of every candidate); null otherwise.
     std::string bit_plan_json;
-    // Wall time of this run by phase (load, calibration, hessian, solve, rtn, error, update, write,
-    // forward), summed over the layers: where the time goes (not kept across --resume).
+    // Wall time of this run by phase, summed over the layers: where the time goes (not kept across
+    // --resume). Before the layers: open (model, checks), tokenize, embed, runner (the calibration
+    // runner opened: inputs to the device); per layer: check, load, calibration, hessian, rtn,
+    // solve, error, write, update, forward, state; after: assemble (globals, shards, configs). With
+    // the reader / writer threads (docs/quantize.md, "Issue 18"), load and write count only the
+    // time the layer loop waited for them. The phases add up to the run's time, less process
+    // start-up and small steps between them.
     std::vector<std::pair<std::string, double>> phase_seconds;
+    // Parts of phases and work beside them (not to be added to the phases): read_thread /
+    // write_thread (the overlap threads' own time), solve.prepare / .cholesky / .loop / .download
+    // (the GPU solve's steps, wall), calibration.hessian_gpu (GPU time of the Hessian
+    // accumulation inside the calibration passes, timing events).
+    std::vector<std::pair<std::string, double>> detail_seconds;
+    // The GPU runner's peak of device memory in use (cudaMemGetInfo sampled at each phase end: the
+    // whole device, CUDA context included); 0 on the CPU.
+    uint64_t device_used_peak_bytes = 0;
 };
 
 result<quantize_report> quantize_model(const quantize_params& params);

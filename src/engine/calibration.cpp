@@ -4,7 +4,9 @@
 #include "calibration.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <map>
+#include <string>
 
 #include "core/error.h"
 
@@ -169,6 +171,34 @@ status calibration_runner::moe_hessians_collect(const llama_layer& layer, linear
 
 result<std::vector<float>> calibration_runner::moe_hessian(linear_input, int64_t, bool) {
     return make_error(status_code::STATUS_UNSUPPORTED, "calibration: no MoE Hessians on this runner");
+}
+
+bool quantize_plain_mode() {
+    const char* v = std::getenv("GPTQ_QUANTIZE_PLAIN");
+    return v && std::string(v) == "1";
+}
+
+namespace {
+status not_resident() {
+    return make_error(status_code::STATUS_INTERNAL, "calibration: this runner keeps nothing on a device (resident())");
+}
+}  // namespace
+
+status calibration_runner::hessian_keep(linear_input) {
+    return not_resident();
+}
+
+result<quantized_linear> calibration_runner::solve_kept(linear_role, const float*, int64_t, int64_t,
+                                                        const gptq_options&, gptq_stats*) {
+    return not_resident();
+}
+
+result<double> calibration_runner::weighted_error_kept(const quantized_linear*) {
+    return not_resident();
+}
+
+status calibration_runner::linear_update_kept(linear_role) {
+    return not_resident();
 }
 
 result<std::unique_ptr<calibration_runner>> calibration_runner_cpu(const llama_model& model, const ops_context& ctx,

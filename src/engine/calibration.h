@@ -20,6 +20,8 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "core/status.h"
@@ -58,6 +60,25 @@ public:
     // its outputs become the windows' hidden states, the next layer's inputs.
     virtual status layer_forward(const llama_layer& layer) = 0;
 
+    // ---- Device-resident linears (docs/quantize.md "Issue 18: overlap and device-resident linears") ----
+    // A runner that keeps H, W and the codes on its device between the Hessian, the solve, the
+    // errors and the update: resident() true, and quantize.cpp calls these instead of hessian /
+    // solve / weighted_error / linear_update for a dense layer's linears (same results: the same
+    // H, codes and errors as those four). The CPU runner has none (resident() false; the defaults
+    // below are errors).
+    virtual bool resident() const { return false; }
+    // hessian(in) kept on the device only (computed once per input after a hessians_collect:
+    // q/k/v and gate/up ask for the same one).
+    virtual status hessian_keep(linear_input in);
+    // solve() of role r's weight w (the current layer's, as layer_begin got it) against the kept
+    // H; W's device copy and the result's codes stay for the calls below.
+    virtual result<quantized_linear> solve_kept(linear_role r, const float* w, int64_t n_out, int64_t n_in,
+                                                const gptq_options& opt, gptq_stats* stats);
+    // weighted_error of the last solve_kept's W against q (nullptr: that solve's own result).
+    virtual result<double> weighted_error_kept(const quantized_linear* q);
+    // linear_update(r, dequantized result of the last solve_kept), dequantized on the device.
+    virtual status linear_update_kept(linear_role r);
+
     // ---- Mixture of experts (a MoE layer's sparse block; docs/quantize.md "Mixture of experts") ----
     // Run the layer over every window until every expert's `in` (LINEAR_INPUT_GATE_UP or
     // LINEAR_INPUT_DOWN) has been seen, with the real routing, and accumulate per expert the Hessian
@@ -81,7 +102,15 @@ public:
     virtual status synchronize() { return status::ok(); }
     // Device memory the runner planned for (the report's peak_plan_bytes); 0 on the CPU.
     virtual uint64_t device_plan_bytes() const { return 0; }
+    // The most device memory in use seen at a synchronize() (the whole device); 0 on the CPU.
+    virtual uint64_t device_used_peak() const { return 0; }
+    // Seconds of the runner's own sub-steps for the report's detail_seconds (none on the CPU).
+    virtual std::vector<std::pair<std::string, double>> detail_seconds() const { return {}; }
 };
+
+// GPTQ_QUANTIZE_PLAIN=1 in the environment: quantize as before issue 18 (no reader / writer
+// threads, no device-resident linears), to compare the two in one run (scripts/device/gptq7b.sh).
+bool quantize_plain_mode();
 
 // x: [n_samples * seqlen, n_embd] F32, the embedded calibration windows (taken).
 result<std::unique_ptr<calibration_runner>> calibration_runner_cpu(const llama_model& model, const ops_context& ctx,

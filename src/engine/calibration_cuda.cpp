@@ -12,6 +12,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <map>
@@ -36,7 +37,7 @@ public:
     status hessians_collect(const llama_layer&, const std::vector<linear_role>& group) override {
         const llama_hparams& hp = *hp_;
         acc_.clear();
-        h_dev_            = cuda_buffer();
+        drop_h();
         linear_input last = linear_input::LINEAR_INPUT_QKV;
         for (linear_role r : group) {
             const linear_input in = linear_role_input(r);
@@ -48,9 +49,13 @@ public:
         }
         cuda_linear_input_hook hook = [&](linear_input which, const uint16_t* x, int64_t n_tokens, int64_t) -> status {
             auto it = acc_.find(which);
-            return it != acc_.end() ? it->second.add_f16(*gpu_, x, n_tokens) : status::ok();
+            if (it == acc_.end()) return status::ok();
+            GPTQ_TRY(timer_start());
+            GPTQ_TRY(it->second.add_f16(*gpu_, x, n_tokens));
+            return timer_stop();
         };
-        return runner_->forward(x_dev_.as<uint16_t>(), n_samples_, &hook, last);
+        GPTQ_TRY(runner_->forward(x_dev_.as<uint16_t>(), n_samples_, &hook, last));
+        return timer_collect();  // waits for the passes (the caller's phase timer would)
     }
 
     // H on the device (kept for weighted_error) and a host copy (the solve's input).
@@ -60,7 +65,7 @@ public:
             return make_error(status_code::STATUS_INTERNAL, "calibration: no Hessian collected for the {} input",
                               linear_input_name(in));
         const int64_t n_in = it->second.n_in();
-        h_dev_             = cuda_buffer();
+        drop_h();
         GPTQ_ASSIGN_OR_RETURN(h_dev_, cuda_buffer::alloc(size_t(n_in * n_in) * 4));
         GPTQ_TRY(it->second.finish(*gpu_, h_dev_.as<float>()));
         std::vector<float> h(size_t(n_in * n_in));
@@ -83,10 +88,63 @@ public:
 
     status linear_update(linear_role r, const std::vector<float>& w) override { return runner_->linear_update(r, w); }
 
+    // ---- device-resident linears (GPTQ_QUANTIZE_PLAIN=1 turns them off: resident() false) ----
+    bool resident() const override { return resident_; }
+
+    status hessian_keep(linear_input in) override {
+        if (h_in_ == in && h_dev_.bytes()) return status::ok();  // q/k/v, gate/up: one H per input
+        auto it = acc_.find(in);
+        if (it == acc_.end())
+            return make_error(status_code::STATUS_INTERNAL, "calibration: no Hessian collected for the {} input",
+                              linear_input_name(in));
+        const int64_t n_in = it->second.n_in();
+        drop_h();
+        GPTQ_ASSIGN_OR_RETURN(h_dev_, cuda_buffer::alloc(size_t(n_in * n_in) * 4));
+        GPTQ_TRY(it->second.finish(*gpu_, h_dev_.as<float>()));
+        h_in_ = in;
+        return status::ok();
+    }
+
+    // W from the runner's F16 copy when that is exact (an F16 checkpoint: no upload), else uploaded.
+    result<quantized_linear> solve_kept(linear_role r, const float* w, int64_t n_out, int64_t n_in,
+                                        const gptq_options& opt, gptq_stats* stats) override {
+        if (h_in_ == linear_input::LINEAR_INPUT_COUNT || h_dev_.bytes() != size_t(n_in * n_in) * 4)
+            return make_error(status_code::STATUS_INTERNAL,
+                              "calibration: solve of a {} x {} linear without its Hessian", n_out, n_in);
+        w_kept_ = cuda_buffer();
+        q_kept_ = gptq_cuda_codes();
+        if (!solver_) {  // kept across linears
+            GPTQ_ASSIGN_OR_RETURN(solver_, cuda_gptq_solver::create(*gpu_));
+        }
+        return gptq_quantize_cuda_resident(*gpu_, ctx_, w, n_out, n_in, h_dev_.as<float>(), opt, stats, &w_kept_,
+                                           &q_kept_, runner_->linear_f16_if_exact(r), solver_.get());
+    }
+
+    result<double> weighted_error_kept(const quantized_linear* q) override {
+        if (!w_kept_.bytes() || h_dev_.bytes() != size_t(q_kept_.n_in * q_kept_.n_in) * 4)
+            return make_error(status_code::STATUS_INTERNAL, "calibration: weighted error without a kept solve");
+        if (!q) return hessian_weighted_error_cuda(*gpu_, w_kept_.as<float>(), q_kept_, h_dev_.as<float>());
+        if (q->n_out != q_kept_.n_out || q->n_in != q_kept_.n_in)
+            return make_error(status_code::STATUS_INTERNAL, "calibration: weighted error of {} x {} against {} x {}",
+                              q->n_out, q->n_in, q_kept_.n_out, q_kept_.n_in);
+        GPTQ_ASSIGN_OR_RETURN(const gptq_cuda_codes c, gptq_cuda_codes_upload(*gpu_, *q));
+        return hessian_weighted_error_cuda(*gpu_, w_kept_.as<float>(), c, h_dev_.as<float>());
+    }
+
+    status linear_update_kept(linear_role r) override {
+        if (!q_kept_.code.bytes())
+            return make_error(status_code::STATUS_INTERNAL, "calibration: update of {} without a kept solve",
+                              linear_role_name(r));
+        GPTQ_TRY(runner_->linear_update(r, q_kept_.view()));
+        w_kept_ = cuda_buffer();  // the linear is done (the update is queued on the same stream)
+        q_kept_ = gptq_cuda_codes();
+        return status::ok();
+    }
+
     status layer_forward(const llama_layer& layer) override {
         acc_.clear();
         moe_acc_.clear();
-        h_dev_ = cuda_buffer();
+        drop_h();
         if (layer.moe) GPTQ_TRY(runner_->moe_load(layer));  // the experts as quantized (host layer only)
         return runner_->forward(x_dev_.as<uint16_t>(), n_samples_, nullptr);
     }
@@ -105,7 +163,7 @@ public:
         // gate/up before asking for the down inputs (layer_begin loaded them for GATE_UP).
         if (!gate_up) GPTQ_TRY(runner_->moe_load(layer));
         acc_.clear();
-        h_dev_ = cuda_buffer();
+        drop_h();
         moe_acc_.clear();  // the other input's are not asked for again (quantize_moe: gate/up, then down)
         auto&         acc         = moe_acc_[in];
         const int64_t n_in_shared = gate_up ? hp.n_embd : std::max<int64_t>(hp.n_ff_shared, 1);
@@ -144,7 +202,7 @@ public:
             return make_error(status_code::STATUS_INTERNAL, "calibration: expert {} out of range", expert);
         const cuda_hessian_accumulator& a    = it->second[k];
         const int64_t                   n_in = a.n_in();
-        h_dev_                               = cuda_buffer();
+        drop_h();
         GPTQ_ASSIGN_OR_RETURN(h_dev_, cuda_buffer::alloc(size_t(n_in * n_in) * 4));
         GPTQ_TRY(a.finish(*gpu_, h_dev_.as<float>()));
         std::vector<float> h(size_t(n_in * n_in));
@@ -159,7 +217,7 @@ public:
     result<std::vector<float>> final_norm_hessian() override {
         const int64_t n_embd = hp_->n_embd, n = seqlen_ * n_embd;
         acc_.clear();
-        h_dev_ = cuda_buffer();
+        drop_h();
         GPTQ_ASSIGN_OR_RETURN(cuda_hessian_accumulator acc, cuda_hessian_accumulator::create(*gpu_, n_embd));
         GPTQ_ASSIGN_OR_RETURN(cuda_buffer y_dev, cuda_buffer::alloc(size_t(n) * 2));
         std::vector<uint16_t> x16(static_cast<size_t>(n)), y16(static_cast<size_t>(n));
@@ -180,8 +238,18 @@ public:
         return h;
     }
 
-    status   synchronize() override { return gpu_->synchronize(); }
-    uint64_t device_plan_bytes() const override { return plan_bytes_; }
+    // Also samples the device's memory in use (the report's device_used_peak_bytes).
+    status synchronize() override {
+        GPTQ_TRY(gpu_->synchronize());
+        GPTQ_ASSIGN_OR_RETURN(const cuda_memory_info mem, cuda_memory_info_get(*gpu_));
+        used_peak_ = std::max<uint64_t>(used_peak_, mem.total - mem.free);
+        return status::ok();
+    }
+    uint64_t                                    device_plan_bytes() const override { return plan_bytes_; }
+    uint64_t                                    device_used_peak() const override { return used_peak_; }
+    std::vector<std::pair<std::string, double>> detail_seconds() const override {
+        return {{"calibration.hessian_gpu", hessian_gpu_seconds_}};
+    }
 
     static result<std::unique_ptr<calibration_runner>> open(const device_spec& dev, const llama_model& model,
                                                             const ops_context& ctx, thread_pool* pool,
@@ -190,17 +258,49 @@ public:
 private:
     cuda_calibration() = default;
     status plan_check(const device_spec& dev);
+    void   drop_h() {
+          h_dev_ = cuda_buffer();
+          h_in_  = linear_input::LINEAR_INPUT_COUNT;
+    }
+    // Timing events around the Hessian accumulations of a collect (reused; summed by collect).
+    status timer_start() {
+        if (timer_used_ == timer_events_.size()) {
+            GPTQ_ASSIGN_OR_RETURN(cuda_event a, cuda_event::create_timing());
+            GPTQ_ASSIGN_OR_RETURN(cuda_event b, cuda_event::create_timing());
+            timer_events_.emplace_back(std::move(a), std::move(b));
+        }
+        return timer_events_[timer_used_].first.record(gpu_->stream());
+    }
+    status timer_stop() { return timer_events_[timer_used_++].second.record(gpu_->stream()); }
+    status timer_collect() {
+        for (size_t k = 0; k < timer_used_; ++k) {
+            GPTQ_ASSIGN_OR_RETURN(const double s,
+                                  cuda_event::elapsed_seconds(timer_events_[k].first, timer_events_[k].second));
+            hessian_gpu_seconds_ += s;
+        }
+        timer_used_ = 0;
+        return status::ok();
+    }
 
-    const llama_hparams*                                          hp_    = nullptr;
-    const llama_model*                                            model_ = nullptr;
-    ops_context                                                   ctx_;
-    int64_t                                                       n_samples_ = 0, seqlen_ = 0;
-    uint64_t                                                      plan_bytes_ = 0;
-    std::unique_ptr<cuda_context>                                 gpu_;
-    std::unique_ptr<llama_cuda_layer_runner>                      runner_;
-    cuda_buffer                                                   x_dev_;  // [n_samples * seqlen, n_embd] F16
-    std::map<linear_input, cuda_hessian_accumulator>              acc_;
-    cuda_buffer                                                   h_dev_;    // the last hessian(): [n_in, n_in] F32
+    const llama_hparams*                             hp_    = nullptr;
+    const llama_model*                               model_ = nullptr;
+    ops_context                                      ctx_;
+    int64_t                                          n_samples_ = 0, seqlen_ = 0;
+    uint64_t                                         plan_bytes_ = 0;
+    uint64_t                                         used_peak_  = 0;  // synchronize()'s samples
+    std::vector<std::pair<cuda_event, cuda_event>>   timer_events_;
+    size_t                                           timer_used_          = 0;
+    double                                           hessian_gpu_seconds_ = 0.0;
+    std::unique_ptr<cuda_context>                    gpu_;
+    std::unique_ptr<llama_cuda_layer_runner>         runner_;
+    std::unique_ptr<cuda_gptq_solver>                solver_;  // solve_kept's cuSOLVER handle + workspace
+    cuda_buffer                                      x_dev_;   // [n_samples * seqlen, n_embd] F16
+    std::map<linear_input, cuda_hessian_accumulator> acc_;
+    cuda_buffer                                      h_dev_;       // the last hessian(): [n_in, n_in] F32
+    linear_input    h_in_     = linear_input::LINEAR_INPUT_COUNT;  // the input h_dev_ holds (hessian_keep)
+    bool            resident_ = true;                              // not GPTQ_QUANTIZE_PLAIN
+    cuda_buffer     w_kept_;                                       // the last solve_kept's W [n_out, n_in] F32
+    gptq_cuda_codes q_kept_;                                       // and its codes
     std::map<linear_input, std::vector<cuda_hessian_accumulator>> moe_acc_;  // [shared, experts...]
     std::vector<int64_t>                                          counts_;   // tokens per expert
 };
@@ -273,6 +373,7 @@ result<std::unique_ptr<calibration_runner>> cuda_calibration::open(const device_
     c->ctx_       = ctx;
     c->n_samples_ = n_samples;
     c->seqlen_    = seqlen;
+    c->resident_  = !quantize_plain_mode();
     GPTQ_ASSIGN_OR_RETURN(c->gpu_, cuda_context::create(dev.index));
     GPTQ_LOG_WARN(
         "--device {}: GPTQ on the GPU is experimental (calibration passes in F16 with F32 accumulation, "
@@ -287,14 +388,31 @@ result<std::unique_ptr<calibration_runner>> cuda_calibration::open(const device_
     mallopt(M_MMAP_MAX, 0);
     mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
 #endif
+    // F32 -> F16 on the pool's threads (GBs at the 7B shape); the first value out of range is named.
     std::vector<uint16_t> x16(x.size());
-    for (size_t i = 0; i < x.size(); ++i) {
-        if (!(std::fabs(x[i]) <= 65504.0f))
-            return make_error(status_code::STATUS_UNSUPPORTED,
-                              "model.embed_tokens.weight holds {} (calibration row {}), outside the F16 range the "
-                              "GPU calibration uses; use --device cpu",
-                              x[i], i / size_t(hp.n_embd));
-        x16[i] = f32_to_f16(x[i]);
+    const int64_t         n_x = static_cast<int64_t>(x.size());
+    std::atomic<int64_t>  bad{n_x};
+    auto                  convert = [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+            if (!(std::fabs(x[size_t(i)]) <= 65504.0f)) {
+                int64_t cur = bad.load();
+                while (i < cur && !bad.compare_exchange_weak(cur, i)) {
+                }
+                return;
+            }
+            x16[size_t(i)] = f32_to_f16(x[size_t(i)]);
+        }
+    };
+    if (pool && n_x >= (int64_t(1) << 20) && !quantize_plain_mode())
+        pool->parallel_for(n_x, convert);
+    else
+        convert(0, n_x);
+    if (bad.load() < n_x) {
+        const size_t i = size_t(bad.load());
+        return make_error(status_code::STATUS_UNSUPPORTED,
+                          "model.embed_tokens.weight holds {} (calibration row {}), outside the F16 range the "
+                          "GPU calibration uses; use --device cpu",
+                          x[i], i / size_t(hp.n_embd));
     }
     GPTQ_ASSIGN_OR_RETURN(c->x_dev_, cuda_buffer::from_host(x16.data(), x16.size() * 2));
     std::vector<float>().swap(x);

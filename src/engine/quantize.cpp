@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <chrono>
 #include <cmath>
@@ -15,6 +16,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <map>
 #include <new>
 #include <nlohmann/json.hpp>
@@ -216,6 +218,23 @@ result<std::vector<int32_t>> calibration_tokens(const quantize_params& p, const 
     return ids;
 }
 
+// The calibration windows' embeddings into x [ids, n_embd] (llama_model::embed), in chunks on
+// the pool's threads when there is one (after globals_load; the ids checked first, so that an
+// error names its position in the whole).
+status embed_windows(llama_model& model, const std::vector<int32_t>& ids, int64_t n_embd, thread_pool* pool, float* x) {
+    const int64_t n = static_cast<int64_t>(ids.size());
+    if (!pool || n < 4096) return model.embed(ids.data(), n, x);
+    for (int64_t t = 0; t < n; ++t)
+        if (ids[size_t(t)] < 0 || ids[size_t(t)] >= model.hparams().n_vocab)
+            return model.embed(ids.data(), n, x);  // its error
+    std::atomic<bool> failed{false};
+    pool->parallel_for(n, [&](int64_t t0, int64_t t1) {
+        if (!model.embed(ids.data() + t0, t1 - t0, x + t0 * n_embd).is_ok()) failed = true;
+    });
+    if (failed) return model.embed(ids.data(), n, x);  // not expected (ids checked): its error
+    return status::ok();
+}
+
 // Linear groups in the order GPTQ quantizes them (true-sequential), or all at once.
 std::vector<std::vector<linear_role>> quant_groups(bool true_sequential) {
     using R = linear_role;
@@ -233,15 +252,16 @@ std::string module_of(const llama_hparams& hp, int64_t i, linear_role r) {
 }
 
 // The neutral result of quant/ in the checkpoint's unpacked form.
-gptq_linear_data to_checkpoint_form(const quantized_linear& q, const linear_weights& lw) {
+// (q is taken: its codes move, hundreds of MB at the 7B shape.)
+gptq_linear_data to_checkpoint_form(quantized_linear q, const linear_weights& lw) {
     gptq_linear_data d;
     d.n_out    = q.n_out;
     d.n_in     = q.n_in;
     d.n_groups = q.n_groups;
     d.bits     = q.bits;
-    d.codes    = q.codes;
-    d.zeros    = q.zeros;
-    d.g_idx    = q.g_idx;
+    d.codes    = std::move(q.codes);
+    d.zeros    = std::move(q.zeros);
+    d.g_idx    = std::move(q.g_idx);
     d.scales.resize(q.scales.size());
     for (size_t i = 0; i < q.scales.size(); ++i) d.scales[i] = f32_to_f16(q.scales[i]);
     if (!lw.bias.empty()) {
@@ -278,6 +298,25 @@ gptq_options options_for(const run_state& s, const std::string& module) {
     return o;
 }
 
+// dt seconds added to the entry `name` of a report's phase_seconds / detail_seconds (appended when new).
+void add_seconds(std::vector<std::pair<std::string, double>>* list, const std::string& name, double dt) {
+    for (auto& [n, v] : *list)
+        if (n == name) {
+            v += dt;
+            return;
+        }
+    list->emplace_back(name, dt);
+}
+
+// The GPU solve's steps (gptq_stats' seconds; zero on the CPU) into the report's details.
+void add_solve_details(quantize_report& r, const gptq_stats& st) {
+    if (st.seconds_prepare + st.seconds_cholesky + st.seconds_loop + st.seconds_download == 0.0) return;
+    add_seconds(&r.detail_seconds, "solve.prepare", st.seconds_prepare);
+    add_seconds(&r.detail_seconds, "solve.cholesky", st.seconds_cholesky);
+    add_seconds(&r.detail_seconds, "solve.loop", st.seconds_loop);
+    add_seconds(&r.detail_seconds, "solve.download", st.seconds_download);
+}
+
 // Adds the wall time of its scope to the report's phase `name` (GPU work queued in the scope is
 // waited for first, so that the time lands in the phase that queued it).
 class phase_timer {
@@ -285,13 +324,7 @@ public:
     phase_timer(run_state& s, const char* name) : s_(s), name_(name), t0_(clock::now()) {}
     ~phase_timer() {
         if (s_.calib) (void)s_.calib->synchronize();
-        const double dt = seconds_since(t0_);
-        for (auto& [n, v] : s_.report.phase_seconds)
-            if (n == name_) {
-                v += dt;
-                return;
-            }
-        s_.report.phase_seconds.emplace_back(name_, dt);
+        add_seconds(&s_.report.phase_seconds, name_, seconds_since(t0_));
     }
     phase_timer(const phase_timer&)            = delete;
     phase_timer& operator=(const phase_timer&) = delete;
@@ -377,13 +410,14 @@ status write_layer(run_state& s, int64_t i, const std::vector<std::pair<linear_r
     return status::ok();
 }
 
-status write_state(const run_state& s, int64_t layers_done) {
+// report_json: quantize_report_json of the report as it was when layer layers_done - 1 was done.
+status write_state(const run_state& s, int64_t layers_done, const std::string& report_json) {
     const auto     n = std::min<size_t>(s.layer_hashes.size(), static_cast<size_t>(layers_done));
     nlohmann::json j = {{"version", k_state_version},
                         {"identity", s.identity},
                         {"layers_done", layers_done},
                         {"layer_hashes", std::vector<std::string>(s.layer_hashes.begin(), s.layer_hashes.begin() + n)},
-                        {"report", nlohmann::json::parse(quantize_report_json(s.report))}};
+                        {"report", nlohmann::json::parse(report_json)}};
     return file_write_atomic(path_join(s.work, "state.json"), j.dump(1));
 }
 
@@ -479,13 +513,18 @@ status check_tensors_finite(const tensor_source& src, const std::vector<tensor_s
 // One linear quantized: GPTQ against h, or round to nearest when h is null (--method rtn, an
 // uncovered expert with --moe-coverage rtn); the report's errors filled (GPTQ only). Returns the
 // checkpoint form and the dequantized weight, which the caller puts back into the layer.
+// resident (with h, its content unused): the runner's kept H, W and codes (calibration.h) for
+// role r; the dequantized weight is then left empty (linear_update_kept puts it on the device).
 struct linear_quantized {
     gptq_linear_data   data;
     std::vector<float> wq;
 };
+// rtn_pre: the RTN baseline computed ahead (the reader thread), else computed here.
 result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, const linear_weights& lw,
                                          const gptq_options& opt, const std::vector<float>* h,
-                                         quantize_linear_report* rep) {
+                                         quantize_linear_report* rep, bool resident = false,
+                                         std::optional<quantized_linear>* rtn_pre = nullptr,
+                                         linear_role                      r       = linear_role::LINEAR_Q) {
     const std::string& name = rep->name;
     GPTQ_TRY(gptq_check_packable(lw.n_in, lw.n_out, opt.bits, name));
     rep->n_out      = lw.n_out;
@@ -493,13 +532,26 @@ result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, c
     rep->bits       = opt.bits;
     rep->group_size = opt.group_size;
     std::optional<phase_timer> t_rtn(std::in_place, s, "rtn");
-    auto                       rtn = rtn_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, opt);
+    result<quantized_linear>   rtn = rtn_pre && *rtn_pre ? result<quantized_linear>(std::move(**rtn_pre))
+                                                         : rtn_quantize(ctx, lw.w.data(), lw.n_out, lw.n_in, opt);
     if (!rtn) return rtn.error().with_context(name);
     t_rtn.reset();
     linear_quantized out;
-    out.wq.resize(lw.w.size());
     quantized_linear q;
-    if (h) {
+    if (h && resident) {
+        gptq_stats                 st;
+        std::optional<phase_timer> t_solve(std::in_place, s, "solve");
+        auto                       g = s.calib->solve_kept(r, lw.w.data(), lw.n_out, lw.n_in, opt, &st);
+        if (!g) return g.error().with_context(name);
+        t_solve.reset();
+        phase_timer t(s, "error");
+        q                 = std::move(g).value();
+        rep->damp_percent = st.damp_percent_used;
+        add_solve_details(s.report, st);
+        GPTQ_ASSIGN_OR_RETURN(rep->error_rtn, s.calib->weighted_error_kept(&*rtn));
+        GPTQ_ASSIGN_OR_RETURN(rep->error_gptq, s.calib->weighted_error_kept(nullptr));
+    } else if (h) {
+        out.wq.resize(lw.w.size());
         gptq_stats                 st;
         std::optional<phase_timer> t_solve(std::in_place, s, "solve");
         auto                       g = s.calib->solve(lw.w.data(), lw.n_out, lw.n_in, *h, opt, &st);
@@ -508,6 +560,7 @@ result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, c
         phase_timer t(s, "error");
         q                 = std::move(g).value();
         rep->damp_percent = st.damp_percent_used;
+        add_solve_details(s.report, st);
         std::vector<float> wr(lw.w.size());
         quantized_linear_dequantize(ctx, *rtn, wr.data());
         quantized_linear_dequantize(ctx, q, out.wq.data());
@@ -515,11 +568,12 @@ result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, c
         GPTQ_ASSIGN_OR_RETURN(rep->error_gptq,
                               s.calib->weighted_error(lw.w.data(), out.wq.data(), lw.n_out, lw.n_in, *h));
     } else {
+        out.wq.resize(lw.w.size());
         q = std::move(rtn).value();
         quantized_linear_dequantize(q, out.wq.data());
     }
     phase_timer t(s, "write");
-    out.data = to_checkpoint_form(q, lw);
+    out.data = to_checkpoint_form(std::move(q), lw);
     return out;
 }
 
@@ -620,13 +674,61 @@ status quantize_moe(run_state& s, const ops_context& ctx, int64_t i, llama_layer
     return pass({moe_proj::MOE_DOWN});
 }
 
-status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_layer* layer) {
+// A layer as read from the checkpoint, by the layer loop or ahead of it by the reader thread
+// (docs/quantize.md "Overlap"), which also checks its tensors and computes its linears' RTN
+// baselines (checked / rtn); seconds: the read's own time.
+struct layer_read {
+    std::unique_ptr<llama_layer>                 layer;
+    bool                                         checked = false;
+    std::vector<std::optional<quantized_linear>> rtn;  // [k_n_linear_roles] or empty
+    double                                       seconds = 0.0;
+};
+
+// Read layer i on `pool`; ahead: also checked and, for a layer still to quantize (dense linears),
+// its RTN baselines. The errors are those the layer loop gives without it.
+result<layer_read> read_layer(const run_state& s, int64_t i, thread_pool* pool, bool ahead, bool to_quantize) {
+    const auto  t0 = clock::now();
     const auto& hp = s.model->hparams();
-    GPTQ_TRY(check_tensors_finite(s.model->source(), llama_layer_tensors(hp, i)));
+    layer_read  rd;
+    GPTQ_ASSIGN_OR_RETURN(rd.layer, s.model->layer_load(i, pool));
+    if (ahead && to_quantize) {
+        GPTQ_TRY(check_tensors_finite(s.model->source(), llama_layer_tensors(hp, i))
+                     .with_context(fmt::format("layer {}", i)));
+        rd.checked = true;
+        const ops_context rctx{pool, false};
+        rd.rtn.resize(k_n_linear_roles);
+        for (int k = 0; k < k_n_linear_roles; ++k) {
+            const auto r = static_cast<linear_role>(k);
+            if (hp.is_moe(i) && k > static_cast<int>(linear_role::LINEAR_O)) continue;  // quantize_moe's
+            const linear_weights& lw  = rd.layer->linear(r);
+            const gptq_options    opt = options_for(s, module_of(hp, i, r));
+            if (!gptq_check_packable(lw.n_in, lw.n_out, opt.bits, "").is_ok()) continue;  // quantize_linear says
+            auto q = rtn_quantize(rctx, lw.w.data(), lw.n_out, lw.n_in, opt);
+            if (q) rd.rtn[size_t(k)] = std::move(q).value();  // an error: quantize_linear gives it again
+        }
+    }
+    rd.seconds = seconds_since(t0);
+    return rd;
+}
+
+// Layer i's quantized linears: by role (dense) and by module (a MoE block's), for write_layer.
+struct layer_quantized {
+    std::vector<std::pair<linear_role, gptq_linear_data>> by_role;
+    std::vector<std::pair<std::string, gptq_linear_data>> moe;
+};
+
+result<layer_quantized> quantize_layer(run_state& s, const ops_context& ctx, int64_t i, layer_read& rd) {
+    const auto&  hp    = s.model->hparams();
+    llama_layer* layer = rd.layer.get();
+    if (!rd.checked) {
+        phase_timer t(s, "check");
+        GPTQ_TRY(check_tensors_finite(s.model->source(), llama_layer_tensors(hp, i)));
+    }
     std::vector<std::pair<linear_role, gptq_linear_data>> out;
-    const bool                                            gptq = s.p.method == "gptq";
+    const bool                                            gptq     = s.p.method == "gptq";
+    const bool                                            resident = gptq && s.calib->resident();
     if (gptq) {
-        phase_timer t(s, "load");
+        phase_timer t(s, "upload");
         GPTQ_TRY(s.calib->layer_begin(*layer));
     }
     for (auto group : quant_groups(s.p.true_sequential)) {
@@ -648,16 +750,28 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
             std::vector<float> h;
             if (gptq) {
                 phase_timer t(s, "hessian");
-                GPTQ_ASSIGN_OR_RETURN(h, s.calib->hessian(linear_role_input(r)));
+                if (resident) {
+                    GPTQ_TRY(s.calib->hessian_keep(linear_role_input(r)));
+                } else {
+                    GPTQ_ASSIGN_OR_RETURN(h, s.calib->hessian(linear_role_input(r)));
+                }
             }
-            GPTQ_ASSIGN_OR_RETURN(linear_quantized q,
-                                  quantize_linear(s, ctx, layer->linear(r), options_for(s, module_of(hp, i, r)),
-                                                  gptq ? &h : nullptr, &rep));
+            GPTQ_ASSIGN_OR_RETURN(
+                linear_quantized q,
+                quantize_linear(s, ctx, layer->linear(r), options_for(s, module_of(hp, i, r)), gptq ? &h : nullptr,
+                                &rep, resident, rd.rtn.empty() ? nullptr : &rd.rtn[size_t(r)], r));
             out.emplace_back(r, std::move(q.data));
             {
                 phase_timer t(s, "update");
-                if (gptq) GPTQ_TRY(s.calib->linear_update(r, q.wq));  // later groups see the quantized layer
-                GPTQ_TRY(layer->linear_replace(r, std::move(q.wq)));
+                // Later groups see the quantized layer. Resident: on the device only; the host layer
+                // keeps the original weight, which nothing reads after this (the runner's passes use
+                // its own copy, a MoE block its own linears).
+                if (resident) {
+                    GPTQ_TRY(s.calib->linear_update_kept(r));
+                } else {
+                    if (gptq) GPTQ_TRY(s.calib->linear_update(r, q.wq));
+                    GPTQ_TRY(layer->linear_replace(r, std::move(q.wq)));
+                }
             }
             rep.seconds = seconds_since(t0);
             GPTQ_LOG_DEBUG("{}: error gptq {:.6g} rtn {:.6g} ({:.2f} s)", rep.name, rep.error_gptq, rep.error_rtn,
@@ -665,11 +779,11 @@ status quantize_layer(run_state& s, const ops_context& ctx, int64_t i, llama_lay
             s.report.linears.push_back(rep);
         }
     }
-    std::vector<std::pair<std::string, gptq_linear_data>> moe;
-    if (hp.is_moe(i)) GPTQ_TRY(quantize_moe(s, ctx, i, layer, &moe));
+    layer_quantized lq;
+    if (hp.is_moe(i)) GPTQ_TRY(quantize_moe(s, ctx, i, layer, &lq.moe));
     std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-    phase_timer t(s, "write");
-    return write_layer(s, i, out, std::move(moe));
+    lq.by_role = std::move(out);
+    return lq;
 }
 
 // --target-bpw candidates of a module [n_out, n_in]: bits {2, 3, 4, 8} x the group sizes
@@ -973,7 +1087,7 @@ status quantize_lm_head(run_state& s, const ops_context& ctx) {
         q = std::move(rtn).value();
     }
     linear_weights no_bias;
-    s.lm_head   = to_checkpoint_form(q, no_bias);
+    s.lm_head   = to_checkpoint_form(std::move(q), no_bias);
     rep.seconds = seconds_since(t0);
     s.report.linears.push_back(rep);
     GPTQ_LOG_INFO("lm_head: {} x {} quantized in {:.1f} s", n_out, n_in, rep.seconds);
@@ -1123,6 +1237,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     GPTQ_TRY(check_params(params));
     run_state s;
     s.p = params;
+    std::optional<phase_timer> t_open(std::in_place, s, "open");
 
     // Options and the config we will write. Zeros in v1 unless asked: the format most readers take,
     // asymmetric included (docs/quantize.md, "Zero-point format").
@@ -1244,8 +1359,40 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     thread_pool       pool(n_threads);
     const ops_context ctx{&pool, false};
 
+    // Overlap (docs/quantize.md "Issue 18"; off with GPTQ_QUANTIZE_PLAIN=1): a reader thread reads
+    // layer i + 1 (checks it, computes its RTN baselines) on a pool of its own while layer i is
+    // quantized, and a writer thread writes layer i's file and state.json while layer i + 1 is. The
+    // loop waits for each where the sequential code would have done the work ("load", "write"); the
+    // threads' own times are read_thread / write_thread. Layer 0's read starts while the
+    // calibration runner opens.
+    const bool                      overlap = !quantize_plain_mode();
+    std::unique_ptr<thread_pool>    read_pool;
+    std::future<result<layer_read>> next_read;
+    std::future<result<double>>     writer;
+    auto                            read_ahead = [&](int64_t i) {
+        if (i >= hp.n_layer) return;
+        if (!read_pool) read_pool = std::make_unique<thread_pool>(std::max(1, n_threads / 2));
+        next_read = std::async(std::launch::async, [&s, i, p = read_pool.get(), q = i >= layers_done] {
+            return read_layer(s, i, p, true, q);
+        });
+    };
+    auto join_writer = [&]() -> status {
+        if (!writer.valid()) return status::ok();
+        std::optional<result<double>> secs;
+        {
+            phase_timer t(s, "write");
+            secs.emplace(writer.get());
+        }
+        if (!*secs) return secs->error();
+        add_seconds(&s.report.detail_seconds, "write_thread", **secs);
+        return status::ok();
+    };
+
+    t_open.reset();
+
     // Calibration activations.
     if (params.method == "gptq") {
+        std::optional<phase_timer> t_tok(std::in_place, s, "tokenize");
         GPTQ_ASSIGN_OR_RETURN(auto tok, tokenizer::load(params.model_path));
         std::string calib_path;
         GPTQ_ASSIGN_OR_RETURN(std::vector<int32_t> ids, calibration_tokens(params, *tok, &calib_path));
@@ -1262,6 +1409,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             std::copy(ids.begin() + i0, ids.begin() + i0 + params.seqlen, windows.begin() + j * params.seqlen);
         }
         s.report.n_calib_tokens = s.n_samples * params.seqlen;
+        t_tok.reset();
         GPTQ_LOG_INFO("calibration: {} windows of {} tokens from {} ({} tokens)", s.n_samples, params.seqlen,
                       calib_path, ids.size());
 
@@ -1290,30 +1438,40 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                                                          hp.n_head * params.seqlen) *
                                    4;
         // With the GPU calibration the host holds no per-thread activations.
-        const uint64_t act_host  = gpu_calibration_wanted ? 0 : act_bytes * static_cast<uint64_t>(n_threads);
-        const uint64_t plan      = x_bytes + layer_bytes + 3 * h_bytes + moe_h_bytes + act_host;
-        s.report.peak_plan_bytes = plan;
-        const uint64_t avail     = host_memory_available();
+        const uint64_t act_host = gpu_calibration_wanted ? 0 : act_bytes * static_cast<uint64_t>(n_threads);
+        // Overlap (not GPTQ_QUANTIZE_PLAIN): the reader's next layer (F32 weights and their RTN
+        // codes) and the writer's layer (codes).
+        const uint64_t ahead_bytes = quantize_plain_mode() ? 0 : layer_bytes / 3 + 2 * (layer_bytes / 12);
+        const uint64_t plan        = x_bytes + layer_bytes + ahead_bytes + 3 * h_bytes + moe_h_bytes + act_host;
+        s.report.peak_plan_bytes   = plan;
+        const uint64_t avail       = host_memory_available();
         GPTQ_LOG_INFO(
-            "memory plan: calibration inputs {} + one layer {} + Hessians {} + activations {} = {} "
-            "(available {})",
-            human_bytes(x_bytes), human_bytes(layer_bytes), human_bytes(3 * h_bytes + moe_h_bytes),
-            human_bytes(act_bytes), human_bytes(plan), avail ? human_bytes(avail) : "unknown");
+            "memory plan: calibration inputs {} + one layer {} + the reader's and writer's layers {} + Hessians {} + "
+            "activations {} = {} (available {})",
+            human_bytes(x_bytes), human_bytes(layer_bytes), human_bytes(ahead_bytes),
+            human_bytes(3 * h_bytes + moe_h_bytes), human_bytes(act_bytes), human_bytes(plan),
+            avail ? human_bytes(avail) : "unknown");
         GPTQ_TRY(host_memory_check(
             "quantizing", plan,
             "lower --nsamples or --seqlen" +
                 (fs::exists(s.work) ? fmt::format(" (the finished layers in {} are kept for --resume)", s.work)
                                     : std::string())));
-        std::vector<float> x(static_cast<size_t>(s.n_samples * params.seqlen * hp.n_embd));
+        std::optional<phase_timer> t_embed(std::in_place, s, "embed");
+        std::vector<float>         x(static_cast<size_t>(s.n_samples * params.seqlen * hp.n_embd));
         GPTQ_TRY(s.model->globals_load());
-        GPTQ_TRY(s.model->embed(windows.data(), s.n_samples * params.seqlen, x.data()));
+        GPTQ_TRY(embed_windows(*s.model, windows, hp.n_embd, quantize_plain_mode() ? nullptr : &pool, x.data()));
+        t_embed.reset();
         auto make_runner = [&](std::vector<float> xs) -> result<std::unique_ptr<calibration_runner>> {
             if (gpu_calibration_wanted)
                 return calibration_runner_cuda(dev, *s.model, ctx, &pool, s.n_samples, params.seqlen, std::move(xs));
             return calibration_runner_cpu(*s.model, ctx, s.n_samples, params.seqlen, std::move(xs));
         };
         if (params.target_bpw > 0) GPTQ_TRY(bit_plan_make(s, ctx, &pool, [&] { return make_runner(x); }));
-        GPTQ_ASSIGN_OR_RETURN(s.calib, make_runner(std::move(x)));
+        if (overlap) read_ahead(0);  // s.cfg is final (the bit plan made)
+        {
+            phase_timer t(s, "runner");
+            GPTQ_ASSIGN_OR_RETURN(s.calib, make_runner(std::move(x)));
+        }
         if (gpu_calibration_wanted) s.report.peak_plan_bytes = s.calib->device_plan_bytes();
     }
 
@@ -1332,30 +1490,62 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     if (!s.bit_plan.is_null()) GPTQ_TRY(file_write_atomic(path_join(s.work, "plan.json"), s.bit_plan.dump(1) + "\n"));
     progress_bar bar("quantize", hp.n_layer, "layer");
     bar.set(layers_done);
+    if (overlap && !next_read.valid()) read_ahead(0);  // --method rtn: not started yet
     for (int64_t i = 0; i < hp.n_layer; ++i) {
-        if (params.stop_after_layers >= 0 && i >= params.stop_after_layers && i >= layers_done)
+        if (params.stop_after_layers >= 0 && i >= params.stop_after_layers && i >= layers_done) {
+            GPTQ_TRY(join_writer());
             return make_error(status_code::STATUS_CANCELLED,
                               "stopped after {} layers as asked (--stop-after-layers); "
                               "continue with --resume",
                               i);
+        }
         const auto                 t_layer = clock::now();
         std::optional<phase_timer> t_load(std::in_place, s, "load");
-        GPTQ_ASSIGN_OR_RETURN(auto layer, s.model->layer_load(i, &pool));
+        layer_read                 rd;
+        if (overlap) {
+            auto r = next_read.get();
+            if (!r) return r.error();
+            rd = std::move(r).value();
+            read_ahead(i + 1);
+        } else {
+            GPTQ_ASSIGN_OR_RETURN(rd, read_layer(s, i, &pool, false, i >= layers_done));
+        }
         t_load.reset();
+        if (overlap) add_seconds(&s.report.detail_seconds, "read_thread", rd.seconds);
+        llama_layer* layer = rd.layer.get();
         if (i < layers_done) {
             if (params.method == "gptq") {
-                GPTQ_TRY(load_finished_layer(s, i, layer.get()));
+                GPTQ_TRY(load_finished_layer(s, i, layer));
                 GPTQ_TRY(s.calib->layer_begin(*layer));
                 GPTQ_TRY(s.calib->layer_forward(*layer));
             }
             continue;
         }
-        GPTQ_TRY(quantize_layer(s, ctx, i, layer.get()).with_context(fmt::format("layer {}", i)));
+        auto quantized = quantize_layer(s, ctx, i, rd);
+        if (!quantized) return quantized.error().with_context(fmt::format("layer {}", i));
+        layer_quantized lq = std::move(quantized).value();
+        if (!overlap) {
+            phase_timer t(s, "write");
+            GPTQ_TRY(write_layer(s, i, lq.by_role, std::move(lq.moe)).with_context(fmt::format("layer {}", i)));
+        } else {
+            GPTQ_TRY(join_writer());  // layer i - 1's
+            writer = std::async(
+                std::launch::async,
+                [&s, i, lq = std::move(lq), rj = quantize_report_json(s.report)]() mutable -> result<double> {
+                    const auto t0 = clock::now();
+                    GPTQ_TRY(write_layer(s, i, lq.by_role, std::move(lq.moe)).with_context(fmt::format("layer {}", i)));
+                    GPTQ_TRY(write_state(s, i + 1, rj));
+                    return seconds_since(t0);
+                });
+        }
         if (params.method == "gptq") {
             phase_timer t(s, "forward");
             GPTQ_TRY(s.calib->layer_forward(*layer).with_context(fmt::format("layer {}", i)));
         }
-        GPTQ_TRY(write_state(s, i + 1));
+        if (!overlap) {
+            phase_timer t(s, "state");
+            GPTQ_TRY(write_state(s, i + 1, quantize_report_json(s.report)));
+        }
         bar.update(1);
         // One line per layer: the error GPTQ minimises against RTN's.
         double eg = 0, er = 0;
@@ -1373,10 +1563,12 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                 GPTQ_LOG_INFO("layer {}/{} in {:.1f} s", i + 1, hp.n_layer, seconds_since(t_layer));
         }
     }
+    GPTQ_TRY(join_writer());
     bar.finish();
 
     // Finish: lm_head, globals, shards, configs, tokenizer; then the work folder becomes the output.
     if (params.quantize_lm_head) GPTQ_TRY(quantize_lm_head(s, ctx));
+    std::optional<phase_timer> t_assemble(std::in_place, s, "assemble");
     GPTQ_TRY(write_globals(s));
     uint64_t bytes_out = 0;
     GPTQ_TRY(assemble_shards(s, &bytes_out));
@@ -1399,6 +1591,11 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     if (ec)
         return make_error(status_code::STATUS_IO_ERROR, "removing {}: {}",
                           path_join(params.output_path, k_work_folder_marker), ec.message());
+    t_assemble.reset();
+    if (s.calib) {
+        s.report.device_used_peak_bytes = s.calib->device_used_peak();
+        for (const auto& [name, secs] : s.calib->detail_seconds()) add_seconds(&s.report.detail_seconds, name, secs);
+    }
 
     s.report.output_path = params.output_path;
     s.report.method      = params.method;
@@ -1411,6 +1608,16 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     s.report.bytes_in    = s.model->source().total_bytes();
     s.report.bytes_out   = bytes_out;
     s.report.seconds     = seconds_since(t_start);
+    double in_phases     = 0.0;
+    for (const auto& [name, secs] : s.report.phase_seconds) in_phases += secs;
+    GPTQ_LOG_INFO("time by phase (summed over the layers): {}; other {:.1f} s; total {:.1f} s", phase_summary(s.report),
+                  s.report.seconds - in_phases, s.report.seconds);
+    if (!s.report.detail_seconds.empty()) {
+        std::string d;
+        for (const auto& [name, secs] : s.report.detail_seconds)
+            d += fmt::format("{}{} {:.1f} s", d.empty() ? "" : ", ", name, secs);
+        GPTQ_LOG_INFO("details (parts of the phases, and the overlap threads): {}", d);
+    }
     if (!s.bit_plan.is_null()) s.report.bit_plan_json = s.bit_plan.dump();
     if (!params.report_path.empty())
         GPTQ_TRY(file_write_atomic(params.report_path, quantize_report_json(s.report) + "\n"));
@@ -1420,22 +1627,28 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
 
 std::string quantize_report_json(const quantize_report& r) {
     nlohmann::ordered_json j;
-    j["output"]               = r.output_path;
-    j["method"]               = r.method;
-    j["bits"]                 = r.bits;
-    j["group_size"]           = r.group_size;
-    j["desc_act"]             = r.desc_act;
-    j["sym"]                  = r.sym;
-    j["format"]               = r.format;
-    j["n_calib_tokens"]       = r.n_calib_tokens;
-    j["n_layers"]             = r.n_layers;
-    j["seconds"]              = r.seconds;
-    j["bytes_in"]             = r.bytes_in;
-    j["bytes_out"]            = r.bytes_out;
-    j["peak_plan_bytes"]      = r.peak_plan_bytes;
+    j["output"]          = r.output_path;
+    j["method"]          = r.method;
+    j["bits"]            = r.bits;
+    j["group_size"]      = r.group_size;
+    j["desc_act"]        = r.desc_act;
+    j["sym"]             = r.sym;
+    j["format"]          = r.format;
+    j["n_calib_tokens"]  = r.n_calib_tokens;
+    j["n_layers"]        = r.n_layers;
+    j["seconds"]         = r.seconds;
+    j["bytes_in"]        = r.bytes_in;
+    j["bytes_out"]       = r.bytes_out;
+    j["peak_plan_bytes"] = r.peak_plan_bytes;
+    if (r.device_used_peak_bytes) j["device_used_peak_bytes"] = r.device_used_peak_bytes;
     nlohmann::ordered_json ph = nlohmann::ordered_json::object();
     for (const auto& [name, secs] : r.phase_seconds) ph[name] = secs;
-    j["phase_seconds"]        = ph;
+    j["phase_seconds"] = ph;
+    if (!r.detail_seconds.empty()) {
+        nlohmann::ordered_json dt = nlohmann::ordered_json::object();
+        for (const auto& [name, secs] : r.detail_seconds) dt[name] = secs;
+        j["detail_seconds"] = dt;
+    }
     nlohmann::ordered_json ls = nlohmann::ordered_json::array();
     for (const auto& l : r.linears) {
         ls.push_back({{"name", l.name},

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <string>
 
@@ -455,11 +456,14 @@ result<std::unique_ptr<llama_cuda_layer_runner>> llama_cuda_layer_runner::create
     return r;
 }
 
-status llama_cuda_layer_runner::upload_f16(const std::vector<float>& v, const std::string& name, cuda_buffer* out) {
+status llama_cuda_layer_runner::upload_f16(const std::vector<float>& v, const std::string& name, cuda_buffer* out,
+                                           bool* exact) {
     std::vector<uint16_t> h(v.size());
     const int64_t         n = static_cast<int64_t>(v.size());
     std::atomic<int64_t>  bad{n};  // the first element out of range, or n
+    std::atomic<bool>     inexact{false};
     auto                  convert = [&](int64_t i0, int64_t i1) {
+        bool lossy = false;
         for (int64_t i = i0; i < i1; ++i) {
             if (!(std::fabs(v[size_t(i)]) <= k_f16_max)) {
                 int64_t cur = bad.load();
@@ -468,7 +472,10 @@ status llama_cuda_layer_runner::upload_f16(const std::vector<float>& v, const st
                 return;
             }
             h[size_t(i)] = f32_to_f16(v[size_t(i)]);
+            if (exact)
+                lossy |= std::bit_cast<uint32_t>(f16_to_f32(h[size_t(i)])) != std::bit_cast<uint32_t>(v[size_t(i)]);
         }
+        if (lossy) inexact = true;
     };
     if (pool_ && n >= (int64_t(1) << 16)) {
         pool_->parallel_for(n, convert);
@@ -479,6 +486,7 @@ status llama_cuda_layer_runner::upload_f16(const std::vector<float>& v, const st
         return make_error(status_code::STATUS_UNSUPPORTED,
                           "tensor '{}' element {} is {}, outside the F16 range the GPU calibration uses", name,
                           bad.load(), v[size_t(bad.load())]);
+    if (exact) *exact = !inexact.load();
     if (out->bytes() != h.size() * 2) {
         *out = cuda_buffer();
         GPTQ_ASSIGN_OR_RETURN(*out, cuda_buffer::alloc(h.size() * 2));
@@ -525,10 +533,11 @@ status llama_cuda_layer_runner::load(const llama_layer& layer) {
         if (lw.q)
             return make_error(status_code::STATUS_UNSUPPORTED,
                               "{}: the GPU calibration runner takes dense weights (this one is GPTQ-packed)", name);
-        cuda_linear& l = w_.lin[size_t(r)];
-        l.n_out        = lw.n_out;
-        l.n_in         = lw.n_in;
-        GPTQ_TRY(upload_f16(lw.w, name + ".weight", &l.w));
+        cuda_linear& l    = w_.lin[size_t(r)];
+        l.n_out           = lw.n_out;
+        l.n_in            = lw.n_in;
+        exact_[size_t(r)] = false;
+        GPTQ_TRY(upload_f16(lw.w, name + ".weight", &l.w, &exact_[size_t(r)]));
         if (!lw.bias.empty()) {
             GPTQ_TRY(upload_f16(lw.bias, name + ".bias", &l.bias));
         } else {
@@ -554,13 +563,41 @@ status llama_cuda_layer_runner::moe_load(const llama_layer& layer) {
     return status::ok();
 }
 
+const uint16_t* llama_cuda_layer_runner::linear_f16_if_exact(linear_role r) const {
+    const cuda_linear& l = w_.lin[size_t(r)];
+    return exact_[size_t(r)] && l.w.bytes() == size_t(l.n_out * l.n_in) * 2 ? l.w.as<uint16_t>() : nullptr;
+}
+
 status llama_cuda_layer_runner::linear_update(linear_role r, const std::vector<float>& w) {
-    cuda_linear& l = w_.lin[size_t(r)];
+    cuda_linear& l    = w_.lin[size_t(r)];
+    exact_[size_t(r)] = false;
     if (r == linear_role::LINEAR_Q || r == linear_role::LINEAR_K || r == linear_role::LINEAR_V) attn_valid_ = false;
     if (int64_t(w.size()) != l.n_out * l.n_in)
         return make_error(E_ARG, "{}: weight of {} values, expected {} x {}", llama_linear_name(layer_index_, r),
                           w.size(), l.n_out, l.n_in);
     return upload_f16(w, llama_linear_name(layer_index_, r) + ".weight", &l.w);
+}
+
+status llama_cuda_layer_runner::linear_update(linear_role r, const cuda_gptq_codes& q) {
+    cuda_linear& l    = w_.lin[size_t(r)];
+    exact_[size_t(r)] = false;
+    if (r == linear_role::LINEAR_Q || r == linear_role::LINEAR_K || r == linear_role::LINEAR_V) attn_valid_ = false;
+    if (q.n_out != l.n_out || q.n_in != l.n_in)
+        return make_error(E_ARG, "{}: GPTQ codes of {} x {}, expected {} x {}", llama_linear_name(layer_index_, r),
+                          q.n_out, q.n_in, l.n_out, l.n_in);
+    const size_t bytes = size_t(l.n_out * l.n_in) * 2;
+    if (l.w.bytes() != bytes) {
+        GPTQ_TRY(ctx_->synchronize());  // the previous forward may still read the old buffer
+        l.w = cuda_buffer();
+        GPTQ_ASSIGN_OR_RETURN(l.w, cuda_buffer::alloc(bytes));
+    }
+    // Queued after the passes that read the old weight (one stream).
+    GPTQ_ASSIGN_OR_RETURN(const int64_t bad, op_cuda_gptq_dequant_f16(*ctx_, q, l.w.as<uint16_t>()));
+    if (bad >= 0)
+        return make_error(status_code::STATUS_UNSUPPORTED,
+                          "tensor '{}.weight' element {} dequantizes outside the F16 range the GPU calibration uses",
+                          llama_linear_name(layer_index_, r), bad);
+    return status::ok();
 }
 
 status llama_cuda_layer_runner::forward(uint16_t* hidden, int64_t n_windows, const cuda_linear_input_hook* hook,

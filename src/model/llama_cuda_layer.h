@@ -34,6 +34,7 @@
 #include "core/thread_pool.h"
 #include "model/llama.h"
 #include "ops/ops_cuda.h"
+#include "ops/ops_cuda_gptq.h"
 
 namespace gptq {
 
@@ -218,6 +219,13 @@ public:
     status load(const llama_layer& layer);
     // Replace one linear's weight by w [n_out, n_in] (F32 host, e.g. the dequantized GPTQ weight).
     status linear_update(linear_role r, const std::vector<float>& w);
+    // The same from GPTQ codes on the device, dequantized there (the same F16 values as the host
+    // path's F32 dequantization rounded to F16; the same range error).
+    status linear_update(linear_role r, const cuda_gptq_codes& q);
+    // The linear's F16 weight on the device when it widens back to the F32 weight load() was
+    // given, bit for bit (every value F16-representable, e.g. an F16 checkpoint), else nullptr;
+    // nullptr after an update. [n_out, n_in], valid until the next load / update.
+    const uint16_t* linear_f16_if_exact(linear_role r) const;
 
     // hidden: device F16 [n_windows * seqlen, n_embd]. With stop_after == LINEAR_INPUT_COUNT the
     // layer's output replaces hidden; otherwise each window runs until the hook has seen
@@ -240,20 +248,22 @@ public:
 
 private:
     llama_cuda_layer_runner() = default;
-    status upload_f16(const std::vector<float>& v, const std::string& name, cuda_buffer* out);
+    // exact (optional): whether every value is F16-representable (the F16 copy widens back to v).
+    status upload_f16(const std::vector<float>& v, const std::string& name, cuda_buffer* out, bool* exact = nullptr);
 
-    cuda_context*                     ctx_ = nullptr;
-    llama_hparams                     hp_;
-    int64_t                           seqlen_ = 0, chunk_windows_ = 0, layer_index_ = -1;
-    cuda_layer_weights                w_;                                  // dense, never fused
-    cuda_buffer                       h_, x_, q_, k_, v_, y_, gate_, up_;  // one chunk's activations
-    cuda_buffer                       cos_, sin_;                          // [seqlen, head_dim / 2] F32
-    cuda_buffer                       cos_local_, sin_local_;  // the same for hp.rope_local (when it differs)
-    std::shared_ptr<cuda_moe_buffers> moe_buf_;                // a MoE layer's block activations (one chunk)
-    cuda_buffer                       attn_;                   // [attn_windows_ * seqlen, q_dim] F16 attention output
-    int64_t                           attn_windows_ = 0;
-    bool                              attn_valid_   = false;
-    thread_pool*                      pool_         = nullptr;
+    cuda_context*                      ctx_ = nullptr;
+    llama_hparams                      hp_;
+    int64_t                            seqlen_ = 0, chunk_windows_ = 0, layer_index_ = -1;
+    cuda_layer_weights                 w_;                                  // dense, never fused
+    cuda_buffer                        h_, x_, q_, k_, v_, y_, gate_, up_;  // one chunk's activations
+    cuda_buffer                        cos_, sin_;                          // [seqlen, head_dim / 2] F32
+    cuda_buffer                        cos_local_, sin_local_;  // the same for hp.rope_local (when it differs)
+    std::shared_ptr<cuda_moe_buffers>  moe_buf_;                // a MoE layer's block activations (one chunk)
+    cuda_buffer                        attn_;                   // [attn_windows_ * seqlen, q_dim] F16 attention output
+    int64_t                            attn_windows_ = 0;
+    bool                               attn_valid_   = false;
+    thread_pool*                       pool_         = nullptr;
+    std::array<bool, k_n_linear_roles> exact_{};  // linear_f16_if_exact
 };
 
 }  // namespace gptq

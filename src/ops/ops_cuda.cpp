@@ -391,6 +391,21 @@ result<cuda_event> cuda_event::create() {
     return e;
 }
 
+result<cuda_event> cuda_event::create_timing() {
+    cuda_event  e;
+    cudaEvent_t ev = nullptr;
+    GPTQ_CUDA_CHECK(cudaEventCreate(&ev));
+    e.e_ = ev;
+    return e;
+}
+
+result<double> cuda_event::elapsed_seconds(const cuda_event& start, const cuda_event& end) {
+    GPTQ_CUDA_CHECK(cudaEventSynchronize(static_cast<cudaEvent_t>(end.e_)));
+    float ms = 0.0f;
+    GPTQ_CUDA_CHECK(cudaEventElapsedTime(&ms, static_cast<cudaEvent_t>(start.e_), static_cast<cudaEvent_t>(end.e_)));
+    return double(ms) * 1e-3;
+}
+
 status cuda_event::record(cudaStream_t s) const {
     GPTQ_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(e_), s));
     return status::ok();

@@ -174,8 +174,12 @@ public:
     cuda_event& operator=(const cuda_event&) = delete;
 
     static result<cuda_event> create();
+    // With timing (elapsed_seconds; not for graph capture's ordering, which create() is for).
+    static result<cuda_event> create_timing();
     status                    record(cudaStream_t s) const;
     status                    wait_on(cudaStream_t s) const;  // work queued on s after this waits for the record
+    // Seconds between two recorded timing events (waits for `end`).
+    static result<double> elapsed_seconds(const cuda_event& start, const cuda_event& end);
 
 private:
     void* e_ = nullptr;  // cudaEvent_t

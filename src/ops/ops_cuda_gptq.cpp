@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "kernels/cuda/convert.cuh"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gptq_quant.cuh"
 
@@ -50,7 +51,9 @@ struct cuda_gptq_solver_state {
     cusolverDnHandle_t handle = nullptr;
     cuda_buffer        work;  // potrf/potri workspace, grown on demand
     cuda_buffer        info;  // one I32 devInfo
-    int64_t            work_n = -1;
+    int64_t            work_n    = -1;
+    size_t             work_need = 0;  // what n = work_n needs: the lwork passed (a kept solver's
+                                       // larger buffer must not change cuSOLVER's choices)
 };
 
 result<std::unique_ptr<cuda_gptq_solver>> cuda_gptq_solver::create(cuda_context& ctx) {
@@ -82,11 +85,12 @@ result<bool> cuda_gptq_solver::damped_cholesky_inverse_upper(cuda_context& ctx, 
             if (!b) return b.error();
             s_->work = std::move(*b);
         }
-        s_->work_n = n;
+        s_->work_n    = n;
+        s_->work_need = *bytes;
     }
     GPTQ_TRY(cuda::gptq_damp_copy(h, u, n, damp, ctx.stream()));
     bool pd = false;
-    GPTQ_TRY(cuda::gptq_cholesky_inverse_upper(s_->handle, u, n, s_->work.data(), s_->work.bytes(), s_->info.as<int>(),
+    GPTQ_TRY(cuda::gptq_cholesky_inverse_upper(s_->handle, u, n, s_->work.data(), s_->work_need, s_->info.as<int>(),
                                                &pd, ctx.stream()));
     return pd;
 }
@@ -124,6 +128,49 @@ status op_cuda_gptq_column_loop(cuda_context& ctx, const cuda_gptq_loop_args& a)
         GPTQ_TRY(cuda::gptq_quantize_block(k, ctx.stream()));
         GPTQ_TRY(cuda::gptq_lazy_update(ctx.blas(), a.w, a.u, k.err, a.n_out, a.n_in, i1, k.nb, ctx.stream()));
     }
+    return status::ok();
+}
+
+// ---- device-resident linears ------------------------------------------------------------------
+
+namespace {
+cuda::gptq_codes_view view_of(const cuda_gptq_codes& q) {
+    cuda::gptq_codes_view v;
+    v.code  = q.code;
+    v.scale = q.scale;
+    v.zero  = q.zero;
+    v.g_idx = q.g_idx;
+    v.n_out = q.n_out;
+    v.n_in  = q.n_in;
+    return v;
+}
+}  // namespace
+
+status op_cuda_gptq_dequant_diff(cuda_context& ctx, const float* w, const cuda_gptq_codes& q, float* d) {
+    return cuda::gptq_dequant_diff(w, view_of(q), d, ctx.stream());
+}
+
+result<int64_t> op_cuda_gptq_dequant_f16(cuda_context& ctx, const cuda_gptq_codes& q, uint16_t* out) {
+    GPTQ_ASSIGN_OR_RETURN(void* flag, ctx.scratch(sizeof(int64_t)));
+    GPTQ_TRY(cuda::gptq_dequant_f16(view_of(q), out, static_cast<int64_t*>(flag), ctx.stream()));
+    int64_t first = 0;
+    GPTQ_TRY(cuda_copy_to_host(ctx, &first, flag, sizeof(int64_t)));
+    return first < q.n_out * q.n_in ? first : int64_t(-1);
+}
+
+status op_cuda_f16_to_f32(cuda_context& ctx, const uint16_t* src, float* dst, int64_t n) {
+    return cuda::f16_to_f32(src, dst, n, ctx.stream());
+}
+
+status op_cuda_diag_check(cuda_context& ctx, const float* h, int64_t n, float* diag, int64_t* first_nonfinite) {
+    GPTQ_ASSIGN_OR_RETURN(void* buf, ctx.scratch(sizeof(int64_t) + size_t(std::max<int64_t>(n, 1)) * sizeof(float)));
+    auto* flag   = static_cast<int64_t*>(buf);
+    auto* diag_d = reinterpret_cast<float*>(static_cast<char*>(buf) + sizeof(int64_t));
+    GPTQ_TRY(cuda::gptq_diag_check(h, n, diag_d, flag, ctx.stream()));
+    int64_t first = 0;
+    GPTQ_TRY(cuda_copy_to_host(ctx, &first, flag, sizeof(int64_t)));
+    if (n > 0) GPTQ_TRY(cuda_copy_to_host(ctx, diag, diag_d, size_t(n) * sizeof(float)));
+    *first_nonfinite = first < n * n ? first : int64_t(-1);
     return status::ok();
 }
 

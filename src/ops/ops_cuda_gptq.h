@@ -68,4 +68,23 @@ status op_cuda_gptq_column_loop(cuda_context& ctx, const cuda_gptq_loop_args& a)
 // The largest block the column loop kernel holds (columns per block, in registers).
 int64_t cuda_gptq_block_max();
 
+// ---- device-resident linears: a quantized_linear's codes and params on the device ----------------
+struct cuda_gptq_codes {
+    const uint8_t* code  = nullptr;  // [n_out, n_in] U8, original column order
+    const float*   scale = nullptr;  // [n_groups, n_out]
+    const int32_t* zero  = nullptr;  // [n_groups, n_out]
+    const int32_t* g_idx = nullptr;  // [n_in]
+    int64_t        n_out = 0, n_in = 0;
+};
+// d = w - dequantize(q) (F32, the host's rounding: product then difference, no FMA).
+status op_cuda_gptq_dequant_diff(cuda_context& ctx, const float* w, const cuda_gptq_codes& q, float* d);
+// out = F16(dequantize(q)); the smallest flat index whose value is outside the F16 range, or -1.
+// Waits for the stream.
+result<int64_t> op_cuda_gptq_dequant_f16(cuda_context& ctx, const cuda_gptq_codes& q, uint16_t* out);
+// dst = F32(src) for n F16 values (exact widening), device arrays.
+status op_cuda_f16_to_f32(cuda_context& ctx, const uint16_t* src, float* dst, int64_t n);
+// diag [n] (host) = diag(h) of a device h [n, n]; *first_nonfinite = the smallest flat index of a
+// NaN / Inf in h, or -1. Waits for the stream.
+status op_cuda_diag_check(cuda_context& ctx, const float* h, int64_t n, float* diag, int64_t* first_nonfinite);
+
 }  // namespace gptq

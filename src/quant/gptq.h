@@ -56,6 +56,9 @@ struct gptq_stats {
     double  damp_percent_used = 0.0;  // after automatic increases
     int64_t n_dead_columns    = 0;    // diag(H) == 0
     double  loss              = 0.0;  // GPTQ's own running loss sum (w - q)^2 / d^2 / 2
+    // Wall seconds of the GPU solve's steps (gptq_quantize_cuda; 0 on the CPU): checks, W and H
+    // on the device and permuted; the damped Cholesky; the column loop; the results to the host.
+    double seconds_prepare = 0.0, seconds_cholesky = 0.0, seconds_loop = 0.0, seconds_download = 0.0;
 };
 
 // Accumulates H = (2 / n_tokens) sum x x^T over batches of layer inputs, in F32.

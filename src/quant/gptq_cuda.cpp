@@ -5,6 +5,7 @@
 #include "quant/gptq_cuda.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <numeric>
 
@@ -38,19 +39,49 @@ result<cuda_buffer> to_device(cuda_context& cctx, const T* src, size_t n) {
     return b;
 }
 
-}  // namespace
+constexpr const char* k_h_what =
+    "the Hessian of the calibration inputs (the activations reaching this layer overflowed or hold NaN)";
 
-result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_context& ctx, const float* w_in,
-                                            int64_t n_out, int64_t n_in, const float* h_in, const gptq_options& opt,
-                                            gptq_stats* stats) {
+// The Hessian's diagonal from a device h, after the finiteness check of the host path (a NaN / Inf
+// found there: h comes to the host for gptq_check_finite's own message).
+result<std::vector<float>> device_diag(cuda_context& cctx, const ops_context& ctx, const float* h_dev, int64_t n_in) {
+    std::vector<float> diag(static_cast<size_t>(n_in));
+    int64_t            first = -1;
+    GPTQ_TRY(op_cuda_diag_check(cctx, h_dev, n_in, diag.data(), &first));
+    if (first >= 0) {
+        std::vector<float> h(static_cast<size_t>(n_in * n_in));
+        GPTQ_TRY(cuda_copy_to_host(cctx, h.data(), h_dev, h.size() * sizeof(float)));
+        GPTQ_TRY(gptq_check_finite(ctx, h.data(), n_in, n_in, k_h_what));
+        return make_error(status_code::STATUS_INTERNAL, "gptq (cuda): a non-finite Hessian value at {} not found again",
+                          first);
+    }
+    return diag;
+}
+
+// gptq_quantize_cuda with H on the host (h_in) or on the device (h_dev_in, unchanged); with the
+// latter, W's device copy and the codes are handed out (w_keep, code_keep) instead of freed.
+// w16_dev: W as F16 on the device, widened there instead of uploading w_in (exact: the caller's word).
+// solver_in: the cuSOLVER handle and workspace to use (nullptr: one made for this call).
+result<quantized_linear> quantize_impl(cuda_context& cctx, const ops_context& ctx, const float* w_in, int64_t n_out,
+                                       int64_t n_in, const float* h_in, const float* h_dev_in, const gptq_options& opt,
+                                       gptq_stats* stats, cuda_buffer* w_keep, cuda_buffer* code_keep,
+                                       const uint16_t* w16_dev, cuda_gptq_solver* solver_in) {
+    using clock      = std::chrono::steady_clock;
+    const auto t0    = clock::now();
+    auto       since = [](clock::time_point t) { return std::chrono::duration<double>(clock::now() - t).count(); };
     GPTQ_TRY(gptq_check_options(opt, n_in));
     if (opt.mse_hessian)
         return make_error(status_code::STATUS_UNSUPPORTED,
                           "--mse-hessian is not implemented in the GPU solve yet; use --device cpu or --mse");
     GPTQ_TRY(gptq_check_finite(ctx, w_in, n_out, n_in, "the weight"));
-    GPTQ_TRY(gptq_check_finite(ctx, h_in, n_in, n_in,
-                               "the Hessian of the calibration inputs (the activations reaching this layer overflowed "
-                               "or hold NaN)"));
+    std::vector<float> diag_raw;  // diag(H) as given
+    if (h_dev_in) {
+        GPTQ_ASSIGN_OR_RETURN(diag_raw, device_diag(cctx, ctx, h_dev_in, n_in));
+    } else {
+        GPTQ_TRY(gptq_check_finite(ctx, h_in, n_in, n_in, k_h_what));
+        diag_raw.resize(static_cast<size_t>(n_in));
+        for (int64_t k = 0; k < n_in; ++k) diag_raw[size_t(k)] = h_in[k * n_in + k];
+    }
     const int64_t      gs      = opt.group_size == -1 ? n_in : opt.group_size;
     const bool         grouped = opt.group_size != -1;
     const auto         K       = static_cast<size_t>(n_in);
@@ -71,7 +102,7 @@ result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_contex
     std::vector<float> diag(K);
     int64_t            n_dead = 0;
     for (size_t k = 0; k < K; ++k) {
-        diag[k] = h_in[k * K + k];
+        diag[k] = diag_raw[k];
         if (diag[k] == 0.0f) {
             diag[k] = 1.0f;
             ++n_dead;
@@ -94,7 +125,7 @@ result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_contex
             std::vector<float> row(K);
             for (int64_t r = r0; r < r1; ++r) {
                 for (size_t k = 0; k < K; ++k)
-                    row[k] = h_in[k * K + k] == 0.0f ? 0.0f : w_in[static_cast<size_t>(r) * K + k];
+                    row[k] = diag_raw[k] == 0.0f ? 0.0f : w_in[static_cast<size_t>(r) * K + k];
                 for (int64_t g = 0; g < n_groups; ++g) {
                     const int64_t k0 = g * gs, k1 = std::min(n_in, k0 + gs);
                     static_params[static_cast<size_t>(g * n_out + r)] =
@@ -115,10 +146,11 @@ result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_contex
 
     // Device: W and H permuted (dead columns applied), then H's buffer is reused for U.
     const size_t nw = static_cast<size_t>(n_out) * K, nh = K * K;
-    auto         w_raw = to_device(cctx, w_in, nw);
-    auto         h_raw = to_device(cctx, h_in, nh);
-    auto         w_dev = cuda_buffer::alloc(nw * sizeof(float));
-    auto         h_dev = cuda_buffer::alloc(nh * sizeof(float));
+    auto         w_raw = w16_dev ? cuda_buffer::alloc(nw * sizeof(float)) : to_device(cctx, w_in, nw);
+    if (w16_dev && w_raw) GPTQ_TRY(op_cuda_f16_to_f32(cctx, w16_dev, w_raw->as<float>(), int64_t(nw)));
+    auto h_raw = h_dev_in ? cuda_buffer::alloc(nh * sizeof(float)) : to_device(cctx, h_in, nh);  // U later
+    auto w_dev = cuda_buffer::alloc(nw * sizeof(float));
+    auto h_dev = cuda_buffer::alloc(nh * sizeof(float));
     for (const auto* b : {&w_raw, &h_raw, &w_dev, &h_dev})
         if (!*b) return b->error();
     cuda_buffer perm_dev;
@@ -127,19 +159,27 @@ result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_contex
         if (!p) return p.error();
         perm_dev = std::move(*p);
     }
-    GPTQ_TRY(op_cuda_gptq_permute(cctx, w_raw->as<float>(), h_raw->as<float>(), perm_dev.as<int32_t>(),
-                                  w_dev->as<float>(), h_dev->as<float>(), n_out, n_in));
+    GPTQ_TRY(op_cuda_gptq_permute(cctx, w_raw->as<float>(), h_dev_in ? h_dev_in : h_raw->as<float>(),
+                                  perm_dev.as<int32_t>(), w_dev->as<float>(), h_dev->as<float>(), n_out, n_in));
     GPTQ_TRY(cctx.synchronize());
-    *w_raw        = cuda_buffer();  // free early: one W-sized buffer fewer during the loop
-    cuda_buffer u = std::move(*h_raw);
+    if (w_keep)
+        *w_keep = std::move(*w_raw);
+    else
+        *w_raw = cuda_buffer();  // free early: one W-sized buffer fewer during the loop
+    cuda_buffer  u         = std::move(*h_raw);
+    const double t_prepare = since(t0);
+    const auto   t1        = clock::now();
 
     // Damping, raised while the Cholesky factorisation fails (the CPU's sequence of values).
-    auto solver = cuda_gptq_solver::create(cctx);
-    if (!solver) return solver.error();
-    double damp_percent = opt.damp_percent;
+    std::unique_ptr<cuda_gptq_solver> own;
+    if (!solver_in) {
+        GPTQ_ASSIGN_OR_RETURN(own, cuda_gptq_solver::create(cctx));
+    }
+    cuda_gptq_solver* solver       = solver_in ? solver_in : own.get();
+    double            damp_percent = opt.damp_percent;
     for (;;) {
         const float damp = static_cast<float>(damp_percent * mean_diag);
-        auto        pd = (*solver)->damped_cholesky_inverse_upper(cctx, h_dev->as<float>(), u.as<float>(), n_in, damp);
+        auto        pd   = solver->damped_cholesky_inverse_upper(cctx, h_dev->as<float>(), u.as<float>(), n_in, damp);
         if (!pd) return pd.error();
         if (*pd) break;
         const double next = damp_percent + opt.damp_auto_increment;
@@ -174,23 +214,28 @@ result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_contex
         if (!*b) return b->error();
 
     cuda_gptq_loop_args a;
-    a.w              = w_dev->as<float>();
-    a.u              = u.as<float>();
-    a.code           = code_dev->as<uint8_t>();
-    a.scale          = scale_dev->as<float>();
-    a.zero           = zero_dev->as<int32_t>();
-    a.perm           = perm_dev.as<int32_t>();
-    a.row_loss       = loss_dev->as<double>();
-    a.n_out          = n_out;
-    a.n_in           = n_in;
-    a.block_size     = opt.block_size;
-    a.group_size     = gs;
-    a.dynamic_groups = dynamic;
-    a.bits           = opt.bits;
-    a.zero_min       = opt.zero_min;
-    a.sym            = opt.sym;
-    a.mse            = opt.mse;
+    a.w                     = w_dev->as<float>();
+    a.u                     = u.as<float>();
+    a.code                  = code_dev->as<uint8_t>();
+    a.scale                 = scale_dev->as<float>();
+    a.zero                  = zero_dev->as<int32_t>();
+    a.perm                  = perm_dev.as<int32_t>();
+    a.row_loss              = loss_dev->as<double>();
+    a.n_out                 = n_out;
+    a.n_in                  = n_in;
+    a.block_size            = opt.block_size;
+    a.group_size            = gs;
+    a.dynamic_groups        = dynamic;
+    a.bits                  = opt.bits;
+    a.zero_min              = opt.zero_min;
+    a.sym                   = opt.sym;
+    a.mse                   = opt.mse;
+    const double t_cholesky = since(t1);
+    const auto   t2         = clock::now();
     GPTQ_TRY(op_cuda_gptq_column_loop(cctx, a));
+    GPTQ_TRY(cctx.synchronize());  // (the download below waits anyway: the loop's own time)
+    const double t_loop = since(t2);
+    const auto   t3     = clock::now();
 
     quantized_linear q;
     q.n_out      = n_out;
@@ -244,8 +289,78 @@ result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_contex
         stats->damp_percent_used = damp_percent;
         stats->n_dead_columns    = n_dead;
         stats->loss              = loss;
+        stats->seconds_prepare   = t_prepare;
+        stats->seconds_cholesky  = t_cholesky;
+        stats->seconds_loop      = t_loop;
+        stats->seconds_download  = since(t3);
     }
+    if (code_keep) *code_keep = std::move(*code_dev);
     return q;
+}
+
+}  // namespace
+
+result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_context& ctx, const float* w_in,
+                                            int64_t n_out, int64_t n_in, const float* h_in, const gptq_options& opt,
+                                            gptq_stats* stats) {
+    return quantize_impl(cctx, ctx, w_in, n_out, n_in, h_in, nullptr, opt, stats, nullptr, nullptr, nullptr, nullptr);
+}
+
+cuda_gptq_codes gptq_cuda_codes::view() const {
+    cuda_gptq_codes v;
+    v.code  = code.as<uint8_t>();
+    v.scale = scale.as<float>();
+    v.zero  = zero.as<int32_t>();
+    v.g_idx = g_idx.as<int32_t>();
+    v.n_out = n_out;
+    v.n_in  = n_in;
+    return v;
+}
+
+result<gptq_cuda_codes> gptq_cuda_codes_upload(cuda_context& cctx, const quantized_linear& q, cuda_buffer code) {
+    const size_t nw = static_cast<size_t>(q.n_out * q.n_in);
+    if (q.codes.size() != nw || q.g_idx.size() != static_cast<size_t>(q.n_in) ||
+        q.scales.size() != static_cast<size_t>(q.n_groups * q.n_out) || q.zeros.size() != q.scales.size())
+        return make_error(E_ARG, "gptq (cuda): a quantized linear {} x {} with {} codes, {} scales, {} g_idx", q.n_out,
+                          q.n_in, q.codes.size(), q.scales.size(), q.g_idx.size());
+    gptq_cuda_codes c;
+    c.n_out = q.n_out;
+    c.n_in  = q.n_in;
+    if (code.bytes() == nw) {
+        c.code = std::move(code);
+    } else {
+        GPTQ_ASSIGN_OR_RETURN(c.code, to_device(cctx, q.codes.data(), nw));
+    }
+    GPTQ_ASSIGN_OR_RETURN(c.scale, to_device(cctx, q.scales.data(), q.scales.size()));
+    GPTQ_ASSIGN_OR_RETURN(c.zero, to_device(cctx, q.zeros.data(), q.zeros.size()));
+    GPTQ_ASSIGN_OR_RETURN(c.g_idx, to_device(cctx, q.g_idx.data(), q.g_idx.size()));
+    GPTQ_TRY(cctx.synchronize());  // the host arrays may go
+    return c;
+}
+
+result<quantized_linear> gptq_quantize_cuda_resident(cuda_context& cctx, const ops_context& ctx, const float* w,
+                                                     int64_t n_out, int64_t n_in, const float* h_dev,
+                                                     const gptq_options& opt, gptq_stats* stats, cuda_buffer* w_dev,
+                                                     gptq_cuda_codes* codes, const uint16_t* w16_dev,
+                                                     cuda_gptq_solver* solver) {
+    *w_dev = cuda_buffer();
+    cuda_buffer code;
+    GPTQ_ASSIGN_OR_RETURN(quantized_linear q, quantize_impl(cctx, ctx, w, n_out, n_in, nullptr, h_dev, opt, stats,
+                                                            w_dev, &code, w16_dev, solver));
+    const size_t nw = static_cast<size_t>(n_out * n_in);
+    if (w_dev->bytes() != nw * sizeof(float)) {  // every column dead: round to nearest, nothing uploaded
+        GPTQ_ASSIGN_OR_RETURN(*w_dev, to_device(cctx, w, nw));
+        GPTQ_TRY(cctx.synchronize());
+    }
+    GPTQ_ASSIGN_OR_RETURN(*codes, gptq_cuda_codes_upload(cctx, q, std::move(code)));
+    return q;
+}
+
+result<double> hessian_weighted_error_cuda(cuda_context& cctx, const float* w_dev, const gptq_cuda_codes& q,
+                                           const float* h_dev) {
+    GPTQ_ASSIGN_OR_RETURN(cuda_buffer d, cuda_buffer::alloc(size_t(std::max<int64_t>(q.n_out * q.n_in, 1)) * 4));
+    GPTQ_TRY(op_cuda_gptq_dequant_diff(cctx, w_dev, q.view(), d.as<float>()));
+    return op_cuda_hessian_weighted_error(cctx, d.as<float>(), h_dev, q.n_out, q.n_in);  // waits: d may go
 }
 
 result<double> hessian_weighted_error_cuda(cuda_context& cctx, const ops_context& ctx, const float* w, const float* wq,

@@ -15,6 +15,7 @@
 #include "core/status.h"
 #include "ops/ops.h"
 #include "ops/ops_cuda.h"
+#include "ops/ops_cuda_gptq.h"
 #include "quant/gptq.h"
 
 namespace gptq {
@@ -25,6 +26,37 @@ namespace gptq {
 result<quantized_linear> gptq_quantize_cuda(cuda_context& cctx, const ops_context& ctx, const float* w, int64_t n_out,
                                             int64_t n_in, const float* h, const gptq_options& opt,
                                             gptq_stats* stats = nullptr);
+
+// A quantized_linear's codes and params on the device (the device-resident path: W, H and Q stay
+// there between the solve, the errors and the calibration runner's update; docs/cuda.md).
+struct gptq_cuda_codes {
+    int64_t         n_out = 0, n_in = 0;
+    cuda_buffer     code;   // [n_out, n_in] U8, original column order
+    cuda_buffer     scale;  // [n_groups, n_out] F32
+    cuda_buffer     zero;   // [n_groups, n_out] I32
+    cuda_buffer     g_idx;  // [n_in] I32
+    cuda_gptq_codes view() const;
+};
+// q's params (and its codes unless `code` already holds them on the device) uploaded.
+result<gptq_cuda_codes> gptq_cuda_codes_upload(cuda_context& cctx, const quantized_linear& q,
+                                               cuda_buffer code = cuda_buffer());
+
+// gptq_quantize_cuda with H already on the device (h_dev [n_in, n_in], unchanged; its diagonal
+// and finiteness are read there, the same checks and messages) and the device copies kept: *w_dev
+// gets W [n_out, n_in] F32 as given, *codes the result's codes and params. Same result as
+// gptq_quantize_cuda(w, host copy of h_dev). w16_dev (or nullptr): W as F16 on the device, which
+// the caller knows to widen to w exactly (every value F16-representable); W is then widened there
+// instead of uploaded. solver (or nullptr): a cuSOLVER handle + workspace kept by the caller
+// across linears (else one is made per call, as gptq_quantize_cuda does).
+result<quantized_linear> gptq_quantize_cuda_resident(cuda_context& cctx, const ops_context& ctx, const float* w,
+                                                     int64_t n_out, int64_t n_in, const float* h_dev,
+                                                     const gptq_options& opt, gptq_stats* stats, cuda_buffer* w_dev,
+                                                     gptq_cuda_codes* codes, const uint16_t* w16_dev = nullptr,
+                                                     cuda_gptq_solver* solver = nullptr);
+// hessian_weighted_error_cuda of a device W [n_out, n_in] F32 against device codes (the same
+// value: D = W - dequantize(Q) with the host's rounding, then the same product and sum).
+result<double> hessian_weighted_error_cuda(cuda_context& cctx, const float* w_dev, const gptq_cuda_codes& q,
+                                           const float* h_dev);
 
 // hessian_weighted_error (quant/gptq.h) on the GPU: trace((W - Q) H (W - Q)^T) for host w, wq
 // [n_out, n_in] and a device h [n_in, n_in] (F32 product, double sum); W - Q on ctx's threads.

@@ -23,6 +23,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <limits>
 #include <memory>
 #include <random>
 #include <string>
@@ -470,6 +472,313 @@ TEST(gptq_cuda, hessian_weighted_error_matches_the_cpu) {
     auto z = hessian_weighted_error_cuda(*cc, ops_context{}, L.w.data(), L.w.data(), 3, 40, hd->as<float>());
     ASSERT_TRUE(z.is_ok());
     EXPECT_EQ(*z, 0.0);
+}
+
+// ---- Device-resident linears (issue 18): H, W and the codes kept on the device ------------------
+namespace {
+
+template <typename T>
+std::vector<T> download(cuda_context& cc, const cuda_buffer& b, size_t n) {
+    std::vector<T> v(n);
+    const status   st = cuda_copy_to_host(cc, v.data(), b.data(), n * sizeof(T));
+    EXPECT_TRUE(st.is_ok()) << st.message();
+    return v;
+}
+
+// Bit patterns equal (-0 vs 0 and NaN payloads count).
+template <typename T>
+bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
+    return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
+}
+
+// The options the resident solve is checked over (a cross-section of option_sweep).
+std::vector<gptq_options> resident_options() {
+    std::vector<gptq_options> out;
+    auto                      add = [&](int bits, int gs, bool act, bool sym, bool stat, bool mse, bool gar) {
+        gptq_options o;
+        o.bits          = bits;
+        o.group_size    = gs;
+        o.desc_act      = act;
+        o.sym           = sym;
+        o.static_groups = stat;
+        o.mse           = mse;
+        o.gar           = gar;
+        out.push_back(o);
+    };
+    add(4, 128, false, true, false, false, false);
+    add(4, 32, true, true, false, false, false);
+    add(4, 32, false, false, false, false, true);  // GAR, asymmetric
+    add(3, -1, false, false, false, false, false);
+    add(8, 32, true, true, true, false, false);   // static groups with act-order
+    add(3, 32, false, true, false, true, false);  // MSE
+    add(2, 64, true, false, false, false, false);
+    return out;
+}
+
+}  // namespace
+
+// gptq_quantize_cuda_resident (H on the device, W and codes kept) against gptq_quantize_cuda (H
+// from the host): the same device arithmetic on the same values, so everything is identical; the
+// kept W is W, the kept codes and params are the result's, H is left as it was. Random layers of
+// awkward shapes (partial groups, n_in not a multiple of 32), some with dead columns.
+TEST(gptq_cuda, resident_solve_equals_the_host_h_solve) {
+    SKIP_WITHOUT_GPU();
+    thread_pool        pool(2);
+    const ops_context  ctx{&pool, false};
+    std::random_device rd;
+    const uint32_t     seed = rd();
+    std::mt19937       rng(seed);
+    // One cuSOLVER handle kept across the calls (the runner's way), whose workspace grows and is
+    // then larger than a smaller n needs; the host-H calls make their own per call.
+    auto solver = cuda_gptq_solver::create(*cc);
+    ASSERT_TRUE(solver.is_ok()) << solver.error().message();
+    for (auto [n_out, n_in] : {std::pair<int64_t, int64_t>{64, 256}, {33, 300}, {7, 96}, {129, 130}}) {
+        layer L = make_layer(n_out, n_in, rng());
+        if (n_in == 300 || n_in == 130)  // dead columns: an input that is always zero
+            for (int64_t k : {int64_t(3), n_in - 1})
+                for (int64_t j = 0; j < n_in; ++j) {
+                    L.h[size_t(k * n_in + j)] = 0.0f;
+                    L.h[size_t(j * n_in + k)] = 0.0f;
+                }
+        for (const auto& o : resident_options()) {
+            const std::string what = std::to_string(n_out) + " x " + std::to_string(n_in) + " " + describe(o) +
+                                     (o.gar ? " gar" : "") + " seed " + std::to_string(seed);
+            gptq_stats st_h, st_d;
+            auto       qh = gptq_quantize_cuda(*cc, ctx, L.w.data(), n_out, n_in, L.h.data(), o, &st_h);
+            ASSERT_TRUE(qh.is_ok()) << what << ": " << qh.error().message();
+            auto hd = upload(*cc, L.h.data(), L.h.size() * 4);
+            ASSERT_TRUE(hd.is_ok());
+            cuda_buffer     wd;
+            gptq_cuda_codes codes;
+            auto qd = gptq_quantize_cuda_resident(*cc, ctx, L.w.data(), n_out, n_in, hd->as<float>(), o, &st_d, &wd,
+                                                  &codes, nullptr, solver->get());
+            ASSERT_TRUE(qd.is_ok()) << what << ": " << qd.error().message();
+            expect_identical(*qd, *qh, what);
+            EXPECT_EQ(st_d.damp_percent_used, st_h.damp_percent_used) << what;
+            EXPECT_EQ(st_d.n_dead_columns, st_h.n_dead_columns) << what;
+            EXPECT_EQ(st_d.loss, st_h.loss) << what;
+            EXPECT_TRUE(same_bits(download<float>(*cc, wd, L.w.size()), L.w)) << what << ": the kept W";
+            EXPECT_TRUE(same_bits(download<float>(*cc, *hd, L.h.size()), L.h)) << what << ": H changed";
+            ASSERT_EQ(codes.n_out, n_out);
+            ASSERT_EQ(codes.n_in, n_in);
+            EXPECT_EQ(download<uint8_t>(*cc, codes.code, L.w.size()), qd->codes) << what;
+            EXPECT_TRUE(same_bits(download<float>(*cc, codes.scale, qd->scales.size()), qd->scales)) << what;
+            EXPECT_EQ(download<int32_t>(*cc, codes.zero, qd->zeros.size()), qd->zeros) << what;
+            EXPECT_EQ(download<int32_t>(*cc, codes.g_idx, qd->g_idx.size()), qd->g_idx) << what;
+        }
+    }
+    // W from an exact F16 copy on the device (widened there instead of uploaded): the same solve.
+    for (auto [n_out, n_in] : {std::pair<int64_t, int64_t>{64, 256}, {33, 300}}) {
+        layer                 L = make_layer(n_out, n_in, rng());
+        std::vector<uint16_t> w16(L.w.size());
+        for (size_t i = 0; i < L.w.size(); ++i) {
+            w16[i] = f32_to_f16(L.w[i]);
+            L.w[i] = f16_to_f32(w16[i]);
+        }
+        for (const auto& o : resident_options()) {
+            const std::string what = "F16 W " + std::to_string(n_out) + " x " + std::to_string(n_in) + " " +
+                                     describe(o) + " seed " + std::to_string(seed);
+            auto qh   = gptq_quantize_cuda(*cc, ctx, L.w.data(), n_out, n_in, L.h.data(), o);
+            auto hd   = upload(*cc, L.h.data(), L.h.size() * 4);
+            auto wd16 = upload(*cc, w16.data(), w16.size() * 2);
+            ASSERT_TRUE(qh.is_ok() && hd.is_ok() && wd16.is_ok());
+            cuda_buffer     wd;
+            gptq_cuda_codes codes;
+            auto qd = gptq_quantize_cuda_resident(*cc, ctx, L.w.data(), n_out, n_in, hd->as<float>(), o, nullptr, &wd,
+                                                  &codes, wd16->as<uint16_t>());
+            ASSERT_TRUE(qd.is_ok()) << what << ": " << qd.error().message();
+            expect_identical(*qd, *qh, what);
+            EXPECT_TRUE(same_bits(download<float>(*cc, wd, L.w.size()), L.w)) << what << ": the kept W";
+        }
+    }
+    // Every column dead: round to nearest on both paths, and W is still kept.
+    const layer        L = make_layer(9, 64, 3);
+    std::vector<float> zero(L.h.size(), 0.0f);
+    auto               hd = upload(*cc, zero.data(), zero.size() * 4);
+    ASSERT_TRUE(hd.is_ok());
+    gptq_options    o;
+    cuda_buffer     wd;
+    gptq_cuda_codes codes;
+    auto            qh = gptq_quantize_cuda(*cc, ctx, L.w.data(), 9, 64, zero.data(), o);
+    auto qd = gptq_quantize_cuda_resident(*cc, ctx, L.w.data(), 9, 64, hd->as<float>(), o, nullptr, &wd, &codes);
+    ASSERT_TRUE(qh.is_ok() && qd.is_ok());
+    expect_identical(*qd, *qh, "all dead");
+    EXPECT_TRUE(same_bits(download<float>(*cc, wd, L.w.size()), L.w));
+    EXPECT_EQ(download<uint8_t>(*cc, codes.code, L.w.size()), qd->codes);
+}
+
+// A NaN or Inf in the device H: the host path's error, word for word (the first one named).
+TEST(gptq_cuda, resident_solve_refuses_a_nonfinite_hessian_as_the_host) {
+    SKIP_WITHOUT_GPU();
+    const ops_context ctx;
+    layer             L      = make_layer(16, 70, 11);
+    L.h[size_t(40 * 70 + 2)] = std::numeric_limits<float>::infinity();
+    L.h[size_t(5 * 70 + 69)] = std::numeric_limits<float>::quiet_NaN();
+    gptq_options o;
+    o.group_size = 32;
+    auto qh      = gptq_quantize_cuda(*cc, ctx, L.w.data(), 16, 70, L.h.data(), o);
+    auto hd      = upload(*cc, L.h.data(), L.h.size() * 4);
+    ASSERT_TRUE(hd.is_ok());
+    cuda_buffer     wd;
+    gptq_cuda_codes codes;
+    auto qd = gptq_quantize_cuda_resident(*cc, ctx, L.w.data(), 16, 70, hd->as<float>(), o, nullptr, &wd, &codes);
+    ASSERT_FALSE(qh.is_ok());
+    ASSERT_FALSE(qd.is_ok());
+    EXPECT_EQ(qd.error().message(), qh.error().message());
+    EXPECT_EQ(qd.error().code(), qh.error().code());
+}
+
+// op_cuda_diag_check against a plain loop: the diagonal, and the smallest flat index of a NaN /
+// Inf (none: -1), on fresh random matrices of awkward sizes.
+TEST(gptq_cuda, diag_check_matches_a_plain_loop) {
+    SKIP_WITHOUT_GPU();
+    std::random_device              rd;
+    const uint32_t                  seed = rd();
+    std::mt19937                    rng(seed);
+    std::normal_distribution<float> nd;
+    for (int64_t n : {int64_t(1), int64_t(2), int64_t(33), int64_t(300), int64_t(1031)}) {
+        std::vector<float> h(size_t(n * n));
+        for (auto& v : h) v = nd(rng);
+        for (int bad = 0; bad < 3; ++bad) {  // none, one NaN, then an Inf before it too
+            int64_t want = -1;
+            if (bad >= 1) {
+                const int64_t at = int64_t(rng() % uint32_t(n * n));
+                h[size_t(at)]    = std::numeric_limits<float>::quiet_NaN();
+                want             = at;
+            }
+            if (bad == 2 && want > 0) {
+                const int64_t at = int64_t(rng() % uint32_t(want));
+                h[size_t(at)]    = -std::numeric_limits<float>::infinity();
+                want             = at;
+            }
+            auto hd = upload(*cc, h.data(), h.size() * 4);
+            ASSERT_TRUE(hd.is_ok());
+            std::vector<float> diag(static_cast<size_t>(n)), want_diag(static_cast<size_t>(n));
+            for (int64_t i = 0; i < n; ++i) want_diag[size_t(i)] = h[size_t(i * n + i)];
+            int64_t      first = 7;
+            const status st    = op_cuda_diag_check(*cc, hd->as<float>(), n, diag.data(), &first);
+            ASSERT_TRUE(st.is_ok()) << st.message();
+            EXPECT_TRUE(same_bits(diag, want_diag)) << "n " << n << " seed " << seed;
+            EXPECT_EQ(first, want) << "n " << n << " bad " << bad << " seed " << seed;
+        }
+    }
+}
+
+// The dequantizing kernels against quantized_linear_dequantize (then w - wq, then f32_to_f16 as the
+// runner's host update does), bit for bit: random codes, zeros, F16-representable scales (large
+// ones too), contiguous and act-order g_idx, every bit width, awkward shapes; then values beyond the
+// F16 range (the smallest flat index is reported, as the host names the first).
+TEST(gptq_cuda, device_dequantize_matches_the_host) {
+    SKIP_WITHOUT_GPU();
+    std::random_device                    rd;
+    const uint32_t                        seed = rd();
+    std::mt19937                          rng(seed);
+    std::normal_distribution<float>       nd;
+    std::uniform_real_distribution<float> ud(-8.0f, 3.0f);
+    for (auto [n_out, n_in] : {std::pair<int64_t, int64_t>{1, 1}, {7, 33}, {65, 257}, {3, 1000}, {200, 64}})
+        for (int bits : {2, 3, 4, 8})
+            for (bool act : {false, true}) {
+                const std::string what = std::to_string(n_out) + " x " + std::to_string(n_in) + " bits " +
+                                         std::to_string(bits) + (act ? " act-order" : "") + " seed " +
+                                         std::to_string(seed);
+                const int        maxq = (1 << bits) - 1;
+                quantized_linear q;
+                q.n_out      = n_out;
+                q.n_in       = n_in;
+                q.bits       = bits;
+                q.group_size = 32;
+                q.n_groups   = (n_in + 31) / 32;
+                q.codes.resize(size_t(n_out * n_in));
+                for (auto& c : q.codes) c = uint8_t(rng() % uint32_t(maxq + 1));
+                q.scales.resize(size_t(q.n_groups * n_out));
+                for (auto& v : q.scales)
+                    v = f16_to_f32(f32_to_f16(std::exp2(ud(rng)) * (rng() % 50 == 0 ? 900.0f : 1.0f)));
+                q.zeros.resize(q.scales.size());
+                for (auto& z : q.zeros) z = int32_t(rng() % uint32_t(maxq + 1));
+                q.g_idx.resize(size_t(n_in));
+                for (int64_t k = 0; k < n_in; ++k)
+                    q.g_idx[size_t(k)] = act ? int32_t(rng() % uint32_t(q.n_groups)) : int32_t(k / 32);
+                std::vector<float> w(q.codes.size());
+                for (auto& v : w) v = 0.05f * nd(rng);
+                std::vector<float> wq(w.size()), d(w.size());
+                quantized_linear_dequantize(q, wq.data());
+                for (size_t i = 0; i < w.size(); ++i) d[i] = w[i] - wq[i];
+                auto c  = gptq_cuda_codes_upload(*cc, q);
+                auto wd = upload(*cc, w.data(), w.size() * 4);
+                auto dd = cuda_buffer::alloc(w.size() * 4);
+                auto fd = cuda_buffer::alloc(w.size() * 2);
+                ASSERT_TRUE(c.is_ok() && wd.is_ok() && dd.is_ok() && fd.is_ok());
+                ASSERT_TRUE(op_cuda_gptq_dequant_diff(*cc, wd->as<float>(), c->view(), dd->as<float>()).is_ok());
+                EXPECT_TRUE(same_bits(download<float>(*cc, *dd, d.size()), d)) << what << ": w - dequantize";
+                int64_t               first_bad = -1;  // the host's: the first value out of the F16 range
+                std::vector<uint16_t> f16(w.size(), 0);
+                for (size_t i = 0; i < wq.size(); ++i) {
+                    if (!(std::fabs(wq[i]) <= 65504.0f)) {
+                        if (first_bad < 0) first_bad = int64_t(i);
+                        continue;
+                    }
+                    f16[i] = f32_to_f16(wq[i]);
+                }
+                auto bad = op_cuda_gptq_dequant_f16(*cc, c->view(), fd->as<uint16_t>());
+                ASSERT_TRUE(bad.is_ok()) << bad.error().message();
+                EXPECT_EQ(*bad, first_bad) << what;
+                std::vector<uint16_t> got     = download<uint16_t>(*cc, *fd, f16.size());
+                int64_t               n_wrong = 0;  // where the value is in range (else the host stops)
+                for (size_t i = 0; i < f16.size(); ++i) n_wrong += std::fabs(wq[i]) <= 65504.0f && got[i] != f16[i];
+                EXPECT_EQ(n_wrong, 0) << what << ": F16";
+                // Out of range on purpose: the largest scale with the largest code distance, in
+                // two rows; the smaller flat index is reported.
+                if (bits >= 4 && n_out >= 3 && n_in >= 2) {
+                    quantized_linear b = q;
+                    for (int64_t r : {int64_t(2), int64_t(1)}) {
+                        const int64_t k                                  = n_in - 1;
+                        b.codes[size_t(r * n_in + k)]                    = uint8_t(maxq);
+                        b.zeros[size_t(b.g_idx[size_t(k)] * n_out + r)]  = 0;
+                        b.scales[size_t(b.g_idx[size_t(k)] * n_out + r)] = 65504.0f;
+                    }
+                    std::vector<float> bq(w.size());
+                    quantized_linear_dequantize(b, bq.data());
+                    int64_t want = -1;
+                    for (size_t i = 0; i < bq.size() && want < 0; ++i)
+                        if (!(std::fabs(bq[i]) <= 65504.0f)) want = int64_t(i);
+                    ASSERT_GE(want, 0);
+                    auto cb = gptq_cuda_codes_upload(*cc, b);
+                    ASSERT_TRUE(cb.is_ok());
+                    auto bad2 = op_cuda_gptq_dequant_f16(*cc, cb->view(), fd->as<uint16_t>());
+                    ASSERT_TRUE(bad2.is_ok());
+                    EXPECT_EQ(*bad2, want) << what;
+                }
+            }
+}
+
+// The report's error from device W and codes equals the one from host W and the host's
+// dequantized weight (the same D, the same product; the double sum's order varies: 1e-12), and
+// the CPU's within its usual bound.
+TEST(gptq_cuda, resident_weighted_error_equals_the_host_path) {
+    SKIP_WITHOUT_GPU();
+    std::random_device rd;
+    const uint32_t     seed = rd();
+    std::mt19937       rng(seed);
+    for (auto [n_out, n_in] : {std::pair<int64_t, int64_t>{1, 32}, {7, 33}, {64, 128}, {129, 300}}) {
+        const layer  L = make_layer(n_out, n_in, rng(), 2 * n_in + 3);
+        gptq_options o;
+        o.group_size = 32;
+        auto q       = rtn_quantize(ops_context{}, L.w.data(), n_out, n_in, o);
+        ASSERT_TRUE(q.is_ok());
+        std::vector<float> wq(L.w.size());
+        quantized_linear_dequantize(*q, wq.data());
+        auto hd = upload(*cc, L.h.data(), L.h.size() * 4);
+        auto wd = upload(*cc, L.w.data(), L.w.size() * 4);
+        auto c  = gptq_cuda_codes_upload(*cc, *q);
+        ASSERT_TRUE(hd.is_ok() && wd.is_ok() && c.is_ok());
+        auto host =
+            hessian_weighted_error_cuda(*cc, ops_context{}, L.w.data(), wq.data(), n_out, n_in, hd->as<float>());
+        auto dev = hessian_weighted_error_cuda(*cc, wd->as<float>(), *c, hd->as<float>());
+        ASSERT_TRUE(host.is_ok() && dev.is_ok());
+        EXPECT_NEAR(*dev, *host, 1e-12 * std::fabs(*host)) << n_out << " x " << n_in << " seed " << seed;
+        const double cpu = hessian_weighted_error(ops_context{}, L.w.data(), wq.data(), n_out, n_in, L.h.data());
+        EXPECT_NEAR(*dev, cpu, 1e-4 * std::fabs(cpu) + 1e-12) << n_out << " x " << n_in << " seed " << seed;
+    }
 }
 
 }  // namespace gptq

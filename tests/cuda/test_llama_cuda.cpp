@@ -16,6 +16,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -32,8 +34,12 @@
 #include "model/llama.h"
 #include "model/llama_cuda.h"
 #include "model/llama_cuda_layer.h"
+#include "quant/gptq.h"
+#include "quant/gptq_cuda.h"
 #include "step_top_check.h"
 #include "test_util.h"
+
+#include <unistd.h>
 
 using namespace gptq;
 
@@ -1415,6 +1421,136 @@ void check_layer_runner(const std::string& dir, bool attention_cache) {
     }
 }
 }  // namespace
+
+// linear_update from GPTQ codes on the device (the resident path of issue 18) against the host
+// update with the same codes dequantized on the host: the layer's outputs bit for bit, the
+// attention cache dropped for q/k/v as the host update does, and a value beyond F16 refused.
+TEST(llama_cuda_layer_runner, update_from_codes_equals_update_from_host) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    auto m = llama_model::open(source_dir() + "/models/tiny-llama");
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    const llama_hparams& hp = (*m)->hparams();
+    auto                 cc = cuda_context::create(0);
+    ASSERT_TRUE(cc.is_ok()) << cc.error().message();
+    const int64_t seqlen = 24, n_windows = 3, n_tok = seqlen * n_windows;
+    auto          layer = (*m)->layer_load(1);
+    ASSERT_TRUE(layer.is_ok()) << layer.error().message();
+    std::mt19937                    rng(std::random_device{}());
+    std::normal_distribution<float> nd;
+    std::vector<uint16_t>           xh(size_t(n_tok * hp.n_embd));
+    for (auto& v : xh) v = f32_to_f16(nd(rng));
+    auto xd = cuda_buffer::alloc(xh.size() * 2);
+    ASSERT_TRUE(xd.is_ok());
+    // One runner per path; each: capture pass (fills the attention cache), update, full pass.
+    auto run_with = [&](linear_role r, const quantized_linear& q, bool from_codes) -> std::vector<uint16_t> {
+        auto run = llama_cuda_layer_runner::create(**cc, hp, seqlen, 2 * seqlen);
+        EXPECT_TRUE(run.is_ok());
+        if (!run.is_ok()) return {};
+        EXPECT_TRUE((*run)->attention_cache_enable(n_windows).is_ok());
+        EXPECT_TRUE((*run)->load(**layer).is_ok());
+        EXPECT_TRUE(cuda_copy_to_device_async(**cc, xd->data(), xh.data(), xh.size() * 2).is_ok());
+        EXPECT_TRUE((*run)->forward(xd->as<uint16_t>(), n_windows, nullptr, linear_input::LINEAR_INPUT_O).is_ok());
+        EXPECT_TRUE((*run)->attention_cached());
+        if (from_codes) {
+            auto c = gptq_cuda_codes_upload(**cc, q);
+            EXPECT_TRUE(c.is_ok());
+            const status st = (*run)->linear_update(r, c->view());
+            EXPECT_TRUE(st.is_ok()) << st.message();
+        } else {
+            std::vector<float> wq(size_t(q.n_out * q.n_in));
+            quantized_linear_dequantize(q, wq.data());
+            EXPECT_TRUE((*run)->linear_update(r, wq).is_ok());
+        }
+        const bool qkv = r == linear_role::LINEAR_Q || r == linear_role::LINEAR_K || r == linear_role::LINEAR_V;
+        EXPECT_EQ((*run)->attention_cached(), !qkv) << linear_role_name(r);
+        EXPECT_TRUE((*run)->forward(xd->as<uint16_t>(), n_windows, nullptr).is_ok());
+        std::vector<uint16_t> out(xh.size());
+        EXPECT_TRUE(cuda_copy_to_host(**cc, out.data(), xd->data(), out.size() * 2).is_ok());
+        return out;
+    };
+    for (linear_role r : {linear_role::LINEAR_K, linear_role::LINEAR_DOWN}) {
+        const linear_weights& lw = (*layer)->linear(r);
+        gptq_options          o;
+        o.group_size = 32;
+        o.sym        = false;
+        auto q       = rtn_quantize(ops_context{}, lw.w.data(), lw.n_out, lw.n_in, o);
+        ASSERT_TRUE(q.is_ok());
+        const auto host = run_with(r, *q, false), dev = run_with(r, *q, true);
+        EXPECT_EQ(dev, host) << linear_role_name(r);
+    }
+    // Beyond F16: refused, naming the tensor.
+    const linear_weights& lw = (*layer)->linear(linear_role::LINEAR_O);
+    auto                  q  = rtn_quantize(ops_context{}, lw.w.data(), lw.n_out, lw.n_in, gptq_options{});
+    ASSERT_TRUE(q.is_ok());
+    q->scales[5]              = 65504.0f;
+    q->codes[5 * lw.n_in + 3] = uint8_t(q->zeros[5] == 0 ? 15 : 0);
+    auto run                  = llama_cuda_layer_runner::create(**cc, hp, seqlen, 2 * seqlen);
+    ASSERT_TRUE(run.is_ok());
+    ASSERT_TRUE((*run)->load(**layer).is_ok());
+    auto c = gptq_cuda_codes_upload(**cc, *q);
+    ASSERT_TRUE(c.is_ok());
+    const status st = (*run)->linear_update(linear_role::LINEAR_O, c->view());
+    EXPECT_EQ(st.code(), status_code::STATUS_UNSUPPORTED);
+    EXPECT_NE(st.message().find("model.layers.1.self_attn.o_proj.weight"), std::string::npos) << st.message();
+}
+
+// `quantize --device cuda` with the issue-18 paths (device-resident linears, reader and writer
+// threads) against GPTQ_QUANTIZE_PLAIN=1 (the paths before): the same files byte for byte, the
+// same per-linear errors (to the device sum's order, 1e-9), over options that change the solve.
+TEST(quantize_cuda, resident_and_overlap_equal_plain) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    namespace fs          = std::filesystem;
+    const std::string out = (fs::temp_directory_path() / ("gptq-quantize-cuda-" + std::to_string(::getpid()))).string();
+    for (const char* opts : {"plain", "desc-act", "asym-g64", "no-true-sequential"}) {
+        const std::string                      what = opts;
+        std::map<std::string, quantize_report> reports;
+        for (const char* mode : {"plain", "new"}) {
+            quantize_params p;
+            p.model_path      = source_dir() + "/models/tiny-llama";
+            p.calib           = source_dir() + "/data/calib/corpus-sample.txt";
+            p.output_path     = out + "-" + what + "-" + mode;
+            p.nsamples        = 12;
+            p.seqlen          = 96;
+            p.device          = "cuda";
+            p.n_threads       = 2;
+            p.desc_act        = what == "desc-act";
+            p.sym             = what != "asym-g64";
+            p.group_size      = what == "asym-g64" ? 64 : 128;
+            p.true_sequential = what != "no-true-sequential";
+            fs::remove_all(p.output_path);
+            if (std::string(mode) == "plain")
+                setenv("GPTQ_QUANTIZE_PLAIN", "1", 1);
+            else
+                unsetenv("GPTQ_QUANTIZE_PLAIN");
+            auto r = quantize_model(p);
+            unsetenv("GPTQ_QUANTIZE_PLAIN");
+            ASSERT_TRUE(r.is_ok()) << what << " " << mode << ": " << r.error().message();
+            reports[mode] = *r;
+        }
+        const std::string a = out + "-" + what + "-plain", b = out + "-" + what + "-new";
+        int               n_files = 0;
+        for (const auto& e : fs::directory_iterator(a)) {
+            std::ifstream fa(e.path(), std::ios::binary), fb(fs::path(b) / e.path().filename(), std::ios::binary);
+            ASSERT_TRUE(fb.good()) << what << ": " << e.path().filename() << " missing in the new run";
+            const std::string sa((std::istreambuf_iterator<char>(fa)), {}),
+                sb((std::istreambuf_iterator<char>(fb)), {});
+            EXPECT_TRUE(sa == sb) << what << ": " << e.path().filename() << " differs";
+            ++n_files;
+        }
+        EXPECT_GE(n_files, 3);
+        const auto& la = reports["plain"].linears;
+        const auto& lb = reports["new"].linears;
+        ASSERT_EQ(la.size(), lb.size());
+        for (size_t k = 0; k < la.size(); ++k) {
+            EXPECT_EQ(la[k].name, lb[k].name);
+            EXPECT_NEAR(lb[k].error_gptq, la[k].error_gptq, 1e-9 * std::fabs(la[k].error_gptq)) << la[k].name;
+            EXPECT_NEAR(lb[k].error_rtn, la[k].error_rtn, 1e-9 * std::fabs(la[k].error_rtn)) << la[k].name;
+            EXPECT_EQ(lb[k].damp_percent, la[k].damp_percent) << la[k].name;
+        }
+        fs::remove_all(a);
+        fs::remove_all(b);
+    }
+}
 
 TEST(llama_cuda_layer_runner, matches_cpu_layer_forward) {
     GPTQ_SKIP_WITHOUT_GPU();

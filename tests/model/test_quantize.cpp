@@ -5,7 +5,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <set>
 
@@ -442,6 +444,67 @@ TEST(quantize, target_bpw_plan_respects_the_budget_and_round_trips) {
     RecordProperty("ppl_bpw_2_75", std::to_string(a));
     RecordProperty("ppl_bpw_3_5", std::to_string(b));
 #endif
+}
+
+// Issue 18's overlap (reader / writer threads, embeddings on the pool) against GPTQ_QUANTIZE_PLAIN=1
+// (the sequential code): byte-identical files and equal reports, also for a run stopped and
+// resumed; the report's phases cover the run (nothing big untimed), details are apart.
+TEST(quantize, overlap_equals_plain_and_phases_cover_the_run) {
+    test::temp_dir dir("q-overlap");
+    for (const char* what : {"plain", "desc-act", "rtn"}) {
+        std::map<std::string, quantize_report> reports;
+        for (const char* mode : {"plain", "new"}) {
+            auto p     = small_run(dir.file(std::string(what) + "-" + mode));
+            p.desc_act = std::string(what) == "desc-act";
+            p.method   = std::string(what) == "rtn" ? "rtn" : "gptq";
+            if (std::string(mode) == "plain")
+                setenv("GPTQ_QUANTIZE_PLAIN", "1", 1);
+            else
+                unsetenv("GPTQ_QUANTIZE_PLAIN");
+            auto r = quantize_model(p);
+            unsetenv("GPTQ_QUANTIZE_PLAIN");
+            ASSERT_TRUE(r.is_ok()) << what << " " << mode << ": " << r.error().message();
+            reports[mode]    = *r;
+            double in_phases = 0.0;
+            for (const auto& [name, secs] : r->phase_seconds) in_phases += secs;
+            EXPECT_LE(in_phases, r->seconds + 1e-3) << what << " " << mode;
+            EXPECT_GE(in_phases, 0.5 * r->seconds) << what << " " << mode << ": a large step is not timed";
+            std::set<std::string> names;
+            for (const auto& [name, secs] : r->phase_seconds) names.insert(name);
+            for (const char* must : {"open", "load", "write", "assemble"}) EXPECT_TRUE(names.count(must)) << must;
+            if (p.method == "gptq")
+                for (const char* must : {"tokenize", "embed", "runner", "calibration", "solve", "error", "forward"})
+                    EXPECT_TRUE(names.count(must)) << must;
+            EXPECT_FALSE(names.count("read_thread")) << "a detail among the phases";
+        }
+        for (const char* f : {"model.safetensors", "config.json", "quantize_config.json"})
+            EXPECT_EQ(test::read_file(dir.file(std::string(what) + "-plain/") + f),
+                      test::read_file(dir.file(std::string(what) + "-new/") + f))
+                << what << ": " << f;
+        const auto& a = reports["plain"].linears;
+        const auto& b = reports["new"].linears;
+        ASSERT_EQ(a.size(), b.size());
+        for (size_t k = 0; k < a.size(); ++k) {
+            EXPECT_EQ(a[k].name, b[k].name);
+            EXPECT_EQ(a[k].error_gptq, b[k].error_gptq) << a[k].name;
+            EXPECT_EQ(a[k].error_rtn, b[k].error_rtn) << a[k].name;
+        }
+        bool threads = false;
+        for (const auto& [name, secs] : reports["new"].detail_seconds) threads |= name == "write_thread";
+        EXPECT_TRUE(threads) << what << ": the writer thread's time is reported";
+    }
+    // Stopped by the overlapped run, resumed by it: the files of the straight plain run.
+    auto cut              = small_run(dir.file("cut"));
+    cut.stop_after_layers = 2;
+    auto stopped          = quantize_model(cut);
+    ASSERT_FALSE(stopped.is_ok());
+    EXPECT_TRUE(fs::exists(cut.output_path + ".partial/layer-00001.safetensors")) << "the writer was joined";
+    cut.stop_after_layers = -1;
+    cut.resume            = true;
+    auto resumed          = quantize_model(cut);
+    ASSERT_TRUE(resumed.is_ok()) << resumed.error().message();
+    EXPECT_EQ(test::read_file(dir.file("plain-plain/model.safetensors")),
+              test::read_file(cut.output_path + "/model.safetensors"));
 }
 
 TEST(quantize, resume_after_interruption_is_byte_identical) {

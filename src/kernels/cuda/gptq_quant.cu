@@ -437,4 +437,75 @@ status gptq_weighted_error(cublasHandle_t blas, const float* d, const float* h, 
     return status::ok();
 }
 
+// ---- device-resident linears ------------------------------------------------------------------
+
+namespace {
+
+__device__ __forceinline__ float dequant_at(const gptq_codes_view& q, int64_t idx) {
+    const int64_t r = idx / q.n_in, k = idx % q.n_in;
+    const int64_t gi = int64_t(q.g_idx[k]) * q.n_out + r;
+    return __fmul_rn(q.scale[gi], static_cast<float>(static_cast<int>(q.code[idx]) - q.zero[gi]));
+}
+
+__global__ void dequant_diff_kernel(const float* w, gptq_codes_view q, float* d) {
+    const int64_t n = q.n_out * q.n_in;
+    for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n; idx += gridDim.x * int64_t(blockDim.x))
+        d[idx] = __fsub_rn(w[idx], dequant_at(q, idx));
+}
+
+__global__ void fill_i64_kernel(int64_t* p, int64_t v) {
+    *p = v;
+}
+
+__global__ void dequant_f16_kernel(gptq_codes_view q, uint16_t* out, unsigned long long* first_bad) {
+    const int64_t n = q.n_out * q.n_in;
+    for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
+         idx += gridDim.x * int64_t(blockDim.x)) {
+        const float v = dequant_at(q, idx);
+        if (!(fabsf(v) <= 65504.0f)) atomicMin(first_bad, static_cast<unsigned long long>(idx));
+        out[idx] = __half_as_ushort(__float2half_rn(v));
+    }
+}
+
+__global__ void diag_check_kernel(const float* h, int64_t n, float* diag, unsigned long long* first_nonfinite) {
+    for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n * n;
+         idx += gridDim.x * int64_t(blockDim.x)) {
+        const float v = h[idx];
+        if (!isfinite(v)) atomicMin(first_nonfinite, static_cast<unsigned long long>(idx));
+        if (idx / n == idx % n) diag[idx / n] = v;
+    }
+}
+
+}  // namespace
+
+status gptq_dequant_diff(const float* w, const gptq_codes_view& q, float* d, cudaStream_t stream) {
+    const int64_t n = q.n_out * q.n_in;
+    if (n <= 0) return status::ok();
+    dequant_diff_kernel<<<grid_1d(n), k_elem_threads, 0, stream>>>(w, q, d);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+status gptq_dequant_f16(const gptq_codes_view& q, uint16_t* out, int64_t* first_bad, cudaStream_t stream) {
+    const int64_t n = q.n_out * q.n_in;
+    static_assert(sizeof(int64_t) == sizeof(unsigned long long));
+    fill_i64_kernel<<<1, 1, 0, stream>>>(first_bad, n);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    if (n <= 0) return status::ok();
+    dequant_f16_kernel<<<grid_1d(n), k_elem_threads, 0, stream>>>(q, out,
+                                                                  reinterpret_cast<unsigned long long*>(first_bad));
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+status gptq_diag_check(const float* h, int64_t n, float* diag, int64_t* first_nonfinite, cudaStream_t stream) {
+    fill_i64_kernel<<<1, 1, 0, stream>>>(first_nonfinite, n * n);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    if (n <= 0) return status::ok();
+    diag_check_kernel<<<grid_1d(n * n), k_elem_threads, 0, stream>>>(
+        h, n, diag, reinterpret_cast<unsigned long long*>(first_nonfinite));
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
 }  // namespace gptq::cuda

@@ -76,4 +76,30 @@ status gptq_lazy_update(cublasHandle_t blas, float* w, const float* u, const flo
 status gptq_weighted_error(cublasHandle_t blas, const float* d, const float* h, float* work, int64_t n_out,
                            int64_t n_in, double* out, cudaStream_t stream);
 
+// ---- device-resident linears (docs/cuda.md "GPTQ on the GPU": W, H and Q kept on the device) ----
+
+// A quantized_linear's codes and params on the device (quant/gptq.h's convention): code [n_out,
+// n_in] U8 in the original column order, scale [n_groups, n_out] F32, zero [n_groups, n_out] I32,
+// g_idx [n_in] I32.
+struct gptq_codes_view {
+    const uint8_t* code  = nullptr;
+    const float*   scale = nullptr;
+    const int32_t* zero  = nullptr;
+    const int32_t* g_idx = nullptr;
+    int64_t        n_out = 0, n_in = 0;
+};
+
+// d = w - dequantize(q), as quantized_linear_dequantize then the host's w - wq: the F32 product
+// scale * float(code - zero), then the F32 difference, both rounded (no FMA). w, d: [n_out, n_in].
+status gptq_dequant_diff(const float* w, const gptq_codes_view& q, float* d, cudaStream_t stream);
+
+// out = F16(dequantize(q)) (round to nearest even, as core/dtype.cpp f32_to_f16); *first_bad (one
+// device I64) = the smallest flat index whose F32 value is not within the F16 range (|v| > 65504 or
+// NaN), n_out * n_in when there is none. out: [n_out, n_in] F16 bits.
+status gptq_dequant_f16(const gptq_codes_view& q, uint16_t* out, int64_t* first_bad, cudaStream_t stream);
+
+// diag[i] = h[i, i] for h [n, n]; *first_nonfinite (one device I64) = the smallest flat index of a
+// NaN or Inf in h, n * n when there is none.
+status gptq_diag_check(const float* h, int64_t n, float* diag, int64_t* first_nonfinite, cudaStream_t stream);
+
 }  // namespace gptq::cuda

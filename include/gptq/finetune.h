@@ -1,5 +1,5 @@
 // gptq finetune: LoRA adapters trained on a frozen model (a GPTQ checkpoint stays 4-bit: QLoRA-
-// style), written in PEFT's format (docs/lora.md "Fine-tuning"; issue 21 Part 2). CPU only for now.
+// style), written in PEFT's format (docs/lora.md "Fine-tuning"; issue 21 Part 2). CPU or GPU (--device).
 //
 // Data: a .txt file (tokenized whole, BOS first, cut into windows of seqlen tokens) or a .jsonl
 // file, one object per line with a string "text" (tokenized with BOS, cut the same way) or a chat
@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "gptq/status.h"
 
@@ -29,7 +30,8 @@ struct finetune_params {
     int64_t     batch         = 8;  // sequences per micro-batch
     int64_t     grad_accum    = 1;  // micro-batches per optimizer step
     uint64_t    seed          = 0;
-    std::string device        = "cpu";
+    std::string device        = "cpu";  // cpu, cuda, cuda:N
+    bool        exact_f32     = false;  // GPU: the base's products in plain F32 (default: TF32 tensor cores)
     double      eval_fraction = 0.05;  // share of the sequences held out for the eval loss
     int64_t     eval_every    = 0;     // > 0: eval loss every N steps too (always after each epoch)
     int64_t     save_every    = 0;     // > 0: checkpoint every N steps (out_dir/checkpoint)
@@ -57,6 +59,11 @@ struct finetune_result {
     double      tokens_per_second  = 0.0;
     int64_t     n_trainable_params = 0;
     std::string out_dir;
+    std::vector<double> step_seconds;           // each optimizer step of this run (wall clock)
+    double              step_seconds_mean = 0;  // mean over the steps after the first (0: fewer than 2 steps)
+    // GPU runs: device memory in use after the last step (cudaMemGetInfo: total - free; the
+    // training buffers only grow, so this is their peak), the weights' and training's own bytes.
+    uint64_t device_used_bytes = 0, device_weight_bytes = 0, device_train_bytes = 0;
 };
 
 result<finetune_result> finetune_run(const finetune_params& params);

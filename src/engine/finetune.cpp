@@ -20,9 +20,13 @@
 #include "core/thread_pool.h"
 #include "finetune_train.h"
 #include "gptq/chat.h"
+#include "gptq/device.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
 #include "tokenizer/tokenizer.h"
+#ifdef GPTQ_HAVE_CUDA
+#include "model/llama_cuda.h"
+#endif
 
 namespace gptq {
 
@@ -79,13 +83,20 @@ lora_adapter lora_adapter_zeros_like(const lora_adapter& a) {
     return z;
 }
 
-lora_trainer::lora_trainer(llama_model& model, std::shared_ptr<lora_adapter> adapter, int32_t lora_index,
-                           adamw_config cfg)
-    : model_(model), adapter_(std::move(adapter)), index_(lora_index), cfg_(cfg) {
+lora_trainer::lora_trainer(lora_loss_grad_fn fn, std::shared_ptr<lora_adapter> adapter, adamw_config cfg)
+    : loss_grad_(std::move(fn)), adapter_(std::move(adapter)), cfg_(cfg) {
     grads_ = lora_adapter_zeros_like(*adapter_);
     m_     = lora_adapter_zeros_like(*adapter_);
     v_     = lora_adapter_zeros_like(*adapter_);
 }
+
+lora_trainer::lora_trainer(llama_model& model, std::shared_ptr<lora_adapter> adapter, int32_t lora_index,
+                           adamw_config cfg)
+    : lora_trainer(
+          [&model, lora_index](const ops_context& ctx, const train_batch& b, lora_adapter* grads, float grad_scale) {
+              return model.lora_loss_grad(ctx, b, lora_index, grads, grad_scale);
+          },
+          std::move(adapter), cfg) {}
 
 result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::vector<train_batch>& micro, double lr) {
     train_step_stats st;
@@ -99,7 +110,7 @@ result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::v
     const float grad_scale = static_cast<float>(1.0 / static_cast<double>(st.n_targets));
     double      loss       = 0.0;
     for (const train_batch& b : micro) {
-        GPTQ_ASSIGN_OR_RETURN(double l, model_.lora_loss_grad(ctx, b, index_, &grads_, grad_scale));
+        GPTQ_ASSIGN_OR_RETURN(double l, loss_grad_(ctx, b, &grads_, grad_scale));
         loss += l;
     }
     st.loss = loss / static_cast<double>(st.n_targets);
@@ -150,7 +161,7 @@ result<double> lora_trainer::eval(const ops_context& ctx, const std::vector<trai
     double  loss = 0.0;
     int64_t n    = 0;
     for (const train_batch& b : batches) {
-        GPTQ_ASSIGN_OR_RETURN(double l, model_.lora_loss_grad(ctx, b, index_, nullptr, 1.0f));
+        GPTQ_ASSIGN_OR_RETURN(double l, loss_grad_(ctx, b, nullptr, 1.0f));
         loss += l;
         n += b.n_targets();
     }
@@ -339,11 +350,8 @@ result<std::array<bool, k_n_linear_roles>> targets_parse(const std::string& list
 }
 
 status params_check(const finetune_params& p) {
-    if (p.device != "cpu")
-        return make_error(status_code::STATUS_UNSUPPORTED,
-                          "finetune --device {}: training runs on the CPU only for now (not yet on the GPU); use "
-                          "--device cpu",
-                          p.device);
+    GPTQ_ASSIGN_OR_RETURN(device_spec d, device_parse(p.device));
+    GPTQ_TRY(device_check(d));
     if (p.model_path.empty() || p.data_path.empty() || p.out_dir.empty())
         return make_error(E_ARG, "finetune: a model, --data and -o are required");
     auto positive = [](const char* name, double v) -> status {
@@ -447,7 +455,9 @@ struct train_loop {
             const auto micro =
                 finetune_batches(seqs, order, j * per_step, std::min(n_train, (j + 1) * per_step), p.batch);
             const double lr = finetune_lr_at(p.lr, k, total, warmup);
+            const auto ts = std::chrono::steady_clock::now();
             GPTQ_ASSIGN_OR_RETURN(train_step_stats st, trainer.step(ctx, micro, lr));
+            r->step_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count());
             r->steps++;
             r->n_train_tokens += st.n_tokens;
             r->train_loss     = st.loss;
@@ -480,6 +490,11 @@ struct train_loop {
         if (bar) bar->finish();
         r->seconds           = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         r->tokens_per_second = r->seconds > 0 ? static_cast<double>(r->n_train_tokens) / r->seconds : 0.0;
+        if (r->step_seconds.size() >= 2) {
+            double sum = 0.0;
+            for (size_t i = 1; i < r->step_seconds.size(); ++i) sum += r->step_seconds[i];
+            r->step_seconds_mean = sum / static_cast<double>(r->step_seconds.size() - 1);
+        }
         return status::ok();
     }
 };
@@ -489,10 +504,27 @@ struct train_loop {
 result<finetune_result> finetune_run(const finetune_params& p) {
     GPTQ_TRY(params_check(p));
     GPTQ_ASSIGN_OR_RETURN(auto on, targets_parse(p.targets));
-    llama_open_options oo;
-    oo.keep_f16 = true;
-    GPTQ_ASSIGN_OR_RETURN(auto model, llama_model::open(p.model_path, oo));
+    // The backend: the CPU model (F16 weights kept as F16), or the model resident on the GPU
+    // (llama_cuda_model::lora_loss_grad, docs/lora.md "Fine-tuning on the GPU").
+    GPTQ_ASSIGN_OR_RETURN(const device_spec dev, device_parse(p.device));
+    std::unique_ptr<llama_model> model;
+#ifdef GPTQ_HAVE_CUDA
+    std::unique_ptr<llama_cuda_model> gpu;
+    if (dev.cuda) {
+        GPTQ_ASSIGN_OR_RETURN(gpu, llama_cuda_model::open(p.model_path, llama_cuda_train_options(dev.index)));
+        gpu->set_train_tf32(!p.exact_f32);
+    }
+#endif
+    if (!dev.cuda) {
+        llama_open_options oo;
+        oo.keep_f16 = true;
+        GPTQ_ASSIGN_OR_RETURN(model, llama_model::open(p.model_path, oo));
+    }
+#ifdef GPTQ_HAVE_CUDA
+    const llama_hparams& hp = gpu ? gpu->hparams() : model->hparams();
+#else
     const llama_hparams& hp = model->hparams();
+#endif
     GPTQ_TRY(llama_train_check(hp, p.model_path));
     if (p.seqlen > hp.max_position_embeddings)
         return make_error(E_ARG,
@@ -513,11 +545,23 @@ result<finetune_result> finetune_run(const finetune_params& p) {
     const float scale = static_cast<float>(p.use_rslora ? p.alpha / std::sqrt(static_cast<double>(p.r))
                                                         : p.alpha / static_cast<double>(p.r));
     GPTQ_ASSIGN_OR_RETURN(std::shared_ptr<lora_adapter> adapter, adapter_start(p, hp, on, scale));
-    const int32_t index = model->lora_add(adapter);
-    adamw_config  cfg;
+    adamw_config cfg;
     cfg.weight_decay  = p.weight_decay;
     cfg.max_grad_norm = p.max_grad_norm;
-    lora_trainer trainer(*model, adapter, index, cfg);
+    lora_loss_grad_fn fn;
+    if (model) {
+        const int32_t index = model->lora_add(adapter);
+        fn = [m = model.get(), index](const ops_context& ctx, const train_batch& b, lora_adapter* g, float s) {
+            return m->lora_loss_grad(ctx, b, index, g, s);
+        };
+    }
+#ifdef GPTQ_HAVE_CUDA
+    if (gpu)
+        fn = [m = gpu.get(), adapter](const ops_context&, const train_batch& b, lora_adapter* g, float s) {
+            return m->lora_loss_grad(b, *adapter, g, s);
+        };
+#endif
+    lora_trainer trainer(fn, adapter, cfg);
     run_state    state;
     if (p.resume) {
         GPTQ_ASSIGN_OR_RETURN(state, checkpoint_load(p, hp, trainer));
@@ -542,12 +586,21 @@ result<finetune_result> finetune_run(const finetune_params& p) {
     GPTQ_LOG_INFO(
         "finetune {}: {} train / {} eval sequences (seqlen {}), {} steps of {} micro-batch(es) x {} sequences, {} "
         "trainable "
-        "parameters (r {}, alpha {}), {} threads{}",
+        "parameters (r {}, alpha {}), {}{}",
         p.model_path, n_train, r.n_eval_seqs, p.seqlen, loop.total, p.grad_accum, p.batch, r.n_trainable_params, p.r,
-        p.alpha, pool.n_threads(), p.resume ? fmt::format(", resumed at step {}", state.step) : "");
+        p.alpha, dev.cuda ? device_name(dev) : fmt::format("{} threads", pool.n_threads()),
+        p.resume ? fmt::format(", resumed at step {}", state.step) : "");
     GPTQ_ASSIGN_OR_RETURN(r.eval_loss_first, loop.eval_loss());
     r.eval_loss = r.eval_loss_first;
     GPTQ_TRY(loop.run(state.step, &r));
+#ifdef GPTQ_HAVE_CUDA
+    if (gpu) {
+        GPTQ_ASSIGN_OR_RETURN(cuda_memory_info mi, cuda_memory_info_get(gpu->context()));
+        r.device_used_bytes   = mi.total - mi.free;
+        r.device_weight_bytes = gpu->weight_bytes();
+        r.device_train_bytes  = gpu->train_bytes();
+    }
+#endif
     lora_save_config c{p.r, p.alpha, p.use_rslora, p.model_path};
     GPTQ_TRY(lora_adapter_save(*adapter, hp, c, p.out_dir));
     return r;
@@ -580,6 +633,13 @@ std::string finetune_result_json(const finetune_result& r) {
     j["eval_loss"]          = num(r.eval_loss);
     j["seconds"]            = r.seconds;
     j["tokens_per_second"]  = r.tokens_per_second;
+    j["step_seconds"]       = r.step_seconds;
+    j["step_seconds_mean"]  = r.step_seconds_mean;  // after the first step
+    if (r.device_used_bytes > 0) {
+        j["device_used_bytes"]   = r.device_used_bytes;
+        j["device_weight_bytes"] = r.device_weight_bytes;
+        j["device_train_bytes"]  = r.device_train_bytes;
+    }
     return j.dump();
 }
 

@@ -33,7 +33,9 @@ command register_finetune(CLI::App& app) {
     sub->add_option("--batch", p->batch, "sequences per micro-batch")->capture_default_str();
     sub->add_option("--grad-accum", p->grad_accum, "micro-batches per optimizer step")->capture_default_str();
     sub->add_option("--seed", p->seed, "seed of the init, the data order and the eval split")->capture_default_str();
-    sub->add_option("--device", p->device, "cpu (cuda: not yet)")->capture_default_str();
+    sub->add_option("--device", p->device, "cpu, cuda or cuda:N (the GPU: docs/lora.md \"Fine-tuning on the GPU\")")
+        ->capture_default_str();
+    sub->add_flag("--exact-f32", p->exact_f32, "GPU: the base's products in plain F32 instead of TF32 tensor cores");
     sub->add_option("--eval-fraction", p->eval_fraction, "share of the sequences held out for the eval loss")
         ->capture_default_str();
     sub->add_option("--eval-every", p->eval_every, "eval loss every N steps too (0: after each epoch only)")

@@ -4,6 +4,8 @@
 // chunks of 64 k. Bits 3 codes straddle words and are read from both. F32 arithmetic throughout.
 #include <cuda_fp16.h>
 
+#include <algorithm>
+
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gptq_linear.cuh"
 
@@ -64,7 +66,36 @@ __global__ void __launch_bounds__(k_cols) gptq_generic_kernel(gptq_linear_params
         if (r0 + r < m) y[(r0 + r) * y_stride + n] = __float2half_rn(acc[r] + b);
 }
 
+// One thread per weight, k fastest (coalesced F32 writes; the packed words are shared by the
+// neighbouring k of one column and stay in L1/L2).
+__global__ void gptq_dequant_f32_kernel(gptq_linear_params w, float* out) {
+    const int64_t   total = w.n_out * w.n_in;
+    const uint32_t* qw    = reinterpret_cast<const uint32_t*>(w.qweight);
+    const int64_t   zw    = w.n_out * w.bits / 32;
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+        const int64_t n = i / w.n_in, k = i % w.n_in;
+        const int     g = w.g_idx[k];
+        const float   scale = __half2float(reinterpret_cast<const __half*>(w.scales)[int64_t(g) * w.n_out + n]);
+        const float   zero =
+            float(code_at(reinterpret_cast<const uint32_t*>(w.qzeros) + int64_t(g) * zw, 1, n, w.bits) + w.zero_add);
+        out[i] = scale * (float(code_at(qw + n, w.n_out, k, w.bits)) - zero);
+    }
+}
+
 }  // namespace
+
+status gptq_dequant_f32(const gptq_linear_params& w, float* out, cudaStream_t stream) {
+    if (w.bits != 2 && w.bits != 3 && w.bits != 4 && w.bits != 8)
+        return make_error(status_code::STATUS_UNSUPPORTED, "gptq_dequant_f32: bits {} not in 2, 3, 4, 8", w.bits);
+    if (w.n_in <= 0 || w.n_out <= 0 || (w.n_in * w.bits) % 32 != 0 || (w.n_out * w.bits) % 32 != 0)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "gptq_dequant_f32: n_in {} / n_out {} cannot hold {}-bit packing", w.n_in, w.n_out, w.bits);
+    const int64_t total  = w.n_out * w.n_in;
+    const auto    blocks = unsigned(std::min<int64_t>((total + 255) / 256, 1 << 20));
+    gptq_dequant_f32_kernel<<<blocks, 256, 0, stream>>>(w, out);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
 
 status gptq_linear_generic_f16(const gptq_linear_params& w, const uint16_t* x, uint16_t* y, int64_t m, int64_t x_stride,
                                int64_t y_stride, cudaStream_t stream) {

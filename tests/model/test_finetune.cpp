@@ -6,7 +6,7 @@
 // - gradient accumulation equals one big batch; resume equals an uninterrupted run, bit for bit;
 // - data: chat masking, text windows; the written adapter loads in Part 1's reader (and ppl);
 // - errors: empty data, seqlen past the context, unknown target, jsonl without text/messages,
-//   --device cuda, a used output folder, --resume without a checkpoint, an unsupported family.
+//   --device cuda:99 (no such device), a used output folder, --resume without a checkpoint, an unsupported family.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -503,8 +503,8 @@ TEST(finetune, bad_inputs_are_clear_errors) {
     has(err(tiny_params(d.file("bad.jsonl"), d.file("o4"))), "bad.jsonl:1: expected a string \"text\"");
     has(err(tiny_params(d.file("chat.jsonl"), d.file("o5"))), "chat template");
     p        = tiny_params(d.file("data.txt"), d.file("o6"));
-    p.device = "cuda";
-    has(err(p), "not yet");
+    p.device = "cuda:99";  // no such device (or no CUDA in this build): refused by name, nothing trained
+    has(err(p), "--device cuda:99");
     p = tiny_params(d.file("data.txt"), d.path());  // not empty
     has(err(p), "not empty");
     p        = tiny_params(d.file("data.txt"), d.file("o7"));
@@ -521,7 +521,7 @@ TEST(finetune, bad_inputs_are_clear_errors) {
     has(err(p), "--init-adapter");
     // The CLI: exit 1 and the message.
     auto cli = run_command(gptq_binary() + " finetune " + k_tiny + " --data " + d.file("data.txt") + " -o " +
-                           d.file("o10") + " --device cuda");
+                           d.file("o10") + " --device cuda:99");
     EXPECT_EQ(cli.exit_code, 1);
-    has(cli.err, "--device cuda");
+    has(cli.err, "--device cuda:99");
 }

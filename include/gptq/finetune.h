@@ -60,6 +60,7 @@ struct finetune_result {
     int64_t     n_trainable_params = 0;
     std::string out_dir;
     std::vector<double> step_seconds;           // each optimizer step of this run (wall clock)
+    std::vector<double> step_losses;            // each optimizer step's mean train loss
     double              step_seconds_mean = 0;  // mean over the steps after the first (0: fewer than 2 steps)
     // GPU runs: device memory in use after the last step (cudaMemGetInfo: total - free; the
     // training buffers only grow, so this is their peak), the weights' and training's own bytes.

@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=${BUILD:-build-cuda-dev}
 cmake -S . -B "$BUILD" -G Ninja -DGPTQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a -DGPTQ_BUILD_BENCH=ON > /dev/null
-ninja -C "$BUILD" -j "${JOBS:-2}" test_cuda_kernels test_cuda_gptq test_cuda_gemm test_ops_cuda test_gptq_cuda test_llama_cuda test_offload_cuda test_lora_cuda test_moe_cuda \
+ninja -C "$BUILD" -j "${JOBS:-2}" test_cuda_kernels test_cuda_gptq test_cuda_gemm test_ops_cuda test_gptq_cuda test_llama_cuda test_offload_cuda test_lora_cuda test_moe_cuda test_finetune_cuda \
     bench_gptq_gemv bench_gptq_quantize gptq
 # BUNDLE_OUT: another folder than .device-bundle (helpers working beside each other; carry it and
 # pass DEVICE_BUNDLE=that-folder to run.sh). It must be git-ignored (added to info/exclude below).
@@ -26,7 +26,7 @@ if [ "${BUNDLE_GPTQ_ONLY:-0}" = 1 ]; then
     cp "$BUILD"/bin/gptq "$STAGE/bin/"
 else
 cp "$BUILD"/tests/test_cuda_kernels "$BUILD"/tests/test_cuda_gptq "$BUILD"/tests/test_cuda_gemm "$BUILD"/tests/test_ops_cuda \
-   "$BUILD"/tests/test_gptq_cuda "$BUILD"/tests/test_llama_cuda "$BUILD"/tests/test_offload_cuda "$BUILD"/tests/test_lora_cuda "$BUILD"/tests/test_moe_cuda "$BUILD"/bin/bench_gptq_gemv \
+   "$BUILD"/tests/test_gptq_cuda "$BUILD"/tests/test_llama_cuda "$BUILD"/tests/test_offload_cuda "$BUILD"/tests/test_lora_cuda "$BUILD"/tests/test_moe_cuda "$BUILD"/tests/test_finetune_cuda "$BUILD"/bin/bench_gptq_gemv \
    "$BUILD"/bin/bench_gptq_quantize "$BUILD"/bin/gptq "$STAGE/bin/"
 fi
 strip "$STAGE"/bin/*

@@ -458,6 +458,7 @@ struct train_loop {
             const auto ts = std::chrono::steady_clock::now();
             GPTQ_ASSIGN_OR_RETURN(train_step_stats st, trainer.step(ctx, micro, lr));
             r->step_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count());
+            r->step_losses.push_back(st.loss);
             r->steps++;
             r->n_train_tokens += st.n_tokens;
             r->train_loss     = st.loss;
@@ -634,6 +635,7 @@ std::string finetune_result_json(const finetune_result& r) {
     j["seconds"]            = r.seconds;
     j["tokens_per_second"]  = r.tokens_per_second;
     j["step_seconds"]       = r.step_seconds;
+    j["step_losses"]        = r.step_losses;
     j["step_seconds_mean"]  = r.step_seconds_mean;  // after the first step
     if (r.device_used_bytes > 0) {
         j["device_used_bytes"]   = r.device_used_bytes;

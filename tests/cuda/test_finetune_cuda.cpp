@@ -547,6 +547,9 @@ TEST(finetune_cuda, three_steps_match_the_cpu_run) {
         ASSERT_TRUE(c) << c.error().message();
         std::printf("%s: train loss cpu %.7f gpu %.7f, eval %.7f -> %.7f (cpu) %.7f -> %.7f (gpu)\n", model.c_str(),
                     c->train_loss, g->train_loss, c->eval_loss_first, c->eval_loss, g->eval_loss_first, g->eval_loss);
+        ASSERT_EQ(g->step_losses.size(), c->step_losses.size());
+        for (size_t i = 0; i < c->step_losses.size(); ++i)  // the loss curve
+            EXPECT_NEAR(g->step_losses[i], c->step_losses[i], 1e-4 * c->step_losses[i]) << "step " << i;
         EXPECT_NEAR(g->eval_loss_first, c->eval_loss_first, k_loss_tol * c->eval_loss_first);
         EXPECT_NEAR(g->train_loss, c->train_loss, 1e-4 * c->train_loss);
         EXPECT_NEAR(g->eval_loss, c->eval_loss, 1e-4 * c->eval_loss);

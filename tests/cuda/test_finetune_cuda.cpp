@@ -533,16 +533,18 @@ TEST(finetune_cuda, three_steps_match_the_cpu_run) {
     GPTQ_SKIP_WITHOUT_GPU();
     temp_dir d("ft-cuda-vs-cpu");
     write_file(d.file("data.txt"), river_text());
-    for (const std::string& model : {tiny_fp16(), tiny_w4_act()}) {
+    const std::vector<std::string> models = {tiny_fp16(), tiny_w4_act()};
+    for (size_t mi = 0; mi < models.size(); ++mi) {
+        const std::string& model = models[mi];
         SCOPED_TRACE(model);
-        finetune_params p = gpu_params(model, d.file("data.txt"), d.file("gpu-" + std::to_string(model.size())));
+        finetune_params p = gpu_params(model, d.file("data.txt"), d.file("gpu-" + std::to_string(mi)));
         p.max_steps       = 3;
         p.eval_fraction   = 0.2;
         p.exact_f32       = true;
         auto g            = finetune_run(p);
         ASSERT_TRUE(g) << g.error().message();
         p.device  = "cpu";
-        p.out_dir = d.file("cpu-" + std::to_string(model.size()));
+        p.out_dir = d.file("cpu-" + std::to_string(mi));
         auto c    = finetune_run(p);
         ASSERT_TRUE(c) << c.error().message();
         std::printf("%s: train loss cpu %.7f gpu %.7f, eval %.7f -> %.7f (cpu) %.7f -> %.7f (gpu)\n", model.c_str(),
@@ -560,7 +562,7 @@ TEST(finetune_cuda, three_steps_match_the_cpu_run) {
         auto m = llama_model::open(model);
         ASSERT_TRUE(m);
         lora_adapter ac = read_adapter(p.out_dir, (*m)->hparams());
-        lora_adapter ag = read_adapter(d.file("gpu-" + std::to_string(model.size())), (*m)->hparams());
+        lora_adapter ag = read_adapter(d.file("gpu-" + std::to_string(mi)), (*m)->hparams());
         double       worst = 0;
         for (size_t l = 0; l < ag.layers.size(); ++l)
             for (size_t r = 0; r < ag.layers[l].size(); ++r)

@@ -106,7 +106,10 @@ result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::v
         st.n_tokens += static_cast<int64_t>(b.ids.size());
     }
     if (st.n_targets == 0) return make_error(E_ARG, "a training step without any target token");
-    grads_                 = lora_adapter_zeros_like(*adapter_);
+    for_each_module(grads_, [](lora_module& g) {  // in place: no new 4 x adapter-sized allocation per step
+        std::fill(g.a.begin(), g.a.end(), 0.0f);
+        std::fill(g.b.begin(), g.b.end(), 0.0f);
+    });
     const float grad_scale = static_cast<float>(1.0 / static_cast<double>(st.n_targets));
     double      loss       = 0.0;
     for (const train_batch& b : micro) {
@@ -146,14 +149,24 @@ result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::v
             w[i] -= step_size * (m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps));
         }
     };
+    // Element by element: the modules split over the pool give the same bits as one thread.
+    std::vector<std::pair<size_t, size_t>> mods;
     for (size_t l = 0; l < adapter_->layers.size(); ++l)
-        for (size_t r = 0; r < adapter_->layers[l].size(); ++r) {
-            lora_module& w = adapter_->layers[l][r];
-            if (w.r == 0) continue;
-            lora_module& g = grads_.layers[l][r];
+        for (size_t r = 0; r < adapter_->layers[l].size(); ++r)
+            if (adapter_->layers[l][r].r > 0) mods.emplace_back(l, r);
+    auto run = [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+            const auto [l, r] = mods[static_cast<size_t>(i)];
+            lora_module& w    = adapter_->layers[l][r];
+            lora_module& g    = grads_.layers[l][r];
             update(w.a, g.a, m_.layers[l][r].a, v_.layers[l][r].a);
             update(w.b, g.b, m_.layers[l][r].b, v_.layers[l][r].b);
         }
+    };
+    if (ctx.pool && mods.size() > 1)
+        ctx.pool->parallel_for(static_cast<int64_t>(mods.size()), run);
+    else
+        run(0, static_cast<int64_t>(mods.size()));
     return st;
 }
 

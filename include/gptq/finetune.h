@@ -32,6 +32,7 @@ struct finetune_params {
     uint64_t    seed          = 0;
     std::string device        = "cpu";  // cpu, cuda, cuda:N
     bool        exact_f32     = false;  // GPU: the base's products in plain F32 (default: TF32 tensor cores)
+    bool        profile_ops   = false;  // GPU: log each step's GPU time per op kind (slower)
     double      eval_fraction = 0.05;  // share of the sequences held out for the eval loss
     int64_t     eval_every    = 0;     // > 0: eval loss every N steps too (always after each epoch)
     int64_t     save_every    = 0;     // > 0: checkpoint every N steps (out_dir/checkpoint)

@@ -14,7 +14,8 @@
 #     with each step's seconds, the mean after the first, the device memory (cudaMemGetInfo after the
 #     last step) and nvidia-smi's peak (polled every 0.2 s) to finetune7b.jsonl. Goal: < 1 s per
 #     step, < 16 GB. The models stay in /tmp/gptq-ft7b (FT_KEEP=1, the default: a second call on the
-#     same warm machine reuses them). FT_7B=0 skips.
+#     same warm machine reuses them). FT_7B=0 skips. Then 2 steps with --profile-ops: the GPU time per
+#     op kind of each step to finetune.txt (FT_PROFILE=0 skips).
 # Run from the repository root:
 #   run(command="bash scripts/device/finetune7b.sh", carry=[".device-bundle"])
 set -uo pipefail
@@ -116,6 +117,16 @@ if [ "${FT_7B:-1}" = 1 ]; then
             log "finetune $like W4 cuda (8 x 512, r 16, 7 linears): $(echo "$line" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print("%.3f s/step after the first (steps %s), loss %s, device used %.2f GB (weights %.2f, training %.2f)" % (r["step_seconds_mean"], " ".join("%.3f" % x for x in r["step_seconds"]), " ".join("%.4f" % x for x in r["step_losses"]), r.get("device_used_bytes", 0) / 1e9, r.get("device_weight_bytes", 0) / 1e9, r.get("device_train_bytes", 0) / 1e9))'), nvidia-smi peak ${peak:-?} MiB"
         else
             status=1; log "FAIL: finetune $like --device cuda rc $rc (see finetune.log)"; tail -5 "$OUT/finetune.log" | tee -a "$LOG"
+        fi
+    fi
+    # The GPU time per op kind of 2 more steps (--profile-ops: an event after each op). FT_PROFILE=0 skips.
+    if [ -f "$W/l7b-w4/config.json" ] && [ "${FT_PROFILE:-1}" = 1 ]; then
+        o=$W/l7b-lora-prof; rm -rf "$o"
+        if timeout 300 "$GPTQ" finetune "$W/l7b-w4" --data "$W/wiki.txt" -o "$o" --device cuda --max-steps 2 --batch 8 \
+               --seqlen 512 --r 16 --alpha 32 --eval-fraction 0 --profile-ops --json > /dev/null 2> "$W/prof.log"; then
+            grep "train profile" "$W/prof.log" | tee -a "$LOG"
+        else
+            status=1; log "FAIL: finetune --profile-ops"; tail -5 "$W/prof.log" | tee -a "$LOG"
         fi
     fi
     [ "${FT_KEEP:-1}" = 1 ] || rm -rf "$W"

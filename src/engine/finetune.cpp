@@ -527,6 +527,7 @@ result<finetune_result> finetune_run(const finetune_params& p) {
     if (dev.cuda) {
         GPTQ_ASSIGN_OR_RETURN(gpu, llama_cuda_model::open(p.model_path, llama_cuda_train_options(dev.index)));
         gpu->set_train_tf32(!p.exact_f32);
+        gpu->set_train_profile(p.profile_ops);
     }
 #endif
     if (!dev.cuda) {

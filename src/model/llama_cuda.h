@@ -22,6 +22,7 @@
 #pragma once
 
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -227,6 +228,8 @@ public:
     result<double> lora_loss_grad(const train_batch& batch, const lora_adapter& adapter, lora_adapter* grads,
                                   float grad_scale);
     void           set_train_tf32(bool on);
+    // Log each call's GPU time per op kind (a timing event after each op; slower).
+    void set_train_profile(bool on);
     // Device bytes training holds (activations, kept layer inputs, scratch, adapter and gradients).
     uint64_t train_bytes() const;
 
@@ -397,6 +400,8 @@ private:
     status                            train_layer(int64_t i_layer, const float* x0, float* out, float* dh);
     status                            train_loss(int64_t n, const std::vector<int32_t>& targets, float grad_scale,
                                                  bool grad, double* loss);
+    status                            train_profile_log(std::chrono::steady_clock::time_point t0,
+                                                        std::chrono::steady_clock::time_point t_up);
 };
 
 }  // namespace gptq

@@ -12,10 +12,15 @@
 // are cuBLAS products: the base's on TF32 tensor cores (unless set_train_tf32(false)), LoRA's in
 // plain F32. The adapter's A and B are uploaded per call, and the gradients downloaded and added
 // to the host's (AdamW stays on the host: engine/finetune.cpp's lora_trainer).
+#include <fmt/format.h>
+
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <map>
 
 #include "core/error.h"
+#include "core/log.h"
 #include "model/llama_cuda.h"
 #include "ops/ops.h"
 #include "ops/ops_cuda_train.h"
@@ -43,8 +48,17 @@ status grow(cuda_buffer& b, size_t bytes) {
 }
 }  // namespace
 
+struct cuda_train_state;
+namespace {
+status mark(cuda_context& c, cuda_train_state& st, const char* what);
+}  // namespace
+
 struct cuda_train_state {
     bool    tf32 = true;
+    // Profiling (set_train_profile): a timing event after each op, the GPU time summed per kind.
+    bool                      prof = false;
+    cuda_timeline             tl;
+    std::vector<const char*>  labels;  // the op each mark after the first ends
     int64_t n    = 0;  // rows of the current batch
     // Activations [n, features] F32 (llama_train.cpp's names), the kept inputs [n_layer, n, n_embd].
     cuda_buffer inputs, hidden, dh, dx, xn, q, k, v, att, h1, yn, y, g, u, da, act, datt, dq, dk, dv;
@@ -69,6 +83,14 @@ struct cuda_train_state {
     }
 };
 
+namespace {
+status mark(cuda_context& c, cuda_train_state& st, const char* what) {
+    if (!st.prof) return status::ok();
+    st.labels.push_back(what);
+    return st.tl.mark(c.stream());
+}
+}  // namespace
+
 llama_cuda_options llama_cuda_train_options(int device) {
     llama_cuda_options o;
     o.device    = device;
@@ -82,6 +104,11 @@ llama_cuda_options llama_cuda_train_options(int device) {
 void llama_cuda_model::set_train_tf32(bool on) {
     if (!train_) train_ = std::make_shared<cuda_train_state>();
     train_->tf32 = on;
+}
+
+void llama_cuda_model::set_train_profile(bool on) {
+    if (!train_) train_ = std::make_shared<cuda_train_state>();
+    train_->prof = on;
 }
 
 uint64_t llama_cuda_model::train_bytes() const {
@@ -130,12 +157,15 @@ status linear_fwd(cuda_context& c, cuda_train_state& st, const cuda_linear& l, c
                   float* y, int64_t n) {
     float* w = st.w32.as<float>();
     GPTQ_TRY(weight_f32(c, l, w));
+    GPTQ_TRY(mark(c, st, "weight_f32"));
     GPTQ_TRY(op_cuda_sgemm(c, false, true, n, l.n_out, l.n_in, 1.0f, x, l.n_in, w, l.n_in, 0.0f, y, l.n_out, st.tf32));
     if (const uint16_t* b = bias_of(l)) GPTQ_TRY(op_cuda_add_bias_f32(c, y, b, n, l.n_out));
+    GPTQ_TRY(mark(c, st, "linear"));
     if (lo.r == 0) return status::ok();
     float* t = st.t.as<float>();
     GPTQ_TRY(op_cuda_sgemm(c, false, true, n, lo.r, l.n_in, 1.0f, x, l.n_in, lo.a, l.n_in, 0.0f, t, lo.r, false));
-    return op_cuda_sgemm(c, false, true, n, l.n_out, lo.r, lo.scale, t, lo.r, lo.b, lo.r, 1.0f, y, l.n_out, false);
+    GPTQ_TRY(op_cuda_sgemm(c, false, true, n, l.n_out, lo.r, lo.scale, t, lo.r, lo.b, lo.r, 1.0f, y, l.n_out, false));
+    return mark(c, st, "lora");
 }
 
 // dx (+)= dy W + s (dy B) A; dB += s dy^T (x A^T); dA += s (dy B)^T x (llama_model::lora_linear_backward).
@@ -143,8 +173,10 @@ status linear_bwd(cuda_context& c, cuda_train_state& st, const cuda_linear& l, c
                   const float* dy, float* dx, int64_t n, bool accumulate) {
     float* w = st.w32.as<float>();
     GPTQ_TRY(weight_f32(c, l, w));
+    GPTQ_TRY(mark(c, st, "weight_f32"));
     GPTQ_TRY(op_cuda_sgemm(c, false, false, n, l.n_in, l.n_out, 1.0f, dy, l.n_out, w, l.n_in, accumulate ? 1.0f : 0.0f,
                            dx, l.n_in, st.tf32));
+    GPTQ_TRY(mark(c, st, "linear_backward"));
     if (lo.r == 0) return status::ok();
     const int64_t r = lo.r, n_in = l.n_in, n_out = l.n_out;
     float *       t = st.t.as<float>(), *dt = st.dt.as<float>();
@@ -152,7 +184,8 @@ status linear_bwd(cuda_context& c, cuda_train_state& st, const cuda_linear& l, c
     GPTQ_TRY(op_cuda_sgemm(c, true, false, n_out, r, n, lo.scale, dy, n_out, t, r, 1.0f, lo.gb, r, false));
     GPTQ_TRY(op_cuda_sgemm(c, false, false, n, r, n_out, lo.scale, dy, n_out, lo.b, r, 0.0f, dt, r, false));
     GPTQ_TRY(op_cuda_sgemm(c, true, false, r, n_in, n, 1.0f, dt, r, x, n_in, 1.0f, lo.ga, n_in, false));
-    return op_cuda_sgemm(c, false, false, n, n_in, r, 1.0f, dt, r, lo.a, n_in, 1.0f, dx, n_in, false);
+    GPTQ_TRY(op_cuda_sgemm(c, false, false, n, n_in, r, 1.0f, dt, r, lo.a, n_in, 1.0f, dx, n_in, false));
+    return mark(c, st, "lora_backward");
 }
 
 }  // namespace
@@ -180,12 +213,15 @@ status llama_cuda_model::train_layer(int64_t il, const float* x0, float* out, fl
     const float  eps = hp.rms_eps;
 
     // Attention's forward, keeping what its backward reads.
+    auto mk = [&](const char* what) { return mark(c, st, what); };
     GPTQ_TRY(op_cuda_rms_norm_f32(c, x0, L.attn_norm.as<uint16_t>(), xn, n, E, eps));
+    GPTQ_TRY(mk("rms_norm"));
     GPTQ_TRY(lin(R::LINEAR_Q, xn, q));
     GPTQ_TRY(lin(R::LINEAR_K, xn, k));
     GPTQ_TRY(lin(R::LINEAR_V, xn, v));
     GPTQ_TRY(op_cuda_rope_f32(c, q, cs, sn, n, hp.n_head, hd, qd, false));
     GPTQ_TRY(op_cuda_rope_f32(c, k, cs, sn, n, hp.n_head_kv, hd, kvd, false));
+    GPTQ_TRY(mk("rope"));
     auto args_of = [&](int64_t row0, int64_t nt) {
         cuda_attention_f32_args a;
         a.q = q + row0 * qd, a.k = k + row0 * kvd, a.v = v + row0 * kvd, a.out = att + row0 * qd;
@@ -203,28 +239,35 @@ status llama_cuda_model::train_layer(int64_t il, const float* x0, float* out, fl
         GPTQ_TRY(op_cuda_attention_f32(c, args_of(row0, nt)));
         row0 += nt;
     }
+    GPTQ_TRY(mk("attention"));
     GPTQ_TRY(cuda_copy_device_async(c, h1, x0, size_t(n * E) * 4));
     GPTQ_TRY(lin(R::LINEAR_O, att, y));
     GPTQ_TRY(op_cuda_add_f32(c, h1, y, n * E));
+    GPTQ_TRY(mk("add"));
     // The MLP's forward.
     GPTQ_TRY(op_cuda_rms_norm_f32(c, h1, L.mlp_norm.as<uint16_t>(), yn, n, E, eps));
+    GPTQ_TRY(mk("rms_norm"));
     GPTQ_TRY(lin(R::LINEAR_GATE, yn, g));
     GPTQ_TRY(lin(R::LINEAR_UP, yn, u));
     GPTQ_TRY(op_cuda_silu_mul_f32(c, g, u, act, n * F));
+    GPTQ_TRY(mk("silu_mul"));
     if (!dh) {
         GPTQ_TRY(lin(R::LINEAR_DOWN, act, y));
         GPTQ_TRY(cuda_copy_device_async(c, out, h1, size_t(n * E) * 4));
-        return op_cuda_add_f32(c, out, y, n * E);
+        GPTQ_TRY(op_cuda_add_f32(c, out, y, n * E));
+        return mk("add");
     }
 
     // MLP backward: dh = dL/dh2 -> dL/dh1.
     float *da = st.da.as<float>(), *dx = st.dx.as<float>();
     GPTQ_TRY(back(R::LINEAR_DOWN, act, dh, da, false));
     GPTQ_TRY(op_cuda_silu_mul_backward_f32(c, g, u, da, da, u, n * F));  // da <- dgate, u <- dup
+    GPTQ_TRY(mk("silu_mul_backward"));
     GPTQ_TRY(back(R::LINEAR_GATE, yn, da, dx, false));
     GPTQ_TRY(back(R::LINEAR_UP, yn, u, dx, true));
     GPTQ_TRY(op_cuda_rms_norm_backward_f32(c, h1, L.mlp_norm.as<uint16_t>(), dx, dx, n, E, eps));
     GPTQ_TRY(op_cuda_add_f32(c, dh, dx, n * E));
+    GPTQ_TRY(mk("rms_norm_backward"));
 
     // Attention backward: dL/dh1 -> dL/dx0.
     float *datt = st.datt.as<float>(), *dq = st.dq.as<float>(), *dk = st.dk.as<float>(), *dv = st.dv.as<float>();
@@ -235,13 +278,16 @@ status llama_cuda_model::train_layer(int64_t il, const float* x0, float* out, fl
                                                 dk + row0 * kvd, dv + row0 * kvd));
         row0 += nt;
     }
+    GPTQ_TRY(mk("attention_backward"));
     GPTQ_TRY(op_cuda_rope_f32(c, dq, cs, sn, n, hp.n_head, hd, qd, true));
     GPTQ_TRY(op_cuda_rope_f32(c, dk, cs, sn, n, hp.n_head_kv, hd, kvd, true));
+    GPTQ_TRY(mk("rope_backward"));
     GPTQ_TRY(back(R::LINEAR_Q, xn, dq, dx, false));
     GPTQ_TRY(back(R::LINEAR_K, xn, dk, dx, true));
     GPTQ_TRY(back(R::LINEAR_V, xn, dv, dx, true));
     GPTQ_TRY(op_cuda_rms_norm_backward_f32(c, x0, L.attn_norm.as<uint16_t>(), dx, dx, n, E, eps));
-    return op_cuda_add_f32(c, dh, dx, n * E);
+    GPTQ_TRY(op_cuda_add_f32(c, dh, dx, n * E));
+    return mk("rms_norm_backward");
 }
 
 // llama_model::output_loss_grad on the device: the rows with a target in chunks (final norm,
@@ -275,6 +321,7 @@ status llama_cuda_model::train_loss(int64_t n, const std::vector<int32_t>& targe
     const cuda_buffer& head = lm_head_.bytes() ? lm_head_ : embed_;
     float*             w    = st.w32.as<float>();
     GPTQ_TRY(op_cuda_f16_to_f32(c, head.as<uint16_t>(), w, V * E));
+    GPTQ_TRY(mark(c, st, "weight_f32"));
     float *h = st.ce_h.as<float>(), *dxc = st.ce_dx.as<float>(), *logits = st.logits.as<float>();
     for (int64_t c0 = 0; c0 < n_t; c0 += chunk) {
         const int64_t  nc = std::min(chunk, n_t - c0);
@@ -284,14 +331,41 @@ status llama_cuda_model::train_loss(int64_t n, const std::vector<int32_t>& targe
         GPTQ_TRY(op_cuda_sgemm(c, false, true, nc, V, E, 1.0f, dxc, E, w, E, 0.0f, logits, V, st.tf32));
         GPTQ_TRY(op_cuda_cross_entropy_f32(c, logits, st.targets.as<int32_t>() + c0, st.nll.as<double>() + c0, nc, V,
                                            grad_scale, grad));
+        GPTQ_TRY(mark(c, st, "loss"));
         if (!grad) continue;
         GPTQ_TRY(op_cuda_sgemm(c, false, false, nc, E, V, 1.0f, logits, V, w, E, 0.0f, dxc, E, st.tf32));
         GPTQ_TRY(op_cuda_rms_norm_backward_f32(c, h, norm_.as<uint16_t>(), dxc, dxc, nc, E, hp.rms_eps));
         GPTQ_TRY(op_cuda_rows_scatter_f32(c, dxc, rw, st.dh.as<float>(), nc, E));
+        GPTQ_TRY(mark(c, st, "loss_backward"));
     }
     std::vector<double> nll(static_cast<size_t>(n_t));
     GPTQ_TRY(cuda_copy_to_host(c, nll.data(), st.nll.data(), nll.size() * 8));
     for (double x : nll) *loss += x;  // in row order, as the CPU sums
+    return status::ok();
+}
+
+// The GPU time of the call per op kind (the marks' intervals summed by label), the host's setup
+// (the adapter's upload, buffers, RoPE rows) before it, one log line.
+status llama_cuda_model::train_profile_log(std::chrono::steady_clock::time_point t0,
+                                           std::chrono::steady_clock::time_point t_up) {
+    cuda_train_state& st = *train_;
+    GPTQ_ASSIGN_OR_RETURN(std::vector<float> ms, st.tl.intervals_ms());
+    std::map<std::string, double> sum;
+    double                        total = 0;
+    for (size_t i = 0; i < ms.size() && i < st.labels.size(); ++i) {
+        sum[st.labels[i]] += ms[i];
+        total += ms[i];
+    }
+    std::vector<std::pair<double, std::string>> rows;
+    for (const auto& [k, v] : sum) rows.emplace_back(v, k);
+    std::sort(rows.rbegin(), rows.rend());
+    std::string line;
+    for (const auto& [v, k] : rows) line += fmt::format(" {} {:.1f}", k, v);
+    const auto   now  = std::chrono::steady_clock::now();
+    const double wall = std::chrono::duration<double, std::milli>(now - t0).count();
+    const double up   = std::chrono::duration<double, std::milli>(t_up - t0).count();
+    GPTQ_LOG_INFO("train profile ({} rows): wall {:.1f} ms, host setup + upload {:.1f} ms, GPU {:.1f} ms:{}", st.n,
+                  wall, up, total, line);
     return status::ok();
 }
 
@@ -317,6 +391,7 @@ result<double> llama_cuda_model::lora_loss_grad(const train_batch& b, const lora
         return make_error(E_ARG, "LoRA training: the adapter has {} layers (gradients {}), the model {}",
                           adapter.layers.size(), grads ? grads->layers.size() : 0, hp.n_layer);
     if (!train_) train_ = std::make_shared<cuda_train_state>();
+    const auto        t0 = std::chrono::steady_clock::now();
     cuda_train_state& st = *train_;
     cuda_context&     c  = *ctx_;
     const int64_t     E = hp.n_embd, qd = hp.q_dim(), kvd = hp.kv_dim(), F = hp.n_ff, half = hp.head_dim / 2;
@@ -399,8 +474,15 @@ result<double> llama_cuda_model::lora_loss_grad(const train_batch& b, const lora
     }
 
     // Forward, keeping each layer's input.
+    const auto t_up = std::chrono::steady_clock::now();
+    if (st.prof) {
+        st.tl.clear();
+        st.labels.clear();
+        GPTQ_TRY(st.tl.mark(c.stream()));
+    }
     float* hidden = st.hidden.as<float>();
     GPTQ_TRY(op_cuda_embedding_f32(c, embed_.as<uint16_t>(), st.ids.as<int32_t>(), hidden, n, hp.n_vocab, E));
+    GPTQ_TRY(mark(c, st, "embedding"));
     for (int64_t i = 0; i < hp.n_layer; ++i) {
         float* in = st.inputs.as<float>() + i * n * E;
         GPTQ_TRY(cuda_copy_device_async(c, in, hidden, size_t(n * E) * 4));
@@ -408,9 +490,11 @@ result<double> llama_cuda_model::lora_loss_grad(const train_batch& b, const lora
     }
     double loss = 0.0;
     GPTQ_TRY(train_loss(n, b.targets, grad_scale, grads != nullptr, &loss));
+    if (grads)
+        for (int64_t i = hp.n_layer - 1; i >= 0; --i)
+            GPTQ_TRY(train_layer(i, st.inputs.as<float>() + i * n * E, nullptr, st.dh.as<float>()));
+    if (st.prof) GPTQ_TRY(train_profile_log(t0, t_up));
     if (!grads) return loss;
-    for (int64_t i = hp.n_layer - 1; i >= 0; --i)
-        GPTQ_TRY(train_layer(i, st.inputs.as<float>() + i * n * E, nullptr, st.dh.as<float>()));
 
     // The gradients, added to the host's.
     if (total > 0) GPTQ_TRY(cuda_copy_to_host(c, st.host.data(), st.grads.data(), size_t(total) * 4));

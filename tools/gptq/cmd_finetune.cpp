@@ -36,6 +36,7 @@ command register_finetune(CLI::App& app) {
     sub->add_option("--device", p->device, "cpu, cuda or cuda:N (the GPU: docs/lora.md \"Fine-tuning on the GPU\")")
         ->capture_default_str();
     sub->add_flag("--exact-f32", p->exact_f32, "GPU: the base's products in plain F32 instead of TF32 tensor cores");
+    sub->add_flag("--profile-ops", p->profile_ops, "GPU: log each step's GPU time per op kind (slower)");
     sub->add_option("--eval-fraction", p->eval_fraction, "share of the sequences held out for the eval loss")
         ->capture_default_str();
     sub->add_option("--eval-every", p->eval_every, "eval loss every N steps too (0: after each epoch only)")

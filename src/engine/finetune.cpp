@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <numbers>
 #include <optional>
@@ -106,9 +107,24 @@ result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::v
         st.n_tokens += static_cast<int64_t>(b.ids.size());
     }
     if (st.n_targets == 0) return make_error(E_ARG, "a training step without any target token");
-    for_each_module(grads_, [](lora_module& g) {  // in place: no new 4 x adapter-sized allocation per step
-        std::fill(g.a.begin(), g.a.end(), 0.0f);
-        std::fill(g.b.begin(), g.b.end(), 0.0f);
+    // The adapted modules, each a unit of work below (module by module: the same bits whatever the
+    // pool's size).
+    std::vector<std::pair<size_t, size_t>> mods;
+    for (size_t l = 0; l < adapter_->layers.size(); ++l)
+        for (size_t r = 0; r < adapter_->layers[l].size(); ++r)
+            if (adapter_->layers[l][r].r > 0) mods.emplace_back(l, r);
+    auto over_modules = [&](const std::function<void(int64_t, int64_t)>& fn) {
+        if (ctx.pool && mods.size() > 1)
+            ctx.pool->parallel_for(static_cast<int64_t>(mods.size()), fn);
+        else
+            fn(0, static_cast<int64_t>(mods.size()));
+    };
+    over_modules([&](int64_t i0, int64_t i1) {  // in place: no new adapter-sized allocation per step
+        for (int64_t i = i0; i < i1; ++i) {
+            const auto [l, r] = mods[static_cast<size_t>(i)];
+            std::fill(grads_.layers[l][r].a.begin(), grads_.layers[l][r].a.end(), 0.0f);
+            std::fill(grads_.layers[l][r].b.begin(), grads_.layers[l][r].b.end(), 0.0f);
+        }
     });
     const float grad_scale = static_cast<float>(1.0 / static_cast<double>(st.n_targets));
     double      loss       = 0.0;
@@ -117,12 +133,21 @@ result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::v
         loss += l;
     }
     st.loss = loss / static_cast<double>(st.n_targets);
-    // Global norm over every A and B gradient (torch.nn.utils.clip_grad_norm_ with norm 2).
-    double sq = 0.0;
-    for_each_module(grads_, [&](lora_module& g) {
-        for (float x : g.a) sq += static_cast<double>(x) * x;
-        for (float x : g.b) sq += static_cast<double>(x) * x;
+    // Global norm over every A and B gradient (torch.nn.utils.clip_grad_norm_ with norm 2): each
+    // module's squares summed in double, then the modules in order.
+    std::vector<double> sq_mod(mods.size(), 0.0);
+    over_modules([&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+            const auto [l, r] = mods[static_cast<size_t>(i)];
+            const lora_module& g = grads_.layers[l][r];
+            double             s = 0.0;
+            for (float x : g.a) s += static_cast<double>(x) * x;
+            for (float x : g.b) s += static_cast<double>(x) * x;
+            sq_mod[static_cast<size_t>(i)] = s;
+        }
     });
+    double sq = 0.0;
+    for (double s : sq_mod) sq += s;
     st.grad_norm = std::sqrt(sq);
     if (!std::isfinite(st.loss) || !std::isfinite(st.grad_norm))  // nothing updated: the adapter stays finite
         return make_error(status_code::STATUS_INTERNAL,
@@ -149,12 +174,7 @@ result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::v
             w[i] -= step_size * (m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps));
         }
     };
-    // Element by element: the modules split over the pool give the same bits as one thread.
-    std::vector<std::pair<size_t, size_t>> mods;
-    for (size_t l = 0; l < adapter_->layers.size(); ++l)
-        for (size_t r = 0; r < adapter_->layers[l].size(); ++r)
-            if (adapter_->layers[l][r].r > 0) mods.emplace_back(l, r);
-    auto run = [&](int64_t i0, int64_t i1) {
+    over_modules([&](int64_t i0, int64_t i1) {  // element by element
         for (int64_t i = i0; i < i1; ++i) {
             const auto [l, r] = mods[static_cast<size_t>(i)];
             lora_module& w    = adapter_->layers[l][r];
@@ -162,11 +182,7 @@ result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::v
             update(w.a, g.a, m_.layers[l][r].a, v_.layers[l][r].a);
             update(w.b, g.b, m_.layers[l][r].b, v_.layers[l][r].b);
         }
-    };
-    if (ctx.pool && mods.size() > 1)
-        ctx.pool->parallel_for(static_cast<int64_t>(mods.size()), run);
-    else
-        run(0, static_cast<int64_t>(mods.size()));
+    });
     return st;
 }
 
@@ -572,8 +588,8 @@ result<finetune_result> finetune_run(const finetune_params& p) {
     }
 #ifdef GPTQ_HAVE_CUDA
     if (gpu)
-        fn = [m = gpu.get(), adapter](const ops_context&, const train_batch& b, lora_adapter* g, float s) {
-            return m->lora_loss_grad(b, *adapter, g, s);
+        fn = [m = gpu.get(), adapter](const ops_context& ctx, const train_batch& b, lora_adapter* g, float s) {
+            return m->lora_loss_grad(b, *adapter, g, s, ctx.pool);
         };
 #endif
     lora_trainer trainer(fn, adapter, cfg);

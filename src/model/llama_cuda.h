@@ -225,8 +225,9 @@ public:
     // input kept and the layer recomputed in the backward pass; the base's products on TF32 tensor
     // cores unless set_train_tf32(false) (plain F32: the tests' exact mode). The model must be open
     // with llama_cuda_train_options() (an error names what differs), no offload.
+    // pool (may be nullptr): the host's copies of the factors and gradients split over it.
     result<double> lora_loss_grad(const train_batch& batch, const lora_adapter& adapter, lora_adapter* grads,
-                                  float grad_scale);
+                                  float grad_scale, thread_pool* pool = nullptr);
     void           set_train_tf32(bool on);
     // Log each call's GPU time per op kind (a timing event after each op; slower).
     void set_train_profile(bool on);

@@ -17,10 +17,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <map>
 
 #include "core/error.h"
 #include "core/log.h"
+#include "core/thread_pool.h"
 #include "model/llama_cuda.h"
 #include "ops/ops.h"
 #include "ops/ops_cuda_train.h"
@@ -370,7 +372,7 @@ status llama_cuda_model::train_profile_log(std::chrono::steady_clock::time_point
 }
 
 result<double> llama_cuda_model::lora_loss_grad(const train_batch& b, const lora_adapter& adapter, lora_adapter* grads,
-                                                float grad_scale) {
+                                                float grad_scale, thread_pool* pool) {
     GPTQ_TRY(train_check());
     const llama_hparams& hp = hparams();
     const int64_t        n  = static_cast<int64_t>(b.ids.size());
@@ -417,24 +419,46 @@ result<double> llama_cuda_model::lora_loss_grad(const train_batch& b, const lora
     GPTQ_TRY(grow(st.factors, size_t(total) * 4));
     GPTQ_TRY(grow(st.grads, size_t(total) * 4));
     st.host.resize(static_cast<size_t>(total));
+    struct placed {
+        const lora_module* m;
+        lora_module*       g;    // the host gradients (nullptr: eval)
+        int64_t            off;  // A at off, B right after
+    };
+    std::vector<placed> mods;
     {
         int64_t off = 0;
         for (int64_t l = 0; l < hp.n_layer; ++l)
             for (int r = 0; r < k_n_linear_roles; ++r)
                 if (const lora_module* m = adapter.module(l, static_cast<linear_role>(r))) {
+                    lora_module* g = grads ? &grads->layers[static_cast<size_t>(l)][static_cast<size_t>(r)] : nullptr;
+                    if (g && (g->a.size() != m->a.size() || g->b.size() != m->b.size()))
+                        return make_error(E_ARG, "LoRA training: the gradients of {} do not have the adapter's shapes",
+                                          llama_linear_name(l, static_cast<linear_role>(r)));
                     lora_dev& d = st.lora[static_cast<size_t>(l)][static_cast<size_t>(r)];
                     d.r         = m->r;
                     d.scale     = m->scale;
-                    std::copy(m->a.begin(), m->a.end(), st.host.begin() + off);
-                    d.a  = st.factors.as<float>() + off;
-                    d.ga = st.grads.as<float>() + off;
-                    off += static_cast<int64_t>(m->a.size());
-                    std::copy(m->b.begin(), m->b.end(), st.host.begin() + off);
-                    d.b  = st.factors.as<float>() + off;
-                    d.gb = st.grads.as<float>() + off;
-                    off += static_cast<int64_t>(m->b.size());
+                    d.a         = st.factors.as<float>() + off;
+                    d.ga        = st.grads.as<float>() + off;
+                    d.b         = d.a + m->a.size();
+                    d.gb        = d.ga + m->a.size();
+                    mods.push_back({m, g, off});
+                    off += static_cast<int64_t>(m->a.size() + m->b.size());
                 }
     }
+    // Host loops over the modules, on the pool when given (element-wise: the same bits).
+    auto over_modules = [&](const std::function<void(const placed&)>& fn) {
+        auto range = [&](int64_t i0, int64_t i1) {
+            for (int64_t i = i0; i < i1; ++i) fn(mods[static_cast<size_t>(i)]);
+        };
+        if (pool && mods.size() > 1)
+            pool->parallel_for(static_cast<int64_t>(mods.size()), range);
+        else
+            range(0, static_cast<int64_t>(mods.size()));
+    };
+    over_modules([&](const placed& p) {
+        std::copy(p.m->a.begin(), p.m->a.end(), st.host.begin() + p.off);
+        std::copy(p.m->b.begin(), p.m->b.end(), st.host.begin() + p.off + static_cast<int64_t>(p.m->a.size()));
+    });
     if (total > 0) {
         GPTQ_TRY(st.factors.upload(st.host.data(), size_t(total) * 4));
         GPTQ_TRY(cuda_zero_async(c, st.grads.data(), size_t(total) * 4));
@@ -498,17 +522,11 @@ result<double> llama_cuda_model::lora_loss_grad(const train_batch& b, const lora
 
     // The gradients, added to the host's.
     if (total > 0) GPTQ_TRY(cuda_copy_to_host(c, st.host.data(), st.grads.data(), size_t(total) * 4));
-    int64_t off = 0;
-    for (int64_t l = 0; l < hp.n_layer; ++l)
-        for (int r = 0; r < k_n_linear_roles; ++r)
-            if (const lora_module* m = adapter.module(l, static_cast<linear_role>(r))) {
-                lora_module& gm = grads->layers[static_cast<size_t>(l)][static_cast<size_t>(r)];
-                if (gm.a.size() != m->a.size() || gm.b.size() != m->b.size())
-                    return make_error(E_ARG, "LoRA training: the gradients of {} do not have the adapter's shapes",
-                                      llama_linear_name(l, static_cast<linear_role>(r)));
-                for (float& x : gm.a) x += st.host[static_cast<size_t>(off++)];
-                for (float& x : gm.b) x += st.host[static_cast<size_t>(off++)];
-            }
+    over_modules([&](const placed& p) {
+        const float* src = st.host.data() + p.off;
+        for (float& x : p.g->a) x += *src++;
+        for (float& x : p.g->b) x += *src++;
+    });
     return loss;
 }
 

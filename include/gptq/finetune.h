@@ -31,7 +31,7 @@ struct finetune_params {
     int64_t     grad_accum    = 1;  // micro-batches per optimizer step
     uint64_t    seed          = 0;
     std::string device        = "cpu";  // cpu, cuda, cuda:N
-    bool        exact_f32     = false;  // GPU: the base's products in plain F32 (default: TF32 tensor cores)
+    std::string gpu_math      = "tf32";  // GPU: the base's products on tf32 or bf16 tensor cores, or f32 (exact)
     bool        profile_ops   = false;  // GPU: log each step's GPU time per op kind (slower)
     double      eval_fraction = 0.05;  // share of the sequences held out for the eval loss
     int64_t     eval_every    = 0;     // > 0: eval loss every N steps too (always after each epoch)

@@ -6,7 +6,7 @@
 #     W4 act-order) against the CPU's lora_loss_grad, resume, a GPU run against the CPU run.
 #     FT_TESTS=0 skips.
 #  2. The loss curve: tiny-llama (FP16, and RTN W4 g32 made here) fine-tuned 4 steps of 4 x 128
-#     tokens of WikiText-2 on cpu and on cuda (--exact-f32, and TF32): each step's loss side by side
+#     tokens of WikiText-2 on cpu and on cuda (--gpu-math f32, tf32, bf16): each step's loss side by side
 #     (JSON lines in finetune_curve.jsonl). FT_CURVE=0 skips.
 #  3. The shape: make-random llama-2-7b (FT_LAYERS layers, default all 32; made on the
 #     device), RTN W4 g128 on the host's cores, then `gptq finetune --device cuda` of FT_STEPS
@@ -58,7 +58,7 @@ if [ "${FT_TESTS:-1}" = 1 ]; then
             status=1; log "test_finetune_cuda FAILED (see test_finetune_cuda.log)"
             grep -E '^\[  FAILED|Failure|error|Expected|Which is|actual' "$OUT/test_finetune_cuda.log" | head -40 | tee -a "$LOG"
         fi
-        grep -E 'tf32 [01]: loss|train loss cpu|adapter: worst' "$OUT/test_finetune_cuda.log" | tee -a "$LOG"
+        grep -E 'math [a-z0-9]+: loss|train loss cpu|adapter: worst' "$OUT/test_finetune_cuda.log" | tee -a "$LOG"
     else
         status=1; log "test_finetune_cuda not found in $T (rebuild the bundle: scripts/device/bundle.sh)"
     fi
@@ -71,7 +71,7 @@ if [ "${FT_CURVE:-1}" = 1 ]; then
     [ -d "$W/tiny-w4" ] || "$GPTQ" -q quantize "$TINY" -o "$W/tiny-w4" --method rtn --bits 4 --group-size 32 \
         --threads "$JOBS" >> "$OUT/finetune.log" 2>&1
     for m in "$TINY" "$W/tiny-w4"; do
-        for dev in "cpu" "cuda --exact-f32" "cuda"; do
+        for dev in "cpu" "cuda --gpu-math f32" "cuda" "cuda --gpu-math bf16"; do
             o=$W/curve-out; rm -rf "$o"
             if line=$(timeout 300 "$GPTQ" -q finetune "$m" --data "$W/wiki-small.txt" -o "$o" --device $dev --max-steps 4 \
                       --batch 4 --seqlen 128 --r 8 --lr 1e-3 --eval-fraction 0.02 --seed 1 -t "$JOBS" --json 2>> "$OUT/finetune.log"); then

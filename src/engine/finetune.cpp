@@ -381,6 +381,8 @@ result<std::array<bool, k_n_linear_roles>> targets_parse(const std::string& list
 status params_check(const finetune_params& p) {
     GPTQ_ASSIGN_OR_RETURN(device_spec d, device_parse(p.device));
     GPTQ_TRY(device_check(d));
+    if (p.gpu_math != "tf32" && p.gpu_math != "bf16" && p.gpu_math != "f32")
+        return make_error(E_ARG, "finetune --gpu-math '{}': expected tf32, bf16 or f32", p.gpu_math);
     if (p.model_path.empty() || p.data_path.empty() || p.out_dir.empty())
         return make_error(E_ARG, "finetune: a model, --data and -o are required");
     auto positive = [](const char* name, double v) -> status {
@@ -542,7 +544,9 @@ result<finetune_result> finetune_run(const finetune_params& p) {
     std::unique_ptr<llama_cuda_model> gpu;
     if (dev.cuda) {
         GPTQ_ASSIGN_OR_RETURN(gpu, llama_cuda_model::open(p.model_path, llama_cuda_train_options(dev.index)));
-        gpu->set_train_tf32(!p.exact_f32);
+        gpu->set_train_math(p.gpu_math == "f32"    ? cuda_train_math::F32
+                            : p.gpu_math == "bf16" ? cuda_train_math::BF16
+                                                   : cuda_train_math::TF32);
         gpu->set_train_profile(p.profile_ops);
     }
 #endif

@@ -72,6 +72,9 @@ constexpr int64_t k_llama_cuda_default_ctx = 4096;
 // tensors, dequantized to F32 for the products), a KV cache of 16 positions (training keeps its
 // own activations), no graphs.
 llama_cuda_options llama_cuda_train_options(int device = 0);
+// The base's products in LoRA training: plain F32 (exact mode), TF32 tensor cores (F32 range, 10-bit
+// mantissa inputs) or BF16 tensor cores (8-bit mantissa inputs); F32 accumulation in each.
+enum class cuda_train_math { F32, TF32, BF16 };
 struct cuda_train_state;  // model/llama_cuda_train.cpp
 constexpr int64_t k_llama_cuda_max_seq     = 256;  // sequence slots (sequences_reserve)
 
@@ -222,13 +225,13 @@ public:
     // the batch's targets returned; with grads, d(grad_scale * NLL)/dA, dB of `adapter` ADDED to
     // *grads, which has adapter's shapes), with `adapter` given per call (its A and B uploaded each
     // call: the optimizer updates them on the host). F32 activations on the device, each layer's
-    // input kept and the layer recomputed in the backward pass; the base's products on TF32 tensor
-    // cores unless set_train_tf32(false) (plain F32: the tests' exact mode). The model must be open
+    // input kept and the layer recomputed in the backward pass; the base's products in
+    // set_train_math's arithmetic (default TF32; F32: the tests' exact mode). The model must be open
     // with llama_cuda_train_options() (an error names what differs), no offload.
     // pool (may be nullptr): the host's copies of the factors and gradients split over it.
     result<double> lora_loss_grad(const train_batch& batch, const lora_adapter& adapter, lora_adapter* grads,
                                   float grad_scale, thread_pool* pool = nullptr);
-    void           set_train_tf32(bool on);
+    void           set_train_math(cuda_train_math m);
     // Log each call's GPU time per op kind (a timing event after each op; slower).
     void set_train_profile(bool on);
     // Device bytes training holds (activations, kept layer inputs, scratch, adapter and gradients).

@@ -9,8 +9,8 @@
 // linear's weight is made F32 in a scratch buffer for each product (GPTQ: dequantized from the
 // generic layout, bit for bit the CPU's values; F16: converted), so
 //     y = x W^T + s (x A^T) B^T,  t = x A^T:   dB += s dy^T t,  dA += s (dy B)^T x,  dx = dy W + s (dy B) A
-// are cuBLAS products: the base's on TF32 tensor cores (unless set_train_tf32(false)), LoRA's in
-// plain F32. The adapter's A and B are uploaded per call, and the gradients downloaded and added
+// are cuBLAS products: the base's in set_train_math's arithmetic (TF32 tensor cores by default, BF16
+// operands, or plain F32), LoRA's in plain F32. The adapter's A and B are uploaded per call, and the gradients downloaded and added
 // to the host's (AdamW stays on the host: engine/finetune.cpp's lora_trainer).
 #include <fmt/format.h>
 
@@ -56,7 +56,8 @@ status mark(cuda_context& c, cuda_train_state& st, const char* what);
 }  // namespace
 
 struct cuda_train_state {
-    bool    tf32 = true;
+    cuda_train_math math = cuda_train_math::TF32;
+    bool            tf32() const { return math != cuda_train_math::F32; }  // attention's products
     // Profiling (set_train_profile): a timing event after each op, the GPU time summed per kind.
     bool                      prof = false;
     cuda_timeline             tl;
@@ -66,7 +67,8 @@ struct cuda_train_state {
     cuda_buffer inputs, hidden, dh, dx, xn, q, k, v, att, h1, yn, y, g, u, da, act, datt, dq, dk, dv;
     cuda_buffer cos, sin;  // [n, head_dim / 2]: each sequence's positions 0 .. n_tokens - 1
     cuda_buffer t, dt;     // [n, max r]: LoRA's x A^T and dy B
-    cuda_buffer w32;       // one linear's (or the lm_head's) weight, F32
+    cuda_buffer w32;       // one linear's (or the lm_head's) weight, F32 (BF16 mode: BF16 in its first half)
+    cuda_buffer xb;        // BF16 mode: a product's activation operand
     cuda_buffer ids, rows, targets, nll;
     cuda_buffer ce_h, ce_dx, logits;  // the loss's chunk
     cuda_buffer factors, grads;       // every A and B, F32 (the adapter's layout), and their gradients
@@ -78,7 +80,7 @@ struct cuda_train_state {
         uint64_t s = 0;
         for (const cuda_buffer* b : {&inputs, &hidden, &dh,   &dx,      &xn,  &q,    &k,     &v,       &att,
                                      &h1,     &yn,     &y,    &g,       &u,   &da,   &act,   &datt,    &dq,
-                                     &dk,     &dv,     &cos,  &sin,     &t,   &dt,   &w32,   &ids,     &rows,
+                                     &dk,     &dv,     &cos,  &sin,     &t,   &dt,   &w32,   &xb, &ids,     &rows,
                                      &targets, &nll,   &ce_h, &ce_dx, &logits, &factors, &grads})
             s += b->bytes();
         return s;
@@ -103,9 +105,9 @@ llama_cuda_options llama_cuda_train_options(int device) {
     return o;
 }
 
-void llama_cuda_model::set_train_tf32(bool on) {
+void llama_cuda_model::set_train_math(cuda_train_math m) {
     if (!train_) train_ = std::make_shared<cuda_train_state>();
-    train_->tf32 = on;
+    train_->math = m;
 }
 
 void llama_cuda_model::set_train_profile(bool on) {
@@ -143,10 +145,26 @@ status llama_cuda_model::train_check() const {
 
 namespace {
 
-// A linear's weight [n_out, n_in] as F32 into w.
-status weight_f32(cuda_context& c, const cuda_linear& l, float* w) {
-    if (l.quantized) return op_cuda_gptq_dequant_f32(c, l.q, w);
-    return op_cuda_f16_to_f32(c, l.w.as<uint16_t>(), w, l.n_out * l.n_in);
+// The base's product of a linear in the state's arithmetic: forward y[n, n_out] = x[n, n_in] W^T,
+// backward dx[n, n_in] (+)= dy[n, n_out] W (beta 1: accumulate). The weight is made F32 (or BF16)
+// in w32 first; in BF16 mode the activation operand is rounded into xb.
+status base_product(cuda_context& c, cuda_train_state& st, const cuda_linear& l, bool backward, const float* in,
+                    float* out, int64_t n, float beta) {
+    const int64_t k = backward ? l.n_out : l.n_in, n_res = backward ? l.n_in : l.n_out;
+    if (st.math == cuda_train_math::BF16) {
+        uint16_t* w = st.w32.as<uint16_t>();
+        GPTQ_TRY(l.quantized ? op_cuda_gptq_dequant_bf16(c, l.q, w)
+                             : op_cuda_f16_to_bf16(c, l.w.as<uint16_t>(), w, l.n_out * l.n_in));
+        GPTQ_TRY(mark(c, st, "weight_convert"));
+        uint16_t* ib = st.xb.as<uint16_t>();
+        GPTQ_TRY(op_cuda_f32_to_bf16(c, in, ib, n * k));
+        return op_cuda_gemm_bf16(c, false, !backward, n, n_res, k, 1.0f, ib, k, w, l.n_in, beta, out, n_res);
+    }
+    float* w = st.w32.as<float>();
+    GPTQ_TRY(l.quantized ? op_cuda_gptq_dequant_f32(c, l.q, w)
+                         : op_cuda_f16_to_f32(c, l.w.as<uint16_t>(), w, l.n_out * l.n_in));
+    GPTQ_TRY(mark(c, st, "weight_convert"));
+    return op_cuda_sgemm(c, false, !backward, n, n_res, k, 1.0f, in, k, w, l.n_in, beta, out, n_res, st.tf32());
 }
 
 const uint16_t* bias_of(const cuda_linear& l) {
@@ -157,10 +175,7 @@ const uint16_t* bias_of(const cuda_linear& l) {
 // y[n, n_out] = x W^T (+ bias) + s (x A^T) B^T.
 status linear_fwd(cuda_context& c, cuda_train_state& st, const cuda_linear& l, const lora_dev& lo, const float* x,
                   float* y, int64_t n) {
-    float* w = st.w32.as<float>();
-    GPTQ_TRY(weight_f32(c, l, w));
-    GPTQ_TRY(mark(c, st, "weight_f32"));
-    GPTQ_TRY(op_cuda_sgemm(c, false, true, n, l.n_out, l.n_in, 1.0f, x, l.n_in, w, l.n_in, 0.0f, y, l.n_out, st.tf32));
+    GPTQ_TRY(base_product(c, st, l, false, x, y, n, 0.0f));
     if (const uint16_t* b = bias_of(l)) GPTQ_TRY(op_cuda_add_bias_f32(c, y, b, n, l.n_out));
     GPTQ_TRY(mark(c, st, "linear"));
     if (lo.r == 0) return status::ok();
@@ -173,11 +188,7 @@ status linear_fwd(cuda_context& c, cuda_train_state& st, const cuda_linear& l, c
 // dx (+)= dy W + s (dy B) A; dB += s dy^T (x A^T); dA += s (dy B)^T x (llama_model::lora_linear_backward).
 status linear_bwd(cuda_context& c, cuda_train_state& st, const cuda_linear& l, const lora_dev& lo, const float* x,
                   const float* dy, float* dx, int64_t n, bool accumulate) {
-    float* w = st.w32.as<float>();
-    GPTQ_TRY(weight_f32(c, l, w));
-    GPTQ_TRY(mark(c, st, "weight_f32"));
-    GPTQ_TRY(op_cuda_sgemm(c, false, false, n, l.n_in, l.n_out, 1.0f, dy, l.n_out, w, l.n_in, accumulate ? 1.0f : 0.0f,
-                           dx, l.n_in, st.tf32));
+    GPTQ_TRY(base_product(c, st, l, true, dy, dx, n, accumulate ? 1.0f : 0.0f));
     GPTQ_TRY(mark(c, st, "linear_backward"));
     if (lo.r == 0) return status::ok();
     const int64_t r = lo.r, n_in = l.n_in, n_out = l.n_out;
@@ -233,7 +244,7 @@ status llama_cuda_model::train_layer(int64_t il, const float* x0, float* out, fl
         a.scale    = hp.attn_scale;
         a.q_stride = a.out_stride = qd;
         a.kv_stride               = kvd;
-        a.tf32                    = st.tf32;
+        a.tf32                    = st.tf32();
         return a;
     };
     int64_t row0 = 0;
@@ -321,21 +332,31 @@ status llama_cuda_model::train_loss(int64_t n, const std::vector<int32_t>& targe
     GPTQ_TRY(st.targets.upload(tg.data(), tg.size() * 4));
     // The lm_head (or the tied embeddings), F16 [V, E], as F32 once for every chunk.
     const cuda_buffer& head = lm_head_.bytes() ? lm_head_ : embed_;
+    const bool         bf16 = st.math == cuda_train_math::BF16;
     float*             w    = st.w32.as<float>();
-    GPTQ_TRY(op_cuda_f16_to_f32(c, head.as<uint16_t>(), w, V * E));
-    GPTQ_TRY(mark(c, st, "weight_f32"));
+    uint16_t *         wb = st.w32.as<uint16_t>(), *ib = st.xb.as<uint16_t>();
+    GPTQ_TRY(bf16 ? op_cuda_f16_to_bf16(c, head.as<uint16_t>(), wb, V * E)
+                  : op_cuda_f16_to_f32(c, head.as<uint16_t>(), w, V * E));
+    GPTQ_TRY(mark(c, st, "weight_convert"));
+    // logits[nc, V] = x[nc, E] head^T; dx[nc, E] = dlogits[nc, V] head.
+    auto product = [&](bool backward, const float* x, float* y, int64_t nc) -> status {
+        const int64_t k = backward ? V : E, nr = backward ? E : V;
+        if (!bf16) return op_cuda_sgemm(c, false, !backward, nc, nr, k, 1.0f, x, k, w, E, 0.0f, y, nr, st.tf32());
+        GPTQ_TRY(op_cuda_f32_to_bf16(c, x, ib, nc * k));
+        return op_cuda_gemm_bf16(c, false, !backward, nc, nr, k, 1.0f, ib, k, wb, E, 0.0f, y, nr);
+    };
     float *h = st.ce_h.as<float>(), *dxc = st.ce_dx.as<float>(), *logits = st.logits.as<float>();
     for (int64_t c0 = 0; c0 < n_t; c0 += chunk) {
         const int64_t  nc = std::min(chunk, n_t - c0);
         const int32_t* rw = st.rows.as<int32_t>() + c0;
         GPTQ_TRY(op_cuda_rows_gather_f32(c, st.hidden.as<float>(), rw, h, nc, E));
         GPTQ_TRY(op_cuda_rms_norm_f32(c, h, norm_.as<uint16_t>(), dxc, nc, E, hp.rms_eps));
-        GPTQ_TRY(op_cuda_sgemm(c, false, true, nc, V, E, 1.0f, dxc, E, w, E, 0.0f, logits, V, st.tf32));
+        GPTQ_TRY(product(false, dxc, logits, nc));
         GPTQ_TRY(op_cuda_cross_entropy_f32(c, logits, st.targets.as<int32_t>() + c0, st.nll.as<double>() + c0, nc, V,
                                            grad_scale, grad));
         GPTQ_TRY(mark(c, st, "loss"));
         if (!grad) continue;
-        GPTQ_TRY(op_cuda_sgemm(c, false, false, nc, E, V, 1.0f, logits, V, w, E, 0.0f, dxc, E, st.tf32));
+        GPTQ_TRY(product(true, logits, dxc, nc));
         GPTQ_TRY(op_cuda_rms_norm_backward_f32(c, h, norm_.as<uint16_t>(), dxc, dxc, nc, E, hp.rms_eps));
         GPTQ_TRY(op_cuda_rows_scatter_f32(c, dxc, rw, st.dh.as<float>(), nc, E));
         GPTQ_TRY(mark(c, st, "loss_backward"));
@@ -472,6 +493,11 @@ result<double> llama_cuda_model::lora_loss_grad(const train_batch& b, const lora
     }
     const size_t f = 4;
     GPTQ_TRY(grow(st.w32, size_t(max_w) * f));
+    if (st.math == cuda_train_math::BF16) {  // the largest activation operand: a layer's or the loss chunk's
+        const int64_t chunk = std::clamp<int64_t>(k_loss_values / hp.n_vocab, 1, std::max<int64_t>(1, n));
+        const int64_t wide  = std::max({E, qd, kvd, F});
+        GPTQ_TRY(grow(st.xb, size_t(std::max(n * wide, chunk * std::max(E, hp.n_vocab))) * 2));
+    }
     GPTQ_TRY(grow(st.inputs, size_t(hp.n_layer * n * E) * f));
     for (cuda_buffer* bf : {&st.hidden, &st.dh, &st.dx, &st.xn, &st.h1, &st.yn, &st.y})
         GPTQ_TRY(grow(*bf, size_t(n * E) * f));

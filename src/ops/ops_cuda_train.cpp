@@ -58,17 +58,44 @@ status op_cuda_f16_to_f32(cuda_context& ctx, const uint16_t* src, float* dst, in
     return cuda::f16_to_f32(src, dst, n, ctx.stream());
 }
 
-status op_cuda_gptq_dequant_f32(cuda_context& ctx, const cuda_gptq_linear& w, float* out) {
+namespace {
+result<cuda::gptq_linear_params> generic_params(const cuda_gptq_linear& w) {
     if (w.fast)
         return make_error(status_code::STATUS_UNSUPPORTED,
-                          "op_cuda_gptq_dequant_f32: a layer [{}, {}] on the fast int4 layout (training loads GPTQ "
-                          "layers with allow_fast false)",
+                          "GPTQ dequantization for training: a layer [{}, {}] on the fast int4 layout (training loads "
+                          "GPTQ layers with allow_fast false)",
                           w.n_out, w.n_in);
     cuda::gptq_linear_params p;
     p.qweight = w.qweight.as<int32_t>(), p.qzeros = w.qzeros.as<int32_t>(), p.scales = w.scales.as<uint16_t>();
     p.g_idx = w.g_idx.as<int32_t>();
     p.n_out = w.n_out, p.n_in = w.n_in, p.n_groups = w.n_groups, p.bits = w.bits, p.zero_add = w.zero_add;
+    return p;
+}
+}  // namespace
+
+status op_cuda_gptq_dequant_f32(cuda_context& ctx, const cuda_gptq_linear& w, float* out) {
+    GPTQ_ASSIGN_OR_RETURN(cuda::gptq_linear_params p, generic_params(w));
     return cuda::gptq_dequant_f32(p, out, ctx.stream());
+}
+
+status op_cuda_gptq_dequant_bf16(cuda_context& ctx, const cuda_gptq_linear& w, uint16_t* out) {
+    GPTQ_ASSIGN_OR_RETURN(cuda::gptq_linear_params p, generic_params(w));
+    return cuda::gptq_dequant_bf16(p, out, ctx.stream());
+}
+
+status op_cuda_gemm_bf16(cuda_context& ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                         const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c,
+                         int64_t ldc) {
+    return cuda::gemm_bf16_rm(ctx.blas(), trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+                              ctx.stream());
+}
+
+status op_cuda_f32_to_bf16(cuda_context& ctx, const float* src, uint16_t* dst, int64_t n) {
+    return cuda::f32_to_bf16(src, dst, n, ctx.stream());
+}
+
+status op_cuda_f16_to_bf16(cuda_context& ctx, const uint16_t* src, uint16_t* dst, int64_t n) {
+    return cuda::f16_to_bf16(src, dst, n, ctx.stream());
 }
 
 status op_cuda_embedding_f32(cuda_context& ctx, const uint16_t* table, const int32_t* ids, float* out, int64_t n,

@@ -24,6 +24,15 @@ status op_cuda_f16_to_f32(cuda_context& ctx, const uint16_t* src, float* dst, in
 // int4 layout is an error (its codes are not kept in the checkpoint's order).
 status op_cuda_gptq_dequant_f32(cuda_context& ctx, const cuda_gptq_linear& w, float* out);
 
+// The BF16 mode's products: op_cuda_sgemm's contract with A and B in BF16 (bits), C F32; the
+// conversions into BF16 (round to nearest even) and a GPTQ layer dequantized straight to BF16.
+status op_cuda_gemm_bf16(cuda_context& ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                         const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c,
+                         int64_t ldc);
+status op_cuda_f32_to_bf16(cuda_context& ctx, const float* src, uint16_t* dst, int64_t n);
+status op_cuda_f16_to_bf16(cuda_context& ctx, const uint16_t* src, uint16_t* dst, int64_t n);
+status op_cuda_gptq_dequant_bf16(cuda_context& ctx, const cuda_gptq_linear& w, uint16_t* out);
+
 // out[t] = table[ids[t]] as F32 (F16 table [vocab, dim]).
 status op_cuda_embedding_f32(cuda_context& ctx, const uint16_t* table, const int32_t* ids, float* out, int64_t n,
                              int64_t vocab, int64_t dim);

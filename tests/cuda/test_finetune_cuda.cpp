@@ -53,9 +53,12 @@ constexpr double k_prod_tol = 1e-5;
 constexpr double k_loss_tol = 1e-5;
 constexpr double k_grad_tol = 1e-4;
 // The same with the base's products on TF32 tensor cores (10-bit mantissa inputs): 1e-3 of the
-// loss, 2e-2 of each gradient tensor's largest.
+// loss, 2e-2 of each gradient tensor's largest; BF16 operands (8-bit mantissas, 4x TF32's
+// rounding): 4e-3 and 8e-2.
 constexpr double k_loss_tol_tf32 = 1e-3;
 constexpr double k_grad_tol_tf32 = 2e-2;
+constexpr double k_loss_tol_bf16 = 4e-3;
+constexpr double k_grad_tol_bf16 = 8e-2;
 
 std::unique_ptr<cuda_context> make_ctx() {
     auto c = cuda_context::create(0);
@@ -261,6 +264,22 @@ TEST(finetune_cuda, sgemm_matches_cpu_each_transpose) {
             std::vector<float> w0 = cc;
             op_sgemm(cpu, ta, tb, m, n, k, 0.5f, a.data(), lda, b.data(), ldb, 0.0f, w0.data(), ldc);
             EXPECT_LT(rel_err(dc->download(), w0), 1e-2);
+            // BF16 operands (rounded by the conversion op), F32 C: against the CPU on the rounded values.
+            device_array<uint16_t> ab(a.size()), bb(b.size());
+            GPTQ_EXPECT_OK(op_cuda_f32_to_bf16(*c, da->get(), ab.get(), int64_t(a.size())));
+            GPTQ_EXPECT_OK(op_cuda_f32_to_bf16(*c, db->get(), bb.get(), int64_t(b.size())));
+            auto ra = ab.download(), rb = bb.download();
+            std::vector<float> af(a.size()), bf(b.size());
+            for (size_t i = 0; i < af.size(); ++i) af[i] = bf16_to_f32(ra[i]);
+            for (size_t i = 0; i < bf.size(); ++i) bf[i] = bf16_to_f32(rb[i]);
+            for (size_t i = 0; i < af.size(); ++i)  // round to nearest: within half a BF16 ulp (2^-9 relative)
+                EXPECT_LE(std::fabs(af[i] - a[i]), std::ldexp(std::fabs(a[i]), -8)) << i;
+            std::vector<float> w1 = cc;
+            op_sgemm(cpu, ta, tb, m, n, k, 0.5f, af.data(), lda, bf.data(), ldb, 1.0f, w1.data(), ldc);
+            auto dc2 = dev(cc);
+            GPTQ_EXPECT_OK(op_cuda_gemm_bf16(*c, ta, tb, m, n, k, 0.5f, ab.get(), lda, bb.get(), ldb, 1.0f, dc2->get(),
+                                             ldc));
+            EXPECT_LT(rel_err(dc2->download(), w1), k_prod_tol);
         }
 }
 
@@ -293,6 +312,12 @@ TEST(finetune_cuda, gptq_dequant_f32_is_the_cpu_weight_bit_for_bit) {
         const std::vector<float> got = w.download();
         int64_t                  bad = 0;
         for (size_t i = 0; i < got.size(); ++i) bad += got[i] != float(L.w[i]);
+        EXPECT_EQ(bad, 0);
+        device_array<uint16_t> wb(size_t(L.n_out * L.n_in));  // the BF16 mode's: rounded once
+        GPTQ_EXPECT_OK(op_cuda_gptq_dequant_bf16(*c, *q, wb.get()));
+        const std::vector<uint16_t> gb = wb.download();
+        bad                            = 0;
+        for (size_t i = 0; i < gb.size(); ++i) bad += gb[i] != f32_to_bf16(float(L.w[i]));
         EXPECT_EQ(bad, 0);
     }
     // The fast int4 layout keeps no checkpoint order: refused by name.
@@ -399,8 +424,14 @@ std::shared_ptr<lora_adapter> random_adapter(const llama_hparams& hp) {
     return a;
 }
 
-void check_step(const std::string& path, bool tf32) {
-    const double loss_tol = tf32 ? k_loss_tol_tf32 : k_loss_tol, grad_tol = tf32 ? k_grad_tol_tf32 : k_grad_tol;
+void check_step(const std::string& path, cuda_train_math math) {
+    const char*  name     = math == cuda_train_math::F32 ? "f32" : math == cuda_train_math::TF32 ? "tf32" : "bf16";
+    const double loss_tol = math == cuda_train_math::F32    ? k_loss_tol
+                            : math == cuda_train_math::TF32 ? k_loss_tol_tf32
+                                                            : k_loss_tol_bf16;
+    const double grad_tol = math == cuda_train_math::F32    ? k_grad_tol
+                            : math == cuda_train_math::TF32 ? k_grad_tol_tf32
+                                                            : k_grad_tol_bf16;
     llama_open_options oo;
     oo.keep_f16 = true;
     auto cpu    = llama_model::open(path, oo);
@@ -416,7 +447,7 @@ void check_step(const std::string& path, bool tf32) {
 
     auto gpu = llama_cuda_model::open(path, llama_cuda_train_options());
     ASSERT_TRUE(gpu) << gpu.error().message();
-    (*gpu)->set_train_tf32(tf32);
+    (*gpu)->set_train_math(math);
     lora_adapter g_gpu = lora_adapter_zeros_like(*adapter);
     auto         l_gpu = (*gpu)->lora_loss_grad(b, *adapter, &g_gpu, scale);
     ASSERT_TRUE(l_gpu) << l_gpu.error().message();
@@ -432,8 +463,8 @@ void check_step(const std::string& path, bool tf32) {
             EXPECT_LT(eb, grad_tol) << name << " B";
             worst = std::max({worst, ea, eb});
         }
-    std::printf("%s tf32 %d: loss cpu %.9g gpu %.9g (rel %.2e), worst gradient error %.2e of its tensor's largest\n",
-                path.c_str(), int(tf32), *l_cpu, *l_gpu, std::fabs(*l_gpu - *l_cpu) / std::fabs(*l_cpu), worst);
+    std::printf("%s math %s: loss cpu %.9g gpu %.9g (rel %.2e), worst gradient error %.2e of its tensor's largest\n",
+                path.c_str(), name, *l_cpu, *l_gpu, std::fabs(*l_gpu - *l_cpu) / std::fabs(*l_cpu), worst);
     // A second call accumulates (the trainer's micro-batches), and eval (no gradients) gives the loss.
     auto l2 = (*gpu)->lora_loss_grad(b, *adapter, &g_gpu, scale);
     ASSERT_TRUE(l2);
@@ -453,14 +484,13 @@ void check_step(const std::string& path, bool tf32) {
 
 TEST(finetune_cuda, one_step_matches_cpu_fp16_base) {
     GPTQ_SKIP_WITHOUT_GPU();
-    check_step(tiny_fp16(), false);
-    check_step(tiny_fp16(), true);
+    for (cuda_train_math m : {cuda_train_math::F32, cuda_train_math::TF32, cuda_train_math::BF16}) check_step(tiny_fp16(), m);
 }
 
 TEST(finetune_cuda, one_step_matches_cpu_w4_act_order_base) {
     GPTQ_SKIP_WITHOUT_GPU();
-    check_step(tiny_w4_act(), false);
-    check_step(tiny_w4_act(), true);
+    for (cuda_train_math m : {cuda_train_math::F32, cuda_train_math::TF32, cuda_train_math::BF16})
+        check_step(tiny_w4_act(), m);
 }
 
 TEST(finetune_cuda, model_opened_for_inference_is_refused_by_name) {
@@ -540,7 +570,7 @@ TEST(finetune_cuda, three_steps_match_the_cpu_run) {
         finetune_params p = gpu_params(model, d.file("data.txt"), d.file("gpu-" + std::to_string(mi)));
         p.max_steps       = 3;
         p.eval_fraction   = 0.2;
-        p.exact_f32       = true;
+        p.gpu_math        = "f32";
         p.lr              = 5e-3;  // two updates (the first step warms up from 0): a visible drop
         auto g            = finetune_run(p);
         ASSERT_TRUE(g) << g.error().message();

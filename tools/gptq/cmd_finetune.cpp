@@ -35,7 +35,9 @@ command register_finetune(CLI::App& app) {
     sub->add_option("--seed", p->seed, "seed of the init, the data order and the eval split")->capture_default_str();
     sub->add_option("--device", p->device, "cpu, cuda or cuda:N (the GPU: docs/lora.md \"Fine-tuning on the GPU\")")
         ->capture_default_str();
-    sub->add_flag("--exact-f32", p->exact_f32, "GPU: the base's products in plain F32 instead of TF32 tensor cores");
+    sub->add_option("--gpu-math", p->gpu_math,
+                    "GPU: the base's products on tf32 or bf16 tensor cores (F32 accumulation), or f32 (exact)")
+        ->capture_default_str();
     sub->add_flag("--profile-ops", p->profile_ops, "GPU: log each step's GPU time per op kind (slower)");
     sub->add_option("--eval-fraction", p->eval_fraction, "share of the sequences held out for the eval loss")
         ->capture_default_str();

@@ -2,6 +2,7 @@
 // q[k, n] from qweight (column-coalesced: neighbouring threads read neighbouring words) and, when
 // g_idx[k] changes, the group's scale and zero; the activations go through shared memory in
 // chunks of 64 k. Bits 3 codes straddle words and are read from both. F32 arithmetic throughout.
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
@@ -68,7 +69,14 @@ __global__ void __launch_bounds__(k_cols) gptq_generic_kernel(gptq_linear_params
 
 // One thread per weight, k fastest (coalesced F32 writes; the packed words are shared by the
 // neighbouring k of one column and stay in L1/L2).
-__global__ void gptq_dequant_f32_kernel(gptq_linear_params w, float* out) {
+__device__ inline void store_weight(float* p, float v) {
+    *p = v;
+}
+__device__ inline void store_weight(__nv_bfloat16* p, float v) {
+    *p = __float2bfloat16_rn(v);
+}
+template <typename T>
+__global__ void gptq_dequant_kernel(gptq_linear_params w, T* out) {
     const int64_t   total = w.n_out * w.n_in;
     const uint32_t* qw    = reinterpret_cast<const uint32_t*>(w.qweight);
     const int64_t   zw    = w.n_out * w.bits / 32;
@@ -78,23 +86,34 @@ __global__ void gptq_dequant_f32_kernel(gptq_linear_params w, float* out) {
         const float   scale = __half2float(reinterpret_cast<const __half*>(w.scales)[int64_t(g) * w.n_out + n]);
         const float   zero =
             float(code_at(reinterpret_cast<const uint32_t*>(w.qzeros) + int64_t(g) * zw, 1, n, w.bits) + w.zero_add);
-        out[i] = scale * (float(code_at(qw + n, w.n_out, k, w.bits)) - zero);
+        store_weight(out + i, scale * (float(code_at(qw + n, w.n_out, k, w.bits)) - zero));
     }
 }
 
 }  // namespace
 
-status gptq_dequant_f32(const gptq_linear_params& w, float* out, cudaStream_t stream) {
+namespace {
+template <typename T>
+status gptq_dequant(const gptq_linear_params& w, T* out, cudaStream_t stream) {
     if (w.bits != 2 && w.bits != 3 && w.bits != 4 && w.bits != 8)
-        return make_error(status_code::STATUS_UNSUPPORTED, "gptq_dequant_f32: bits {} not in 2, 3, 4, 8", w.bits);
+        return make_error(status_code::STATUS_UNSUPPORTED, "gptq_dequant: bits {} not in 2, 3, 4, 8", w.bits);
     if (w.n_in <= 0 || w.n_out <= 0 || (w.n_in * w.bits) % 32 != 0 || (w.n_out * w.bits) % 32 != 0)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
-                          "gptq_dequant_f32: n_in {} / n_out {} cannot hold {}-bit packing", w.n_in, w.n_out, w.bits);
+                          "gptq_dequant: n_in {} / n_out {} cannot hold {}-bit packing", w.n_in, w.n_out, w.bits);
     const int64_t total  = w.n_out * w.n_in;
     const auto    blocks = unsigned(std::min<int64_t>((total + 255) / 256, 1 << 20));
-    gptq_dequant_f32_kernel<<<blocks, 256, 0, stream>>>(w, out);
+    gptq_dequant_kernel<T><<<blocks, 256, 0, stream>>>(w, out);
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
+}
+}  // namespace
+
+status gptq_dequant_f32(const gptq_linear_params& w, float* out, cudaStream_t stream) {
+    return gptq_dequant(w, out, stream);
+}
+
+status gptq_dequant_bf16(const gptq_linear_params& w, uint16_t* out, cudaStream_t stream) {
+    return gptq_dequant(w, reinterpret_cast<__nv_bfloat16*>(out), stream);
 }
 
 status gptq_linear_generic_f16(const gptq_linear_params& w, const uint16_t* x, uint16_t* y, int64_t m, int64_t x_stride,

@@ -31,5 +31,7 @@ status gptq_linear_generic_f16(const gptq_linear_params& w, const uint16_t* x, u
 // [n_out, n_in] device F32 in the original column order (the CPU's gptq_packed_linear::dequantize
 // arithmetic, bit for bit). For LoRA training's dequantize + cuBLAS products (bias not applied).
 status gptq_dequant_f32(const gptq_linear_params& w, float* out, cudaStream_t stream);
+// The same rounded to BF16 (bits) once.
+status gptq_dequant_bf16(const gptq_linear_params& w, uint16_t* out, cudaStream_t stream);
 
 }  // namespace gptq::cuda

@@ -3,6 +3,7 @@
 // training arithmetic (kernels/cpu/backward.cpp, model/llama_train.cpp), double where the CPU sums
 // in double.
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
@@ -48,6 +49,15 @@ __device__ float block_max(float v, float* sh) {
     float t = -INFINITY;
     for (int i = 0; i < k_block / 32; ++i) t = fmaxf(t, sh[i]);
     return t;
+}
+
+__global__ void f32_to_bf16_kernel(const float* src, __nv_bfloat16* dst, int64_t n) {
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+        dst[i] = __float2bfloat16_rn(src[i]);
+}
+__global__ void f16_to_bf16_kernel(const __half* src, __nv_bfloat16* dst, int64_t n) {
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+        dst[i] = __float2bfloat16_rn(__half2float(src[i]));
 }
 
 __global__ void embedding_kernel(const __half* table, const int32_t* ids, float* out, int64_t n, int64_t vocab,
@@ -211,6 +221,39 @@ status sgemm_rm(cublasHandle_t h, bool ta, bool tb, int64_t m, int64_t n, int64_
                                                  int(n), int(m), int(k), &alpha, b, CUDA_R_32F, int(ldb), stride_b, a,
                                                  CUDA_R_32F, int(lda), stride_a, &beta, c, CUDA_R_32F, int(ldc),
                                                  stride_c, int(batch), ct, CUBLAS_GEMM_DEFAULT));
+    return status::ok();
+}
+
+status gemm_bf16_rm(cublasHandle_t h, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
+                    int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc, cudaStream_t stream) {
+    if (m <= 0 || n <= 0) return status::ok();
+    for (int64_t v : {m, n, k, lda, ldb, ldc})
+        if (v > k_i32 || v < 0)
+            return make_error(status_code::STATUS_INVALID_ARGUMENT, "gemm_bf16_rm: m={} n={} k={} exceed int32", m, n,
+                              k);
+    if (lda < (ta ? m : k) || ldb < (tb ? k : n) || ldc < n)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "gemm_bf16_rm: leading dimensions a={} b={} c={} too small for m={} n={} k={}", lda, ldb, ldc,
+                          m, n, k);
+    GPTQ_CUBLAS_CHECK(cublasSetStream(h, stream));
+    GPTQ_CUBLAS_CHECK(cublasGemmEx(h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, int(n), int(m),
+                                   int(k), &alpha, b, CUDA_R_16BF, int(ldb), a, CUDA_R_16BF, int(lda), &beta, c,
+                                   CUDA_R_32F, int(ldc), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    return status::ok();
+}
+
+status f32_to_bf16(const float* src, uint16_t* dst, int64_t n, cudaStream_t stream) {
+    if (n <= 0) return status::ok();
+    f32_to_bf16_kernel<<<blocks_for(n), k_block, 0, stream>>>(src, reinterpret_cast<__nv_bfloat16*>(dst), n);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+status f16_to_bf16(const uint16_t* src, uint16_t* dst, int64_t n, cudaStream_t stream) {
+    if (n <= 0) return status::ok();
+    f16_to_bf16_kernel<<<blocks_for(n), k_block, 0, stream>>>(reinterpret_cast<const __half*>(src),
+                                                               reinterpret_cast<__nv_bfloat16*>(dst), n);
+    GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }
 

@@ -22,6 +22,14 @@ status sgemm_rm(cublasHandle_t h, bool ta, bool tb, int64_t m, int64_t n, int64_
                 int64_t lda, int64_t stride_a, const float* b, int64_t ldb, int64_t stride_b, float beta, float* c,
                 int64_t ldc, int64_t stride_c, int64_t batch, bool tf32, cudaStream_t stream);
 
+// The same contract with BF16 operands (bits; A and B both BF16) and an F32 C, F32 accumulation
+// (tensor cores). No batch.
+status gemm_bf16_rm(cublasHandle_t h, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
+                    int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc, cudaStream_t stream);
+// dst[i] = bf16(src[i]) (round to nearest even), from F32 or from F16 bits.
+status f32_to_bf16(const float* src, uint16_t* dst, int64_t n, cudaStream_t stream);
+status f16_to_bf16(const uint16_t* src, uint16_t* dst, int64_t n, cudaStream_t stream);
+
 // out[t, :] = float(table[ids[t], :]) (F16 table [vocab, dim]; an id outside [0, vocab): zeros).
 status embedding_f32(const uint16_t* table, const int32_t* ids, float* out, int64_t n, int64_t vocab, int64_t dim,
                      cudaStream_t stream);

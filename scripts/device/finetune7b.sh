@@ -10,7 +10,8 @@
 #     (JSON lines in finetune_curve.jsonl). FT_CURVE=0 skips.
 #  3. The issue's shape: make-random llama-2-7b (FT_LAYERS layers, default all 32; made on the
 #     device), RTN W4 g128 on the host's cores, then `gptq finetune --device cuda` of FT_STEPS
-#     (default 5) steps of batch 8 x 512 tokens, r 16 on all 7 linears, WikiText-2 text: a JSON line
+#     (default 5) steps of batch 8 x 512 tokens, r 16 on all 7 linears, WikiText-2 text, once per
+#     --gpu-math in FT_MATHS (default "tf32 bf16"): a JSON line each
 #     with each step's seconds, the mean after the first, the device memory (cudaMemGetInfo after the
 #     last step) and nvidia-smi's peak (polled every 0.2 s) to finetune7b.jsonl. Goal: < 1 s per
 #     step, < 16 GB. The models stay in /tmp/gptq-ft7b (FT_KEEP=1, the default: a second call on the
@@ -104,26 +105,28 @@ if [ "${FT_7B:-1}" = 1 ]; then
     if [ -f "$W/l7b-w4/config.json" ]; then
         # 8 x 512 tokens a step: FT_STEPS steps need FT_STEPS * 8 windows (+ nothing held out).
         head -c 1200000 "$WIKI" > "$W/wiki.txt"
-        nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$W/smi.txt" 2>/dev/null &
-        smi=$!
-        o=$W/l7b-lora; rm -rf "$o"
-        line=$(timeout 500 "$GPTQ" -q finetune "$W/l7b-w4" --data "$W/wiki.txt" -o "$o" --device cuda \
-               --max-steps "${FT_STEPS:-5}" --batch 8 --seqlen 512 --r 16 --alpha 32 --eval-fraction 0 --json \
-               2>> "$OUT/finetune.log"); rc=$?
-        kill $smi 2>/dev/null; wait $smi 2>/dev/null
-        peak=$(sort -n "$W/smi.txt" | tail -1)
-        if [ $rc -eq 0 ]; then
-            echo "{\"model\": \"$like RTN W4 g128\", \"nvidia_smi_peak_mib\": ${peak:-null}, \"result\": $line}" >> "$OUT/finetune7b.jsonl"
-            log "finetune $like W4 cuda (8 x 512, r 16, 7 linears): $(echo "$line" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print("%.3f s/step after the first (steps %s), loss %s, device used %.2f GB (weights %.2f, training %.2f)" % (r["step_seconds_mean"], " ".join("%.3f" % x for x in r["step_seconds"]), " ".join("%.4f" % x for x in r["step_losses"]), r.get("device_used_bytes", 0) / 1e9, r.get("device_weight_bytes", 0) / 1e9, r.get("device_train_bytes", 0) / 1e9))'), nvidia-smi peak ${peak:-?} MiB"
-        else
-            status=1; log "FAIL: finetune $like --device cuda rc $rc (see finetune.log)"; tail -5 "$OUT/finetune.log" | tee -a "$LOG"
-        fi
+        for math in ${FT_MATHS:-tf32 bf16}; do
+            nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 > "$W/smi.txt" 2>/dev/null &
+            smi=$!
+            o=$W/l7b-lora; rm -rf "$o"
+            line=$(timeout 400 "$GPTQ" -q finetune "$W/l7b-w4" --data "$W/wiki.txt" -o "$o" --device cuda --gpu-math "$math" \
+                   --max-steps "${FT_STEPS:-5}" --batch 8 --seqlen 512 --r 16 --alpha 32 --eval-fraction 0 --json \
+                   2>> "$OUT/finetune.log"); rc=$?
+            kill $smi 2>/dev/null; wait $smi 2>/dev/null
+            peak=$(sort -n "$W/smi.txt" | tail -1)
+            if [ $rc -eq 0 ]; then
+                echo "{\"model\": \"$like RTN W4 g128\", \"gpu_math\": \"$math\", \"nvidia_smi_peak_mib\": ${peak:-null}, \"result\": $line}" >> "$OUT/finetune7b.jsonl"
+                log "finetune $like W4 cuda $math (8 x 512, r 16, 7 linears): $(echo "$line" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print("%.3f s/step after the first (steps %s), loss %s, device used %.2f GB (weights %.2f, training %.2f)" % (r["step_seconds_mean"], " ".join("%.3f" % x for x in r["step_seconds"]), " ".join("%.4f" % x for x in r["step_losses"]), r.get("device_used_bytes", 0) / 1e9, r.get("device_weight_bytes", 0) / 1e9, r.get("device_train_bytes", 0) / 1e9))'), nvidia-smi peak ${peak:-?} MiB"
+            else
+                status=1; log "FAIL: finetune $like --device cuda --gpu-math $math rc $rc (see finetune.log)"; tail -5 "$OUT/finetune.log" | tee -a "$LOG"
+            fi
+        done
     fi
     # The GPU time per op kind of 2 more steps (--profile-ops: an event after each op). FT_PROFILE=0 skips.
     if [ -f "$W/l7b-w4/config.json" ] && [ "${FT_PROFILE:-1}" = 1 ]; then
         o=$W/l7b-lora-prof; rm -rf "$o"
         if timeout 300 "$GPTQ" finetune "$W/l7b-w4" --data "$W/wiki.txt" -o "$o" --device cuda --max-steps 2 --batch 8 \
-               --seqlen 512 --r 16 --alpha 32 --eval-fraction 0 --profile-ops --json > /dev/null 2> "$W/prof.log"; then
+               --seqlen 512 --r 16 --alpha 32 --eval-fraction 0 --gpu-math "${FT_PROFILE_MATH:-tf32}" --profile-ops --json > /dev/null 2> "$W/prof.log"; then
             grep "train profile" "$W/prof.log" | tee -a "$LOG"
         else
             status=1; log "FAIL: finetune --profile-ops"; tail -5 "$W/prof.log" | tee -a "$LOG"

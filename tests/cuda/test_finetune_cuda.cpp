@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <vector>
@@ -491,6 +492,64 @@ TEST(finetune_cuda, one_step_matches_cpu_w4_act_order_base) {
     GPTQ_SKIP_WITHOUT_GPU();
     for (cuda_train_math m : {cuda_train_math::F32, cuda_train_math::TF32, cuda_train_math::BF16})
         check_step(tiny_w4_act(), m);
+}
+
+namespace {
+// tests/data/arch/mistral-nemo (3 layers, GQA 4/2, head_dim 16, untied lm_head, BF16) with every
+// tensor stored as F16 (so that the GPU, which holds F16, and the CPU run the same values), as
+// Mistral with a 5-token sliding window, or as Qwen2 with random F16 q/k/v biases.
+std::string arch_copy_f16(const temp_dir& d, bool qwen2) {
+    const std::string src = cuda_source_dir() + "/tests/data/arch/mistral-nemo";
+    auto              cfg = nlohmann::json::parse(read_file(src + "/config.json"));
+    cfg["dtype"]          = "float16";
+    if (qwen2) {
+        cfg["architectures"]      = {"Qwen2ForCausalLM"};
+        cfg["model_type"]         = "qwen2";
+        cfg["use_sliding_window"] = false;
+        cfg.erase("sliding_window");
+    } else {
+        cfg["sliding_window"] = 5;
+    }
+    write_file(d.file("config.json"), cfg.dump());
+    auto f = safetensors_file::open(src + "/model.safetensors");
+    EXPECT_TRUE(f) << f.error().message();
+    std::vector<safetensors_decl>      decls;
+    std::vector<std::vector<uint16_t>> data;
+    for (const auto& t : (*f)->tensors()) {
+        decls.push_back({t.name, dtype::DTYPE_F16, t.shape});
+        std::vector<float> v(static_cast<size_t>(t.numel()));
+        EXPECT_TRUE((*f)->read_f32(t, v.data()).is_ok());
+        data.emplace_back(v.size());
+        for (size_t i = 0; i < v.size(); ++i) data.back()[i] = f32_to_f16(v[i]);
+    }
+    if (qwen2) {
+        const int64_t kv = cfg["num_key_value_heads"].get<int64_t>() * cfg["head_dim"].get<int64_t>();
+        const int64_t q  = cfg["num_attention_heads"].get<int64_t>() * cfg["head_dim"].get<int64_t>();
+        std::mt19937  rng(12);
+        for (int64_t l = 0; l < cfg["num_hidden_layers"].get<int64_t>(); ++l)
+            for (auto [r, n] : {std::pair{"q_proj", q}, std::pair{"k_proj", kv}, std::pair{"v_proj", kv}}) {
+                decls.push_back({"model.layers." + std::to_string(l) + ".self_attn." + r + ".bias", dtype::DTYPE_F16, {n}});
+                data.push_back(random_f16(rng, size_t(n), 0.5f));
+            }
+    }
+    auto w = safetensors_writer::create(d.file("model.safetensors"), decls);
+    EXPECT_TRUE(w) << w.error().message();
+    for (size_t i = 0; i < decls.size(); ++i)
+        EXPECT_TRUE((*w)->write(decls[i].name, data[i].data(), data[i].size() * 2).is_ok());
+    EXPECT_TRUE((*w)->finish().is_ok());
+    return d.path();
+}
+}  // namespace
+
+TEST(finetune_cuda, one_step_matches_cpu_window_untied_head_and_biases) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    temp_dir mistral("ft-cuda-mistral"), qwen2("ft-cuda-qwen2");
+    const std::string pm = arch_copy_f16(mistral, false), pq = arch_copy_f16(qwen2, true);
+    auto              m  = llama_model::open(pm);
+    ASSERT_TRUE(m) << m.error().message();
+    ASSERT_EQ((*m)->hparams().window[0], 5);
+    check_step(pm, cuda_train_math::F32);
+    check_step(pq, cuda_train_math::F32);
 }
 
 TEST(finetune_cuda, model_opened_for_inference_is_refused_by_name) {

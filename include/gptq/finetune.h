@@ -40,6 +40,7 @@ struct finetune_params {
     double      warmup_ratio  = 0.03;  // linear warm-up over ceil(ratio * total steps), then cosine to 0
     double      weight_decay  = 0.0;   // AdamW, betas 0.9 / 0.999, eps 1e-8
     double      max_grad_norm = 1.0;   // global gradient-norm clip (0: off)
+    double      lora_dropout  = 0.0;   // PEFT's lora_dropout: on each LoRA branch's input, training steps only
     int         n_threads     = 0;     // 0 = all cores
     bool        progress      = true;
     std::string init_adapter{};        // start from this PEFT adapter (same r) instead of PEFT's init

@@ -15,6 +15,7 @@
 #include <numbers>
 #include <optional>
 
+#include "core/dropout_mask.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "core/progress.h"
@@ -94,9 +95,8 @@ lora_trainer::lora_trainer(lora_loss_grad_fn fn, std::shared_ptr<lora_adapter> a
 lora_trainer::lora_trainer(llama_model& model, std::shared_ptr<lora_adapter> adapter, int32_t lora_index,
                            adamw_config cfg)
     : lora_trainer(
-          [&model, lora_index](const ops_context& ctx, const train_batch& b, lora_adapter* grads, float grad_scale) {
-              return model.lora_loss_grad(ctx, b, lora_index, grads, grad_scale);
-          },
+          [&model, lora_index](const ops_context& ctx, const train_batch& b, lora_adapter* grads, float grad_scale,
+                               lora_dropout_spec d) { return model.lora_loss_grad(ctx, b, lora_index, grads, grad_scale, d); },
           std::move(adapter), cfg) {}
 
 result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::vector<train_batch>& micro, double lr) {
@@ -128,8 +128,15 @@ result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::v
     });
     const float grad_scale = static_cast<float>(1.0 / static_cast<double>(st.n_targets));
     double      loss       = 0.0;
-    for (const train_batch& b : micro) {
-        GPTQ_ASSIGN_OR_RETURN(double l, loss_grad_(ctx, b, &grads_, grad_scale));
+    for (size_t i = 0; i < micro.size(); ++i) {
+        // Each micro-batch's masks: a function of the seed, the Adam step (restored by --resume) and
+        // the micro-batch, so a resumed run draws the same ones.
+        lora_dropout_spec d;
+        if (dropout_p_ > 0) {
+            d.p    = dropout_p_;
+            d.seed = dropout_mix(dropout_seed_ ^ dropout_mix(static_cast<uint64_t>(t_) * 4096 + i));
+        }
+        GPTQ_ASSIGN_OR_RETURN(double l, loss_grad_(ctx, micro[i], &grads_, grad_scale, d));
         loss += l;
     }
     st.loss = loss / static_cast<double>(st.n_targets);
@@ -190,7 +197,7 @@ result<double> lora_trainer::eval(const ops_context& ctx, const std::vector<trai
     double  loss = 0.0;
     int64_t n    = 0;
     for (const train_batch& b : batches) {
-        GPTQ_ASSIGN_OR_RETURN(double l, loss_grad_(ctx, b, nullptr, 1.0f));
+        GPTQ_ASSIGN_OR_RETURN(double l, loss_grad_(ctx, b, nullptr, 1.0f, lora_dropout_spec{}));  // no dropout
         loss += l;
         n += b.n_targets();
     }
@@ -222,6 +229,7 @@ nlohmann::ordered_json run_fingerprint(const finetune_params& p) {
     j["weight_decay"]  = p.weight_decay;
     j["max_grad_norm"] = p.max_grad_norm;
     j["init_adapter"]  = p.init_adapter;
+    if (p.lora_dropout > 0) j["lora_dropout"] = p.lora_dropout;  // absent at 0: older checkpoints resume
     return j;
 }
 
@@ -283,7 +291,7 @@ status checkpoint_save(const finetune_params& p, const llama_hparams& hp, lora_t
     const std::string old = dir + ".old-" + std::to_string(getpid());
     std::error_code   ec;
     fs::remove_all(tmp, ec);
-    lora_save_config c{p.r, p.alpha, p.use_rslora, p.model_path};
+    lora_save_config c{p.r, p.alpha, p.use_rslora, p.model_path, p.lora_dropout};
     GPTQ_TRY(lora_adapter_save(t.adapter(), hp, c, tmp));
     GPTQ_TRY(optimizer_save(t, path_join(tmp, "optimizer.safetensors")));
     nlohmann::ordered_json j;
@@ -395,6 +403,8 @@ status params_check(const finetune_params& p) {
     GPTQ_TRY(positive("epochs", static_cast<double>(p.epochs)));
     GPTQ_TRY(positive("batch", static_cast<double>(p.batch)));
     GPTQ_TRY(positive("grad-accum", static_cast<double>(p.grad_accum)));
+    if (!(p.lora_dropout >= 0 && p.lora_dropout < 1))
+        return make_error(E_ARG, "finetune --lora-dropout {}: must be in [0, 1)", p.lora_dropout);
     if (p.seqlen < 2) return make_error(E_ARG, "finetune --seqlen {}: must be at least 2", p.seqlen);
     if (!(p.eval_fraction >= 0 && p.eval_fraction < 1))
         return make_error(E_ARG, "finetune --eval-fraction {}: must be in [0, 1)", p.eval_fraction);
@@ -586,17 +596,16 @@ result<finetune_result> finetune_run(const finetune_params& p) {
     lora_loss_grad_fn fn;
     if (model) {
         const int32_t index = model->lora_add(adapter);
-        fn = [m = model.get(), index](const ops_context& ctx, const train_batch& b, lora_adapter* g, float s) {
-            return m->lora_loss_grad(ctx, b, index, g, s);
-        };
+        fn = [m = model.get(), index](const ops_context& ctx, const train_batch& b, lora_adapter* g, float s,
+                                      lora_dropout_spec d) { return m->lora_loss_grad(ctx, b, index, g, s, d); };
     }
 #ifdef GPTQ_HAVE_CUDA
     if (gpu)
-        fn = [m = gpu.get(), adapter](const ops_context& ctx, const train_batch& b, lora_adapter* g, float s) {
-            return m->lora_loss_grad(b, *adapter, g, s, ctx.pool);
-        };
+        fn = [m = gpu.get(), adapter](const ops_context& ctx, const train_batch& b, lora_adapter* g, float s,
+                                      lora_dropout_spec d) { return m->lora_loss_grad(b, *adapter, g, s, d, ctx.pool); };
 #endif
     lora_trainer trainer(fn, adapter, cfg);
+    trainer.set_dropout(p.lora_dropout, p.seed);
     run_state    state;
     if (p.resume) {
         GPTQ_ASSIGN_OR_RETURN(state, checkpoint_load(p, hp, trainer));
@@ -636,7 +645,7 @@ result<finetune_result> finetune_run(const finetune_params& p) {
         r.device_train_bytes  = gpu->train_bytes();
     }
 #endif
-    lora_save_config c{p.r, p.alpha, p.use_rslora, p.model_path};
+    lora_save_config c{p.r, p.alpha, p.use_rslora, p.model_path, p.lora_dropout};
     GPTQ_TRY(lora_adapter_save(*adapter, hp, c, p.out_dir));
     return r;
 }

@@ -228,9 +228,10 @@ public:
     // input kept and the layer recomputed in the backward pass; the base's products in
     // set_train_math's arithmetic (default TF32; F32: the tests' exact mode). The model must be open
     // with llama_cuda_train_options() (an error names what differs), no offload.
-    // pool (may be nullptr): the host's copies of the factors and gradients split over it.
+    // dropout: the LoRA branches' (llama.h lora_dropout_spec: the CPU's masks). pool (may be
+    // nullptr): the host's copies of the factors and gradients split over it.
     result<double> lora_loss_grad(const train_batch& batch, const lora_adapter& adapter, lora_adapter* grads,
-                                  float grad_scale, thread_pool* pool = nullptr);
+                                  float grad_scale, lora_dropout_spec dropout = {}, thread_pool* pool = nullptr);
     void           set_train_math(cuda_train_math m);
     // Log each call's GPU time per op kind (a timing event after each op; slower).
     void set_train_profile(bool on);

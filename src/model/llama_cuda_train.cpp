@@ -40,6 +40,8 @@ struct lora_dev {
     float *      ga = nullptr, *gb = nullptr;
     int64_t      r     = 0;
     float        scale = 0.0f;
+    int64_t      layer = 0;  // the dropout mask's module
+    int          role  = 0;
 };
 
 status grow(cuda_buffer& b, size_t bytes) {
@@ -69,6 +71,8 @@ struct cuda_train_state {
     cuda_buffer t, dt;     // [n, max r]: LoRA's x A^T and dy B
     cuda_buffer w32;       // one linear's (or the lm_head's) weight, F32 (BF16 mode: BF16 in its first half)
     cuda_buffer xb;        // BF16 mode: a product's activation operand
+    lora_dropout_spec dropout;  // this call's
+    cuda_buffer       xd;       // with dropout: a LoRA branch's dropped input [n, n_in] (then (dy B) A)
     cuda_buffer ids, rows, targets, nll;
     cuda_buffer ce_h, ce_dx, logits;  // the loss's chunk
     cuda_buffer factors, grads;       // every A and B, F32 (the adapter's layout), and their gradients
@@ -80,7 +84,7 @@ struct cuda_train_state {
         uint64_t s = 0;
         for (const cuda_buffer* b : {&inputs, &hidden, &dh,   &dx,      &xn,  &q,    &k,     &v,       &att,
                                      &h1,     &yn,     &y,    &g,       &u,   &da,   &act,   &datt,    &dq,
-                                     &dk,     &dv,     &cos,  &sin,     &t,   &dt,   &w32,   &xb, &ids,     &rows,
+                                     &dk,     &dv,     &cos,  &sin,     &t,   &dt,   &w32,   &xb, &xd, &ids,     &rows,
                                      &targets, &nll,   &ce_h, &ce_dx, &logits, &factors, &grads})
             s += b->bytes();
         return s;
@@ -180,6 +184,11 @@ status linear_fwd(cuda_context& c, cuda_train_state& st, const cuda_linear& l, c
     GPTQ_TRY(mark(c, st, "linear"));
     if (lo.r == 0) return status::ok();
     float* t = st.t.as<float>();
+    if (st.dropout.p > 0) {  // the branch's input dropped (training)
+        GPTQ_TRY(op_cuda_lora_dropout_f32(c, x, st.xd.as<float>(), n, l.n_in, st.dropout.seed, lo.layer, lo.role,
+                                          st.dropout.p, false));
+        x = st.xd.as<float>();
+    }
     GPTQ_TRY(op_cuda_sgemm(c, false, true, n, lo.r, l.n_in, 1.0f, x, l.n_in, lo.a, l.n_in, 0.0f, t, lo.r, false));
     GPTQ_TRY(op_cuda_sgemm(c, false, true, n, l.n_out, lo.r, lo.scale, t, lo.r, lo.b, lo.r, 1.0f, y, l.n_out, false));
     return mark(c, st, "lora");
@@ -193,11 +202,22 @@ status linear_bwd(cuda_context& c, cuda_train_state& st, const cuda_linear& l, c
     if (lo.r == 0) return status::ok();
     const int64_t r = lo.r, n_in = l.n_in, n_out = l.n_out;
     float *       t = st.t.as<float>(), *dt = st.dt.as<float>();
+    const bool    drop = st.dropout.p > 0;
+    float*        xd   = st.xd.as<float>();
+    if (drop) {  // the forward's mask again
+        GPTQ_TRY(op_cuda_lora_dropout_f32(c, x, xd, n, n_in, st.dropout.seed, lo.layer, lo.role, st.dropout.p, false));
+        x = xd;
+    }
     GPTQ_TRY(op_cuda_sgemm(c, false, true, n, r, n_in, 1.0f, x, n_in, lo.a, n_in, 0.0f, t, r, false));
     GPTQ_TRY(op_cuda_sgemm(c, true, false, n_out, r, n, lo.scale, dy, n_out, t, r, 1.0f, lo.gb, r, false));
     GPTQ_TRY(op_cuda_sgemm(c, false, false, n, r, n_out, lo.scale, dy, n_out, lo.b, r, 0.0f, dt, r, false));
     GPTQ_TRY(op_cuda_sgemm(c, true, false, r, n_in, n, 1.0f, dt, r, x, n_in, 1.0f, lo.ga, n_in, false));
-    GPTQ_TRY(op_cuda_sgemm(c, false, false, n, n_in, r, 1.0f, dt, r, lo.a, n_in, 1.0f, dx, n_in, false));
+    if (!drop) {
+        GPTQ_TRY(op_cuda_sgemm(c, false, false, n, n_in, r, 1.0f, dt, r, lo.a, n_in, 1.0f, dx, n_in, false));
+    } else {  // dx += dropout's backward of (dy B) A: the same mask and scale
+        GPTQ_TRY(op_cuda_sgemm(c, false, false, n, n_in, r, 1.0f, dt, r, lo.a, n_in, 0.0f, xd, n_in, false));
+        GPTQ_TRY(op_cuda_lora_dropout_f32(c, xd, dx, n, n_in, st.dropout.seed, lo.layer, lo.role, st.dropout.p, true));
+    }
     return mark(c, st, "lora_backward");
 }
 
@@ -393,8 +413,10 @@ status llama_cuda_model::train_profile_log(std::chrono::steady_clock::time_point
 }
 
 result<double> llama_cuda_model::lora_loss_grad(const train_batch& b, const lora_adapter& adapter, lora_adapter* grads,
-                                                float grad_scale, thread_pool* pool) {
+                                                float grad_scale, lora_dropout_spec dropout, thread_pool* pool) {
     GPTQ_TRY(train_check());
+    if (!(dropout.p >= 0 && dropout.p < 1))
+        return make_error(E_ARG, "LoRA dropout {}: must be in [0, 1)", dropout.p);
     const llama_hparams& hp = hparams();
     const int64_t        n  = static_cast<int64_t>(b.ids.size());
     int64_t              sum = 0;
@@ -420,6 +442,7 @@ result<double> llama_cuda_model::lora_loss_grad(const train_batch& b, const lora
     const int64_t     E = hp.n_embd, qd = hp.q_dim(), kvd = hp.kv_dim(), F = hp.n_ff, half = hp.head_dim / 2;
     st.n                = n;
     st.seq_tokens       = b.n_tokens;
+    st.dropout          = dropout;
     GPTQ_TRY(c.synchronize());  // the last call's work is done before its buffers are written again
 
     // The adapter: every A then B per module into one buffer (and the gradients' the same way).
@@ -458,6 +481,8 @@ result<double> llama_cuda_model::lora_loss_grad(const train_batch& b, const lora
                     lora_dev& d = st.lora[static_cast<size_t>(l)][static_cast<size_t>(r)];
                     d.r         = m->r;
                     d.scale     = m->scale;
+                    d.layer     = l;
+                    d.role      = r;
                     d.a         = st.factors.as<float>() + off;
                     d.ga        = st.grads.as<float>() + off;
                     d.b         = d.a + m->a.size();
@@ -505,6 +530,7 @@ result<double> llama_cuda_model::lora_loss_grad(const train_batch& b, const lora
     for (cuda_buffer* bf : {&st.k, &st.v, &st.dk, &st.dv}) GPTQ_TRY(grow(*bf, size_t(n * kvd) * f));
     for (cuda_buffer* bf : {&st.g, &st.u, &st.da, &st.act}) GPTQ_TRY(grow(*bf, size_t(n * F) * f));
     for (cuda_buffer* bf : {&st.t, &st.dt}) GPTQ_TRY(grow(*bf, size_t(n * max_r) * f));
+    if (dropout.p > 0) GPTQ_TRY(grow(st.xd, size_t(n * std::max({E, qd, F})) * f));  // the widest LoRA input
     GPTQ_TRY(grow(st.cos, size_t(n * half) * f));
     GPTQ_TRY(grow(st.sin, size_t(n * half) * f));
     GPTQ_TRY(grow(st.ids, size_t(n) * 4));

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 
+#include "core/dropout_mask.h"
 #include "core/error.h"
 #include "kernels/cuda/convert.cuh"
 #include "kernels/cuda/gptq_linear.cuh"
@@ -96,6 +97,13 @@ status op_cuda_f32_to_bf16(cuda_context& ctx, const float* src, uint16_t* dst, i
 
 status op_cuda_f16_to_bf16(cuda_context& ctx, const uint16_t* src, uint16_t* dst, int64_t n) {
     return cuda::f16_to_bf16(src, dst, n, ctx.stream());
+}
+
+status op_cuda_lora_dropout_f32(cuda_context& ctx, const float* x, float* out, int64_t n_rows, int64_t n_in,
+                                uint64_t seed, int64_t layer, int role, double p, bool add) {
+    if (!(p > 0 && p < 1)) return make_error(E_ARG, "op_cuda_lora_dropout_f32: p {} not in (0, 1)", p);
+    return cuda::lora_dropout_f32(x, out, n_rows, n_in, dropout_module_key(seed, layer, role), dropout_threshold(p),
+                                  static_cast<float>(1.0 / (1.0 - p)), add, ctx.stream());
 }
 
 status op_cuda_embedding_f32(cuda_context& ctx, const uint16_t* table, const int32_t* ids, float* out, int64_t n,

@@ -33,6 +33,11 @@ status op_cuda_f32_to_bf16(cuda_context& ctx, const float* src, uint16_t* dst, i
 status op_cuda_f16_to_bf16(cuda_context& ctx, const uint16_t* src, uint16_t* dst, int64_t n);
 status op_cuda_gptq_dequant_bf16(cuda_context& ctx, const cuda_gptq_linear& w, uint16_t* out);
 
+// LoRA dropout of module (layer, role) with mask seed `seed` (core/dropout_mask.h), rows from 0:
+// out = dropped(x) (may alias x), or out += dropped(x) when add. p in (0, 1).
+status op_cuda_lora_dropout_f32(cuda_context& ctx, const float* x, float* out, int64_t n_rows, int64_t n_in,
+                                uint64_t seed, int64_t layer, int role, double p, bool add);
+
 // out[t] = table[ids[t]] as F32 (F16 table [vocab, dim]).
 status op_cuda_embedding_f32(cuda_context& ctx, const uint16_t* table, const int32_t* ids, float* out, int64_t n,
                              int64_t vocab, int64_t dim);

@@ -7,7 +7,7 @@
 //   the row-major sgemm with each transpose and a batch;
 // - one whole lora_loss_grad on tiny-llama, FP16 and a W4 act-order GPTQ checkpoint, ragged batch
 //   with masked rows: the loss and every A and B gradient against llama_model::lora_loss_grad
-//   (plain F32 products; TF32 with its own bound);
+//   (plain F32 products; TF32 and BF16 with their own bounds), with LoRA dropout too (the same masks);
 // - gptq finetune --device cuda: 2 steps + resume bit-identical to 4 uninterrupted ones, and a
 //   3-step run's losses and adapter against the same run on the CPU.
 #include <gtest/gtest.h>
@@ -425,7 +425,7 @@ std::shared_ptr<lora_adapter> random_adapter(const llama_hparams& hp) {
     return a;
 }
 
-void check_step(const std::string& path, cuda_train_math math) {
+void check_step(const std::string& path, cuda_train_math math, lora_dropout_spec drop = {}) {
     const char*  name     = math == cuda_train_math::F32 ? "f32" : math == cuda_train_math::TF32 ? "tf32" : "bf16";
     const double loss_tol = math == cuda_train_math::F32    ? k_loss_tol
                             : math == cuda_train_math::TF32 ? k_loss_tol_tf32
@@ -443,14 +443,14 @@ void check_step(const std::string& path, cuda_train_math math) {
     const float          scale   = 1.0f / float(b.n_targets());
     const int32_t        idx     = (*cpu)->lora_add(adapter);
     lora_adapter         g_cpu   = lora_adapter_zeros_like(*adapter);
-    auto                 l_cpu   = (*cpu)->lora_loss_grad(ops_context{}, b, idx, &g_cpu, scale);
+    auto                 l_cpu   = (*cpu)->lora_loss_grad(ops_context{}, b, idx, &g_cpu, scale, drop);
     ASSERT_TRUE(l_cpu) << l_cpu.error().message();
 
     auto gpu = llama_cuda_model::open(path, llama_cuda_train_options());
     ASSERT_TRUE(gpu) << gpu.error().message();
     (*gpu)->set_train_math(math);
     lora_adapter g_gpu = lora_adapter_zeros_like(*adapter);
-    auto         l_gpu = (*gpu)->lora_loss_grad(b, *adapter, &g_gpu, scale);
+    auto         l_gpu = (*gpu)->lora_loss_grad(b, *adapter, &g_gpu, scale, drop);
     ASSERT_TRUE(l_gpu) << l_gpu.error().message();
     EXPECT_NEAR(*l_gpu, *l_cpu, loss_tol * std::fabs(*l_cpu)) << "loss";
     double worst = 0;
@@ -464,10 +464,11 @@ void check_step(const std::string& path, cuda_train_math math) {
             EXPECT_LT(eb, grad_tol) << name << " B";
             worst = std::max({worst, ea, eb});
         }
+    if (drop.p > 0) std::printf("(lora dropout %.2f) ", drop.p);
     std::printf("%s math %s: loss cpu %.9g gpu %.9g (rel %.2e), worst gradient error %.2e of its tensor's largest\n",
                 path.c_str(), name, *l_cpu, *l_gpu, std::fabs(*l_gpu - *l_cpu) / std::fabs(*l_cpu), worst);
     // A second call accumulates (the trainer's micro-batches), and eval (no gradients) gives the loss.
-    auto l2 = (*gpu)->lora_loss_grad(b, *adapter, &g_gpu, scale);
+    auto l2 = (*gpu)->lora_loss_grad(b, *adapter, &g_gpu, scale, drop);
     ASSERT_TRUE(l2);
     EXPECT_EQ(*l2, *l_gpu);  // the same arithmetic on the same inputs
     EXPECT_LT(rel_err(g_gpu.layers[0][0].a, [&] {
@@ -476,7 +477,7 @@ void check_step(const std::string& path, cuda_train_math math) {
                   return twice;
               }()),
               2 * grad_tol);
-    auto le = (*gpu)->lora_loss_grad(b, *adapter, nullptr, 1.0f);
+    auto le = (*gpu)->lora_loss_grad(b, *adapter, nullptr, 1.0f, drop);
     ASSERT_TRUE(le);
     EXPECT_EQ(*le, *l_gpu);
 }
@@ -550,6 +551,13 @@ TEST(finetune_cuda, one_step_matches_cpu_window_untied_head_and_biases) {
     ASSERT_EQ((*m)->hparams().window[0], 5);
     check_step(pm, cuda_train_math::F32);
     check_step(pq, cuda_train_math::F32);
+}
+
+// LoRA dropout: the GPU draws the CPU's masks (core/dropout_mask.h), so the step matches as without.
+TEST(finetune_cuda, one_step_matches_cpu_with_lora_dropout) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    check_step(tiny_fp16(), cuda_train_math::F32, {0.3, 1234});
+    check_step(tiny_w4_act(), cuda_train_math::F32, {0.1, 99});
 }
 
 TEST(finetune_cuda, model_opened_for_inference_is_refused_by_name) {

@@ -50,6 +50,9 @@ command register_finetune(CLI::App& app) {
         ->capture_default_str();
     sub->add_option("--weight-decay", p->weight_decay, "AdamW weight decay")->capture_default_str();
     sub->add_option("--max-grad-norm", p->max_grad_norm, "gradient-norm clip (0: off)")->capture_default_str();
+    sub->add_option("--lora-dropout", p->lora_dropout,
+                    "dropout on each LoRA branch's input in training (PEFT's lora_dropout; seeded by --seed)")
+        ->capture_default_str();
     sub->add_option("--init-adapter", p->init_adapter, "start from this PEFT adapter (same targets and r)");
     sub->add_option("--chat-template", p->chat_template_file,
                     "chat template for \"messages\" (Jinja file, or a tokenizer_config.json) instead of the model's");

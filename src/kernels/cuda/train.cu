@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/dropout_mask.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/train.cuh"
 
@@ -58,6 +59,17 @@ __global__ void f32_to_bf16_kernel(const float* src, __nv_bfloat16* dst, int64_t
 __global__ void f16_to_bf16_kernel(const __half* src, __nv_bfloat16* dst, int64_t n) {
     for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
         dst[i] = __float2bfloat16_rn(__half2float(src[i]));
+}
+
+__global__ void lora_dropout_kernel(const float* x, float* out, int64_t total, uint64_t key, uint32_t threshold,
+                                    float inv, bool add) {
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+        const float v = dropout_keep(key, i, threshold) ? x[i] * inv : 0.0f;
+        if (add)
+            out[i] += v;
+        else
+            out[i] = v;
+    }
 }
 
 __global__ void embedding_kernel(const __half* table, const int32_t* ids, float* out, int64_t n, int64_t vocab,
@@ -253,6 +265,15 @@ status f16_to_bf16(const uint16_t* src, uint16_t* dst, int64_t n, cudaStream_t s
     if (n <= 0) return status::ok();
     f16_to_bf16_kernel<<<blocks_for(n), k_block, 0, stream>>>(reinterpret_cast<const __half*>(src),
                                                                reinterpret_cast<__nv_bfloat16*>(dst), n);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+status lora_dropout_f32(const float* x, float* out, int64_t n_rows, int64_t n_in, uint64_t module_key,
+                        uint32_t threshold, float inv_keep, bool add, cudaStream_t stream) {
+    const int64_t total = n_rows * n_in;
+    if (total <= 0) return status::ok();
+    lora_dropout_kernel<<<blocks_for(total), k_block, 0, stream>>>(x, out, total, module_key, threshold, inv_keep, add);
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }

@@ -30,6 +30,12 @@ status gemm_bf16_rm(cublasHandle_t h, bool ta, bool tb, int64_t m, int64_t n, in
 status f32_to_bf16(const float* src, uint16_t* dst, int64_t n, cudaStream_t stream);
 status f16_to_bf16(const uint16_t* src, uint16_t* dst, int64_t n, cudaStream_t stream);
 
+// LoRA dropout (core/dropout_mask.h): v = x[i, c] / (1 - p) where element i * n_in + c of the module
+// with key `module_key` is kept (threshold), else 0; out = v, or out += v when add. out may alias x
+// (not with add).
+status lora_dropout_f32(const float* x, float* out, int64_t n_rows, int64_t n_in, uint64_t module_key,
+                        uint32_t threshold, float inv_keep, bool add, cudaStream_t stream);
+
 // out[t, :] = float(table[ids[t], :]) (F16 table [vocab, dim]; an id outside [0, vocab): zeros).
 status embedding_f32(const uint16_t* table, const int32_t* ids, float* out, int64_t n, int64_t vocab, int64_t dim,
                      cudaStream_t stream);

@@ -30,12 +30,12 @@ struct finetune_params {
     int64_t     batch         = 8;  // sequences per micro-batch
     int64_t     grad_accum    = 1;  // micro-batches per optimizer step
     uint64_t    seed          = 0;
-    std::string device        = "cpu";  // cpu, cuda, cuda:N
+    std::string device        = "cpu";   // cpu, cuda, cuda:N
     std::string gpu_math      = "tf32";  // GPU: the base's products on tf32 or bf16 tensor cores, or f32 (exact)
-    bool        profile_ops   = false;  // GPU: log each step's GPU time per op kind (slower)
-    double      eval_fraction = 0.05;  // share of the sequences held out for the eval loss
-    int64_t     eval_every    = 0;     // > 0: eval loss every N steps too (always after each epoch)
-    int64_t     save_every    = 0;     // > 0: checkpoint every N steps (out_dir/checkpoint)
+    bool        profile_ops   = false;   // GPU: log each step's GPU time per op kind (slower)
+    double      eval_fraction = 0.05;    // share of the sequences held out for the eval loss
+    int64_t     eval_every    = 0;       // > 0: eval loss every N steps too (always after each epoch)
+    int64_t     save_every    = 0;       // > 0: checkpoint every N steps (out_dir/checkpoint)
     bool        resume        = false;
     double      warmup_ratio  = 0.03;  // linear warm-up over ceil(ratio * total steps), then cosine to 0
     double      weight_decay  = 0.0;   // AdamW, betas 0.9 / 0.999, eps 1e-8
@@ -49,18 +49,18 @@ struct finetune_params {
 };
 
 struct finetune_result {
-    int64_t     steps              = 0;  // optimizer steps done in this run (after a resume: the new ones)
-    int64_t     total_steps        = 0;
-    int64_t     n_train_seqs       = 0;
-    int64_t     n_eval_seqs        = 0;
-    int64_t     n_train_tokens     = 0;    // tokens run through the model in this run
-    double      train_loss         = 0.0;  // mean over the targets of the last optimizer step
-    double      eval_loss_first    = 0.0;  // before the first step of this run (NaN without eval data)
-    double      eval_loss          = 0.0;  // after the last step
-    double      seconds            = 0.0;
-    double      tokens_per_second  = 0.0;
-    int64_t     n_trainable_params = 0;
-    std::string out_dir;
+    int64_t             steps              = 0;  // optimizer steps done in this run (after a resume: the new ones)
+    int64_t             total_steps        = 0;
+    int64_t             n_train_seqs       = 0;
+    int64_t             n_eval_seqs        = 0;
+    int64_t             n_train_tokens     = 0;    // tokens run through the model in this run
+    double              train_loss         = 0.0;  // mean over the targets of the last optimizer step
+    double              eval_loss_first    = 0.0;  // before the first step of this run (NaN without eval data)
+    double              eval_loss          = 0.0;  // after the last step
+    double              seconds            = 0.0;
+    double              tokens_per_second  = 0.0;
+    int64_t             n_trainable_params = 0;
+    std::string         out_dir;
     std::vector<double> step_seconds;           // each optimizer step of this run (wall clock)
     std::vector<double> step_losses;            // each optimizer step's mean train loss
     double              step_seconds_mean = 0;  // mean over the steps after the first (0: fewer than 2 steps)

@@ -29,8 +29,8 @@ GPTQ_HOST_DEVICE inline uint64_t dropout_module_key(uint64_t seed, int64_t layer
     return dropout_mix(seed ^ dropout_mix(static_cast<uint64_t>(layer) * 16 + static_cast<uint64_t>(role)));
 }
 GPTQ_HOST_DEVICE inline bool dropout_keep(uint64_t module_key, int64_t index, uint32_t threshold) {
-    return static_cast<uint32_t>(dropout_mix(module_key + static_cast<uint64_t>(index) * 0xd1b54a32d192ed03ULL) >> 40) >=
-           threshold;
+    return static_cast<uint32_t>(dropout_mix(module_key + static_cast<uint64_t>(index) * 0xd1b54a32d192ed03ULL) >>
+                                 40) >= threshold;
 }
 // p in [0, 1): the threshold of the 24-bit draw.
 inline uint32_t dropout_threshold(double p) {

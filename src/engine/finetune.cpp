@@ -94,10 +94,10 @@ lora_trainer::lora_trainer(lora_loss_grad_fn fn, std::shared_ptr<lora_adapter> a
 
 lora_trainer::lora_trainer(llama_model& model, std::shared_ptr<lora_adapter> adapter, int32_t lora_index,
                            adamw_config cfg)
-    : lora_trainer(
-          [&model, lora_index](const ops_context& ctx, const train_batch& b, lora_adapter* grads, float grad_scale,
-                               lora_dropout_spec d) { return model.lora_loss_grad(ctx, b, lora_index, grads, grad_scale, d); },
-          std::move(adapter), cfg) {}
+    : lora_trainer([&model, lora_index](
+                       const ops_context& ctx, const train_batch& b, lora_adapter* grads, float grad_scale,
+                       lora_dropout_spec d) { return model.lora_loss_grad(ctx, b, lora_index, grads, grad_scale, d); },
+                   std::move(adapter), cfg) {}
 
 result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::vector<train_batch>& micro, double lr) {
     train_step_stats st;
@@ -145,7 +145,7 @@ result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::v
     std::vector<double> sq_mod(mods.size(), 0.0);
     over_modules([&](int64_t i0, int64_t i1) {
         for (int64_t i = i0; i < i1; ++i) {
-            const auto [l, r] = mods[static_cast<size_t>(i)];
+            const auto [l, r]    = mods[static_cast<size_t>(i)];
             const lora_module& g = grads_.layers[l][r];
             double             s = 0.0;
             for (float x : g.a) s += static_cast<double>(x) * x;
@@ -496,7 +496,7 @@ struct train_loop {
             const auto micro =
                 finetune_batches(seqs, order, j * per_step, std::min(n_train, (j + 1) * per_step), p.batch);
             const double lr = finetune_lr_at(p.lr, k, total, warmup);
-            const auto ts = std::chrono::steady_clock::now();
+            const auto   ts = std::chrono::steady_clock::now();
             GPTQ_ASSIGN_OR_RETURN(train_step_stats st, trainer.step(ctx, micro, lr));
             r->step_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count());
             r->step_losses.push_back(st.loss);
@@ -602,11 +602,13 @@ result<finetune_result> finetune_run(const finetune_params& p) {
 #ifdef GPTQ_HAVE_CUDA
     if (gpu)
         fn = [m = gpu.get(), adapter](const ops_context& ctx, const train_batch& b, lora_adapter* g, float s,
-                                      lora_dropout_spec d) { return m->lora_loss_grad(b, *adapter, g, s, d, ctx.pool); };
+                                      lora_dropout_spec d) {
+            return m->lora_loss_grad(b, *adapter, g, s, d, ctx.pool);
+        };
 #endif
     lora_trainer trainer(fn, adapter, cfg);
     trainer.set_dropout(p.lora_dropout, p.seed);
-    run_state    state;
+    run_state state;
     if (p.resume) {
         GPTQ_ASSIGN_OR_RETURN(state, checkpoint_load(p, hp, trainer));
     }

@@ -63,8 +63,8 @@ struct train_step_stats {
 // NLL of its targets and, with grads (nullptr: eval only), d(grad_scale * NLL)/dA, dB ADDED to
 // *grads. CPU: llama_model::lora_loss_grad; GPU: llama_cuda_model::lora_loss_grad (finetune.cpp).
 // dropout: the LoRA branches' for this micro-batch (p 0: none; eval passes none).
-using lora_loss_grad_fn = std::function<result<double>(const ops_context& ctx, const train_batch& b,
-                                                       lora_adapter* grads, float grad_scale, lora_dropout_spec dropout)>;
+using lora_loss_grad_fn = std::function<result<double>(
+    const ops_context& ctx, const train_batch& b, lora_adapter* grads, float grad_scale, lora_dropout_spec dropout)>;
 
 // AdamW (torch.optim.AdamW's arithmetic, on the host) on the A and B of `adapter`, whose loss and
 // gradients `fn` computes from the adapter's current values (it sees every update).
@@ -98,7 +98,7 @@ private:
     std::shared_ptr<lora_adapter> adapter_;
     adamw_config                  cfg_;
     lora_adapter                  grads_, m_, v_;  // the adapter's shapes
-    int64_t                       t_ = 0;
+    int64_t                       t_            = 0;
     double                        dropout_p_    = 0.0;
     uint64_t                      dropout_seed_ = 0;
 };

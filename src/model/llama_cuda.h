@@ -75,8 +75,8 @@ llama_cuda_options llama_cuda_train_options(int device = 0);
 // The base's products in LoRA training: plain F32 (exact mode), TF32 tensor cores (F32 range, 10-bit
 // mantissa inputs) or BF16 tensor cores (8-bit mantissa inputs); F32 accumulation in each.
 enum class cuda_train_math { F32, TF32, BF16 };
-struct cuda_train_state;  // model/llama_cuda_train.cpp
-constexpr int64_t k_llama_cuda_max_seq     = 256;  // sequence slots (sequences_reserve)
+struct cuda_train_state;                       // model/llama_cuda_train.cpp
+constexpr int64_t k_llama_cuda_max_seq = 256;  // sequence slots (sequences_reserve)
 
 // GPU time per op kind of the forward pass (llama_cuda_model::set_profile_ops), summed over the
 // passes profiled: a timing event is recorded after each op, so an op's time runs from the end of
@@ -403,10 +403,8 @@ private:
     std::shared_ptr<cuda_train_state> train_;
     status                            train_check() const;
     status                            train_layer(int64_t i_layer, const float* x0, float* out, float* dh);
-    status                            train_loss(int64_t n, const std::vector<int32_t>& targets, float grad_scale,
-                                                 bool grad, double* loss);
-    status                            train_profile_log(std::chrono::steady_clock::time_point t0,
-                                                        std::chrono::steady_clock::time_point t_up);
+    status train_loss(int64_t n, const std::vector<int32_t>& targets, float grad_scale, bool grad, double* loss);
+    status train_profile_log(std::chrono::steady_clock::time_point t0, std::chrono::steady_clock::time_point t_up);
 };
 
 }  // namespace gptq

@@ -10,8 +10,8 @@
 // generic layout, bit for bit the CPU's values; F16: converted), so
 //     y = x W^T + s (x A^T) B^T,  t = x A^T:   dB += s dy^T t,  dA += s (dy B)^T x,  dx = dy W + s (dy B) A
 // are cuBLAS products: the base's in set_train_math's arithmetic (TF32 tensor cores by default, BF16
-// operands, or plain F32), LoRA's in plain F32. The adapter's A and B are uploaded per call, and the gradients downloaded and added
-// to the host's (AdamW stays on the host: engine/finetune.cpp's lora_trainer).
+// operands, or plain F32), LoRA's in plain F32. The adapter's A and B are uploaded per call, and the gradients
+// downloaded and added to the host's (AdamW stays on the host: engine/finetune.cpp's lora_trainer).
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -61,31 +61,31 @@ struct cuda_train_state {
     cuda_train_math math = cuda_train_math::TF32;
     bool            tf32() const { return math != cuda_train_math::F32; }  // attention's products
     // Profiling (set_train_profile): a timing event after each op, the GPU time summed per kind.
-    bool                      prof = false;
-    cuda_timeline             tl;
-    std::vector<const char*>  labels;  // the op each mark after the first ends
-    int64_t n    = 0;  // rows of the current batch
+    bool                     prof = false;
+    cuda_timeline            tl;
+    std::vector<const char*> labels;  // the op each mark after the first ends
+    int64_t                  n = 0;   // rows of the current batch
     // Activations [n, features] F32 (llama_train.cpp's names), the kept inputs [n_layer, n, n_embd].
-    cuda_buffer inputs, hidden, dh, dx, xn, q, k, v, att, h1, yn, y, g, u, da, act, datt, dq, dk, dv;
-    cuda_buffer cos, sin;  // [n, head_dim / 2]: each sequence's positions 0 .. n_tokens - 1
-    cuda_buffer t, dt;     // [n, max r]: LoRA's x A^T and dy B
-    cuda_buffer w32;       // one linear's (or the lm_head's) weight, F32 (BF16 mode: BF16 in its first half)
-    cuda_buffer xb;        // BF16 mode: a product's activation operand
-    lora_dropout_spec dropout;  // this call's
-    cuda_buffer       xd;       // with dropout: a LoRA branch's dropped input [n, n_in] (then (dy B) A)
-    cuda_buffer ids, rows, targets, nll;
-    cuda_buffer ce_h, ce_dx, logits;  // the loss's chunk
-    cuda_buffer factors, grads;       // every A and B, F32 (the adapter's layout), and their gradients
+    cuda_buffer       inputs, hidden, dh, dx, xn, q, k, v, att, h1, yn, y, g, u, da, act, datt, dq, dk, dv;
+    cuda_buffer       cos, sin;  // [n, head_dim / 2]: each sequence's positions 0 .. n_tokens - 1
+    cuda_buffer       t, dt;     // [n, max r]: LoRA's x A^T and dy B
+    cuda_buffer       w32;       // one linear's (or the lm_head's) weight, F32 (BF16 mode: BF16 in its first half)
+    cuda_buffer       xb;        // BF16 mode: a product's activation operand
+    lora_dropout_spec dropout;   // this call's
+    cuda_buffer       xd;        // with dropout: a LoRA branch's dropped input [n, n_in] (then (dy B) A)
+    cuda_buffer       ids, rows, targets, nll;
+    cuda_buffer       ce_h, ce_dx, logits;  // the loss's chunk
+    cuda_buffer       factors, grads;       // every A and B, F32 (the adapter's layout), and their gradients
     std::vector<std::array<lora_dev, k_n_linear_roles>> lora;  // [n_layer]
     std::vector<int64_t>                                seq_tokens;
     std::vector<float>                                  host;  // staging of factors / gradients
 
     uint64_t bytes() const {
         uint64_t s = 0;
-        for (const cuda_buffer* b : {&inputs, &hidden, &dh,   &dx,      &xn,  &q,    &k,     &v,       &att,
-                                     &h1,     &yn,     &y,    &g,       &u,   &da,   &act,   &datt,    &dq,
-                                     &dk,     &dv,     &cos,  &sin,     &t,   &dt,   &w32,   &xb, &xd, &ids,     &rows,
-                                     &targets, &nll,   &ce_h, &ce_dx, &logits, &factors, &grads})
+        for (const cuda_buffer* b :
+             {&inputs, &hidden, &dh, &dx,  &xn,   &q,       &k,   &v,    &att,   &h1,     &yn,      &y,
+              &g,      &u,      &da, &act, &datt, &dq,      &dk,  &dv,   &cos,   &sin,    &t,       &dt,
+              &w32,    &xb,     &xd, &ids, &rows, &targets, &nll, &ce_h, &ce_dx, &logits, &factors, &grads})
             s += b->bytes();
         return s;
     }
@@ -232,16 +232,16 @@ status llama_cuda_model::train_layer(int64_t il, const float* x0, float* out, fl
     const layer&         L  = layers_[static_cast<size_t>(il)];
     const auto&          lo = st.lora[static_cast<size_t>(il)];
     const int64_t        n = st.n, E = hp.n_embd, qd = hp.q_dim(), kvd = hp.kv_dim(), hd = hp.head_dim, F = hp.n_ff;
-    using R                = linear_role;
-    auto lin               = [&](R r, const float* x, float* y) {
+    using R  = linear_role;
+    auto lin = [&](R r, const float* x, float* y) {
         return linear_fwd(c, st, L.linear(r), lo[static_cast<size_t>(r)], x, y, n);
     };
     auto back = [&](R r, const float* x, const float* dy, float* dx, bool acc) {
         return linear_bwd(c, st, L.linear(r), lo[static_cast<size_t>(r)], x, dy, dx, n, acc);
     };
-    float *xn = st.xn.as<float>(), *q = st.q.as<float>(), *k = st.k.as<float>(), *v = st.v.as<float>();
-    float *att = st.att.as<float>(), *h1 = st.h1.as<float>(), *yn = st.yn.as<float>(), *y = st.y.as<float>();
-    float *g = st.g.as<float>(), *u = st.u.as<float>(), *act = st.act.as<float>();
+    float *      xn = st.xn.as<float>(), *q = st.q.as<float>(), *k = st.k.as<float>(), *v = st.v.as<float>();
+    float *      att = st.att.as<float>(), *h1 = st.h1.as<float>(), *yn = st.yn.as<float>(), *y = st.y.as<float>();
+    float *      g = st.g.as<float>(), *u = st.u.as<float>(), *act = st.act.as<float>();
     const float *cs = st.cos.as<float>(), *sn = st.sin.as<float>();
     const float  eps = hp.rms_eps;
 
@@ -307,8 +307,8 @@ status llama_cuda_model::train_layer(int64_t il, const float* x0, float* out, fl
     GPTQ_TRY(back(R::LINEAR_O, att, dh, datt, false));
     row0 = 0;
     for (int64_t nt : st.seq_tokens) {
-        GPTQ_TRY(op_cuda_attention_backward_f32(c, args_of(row0, nt), datt + row0 * qd, dq + row0 * qd,
-                                                dk + row0 * kvd, dv + row0 * kvd));
+        GPTQ_TRY(op_cuda_attention_backward_f32(c, args_of(row0, nt), datt + row0 * qd, dq + row0 * qd, dk + row0 * kvd,
+                                                dv + row0 * kvd));
         row0 += nt;
     }
     GPTQ_TRY(mk("attention_backward"));
@@ -415,10 +415,9 @@ status llama_cuda_model::train_profile_log(std::chrono::steady_clock::time_point
 result<double> llama_cuda_model::lora_loss_grad(const train_batch& b, const lora_adapter& adapter, lora_adapter* grads,
                                                 float grad_scale, lora_dropout_spec dropout, thread_pool* pool) {
     GPTQ_TRY(train_check());
-    if (!(dropout.p >= 0 && dropout.p < 1))
-        return make_error(E_ARG, "LoRA dropout {}: must be in [0, 1)", dropout.p);
-    const llama_hparams& hp = hparams();
-    const int64_t        n  = static_cast<int64_t>(b.ids.size());
+    if (!(dropout.p >= 0 && dropout.p < 1)) return make_error(E_ARG, "LoRA dropout {}: must be in [0, 1)", dropout.p);
+    const llama_hparams& hp  = hparams();
+    const int64_t        n   = static_cast<int64_t>(b.ids.size());
     int64_t              sum = 0;
     for (int64_t t : b.n_tokens) {
         if (t < 1) return make_error(E_ARG, "train batch: a sequence of {} tokens", t);
@@ -440,9 +439,9 @@ result<double> llama_cuda_model::lora_loss_grad(const train_batch& b, const lora
     cuda_train_state& st = *train_;
     cuda_context&     c  = *ctx_;
     const int64_t     E = hp.n_embd, qd = hp.q_dim(), kvd = hp.kv_dim(), F = hp.n_ff, half = hp.head_dim / 2;
-    st.n                = n;
-    st.seq_tokens       = b.n_tokens;
-    st.dropout          = dropout;
+    st.n          = n;
+    st.seq_tokens = b.n_tokens;
+    st.dropout    = dropout;
     GPTQ_TRY(c.synchronize());  // the last call's work is done before its buffers are written again
 
     // The adapter: every A then B per module into one buffer (and the gradients' the same way).

@@ -253,8 +253,7 @@ double llama_model::output_loss_grad(const ops_context& ctx, const float* hidden
 result<double> llama_model::lora_loss_grad(const ops_context& ctx, const train_batch& b, int32_t lora,
                                            lora_adapter* grads, float grad_scale, lora_dropout_spec dropout) {
     GPTQ_TRY(llama_train_check(hp_, src_->folder()));
-    if (!(dropout.p >= 0 && dropout.p < 1))
-        return make_error(E_ARG, "LoRA dropout {}: must be in [0, 1)", dropout.p);
+    if (!(dropout.p >= 0 && dropout.p < 1)) return make_error(E_ARG, "LoRA dropout {}: must be in [0, 1)", dropout.p);
     struct dropout_scope {  // the forward (linear_run) and the backward see it during this call only
         lora_dropout_spec& d;
         ~dropout_scope() { d = {}; }

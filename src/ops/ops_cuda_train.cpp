@@ -36,9 +36,9 @@ struct attn_plan {
 };
 result<attn_plan> attention_plan(cuda_context& ctx, const cuda_attention_f32_args& a, bool backward) {
     attn_plan pl;
-    pl.group = a.n_head / a.n_head_kv;
-    pl.nn    = a.n_q * a.n_kv;
-    pl.per   = std::clamp<int64_t>(k_attn_scores / std::max<int64_t>(1, pl.group * pl.nn), 1, a.n_head_kv);
+    pl.group         = a.n_head / a.n_head_kv;
+    pl.nn            = a.n_q * a.n_kv;
+    pl.per           = std::clamp<int64_t>(k_attn_scores / std::max<int64_t>(1, pl.group * pl.nn), 1, a.n_head_kv);
     const size_t one = size_t(pl.per * pl.group * pl.nn) * 4;
     GPTQ_ASSIGN_OR_RETURN(void* s, ctx.scratch(backward ? 2 * one : one));
     pl.p  = static_cast<float*>(s);
@@ -87,8 +87,7 @@ status op_cuda_gptq_dequant_bf16(cuda_context& ctx, const cuda_gptq_linear& w, u
 status op_cuda_gemm_bf16(cuda_context& ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                          const uint16_t* a, int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c,
                          int64_t ldc) {
-    return cuda::gemm_bf16_rm(ctx.blas(), trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
-                              ctx.stream());
+    return cuda::gemm_bf16_rm(ctx.blas(), trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ctx.stream());
 }
 
 status op_cuda_f32_to_bf16(cuda_context& ctx, const float* src, uint16_t* dst, int64_t n) {
@@ -183,7 +182,7 @@ status op_cuda_attention_backward_f32(cuda_context& ctx, const cuda_attention_f3
     if (a.n_q == 0) return status::ok();
     GPTQ_ASSIGN_OR_RETURN(attn_plan pl, attention_plan(ctx, a, true));
     const int64_t hd = a.head_dim, G = pl.group, nn = pl.nn, nq = a.n_q, nk = a.n_kv;
-    const auto    s  = ctx.stream();
+    const auto    s = ctx.stream();
     for (int64_t j0 = 0; j0 < a.n_head_kv; j0 += pl.per) {
         const int64_t c = std::min(pl.per, a.n_head_kv - j0);
         for (int64_t i = 0; i < G; ++i) {  // P (scores, then softmax) and dP = dout v^T

@@ -68,8 +68,8 @@ struct cuda_attention_f32_args {
     float*       out = nullptr;  // [n_q, out_stride]
     int64_t      n_q = 0, n_kv = 0, q_pos0 = 0;
     int64_t      n_head = 0, n_head_kv = 0, head_dim = 0;
-    int64_t      window = 0;
-    float        scale  = 1.0f;
+    int64_t      window   = 0;
+    float        scale    = 1.0f;
     int64_t      q_stride = 0, kv_stride = 0, out_stride = 0;
     bool         tf32 = false;
 };

@@ -95,26 +95,27 @@ std::unique_ptr<device_array<T>> dev(const std::vector<T>& v) {
 
 TEST(finetune_cuda, rms_norm_forward_and_backward_match_cpu) {
     GPTQ_SKIP_WITHOUT_GPU();
-    auto              c = make_ctx();
+    auto              c    = make_ctx();
     const uint32_t    seed = fresh_seed();
     std::mt19937      rng(seed);
     const ops_context cpu{};
     for (auto [rows, dim] : std::vector<std::pair<int64_t, int64_t>>{{1, 7}, {5, 64}, {33, 1000}, {3, 4099}}) {
         SCOPED_TRACE("rows " + std::to_string(rows) + " dim " + std::to_string(dim) + " seed " + std::to_string(seed));
         const float              eps = 1e-5f;
-        const std::vector<float> x   = randn(rng, size_t(rows * dim)), dy = randn(rng, size_t(rows * dim));
+        const std::vector<float> x = randn(rng, size_t(rows * dim)), dy = randn(rng, size_t(rows * dim));
         const auto               w16 = random_f16(rng, size_t(dim));
         const std::vector<float> w   = to_f32(w16);
         std::vector<float>       y(x.size()), dx(x.size());
         op_rms_norm(cpu, x.data(), w.data(), y.data(), rows, dim, eps);
         op_rms_norm_backward(cpu, x.data(), w.data(), dy.data(), dx.data(), rows, dim, eps);
         auto dx_ = dev(x), ddy = dev(dy);
-        auto dw  = dev(w16);
+        auto dw     = dev(w16);
         auto dy_out = std::make_unique<device_array<float>>(x.size());
         GPTQ_EXPECT_OK(op_cuda_rms_norm_f32(*c, dx_->get(), dw->get(), dy_out->get(), rows, dim, eps));
         EXPECT_LT(rel_err(dy_out->download(), y), k_elem_tol);
         // dx in place over dy (the model's use).
-        GPTQ_EXPECT_OK(op_cuda_rms_norm_backward_f32(*c, dx_->get(), dw->get(), ddy->get(), ddy->get(), rows, dim, eps));
+        GPTQ_EXPECT_OK(
+            op_cuda_rms_norm_backward_f32(*c, dx_->get(), dw->get(), ddy->get(), ddy->get(), rows, dim, eps));
         EXPECT_LT(rel_err(ddy->download(), dx), k_elem_tol);
     }
 }
@@ -157,7 +158,8 @@ TEST(finetune_cuda, rope_silu_add_match_cpu) {
         auto dy_out = std::make_unique<device_array<float>>(static_cast<size_t>(n));
         GPTQ_EXPECT_OK(op_cuda_silu_mul_f32(*c, dgate->get(), dup->get(), dy_out->get(), n));
         EXPECT_LT(rel_err(dy_out->download(), y), k_elem_tol);
-        GPTQ_EXPECT_OK(op_cuda_silu_mul_backward_f32(*c, dgate->get(), dup->get(), ddy->get(), ddy->get(), dup->get(), n));
+        GPTQ_EXPECT_OK(
+            op_cuda_silu_mul_backward_f32(*c, dgate->get(), dup->get(), ddy->get(), ddy->get(), dup->get(), n));
         EXPECT_LT(rel_err(ddy->download(), dg), k_elem_tol);
         EXPECT_LT(rel_err(dup->download(), du), k_elem_tol);
         std::vector<float> sum = g;
@@ -168,8 +170,8 @@ TEST(finetune_cuda, rope_silu_add_match_cpu) {
         EXPECT_EQ(da->download(), sum);
     }
     {
-        const int64_t rows = 3, n = 37;
-        const auto    b16  = random_f16(rng, size_t(n));
+        const int64_t      rows = 3, n = 37;
+        const auto         b16 = random_f16(rng, size_t(n));
         std::vector<float> y = randn(rng, size_t(rows * n)), want = y;
         for (int64_t r = 0; r < rows; ++r)
             for (int64_t i = 0; i < n; ++i) want[size_t(r * n + i)] += f16_to_f32(b16[size_t(i)]);
@@ -189,13 +191,14 @@ TEST(finetune_cuda, embedding_rows_and_cross_entropy_match_reference) {
     const int64_t              vocab = 301, dim = 19, n = 6;
     const auto                 table = random_f16(rng, size_t(vocab * dim));
     const std::vector<int32_t> ids   = {0, 300, 7, 7, 150, 299};
-    auto                       dt = dev(table);
-    auto                       di = dev(ids);
+    auto                       dt    = dev(table);
+    auto                       di    = dev(ids);
     device_array<float>        out(size_t(n * dim));
     GPTQ_EXPECT_OK(op_cuda_embedding_f32(*c, dt->get(), di->get(), out.get(), n, vocab, dim));
     std::vector<float> want(size_t(n * dim));
     for (int64_t t = 0; t < n; ++t)
-        for (int64_t j = 0; j < dim; ++j) want[size_t(t * dim + j)] = f16_to_f32(table[size_t(ids[size_t(t)] * dim + j)]);
+        for (int64_t j = 0; j < dim; ++j)
+            want[size_t(t * dim + j)] = f16_to_f32(table[size_t(ids[size_t(t)] * dim + j)]);
     EXPECT_EQ(out.download(), want);
     // Gather rows 5, 0, 3 and scatter them back into zeros.
     const std::vector<int32_t> rows = {5, 0, 3};
@@ -217,9 +220,9 @@ TEST(finetune_cuda, embedding_rows_and_cross_entropy_match_reference) {
         std::vector<float>   l   = randn(rng, size_t(rws * V), 8.0f);
         std::vector<int32_t> t(static_cast<size_t>(rws));
         for (int64_t r = 0; r < rws; ++r) t[size_t(r)] = int32_t((r * 7919 + 3) % V);
-        const float scale = 0.125f;
-        auto        dl = dev(l);
-        auto        dtg = dev(t);
+        const float          scale = 0.125f;
+        auto                 dl    = dev(l);
+        auto                 dtg   = dev(t);
         device_array<double> nll(static_cast<size_t>(rws));
         GPTQ_EXPECT_OK(op_cuda_cross_entropy_f32(*c, dl->get(), dtg->get(), nll.get(), rws, V, scale, true));
         const std::vector<double> got_nll = nll.download();
@@ -253,14 +256,16 @@ TEST(finetune_cuda, sgemm_matches_cpu_each_transpose) {
             SCOPED_TRACE(std::string("ta ") + (ta ? "1" : "0") + " tb " + (tb ? "1" : "0") + " seed " +
                          std::to_string(seed));
             const int64_t            lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 1, ldc = n + 2;
-            const std::vector<float> a = randn(rng, size_t((ta ? k : m) * lda)), b = randn(rng, size_t((tb ? n : k) * ldb));
-            std::vector<float>       cc = randn(rng, size_t(m * ldc)), want = cc;
+            const std::vector<float> a = randn(rng, size_t((ta ? k : m) * lda)),
+                                     b = randn(rng, size_t((tb ? n : k) * ldb));
+            std::vector<float> cc = randn(rng, size_t(m * ldc)), want = cc;
             op_sgemm(cpu, ta, tb, m, n, k, 0.5f, a.data(), lda, b.data(), ldb, 1.0f, want.data(), ldc);
             auto da = dev(a), db = dev(b), dc = dev(cc);
-            GPTQ_EXPECT_OK(op_cuda_sgemm(*c, ta, tb, m, n, k, 0.5f, da->get(), lda, db->get(), ldb, 1.0f, dc->get(), ldc,
-                                         false));
+            GPTQ_EXPECT_OK(
+                op_cuda_sgemm(*c, ta, tb, m, n, k, 0.5f, da->get(), lda, db->get(), ldb, 1.0f, dc->get(), ldc, false));
             EXPECT_LT(rel_err(dc->download(), want), k_prod_tol);
-            GPTQ_EXPECT_OK(op_cuda_sgemm(*c, ta, tb, m, n, k, 0.5f, da->get(), lda, db->get(), ldb, 0.0f, dc->get(), ldc,
+            GPTQ_EXPECT_OK(op_cuda_sgemm(*c, ta, tb, m, n, k, 0.5f, da->get(), lda, db->get(), ldb, 0.0f, dc->get(),
+                                         ldc,
                                          true));  // TF32: k 301 products of 10-bit mantissas
             std::vector<float> w0 = cc;
             op_sgemm(cpu, ta, tb, m, n, k, 0.5f, a.data(), lda, b.data(), ldb, 0.0f, w0.data(), ldc);
@@ -269,7 +274,7 @@ TEST(finetune_cuda, sgemm_matches_cpu_each_transpose) {
             device_array<uint16_t> ab(a.size()), bb(b.size());
             GPTQ_EXPECT_OK(op_cuda_f32_to_bf16(*c, da->get(), ab.get(), int64_t(a.size())));
             GPTQ_EXPECT_OK(op_cuda_f32_to_bf16(*c, db->get(), bb.get(), int64_t(b.size())));
-            auto ra = ab.download(), rb = bb.download();
+            auto               ra = ab.download(), rb = bb.download();
             std::vector<float> af(a.size()), bf(b.size());
             for (size_t i = 0; i < af.size(); ++i) af[i] = bf16_to_f32(ra[i]);
             for (size_t i = 0; i < bf.size(); ++i) bf[i] = bf16_to_f32(rb[i]);
@@ -278,8 +283,8 @@ TEST(finetune_cuda, sgemm_matches_cpu_each_transpose) {
             std::vector<float> w1 = cc;
             op_sgemm(cpu, ta, tb, m, n, k, 0.5f, af.data(), lda, bf.data(), ldb, 1.0f, w1.data(), ldc);
             auto dc2 = dev(cc);
-            GPTQ_EXPECT_OK(op_cuda_gemm_bf16(*c, ta, tb, m, n, k, 0.5f, ab.get(), lda, bb.get(), ldb, 1.0f, dc2->get(),
-                                             ldc));
+            GPTQ_EXPECT_OK(
+                op_cuda_gemm_bf16(*c, ta, tb, m, n, k, 0.5f, ab.get(), lda, bb.get(), ldb, 1.0f, dc2->get(), ldc));
             EXPECT_LT(rel_err(dc2->download(), w1), k_prod_tol);
         }
 }
@@ -290,15 +295,16 @@ TEST(finetune_cuda, gptq_dequant_f32_is_the_cpu_weight_bit_for_bit) {
     const uint32_t seed = fresh_seed();
     std::mt19937   rng(seed);
     struct shape {
-        int64_t n_out, n_in, group;
-        int     bits;
-        bool    act, sym;
+        int64_t                n_out, n_in, group;
+        int                    bits;
+        bool                   act, sym;
         gptq_checkpoint_format f;
     };
     using F = gptq_checkpoint_format;
-    for (const shape& s : {shape{64, 96, 32, 4, true, false, F::GPTQ_FORMAT_V1}, shape{96, 128, -1, 4, false, true, F::GPTQ_FORMAT_V2},
-                           shape{32, 96, 32, 3, true, false, F::GPTQ_FORMAT_V2}, shape{48, 64, 16, 2, false, false, F::GPTQ_FORMAT_V1},
-                           shape{40, 72, 24, 8, true, true, F::GPTQ_FORMAT_V2}}) {
+    for (const shape& s :
+         {shape{64, 96, 32, 4, true, false, F::GPTQ_FORMAT_V1}, shape{96, 128, -1, 4, false, true, F::GPTQ_FORMAT_V2},
+          shape{32, 96, 32, 3, true, false, F::GPTQ_FORMAT_V2}, shape{48, 64, 16, 2, false, false, F::GPTQ_FORMAT_V1},
+          shape{40, 72, 24, 8, true, true, F::GPTQ_FORMAT_V2}}) {
         const gptq_layer L = gptq_layer_random(rng, s.n_out, s.n_in, s.group, s.bits, s.act, s.sym, s.f);
         SCOPED_TRACE(gptq_layer_describe(L, 0, s.act, s.sym, seed));
         gptq_host_tensors t;
@@ -326,7 +332,7 @@ TEST(finetune_cuda, gptq_dequant_f32_is_the_cpu_weight_bit_for_bit) {
     gptq_host_tensors t;
     t.qweight = L.qweight.data(), t.qzeros = L.qzeros.data(), t.scales = L.scales.data(), t.g_idx = L.g_idx.data();
     t.n_out = L.n_out, t.n_in = L.n_in, t.n_groups = L.n_groups, t.bits = 4, t.group_size = 32;
-    auto q  = cuda_gptq_linear_load(*c, t, true);
+    auto q = cuda_gptq_linear_load(*c, t, true);
     ASSERT_TRUE(q.is_ok());
     if (q->fast) {
         device_array<float> w(size_t(64 * 128));
@@ -349,15 +355,15 @@ TEST(finetune_cuda, attention_forward_and_backward_match_cpu) {
     std::mt19937      rng(seed);
     const ops_context cpu{};
     // One token; GQA groups of 2 and 3; MHA; a 5-token window; queries after cached keys; 70 tokens.
-    for (const attn_case& t : {attn_case{1, 2, 1, 4, 0, 0}, attn_case{7, 4, 2, 8, 0, 0}, attn_case{33, 6, 2, 16, 0, 0},
-                               attn_case{19, 3, 3, 10, 0, 0}, attn_case{70, 8, 2, 16, 5, 0},
-                               attn_case{9, 4, 1, 8, 0, 6}}) {
+    for (const attn_case& t :
+         {attn_case{1, 2, 1, 4, 0, 0}, attn_case{7, 4, 2, 8, 0, 0}, attn_case{33, 6, 2, 16, 0, 0},
+          attn_case{19, 3, 3, 10, 0, 0}, attn_case{70, 8, 2, 16, 5, 0}, attn_case{9, 4, 1, 8, 0, 6}}) {
         SCOPED_TRACE("n " + std::to_string(t.n) + " heads " + std::to_string(t.n_head) + "/" +
                      std::to_string(t.n_head_kv) + " hd " + std::to_string(t.head_dim) + " window " +
                      std::to_string(t.window) + " q_pos0 " + std::to_string(t.q_pos0) + " seed " +
                      std::to_string(seed));
-        const int64_t nkv = t.n + t.q_pos0, qd = t.n_head * t.head_dim, kvd = t.n_head_kv * t.head_dim;
-        const int64_t qs = qd + 3, kvs = kvd + 1, os = qd + 2;  // strides past the heads
+        const int64_t            nkv = t.n + t.q_pos0, qd = t.n_head * t.head_dim, kvd = t.n_head_kv * t.head_dim;
+        const int64_t            qs = qd + 3, kvs = kvd + 1, os = qd + 2;  // strides past the heads
         const std::vector<float> q = randn(rng, size_t(t.n * qs)), k = randn(rng, size_t(nkv * kvs)),
                                  v = randn(rng, size_t(nkv * kvs)), dout = randn(rng, size_t(t.n * os));
         attention_args a;
@@ -401,7 +407,7 @@ std::string tiny_w4_act() {
 
 // Three sequences (odd lengths), the last rows and a few inside without a target.
 train_batch ragged_batch(int64_t vocab) {
-    train_batch b;
+    train_batch  b;
     std::mt19937 rng(17);
     for (int64_t nt : {int64_t(13), int64_t(1), int64_t(30)}) {
         for (int64_t i = 0; i < nt; ++i) {
@@ -426,13 +432,13 @@ std::shared_ptr<lora_adapter> random_adapter(const llama_hparams& hp) {
 }
 
 void check_step(const std::string& path, cuda_train_math math, lora_dropout_spec drop = {}) {
-    const char*  name     = math == cuda_train_math::F32 ? "f32" : math == cuda_train_math::TF32 ? "tf32" : "bf16";
-    const double loss_tol = math == cuda_train_math::F32    ? k_loss_tol
-                            : math == cuda_train_math::TF32 ? k_loss_tol_tf32
-                                                            : k_loss_tol_bf16;
-    const double grad_tol = math == cuda_train_math::F32    ? k_grad_tol
-                            : math == cuda_train_math::TF32 ? k_grad_tol_tf32
-                                                            : k_grad_tol_bf16;
+    const char*        name = math == cuda_train_math::F32 ? "f32" : math == cuda_train_math::TF32 ? "tf32" : "bf16";
+    const double       loss_tol = math == cuda_train_math::F32    ? k_loss_tol
+                                  : math == cuda_train_math::TF32 ? k_loss_tol_tf32
+                                                                  : k_loss_tol_bf16;
+    const double       grad_tol = math == cuda_train_math::F32    ? k_grad_tol
+                                  : math == cuda_train_math::TF32 ? k_grad_tol_tf32
+                                                                  : k_grad_tol_bf16;
     llama_open_options oo;
     oo.keep_f16 = true;
     auto cpu    = llama_model::open(path, oo);
@@ -471,11 +477,12 @@ void check_step(const std::string& path, cuda_train_math math, lora_dropout_spec
     auto l2 = (*gpu)->lora_loss_grad(b, *adapter, &g_gpu, scale, drop);
     ASSERT_TRUE(l2);
     EXPECT_EQ(*l2, *l_gpu);  // the same arithmetic on the same inputs
-    EXPECT_LT(rel_err(g_gpu.layers[0][0].a, [&] {
-                  std::vector<float> twice = g_cpu.layers[0][0].a;
-                  for (float& x : twice) x *= 2.0f;
-                  return twice;
-              }()),
+    EXPECT_LT(rel_err(g_gpu.layers[0][0].a,
+                      [&] {
+                          std::vector<float> twice = g_cpu.layers[0][0].a;
+                          for (float& x : twice) x *= 2.0f;
+                          return twice;
+                      }()),
               2 * grad_tol);
     auto le = (*gpu)->lora_loss_grad(b, *adapter, nullptr, 1.0f, drop);
     ASSERT_TRUE(le);
@@ -486,7 +493,8 @@ void check_step(const std::string& path, cuda_train_math math, lora_dropout_spec
 
 TEST(finetune_cuda, one_step_matches_cpu_fp16_base) {
     GPTQ_SKIP_WITHOUT_GPU();
-    for (cuda_train_math m : {cuda_train_math::F32, cuda_train_math::TF32, cuda_train_math::BF16}) check_step(tiny_fp16(), m);
+    for (cuda_train_math m : {cuda_train_math::F32, cuda_train_math::TF32, cuda_train_math::BF16})
+        check_step(tiny_fp16(), m);
 }
 
 TEST(finetune_cuda, one_step_matches_cpu_w4_act_order_base) {
@@ -529,7 +537,8 @@ std::string arch_copy_f16(const temp_dir& d, bool qwen2) {
         std::mt19937  rng(12);
         for (int64_t l = 0; l < cfg["num_hidden_layers"].get<int64_t>(); ++l)
             for (auto [r, n] : {std::pair{"q_proj", q}, std::pair{"k_proj", kv}, std::pair{"v_proj", kv}}) {
-                decls.push_back({"model.layers." + std::to_string(l) + ".self_attn." + r + ".bias", dtype::DTYPE_F16, {n}});
+                decls.push_back(
+                    {"model.layers." + std::to_string(l) + ".self_attn." + r + ".bias", dtype::DTYPE_F16, {n}});
                 data.push_back(random_f16(rng, size_t(n), 0.5f));
             }
     }
@@ -544,9 +553,9 @@ std::string arch_copy_f16(const temp_dir& d, bool qwen2) {
 
 TEST(finetune_cuda, one_step_matches_cpu_window_untied_head_and_biases) {
     GPTQ_SKIP_WITHOUT_GPU();
-    temp_dir mistral("ft-cuda-mistral"), qwen2("ft-cuda-qwen2");
+    temp_dir          mistral("ft-cuda-mistral"), qwen2("ft-cuda-qwen2");
     const std::string pm = arch_copy_f16(mistral, false), pq = arch_copy_f16(qwen2, true);
-    auto              m  = llama_model::open(pm);
+    auto              m = llama_model::open(pm);
     ASSERT_TRUE(m) << m.error().message();
     ASSERT_EQ((*m)->hparams().window[0], 5);
     check_step(pm, cuda_train_math::F32);
@@ -659,8 +668,8 @@ TEST(finetune_cuda, three_steps_match_the_cpu_run) {
         // move differently: test_finetune's 5e-2 lr bound for those).
         auto m = llama_model::open(model);
         ASSERT_TRUE(m);
-        lora_adapter ac = read_adapter(p.out_dir, (*m)->hparams());
-        lora_adapter ag = read_adapter(d.file("gpu-" + std::to_string(mi)), (*m)->hparams());
+        lora_adapter ac    = read_adapter(p.out_dir, (*m)->hparams());
+        lora_adapter ag    = read_adapter(d.file("gpu-" + std::to_string(mi)), (*m)->hparams());
         double       worst = 0;
         for (size_t l = 0; l < ag.layers.size(); ++l)
             for (size_t r = 0; r < ag.layers[l].size(); ++r)

@@ -458,7 +458,8 @@ TEST(finetune, lora_dropout_run_resumes_bit_identically_and_is_written) {
     finetune_params q = tiny_params(d.file("data.txt"), d.file("nodrop"));
     q.max_steps       = 3;
     ASSERT_TRUE(finetune_run(q));
-    EXPECT_NE(read_file(d.file("full/adapter_model.safetensors")), read_file(d.file("nodrop/adapter_model.safetensors")));
+    EXPECT_NE(read_file(d.file("full/adapter_model.safetensors")),
+              read_file(d.file("nodrop/adapter_model.safetensors")));
     p.lora_dropout = 0.5;
     auto e         = finetune_run(p);
     ASSERT_FALSE(e);

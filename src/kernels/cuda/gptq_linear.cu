@@ -82,7 +82,7 @@ __global__ void gptq_dequant_kernel(gptq_linear_params w, T* out) {
     const int64_t   zw    = w.n_out * w.bits / 32;
     for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
         const int64_t n = i / w.n_in, k = i % w.n_in;
-        const int     g = w.g_idx[k];
+        const int     g     = w.g_idx[k];
         const float   scale = __half2float(reinterpret_cast<const __half*>(w.scales)[int64_t(g) * w.n_out + n]);
         const float   zero =
             float(code_at(reinterpret_cast<const uint32_t*>(w.qzeros) + int64_t(g) * zw, 1, n, w.bits) + w.zero_add);

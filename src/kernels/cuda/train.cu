@@ -74,7 +74,8 @@ __global__ void lora_dropout_kernel(const float* x, float* out, int64_t total, u
 
 __global__ void embedding_kernel(const __half* table, const int32_t* ids, float* out, int64_t n, int64_t vocab,
                                  int64_t dim) {
-    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n * dim; i += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n * dim;
+         i += int64_t(gridDim.x) * blockDim.x) {
         const int64_t t = i / dim, c = i % dim;
         const int32_t id = ids[t];
         out[i]           = (id >= 0 && id < vocab) ? __half2float(table[int64_t(id) * dim + c]) : 0.0f;
@@ -119,8 +120,8 @@ __global__ void rope_kernel(float* x, const float* cos, const float* sin, int64_
         float*        v = x + t * row_stride + h * 2 * half;
         const float   c = cos[t * half + j], s = sin_sign * sin[t * half + j];
         const float   a = v[j], b = v[j + half];
-        v[j]            = a * c - b * s;
-        v[j + half]     = b * c + a * s;
+        v[j]        = a * c - b * s;
+        v[j + half] = b * c + a * s;
     }
 }
 
@@ -153,7 +154,8 @@ __global__ void add_bias_kernel(float* y, const __half* bias, int64_t total, int
 
 __global__ void rows_copy_kernel(const float* src, const int32_t* rows, float* dst, int64_t n, int64_t dim,
                                  bool scatter) {
-    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n * dim; i += int64_t(gridDim.x) * blockDim.x) {
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n * dim;
+         i += int64_t(gridDim.x) * blockDim.x) {
         const int64_t r = i / dim, c = i % dim, other = rows[r];
         if (scatter)
             dst[other * dim + c] = src[i];
@@ -172,10 +174,10 @@ __global__ void __launch_bounds__(k_block)
     const int64_t    j1  = min(pos + 1, n_kv);  // keys [j0, j1) visible
     float            m   = -INFINITY;
     for (int64_t j = j0 + threadIdx.x; j < j1; j += k_block) m = fmaxf(m, row[j]);
-    m          = block_max(m, sh);
-    float  sum = 0.0f;
+    m         = block_max(m, sh);
+    float sum = 0.0f;
     for (int64_t j = j0 + threadIdx.x; j < j1; j += k_block) sum += expf(row[j] - m);
-    sum = block_sum(sum, sh);
+    sum             = block_sum(sum, sh);
     const float inv = 1.0f / sum;
     for (int64_t j = threadIdx.x; j < n_kv; j += k_block) row[j] = (j >= j0 && j < j1) ? expf(row[j] - m) * inv : 0.0f;
 }
@@ -237,7 +239,8 @@ status sgemm_rm(cublasHandle_t h, bool ta, bool tb, int64_t m, int64_t n, int64_
 }
 
 status gemm_bf16_rm(cublasHandle_t h, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
-                    int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc, cudaStream_t stream) {
+                    int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc,
+                    cudaStream_t stream) {
     if (m <= 0 || n <= 0) return status::ok();
     for (int64_t v : {m, n, k, lda, ldb, ldc})
         if (v > k_i32 || v < 0)
@@ -264,7 +267,7 @@ status f32_to_bf16(const float* src, uint16_t* dst, int64_t n, cudaStream_t stre
 status f16_to_bf16(const uint16_t* src, uint16_t* dst, int64_t n, cudaStream_t stream) {
     if (n <= 0) return status::ok();
     f16_to_bf16_kernel<<<blocks_for(n), k_block, 0, stream>>>(reinterpret_cast<const __half*>(src),
-                                                               reinterpret_cast<__nv_bfloat16*>(dst), n);
+                                                              reinterpret_cast<__nv_bfloat16*>(dst), n);
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }
@@ -282,7 +285,7 @@ status embedding_f32(const uint16_t* table, const int32_t* ids, float* out, int6
                      cudaStream_t stream) {
     if (n <= 0 || dim <= 0) return status::ok();
     embedding_kernel<<<blocks_for(n * dim), k_block, 0, stream>>>(reinterpret_cast<const __half*>(table), ids, out, n,
-                                                                   vocab, dim);
+                                                                  vocab, dim);
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }
@@ -314,7 +317,7 @@ status rope_f32(float* x, const float* cos, const float* sin, int64_t n_tokens, 
     const int64_t total = n_tokens * n_heads * (head_dim / 2);
     if (total <= 0) return status::ok();
     rope_kernel<<<blocks_for(total), k_block, 0, stream>>>(x, cos, sin, n_tokens, n_heads, head_dim / 2, row_stride,
-                                                            sin_sign);
+                                                           sin_sign);
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }
@@ -343,8 +346,8 @@ status add_f32(float* x, const float* y, int64_t n, cudaStream_t stream) {
 
 status add_bias_f32(float* y, const uint16_t* bias, int64_t n_rows, int64_t n, cudaStream_t stream) {
     if (n_rows <= 0 || n <= 0) return status::ok();
-    add_bias_kernel<<<blocks_for(n_rows * n), k_block, 0, stream>>>(y, reinterpret_cast<const __half*>(bias), n_rows * n,
-                                                                     n);
+    add_bias_kernel<<<blocks_for(n_rows * n), k_block, 0, stream>>>(y, reinterpret_cast<const __half*>(bias),
+                                                                    n_rows * n, n);
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }

@@ -25,7 +25,8 @@ status sgemm_rm(cublasHandle_t h, bool ta, bool tb, int64_t m, int64_t n, int64_
 // The same contract with BF16 operands (bits; A and B both BF16) and an F32 C, F32 accumulation
 // (tensor cores). No batch.
 status gemm_bf16_rm(cublasHandle_t h, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
-                    int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc, cudaStream_t stream);
+                    int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc,
+                    cudaStream_t stream);
 // dst[i] = bf16(src[i]) (round to nearest even), from F32 or from F16 bits.
 status f32_to_bf16(const float* src, uint16_t* dst, int64_t n, cudaStream_t stream);
 status f16_to_bf16(const uint16_t* src, uint16_t* dst, int64_t n, cudaStream_t stream);
@@ -59,8 +60,7 @@ status add_f32(float* x, const float* y, int64_t n, cudaStream_t stream);
 status add_bias_f32(float* y, const uint16_t* bias, int64_t n_rows, int64_t n, cudaStream_t stream);
 // dst[i, :] = src[rows[i], :] and dst[rows[i], :] = src[i, :] for i < n (rows: device I32).
 status rows_gather_f32(const float* src, const int32_t* rows, float* dst, int64_t n, int64_t dim, cudaStream_t stream);
-status rows_scatter_f32(const float* src, const int32_t* rows, float* dst, int64_t n, int64_t dim,
-                        cudaStream_t stream);
+status rows_scatter_f32(const float* src, const int32_t* rows, float* dst, int64_t n, int64_t dim, cudaStream_t stream);
 
 // Attention's softmax over scores s [n_mat][n_q][n_kv] (already scaled), in place: query i of each
 // matrix sits at position q_pos0 + i and sees key j when j <= q_pos0 + i and, window > 0,

@@ -67,26 +67,26 @@ __global__ void __launch_bounds__(k_cols) gptq_generic_kernel(gptq_linear_params
         if (r0 + r < m) y[(r0 + r) * y_stride + n] = __float2half_rn(acc[r] + b);
 }
 
-// One thread per weight, k fastest (coalesced F32 writes; the packed words are shared by the
-// neighbouring k of one column and stay in L1/L2).
 __device__ inline void store_weight(float* p, float v) {
     *p = v;
 }
 __device__ inline void store_weight(__nv_bfloat16* p, float v) {
     *p = __float2bfloat16_rn(v);
 }
+// Grid: x over k in blocks of 256 (one k per thread: coalesced writes along the row), y over the
+// output rows (looping past 65535 rows): no 64-bit division per weight.
 template <typename T>
 __global__ void gptq_dequant_kernel(gptq_linear_params w, T* out) {
-    const int64_t   total = w.n_out * w.n_in;
-    const uint32_t* qw    = reinterpret_cast<const uint32_t*>(w.qweight);
-    const int64_t   zw    = w.n_out * w.bits / 32;
-    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-        const int64_t n = i / w.n_in, k = i % w.n_in;
-        const int     g     = w.g_idx[k];
-        const float   scale = __half2float(reinterpret_cast<const __half*>(w.scales)[int64_t(g) * w.n_out + n]);
-        const float   zero =
-            float(code_at(reinterpret_cast<const uint32_t*>(w.qzeros) + int64_t(g) * zw, 1, n, w.bits) + w.zero_add);
-        store_weight(out + i, scale * (float(code_at(qw + n, w.n_out, k, w.bits)) - zero));
+    const uint32_t* qw = reinterpret_cast<const uint32_t*>(w.qweight);
+    const uint32_t* qz = reinterpret_cast<const uint32_t*>(w.qzeros);
+    const int64_t   zw = w.n_out * w.bits / 32;
+    const int64_t   k  = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (k >= w.n_in) return;
+    const int g = w.g_idx[k];
+    for (int64_t n = blockIdx.y; n < w.n_out; n += gridDim.y) {
+        const float scale = __half2float(reinterpret_cast<const __half*>(w.scales)[int64_t(g) * w.n_out + n]);
+        const float zero  = float(code_at(qz + int64_t(g) * zw, 1, n, w.bits) + w.zero_add);
+        store_weight(out + n * w.n_in + k, scale * (float(code_at(qw + n, w.n_out, k, w.bits)) - zero));
     }
 }
 
@@ -100,9 +100,8 @@ status gptq_dequant(const gptq_linear_params& w, T* out, cudaStream_t stream) {
     if (w.n_in <= 0 || w.n_out <= 0 || (w.n_in * w.bits) % 32 != 0 || (w.n_out * w.bits) % 32 != 0)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
                           "gptq_dequant: n_in {} / n_out {} cannot hold {}-bit packing", w.n_in, w.n_out, w.bits);
-    const int64_t total  = w.n_out * w.n_in;
-    const auto    blocks = unsigned(std::min<int64_t>((total + 255) / 256, 1 << 20));
-    gptq_dequant_kernel<T><<<blocks, 256, 0, stream>>>(w, out);
+    const dim3 grid(unsigned((w.n_in + 255) / 256), unsigned(std::min<int64_t>(w.n_out, 65535)));
+    gptq_dequant_kernel<T><<<grid, 256, 0, stream>>>(w, out);
     GPTQ_CUDA_CHECK_LAUNCH();
     return status::ok();
 }

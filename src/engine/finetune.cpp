@@ -657,11 +657,18 @@ std::string finetune_result_text(const finetune_result& r) {
         r.n_eval_seqs == 0 ? std::string("eval loss: none (no held-out sequences: --eval-fraction 0)\n")
                            : fmt::format("eval loss: {:.4f} -> {:.4f} (ppl {:.3f} -> {:.3f})\n", r.eval_loss_first,
                                          r.eval_loss, std::exp(r.eval_loss_first), std::exp(r.eval_loss));
+    std::string extra;
+    if (r.step_seconds_mean > 0)
+        extra += fmt::format("time per step (after the first): {:.3f} s\n", r.step_seconds_mean);
+    if (r.device_used_bytes > 0)
+        extra += fmt::format("GPU memory in use: {:.2f} GB (weights {:.2f} GB, training {:.2f} GB)\n",
+                             double(r.device_used_bytes) / 1e9, double(r.device_weight_bytes) / 1e9,
+                             double(r.device_train_bytes) / 1e9);
     return fmt::format(
         "adapter: {}\nsteps: {} of {} ({} train / {} eval sequences), {} tokens in {:.1f} s ({:.0f} tok/s)\n"
-        "train loss (last step): {:.4f}\n{}",
+        "train loss (last step): {:.4f}\n{}{}",
         r.out_dir, r.steps, r.total_steps, r.n_train_seqs, r.n_eval_seqs, r.n_train_tokens, r.seconds,
-        r.tokens_per_second, r.train_loss, eval);
+        r.tokens_per_second, r.train_loss, eval, extra);
 }
 
 std::string finetune_result_json(const finetune_result& r) {

@@ -4,7 +4,7 @@
 # or uses build-device/ when run.sh built there. Steps (each logs to $OUT/finetune.txt):
 #  1. test_finetune_cuda: the training ops against the CPU's, one whole step on tiny-llama (FP16 and
 #     W4 act-order) against the CPU's lora_loss_grad, resume, a GPU run against the CPU run.
-#     FT_TESTS=0 skips.
+#     FT_TESTS=0 skips. Then compute-sanitizer memcheck of the op tests and the FP16 step (FT_MEMCHECK=0 skips).
 #  2. The loss curve: tiny-llama (FP16, and RTN W4 g32 made here) fine-tuned 4 steps of 4 x 128
 #     tokens of WikiText-2 on cpu and on cuda (--gpu-math f32, tf32, bf16): each step's loss side by side
 #     (JSON lines in finetune_curve.jsonl). FT_CURVE=0 skips.
@@ -62,6 +62,18 @@ if [ "${FT_TESTS:-1}" = 1 ]; then
         grep -E 'math [a-z0-9]+: loss|train loss cpu|adapter: worst' "$OUT/test_finetune_cuda.log" | tee -a "$LOG"
     else
         status=1; log "test_finetune_cuda not found in $T (rebuild the bundle: scripts/device/bundle.sh)"
+    fi
+fi
+
+# Memcheck of the op tests and one FP16 whole step (FT_MEMCHECK=0 skips; the W4 checkpoint's quantization
+# would run under the sanitizer too, so only the FP16 model).
+if [ "${FT_TESTS:-1}" = 1 ] && [ "${FT_MEMCHECK:-1}" = 1 ] && command -v compute-sanitizer > /dev/null && [ -x "$T/test_finetune_cuda" ]; then
+    if timeout 300 compute-sanitizer --tool memcheck --error-exitcode 99 "$T/test_finetune_cuda" \
+            --gtest_filter='*match_cpu*:*bit_for_bit*:*match_reference*:*each_transpose*:-*w4*:*three_steps*' > "$OUT/memcheck_finetune.log" 2>&1; then
+        log "memcheck test_finetune_cuda (ops, FP16 step): clean"
+    else
+        status=1; log "memcheck test_finetune_cuda: ERRORS or timeout (see memcheck_finetune.log)"
+        grep -E 'Invalid|ERROR SUMMARY|out of bounds|FAILED' "$OUT/memcheck_finetune.log" | head -10 | tee -a "$LOG"
     fi
 fi
 

@@ -585,6 +585,9 @@ TEST(finetune, bad_inputs_are_clear_errors) {
     p        = tiny_params(d.file("data.txt"), d.file("o6"));
     p.device = "cuda:99";  // no such device (or no CUDA in this build): refused by name, nothing trained
     has(err(p), "--device cuda:99");
+    p          = tiny_params(d.file("data.txt"), d.file("o12"));
+    p.gpu_math = "fp8";
+    has(err(p), "--gpu-math 'fp8'");
     p = tiny_params(d.file("data.txt"), d.path());  // not empty
     has(err(p), "not empty");
     p        = tiny_params(d.file("data.txt"), d.file("o7"));

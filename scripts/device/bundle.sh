@@ -13,8 +13,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 BUILD=${BUILD:-build-cuda-dev}
 cmake -S . -B "$BUILD" -G Ninja -DGPTQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a -DGPTQ_BUILD_BENCH=ON > /dev/null
-ninja -C "$BUILD" -j "${JOBS:-2}" test_cuda_kernels test_cuda_gptq test_cuda_gemm test_ops_cuda test_gptq_cuda test_llama_cuda test_offload_cuda test_lora_cuda test_moe_cuda \
+# BUNDLE_BINS="gptq test_finetune_cuda": only these targets, built and packed (bin/ or tests/ of BUILD).
+if [ -n "${BUNDLE_BINS:-}" ]; then
+    ninja -C "$BUILD" -j "${JOBS:-2}" $BUNDLE_BINS
+else
+ninja -C "$BUILD" -j "${JOBS:-2}" test_cuda_kernels test_cuda_gptq test_cuda_gemm test_ops_cuda test_gptq_cuda test_llama_cuda test_offload_cuda test_lora_cuda test_moe_cuda test_finetune_cuda \
     bench_gptq_gemv bench_gptq_quantize gptq
+fi
 # BUNDLE_OUT: another folder than .device-bundle (helpers working beside each other; carry it and
 # pass DEVICE_BUNDLE=that-folder to run.sh). It must be git-ignored (added to info/exclude below).
 OUTB=${BUNDLE_OUT:-.device-bundle}
@@ -22,11 +27,15 @@ STAGE="$BUILD/device-bundle"
 rm -rf "$STAGE" "$OUTB" && mkdir -p "$STAGE/bin" "$STAGE/lib" "$OUTB"
 # BUNDLE_GPTQ_ONLY=1: the gptq binary alone (~4 MB less), so that .device-small-llama fits beside it
 # in the 64 MiB a `run` call carries (run it with GPTQ_DEVICE_TESTS=0 GPTQ_DEVICE_E2E=0).
-if [ "${BUNDLE_GPTQ_ONLY:-0}" = 1 ]; then
+if [ -n "${BUNDLE_BINS:-}" ]; then
+    for b in $BUNDLE_BINS; do
+        if [ -x "$BUILD/bin/$b" ]; then cp "$BUILD/bin/$b" "$STAGE/bin/"; else cp "$BUILD/tests/$b" "$STAGE/bin/"; fi
+    done
+elif [ "${BUNDLE_GPTQ_ONLY:-0}" = 1 ]; then
     cp "$BUILD"/bin/gptq "$STAGE/bin/"
 else
 cp "$BUILD"/tests/test_cuda_kernels "$BUILD"/tests/test_cuda_gptq "$BUILD"/tests/test_cuda_gemm "$BUILD"/tests/test_ops_cuda \
-   "$BUILD"/tests/test_gptq_cuda "$BUILD"/tests/test_llama_cuda "$BUILD"/tests/test_offload_cuda "$BUILD"/tests/test_lora_cuda "$BUILD"/tests/test_moe_cuda "$BUILD"/bin/bench_gptq_gemv \
+   "$BUILD"/tests/test_gptq_cuda "$BUILD"/tests/test_llama_cuda "$BUILD"/tests/test_offload_cuda "$BUILD"/tests/test_lora_cuda "$BUILD"/tests/test_moe_cuda "$BUILD"/tests/test_finetune_cuda "$BUILD"/bin/bench_gptq_gemv \
    "$BUILD"/bin/bench_gptq_quantize "$BUILD"/bin/gptq "$STAGE/bin/"
 fi
 strip "$STAGE"/bin/*

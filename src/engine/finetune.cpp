@@ -10,19 +10,25 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <numbers>
 #include <optional>
 
+#include "core/dropout_mask.h"
 #include "core/error.h"
 #include "core/log.h"
 #include "core/progress.h"
 #include "core/thread_pool.h"
 #include "finetune_train.h"
 #include "gptq/chat.h"
+#include "gptq/device.h"
 #include "io/json_file.h"
 #include "io/safetensors.h"
 #include "tokenizer/tokenizer.h"
+#ifdef GPTQ_HAVE_CUDA
+#include "model/llama_cuda.h"
+#endif
 
 namespace gptq {
 
@@ -79,13 +85,19 @@ lora_adapter lora_adapter_zeros_like(const lora_adapter& a) {
     return z;
 }
 
-lora_trainer::lora_trainer(llama_model& model, std::shared_ptr<lora_adapter> adapter, int32_t lora_index,
-                           adamw_config cfg)
-    : model_(model), adapter_(std::move(adapter)), index_(lora_index), cfg_(cfg) {
+lora_trainer::lora_trainer(lora_loss_grad_fn fn, std::shared_ptr<lora_adapter> adapter, adamw_config cfg)
+    : loss_grad_(std::move(fn)), adapter_(std::move(adapter)), cfg_(cfg) {
     grads_ = lora_adapter_zeros_like(*adapter_);
     m_     = lora_adapter_zeros_like(*adapter_);
     v_     = lora_adapter_zeros_like(*adapter_);
 }
+
+lora_trainer::lora_trainer(llama_model& model, std::shared_ptr<lora_adapter> adapter, int32_t lora_index,
+                           adamw_config cfg)
+    : lora_trainer([&model, lora_index](
+                       const ops_context& ctx, const train_batch& b, lora_adapter* grads, float grad_scale,
+                       lora_dropout_spec d) { return model.lora_loss_grad(ctx, b, lora_index, grads, grad_scale, d); },
+                   std::move(adapter), cfg) {}
 
 result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::vector<train_batch>& micro, double lr) {
     train_step_stats st;
@@ -95,20 +107,54 @@ result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::v
         st.n_tokens += static_cast<int64_t>(b.ids.size());
     }
     if (st.n_targets == 0) return make_error(E_ARG, "a training step without any target token");
-    grads_                 = lora_adapter_zeros_like(*adapter_);
+    // The adapted modules, each a unit of work below (module by module: the same bits whatever the
+    // pool's size).
+    std::vector<std::pair<size_t, size_t>> mods;
+    for (size_t l = 0; l < adapter_->layers.size(); ++l)
+        for (size_t r = 0; r < adapter_->layers[l].size(); ++r)
+            if (adapter_->layers[l][r].r > 0) mods.emplace_back(l, r);
+    auto over_modules = [&](const std::function<void(int64_t, int64_t)>& fn) {
+        if (ctx.pool && mods.size() > 1)
+            ctx.pool->parallel_for(static_cast<int64_t>(mods.size()), fn);
+        else
+            fn(0, static_cast<int64_t>(mods.size()));
+    };
+    over_modules([&](int64_t i0, int64_t i1) {  // in place: no new adapter-sized allocation per step
+        for (int64_t i = i0; i < i1; ++i) {
+            const auto [l, r] = mods[static_cast<size_t>(i)];
+            std::fill(grads_.layers[l][r].a.begin(), grads_.layers[l][r].a.end(), 0.0f);
+            std::fill(grads_.layers[l][r].b.begin(), grads_.layers[l][r].b.end(), 0.0f);
+        }
+    });
     const float grad_scale = static_cast<float>(1.0 / static_cast<double>(st.n_targets));
     double      loss       = 0.0;
-    for (const train_batch& b : micro) {
-        GPTQ_ASSIGN_OR_RETURN(double l, model_.lora_loss_grad(ctx, b, index_, &grads_, grad_scale));
+    for (size_t i = 0; i < micro.size(); ++i) {
+        // Each micro-batch's masks: a function of the seed, the Adam step (restored by --resume) and
+        // the micro-batch, so a resumed run draws the same ones.
+        lora_dropout_spec d;
+        if (dropout_p_ > 0) {
+            d.p    = dropout_p_;
+            d.seed = dropout_mix(dropout_seed_ ^ dropout_mix(static_cast<uint64_t>(t_) * 4096 + i));
+        }
+        GPTQ_ASSIGN_OR_RETURN(double l, loss_grad_(ctx, micro[i], &grads_, grad_scale, d));
         loss += l;
     }
     st.loss = loss / static_cast<double>(st.n_targets);
-    // Global norm over every A and B gradient (torch.nn.utils.clip_grad_norm_ with norm 2).
-    double sq = 0.0;
-    for_each_module(grads_, [&](lora_module& g) {
-        for (float x : g.a) sq += static_cast<double>(x) * x;
-        for (float x : g.b) sq += static_cast<double>(x) * x;
+    // Global norm over every A and B gradient (torch.nn.utils.clip_grad_norm_ with norm 2): each
+    // module's squares summed in double, then the modules in order.
+    std::vector<double> sq_mod(mods.size(), 0.0);
+    over_modules([&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+            const auto [l, r]    = mods[static_cast<size_t>(i)];
+            const lora_module& g = grads_.layers[l][r];
+            double             s = 0.0;
+            for (float x : g.a) s += static_cast<double>(x) * x;
+            for (float x : g.b) s += static_cast<double>(x) * x;
+            sq_mod[static_cast<size_t>(i)] = s;
+        }
     });
+    double sq = 0.0;
+    for (double s : sq_mod) sq += s;
     st.grad_norm = std::sqrt(sq);
     if (!std::isfinite(st.loss) || !std::isfinite(st.grad_norm))  // nothing updated: the adapter stays finite
         return make_error(status_code::STATUS_INTERNAL,
@@ -135,14 +181,15 @@ result<train_step_stats> lora_trainer::step(const ops_context& ctx, const std::v
             w[i] -= step_size * (m[i] / (std::sqrt(v[i]) / bc2_sqrt + eps));
         }
     };
-    for (size_t l = 0; l < adapter_->layers.size(); ++l)
-        for (size_t r = 0; r < adapter_->layers[l].size(); ++r) {
-            lora_module& w = adapter_->layers[l][r];
-            if (w.r == 0) continue;
-            lora_module& g = grads_.layers[l][r];
+    over_modules([&](int64_t i0, int64_t i1) {  // element by element
+        for (int64_t i = i0; i < i1; ++i) {
+            const auto [l, r] = mods[static_cast<size_t>(i)];
+            lora_module& w    = adapter_->layers[l][r];
+            lora_module& g    = grads_.layers[l][r];
             update(w.a, g.a, m_.layers[l][r].a, v_.layers[l][r].a);
             update(w.b, g.b, m_.layers[l][r].b, v_.layers[l][r].b);
         }
+    });
     return st;
 }
 
@@ -150,7 +197,7 @@ result<double> lora_trainer::eval(const ops_context& ctx, const std::vector<trai
     double  loss = 0.0;
     int64_t n    = 0;
     for (const train_batch& b : batches) {
-        GPTQ_ASSIGN_OR_RETURN(double l, model_.lora_loss_grad(ctx, b, index_, nullptr, 1.0f));
+        GPTQ_ASSIGN_OR_RETURN(double l, loss_grad_(ctx, b, nullptr, 1.0f, lora_dropout_spec{}));  // no dropout
         loss += l;
         n += b.n_targets();
     }
@@ -182,6 +229,7 @@ nlohmann::ordered_json run_fingerprint(const finetune_params& p) {
     j["weight_decay"]  = p.weight_decay;
     j["max_grad_norm"] = p.max_grad_norm;
     j["init_adapter"]  = p.init_adapter;
+    if (p.lora_dropout > 0) j["lora_dropout"] = p.lora_dropout;  // absent at 0: older checkpoints resume
     return j;
 }
 
@@ -243,7 +291,7 @@ status checkpoint_save(const finetune_params& p, const llama_hparams& hp, lora_t
     const std::string old = dir + ".old-" + std::to_string(getpid());
     std::error_code   ec;
     fs::remove_all(tmp, ec);
-    lora_save_config c{p.r, p.alpha, p.use_rslora, p.model_path};
+    lora_save_config c{p.r, p.alpha, p.use_rslora, p.model_path, p.lora_dropout};
     GPTQ_TRY(lora_adapter_save(t.adapter(), hp, c, tmp));
     GPTQ_TRY(optimizer_save(t, path_join(tmp, "optimizer.safetensors")));
     nlohmann::ordered_json j;
@@ -339,11 +387,10 @@ result<std::array<bool, k_n_linear_roles>> targets_parse(const std::string& list
 }
 
 status params_check(const finetune_params& p) {
-    if (p.device != "cpu")
-        return make_error(status_code::STATUS_UNSUPPORTED,
-                          "finetune --device {}: training runs on the CPU only for now (not yet on the GPU); use "
-                          "--device cpu",
-                          p.device);
+    GPTQ_ASSIGN_OR_RETURN(device_spec d, device_parse(p.device));
+    GPTQ_TRY(device_check(d));
+    if (p.gpu_math != "tf32" && p.gpu_math != "bf16" && p.gpu_math != "f32")
+        return make_error(E_ARG, "finetune --gpu-math '{}': expected tf32, bf16 or f32", p.gpu_math);
     if (p.model_path.empty() || p.data_path.empty() || p.out_dir.empty())
         return make_error(E_ARG, "finetune: a model, --data and -o are required");
     auto positive = [](const char* name, double v) -> status {
@@ -356,6 +403,8 @@ status params_check(const finetune_params& p) {
     GPTQ_TRY(positive("epochs", static_cast<double>(p.epochs)));
     GPTQ_TRY(positive("batch", static_cast<double>(p.batch)));
     GPTQ_TRY(positive("grad-accum", static_cast<double>(p.grad_accum)));
+    if (!(p.lora_dropout >= 0 && p.lora_dropout < 1))
+        return make_error(E_ARG, "finetune --lora-dropout {}: must be in [0, 1)", p.lora_dropout);
     if (p.seqlen < 2) return make_error(E_ARG, "finetune --seqlen {}: must be at least 2", p.seqlen);
     if (!(p.eval_fraction >= 0 && p.eval_fraction < 1))
         return make_error(E_ARG, "finetune --eval-fraction {}: must be in [0, 1)", p.eval_fraction);
@@ -447,7 +496,10 @@ struct train_loop {
             const auto micro =
                 finetune_batches(seqs, order, j * per_step, std::min(n_train, (j + 1) * per_step), p.batch);
             const double lr = finetune_lr_at(p.lr, k, total, warmup);
+            const auto   ts = std::chrono::steady_clock::now();
             GPTQ_ASSIGN_OR_RETURN(train_step_stats st, trainer.step(ctx, micro, lr));
+            r->step_seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - ts).count());
+            r->step_losses.push_back(st.loss);
             r->steps++;
             r->n_train_tokens += st.n_tokens;
             r->train_loss     = st.loss;
@@ -480,6 +532,11 @@ struct train_loop {
         if (bar) bar->finish();
         r->seconds           = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
         r->tokens_per_second = r->seconds > 0 ? static_cast<double>(r->n_train_tokens) / r->seconds : 0.0;
+        if (r->step_seconds.size() >= 2) {
+            double sum = 0.0;
+            for (size_t i = 1; i < r->step_seconds.size(); ++i) sum += r->step_seconds[i];
+            r->step_seconds_mean = sum / static_cast<double>(r->step_seconds.size() - 1);
+        }
         return status::ok();
     }
 };
@@ -489,10 +546,30 @@ struct train_loop {
 result<finetune_result> finetune_run(const finetune_params& p) {
     GPTQ_TRY(params_check(p));
     GPTQ_ASSIGN_OR_RETURN(auto on, targets_parse(p.targets));
-    llama_open_options oo;
-    oo.keep_f16 = true;
-    GPTQ_ASSIGN_OR_RETURN(auto model, llama_model::open(p.model_path, oo));
+    // The backend: the CPU model (F16 weights kept as F16), or the model resident on the GPU
+    // (llama_cuda_model::lora_loss_grad, docs/lora.md "Fine-tuning on the GPU").
+    GPTQ_ASSIGN_OR_RETURN(const device_spec dev, device_parse(p.device));
+    std::unique_ptr<llama_model> model;
+#ifdef GPTQ_HAVE_CUDA
+    std::unique_ptr<llama_cuda_model> gpu;
+    if (dev.cuda) {
+        GPTQ_ASSIGN_OR_RETURN(gpu, llama_cuda_model::open(p.model_path, llama_cuda_train_options(dev.index)));
+        gpu->set_train_math(p.gpu_math == "f32"    ? cuda_train_math::F32
+                            : p.gpu_math == "bf16" ? cuda_train_math::BF16
+                                                   : cuda_train_math::TF32);
+        gpu->set_train_profile(p.profile_ops);
+    }
+#endif
+    if (!dev.cuda) {
+        llama_open_options oo;
+        oo.keep_f16 = true;
+        GPTQ_ASSIGN_OR_RETURN(model, llama_model::open(p.model_path, oo));
+    }
+#ifdef GPTQ_HAVE_CUDA
+    const llama_hparams& hp = gpu ? gpu->hparams() : model->hparams();
+#else
     const llama_hparams& hp = model->hparams();
+#endif
     GPTQ_TRY(llama_train_check(hp, p.model_path));
     if (p.seqlen > hp.max_position_embeddings)
         return make_error(E_ARG,
@@ -513,12 +590,25 @@ result<finetune_result> finetune_run(const finetune_params& p) {
     const float scale = static_cast<float>(p.use_rslora ? p.alpha / std::sqrt(static_cast<double>(p.r))
                                                         : p.alpha / static_cast<double>(p.r));
     GPTQ_ASSIGN_OR_RETURN(std::shared_ptr<lora_adapter> adapter, adapter_start(p, hp, on, scale));
-    const int32_t index = model->lora_add(adapter);
-    adamw_config  cfg;
+    adamw_config cfg;
     cfg.weight_decay  = p.weight_decay;
     cfg.max_grad_norm = p.max_grad_norm;
-    lora_trainer trainer(*model, adapter, index, cfg);
-    run_state    state;
+    lora_loss_grad_fn fn;
+    if (model) {
+        const int32_t index = model->lora_add(adapter);
+        fn = [m = model.get(), index](const ops_context& ctx, const train_batch& b, lora_adapter* g, float s,
+                                      lora_dropout_spec d) { return m->lora_loss_grad(ctx, b, index, g, s, d); };
+    }
+#ifdef GPTQ_HAVE_CUDA
+    if (gpu)
+        fn = [m = gpu.get(), adapter](const ops_context& ctx, const train_batch& b, lora_adapter* g, float s,
+                                      lora_dropout_spec d) {
+            return m->lora_loss_grad(b, *adapter, g, s, d, ctx.pool);
+        };
+#endif
+    lora_trainer trainer(fn, adapter, cfg);
+    trainer.set_dropout(p.lora_dropout, p.seed);
+    run_state state;
     if (p.resume) {
         GPTQ_ASSIGN_OR_RETURN(state, checkpoint_load(p, hp, trainer));
     }
@@ -542,13 +632,22 @@ result<finetune_result> finetune_run(const finetune_params& p) {
     GPTQ_LOG_INFO(
         "finetune {}: {} train / {} eval sequences (seqlen {}), {} steps of {} micro-batch(es) x {} sequences, {} "
         "trainable "
-        "parameters (r {}, alpha {}), {} threads{}",
+        "parameters (r {}, alpha {}), {}{}",
         p.model_path, n_train, r.n_eval_seqs, p.seqlen, loop.total, p.grad_accum, p.batch, r.n_trainable_params, p.r,
-        p.alpha, pool.n_threads(), p.resume ? fmt::format(", resumed at step {}", state.step) : "");
+        p.alpha, dev.cuda ? device_name(dev) : fmt::format("{} threads", pool.n_threads()),
+        p.resume ? fmt::format(", resumed at step {}", state.step) : "");
     GPTQ_ASSIGN_OR_RETURN(r.eval_loss_first, loop.eval_loss());
     r.eval_loss = r.eval_loss_first;
     GPTQ_TRY(loop.run(state.step, &r));
-    lora_save_config c{p.r, p.alpha, p.use_rslora, p.model_path};
+#ifdef GPTQ_HAVE_CUDA
+    if (gpu) {
+        GPTQ_ASSIGN_OR_RETURN(cuda_memory_info mi, cuda_memory_info_get(gpu->context()));
+        r.device_used_bytes   = mi.total - mi.free;
+        r.device_weight_bytes = gpu->weight_bytes();
+        r.device_train_bytes  = gpu->train_bytes();
+    }
+#endif
+    lora_save_config c{p.r, p.alpha, p.use_rslora, p.model_path, p.lora_dropout};
     GPTQ_TRY(lora_adapter_save(*adapter, hp, c, p.out_dir));
     return r;
 }
@@ -558,11 +657,18 @@ std::string finetune_result_text(const finetune_result& r) {
         r.n_eval_seqs == 0 ? std::string("eval loss: none (no held-out sequences: --eval-fraction 0)\n")
                            : fmt::format("eval loss: {:.4f} -> {:.4f} (ppl {:.3f} -> {:.3f})\n", r.eval_loss_first,
                                          r.eval_loss, std::exp(r.eval_loss_first), std::exp(r.eval_loss));
+    std::string extra;
+    if (r.step_seconds_mean > 0)
+        extra += fmt::format("time per step (after the first): {:.3f} s\n", r.step_seconds_mean);
+    if (r.device_used_bytes > 0)
+        extra += fmt::format("GPU memory in use: {:.2f} GB (weights {:.2f} GB, training {:.2f} GB)\n",
+                             double(r.device_used_bytes) / 1e9, double(r.device_weight_bytes) / 1e9,
+                             double(r.device_train_bytes) / 1e9);
     return fmt::format(
         "adapter: {}\nsteps: {} of {} ({} train / {} eval sequences), {} tokens in {:.1f} s ({:.0f} tok/s)\n"
-        "train loss (last step): {:.4f}\n{}",
+        "train loss (last step): {:.4f}\n{}{}",
         r.out_dir, r.steps, r.total_steps, r.n_train_seqs, r.n_eval_seqs, r.n_train_tokens, r.seconds,
-        r.tokens_per_second, r.train_loss, eval);
+        r.tokens_per_second, r.train_loss, eval, extra);
 }
 
 std::string finetune_result_json(const finetune_result& r) {
@@ -580,6 +686,14 @@ std::string finetune_result_json(const finetune_result& r) {
     j["eval_loss"]          = num(r.eval_loss);
     j["seconds"]            = r.seconds;
     j["tokens_per_second"]  = r.tokens_per_second;
+    j["step_seconds"]       = r.step_seconds;
+    j["step_losses"]        = r.step_losses;
+    j["step_seconds_mean"]  = r.step_seconds_mean;  // after the first step
+    if (r.device_used_bytes > 0) {
+        j["device_used_bytes"]   = r.device_used_bytes;
+        j["device_weight_bytes"] = r.device_weight_bytes;
+        j["device_train_bytes"]  = r.device_train_bytes;
+    }
     return j.dump();
 }
 

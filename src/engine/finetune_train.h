@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <random>
 #include <string>
@@ -58,10 +59,19 @@ struct train_step_stats {
     double  lr        = 0.0;
 };
 
-// AdamW (torch.optim.AdamW's arithmetic) on the A and B of `adapter`, which the model holds as
-// LoRA adapter index lora_index (the model sees every update: it holds the same object).
+// The backend-neutral loss and gradients of one micro-batch with the trainer's adapter: the summed
+// NLL of its targets and, with grads (nullptr: eval only), d(grad_scale * NLL)/dA, dB ADDED to
+// *grads. CPU: llama_model::lora_loss_grad; GPU: llama_cuda_model::lora_loss_grad (finetune.cpp).
+// dropout: the LoRA branches' for this micro-batch (p 0: none; eval passes none).
+using lora_loss_grad_fn = std::function<result<double>(
+    const ops_context& ctx, const train_batch& b, lora_adapter* grads, float grad_scale, lora_dropout_spec dropout)>;
+
+// AdamW (torch.optim.AdamW's arithmetic, on the host) on the A and B of `adapter`, whose loss and
+// gradients `fn` computes from the adapter's current values (it sees every update).
 class lora_trainer {
 public:
+    lora_trainer(lora_loss_grad_fn fn, std::shared_ptr<lora_adapter> adapter, adamw_config cfg);
+    // The CPU model, which holds `adapter` as LoRA adapter index lora_index.
     lora_trainer(llama_model& model, std::shared_ptr<lora_adapter> adapter, int32_t lora_index, adamw_config cfg);
 
     // One optimizer step over the micro-batches: gradients of the mean NLL over all their targets
@@ -69,8 +79,13 @@ public:
     // max_grad_norm (torch's clip_grad_norm_: factor max / (norm + 1e-6) when below 1), then AdamW
     // with learning rate lr.
     result<train_step_stats> step(const ops_context& ctx, const std::vector<train_batch>& micro, double lr);
-    // Mean NLL over the batches' targets (no gradients); NaN when they have none.
+    // Mean NLL over the batches' targets (no gradients, no dropout); NaN when they have none.
     result<double> eval(const ops_context& ctx, const std::vector<train_batch>& batches);
+    // LoRA dropout p in [0, 1) in the training steps (PEFT's lora_dropout), masks seeded by seed.
+    void set_dropout(double p, uint64_t seed) {
+        dropout_p_    = p;
+        dropout_seed_ = seed;
+    }
 
     lora_adapter&       adapter() { return *adapter_; }
     const lora_adapter& grads() const { return grads_; }  // of the last step, before clipping
@@ -79,12 +94,13 @@ public:
     int64_t&            adam_steps() { return t_; }
 
 private:
-    llama_model&                  model_;
+    lora_loss_grad_fn             loss_grad_;
     std::shared_ptr<lora_adapter> adapter_;
-    int32_t                       index_;
     adamw_config                  cfg_;
     lora_adapter                  grads_, m_, v_;  // the adapter's shapes
-    int64_t                       t_ = 0;
+    int64_t                       t_            = 0;
+    double                        dropout_p_    = 0.0;
+    uint64_t                      dropout_seed_ = 0;
 };
 
 // A zeroed adapter of a's shapes (gradients, Adam moments).

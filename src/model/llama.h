@@ -346,6 +346,19 @@ struct train_batch {
     int64_t              n_targets() const;
 };
 
+// LoRA dropout of a training call (PEFT's lora_dropout; docs/lora.md "Dropout"): on the input x of
+// each adapted linear's LoRA branch, before A, kept values scaled by 1 / (1 - p); the masks are
+// core/dropout_mask.h's of `seed` (the same on the CPU and the GPU). p 0: none.
+struct lora_dropout_spec {
+    double   p    = 0.0;
+    uint64_t seed = 0;
+};
+
+// The dropped LoRA input: out[i, c] = x[i, c] / (1 - p) where element (row0 + i) * n_in + c of
+// module (layer, r) is kept, else 0. out may alias x.
+void lora_dropout_rows(const lora_dropout_spec& d, int64_t layer, linear_role r, const float* x, float* out,
+                       int64_t row0, int64_t n_rows, int64_t n_in);
+
 // Whether LoRA training runs hp's layer: the Llama / Mistral / Qwen2 layer (RMSNorm, RoPE, causal
 // GQA attention with an optional sliding window, SiLU MLP, q/k/v biases) is; options beyond it
 // (llama_hparams::options_beyond_llama: MoE, soft-capping, qk_norm, ...) are refused by name.
@@ -455,8 +468,9 @@ public:
     // grads set, d(grad_scale * loss)/dA and /dB of that adapter added into grads (an adapter of the
     // same shapes). The base weights are frozen. Gradient checkpointing: the forward keeps each
     // layer's input only; the backward recomputes one layer at a time from it. globals_load first.
+    // dropout: the LoRA branches' (p in [0, 1)), applied whether or not grads are asked for.
     result<double> lora_loss_grad(const ops_context& ctx, const train_batch& batch, int32_t lora, lora_adapter* grads,
-                                  float grad_scale);
+                                  float grad_scale, lora_dropout_spec dropout = {});
 
     // Whether n_tokens more tokens after n_past cached ones cross LongRoPE's switch from short to
     // long factors with keys rotated by the short ones in the cache (then the whole sequence is run
@@ -508,6 +522,7 @@ private:
     std::vector<float>                               norm_;     // [n_embd]
     linear_weights                                   lm_head_;  // [n_vocab, n_embd] dense or GPTQ; empty when tied
     std::vector<std::shared_ptr<const lora_adapter>> loras_;
+    lora_dropout_spec dropout_;  // LoRA dropout during lora_loss_grad (p 0 otherwise: inference never drops)
 };
 
 }  // namespace gptq

@@ -22,6 +22,7 @@
 #pragma once
 
 #include <array>
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -71,7 +72,17 @@ struct llama_cuda_options {
     bool decode_fuse = true;
 };
 constexpr int64_t k_llama_cuda_default_ctx = 4096;
-constexpr int64_t k_llama_cuda_max_seq     = 256;  // sequence slots (sequences_reserve)
+
+// The options LoRA training opens a model with (llama_cuda_model::lora_loss_grad): linears unfused
+// (each role its own weight and adapter), GPTQ layers in the generic layout (the checkpoint's
+// tensors, dequantized to F32 for the products), a KV cache of 16 positions (training keeps its
+// own activations), no graphs.
+llama_cuda_options llama_cuda_train_options(int device = 0);
+// The base's products in LoRA training: plain F32 (exact mode), TF32 tensor cores (F32 range, 10-bit
+// mantissa inputs) or BF16 tensor cores (8-bit mantissa inputs); F32 accumulation in each.
+enum class cuda_train_math { F32, TF32, BF16 };
+struct cuda_train_state;                       // model/llama_cuda_train.cpp
+constexpr int64_t k_llama_cuda_max_seq = 256;  // sequence slots (sequences_reserve)
 
 // GPU time per op kind of the forward pass (llama_cuda_model::set_profile_ops), summed over the
 // passes profiled: a timing event is recorded after each op, so an op's time runs from the end of
@@ -214,6 +225,24 @@ public:
     const llama_op_profile& decode_profile() const { return prof_decode_; }
     const llama_op_profile& mixed_profile() const { return prof_mixed_; }  // step_mixed's passes
     void                    profile_reset() { prof_prefill_ = prof_decode_ = prof_mixed_ = {}; }
+
+    // LoRA training on the GPU (issue 21 Part 2; model/llama_cuda_train.cpp, docs/lora.md
+    // "Fine-tuning on the GPU"): llama_model::lora_loss_grad's contract and algorithm (summed NLL of
+    // the batch's targets returned; with grads, d(grad_scale * NLL)/dA, dB of `adapter` ADDED to
+    // *grads, which has adapter's shapes), with `adapter` given per call (its A and B uploaded each
+    // call: the optimizer updates them on the host). F32 activations on the device, each layer's
+    // input kept and the layer recomputed in the backward pass; the base's products in
+    // set_train_math's arithmetic (default TF32; F32: the tests' exact mode). The model must be open
+    // with llama_cuda_train_options() (an error names what differs), no offload.
+    // dropout: the LoRA branches' (llama.h lora_dropout_spec: the CPU's masks). pool (may be
+    // nullptr): the host's copies of the factors and gradients split over it.
+    result<double> lora_loss_grad(const train_batch& batch, const lora_adapter& adapter, lora_adapter* grads,
+                                  float grad_scale, lora_dropout_spec dropout = {}, thread_pool* pool = nullptr);
+    void           set_train_math(cuda_train_math m);
+    // Log each call's GPU time per op kind (a timing event after each op; slower).
+    void set_train_profile(bool on);
+    // Device bytes training holds (activations, kept layer inputs, scratch, adapter and gradients).
+    uint64_t train_bytes() const;
 
 private:
     using linear = cuda_linear;
@@ -375,6 +404,13 @@ private:
     cuda_timeline            prof_tl_;
     std::vector<const char*> prof_ops_;  // the op each mark after the first ends
     llama_op_profile         prof_prefill_, prof_decode_, prof_mixed_;
+
+    // LoRA training (lora_loss_grad): its device buffers, sized by the largest batch so far.
+    std::shared_ptr<cuda_train_state> train_;
+    status                            train_check() const;
+    status                            train_layer(int64_t i_layer, const float* x0, float* out, float* dh);
+    status train_loss(int64_t n, const std::vector<int32_t>& targets, float grad_scale, bool grad, double* loss);
+    status train_profile_log(std::chrono::steady_clock::time_point t0, std::chrono::steady_clock::time_point t_up);
 };
 
 }  // namespace gptq

@@ -39,8 +39,15 @@ void llama_model::linear_run(const ops_context& ctx, const llama_layer& layer, l
         for (; j < seqs.size() && seqs[j].lora == a; ++j) n += seqs[j].n_tokens;
         if (a >= 0) {
             GPTQ_ASSERT(a < static_cast<int32_t>(loras_.size()));
-            if (const lora_module* m = loras_[static_cast<size_t>(a)]->module(layer.index, r))
-                lora_forward(ctx, *m, x + row0 * l.n_in, y + row0 * l.n_out, n, l.n_in, l.n_out);
+            if (const lora_module* m = loras_[static_cast<size_t>(a)]->module(layer.index, r)) {
+                if (dropout_.p > 0) {  // training (lora_loss_grad): the branch's input dropped
+                    std::vector<float> xd(static_cast<size_t>(n * l.n_in));
+                    lora_dropout_rows(dropout_, layer.index, r, x + row0 * l.n_in, xd.data(), row0, n, l.n_in);
+                    lora_forward(ctx, *m, xd.data(), y + row0 * l.n_out, n, l.n_in, l.n_out);
+                } else {
+                    lora_forward(ctx, *m, x + row0 * l.n_in, y + row0 * l.n_out, n, l.n_in, l.n_out);
+                }
+            }
         }
         row0 += n;
         i = j;

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/dropout_mask.h"
 #include "core/error.h"
 #include "core/thread_pool.h"
 #include "model/llama.h"
@@ -51,6 +52,18 @@ status llama_train_check(const llama_hparams& hp, const std::string& who) {
     return status::ok();
 }
 
+void lora_dropout_rows(const lora_dropout_spec& d, int64_t layer, linear_role r, const float* x, float* out,
+                       int64_t row0, int64_t n_rows, int64_t n_in) {
+    const uint64_t key       = dropout_module_key(d.seed, layer, static_cast<int>(r));
+    const uint32_t threshold = dropout_threshold(d.p);
+    const float    inv       = static_cast<float>(1.0 / (1.0 - d.p));
+    for (int64_t i = 0; i < n_rows; ++i)
+        for (int64_t c = 0; c < n_in; ++c) {
+            const int64_t e = i * n_in + c;
+            out[e]          = dropout_keep(key, (row0 + i) * n_in + c, threshold) ? x[e] * inv : 0.0f;
+        }
+}
+
 void linear_backward_input(const ops_context& ctx, const linear_weights& l, const float* dy, float* dx, int64_t n_rows,
                            bool accumulate) {
     if (l.q)
@@ -72,11 +85,24 @@ void llama_model::lora_linear_backward(const ops_context& ctx, const llama_layer
     const int64_t rank = m->r, n_in = l.n_in, n_out = l.n_out;
     GPTQ_ASSERT(g.r == rank && g.a.size() == m->a.size() && g.b.size() == m->b.size());
     fvec t = zeros(n * rank), dt = zeros(n * rank);  // [n, r]
+    fvec xd;  // with dropout: the branch's dropped input, the mask of the forward pass
+    if (dropout_.p > 0) {
+        xd = zeros(n * n_in);
+        lora_dropout_rows(dropout_, layer.index, r, x, xd.data(), 0, n, n_in);
+        x = xd.data();
+    }
     op_sgemm(ctx, false, true, n, rank, n_in, 1.0f, x, n_in, m->a.data(), n_in, 0.0f, t.data(), rank);
     op_sgemm(ctx, true, false, n_out, rank, n, m->scale, dy, n_out, t.data(), rank, 1.0f, g.b.data(), rank);
     op_sgemm(ctx, false, false, n, rank, n_out, m->scale, dy, n_out, m->b.data(), rank, 0.0f, dt.data(), rank);
     op_sgemm(ctx, true, false, rank, n_in, n, 1.0f, dt.data(), rank, x, n_in, 1.0f, g.a.data(), n_in);
-    op_sgemm(ctx, false, false, n, n_in, rank, 1.0f, dt.data(), rank, m->a.data(), n_in, 1.0f, dx, n_in);
+    if (dropout_.p == 0) {
+        op_sgemm(ctx, false, false, n, n_in, rank, 1.0f, dt.data(), rank, m->a.data(), n_in, 1.0f, dx, n_in);
+        return;
+    }
+    // dx += dropout's backward of (dy B) A: the same mask and scale.
+    op_sgemm(ctx, false, false, n, n_in, rank, 1.0f, dt.data(), rank, m->a.data(), n_in, 0.0f, xd.data(), n_in);
+    lora_dropout_rows(dropout_, layer.index, r, xd.data(), xd.data(), 0, n, n_in);
+    op_add(ctx, dx, xd.data(), n * n_in);
 }
 
 void llama_model::layer_backward(const ops_context& ctx, const llama_layer& layer, const float* x0,
@@ -225,8 +251,14 @@ double llama_model::output_loss_grad(const ops_context& ctx, const float* hidden
 }
 
 result<double> llama_model::lora_loss_grad(const ops_context& ctx, const train_batch& b, int32_t lora,
-                                           lora_adapter* grads, float grad_scale) {
+                                           lora_adapter* grads, float grad_scale, lora_dropout_spec dropout) {
     GPTQ_TRY(llama_train_check(hp_, src_->folder()));
+    if (!(dropout.p >= 0 && dropout.p < 1)) return make_error(E_ARG, "LoRA dropout {}: must be in [0, 1)", dropout.p);
+    struct dropout_scope {  // the forward (linear_run) and the backward see it during this call only
+        lora_dropout_spec& d;
+        ~dropout_scope() { d = {}; }
+    } scope{dropout_};
+    dropout_ = dropout;
     if (lora < -1 || lora >= static_cast<int32_t>(loras_.size()))
         return make_error(E_ARG, "LoRA adapter {} is not loaded ({} are)", lora, loras_.size());
     const int64_t n   = static_cast<int64_t>(b.ids.size());

@@ -350,7 +350,7 @@ status lora_adapter_save(const lora_adapter& a, const llama_hparams& hp, const l
         j["lora_alpha"] = static_cast<int64_t>(c.alpha);
     else
         j["lora_alpha"] = c.alpha;
-    j["lora_dropout"]    = 0.0;
+    j["lora_dropout"]    = c.lora_dropout;
     j["modules_to_save"] = nullptr;
     j["peft_type"]       = "LORA";
     j["r"]               = c.r;

@@ -69,7 +69,8 @@ struct lora_save_config {
     int64_t     r          = 0;
     double      alpha      = 0.0;
     bool        use_rslora = false;
-    std::string base_model;  // base_model_name_or_path
+    std::string base_model;          // base_model_name_or_path
+    double      lora_dropout = 0.0;  // as trained (PEFT applies it in training only)
 };
 // Writes PEFT's format into the folder dir (created if missing): adapter_model.safetensors (F32
 // A and B, names base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight, ...) and then

@@ -6,7 +6,7 @@
 // - gradient accumulation equals one big batch; resume equals an uninterrupted run, bit for bit;
 // - data: chat masking, text windows; the written adapter loads in Part 1's reader (and ppl);
 // - errors: empty data, seqlen past the context, unknown target, jsonl without text/messages,
-//   --device cuda, a used output folder, --resume without a checkpoint, an unsupported family.
+//   --device cuda:99 (no such device), a used output folder, --resume without a checkpoint, an unsupported family.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -229,7 +229,7 @@ train_batch random_batch(std::mt19937& rng, int64_t vocab, std::vector<int64_t> 
 }  // namespace
 
 namespace {
-void check_model_gradients(const std::string& path) {
+void check_model_gradients(const std::string& path, lora_dropout_spec drop = {}) {
     auto model = llama_model::open(path);
     ASSERT_TRUE(model) << model.error().message();
     const llama_hparams& hp      = (*model)->hparams();
@@ -243,7 +243,7 @@ void check_model_gradients(const std::string& path) {
     lora_adapter  grads = lora_adapter_zeros_like(*adapter);
     train_batch   b     = random_batch(rng, hp.n_vocab, {9, 4, 12});
     ops_context   ctx;
-    auto          loss0 = (*model)->lora_loss_grad(ctx, b, idx, &grads, 1.0f);
+    auto          loss0 = (*model)->lora_loss_grad(ctx, b, idx, &grads, 1.0f, drop);
     ASSERT_TRUE(loss0) << loss0.error().message();
     // The 3 largest-gradient entries of every layer's q (A) and down (B) and of layer 0's every role.
     int n_checked = 0;
@@ -264,9 +264,9 @@ void check_model_gradients(const std::string& path) {
                     const size_t i  = ix[size_t(k)];
                     const float  w0 = w[i], h = 1e-2f;
                     w[i]            = w0 + h;
-                    const double lp = *(*model)->lora_loss_grad(ctx, b, idx, nullptr, 1.0f);
+                    const double lp = *(*model)->lora_loss_grad(ctx, b, idx, nullptr, 1.0f, drop);
                     w[i]            = w0 - h;
-                    const double lm = *(*model)->lora_loss_grad(ctx, b, idx, nullptr, 1.0f);
+                    const double lm = *(*model)->lora_loss_grad(ctx, b, idx, nullptr, 1.0f, drop);
                     w[i]            = w0;
                     const double fd = (lp - lm) / (2.0 * h);
                     EXPECT_NEAR(g[i], fd, k_fd_tol * std::fabs(fd) + 1e-4)
@@ -295,6 +295,48 @@ TEST(finetune, whole_model_gradients_with_qkv_biases) {
     ASSERT_TRUE(m) << m.error().message();
     ASSERT_TRUE((*m)->hparams().qkv_bias);
     check_model_gradients(path);
+}
+
+// LoRA dropout: the loss is a function of the weights for a given mask seed, so its gradients still
+// match finite differences; the masks keep 1 - p of the elements, scaled by 1 / (1 - p), and differ
+// between modules and seeds; p 0 is no dropout at all.
+TEST(finetune, lora_dropout_gradients_and_masks) {
+    temp_dir          d("ft-fd-drop");
+    const std::string path = mistral_copy(d);
+    check_model_gradients(path, {0.3, 77});
+    const int64_t      rows = 40, n_in = 2500;
+    std::vector<float> x(static_cast<size_t>(rows * n_in), 2.0f), y(x.size()), z(x.size());
+    lora_dropout_rows({0.3, 5}, 1, linear_role::LINEAR_Q, x.data(), y.data(), 0, rows, n_in);
+    int64_t kept = 0;
+    for (float v : y) {
+        EXPECT_TRUE(v == 0.0f || v == static_cast<float>(2.0 / 0.7)) << v;
+        kept += v != 0.0f;
+    }
+    EXPECT_NEAR(double(kept) / double(y.size()), 0.7, 0.01);  // 100k draws: 5 sigma is 0.007
+    lora_dropout_rows({0.3, 5}, 1, linear_role::LINEAR_K, x.data(), z.data(), 0, rows, n_in);
+    EXPECT_NE(y, z);
+    lora_dropout_rows({0.3, 6}, 1, linear_role::LINEAR_Q, x.data(), z.data(), 0, rows, n_in);
+    EXPECT_NE(y, z);
+    // Rows from row0: the same draws as the rows of a whole batch.
+    lora_dropout_rows({0.3, 5}, 1, linear_role::LINEAR_Q, x.data() + 7 * n_in, z.data(), 7, rows - 7, n_in);
+    EXPECT_TRUE(std::equal(z.begin(), z.begin() + (rows - 7) * n_in, y.begin() + 7 * n_in));
+    // Training with it: a different loss than without, p 0 the same as without; out of range refused.
+    auto m = llama_model::open(path);
+    ASSERT_TRUE(m);
+    const llama_hparams& hp = (*m)->hparams();
+    auto                 ad = std::make_shared<lora_adapter>(lora_adapter_init(hp, 4, 2.0f, all_roles(), 5));
+    std::mt19937         rng(3);
+    each_tensor(*ad, [&](const std::string&, std::vector<float>& w) {
+        std::normal_distribution<float> nd(0.0f, 0.05f);
+        for (float& v : w) v = nd(rng);
+    });
+    const int32_t     idx = (*m)->lora_add(ad);
+    const train_batch b   = random_batch(rng, hp.n_vocab, {9, 12});
+    const double      l0  = *(*m)->lora_loss_grad(ops_context{}, b, idx, nullptr, 1.0f);
+    EXPECT_EQ(*(*m)->lora_loss_grad(ops_context{}, b, idx, nullptr, 1.0f, {0.0, 9}), l0);
+    EXPECT_NE(*(*m)->lora_loss_grad(ops_context{}, b, idx, nullptr, 1.0f, {0.3, 9}), l0);
+    EXPECT_EQ(*(*m)->lora_loss_grad(ops_context{}, b, idx, nullptr, 1.0f), l0);  // not left on after the call
+    EXPECT_FALSE((*m)->lora_loss_grad(ops_context{}, b, idx, nullptr, 1.0f, {1.0, 9}));
 }
 
 TEST(finetune, gradient_accumulation_equals_one_batch) {
@@ -390,6 +432,44 @@ TEST(finetune, resume_equals_an_uninterrupted_run) {
     auto e = finetune_run(p);
     ASSERT_FALSE(e);
     EXPECT_NE(e.error().message().find("lr"), std::string::npos) << e.error().message();
+}
+
+TEST(finetune, lora_dropout_run_resumes_bit_identically_and_is_written) {
+    temp_dir d("ft-drop-resume");
+    write_file(d.file("data.txt"), some_text());
+    finetune_params p = tiny_params(d.file("data.txt"), d.file("full"));
+    p.max_steps       = 3;
+    p.save_every      = 1;
+    p.lora_dropout    = 0.25;
+    auto full         = finetune_run(p);
+    ASSERT_TRUE(full) << full.error().message();
+    p.out_dir = d.file("cut");
+    ASSERT_TRUE(finetune_run(p));
+    fs::remove(d.file("cut/adapter_config.json"));
+    fs::remove(d.file("cut/adapter_model.safetensors"));
+    p.resume     = true;
+    auto resumed = finetune_run(p);
+    ASSERT_TRUE(resumed) << resumed.error().message();
+    EXPECT_EQ(resumed->steps, 1);
+    EXPECT_EQ(read_file(d.file("full/adapter_model.safetensors")), read_file(d.file("cut/adapter_model.safetensors")));
+    const auto cfg = nlohmann::json::parse(read_file(d.file("full/adapter_config.json")));
+    EXPECT_DOUBLE_EQ(cfg["lora_dropout"].get<double>(), 0.25);
+    // Without dropout the same run trains to another adapter; another p is refused on resume.
+    finetune_params q = tiny_params(d.file("data.txt"), d.file("nodrop"));
+    q.max_steps       = 3;
+    ASSERT_TRUE(finetune_run(q));
+    EXPECT_NE(read_file(d.file("full/adapter_model.safetensors")),
+              read_file(d.file("nodrop/adapter_model.safetensors")));
+    p.lora_dropout = 0.5;
+    auto e         = finetune_run(p);
+    ASSERT_FALSE(e);
+    EXPECT_NE(e.error().message().find("lora_dropout"), std::string::npos) << e.error().message();
+    p.resume       = false;
+    p.out_dir      = d.file("bad");
+    p.lora_dropout = 1.0;
+    auto e2        = finetune_run(p);
+    ASSERT_FALSE(e2);
+    EXPECT_NE(e2.error().message().find("--lora-dropout"), std::string::npos) << e2.error().message();
 }
 
 TEST(finetune, adapter_loads_in_part_1_and_lowers_the_loss) {
@@ -503,8 +583,11 @@ TEST(finetune, bad_inputs_are_clear_errors) {
     has(err(tiny_params(d.file("bad.jsonl"), d.file("o4"))), "bad.jsonl:1: expected a string \"text\"");
     has(err(tiny_params(d.file("chat.jsonl"), d.file("o5"))), "chat template");
     p        = tiny_params(d.file("data.txt"), d.file("o6"));
-    p.device = "cuda";
-    has(err(p), "not yet");
+    p.device = "cuda:99";  // no such device (or no CUDA in this build): refused by name, nothing trained
+    has(err(p), "--device cuda:99");
+    p          = tiny_params(d.file("data.txt"), d.file("o12"));
+    p.gpu_math = "fp8";
+    has(err(p), "--gpu-math 'fp8'");
     p = tiny_params(d.file("data.txt"), d.path());  // not empty
     has(err(p), "not empty");
     p        = tiny_params(d.file("data.txt"), d.file("o7"));
@@ -521,7 +604,7 @@ TEST(finetune, bad_inputs_are_clear_errors) {
     has(err(p), "--init-adapter");
     // The CLI: exit 1 and the message.
     auto cli = run_command(gptq_binary() + " finetune " + k_tiny + " --data " + d.file("data.txt") + " -o " +
-                           d.file("o10") + " --device cuda");
+                           d.file("o10") + " --device cuda:99");
     EXPECT_EQ(cli.exit_code, 1);
-    has(cli.err, "--device cuda");
+    has(cli.err, "--device cuda:99");
 }

@@ -33,7 +33,12 @@ command register_finetune(CLI::App& app) {
     sub->add_option("--batch", p->batch, "sequences per micro-batch")->capture_default_str();
     sub->add_option("--grad-accum", p->grad_accum, "micro-batches per optimizer step")->capture_default_str();
     sub->add_option("--seed", p->seed, "seed of the init, the data order and the eval split")->capture_default_str();
-    sub->add_option("--device", p->device, "cpu (cuda: not yet)")->capture_default_str();
+    sub->add_option("--device", p->device, "cpu, cuda or cuda:N (the GPU: docs/lora.md \"Fine-tuning on the GPU\")")
+        ->capture_default_str();
+    sub->add_option("--gpu-math", p->gpu_math,
+                    "GPU: the base's products on tf32 or bf16 tensor cores (F32 accumulation), or f32 (exact)")
+        ->capture_default_str();
+    sub->add_flag("--profile-ops", p->profile_ops, "GPU: log each step's GPU time per op kind (slower)");
     sub->add_option("--eval-fraction", p->eval_fraction, "share of the sequences held out for the eval loss")
         ->capture_default_str();
     sub->add_option("--eval-every", p->eval_every, "eval loss every N steps too (0: after each epoch only)")
@@ -45,6 +50,9 @@ command register_finetune(CLI::App& app) {
         ->capture_default_str();
     sub->add_option("--weight-decay", p->weight_decay, "AdamW weight decay")->capture_default_str();
     sub->add_option("--max-grad-norm", p->max_grad_norm, "gradient-norm clip (0: off)")->capture_default_str();
+    sub->add_option("--lora-dropout", p->lora_dropout,
+                    "dropout on each LoRA branch's input in training (PEFT's lora_dropout; seeded by --seed)")
+        ->capture_default_str();
     sub->add_option("--init-adapter", p->init_adapter, "start from this PEFT adapter (same targets and r)");
     sub->add_option("--chat-template", p->chat_template_file,
                     "chat template for \"messages\" (Jinja file, or a tokenizer_config.json) instead of the model's");

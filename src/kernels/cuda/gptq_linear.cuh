@@ -27,5 +27,11 @@ struct gptq_linear_params {
 // y[m, n_out] = x[m, n_in] W^T (+ bias). x: [m, x_stride] F16, y: [m, y_stride] F16 (no alias).
 status gptq_linear_generic_f16(const gptq_linear_params& w, const uint16_t* x, uint16_t* y, int64_t m, int64_t x_stride,
                                int64_t y_stride, cudaStream_t stream);
+// w[n, k] = scales[g_idx[k], n] * (q[k, n] - zero[g_idx[k], n]) in F32 for the whole layer, w:
+// [n_out, n_in] device F32 in the original column order (the CPU's gptq_packed_linear::dequantize
+// arithmetic, bit for bit). For LoRA training's dequantize + cuBLAS products (bias not applied).
+status gptq_dequant_f32(const gptq_linear_params& w, float* out, cudaStream_t stream);
+// The same rounded to BF16 (bits) once.
+status gptq_dequant_bf16(const gptq_linear_params& w, uint16_t* out, cudaStream_t stream);
 
 }  // namespace gptq::cuda

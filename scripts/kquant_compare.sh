@@ -6,7 +6,8 @@
 #                                                 # back to HF F32 (scripts/gguf_to_hf.py), `gptq ppl`
 #   scripts/kquant_compare.sh ours OUT.jsonl      # `gptq quantize` (--target-bpw 2.5 .. 4.5, W2/W3/W4/W8 g128,
 #                                                 # with and without --quantize-lm-head), `gptq ppl`
-#   scripts/kquant_compare.sh table OUT.jsonl     # Markdown table + points file for `gptq report --points`
+#   scripts/kquant_compare.sh table OUT.jsonl [POINTS.json]  # Markdown table; the points for
+#                                                 # `gptq report POINTS.json --plot out.svg`
 #
 # Protocol: WikiText-2 test, seqlen 512, the first $WINDOWS windows (0: all 791) of `gptq ppl`; ours
 # calibrate on 128 x 512 windows of the bundled text, seed 0 (scripts/results_small_llama.sh).
@@ -97,29 +98,74 @@ PY
 }
 
 table() {
-    local in=${1:?usage: kquant_compare.sh table OUT.jsonl}
-    python3 - "$in" "$model" <<'PY'
-import glob, json, os, struct, sys
+    local in=${1:?usage: kquant_compare.sh table OUT.jsonl [POINTS.json]} points=${2:-}
+    "$py" - "$in" "$model" "$work" "$f16" "$points" <<'PY'
+import glob, json, os, re, struct, sys
+from gguf import GGUFReader
+src, work, f16, points_path = sys.argv[2:6]
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
-# All parameters of the model (F16 source): embeddings, norms, linears; a tied lm_head once.
-params = 0
-for f in glob.glob(os.path.join(sys.argv[2], "*.safetensors")):
+LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj\.")
+
+def st_header(f):
     with open(f, "rb") as fh:
-        h = json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0]))
-    for k, v in h.items():
-        if k != "__metadata__":
-            n = 1
-            for d in v["shape"]:
-                n *= d
-            params += n
-print(f"parameters: {params}")
-print("| side | config | file bytes | MiB | bits/weight (all params) | ppl |")
-print("|---|---|---|---|---|---|")
-for r in sorted(rows, key=lambda r: r["sizes"]["file_bytes"]):
-    s = r["sizes"]
-    label = r["name"] if r["side"] == "llama.cpp" else r["flags"].replace(",", " ")
-    print(f"| {r['side']} | {label} | {s['file_bytes']:,} | {s['file_bytes'] / 2**20:.2f} | "
-          f"{s['tensor_bytes'] * 8 / params:.2f} | {r['ppl']['ppl']:.2f} |")
+        return {k: v for k, v in json.loads(fh.read(struct.unpack("<Q", fh.read(8))[0])).items() if k != "__metadata__"}
+
+def numel(shape):
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+# The model's parameters: all (embeddings, norms, linears; a tied lm_head once) and the decoder linears'.
+params = linear_params = 0
+for f in glob.glob(os.path.join(src, "*.safetensors")):
+    for k, v in st_header(f).items():
+        params += numel(v["shape"])
+        linear_params += numel(v["shape"]) if LINEAR.match(k) else 0
+
+def gguf_bytes(path):  # (all tensor bytes, decoder-linear tensor bytes, type of token_embd)
+    r = GGUFReader(path)
+    lin = sum(int(t.n_bytes) for t in r.tensors
+              if re.match(r"blk\.\d+\.(attn_[qkv]|attn_output|ffn_gate|ffn_up|ffn_down)\.weight$", t.name))
+    emb = next(t.tensor_type.name for t in r.tensors if t.name == "token_embd.weight")
+    return sum(int(t.n_bytes) for t in r.tensors), lin, emb
+
+def ours_bytes(path):
+    total = lin = 0
+    heads = {}
+    for f in glob.glob(os.path.join(path, "*.safetensors")):
+        for k, v in st_header(f).items():
+            n = v["data_offsets"][1] - v["data_offsets"][0]
+            total += n
+            lin += n if LINEAR.match(k) else 0
+            heads[k] = v["dtype"]
+    head = "GPTQ" if "lm_head.qweight" in heads else ("F16 (tied)" if "lm_head.weight" not in heads else "F16")
+    return total, lin, head
+
+table, pts = [], []
+for r in rows:
+    if r["side"] == "llama.cpp":
+        path = f16 if r["name"] == "F16" else os.path.join(work, f"small-{r['name']}.gguf")
+        total, lin, emb = gguf_bytes(path)
+        label, what = r["name"], f"embeddings = lm_head {emb}"
+        series = "llama.cpp (tied table quantized)"
+    else:
+        total, lin, head = ours_bytes(os.path.join(work, f"ours-{r['name']}"))
+        label = r["flags"].replace(",", " ").replace("--bits ", "W").replace("--target-bpw ", "bpw ")
+        what = "embeddings F16" + ("; + GPTQ lm_head copy" if head == "GPTQ" else ", lm_head tied")
+        series = "gptqkit --quantize-lm-head" if head == "GPTQ" else "gptqkit (embeddings F16)"
+    fb = r["sizes"]["file_bytes"]
+    table.append((fb, r["side"], label, what, total * 8 / params, lin * 8 / linear_params, r["ppl"]["ppl"]))
+    pts.append({"series": series, "label": label, "x": round(fb / 2**20, 3), "y": round(r["ppl"]["ppl"], 3)})
+print(f"parameters: {params} (decoder linears {linear_params}); ppl windows: {rows[0]['ppl']['n_windows']}")
+print("| side | config | what is quantized besides the linears | file bytes | MiB | bits/weight, all params | bits/weight, decoder linears | ppl |")
+print("|---|---|---|---|---|---|---|---|")
+for fb, side, label, what, bpw, lbpw, p in sorted(table):
+    print(f"| {side} | {label} | {what} | {fb:,} | {fb / 2**20:.2f} | {bpw:.2f} | {lbpw:.2f} | {p:.2f} |")
+if points_path:
+    json.dump({"title": "small-llama: WikiText-2 ppl (seqlen 512) against file size",
+               "x_label": "file size (MiB)", "y_label": "perplexity", "y_log": True, "points": pts},
+              open(points_path, "w"), indent=1)
 PY
 }
 

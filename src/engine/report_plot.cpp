@@ -52,11 +52,11 @@ std::string xml_escape(const std::string& s) {
 }
 
 
-// Tick positions for an axis over [lo, hi]: steps of 1, 2 or 5 x 10^k giving 4..10 ticks (linear),
-// or the decades and their 2x and 5x (log).
+// Tick positions for an axis over [lo, hi]: steps of 1, 2 or 5 x 10^k giving 4..10 ticks (linear,
+// and a log axis spanning less than a decade), or the decades and their 2x and 5x (log).
 std::vector<double> ticks_of(double lo, double hi, bool log) {
     std::vector<double> t;
-    if (log) {
+    if (log && hi / lo >= 10) {
         for (double d = std::floor(std::log10(lo)); d <= std::ceil(std::log10(hi)); d += 1)
             for (double m : {1.0, 2.0, 5.0}) {
                 const double x = m * std::pow(10.0, d);

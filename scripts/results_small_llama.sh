@@ -2,7 +2,8 @@
 # Quality table of docs/results.md: quantize ../shared/models/small-llama with 128 x 512-token
 # calibration windows from the bundled calibration text (never the test split), then WikiText-2
 # test perplexity at seqlen 512 (GPTQ-paper protocol, all 791 windows). One JSON line per run.
-#   scripts/results_small_llama.sh OUT.jsonl [config ...]     config: name:flags (flags comma-separated)
+#   scripts/results_small_llama.sh OUT.jsonl [config ...]     config: name:flags (flags comma-separated;
+#   a config's own --nsamples / --seqlen replace the 128 x 512)
 set -euo pipefail
 out=${1:?usage: results_small_llama.sh OUT.jsonl [name:flags ...]}; shift
 gptq=${GPTQ_BIN:-build/bin/gptq}
@@ -25,7 +26,11 @@ for c in "${configs[@]}"; do
     q="$model"; qjson=null
     if [ "$name" != fp16 ]; then
         q="$work/$name"; rm -rf "$q" "$q.partial"
-        "$gptq" -q quantize "$model" -o "$q" --nsamples 128 --seqlen 512 --threads "$threads" --calib "$calib" \
+        # 128 x 512 calibration windows unless the config names its own --nsamples / --seqlen.
+        base=()
+        [[ " ${args[*]} " == *" --nsamples "* ]] || base+=(--nsamples 128)
+        [[ " ${args[*]} " == *" --seqlen "* ]] || base+=(--seqlen 512)
+        "$gptq" -q quantize "$model" -o "$q" "${base[@]}" --threads "$threads" --calib "$calib" \
             --report "$work/$name.report.json" "${args[@]}" > "$work/$name.summary.txt"
         qjson=$(python3 -c "import json,sys; r=json.load(open(sys.argv[1])); l=r['linears'];
 m=[x['error_gptq']/x['error_rtn'] for x in l if x['error_rtn']>0];

@@ -150,4 +150,24 @@ std::vector<quantize_layer_errors> quantize_report_layers(const quantize_report_
 std::string quantize_report_svg(const quantize_report_view& v, const std::string& title);
 std::string quantize_report_summary(const quantize_report& r);  // the closing lines the CLI prints
 
+// `gptq report POINTS.json --plot out.svg` (engine/report_plot.cpp): a scatter of labelled points
+// in series, each series joined in x order, e.g. ppl against file size (docs/results.md). The file:
+// {"title": "...", "x_label": "...", "y_label": "...", "y_log": false, "points": [{"series": "ours",
+// "label": "W4 g128", "x": 17.5, "y": 116.3}, ...]}.
+struct plot_point {
+    std::string series, label;
+    double      x = 0.0, y = 0.0;
+};
+struct scatter_view {
+    std::string             title, x_label, y_label;
+    bool                    x_log = false, y_log = false;
+    std::vector<plot_point> points;
+};
+// True when the JSON text is an object with a "points" array (a points file, not a --report).
+bool is_points_file(const std::string& json_text);
+// Errors: not JSON, no "points" array or an empty one, a point without series / x / y, a non-finite
+// coordinate, or one <= 0 on a log axis (named with `where` and the point's index).
+result<scatter_view> scatter_read(const std::string& json_text, const std::string& where);
+std::string          scatter_svg(const scatter_view& v);
+
 }  // namespace gptq

@@ -2,6 +2,7 @@
 // lm_head last, the SVG's bars and bit cells, and clear errors for files that are not reports.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <string>
 
 #include "gptq/quantize.h"
@@ -63,4 +64,57 @@ TEST(report_plot, files_that_are_not_reports_are_refused) {
     auto d = quantize_report_read(R"({"linears": [{"name": "x", "error_gptq": -1, "error_rtn": 1}]})", "d.json");
     ASSERT_FALSE(d.is_ok());
     EXPECT_NE(d.error().message().find("x has errors"), std::string::npos);
+}
+
+// The scatter of `gptq report POINTS.json --plot` (ppl against file size, docs/results.md).
+TEST(report_plot, points_file_is_drawn_as_series_in_x_order) {
+    const char* k_points = R"({"title": "ppl <vs> size", "x_label": "MiB", "y_label": "ppl", "y_log": true,
+      "points": [{"series": "ours", "label": "W4", "x": 17.5, "y": 116.3},
+                 {"series": "llama.cpp", "label": "Q4_K_M", "x": 16.0, "y": 112.0},
+                 {"series": "ours", "label": "W3", "x": 15.2, "y": 127.0},
+                 {"series": "llama.cpp", "label": "Q2_K", "x": 11.0, "y": 300.0}]})";
+    EXPECT_TRUE(is_points_file(k_points));
+    EXPECT_FALSE(is_points_file(k_report));
+    auto v = scatter_read(k_points, "p.json");
+    ASSERT_TRUE(v.is_ok()) << v.error().message();
+    EXPECT_TRUE(v->y_log);
+    EXPECT_FALSE(v->x_log);
+    ASSERT_EQ(v->points.size(), 4u);
+    EXPECT_EQ(v->points[1].label, "Q4_K_M");
+    const std::string svg = scatter_svg(*v);
+    EXPECT_EQ(svg.rfind("<svg xmlns=\"http://www.w3.org/2000/svg\"", 0), 0u);
+    EXPECT_NE(svg.find("</svg>\n"), std::string::npos);
+    EXPECT_NE(svg.find("ppl &lt;vs&gt; size"), std::string::npos) << "the title is escaped";
+    EXPECT_EQ(count(svg, "<polyline"), 2u) << "one line per series";
+    EXPECT_EQ(count(svg, "<circle"), 4u) << "one marker per point";
+    EXPECT_NE(svg.find("ppl (log scale)"), std::string::npos);
+    // The series "ours" is joined in x order: W3 (15.2) before W4 (17.5), whatever the file's order.
+    const size_t line = svg.find("<polyline points=\"");
+    ASSERT_NE(line, std::string::npos);
+    const std::string pts = svg.substr(line, svg.find('"', line + 18) - line);
+    double ax = 0, ay = 0, bx = 0, by = 0;
+    ASSERT_EQ(std::sscanf(pts.c_str(), "<polyline points=\"%lf,%lf %lf,%lf", &ax, &ay, &bx, &by), 4);
+    EXPECT_LT(ax, bx) << "x grows along the line";
+    EXPECT_LT(ay, by) << "W3 has the higher ppl: higher on the plot, so a smaller SVG y";
+    // Every marker lies inside the plot area (x 80..730, y 60..430).
+    for (size_t p = svg.find("<circle cx=\""); p != std::string::npos; p = svg.find("<circle cx=\"", p + 1)) {
+        double cx = 0, cy = 0;
+        ASSERT_EQ(std::sscanf(svg.c_str() + p, "<circle cx=\"%lf\" cy=\"%lf\"", &cx, &cy), 2);
+        EXPECT_GT(cx, 80);
+        EXPECT_LT(cx, 730);
+        EXPECT_GT(cy, 60);
+        EXPECT_LT(cy, 430);
+    }
+}
+
+TEST(report_plot, bad_points_files_are_refused) {
+    auto a = scatter_read(R"({"points": []})", "a.json");
+    ASSERT_FALSE(a.is_ok());
+    EXPECT_NE(a.error().message().find("a.json: no \"points\""), std::string::npos);
+    auto b = scatter_read(R"({"points": [{"series": "s", "x": 1}]})", "b.json");
+    ASSERT_FALSE(b.is_ok());
+    EXPECT_NE(b.error().message().find("points[0] lacks"), std::string::npos);
+    auto c = scatter_read(R"({"y_log": true, "points": [{"series": "s", "label": "q", "x": 1, "y": 0}]})", "c.json");
+    ASSERT_FALSE(c.is_ok());
+    EXPECT_NE(c.error().message().find("points[0] (q) has x 1 y 0"), std::string::npos);
 }

@@ -7,7 +7,12 @@
 # int4_gemm_tile).
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}; mkdir -p "$OUT"
-BIN=/tmp/gb; rm -rf $BIN; mkdir -p $BIN; tar -C $BIN -xJf .device-gemm/bundle.tar.xz
+# Without .device-gemm: the binaries of the main bundle that run.sh unpacked (/tmp/gptq-device-bundle).
+if [ -d .device-gemm ]; then
+  BIN=/tmp/gb; rm -rf $BIN; mkdir -p $BIN; tar -C $BIN -xJf .device-gemm/bundle.tar.xz
+else
+  BIN=/tmp/gptq-device-bundle
+fi
 CUDA_DIRS=""
 for lib in libcublas.so.13 libcusolver.so.12 libcusparse.so.12 libnvJitLink.so.13; do
   d=$(dirname "$(find /usr/local /opt /usr/lib -name "$lib*" 2>/dev/null | head -1)"); [ "$d" != . ] && CUDA_DIRS="$CUDA_DIRS:$d"

@@ -81,7 +81,8 @@ if [ -z "$BIN" ]; then
         log "missing shared libraries: $(ldd "$TEST_DIR/gptq" | grep 'not found' | tr -s ' \t\n' ' ')"
     fi
     TESTS=("$TEST_DIR/test_cuda_kernels" "$TEST_DIR/test_cuda_gptq" "$TEST_DIR/test_cuda_gemm" "$TEST_DIR/test_ops_cuda" "$TEST_DIR/test_gptq_cuda"
-           "$TEST_DIR/test_llama_cuda" "$TEST_DIR/test_offload_cuda" "$TEST_DIR/test_lora_cuda" "$TEST_DIR/test_moe_cuda")
+           "$TEST_DIR/test_llama_cuda" "$TEST_DIR/test_offload_cuda" "$TEST_DIR/test_lora_cuda" "$TEST_DIR/test_moe_cuda"
+           "$TEST_DIR/test_finetune_cuda")
     BENCH=$TEST_DIR/bench_gptq_gemv
     BENCH_Q=$TEST_DIR/bench_gptq_quantize
     GPTQ=$TEST_DIR/gptq
@@ -311,7 +312,9 @@ for l in open(sys.argv[1]):
     if [ "${E2E_DECODE_AB:-0}" = 1 ] && [ -d "$E2E/l8-w4" ]; then
         BARGS[3]=${E2E_BATCH:-1}
         n_rows=$(echo "${E2E_BATCH:-1}" | tr ',' '\n' | wc -l)
-        for envs in "GPTQ_DECODE_FUSE=0 GPTQ_INT4_PREFETCH=0" "GPTQ_DECODE_FUSE=0" "GPTQ_INT4_PREFETCH=0"; do
+        # E2E_AB_SETS: the settings, ';'-separated (default: both off; fused step off; prefetch off).
+        IFS=';' read -ra AB_SETS <<< "${E2E_AB_SETS:-GPTQ_DECODE_FUSE=0 GPTQ_INT4_PREFETCH=0;GPTQ_DECODE_FUSE=0;GPTQ_INT4_PREFETCH=0}"
+        for envs in "${AB_SETS[@]}"; do
             if env $envs timeout 300 "$GPTQ" -q bench "$E2E/l8-w4" "${BARGS[@]}" >> "$OUT/bench_e2e.jsonl" 2>> "$OUT/tests.log"; then
                 log "W4 with $envs: $(tail -n "$n_rows" "$OUT/bench_e2e.jsonl" | python3 -c 'import json,sys
 for l in sys.stdin:

@@ -159,6 +159,7 @@ result<int64_t> op_cuda_gptq_dequant_f16(cuda_context& ctx, const cuda_gptq_code
 }
 
 status op_cuda_f16_to_f32(cuda_context& ctx, const uint16_t* src, float* dst, int64_t n) {
+    if (n <= 0) return status::ok();
     return cuda::f16_to_f32(src, dst, n, ctx.stream());
 }
 

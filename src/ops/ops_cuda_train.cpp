@@ -54,11 +54,6 @@ status op_cuda_sgemm(cuda_context& ctx, bool trans_a, bool trans_b, int64_t m, i
                           ctx.stream());
 }
 
-status op_cuda_f16_to_f32(cuda_context& ctx, const uint16_t* src, float* dst, int64_t n) {
-    if (n <= 0) return status::ok();
-    return cuda::f16_to_f32(src, dst, n, ctx.stream());
-}
-
 namespace {
 result<cuda::gptq_linear_params> generic_params(const cuda_gptq_linear& w) {
     if (w.fast)

@@ -11,6 +11,7 @@
 
 #include "core/status.h"
 #include "ops/ops_cuda.h"
+#include "ops/ops_cuda_gptq.h"  // op_cuda_f16_to_f32
 
 namespace gptq {
 
@@ -18,7 +19,6 @@ namespace gptq {
 status op_cuda_sgemm(cuda_context& ctx, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
                      const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc,
                      bool tf32);
-status op_cuda_f16_to_f32(cuda_context& ctx, const uint16_t* src, float* dst, int64_t n);
 // A GPTQ layer as F32 [n_out, n_in] in the original column order (the CPU's dequantize, bit for
 // bit). The generic layout only (cuda_gptq_linear_load with allow_fast false): a layer on the fast
 // int4 layout is an error (its codes are not kept in the checkpoint's order).

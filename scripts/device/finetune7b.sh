@@ -104,6 +104,23 @@ if [ "${FT_CURVE:-1}" = 1 ]; then
     done
 fi
 
+if [ "${FT_CURVE:-1}" = 1 ] && [ -f "$OUT/finetune_curve.jsonl" ]; then  # each cuda curve against the cpu one
+    python3 - "$OUT/finetune_curve.jsonl" <<'PY' | tee -a "$LOG"
+import json, sys
+runs = [json.loads(l) for l in open(sys.argv[1])]
+for r in runs:
+    if r["device"] == "cpu":
+        continue
+    cpu = [c for c in runs if c["model"] == r["model"] and c["device"] == "cpu"]
+    if not cpu:
+        continue
+    a, b = r["result"]["step_losses"], cpu[-1]["result"]["step_losses"]
+    d = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    e = abs(r["result"]["eval_loss"] - cpu[-1]["result"]["eval_loss"]) / abs(cpu[-1]["result"]["eval_loss"])
+    print("== curve %s --device %s vs cpu: step losses within %.2e relative, final eval loss %.2e" % (r["model"], r["device"], d, e))
+PY
+fi
+
 # ---- 3. the 7B shape ---------------------------------------------------------------------------------
 if [ "${FT_7B:-1}" = 1 ]; then
     L=${FT_LAYERS:-32}

@@ -80,6 +80,7 @@ fi
 
 # ---- 2. the loss curve, cpu vs cuda ------------------------------------------------------------------
 if [ "${FT_CURVE:-1}" = 1 ]; then
+    : > "$OUT/finetune_curve.jsonl"
     head -c 200000 "$WIKI" > "$W/wiki-small.txt"
     TINY=models/tiny-llama
     [ -d "$W/tiny-w4" ] || "$GPTQ" -q quantize "$TINY" -o "$W/tiny-w4" --method rtn --bits 4 --group-size 32 \

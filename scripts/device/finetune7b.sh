@@ -5,7 +5,8 @@
 #  1. test_finetune_cuda: the training ops against the CPU's, one whole step on tiny-llama (FP16 and
 #     W4 act-order) against the CPU's lora_loss_grad, resume, a GPU run against the CPU run.
 #     FT_TESTS=0 skips. Then compute-sanitizer memcheck of the op tests and the FP16 step (FT_MEMCHECK=0 skips).
-#  2. The loss curve: tiny-llama (FP16, and RTN W4 g32 made here) fine-tuned 4 steps of 4 x 128
+#  2. The loss curve: tiny-llama (FP16, and RTN W4 g32 made here; small-llama too when
+#     .device-small-llama is carried) fine-tuned 4 steps of 4 x 128
 #     tokens of WikiText-2 on cpu and on cuda (--gpu-math f32, tf32, bf16): each step's loss side by side
 #     (JSON lines in finetune_curve.jsonl). FT_CURVE=0 skips.
 #  3. The issue's shape: make-random llama-2-7b (FT_LAYERS layers, default all 32; made on the
@@ -79,11 +80,18 @@ fi
 
 # ---- 2. the loss curve, cpu vs cuda ------------------------------------------------------------------
 if [ "${FT_CURVE:-1}" = 1 ]; then
+    : > "$OUT/finetune_curve.jsonl"
     head -c 200000 "$WIKI" > "$W/wiki-small.txt"
     TINY=models/tiny-llama
     [ -d "$W/tiny-w4" ] || "$GPTQ" -q quantize "$TINY" -o "$W/tiny-w4" --method rtn --bits 4 --group-size 32 \
         --threads "$JOBS" >> "$OUT/finetune.log" 2>&1
-    for m in "$TINY" "$W/tiny-w4"; do
+    MODELS=("$TINY" "$W/tiny-w4")
+    if [ -d .device-small-llama ]; then  # carried (bundle.sh packs it): small-llama's curve too
+        SL=/tmp/gptq-small-llama
+        [ -f "$SL/config.json" ] || python3 scripts/device/byte_split.py unpack .device-small-llama "$SL"
+        [ -f "$SL/config.json" ] && MODELS+=("$SL")
+    fi
+    for m in "${MODELS[@]}"; do
         for dev in "cpu" "cuda --gpu-math f32" "cuda" "cuda --gpu-math bf16"; do
             o=$W/curve-out; rm -rf "$o"
             if line=$(timeout 300 "$GPTQ" -q finetune "$m" --data "$W/wiki-small.txt" -o "$o" --device $dev --max-steps 4 \
@@ -95,6 +103,23 @@ if [ "${FT_CURVE:-1}" = 1 ]; then
             fi
         done
     done
+fi
+
+if [ "${FT_CURVE:-1}" = 1 ] && [ -f "$OUT/finetune_curve.jsonl" ]; then  # each cuda curve against the cpu one
+    python3 - "$OUT/finetune_curve.jsonl" <<'PY' | tee -a "$LOG"
+import json, sys
+runs = [json.loads(l) for l in open(sys.argv[1])]
+for r in runs:
+    if r["device"] == "cpu":
+        continue
+    cpu = [c for c in runs if c["model"] == r["model"] and c["device"] == "cpu"]
+    if not cpu:
+        continue
+    a, b = r["result"]["step_losses"], cpu[-1]["result"]["step_losses"]
+    d = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    e = abs(r["result"]["eval_loss"] - cpu[-1]["result"]["eval_loss"]) / abs(cpu[-1]["result"]["eval_loss"])
+    print("== curve %s --device %s vs cpu: step losses within %.2e relative, final eval loss %.2e" % (r["model"], r["device"], d, e))
+PY
 fi
 
 # ---- 3. the 7B shape ---------------------------------------------------------------------------------

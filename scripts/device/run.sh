@@ -10,7 +10,8 @@
 # 2. Tests: every `cuda`-labelled test (test_llama_cuda: the GPU model vs the CPU model;
 #    test_offload_cuda: CPU offload, bit-for-bit the resident model;
 #    test_gptq_cuda: GPTQ quantization on the GPU vs the CPU, whose `gptq_cuda_diff` lines go to
-#    summary.txt; test_moe_cuda: the MoE block), then compute-sanitizer memcheck on the small ones.
+#    summary.txt; test_moe_cuda: the MoE block; test_finetune_cuda: LoRA training vs the CPU), then
+#    compute-sanitizer memcheck on the small ones.
 # 3. Perplexity, `gptq ppl --seqlen 512` on cpu and cuda: tiny-llama (first 100 windows on both, all
 #    791 on cuda),
 #    small-llama (first 40 windows on both, and all 791 on cuda, to compare with the CPU figure of
@@ -44,13 +45,13 @@ BIN=""
 if cmake -S . -B build-device -G Ninja -DCMAKE_BUILD_TYPE=Release -DGPTQ_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90a \
         -DGPTQ_BUILD_BENCH=ON > "$OUT/build.log" 2>&1; then
     log "building in build-device with $JOBS jobs"
-    if cmake --build build-device -j "$JOBS" --target test_cuda_kernels test_cuda_gptq test_cuda_gemm test_ops_cuda test_gptq_cuda test_llama_cuda test_offload_cuda test_moe_cuda \
+    if cmake --build build-device -j "$JOBS" --target test_cuda_kernels test_cuda_gptq test_cuda_gemm test_ops_cuda test_gptq_cuda test_llama_cuda test_offload_cuda test_moe_cuda test_finetune_cuda \
             bench_gptq_gemv bench_gptq_quantize gptq >> "$OUT/build.log" 2>&1; then
         BIN=build-device
         TEST_DIR=build-device/tests
         TESTS=(build-device/tests/test_cuda_kernels build-device/tests/test_cuda_gptq build-device/tests/test_cuda_gemm build-device/tests/test_ops_cuda
                build-device/tests/test_gptq_cuda build-device/tests/test_llama_cuda build-device/tests/test_offload_cuda
-               build-device/tests/test_moe_cuda)
+               build-device/tests/test_moe_cuda build-device/tests/test_finetune_cuda)
         BENCH=build-device/bin/bench_gptq_gemv
         BENCH_Q=build-device/bin/bench_gptq_quantize
         GPTQ=build-device/bin/gptq
@@ -81,8 +82,8 @@ if [ -z "$BIN" ]; then
         log "missing shared libraries: $(ldd "$TEST_DIR/gptq" | grep 'not found' | tr -s ' \t\n' ' ')"
     fi
     TESTS=("$TEST_DIR/test_cuda_kernels" "$TEST_DIR/test_cuda_gptq" "$TEST_DIR/test_cuda_gemm" "$TEST_DIR/test_ops_cuda" "$TEST_DIR/test_gptq_cuda"
-           "$TEST_DIR/test_llama_cuda" "$TEST_DIR/test_offload_cuda" "$TEST_DIR/test_lora_cuda" "$TEST_DIR/test_moe_cuda"
-           "$TEST_DIR/test_finetune_cuda")
+           "$TEST_DIR/test_llama_cuda" "$TEST_DIR/test_offload_cuda" "$TEST_DIR/test_lora_cuda" "$TEST_DIR/test_moe_cuda")
+    [ -x "$TEST_DIR/test_finetune_cuda" ] && TESTS+=("$TEST_DIR/test_finetune_cuda")  # bundles from before it lack it
     BENCH=$TEST_DIR/bench_gptq_gemv
     BENCH_Q=$TEST_DIR/bench_gptq_quantize
     GPTQ=$TEST_DIR/gptq

@@ -78,7 +78,7 @@ struct cuda_train_state {
     cuda_buffer       factors, grads;       // every A and B, F32 (the adapter's layout), and their gradients
     std::vector<std::array<lora_dev, k_n_linear_roles>> lora;  // [n_layer]
     std::vector<int64_t>                                seq_tokens;
-    std::vector<float>                                  host;  // staging of factors / gradients
+    cuda_host_buffer host;  // staging of factors / gradients, pinned (direct DMA both ways)
 
     uint64_t bytes() const {
         uint64_t s = 0;
@@ -461,7 +461,11 @@ result<double> llama_cuda_model::lora_loss_grad(const train_batch& b, const lora
             }
     GPTQ_TRY(grow(st.factors, size_t(total) * 4));
     GPTQ_TRY(grow(st.grads, size_t(total) * 4));
-    st.host.resize(static_cast<size_t>(total));
+    if (st.host.bytes() < size_t(total) * 4) {
+        st.host = cuda_host_buffer();
+        GPTQ_ASSIGN_OR_RETURN(st.host, cuda_host_buffer::alloc(std::max<size_t>(size_t(total) * 4, 256)));
+    }
+    float* host = st.host.as<float>();
     struct placed {
         const lora_module* m;
         lora_module*       g;    // the host gradients (nullptr: eval)
@@ -501,11 +505,11 @@ result<double> llama_cuda_model::lora_loss_grad(const train_batch& b, const lora
             range(0, static_cast<int64_t>(mods.size()));
     };
     over_modules([&](const placed& p) {
-        std::copy(p.m->a.begin(), p.m->a.end(), st.host.begin() + p.off);
-        std::copy(p.m->b.begin(), p.m->b.end(), st.host.begin() + p.off + static_cast<int64_t>(p.m->a.size()));
+        std::copy(p.m->a.begin(), p.m->a.end(), host + p.off);
+        std::copy(p.m->b.begin(), p.m->b.end(), host + p.off + static_cast<int64_t>(p.m->a.size()));
     });
     if (total > 0) {
-        GPTQ_TRY(st.factors.upload(st.host.data(), size_t(total) * 4));
+        GPTQ_TRY(st.factors.upload(host, size_t(total) * 4));
         GPTQ_TRY(cuda_zero_async(c, st.grads.data(), size_t(total) * 4));
     }
 
@@ -572,9 +576,9 @@ result<double> llama_cuda_model::lora_loss_grad(const train_batch& b, const lora
     if (!grads) return loss;
 
     // The gradients, added to the host's.
-    if (total > 0) GPTQ_TRY(cuda_copy_to_host(c, st.host.data(), st.grads.data(), size_t(total) * 4));
+    if (total > 0) GPTQ_TRY(cuda_copy_to_host(c, host, st.grads.data(), size_t(total) * 4));
     over_modules([&](const placed& p) {
-        const float* src = st.host.data() + p.off;
+        const float* src = host + p.off;
         for (float& x : p.g->a) x += *src++;
         for (float& x : p.g->b) x += *src++;
     });

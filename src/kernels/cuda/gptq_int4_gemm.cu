@@ -600,10 +600,9 @@ __global__ void __launch_bounds__(WG * 128) int4_gemm_wgmma_kernel(const gemm_ar
 #pragma unroll
             for (int c = 0; c < BM / 2; ++c) acc[a][t][c] = 0.0f;
 
-    // The ring: STAGES buffers, loads LEAD = STAGES - 2 stages ahead. A stage's wgmma may still run
-    // while the next stage is dequantized and issued (wait_group 1 after each stage's commit), so the
-    // buffer refilled at the top of iteration it is the one of stage it - 2, whose wgmma every warp
-    // has waited for before the barrier.
+    // The ring: STAGES buffers, loads LEAD = STAGES - 2 stages ahead; the buffer refilled at the top
+    // of iteration it is the one of stage it - 2, whose wgmma every warp has waited for before the
+    // barrier.
     constexpr int LEAD = STAGES - 2;
 #pragma unroll
     for (int j = 0; j < LEAD; ++j) {
@@ -649,9 +648,12 @@ __global__ void __launch_bounds__(WG * 128) int4_gemm_wgmma_kernel(const gemm_ar
                     }
             }
         wgmma_commit();
-        wgmma_wait<1>();  // stage it - 1's wgmma done: its A registers and (after the barrier) its buffer are free
+        // All of this stage's wgmma done before the next stage's dequantization: the A operand's
+        // registers must not change while a wgmma reads them, and the compiler, which does not see
+        // that read, may give the next stage's values the same registers (with wait_group 1 here the
+        // _xreg tiles gave wrong rows and launch-to-launch differences on the H100).
+        wgmma_wait<0>();
     }
-    wgmma_wait<0>();
     cp_async_wait<0>();
     __syncthreads();  // the pipeline's shared memory is reused below
 

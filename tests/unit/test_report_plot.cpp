@@ -92,7 +92,7 @@ TEST(report_plot, points_file_is_drawn_as_series_in_x_order) {
     const size_t line = svg.find("<polyline points=\"");
     ASSERT_NE(line, std::string::npos);
     const std::string pts = svg.substr(line, svg.find('"', line + 18) - line);
-    double ax = 0, ay = 0, bx = 0, by = 0;
+    double            ax = 0, ay = 0, bx = 0, by = 0;
     ASSERT_EQ(std::sscanf(pts.c_str(), "<polyline points=\"%lf,%lf %lf,%lf", &ax, &ay, &bx, &by), 4);
     EXPECT_LT(ax, bx) << "x grows along the line";
     EXPECT_LT(ay, by) << "W3 has the higher ppl: higher on the plot, so a smaller SVG y";

@@ -318,6 +318,7 @@ std::string scatter_svg(const scatter_view& v) {
     std::vector<std::string> names;
     for (const auto& p : v.points)
         if (std::find(names.begin(), names.end(), p.series) == names.end()) names.push_back(p.series);
+    double legend_x = x0;
     for (size_t k = 0; k < names.size(); ++k) {
         std::vector<plot_point> pts;
         for (const auto& p : v.points)
@@ -336,7 +337,8 @@ std::string scatter_svg(const scatter_view& v) {
                 s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" font-size=\"10\" fill=\"{}\">{}</text>\n",
                                  px(p.x) + 6, py(p.y) - 6, series_colour(k), xml_escape(p.label));
         }
-        const double lx = x0 + 200.0 * double(k);
+        const double lx = legend_x;
+        legend_x += 40.0 + 6.5 * double(names[k].size());  // about 6.5 px per character at 12 px
         s += fmt::format("<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"14\" height=\"14\" fill=\"{}\"/>", lx, H - 30,
                          series_colour(k));
         s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\">{}</text>\n", lx + 18, H - 18, xml_escape(names[k]));

@@ -6,8 +6,9 @@
 #                                                 # back to HF F32 (scripts/gguf_to_hf.py), `gptq ppl`
 #   scripts/kquant_compare.sh ours OUT.jsonl      # `gptq quantize` (--target-bpw 2.5 .. 4.5, W2/W3/W4/W8 g128,
 #                                                 # with and without --quantize-lm-head), `gptq ppl`
-#   scripts/kquant_compare.sh table OUT.jsonl [POINTS.json]  # Markdown table; the points for
-#                                                 # `gptq report POINTS.json --plot out.svg`
+#   scripts/kquant_compare.sh table OUT.jsonl [POINTS.json [LINEAR_POINTS.json]]  # Markdown table;
+#       points (ppl against file size / against the decoder linears' bits per weight) for
+#       `gptq report POINTS.json --plot out.svg`
 #
 # Protocol: WikiText-2 test, seqlen 512, the first $WINDOWS windows (0: all 791) of `gptq ppl`; ours
 # calibrate on 128 x 512 windows of the bundled text, seed 0 (scripts/results_small_llama.sh).
@@ -98,11 +99,11 @@ PY
 }
 
 table() {
-    local in=${1:?usage: kquant_compare.sh table OUT.jsonl [POINTS.json]} points=${2:-}
-    "$py" - "$in" "$model" "$work" "$f16" "$points" <<'PY'
+    local in=${1:?usage: kquant_compare.sh table OUT.jsonl [POINTS.json [LINEAR_POINTS.json]]}
+    "$py" - "$in" "$model" "$work" "$f16" "${2:-}" "${3:-}" <<'PY'
 import glob, json, os, re, struct, sys
 from gguf import GGUFReader
-src, work, f16, points_path = sys.argv[2:6]
+src, work, f16, points_path, linear_points_path = sys.argv[2:7]
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
 LINEAR = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.[a-z_]+_proj\.")
 
@@ -142,7 +143,7 @@ def ours_bytes(path):
     head = "GPTQ" if "lm_head.qweight" in heads else ("F16 (tied)" if "lm_head.weight" not in heads else "F16")
     return total, lin, head
 
-table, pts = [], []
+table, pts, lpts = [], [], []
 for r in rows:
     if r["side"] == "llama.cpp":
         path = f16 if r["name"] == "F16" else os.path.join(work, f"small-{r['name']}.gguf")
@@ -157,15 +158,20 @@ for r in rows:
     fb = r["sizes"]["file_bytes"]
     table.append((fb, r["side"], label, what, total * 8 / params, lin * 8 / linear_params, r["ppl"]["ppl"]))
     pts.append({"series": series, "label": label, "x": round(fb / 2**20, 3), "y": round(r["ppl"]["ppl"], 3)})
+    lpts.append(dict(pts[-1], x=round(lin * 8 / linear_params, 3)))
 print(f"parameters: {params} (decoder linears {linear_params}); ppl windows: {rows[0]['ppl']['n_windows']}")
 print("| side | config | what is quantized besides the linears | file bytes | MiB | bits/weight, all params | bits/weight, decoder linears | ppl |")
 print("|---|---|---|---|---|---|---|---|")
 for fb, side, label, what, bpw, lbpw, p in sorted(table):
     print(f"| {side} | {label} | {what} | {fb:,} | {fb / 2**20:.2f} | {bpw:.2f} | {lbpw:.2f} | {p:.2f} |")
-if points_path:
-    json.dump({"title": "small-llama: WikiText-2 ppl (seqlen 512) against file size",
-               "x_label": "file size (MiB)", "y_label": "perplexity", "y_log": True, "points": pts},
-              open(points_path, "w"), indent=1)
+# The plots leave F16 out (44 MiB would squeeze the rest); the table has it.
+for path, title, xl, p in ((points_path, "file size", "file size (MiB)", pts),
+                           (linear_points_path, "the linears' bits per weight",
+                            "bits per weight, decoder linears only (embeddings and lm_head not counted)", lpts)):
+    if path:
+        json.dump({"title": f"small-llama: WikiText-2 ppl against {title}",
+                   "x_label": xl, "y_label": "perplexity", "y_log": True,
+                   "points": [q for q in p if q["label"] != "F16"]}, open(path, "w"), indent=1)
 PY
 }
 

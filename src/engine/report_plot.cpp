@@ -8,9 +8,9 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <utility>
 #include <vector>
-#include <nlohmann/json.hpp>
 
 #include "core/error.h"
 #include "gptq/quantize.h"
@@ -50,7 +50,6 @@ std::string xml_escape(const std::string& s) {
     }
     return out;
 }
-
 
 // Tick positions for an axis over [lo, hi]: steps of 1, 2 or 5 x 10^k giving 4..10 ticks (linear,
 // and a log axis spanning less than a decade), or the decades and their 2x and 5x (log).
@@ -243,7 +242,6 @@ std::string quantize_report_svg(const quantize_report_view& v, const std::string
     return s;
 }
 
-
 bool is_points_file(const std::string& json_text) {
     nlohmann::json j = nlohmann::json::parse(json_text, nullptr, /*allow_exceptions=*/false);
     return !j.is_discarded() && j.is_object() && j.contains("points") && j["points"].is_array();
@@ -281,7 +279,7 @@ result<scatter_view> scatter_read(const std::string& json_text, const std::strin
 }
 
 std::string scatter_svg(const scatter_view& v) {
-    const double W = 760, H = 520, x0 = 80, x1 = W - 30, y0 = 60, y1 = H - 90;  // plot area
+    const double        W = 760, H = 520, x0 = 80, x1 = W - 30, y0 = 60, y1 = H - 90;  // plot area
     std::vector<double> xs, ys;
     for (const auto& p : v.points) {
         xs.push_back(p.x);
@@ -289,15 +287,15 @@ std::string scatter_svg(const scatter_view& v) {
     }
     const auto [xlo, xhi] = range_of(xs, v.x_log);
     const auto [ylo, yhi] = range_of(ys, v.y_log);
-    auto unit = [](double a, double lo, double hi, bool log) {
+    auto unit             = [](double a, double lo, double hi, bool log) {
         return log ? (std::log10(a) - std::log10(lo)) / (std::log10(hi) - std::log10(lo)) : (a - lo) / (hi - lo);
     };
-    auto px = [&](double x) { return x0 + unit(x, xlo, xhi, v.x_log) * (x1 - x0); };
-    auto py = [&](double y) { return y1 - unit(y, ylo, yhi, v.y_log) * (y1 - y0); };
-    std::string s = fmt::format(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{:.0f}\" height=\"{:.0f}\" viewBox=\"0 0 {:.0f} {:.0f}\" "
-        "font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
-        W, H, W, H);
+    auto        px = [&](double x) { return x0 + unit(x, xlo, xhi, v.x_log) * (x1 - x0); };
+    auto        py = [&](double y) { return y1 - unit(y, ylo, yhi, v.y_log) * (y1 - y0); };
+    std::string s  = fmt::format(
+         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{:.0f}\" height=\"{:.0f}\" viewBox=\"0 0 {:.0f} {:.0f}\" "
+          "font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+         W, H, W, H);
     s += fmt::format("<text x=\"{:.0f}\" y=\"26\" font-size=\"15\">{}</text>\n", x0, xml_escape(v.title));
     for (double t : ticks_of(xlo, xhi, v.x_log)) {
         s += fmt::format("<line x1=\"{0:.1f}\" y1=\"{1:.1f}\" x2=\"{0:.1f}\" y2=\"{2:.1f}\" stroke=\"#e5e5e5\"/>\n",
@@ -309,8 +307,9 @@ std::string scatter_svg(const scatter_view& v) {
                          py(t), x0, x1);
         s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" text-anchor=\"end\">{:g}</text>\n", x0 - 6, py(t) + 4, t);
     }
-    s += fmt::format("<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"{:.1f}\" height=\"{:.1f}\" fill=\"none\" stroke=\"black\"/>\n",
-                     x0, y0, x1 - x0, y1 - y0);
+    s += fmt::format(
+        "<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"{:.1f}\" height=\"{:.1f}\" fill=\"none\" stroke=\"black\"/>\n", x0, y0,
+        x1 - x0, y1 - y0);
     s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" text-anchor=\"middle\">{}</text>\n", (x0 + x1) / 2, y1 + 36,
                      xml_escape(v.x_label + (v.x_log ? " (log scale)" : "")));
     s += fmt::format("<text transform=\"translate(18 {:.1f}) rotate(-90)\" text-anchor=\"middle\">{}</text>\n",
@@ -319,6 +318,7 @@ std::string scatter_svg(const scatter_view& v) {
     std::vector<std::string> names;
     for (const auto& p : v.points)
         if (std::find(names.begin(), names.end(), p.series) == names.end()) names.push_back(p.series);
+    double legend_x = x0;
     for (size_t k = 0; k < names.size(); ++k) {
         std::vector<plot_point> pts;
         for (const auto& p : v.points)
@@ -330,13 +330,15 @@ std::string scatter_svg(const scatter_view& v) {
                          series_colour(k));
         for (const auto& p : pts) {
             s += fmt::format(
-                "<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"4\" fill=\"{}\"><title>{}: {} x {:g} y {:g}</title></circle>\n",
+                "<circle cx=\"{:.1f}\" cy=\"{:.1f}\" r=\"4\" fill=\"{}\"><title>{}: {} x {:g} y "
+                "{:g}</title></circle>\n",
                 px(p.x), py(p.y), series_colour(k), xml_escape(p.series), xml_escape(p.label), p.x, p.y);
             if (!p.label.empty())
-                s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" font-size=\"10\" fill=\"{}\">{}</text>\n", px(p.x) + 6,
-                                 py(p.y) - 6, series_colour(k), xml_escape(p.label));
+                s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\" font-size=\"10\" fill=\"{}\">{}</text>\n",
+                                 px(p.x) + 6, py(p.y) - 6, series_colour(k), xml_escape(p.label));
         }
-        const double lx = x0 + 200.0 * double(k);
+        const double lx = legend_x;
+        legend_x += 40.0 + 6.5 * double(names[k].size());  // about 6.5 px per character at 12 px
         s += fmt::format("<rect x=\"{:.1f}\" y=\"{:.1f}\" width=\"14\" height=\"14\" fill=\"{}\"/>", lx, H - 30,
                          series_colour(k));
         s += fmt::format("<text x=\"{:.1f}\" y=\"{:.1f}\">{}</text>\n", lx + 18, H - 18, xml_escape(names[k]));

@@ -3,9 +3,11 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <filesystem>
 #include <string>
 
 #include "gptq/quantize.h"
+#include "test_util.h"
 
 using namespace gptq;
 
@@ -92,7 +94,7 @@ TEST(report_plot, points_file_is_drawn_as_series_in_x_order) {
     const size_t line = svg.find("<polyline points=\"");
     ASSERT_NE(line, std::string::npos);
     const std::string pts = svg.substr(line, svg.find('"', line + 18) - line);
-    double ax = 0, ay = 0, bx = 0, by = 0;
+    double            ax = 0, ay = 0, bx = 0, by = 0;
     ASSERT_EQ(std::sscanf(pts.c_str(), "<polyline points=\"%lf,%lf %lf,%lf", &ax, &ay, &bx, &by), 4);
     EXPECT_LT(ax, bx) << "x grows along the line";
     EXPECT_LT(ay, by) << "W3 has the higher ppl: higher on the plot, so a smaller SVG y";
@@ -117,4 +119,23 @@ TEST(report_plot, bad_points_files_are_refused) {
     auto c = scatter_read(R"({"y_log": true, "points": [{"series": "s", "label": "q", "x": 1, "y": 0}]})", "c.json");
     ASSERT_FALSE(c.is_ok());
     EXPECT_NE(c.error().message().find("points[0] (q) has x 1 y 0"), std::string::npos);
+}
+
+// The CLI: `gptq report POINTS.json --plot out.svg` writes the scatter; a bad point is an error
+// naming the file and the point, with a non-zero exit and no SVG.
+TEST(report_plot, cli_draws_a_points_file) {
+    test::temp_dir    tmp("report-points");
+    const std::string good = tmp.path() + "/points.json", bad = tmp.path() + "/bad.json";
+    const std::string svg = tmp.path() + "/out.svg", svg_bad = tmp.path() + "/bad.svg";
+    test::write_file(good, R"({"x_label": "MiB", "y_label": "ppl", "points": [{"series": "a", "label": "p", "x": 1,
+        "y": 2}, {"series": "a", "label": "q", "x": 2, "y": 3}]})");
+    test::write_file(bad, R"({"points": [{"series": "a", "x": 1, "y": 2}, {"series": "a", "label": "q", "x": "1"}]})");
+    auto r = test::run_command(test::gptq_binary() + " report " + good + " --plot " + svg);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_NE(r.out.find("wrote " + svg), std::string::npos) << r.out;
+    EXPECT_NE(test::read_file(svg).find("<polyline"), std::string::npos);
+    r = test::run_command(test::gptq_binary() + " report " + bad + " --plot " + svg_bad);
+    EXPECT_NE(r.exit_code, 0);
+    EXPECT_NE(r.err.find(bad + ": points[1] lacks a series, x or y"), std::string::npos) << r.err;
+    EXPECT_FALSE(std::filesystem::exists(svg_bad));
 }

@@ -717,7 +717,11 @@ struct layer_quantized {
     std::vector<std::pair<std::string, gptq_linear_data>> moe;
 };
 
-result<layer_quantized> quantize_layer(run_state& s, const ops_context& ctx, int64_t i, layer_read& rd) {
+// uploaded (may be empty): called once the layer is on the calibration runner's device (at once
+// without one), the moment the reader thread may start on the next layer without competing with
+// the upload for the host's cores and memory bandwidth.
+result<layer_quantized> quantize_layer(run_state& s, const ops_context& ctx, int64_t i, layer_read& rd,
+                                       const std::function<void()>& uploaded) {
     const auto&  hp    = s.model->hparams();
     llama_layer* layer = rd.layer.get();
     if (!rd.checked) {
@@ -731,6 +735,7 @@ result<layer_quantized> quantize_layer(run_state& s, const ops_context& ctx, int
         phase_timer t(s, "upload");
         GPTQ_TRY(s.calib->layer_begin(*layer));
     }
+    if (uploaded) uploaded();
     for (auto group : quant_groups(s.p.true_sequential)) {
         if (hp.is_moe(i))  // the sparse block replaces the MLP's linears: quantize_moe below
             group.erase(std::remove_if(group.begin(), group.end(),
@@ -1387,6 +1392,34 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         add_seconds(&s.report.detail_seconds, "write_thread", **secs);
         return status::ok();
     };
+    // A quantized layer waits for the writer until the next layer is on the device (the writer's
+    // packing would slow that upload down); any way out of the loop writes it first.
+    struct pending_write {
+        int64_t         i;
+        layer_quantized lq;
+        std::string     report_json;  // the report when the layer was done (state.json)
+    };
+    std::optional<pending_write> pending;
+    auto                         launch_writer = [&]() -> status {
+        if (!pending) return status::ok();
+        GPTQ_TRY(join_writer());  // the layer before's
+        writer = std::async(std::launch::async, [&s, pw = std::move(*pending)]() mutable -> result<double> {
+            const auto t0 = clock::now();
+            GPTQ_TRY(
+                                        write_layer(s, pw.i, pw.lq.by_role, std::move(pw.lq.moe)).with_context(fmt::format("layer {}", pw.i)));
+            GPTQ_TRY(write_state(s, pw.i + 1, pw.report_json));
+            return seconds_since(t0);
+        });
+        pending.reset();
+        return status::ok();
+    };
+    struct on_exit {
+        std::function<void()> f;
+        ~on_exit() { f(); }
+    } flush_pending{[&] {
+        if (pending) (void)launch_writer();
+        if (writer.valid()) (void)join_writer();
+    }};
 
     t_open.reset();
 
@@ -1493,6 +1526,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     if (overlap && !next_read.valid()) read_ahead(0);  // --method rtn: not started yet
     for (int64_t i = 0; i < hp.n_layer; ++i) {
         if (params.stop_after_layers >= 0 && i >= params.stop_after_layers && i >= layers_done) {
+            GPTQ_TRY(launch_writer());
             GPTQ_TRY(join_writer());
             return make_error(status_code::STATUS_CANCELLED,
                               "stopped after {} layers as asked (--stop-after-layers); "
@@ -1506,7 +1540,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             auto r = next_read.get();
             if (!r) return r.error();
             rd = std::move(r).value();
-            read_ahead(i + 1);
+            if (i < layers_done) read_ahead(i + 1);  // else once layer i is uploaded (below)
         } else {
             GPTQ_ASSIGN_OR_RETURN(rd, read_layer(s, i, &pool, false, i >= layers_done));
         }
@@ -1521,22 +1555,21 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             }
             continue;
         }
-        auto quantized = quantize_layer(s, ctx, i, rd);
+        status launched  = status::ok();  // layer i - 1's writer, started once layer i is uploaded
+        auto   quantized = quantize_layer(s, ctx, i, rd, [&, i] {
+            if (!overlap) return;
+            read_ahead(i + 1);
+            launched = launch_writer();
+        });
+        GPTQ_TRY(launched);
         if (!quantized) return quantized.error().with_context(fmt::format("layer {}", i));
         layer_quantized lq = std::move(quantized).value();
         if (!overlap) {
             phase_timer t(s, "write");
             GPTQ_TRY(write_layer(s, i, lq.by_role, std::move(lq.moe)).with_context(fmt::format("layer {}", i)));
         } else {
-            GPTQ_TRY(join_writer());  // layer i - 1's
-            writer = std::async(
-                std::launch::async,
-                [&s, i, lq = std::move(lq), rj = quantize_report_json(s.report)]() mutable -> result<double> {
-                    const auto t0 = clock::now();
-                    GPTQ_TRY(write_layer(s, i, lq.by_role, std::move(lq.moe)).with_context(fmt::format("layer {}", i)));
-                    GPTQ_TRY(write_state(s, i + 1, rj));
-                    return seconds_since(t0);
-                });
+            GPTQ_TRY(launch_writer());  // (started already, unless the layer had nothing to upload)
+            pending = pending_write{i, std::move(lq), quantize_report_json(s.report)};
         }
         if (params.method == "gptq") {
             phase_timer t(s, "forward");
@@ -1563,6 +1596,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                 GPTQ_LOG_INFO("layer {}/{} in {:.1f} s", i + 1, hp.n_layer, seconds_since(t_layer));
         }
     }
+    GPTQ_TRY(launch_writer());
     GPTQ_TRY(join_writer());
     bar.finish();
 

@@ -638,20 +638,17 @@ TEST(gptq_cuda, diag_check_matches_a_plain_loop) {
     std::mt19937                    rng(seed);
     std::normal_distribution<float> nd;
     for (int64_t n : {int64_t(1), int64_t(2), int64_t(33), int64_t(300), int64_t(1031)}) {
-        std::vector<float> h(size_t(n * n));
-        for (auto& v : h) v = nd(rng);
-        for (int bad = 0; bad < 3; ++bad) {  // none, one NaN, then an Inf before it too
-            int64_t want = -1;
-            if (bad >= 1) {
-                const int64_t at = int64_t(rng() % uint32_t(n * n));
-                h[size_t(at)]    = std::numeric_limits<float>::quiet_NaN();
-                want             = at;
-            }
-            if (bad == 2 && want > 0) {
-                const int64_t at = int64_t(rng() % uint32_t(want));
-                h[size_t(at)]    = -std::numeric_limits<float>::infinity();
-                want             = at;
-            }
+        std::vector<float> clean(size_t(n * n));
+        for (auto& v : clean) v = nd(rng);
+        for (int bad = 0; bad < 4; ++bad) {  // none, one NaN, an Inf and a NaN, a NaN on the diagonal
+            std::vector<float> h = clean;    // (each case from the clean matrix)
+            if (bad == 1 || bad == 2) h[size_t(rng() % uint32_t(n * n))] = std::numeric_limits<float>::quiet_NaN();
+            if (bad == 2) h[size_t(rng() % uint32_t(n * n))] = -std::numeric_limits<float>::infinity();
+            if (bad == 3) h[size_t((n / 2) * n + n / 2)] = std::numeric_limits<float>::quiet_NaN();
+            int64_t want = -1;  // the plain loop: the first non-finite flat index
+            for (int64_t i = 0; i < n * n && want < 0; ++i)
+                if (!std::isfinite(h[size_t(i)])) want = i;
+            ASSERT_EQ(want >= 0, bad > 0);
             auto hd = upload(*cc, h.data(), h.size() * 4);
             ASSERT_TRUE(hd.is_ok());
             std::vector<float> diag(static_cast<size_t>(n)), want_diag(static_cast<size_t>(n));

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cctype>
 #include <chrono>
 #include <cmath>
@@ -681,12 +682,40 @@ struct layer_read {
     std::unique_ptr<llama_layer>                 layer;
     bool                                         checked = false;
     std::vector<std::optional<quantized_linear>> rtn;  // [k_n_linear_roles] or empty
-    double                                       seconds = 0.0;
+    // For the GPU runner: the dense linears' weights as F16 when every value is in range and
+    // widens back exactly (calibration_runner::layer_begin_f16); [k_n_linear_roles] or empty.
+    std::vector<std::vector<uint16_t>> w16;
+    double                             seconds = 0.0;
 };
 
+// w as F16 on the pool when every value is in the F16 range and widens back bit for bit (an F16
+// checkpoint), else empty (the runner then converts, with its own errors).
+std::vector<uint16_t> exact_f16(const std::vector<float>& w, thread_pool* pool) {
+    std::vector<uint16_t> h(w.size());
+    std::atomic<bool>     lossy{false};
+    auto                  convert = [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1 && !lossy.load(std::memory_order_relaxed); ++i) {
+            const float v = w[size_t(i)];
+            h[size_t(i)]  = f32_to_f16(v);
+            if (!(std::fabs(v) <= 65504.0f) ||
+                std::bit_cast<uint32_t>(f16_to_f32(h[size_t(i)])) != std::bit_cast<uint32_t>(v))
+                lossy = true;
+        }
+    };
+    const int64_t n = static_cast<int64_t>(w.size());
+    if (pool && n >= (int64_t(1) << 16))
+        pool->parallel_for(n, convert);
+    else
+        convert(0, n);
+    if (lossy) return {};
+    return h;
+}
+
 // Read layer i on `pool`; ahead: also checked and, for a layer still to quantize (dense linears),
-// its RTN baselines. The errors are those the layer loop gives without it.
-result<layer_read> read_layer(const run_state& s, int64_t i, thread_pool* pool, bool ahead, bool to_quantize) {
+// its RTN baselines, and with f16 the linears' exact F16 copies. The errors are those the layer
+// loop gives without it.
+result<layer_read> read_layer(const run_state& s, int64_t i, thread_pool* pool, bool ahead, bool to_quantize,
+                              bool f16 = false) {
     const auto  t0 = clock::now();
     const auto& hp = s.model->hparams();
     layer_read  rd;
@@ -705,6 +734,12 @@ result<layer_read> read_layer(const run_state& s, int64_t i, thread_pool* pool, 
             if (!gptq_check_packable(lw.n_in, lw.n_out, opt.bits, "").is_ok()) continue;  // quantize_linear says
             auto q = rtn_quantize(rctx, lw.w.data(), lw.n_out, lw.n_in, opt);
             if (q) rd.rtn[size_t(k)] = std::move(q).value();  // an error: quantize_linear gives it again
+        }
+        if (f16) {
+            rd.w16.resize(k_n_linear_roles);
+            for (int k = 0; k < k_n_linear_roles; ++k)
+                if (!rd.layer->linear(static_cast<linear_role>(k)).w.empty())
+                    rd.w16[size_t(k)] = exact_f16(rd.layer->linear(static_cast<linear_role>(k)).w, pool);
         }
     }
     rd.seconds = seconds_since(t0);
@@ -733,7 +768,12 @@ result<layer_quantized> quantize_layer(run_state& s, const ops_context& ctx, int
     const bool                                            resident = gptq && s.calib->resident();
     if (gptq) {
         phase_timer t(s, "upload");
-        GPTQ_TRY(s.calib->layer_begin(*layer));
+        if (rd.w16.empty()) {
+            GPTQ_TRY(s.calib->layer_begin(*layer));
+        } else {
+            GPTQ_TRY(s.calib->layer_begin_f16(*layer, rd.w16));
+            std::vector<std::vector<uint16_t>>().swap(rd.w16);  // uploaded
+        }
     }
     if (uploaded) uploaded();
     for (auto group : quant_groups(s.p.true_sequential)) {
@@ -1370,15 +1410,17 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     // loop waits for each where the sequential code would have done the work ("load", "write"); the
     // threads' own times are read_thread / write_thread. Layer 0's read starts while the
     // calibration runner opens.
-    const bool                      overlap = !quantize_plain_mode();
+    const bool overlap = !quantize_plain_mode();
+    // The reader also makes the layer's F16 copies for the GPU runner's upload.
+    const bool                      want_f16 = overlap && gpu_calibration_wanted;
     std::unique_ptr<thread_pool>    read_pool;
     std::future<result<layer_read>> next_read;
     std::future<result<double>>     writer;
     auto                            read_ahead = [&](int64_t i) {
         if (i >= hp.n_layer) return;
         if (!read_pool) read_pool = std::make_unique<thread_pool>(std::max(1, n_threads / 2));
-        next_read = std::async(std::launch::async, [&s, i, p = read_pool.get(), q = i >= layers_done] {
-            return read_layer(s, i, p, true, q);
+        next_read = std::async(std::launch::async, [&s, i, p = read_pool.get(), q = i >= layers_done, f16 = want_f16] {
+            return read_layer(s, i, p, true, q, f16);
         });
     };
     auto join_writer = [&]() -> status {
@@ -1472,9 +1514,11 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                                    4;
         // With the GPU calibration the host holds no per-thread activations.
         const uint64_t act_host = gpu_calibration_wanted ? 0 : act_bytes * static_cast<uint64_t>(n_threads);
-        // Overlap (not GPTQ_QUANTIZE_PLAIN): the reader's next layer (F32 weights and their RTN
-        // codes) and the writer's layer (codes).
-        const uint64_t ahead_bytes = quantize_plain_mode() ? 0 : layer_bytes / 3 + 2 * (layer_bytes / 12);
+        // Overlap (not GPTQ_QUANTIZE_PLAIN): the reader's next layer (F32 weights, their RTN codes
+        // and, for the GPU, their F16 copies) and the writer's layer (codes).
+        const uint64_t ahead_bytes = quantize_plain_mode() ? 0
+                                                           : layer_bytes / 3 + 2 * (layer_bytes / 12) +
+                                                                 (gpu_calibration_wanted ? layer_bytes / 6 : 0);
         const uint64_t plan        = x_bytes + layer_bytes + ahead_bytes + 3 * h_bytes + moe_h_bytes + act_host;
         s.report.peak_plan_bytes   = plan;
         const uint64_t avail       = host_memory_available();

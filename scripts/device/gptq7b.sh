@@ -10,7 +10,9 @@
 #    --seqlen 2048 --bits 4 --group-size 128` (true-sequential, damp 0.01). Calibration: TEXT, the
 #    bundled data/calib/corpus-sample.txt (tokenized, 128 windows of 2048 tokens at seeded random
 #    offsets), as every earlier measurement. Mode "plain" sets GPTQ_QUANTIZE_PLAIN=1: the code
-#    paths as they were before issue 18 (no reader/writer threads, W/H/Q through the host).
+#    paths as they were before issue 18 (no reader/writer threads, W/H/Q through the host). Mode
+#    "flip" (an experiment, only when named): "new" with GPTQ_CUDA_CHOLESKY_FLIP=1 (potrf + trtri
+#    instead of potrf + potri + potrf; codes differ at rounding ties: compare error_gptq_sum).
 #    GPU memory is sampled by nvidia-smi every 100 ms (the whole process, CUDA context included).
 # 3. With both modes: the two outputs compared byte for byte (they must be identical).
 # Prints one JSON line per mode ("run":"gptq7b"), also appended to $OUT/gptq7b.jsonl: total seconds
@@ -48,13 +50,13 @@ status=0
 # quantize MODE MODEL OUTDIR ARGS...: one JSON line on stdout (and gptq7b.jsonl), 1 on failure.
 quantize() {
     local mode=$1 model=$2 dst=$3; shift 3
-    local plain=0; [ "$mode" = plain ] && plain=1
+    local plain=0 flip=0; [ "$mode" = plain ] && plain=1; [ "$mode" = flip ] && flip=1
     local mem="$dst.mem" log_file="$OUT/gptq7b-$(basename "$dst").log"
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$mem" 2>/dev/null &
     local smi=$!
     local t0; t0=$(date +%s.%N)
     # --calib named: the bundle's binary finds no data/ beside it on this machine.
-    GPTQ_QUANTIZE_PLAIN=$plain timeout "${GPTQ7B_TIMEOUT:-330}" "$GPTQ" -v quantize "$model" -o "$dst" --device cuda \
+    GPTQ_QUANTIZE_PLAIN=$plain GPTQ_CUDA_CHOLESKY_FLIP=$flip timeout "${GPTQ7B_TIMEOUT:-330}" "$GPTQ" -v quantize "$model" -o "$dst" --device cuda \
         --calib "$PWD/data/calib/corpus-sample.txt" --threads "$JOBS" --report "$dst.json" "$@" > "$log_file" 2>&1
     local rc=$?
     local secs; secs=$(echo "$(date +%s.%N) $t0" | awk '{printf "%.2f", $1 - $2}')
@@ -81,7 +83,9 @@ out = {"run": "gptq7b", "model": os.environ.get("LABEL") or model.rsplit("/", 1)
        "n_calib_tokens": r["n_calib_tokens"],
        "phase_seconds": {k: round(v, 2) for k, v in ph.items()},
        "detail_seconds": {k: round(v, 2) for k, v in r.get("detail_seconds", {}).items()},
-       "other_seconds": round(r["seconds"] - sum(ph.values()), 2), "gpu_plan": plan}
+       "other_seconds": round(r["seconds"] - sum(ph.values()), 2), "gpu_plan": plan,
+       "error_gptq_sum": sum(l["error_gptq"] for l in r["linears"]),
+       "error_rtn_sum": sum(l["error_rtn"] for l in r["linears"])}
 print(json.dumps(out))
 EOF
 }

@@ -39,6 +39,14 @@ public:
 
     // Start a layer: its current weights (dense F32 linears) are those the passes below use.
     virtual status layer_begin(const llama_layer& layer) = 0;
+    // layer_begin with F16 copies of the dense linears made ahead (quantize.cpp's reader thread):
+    // w16[r] = f32_to_f16 of layer.linear(r).w, every value in the F16 range and widening back
+    // exactly; an empty entry: none made. The GPU runner uploads them without converting; the
+    // default (the CPU) is layer_begin(layer).
+    virtual status layer_begin_f16(const llama_layer& layer, const std::vector<std::vector<uint16_t>>& w16) {
+        (void)w16;
+        return layer_begin(layer);
+    }
     // Run the layer over every window until the last input the group's linears read has been seen,
     // and accumulate the Hessian of each such input (those of an earlier call are dropped). The
     // windows' hidden states are unchanged.

@@ -33,6 +33,9 @@ namespace {
 class cuda_calibration final : public calibration_runner {
 public:
     status layer_begin(const llama_layer& layer) override { return runner_->load(layer); }
+    status layer_begin_f16(const llama_layer& layer, const std::vector<std::vector<uint16_t>>& w16) override {
+        return runner_->load(layer, &w16);
+    }
 
     status hessians_collect(const llama_layer&, const std::vector<linear_role>& group) override {
         const llama_hparams& hp = *hp_;

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cctype>
 #include <chrono>
 #include <cmath>
@@ -681,12 +682,40 @@ struct layer_read {
     std::unique_ptr<llama_layer>                 layer;
     bool                                         checked = false;
     std::vector<std::optional<quantized_linear>> rtn;  // [k_n_linear_roles] or empty
-    double                                       seconds = 0.0;
+    // For the GPU runner: the dense linears' weights as F16 when every value is in range and
+    // widens back exactly (calibration_runner::layer_begin_f16); [k_n_linear_roles] or empty.
+    std::vector<std::vector<uint16_t>> w16;
+    double                             seconds = 0.0;
 };
 
+// w as F16 on the pool when every value is in the F16 range and widens back bit for bit (an F16
+// checkpoint), else empty (the runner then converts, with its own errors).
+std::vector<uint16_t> exact_f16(const std::vector<float>& w, thread_pool* pool) {
+    std::vector<uint16_t> h(w.size());
+    std::atomic<bool>     lossy{false};
+    auto                  convert = [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1 && !lossy.load(std::memory_order_relaxed); ++i) {
+            const float v = w[size_t(i)];
+            h[size_t(i)]  = f32_to_f16(v);
+            if (!(std::fabs(v) <= 65504.0f) ||
+                std::bit_cast<uint32_t>(f16_to_f32(h[size_t(i)])) != std::bit_cast<uint32_t>(v))
+                lossy = true;
+        }
+    };
+    const int64_t n = static_cast<int64_t>(w.size());
+    if (pool && n >= (int64_t(1) << 16))
+        pool->parallel_for(n, convert);
+    else
+        convert(0, n);
+    if (lossy) return {};
+    return h;
+}
+
 // Read layer i on `pool`; ahead: also checked and, for a layer still to quantize (dense linears),
-// its RTN baselines. The errors are those the layer loop gives without it.
-result<layer_read> read_layer(const run_state& s, int64_t i, thread_pool* pool, bool ahead, bool to_quantize) {
+// its RTN baselines, and with f16 the linears' exact F16 copies. The errors are those the layer
+// loop gives without it.
+result<layer_read> read_layer(const run_state& s, int64_t i, thread_pool* pool, bool ahead, bool to_quantize,
+                              bool f16 = false) {
     const auto  t0 = clock::now();
     const auto& hp = s.model->hparams();
     layer_read  rd;
@@ -706,6 +735,12 @@ result<layer_read> read_layer(const run_state& s, int64_t i, thread_pool* pool, 
             auto q = rtn_quantize(rctx, lw.w.data(), lw.n_out, lw.n_in, opt);
             if (q) rd.rtn[size_t(k)] = std::move(q).value();  // an error: quantize_linear gives it again
         }
+        if (f16) {
+            rd.w16.resize(k_n_linear_roles);
+            for (int k = 0; k < k_n_linear_roles; ++k)
+                if (!rd.layer->linear(static_cast<linear_role>(k)).w.empty())
+                    rd.w16[size_t(k)] = exact_f16(rd.layer->linear(static_cast<linear_role>(k)).w, pool);
+        }
     }
     rd.seconds = seconds_since(t0);
     return rd;
@@ -717,7 +752,11 @@ struct layer_quantized {
     std::vector<std::pair<std::string, gptq_linear_data>> moe;
 };
 
-result<layer_quantized> quantize_layer(run_state& s, const ops_context& ctx, int64_t i, layer_read& rd) {
+// uploaded (may be empty): called once the layer is on the calibration runner's device (at once
+// without one), the moment the reader thread may start on the next layer without competing with
+// the upload for the host's cores and memory bandwidth.
+result<layer_quantized> quantize_layer(run_state& s, const ops_context& ctx, int64_t i, layer_read& rd,
+                                       const std::function<void()>& uploaded) {
     const auto&  hp    = s.model->hparams();
     llama_layer* layer = rd.layer.get();
     if (!rd.checked) {
@@ -729,8 +768,14 @@ result<layer_quantized> quantize_layer(run_state& s, const ops_context& ctx, int
     const bool                                            resident = gptq && s.calib->resident();
     if (gptq) {
         phase_timer t(s, "upload");
-        GPTQ_TRY(s.calib->layer_begin(*layer));
+        if (rd.w16.empty()) {
+            GPTQ_TRY(s.calib->layer_begin(*layer));
+        } else {
+            GPTQ_TRY(s.calib->layer_begin_f16(*layer, rd.w16));
+            std::vector<std::vector<uint16_t>>().swap(rd.w16);  // uploaded
+        }
     }
+    if (uploaded) uploaded();
     for (auto group : quant_groups(s.p.true_sequential)) {
         if (hp.is_moe(i))  // the sparse block replaces the MLP's linears: quantize_moe below
             group.erase(std::remove_if(group.begin(), group.end(),
@@ -1365,15 +1410,17 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     // loop waits for each where the sequential code would have done the work ("load", "write"); the
     // threads' own times are read_thread / write_thread. Layer 0's read starts while the
     // calibration runner opens.
-    const bool                      overlap = !quantize_plain_mode();
+    const bool overlap = !quantize_plain_mode();
+    // The reader also makes the layer's F16 copies for the GPU runner's upload.
+    const bool                      want_f16 = overlap && gpu_calibration_wanted;
     std::unique_ptr<thread_pool>    read_pool;
     std::future<result<layer_read>> next_read;
     std::future<result<double>>     writer;
     auto                            read_ahead = [&](int64_t i) {
         if (i >= hp.n_layer) return;
         if (!read_pool) read_pool = std::make_unique<thread_pool>(std::max(1, n_threads / 2));
-        next_read = std::async(std::launch::async, [&s, i, p = read_pool.get(), q = i >= layers_done] {
-            return read_layer(s, i, p, true, q);
+        next_read = std::async(std::launch::async, [&s, i, p = read_pool.get(), q = i >= layers_done, f16 = want_f16] {
+            return read_layer(s, i, p, true, q, f16);
         });
     };
     auto join_writer = [&]() -> status {
@@ -1387,6 +1434,34 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         add_seconds(&s.report.detail_seconds, "write_thread", **secs);
         return status::ok();
     };
+    // A quantized layer waits for the writer until the next layer is on the device (the writer's
+    // packing would slow that upload down); any way out of the loop writes it first.
+    struct pending_write {
+        int64_t         i;
+        layer_quantized lq;
+        std::string     report_json;  // the report when the layer was done (state.json)
+    };
+    std::optional<pending_write> pending;
+    auto                         launch_writer = [&]() -> status {
+        if (!pending) return status::ok();
+        GPTQ_TRY(join_writer());  // the layer before's
+        writer = std::async(std::launch::async, [&s, pw = std::move(*pending)]() mutable -> result<double> {
+            const auto t0 = clock::now();
+            GPTQ_TRY(
+                                        write_layer(s, pw.i, pw.lq.by_role, std::move(pw.lq.moe)).with_context(fmt::format("layer {}", pw.i)));
+            GPTQ_TRY(write_state(s, pw.i + 1, pw.report_json));
+            return seconds_since(t0);
+        });
+        pending.reset();
+        return status::ok();
+    };
+    struct on_exit {
+        std::function<void()> f;
+        ~on_exit() { f(); }
+    } flush_pending{[&] {
+        if (pending) (void)launch_writer();
+        if (writer.valid()) (void)join_writer();
+    }};
 
     t_open.reset();
 
@@ -1439,9 +1514,11 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                                    4;
         // With the GPU calibration the host holds no per-thread activations.
         const uint64_t act_host = gpu_calibration_wanted ? 0 : act_bytes * static_cast<uint64_t>(n_threads);
-        // Overlap (not GPTQ_QUANTIZE_PLAIN): the reader's next layer (F32 weights and their RTN
-        // codes) and the writer's layer (codes).
-        const uint64_t ahead_bytes = quantize_plain_mode() ? 0 : layer_bytes / 3 + 2 * (layer_bytes / 12);
+        // Overlap (not GPTQ_QUANTIZE_PLAIN): the reader's next layer (F32 weights, their RTN codes
+        // and, for the GPU, their F16 copies) and the writer's layer (codes).
+        const uint64_t ahead_bytes = quantize_plain_mode() ? 0
+                                                           : layer_bytes / 3 + 2 * (layer_bytes / 12) +
+                                                                 (gpu_calibration_wanted ? layer_bytes / 6 : 0);
         const uint64_t plan        = x_bytes + layer_bytes + ahead_bytes + 3 * h_bytes + moe_h_bytes + act_host;
         s.report.peak_plan_bytes   = plan;
         const uint64_t avail       = host_memory_available();
@@ -1493,6 +1570,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     if (overlap && !next_read.valid()) read_ahead(0);  // --method rtn: not started yet
     for (int64_t i = 0; i < hp.n_layer; ++i) {
         if (params.stop_after_layers >= 0 && i >= params.stop_after_layers && i >= layers_done) {
+            GPTQ_TRY(launch_writer());
             GPTQ_TRY(join_writer());
             return make_error(status_code::STATUS_CANCELLED,
                               "stopped after {} layers as asked (--stop-after-layers); "
@@ -1506,7 +1584,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             auto r = next_read.get();
             if (!r) return r.error();
             rd = std::move(r).value();
-            read_ahead(i + 1);
+            if (i < layers_done) read_ahead(i + 1);  // else once layer i is uploaded (below)
         } else {
             GPTQ_ASSIGN_OR_RETURN(rd, read_layer(s, i, &pool, false, i >= layers_done));
         }
@@ -1521,22 +1599,21 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             }
             continue;
         }
-        auto quantized = quantize_layer(s, ctx, i, rd);
+        status launched  = status::ok();  // layer i - 1's writer, started once layer i is uploaded
+        auto   quantized = quantize_layer(s, ctx, i, rd, [&, i] {
+            if (!overlap) return;
+            read_ahead(i + 1);
+            launched = launch_writer();
+        });
+        GPTQ_TRY(launched);
         if (!quantized) return quantized.error().with_context(fmt::format("layer {}", i));
         layer_quantized lq = std::move(quantized).value();
         if (!overlap) {
             phase_timer t(s, "write");
             GPTQ_TRY(write_layer(s, i, lq.by_role, std::move(lq.moe)).with_context(fmt::format("layer {}", i)));
         } else {
-            GPTQ_TRY(join_writer());  // layer i - 1's
-            writer = std::async(
-                std::launch::async,
-                [&s, i, lq = std::move(lq), rj = quantize_report_json(s.report)]() mutable -> result<double> {
-                    const auto t0 = clock::now();
-                    GPTQ_TRY(write_layer(s, i, lq.by_role, std::move(lq.moe)).with_context(fmt::format("layer {}", i)));
-                    GPTQ_TRY(write_state(s, i + 1, rj));
-                    return seconds_since(t0);
-                });
+            GPTQ_TRY(launch_writer());  // (started already, unless the layer had nothing to upload)
+            pending = pending_write{i, std::move(lq), quantize_report_json(s.report)};
         }
         if (params.method == "gptq") {
             phase_timer t(s, "forward");
@@ -1563,6 +1640,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                 GPTQ_LOG_INFO("layer {}/{} in {:.1f} s", i + 1, hp.n_layer, seconds_since(t_layer));
         }
     }
+    GPTQ_TRY(launch_writer());
     GPTQ_TRY(join_writer());
     bar.finish();
 

@@ -505,7 +505,7 @@ status llama_cuda_layer_runner::attention_cache_enable(int64_t n_windows) {
     return status::ok();
 }
 
-status llama_cuda_layer_runner::load(const llama_layer& layer) {
+status llama_cuda_layer_runner::load(const llama_layer& layer, const std::vector<std::vector<uint16_t>>* w16) {
     layer_index_ = layer.index;
     attn_valid_  = false;
     GPTQ_TRY(upload_f16(layer.attn_norm, "model.layers." + std::to_string(layer.index) + ".input_layernorm.weight",
@@ -533,11 +533,23 @@ status llama_cuda_layer_runner::load(const llama_layer& layer) {
         if (lw.q)
             return make_error(status_code::STATUS_UNSUPPORTED,
                               "{}: the GPU calibration runner takes dense weights (this one is GPTQ-packed)", name);
-        cuda_linear& l    = w_.lin[size_t(r)];
-        l.n_out           = lw.n_out;
-        l.n_in            = lw.n_in;
-        exact_[size_t(r)] = false;
-        GPTQ_TRY(upload_f16(lw.w, name + ".weight", &l.w, &exact_[size_t(r)]));
+        cuda_linear& l                   = w_.lin[size_t(r)];
+        l.n_out                          = lw.n_out;
+        l.n_in                           = lw.n_in;
+        exact_[size_t(r)]                = false;
+        const std::vector<uint16_t>* pre = w16 && size_t(r) < w16->size() ? &(*w16)[size_t(r)] : nullptr;
+        if (pre && !lw.w.empty() && pre->size() == lw.w.size()) {  // made ahead: in range and exact
+            const size_t bytes = pre->size() * 2;
+            GPTQ_TRY(ctx_->synchronize());  // the previous forward may still read the old bytes
+            if (l.w.bytes() != bytes) {
+                l.w = cuda_buffer();
+                GPTQ_ASSIGN_OR_RETURN(l.w, cuda_buffer::alloc(bytes));
+            }
+            GPTQ_TRY(l.w.upload(pre->data(), bytes));
+            exact_[size_t(r)] = true;
+        } else {
+            GPTQ_TRY(upload_f16(lw.w, name + ".weight", &l.w, &exact_[size_t(r)]));
+        }
         if (!lw.bias.empty()) {
             GPTQ_TRY(upload_f16(lw.bias, name + ".bias", &l.bias));
         } else {

@@ -216,7 +216,9 @@ public:
 
     // Upload a host layer (F32, dense linears) as F16; values beyond the F16 range are an error
     // naming the tensor.
-    status load(const llama_layer& layer);
+    // w16 (or nullptr): F16 copies of the dense linears made ahead, [role] = f32_to_f16 of its w,
+    // every value in range and exact (an empty entry: converted here as without it).
+    status load(const llama_layer& layer, const std::vector<std::vector<uint16_t>>* w16 = nullptr);
     // Replace one linear's weight by w [n_out, n_in] (F32 host, e.g. the dequantized GPTQ weight).
     status linear_update(linear_role r, const std::vector<float>& w);
     // The same from GPTQ codes on the device, dequantized there (the same F16 values as the host

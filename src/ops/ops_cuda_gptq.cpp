@@ -5,6 +5,9 @@
 #include <cusolverDn.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <vector>
 
 #include "kernels/cuda/convert.cuh"
 #include "kernels/cuda/cuda_check.h"
@@ -54,6 +57,9 @@ struct cuda_gptq_solver_state {
     int64_t            work_n    = -1;
     size_t             work_need = 0;  // what n = work_n needs: the lwork passed (a kept solver's
                                        // larger buffer must not change cuSOLVER's choices)
+    bool              flip = false;    // GPTQ_CUDA_CHOLESKY_FLIP=1: the flipped route (gptq_quant.cuh)
+    std::vector<char> host_work;       // its trtri's host workspace
+    size_t            host_need = 0;
 };
 
 result<std::unique_ptr<cuda_gptq_solver>> cuda_gptq_solver::create(cuda_context& ctx) {
@@ -66,7 +72,9 @@ result<std::unique_ptr<cuda_gptq_solver>> cuda_gptq_solver::create(cuda_context&
                           ctx.device(), static_cast<int>(st));
     auto info = cuda_buffer::alloc(sizeof(int));
     if (!info) return info.error();
-    s->s_->info = std::move(*info);
+    s->s_->info     = std::move(*info);
+    const char* env = std::getenv("GPTQ_CUDA_CHOLESKY_FLIP");
+    s->s_->flip     = env && std::string(env) == "1";
     return s;
 }
 
@@ -77,8 +85,12 @@ cuda_gptq_solver::~cuda_gptq_solver() {
 result<bool> cuda_gptq_solver::damped_cholesky_inverse_upper(cuda_context& ctx, const float* h, float* u, int64_t n,
                                                              float damp) {
     if (s_->work_n != n) {
-        auto bytes = cuda::gptq_cholesky_workspace_bytes(s_->handle, u, n);
+        size_t host  = 0;
+        auto   bytes = s_->flip ? cuda::gptq_cholesky_flip_workspace_bytes(s_->handle, u, n, &host)
+                                : cuda::gptq_cholesky_workspace_bytes(s_->handle, u, n);
         if (!bytes) return bytes.error();
+        if (s_->host_work.size() < host) s_->host_work.resize(host);
+        s_->host_need = host;
         if (s_->work.bytes() < *bytes) {
             GPTQ_TRY(ctx.synchronize());
             auto b = cuda_buffer::alloc(*bytes);
@@ -88,8 +100,15 @@ result<bool> cuda_gptq_solver::damped_cholesky_inverse_upper(cuda_context& ctx, 
         s_->work_n    = n;
         s_->work_need = *bytes;
     }
-    GPTQ_TRY(cuda::gptq_damp_copy(h, u, n, damp, ctx.stream()));
     bool pd = false;
+    if (s_->flip) {
+        GPTQ_TRY(cuda::gptq_damp_flip_copy(h, u, n, damp, ctx.stream()));
+        GPTQ_TRY(cuda::gptq_cholesky_inverse_upper_flip(s_->handle, u, n, s_->work.data(), s_->work_need,
+                                                        s_->host_work.data(), s_->host_need, s_->info.as<int>(), &pd,
+                                                        ctx.stream()));
+        return pd;
+    }
+    GPTQ_TRY(cuda::gptq_damp_copy(h, u, n, damp, ctx.stream()));
     GPTQ_TRY(cuda::gptq_cholesky_inverse_upper(s_->handle, u, n, s_->work.data(), s_->work_need, s_->info.as<int>(),
                                                &pd, ctx.stream()));
     return pd;

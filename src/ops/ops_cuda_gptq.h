@@ -37,7 +37,9 @@ public:
     ~cuda_gptq_solver();
     // u = h + damp I, then u -> upper Cholesky factor of u^-1 in place (kernels/cpu/linalg.h's
     // contract, the same F32 potrf/potri/potrf sequence). false (not an error) when u is not
-    // positive definite. h and u: [n, n] device, distinct. Waits for the stream.
+    // positive definite. h and u: [n, n] device, distinct. Waits for the stream. With
+    // GPTQ_CUDA_CHOLESKY_FLIP=1 when the solver was created: the flipped route (potrf + trtri,
+    // gptq_quant.cuh; an experiment: U equal up to rounding, not bit for bit).
     result<bool> damped_cholesky_inverse_upper(cuda_context& ctx, const float* h, float* u, int64_t n, float damp);
 
 private:

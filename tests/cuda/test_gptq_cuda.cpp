@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -637,20 +638,17 @@ TEST(gptq_cuda, diag_check_matches_a_plain_loop) {
     std::mt19937                    rng(seed);
     std::normal_distribution<float> nd;
     for (int64_t n : {int64_t(1), int64_t(2), int64_t(33), int64_t(300), int64_t(1031)}) {
-        std::vector<float> h(size_t(n * n));
-        for (auto& v : h) v = nd(rng);
-        for (int bad = 0; bad < 3; ++bad) {  // none, one NaN, then an Inf before it too
-            int64_t want = -1;
-            if (bad >= 1) {
-                const int64_t at = int64_t(rng() % uint32_t(n * n));
-                h[size_t(at)]    = std::numeric_limits<float>::quiet_NaN();
-                want             = at;
-            }
-            if (bad == 2 && want > 0) {
-                const int64_t at = int64_t(rng() % uint32_t(want));
-                h[size_t(at)]    = -std::numeric_limits<float>::infinity();
-                want             = at;
-            }
+        std::vector<float> clean(size_t(n * n));
+        for (auto& v : clean) v = nd(rng);
+        for (int bad = 0; bad < 4; ++bad) {  // none, one NaN, an Inf and a NaN, a NaN on the diagonal
+            std::vector<float> h = clean;    // (each case from the clean matrix)
+            if (bad == 1 || bad == 2) h[size_t(rng() % uint32_t(n * n))] = std::numeric_limits<float>::quiet_NaN();
+            if (bad == 2) h[size_t(rng() % uint32_t(n * n))] = -std::numeric_limits<float>::infinity();
+            if (bad == 3) h[size_t((n / 2) * n + n / 2)] = std::numeric_limits<float>::quiet_NaN();
+            int64_t want = -1;  // the plain loop: the first non-finite flat index
+            for (int64_t i = 0; i < n * n && want < 0; ++i)
+                if (!std::isfinite(h[size_t(i)])) want = i;
+            ASSERT_EQ(want >= 0, bad > 0);
             auto hd = upload(*cc, h.data(), h.size() * 4);
             ASSERT_TRUE(hd.is_ok());
             std::vector<float> diag(static_cast<size_t>(n)), want_diag(static_cast<size_t>(n));
@@ -779,6 +777,107 @@ TEST(gptq_cuda, resident_weighted_error_equals_the_host_path) {
         const double cpu = hessian_weighted_error(ops_context{}, L.w.data(), wq.data(), n_out, n_in, L.h.data());
         EXPECT_NEAR(*dev, cpu, 1e-4 * std::fabs(cpu) + 1e-12) << n_out << " x " << n_in << " seed " << seed;
     }
+}
+
+// ---- The flipped Cholesky route (GPTQ_CUDA_CHOLESKY_FLIP=1, an experiment of issue 18) -----------
+namespace {
+// A solver made with the flipped route switched on (read when the solver is created).
+std::unique_ptr<cuda_gptq_solver> flip_solver(cuda_context& cc) {
+    setenv("GPTQ_CUDA_CHOLESKY_FLIP", "1", 1);
+    auto s = cuda_gptq_solver::create(cc);
+    unsetenv("GPTQ_CUDA_CHOLESKY_FLIP");
+    EXPECT_TRUE(s.is_ok());
+    return s.is_ok() ? std::move(*s) : nullptr;
+}
+
+double max_rel_diff(const std::vector<float>& a, const std::vector<float>& ref) {
+    double d = 0.0, m = 0.0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+        d = std::max(d, std::fabs(double(a[i]) - double(ref[i])));
+        m = std::max(m, std::fabs(double(ref[i])));
+    }
+    return m > 0.0 ? d / m : d;
+}
+}  // namespace
+
+// U of the flipped route (potrf of J A J, trtri, flips) against the CPU's U (potrf, potri, potrf
+// in F32 LAPACK): as close as the GPU's own three-step route is (4x its deviation, floor 1e-5 of
+// max |U|), strict lower triangle exactly zero, on Hessians of awkward sizes; a matrix that is not
+// positive definite is reported so (false), as the three-step route does.
+TEST(gptq_cuda, flipped_cholesky_matches_the_cpu_as_the_three_step_route) {
+    SKIP_WITHOUT_GPU();
+    auto flip  = flip_solver(*cc);
+    auto three = cuda_gptq_solver::create(*cc);
+    ASSERT_TRUE(flip && three.is_ok());
+    std::random_device rd;
+    const uint32_t     seed = rd();
+    std::mt19937       rng(seed);
+    for (int64_t n : {int64_t(1), int64_t(2), int64_t(33), int64_t(130), int64_t(300), int64_t(1031)}) {
+        const layer L         = make_layer(4, n, rng(), std::max<int64_t>(384, n / 2));
+        double      mean_diag = 0.0;
+        for (int64_t k = 0; k < n; ++k) mean_diag += L.h[size_t(k * n + k)];
+        const float        damp  = static_cast<float>(0.01 * mean_diag / double(n));
+        std::vector<float> u_cpu = L.h;
+        for (int64_t k = 0; k < n; ++k) u_cpu[size_t(k * n + k)] += damp;
+        ASSERT_TRUE(op_cholesky_inverse_upper(ops_context{}, u_cpu.data(), n)) << n;
+        auto hd = upload(*cc, L.h.data(), L.h.size() * 4);
+        auto u3 = cuda_buffer::alloc(L.h.size() * 4);
+        auto uf = cuda_buffer::alloc(L.h.size() * 4);
+        ASSERT_TRUE(hd.is_ok() && u3.is_ok() && uf.is_ok());
+        auto pd3 = (*three)->damped_cholesky_inverse_upper(*cc, hd->as<float>(), u3->as<float>(), n, damp);
+        auto pdf = flip->damped_cholesky_inverse_upper(*cc, hd->as<float>(), uf->as<float>(), n, damp);
+        ASSERT_TRUE(pd3.is_ok() && pdf.is_ok());
+        ASSERT_TRUE(*pd3 && *pdf) << n;
+        const auto   g3 = download<float>(*cc, *u3, L.h.size()), gf = download<float>(*cc, *uf, L.h.size());
+        const double e3 = max_rel_diff(g3, u_cpu), ef = max_rel_diff(gf, u_cpu);
+        std::printf("gptq_cuda_flip n %5lld: |U - U_cpu| / max|U_cpu|: three-step %.3g, flipped %.3g\n",
+                    static_cast<long long>(n), e3, ef);
+        EXPECT_LE(ef, 4.0 * e3 + 1e-5) << "n " << n << " seed " << seed;
+        int64_t lower_nonzero = 0;
+        for (int64_t i = 0; i < n; ++i)
+            for (int64_t j = 0; j < i; ++j) lower_nonzero += gf[size_t(i * n + j)] != 0.0f;
+        EXPECT_EQ(lower_nonzero, 0) << n;
+    }
+    // Not positive definite: false from both routes.
+    std::vector<float> neg(9, 0.0f);
+    neg[0] = -1.0f, neg[4] = -2.0f, neg[8] = -3.0f;
+    auto hd = upload(*cc, neg.data(), neg.size() * 4);
+    auto ud = cuda_buffer::alloc(neg.size() * 4);
+    ASSERT_TRUE(hd.is_ok() && ud.is_ok());
+    auto pdf = flip->damped_cholesky_inverse_upper(*cc, hd->as<float>(), ud->as<float>(), 3, 0.01f);
+    ASSERT_TRUE(pdf.is_ok());
+    EXPECT_FALSE(*pdf);
+}
+
+// The whole solve with the flipped route against the CPU: the bounds of
+// correlated_layers_agree_with_the_cpu (the CPU pair's own differences as the yardstick).
+TEST(gptq_cuda, flipped_cholesky_solve_agrees_with_the_cpu) {
+    SKIP_WITHOUT_GPU();
+    thread_pool       pool(4);
+    const ops_context ctx{&pool, false}, ref{nullptr, true};
+    setenv("GPTQ_CUDA_CHOLESKY_FLIP", "1", 1);  // gptq_quantize_cuda makes its solver per call
+    double sum     = 0.0;
+    int    n_cases = 0;
+    for (auto [n_out, n_in] : {std::pair<int64_t, int64_t>{64, 256}, {33, 300}}) {
+        const layer L = make_layer(n_out, n_in, 300 + static_cast<uint32_t>(n_in));
+        for (const auto& o : option_sweep(false)) {
+            auto g = gptq_quantize_cuda(*cc, ctx, L.w.data(), n_out, n_in, L.h.data(), o);
+            auto c = gptq_quantize(ctx, L.w.data(), n_out, n_in, L.h.data(), o);
+            auto r = gptq_quantize(ref, L.w.data(), n_out, n_in, L.h.data(), o);
+            ASSERT_TRUE(g.is_ok() && c.is_ok() && r.is_ok()) << describe(o);
+            const std::string what = "flip " + std::to_string(n_out) + "x" + std::to_string(n_in) + " " + describe(o);
+            const double      fc = frac_differ(g->codes, c->codes), fr = frac_differ(r->codes, c->codes);
+            const double      eg = herr(L, *g), ec = herr(L, *c);
+            std::printf("gptq_cuda_diff %-45s codes gpu %.5f ref %.5f  herr gpu/cpu %.4f\n", what.c_str(), fc, fr,
+                        eg / ec);
+            EXPECT_LE(fc, std::max(k_code_floor, k_code_factor * fr)) << what;
+            EXPECT_LE(std::fabs(eg - ec), k_herr_rtol * ec) << what;
+            sum += fc;
+            ++n_cases;
+        }
+    }
+    unsetenv("GPTQ_CUDA_CHOLESKY_FLIP");
+    EXPECT_LE(sum / n_cases, k_code_mean_max);
 }
 
 }  // namespace gptq

@@ -369,6 +369,78 @@ status gptq_cholesky_inverse_upper(cusolverDnHandle_t solver, float* a, int64_t 
     return status::ok();
 }
 
+namespace {
+// u = reverse(h) (both axes flipped) + damp on the diagonal (which reversal keeps in place).
+__global__ void damp_flip_copy_kernel(const float* h, float* u, int64_t n, float damp) {
+    const int64_t nn = n * n;
+    for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < nn;
+         idx += gridDim.x * int64_t(blockDim.x)) {
+        const float v = h[nn - 1 - idx];
+        u[idx]        = idx / n == idx % n ? __fadd_rn(v, damp) : v;
+    }
+}
+// a reversed in place.
+__global__ void reverse_kernel(float* a, int64_t nn) {
+    for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < nn / 2;
+         idx += gridDim.x * int64_t(blockDim.x)) {
+        const float t   = a[idx];
+        a[idx]          = a[nn - 1 - idx];
+        a[nn - 1 - idx] = t;
+    }
+}
+}  // namespace
+
+status gptq_damp_flip_copy(const float* h, float* u, int64_t n, float damp, cudaStream_t stream) {
+    if (n <= 0) return status::ok();
+    damp_flip_copy_kernel<<<grid_1d(n * n), k_elem_threads, 0, stream>>>(h, u, n, damp);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+result<size_t> gptq_cholesky_flip_workspace_bytes(cusolverDnHandle_t solver, float* a, int64_t n, size_t* host_bytes) {
+    GPTQ_TRY(check_int32(n, "n_in"));
+    const int nn = static_cast<int>(n);
+    int       l1 = 0;
+    GPTQ_CUSOLVER_CHECK(cusolverDnSpotrf_bufferSize(solver, CUBLAS_FILL_MODE_UPPER, nn, a, nn, &l1));
+    size_t dev = 0, host = 0;
+    GPTQ_CUSOLVER_CHECK(cusolverDnXtrtri_bufferSize(solver, CUBLAS_FILL_MODE_UPPER, CUBLAS_DIAG_NON_UNIT, n, CUDA_R_32F,
+                                                    a, n, &dev, &host));
+    *host_bytes = std::max<size_t>(host, 1);
+    return std::max({static_cast<size_t>(std::max(l1, 1)) * sizeof(float), dev, size_t(1)});
+}
+
+status gptq_cholesky_inverse_upper_flip(cusolverDnHandle_t solver, float* a, int64_t n, void* work, size_t work_bytes,
+                                        void* host_work, size_t host_bytes, int* info_dev, bool* positive_definite,
+                                        cudaStream_t stream) {
+    *positive_definite = false;
+    if (n == 0) {
+        *positive_definite = true;
+        return status::ok();
+    }
+    GPTQ_TRY(check_int32(n, "n_in"));
+    const int nn    = static_cast<int>(n);
+    const int lwork = static_cast<int>(std::min<size_t>(work_bytes / sizeof(float), 0x7fffffff));
+    GPTQ_CUSOLVER_CHECK(cusolverDnSetStream(solver, stream));
+    int info = 0;
+    // Column-major "U" on the row-major B: B = L L^T with L in our lower triangle.
+    GPTQ_CUSOLVER_CHECK(
+        cusolverDnSpotrf(solver, CUBLAS_FILL_MODE_UPPER, nn, a, nn, static_cast<float*>(work), lwork, info_dev));
+    GPTQ_TRY(read_info(info_dev, &info, stream));
+    if (info != 0) return status::ok();
+    // Its inverse in place: column-major upper = our lower triangle, L^-1.
+    GPTQ_CUSOLVER_CHECK(cusolverDnXtrtri(solver, CUBLAS_FILL_MODE_UPPER, CUBLAS_DIAG_NON_UNIT, n, CUDA_R_32F, a, n,
+                                         work, work_bytes, host_work, host_bytes, info_dev));
+    GPTQ_TRY(read_info(info_dev, &info, stream));
+    if (info != 0) return status::ok();
+    // U = J L^-1 J: the array reversed puts it in our upper triangle; the rest (B's old upper) zeroed.
+    reverse_kernel<<<grid_1d(n * n / 2 + 1), k_elem_threads, 0, stream>>>(a, n * n);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    triangle_kernel<<<grid_1d(n * n), k_elem_threads, 0, stream>>>(a, n, false);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    *positive_definite = true;
+    return status::ok();
+}
+
 status gptq_quantize_block(const gptq_block_args& a, cudaStream_t stream) {
     if (a.nb <= 0 || a.n_out <= 0) return status::ok();
     if (a.nb > k_block_max || a.i1 < 0 || a.i1 + a.nb > a.n_in || a.group_size <= 0)

@@ -46,6 +46,19 @@ result<size_t> gptq_cholesky_workspace_bytes(cusolverDnHandle_t solver, float* a
 status gptq_cholesky_inverse_upper(cusolverDnHandle_t solver, float* a, int64_t n, void* work, size_t work_bytes,
                                    int* info_dev, bool* positive_definite, cudaStream_t stream);
 
+// The flipped route to the same U (issue 18; GPTQ_CUDA_CHOLESKY_FLIP=1, an experiment): with J the
+// exchange matrix, B = J (h + damp I) J = L L^T (one potrf), and U = J L^-1 J (one trtri), since
+// h + damp I = (J L J)(J L J)^T with J L J upper. Flipping both axes of a row-major [n, n] array
+// reverses it. About half the flops of potrf + potri + potrf; U agrees with that route up to
+// rounding (not bit for bit). Workspace: device bytes returned, host bytes in *host_bytes.
+status         gptq_damp_flip_copy(const float* h, float* u, int64_t n, float damp, cudaStream_t stream);
+result<size_t> gptq_cholesky_flip_workspace_bytes(cusolverDnHandle_t solver, float* a, int64_t n, size_t* host_bytes);
+// a = gptq_damp_flip_copy's output -> U in place (strict lower zero); `*positive_definite` as
+// gptq_cholesky_inverse_upper's. Synchronises the stream.
+status gptq_cholesky_inverse_upper_flip(cusolverDnHandle_t solver, float* a, int64_t n, void* work, size_t work_bytes,
+                                        void* host_work, size_t host_bytes, int* info_dev, bool* positive_definite,
+                                        cudaStream_t stream);
+
 // One block of the column loop, columns [i1, i1 + nb) in processing order (nb <= 128).
 struct gptq_block_args {
     float*       w    = nullptr;  // [n_out, n_in], permuted, updated: the block's columns are written back

@@ -21,6 +21,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 #include "kernels/cuda/attention.cuh"
 #include "kernels/cuda/cuda_check.h"
@@ -307,8 +308,20 @@ constexpr int k_min_chunk  = 64;
 constexpr int k_max_splits = 64;
 constexpr int k_split_goal = 264;  // blocks wanted: two per SM of an H100
 
+// The blocks wanted per decode launch: k_split_goal, or GPTQ_ATTN_SPLIT_GOAL (an experiment knob: more
+// key chunks, fewer keys per warp; read once). The grid and the workspace follow it, so the host's
+// sizing (attention_decode_workspace_floats) and the launch agree.
+int64_t split_goal() {
+    static const int64_t goal = [] {
+        const char* e = std::getenv("GPTQ_ATTN_SPLIT_GOAL");
+        const long  v = e ? std::strtol(e, nullptr, 10) : 0;
+        return v >= 1 && v <= 65536 ? int64_t(v) : int64_t(k_split_goal);
+    }();
+    return goal;
+}
+
 int64_t decode_splits(int64_t n_q, int64_t n_kv, int64_t n_head) {
-    int64_t want = k_split_goal / (n_q * n_head > 0 ? n_q * n_head : 1);
+    int64_t want = split_goal() / (n_q * n_head > 0 ? n_q * n_head : 1);
     if (want < 1) want = 1;
     if (want > k_max_splits) want = k_max_splits;
     const int64_t by_len = (n_kv + k_min_chunk - 1) / k_min_chunk;

@@ -422,16 +422,18 @@ void run_attention(const attn_case& c, bool decode, uint32_t seed, float softcap
     p.head_dim = c.head_dim, p.window = c.window, p.scale = 1.0f / std::sqrt(float(c.head_dim));
     p.softcap  = softcap;
     p.q_stride = q_stride, p.kv_stride = kv_stride, p.out_stride = out_stride;
+    std::vector<uint16_t> got;
     if (decode) {
         const int64_t       ws = cuda::attention_decode_workspace_floats(c.n_q, c.n_kv, c.n_head, c.head_dim);
         device_array<float> dws(static_cast<size_t>(ws));
         GPTQ_EXPECT_OK(cuda::attention_decode_f16(p, dws.get(), ws, nullptr));
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-        expect_one_launch_decode_same(p, dout.download(), seed);
+        got = dout.download();  // before the check below, which writes p.out again (permuted columns)
+        expect_one_launch_decode_same(p, got, seed);
     } else {
         GPTQ_EXPECT_OK(cuda::attention_prefill_f16(p, nullptr));
+        got = dout.download();
     }
-    const auto           got = dout.download();
     const auto           qf = test::to_f32(q), kf = test::to_f32(k), vf = test::to_f32(v);
     std::vector<float>   ref(static_cast<size_t>(c.n_q * out_stride));
     cpu::attention_shape s;

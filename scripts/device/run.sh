@@ -23,7 +23,7 @@
 # 4. Only with GPTQ_DEVICE_BENCH=1: bench_gptq_gemv (JSON), then Nsight Compute on two int4 launches.
 # 4a. End to end (GPTQ_DEVICE_E2E=1, default): gptq bench of make-random llama-2-7b (FP16) and of an
 #    8-layer 7B shape quantized RTN W4 g128 against its FP16 original, batch 1 on cuda
-#    (E2E_DECODE_AB=1: the W4 model again with the fused decode step's parts off / on, the L2 prefetch on).
+#    (E2E_DECODE_AB=1: the W4 model again with the fused decode step and/or the GEMV's L2 prefetch off).
 # 3f. gptq serve --device cuda smoke test (GPTQ_DEVICE_SERVE=0 skips).
 # 4b. The families (GPTQ_DEVICE_FAMILIES=0 skips): make-random qwen3-8b / gemma-2-9b / phi-3-mini cut to
 #    8 layers, RTN W4 g128, gptq bench W4 vs FP16 at batch 1 on cuda.
@@ -305,13 +305,13 @@ for l in open(sys.argv[1]):
             status=1; log "W4 bench with GPTQ_PDL=0 FAILED"
         fi
     fi
-    # E2E_DECODE_AB=1: the W4 model again at the E2E_BATCH sizes with the decode step's options, same
-    # call (before/after): GPTQ_DECODE_FUSE=0 (plain RoPE/KV store and two-kernel attention: before),
-    # GPTQ_DECODE_FUSE_GEMV=1 (norms, SiLU, residual adds in the GEMVs), GPTQ_INT4_PREFETCH=1 (L2 prefetch).
+    # E2E_DECODE_AB=1: the W4 model again at the E2E_BATCH sizes with parts of the decode work off, same
+    # call (before/after): the fused decode step (GPTQ_DECODE_FUSE=0: plain norm / SiLU / add kernels,
+    # two-kernel attention) and the GEMV's L2 prefetch (GPTQ_INT4_PREFETCH=0), each and both.
     if [ "${E2E_DECODE_AB:-0}" = 1 ] && [ -d "$E2E/l8-w4" ]; then
         BARGS[3]=${E2E_BATCH:-1}
         n_rows=$(echo "${E2E_BATCH:-1}" | tr ',' '\n' | wc -l)
-        for envs in "GPTQ_DECODE_FUSE=0" "GPTQ_DECODE_FUSE_GEMV=1" "GPTQ_INT4_PREFETCH=1"; do
+        for envs in "GPTQ_DECODE_FUSE=0 GPTQ_INT4_PREFETCH=0" "GPTQ_DECODE_FUSE=0" "GPTQ_INT4_PREFETCH=0"; do
             if env $envs timeout 300 "$GPTQ" -q bench "$E2E/l8-w4" "${BARGS[@]}" >> "$OUT/bench_e2e.jsonl" 2>> "$OUT/tests.log"; then
                 log "W4 with $envs: $(tail -n "$n_rows" "$OUT/bench_e2e.jsonl" | python3 -c 'import json,sys
 for l in sys.stdin:

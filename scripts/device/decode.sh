@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The batch-1 decode step of the Llama-2-7B shape, kernel by kernel (issue 18, decode), after run.sh has
 # built or unpacked gptq: make-random llama-2-7b cut to DECODE_LAYERS (default 8) layers, RTN W4 g128,
-# then for each setting of the fused decode step / the GEMV's L2 prefetch (all on; GPTQ_DECODE_FUSE=0;
-# GPTQ_INT4_PREFETCH=0; both off):
+# then for each setting (the defaults; GPTQ_DECODE_FUSE=0: plain attention ops; GPTQ_DECODE_FUSE_GEMV=1:
+# the GEMV fusions; GPTQ_INT4_PREFETCH=1: the L2 prefetch; GPTQ_ATTN_SPLIT_GOAL=528: twice the
+# attention's key chunks):
 #   0. (once) bench_gptq_gemv at m = 1, 4, 16 on the 7B shapes, L2 prefetch on and off;
 #   1. gptq bench --batch DECODE_BATCH (default 1,4,16), JSON rows in $OUT/decode.jsonl;
 #   2. gptq bench --profile-ops at batch 1 (uncaptured op table) into $OUT/decode.txt;
-#   3. with ncu on the machine: Nsight Compute over the kernels of two decode steps (graph nodes
+#   3. with ncu on the machine (defaults and GPTQ_DECODE_FUSE=0; DECODE_NCU_ALL=1: every setting): Nsight Compute
+#      over the kernels of two decode steps (graph nodes
 #      profiled one by one: int4 GEMVs, attention, RoPE/KV store, norms), SpeedOfLight + Occupancy +
 #      LaunchStats, into $OUT/decode_ncu_<setting>.txt, and a one-line-per-kernel summary
 #      (duration, DRAM throughput %, achieved occupancy) into $OUT/decode.txt.
@@ -24,13 +26,13 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader >> "$OUT/
 # The int4 GEMV alone on the 7B shapes (bench_gptq_gemv: stream and graph us per launch, cuBLAS FP16
 # beside), with and without the L2 prefetch.
 if [ -x "$TEST_DIR/bench_gptq_gemv" ]; then
-    for pf in 1 0; do
+    for pf in 0 1; do
         echo "== bench_gptq_gemv, GPTQ_INT4_PREFETCH=$pf" >> "$OUT/decode.txt"
         GPTQ_INT4_PREFETCH=$pf timeout 300 "$TEST_DIR/bench_gptq_gemv" --m 1,4,16 --models 7b \
             --out "$OUT/decode_gemv_prefetch$pf.json" 2>> "$OUT/decode.txt"
     done
 fi
-for setting in "on" "GPTQ_DECODE_FUSE=0" "GPTQ_INT4_PREFETCH=0" "GPTQ_DECODE_FUSE=0 GPTQ_INT4_PREFETCH=0"; do
+for setting in "on" "GPTQ_DECODE_FUSE=0" "GPTQ_DECODE_FUSE_GEMV=1" "GPTQ_INT4_PREFETCH=1" "GPTQ_ATTN_SPLIT_GOAL=528"; do
     envs=""; [ "$setting" != on ] && envs=$setting
     tag=$(echo "$setting" | tr ' =' '_-')
     echo "== $L layers, $setting" >> "$OUT/decode.txt"
@@ -42,7 +44,10 @@ for l in sys.stdin:
         >> "$OUT/decode.txt"
     env $envs timeout 200 "$GPTQ" bench "$W/w4" --device cuda --batch 1 --prompt 512 --gen 32 --repeat 1 --profile-ops \
         >> "$OUT/decode.txt" 2>&1
-    if [ "${DECODE_NCU:-1}" = 1 ] && command -v ncu > /dev/null; then
+    ncu_this=0
+    case "$setting" in on | "GPTQ_DECODE_FUSE=0") ncu_this=1 ;; esac
+    [ "${DECODE_NCU_ALL:-0}" = 1 ] && ncu_this=1
+    if [ "${DECODE_NCU:-1}" = 1 ] && [ $ncu_this = 1 ] && command -v ncu > /dev/null; then
         # Prefill (one pass) and the first steps run uncaptured; skip into the graph replays, then two
         # steps' worth of kernels (about 8 a layer).
         n=$((L * 8 * 2))

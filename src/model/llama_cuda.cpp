@@ -70,6 +70,8 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
         m->opts_.fuse = false;
     }
     if (const char* e = std::getenv("GPTQ_DECODE_FUSE"); e && std::strcmp(e, "0") == 0) m->opts_.decode_fuse = false;
+    if (const char* e = std::getenv("GPTQ_DECODE_FUSE_GEMV"); e && std::strcmp(e, "1") == 0)
+        m->opts_.decode_fuse_gemv = true;
     GPTQ_ASSIGN_OR_RETURN(m->ctx_, cuda_context::create(o.device));
     if (hp.head_dim % 2 != 0 || hp.head_dim > 256)
         return make_error(status_code::STATUS_UNSUPPORTED, "{}: head_dim {} (the GPU attention needs even, <= 256)",
@@ -458,10 +460,11 @@ status llama_cuda_model::load_weights() {
         if (hp.fused_gate_up)  // stored fused (Phi-3): kept as it is; the activation permutes for down
             GPTQ_TRY(fused_module_load(i, R::LINEAR_GATE, &L.gate_up));
         else
-            GPTQ_TRY(linear_group_load(i, {R::LINEAR_GATE, R::LINEAR_UP}, &L.gate_up, &L.lin,
-                                       down_perm.empty() ? nullptr : &down_perm, &L.gate_up_in_down_order,
-                                       opts_.decode_fuse && hp.act == mlp_activation::ACT_SILU ? 16 : 0,
-                                       &L.gate_up_block));
+            GPTQ_TRY(linear_group_load(
+                i, {R::LINEAR_GATE, R::LINEAR_UP}, &L.gate_up, &L.lin, down_perm.empty() ? nullptr : &down_perm,
+                &L.gate_up_in_down_order,
+                opts_.decode_fuse && opts_.decode_fuse_gemv && hp.act == mlp_activation::ACT_SILU ? 16 : 0,
+                &L.gate_up_block));
         any_gate_up_fused_ = any_gate_up_fused_ || L.gate_up.n_out > 0;
         if (next_off < off.layers.size() && off.layers[next_off] == i) {
             ++next_off;
@@ -771,6 +774,7 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
     p.ragged                   = ragged;
     p.mark                     = prof_on_ ? &marker : nullptr;
     p.decode_fuse              = opts_.decode_fuse;
+    p.decode_fuse_gemv         = opts_.decode_fuse && opts_.decode_fuse_gemv;
     const int64_t table_offset = ragged ? 0 : seq * pages_.max_pages();  // a plain pass: slot seq's table row
     p.pages                    = {page_table_.as<int32_t>() + table_offset, pages_.page_size(), pages_.max_pages()};
     // Prefill and mixed passes: the experts per expert (llama_cuda_moe.h); the grouped kernels are

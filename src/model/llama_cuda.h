@@ -64,12 +64,16 @@ struct llama_cuda_options {
     // a CUDA graph) where the experts allow them; false: per expert with the routing on the host
     // (no graph), as prefill always runs them (llama_cuda_moe.h).
     bool moe_grouped = true;
-    // The fused decode step (docs/cuda.md "The fused decode step"): passes of at most
-    // cuda::int4_gemv_fused_max_m() rows run the GPTQ int4 linears with the RMSNorm folded into q/k/v
-    // and gate/up, SiLU * up into gate/up (its rows interleaved at load) and the residual adds into o
-    // and down, bit for bit the plain sequence; false (or GPTQ_DECODE_FUSE=0 in the environment):
-    // the plain ops everywhere, the reference.
-    bool decode_fuse = true;
+    // The fused decode step (docs/cuda.md "The fused decode step"), each part bit for bit the plain ops:
+    // decode_fuse: the decode attention in one launch with RoPE and the KV-cache append inside it
+    // (no rope_kv_store, no combine launch) wherever every attention launch of a pass is the decode
+    // kernel; off with GPTQ_DECODE_FUSE=0 in the environment (read at open).
+    // decode_fuse_gemv (with decode_fuse): passes of at most cuda::int4_gemv_fused_max_m() rows run the
+    // GPTQ int4 linears with the RMSNorm folded into q/k/v and gate/up, SiLU * up into gate/up (rows
+    // interleaved at load) and the residual adds into o and down. Off by default: slower than the
+    // plain kernels on the H100 (session 9, docs/perf-notes.md); GPTQ_DECODE_FUSE_GEMV=1 turns it on.
+    bool decode_fuse      = true;
+    bool decode_fuse_gemv = false;
 };
 constexpr int64_t k_llama_cuda_default_ctx = 4096;
 

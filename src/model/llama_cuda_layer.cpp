@@ -231,7 +231,8 @@ cuda_layer_fusion cuda_layer_fusion_of(const llama_hparams& hp, const cuda_layer
     if (!p.decode_fuse || p.hook || p.moe_hook || p.lora_rows || !p.k_cache || p.attn_out || p.attn_reuse ||
         p.stop_after != linear_input::LINEAR_INPUT_COUNT)
         return f;
-    f.attn_rope     = true;  // where every attention launch is the decode kernel (attention_cached checks)
+    f.attn_rope = true;  // where every attention launch is the decode kernel (attention_cached checks)
+    if (!p.decode_fuse_gemv) return f;
     const float eps = hp.rms_eps;
     if (fast_gptq(w.qkv) && !hp.qk_norm)
         f.qkv_norm = op_cuda_gptq_fused_ok(w.qkv.q, p.n, {w.attn_norm.as<uint16_t>(), eps, false, false});

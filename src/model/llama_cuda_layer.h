@@ -170,7 +170,8 @@ struct cuda_layer_pass {
     const cuda_moe_input_hook* moe_hook      = nullptr;
     const std::vector<bool>*   moe_route_all = nullptr;
     // The fused decode step may run where it applies (cuda_layer_fusion_of); false: the plain ops.
-    bool decode_fuse = false;
+    // decode_fuse: the attention parts; decode_fuse_gemv: the GEMV parts (llama_cuda_options).
+    bool decode_fuse = false, decode_fuse_gemv = false;
 };
 
 // Which of the fused decode step's kernels a layer's pass runs (docs/cuda.md "The fused decode step"),

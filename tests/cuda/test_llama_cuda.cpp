@@ -941,15 +941,17 @@ struct profiled_run {
 
 // want_fused: the fused linears expected (-1: not checked; default: every layer's two groups when fuse).
 profiled_run run_profiled(const std::string& dir, bool graph, bool profile, const offload_placement& off = {},
-                          bool fuse = true, int64_t want_fused = -2, bool decode_fuse = true) {
+                          bool fuse = true, int64_t want_fused = -2, bool decode_fuse = true,
+                          bool decode_fuse_gemv = false) {
     profiled_run       r;
     llama_cuda_options o;
-    o.fuse        = fuse;
-    o.decode_fuse = decode_fuse;
-    o.graph       = graph;
-    o.n_ctx       = 64;
-    o.offload     = off;
-    auto m        = llama_cuda_model::open(dir, o);
+    o.fuse             = fuse;
+    o.decode_fuse      = decode_fuse;
+    o.decode_fuse_gemv = decode_fuse_gemv;
+    o.graph            = graph;
+    o.n_ctx            = 64;
+    o.offload          = off;
+    auto m             = llama_cuda_model::open(dir, o);
     EXPECT_TRUE(m.is_ok()) << m.error().message();
     if (!m.is_ok()) return r;
     (*m)->set_profile_ops(profile);
@@ -1028,7 +1030,8 @@ void check_profile(const llama_op_profile& p, const llama_hparams& hp, int64_t p
     }
 }
 
-// decode_fused: the decode steps are expected to run the fused decode step (a GPTQ int4 model, fused).
+// decode_fused: the fused decode step's GEMVs turned on (llama_cuda_options::decode_fuse_gemv) and
+// expected in the decode steps (a GPTQ int4 model, fused projections).
 void check_profiling(const std::string& dir, const offload_placement& off, int64_t n_stage, bool fuse = true,
                      bool decode_fused = false) {
     auto host = llama_model::open(dir);
@@ -1036,8 +1039,8 @@ void check_profiling(const std::string& dir, const offload_placement& off, int64
     const llama_hparams& hp = (*host)->hparams();
     for (bool graph : {true, false}) {
         const std::string what  = dir + (graph ? " (graph)" : " (no graph)");
-        const auto        plain = run_profiled(dir, graph, false, off, fuse);
-        const auto        prof  = run_profiled(dir, graph, true, off, fuse);
+        const auto        plain = run_profiled(dir, graph, false, off, fuse, -2, true, decode_fused);
+        const auto        prof  = run_profiled(dir, graph, true, off, fuse, -2, true, decode_fused);
         ASSERT_FALSE(plain.logits.empty());
         ASSERT_FALSE(prof.logits.empty());
         // The same kernels with the same arguments: the logits are bit for bit the same.
@@ -1189,8 +1192,8 @@ void check_decode_fusion(const std::string& dir, bool expect_fused) {
     ASSERT_TRUE(host.is_ok()) << host.error().message();
     const int64_t V = (*host)->hparams().n_vocab;
     for (bool graph : {true, false}) {
-        const auto on  = run_profiled(dir, graph, false, {}, true, -1, true);
-        const auto off = run_profiled(dir, graph, false, {}, true, -1, false);
+        const auto on  = run_profiled(dir, graph, false, {}, true, -1, true, true);
+        const auto off = run_profiled(dir, graph, false, {}, true, -1, false, false);
         ASSERT_FALSE(on.logits.empty());
         ASSERT_FALSE(off.logits.empty());
         for (int64_t t = 0; t < k_n_prefill + k_n_decode; ++t)
@@ -1199,15 +1202,16 @@ void check_decode_fusion(const std::string& dir, bool expect_fused) {
                 << row_rel_error(on.logits.data() + t * V, off.logits.data() + t * V, V);
     }
     // The profile says whether the fused kernels ran.
-    const auto prof = run_profiled(dir, false, true, {}, true, -1, true);
+    const auto prof = run_profiled(dir, false, true, {}, true, -1, true, true);
     EXPECT_EQ(find_op(prof.decode, "linear_qkv+norm") != nullptr, expect_fused) << dir;
     for (int64_t n_seq : {3, 9, 17}) {
         std::vector<float> out[2];
         for (int fuse = 0; fuse < 2; ++fuse) {
             llama_cuda_options o;
-            o.n_ctx       = 64;
-            o.decode_fuse = fuse == 1;
-            auto m        = llama_cuda_model::open(dir, o);
+            o.n_ctx            = 64;
+            o.decode_fuse      = fuse == 1;
+            o.decode_fuse_gemv = fuse == 1;
+            auto m             = llama_cuda_model::open(dir, o);
             ASSERT_TRUE(m.is_ok()) << m.error().message();
             GPTQ_EXPECT_OK((*m)->kv_reserve(n_seq, 64));
             const auto           ids = test_ids(128, V);

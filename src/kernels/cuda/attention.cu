@@ -21,6 +21,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 #include "kernels/cuda/attention.cuh"
 #include "kernels/cuda/cuda_check.h"
@@ -307,8 +308,20 @@ constexpr int k_min_chunk  = 64;
 constexpr int k_max_splits = 64;
 constexpr int k_split_goal = 264;  // blocks wanted: two per SM of an H100
 
+// The blocks wanted per decode launch: k_split_goal, or GPTQ_ATTN_SPLIT_GOAL (an experiment knob: more
+// key chunks, fewer keys per warp; read once). The grid and the workspace follow it, so the host's
+// sizing (attention_decode_workspace_floats) and the launch agree.
+int64_t split_goal() {
+    static const int64_t goal = [] {
+        const char* e = std::getenv("GPTQ_ATTN_SPLIT_GOAL");
+        const long  v = e ? std::strtol(e, nullptr, 10) : 0;
+        return v >= 1 && v <= 65536 ? int64_t(v) : int64_t(k_split_goal);
+    }();
+    return goal;
+}
+
 int64_t decode_splits(int64_t n_q, int64_t n_kv, int64_t n_head) {
-    int64_t want = k_split_goal / (n_q * n_head > 0 ? n_q * n_head : 1);
+    int64_t want = split_goal() / (n_q * n_head > 0 ? n_q * n_head : 1);
     if (want < 1) want = 1;
     if (want > k_max_splits) want = k_max_splits;
     const int64_t by_len = (n_kv + k_min_chunk - 1) / k_min_chunk;
@@ -343,6 +356,9 @@ __device__ void combine_chunks(const dev_params& p, const float* ws, int64_t n_s
 
 // counters: nullptr, the combine kernel merges the chunks; else [n_q * n_head] zeros, and the last
 // block of each (query, head) to finish merges them (the counters left zero): one launch.
+// ROPE: p.k_new is set (RoPE and the cache append here); a template parameter so that the plain
+// launches compile to the kernel without that code (registers, the key loop's branch).
+template <bool ROPE>
 __global__ void __launch_bounds__(k_dec_warps * 32)
     decode_kernel(dev_params p, float* ws, int64_t n_splits, unsigned* counters) {
     pdl_launch_dependents();
@@ -368,9 +384,9 @@ __global__ void __launch_bounds__(k_dec_warps * 32)
     // RoPE here (p.k_new): the queries and the new keys (this pass's rows: query qi's own position, or
     // with several queries of one sequence every key from q_pos0 on) come unrotated from the
     // projection and are rotated with their row's tables, as rope_kv_store_f16 would have stored them.
-    const bool    rope = p.k_new != nullptr;
-    const int64_t half = D / 2, new0 = ragged ? pos : p.q_pos0;
-    auto          rotated = [&](const __half* x, int64_t t, int64_t pi) {  // pair pi of head x, token row t
+    constexpr bool rope = ROPE;
+    const int64_t  half = D / 2, new0 = ragged ? pos : p.q_pos0;
+    auto           rotated = [&](const __half* x, int64_t t, int64_t pi) {  // pair pi of head x, token row t
         const float* cs = p.rope_cos + t * half;
         const float* sn = p.rope_sin + t * half;
         return __halves2half2(rope_elem(x, cs, sn, half, 2 * pi), rope_elem(x, cs, sn, half, 2 * pi + 1));
@@ -649,8 +665,9 @@ status attention_decode_f16(const attention_params& a, float* workspace, int64_t
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "attention_decode_f16: n_q {} too large", a.n_q);
     const int64_t    splits = decode_splits(a.n_q, a.n_kv, a.n_head);
     const dev_params dp     = to_dev(a);
-    GPTQ_CUDA_CHECK(launch_pdl(decode_kernel, dim3(unsigned(a.n_head), unsigned(splits), unsigned(a.n_q)),
-                               dim3(k_dec_warps * 32), 0, stream, dp, workspace, splits, counters));
+    GPTQ_CUDA_CHECK(launch_pdl(a.k_new ? decode_kernel<true> : decode_kernel<false>,
+                               dim3(unsigned(a.n_head), unsigned(splits), unsigned(a.n_q)), dim3(k_dec_warps * 32), 0,
+                               stream, dp, workspace, splits, counters));
     GPTQ_CUDA_CHECK_LAUNCH();
     if (counters) return status::ok();  // merged by each (query, head)'s last block
     GPTQ_CUDA_CHECK(launch_pdl(decode_combine_kernel, dim3(unsigned(a.n_head), unsigned(a.n_q)), dim3(128), 0, stream,

@@ -813,7 +813,7 @@ struct device_caps {
     int  smem_optin = 0;      // dynamic shared memory a block may opt in to
     int  smem_sm    = 0;      // shared memory per multiprocessor
     bool pdl        = false;  // programmatic dependent launch (sm_90+, not disabled by GPTQ_INT4_PDL=0 or GPTQ_PDL=0)
-    bool prefetch   = false;  // each warp's weights prefetched into L2 at its start (sm_90+, GPTQ_INT4_PREFETCH=0: off)
+    bool prefetch   = false;  // each warp's weights prefetched into L2 at its start (sm_90+, GPTQ_INT4_PREFETCH=1: on)
 };
 
 // Of the current device, queried once per device.
@@ -845,9 +845,11 @@ device_caps current_device_caps() {
         sms[dev].store(c.sms, std::memory_order_relaxed);
     }
     c.pdl = pdl_env && mj >= 9 && pdl_enabled();  // GPTQ_PDL=0 (launch.cuh) turns it off as well
+    // Off unless GPTQ_INT4_PREFETCH=1: on the H100 (session 9) the W4 decode step was ~0.6 ms slower
+    // with it (docs/perf-notes.md).
     static const bool prefetch_env = [] {
         const char* e = std::getenv("GPTQ_INT4_PREFETCH");
-        return !(e && e[0] == '0');
+        return e && e[0] == '1';
     }();
     c.prefetch = prefetch_env && mj >= 9;
     return c;

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# A few minutes of device time: the decode step's options A/B on an 8-layer Llama-2-7B shape, RTN W4 g128
+# (issue 18). Unpacks the carried bundle if run.sh has not (DEVICE_BUNDLE, default .device-bundle), then
+# one `gptq bench` per setting (defaults; GPTQ_DECODE_FUSE=0; GPTQ_DECODE_FUSE_GEMV=1;
+# GPTQ_INT4_PREFETCH=1) at batch QUICK_BATCH (default 1,16), prompt 512, gen 64, repeat 2. Output:
+# $OUT/decode_quick.txt (one line per setting and batch), JSON rows in $OUT/decode_quick.jsonl.
+#     run(command="bash scripts/device/decode_quick.sh", carry=[".device-bundle"])
+set -uo pipefail
+OUT=${OUT:-$PWD/device-out}
+mkdir -p "$OUT"
+if ! . scripts/device/bundle_env.sh 2> /dev/null; then
+    DB=${DEVICE_BUNDLE:-.device-bundle}
+    mkdir -p /tmp/gptq-device-bundle && tar -C /tmp/gptq-device-bundle -xJf "$DB/bundle.tar.xz" ||
+        { echo "decode_quick: no build and no $DB" | tee -a "$OUT/decode_quick.txt"; exit 1; }
+    . scripts/device/bundle_env.sh || { echo "decode_quick: bundle unpack failed"; exit 1; }
+fi
+W=/tmp/gptq-decode-quick; rm -rf "$W"; mkdir -p "$W"
+timeout 200 "$GPTQ" -q make-random --like "llama-2-7b-layers=${QUICK_LAYERS:-8}" -o "$W/f16" --threads "$(nproc)" > /dev/null &&
+    timeout 300 "$GPTQ" -q quantize "$W/f16" -o "$W/w4" --method rtn --bits 4 --group-size 128 --threads "$(nproc)" > /dev/null ||
+    { echo "decode_quick: make-random or quantize failed" | tee -a "$OUT/decode_quick.txt"; exit 1; }
+nvidia-smi --query-gpu=name --format=csv,noheader >> "$OUT/decode_quick.txt"
+n_rows=$(echo "${QUICK_BATCH:-1,16}" | tr ',' '\n' | wc -l)
+for setting in "defaults" "GPTQ_DECODE_FUSE=0" "GPTQ_DECODE_FUSE_GEMV=1" "GPTQ_INT4_PREFETCH=1"; do
+    envs=""; [ "$setting" != defaults ] && envs=$setting
+    if env $envs timeout 200 "$GPTQ" -q bench "$W/w4" --device cuda --batch "${QUICK_BATCH:-1,16}" --prompt 512 \
+            --gen 64 --repeat 2 --json >> "$OUT/decode_quick.jsonl" 2>> "$OUT/decode_quick.txt"; then
+        tail -n "$n_rows" "$OUT/decode_quick.jsonl" | SETTING="$setting" python3 -c 'import json,os,sys
+for l in sys.stdin:
+    r = json.loads(l); print("%-26s batch %2d: decode %7.1f tok/s, %.3f ms/step" % (os.environ["SETTING"], r["batch"], r["decode_tok_per_s"], r["decode_ms_per_step"]))' \
+            | tee -a "$OUT/decode_quick.txt"
+    else
+        echo "$setting: bench FAILED" | tee -a "$OUT/decode_quick.txt"
+    fi
+done
+rm -rf "$W"

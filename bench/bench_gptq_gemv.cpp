@@ -165,9 +165,9 @@ int main(int argc, char** argv) {
     std::string              out_path;
     int                      iters = 100;
     std::string              only;  // one shape (for the profiler)
-    std::vector<int64_t>     ms     = {1, 2, 4, 8, 16, 32, 64, 128, 256, 2048};
-    std::vector<std::string> models = {"7b"};
-    bool                     sweep  = false;
+    std::vector<int64_t>     ms         = {1, 2, 4, 8, 16, 32, 64, 128, 256, 2048};
+    std::vector<std::string> models     = {"7b"};
+    bool                     sweep      = false;
     int                      force_tile = 0, force_splits = 0;  // the "fused" column's plan (0: the table's)
     for (int i = 1; i < argc; ++i) {
         if (!std::strcmp(argv[i], "--out") && i + 1 < argc) {

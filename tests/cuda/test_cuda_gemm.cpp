@@ -157,15 +157,15 @@ TEST(CudaGemm, FusedMatchesReference) {
                          test::gptq_layer_describe(L, m, c.act, c.sym, seed) + " tile=" +
                              cuda::int4_gemm_tile_name(plan.tile) + " splits=" + std::to_string(plan.splits));
             if (cuda::int4_gemm_has_wgmma()) {  // the wgmma tile of m's bucket as well, both x orders
-                const tile wt[2][2] = {{m <= 64 ? tile::INT4_GEMM_TILE_WG_M64_N256 : tile::INT4_GEMM_TILE_WG_M128_N256,
-                                        m <= 64 ? tile::INT4_GEMM_TILE_WG_M64_N256_XREG
-                                                : tile::INT4_GEMM_TILE_WG_M128_N256_XREG},
-                                       {tile::INT4_GEMM_TILE_WG_M32_N128, tile::INT4_GEMM_TILE_WG_M128_N128}};
+                const tile wt[2][2] = {
+                    {m <= 64 ? tile::INT4_GEMM_TILE_WG_M64_N256 : tile::INT4_GEMM_TILE_WG_M128_N256,
+                     m <= 64 ? tile::INT4_GEMM_TILE_WG_M64_N256_XREG : tile::INT4_GEMM_TILE_WG_M128_N256_XREG},
+                    {tile::INT4_GEMM_TILE_WG_M32_N128, tile::INT4_GEMM_TILE_WG_M128_N128}};
                 for (const tile t : wt[m % 2]) {
                     const auto yw = run_gemm(P, L, x, m, bias, y_stride, {t, 0});
-                    expect_close(yw, y_stride, ref, m, c.n_out,
-                                 test::gptq_layer_describe(L, m, c.act, c.sym, seed) + " tile=" +
-                                     cuda::int4_gemm_tile_name(t));
+                    expect_close(
+                        yw, y_stride, ref, m, c.n_out,
+                        test::gptq_layer_describe(L, m, c.act, c.sym, seed) + " tile=" + cuda::int4_gemm_tile_name(t));
                 }
             }
         }

@@ -32,9 +32,9 @@ status gemm(cublasHandle_t handle, gemm_dtype dtype, const uint16_t* x, const ui
         GPTQ_CUBLAS_CHECK(cublasSetMathMode(
             handle, cublasMath_t(unsigned(mode) | unsigned(CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION))));
     }
-    const cublasStatus_t st = cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, w, t,
-                                           int(w_stride), x, t, int(x_stride), &beta, y, t, int(y_stride),
-                                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+    const cublasStatus_t st =
+        cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, w, t, int(w_stride), x, t,
+                     int(x_stride), &beta, y, t, int(y_stride), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
     if (f32_reduction) GPTQ_CUBLAS_CHECK(cublasSetMathMode(handle, mode));  // the handle as it was
     GPTQ_CUBLAS_CHECK(st);
     return status::ok();

@@ -122,8 +122,10 @@ template <>
 __device__ __forceinline__ void wgmma_rs<32>(float (&d)[16], const uint32_t (&a)[4], uint64_t desc_b) {
 #if GPTQ_HAS_WGMMA
     asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, 1, 1, 1, 0;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, "
+        "{%16,%17,%18,%19}, %20, 1, 1, 1, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 #else
     (void)d, (void)a, (void)desc_b;
@@ -134,8 +136,13 @@ template <>
 __device__ __forceinline__ void wgmma_rs<64>(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
 #if GPTQ_HAS_WGMMA
     asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31}, {%32,%33,%34,%35}, %36, 1, 1, 1, 0;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%"
+        "29,%30,%31}, {%32,%33,%34,%35}, %36, 1, 1, 1, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 #else
     (void)d, (void)a, (void)desc_b;
@@ -146,15 +153,24 @@ template <>
 __device__ __forceinline__ void wgmma_rs<128>(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
 #if GPTQ_HAS_WGMMA
     asm volatile(
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, 1, 1, 1, 0;\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+        "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%"
+        "29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%"
+        "56,%57,%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, 1, 1, 1, 0;\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+          "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+          "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+          "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]),
+          "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]),
+          "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),
+          "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]),
+          "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
 #else
     (void)d, (void)a, (void)desc_b;
     __trap();
 #endif
 }
-
 
 // ---- the layout's in-step k order ----------------------------------------------------------------
 
@@ -274,8 +290,8 @@ __device__ inline void gemm_epilogue(const gemm_args& p, unsigned char* smem, in
     constexpr int pitch = NOUT + 8;  // halves per staged output row (+16 bytes: no bank conflicts)
     __half*       out_s = reinterpret_cast<__half*>(smem);  // [BM][pitch]
     visit([&](int nl, int tl, float& v0, float& v1) {
-        const int64_t n  = n0 + nl;
-        const float   bv = (p.bias && n < p.n_out) ? __half2float(p.bias[n]) : 0.0f;
+        const int64_t n              = n0 + nl;
+        const float   bv             = (p.bias && n < p.n_out) ? __half2float(p.bias[n]) : 0.0f;
         out_s[tl * pitch + nl]       = __float2half_rn(v0 + bv);
         out_s[(tl + 1) * pitch + nl] = __float2half_rn(v1 + bv);
     });
@@ -483,8 +499,7 @@ struct wg_config {
     // + 1024: the dynamic shared memory is aligned to 1024 bytes in the kernel (the swizzle atom).
     static constexpr int smem_bytes = (STAGES * stage_bytes > out_bytes ? STAGES * stage_bytes : out_bytes) + 1024;
     static_assert(BM == 32 || BM == 64 || BM == 128, "wgmma n");
-    static_assert(x_bytes % 1024 == 0 && (BM * 32) % threads == 0 && (BM * 8) % threads == 0 &&
-                      nt * ks * 8 <= threads,
+    static_assert(x_bytes % 1024 == 0 && (BM * 32) % threads == 0 && (BM * 8) % threads == 0 && nt * ks * 8 <= threads,
                   "loader split");
 };
 
@@ -498,14 +513,18 @@ __device__ inline void quad_transpose(uint32_t (&v)[4], int tig) {
     {
         const uint32_t r0 = __shfl_xor_sync(0xffffffffu, t0 ? v[0] : v[1], 1);
         const uint32_t r1 = __shfl_xor_sync(0xffffffffu, t0 ? v[2] : v[3], 1);
-        if (t0) v[0] = r0, v[2] = r1;
-        else v[1] = r0, v[3] = r1;
+        if (t0)
+            v[0] = r0, v[2] = r1;
+        else
+            v[1] = r0, v[3] = r1;
     }
     {
         const uint32_t r0 = __shfl_xor_sync(0xffffffffu, t1 ? v[0] : v[2], 2);
         const uint32_t r1 = __shfl_xor_sync(0xffffffffu, t1 ? v[1] : v[3], 2);
-        if (t1) v[0] = r0, v[1] = r1;
-        else v[2] = r0, v[3] = r1;
+        if (t1)
+            v[0] = r0, v[1] = r1;
+        else
+            v[2] = r0, v[3] = r1;
     }
 }
 
@@ -550,12 +569,12 @@ __global__ void __launch_bounds__(WG * 128) int4_gemm_wgmma_kernel(const gemm_ar
     // x: element e = (row r = e / 32, word tw = e % 32 of the row's 64 k): warp w copies rows w, w + NW,
     // ... (128 bytes each), lane = tw. Word tw = 16 st + 4 c + i (k32 step st, 16-byte chunk c, word
     // i) goes to chunk 4 st + i, slot c, of the row: 128-byte swizzle, chunk ^ (row % 8).
-    constexpr int NW    = THREADS / 32;
-    const int     x_st  = lane / 16;
-    const int     x_chk = 4 * x_st + lane % 4;  // destination chunk before the swizzle
-    const int     x_off = 4 * ((lane / 4) % 4);  // byte offset of the slot in the chunk
-    const __half* x_lane = p.x + 2 * lane;
-    auto load_stage = [&](int j) {
+    constexpr int NW         = THREADS / 32;
+    const int     x_st       = lane / 16;
+    const int     x_chk      = 4 * x_st + lane % 4;   // destination chunk before the swizzle
+    const int     x_off      = 4 * ((lane / 4) % 4);  // byte offset of the slot in the chunk
+    const __half* x_lane     = p.x + 2 * lane;
+    auto          load_stage = [&](int j) {
         const int64_t  s0   = (st_begin + j) * KS;
         const uint32_t base = sbase + uint32_t((j % STAGES) * C::stage_bytes);
         if constexpr (XREG) {  // natural k order: 16-byte chunks, chunk c of row r at c ^ (r % 8)
@@ -871,9 +890,11 @@ bool probe_wgmma() {
     cudaStream_t s  = nullptr;
     int*         d  = nullptr;
     int          h  = 0;
-    if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess && cudaMalloc(&d, sizeof(int)) == cudaSuccess) {
+    if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) == cudaSuccess &&
+        cudaMalloc(&d, sizeof(int)) == cudaSuccess) {
         int4_gemm_wgmma_probe<<<1, 1, 0, s>>>(d);
-        ok = cudaGetLastError() == cudaSuccess && cudaMemcpyAsync(&h, d, sizeof(int), cudaMemcpyDeviceToHost, s) == cudaSuccess &&
+        ok = cudaGetLastError() == cudaSuccess &&
+             cudaMemcpyAsync(&h, d, sizeof(int), cudaMemcpyDeviceToHost, s) == cudaSuccess &&
              cudaStreamSynchronize(s) == cudaSuccess && h == 1;
     }
     if (d) cudaFree(d);

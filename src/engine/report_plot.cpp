@@ -285,9 +285,10 @@ std::string scatter_svg(const scatter_view& v) {
         xs.push_back(p.x);
         ys.push_back(p.y);
     }
-    const auto [xlo, xhi] = range_of(xs, v.x_log);
-    const auto [ylo, yhi] = range_of(ys, v.y_log);
-    auto unit             = [](double a, double lo, double hi, bool log) {
+    // Plain variables, not structured bindings: clang (the fuzz build) does not capture those in a lambda.
+    const auto   xr = range_of(xs, v.x_log), yr = range_of(ys, v.y_log);
+    const double xlo = xr.first, xhi = xr.second, ylo = yr.first, yhi = yr.second;
+    auto         unit = [](double a, double lo, double hi, bool log) {
         return log ? (std::log10(a) - std::log10(lo)) / (std::log10(hi) - std::log10(lo)) : (a - lo) / (hi - lo);
     };
     auto        px = [&](double x) { return x0 + unit(x, xlo, xhi, v.x_log) * (x1 - x0); };

@@ -4,6 +4,8 @@
 # one `gptq bench` per setting (defaults; GPTQ_DECODE_FUSE=0; GPTQ_DECODE_FUSE_GEMV=1;
 # GPTQ_INT4_PREFETCH=1) at batch QUICK_BATCH (default 1,16), prompt 512, gen 64, repeat 2. Output:
 # $OUT/decode_quick.txt (one line per setting and batch), JSON rows in $OUT/decode_quick.jsonl.
+# QUICK_LAYERS (8; 32 = the whole 7B), QUICK_SETTINGS (space-separated; a setting of several variables
+# joins them with commas: "GPTQ_INT4_PREFETCH=1,GPTQ_DECODE_FUSE=0"), QUICK_FP16=1 adds the FP16 model.
 #     run(command="bash scripts/device/decode_quick.sh", carry=[".device-bundle"])
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
@@ -20,9 +22,12 @@ timeout 200 "$GPTQ" -q make-random --like "llama-2-7b-layers=${QUICK_LAYERS:-8}"
     { echo "decode_quick: make-random or quantize failed" | tee -a "$OUT/decode_quick.txt"; exit 1; }
 nvidia-smi --query-gpu=name --format=csv,noheader >> "$OUT/decode_quick.txt"
 n_rows=$(echo "${QUICK_BATCH:-1,16}" | tr ',' '\n' | wc -l)
-for setting in "defaults" "GPTQ_DECODE_FUSE=0" "GPTQ_DECODE_FUSE_GEMV=1" "GPTQ_INT4_PREFETCH=1"; do
-    envs=""; [ "$setting" != defaults ] && envs=$setting
-    if env $envs timeout 200 "$GPTQ" -q bench "$W/w4" --device cuda --batch "${QUICK_BATCH:-1,16}" --prompt 512 \
+settings=${QUICK_SETTINGS:-"defaults GPTQ_DECODE_FUSE=0 GPTQ_DECODE_FUSE_GEMV=1 GPTQ_INT4_PREFETCH=1"}
+[ "${QUICK_FP16:-0}" = 1 ] && settings="$settings fp16"
+for setting in $settings; do
+    envs=""; model=$W/w4
+    case $setting in defaults) ;; fp16) model=$W/f16 ;; *) envs=${setting//,/ } ;; esac
+    if env $envs timeout 200 "$GPTQ" -q bench "$model" --device cuda --batch "${QUICK_BATCH:-1,16}" --prompt 512 \
             --gen 64 --repeat 2 --json >> "$OUT/decode_quick.jsonl" 2>> "$OUT/decode_quick.txt"; then
         tail -n "$n_rows" "$OUT/decode_quick.jsonl" | SETTING="$setting" python3 -c 'import json,os,sys
 for l in sys.stdin:

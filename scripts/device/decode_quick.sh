@@ -5,7 +5,8 @@
 # GPTQ_INT4_PREFETCH=1) at batch QUICK_BATCH (default 1,16), prompt 512, gen 64, repeat 2. Output:
 # $OUT/decode_quick.txt (one line per setting and batch), JSON rows in $OUT/decode_quick.jsonl.
 # QUICK_LAYERS (8; 32 = the whole 7B), QUICK_SETTINGS (space-separated; a setting of several variables
-# joins them with commas: "GPTQ_INT4_PREFETCH=1,GPTQ_DECODE_FUSE=0"), QUICK_FP16=1 adds the FP16 model.
+# joins them with commas: "GPTQ_INT4_PREFETCH=1,GPTQ_DECODE_FUSE=0"), QUICK_FP16=1 adds the FP16 model,
+# QUICK_LM_HEAD=1 a W4 copy with --quantize-lm-head, QUICK_LIKE another shape (llama-3-8b: 128k vocabulary).
 #     run(command="bash scripts/device/decode_quick.sh", carry=[".device-bundle"])
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
@@ -17,21 +18,26 @@ if ! . scripts/device/bundle_env.sh 2> /dev/null; then
     . scripts/device/bundle_env.sh || { echo "decode_quick: bundle unpack failed"; exit 1; }
 fi
 W=/tmp/gptq-decode-quick; rm -rf "$W"; mkdir -p "$W"
-timeout 200 "$GPTQ" -q make-random --like "llama-2-7b-layers=${QUICK_LAYERS:-8}" -o "$W/f16" --threads "$(nproc)" > /dev/null &&
+timeout 200 "$GPTQ" -q make-random --like "${QUICK_LIKE:-llama-2-7b}-layers=${QUICK_LAYERS:-8}" -o "$W/f16" --threads "$(nproc)" > /dev/null &&
     timeout 300 "$GPTQ" -q quantize "$W/f16" -o "$W/w4" --method rtn --bits 4 --group-size 128 --threads "$(nproc)" > /dev/null ||
     { echo "decode_quick: make-random or quantize failed" | tee -a "$OUT/decode_quick.txt"; exit 1; }
 nvidia-smi --query-gpu=name --format=csv,noheader >> "$OUT/decode_quick.txt"
 n_rows=$(echo "${QUICK_BATCH:-1,16}" | tr ',' '\n' | wc -l)
 settings=${QUICK_SETTINGS:-"defaults GPTQ_DECODE_FUSE=0 GPTQ_DECODE_FUSE_GEMV=1 GPTQ_INT4_PREFETCH=1"}
 [ "${QUICK_FP16:-0}" = 1 ] && settings="$settings fp16"
+if [ "${QUICK_LM_HEAD:-0}" = 1 ]; then
+    timeout 300 "$GPTQ" -q quantize "$W/f16" -o "$W/w4h" --method rtn --bits 4 --group-size 128 --quantize-lm-head \
+        --threads "$(nproc)" > /dev/null && settings="$settings lm_head" ||
+        echo "decode_quick: quantize --quantize-lm-head failed" | tee -a "$OUT/decode_quick.txt"
+fi
 for setting in $settings; do
     envs=""; model=$W/w4
-    case $setting in defaults) ;; fp16) model=$W/f16 ;; *) envs=${setting//,/ } ;; esac
+    case $setting in defaults) ;; fp16) model=$W/f16 ;; lm_head) model=$W/w4h ;; *) envs=${setting//,/ } ;; esac
     if env $envs timeout 200 "$GPTQ" -q bench "$model" --device cuda --batch "${QUICK_BATCH:-1,16}" --prompt 512 \
             --gen 64 --repeat 2 --json >> "$OUT/decode_quick.jsonl" 2>> "$OUT/decode_quick.txt"; then
         tail -n "$n_rows" "$OUT/decode_quick.jsonl" | SETTING="$setting" python3 -c 'import json,os,sys
 for l in sys.stdin:
-    r = json.loads(l); print("%-26s batch %2d: decode %7.1f tok/s, %.3f ms/step" % (os.environ["SETTING"], r["batch"], r["decode_tok_per_s"], r["decode_ms_per_step"]))' \
+    r = json.loads(l); print("%-26s batch %2d: decode %7.1f tok/s, %.3f ms/step, prefill %7.0f tok/s" % (os.environ["SETTING"], r["batch"], r["decode_tok_per_s"], r["decode_ms_per_step"], r["prefill_tok_per_s"]))' \
             | tee -a "$OUT/decode_quick.txt"
     else
         echo "$setting: bench FAILED" | tee -a "$OUT/decode_quick.txt"

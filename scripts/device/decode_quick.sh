@@ -6,7 +6,8 @@
 # $OUT/decode_quick.txt (one line per setting and batch), JSON rows in $OUT/decode_quick.jsonl.
 # QUICK_LAYERS (8; 32 = the whole 7B), QUICK_SETTINGS (space-separated; a setting of several variables
 # joins them with commas: "GPTQ_INT4_PREFETCH=1,GPTQ_DECODE_FUSE=0"), QUICK_FP16=1 adds the FP16 model,
-# QUICK_LM_HEAD=1 a W4 copy with --quantize-lm-head, QUICK_LIKE another shape (llama-3-8b: 128k vocabulary).
+# QUICK_LM_HEAD=1 a W4 copy with --quantize-lm-head, QUICK_LIKE another shape (llama-3-8b: 128k vocabulary), QUICK_DESC_ACT=1 a GPTQ --desc-act copy
+# (8 x 512 calibration tokens on the GPU: only its layout matters for speed).
 #     run(command="bash scripts/device/decode_quick.sh", carry=[".device-bundle"])
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
@@ -25,6 +26,11 @@ nvidia-smi --query-gpu=name --format=csv,noheader >> "$OUT/decode_quick.txt"
 n_rows=$(echo "${QUICK_BATCH:-1,16}" | tr ',' '\n' | wc -l)
 settings=${QUICK_SETTINGS:-"defaults GPTQ_DECODE_FUSE=0 GPTQ_DECODE_FUSE_GEMV=1 GPTQ_INT4_PREFETCH=1"}
 [ "${QUICK_FP16:-0}" = 1 ] && settings="$settings fp16"
+if [ "${QUICK_DESC_ACT:-0}" = 1 ]; then
+    timeout 300 "$GPTQ" -q quantize "$W/f16" -o "$W/w4d" --bits 4 --group-size 128 --desc-act --nsamples 8 --seqlen 512 \
+        --device cuda --threads "$(nproc)" > /dev/null && settings="$settings desc_act" ||
+        echo "decode_quick: quantize --desc-act failed" | tee -a "$OUT/decode_quick.txt"
+fi
 if [ "${QUICK_LM_HEAD:-0}" = 1 ]; then
     timeout 300 "$GPTQ" -q quantize "$W/f16" -o "$W/w4h" --method rtn --bits 4 --group-size 128 --quantize-lm-head \
         --threads "$(nproc)" > /dev/null && settings="$settings lm_head" ||
@@ -32,7 +38,7 @@ if [ "${QUICK_LM_HEAD:-0}" = 1 ]; then
 fi
 for setting in $settings; do
     envs=""; model=$W/w4
-    case $setting in defaults) ;; fp16) model=$W/f16 ;; lm_head) model=$W/w4h ;; *) envs=${setting//,/ } ;; esac
+    case $setting in defaults) ;; fp16) model=$W/f16 ;; lm_head) model=$W/w4h ;; desc_act) model=$W/w4d ;; *) envs=${setting//,/ } ;; esac
     if env $envs timeout 200 "$GPTQ" -q bench "$model" --device cuda --batch "${QUICK_BATCH:-1,16}" --prompt 512 \
             --gen 64 --repeat 2 --json >> "$OUT/decode_quick.jsonl" 2>> "$OUT/decode_quick.txt"; then
         tail -n "$n_rows" "$OUT/decode_quick.jsonl" | SETTING="$setting" python3 -c 'import json,os,sys

@@ -304,7 +304,9 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
             GPTQ_TRY(mark(p, "qk_norm"));
         }
         const bool all_decode = p.k_cache && attention_all_decode(hp, p, q_stride, kv_stride);
-        if (f.mlp && perm_of(o) && all_decode) {
+        // Only the decode kernel writes through out_col; o then skips its permutation launch, with
+        // or without the GEMV fusions (f.attn_rope excludes hooks and LoRA, which need o's plain x).
+        if (f.attn_rope && perm_of(o) && all_decode) {
             o_col      = o.q.perm_inv.as<int32_t>();
             o_in_order = true;
         }
@@ -323,7 +325,7 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
         GPTQ_TRY(mark(p, "linear_o+add"));
         return true;
     }
-    GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_O, att, b.y, p));
+    GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_O, att, b.y, p, o_in_order));
     GPTQ_TRY(mark(p, "linear_o"));
     if (hp.attn_out_norm) GPTQ_TRY(out_norm(c, hp, w.attn_out_norm, b.y, p));  // sandwich (Gemma)
     return true;

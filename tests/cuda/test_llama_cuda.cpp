@@ -1194,12 +1194,20 @@ void check_decode_fusion(const std::string& dir, bool expect_fused) {
     for (bool graph : {true, false}) {
         const auto on  = run_profiled(dir, graph, false, {}, true, -1, true, true);
         const auto off = run_profiled(dir, graph, false, {}, true, -1, false, false);
+        // The defaults: the attention parts alone (with act-order, o reads the attention's output in
+        // its column order and skips its permutation launch).
+        const auto attn = run_profiled(dir, graph, false, {}, true, -1, true, false);
         ASSERT_FALSE(on.logits.empty());
         ASSERT_FALSE(off.logits.empty());
-        for (int64_t t = 0; t < k_n_prefill + k_n_decode; ++t)
+        ASSERT_FALSE(attn.logits.empty());
+        for (int64_t t = 0; t < k_n_prefill + k_n_decode; ++t) {
             EXPECT_EQ(0, std::memcmp(on.logits.data() + t * V, off.logits.data() + t * V, size_t(V) * sizeof(float)))
                 << dir << (graph ? " (graph)" : " (no graph)") << ": row " << t << " fused vs plain, rel diff "
                 << row_rel_error(on.logits.data() + t * V, off.logits.data() + t * V, V);
+            EXPECT_EQ(0, std::memcmp(attn.logits.data() + t * V, off.logits.data() + t * V, size_t(V) * sizeof(float)))
+                << dir << (graph ? " (graph)" : " (no graph)") << ": row " << t << " attention-fused vs plain, rel diff "
+                << row_rel_error(attn.logits.data() + t * V, off.logits.data() + t * V, V);
+        }
     }
     // The profile says whether the fused kernels ran.
     const auto prof = run_profiled(dir, false, true, {}, true, -1, true, true);

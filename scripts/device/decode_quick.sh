@@ -4,7 +4,7 @@
 # one `gptq bench` per setting (defaults; GPTQ_DECODE_FUSE=0; GPTQ_DECODE_FUSE_GEMV=1;
 # GPTQ_INT4_PREFETCH=1) at batch QUICK_BATCH (default 1,16), prompt 512, gen 64, repeat 2. Output:
 # $OUT/decode_quick.txt (one line per setting and batch), JSON rows in $OUT/decode_quick.jsonl.
-# QUICK_LAYERS (8; 32 = the whole 7B), QUICK_SETTINGS (space-separated; a setting of several variables
+# QUICK_LAYERS (8; 32 = the whole 7B), QUICK_PROMPT (512), QUICK_SETTINGS (space-separated; a setting of several variables
 # joins them with commas: "GPTQ_INT4_PREFETCH=1,GPTQ_DECODE_FUSE=0"), QUICK_FP16=1 adds the FP16 model,
 # QUICK_LM_HEAD=1 a W4 copy with --quantize-lm-head, QUICK_LIKE another shape (llama-3-8b: 128k vocabulary), QUICK_DESC_ACT=1 a GPTQ --desc-act copy
 # (8 x 512 calibration tokens on the GPU: only its layout matters for speed).
@@ -39,7 +39,7 @@ fi
 for setting in $settings; do
     envs=""; model=$W/w4
     case $setting in defaults) ;; fp16) model=$W/f16 ;; lm_head) model=$W/w4h ;; desc_act) model=$W/w4d ;; *) envs=${setting//,/ } ;; esac
-    if env $envs timeout 200 "$GPTQ" -q bench "$model" --device cuda --batch "${QUICK_BATCH:-1,16}" --prompt 512 \
+    if env $envs timeout 200 "$GPTQ" -q bench "$model" --device cuda --batch "${QUICK_BATCH:-1,16}" --prompt "${QUICK_PROMPT:-512}" \
             --gen 64 --repeat 2 --json >> "$OUT/decode_quick.jsonl" 2>> "$OUT/decode_quick.txt"; then
         tail -n "$n_rows" "$OUT/decode_quick.jsonl" | SETTING="$setting" python3 -c 'import json,os,sys
 for l in sys.stdin:

@@ -72,6 +72,7 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
     if (const char* e = std::getenv("GPTQ_DECODE_FUSE"); e && std::strcmp(e, "0") == 0) m->opts_.decode_fuse = false;
     if (const char* e = std::getenv("GPTQ_DECODE_FUSE_GEMV"); e && std::strcmp(e, "1") == 0)
         m->opts_.decode_fuse_gemv = true;
+    if (const char* e = std::getenv("GPTQ_DEQUANT_AHEAD"); e && std::strcmp(e, "0") == 0) m->opts_.dequant_ahead = false;
     GPTQ_ASSIGN_OR_RETURN(m->ctx_, cuda_context::create(o.device));
     if (hp.head_dim % 2 != 0 || hp.head_dim > 256)
         return make_error(status_code::STATUS_UNSUPPORTED, "{}: head_dim {} (the GPU attention needs even, <= 256)",
@@ -792,6 +793,7 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
     };
 
     GPTQ_TRY(stage_begin());
+    op_cuda_dequant_forget(c);  // nothing queued ahead by an earlier pass is taken in this one
     GPTQ_TRY(wait(embed_unit_));
     GPTQ_TRY(op_cuda_embedding(c, embed_.as<uint16_t>(), ids, hidden, n, hp.n_vocab, n_embd, hp.embed_scale));
     GPTQ_TRY(prof_mark("embedding"));
@@ -806,6 +808,11 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
         GPTQ_TRY(wait(unit));
         p.k_cache  = ly.k_cache.as<uint16_t>();
         p.v_cache  = ly.v_cache.as<uint16_t>();
+        // Dequantize ahead only over resident layers: a staged (offloaded) layer's weights arrive on
+        // the stream, which the side stream does not wait for.
+        const bool next_resident = i + 1 < hp.n_layer && layer_unit_[static_cast<size_t>(i + 1)] < 0;
+        p.dequant_ahead          = opts_.dequant_ahead && unit < 0 && n > 16;
+        p.next_layer             = p.dequant_ahead && next_resident ? &layers_[static_cast<size_t>(i + 1)] : nullptr;
         bool added = false;  // the fused decode step added down's output to hidden itself
         GPTQ_ASSIGN_OR_RETURN(const bool done, cuda_layer_forward(c, hp, i, ly, hidden, pending, b, p, &added));
         if (!done) return make_error(status_code::STATUS_INTERNAL, "layer {} stopped early", i);

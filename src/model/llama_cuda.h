@@ -74,6 +74,10 @@ struct llama_cuda_options {
     // plain kernels on the H100 (session 9, docs/perf-notes.md); GPTQ_DECODE_FUSE_GEMV=1 turns it on.
     bool decode_fuse      = true;
     bool decode_fuse_gemv = false;
+    // Prefill passes whose GPTQ linears take dequantize + cuBLAS: the next linear dequantized on a
+    // side stream while the current one computes (docs/cuda.md "Prefill: the next linear dequantized
+    // ahead"; GPTQ_DEQUANT_AHEAD=0 turns it off). Same bits either way.
+    bool dequant_ahead = true;
 };
 constexpr int64_t k_llama_cuda_default_ctx = 4096;
 

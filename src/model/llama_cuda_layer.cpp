@@ -222,6 +222,22 @@ status attention_local(cuda_context& c, const llama_hparams& hp, int64_t i_layer
 bool fast_gptq(const cuda_linear& l) {
     return l.n_out > 0 && l.quantized && l.q.fast;
 }
+
+// Queues `next`'s dequantization ahead (p.dequant_ahead), before the linear it follows runs.
+status ahead(cuda_context& c, const cuda_layer_pass& p, const cuda_linear* next) {
+    if (!p.dequant_ahead || !next || !fast_gptq(*next)) return status::ok();
+    return op_cuda_gptq_dequant_ahead(c, next->q, p.n);
+}
+
+// A layer's first linear (q/k/v fused, or q) and the MLP's (gate/up fused, or gate; none on a MoE layer).
+const cuda_linear* first_attention_linear(const cuda_layer_weights* w) {
+    if (!w) return nullptr;
+    return w->qkv.n_out > 0 ? &w->qkv : &w->linear(linear_role::LINEAR_Q);
+}
+const cuda_linear* first_mlp_linear(const cuda_layer_weights& w) {
+    if (w.moe) return nullptr;
+    return w.gate_up.n_out > 0 ? &w.gate_up : &w.linear(linear_role::LINEAR_GATE);
+}
 }  // namespace
 
 cuda_layer_fusion cuda_layer_fusion_of(const llama_hparams& hp, const cuda_layer_weights& w, const cuda_layer_pass& p) {
@@ -281,6 +297,7 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
                                                {w.attn_norm.as<uint16_t>(), hp.rms_eps, false, false}));
             GPTQ_TRY(mark(p, "linear_qkv+norm"));
         } else if (fused) {
+            GPTQ_TRY(ahead(c, p, &o));
             GPTQ_TRY(cuda_linear_forward(c, w.qkv, b.x, b.q, n, p_qkv != nullptr));
             GPTQ_TRY(mark(p, "linear_qkv"));
         }
@@ -289,10 +306,13 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
             v        = b.q + q_dim + kv_dim;
             q_stride = kv_stride = q_dim + 2 * kv_dim;
         } else {
+            GPTQ_TRY(ahead(c, p, &w.linear(linear_role::LINEAR_K)));
             GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_Q, b.x, q, p));
             GPTQ_TRY(mark(p, "linear_q"));
+            GPTQ_TRY(ahead(c, p, &w.linear(linear_role::LINEAR_V)));
             GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_K, b.x, k, p));
             GPTQ_TRY(mark(p, "linear_k"));
+            GPTQ_TRY(ahead(c, p, &o));
             GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_V, b.x, v, p));
             GPTQ_TRY(mark(p, "linear_v"));
         }
@@ -325,6 +345,7 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
         GPTQ_TRY(mark(p, "linear_o+add"));
         return true;
     }
+    GPTQ_TRY(ahead(c, p, first_mlp_linear(w)));
     GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_O, att, b.y, p, o_in_order));
     GPTQ_TRY(mark(p, "linear_o"));
     if (hp.attn_out_norm) GPTQ_TRY(out_norm(c, hp, w.attn_out_norm, b.y, p));  // sandwich (Gemma)
@@ -374,6 +395,7 @@ result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda
     const uint16_t*    act    = b.gate;  // silu(gate) * up, [n, n_ff] contiguous
     const int32_t*     p_down = nullptr;
     if (fused) {
+        GPTQ_TRY(ahead(c, p, &down));
         GPTQ_TRY(cuda_linear_forward(c, w.gate_up, b.x, b.gate, n, p_gu != nullptr));  // [n, 2 n_ff]: gate | up
         GPTQ_TRY(mark(p, "linear_gate_up"));
         // Down's act-order order: already that of gate_up's outputs (permuted at load), else
@@ -387,8 +409,10 @@ result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda
         GPTQ_TRY(act_mul(c, hp, b.gate, b.gate + (B ? B : n_ff), b.up, n, 2 * n_ff, 2 * n_ff, n_ff, p_silu, B));
         act = b.up;
     } else {
+        GPTQ_TRY(ahead(c, p, &w.linear(linear_role::LINEAR_UP)));
         GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_GATE, b.x, b.gate, p));
         GPTQ_TRY(mark(p, "linear_gate"));
+        GPTQ_TRY(ahead(c, p, &down));
         GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_UP, b.x, b.up, p));
         GPTQ_TRY(mark(p, "linear_up"));
         GPTQ_TRY(act_mul(c, hp, b.gate, b.up, b.gate, n, n_ff, n_ff, n_ff));
@@ -396,6 +420,7 @@ result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda
     GPTQ_TRY(mark(p, "silu_mul"));
     GPTQ_TRY(capture(p, linear_input::LINEAR_INPUT_DOWN, act, n_ff));
     if (p.stop_after == linear_input::LINEAR_INPUT_DOWN) return false;
+    GPTQ_TRY(ahead(c, p, first_attention_linear(p.next_layer)));
     GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_DOWN, act, b.y, p, p_down != nullptr));
     GPTQ_TRY(mark(p, "linear_down"));
     if (hp.mlp_out_norm) GPTQ_TRY(out_norm(c, hp, w.mlp_out_norm, b.y, p));  // sandwich (Gemma)

@@ -117,6 +117,11 @@ struct cuda_attention_chunk {
 // One pass of a layer over n rows: where attention finds its keys and values, the hooks.
 struct cuda_layer_pass {
     int64_t n = 0;  // rows (tokens) of hidden
+    // Dequantize ahead (prefill passes of resident layers, docs/cuda.md "Prefill: the next linear
+    // dequantized ahead"): before each GPTQ linear runs, the one after it is queued on the context's
+    // side stream (op_cuda_gptq_dequant_ahead); after down, next_layer's first (nullptr: none).
+    bool                      dequant_ahead = false;
+    const cuda_layer_weights* next_layer    = nullptr;
     // RoPE rows, F32 device [rows, head_dim / 2]: with a cache one row per token; local: the rows of
     // positions 0 .. seqlen-1, shared by every window. LongRoPE's attention factor is in them.
     const float *cos = nullptr, *sin = nullptr;

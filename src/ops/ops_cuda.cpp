@@ -206,13 +206,27 @@ status cuda_buffer::download(void* dst, size_t bytes, size_t offset) const {
 
 // ---- cuda_context ------------------------------------------------------------------------------
 
+// One dequantize slot: `ahead` while work queued on the side stream for `key` waits to be taken;
+// `busy` between dequant_take and dequant_release; `ready` recorded on the side stream after its
+// fill, `used` on the main stream after the ops that read the slot.
+struct cuda_dequant_slot_state {
+    cuda_buffer buf;
+    const void* key   = nullptr;
+    bool        ahead = false, busy = false, side_wrote = false;
+    uint64_t    stamp = 0;  // last take or ahead (least recently used first)
+    cudaEvent_t ready = nullptr, used = nullptr;
+};
+
 struct cuda_context_state {
-    int            device = 0, sm = 0;
-    cudaStream_t   stream = nullptr;
-    cublasHandle_t blas   = nullptr;
-    cuda_buffer    scratch;
-    cuda_buffer    zeroed;
-    cuda_buffer    counters;  // k_context_counters zeros, allocated with the context, never moved
+    int                     device = 0, sm = 0;
+    cudaStream_t            stream = nullptr;
+    cublasHandle_t          blas   = nullptr;
+    cuda_buffer             scratch;
+    cuda_buffer             zeroed;
+    cuda_buffer             counters;  // k_context_counters zeros, allocated with the context, never moved
+    cudaStream_t            side = nullptr;  // dequantize ahead (created on first use)
+    cuda_dequant_slot_state dq[2];
+    uint64_t                dq_clock = 0;
 };
 
 result<std::unique_ptr<cuda_context>> cuda_context::create(int device) {
@@ -245,6 +259,12 @@ unsigned* cuda_context::counters(int64_t n) {
 
 cuda_context::~cuda_context() {
     if (!s_) return;
+    if (s_->side) cudaStreamSynchronize(s_->side);
+    for (auto& d : s_->dq) {
+        if (d.ready) cudaEventDestroy(d.ready);
+        if (d.used) cudaEventDestroy(d.used);
+    }
+    if (s_->side) cudaStreamDestroy(s_->side);
     if (s_->blas) cublasDestroy(s_->blas);
     if (s_->stream) cudaStreamDestroy(s_->stream);
 }
@@ -274,6 +294,91 @@ result<void*> cuda_context::scratch(size_t bytes) {
         s_->scratch = std::move(*b);
     }
     return s_->scratch.data();
+}
+
+namespace {
+// Grows a dequantize slot: whatever may still read or write it (both streams) has run first.
+status dequant_slot_grow(cuda_context_state& s, cuda_dequant_slot_state& d, size_t bytes) {
+    if (d.buf.bytes() >= bytes) return status::ok();
+    GPTQ_CUDA_CHECK(cudaStreamSynchronize(s.stream));
+    if (s.side) GPTQ_CUDA_CHECK(cudaStreamSynchronize(s.side));
+    d.buf    = cuda_buffer{};
+    auto buf = cuda_buffer::alloc(bytes);
+    if (!buf) return buf.error();
+    d.buf = std::move(*buf);
+    return status::ok();
+}
+
+status dequant_events(cuda_dequant_slot_state& d) {
+    if (!d.ready) GPTQ_CUDA_CHECK(cudaEventCreateWithFlags(&d.ready, cudaEventDisableTiming));
+    if (!d.used) GPTQ_CUDA_CHECK(cudaEventCreateWithFlags(&d.used, cudaEventDisableTiming));
+    return status::ok();
+}
+}  // namespace
+
+result<cuda_context::dequant_slot> cuda_context::dequant_take(const void* key, size_t bytes) {
+    auto& s = *s_;
+    for (auto& d : s.dq) {
+        if (d.ahead && d.key == key && d.buf.bytes() >= bytes) {
+            GPTQ_CUDA_CHECK(cudaStreamWaitEvent(s.stream, d.ready, 0));
+            d.ahead = false, d.busy = true, d.stamp = ++s.dq_clock;
+            return dequant_slot{d.buf.as<uint16_t>(), true};
+        }
+    }
+    // A slot to fill on the stream: one without work queued ahead, least recently used; with both
+    // queued ahead (the pass took them in another order), the older one.
+    cuda_dequant_slot_state* pick = nullptr;
+    for (auto& d : s.dq) {
+        if (d.busy) continue;
+        if (!pick || (pick->ahead && !d.ahead) || (pick->ahead == d.ahead && d.stamp < pick->stamp)) pick = &d;
+    }
+    if (!pick) return make_error(status_code::STATUS_INTERNAL, "dequant_take: both slots taken");
+    GPTQ_TRY(dequant_events(*pick));
+    if (pick->side_wrote) GPTQ_CUDA_CHECK(cudaStreamWaitEvent(s.stream, pick->ready, 0));  // its fill is over
+    GPTQ_TRY(dequant_slot_grow(s, *pick, bytes));
+    pick->key = key, pick->ahead = false, pick->busy = true, pick->side_wrote = false, pick->stamp = ++s.dq_clock;
+    return dequant_slot{pick->buf.as<uint16_t>(), false};
+}
+
+status cuda_context::dequant_release(const void* key) {
+    for (auto& d : s_->dq) {
+        if (d.busy && d.key == key) {
+            GPTQ_CUDA_CHECK(cudaEventRecord(d.used, s_->stream));
+            d.busy = false, d.key = nullptr;
+            return status::ok();
+        }
+    }
+    return make_error(status_code::STATUS_INTERNAL, "dequant_release: no slot taken for this key");
+}
+
+status cuda_context::dequant_ahead(const void* key, size_t bytes,
+                                   status (*fill)(const void* arg, cudaStream_t, uint16_t*), const void* arg) {
+    auto&                   s  = *s_;
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    GPTQ_CUDA_CHECK(cudaStreamIsCapturing(s.stream, &cs));
+    if (cs != cudaStreamCaptureStatusNone) return status::ok();
+    cuda_dequant_slot_state* pick = nullptr;
+    for (auto& d : s.dq) {
+        if (d.ahead && d.key == key) return status::ok();
+        if (!d.busy && !d.ahead && (!pick || d.stamp < pick->stamp)) pick = &d;
+    }
+    if (!pick) return status::ok();
+    if (!s.side) GPTQ_CUDA_CHECK(cudaStreamCreateWithFlags(&s.side, cudaStreamNonBlocking));
+    GPTQ_TRY(dequant_events(*pick));
+    if (pick->buf.bytes() < bytes && !dequant_slot_grow(s, *pick, bytes).is_ok()) {
+        cudaGetLastError();  // out of memory: this linear dequantizes on the stream when taken
+        return status::ok();
+    }
+    GPTQ_CUDA_CHECK(cudaStreamWaitEvent(s.side, pick->used, 0));  // the ops that read it last have run
+    GPTQ_TRY(fill(arg, s.side, pick->buf.as<uint16_t>()));
+    GPTQ_CUDA_CHECK(cudaEventRecord(pick->ready, s.side));
+    pick->key = key, pick->ahead = true, pick->side_wrote = true, pick->stamp = ++s.dq_clock;
+    return status::ok();
+}
+
+void cuda_context::dequant_forget() {
+    for (auto& d : s_->dq)
+        if (d.ahead) d.ahead = false, d.key = nullptr;  // side_wrote stays: a take waits for the fill
 }
 
 result<void*> cuda_context::zeroed_workspace(size_t bytes) {
@@ -698,6 +803,52 @@ gptq_gemm_plan_info gptq_gemm_plan_describe(int64_t m, int64_t n_in, int gemm_ti
     return {cuda::int4_gemm_tile_name(p.tile), p.splits};
 }
 
+namespace {
+bool stream_capturing(const cuda_context& ctx) {
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    return cudaStreamIsCapturing(ctx.stream(), &cs) == cudaSuccess && cs != cudaStreamCaptureStatusNone;
+}
+
+// Dequantize + cuBLAS: w16 (n_out x n_in F16) filled here unless `filled` (dequantized ahead).
+status dequant_cublas(cuda_context& ctx, const cuda_gptq_linear& w, const cuda::int4_layout& lay, const uint16_t* xin,
+                      const uint16_t* bias, uint16_t* y, int64_t m, uint16_t* w16, bool filled) {
+    if (!filled) GPTQ_TRY(cuda::int4_dequant_f16(lay, w.weights.data(), w.sz.data(), w16, w.n_in, ctx.stream()));
+    // A bias enters the GEMM as C = bias rows with beta = 1, so the output is rounded to F16
+    // once, as in the fused kernel. Added to the F16 GEMM result instead, it would carry that
+    // result's rounding (half an ulp of |x W^T|, larger than the output when the bias cancels
+    // it): run 3's op test caught 7 ulps on one such element.
+    if (bias) {
+        GPTQ_TRY(cuda_zero_async(ctx, y, size_t(m * w.n_out) * 2));
+        GPTQ_TRY(op_cuda_add_bias(ctx, y, bias, m, w.n_out));
+    }
+    // F32 split-K sums as well (f32_reduction), tried for issue 18's one-off OpPrefillPaths failure
+    // (seed 2609901896: m = 600, n_out = 264, n_in = 1024, 7 ulps in this path while the fused
+    // kernel meets the bound on the same data); on the H100 the replay still fails with it.
+    return cuda::gemm(ctx.blas(), cuda::gemm_dtype::f16, xin, w16, y, m, w.n_out, w.n_in, w.n_in, w.n_in, w.n_out,
+                      1.0f, bias ? 1.0f : 0.0f, ctx.stream(), /*f32_reduction=*/true);
+}
+
+status dequant_fill(const void* arg, cudaStream_t stream, uint16_t* w16) {
+    const auto& w   = *static_cast<const cuda_gptq_linear*>(arg);
+    auto        lay = cuda::int4_layout_for(w.n_out, w.n_in, w.group_size);
+    if (!lay) return lay.error();
+    return cuda::int4_dequant_f16(*lay, w.weights.data(), w.sz.data(), w16, w.n_in, stream);
+}
+
+}  // namespace
+
+status op_cuda_gptq_dequant_ahead(cuda_context& ctx, const cuda_gptq_linear& w, int64_t m) {
+    if (!w.fast || m <= 16) return status::ok();
+    const gptq_prefill_path path =
+        w.prefill != gptq_prefill_path::GPTQ_PREFILL_AUTO ? w.prefill : gptq_prefill_path_for(m, w.n_out, w.n_in);
+    if (path != gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS) return status::ok();
+    return ctx.dequant_ahead(w.weights.data(), size_t(w.n_out * w.n_in) * 2, dequant_fill, &w);
+}
+
+void op_cuda_dequant_forget(cuda_context& ctx) {
+    ctx.dequant_forget();
+}
+
 status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, uint16_t* y, int64_t m,
                            bool x_permuted) {
     if (m <= 0) return status::ok();
@@ -712,8 +863,11 @@ status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const u
         // Scratch: the permuted x (act-order), then the dequantized weights (dequantize + cuBLAS).
         const bool   permute = w.perm.bytes() && !x_permuted;
         const size_t x_bytes = permute ? (size_t(m * w.n_in) * 2 + 255) / 256 * 256 : 0;
-        const size_t w16_bytes =
-            path == gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS ? size_t(w.n_out * w.n_in) * 2 : 0;
+        // The dequantized weights go to one of the context's two slots (dequantize ahead), or, while
+        // capturing a graph, to the scratch (no cross-stream events there).
+        const bool   deq       = path == gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS;
+        const bool   in_slot   = deq && !stream_capturing(ctx);
+        const size_t w16_bytes = deq && !in_slot ? size_t(w.n_out * w.n_in) * 2 : 0;
         char* scratch = nullptr;
         if (x_bytes + w16_bytes > 0) {
             auto sp = ctx.scratch(x_bytes + w16_bytes);
@@ -738,22 +892,17 @@ status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const u
             return cuda::int4_gemm_f16(*lay, w.weights.data(), w.sz.data(), xin, bias, y, m, w.n_in, w.n_out, *ws,
                                        ws_bytes, ctx.stream(), plan);
         }
-        if (path == gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS) {
-            uint16_t* w16 = reinterpret_cast<uint16_t*>(scratch + x_bytes);
-            GPTQ_TRY(cuda::int4_dequant_f16(*lay, w.weights.data(), w.sz.data(), w16, w.n_in, ctx.stream()));
-            // A bias enters the GEMM as C = bias rows with beta = 1, so the output is rounded to F16
-            // once, as in the fused kernel. Added to the F16 GEMM result instead, it would carry that
-            // result's rounding (half an ulp of |x W^T|, larger than the output when the bias cancels
-            // it): run 3's op test caught 7 ulps on one such element.
-            if (bias) {
-                GPTQ_TRY(cuda_zero_async(ctx, y, size_t(m * w.n_out) * 2));
-                GPTQ_TRY(op_cuda_add_bias(ctx, y, bias, m, w.n_out));
+        if (deq) {
+            uint16_t* w16    = reinterpret_cast<uint16_t*>(scratch + x_bytes);
+            bool      filled = false;
+            if (in_slot) {
+                auto slot = ctx.dequant_take(w.weights.data(), size_t(w.n_out * w.n_in) * 2);
+                if (!slot) return slot.error();
+                w16 = slot->w, filled = slot->filled;
             }
-            // F32 split-K sums as well (f32_reduction): with cuBLAS's default, issue 18's one-off
-            // OpPrefillPaths failure (seed 2609901896: m = 600, n_out = 264, n_in = 1024) replays on the
-            // H100 at 7 ulps in this path while the fused kernel meets the bound on the same data.
-            return cuda::gemm(ctx.blas(), cuda::gemm_dtype::f16, xin, w16, y, m, w.n_out, w.n_in, w.n_in, w.n_in,
-                              w.n_out, 1.0f, bias ? 1.0f : 0.0f, ctx.stream(), /*f32_reduction=*/true);
+            const status st = dequant_cublas(ctx, w, *lay, xin, bias, y, m, w16, filled);
+            if (in_slot) GPTQ_TRY(ctx.dequant_release(w.weights.data()));  // also after a failure
+            return st;
         }
         const int64_t ws_bytes = cuda::int4_gemv_workspace_bytes(*lay, w.splits);
         auto          ws       = ctx.zeroed_workspace(size_t(ws_bytes));

@@ -72,6 +72,25 @@ public:
     static constexpr int64_t k_context_counters = 65536;
     unsigned*                counters(int64_t n);
 
+    // Two F16 weight slots for dequantize + cuBLAS and a side stream that fills one ahead
+    // (op_cuda_gptq_linear, op_cuda_gptq_dequant_ahead; docs/cuda.md "Prefill: the next linear
+    // dequantized ahead"). A key names a linear's weights (its device pointer) for one pass only.
+    struct dequant_slot {
+        uint16_t* w      = nullptr;
+        bool      filled = false;  // dequantized ahead (the stream waits for it); false: the caller fills it
+    };
+    // The slot dequantized ahead for `key`, or a slot of at least `bytes` for the caller to fill on
+    // the stream. Until dequant_release(key) the slot is the caller's.
+    result<dequant_slot> dequant_take(const void* key, size_t bytes);
+    // After the ops that read the slot of `key` are queued: it is free again once they have run.
+    status dequant_release(const void* key);
+    // Queues fill(side stream, slot) for `key` into the slot not in use, unless one holds it already.
+    // Skipped (ok) while capturing, when both slots hold unconsumed work, or when the slot cannot grow.
+    status dequant_ahead(const void* key, size_t bytes, status (*fill)(const void* arg, cudaStream_t, uint16_t*),
+                         const void* arg);
+    // Forgets what was queued ahead and not taken (the start of a pass: keys are only valid within one).
+    void dequant_forget();
+
 private:
     cuda_context() = default;
     std::unique_ptr<cuda_context_state> s_;
@@ -368,6 +387,13 @@ struct cuda_gptq_linear {
     int               gemm_tile = 0, gemm_splits = 0;
 };
 result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_host_tensors& t, bool allow_fast = true);
+// Prefill passes (docs/cuda.md "Prefill: the next linear dequantized ahead"): when m rows of w take
+// dequantize + cuBLAS, queues w's dequantization on the context's side stream into its free slot,
+// so that it runs while the stream computes what comes before w; op_cuda_gptq_linear then takes
+// it. A no-op otherwise or while capturing. The bits are the same either way. w's weights must be resident and unchanging until it is taken in the same pass.
+status op_cuda_gptq_dequant_ahead(cuda_context& ctx, const cuda_gptq_linear& w, int64_t m);
+// The start of a pass: what was queued ahead and not taken is dropped (cuda_context::dequant_forget).
+void op_cuda_dequant_forget(cuda_context& ctx);
 // y[m, n_out] = x[m, n_in] W^T (+ bias). x, y: F16 device, contiguous rows. x_permuted: x is
 // already in the layer's act-order column order (x[:, i] = x_orig[:, perm[i]], made by the op
 // before it, e.g. op_cuda_add_rms_norm with w.perm); only meaningful when w.perm is not empty.

@@ -10,7 +10,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <deque>
 #include <string>
+#include <tuple>
 
 #include "cuda_test_util.h"
 #include "gptq_test_layer.h"
@@ -337,6 +339,61 @@ TEST(CudaGemm, OpPrefillPaths) {
             }
         }
     }
+}
+
+// The dequantize-ahead slots (cuda_context::dequant_*): whatever order the linears are queued ahead
+// and run in, including ahead work that is never taken, forgotten or queued twice, each output is
+// the in-order one bit for bit.
+TEST(CudaGemm, DequantAheadInAnyOrderGivesTheSameBits) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    auto           ctx = cuda_context::create(0);
+    ASSERT_TRUE(ctx.is_ok()) << ctx.error().message();
+    const int64_t                 m = 300;  // dequantize + cuBLAS
+    std::vector<cuda_gptq_linear> lin;
+    std::vector<gptq_layer>       layers;
+    for (auto [n_out, n_in, act] : {std::tuple{264, 1024, false}, std::tuple{512, 384, true}, std::tuple{96, 2048, false}}) {
+        layers.push_back(test::gptq_layer_random(rng, n_out, n_in, 64, 4, act, false, gptq_checkpoint_format::GPTQ_FORMAT_V2));
+        const gptq_layer& L = layers.back();
+        gptq_host_tensors t;
+        t.qweight = L.qweight.data(), t.qzeros = L.qzeros.data(), t.scales = L.scales.data(), t.g_idx = L.g_idx.data();
+        t.n_out = L.n_out, t.n_in = L.n_in, t.n_groups = L.n_groups, t.bits = 4, t.group_size = L.group_size;
+        auto l = cuda_gptq_linear_load(**ctx, t);
+        ASSERT_TRUE(l.is_ok()) << l.error().message();
+        ASSERT_TRUE(l->fast);
+        lin.push_back(std::move(*l));
+    }
+    std::deque<device_array<uint16_t>> dx, dy;  // not movable: built in place
+    for (const auto& L : layers) {
+        dx.emplace_back(test::random_f16(rng, size_t(m * L.n_in)));
+        dy.emplace_back(size_t(m * L.n_out));
+    }
+    auto run = [&](size_t i) -> std::vector<uint16_t> {
+        EXPECT_TRUE(op_cuda_gptq_linear(**ctx, lin[i], dx[i].get(), dy[i].get(), m).is_ok());
+        EXPECT_TRUE((*ctx)->synchronize().is_ok());
+        return dy[i].download();
+    };
+    std::vector<std::vector<uint16_t>> want;
+    for (size_t i = 0; i < lin.size(); ++i) want.push_back(run(i));
+    auto ahead = [&](size_t i) { GPTQ_EXPECT_OK(op_cuda_gptq_dequant_ahead(**ctx, lin[i], m)); };
+    auto check = [&](size_t i, const char* what) {
+        EXPECT_TRUE(run(i) == want[i]) << what << ": linear " << i << " seed=" << seed;
+    };
+    ahead(1), check(0, "ahead 1, run 0"), check(1, "then 1"), ahead(2), check(2, "ahead 2, run 2");
+    ahead(1), ahead(2), check(2, "ahead 1 and 2, run 2 first"), check(1, "then 1"), check(0, "then 0");
+    ahead(0), ahead(0), check(0, "ahead 0 twice");
+    ahead(2), op_cuda_dequant_forget(**ctx), check(2, "ahead 2, forgotten");
+    ahead(0), ahead(1), ahead(2), check(2, "three ahead, two slots"), check(0, "then 0"), check(1, "then 1");
+    // No synchronisation between the launches: the events alone order the two streams.
+    for (int rep = 0; rep < 3; ++rep) {
+        for (size_t i = 0; i < lin.size(); ++i) {
+            ahead((i + 1) % lin.size());
+            GPTQ_EXPECT_OK(op_cuda_gptq_linear(**ctx, lin[i], dx[i].get(), dy[i].get(), m));
+        }
+    }
+    GPTQ_EXPECT_OK((*ctx)->synchronize());
+    for (size_t i = 0; i < lin.size(); ++i) EXPECT_TRUE(dy[i].download() == want[i]) << "pipelined, linear " << i;
 }
 
 // The contract between int4_repack and the GEMM: slot j (nibbles j, j + 4) of lane l's word i of

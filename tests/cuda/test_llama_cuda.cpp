@@ -1248,6 +1248,37 @@ TEST(llama_cuda, decode_fusion_matches_plain_bit_for_bit) {
     check_decode_fusion(source_dir() + "/models/tiny-llama", false);  // dense: nothing to fuse
 }
 
+// Prefill of 300 tokens (every GPTQ linear on dequantize + cuBLAS): with the next linear
+// dequantized ahead on the side stream, the logits are the plain order's bit for bit; then decode
+// steps (no dequantize path) and a second prefill that starts where the first left slots filled.
+TEST(llama_cuda, dequant_ahead_matches_plain_bit_for_bit) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    for (const std::string& dir : {gptq_checkpoint("w4g128-rtn", 4, 128, false, true, "rtn"),
+                                   gptq_checkpoint("w4g64-act", 4, 64, true, true, "gptq")}) {
+        auto host = llama_model::open(dir);
+        ASSERT_TRUE(host.is_ok()) << host.error().message();
+        const int64_t      V = (*host)->hparams().n_vocab, n = 300;
+        const auto         ids = test_ids(n, V);
+        std::vector<float> out[2];
+        for (int on = 0; on < 2; ++on) {
+            llama_cuda_options o;
+            o.n_ctx         = 640;
+            o.dequant_ahead = on == 1;
+            auto m          = llama_cuda_model::open(dir, o);
+            ASSERT_TRUE(m.is_ok()) << m.error().message();
+            out[on].resize(size_t((n + 2) * V));
+            GPTQ_EXPECT_OK((*m)->prefill(ids.data(), n, out[on].data()));
+            GPTQ_EXPECT_OK((*m)->decode(ids[7], out[on].data() + n * V));
+            (*m)->reset();
+            GPTQ_EXPECT_OK((*m)->prefill(ids.data() + 5, 200, out[on].data() + (n + 1) * V, /*all_logits=*/false));
+        }
+        for (int64_t t = 0; t < n + 2; ++t)
+            EXPECT_EQ(0, std::memcmp(out[0].data() + t * V, out[1].data() + t * V, size_t(V) * sizeof(float)))
+                << dir << ": row " << t << " dequantized ahead vs in order, rel diff "
+                << row_rel_error(out[1].data() + t * V, out[0].data() + t * V, V);
+    }
+}
+
 TEST(llama_cuda, out_of_memory_names_the_size_and_free_memory) {
     GPTQ_SKIP_WITHOUT_GPU();
     llama_cuda_options o;

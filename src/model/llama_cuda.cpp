@@ -72,7 +72,7 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
     if (const char* e = std::getenv("GPTQ_DECODE_FUSE"); e && std::strcmp(e, "0") == 0) m->opts_.decode_fuse = false;
     if (const char* e = std::getenv("GPTQ_DECODE_FUSE_GEMV"); e && std::strcmp(e, "1") == 0)
         m->opts_.decode_fuse_gemv = true;
-    if (const char* e = std::getenv("GPTQ_DEQUANT_AHEAD"); e && std::strcmp(e, "0") == 0) m->opts_.dequant_ahead = false;
+    if (const char* e = std::getenv("GPTQ_DEQUANT_AHEAD"); e && std::strcmp(e, "1") == 0) m->opts_.dequant_ahead = true;
     GPTQ_ASSIGN_OR_RETURN(m->ctx_, cuda_context::create(o.device));
     if (hp.head_dim % 2 != 0 || hp.head_dim > 256)
         return make_error(status_code::STATUS_UNSUPPORTED, "{}: head_dim {} (the GPU attention needs even, <= 256)",

@@ -76,8 +76,9 @@ struct llama_cuda_options {
     bool decode_fuse_gemv = false;
     // Prefill passes whose GPTQ linears take dequantize + cuBLAS: the next linear dequantized on a
     // side stream while the current one computes (docs/cuda.md "Prefill: the next linear dequantized
-    // ahead"; GPTQ_DEQUANT_AHEAD=0 turns it off). Same bits either way.
-    bool dequant_ahead = true;
+    // ahead"). Off by default: no faster on the H100 (session 10; GPTQ_DEQUANT_AHEAD=1 turns it on).
+    // Same bits either way.
+    bool dequant_ahead = false;
 };
 constexpr int64_t k_llama_cuda_default_ctx = 4096;
 

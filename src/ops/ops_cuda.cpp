@@ -813,19 +813,17 @@ bool stream_capturing(const cuda_context& ctx) {
 status dequant_cublas(cuda_context& ctx, const cuda_gptq_linear& w, const cuda::int4_layout& lay, const uint16_t* xin,
                       const uint16_t* bias, uint16_t* y, int64_t m, uint16_t* w16, bool filled) {
     if (!filled) GPTQ_TRY(cuda::int4_dequant_f16(lay, w.weights.data(), w.sz.data(), w16, w.n_in, ctx.stream()));
-    // A bias enters the GEMM as C = bias rows with beta = 1, so the output is rounded to F16
-    // once, as in the fused kernel. Added to the F16 GEMM result instead, it would carry that
-    // result's rounding (half an ulp of |x W^T|, larger than the output when the bias cancels
-    // it): run 3's op test caught 7 ulps on one such element.
+    // A bias enters the GEMM as C = bias rows with beta = 1. Where cuBLAS adds C before rounding,
+    // the output is rounded to F16 once, as in the fused kernel; the H100's cuBLAS does not always
+    // (issue 18's OpPrefillPaths one-off, session 10: x W^T rounded to F16 first, 7 ulps of the
+    // output where the bias cancels it, as the FP16 model's dense linear + bias), so this path is
+    // within half an ulp of |x W^T| more (test_cuda_gemm's bound says so).
     if (bias) {
         GPTQ_TRY(cuda_zero_async(ctx, y, size_t(m * w.n_out) * 2));
         GPTQ_TRY(op_cuda_add_bias(ctx, y, bias, m, w.n_out));
     }
-    // F32 split-K sums as well (f32_reduction), tried for issue 18's one-off OpPrefillPaths failure
-    // (seed 2609901896: m = 600, n_out = 264, n_in = 1024, 7 ulps in this path while the fused
-    // kernel meets the bound on the same data); on the H100 the replay still fails with it.
     return cuda::gemm(ctx.blas(), cuda::gemm_dtype::f16, xin, w16, y, m, w.n_out, w.n_in, w.n_in, w.n_in, w.n_out,
-                      1.0f, bias ? 1.0f : 0.0f, ctx.stream(), /*f32_reduction=*/true);
+                      1.0f, bias ? 1.0f : 0.0f, ctx.stream());
 }
 
 status dequant_fill(const void* arg, cudaStream_t stream, uint16_t* w16) {

@@ -21,22 +21,14 @@ status gemm_check(int64_t m, int64_t n, int64_t k, int64_t x_stride, int64_t w_s
 
 status gemm(cublasHandle_t handle, gemm_dtype dtype, const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t m,
             int64_t n, int64_t k, int64_t x_stride, int64_t w_stride, int64_t y_stride, float alpha, float beta,
-            cudaStream_t stream, bool f32_reduction) {
+            cudaStream_t stream) {
     if (m <= 0 || n <= 0) return status::ok();
     GPTQ_TRY(gemm_check(m, n, k, x_stride, w_stride, y_stride));
     const cudaDataType_t t = dtype == gemm_dtype::f16 ? CUDA_R_16F : CUDA_R_16BF;
     GPTQ_CUBLAS_CHECK(cublasSetStream(handle, stream));
-    cublasMath_t mode = CUBLAS_DEFAULT_MATH;
-    if (f32_reduction) {
-        GPTQ_CUBLAS_CHECK(cublasGetMathMode(handle, &mode));
-        GPTQ_CUBLAS_CHECK(cublasSetMathMode(
-            handle, cublasMath_t(unsigned(mode) | unsigned(CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION))));
-    }
-    const cublasStatus_t st =
-        cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, w, t, int(w_stride), x, t,
-                     int(x_stride), &beta, y, t, int(y_stride), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-    if (f32_reduction) GPTQ_CUBLAS_CHECK(cublasSetMathMode(handle, mode));  // the handle as it was
-    GPTQ_CUBLAS_CHECK(st);
+    GPTQ_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, w, t,
+                                   int(w_stride), x, t, int(x_stride), &beta, y, t, int(y_stride), CUBLAS_COMPUTE_32F,
+                                   CUBLAS_GEMM_DEFAULT));
     return status::ok();
 }
 

@@ -15,13 +15,12 @@ enum class gemm_dtype { f16, bf16 };
 
 // y[m, n] = alpha * x[m, k] w[n, k]^T + beta * y[m, n]. x: [m, x_stride], w: [n, w_stride],
 // y: [m, y_stride], all of `dtype` (16-bit bits), device pointers; y does not alias x or w.
-// The handle's stream is set to `stream`. Sums in F32; cuBLAS may still add split-K partial sums in
-// the output type (F16: "reduced precision reduction", PyTorch's default too) unless `f32_reduction`,
-// which forbids that for this call (CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION): the W4
-// dequantize + cuBLAS path asks for it, so that its output is rounded to F16 once.
+// The handle's stream is set to `stream`. Sums in F32. With beta != 0 the result is not always
+// rounded once: on the H100 (session 10) cuBLAS rounded x w^T to F16 before adding beta * y for
+// some shapes (docs/cuda.md, "Prefill GEMM").
 status gemm(cublasHandle_t handle, gemm_dtype dtype, const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t m,
             int64_t n, int64_t k, int64_t x_stride, int64_t w_stride, int64_t y_stride, float alpha, float beta,
-            cudaStream_t stream, bool f32_reduction = false);
+            cudaStream_t stream);
 
 // The same with an F32 output y[m, y_stride] (alpha = 1, beta = 0): for the lm_head, whose logits
 // feed a log-softmax, so they are not rounded to F16.

@@ -8,7 +8,7 @@
 # for a build where the prefetch was on by default). Output: $OUT/decode_ab.txt, decode_ab.jsonl.
 #   run(command="bash scripts/device/decode_ab_binaries.sh", carry=[".device-bundle", ".device-b9"])
 set -uo pipefail
-OUT=${OUT:-$PWD/device-out}
+export OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
 if ! . scripts/device/bundle_env.sh 2> /dev/null; then
     mkdir -p /tmp/gptq-device-bundle && tar -C /tmp/gptq-device-bundle -xJf "${DEVICE_BUNDLE:-.device-bundle}/bundle.tar.xz" &&

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Source on the GPU machine after run.sh has built (build-device/) or unpacked the bundle
-# (/tmp/gptq-device-bundle): sets TEST_DIR and GPTQ, and for the bundle exports LD_LIBRARY_PATH
-# (the bundle's libraries, then the machine's cuBLAS / cuSOLVER / cuSPARSE / nvJitLink, too large
-# to carry). Returns 1 when neither is there. Also exports GPTQ_TEST_SOURCE_DIR=$PWD.
+# Source on the GPU machine: sets TEST_DIR and GPTQ from run.sh's build (build-device/) or from the
+# carried bundle (scripts/device/bundle.sh), unpacked into GPTQ_BUNDLE_DIR (/tmp/gptq-device-bundle)
+# from DEVICE_BUNDLE (.device-bundle) unless that copy is current; for the bundle it exports
+# LD_LIBRARY_PATH (the bundle's libraries, then the machine's cuBLAS / cuSOLVER / cuSPARSE /
+# nvJitLink, too large to carry). Returns 1 when there is neither. Also exports
+# GPTQ_TEST_SOURCE_DIR=$PWD.
 if [ -x build-device/tests/test_llama_cuda ]; then
     TEST_DIR=build-device/tests GPTQ=build-device/bin/gptq
 else
-    B=/tmp/gptq-device-bundle
-    [ -x "$B/bin/test_llama_cuda" ] || return 1
+    B=${GPTQ_BUNDLE_DIR:-/tmp/gptq-device-bundle}
+    DB=${DEVICE_BUNDLE:-.device-bundle}
+    # (Re)unpacked when the carried bundle is newer than the last unpacking (a warm machine keeps /tmp).
+    if [ -f "$DB/bundle.tar.xz" ] && { [ ! -f "$B/.unpacked" ] || [ "$DB/bundle.tar.xz" -nt "$B/.unpacked" ]; }; then
+        rm -rf "$B" && mkdir -p "$B" && tar -C "$B" -xJf "$DB/bundle.tar.xz" && touch "$B/.unpacked" || return 1
+    fi
+    [ -x "$B/bin/gptq" ] || return 1
     TEST_DIR=$B/bin GPTQ=$B/bin/gptq
     CUDA_DIRS=""
     for lib in libcublas.so.13 libcusolver.so.12 libcusparse.so.12 libnvJitLink.so.13; do

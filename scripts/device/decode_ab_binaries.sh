@@ -10,10 +10,7 @@
 set -uo pipefail
 export OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
-if ! . scripts/device/bundle_env.sh 2> /dev/null; then
-    mkdir -p /tmp/gptq-device-bundle && tar -C /tmp/gptq-device-bundle -xJf "${DEVICE_BUNDLE:-.device-bundle}/bundle.tar.xz" &&
-        . scripts/device/bundle_env.sh || { echo "decode_ab: no bundle" | tee -a "$OUT/decode_ab.txt"; exit 1; }
-fi
+. scripts/device/bundle_env.sh || { echo "decode_ab: no build-device and no bundle" | tee -a "$OUT/decode_ab.txt"; exit 1; }
 OLD=/tmp/gptq-old
 xz -dc "${AB_OLD_XZ:-.device-b9/gptq.xz}" > "$OLD" && chmod +x "$OLD" || { echo "decode_ab: no old binary"; exit 1; }
 W=/tmp/gptq-decode-ab; rm -rf "$W"; mkdir -p "$W"

@@ -12,12 +12,7 @@
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
-if ! . scripts/device/bundle_env.sh 2> /dev/null; then
-    DB=${DEVICE_BUNDLE:-.device-bundle}
-    mkdir -p /tmp/gptq-device-bundle && tar -C /tmp/gptq-device-bundle -xJf "$DB/bundle.tar.xz" ||
-        { echo "decode_quick: no build and no $DB" | tee -a "$OUT/decode_quick.txt"; exit 1; }
-    . scripts/device/bundle_env.sh || { echo "decode_quick: bundle unpack failed"; exit 1; }
-fi
+. scripts/device/bundle_env.sh || { echo "decode_quick: no build-device and no bundle" | tee -a "$OUT/decode_quick.txt"; exit 1; }
 W=/tmp/gptq-decode-quick; rm -rf "$W"; mkdir -p "$W"
 timeout 200 "$GPTQ" -q make-random --like "${QUICK_LIKE:-llama-2-7b}-layers=${QUICK_LAYERS:-8}" -o "$W/f16" --threads "$(nproc)" > /dev/null &&
     timeout 300 "$GPTQ" -q quantize "$W/f16" -o "$W/w4" --method rtn --bits 4 --group-size 128 --threads "$(nproc)" > /dev/null ||

@@ -175,6 +175,91 @@ void gemm_rows(f16_isa isa, const float* x, const uint16_t* w, float* y, int64_t
     }
 }
 
+// ---- Prompt rows on AVX-512F: packed F32 panels and an 8 x 32 register tile ----
+// OpenBLAS 0.3.21 runs its Haswell (AVX2) sgemm on CPUs it does not know (the development VM's
+// Zen 5), half of what AVX-512 FMA can do, and the tile path above converts every weight tile
+// and lets sgemm copy it again. Here each 32-output panel of a k-block of 256 is converted from
+// F16 and transposed once into panel[kk][32] (32 KB, L1), and every 8 activation rows run 16
+// accumulators (8 rows x 2 vectors of 16 outputs): per k, two panel loads, eight broadcasts, 16
+// FMAs. Each output is one sequential FMA chain over k (y = fma(x_k, w_k, y), k-blocks continuing
+// from the stored partial sum), so a row's result does not depend on m, the tile or the thread.
+constexpr int64_t k_pk_kb = 256;  // k per packed block
+constexpr int64_t k_pk_nr = 32;   // outputs per panel
+constexpr int64_t k_pk_np = 2;    // panels per tile (k_f16_tile outputs)
+static_assert(k_pk_nr * k_pk_np == k_f16_tile);
+
+// panel[kk * 32 + j] = W[j0 + j, kb0 + kk] for j < nr; columns nr..31 zero.
+void pack_panel(f16_isa isa, const uint16_t* w, int64_t k, int64_t j0, int64_t nr, int64_t kb0, int64_t kbn,
+                float* panel, float* row) {
+    for (int64_t j = 0; j < k_pk_nr; ++j) {
+        if (j < nr)
+            f16_convert(isa, w + (j0 + j) * k + kb0, row, kbn);
+        else
+            std::fill(row, row + kbn, 0.0f);
+        for (int64_t kk = 0; kk < kbn; ++kk) panel[kk * k_pk_nr + j] = row[kk];
+    }
+}
+
+// y[i, 0..nr) (+)= x[i, 0..kbn) panel for i < MR (x rows ldx apart, y rows ldy apart).
+template <int MR>
+__attribute__((target("avx512f"))) void tile_f32(const float* x, int64_t ldx, const float* panel, int64_t kbn,
+                                                  float* y, int64_t ldy, int64_t nr, bool accumulate) {
+    const __mmask16 m0 = nr >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nr) - 1);
+    const __mmask16 m1 = nr >= 32 ? __mmask16(0xFFFF) : nr <= 16 ? __mmask16(0) : __mmask16((1u << (nr - 16)) - 1);
+    __m512          c[MR][2];
+    for (int i = 0; i < MR; ++i) {
+        c[i][0] = accumulate ? _mm512_maskz_loadu_ps(m0, y + i * ldy) : _mm512_setzero_ps();
+        c[i][1] = accumulate ? _mm512_maskz_loadu_ps(m1, y + i * ldy + 16) : _mm512_setzero_ps();
+    }
+    for (int64_t kk = 0; kk < kbn; ++kk) {
+        const __m512 b0 = _mm512_loadu_ps(panel + kk * k_pk_nr), b1 = _mm512_loadu_ps(panel + kk * k_pk_nr + 16);
+        for (int i = 0; i < MR; ++i) {
+            const __m512 a = _mm512_set1_ps(x[i * ldx + kk]);
+            c[i][0]        = _mm512_fmadd_ps(a, b0, c[i][0]);
+            c[i][1]        = _mm512_fmadd_ps(a, b1, c[i][1]);
+        }
+    }
+    for (int i = 0; i < MR; ++i) {
+        _mm512_mask_storeu_ps(y + i * ldy, m0, c[i][0]);
+        _mm512_mask_storeu_ps(y + i * ldy + 16, m1, c[i][1]);
+    }
+}
+
+void tile_rows(int64_t mr, const float* x, int64_t ldx, const float* panel, int64_t kbn, float* y, int64_t ldy,
+               int64_t nr, bool accumulate) {
+    switch (mr) {
+        case 8: return tile_f32<8>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
+        case 7: return tile_f32<7>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
+        case 6: return tile_f32<6>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
+        case 5: return tile_f32<5>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
+        case 4: return tile_f32<4>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
+        case 3: return tile_f32<3>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
+        case 2: return tile_f32<2>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
+        default: return tile_f32<1>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
+    }
+}
+
+// Output rows [j0, j1) of all m activation rows, in tiles of k_f16_tile outputs.
+void gemm_rows_avx512(const float* x, const uint16_t* w, float* y, int64_t m, int64_t n, int64_t k, int64_t j0,
+                      int64_t j1) {
+    thread_local std::vector<float> panels, row;
+    panels.resize(static_cast<size_t>(k_pk_np * k_pk_kb * k_pk_nr));
+    row.resize(static_cast<size_t>(k_pk_kb));
+    for (int64_t t0 = j0; t0 < j1; t0 += k_f16_tile) {
+        const int64_t nt = std::min(k_f16_tile, j1 - t0), np = (nt + k_pk_nr - 1) / k_pk_nr;
+        for (int64_t kb0 = 0; kb0 < k; kb0 += k_pk_kb) {
+            const int64_t kbn = std::min(k_pk_kb, k - kb0);
+            for (int64_t p = 0; p < np; ++p)
+                pack_panel(f16_isa::AVX512, w, k, t0 + p * k_pk_nr, std::min(k_pk_nr, nt - p * k_pk_nr), kb0, kbn,
+                           panels.data() + p * k_pk_kb * k_pk_nr, row.data());
+            for (int64_t i0 = 0; i0 < m; i0 += 8)
+                for (int64_t p = 0; p < np; ++p)
+                    tile_rows(std::min<int64_t>(8, m - i0), x + i0 * k + kb0, k, panels.data() + p * k_pk_kb * k_pk_nr,
+                              kbn, y + i0 * n + t0 + p * k_pk_nr, n, std::min(k_pk_nr, nt - p * k_pk_nr), kb0 > 0);
+        }
+    }
+}
+
 }  // namespace
 
 void linear_f16_ref(const float* x, const uint16_t* w, const float* bias, float* y, int64_t m, int64_t n, int64_t k) {
@@ -194,6 +279,8 @@ void linear_f16(const float* x, const uint16_t* w, const float* bias, float* y, 
         const int64_t j0 = b0 * unit, j1 = std::min(n, b1 * unit);
         if (gemv)
             gemv_rows(isa, x, w, y, m, n, k, j0, j1);
+        else if (isa == f16_isa::AVX512)
+            gemm_rows_avx512(x, w, y, m, n, k, j0, j1);
         else
             gemm_rows(isa, x, w, y, m, n, k, j0, j1);
     };

@@ -9,7 +9,10 @@
 # the values. Rounds interleave every engine and thread count (a round: threads 1, 2, 4, 8 in turn,
 # every model of both engines at each). Output in $OUT: bench.jsonl (one JSON line per measurement,
 # tagged with round/threads/engine/config), summary.md (medians and ranges), cpu.txt, setup.log.
-# Environment: ROUNDS (3), THREADS ("1 2 4 8"), PROMPT (512), GEN (128), DC (.device-cpu).
+# With .device-cpu/gptq-base.xz (pack_cpu_bench.sh GPTQ_BASE=...) an earlier build of ours runs beside
+# it in every round (engine gptqkit-base): before/after on quiet cores.
+# Environment: ROUNDS (3), THREADS ("1 2 4 8"), PROMPT (512), GEN (128), DC (.device-cpu), BUDGET_S (420:
+# no new round starts after this many seconds, so that one 600 s call ends with its summary).
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 ROUNDS=${ROUNDS:-3}
@@ -27,6 +30,8 @@ log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$OUT/setup.log"; }
 [ -d "$DC" ] || { log "no $DC: run scripts/device/pack_cpu_bench.sh on the development machine and carry it"; exit 1; }
 log "bundle of commit $(cat "$DC/COMMIT") (uncommitted: $(wc -l < "$DC/DIRTY") files)"
 xz -dc "$DC/gptq.xz" > "$W/gptq"
+OURS="gptq"
+if [ -f "$DC/gptq-base.xz" ]; then xz -dc "$DC/gptq-base.xz" > "$W/gptq-base" && chmod +x "$W/gptq-base"; OURS="gptq gptq-base"; fi
 for b in llama-bench llama-quantize; do xz -dc "$DC/$b.xz" > "$W/$b"; done
 chmod +x "$W/gptq" "$W/llama-bench" "$W/llama-quantize"
 for f in "$DC"/lib/*.xz; do xz -dc "$f" > "$W/lib/$(basename "${f%.xz}")"; done
@@ -62,11 +67,14 @@ tag() {  # prefix every JSON line of stdin with the measurement's tags
     sed -n "s/^{/{\"round\":$1,\"threads\":$2,\"engine\":\"$3\",\"config\":\"$4\",\"what\":\"$5\",/p" >> "$OUT/bench.jsonl"
 }
 for r in $(seq 1 "$ROUNDS"); do
+    if [ $r -gt 1 ] && [ $SECONDS -gt "${BUDGET_S:-420}" ]; then log "stopping before round $r: ${SECONDS} s spent"; break; fi
     for t in $THREADS; do
         log "round $r threads $t load $(cut -d' ' -f1-3 /proc/loadavg)"
         for m in f16 w4 w4-qhead; do
-            timeout 300 "$GPTQ" bench "$W/small-$m" --device cpu --threads "$t" --batch 1 --prompt "$PROMPT" --gen "$GEN" \
-                --repeat 3 --json 2>> "$OUT/setup.log" | tag "$r" "$t" gptqkit "$m" both
+            for g in $OURS; do  # gptq-base: the earlier build, engine "gptqkit-base"
+                timeout 300 "$W/$g" bench "$W/small-$m" --device cpu --threads "$t" --batch 1 --prompt "$PROMPT" \
+                    --gen "$GEN" --repeat 3 --json 2>> "$OUT/setup.log" | tag "$r" "$t" "gptqkit${g#gptq}" "$m" both
+            done
         done
         [ $LLAMA_OK = 1 ] || continue
         for q in F16 Q4_0 Q4_K_M; do
@@ -88,7 +96,7 @@ v = {}
 for line in open(sys.argv[1]):
     j = json.loads(line)
     k = (j["engine"], j["config"], j["threads"])
-    if j["engine"] == "gptqkit":
+    if j["engine"].startswith("gptqkit"):
         v.setdefault(k + ("prefill",), []).append(j["prefill_tok_per_s"])
         v.setdefault(k + ("decode",), []).append(j["decode_tok_per_s"])
     else:
@@ -113,5 +121,16 @@ for t in sorted({k[2] for k in v}):
             x, y = med.get(("gptqkit", a, t, what)), med.get(("llama.cpp", b, t, what))
             r.append(f"{x / y:.2f}" if x and y else "-")
         print(f"| {t} | {a} / {b} | {r[0]} | {r[1]} |")
+if any(k[0] == "gptqkit-base" for k in v):
+    print()
+    print("| threads | config | new / base prefill | new / base decode |")
+    print("|---|---|---|---|")
+    for t in sorted({k[2] for k in v}):
+        for c in ("f16", "w4", "w4-qhead"):
+            r = []
+            for what in ("prefill", "decode"):
+                x, y = med.get(("gptqkit", c, t, what)), med.get(("gptqkit-base", c, t, what))
+                r.append(f"{x / y:.2f}" if x and y else "-")
+            print(f"| {t} | {c} | {r[0]} | {r[1]} |")
 PY
 cat "$OUT/summary.md"

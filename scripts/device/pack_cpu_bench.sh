@@ -17,7 +17,7 @@
 #     -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
 #     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DCMAKE_EXE_LINKER_FLAGS=-static
 #   cmake --build $LLAMACPP_PORTABLE --target llama-bench llama-quantize -j 2
-# Environment: GPTQ (default build-cpu/bin/gptq), MODEL (../shared/models/small-llama), LLAMACPP_DIR
+# Environment: GPTQ (default build-cpu/bin/gptq), GPTQ_BASE (optional: an earlier gptq, run beside it), MODEL (../shared/models/small-llama), LLAMACPP_DIR
 # (/work/llamacpp: models/small-Q4_K_M.gguf), LLAMACPP_PORTABLE (/work/hcpu/llamacpp-portable), DST (.device-cpu).
 set -euo pipefail
 GPTQ=${GPTQ:-build-cpu/bin/gptq}
@@ -30,6 +30,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 rm -rf "$DST"
 mkdir -p "$DST/lib"
 xz -T2 -6 -c "$GPTQ" > "$DST/gptq.xz"
+# An earlier build of ours (same libraries), measured in the same rounds: before/after on quiet cores.
+if [ -n "${GPTQ_BASE:-}" ]; then xz -T2 -6 -c "$GPTQ_BASE" > "$DST/gptq-base.xz"; fi
 for l in $(ldd "$GPTQ" | awk '/=>/ {print $3}'); do
     case "$(basename "$l")" in libc.so*|libm.so*|libgcc_s*|ld-linux*) continue ;; esac
     xz -T2 -6 -c "$(readlink -f "$l")" > "$DST/lib/$(basename "$l").xz"

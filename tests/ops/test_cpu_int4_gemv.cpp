@@ -50,20 +50,16 @@ random_layer make(int64_t n_out, int64_t n_in, int64_t gs, int bits, bool act_or
     return L;
 }
 
-// One quantized activation row; row() with the rearranged blocks (xp) as the op makes them,
-// row_plain() without (the 512-bit kernels then take their chunk-pair path).
 struct q8 {
     std::vector<int8_t> xq;
     std::vector<float>  d, xsum;
-    std::vector<int8_t> xp;
-    cpu::gptq_q8_row    row() { return {xq.data(), d.data(), xsum.data(), xp.empty() ? nullptr : xp.data()}; }
-    cpu::gptq_q8_row    row_plain() { return {xq.data(), d.data(), xsum.data()}; }
+    cpu::gptq_q8_row    row() { return {xq.data(), d.data(), xsum.data()}; }
 };
 
 q8 quantize(const float* x, const cpu::gptq_cpu_layout& l) {
     q8 a{std::vector<int8_t>(static_cast<size_t>(l.k_pad)),
          std::vector<float>(static_cast<size_t>(l.k_pad / cpu::k_gptq_chunk)),
-         std::vector<float>(static_cast<size_t>(l.n_groups)), std::vector<int8_t>(static_cast<size_t>(l.k_pad))};
+         std::vector<float>(static_cast<size_t>(l.n_groups))};
     cpu::gptq_quantize_activations(x, l, a.row());
     return a;
 }
@@ -126,10 +122,9 @@ TEST(cpu_int4_gemv, kernels_within_derived_bounds) {
                                      nullptr, ref32.data(), 1, n_out, n_in);
                 const double n_ops = static_cast<double>(l.k_pad / cpu::k_gptq_chunk + l.n_groups + 8);
                 const double gamma = n_ops * eps / (1 - n_ops * eps);
-                for (auto isa : isas)
-                    for (bool xp : {true, false}) {
+                for (auto isa : isas) {
                     std::vector<float> y(static_cast<size_t>(n_out));
-                    cpu::gptq_gemv_q8(l, xp ? a.row() : a.row_plain(), y.data(), 0, n_out, isa);
+                    cpu::gptq_gemv_q8(l, a.row(), y.data(), 0, n_out, isa);
                     for (int64_t n = 0; n < n_out; ++n) {
                         double mag = 0, act_err = 0;
                         for (int64_t k = 0; k < n_in; ++k) {
@@ -141,12 +136,12 @@ TEST(cpu_int4_gemv, kernels_within_derived_bounds) {
                         const double b1 = gamma * mag + 1e-30;
                         ASSERT_LE(std::fabs(y[size_t(n)] - ref8[size_t(n)]), b1)
                             << cpu::gptq_isa_name(isa) << " bits " << bits << " " << n_out << "x" << n_in << " gs "
-                            << gs << " act " << act << " xp " << xp << " n " << n;
+                            << gs << " act " << act << " n " << n;
                         ASSERT_LE(std::fabs(y[size_t(n)] - ref32[size_t(n)]), act_err * (1 + 1e-6) + b1)
                             << cpu::gptq_isa_name(isa) << " bits " << bits << " " << n_out << "x" << n_in << " gs "
-                            << gs << " act " << act << " xp " << xp << " n " << n;
+                            << gs << " act " << act << " n " << n;
                     }
-                    }
+                }
                 ++cases;
             }
     EXPECT_EQ(cases, 4 * 9 * 2);
@@ -299,7 +294,7 @@ TEST(cpu_int4_gemv, activation_rounding_kernels_equal_the_reference_bit_for_bit)
                     cpu::gptq_quantize_activations(x.data(), l, sc.row(), cpu::gptq_isa::GPTQ_ISA_SCALAR);
                     for (auto isa : isas) {
                         q8 a{std::vector<int8_t>(ref.xq.size(), int8_t{0x55}), std::vector<float>(ref.d.size(), -7.0f),
-                             std::vector<float>(ref.xsum.size(), -7.0f), {}};
+                             std::vector<float>(ref.xsum.size(), -7.0f)};
                         cpu::gptq_quantize_activations(x.data(), l, a.row(), isa);
                         for (size_t i = 0; i < ref.xq.size(); ++i)
                             ASSERT_EQ(a.xq[i], sc.xq[i]) << cpu::gptq_isa_name(isa) << " n_in " << n_in << " gs " << gs

@@ -51,16 +51,6 @@ GPTQ_KT inline __m512i pair_dot(__m512i acc, const uint8_t* row, int64_t c, __m5
     }
 }
 
-// A full activation block of 4 nibble chunks (128 rows) in one 64-byte load: its low nibbles are
-// rows 0-15 of chunks 0..3 and its high nibbles rows 16-31, matched by the activations' block copy
-// rearranged the same way once per row (gptq_q8_row::xp): two vpdpbusd, no lane shuffles.
-GPTQ_KT inline __m512i quad_dot(__m512i acc, const uint8_t* row, int64_t cb, __m512i xlo, __m512i xhi) {
-    const __m512i m4 = _mm512_set1_epi8(15);
-    const __m512i q  = _mm512_loadu_si512(row + cb * 16);
-    acc              = _mm512_dpbusd_epi32(acc, _mm512_and_si512(q, m4), xlo);
-    return _mm512_dpbusd_epi32(acc, _mm512_and_si512(_mm512_srli_epi16(q, 4), m4), xhi);
-}
-
 template <int R, bool B8>
 GPTQ_KT void rows_q8_512(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0) {
     const int64_t  rb = w.row_bytes(), G = w.n_groups;
@@ -81,12 +71,6 @@ GPTQ_KT void rows_q8_512(const gptq_cpu_layout& w, const gptq_q8_row& xr, float*
             __m512i       wide[R];
             for (int r = 0; r < R; ++r) wide[r] = _mm512_setzero_si512();
             int64_t c = cb;
-            if (!B8 && xr.xp && ce - cb == k_gptq_act_chunks) {
-                const __m512i xlo = _mm512_loadu_si512(xr.xp + cb * k_gptq_chunk);
-                const __m512i xhi = _mm512_loadu_si512(xr.xp + cb * k_gptq_chunk + 64);
-                for (int r = 0; r < R; ++r) wide[r] = quad_dot(wide[r], rows[r], cb, xlo, xhi);
-                c = ce;
-            }
             for (; c + 2 <= ce; c += 2) {
                 __m512i xv = _mm512_loadu_si512(xr.xq + c * k_gptq_chunk);
                 if constexpr (!B8) xv = _mm512_shuffle_i64x2(xv, xv, _MM_SHUFFLE(3, 1, 2, 0));
@@ -156,20 +140,6 @@ GPTQ_KT void tile_q8_512(const gptq_cpu_layout& w, const gptq_q8_row* xr, float*
             for (int r = 0; r < R; ++r)
                 for (int i = 0; i < M; ++i) wide[r][i] = _mm512_setzero_si512();
             int64_t c = cb;
-            if (!B8 && xr[0].xp && ce - cb == k_gptq_act_chunks) {  // as rows_q8_512
-                __m512i xlo[M], xhi[M];
-                for (int i = 0; i < M; ++i) {
-                    xlo[i] = _mm512_loadu_si512(xr[i].xp + cb * k_gptq_chunk);
-                    xhi[i] = _mm512_loadu_si512(xr[i].xp + cb * k_gptq_chunk + 64);
-                }
-                for (int r = 0; r < R; ++r) {
-                    const __m512i q  = _mm512_loadu_si512(rows[r] + cb * 16);
-                    const __m512i lo = _mm512_and_si512(q, m4), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
-                    for (int i = 0; i < M; ++i)
-                        wide[r][i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(wide[r][i], lo, xlo[i]), hi, xhi[i]);
-                }
-                c = ce;
-            }
             for (; c + 2 <= ce; c += 2) {
                 __m512i xv[M];
                 for (int i = 0; i < M; ++i) {
@@ -452,32 +422,16 @@ void quantize_vec(const float* x, const gptq_cpu_layout& w, const gptq_q8_row& o
 
 }  // namespace
 
-namespace {
-// out.xp from out.xq (gptq_q8_row): the full 4-chunk blocks of every group.
-void rearrange_blocks(const gptq_cpu_layout& w, const gptq_q8_row& out) {
-    for (int64_t g = 0; g < w.n_groups; ++g)
-        for (int64_t p0 = w.pad_start[g]; p0 + k_gptq_act_block <= w.pad_start[g + 1]; p0 += k_gptq_act_block)
-            for (int64_t c = 0; c < k_gptq_act_chunks; ++c) {
-                std::copy_n(out.xq + p0 + c * k_gptq_chunk, 16, out.xp + p0 + c * 16);
-                std::copy_n(out.xq + p0 + c * k_gptq_chunk + 16, 16, out.xp + p0 + 64 + c * 16);
-            }
-}
-}  // namespace
-
 void gptq_quantize_activations(const float* x, const gptq_cpu_layout& w, const gptq_q8_row& out, gptq_isa isa) {
     switch (resolve(isa)) {
         case gptq_isa::GPTQ_ISA_AVX512:
         case gptq_isa::GPTQ_ISA_VNNI:
-            quantize_vec<true>(x, w, out);
-            break;
+            return quantize_vec<true>(x, w, out);
         case gptq_isa::GPTQ_ISA_AVX2:
-            quantize_vec<false>(x, w, out);
-            break;
+            return quantize_vec<false>(x, w, out);
         default:
-            quantize_ref(x, w, out);
-            break;
+            return quantize_ref(x, w, out);
     }
-    if (out.xp) rearrange_blocks(w, out);
 }
 
 void gptq_gemv_q8(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0, int64_t n1, gptq_isa isa) {
@@ -503,7 +457,6 @@ struct scratch {
     std::vector<float>       xs;    // [m, n_in] gathered activations (F32 path)
     std::vector<float>       wbuf;  // [k_rows_per_task, n_in] dequantized weights (F32 path)
     std::vector<int8_t>      xq;    // [m, k_pad]
-    std::vector<int8_t>      xp;    // [m, k_pad] gptq_q8_row::xp
     std::vector<float>       d;     // [m, k_pad / 32]
     std::vector<float>       xsum;  // [m, n_groups]
     std::vector<gptq_q8_row> rows;  // [n_jobs, m] views of xq/d/xsum (the int8 GEMM)
@@ -613,13 +566,12 @@ void linears_int8(const float* x, const gptq_linear_job* jobs, int n_jobs, int64
         task0[size_t(j + 1)] = task0[size_t(j)] + (w.n_out + k_gemv_block - 1) / k_gemv_block;
     }
     int8_t* xq  = grow(s.xq, nq);
-    int8_t* xp  = grow(s.xp, nq);  // the blocks rearranged for the 512-bit kernels (every row has them)
     float*  d   = grow(s.d, nd);
     float*  xsm = grow(s.xsum, ns);
     auto    row = [&](int j, int64_t i) {
         const gptq_cpu_layout& w = *jobs[j].w;
         return gptq_q8_row{xq + off_q[size_t(j)] + i * w.k_pad, d + off_d[size_t(j)] + i * (w.k_pad / k_gptq_chunk),
-                           xsm + off_s[size_t(j)] + i * w.n_groups, xp + off_q[size_t(j)] + i * w.k_pad};
+                           xsm + off_s[size_t(j)] + i * w.n_groups};
     };
     for (int j = 0; j < n_jobs; ++j)
         if (src[size_t(j)] == j)

@@ -74,18 +74,10 @@ const char* gptq_isa_name(gptq_isa isa);
 // One row of activations quantized for the int8 GEMV: xq [k_pad] (padded rows 0), d
 // [k_pad / 32] (per chunk: every chunk of a block holds the block's scale), xsum [n_groups] (see
 // the header comment). x: [n_in], original order.
-//
-// xp [k_pad] (optional): every full block of 4 chunks (128 padded rows) of xq rearranged for the
-// 512-bit nibble kernels: [rows 0-15 of chunks 0..3, rows 16-31 of chunks 0..3] (the order of a
-// 64-byte load of the block's codes, low then high nibbles; other positions are not written).
-// With it the AVX512 GEMV and GEMM multiply such blocks with two vpdpbusd and no shuffles; the
-// integer sums are the same, but they land in other int32 lanes, so a row's F32 result with xp
-// may differ in the last bits from the one without: the rows of one call have it or not, all.
 struct gptq_q8_row {
     int8_t* xq   = nullptr;
     float*  d    = nullptr;
     float*  xsum = nullptr;
-    int8_t* xp   = nullptr;
 };
 // isa: SCALAR is the plain reference; AVX2 and AVX-512 (VNNI and AVX512 select it) give its
 // result bit for bit.

@@ -2,6 +2,7 @@
 # gptqkit's CPU backend against llama.cpp on the GPU machine's idle cores (issue 22; docs/perf-notes.md).
 # Carry .device-cpu (scripts/device/pack_cpu_bench.sh makes it here), then from the repository root:
 #   bash scripts/device/cpu_bench.sh          (results under $OUT, default ./device-out)
+# i.e. run(command="bash scripts/device/cpu_bench.sh", carry=[".device-cpu"]) (~5-7 min; 16 idle cores).
 # small-llama (23 M) at batch 1, 1/2/4/8 threads: prefill of 512 tokens, decode of GEN tokens after a
 # 512-token prompt. Ours: F16, W4 g128 RTN (F16 tied lm_head) and W4 g128 with --quantize-lm-head
 # (an int4 head), all from placeholder weights of the real shapes; llama.cpp: Q4_K_M (real weights,

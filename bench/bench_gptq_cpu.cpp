@@ -1,5 +1,6 @@
 // CPU linear kernels at prompt and decode sizes (issue 22): the GPTQ int8-activation path
-// (gptq_linear, GEMV for m < 4 and the int8 GEMM for prompts), its F32 path, and the F16 linear
+// (gptq_linear, GEMV for m < 4 and the int8 GEMM for prompts; the best kernel and AVX2's), its F32
+// path, and the F16 linear
 // (linear_f16), on random layers of small-llama's and a Llama-2-7B layer's shapes, one thread.
 // The machine is shared, so each case reports the MINIMUM time of `reps` calls (plus the median),
 // the least disturbed run: compare binaries by it, interleaved.
@@ -72,6 +73,10 @@ int main(int argc, char** argv) {
             std::vector<float> x(static_cast<size_t>(m * s.n_in)), y(static_cast<size_t>(m * s.n_out));
             for (auto& v : x) v = nd(rng) * 50.0f;
             time_it("gptq int8", s, m, reps, [&] { cpu::gptq_linear(x.data(), l, nullptr, y.data(), m, nullptr, true); });
+            if (cpu::gptq_isa_available(cpu::gptq_isa::GPTQ_ISA_AVX2))  // the kernels of CPUs without VNNI
+                time_it("gptq int8 avx2", s, m, reps, [&] {
+                    cpu::gptq_linear(x.data(), l, nullptr, y.data(), m, nullptr, true, cpu::gptq_isa::GPTQ_ISA_AVX2);
+                });
             if (m > 1)
                 time_it("gptq f32", s, m, reps,
                         [&] { cpu::gptq_linear(x.data(), l, nullptr, y.data(), m, nullptr, false); });

@@ -172,7 +172,7 @@ TEST(cpu_int4_gemv, threaded_op_equals_single_row_kernel) {
 }
 
 // Prompt-sized calls (m >= 4) with int8 activations multiply the same int8-rounded activations
-// (the int8 GEMM with AVX512-VNNI, else in F32: dequantize + sgemm): each row within F32 summation
+// (the best kernel's int8 GEMM, and the scalar kernel's F32 path: dequantize + sgemm): each row within F32 summation
 // bounds of the double reference on its dequantized activations, so a row's result does not depend
 // on the number of rows in the call.
 TEST(cpu_int4_gemv, prompt_rows_use_the_same_rounded_activations) {
@@ -182,14 +182,15 @@ TEST(cpu_int4_gemv, prompt_rows_use_the_same_rounded_activations) {
     const double                    eps = std::ldexp(1.0, -24);
     for (int bits : {2, 4, 8})
         for (bool act : {false, true})
-            for (int64_t m : {4, 9}) {
+            for (int64_t m : {4, 9})
+                for (auto isa : {cpu::gptq_isa::GPTQ_ISA_BEST, cpu::gptq_isa::GPTQ_ISA_SCALAR}) {  // GEMM, F32
                 const int64_t n_out = 70, n_in = 300;
                 auto          L = make(n_out, n_in, 128, bits, act, rng);
                 auto          p = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
                                                                     L.g_idx.data(), n_out, n_in, L.n_groups, bits);
                 std::vector<float> x(static_cast<size_t>(m * n_in)), y(static_cast<size_t>(m * n_out));
                 for (auto& v : x) v = nd(rng);
-                op_gptq_linear(ops_context{&pool, false, true}, x.data(), p, nullptr, y.data(), m);
+                cpu::gptq_linear(x.data(), p.layout(), nullptr, y.data(), m, &pool, true, isa);
                 const double gamma = n_in * eps / (1 - n_in * eps);
                 for (int64_t i = 0; i < m; ++i) {
                     q8                 a = quantize(x.data() + i * n_in, p.layout());
@@ -206,19 +207,22 @@ TEST(cpu_int4_gemv, prompt_rows_use_the_same_rounded_activations) {
                         }
                         // + one rounding of each dequantized weight s * (q - z)
                         ASSERT_LE(std::fabs(y[size_t(i * n_out + n)] - ref[size_t(n)]), (gamma + 2 * eps) * mag + 1e-30)
-                            << "bits " << bits << " act " << act << " m " << m << " row " << i << " n " << n;
+                            << cpu::gptq_isa_name(isa) << " bits " << bits << " act " << act << " m " << m << " row "
+                            << i << " n " << n;
                     }
                 }
             }
 }
 
-// The int8 GEMM of prompt rows (AVX512-VNNI: tiles of 4 rows x 2 outputs, the rows past a multiple
-// of 4 through the GEMV) gives every row bit for bit what the GEMV gives it alone: bits 2/3/4/8,
+// The int8 GEMM of prompt rows (AVX2 maddubs, AVX512-VNNI on 256 and 512 bits: tiles of 4 rows x 2
+// outputs, the rows past a multiple of 4 through the GEMV) gives every row bit for bit what that GEMV gives it alone: bits 2/3/4/8,
 // group sizes 32/64/128/-1 and an odd one, act-order, n_out odd (a last 1-output tile), K not a
 // multiple of 32, row counts around the tile size, threaded.
 TEST(cpu_int4_gemv, prompt_gemm_equals_the_gemv_bit_for_bit) {
-    if (!cpu::gptq_isa_available(cpu::gptq_isa::GPTQ_ISA_AVX512))
-        GTEST_SKIP() << "the int8 GEMM needs AVX512-VNNI, which this CPU lacks (prompts take the F32 path)";
+    std::vector<cpu::gptq_isa> isas;  // every vector kernel has its GEMM (AVX2 maddubs, VNNI 256 / 512)
+    for (auto i : {cpu::gptq_isa::GPTQ_ISA_AVX2, cpu::gptq_isa::GPTQ_ISA_VNNI, cpu::gptq_isa::GPTQ_ISA_AVX512})
+        if (cpu::gptq_isa_available(i)) isas.push_back(i);
+    if (isas.empty()) GTEST_SKIP() << "no vector int8 kernel on this CPU (prompts take the F32 path)";
     std::mt19937                    rng(11);
     std::normal_distribution<float> nd;
     thread_pool                     pool(3);
@@ -233,15 +237,17 @@ TEST(cpu_int4_gemv, prompt_gemm_equals_the_gemv_bit_for_bit) {
                                                                         L.g_idx.data(), n_out, n_in, L.n_groups, bits);
                     std::vector<float> x(static_cast<size_t>(m * n_in)), y(static_cast<size_t>(m * n_out));
                     for (auto& v : x) v = nd(rng);
-                    op_gptq_linear(ops_context{&pool, false, true}, x.data(), p, nullptr, y.data(), m);
-                    for (int64_t i = 0; i < m; ++i) {
-                        q8                 a = quantize(x.data() + i * n_in, p.layout());
-                        std::vector<float> yr(static_cast<size_t>(n_out));
-                        cpu::gptq_gemv_q8(p.layout(), a.row(), yr.data(), 0, n_out, cpu::gptq_isa::GPTQ_ISA_AVX512);
-                        for (int64_t n = 0; n < n_out; ++n)
-                            ASSERT_EQ(y[size_t(i * n_out + n)], yr[size_t(n)])
-                                << "bits " << bits << " gs " << gs << " act " << act << " m " << m << " row " << i
-                                << " n " << n;
+                    for (auto isa : isas) {
+                        cpu::gptq_linear(x.data(), p.layout(), nullptr, y.data(), m, &pool, true, isa);
+                        for (int64_t i = 0; i < m; ++i) {
+                            q8                 a = quantize(x.data() + i * n_in, p.layout());
+                            std::vector<float> yr(static_cast<size_t>(n_out));
+                            cpu::gptq_gemv_q8(p.layout(), a.row(), yr.data(), 0, n_out, isa);
+                            for (int64_t n = 0; n < n_out; ++n)
+                                ASSERT_EQ(y[size_t(i * n_out + n)], yr[size_t(n)])
+                                    << cpu::gptq_isa_name(isa) << " bits " << bits << " gs " << gs << " act " << act
+                                    << " m " << m << " row " << i << " n " << n;
+                        }
                     }
                     ++n_cases;
                 }

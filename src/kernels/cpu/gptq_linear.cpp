@@ -576,7 +576,8 @@ void linears_int8(const float* x, const gptq_linear_job* jobs, int n_jobs, int64
     for (int j = 0; j < n_jobs; ++j)
         if (src[size_t(j)] == j)
             for (int64_t i = 0; i < m; ++i) gptq_quantize_activations(x + i * jobs[j].w->n_in, *jobs[j].w, row(j, i), isa);
-    const bool gemm = m >= 4 && resolve(isa) == gptq_isa::GPTQ_ISA_AVX512;
+    const gptq_isa kernel = resolve(isa);
+    const bool     gemm   = m >= 4 && kernel != gptq_isa::GPTQ_ISA_SCALAR;
     std::vector<gptq_q8_row>& rows = s.rows;  // the int8 GEMM's views: [n_jobs, m]
     if (gemm) {
         rows.resize(static_cast<size_t>(n_jobs * m));
@@ -590,8 +591,12 @@ void linears_int8(const float* x, const gptq_linear_job* jobs, int n_jobs, int64
             const gptq_cpu_layout& w  = *jobs[j].w;
             const int64_t          n0 = (a - task0[size_t(j)]) * k_gemv_block;
             const int64_t          n1 = std::min(w.n_out, (b - task0[size_t(j)]) * k_gemv_block);
-            if (gemm)
+            if (gemm && kernel == gptq_isa::GPTQ_ISA_AVX512)
                 vnni::gemm_q8_512(w, rows.data() + j * m, m, jobs[j].y, w.n_out, n0, n1);
+            else if (gemm && kernel == gptq_isa::GPTQ_ISA_VNNI)
+                vnni::gemm_q8(w, rows.data() + j * m, m, jobs[j].y, w.n_out, n0, n1);
+            else if (gemm)
+                avx2::gemm_q8(w, rows.data() + j * m, m, jobs[j].y, w.n_out, n0, n1);
             else
                 for (int64_t i = 0; i < m; ++i) gptq_gemv_q8(w, row(j, i), jobs[j].y + i * w.n_out, n0, n1, isa);
         }
@@ -632,9 +637,10 @@ bool gptq_same_activation_layout(const gptq_cpu_layout& a, const gptq_cpu_layout
 void gptq_linears(const float* x, const gptq_linear_job* jobs, int n_jobs, int64_t m, thread_pool* pool, bool int8_act,
                   gptq_isa isa) {
     if (m <= 0) return;
-    // int8 activations: decode rows through the GEMV; prompt rows through the int8 GEMM where the
-    // CPU has AVX512-VNNI (bit for bit the GEMV's result per row), else rounded activations in F32.
-    if (int8_act && (m < 4 || resolve(isa) == gptq_isa::GPTQ_ISA_AVX512))
+    // int8 activations: decode rows through the GEMV; prompt rows through the int8 GEMM of the same
+    // instruction set (AVX512-VNNI, or AVX2 maddubs; bit for bit its GEMV's result per row), with
+    // the scalar kernel in F32 on the rounded activations (dequantize + sgemm).
+    if (int8_act && (m < 4 || resolve(isa) != gptq_isa::GPTQ_ISA_SCALAR))
         linears_int8(x, jobs, n_jobs, m, pool, isa);
     else
         for (int j = 0; j < n_jobs; ++j)

@@ -90,8 +90,9 @@ void gptq_gemv_q8(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int
 // y[m, n_out] = x W^T + bias. F32 products: dequantize + sgemm. int8_act: every row multiplies
 // its int8-rounded activations d_b * xq (the same function for every row, so a row's result does
 // not depend on how many rows share the call): m < 4 rows with the int8 GEMV; more rows (prompts)
-// with the int8 GEMM when the kernel is AVX512 (the best or named; bit for bit the GEMV's result
-// per row), else with the rounded activations in F32 through dequantize + sgemm. pool may be nullptr. Scratch
+// with the int8 GEMM of the same instruction set (AVX512 or VNNI vpdpbusd, AVX2 maddubs; bit for
+// bit that GEMV's result per row), or for the SCALAR kernel with the rounded activations in F32
+// through dequantize + sgemm. pool may be nullptr. Scratch
 // memory is per thread and reused (no allocation per call once warm).
 void gptq_linear(const float* x, const gptq_cpu_layout& w, const float* bias, float* y, int64_t m, thread_pool* pool,
                  bool int8_act, gptq_isa isa = gptq_isa::GPTQ_ISA_BEST);

@@ -82,6 +82,15 @@ int main(int argc, char** argv) {
                         [&] { cpu::gptq_linear(x.data(), l, nullptr, y.data(), m, nullptr, false); });
             time_it("f16", s, m, reps,
                     [&] { cpu::linear_f16(x.data(), w16.data(), nullptr, y.data(), m, s.n_out, s.n_in, nullptr); });
+            if (m == 1) {  // weights out of cache, as in a decode step of a model larger than L3: copies in turn
+                const size_t                       bytes = w16.size() * 2;
+                const size_t                       n_cp  = std::max<size_t>(2, (256u << 20) / bytes);
+                std::vector<std::vector<uint16_t>> cp(n_cp, w16);
+                size_t                             t = 0;
+                time_it("f16 cold", s, m, reps, [&] {
+                    cpu::linear_f16(x.data(), cp[t++ % n_cp].data(), nullptr, y.data(), m, s.n_out, s.n_in, nullptr);
+                });
+            }
         }
     }
     return 0;

@@ -73,6 +73,15 @@ int main(int argc, char** argv) {
             std::vector<float> x(static_cast<size_t>(m * s.n_in)), y(static_cast<size_t>(m * s.n_out));
             for (auto& v : x) v = nd(rng) * 50.0f;
             time_it("gptq int8", s, m, reps, [&] { cpu::gptq_linear(x.data(), l, nullptr, y.data(), m, nullptr, true); });
+            if (m == 1) {  // codes out of cache: copies of the layer in turn (256 MB)
+                const size_t                    n_cp = std::max<size_t>(2, (256u << 20) / p.bytes());
+                std::vector<gptq_packed_linear> cp(n_cp, p);
+                size_t                          t = 0;
+                time_it("gptq int8 cold", s, m, reps, [&] {
+                    const cpu::gptq_cpu_layout lc = cp[t++ % n_cp].layout();
+                    cpu::gptq_linear(x.data(), lc, nullptr, y.data(), m, nullptr, true);
+                });
+            }
             if (cpu::gptq_isa_available(cpu::gptq_isa::GPTQ_ISA_AVX2))  // the kernels of CPUs without VNNI
                 time_it("gptq int8 avx2", s, m, reps, [&] {
                     cpu::gptq_linear(x.data(), l, nullptr, y.data(), m, nullptr, true, cpu::gptq_isa::GPTQ_ISA_AVX2);

@@ -37,10 +37,11 @@ void time_it(const char* kernel, const shape& s, int64_t m, int reps, F&& f) {
     }
     std::sort(t.begin(), t.end());
     const double flop = 2.0 * static_cast<double>(m * s.n_out * s.n_in);
-    std::printf("{\"kernel\":\"%s\",\"shape\":\"%s\",\"n_out\":%lld,\"n_in\":%lld,\"m\":%lld,\"us_min\":%.1f,"
-                "\"us_median\":%.1f,\"gflops_at_min\":%.1f}\n",
-                kernel, s.name, static_cast<long long>(s.n_out), static_cast<long long>(s.n_in),
-                static_cast<long long>(m), t.front(), t[t.size() / 2], flop / t.front() / 1e3);
+    std::printf(
+        "{\"kernel\":\"%s\",\"shape\":\"%s\",\"n_out\":%lld,\"n_in\":%lld,\"m\":%lld,\"us_min\":%.1f,"
+        "\"us_median\":%.1f,\"gflops_at_min\":%.1f}\n",
+        kernel, s.name, static_cast<long long>(s.n_out), static_cast<long long>(s.n_in), static_cast<long long>(m),
+        t.front(), t[t.size() / 2], flop / t.front() / 1e3);
     std::fflush(stdout);
 }
 }  // namespace
@@ -72,7 +73,8 @@ int main(int argc, char** argv) {
         for (int64_t m : ms) {
             std::vector<float> x(static_cast<size_t>(m * s.n_in)), y(static_cast<size_t>(m * s.n_out));
             for (auto& v : x) v = nd(rng) * 50.0f;
-            time_it("gptq int8", s, m, reps, [&] { cpu::gptq_linear(x.data(), l, nullptr, y.data(), m, nullptr, true); });
+            time_it("gptq int8", s, m, reps,
+                    [&] { cpu::gptq_linear(x.data(), l, nullptr, y.data(), m, nullptr, true); });
             if (m == 1) {  // codes out of cache: copies of the layer in turn (256 MB)
                 const size_t                    n_cp = std::max<size_t>(2, (256u << 20) / p.bytes());
                 std::vector<gptq_packed_linear> cp(n_cp, p);

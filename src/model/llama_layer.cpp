@@ -97,8 +97,8 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
 
     std::vector<float> q(static_cast<size_t>(n_rows * q_dim));                // [n_rows, q_dim]
     std::vector<float> k(static_cast<size_t>(n_rows * kv_dim)), v(k.size());  // [n_rows, kv_dim]
-    const linear_role qkv[] = {linear_role::LINEAR_Q, linear_role::LINEAR_K, linear_role::LINEAR_V};
-    float* const      qkv_out[] = {q.data(), k.data(), v.data()};
+    const linear_role  qkv[]     = {linear_role::LINEAR_Q, linear_role::LINEAR_K, linear_role::LINEAR_V};
+    float* const       qkv_out[] = {q.data(), k.data(), v.data()};
     linears_run(ctx, layer, qkv, seqs, x.data(), qkv_out);
     if (hp_.qk_norm) {  // Qwen3, Gemma 3: RMSNorm over each head's head_dim values, before RoPE
         op_rms_norm(ctx, q.data(), layer.q_norm.data(), q.data(), n_rows * hp_.n_head, hd, hp_.rms_eps);
@@ -185,8 +185,8 @@ bool llama_model::mlp_block(const ops_context& ctx, const llama_layer& layer, fl
     if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_GATE_UP, y.data(), n_rows, n_embd);
     if (stop_after == linear_input::LINEAR_INPUT_GATE_UP) return false;
     std::vector<float> gate(static_cast<size_t>(n_rows * n_ff)), up(gate.size());  // [n_rows, n_ff]
-    const linear_role gu[] = {linear_role::LINEAR_GATE, linear_role::LINEAR_UP};
-    float* const      gu_out[] = {gate.data(), up.data()};
+    const linear_role  gu[]     = {linear_role::LINEAR_GATE, linear_role::LINEAR_UP};
+    float* const       gu_out[] = {gate.data(), up.data()};
     linears_run(ctx, layer, gu, seqs, y.data(), gu_out);
     switch (hp_.act) {
         case mlp_activation::ACT_SILU:

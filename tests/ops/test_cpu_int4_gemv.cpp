@@ -184,40 +184,41 @@ TEST(cpu_int4_gemv, prompt_rows_use_the_same_rounded_activations) {
         for (bool act : {false, true})
             for (int64_t m : {4, 9})
                 for (auto isa : {cpu::gptq_isa::GPTQ_ISA_BEST, cpu::gptq_isa::GPTQ_ISA_SCALAR}) {  // GEMM, F32
-                const int64_t n_out = 70, n_in = 300;
-                auto          L = make(n_out, n_in, 128, bits, act, rng);
-                auto          p = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
-                                                                    L.g_idx.data(), n_out, n_in, L.n_groups, bits);
-                std::vector<float> x(static_cast<size_t>(m * n_in)), y(static_cast<size_t>(m * n_out));
-                for (auto& v : x) v = nd(rng);
-                cpu::gptq_linear(x.data(), p.layout(), nullptr, y.data(), m, &pool, true, isa);
-                const double gamma = n_in * eps / (1 - n_in * eps);
-                for (int64_t i = 0; i < m; ++i) {
-                    q8                 a = quantize(x.data() + i * n_in, p.layout());
-                    std::vector<float> xd, dk, ref(static_cast<size_t>(n_out));
-                    dequantized(p, a, &xd, &dk);
-                    cpu::gptq_linear_ref(xd.data(), L.codes.data(), L.scales.data(), L.zeros_f.data(), L.g_idx.data(),
-                                         nullptr, ref.data(), 1, n_out, n_in);
-                    for (int64_t n = 0; n < n_out; ++n) {
-                        double mag = 0;
-                        for (int64_t k = 0; k < n_in; ++k) {
-                            const auto gi = static_cast<size_t>(L.g_idx[size_t(k)] * n_out + n);
-                            mag += L.scales[gi] * std::fabs(L.codes[size_t(n * n_in + k)] - L.zeros_f[gi]) *
-                                   std::fabs(xd[size_t(k)]);
+                    const int64_t n_out = 70, n_in = 300;
+                    auto          L = make(n_out, n_in, 128, bits, act, rng);
+                    auto          p = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
+                                                                        L.g_idx.data(), n_out, n_in, L.n_groups, bits);
+                    std::vector<float> x(static_cast<size_t>(m * n_in)), y(static_cast<size_t>(m * n_out));
+                    for (auto& v : x) v = nd(rng);
+                    cpu::gptq_linear(x.data(), p.layout(), nullptr, y.data(), m, &pool, true, isa);
+                    const double gamma = n_in * eps / (1 - n_in * eps);
+                    for (int64_t i = 0; i < m; ++i) {
+                        q8                 a = quantize(x.data() + i * n_in, p.layout());
+                        std::vector<float> xd, dk, ref(static_cast<size_t>(n_out));
+                        dequantized(p, a, &xd, &dk);
+                        cpu::gptq_linear_ref(xd.data(), L.codes.data(), L.scales.data(), L.zeros_f.data(),
+                                             L.g_idx.data(), nullptr, ref.data(), 1, n_out, n_in);
+                        for (int64_t n = 0; n < n_out; ++n) {
+                            double mag = 0;
+                            for (int64_t k = 0; k < n_in; ++k) {
+                                const auto gi = static_cast<size_t>(L.g_idx[size_t(k)] * n_out + n);
+                                mag += L.scales[gi] * std::fabs(L.codes[size_t(n * n_in + k)] - L.zeros_f[gi]) *
+                                       std::fabs(xd[size_t(k)]);
+                            }
+                            // + one rounding of each dequantized weight s * (q - z)
+                            ASSERT_LE(std::fabs(y[size_t(i * n_out + n)] - ref[size_t(n)]),
+                                      (gamma + 2 * eps) * mag + 1e-30)
+                                << cpu::gptq_isa_name(isa) << " bits " << bits << " act " << act << " m " << m
+                                << " row " << i << " n " << n;
                         }
-                        // + one rounding of each dequantized weight s * (q - z)
-                        ASSERT_LE(std::fabs(y[size_t(i * n_out + n)] - ref[size_t(n)]), (gamma + 2 * eps) * mag + 1e-30)
-                            << cpu::gptq_isa_name(isa) << " bits " << bits << " act " << act << " m " << m << " row "
-                            << i << " n " << n;
                     }
                 }
-            }
 }
 
 // The int8 GEMM of prompt rows (AVX2 maddubs, AVX512-VNNI on 256 and 512 bits: tiles of 4 rows x 2
-// outputs, the rows past a multiple of 4 through the GEMV) gives every row bit for bit what that GEMV gives it alone: bits 2/3/4/8,
-// group sizes 32/64/128/-1 and an odd one, act-order, n_out odd (a last 1-output tile), K not a
-// multiple of 32, row counts around the tile size, threaded.
+// outputs, the rows past a multiple of 4 through the GEMV) gives every row bit for bit what that GEMV gives it alone:
+// bits 2/3/4/8, group sizes 32/64/128/-1 and an odd one, act-order, n_out odd (a last 1-output tile), K not a multiple
+// of 32, row counts around the tile size, threaded.
 TEST(cpu_int4_gemv, prompt_gemm_equals_the_gemv_bit_for_bit) {
     std::vector<cpu::gptq_isa> isas;  // every vector kernel has its GEMM (AVX2 maddubs, VNNI 256 / 512)
     for (auto i : {cpu::gptq_isa::GPTQ_ISA_AVX2, cpu::gptq_isa::GPTQ_ISA_VNNI, cpu::gptq_isa::GPTQ_ISA_AVX512})
@@ -286,12 +287,24 @@ TEST(cpu_int4_gemv, activation_rounding_kernels_equal_the_reference_bit_for_bit)
                     for (int64_t k = 0; k < n_in; ++k) {
                         float v = nd(rng);
                         switch (input) {
-                            case 0: v *= rng() % 50 == 0 ? 20.0f : 1.0f; break;      // a few outliers
-                            case 1: v = k % 97 < 40 ? 0.0f : v; break;               // zero runs (whole blocks)
-                            case 2: v = static_cast<float>(int(rng() % 255) - 127) * 0.5f; break;  // ties x.5
-                            case 3: v *= 1e-40f; break;                              // denormals
-                            case 4: v *= 1e30f; break;                               // huge
-                            default: v = 0.0f; break;                                // all zero
+                            case 0:
+                                v *= rng() % 50 == 0 ? 20.0f : 1.0f;
+                                break;  // a few outliers
+                            case 1:
+                                v = k % 97 < 40 ? 0.0f : v;
+                                break;  // zero runs (whole blocks)
+                            case 2:
+                                v = static_cast<float>(int(rng() % 255) - 127) * 0.5f;
+                                break;  // ties x.5
+                            case 3:
+                                v *= 1e-40f;
+                                break;  // denormals
+                            case 4:
+                                v *= 1e30f;
+                                break;  // huge
+                            default:
+                                v = 0.0f;
+                                break;  // all zero
                         }
                         x[size_t(k)] = v;
                     }
@@ -334,9 +347,9 @@ TEST(cpu_int4_gemv, shared_input_linears_equal_each_alone) {
     };
     const std::vector<std::vector<spec>> sets = {
         {{320, 128, 4, false}, {160, 128, 4, false}, {160, 128, 4, false}},  // q/k/v
-        {{77, 64, 4, false}, {33, 64, 8, false}},                           // gate/up, two bit widths
+        {{77, 64, 4, false}, {33, 64, 8, false}},                            // gate/up, two bit widths
         {{50, 128, 4, true}, {50, 128, 4, true}, {19, 128, 3, false}},       // act-order: own permutations
-        {{40, 32, 2, false}, {17, -1, 4, false}, {5, 64, 4, false}},        // three layouts
+        {{40, 32, 2, false}, {17, -1, 4, false}, {5, 64, 4, false}},         // three layouts
     };
     for (const auto& set : sets) {
         std::vector<gptq_packed_linear> ps;
@@ -354,9 +367,9 @@ TEST(cpu_int4_gemv, shared_input_linears_equal_each_alone) {
                 for (thread_pool* tp : {&pool, static_cast<thread_pool*>(nullptr)}) {
                     std::vector<float> x(static_cast<size_t>(m * n_in));
                     for (auto& v : x) v = nd(rng);
-                    const ops_context                ctx{tp, false, int8};
-                    std::vector<std::vector<float>>  together(set.size()), alone(set.size());
-                    std::vector<gptq_linear_out>     outs;
+                    const ops_context               ctx{tp, false, int8};
+                    std::vector<std::vector<float>> together(set.size()), alone(set.size());
+                    std::vector<gptq_linear_out>    outs;
                     for (size_t j = 0; j < set.size(); ++j) {
                         together[j].assign(static_cast<size_t>(m * set[j].n_out), -1.0f);
                         alone[j].assign(together[j].size(), -2.0f);

@@ -106,9 +106,9 @@ TEST(kernels_cpu, linear_f16_matches_reference) {
 // count, tile or thread: rows of a 23-row call equal, bit for bit, the same rows in calls of 5-8.
 TEST(kernels_cpu, linear_f16_prompt_rows_do_not_depend_on_m) {
     if (cpu::f16_best_isa() != cpu::f16_isa::AVX512) GTEST_SKIP() << "the sgemm path makes no such promise";
-    std::mt19937  rng(13);
-    const int64_t m = 23, n = 70, k = 600;
-    auto          x = random_vec(rng, m * k), wf = random_vec(rng, n * k);
+    std::mt19937          rng(13);
+    const int64_t         m = 23, n = 70, k = 600;
+    auto                  x = random_vec(rng, m * k), wf = random_vec(rng, n * k);
     std::vector<uint16_t> w(wf.size());
     for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_f16(wf[i]);
     std::vector<float> all(m * n);

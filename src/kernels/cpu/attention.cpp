@@ -96,7 +96,8 @@ key_range keys_of_block(const attention_shape& s, int64_t i0, int64_t i1) {
 // softmax run on each row's visible keys only, the masked ones set to 0 (the F16 cache's prompts).
 using row_softmax_fn = void (*)(float* x, int64_t n);
 void attention_block(const float* q, const float* kr, const float* vr, int64_t ld, float* out, const attention_shape& s,
-                     int64_t h, int64_t i0, int64_t i1, std::vector<float>& scores, row_softmax_fn row_softmax = nullptr) {
+                     int64_t h, int64_t i0, int64_t i1, std::vector<float>& scores,
+                     row_softmax_fn row_softmax = nullptr) {
     const int64_t nq  = i1 - i0;
     const int64_t jlo = keys_of_block(s, i0, i1).lo;
     const int64_t nk  = keys_of_block(s, i0, i1).hi - jlo;

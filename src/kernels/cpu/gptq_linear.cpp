@@ -340,13 +340,14 @@ namespace q_avx512 {
 #define GPTQ_QT __attribute__((target("avx512f,avx512bw")))
 GPTQ_QT float amax(const float* x, int64_t np) {
     __m512 m = _mm512_setzero_ps();
-    for (int64_t i = 0; i < np; i += 16) m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), m);  // NaN ignored, as std::max
+    for (int64_t i = 0; i < np; i += 16)
+        m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), m);  // NaN ignored, as std::max
     return _mm512_reduce_max_ps(m);
 }
 GPTQ_QT int32_t round_block(const float* x, int64_t np, float inv, int8_t* xq) {
     const __m512  vi = _mm512_set1_ps(inv);
     const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
-    __m512i       s  = _mm512_setzero_si512();
+    __m512i       s = _mm512_setzero_si512();
     for (int64_t i = 0; i < np; i += 16) {
         __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), vi));  // RNE (MXCSR default)
         q         = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
@@ -363,7 +364,8 @@ namespace q_avx2 {
 GPTQ_QT float amax(const float* x, int64_t np) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256       m    = _mm256_setzero_ps();
-    for (int64_t i = 0; i < np; i += 8) m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)), m);  // NaN ignored
+    for (int64_t i = 0; i < np; i += 8)
+        m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)), m);  // NaN ignored
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
     h        = _mm_max_ps(h, _mm_movehl_ps(h, h));
     h        = _mm_max_ss(h, _mm_movehdup_ps(h));
@@ -530,15 +532,14 @@ void linear_f32(const float* x, const gptq_cpu_layout& w, float* y, int64_t m, t
 // The int8 products of several layers of one input (gptq_linears): each distinct activation
 // layout's rows rounded once, then one parallel_for over every layer's blocks of k_gemv_block
 // outputs (the layers' blocks one after another).
-void linears_int8(const float* x, const gptq_linear_job* jobs, int n_jobs, int64_t m, thread_pool* pool,
-                  gptq_isa isa) {
+void linears_int8(const float* x, const gptq_linear_job* jobs, int n_jobs, int64_t m, thread_pool* pool, gptq_isa isa) {
     scratch& s = thread_scratch();
     // Rounded rows per job: its own, or those of the first earlier job with the same layout.
-    std::vector<int>&     src    = s.src;
-    std::vector<int64_t>& off_q  = s.off_q;  // offsets into xq / d / xsum of each job's rows
-    std::vector<int64_t>& off_d  = s.off_d;
-    std::vector<int64_t>& off_s  = s.off_s;
-    std::vector<int64_t>& task0  = s.task0;  // first task of each job; task0[n_jobs] = all tasks
+    std::vector<int>&     src   = s.src;
+    std::vector<int64_t>& off_q = s.off_q;  // offsets into xq / d / xsum of each job's rows
+    std::vector<int64_t>& off_d = s.off_d;
+    std::vector<int64_t>& off_s = s.off_s;
+    std::vector<int64_t>& task0 = s.task0;  // first task of each job; task0[n_jobs] = all tasks
     src.assign(static_cast<size_t>(n_jobs), -1);
     off_q.assign(static_cast<size_t>(n_jobs), 0);
     off_d.assign(static_cast<size_t>(n_jobs), 0);
@@ -575,10 +576,11 @@ void linears_int8(const float* x, const gptq_linear_job* jobs, int n_jobs, int64
     };
     for (int j = 0; j < n_jobs; ++j)
         if (src[size_t(j)] == j)
-            for (int64_t i = 0; i < m; ++i) gptq_quantize_activations(x + i * jobs[j].w->n_in, *jobs[j].w, row(j, i), isa);
-    const gptq_isa kernel = resolve(isa);
-    const bool     gemm   = m >= 4 && kernel != gptq_isa::GPTQ_ISA_SCALAR;
-    std::vector<gptq_q8_row>& rows = s.rows;  // the int8 GEMM's views: [n_jobs, m]
+            for (int64_t i = 0; i < m; ++i)
+                gptq_quantize_activations(x + i * jobs[j].w->n_in, *jobs[j].w, row(j, i), isa);
+    const gptq_isa            kernel = resolve(isa);
+    const bool                gemm   = m >= 4 && kernel != gptq_isa::GPTQ_ISA_SCALAR;
+    std::vector<gptq_q8_row>& rows   = s.rows;  // the int8 GEMM's views: [n_jobs, m]
     if (gemm) {
         rows.resize(static_cast<size_t>(n_jobs * m));
         for (int j = 0; j < n_jobs; ++j)
@@ -626,7 +628,8 @@ void gptq_linear_ref(const float* x, const uint8_t* codes_orig, const float* sca
 }
 
 bool gptq_same_activation_layout(const gptq_cpu_layout& a, const gptq_cpu_layout& b) {
-    if (a.n_in != b.n_in || a.n_groups != b.n_groups || a.k_pad != b.k_pad || (a.perm == nullptr) != (b.perm == nullptr))
+    if (a.n_in != b.n_in || a.n_groups != b.n_groups || a.k_pad != b.k_pad ||
+        (a.perm == nullptr) != (b.perm == nullptr))
         return false;
     const size_t ng = static_cast<size_t>(a.n_groups + 1);
     return std::equal(a.group_start, a.group_start + ng, b.group_start) &&

@@ -112,7 +112,7 @@ __attribute__((target("avx512f"))) inline __m512 load_h16(const uint16_t* w) {
 }
 __attribute__((target("avx512f"))) void dot_row_avx512(const uint16_t* w, const float* x, int64_t k, float* y) {
     __m512  a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t j  = 0;
+    int64_t j = 0;
     for (; j + 64 <= k; j += 64) {
         a0 = _mm512_fmadd_ps(load_h16(w + j), _mm512_loadu_ps(x + j), a0);
         a1 = _mm512_fmadd_ps(load_h16(w + j + 16), _mm512_loadu_ps(x + j + 16), a1);
@@ -230,8 +230,8 @@ void pack_panel(f16_isa isa, const uint16_t* w, int64_t k, int64_t j0, int64_t n
 
 // y[i, 0..nr) (+)= x[i, 0..kbn) panel for i < MR (x rows ldx apart, y rows ldy apart).
 template <int MR>
-__attribute__((target("avx512f"))) void tile_f32(const float* x, int64_t ldx, const float* panel, int64_t kbn,
-                                                  float* y, int64_t ldy, int64_t nr, bool accumulate) {
+__attribute__((target("avx512f"))) void tile_f32(const float* x, int64_t ldx, const float* panel, int64_t kbn, float* y,
+                                                 int64_t ldy, int64_t nr, bool accumulate) {
     const __mmask16 m0 = nr >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << nr) - 1);
     const __mmask16 m1 = nr >= 32 ? __mmask16(0xFFFF) : nr <= 16 ? __mmask16(0) : __mmask16((1u << (nr - 16)) - 1);
     __m512          c[MR][2];
@@ -256,14 +256,22 @@ __attribute__((target("avx512f"))) void tile_f32(const float* x, int64_t ldx, co
 void tile_rows(int64_t mr, const float* x, int64_t ldx, const float* panel, int64_t kbn, float* y, int64_t ldy,
                int64_t nr, bool accumulate) {
     switch (mr) {
-        case 8: return tile_f32<8>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
-        case 7: return tile_f32<7>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
-        case 6: return tile_f32<6>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
-        case 5: return tile_f32<5>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
-        case 4: return tile_f32<4>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
-        case 3: return tile_f32<3>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
-        case 2: return tile_f32<2>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
-        default: return tile_f32<1>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
+        case 8:
+            return tile_f32<8>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
+        case 7:
+            return tile_f32<7>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
+        case 6:
+            return tile_f32<6>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
+        case 5:
+            return tile_f32<5>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
+        case 4:
+            return tile_f32<4>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
+        case 3:
+            return tile_f32<3>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
+        case 2:
+            return tile_f32<2>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
+        default:
+            return tile_f32<1>(x, ldx, panel, kbn, y, ldy, nr, accumulate);
     }
 }
 

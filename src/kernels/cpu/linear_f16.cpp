@@ -217,14 +217,52 @@ constexpr int64_t k_pk_np = 2;    // panels per tile (k_f16_tile outputs)
 static_assert(k_pk_nr * k_pk_np == k_f16_tile);
 
 // panel[kk * 32 + j] = W[j0 + j, kb0 + kk] for j < nr; columns nr..31 zero.
+// 16 rows x 16 values, W rows [j, j + 16) at columns [c0, c0 + 16) (rows k apart), converted and
+// transposed in registers into panel[(c0 + c) * 32 + jb + r] (jb: the panel column of row j).
+__attribute__((target("avx512f"))) void pack_16x16(const uint16_t* w, int64_t k, float* panel, int64_t c0, int64_t jb) {
+    __m512 r[16], t[16];
+    for (int i = 0; i < 16; ++i)
+        r[i] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + i * k + c0)));
+    for (int i = 0; i < 16; i += 2) {  // t[i]: r_i[0] r_i+1[0] r_i[1] r_i+1[1] per 128-bit lane; t[i+1]: [2], [3]
+        t[i]     = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  // r[i + c]: rows i..i+3 of columns c, 4 + c, 8 + c, 12 + c (one per lane)
+        r[i]     = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
+        r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+        r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; ++c) {
+        // rows 0-7: lanes (col c, col 8 + c) of rows 0-3 then of rows 4-7; (col 4 + c, col 12 + c) alike
+        const __m512 a0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), a1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xDD);
+        const __m512 b0 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+        const __m512 b1 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xDD);
+        _mm512_storeu_ps(panel + (c0 + c) * k_pk_nr + jb, _mm512_shuffle_f32x4(a0, b0, 0x88));
+        _mm512_storeu_ps(panel + (c0 + 8 + c) * k_pk_nr + jb, _mm512_shuffle_f32x4(a0, b0, 0xDD));
+        _mm512_storeu_ps(panel + (c0 + 4 + c) * k_pk_nr + jb, _mm512_shuffle_f32x4(a1, b1, 0x88));
+        _mm512_storeu_ps(panel + (c0 + 12 + c) * k_pk_nr + jb, _mm512_shuffle_f32x4(a1, b1, 0xDD));
+    }
+}
+
+// panel[kk * 32 + j] = W[j0 + j, kb0 + kk] for j < nr; columns nr..31 zero. Full 16 x 16 blocks
+// through pack_16x16, the rest (rows past the last 16, columns past the last 16) one by one.
 void pack_panel(f16_isa isa, const uint16_t* w, int64_t k, int64_t j0, int64_t nr, int64_t kb0, int64_t kbn,
                 float* panel, float* row) {
-    for (int64_t j = 0; j < k_pk_nr; ++j) {
-        if (j < nr)
-            f16_convert(isa, w + (j0 + j) * k + kb0, row, kbn);
-        else
-            std::fill(row, row + kbn, 0.0f);
-        for (int64_t kk = 0; kk < kbn; ++kk) panel[kk * k_pk_nr + j] = row[kk];
+    const int64_t kv = kbn / 16 * 16;
+    for (int64_t jb = 0; jb < k_pk_nr; jb += 16) {
+        const bool full = jb + 16 <= nr;
+        if (full)
+            for (int64_t c0 = 0; c0 < kv; c0 += 16) pack_16x16(w + (j0 + jb) * k + kb0, k, panel, c0, jb);
+        for (int64_t j = jb; j < jb + 16; ++j) {
+            const int64_t from = full ? kv : 0;  // columns still to write for row j
+            if (from == kbn) continue;
+            if (j < nr)
+                f16_convert(isa, w + (j0 + j) * k + kb0 + from, row, kbn - from);
+            else
+                std::fill(row, row + (kbn - from), 0.0f);
+            for (int64_t kk = from; kk < kbn; ++kk) panel[kk * k_pk_nr + j] = row[kk - from];
+        }
     }
 }
 

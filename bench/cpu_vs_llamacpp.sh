@@ -10,7 +10,9 @@
 #   bench/cpu_vs_llamacpp.sh table results.jsonl       # medians over the rounds (docs/perf-notes.md)
 #
 # Environment: GPTQ (our binary, default build-cpu/bin/gptq), MODEL (default ../shared/models/small-llama),
-# W4 (our W4 g128 checkpoint; made with `gptq quantize --method rtn` when absent), LLAMACPP_DIR
+# W4 (our W4 g128 checkpoint; made with `gptq quantize --method rtn` when absent), W4Q (optional: a W4
+# checkpoint made with --quantize-lm-head, measured too), GPTQ_BASE (optional: an earlier gptq run
+# beside GPTQ in every round, engine "gptqkit-base"), LLAMACPP_DIR
 # (default /work/llamacpp), PY (a Python with gguf, sentencepiece, numpy, torch-free: default /work/venv/bin/python),
 # PROMPT (512), GEN (128), THREADS (1).
 set -euo pipefail
@@ -55,8 +57,12 @@ run() {
     local rounds=${1:-3}
     for r in $(seq 1 "$rounds"); do
         echo "## round $r $(date -u +%H:%M:%S) load $(cut -d' ' -f1-3 /proc/loadavg)"
-        for m in "$MODEL" "$W4"; do
-            "$GPTQ" bench "$m" --device cpu --threads "$THREADS" --batch 1 --prompt "$PROMPT" --gen "$GEN" --repeat 3 --json
+        for m in "$MODEL" "$W4" ${W4Q:-}; do
+            for g in "$GPTQ" ${GPTQ_BASE:-}; do  # tagged: which binary, which checkpoint (for `table`)
+                local e=gptqkit; [ "$g" = "$GPTQ" ] || e=gptqkit-base
+                "$g" bench "$m" --device cpu --threads "$THREADS" --batch 1 --prompt "$PROMPT" --gen "$GEN" --repeat 3 \
+                    --json | sed "s|^{|{\"engine\":\"$e\",\"config\":\"$(basename "$m")\",|"
+            done
         done
         for q in f16 Q4_0 Q4_K_M; do
             # pp PROMPT; tg GEN at depth 0 and after PROMPT cached tokens (-d: what `gptq bench` measures).
@@ -76,7 +82,7 @@ for line in open(sys.argv[1]):
         continue
     j = json.loads(line)
     if "decode_tok_per_s" in j:  # gptq bench
-        name = "gptqkit " + j["weights"]
+        name = j.get("engine", "gptqkit") + " " + j.get("config", j["weights"])
         rows.setdefault((name, "prefill"), []).append(j["prefill_tok_per_s"])
         rows.setdefault((name, "decode after prompt"), []).append(j["decode_tok_per_s"])
     else:  # llama-bench

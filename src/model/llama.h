@@ -493,6 +493,13 @@ private:
     // y[rows, n_out] = linear r of the layer on x[rows, n_in], plus each sequence's LoRA product.
     void linear_run(const ops_context& ctx, const llama_layer& layer, linear_role r, std::span<const layer_seq> seqs,
                     const float* x, float* y) const;
+    // The same for several linears of one input (q/k/v, gate/up): GPTQ ones through one
+    // op_gptq_linears call (the input rounded to int8 once), ys[i] the output of roles[i].
+    void linears_run(const ops_context& ctx, const llama_layer& layer, std::span<const linear_role> roles,
+                     std::span<const layer_seq> seqs, const float* x, float* const* ys) const;
+    // Each sequence's LoRA product of linear r added to y (nothing without adapters).
+    void lora_run(const ops_context& ctx, const llama_layer& layer, linear_role r, std::span<const layer_seq> seqs,
+                  const float* x, float* y) const;
     // Training (llama_train.cpp): one layer recomputed from its input x0 [n_rows, n_embd] and back-
     // propagated: dh holds dL/d(layer output) and becomes dL/d(x0); LoRA gradients into grads.
     void layer_backward(const ops_context& ctx, const llama_layer& layer, const float* x0,

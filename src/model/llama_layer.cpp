@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "model/llama.h"
 #include "model/lora.h"
+#include "ops/gptq_linear.h"
 
 namespace gptq {
 
@@ -27,9 +28,30 @@ int64_t rows_of(std::span<const layer_seq> seqs) {
 
 void llama_model::linear_run(const ops_context& ctx, const llama_layer& layer, linear_role r,
                              std::span<const layer_seq> seqs, const float* x, float* y) const {
-    const linear_weights& l = layer.linear(r);
-    linear_forward(ctx, l, x, y, rows_of(seqs));
+    linear_forward(ctx, layer.linear(r), x, y, rows_of(seqs));
+    lora_run(ctx, layer, r, seqs, x, y);
+}
+
+void llama_model::linears_run(const ops_context& ctx, const llama_layer& layer, std::span<const linear_role> roles,
+                              std::span<const layer_seq> seqs, const float* x, float* const* ys) const {
+    constexpr size_t k_max = 4;
+    gptq_linear_out  q[k_max];
+    size_t           nq = 0;
+    for (size_t i = 0; i < roles.size(); ++i) {
+        const linear_weights& l = layer.linear(roles[i]);
+        if (l.q && nq < k_max)
+            q[nq++] = {l.q.get(), l.bias.empty() ? nullptr : l.bias.data(), ys[i]};
+        else
+            linear_forward(ctx, l, x, ys[i], rows_of(seqs));
+    }
+    op_gptq_linears(ctx, x, std::span<const gptq_linear_out>(q, nq), rows_of(seqs));
+    for (size_t i = 0; i < roles.size(); ++i) lora_run(ctx, layer, roles[i], seqs, x, ys[i]);
+}
+
+void llama_model::lora_run(const ops_context& ctx, const llama_layer& layer, linear_role r,
+                           std::span<const layer_seq> seqs, const float* x, float* y) const {
     if (loras_.empty()) return;
+    const linear_weights& l = layer.linear(r);
     // Runs of consecutive sequences with the same adapter get one product each.
     int64_t row0 = 0;
     for (size_t i = 0; i < seqs.size();) {
@@ -75,9 +97,9 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
 
     std::vector<float> q(static_cast<size_t>(n_rows * q_dim));                // [n_rows, q_dim]
     std::vector<float> k(static_cast<size_t>(n_rows * kv_dim)), v(k.size());  // [n_rows, kv_dim]
-    lin(linear_role::LINEAR_Q, x.data(), q.data());
-    lin(linear_role::LINEAR_K, x.data(), k.data());
-    lin(linear_role::LINEAR_V, x.data(), v.data());
+    const linear_role  qkv[]     = {linear_role::LINEAR_Q, linear_role::LINEAR_K, linear_role::LINEAR_V};
+    float* const       qkv_out[] = {q.data(), k.data(), v.data()};
+    linears_run(ctx, layer, qkv, seqs, x.data(), qkv_out);
     if (hp_.qk_norm) {  // Qwen3, Gemma 3: RMSNorm over each head's head_dim values, before RoPE
         op_rms_norm(ctx, q.data(), layer.q_norm.data(), q.data(), n_rows * hp_.n_head, hd, hp_.rms_eps);
         op_rms_norm(ctx, k.data(), layer.k_norm.data(), k.data(), n_rows * hp_.n_head_kv, hd, hp_.rms_eps);
@@ -163,8 +185,9 @@ bool llama_model::mlp_block(const ops_context& ctx, const llama_layer& layer, fl
     if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_GATE_UP, y.data(), n_rows, n_embd);
     if (stop_after == linear_input::LINEAR_INPUT_GATE_UP) return false;
     std::vector<float> gate(static_cast<size_t>(n_rows * n_ff)), up(gate.size());  // [n_rows, n_ff]
-    lin(linear_role::LINEAR_GATE, y.data(), gate.data());
-    lin(linear_role::LINEAR_UP, y.data(), up.data());
+    const linear_role  gu[]     = {linear_role::LINEAR_GATE, linear_role::LINEAR_UP};
+    float* const       gu_out[] = {gate.data(), up.data()};
+    linears_run(ctx, layer, gu, seqs, y.data(), gu_out);
     switch (hp_.act) {
         case mlp_activation::ACT_SILU:
             op_silu_mul(ctx, gate.data(), up.data(), gate.data(), n_rows * n_ff);

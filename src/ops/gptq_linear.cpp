@@ -116,4 +116,21 @@ void op_gptq_linear(const ops_context& ctx, const float* x, const gptq_packed_li
     cpu::gptq_linear(x, w.layout(), bias, y, m, ctx.pool, ctx.int8_activations);
 }
 
+void op_gptq_linears(const ops_context& ctx, const float* x, std::span<const gptq_linear_out> outs, int64_t m) {
+    constexpr size_t k_max = 8;  // a decoder layer shares an input among 3 linears at most
+    if (outs.empty()) return;
+    if (ctx.reference || outs.size() == 1 || outs.size() > k_max) {
+        for (const gptq_linear_out& o : outs) op_gptq_linear(ctx, x, *o.w, o.bias, o.y, m);
+        return;
+    }
+    cpu::blas_init_single_threaded();
+    cpu::gptq_cpu_layout layouts[k_max];  // no allocation per decode step
+    cpu::gptq_linear_job jobs[k_max];
+    for (size_t j = 0; j < outs.size(); ++j) {
+        layouts[j] = outs[j].w->layout();
+        jobs[j]    = {&layouts[j], outs[j].bias, outs[j].y};
+    }
+    cpu::gptq_linears(x, jobs, static_cast<int>(outs.size()), m, ctx.pool, ctx.int8_activations);
+}
+
 }  // namespace gptq

@@ -5,6 +5,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "ops/ops.h"
@@ -43,5 +44,15 @@ struct gptq_packed_linear {
 // ctx.int8_activations, rows of a decode step (m < 4) use the int8-activation GEMV.
 void op_gptq_linear(const ops_context& ctx, const float* x, const gptq_packed_linear& w, const float* bias, float* y,
                     int64_t m);
+
+// Several linears of the same input x [m, n_in] (q/k/v, gate/up): ys[j] = x W_j^T + biases[j], each
+// exactly op_gptq_linear's result for it alone; with int8 activations x is rounded once per
+// activation layout and the products share one pool dispatch (kernels/cpu/gptq_linear.h).
+struct gptq_linear_out {
+    const gptq_packed_linear* w    = nullptr;
+    const float*              bias = nullptr;
+    float*                    y    = nullptr;
+};
+void op_gptq_linears(const ops_context& ctx, const float* x, std::span<const gptq_linear_out> outs, int64_t m);
 
 }  // namespace gptq

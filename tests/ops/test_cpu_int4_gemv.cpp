@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 
 #include "core/thread_pool.h"
@@ -171,7 +172,7 @@ TEST(cpu_int4_gemv, threaded_op_equals_single_row_kernel) {
 }
 
 // Prompt-sized calls (m >= 4) with int8 activations multiply the same int8-rounded activations
-// (the int8 GEMM with AVX512-VNNI, else in F32: dequantize + sgemm): each row within F32 summation
+// (the best kernel's int8 GEMM, and the scalar kernel's F32 path: dequantize + sgemm): each row within F32 summation
 // bounds of the double reference on its dequantized activations, so a row's result does not depend
 // on the number of rows in the call.
 TEST(cpu_int4_gemv, prompt_rows_use_the_same_rounded_activations) {
@@ -181,43 +182,48 @@ TEST(cpu_int4_gemv, prompt_rows_use_the_same_rounded_activations) {
     const double                    eps = std::ldexp(1.0, -24);
     for (int bits : {2, 4, 8})
         for (bool act : {false, true})
-            for (int64_t m : {4, 9}) {
-                const int64_t n_out = 70, n_in = 300;
-                auto          L = make(n_out, n_in, 128, bits, act, rng);
-                auto          p = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
-                                                                    L.g_idx.data(), n_out, n_in, L.n_groups, bits);
-                std::vector<float> x(static_cast<size_t>(m * n_in)), y(static_cast<size_t>(m * n_out));
-                for (auto& v : x) v = nd(rng);
-                op_gptq_linear(ops_context{&pool, false, true}, x.data(), p, nullptr, y.data(), m);
-                const double gamma = n_in * eps / (1 - n_in * eps);
-                for (int64_t i = 0; i < m; ++i) {
-                    q8                 a = quantize(x.data() + i * n_in, p.layout());
-                    std::vector<float> xd, dk, ref(static_cast<size_t>(n_out));
-                    dequantized(p, a, &xd, &dk);
-                    cpu::gptq_linear_ref(xd.data(), L.codes.data(), L.scales.data(), L.zeros_f.data(), L.g_idx.data(),
-                                         nullptr, ref.data(), 1, n_out, n_in);
-                    for (int64_t n = 0; n < n_out; ++n) {
-                        double mag = 0;
-                        for (int64_t k = 0; k < n_in; ++k) {
-                            const auto gi = static_cast<size_t>(L.g_idx[size_t(k)] * n_out + n);
-                            mag += L.scales[gi] * std::fabs(L.codes[size_t(n * n_in + k)] - L.zeros_f[gi]) *
-                                   std::fabs(xd[size_t(k)]);
+            for (int64_t m : {4, 9})
+                for (auto isa : {cpu::gptq_isa::GPTQ_ISA_BEST, cpu::gptq_isa::GPTQ_ISA_SCALAR}) {  // GEMM, F32
+                    const int64_t n_out = 70, n_in = 300;
+                    auto          L = make(n_out, n_in, 128, bits, act, rng);
+                    auto          p = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
+                                                                        L.g_idx.data(), n_out, n_in, L.n_groups, bits);
+                    std::vector<float> x(static_cast<size_t>(m * n_in)), y(static_cast<size_t>(m * n_out));
+                    for (auto& v : x) v = nd(rng);
+                    cpu::gptq_linear(x.data(), p.layout(), nullptr, y.data(), m, &pool, true, isa);
+                    const double gamma = n_in * eps / (1 - n_in * eps);
+                    for (int64_t i = 0; i < m; ++i) {
+                        q8                 a = quantize(x.data() + i * n_in, p.layout());
+                        std::vector<float> xd, dk, ref(static_cast<size_t>(n_out));
+                        dequantized(p, a, &xd, &dk);
+                        cpu::gptq_linear_ref(xd.data(), L.codes.data(), L.scales.data(), L.zeros_f.data(),
+                                             L.g_idx.data(), nullptr, ref.data(), 1, n_out, n_in);
+                        for (int64_t n = 0; n < n_out; ++n) {
+                            double mag = 0;
+                            for (int64_t k = 0; k < n_in; ++k) {
+                                const auto gi = static_cast<size_t>(L.g_idx[size_t(k)] * n_out + n);
+                                mag += L.scales[gi] * std::fabs(L.codes[size_t(n * n_in + k)] - L.zeros_f[gi]) *
+                                       std::fabs(xd[size_t(k)]);
+                            }
+                            // + one rounding of each dequantized weight s * (q - z)
+                            ASSERT_LE(std::fabs(y[size_t(i * n_out + n)] - ref[size_t(n)]),
+                                      (gamma + 2 * eps) * mag + 1e-30)
+                                << cpu::gptq_isa_name(isa) << " bits " << bits << " act " << act << " m " << m
+                                << " row " << i << " n " << n;
                         }
-                        // + one rounding of each dequantized weight s * (q - z)
-                        ASSERT_LE(std::fabs(y[size_t(i * n_out + n)] - ref[size_t(n)]), (gamma + 2 * eps) * mag + 1e-30)
-                            << "bits " << bits << " act " << act << " m " << m << " row " << i << " n " << n;
                     }
                 }
-            }
 }
 
-// The int8 GEMM of prompt rows (AVX512-VNNI: tiles of 4 rows x 2 outputs, the rows past a multiple
-// of 4 through the GEMV) gives every row bit for bit what the GEMV gives it alone: bits 2/3/4/8,
-// group sizes 32/64/128/-1 and an odd one, act-order, n_out odd (a last 1-output tile), K not a
-// multiple of 32, row counts around the tile size, threaded.
+// The int8 GEMM of prompt rows (AVX2 maddubs, AVX512-VNNI on 256 and 512 bits: tiles of 4 rows x 2
+// outputs, the rows past a multiple of 4 through the GEMV) gives every row bit for bit what that GEMV gives it alone:
+// bits 2/3/4/8, group sizes 32/64/128/-1 and an odd one, act-order, n_out odd (a last 1-output tile), K not a multiple
+// of 32, row counts around the tile size, threaded.
 TEST(cpu_int4_gemv, prompt_gemm_equals_the_gemv_bit_for_bit) {
-    if (!cpu::gptq_isa_available(cpu::gptq_isa::GPTQ_ISA_AVX512))
-        GTEST_SKIP() << "the int8 GEMM needs AVX512-VNNI, which this CPU lacks (prompts take the F32 path)";
+    std::vector<cpu::gptq_isa> isas;  // every vector kernel has its GEMM (AVX2 maddubs, VNNI 256 / 512)
+    for (auto i : {cpu::gptq_isa::GPTQ_ISA_AVX2, cpu::gptq_isa::GPTQ_ISA_VNNI, cpu::gptq_isa::GPTQ_ISA_AVX512})
+        if (cpu::gptq_isa_available(i)) isas.push_back(i);
+    if (isas.empty()) GTEST_SKIP() << "no vector int8 kernel on this CPU (prompts take the F32 path)";
     std::mt19937                    rng(11);
     std::normal_distribution<float> nd;
     thread_pool                     pool(3);
@@ -232,17 +238,151 @@ TEST(cpu_int4_gemv, prompt_gemm_equals_the_gemv_bit_for_bit) {
                                                                         L.g_idx.data(), n_out, n_in, L.n_groups, bits);
                     std::vector<float> x(static_cast<size_t>(m * n_in)), y(static_cast<size_t>(m * n_out));
                     for (auto& v : x) v = nd(rng);
-                    op_gptq_linear(ops_context{&pool, false, true}, x.data(), p, nullptr, y.data(), m);
-                    for (int64_t i = 0; i < m; ++i) {
-                        q8                 a = quantize(x.data() + i * n_in, p.layout());
-                        std::vector<float> yr(static_cast<size_t>(n_out));
-                        cpu::gptq_gemv_q8(p.layout(), a.row(), yr.data(), 0, n_out, cpu::gptq_isa::GPTQ_ISA_AVX512);
-                        for (int64_t n = 0; n < n_out; ++n)
-                            ASSERT_EQ(y[size_t(i * n_out + n)], yr[size_t(n)])
-                                << "bits " << bits << " gs " << gs << " act " << act << " m " << m << " row " << i
-                                << " n " << n;
+                    for (auto isa : isas) {
+                        cpu::gptq_linear(x.data(), p.layout(), nullptr, y.data(), m, &pool, true, isa);
+                        for (int64_t i = 0; i < m; ++i) {
+                            q8                 a = quantize(x.data() + i * n_in, p.layout());
+                            std::vector<float> yr(static_cast<size_t>(n_out));
+                            cpu::gptq_gemv_q8(p.layout(), a.row(), yr.data(), 0, n_out, isa);
+                            for (int64_t n = 0; n < n_out; ++n)
+                                ASSERT_EQ(y[size_t(i * n_out + n)], yr[size_t(n)])
+                                    << cpu::gptq_isa_name(isa) << " bits " << bits << " gs " << gs << " act " << act
+                                    << " m " << m << " row " << i << " n " << n;
+                        }
                     }
                     ++n_cases;
                 }
     EXPECT_EQ(n_cases, 4 * 5 * 2 * 4);
+}
+
+namespace {
+// Bitwise equality of two floats (NaN payloads included).
+bool same_bits(float a, float b) {
+    return std::memcmp(&a, &b, sizeof a) == 0;
+}
+}  // namespace
+
+// The vector activation rounding (AVX2, AVX-512) gives the scalar reference's codes, chunk scales
+// and group sums bit for bit, on layouts of awkward lengths (n_in not a multiple of 8/16/32, group
+// sizes 32/64/128/-1 and odd ones, groups longer than a 128-row block), with and without
+// act-order, on inputs with outliers, zero blocks, exact rounding ties, denormals and huge values.
+// The output buffers start as garbage: every padded position must be written.
+TEST(cpu_int4_gemv, activation_rounding_kernels_equal_the_reference_bit_for_bit) {
+    std::mt19937                    rng(31);
+    std::normal_distribution<float> nd;
+    std::vector<cpu::gptq_isa>      isas;
+    for (auto i : {cpu::gptq_isa::GPTQ_ISA_AVX2, cpu::gptq_isa::GPTQ_ISA_VNNI, cpu::gptq_isa::GPTQ_ISA_AVX512})
+        if (cpu::gptq_isa_available(i)) isas.push_back(i);
+    if (isas.empty()) GTEST_SKIP() << "no vector activation rounding on this CPU";
+    int cases = 0;
+    for (int64_t n_in : {1, 5, 8, 31, 33, 64, 100, 127, 129, 257, 300, 1000, 1543})
+        for (int64_t gs : {32, 64, 128, -1, 7, 200})
+            for (bool act : {false, true})
+                for (int input = 0; input < 6; ++input) {
+                    auto L = make(3, n_in, gs, 4, act, rng);
+                    auto p = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
+                                                               L.g_idx.data(), 3, n_in, L.n_groups, 4);
+                    const cpu::gptq_cpu_layout l = p.layout();
+                    std::vector<float>         x(static_cast<size_t>(n_in));
+                    for (int64_t k = 0; k < n_in; ++k) {
+                        float v = nd(rng);
+                        switch (input) {
+                            case 0:
+                                v *= rng() % 50 == 0 ? 20.0f : 1.0f;
+                                break;  // a few outliers
+                            case 1:
+                                v = k % 97 < 40 ? 0.0f : v;
+                                break;  // zero runs (whole blocks)
+                            case 2:
+                                v = static_cast<float>(int(rng() % 255) - 127) * 0.5f;
+                                break;  // ties x.5
+                            case 3:
+                                v *= 1e-40f;
+                                break;  // denormals
+                            case 4:
+                                v *= 1e30f;
+                                break;  // huge
+                            default:
+                                v = 0.0f;
+                                break;  // all zero
+                        }
+                        x[size_t(k)] = v;
+                    }
+                    const q8 ref = quantize(x.data(), l);  // the default: SCALAR below is the same function
+                    q8       sc  = quantize(x.data(), l);
+                    cpu::gptq_quantize_activations(x.data(), l, sc.row(), cpu::gptq_isa::GPTQ_ISA_SCALAR);
+                    for (auto isa : isas) {
+                        q8 a{std::vector<int8_t>(ref.xq.size(), int8_t{0x55}), std::vector<float>(ref.d.size(), -7.0f),
+                             std::vector<float>(ref.xsum.size(), -7.0f)};
+                        cpu::gptq_quantize_activations(x.data(), l, a.row(), isa);
+                        for (size_t i = 0; i < ref.xq.size(); ++i)
+                            ASSERT_EQ(a.xq[i], sc.xq[i]) << cpu::gptq_isa_name(isa) << " n_in " << n_in << " gs " << gs
+                                                         << " act " << act << " input " << input << " row " << i;
+                        for (size_t i = 0; i < ref.d.size(); ++i)
+                            ASSERT_TRUE(same_bits(a.d[i], sc.d[i]))
+                                << cpu::gptq_isa_name(isa) << " n_in " << n_in << " gs " << gs << " chunk " << i;
+                        for (size_t i = 0; i < ref.xsum.size(); ++i)
+                            ASSERT_TRUE(same_bits(a.xsum[i], sc.xsum[i]))
+                                << cpu::gptq_isa_name(isa) << " n_in " << n_in << " gs " << gs << " group " << i;
+                    }
+                    ++cases;
+                }
+    EXPECT_EQ(cases, 13 * 6 * 2 * 6);
+}
+
+// Linears of one input through op_gptq_linears (q/k/v and gate/up in the model): x rounded once
+// for the layers of the same activation layout, one dispatch for all, and every output bit for bit
+// what op_gptq_linear gives the layer alone: decode rows (m < 4) and prompts, int8 and F32
+// products, with a pool and without, mixing layouts (an act-order layer, another group size, a
+// different bit width) and odd output counts.
+TEST(cpu_int4_gemv, shared_input_linears_equal_each_alone) {
+    std::mt19937                    rng(41);
+    std::normal_distribution<float> nd;
+    thread_pool                     pool(3);
+    const int64_t                   n_in = 320;
+    struct spec {
+        int64_t n_out, gs;
+        int     bits;
+        bool    act;
+    };
+    const std::vector<std::vector<spec>> sets = {
+        {{320, 128, 4, false}, {160, 128, 4, false}, {160, 128, 4, false}},  // q/k/v
+        {{77, 64, 4, false}, {33, 64, 8, false}},                            // gate/up, two bit widths
+        {{50, 128, 4, true}, {50, 128, 4, true}, {19, 128, 3, false}},       // act-order: own permutations
+        {{40, 32, 2, false}, {17, -1, 4, false}, {5, 64, 4, false}},         // three layouts
+    };
+    for (const auto& set : sets) {
+        std::vector<gptq_packed_linear> ps;
+        std::vector<std::vector<float>> biases;
+        for (const spec& sp : set) {
+            auto L = make(sp.n_out, n_in, sp.gs, sp.bits, sp.act, rng);
+            ps.push_back(gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
+                                                           L.g_idx.data(), sp.n_out, n_in, L.n_groups, sp.bits));
+            std::vector<float> b(static_cast<size_t>(sp.n_out));
+            for (auto& v : b) v = nd(rng);
+            biases.push_back(rng() % 2 ? b : std::vector<float>{});
+        }
+        for (int64_t m : {1, 2, 3, 4, 9})
+            for (bool int8 : {true, false})
+                for (thread_pool* tp : {&pool, static_cast<thread_pool*>(nullptr)}) {
+                    std::vector<float> x(static_cast<size_t>(m * n_in));
+                    for (auto& v : x) v = nd(rng);
+                    const ops_context               ctx{tp, false, int8};
+                    std::vector<std::vector<float>> together(set.size()), alone(set.size());
+                    std::vector<gptq_linear_out>    outs;
+                    for (size_t j = 0; j < set.size(); ++j) {
+                        together[j].assign(static_cast<size_t>(m * set[j].n_out), -1.0f);
+                        alone[j].assign(together[j].size(), -2.0f);
+                        const float* b = biases[j].empty() ? nullptr : biases[j].data();
+                        op_gptq_linear(ctx, x.data(), ps[j], b, alone[j].data(), m);
+                        outs.push_back({&ps[j], b, together[j].data()});
+                    }
+                    op_gptq_linears(ctx, x.data(), outs, m);
+                    for (size_t j = 0; j < set.size(); ++j)
+                        for (size_t i = 0; i < alone[j].size(); ++i)
+                            ASSERT_TRUE(same_bits(together[j][i], alone[j][i]))
+                                << "layer " << j << " m " << m << " int8 " << int8 << " pool " << (tp != nullptr)
+                                << " at " << i << ": " << together[j][i] << " vs " << alone[j][i];
+                }
+    }
 }

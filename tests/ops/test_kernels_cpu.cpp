@@ -72,14 +72,16 @@ TEST(kernels_cpu, linear_blas_matches_reference) {
 }
 
 // F16 weights kept F16: the F16C GEMV (m <= 4, weights converted in registers, 16- or 8-lane
-// partial sums with a scalar tail for k % 16) and the convert-a-tile + sgemm path (m > 4, tiles
-// of 64 rows), against the double reference on the exactly converted weights; same bound as F32.
+// partial sums with a scalar tail for k % 16) and, for m > 4, the AVX-512 panel GEMM (8-row tiles
+// with partial ones, 32-output panels with masked edges, k-blocks of 256) or elsewhere the
+// convert-a-tile + sgemm path (tiles of 64 rows), against the double reference on the exactly
+// converted weights; same bound as F32.
 TEST(kernels_cpu, linear_f16_matches_reference) {
     std::mt19937 rng(11);
     int          n_cases = 0;
-    for (int64_t m : {1, 2, 3, 4, 5, 17})
+    for (int64_t m : {1, 2, 3, 4, 5, 9, 17})
         for (int64_t n : {1, 5, 16, 67, 130})
-            for (int64_t k : {0, 1, 7, 8, 15, 16, 17, 33, 300})
+            for (int64_t k : {0, 1, 7, 8, 15, 16, 17, 33, 300, 513})
                 for (bool with_bias : {false, true}) {
                     auto x = random_vec(rng, m * k), wf = random_vec(rng, n * k), b = random_vec(rng, n);
                     std::vector<uint16_t> w(wf.size());
@@ -97,7 +99,25 @@ TEST(kernels_cpu, linear_f16_matches_reference) {
                         }
                     ++n_cases;
                 }
-    EXPECT_EQ(n_cases, 6 * 5 * 9 * 2);
+    EXPECT_EQ(n_cases, 7 * 5 * 10 * 2);
+}
+
+// The AVX-512 panel GEMM computes each output as one FMA chain over k, whatever the call's row
+// count, tile or thread: rows of a 23-row call equal, bit for bit, the same rows in calls of 5-8.
+TEST(kernels_cpu, linear_f16_prompt_rows_do_not_depend_on_m) {
+    if (cpu::f16_best_isa() != cpu::f16_isa::AVX512) GTEST_SKIP() << "the sgemm path makes no such promise";
+    std::mt19937          rng(13);
+    const int64_t         m = 23, n = 70, k = 600;
+    auto                  x = random_vec(rng, m * k), wf = random_vec(rng, n * k);
+    std::vector<uint16_t> w(wf.size());
+    for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_f16(wf[i]);
+    std::vector<float> all(m * n);
+    cpu::linear_f16(x.data(), w.data(), nullptr, all.data(), m, n, k, &pool3());
+    for (int64_t i0 = 0, mb = 5; i0 + mb <= m; i0 += mb, mb = 5 + (mb - 4) % 4) {
+        std::vector<float> part(mb * n);
+        cpu::linear_f16(x.data() + i0 * k, w.data(), nullptr, part.data(), mb, n, k, nullptr);
+        for (int64_t j = 0; j < mb * n; ++j) ASSERT_EQ(part[j], all[i0 * n + j]) << "rows from " << i0 << " j " << j;
+    }
 }
 
 TEST(kernels_cpu, linear_blas_small_batches_walk_output_blocks) {

@@ -92,8 +92,12 @@ key_range keys_of_block(const attention_shape& s, int64_t i0, int64_t i1) {
 
 // Queries [i0, i1) of head h over the block's keys (keys_of_block): kr, vr point at the first key's
 // head_dim values of h's key/value head, rows ld floats apart.
+// row_softmax: nullptr = softmax_rows over each masked row (F32 attention, ppl); else a vector
+// softmax run on each row's visible keys only, the masked ones set to 0 (the F16 cache's prompts).
+using row_softmax_fn = void (*)(float* x, int64_t n);
 void attention_block(const float* q, const float* kr, const float* vr, int64_t ld, float* out, const attention_shape& s,
-                     int64_t h, int64_t i0, int64_t i1, std::vector<float>& scores) {
+                     int64_t h, int64_t i0, int64_t i1, std::vector<float>& scores,
+                     row_softmax_fn row_softmax = nullptr) {
     const int64_t nq  = i1 - i0;
     const int64_t jlo = keys_of_block(s, i0, i1).lo;
     const int64_t nk  = keys_of_block(s, i0, i1).hi - jlo;
@@ -114,10 +118,16 @@ void attention_block(const float* q, const float* kr, const float* vr, int64_t l
         const int64_t a   = first_key(p, s.window) - jlo;  // visible: [a, b) within the range
         const int64_t b   = p + 1 - jlo;
         float*        row = scores.data() + r * nk;
-        std::fill(row, row + a, -INFINITY);
-        std::fill(row + b, row + nk, -INFINITY);
+        if (row_softmax) {  // b - a >= 1: a query sees its own key
+            row_softmax(row + a, b - a);
+            std::fill(row, row + a, 0.0f);
+            std::fill(row + b, row + nk, 0.0f);
+        } else {
+            std::fill(row, row + a, -INFINITY);
+            std::fill(row + b, row + nk, -INFINITY);
+        }
     }
-    softmax_rows(scores.data(), scores.data(), nq, nk, nullptr);
+    if (!row_softmax) softmax_rows(scores.data(), scores.data(), nq, nk, nullptr);
     // out_block[nq, hd] = scores[nq, nk] v_range[nk, hd]
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<blasint>(nq), static_cast<blasint>(s.head_dim),
                 static_cast<blasint>(nk), 1.0f, scores.data(), static_cast<blasint>(nk), vr, static_cast<blasint>(ld),
@@ -358,6 +368,18 @@ void decode_heads(f16_isa isa, const float* q, const uint16_t* k, const uint16_t
     }
 }
 
+// The vector softmax of the decode rows (vexp), for the prompt blocks too.
+row_softmax_fn softmax_of(f16_isa isa) {
+    switch (isa) {
+        case f16_isa::AVX512:
+            return f16_avx512::softmax_row_v;
+        case f16_isa::AVX2:
+            return f16_avx2::softmax_row_v;
+        default:
+            return f16_portable::softmax_row_v;
+    }
+}
+
 // rows of src (F16, ld apart; hd values each) -> dst [n, hd] F32.
 void convert_rows(f16_isa isa, const uint16_t* src, int64_t ld, int64_t n, int64_t hd, float* dst) {
     for (int64_t j = 0; j < n; ++j) f16_convert(isa, src + j * ld, dst + j * hd, hd);
@@ -379,13 +401,14 @@ void f16_item(f16_isa isa, const float* q, const uint16_t* k, const uint16_t* v,
                      s.softcap, w.scores.data(), out + i0 * s.out_stride + hk * group * hd);
         return;
     }
-    // A prompt block: the keys/values it sees converted once (exact), then the F32 block.
+    // A prompt block: the keys/values it sees converted once (exact), then the F32 block with the
+    // decode rows' vector softmax on each row's visible keys.
     w.kf.resize(static_cast<size_t>(nk * hd));
     w.vf.resize(w.kf.size());
     convert_rows(isa, k + off, s.kv_stride, nk, hd, w.kf.data());
     convert_rows(isa, v + off, s.kv_stride, nk, hd, w.vf.data());
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-        attention_block(q, w.kf.data(), w.vf.data(), hd, out, s, h, i0, i1, w.scores);
+        attention_block(q, w.kf.data(), w.vf.data(), hd, out, s, h, i0, i1, w.scores, softmax_of(isa));
 }
 }  // namespace
 

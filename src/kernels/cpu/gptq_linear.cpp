@@ -277,7 +277,32 @@ const char* gptq_isa_name(gptq_isa isa) {
     return "?";
 }
 
-void gptq_quantize_activations(const float* x, const gptq_cpu_layout& w, const gptq_q8_row& out) {
+// ---- Activation rounding (gptq_quantize_activations) ----
+// The reference is the plain loop below; the vector kernels compute a block's max |x| (exact in
+// any order) and RNE(x * inv) with one F32 multiply and a conversion under the default rounding
+// mode, which is what the reference's (x * inv + 1.5 * 2^23) - 1.5 * 2^23 yields for |x * inv| <=
+// 127 (this file is compiled with -ffp-contract=off, so x * inv is rounded on its own there, as in
+// the kernels). The scales, the chunk scales and the group sums are computed by one shared scalar
+// function, so every kernel's result is the reference's bit for bit.
+namespace {
+
+struct act_scale {
+    float d, inv;
+};
+// inv = 0 (every code 0) for an all-zero block, and for one so small (max |x| < 127 / FLT_MAX,
+// denormals) that 127 / max overflows: an infinite inv would turn x * inv into inf and NaN.
+act_scale block_scale(float amax) {
+    const float inv = 127.0f / amax;
+    return {amax / 127.0f, amax > 0.0f && std::isfinite(inv) ? inv : 0.0f};
+}
+
+// Chunk scales of a block at padded row p0 with n rows; returns its contribution to the group sum.
+float block_finish(const gptq_q8_row& out, int64_t p0, int64_t n, float d, int32_t sum) {
+    for (int64_t c = p0 / k_gptq_chunk; c < (p0 + n + k_gptq_chunk - 1) / k_gptq_chunk; ++c) out.d[c] = d;
+    return d * static_cast<float>(sum);
+}
+
+void quantize_ref(const float* x, const gptq_cpu_layout& w, const gptq_q8_row& out) {
     std::fill(out.xq, out.xq + w.k_pad, int8_t{0});
     std::fill(out.d, out.d + w.k_pad / k_gptq_chunk, 0.0f);
     for (int64_t g = 0; g < w.n_groups; ++g) {
@@ -293,22 +318,121 @@ void gptq_quantize_activations(const float* x, const gptq_cpu_layout& w, const g
             };
             float amax = 0.0f;
             for (int64_t j = j0; j < j1; ++j) amax = std::max(amax, std::fabs(in_x(j)));
-            const float d   = amax / 127.0f;
-            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-            int32_t     sum = 0;
+            const act_scale sc  = block_scale(amax);
+            int32_t         sum = 0;
             for (int64_t j = j0; j < j1; ++j) {
                 // Round to nearest even without a libm call: adding 1.5 * 2^23 leaves the integer
                 // part in the mantissa (|x * inv| <= 127 here, inv = 0 for an all-zero block).
-                const float   r       = (in_x(j) * inv + 12582912.0f) - 12582912.0f;
+                const float   r       = (in_x(j) * sc.inv + 12582912.0f) - 12582912.0f;
                 const int32_t q       = std::clamp(static_cast<int32_t>(r), -127, 127);
                 out.xq[p0 + (j - j0)] = static_cast<int8_t>(q);
                 sum += q;
             }
-            for (int64_t c = p0 / k_gptq_chunk; c < (p0 + (j1 - j0) + k_gptq_chunk - 1) / k_gptq_chunk; ++c)
-                out.d[c] = d;
-            xs += d * static_cast<float>(sum);
+            xs += block_finish(out, p0, j1 - j0, sc.d, sum);
         }
         out.xsum[g] = xs;
+    }
+}
+
+// Vector kernels over one block of n <= k_gptq_act_block values padded with zeros to a multiple
+// of 32 (np): max |x|, and the rounded codes written to xq[0, np) with their sum returned.
+namespace q_avx512 {
+#define GPTQ_QT __attribute__((target("avx512f,avx512bw")))
+GPTQ_QT float amax(const float* x, int64_t np) {
+    __m512 m = _mm512_setzero_ps();
+    for (int64_t i = 0; i < np; i += 16)
+        m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(x + i)), m);  // NaN ignored, as std::max
+    return _mm512_reduce_max_ps(m);
+}
+GPTQ_QT int32_t round_block(const float* x, int64_t np, float inv, int8_t* xq) {
+    const __m512  vi = _mm512_set1_ps(inv);
+    const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+    __m512i       s = _mm512_setzero_si512();
+    for (int64_t i = 0; i < np; i += 16) {
+        __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + i), vi));  // RNE (MXCSR default)
+        q         = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+        s         = _mm512_add_epi32(s, q);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + i), _mm512_cvtepi32_epi8(q));
+    }
+    return _mm512_reduce_add_epi32(s);
+}
+#undef GPTQ_QT
+}  // namespace q_avx512
+
+namespace q_avx2 {
+#define GPTQ_QT __attribute__((target("avx2")))
+GPTQ_QT float amax(const float* x, int64_t np) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256       m    = _mm256_setzero_ps();
+    for (int64_t i = 0; i < np; i += 8)
+        m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)), m);  // NaN ignored
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h        = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h        = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+GPTQ_QT int32_t round_block(const float* x, int64_t np, float inv, int8_t* xq) {
+    const __m256  vi = _mm256_set1_ps(inv);
+    const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+    // packs interleave the 128-bit lanes: dwords (0, 4, 1, 5, 2, 6, 3, 7) restore row order.
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i       s     = _mm256_setzero_si256();
+    for (int64_t i = 0; i < np; i += 32) {
+        __m256i q[4];
+        for (int t = 0; t < 4; ++t) {
+            q[t] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * t), vi));  // RNE (MXCSR default)
+            q[t] = _mm256_min_epi32(_mm256_max_epi32(q[t], lo), hi);
+            s    = _mm256_add_epi32(s, q[t]);
+        }
+        const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + i), _mm256_permutevar8x32_epi32(b, order));
+    }
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+    h         = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
+    h         = _mm_add_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm_cvtsi128_si32(h);
+}
+#undef GPTQ_QT
+}  // namespace q_avx2
+
+// The reference's loop with each block's values copied (gathered through perm) into a zero-padded
+// buffer and the two passes done by the vector kernels.
+template <bool AVX512>
+void quantize_vec(const float* x, const gptq_cpu_layout& w, const gptq_q8_row& out) {
+    alignas(64) float buf[k_gptq_act_block];
+    for (int64_t g = 0; g < w.n_groups; ++g) {
+        const int64_t len = w.group_start[g + 1] - w.group_start[g];
+        float         xs  = 0.0f;
+        for (int64_t j0 = 0; j0 < len; j0 += k_gptq_act_block) {
+            const int64_t n  = std::min(len, j0 + k_gptq_act_block) - j0;
+            const int64_t np = (n + k_gptq_chunk - 1) / k_gptq_chunk * k_gptq_chunk;  // within the group's padding
+            const int64_t i0 = w.group_start[g] + j0, p0 = w.pad_start[g] + j0;
+            const float*  src = x + i0;
+            if (w.perm || n != np) {
+                for (int64_t j = 0; j < n; ++j) buf[j] = x[w.perm ? w.perm[i0 + j] : i0 + j];
+                std::fill(buf + n, buf + np, 0.0f);
+                src = buf;
+            }
+            const act_scale sc  = block_scale(AVX512 ? q_avx512::amax(src, np) : q_avx2::amax(src, np));
+            const int32_t   sum = AVX512 ? q_avx512::round_block(src, np, sc.inv, out.xq + p0)
+                                         : q_avx2::round_block(src, np, sc.inv, out.xq + p0);
+            xs += block_finish(out, p0, n, sc.d, sum);
+        }
+        out.xsum[g] = xs;
+    }
+}
+
+}  // namespace
+
+void gptq_quantize_activations(const float* x, const gptq_cpu_layout& w, const gptq_q8_row& out, gptq_isa isa) {
+    switch (resolve(isa)) {
+        case gptq_isa::GPTQ_ISA_AVX512:
+        case gptq_isa::GPTQ_ISA_VNNI:
+            return quantize_vec<true>(x, w, out);
+        case gptq_isa::GPTQ_ISA_AVX2:
+            return quantize_vec<false>(x, w, out);
+        default:
+            return quantize_ref(x, w, out);
     }
 }
 
@@ -337,7 +461,9 @@ struct scratch {
     std::vector<int8_t>      xq;    // [m, k_pad]
     std::vector<float>       d;     // [m, k_pad / 32]
     std::vector<float>       xsum;  // [m, n_groups]
-    std::vector<gptq_q8_row> rows;  // [m] views of xq/d/xsum (the int8 GEMM)
+    std::vector<gptq_q8_row> rows;  // [n_jobs, m] views of xq/d/xsum (the int8 GEMM)
+    std::vector<int>         src;   // linears_int8's bookkeeping, kept to avoid allocations
+    std::vector<int64_t>     off_q, off_d, off_s, task0;
 };
 scratch& thread_scratch() {
     thread_local scratch s;
@@ -362,14 +488,14 @@ void dequantize_rows(const gptq_cpu_layout& w, int64_t n0, int64_t n1, float* wb
 }
 
 // xs[i, sorted row] = d_b * xq (the int8-rounded activations the GEMV multiplies, dequantized).
-void gather_rounded(const float* x, const gptq_cpu_layout& w, int64_t m, float* xs) {
+void gather_rounded(const float* x, const gptq_cpu_layout& w, int64_t m, float* xs, gptq_isa isa) {
     scratch&      s   = thread_scratch();
     const int64_t nch = w.k_pad / k_gptq_chunk;
     int8_t*       xq  = grow(s.xq, w.k_pad);
     float*        d   = grow(s.d, nch);
     float*        xsm = grow(s.xsum, w.n_groups);
     for (int64_t i = 0; i < m; ++i) {
-        gptq_quantize_activations(x + i * w.n_in, w, {xq, d, xsm});
+        gptq_quantize_activations(x + i * w.n_in, w, {xq, d, xsm}, isa);
         for (int64_t g = 0; g < w.n_groups; ++g)
             for (int64_t r = w.group_start[g]; r < w.group_start[g + 1]; ++r) {
                 const int64_t p    = w.pad_start[g] + (r - w.group_start[g]);
@@ -378,10 +504,11 @@ void gather_rounded(const float* x, const gptq_cpu_layout& w, int64_t m, float* 
     }
 }
 
-void linear_f32(const float* x, const gptq_cpu_layout& w, float* y, int64_t m, thread_pool* pool, bool int8_act) {
+void linear_f32(const float* x, const gptq_cpu_layout& w, float* y, int64_t m, thread_pool* pool, bool int8_act,
+                gptq_isa isa) {
     float* xs = grow(thread_scratch().xs, m * w.n_in);
     if (int8_act)
-        gather_rounded(x, w, m, xs);
+        gather_rounded(x, w, m, xs, isa);
     else
         for (int64_t i = 0; i < m; ++i)
             for (int64_t k = 0; k < w.n_in; ++k) xs[i * w.n_in + k] = x[i * w.n_in + (w.perm ? w.perm[k] : k)];
@@ -402,31 +529,81 @@ void linear_f32(const float* x, const gptq_cpu_layout& w, float* y, int64_t m, t
         task(0, n_tasks);
 }
 
-void linear_int8(const float* x, const gptq_cpu_layout& w, float* y, int64_t m, thread_pool* pool, gptq_isa isa) {
-    scratch&      s   = thread_scratch();
-    const int64_t nch = w.k_pad / k_gptq_chunk;
-    int8_t*       xq  = grow(s.xq, m * w.k_pad);
-    float*        d   = grow(s.d, m * nch);
-    float*        xsm = grow(s.xsum, m * w.n_groups);
-    for (int64_t i = 0; i < m; ++i)
-        gptq_quantize_activations(x + i * w.n_in, w, {xq + i * w.k_pad, d + i * nch, xsm + i * w.n_groups});
-    const int64_t n_tasks = (w.n_out + k_gemv_block - 1) / k_gemv_block;
-    const bool    gemm    = m >= 4 && resolve(isa) == gptq_isa::GPTQ_ISA_AVX512;
-    if (gemm) {
-        s.rows.resize(static_cast<size_t>(m));
-        for (int64_t i = 0; i < m; ++i)
-            s.rows[static_cast<size_t>(i)] = {xq + i * w.k_pad, d + i * nch, xsm + i * w.n_groups};
-    }
-    const gptq_q8_row* rows = s.rows.data();
-    auto               task = [&](int64_t t0, int64_t t1) {
-        const int64_t n0 = t0 * k_gemv_block, n1 = std::min(w.n_out, t1 * k_gemv_block);
-        if (gemm) {
-            vnni::gemm_q8_512(w, rows, m, y, w.n_out, n0, n1);
-            return;
+// The int8 products of several layers of one input (gptq_linears): each distinct activation
+// layout's rows rounded once, then one parallel_for over every layer's blocks of k_gemv_block
+// outputs (the layers' blocks one after another).
+void linears_int8(const float* x, const gptq_linear_job* jobs, int n_jobs, int64_t m, thread_pool* pool, gptq_isa isa) {
+    scratch& s = thread_scratch();
+    // Rounded rows per job: its own, or those of the first earlier job with the same layout.
+    std::vector<int>&     src   = s.src;
+    std::vector<int64_t>& off_q = s.off_q;  // offsets into xq / d / xsum of each job's rows
+    std::vector<int64_t>& off_d = s.off_d;
+    std::vector<int64_t>& off_s = s.off_s;
+    std::vector<int64_t>& task0 = s.task0;  // first task of each job; task0[n_jobs] = all tasks
+    src.assign(static_cast<size_t>(n_jobs), -1);
+    off_q.assign(static_cast<size_t>(n_jobs), 0);
+    off_d.assign(static_cast<size_t>(n_jobs), 0);
+    off_s.assign(static_cast<size_t>(n_jobs), 0);
+    task0.assign(static_cast<size_t>(n_jobs + 1), 0);
+    int64_t nq = 0, nd = 0, ns = 0;
+    for (int j = 0; j < n_jobs; ++j) {
+        const gptq_cpu_layout& w = *jobs[j].w;
+        int                    o = j;
+        for (int e = 0; e < j && o == j; ++e)
+            if (src[size_t(e)] == e && gptq_same_activation_layout(*jobs[e].w, w)) o = e;
+        src[size_t(j)] = o;
+        if (o == j) {
+            off_q[size_t(j)] = nq;
+            off_d[size_t(j)] = nd;
+            off_s[size_t(j)] = ns;
+            nq += m * w.k_pad;
+            nd += m * (w.k_pad / k_gptq_chunk);
+            ns += m * w.n_groups;
+        } else {
+            off_q[size_t(j)] = off_q[size_t(o)];
+            off_d[size_t(j)] = off_d[size_t(o)];
+            off_s[size_t(j)] = off_s[size_t(o)];
         }
-        for (int64_t i = 0; i < m; ++i)
-            gptq_gemv_q8(w, {xq + i * w.k_pad, d + i * nch, xsm + i * w.n_groups}, y + i * w.n_out, n0, n1, isa);
+        task0[size_t(j + 1)] = task0[size_t(j)] + (w.n_out + k_gemv_block - 1) / k_gemv_block;
+    }
+    int8_t* xq  = grow(s.xq, nq);
+    float*  d   = grow(s.d, nd);
+    float*  xsm = grow(s.xsum, ns);
+    auto    row = [&](int j, int64_t i) {
+        const gptq_cpu_layout& w = *jobs[j].w;
+        return gptq_q8_row{xq + off_q[size_t(j)] + i * w.k_pad, d + off_d[size_t(j)] + i * (w.k_pad / k_gptq_chunk),
+                           xsm + off_s[size_t(j)] + i * w.n_groups};
     };
+    for (int j = 0; j < n_jobs; ++j)
+        if (src[size_t(j)] == j)
+            for (int64_t i = 0; i < m; ++i)
+                gptq_quantize_activations(x + i * jobs[j].w->n_in, *jobs[j].w, row(j, i), isa);
+    const gptq_isa            kernel = resolve(isa);
+    const bool                gemm   = m >= 4 && kernel != gptq_isa::GPTQ_ISA_SCALAR;
+    std::vector<gptq_q8_row>& rows   = s.rows;  // the int8 GEMM's views: [n_jobs, m]
+    if (gemm) {
+        rows.resize(static_cast<size_t>(n_jobs * m));
+        for (int j = 0; j < n_jobs; ++j)
+            for (int64_t i = 0; i < m; ++i) rows[static_cast<size_t>(j * m + i)] = row(j, i);
+    }
+    auto task = [&](int64_t t0, int64_t t1) {
+        for (int j = 0; j < n_jobs; ++j) {
+            const int64_t a = std::max(t0, task0[size_t(j)]), b = std::min(t1, task0[size_t(j + 1)]);
+            if (a >= b) continue;
+            const gptq_cpu_layout& w  = *jobs[j].w;
+            const int64_t          n0 = (a - task0[size_t(j)]) * k_gemv_block;
+            const int64_t          n1 = std::min(w.n_out, (b - task0[size_t(j)]) * k_gemv_block);
+            if (gemm && kernel == gptq_isa::GPTQ_ISA_AVX512)
+                vnni::gemm_q8_512(w, rows.data() + j * m, m, jobs[j].y, w.n_out, n0, n1);
+            else if (gemm && kernel == gptq_isa::GPTQ_ISA_VNNI)
+                vnni::gemm_q8(w, rows.data() + j * m, m, jobs[j].y, w.n_out, n0, n1);
+            else if (gemm)
+                avx2::gemm_q8(w, rows.data() + j * m, m, jobs[j].y, w.n_out, n0, n1);
+            else
+                for (int64_t i = 0; i < m; ++i) gptq_gemv_q8(w, row(j, i), jobs[j].y + i * w.n_out, n0, n1, isa);
+        }
+    };
+    const int64_t n_tasks = task0[size_t(n_jobs)];
     if (pool)
         pool->parallel_for(n_tasks, task);
     else
@@ -450,18 +627,39 @@ void gptq_linear_ref(const float* x, const uint8_t* codes_orig, const float* sca
         }
 }
 
+bool gptq_same_activation_layout(const gptq_cpu_layout& a, const gptq_cpu_layout& b) {
+    if (a.n_in != b.n_in || a.n_groups != b.n_groups || a.k_pad != b.k_pad ||
+        (a.perm == nullptr) != (b.perm == nullptr))
+        return false;
+    const size_t ng = static_cast<size_t>(a.n_groups + 1);
+    return std::equal(a.group_start, a.group_start + ng, b.group_start) &&
+           std::equal(a.pad_start, a.pad_start + ng, b.pad_start) &&
+           (!a.perm || std::equal(a.perm, a.perm + a.n_in, b.perm));
+}
+
+void gptq_linears(const float* x, const gptq_linear_job* jobs, int n_jobs, int64_t m, thread_pool* pool, bool int8_act,
+                  gptq_isa isa) {
+    if (m <= 0) return;
+    // int8 activations: decode rows through the GEMV; prompt rows through the int8 GEMM of the same
+    // instruction set (AVX512-VNNI, or AVX2 maddubs; bit for bit its GEMV's result per row), with
+    // the scalar kernel in F32 on the rounded activations (dequantize + sgemm).
+    if (int8_act && (m < 4 || resolve(isa) != gptq_isa::GPTQ_ISA_SCALAR))
+        linears_int8(x, jobs, n_jobs, m, pool, isa);
+    else
+        for (int j = 0; j < n_jobs; ++j)
+            if (jobs[j].w->n_out > 0) linear_f32(x, *jobs[j].w, jobs[j].y, m, pool, int8_act, isa);
+    for (int j = 0; j < n_jobs; ++j) {
+        const gptq_linear_job& jb = jobs[j];
+        if (jb.bias)
+            for (int64_t i = 0; i < m; ++i)
+                for (int64_t n = 0; n < jb.w->n_out; ++n) jb.y[i * jb.w->n_out + n] += jb.bias[n];
+    }
+}
+
 void gptq_linear(const float* x, const gptq_cpu_layout& w, const float* bias, float* y, int64_t m, thread_pool* pool,
                  bool int8_act, gptq_isa isa) {
-    if (m <= 0 || w.n_out == 0) return;
-    // int8 activations: decode rows through the GEMV; prompt rows through the int8 GEMM where the
-    // CPU has AVX512-VNNI (bit for bit the GEMV's result per row), else rounded activations in F32.
-    if (int8_act && (m < 4 || resolve(isa) == gptq_isa::GPTQ_ISA_AVX512))
-        linear_int8(x, w, y, m, pool, isa);
-    else
-        linear_f32(x, w, y, m, pool, int8_act);
-    if (bias)
-        for (int64_t i = 0; i < m; ++i)
-            for (int64_t n = 0; n < w.n_out; ++n) y[i * w.n_out + n] += bias[n];
+    const gptq_linear_job job{&w, bias, y};
+    gptq_linears(x, &job, 1, m, pool, int8_act, isa);
 }
 
 }  // namespace gptq::cpu

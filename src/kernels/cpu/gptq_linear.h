@@ -79,7 +79,10 @@ struct gptq_q8_row {
     float*  d    = nullptr;
     float*  xsum = nullptr;
 };
-void gptq_quantize_activations(const float* x, const gptq_cpu_layout& w, const gptq_q8_row& out);
+// isa: SCALAR is the plain reference; AVX2 and AVX-512 (VNNI and AVX512 select it) give its
+// result bit for bit.
+void gptq_quantize_activations(const float* x, const gptq_cpu_layout& w, const gptq_q8_row& out,
+                               gptq_isa isa = gptq_isa::GPTQ_ISA_BEST);
 
 // y[n] for n in [n0, n1) from one quantized activation row (bias not added).
 void gptq_gemv_q8(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0, int64_t n1, gptq_isa isa);
@@ -87,10 +90,25 @@ void gptq_gemv_q8(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int
 // y[m, n_out] = x W^T + bias. F32 products: dequantize + sgemm. int8_act: every row multiplies
 // its int8-rounded activations d_b * xq (the same function for every row, so a row's result does
 // not depend on how many rows share the call): m < 4 rows with the int8 GEMV; more rows (prompts)
-// with the int8 GEMM when the kernel is AVX512 (the best or named; bit for bit the GEMV's result
-// per row), else with the rounded activations in F32 through dequantize + sgemm. pool may be nullptr. Scratch
+// with the int8 GEMM of the same instruction set (AVX512 or VNNI vpdpbusd, AVX2 maddubs; bit for
+// bit that GEMV's result per row), or for the SCALAR kernel with the rounded activations in F32
+// through dequantize + sgemm. pool may be nullptr. Scratch
 // memory is per thread and reused (no allocation per call once warm).
 void gptq_linear(const float* x, const gptq_cpu_layout& w, const float* bias, float* y, int64_t m, thread_pool* pool,
                  bool int8_act, gptq_isa isa = gptq_isa::GPTQ_ISA_BEST);
+
+// Several linears of one input (q/k/v, gate/up): y_j[m, n_out_j] = x W_j^T + bias_j, each exactly
+// what gptq_linear gives it alone. With int8 activations, x is rounded once for all the layers
+// whose activation layout (groups, padding, act-order permutation) is the same, and the int8
+// products of all of them run as one parallel_for (one pool wake-up instead of one per layer).
+struct gptq_linear_job {
+    const gptq_cpu_layout* w    = nullptr;
+    const float*           bias = nullptr;  // [n_out] or nullptr
+    float*                 y    = nullptr;  // [m, n_out]
+};
+void gptq_linears(const float* x, const gptq_linear_job* jobs, int n_jobs, int64_t m, thread_pool* pool, bool int8_act,
+                  gptq_isa isa = gptq_isa::GPTQ_ISA_BEST);
+// Whether two layers round their activations identically (the sharing test of gptq_linears).
+bool gptq_same_activation_layout(const gptq_cpu_layout& a, const gptq_cpu_layout& b);
 
 }  // namespace gptq::cpu

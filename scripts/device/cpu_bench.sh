@@ -5,9 +5,9 @@
 # i.e. run(command="bash scripts/device/cpu_bench.sh", carry=[".device-cpu"]) (~5-7 min; 16 idle cores).
 # small-llama (23 M) at batch 1, 1/2/4/8 threads: prefill of 512 tokens, decode of GEN tokens after a
 # 512-token prompt. Ours: F16, W4 g128 RTN (F16 tied lm_head) and W4 g128 with --quantize-lm-head
-# (an int4 head), all from placeholder weights of the real shapes; llama.cpp: Q4_K_M (real weights,
-# carried) and F16 / Q4_0 made from it with llama-quantize --allow-requantize. Speed does not depend on
-# the values. Rounds interleave every engine and thread count (a round: threads 1, 2, 4, 8 in turn,
+# (an int4 head), all from placeholder weights of the real shapes; llama.cpp: F16 of the same shape
+# with constant weights (make_f16_skeleton.py), Q4_0 and Q4_K_M made from it with llama-quantize (or,
+# from an older pack, F16 / Q4_0 requantized from a carried Q4_K_M). Speed does not depend on the values. Rounds interleave every engine and thread count (a round: threads 1, 2, 4, 8 in turn,
 # every model of both engines at each). Output in $OUT: bench.jsonl (one JSON line per measurement,
 # tagged with round/threads/engine/config), summary.md (medians and ranges), cpu.txt, setup.log.
 # With .device-cpu/gptq-base.xz (pack_cpu_bench.sh GPTQ_BASE=...) an earlier build of ours runs beside
@@ -53,12 +53,24 @@ python3 "$here/placeholder_weights.py" fill "$W/small-f16" >> "$OUT/setup.log" 2
 "$GPTQ" -q quantize --method rtn --bits 4 --group-size 128 -o "$W/small-w4" "$W/small-f16" >> "$OUT/setup.log" 2>&1
 "$GPTQ" -q quantize --method rtn --bits 4 --group-size 128 --quantize-lm-head -o "$W/small-w4-qhead" "$W/small-f16" \
     >> "$OUT/setup.log" 2>&1
-cp "$DC/small-Q4_K_M.gguf" "$W/"
-if [ $LLAMA_OK = 1 ]; then
-    for q in F16 Q4_0; do
-        "$W/llama-quantize" --allow-requantize "$W/small-Q4_K_M.gguf" "$W/small-$q.gguf" $q >> "$OUT/setup.log" 2>&1 ||
-            log "llama-quantize to $q failed"
-    done
+if [ -f "$DC/small-F16.gguf.xz" ]; then
+    # An F16 GGUF of the model's shape with constant weights (scripts/device/make_f16_skeleton.py: 40 KB
+    # compressed, where a real GGUF is 14-46 MB and the working tree leaves ~22 MB of the 64 MiB carry).
+    xz -dc "$DC/small-F16.gguf.xz" > "$W/small-F16.gguf"
+    if [ $LLAMA_OK = 1 ]; then
+        for q in Q4_0 Q4_K_M; do
+            "$W/llama-quantize" "$W/small-F16.gguf" "$W/small-$q.gguf" $q >> "$OUT/setup.log" 2>&1 ||
+                log "llama-quantize to $q failed"
+        done
+    fi
+else
+    cp "$DC/small-Q4_K_M.gguf" "$W/"
+    if [ $LLAMA_OK = 1 ]; then
+        for q in F16 Q4_0; do
+            "$W/llama-quantize" --allow-requantize "$W/small-Q4_K_M.gguf" "$W/small-$q.gguf" $q >> "$OUT/setup.log" 2>&1 ||
+                log "llama-quantize to $q failed"
+        done
+    fi
 fi
 ls -la "$W" "$W"/small-* >> "$OUT/setup.log" 2>&1
 log "models ready"

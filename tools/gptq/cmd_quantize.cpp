@@ -54,6 +54,20 @@ command register_quantize(CLI::App& app) {
     sub->add_flag("--quantize-lm-head", o->quantize_lm_head,
                   "quantize lm_head too (GPTQ on the final norm's output; \"lm_head\": true as GPTQModel writes "
                   "it); a tied lm_head gets its own copy, the embeddings stay F16");
+    sub->add_flag("--quantize-embeddings", o->quantize_embeddings,
+                  "quantize the input embedding table too (GPTQModel's quantized model.embed_tokens; of the peers "
+                  "only GPTQModel reads it, transformers loads it silently wrong); a tied lm_head uses the "
+                  "dequantized table");
+    sub->add_option("--embed-bits", o->embed_bits, "with --quantize-embeddings: the table's bits (2, 3, 4 or 8)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({2, 3, 4, 8}));
+    sub->add_option("--embed-group-size", o->embed_group_size,
+                    "with --quantize-embeddings: consecutive token ids per scale (default: --group-size)");
+    sub->add_option("--embed-clip", o->embed_clip,
+                    "with --quantize-embeddings: each group's clipping range: none (full range), uniform (least "
+                    "squared error) or frequency (least error weighted by the calibration text's token counts)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"none", "uniform", "frequency"}));
     sub->add_option("--target-bpw", o->target_bpw,
                     "mixed precision: bits (2/3/4/8) per module chosen by measured GPTQ error so that the "
                     "quantized linears take at most this many bits per weight (scales, zeros, g_idx counted); "

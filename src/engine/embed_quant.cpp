@@ -36,12 +36,16 @@ bool embed_group_size_supported(int group_size) {
 status embed_quant_check(int64_t n_vocab, int64_t n_embd, int bits, int group_size) {
     if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
         return make_error(E_ARG, "--embed-bits {} is not supported (2, 3, 4 or 8)", bits);
-    if ((n_vocab * bits) % 32 != 0)
+    if ((n_vocab * bits) % 32 != 0) {
+        std::string fit;
+        for (int b : {2, 3, 4, 8})
+            if ((n_vocab * b) % 32 == 0) fit += (fit.empty() ? "--embed-bits " : " or ") + std::to_string(b);
         return make_error(E_ARG,
                           "model.embed_tokens: the vocabulary of {} tokens x {} bits is not a multiple of 32; "
                           "GPTQModel's layout packs token ids along 32-bit words (qweight [vocab x bits / 32, "
-                          "hidden]) and has no padding for it: choose --embed-bits {}",
-                          n_vocab, bits, (n_vocab * 8) % 32 == 0 ? "8" : "other");
+                          "hidden]) and a padded table would change the vocabulary: {}",
+                          n_vocab, bits, fit.empty() ? "no GPTQ bit width packs it, leave the table unquantized" : "choose " + fit);
+    }
     GPTQ_TRY(gptq_check_packable(n_vocab, n_embd, bits, "model.embed_tokens"));
     if (!embed_group_size_supported(group_size))
         return make_error(E_ARG,

@@ -51,7 +51,8 @@ struct quantize_params {
     // The clipping range of each group: "none" (the full range, plain RTN), "uniform" (the range
     // minimising the group's squared error), "frequency" (the same error weighted by how often each
     // token occurs in the calibration text, plus one: the diagonal Hessian of a one-hot input).
-    std::string embed_clip = "uniform";
+    // "" (default): frequency, or uniform with --method rtn (no calibration text).
+    std::string embed_clip = "";
     // Mixed precision (docs/quantize.md, "Mixed precision"): > 0 chooses bits (2, 3, 4, 8) and group
     // size per module so that the quantized linears take at most this many bits per weight
     // (qweight, qzeros, scales and g_idx counted as written) with the least summed error, and

@@ -1322,7 +1322,7 @@ status check_params(const quantize_params& p) {
     if (p.quantize_embeddings) {
         if (p.embed_bits != 2 && p.embed_bits != 3 && p.embed_bits != 4 && p.embed_bits != 8)
             return make_error(E_ARG, "--embed-bits {} is not supported (2, 3, 4 or 8)", p.embed_bits);
-        if (p.embed_clip != "none" && p.embed_clip != "uniform" && p.embed_clip != "frequency")
+        if (!p.embed_clip.empty() && p.embed_clip != "none" && p.embed_clip != "uniform" && p.embed_clip != "frequency")
             return make_error(E_ARG, "--embed-clip '{}' is not supported (none, uniform or frequency)", p.embed_clip);
         if (p.embed_clip == "frequency" && p.method != "gptq")
             return make_error(E_ARG,
@@ -1358,6 +1358,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     GPTQ_TRY(check_params(params));
     run_state s;
     s.p = params;
+    if (s.p.embed_clip.empty()) s.p.embed_clip = s.p.method == "gptq" ? "frequency" : "uniform";
     std::optional<phase_timer> t_open(std::in_place, s, "open");
 
     // Options and the config we will write. Zeros in v1 unless asked: the format most readers take,
@@ -1442,10 +1443,17 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                                        ? fmt::format("--embed-group-size defaults to --group-size {}", group)
                                        : std::string("--quantize-embeddings")));
         GPTQ_TRY(embed_rule_config(s));
-        GPTQ_LOG_WARN(
-            "--quantize-embeddings: of the GPTQ readers only GPTQModel (and gptqkit) read a quantized "
-            "model.embed_tokens; transformers + optimum load such a file silently wrong (the table left random) "
-            "and vLLM refuses it (docs/quantize.md, \"Quantized embeddings\")");
+        if (hp.tie_embeddings && !params.quantize_lm_head)
+            GPTQ_LOG_WARN(
+                "--quantize-embeddings on a model with a tied lm_head: lm_head keeps using the (dequantized) table, "
+                "the smallest file, but only gptqkit reads it: GPTQModel 7.6 refuses it (it ties lm_head to "
+                "model.embed_tokens.weight, which a quantized table lacks), transformers loads it silently wrong; "
+                "add --quantize-lm-head for a file GPTQModel reads (docs/quantize.md, \"Quantized embeddings\")");
+        else
+            GPTQ_LOG_WARN(
+                "--quantize-embeddings: of the GPTQ readers only GPTQModel (and gptqkit) read a quantized "
+                "model.embed_tokens; transformers + optimum load such a file silently wrong (the table left "
+                "random) and vLLM does not load it (docs/quantize.md, \"Quantized embeddings\")");
     }
     GPTQ_TRY(check_tensors_finite(s.model->source(), llama_global_tensors(hp)));
 
@@ -1475,7 +1483,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         return make_error(E_ARG, "{}: already exists; choose another output folder or remove it", params.output_path);
     }
     int64_t    layers_done = 0;
-    const auto identity    = run_identity(params, s.cfg, hp.n_expert > 0);
+    const auto identity    = run_identity(s.p, s.cfg, hp.n_expert > 0);
     s.identity             = identity;
     if (fs::exists(s.work)) {
         if (!params.resume)

@@ -65,8 +65,8 @@ command register_quantize(CLI::App& app) {
                     "with --quantize-embeddings: consecutive token ids per scale (default: --group-size)");
     sub->add_option("--embed-clip", o->embed_clip,
                     "with --quantize-embeddings: each group's clipping range: none (full range), uniform (least "
-                    "squared error) or frequency (least error weighted by the calibration text's token counts)")
-        ->capture_default_str()
+                    "squared error) or frequency (least error weighted by the calibration text's token counts; "
+                    "the default, uniform with --method rtn)")
         ->check(CLI::IsMember({"none", "uniform", "frequency"}));
     sub->add_option("--target-bpw", o->target_bpw,
                     "mixed precision: bits (2/3/4/8) per module chosen by measured GPTQ error so that the "

@@ -44,7 +44,8 @@ status embed_quant_check(int64_t n_vocab, int64_t n_embd, int bits, int group_si
                           "model.embed_tokens: the vocabulary of {} tokens x {} bits is not a multiple of 32; "
                           "GPTQModel's layout packs token ids along 32-bit words (qweight [vocab x bits / 32, "
                           "hidden]) and a padded table would change the vocabulary: {}",
-                          n_vocab, bits, fit.empty() ? "no GPTQ bit width packs it, leave the table unquantized" : "choose " + fit);
+                          n_vocab, bits,
+                          fit.empty() ? "no GPTQ bit width packs it, leave the table unquantized" : "choose " + fit);
     }
     GPTQ_TRY(gptq_check_packable(n_vocab, n_embd, bits, "model.embed_tokens"));
     if (!embed_group_size_supported(group_size))
@@ -77,18 +78,19 @@ result<embed_quantized> embed_table_quantize(const ops_context& ctx, const float
         for (int64_t d = 0; d < n_embd; ++d) et[size_t(d * n_vocab + v)] = e[v * n_embd + d];
     gptq_options o = opt;
     o.mse = o.mse_hessian = o.desc_act = o.gar = o.static_groups = false;
-    auto rtn = rtn_quantize(ctx, et.data(), n_embd, n_vocab, o);
+    auto rtn                                                     = rtn_quantize(ctx, et.data(), n_embd, n_vocab, o);
     if (!rtn) return rtn.error().with_context("model.embed_tokens");
     quantized_linear q;
     if (clip == "none") {
         q = *rtn;
     } else {
         const std::vector<float> ones(static_cast<size_t>(n_vocab), 1.0f);
-        auto r = rtn_quantize_weighted(ctx, et.data(), n_embd, n_vocab, clip == "frequency" ? wt.data() : ones.data(), o);
+        auto                     r =
+            rtn_quantize_weighted(ctx, et.data(), n_embd, n_vocab, clip == "frequency" ? wt.data() : ones.data(), o);
         if (!r) return r.error().with_context("model.embed_tokens");
         q = std::move(r).value();
     }
-    embed_quantized out;
+    embed_quantized    out;
     std::vector<float> qt(et.size());
     quantized_linear_dequantize(ctx, *rtn, qt.data());
     out.error_rtn = weighted_error(e, qt, n_vocab, n_embd, wt);

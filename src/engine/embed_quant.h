@@ -25,8 +25,8 @@ bool embed_group_size_supported(int group_size);
 status embed_quant_check(int64_t n_vocab, int64_t n_embd, int bits, int group_size);
 
 struct embed_quantized {
-    gptq_linear_data   data;   // E^T as written (codes [n_embd, n_vocab], F16 scales)
-    std::vector<float> table;  // the dequantized table [n_vocab, n_embd], F32: what every reader computes
+    gptq_linear_data   data;             // E^T as written (codes [n_embd, n_vocab], F16 scales)
+    std::vector<float> table;            // the dequantized table [n_vocab, n_embd], F32: what every reader computes
     double             error     = 0.0;  // sum_v wt_v ||E_v - Q_v||^2 of the written codes
     double             error_rtn = 0.0;  // the same for plain RTN (the full range of each group)
 };

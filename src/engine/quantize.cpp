@@ -1157,7 +1157,7 @@ status quantize_lm_head(run_state& s, const ops_context& ctx) {
 status embed_rule_config(run_state& s) {
     const int group = s.p.embed_group_size == 0 ? s.p.group_size : s.p.embed_group_size;
     if (s.p.embed_bits == s.p.bits && group == s.p.group_size) return status::ok();
-    nlohmann::json cj = s.cfg.to_json();
+    nlohmann::json cj                                       = s.cfg.to_json();
     cj["dynamic"]["+:" + regex_exact("model.embed_tokens")] = {{"bits", s.p.embed_bits}, {"group_size", group}};
     GPTQ_ASSIGN_OR_RETURN(gptq_config c, gptq_config_parse(cj, "--quantize-embeddings"));
     s.cfg = std::move(c);
@@ -1179,9 +1179,9 @@ status quantize_embedding_table(run_state& s, const ops_context& ctx, const std:
     const auto         wt  = embed_token_weights(hp.n_vocab, calib_ids);
     GPTQ_ASSIGN_OR_RETURN(embed_quantized q,
                           embed_table_quantize(ctx, e.data(), hp.n_vocab, hp.n_embd, opt, s.p.embed_clip, wt));
-    auto& r     = s.report.embeddings;
-    r.quantized = true;
-    r.bits      = opt.bits;
+    auto& r      = s.report.embeddings;
+    r.quantized  = true;
+    r.bits       = opt.bits;
     r.group_size = opt.group_size;
     r.clip       = s.p.embed_clip;
     r.n_vocab    = hp.n_vocab;
@@ -1191,9 +1191,10 @@ status quantize_embedding_table(run_state& s, const ops_context& ctx, const std:
     r.error      = q.error;
     r.error_rtn  = q.error_rtn;
     r.seconds    = seconds_since(t0);
-    GPTQ_LOG_INFO("model.embed_tokens: {} x {} table {}-bit g{} (clip {}): {} (F16 {}), error {:.4g} (plain RTN {:.4g})",
-                  hp.n_vocab, hp.n_embd, opt.bits, opt.group_size, s.p.embed_clip, human_bytes(r.bytes),
-                  human_bytes(r.bytes_f16), q.error, q.error_rtn);
+    GPTQ_LOG_INFO(
+        "model.embed_tokens: {} x {} table {}-bit g{} (clip {}): {} (F16 {}), error {:.4g} (plain RTN {:.4g})",
+        hp.n_vocab, hp.n_embd, opt.bits, opt.group_size, s.p.embed_clip, human_bytes(r.bytes), human_bytes(r.bytes_f16),
+        q.error, q.error_rtn);
     s.embed = std::move(q);
     return status::ok();
 }
@@ -1212,8 +1213,8 @@ status write_globals(run_state& s) {
         names.push_back(t.name);
     }
     if (s.embed) {
-        const gptq_linear_data& e  = s.embed->data;
-        const auto              ds = gptq_linear_decls("model.embed_tokens", e.n_out, e.n_in, e.n_groups, e.bits, false);
+        const gptq_linear_data& e = s.embed->data;
+        const auto ds             = gptq_linear_decls("model.embed_tokens", e.n_out, e.n_in, e.n_groups, e.bits, false);
         decls.insert(decls.end(), ds.begin(), ds.end());
     }
     if (s.lm_head) {
@@ -1847,11 +1848,18 @@ std::string quantize_report_json(const quantize_report& r) {
     }
     j["linears"] = ls;
     if (r.embeddings.quantized) {
-        const auto& e     = r.embeddings;
-        j["embeddings"] = {{"name", "model.embed_tokens"}, {"bits", e.bits},       {"group_size", e.group_size},
-                           {"clip", e.clip},              {"n_vocab", e.n_vocab}, {"n_embd", e.n_embd},
-                           {"bytes", e.bytes},            {"bytes_f16", e.bytes_f16}, {"error", e.error},
-                           {"error_rtn", e.error_rtn},    {"seconds", e.seconds}};
+        const auto& e   = r.embeddings;
+        j["embeddings"] = {{"name", "model.embed_tokens"},
+                           {"bits", e.bits},
+                           {"group_size", e.group_size},
+                           {"clip", e.clip},
+                           {"n_vocab", e.n_vocab},
+                           {"n_embd", e.n_embd},
+                           {"bytes", e.bytes},
+                           {"bytes_f16", e.bytes_f16},
+                           {"error", e.error},
+                           {"error_rtn", e.error_rtn},
+                           {"seconds", e.seconds}};
     }
     if (!r.bit_plan_json.empty()) j["bit_plan"] = nlohmann::ordered_json::parse(r.bit_plan_json);
     return j.dump(1);

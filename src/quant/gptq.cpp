@@ -156,7 +156,7 @@ result<quantized_linear> rtn_groups(const ops_context& ctx, const float* w, int6
         for (int64_t r = r0; r < r1; ++r)
             for (int64_t g = 0; g < q.n_groups; ++g) {
                 const int64_t k0 = g * gs, k1 = std::min(n_in, k0 + gs);
-                const auto    p = find(w + r * n_in + k0, k0, k1 - k0);
+                const auto    p                              = find(w + r * n_in + k0, k0, k1 - k0);
                 q.scales[static_cast<size_t>(g * n_out + r)] = p.scale;
                 q.zeros[static_cast<size_t>(g * n_out + r)]  = p.zero;
                 for (int64_t k = k0; k < k1; ++k)

@@ -69,8 +69,8 @@ std::vector<float> reference_table(const std::vector<float>& e, int64_t n_vocab,
     opt.bits       = bits;
     opt.group_size = group;
     const std::vector<float> ones(static_cast<size_t>(n_vocab), 1.0f);
-    auto q = clip == "none" ? rtn_quantize(ops_context{}, et.data(), n_embd, n_vocab, opt)
-                            : rtn_quantize_weighted(ops_context{}, et.data(), n_embd, n_vocab, ones.data(), opt);
+    auto                     q = clip == "none" ? rtn_quantize(ops_context{}, et.data(), n_embd, n_vocab, opt)
+                                                : rtn_quantize_weighted(ops_context{}, et.data(), n_embd, n_vocab, ones.data(), opt);
     EXPECT_TRUE(q.is_ok()) << q.error().message();
     if (!q.is_ok()) return {};
     std::vector<float> dt(e.size()), out(e.size());
@@ -100,7 +100,7 @@ void resized_vocab_model(const std::string& to, int64_t n_vocab) {
     auto src = tensor_source::open(tiny());
     ASSERT_TRUE(src.is_ok()) << src.error().message();
     int64_t                  v0 = 0, n_embd = 0;
-    const std::vector<float> e  = table_of(tiny(), &v0, &n_embd);
+    const std::vector<float> e = table_of(tiny(), &v0, &n_embd);
     std::vector<float>       t(static_cast<size_t>(n_vocab * n_embd));
     for (int64_t v = 0; v < n_vocab; ++v)
         for (int64_t d = 0; d < n_embd; ++d)
@@ -194,7 +194,7 @@ TEST(quantize_embeddings, rtn_table_reads_back_as_the_reference) {
         EXPECT_EQ(rj["embeddings"]["bytes"], rep->embeddings.bytes);
 
         // The tied lm_head: logits = table . final_norm(h), the same dequantized table.
-        std::mt19937       rng(7);
+        std::mt19937                    rng(7);
         std::normal_distribution<float> nd;
         std::vector<float> h(static_cast<size_t>(n_embd)), x(h.size()), logits(static_cast<size_t>(n_vocab));
         for (auto& v : h) v = nd(rng);
@@ -217,8 +217,8 @@ TEST(quantize_embeddings, rtn_table_reads_back_as_the_reference) {
 TEST(quantize_embeddings, awkward_vocabularies) {
     test::temp_dir dir("q-emb-vocab");
     resized_vocab_model(dir.file("v8200"), 8200);  // 64 groups of 128 and one of 8
-    auto p   = run_of(dir.file("v8200"), dir.file("v8200-q"));
-    p.method = "rtn";
+    auto p       = run_of(dir.file("v8200"), dir.file("v8200-q"));
+    p.method     = "rtn";
     p.embed_bits = 4;
     auto rep     = quantize_model(p);
     ASSERT_TRUE(rep.is_ok()) << rep.error().message();
@@ -234,13 +234,12 @@ TEST(quantize_embeddings, awkward_vocabularies) {
     EXPECT_TRUE(embedded_table(**m) == reference_table(e, n_vocab, n_embd, 4, 128, "uniform"));
 
     resized_vocab_model(dir.file("v8196"), 8196);  // x 4 bits = 1024.5 words; x 8 bits = 2049
-    auto bad   = run_of(dir.file("v8196"), dir.file("v8196-q"));
-    bad.method = "rtn";
+    auto bad       = run_of(dir.file("v8196"), dir.file("v8196-q"));
+    bad.method     = "rtn";
     bad.embed_bits = 4;
     auto r         = quantize_model(bad);
     ASSERT_FALSE(r.is_ok());
-    EXPECT_NE(r.error().message().find("vocabulary of 8196 tokens x 4 bits"), std::string::npos)
-        << r.error().message();
+    EXPECT_NE(r.error().message().find("vocabulary of 8196 tokens x 4 bits"), std::string::npos) << r.error().message();
     EXPECT_NE(r.error().message().find("--embed-bits 8"), std::string::npos) << r.error().message();
     EXPECT_FALSE(fs::exists(bad.output_path + ".partial"));
     bad.embed_bits = 8;

@@ -173,6 +173,8 @@ for r in rows:
             series = "gptqkit --quantize-lm-head" if head == "GPTQ" else "gptqkit (embeddings F16)"
     fb = r["sizes"]["file_bytes"]
     table.append((fb, r["side"], label, what, total * 8 / params, lin * 8 / linear_params, r["ppl"]["ppl"]))
+    if "clip " in label:  # the clipping ablation: in the table, not in the plots
+        continue
     pts.append({"series": series, "label": label, "x": round(fb / 2**20, 3), "y": round(r["ppl"]["ppl"], 3)})
     lpts.append(dict(pts[-1], x=round(lin * 8 / linear_params, 3)))
 print(f"parameters: {params} (decoder linears {linear_params}); ppl windows: {rows[0]['ppl']['n_windows']}")

@@ -165,6 +165,7 @@ for r in rows:
         total, lin, head, emb = ours_bytes(os.path.join(work, f"ours-{r['name']}"))
         label = r["flags"].replace(",", " ").replace("--bits ", "W").replace("--target-bpw ", "bpw ")
         label = re.sub(r" --quantize-embeddings --embed-bits (\d)", r" E\1", label).replace("--embed-clip ", "clip ")
+        label = label.replace(" clip frequency", "")  # the default
         table_kind = f"embeddings W{emb[0]} g{emb[1]}" if emb else "embeddings F16"
         what = table_kind + ("; + GPTQ lm_head copy" if head == "GPTQ" else ", lm_head tied")
         if emb:

@@ -1617,15 +1617,19 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         const uint64_t ahead_bytes = quantize_plain_mode() ? 0
                                                            : layer_bytes / 3 + 2 * (layer_bytes / 12) +
                                                                  (gpu_calibration_wanted ? layer_bytes / 6 : 0);
-        const uint64_t plan        = x_bytes + layer_bytes + ahead_bytes + 3 * h_bytes + moe_h_bytes + act_host;
-        s.report.peak_plan_bytes   = plan;
-        const uint64_t avail       = host_memory_available();
+        // --quantize-embeddings: the dequantized table (F32) and its codes, held until written.
+        const uint64_t embed_held =
+            s.embed ? s.embed->table.size() * 4 + s.embed->data.codes.size() + s.embed->data.scales.size() * 6 : 0;
+        const uint64_t plan = x_bytes + layer_bytes + ahead_bytes + 3 * h_bytes + moe_h_bytes + act_host + embed_held;
+        s.report.peak_plan_bytes = plan;
+        const uint64_t avail     = host_memory_available();
         GPTQ_LOG_INFO(
             "memory plan: calibration inputs {} + one layer {} + the reader's and writer's layers {} + Hessians {} + "
-            "activations {} = {} (available {})",
+            "activations {}{} = {} (available {})",
             human_bytes(x_bytes), human_bytes(layer_bytes), human_bytes(ahead_bytes),
-            human_bytes(3 * h_bytes + moe_h_bytes), human_bytes(act_bytes), human_bytes(plan),
-            avail ? human_bytes(avail) : "unknown");
+            human_bytes(3 * h_bytes + moe_h_bytes), human_bytes(act_bytes),
+            embed_held ? " + the quantized embedding table " + human_bytes(embed_held) : std::string(),
+            human_bytes(plan), avail ? human_bytes(avail) : "unknown");
         GPTQ_TRY(host_memory_check(
             "quantizing", plan,
             "lower --nsamples or --seqlen" +

@@ -5,7 +5,8 @@
 #   scripts/kquant_compare.sh kquants OUT.jsonl   # llama-quantize each type from the F16 GGUF, dequantize it
 #                                                 # back to HF F32 (scripts/gguf_to_hf.py), `gptq ppl`
 #   scripts/kquant_compare.sh ours OUT.jsonl      # `gptq quantize` (--target-bpw 2.5 .. 4.5, W2/W3/W4/W8 g128,
-#                                                 # with and without --quantize-lm-head), `gptq ppl`
+#                                                 # with and without --quantize-lm-head; W4, W3, --target-bpw 3.5
+#                                                 # with --quantize-embeddings at 8 and 4 bits), `gptq ppl`
 #   scripts/kquant_compare.sh table OUT.jsonl [POINTS.json [LINEAR_POINTS.json]]  # Markdown table;
 #       points (ppl against file size / against the decoder linears' bits per weight) for
 #       `gptq report POINTS.json --plot out.svg`
@@ -36,7 +37,11 @@ configs=(${CONFIGS:-w2-g128:--bits,2 w3-g128:--bits,3 w4-g128:--bits,4 w8-g128:-
     bpw2.5:--target-bpw,2.5 bpw3:--target-bpw,3 bpw3.5:--target-bpw,3.5 bpw4:--target-bpw,4 bpw4.5:--target-bpw,4.5
     w3-g128-lmhead:--bits,3,--quantize-lm-head w4-g128-lmhead:--bits,4,--quantize-lm-head
     bpw3-lmhead:--target-bpw,3,--quantize-lm-head bpw3.5-lmhead:--target-bpw,3.5,--quantize-lm-head
-    bpw4-lmhead:--target-bpw,4,--quantize-lm-head})
+    bpw4-lmhead:--target-bpw,4,--quantize-lm-head
+    w4-g128-e8:--bits,4,--quantize-embeddings,--embed-bits,8 w4-g128-e4:--bits,4,--quantize-embeddings,--embed-bits,4
+    w3-g128-e8:--bits,3,--quantize-embeddings,--embed-bits,8 w3-g128-e4:--bits,3,--quantize-embeddings,--embed-bits,4
+    bpw3.5-e8:--target-bpw,3.5,--quantize-embeddings,--embed-bits,8
+    bpw3.5-e4:--target-bpw,3.5,--quantize-embeddings,--embed-bits,4})
 mkdir -p "$work"
 
 ppl() { "$gptq" ppl "$1" --seqlen 512 --threads "$threads" --max-windows "$windows" --json; }
@@ -133,15 +138,21 @@ def gguf_bytes(path):  # (all tensor bytes, decoder-linear tensor bytes, type of
 
 def ours_bytes(path):
     total = lin = 0
-    heads = {}
+    heads, shapes = {}, {}
     for f in glob.glob(os.path.join(path, "*.safetensors")):
         for k, v in st_header(f).items():
             n = v["data_offsets"][1] - v["data_offsets"][0]
             total += n
             lin += n if LINEAR.match(k) else 0
             heads[k] = v["dtype"]
+            shapes[k] = v["shape"]
     head = "GPTQ" if "lm_head.qweight" in heads else ("F16 (tied)" if "lm_head.weight" not in heads else "F16")
-    return total, lin, head
+    emb = None  # --quantize-embeddings: the table's bits and group size from its tensors
+    if "model.embed_tokens.qweight" in shapes:
+        vocab = shapes["model.embed_tokens.g_idx"][0]
+        emb = (shapes["model.embed_tokens.qweight"][0] * 32 // vocab,
+               -(-vocab // shapes["model.embed_tokens.scales"][0]))
+    return total, lin, head, emb
 
 table, pts, lpts = [], [], []
 for r in rows:
@@ -151,12 +162,20 @@ for r in rows:
         label, what = r["name"], f"embeddings = lm_head {emb}"
         series = "llama.cpp (tied table quantized)"
     else:
-        total, lin, head = ours_bytes(os.path.join(work, f"ours-{r['name']}"))
+        total, lin, head, emb = ours_bytes(os.path.join(work, f"ours-{r['name']}"))
         label = r["flags"].replace(",", " ").replace("--bits ", "W").replace("--target-bpw ", "bpw ")
-        what = "embeddings F16" + ("; + GPTQ lm_head copy" if head == "GPTQ" else ", lm_head tied")
-        series = "gptqkit --quantize-lm-head" if head == "GPTQ" else "gptqkit (embeddings F16)"
+        label = re.sub(r" --quantize-embeddings --embed-bits (\d)", r" E\1", label).replace("--embed-clip ", "clip ")
+        label = label.replace(" clip frequency", "")  # the default
+        table_kind = f"embeddings W{emb[0]} g{emb[1]}" if emb else "embeddings F16"
+        what = table_kind + ("; + GPTQ lm_head copy" if head == "GPTQ" else ", lm_head tied")
+        if emb:
+            series = "gptqkit --quantize-embeddings"
+        else:
+            series = "gptqkit --quantize-lm-head" if head == "GPTQ" else "gptqkit (embeddings F16)"
     fb = r["sizes"]["file_bytes"]
     table.append((fb, r["side"], label, what, total * 8 / params, lin * 8 / linear_params, r["ppl"]["ppl"]))
+    if "clip " in label:  # the clipping ablation: in the table, not in the plots
+        continue
     pts.append({"series": series, "label": label, "x": round(fb / 2**20, 3), "y": round(r["ppl"]["ppl"], 3)})
     lpts.append(dict(pts[-1], x=round(lin * 8 / linear_params, 3)))
 print(f"parameters: {params} (decoder linears {linear_params}); ppl windows: {rows[0]['ppl']['n_windows']}")

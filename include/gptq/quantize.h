@@ -39,6 +39,20 @@ struct quantize_params {
     // true). A tied lm_head gets its own quantized copy: the embedding table stays as it was and
     // config.json says tie_word_embeddings false.
     bool quantize_lm_head = false;
+    // Quantize the input embedding table (docs/quantize.md, "Quantized embeddings"): written as
+    // GPTQModel's quantized model.embed_tokens (the GPTQ linear of E^T: groups of consecutive token
+    // ids per hidden column), round to nearest with a clipping search per group (embed_clip), and a
+    // `dynamic` rule on model.embed_tokens when its bits / group size differ from the base. A tied
+    // lm_head computes with the dequantized table (as GPTQModel does), unless quantize_lm_head
+    // gives it a GPTQ copy of its own. The calibration windows are embedded with the quantized table.
+    bool quantize_embeddings = false;
+    int  embed_bits          = 8;  // 2, 3, 4 or 8
+    int  embed_group_size    = 0;  // 0: group_size; else -1 or one of 16, 32, ..., 1024 (GPTQModel's)
+    // The clipping range of each group: "none" (the full range, plain RTN), "uniform" (the range
+    // minimising the group's squared error), "frequency" (the same error weighted by how often each
+    // token occurs in the calibration text, plus one: the diagonal Hessian of a one-hot input).
+    // "" (default): frequency, or uniform with --method rtn (no calibration text).
+    std::string embed_clip = "";
     // Mixed precision (docs/quantize.md, "Mixed precision"): > 0 chooses bits (2, 3, 4, 8) and group
     // size per module so that the quantized linears take at most this many bits per weight
     // (qweight, qzeros, scales and g_idx counted as written) with the least summed error, and
@@ -106,6 +120,17 @@ struct quantize_report {
     // --target-bpw: the plan as JSON (target, budget, bytes, per module its choice and the measured
     // error of every candidate); null otherwise.
     std::string bit_plan_json;
+    // --quantize-embeddings: the table as written. error / error_rtn: sum over the table of the
+    // squared error of the written codes / of plain RTN (full range), each token's row weighted by
+    // its count in the calibration text plus one (without calibration, --method rtn: by one).
+    struct embeddings_report {
+        bool        quantized = false;
+        int         bits = 0, group_size = 0;
+        std::string clip;
+        int64_t     n_vocab = 0, n_embd = 0;
+        uint64_t    bytes = 0, bytes_f16 = 0;  // GPTQ tensors as written; the table in F16
+        double      error = 0.0, error_rtn = 0.0, seconds = 0.0;
+    } embeddings;
     // Wall time of this run by phase, summed over the layers: where the time goes (not kept across
     // --resume). Before the layers: open (model, checks), tokenize, embed, runner (the calibration
     // runner opened: inputs to the device); per layer: check, load, calibration, hessian, rtn,

@@ -33,6 +33,7 @@
 #include "core/progress.h"
 #include "core/thread_pool.h"
 #include "data_files.h"
+#include "embed_quant.h"
 #include "gptq/device.h"
 #include "host_memory.h"
 #include "io/gptq_checkpoint.h"
@@ -83,6 +84,12 @@ nlohmann::json run_identity(const quantize_params& p, const gptq_config& cfg, bo
                         {"true_sequential", p.true_sequential},
                         {"target_bpw", p.target_bpw},
                         {"bpw_group_sizes", p.bpw_group_sizes}};
+    if (p.quantize_embeddings) {  // only then: work folders of earlier versions still resume
+        j["quantize_embeddings"] = true;
+        j["embed_bits"]          = p.embed_bits;
+        j["embed_group_size"]    = p.embed_group_size;
+        j["embed_clip"]          = p.embed_clip;
+    }
     if (moe) {
         j["moe_coverage"]   = p.moe_coverage;
         j["moe_min_tokens"] = p.moe_min_tokens;
@@ -138,6 +145,10 @@ std::string resume_mismatch(const std::string& work, const nlohmann::json& was, 
         {"moe_min_tokens", "--moe-min-tokens", false, false},
         {"target_bpw", "--target-bpw", false, false},
         {"bpw_group_sizes", "--bpw-group-sizes", false, false},
+        {"quantize_embeddings", "--quantize-embeddings", true, false},
+        {"embed_bits", "--embed-bits", false, false},
+        {"embed_group_size", "--embed-group-size", false, false},
+        {"embed_clip", "--embed-clip", false, false},
     };
     auto at = [](const nlohmann::json& j, const std::string& key) {
         const nlohmann::json* v = &j;
@@ -282,6 +293,7 @@ struct run_state {
     quantize_report                 report;
     std::vector<std::string>        layer_hashes;  // of each finished layer file (state.json; --resume checks them)
     std::optional<gptq_linear_data> lm_head;       // --quantize-lm-head, once the layers are done
+    std::optional<embed_quantized>  embed;         // --quantize-embeddings, before the calibration embeds
     nlohmann::json                  bit_plan;      // --target-bpw: the plan (plan.json in the work folder)
     nlohmann::json                  identity;      // run_identity before any plan (state.json; --resume)
     // GPTQ: the calibration windows' hidden states and the passes over them, on the CPU or (--device
@@ -1018,7 +1030,7 @@ std::string unit_rule(const bit_plan_module& m) {
 // choice is not the base --bits / --group-size; the rules never overlap).
 status bit_plan_config(run_state& s, const nlohmann::json& dynamic) {
     nlohmann::json cj = s.cfg.to_json();
-    if (!dynamic.empty()) cj["dynamic"] = dynamic;
+    for (const auto& [key, rule] : dynamic.items()) cj["dynamic"][key] = rule;  // beside --quantize-embeddings' rule
     GPTQ_ASSIGN_OR_RETURN(gptq_config c, gptq_config_parse(cj, "--target-bpw plan"));
     s.cfg = std::move(c);
     return status::ok();
@@ -1139,6 +1151,54 @@ status quantize_lm_head(run_state& s, const ops_context& ctx) {
     return status::ok();
 }
 
+// --quantize-embeddings: s.cfg gets a `dynamic` rule on model.embed_tokens when the table's bits or
+// group size differ from the base ones (GPTQModel builds the module from them: without the rule it
+// makes a base-bits module and refuses the tensors; docs/quantize.md "Quantized embeddings").
+status embed_rule_config(run_state& s) {
+    const int group = s.p.embed_group_size == 0 ? s.p.group_size : s.p.embed_group_size;
+    if (s.p.embed_bits == s.p.bits && group == s.p.group_size) return status::ok();
+    nlohmann::json cj                                       = s.cfg.to_json();
+    cj["dynamic"]["+:" + regex_exact("model.embed_tokens")] = {{"bits", s.p.embed_bits}, {"group_size", group}};
+    GPTQ_ASSIGN_OR_RETURN(gptq_config c, gptq_config_parse(cj, "--quantize-embeddings"));
+    s.cfg = std::move(c);
+    return status::ok();
+}
+
+// --quantize-embeddings: the table E (read from the checkpoint as F32) quantized in GPTQModel's
+// layout (embed_quant.h) with the options of model.embed_tokens (base or its rule). Done before the
+// calibration windows are embedded, which then use the dequantized table: the layers are quantized
+// against the inputs the written model computes, as each layer is against the quantized layers
+// before it. calib_ids: the calibration text's tokens (token weights; empty with --method rtn).
+status quantize_embedding_table(run_state& s, const ops_context& ctx, const std::vector<int32_t>& calib_ids) {
+    phase_timer          t(s, "embeddings");
+    const auto           t0 = clock::now();
+    const llama_hparams& hp = s.model->hparams();
+    std::vector<float>   e(static_cast<size_t>(hp.n_vocab * hp.n_embd));
+    GPTQ_TRY(s.model->source().read_f32("model.embed_tokens.weight", e.data(), {hp.n_vocab, hp.n_embd}));
+    const gptq_options opt = options_for(s, "model.embed_tokens");
+    const auto         wt  = embed_token_weights(hp.n_vocab, calib_ids);
+    GPTQ_ASSIGN_OR_RETURN(embed_quantized q,
+                          embed_table_quantize(ctx, e.data(), hp.n_vocab, hp.n_embd, opt, s.p.embed_clip, wt));
+    auto& r      = s.report.embeddings;
+    r.quantized  = true;
+    r.bits       = opt.bits;
+    r.group_size = opt.group_size;
+    r.clip       = s.p.embed_clip;
+    r.n_vocab    = hp.n_vocab;
+    r.n_embd     = hp.n_embd;
+    r.bytes      = gptq_module_bytes(hp.n_embd, hp.n_vocab, opt.bits, opt.group_size);
+    r.bytes_f16  = static_cast<uint64_t>(hp.n_vocab * hp.n_embd) * 2;
+    r.error      = q.error;
+    r.error_rtn  = q.error_rtn;
+    r.seconds    = seconds_since(t0);
+    GPTQ_LOG_INFO(
+        "model.embed_tokens: {} x {} table {}-bit g{} (clip {}): {} (F16 {}), error {:.4g} (plain RTN {:.4g})",
+        hp.n_vocab, hp.n_embd, opt.bits, opt.group_size, s.p.embed_clip, human_bytes(r.bytes), human_bytes(r.bytes_f16),
+        q.error, q.error_rtn);
+    s.embed = std::move(q);
+    return status::ok();
+}
+
 // Copy the non-layer tensors (embeddings, final norm, lm_head) unchanged into globals.safetensors.
 status write_globals(run_state& s) {
     const tensor_source&          src = s.model->source();
@@ -1148,8 +1208,14 @@ status write_globals(run_state& s) {
         const tensor_entry* e = src.find(t.name);
         if (!e) continue;                                       // optional (tied lm_head)
         if (s.lm_head && t.name == "lm_head.weight") continue;  // replaced by its GPTQ tensors
+        if (s.embed && t.name == "model.embed_tokens.weight") continue;
         decls.push_back({t.name, e->info->type, e->info->shape});
         names.push_back(t.name);
+    }
+    if (s.embed) {
+        const gptq_linear_data& e = s.embed->data;
+        const auto ds             = gptq_linear_decls("model.embed_tokens", e.n_out, e.n_in, e.n_groups, e.bits, false);
+        decls.insert(decls.end(), ds.begin(), ds.end());
     }
     if (s.lm_head) {
         const auto ds = gptq_linear_decls("lm_head", s.lm_head->n_out, s.lm_head->n_in, s.lm_head->n_groups,
@@ -1161,6 +1227,7 @@ status write_globals(run_state& s) {
         const tensor_entry* e = src.find(name);
         GPTQ_TRY(w->write(name, e->file->bytes(*e->info), e->info->nbytes()));
     }
+    if (s.embed) GPTQ_TRY(gptq_linear_write(*w, "model.embed_tokens", s.embed->data, s.cfg.format));
     if (s.lm_head) GPTQ_TRY(gptq_linear_write(*w, "lm_head", *s.lm_head, s.cfg.format));
     return w->finish();
 }
@@ -1253,6 +1320,16 @@ status check_params(const quantize_params& p) {
     if (p.max_shard_bytes == 0) return make_error(E_ARG, "--max-shard-size must be positive");
     if (p.moe_coverage != "route-all" && p.moe_coverage != "rtn" && p.moe_coverage != "fail")
         return make_error(E_ARG, "--moe-coverage '{}' is not supported (route-all, rtn or fail)", p.moe_coverage);
+    if (p.quantize_embeddings) {
+        if (p.embed_bits != 2 && p.embed_bits != 3 && p.embed_bits != 4 && p.embed_bits != 8)
+            return make_error(E_ARG, "--embed-bits {} is not supported (2, 3, 4 or 8)", p.embed_bits);
+        if (!p.embed_clip.empty() && p.embed_clip != "none" && p.embed_clip != "uniform" && p.embed_clip != "frequency")
+            return make_error(E_ARG, "--embed-clip '{}' is not supported (none, uniform or frequency)", p.embed_clip);
+        if (p.embed_clip == "frequency" && p.method != "gptq")
+            return make_error(E_ARG,
+                              "--embed-clip frequency weights tokens by the calibration text, which --method rtn "
+                              "does not read: use --embed-clip uniform");
+    }
     if (p.moe_min_tokens < -1) return make_error(E_ARG, "--moe-min-tokens {} must be >= 0 (or -1)", p.moe_min_tokens);
     return status::ok();
 }
@@ -1282,6 +1359,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     GPTQ_TRY(check_params(params));
     run_state s;
     s.p = params;
+    if (s.p.embed_clip.empty()) s.p.embed_clip = s.p.method == "gptq" ? "frequency" : "uniform";
     std::optional<phase_timer> t_open(std::in_place, s, "open");
 
     // Options and the config we will write. Zeros in v1 unless asked: the format most readers take,
@@ -1359,6 +1437,25 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             return make_error(E_ARG, "lm_head: in_features {} is not a multiple of --group-size {}", hp.n_embd,
                               params.group_size);
     }
+    if (params.quantize_embeddings) {
+        const int group = params.embed_group_size == 0 ? params.group_size : params.embed_group_size;
+        GPTQ_TRY(embed_quant_check(hp.n_vocab, hp.n_embd, params.embed_bits, group)
+                     .with_context(params.embed_group_size == 0
+                                       ? fmt::format("--embed-group-size defaults to --group-size {}", group)
+                                       : std::string("--quantize-embeddings")));
+        GPTQ_TRY(embed_rule_config(s));
+        if (hp.tie_embeddings && !params.quantize_lm_head)
+            GPTQ_LOG_WARN(
+                "--quantize-embeddings on a model with a tied lm_head: lm_head keeps using the (dequantized) table, "
+                "the smallest file, but only gptqkit reads it: GPTQModel 7.6 refuses it (it ties lm_head to "
+                "model.embed_tokens.weight, which a quantized table lacks), transformers loads it silently wrong; "
+                "add --quantize-lm-head for a file GPTQModel reads (docs/quantize.md, \"Quantized embeddings\")");
+        else
+            GPTQ_LOG_WARN(
+                "--quantize-embeddings: of the GPTQ readers only GPTQModel (and gptqkit) read a quantized "
+                "model.embed_tokens; transformers + optimum load such a file silently wrong (the table left "
+                "random) and vLLM does not load it (docs/quantize.md, \"Quantized embeddings\")");
+    }
     GPTQ_TRY(check_tensors_finite(s.model->source(), llama_global_tensors(hp)));
 
     // Output and work folders.
@@ -1387,7 +1484,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         return make_error(E_ARG, "{}: already exists; choose another output folder or remove it", params.output_path);
     }
     int64_t    layers_done = 0;
-    const auto identity    = run_identity(params, s.cfg, hp.n_expert > 0);
+    const auto identity    = run_identity(s.p, s.cfg, hp.n_expert > 0);
     s.identity             = identity;
     if (fs::exists(s.work)) {
         if (!params.resume)
@@ -1485,6 +1582,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         }
         s.report.n_calib_tokens = s.n_samples * params.seqlen;
         t_tok.reset();
+        if (params.quantize_embeddings) GPTQ_TRY(quantize_embedding_table(s, ctx, ids));
         GPTQ_LOG_INFO("calibration: {} windows of {} tokens from {} ({} tokens)", s.n_samples, params.seqlen,
                       calib_path, ids.size());
 
@@ -1519,15 +1617,19 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         const uint64_t ahead_bytes = quantize_plain_mode() ? 0
                                                            : layer_bytes / 3 + 2 * (layer_bytes / 12) +
                                                                  (gpu_calibration_wanted ? layer_bytes / 6 : 0);
-        const uint64_t plan        = x_bytes + layer_bytes + ahead_bytes + 3 * h_bytes + moe_h_bytes + act_host;
-        s.report.peak_plan_bytes   = plan;
-        const uint64_t avail       = host_memory_available();
+        // --quantize-embeddings: the dequantized table (F32) and its codes, held until written.
+        const uint64_t embed_held =
+            s.embed ? s.embed->table.size() * 4 + s.embed->data.codes.size() + s.embed->data.scales.size() * 6 : 0;
+        const uint64_t plan = x_bytes + layer_bytes + ahead_bytes + 3 * h_bytes + moe_h_bytes + act_host + embed_held;
+        s.report.peak_plan_bytes = plan;
+        const uint64_t avail     = host_memory_available();
         GPTQ_LOG_INFO(
             "memory plan: calibration inputs {} + one layer {} + the reader's and writer's layers {} + Hessians {} + "
-            "activations {} = {} (available {})",
+            "activations {}{} = {} (available {})",
             human_bytes(x_bytes), human_bytes(layer_bytes), human_bytes(ahead_bytes),
-            human_bytes(3 * h_bytes + moe_h_bytes), human_bytes(act_bytes), human_bytes(plan),
-            avail ? human_bytes(avail) : "unknown");
+            human_bytes(3 * h_bytes + moe_h_bytes), human_bytes(act_bytes),
+            embed_held ? " + the quantized embedding table " + human_bytes(embed_held) : std::string(),
+            human_bytes(plan), avail ? human_bytes(avail) : "unknown");
         GPTQ_TRY(host_memory_check(
             "quantizing", plan,
             "lower --nsamples or --seqlen" +
@@ -1536,7 +1638,10 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         std::optional<phase_timer> t_embed(std::in_place, s, "embed");
         std::vector<float>         x(static_cast<size_t>(s.n_samples * params.seqlen * hp.n_embd));
         GPTQ_TRY(s.model->globals_load());
-        GPTQ_TRY(embed_windows(*s.model, windows, hp.n_embd, quantize_plain_mode() ? nullptr : &pool, x.data()));
+        if (s.embed)
+            GPTQ_TRY(embed_rows(s.embed->table, hp.n_embd, hp.embed_scale, windows, x.data()));
+        else
+            GPTQ_TRY(embed_windows(*s.model, windows, hp.n_embd, quantize_plain_mode() ? nullptr : &pool, x.data()));
         t_embed.reset();
         auto make_runner = [&](std::vector<float> xs) -> result<std::unique_ptr<calibration_runner>> {
             if (gpu_calibration_wanted)
@@ -1551,6 +1656,8 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         }
         if (gpu_calibration_wanted) s.report.peak_plan_bytes = s.calib->device_plan_bytes();
     }
+
+    if (params.quantize_embeddings && !s.embed) GPTQ_TRY(quantize_embedding_table(s, ctx, {}));  // --method rtn
 
     // The work folder is made only now, so that a run failing its checks leaves nothing behind.
     if (!fs::exists(s.work)) {
@@ -1744,6 +1851,20 @@ std::string quantize_report_json(const quantize_report& r) {
         }
     }
     j["linears"] = ls;
+    if (r.embeddings.quantized) {
+        const auto& e   = r.embeddings;
+        j["embeddings"] = {{"name", "model.embed_tokens"},
+                           {"bits", e.bits},
+                           {"group_size", e.group_size},
+                           {"clip", e.clip},
+                           {"n_vocab", e.n_vocab},
+                           {"n_embd", e.n_embd},
+                           {"bytes", e.bytes},
+                           {"bytes_f16", e.bytes_f16},
+                           {"error", e.error},
+                           {"error_rtn", e.error_rtn},
+                           {"seconds", e.seconds}};
+    }
     if (!r.bit_plan_json.empty()) j["bit_plan"] = nlohmann::ordered_json::parse(r.bit_plan_json);
     return j.dump(1);
 }
@@ -1779,6 +1900,13 @@ std::string quantize_report_summary(const quantize_report& r) {
                 "mixture of experts: {} expert linears from every token (route-all), {} round to nearest "
                 "(under --moe-min-tokens)\n",
                 n_route_all, n_rtn);
+    }
+    if (r.embeddings.quantized) {
+        const auto& e = r.embeddings;
+        s += fmt::format(
+            "embeddings: {}-bit g{} table (clip {}), {} instead of {} F16; error {:.4g} (plain RTN {:.4g}; squared, "
+            "each token weighted by its calibration count + 1)\n",
+            e.bits, e.group_size, e.clip, human_bytes(e.bytes), human_bytes(e.bytes_f16), e.error, e.error_rtn);
     }
     if (!r.bit_plan_json.empty()) {
         const auto p = nlohmann::json::parse(r.bit_plan_json);

@@ -856,12 +856,9 @@ status llama_model::layers_load_all() {
     return status::ok();
 }
 
-namespace {
-// GPTQModel's quantized input embeddings (docs/quantize.md "Quantized embeddings"): the table
-// E [n_vocab, n_embd] stored as the GPTQ linear of E^T (n_out = n_embd, n_in = n_vocab: groups of
-// consecutive token ids), read here as the dense F32 table scale * (code - zero).
-status read_quantized_embedding(const tensor_source& src, const llama_hparams& hp, const gptq_config& qc,
-                                std::vector<float>* table) {
+status llama_read_quantized_embedding(const tensor_source& src, const llama_hparams& hp, const gptq_config& qc,
+                                      std::vector<float>* table) {
+    // E^T: n_out = n_embd, n_in = n_vocab (groups of consecutive token ids).
     GPTQ_ASSIGN_OR_RETURN(gptq_linear_data q, gptq_linear_read(src, "model.embed_tokens", hp.n_embd, hp.n_vocab, qc));
     std::vector<float> wt(static_cast<size_t>(hp.n_embd * hp.n_vocab));
     q.dequantize(wt.data());  // [n_embd, n_vocab]
@@ -870,13 +867,12 @@ status read_quantized_embedding(const tensor_source& src, const llama_hparams& h
         for (int64_t v = 0; v < hp.n_vocab; ++v) (*table)[size_t(v * hp.n_embd + d)] = wt[size_t(d * hp.n_vocab + v)];
     return status::ok();
 }
-}  // namespace
 
 status llama_model::globals_load() {
     if (!embed_.empty() || !embed16_.empty()) return status::ok();
     const auto specs = llama_global_tensors(hp_);
     if (const gptq_config* qe = quantization_of("model.embed_tokens"))
-        GPTQ_TRY(read_quantized_embedding(*src_, hp_, *qe, &embed_).with_context(src_->folder()));
+        GPTQ_TRY(llama_read_quantized_embedding(*src_, hp_, *qe, &embed_).with_context(src_->folder()));
     else
         GPTQ_TRY(read_weight(*src_, specs[0], keep_f16_, &embed_, &embed16_));
     GPTQ_TRY(read_vec(*src_, specs[1], &norm_));

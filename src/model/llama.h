@@ -157,6 +157,11 @@ struct tensor_spec {
     bool                 optional = false;
 };
 std::vector<tensor_spec> llama_global_tensors(const llama_hparams& hp);  // embeddings, final norm, lm_head
+// GPTQModel's quantized input embeddings (docs/quantize.md "Quantized embeddings"), model.embed_tokens
+// stored as the GPTQ linear of E^T, read as the dense F32 table [n_vocab, n_embd] = scale * (code -
+// zero): what the CPU model embeds with (and a tied lm_head multiplies by) and the GPU model uploads.
+status llama_read_quantized_embedding(const tensor_source& src, const llama_hparams& hp, const gptq_config& qc,
+                                      std::vector<float>* table);
 std::vector<tensor_spec> llama_layer_tensors(const llama_hparams& hp, int64_t i_layer);
 std::string              llama_linear_name(int64_t i_layer, linear_role r);  // "model.layers.3.self_attn.q_proj"
 bool                     llama_linear_has_bias(const llama_hparams& hp, linear_role r);  // Qwen2 q/k/v, ...

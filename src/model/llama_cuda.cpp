@@ -406,7 +406,7 @@ status llama_cuda_model::load_weights() {
     moe_grouped_                     = hp.n_expert > 0 && opts_.moe_grouped;
     if (hp.n_expert > 0 && !opts_.moe_grouped) moe_why_not_grouped_ = "off (llama_cuda_options::moe_grouped)";
     // Modules in execution order (the order of the offload units): embeddings, layers, norm, lm_head.
-    GPTQ_TRY(tensor_upload_f16(globals[0], &embed_));
+    GPTQ_TRY(embed_table_upload(&embed_));
     if (off.embed) GPTQ_TRY(offload_module("model.embed_tokens", {&embed_}, &embed_unit_));
     layers_.resize(static_cast<size_t>(hp.n_layer));
     layer_unit_.assign(static_cast<size_t>(hp.n_layer), -1);
@@ -491,11 +491,30 @@ status llama_cuda_model::load_weights() {
     if (lm_head_q || !hp.tie_embeddings || off.embed || off.lm_head) {
         if (lm_head_q)
             GPTQ_TRY(lm_head_upload_dequantized(*lm_head_q));
+        else if (hp.tie_embeddings)
+            GPTQ_TRY(embed_table_upload(&lm_head_));
         else
-            GPTQ_TRY(tensor_upload_f16(hp.tie_embeddings ? globals[0] : globals[2], &lm_head_));
+            GPTQ_TRY(tensor_upload_f16(globals[2], &lm_head_));
         if (off.lm_head) GPTQ_TRY(offload_module("lm_head", {&lm_head_}, &lm_head_unit_));
     }
     return offload_finish();
+}
+
+// The input embedding table [n_vocab, n_embd] in F16: the checkpoint's tensor, or GPTQModel's
+// quantized model.embed_tokens dequantized on the host (llama_read_quantized_embedding, the table
+// the CPU model uses) and rounded to F16 (docs/quantize.md "Quantized embeddings"). A tied lm_head
+// stored apart (offload) takes the same table.
+status llama_cuda_model::embed_table_upload(cuda_buffer* out) {
+    const llama_hparams& hp = hparams();
+    const gptq_config*   qe = host_->quantization_of("model.embed_tokens");
+    if (!qe) return tensor_upload_f16(llama_global_tensors(hp)[0], out);
+    std::vector<float> table;
+    GPTQ_TRY(llama_read_quantized_embedding(host_->source(), hp, *qe, &table).with_context(host_->source().folder()));
+    std::vector<uint16_t> h;
+    GPTQ_TRY(to_f16(table, &h, "model.embed_tokens (dequantized)"));
+    GPTQ_ASSIGN_OR_RETURN(*out, cuda_buffer::from_host(h.data(), h.size() * 2));
+    weight_bytes_ += out->bytes();
+    return status::ok();
 }
 
 status llama_cuda_model::lm_head_upload_dequantized(const gptq_config& qc) {

@@ -297,6 +297,7 @@ private:
     status gptq_upload(const gptq_linear_data& d, int group_size, const std::string& name, linear* out);
     // A GPTQ lm_head ("lm_head": true): dequantized to F16 at load, then used as a dense one.
     status lm_head_upload_dequantized(const gptq_config& qc);
+    status embed_table_upload(cuda_buffer* out);
     status tensor_upload_f16(const tensor_spec& t, cuda_buffer* out);
     // The adapters' factors and per-layer slot tables (options.loras) onto the device.
     status loras_upload();

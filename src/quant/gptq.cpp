@@ -141,8 +141,11 @@ status gptq_check_finite(const ops_context& ctx, const float* x, int64_t n_rows,
     return bad ? gptq_check_finite(x, n_rows, n_cols, what) : status::ok();  // the message counts them all
 }
 
-result<quantized_linear> rtn_quantize(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
-                                      const gptq_options& opt) {
+namespace {
+// RTN over contiguous groups; each group's grid from find(x, k0, n) for the n values x = w[r, k0..).
+template <typename Find>
+result<quantized_linear> rtn_groups(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
+                                    const gptq_options& opt, const Find& find) {
     GPTQ_TRY(gptq_check_options(opt, n_in));
     GPTQ_TRY(gptq_check_finite(ctx, w, n_out, n_in, "the weight"));
     quantized_linear q    = make_result(opt, n_out, n_in);
@@ -153,7 +156,7 @@ result<quantized_linear> rtn_quantize(const ops_context& ctx, const float* w, in
         for (int64_t r = r0; r < r1; ++r)
             for (int64_t g = 0; g < q.n_groups; ++g) {
                 const int64_t k0 = g * gs, k1 = std::min(n_in, k0 + gs);
-                const auto    p = grid_find_params(w + r * n_in + k0, k1 - k0, 1, grid_of(opt));
+                const auto    p                              = find(w + r * n_in + k0, k0, k1 - k0);
                 q.scales[static_cast<size_t>(g * n_out + r)] = p.scale;
                 q.zeros[static_cast<size_t>(g * n_out + r)]  = p.zero;
                 for (int64_t k = k0; k < k1; ++k)
@@ -162,6 +165,26 @@ result<quantized_linear> rtn_quantize(const ops_context& ctx, const float* w, in
             }
     });
     return q;
+}
+}  // namespace
+
+result<quantized_linear> rtn_quantize(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
+                                      const gptq_options& opt) {
+    const grid_options g = grid_of(opt);
+    return rtn_groups(ctx, w, n_out, n_in, opt,
+                      [&](const float* x, int64_t, int64_t n) { return grid_find_params(x, n, 1, g); });
+}
+
+result<quantized_linear> rtn_quantize_weighted(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
+                                               const float* wt, const gptq_options& opt) {
+    if (opt.mse) return make_error(E_ARG, "rtn_quantize_weighted: mse (the |q - w|^2.4 grid) does not apply");
+    for (int64_t k = 0; k < n_in; ++k)
+        if (!(wt[k] >= 0.0f) || !std::isfinite(wt[k]))
+            return make_error(E_ARG, "rtn_quantize_weighted: weight {} of column {} must be finite and >= 0", wt[k], k);
+    const grid_options g = grid_of(opt);
+    return rtn_groups(ctx, w, n_out, n_in, opt, [&](const float* x, int64_t k0, int64_t n) {
+        return grid_find_params_weighted(x, wt + k0, n, g);
+    });
 }
 
 result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in, int64_t n_out, int64_t n_in,

@@ -99,6 +99,13 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w, i
 result<quantized_linear> rtn_quantize(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
                                       const gptq_options& opt);
 
+// RTN whose grid per group (and row) is the clipping range minimising sum_k wt[k] (q_k - w_k)^2 over
+// the group (grid_find_params_weighted: 1, 0.99, ..., 0.21 of the range); wt [n_in], finite, >= 0
+// (all ones: the plain squared error). Contiguous groups as rtn_quantize; opt.mse must be off. The
+// quantized embedding table uses it (docs/quantize.md "Quantized embeddings").
+result<quantized_linear> rtn_quantize_weighted(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
+                                               const float* wt, const gptq_options& opt);
+
 // Check options against a layer shape; the message names the option and the value.
 status gptq_check_options(const gptq_options& opt, int64_t n_in);
 

@@ -51,4 +51,25 @@ inline std::string tiny_llama_gptq_checkpoint(const std::string& tag, int bits, 
     return out;
 }
 
+// tiny-llama (tied lm_head) W4 g128 RTN with its embedding table quantized (--quantize-embeddings
+// at embed_bits, group 128; docs/quantize.md "Quantized embeddings"), optionally with a GPTQ
+// lm_head copy of its own (--quantize-lm-head), made once per tag.
+inline std::string tiny_llama_quantized_embeddings_checkpoint(const std::string& tag, int embed_bits,
+                                                              bool quantize_lm_head) {
+    static temp_dir   dir("cuda-tiny-embed");
+    const std::string out = dir.file(tag);
+    if (std::filesystem::exists(out)) return out;
+    quantize_params p;
+    p.model_path          = cuda_source_dir() + "/models/tiny-llama";
+    p.output_path         = out;
+    p.method              = "rtn";
+    p.quantize_embeddings = true;
+    p.embed_bits          = embed_bits;
+    p.quantize_lm_head    = quantize_lm_head;
+    p.n_threads           = 2;
+    auto r                = quantize_model(p);
+    EXPECT_TRUE(r.is_ok()) << r.error().message();
+    return out;
+}
+
 }  // namespace gptq::test

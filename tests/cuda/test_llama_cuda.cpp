@@ -330,6 +330,17 @@ TEST(llama_cuda, gptq_3bit_asym_generic_matches_cpu) {
     EXPECT_EQ(generic, 4 * 4);  // q/k/v and gate/up fused
 }
 
+// A quantized embedding table (GPTQModel's model.embed_tokens qweight/qzeros/scales/g_idx): the GPU
+// uploads the table the CPU dequantizes (in F16) and gives the CPU's logits, the tied lm_head
+// included (it multiplies by that same table); 4- and 8-bit tables (8 bits under a `dynamic`
+// rule), and a GPTQ lm_head of its own beside the table.
+TEST(llama_cuda, quantized_embeddings_match_cpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    check_model(test::tiny_llama_quantized_embeddings_checkpoint("e4", 4, false));
+    check_model(test::tiny_llama_quantized_embeddings_checkpoint("e8", 8, false));
+    check_model(test::tiny_llama_quantized_embeddings_checkpoint("e4-head", 4, true));
+}
+
 TEST(llama_cuda, reset_and_prefill_after_decode) {
     GPTQ_SKIP_WITHOUT_GPU();
     const std::string dir = source_dir() + "/tests/data/model/rand-qwen2";

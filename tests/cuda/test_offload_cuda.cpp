@@ -211,6 +211,14 @@ TEST(offload_cuda, gptq_3bit_generic_identical_to_resident) {
     check_offload(gptq_checkpoint("w3g32-asym", 3, 32, false, false, "rtn"), placements(4));
 }
 
+// A quantized embedding table with the embeddings and the tied lm_head offloaded (each then a
+// module of its own, both from the dequantized table): the resident model's logits.
+TEST(offload_cuda, quantized_embeddings_identical_to_resident) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const std::string dir = test::tiny_llama_quantized_embeddings_checkpoint("e4", 4, false);
+    check_offload(dir, placements(n_layer(dir)));
+}
+
 TEST(offload_cuda, bad_placement_is_an_error) {
     GPTQ_SKIP_WITHOUT_GPU();
     const std::string  dir = source_dir() + "/models/tiny-llama";

@@ -361,3 +361,50 @@ TEST(quant, threaded_dequantize_equals_plain) {
         EXPECT_EQ(a, b) << "n_out " << n_out << " seed " << seed;
     }
 }
+
+// rtn_quantize_weighted (the quantized embedding table): each (row, group) takes the grid of
+// grid_find_params_weighted over that group's weights, a shorter last group included; the same
+// codes with and without a pool; bad weights and the |q - w|^2.4 grid are refused.
+TEST(quant, rtn_weighted_groups_follow_the_weighted_grid) {
+    std::mt19937                          rng(9);
+    std::student_t_distribution<float>    heavy(3.0f);
+    std::uniform_real_distribution<float> u(0.0f, 5.0f);
+    const int64_t                         n_out = 6, n_in = 72;  // groups of 32: 32, 32, 8
+    std::vector<float>                    w(static_cast<size_t>(n_out * n_in)), wt(static_cast<size_t>(n_in));
+    for (auto& v : w) v = heavy(rng);
+    for (auto& v : wt) v = u(rng);
+    for (int bits : {3, 4, 8}) {
+        gptq_options o;
+        o.bits       = bits;
+        o.group_size = 32;
+        auto q       = rtn_quantize_weighted(ops_context{}, w.data(), n_out, n_in, wt.data(), o);
+        ASSERT_TRUE(q.is_ok()) << q.error().message();
+        ASSERT_EQ(q->n_groups, 3);
+        thread_pool pool(3);
+        auto        qp = rtn_quantize_weighted(ops_context{&pool, false}, w.data(), n_out, n_in, wt.data(), o);
+        ASSERT_TRUE(qp.is_ok());
+        EXPECT_EQ(qp->codes, q->codes);
+        EXPECT_EQ(qp->scales, q->scales);
+        for (int64_t r = 0; r < n_out; ++r)
+            for (int64_t g = 0; g < 3; ++g) {
+                const int64_t k0 = g * 32, n = std::min<int64_t>(32, n_in - k0);
+                const auto    p =
+                    grid_find_params_weighted(&w[size_t(r * n_in + k0)], &wt[size_t(k0)], n, {bits, true, false, 0});
+                EXPECT_EQ(q->scales[size_t(g * n_out + r)], p.scale) << bits << " " << r << " " << g;
+                EXPECT_EQ(q->zeros[size_t(g * n_out + r)], p.zero);
+                for (int64_t k = k0; k < k0 + n; ++k) {
+                    EXPECT_EQ(q->codes[size_t(r * n_in + k)],
+                              grid_quantize(w[size_t(r * n_in + k)], p, grid_maxq(bits)));
+                    EXPECT_EQ(q->g_idx[size_t(k)], g);
+                }
+            }
+    }
+    gptq_options       o;
+    std::vector<float> bad = wt;
+    bad[5]                 = -1.0f;
+    EXPECT_FALSE(rtn_quantize_weighted(ops_context{}, w.data(), n_out, n_in, bad.data(), o).is_ok());
+    bad[5] = NAN;
+    EXPECT_FALSE(rtn_quantize_weighted(ops_context{}, w.data(), n_out, n_in, bad.data(), o).is_ok());
+    o.mse = true;
+    EXPECT_FALSE(rtn_quantize_weighted(ops_context{}, w.data(), n_out, n_in, wt.data(), o).is_ok());
+}

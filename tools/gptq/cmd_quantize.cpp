@@ -53,7 +53,26 @@ command register_quantize(CLI::App& app) {
                   "search each group's clipping range on its diag(H)-weighted error (CPU solve only; excludes --mse)");
     sub->add_flag("--quantize-lm-head", o->quantize_lm_head,
                   "quantize lm_head too (GPTQ on the final norm's output; \"lm_head\": true as GPTQModel writes "
-                  "it); a tied lm_head gets its own copy, the embeddings stay F16");
+                  "it); a tied lm_head gets its own copy, the embeddings stay as they are (F16 unless "
+                  "--quantize-embeddings)");
+    auto* qe =
+        sub->add_flag("--quantize-embeddings", o->quantize_embeddings,
+                      "quantize the input embedding table too (GPTQModel's quantized model.embed_tokens; of the peers "
+                      "only GPTQModel reads it, transformers loads it silently wrong); a tied lm_head uses the "
+                      "dequantized table (a file GPTQModel refuses: add --quantize-lm-head for one it reads)");
+    sub->add_option("--embed-bits", o->embed_bits, "with --quantize-embeddings: the table's bits (2, 3, 4 or 8)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({2, 3, 4, 8}))
+        ->needs(qe);
+    sub->add_option("--embed-group-size", o->embed_group_size,
+                    "with --quantize-embeddings: consecutive token ids per scale (default: --group-size)")
+        ->needs(qe);
+    sub->add_option("--embed-clip", o->embed_clip,
+                    "with --quantize-embeddings: each group's clipping range: none (full range), uniform (least "
+                    "squared error) or frequency (least error weighted by the calibration text's token counts; "
+                    "the default, uniform with --method rtn)")
+        ->check(CLI::IsMember({"none", "uniform", "frequency"}))
+        ->needs(qe);
     sub->add_option("--target-bpw", o->target_bpw,
                     "mixed precision: bits (2/3/4/8) per module chosen by measured GPTQ error so that the "
                     "quantized linears take at most this many bits per weight (scales, zeros, g_idx counted); "

@@ -20,7 +20,8 @@
 #
 # Environment: GPTQ_BIN (build-cpu/bin/gptq), MODEL (../shared/models/small-llama), LLAMACPP_DIR
 # (/work/llamacpp), PY (a Python with gguf, numpy, safetensors: /work/venv/bin/python), WORK
-# (/tmp/gptqkit-kquant), THREADS (2), WINDOWS (0), TYPES / CONFIGS (override the lists below).
+# (/tmp/gptqkit-kquant), THREADS (2), WINDOWS (0), SEED (0: the calibration seed of ours; give
+# its configs names of their own), TYPES / CONFIGS (override the lists below).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 gptq=${GPTQ_BIN:-$here/build-cpu/bin/gptq}
@@ -30,6 +31,7 @@ py=${PY:-/work/venv/bin/python}
 work=${WORK:-/tmp/gptqkit-kquant}
 threads=${THREADS:-2}
 windows=${WINDOWS:-0}
+seed=${SEED:-0}
 f16=${F16_GGUF:-$llamacpp/models/small-f16.gguf}
 types=(${TYPES:-F16 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_0 Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K Q8_0})
 configs=(${CONFIGS:-w2-g128:--bits,2 w3-g128:--bits,3 w4-g128:--bits,4 w8-g128:--bits,8
@@ -78,7 +80,7 @@ ours() {
         IFS=',' read -r -a args <<< "$flags"
         q="$work/ours-$name"; rm -rf "$q" "$q.partial"
         local t0=$SECONDS
-        "$gptq" -q quantize "$model" -o "$q" --nsamples 128 --seqlen 512 --threads "$threads" --seed 0 \
+        "$gptq" -q quantize "$model" -o "$q" --nsamples 128 --seqlen 512 --threads "$threads" --seed "$seed" \
             --report "$q.report.json" "${args[@]}" > "$q.summary.txt"
         local secs=$((SECONDS - t0))
         sizes=$("$py" - "$q" <<'PY'
@@ -94,7 +96,7 @@ print(json.dumps({"file_bytes": sum(os.path.getsize(f) for f in files), "tensor_
 PY
 )
         p=$(ppl "$q")
-        echo "{\"side\": \"gptqkit\", \"name\": \"$name\", \"flags\": \"$flags\", \"quantize_seconds\": $secs, \"sizes\": $sizes, \"ppl\": $p}" | tee -a "$out"
+        echo "{\"side\": \"gptqkit\", \"name\": \"$name\", \"flags\": \"$flags\", \"seed\": $seed, \"quantize_seconds\": $secs, \"sizes\": $sizes, \"ppl\": $p}" | tee -a "$out"
     done
 }
 

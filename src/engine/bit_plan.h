@@ -16,7 +16,10 @@ struct bit_choice {
     int      bits       = 4;
     int      group_size = 128;
     uint64_t bytes      = 0;    // bytes written for the module at these settings
-    double   error      = 0.0;  // its measured error (sum over the module's parts)
+    double   error      = 0.0;  // its measured error (sum over the module's parts), what the plan minimises
+    // GPTQ's Hessian-weighted error (the sum over the parts; reported): `error` itself with
+    // --bpw-sensitivity hessian, beside the output's KL with --bpw-sensitivity output. Not read by the solver.
+    double hessian_error = 0.0;
 };
 
 // One unit of the plan: the checkpoint modules that take one choice together. vLLM loads a

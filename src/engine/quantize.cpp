@@ -157,7 +157,9 @@ std::string resume_mismatch(const std::string& work, const nlohmann::json& was, 
         }
         return *v;
     };
-    auto text = [](const nlohmann::json& v) { return v.is_string() ? v.get<std::string>() : v.dump(); };
+    auto text = [](const nlohmann::json& v) {
+        return v.is_null() ? std::string("none") : v.is_string() ? v.get<std::string>() : v.dump();
+    };
     std::vector<std::string> diffs;
     if (at(was, "model") != at(now, "model"))
         diffs.push_back(fmt::format("was made from the model {}, this run reads {}", text(at(was, "model")),

@@ -37,13 +37,14 @@ result<std::unique_ptr<output_sensitivity>> output_sensitivity::make(const llama
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
                           "--bpw-sensitivity output: {} values for {} windows of {} tokens of width {}", x.size(),
                           n_windows, seqlen, hp.n_embd);
-    const uint64_t rows = static_cast<uint64_t>(n_windows * seqlen);
+    const uint64_t rows  = static_cast<uint64_t>(n_windows * seqlen);
     const uint64_t state = rows * static_cast<uint64_t>(hp.n_embd) * 4;
     const uint64_t need  = rows * static_cast<uint64_t>(hp.n_vocab) * 4 + rows * 8 + state +
                           states_at_once(state) * state + static_cast<uint64_t>(seqlen * hp.n_vocab) * 4;
-    GPTQ_TRY(host_memory_check("--bpw-sensitivity output (the reference distributions of the windows, their hidden "
-                               "states and the variants')",
-                               need, "lower --bpw-windows or use --bpw-sensitivity hessian"));
+    GPTQ_TRY(
+        host_memory_check("--bpw-sensitivity output (the reference distributions of the windows, their hidden "
+                          "states and the variants')",
+                          need, "lower --bpw-windows or use --bpw-sensitivity hessian"));
     std::unique_ptr<output_sensitivity> o(new output_sensitivity(model, ctx, pool, n_windows, seqlen, std::move(x)));
     GPTQ_TRY(o->reference());
     return o;
@@ -128,9 +129,8 @@ result<std::vector<double>> output_sensitivity::layer_variants(
         }
         for (size_t k = k0; k < k1; ++k) {
             const float* h = states[k - k0].data();
-            kl[k]          = kl_of([&](int64_t w, float* out) {
-                model_.output_logits(ctx_, h + w * seqlen_ * hp.n_embd, seqlen_, out);
-            });
+            kl[k]          = kl_of(
+                [&](int64_t w, float* out) { model_.output_logits(ctx_, h + w * seqlen_ * hp.n_embd, seqlen_, out); });
         }
     }
     return kl;

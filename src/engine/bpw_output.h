@@ -58,13 +58,13 @@ private:
     // Mean KL over the windows of the logits made by `logits(window, hidden rows, out)`.
     double kl_of(const std::function<void(int64_t, float*)>& logits) const;
 
-    const llama_model&   model_;
-    ops_context          ctx_;
-    thread_pool*         pool_ = nullptr;
-    int64_t              n_windows_ = 0, seqlen_ = 0;
-    std::vector<float>   x_;         // [n_windows * seqlen, n_embd]: the next layer's inputs
-    std::vector<float>   p_ref_;     // [n_windows * seqlen, n_vocab]: the reference probabilities
-    std::vector<double>  negent_;    // [n_windows * seqlen]: sum_v p log p of each row
+    const llama_model&     model_;
+    ops_context            ctx_;
+    thread_pool*           pool_      = nullptr;
+    int64_t                n_windows_ = 0, seqlen_ = 0;
+    std::vector<float>     x_;       // [n_windows * seqlen, n_embd]: the next layer's inputs
+    std::vector<float>     p_ref_;   // [n_windows * seqlen, n_vocab]: the reference probabilities
+    std::vector<double>    negent_;  // [n_windows * seqlen]: sum_v p log p of each row
     std::vector<layer_seq> seqs_;    // one per window (local K/V)
 };
 

@@ -1037,9 +1037,9 @@ std::vector<std::pair<int, int>> unit_candidates(const quantize_params& p, const
 result<bit_plan_module> unit_output_errors(run_state& s, const ops_context& ctx, calibration_runner& run,
                                            output_sensitivity& out, llama_layer& layer, const std::string& unit,
                                            const std::vector<linear_module>& members) {
-    const llama_hparams& hp    = s.model->hparams();
-    const int64_t        i     = layer.index;
-    const auto           cands = unit_candidates(s.p, hp, i, members);
+    const llama_hparams&             hp    = s.model->hparams();
+    const int64_t                    i     = layer.index;
+    const auto                       cands = unit_candidates(s.p, hp, i, members);
     std::vector<std::vector<double>> herr(members.size(), std::vector<double>(cands.size(), 0.0));
     std::vector<double>              signal(members.size(), 0.0);
     for (size_t a = 0; a < members.size(); ++a)
@@ -1219,7 +1219,8 @@ result<std::vector<bit_plan_module>> bit_plan_measured(const run_state& s) {
     GPTQ_ASSIGN_OR_RETURN(nlohmann::json j, json_read_file(path));
     if (j.contains("bit_plan")) j = j["bit_plan"];
     if (!j.is_object() || !j.contains("modules") || !j["modules"].is_array())
-        return make_error(E_ARG, "--bpw-measured {}: no plan in it (plan.json, or a --report JSON with bit_plan)", path);
+        return make_error(E_ARG, "--bpw-measured {}: no plan in it (plan.json, or a --report JSON with bit_plan)",
+                          path);
     const std::string was = j.value("bpw_sensitivity", std::string("hessian"));
     if (s.p.bpw_sensitivity == "output" && was != "output")
         return make_error(E_ARG,
@@ -1233,9 +1234,9 @@ result<std::vector<bit_plan_module>> bit_plan_measured(const run_state& s) {
     // This run's units: names, members' shapes, candidates.
     const llama_hparams& hp = s.model->hparams();
     struct unit_shape {
-        std::string                                  name;
-        std::vector<std::pair<int64_t, int64_t>>     shapes;  // (n_out, n_in) of each member
-        std::vector<std::pair<int, int>>             cands;
+        std::string                              name;
+        std::vector<std::pair<int64_t, int64_t>> shapes;  // (n_out, n_in) of each member
+        std::vector<std::pair<int, int>>         cands;
     };
     std::vector<unit_shape> units;
     for (int64_t i = 0; i < hp.n_layer; ++i) {
@@ -1248,7 +1249,8 @@ result<std::vector<bit_plan_module>> bit_plan_measured(const run_state& s) {
         for (const auto& [unit, members] : us) {
             unit_shape u{unit, {}, unit_candidates(s.p, hp, i, members)};
             for (const auto& m : members)
-                u.shapes.emplace_back(llama_linear_slot(hp, i, m.roles[0]).n_out_module, hp.linear_shape(m.roles[0])[1]);
+                u.shapes.emplace_back(llama_linear_slot(hp, i, m.roles[0]).n_out_module,
+                                      hp.linear_shape(m.roles[0])[1]);
             units.push_back(std::move(u));
         }
     }
@@ -1273,10 +1275,12 @@ result<std::vector<bit_plan_module>> bit_plan_measured(const run_state& s) {
         for (const auto& c : m["candidates"]) {
             bit_choice ch{c.value("bits", 0), c.value("group_size", 0), c.value("bytes", uint64_t(0)),
                           c.value(key, -1.0), c.value("error_hessian", c.value("error", 0.0))};
-            uint64_t bytes = 0;
-            for (const auto& [n_out, n_in] : units[u].shapes) bytes += gptq_module_bytes(n_out, n_in, ch.bits, ch.group_size);
+            uint64_t   bytes = 0;
+            for (const auto& [n_out, n_in] : units[u].shapes)
+                bytes += gptq_module_bytes(n_out, n_in, ch.bits, ch.group_size);
             if (bytes != ch.bytes || ch.error < 0)
-                return make_error(E_ARG, "--bpw-measured {}: {} at {} bits, group {}: {} bytes and error {}, this run "
+                return make_error(E_ARG,
+                                  "--bpw-measured {}: {} at {} bits, group {}: {} bytes and error {}, this run "
                                   "has {} bytes for it",
                                   path, pm.module, ch.bits, ch.group_size, ch.bytes, ch.error, bytes);
             pm.choices.push_back(ch);
@@ -1284,8 +1288,10 @@ result<std::vector<bit_plan_module>> bit_plan_measured(const run_state& s) {
         std::vector<std::pair<int, int>> got;
         for (const auto& ch : pm.choices) got.emplace_back(ch.bits, ch.group_size);
         if (got != units[u].cands)
-            return make_error(E_ARG, "--bpw-measured {}: {} has other candidates than this run's (--group-size, "
-                              "--bpw-group-sizes)", path, pm.module);
+            return make_error(E_ARG,
+                              "--bpw-measured {}: {} has other candidates than this run's (--group-size, "
+                              "--bpw-group-sizes)",
+                              path, pm.module);
         mods.push_back(std::move(pm));
     }
     GPTQ_LOG_INFO("--target-bpw: the errors ({}) measured in {}", key, path);
@@ -1308,15 +1314,15 @@ status bit_plan_make(run_state& s, const ops_context& ctx, thread_pool* pool, co
         GPTQ_ASSIGN_OR_RETURN(mods, bit_plan_measured(s));
     } else if (s.p.bpw_sensitivity == "output") {
         const int64_t n_win = std::min(s.p.bpw_windows, s.n_samples), n_embd = s.model->hparams().n_embd;
-        GPTQ_LOG_INFO("--target-bpw {}: measuring each unit's effect on the output (KL on {} windows) at bits 2, 3, "
-                      "4, 8",
-                      s.p.target_bpw, n_win);
+        GPTQ_LOG_INFO(
+            "--target-bpw {}: measuring each unit's effect on the output (KL on {} windows) at bits 2, 3, "
+            "4, 8",
+            s.p.target_bpw, n_win);
         GPTQ_ASSIGN_OR_RETURN(auto run, make_runner());
         phase_timer t(s, "sensitivity");
-        GPTQ_ASSIGN_OR_RETURN(auto out, output_sensitivity::make(*s.model, ctx, pool, n_win, s.p.seqlen,
-                                                                 std::vector<float>(x.begin(), x.begin() + n_win *
-                                                                                                         s.p.seqlen *
-                                                                                                         n_embd)));
+        GPTQ_ASSIGN_OR_RETURN(
+            auto out, output_sensitivity::make(*s.model, ctx, pool, n_win, s.p.seqlen,
+                                               std::vector<float>(x.begin(), x.begin() + n_win * s.p.seqlen * n_embd)));
         GPTQ_ASSIGN_OR_RETURN(mods, measure_sensitivity_output(s, ctx, pool, *run, *out));
     } else {
         GPTQ_LOG_INFO("--target-bpw {}: measuring each module's error at bits 2, 3, 4, 8", s.p.target_bpw);

@@ -72,7 +72,7 @@ TEST(bpw_sensitivity, kl_is_zero_unchanged_deterministic_and_falls_with_bits) {
     ASSERT_TRUE(m.is_ok()) << m.error().message();
     ASSERT_TRUE((*m)->globals_load().is_ok());
     const int64_t n_win = 2, seqlen = 48;
-    auto          out   = output_sensitivity::make(**m, ops_context{}, nullptr, n_win, seqlen, windows(**m, n_win, seqlen));
+    auto out = output_sensitivity::make(**m, ops_context{}, nullptr, n_win, seqlen, windows(**m, n_win, seqlen));
     ASSERT_TRUE(out.is_ok()) << out.error().message();
     auto layer0 = (*m)->layer_load(0);
     ASSERT_TRUE(layer0.is_ok());
@@ -114,10 +114,10 @@ TEST(bpw_sensitivity, kl_is_zero_unchanged_deterministic_and_falls_with_bits) {
     ASSERT_TRUE(k0.is_ok());
     EXPECT_EQ(*k0, 0.0);
     gptq_options o;
-    o.bits       = 3;
-    o.group_size = 32;
+    o.bits           = 3;
+    o.group_size     = 32;
     const int64_t nv = (*m)->hparams().n_vocab, ne = (*m)->hparams().n_embd;
-    auto          q  = rtn_quantize(ops_context{}, head->data(), nv, ne, o);
+    auto          q = rtn_quantize(ops_context{}, head->data(), nv, ne, o);
     ASSERT_TRUE(q.is_ok());
     std::vector<float> hq(head->size());
     quantized_linear_dequantize(*q, hq.data());
@@ -190,7 +190,7 @@ TEST(bpw_sensitivity, output_plan_budget_measured_reuse_and_resume) {
     EXPECT_EQ(test::read_file(cut.output_path + "/model.safetensors"),
               test::read_file(a.output_path + "/model.safetensors"));
     // ...and a resume with another measure is refused, naming the flag.
-    auto other            = bpw_run(dir.file("other"), 3.5);
+    auto other              = bpw_run(dir.file("other"), 3.5);
     other.stop_after_layers = 1;
     ASSERT_FALSE(quantize_model(other).is_ok());
     other.stop_after_layers = -1;

@@ -54,10 +54,11 @@ command register_quantize(CLI::App& app) {
     sub->add_flag("--quantize-lm-head", o->quantize_lm_head,
                   "quantize lm_head too (GPTQ on the final norm's output; \"lm_head\": true as GPTQModel writes "
                   "it); a tied lm_head gets its own copy, the embeddings stay F16");
-    sub->add_option("--target-bpw", o->target_bpw,
-                    "mixed precision: bits (2/3/4/8) per module chosen by measured sensitivity (--bpw-sensitivity) so that the "
-                    "quantized linears take at most this many bits per weight (scales, zeros, g_idx counted); "
-                    "written as GPTQModel `dynamic` rules")
+    sub->add_option(
+           "--target-bpw", o->target_bpw,
+           "mixed precision: bits (2/3/4/8) per module chosen by measured sensitivity (--bpw-sensitivity) so that the "
+           "quantized linears take at most this many bits per weight (scales, zeros, g_idx counted); "
+           "written as GPTQModel `dynamic` rules")
         ->check(CLI::Range(2.0, 16.0));
     sub->add_option("--bpw-group-sizes", o->bpw_group_sizes,
                     "with --target-bpw: group sizes the plan may also choose besides --group-size (e.g. 32 64)");

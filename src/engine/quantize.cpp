@@ -1214,7 +1214,7 @@ nlohmann::json bit_plan_describe(const run_state& s, const std::vector<bit_plan_
 // with it, or "error_hessian" of an output plan for hessian. Every unit must be this run's (the
 // same modules, candidates and bytes: the same model, --group-size, --bpw-group-sizes and
 // --quantize-lm-head), else an error naming the first difference.
-result<std::vector<bit_plan_module>> bit_plan_measured(const run_state& s) {
+result<std::vector<bit_plan_module>> bit_plan_measured_read(const run_state& s) {
     const std::string& path = s.p.bpw_measured;
     GPTQ_ASSIGN_OR_RETURN(nlohmann::json j, json_read_file(path));
     if (j.contains("bit_plan")) j = j["bit_plan"];
@@ -1272,7 +1272,7 @@ result<std::vector<bit_plan_module>> bit_plan_measured(const run_state& s) {
         pm.n_out   = m.value("n_out", int64_t(0));
         pm.n_in    = m.value("n_in", int64_t(0));
         pm.signal  = m.value("signal", 0.0);
-        for (const auto& c : m["candidates"]) {
+        for (const auto& c : m.at("candidates")) {
             bit_choice ch{c.value("bits", 0), c.value("group_size", 0), c.value("bytes", uint64_t(0)),
                           c.value(key, -1.0), c.value("error_hessian", c.value("error", 0.0))};
             uint64_t   bytes = 0;
@@ -1296,6 +1296,15 @@ result<std::vector<bit_plan_module>> bit_plan_measured(const run_state& s) {
     }
     GPTQ_LOG_INFO("--target-bpw: the errors ({}) measured in {}", key, path);
     return mods;
+}
+
+// bit_plan_measured_read, a value of the wrong type in the file an error naming it.
+result<std::vector<bit_plan_module>> bit_plan_measured(const run_state& s) {
+    try {
+        return bit_plan_measured_read(s);
+    } catch (const nlohmann::json::exception& e) {
+        return make_error(E_ARG, "--bpw-measured {}: not a plan of this format: {}", s.p.bpw_measured, e.what());
+    }
 }
 
 // --target-bpw before the layer loop: the plan of an interrupted run (plan.json, with --resume),

@@ -232,4 +232,16 @@ TEST(bpw_sensitivity, bad_options_are_refused_by_name) {
     p.bpw_measured    = h.report_path;
     p.bpw_group_sizes = {64};
     expect_error(p, "other candidates");
+    // Files that are not this run's plan: other units, values of the wrong type.
+    json one = {{"bpw_sensitivity", "hessian"}, {"modules", json::array({{{"module", "lm_head"}}})}};
+    test::write_file(dir.file("one.json"), one.dump());
+    p                 = bpw_run(dir.file("x"), 3.5);
+    p.bpw_sensitivity = "hessian";
+    p.bpw_measured    = dir.file("one.json");
+    expect_error(p, "1 units, this run has 16");
+    json bad                                               = json::parse(test::read_file(h.report_path));
+    bad["bit_plan"]["modules"][0]["candidates"][0]["bits"] = "three";
+    test::write_file(dir.file("bad.json"), bad.dump());
+    p.bpw_measured = dir.file("bad.json");
+    expect_error(p, "not a plan of this format");
 }

@@ -1,8 +1,9 @@
 // --target-bpw (docs/quantize.md, "Mixed precision"): the choice of bits and group size per
 // unit of checkpoint modules that minimises the summed error under an exact size budget.
 // Pure bookkeeping: the errors are measured by quantize.cpp (--bpw-sensitivity: the output's KL
-// with the unit alone quantized, or the Hessian-weighted error; additive either way); the bytes are those the
-// checkpoint writes for the module (qweight, qzeros, scales, g_idx: gptq_linear_decls), bias not counted.
+// with the unit alone quantized, or the Hessian-weighted error; additive either way); the
+// bytes are those the checkpoint writes for the module (qweight, qzeros, scales, g_idx:
+// gptq_linear_decls), bias not counted.
 #pragma once
 
 #include <cstdint>

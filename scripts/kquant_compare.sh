@@ -96,7 +96,9 @@ print(json.dumps({"file_bytes": sum(os.path.getsize(f) for f in files), "tensor_
 PY
 )
         p=$(ppl "$q")
-        echo "{\"side\": \"gptqkit\", \"name\": \"$name\", \"flags\": \"$flags\", \"seed\": $seed, \"quantize_seconds\": $secs, \"sizes\": $sizes, \"ppl\": $p}" | tee -a "$out"
+        local sens  # the measure a --target-bpw plan minimised (its report), else null
+        sens=$("$py" -c 'import json, sys; p = json.load(open(sys.argv[1])).get("bit_plan"); print(json.dumps(p and p.get("bpw_sensitivity", "hessian")))' "$q.report.json")
+        echo "{\"side\": \"gptqkit\", \"name\": \"$name\", \"flags\": \"$flags\", \"seed\": $seed, \"bpw_sensitivity\": $sens, \"quantize_seconds\": $secs, \"sizes\": $sizes, \"ppl\": $p}" | tee -a "$out"
     done
 }
 
@@ -154,11 +156,31 @@ for r in rows:
         series = "llama.cpp (tied table quantized)"
     else:
         total, lin, head = ours_bytes(os.path.join(work, f"ours-{r['name']}"))
-        label = r["flags"].replace(",", " ").replace("--bits ", "W").replace("--target-bpw ", "bpw ")
+        # --bpw-measured FILE only reuses a measurement: left out of the label. A row's seed (when
+        # not 0) is named; --target-bpw rows say their measure (rows without one predate
+        # --bpw-sensitivity: the Hessian measure, then the only one).
+        flags = re.sub(r",--bpw-measured,[^,]*", "", r["flags"])
+        if "--target-bpw" in flags and "--bpw-sensitivity" not in flags:
+            flags += ",--bpw-sensitivity," + (r.get("bpw_sensitivity") or "hessian")
+        label = (flags.replace(",", " ").replace("--bits ", "W").replace("--target-bpw ", "bpw ")
+                 .replace("--bpw-sensitivity ", ""))
+        if r.get("seed", 0):
+            label += f" (seed {r['seed']})"
         what = "embeddings F16" + ("; + GPTQ lm_head copy" if head == "GPTQ" else ", lm_head tied")
-        series = "gptqkit --quantize-lm-head" if head == "GPTQ" else "gptqkit (embeddings F16)"
+        if head == "GPTQ":
+            series = "gptqkit --quantize-lm-head"
+        elif "--bpw-sensitivity,output" in flags:
+            series = "gptqkit --target-bpw, output (KL) measure"
+        elif "--bpw-sensitivity,hessian" in flags:
+            series = "gptqkit --target-bpw, Hessian measure"
+        else:
+            series = "gptqkit uniform W2-W8 g128"
+        if "--bpw-group-sizes" in flags and head != "GPTQ":
+            series += ", groups 32/64 too"
     fb = r["sizes"]["file_bytes"]
     table.append((fb, r["side"], label, what, total * 8 / params, lin * 8 / linear_params, r["ppl"]["ppl"]))
+    if r.get("seed", 0):  # the plots show seed 0 (the table has the others)
+        continue
     pts.append({"series": series, "label": label, "x": round(fb / 2**20, 3), "y": round(r["ppl"]["ppl"], 3)})
     lpts.append(dict(pts[-1], x=round(lin * 8 / linear_params, 3)))
 print(f"parameters: {params} (decoder linears {linear_params}); ppl windows: {rows[0]['ppl']['n_windows']}")
@@ -166,7 +188,7 @@ print("| side | config | what is quantized besides the linears | file bytes | Mi
 print("|---|---|---|---|---|---|---|---|")
 for fb, side, label, what, bpw, lbpw, p in sorted(table):
     print(f"| {side} | {label} | {what} | {fb:,} | {fb / 2**20:.2f} | {bpw:.2f} | {lbpw:.2f} | {p:.2f} |")
-# The plots leave F16 out (44 MiB would squeeze the rest); the table has it.
+# The plots leave F16 out (44 MiB would squeeze the rest) and the rows of other seeds; the table has them.
 for path, title, xl, p in ((points_path, "file size", "file size (MiB)", pts),
                            (linear_points_path, "the linears' bits per weight",
                             "bits per weight, decoder linears only (embeddings and lm_head not counted)", lpts)):

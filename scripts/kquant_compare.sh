@@ -21,7 +21,8 @@
 #
 # Environment: GPTQ_BIN (build-cpu/bin/gptq), MODEL (../shared/models/small-llama), LLAMACPP_DIR
 # (/work/llamacpp), PY (a Python with gguf, numpy, safetensors: /work/venv/bin/python), WORK
-# (/tmp/gptqkit-kquant), THREADS (2), WINDOWS (0), TYPES / CONFIGS (override the lists below).
+# (/tmp/gptqkit-kquant), THREADS (2), WINDOWS (0), SEED (0: the calibration seed of ours; give
+# its configs names of their own), TYPES / CONFIGS (override the lists below).
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 gptq=${GPTQ_BIN:-$here/build-cpu/bin/gptq}
@@ -31,6 +32,7 @@ py=${PY:-/work/venv/bin/python}
 work=${WORK:-/tmp/gptqkit-kquant}
 threads=${THREADS:-2}
 windows=${WINDOWS:-0}
+seed=${SEED:-0}
 f16=${F16_GGUF:-$llamacpp/models/small-f16.gguf}
 types=(${TYPES:-F16 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_0 Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K Q8_0})
 configs=(${CONFIGS:-w2-g128:--bits,2 w3-g128:--bits,3 w4-g128:--bits,4 w8-g128:--bits,8
@@ -83,7 +85,7 @@ ours() {
         IFS=',' read -r -a args <<< "$flags"
         q="$work/ours-$name"; rm -rf "$q" "$q.partial"
         local t0=$SECONDS
-        "$gptq" -q quantize "$model" -o "$q" --nsamples 128 --seqlen 512 --threads "$threads" --seed 0 \
+        "$gptq" -q quantize "$model" -o "$q" --nsamples 128 --seqlen 512 --threads "$threads" --seed "$seed" \
             --report "$q.report.json" "${args[@]}" > "$q.summary.txt"
         local secs=$((SECONDS - t0))
         sizes=$("$py" - "$q" <<'PY'
@@ -99,7 +101,9 @@ print(json.dumps({"file_bytes": sum(os.path.getsize(f) for f in files), "tensor_
 PY
 )
         p=$(ppl "$q")
-        echo "{\"side\": \"gptqkit\", \"name\": \"$name\", \"flags\": \"$flags\", \"quantize_seconds\": $secs, \"sizes\": $sizes, \"ppl\": $p}" | tee -a "$out"
+        local sens  # the measure a --target-bpw plan minimised (its report), else null
+        sens=$("$py" -c 'import json, sys; p = json.load(open(sys.argv[1])).get("bit_plan"); print(json.dumps(p and p.get("bpw_sensitivity", "hessian")))' "$q.report.json")
+        echo "{\"side\": \"gptqkit\", \"name\": \"$name\", \"flags\": \"$flags\", \"seed\": $seed, \"bpw_sensitivity\": $sens, \"quantize_seconds\": $secs, \"sizes\": $sizes, \"ppl\": $p}" | tee -a "$out"
     done
 }
 
@@ -163,18 +167,36 @@ for r in rows:
         series = "llama.cpp (tied table quantized)"
     else:
         total, lin, head, emb = ours_bytes(os.path.join(work, f"ours-{r['name']}"))
-        label = r["flags"].replace(",", " ").replace("--bits ", "W").replace("--target-bpw ", "bpw ")
+        # --bpw-measured FILE only reuses a measurement: left out of the label. A row's seed (when
+        # not 0) is named; --target-bpw rows say their measure (rows without one predate
+        # --bpw-sensitivity: the Hessian measure, then the only one).
+        flags = re.sub(r",--bpw-measured,[^,]*", "", r["flags"])
+        if "--target-bpw" in flags and "--bpw-sensitivity" not in flags:
+            flags += ",--bpw-sensitivity," + (r.get("bpw_sensitivity") or "hessian")
+        label = (flags.replace(",", " ").replace("--bits ", "W").replace("--target-bpw ", "bpw ")
+                 .replace("--bpw-sensitivity ", ""))
         label = re.sub(r" --quantize-embeddings --embed-bits (\d)", r" E\1", label).replace("--embed-clip ", "clip ")
         label = label.replace(" clip frequency", "")  # the default
+        if r.get("seed", 0):
+            label += f" (seed {r['seed']})"
         table_kind = f"embeddings W{emb[0]} g{emb[1]}" if emb else "embeddings F16"
         what = table_kind + ("; + GPTQ lm_head copy" if head == "GPTQ" else ", lm_head tied")
         if emb:
             series = "gptqkit --quantize-embeddings"
+        elif head == "GPTQ":
+            series = "gptqkit --quantize-lm-head"
+        elif "--bpw-sensitivity,output" in flags:
+            series = "gptqkit --target-bpw, output (KL) measure"
+        elif "--bpw-sensitivity,hessian" in flags:
+            series = "gptqkit --target-bpw, Hessian measure"
         else:
-            series = "gptqkit --quantize-lm-head" if head == "GPTQ" else "gptqkit (embeddings F16)"
+            series = "gptqkit uniform W2-W8 g128"
+        if "--bpw-group-sizes" in flags and head != "GPTQ" and not emb:
+            series += ", groups 32/64 too"
     fb = r["sizes"]["file_bytes"]
     table.append((fb, r["side"], label, what, total * 8 / params, lin * 8 / linear_params, r["ppl"]["ppl"]))
-    if "clip " in label:  # the clipping ablation: in the table, not in the plots
+    # The clipping ablation and the seeds other than 0: in the table, not in the plots.
+    if "clip " in label or r.get("seed", 0):
         continue
     pts.append({"series": series, "label": label, "x": round(fb / 2**20, 3), "y": round(r["ppl"]["ppl"], 3)})
     lpts.append(dict(pts[-1], x=round(lin * 8 / linear_params, 3)))
@@ -183,7 +205,7 @@ print("| side | config | what is quantized besides the linears | file bytes | Mi
 print("|---|---|---|---|---|---|---|---|")
 for fb, side, label, what, bpw, lbpw, p in sorted(table):
     print(f"| {side} | {label} | {what} | {fb:,} | {fb / 2**20:.2f} | {bpw:.2f} | {lbpw:.2f} | {p:.2f} |")
-# The plots leave F16 out (44 MiB would squeeze the rest); the table has it.
+# The plots leave F16 out (44 MiB would squeeze the rest) and the rows of other seeds; the table has them.
 for path, title, xl, p in ((points_path, "file size", "file size (MiB)", pts),
                            (linear_points_path, "the linears' bits per weight",
                             "bits per weight, decoder linears only (embeddings and lm_head not counted)", lpts)):

@@ -61,6 +61,15 @@ struct quantize_params {
     // Group sizes the plan may choose besides --group-size (each must divide a module's inputs to be
     // a choice for it; -1 allowed).
     std::vector<int> bpw_group_sizes;
+    // What the plan minimises (docs/quantize.md, "Mixed precision"): "output", the KL divergence of
+    // the model's next-token distribution on bpw_windows calibration windows when the unit alone is
+    // quantized (GPTQ on its unquantized inputs' Hessian), summed over the units; or "hessian", each
+    // module's Hessian-weighted GPTQ error on its own layer.
+    std::string bpw_sensitivity = "output";
+    int64_t     bpw_windows     = 8;  // the first this many calibration windows (all when fewer)
+    // The candidates' errors of an earlier run's plan (its plan.json, or a --report JSON) instead of
+    // measuring them: other targets planned from one measurement ("": measure).
+    std::string bpw_measured;
 
     // Calibration.
     std::string calib = "default";  // "default" (bundled calibration text), "wikitext2", or a path

@@ -1,7 +1,9 @@
 // --target-bpw (docs/quantize.md, "Mixed precision"): the choice of bits and group size per
-// checkpoint module that minimises the summed Hessian-weighted error under an exact size budget.
-// Pure bookkeeping: the errors are measured by quantize.cpp; the bytes are those the checkpoint
-// writes for the module (qweight, qzeros, scales, g_idx: gptq_linear_decls), bias not counted.
+// unit of checkpoint modules that minimises the summed error under an exact size budget.
+// Pure bookkeeping: the errors are measured by quantize.cpp (--bpw-sensitivity: the output's KL
+// with the unit alone quantized, or the Hessian-weighted error; additive either way); the
+// bytes are those the checkpoint writes for the module (qweight, qzeros, scales, g_idx:
+// gptq_linear_decls), bias not counted.
 #pragma once
 
 #include <cstdint>
@@ -16,7 +18,10 @@ struct bit_choice {
     int      bits       = 4;
     int      group_size = 128;
     uint64_t bytes      = 0;    // bytes written for the module at these settings
-    double   error      = 0.0;  // its measured error (sum over the module's parts)
+    double   error      = 0.0;  // its measured error (sum over the module's parts), what the plan minimises
+    // GPTQ's Hessian-weighted error (the sum over the parts; reported): `error` itself with
+    // --bpw-sensitivity hessian, beside the output's KL with --bpw-sensitivity output. Not read by the solver.
+    double hessian_error = 0.0;
 };
 
 // One unit of the plan: the checkpoint modules that take one choice together. vLLM loads a

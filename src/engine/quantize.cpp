@@ -26,6 +26,7 @@
 #include <thread>
 
 #include "bit_plan.h"
+#include "bpw_output.h"
 #include "calibration.h"
 #include "core/dtype.h"
 #include "core/error.h"
@@ -90,6 +91,11 @@ nlohmann::json run_identity(const quantize_params& p, const gptq_config& cfg, bo
         j["embed_group_size"]    = p.embed_group_size;
         j["embed_clip"]          = p.embed_clip;
     }
+    if (p.target_bpw > 0) {  // kept out otherwise, so that work folders of earlier versions still resume
+        j["bpw_sensitivity"] = p.bpw_sensitivity;
+        if (p.bpw_sensitivity == "output") j["bpw_windows"] = p.bpw_windows;
+        if (!p.bpw_measured.empty()) j["bpw_measured"] = p.bpw_measured;
+    }
     if (moe) {
         j["moe_coverage"]   = p.moe_coverage;
         j["moe_min_tokens"] = p.moe_min_tokens;
@@ -149,6 +155,9 @@ std::string resume_mismatch(const std::string& work, const nlohmann::json& was, 
         {"embed_bits", "--embed-bits", false, false},
         {"embed_group_size", "--embed-group-size", false, false},
         {"embed_clip", "--embed-clip", false, false},
+        {"bpw_sensitivity", "--bpw-sensitivity", false, false},
+        {"bpw_windows", "--bpw-windows", false, false},
+        {"bpw_measured", "--bpw-measured", false, false},
     };
     auto at = [](const nlohmann::json& j, const std::string& key) {
         const nlohmann::json* v = &j;
@@ -159,7 +168,9 @@ std::string resume_mismatch(const std::string& work, const nlohmann::json& was, 
         }
         return *v;
     };
-    auto text = [](const nlohmann::json& v) { return v.is_string() ? v.get<std::string>() : v.dump(); };
+    auto text = [](const nlohmann::json& v) {
+        return v.is_null() ? std::string("none") : v.is_string() ? v.get<std::string>() : v.dump();
+    };
     std::vector<std::string> diffs;
     if (at(was, "model") != at(now, "model"))
         diffs.push_back(fmt::format("was made from the model {}, this run reads {}", text(at(was, "model")),
@@ -893,7 +904,7 @@ bit_plan_module plan_module(const std::string& module, int64_t n_out, int64_t n_
     pm.n_in   = n_in;
     for (size_t c = 0; c < cands.size(); ++c)
         pm.choices.push_back({cands[c].first, cands[c].second,
-                              gptq_module_bytes(n_out, n_in, cands[c].first, cands[c].second), errs[c]});
+                              gptq_module_bytes(n_out, n_in, cands[c].first, cands[c].second), errs[c], errs[c]});
     pm.signal = signal;
     return pm;
 }
@@ -927,7 +938,7 @@ bit_plan_module plan_unit(const std::string& unit, const std::vector<bit_plan_mo
         u.signal += p.signal;
     }
     for (const bit_choice& c : parts[0].choices) {
-        bit_choice sum{c.bits, c.group_size, 0, 0.0};
+        bit_choice sum{c.bits, c.group_size, 0, 0.0, 0.0};
         bool       everywhere = true;
         for (const auto& p : parts) {
             auto it = std::find_if(p.choices.begin(), p.choices.end(), [&](const bit_choice& o) {
@@ -939,6 +950,7 @@ bit_plan_module plan_unit(const std::string& unit, const std::vector<bit_plan_mo
             }
             sum.bytes += it->bytes;
             sum.error += it->error;
+            sum.hessian_error += it->hessian_error;
         }
         if (everywhere) u.choices.push_back(sum);
     }
@@ -996,6 +1008,132 @@ result<std::vector<bit_plan_module>> measure_sensitivity(run_state& s, const ops
     return mods;
 }
 
+// GPTQ of w [n_out, n_in] at (bits, group) on the Hessian h (the runner's last hessian()), dequantized;
+// its Hessian-weighted error added to *err.
+result<std::vector<float>> candidate_weight(calibration_runner& run, const ops_context& ctx, const gptq_options& base,
+                                            const std::vector<float>& w, int64_t n_out, int64_t n_in,
+                                            const std::vector<float>& h, std::pair<int, int> cand, double* err) {
+    gptq_options o = base;
+    o.bits         = cand.first;
+    o.group_size   = cand.second;
+    gptq_stats st;
+    GPTQ_ASSIGN_OR_RETURN(const quantized_linear q, run.solve(w.data(), n_out, n_in, h, o, &st));
+    std::vector<float> wq(w.size());
+    quantized_linear_dequantize(ctx, q, wq.data());
+    GPTQ_ASSIGN_OR_RETURN(const double e, run.weighted_error(w.data(), wq.data(), n_out, n_in, h));
+    *err += e;
+    return wq;
+}
+
+// The candidates every module of a unit has, in the first one's order.
+std::vector<std::pair<int, int>> unit_candidates(const quantize_params& p, const llama_hparams& hp, int64_t i,
+                                                 const std::vector<linear_module>& members) {
+    std::vector<std::pair<int, int>> out;
+    for (size_t a = 0; a < members.size(); ++a) {
+        const int64_t n_in  = hp.linear_shape(members[a].roles[0])[1];
+        const int64_t n_out = llama_linear_slot(hp, i, members[a].roles[0]).n_out_module;
+        const auto    c     = bit_candidates(p, n_out, n_in);
+        if (a == 0) {
+            out = c;
+            continue;
+        }
+        std::erase_if(out, [&](const auto& x) { return std::find(c.begin(), c.end(), x) == c.end(); });
+    }
+    return out;
+}
+
+// One unit of layer i for --bpw-sensitivity output: per candidate, GPTQ of every member on its
+// unquantized inputs' Hessian (the runner's; its Hessian-weighted error kept for the report), the
+// unit replaced by the results and the windows run from this layer to the logits (output_sensitivity):
+// the unit's error at that candidate is the output's KL.
+result<bit_plan_module> unit_output_errors(run_state& s, const ops_context& ctx, calibration_runner& run,
+                                           output_sensitivity& out, llama_layer& layer, const std::string& unit,
+                                           const std::vector<linear_module>& members) {
+    const llama_hparams&             hp    = s.model->hparams();
+    const int64_t                    i     = layer.index;
+    const auto                       cands = unit_candidates(s.p, hp, i, members);
+    std::vector<std::vector<double>> herr(members.size(), std::vector<double>(cands.size(), 0.0));
+    std::vector<double>              signal(members.size(), 0.0);
+    for (size_t a = 0; a < members.size(); ++a)
+        for (linear_role r : members[a].roles) {
+            const linear_weights& lw = layer.linear(r);
+            GPTQ_ASSIGN_OR_RETURN(const std::vector<float> h, run.hessian(linear_role_input(r)));
+            std::vector<float> zero(lw.w.size(), 0.0f);
+            GPTQ_ASSIGN_OR_RETURN(const double e0, run.weighted_error(lw.w.data(), zero.data(), lw.n_out, lw.n_in, h));
+            signal[a] += e0;
+        }
+    auto make = [&](size_t k) -> result<layer_variant> {
+        layer_variant v;
+        for (size_t a = 0; a < members.size(); ++a)
+            for (linear_role r : members[a].roles) {
+                const linear_weights& lw = layer.linear(r);
+                GPTQ_ASSIGN_OR_RETURN(const std::vector<float> h, run.hessian(linear_role_input(r)));
+                auto wq = candidate_weight(run, ctx, s.opt, lw.w, lw.n_out, lw.n_in, h, cands[k], &herr[a][k]);
+                if (!wq) return wq.error().with_context(llama_linear_name(i, r));
+                v.emplace_back(r, std::move(*wq));
+            }
+        return v;
+    };
+    GPTQ_ASSIGN_OR_RETURN(const std::vector<double> kl, out.layer_variants(layer, cands.size(), make));
+    std::vector<bit_plan_module> parts;
+    for (size_t a = 0; a < members.size(); ++a)
+        parts.push_back(plan_module(members[a].module, llama_linear_slot(hp, i, members[a].roles[0]).n_out_module,
+                                    hp.linear_shape(members[a].roles[0])[1], cands, herr[a], signal[a]));
+    bit_plan_module u = plan_unit(unit, parts);  // every part has exactly `cands`, in that order
+    for (size_t k = 0; k < cands.size(); ++k) u.choices[k].error = kl[k];
+    return u;
+}
+
+// --bpw-sensitivity output: the sensitivity pass of measure_sensitivity with each unit's errors the
+// output's KL (unit_output_errors); out advances with the runner, layer by layer, on the
+// unquantized model. lm_head (--quantize-lm-head) is one more unit, measured on the final states.
+result<std::vector<bit_plan_module>> measure_sensitivity_output(run_state& s, const ops_context& ctx, thread_pool* pool,
+                                                                calibration_runner& run, output_sensitivity& out) {
+    const llama_hparams&         hp = s.model->hparams();
+    std::vector<bit_plan_module> mods;
+    std::vector<linear_role>     all;
+    for (int r = 0; r < k_n_linear_roles; ++r) all.push_back(static_cast<linear_role>(r));
+    progress_bar bar("sensitivity", hp.n_layer, "layer");
+    for (int64_t i = 0; i < hp.n_layer; ++i) {
+        GPTQ_ASSIGN_OR_RETURN(auto layer, s.model->layer_load(i, pool));
+        GPTQ_TRY(run.layer_begin(*layer));
+        GPTQ_TRY(run.hessians_collect(*layer, all));
+        std::vector<std::pair<std::string, std::vector<linear_module>>> units;  // in module order
+        for (const auto& m : llama_linear_modules(hp, i)) {
+            const std::string unit = plan_unit_of(m);
+            if (units.empty() || units.back().first != unit) units.push_back({unit, {}});
+            units.back().second.push_back(m);
+        }
+        for (const auto& [unit, members] : units) {
+            GPTQ_ASSIGN_OR_RETURN(bit_plan_module u, unit_output_errors(s, ctx, run, out, *layer, unit, members));
+            mods.push_back(std::move(u));
+        }
+        GPTQ_TRY(run.layer_forward(*layer));
+        GPTQ_TRY(out.advance(*layer));
+        bar.update(1);
+    }
+    bar.finish();
+    if (s.p.quantize_lm_head) {
+        const int64_t n_out = hp.n_vocab, n_in = hp.n_embd;
+        GPTQ_TRY(s.model->globals_load());
+        GPTQ_ASSIGN_OR_RETURN(const std::vector<float> w, s.model->lm_head_dense_weight());
+        GPTQ_ASSIGN_OR_RETURN(const std::vector<float> h, run.final_norm_hessian());
+        const auto          cands = bit_candidates(s.p, n_out, n_in);
+        std::vector<double> herr(cands.size(), 0.0), kl(cands.size(), 0.0);
+        std::vector<float>  zero(w.size(), 0.0f);
+        GPTQ_ASSIGN_OR_RETURN(const double signal, run.weighted_error(w.data(), zero.data(), n_out, n_in, h));
+        for (size_t k = 0; k < cands.size(); ++k) {
+            auto wq = candidate_weight(run, ctx, s.opt, w, n_out, n_in, h, cands[k], &herr[k]);
+            if (!wq) return wq.error().with_context("lm_head");
+            GPTQ_ASSIGN_OR_RETURN(kl[k], out.lm_head_variant(*wq));
+        }
+        bit_plan_module pm = plan_module("lm_head", n_out, n_in, cands, herr, signal);
+        for (size_t k = 0; k < cands.size(); ++k) pm.choices[k].error = kl[k];
+        mods.push_back(std::move(pm));
+    }
+    return mods;
+}
+
 // "model.layers.0.mlp.down_proj" -> "^model\.layers\.0\.mlp\.down_proj$" (module names hold
 // letters, digits, '_' and '.'; anything else is escaped too).
 std::string regex_exact(const std::string& name) {
@@ -1045,7 +1183,11 @@ nlohmann::json bit_plan_describe(const run_state& s, const std::vector<bit_plan_
         nlohmann::ordered_json cands = nlohmann::ordered_json::array();
         std::string            alt;
         for (const auto& o : mods[m].choices) {
-            cands.push_back({{"bits", o.bits}, {"group_size", o.group_size}, {"bytes", o.bytes}, {"error", o.error}});
+            cands.push_back({{"bits", o.bits},
+                             {"group_size", o.group_size},
+                             {"bytes", o.bytes},
+                             {"error", o.error},
+                             {"error_hessian", o.hessian_error}});
             alt += fmt::format("{}{}b/g{} {:.3g}", alt.empty() ? "" : ", ", o.bits, o.group_size, o.error);
         }
         nlohmann::ordered_json members = nlohmann::ordered_json::array();
@@ -1065,7 +1207,9 @@ nlohmann::json bit_plan_describe(const run_state& s, const std::vector<bit_plan_
         GPTQ_LOG_INFO("plan: {} {}-bit g{} ({} bytes, error {:.4g}; measured: {})", mods[m].module, c.bits,
                       c.group_size, c.bytes, c.error, alt);
     }
-    pj["target_bpw"]   = s.p.target_bpw;
+    pj["target_bpw"]      = s.p.target_bpw;
+    pj["bpw_sensitivity"] = s.p.bpw_sensitivity;
+    if (s.p.bpw_sensitivity == "output") pj["bpw_windows"] = std::min(s.p.bpw_windows, s.n_samples);
     pj["budget_bytes"] = plan.budget_bytes;
     pj["bytes"]        = plan.bytes;
     pj["n_weights"]    = plan.n_weights;
@@ -1076,9 +1220,109 @@ nlohmann::json bit_plan_describe(const run_state& s, const std::vector<bit_plan_
     return nlohmann::json::parse(pj.dump());
 }
 
+// --bpw-measured FILE: the units and their candidates' errors of an earlier run's plan (its
+// plan.json, or a --report JSON's bit_plan), so that other targets are planned without measuring
+// again. The error the plan minimises is this run's --bpw-sensitivity: "error" of a plan measured
+// with it, or "error_hessian" of an output plan for hessian. Every unit must be this run's (the
+// same modules, candidates and bytes: the same model, --group-size, --bpw-group-sizes and
+// --quantize-lm-head), else an error naming the first difference.
+result<std::vector<bit_plan_module>> bit_plan_measured_read(const run_state& s) {
+    const std::string& path = s.p.bpw_measured;
+    GPTQ_ASSIGN_OR_RETURN(nlohmann::json j, json_read_file(path));
+    if (j.contains("bit_plan")) j = j["bit_plan"];
+    if (!j.is_object() || !j.contains("modules") || !j["modules"].is_array())
+        return make_error(E_ARG, "--bpw-measured {}: no plan in it (plan.json, or a --report JSON with bit_plan)",
+                          path);
+    const std::string was = j.value("bpw_sensitivity", std::string("hessian"));
+    if (s.p.bpw_sensitivity == "output" && was != "output")
+        return make_error(E_ARG,
+                          "--bpw-measured {}: measured with --bpw-sensitivity {}, which holds no output errors; "
+                          "use --bpw-sensitivity {} or measure again",
+                          path, was, was);
+    if (s.p.bpw_sensitivity == "output" && j.value("bpw_windows", int64_t(0)) != std::min(s.p.bpw_windows, s.n_samples))
+        return make_error(E_ARG, "--bpw-measured {}: measured on {} windows, this run asks for --bpw-windows {}", path,
+                          j.value("bpw_windows", int64_t(0)), std::min(s.p.bpw_windows, s.n_samples));
+    const char* key = s.p.bpw_sensitivity == "hessian" && was == "output" ? "error_hessian" : "error";
+    // This run's units: names, members' shapes, candidates.
+    const llama_hparams& hp = s.model->hparams();
+    struct unit_shape {
+        std::string                              name;
+        std::vector<std::pair<int64_t, int64_t>> shapes;  // (n_out, n_in) of each member
+        std::vector<std::pair<int, int>>         cands;
+    };
+    std::vector<unit_shape> units;
+    for (int64_t i = 0; i < hp.n_layer; ++i) {
+        std::vector<std::pair<std::string, std::vector<linear_module>>> us;
+        for (const auto& m : llama_linear_modules(hp, i)) {
+            const std::string unit = plan_unit_of(m);
+            if (us.empty() || us.back().first != unit) us.push_back({unit, {}});
+            us.back().second.push_back(m);
+        }
+        for (const auto& [unit, members] : us) {
+            unit_shape u{unit, {}, unit_candidates(s.p, hp, i, members)};
+            for (const auto& m : members)
+                u.shapes.emplace_back(llama_linear_slot(hp, i, m.roles[0]).n_out_module,
+                                      hp.linear_shape(m.roles[0])[1]);
+            units.push_back(std::move(u));
+        }
+    }
+    if (s.p.quantize_lm_head)
+        units.push_back({"lm_head", {{hp.n_vocab, hp.n_embd}}, bit_candidates(s.p, hp.n_vocab, hp.n_embd)});
+    const auto& list = j["modules"];
+    if (list.size() != units.size())
+        return make_error(E_ARG, "--bpw-measured {}: {} units, this run has {} (another model, or --quantize-lm-head?)",
+                          path, list.size(), units.size());
+    std::vector<bit_plan_module> mods;
+    for (size_t u = 0; u < units.size(); ++u) {
+        const auto& m = list[u];
+        if (m.value("module", std::string()) != units[u].name)
+            return make_error(E_ARG, "--bpw-measured {}: unit {} is {}, this run's is {}", path, u,
+                              m.value("module", std::string()), units[u].name);
+        bit_plan_module pm;
+        pm.module  = units[u].name;
+        pm.members = m.value("members", std::vector<std::string>());
+        pm.n_out   = m.value("n_out", int64_t(0));
+        pm.n_in    = m.value("n_in", int64_t(0));
+        pm.signal  = m.value("signal", 0.0);
+        for (const auto& c : m.at("candidates")) {
+            bit_choice ch{c.value("bits", 0), c.value("group_size", 0), c.value("bytes", uint64_t(0)),
+                          c.value(key, -1.0), c.value("error_hessian", c.value("error", 0.0))};
+            uint64_t   bytes = 0;
+            for (const auto& [n_out, n_in] : units[u].shapes)
+                bytes += gptq_module_bytes(n_out, n_in, ch.bits, ch.group_size);
+            if (bytes != ch.bytes || ch.error < 0)
+                return make_error(E_ARG,
+                                  "--bpw-measured {}: {} at {} bits, group {}: {} bytes and error {}, this run "
+                                  "has {} bytes for it",
+                                  path, pm.module, ch.bits, ch.group_size, ch.bytes, ch.error, bytes);
+            pm.choices.push_back(ch);
+        }
+        std::vector<std::pair<int, int>> got;
+        for (const auto& ch : pm.choices) got.emplace_back(ch.bits, ch.group_size);
+        if (got != units[u].cands)
+            return make_error(E_ARG,
+                              "--bpw-measured {}: {} has other candidates than this run's (--group-size, "
+                              "--bpw-group-sizes)",
+                              path, pm.module);
+        mods.push_back(std::move(pm));
+    }
+    GPTQ_LOG_INFO("--target-bpw: the errors ({}) measured in {}", key, path);
+    return mods;
+}
+
+// bit_plan_measured_read, a value of the wrong type in the file an error naming it.
+result<std::vector<bit_plan_module>> bit_plan_measured(const run_state& s) {
+    try {
+        return bit_plan_measured_read(s);
+    } catch (const nlohmann::json::exception& e) {
+        return make_error(E_ARG, "--bpw-measured {}: not a plan of this format: {}", s.p.bpw_measured, e.what());
+    }
+}
+
 // --target-bpw before the layer loop: the plan of an interrupted run (plan.json, with --resume),
-// else measured on a runner of its own (make_runner) and solved; s.cfg gets its `dynamic`.
-status bit_plan_make(run_state& s, const ops_context& ctx, thread_pool* pool,
+// else measured on a runner of its own (make_runner) and solved; s.cfg gets its `dynamic`. x: the
+// embedded calibration windows (--bpw-sensitivity output measures on the first --bpw-windows).
+status bit_plan_make(run_state& s, const ops_context& ctx, thread_pool* pool, const std::vector<float>& x,
                      const std::function<result<std::unique_ptr<calibration_runner>>()>& make_runner) {
     const std::string saved = path_join(s.work, "plan.json");
     if (s.p.resume && fs::exists(saved)) {
@@ -1086,9 +1330,23 @@ status bit_plan_make(run_state& s, const ops_context& ctx, thread_pool* pool,
         GPTQ_LOG_INFO("--target-bpw: the plan of {} ({:.4f} bits per weight)", saved, s.bit_plan.value("bpw", 0.0));
         return bit_plan_config(s, s.bit_plan.value("dynamic", nlohmann::json::object()));
     }
-    GPTQ_LOG_INFO("--target-bpw {}: measuring each module's error at bits 2, 3, 4, 8", s.p.target_bpw);
     std::vector<bit_plan_module> mods;
-    {
+    if (!s.p.bpw_measured.empty()) {
+        GPTQ_ASSIGN_OR_RETURN(mods, bit_plan_measured(s));
+    } else if (s.p.bpw_sensitivity == "output") {
+        const int64_t n_win = std::min(s.p.bpw_windows, s.n_samples), n_embd = s.model->hparams().n_embd;
+        GPTQ_LOG_INFO(
+            "--target-bpw {}: measuring each unit's effect on the output (KL on {} windows) at bits 2, 3, "
+            "4, 8",
+            s.p.target_bpw, n_win);
+        GPTQ_ASSIGN_OR_RETURN(auto run, make_runner());
+        phase_timer t(s, "sensitivity");
+        GPTQ_ASSIGN_OR_RETURN(
+            auto out, output_sensitivity::make(*s.model, ctx, pool, n_win, s.p.seqlen,
+                                               std::vector<float>(x.begin(), x.begin() + n_win * s.p.seqlen * n_embd)));
+        GPTQ_ASSIGN_OR_RETURN(mods, measure_sensitivity_output(s, ctx, pool, *run, *out));
+    } else {
+        GPTQ_LOG_INFO("--target-bpw {}: measuring each module's error at bits 2, 3, 4, 8", s.p.target_bpw);
         GPTQ_ASSIGN_OR_RETURN(auto run, make_runner());
         phase_timer t(s, "sensitivity");
         GPTQ_ASSIGN_OR_RETURN(mods, measure_sensitivity(s, ctx, pool, *run));
@@ -1310,6 +1568,11 @@ status check_params(const quantize_params& p) {
                           "--target-bpw needs --method gptq (the plan measures GPTQ's error on calibration data)");
     for (int g : p.bpw_group_sizes)
         if (g != -1 && g <= 0) return make_error(E_ARG, "--bpw-group-sizes: {} must be -1 or positive", g);
+    if (p.bpw_sensitivity != "output" && p.bpw_sensitivity != "hessian")
+        return make_error(E_ARG, "--bpw-sensitivity '{}': must be output or hessian", p.bpw_sensitivity);
+    if (p.bpw_windows <= 0)
+        return make_error(E_ARG, "--bpw-windows {}: must be at least 1 (calibration windows the output is measured on)",
+                          p.bpw_windows);
     if (p.calib_sampling != "random" && p.calib_sampling != "contiguous")
         return make_error(E_ARG, "--calib-sampling '{}' is not supported (random or contiguous)", p.calib_sampling);
     if (p.mse && p.mse_hessian) return make_error(E_ARG, "--mse and --mse-hessian exclude each other");
@@ -1648,7 +1911,7 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
                 return calibration_runner_cuda(dev, *s.model, ctx, &pool, s.n_samples, params.seqlen, std::move(xs));
             return calibration_runner_cpu(*s.model, ctx, s.n_samples, params.seqlen, std::move(xs));
         };
-        if (params.target_bpw > 0) GPTQ_TRY(bit_plan_make(s, ctx, &pool, [&] { return make_runner(x); }));
+        if (params.target_bpw > 0) GPTQ_TRY(bit_plan_make(s, ctx, &pool, x, [&] { return make_runner(x); }));
         if (overlap) read_ahead(0);  // s.cfg is final (the bit plan made)
         {
             phase_timer t(s, "runner");

@@ -337,6 +337,7 @@ TEST(quantize, target_bpw_plan_respects_the_budget_and_round_trips) {
         auto p            = small_run(dir.file(name));
         p.target_bpw      = bpw;
         p.bpw_group_sizes = {64};
+        p.bpw_windows     = 2;  // the output measure (the default) on 2 of the 8 windows: fast
         p.report_path     = dir.file(name + ".json");
         auto r            = quantize_model(p);
         EXPECT_TRUE(r.is_ok()) << r.error().message();
@@ -413,6 +414,7 @@ TEST(quantize, target_bpw_plan_respects_the_budget_and_round_trips) {
     auto cut              = small_run(dir.file("cut"));
     cut.target_bpw        = 3.5;
     cut.bpw_group_sizes   = {64};
+    cut.bpw_windows       = 2;
     cut.stop_after_layers = 2;
     ASSERT_FALSE(quantize_model(cut).is_ok());
     ASSERT_TRUE(fs::exists(cut.output_path + ".partial/plan.json"));

@@ -74,12 +74,27 @@ command register_quantize(CLI::App& app) {
         ->check(CLI::IsMember({"none", "uniform", "frequency"}))
         ->needs(qe);
     sub->add_option("--target-bpw", o->target_bpw,
-                    "mixed precision: bits (2/3/4/8) per module chosen by measured GPTQ error so that the "
+                    "mixed precision: bits (2/3/4/8) per module chosen by measured sensitivity (--bpw-sensitivity) so "
+                    "that the "
                     "quantized linears take at most this many bits per weight (scales, zeros, g_idx counted); "
                     "written as GPTQModel `dynamic` rules")
         ->check(CLI::Range(2.0, 16.0));
     sub->add_option("--bpw-group-sizes", o->bpw_group_sizes,
                     "with --target-bpw: group sizes the plan may also choose besides --group-size (e.g. 32 64)");
+    sub->add_option("--bpw-sensitivity", o->bpw_sensitivity,
+                    "with --target-bpw: what the plan minimises: output (each unit's effect on the model's "
+                    "next-token distribution, KL on --bpw-windows calibration windows) or hessian (each module's "
+                    "Hessian-weighted GPTQ error on its own layer)")
+        ->capture_default_str()
+        ->check(CLI::IsMember({"output", "hessian"}));
+    sub->add_option("--bpw-windows", o->bpw_windows,
+                    "with --target-bpw and --bpw-sensitivity output: the calibration windows the output is "
+                    "measured on (the first ones)")
+        ->capture_default_str()
+        ->check(CLI::PositiveNumber);
+    sub->add_option("--bpw-measured", o->bpw_measured,
+                    "with --target-bpw: plan from the errors measured by an earlier run of this model (its "
+                    "OUT.partial/plan.json, or its --report JSON) instead of measuring again");
     sub->add_option("--method", o->method, "gptq, or rtn (round to nearest; no calibration)")
         ->capture_default_str()
         ->check(CLI::IsMember({"gptq", "rtn"}));

@@ -825,14 +825,14 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
         const layer& ly   = layers_[static_cast<size_t>(i)];
         const int    unit = layer_unit_[static_cast<size_t>(i)];
         GPTQ_TRY(wait(unit));
-        p.k_cache  = ly.k_cache.as<uint16_t>();
-        p.v_cache  = ly.v_cache.as<uint16_t>();
+        p.k_cache = ly.k_cache.as<uint16_t>();
+        p.v_cache = ly.v_cache.as<uint16_t>();
         // Dequantize ahead only over resident layers: a staged (offloaded) layer's weights arrive on
         // the stream, which the side stream does not wait for.
         const bool next_resident = i + 1 < hp.n_layer && layer_unit_[static_cast<size_t>(i + 1)] < 0;
         p.dequant_ahead          = opts_.dequant_ahead && unit < 0 && n > 16;
         p.next_layer             = p.dequant_ahead && next_resident ? &layers_[static_cast<size_t>(i + 1)] : nullptr;
-        bool added = false;  // the fused decode step added down's output to hidden itself
+        bool added               = false;  // the fused decode step added down's output to hidden itself
         GPTQ_ASSIGN_OR_RETURN(const bool done, cuda_layer_forward(c, hp, i, ly, hidden, pending, b, p, &added));
         if (!done) return make_error(status_code::STATUS_INTERNAL, "layer {} stopped early", i);
         pending = added ? nullptr : b.y;

@@ -223,7 +223,7 @@ struct cuda_context_state {
     cublasHandle_t          blas   = nullptr;
     cuda_buffer             scratch;
     cuda_buffer             zeroed;
-    cuda_buffer             counters;  // k_context_counters zeros, allocated with the context, never moved
+    cuda_buffer             counters;        // k_context_counters zeros, allocated with the context, never moved
     cudaStream_t            side = nullptr;  // dequantize ahead (created on first use)
     cuda_dequant_slot_state dq[2];
     uint64_t                dq_clock = 0;
@@ -351,7 +351,7 @@ status cuda_context::dequant_release(const void* key) {
     return make_error(status_code::STATUS_INTERNAL, "dequant_release: no slot taken for this key");
 }
 
-status cuda_context::dequant_ahead(const void* key, size_t bytes,
+status cuda_context::dequant_ahead(const void* key, size_t                                               bytes,
                                    status (*fill)(const void* arg, cudaStream_t, uint16_t*), const void* arg) {
     auto&                   s  = *s_;
     cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
@@ -822,8 +822,8 @@ status dequant_cublas(cuda_context& ctx, const cuda_gptq_linear& w, const cuda::
         GPTQ_TRY(cuda_zero_async(ctx, y, size_t(m * w.n_out) * 2));
         GPTQ_TRY(op_cuda_add_bias(ctx, y, bias, m, w.n_out));
     }
-    return cuda::gemm(ctx.blas(), cuda::gemm_dtype::f16, xin, w16, y, m, w.n_out, w.n_in, w.n_in, w.n_in, w.n_out,
-                      1.0f, bias ? 1.0f : 0.0f, ctx.stream());
+    return cuda::gemm(ctx.blas(), cuda::gemm_dtype::f16, xin, w16, y, m, w.n_out, w.n_in, w.n_in, w.n_in, w.n_out, 1.0f,
+                      bias ? 1.0f : 0.0f, ctx.stream());
 }
 
 status dequant_fill(const void* arg, cudaStream_t stream, uint16_t* w16) {
@@ -866,7 +866,7 @@ status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const u
         const bool   deq       = path == gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS;
         const bool   in_slot   = deq && !stream_capturing(ctx);
         const size_t w16_bytes = deq && !in_slot ? size_t(w.n_out * w.n_in) * 2 : 0;
-        char* scratch = nullptr;
+        char*        scratch   = nullptr;
         if (x_bytes + w16_bytes > 0) {
             auto sp = ctx.scratch(x_bytes + w16_bytes);
             if (!sp) return sp.error();

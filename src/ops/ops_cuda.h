@@ -390,7 +390,8 @@ result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_hos
 // Prefill passes (docs/cuda.md "Prefill: the next linear dequantized ahead"): when m rows of w take
 // dequantize + cuBLAS, queues w's dequantization on the context's side stream into its free slot,
 // so that it runs while the stream computes what comes before w; op_cuda_gptq_linear then takes
-// it. A no-op otherwise or while capturing. The bits are the same either way. w's weights must be resident and unchanging until it is taken in the same pass.
+// it. A no-op otherwise or while capturing. The bits are the same either way. w's weights must be resident and
+// unchanging until it is taken in the same pass.
 status op_cuda_gptq_dequant_ahead(cuda_context& ctx, const cuda_gptq_linear& w, int64_t m);
 // The start of a pass: what was queued ahead and not taken is dropped (cuda_context::dequant_forget).
 void op_cuda_dequant_forget(cuda_context& ctx);

@@ -52,7 +52,8 @@ void expect_close(const std::vector<uint16_t>& got, int64_t y_stride, const std:
     for (int64_t r = 0; r < m; ++r) {
         for (int64_t n = 0; n < n_out; ++n) {
             const double g = f16_to_f32(got[size_t(r * y_stride + n)]), e = ref[size_t(r * n_out + n)];
-            const double pre = rounded_before_bias ? std::ldexp(std::fabs((*rounded_before_bias)[size_t(r * n_out + n)]), -11) : 0.0;
+            const double pre =
+                rounded_before_bias ? std::ldexp(std::fabs((*rounded_before_bias)[size_t(r * n_out + n)]), -11) : 0.0;
             if (!(std::fabs(g - e) <= k_rtol * std::fabs(e) + atol + pre) && bad++ < 5)
                 ADD_FAILURE() << what << ": row " << r << " col " << n << " gpu " << g << " ref " << e;
         }
@@ -291,7 +292,7 @@ TEST(CudaGemm, OpPrefillPaths) {
         ASSERT_TRUE(lin->fast);
         const auto w16 = test::gptq_weights_f16(L);
         for (int64_t m : {17, 64, 200, 600}) {
-            auto                   x   = test::random_f16(rng, size_t(m * L.n_in));
+            auto                   x       = test::random_f16(rng, size_t(m * L.n_in));
             const auto             ref     = test::gptq_reference(w16, L.n_out, L.n_in, x, m, bias);
             const auto             product = test::gptq_reference(w16, L.n_out, L.n_in, x, m, {});
             device_array<uint16_t> dx(x), dy(size_t(m * L.n_out));
@@ -303,10 +304,10 @@ TEST(CudaGemm, OpPrefillPaths) {
                 GPTQ_EXPECT_OK((*ctx)->synchronize());
                 // Dequantize + cuBLAS may round x W^T to F16 before the bias is added (ops_cuda.cpp,
                 // dequant_cublas): half an ulp of the product more.
-                const bool cublas = path == gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS ||
-                                    (path == gptq_prefill_path::GPTQ_PREFILL_AUTO &&
-                                     gptq_prefill_path_for(m, L.n_out, L.n_in) ==
-                                         gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS);
+                const bool cublas =
+                    path == gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS ||
+                    (path == gptq_prefill_path::GPTQ_PREFILL_AUTO &&
+                     gptq_prefill_path_for(m, L.n_out, L.n_in) == gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS);
                 expect_close(dy.download(), L.n_out, ref, m, L.n_out,
                              test::gptq_layer_describe(L, m, act, false, seed) + " path=" + std::to_string(int(path)),
                              cublas ? &product : nullptr);
@@ -327,8 +328,10 @@ TEST(CudaGemm, DequantAheadInAnyOrderGivesTheSameBits) {
     const int64_t                 m = 300;  // dequantize + cuBLAS
     std::vector<cuda_gptq_linear> lin;
     std::vector<gptq_layer>       layers;
-    for (auto [n_out, n_in, act] : {std::tuple{264, 1024, false}, std::tuple{512, 384, true}, std::tuple{96, 2048, false}}) {
-        layers.push_back(test::gptq_layer_random(rng, n_out, n_in, 64, 4, act, false, gptq_checkpoint_format::GPTQ_FORMAT_V2));
+    for (auto [n_out, n_in, act] :
+         {std::tuple{264, 1024, false}, std::tuple{512, 384, true}, std::tuple{96, 2048, false}}) {
+        layers.push_back(
+            test::gptq_layer_random(rng, n_out, n_in, 64, 4, act, false, gptq_checkpoint_format::GPTQ_FORMAT_V2));
         const gptq_layer& L = layers.back();
         gptq_host_tensors t;
         t.qweight = L.qweight.data(), t.qzeros = L.qzeros.data(), t.scales = L.scales.data(), t.g_idx = L.g_idx.data();

@@ -1216,7 +1216,8 @@ void check_decode_fusion(const std::string& dir, bool expect_fused) {
                 << dir << (graph ? " (graph)" : " (no graph)") << ": row " << t << " fused vs plain, rel diff "
                 << row_rel_error(on.logits.data() + t * V, off.logits.data() + t * V, V);
             EXPECT_EQ(0, std::memcmp(attn.logits.data() + t * V, off.logits.data() + t * V, size_t(V) * sizeof(float)))
-                << dir << (graph ? " (graph)" : " (no graph)") << ": row " << t << " attention-fused vs plain, rel diff "
+                << dir << (graph ? " (graph)" : " (no graph)") << ": row " << t
+                << " attention-fused vs plain, rel diff "
                 << row_rel_error(attn.logits.data() + t * V, off.logits.data() + t * V, V);
         }
     }

@@ -325,13 +325,20 @@ result<cuda_context::dequant_slot> cuda_context::dequant_take(const void* key, s
             return dequant_slot{d.buf.as<uint16_t>(), true};
         }
     }
-    // A slot to fill on the stream: one without work queued ahead, least recently used; with both
-    // queued ahead (the pass took them in another order), the older one.
+    // A slot to fill on the stream: one without work queued ahead, preferring one already large
+    // enough, else one to grow rather than a second allocation (without dequantize-ahead only one
+    // slot is ever allocated: no more memory than the scratch this path used before), then the least
+    // recently used; with both queued ahead (the pass took them in another order), the older one.
+    auto better = [bytes](const cuda_dequant_slot_state& a, const cuda_dequant_slot_state& b) {
+        if (a.ahead != b.ahead) return !a.ahead;
+        const bool fits_a = a.buf.bytes() >= bytes, fits_b = b.buf.bytes() >= bytes;
+        if (fits_a != fits_b) return fits_a;
+        if (!fits_a && (a.buf.bytes() > 0) != (b.buf.bytes() > 0)) return a.buf.bytes() > 0;  // grow, not a second
+        return a.stamp < b.stamp;
+    };
     cuda_dequant_slot_state* pick = nullptr;
-    for (auto& d : s.dq) {
-        if (d.busy) continue;
-        if (!pick || (pick->ahead && !d.ahead) || (pick->ahead == d.ahead && d.stamp < pick->stamp)) pick = &d;
-    }
+    for (auto& d : s.dq)
+        if (!d.busy && (!pick || better(d, *pick))) pick = &d;
     if (!pick) return make_error(status_code::STATUS_INTERNAL, "dequant_take: both slots taken");
     GPTQ_TRY(dequant_events(*pick));
     if (pick->side_wrote) GPTQ_CUDA_CHECK(cudaStreamWaitEvent(s.stream, pick->ready, 0));  // its fill is over

@@ -816,10 +816,36 @@ bool stream_capturing(const cuda_context& ctx) {
     return cudaStreamIsCapturing(ctx.stream(), &cs) == cudaSuccess && cs != cudaStreamCaptureStatusNone;
 }
 
-// Dequantize + cuBLAS: w16 (n_out x n_in F16) filled here unless `filled` (dequantized ahead).
+// Rows per dequantize + cuBLAS chunk for w (a multiple of 32), or 0 for the whole linear at once.
+int64_t dequant_chunk_rows(const cuda_gptq_linear& w) {
+    static const int64_t env_mb = [] {
+        const char* e = std::getenv("GPTQ_DEQUANT_CHUNK_MB");
+        return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(0);
+    }();
+    int64_t rows = w.dequant_chunk_rows;
+    if (rows < 0) rows = env_mb > 0 ? env_mb * (int64_t(1) << 20) / (2 * w.n_in) : 0;
+    if (rows <= 0) return 0;
+    rows = (rows + 31) / 32 * 32;
+    return rows < w.n_out ? rows : 0;
+}
+
+// y[:, rows of the slice] = xin W_slice^T, W_slice dequantized into w16 first; y has n_out columns.
+status dequant_cublas_rows(cuda_context& ctx, const cuda_gptq_linear& w, const cuda::int4_layout& lay,
+                           const uint16_t* xin, uint16_t* y, int64_t m, uint16_t* w16, int64_t tile0, int64_t tiles,
+                           float beta) {
+    const auto sl = cuda::int4_layout_rows(lay, tile0, tiles);
+    GPTQ_TRY(cuda::int4_dequant_f16(sl.L, static_cast<const char*>(w.weights.data()) + sl.weight_offset,
+                                    static_cast<const char*>(w.sz.data()) + sl.sz_offset, w16, w.n_in, ctx.stream()));
+    return cuda::gemm(ctx.blas(), cuda::gemm_dtype::f16, xin, w16, y + 32 * tile0, m, sl.L.n_out, w.n_in, w.n_in,
+                      w.n_in, w.n_out, 1.0f, beta, ctx.stream());
+}
+
+// Dequantize + cuBLAS: w16 (n_out x n_in F16, or chunk_rows x n_in) filled here unless `filled`
+// (dequantized ahead, never chunked).
 status dequant_cublas(cuda_context& ctx, const cuda_gptq_linear& w, const cuda::int4_layout& lay, const uint16_t* xin,
-                      const uint16_t* bias, uint16_t* y, int64_t m, uint16_t* w16, bool filled) {
-    if (!filled) GPTQ_TRY(cuda::int4_dequant_f16(lay, w.weights.data(), w.sz.data(), w16, w.n_in, ctx.stream()));
+                      const uint16_t* bias, uint16_t* y, int64_t m, uint16_t* w16, bool filled, int64_t chunk_rows) {
+    if (!filled && chunk_rows == 0)
+        GPTQ_TRY(cuda::int4_dequant_f16(lay, w.weights.data(), w.sz.data(), w16, w.n_in, ctx.stream()));
     // A bias enters the GEMM as C = bias rows with beta = 1. Where cuBLAS adds C before rounding,
     // the output is rounded to F16 once, as in the fused kernel; the H100's cuBLAS does not always
     // (issue 18's OpPrefillPaths one-off, session 10: x W^T rounded to F16 first, 7 ulps of the
@@ -828,6 +854,12 @@ status dequant_cublas(cuda_context& ctx, const cuda_gptq_linear& w, const cuda::
     if (bias) {
         GPTQ_TRY(cuda_zero_async(ctx, y, size_t(m * w.n_out) * 2));
         GPTQ_TRY(op_cuda_add_bias(ctx, y, bias, m, w.n_out));
+    }
+    if (!filled && chunk_rows > 0) {
+        for (int64_t t0 = 0; t0 < lay.n_tiles; t0 += chunk_rows / 32)
+            GPTQ_TRY(dequant_cublas_rows(ctx, w, lay, xin, y, m, w16, t0, std::min(chunk_rows / 32, lay.n_tiles - t0),
+                                         bias ? 1.0f : 0.0f));
+        return status::ok();
     }
     return cuda::gemm(ctx.blas(), cuda::gemm_dtype::f16, xin, w16, y, m, w.n_out, w.n_in, w.n_in, w.n_in, w.n_out, 1.0f,
                       bias ? 1.0f : 0.0f, ctx.stream());
@@ -846,7 +878,7 @@ status op_cuda_gptq_dequant_ahead(cuda_context& ctx, const cuda_gptq_linear& w, 
     if (!w.fast || m <= 16) return status::ok();
     const gptq_prefill_path path =
         w.prefill != gptq_prefill_path::GPTQ_PREFILL_AUTO ? w.prefill : gptq_prefill_path_for(m, w.n_out, w.n_in);
-    if (path != gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS) return status::ok();
+    if (path != gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS || dequant_chunk_rows(w) > 0) return status::ok();
     return ctx.dequant_ahead(w.weights.data(), size_t(w.n_out * w.n_in) * 2, dequant_fill, &w);
 }
 
@@ -870,9 +902,11 @@ status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const u
         const size_t x_bytes = permute ? (size_t(m * w.n_in) * 2 + 255) / 256 * 256 : 0;
         // The dequantized weights go to one of the context's two slots (dequantize ahead), or, while
         // capturing a graph, to the scratch (no cross-stream events there).
-        const bool   deq       = path == gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS;
-        const bool   in_slot   = deq && !stream_capturing(ctx);
-        const size_t w16_bytes = deq && !in_slot ? size_t(w.n_out * w.n_in) * 2 : 0;
+        // In chunks, the chunk's buffer is scratch too.
+        const bool    deq       = path == gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS;
+        const int64_t chunk     = deq ? dequant_chunk_rows(w) : 0;
+        const bool    in_slot   = deq && chunk == 0 && !stream_capturing(ctx);
+        const size_t  w16_bytes = deq && !in_slot ? size_t((chunk ? chunk : w.n_out) * w.n_in) * 2 : 0;
         char*        scratch   = nullptr;
         if (x_bytes + w16_bytes > 0) {
             auto sp = ctx.scratch(x_bytes + w16_bytes);
@@ -905,7 +939,7 @@ status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const u
                 if (!slot) return slot.error();
                 w16 = slot->w, filled = slot->filled;
             }
-            const status st = dequant_cublas(ctx, w, *lay, xin, bias, y, m, w16, filled);
+            const status st = dequant_cublas(ctx, w, *lay, xin, bias, y, m, w16, filled, chunk);
             if (in_slot) GPTQ_TRY(ctx.dequant_release(w.weights.data()));  // also after a failure
             return st;
         }

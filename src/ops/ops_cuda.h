@@ -385,6 +385,11 @@ struct cuda_gptq_linear {
     // AUTO / 0 are the dispatch tables' choices, anything else is forced (tests, benchmarks).
     gptq_prefill_path prefill   = gptq_prefill_path::GPTQ_PREFILL_AUTO;
     int               gemm_tile = 0, gemm_splits = 0;
+    // Dequantize + cuBLAS in chunks of this many output rows (rounded up to 32), each chunk's F16
+    // weights dequantized and multiplied before the next, in a chunk-sized buffer meant to stay in
+    // L2 (docs/cuda.md "Prefill: dequantize + cuBLAS in L2-sized chunks"). 0: the whole linear at
+    // once; -1: from GPTQ_DEQUANT_CHUNK_MB (megabytes of F16 per chunk; unset or 0: whole).
+    int64_t dequant_chunk_rows = -1;
 };
 result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_host_tensors& t, bool allow_fast = true);
 // Prefill passes (docs/cuda.md "Prefill: the next linear dequantized ahead"): when m rows of w take

@@ -296,9 +296,15 @@ TEST(CudaGemm, OpPrefillPaths) {
             const auto             ref     = test::gptq_reference(w16, L.n_out, L.n_in, x, m, bias);
             const auto             product = test::gptq_reference(w16, L.n_out, L.n_in, x, m, {});
             device_array<uint16_t> dx(x), dy(size_t(m * L.n_out));
-            for (auto path : {gptq_prefill_path::GPTQ_PREFILL_AUTO, gptq_prefill_path::GPTQ_PREFILL_FUSED,
-                              gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS}) {
-                lin->prefill = path;
+            // Dequantize + cuBLAS whole, then in row chunks (64: four whole ones and an 8-row
+            // partial tile; 96: three tiles, the last one 72 rows).
+            for (auto [path, chunk] : {std::pair{gptq_prefill_path::GPTQ_PREFILL_AUTO, 0},
+                                       std::pair{gptq_prefill_path::GPTQ_PREFILL_FUSED, 0},
+                                       std::pair{gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS, 0},
+                                       std::pair{gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS, 64},
+                                       std::pair{gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS, 96}}) {
+                lin->prefill            = path;
+                lin->dequant_chunk_rows = chunk;
                 ASSERT_EQ(cudaMemset(dy.get(), 0xFF, size_t(m * L.n_out) * 2), cudaSuccess);
                 GPTQ_EXPECT_OK(op_cuda_gptq_linear(**ctx, *lin, dx.get(), dy.get(), m));
                 GPTQ_EXPECT_OK((*ctx)->synchronize());
@@ -309,7 +315,8 @@ TEST(CudaGemm, OpPrefillPaths) {
                     (path == gptq_prefill_path::GPTQ_PREFILL_AUTO &&
                      gptq_prefill_path_for(m, L.n_out, L.n_in) == gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS);
                 expect_close(dy.download(), L.n_out, ref, m, L.n_out,
-                             test::gptq_layer_describe(L, m, act, false, seed) + " path=" + std::to_string(int(path)),
+                             test::gptq_layer_describe(L, m, act, false, seed) + " path=" + std::to_string(int(path)) +
+                                 " chunk=" + std::to_string(chunk),
                              cublas ? &product : nullptr);
             }
         }

@@ -734,6 +734,18 @@ result<int4_layout> int4_layout_for(int64_t n_out, int64_t n_in, int64_t group_s
     return L;
 }
 
+int4_layout_slice int4_layout_rows(const int4_layout& L, int64_t tile0, int64_t tiles) {
+    int4_layout_slice s;
+    s.L              = L;
+    s.L.n_tiles      = tiles;
+    s.L.n_out        = std::min(L.n_out, 32 * (tile0 + tiles)) - 32 * tile0;
+    s.L.weight_bytes = tiles * L.k_steps * 512;
+    s.L.sz_bytes     = tiles * L.n_groups * 32 * 4;
+    s.weight_offset  = tile0 * L.k_steps * 512;
+    s.sz_offset      = tile0 * L.n_groups * 32 * 4;
+    return s;
+}
+
 status int4_act_order_perm(const int32_t* g_idx, int64_t n_in, int64_t group_size, std::vector<int32_t>& perm) {
     perm.clear();
     const int64_t gs       = group_size == -1 ? n_in : group_size;

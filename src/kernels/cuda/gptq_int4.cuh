@@ -39,6 +39,16 @@ struct int4_layout {
 // a multiple of 32 dividing n_in.
 result<int4_layout> int4_layout_for(int64_t n_out, int64_t n_in, int64_t group_size);
 
+// Rows [32 tile0, 32 (tile0 + tiles)) of L (clipped to n_out) as a layout of their own: the layout is
+// tile-major (32 rows per tile, every k step of a tile contiguous), so the slice's weights and
+// scales/zeros start weight_offset / sz_offset bytes into L's buffers. For kernels run on a row
+// range (dequantize + cuBLAS in L2-sized chunks, ops_cuda.cpp). tile0 + tiles <= n_tiles.
+struct int4_layout_slice {
+    int4_layout L;
+    int64_t     weight_offset = 0, sz_offset = 0;
+};
+int4_layout_slice int4_layout_rows(const int4_layout& L, int64_t tile0, int64_t tiles);
+
 // Host helper: the k order that makes groups contiguous. g_idx: [n_in] host array. On success
 // `perm` is empty when g_idx is already k / group_size (no act-order), else the stable sort of k
 // by g_idx; UNSUPPORTED when the sorted groups are not runs of exactly group_size (the caller

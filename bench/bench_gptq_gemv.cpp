@@ -17,7 +17,9 @@
 //   bench_gptq_gemv [--out FILE.json] [--iters N] [--only SHAPE] [--m M[,M...]] [--models 7b,13b,70b]
 //                   [--sweep] [--tile T --splits S]
 // JSON to FILE (or stdout), a table on stderr; --only/--m restrict the sweep (for ncu); --sweep adds,
-// for 16 < m <= 256, every fused tile x k split (the evidence for the dispatch table); --tile/--splits
+// for 16 < m <= 256, every fused tile x k split (the evidence for the dispatch table), with the best
+// of each kernel family (mma.sync, wgmma, warp-streamed) per shape ("best" lines) and summed over
+// a model's shapes ("summed" lines); --tile/--splits
 // force the "fused" column's plan (int4_gemm_tile values; for ncu on one tile).
 #include <cuda_runtime.h>
 
@@ -27,8 +29,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ops/ops_cuda.h"
@@ -145,6 +149,24 @@ std::vector<std::string> split_list(const std::string& s) {
     return out;
 }
 
+// Kernel families of the fused GEMM's tiles (by name: "wg_" wgmma, "ws_" warp-streamed, else mma.sync).
+constexpr int     k_families                 = 3;
+const char* const k_family_names[k_families] = {"mma", "wgmma", "ws"};
+int               family_of(const char* tile) {
+                  if (!std::strncmp(tile, "wg_", 3)) return 1;
+    if (!std::strncmp(tile, "ws_", 3)) return 2;
+    return 0;
+}
+struct family_best {
+    double      us     = -1;
+    const char* tile   = "";
+    int         splits = 0;
+};
+struct family_sum {
+    double cublas = 0, best[k_families] = {0, 0, 0};
+    int    shapes[k_families] = {0, 0, 0}, shapes_all = 0;
+};
+
 const char* path_name(gptq_prefill_path p) {
     switch (p) {
         case gptq_prefill_path::GPTQ_PREFILL_AUTO:
@@ -209,8 +231,9 @@ int main(int argc, char** argv) {
     std::string   json = "{\"device\": \"" + std::string(prop.name) +
                        "\", \"sm_count\": " + std::to_string(prop.multiProcessorCount) + ", \"roofline_tbps\": 2.94, " +
                        "\"group_size\": 128, \"max_iters\": " + std::to_string(iters) + ", \"results\": [\n";
-    std::string sweep_json;
-    bool        first = true, first_sweep = true;
+    std::string                                           sweep_json;
+    std::map<std::pair<std::string, int64_t>, family_sum> sums;  // sweep: (model, m) -> shapes summed
+    bool                                                  first = true, first_sweep = true;
     std::fprintf(stderr, "%-4s %-8s %5s %9s %9s %-14s %8s %8s %8s %8s %8s %8s %7s %7s %7s\n", "mdl", "shape", "m",
                  "fp16_us", "int4_us", "path", "fused", "deq_cub", "gemv", "graph", "act_us", "GB/s", "TF/s", "fp16TF",
                  "ratio");
@@ -305,12 +328,16 @@ int main(int argc, char** argv) {
                     tgemv = time_us(ctx, iters, false, int4);
                 }
                 if (sweep && m <= 256) {
+                    family_best best[k_families];
                     for (int tl = 1; tl < gptq_gemm_tile_count(); ++tl)
                         for (int sp : {1, 2, 3, 4, 6, 8}) {
                             if (!gptq_gemm_tile_usable(tl)) continue;
                             with(gptq_prefill_path::GPTQ_PREFILL_FUSED, tl, sp);
                             const double tt = time_us(ctx, iters, false, int4);
-                            char         buf[512];
+                            const char*  tn = gptq_gemm_plan_describe(m, K, tl, sp).tile;
+                            family_best& fb = best[family_of(tn)];
+                            if (tt > 0 && (fb.us < 0 || tt < fb.us)) fb = {tt, tn, sp};
+                            char buf[512];
                             std::snprintf(buf, sizeof buf,
                                           "%s  {\"model\": \"%s\", \"shape\": \"%s\", \"m\": %lld, \"tile\": \"%s\", "
                                           "\"splits\": %d, \"us\": %.2f, \"ratio_vs_fp16\": %.3f}",
@@ -322,6 +349,20 @@ int main(int argc, char** argv) {
                                          sh.model, sh.name, (long long)m, gptq_gemm_plan_describe(m, K, tl, sp).tile,
                                          sp, tt, tt > 0 ? t16 / tt : 0.0);
                         }
+                    // The best tile x split of each kernel family beside cuBLAS, and into the model's sums.
+                    std::fprintf(stderr, "  best  %-4s %-8s m=%-5lld cublas %7.1f", sh.model, sh.name, (long long)m,
+                                 t16);
+                    family_sum& fs = sums[{std::string(sh.model), m}];
+                    fs.cublas += t16;
+                    for (int f = 0; f < k_families; ++f) {
+                        if (best[f].us < 0) continue;
+                        std::fprintf(stderr, " | %s %7.1f (%.2fx, %s x%d)", k_family_names[f], best[f].us,
+                                     t16 / best[f].us, best[f].tile, best[f].splits);
+                        fs.best[f] += best[f].us;
+                        fs.shapes[f] += 1;
+                    }
+                    fs.shapes_all += 1;
+                    std::fprintf(stderr, "\n");
                 }
                 with(gptq_prefill_path::GPTQ_PREFILL_AUTO);
             }
@@ -352,6 +393,15 @@ int main(int argc, char** argv) {
             json += buf;
             first = false;
         }
+    }
+    // Shapes summed per model and m: cuBLAS FP16 and each family's best tile x split per shape.
+    for (const auto& [key, fs] : sums) {
+        std::fprintf(stderr, "  summed %-4s m=%-5lld cublas %8.1f", key.first.c_str(), (long long)key.second,
+                     fs.cublas);
+        for (int f = 0; f < k_families; ++f)
+            if (fs.shapes[f] == fs.shapes_all && fs.best[f] > 0)
+                std::fprintf(stderr, " | %s %8.1f (%.2fx)", k_family_names[f], fs.best[f], fs.cublas / fs.best[f]);
+        std::fprintf(stderr, "\n");
     }
     json += "\n], \"sweep\": [\n" + sweep_json + "\n]}\n";
     if (out_path.empty()) {

@@ -784,14 +784,18 @@ result<cuda_gptq_linear> cuda_gptq_linear_load(cuda_context& ctx, const gptq_hos
 // (at 128: 282 vs 373 us), even at 192 (396 vs 388 us), dequantize + cuBLAS ahead from 256 on (401
 // vs >= 440 us for the best fused tile and split per shape; 2048: 1.2-1.3 ms vs 2.4 ms).
 // With the Hopper wgmma tiles in the table (cuda::int4_gemm_wgmma_in_table) the fused GEMM keeps m up
-// to k_dequant_min_m_wgmma (a first guess).
+// to k_dequant_min_m_wgmma, with the warp-streamed tiles (cuda::int4_gemm_ws_in_table) up to
+// k_dequant_min_m_ws (first guesses, until a device sweep).
 gptq_prefill_path gptq_prefill_path_for(int64_t m, int64_t n_out, int64_t n_in) {
     (void)n_out, (void)n_in;
     constexpr int64_t k_gemv_max_m          = 16;
     constexpr int64_t k_dequant_min_m_mma   = 192;  // 7B shapes: about equal at 192, dequantize ahead from 256 on
     constexpr int64_t k_dequant_min_m_wgmma = 1024;
+    constexpr int64_t k_dequant_min_m_ws    = 512;
     if (m <= k_gemv_max_m) return gptq_prefill_path::GPTQ_PREFILL_GEMV;
-    const int64_t k_dequant_min_m = cuda::int4_gemm_wgmma_in_table() ? k_dequant_min_m_wgmma : k_dequant_min_m_mma;
+    const int64_t k_dequant_min_m = cuda::int4_gemm_ws_in_table()      ? k_dequant_min_m_ws
+                                    : cuda::int4_gemm_wgmma_in_table() ? k_dequant_min_m_wgmma
+                                                                       : k_dequant_min_m_mma;
     if (m < k_dequant_min_m) return gptq_prefill_path::GPTQ_PREFILL_FUSED;
     return gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS;
 }

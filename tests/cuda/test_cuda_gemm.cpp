@@ -1,5 +1,6 @@
 // The int4 prefill paths (m > 16 tokens) against a plain dequantize-then-matmul reference in double
-// on the CPU: the fused int4 GEMM (every tile of the dispatch table, split-K on and off), the
+// on the CPU: the fused int4 GEMM (every tile of the dispatch table, split-K on and off; the
+// warp-streamed tiles over every m bucket of 17..256), the
 // dequantize kernel (bit for bit) and dequantize + cuBLAS, and op_cuda_gptq_linear's dispatch with
 // act-order. Fresh random layers and activations each run (the seed is printed on failure); m from
 // 17 to 4096, awkward n_out (8 x odd), k lengths with an odd number of k32 steps, group sizes
@@ -8,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <deque>
@@ -202,6 +204,48 @@ TEST(CudaGemm, EveryTileAndSplit) {
     }
 }
 
+// The warp-streamed tiles (cuda::int4_gemm_tile_is_ws) over every m bucket of 17..256, awkward n_out
+// (8 x odd; 8 alone: most warps past the last tile), k of 5 / 13 / 33 k32 steps (fewer than the ring,
+// partial x chunks) and of several x chunks, group sizes -1/32/64/128, act-order, sym/asym, v1/v2,
+// bias, padded and odd output strides; each tile with the table's splits and with a forced split.
+TEST(CudaGemm, WarpStreamedMatchesReference) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t               seed = test::fresh_seed();
+    std::mt19937                 rng(seed);
+    const std::vector<gemm_case> cases = {
+        {72, 160, 32, true, false, {17, 40, 64, 129}},    {8, 4096, 128, false, true, {33, 64, 100}},
+        {264, 416, -1, true, false, {24, 65, 128, 256}},  {1000, 384, 128, true, true, {31, 63, 96, 200}},
+        {136, 1056, 64, true, false, {17, 48, 127, 255}}, {520, 2048, 128, false, true, {32, 64, 128, 160}},
+        {2056, 512, 64, true, true, {20, 80, 256}},       {40, 3072, -1, false, false, {56, 144}},
+        {96, 11008, 32, false, false, {17, 64, 128}},
+    };
+    int i = 0, forced = 0;
+    for (const gemm_case& c : cases) {
+        const auto fmt = (i++ % 2) ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2;
+        gptq_layer L   = test::gptq_layer_random(rng, c.n_out, c.n_in, c.gs, 4, c.act, c.sym, fmt);
+        packed     P(L);
+        const auto w16 = test::gptq_weights_f16(L);
+        for (int64_t m : c.ms) {
+            auto                  x        = test::random_f16(rng, size_t(m * c.n_in));
+            std::vector<uint16_t> bias     = (m % 2) ? test::random_f16(rng, size_t(c.n_out)) : std::vector<uint16_t>{};
+            const int64_t         y_stride = c.n_out + 8 * (m % 3) + (m % 5 == 0);  // padded, sometimes odd
+            const auto            ref      = test::gptq_reference(w16, c.n_out, c.n_in, x, m, bias);
+            for (int ti = 1; ti < cuda::int4_gemm_tile_count; ++ti) {
+                const tile t = static_cast<tile>(ti);
+                if (!cuda::int4_gemm_tile_is_ws(t)) continue;
+                const int splits_forced = std::array<int, 4>{1, 2, 3, 8}[size_t(forced++ % 4)];
+                for (int splits : {0, splits_forced}) {
+                    const auto y    = run_gemm(P, L, x, m, bias, y_stride, {t, splits});
+                    const auto plan = cuda::int4_gemm_plan_for(m, c.n_in, {t, splits});
+                    expect_close(y, y_stride, ref, m, c.n_out,
+                                 test::gptq_layer_describe(L, m, c.act, c.sym, seed) + " tile=" +
+                                     cuda::int4_gemm_tile_name(t) + " splits=" + std::to_string(plan.splits));
+                }
+            }
+        }
+    }
+}
+
 // An output column's value does not depend on n_out (the table never looks at it), so a fused
 // projection gives its parts' bits: rows [264, 528) of a 792-row layer vs those rows as a layer.
 TEST(CudaGemm, ColumnsDoNotDependOnNOut) {
@@ -214,14 +258,20 @@ TEST(CudaGemm, ColumnsDoNotDependOnNOut) {
         gptq_layer R = test::gptq_layer_rows(L, 264, 528);
         packed     PL(L), PR(R);
         for (int64_t m : {17, 40, 64, 100, 256, 300}) {
-            auto       x    = test::random_f16(rng, size_t(m * L.n_in));
-            const auto yl   = run_gemm(PL, L, x, m, {}, L.n_out, {});
-            const auto yr   = run_gemm(PR, R, x, m, {}, R.n_out, {});
-            int64_t    diff = 0;
-            for (int64_t r = 0; r < m; ++r)
-                for (int64_t n = 0; n < R.n_out; ++n)
-                    diff += yl[size_t(r * L.n_out + 264 + n)] != yr[size_t(r * R.n_out + n)];
-            EXPECT_EQ(diff, 0) << "m=" << m << " act=" << act << " seed=" << seed;
+            auto x = test::random_f16(rng, size_t(m * L.n_in));
+            // The table's plan, and each warp-streamed tile with the table's splits for it.
+            for (int ti = 0; ti < cuda::int4_gemm_tile_count; ++ti) {
+                const tile t = static_cast<tile>(ti);
+                if (ti != 0 && !cuda::int4_gemm_tile_is_ws(t)) continue;
+                const auto yl   = run_gemm(PL, L, x, m, {}, L.n_out, {t, 0});
+                const auto yr   = run_gemm(PR, R, x, m, {}, R.n_out, {t, 0});
+                int64_t    diff = 0;
+                for (int64_t r = 0; r < m; ++r)
+                    for (int64_t n = 0; n < R.n_out; ++n)
+                        diff += yl[size_t(r * L.n_out + 264 + n)] != yr[size_t(r * R.n_out + n)];
+                EXPECT_EQ(diff, 0) << "m=" << m << " act=" << act << " tile=" << cuda::int4_gemm_tile_name(t)
+                                   << " seed=" << seed;
+            }
         }
     }
 }
@@ -412,7 +462,12 @@ TEST(CudaGemm, RepackedWordsFollowTheKOrder) {
 
 TEST(CudaGemm, PlanTableAndErrors) {
     // The table: tile by m bucket, splits 1..8 from m and n_in only.
-    if (cuda::int4_gemm_wgmma_in_table()) {  // GPTQ_INT4_WGMMA_TABLE=1 on Hopper with sm_90a code
+    if (cuda::int4_gemm_ws_in_table()) {  // GPTQ_INT4_WS_TABLE=1
+        EXPECT_EQ(cuda::int4_gemm_plan_for(17, 4096).tile, tile::INT4_GEMM_TILE_WS_M32_N256);
+        EXPECT_EQ(cuda::int4_gemm_plan_for(64, 4096).tile, tile::INT4_GEMM_TILE_WS_M64_N256);
+        EXPECT_EQ(cuda::int4_gemm_plan_for(256, 4096).tile, tile::INT4_GEMM_TILE_WS_M128_N256);
+        EXPECT_EQ(gptq_prefill_path_for(256, 4096, 4096), gptq_prefill_path::GPTQ_PREFILL_FUSED);
+    } else if (cuda::int4_gemm_wgmma_in_table()) {  // GPTQ_INT4_WGMMA_TABLE=1 on Hopper with sm_90a code
         EXPECT_EQ(cuda::int4_gemm_plan_for(17, 4096).tile, tile::INT4_GEMM_TILE_WG_M32_N128);
         EXPECT_EQ(cuda::int4_gemm_plan_for(64, 4096).tile, tile::INT4_GEMM_TILE_WG_M64_N256);
         EXPECT_EQ(cuda::int4_gemm_plan_for(4096, 4096).tile, tile::INT4_GEMM_TILE_WG_M128_N256);
@@ -423,11 +478,17 @@ TEST(CudaGemm, PlanTableAndErrors) {
     }
     EXPECT_EQ(cuda::int4_gemm_plan_for(64, 4096, {tile::INT4_GEMM_TILE_M64_N128, 3}).splits, 3);
     for (int64_t m : {17, 64, 65, 256, 257, 2048})
-        for (int64_t k : {256, 4096, 11008, 28672}) {
-            const auto p = cuda::int4_gemm_plan_for(m, k);
-            EXPECT_GE(p.splits, 1);
-            EXPECT_LE(p.splits, 8);
-        }
+        for (int64_t k : {256, 4096, 11008, 28672})
+            for (int ti = 0; ti < cuda::int4_gemm_tile_count; ++ti) {
+                const auto p = cuda::int4_gemm_plan_for(m, k, {static_cast<tile>(ti), 0});
+                EXPECT_GE(p.splits, 1);
+                EXPECT_LE(p.splits, 8);
+            }
+    for (int ti = 1; ti < cuda::int4_gemm_tile_count; ++ti)  // every tile has a name of its own
+        EXPECT_STRNE(cuda::int4_gemm_tile_name(static_cast<tile>(ti)), "?");
+    EXPECT_FALSE(cuda::int4_gemm_tile_is_wgmma(tile::INT4_GEMM_TILE_WS_M64_N256));
+    EXPECT_TRUE(cuda::int4_gemm_tile_is_ws(tile::INT4_GEMM_TILE_WS_M64_N256));
+    EXPECT_FALSE(cuda::int4_gemm_tile_is_ws(tile::INT4_GEMM_TILE_WG_M128_N256_XREG));
     EXPECT_EQ(gptq_prefill_path_for(16, 4096, 4096), gptq_prefill_path::GPTQ_PREFILL_GEMV);
     GPTQ_SKIP_WITHOUT_GPU();
     auto lay = cuda::int4_layout_for(64, 256, 128);

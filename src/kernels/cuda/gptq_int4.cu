@@ -240,35 +240,7 @@ __global__ void __launch_bounds__(k_warps * 32)
 
 // ---- pipelined kernel (v4) -----------------------------------------------------------------------
 
-// 16-byte global -> shared copies (cp.async, sm_80+). Weights: L2-only (.cg) with an evict-first
-// policy (read once); activations and scales: L1-cached (.ca), read by every tile.
-__device__ inline uint64_t evict_first_policy() {
-    uint64_t p = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
-#endif
-    return p;
-}
-__device__ inline void cp_async_stream16(void* dst, const void* src, uint64_t policy) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-                 "l"(policy)
-                 : "memory");
-#endif
-}
-__device__ inline void cp_async_cached16(void* dst, const void* src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
-#endif
-}
-
-// The bytes [src, src + bytes) into L2 (a hint: no data comes back, nothing waits for it). sm_90's
-// bulk prefetch; 16-byte aligned, bytes a multiple of 16.
-__device__ inline void prefetch_l2_bulk(const void* src, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
-#endif
-}
+// cp.async copies and the L2 prefetch: ptx.cuh.
 
 // Every pipelined variant sums a column in the same order, so that its bits do not depend on the
 // variant (and so not on n_out through the table: a fused q/k/v or gate/up projection gives the

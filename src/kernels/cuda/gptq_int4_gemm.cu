@@ -230,7 +230,8 @@ struct gemm_args {
     float*        partial;   // split-K: [splits][n_pad][m_pad] F32
     unsigned*     counters;  // split-K: [n_blocks * m_blocks]
     int64_t       m, n_out, n_tiles, k_steps, n_groups, spg, x_stride, y_stride, n_pad, m_pad;
-    bool          y_vec;  // 16-byte output stores allowed
+    bool          y_vec;         // 16-byte output stores allowed
+    bool          prefetch = 0;  // warp-streamed kernel: L2 prefetch of the weights ahead (sm_90)
 };
 
 // BM: tokens per block; NT: 32-row layout tiles per block; WM x WN warps (WN along the outputs);
@@ -701,6 +702,197 @@ __global__ void int4_gemm_wgmma_probe(int* has) {
     *has = GPTQ_HAS_WGMMA;
 }
 
+// ---- the warp-streamed kernel (issue 18, session 11) -----------------------------------------------
+
+// Per block: BM = 8 NB tokens x BN = 32 W TN outputs; warp w owns layout tiles W-block-first + w TN ..
+// + TN - 1 for the whole k range of the block's split. Each warp streams its tiles' weight words and
+// scale/zero words through its own cp.async ring of D slots in shared memory, D - 1 k32 steps ahead of
+// the step it computes, as the decode GEMV does (evict-first weights, the (scale, zero) words copied
+// by the lanes tig == 0 at a group's first step): no block barrier for the weights. The activations
+// are the block's: x is staged in chunks of CS k32 steps (BM rows of 64 CS bytes; a row pitch of an
+// odd multiple of 64 bytes, so that a quarter warp's 16-byte fragment loads of two rows hit every
+// bank once), double-buffered, the next chunk copied while this one is read; the only block barrier
+// is one per chunk (the hand-over of the buffers). Each chunk's copies ride in the commit group of
+// the ring's refill at the previous chunk's first step, so the ring's own wait_group covers them (CS
+// >= D - 1). Per k32 step a warp dequantizes its TN words (dequant_scaled: the GEMM's numerics, one
+// F16 rounding of scale (q - zero)) and issues TN x 2 x 2 x NB mma.m16n8k16 (8-token columns past m
+// skipped); F32 accumulators; the shared epilogue (split-K sum in split order, bias, F16). With
+// `prefetch` (sm_90: cp.async.bulk.prefetch.L2; a no-op below) each warp requests its weights of the
+// chunk after next into L2 at a chunk's start, so DRAM streams ahead of the ring.
+template <int W, int TN, int NB, int CS, int D>
+struct ws_config {
+    static constexpr int threads = W * 32, bm = NB * 8, bn = W * TN * 32;
+    static constexpr int slot       = TN * 40;  // uint4 per ring slot: TN x 32 weight words, TN x 8 scale words
+    static constexpr int ring_bytes = W * D * slot * 16;
+    static constexpr int pitch      = CS * 64 + 64;       // bytes per staged x row (an odd multiple of 64)
+    static constexpr int x_bytes    = bm * pitch;         // one chunk buffer
+    static constexpr int out_bytes  = bm * (bn + 8) * 2;  // gemm_epilogue's staging
+    static constexpr int smem_bytes = ring_bytes + 2 * x_bytes > out_bytes ? ring_bytes + 2 * x_bytes : out_bytes;
+    static constexpr int xpt        = bm * CS * 4 / threads;  // x 16-byte pieces per thread and chunk
+    static_assert(D >= 2 && CS >= D - 1, "a chunk's x must be complete by the ring's wait at its first step");
+    static_assert((bm * CS * 4) % threads == 0, "x loader split");
+    static_assert(ring_bytes % 128 == 0, "x buffers 128-byte aligned");
+};
+
+template <int W, int TN, int NB, int CS, int D>
+__global__ void __launch_bounds__(W * 32) int4_gemm_ws_kernel(const gemm_args p) {
+    using C                   = ws_config<W, TN, NB, CS, D>;
+    constexpr int     BM      = C::bm;
+    constexpr int     SLOT    = C::slot;
+    constexpr int     THREADS = C::threads;
+    extern __shared__ __align__(128) unsigned char smem[];
+
+    const int     tid = int(threadIdx.x), lane = tid & 31, warp = tid >> 5, gid = lane >> 2, tig = lane & 3;
+    const int64_t tok0  = int64_t(blockIdx.x) * BM;
+    const int64_t t0    = int64_t(blockIdx.y) * (W * TN);  // the block's first layout tile
+    const int     split = int(blockIdx.z), n_split = int(gridDim.z);
+    const int64_t s_begin = p.k_steps * split / n_split, s_end = p.k_steps * (split + 1) / n_split;
+    const int     n       = int(s_end - s_begin);  // k32 steps of this split
+    const int     m_valid = int(p.m - tok0 < BM ? p.m - tok0 : BM);
+    const int     nbv     = (m_valid + 7) / 8;  // 8-token columns holding a token (block-uniform)
+    const int     spg     = int(p.spg);
+
+    uint4*         ring   = reinterpret_cast<uint4*>(smem) + warp * (D * SLOT);
+    unsigned char* xs     = smem + C::ring_bytes;
+    const uint32_t xs_u32 = smem_u32(xs);
+
+    // The warp's tiles at step s_begin (past n_tiles: the last tile again; its outputs are not written).
+    const uint4* wsrc[TN];
+    const uint4* ssrc[TN];
+#pragma unroll
+    for (int tt = 0; tt < TN; ++tt) {
+        const int64_t t    = t0 + warp * TN + tt;
+        const int64_t tile = t < p.n_tiles ? t : p.n_tiles - 1;
+        wsrc[tt]           = p.w + (tile * p.k_steps + s_begin) * 32 + lane;
+        ssrc[tt]           = p.sz + tile * p.n_groups * 8 + gid;
+    }
+    // Lane tt < TN prefetches tile tt's weights (512 contiguous bytes per step).
+    const uint4* pf = wsrc[0] - lane;
+#pragma unroll
+    for (int tt = 1; tt < TN; ++tt)
+        if (lane == tt) pf = wsrc[tt] - lane;
+    const uint64_t policy = evict_first_policy();
+
+    // x chunk c of the split: rows < 8 nbv (rows past m zero-filled), steps [c CS, min(c CS + CS, n))
+    // into buffer c % 2. Piece e: row e / (4 CS), 16-byte piece e % (4 CS) of the row's 64 CS bytes.
+    auto load_x = [&](int c) {
+        const int      st0 = c * CS, pieces = 4 * (n - st0 < CS ? n - st0 : CS);
+        const uint32_t base = xs_u32 + uint32_t((c & 1) * C::x_bytes);
+#pragma unroll
+        for (int i = 0; i < C::xpt; ++i) {
+            const int e = tid + i * THREADS, r = e / (4 * CS), pc = e % (4 * CS);
+            if (r < 8 * nbv && pc < pieces) {
+                const int64_t tok = tok0 + r;
+                const bool    ok  = tok < p.m;
+                cp_async16(base + uint32_t(r * C::pitch + pc * 16),
+                           ok ? p.x + tok * p.x_stride + (s_begin + st0) * 32 + pc * 8 : p.x, ok ? 16 : 0);
+            }
+        }
+    };
+    auto prefetch_chunk = [&](int c) {
+        const int st0 = c * CS;
+        if (!p.prefetch || lane >= TN || st0 >= n) return;
+        prefetch_l2_bulk(pf + int64_t(st0) * 32, uint32_t(n - st0 < CS ? n - st0 : CS) * 512u);
+    };
+    // Ring refill: local step j (called for j = 0, 1, 2, ... in order) into `slot`.
+    int  ig = int(s_begin / spg), iin = int(s_begin % spg);
+    auto issue = [&](int j, int slot) {
+        uint4* sl = ring + slot * SLOT;
+#pragma unroll
+        for (int tt = 0; tt < TN; ++tt) cp_async_stream16(sl + tt * 32 + lane, wsrc[tt] + int64_t(j) * 32, policy);
+        if ((iin == 0 || j == 0) && tig == 0)
+#pragma unroll
+            for (int tt = 0; tt < TN; ++tt) cp_async_cached16(sl + TN * 32 + tt * 8 + gid, ssrc[tt] + int64_t(ig) * 8);
+        if (++iin == spg) iin = 0, ++ig;
+    };
+
+    float acc[TN][2][NB][4];
+#pragma unroll
+    for (int tt = 0; tt < TN; ++tt)
+#pragma unroll
+        for (int t = 0; t < 2; ++t)
+#pragma unroll
+            for (int b = 0; b < NB; ++b)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[tt][t][b][c] = 0.0f;
+    uint4 szr[TN];  // the current group's (scale, zero) words of the lane's rows
+#pragma unroll
+    for (int tt = 0; tt < TN; ++tt) szr[tt] = make_uint4(0u, 0u, 0u, 0u);
+
+    if (n > 0) {
+        prefetch_chunk(0);
+        prefetch_chunk(1);
+        load_x(0);  // in commit group 0, with step 0's weights
+    }
+#pragma unroll
+    for (int j = 0; j < D - 1; ++j) {
+        if (j < n) issue(j, j);
+        cp_async_commit();
+    }
+    int cslot = 0, islot = D - 1, cin = int(s_begin % spg), jl = 0, buf = 0;
+    for (int j = 0; j < n; ++j) {
+        if (jl == 0) {  // chunk c = j / CS starts
+            // Groups up to step j's done: chunk c's x (in the group of step (c - 1) CS + D - 1 <= j).
+            cp_async_wait<D - 2>();
+            __syncthreads();  // chunk c visible to all; every warp is done with chunk c - 1's buffer
+            const int c = j / CS;
+            if ((c + 1) * CS < n) load_x(c + 1);  // in the commit group below
+            prefetch_chunk(c + 2);
+        }
+        if (j + D - 1 < n) issue(j + D - 1, islot);
+        cp_async_commit();
+        cp_async_wait<D - 1>();  // step j's slot is here (this lane's copies)
+        if (++islot == D) islot = 0;
+        const uint4* sl = ring + cslot * SLOT;
+        if (cin == 0 || j == 0) {  // a group starts: the words the lanes tig == 0 copied
+            __syncwarp();
+#pragma unroll
+            for (int tt = 0; tt < TN; ++tt) szr[tt] = sl[TN * 32 + tt * 8 + gid];
+            __syncwarp();  // read by every lane before a lane refills the slot
+        }
+        if (++cin == spg) cin = 0;
+        uint32_t a[TN][4][4];
+#pragma unroll
+        for (int tt = 0; tt < TN; ++tt) dequant_scaled(sl[tt * 32 + lane], szr[tt], a[tt]);
+        // B fragments: token 8 bb + gid, k = 8 tig .. 8 tig + 7 of the step (the layout's grouped order).
+        const unsigned char* xp = xs + buf * C::x_bytes + gid * C::pitch + jl * 64 + tig * 16;
+#pragma unroll
+        for (int bb = 0; bb < NB; ++bb) {
+            if (bb < nbv) {
+                const uint4    v    = *reinterpret_cast<const uint4*>(xp + bb * 8 * C::pitch);
+                const uint32_t b[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int ks = 0; ks < 2; ++ks)
+#pragma unroll
+                    for (int tt = 0; tt < TN; ++tt)
+#pragma unroll
+                        for (int t = 0; t < 2; ++t)
+                            mma_16816(acc[tt][t][bb], a[tt][2 * t][2 * ks], a[tt][2 * t + 1][2 * ks],
+                                      a[tt][2 * t][2 * ks + 1], a[tt][2 * t + 1][2 * ks + 1], b[2 * ks], b[2 * ks + 1]);
+            }
+        }
+        if (++cslot == D) cslot = 0;
+        if (++jl == CS) jl = 0, buf ^= 1;
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the rings and x buffers are reused below
+
+    // Accumulator element (tt, t, bb, c): output row (w TN + tt) 32 + 16 t + gid + 8 (c / 2) of the
+    // block, token 8 bb + 2 tig + c % 2.
+    gemm_epilogue<BM, C::bn, THREADS>(p, smem, tok0, t0 * 32, split, n_split, [&](auto&& f) {
+#pragma unroll
+        for (int tt = 0; tt < TN; ++tt)
+#pragma unroll
+            for (int t = 0; t < 2; ++t)
+#pragma unroll
+                for (int bb = 0; bb < NB; ++bb)
+#pragma unroll
+                    for (int h = 0; h < 2; ++h)
+                        f((warp * TN + tt) * 32 + 16 * t + gid + 8 * h, 8 * bb + 2 * tig, acc[tt][t][bb][2 * h],
+                          acc[tt][t][bb][2 * h + 1]);
+    });
+}
+
 // ---- the dequantize kernel ------------------------------------------------------------------------
 
 constexpr int k_dq_steps = 4;  // k32 steps per warp item: rows of 128 k = 256 bytes written per row
@@ -772,7 +964,15 @@ tile_shape shape_of(int4_gemm_tile t) {
         case int4_gemm_tile::INT4_GEMM_TILE_M128_N256:
         case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N256:
         case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N256_XREG:
+        case int4_gemm_tile::INT4_GEMM_TILE_WS_M128_N256:
             return {128, 256};
+        case int4_gemm_tile::INT4_GEMM_TILE_WS_M32_N256:
+            return {32, 256};
+        case int4_gemm_tile::INT4_GEMM_TILE_WS_M64_N256:
+            return {64, 256};
+        case int4_gemm_tile::INT4_GEMM_TILE_WS_M64_N512:
+        case int4_gemm_tile::INT4_GEMM_TILE_WS_M64_N512_T2:
+            return {64, 512};
         default:
             return {0, 0};
     }
@@ -797,7 +997,32 @@ bool wgmma_in_table() {
     return on && int4_gemm_has_wgmma();
 }
 
+// With GPTQ_INT4_WS_TABLE=1 (before the wgmma switch): the warp-streamed tiles by m bucket, 32 / 64 /
+// 128 tokens (a first guess until a device sweep, docs/perf-notes.md session 11).
+bool ws_in_table() {
+    static const bool on = [] {
+        const char* e = std::getenv("GPTQ_INT4_WS_TABLE");
+        return e && std::strcmp(e, "1") == 0;
+    }();
+    return on;
+}
+
+// The warp-streamed kernel's L2 prefetch of the weights ahead (sm_90; GPTQ_INT4_WS_PREFETCH=0: off, to
+// measure it).
+bool ws_prefetch() {
+    static const bool on = [] {
+        const char* e = std::getenv("GPTQ_INT4_WS_PREFETCH");
+        return !(e && std::strcmp(e, "0") == 0);
+    }();
+    return on;
+}
+
 int4_gemm_tile table_tile(int64_t m) {
+    if (ws_in_table()) {
+        if (m <= 32) return int4_gemm_tile::INT4_GEMM_TILE_WS_M32_N256;
+        if (m <= 64) return int4_gemm_tile::INT4_GEMM_TILE_WS_M64_N256;
+        return int4_gemm_tile::INT4_GEMM_TILE_WS_M128_N256;
+    }
     if (wgmma_in_table()) {
         if (m <= 32) return int4_gemm_tile::INT4_GEMM_TILE_WG_M32_N128;
         if (m <= 64) return int4_gemm_tile::INT4_GEMM_TILE_WG_M64_N256;
@@ -830,21 +1055,43 @@ int64_t workspace_for(const int4_layout& L, int64_t m, int4_gemm_plan plan) {
     return counters + int64_t(plan.splits) * (n_blocks * sh.bn) * (m_blocks * sh.bm) * 4;
 }
 
-template <int BM, int NT, int WM, int WN, int KS = 2, int STAGES = k_stages>
-status launch(const gemm_args& a, int splits, cudaStream_t stream) {
-    using C   = tile_config<BM, NT, WM, WN, KS, STAGES>;
-    auto kern = int4_gemm_kernel<BM, NT, WM, WN, KS, STAGES>;
-    // Opt in to more than 48 KB of dynamic shared memory once per device (a host-side attribute;
-    // done before any graph capture because the first prefill runs uncaptured).
-    static std::atomic<uint64_t> configured{0};
-    int                          dev = 0;
+// Opt `kern` in to more than 48 KB of dynamic shared memory once per device (a host-side attribute;
+// done before any graph capture because the first prefill runs uncaptured). `configured`: one per kernel.
+template <class Kernel>
+status opt_in_smem(Kernel kern, int bytes, std::atomic<uint64_t>& configured) {
+    int dev = 0;
     GPTQ_CUDA_CHECK(cudaGetDevice(&dev));
     const uint64_t bit = dev < 64 ? (uint64_t(1) << dev) : 0;
     if (!bit || !(configured.load() & bit)) {
-        GPTQ_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, C::smem_bytes));
+        GPTQ_CUDA_CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
         configured.fetch_or(bit);
     }
+    return status::ok();
+}
+
+template <int BM, int NT, int WM, int WN, int KS = 2, int STAGES = k_stages>
+status launch(const gemm_args& a, int splits, cudaStream_t stream) {
+    using C                           = tile_config<BM, NT, WM, WN, KS, STAGES>;
+    auto                         kern = int4_gemm_kernel<BM, NT, WM, WN, KS, STAGES>;
+    static std::atomic<uint64_t> configured{0};
+    GPTQ_TRY(opt_in_smem(kern, C::smem_bytes, configured));
     const int64_t m_blocks = (a.m + BM - 1) / BM, n_blocks = (a.n_tiles + NT - 1) / NT;
+    if (m_blocks > 0x7fffffff || n_blocks > 65535)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemm_f16: m {} / n_out {} too large", a.m,
+                          a.n_out);
+    const dim3 grid{unsigned(m_blocks), unsigned(n_blocks), unsigned(splits)};
+    kern<<<grid, C::threads, C::smem_bytes, stream>>>(a);
+    GPTQ_CUDA_CHECK_LAUNCH();
+    return status::ok();
+}
+
+template <int W, int TN, int NB, int CS, int D>
+status launch_ws(const gemm_args& a, int splits, cudaStream_t stream) {
+    using C                           = ws_config<W, TN, NB, CS, D>;
+    auto                         kern = int4_gemm_ws_kernel<W, TN, NB, CS, D>;
+    static std::atomic<uint64_t> configured{0};
+    GPTQ_TRY(opt_in_smem(kern, C::smem_bytes, configured));
+    const int64_t m_blocks = (a.m + C::bm - 1) / C::bm, n_blocks = (a.n_tiles + W * TN - 1) / (W * TN);
     if (m_blocks > 0x7fffffff || n_blocks > 65535)
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemm_f16: m {} / n_out {} too large", a.m,
                           a.n_out);
@@ -933,8 +1180,17 @@ bool int4_gemm_wgmma_in_table() {
     return wgmma_in_table();
 }
 
+bool int4_gemm_ws_in_table() {
+    return ws_in_table();
+}
+
 bool int4_gemm_tile_is_wgmma(int4_gemm_tile t) {
-    return int(t) >= int(int4_gemm_tile::INT4_GEMM_TILE_WG_M32_N128);
+    return int(t) >= int(int4_gemm_tile::INT4_GEMM_TILE_WG_M32_N128) &&
+           int(t) <= int(int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N256_XREG);
+}
+
+bool int4_gemm_tile_is_ws(int4_gemm_tile t) {
+    return int(t) >= int(int4_gemm_tile::INT4_GEMM_TILE_WS_M32_N256) && int(t) < int4_gemm_tile_count;
 }
 
 const char* int4_gemm_tile_name(int4_gemm_tile t) {
@@ -953,6 +1209,16 @@ const char* int4_gemm_tile_name(int4_gemm_tile t) {
             return "wg_m64_n256_xreg";
         case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N256_XREG:
             return "wg_m128_n256_xreg";
+        case int4_gemm_tile::INT4_GEMM_TILE_WS_M32_N256:
+            return "ws_m32_n256";
+        case int4_gemm_tile::INT4_GEMM_TILE_WS_M64_N256:
+            return "ws_m64_n256";
+        case int4_gemm_tile::INT4_GEMM_TILE_WS_M64_N512:
+            return "ws_m64_n512";
+        case int4_gemm_tile::INT4_GEMM_TILE_WS_M64_N512_T2:
+            return "ws_m64_n512_t2";
+        case int4_gemm_tile::INT4_GEMM_TILE_WS_M128_N256:
+            return "ws_m128_n256";
         case int4_gemm_tile::INT4_GEMM_TILE_AUTO:
             return "auto";
         case int4_gemm_tile::INT4_GEMM_TILE_M32_N128:
@@ -1010,7 +1276,8 @@ status int4_gemm_f16(const int4_layout& L, const void* weights, const void* sz, 
     a.m = m, a.n_out = L.n_out, a.n_tiles = L.n_tiles, a.k_steps = L.k_steps, a.n_groups = L.n_groups;
     a.spg = L.group_size / 32, a.x_stride = x_stride, a.y_stride = y_stride;
     a.n_pad = (L.n_out + sh.bn - 1) / sh.bn * sh.bn, a.m_pad = (m + sh.bm - 1) / sh.bm * sh.bm;
-    a.y_vec = y_stride % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0;
+    a.y_vec    = y_stride % 8 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0;
+    a.prefetch = ws_prefetch();
     if (plan.splits > 1) {
         const int64_t m_blocks = a.m_pad / sh.bm, n_blocks = a.n_pad / sh.bn;
         a.counters = static_cast<unsigned*>(workspace);
@@ -1040,6 +1307,17 @@ status int4_gemm_f16(const int4_layout& L, const void* weights, const void* sz, 
             return launch_wg<64, 1, 2, true>(a, plan.splits, stream);
         case int4_gemm_tile::INT4_GEMM_TILE_WG_M128_N256_XREG:
             return launch_wg<128, 1, 2, true>(a, plan.splits, stream);
+        // Warp-streamed: <warps, tiles per warp, 8-token columns, k32 steps per x chunk, ring slots>.
+        case int4_gemm_tile::INT4_GEMM_TILE_WS_M32_N256:
+            return launch_ws<8, 1, 4, 16, 4>(a, plan.splits, stream);
+        case int4_gemm_tile::INT4_GEMM_TILE_WS_M64_N256:
+            return launch_ws<8, 1, 8, 8, 4>(a, plan.splits, stream);
+        case int4_gemm_tile::INT4_GEMM_TILE_WS_M64_N512:
+            return launch_ws<16, 1, 8, 8, 4>(a, plan.splits, stream);
+        case int4_gemm_tile::INT4_GEMM_TILE_WS_M64_N512_T2:
+            return launch_ws<8, 2, 8, 8, 4>(a, plan.splits, stream);
+        case int4_gemm_tile::INT4_GEMM_TILE_WS_M128_N256:
+            return launch_ws<8, 1, 16, 8, 5>(a, plan.splits, stream);
         default:
             break;
     }

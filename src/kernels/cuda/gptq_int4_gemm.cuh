@@ -13,7 +13,10 @@
 // (weights, their scale/zero words, the activation tile with an XOR swizzle read by ldmatrix);
 // dequantization in registers with the group's scales applied per k32 step; F32 accumulators;
 // optional split of k over blocks (partials in a workspace, the last block of a tile sums them in
-// split order). sm_80+ (no Hopper-only instruction).
+// split order). sm_80+ (no Hopper-only instruction). The warp-streamed tiles (int4_gemm_tile WS_*)
+// run another kernel with the same numerics and epilogue: each warp streams its own weight tiles
+// through a private cp.async ring (no block barrier for them), x is staged per block in large k
+// chunks (one barrier per chunk).
 #pragma once
 
 #include <cstdint>
@@ -41,11 +44,20 @@ enum class int4_gemm_tile : int {
     // The same with x copied in the natural k order and the A registers transposed across each quad.
     INT4_GEMM_TILE_WG_M64_N256_XREG,
     INT4_GEMM_TILE_WG_M128_N256_XREG,
+    // Warp-streamed tiles (sm_80+, docs/cuda.md "Warp-streamed prefill GEMM"): W warps, each with TN
+    // layout tiles of its own streamed through a per-warp cp.async ring; x staged per block in chunks.
+    INT4_GEMM_TILE_WS_M32_N256,     // 8 warps x 1 tile, 32 tokens, x chunks of 512 k
+    INT4_GEMM_TILE_WS_M64_N256,     // 8 warps x 1 tile, 64 tokens, x chunks of 256 k
+    INT4_GEMM_TILE_WS_M64_N512,     // 16 warps x 1 tile, 64 tokens, x chunks of 256 k
+    INT4_GEMM_TILE_WS_M64_N512_T2,  // 8 warps x 2 tiles, 64 tokens, x chunks of 256 k
+    INT4_GEMM_TILE_WS_M128_N256,    // 8 warps x 1 tile, 128 tokens, x chunks of 256 k
 };
-constexpr int int4_gemm_tile_count = 12;  // AUTO + the tiles above (for sweeps)
+constexpr int int4_gemm_tile_count = 17;  // AUTO + the tiles above (for sweeps)
 const char*   int4_gemm_tile_name(int4_gemm_tile t);
 // True for the wgmma tiles.
 bool int4_gemm_tile_is_wgmma(int4_gemm_tile t);
+// True for the warp-streamed tiles.
+bool int4_gemm_tile_is_ws(int4_gemm_tile t);
 
 // Whether the wgmma tiles can run on the current device: a compute capability 9.0 GPU and this
 // build has sm_90a code (checked once per device by a probe kernel; GPTQ_INT4_WGMMA=0 turns them off).
@@ -54,6 +66,8 @@ bool int4_gemm_tile_is_wgmma(int4_gemm_tile t);
 bool int4_gemm_has_wgmma();
 // Whether the dispatch table takes the wgmma tiles (GPTQ_INT4_WGMMA_TABLE=1 on a device that has them).
 bool int4_gemm_wgmma_in_table();
+// Whether the dispatch table takes the warp-streamed tiles (GPTQ_INT4_WS_TABLE=1; before the wgmma ones).
+bool int4_gemm_ws_in_table();
 
 struct int4_gemm_plan {
     int4_gemm_tile tile   = int4_gemm_tile::INT4_GEMM_TILE_AUTO;

@@ -1,5 +1,6 @@
 // Small device helpers shared by the int4 kernels (gptq_int4.cu, gptq_int4_gemm.cu, moe.cu): half2 <->
-// bit casts, the shared-memory address of a pointer, the cp.async group fences, an int4 word's
+// bit casts, the shared-memory address of a pointer, the cp.async copies and group fences, the L2 bulk
+// prefetch, an int4 word's
 // dequantisation into mma fragments and the mma (sm_80+; nothing below sm_80, where these kernels
 // are not launched). PDL's griddepcontrol is in launch.cuh.
 #pragma once
@@ -28,6 +29,36 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// 16-byte global -> shared copies (cp.async, sm_80+). Weights: L2-only (.cg) with an evict-first
+// policy (read once); activations and scales: L1-cached (.ca), read by every tile.
+__device__ __forceinline__ uint64_t evict_first_policy() {
+    uint64_t p = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(p));
+#endif
+    return p;
+}
+__device__ __forceinline__ void cp_async_stream16(void* dst, const void* src, uint64_t policy) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                 "l"(policy)
+                 : "memory");
+#endif
+}
+__device__ __forceinline__ void cp_async_cached16(void* dst, const void* src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+#endif
+}
+
+// The bytes [src, src + bytes) into L2 (a hint: no data comes back, nothing waits for it). sm_90's
+// bulk prefetch; 16-byte aligned, bytes a multiple of 16.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* src, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes) : "memory");
 #endif
 }
 

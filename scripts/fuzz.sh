@@ -57,21 +57,16 @@ seed_real() {
 
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1:allocator_may_return_null=1}"
 export UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}"
-failed=0
-for t in "${targets[@]}"; do
-    exe=$B/bin/fuzz_$t
-    [ -x "$exe" ] || { echo "fuzz.sh: no target '$t' (${targets_all[*]})" >&2; exit 2; }
-    corpus=$B/corpus/$t
-    art=$B/artifacts/$t
+# One target: its line, and status 1 when it failed (a crash, a leak, a timeout).
+fuzz_one() {
+    local t=$1 exe=$B/bin/fuzz_$1 corpus=$B/corpus/$1 art=$B/artifacts/$1 regress=tests/data/fuzz-regressions/$1
+    local log=$B/fuzz-$1.log seeds rc execs crashes line extra=()
     mkdir -p "$corpus" "$art" tests/data/fuzz-regressions
     seeds=$(seed_real "$t")
-    regress=tests/data/fuzz-regressions/$t
-    extra=()
     [ -d "$regress" ] && extra+=("$regress")
-    log=$B/fuzz-$t.log
     set +e
     "$exe" -max_total_time="$seconds" -timeout=20 -rss_limit_mb=3072 -malloc_limit_mb=1024 -print_final_stats=1 \
-        -artifact_prefix="$art/" "$@" "$corpus" "fuzz/corpus/$t" "$seeds" "${extra[@]}" > "$log" 2>&1
+        -artifact_prefix="$art/" "${flags[@]}" "$corpus" "fuzz/corpus/$t" "$seeds" "${extra[@]}" > "$log" 2>&1
     rc=$?
     set -e
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
@@ -80,9 +75,30 @@ for t in "${targets[@]}"; do
     echo "$line"
     echo "$line" >> $B/fuzz-summary.txt
     if [ $rc -ne 0 ]; then
-        failed=1
         grep -E 'ERROR|SUMMARY|runtime error|GPTQ_ASSERT|assert' "$log" | head -5 >&2 || true
         echo "fuzz.sh: $t failed; log: $log" >&2
+        return 1
     fi
+}
+
+# JOBS targets at a time (each libFuzzer process is single-threaded): on CI's 2 cores the same
+# fuzzing time per target in half the wall time.
+flags=("$@")
+for t in "${targets[@]}"; do
+    [ -x "$B/bin/fuzz_$t" ] || { echo "fuzz.sh: no target '$t' (${targets_all[*]})" >&2; exit 2; }
+done
+failed=0
+running=0
+for t in "${targets[@]}"; do
+    if [ "$running" -ge "${JOBS:-2}" ]; then
+        wait -n || failed=1
+        running=$((running - 1))
+    fi
+    fuzz_one "$t" &
+    running=$((running + 1))
+done
+while [ "$running" -gt 0 ]; do
+    wait -n || failed=1
+    running=$((running - 1))
 done
 exit $failed

@@ -911,7 +911,7 @@ status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const u
         const int64_t chunk     = deq ? dequant_chunk_rows(w) : 0;
         const bool    in_slot   = deq && chunk == 0 && !stream_capturing(ctx);
         const size_t  w16_bytes = deq && !in_slot ? size_t((chunk ? chunk : w.n_out) * w.n_in) * 2 : 0;
-        char*        scratch   = nullptr;
+        char*         scratch   = nullptr;
         if (x_bytes + w16_bytes > 0) {
             auto sp = ctx.scratch(x_bytes + w16_bytes);
             if (!sp) return sp.error();

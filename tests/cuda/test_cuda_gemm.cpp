@@ -441,6 +441,7 @@ TEST(CudaGemm, OpF32OutPaths) {
                 lin->prefill            = p.path;
                 lin->dequant_chunk_rows = p.chunk;
                 ASSERT_EQ(cudaMemset(dy.get(), 0xFF, size_t(m * L.n_out) * 4), cudaSuccess);
+                ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // before the context's non-blocking stream
                 GPTQ_EXPECT_OK(op_cuda_gptq_linear_f32_out(**ctx, *lin, dx.get(), dy.get(), m));
                 GPTQ_EXPECT_OK((*ctx)->synchronize());
                 const auto        got  = dy.download();

@@ -139,10 +139,10 @@ private:
 std::string model_session_cuda::describe() const {
     const auto& m = *gpu_;
     std::string s = fmt::format(
-        "{}: weights {:.1f} MiB (GPTQ linears: {} int4 kernel, {} generic), KV cache {:.1f} MiB ({} pages of {} "
+        "{}: weights {:.1f} MiB (GPTQ linears: {} int4 kernel{}, {} generic), KV cache {:.1f} MiB ({} pages of {} "
         "positions)",
-        device_name(dev_), m.weight_bytes() / 1048576.0, m.n_gptq_fast(), m.n_gptq_generic(),
-        m.cache_bytes() / 1048576.0, m.kv_pages_total(), m.page_size());
+        device_name(dev_), m.weight_bytes() / 1048576.0, m.n_gptq_fast(), m.lm_head_int4() ? " incl. lm_head" : "",
+        m.n_gptq_generic(), m.cache_bytes() / 1048576.0, m.kv_pages_total(), m.page_size());
     if (m.n_offloaded() > 0)
         s += fmt::format(", {} modules offloaded: {:.1f} MiB in pinned host memory, staging {:.1f} MiB",
                          m.n_offloaded(), m.offload_bytes() / 1048576.0, m.staging_bytes() / 1048576.0);

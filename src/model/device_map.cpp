@@ -97,6 +97,12 @@ uint64_t elems(const tensor_spec& t) {
     return n;
 }
 
+// Whether the fast int4 layout's conditions hold (gptq_int4.cuh int4_layout_for, 4 bits).
+bool int4_layout_fits(uint64_t n_out, uint64_t n_in, const gptq_config& q) {
+    const uint64_t gs = q.group_size > 0 ? static_cast<uint64_t>(q.group_size) : n_in;
+    return q.bits == 4 && n_in % 32 == 0 && gs % 32 == 0 && n_in % gs == 0 && n_out % 8 == 0;
+}
+
 // The larger of the two forms a GPTQ linear takes on the GPU (docs/multi-gpu.md):
 // - checkpoint tensors (the generic kernel): qweight [ceil(n_in*bits/32), n_out] I32, qzeros
 //   [n_groups, ceil(n_out*bits/32)] I32, scales [n_groups, n_out] F16, g_idx [n_in] I32 (docs/io.md);
@@ -107,9 +113,7 @@ uint64_t gptq_linear_bytes(uint64_t n_out, uint64_t n_in, const gptq_config& q) 
     const uint64_t n_groups = q.group_size > 0 ? ceil_div(n_in, static_cast<uint64_t>(q.group_size)) : 1;
     const uint64_t ckpt     = ceil_div(n_in * bits, 32) * n_out * 4 + n_groups * ceil_div(n_out * bits, 32) * 4 +
                           n_groups * n_out * 2 + n_in * 4;
-    const uint64_t gs   = q.group_size > 0 ? static_cast<uint64_t>(q.group_size) : n_in;
-    const bool     fast = bits == 4 && n_in % 32 == 0 && gs % 32 == 0 && n_in % gs == 0 && n_out % 8 == 0;
-    if (!fast) return ckpt;
+    if (!int4_layout_fits(n_out, n_in, q)) return ckpt;
     const uint64_t n_out_pad = ceil_div(n_out, 32) * 32;
     const uint64_t fast_b    = n_out_pad * n_in / 2 + n_out_pad * n_groups * 4 + (q.desc_act ? n_in * 4 : 0);
     return std::max(ckpt, fast_b);
@@ -312,7 +316,7 @@ std::string max_memory_format(const max_memory& m) {
 device_map_costs device_map_costs_llama(const llama_hparams& hp, const gptq_config* gptq, const device_map_options& o) {
     device_map_costs c;
     c.options            = o;
-    c.tie_embeddings     = hp.tie_embeddings && !(gptq && gptq->lm_head);  // a GPTQ lm_head is its own F16 copy
+    c.tie_embeddings     = hp.tie_embeddings && !(gptq && gptq->lm_head);  // a GPTQ lm_head is its own copy
     const uint64_t n_tok = static_cast<uint64_t>(std::max<int64_t>(o.batch, 1) * std::max<int64_t>(o.n_ctx, 1));
     const uint64_t E = uint64_t(hp.n_embd), Q = uint64_t(hp.q_dim()), KV = uint64_t(hp.kv_dim()), F = uint64_t(hp.n_ff),
                    V = uint64_t(hp.n_vocab), HD = uint64_t(hp.head_dim);
@@ -322,9 +326,13 @@ device_map_costs device_map_costs_llama(const llama_hparams& hp, const gptq_conf
         std::string module = t.name.substr(0, t.name.rfind('.'));  // "model.embed_tokens", "model.norm", "lm_head"
         uint64_t    w      = dense(t);
         uint64_t    cache  = 0;
-        if (module == "lm_head")
-            cache = n_tok * V * 4;  // F32 logits of every position (ppl); a GPTQ
-                                    // lm_head is dequantized to F16 at load (llama_cuda.cpp)
+        if (module == "lm_head") {
+            cache = n_tok * V * 4;  // F32 logits of every position (ppl)
+            // A GPTQ lm_head stays on the int4 layout when it fits it (4 bits; llama_cuda.cpp
+            // lm_head_upload_quantized), else it is dequantized to F16 at load.
+            const auto q = gptq && gptq->lm_head ? gptq->for_module("lm_head") : std::optional<gptq_config>();
+            if (q && int4_layout_fits(V, E, *q)) w = gptq_linear_bytes(V, E, *q);
+        }
         c.modules.push_back({module, w, cache});
     }
     // Execution order: embeddings, layers, norm, lm_head.

@@ -205,8 +205,19 @@ status llama_cuda_model::module_load(const std::string& name, int64_t n_out, int
 // Read (and check) through io's reader, then pack again for the device: codes as qweight, zeros as
 // v1 (zero - 1, generic kernel adds 1) when every zero is >= 1, else as v2.
 status llama_cuda_model::gptq_upload(const gptq_linear_data& d, int group_size, const std::string& name, linear* out) {
-    out->n_out     = d.n_out;
-    out->n_in      = d.n_in;
+    out->n_out = d.n_out;
+    out->n_in  = d.n_in;
+    GPTQ_ASSIGN_OR_RETURN(out->q, gptq_device_load(d, group_size, name));
+    out->quantized = true;
+    (out->q.fast ? n_gptq_fast_ : n_gptq_generic_) += 1;
+    for (const cuda_buffer* b : {&out->q.weights, &out->q.sz, &out->q.perm, &out->q.perm_inv, &out->q.qweight,
+                                 &out->q.qzeros, &out->q.scales, &out->q.g_idx, &out->q.bias})
+        weight_bytes_ += b->bytes();
+    return status::ok();
+}
+
+result<cuda_gptq_linear> llama_cuda_model::gptq_device_load(const gptq_linear_data& d, int group_size,
+                                                            const std::string& name) {
     const int bits = d.bits;
     // The file's packed words when read with keep_packed (the same stream packing the codes gives).
     std::vector<int32_t> packed;
@@ -235,13 +246,7 @@ status llama_cuda_model::gptq_upload(const gptq_linear_data& d, int group_size, 
     t.zero_add   = v1 ? 1 : 0;
     auto q       = cuda_gptq_linear_load(*ctx_, t, opts_.gptq_fast);
     if (!q) return q.error().with_context(name);
-    out->q         = std::move(*q);
-    out->quantized = true;
-    (out->q.fast ? n_gptq_fast_ : n_gptq_generic_) += 1;
-    for (const cuda_buffer* b : {&out->q.weights, &out->q.sz, &out->q.perm, &out->q.perm_inv, &out->q.qweight,
-                                 &out->q.qzeros, &out->q.scales, &out->q.g_idx, &out->q.bias})
-        weight_bytes_ += b->bytes();
-    return status::ok();
+    return q;
 }
 
 status llama_cuda_model::linear_group_load(int64_t i_layer, const std::vector<linear_role>& roles, linear* fused,
@@ -486,16 +491,23 @@ status llama_cuda_model::load_weights() {
     if (off.norm) GPTQ_TRY(offload_module("model.norm", {&norm_}, &norm_unit_));
     // A tied lm_head shares the embeddings' table when both are resident; otherwise it is a module
     // of its own (an offloaded table is staged through a slot that later modules reuse).
-    // A GPTQ lm_head is dequantized to F16 here and used as a dense one (tied or not).
+    // A GPTQ lm_head (tied or not: the checkpoint's own quantized copy, as the CPU model reads it)
+    // stays on the int4 layout when it loads there (lm_head_q_, docs/cuda.md "Quantized lm_head on
+    // the GPU"), else it is dequantized to F16 here and used as a dense one.
     const gptq_config* lm_head_q = host_->quantization_of("lm_head");
     if (lm_head_q || !hp.tie_embeddings || off.embed || off.lm_head) {
         if (lm_head_q)
-            GPTQ_TRY(lm_head_upload_dequantized(*lm_head_q));
+            GPTQ_TRY(lm_head_upload_quantized(*lm_head_q));
         else if (hp.tie_embeddings)
             GPTQ_TRY(embed_table_upload(&lm_head_));
         else
             GPTQ_TRY(tensor_upload_f16(globals[2], &lm_head_));
-        if (off.lm_head) GPTQ_TRY(offload_module("lm_head", {&lm_head_}, &lm_head_unit_));
+        if (off.lm_head) {
+            cuda_gptq_linear&         q    = lm_head_q_.q;
+            std::vector<cuda_buffer*> bufs = {&lm_head_};
+            if (lm_head_q_.quantized) bufs = {&q.weights, &q.sz, &q.perm, &q.perm_inv, &q.bias};
+            GPTQ_TRY(offload_module("lm_head", bufs, &lm_head_unit_));
+        }
     }
     return offload_finish();
 }
@@ -514,6 +526,24 @@ status llama_cuda_model::embed_table_upload(cuda_buffer* out) {
     GPTQ_TRY(to_f16(table, &h, "model.embed_tokens (dequantized)"));
     GPTQ_ASSIGN_OR_RETURN(*out, cuda_buffer::from_host(h.data(), h.size() * 2));
     weight_bytes_ += out->bytes();
+    return status::ok();
+}
+
+status llama_cuda_model::lm_head_upload_quantized(const gptq_config& qc) {
+    const llama_hparams& hp = hparams();
+    if (!opts_.gptq_fast || qc.bits != 4) return lm_head_upload_dequantized(qc);  // no int4 layout
+    GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d, gptq_linear_read(host_->source(), "lm_head", hp.n_vocab, hp.n_embd, qc,
+                                                               /*keep_packed=*/true));
+    GPTQ_ASSIGN_OR_RETURN(cuda_gptq_linear q, gptq_device_load(d, qc.group_size, "lm_head"));
+    if (!q.fast) return lm_head_upload_dequantized(qc);  // e.g. act-order groups of unequal sizes
+    lm_head_q_.n_out     = hp.n_vocab;
+    lm_head_q_.n_in      = hp.n_embd;
+    lm_head_q_.q         = std::move(q);
+    lm_head_q_.quantized = true;
+    n_gptq_fast_ += 1;
+    for (const cuda_buffer* b :
+         {&lm_head_q_.q.weights, &lm_head_q_.q.sz, &lm_head_q_.q.perm, &lm_head_q_.q.perm_inv, &lm_head_q_.q.bias})
+        weight_bytes_ += b->bytes();
     return status::ok();
 }
 
@@ -854,9 +884,13 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
         GPTQ_TRY(prof_mark("gather_rows"));
         head_in = b.y;
     }
-    const uint16_t* w = lm_head_.bytes() ? lm_head_.as<uint16_t>() : embed_.as<uint16_t>();  // empty: tied, shared
     GPTQ_TRY(wait(lm_head_unit_));
-    GPTQ_TRY(op_cuda_linear_dense_f32_out(c, head_in, w, logits_.as<float>(), n_out_rows, hp.n_vocab, n_embd));
+    if (lm_head_q_.quantized) {  // the int4 layout, F32 logits (docs/cuda.md "Quantized lm_head on the GPU")
+        GPTQ_TRY(op_cuda_gptq_linear_f32_out(c, lm_head_q_.q, head_in, logits_.as<float>(), n_out_rows));
+    } else {
+        const uint16_t* w = lm_head_.bytes() ? lm_head_.as<uint16_t>() : embed_.as<uint16_t>();  // empty: tied, shared
+        GPTQ_TRY(op_cuda_linear_dense_f32_out(c, head_in, w, logits_.as<float>(), n_out_rows, hp.n_vocab, n_embd));
+    }
     GPTQ_TRY(prof_mark("lm_head"));
     if (hp.final_softcap > 0.0f) {  // Gemma: logits = cap * tanh(logits / cap), F32
         GPTQ_TRY(op_cuda_softcap(c, logits_.as<float>(), n_out_rows * hp.n_vocab, hp.final_softcap));

@@ -217,7 +217,9 @@ public:
     int64_t graph_replays() const { return graph_replays_; }
     int64_t n_gptq_fast() const { return n_gptq_fast_; }        // GPTQ linears on the int4 kernel
     int64_t n_gptq_generic() const { return n_gptq_generic_; }  // ... on the generic kernel
-    int64_t n_fused() const { return n_fused_; }                // fused linears (q/k/v, gate/up) over all layers
+    // The lm_head is GPTQ and runs on the int4 layout (counted in n_gptq_fast), not as a dense F16 copy.
+    bool    lm_head_int4() const { return lm_head_q_.quantized; }
+    int64_t n_fused() const { return n_fused_; }  // fused linears (q/k/v, gate/up) over all layers
     // MoE: whether decode steps run the experts grouped (and so as CUDA graphs), and why not ("" when
     // they do or the model has no MoE layer).
     bool               moe_decode_grouped() const { return moe_grouped_; }
@@ -295,7 +297,12 @@ private:
     // A GPTQ linear read by io (gptq_linear_read), packed again and uploaded; group_size: its own
     // (llama_model::quantization_of, GPTQModel's `dynamic` may differ between modules).
     status gptq_upload(const gptq_linear_data& d, int group_size, const std::string& name, linear* out);
-    // A GPTQ lm_head ("lm_head": true): dequantized to F16 at load, then used as a dense one.
+    // gptq_upload's device part: packed again and loaded (cuda_gptq_linear_load), nothing counted.
+    result<cuda_gptq_linear> gptq_device_load(const gptq_linear_data& d, int group_size, const std::string& name);
+    // A GPTQ lm_head ("lm_head": true): on the int4 layout into lm_head_q_ when it loads there (4 bits,
+    // options.gptq_fast, the layout's conditions), else lm_head_upload_dequantized: dequantized to F16
+    // at load into lm_head_, then used as a dense one.
+    status lm_head_upload_quantized(const gptq_config& qc);
     status lm_head_upload_dequantized(const gptq_config& qc);
     status embed_table_upload(cuda_buffer* out);
     status tensor_upload_f16(const tensor_spec& t, cuda_buffer* out);
@@ -362,7 +369,10 @@ private:
     uint64_t                          lora_bytes_ = 0;
     std::vector<layer>                layers_;
     cuda_buffer                       embed_, norm_, lm_head_;  // [n_vocab, n_embd], [n_embd], lm_head or empty (tied)
-    uint64_t                          weight_bytes_ = 0;
+    // A GPTQ lm_head on the int4 layout (quantized: true; lm_head_ then empty), run by
+    // op_cuda_gptq_linear_f32_out.
+    cuda_linear lm_head_q_;
+    uint64_t    weight_bytes_ = 0;
 
     std::vector<offload_unit>  units_;       // execution order
     std::vector<int>           layer_unit_;  // per layer: its unit, or -1 when resident

@@ -130,6 +130,11 @@ status llama_cuda_model::train_check() const {
         return make_error(status_code::STATUS_UNSUPPORTED,
                           "{}: LoRA training on the GPU with CPU offload is not supported (the model must fit the GPU)",
                           host_->source().folder());
+    if (lm_head_q_.quantized)  // the loss multiplies by lm_head_, the F16 table the generic layout loads
+        return make_error(E_ARG,
+                          "{}: lm_head on the int4 layout: LoRA training needs the model opened with "
+                          "llama_cuda_train_options() (GPTQ in the generic layout)",
+                          host_->source().folder());
     for (int64_t i = 0; i < hp.n_layer; ++i) {
         const layer& L = layers_[static_cast<size_t>(i)];
         if (&hp.rope_of(i) != &hp.rope_of(0))

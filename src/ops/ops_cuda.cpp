@@ -27,6 +27,7 @@
 #include "kernels/cuda/lora.cuh"
 #include "kernels/cuda/norm.cuh"
 #include "kernels/cuda/rope.cuh"
+#include "ops/ops_cuda_gptq.h"  // op_cuda_f16_to_f32
 
 namespace gptq {
 
@@ -958,6 +959,76 @@ status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const u
     p.g_idx = w.g_idx.as<int32_t>(), p.bias = bias;
     p.n_out = w.n_out, p.n_in = w.n_in, p.n_groups = w.n_groups, p.bits = w.bits, p.zero_add = w.zero_add;
     return cuda::gptq_linear_generic_f16(p, x, y, m, w.n_in, w.n_out, ctx.stream());
+}
+
+namespace {
+// Rows per dequantize + cuBLAS chunk of the F32-output path (a multiple of 32, at most the layer's
+// tiles): w.dequant_chunk_rows when > 0, else about 64 MiB of F16 weights (a 128k x 4096 lm_head is
+// 1 GiB as F16: never dequantized whole).
+int64_t f32_out_chunk_rows(const cuda_gptq_linear& w, const cuda::int4_layout& lay) {
+    constexpr int64_t k_chunk_bytes = int64_t(64) << 20;
+    const int64_t     rows          = w.dequant_chunk_rows > 0 ? (w.dequant_chunk_rows + 31) / 32 * 32
+                                                               : std::max<int64_t>(32, k_chunk_bytes / (2 * w.n_in) / 32 * 32);
+    return std::min(rows, 32 * lay.n_tiles);
+}
+
+// y32's m rows [n_out] = bias in F32 (exact widening): row 0 converted, then copied in doublings.
+status bias_rows_f32(cuda_context& ctx, const uint16_t* bias, float* y32, int64_t m, int64_t n_out) {
+    GPTQ_TRY(op_cuda_f16_to_f32(ctx, bias, y32, n_out));
+    for (int64_t r = 1; r < m; r *= 2)  // rows [0, r) hold the bias
+        GPTQ_TRY(cuda_copy_device_async(ctx, y32 + r * n_out, y32, size_t(std::min(r, m - r) * n_out) * 4));
+    return status::ok();
+}
+}  // namespace
+
+status op_cuda_gptq_linear_f32_out(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, float* y32,
+                                   int64_t m) {
+    if (m <= 0) return status::ok();
+    if (!w.fast)
+        return make_error(status_code::STATUS_UNSUPPORTED,
+                          "GPTQ linear {} x {} with F32 output: not on the int4 layout (bits {}, group size {})",
+                          w.n_out, w.n_in, w.bits, w.group_size);
+    auto lay = cuda::int4_layout_for(w.n_out, w.n_in, w.group_size);
+    if (!lay) return lay.error();
+    const uint16_t* bias  = w.bias.bytes() ? w.bias.as<uint16_t>() : nullptr;
+    const bool      deq   = m > 16 && (w.prefill == gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS ||
+                                (w.prefill != gptq_prefill_path::GPTQ_PREFILL_GEMV && m > k_gptq_f32_out_gemv_max_m));
+    const int64_t   chunk = deq ? f32_out_chunk_rows(w, *lay) : 0;
+    // Scratch: the permuted x (act-order), then the chunk's F16 weights.
+    const size_t x_bytes   = w.perm.bytes() ? (size_t(m * w.n_in) * 2 + 255) / 256 * 256 : 0;
+    const size_t w16_bytes = size_t(chunk * w.n_in) * 2;
+    char*        scratch   = nullptr;
+    if (x_bytes + w16_bytes > 0) {
+        auto sp = ctx.scratch(x_bytes + w16_bytes);
+        if (!sp) return sp.error();
+        scratch = static_cast<char*>(*sp);
+    }
+    const uint16_t* xin = x;
+    if (w.perm.bytes()) {
+        GPTQ_TRY(cuda::gptq_permute_cols_f16(x, w.perm.as<int32_t>(), reinterpret_cast<uint16_t*>(scratch), m, w.n_in,
+                                             w.n_in, w.n_in, ctx.stream()));
+        xin = reinterpret_cast<const uint16_t*>(scratch);
+    }
+    if (!deq) {  // the F32 GEMV, 16 rows per launch
+        for (int64_t r = 0; r < m; r += 16)
+            GPTQ_TRY(cuda::int4_gemv_f32out(*lay, w.weights.data(), w.sz.data(), xin + r * w.n_in, bias,
+                                            y32 + r * w.n_out, std::min<int64_t>(16, m - r), w.n_in, w.n_out,
+                                            ctx.stream()));
+        return status::ok();
+    }
+    // Dequantize + cuBLAS, chunk by chunk of output rows: each chunk's F16 weights, then its column
+    // block of y32 (ldc n_out), the bias in y32 first and added by the GEMM (beta 1) in F32.
+    if (bias) GPTQ_TRY(bias_rows_f32(ctx, bias, y32, m, w.n_out));
+    uint16_t* w16 = reinterpret_cast<uint16_t*>(scratch + x_bytes);
+    for (int64_t t0 = 0; t0 < lay->n_tiles; t0 += chunk / 32) {
+        const auto sl = cuda::int4_layout_rows(*lay, t0, std::min(chunk / 32, lay->n_tiles - t0));
+        GPTQ_TRY(cuda::int4_dequant_f16(sl.L, static_cast<const char*>(w.weights.data()) + sl.weight_offset,
+                                        static_cast<const char*>(w.sz.data()) + sl.sz_offset, w16, w.n_in,
+                                        ctx.stream()));
+        GPTQ_TRY(cuda::gemm_f32_out(ctx.blas(), cuda::gemm_dtype::f16, xin, w16, y32 + 32 * t0, m, sl.L.n_out, w.n_in,
+                                    w.n_in, w.n_in, w.n_out, ctx.stream(), bias ? 1.0f : 0.0f));
+    }
+    return status::ok();
 }
 
 namespace {

@@ -406,6 +406,19 @@ void op_cuda_dequant_forget(cuda_context& ctx);
 status op_cuda_gptq_linear(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, uint16_t* y, int64_t m,
                            bool x_permuted = false);
 
+// The quantized lm_head (docs/cuda.md "Quantized lm_head on the GPU"): y32[m, n_out] F32 = x[m, n_in]
+// W^T (+ bias), the logits un-rounded. x: F16 device, contiguous rows, in the original column order
+// (an act-order layer's x is permuted into the scratch here). w on the int4 layout only (w.fast):
+// UNSUPPORTED otherwise (the caller keeps a dense F16 copy). Paths by m: the F32-output GEMV
+// (m <= 16, cuda::int4_gemv_f32out); in chunks of 16 rows up to k_gptq_f32_out_gemv_max_m rows;
+// above, dequantize + cuBLAS (F32 output) in chunks of output rows (w.dequant_chunk_rows when > 0,
+// else about 64 MiB of F16 weights per chunk), never the whole F16 table. w.prefill forces a path
+// (tests): GPTQ_PREFILL_GEMV the GEMV chunks, GPTQ_PREFILL_DEQUANT_CUBLAS dequantize + cuBLAS for
+// m > 16; AUTO and FUSED the table.
+constexpr int64_t k_gptq_f32_out_gemv_max_m = 64;
+status op_cuda_gptq_linear_f32_out(cuda_context& ctx, const cuda_gptq_linear& w, const uint16_t* x, float* y32,
+                                   int64_t m);
+
 // The fused decode step (docs/cuda.md "The fused decode step"): a GPTQ linear on the int4 layout with
 // the op before or after it folded into the GEMV, bit for bit the plain sequence. One of:
 // - norm_w: x is the residual stream h [m, n_in]; the linear multiplies rms_norm(h) * norm_w

@@ -72,4 +72,27 @@ inline std::string tiny_llama_quantized_embeddings_checkpoint(const std::string&
     return out;
 }
 
+// tiny-llama W4 g64 GPTQ with its lm_head quantized too (--quantize-lm-head: the tied head's own
+// GPTQ copy, GPTQModel's layout), plain or act-order, made once per tag.
+inline std::string tiny_llama_lm_head_checkpoint(const std::string& tag, bool desc_act) {
+    static temp_dir   dir("cuda-tiny-head");
+    const std::string out = dir.file(tag);
+    if (std::filesystem::exists(out)) return out;
+    quantize_params p;
+    p.model_path       = cuda_source_dir() + "/models/tiny-llama";
+    p.output_path      = out;
+    p.bits             = 4;
+    p.group_size       = 64;
+    p.desc_act         = desc_act;
+    p.method           = "gptq";
+    p.quantize_lm_head = true;
+    p.calib            = cuda_source_dir() + "/data/calib/corpus-sample.txt";
+    p.nsamples         = 4;
+    p.seqlen           = 64;
+    p.n_threads        = 2;
+    auto r             = quantize_model(p);
+    EXPECT_TRUE(r.is_ok()) << r.error().message();
+    return out;
+}
+
 }  // namespace gptq::test

@@ -373,6 +373,119 @@ TEST(CudaGemm, OpPrefillPaths) {
     }
 }
 
+// op_cuda_gptq_linear_f32_out (the quantized lm_head's logits, F32): every path against the reference
+// in double: the F32 GEMV (m <= 16) and its 16-row chunks (the table's up to
+// k_gptq_f32_out_gemv_max_m, forced above), within the GEMV's F32 summation bound with the exact
+// weights, and its values rounded to F16 are op_cuda_gptq_linear's GEMV bits; dequantize + cuBLAS
+// (the table's above k_gptq_f32_out_gemv_max_m, forced at m = 17) in row chunks (the default, 64
+// and 96 rows: partial tiles and a short last chunk), within a sequential F32 sum's bound with the
+// weights rounded to F16. Both with a bias and act-order (the op permutes x). The bounds are
+// c 2^-23 S, S = |bias| + sum |x w| per output: an output rounded to F16 (2^-12 |y| off) fails them.
+// A layer not on the int4 layout is refused (UNSUPPORTED: the model keeps a dense copy).
+TEST(CudaGemm, OpF32OutPaths) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    auto           ctx = cuda_context::create(0);
+    ASSERT_TRUE(ctx.is_ok()) << ctx.error().message();
+    struct f32_case {
+        int64_t n_out, n_in, gs;
+        bool    act, bias;
+    };
+    for (const f32_case& c : std::vector<f32_case>{
+             {264, 1024, 64, false, true}, {1000, 384, 128, true, false}, {200, 256, -1, true, true}}) {
+        gptq_layer        L    = test::gptq_layer_random(rng, c.n_out, c.n_in, c.gs, 4, c.act, false,
+                                                         gptq_checkpoint_format::GPTQ_FORMAT_V2);
+        const auto        bias = c.bias ? test::random_f16(rng, size_t(L.n_out)) : std::vector<uint16_t>{};
+        gptq_host_tensors t;
+        t.qweight = L.qweight.data(), t.qzeros = L.qzeros.data(), t.scales = L.scales.data(), t.g_idx = L.g_idx.data();
+        t.bias = c.bias ? bias.data() : nullptr, t.n_out = L.n_out, t.n_in = L.n_in, t.n_groups = L.n_groups;
+        t.bits = 4, t.group_size = L.group_size, t.zero_add = 0;
+        auto lin = cuda_gptq_linear_load(**ctx, t);
+        ASSERT_TRUE(lin.is_ok()) << lin.error().message();
+        ASSERT_TRUE(lin->fast);
+        EXPECT_EQ(lin->perm.bytes() != 0, c.act && c.gs != -1);
+        const auto w16  = test::gptq_weights_f16(L);
+        auto       absw = L.w, absw16 = w16;
+        for (double& v : absw) v = std::fabs(v);
+        for (double& v : absw16) v = std::fabs(v);
+        std::vector<uint16_t> abias(bias);
+        for (auto& v : abias) v &= 0x7FFF;
+        const auto   lay    = *cuda::int4_layout_for(L.n_out, L.n_in, L.group_size);
+        const double u      = std::ldexp(1.0, -23);
+        const double c_gemv = (4.0 * double(lay.k_steps) + 2.0 * double(lay.n_groups) + 64.0) * u;
+        const double c_blas = (double(L.n_in) + 64.0) * u;
+        for (int64_t m : {1, 5, 16, 17, 40, 64, 65, 130}) {
+            auto                  x = test::random_f16(rng, size_t(m * L.n_in));
+            std::vector<uint16_t> ax(x);
+            for (auto& v : ax) v &= 0x7FFF;
+            const auto             ref   = test::gptq_reference(L.w, L.n_out, L.n_in, x, m, bias);
+            const auto             s     = test::gptq_reference(absw, L.n_out, L.n_in, ax, m, abias);
+            const auto             ref16 = test::gptq_reference(w16, L.n_out, L.n_in, x, m, bias);
+            const auto             s16   = test::gptq_reference(absw16, L.n_out, L.n_in, ax, m, abias);
+            device_array<uint16_t> dx(x), dy16(size_t(m * L.n_out));
+            device_array<float>    dy(size_t(m * L.n_out));
+            struct path_case {
+                gptq_prefill_path path;
+                int64_t           chunk;
+            };
+            for (const path_case& p : {path_case{gptq_prefill_path::GPTQ_PREFILL_AUTO, 0},
+                                       path_case{gptq_prefill_path::GPTQ_PREFILL_GEMV, 0},
+                                       path_case{gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS, 0},
+                                       path_case{gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS, 64},
+                                       path_case{gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS, 96}}) {
+                const bool deq =
+                    m > 16 && (p.path == gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS ||
+                               (p.path == gptq_prefill_path::GPTQ_PREFILL_AUTO && m > k_gptq_f32_out_gemv_max_m));
+                if (m <= 16 && p.path == gptq_prefill_path::GPTQ_PREFILL_DEQUANT_CUBLAS) continue;  // the GEMV
+                lin->prefill            = p.path;
+                lin->dequant_chunk_rows = p.chunk;
+                ASSERT_EQ(cudaMemset(dy.get(), 0xFF, size_t(m * L.n_out) * 4), cudaSuccess);
+                ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // before the context's non-blocking stream
+                GPTQ_EXPECT_OK(op_cuda_gptq_linear_f32_out(**ctx, *lin, dx.get(), dy.get(), m));
+                GPTQ_EXPECT_OK((*ctx)->synchronize());
+                const auto        got  = dy.download();
+                const std::string what = test::gptq_layer_describe(L, m, c.act, false, seed) +
+                                         " bias=" + std::to_string(c.bias) + " path=" + std::to_string(int(p.path)) +
+                                         " chunk=" + std::to_string(p.chunk) + (deq ? " (dequant+cublas)" : " (gemv)");
+                const auto& e   = deq ? ref16 : ref;
+                const auto& a   = deq ? s16 : s;
+                int64_t     bad = 0;
+                for (size_t i = 0; i < got.size(); ++i) {
+                    const double bound = (deq ? c_blas : c_gemv) * a[i];
+                    if (!(std::fabs(double(got[i]) - e[i]) <= bound) && bad++ < 5)
+                        ADD_FAILURE() << what << ": row " << i / size_t(L.n_out) << " col " << i % size_t(L.n_out)
+                                      << " gpu " << got[i] << " ref " << e[i] << " bound " << bound;
+                }
+                EXPECT_EQ(bad, 0) << what;
+                if (deq) continue;
+                // The GEMV path's bits: op_cuda_gptq_linear on its GEMV, rounded to F16 once.
+                lin->prefill = gptq_prefill_path::GPTQ_PREFILL_GEMV;
+                GPTQ_EXPECT_OK(op_cuda_gptq_linear(**ctx, *lin, dx.get(), dy16.get(), m));
+                const auto y16  = dy16.download();
+                int64_t    bits = 0;
+                for (size_t i = 0; i < got.size(); ++i)
+                    if (f32_to_f16(got[i]) != y16[i] && bits++ < 5)
+                        ADD_FAILURE() << what << ": element " << i << " F32 " << got[i] << " F16 GEMV "
+                                      << f16_to_f32(y16[i]);
+                EXPECT_EQ(bits, 0) << what << ": F32 output rounded is not the F16 GEMV's bits";
+            }
+        }
+    }
+    // Not on the int4 layout (3 bits: the generic kernel): refused, nothing written.
+    gptq_layer L3 = test::gptq_layer_random(rng, 64, 256, 128, 3, false, false, gptq_checkpoint_format::GPTQ_FORMAT_V2);
+    gptq_host_tensors t3;
+    t3.qweight = L3.qweight.data(), t3.qzeros = L3.qzeros.data(), t3.scales = L3.scales.data();
+    t3.g_idx = L3.g_idx.data(), t3.n_out = 64, t3.n_in = 256, t3.n_groups = L3.n_groups, t3.bits = 3;
+    t3.group_size = 128;
+    auto lin3     = cuda_gptq_linear_load(**ctx, t3);
+    ASSERT_TRUE(lin3.is_ok()) << lin3.error().message();
+    ASSERT_FALSE(lin3->fast);
+    device_array<uint16_t> dx(size_t(2 * 256));
+    device_array<float>    dy(size_t(2 * 64));
+    EXPECT_EQ(op_cuda_gptq_linear_f32_out(**ctx, *lin3, dx.get(), dy.get(), 2).code(), status_code::STATUS_UNSUPPORTED);
+}
+
 // The dequantize-ahead slots (cuda_context::dequant_*): whatever order the linears are queued ahead
 // and run in, including ahead work that is never taken, forgotten or queued twice, each output is
 // the in-order one bit for bit.

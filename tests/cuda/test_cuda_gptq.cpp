@@ -533,5 +533,138 @@ TEST(CudaGptq, Int4GemvFusedRefusals) {
     EXPECT_EQ(cuda::int4_gemv_fused_check(*wide, 8, norm).code(), status_code::STATUS_UNSUPPORTED);
 }
 
+// ---- the F32-output GEMV (int4_gemv_f32out: the quantized lm_head's logits) -------------------------
+
+// One random layer on the device, for each m: the F32 GEMV (`variant`: -1 the table's fused choice,
+// else a fused variant forced) on x already permuted into the layout's k order, against
+// - int4_gemv_f16 (the automatic variant: a pipelined one) on the same input: every pipelined variant
+//   sums a column in the same order and rounds that F32 value once, so the F32 outputs rounded to F16
+//   on the host must be its bits;
+// - the reference in double (exact weights), within the F32 summation bound: every product is exact
+//   (F16 x small integer on tensor cores), then at most ~2 roundings per mma (2 mma per k32 step), 2
+//   per group flush and per chunk end, the 16-chunk tree, the bias: each at most 2^-23 of the sum of
+//   |terms| (S = |bias| + sum |x w|), so |got - ref| <= (4 k_steps + 2 n_groups + 64) 2^-23 S.
+// Rows are strided (x padded with NaN, y with poison that must stay: nothing written past n_out).
+void check_f32out(std::mt19937& rng, uint32_t seed, int64_t n_out, int64_t n_in, int64_t gs, bool act, bool sym,
+                  gptq_checkpoint_format fmt, const std::vector<int64_t>& ms, int variant) {
+    layer L   = make_layer(rng, n_out, n_in, gs, 4, act, sym, fmt);
+    auto  lay = cuda::int4_layout_for(n_out, n_in, gs);
+    ASSERT_TRUE(lay.is_ok()) << lay.error().message();
+    std::vector<int32_t> perm;
+    GPTQ_EXPECT_OK(cuda::int4_act_order_perm(L.g_idx.data(), n_in, gs, perm));
+    device_array<int32_t>  dq(L.qweight), dz(L.qzeros), dperm(perm);
+    device_array<uint16_t> ds(L.scales);
+    device_array<uint8_t>  dw(size_t(lay->weight_bytes)), dsz(size_t(lay->sz_bytes));
+    GPTQ_EXPECT_OK(cuda::int4_repack(*lay, dq.get(), dz.get(), ds.get(), perm.empty() ? nullptr : dperm.get(),
+                                     fmt == gptq_checkpoint_format::GPTQ_FORMAT_V1 ? 1 : 0, dw.get(), dsz.get(),
+                                     nullptr));
+    layer absL = L;  // |w| for the bound's sum of |terms|
+    for (double& v : absL.w) v = std::fabs(v);
+    const double k_unit = (4.0 * double(lay->k_steps) + 2.0 * double(lay->n_groups) + 64.0) * std::ldexp(1.0, -23);
+    for (int64_t m : ms) {
+        const std::string what = "f32out " + describe(L, m, act, sym, seed) +
+                                 " variant=" + (variant < 0 ? "auto" : cuda::int4_gemv_variant_name(variant));
+        GPTQ_EXPECT_OK(cuda::int4_gemv_f32out_check(*lay, m, variant));
+        const auto            x        = test::random_f16(rng, size_t(m * n_in));
+        std::vector<uint16_t> bias     = (m % 2) ? test::random_f16(rng, size_t(n_out)) : std::vector<uint16_t>{};
+        const int64_t         x_stride = n_in + 8 * (m % 3), y_stride = n_out + 3 * (m % 3);
+        std::vector<uint16_t> xs(size_t(m * x_stride), uint16_t(0xFFFF));  // padding: F16 NaN
+        for (int64_t r = 0; r < m; ++r)
+            std::copy(x.begin() + r * n_in, x.begin() + (r + 1) * n_in, xs.begin() + r * x_stride);
+        device_array<uint16_t> dx(xs), dxp(size_t(m * x_stride)), db(bias), dy16(size_t(m * n_out));
+        device_array<float>    dy32(size_t(m * y_stride));  // 0xFF bytes: NaN poison
+        const uint16_t*        xin = dx.get();
+        if (!perm.empty()) {
+            GPTQ_EXPECT_OK(
+                cuda::gptq_permute_cols_f16(dx.get(), dperm.get(), dxp.get(), m, n_in, x_stride, x_stride, nullptr));
+            xin = dxp.get();
+        }
+        const uint16_t* bp = bias.empty() ? nullptr : db.get();
+        GPTQ_EXPECT_OK(cuda::int4_gemv_f32out(*lay, dw.get(), dsz.get(), xin, bp, dy32.get(), m, x_stride, y_stride,
+                                              nullptr, variant));
+        GPTQ_EXPECT_OK(cuda::int4_gemv_f16(*lay, dw.get(), dsz.get(), xin, bp, dy16.get(), m, x_stride, n_out, nullptr,
+                                           0, nullptr));
+        const auto            y32 = dy32.download();
+        const auto            y16 = dy16.download();
+        const auto            ref = reference(L, x, m, bias);
+        std::vector<uint16_t> ax(x), ab(bias);  // |x|, |bias|
+        for (auto& v : ax) v &= 0x7FFF;
+        for (auto& v : ab) v &= 0x7FFF;
+        const auto sabs = reference(absL, ax, m, ab);
+        int64_t    bad = 0, bits = 0, stray = 0;
+        for (int64_t r = 0; r < m; ++r) {
+            for (int64_t n = 0; n < n_out; ++n) {
+                const float  g = y32[size_t(r * y_stride + n)];
+                const double e = ref[size_t(r * n_out + n)], bound = k_unit * sabs[size_t(r * n_out + n)];
+                if (!(std::fabs(double(g) - e) <= bound) && bad++ < 5)
+                    ADD_FAILURE() << what << ": row " << r << " col " << n << " gpu " << g << " ref " << e << " bound "
+                                  << bound;
+                if (f32_to_f16(g) != y16[size_t(r * n_out + n)] && bits++ < 5)
+                    ADD_FAILURE() << what << ": row " << r << " col " << n << " F32 " << g << " rounds to "
+                                  << f16_to_f32(f32_to_f16(g)) << ", the F16 GEMV gave "
+                                  << f16_to_f32(y16[size_t(r * n_out + n)]);
+            }
+            for (int64_t n = n_out; n < y_stride; ++n) stray += !std::isnan(y32[size_t(r * y_stride + n)]);
+        }
+        EXPECT_EQ(bad, 0) << what;
+        EXPECT_EQ(bits, 0) << what << ": F32 output rounded is not the F16 GEMV's bits";
+        EXPECT_EQ(stray, 0) << what << ": written past n_out";
+    }
+}
+
+// Awkward shapes (n_out a multiple of 8 but not of 32: a partial last tile; one k step; 11 and 43
+// k steps: uneven chunks; one group; act-order), group sizes -1/32/64/128, sym/asym, v1/v2, m = 1..16
+// (both column-tile counts), every fused variant forced and the table's choice.
+TEST(CudaGptq, Int4GemvF32OutMatchesReferenceAndF16Bits) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    const uint32_t seed = test::fresh_seed();
+    std::mt19937   rng(seed);
+    struct shape {
+        int64_t n_out, n_in, gs;
+        bool    act;
+    };
+    const std::vector<shape> shapes   = {{40, 256, 128, false},  {264, 352, 32, true},    {1000, 1376, 32, false},
+                                         {96, 384, 128, true},   {8, 32, -1, false},      {72, 96, -1, false},
+                                         {4104, 128, 64, false}, {1056, 4096, 128, true}, {360, 5504, 64, true}};
+    std::vector<int>         variants = {-1};
+    for (int v = 0; v < cuda::int4_gemv_variant_count(); ++v)
+        if (cuda::int4_gemv_fused_variant(v)) variants.push_back(v);
+    const std::vector<int64_t> all_m  = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+    const std::vector<int64_t> some_m = {1, 3, 8, 9, 16};
+    int                        i      = 0;
+    for (const shape& s : shapes) {
+        const auto fmt = i % 2 ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2;
+        check_f32out(rng, seed, s.n_out, s.n_in, s.gs, s.act, i % 3 == 0, fmt, i % 3 == 0 ? all_m : some_m,
+                     variants[size_t(i) % variants.size()]);
+        ++i;
+    }
+}
+
+// What the F32 GEMV refuses, before any launch: m outside [1, 16] (UNSUPPORTED: the caller takes
+// another path), a variant without a fused kernel, x not 16-byte aligned or its stride not a multiple
+// of 8, strides below the layer's widths.
+TEST(CudaGptq, Int4GemvF32OutRefusals) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    auto lay = cuda::int4_layout_for(40, 256, 128);
+    ASSERT_TRUE(lay.is_ok());
+    EXPECT_TRUE(cuda::int4_gemv_f32out_check(*lay, 1).is_ok());
+    EXPECT_TRUE(cuda::int4_gemv_f32out_check(*lay, 16).is_ok());
+    EXPECT_EQ(cuda::int4_gemv_f32out_check(*lay, 0).code(), status_code::STATUS_UNSUPPORTED);
+    EXPECT_EQ(cuda::int4_gemv_f32out_check(*lay, 17).code(), status_code::STATUS_UNSUPPORTED);
+    EXPECT_EQ(cuda::int4_gemv_f32out_check(*lay, 1, 0).code(), status_code::STATUS_INVALID_ARGUMENT);
+    device_array<uint16_t> x(size_t(2 * 264));
+    device_array<float>    y(size_t(2 * 48));
+    device_array<uint8_t>  dw(size_t(lay->weight_bytes)), dsz(size_t(lay->sz_bytes));
+    auto                   run = [&](const uint16_t* xp, int64_t x_stride, int64_t y_stride) {
+        return cuda::int4_gemv_f32out(*lay, dw.get(), dsz.get(), xp, nullptr, y.get(), 2, x_stride, y_stride, nullptr)
+            .code();
+    };
+    EXPECT_EQ(run(x.get() + 1, 256, 40), status_code::STATUS_INVALID_ARGUMENT);  // 2-byte aligned
+    EXPECT_EQ(run(x.get(), 258, 40), status_code::STATUS_INVALID_ARGUMENT);
+    EXPECT_EQ(run(x.get(), 128, 40), status_code::STATUS_INVALID_ARGUMENT);
+    EXPECT_EQ(run(x.get(), 256, 32), status_code::STATUS_INVALID_ARGUMENT);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+}
+
 }  // namespace
 }  // namespace gptq

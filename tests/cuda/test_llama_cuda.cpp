@@ -419,6 +419,66 @@ void check_batched(const std::string& dir, int64_t n_seq, bool graph) {
     if (graph) EXPECT_EQ((*m)->graph_replays(), D - 1);
 }
 
+// A GPTQ lm_head (--quantize-lm-head) runs on the int4 layout (lm_head_int4, counted among the int4
+// linears; no F16 copy): the CPU's logits within the F16 bound in prefill (40 rows: the F32 GEMV in
+// 16-row chunks) and decode (1 row: the F32 GEMV; graph on and off), plain and act-order (the op
+// permutes the head's input); a prefill of 100 tokens with every row's logits (dequantize + cuBLAS
+// in row chunks, m > 64) against the CPU's single pass; batched decode of 3 and 20 sequences (m = 20:
+// two GEMV launches) against each sequence alone. Opened for LoRA training (GPTQ in the generic
+// layout) the head is dequantized as before.
+namespace {
+void check_prefill_all_rows(const std::string& dir, int64_t n) {
+    auto host = llama_model::open(dir);
+    ASSERT_TRUE(host.is_ok()) << host.error().message();
+    const int64_t      V   = (*host)->hparams().n_vocab;
+    const auto         ids = test_ids(n, V);
+    std::vector<float> cpu(size_t(n * V)), gpu(size_t(n * V));
+    {
+        const ops_context ctx{&pool2(), false};
+        kv_cache          cache = kv_cache::create((*host)->hparams(), n);
+        GPTQ_EXPECT_OK((*host)->forward(ctx, ids.data(), n, &cache, cpu.data()));
+    }
+    llama_cuda_options o;
+    o.n_ctx = 128;
+    auto m  = llama_cuda_model::open(dir, o);
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    EXPECT_TRUE((*m)->lm_head_int4()) << dir;
+    GPTQ_EXPECT_OK((*m)->prefill(ids.data(), n, gpu.data()));
+    for (int64_t t = 0; t < n; ++t)
+        EXPECT_LE(row_rel_error(gpu.data() + t * V, cpu.data() + t * V, V), k_f16_logits_rel_tol)
+            << dir << " prefill of " << n << ", row " << t;
+}
+}  // namespace
+
+TEST(llama_cuda, gptq_lm_head_int4_matches_cpu) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    for (bool act : {false, true}) {
+        const std::string dir  = test::tiny_llama_lm_head_checkpoint(act ? "w4g64-head-act" : "w4g64-head", act);
+        int64_t           fast = 0, generic = 0;
+        check_model(dir, &fast, &generic);
+        if (!act) {
+            EXPECT_EQ(fast, 4 * 4 + 1) << "q/k/v and gate/up fused: 4 a layer, and the lm_head";
+            EXPECT_EQ(generic, 0);
+        } else {
+            EXPECT_GE(fast + generic, 4 * 4 + 1);
+            EXPECT_LE(fast + generic, 4 * 7 + 1);
+        }
+        {
+            auto m = llama_cuda_model::open(dir);
+            ASSERT_TRUE(m.is_ok()) << m.error().message();
+            EXPECT_TRUE((*m)->lm_head_int4()) << dir;
+        }
+        check_prefill_all_rows(dir, 100);
+        check_batched(dir, 3, true);
+        if (!act) check_batched(dir, 20, false);
+    }
+    auto m =
+        llama_cuda_model::open(test::tiny_llama_lm_head_checkpoint("w4g64-head", false), llama_cuda_train_options());
+    ASSERT_TRUE(m.is_ok()) << m.error().message();
+    EXPECT_FALSE((*m)->lm_head_int4());
+    EXPECT_EQ((*m)->n_gptq_fast(), 0);
+}
+
 TEST(llama_cuda, batched_decode_matches_sequences_alone) {
     GPTQ_SKIP_WITHOUT_GPU();
     const std::string data = source_dir() + "/tests/data/model/";

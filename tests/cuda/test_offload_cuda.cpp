@@ -45,7 +45,7 @@ struct run_out {
     std::vector<float> logits;  // [k_n_prefill + k_n_decode, n_vocab]
     uint64_t           weight_bytes = 0, offload_bytes = 0, staging_bytes = 0;
     int64_t            n_offloaded = 0, graph_replays = 0;
-    bool               tied = false;
+    bool               tied = false, head_int4 = false;
 };
 
 // Prefill k_n_prefill tokens, then k_n_decode decode steps; then a second sequence (reset): the
@@ -81,6 +81,7 @@ run_out run(const std::string& dir, const offload_placement& off, bool graph) {
     r.n_offloaded   = (*m)->n_offloaded();
     r.graph_replays = (*m)->graph_replays();
     r.tied          = (*m)->hparams().tie_embeddings;
+    r.head_int4     = (*m)->lm_head_int4();
     return r;
 }
 
@@ -116,7 +117,9 @@ std::string describe(const offload_placement& p) {
     return s;
 }
 
-void check_offload(const std::string& dir, const std::vector<offload_placement>& placements) {
+// own_head: the lm_head is a module of its own in every placement (a GPTQ lm_head), never a second
+// copy of the tied table.
+void check_offload(const std::string& dir, const std::vector<offload_placement>& placements, bool own_head = false) {
     auto host = llama_model::open(dir);
     ASSERT_TRUE(host.is_ok()) << host.error().message();
     const int64_t V = (*host)->hparams().n_vocab;
@@ -135,12 +138,13 @@ void check_offload(const std::string& dir, const std::vector<offload_placement>&
             EXPECT_GT(got.offload_bytes, 0u) << what;
             EXPECT_GT(got.staging_bytes, 0u) << what;
             EXPECT_EQ(got.graph_replays, base.graph_replays) << what;
+            EXPECT_EQ(got.head_int4, base.head_int4) << what;
             if (graph) {
                 EXPECT_EQ(got.graph_replays, k_n_decode - 1) << what;
             }
             // Weights moved, not duplicated: except a tied lm_head made a module of its own (its
             // table then exists twice: with the embeddings and as lm_head).
-            const bool tied_copy = got.tied && (p.embed || p.lm_head);
+            const bool tied_copy = got.tied && !own_head && (p.embed || p.lm_head);
             if (!tied_copy)
                 EXPECT_EQ(got.weight_bytes + got.offload_bytes, base.weight_bytes) << what;
             else
@@ -217,6 +221,23 @@ TEST(offload_cuda, quantized_embeddings_identical_to_resident) {
     GPTQ_SKIP_WITHOUT_GPU();
     const std::string dir = test::tiny_llama_quantized_embeddings_checkpoint("e4", 4, false);
     check_offload(dir, placements(n_layer(dir)));
+}
+
+// A GPTQ lm_head on the int4 layout (its repacked weights, scales/zeros and act-order permutation
+// staged as one module), offloaded alone and with the rest: the resident model's logits bit for bit.
+TEST(offload_cuda, gptq_lm_head_int4_identical_to_resident) {
+    GPTQ_SKIP_WITHOUT_GPU();
+    for (bool act : {false, true}) {
+        const std::string dir = test::tiny_llama_lm_head_checkpoint(act ? "w4g64-head-act" : "w4g64-head", act);
+        {
+            auto m = llama_cuda_model::open(dir);
+            ASSERT_TRUE(m.is_ok()) << m.error().message();
+            ASSERT_TRUE((*m)->lm_head_int4()) << dir;
+        }
+        auto p = placements(4);
+        p.push_back(layers({}, false, false, true));  // the lm_head alone
+        check_offload(dir, p, /*own_head=*/true);
+    }
 }
 
 TEST(offload_cuda, bad_placement_is_an_error) {

@@ -176,7 +176,7 @@ TEST(device_map_costs, llama_7b_dense_and_gptq_by_hand) {
     };
     EXPECT_EQ(cq.modules[1].weight_bytes, 4 * lin(4096, 4096) + 2 * lin(11008, 4096) + lin(4096, 11008) + 2 * 2 * 4096);
     EXPECT_EQ(cq.modules[0].weight_bytes, c.modules[0].weight_bytes);    // embeddings stay F16
-    EXPECT_EQ(cq.modules[34].weight_bytes, c.modules[34].weight_bytes);  // lm_head too (a GPTQ one is F16 on the GPU)
+    EXPECT_EQ(cq.modules[34].weight_bytes, c.modules[34].weight_bytes);  // lm_head too (not GPTQ: "lm_head" false)
     EXPECT_EQ(cq.gpu_reserve_bytes, c.gpu_reserve_bytes);
     EXPECT_LT(cq.modules[1].weight_bytes * 3, c.modules[1].weight_bytes);
     // 8 bits, one group per row: no fast layout, the checkpoint tensors exactly.
@@ -197,6 +197,17 @@ TEST(device_map_costs, llama_7b_dense_and_gptq_by_hand) {
     EXPECT_EQ(cd.modules[1].weight_bytes, cq.modules[1].weight_bytes);  // layer 0
     EXPECT_EQ(cd.modules[2].weight_bytes, costs_7b(&*q8).modules[2].weight_bytes);
     EXPECT_EQ(cd.modules[3].weight_bytes, cq.modules[3].weight_bytes - lin(4096, 4096) + 2 * 4096 * 4096);
+
+    // A GPTQ lm_head ("lm_head": true): on the int4 layout at 4 bits (llama_cuda keeps it there), its
+    // F16 copy otherwise (8 bits: dequantized at load).
+    auto qh = gptq_config_parse(json::parse(R"({"bits": 4, "group_size": 128, "sym": true, "lm_head": true})"),
+                                "quantize_config.json");
+    ASSERT_TRUE(qh.is_ok()) << qh.error().message();
+    EXPECT_EQ(costs_7b(&*qh).modules[34].weight_bytes, lin(32000, 4096));
+    auto qh8 =
+        gptq_config_parse(json::parse(R"({"bits": 8, "group_size": -1, "lm_head": true})"), "quantize_config.json");
+    ASSERT_TRUE(qh8.is_ok()) << qh8.error().message();
+    EXPECT_EQ(costs_7b(&*qh8).modules[34].weight_bytes, c.modules[34].weight_bytes);
 }
 
 // ---- auto ------------------------------------------------------------------------------------------------

@@ -33,11 +33,12 @@ status gemm(cublasHandle_t handle, gemm_dtype dtype, const uint16_t* x, const ui
 }
 
 status gemm_f32_out(cublasHandle_t handle, gemm_dtype dtype, const uint16_t* x, const uint16_t* w, float* y, int64_t m,
-                    int64_t n, int64_t k, int64_t x_stride, int64_t w_stride, int64_t y_stride, cudaStream_t stream) {
+                    int64_t n, int64_t k, int64_t x_stride, int64_t w_stride, int64_t y_stride, cudaStream_t stream,
+                    float beta) {
     if (m <= 0 || n <= 0) return status::ok();
     GPTQ_TRY(gemm_check(m, n, k, x_stride, w_stride, y_stride));
     const cudaDataType_t t     = dtype == gemm_dtype::f16 ? CUDA_R_16F : CUDA_R_16BF;
-    const float          alpha = 1.0f, beta = 0.0f;
+    const float          alpha = 1.0f;
     GPTQ_CUBLAS_CHECK(cublasSetStream(handle, stream));
     GPTQ_CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(n), int(m), int(k), &alpha, w, t,
                                    int(w_stride), x, t, int(x_stride), &beta, y, CUDA_R_32F, int(y_stride),

@@ -22,9 +22,10 @@ status gemm(cublasHandle_t handle, gemm_dtype dtype, const uint16_t* x, const ui
             int64_t n, int64_t k, int64_t x_stride, int64_t w_stride, int64_t y_stride, float alpha, float beta,
             cudaStream_t stream);
 
-// The same with an F32 output y[m, y_stride] (alpha = 1, beta = 0): for the lm_head, whose logits
-// feed a log-softmax, so they are not rounded to F16.
+// The same with an F32 output y[m, y_stride] = x w^T + beta y (alpha = 1; beta 1: a bias already in
+// y, added in F32): for the lm_head, whose logits feed a log-softmax, so they are not rounded to F16.
 status gemm_f32_out(cublasHandle_t handle, gemm_dtype dtype, const uint16_t* x, const uint16_t* w, float* y, int64_t m,
-                    int64_t n, int64_t k, int64_t x_stride, int64_t w_stride, int64_t y_stride, cudaStream_t stream);
+                    int64_t n, int64_t k, int64_t x_stride, int64_t w_stride, int64_t y_stride, cudaStream_t stream,
+                    float beta = 0.0f);
 
 }  // namespace gptq::cuda

@@ -255,8 +255,9 @@ constexpr int k_chunks = 16;
 // F_NORM: x is the residual stream; the block computes each token's RMSNorm (decode_math.cuh's order)
 // into shared memory once and the warps read their fragments from there instead of the ring.
 // F_RES: y is the residual stream, y += the (rounded) output. F_SILU: 32-row tiles of 16 gate then
-// 16 up rows, y = silu(gate) * up per feature.
-enum : int { F_NORM = 1, F_RES = 2, F_SILU = 4 };
+// 16 up rows, y = silu(gate) * up per feature. F_F32 (alone): the un-rounded F32 sum (+ bias in F32)
+// to y32 (int4_gemv_f32out: the quantized lm_head's logits).
+enum : int { F_NORM = 1, F_RES = 2, F_SILU = 4, F_F32 = 8 };
 
 // A ring slot (uint4 units): TN x 32 weight words, XB x 32 activation fragments (XB = NB, or 0 when
 // the activations are in the block's normalised copy), TN x 8 scale words.
@@ -310,6 +311,7 @@ struct pipe_args {
     const int32_t* perm;
     float          eps;
     int            prefetch;  // 1: cp.async.bulk.prefetch.L2 of each warp's weights first (sm_90)
+    float*         y32;       // F_F32: the output [m, y_stride] F32 (y unused)
 };
 
 // F_NORM prologue: the block's tokens normalised into xs [m][pipe_norm_stride] (in perm order when
@@ -378,6 +380,7 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
     static_assert(D >= 2, "ring of at least 2 slots");
     static_assert(W == 16 || W == 8 || W == 4, "16 chunks over the warps");
     static_assert(!((F & F_RES) && (F & F_SILU)), "one epilogue");
+    static_assert(!(F & F_F32) || F == F_F32, "the F32 output takes no other fusion");
     constexpr bool          NORM = (F & F_NORM) != 0;
     constexpr int           XB   = pipe_xb(NB, F);
     constexpr int           SLOT = pipe_slot_words(TN, XB), CPW = k_chunks / W, LV = pipe_levels(W);
@@ -602,6 +605,10 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
         if (tile < a.n_tiles && nn < a.n_out && tok < a.m) {
             float out = v[0];
             if (a.bias) out += __half2float(a.bias[nn]);
+            if constexpr ((F & F_F32) != 0) {  // the value the F16 variants round, as it is
+                a.y32[int64_t(tok) * a.y_stride + nn] = out;
+                continue;
+            }
             __half o = __float2half_rn(out);
             if constexpr ((F & F_SILU) != 0) {
                 act[(tt * 16 + tok) * 32 + n_local] = o;  // combined below, once the tile is complete
@@ -962,6 +969,8 @@ status launch_fused(int v, int flags, const pipe_args& a, const device_caps& cap
             return launch_fused_f<F_NORM | F_SILU>(v, a, caps, stream);
         case F_RES:
             return launch_fused_f<F_RES>(v, a, caps, stream);
+        case F_F32:
+            return launch_fused_f<F_F32>(v, a, caps, stream);
         default:
             break;
     }
@@ -1051,7 +1060,8 @@ status int4_gemv_f16(const int4_layout& L, const void* weights, const void* sz, 
                               nullptr,
                               nullptr,
                               0.0f,
-                              caps.prefetch ? 1 : 0};
+                              caps.prefetch ? 1 : 0,
+                              nullptr};
             GPTQ_TRY(launch_variant(v, a, caps, stream));
             continue;
         }
@@ -1141,6 +1151,60 @@ status int4_gemv_fused_f16(const int4_layout& L, const void* weights, const void
     a.eps      = f.eps;
     a.prefetch = caps.prefetch ? 1 : 0;
     return launch_fused(v, fusion_flags(f), a, caps, stream);
+}
+
+status int4_gemv_f32out_check(const int4_layout& L, int64_t m, int variant) {
+    if (m < 1 || m > k_fused_max_m)
+        return make_error(status_code::STATUS_UNSUPPORTED, "int4_gemv_f32out: m {} not in [1, {}]", m, k_fused_max_m);
+    if (variant != -1 && !int4_gemv_fused_variant(variant))
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemv_f32out: variant {} has no fused kernel",
+                          variant);
+    if (L.n_tiles > 0x7fffffff / 32 || L.k_steps > 0x7fffffff / 32)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemv_f32out: layout {} x {} too large", L.n_out,
+                          L.n_in);
+    const device_caps caps = current_device_caps();
+    const int         v    = fused_variant_for(L, int(m), variant, caps);
+    if (fused_smem(v, F_F32, m, L.n_in, false) > size_t(caps.smem_optin))
+        return make_error(status_code::STATUS_UNSUPPORTED,
+                          "int4_gemv_f32out: {} needs {} bytes of shared memory, the device allows {}",
+                          k_variants[v].name, fused_smem(v, F_F32, m, L.n_in, false), caps.smem_optin);
+    return status::ok();
+}
+
+status int4_gemv_f32out(const int4_layout& L, const void* weights, const void* sz, const uint16_t* x,
+                        const uint16_t* bias, float* y, int64_t m, int64_t x_stride, int64_t y_stride,
+                        cudaStream_t stream, int variant) {
+    GPTQ_TRY(int4_gemv_f32out_check(L, m, variant));
+    if (x_stride < L.n_in || y_stride < L.n_out)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "int4_gemv_f32out: x_stride {} / y_stride {} too small for {} x {}", x_stride, y_stride,
+                          L.n_out, L.n_in);
+    // The warps copy 16-byte fragments of x (the pipelined kernels' condition).
+    if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || x_stride % 8 != 0)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "int4_gemv_f32out: x must be 16-byte aligned with x_stride % 8 == 0 (x_stride {})", x_stride);
+    const device_caps caps = current_device_caps();
+    const int         v    = fused_variant_for(L, int(m), variant, caps);
+    pipe_args         a{};
+    a.wts      = static_cast<const uint4*>(weights);
+    a.sz       = static_cast<const uint4*>(sz);
+    a.x        = reinterpret_cast<const __half*>(x);
+    a.bias     = reinterpret_cast<const __half*>(bias);
+    a.y        = nullptr;
+    a.y32      = y;
+    a.m        = int(m);
+    a.n_out    = int(L.n_out);
+    a.n_tiles  = int(L.n_tiles);
+    a.k_steps  = int(L.k_steps);
+    a.spg      = int(L.group_size / 32);
+    a.n_groups = int(L.n_groups);
+    a.x_stride = x_stride;
+    a.y_stride = y_stride;
+    a.norm_w   = nullptr;
+    a.perm     = nullptr;
+    a.eps      = 0.0f;
+    a.prefetch = caps.prefetch ? 1 : 0;
+    return launch_fused(v, F_F32, a, caps, stream);
 }
 
 status gptq_permute_cols_f16(const uint16_t* x, const int32_t* perm, uint16_t* y, int64_t m, int64_t n_cols,

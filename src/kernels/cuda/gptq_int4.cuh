@@ -120,6 +120,18 @@ status int4_gemv_fused_f16(const int4_layout& L, const void* weights, const void
                            const int4_gemv_fusion& f, cudaStream_t stream, int variant = -1);
 bool   int4_gemv_fused_variant(int variant);
 
+// The GEMV with an F32 output (the quantized lm_head's logits, docs/cuda.md "Quantized lm_head on
+// the GPU"): y[m, y_stride] F32 = x W^T (+ bias in F32), the sum the pipelined variants round to F16
+// in int4_gemv_f16, un-rounded (so rounding it to F16 gives int4_gemv_f16's bits). m in [1, 16]
+// (the fused kernels: the table's fused variant, or `variant` forced, one for which
+// int4_gemv_fused_variant is true); x as the pipelined variants need it (16-byte aligned,
+// x_stride % 8 == 0), already permuted for an act-order layout. The check: OK when it runs L for m
+// tokens on the current device, UNSUPPORTED (the caller takes another path) otherwise.
+status int4_gemv_f32out_check(const int4_layout& L, int64_t m, int variant = -1);
+status int4_gemv_f32out(const int4_layout& L, const void* weights, const void* sz, const uint16_t* x,
+                        const uint16_t* bias, float* y, int64_t m, int64_t x_stride, int64_t y_stride,
+                        cudaStream_t stream, int variant = -1);
+
 // y[r, i] = x[r, perm[i]] for r < m, i < n_cols. x: [m, x_stride], y: [m, y_stride] F16 (no alias);
 // perm: [n_cols] I32 device array.
 status gptq_permute_cols_f16(const uint16_t* x, const int32_t* perm, uint16_t* y, int64_t m, int64_t n_cols,

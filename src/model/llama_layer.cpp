@@ -34,17 +34,27 @@ void llama_model::linear_run(const ops_context& ctx, const llama_layer& layer, l
 
 void llama_model::linears_run(const ops_context& ctx, const llama_layer& layer, std::span<const linear_role> roles,
                               std::span<const layer_seq> seqs, const float* x, float* const* ys) const {
+    // GPTQ linears share one rounding of x and one pool dispatch (op_gptq_linears), F16 ones one
+    // dispatch (op_linears_f16); each output is what linear_forward gives the layer alone.
     constexpr size_t k_max = 4;
     gptq_linear_out  q[k_max];
-    size_t           nq = 0;
+    linear_f16_out   h[k_max];
+    size_t           nq = 0, nh = 0;
+    int64_t          n_in = 0;
     for (size_t i = 0; i < roles.size(); ++i) {
-        const linear_weights& l = layer.linear(roles[i]);
-        if (l.q && nq < k_max)
-            q[nq++] = {l.q.get(), l.bias.empty() ? nullptr : l.bias.data(), ys[i]};
-        else
+        const linear_weights& l    = layer.linear(roles[i]);
+        const float*          bias = l.bias.empty() ? nullptr : l.bias.data();
+        if (l.q && nq < k_max) {
+            q[nq++] = {l.q.get(), bias, ys[i]};
+        } else if (!l.q && !l.w16.empty() && nh < k_max) {
+            h[nh++] = {l.w16.data(), bias, ys[i], l.n_out};
+            n_in    = l.n_in;
+        } else {
             linear_forward(ctx, l, x, ys[i], rows_of(seqs));
+        }
     }
     op_gptq_linears(ctx, x, std::span<const gptq_linear_out>(q, nq), rows_of(seqs));
+    op_linears_f16(ctx, x, h, static_cast<int>(nh), rows_of(seqs), n_in);
     for (size_t i = 0; i < roles.size(); ++i) lora_run(ctx, layer, roles[i], seqs, x, ys[i]);
 }
 

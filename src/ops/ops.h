@@ -29,6 +29,17 @@ void op_linear(const ops_context& ctx, const float* x, const float* w, const flo
 void op_linear_f16(const ops_context& ctx, const float* x, const uint16_t* w, const float* bias, float* y, int64_t m,
                    int64_t n, int64_t k);
 
+// Several F16 linears of one input x [m, k] (q/k/v, gate/up): ys[j] = x W_j^T + biases[j], each
+// exactly op_linear_f16's result for it alone, in one pool dispatch. At most 8.
+struct linear_f16_out {
+    const uint16_t* w    = nullptr;  // [n, k]
+    const float*    bias = nullptr;  // [n] or nullptr
+    float*          y    = nullptr;  // [m, n]
+    int64_t         n    = 0;
+};
+void op_linears_f16(const ops_context& ctx, const float* x, const linear_f16_out* outs, int n_outs, int64_t m,
+                    int64_t k);
+
 // y[n_rows, dim] = rmsnorm(x[n_rows, dim]) * w[dim]; y may alias x.
 void op_rms_norm(const ops_context& ctx, const float* x, const float* w, float* y, int64_t n_rows, int64_t dim,
                  float eps);

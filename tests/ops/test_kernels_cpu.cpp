@@ -120,6 +120,41 @@ TEST(kernels_cpu, linear_f16_prompt_rows_do_not_depend_on_m) {
     }
 }
 
+// Several F16 linears of one input in one dispatch (q/k/v, gate/up of a dense layer): each output
+// bit for bit what linear_f16 gives the layer alone, decode rows (GEMV) and prompts (GEMM), with
+// and without the pool, output counts off the work unit (16 / 64) and a bias on some.
+TEST(kernels_cpu, linears_f16_equal_each_alone) {
+    std::mt19937                 rng(17);
+    const int64_t                k = 200;
+    const std::vector<int64_t>   ns{70, 33, 16, 1};
+    std::vector<std::vector<uint16_t>> ws;
+    std::vector<std::vector<float>>    biases;
+    for (int64_t n : ns) {
+        auto                  wf = random_vec(rng, n * k);
+        std::vector<uint16_t> w(wf.size());
+        for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_f16(wf[i]);
+        ws.push_back(w);
+        biases.push_back(n % 2 ? random_vec(rng, n) : std::vector<float>{});
+    }
+    for (int64_t m : {1, 2, 4, 5, 19})
+        for (thread_pool* tp : {&pool3(), static_cast<thread_pool*>(nullptr)}) {
+            const auto                      x = random_vec(rng, m * k);
+            std::vector<std::vector<float>> together(ns.size()), alone(ns.size());
+            std::vector<cpu::linear_f16_job> jobs;
+            for (size_t j = 0; j < ns.size(); ++j) {
+                together[j].assign(static_cast<size_t>(m * ns[j]), -1.0f);
+                alone[j].assign(together[j].size(), -2.0f);
+                const float* b = biases[j].empty() ? nullptr : biases[j].data();
+                cpu::linear_f16(x.data(), ws[j].data(), b, alone[j].data(), m, ns[j], k, tp);
+                jobs.push_back({ws[j].data(), b, together[j].data(), ns[j]});
+            }
+            cpu::linears_f16(x.data(), jobs.data(), static_cast<int>(jobs.size()), m, k, tp);
+            for (size_t j = 0; j < ns.size(); ++j)
+                for (size_t e = 0; e < alone[j].size(); ++e)
+                    ASSERT_EQ(together[j][e], alone[j][e]) << "layer " << j << " m " << m << " at " << e;
+        }
+}
+
 TEST(kernels_cpu, linear_blas_small_batches_walk_output_blocks) {
     // m = 2..4 go through the sgemv path in blocks of output features (k_gemv_block_bytes = 256 KiB
     // of weights: 64 rows at k = 1024), so n = 1000 spans 16 blocks, the last one partial.

@@ -124,10 +124,16 @@ bool thread_pool::spin_until(Pred pred, bool timeout_is_contention) {
 void thread_pool::quiet(int64_t t) {
     // Contention soon after the last quiet period ended: the next one is twice as long (up to
     // 2^6 x k_quiet_ns = 3.2 s), so a machine that stays oversubscribed rarely pays for a probe.
+    // GPTQ_POOL_QUIET=0: never (for A/B runs on machines whose cores are ours); the events still count.
+    static const bool enabled = [] {
+        const char* e = std::getenv("GPTQ_POOL_QUIET");
+        return !(e && std::string_view(e) == "0");
+    }();
     std::lock_guard<std::mutex> lock(quiet_mutex_);
     const int64_t               last_end = quiet_until_ns_.load(std::memory_order_relaxed);
     if (t < last_end) return;  // another thread already did
     if (stats_enabled()) st_quiet_.fetch_add(1, std::memory_order_relaxed);
+    if (!enabled) return;
     quiet_level_ = t - last_end < k_quiet_memory_ns ? std::min(quiet_level_ + 1, 6) : 0;
     quiet_until_ns_.store(t + (k_quiet_ns << quiet_level_), std::memory_order_relaxed);
 }

@@ -15,7 +15,8 @@
 // On oversubscribed cores (other processes want them too) spinning is a loss, 4x slower decode
 // on the shared 2-core VM (load 6): a spinning thread that notices it was preempted, or a caller
 // whose wait for the workers outlasts the spin, stops the pool's spinning for 50 ms, then tries
-// again; contention again within a second doubles the pause (up to 3.2 s).
+// again; contention again within a second doubles the pause (up to 3.2 s). GPTQ_POOL_QUIET=0 turns
+// that check off (A/B runs on machines whose cores are ours).
 #pragma once
 
 #include <atomic>

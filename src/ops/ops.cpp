@@ -94,6 +94,8 @@ void op_attention(const ops_context& ctx, const attention_args& a) {
 void op_silu_mul(const ops_context& ctx, const float* gate, const float* up, float* y, int64_t n) {
     if (ctx.reference)
         cpu::silu_mul_ref(gate, up, y, n);
+    else if (ctx.int8_activations)  // generation's numerics: the vector exp (kernels/cpu/activation.h)
+        cpu::silu_mul_fast(gate, up, y, n, ctx.pool);
     else
         cpu::silu_mul(gate, up, y, n, ctx.pool);
 }

@@ -17,7 +17,7 @@ struct ops_context {
     // GPTQ linears round their activations to int8 (one scale per block of up to 128 rows of a
     // group; kernels/cpu/gptq_linear.h) and decode-sized calls (m < 4 rows) use the int8 GEMV:
     // much faster, not F32-exact. Generation turns it on; perplexity and calibration keep the F32
-    // products (docs/model-runtime.md).
+    // products (docs/model-runtime.md). It also selects SwiGLU's vector exp (op_silu_mul).
     bool int8_activations = false;
 };
 

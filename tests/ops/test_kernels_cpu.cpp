@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -410,6 +411,14 @@ TEST(kernels_cpu, activations_match_reference) {
         cpu::silu_mul_ref(g.data(), u.data(), a.data(), n);
         cpu::silu_mul(g.data(), u.data(), b.data(), n, &pool3());
         for (int64_t i = 0; i < n; ++i) ASSERT_NEAR(a[i], b[i], k_activation_tol * (std::fabs(a[i]) + 1e-6));
+        // The vector exp (generation's path), also past its clamp and on exact zeros.
+        for (int64_t i = 0; i < n; i += 5) g[i] = std::array<float, 6>{0.0f, 90.0f, -90.0f, 200.0f, -200.0f, -0.0f}[i % 6];
+        cpu::silu_mul_ref(g.data(), u.data(), a.data(), n);
+        for (thread_pool* tp : {&pool3(), static_cast<thread_pool*>(nullptr)}) {
+            cpu::silu_mul_fast(g.data(), u.data(), b.data(), n, tp);
+            for (int64_t i = 0; i < n; ++i)
+                ASSERT_NEAR(a[i], b[i], k_activation_tol * (std::fabs(a[i]) + 1e-6)) << "fast, g " << g[i];
+        }
     }
     for (int64_t rows : {1, 3, 40})
         for (int64_t cols : {1, 2, 9, 1000, 8192}) {

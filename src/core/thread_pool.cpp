@@ -67,15 +67,16 @@ thread_pool::stats thread_pool::get_stats() const {
 thread_pool::~thread_pool() {
     if (stats_enabled() && !workers_.empty()) {
         const stats s = get_stats();
-        std::fprintf(stderr,
-                     "pool stats: threads %d spin_us %d: parallel_for %llu dispatched (%llu serial), %.3f ms inside "
-                     "them, caller waiting for workers %.3f ms, workers' start latency %.3f us per dispatch and worker, "
-                     "worker sleeps %llu, caller sleeps %llu, quiet periods %llu\n",
-                     n_threads(), spin_us_, static_cast<unsigned long long>(s.calls),
-                     static_cast<unsigned long long>(s.serial_calls), s.ns_calls / 1e6, s.ns_caller_wait / 1e6,
-                     s.calls ? s.ns_worker_late / 1e3 / static_cast<double>(s.calls * workers_.size()) : 0.0,
-                     static_cast<unsigned long long>(s.worker_sleeps), static_cast<unsigned long long>(s.caller_sleeps),
-                     static_cast<unsigned long long>(s.quiet_periods));
+        std::fprintf(
+            stderr,
+            "pool stats: threads %d spin_us %d: parallel_for %llu dispatched (%llu serial), %.3f ms inside "
+            "them, caller waiting for workers %.3f ms, workers' start latency %.3f us per dispatch and worker, "
+            "worker sleeps %llu, caller sleeps %llu, quiet periods %llu\n",
+            n_threads(), spin_us_, static_cast<unsigned long long>(s.calls),
+            static_cast<unsigned long long>(s.serial_calls), s.ns_calls / 1e6, s.ns_caller_wait / 1e6,
+            s.calls ? s.ns_worker_late / 1e3 / static_cast<double>(s.calls * workers_.size()) : 0.0,
+            static_cast<unsigned long long>(s.worker_sleeps), static_cast<unsigned long long>(s.caller_sleeps),
+            static_cast<unsigned long long>(s.quiet_periods));
     }
     {
         std::lock_guard<std::mutex> lock(mutex_);

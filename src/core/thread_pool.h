@@ -60,8 +60,8 @@ public:
         int64_t  ns_worker_late = 0;           // sum over workers of dispatch -> start of their chunk
         uint64_t worker_sleeps = 0, caller_sleeps = 0, quiet_periods = 0;
     };
-    stats        get_stats() const;
-    static bool  stats_enabled();
+    stats       get_stats() const;
+    static bool stats_enabled();
 
 private:
     void worker_loop(int index);

@@ -36,8 +36,8 @@ struct block_buffers {
 };
 constexpr size_t k_keep_bytes = size_t{64} << 20;
 block_buffers&   buffers() {
-    thread_local block_buffers b;
-    return b;
+      thread_local block_buffers b;
+      return b;
 }
 float* take(std::vector<float>& v, int64_t n) {
     if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
@@ -131,7 +131,7 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
     if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_QKV, x, n_rows, n_embd);
     if (stop_after == linear_input::LINEAR_INPUT_QKV) return false;
 
-    float* const      q         = take(buf.q, n_rows * q_dim);  // [n_rows, q_dim]
+    float* const      q         = take(buf.q, n_rows * q_dim);   // [n_rows, q_dim]
     float* const      k         = take(buf.k, n_rows * kv_dim);  // [n_rows, kv_dim]
     float* const      v         = take(buf.v, n_rows * kv_dim);
     const linear_role qkv[]     = {linear_role::LINEAR_Q, linear_role::LINEAR_K, linear_role::LINEAR_V};
@@ -213,12 +213,12 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
 bool llama_model::mlp_block(const ops_context& ctx, const llama_layer& layer, float* hidden,
                             std::span<const layer_seq> seqs, const linear_input_hook* hook,
                             linear_input stop_after) const {
-    const int64_t      n_embd = hp_.n_embd, n_ff = hp_.n_ff;
-    const int64_t      i_layer = layer.index;
-    const int64_t      n_rows  = rows_of(seqs);
-    auto               lin = [&](linear_role r, const float* x, float* y) { linear_run(ctx, layer, r, seqs, x, y); };
-    block_buffers& buf = buffers();
-    float* const   y   = take(buf.my, n_rows * n_embd);  // [n_rows, n_embd]
+    const int64_t  n_embd = hp_.n_embd, n_ff = hp_.n_ff;
+    const int64_t  i_layer = layer.index;
+    const int64_t  n_rows  = rows_of(seqs);
+    auto           lin     = [&](linear_role r, const float* x, float* y) { linear_run(ctx, layer, r, seqs, x, y); };
+    block_buffers& buf     = buffers();
+    float* const   y       = take(buf.my, n_rows * n_embd);  // [n_rows, n_embd]
     op_rms_norm(ctx, hidden, layer.mlp_norm.data(), y, n_rows, n_embd, hp_.rms_eps);
     if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_GATE_UP, y, n_rows, n_embd);
     if (stop_after == linear_input::LINEAR_INPUT_GATE_UP) return false;

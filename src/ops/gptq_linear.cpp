@@ -40,9 +40,9 @@ gptq_packed_linear gptq_packed_linear::from_unpacked(const uint8_t* codes_orig, 
     bool identity = true;
     for (int64_t i = 0; i < n_in; ++i) identity &= order[static_cast<size_t>(i)] == i;
     if (!identity) p.perm = order;
-    p.tiled = tiled && bits != 8;
-    const cpu::gptq_cpu_layout l = p.layout();  // the index arithmetic only (no pointers yet)
-    const int64_t n_rows = p.tiled ? l.n_tiles() * cpu::k_gptq_tile : n_out;  // outputs incl. padding
+    p.tiled                           = tiled && bits != 8;
+    const cpu::gptq_cpu_layout l      = p.layout();  // the index arithmetic only (no pointers yet)
+    const int64_t              n_rows = p.tiled ? l.n_tiles() * cpu::k_gptq_tile : n_out;  // outputs incl. padding
     p.codes.assign(static_cast<size_t>(p.tiled ? n_rows * p.k_pad / 2 : n_out * l.row_bytes()), 0);
     for (int64_t n = 0; n < n_out; ++n)
         for (int64_t g = 0; g < n_groups; ++g)

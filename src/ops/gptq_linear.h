@@ -18,13 +18,14 @@ struct gptq_cpu_layout;  // kernels/cpu/gptq_linear.h
 namespace gptq {
 
 struct gptq_packed_linear {
-    int64_t              n_in = 0, n_out = 0, n_groups = 0;
-    int                  bits  = 4;
-    int64_t              k_pad = 0;    // sorted input rows padded per group to multiples of 32
-    bool                 tiled = false;  // the tiled layout (kernels/cpu/gptq_linear.h), else rows
-    std::vector<uint8_t> codes;  // tiled: [n_tiles, k_pad / 8, 64]; rows: [n_out, k_pad / 2] (bits <= 4), [n_out, k_pad]
-    std::vector<float>   scales;       // tiled: [n_tiles, n_groups, 16]; rows: [n_out, n_groups]
-    std::vector<float>   zeros;        // as scales
+    int64_t n_in = 0, n_out = 0, n_groups = 0;
+    int     bits  = 4;
+    int64_t k_pad = 0;      // sorted input rows padded per group to multiples of 32
+    bool    tiled = false;  // the tiled layout (kernels/cpu/gptq_linear.h), else rows
+    std::vector<uint8_t>
+                       codes;   // tiled: [n_tiles, k_pad / 8, 64]; rows: [n_out, k_pad / 2] (bits <= 4), [n_out, k_pad]
+    std::vector<float> scales;  // tiled: [n_tiles, n_groups, 16]; rows: [n_out, n_groups]
+    std::vector<float> zeros;   // as scales
     std::vector<int32_t> group_start;  // [n_groups + 1]
     std::vector<int32_t> pad_start;    // [n_groups + 1]
     std::vector<int32_t> perm;         // [n_in] sorted row -> original input index; empty = identity

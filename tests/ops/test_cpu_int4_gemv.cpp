@@ -399,13 +399,13 @@ TEST(cpu_int4_gemv, tiled_kernels_equal_the_tiled_scalar_kernel_bit_for_bit) {
     for (auto i : {cpu::gptq_isa::GPTQ_ISA_AVX2, cpu::gptq_isa::GPTQ_ISA_VNNI, cpu::gptq_isa::GPTQ_ISA_AVX512})
         if (cpu::gptq_isa_available(i)) isas.push_back(i);
     if (isas.empty()) GTEST_SKIP() << "no vector int8 kernel on this CPU";
-    std::mt19937                    rng(51);
-    std::normal_distribution<float> nd;
-    thread_pool                     pool(3);
-    int                             n_cases = 0;
-    const std::vector<std::tuple<int64_t, int64_t, int64_t>> shapes = {
-        {1, 32, 32},   {15, 96, 32}, {16, 200, 64}, {17, 128, 128}, {37, 1000, 128},
-        {33, 257, -1}, {5, 33, 64},  {100, 300, 48}, {48, 41, 7},   {64, 520, 256}};
+    std::mt19937                                             rng(51);
+    std::normal_distribution<float>                          nd;
+    thread_pool                                              pool(3);
+    int                                                      n_cases = 0;
+    const std::vector<std::tuple<int64_t, int64_t, int64_t>> shapes  = {
+         {1, 32, 32},   {15, 96, 32}, {16, 200, 64},  {17, 128, 128}, {37, 1000, 128},
+         {33, 257, -1}, {5, 33, 64},  {100, 300, 48}, {48, 41, 7},    {64, 520, 256}};
     for (int bits : {2, 3, 4})
         for (auto [n_out, n_in, gs] : shapes)
             for (bool act : {false, true}) {
@@ -430,10 +430,9 @@ TEST(cpu_int4_gemv, tiled_kernels_equal_the_tiled_scalar_kernel_bit_for_bit) {
                             std::vector<float> y(ref.size(), -3.0f);
                             cpu::gptq_linear(x.data(), l, nullptr, y.data(), m, tp, true, isa);
                             for (size_t e = 0; e < y.size(); ++e)
-                                ASSERT_EQ(y[e], ref[e])
-                                    << cpu::gptq_isa_name(isa) << " bits " << bits << " " << n_out << "x" << n_in
-                                    << " gs " << gs << " act " << act << " m " << m << " row "
-                                    << e / size_t(n_out) << " n " << e % size_t(n_out);
+                                ASSERT_EQ(y[e], ref[e]) << cpu::gptq_isa_name(isa) << " bits " << bits << " " << n_out
+                                                        << "x" << n_in << " gs " << gs << " act " << act << " m " << m
+                                                        << " row " << e / size_t(n_out) << " n " << e % size_t(n_out);
                         }
                     // The single-row GEMV on ranges starting at a tile inside the layer (threads' slices).
                     for (auto isa : isas)
@@ -497,7 +496,8 @@ TEST(cpu_int4_gemv, tiled_layout_equals_the_rows_layout) {
                     double mag = 0;
                     for (int64_t k = 0; k < n_in; ++k) {
                         const auto gi = static_cast<size_t>(L.g_idx[size_t(k)] * n_out + n);
-                        mag += L.scales[gi] * (L.codes[size_t(n * n_in + k)] + L.zeros_f[gi]) * std::fabs(xd[size_t(k)]);
+                        mag +=
+                            L.scales[gi] * (L.codes[size_t(n * n_in + k)] + L.zeros_f[gi]) * std::fabs(xd[size_t(k)]);
                     }
                     ASSERT_LE(std::fabs(yt[size_t(n)] - yr[size_t(n)]), 2 * gamma * mag + 1e-30)
                         << "bits " << bits << " " << n_out << "x" << n_in << " gs " << gs << " act " << act << " n "

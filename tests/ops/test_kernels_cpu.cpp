@@ -125,9 +125,9 @@ TEST(kernels_cpu, linear_f16_prompt_rows_do_not_depend_on_m) {
 // bit for bit what linear_f16 gives the layer alone, decode rows (GEMV) and prompts (GEMM), with
 // and without the pool, output counts off the work unit (16 / 64) and a bias on some.
 TEST(kernels_cpu, linears_f16_equal_each_alone) {
-    std::mt19937                 rng(17);
-    const int64_t                k = 200;
-    const std::vector<int64_t>   ns{70, 33, 16, 1};
+    std::mt19937                       rng(17);
+    const int64_t                      k = 200;
+    const std::vector<int64_t>         ns{70, 33, 16, 1};
     std::vector<std::vector<uint16_t>> ws;
     std::vector<std::vector<float>>    biases;
     for (int64_t n : ns) {
@@ -139,8 +139,8 @@ TEST(kernels_cpu, linears_f16_equal_each_alone) {
     }
     for (int64_t m : {1, 2, 4, 5, 19})
         for (thread_pool* tp : {&pool3(), static_cast<thread_pool*>(nullptr)}) {
-            const auto                      x = random_vec(rng, m * k);
-            std::vector<std::vector<float>> together(ns.size()), alone(ns.size());
+            const auto                       x = random_vec(rng, m * k);
+            std::vector<std::vector<float>>  together(ns.size()), alone(ns.size());
             std::vector<cpu::linear_f16_job> jobs;
             for (size_t j = 0; j < ns.size(); ++j) {
                 together[j].assign(static_cast<size_t>(m * ns[j]), -1.0f);
@@ -412,7 +412,8 @@ TEST(kernels_cpu, activations_match_reference) {
         cpu::silu_mul(g.data(), u.data(), b.data(), n, &pool3());
         for (int64_t i = 0; i < n; ++i) ASSERT_NEAR(a[i], b[i], k_activation_tol * (std::fabs(a[i]) + 1e-6));
         // The vector exp (generation's path), also past its clamp and on exact zeros.
-        for (int64_t i = 0; i < n; i += 5) g[i] = std::array<float, 6>{0.0f, 90.0f, -90.0f, 200.0f, -200.0f, -0.0f}[i % 6];
+        for (int64_t i = 0; i < n; i += 5)
+            g[i] = std::array<float, 6>{0.0f, 90.0f, -90.0f, 200.0f, -200.0f, -0.0f}[i % 6];
         cpu::silu_mul_ref(g.data(), u.data(), a.data(), n);
         for (thread_pool* tp : {&pool3(), static_cast<thread_pool*>(nullptr)}) {
             cpu::silu_mul_fast(g.data(), u.data(), b.data(), n, tp);

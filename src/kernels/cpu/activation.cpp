@@ -28,8 +28,8 @@ __attribute__((target("avx512f"))) void silu_mul_range_512(const float* gate, co
     for (; i + 16 <= i1; i += 16) {
         const __m512 g = _mm512_loadu_ps(gate + i);
         const __m512 e = vec_exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
-        _mm512_storeu_ps(y + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
-                                              _mm512_loadu_ps(up + i)));
+        _mm512_storeu_ps(
+            y + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), _mm512_loadu_ps(up + i)));
     }
     silu_mul_range(gate, up, y, i, i1);
 }
@@ -39,15 +39,15 @@ __attribute__((target("avx2,fma"))) void silu_mul_range_256(const float* gate, c
     for (; i + 8 <= i1; i += 8) {
         const __m256 g = _mm256_loadu_ps(gate + i);
         const __m256 e = vec_exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
-        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)),
-                                              _mm256_loadu_ps(up + i)));
+        _mm256_storeu_ps(
+            y + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), _mm256_loadu_ps(up + i)));
     }
     silu_mul_range(gate, up, y, i, i1);
 }
 void silu_mul_range_fast(const float* gate, const float* up, float* y, int64_t i0, int64_t i1) {
-    static const int isa = __builtin_cpu_supports("avx512f")                                       ? 2
+    static const int isa = __builtin_cpu_supports("avx512f")                                 ? 2
                            : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1
-                                                                                               : 0;
+                                                                                             : 0;
     if (isa == 2)
         silu_mul_range_512(gate, up, y, i0, i1);
     else if (isa == 1)

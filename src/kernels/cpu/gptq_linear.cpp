@@ -263,7 +263,8 @@ GPTQ_KT void tiled_q8_512(const gptq_cpu_layout& w, const gptq_q8_row* xr, float
             }
         }
         for (int t = 0; t < T; ++t) {
-            const __m512 sz = _mm512_mul_ps(_mm512_loadu_ps(sc[t] + g * k_gptq_tile), _mm512_loadu_ps(zr[t] + g * k_gptq_tile));
+            const __m512 sz =
+                _mm512_mul_ps(_mm512_loadu_ps(sc[t] + g * k_gptq_tile), _mm512_loadu_ps(zr[t] + g * k_gptq_tile));
             for (int i = 0; i < M; ++i) acc[t][i] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xr[i].xsum[g]), acc[t][i]);
         }
     }
@@ -581,8 +582,8 @@ void gptq_gemv_q8(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int
 
 namespace {
 
-constexpr int64_t k_rows_per_task = 64;  // output rows per work item of the F32 path
-constexpr int64_t k_gemv_block    = 16;  // output rows per work item of the int8 GEMV (a multiple of 4)
+constexpr int64_t k_rows_per_task       = 64;  // output rows per work item of the F32 path
+constexpr int64_t k_gemv_block          = 16;  // output rows per work item of the int8 GEMV (a multiple of 4)
 constexpr int64_t k_round_parallel_rows = 16;  // from this many rows the activation rounding is split over the pool
 static_assert(k_gemv_block % k_gptq_tile == 0, "work items must start on a tile of the tiled layout");
 

@@ -13,8 +13,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "core/error.h"
 #include "core/dtype.h"
+#include "core/error.h"
 #include "core/thread_pool.h"
 #include "kernels/cpu/f16_isa.h"
 #include "kernels/cpu/linear.h"

@@ -13,7 +13,9 @@
 # With .device-cpu/gptq-base.xz (pack_cpu_bench.sh GPTQ_BASE=...) an earlier build of ours runs beside
 # it in every round (engine gptqkit-base): before/after on quiet cores.
 # Environment: ROUNDS (3), THREADS ("1 2 4 8"), PROMPT (512), GEN (128), DC (.device-cpu), BUDGET_S (420:
-# no new round starts after this many seconds, so that one 600 s call ends with its summary).
+# no new round starts after this many seconds, so that one 600 s call ends with its summary), POOL_AB (1:
+# after the summary, decode at each thread count > 1 with the pool's counters and two pool settings:
+# pool.txt, pool-summary.txt; engines gptqkit-pool-* in bench.jsonl, round 0), POOL_END_S (560).
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 ROUNDS=${ROUNDS:-3}
@@ -147,3 +149,28 @@ if any(k[0] == "gptqkit-base" for k in v):
             print(f"| {t} | {c} | {r[0]} | {r[1]} |")
 PY
 cat "$OUT/summary.md"
+
+# ---- The pool at 2+ threads (issue 22, session 11): decode with GPTQ_POOL_STATS (dispatches, the caller's
+# wait for the workers, the workers' start latency, sleeps, contention pauses) under the default pool,
+# with its contention check off (GPTQ_POOL_QUIET=0: spin whenever idle < spin_us) and with no spin
+# (GPTQ_POOL_SPIN_US=0). After the summary (which it does not enter); POOL_AB=0 skips it. Each run
+# starts only while fewer than POOL_END_S (560) seconds have passed (~1-3 s a run on idle cores).
+if [ "${POOL_AB:-1}" = 1 ]; then
+    log "pool A/B"
+    for t in $THREADS; do
+        [ "$t" -gt 1 ] || continue
+        for mode in default quiet0 spin0; do
+            case $mode in default) env=() ;; quiet0) env=(GPTQ_POOL_QUIET=0) ;; spin0) env=(GPTQ_POOL_SPIN_US=0) ;; esac
+            for m in w4-qhead f16; do
+                [ $SECONDS -lt "${POOL_END_S:-560}" ] || continue
+                echo "## threads $t mode $mode model $m" >> "$OUT/pool.txt"
+                env "${env[@]}" GPTQ_POOL_STATS=1 timeout 30 "$GPTQ" bench "$W/small-$m" --device cpu --threads "$t" \
+                    --batch 1 --prompt "$PROMPT" --gen "$GEN" --repeat 3 --json 2>> "$OUT/pool.txt" |
+                    tee -a "$OUT/pool.txt" | tag 0 "$t" "gptqkit-pool-$mode" "$m" both
+            done
+        done
+    done
+    grep -E "^##|pool stats|decode_tok" "$OUT/pool.txt" | sed -E 's/.*"decode_tok_per_s":([0-9.]+).*/  decode \1 tok\/s/' \
+        > "$OUT/pool-summary.txt"
+    log "pool A/B done"
+fi

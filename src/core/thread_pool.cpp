@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <string_view>
 
 namespace gptq {
 
@@ -41,7 +43,41 @@ thread_pool::thread_pool(int n_threads, int spin_us) : spin_us_(spin_us < 0 ? de
     for (int i = 0; i + 1 < n_threads; ++i) workers_.emplace_back([this, i] { worker_loop(i); });
 }
 
+bool thread_pool::stats_enabled() {
+    static const bool on = [] {
+        const char* e = std::getenv("GPTQ_POOL_STATS");
+        return e && *e && std::string_view(e) != "0";
+    }();
+    return on;
+}
+
+thread_pool::stats thread_pool::get_stats() const {
+    stats s;
+    s.calls          = st_calls_.load();
+    s.serial_calls   = st_serial_.load();
+    s.ns_calls       = st_ns_calls_.load();
+    s.ns_caller_wait = st_ns_wait_.load();
+    s.ns_worker_late = st_ns_late_.load();
+    s.worker_sleeps  = st_worker_sleeps_.load();
+    s.caller_sleeps  = st_caller_sleeps_.load();
+    s.quiet_periods  = st_quiet_.load();
+    return s;
+}
+
 thread_pool::~thread_pool() {
+    if (stats_enabled() && !workers_.empty()) {
+        const stats s = get_stats();
+        std::fprintf(
+            stderr,
+            "pool stats: threads %d spin_us %d: parallel_for %llu dispatched (%llu serial), %.3f ms inside "
+            "them, caller waiting for workers %.3f ms, workers' start latency %.3f us per dispatch and worker, "
+            "worker sleeps %llu, caller sleeps %llu, quiet periods %llu\n",
+            n_threads(), spin_us_, static_cast<unsigned long long>(s.calls),
+            static_cast<unsigned long long>(s.serial_calls), s.ns_calls / 1e6, s.ns_caller_wait / 1e6,
+            s.calls ? s.ns_worker_late / 1e3 / static_cast<double>(s.calls * workers_.size()) : 0.0,
+            static_cast<unsigned long long>(s.worker_sleeps), static_cast<unsigned long long>(s.caller_sleeps),
+            static_cast<unsigned long long>(s.quiet_periods));
+    }
     {
         std::lock_guard<std::mutex> lock(mutex_);
         stop_ = true;
@@ -89,9 +125,16 @@ bool thread_pool::spin_until(Pred pred, bool timeout_is_contention) {
 void thread_pool::quiet(int64_t t) {
     // Contention soon after the last quiet period ended: the next one is twice as long (up to
     // 2^6 x k_quiet_ns = 3.2 s), so a machine that stays oversubscribed rarely pays for a probe.
+    // GPTQ_POOL_QUIET=0: never (for A/B runs on machines whose cores are ours); the events still count.
+    static const bool enabled = [] {
+        const char* e = std::getenv("GPTQ_POOL_QUIET");
+        return !(e && std::string_view(e) == "0");
+    }();
     std::lock_guard<std::mutex> lock(quiet_mutex_);
     const int64_t               last_end = quiet_until_ns_.load(std::memory_order_relaxed);
     if (t < last_end) return;  // another thread already did
+    if (stats_enabled()) st_quiet_.fetch_add(1, std::memory_order_relaxed);
+    if (!enabled) return;
     quiet_level_ = t - last_end < k_quiet_memory_ns ? std::min(quiet_level_ + 1, 6) : 0;
     quiet_until_ns_.store(t + (k_quiet_ns << quiet_level_), std::memory_order_relaxed);
 }
@@ -103,11 +146,14 @@ void thread_pool::worker_loop(int index) {
         if (!spin_until(has_work, false)) {  // an idle pool times out: no sign of contention
             // Every change of generation_ / stop_ is followed by a lock of mutex_ and a notify,
             // so checking the predicate under the lock cannot miss one.
+            if (stats_enabled()) st_worker_sleeps_.fetch_add(1, std::memory_order_relaxed);
             std::unique_lock<std::mutex> lock(mutex_);
             cv_work_.wait(lock, has_work);
         }
         if (stop_) return;
-        seen                                             = generation_.load(std::memory_order_acquire);
+        seen = generation_.load(std::memory_order_acquire);
+        if (stats_enabled())
+            st_ns_late_.fetch_add(now_ns() - job_start_ns_.load(std::memory_order_relaxed), std::memory_order_relaxed);
         const std::function<void(int64_t, int64_t)>* job = job_;
         const int64_t                                n   = job_n_;
         int64_t                                      begin, end;
@@ -135,9 +181,13 @@ void thread_pool::worker_loop(int index) {
 void thread_pool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
     if (n <= 0) return;
     if (workers_.empty() || t_inside_pool || n == 1 || busy_.exchange(true, std::memory_order_acquire)) {
+        if (stats_enabled() && !workers_.empty()) st_serial_.fetch_add(1, std::memory_order_relaxed);
         fn(0, n);  // serial: no workers, a nested call, or another thread is using the pool
         return;
     }
+    const bool    stats = stats_enabled();
+    const int64_t t0    = stats ? now_ns() : 0;
+    if (stats) job_start_ns_.store(t0, std::memory_order_relaxed);  // published by the release below
     job_   = &fn;
     job_n_ = n;
     pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
@@ -156,10 +206,18 @@ void thread_pool::parallel_for(int64_t n, const std::function<void(int64_t, int6
     }
     t_inside_pool = false;
 
-    auto done = [&] { return pending_.load(std::memory_order_acquire) == 0; };
+    const int64_t t1   = stats ? now_ns() : 0;
+    auto          done = [&] { return pending_.load(std::memory_order_acquire) == 0; };
     if (!spin_until(done, true)) {  // the workers' chunks took as long as ours + spin_us: preempted?
+        if (stats) st_caller_sleeps_.fetch_add(1, std::memory_order_relaxed);
         std::unique_lock<std::mutex> lock(mutex_);
         cv_done_.wait(lock, done);
+    }
+    if (stats) {
+        const int64_t t2 = now_ns();
+        st_calls_.fetch_add(1, std::memory_order_relaxed);
+        st_ns_calls_.fetch_add(t2 - t0, std::memory_order_relaxed);
+        st_ns_wait_.fetch_add(t2 - t1, std::memory_order_relaxed);
     }
     {
         std::lock_guard<std::mutex> lock(mutex_);

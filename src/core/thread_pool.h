@@ -15,7 +15,8 @@
 // On oversubscribed cores (other processes want them too) spinning is a loss, 4x slower decode
 // on the shared 2-core VM (load 6): a spinning thread that notices it was preempted, or a caller
 // whose wait for the workers outlasts the spin, stops the pool's spinning for 50 ms, then tries
-// again; contention again within a second doubles the pause (up to 3.2 s).
+// again; contention again within a second doubles the pause (up to 3.2 s). GPTQ_POOL_QUIET=0 turns
+// that check off (A/B runs on machines whose cores are ours).
 #pragma once
 
 #include <atomic>
@@ -49,6 +50,19 @@ public:
 
     static thread_pool& global();  // lazily created with hardware concurrency
 
+    // Counters of parallel_for, kept when GPTQ_POOL_STATS is set in the environment (off: no clock
+    // reads) and printed to stderr by the destructor (docs/model-runtime.md "Threading"): what a
+    // decode step pays per dispatch on a given machine, measured there.
+    struct stats {
+        uint64_t calls = 0, serial_calls = 0;  // dispatched to the workers / run by the caller alone
+        int64_t  ns_calls       = 0;           // caller's wall time inside dispatched calls
+        int64_t  ns_caller_wait = 0;           // of which: after its own chunk, waiting for the workers
+        int64_t  ns_worker_late = 0;           // sum over workers of dispatch -> start of their chunk
+        uint64_t worker_sleeps = 0, caller_sleeps = 0, quiet_periods = 0;
+    };
+    stats       get_stats() const;
+    static bool stats_enabled();
+
 private:
     void worker_loop(int index);
     // Spins until pred() or spin_us_ have passed; whether pred() held. Signs of oversubscribed
@@ -79,6 +93,10 @@ private:
     std::mutex                                   quiet_mutex_;
     int                                          quiet_level_ = 0;  // quiet_mutex_
     std::exception_ptr                           error_;            // first exception of a worker in this job (mutex_)
+    // GPTQ_POOL_STATS counters (relaxed atomics: written by the caller and the workers).
+    std::atomic<int64_t>  job_start_ns_{0};
+    std::atomic<uint64_t> st_calls_{0}, st_serial_{0}, st_worker_sleeps_{0}, st_caller_sleeps_{0}, st_quiet_{0};
+    std::atomic<int64_t>  st_ns_calls_{0}, st_ns_wait_{0}, st_ns_late_{0};
 };
 
 }  // namespace gptq

@@ -907,8 +907,11 @@ uint64_t llama_model::resident_bytes() const {
         const uint64_t n_groups =
             qc->group_size > 0 ? static_cast<uint64_t>((n_in + qc->group_size - 1) / qc->group_size) : 1;
         const uint64_t k_pad = static_cast<uint64_t>(n_in) + 31 * n_groups;  // at most
-        return (qc->bits == 8 ? k_pad : k_pad / 2 + 1) * static_cast<uint64_t>(t.shape[0]) +
-               8 * n_groups * static_cast<uint64_t>(t.shape[0]) + 4 * static_cast<uint64_t>(n_in) + 8 * n_groups;
+        // bits <= 4: the tiled layout pads the outputs to a multiple of 16 (kernels/cpu/gptq_linear.h)
+        const uint64_t n_out =
+            qc->bits == 8 ? static_cast<uint64_t>(t.shape[0]) : (static_cast<uint64_t>(t.shape[0]) + 15) / 16 * 16;
+        return (qc->bits == 8 ? k_pad : k_pad / 2 + 1) * n_out + 8 * n_groups * n_out +
+               4 * static_cast<uint64_t>(n_in) + 8 * n_groups;
     };
     uint64_t total = 0;
     for (const auto& t : llama_global_tensors(hp_))

@@ -24,6 +24,31 @@ int64_t rows_of(std::span<const layer_seq> seqs) {
     for (const layer_seq& s : seqs) n += s.n_tokens;
     return n;
 }
+
+// The blocks' activation buffers, per calling thread and kept between calls: a prompt's buffers
+// are megabytes, which malloc serves by mmap and returns by munmap, so every layer of every
+// prefill paid fresh zeroed pages (page faults and memset: ~15 % of a 1-thread W4 prefill of
+// small-llama on the development VM, issue 22 session 11). Every element is written before it is
+// read. Kept up to k_keep_bytes in all (released after a layer past that: a 7B prompt's buffers are
+// hundreds of MB, and there the page faults are a small part of the layer's work).
+struct block_buffers {
+    std::vector<float> x, q, k, v, ay, my, gate, up;
+};
+constexpr size_t k_keep_bytes = size_t{64} << 20;
+block_buffers&   buffers() {
+      thread_local block_buffers b;
+      return b;
+}
+float* take(std::vector<float>& v, int64_t n) {
+    if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+    return v.data();
+}
+void release_if_large() {
+    block_buffers& b   = buffers();
+    size_t         cap = 0;
+    for (const auto* v : {&b.x, &b.q, &b.k, &b.v, &b.ay, &b.my, &b.gate, &b.up}) cap += v->capacity() * sizeof(float);
+    if (cap > k_keep_bytes) b = block_buffers{};
+}
 }  // namespace
 
 void llama_model::linear_run(const ops_context& ctx, const llama_layer& layer, linear_role r,
@@ -34,17 +59,27 @@ void llama_model::linear_run(const ops_context& ctx, const llama_layer& layer, l
 
 void llama_model::linears_run(const ops_context& ctx, const llama_layer& layer, std::span<const linear_role> roles,
                               std::span<const layer_seq> seqs, const float* x, float* const* ys) const {
+    // GPTQ linears share one rounding of x and one pool dispatch (op_gptq_linears), F16 ones one
+    // dispatch (op_linears_f16); each output is what linear_forward gives the layer alone.
     constexpr size_t k_max = 4;
     gptq_linear_out  q[k_max];
-    size_t           nq = 0;
+    linear_f16_out   h[k_max];
+    size_t           nq = 0, nh = 0;
+    int64_t          n_in = 0;
     for (size_t i = 0; i < roles.size(); ++i) {
-        const linear_weights& l = layer.linear(roles[i]);
-        if (l.q && nq < k_max)
-            q[nq++] = {l.q.get(), l.bias.empty() ? nullptr : l.bias.data(), ys[i]};
-        else
+        const linear_weights& l    = layer.linear(roles[i]);
+        const float*          bias = l.bias.empty() ? nullptr : l.bias.data();
+        if (l.q && nq < k_max) {
+            q[nq++] = {l.q.get(), bias, ys[i]};
+        } else if (!l.q && !l.w16.empty() && nh < k_max) {
+            h[nh++] = {l.w16.data(), bias, ys[i], l.n_out};
+            n_in    = l.n_in;
+        } else {
             linear_forward(ctx, l, x, ys[i], rows_of(seqs));
+        }
     }
     op_gptq_linears(ctx, x, std::span<const gptq_linear_out>(q, nq), rows_of(seqs));
+    op_linears_f16(ctx, x, h, static_cast<int>(nh), rows_of(seqs), n_in);
     for (size_t i = 0; i < roles.size(); ++i) lora_run(ctx, layer, roles[i], seqs, x, ys[i]);
 }
 
@@ -90,19 +125,21 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
     const int64_t n_rows  = rows_of(seqs);
     auto          lin     = [&](linear_role r, const float* x, float* y) { linear_run(ctx, layer, r, seqs, x, y); };
 
-    std::vector<float> x(static_cast<size_t>(n_rows * std::max(n_embd, q_dim)));  // [n_rows, n_embd]
-    op_rms_norm(ctx, hidden, layer.attn_norm.data(), x.data(), n_rows, n_embd, hp_.rms_eps);
-    if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_QKV, x.data(), n_rows, n_embd);
+    block_buffers& buf = buffers();
+    float*         x   = take(buf.x, n_rows * std::max(n_embd, q_dim));  // [n_rows, n_embd]
+    op_rms_norm(ctx, hidden, layer.attn_norm.data(), x, n_rows, n_embd, hp_.rms_eps);
+    if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_QKV, x, n_rows, n_embd);
     if (stop_after == linear_input::LINEAR_INPUT_QKV) return false;
 
-    std::vector<float> q(static_cast<size_t>(n_rows * q_dim));                // [n_rows, q_dim]
-    std::vector<float> k(static_cast<size_t>(n_rows * kv_dim)), v(k.size());  // [n_rows, kv_dim]
-    const linear_role  qkv[]     = {linear_role::LINEAR_Q, linear_role::LINEAR_K, linear_role::LINEAR_V};
-    float* const       qkv_out[] = {q.data(), k.data(), v.data()};
-    linears_run(ctx, layer, qkv, seqs, x.data(), qkv_out);
+    float* const      q         = take(buf.q, n_rows * q_dim);   // [n_rows, q_dim]
+    float* const      k         = take(buf.k, n_rows * kv_dim);  // [n_rows, kv_dim]
+    float* const      v         = take(buf.v, n_rows * kv_dim);
+    const linear_role qkv[]     = {linear_role::LINEAR_Q, linear_role::LINEAR_K, linear_role::LINEAR_V};
+    float* const      qkv_out[] = {q, k, v};
+    linears_run(ctx, layer, qkv, seqs, x, qkv_out);
     if (hp_.qk_norm) {  // Qwen3, Gemma 3: RMSNorm over each head's head_dim values, before RoPE
-        op_rms_norm(ctx, q.data(), layer.q_norm.data(), q.data(), n_rows * hp_.n_head, hd, hp_.rms_eps);
-        op_rms_norm(ctx, k.data(), layer.k_norm.data(), k.data(), n_rows * hp_.n_head_kv, hd, hp_.rms_eps);
+        op_rms_norm(ctx, q, layer.q_norm.data(), q, n_rows * hp_.n_head, hd, hp_.rms_eps);
+        op_rms_norm(ctx, k, layer.k_norm.data(), k, n_rows * hp_.n_head_kv, hd, hp_.rms_eps);
     }
 
     // Per sequence: RoPE at its positions, keys/values into its cache, attention over its keys.
@@ -112,9 +149,9 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
     for (const layer_seq& s : seqs) {
         const int64_t n  = s.n_tokens;
         const int64_t p0 = s.pos0;
-        float*        qs = q.data() + row0 * q_dim;
-        float*        ks = k.data() + row0 * kv_dim;
-        float*        vs = v.data() + row0 * kv_dim;
+        float*        qs = q + row0 * q_dim;
+        float*        ks = k + row0 * kv_dim;
+        float*        vs = v + row0 * kv_dim;
         // Dynamic RoPE and LongRoPE depend on the sequence's length so far.
         const rope_config&       rope     = hp_.rope_of(i_layer);
         const std::vector<float> inv_freq = llama_rope_inv_freq(hp_, rope, p0 + n);
@@ -126,7 +163,7 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
 
         attention_args a;
         a.q         = qs;
-        a.out       = x.data() + row0 * q_dim;  // x is free again: [n_rows, q_dim]
+        a.out       = x + row0 * q_dim;  // x is free again: [n_rows, q_dim]
         a.n_q       = n;
         a.n_head    = hp_.n_head;
         a.n_head_kv = hp_.n_head_kv;
@@ -163,45 +200,47 @@ bool llama_model::attention_block(const ops_context& ctx, const llama_layer& lay
         op_attention(ctx, a);
         row0 += n;
     }
-    if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_O, x.data(), n_rows, q_dim);
+    if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_O, x, n_rows, q_dim);
     if (stop_after == linear_input::LINEAR_INPUT_O) return false;
-    std::vector<float> y(static_cast<size_t>(n_rows * n_embd));  // [n_rows, n_embd]
-    lin(linear_role::LINEAR_O, x.data(), y.data());
+    float* const y = take(buf.ay, n_rows * n_embd);  // [n_rows, n_embd]
+    lin(linear_role::LINEAR_O, x, y);
     if (hp_.attn_out_norm)  // sandwich norm (Gemma): on attention's output, before the residual add
-        op_rms_norm(ctx, y.data(), layer.attn_out_norm.data(), y.data(), n_rows, n_embd, hp_.rms_eps);
-    op_add(ctx, hidden, y.data(), n_rows * n_embd);
+        op_rms_norm(ctx, y, layer.attn_out_norm.data(), y, n_rows, n_embd, hp_.rms_eps);
+    op_add(ctx, hidden, y, n_rows * n_embd);
     return true;
 }
 
 bool llama_model::mlp_block(const ops_context& ctx, const llama_layer& layer, float* hidden,
                             std::span<const layer_seq> seqs, const linear_input_hook* hook,
                             linear_input stop_after) const {
-    const int64_t      n_embd = hp_.n_embd, n_ff = hp_.n_ff;
-    const int64_t      i_layer = layer.index;
-    const int64_t      n_rows  = rows_of(seqs);
-    auto               lin = [&](linear_role r, const float* x, float* y) { linear_run(ctx, layer, r, seqs, x, y); };
-    std::vector<float> y(static_cast<size_t>(n_rows * n_embd));  // [n_rows, n_embd]
-    op_rms_norm(ctx, hidden, layer.mlp_norm.data(), y.data(), n_rows, n_embd, hp_.rms_eps);
-    if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_GATE_UP, y.data(), n_rows, n_embd);
+    const int64_t  n_embd = hp_.n_embd, n_ff = hp_.n_ff;
+    const int64_t  i_layer = layer.index;
+    const int64_t  n_rows  = rows_of(seqs);
+    auto           lin     = [&](linear_role r, const float* x, float* y) { linear_run(ctx, layer, r, seqs, x, y); };
+    block_buffers& buf     = buffers();
+    float* const   y       = take(buf.my, n_rows * n_embd);  // [n_rows, n_embd]
+    op_rms_norm(ctx, hidden, layer.mlp_norm.data(), y, n_rows, n_embd, hp_.rms_eps);
+    if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_GATE_UP, y, n_rows, n_embd);
     if (stop_after == linear_input::LINEAR_INPUT_GATE_UP) return false;
-    std::vector<float> gate(static_cast<size_t>(n_rows * n_ff)), up(gate.size());  // [n_rows, n_ff]
-    const linear_role  gu[]     = {linear_role::LINEAR_GATE, linear_role::LINEAR_UP};
-    float* const       gu_out[] = {gate.data(), up.data()};
-    linears_run(ctx, layer, gu, seqs, y.data(), gu_out);
+    float* const      gate     = take(buf.gate, n_rows * n_ff);  // [n_rows, n_ff]
+    float* const      up       = take(buf.up, n_rows * n_ff);
+    const linear_role gu[]     = {linear_role::LINEAR_GATE, linear_role::LINEAR_UP};
+    float* const      gu_out[] = {gate, up};
+    linears_run(ctx, layer, gu, seqs, y, gu_out);
     switch (hp_.act) {
         case mlp_activation::ACT_SILU:
-            op_silu_mul(ctx, gate.data(), up.data(), gate.data(), n_rows * n_ff);
+            op_silu_mul(ctx, gate, up, gate, n_rows * n_ff);
             break;
         case mlp_activation::ACT_GELU_TANH:
-            op_gelu_tanh_mul(ctx, gate.data(), up.data(), gate.data(), n_rows * n_ff);
+            op_gelu_tanh_mul(ctx, gate, up, gate, n_rows * n_ff);
             break;
     }
-    if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_DOWN, gate.data(), n_rows, n_ff);
+    if (hook && *hook) (*hook)(i_layer, linear_input::LINEAR_INPUT_DOWN, gate, n_rows, n_ff);
     if (stop_after == linear_input::LINEAR_INPUT_DOWN) return false;
-    lin(linear_role::LINEAR_DOWN, gate.data(), y.data());
+    lin(linear_role::LINEAR_DOWN, gate, y);
     if (hp_.mlp_out_norm)  // sandwich norm (Gemma): on the MLP's output, before the residual add
-        op_rms_norm(ctx, y.data(), layer.mlp_out_norm.data(), y.data(), n_rows, n_embd, hp_.rms_eps);
-    op_add(ctx, hidden, y.data(), n_rows * n_embd);
+        op_rms_norm(ctx, y, layer.mlp_out_norm.data(), y, n_rows, n_embd, hp_.rms_eps);
+    op_add(ctx, hidden, y, n_rows * n_embd);
     return true;
 }
 
@@ -216,11 +255,13 @@ void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer
     }
     const int64_t n_rows = rows_of(seqs);
     if (n_rows == 0) return;
-    if (!attention_block(ctx, layer, hidden, seqs, hook, stop_after)) return;
-    if (hp_.is_moe(layer.index))  // LoRA adapters are refused on MoE models (lora_add)
-        moe_block(ctx, layer, hidden, n_rows, hook, stop_after, moe_hook);
-    else
-        mlp_block(ctx, layer, hidden, seqs, hook, stop_after);
+    if (attention_block(ctx, layer, hidden, seqs, hook, stop_after)) {
+        if (hp_.is_moe(layer.index))  // LoRA adapters are refused on MoE models (lora_add)
+            moe_block(ctx, layer, hidden, n_rows, hook, stop_after, moe_hook);
+        else
+            mlp_block(ctx, layer, hidden, seqs, hook, stop_after);
+    }
+    release_if_large();
 }
 
 void llama_model::layer_forward(const ops_context& ctx, const llama_layer& layer, float* hidden, int64_t n_tokens,

@@ -11,7 +11,7 @@ namespace gptq {
 
 gptq_packed_linear gptq_packed_linear::from_unpacked(const uint8_t* codes_orig, const float* scales,
                                                      const int32_t* zeros, const int32_t* g_idx, int64_t n_out,
-                                                     int64_t n_in, int64_t n_groups, int bits) {
+                                                     int64_t n_in, int64_t n_groups, int bits, bool tiled) {
     GPTQ_ASSERT(bits == 2 || bits == 3 || bits == 4 || bits == 8);
     gptq_packed_linear p;
     p.n_in     = n_in;
@@ -40,26 +40,32 @@ gptq_packed_linear gptq_packed_linear::from_unpacked(const uint8_t* codes_orig, 
     bool identity = true;
     for (int64_t i = 0; i < n_in; ++i) identity &= order[static_cast<size_t>(i)] == i;
     if (!identity) p.perm = order;
-    const int64_t rb = bits == 8 ? p.k_pad : p.k_pad / 2;
-    p.codes.assign(static_cast<size_t>(n_out * rb), 0);
-    for (int64_t n = 0; n < n_out; ++n) {
-        uint8_t* row = p.codes.data() + n * rb;
+    p.tiled                           = tiled && bits != 8;
+    const cpu::gptq_cpu_layout l      = p.layout();  // the index arithmetic only (no pointers yet)
+    const int64_t              n_rows = p.tiled ? l.n_tiles() * cpu::k_gptq_tile : n_out;  // outputs incl. padding
+    p.codes.assign(static_cast<size_t>(p.tiled ? n_rows * p.k_pad / 2 : n_out * l.row_bytes()), 0);
+    for (int64_t n = 0; n < n_out; ++n)
         for (int64_t g = 0; g < n_groups; ++g)
             for (int64_t i = p.group_start[size_t(g)]; i < p.group_start[size_t(g + 1)]; ++i) {
                 const uint8_t c   = codes_orig[n * n_in + order[static_cast<size_t>(i)]];
                 const int64_t pos = p.pad_start[size_t(g)] + (i - p.group_start[size_t(g)]);
-                if (bits == 8)
-                    row[pos] = c;
-                else  // chunk of 32 in 16 bytes: rows 0..15 low nibbles, 16..31 high (kernels/cpu/gptq_linear.h)
-                    row[(pos / 32) * 16 + pos % 16] |= static_cast<uint8_t>((pos % 32) < 16 ? c : c << 4);
+                if (p.tiled) {  // step of 8 rows: byte 4 o + j, rows j (low nibble) and 4 + j (high)
+                    const int64_t step = (n / cpu::k_gptq_tile) * (p.k_pad / 8) + pos / 8;
+                    p.codes[size_t(step * 64 + (n % cpu::k_gptq_tile) * 4 + pos % 4)] |=
+                        static_cast<uint8_t>(pos % 8 < 4 ? c : c << 4);
+                } else if (bits == 8) {
+                    p.codes[size_t(n * l.row_bytes() + pos)] = c;
+                } else {  // chunk of 32 in 16 bytes: rows 0..15 low nibbles, 16..31 high (kernels/cpu/gptq_linear.h)
+                    p.codes[size_t(n * l.row_bytes() + (pos / 32) * 16 + pos % 16)] |=
+                        static_cast<uint8_t>((pos % 32) < 16 ? c : c << 4);
+                }
             }
-    }
-    p.scales.resize(static_cast<size_t>(n_groups * n_out));
-    p.zeros.resize(p.scales.size());
+    p.scales.assign(static_cast<size_t>(n_groups * n_rows), 0.0f);  // padding outputs: 0
+    p.zeros.assign(p.scales.size(), 0.0f);
     for (int64_t g = 0; g < n_groups; ++g)
         for (int64_t n = 0; n < n_out; ++n) {
-            p.scales[static_cast<size_t>(n * n_groups + g)] = scales[g * n_out + n];
-            p.zeros[static_cast<size_t>(n * n_groups + g)]  = static_cast<float>(zeros[g * n_out + n]);
+            p.scales[static_cast<size_t>(l.sz_index(n, g))] = scales[g * n_out + n];
+            p.zeros[static_cast<size_t>(l.sz_index(n, g))]  = static_cast<float>(zeros[g * n_out + n]);
         }
     return p;
 }
@@ -77,6 +83,7 @@ cpu::gptq_cpu_layout gptq_packed_linear::layout() const {
     l.group_start = group_start.data();
     l.pad_start   = pad_start.data();
     l.perm        = perm.empty() ? nullptr : perm.data();
+    l.tiled       = tiled;
     return l;
 }
 
@@ -89,8 +96,8 @@ void gptq_packed_linear::dequantize_rows(int64_t n0, int64_t n1, float* w) const
     const cpu::gptq_cpu_layout l = layout();
     for (int64_t n = n0; n < n1; ++n)
         for (int64_t g = 0; g < n_groups; ++g) {
-            const float s = scales[static_cast<size_t>(n * n_groups + g)];
-            const float z = zeros[static_cast<size_t>(n * n_groups + g)];
+            const float s = scales[static_cast<size_t>(l.sz_index(n, g))];
+            const float z = zeros[static_cast<size_t>(l.sz_index(n, g))];
             for (int32_t i = group_start[static_cast<size_t>(g)]; i < group_start[static_cast<size_t>(g + 1)]; ++i) {
                 const int64_t k        = perm.empty() ? i : perm[static_cast<size_t>(i)];
                 const int64_t p        = pad_start[static_cast<size_t>(g)] + (i - group_start[static_cast<size_t>(g)]);

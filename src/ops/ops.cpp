@@ -31,6 +31,21 @@ void op_linear_f16(const ops_context& ctx, const float* x, const uint16_t* w, co
         cpu::linear_f16(x, w, bias, y, m, n, k, ctx.pool);
 }
 
+void op_linears_f16(const ops_context& ctx, const float* x, const linear_f16_out* outs, int n_outs, int64_t m,
+                    int64_t k) {
+    GPTQ_ASSERT(m >= 0 && k >= 0 && n_outs >= 0 && n_outs <= 8);
+    if (ctx.reference) {
+        for (int j = 0; j < n_outs; ++j) op_linear_f16(ctx, x, outs[j].w, outs[j].bias, outs[j].y, m, outs[j].n, k);
+        return;
+    }
+    cpu::linear_f16_job jobs[8];
+    for (int j = 0; j < n_outs; ++j) {
+        GPTQ_ASSERT(outs[j].n >= 0 && outs[j].y != x);
+        jobs[j] = {outs[j].w, outs[j].bias, outs[j].y, outs[j].n};
+    }
+    cpu::linears_f16(x, jobs, n_outs, m, k, ctx.pool);
+}
+
 void op_rms_norm(const ops_context& ctx, const float* x, const float* w, float* y, int64_t n_rows, int64_t dim,
                  float eps) {
     GPTQ_ASSERT(n_rows >= 0 && dim > 0);
@@ -79,6 +94,8 @@ void op_attention(const ops_context& ctx, const attention_args& a) {
 void op_silu_mul(const ops_context& ctx, const float* gate, const float* up, float* y, int64_t n) {
     if (ctx.reference)
         cpu::silu_mul_ref(gate, up, y, n);
+    else if (ctx.int8_activations)  // generation's numerics: the vector exp (kernels/cpu/activation.h)
+        cpu::silu_mul_fast(gate, up, y, n, ctx.pool);
     else
         cpu::silu_mul(gate, up, y, n, ctx.pool);
 }

@@ -17,7 +17,7 @@ struct ops_context {
     // GPTQ linears round their activations to int8 (one scale per block of up to 128 rows of a
     // group; kernels/cpu/gptq_linear.h) and decode-sized calls (m < 4 rows) use the int8 GEMV:
     // much faster, not F32-exact. Generation turns it on; perplexity and calibration keep the F32
-    // products (docs/model-runtime.md).
+    // products (docs/model-runtime.md). It also selects SwiGLU's vector exp (op_silu_mul).
     bool int8_activations = false;
 };
 
@@ -28,6 +28,17 @@ void op_linear(const ops_context& ctx, const float* x, const float* w, const flo
 // The same with w in F16 bits [n, k] (weights kept F16 in memory; kernels/cpu/linear.h linear_f16).
 void op_linear_f16(const ops_context& ctx, const float* x, const uint16_t* w, const float* bias, float* y, int64_t m,
                    int64_t n, int64_t k);
+
+// Several F16 linears of one input x [m, k] (q/k/v, gate/up): ys[j] = x W_j^T + biases[j], each
+// exactly op_linear_f16's result for it alone, in one pool dispatch. At most 8.
+struct linear_f16_out {
+    const uint16_t* w    = nullptr;  // [n, k]
+    const float*    bias = nullptr;  // [n] or nullptr
+    float*          y    = nullptr;  // [m, n]
+    int64_t         n    = 0;
+};
+void op_linears_f16(const ops_context& ctx, const float* x, const linear_f16_out* outs, int n_outs, int64_t m,
+                    int64_t k);
 
 // y[n_rows, dim] = rmsnorm(x[n_rows, dim]) * w[dim]; y may alias x.
 void op_rms_norm(const ops_context& ctx, const float* x, const float* w, float* y, int64_t n_rows, int64_t dim,

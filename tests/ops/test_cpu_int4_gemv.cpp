@@ -386,3 +386,122 @@ TEST(cpu_int4_gemv, shared_input_linears_equal_each_alone) {
                 }
     }
 }
+
+// The tiled layout (bits <= 4, the one inference uses): every vector kernel (AVX2 maddubs,
+// AVX512-VNNI on 256 and 512 bits) gives the plain scalar tiled kernel's result bit for bit (its
+// integer block dots are exact in any order and the F32 chain per output is the same), through the
+// threaded op at every row count (decode m = 1..3, prompt tiles of 4 rows and their remainders, a
+// 512-row prompt) and through the single-row GEMV on output ranges that start inside the layer:
+// bits 2/3/4, group sizes 32/64/128/-1 and odd ones, act-order, n_out below / at / past a tile of
+// 16 and not a multiple of it, K not a multiple of 8 or 32.
+TEST(cpu_int4_gemv, tiled_kernels_equal_the_tiled_scalar_kernel_bit_for_bit) {
+    std::vector<cpu::gptq_isa> isas;
+    for (auto i : {cpu::gptq_isa::GPTQ_ISA_AVX2, cpu::gptq_isa::GPTQ_ISA_VNNI, cpu::gptq_isa::GPTQ_ISA_AVX512})
+        if (cpu::gptq_isa_available(i)) isas.push_back(i);
+    if (isas.empty()) GTEST_SKIP() << "no vector int8 kernel on this CPU";
+    std::mt19937                                             rng(51);
+    std::normal_distribution<float>                          nd;
+    thread_pool                                              pool(3);
+    int                                                      n_cases = 0;
+    const std::vector<std::tuple<int64_t, int64_t, int64_t>> shapes  = {
+         {1, 32, 32},   {15, 96, 32}, {16, 200, 64},  {17, 128, 128}, {37, 1000, 128},
+         {33, 257, -1}, {5, 33, 64},  {100, 300, 48}, {48, 41, 7},    {64, 520, 256}};
+    for (int bits : {2, 3, 4})
+        for (auto [n_out, n_in, gs] : shapes)
+            for (bool act : {false, true}) {
+                auto L = make(n_out, n_in, gs, bits, act, rng);
+                auto p = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
+                                                           L.g_idx.data(), n_out, n_in, L.n_groups, bits);
+                ASSERT_TRUE(p.tiled);
+                const cpu::gptq_cpu_layout l = p.layout();
+                std::vector<int64_t>       ms{1, 2, 3, 4, 5, 7, 8, 13};
+                if (bits == 4 && !act && n_out <= 64) ms.push_back(512);
+                for (int64_t m : ms) {
+                    std::vector<float> x(static_cast<size_t>(m * n_in)), ref(static_cast<size_t>(m * n_out));
+                    for (auto& v : x) v = nd(rng) * (rng() % 50 == 0 ? 20.0f : 1.0f);
+                    std::vector<q8> a;
+                    for (int64_t i = 0; i < m; ++i) {
+                        a.push_back(quantize(x.data() + i * n_in, l));
+                        cpu::gptq_gemv_q8(l, a.back().row(), ref.data() + i * n_out, 0, n_out,
+                                          cpu::gptq_isa::GPTQ_ISA_SCALAR);
+                    }
+                    for (auto isa : isas)
+                        for (thread_pool* tp : {&pool, static_cast<thread_pool*>(nullptr)}) {
+                            std::vector<float> y(ref.size(), -3.0f);
+                            cpu::gptq_linear(x.data(), l, nullptr, y.data(), m, tp, true, isa);
+                            for (size_t e = 0; e < y.size(); ++e)
+                                ASSERT_EQ(y[e], ref[e]) << cpu::gptq_isa_name(isa) << " bits " << bits << " " << n_out
+                                                        << "x" << n_in << " gs " << gs << " act " << act << " m " << m
+                                                        << " row " << e / size_t(n_out) << " n " << e % size_t(n_out);
+                        }
+                    // The single-row GEMV on ranges starting at a tile inside the layer (threads' slices).
+                    for (auto isa : isas)
+                        for (int64_t n0 = 0; n0 < n_out; n0 += cpu::k_gptq_tile) {
+                            std::vector<float> y(static_cast<size_t>(n_out), -5.0f);
+                            cpu::gptq_gemv_q8(l, a[0].row(), y.data(), n0, n_out, isa);
+                            for (int64_t n = 0; n < n_out; ++n)
+                                ASSERT_EQ(y[size_t(n)], n < n0 ? -5.0f : ref[size_t(n)])
+                                    << cpu::gptq_isa_name(isa) << " n0 " << n0 << " n " << n;
+                        }
+                }
+                ++n_cases;
+            }
+    EXPECT_EQ(n_cases, 3 * 10 * 2);
+}
+
+// The tiled layout holds the rows layout's codes, scales and zeros (every code read back, the F32
+// dequantization bit for bit), and its kernel's outputs stay within the two F32 summation bounds of
+// the rows layout's kernel (the reference, kept for bits 8): each is within gamma(n_ops) * sum |s|
+// (q + z) |d xq| of the exact product of the same rounded activations (kernels_within_derived_bounds),
+// so they are within twice that of each other.
+TEST(cpu_int4_gemv, tiled_layout_equals_the_rows_layout) {
+    std::mt19937                    rng(61);
+    std::normal_distribution<float> nd;
+    const double                    eps = std::ldexp(1.0, -24);
+    for (int bits : {2, 3, 4})
+        for (auto [n_out, n_in, gs] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+                 {1, 32, 32}, {17, 200, 64}, {37, 1000, 128}, {33, 257, -1}, {48, 41, 7}})
+            for (bool act : {false, true}) {
+                auto L = make(n_out, n_in, gs, bits, act, rng);
+                auto t = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
+                                                           L.g_idx.data(), n_out, n_in, L.n_groups, bits);
+                auto r = gptq_packed_linear::from_unpacked(L.codes.data(), L.scales.data(), L.zeros.data(),
+                                                           L.g_idx.data(), n_out, n_in, L.n_groups, bits, false);
+                ASSERT_TRUE(t.tiled);
+                ASSERT_FALSE(r.tiled);
+                const cpu::gptq_cpu_layout lt = t.layout(), lr = r.layout();
+                ASSERT_EQ(t.codes.size(), static_cast<size_t>(lt.n_tiles() * cpu::k_gptq_tile * t.k_pad / 2));
+                for (int64_t n = 0; n < n_out; ++n) {
+                    for (int64_t p = 0; p < t.k_pad; ++p)
+                        ASSERT_EQ(cpu::gptq_code_at(lt, n, p), cpu::gptq_code_at(lr, n, p)) << "n " << n << " p " << p;
+                    for (int64_t g = 0; g < t.n_groups; ++g) {
+                        ASSERT_EQ(lt.scales[lt.sz_index(n, g)], lr.scales[lr.sz_index(n, g)]);
+                        ASSERT_EQ(lt.zeros[lt.sz_index(n, g)], lr.zeros[lr.sz_index(n, g)]);
+                    }
+                }
+                std::vector<float> wt(static_cast<size_t>(n_out * n_in)), wr(wt.size());
+                t.dequantize(wt.data());
+                r.dequantize(wr.data());
+                for (size_t e = 0; e < wt.size(); ++e) ASSERT_TRUE(same_bits(wt[e], wr[e])) << "at " << e;
+                std::vector<float> x(static_cast<size_t>(n_in));
+                for (auto& v : x) v = nd(rng);
+                q8                 a = quantize(x.data(), lt);
+                std::vector<float> xd, dk, yt(static_cast<size_t>(n_out)), yr(yt.size());
+                dequantized(t, a, &xd, &dk);
+                const double n_ops = static_cast<double>(lt.k_pad / cpu::k_gptq_chunk + lt.n_groups + 8);
+                const double gamma = n_ops * eps / (1 - n_ops * eps);
+                cpu::gptq_gemv_q8(lt, a.row(), yt.data(), 0, n_out, cpu::gptq_isa::GPTQ_ISA_BEST);
+                cpu::gptq_gemv_q8(lr, a.row(), yr.data(), 0, n_out, cpu::gptq_isa::GPTQ_ISA_BEST);
+                for (int64_t n = 0; n < n_out; ++n) {
+                    double mag = 0;
+                    for (int64_t k = 0; k < n_in; ++k) {
+                        const auto gi = static_cast<size_t>(L.g_idx[size_t(k)] * n_out + n);
+                        mag +=
+                            L.scales[gi] * (L.codes[size_t(n * n_in + k)] + L.zeros_f[gi]) * std::fabs(xd[size_t(k)]);
+                    }
+                    ASSERT_LE(std::fabs(yt[size_t(n)] - yr[size_t(n)]), 2 * gamma * mag + 1e-30)
+                        << "bits " << bits << " " << n_out << "x" << n_in << " gs " << gs << " act " << act << " n "
+                        << n;
+                }
+            }
+}

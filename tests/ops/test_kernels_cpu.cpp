@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -118,6 +119,41 @@ TEST(kernels_cpu, linear_f16_prompt_rows_do_not_depend_on_m) {
         cpu::linear_f16(x.data() + i0 * k, w.data(), nullptr, part.data(), mb, n, k, nullptr);
         for (int64_t j = 0; j < mb * n; ++j) ASSERT_EQ(part[j], all[i0 * n + j]) << "rows from " << i0 << " j " << j;
     }
+}
+
+// Several F16 linears of one input in one dispatch (q/k/v, gate/up of a dense layer): each output
+// bit for bit what linear_f16 gives the layer alone, decode rows (GEMV) and prompts (GEMM), with
+// and without the pool, output counts off the work unit (16 / 64) and a bias on some.
+TEST(kernels_cpu, linears_f16_equal_each_alone) {
+    std::mt19937                       rng(17);
+    const int64_t                      k = 200;
+    const std::vector<int64_t>         ns{70, 33, 16, 1};
+    std::vector<std::vector<uint16_t>> ws;
+    std::vector<std::vector<float>>    biases;
+    for (int64_t n : ns) {
+        auto                  wf = random_vec(rng, n * k);
+        std::vector<uint16_t> w(wf.size());
+        for (size_t i = 0; i < w.size(); ++i) w[i] = f32_to_f16(wf[i]);
+        ws.push_back(w);
+        biases.push_back(n % 2 ? random_vec(rng, n) : std::vector<float>{});
+    }
+    for (int64_t m : {1, 2, 4, 5, 19})
+        for (thread_pool* tp : {&pool3(), static_cast<thread_pool*>(nullptr)}) {
+            const auto                       x = random_vec(rng, m * k);
+            std::vector<std::vector<float>>  together(ns.size()), alone(ns.size());
+            std::vector<cpu::linear_f16_job> jobs;
+            for (size_t j = 0; j < ns.size(); ++j) {
+                together[j].assign(static_cast<size_t>(m * ns[j]), -1.0f);
+                alone[j].assign(together[j].size(), -2.0f);
+                const float* b = biases[j].empty() ? nullptr : biases[j].data();
+                cpu::linear_f16(x.data(), ws[j].data(), b, alone[j].data(), m, ns[j], k, tp);
+                jobs.push_back({ws[j].data(), b, together[j].data(), ns[j]});
+            }
+            cpu::linears_f16(x.data(), jobs.data(), static_cast<int>(jobs.size()), m, k, tp);
+            for (size_t j = 0; j < ns.size(); ++j)
+                for (size_t e = 0; e < alone[j].size(); ++e)
+                    ASSERT_EQ(together[j][e], alone[j][e]) << "layer " << j << " m " << m << " at " << e;
+        }
 }
 
 TEST(kernels_cpu, linear_blas_small_batches_walk_output_blocks) {
@@ -375,6 +411,15 @@ TEST(kernels_cpu, activations_match_reference) {
         cpu::silu_mul_ref(g.data(), u.data(), a.data(), n);
         cpu::silu_mul(g.data(), u.data(), b.data(), n, &pool3());
         for (int64_t i = 0; i < n; ++i) ASSERT_NEAR(a[i], b[i], k_activation_tol * (std::fabs(a[i]) + 1e-6));
+        // The vector exp (generation's path), also past its clamp and on exact zeros.
+        for (int64_t i = 0; i < n; i += 5)
+            g[i] = std::array<float, 6>{0.0f, 90.0f, -90.0f, 200.0f, -200.0f, -0.0f}[i % 6];
+        cpu::silu_mul_ref(g.data(), u.data(), a.data(), n);
+        for (thread_pool* tp : {&pool3(), static_cast<thread_pool*>(nullptr)}) {
+            cpu::silu_mul_fast(g.data(), u.data(), b.data(), n, tp);
+            for (int64_t i = 0; i < n; ++i)
+                ASSERT_NEAR(a[i], b[i], k_activation_tol * (std::fabs(a[i]) + 1e-6)) << "fast, g " << g[i];
+        }
     }
     for (int64_t rows : {1, 3, 40})
         for (int64_t cols : {1, 2, 9, 1000, 8192}) {

@@ -1,9 +1,12 @@
 #include "kernels/cpu/activation.h"
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 
 #include "core/thread_pool.h"
+#include "kernels/cpu/vec_exp.h"
 
 namespace gptq::cpu {
 
@@ -16,6 +19,41 @@ void silu_mul_range(const float* gate, const float* up, float* y, int64_t i0, in
         const float g = gate[i];
         y[i]          = g / (1.0f + std::exp(-g)) * up[i];
     }
+}
+
+// silu(g) * up = g / (1 + e^-g) * up with the vector exp (vec_exp.h), the tail in libm's expf.
+__attribute__((target("avx512f"))) void silu_mul_range_512(const float* gate, const float* up, float* y, int64_t i0,
+                                                           int64_t i1) {
+    int64_t i = i0;
+    for (; i + 16 <= i1; i += 16) {
+        const __m512 g = _mm512_loadu_ps(gate + i);
+        const __m512 e = vec_exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        _mm512_storeu_ps(
+            y + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), _mm512_loadu_ps(up + i)));
+    }
+    silu_mul_range(gate, up, y, i, i1);
+}
+__attribute__((target("avx2,fma"))) void silu_mul_range_256(const float* gate, const float* up, float* y, int64_t i0,
+                                                            int64_t i1) {
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = vec_exp256(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(
+            y + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), _mm256_loadu_ps(up + i)));
+    }
+    silu_mul_range(gate, up, y, i, i1);
+}
+void silu_mul_range_fast(const float* gate, const float* up, float* y, int64_t i0, int64_t i1) {
+    static const int isa = __builtin_cpu_supports("avx512f")                                 ? 2
+                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1
+                                                                                             : 0;
+    if (isa == 2)
+        silu_mul_range_512(gate, up, y, i0, i1);
+    else if (isa == 1)
+        silu_mul_range_256(gate, up, y, i0, i1);
+    else
+        silu_mul_range(gate, up, y, i0, i1);
 }
 
 // torch's constants for the tanh GELU: beta = sqrt(2) * (2 / sqrt(pi)) * 0.5 = sqrt(2 / pi).
@@ -75,6 +113,14 @@ void silu_mul(const float* gate, const float* up, float* y, int64_t n, thread_po
         return;
     }
     pool->parallel_for(n, [&](int64_t i0, int64_t i1) { silu_mul_range(gate, up, y, i0, i1); });
+}
+
+void silu_mul_fast(const float* gate, const float* up, float* y, int64_t n, thread_pool* pool) {
+    if (!pool || n < k_min_parallel_elems) {
+        silu_mul_range_fast(gate, up, y, 0, n);
+        return;
+    }
+    pool->parallel_for(n, [&](int64_t i0, int64_t i1) { silu_mul_range_fast(gate, up, y, i0, i1); });
 }
 
 void gelu_tanh_mul_ref(const float* gate, const float* up, float* y, int64_t n) {

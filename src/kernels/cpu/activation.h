@@ -14,6 +14,10 @@ namespace gptq::cpu {
 // gate, up, y: [n] (y may alias gate or up). y = gate * sigmoid(gate) * up.
 void silu_mul_ref(const float* gate, const float* up, float* y, int64_t n);
 void silu_mul(const float* gate, const float* up, float* y, int64_t n, thread_pool* pool);
+// The same with e^-g in vectors (vec_exp.h: a few ulps, where silu_mul calls libm's expf per
+// element): generation's path (op_silu_mul with ctx.int8_activations); perplexity and calibration
+// keep silu_mul.
+void silu_mul_fast(const float* gate, const float* up, float* y, int64_t n, thread_pool* pool);
 
 // gate, up, y: [n] (y may alias gate or up). y = gelu_tanh(gate) * up with the tanh approximation
 // transformers' gelu_pytorch_tanh (torch.nn.functional.gelu(approximate="tanh")) computes:

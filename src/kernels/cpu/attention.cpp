@@ -13,6 +13,7 @@
 #include "kernels/cpu/activation.h"
 #include "kernels/cpu/f16_isa.h"
 #include "kernels/cpu/linear.h"
+#include "kernels/cpu/vec_exp.h"
 
 namespace gptq::cpu {
 
@@ -176,13 +177,6 @@ void attention_f16_ref(const float* q, const uint16_t* k, const uint16_t* v, flo
 }
 
 namespace {
-// e^x in vectors (Cephes expf): the input clamped to [k_exp_lo, k_exp_hi] (e^x stays a normal
-// float), x = n ln2 + r with ln2 = k_ln2_hi + k_ln2_lo, e^r = 1 + r + r^2 P(r).
-constexpr float k_exp_lo = -87.3365447505531f, k_exp_hi = 88.3762626647949f;
-constexpr float k_log2e = 1.44269504088896341f, k_ln2_hi = 0.693359375f, k_ln2_lo = -2.12194440e-4f;
-constexpr float k_exp_p[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-
 // The decode rows, one copy per instruction set (attention_f16_body.inc).
 namespace f16_avx512 {
 #define GPTQ_KT __attribute__((target("avx512f")))
@@ -227,17 +221,8 @@ GPTQ_KT inline vf vmul(vf a, vf b) {
 GPTQ_KT inline vf vadd(vf a, vf b) {
     return _mm512_add_ps(a, b);
 }
-// e^x: x = n ln2 + r, |r| <= ln2 / 2 (ln2 in two parts), e^r by Cephes' expf polynomial, times 2^n.
 GPTQ_KT inline vf vexp(vf x) {
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(k_exp_lo)), _mm512_set1_ps(k_exp_hi));
-    const vf n =
-        _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(k_log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vf r = _mm512_fnmadd_ps(n, _mm512_set1_ps(k_ln2_hi), x);
-    r    = _mm512_fnmadd_ps(n, _mm512_set1_ps(k_ln2_lo), r);
-    vf p = _mm512_set1_ps(k_exp_p[0]);
-    for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(k_exp_p[i]));
-    const vf y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(y, n);
+    return vec_exp512(x);
 }
 #include "kernels/cpu/attention_f16_body.inc"
 #undef GPTQ_KT
@@ -292,17 +277,8 @@ GPTQ_KT inline vf vmul(vf a, vf b) {
 GPTQ_KT inline vf vadd(vf a, vf b) {
     return _mm256_add_ps(a, b);
 }
-GPTQ_KT inline vf vexp(vf x) {  // as the AVX-512 one; 2^n through the exponent bits (n in [-126, 127])
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(k_exp_lo)), _mm256_set1_ps(k_exp_hi));
-    const vf n =
-        _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(k_log2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    vf r = _mm256_fnmadd_ps(n, _mm256_set1_ps(k_ln2_hi), x);
-    r    = _mm256_fnmadd_ps(n, _mm256_set1_ps(k_ln2_lo), r);
-    vf p = _mm256_set1_ps(k_exp_p[0]);
-    for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(k_exp_p[i]));
-    const vf      y  = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e2));
+GPTQ_KT inline vf vexp(vf x) {
+    return vec_exp256(x);
 }
 #include "kernels/cpu/attention_f16_body.inc"
 #undef GPTQ_KT

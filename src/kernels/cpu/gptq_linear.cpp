@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "core/thread_pool.h"
@@ -211,6 +212,105 @@ GPTQ_KT void gemm_q8_512(const gptq_cpu_layout& w, const gptq_q8_row* xr, int64_
     else
         gemm_512<false>(w, xr, m, y, ldy, n0, n1);
 }
+
+// The tiled layout on 512-bit registers: T tiles of 16 outputs (a zmm each) x M activation rows;
+// per step of 8 rows one 64-byte load per tile, two vpdpbusd per (tile, row) against the row's
+// broadcast activation bytes. The operations per output are tiled_q8's (gptq_gemv_body.inc), so
+// the result is the scalar tiled kernel's bit for bit.
+template <int T, int M>
+GPTQ_KT void tiled_q8_512(const gptq_cpu_layout& w, const gptq_q8_row* xr, float* const* y, int64_t n0, int64_t n1) {
+    const int64_t  G = w.n_groups, tile = n0 / k_gptq_tile, steps = w.k_pad / 8;
+    const uint8_t* codes[T];
+    const float *  sc[T], *zr[T];
+    for (int t = 0; t < T; ++t) {
+        codes[t] = w.codes + (tile + t) * steps * 64;
+        sc[t]    = w.scales + (tile + t) * G * k_gptq_tile;
+        zr[t]    = w.zeros + (tile + t) * G * k_gptq_tile;
+    }
+    const __m512i m4 = _mm512_set1_epi8(15);
+    __m512        acc[T][M];
+    for (int t = 0; t < T; ++t)
+        for (int i = 0; i < M; ++i) acc[t][i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < G; ++g) {
+        const int64_t p1 = w.pad_start[g + 1];
+        for (int64_t pb = w.pad_start[g]; pb < p1; pb += k_gptq_act_block) {
+            const int64_t pe = std::min(p1, pb + k_gptq_act_block);
+            __m512i       iacc[T][M];
+            for (int t = 0; t < T; ++t)
+                for (int i = 0; i < M; ++i) iacc[t][i] = _mm512_setzero_si512();
+            for (int64_t p = pb; p < pe; p += 8) {
+                __m512i lo[T], hi[T];
+                for (int t = 0; t < T; ++t) {
+                    const __m512i v = _mm512_loadu_si512(codes[t] + p * 8);
+                    lo[t]           = _mm512_and_si512(v, m4);
+                    hi[t]           = _mm512_and_si512(_mm512_srli_epi16(v, 4), m4);
+                }
+                for (int i = 0; i < M; ++i) {
+                    int32_t a, b;
+                    std::memcpy(&a, xr[i].xq + p, 4);
+                    std::memcpy(&b, xr[i].xq + p + 4, 4);
+                    const __m512i xa = _mm512_set1_epi32(a), xb = _mm512_set1_epi32(b);
+                    for (int t = 0; t < T; ++t)
+                        iacc[t][i] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(iacc[t][i], lo[t], xa), hi[t], xb);
+                }
+            }
+            for (int t = 0; t < T; ++t) {
+                const __m512 s = _mm512_loadu_ps(sc[t] + g * k_gptq_tile);
+                for (int i = 0; i < M; ++i) {
+                    const __m512 ds = _mm512_mul_ps(s, _mm512_set1_ps(xr[i].d[pb / k_gptq_chunk]));
+                    acc[t][i]       = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[t][i]), ds, acc[t][i]);
+                }
+            }
+        }
+        for (int t = 0; t < T; ++t) {
+            const __m512 sz =
+                _mm512_mul_ps(_mm512_loadu_ps(sc[t] + g * k_gptq_tile), _mm512_loadu_ps(zr[t] + g * k_gptq_tile));
+            for (int i = 0; i < M; ++i) acc[t][i] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(xr[i].xsum[g]), acc[t][i]);
+        }
+    }
+    for (int t = 0; t < T; ++t) {
+        const int64_t   cnt  = std::min<int64_t>(k_gptq_tile, n1 - (n0 + t * k_gptq_tile));
+        const __mmask16 mask = static_cast<__mmask16>((1u << cnt) - 1);
+        for (int i = 0; i < M; ++i) _mm512_mask_storeu_ps(y[i] + n0 + t * k_gptq_tile, mask, acc[t][i]);
+    }
+}
+
+// Rows [i0, i0 + M) ... of the tiles from n: M = 4 while 4 rows are left, then the rest.
+template <int T>
+GPTQ_KT void tiled_rows_512(const gptq_cpu_layout& w, const gptq_q8_row* xr, int64_t m, float* y, int64_t ldy,
+                            int64_t n, int64_t ne) {
+    constexpr int M  = 4;
+    int64_t       i0 = 0;
+    float*        yr[M];
+    for (; i0 + M <= m; i0 += M) {
+        for (int i = 0; i < M; ++i) yr[i] = y + (i0 + i) * ldy;
+        tiled_q8_512<T, M>(w, xr + i0, yr, n, ne);
+    }
+    for (int i = 0; i < m - i0; ++i) yr[i] = y + (i0 + i) * ldy;
+    switch (m - i0) {
+        case 3:
+            tiled_q8_512<T, 3>(w, xr + i0, yr, n, ne);
+            break;
+        case 2:
+            tiled_q8_512<T, 2>(w, xr + i0, yr, n, ne);
+            break;
+        case 1:
+            tiled_q8_512<T, 1>(w, xr + i0, yr, n, ne);
+            break;
+        default:
+            break;
+    }
+}
+
+// y[i, n] for activation rows i < m and outputs [n0, n1) (n0 a multiple of 16): two tiles (32
+// outputs, K bytes of codes) at a time, every row through them before the next pair.
+GPTQ_KT void gemm_q8_tiled_512(const gptq_cpu_layout& w, const gptq_q8_row* xr, int64_t m, float* y, int64_t ldy,
+                               int64_t n0, int64_t n1) {
+    int64_t n = n0;
+    for (; n + 2 * k_gptq_tile < n1 + k_gptq_tile; n += 2 * k_gptq_tile)  // a second tile with >= 1 output
+        tiled_rows_512<2>(w, xr, m, y, ldy, n, std::min(n1, n + 2 * k_gptq_tile));
+    if (n < n1) tiled_rows_512<1>(w, xr, m, y, ldy, n, n1);
+}
 #undef GPTQ_KT
 }  // namespace vnni
 
@@ -232,6 +332,25 @@ void gemv_q8_scalar(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, i
             corr += s * w.zeros[n * w.n_groups + g] * xr.xsum[g];
         }
         y[n] = acc - corr;
+    }
+}
+
+// The tiled layout's function (gptq_linear.h), plainly: every vector kernel gives it bit for bit.
+void gemv_q8_tiled_scalar(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+        float acc = 0.0f;
+        for (int64_t g = 0; g < w.n_groups; ++g) {
+            const float   s  = w.scales[w.sz_index(n, g)];
+            const int64_t p1 = w.pad_start[g + 1];
+            for (int64_t pb = w.pad_start[g]; pb < p1; pb += k_gptq_act_block) {
+                int32_t dot = 0;
+                for (int64_t p = pb; p < std::min(p1, pb + k_gptq_act_block); ++p)
+                    dot += gptq_code_at(w, n, p) * xr.xq[p];
+                acc = std::fma(static_cast<float>(dot), s * xr.d[pb / k_gptq_chunk], acc);
+            }
+            acc = std::fma(-(s * w.zeros[w.sz_index(n, g)]), xr.xsum[g], acc);
+        }
+        y[n] = acc;
     }
 }
 
@@ -437,6 +556,18 @@ void gptq_quantize_activations(const float* x, const gptq_cpu_layout& w, const g
 }
 
 void gptq_gemv_q8(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0, int64_t n1, gptq_isa isa) {
+    if (w.tiled) {
+        switch (resolve(isa)) {
+            case gptq_isa::GPTQ_ISA_AVX512:
+                return vnni::gemm_q8_tiled_512(w, &xr, 1, y, 0, n0, n1);
+            case gptq_isa::GPTQ_ISA_VNNI:
+                return vnni::gemm_q8_tiled(w, &xr, 1, y, 0, n0, n1);
+            case gptq_isa::GPTQ_ISA_AVX2:
+                return avx2::gemm_q8_tiled(w, &xr, 1, y, 0, n0, n1);
+            default:
+                return gemv_q8_tiled_scalar(w, xr, y, n0, n1);
+        }
+    }
     switch (resolve(isa)) {
         case gptq_isa::GPTQ_ISA_AVX512:
             return vnni::gemv_q8_512(w, xr, y, n0, n1);
@@ -451,8 +582,10 @@ void gptq_gemv_q8(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int
 
 namespace {
 
-constexpr int64_t k_rows_per_task = 64;  // output rows per work item of the F32 path
-constexpr int64_t k_gemv_block    = 16;  // output rows per work item of the int8 GEMV (a multiple of 4)
+constexpr int64_t k_rows_per_task       = 64;  // output rows per work item of the F32 path
+constexpr int64_t k_gemv_block          = 16;  // output rows per work item of the int8 GEMV (a multiple of 4)
+constexpr int64_t k_round_parallel_rows = 16;  // from this many rows the activation rounding is split over the pool
+static_assert(k_gemv_block % k_gptq_tile == 0, "work items must start on a tile of the tiled layout");
 
 // Per-thread scratch, grown as needed and kept: no allocation per call once warm.
 struct scratch {
@@ -480,7 +613,7 @@ void dequantize_rows(const gptq_cpu_layout& w, int64_t n0, int64_t n1, float* wb
     for (int64_t n = n0; n < n1; ++n) {
         float* out = wbuf + (n - n0) * w.n_in;
         for (int64_t g = 0; g < w.n_groups; ++g) {
-            const float s = w.scales[n * w.n_groups + g], z = w.zeros[n * w.n_groups + g];
+            const float s = w.scales[w.sz_index(n, g)], z = w.zeros[w.sz_index(n, g)];
             for (int64_t i = w.group_start[g]; i < w.group_start[g + 1]; ++i)
                 out[i] = s * (static_cast<float>(gptq_code_at(w, n, w.pad_start[g] + i - w.group_start[g])) - z);
         }
@@ -574,14 +707,23 @@ void linears_int8(const float* x, const gptq_linear_job* jobs, int n_jobs, int64
         return gptq_q8_row{xq + off_q[size_t(j)] + i * w.k_pad, d + off_d[size_t(j)] + i * (w.k_pad / k_gptq_chunk),
                            xsm + off_s[size_t(j)] + i * w.n_groups};
     };
-    for (int j = 0; j < n_jobs; ++j)
-        if (src[size_t(j)] == j)
-            for (int64_t i = 0; i < m; ++i)
-                gptq_quantize_activations(x + i * jobs[j].w->n_in, *jobs[j].w, row(j, i), isa);
+    // Each row is rounded on its own (the same bits whichever thread does it): prompts split their
+    // rows over the pool (serial, 512 rows were ~1.5 % of a 1-thread prefill and more with threads),
+    // decode rows stay with the caller (a dispatch costs more than rounding one row).
+    auto round_rows = [&](int64_t i0, int64_t i1) {
+        for (int j = 0; j < n_jobs; ++j)
+            if (src[size_t(j)] == j)
+                for (int64_t i = i0; i < i1; ++i)
+                    gptq_quantize_activations(x + i * jobs[j].w->n_in, *jobs[j].w, row(j, i), isa);
+    };
+    if (pool && m >= k_round_parallel_rows)
+        pool->parallel_for(m, round_rows);
+    else
+        round_rows(0, m);
     const gptq_isa            kernel = resolve(isa);
     const bool                gemm   = m >= 4 && kernel != gptq_isa::GPTQ_ISA_SCALAR;
     std::vector<gptq_q8_row>& rows   = s.rows;  // the int8 GEMM's views: [n_jobs, m]
-    if (gemm) {
+    if (kernel != gptq_isa::GPTQ_ISA_SCALAR) {  // the tiled kernels take them at every m
         rows.resize(static_cast<size_t>(n_jobs * m));
         for (int j = 0; j < n_jobs; ++j)
             for (int64_t i = 0; i < m; ++i) rows[static_cast<size_t>(j * m + i)] = row(j, i);
@@ -593,7 +735,13 @@ void linears_int8(const float* x, const gptq_linear_job* jobs, int n_jobs, int64
             const gptq_cpu_layout& w  = *jobs[j].w;
             const int64_t          n0 = (a - task0[size_t(j)]) * k_gemv_block;
             const int64_t          n1 = std::min(w.n_out, (b - task0[size_t(j)]) * k_gemv_block);
-            if (gemm && kernel == gptq_isa::GPTQ_ISA_AVX512)
+            if (w.tiled && kernel == gptq_isa::GPTQ_ISA_AVX512)  // every row count, decode and prompt
+                vnni::gemm_q8_tiled_512(w, rows.data() + j * m, m, jobs[j].y, w.n_out, n0, n1);
+            else if (w.tiled && kernel == gptq_isa::GPTQ_ISA_VNNI)
+                vnni::gemm_q8_tiled(w, rows.data() + j * m, m, jobs[j].y, w.n_out, n0, n1);
+            else if (w.tiled && kernel == gptq_isa::GPTQ_ISA_AVX2)
+                avx2::gemm_q8_tiled(w, rows.data() + j * m, m, jobs[j].y, w.n_out, n0, n1);
+            else if (gemm && kernel == gptq_isa::GPTQ_ISA_AVX512)
                 vnni::gemm_q8_512(w, rows.data() + j * m, m, jobs[j].y, w.n_out, n0, n1);
             else if (gemm && kernel == gptq_isa::GPTQ_ISA_VNNI)
                 vnni::gemm_q8(w, rows.data() + j * m, m, jobs[j].y, w.n_out, n0, n1);

@@ -4,10 +4,19 @@
 // Layout (built once at load by ops/gptq_linear.cpp from a checkpoint's tensors): the input rows k
 // are sorted by group (stable, so act-order checkpoints get contiguous groups and the activations
 // are gathered once per call through `perm`, format.md 1.5 "sort rows by g_idx"); each group's run
-// of rows is padded with code 0 to a multiple of 32 ("chunks"). Codes are stored per OUTPUT row
-// (a GEMV reads one contiguous stream per output): bits 2, 3 and 4 as nibbles, 16 bytes per chunk,
-// byte j holding the codes of chunk rows j (low nibble) and 16 + j (high nibble); bits 8 as one
-// byte per code. Scales and zeros are F32 [n_out, n_groups].
+// of rows is padded with code 0 to a multiple of 32 ("chunks"). Two code layouts:
+// - tiled (bits 2, 3, 4; what inference uses, issue 22 session 11): outputs in tiles of 16
+//   (k_gptq_tile; the last tile padded with code 0, scale 0, zero 0), each tile's codes one
+//   contiguous run of 64-byte steps, one step per 8 padded rows p .. p + 7: byte 4 o + j holds
+//   output o's code of row p + j in its low nibble and of row p + 4 + j in its high nibble. A
+//   512-bit register of a step thus holds 16 outputs x 4 rows per nibble half, and an int32 lane
+//   of vpdpbusd is one output: the rows' int8 activations are broadcast 4 bytes at a time, and the
+//   per-block scale and per-group zero point are one vector operation for 16 outputs. Scales and
+//   zeros F32 [n_tiles, n_groups, 16].
+// - rows (bits 8 always; bits <= 4 on request, the reference kernels' layout): codes per OUTPUT
+//   row, bits 2, 3 and 4 as nibbles, 16 bytes per chunk, byte j holding the codes of chunk rows j
+//   (low nibble) and 16 + j (high nibble); bits 8 as one byte per code. Scales and zeros F32
+//   [n_out, n_groups].
 //
 // Two products:
 // - F32 (exact up to summation order): a slice of W is dequantized to F32 and multiplied with
@@ -21,7 +30,12 @@
 //     y[n] = sum_g s[n,g] * (sum_{b in g} d_b * sum_{k in b} q[n,k] xq[k]  -  z[n,g] * xsum_g),
 //     xsum_g = sum_{b in g} d_b * sum_{k in b} xq[k].
 //   The result is the F32 product of W with the dequantized activations d_b * xq[k] (|error| per
-//   activation <= d_b / 2), up to float summation order.
+//   activation <= d_b / 2), up to float summation order. The rows layout's kernels sum it in that
+//   grouping; the tiled layout's (one F32 chain per output, its own function, the same on every
+//   instruction set) as
+//     acc = 0; per group g: per block b: acc = fma(float(I_b), s * d_b, acc);
+//              then acc = fma(-(s * z), xsum_g, acc);   y = acc
+//   with I_b the exact integer dot of the block (gemv_q8_tiled_scalar in gptq_linear.cpp).
 #pragma once
 
 #include <cstdint>
@@ -35,6 +49,7 @@ namespace gptq::cpu {
 constexpr int64_t k_gptq_chunk      = 32;   // rows per chunk: the padding unit of each group
 constexpr int64_t k_gptq_act_block  = 128;  // int8 activations: rows per scale (within a group)
 constexpr int64_t k_gptq_act_chunks = k_gptq_act_block / k_gptq_chunk;
+constexpr int64_t k_gptq_tile       = 16;  // outputs per tile of the tiled layout
 
 struct gptq_cpu_layout {
     int64_t        n_in = 0, n_out = 0, n_groups = 0;
@@ -46,12 +61,23 @@ struct gptq_cpu_layout {
     const int32_t* group_start = nullptr;  // [n_groups + 1] first sorted row of each group
     const int32_t* pad_start   = nullptr;  // [n_groups + 1] first padded row of each group (multiples of 32)
     const int32_t* perm        = nullptr;  // [n_in] sorted row i reads x[perm[i]]; nullptr = identity
+    bool           tiled       = false;    // the tiled layout (bits <= 4 only), else rows
 
-    int64_t row_bytes() const { return bits == 8 ? k_pad : k_pad / 2; }
+    int64_t row_bytes() const { return bits == 8 ? k_pad : k_pad / 2; }  // rows layout
+    int64_t n_tiles() const { return (n_out + k_gptq_tile - 1) / k_gptq_tile; }
+    // Index into scales / zeros of (output n, group g).
+    int64_t sz_index(int64_t n, int64_t g) const {
+        return tiled ? ((n / k_gptq_tile) * n_groups + g) * k_gptq_tile + n % k_gptq_tile : n * n_groups + g;
+    }
 };
 
 // Code of padded row p of output n.
 inline int gptq_code_at(const gptq_cpu_layout& w, int64_t n, int64_t p) {
+    if (w.tiled) {
+        const int64_t step = (n / k_gptq_tile) * (w.k_pad / 8) + p / 8;
+        const uint8_t b    = w.codes[step * 64 + (n % k_gptq_tile) * 4 + (p % 4)];
+        return (p % 8) < 4 ? (b & 15) : (b >> 4);
+    }
     const uint8_t* row = w.codes + n * w.row_bytes();
     if (w.bits == 8) return row[p];
     const uint8_t b = row[(p / k_gptq_chunk) * 16 + (p % 16)];
@@ -84,7 +110,9 @@ struct gptq_q8_row {
 void gptq_quantize_activations(const float* x, const gptq_cpu_layout& w, const gptq_q8_row& out,
                                gptq_isa isa = gptq_isa::GPTQ_ISA_BEST);
 
-// y[n] for n in [n0, n1) from one quantized activation row (bias not added).
+// y[n] for n in [n0, n1) from one quantized activation row (bias not added). Tiled layouts: every
+// instruction set gives the scalar kernel's result bit for bit (integer block dots are exact, the
+// F32 chain is the same); n0 must then be a multiple of k_gptq_tile.
 void gptq_gemv_q8(const gptq_cpu_layout& w, const gptq_q8_row& xr, float* y, int64_t n0, int64_t n1, gptq_isa isa);
 
 // y[m, n_out] = x W^T + bias. F32 products: dequantize + sgemm. int8_act: every row multiplies

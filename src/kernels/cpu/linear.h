@@ -28,5 +28,15 @@ void linear_blas(const float* x, const float* w, const float* bias, float* y, in
 void linear_f16(const float* x, const uint16_t* w, const float* bias, float* y, int64_t m, int64_t n, int64_t k,
                 thread_pool* pool);
 void linear_f16_ref(const float* x, const uint16_t* w, const float* bias, float* y, int64_t m, int64_t n, int64_t k);
+// Several F16 linears of the same input x [m, k] (q/k/v, gate/up of a dense layer): each job's y =
+// x W^T + bias exactly as linear_f16 gives it alone, all of them in one pool dispatch (a decode
+// step pays one wake-up and one join instead of one per layer). At most 8 jobs.
+struct linear_f16_job {
+    const uint16_t* w    = nullptr;  // [n, k]
+    const float*    bias = nullptr;  // [n] or nullptr
+    float*          y    = nullptr;  // [m, n]
+    int64_t         n    = 0;
+};
+void linears_f16(const float* x, const linear_f16_job* jobs, int n_jobs, int64_t m, int64_t k, thread_pool* pool);
 
 }  // namespace gptq::cpu

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "core/error.h"
 #include "core/thread_pool.h"
 #include "kernels/cpu/f16_isa.h"
 #include "kernels/cpu/linear.h"
@@ -344,28 +345,45 @@ void linear_f16_ref(const float* x, const uint16_t* w, const float* bias, float*
 
 void linear_f16(const float* x, const uint16_t* w, const float* bias, float* y, int64_t m, int64_t n, int64_t k,
                 thread_pool* pool) {
-    if (m == 0 || n == 0) return;
+    const linear_f16_job job{w, bias, y, n};
+    linears_f16(x, &job, 1, m, k, pool);
+}
+
+void linears_f16(const float* x, const linear_f16_job* jobs, int n_jobs, int64_t m, int64_t k, thread_pool* pool) {
+    if (m == 0 || n_jobs == 0) return;
     blas_init_single_threaded();
     const f16_isa isa  = f16_best_isa();
     const bool    gemv = m <= k_f16_gemv_max_rows || k == 0;
     const int64_t unit = gemv ? k_f16_gemv_block : k_f16_tile;
-    auto          task = [&](int64_t b0, int64_t b1) {
-        const int64_t j0 = b0 * unit, j1 = std::min(n, b1 * unit);
-        if (gemv)
-            gemv_rows(isa, x, w, y, m, n, k, j0, j1);
-        else if (isa == f16_isa::AVX512)
-            gemm_rows_avx512(x, w, y, m, n, k, j0, j1);
-        else
-            gemm_rows(isa, x, w, y, m, n, k, j0, j1);
+    // Work units of every job one after another (job j's are [first[j], first[j + 1])): one
+    // parallel_for for all, each unit the rows [j0, j1) that linear_f16 would give it alone.
+    constexpr int k_max_jobs = 8;
+    GPTQ_ASSERT(n_jobs <= k_max_jobs);
+    int64_t first[k_max_jobs + 1] = {0};
+    for (int j = 0; j < n_jobs; ++j) first[j + 1] = first[j] + (jobs[j].n + unit - 1) / unit;
+    auto task = [&](int64_t b0, int64_t b1) {
+        for (int j = 0; j < n_jobs; ++j) {
+            const int64_t a = std::max(b0, first[j]), b = std::min(b1, first[j + 1]);
+            if (a >= b) continue;
+            const linear_f16_job& jb = jobs[j];
+            const int64_t         j0 = (a - first[j]) * unit, j1 = std::min(jb.n, (b - first[j]) * unit);
+            if (gemv)
+                gemv_rows(isa, x, jb.w, jb.y, m, jb.n, k, j0, j1);
+            else if (isa == f16_isa::AVX512)
+                gemm_rows_avx512(x, jb.w, jb.y, m, jb.n, k, j0, j1);
+            else
+                gemm_rows(isa, x, jb.w, jb.y, m, jb.n, k, j0, j1);
+        }
     };
-    const int64_t n_units = (n + unit - 1) / unit;
+    const int64_t n_units = first[n_jobs];
     if (pool)
         pool->parallel_for(n_units, task);
     else
         task(0, n_units);
-    if (bias)
-        for (int64_t i = 0; i < m; ++i)
-            for (int64_t j = 0; j < n; ++j) y[i * n + j] += bias[j];
+    for (int j = 0; j < n_jobs; ++j)
+        if (jobs[j].bias)
+            for (int64_t i = 0; i < m; ++i)
+                for (int64_t c = 0; c < jobs[j].n; ++c) jobs[j].y[i * jobs[j].n + c] += jobs[j].bias[c];
 }
 
 }  // namespace gptq::cpu

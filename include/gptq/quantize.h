@@ -33,6 +33,12 @@ struct quantize_params {
     double      damp_percent    = 0.01;
     bool        mse             = false;   // clipping-range grid search
     bool        mse_hessian     = false;   // clipping range by diag(H)-weighted error (CPU solve only)
+    // GPTAQ (GPTQModel's "GPTQv2" algorithm, asymmetric calibration; docs/quantize.md "GPTAQ"):
+    // each linear's solve also fits the full-precision model's output, from a second stream of
+    // calibration hidden states (the unquantized model's) carried beside the quantized one: twice
+    // the calibration activations' memory. CPU only (--device cpu), dense models only.
+    bool   gptaq       = false;
+    double gptaq_alpha = 0.25;  // the cross term's weight in [0, 1] (GPTQModel's default 0.25)
     std::string method          = "gptq";  // "gptq" or "rtn" (round to nearest, no calibration)
     std::string format          = "";      // "gptq" (v1) or "gptq_v2"; "" = gptq (asym: zeros kept >= 1)
     // Quantize lm_head too (GPTQ with the Hessian of the final norm's output; GPTQModel's "lm_head":

@@ -18,12 +18,7 @@ class cpu_calibration final : public calibration_runner {
 public:
     cpu_calibration(const llama_model& model, const ops_context& ctx, int64_t n_samples, int64_t seqlen,
                     std::vector<float> x, std::vector<float> x_fp)
-        : model_(model),
-          ctx_(ctx),
-          n_samples_(n_samples),
-          seqlen_(seqlen),
-          x_(std::move(x)),
-          x_fp_(std::move(x_fp)) {}
+        : model_(model), ctx_(ctx), n_samples_(n_samples), seqlen_(seqlen), x_(std::move(x)), x_fp_(std::move(x_fp)) {}
 
     status layer_begin(const llama_layer&) override { return status::ok(); }  // layer_forward reads the layer
 
@@ -103,8 +98,8 @@ public:
     result<std::vector<float>> cross_term(linear_input in) override {
         auto it = cross_.find(in);
         if (it == cross_.end())
-            return make_error(status_code::STATUS_INTERNAL, "calibration: no GPTAQ cross term collected for the {} input",
-                              linear_input_name(in));
+            return make_error(status_code::STATUS_INTERNAL,
+                              "calibration: no GPTAQ cross term collected for the {} input", linear_input_name(in));
         return it->second->finish();
     }
 
@@ -227,10 +222,10 @@ public:
     }
 
 private:
-    const llama_model&                                                        model_;
-    ops_context                                                               ctx_;
-    int64_t                                                                   n_samples_ = 0, seqlen_ = 0;
-    std::vector<float>                                                        x_;  // [n_samples * seqlen, n_embd]
+    const llama_model& model_;
+    ops_context        ctx_;
+    int64_t            n_samples_ = 0, seqlen_ = 0;
+    std::vector<float> x_;  // [n_samples * seqlen, n_embd]
     // GPTAQ: the full-precision stream (same shape; empty: one stream), the layer's FP weights and
     // the cross terms of the last hessians_collect.
     std::vector<float>                                                        x_fp_;

@@ -142,8 +142,7 @@ bool quantize_plain_mode();
 // quantized), the full-precision stream; empty: one stream.
 result<std::unique_ptr<calibration_runner>> calibration_runner_cpu(const llama_model& model, const ops_context& ctx,
                                                                    int64_t n_samples, int64_t seqlen,
-                                                                   std::vector<float> x,
-                                                                   std::vector<float> x_fp = {});
+                                                                   std::vector<float> x, std::vector<float> x_fp = {});
 // The same on the GPU dev (device_check first): prints the device memory plan and refuses it when
 // the device has less free memory, then keeps x there as F16. pool: host threads for conversions.
 result<std::unique_ptr<calibration_runner>> calibration_runner_cuda(const device_spec& dev, const llama_model& model,

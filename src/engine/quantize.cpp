@@ -556,7 +556,8 @@ result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, c
                                          const gptq_options& opt, const std::vector<float>* h,
                                          quantize_linear_report* rep, bool resident = false,
                                          std::optional<quantized_linear>* rtn_pre = nullptr,
-                                         linear_role r = linear_role::LINEAR_Q, const std::vector<float>* cross = nullptr) {
+                                         linear_role                      r       = linear_role::LINEAR_Q,
+                                         const std::vector<float>*        cross   = nullptr) {
     const std::string& name = rep->name;
     GPTQ_TRY(gptq_check_packable(lw.n_in, lw.n_out, opt.bits, name));
     rep->n_out      = lw.n_out;
@@ -586,11 +587,11 @@ result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, c
         out.wq.resize(lw.w.size());
         gptq_stats                 st;
         std::optional<phase_timer> t_solve(std::in_place, s, "solve");
-        gptq_options o = opt;
-        o.gptaq        = cross != nullptr;
-        o.gptaq_alpha  = s.p.gptaq_alpha;
-        auto g = cross ? s.calib->solve_gptaq(lw.w.data(), lw.n_out, lw.n_in, *h, *cross, o, &st)
-                       : s.calib->solve(lw.w.data(), lw.n_out, lw.n_in, *h, opt, &st);
+        gptq_options               o = opt;
+        o.gptaq                      = cross != nullptr;
+        o.gptaq_alpha                = s.p.gptaq_alpha;
+        auto g                       = cross ? s.calib->solve_gptaq(lw.w.data(), lw.n_out, lw.n_in, *h, *cross, o, &st)
+                                             : s.calib->solve(lw.w.data(), lw.n_out, lw.n_in, *h, opt, &st);
         if (!g) return g.error().with_context(name);
         t_solve.reset();
         phase_timer t(s, "error");
@@ -1930,8 +1931,8 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             "activations {}{} = {} (available {})",
             human_bytes(x_bytes),
             fp_bytes ? " + the full-precision stream and layer (--gptaq) " + human_bytes(fp_bytes) : std::string(),
-            human_bytes(layer_bytes), human_bytes(ahead_bytes),
-            human_bytes(3 * h_bytes + moe_h_bytes), human_bytes(act_bytes),
+            human_bytes(layer_bytes), human_bytes(ahead_bytes), human_bytes(3 * h_bytes + moe_h_bytes),
+            human_bytes(act_bytes),
             embed_held ? " + the quantized embedding table " + human_bytes(embed_held) : std::string(),
             human_bytes(plan), avail ? human_bytes(avail) : "unknown");
         GPTQ_TRY(host_memory_check(
@@ -1951,8 +1952,8 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         if (params.gptaq) {
             if (s.embed) {
                 x_fp.resize(x.size());
-                GPTQ_TRY(embed_windows(*s.model, windows, hp.n_embd, quantize_plain_mode() ? nullptr : &pool,
-                                       x_fp.data()));
+                GPTQ_TRY(
+                    embed_windows(*s.model, windows, hp.n_embd, quantize_plain_mode() ? nullptr : &pool, x_fp.data()));
             } else {
                 x_fp = x;
             }

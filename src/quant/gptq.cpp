@@ -352,11 +352,11 @@ result<quantized_linear> gptq_solve(const ops_context& ctx, const float* w_in, i
     // Column loop. Rows are independent given U, so each thread owns a range of rows; within a
     // block of B columns the updates stay in a [rows, B] copy, and the rest of W is updated once
     // per block with a GEMM (the "lazy batch" trick).
-    const int64_t            B = opt.block_size;
-    std::vector<double>      row_loss(static_cast<size_t>(n_out), 0.0);
-    std::vector<float>       err(static_cast<size_t>(n_out) * static_cast<size_t>(std::min<int64_t>(B, n_in)));
+    const int64_t       B = opt.block_size;
+    std::vector<double> row_loss(static_cast<size_t>(n_out), 0.0);
+    std::vector<float>  err(static_cast<size_t>(n_out) * static_cast<size_t>(std::min<int64_t>(B, n_in)));
     // GPTAQ: each column's value right before it was rounded (the block's w_i of the P update).
-    std::vector<float> wpre(asym ? err.size() : 0);
+    std::vector<float>       wpre(asym ? err.size() : 0);
     std::vector<grid_params> cur(static_cast<size_t>(n_out));  // current group's params per row
     if (!grouped) cur = row_params;
 
@@ -457,14 +457,12 @@ result<quantized_linear> gptq_solve(const ops_context& ctx, const float* w_in, i
 
 result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
                                        const float* h, const gptq_options& opt, gptq_stats* stats) {
-    if (opt.gptaq)
-        return make_error(E_ARG, "gptq_quantize: gptaq is set; GPTAQ needs the cross term (gptaq_quantize)");
+    if (opt.gptaq) return make_error(E_ARG, "gptq_quantize: gptaq is set; GPTAQ needs the cross term (gptaq_quantize)");
     return gptq_solve(ctx, w, n_out, n_in, h, nullptr, opt, stats);
 }
 
 result<quantized_linear> gptaq_quantize(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
-                                        const float* h, const float* dxxt, const gptq_options& opt,
-                                        gptq_stats* stats) {
+                                        const float* h, const float* dxxt, const gptq_options& opt, gptq_stats* stats) {
     if (!opt.gptaq) return make_error(E_ARG, "gptaq_quantize: the options do not ask for GPTAQ (gptaq false)");
     GPTQ_TRY(gptq_check_options(opt, n_in));
     GPTQ_TRY(gptq_check_finite(ctx, dxxt, n_in, n_in,

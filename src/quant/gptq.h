@@ -100,8 +100,8 @@ public:
 private:
     int64_t            n_in_;
     int64_t            n_tokens_ = 0;
-    std::vector<float> d_;      // sum (x_fp - x_q) x_q^T
-    std::vector<float> diff_;   // scratch: x_fp - x_q of the last batch
+    std::vector<float> d_;     // sum (x_fp - x_q) x_q^T
+    std::vector<float> diff_;  // scratch: x_fp - x_q of the last batch
 };
 
 // GPTQ's processing order of the columns from diag(H) [n_in]: empty (natural order) unless

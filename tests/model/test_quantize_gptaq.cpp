@@ -99,7 +99,7 @@ TEST(quantize_gptaq, runs_and_resumes_byte_identically) {
     ASSERT_FALSE(stopped.is_ok());
     EXPECT_EQ(stopped.error().code(), status_code::STATUS_CANCELLED);
 
-    auto without  = cut;  // a work folder made with --gptaq does not continue without it
+    auto without              = cut;  // a work folder made with --gptaq does not continue without it
     without.stop_after_layers = -1;
     without.resume            = true;
     without.gptaq             = false;
@@ -107,7 +107,7 @@ TEST(quantize_gptaq, runs_and_resumes_byte_identically) {
     ASSERT_FALSE(refused.is_ok());
     EXPECT_NE(refused.error().message().find("was made with --gptaq, this run without it"), std::string::npos)
         << refused.error().message();
-    auto other_alpha        = cut;
+    auto other_alpha              = cut;
     other_alpha.stop_after_layers = -1;
     other_alpha.resume            = true;
     other_alpha.gptaq_alpha       = 0.5;
@@ -164,7 +164,7 @@ TEST(quantize_gptaq, last_layer_output_closer_to_full_precision_than_gptq) {
 
 TEST(quantize_gptaq, refuses_what_it_cannot_take) {
     test::temp_dir dir("q-gptaq-refuse");
-    auto           p = gptaq_run(dir.file("out"), "default");
+    auto           p              = gptaq_run(dir.file("out"), "default");
     auto           expect_refused = [&](quantize_params q, const std::string& text) {
         auto r = quantize_model(q);
         ASSERT_FALSE(r.is_ok()) << text;

@@ -485,7 +485,8 @@ std::vector<uint8_t> gptaq_plain(std::vector<float> w, int64_t n_out, int64_t n,
                 for (size_t j = 0; j < N; ++j) a[r * N + j] -= f * a[c * N + j], inv[r * N + j] -= f * inv[c * N + j];
             }
     }
-    // inv = U^T U, U upper: U[i][i] = sqrt(inv[i][i] - sum_{k<i} U[k][i]^2), U[i][j] = (inv[i][j] - sum_k U[k][i] U[k][j]) / U[i][i]
+    // inv = U^T U, U upper: U[i][i] = sqrt(inv[i][i] - sum_{k<i} U[k][i]^2), U[i][j] = (inv[i][j] - sum_k U[k][i]
+    // U[k][j]) / U[i][i]
     std::vector<double> U(N * N, 0.0);
     for (size_t i = 0; i < N; ++i) {
         double s = inv[i * N + i];
@@ -517,8 +518,8 @@ std::vector<uint8_t> gptaq_plain(std::vector<float> w, int64_t n_out, int64_t n,
                 for (size_t k = i; k < std::min(N, i + size_t(gs)); ++k) grp.push_back(float(x[k]));
                 p = grid_find_params(grp.data(), int64_t(grp.size()), 1, g);
             }
-            const double wi = x[i];
-            const int    qi = grid_quantize(float(wi), p, maxq);
+            const double wi          = x[i];
+            const int    qi          = grid_quantize(float(wi), p, maxq);
             codes[size_t(r) * N + i] = uint8_t(qi);
             const double e           = (wi - grid_dequantize(qi, p)) / U[i * N + i];
             for (size_t j = i + 1; j < N; ++j) x[j] -= e * U[i * N + j] - wi * P[i * N + j];
@@ -534,7 +535,7 @@ struct gptaq_case {
 };
 
 gptaq_case make_gptaq_case(int64_t n_out, int64_t n_in, uint32_t seed, float mix) {
-    gptaq_case c{make_streams(n_in, seed, mix), {}, {}, {}, n_out};
+    gptaq_case                      c{make_streams(n_in, seed, mix), {}, {}, {}, n_out};
     std::mt19937                    rng(seed + 1000);
     std::normal_distribution<float> nd;
     c.w.resize(size_t(n_out * n_in));
@@ -585,7 +586,8 @@ TEST(gptaq, blocked_solve_equals_the_plain_formula) {
                     o.block_size  = block;
                     o.gptaq       = true;
                     o.gptaq_alpha = alpha;
-                    if (gs != -1 && block != 1 && block % gs != 0) continue;  // group params exact: no group straddles a block
+                    if (gs != -1 && block != 1 && block % gs != 0)
+                        continue;  // group params exact: no group straddles a block
                     auto q = gptaq_quantize(ctx, c.w.data(), c.n_out, 160, c.h.data(), c.d.data(), o);
                     ASSERT_TRUE(q.is_ok()) << q.error().message();
                     const auto ref  = gptaq_plain(c.w, c.n_out, 160, c.h, c.d, o);
@@ -622,9 +624,9 @@ TEST(gptaq, alpha_zero_is_gptq_and_errors_are_named) {
     auto bad      = gptaq_quantize(ctx, c.w.data(), 16, 64, c.h.data(), c.d.data(), o);
     ASSERT_FALSE(bad.is_ok());
     EXPECT_NE(bad.error().message().find("gptaq_alpha 1.5"), std::string::npos) << bad.error().message();
-    o.gptaq_alpha      = 0.25;
+    o.gptaq_alpha           = 0.25;
     c.d[size_t(3 * 64 + 5)] = NAN;
-    auto nan = gptaq_quantize(ctx, c.w.data(), 16, 64, c.h.data(), c.d.data(), o);
+    auto nan                = gptaq_quantize(ctx, c.w.data(), 16, 64, c.h.data(), c.d.data(), o);
     ASSERT_FALSE(nan.is_ok());
     EXPECT_NE(nan.error().message().find("cross term"), std::string::npos) << nan.error().message();
     EXPECT_NE(nan.error().message().find("[3, 5]"), std::string::npos) << nan.error().message();
@@ -648,8 +650,8 @@ TEST(gptaq, lowers_the_output_error_against_the_full_precision_layer) {
             o.gar        = order == 2;
             auto g       = gptq_quantize(ctx, c.w.data(), c.n_out, 128, c.h.data(), o);
             ASSERT_TRUE(g.is_ok());
-            o.gptaq   = true;
-            auto a025 = gptaq_quantize(ctx, c.w.data(), c.n_out, 128, c.h.data(), c.d.data(), o);
+            o.gptaq       = true;
+            auto a025     = gptaq_quantize(ctx, c.w.data(), c.n_out, 128, c.h.data(), c.d.data(), o);
             o.gptaq_alpha = 1.0;
             auto a1       = gptaq_quantize(ctx, c.w.data(), c.n_out, 128, c.h.data(), c.d.data(), o);
             ASSERT_TRUE(a025.is_ok() && a1.is_ok());

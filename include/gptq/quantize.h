@@ -35,6 +35,12 @@ struct quantize_params {
     bool        mse_hessian     = false;   // clipping range by diag(H)-weighted error (CPU solve only)
     std::string method          = "gptq";  // "gptq" or "rtn" (round to nearest, no calibration)
     std::string format          = "";      // "gptq" (v1) or "gptq_v2"; "" = gptq (asym: zeros kept >= 1)
+    // GPTAQ (GPTQModel's "GPTQv2" algorithm, asymmetric calibration; docs/quantize.md "GPTAQ"):
+    // each linear's solve also fits the full-precision model's output, from a second stream of
+    // calibration hidden states (the unquantized model's) carried beside the quantized one: twice
+    // the calibration activations' memory. CPU only (--device cpu), dense models only.
+    bool   gptaq       = false;
+    double gptaq_alpha = 0.25;  // the cross term's weight in [0, 1] (GPTQModel's default 0.25)
     // Quantize lm_head too (GPTQ with the Hessian of the final norm's output; GPTQModel's "lm_head":
     // true). A tied lm_head gets its own quantized copy: the embedding table stays as it was and
     // config.json says tie_word_embeddings false.

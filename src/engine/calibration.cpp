@@ -17,33 +17,96 @@ namespace {
 class cpu_calibration final : public calibration_runner {
 public:
     cpu_calibration(const llama_model& model, const ops_context& ctx, int64_t n_samples, int64_t seqlen,
-                    std::vector<float> x)
-        : model_(model), ctx_(ctx), n_samples_(n_samples), seqlen_(seqlen), x_(std::move(x)) {}
+                    std::vector<float> x, std::vector<float> x_fp)
+        : model_(model), ctx_(ctx), n_samples_(n_samples), seqlen_(seqlen), x_(std::move(x)), x_fp_(std::move(x_fp)) {}
 
     status layer_begin(const llama_layer&) override { return status::ok(); }  // layer_forward reads the layer
+
+    bool two_streams() const override { return !x_fp_.empty(); }
+
+    status layer_begin_fp(const llama_layer& layer) override {
+        if (!two_streams()) return calibration_runner::layer_begin_fp(layer);
+        if (layer.moe)
+            return make_error(status_code::STATUS_UNSUPPORTED,
+                              "GPTAQ: layer {} is a mixture of experts, which --gptaq does not handle", layer.index);
+        fp_layer_                = std::make_unique<llama_layer>();
+        fp_layer_->index         = layer.index;
+        fp_layer_->attn_norm     = layer.attn_norm;
+        fp_layer_->mlp_norm      = layer.mlp_norm;
+        fp_layer_->attn_out_norm = layer.attn_out_norm;
+        fp_layer_->mlp_out_norm  = layer.mlp_out_norm;
+        fp_layer_->q_norm        = layer.q_norm;
+        fp_layer_->k_norm        = layer.k_norm;
+        fp_layer_->linears       = layer.linears;
+        return status::ok();
+    }
 
     status hessians_collect(const llama_layer& layer, const std::vector<linear_role>& group) override {
         const llama_hparams& hp = model_.hparams();
         acc_.clear();
+        cross_.clear();
+        if (two_streams() && (!fp_layer_ || fp_layer_->index != layer.index))
+            return make_error(status_code::STATUS_INTERNAL, "calibration: GPTAQ: layer {} has no layer_begin_fp",
+                              layer.index);
         linear_input last = linear_input::LINEAR_INPUT_QKV;  // the pass can stop once this is seen
         for (linear_role r : group) {
             const linear_input in = linear_role_input(r);
-            if (!acc_.count(in)) acc_[in] = std::make_unique<hessian_accumulator>(hp.linear_shape(r)[1]);
+            if (!acc_.count(in)) {
+                acc_[in] = std::make_unique<hessian_accumulator>(hp.linear_shape(r)[1]);
+                if (two_streams()) cross_[in] = std::make_unique<cross_accumulator>(hp.linear_shape(r)[1]);
+            }
             last = std::max(last, in);
         }
-        linear_input_hook hook = [&](int64_t, linear_input which, const float* x, int64_t n_tokens, int64_t) {
+        // GPTAQ: the full-precision layer's inputs of this window, by input, for the cross term.
+        std::map<linear_input, std::vector<float>> fp_in;
+        status                                     mismatch = status::ok();
+        linear_input_hook fp_hook = [&](int64_t, linear_input which, const float* x, int64_t n_tokens, int64_t n_in) {
+            if (acc_.count(which)) fp_in[which].assign(x, x + n_tokens * n_in);
+        };
+        linear_input_hook hook = [&](int64_t, linear_input which, const float* x, int64_t n_tokens, int64_t n_in) {
             auto it = acc_.find(which);
-            if (it != acc_.end()) it->second->add(ctx_, x, n_tokens);
+            if (it == acc_.end()) return;
+            it->second->add(ctx_, x, n_tokens);
+            if (!two_streams()) return;
+            const auto& f = fp_in[which];
+            if (static_cast<int64_t>(f.size()) != n_tokens * n_in) {
+                mismatch = make_error(status_code::STATUS_INTERNAL,
+                                      "calibration: GPTAQ: the {} input has {} values in the full-precision pass, {} "
+                                      "in the quantized one",
+                                      linear_input_name(which), f.size(), n_tokens * n_in);
+                return;
+            }
+            cross_[which]->add(ctx_, f.data(), x, n_tokens);
         };
         // Each window on a scratch copy: the hidden states stay the layer's inputs.
         const int64_t      n_embd = hp.n_embd;
         std::vector<float> scratch;
         for (int64_t j = 0; j < n_samples_; ++j) {
+            if (two_streams()) {
+                const float* fj = x_fp_.data() + j * seqlen_ * n_embd;
+                scratch.assign(fj, fj + seqlen_ * n_embd);
+                model_.layer_forward(ctx_, *fp_layer_, scratch.data(), seqlen_, 0, nullptr, &fp_hook, last);
+            }
             const float* xj = x_.data() + j * seqlen_ * n_embd;
             scratch.assign(xj, xj + seqlen_ * n_embd);
             model_.layer_forward(ctx_, layer, scratch.data(), seqlen_, 0, nullptr, &hook, last);
+            GPTQ_TRY(mismatch);
         }
         return status::ok();
+    }
+
+    result<std::vector<float>> cross_term(linear_input in) override {
+        auto it = cross_.find(in);
+        if (it == cross_.end())
+            return make_error(status_code::STATUS_INTERNAL,
+                              "calibration: no GPTAQ cross term collected for the {} input", linear_input_name(in));
+        return it->second->finish();
+    }
+
+    result<quantized_linear> solve_gptaq(const float* w, int64_t n_out, int64_t n_in, const std::vector<float>& h,
+                                         const std::vector<float>& dxxt, const gptq_options& opt,
+                                         gptq_stats* stats) override {
+        return gptaq_quantize(ctx_, w, n_out, n_in, h.data(), dxxt.data(), opt, stats);
     }
 
     result<std::vector<float>> hessian(linear_input in) override {
@@ -135,6 +198,14 @@ public:
         const int64_t n_embd = model_.hparams().n_embd;
         for (int64_t j = 0; j < n_samples_; ++j)
             model_.layer_forward(ctx_, layer, x_.data() + j * seqlen_ * n_embd, seqlen_, 0, nullptr);
+        if (two_streams()) {
+            if (!fp_layer_ || fp_layer_->index != layer.index)
+                return make_error(status_code::STATUS_INTERNAL, "calibration: GPTAQ: layer {} has no layer_begin_fp",
+                                  layer.index);
+            for (int64_t j = 0; j < n_samples_; ++j)
+                model_.layer_forward(ctx_, *fp_layer_, x_fp_.data() + j * seqlen_ * n_embd, seqlen_, 0, nullptr);
+            fp_layer_.reset();
+        }
         return status::ok();
     }
 
@@ -151,10 +222,15 @@ public:
     }
 
 private:
-    const llama_model&                                                        model_;
-    ops_context                                                               ctx_;
-    int64_t                                                                   n_samples_ = 0, seqlen_ = 0;
-    std::vector<float>                                                        x_;  // [n_samples * seqlen, n_embd]
+    const llama_model& model_;
+    ops_context        ctx_;
+    int64_t            n_samples_ = 0, seqlen_ = 0;
+    std::vector<float> x_;  // [n_samples * seqlen, n_embd]
+    // GPTAQ: the full-precision stream (same shape; empty: one stream), the layer's FP weights and
+    // the cross terms of the last hessians_collect.
+    std::vector<float>                                                        x_fp_;
+    std::unique_ptr<llama_layer>                                              fp_layer_;
+    std::map<linear_input, std::unique_ptr<cross_accumulator>>                cross_;
     std::map<linear_input, std::unique_ptr<hessian_accumulator>>              acc_;
     std::map<linear_input, std::vector<std::unique_ptr<hessian_accumulator>>> moe_acc_;  // [shared, experts...]
     std::vector<int64_t>                                                      counts_;   // tokens per expert
@@ -167,6 +243,27 @@ status calibration_runner::moe_hessians_collect(const llama_layer& layer, linear
                       "calibration: layer {} is a mixture of experts, which this calibration runner does not run yet; "
                       "use --device cpu",
                       layer.index);
+}
+
+namespace {
+status no_two_streams() {
+    return make_error(status_code::STATUS_UNSUPPORTED,
+                      "GPTAQ (--gptaq) needs the CPU calibration runner opened with the full-precision stream "
+                      "(--device cpu)");
+}
+}  // namespace
+
+status calibration_runner::layer_begin_fp(const llama_layer&) {
+    return no_two_streams();
+}
+
+result<std::vector<float>> calibration_runner::cross_term(linear_input) {
+    return no_two_streams();
+}
+
+result<quantized_linear> calibration_runner::solve_gptaq(const float*, int64_t, int64_t, const std::vector<float>&,
+                                                         const std::vector<float>&, const gptq_options&, gptq_stats*) {
+    return no_two_streams();
 }
 
 result<std::vector<float>> calibration_runner::moe_hessian(linear_input, int64_t, bool) {
@@ -203,12 +300,17 @@ status calibration_runner::linear_update_kept(linear_role) {
 
 result<std::unique_ptr<calibration_runner>> calibration_runner_cpu(const llama_model& model, const ops_context& ctx,
                                                                    int64_t n_samples, int64_t seqlen,
-                                                                   std::vector<float> x) {
+                                                                   std::vector<float> x, std::vector<float> x_fp) {
     if (n_samples <= 0 || seqlen <= 0 || static_cast<int64_t>(x.size()) != n_samples * seqlen * model.hparams().n_embd)
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
                           "calibration: {} values for {} windows of {} tokens of width {}", x.size(), n_samples, seqlen,
                           model.hparams().n_embd);
-    return std::unique_ptr<calibration_runner>(new cpu_calibration(model, ctx, n_samples, seqlen, std::move(x)));
+    if (!x_fp.empty() && x_fp.size() != x.size())
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "calibration: the full-precision stream has {} values, the quantized one {}", x_fp.size(),
+                          x.size());
+    return std::unique_ptr<calibration_runner>(
+        new cpu_calibration(model, ctx, n_samples, seqlen, std::move(x), std::move(x_fp)));
 }
 
 }  // namespace gptq

@@ -102,6 +102,23 @@ public:
     // Calibration tokens routed to each expert [n_expert] by the last GATE_UP collect.
     virtual std::vector<int64_t> moe_token_counts() const { return {}; }
 
+    // ---- GPTAQ (--gptaq; docs/quantize.md "GPTAQ"): the full-precision model's hidden states of
+    // the same windows carried beside the quantized model's (twice the activations' memory). Only
+    // the CPU runner has them (two_streams() true when opened with them); the defaults are errors.
+    virtual bool two_streams() const { return false; }
+    // The current layer's full-precision weights (copied: the caller goes on to replace its
+    // linears): the full-precision stream runs through them. Called before layer_begin, each layer.
+    virtual status layer_begin_fp(const llama_layer& layer);
+    // With two streams, hessians_collect also accumulates per input the cross term
+    // dXXT = (2/n) sum (x_fp - x_q) x_q^T (quant/gptq.h cross_accumulator), x_fp the input of the
+    // same linear in the full-precision layer over the full-precision stream; layer_forward runs
+    // both streams. The cross term of an input collected by the last hessians_collect:
+    virtual result<std::vector<float>> cross_term(linear_input in);
+    // gptaq_quantize (quant/gptq.h) on this runner's device.
+    virtual result<quantized_linear> solve_gptaq(const float* w, int64_t n_out, int64_t n_in,
+                                                 const std::vector<float>& h, const std::vector<float>& dxxt,
+                                                 const gptq_options& opt, gptq_stats* stats);
+
     // The Hessian [n_embd, n_embd] F32 of lm_head's input, the final norm of the windows' hidden
     // states (call it after the last layer_forward: --quantize-lm-head). Like hessian(), it becomes
     // the H of weighted_error; the layer Hessians of the last hessians_collect are dropped.
@@ -120,10 +137,12 @@ public:
 // threads, no device-resident linears), to compare the two in one run (scripts/device/gptq7b.sh).
 bool quantize_plain_mode();
 
-// x: [n_samples * seqlen, n_embd] F32, the embedded calibration windows (taken).
+// x: [n_samples * seqlen, n_embd] F32, the embedded calibration windows (taken). x_fp (GPTAQ):
+// the same windows embedded by the full-precision model (x itself unless the embeddings are
+// quantized), the full-precision stream; empty: one stream.
 result<std::unique_ptr<calibration_runner>> calibration_runner_cpu(const llama_model& model, const ops_context& ctx,
                                                                    int64_t n_samples, int64_t seqlen,
-                                                                   std::vector<float> x);
+                                                                   std::vector<float> x, std::vector<float> x_fp = {});
 // The same on the GPU dev (device_check first): prints the device memory plan and refuses it when
 // the device has less free memory, then keeps x there as F16. pool: host threads for conversions.
 result<std::unique_ptr<calibration_runner>> calibration_runner_cuda(const device_spec& dev, const llama_model& model,

@@ -85,6 +85,10 @@ nlohmann::json run_identity(const quantize_params& p, const gptq_config& cfg, bo
                         {"true_sequential", p.true_sequential},
                         {"target_bpw", p.target_bpw},
                         {"bpw_group_sizes", p.bpw_group_sizes}};
+    if (p.gptaq) {  // only then: work folders of earlier versions still resume
+        j["gptaq"]       = true;
+        j["gptaq_alpha"] = p.gptaq_alpha;
+    }
     if (p.quantize_embeddings) {  // only then: work folders of earlier versions still resume
         j["quantize_embeddings"] = true;
         j["embed_bits"]          = p.embed_bits;
@@ -142,6 +146,8 @@ std::string resume_mismatch(const std::string& work, const nlohmann::json& was, 
         {"mse", "--mse", true, false},
         {"gar", "--gar", true, false},
         {"mse_hessian", "--mse-hessian", true, false},
+        {"gptaq", "--gptaq", true, false},
+        {"gptaq_alpha", "--gptaq-alpha", false, false},
         {"calib_sampling", "--calib-sampling", false, false},
         {"calib", "--calib", false, false},
         {"nsamples", "--nsamples", false, false},
@@ -544,11 +550,14 @@ struct linear_quantized {
     std::vector<float> wq;
 };
 // rtn_pre: the RTN baseline computed ahead (the reader thread), else computed here.
+// cross (GPTAQ, --gptaq): the runner's cross term of the same input as h; the solve is then
+// gptaq_quantize with --gptaq-alpha (the report's errors stay tr(D H D^T) against the weight).
 result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, const linear_weights& lw,
                                          const gptq_options& opt, const std::vector<float>* h,
                                          quantize_linear_report* rep, bool resident = false,
                                          std::optional<quantized_linear>* rtn_pre = nullptr,
-                                         linear_role                      r       = linear_role::LINEAR_Q) {
+                                         linear_role                      r       = linear_role::LINEAR_Q,
+                                         const std::vector<float>*        cross   = nullptr) {
     const std::string& name = rep->name;
     GPTQ_TRY(gptq_check_packable(lw.n_in, lw.n_out, opt.bits, name));
     rep->n_out      = lw.n_out;
@@ -578,7 +587,11 @@ result<linear_quantized> quantize_linear(run_state& s, const ops_context& ctx, c
         out.wq.resize(lw.w.size());
         gptq_stats                 st;
         std::optional<phase_timer> t_solve(std::in_place, s, "solve");
-        auto                       g = s.calib->solve(lw.w.data(), lw.n_out, lw.n_in, *h, opt, &st);
+        gptq_options               o = opt;
+        o.gptaq                      = cross != nullptr;
+        o.gptaq_alpha                = s.p.gptaq_alpha;
+        auto g                       = cross ? s.calib->solve_gptaq(lw.w.data(), lw.n_out, lw.n_in, *h, *cross, o, &st)
+                                             : s.calib->solve(lw.w.data(), lw.n_out, lw.n_in, *h, opt, &st);
         if (!g) return g.error().with_context(name);
         t_solve.reset();
         phase_timer t(s, "error");
@@ -791,6 +804,7 @@ result<layer_quantized> quantize_layer(run_state& s, const ops_context& ctx, int
     const bool                                            resident = gptq && s.calib->resident();
     if (gptq) {
         phase_timer t(s, "upload");
+        if (s.calib->two_streams()) GPTQ_TRY(s.calib->layer_begin_fp(*layer));  // GPTAQ: before any replace
         if (rd.w16.empty()) {
             GPTQ_TRY(s.calib->layer_begin(*layer));
         } else {
@@ -815,7 +829,7 @@ result<layer_quantized> quantize_layer(run_state& s, const ops_context& ctx, int
             const auto             t0 = clock::now();
             quantize_linear_report rep;
             rep.name = llama_linear_name(i, r);
-            std::vector<float> h;
+            std::vector<float> h, cross;
             if (gptq) {
                 phase_timer t(s, "hessian");
                 if (resident) {
@@ -823,11 +837,15 @@ result<layer_quantized> quantize_layer(run_state& s, const ops_context& ctx, int
                 } else {
                     GPTQ_ASSIGN_OR_RETURN(h, s.calib->hessian(linear_role_input(r)));
                 }
+                if (s.calib->two_streams()) {
+                    GPTQ_ASSIGN_OR_RETURN(cross, s.calib->cross_term(linear_role_input(r)));
+                }
             }
             GPTQ_ASSIGN_OR_RETURN(
                 linear_quantized q,
                 quantize_linear(s, ctx, layer->linear(r), options_for(s, module_of(hp, i, r)), gptq ? &h : nullptr,
-                                &rep, resident, rd.rtn.empty() ? nullptr : &rd.rtn[size_t(r)], r));
+                                &rep, resident, rd.rtn.empty() ? nullptr : &rd.rtn[size_t(r)], r,
+                                cross.empty() ? nullptr : &cross));
             out.emplace_back(r, std::move(q.data));
             {
                 phase_timer t(s, "update");
@@ -1576,6 +1594,19 @@ status check_params(const quantize_params& p) {
     if (p.calib_sampling != "random" && p.calib_sampling != "contiguous")
         return make_error(E_ARG, "--calib-sampling '{}' is not supported (random or contiguous)", p.calib_sampling);
     if (p.mse && p.mse_hessian) return make_error(E_ARG, "--mse and --mse-hessian exclude each other");
+    if (p.gptaq) {
+        if (p.method != "gptq")
+            return make_error(E_ARG, "--gptaq needs --method gptq (it changes GPTQ's solve; RTN reads no calibration)");
+        if (!(p.gptaq_alpha >= 0.0 && p.gptaq_alpha <= 1.0))
+            return make_error(E_ARG, "--gptaq-alpha {} must be in [0, 1]", p.gptaq_alpha);
+        if (p.device != "cpu")
+            return make_error(E_ARG,
+                              "--gptaq runs on the CPU only (--device cpu, not {}): the GPU calibration runner carries "
+                              "one stream of hidden states, GPTAQ needs the full-precision model's beside it",
+                              p.device);
+    } else if (p.gptaq_alpha != 0.25) {
+        return make_error(E_ARG, "--gptaq-alpha {} needs --gptaq", p.gptaq_alpha);
+    }
     if (p.gar && p.desc_act)
         return make_error(E_ARG, "--gar and --desc-act exclude each other (GAR is act-order inside groups)");
     if (p.nsamples <= 0) return make_error(E_ARG, "--nsamples {} must be positive", p.nsamples);
@@ -1672,6 +1703,11 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
     const llama_hparams& hp = s.model->hparams();
     // The options the GPU calibration layer (llama_cuda_layer.cpp) does not run yet (docs/architectures.md).
     if (gpu_calibration_wanted) GPTQ_TRY(llama_gpu_options_check(hp, params.model_path + " (quantize --device cuda)"));
+    if (params.gptaq && hp.n_expert > 0)
+        return make_error(E_ARG,
+                          "--gptaq: {} is a mixture-of-experts model ({} experts), which GPTAQ does not handle here "
+                          "(nor in GPTQModel); quantize it without --gptaq",
+                          params.model_path, hp.n_expert);
     for (int64_t i = 0; i < hp.n_layer; ++i)
         for (const auto& m : llama_linear_modules(hp, i)) {  // as written: fused modules whole
             const int64_t n_out = llama_linear_slot(hp, i, m.roles[0]).n_out_module;
@@ -1855,7 +1891,8 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         for (int r = 0; r < k_n_linear_roles; ++r) {
             const auto shp = hp.linear_shape(static_cast<linear_role>(r));
             layer_bytes += static_cast<uint64_t>(shp[0] * shp[1]) * 4 * 3;  // weights, quantized copy, GPTQ work copy
-            h_bytes = std::max<uint64_t>(h_bytes, static_cast<uint64_t>(shp[1] * shp[1]) * 4 * 4);  // H, U, copies
+            // H, U, copies; GPTAQ: its cross term, D U^T and P too
+            h_bytes = std::max<uint64_t>(h_bytes, static_cast<uint64_t>(shp[1] * shp[1]) * 4 * (params.gptaq ? 7 : 4));
         }
         // A MoE layer: every expert's weights, and per expert the Hessians of one input at a time
         // (gate/up: n_embd^2 each, plus the all-token one; down: n_ff_expert^2 each).
@@ -1883,14 +1920,19 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         // --quantize-embeddings: the dequantized table (F32) and its codes, held until written.
         const uint64_t embed_held =
             s.embed ? s.embed->table.size() * 4 + s.embed->data.codes.size() + s.embed->data.scales.size() * 6 : 0;
-        const uint64_t plan = x_bytes + layer_bytes + ahead_bytes + 3 * h_bytes + moe_h_bytes + act_host + embed_held;
+        // GPTAQ: the full-precision stream (as many bytes as the inputs) and the layer's F32 copy.
+        const uint64_t fp_bytes = params.gptaq ? x_bytes + layer_bytes / 3 : 0;
+        const uint64_t plan =
+            x_bytes + fp_bytes + layer_bytes + ahead_bytes + 3 * h_bytes + moe_h_bytes + act_host + embed_held;
         s.report.peak_plan_bytes = plan;
         const uint64_t avail     = host_memory_available();
         GPTQ_LOG_INFO(
-            "memory plan: calibration inputs {} + one layer {} + the reader's and writer's layers {} + Hessians {} + "
+            "memory plan: calibration inputs {}{} + one layer {} + the reader's and writer's layers {} + Hessians {} + "
             "activations {}{} = {} (available {})",
-            human_bytes(x_bytes), human_bytes(layer_bytes), human_bytes(ahead_bytes),
-            human_bytes(3 * h_bytes + moe_h_bytes), human_bytes(act_bytes),
+            human_bytes(x_bytes),
+            fp_bytes ? " + the full-precision stream and layer (--gptaq) " + human_bytes(fp_bytes) : std::string(),
+            human_bytes(layer_bytes), human_bytes(ahead_bytes), human_bytes(3 * h_bytes + moe_h_bytes),
+            human_bytes(act_bytes),
             embed_held ? " + the quantized embedding table " + human_bytes(embed_held) : std::string(),
             human_bytes(plan), avail ? human_bytes(avail) : "unknown");
         GPTQ_TRY(host_memory_check(
@@ -1905,17 +1947,29 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
             GPTQ_TRY(embed_rows(s.embed->table, hp.n_embd, hp.embed_scale, windows, x.data()));
         else
             GPTQ_TRY(embed_windows(*s.model, windows, hp.n_embd, quantize_plain_mode() ? nullptr : &pool, x.data()));
+        // GPTAQ: the full-precision stream, embedded by the full-precision table.
+        std::vector<float> x_fp;
+        if (params.gptaq) {
+            if (s.embed) {
+                x_fp.resize(x.size());
+                GPTQ_TRY(
+                    embed_windows(*s.model, windows, hp.n_embd, quantize_plain_mode() ? nullptr : &pool, x_fp.data()));
+            } else {
+                x_fp = x;
+            }
+        }
         t_embed.reset();
-        auto make_runner = [&](std::vector<float> xs) -> result<std::unique_ptr<calibration_runner>> {
+        auto make_runner = [&](std::vector<float> xs,
+                               std::vector<float> xs_fp = {}) -> result<std::unique_ptr<calibration_runner>> {
             if (gpu_calibration_wanted)
                 return calibration_runner_cuda(dev, *s.model, ctx, &pool, s.n_samples, params.seqlen, std::move(xs));
-            return calibration_runner_cpu(*s.model, ctx, s.n_samples, params.seqlen, std::move(xs));
+            return calibration_runner_cpu(*s.model, ctx, s.n_samples, params.seqlen, std::move(xs), std::move(xs_fp));
         };
         if (params.target_bpw > 0) GPTQ_TRY(bit_plan_make(s, ctx, &pool, x, [&] { return make_runner(x); }));
         if (overlap) read_ahead(0);  // s.cfg is final (the bit plan made)
         {
             phase_timer t(s, "runner");
-            GPTQ_ASSIGN_OR_RETURN(s.calib, make_runner(std::move(x)));
+            GPTQ_ASSIGN_OR_RETURN(s.calib, make_runner(std::move(x), std::move(x_fp)));
         }
         if (gpu_calibration_wanted) s.report.peak_plan_bytes = s.calib->device_plan_bytes();
     }
@@ -1963,6 +2017,9 @@ result<quantize_report> quantize_model_run(const quantize_params& params) {
         llama_layer* layer = rd.layer.get();
         if (i < layers_done) {
             if (params.method == "gptq") {
+                // GPTAQ: the full-precision stream goes through the layer as read, before its
+                // linears become the finished layer's.
+                if (s.calib->two_streams()) GPTQ_TRY(s.calib->layer_begin_fp(*layer));
                 GPTQ_TRY(load_finished_layer(s, i, layer));
                 GPTQ_TRY(s.calib->layer_begin(*layer));
                 GPTQ_TRY(s.calib->layer_forward(*layer));

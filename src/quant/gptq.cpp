@@ -54,6 +54,22 @@ void hessian_accumulator::add(const ops_context& ctx, const float* x, int64_t n_
     n_tokens_ += n_tokens;
 }
 
+void cross_accumulator::add(const ops_context& ctx, const float* x_fp, const float* x_q, int64_t n_tokens) {
+    const size_t n = static_cast<size_t>(n_tokens * n_in_);
+    diff_.resize(n);
+    for (size_t i = 0; i < n; ++i) diff_[i] = x_fp[i] - x_q[i];
+    // d[i, j] += sum_t diff[t, i] x_q[t, j]
+    op_sgemm(ctx, true, false, n_in_, n_in_, n_tokens, 1.0f, diff_.data(), n_in_, x_q, n_in_, 1.0f, d_.data(), n_in_);
+    n_tokens_ += n_tokens;
+}
+
+std::vector<float> cross_accumulator::finish() const {
+    std::vector<float> d(d_);
+    const float        scale = n_tokens_ > 0 ? 2.0f / static_cast<float>(n_tokens_) : 0.0f;
+    for (float& v : d) v *= scale;
+    return d;
+}
+
 std::vector<float> hessian_accumulator::finish() const {
     std::vector<float> h(h_);
     const float        scale = n_tokens_ > 0 ? 2.0f / static_cast<float>(n_tokens_) : 0.0f;
@@ -81,6 +97,8 @@ status gptq_check_options(const gptq_options& opt, int64_t n_in) {
         return make_error(E_ARG, "mse (|q - w|^2.4 grid) and mse_hessian exclude each other: choose one");
     if (opt.gar && opt.desc_act)
         return make_error(E_ARG, "GAR (group-aware act-order) and desc_act exclude each other: choose one");
+    if (!(opt.gptaq_alpha >= 0.0 && opt.gptaq_alpha <= 1.0))
+        return make_error(E_ARG, "gptaq_alpha {} must be in [0, 1]", opt.gptaq_alpha);
     return status::ok();
 }
 
@@ -187,8 +205,24 @@ result<quantized_linear> rtn_quantize_weighted(const ops_context& ctx, const flo
     });
 }
 
-result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in, int64_t n_out, int64_t n_in,
-                                       const float* h_in, const gptq_options& opt, gptq_stats* stats) {
+namespace {
+
+// GPTAQ's P = alpha * triu_1(D U^T) U [K, K] (gptaq_quantize), D the cross term in processing order.
+std::vector<float> gptaq_correction(const ops_context& ctx, const std::vector<float>& D, const std::vector<float>& U,
+                                    int64_t n_in, double alpha) {
+    const auto         K = static_cast<size_t>(n_in);
+    std::vector<float> T(K * K), P(K * K);
+    op_sgemm(ctx, false, true, n_in, n_in, n_in, 1.0f, D.data(), n_in, U.data(), n_in, 0.0f, T.data(), n_in);
+    for (size_t i = 0; i < K; ++i)
+        for (size_t j = 0; j <= i; ++j) T[i * K + j] = 0.0f;  // the strict upper triangle only
+    op_sgemm(ctx, false, false, n_in, n_in, n_in, static_cast<float>(alpha), T.data(), n_in, U.data(), n_in, 0.0f,
+             P.data(), n_in);
+    return P;
+}
+
+// GPTQ (dxxt null) or GPTAQ (dxxt: the cross term, opt.gptaq_alpha) after the callers' checks.
+result<quantized_linear> gptq_solve(const ops_context& ctx, const float* w_in, int64_t n_out, int64_t n_in,
+                                    const float* h_in, const float* dxxt, const gptq_options& opt, gptq_stats* stats) {
     GPTQ_TRY(gptq_check_options(opt, n_in));
     GPTQ_TRY(gptq_check_finite(ctx, w_in, n_out, n_in, "the weight"));
     GPTQ_TRY(gptq_check_finite(ctx, h_in, n_in, n_in,
@@ -202,6 +236,8 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
 
     std::vector<float> W(w_in, w_in + n_out * n_in);  // [n_out, n_in], updated in place
     std::vector<float> H(h_in, h_in + n_in * n_in);
+    std::vector<float> D;  // GPTAQ's cross term, permuted like H
+    if (dxxt) D.assign(dxxt, dxxt + n_in * n_in);
     // Grid params of a slice x[0..n) of columns whose diag(H) is wt[0..n).
     auto find_params = [&](const float* x, const float* wt, int64_t n) {
         return opt.mse_hessian ? grid_find_params_weighted(x, wt, n, gopt) : grid_find_params(x, n, 1, gopt);
@@ -223,6 +259,7 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
         if (H[k * K + k] == 0.0f) {
             H[k * K + k] = 1.0f;
             for (int64_t r = 0; r < n_out; ++r) W[static_cast<size_t>(r) * K + k] = 0.0f;
+            for (size_t i = 0; i < K && !D.empty(); ++i) D[i * K + k] = 0.0f;
             ++n_dead;
         }
     if (n_dead == n_in) {
@@ -272,6 +309,12 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
             for (size_t j = 0; j < K; ++j)
                 hp[i * K + j] = H[static_cast<size_t>(perm[i]) * K + static_cast<size_t>(perm[j])];
         H.swap(hp);
+        if (!D.empty()) {
+            for (size_t i = 0; i < K; ++i)
+                for (size_t j = 0; j < K; ++j)
+                    hp[i * K + j] = D[static_cast<size_t>(perm[i]) * K + static_cast<size_t>(perm[j])];
+            D.swap(hp);
+        }
     }
 
     std::vector<float> pdiag(K);  // diag(H) in processing order (dead columns 1), before damping
@@ -299,13 +342,21 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
     if (damp_percent != opt.damp_percent)
         GPTQ_LOG_WARN("Hessian [{} x {}] not positive definite with damp_percent {:.3f}; used {:.3f}", n_in, n_in,
                       opt.damp_percent, damp_percent);
+    std::vector<float> P;  // GPTAQ: alpha * triu_1(D U^T) U
+    if (!D.empty()) {
+        P = gptaq_correction(ctx, D, U, n_in, opt.gptaq_alpha);
+        std::vector<float>().swap(D);
+    }
+    const bool asym = !P.empty();
 
     // Column loop. Rows are independent given U, so each thread owns a range of rows; within a
     // block of B columns the updates stay in a [rows, B] copy, and the rest of W is updated once
     // per block with a GEMM (the "lazy batch" trick).
-    const int64_t            B = opt.block_size;
-    std::vector<double>      row_loss(static_cast<size_t>(n_out), 0.0);
-    std::vector<float>       err(static_cast<size_t>(n_out) * static_cast<size_t>(std::min<int64_t>(B, n_in)));
+    const int64_t       B = opt.block_size;
+    std::vector<double> row_loss(static_cast<size_t>(n_out), 0.0);
+    std::vector<float>  err(static_cast<size_t>(n_out) * static_cast<size_t>(std::min<int64_t>(B, n_in)));
+    // GPTAQ: each column's value right before it was rounded (the block's w_i of the P update).
+    std::vector<float>       wpre(asym ? err.size() : 0);
     std::vector<grid_params> cur(static_cast<size_t>(n_out));  // current group's params per row
     if (!grouped) cur = row_params;
 
@@ -350,7 +401,13 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
                         q.zeros[static_cast<size_t>(block_group(col) * n_out + r)]  = p.zero;
                     }
                     const float* urow = &U[static_cast<size_t>(col) * K + static_cast<size_t>(i1)];
-                    for (int64_t j = i; j < nb; ++j) w1[static_cast<size_t>(j)] -= e * urow[j];
+                    if (asym) {
+                        const float* prow = &P[static_cast<size_t>(col) * K + static_cast<size_t>(i1)];
+                        for (int64_t j = i; j < nb; ++j) w1[static_cast<size_t>(j)] -= e * urow[j] - x * prow[j];
+                        wpre[static_cast<size_t>(r * nb + i)] = x;
+                    } else {
+                        for (int64_t j = i; j < nb; ++j) w1[static_cast<size_t>(j)] -= e * urow[j];
+                    }
                     err[static_cast<size_t>(r * nb + i)] = e;
                 }
                 std::memcpy(wrow + i1, w1.data(), static_cast<size_t>(nb) * sizeof(float));
@@ -360,6 +417,11 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
         if (i2 < n_in)
             op_sgemm(ctx, false, false, n_out, n_in - i2, nb, -1.0f, err.data(), nb,
                      &U[static_cast<size_t>(i1) * K + static_cast<size_t>(i2)], n_in, 1.0f, &W[static_cast<size_t>(i2)],
+                     n_in);
+        // GPTAQ: W[:, i2:] += Wpre1 [n_out, nb] . P[i1:i2, i2:]
+        if (asym && i2 < n_in)
+            op_sgemm(ctx, false, false, n_out, n_in - i2, nb, 1.0f, wpre.data(), nb,
+                     &P[static_cast<size_t>(i1) * K + static_cast<size_t>(i2)], n_in, 1.0f, &W[static_cast<size_t>(i2)],
                      n_in);
     }
 
@@ -389,6 +451,24 @@ result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w_in
         stats->loss              = loss;
     }
     return q;
+}
+
+}  // namespace
+
+result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
+                                       const float* h, const gptq_options& opt, gptq_stats* stats) {
+    if (opt.gptaq) return make_error(E_ARG, "gptq_quantize: gptaq is set; GPTAQ needs the cross term (gptaq_quantize)");
+    return gptq_solve(ctx, w, n_out, n_in, h, nullptr, opt, stats);
+}
+
+result<quantized_linear> gptaq_quantize(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
+                                        const float* h, const float* dxxt, const gptq_options& opt, gptq_stats* stats) {
+    if (!opt.gptaq) return make_error(E_ARG, "gptaq_quantize: the options do not ask for GPTAQ (gptaq false)");
+    GPTQ_TRY(gptq_check_options(opt, n_in));
+    GPTQ_TRY(gptq_check_finite(ctx, dxxt, n_in, n_in,
+                               "GPTAQ's cross term of the calibration inputs (the full-precision or quantized "
+                               "activations reaching this layer overflowed or hold NaN)"));
+    return gptq_solve(ctx, w, n_out, n_in, h, dxxt, opt, stats);
 }
 
 namespace {

@@ -6,6 +6,8 @@
 // qzeros. The algorithm follows format.md section 2.4 step by step: dead columns, static groups,
 // act-order permutation, relative damping (raised automatically while Cholesky fails), the upper
 // Cholesky factor of H^-1, and the blocked column loop with lazy batch updates (block 128).
+// GPTAQ (gptaq_quantize; format.md section 2.6, docs/quantize.md "GPTAQ") adds the cross term of
+// the full-precision model's inputs to the same loop.
 #pragma once
 
 #include <cstdint>
@@ -36,6 +38,11 @@ struct gptq_options {
     double damp_auto_increment = 0.01;  // added to damp_percent while Cholesky fails (then error)
     int    block_size          = 128;
     int    zero_min            = 0;  // see grid_options::zero_min
+    // GPTAQ (GPTQModel's "GPTQv2", Li et al. arXiv 2504.02692): the solve also pulls the weights
+    // towards matching the full-precision model's output (gptaq_quantize, which needs the cross
+    // term); gptaq_alpha scales that pull (GPTQModel's default 0.25). gptq_quantize refuses gptaq.
+    bool   gptaq       = false;
+    double gptaq_alpha = 0.25;
 };
 
 // The neutral result. Codes are in the ORIGINAL column order.
@@ -78,6 +85,25 @@ private:
     std::vector<float> h_;  // upper triangle of sum x x^T
 };
 
+// GPTAQ's cross term dXXT = (2 / n_tokens) sum (x_fp - x_q) x_q^T [n_in, n_in] over batches of a
+// linear's inputs in the full-precision model (x_fp) and in the partly quantized one (x_q, whose
+// Hessian hessian_accumulator takes), token by token the same calibration positions. F32.
+class cross_accumulator {
+public:
+    explicit cross_accumulator(int64_t n_in) : n_in_(n_in), d_(static_cast<size_t>(n_in * n_in), 0.0f) {}
+    // x_fp, x_q: [n_tokens, n_in] row-major.
+    void add(const ops_context& ctx, const float* x_fp, const float* x_q, int64_t n_tokens);
+    // dXXT normalised by 2 / n_tokens (row i: feature i of x_fp - x_q; column j: of x_q).
+    std::vector<float> finish() const;
+    int64_t            n_tokens() const { return n_tokens_; }
+
+private:
+    int64_t            n_in_;
+    int64_t            n_tokens_ = 0;
+    std::vector<float> d_;     // sum (x_fp - x_q) x_q^T
+    std::vector<float> diff_;  // scratch: x_fp - x_q of the last batch
+};
+
 // GPTQ's processing order of the columns from diag(H) [n_in]: empty (natural order) unless
 // desc_act (stable argsort, descending) or gar (group_size gs, -1 = one group: each contiguous
 // group's columns by descending diag, the groups by descending largest diag, ties by index).
@@ -93,6 +119,20 @@ std::vector<int32_t> gptq_column_order(const float* diag, int64_t n_in, int grou
 // warning, rather than zeroing the whole weight as the dead-column rule would (docs/reliability.md).
 result<quantized_linear> gptq_quantize(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
                                        const float* h, const gptq_options& opt, gptq_stats* stats = nullptr);
+
+// GPTAQ (format.md section 2.6; docs/quantize.md "GPTAQ"): gptq_quantize with h the Hessian of
+// the partly quantized model's inputs x_q and dxxt [n_in, n_in] the cross term
+// (cross_accumulator) of the same calibration tokens. With U the upper Cholesky factor of
+// (H + damp I)^-1 and P = alpha * triu_1(dXXT U^T) U (strict upper triangle; dead columns of H
+// zeroed in dXXT's columns, both permuted alike under act-order / GAR), quantizing column i (in
+// processing order) with value w_i, code q_i updates every later column j by
+//     W[:, j] -= (w_i - q_i) / U[i, i] * U[i, j] - w_i * P[i, j],
+// w_i the column's value right before it is rounded (in the blocked loop too: the reference's
+// block update reads the rounded values there; see docs/quantize.md). opt.gptaq must be set;
+// opt.gptaq_alpha in [0, 1]. Errors: those of gptq_quantize, a non-finite dxxt.
+result<quantized_linear> gptaq_quantize(const ops_context& ctx, const float* w, int64_t n_out, int64_t n_in,
+                                        const float* h, const float* dxxt, const gptq_options& opt,
+                                        gptq_stats* stats = nullptr);
 
 // Round to nearest with the same grid, contiguous groups (g_idx = k / group_size). Errors: bad
 // options, NaN/Inf in w.

@@ -73,6 +73,9 @@ result<quantized_linear> quantize_impl(cuda_context& cctx, const ops_context& ct
     if (opt.mse_hessian)
         return make_error(status_code::STATUS_UNSUPPORTED,
                           "--mse-hessian is not implemented in the GPU solve yet; use --device cpu or --mse");
+    if (opt.gptaq)
+        return make_error(status_code::STATUS_UNSUPPORTED,
+                          "GPTAQ (--gptaq) is not implemented in the GPU solve; use --device cpu");
     GPTQ_TRY(gptq_check_finite(ctx, w_in, n_out, n_in, "the weight"));
     std::vector<float> diag_raw;  // diag(H) as given
     if (h_dev_in) {

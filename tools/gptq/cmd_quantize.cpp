@@ -51,6 +51,16 @@ command register_quantize(CLI::App& app) {
     sub->add_flag("--mse", o->mse, "search the clipping range that minimises the quantization error");
     sub->add_flag("--mse-hessian", o->mse_hessian,
                   "search each group's clipping range on its diag(H)-weighted error (CPU solve only; excludes --mse)");
+    auto* ga =
+        sub->add_flag("--gptaq", o->gptaq,
+                      "GPTAQ (GPTQModel's GPTQv2, asymmetric calibration): fit each linear to the full-precision "
+                      "model's output, not only its own quantized-path input; carries the full-precision "
+                      "calibration stream beside the quantized one: 2x the calibration activations' memory "
+                      "(CPU only, dense models)");
+    sub->add_option("--gptaq-alpha", o->gptaq_alpha, "with --gptaq: the weight of its correction, in [0, 1]")
+        ->capture_default_str()
+        ->check(CLI::Range(0.0, 1.0))
+        ->needs(ga);
     sub->add_flag("--quantize-lm-head", o->quantize_lm_head,
                   "quantize lm_head too (GPTQ on the final norm's output; \"lm_head\": true as GPTQModel writes "
                   "it); a tied lm_head gets its own copy, the embeddings stay as they are (F16 unless "

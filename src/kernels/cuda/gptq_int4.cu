@@ -314,6 +314,26 @@ struct pipe_args {
     float*         y32;       // F_F32: the output [m, y_stride] F32 (y unused)
 };
 
+// The arguments of a launch of L over m rows of x (fusion fields empty: the callers set them).
+pipe_args pipe_args_for(const int4_layout& L, const void* weights, const void* sz, const uint16_t* x,
+                        const uint16_t* bias, int64_t m, int64_t x_stride, int64_t y_stride, bool prefetch) {
+    pipe_args a{};
+    a.wts      = static_cast<const uint4*>(weights);
+    a.sz       = static_cast<const uint4*>(sz);
+    a.x        = reinterpret_cast<const __half*>(x);
+    a.bias     = reinterpret_cast<const __half*>(bias);
+    a.m        = int(m);
+    a.n_out    = int(L.n_out);
+    a.n_tiles  = int(L.n_tiles);
+    a.k_steps  = int(L.k_steps);
+    a.spg      = int(L.group_size / 32);
+    a.n_groups = int(L.n_groups);
+    a.x_stride = x_stride;
+    a.y_stride = y_stride;
+    a.prefetch = prefetch ? 1 : 0;
+    return a;
+}
+
 // F_NORM prologue: the block's tokens normalised into xs [m][pipe_norm_stride] (in perm order when
 // set), bit for bit add_rms_norm_f16 without the add (norm.cu). raw: the rows as copied (h, then the
 // norm's weights); xs == raw without a permutation (normalised in place). The global reads are
@@ -1044,24 +1064,8 @@ status int4_gemv_f16(const int4_layout& L, const void* weights, const void* sz, 
                               "int4_gemv_f16: variant {} needs {} bytes of shared memory, the device allows {}",
                               k_variants[v].name, variant_smem(v, mm), caps.smem_optin);
         if (v > 0) {
-            const pipe_args a{w,
-                              s,
-                              xr,
-                              b,
-                              yr,
-                              mm,
-                              int(L.n_out),
-                              int(L.n_tiles),
-                              int(L.k_steps),
-                              int(spg),
-                              int(L.n_groups),
-                              x_stride,
-                              y_stride,
-                              nullptr,
-                              nullptr,
-                              0.0f,
-                              caps.prefetch ? 1 : 0,
-                              nullptr};
+            pipe_args a = pipe_args_for(L, weights, sz, x + r * x_stride, bias, mm, x_stride, y_stride, caps.prefetch);
+            a.y         = yr;
             GPTQ_TRY(launch_variant(v, a, caps, stream));
             continue;
         }
@@ -1132,24 +1136,11 @@ status int4_gemv_fused_f16(const int4_layout& L, const void* weights, const void
                           x_stride);
     const device_caps caps = current_device_caps();
     const int         v    = fused_variant_for(L, int(m), variant, caps);
-    pipe_args         a{};
-    a.wts      = static_cast<const uint4*>(weights);
-    a.sz       = static_cast<const uint4*>(sz);
-    a.x        = reinterpret_cast<const __half*>(x);
-    a.bias     = reinterpret_cast<const __half*>(bias);
-    a.y        = reinterpret_cast<__half*>(y);
-    a.m        = int(m);
-    a.n_out    = int(L.n_out);
-    a.n_tiles  = int(L.n_tiles);
-    a.k_steps  = int(L.k_steps);
-    a.spg      = int(L.group_size / 32);
-    a.n_groups = int(L.n_groups);
-    a.x_stride = x_stride;
-    a.y_stride = y_stride;
-    a.norm_w   = reinterpret_cast<const __half*>(f.norm_w);
-    a.perm     = f.perm;
-    a.eps      = f.eps;
-    a.prefetch = caps.prefetch ? 1 : 0;
+    pipe_args         a    = pipe_args_for(L, weights, sz, x, bias, m, x_stride, y_stride, caps.prefetch);
+    a.y                    = reinterpret_cast<__half*>(y);
+    a.norm_w               = reinterpret_cast<const __half*>(f.norm_w);
+    a.perm                 = f.perm;
+    a.eps                  = f.eps;
     return launch_fused(v, fusion_flags(f), a, caps, stream);
 }
 
@@ -1185,25 +1176,8 @@ status int4_gemv_f32out(const int4_layout& L, const void* weights, const void* s
                           "int4_gemv_f32out: x must be 16-byte aligned with x_stride % 8 == 0 (x_stride {})", x_stride);
     const device_caps caps = current_device_caps();
     const int         v    = fused_variant_for(L, int(m), variant, caps);
-    pipe_args         a{};
-    a.wts      = static_cast<const uint4*>(weights);
-    a.sz       = static_cast<const uint4*>(sz);
-    a.x        = reinterpret_cast<const __half*>(x);
-    a.bias     = reinterpret_cast<const __half*>(bias);
-    a.y        = nullptr;
-    a.y32      = y;
-    a.m        = int(m);
-    a.n_out    = int(L.n_out);
-    a.n_tiles  = int(L.n_tiles);
-    a.k_steps  = int(L.k_steps);
-    a.spg      = int(L.group_size / 32);
-    a.n_groups = int(L.n_groups);
-    a.x_stride = x_stride;
-    a.y_stride = y_stride;
-    a.norm_w   = nullptr;
-    a.perm     = nullptr;
-    a.eps      = 0.0f;
-    a.prefetch = caps.prefetch ? 1 : 0;
+    pipe_args         a    = pipe_args_for(L, weights, sz, x, bias, m, x_stride, y_stride, caps.prefetch);
+    a.y32                  = y;
     return launch_fused(v, F_F32, a, caps, stream);
 }
 

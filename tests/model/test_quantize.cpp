@@ -19,6 +19,7 @@
 #include "io/tensor_source.h"
 #include "model/llama.h"
 #include "quant/gptq.h"
+#include "quantize_fixture.h"
 #include "test_util.h"
 
 using namespace gptq;
@@ -32,18 +33,7 @@ std::string tiny() {
 }
 
 quantize_params small_run(const std::string& out) {
-    quantize_params p;
-    p.model_path  = tiny();
-    p.output_path = out;
-#ifdef GPTQ_SANITIZE
-    p.nsamples = 2;  // ASan/UBSan builds run the same code on less data
-    p.seqlen   = 32;
-#else
-    p.nsamples = 8;
-    p.seqlen   = 128;
-#endif
-    p.n_threads = 2;
-    return p;
+    return test::small_quantize_params(tiny(), out);
 }
 
 }  // namespace
@@ -194,17 +184,7 @@ TEST(quantize, quantized_lm_head_round_trips) {
     ASSERT_TRUE(rep.is_ok()) << rep.error().message();
     ASSERT_EQ(rep->linears.back().name, "lm_head");
     EXPECT_LT(rep->linears.back().error_gptq, rep->linears.back().error_rtn);
-    auto ppl_of = [](const std::string& m) {
-        ppl_params p;
-        p.model_path  = m;
-        p.seqlen      = 512;
-        p.max_windows = 6;
-        p.progress    = false;
-        p.n_threads   = 2;
-        auto res      = ppl_run(p);
-        EXPECT_TRUE(res.is_ok()) << res.error().message();
-        return res.is_ok() ? res->ppl : 0.0;
-    };
+    auto         ppl_of = [](const std::string& m) { return test::ppl_of(m); };
     const double a = ppl_of(plain.output_path), b = ppl_of(head.output_path);
     EXPECT_TRUE(std::isfinite(b));
     EXPECT_LT(std::fabs(b / a - 1.0), 0.05) << "W4 " << a << ", W4 + lm_head " << b;
@@ -308,17 +288,7 @@ TEST(quantize, gptqmodel_quantized_embeddings_are_read) {
     const gptq_config* qe = (*quant)->quantization_of("model.embed_tokens");
     ASSERT_NE(qe, nullptr);
     EXPECT_EQ(qe->bits, 8);
-    auto ppl_of = [](const std::string& m) {
-        ppl_params p;
-        p.model_path  = m;
-        p.seqlen      = 128;
-        p.max_windows = 3;
-        p.progress    = false;
-        p.n_threads   = 2;
-        auto res      = ppl_run(p);
-        EXPECT_TRUE(res.is_ok()) << res.error().message();
-        return res.is_ok() ? res->ppl : 0.0;
-    };
+    auto         ppl_of = [](const std::string& m) { return test::ppl_of(m, 128, 3); };
     const double a = ppl_of(dir.file("quant")), b = ppl_of(dir.file("dense")), c = ppl_of(r.output_path);
     EXPECT_EQ(a, b) << "quantized table read as its dequantized values";
     // Measured 2.4 % on these 3 windows of 128 (tiny-llama is tied: the table is its lm_head too,
@@ -429,18 +399,8 @@ TEST(quantize, target_bpw_plan_respects_the_budget_and_round_trips) {
     for (const auto& l : rep["linears"]) EXPECT_GT(l["bits"].get<int>(), 0);
 
 #ifndef GPTQ_SANITIZE
-    const auto low    = run_at(2.75, "b275");
-    auto       ppl_of = [](const std::string& m) {
-        ppl_params pp;
-        pp.model_path  = m;
-        pp.seqlen      = 512;
-        pp.max_windows = 6;
-        pp.progress    = false;
-        pp.n_threads   = 2;
-        auto res       = ppl_run(pp);
-        EXPECT_TRUE(res.is_ok()) << res.error().message();
-        return res.is_ok() ? res->ppl : 0.0;
-    };
+    const auto   low    = run_at(2.75, "b275");
+    auto         ppl_of = [](const std::string& m) { return test::ppl_of(m); };
     const double a = ppl_of(low.output_path), b = ppl_of(p.output_path);
     EXPECT_GT(a, b) << "2.75 bpw " << a << ", 3.5 bpw " << b;
     RecordProperty("ppl_bpw_2_75", std::to_string(a));
@@ -691,17 +651,7 @@ TEST(quantize, gptq_perplexity_lies_between_fp16_and_rtn) {
     r.output_path = dir.file("rtn3");
     r.method      = "rtn";
     ASSERT_TRUE(quantize_model(r).is_ok());
-    auto ppl_of = [](const std::string& m) {
-        ppl_params p;
-        p.model_path  = m;
-        p.seqlen      = 512;
-        p.max_windows = 24;
-        p.progress    = false;
-        p.n_threads   = 2;
-        auto res      = ppl_run(p);
-        EXPECT_TRUE(res.is_ok()) << res.error().message();
-        return res.is_ok() ? res->ppl : 0.0;
-    };
+    auto         ppl_of = [](const std::string& m) { return test::ppl_of(m, 512, 24); };
     const double fp16 = ppl_of(tiny()), gptq = ppl_of(g.output_path), rtn = ppl_of(r.output_path);
     EXPECT_LT(fp16, gptq);
     EXPECT_LT(gptq, rtn) << "fp16 " << fp16 << " gptq " << gptq << " rtn " << rtn;

@@ -18,6 +18,7 @@
 #include "io/tensor_source.h"
 #include "model/llama.h"
 #include "quant/gptq.h"
+#include "quantize_fixture.h"
 #include "test_util.h"
 
 using namespace gptq;
@@ -31,17 +32,7 @@ std::string tiny() {
 }
 
 quantize_params run_of(const std::string& model, const std::string& out) {
-    quantize_params p;
-    p.model_path  = model;
-    p.output_path = out;
-#ifdef GPTQ_SANITIZE
-    p.nsamples = 2;
-    p.seqlen   = 32;
-#else
-    p.nsamples = 8;
-    p.seqlen   = 128;
-#endif
-    p.n_threads           = 2;
+    quantize_params p     = test::small_quantize_params(model, out);
     p.quantize_embeddings = true;
     return p;
 }
@@ -307,17 +298,7 @@ TEST(quantize_embeddings, gptq_resume_and_perplexity) {
     EXPECT_EQ(test::read_file(cut.output_path + "/model.safetensors"),
               test::read_file(e8.output_path + "/model.safetensors"));
 
-    auto ppl_of = [](const std::string& m) {
-        ppl_params p;
-        p.model_path  = m;
-        p.seqlen      = 512;
-        p.max_windows = 6;
-        p.progress    = false;
-        p.n_threads   = 2;
-        auto res      = ppl_run(p);
-        EXPECT_TRUE(res.is_ok()) << res.error().message();
-        return res.is_ok() ? res->ppl : 0.0;
-    };
+    auto         ppl_of = [](const std::string& m) { return test::ppl_of(m); };
     const double a = ppl_of(plain.output_path), b = ppl_of(e8.output_path), c = ppl_of(e4.output_path);
     ASSERT_TRUE(std::isfinite(b) && std::isfinite(c));
     EXPECT_LT(std::fabs(b / a - 1.0), 0.01) << "F16 table " << a << ", 8-bit " << b;

@@ -13,6 +13,7 @@
 #include "gptq/quantize.h"
 #include "gptq/tokenize.h"
 #include "model/llama.h"
+#include "quantize_fixture.h"
 #include "test_util.h"
 
 using namespace gptq;
@@ -33,26 +34,16 @@ std::string calib_text(const test::temp_dir& dir) {
 }
 
 quantize_params gptaq_run(const std::string& out, const std::string& calib) {
-    quantize_params p;
-    p.model_path     = tiny();
-    p.output_path    = out;
-    p.calib          = calib;
-    p.calib_sampling = "contiguous";
-#ifdef GPTQ_SANITIZE
-    p.nsamples = 2;
-    p.seqlen   = 32;
-#else
-    p.nsamples = 8;
-    p.seqlen   = 128;
-#endif
-    p.n_threads = 2;
-    p.gptaq     = true;
+    quantize_params p = test::small_quantize_params(tiny(), out);
+    p.calib           = calib;
+    p.calib_sampling  = "contiguous";
+    p.gptaq           = true;
     return p;
 }
 
 // sum |h_q - h_fp|^2 / sum |h_fp|^2 of the last decoder layer's output over the windows.
-double last_layer_error(const std::string& fp_path, const std::string& q_path, const std::vector<int32_t>& ids,
-                        int64_t n_windows, int64_t seqlen) {
+[[maybe_unused]] double last_layer_error(const std::string& fp_path, const std::string& q_path,
+                                         const std::vector<int32_t>& ids, int64_t n_windows, int64_t seqlen) {
     auto fp = llama_model::open(fp_path);
     auto q  = llama_model::open(q_path);
     EXPECT_TRUE(fp.is_ok() && q.is_ok());

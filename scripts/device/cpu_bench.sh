@@ -35,15 +35,19 @@ log "bundle of commit $(cat "$DC/COMMIT") (uncommitted: $(wc -l < "$DC/DIRTY") f
 xz -dc "$DC/gptq.xz" > "$W/gptq"
 OURS="gptq"
 if [ -f "$DC/gptq-base.xz" ]; then xz -dc "$DC/gptq-base.xz" > "$W/gptq-base" && chmod +x "$W/gptq-base"; OURS="gptq gptq-base"; fi
-for b in llama-bench llama-quantize; do xz -dc "$DC/$b.xz" > "$W/$b"; done
-chmod +x "$W/gptq" "$W/llama-bench" "$W/llama-quantize"
+LLAMA_OK=1
+if [ -f "$DC/llama-bench.xz" ]; then
+    for b in llama-bench llama-quantize; do xz -dc "$DC/$b.xz" > "$W/$b" && chmod +x "$W/$b"; done
+else
+    log "no llama.cpp in $DC (packed with NO_LLAMA=1): ours only"; LLAMA_OK=0
+fi
+chmod +x "$W/gptq"
 for f in "$DC"/lib/*.xz; do xz -dc "$f" > "$W/lib/$(basename "${f%.xz}")"; done
 export LD_LIBRARY_PATH=$W/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 GPTQ=$W/gptq
 
 { lscpu; echo; grep -m1 '^flags' /proc/cpuinfo; echo; nproc; uptime; } > "$OUT/cpu.txt" 2>&1
 flags=$(grep -m1 '^flags' /proc/cpuinfo)
-LLAMA_OK=1
 for f in avx2 fma f16c bmi2 avx512f avx512cd avx512vl avx512dq avx512bw avx512_vnni; do
     case " $flags " in *" $f "*) ;; *) log "CPU lacks $f: llama.cpp (built for it) skipped"; LLAMA_OK=0 ;; esac
 done
@@ -65,7 +69,7 @@ if [ -f "$DC/small-F16.gguf.xz" ]; then
                 log "llama-quantize to $q failed"
         done
     fi
-else
+elif [ -f "$DC/small-Q4_K_M.gguf" ]; then
     cp "$DC/small-Q4_K_M.gguf" "$W/"
     if [ $LLAMA_OK = 1 ]; then
         for q in F16 Q4_0; do

@@ -25,14 +25,15 @@ timeout 200 "$GPTQ" -q make-random --like "llama-2-7b-layers=$L" -o "$W/f16" --t
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader >> "$OUT/decode.txt"
 # The int4 GEMV alone on the 7B shapes (bench_gptq_gemv: stream and graph us per launch, cuBLAS FP16
 # beside), with and without the L2 prefetch.
-if [ -x "$TEST_DIR/bench_gptq_gemv" ]; then
+if [ -x "$TEST_DIR/bench_gptq_gemv" ] && [ "${DECODE_GEMV:-1}" = 1 ]; then
     for pf in 0 1; do
         echo "== bench_gptq_gemv, GPTQ_INT4_PREFETCH=$pf" >> "$OUT/decode.txt"
         GPTQ_INT4_PREFETCH=$pf timeout 300 "$TEST_DIR/bench_gptq_gemv" --m 1,4,16 --models 7b \
             --out "$OUT/decode_gemv_prefetch$pf.json" 2>> "$OUT/decode.txt"
     done
 fi
-for setting in "on" "GPTQ_DECODE_FUSE=0" "GPTQ_DECODE_FUSE_GEMV=1" "GPTQ_INT4_PREFETCH=1" "GPTQ_ATTN_SPLIT_GOAL=528"; do
+# DECODE_SETTINGS: a subset, e.g. "on GPTQ_DECODE_FUSE=0" (space-separated; each one VAR=VALUE or on).
+for setting in ${DECODE_SETTINGS:-on GPTQ_DECODE_FUSE=0 GPTQ_DECODE_FUSE_GEMV=1 GPTQ_INT4_PREFETCH=1 GPTQ_ATTN_SPLIT_GOAL=528}; do
     envs=""; [ "$setting" != on ] && envs=$setting
     tag=$(echo "$setting" | tr ' =' '_-')
     echo "== $L layers, $setting" >> "$OUT/decode.txt"

@@ -39,13 +39,16 @@ for l in $(ldd "$GPTQ" | awk '/=>/ {print $3}'); do
     case "$(basename "$l")" in libc.so*|libm.so*|libgcc_s*|ld-linux*) continue ;; esac
     xz -T2 -6 -c "$(readlink -f "$l")" > "$DST/lib/$(basename "$l").xz"
 done
-for b in llama-bench llama-quantize; do
-    f=$LLAMACPP_PORTABLE/bin/$b
-    if ! file "$f" | grep -q "statically linked"; then echo "$f is not statically linked" >&2; exit 1; fi
-    strip -o "$DST/$b" "$f" && xz -T2 -6 "$DST/$b"
-done
-${PY:-/work/venv/bin/python} "$here/make_f16_skeleton.py" "$LLAMACPP_DIR/models/small-Q4_K_M.gguf" "$DST/small-F16.gguf"
-xz -T2 -9 "$DST/small-F16.gguf"
+# NO_LLAMA=1: ours only (the pool A/B and before/after need no llama.cpp; cpu_bench.sh skips it).
+if [ "${NO_LLAMA:-0}" != 1 ]; then
+    for b in llama-bench llama-quantize; do
+        f=$LLAMACPP_PORTABLE/bin/$b
+        if ! file "$f" | grep -q "statically linked"; then echo "$f is not statically linked" >&2; exit 1; fi
+        strip -o "$DST/$b" "$f" && xz -T2 -6 "$DST/$b"
+    done
+    ${PY:-/work/venv/bin/python} "$here/make_f16_skeleton.py" "$LLAMACPP_DIR/models/small-Q4_K_M.gguf" "$DST/small-F16.gguf"
+    xz -T2 -9 "$DST/small-F16.gguf"
+fi
 python3 "$here/placeholder_weights.py" headers "$MODEL" "$DST/model"
 git rev-parse HEAD > "$DST/COMMIT"
 git status --porcelain --untracked-files=no | head -5 > "$DST/DIRTY"

@@ -430,7 +430,12 @@ TEST(quantize, overlap_equals_plain_and_phases_cover_the_run) {
             double in_phases = 0.0;
             for (const auto& [name, secs] : r->phase_seconds) in_phases += secs;
             EXPECT_LE(in_phases, r->seconds + 1e-3) << what << " " << mode;
+#ifndef GPTQ_SANITIZE
+            // Wall-clock coverage: under ASan with parallel ctest jobs the untimed joins and waits
+            // stretch unpredictably (seen once below half), so only the release build checks it;
+            // the phase names below are the structural check in every build.
             EXPECT_GE(in_phases, 0.5 * r->seconds) << what << " " << mode << ": a large step is not timed";
+#endif
             std::set<std::string> names;
             for (const auto& [name, secs] : r->phase_seconds) names.insert(name);
             for (const char* must : {"open", "load", "write", "assemble"}) EXPECT_TRUE(names.count(must)) << must;

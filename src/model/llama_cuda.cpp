@@ -72,6 +72,8 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
     if (const char* e = std::getenv("GPTQ_DECODE_FUSE"); e && std::strcmp(e, "0") == 0) m->opts_.decode_fuse = false;
     if (const char* e = std::getenv("GPTQ_DECODE_FUSE_GEMV"); e && std::strcmp(e, "1") == 0)
         m->opts_.decode_fuse_gemv = true;
+    if (const char* e = std::getenv("GPTQ_DECODE_FUSE_EPI"); e && (e[0] == '0' || e[0] == '1'))
+        m->opts_.decode_fuse_epi = e[0] == '1';
     if (const char* e = std::getenv("GPTQ_DEQUANT_AHEAD"); e && std::strcmp(e, "1") == 0) m->opts_.dequant_ahead = true;
     GPTQ_ASSIGN_OR_RETURN(m->ctx_, cuda_context::create(o.device));
     if (hp.head_dim % 2 != 0 || hp.head_dim > 256)
@@ -466,11 +468,13 @@ status llama_cuda_model::load_weights() {
         if (hp.fused_gate_up)  // stored fused (Phi-3): kept as it is; the activation permutes for down
             GPTQ_TRY(fused_module_load(i, R::LINEAR_GATE, &L.gate_up));
         else
-            GPTQ_TRY(linear_group_load(
-                i, {R::LINEAR_GATE, R::LINEAR_UP}, &L.gate_up, &L.lin, down_perm.empty() ? nullptr : &down_perm,
-                &L.gate_up_in_down_order,
-                opts_.decode_fuse && opts_.decode_fuse_gemv && hp.act == mlp_activation::ACT_SILU ? 16 : 0,
-                &L.gate_up_block));
+            GPTQ_TRY(linear_group_load(i, {R::LINEAR_GATE, R::LINEAR_UP}, &L.gate_up, &L.lin,
+                                       down_perm.empty() ? nullptr : &down_perm, &L.gate_up_in_down_order,
+                                       opts_.decode_fuse && (opts_.decode_fuse_gemv || opts_.decode_fuse_epi) &&
+                                               hp.act == mlp_activation::ACT_SILU
+                                           ? 16
+                                           : 0,
+                                       &L.gate_up_block));
         any_gate_up_fused_ = any_gate_up_fused_ || L.gate_up.n_out > 0;
         if (next_off < off.layers.size() && off.layers[next_off] == i) {
             ++next_off;
@@ -825,6 +829,7 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
     p.mark                     = prof_on_ ? &marker : nullptr;
     p.decode_fuse              = opts_.decode_fuse;
     p.decode_fuse_gemv         = opts_.decode_fuse && opts_.decode_fuse_gemv;
+    p.decode_fuse_epi          = opts_.decode_fuse && !opts_.decode_fuse_gemv && opts_.decode_fuse_epi;
     const int64_t table_offset = ragged ? 0 : seq * pages_.max_pages();  // a plain pass: slot seq's table row
     p.pages                    = {page_table_.as<int32_t>() + table_offset, pages_.page_size(), pages_.max_pages()};
     // Prefill and mixed passes: the experts per expert (llama_cuda_moe.h); the grouped kernels are
@@ -851,6 +856,7 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
     // layer's down projection waits in y until the next layer (or the final norm) adds it; in the
     // fused decode step down's GEMV adds it (cuda_layer_fusion).
     const uint16_t* pending = nullptr;
+    bool            x_ready = false;  // the previous layer's down GEMV wrote this layer's normalised input
     for (int64_t i = 0; i < hp.n_layer; ++i) {
         const layer& ly   = layers_[static_cast<size_t>(i)];
         const int    unit = layer_unit_[static_cast<size_t>(i)];
@@ -862,8 +868,12 @@ status llama_cuda_model::forward_queued(int64_t n, int64_t n_out_rows, int64_t s
         const bool next_resident = i + 1 < hp.n_layer && layer_unit_[static_cast<size_t>(i + 1)] < 0;
         p.dequant_ahead          = opts_.dequant_ahead && unit < 0 && n > 16;
         p.next_layer             = p.dequant_ahead && next_resident ? &layers_[static_cast<size_t>(i + 1)] : nullptr;
-        bool added               = false;  // the fused decode step added down's output to hidden itself
-        GPTQ_ASSIGN_OR_RETURN(const bool done, cuda_layer_forward(c, hp, i, ly, hidden, pending, b, p, &added));
+        // Down's GEMV may write the next layer's normalised input (its norm weights on the device now).
+        p.next_norm = p.decode_fuse_epi && next_resident ? &layers_[static_cast<size_t>(i + 1)] : nullptr;
+        p.x_ready   = x_ready;
+        bool added  = false;  // the fused decode step added down's output to hidden itself
+        GPTQ_ASSIGN_OR_RETURN(const bool done,
+                              cuda_layer_forward(c, hp, i, ly, hidden, pending, b, p, &added, &x_ready));
         if (!done) return make_error(status_code::STATUS_INTERNAL, "layer {} stopped early", i);
         pending = added ? nullptr : b.y;
         GPTQ_TRY(stage_done(unit));

@@ -72,8 +72,14 @@ struct llama_cuda_options {
     // GPTQ int4 linears with the RMSNorm folded into q/k/v and gate/up, SiLU * up into gate/up (rows
     // interleaved at load) and the residual adds into o and down. Off by default: slower than the
     // plain kernels on the H100 (session 9, docs/perf-notes.md); GPTQ_DECODE_FUSE_GEMV=1 turns it on.
+    // decode_fuse_epi (with decode_fuse, without decode_fuse_gemv): the epilogue fusions alone, at
+    // most 8 rows (the kernels the plain table picks there): SiLU * up in gate/up's GEMV (rows
+    // interleaved at load), o's and down's outputs added to the residual stream in their GEMVs whose
+    // last block also writes the next RMSNorm (the MLP's, the next resident layer's attention norm):
+    // per layer 8 launches -> 5 with the norms' and SiLU's launches gone. GPTQ_DECODE_FUSE_EPI=1 / 0.
     bool decode_fuse      = true;
     bool decode_fuse_gemv = false;
+    bool decode_fuse_epi  = false;
     // Prefill passes whose GPTQ linears take dequantize + cuBLAS: the next linear dequantized on a
     // side stream while the current one computes (docs/cuda.md "Prefill: the next linear dequantized
     // ahead"). Off by default: no faster on the H100 (session 10; GPTQ_DEQUANT_AHEAD=1 turns it on).

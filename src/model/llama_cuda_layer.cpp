@@ -238,6 +238,27 @@ const cuda_linear* first_mlp_linear(const cuda_layer_weights& w) {
     if (w.moe) return nullptr;
     return w.gate_up.n_out > 0 ? &w.gate_up : &w.linear(linear_role::LINEAR_GATE);
 }
+
+// The epilogue fusions of a decode pass of at most 8 rows (where the fused kernels are the ones the
+// plain table picks): each where its linears are on the int4 layout and the layer has no sandwich
+// norms (they act on o's / down's output before the add) and is not MoE.
+cuda_layer_fusion with_epilogue_fusions(const llama_hparams& hp, const cuda_layer_weights& w, const cuda_layer_pass& p,
+                                        cuda_layer_fusion f) {
+    if (p.n > 8 || w.moe || hp.attn_out_norm || hp.mlp_out_norm || w.gate_up.n_out == 0) return f;
+    const cuda_linear &o = w.linear(linear_role::LINEAR_O), &down = w.linear(linear_role::LINEAR_DOWN);
+    const float        eps = hp.rms_eps;
+    cuda_gptq_fusion res_norm{nullptr, 0.0f, true, false, w.mlp_norm.as<uint16_t>(), eps, perm_of(w.gate_up), nullptr};
+    f.o_norm   = fast_gptq(o) && op_cuda_gptq_fused_ok(o.q, p.n, res_norm);
+    f.silu_epi = fast_gptq(w.gate_up) && w.gate_up_block == 16 && hp.act == mlp_activation::ACT_SILU &&
+                 (w.gate_up_in_down_order || !perm_of(down)) &&
+                 op_cuda_gptq_fused_ok(w.gate_up.q, p.n, {nullptr, 0.0f, false, true});
+    if (p.next_norm && fast_gptq(down)) {
+        res_norm.out_norm_w = p.next_norm->attn_norm.as<uint16_t>();
+        res_norm.out_perm   = p.next_norm->qkv.n_out > 0 ? perm_of(p.next_norm->qkv) : nullptr;
+        f.down_norm         = op_cuda_gptq_fused_ok(down.q, p.n, res_norm);
+    }
+    return f;
+}
 }  // namespace
 
 cuda_layer_fusion cuda_layer_fusion_of(const llama_hparams& hp, const cuda_layer_weights& w, const cuda_layer_pass& p) {
@@ -248,6 +269,7 @@ cuda_layer_fusion cuda_layer_fusion_of(const llama_hparams& hp, const cuda_layer
         p.stop_after != linear_input::LINEAR_INPUT_COUNT)
         return f;
     f.attn_rope = true;  // where every attention launch is the decode kernel (attention_cached checks)
+    if (p.decode_fuse_epi && !p.decode_fuse_gemv) return with_epilogue_fusions(hp, w, p, f);
     if (!p.decode_fuse_gemv) return f;
     const float eps = hp.rms_eps;
     if (fast_gptq(w.qkv) && !hp.qk_norm)
@@ -273,7 +295,10 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
     const int64_t  q_dim = hp.q_dim(), kv_dim = hp.kv_dim(), n = p.n;
     const bool     fused = w.qkv.n_out > 0;
     const int32_t* p_qkv = fused ? perm_of(w.qkv) : nullptr;
-    if (!f.qkv_norm) {
+    if (p.x_ready) {  // the previous layer's down GEMV wrote the norm (nothing pending then)
+        if (pending || f.qkv_norm)
+            return make_error(status_code::STATUS_INTERNAL, "layer {}: a normalised input with a pending add", i_layer);
+    } else if (!f.qkv_norm) {
         GPTQ_TRY(norm(c, hp, hidden, pending, w.attn_norm, b.x, p, p_qkv));
     } else if (pending) {  // the norm is in q/k/v's GEMV; the add is not (a plain layer before)
         GPTQ_TRY(op_cuda_add(c, hidden, pending, n * hp.n_embd));
@@ -345,6 +370,13 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
         GPTQ_TRY(mark(p, "linear_o+add"));
         return true;
     }
+    if (f.o_norm) {  // hidden += o's output and the MLP norm into x (free once o has read att), in o's GEMV
+        const cuda_gptq_fusion fo{nullptr, 0.0f, true, false, w.mlp_norm.as<uint16_t>(), hp.rms_eps, perm_of(w.gate_up),
+                                  b.x};
+        GPTQ_TRY(op_cuda_gptq_linear_fused(c, o.q, att, hidden, n, fo, o_in_order));
+        GPTQ_TRY(mark(p, "linear_o+add+norm"));
+        return true;
+    }
     GPTQ_TRY(ahead(c, p, first_mlp_linear(w)));
     GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_O, att, b.y, p, o_in_order));
     GPTQ_TRY(mark(p, "linear_o"));
@@ -387,14 +419,20 @@ result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda
     const int64_t  n = p.n, n_ff = hp.n_ff;
     const bool     fused = w.gate_up.n_out > 0;
     const int32_t* p_gu  = fused ? perm_of(w.gate_up) : nullptr;
-    // hidden += o's output, then the norm into x (x is free after o).
-    GPTQ_TRY(norm(c, hp, hidden, b.y, w.mlp_norm, b.x, p, p_gu));
+    // hidden += o's output, then the norm into x (x is free after o); with f.o_norm o's GEMV did both.
+    if (!f.o_norm) GPTQ_TRY(norm(c, hp, hidden, b.y, w.mlp_norm, b.x, p, p_gu));
     GPTQ_TRY(capture(p, linear_input::LINEAR_INPUT_GATE_UP, b.x, hp.n_embd));
     if (p.stop_after == linear_input::LINEAR_INPUT_GATE_UP) return false;
     const cuda_linear& down   = w.linear(linear_role::LINEAR_DOWN);
     const uint16_t*    act    = b.gate;  // silu(gate) * up, [n, n_ff] contiguous
     const int32_t*     p_down = nullptr;
-    if (fused) {
+    if (f.silu_epi) {  // silu(gate) * up straight into up, in down's order (gate_up_in_down_order or none)
+        GPTQ_TRY(
+            op_cuda_gptq_linear_fused(c, w.gate_up.q, b.x, b.up, n, {nullptr, 0.0f, false, true}, p_gu != nullptr));
+        GPTQ_TRY(mark(p, "linear_gate_up+silu"));
+        p_down = perm_of(down);
+        act    = b.up;
+    } else if (fused) {
         GPTQ_TRY(ahead(c, p, &down));
         GPTQ_TRY(cuda_linear_forward(c, w.gate_up, b.x, b.gate, n, p_gu != nullptr));  // [n, 2 n_ff]: gate | up
         GPTQ_TRY(mark(p, "linear_gate_up"));
@@ -417,9 +455,22 @@ result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda
         GPTQ_TRY(mark(p, "linear_up"));
         GPTQ_TRY(act_mul(c, hp, b.gate, b.up, b.gate, n, n_ff, n_ff, n_ff));
     }
-    GPTQ_TRY(mark(p, "silu_mul"));
+    if (!f.silu_epi) GPTQ_TRY(mark(p, "silu_mul"));
     GPTQ_TRY(capture(p, linear_input::LINEAR_INPUT_DOWN, act, n_ff));
     if (p.stop_after == linear_input::LINEAR_INPUT_DOWN) return false;
+    if (f.down_norm) {  // hidden += down's output and the next layer's attention norm into x, in down's GEMV
+        const cuda_layer_weights& nx = *p.next_norm;
+        const cuda_gptq_fusion    fd{nullptr,
+                                  0.0f,
+                                  true,
+                                  false,
+                                  nx.attn_norm.as<uint16_t>(),
+                                  hp.rms_eps,
+                                  nx.qkv.n_out > 0 ? perm_of(nx.qkv) : nullptr,
+                                  b.x};
+        GPTQ_TRY(op_cuda_gptq_linear_fused(c, down.q, act, hidden, n, fd, p_down != nullptr));
+        return mark(p, "linear_down+add+norm");
+    }
     GPTQ_TRY(ahead(c, p, first_attention_linear(p.next_layer)));
     GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_DOWN, act, b.y, p, p_down != nullptr));
     GPTQ_TRY(mark(p, "linear_down"));
@@ -429,14 +480,16 @@ result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda
 
 result<bool> cuda_layer_forward(cuda_context& c, const llama_hparams& hp, int64_t i_layer, const cuda_layer_weights& w,
                                 uint16_t* hidden, const uint16_t* pending, const cuda_layer_buffers& b,
-                                const cuda_layer_pass& p, bool* output_added) {
+                                const cuda_layer_pass& p, bool* output_added, bool* x_out_ready) {
     if (output_added) *output_added = false;
+    if (x_out_ready) *x_out_ready = false;
     const cuda_layer_fusion f = cuda_layer_fusion_of(hp, w, p);
     GPTQ_ASSIGN_OR_RETURN(const bool attention_done, cuda_attention_block(c, hp, i_layer, w, hidden, pending, b, p, f));
     if (!attention_done) return false;
     if (w.moe) return cuda_moe_block(c, hp, w, hidden, b, p);  // the sparse block (llama_cuda_moe.cpp)
     GPTQ_ASSIGN_OR_RETURN(const bool done, cuda_mlp_block(c, hp, w, hidden, b, p, f));
-    if (output_added) *output_added = done && f.mlp;
+    if (output_added) *output_added = done && (f.mlp || f.down_norm);
+    if (x_out_ready) *x_out_ready = done && f.down_norm;
     return done;
 }
 

@@ -176,7 +176,12 @@ struct cuda_layer_pass {
     const std::vector<bool>*   moe_route_all = nullptr;
     // The fused decode step may run where it applies (cuda_layer_fusion_of); false: the plain ops.
     // decode_fuse: the attention parts; decode_fuse_gemv: the GEMV parts (llama_cuda_options).
-    bool decode_fuse = false, decode_fuse_gemv = false;
+    // decode_fuse_epi: the epilogue fusions alone (llama_cuda_options::decode_fuse_epi); next_norm: the
+    // next layer (resident), whose attention norm down's GEMV may write into buffers.x; x_ready: the
+    // previous layer's down did, so the attention block skips its norm.
+    bool                      decode_fuse = false, decode_fuse_gemv = false, decode_fuse_epi = false;
+    const cuda_layer_weights* next_norm = nullptr;
+    bool                      x_ready   = false;
 };
 
 // Which of the fused decode step's kernels a layer's pass runs (docs/cuda.md "The fused decode step"),
@@ -187,8 +192,15 @@ struct cuda_layer_pass {
 // - silu (with mlp): SiLU * up in the gate/up GEMV (its rows interleaved, gate_up_block 16).
 // - attn_rope: RoPE and the KV-cache append inside the decode attention (no rope_kv_store launch), when
 //   every attention launch of the pass is the decode kernel.
+// The epilogue fusions (p.decode_fuse_epi, not with mlp):
+// - o_norm: o's output added to hidden in o's GEMV, whose last block writes the MLP norm into
+//   buffers.x (in gate/up's column order); the MLP block then starts at gate/up;
+// - silu_epi: SiLU * up in the gate/up GEMV (rows interleaved), the plain norm before it;
+// - down_norm: down's output added to hidden in down's GEMV, whose last block writes p.next_norm's
+//   attention norm into buffers.x (in its q/k/v column order); the caller passes x_ready to it.
 struct cuda_layer_fusion {
     bool qkv_norm = false, mlp = false, silu = false, attn_rope = false;
+    bool o_norm = false, silu_epi = false, down_norm = false;
 };
 cuda_layer_fusion cuda_layer_fusion_of(const llama_hparams& hp, const cuda_layer_weights& w, const cuda_layer_pass& p);
 
@@ -200,7 +212,8 @@ cuda_layer_fusion cuda_layer_fusion_of(const llama_hparams& hp, const cuda_layer
 // Each returns false when it stopped at p.stop_after.
 // With f.mlp, o's output is added to hidden by o's GEMV (not left in buffers.y), and the MLP block
 // reads hidden as it is; with f.mlp down's output is added to hidden as well, and cuda_layer_forward
-// sets *output_added (the caller has nothing pending).
+// sets *output_added (the caller has nothing pending). With f.down_norm, *x_out_ready is set: the
+// next layer's normalised input is in buffers.x and hidden is complete (*output_added too).
 result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int64_t i_layer,
                                   const cuda_layer_weights& w, uint16_t* hidden, const uint16_t* pending,
                                   const cuda_layer_buffers& b, const cuda_layer_pass& p,
@@ -210,7 +223,7 @@ result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda
                             const cuda_layer_buffers& b, const cuda_layer_pass& p, const cuda_layer_fusion& f = {});
 result<bool> cuda_layer_forward(cuda_context& c, const llama_hparams& hp, int64_t i_layer, const cuda_layer_weights& w,
                                 uint16_t* hidden, const uint16_t* pending, const cuda_layer_buffers& b,
-                                const cuda_layer_pass& p, bool* output_added = nullptr);
+                                const cuda_layer_pass& p, bool* output_added = nullptr, bool* x_out_ready = nullptr);
 
 // ---- the calibration runner ----------------------------------------------------------------------
 

@@ -1034,11 +1034,16 @@ status op_cuda_gptq_linear_f32_out(cuda_context& ctx, const cuda_gptq_linear& w,
 namespace {
 cuda::int4_gemv_fusion int4_fusion_of(const cuda_gptq_linear& w, const cuda_gptq_fusion& f) {
     cuda::int4_gemv_fusion k;
-    k.norm_w   = f.norm_w;
-    k.eps      = f.eps;
-    k.perm     = f.norm_w && w.perm.bytes() ? w.perm.as<int32_t>() : nullptr;
-    k.residual = f.residual;
-    k.silu     = f.silu;
+    k.norm_w       = f.norm_w;
+    k.eps          = f.eps;
+    k.perm         = f.norm_w && w.perm.bytes() ? w.perm.as<int32_t>() : nullptr;
+    k.residual     = f.residual;
+    k.silu         = f.silu;
+    k.out_norm_w   = f.out_norm_w;
+    k.out_eps      = f.out_eps;
+    k.out_perm     = f.out_perm;
+    k.x_out        = f.x_out;
+    k.x_out_stride = w.n_out;
     return k;
 }
 }  // namespace
@@ -1059,9 +1064,13 @@ status op_cuda_gptq_linear_fused(cuda_context& ctx, const cuda_gptq_linear& w, c
                           "fused GPTQ linear: the norm reads the residual stream, never permuted");
     auto lay = cuda::int4_layout_for(w.n_out, w.n_in, w.group_size);
     if (!lay) return lay.error();
-    const cuda::int4_gemv_fusion k    = int4_fusion_of(w, f);
-    const uint16_t*              bias = w.bias.bytes() ? w.bias.as<uint16_t>() : nullptr;
-    const uint16_t*              xin  = x;
+    cuda::int4_gemv_fusion k    = int4_fusion_of(w, f);
+    const uint16_t*        bias = w.bias.bytes() ? w.bias.as<uint16_t>() : nullptr;
+    if (f.out_norm_w) {               // the context's first counter: the kernels of a stream run one after another,
+        k.counter = ctx.counters(1);  // and each last block leaves it zero for the next
+        if (!k.counter) return make_error(status_code::STATUS_INTERNAL, "fused GPTQ linear: no device counter");
+    }
+    const uint16_t* xin = x;
     if (!f.norm_w && w.perm.bytes() && !x_permuted) {  // act-order input, as op_cuda_gptq_linear permutes it
         auto sp = ctx.scratch(size_t(m * w.n_in) * 2);
         if (!sp) return sp.error();

@@ -433,6 +433,13 @@ struct cuda_gptq_fusion {
     float           eps      = 0.0f;
     bool            residual = false;
     bool            silu     = false;
+    // With residual: the next RMSNorm of the stream (weights [n_out], epsilon) into x_out [m, n_out]
+    // in out_perm's order (the next linear's act-order column order, or nullptr), by the kernel's
+    // last block (cuda::int4_gemv_fusion::out_norm_w; the context's counters).
+    const uint16_t* out_norm_w = nullptr;
+    float           out_eps    = 0.0f;
+    const int32_t*  out_perm   = nullptr;
+    uint16_t*       x_out      = nullptr;
 };
 // Whether op_cuda_gptq_linear_fused runs w for m rows with f (the int4 layout, m <= 8, the shared
 // memory of the normalised rows on the current device): otherwise the caller runs the plain ops.

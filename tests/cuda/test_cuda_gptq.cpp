@@ -370,10 +370,90 @@ TEST(CudaGptq, Int4GemvLlamaShape) {
 
 // ---- the fused decode step's GEMV (int4_gemv_fused_f16) against the plain ops, bit for bit ----------
 
-enum class fused_mode { NORM, NORM_SILU, RES };
+enum class fused_mode { NORM, NORM_SILU, RES, SILU, RES_NORM };
 
 const char* mode_name(fused_mode f) {
-    return f == fused_mode::NORM ? "norm" : f == fused_mode::NORM_SILU ? "norm+silu" : "residual";
+    switch (f) {
+        case fused_mode::NORM:
+            return "norm";
+        case fused_mode::NORM_SILU:
+            return "norm+silu";
+        case fused_mode::RES:
+            return "residual";
+        case fused_mode::SILU:
+            return "silu";
+        case fused_mode::RES_NORM:
+            return "residual+output norm";
+    }
+    return "?";
+}
+
+// The epilogue modes without the input norm (x already in the layer's order): SILU against
+// int4_gemv_f16 then silu_mul_f16 over the interleaved rows; RES_NORM against int4_gemv_f16 then
+// add_rms_norm_f16 (the residual stream h, the norm of the updated stream into x_out, in a random
+// column order when `act`), both outputs and the counter (zero again) compared; RES_NORM runs twice
+// on the same counter, so a counter not left zero shows in the second launch.
+void check_epilogue(std::mt19937& rng, const std::string& what, fused_mode mode, const cuda::int4_layout& lay,
+                    const uint8_t* dw, const uint8_t* dsz, int64_t m, bool act, const uint16_t* bp, int variant) {
+    const int64_t          n_out = lay.n_out, n_in = lay.n_in;
+    auto                   x = test::random_f16(rng, size_t(m * n_in));
+    device_array<uint16_t> dx(x), dfull(size_t(m * n_out));
+    GPTQ_EXPECT_OK(cuda::int4_gemv_f16(lay, dw, dsz, dx.get(), bp, dfull.get(), m, n_in, n_out, nullptr, 0, nullptr));
+    auto compare = [&](const std::vector<uint16_t>& got, const std::vector<uint16_t>& want, int64_t width,
+                       const char* which) {
+        ASSERT_EQ(got.size(), want.size()) << what;
+        int bad = 0;
+        for (size_t i = 0; i < got.size(); ++i)
+            if (got[i] != want[i] && bad++ < 5)
+                ADD_FAILURE() << what << " " << which << ": element " << i << " (row " << i / size_t(width) << " col "
+                              << i % size_t(width) << ") fused " << f16_to_f32(got[i]) << " plain "
+                              << f16_to_f32(want[i]);
+        EXPECT_EQ(bad, 0) << what << " " << which;
+    };
+    if (mode == fused_mode::SILU) {
+        const int64_t          n_y = n_out / 2;
+        device_array<uint16_t> dref(size_t(m * n_y)), dgot(size_t(m * n_y));
+        GPTQ_EXPECT_OK(cuda::silu_mul_f16(dfull.get(), dfull.get() + 16, dref.get(), m, n_y, n_out, n_out, n_y, nullptr,
+                                          nullptr, 16));
+        cuda::int4_gemv_fusion f;
+        f.silu = true;
+        GPTQ_EXPECT_OK(
+            cuda::int4_gemv_fused_f16(lay, dw, dsz, dx.get(), bp, dgot.get(), m, n_in, n_y, f, nullptr, variant));
+        compare(dgot.download(), dref.download(), n_y, "silu");
+        return;
+    }
+    auto h  = test::random_f16(rng, size_t(m * n_out), 3.0f);
+    auto nw = test::random_f16(rng, size_t(n_out), 0.3f);
+    for (auto& v : nw) v = f32_to_f16(1.0f + f16_to_f32(v));
+    std::vector<int32_t> perm;
+    if (act) {
+        perm.resize(size_t(n_out));
+        for (int64_t i = 0; i < n_out; ++i) perm[size_t(i)] = int32_t(i);
+        std::shuffle(perm.begin(), perm.end(), rng);
+    }
+    device_array<int32_t>  dperm(perm);
+    const int32_t*         pp  = perm.empty() ? nullptr : dperm.get();
+    const float            eps = 1e-6f;
+    device_array<uint16_t> dnw(nw), dh_ref(h), dx_ref(size_t(m * n_out)), dh_got(h), dx_got(size_t(m * n_out));
+    device_array<unsigned> dcount(std::vector<unsigned>{0u});
+    GPTQ_EXPECT_OK(cuda::add_rms_norm_f16(dh_ref.get(), dfull.get(), dnw.get(), dx_ref.get(), pp, m, n_out, n_out,
+                                          n_out, n_out, eps, nullptr));
+    cuda::int4_gemv_fusion f;
+    f.residual   = true;
+    f.out_norm_w = dnw.get(), f.out_eps = eps, f.out_perm = pp;
+    f.x_out = dx_got.get(), f.x_out_stride = n_out, f.counter = dcount.get();
+    GPTQ_EXPECT_OK(
+        cuda::int4_gemv_fused_f16(lay, dw, dsz, dx.get(), bp, dh_got.get(), m, n_in, n_out, f, nullptr, variant));
+    compare(dh_got.download(), dh_ref.download(), n_out, "residual");
+    compare(dx_got.download(), dx_ref.download(), n_out, "output norm");
+    EXPECT_EQ(dcount.download(), std::vector<unsigned>{0u}) << what << ": the counter is left zero";
+    // Again on the updated stream, the same counter: the plain ops once more.
+    GPTQ_EXPECT_OK(cuda::add_rms_norm_f16(dh_ref.get(), dfull.get(), dnw.get(), dx_ref.get(), pp, m, n_out, n_out,
+                                          n_out, n_out, eps, nullptr));
+    GPTQ_EXPECT_OK(
+        cuda::int4_gemv_fused_f16(lay, dw, dsz, dx.get(), bp, dh_got.get(), m, n_in, n_out, f, nullptr, variant));
+    compare(dh_got.download(), dh_ref.download(), n_out, "residual (second launch)");
+    compare(dx_got.download(), dx_ref.download(), n_out, "output norm (second launch)");
 }
 
 // One random layer on the device, run for each m by the plain ops (add_rms_norm_f16 (+ its act-order
@@ -394,7 +474,7 @@ void check_fused(std::mt19937& rng, uint32_t seed, fused_mode mode, int64_t n_ou
     GPTQ_EXPECT_OK(cuda::int4_repack(*lay, dq.get(), dz.get(), ds.get(), perm.empty() ? nullptr : dperm.get(),
                                      fmt == gptq_checkpoint_format::GPTQ_FORMAT_V1 ? 1 : 0, dw.get(), dsz.get(),
                                      nullptr));
-    const bool     norm          = mode != fused_mode::RES;
+    const bool     norm          = mode == fused_mode::NORM || mode == fused_mode::NORM_SILU;
     const int32_t* dperm_or_null = perm.empty() ? nullptr : dperm.get();
     const float    eps           = 1e-5f;
     for (int64_t m : ms) {
@@ -402,10 +482,12 @@ void check_fused(std::mt19937& rng, uint32_t seed, fused_mode mode, int64_t n_ou
                                  " variant=" + (variant < 0 ? "auto" : cuda::int4_gemv_variant_name(variant));
         {  // rows that do not fit in shared memory (wide act-order layers at large m): refused, skipped
             cuda::int4_gemv_fusion probe;
-            probe.norm_w    = norm ? reinterpret_cast<const uint16_t*>(uintptr_t(256)) : nullptr;  // not read
-            probe.perm      = norm ? dperm_or_null : nullptr;
-            probe.residual  = !norm;
-            probe.silu      = mode == fused_mode::NORM_SILU;
+            probe.norm_w   = norm ? reinterpret_cast<const uint16_t*>(uintptr_t(256)) : nullptr;  // not read
+            probe.perm     = norm ? dperm_or_null : nullptr;
+            probe.residual = mode == fused_mode::RES || mode == fused_mode::RES_NORM;
+            probe.silu     = mode == fused_mode::NORM_SILU || mode == fused_mode::SILU;
+            if (mode == fused_mode::RES_NORM)
+                probe.out_norm_w = reinterpret_cast<const uint16_t*>(uintptr_t(256)), probe.x_out_stride = n_out;
             const status st = cuda::int4_gemv_fused_check(*lay, m, probe, variant);
             if (st.code() == status_code::STATUS_UNSUPPORTED &&
                 st.message().find("shared memory") != std::string::npos) {
@@ -416,9 +498,13 @@ void check_fused(std::mt19937& rng, uint32_t seed, fused_mode mode, int64_t n_ou
         }
         std::vector<uint16_t>  bias = (m % 2) ? test::random_f16(rng, size_t(n_out)) : std::vector<uint16_t>{};
         device_array<uint16_t> db(bias);
-        const uint16_t*        bp  = bias.empty() ? nullptr : db.get();
-        const int64_t          n_y = mode == fused_mode::NORM_SILU ? n_out / 2 : n_out;
-        std::vector<uint16_t>  want, got;
+        const uint16_t*        bp = bias.empty() ? nullptr : db.get();
+        if (mode == fused_mode::SILU || mode == fused_mode::RES_NORM) {
+            check_epilogue(rng, what, mode, *lay, dw.get(), dsz.get(), m, act, bp, variant);
+            continue;
+        }
+        const int64_t         n_y = mode == fused_mode::NORM_SILU ? n_out / 2 : n_out;
+        std::vector<uint16_t> want, got;
         if (norm) {
             const int64_t x_stride = n_in + (m % 3) * 5;  // odd strides: 2-byte aligned rows
             auto          h        = test::random_f16(rng, size_t(m * x_stride), 3.0f);
@@ -491,9 +577,11 @@ TEST(CudaGptq, Int4GemvFusedMatchesPlainOps) {
     const std::vector<int64_t> all_m  = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
     const std::vector<int64_t> some_m = {1, 3, 8, 9, 16};
     int                        i      = 0;
-    for (fused_mode mode : {fused_mode::NORM, fused_mode::NORM_SILU, fused_mode::RES})
+    for (fused_mode mode :
+         {fused_mode::NORM, fused_mode::NORM_SILU, fused_mode::RES, fused_mode::SILU, fused_mode::RES_NORM})
         for (const shape& s : shapes) {
-            const int64_t n_out = mode == fused_mode::NORM_SILU ? (s.n_out + 31) / 32 * 32 : s.n_out;
+            const bool    silu  = mode == fused_mode::NORM_SILU || mode == fused_mode::SILU;
+            const int64_t n_out = silu ? (s.n_out + 31) / 32 * 32 : s.n_out;
             const auto    fmt = i % 2 ? gptq_checkpoint_format::GPTQ_FORMAT_V1 : gptq_checkpoint_format::GPTQ_FORMAT_V2;
             const int     variant = variants[size_t(i) % variants.size()];
             check_fused(rng, seed, mode, n_out, s.n_in, s.gs, s.act, i % 3 == 0, fmt, i % 4 == 0 ? all_m : some_m,
@@ -524,6 +612,19 @@ TEST(CudaGptq, Int4GemvFusedRefusals) {
     cuda::int4_gemv_fusion silu = norm;
     silu.silu                   = true;
     EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 1, silu).code(), status_code::STATUS_UNSUPPORTED);  // 40 rows
+    cuda::int4_gemv_fusion silu_alone;
+    silu_alone.silu = true;
+    EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 1, silu_alone).code(), status_code::STATUS_UNSUPPORTED);  // 40 rows
+    auto lay64 = cuda::int4_layout_for(64, 256, 128);
+    ASSERT_TRUE(lay64.is_ok());
+    EXPECT_TRUE(cuda::int4_gemv_fused_check(*lay64, 8, silu_alone).is_ok());
+    cuda::int4_gemv_fusion res_norm = res, out_norm_alone;
+    res_norm.out_norm_w = out_norm_alone.out_norm_w = nw;
+    res_norm.x_out_stride = out_norm_alone.x_out_stride = 40;
+    EXPECT_TRUE(cuda::int4_gemv_fused_check(*lay, 16, res_norm).is_ok());
+    EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 1, out_norm_alone).code(), status_code::STATUS_UNSUPPORTED);
+    res_norm.x_out_stride = 39;  // narrower than the stream
+    EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 1, res_norm).code(), status_code::STATUS_INVALID_ARGUMENT);
     EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 1, perm_only).code(), status_code::STATUS_INVALID_ARGUMENT);
     EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 1, res, 0).code(), status_code::STATUS_INVALID_ARGUMENT);
     EXPECT_EQ(cuda::int4_gemv_fused_check(*lay, 1, cuda::int4_gemv_fusion{}).code(), status_code::STATUS_UNSUPPORTED);

@@ -1013,12 +1013,13 @@ struct profiled_run {
 // want_fused: the fused linears expected (-1: not checked; default: every layer's two groups when fuse).
 profiled_run run_profiled(const std::string& dir, bool graph, bool profile, const offload_placement& off = {},
                           bool fuse = true, int64_t want_fused = -2, bool decode_fuse = true,
-                          bool decode_fuse_gemv = false) {
+                          bool decode_fuse_gemv = false, bool decode_fuse_epi = false) {
     profiled_run       r;
     llama_cuda_options o;
     o.fuse             = fuse;
     o.decode_fuse      = decode_fuse;
     o.decode_fuse_gemv = decode_fuse_gemv;
+    o.decode_fuse_epi  = decode_fuse_epi;
     o.graph            = graph;
     o.n_ctx            = 64;
     o.offload          = off;
@@ -1268,6 +1269,9 @@ void check_decode_fusion(const std::string& dir, bool expect_fused) {
         // The defaults: the attention parts alone (with act-order, o reads the attention's output in
         // its column order and skips its permutation launch).
         const auto attn = run_profiled(dir, graph, false, {}, true, -1, true, false);
+        // The epilogue fusions alone (decode_fuse_epi): o / down + add + the next norm, SiLU in gate/up.
+        const auto epi = run_profiled(dir, graph, false, {}, true, -1, true, false, true);
+        ASSERT_FALSE(epi.logits.empty());
         ASSERT_FALSE(on.logits.empty());
         ASSERT_FALSE(off.logits.empty());
         ASSERT_FALSE(attn.logits.empty());
@@ -1279,18 +1283,38 @@ void check_decode_fusion(const std::string& dir, bool expect_fused) {
                 << dir << (graph ? " (graph)" : " (no graph)") << ": row " << t
                 << " attention-fused vs plain, rel diff "
                 << row_rel_error(attn.logits.data() + t * V, off.logits.data() + t * V, V);
+            EXPECT_EQ(0, std::memcmp(epi.logits.data() + t * V, off.logits.data() + t * V, size_t(V) * sizeof(float)))
+                << dir << (graph ? " (graph)" : " (no graph)") << ": row " << t << " epilogue-fused vs plain, rel diff "
+                << row_rel_error(epi.logits.data() + t * V, off.logits.data() + t * V, V);
+        }
+    }
+    {  // The profile says which epilogue kernels ran: every layer's o, all but the last layer's down.
+        const auto ep    = run_profiled(dir, false, true, {}, true, -1, true, false, true);
+        auto       calls = [&](const char* op) {
+            const llama_op_time* t = find_op(ep.decode, op);
+            return t ? t->calls : int64_t(0);
+        };
+        auto host_hp = (*host)->hparams();
+        if (expect_fused) {
+            EXPECT_EQ(calls("linear_o+add+norm"), k_n_decode * host_hp.n_layer) << dir;
+            EXPECT_EQ(calls("linear_down+add+norm"), k_n_decode * (host_hp.n_layer - 1)) << dir;
+            EXPECT_EQ(calls("linear_gate_up+silu"), k_n_decode * host_hp.n_layer) << dir;
+            EXPECT_EQ(calls("add_rms_norm"), k_n_decode) << dir << ": the final norm only";
+        } else {
+            EXPECT_EQ(calls("linear_o+add+norm"), 0) << dir;
         }
     }
     // The profile says whether the fused kernels ran.
     const auto prof = run_profiled(dir, false, true, {}, true, -1, true, true);
     EXPECT_EQ(find_op(prof.decode, "linear_qkv+norm") != nullptr, expect_fused) << dir;
     for (int64_t n_seq : {3, 9, 17}) {
-        std::vector<float> out[2];
-        for (int fuse = 0; fuse < 2; ++fuse) {
+        std::vector<float> out[3];  // plain, the GEMV fusions, the epilogue fusions (<= 8 rows)
+        for (int fuse = 0; fuse < 3; ++fuse) {
             llama_cuda_options o;
             o.n_ctx            = 64;
-            o.decode_fuse      = fuse == 1;
+            o.decode_fuse      = fuse >= 1;
             o.decode_fuse_gemv = fuse == 1;
+            o.decode_fuse_epi  = fuse == 2;
             auto m             = llama_cuda_model::open(dir, o);
             ASSERT_TRUE(m.is_ok()) << m.error().message();
             GPTQ_EXPECT_OK((*m)->kv_reserve(n_seq, 64));
@@ -1309,6 +1333,9 @@ void check_decode_fusion(const std::string& dir, bool expect_fused) {
         EXPECT_EQ(out[0].size(), out[1].size());
         EXPECT_EQ(0, std::memcmp(out[0].data(), out[1].data(), out[0].size() * sizeof(float)))
             << dir << ": batch of " << n_seq << " fused vs plain";
+        EXPECT_EQ(out[0].size(), out[2].size());
+        EXPECT_EQ(0, std::memcmp(out[0].data(), out[2].data(), out[0].size() * sizeof(float)))
+            << dir << ": batch of " << n_seq << " epilogue-fused vs plain";
     }
 }
 

@@ -256,8 +256,11 @@ constexpr int k_chunks = 16;
 // into shared memory once and the warps read their fragments from there instead of the ring.
 // F_RES: y is the residual stream, y += the (rounded) output. F_SILU: 32-row tiles of 16 gate then
 // 16 up rows, y = silu(gate) * up per feature. F_F32 (alone): the un-rounded F32 sum (+ bias in F32)
-// to y32 (int4_gemv_f32out: the quantized lm_head's logits).
-enum : int { F_NORM = 1, F_RES = 2, F_SILU = 4, F_F32 = 8 };
+// to y32 (int4_gemv_f32out: the quantized lm_head's logits). F_NORM_OUT (with F_RES): the block that
+// finishes last (a device counter, split-K style) then normalises the whole updated residual stream
+// into x_out, the next linear's input, as add_rms_norm_f16 would have after the add (its order and
+// bits; in out_perm order when set): the add-and-norm launch after o / down disappears.
+enum : int { F_NORM = 1, F_RES = 2, F_SILU = 4, F_F32 = 8, F_NORM_OUT = 16 };
 
 // A ring slot (uint4 units): TN x 32 weight words, XB x 32 activation fragments (XB = NB, or 0 when
 // the activations are in the block's normalised copy), TN x 8 scale words.
@@ -312,6 +315,15 @@ struct pipe_args {
     float          eps;
     int            prefetch;  // 1: cp.async.bulk.prefetch.L2 of each warp's weights first (sm_90)
     float*         y32;       // F_F32: the output [m, y_stride] F32 (y unused)
+    // F_NORM_OUT: the next norm's weights [n_out] F16, its epsilon, the next linear's act-order column
+    // order (or nullptr), the normalised rows' destination [m, x_out_stride], and a device counter
+    // that is zero before the launch (the last block leaves it zero again).
+    const __half*  out_norm_w;
+    const int32_t* out_perm;
+    float          out_eps;
+    __half*        x_out;
+    int64_t        x_out_stride;
+    unsigned*      counter;
 };
 
 // The arguments of a launch of L over m rows of x (fusion fields empty: the callers set them).
@@ -392,6 +404,41 @@ __device__ void pipe_norm_prologue(const pipe_args& a, float* part, __half* raw,
     __syncthreads();
 }
 
+// F_NORM_OUT epilogue, run by the block that finishes last: every block's residual rows are in
+// global memory (read through L2: other SMs wrote them), normalised into x_out in decode_math.cuh's
+// order (the T virtual threads of rms_threads(n_out), emulated by the block's warps as the F_NORM
+// prologue does), bit for bit add_rms_norm_f16's output after its add. part: 16 x 32 floats of shared
+// memory (the ring's, free by then), inv: 16 more.
+template <int W>
+__device__ void pipe_norm_epilogue(const pipe_args& a, float* part, float* inv) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int dim = a.n_out, T = rms_threads(dim), VW = T / 32;
+    for (int tok = 0; tok < a.m; ++tok) {
+        const __half* h = a.y + int64_t(tok) * a.y_stride;
+        for (int vw = warp; vw < VW; vw += W) {
+            float ss = 0.0f;
+            for (int i = vw * 32 + lane; i < dim; i += T) {  // rms_thread_sumsq's order, through L2
+                const float f = __half2float(__ldcg(h + i));
+                ss            = __fmaf_rn(f, f, ss);
+            }
+            ss = rms_warp_sum(ss);
+            if (lane == 0) part[tok * 32 + vw] = ss;
+        }
+    }
+    __syncthreads();
+    if (int(threadIdx.x) < a.m) inv[threadIdx.x] = rms_inv_from_partials(part + threadIdx.x * 32, VW, dim, a.out_eps);
+    __syncthreads();
+    for (int tok = 0; tok < a.m; ++tok) {
+        const __half* h  = a.y + int64_t(tok) * a.y_stride;
+        __half*       xo = a.x_out + int64_t(tok) * a.x_out_stride;
+        const float   iv = inv[tok];
+        for (int i = threadIdx.x; i < dim; i += W * 32) {
+            const int j = a.out_perm ? a.out_perm[i] : i;
+            xo[i]       = rms_apply(__ldcg(h + j), iv, a.out_norm_w[j]);
+        }
+    }
+}
+
 // W warps (16, 8 or 4), TN tiles per block, NB 8-token column tiles, ring of D slots (D - 1 steps
 // in flight), registers capped for MINB blocks per SM, fusion flags F. x must be 16-byte aligned with
 // x_stride % 8 == 0.
@@ -401,6 +448,7 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
     static_assert(W == 16 || W == 8 || W == 4, "16 chunks over the warps");
     static_assert(!((F & F_RES) && (F & F_SILU)), "one epilogue");
     static_assert(!(F & F_F32) || F == F_F32, "the F32 output takes no other fusion");
+    static_assert(!(F & F_NORM_OUT) || (F & F_RES), "the output norm follows the residual add");
     constexpr bool          NORM = (F & F_NORM) != 0;
     constexpr int           XB   = pipe_xb(NB, F);
     constexpr int           SLOT = pipe_slot_words(TN, XB), CPW = k_chunks / W, LV = pipe_levels(W);
@@ -649,6 +697,19 @@ __global__ void __launch_bounds__(W * 32, MINB) int4_gemv_pipe_kernel(const pipe
             const __half* r                                          = act + (tt * 16 + tok) * 32;
             a.y[int64_t(tok) * a.y_stride + int64_t(tile) * 16 + jf] = act_mul_h<act_kind::SILU>(r[jf], r[16 + jf]);
         }
+    }
+    if constexpr ((F & F_NORM_OUT) != 0) {
+        // The last block to get here normalises the stream (every block's rows visible device-wide
+        // before it counts itself in), then leaves the counter zero for the next launch.
+        __threadfence();
+        __syncthreads();
+        __shared__ bool last;
+        if (threadIdx.x == 0) last = atomicAdd(a.counter, 1u) == gridDim.x - 1;
+        __syncthreads();
+        if (!last) return;
+        __threadfence();
+        pipe_norm_epilogue<W>(a, red, red + 16 * 32);
+        if (threadIdx.x == 0) *a.counter = 0u;
     }
 }
 
@@ -965,7 +1026,7 @@ int fused_variant_for(const int4_layout& L, int m, int variant, const device_cap
     return fused_variant(v) && m <= 8 ? v : V_W16_D4;
 }
 int fusion_flags(const int4_gemv_fusion& f) {
-    return (f.norm_w ? F_NORM : 0) | (f.residual ? F_RES : 0) | (f.silu ? F_SILU : 0);
+    return (f.norm_w ? F_NORM : 0) | (f.residual ? F_RES : 0) | (f.silu ? F_SILU : 0) | (f.out_norm_w ? F_NORM_OUT : 0);
 }
 size_t fused_smem(int v, int flags, int64_t m, int64_t n_in, bool perm) {
     const variant_info& vi = k_variants[v];
@@ -989,15 +1050,19 @@ status launch_fused(int v, int flags, const pipe_args& a, const device_caps& cap
             return launch_fused_f<F_NORM | F_SILU>(v, a, caps, stream);
         case F_RES:
             return launch_fused_f<F_RES>(v, a, caps, stream);
+        case F_SILU:
+            return launch_fused_f<F_SILU>(v, a, caps, stream);
+        case F_RES | F_NORM_OUT:
+            return launch_fused_f<F_RES | F_NORM_OUT>(v, a, caps, stream);
         case F_F32:
             return launch_fused_f<F_F32>(v, a, caps, stream);
         default:
             break;
     }
     return make_error(status_code::STATUS_UNSUPPORTED,
-                      "int4_gemv_fused_f16: fusion (norm {}, residual {}, silu {}) is not one of norm, norm + silu, "
-                      "residual",
-                      (flags & F_NORM) != 0, (flags & F_RES) != 0, (flags & F_SILU) != 0);
+                      "int4_gemv_fused_f16: fusion (norm {}, residual {}, silu {}, output norm {}) is not one of norm, "
+                      "norm + silu, silu, residual, residual + output norm",
+                      (flags & F_NORM) != 0, (flags & F_RES) != 0, (flags & F_SILU) != 0, (flags & F_NORM_OUT) != 0);
 }
 
 }  // namespace
@@ -1103,11 +1168,16 @@ status int4_gemv_fused_check(const int4_layout& L, int64_t m, const int4_gemv_fu
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemv_fused_f16: variant {} has no fused kernel",
                           variant);
     const int flags = fusion_flags(f);
-    if (flags != F_NORM && flags != (F_NORM | F_SILU) && flags != F_RES)
+    if (flags != F_NORM && flags != (F_NORM | F_SILU) && flags != F_SILU && flags != F_RES &&
+        flags != (F_RES | F_NORM_OUT))
         return make_error(status_code::STATUS_UNSUPPORTED,
-                          "int4_gemv_fused_f16: fusion (norm {}, residual {}, silu {}) is not one of norm, norm + "
-                          "silu, residual",
-                          f.norm_w != nullptr, f.residual, f.silu);
+                          "int4_gemv_fused_f16: fusion (norm {}, residual {}, silu {}, output norm {}) is not one of "
+                          "norm, norm + silu, silu, residual, residual + output norm",
+                          f.norm_w != nullptr, f.residual, f.silu, f.out_norm_w != nullptr);
+    if (f.out_norm_w && f.x_out_stride < L.n_out)
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "int4_gemv_fused_f16: the output norm's rows [m, >= {}] (stride {})", L.n_out,
+                          f.x_out_stride);
     if (L.n_tiles > 0x7fffffff / 32 || L.k_steps > 0x7fffffff / 32)
         return make_error(status_code::STATUS_INVALID_ARGUMENT, "int4_gemv_fused_f16: layout {} x {} too large",
                           L.n_out, L.n_in);
@@ -1134,6 +1204,9 @@ status int4_gemv_fused_f16(const int4_layout& L, const void* weights, const void
         return make_error(status_code::STATUS_INVALID_ARGUMENT,
                           "int4_gemv_fused_f16: x must be 16-byte aligned with x_stride % 8 == 0 (x_stride {})",
                           x_stride);
+    if (f.out_norm_w && (!f.counter || !f.x_out))
+        return make_error(status_code::STATUS_INVALID_ARGUMENT,
+                          "int4_gemv_fused_f16: the output norm needs its destination and a device counter");
     const device_caps caps = current_device_caps();
     const int         v    = fused_variant_for(L, int(m), variant, caps);
     pipe_args         a    = pipe_args_for(L, weights, sz, x, bias, m, x_stride, y_stride, caps.prefetch);
@@ -1141,6 +1214,12 @@ status int4_gemv_fused_f16(const int4_layout& L, const void* weights, const void
     a.norm_w               = reinterpret_cast<const __half*>(f.norm_w);
     a.perm                 = f.perm;
     a.eps                  = f.eps;
+    a.out_norm_w           = reinterpret_cast<const __half*>(f.out_norm_w);
+    a.out_perm             = f.out_perm;
+    a.out_eps              = f.out_eps;
+    a.x_out                = reinterpret_cast<__half*>(f.x_out);
+    a.x_out_stride         = f.x_out_stride;
+    a.counter              = f.counter;
     return launch_fused(v, fusion_flags(f), a, caps, stream);
 }
 

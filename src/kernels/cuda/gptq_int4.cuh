@@ -97,16 +97,27 @@ int         int4_gemv_auto_variant(const int4_layout& L, int64_t m);
 //   layer's act-order column order) and multiplies that; eps the norm's epsilon. Optionally with
 //   silu.
 // - residual: y is the residual stream [m, y_stride], y += the layer's (rounded) output, as add_f16.
-// - silu (with norm_w): the layer's 32-row tiles hold gate features 16 t .. 16 t + 15 in rows 0..15
-//   and the matching up features in rows 16..31 (n_out = 2 n_ff, n_ff % 16 == 0: the interleaved
-//   gate/up layout); y [m, y_stride] receives silu(gate) * up, n_out / 2 features, as silu_mul_f16.
+// - silu (alone or with norm_w): the layer's 32-row tiles hold gate features 16 t .. 16 t + 15 in
+//   rows 0..15 and the matching up features in rows 16..31 (n_out = 2 n_ff, n_ff % 16 == 0: the
+//   interleaved gate/up layout); y [m, y_stride] receives silu(gate) * up, n_out / 2 features, as
+//   silu_mul_f16.
+// - out_norm_w (with residual): after the add, the block that finishes last writes
+//   rms_norm(y) * out_norm_w into x_out [m, x_out_stride] (in out_perm order when set), bit for bit
+//   add_rms_norm_f16(y, the layer's output, out_norm_w, x_out, out_perm); counter: one device
+//   unsigned, zero before the launch and left zero (cuda_context::counters).
 // bias as int4_gemv_f16 (added before the rounding of the layer's output).
 struct int4_gemv_fusion {
-    const uint16_t* norm_w   = nullptr;  // [n_in] F16: the input RMSNorm's weights (nullptr: none)
-    float           eps      = 0.0f;
-    const int32_t*  perm     = nullptr;  // [n_in] I32 device, with norm_w only
-    bool            residual = false;
-    bool            silu     = false;
+    const uint16_t* norm_w       = nullptr;  // [n_in] F16: the input RMSNorm's weights (nullptr: none)
+    float           eps          = 0.0f;
+    const int32_t*  perm         = nullptr;  // [n_in] I32 device, with norm_w only
+    bool            residual     = false;
+    bool            silu         = false;
+    const uint16_t* out_norm_w   = nullptr;  // [n_out] F16: the next RMSNorm's weights (nullptr: none)
+    float           out_eps      = 0.0f;
+    const int32_t*  out_perm     = nullptr;  // [n_out] I32 device: the next linear's column order
+    uint16_t*       x_out        = nullptr;
+    int64_t         x_out_stride = 0;
+    unsigned*       counter      = nullptr;
 };
 // The most tokens a fused launch takes (16: two 8-token column tiles).
 int64_t int4_gemv_fused_max_m();

@@ -21,6 +21,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader >> "$OUT/decode_quick.txt"
 n_rows=$(echo "${QUICK_BATCH:-1,16}" | tr ',' '\n' | wc -l)
 settings=${QUICK_SETTINGS:-"defaults GPTQ_DECODE_FUSE=0 GPTQ_DECODE_FUSE_GEMV=1 GPTQ_INT4_PREFETCH=1"}
 [ "${QUICK_FP16:-0}" = 1 ] && settings="$settings fp16"
+# QUICK_LM_HEAD_SETTINGS: the settings run on the --quantize-lm-head copy (default: lm_head alone).
 if [ "${QUICK_DESC_ACT:-0}" = 1 ]; then
     timeout 300 "$GPTQ" -q quantize "$W/f16" -o "$W/w4d" --bits 4 --group-size 128 --desc-act --nsamples 8 --seqlen 512 \
         --device cuda --threads "$(nproc)" > /dev/null && settings="$settings desc_act" ||
@@ -28,12 +29,16 @@ if [ "${QUICK_DESC_ACT:-0}" = 1 ]; then
 fi
 if [ "${QUICK_LM_HEAD:-0}" = 1 ]; then
     timeout 300 "$GPTQ" -q quantize "$W/f16" -o "$W/w4h" --method rtn --bits 4 --group-size 128 --quantize-lm-head \
-        --threads "$(nproc)" > /dev/null && settings="$settings lm_head" ||
+        --threads "$(nproc)" > /dev/null && settings="$settings ${QUICK_LM_HEAD_SETTINGS:-lm_head}" ||
         echo "decode_quick: quantize --quantize-lm-head failed" | tee -a "$OUT/decode_quick.txt"
 fi
 for setting in $settings; do
+    # Comma-separated parts: a model (fp16, lm_head, desc_act; default the W4 one) and VAR=VALUE settings,
+    # e.g. "lm_head,GPTQ_DECODE_FUSE_EPI=1".
     envs=""; model=$W/w4
-    case $setting in defaults) ;; fp16) model=$W/f16 ;; lm_head) model=$W/w4h ;; desc_act) model=$W/w4d ;; *) envs=${setting//,/ } ;; esac
+    for part in ${setting//,/ }; do
+        case $part in defaults) ;; fp16) model=$W/f16 ;; lm_head) model=$W/w4h ;; desc_act) model=$W/w4d ;; *) envs="$envs $part" ;; esac
+    done
     if env $envs timeout 200 "$GPTQ" -q bench "$model" --device cuda --batch "${QUICK_BATCH:-1,16}" --prompt "${QUICK_PROMPT:-512}" \
             --gen 64 --repeat 2 --json >> "$OUT/decode_quick.jsonl" 2>> "$OUT/decode_quick.txt"; then
         tail -n "$n_rows" "$OUT/decode_quick.jsonl" | SETTING="$setting" python3 -c 'import json,os,sys

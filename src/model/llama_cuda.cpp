@@ -74,6 +74,8 @@ result<std::unique_ptr<llama_cuda_model>> llama_cuda_model::open(const std::stri
         m->opts_.decode_fuse_gemv = true;
     if (const char* e = std::getenv("GPTQ_DECODE_FUSE_EPI"); e && (e[0] == '0' || e[0] == '1'))
         m->opts_.decode_fuse_epi = e[0] == '1';
+    if (const char* e = std::getenv("GPTQ_LM_HEAD_INT4"); e && (e[0] == '0' || e[0] == '1'))
+        m->opts_.lm_head_int4 = e[0] == '1';
     if (const char* e = std::getenv("GPTQ_DEQUANT_AHEAD"); e && std::strcmp(e, "1") == 0) m->opts_.dequant_ahead = true;
     GPTQ_ASSIGN_OR_RETURN(m->ctx_, cuda_context::create(o.device));
     if (hp.head_dim % 2 != 0 || hp.head_dim > 256)
@@ -535,7 +537,7 @@ status llama_cuda_model::embed_table_upload(cuda_buffer* out) {
 
 status llama_cuda_model::lm_head_upload_quantized(const gptq_config& qc) {
     const llama_hparams& hp = hparams();
-    if (!opts_.gptq_fast || qc.bits != 4) return lm_head_upload_dequantized(qc);  // no int4 layout
+    if (!opts_.gptq_fast || !opts_.lm_head_int4 || qc.bits != 4) return lm_head_upload_dequantized(qc);
     GPTQ_ASSIGN_OR_RETURN(gptq_linear_data d, gptq_linear_read(host_->source(), "lm_head", hp.n_vocab, hp.n_embd, qc,
                                                                /*keep_packed=*/true));
     GPTQ_ASSIGN_OR_RETURN(cuda_gptq_linear q, gptq_device_load(d, qc.group_size, "lm_head"));

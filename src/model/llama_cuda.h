@@ -80,6 +80,9 @@ struct llama_cuda_options {
     bool decode_fuse      = true;
     bool decode_fuse_gemv = false;
     bool decode_fuse_epi  = false;
+    // A 4-bit GPTQ lm_head stays on the int4 layout (F32-output GEMV, docs/cuda.md "Quantized lm_head
+    // on the GPU"); false: dequantized to F16 at load and run as a dense head. GPTQ_LM_HEAD_INT4=0|1.
+    bool lm_head_int4 = true;
     // Prefill passes whose GPTQ linears take dequantize + cuBLAS: the next linear dequantized on a
     // side stream while the current one computes (docs/cuda.md "Prefill: the next linear dequantized
     // ahead"). Off by default: no faster on the H100 (session 10; GPTQ_DEQUANT_AHEAD=1 turns it on).

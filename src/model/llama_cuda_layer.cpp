@@ -469,7 +469,8 @@ result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda
                                   nx.qkv.n_out > 0 ? perm_of(nx.qkv) : nullptr,
                                   b.x};
         GPTQ_TRY(op_cuda_gptq_linear_fused(c, down.q, act, hidden, n, fd, p_down != nullptr));
-        return mark(p, "linear_down+add+norm");
+        GPTQ_TRY(mark(p, "linear_down+add+norm"));
+        return true;
     }
     GPTQ_TRY(ahead(c, p, first_attention_linear(p.next_layer)));
     GPTQ_TRY(linear_run(c, w, linear_role::LINEAR_DOWN, act, b.y, p, p_down != nullptr));

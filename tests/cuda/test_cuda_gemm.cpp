@@ -215,7 +215,7 @@ TEST(CudaGemm, WarpStreamedMatchesReference) {
     const std::vector<gemm_case> cases = {
         {72, 160, 32, true, false, {17, 40, 64, 129}},    {8, 4096, 128, false, true, {33, 64, 100}},
         {264, 416, -1, true, false, {24, 65, 128, 256}},  {1000, 384, 128, true, true, {31, 63, 96, 200}},
-        {136, 1056, 64, true, false, {17, 48, 127, 255}}, {520, 2048, 128, false, true, {32, 64, 128, 160}},
+        {136, 1056, 32, true, false, {17, 48, 127, 255}}, {520, 2048, 128, false, true, {32, 64, 128, 160}},
         {2056, 512, 64, true, true, {20, 80, 256}},       {40, 3072, -1, false, false, {56, 144}},
         {96, 11008, 32, false, false, {17, 64, 128}},
     };

@@ -267,19 +267,21 @@ TEST(quantize_embeddings, bad_settings_are_refused) {
 
 #ifndef GPTQ_SANITIZE
 // GPTQ with the table quantized (frequency weights from the calibration text): an interrupted run
-// resumed is byte-identical; the perplexity stays near the F16 table's (8 bits: within 1 %, 4 bits:
-// within 6 %; measured on these windows 0.1 % and 2.6 %) and finite.
+// resumed is byte-identical. Then the perplexity with the table quantized, on RTN layers (the same
+// layers in the three runs, so the difference is the table's alone; RTN's clipping search is uniform:
+// it reads no calibration text to count tokens): finite and near the F16 table's. Measured here
+// (tiny-llama, 6 windows of 512): F16 table 208.36, 8-bit 202.75 (-2.7 %), 4-bit 203.59 (-2.3 %);
+// the 8-bit table itself is 5 % off the F16 one (relative Frobenius norm of the difference; groups
+// of 128 tokens per embedding column), and this small model's perplexity moves by that much. A
+// reader that mis-decodes the table (zero points, the group order, a transposition) gives hundreds
+// to thousands; the bounds (4 % / 8 %) catch that. The table's values are checked bit for bit
+// against the reference above. (The first version compared GPTQ runs, whose layers follow the
+// table through calibration: 0.1 % on a Zen 5 VM, 1.9 % on a Sapphire Rapids one.)
 TEST(quantize_embeddings, gptq_resume_and_perplexity) {
     test::temp_dir dir("q-emb-gptq");
-    auto           plain      = run_of(tiny(), dir.file("plain"));
-    plain.quantize_embeddings = false;
-    ASSERT_TRUE(quantize_model(plain).is_ok());
-    auto e8       = run_of(tiny(), dir.file("e8"));
-    e8.embed_clip = "frequency";
+    auto           e8 = run_of(tiny(), dir.file("e8"));
+    e8.embed_clip     = "frequency";
     ASSERT_TRUE(quantize_model(e8).is_ok());
-    auto e4       = run_of(tiny(), dir.file("e4"));
-    e4.embed_bits = 4;
-    ASSERT_TRUE(quantize_model(e4).is_ok());
 
     auto cut              = run_of(tiny(), dir.file("cut"));
     cut.embed_clip        = "frequency";
@@ -298,11 +300,18 @@ TEST(quantize_embeddings, gptq_resume_and_perplexity) {
     EXPECT_EQ(test::read_file(cut.output_path + "/model.safetensors"),
               test::read_file(e8.output_path + "/model.safetensors"));
 
-    auto         ppl_of = [](const std::string& m) { return test::ppl_of(m); };
-    const double a = ppl_of(plain.output_path), b = ppl_of(e8.output_path), c = ppl_of(e4.output_path);
+    auto rtn_of = [&](const char* name, bool table, int bits) {
+        auto p                = run_of(tiny(), dir.file(name));
+        p.method              = "rtn";
+        p.quantize_embeddings = table;
+        p.embed_bits          = bits;  // clipping: uniform (RTN reads no calibration text to count tokens)
+        EXPECT_TRUE(quantize_model(p).is_ok()) << name;
+        return test::ppl_of(p.output_path);
+    };
+    const double a = rtn_of("rtn-plain", false, 8), b = rtn_of("rtn-e8", true, 8), c = rtn_of("rtn-e4", true, 4);
     ASSERT_TRUE(std::isfinite(b) && std::isfinite(c));
-    EXPECT_LT(std::fabs(b / a - 1.0), 0.01) << "F16 table " << a << ", 8-bit " << b;
-    EXPECT_LT(std::fabs(c / a - 1.0), 0.06) << "F16 table " << a << ", 4-bit " << c;
+    EXPECT_LT(std::fabs(b / a - 1.0), 0.04) << "F16 table " << a << ", 8-bit " << b;
+    EXPECT_LT(std::fabs(c / a - 1.0), 0.08) << "F16 table " << a << ", 4-bit " << c;
     RecordProperty("ppl_f16_table", std::to_string(a));
     RecordProperty("ppl_8bit_table", std::to_string(b));
     RecordProperty("ppl_4bit_table", std::to_string(c));

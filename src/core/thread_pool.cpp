@@ -53,14 +53,15 @@ bool thread_pool::stats_enabled() {
 
 thread_pool::stats thread_pool::get_stats() const {
     stats s;
-    s.calls          = st_calls_.load();
-    s.serial_calls   = st_serial_.load();
-    s.ns_calls       = st_ns_calls_.load();
-    s.ns_caller_wait = st_ns_wait_.load();
-    s.ns_worker_late = st_ns_late_.load();
-    s.worker_sleeps  = st_worker_sleeps_.load();
-    s.caller_sleeps  = st_caller_sleeps_.load();
-    s.quiet_periods  = st_quiet_.load();
+    s.calls            = st_calls_.load();
+    s.serial_calls     = st_serial_.load();
+    s.ns_calls         = st_ns_calls_.load();
+    s.ns_caller_wait   = st_ns_wait_.load();
+    s.ns_worker_late   = st_ns_late_.load();
+    s.worker_sleeps    = st_worker_sleeps_.load();
+    s.caller_sleeps    = st_caller_sleeps_.load();
+    s.quiet_periods    = st_quiet_.load();
+    s.contention_signs = st_signs_.load();
     return s;
 }
 
@@ -71,12 +72,12 @@ thread_pool::~thread_pool() {
             stderr,
             "pool stats: threads %d spin_us %d: parallel_for %llu dispatched (%llu serial), %.3f ms inside "
             "them, caller waiting for workers %.3f ms, workers' start latency %.3f us per dispatch and worker, "
-            "worker sleeps %llu, caller sleeps %llu, quiet periods %llu\n",
+            "worker sleeps %llu, caller sleeps %llu, contention signs %llu, quiet periods %llu\n",
             n_threads(), spin_us_, static_cast<unsigned long long>(s.calls),
             static_cast<unsigned long long>(s.serial_calls), s.ns_calls / 1e6, s.ns_caller_wait / 1e6,
             s.calls ? s.ns_worker_late / 1e3 / static_cast<double>(s.calls * workers_.size()) : 0.0,
             static_cast<unsigned long long>(s.worker_sleeps), static_cast<unsigned long long>(s.caller_sleeps),
-            static_cast<unsigned long long>(s.quiet_periods));
+            static_cast<unsigned long long>(s.contention_signs), static_cast<unsigned long long>(s.quiet_periods));
     }
     {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -112,20 +113,21 @@ bool thread_pool::spin_until(Pred pred, bool timeout_is_contention) {
         const int64_t prev = t;
         t                  = now_ns();
         if (t - prev > k_preempted_ns) {  // off the CPU in between
-            quiet(t);
+            contention(t, t - prev);
             return pred();
         }
         if (t >= end) {
-            if (timeout_is_contention && !pred()) quiet(t);
+            if (timeout_is_contention && !pred()) contention(t, int64_t(spin_us_) * 1000);
             return pred();
         }
     }
 }
 
-void thread_pool::quiet(int64_t t) {
-    // Contention soon after the last quiet period ended: the next one is twice as long (up to
-    // 2^6 x k_quiet_ns = 3.2 s), so a machine that stays oversubscribed rarely pays for a probe.
-    // GPTQ_POOL_QUIET=0: never (for A/B runs on machines whose cores are ours); the events still count.
+void thread_pool::contention(int64_t t, int64_t lost) {
+    // Enough time lost in the window (contention_window): a quiet period. Contention soon after the
+    // last one ended: the next is twice as long (up to 2^6 x k_quiet_ns = 3.2 s), so a machine that
+    // stays oversubscribed rarely pays for a probe. GPTQ_POOL_QUIET=0: never (for A/B runs on
+    // machines whose cores are ours); the signs and would-be periods still count.
     static const bool enabled = [] {
         const char* e = std::getenv("GPTQ_POOL_QUIET");
         return !(e && std::string_view(e) == "0");
@@ -133,6 +135,8 @@ void thread_pool::quiet(int64_t t) {
     std::lock_guard<std::mutex> lock(quiet_mutex_);
     const int64_t               last_end = quiet_until_ns_.load(std::memory_order_relaxed);
     if (t < last_end) return;  // another thread already did
+    if (stats_enabled()) st_signs_.fetch_add(1, std::memory_order_relaxed);
+    if (!window_.add(t, lost)) return;
     if (stats_enabled()) st_quiet_.fetch_add(1, std::memory_order_relaxed);
     if (!enabled) return;
     quiet_level_ = t - last_end < k_quiet_memory_ns ? std::min(quiet_level_ + 1, 6) : 0;

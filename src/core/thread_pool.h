@@ -13,10 +13,14 @@
 // and the scheduler's latency each (tens of microseconds). Idle for longer than spin_us, every
 // thread sleeps: an idle pool burns no core. spin_us 0: sleep at once (the pool before issue 22).
 // On oversubscribed cores (other processes want them too) spinning is a loss, 4x slower decode
-// on the shared 2-core VM (load 6): a spinning thread that notices it was preempted, or a caller
-// whose wait for the workers outlasts the spin, stops the pool's spinning for 50 ms, then tries
-// again; contention again within a second doubles the pause (up to 3.2 s). GPTQ_POOL_QUIET=0 turns
-// that check off (A/B runs on machines whose cores are ours).
+// on the shared 2-core VM (load 6). Signs of contention: a spinning thread that notices it was
+// preempted (the time it was off the CPU is lost), a caller whose wait for the workers outlasts the
+// spin (spin_us lost). When the lost time within a 100 ms window reaches 10 % of it
+// (contention_window), the pool stops spinning for 50 ms, then tries again; contention again within
+// a second doubles the pause (up to 3.2 s). A single preemption (a hypervisor's 50-500 us hiccup on
+// a quiet VM) no longer pauses the pool: on a quiet 2-vCPU VM that did, and every dispatch of the
+// following pause paid a futex wake-up, 2-thread decode 3x slower than 1 thread (docs/perf-notes.md,
+// session 12). GPTQ_POOL_QUIET=0 turns the pause off (A/B runs on machines whose cores are ours).
 #pragma once
 
 #include <atomic>
@@ -29,6 +33,24 @@
 #include <vector>
 
 namespace gptq {
+
+// The lost-time rule of the pool's contention check: add() each sign of contention at time t with
+// the time it lost; true when the lost time within the current window (started by the first sign
+// after the previous window ended) reaches window_ns / den; the window then starts over.
+struct contention_window {
+    static constexpr int64_t k_window_ns = 100'000'000;
+    static constexpr int64_t k_den       = 10;
+    int64_t                  start_ns    = 0;
+    int64_t                  lost_ns     = 0;
+    bool                     started     = false;
+    bool                     add(int64_t t, int64_t lost) {
+                            if (!started || t - start_ns > k_window_ns) start_ns = t, lost_ns = 0, started = true;
+        lost_ns += lost > 0 ? lost : 0;
+                            if (lost_ns * k_den < k_window_ns) return false;
+        started = false;
+                            return true;
+    }
+};
 
 class thread_pool {
 public:
@@ -59,6 +81,7 @@ public:
         int64_t  ns_caller_wait = 0;           // of which: after its own chunk, waiting for the workers
         int64_t  ns_worker_late = 0;           // sum over workers of dispatch -> start of their chunk
         uint64_t worker_sleeps = 0, caller_sleeps = 0, quiet_periods = 0;
+        uint64_t contention_signs = 0;  // preemptions seen while spinning, callers' spins that timed out
     };
     stats       get_stats() const;
     static bool stats_enabled();
@@ -71,7 +94,7 @@ private:
     // timeout_is_contention (the caller waiting for the workers' chunks), a spin that times out.
     template <class Pred>
     bool                     spin_until(Pred pred, bool timeout_is_contention);
-    void                     quiet(int64_t now_ns);
+    void                     contention(int64_t now_ns, int64_t lost_ns);  // a sign: maybe quiet
     static constexpr int64_t k_preempted_ns    = 50'000;
     static constexpr int64_t k_quiet_ns        = 50'000'000;     // the first quiet period
     static constexpr int64_t k_quiet_memory_ns = 1'000'000'000;  // contention this soon after one: twice as long
@@ -92,11 +115,13 @@ private:
     std::atomic<int64_t>                         quiet_until_ns_{0};  // steady clock: no spinning before it
     std::mutex                                   quiet_mutex_;
     int                                          quiet_level_ = 0;  // quiet_mutex_
+    contention_window                            window_;           // quiet_mutex_
     std::exception_ptr                           error_;            // first exception of a worker in this job (mutex_)
     // GPTQ_POOL_STATS counters (relaxed atomics: written by the caller and the workers).
     std::atomic<int64_t>  job_start_ns_{0};
-    std::atomic<uint64_t> st_calls_{0}, st_serial_{0}, st_worker_sleeps_{0}, st_caller_sleeps_{0}, st_quiet_{0};
-    std::atomic<int64_t>  st_ns_calls_{0}, st_ns_wait_{0}, st_ns_late_{0};
+    std::atomic<uint64_t> st_calls_{0}, st_serial_{0}, st_worker_sleeps_{0}, st_caller_sleeps_{0}, st_quiet_{0},
+        st_signs_{0};
+    std::atomic<int64_t> st_ns_calls_{0}, st_ns_wait_{0}, st_ns_late_{0};
 };
 
 }  // namespace gptq

@@ -249,6 +249,28 @@ TEST(progress, render_reports_rate_and_eta) {
     progress_set_quiet(false);
 }
 
+// The contention check's lost-time rule: a quiet VM's occasional preemptions (a few hundred us
+// apart by tens of ms) never reach 10 % of a 100 ms window; an oversubscribed core's (milliseconds
+// off the CPU, several per window) do, after which the window starts over.
+TEST(thread_pool, contention_window_needs_lost_time_not_one_event) {
+    constexpr int64_t ms = 1'000'000, us = 1'000;
+    contention_window w;
+    for (int64_t t = 0; t < 5000 * ms; t += 20 * ms) EXPECT_FALSE(w.add(t, 500 * us)) << t;  // 2.5 % lost
+    contention_window busy;
+    EXPECT_FALSE(busy.add(0, 4 * ms));
+    EXPECT_FALSE(busy.add(5 * ms, 4 * ms));
+    EXPECT_TRUE(busy.add(9 * ms, 3 * ms));  // 11 ms lost within 100 ms
+    EXPECT_FALSE(busy.add(10 * ms, 4 * ms)) << "the window starts over";
+    contention_window spread;  // the same 11 ms over more than a window: no
+    EXPECT_FALSE(spread.add(0, 6 * ms));
+    EXPECT_FALSE(spread.add(101 * ms, 5 * ms));
+    EXPECT_FALSE(spread.add(150 * ms, 4 * ms));
+    EXPECT_TRUE(spread.add(190 * ms, 1 * ms));  // 5 + 4 + 1 = 10 ms in the window from 101 ms
+    contention_window negative;
+    EXPECT_FALSE(negative.add(0, -50 * ms)) << "no credit for a clock that went back";
+    EXPECT_TRUE(negative.add(1 * ms, 10 * ms));
+}
+
 TEST(thread_pool, parallel_for_covers_range_once) {
     for (int spin_us : {0, 100, 5000}) {  // sleeping at once, the default spin, a long spin
         thread_pool pool(3, spin_us);

@@ -123,6 +123,18 @@ bool thread_pool::spin_until(Pred pred, bool timeout_is_contention) {
     }
 }
 
+bool contention_window::add(int64_t t, int64_t lost) {
+    if (!started || t - start_ns > k_window_ns) {
+        start_ns = t;
+        lost_ns  = 0;
+        started  = true;
+    }
+    lost_ns += lost > 0 ? lost : 0;
+    if (lost_ns * k_den < k_window_ns) return false;
+    started = false;  // the next sign starts a new window
+    return true;
+}
+
 void thread_pool::contention(int64_t t, int64_t lost) {
     // Enough time lost in the window (contention_window): a quiet period. Contention soon after the
     // last one ended: the next is twice as long (up to 2^6 x k_quiet_ns = 3.2 s), so a machine that

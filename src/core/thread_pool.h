@@ -43,13 +43,7 @@ struct contention_window {
     int64_t                  start_ns    = 0;
     int64_t                  lost_ns     = 0;
     bool                     started     = false;
-    bool                     add(int64_t t, int64_t lost) {
-                            if (!started || t - start_ns > k_window_ns) start_ns = t, lost_ns = 0, started = true;
-        lost_ns += lost > 0 ? lost : 0;
-                            if (lost_ns * k_den < k_window_ns) return false;
-        started = false;
-                            return true;
-    }
+    bool                     add(int64_t t, int64_t lost);
 };
 
 class thread_pool {

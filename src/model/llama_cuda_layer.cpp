@@ -239,6 +239,17 @@ const cuda_linear* first_mlp_linear(const cuda_layer_weights& w) {
     return w.gate_up.n_out > 0 ? &w.gate_up : &w.linear(linear_role::LINEAR_GATE);
 }
 
+// The residual add and the next RMSNorm in a GEMV's epilogue (x_out: where the normalised rows go):
+// after o, the MLP norm in gate/up's column order; after down, the next layer's attention norm in its
+// fused q/k/v's order. The same values for the check (cuda_layer_fusion_of) and the launch.
+cuda_gptq_fusion mlp_norm_fusion(const llama_hparams& hp, const cuda_layer_weights& w, uint16_t* x_out) {
+    return {nullptr, 0.0f, true, false, w.mlp_norm.as<uint16_t>(), hp.rms_eps, perm_of(w.gate_up), x_out};
+}
+cuda_gptq_fusion attn_norm_fusion(const llama_hparams& hp, const cuda_layer_weights& next, uint16_t* x_out) {
+    const int32_t* perm = next.qkv.n_out > 0 ? perm_of(next.qkv) : nullptr;
+    return {nullptr, 0.0f, true, false, next.attn_norm.as<uint16_t>(), hp.rms_eps, perm, x_out};
+}
+
 // The epilogue fusions of a decode pass of at most 8 rows (where the fused kernels are the ones the
 // plain table picks): each where its linears are on the int4 layout and the layer has no sandwich
 // norms (they act on o's / down's output before the add) and is not MoE.
@@ -246,17 +257,12 @@ cuda_layer_fusion with_epilogue_fusions(const llama_hparams& hp, const cuda_laye
                                         cuda_layer_fusion f) {
     if (p.n > 8 || w.moe || hp.attn_out_norm || hp.mlp_out_norm || w.gate_up.n_out == 0) return f;
     const cuda_linear &o = w.linear(linear_role::LINEAR_O), &down = w.linear(linear_role::LINEAR_DOWN);
-    const float        eps = hp.rms_eps;
-    cuda_gptq_fusion res_norm{nullptr, 0.0f, true, false, w.mlp_norm.as<uint16_t>(), eps, perm_of(w.gate_up), nullptr};
-    f.o_norm   = fast_gptq(o) && op_cuda_gptq_fused_ok(o.q, p.n, res_norm);
+    f.o_norm   = fast_gptq(o) && op_cuda_gptq_fused_ok(o.q, p.n, mlp_norm_fusion(hp, w, nullptr));
     f.silu_epi = fast_gptq(w.gate_up) && w.gate_up_block == 16 && hp.act == mlp_activation::ACT_SILU &&
                  (w.gate_up_in_down_order || !perm_of(down)) &&
                  op_cuda_gptq_fused_ok(w.gate_up.q, p.n, {nullptr, 0.0f, false, true});
-    if (p.next_norm && fast_gptq(down)) {
-        res_norm.out_norm_w = p.next_norm->attn_norm.as<uint16_t>();
-        res_norm.out_perm   = p.next_norm->qkv.n_out > 0 ? perm_of(p.next_norm->qkv) : nullptr;
-        f.down_norm         = op_cuda_gptq_fused_ok(down.q, p.n, res_norm);
-    }
+    f.down_norm = p.next_norm && fast_gptq(down) &&
+                  op_cuda_gptq_fused_ok(down.q, p.n, attn_norm_fusion(hp, *p.next_norm, nullptr));
     return f;
 }
 }  // namespace
@@ -371,9 +377,7 @@ result<bool> cuda_attention_block(cuda_context& c, const llama_hparams& hp, int6
         return true;
     }
     if (f.o_norm) {  // hidden += o's output and the MLP norm into x (free once o has read att), in o's GEMV
-        const cuda_gptq_fusion fo{nullptr, 0.0f, true, false, w.mlp_norm.as<uint16_t>(), hp.rms_eps, perm_of(w.gate_up),
-                                  b.x};
-        GPTQ_TRY(op_cuda_gptq_linear_fused(c, o.q, att, hidden, n, fo, o_in_order));
+        GPTQ_TRY(op_cuda_gptq_linear_fused(c, o.q, att, hidden, n, mlp_norm_fusion(hp, w, b.x), o_in_order));
         GPTQ_TRY(mark(p, "linear_o+add+norm"));
         return true;
     }
@@ -459,16 +463,8 @@ result<bool> cuda_mlp_block(cuda_context& c, const llama_hparams& hp, const cuda
     GPTQ_TRY(capture(p, linear_input::LINEAR_INPUT_DOWN, act, n_ff));
     if (p.stop_after == linear_input::LINEAR_INPUT_DOWN) return false;
     if (f.down_norm) {  // hidden += down's output and the next layer's attention norm into x, in down's GEMV
-        const cuda_layer_weights& nx = *p.next_norm;
-        const cuda_gptq_fusion    fd{nullptr,
-                                  0.0f,
-                                  true,
-                                  false,
-                                  nx.attn_norm.as<uint16_t>(),
-                                  hp.rms_eps,
-                                  nx.qkv.n_out > 0 ? perm_of(nx.qkv) : nullptr,
-                                  b.x};
-        GPTQ_TRY(op_cuda_gptq_linear_fused(c, down.q, act, hidden, n, fd, p_down != nullptr));
+        GPTQ_TRY(op_cuda_gptq_linear_fused(c, down.q, act, hidden, n, attn_norm_fusion(hp, *p.next_norm, b.x),
+                                           p_down != nullptr));
         GPTQ_TRY(mark(p, "linear_down+add+norm"));
         return true;
     }

@@ -1066,8 +1066,10 @@ status op_cuda_gptq_linear_fused(cuda_context& ctx, const cuda_gptq_linear& w, c
     if (!lay) return lay.error();
     cuda::int4_gemv_fusion k    = int4_fusion_of(w, f);
     const uint16_t*        bias = w.bias.bytes() ? w.bias.as<uint16_t>() : nullptr;
-    if (f.out_norm_w) {               // the context's first counter: the kernels of a stream run one after another,
-        k.counter = ctx.counters(1);  // and each last block leaves it zero for the next
+    // The output norm takes the context's first counter: the kernels of a stream run one after
+    // another, and each last block leaves it zero for the next.
+    if (f.out_norm_w) {
+        k.counter = ctx.counters(1);
         if (!k.counter) return make_error(status_code::STATUS_INTERNAL, "fused GPTQ linear: no device counter");
     }
     const uint16_t* xin = x;
